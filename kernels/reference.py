@@ -1,0 +1,164 @@
+"""Plain-PyTorch versions of every kernel: the CPU path and the test oracle.
+
+Each function has the same signature as its Triton twin in ``kernels/attention.py`` /
+``kernels/norm.py``. Shapes use: T = packed tokens, H = heads, D = head dim,
+B = sequences, NB = cache blocks, BS = block size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RelBias:
+    """T5 relative position bias, computed per (query, key) pair from a per-head table.
+
+    table: [H, num_buckets] float32. bidirectional: encoder (True) or causal decoder (False).
+    """
+
+    table: torch.Tensor
+    num_buckets: int
+    max_distance: int
+    bidirectional: bool
+
+
+def relative_position_bucket(rel: torch.Tensor, num_buckets: int, max_distance: int, bidirectional: bool):
+    """T5's bucket of ``rel = key_pos - query_pos`` (same arithmetic as transformers)."""
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).to(rel.dtype) * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -torch.clamp(rel, max=0)
+    max_exact = num_buckets // 2
+    is_small = rel < max_exact
+    large = max_exact + (
+        torch.log(rel.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(rel.dtype)
+    large = torch.clamp(large, max=num_buckets - 1)
+    return buckets + torch.where(is_small, rel, large)
+
+
+def bias_matrix(bias: RelBias, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    """[H, Lq, Lk] additive bias for query positions q_pos [Lq] and key positions k_pos [Lk]."""
+    rel = k_pos[None, :].long() - q_pos[:, None].long()
+    b = relative_position_bucket(rel, bias.num_buckets, bias.max_distance, bias.bidirectional)
+    return bias.table[:, b]  # [H, Lq, Lk]
+
+
+def _attend(q, k, v, scale, mask=None, bias=None):
+    """q: [Lq, H, D], k/v: [Lk, H, D], mask: [Lq, Lk] bool (True = keep), bias: [H, Lq, Lk]."""
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    if bias is not None:
+        s = s + bias.float()
+    if mask is not None:
+        s = s.masked_fill(~mask[None], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    return torch.einsum("hqk,khd->qhd", p, v.float()).to(q.dtype)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None):
+    """Attention over packed variable-length sequences (encoder / prefill).
+
+    q, k, v: [T, H, D]; cu_seqlens: [B+1] int32 offsets; max_seqlen: int. Returns [T, H, D].
+    causal: token i of a sequence sees tokens <= i. rel_bias: T5 bias (positions restart at 0
+    in every sequence).
+    """
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for b in range(len(bounds) - 1):
+        s, e = bounds[b], bounds[b + 1]
+        if e == s:
+            continue
+        n = e - s
+        pos = torch.arange(n, device=q.device)
+        mask = pos[None, :] <= pos[:, None] if causal else None
+        bias = bias_matrix(rel_bias, pos, pos) if rel_bias is not None else None
+        if bias is None:
+            o = F.scaled_dot_product_attention(
+                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
+                is_causal=causal, scale=scale,
+            ).transpose(0, 1)
+        else:
+            o = _attend(q[s:e], k[s:e], v[s:e], scale, mask, bias)
+        out[s:e] = o
+    return out
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Write new K/V rows into cache slots.
+
+    k, v: [N, H, D]; k_cache, v_cache: [NB, BS, H, D]; slot_mapping: [N] int64, slot =
+    block * BS + offset, -1 = skip (padding).
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+
+
+def gather_paged(cache, block_table, n):
+    """First n rows of one sequence's paged cache: [n, H, D]."""
+    bs = cache.shape[1]
+    nblk = (n + bs - 1) // bs
+    return cache[block_table[:nblk].long()].reshape(-1, *cache.shape[2:])[:n]
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale,
+                    causal, rel_bias=None):
+    """Decoder attention over a paged cache: 1..k query tokens per sequence.
+
+    q: [Tq, H, D] packed; sequence b owns q[cu_seqlens_q[b]:cu_seqlens_q[b+1]].
+    k_cache, v_cache: [NB, BS, H, D]; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 =
+    number of keys of sequence b (already including the new tokens for self-attention).
+    causal=True (self-attention): the i-th of q_len queries sits at position seq_len - q_len + i
+    and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
+    rel_bias: T5 causal bias on key_pos - query_pos. Returns [Tq, H, D].
+    """
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        n = lens[b]
+        k = gather_paged(k_cache, block_tables[b], n)
+        v = gather_paged(v_cache, block_tables[b], n)
+        k_pos = torch.arange(n, device=q.device)
+        q_pos = torch.arange(n - (e - s), n, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None] if causal else None
+        bias = bias_matrix(rel_bias, q_pos, k_pos) if rel_bias is not None else None
+        out[s:e] = _attend(q[s:e], k, v, scale, mask, bias)
+    return out
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim, computed in float32, returned in x's dtype."""
+    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), None if bias is None else bias.float(),
+                        eps).to(x.dtype)
+
+
+def rms_norm(x, weight, eps):
+    """T5's RMSNorm (no mean subtraction, no bias), variance in float32 like transformers."""
+    var = x.float().pow(2).mean(-1, keepdim=True)
+    y = x.float() * torch.rsqrt(var + eps)
+    return (weight.float() * y).to(x.dtype)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    """(layer_norm(x + residual), x + residual)."""
+    s = x + residual
+    return layer_norm(s, weight, bias, eps), s
+
+
+def add_rms_norm(x, residual, weight, eps):
+    """(rms_norm(x + residual), x + residual)."""
+    s = x + residual
+    return rms_norm(s, weight, eps), s
