@@ -1,0 +1,25 @@
+"""Engine options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 256  # decoder sequences per step (beams count singly)
+    max_encoder_tokens: int = 16384  # encoder tokens admitted per step (Whisper: 1500 a window)
+    window: int = 1024  # look-ahead of waiting requests, sorted by encoder length
+    gpu_memory_utilization: float = 0.90  # fraction of the GPU's memory the engine may use
+    cpu_kv_cache_bytes: int = 1 << 30  # KV pool size on the CPU
+    num_blocks: int | None = None  # fixed KV pool size in blocks (overrides the two above)
+    enforce_eager: bool = False  # no CUDA graphs
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError("gpu_memory_utilization must be in (0, 1]")
+        if self.max_num_seqs < 1 or self.max_encoder_tokens < 1 or self.window < 1:
+            raise ValueError("max_num_seqs, max_encoder_tokens and window must be >= 1")

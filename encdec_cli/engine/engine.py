@@ -1,0 +1,155 @@
+"""The engine: requests in (any iterable, streamed), results out as they finish."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from encdec_cli.engine.beam import beam_step
+from encdec_cli.engine.block_manager import BlockManager
+from encdec_cli.engine.config import EngineConfig
+from encdec_cli.engine.runner import ModelRunner
+from encdec_cli.engine.sampling import choose_tokens, process_logits
+from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
+from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
+from models.loading import LoadedModel, load_model
+
+
+class Engine:
+    """Continuous-batching encoder/decoder generation.
+
+    ``model``: a name or path (see ``models.loading.load_model``) or a ``LoadedModel``.
+    ``device``: "auto", "cpu", "cuda", "cuda:N"; ``dtype``: "auto", "float32", "bfloat16", "float16".
+    Further keyword arguments are ``EngineConfig`` fields.
+    """
+
+    def __init__(self, model: str | LoadedModel = "tiny.en", device: str = "auto", dtype: str = "auto",
+                 **config):
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+        self.model = self.loaded.model
+        self.tokenizer = self.loaded.tokenizer
+        self.config = EngineConfig(**config)
+        p = next(self.model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        num_blocks = self.config.num_blocks or self._pool_blocks()
+        self.blocks = BlockManager(num_blocks, self.config.block_size)
+        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.device, self.dtype)
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_encoder_tokens, self.config.window),
+            self.blocks)
+        self._order = 0
+
+    def _pool_blocks(self) -> int:
+        per_block = ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype)
+        if self.device.type != "cuda":
+            return max(16, self.config.cpu_kv_cache_bytes // per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # leave room for activations: the largest encoder batch and the step's logits
+        spec = self.model.cache_spec
+        d_model = spec.num_heads * spec.head_dim
+        act = self.config.max_encoder_tokens * d_model * 2 * 24 + self.config.max_num_seqs * self.model.vocab_size * 16
+        budget = total * self.config.gpu_memory_utilization - (total - free) - act
+        if budget < per_block * 64:
+            raise RuntimeError("not enough GPU memory left for the KV cache; lower --max-num-seqs or "
+                               "raise --gpu-memory-utilization")
+        return int(budget // per_block)
+
+    # ---- public API -------------------------------------------------------------------------
+    def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
+        """Yield one Result per request, in completion order (match them by ``request_id``)."""
+        it = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and self.scheduler.has_room:
+                try:
+                    req = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                group = self._admit(req)
+                if isinstance(group, Result):
+                    yield group
+                else:
+                    self.scheduler.add(group)
+            if self.scheduler.idle:
+                if exhausted:
+                    return
+                continue
+            yield from self.step()
+
+    # ---- one engine step ---------------------------------------------------------------------
+    def _admit(self, req: Request) -> SequenceGroup | Result:
+        self._order += 1
+        try:
+            if not req.prompt_ids:
+                raise ValueError("empty decoder prompt (it needs at least the decoder start token)")
+            enc_len = self.model.encoder_length(req.encoder_input)
+            room = self.model.max_target_positions - len(req.prompt_ids)
+            max_new = min(req.params.max_new_tokens or room, room)
+            if max_new < 1:
+                raise ValueError(f"decoder prompt of {len(req.prompt_ids)} tokens leaves no room in the "
+                                 f"model's {self.model.max_target_positions} decoder positions")
+        except (ValueError, TypeError) as e:
+            return Result(req.request_id, [], error=str(e))
+        return SequenceGroup(req, enc_len, max_new, self._order)
+
+    def step(self) -> Iterator[Result]:
+        plan = self.scheduler.schedule()
+        for group, msg in plan.failed:
+            yield Result(group.request.request_id, [], error=msg)
+        self.runner.copy_blocks(plan.copies)
+        if plan.encode:
+            self.runner.encode(plan.encode)
+        if not plan.decode:
+            return
+        logits = self.runner.decode(plan.decode)
+        process_logits(logits, plan.decode)
+        now = time.perf_counter()
+        single = [i for i, s in enumerate(plan.decode) if s.group.params.num_beams == 1]
+        beams: dict[SequenceGroup, list[int]] = {}
+        for i, s in enumerate(plan.decode):
+            if s.group.params.num_beams > 1:
+                beams.setdefault(s.group, []).append(i)
+        finished = []
+        if single:
+            seqs = [plan.decode[i] for i in single]
+            tokens, logprobs = choose_tokens(logits[single] if len(single) < len(plan.decode) else logits, seqs)
+            for j, seq in enumerate(seqs):
+                self._append(seq, tokens[j], logprobs[j] if logprobs is not None else None)
+                finished.append(seq.group)
+        for group, rows in beams.items():
+            beam_step(group, logits[rows], self.blocks)
+            finished.append(group)
+        for group in finished:
+            group.first_token = group.first_token or now
+            if group.done and group in self.scheduler.running:
+                self.scheduler.finish(group)
+                yield self._result(group, now)
+
+    def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
+        p = seq.group.params
+        if token in p.stop_token_ids and seq.num_generated >= p.min_new_tokens:
+            self._complete(seq, "stop")
+            return
+        seq.tokens.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+            seq.cum_logprob += logprob
+        if seq.num_generated >= seq.group.max_new_tokens:
+            self._complete(seq, "length")
+
+    def _complete(self, seq: Sequence, reason: str) -> None:
+        group = seq.group
+        group.finished.append(Completion(seq.generated, seq.logprobs if group.params.logprobs else None,
+                                         seq.cum_logprob, reason))
+        group.seqs.remove(seq)
+        self.scheduler.free_seq(seq)
+
+    def _result(self, group: SequenceGroup, now: float) -> Result:
+        best = sorted(group.finished, key=lambda c: -c.score)[: group.params.num_return_sequences]
+        text = self.tokenizer.decode(best[0].token_ids, skip_special_tokens=True) if self.tokenizer else None
+        return Result(group.request.request_id, best, text=text,
+                      metrics={"arrival": group.arrival, "first_token": group.first_token, "finish": now,
+                               "encoder_len": group.encoder_len})

@@ -1,0 +1,136 @@
+"""Offline, throughput-first scheduling: which requests run the encoder, which decode, this step.
+
+Pure Python over SequenceGroups and the BlockManager: no tensors, unit-testable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
+from encdec_cli.engine.sequence import Sequence, SequenceGroup
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # decoder sequences (beams count singly) in one step
+    max_encoder_tokens: int = 16384  # encoder tokens admitted in one step (at least one request)
+    window: int = 1024  # look-ahead: waiting requests sorted by encoder length
+
+
+@dataclass
+class StepPlan:
+    encode: list[SequenceGroup] = field(default_factory=list)  # run the encoder, write cross K/V
+    decode: list[Sequence] = field(default_factory=list)  # one decoder step each
+    copies: list[tuple[int, int]] = field(default_factory=list)  # block copies (src, dst) first
+    preempted: list[SequenceGroup] = field(default_factory=list)
+    failed: list[tuple[SequenceGroup, str]] = field(default_factory=list)  # can never fit
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
+        self.config = config
+        self.blocks = blocks
+        self.waiting: list[SequenceGroup] = []  # preempted first, then by encoder length
+        self.running: list[SequenceGroup] = []
+        self.num_preemptions = 0
+
+    def add(self, group: SequenceGroup) -> None:
+        self.waiting.append(group)
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.waiting) < self.config.window
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def max_blocks(self, group: SequenceGroup) -> int:
+        """Blocks a group needs at its largest: cross + every beam at full length."""
+        full = len(group.request.prompt_ids) + group.max_new_tokens
+        return self.blocks.blocks_for(group.encoder_len) + group.params.num_beams * self.blocks.blocks_for(full)
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        # 1. Room for every running sequence's next token(s); out of blocks: preempt the newest.
+        for group in sorted(self.running, key=lambda g: g.order):
+            if group not in self.running:
+                continue  # preempted below
+            for seq in group.seqs:
+                while True:
+                    try:
+                        plan.copies += self.blocks.prepare_write(seq.block_table, seq.num_cached, len(seq.tokens))
+                        break
+                    except OutOfBlocks:
+                        victim = max(self.running, key=lambda g: g.order)
+                        self._preempt(victim)
+                        plan.preempted.append(victim)
+                        if victim is group:
+                            break
+                if group not in self.running:
+                    break
+        # 2. Admit waiting requests (preempted first, then shortest encoder input first).
+        self.waiting.sort(key=lambda g: (not g.preempted, g.encoder_len))
+        num_seqs = sum(g.num_seqs_reserved for g in self.running)
+        enc_tokens = 0
+        still_waiting = []
+        for i, group in enumerate(self.waiting):
+            if self.max_blocks(group) > self.blocks.num_blocks:
+                plan.failed.append((group, f"request needs {self.max_blocks(group)} KV blocks at its longest; "
+                                           f"the pool has {self.blocks.num_blocks} (raise the memory budget)"))
+                continue
+            fits = (num_seqs + group.num_seqs_reserved <= self.config.max_num_seqs
+                    and (enc_tokens == 0 or enc_tokens + group.encoder_len <= self.config.max_encoder_tokens)
+                    and self._try_admit(group))
+            if not fits:
+                still_waiting.extend(self.waiting[i:])
+                break
+            num_seqs += group.num_seqs_reserved
+            enc_tokens += group.encoder_len
+            self.running.append(group)
+            plan.encode.append(group)
+        self.waiting = still_waiting
+        plan.decode = [s for g in self.running for s in g.seqs]
+        return plan
+
+    def _try_admit(self, group: SequenceGroup) -> bool:
+        """Allocate cross blocks and each sequence's prompt blocks, keeping one block of headroom
+        per running sequence so admitted work can make progress."""
+        cross = self.blocks.blocks_for(group.encoder_len)
+        own = sum(self.blocks.blocks_for(len(s.tokens)) for s in group.seqs)
+        headroom = sum(len(g.seqs) for g in self.running)
+        if cross + own + headroom > self.blocks.num_free:
+            return False
+        group.cross_blocks = self.blocks.allocate(cross)
+        for s in group.seqs:
+            s.block_table = self.blocks.allocate(self.blocks.blocks_for(len(s.tokens)))
+            s.num_cached = 0
+        return True
+
+    def _preempt(self, group: SequenceGroup) -> None:
+        """Free everything the group holds; it re-encodes and recomputes its tokens later."""
+        self.running.remove(group)
+        self._free(group)
+        group.encoded = False
+        group.preempted = True  # goes first when re-admitted
+        self.waiting.insert(0, group)
+        self.num_preemptions += 1
+
+    def _free(self, group: SequenceGroup) -> None:
+        for s in group.seqs:
+            self.blocks.free(s.block_table)
+            s.block_table = []
+            s.num_cached = 0
+        self.blocks.free(group.cross_blocks)
+        group.cross_blocks = []
+
+    def free_seq(self, seq: Sequence) -> None:
+        self.blocks.free(seq.block_table)
+        seq.block_table = []
+
+    def finish(self, group: SequenceGroup) -> None:
+        """The group is done: release its remaining blocks."""
+        if group in self.running:
+            self.running.remove(group)
+        self._free(group)

@@ -1,0 +1,166 @@
+"""Requests, sampling options, results, and the engine's per-sequence state (no tensors)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to decode one request. Frozen and hashable: the sampler batches rows sharing params."""
+
+    max_new_tokens: int | None = None  # None: up to the model's decoder length limit
+    min_new_tokens: int = 0  # stop tokens are suppressed until this many tokens exist
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int | None = None  # per-request generator seed for sampling
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end a sequence (EOS)
+    suppress_tokens: tuple[int, ...] = ()  # never generated
+    begin_suppress_tokens: tuple[int, ...] = ()  # not generated as the first new token
+    forced_tokens: tuple[tuple[int, int], ...] = ()  # (index among new tokens, token id)
+    repetition_penalty: float = 1.0  # 1.0 = off (transformers' definition)
+    no_repeat_ngram_size: int = 0  # 0 = off
+    bad_words_ids: tuple[tuple[int, ...], ...] = ()  # token sequences never completed
+    num_beams: int = 1  # > 1: beam search
+    length_penalty: float = 1.0  # beam score = sum logprob / length ** length_penalty
+    early_stopping: bool | str = False  # beam search stop rule: True, False or "never"
+    num_return_sequences: int = 1  # best hypotheses returned (<= num_beams)
+    logprobs: bool = False  # record each chosen token's log-probability
+
+    def __post_init__(self):
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ValueError("num_return_sequences must be between 1 and num_beams")
+        if self.num_beams > 1 and self.temperature > 0:
+            raise ValueError("beam search with sampling is not supported; set temperature 0 or num_beams 1")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 and self.num_beams == 1
+
+
+@dataclass
+class Request:
+    """One unit of work: an encoder input and a decoder prompt.
+
+    encoder_input: what the model family encodes (Whisper: a 16 kHz waveform <= 30 s or log-mel
+    [n_mels, 3000]; text models: a list of token ids). prompt_ids: decoder prompt (at least the
+    decoder start token). request_id: anything; returned with the result.
+    """
+
+    encoder_input: Any
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: Any = None
+
+
+@dataclass
+class Completion:
+    """One finished hypothesis. token_ids exclude the prompt and the stop token."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None
+    score: float  # cumulative logprob (greedy/sampling) or length-penalised beam score
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclass
+class Result:
+    """What the engine returns per request (best completion first in ``completions``)."""
+
+    request_id: Any
+    completions: list[Completion]
+    error: str | None = None  # set when the request could not run; completions is then empty
+    text: str | None = None  # decoded best completion (when the engine has a tokenizer)
+    metrics: dict = field(default_factory=dict)  # arrival/first_token/finish times (s), encoder_len
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.completions[0].token_ids if self.completions else []
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        return self.completions[0].logprobs if self.completions else None
+
+    @property
+    def finish_reason(self) -> str:
+        return self.completions[0].finish_reason if self.completions else "error"
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """One decoder sequence: prompt + generated tokens and its self-attention blocks."""
+
+    def __init__(self, group: SequenceGroup, tokens: list[int], num_prompt: int):
+        self.seq_id = next(_seq_ids)
+        self.group = group
+        self.tokens = tokens
+        self.num_prompt = num_prompt
+        self.num_cached = 0  # tokens whose K/V are in the cache
+        self.block_table: list[int] = []
+        self.logprobs: list[float] = []
+        self.cum_logprob = 0.0
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.num_prompt :]
+
+    def fork(self) -> Sequence:
+        s = Sequence(self.group, list(self.tokens), self.num_prompt)
+        s.num_cached, s.logprobs, s.cum_logprob = self.num_cached, list(self.logprobs), self.cum_logprob
+        return s
+
+
+class SequenceGroup:
+    """A request in flight: its live sequences (beams share cross blocks), cross-cache blocks,
+    and finished hypotheses."""
+
+    def __init__(self, request: Request, encoder_len: int, max_new_tokens: int, order: int):
+        self.request = request
+        self.params = request.params
+        self.encoder_len = encoder_len
+        self.max_new_tokens = max_new_tokens
+        self.order = order  # arrival order (preemption picks the newest)
+        self.seqs = [Sequence(self, list(request.prompt_ids), len(request.prompt_ids))]
+        self.cross_blocks: list[int] = []
+        self.encoded = False
+        self.preempted = False
+        self.finished: list[Completion] = []
+        self.beam = None  # beam-search state (engine/beam.py) when num_beams > 1
+        self.generator = None  # torch.Generator for seeded sampling
+        self.arrival = time.perf_counter()
+        self.first_token: float | None = None
+
+    @property
+    def num_seqs_reserved(self) -> int:
+        """Sequences this group may hold at once (beams expand after the first step)."""
+        return max(self.params.num_beams, len(self.seqs))
+
+    @property
+    def done(self) -> bool:
+        return not self.seqs

@@ -1,0 +1,110 @@
+"""The model protocol the engine speaks, and the metadata passed to attention.
+
+A model family implements ``prepare_encoder_batch``, ``encode``, ``write_cross_kv`` and
+``decode``; the engine knows nothing else about it (see DESIGN.md, "The model protocol").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class EncoderBatch:
+    """Packed encoder inputs for one encoder run.
+
+    inputs: model-specific tensor (Whisper: waveforms [B, N_SAMPLES]; text models: token ids [T]).
+    cu_seqlens: [B+1] int32 offsets of each sequence in the packed encoder output.
+    max_seqlen: longest encoder sequence of the batch.
+    """
+
+    inputs: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+@dataclass
+class PagedView:
+    """Where one attention kind finds its keys: block tables + lengths per sequence.
+
+    block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (number of valid keys).
+    """
+
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything a decoder step's attention layers need (typed, no globals).
+
+    cu_seqlens_q: [B+1] int32 offsets of each sequence's new tokens in the packed step.
+    max_seqlen_q: most new tokens of any sequence this step (1 for pure decode steps).
+    slot_mapping: [Tq] int64 self-cache slot of every new token (-1 = padding, skipped).
+    self_attn / cross_attn: paged views of the decoder self cache and the cross cache.
+    logits_indices: [N] int64 rows of the step's hidden states to project to logits.
+    """
+
+    cu_seqlens_q: torch.Tensor
+    max_seqlen_q: int
+    slot_mapping: torch.Tensor
+    self_attn: PagedView
+    cross_attn: PagedView
+    logits_indices: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Shape of one token's K (or V) in every decoder layer: [num_layers, num_heads, head_dim].
+
+    Self and cross attention have the same per-token shape in every supported family, so one
+    block pool serves both (a block holds either self or cross K/V of its owner).
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+
+
+class EncDecModel(nn.Module):
+    """Base class of the model families. Subclasses set ``config`` fields and implement:
+
+    - ``encoder_length(item) -> int``: encoder tokens an input will take (Whisper: 1500).
+    - ``prepare_encoder_batch(items, device) -> EncoderBatch``.
+    - ``encode(batch) -> hidden [total_encoder_tokens, d_model]``.
+    - ``write_cross_kv(hidden, slot_mapping)``: project each decoder layer's cross K/V once.
+    - ``decode(tokens [Tq], positions [Tq], meta) -> logits [N, vocab]``.
+    """
+
+    cache_spec: CacheSpec
+    max_target_positions: int  # decoder positions the model supports (prompt + output)
+    vocab_size: int
+
+    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """Give each decoder layer its slice of the pool: caches are [L, NB, BS, H, D]."""
+        for i, layer in enumerate(self.decoder_layers()):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache[i], v_cache[i]
+            layer.encoder_attn.k_cache, layer.encoder_attn.v_cache = k_cache[i], v_cache[i]
+
+    def decoder_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def encoder_length(self, item: Any) -> int:
+        raise NotImplementedError
+
+    def prepare_encoder_batch(self, items: list[Any], device: torch.device) -> EncoderBatch:
+        raise NotImplementedError
+
+    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def write_cross_kv(self, hidden: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        for layer in self.decoder_layers():
+            layer.encoder_attn.write_cross(hidden, slot_mapping)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,167 @@
+"""Layers shared by every model family: attention (encoder / decoder self / cross), MLP, norms,
+and the pre-/post-norm encoder and decoder layers built from them.
+
+Parameter names follow the BART/Whisper checkpoints (``self_attn``, ``encoder_attn``,
+``*_layer_norm``); other families rename at load time (see ``models/loading.py``). q/k/v are
+fused into ``qkv_proj`` and cross-attention k/v into ``kv_proj`` at load time.
+Shapes: T = packed tokens of a step, d = d_model, H = heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+import kernels
+from kernels import RelBias
+from models.base import AttentionMetadata
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """What distinguishes the families' transformer layers."""
+
+    d_model: int
+    num_heads: int
+    head_dim: int
+    d_ff: int
+    activation: str  # transformers ACT2FN name: "gelu", "relu", "gelu_new", ...
+    gated: bool  # T5 v1.1: act(fc1(x)) * up(x)
+    pre_norm: bool  # Whisper, mBART, Pegasus, T5: x + f(norm(x)); BART, Marian: norm(x + f(x))
+    norm: str  # "layer" or "rms"
+    norm_eps: float
+    bias: bool  # q/v/out projections and MLP carry biases (all but T5)
+    scale: float  # softmax scale: head_dim**-0.5, or 1.0 for T5
+
+
+class Norm(nn.Module):
+    """LayerNorm or T5 RMSNorm; ``add`` fuses the residual sum."""
+
+    def __init__(self, d: int, kind: str, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d)) if kind == "layer" else None
+
+    def forward(self, x):
+        if self.kind == "rms":
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def add(self, x, residual):
+        """(norm(x + residual), x + residual)."""
+        if self.kind == "rms":
+            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+
+
+class Attention(nn.Module):
+    """Multi-head attention in one of three roles: encoder self, decoder self (paged), cross."""
+
+    def __init__(self, cfg: LayerConfig, cross: bool = False):
+        super().__init__()
+        self.h, self.d, self.scale = cfg.num_heads, cfg.head_dim, cfg.scale
+        inner = cfg.num_heads * cfg.head_dim
+        if cross:
+            self.q_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
+            self.kv_proj = nn.Linear(cfg.d_model, 2 * inner, bias=cfg.bias)
+        else:
+            self.qkv_proj = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
+        self.out_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+        self.k_cache = self.v_cache = None  # [NB, BS, H, D] views bound by the engine
+
+    def _qkv(self, x):
+        q, k, v = self.qkv_proj(x).view(-1, 3, self.h, self.d).unbind(1)  # each [T, H, D]
+        return q, k, v
+
+    def encoder(self, x, cu_seqlens, max_seqlen, rel_bias: RelBias | None = None):
+        """x: [T, d] packed encoder tokens -> [T, d]."""
+        q, k, v = self._qkv(x)
+        o = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=self.scale, causal=False,
+                                     rel_bias=rel_bias)
+        return self.out_proj(o.reshape(-1, self.h * self.d))
+
+    def decoder_self(self, x, meta: AttentionMetadata, rel_bias: RelBias | None = None):
+        """x: [Tq, d] new decoder tokens; writes their K/V to the paged cache, attends causally."""
+        q, k, v = self._qkv(x)
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        o = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.self_attn.block_tables,
+                                    meta.self_attn.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q,
+                                    scale=self.scale, causal=True, rel_bias=rel_bias)
+        return self.out_proj(o.reshape(-1, self.h * self.d))
+
+    def cross(self, x, meta: AttentionMetadata):
+        """x: [Tq, d]; attends to the request's cross K/V (written once by ``write_cross``)."""
+        q = self.q_proj(x).view(-1, self.h, self.d)
+        o = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.cross_attn.block_tables,
+                                    meta.cross_attn.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q,
+                                    scale=self.scale, causal=False)
+        return self.out_proj(o.reshape(-1, self.h * self.d))
+
+    def write_cross(self, hidden, slot_mapping):
+        """hidden: [T_enc, d] encoder output; slot_mapping: [T_enc] cross-cache slots."""
+        k, v = self.kv_proj(hidden).view(-1, 2, self.h, self.d).unbind(1)
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping)
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))), or fc2(act(fc1(x)) * up(x)) when gated."""
+
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
+        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = ACT2FN[cfg.activation]
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.up is not None:
+            h = h * self.up(x)
+        return self.fc2(h)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.self_attn = Attention(cfg)
+        self.self_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.final_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+
+    def forward(self, x, cu_seqlens, max_seqlen, rel_bias=None):
+        """x: [T, d] -> [T, d]."""
+        if self.pre_norm:
+            a = self.self_attn.encoder(self.self_attn_layer_norm(x), cu_seqlens, max_seqlen, rel_bias)
+            h, x = self.final_layer_norm.add(a, x)
+            return x + self.mlp(h)
+        a = self.self_attn.encoder(x, cu_seqlens, max_seqlen, rel_bias)
+        x = self.self_attn_layer_norm.add(a, x)[0]
+        return self.final_layer_norm.add(self.mlp(x), x)[0]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.self_attn = Attention(cfg)
+        self.self_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.encoder_attn = Attention(cfg, cross=True)
+        self.encoder_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.final_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+
+    def forward(self, x, meta: AttentionMetadata, rel_bias=None):
+        """x: [Tq, d] new decoder tokens -> [Tq, d]."""
+        if self.pre_norm:
+            a = self.self_attn.decoder_self(self.self_attn_layer_norm(x), meta, rel_bias)
+            h, x = self.encoder_attn_layer_norm.add(a, x)
+            h, x = self.final_layer_norm.add(self.encoder_attn.cross(h, meta), x)
+            return x + self.mlp(h)
+        x = self.self_attn_layer_norm.add(self.self_attn.decoder_self(x, meta, rel_bias), x)[0]
+        x = self.encoder_attn_layer_norm.add(self.encoder_attn.cross(x, meta), x)[0]
+        return self.final_layer_norm.add(self.mlp(x), x)[0]

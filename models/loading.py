@@ -1,0 +1,236 @@
+"""Resolve a model name to a folder, read its weights, build our model and its tokenizer.
+
+A model can be: a local Hugging Face folder (config.json + safetensors / pytorch_model.bin,
+sharded or not), a local CTranslate2 Whisper folder (model.bin), a packaged model name
+(``tiny.en`` — the embedded default — or ``base``), or a hub id found in the HF cache. The hub
+itself is only asked when online (``HF_HUB_OFFLINE`` unset).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+
+from models.registry import architecture_of, model_class
+
+DEFAULT_MODEL = "tiny.en"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for the engine, with what the tasks need to build requests."""
+
+    model: torch.nn.Module
+    tokenizer: object  # a transformers fast tokenizer
+    config: object  # the transformers config
+    generation_config: GenerationConfig
+    architecture: str
+    path: Path
+    extra: dict = field(default_factory=dict)  # e.g. CTranslate2 alignment heads, lang ids
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def resolve_model_path(name: str | os.PathLike) -> Path:
+    """Local folder, packaged model, or HF cache (hub only when online); clear error otherwise."""
+    looked = []
+    p = Path(name).expanduser()
+    if p.is_dir():
+        if (p / "config.json").exists() or (p / "model.bin").exists():
+            return p
+        raise ModelNotFoundError(f"{p} is a folder but holds neither config.json (Hugging Face) nor "
+                                 "model.bin (CTranslate2)")
+    looked.append(f"local folder {p}")
+    from models.packaged import PACKAGED_MODELS, find_packaged_model
+
+    found = find_packaged_model(str(name))
+    if found is not None:
+        return found
+    looked.append("installed model packages (" + ", ".join(sorted(PACKAGED_MODELS)) + ")")
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name)):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(str(name), local_files_only=True))
+        except Exception:
+            looked.append("the Hugging Face cache")
+        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
+            try:
+                return Path(snapshot_download(str(name)))
+            except Exception as e:  # network errors, unknown repo
+                looked.append(f"the Hugging Face hub ({type(e).__name__})")
+    raise ModelNotFoundError(f"model {str(name)!r} not found; looked in: " + "; ".join(looked))
+
+
+def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from safetensors or pytorch_model.bin files, sharded or not."""
+    for stem, index_name in (("model.safetensors", "model.safetensors.index.json"),
+                             ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        index = folder / index_name
+        if index.exists():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        elif (folder / stem).exists():
+            files = [stem]
+        else:
+            continue
+        for f in files:
+            if f.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(folder / f, framework="pt") as sf:
+                    for k in sf.keys():
+                        yield k, sf.get_tensor(k)
+            else:
+                yield from torch.load(folder / f, map_location="cpu", mmap=True, weights_only=True).items()
+        return
+    raise ModelNotFoundError(f"no weights in {folder} (model.safetensors or pytorch_model.bin)")
+
+
+# self-attention q/k/v fuse into qkv_proj; cross-attention k/v into kv_proj: (fused name, shard, shards)
+_PACKED = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0, 3),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1, 3),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2, 3),
+    "encoder_attn.k_proj": ("encoder_attn.kv_proj", 0, 2),
+    "encoder_attn.v_proj": ("encoder_attn.kv_proj", 1, 2),
+}
+_PACKED_RE = re.compile(r"(self_attn|encoder_attn)\.(q|k|v)_proj\.(weight|bias)$")
+
+
+def load_weights(model: torch.nn.Module, tensors, rename) -> None:
+    """Copy checkpoint tensors into ``model``, fusing q/k/v; ``rename`` maps checkpoint names to
+    ours (None = skip). A fused bias shard absent from the checkpoint (Whisper's k_proj) is zero;
+    any other missing parameter is an error."""
+    params = dict(model.named_parameters())
+    todo = {(n, s) for n, p in params.items() for s in range(_shards(n))}
+    for name, w in tensors:
+        ours = rename(name)
+        if ours is None:
+            continue
+        shard, shards = 0, 1
+        m = _PACKED_RE.search(ours)
+        if m and f"{m[1]}.{m[2]}_proj" in _PACKED:
+            fused, shard, shards = _PACKED[f"{m[1]}.{m[2]}_proj"]
+            ours = ours[: m.start()] + f"{fused}.{m[3]}"
+        if ours not in params:
+            continue  # unused checkpoint tensors (e.g. HF buffers)
+        p = params[ours]
+        rows = p.shape[0] // shards
+        dst = p.data[shard * rows : (shard + 1) * rows] if shards > 1 else p.data
+        if tuple(dst.shape) != tuple(w.shape):
+            raise ValueError(f"weight {name}: checkpoint shape {tuple(w.shape)} != model {tuple(dst.shape)}")
+        dst.copy_(w)
+        todo.discard((ours, shard))
+    missing = []
+    for n, s in todo:
+        if n.endswith(".bias") and _shards(n) > 1:
+            p = params[n]
+            rows = p.shape[0] // _shards(n)
+            p.data[s * rows : (s + 1) * rows].zero_()
+        else:
+            missing.append(n)
+    if missing:
+        raise ValueError("checkpoint lacks weights: " + ", ".join(sorted(missing)[:10]))
+
+
+def _shards(name: str) -> int:
+    return 3 if ".qkv_proj." in name else 2 if ".kv_proj." in name else 1
+
+
+def build_model(arch: str, config, tensors, device: torch.device, dtype: torch.dtype):
+    cls = model_class(arch)
+    if hasattr(cls, "check_dtype"):
+        cls.check_dtype(dtype)
+    with torch.device("meta"):
+        model = cls(config)
+    model = model.to_empty(device=device).to(dtype)
+    load_weights(model, tensors, model.rename)
+    if hasattr(model, "post_load"):
+        model.post_load()
+    return model.eval().requires_grad_(False)
+
+
+def load_model(name: str | os.PathLike = DEFAULT_MODEL, device: str = "auto",
+               dtype: str | torch.dtype = "auto") -> LoadedModel:
+    """Load any supported model for the engine (see module docstring for what ``name`` may be)."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = resolve_model_path(name)
+    if not (path / "config.json").exists() or (path / "model.bin").exists():
+        return _load_ctranslate2(path, dev, dt)
+    config = AutoConfig.from_pretrained(path)
+    arch = architecture_of(config)
+    try:
+        gen = GenerationConfig.from_pretrained(path)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    model = build_model(arch, config, iter_checkpoint(path), dev, dt)
+    tok = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tok, config, gen, arch, path)
+
+
+def _load_ctranslate2(path: Path, device, dtype) -> LoadedModel:
+    from models.ctranslate2 import load_ctranslate2_whisper
+
+    config, state, info = load_ctranslate2_whisper(path)
+    arch = "WhisperForConditionalGeneration"
+    model = build_model(arch, config, state.items(), device, dtype)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    gen = whisper_generation_config(config, tok, info)
+    return LoadedModel(model, tok, config, gen, arch, path, extra=info)
+
+
+def whisper_generation_config(config, tok, info: dict) -> GenerationConfig:
+    """A Whisper GenerationConfig (as transformers ships with the checkpoints) for a folder that
+    has none, e.g. CTranslate2: special token ids from the tokenizer, suppress lists from info."""
+    vocab = tok.get_vocab()
+    langs = {t: i for t, i in vocab.items() if re.fullmatch(r"<\|[a-z]{2,3}\|>", t)}
+    multilingual = config.vocab_size >= 51865
+    gen = GenerationConfig(
+        decoder_start_token_id=vocab["<|startoftranscript|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        bos_token_id=vocab["<|endoftext|>"],
+        max_length=config.max_target_positions,
+        suppress_tokens=list(info.get("suppress_tokens", [])),
+        begin_suppress_tokens=list(info.get("begin_suppress_tokens", [])),
+        no_timestamps_token_id=vocab["<|notimestamps|>"],
+        is_multilingual=multilingual,
+    )
+    if multilingual:
+        gen.lang_to_id = langs
+        gen.task_to_id = {"transcribe": vocab["<|transcribe|>"], "translate": vocab["<|translate|>"]}
+    if info.get("alignment_heads") is not None:
+        gen.alignment_heads = info["alignment_heads"]
+    return gen
+

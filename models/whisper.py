@@ -1,0 +1,116 @@
+"""Whisper (every size, including large-v3's 128 mel bins) on the shared layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch
+from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm
+
+SAMPLE_RATE = 16000
+N_SAMPLES = 30 * SAMPLE_RATE  # 480000 samples: one 30 s window
+N_FRAMES = 3000  # mel frames of one window (hop 160)
+N_AUDIO_CTX = N_FRAMES // 2  # 1500 encoder tokens (conv2 has stride 2)
+
+
+def _layer_config(cfg, heads: int, ffn: int) -> LayerConfig:
+    return LayerConfig(d_model=cfg.d_model, num_heads=heads, head_dim=cfg.d_model // heads, d_ff=ffn,
+                       activation=cfg.activation_function, gated=False, pre_norm=True, norm="layer",
+                       norm_eps=1e-5, bias=True, scale=(cfg.d_model // heads) ** -0.5)
+
+
+class WhisperEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
+        self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
+        lc = _layer_config(cfg, cfg.encoder_attention_heads, cfg.encoder_ffn_dim)
+        self.layers = nn.ModuleList(EncoderLayer(lc) for _ in range(cfg.encoder_layers))
+        self.layer_norm = Norm(d, "layer", 1e-5)
+
+
+class WhisperDecoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = nn.Embedding(cfg.max_target_positions, cfg.d_model)
+        lc = _layer_config(cfg, cfg.decoder_attention_heads, cfg.decoder_ffn_dim)
+        self.layers = nn.ModuleList(DecoderLayer(lc) for _ in range(cfg.decoder_layers))
+        self.layer_norm = Norm(cfg.d_model, "layer", 1e-5)
+
+
+class Whisper(EncDecModel):
+    """Encoder inputs are 16 kHz mono waveforms (np/torch, at most 30 s) or log-mel features
+    [n_mels, 3000]; the encoder computes log-mel on the engine's device."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.encoder = WhisperEncoder(cfg)
+        self.decoder = WhisperDecoder(cfg)
+        heads = cfg.decoder_attention_heads
+        self.cache_spec = CacheSpec(cfg.decoder_layers, heads, cfg.d_model // heads)
+        self.max_target_positions = cfg.max_target_positions
+        self.vocab_size = cfg.vocab_size
+        self.n_mels = cfg.num_mel_bins
+
+    # Weight names: HF "model.encoder.layers.0.fc1.weight" -> "encoder.layers.0.mlp.fc1.weight".
+    @staticmethod
+    def rename(name: str) -> str | None:
+        if name.startswith("proj_out."):
+            return None  # tied to decoder.embed_tokens
+        name = name.removeprefix("model.")
+        for fc in (".fc1.", ".fc2."):
+            name = name.replace(fc, ".mlp" + fc)
+        return name
+
+    def decoder_layers(self):
+        return list(self.decoder.layers)
+
+    def encoder_length(self, item) -> int:
+        return N_AUDIO_CTX
+
+    def prepare_encoder_batch(self, items, device) -> EncoderBatch:
+        """items: waveforms (<= 30 s) or precomputed log-mel [n_mels, 3000]."""
+        if all(torch.is_tensor(x) and x.dim() == 2 for x in items):
+            inputs = torch.stack([x.float() for x in items]).to(device)
+        else:
+            wave = np.zeros((len(items), N_SAMPLES), dtype=np.float32)
+            for i, x in enumerate(items):
+                x = np.asarray(x, dtype=np.float32)[:N_SAMPLES]
+                wave[i, : len(x)] = x
+            inputs = torch.from_numpy(wave).to(device, non_blocking=True)
+        cu = torch.arange(0, len(items) + 1, dtype=torch.int32, device=device) * N_AUDIO_CTX
+        return EncoderBatch(inputs=inputs, cu_seqlens=cu, max_seqlen=N_AUDIO_CTX)
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """[B, N_SAMPLES] waveforms or [B, n_mels, 3000] features -> [B, n_mels, 3000]."""
+        if inputs.dim() == 3:
+            return inputs
+        from models.audio import log_mel_spectrogram
+
+        return log_mel_spectrogram(inputs, self.n_mels)
+
+    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+        enc = self.encoder
+        dtype = enc.conv1.weight.dtype
+        x = self.features(batch.inputs).to(dtype)
+        x = F.gelu(enc.conv1(x))
+        x = F.gelu(enc.conv2(x)).transpose(1, 2)  # [B, 1500, d]
+        x = (x + enc.embed_positions.weight[: x.shape[1]]).reshape(-1, x.shape[-1])  # [B*1500, d]
+        for layer in enc.layers:
+            x = layer(x, batch.cu_seqlens, batch.max_seqlen)
+        return enc.layer_norm(x)
+
+    def decode(self, tokens, positions, meta: AttentionMetadata):
+        dec = self.decoder
+        x = dec.embed_tokens(tokens) + dec.embed_positions(positions)
+        for layer in dec.layers:
+            x = layer(x, meta)
+        x = dec.layer_norm(x[meta.logits_indices])
+        return F.linear(x, dec.embed_tokens.weight)
