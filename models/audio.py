@@ -1,0 +1,107 @@
+"""Whisper log-mel features in torch: batched, on any device.
+
+Matches transformers' `WhisperFeatureExtractor` (and openai-whisper's
+`log_mel_spectrogram`): 25 ms Hann window, 10 ms hop, slaney mel filterbank,
+log10, clamp to (max - 8) per example, then (x + 4) / 4.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SAMPLE_RATE = 16000  # Hz; every Whisper model expects 16 kHz mono audio
+N_FFT = 400  # 25 ms analysis window at 16 kHz
+HOP_LENGTH = 160  # 10 ms between frames at 16 kHz
+CHUNK_LENGTH = 30  # seconds of audio per encoder input
+N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in one 30 s chunk
+N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in one chunk (encoder halves it to 1500)
+LOG_FLOOR = 1e-10  # power floor before log10, avoids log(0)
+DYNAMIC_RANGE = 8.0  # log10 units kept below each example's maximum (80 dB)
+
+_MEL_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+_WINDOW_CACHE: dict[str, torch.Tensor] = {}
+_LOCK = threading.Lock()
+
+
+def _device_key(device: torch.device) -> str:
+    return str(device)
+
+
+def mel_filters(n_mels: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The slaney-normalised mel filterbank, `[n_mels, N_FFT // 2 + 1]` float32, cached per device.
+
+    Same numbers as `librosa.filters.mel(sr=16000, n_fft=400, n_mels=n_mels)` (what openai-whisper
+    ships in `mel_filters.npz` and what `WhisperFeatureExtractor.mel_filters` holds, transposed).
+    """
+    if n_mels not in (80, 128):
+        raise ValueError(f"Whisper uses 80 or 128 mel bins, got n_mels={n_mels}")
+    device = torch.device(device)
+    key = (n_mels, _device_key(device))
+    filters = _MEL_CACHE.get(key)
+    if filters is None:
+        import librosa  # imported lazily: slow to import, needed once per (n_mels, device)
+
+        bank = librosa.filters.mel(sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=n_mels)  # [n_mels, 201]
+        filters = torch.from_numpy(np.asarray(bank, dtype=np.float32)).to(device)
+        with _LOCK:
+            filters = _MEL_CACHE.setdefault(key, filters)
+    return filters
+
+
+def _hann_window(device: torch.device) -> torch.Tensor:
+    key = _device_key(device)
+    window = _WINDOW_CACHE.get(key)
+    if window is None:
+        window = torch.hann_window(N_FFT, device=device)  # periodic, as torch.stft expects
+        with _LOCK:
+            window = _WINDOW_CACHE.setdefault(key, window)
+    return window
+
+
+def pad_or_trim(audio: torch.Tensor | np.ndarray, length: int = N_SAMPLES) -> torch.Tensor | np.ndarray:
+    """Zero-pad or cut the last axis to `length` samples (keeps the input's type, dtype and device)."""
+    n = audio.shape[-1]
+    if n == length:
+        return audio
+    if isinstance(audio, np.ndarray):
+        if n > length:
+            return audio[..., :length]
+        widths = [(0, 0)] * (audio.ndim - 1) + [(0, length - n)]
+        return np.pad(audio, widths)
+    if n > length:
+        return audio[..., :length]
+    return F.pad(audio, (0, length - n))
+
+
+def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
+    """Whisper encoder input features.
+
+    Args:
+        audio: `[B, N_SAMPLES]` (or `[N_SAMPLES]`) float32 waveform at 16 kHz, already
+            padded/trimmed to 30 s with `pad_or_trim`. Any device.
+        n_mels: 80 (tiny..large-v2) or 128 (large-v3).
+
+    Returns:
+        `[B, n_mels, N_FRAMES]` float32 (`[n_mels, N_FRAMES]` for 1-D input) on `audio.device`,
+        normalised per example like `WhisperFeatureExtractor`.
+    """
+    squeeze = audio.dim() == 1
+    if squeeze:
+        audio = audio.unsqueeze(0)
+    if audio.dim() != 2:
+        raise ValueError(f"audio must be [B, samples], got shape {tuple(audio.shape)}")
+    audio = audio.to(torch.float32)
+    window = _hann_window(audio.device)
+    # stft: [B, N_FFT // 2 + 1, N_FRAMES + 1] (center=True, reflect padding)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    power = stft[..., :-1].abs().square().contiguous()  # drop the last frame: [B, 201, N_FRAMES]
+    mel = mel_filters(n_mels, audio.device) @ power  # [B, n_mels, N_FRAMES]
+    log_spec = mel.clamp_min(LOG_FLOOR).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]
+    log_spec = torch.maximum(log_spec, peak - DYNAMIC_RANGE)
+    log_spec = (log_spec + 4.0) / 4.0
+    return log_spec.squeeze(0) if squeeze else log_spec
