@@ -80,25 +80,43 @@ class Attention(nn.Module):
     def encoder(self, x, cu_seqlens, max_seqlen, rel_bias: RelBias | None = None):
         """x: [T, d] packed encoder tokens -> [T, d]."""
         q, k, v = self._qkv(x)
-        o = kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=self.scale, causal=False,
-                                     rel_bias=rel_bias)
+        o = kernels.varlen_attention(
+            q, k, v, cu_seqlens, max_seqlen, scale=self.scale, causal=False, rel_bias=rel_bias
+        )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
     def decoder_self(self, x, meta: AttentionMetadata, rel_bias: RelBias | None = None):
         """x: [Tq, d] new decoder tokens; writes their K/V to the paged cache, attends causally."""
         q, k, v = self._qkv(x)
         kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        o = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.self_attn.block_tables,
-                                    meta.self_attn.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q,
-                                    scale=self.scale, causal=True, rel_bias=rel_bias)
+        o = kernels.paged_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.self_attn.block_tables,
+            meta.self_attn.seq_lens,
+            meta.cu_seqlens_q,
+            meta.max_seqlen_q,
+            scale=self.scale,
+            causal=True,
+            rel_bias=rel_bias,
+        )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
     def cross(self, x, meta: AttentionMetadata):
         """x: [Tq, d]; attends to the request's cross K/V (written once by ``write_cross``)."""
         q = self.q_proj(x).view(-1, self.h, self.d)
-        o = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.cross_attn.block_tables,
-                                    meta.cross_attn.seq_lens, meta.cu_seqlens_q, meta.max_seqlen_q,
-                                    scale=self.scale, causal=False)
+        o = kernels.paged_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            meta.cross_attn.block_tables,
+            meta.cross_attn.seq_lens,
+            meta.cu_seqlens_q,
+            meta.max_seqlen_q,
+            scale=self.scale,
+            causal=False,
+        )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
     def write_cross(self, hidden, slot_mapping):

@@ -54,8 +54,14 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in table:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     return table[dtype]
@@ -68,8 +74,9 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
     if p.is_dir():
         if (p / "config.json").exists() or (p / "model.bin").exists():
             return p
-        raise ModelNotFoundError(f"{p} is a folder but holds neither config.json (Hugging Face) nor "
-                                 "model.bin (CTranslate2)")
+        raise ModelNotFoundError(
+            f"{p} is a folder but holds neither config.json (Hugging Face) nor model.bin (CTranslate2)"
+        )
     looked.append(f"local folder {p}")
     from models.packaged import PACKAGED_MODELS, find_packaged_model
 
@@ -94,8 +101,10 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
 
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from safetensors or pytorch_model.bin files, sharded or not."""
-    for stem, index_name in (("model.safetensors", "model.safetensors.index.json"),
-                             ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+    for stem, index_name in (
+        ("model.safetensors", "model.safetensors.index.json"),
+        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+    ):
         index = folder / index_name
         if index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -130,8 +139,10 @@ _PACKED_RE = re.compile(r"(self_attn|encoder_attn)\.(q|k|v)_proj\.(weight|bias)$
 def load_weights(model: torch.nn.Module, tensors, rename) -> None:
     """Copy checkpoint tensors into ``model``, fusing q/k/v; ``rename`` maps checkpoint names to
     ours (None = skip). A fused bias shard absent from the checkpoint (Whisper's k_proj) is zero;
-    any other missing parameter is an error."""
+    a parameter the model's optional ``fill_missing(name) -> bool`` hook handles (a tied lm_head, a
+    zero logits bias) is the model's business; any other missing parameter is an error."""
     params = dict(model.named_parameters())
+    fill_missing = getattr(model, "fill_missing", None)
     todo = {(n, s) for n, p in params.items() for s in range(_shards(n))}
     for name, w in tensors:
         ours = rename(name)
@@ -157,7 +168,7 @@ def load_weights(model: torch.nn.Module, tensors, rename) -> None:
             p = params[n]
             rows = p.shape[0] // _shards(n)
             p.data[s * rows : (s + 1) * rows].zero_()
-        else:
+        elif fill_missing is None or not fill_missing(n):
             missing.append(n)
     if missing:
         raise ValueError("checkpoint lacks weights: " + ", ".join(sorted(missing)[:10]))
@@ -180,8 +191,9 @@ def build_model(arch: str, config, tensors, device: torch.device, dtype: torch.d
     return model.eval().requires_grad_(False)
 
 
-def load_model(name: str | os.PathLike = DEFAULT_MODEL, device: str = "auto",
-               dtype: str | torch.dtype = "auto") -> LoadedModel:
+def load_model(
+    name: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto"
+) -> LoadedModel:
     """Load any supported model for the engine (see module docstring for what ``name`` may be)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -233,4 +245,3 @@ def whisper_generation_config(config, tok, info: dict) -> GenerationConfig:
     if info.get("alignment_heads") is not None:
         gen.alignment_heads = info["alignment_heads"]
     return gen
-

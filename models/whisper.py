@@ -17,9 +17,19 @@ N_AUDIO_CTX = N_FRAMES // 2  # 1500 encoder tokens (conv2 has stride 2)
 
 
 def _layer_config(cfg, heads: int, ffn: int) -> LayerConfig:
-    return LayerConfig(d_model=cfg.d_model, num_heads=heads, head_dim=cfg.d_model // heads, d_ff=ffn,
-                       activation=cfg.activation_function, gated=False, pre_norm=True, norm="layer",
-                       norm_eps=1e-5, bias=True, scale=(cfg.d_model // heads) ** -0.5)
+    return LayerConfig(
+        d_model=cfg.d_model,
+        num_heads=heads,
+        head_dim=cfg.d_model // heads,
+        d_ff=ffn,
+        activation=cfg.activation_function,
+        gated=False,
+        pre_norm=True,
+        norm="layer",
+        norm_eps=1e-5,
+        bias=True,
+        scale=(cfg.d_model // heads) ** -0.5,
+    )
 
 
 class WhisperEncoder(nn.Module):

@@ -61,7 +61,9 @@ class BlockManager:
         """
         need_new = max(0, self.blocks_for(end_pos) - len(table))
         first_blk = first_pos // self.block_size
-        cow = [i for i in range(first_blk, min(len(table), self.blocks_for(end_pos))) if self.refs[table[i]] > 1]
+        cow = [
+            i for i in range(first_blk, min(len(table), self.blocks_for(end_pos))) if self.refs[table[i]] > 1
+        ]
         if need_new + len(cow) > len(self.free_blocks):
             raise OutOfBlocks(f"need {need_new + len(cow)} blocks, {len(self.free_blocks)} free")
         copies = []

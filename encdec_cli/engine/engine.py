@@ -25,8 +25,9 @@ class Engine:
     Further keyword arguments are ``EngineConfig`` fields.
     """
 
-    def __init__(self, model: str | LoadedModel = "tiny.en", device: str = "auto", dtype: str = "auto",
-                 **config):
+    def __init__(
+        self, model: str | LoadedModel = "tiny.en", device: str = "auto", dtype: str = "auto", **config
+    ):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
@@ -38,7 +39,8 @@ class Engine:
         self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.device, self.dtype)
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_encoder_tokens, self.config.window),
-            self.blocks)
+            self.blocks,
+        )
         self._order = 0
 
     def _pool_blocks(self) -> int:
@@ -49,16 +51,26 @@ class Engine:
         # leave room for activations: the largest encoder batch and the step's logits
         spec = self.model.cache_spec
         d_model = spec.num_heads * spec.head_dim
-        act = self.config.max_encoder_tokens * d_model * 2 * 24 + self.config.max_num_seqs * self.model.vocab_size * 16
+        act = (
+            self.config.max_encoder_tokens * d_model * 2 * 24
+            + self.config.max_num_seqs * self.model.vocab_size * 16
+        )
         budget = total * self.config.gpu_memory_utilization - (total - free) - act
         if budget < per_block * 64:
-            raise RuntimeError("not enough GPU memory left for the KV cache; lower --max-num-seqs or "
-                               "raise --gpu-memory-utilization")
+            raise RuntimeError(
+                "not enough GPU memory left for the KV cache; lower --max-num-seqs or "
+                "raise --gpu-memory-utilization"
+            )
         return int(budget // per_block)
 
     # ---- public API -------------------------------------------------------------------------
-    def generate(self, requests: Iterable[Request]) -> Iterator[Result]:
-        """Yield one Result per request, in completion order (match them by ``request_id``)."""
+    def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
+        """Yield one Result per request, in completion order (match them by ``request_id``).
+
+        ``requests`` is consumed lazily, only while the engine has room. A streaming source may
+        yield ``None`` for "nothing ready yet": the engine then runs a step (or, when idle, asks
+        again), so a source can wait briefly for audio decoding or for earlier results.
+        """
         it = iter(requests)
         exhausted = False
         while True:
@@ -67,6 +79,8 @@ class Engine:
                     req = next(it)
                 except StopIteration:
                     exhausted = True
+                    break
+                if req is None:  # a streaming source has nothing ready yet: run a step first
                     break
                 group = self._admit(req)
                 if isinstance(group, Result):
@@ -89,13 +103,21 @@ class Engine:
             room = self.model.max_target_positions - len(req.prompt_ids)
             max_new = min(req.params.max_new_tokens or room, room)
             if max_new < 1:
-                raise ValueError(f"decoder prompt of {len(req.prompt_ids)} tokens leaves no room in the "
-                                 f"model's {self.model.max_target_positions} decoder positions")
+                raise ValueError(
+                    f"decoder prompt of {len(req.prompt_ids)} tokens leaves no room in the "
+                    f"model's {self.model.max_target_positions} decoder positions"
+                )
         except (ValueError, TypeError) as e:
             return Result(req.request_id, [], error=str(e))
         return SequenceGroup(req, enc_len, max_new, self._order)
 
-    def step(self) -> Iterator[Result]:
+    def step(self) -> list[Result]:
+        """Schedule, encode the newly admitted, decode one token for every running sequence;
+        returns the requests that finished."""
+        with torch.inference_mode():
+            return list(self._step())
+
+    def _step(self) -> Iterator[Result]:
         plan = self.scheduler.schedule()
         for group, msg in plan.failed:
             yield Result(group.request.request_id, [], error=msg)
@@ -115,7 +137,9 @@ class Engine:
         finished = []
         if single:
             seqs = [plan.decode[i] for i in single]
-            tokens, logprobs = choose_tokens(logits[single] if len(single) < len(plan.decode) else logits, seqs)
+            tokens, logprobs = choose_tokens(
+                logits[single] if len(single) < len(plan.decode) else logits, seqs
+            )
             for j, seq in enumerate(seqs):
                 self._append(seq, tokens[j], logprobs[j] if logprobs is not None else None)
                 finished.append(seq.group)
@@ -142,14 +166,25 @@ class Engine:
 
     def _complete(self, seq: Sequence, reason: str) -> None:
         group = seq.group
-        group.finished.append(Completion(seq.generated, seq.logprobs if group.params.logprobs else None,
-                                         seq.cum_logprob, reason))
+        group.finished.append(
+            Completion(
+                seq.generated, seq.logprobs if group.params.logprobs else None, seq.cum_logprob, reason
+            )
+        )
         group.seqs.remove(seq)
         self.scheduler.free_seq(seq)
 
     def _result(self, group: SequenceGroup, now: float) -> Result:
         best = sorted(group.finished, key=lambda c: -c.score)[: group.params.num_return_sequences]
         text = self.tokenizer.decode(best[0].token_ids, skip_special_tokens=True) if self.tokenizer else None
-        return Result(group.request.request_id, best, text=text,
-                      metrics={"arrival": group.arrival, "first_token": group.first_token, "finish": now,
-                               "encoder_len": group.encoder_len})
+        return Result(
+            group.request.request_id,
+            best,
+            text=text,
+            metrics={
+                "arrival": group.arrival,
+                "first_token": group.first_token,
+                "finish": now,
+                "encoder_len": group.encoder_len,
+            },
+        )

@@ -22,7 +22,14 @@ class ModelRunner:
     @staticmethod
     def bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
         s = model.cache_spec
-        return 2 * s.num_layers * block_size * s.num_heads * s.head_dim * torch.empty((), dtype=dtype).element_size()
+        return (
+            2
+            * s.num_layers
+            * block_size
+            * s.num_heads
+            * s.head_dim
+            * torch.empty((), dtype=dtype).element_size()
+        )
 
     def _tensor(self, data, dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
@@ -71,14 +78,20 @@ class ModelRunner:
             slot_mapping=self._tensor(slots, torch.long),
             self_attn=PagedView(
                 self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32),
-                self._tensor([len(s.tokens) for s in seqs], torch.int32)),
+                self._tensor([len(s.tokens) for s in seqs], torch.int32),
+            ),
             cross_attn=PagedView(
-                self._tensor([s.group.cross_blocks + [0] * (cross_width - len(s.group.cross_blocks))
-                              for s in seqs], torch.int32),
-                self._tensor([s.group.encoder_len for s in seqs], torch.int32)),
+                self._tensor(
+                    [s.group.cross_blocks + [0] * (cross_width - len(s.group.cross_blocks)) for s in seqs],
+                    torch.int32,
+                ),
+                self._tensor([s.group.encoder_len for s in seqs], torch.int32),
+            ),
             logits_indices=self._tensor(last, torch.long),
         )
-        logits = self.model.decode(self._tensor(tokens, torch.long), self._tensor(positions, torch.long), meta)
+        logits = self.model.decode(
+            self._tensor(tokens, torch.long), self._tensor(positions, torch.long), meta
+        )
         for s in seqs:
             s.num_cached = len(s.tokens)
         return logits.float()

@@ -50,18 +50,25 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                 ban += banned_bad_words(seqs[i].tokens, p.bad_words_ids)
                 if ban:
                     logits[i, ban] = NEG_INF
+        if p.allowed_tokens:
+            keep = logits[idx.unsqueeze(1), torch.tensor(p.allowed_tokens, device=dev)]
+            logits[idx] = NEG_INF
+            logits[idx.unsqueeze(1), torch.tensor(p.allowed_tokens, device=dev)] = keep
         if p.suppress_tokens:
             logits[idx.unsqueeze(1), torch.tensor(p.suppress_tokens, device=dev)] = NEG_INF
         if p.begin_suppress_tokens:
             first = [i for i in rows if seqs[i].num_generated == 0]
             if first:
-                logits[torch.tensor(first, device=dev).unsqueeze(1),
-                       torch.tensor(p.begin_suppress_tokens, device=dev)] = NEG_INF
+                logits[
+                    torch.tensor(first, device=dev).unsqueeze(1),
+                    torch.tensor(p.begin_suppress_tokens, device=dev),
+                ] = NEG_INF
         if p.min_new_tokens and p.stop_token_ids:
             early = [i for i in rows if seqs[i].num_generated < p.min_new_tokens]
             if early:
-                logits[torch.tensor(early, device=dev).unsqueeze(1),
-                       torch.tensor(p.stop_token_ids, device=dev)] = NEG_INF
+                logits[
+                    torch.tensor(early, device=dev).unsqueeze(1), torch.tensor(p.stop_token_ids, device=dev)
+                ] = NEG_INF
         for at, token in p.forced_tokens:
             forced = [i for i in rows if seqs[i].num_generated == at]
             if forced:

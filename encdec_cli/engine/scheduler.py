@@ -49,7 +49,9 @@ class Scheduler:
     def max_blocks(self, group: SequenceGroup) -> int:
         """Blocks a group needs at its largest: cross + every beam at full length."""
         full = len(group.request.prompt_ids) + group.max_new_tokens
-        return self.blocks.blocks_for(group.encoder_len) + group.params.num_beams * self.blocks.blocks_for(full)
+        return self.blocks.blocks_for(group.encoder_len) + group.params.num_beams * self.blocks.blocks_for(
+            full
+        )
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -60,7 +62,9 @@ class Scheduler:
             for seq in group.seqs:
                 while True:
                     try:
-                        plan.copies += self.blocks.prepare_write(seq.block_table, seq.num_cached, len(seq.tokens))
+                        plan.copies += self.blocks.prepare_write(
+                            seq.block_table, seq.num_cached, len(seq.tokens)
+                        )
                         break
                     except OutOfBlocks:
                         victim = max(self.running, key=lambda g: g.order)
@@ -77,12 +81,19 @@ class Scheduler:
         still_waiting = []
         for i, group in enumerate(self.waiting):
             if self.max_blocks(group) > self.blocks.num_blocks:
-                plan.failed.append((group, f"request needs {self.max_blocks(group)} KV blocks at its longest; "
-                                           f"the pool has {self.blocks.num_blocks} (raise the memory budget)"))
+                plan.failed.append(
+                    (
+                        group,
+                        f"request needs {self.max_blocks(group)} KV blocks at its longest; "
+                        f"the pool has {self.blocks.num_blocks} (raise the memory budget)",
+                    )
+                )
                 continue
-            fits = (num_seqs + group.num_seqs_reserved <= self.config.max_num_seqs
-                    and (enc_tokens == 0 or enc_tokens + group.encoder_len <= self.config.max_encoder_tokens)
-                    and self._try_admit(group))
+            fits = (
+                num_seqs + group.num_seqs_reserved <= self.config.max_num_seqs
+                and (enc_tokens == 0 or enc_tokens + group.encoder_len <= self.config.max_encoder_tokens)
+                and self._try_admit(group)
+            )
             if not fits:
                 still_waiting.extend(self.waiting[i:])
                 break

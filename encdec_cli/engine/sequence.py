@@ -21,6 +21,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # tokens that end a sequence (EOS)
     suppress_tokens: tuple[int, ...] = ()  # never generated
     begin_suppress_tokens: tuple[int, ...] = ()  # not generated as the first new token
+    allowed_tokens: tuple[int, ...] = ()  # when set, only these tokens can be generated
     forced_tokens: tuple[tuple[int, int], ...] = ()  # (index among new tokens, token id)
     repetition_penalty: float = 1.0  # 1.0 = off (transformers' definition)
     no_repeat_ngram_size: int = 0  # 0 = off

@@ -1,0 +1,3 @@
+from encdec_cli.cli import main
+
+main()

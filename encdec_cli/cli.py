@@ -1,0 +1,154 @@
+"""The ``encdec`` command line: one small function per command; the work is in tasks/."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(
+    help="Offline, throughput-first inference for encoder/decoder models: transcribe audio with "
+    "Whisper, summarize and translate text with BART/T5-family models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+MODEL_HELP = (
+    "Model: a local Hugging Face folder, a CTranslate2 Whisper folder, a packaged name "
+    "(tiny.en [default for transcribe], base), or a hub id already in the HF cache."
+)
+DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
+DTYPE_HELP = "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."
+
+
+@app.callback()
+def _root():
+    """encdec: transcribe, summarize, translate and generate with encoder/decoder models."""
+
+
+def _engine(
+    model: str,
+    device: str,
+    dtype: str,
+    max_num_seqs: int,
+    gpu_memory_utilization: float,
+    enforce_eager: bool,
+    **extra,
+):
+    from encdec_cli.engine import Engine
+
+    return Engine(
+        model,
+        device=device,
+        dtype=dtype,
+        max_num_seqs=max_num_seqs,
+        gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager,
+        **extra,
+    )
+
+
+def _fail(message: str, code: int = 2):
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def transcribe(
+    inputs: list[str] = typer.Argument(
+        ...,
+        help="Audio files, folders (searched recursively), '-' to read "
+        "paths from stdin, or Parquet/JSONL tables with an audio column.",
+    ),
+    model: str = typer.Option("tiny.en", "-m", "--model", help=MODEL_HELP),
+    output: str = typer.Option(
+        ".",
+        "-o",
+        "--output-dir",
+        help="Folder for the outputs (input folders' "
+        "structure is mirrored), or '-' to print JSON Lines to stdout.",
+    ),
+    output_format: list[str] = typer.Option(
+        ["all"], "-f", "--output-format", help="txt, srt, vtt, tsv, json or all; repeat for several."
+    ),
+    language: str | None = typer.Option(
+        None,
+        "--language",
+        help="Spoken language code (e.g. en, de); detected per file when omitted on multilingual models.",
+    ),
+    task: str = typer.Option("transcribe", "--task", help="transcribe, or translate (to English)."),
+    audio_column: str = typer.Option(
+        "audio", "--audio-column", help="Column with audio bytes or paths in table inputs."
+    ),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Limit per 30 s window."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Windows decoded together per step."),
+    gpu_memory_utilization: float = typer.Option(
+        0.9, "--gpu-memory-utilization", help="Fraction of GPU memory the engine may use."
+    ),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo files the output folder's manifest marks as done."
+    ),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="Retry files that failed in an earlier run."
+    ),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+):
+    """Transcribe (or translate) speech with Whisper.
+
+    Long audio is cut into 30 s windows at quiet points; windows of all files are batched together.
+    Writes INPUT.{txt,srt,vtt,tsv,json} per input; a manifest in the output folder makes re-runs
+    skip finished files. Exit status: 0 all done, 1 some files failed, 2 usage error, 130 interrupted.
+    """
+    from encdec_cli.io.subtitles import resolve_formats
+    from encdec_cli.tasks.transcribe import TranscribeOptions
+    from encdec_cli.tasks.transcribe_job import UsageError, plan_inputs, run_transcribe
+
+    try:
+        formats = resolve_formats(output_format)
+        opts = TranscribeOptions(language=language, task=task, max_new_tokens=max_new_tokens)
+        plan_inputs([i for i in inputs if i != "-"], audio_column)  # fail fast on missing inputs
+    except (UsageError, ValueError) as e:
+        _fail(str(e))
+    try:
+        engine = _engine(
+            model,
+            device,
+            dtype,
+            max_num_seqs,
+            gpu_memory_utilization,
+            enforce_eager,
+            window=max(2 * max_num_seqs, 16),
+        )
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        _fail(str(e))
+    try:
+        code = run_transcribe(
+            engine,
+            inputs,
+            output,
+            formats,
+            opts,
+            audio_column=audio_column,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+            quiet=quiet,
+        )
+    except (UsageError, ValueError) as e:
+        _fail(str(e))
+    raise typer.Exit(code)
+
+
+def main():
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    app()
+
+
+__all__ = ["app", "main", "Path"]
