@@ -1,0 +1,191 @@
+"""Job manifest: an append-only JSONL log of finished and failed items, for resume.
+
+One line per event, ``{"key", "status": "ok"|"error", "error"?, "outputs"?, "time"}``;
+the last line for a key wins. Each line is flushed and fsynced before the call
+returns, so a crash loses at most the line being written; a truncated or otherwise
+unreadable line is ignored when the manifest is read back.
+
+Typical use (a file job such as transcribe)::
+
+    manifest = Manifest.in_dir(output_dir)
+    for path in inputs:
+        key = file_key(path)
+        if manifest.is_done(key):
+            continue
+        try:
+            outputs = write_transcript(...)      # each output committed atomically
+        except Exception as exc:
+            manifest.record_error(key, str(exc))
+        else:
+            manifest.record_ok(key, outputs)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from encdec_cli.io.atomic import fsync_dir
+
+__all__ = ["MANIFEST_NAME", "Manifest", "ManifestEntry", "file_key", "row_key"]
+
+MANIFEST_NAME = ".encdec-manifest.jsonl"
+
+
+def file_key(path: str | os.PathLike[str]) -> str:
+    """Identity of an input file: resolved path + size + mtime (ns); changes when the file does."""
+    resolved = Path(path).resolve()
+    st = resolved.stat()
+    return f"file:{resolved}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def row_key(row_id: int, text: str | bytes) -> str:
+    """Identity of a table row: its row id + a hash of its content."""
+    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
+    return f"row:{row_id}:{hashlib.sha256(data).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """The latest manifest line for one key."""
+
+    key: str
+    status: str  # "ok" | "error"
+    error: str | None  # message, when status == "error"
+    outputs: tuple[str, ...]  # files written for the item, when status == "ok"
+    time: float  # unix time of the event
+
+
+class Manifest:
+    """Append-only record of which items of a job are done or failed."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.skipped_lines = 0  # unreadable lines found on load (e.g. truncated by a crash)
+        self._entries: dict[str, ManifestEntry] = {}
+        self._file: IO[bytes] | None = None
+        self._needs_newline = False  # the file ends in a partial line: start ours on a new one
+        self._load()
+
+    @classmethod
+    def in_dir(cls, directory: str | os.PathLike[str]) -> Manifest:
+        """The manifest of a job writing into ``directory``."""
+        return cls(Path(directory) / MANIFEST_NAME)
+
+    # -- reading -------------------------------------------------------------------
+    def _load(self) -> None:
+        try:
+            f = open(self.path, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return
+        with f:
+            last = b""
+            for raw in f:
+                last = raw
+                entry = _parse_line(raw)
+                if entry is None:
+                    self.skipped_lines += raw.strip() != b""
+                else:
+                    self._entries[entry.key] = entry
+            self._needs_newline = bool(last) and not last.endswith(b"\n")
+
+    def get(self, key: str) -> ManifestEntry | None:
+        """The latest entry for ``key``, or None if the item was never recorded."""
+        return self._entries.get(key)
+
+    def is_done(self, key: str, check_outputs: bool = True) -> bool:
+        """True if ``key`` finished ok (and, with ``check_outputs``, its outputs still exist)."""
+        entry = self._entries.get(key)
+        if entry is None or entry.status != "ok":
+            return False
+        return not check_outputs or all(os.path.exists(p) for p in entry.outputs)
+
+    def failed(self, key: str) -> str | None:
+        """The error message if the latest record for ``key`` is a failure, else None."""
+        entry = self._entries.get(key)
+        if entry is None or entry.status != "error":
+            return None
+        return entry.error or "failed"
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._entries
+
+    def entries(self) -> list[ManifestEntry]:
+        """Latest entry of every key, in first-recorded order."""
+        return list(self._entries.values())
+
+    # -- writing -------------------------------------------------------------------
+    def record_ok(self, key: str, outputs: list[str | os.PathLike[str]] | tuple = ()) -> None:
+        """Record that ``key`` finished and wrote ``outputs`` (call after they are committed)."""
+        self._append(ManifestEntry(key, "ok", None, tuple(str(p) for p in outputs), time.time()))
+
+    def record_error(self, key: str, message: str) -> None:
+        """Record that ``key`` failed with ``message``; a re-run may retry it."""
+        self._append(ManifestEntry(key, "error", str(message), (), time.time()))
+
+    def _append(self, entry: ManifestEntry) -> None:
+        line: dict[str, Any] = {"key": entry.key, "status": entry.status}
+        if entry.error is not None:
+            line["error"] = entry.error
+        if entry.status == "ok":
+            line["outputs"] = list(entry.outputs)
+        line["time"] = round(entry.time, 3)
+        data = json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
+        f = self._open()
+        if self._needs_newline:
+            data = b"\n" + data
+            self._needs_newline = False
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        self._entries[entry.key] = entry
+
+    def _open(self) -> IO[bytes]:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+            if created:
+                fsync_dir(self.path.parent)
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Manifest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_line(raw: bytes) -> ManifestEntry | None:
+    """One manifest line, or None if it is blank, truncated or not a manifest record."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:  # includes UnicodeDecodeError
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("key"), str):
+        return None
+    status = obj.get("status")
+    if status not in ("ok", "error"):
+        return None
+    outputs = obj.get("outputs") or ()
+    error = obj.get("error")
+    return ManifestEntry(
+        key=obj["key"],
+        status=status,
+        error=None if error is None else str(error),
+        outputs=tuple(str(p) for p in outputs) if isinstance(outputs, list) else (),
+        time=float(obj.get("time", 0.0)) if isinstance(obj.get("time"), (int, float)) else 0.0,
+    )

@@ -1,0 +1,69 @@
+"""Job manifest: append-only, fsynced lines; a truncated last line is ignored."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from encdec_cli.io.manifest import MANIFEST_NAME, Manifest, file_key, row_key
+
+
+def test_record_and_reload(tmp_path):
+    out = tmp_path / "a.srt"
+    out.write_text("x")
+    with Manifest.in_dir(tmp_path) as m:
+        m.record_ok("k1", [out])
+        m.record_error("k2", "cannot decode audio: bad header")
+    m2 = Manifest(tmp_path / MANIFEST_NAME)
+    assert m2.is_done("k1") and not m2.is_done("k2") and not m2.is_done("k3")
+    assert m2.failed("k2") == "cannot decode audio: bad header"
+    assert m2.failed("k1") is None and m2.failed("k3") is None
+    lines = [json.loads(line) for line in (tmp_path / MANIFEST_NAME).read_text().splitlines()]
+    assert lines[0]["status"] == "ok" and lines[0]["outputs"] == [str(out)] and "time" in lines[0]
+    assert lines[1] == {
+        "key": "k2",
+        "status": "error",
+        "error": "cannot decode audio: bad header",
+        "time": lines[1]["time"],
+    }
+
+
+def test_latest_record_wins_and_missing_outputs_mean_not_done(tmp_path):
+    m = Manifest(tmp_path / "m.jsonl")
+    m.record_error("k", "oom")
+    m.record_ok("k", [tmp_path / "gone.txt"])
+    m.close()
+    m2 = Manifest(tmp_path / "m.jsonl")
+    assert m2.failed("k") is None
+    assert not m2.is_done("k")  # its output was deleted: do it again
+    assert m2.is_done("k", check_outputs=False)
+
+
+def test_truncated_last_line_is_ignored_and_appends_start_clean(tmp_path):
+    path = tmp_path / "m.jsonl"
+    m = Manifest(path)
+    m.record_ok("a")
+    m.record_ok("b")
+    m.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 9])  # crash in the middle of the last line
+    m2 = Manifest(path)
+    assert m2.is_done("a") and not m2.is_done("b")
+    assert m2.skipped_lines == 1
+    m2.record_ok("c")
+    m2.close()
+    m3 = Manifest(path)
+    assert m3.is_done("a") and m3.is_done("c") and not m3.is_done("b")
+    assert m3.skipped_lines == 1
+
+
+def test_keys(tmp_path):
+    f = tmp_path / "in.wav"
+    f.write_bytes(b"123")
+    k = file_key(f)
+    assert str(f.resolve()) in k and k == file_key(tmp_path / "." / "in.wav")
+    st = f.stat()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert file_key(f) != k  # a changed file is a new item
+    assert row_key(3, "abc") == row_key(3, b"abc") != row_key(4, "abc")
+    assert row_key(3, "abc") != row_key(3, "abd")
