@@ -127,6 +127,9 @@ class Engine:
         if not plan.decode:
             return
         logits = self.runner.decode(plan.decode)
+        beam_rows = [i for i, s in enumerate(plan.decode) if s.group.params.num_beams > 1]
+        if beam_rows:  # beam search applies the logits processors to log-probs (as transformers)
+            logits[beam_rows] = torch.log_softmax(logits[beam_rows], -1)
         process_logits(logits, plan.decode)
         now = time.perf_counter()
         single = [i for i, s in enumerate(plan.decode) if s.group.params.num_beams == 1]
