@@ -1,0 +1,683 @@
+"""Triton attention kernels: varlen encoder/prefill attention, paged decode attention, KV store.
+
+Same signatures and semantics as the references in ``kernels/reference.py`` (the test oracle).
+Shapes: T = packed tokens, H = heads, D = head dim, B = sequences, NB = cache blocks,
+BS = cache block size, S = KV splits.
+
+Design notes
+- Softmax runs online (flash attention) in base 2: scores are multiplied by ``scale * log2(e)``
+  and exponentiated with ``exp2``; statistics and the output accumulator are float32.
+- The T5 relative position bias is looked up inside the kernels from ``key_pos - query_pos``.
+  The bucket of a distance saturates beyond ``max_distance``, so the host evaluates the
+  reference bucket formula (bit-exact, same device) once for the 2 * max_distance + 1
+  distances in ``[-max_distance, max_distance]``; the kernels clamp the distance into that
+  range and read the bias from a per-head ``[H, 2 * max_distance + 1]`` row. No L x L tensor.
+- ``paged_attention`` serves decoder self-attention (``IS_CAUSAL``) and cross-attention with
+  one kernel body. When B * H is small next to the SM count it splits the key range over
+  several programs (flash-decoding) and a second kernel merges the partial results. Every
+  launch parameter derives from tensor shapes and python ints, never from tensor values, so
+  it can be captured in a CUDA graph.
+- On CPU tensors (``TRITON_INTERPRET=1``, the tests) fixed small tiles are used so small test
+  shapes still exercise several tiles; on CUDA ``varlen_attention`` is autotuned per head dim
+  (the first call per new key benchmarks, so the engine must warm it up outside graph
+  capture; the encoder is not graph-captured anyway). The decode kernels are not autotuned.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import RelBias, relative_position_bucket
+
+__all__ = ["varlen_attention", "paged_attention", "store_kv"]
+
+LOG2E = 1.4426950408889634  # 1 / ln(2): softmax in base 2, exp(x) == exp2(x * LOG2E)
+NEG_INIT = tl.constexpr(-1.0e30)  # finite start for the running max: fully masked tiles never give inf - inf
+MIN_DOT = tl.constexpr(16)  # tl.dot needs every tile dim >= 16
+MAX_HEAD_DIM = 256  # largest head dim the tiles are sized for (one [BLOCK, D] tile per operand)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Tiles used on CPU tensors (Triton interpreter). Small, so tests on small shapes cover the
+# multi-tile paths; tests may patch these dicts.
+INTERPRET_VARLEN_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
+INTERPRET_PAGED_TILES = {"BLOCK_N": 16}
+
+# Split-KV (flash-decoding) heuristic, see _num_kv_splits.
+SPLIT_MIN_PROGRAMS_PER_SM = 2  # split only while fewer than 2 programs per SM would run
+SPLIT_MIN_KEYS = 256  # every split gets at least 256 keys, else the merge costs more than it saves
+SPLIT_MAX = 32  # at most 32 splits (partials stay small, merge stays one tile)
+
+
+# --------------------------------------------------------------------------------------
+# Device code. Kept out of ruff format: Triton kernels read better with packed argument lists.
+# --------------------------------------------------------------------------------------
+# fmt: off
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; rows >= n_rows (if MASK_ROWS) and padded dims read as 0."""
+    # constexpr branches only (no early returns: the compiler would still type-check the rest)
+    if MASK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    elif BLOCK_D == HEAD_DIM:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _scores(q, k, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """q [BLOCK_M, BLOCK_D] . k [BLOCK_N, BLOCK_D]^T -> [BLOCK_M, BLOCK_N] float32.
+
+    Without USE_DOT (a single query row, BLOCK_M == 1) a broadcast multiply + row sum.
+    """
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    else:
+        s = tl.sum(k.to(tl.float32) * q.to(tl.float32), 1)[None, :]
+    return s
+
+
+@triton.jit
+def _softmax_update(acc, m_i, l_i, s, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step: s [BLOCK_M, BLOCK_N] scores in log2 units (-inf = masked),
+    v [BLOCK_N, BLOCK_D]. Returns the rescaled (acc, m_i, l_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if USE_DOT:
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    else:
+        BLOCK_N: tl.constexpr = v.shape[0]
+        acc += tl.sum(tl.reshape(p, (BLOCK_N, 1)) * v.to(tl.float32), 0)[None, :]
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _rel_bias(bias_row, q_pos, k_pos, max_dist):
+    """T5 bias [BLOCK_M, BLOCK_N] (log2 units) for key_pos - query_pos, read from the per-head
+    row bias_row[2 * max_dist + 1] of distances -max_dist..max_dist (buckets saturate beyond)."""
+    rel = k_pos[None, :] - q_pos[:, None]
+    rel = tl.minimum(tl.maximum(rel, -max_dist), max_dist)
+    return tl.load(bias_row + (rel + max_dist))
+
+
+# -- varlen (encoder / prefill) attention ------------------------------------------------------
+
+
+@triton.jit
+def _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, bias_row, max_dist, offs_m,
+                  seq_len, lo, hi, qk_scale,
+                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Key tiles [lo, hi) of one query tile. MASKED: the tiles that cross the sequence end or
+    the causal diagonal; the others run without masks."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(k_ptrs + start_n * stride_kt, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        s = _scores(q, k, True, DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += _rel_bias(bias_row, offs_m, cols, max_dist)
+        if MASKED:
+            keep = cols[None, :] < seq_len
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        v = _load_rows(v_ptrs + start_n * stride_vt, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, True, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["max_seqlen"])
+def _varlen_attn_kernel(
+    Q, K, V, Out, CU_SEQLENS, BIAS,  # BIAS: [H, 2 * max_dist + 1] float32 (unused without HAS_BIAS)
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bias_h,
+    num_heads, max_seqlen, max_dist, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (query tile, head, sequence); query tiles of one (sequence, head) are
+    # adjacent so they share K/V in L2.
+    pid = tl.program_id(0)
+    num_m_tiles = tl.cdiv(max_seqlen, BLOCK_M)
+    tile_m = pid % num_m_tiles
+    off_h = (pid // num_m_tiles) % num_heads
+    off_b = pid // (num_m_tiles * num_heads)
+
+    seq_start = tl.load(CU_SEQLENS + off_b)
+    seq_len = tl.load(CU_SEQLENS + off_b + 1) - seq_start
+    m0 = tile_m * BLOCK_M
+    if m0 >= seq_len:
+        return
+    row0 = seq_start.to(tl.int64)  # token offsets can exceed int32 range once multiplied by strides
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + row0 * stride_qt + off_h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q = _load_rows(q_ptrs, offs_m, seq_len, offs_d, True, HEAD_DIM, BLOCK_D)
+    k_ptrs = K + row0 * stride_kt + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + row0 * stride_vt + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    bias_row = BIAS + off_h * stride_bias_h
+
+    m_i = tl.full([BLOCK_M], NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Keys [0, full_hi) need no mask: inside the sequence and (causal) at or before every query
+    # of the tile. Keys [full_hi, hi) get masked.
+    if IS_CAUSAL:
+        hi = tl.minimum(seq_len, m0 + BLOCK_M)
+        full_hi = (tl.minimum(seq_len, m0 + 1) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_len
+        full_hi = (seq_len // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, bias_row, max_dist,
+                                  offs_m, seq_len, 0, full_hi, qk_scale, False, IS_CAUSAL, HAS_BIAS, HEAD_DIM,
+                                  BLOCK_D, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, bias_row, max_dist,
+                                  offs_m, seq_len, full_hi, hi, qk_scale, True, IS_CAUSAL, HAS_BIAS, HEAD_DIM,
+                                  BLOCK_D, BLOCK_N, DOT_PRECISION)
+
+    out = acc / l_i[:, None]  # every real query row sees at least key 0, so l_i > 0
+    o_ptrs = Out + row0 * stride_ot + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o_mask = (offs_m[:, None] < seq_len) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
+
+
+# H100-minded candidates (the tutorial's Hopper set, trimmed); configs that do not fit are
+# skipped by the autotuner (OutOfResources). Offline sm_90 compiles: 128x64/w8 uses 111
+# registers and 64 KB shared memory; with T5 bias the gathers are pipelined through shared
+# memory too (+32 KB per stage at 128x64), so the smaller tiles tend to win there.
+_VARLEN_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
+]
+_varlen_attn_tuned = triton.autotune(configs=_VARLEN_CONFIGS, key=["BLOCK_D", "IS_CAUSAL", "HAS_BIAS"])(
+    _varlen_attn_kernel
+)
+
+
+# -- paged decode attention (self: causal, cross: not) + split-KV merge ------------------------
+
+
+@triton.jit
+def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb, stride_vs,
+                 bias_row, max_dist, q_pos, seq_len, lo, hi, qk_scale,
+                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 USE_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Key tiles [lo, hi) of one query tile, keys gathered through the block table."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            blk = tl.load(bt_row + cols // CACHE_BLOCK, mask=cols < seq_len, other=0)
+        else:
+            blk = tl.load(bt_row + cols // CACHE_BLOCK)
+        blk = blk.to(tl.int64)  # block * stride exceeds int32 for large caches
+        slot = cols % CACHE_BLOCK
+        k_ptrs = k_base + (blk * stride_kb + slot * stride_ks)[:, None] + offs_d[None, :]
+        k = _load_rows(k_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        s = _scores(q, k, USE_DOT, DOT_PRECISION) * qk_scale
+        if HAS_BIAS:
+            s += _rel_bias(bias_row, q_pos, cols, max_dist)
+        if MASKED:
+            keep = cols[None, :] < seq_len
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= q_pos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        v_ptrs = v_base + (blk * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :]
+        v = _load_rows(v_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, USE_DOT, DOT_PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["num_q_tiles"])
+def _paged_attn_kernel(
+    Q, K_CACHE, V_CACHE, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, BIAS,
+    O_PART, LSE_PART,  # split partials [Tq, H, S, BLOCK_D] / [Tq, H, S] float32 (only if NUM_SPLITS > 1)
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_bt, stride_bias_h,
+    num_heads, num_q_tiles, max_dist, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Axis 0: (query tile, head, sequence), query tiles fastest; axis 1: key split.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tile_q = pid % num_q_tiles
+    off_h = (pid // num_q_tiles) % num_heads
+    off_b = pid // (num_q_tiles * num_heads)
+    USE_DOT: tl.constexpr = BLOCK_Q >= MIN_DOT
+
+    q_start = tl.load(CU_SEQLENS_Q + off_b)
+    q_len = tl.load(CU_SEQLENS_Q + off_b + 1) - q_start
+    m0 = tile_q * BLOCK_Q
+    if m0 >= q_len:
+        return
+    seq_len = tl.load(SEQ_LENS + off_b)
+    row0 = q_start.to(tl.int64)
+
+    offs_q = m0 + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ptrs = Q + row0 * stride_qt + off_h * stride_qh + offs_q[:, None] * stride_qt + offs_d[None, :]
+    q = _load_rows(q_ptrs, offs_q, q_len, offs_d, True, HEAD_DIM, BLOCK_D)
+    q_pos = seq_len - q_len + offs_q  # position of each query among the keys (causal)
+
+    # Keys this query tile may see: [0, hi); of those, [0, full_hi) need no mask.
+    if IS_CAUSAL:
+        hi = tl.maximum(tl.minimum(seq_len, seq_len - q_len + m0 + BLOCK_Q), 0)
+        full_hi = (tl.maximum(tl.minimum(seq_len, seq_len - q_len + m0 + 1), 0) // BLOCK_N) * BLOCK_N
+    else:
+        hi = seq_len
+        full_hi = (seq_len // BLOCK_N) * BLOCK_N
+    # This split's share of [0, hi): whole tiles, the last split takes the ragged end.
+    chunk = tl.cdiv(tl.cdiv(hi, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo_s = tl.minimum(split * chunk, hi)
+    hi_s = tl.minimum(lo_s + chunk, hi)
+    mid_s = tl.maximum(lo_s, tl.minimum(hi_s, full_hi))
+
+    k_base = K_CACHE + off_h * stride_kh
+    v_base = V_CACHE + off_h * stride_vh
+    bt_row = BLOCK_TABLES + off_b.to(tl.int64) * stride_bt
+    bias_row = BIAS + off_h * stride_bias_h
+    m_i = tl.full([BLOCK_Q], NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
+                                 stride_vs, bias_row, max_dist, q_pos, seq_len, lo_s, mid_s, qk_scale, False,
+                                 IS_CAUSAL, HAS_BIAS, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK,
+                                 DOT_PRECISION)
+    acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
+                                 stride_vs, bias_row, max_dist, q_pos, seq_len, mid_s, hi_s, qk_scale, True,
+                                 IS_CAUSAL, HAS_BIAS, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK,
+                                 DOT_PRECISION)
+
+    # Rows without any key (empty split, or seq_len == 0 padding) give 0 and lse = -inf.
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    row_mask = offs_q < q_len
+    if NUM_SPLITS == 1:
+        o_ptrs = Out + row0 * stride_ot + off_h * stride_oh + offs_q[:, None] * stride_ot + offs_d[None, :]
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+    else:
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        part_row = ((row0 + offs_q) * num_heads + off_h) * NUM_SPLITS + split  # [Tq, H, S] flat index
+        tl.store(LSE_PART + part_row, lse, mask=row_mask)
+        tl.store(O_PART + part_row[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_mask[:, None])
+
+
+@triton.jit
+def _merge_splits_kernel(O_PART, LSE_PART, Out, stride_ot, stride_oh, num_heads,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
+    """Merge the S partial results of one (token, head): weights exp2(lse_s - max lse)."""
+    pid = tl.program_id(0).to(tl.int64)  # = token * H + head
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(LSE_PART + pid * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: every weight is 0, output 0
+    w = tl.math.exp2(lse - m)
+    parts = tl.load(O_PART + (pid * NUM_SPLITS + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=s_mask[:, None], other=0.0)
+    denom = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
+    token = pid // num_heads
+    head = pid % num_heads
+    tl.store(Out + token * stride_ot + head * stride_oh + offs_d, out.to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+# -- KV store ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh, num_heads,
+                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per token: copy its [H, D] K and V rows into cache slot SLOTS[t] (-1 = skip)."""
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + t)
+    if slot < 0:
+        return
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < num_heads) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    dst = slot * num_heads * HEAD_DIM + offs_h[:, None] * HEAD_DIM + offs_d[None, :]  # caches are contiguous
+    tl.store(K_CACHE + dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
+    tl.store(V_CACHE + dst, v.to(V_CACHE.dtype.element_ty), mask=mask)
+
+
+# fmt: on
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+
+
+def _check_tensor(name, t, ndim, dtypes=SUPPORTED_DTYPES, device=None, contiguous=False):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}; move all inputs to one device")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call .contiguous() on it")
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {t.stride()}")
+
+
+def _check_head_dim(d):
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} not supported: must be in 1..{MAX_HEAD_DIM}")
+
+
+def _block_d(d):
+    return max(MIN_DOT.value, triton.next_power_of_2(d))
+
+
+def _dot_precision(dtype):
+    # float32 inputs: exact fp32 products ("ieee"), not TF32; 16-bit inputs ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_lut(
+    num_buckets: int, max_distance: int, bidirectional: bool, device: torch.device
+) -> torch.Tensor:
+    """Bucket of every distance -max_distance..max_distance: [2 * max_distance + 1] int64, computed
+    by the reference formula itself (bit-exact on this device). Beyond +-max_distance buckets
+    saturate, so clamping the distance is exact. Cached: create it before any CUDA-graph capture."""
+    rel = torch.arange(-max_distance, max_distance + 1, device=device)
+    return relative_position_bucket(rel, num_buckets, max_distance, bidirectional)
+
+
+def _bias_rows(rel_bias: RelBias | None, num_heads: int, device: torch.device):
+    """(per-head bias by distance [H, 2 * max_distance + 1] float32 in log2 units, max_distance)."""
+    if rel_bias is None:
+        return torch.empty(1, device=device, dtype=torch.float32), 0
+    if not isinstance(rel_bias, RelBias):
+        raise ValueError(f"rel_bias must be a kernels.RelBias, got {type(rel_bias).__name__}")
+    table = rel_bias.table
+    _check_tensor("rel_bias.table", table, 2, dtypes=(torch.float32,), device=device)
+    if table.shape != (num_heads, rel_bias.num_buckets):
+        raise ValueError(
+            f"rel_bias.table must be [H={num_heads}, num_buckets={rel_bias.num_buckets}], "
+            f"got {tuple(table.shape)}"
+        )
+    half = rel_bias.num_buckets // 2 if rel_bias.bidirectional else rel_bias.num_buckets
+    if half < 2 or rel_bias.max_distance <= half // 2:
+        raise ValueError(
+            f"rel_bias needs num_buckets >= {4 if rel_bias.bidirectional else 2} and max_distance > "
+            f"num_buckets{' // 2' if rel_bias.bidirectional else ''} // 2 (the exact range), got "
+            f"num_buckets={rel_bias.num_buckets}, max_distance={rel_bias.max_distance}"
+        )
+    lut = _bucket_lut(rel_bias.num_buckets, rel_bias.max_distance, bool(rel_bias.bidirectional), table.device)
+    return (table[:, lut] * LOG2E).contiguous(), rel_bias.max_distance
+
+
+def _check_index(name, t, ndim, device):
+    if not isinstance(t, torch.Tensor) or t.dim() != ndim or t.dtype != torch.int32:
+        desc = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {ndim}-dim int32 tensor, got {desc}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}; move all inputs to one device")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call .contiguous() on it")
+
+
+def _check_scale(scale):
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a python float (no device sync), got {type(scale).__name__}")
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None):
+    """Attention over packed variable-length sequences (encoder / prefill).
+
+    q, k, v: [T, H, D] (any token/head strides, last dim contiguous); cu_seqlens: [B+1] int32
+    offsets; max_seqlen: python int >= every sequence length. Returns a new [T, H, D] tensor.
+    causal: token i of a sequence sees tokens <= i. rel_bias: T5 bias (positions restart at 0
+    in every sequence).
+    """
+    _check_tensor("q", q, 3)
+    _check_tensor("k", k, 3, device=q.device)
+    _check_tensor("v", v, 3, device=q.device)
+    if k.shape != q.shape or v.shape != q.shape or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"q, k, v must share shape and dtype, got {tuple(q.shape)} {q.dtype}, "
+            f"{tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}"
+        )
+    _check_index("cu_seqlens", cu_seqlens, 1, q.device)
+    if cu_seqlens.numel() < 1:
+        raise ValueError("cu_seqlens must have B + 1 >= 1 entries")
+    if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a python int >= 0 (no device sync), got {max_seqlen!r}")
+    _check_scale(scale)
+    t, h, d = q.shape
+    _check_head_dim(d)
+    bias, max_dist = _bias_rows(rel_bias, h, q.device)
+    out = torch.empty((t, h, d), device=q.device, dtype=q.dtype)
+    num_seqs = cu_seqlens.numel() - 1
+    if t == 0 or num_seqs == 0 or max_seqlen == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * h * num_seqs,)
+
+    # CUDA: autotuned tiles; CPU (interpreter): the fixed small test tiles.
+    kernel, tiles = (_varlen_attn_tuned, {}) if q.is_cuda else (_varlen_attn_kernel, INTERPRET_VARLEN_TILES)
+    # fmt: off
+    kernel[grid](
+        q, k, v, out, cu_seqlens, bias,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), bias.stride(0),
+        h, max_seqlen, max_dist, float(scale) * LOG2E,
+        HEAD_DIM=d, BLOCK_D=_block_d(d), IS_CAUSAL=bool(causal), HAS_BIAS=rel_bias is not None,
+        DOT_PRECISION=_dot_precision(q.dtype), **tiles,
+    )
+    # fmt: on
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: pretend a tiny GPU so small test shapes also take the split path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _num_kv_splits(programs: int, max_keys: int, device: torch.device) -> int:
+    """Key splits per (query tile, head, sequence), from static shapes only (CUDA-graph safe).
+
+    programs: B * H * query tiles; max_keys: block_tables.shape[1] * block_size (the capacity,
+    not the actual lengths). Split while fewer than SPLIT_MIN_PROGRAMS_PER_SM programs per SM
+    would run, keeping >= SPLIT_MIN_KEYS keys per split and <= SPLIT_MAX splits.
+    """
+    target = SPLIT_MIN_PROGRAMS_PER_SM * _sm_count(device)
+    if programs >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), max_keys // SPLIT_MIN_KEYS, SPLIT_MAX))
+
+
+def _paged_block_n(block_d: int) -> int:
+    # 64 keys per tile: [64, D] K and V tiles keep 16 KB (D = 64, bf16) in flight per program;
+    # halve for D > 128 so the fp32 products stay in registers.
+    return 64 if block_d <= 128 else 32
+
+
+def paged_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
+):
+    """Decoder attention over a paged cache: 1..k query tokens per sequence.
+
+    q: [Tq, H, D] packed (any token/head strides, last dim contiguous); sequence b owns
+    q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]. k_cache, v_cache: [NB, BS, H, D] contiguous, BS a
+    power of two; block_tables: [B, max_blocks] int32; seq_lens: [B] int32 = number of keys of
+    sequence b (already including the new tokens for self-attention), at most max_blocks * BS;
+    cu_seqlens_q: [B+1] int32; max_seqlen_q: python int >= every query count.
+    causal=True (self-attention): the i-th of q_len queries sits at position seq_len - q_len + i
+    and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
+    rel_bias: T5 bias on key_pos - query_pos. Returns a new [Tq, H, D] tensor.
+    No host sync: safe inside CUDA-graph capture (after one warm-up call per configuration).
+    """
+    _check_tensor("q", q, 3)
+    _check_tensor("k_cache", k_cache, 4, device=q.device, contiguous=True)
+    _check_tensor("v_cache", v_cache, 4, device=q.device, contiguous=True)
+    h, d = q.shape[1:]
+    if k_cache.shape != v_cache.shape or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(
+            f"k_cache and v_cache must share shape and q's dtype {q.dtype}, got "
+            f"{tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}"
+        )
+    if tuple(k_cache.shape[2:]) != (h, d):
+        raise ValueError(f"cache heads/head dim {tuple(k_cache.shape[2:])} do not match q's {(h, d)}")
+    bs = k_cache.shape[1]
+    if bs < 1 or bs & (bs - 1):
+        raise ValueError(f"cache block size must be a power of two, got {bs}")
+    _check_head_dim(d)
+    _check_index("block_tables", block_tables, 2, q.device)
+    _check_index("seq_lens", seq_lens, 1, q.device)
+    _check_index("cu_seqlens_q", cu_seqlens_q, 1, q.device)
+    num_seqs = block_tables.shape[0]
+    if seq_lens.shape[0] != num_seqs or cu_seqlens_q.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"block_tables [B={num_seqs}, ...] needs seq_lens [B] and cu_seqlens_q [B+1], got "
+            f"{tuple(seq_lens.shape)} and {tuple(cu_seqlens_q.shape)}"
+        )
+    if isinstance(max_seqlen_q, torch.Tensor) or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
+        raise ValueError(f"max_seqlen_q must be a python int >= 0 (no device sync), got {max_seqlen_q!r}")
+    _check_scale(scale)
+    return _launch_paged(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal, rel_bias
+    )
+
+
+def _launch_paged(
+    q,
+    k_cache,
+    v_cache,
+    block_tables,
+    seq_lens,
+    cu_seqlens_q,
+    max_seqlen_q,
+    scale,
+    causal,
+    rel_bias,
+    num_splits=None,
+):
+    """paged_attention without the input checks; num_splits overrides the split-KV heuristic
+    (tests and benchmarks)."""
+    tq, h, d = q.shape
+    bias, max_dist = _bias_rows(rel_bias, h, q.device)
+    out = torch.empty((tq, h, d), device=q.device, dtype=q.dtype)
+    num_seqs = block_tables.shape[0]
+    if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
+        return out
+    block_d = _block_d(d)
+    # One query row: the broadcast-multiply path; more: a tl.dot-able query tile of 16..64 rows.
+    block_q = 1 if max_seqlen_q == 1 else min(64, max(MIN_DOT.value, triton.next_power_of_2(max_seqlen_q)))
+    num_q_tiles = triton.cdiv(max_seqlen_q, block_q)
+    if num_splits is None:
+        num_splits = _num_kv_splits(
+            num_seqs * h * num_q_tiles, block_tables.shape[1] * k_cache.shape[1], q.device
+        )
+    if num_splits > 1:
+        o_part = torch.empty((tq, h, num_splits, block_d), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((tq, h, num_splits), device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = out  # unused
+    block_n = _paged_block_n(block_d) if q.is_cuda else INTERPRET_PAGED_TILES["BLOCK_N"]
+    # fmt: off
+    _paged_attn_kernel[(num_q_tiles * h * num_seqs, num_splits)](
+        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, bias, o_part, lse_part,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), bias.stride(0),
+        h, num_q_tiles, max_dist, float(scale) * LOG2E,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=block_n, CACHE_BLOCK=k_cache.shape[1],
+        IS_CAUSAL=bool(causal), HAS_BIAS=rel_bias is not None, NUM_SPLITS=num_splits,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,  # decode tiles are small: 4 warps per [64, D] K/V tile
+        num_stages=3 if block_q >= MIN_DOT.value else 2,  # prefetch depth of the K/V loads
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(tq * h,)](
+            o_part, lse_part, out, out.stride(0), out.stride(1), h,
+            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            num_warps=1 if block_d <= 64 else 2,  # one (token, head) row of D floats per program
+        )
+    # fmt: on
+    return out
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping):
+    """Write new K/V rows into cache slots (in place).
+
+    k, v: [N, H, D] (any token/head strides, last dim contiguous); k_cache, v_cache:
+    [NB, BS, H, D] contiguous; slot_mapping: [N] int64, slot = block * BS + offset, -1 = skip.
+    Values are cast to the cache dtype.
+    """
+    _check_tensor("k", k, 3)
+    _check_tensor("v", v, 3, device=k.device)
+    _check_tensor("k_cache", k_cache, 4, device=k.device, contiguous=True)
+    _check_tensor("v_cache", v_cache, 4, device=k.device, contiguous=True)
+    if v.shape != k.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(
+            f"caches must be [NB, BS, H={k.shape[1]}, D={k.shape[2]}] and alike, got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if not isinstance(slot_mapping, torch.Tensor):
+        raise ValueError(f"slot_mapping must be a torch.Tensor, got {type(slot_mapping).__name__}")
+    if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (k.shape[0],):
+        raise ValueError(
+            f"slot_mapping must be an int64 tensor of shape [N={k.shape[0]}], "
+            f"got {slot_mapping.dtype} {tuple(slot_mapping.shape)}"
+        )
+    if slot_mapping.device != k.device:
+        raise ValueError(f"slot_mapping is on {slot_mapping.device} but k is on {k.device}")
+    if not slot_mapping.is_contiguous():
+        raise ValueError("slot_mapping must be contiguous; call .contiguous() on it")
+    n, h, d = k.shape
+    if n == 0:
+        return
+    block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(d)
+    # fmt: off
+    _store_kv_kernel[(n,)](
+        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1), h,
+        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d,
+        num_warps=max(1, min(8, block_h * block_d // 256)),  # ~256 elements (8 per thread) per warp
+    )
+    # fmt: on
