@@ -368,6 +368,22 @@ def main(argv=None):
                 gen,
             )
         )
+        attention.SINGLE_QUERY_DOT = True  # the alternative k=1 path, to compare with the default
+        results.append(
+            decode_case(
+                f"cross decode b{DECODE_BATCH} L{CROSS_LEN} k=1 (SINGLE_QUERY_DOT)",
+                [CROSS_LEN] * DECODE_BATCH,
+                1,
+                WHISPER_HEADS,
+                False,
+                False,
+                attention,
+                reference,
+                copy_bw,
+                gen,
+            )
+        )
+        attention.SINGLE_QUERY_DOT = False
         for splits in (None, 1):
             label = "auto split-KV" if splits is None else "no split"
             results.append(

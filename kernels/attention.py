@@ -50,6 +50,9 @@ INTERPRET_PAGED_TILES = {"BLOCK_N": 16}
 SPLIT_MIN_PROGRAMS_PER_SM = 2  # split only while fewer than 2 programs per SM would run
 SPLIT_MIN_KEYS = 256  # every split gets at least 256 keys, else the merge costs more than it saves
 SPLIT_MAX = 32  # at most 32 splits (partials stay small, merge stays one tile)
+# One query per sequence (plain decode): False = broadcast-multiply path in registers;
+# True = pad the query tile to 16 rows and use tl.dot (tensor cores, cp.async-pipelined K/V).
+SINGLE_QUERY_DOT = False
 
 
 # --------------------------------------------------------------------------------------
@@ -605,7 +608,9 @@ def _launch_paged(
         return out
     block_d = _block_d(d)
     # One query row: the broadcast-multiply path; more: a tl.dot-able query tile of 16..64 rows.
-    block_q = 1 if max_seqlen_q == 1 else min(64, max(MIN_DOT.value, triton.next_power_of_2(max_seqlen_q)))
+    block_q = min(64, max(MIN_DOT.value, triton.next_power_of_2(max_seqlen_q)))
+    if max_seqlen_q == 1 and not SINGLE_QUERY_DOT:
+        block_q = 1
     num_q_tiles = triton.cdiv(max_seqlen_q, block_q)
     if num_splits is None:
         num_splits = _num_kv_splits(

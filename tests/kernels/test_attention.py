@@ -195,6 +195,17 @@ def test_paged_splits_longer_than_keys(attn, gen, num_splits):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_paged_single_query_dot_path(attn, gen, monkeypatch, causal):
+    """SINGLE_QUERY_DOT: plain decode through the padded tl.dot tile instead of the reduction."""
+    monkeypatch.setattr(attn, "SINGLE_QUERY_DOT", True)
+    case = paged_inputs([1, 17, 40], [1, 1, 1], 2, 16, 16, torch.float32, "cpu", gen=gen)
+    ref = reference.paged_attention(*case.args(), scale=0.25, causal=causal)
+    with poisoned_allocations():
+        out = attn.paged_attention(*case.args(), scale=0.25, causal=causal)
+    assert rel_err(out, ref) < 1e-5
+
+
 def test_paged_beams_share_cross_blocks_and_empty_query_rows(attn, gen):
     """Beams of one request reuse the same block table row; a padded sequence has no queries."""
     seq_lens = [23, 23, 23, 9, 9]
