@@ -1,0 +1,166 @@
+"""Text-to-text jobs (summarize / translate / generate): table rows -> requests -> result column.
+
+Rows stream from the input (``encdec_cli.io.tables``), through the engine, into a sink that
+writes the output in input order, in parts, resumable: a re-run of the same command skips the
+rows already done. Bad rows (null, empty, not UTF-8, too long with ``--no-truncate``) get an
+error in the output's ``error`` column and the job goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from encdec_cli.engine import Engine, Request, Result
+from encdec_cli.io.manifest import file_key
+from encdec_cli.io.tables import Row, open_sink, open_table
+from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
+from encdec_cli.tasks.progress import JobProgress
+
+TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
+UNLIMITED = 1 << 30  # a tokenizer's "no limit" model_max_length is a huge sentinel
+
+
+@dataclass(frozen=True)
+class Seq2SeqOptions:
+    task: str = "generate"  # summarize | translate | generate
+    column: str = "text"  # input column
+    output_column: str | None = None  # default: summary / translation / generated
+    prefix: str | None = None  # prepended to each text; None: the model's task prefix (T5), else ""
+    source_lang: str | None = None  # mBART-style language code of the inputs, e.g. en_XX
+    target_lang: str | None = None  # mBART-style language code of the outputs (forced first token)
+    truncate: bool = True  # cut inputs longer than the model's limit (counted); False: row error
+    generation: dict = field(default_factory=dict)  # GenerationConfig-named overrides (None = keep)
+
+    def __post_init__(self):
+        if self.task not in TASK_COLUMNS:
+            raise ValueError(f"unknown task {self.task!r}")
+
+    @property
+    def result_column(self) -> str:
+        return self.output_column or TASK_COLUMNS[self.task]
+
+
+def default_output(input_path: str, opts: Seq2SeqOptions) -> str:
+    """Next to the input, with the task as a suffix: articles.parquet -> articles.summary.parquet."""
+    if input_path == "-":
+        return "-"
+    p = Path(input_path)
+    ext = p.suffix if p.suffix in (".parquet", ".jsonl", ".csv") else ".jsonl"
+    return str(p.with_name(f"{p.stem}.{opts.result_column}{ext}"))
+
+
+class TextEncoder:
+    """Turns input texts into encoder token ids (prefix, language codes, truncation)."""
+
+    def __init__(self, engine: Engine, opts: Seq2SeqOptions):
+        self.tok = engine.tokenizer
+        cfg = engine.loaded.config
+        task_params = (getattr(cfg, "task_specific_params", None) or {}).get(
+            "summarization" if opts.task == "summarize" else "", {})
+        self.prefix = opts.prefix if opts.prefix is not None else task_params.get("prefix", "")
+        if opts.source_lang:
+            self._check_lang(opts.source_lang, "--source-lang")
+            self.tok.src_lang = opts.source_lang
+        limits = [getattr(engine.model, "max_source_positions", None), getattr(self.tok, "model_max_length", None)]
+        limits = [x for x in limits if x and x < UNLIMITED]
+        self.max_len = min(limits) if limits else None
+        self.truncate = opts.truncate
+        self.truncated = 0
+
+    def _check_lang(self, code: str, flag: str) -> int:
+        tid = self.tok.convert_tokens_to_ids(code)
+        if tid is None or tid == self.tok.unk_token_id:
+            raise ValueError(f"{flag} {code!r} is not a language code of this model's tokenizer")
+        return tid
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok(self.prefix + text, add_special_tokens=True)["input_ids"]
+        if self.max_len and len(ids) > self.max_len:
+            if not self.truncate:
+                raise ValueError(f"input is {len(ids)} tokens, the model takes {self.max_len} (--truncate cuts it)")
+            self.truncated += 1
+            ids = ids[: self.max_len - 1] + ids[-1:]  # keep the closing special token (</s>)
+        return ids
+
+
+def run_seq2seq(engine: Engine, input_path: str, output: str | None, opts: Seq2SeqOptions,
+                quiet: bool = False) -> int:
+    """Run the job; returns the exit status (0 all done, 1 some rows failed, 130 interrupted)."""
+    enc = TextEncoder(engine, opts)
+    gen = engine.loaded.generation_config
+    prompt = decoder_prompt(gen, engine.loaded.config)
+    overrides = dict(opts.generation)
+    if opts.target_lang:
+        overrides["forced_bos_token_id"] = enc._check_lang(opts.target_lang, "--target-lang")
+    params = sampling_params_from_generation_config(gen, len(prompt), overrides)
+    output = output or default_output(input_path, opts)
+    src = open_table(input_path, opts.column)
+    job_key = f"{file_key(input_path) if input_path != '-' else 'stdin'}|{opts}|{engine.loaded.path}"
+    sink = open_sink(output, result_columns=[opts.result_column], input_schema=src.arrow_schema,
+                     job_key=job_key if input_path != "-" else None)
+    done = sink.done_row_ids()
+    rows: dict[int, Row] = {}
+    failed = skipped = 0
+    progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens")
+
+    def requests() -> Iterator[Request]:
+        nonlocal failed, skipped
+        for row in src:
+            if row.row_id in done:
+                skipped += 1
+                progress.advance(files=1)
+                continue
+            error = row.error
+            if error is None:
+                try:
+                    ids = enc.encode(row.text)
+                except ValueError as e:
+                    error = str(e)
+            if error is not None:
+                sink.write_row(row, error=error)
+                failed += 1
+                progress.advance(files=1)
+                continue
+            rows[row.row_id] = row
+            yield Request(ids, list(prompt), params, row.row_id)
+
+    def on_result(r: Result) -> None:
+        nonlocal failed
+        row = rows.pop(r.request_id)
+        if r.error:
+            failed += 1
+            sink.write_row(row, error=r.error)
+        else:
+            text = enc.tok.decode(r.token_ids, skip_special_tokens=True).strip()
+            sink.write_row(row, {opts.result_column: text})
+        progress.advance(files=1, amount=len(r.token_ids))
+
+    start = time.perf_counter()
+    interrupted = False
+    try:
+        with progress:
+            for result in engine.generate(requests()):
+                on_result(result)
+        sink.finalize(expected_rows=src.rows_read)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        sink.close()
+        src.close()
+    wall = time.perf_counter() - start
+    n = progress.files - skipped
+    summary = (f"{opts.task}: {n - failed} row(s) done, {progress.amount:,.0f} tokens in {wall:.1f} s "
+               f"({progress.amount / max(wall, 1e-9):,.0f} tok/s)")
+    if output != "-":
+        summary += f" -> {output}"
+    if skipped:
+        summary += f"; {skipped} row(s) already done in an earlier run (skipped)"
+    if enc.truncated:
+        summary += f"; {enc.truncated} input(s) truncated to {enc.max_len} tokens"
+    if failed:
+        summary += f"; {failed} row(s) FAILED (see the 'error' column)"
+    progress.summary(summary + ("; INTERRUPTED (re-run the same command to resume)" if interrupted else ""))
+    return 130 if interrupted else 1 if failed else 0
