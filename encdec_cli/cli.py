@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import typer
@@ -123,6 +124,7 @@ def transcribe(
             max_num_seqs,
             gpu_memory_utilization,
             enforce_eager,
+            quiet,
             window=max(2 * max_num_seqs, 16),
         )
     except (FileNotFoundError, ValueError, RuntimeError) as e:
@@ -153,36 +155,59 @@ TEXT_DOCS = {
 
 def _text_command(task: str):
     def command(
-        input: str = typer.Argument(..., help="Input table: .parquet, .jsonl, .csv, .txt (one item per line), "
-                                    "or '-' for stdin (JSON Lines if lines are JSON objects, else lines)."),
+        input: str = typer.Argument(
+            ...,
+            help="Input table: .parquet, .jsonl, .csv, .txt (one item per line), "
+            "or '-' for stdin (JSON Lines if lines are JSON objects, else lines).",
+        ),
         model: str = typer.Option(..., "-m", "--model", help=MODEL_HELP),
-        output: str | None = typer.Option(None, "-o", "--output", help="Output table (.parquet, .jsonl, "
-                                             ".csv) or '-' for JSON Lines on stdout. Default: next to the "
-                                             f"input, e.g. in.{task}.parquet. All input columns are kept."),
+        output: str | None = typer.Option(
+            None,
+            "-o",
+            "--output",
+            help="Output table (.parquet, .jsonl, "
+            ".csv) or '-' for JSON Lines on stdout. Default: next to the "
+            f"input, e.g. in.{task}.parquet. All input columns are kept.",
+        ),
         column: str = typer.Option("text", "--column", help="Input column with the text."),
-        output_column: str | None = typer.Option(None, "--output-column", help="Result column name "
-                                                    "(default: summary / translation / generated)."),
-        prefix: str | None = typer.Option(None, "--prefix", help="Text prepended to every input, e.g. "
-                                             "'summarize: '. Default: the model's own task prefix, if any."),
-        source_lang: str | None = typer.Option(None, "--source-lang", help="mBART-style source language "
-                                                  "code, e.g. en_XX."),
-        target_lang: str | None = typer.Option(None, "--target-lang", help="mBART-style target language "
-                                                  "code, e.g. de_DE (forced as the first output token)."),
+        output_column: str | None = typer.Option(
+            None, "--output-column", help="Result column name (default: summary / translation / generated)."
+        ),
+        prefix: str | None = typer.Option(
+            None,
+            "--prefix",
+            help="Text prepended to every input, e.g. "
+            "'summarize: '. Default: the model's own task prefix, if any.",
+        ),
+        source_lang: str | None = typer.Option(
+            None, "--source-lang", help="mBART-style source language code, e.g. en_XX."
+        ),
+        target_lang: str | None = typer.Option(
+            None,
+            "--target-lang",
+            help="mBART-style target language code, e.g. de_DE (forced as the first output token).",
+        ),
         num_beams: int | None = typer.Option(None, "--num-beams", help="Beam search width (1 = greedy)."),
-        num_return_sequences: int | None = typer.Option(None, "--num-return-sequences",
-                                                           help="Hypotheses kept per row (best first)."),
+        num_return_sequences: int | None = typer.Option(
+            None, "--num-return-sequences", help="Hypotheses kept per row (best first)."
+        ),
         max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Most tokens per output."),
         min_new_tokens: int | None = typer.Option(None, "--min-new-tokens", help="Fewest tokens per output."),
         length_penalty: float | None = typer.Option(None, "--length-penalty", help="Beam score exponent."),
-        no_repeat_ngram_size: int | None = typer.Option(None, "--no-repeat-ngram-size",
-                                                           help="Forbid repeating n-grams of this size."),
+        no_repeat_ngram_size: int | None = typer.Option(
+            None, "--no-repeat-ngram-size", help="Forbid repeating n-grams of this size."
+        ),
         repetition_penalty: float | None = typer.Option(None, "--repetition-penalty"),
         temperature: float | None = typer.Option(None, "--temperature", help="> 0 samples; 0 is greedy."),
         top_k: int | None = typer.Option(None, "--top-k"),
         top_p: float | None = typer.Option(None, "--top-p"),
         seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
-        truncate: bool = typer.Option(True, "--truncate/--no-truncate", help="Cut inputs longer than the "
-                                      "model's limit (counted in the summary), or make them row errors."),
+        truncate: bool = typer.Option(
+            True,
+            "--truncate/--no-truncate",
+            help="Cut inputs longer than the "
+            "model's limit (counted in the summary), or make them row errors.",
+        ),
         device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
         max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Sequences decoded together per step."),
@@ -193,16 +218,31 @@ def _text_command(task: str):
         from encdec_cli.io.tables import TableError
         from encdec_cli.tasks.seq2seq import Seq2SeqOptions, run_seq2seq
 
-        gen = {"num_beams": num_beams, "num_return_sequences": num_return_sequences,
-               "max_new_tokens": max_new_tokens, "min_new_tokens": min_new_tokens,
-               "length_penalty": length_penalty, "no_repeat_ngram_size": no_repeat_ngram_size,
-               "repetition_penalty": repetition_penalty, "temperature": temperature, "top_k": top_k,
-               "top_p": top_p, "seed": seed}
+        gen = {
+            "num_beams": num_beams,
+            "num_return_sequences": num_return_sequences,
+            "max_new_tokens": max_new_tokens,
+            "min_new_tokens": min_new_tokens,
+            "length_penalty": length_penalty,
+            "no_repeat_ngram_size": no_repeat_ngram_size,
+            "repetition_penalty": repetition_penalty,
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "seed": seed,
+        }
         try:
-            opts = Seq2SeqOptions(task=task, column=column, output_column=output_column, prefix=prefix,
-                                  source_lang=source_lang, target_lang=target_lang, truncate=truncate,
-                                  generation={k: v for k, v in gen.items() if v is not None})
-            engine = _engine(model, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager)
+            opts = Seq2SeqOptions(
+                task=task,
+                column=column,
+                output_column=output_column,
+                prefix=prefix,
+                source_lang=source_lang,
+                target_lang=target_lang,
+                truncate=truncate,
+                generation={k: v for k, v in gen.items() if v is not None},
+            )
+            engine = _engine(model, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet)
             code = run_seq2seq(engine, input, output, opts, quiet=quiet)
         except (FileNotFoundError, ValueError, RuntimeError, TableError) as e:
             _fail(str(e))
@@ -212,12 +252,69 @@ def _text_command(task: str):
         "\n\nRows stream through the engine in bounded memory; the output keeps every input column, adds "
         "the result column and an 'error' column, and is written in input order. An interrupted run resumes "
         "where it stopped when the same command is run again.\n\nExit status: 0 all rows done, 1 some rows "
-        "failed (their 'error' says why), 2 usage error, 130 interrupted.")
+        "failed (their 'error' says why), 2 usage error, 130 interrupted."
+    )
     return command
 
 
 for _task in TEXT_DOCS:
     app.command(_task)(_text_command(_task))
+
+
+@app.command()
+def bench(
+    workloads: list[str] = typer.Argument(None, help="Workload ids W1..W5 of BENCHMARKS.md (default: all)."),
+    baseline: str = typer.Option(
+        "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."
+    ),
+    baseline_batch: list[int] = typer.Option(
+        [16, 64, 128],
+        "--baseline-batch",
+        help="transformers batch sizes to try (the best counts; Whisper always uses 64).",
+    ),
+    out: str | None = typer.Option(
+        None, "--out", help="JSON results file (default: benchmarks/results/<device>-<time>.json)."
+    ),
+    max_num_seqs: int = typer.Option(256, "--max-num-seqs"),
+    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
+    scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
+):
+    """Run the standard workloads (random weights of the real architectures, fixed output lengths)
+    on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
+    import torch
+
+    from encdec_cli.tasks.bench import WORKLOADS, run_workload, write_results
+
+    if not torch.cuda.is_available():
+        _fail("encdec bench needs a CUDA GPU")
+    ids = [w.upper() for w in (workloads or list(WORKLOADS))]
+    bad = [w for w in ids if w not in WORKLOADS]
+    if bad:
+        _fail(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
+    results = []
+    dev = torch.cuda.get_device_name().replace(" ", "-")
+    path = Path(out or f"benchmarks/results/{dev}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    for wid in ids:
+        res = run_workload(
+            wid,
+            baseline == "hf",
+            tuple(baseline_batch),
+            {"max_num_seqs": max_num_seqs, "enforce_eager": enforce_eager},
+            scale,
+        )
+        results.append(res)
+        write_results(results, path)
+        base = (
+            f"{res['baseline']:,.1f} (batch {res['baseline_batch']})  x{res['ratio']:.2f}"
+            if "baseline" in res
+            else ""
+        )
+        typer.echo(
+            f"{wid} {res['model']:<18} {res['metric']:<13} ours {res['ours']:,.1f}  baseline {base}  "
+            f"floor {res['floor_fraction']:.0%}",
+            err=True,
+        )
+    typer.echo(f"wrote {path}", err=True)
 
 
 def main():

@@ -82,6 +82,7 @@ class EncDecModel(nn.Module):
 
     cache_spec: CacheSpec
     max_target_positions: int  # decoder positions the model supports (prompt + output)
+    max_source_positions: int  # encoder tokens the model supports
     vocab_size: int
 
     def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:

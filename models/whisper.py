@@ -66,6 +66,7 @@ class Whisper(EncDecModel):
         heads = cfg.decoder_attention_heads
         self.cache_spec = CacheSpec(cfg.decoder_layers, heads, cfg.d_model // heads)
         self.max_target_positions = cfg.max_target_positions
+        self.max_source_positions = N_AUDIO_CTX
         self.vocab_size = cfg.vocab_size
         self.n_mels = cfg.num_mel_bins
 

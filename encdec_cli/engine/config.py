@@ -15,6 +15,8 @@ class EngineConfig:
     cpu_kv_cache_bytes: int = 1 << 30  # KV pool size on the CPU
     num_blocks: int | None = None  # fixed KV pool size in blocks (overrides the two above)
     enforce_eager: bool = False  # no CUDA graphs
+    max_source_len: int | None = None  # encoder tokens per request; None: model limit, at most 4096
+    max_target_len: int | None = None  # decoder tokens per sequence; None: model limit, at most 1024
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

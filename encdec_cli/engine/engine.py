@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
@@ -15,6 +16,8 @@ from encdec_cli.engine.sampling import choose_tokens, process_logits
 from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
 from models.loading import LoadedModel, load_model
+
+log = logging.getLogger("encdec")
 
 
 class Engine:
@@ -34,9 +37,41 @@ class Engine:
         self.config = EngineConfig(**config)
         p = next(self.model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        self.max_source_len = min(self.config.max_source_len or 4096, self.model.max_source_positions)
+        self.max_target_len = min(self.config.max_target_len or 1024, self.model.max_target_positions)
         num_blocks = self.config.num_blocks or self._pool_blocks()
         self.blocks = BlockManager(num_blocks, self.config.block_size)
-        self.runner = ModelRunner(self.model, num_blocks, self.config.block_size, self.device, self.dtype)
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks,
+            self.config.block_size,
+            self.device,
+            self.dtype,
+            self.config.max_num_seqs,
+            self.max_source_len,
+            self.max_target_len,
+        )
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            from encdec_cli.engine.cuda_graphs import CudaGraphs
+
+            graphs = CudaGraphs(self.runner, self.config.max_num_seqs)
+            graphs.capture(self.model)
+            self.runner.graphs = graphs
+            log.info(
+                "captured %d CUDA graphs (batch 1..%d) in %.1f s, %.0f MiB",
+                len(graphs.sizes),
+                graphs.max_batch,
+                graphs.capture_seconds,
+                graphs.pool_bytes / 2**20,
+            )
+        log.info(
+            "KV pool: %d blocks of %d tokens (%.0f MiB) on %s, %s",
+            num_blocks,
+            self.config.block_size,
+            num_blocks * ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype) / 2**20,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_encoder_tokens, self.config.window),
             self.blocks,
@@ -100,12 +135,17 @@ class Engine:
             if not req.prompt_ids:
                 raise ValueError("empty decoder prompt (it needs at least the decoder start token)")
             enc_len = self.model.encoder_length(req.encoder_input)
-            room = self.model.max_target_positions - len(req.prompt_ids)
+            if enc_len > self.max_source_len:
+                raise ValueError(
+                    f"encoder input of {enc_len} tokens exceeds the engine's limit of "
+                    f"{self.max_source_len} (truncate it or raise max_source_len)"
+                )
+            room = self.max_target_len - len(req.prompt_ids)
             max_new = min(req.params.max_new_tokens or room, room)
             if max_new < 1:
                 raise ValueError(
                     f"decoder prompt of {len(req.prompt_ids)} tokens leaves no room in the "
-                    f"model's {self.model.max_target_positions} decoder positions"
+                    f"{self.max_target_len} decoder positions"
                 )
         except (ValueError, TypeError) as e:
             return Result(req.request_id, [], error=str(e))

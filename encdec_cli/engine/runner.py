@@ -1,39 +1,82 @@
-"""Builds each step's tensors and runs the model: encoder runs, cross K/V writes, decoder steps."""
+"""Builds each step's tensors and runs the model: encoder runs, cross K/V writes, decoder steps.
+
+Host overhead is kept out of the hot loop: block tables live in persistent numpy arrays (one row
+per running sequence / request, updated only when a sequence gains a block), each step's inputs
+go to the device in a few pinned copies, and pure decode steps (one new token per sequence) replay
+CUDA graphs captured for padded batch sizes (see ``encdec_cli/engine/cuda_graphs.py``).
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from models.base import AttentionMetadata, PagedView
 
 
+class _Rows:
+    """Row ids of a persistent table for live objects; rows of objects gone are reused."""
+
+    def __init__(self, n: int):
+        self.free = list(range(n - 1, -1, -1))
+        self.of: dict[int, int] = {}
+
+    def get(self, key: int) -> tuple[int, bool]:
+        row = self.of.get(key)
+        if row is not None:
+            return row, False
+        if not self.free:
+            raise RuntimeError("runner row table full (more live sequences than max_num_seqs)")
+        row = self.of[key] = self.free.pop()
+        return row, True
+
+    def keep_only(self, keys: set[int]) -> None:
+        for k in [k for k in self.of if k not in keys]:
+            self.free.append(self.of.pop(k))
+
+
 class ModelRunner:
     """Owns the KV pool tensors ([L, NB, BS, H, D] for K and V) and the model's device."""
 
-    def __init__(self, model, num_blocks: int, block_size: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        model,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_num_seqs: int,
+        max_source_len: int,
+        max_target_len: int,
+    ):
         self.model, self.device, self.block_size = model, device, block_size
         spec = model.cache_spec
         shape = (spec.num_layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         model.bind_cache(self.k_cache, self.v_cache)
+        self.max_num_seqs = max_num_seqs
+        # persistent block tables: self-attention per sequence, cross-attention per request
+        self.self_width = -(-max_target_len // block_size)
+        self.cross_width = -(-max_source_len // block_size)
+        self.self_tables = np.zeros((max_num_seqs, self.self_width), np.int32)
+        self.cross_tables = np.zeros((max_num_seqs, self.cross_width), np.int32)
+        self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
+        self.synced: dict[int, int] = {}  # seq_id -> blocks written into its row
+        self.graphs = None  # CudaGraphs, set up by capture_graphs()
 
     @staticmethod
     def bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
         s = model.cache_spec
-        return (
-            2
-            * s.num_layers
-            * block_size
-            * s.num_heads
-            * s.head_dim
-            * torch.empty((), dtype=dtype).element_size()
-        )
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * s.num_layers * block_size * s.num_heads * s.head_dim * elem
 
     def _tensor(self, data, dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype, pin_memory=self.device.type == "cuda")
-        return t.to(self.device, non_blocking=True)
+        t = torch.as_tensor(np.asarray(data), dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -46,7 +89,6 @@ class ModelRunner:
             self.k_cache[:, dst] = self.k_cache[:, src]
             self.v_cache[:, dst] = self.v_cache[:, src]
 
-    @torch.inference_mode()
     def encode(self, groups: list[SequenceGroup]) -> None:
         """Run the encoder over the groups' inputs (packed) and write their cross K/V."""
         batch = self.model.prepare_encoder_batch([g.request.encoder_input for g in groups], self.device)
@@ -58,40 +100,60 @@ class ModelRunner:
         for g in groups:
             g.encoded = True
 
-    @torch.inference_mode()
+    def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
+        """Row of every sequence in the self and cross tables, writing rows that changed."""
+        self.self_rows.keep_only({s.seq_id for s in seqs})
+        self.cross_rows.keep_only({id(s.group) for s in seqs})
+        for k in [k for k in self.synced if k not in self.self_rows.of]:
+            del self.synced[k]
+        srows, crows = np.empty(len(seqs), np.int64), np.empty(len(seqs), np.int64)
+        for i, s in enumerate(seqs):
+            r, _ = self.self_rows.get(s.seq_id)
+            n = len(s.block_table)
+            if self.synced.get(s.seq_id) != n or s.group.params.num_beams > 1:  # beams: copy-on-write
+                self.self_tables[r, :n] = s.block_table
+                self.synced[s.seq_id] = n
+            srows[i] = r
+            c, new = self.cross_rows.get(id(s.group))
+            if new:
+                self.cross_tables[c, : len(s.group.cross_blocks)] = s.group.cross_blocks
+            crows[i] = c
+        return srows, crows
+
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One decoder step over every sequence's uncached tokens -> float32 logits [B, vocab] of
         each sequence's last token."""
-        tokens, positions, slots, cu, last = [], [], [], [0], []
+        srows, crows = self._rows(seqs)
+        q_lens = [len(s.tokens) - s.num_cached for s in seqs]
+        if self.graphs is not None and max(q_lens) == 1 and len(seqs) <= self.graphs.max_batch:
+            logits = self.graphs.run(self, seqs, srows, crows)
+        else:
+            logits = self._eager(seqs, srows, crows, q_lens)
+        for s in seqs:
+            s.num_cached = len(s.tokens)
+        return logits.float()
+
+    def _eager(self, seqs, srows, crows, q_lens) -> torch.Tensor:
+        tokens, positions, slots = [], [], []
         for s in seqs:
             start, end = s.num_cached, len(s.tokens)
             tokens += s.tokens[start:end]
             positions += range(start, end)
             slots += self._slots(s.block_table, start, end)
-            cu.append(cu[-1] + end - start)
-            last.append(cu[-1] - 1)
-        width = max(len(s.block_table) for s in seqs)
-        cross_width = max(len(s.group.cross_blocks) for s in seqs)
+        cu = np.zeros(len(seqs) + 1, np.int32)
+        np.cumsum(q_lens, out=cu[1:])
         meta = AttentionMetadata(
             cu_seqlens_q=self._tensor(cu, torch.int32),
-            max_seqlen_q=max(cu[i + 1] - cu[i] for i in range(len(seqs))),
+            max_seqlen_q=max(q_lens),
             slot_mapping=self._tensor(slots, torch.long),
             self_attn=PagedView(
-                self._tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32),
+                self._tensor(self.self_tables[srows], torch.int32),
                 self._tensor([len(s.tokens) for s in seqs], torch.int32),
             ),
             cross_attn=PagedView(
-                self._tensor(
-                    [s.group.cross_blocks + [0] * (cross_width - len(s.group.cross_blocks)) for s in seqs],
-                    torch.int32,
-                ),
+                self._tensor(self.cross_tables[crows], torch.int32),
                 self._tensor([s.group.encoder_len for s in seqs], torch.int32),
             ),
-            logits_indices=self._tensor(last, torch.long),
+            logits_indices=self._tensor(cu[1:] - 1, torch.long),
         )
-        logits = self.model.decode(
-            self._tensor(tokens, torch.long), self._tensor(positions, torch.long), meta
-        )
-        for s in seqs:
-            s.num_cached = len(s.tokens)
-        return logits.float()
+        return self.model.decode(self._tensor(tokens, torch.long), self._tensor(positions, torch.long), meta)

@@ -59,12 +59,13 @@ class TextEncoder:
         self.tok = engine.tokenizer
         cfg = engine.loaded.config
         task_params = (getattr(cfg, "task_specific_params", None) or {}).get(
-            "summarization" if opts.task == "summarize" else "", {})
+            "summarization" if opts.task == "summarize" else "", {}
+        )
         self.prefix = opts.prefix if opts.prefix is not None else task_params.get("prefix", "")
         if opts.source_lang:
             self._check_lang(opts.source_lang, "--source-lang")
             self.tok.src_lang = opts.source_lang
-        limits = [getattr(engine.model, "max_source_positions", None), getattr(self.tok, "model_max_length", None)]
+        limits = [engine.max_source_len, getattr(self.tok, "model_max_length", None)]
         limits = [x for x in limits if x and x < UNLIMITED]
         self.max_len = min(limits) if limits else None
         self.truncate = opts.truncate
@@ -80,14 +81,17 @@ class TextEncoder:
         ids = self.tok(self.prefix + text, add_special_tokens=True)["input_ids"]
         if self.max_len and len(ids) > self.max_len:
             if not self.truncate:
-                raise ValueError(f"input is {len(ids)} tokens, the model takes {self.max_len} (--truncate cuts it)")
+                raise ValueError(
+                    f"input is {len(ids)} tokens, the model takes {self.max_len} (--truncate cuts it)"
+                )
             self.truncated += 1
             ids = ids[: self.max_len - 1] + ids[-1:]  # keep the closing special token (</s>)
         return ids
 
 
-def run_seq2seq(engine: Engine, input_path: str, output: str | None, opts: Seq2SeqOptions,
-                quiet: bool = False) -> int:
+def run_seq2seq(
+    engine: Engine, input_path: str, output: str | None, opts: Seq2SeqOptions, quiet: bool = False
+) -> int:
     """Run the job; returns the exit status (0 all done, 1 some rows failed, 130 interrupted)."""
     enc = TextEncoder(engine, opts)
     gen = engine.loaded.generation_config
@@ -99,8 +103,12 @@ def run_seq2seq(engine: Engine, input_path: str, output: str | None, opts: Seq2S
     output = output or default_output(input_path, opts)
     src = open_table(input_path, opts.column)
     job_key = f"{file_key(input_path) if input_path != '-' else 'stdin'}|{opts}|{engine.loaded.path}"
-    sink = open_sink(output, result_columns=[opts.result_column], input_schema=src.arrow_schema,
-                     job_key=job_key if input_path != "-" else None)
+    sink = open_sink(
+        output,
+        result_columns=[opts.result_column],
+        input_schema=src.arrow_schema,
+        job_key=job_key if input_path != "-" else None,
+    )
     done = sink.done_row_ids()
     rows: dict[int, Row] = {}
     failed = skipped = 0
@@ -152,8 +160,10 @@ def run_seq2seq(engine: Engine, input_path: str, output: str | None, opts: Seq2S
         src.close()
     wall = time.perf_counter() - start
     n = progress.files - skipped
-    summary = (f"{opts.task}: {n - failed} row(s) done, {progress.amount:,.0f} tokens in {wall:.1f} s "
-               f"({progress.amount / max(wall, 1e-9):,.0f} tok/s)")
+    summary = (
+        f"{opts.task}: {n - failed} row(s) done, {progress.amount:,.0f} tokens in {wall:.1f} s "
+        f"({progress.amount / max(wall, 1e-9):,.0f} tok/s)"
+    )
     if output != "-":
         summary += f" -> {output}"
     if skipped:

@@ -1,0 +1,102 @@
+"""CUDA graphs for pure decode steps (one new token per sequence).
+
+One graph per padded batch size (1, 2, 4, 8, then multiples of 8 up to max_num_seqs), captured at
+start-up into one shared memory pool and replayed with static input buffers. Padding rows write
+nowhere (slot -1) and attend to one key; their logits are dropped. The cross-attention length is
+data (a per-sequence length tensor), never a graph key.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from models.base import AttentionMetadata, PagedView
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4) if b < max_num_seqs] + list(range(8, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class CudaGraphs:
+    def __init__(self, runner, max_num_seqs: int):
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        dev, n = runner.device, self.max_batch
+        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
+        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.self_tables = torch.zeros(n, runner.self_width, dtype=torch.int32, device=dev)
+        self.self_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.cross_tables = torch.zeros(n, runner.cross_width, dtype=torch.int32, device=dev)
+        self.cross_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
+        self.idx = torch.arange(n, dtype=torch.long, device=dev)
+        # one pinned host buffer per step: tokens, positions, slots, self lens, cross lens
+        self.host = torch.zeros(5, n, dtype=torch.long, pin_memory=True)
+        self.host_self = torch.zeros(n, runner.self_width, dtype=torch.int32, pin_memory=True)
+        self.host_cross = torch.zeros(n, runner.cross_width, dtype=torch.int32, pin_memory=True)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_seconds = 0.0
+        self.pool_bytes = 0
+
+    def _meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            cu_seqlens_q=self.cu[: b + 1],
+            max_seqlen_q=1,
+            slot_mapping=self.slots[:b],
+            self_attn=PagedView(self.self_tables[:b], self.self_lens[:b]),
+            cross_attn=PagedView(self.cross_tables[:b], self.cross_lens[:b]),
+            logits_indices=self.idx[:b],
+        )
+
+    @torch.inference_mode()
+    def capture(self, model) -> None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info()[0]
+        pool = None
+        for b in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
+            meta = self._meta(b)
+            for _ in range(2):  # warm-up: compile / autotune outside the capture
+                model.decode(self.tokens[:b], self.positions[:b], meta)
+            torch.cuda.synchronize()
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=pool):
+                self.outputs[b] = model.decode(self.tokens[:b], self.positions[:b], meta)
+            pool = g.pool()
+            self.graphs[b] = g
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - start
+        self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
+
+    def run(self, runner, seqs, srows: np.ndarray, crows: np.ndarray) -> torch.Tensor:
+        n = len(seqs)
+        b = next(s for s in self.sizes if s >= n)
+        h = self.host.numpy()
+        bs = runner.block_size
+        for i, s in enumerate(seqs):
+            pos = len(s.tokens) - 1
+            h[0, i], h[1, i] = s.tokens[-1], pos
+            h[2, i] = s.block_table[pos // bs] * bs + pos % bs
+            h[3, i], h[4, i] = len(s.tokens), s.group.encoder_len
+        h[2, n:b], h[3, n:b], h[4, n:b] = -1, 1, 1  # padding rows: write nowhere, read one key
+        self.host_self.numpy()[:n] = runner.self_tables[srows]
+        self.host_cross.numpy()[:n] = runner.cross_tables[crows]
+        self.host_self.numpy()[n:b] = 0
+        self.host_cross.numpy()[n:b] = 0
+        dev = self.host[:, :b].to(runner.device, non_blocking=True)
+        self.tokens[:b].copy_(dev[0])
+        self.positions[:b].copy_(dev[1])
+        self.slots[:b].copy_(dev[2])
+        self.self_lens[:b].copy_(dev[3])
+        self.cross_lens[:b].copy_(dev[4])
+        self.self_tables[:b].copy_(self.host_self[:b], non_blocking=True)
+        self.cross_tables[:b].copy_(self.host_cross[:b], non_blocking=True)
+        self.graphs[b].replay()
+        return self.outputs[b][:n]

@@ -1,0 +1,330 @@
+"""The standard workloads of BENCHMARKS.md (W1..W5): ours vs transformers in one process run.
+
+Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
+suppressed before the target length, forced at it), so both systems do exactly the same work.
+The same weights are loaded into both: the transformers model is built first and its state dict
+is loaded into ours.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+BASELINE_BATCHES = (16, 64, 128)  # BENCHMARKS.md: transformers' best of these (Whisper: 64)
+H100_BANDWIDTH = 3.0e12  # bytes/s, measured copy bandwidth (BENCHMARKS.md)
+H100_BF16_FLOPS = 800e12  # dense bf16 peak used for the encoder floor
+
+
+@dataclass(frozen=True)
+class Workload:
+    id: str
+    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large"
+    requests: int
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    metric: str = "output tok/s"
+
+
+WORKLOADS = {
+    "W1": Workload("W1", "whisper-large-v3", 512, metric="RTFx"),
+    "W2": Workload("W2", "bart-large-cnn", 1024),
+    "W3": Workload("W3", "bart-large-cnn", 512, num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3),
+    "W4": Workload("W4", "flan-t5-large", 1024),
+    "W5": Workload("W5", "whisper-large-v3", 1, metric="tok/s"),
+}
+
+
+def hf_config(name: str):
+    from transformers import BartConfig, T5Config, WhisperConfig
+
+    if name == "whisper-large-v3":
+        return WhisperConfig(
+            vocab_size=51866,
+            num_mel_bins=128,
+            d_model=1280,
+            encoder_layers=32,
+            decoder_layers=32,
+            encoder_attention_heads=20,
+            decoder_attention_heads=20,
+            encoder_ffn_dim=5120,
+            decoder_ffn_dim=5120,
+            max_target_positions=448,
+            decoder_start_token_id=50258,
+            eos_token_id=50257,
+            pad_token_id=50256,
+            bos_token_id=50257,
+            suppress_tokens=[],
+            begin_suppress_tokens=[],
+            architectures=["WhisperForConditionalGeneration"],
+        )
+    if name == "bart-large-cnn":
+        return BartConfig(
+            vocab_size=50264,
+            d_model=1024,
+            encoder_layers=12,
+            decoder_layers=12,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=4096,
+            decoder_ffn_dim=4096,
+            max_position_embeddings=1024,
+            forced_bos_token_id=None,
+            architectures=["BartForConditionalGeneration"],
+        )
+    if name == "flan-t5-large":
+        return T5Config(
+            vocab_size=32128,
+            d_model=1024,
+            d_kv=64,
+            d_ff=2816,
+            num_layers=24,
+            num_decoder_layers=24,
+            num_heads=16,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+            decoder_start_token_id=0,
+            architectures=["T5ForConditionalGeneration"],
+        )
+    raise ValueError(name)
+
+
+def inputs_for(w: Workload):
+    """(encoder inputs, target output lengths), seeded as BENCHMARKS.md says."""
+    targets = (
+        np.random.default_rng(0).integers(16, 193, w.requests)
+        if w.model.startswith("whisper")
+        else np.random.default_rng(2).integers(32, 129, w.requests)
+    )
+    if w.id == "W5":
+        targets = np.array([128])
+    if w.model.startswith("whisper"):
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(480000, generator=g).numpy() * 0.1 for _ in range(w.requests)], targets.tolist()
+    lens = np.random.default_rng(1).integers(260, 441, w.requests)
+    vocab = hf_config(w.model).vocab_size
+    rng = np.random.default_rng(3)
+    return [rng.integers(4, vocab - 1, n).tolist() for n in lens], targets.tolist()
+
+
+def build_models(w: Workload, device, dtype, with_hf: bool):
+    """The transformers model (random init, seed 0) and ours with the same weights."""
+    from transformers import AutoModelForSeq2SeqLM, WhisperForConditionalGeneration
+
+    from models.loading import LoadedModel, build_model
+    from models.registry import architecture_of
+
+    cfg = hf_config(w.model)
+    torch.manual_seed(0)
+    with torch.device(device):
+        cls = WhisperForConditionalGeneration if w.model.startswith("whisper") else AutoModelForSeq2SeqLM
+        hf = (
+            cls._from_config(cfg, torch_dtype=dtype).eval()
+            if cls is not WhisperForConditionalGeneration
+            else cls(cfg).to(dtype).eval()
+        )
+    arch = architecture_of(cfg)
+    ours = build_model(arch, cfg, hf.state_dict().items(), torch.device(device), dtype)
+    from transformers import GenerationConfig
+
+    loaded = LoadedModel(ours, None, cfg, GenerationConfig.from_model_config(cfg), arch, Path("random"))
+    if not with_hf:
+        del hf
+        hf = None
+    return hf, loaded
+
+
+def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[float, int, dict]:
+    from encdec_cli.engine import Engine, Request, SamplingParams
+
+    cfg = loaded.config
+    eos = cfg.eos_token_id
+    start_tok = cfg.decoder_start_token_id
+    engine = Engine(loaded, **engine_cfg)
+    params = {
+        t: SamplingParams(
+            max_new_tokens=t,
+            min_new_tokens=t,
+            stop_token_ids=(eos,),
+            num_beams=w.num_beams,
+            length_penalty=w.length_penalty,
+            no_repeat_ngram_size=w.no_repeat_ngram_size,
+        )
+        for t in set(targets)
+    }
+    # warm-up: one small batch compiles kernels / autotunes outside the timing
+    list(
+        engine.generate(Request(x, [start_tok], params[targets[0]], i) for i, x in enumerate(enc_inputs[:4]))
+    )
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = list(
+        engine.generate(
+            Request(x, [start_tok], params[t], i) for i, (x, t) in enumerate(zip(enc_inputs, targets))
+        )
+    )
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(len(r.token_ids) for r in out)
+    errors = [r.error for r in out if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    info = {
+        "num_blocks": engine.blocks.num_blocks,
+        "preemptions": engine.scheduler.num_preemptions,
+        "graphs": engine.runner.graphs is not None,
+    }
+    del engine
+    torch.cuda.empty_cache()
+    return wall, tokens, info
+
+
+class _FixedLength:
+    """transformers LogitsProcessor: EOS suppressed before each row's target length, forced at it."""
+
+    def __init__(self, targets, eos: int, prompt_len: int, num_beams: int):
+        self.targets = torch.tensor(targets).repeat_interleave(num_beams)
+        self.eos, self.prompt_len = eos, prompt_len
+
+    def __call__(self, input_ids, scores):
+        n = input_ids.shape[1] - self.prompt_len  # tokens generated so far
+        t = self.targets.to(scores.device)[: scores.shape[0]]
+        before = (n < t)[:, None]
+        at = (n >= t)[:, None]
+        eos_col = torch.zeros_like(scores[:1], dtype=torch.bool)
+        eos_col[0, self.eos] = True
+        scores = scores.masked_fill(before & eos_col, float("-inf"))
+        return scores.masked_fill(at & ~eos_col, float("-inf"))
+
+
+def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int]:
+    from transformers import LogitsProcessorList, WhisperFeatureExtractor
+
+    cfg = hf.config
+    dev = next(hf.parameters()).device
+    fe = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins) if w.model.startswith("whisper") else None
+    tokens = 0
+
+    def one(lo, hi):
+        xs, ts = enc_inputs[lo:hi], targets[lo:hi]
+        proc = LogitsProcessorList([_FixedLength(ts, cfg.eos_token_id, 1, w.num_beams)])
+        kw = dict(
+            max_new_tokens=max(ts) + 1,
+            num_beams=w.num_beams,
+            do_sample=False,
+            logits_processor=proc,
+            decoder_input_ids=torch.full((len(xs), 1), cfg.decoder_start_token_id, device=dev),
+        )
+        if w.num_beams > 1:
+            kw.update(length_penalty=w.length_penalty, no_repeat_ngram_size=w.no_repeat_ngram_size)
+        if fe is not None:
+            feats = fe(xs, sampling_rate=16000, return_tensors="pt", device="cuda").input_features
+            return hf.generate(input_features=feats.to(dev, hf.dtype), **kw)
+        n = max(len(x) for x in xs)
+        ids = torch.full((len(xs), n), cfg.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(xs), n), dtype=torch.long)
+        for i, x in enumerate(xs):
+            ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        return hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
+
+    with torch.inference_mode():
+        one(0, min(2, len(enc_inputs)))  # warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for lo in range(0, len(enc_inputs), batch):
+            one(lo, lo + batch)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    tokens = sum(targets)
+    return wall, tokens
+
+
+def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int) -> dict:
+    """Lower bounds (BENCHMARKS.md): decode = bytes that must move per step (decoder weights once +
+    every running sequence's cross K/V + self K/V) / bandwidth; encoder = FLOPs / peak."""
+    params = dict(model.named_parameters())
+    dec_bytes = 2 * sum(p.numel() for n, p in params.items() if not n.startswith("encoder"))
+    enc_params = sum(p.numel() for n, p in params.items() if n.startswith("encoder"))
+    spec = model.cache_spec
+    kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V, bf16, all layers
+    enc_lens = [1500 if w.model.startswith("whisper") else len(x) for x in enc_inputs]
+    seqs = len(targets) * w.num_beams
+    steps = int(np.ceil(seqs / max_num_seqs)) * int(np.mean(targets))
+    kv_bytes = sum(w.num_beams * t * kv_token * (e + t / 2) for e, t in zip(enc_lens, targets))
+    decode_s = (steps * dec_bytes + kv_bytes) / H100_BANDWIDTH
+    d = spec.num_heads * spec.head_dim
+    enc_flops = sum(
+        2 * enc_params * e + 4 * e * e * d * len(model.encoder.layers if hasattr(model, "encoder") else [])
+        for e in enc_lens
+    )
+    encoder_s = enc_flops / H100_BF16_FLOPS
+    return {"decode_floor_s": decode_s, "encoder_floor_s": encoder_s, "floor_s": decode_s + encoder_s}
+
+
+def run_workload(
+    wid: str, baseline: bool, batches: tuple[int, ...], engine_cfg: dict, scale: float = 1.0
+) -> dict:
+    w = WORKLOADS[wid]
+    if scale != 1.0:
+        w = Workload(**{**asdict(w), "requests": max(1, int(w.requests * scale))})
+    dev, dtype = "cuda", torch.bfloat16
+    enc_inputs, targets = inputs_for(w)
+    hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
+    fl = floors(w, loaded.model, enc_inputs, targets, engine_cfg.get("max_num_seqs", 256))
+    ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
+    audio_s = 30.0 * w.requests
+    res = {
+        "workload": wid,
+        "model": w.model,
+        "requests": w.requests,
+        "num_beams": w.num_beams,
+        "ours_wall_s": ours_wall,
+        "ours_output_tokens": ours_tokens,
+        "engine": info,
+        **fl,
+        "floor_fraction": fl["floor_s"] / ours_wall,
+    }
+    res["ours"] = audio_s / ours_wall if w.metric == "RTFx" else ours_tokens / ours_wall
+    if baseline:
+        del loaded
+        torch.cuda.empty_cache()
+        if w.model.startswith("whisper"):
+            batches = (64,) if w.requests > 1 else (1,)
+        best = None
+        for b in batches:
+            wall, tokens = run_hf(w, hf, enc_inputs, targets, b)
+            value = audio_s / wall if w.metric == "RTFx" else tokens / wall
+            res.setdefault("baseline_by_batch", {})[b] = value
+            if best is None or value > best[0]:
+                best = (value, b, wall)
+        res.update(
+            baseline=best[0], baseline_batch=best[1], baseline_wall_s=best[2], ratio=res["ours"] / best[0]
+        )
+    res["metric"] = w.metric
+    return res
+
+
+def environment() -> dict:
+    import transformers
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_results(results: list[dict], out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**environment(), "results": results}, indent=2))
