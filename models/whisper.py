@@ -113,7 +113,7 @@ class Whisper(EncDecModel):
         x = self.features(batch.inputs).to(dtype)
         x = F.gelu(enc.conv1(x))
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # [B, 1500, d]
-        x = (x + enc.embed_positions.weight[: x.shape[1]]).reshape(-1, x.shape[-1])  # [B*1500, d]
+        x = (x + enc.embed_positions.weight[: x.shape[1]]).reshape(-1, x.shape[-1]).contiguous()  # [B*1500, d]
         for layer in enc.layers:
             x = layer(x, batch.cu_seqlens, batch.max_seqlen)
         return enc.layer_norm(x)

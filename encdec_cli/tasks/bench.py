@@ -124,12 +124,11 @@ def build_models(w: Workload, device, dtype, with_hf: bool):
     cfg = hf_config(w.model)
     torch.manual_seed(0)
     with torch.device(device):
-        cls = WhisperForConditionalGeneration if w.model.startswith("whisper") else AutoModelForSeq2SeqLM
-        hf = (
-            cls._from_config(cfg, torch_dtype=dtype).eval()
-            if cls is not WhisperForConditionalGeneration
-            else cls(cfg).to(dtype).eval()
-        )
+        if w.model.startswith("whisper"):
+            hf = WhisperForConditionalGeneration(cfg)
+        else:
+            hf = AutoModelForSeq2SeqLM.from_config(cfg)
+        hf = hf.to(dtype).eval()
     arch = architecture_of(cfg)
     ours = build_model(arch, cfg, hf.state_dict().items(), torch.device(device), dtype)
     from transformers import GenerationConfig

@@ -39,7 +39,7 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
     graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20)
     assert graphs == eager
     # preemption and recompute with graphs on: same tokens
-    small, engine = _tokens(loaded, reqs, num_blocks=20 * 94 // 2, max_num_seqs=20)
+    small, engine = _tokens(loaded, reqs, num_blocks=3 * 375 + 20, block_size=4, max_num_seqs=20)
     assert engine.scheduler.num_preemptions > 0 and small == eager
 
 
