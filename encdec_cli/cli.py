@@ -278,6 +278,7 @@ def bench(
     max_num_seqs: int = typer.Option(256, "--max-num-seqs"),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
+    profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),
 ):
     """Run the standard workloads (random weights of the real architectures, fixed output lengths)
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
@@ -299,7 +300,7 @@ def bench(
             wid,
             baseline == "hf",
             tuple(baseline_batch),
-            {"max_num_seqs": max_num_seqs, "enforce_eager": enforce_eager},
+            {"max_num_seqs": max_num_seqs, "enforce_eager": enforce_eager, "profile": profile},
             scale,
         )
         results.append(res)

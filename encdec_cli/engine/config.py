@@ -16,6 +16,7 @@ class EngineConfig:
     num_blocks: int | None = None  # fixed KV pool size in blocks (overrides the two above)
     enforce_eager: bool = False  # no CUDA graphs
     max_source_len: int | None = None  # encoder tokens per request; None: model limit, at most 4096
+    profile: bool = False  # time each step phase (synchronizes the GPU: slower)
     max_target_len: int | None = None  # decoder tokens per sequence; None: model limit, at most 1024
 
     def __post_init__(self):

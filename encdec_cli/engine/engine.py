@@ -77,6 +77,8 @@ class Engine:
             self.blocks,
         )
         self._order = 0
+        self.stats: dict[str, float] = {}  # seconds per step phase when config.profile is on
+        self._last_tick = time.perf_counter()
 
     def _pool_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype)
@@ -157,16 +159,30 @@ class Engine:
         with torch.inference_mode():
             return list(self._step())
 
+    def _tick(self, phase: str) -> None:
+        """With ``profile`` on, add the time since the last tick to ``stats[phase]`` (GPU synced)."""
+        if self.config.profile:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.stats[phase] = self.stats.get(phase, 0.0) + now - self._last_tick
+            self._last_tick = now
+
     def _step(self) -> Iterator[Result]:
+        self._tick("outside")
         plan = self.scheduler.schedule()
+        self.stats["steps"] = self.stats.get("steps", 0) + 1
         for group, msg in plan.failed:
             yield Result(group.request.request_id, [], error=msg)
         self.runner.copy_blocks(plan.copies)
+        self._tick("schedule")
         if plan.encode:
             self.runner.encode(plan.encode)
+            self._tick("encode")
         if not plan.decode:
             return
         logits = self.runner.decode(plan.decode)
+        self._tick("decode")
         beam_rows = [i for i, s in enumerate(plan.decode) if s.group.params.num_beams > 1]
         if beam_rows:  # beam search applies the logits processors to log-probs (as transformers)
             logits[beam_rows] = torch.log_softmax(logits[beam_rows], -1)
@@ -189,11 +205,12 @@ class Engine:
         for group, rows in beams.items():
             beam_step(group, logits[rows], self.blocks)
             finished.append(group)
-        for group in finished:
+        for group in dict.fromkeys(finished):
             group.first_token = group.first_token or now
             if group.done and group in self.scheduler.running:
                 self.scheduler.finish(group)
                 yield self._result(group, now)
+        self._tick("sample")
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         p = seq.group.params

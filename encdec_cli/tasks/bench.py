@@ -8,6 +8,7 @@ is loaded into ours.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -146,7 +147,7 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
     cfg = loaded.config
     eos = cfg.eos_token_id
     start_tok = cfg.decoder_start_token_id
-    engine = Engine(loaded, **engine_cfg)
+    engine = Engine(loaded, **{k: v for k, v in engine_cfg.items() if k != "profile"})
     params = {
         t: SamplingParams(
             max_new_tokens=t,
