@@ -180,7 +180,17 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         "num_blocks": engine.blocks.num_blocks,
         "preemptions": engine.scheduler.num_preemptions,
         "graphs": engine.runner.graphs is not None,
+        "steps": engine.stats.get("steps", 0),
     }
+    if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
+        engine.stats = {}
+        engine.config = dataclasses.replace(engine.config, profile=True)
+        list(
+            engine.generate(
+                Request(x, [start_tok], params[t], i) for i, (x, t) in enumerate(zip(enc_inputs, targets))
+            )
+        )
+        info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.items()}
     del engine
     torch.cuda.empty_cache()
     return wall, tokens, info
