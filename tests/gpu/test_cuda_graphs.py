@@ -38,8 +38,11 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
     eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20, enforce_eager=True)
     graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20)
     assert graphs == eager
-    # preemption and recompute with graphs on: same tokens
-    small, engine = _tokens(loaded, reqs, num_blocks=3 * 375 + 20, block_size=4, max_num_seqs=20)
+    # preemption and recompute with graphs on: same tokens (pool: 3 cross caches, few output blocks)
+    same = [Request(r.encoder_input, [SOT], SamplingParams(max_new_tokens=40, min_new_tokens=40,
+                    stop_token_ids=(EOT,)), r.request_id) for r in reqs[:8]]
+    eager, _ = _tokens(loaded, same, num_blocks=4000, block_size=4, max_num_seqs=8, enforce_eager=True)
+    small, engine = _tokens(loaded, same, num_blocks=3 * 375 + 20, block_size=4, max_num_seqs=8)
     assert engine.scheduler.num_preemptions > 0 and small == eager
 
 
