@@ -6,11 +6,9 @@ over hundreds of sequences with the same options costs a handful of kernels, not
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
-from encdec_cli.engine.sequence import SamplingParams, Sequence
+from encdec_cli.engine.sequence import Sequence
 
 NEG_INF = float("-inf")
 
@@ -31,50 +29,64 @@ def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) 
     return out
 
 
+def _on(dev: torch.device, data) -> torch.Tensor:
+    t = torch.tensor(data, dtype=torch.long)
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+
+
 def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """Apply every request's logits rules in place. logits: [B, V] float32, row i = seqs[i]."""
-    groups: dict[SamplingParams, list[int]] = defaultdict(list)
-    for i, s in enumerate(seqs):
-        groups[s.group.params].append(i)
+    """Apply every request's logits rules in place. logits: [B, V] float32, row i = seqs[i].
+
+    Rules are gathered over all rows first and applied as a few batched index operations, so the
+    cost does not grow with the number of distinct SamplingParams in the batch.
+    """
     dev = logits.device
-    for p, rows in groups.items():
-        idx = torch.tensor(rows, device=dev)
+    ban_rows: list[int] = []  # (row, token) pairs set to -inf
+    ban_toks: list[int] = []
+    suppress: dict[int, tuple[tuple[int, ...], list[int]]] = {}  # id(list) -> (tokens, rows)
+    allowed: dict[int, tuple[tuple[int, ...], list[int]]] = {}
+    forced_rows: list[int] = []
+    forced_toks: list[int] = []
+    for i, s in enumerate(seqs):
+        p = s.group.params
+        n = s.num_generated
         if p.repetition_penalty != 1.0:
-            for i in rows:
-                prev = torch.tensor(sorted(set(seqs[i].tokens)), device=dev)
-                x = logits[i, prev]
-                logits[i, prev] = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
+            prev = torch.tensor(sorted(set(s.tokens)), device=dev)
+            x = logits[i, prev]
+            logits[i, prev] = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
         if p.no_repeat_ngram_size or p.bad_words_ids:
-            for i in rows:
-                ban = banned_ngram_tokens(seqs[i].tokens, p.no_repeat_ngram_size)
-                ban += banned_bad_words(seqs[i].tokens, p.bad_words_ids)
-                if ban:
-                    logits[i, ban] = NEG_INF
-        if p.allowed_tokens:
-            keep = logits[idx.unsqueeze(1), torch.tensor(p.allowed_tokens, device=dev)]
-            logits[idx] = NEG_INF
-            logits[idx.unsqueeze(1), torch.tensor(p.allowed_tokens, device=dev)] = keep
+            ban = banned_ngram_tokens(s.tokens, p.no_repeat_ngram_size) + banned_bad_words(
+                s.tokens, p.bad_words_ids
+            )
+            ban_rows += [i] * len(ban)
+            ban_toks += ban
         if p.suppress_tokens:
-            logits[idx.unsqueeze(1), torch.tensor(p.suppress_tokens, device=dev)] = NEG_INF
-        if p.begin_suppress_tokens:
-            first = [i for i in rows if seqs[i].num_generated == 0]
-            if first:
-                logits[
-                    torch.tensor(first, device=dev).unsqueeze(1),
-                    torch.tensor(p.begin_suppress_tokens, device=dev),
-                ] = NEG_INF
-        if p.min_new_tokens and p.stop_token_ids:
-            early = [i for i in rows if seqs[i].num_generated < p.min_new_tokens]
-            if early:
-                logits[
-                    torch.tensor(early, device=dev).unsqueeze(1), torch.tensor(p.stop_token_ids, device=dev)
-                ] = NEG_INF
+            suppress.setdefault(id(p.suppress_tokens), (p.suppress_tokens, []))[1].append(i)
+        if n == 0 and p.begin_suppress_tokens:
+            ban_rows += [i] * len(p.begin_suppress_tokens)
+            ban_toks += p.begin_suppress_tokens
+        if n < p.min_new_tokens and p.stop_token_ids:
+            ban_rows += [i] * len(p.stop_token_ids)
+            ban_toks += p.stop_token_ids
+        if p.allowed_tokens:
+            allowed.setdefault(id(p.allowed_tokens), (p.allowed_tokens, []))[1].append(i)
         for at, token in p.forced_tokens:
-            forced = [i for i in rows if seqs[i].num_generated == at]
-            if forced:
-                f = torch.tensor(forced, device=dev)
-                logits[f] = NEG_INF
-                logits[f, token] = 0.0
+            if n == at:
+                forced_rows.append(i)
+                forced_toks.append(token)
+    for tokens, rows in suppress.values():
+        logits[_on(dev, rows).unsqueeze(1), _on(dev, tokens)] = NEG_INF
+    if ban_rows:
+        logits[_on(dev, ban_rows), _on(dev, ban_toks)] = NEG_INF
+    for tokens, rows in allowed.values():
+        r, t = _on(dev, rows).unsqueeze(1), _on(dev, tokens)
+        keep = logits[r, t]
+        logits[r] = NEG_INF
+        logits[r, t] = keep
+    if forced_rows:
+        r = _on(dev, forced_rows)
+        logits[r] = NEG_INF
+        logits[r, _on(dev, forced_toks)] = 0.0
     return logits
 
 

@@ -11,6 +11,9 @@ from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 
 
+ADMIT_MIN_FREE_FRACTION = 1 / 8  # admit new requests once this share of sequence slots is free
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 256  # decoder sequences (beams count singly) in one step
@@ -79,6 +82,13 @@ class Scheduler:
         num_seqs = sum(g.num_seqs_reserved for g in self.running)
         enc_tokens = 0
         still_waiting = []
+        # Admit in batches: wait until a slice of the sequence slots is free (or a preempted request
+        # waits), so encoder runs stay large instead of one request per finishing sequence.
+        min_free = max(1, int(self.config.max_num_seqs * ADMIT_MIN_FREE_FRACTION))
+        if self.running and self.config.max_num_seqs - num_seqs < min_free and not any(
+                g.preempted for g in self.waiting):
+            plan.decode = [s for g in self.running for s in g.seqs]
+            return plan
         for i, group in enumerate(self.waiting):
             if self.max_blocks(group) > self.blocks.num_blocks:
                 plan.failed.append(
