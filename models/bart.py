@@ -1,0 +1,189 @@
+"""The BART family in one implementation: BART, mBART, Marian, Pegasus.
+
+What differs between them (checked against transformers' modeling files):
+
+| family  | layers    | positions                     | layernorm_embedding | final stack norms |
+|---------|-----------|-------------------------------|---------------------|-------------------|
+| BART    | post-norm | learned, ids offset by 2      | yes                 | no                |
+| mBART   | pre-norm  | learned, ids offset by 2      | yes                 | yes               |
+| Marian  | post-norm | sinusoidal, sin / cos halves  | no                  | no                |
+| Pegasus | pre-norm  | sinusoidal, sin / cos halves  | no                  | yes               |
+
+Common to all, from the config: token embeddings scaled by sqrt(d_model) when
+``scale_embedding``, the activation function, ``final_logits_bias`` added to the logits, an
+lm_head tied to the decoder embedding unless the checkpoint stores its own. Marian may keep
+separate encoder/decoder embeddings (``share_encoder_decoder_embeddings=False``, with its own
+``decoder_vocab_size``). Decoder positions are each token's index in its decoder sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.base import AttentionMetadata, CacheSpec, EncoderBatch
+from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm
+from models.text import TextEncDecModel, packed_positions
+
+LEARNED_POSITION_OFFSET = 2  # BART/mBART position ids start at 2 (a fairseq leftover)
+
+
+@dataclass(frozen=True)
+class Variant:
+    pre_norm: bool  # x + f(norm(x)) (mBART, Pegasus) instead of norm(x + f(x))
+    learned_positions: bool  # learned table (offset 2) or fixed sinusoidal table
+    layernorm_embedding: bool  # LayerNorm right after token + position embedding
+    final_norm: bool  # LayerNorm after the last layer of each stack
+
+
+VARIANTS = {
+    "bart": Variant(pre_norm=False, learned_positions=True, layernorm_embedding=True, final_norm=False),
+    "mbart": Variant(pre_norm=True, learned_positions=True, layernorm_embedding=True, final_norm=True),
+    "marian": Variant(pre_norm=False, learned_positions=False, layernorm_embedding=False, final_norm=False),
+    "pegasus": Variant(pre_norm=True, learned_positions=False, layernorm_embedding=False, final_norm=True),
+}
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
+    """[num_positions, dim] float32 Marian/Pegasus table: sin of every frequency in the first half,
+    cos in the second (not interleaved); feature j has angle pos / 10000**(2*(j//2)/dim).
+    Computed in float64 with numpy exactly as transformers does, then rounded to float32."""
+    pos = np.arange(num_positions, dtype=np.float64)[:, None]
+    j = np.arange(dim)
+    angle = pos / np.power(10000, 2 * (j // 2) / dim)  # [P, dim]
+    half = (dim + 1) // 2
+    out = torch.empty(num_positions, dim, dtype=torch.float32)
+    out[:, :half] = torch.from_numpy(np.sin(angle[:, 0::2]))
+    out[:, half:] = torch.from_numpy(np.cos(angle[:, 1::2]))
+    return out
+
+
+def _layer_config(cfg, variant: Variant, heads: int, ffn: int) -> LayerConfig:
+    return LayerConfig(
+        d_model=cfg.d_model,
+        num_heads=heads,
+        head_dim=cfg.d_model // heads,
+        d_ff=ffn,
+        activation=cfg.activation_function,
+        gated=False,
+        pre_norm=variant.pre_norm,
+        norm="layer",
+        norm_eps=1e-5,
+        bias=True,
+        scale=(cfg.d_model // heads) ** -0.5,
+    )
+
+
+class BartStack(nn.Module):
+    """Positions, optional embedding/final norms and the layers of one side (encoder or decoder)."""
+
+    def __init__(self, cfg, variant: Variant, layers: nn.ModuleList):
+        super().__init__()
+        d, n_pos = cfg.d_model, cfg.max_position_embeddings
+        if variant.learned_positions:
+            self.embed_positions = nn.Embedding(n_pos + LEARNED_POSITION_OFFSET, d)
+        else:  # fixed table, computed by ``post_load`` (the model is built on the meta device)
+            self.embed_positions = None
+            self.register_buffer("sinusoid", torch.empty(n_pos, d), persistent=False)
+        self.layernorm_embedding = Norm(d, "layer", 1e-5) if variant.layernorm_embedding else None
+        self.layers = layers
+        self.layer_norm = Norm(d, "layer", 1e-5) if variant.final_norm else None
+
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens: [T, d] scaled token embeddings; positions: [T] index in the sequence -> [T, d]."""
+        if self.embed_positions is not None:
+            x = tokens + self.embed_positions(positions + LEARNED_POSITION_OFFSET)
+        else:
+            x = tokens + self.sinusoid[positions]
+        return x if self.layernorm_embedding is None else self.layernorm_embedding(x)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.layer_norm is None else self.layer_norm(x)
+
+
+class Bart(TextEncDecModel):
+    """BART, mBART, Marian and Pegasus (``config.model_type`` picks the variant)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.model_type not in VARIANTS:
+            raise ValueError(
+                f"model_type {cfg.model_type!r} is not in the BART family ({', '.join(VARIANTS)})"
+            )
+        self.config = cfg
+        self.variant = v = VARIANTS[cfg.model_type]
+        d = cfg.d_model
+        self.embed_scale = math.sqrt(d) if cfg.scale_embedding else 1.0
+        # Marian may keep separate encoder/decoder vocabularies; the others always share one.
+        self.shared_vocab = getattr(cfg, "share_encoder_decoder_embeddings", True)
+        dec_vocab = cfg.vocab_size if self.shared_vocab else (cfg.decoder_vocab_size or cfg.vocab_size)
+        self.shared = nn.Embedding(cfg.vocab_size, d)  # encoder (and, when shared, decoder) tokens
+        enc_lc = _layer_config(cfg, v, cfg.encoder_attention_heads, cfg.encoder_ffn_dim)
+        dec_lc = _layer_config(cfg, v, cfg.decoder_attention_heads, cfg.decoder_ffn_dim)
+        self.encoder = BartStack(
+            cfg, v, nn.ModuleList(EncoderLayer(enc_lc) for _ in range(cfg.encoder_layers))
+        )
+        self.decoder = BartStack(
+            cfg, v, nn.ModuleList(DecoderLayer(dec_lc) for _ in range(cfg.decoder_layers))
+        )
+        if not self.shared_vocab:
+            self.decoder.embed_tokens = nn.Embedding(dec_vocab, d)
+        self.lm_head = nn.Linear(d, dec_vocab, bias=False)
+        self.final_logits_bias = nn.Parameter(torch.zeros(1, dec_vocab))  # [1, V], as transformers stores it
+        dec_embed = "shared.weight" if self.shared_vocab else "decoder.embed_tokens.weight"
+        self.tied_weights = {"lm_head.weight": dec_embed} if cfg.tie_word_embeddings else {}
+        heads = cfg.decoder_attention_heads
+        self.cache_spec = CacheSpec(cfg.decoder_layers, heads, d // heads)
+        self.max_target_positions = self.max_source_positions = cfg.max_position_embeddings
+        self.source_vocab_size = cfg.vocab_size
+        self.vocab_size = dec_vocab
+
+    # HF "model.encoder.layers.0.fc1.weight" -> "encoder.layers.0.mlp.fc1.weight"; the embedding
+    # aliases "model.shared" / "model.{encoder,decoder}.embed_tokens" -> "shared".
+    def rename(self, name: str) -> str | None:
+        name = name.removeprefix("model.")
+        if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+            return "shared.weight" if self.shared_vocab or name.startswith("encoder.") else name
+        if name.endswith("embed_positions.weight") and not self.variant.learned_positions:
+            return None  # fixed sinusoidal table, computed in post_load
+        for fc in (".fc1.", ".fc2."):
+            name = name.replace(fc, ".mlp" + fc)
+        return name
+
+    def fill_missing(self, name: str) -> bool:
+        if name == "final_logits_bias":  # optional in transformers checkpoints: zero
+            self.final_logits_bias.data.zero_()
+            return True
+        return super().fill_missing(name)
+
+    def post_load(self) -> None:
+        for stack in (self.encoder, self.decoder):
+            if stack.embed_positions is None:
+                stack.sinusoid.copy_(sinusoidal_table(*stack.sinusoid.shape))
+        self.tie_equal_weights()
+
+    def decoder_layers(self):
+        return list(self.decoder.layers)
+
+    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+        """batch.inputs: [T] packed token ids -> [T, d]."""
+        enc = self.encoder
+        positions = packed_positions(batch.cu_seqlens, batch.inputs.shape[0])
+        x = enc.embed(self.shared(batch.inputs) * self.embed_scale, positions)
+        for layer in enc.layers:
+            x = layer(x, batch.cu_seqlens, batch.max_seqlen)
+        return enc.finish(x)
+
+    def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """tokens, positions: [Tq] new tokens and their index in their decoder sequence -> [N, V]."""
+        dec = self.decoder
+        embed = self.shared if self.shared_vocab else dec.embed_tokens
+        x = dec.embed(embed(tokens) * self.embed_scale, positions)
+        for layer in dec.layers:
+            x = layer(x, meta)
+        x = dec.finish(x[meta.logits_indices])
+        return self.lm_logits(x) + self.final_logits_bias
