@@ -7,10 +7,13 @@ Workloads (bf16, random data, seed 0):
   64 sequences of rng(1).integers(260, 441) tokens) without and with the relative position
   bias. SDPA runs on the padded [B, H, L, D] batch with a key-padding mask (what transformers
   does); with bias it gets the materialised [B, H, L, L] bias (padding folded in), built
-  outside the timed region. Reported as TFLOP/s on the real (unpadded) lengths.
+  outside the timed region. Reported as TFLOP/s on the real (unpadded) lengths; ours is
+  autotuned on its first (untimed) call, and the config it picked plus every config's time are
+  printed below the table and kept in the JSON.
 - decode attention: batch 256, Whisper heads; cross (1500 keys) and self (lengths
   rng(2).integers(1, 201) + the new tokens, block size 16) with k = 1 and 4 query tokens, plus
-  T5 self-attention with bias, and batch 1 cross (split-KV on/off). Reported as GB/s on the
+  T5 self-attention with bias, batch 1 cross (split-KV on/off), and the one-query reduction
+  path (SINGLE_QUERY_DOT=False) next to the default tl.dot path. Reported as GB/s on the
   bytes that must move (K/V read + q read + out written) and as a fraction of the device copy
   bandwidth measured here (a 1 GiB device-to-device copy, read + write bytes). SDPA baseline:
   contiguous (unpaged) [B, H, L, D] K/V. Both are timed as CUDA-graph replays, as the engine
@@ -101,6 +104,7 @@ def encoder_case(name, lens, heads, with_bias, attention, reference):
         table = torch.randn(heads, T5_BUCKETS, device=DEVICE)
         rb = reference.RelBias(table, T5_BUCKETS, T5_MAX_DISTANCE, True)
     ours = bench(lambda: attention.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb))
+    config, timings = autotune_choice(attention)
 
     uniform = all(n == max_len for n in lens)
     if uniform:  # zero-copy [B, H, L, D] views of the packed tensors, no mask: flash backend
@@ -141,7 +145,25 @@ def encoder_case(name, lens, heads, with_bias, attention, reference):
         baseline_tflops=flops / (base * 1e-3) / 1e12,
         target=f">= {target}x sdpa",
         meets_target=ratio >= target,
+        config=config,
+        config_timings_ms=timings,
     )
+
+
+def config_name(c) -> str:
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
+
+
+def autotune_choice(attention):
+    """(config varlen_attention ran with, {config: ms} of the autotuning that chose it)."""
+    if not attention._autotune_enabled():
+        return "fixed (ENCDEC_AUTOTUNE=0)", {}
+    tuner = attention._varlen_attn_tuned
+    timings = {
+        config_name(c): float(t[0] if isinstance(t, (list, tuple)) else t)
+        for c, t in (getattr(tuner, "configs_timings", None) or {}).items()
+    }
+    return config_name(tuner.best_config), timings
 
 
 # -- decode ------------------------------------------------------------------------------------
@@ -368,22 +390,20 @@ def main(argv=None):
                 gen,
             )
         )
-        attention.SINGLE_QUERY_DOT = True  # the alternative k=1 path, to compare with the default
-        results.append(
-            decode_case(
-                f"cross decode b{DECODE_BATCH} L{CROSS_LEN} k=1 (SINGLE_QUERY_DOT)",
+        default_dot = attention.SINGLE_QUERY_DOT
+        attention.SINGLE_QUERY_DOT = False  # the alternative k=1 path, to compare with the default
+        for name, lens, causal in (
+            (
+                f"cross decode b{DECODE_BATCH} L{CROSS_LEN} k=1 (reduction path)",
                 [CROSS_LEN] * DECODE_BATCH,
-                1,
-                WHISPER_HEADS,
                 False,
-                False,
-                attention,
-                reference,
-                copy_bw,
-                gen,
+            ),
+            (f"self decode b{DECODE_BATCH} L<=200 k=1 (reduction path)", [n + 1 for n in self_base], True),
+        ):
+            results.append(
+                decode_case(name, lens, 1, WHISPER_HEADS, causal, False, attention, reference, copy_bw, gen)
             )
-        )
-        attention.SINGLE_QUERY_DOT = False
+        attention.SINGLE_QUERY_DOT = default_dot
         for splits in (None, 1):
             label = "auto split-KV" if splits is None else "no split"
             results.append(
@@ -432,6 +452,12 @@ def main(argv=None):
             f"{r['name']:<52} {r['ours_ms']:>9.3f} {r['baseline_ms']:>9.3f} {r['ratio']:>6.2f} {tflops:>8} "
             f"{gbps:>7} {frac:>6}  {verdict}"
         )
+    for r in results:
+        if "config" in r:
+            others = ", ".join(
+                f"{c} {ms:.3f}" for c, ms in sorted(r["config_timings_ms"].items(), key=lambda x: x[1])
+            )
+            print(f"  {r['name']}: {r['config']}" + (f"  (autotune ms: {others})" if others else ""))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")

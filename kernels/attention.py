@@ -2,30 +2,41 @@
 
 Same signatures and semantics as the references in ``kernels/reference.py`` (the test oracle).
 Shapes: T = packed tokens, H = heads, D = head dim, B = sequences, NB = cache blocks,
-BS = cache block size, S = KV splits.
+BS = cache block size, S = KV splits, NBK = T5 buckets.
 
 Design notes
-- Softmax runs online (flash attention) in base 2: scores are multiplied by ``scale * log2(e)``
-  and exponentiated with ``exp2``; statistics and the output accumulator are float32.
-- The T5 relative position bias is looked up inside the kernels from ``key_pos - query_pos``.
-  The bucket of a distance saturates beyond ``max_distance``, so the host evaluates the
-  reference bucket formula (bit-exact, same device) once for the 2 * max_distance + 1
-  distances in ``[-max_distance, max_distance]``; the kernels clamp the distance into that
-  range and read the bias from a per-head ``[H, 2 * max_distance + 1]`` row. No L x L tensor.
+- Softmax runs online (flash attention) in base 2. Raw scores s are turned into log2 units by
+  one FMA together with the max subtraction, ``exp2(s * exp2_scale - m)``, so ``scale`` must be
+  > 0; statistics and the output accumulator are float32.
+- T5 relative position bias, no L x L tensor anywhere:
+  - ``varlen_attention`` (compute-bound): the host gathers, once per call, a per-head table of
+    the bias of every distance the kernel can meet, ``[H, 2 * W + 1, 2]`` float32 with
+    ``W >= max_seqlen + BIAS_PAD`` and entry ``W + d`` = (bias(d), bias(d + 1)). A thread of a
+    tensor-core tile holds pairs of adjacent keys, so the kernel reads both with one 8-byte
+    gather (``ld.global.nc.v2``, issued in place: a ``tl.load`` gather would be software-
+    pipelined through shared memory one 4-byte cp.async per score, which made the T5 encoder
+    4.3x slower than without bias). No clamping: the table is wide enough.
+  - ``paged_attention`` (memory-bound, CUDA-graph captured): no per-call host work. A cached
+    int32 table maps each distance in ``[-max_distance, max_distance]`` to its bucket (the
+    reference formula itself, bit-exact; buckets saturate beyond), the kernel clamps the distance
+    and reads ``table[h, bucket]`` from ``RelBias.table``.
 - ``paged_attention`` serves decoder self-attention (``IS_CAUSAL``) and cross-attention with
   one kernel body. When B * H is small next to the SM count it splits the key range over
   several programs (flash-decoding) and a second kernel merges the partial results. Every
   launch parameter derives from tensor shapes and python ints, never from tensor values, so
   it can be captured in a CUDA graph.
 - On CPU tensors (``TRITON_INTERPRET=1``, the tests) fixed small tiles are used so small test
-  shapes still exercise several tiles; on CUDA ``varlen_attention`` is autotuned per head dim
-  (the first call per new key benchmarks, so the engine must warm it up outside graph
-  capture; the encoder is not graph-captured anyway). The decode kernels are not autotuned.
+  shapes still exercise several tiles; on CUDA ``varlen_attention`` is autotuned per (head dim,
+  causal, bias, dtype, power-of-two bucket of max_seqlen): the first call per new key compiles
+  and benchmarks every config, so warm the encoder up per bucket before timing it (it is not
+  graph-captured). ``ENCDEC_AUTOTUNE=0`` skips the benchmarking and takes a fixed config per key
+  (the GPU tests do). The decode kernels are not autotuned.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -40,6 +51,8 @@ NEG_INIT = tl.constexpr(-1.0e30)  # finite start for the running max: fully mask
 MIN_DOT = tl.constexpr(16)  # tl.dot needs every tile dim >= 16
 MAX_HEAD_DIM = 256  # largest head dim the tiles are sized for (one [BLOCK, D] tile per operand)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BIAS_PAD = 256  # varlen bias table margin beyond max_seqlen: >= every BLOCK_M / BLOCK_N (ragged tile ends)
+AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # "0": varlen_attention takes the first candidate config, no benchmarking
 
 # Tiles used on CPU tensors (Triton interpreter). Small, so tests on small shapes cover the
 # multi-tile paths; tests may patch these dicts.
@@ -47,12 +60,12 @@ INTERPRET_VARLEN_TILES = {"BLOCK_M": 16, "BLOCK_N": 16}
 INTERPRET_PAGED_TILES = {"BLOCK_N": 16}
 
 # Split-KV (flash-decoding) heuristic, see _num_kv_splits.
-SPLIT_MIN_PROGRAMS_PER_SM = 2  # split only while fewer than 2 programs per SM would run
-SPLIT_MIN_KEYS = 256  # every split gets at least 256 keys, else the merge costs more than it saves
-SPLIT_MAX = 32  # at most 32 splits (partials stay small, merge stays one tile)
-# One query per sequence (plain decode): False = broadcast-multiply path in registers;
-# True = pad the query tile to 16 rows and use tl.dot (tensor cores, cp.async-pipelined K/V).
-SINGLE_QUERY_DOT = False
+SPLIT_PROGRAMS_PER_SM = 4  # split until ~4 programs per SM run: batch-1 Whisper cross = 24 splits x 20 heads
+SPLIT_MAX = 64  # at most 64 splits (the merge reads all partials of a row as one tile)
+# One query per sequence (plain decode): True = pad the query tile to 16 rows and use tl.dot
+# (tensor cores, K/V loads pipelined through shared memory with cp.async; measured faster on an
+# H100: cross b256 k=1 96% vs 90% of copy bandwidth); False = broadcast-multiply in registers.
+SINGLE_QUERY_DOT = True
 
 
 # --------------------------------------------------------------------------------------
@@ -80,7 +93,7 @@ def _load_rows(ptrs, rows, n_rows, offs_d, MASK_ROWS: tl.constexpr, HEAD_DIM: tl
 
 @triton.jit
 def _scores(q, k, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """q [BLOCK_M, BLOCK_D] . k [BLOCK_N, BLOCK_D]^T -> [BLOCK_M, BLOCK_N] float32.
+    """q [BLOCK_M, BLOCK_D] . k [BLOCK_N, BLOCK_D]^T -> [BLOCK_M, BLOCK_N] float32 (unscaled).
 
     Without USE_DOT (a single query row, BLOCK_M == 1) a broadcast multiply + row sum.
     """
@@ -92,11 +105,11 @@ def _scores(q, k, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _softmax_update(acc, m_i, l_i, s, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step: s [BLOCK_M, BLOCK_N] scores in log2 units (-inf = masked),
-    v [BLOCK_N, BLOCK_D]. Returns the rescaled (acc, m_i, l_i)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+def _softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step. s: [BLOCK_M, BLOCK_N] scores (-inf = masked), s * exp2_scale
+    (> 0) in log2 units; m_i, l_i in log2 units; v [BLOCK_N, BLOCK_D]. Returns (acc, m_i, l_i)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * exp2_scale)
+    p = tl.math.exp2(tl.fma(s, exp2_scale, -m_new[:, None]))  # scale folded into the max subtraction
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -109,23 +122,51 @@ def _softmax_update(acc, m_i, l_i, s, v, USE_DOT: tl.constexpr, DOT_PRECISION: t
 
 
 @triton.jit
-def _rel_bias(bias_row, q_pos, k_pos, max_dist):
-    """T5 bias [BLOCK_M, BLOCK_N] (log2 units) for key_pos - query_pos, read from the per-head
-    row bias_row[2 * max_dist + 1] of distances -max_dist..max_dist (buckets saturate beyond)."""
-    rel = k_pos[None, :] - q_pos[:, None]
-    rel = tl.minimum(tl.maximum(rel, -max_dist), max_dist)
-    return tl.load(bias_row + (rel + max_dist))
+def _gather_pairs(ptrs, GATHER_ASM: tl.constexpr):
+    """(ptrs[0], ptrs[1]) float32 at every 8-byte aligned pointer of ptrs.
+
+    GATHER_ASM (compiled CUDA): one read-only ld.global.nc.v2 per pair, left where it is. Triton
+    would software-pipeline a tl.load gather that feeds a tl.dot through shared memory (one
+    4-byte cp.async per element). The interpreter cannot run PTX: two tl.load there.
+    """
+    if GATHER_ASM:
+        lo, hi = tl.inline_asm_elementwise("ld.global.nc.v2.f32 {$0, $1}, [$2];", "=r,=r,l", [ptrs],
+                                           dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        lo = tl.load(ptrs)
+        hi = tl.load(ptrs + 1)
+    return lo, hi
+
+
+@triton.jit
+def _pair_bias(pairs_center, q_pos, start_n, BLOCK_N: tl.constexpr, GATHER_ASM: tl.constexpr):
+    """T5 bias [BLOCK_M, BLOCK_N] of keys start_n + j for query positions q_pos [BLOCK_M].
+
+    pairs_center[2 * d + {0, 1}] = (bias(d), bias(d + 1)) for every distance d = key - query
+    the tiles can meet (no clamping needed); even keys read both of a pair.
+    """
+    k_even = start_n + 2 * tl.arange(0, BLOCK_N // 2)
+    lo, hi = _gather_pairs(pairs_center + 2 * (k_even[None, :] - q_pos[:, None]), GATHER_ASM)
+    return tl.reshape(tl.join(lo, hi), (q_pos.shape[0], BLOCK_N))  # [M, N/2, 2] -> [M, N]: keys 2j, 2j+1
+
+
+@triton.jit
+def _bucket_bias(table_row, lut_center, q_pos, k_pos, max_dist):
+    """T5 bias [len(q_pos), len(k_pos)] = table_row[bucket(k - q)]: lut_center[d] is the bucket
+    of distance d for |d| <= max_dist; buckets saturate beyond, so the distance is clamped."""
+    rel = tl.minimum(tl.maximum(k_pos[None, :] - q_pos[:, None], -max_dist), max_dist)
+    return tl.load(table_row + tl.load(lut_center + rel))
 
 
 # -- varlen (encoder / prefill) attention ------------------------------------------------------
 
 
 @triton.jit
-def _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, bias_row, max_dist, offs_m,
-                  seq_len, lo, hi, qk_scale,
+def _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pairs_center, offs_m,
+                  seq_len, lo, hi, scale, exp2_scale,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  GATHER_ASM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Key tiles [lo, hi) of one query tile. MASKED: the tiles that cross the sequence end or
     the causal diagonal; the others run without masks."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -133,26 +174,28 @@ def _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, bias_r
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _load_rows(k_ptrs + start_n * stride_kt, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        s = _scores(q, k, True, DOT_PRECISION) * qk_scale
-        if HAS_BIAS:
-            s += _rel_bias(bias_row, offs_m, cols, max_dist)
+        s = _scores(q, k, True, DOT_PRECISION)
+        if HAS_BIAS:  # natural units: scale * q.k + bias (exp2_scale is then LOG2E)
+            s = tl.fma(s, scale, _pair_bias(pairs_center, offs_m, start_n, BLOCK_N, GATHER_ASM))
         if MASKED:
             keep = cols[None, :] < seq_len
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None])
             s = tl.where(keep, s, float("-inf"))
         v = _load_rows(v_ptrs + start_n * stride_vt, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, True, DOT_PRECISION)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, exp2_scale, v, True, DOT_PRECISION)
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["max_seqlen"])
+@triton.jit(do_not_specialize=["max_seqlen", "seq_bucket", "bias_center"])
 def _varlen_attn_kernel(
-    Q, K, V, Out, CU_SEQLENS, BIAS,  # BIAS: [H, 2 * max_dist + 1] float32 (unused without HAS_BIAS)
+    Q, K, V, Out, CU_SEQLENS, BIAS,  # BIAS: [H, 2 * bias_center + 1, 2] float32 pairs (only with HAS_BIAS)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_bias_h,
-    num_heads, max_seqlen, max_dist, qk_scale,
+    num_heads, max_seqlen,
+    seq_bucket,  # power-of-two bucket of max_seqlen: only an autotune key (long Whisper vs short T5)
+    bias_center, scale, exp2_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    GATHER_ASM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program per (query tile, head, sequence); query tiles of one (sequence, head) are
     # adjacent so they share K/V in L2.
@@ -176,7 +219,7 @@ def _varlen_attn_kernel(
     q = _load_rows(q_ptrs, offs_m, seq_len, offs_d, True, HEAD_DIM, BLOCK_D)
     k_ptrs = K + row0 * stride_kt + off_h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
     v_ptrs = V + row0 * stride_vt + off_h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
-    bias_row = BIAS + off_h * stride_bias_h
+    pairs_center = BIAS + off_h * stride_bias_h + 2 * bias_center
 
     m_i = tl.full([BLOCK_M], NEG_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -190,12 +233,12 @@ def _varlen_attn_kernel(
     else:
         hi = seq_len
         full_hi = (seq_len // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, bias_row, max_dist,
-                                  offs_m, seq_len, 0, full_hi, qk_scale, False, IS_CAUSAL, HAS_BIAS, HEAD_DIM,
-                                  BLOCK_D, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, bias_row, max_dist,
-                                  offs_m, seq_len, full_hi, hi, qk_scale, True, IS_CAUSAL, HAS_BIAS, HEAD_DIM,
-                                  BLOCK_D, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pairs_center,
+                                  offs_m, seq_len, 0, full_hi, scale, exp2_scale, False, IS_CAUSAL, HAS_BIAS,
+                                  GATHER_ASM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _varlen_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pairs_center,
+                                  offs_m, seq_len, full_hi, hi, scale, exp2_scale, True, IS_CAUSAL, HAS_BIAS,
+                                  GATHER_ASM, HEAD_DIM, BLOCK_D, BLOCK_N, DOT_PRECISION)
 
     out = acc / l_i[:, None]  # every real query row sees at least key 0, so l_i > 0
     o_ptrs = Out + row0 * stride_ot + off_h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
@@ -203,29 +246,12 @@ def _varlen_attn_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=o_mask)
 
 
-# H100-minded candidates (the tutorial's Hopper set, trimmed); configs that do not fit are
-# skipped by the autotuner (OutOfResources). Offline sm_90 compiles: 128x64/w8 uses 111
-# registers and 64 KB shared memory; with T5 bias the gathers are pipelined through shared
-# memory too (+32 KB per stage at 128x64), so the smaller tiles tend to win there.
-_VARLEN_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
-]
-_varlen_attn_tuned = triton.autotune(configs=_VARLEN_CONFIGS, key=["BLOCK_D", "IS_CAUSAL", "HAS_BIAS"])(
-    _varlen_attn_kernel
-)
-
-
 # -- paged decode attention (self: causal, cross: not) + split-KV merge ------------------------
 
 
 @triton.jit
 def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb, stride_vs,
-                 bias_row, max_dist, q_pos, seq_len, lo, hi, qk_scale,
+                 table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len, lo, hi, scale, exp2_scale,
                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  USE_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -242,9 +268,9 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
         slot = cols % CACHE_BLOCK
         k_ptrs = k_base + (blk * stride_kb + slot * stride_ks)[:, None] + offs_d[None, :]
         k = _load_rows(k_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        s = _scores(q, k, USE_DOT, DOT_PRECISION) * qk_scale
-        if HAS_BIAS:
-            s += _rel_bias(bias_row, q_pos, cols, max_dist)
+        s = _scores(q, k, USE_DOT, DOT_PRECISION)
+        if HAS_BIAS:  # natural units: scale * q.k + bias (exp2_scale is then LOG2E)
+            s = tl.fma(s, scale, _bucket_bias(table_row, lut_center, bias_q_pos, cols, max_dist))
         if MASKED:
             keep = cols[None, :] < seq_len
             if IS_CAUSAL:
@@ -252,21 +278,22 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
             s = tl.where(keep, s, float("-inf"))
         v_ptrs = v_base + (blk * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :]
         v = _load_rows(v_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, v, USE_DOT, DOT_PRECISION)
+        acc, m_i, l_i = _softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT, DOT_PRECISION)
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["num_q_tiles"])
+@triton.jit(do_not_specialize=["num_q_tiles", "num_splits"])
 def _paged_attn_kernel(
-    Q, K_CACHE, V_CACHE, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, BIAS,
-    O_PART, LSE_PART,  # split partials [Tq, H, S, BLOCK_D] / [Tq, H, S] float32 (only if NUM_SPLITS > 1)
+    Q, K_CACHE, V_CACHE, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q,
+    TABLE, LUT,  # T5 bias: RelBias.table [H, NBK] float32, bucket of each distance [2 * max_dist + 1] int32
+    O_PART, LSE_PART,  # split partials [Tq, H, S, BLOCK_D] / [Tq, H, S] float32 (only if IS_SPLIT)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_bt, stride_bias_h,
-    num_heads, num_q_tiles, max_dist, qk_scale,
+    stride_bt, stride_table_h,
+    num_heads, num_q_tiles, num_splits, max_dist, scale, exp2_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    CACHE_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_QUERY: tl.constexpr,
+    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # Axis 0: (query tile, head, sequence), query tiles fastest; axis 1: key split.
     pid = tl.program_id(0)
@@ -289,6 +316,10 @@ def _paged_attn_kernel(
     q_ptrs = Q + row0 * stride_qt + off_h * stride_qh + offs_q[:, None] * stride_qt + offs_d[None, :]
     q = _load_rows(q_ptrs, offs_q, q_len, offs_d, True, HEAD_DIM, BLOCK_D)
     q_pos = seq_len - q_len + offs_q  # position of each query among the keys (causal)
+    if SINGLE_QUERY:  # one query per sequence (plain decode): one bias row, broadcast over the tile
+        bias_q_pos = tl.zeros([1], dtype=tl.int32) + (seq_len - 1)
+    else:
+        bias_q_pos = q_pos
 
     # Keys this query tile may see: [0, hi); of those, [0, full_hi) need no mask.
     if IS_CAUSAL:
@@ -298,7 +329,7 @@ def _paged_attn_kernel(
         hi = seq_len
         full_hi = (seq_len // BLOCK_N) * BLOCK_N
     # This split's share of [0, hi): whole tiles, the last split takes the ragged end.
-    chunk = tl.cdiv(tl.cdiv(hi, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
     lo_s = tl.minimum(split * chunk, hi)
     hi_s = tl.minimum(lo_s + chunk, hi)
     mid_s = tl.maximum(lo_s, tl.minimum(hi_s, full_hi))
@@ -306,47 +337,48 @@ def _paged_attn_kernel(
     k_base = K_CACHE + off_h * stride_kh
     v_base = V_CACHE + off_h * stride_vh
     bt_row = BLOCK_TABLES + off_b.to(tl.int64) * stride_bt
-    bias_row = BIAS + off_h * stride_bias_h
+    table_row = TABLE + off_h * stride_table_h
+    lut_center = LUT + max_dist
     m_i = tl.full([BLOCK_Q], NEG_INIT, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
-                                 stride_vs, bias_row, max_dist, q_pos, seq_len, lo_s, mid_s, qk_scale, False,
-                                 IS_CAUSAL, HAS_BIAS, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK,
-                                 DOT_PRECISION)
+                                 stride_vs, table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len,
+                                 lo_s, mid_s, scale, exp2_scale, False, IS_CAUSAL, HAS_BIAS, USE_DOT,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION)
     acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
-                                 stride_vs, bias_row, max_dist, q_pos, seq_len, mid_s, hi_s, qk_scale, True,
-                                 IS_CAUSAL, HAS_BIAS, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK,
-                                 DOT_PRECISION)
+                                 stride_vs, table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len,
+                                 mid_s, hi_s, scale, exp2_scale, True, IS_CAUSAL, HAS_BIAS, USE_DOT,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION)
 
     # Rows without any key (empty split, or seq_len == 0 padding) give 0 and lse = -inf.
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     row_mask = offs_q < q_len
-    if NUM_SPLITS == 1:
+    if not IS_SPLIT:
         o_ptrs = Out + row0 * stride_ot + off_h * stride_oh + offs_q[:, None] * stride_ot + offs_d[None, :]
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
     else:
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
-        part_row = ((row0 + offs_q) * num_heads + off_h) * NUM_SPLITS + split  # [Tq, H, S] flat index
+        part_row = ((row0 + offs_q) * num_heads + off_h) * num_splits + split  # [Tq, H, S] flat index
         tl.store(LSE_PART + part_row, lse, mask=row_mask)
         tl.store(O_PART + part_row[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_mask[:, None])
 
 
-@triton.jit
-def _merge_splits_kernel(O_PART, LSE_PART, Out, stride_ot, stride_oh, num_heads,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
-    """Merge the S partial results of one (token, head): weights exp2(lse_s - max lse)."""
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(O_PART, LSE_PART, Out, stride_ot, stride_oh, num_heads, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the S = num_splits <= BLOCK_S partial results of one (token, head): weights
+    exp2(lse_s - max lse)."""
     pid = tl.program_id(0).to(tl.int64)  # = token * H + head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
-    lse = tl.load(LSE_PART + pid * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    s_mask = offs_s < num_splits
+    lse = tl.load(LSE_PART + pid * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: every weight is 0, output 0
     w = tl.math.exp2(lse - m)
-    parts = tl.load(O_PART + (pid * NUM_SPLITS + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+    parts = tl.load(O_PART + (pid * num_splits + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
                     mask=s_mask[:, None], other=0.0)
     denom = tl.sum(w, 0)
     out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
@@ -378,6 +410,80 @@ def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_kt, stride_kh, stride
 
 
 # fmt: on
+
+
+# --------------------------------------------------------------------------------------
+# varlen tile configs
+# --------------------------------------------------------------------------------------
+
+# Candidates per head dim, H100-minded; every BLOCK_M, BLOCK_N <= BIAS_PAD. Picked from offline
+# sm_90 compiles (triton 3.6, registers per thread without / with T5 bias): only configs that
+# do not spill registers to local memory, since compile and autotune time grow with every one.
+_Cfg = triton.Config
+_VARLEN_CONFIGS_BY_D = {
+    64: [  # BLOCK_D <= 64, 16-bit inputs
+        _Cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=3),  # 252 / 255 regs
+        _Cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),  # 252 / 255
+        _Cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),  # 127 / 127: 4 warpgroups per SM
+        _Cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),  # 196 / 246
+        _Cfg({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),  # 198 / 246
+        _Cfg({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=4, num_stages=4),  # 180 / 172
+        _Cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),  # 142 / 166: 3 CTAs per SM
+        _Cfg({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=3),  # 212 / 242
+    ],
+    128: [  # 128 x 64 with 4 warps spills 300+ bytes here
+        _Cfg({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),  # 190 / 229
+        _Cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3),  # 227 / 250
+        _Cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=3),  # - / 162
+        _Cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3),  # - / 176
+    ],
+    256: [
+        _Cfg({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2),  # - / 182
+        _Cfg({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=8, num_stages=2),  # - / 255
+        _Cfg({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=2),  # - / 253
+    ],
+}
+# float32 inputs (exact "ieee" dots on CUDA cores, the exactness mode, not a speed target): one
+# small tile; 32 x 32 needs 114 registers at D = 64, anything larger spills (D >= 128 always does).
+_VARLEN_CONFIGS_FP32 = {
+    64: [_Cfg({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+    256: [_Cfg({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)],
+}
+_VARLEN_CONFIGS = [
+    c for table in (_VARLEN_CONFIGS_BY_D, _VARLEN_CONFIGS_FP32) for cs in table.values() for c in cs
+]
+
+
+def _varlen_configs_for(block_d: int, dtype: torch.dtype) -> list:
+    """The autotune candidates for a head dim / dtype; the first is the ENCDEC_AUTOTUNE=0 config."""
+    table = _VARLEN_CONFIGS_FP32 if dtype == torch.float32 else _VARLEN_CONFIGS_BY_D
+    return table[min(d for d in table if d >= block_d)]
+
+
+def _varlen_prune(configs, named_args, **kwargs):
+    allowed = _varlen_configs_for(kwargs["BLOCK_D"], named_args["Q"].dtype)
+    return [c for c in configs if any(c is a for a in allowed)]
+
+
+_varlen_attn_tuned = triton.autotune(
+    configs=_VARLEN_CONFIGS,
+    key=["BLOCK_D", "IS_CAUSAL", "HAS_BIAS", "seq_bucket"],  # + every tensor's dtype (added by triton)
+    prune_configs_by={"early_config_prune": _varlen_prune},
+)(_varlen_attn_kernel)
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    """Autotune key for the sequence length: Whisper's 1500 -> 2048, T5's ~440 -> 512."""
+    return min(max(triton.next_power_of_2(max_seqlen), 64), 16384)
+
+
+def _ptx_gathers(q: torch.Tensor) -> bool:
+    """Whether the bias pair gathers may use PTX (NVIDIA GPUs; not the interpreter, not ROCm)."""
+    return q.is_cuda and torch.version.hip is None
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
 
 
 # --------------------------------------------------------------------------------------
@@ -414,21 +520,9 @@ def _dot_precision(dtype):
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-@functools.lru_cache(maxsize=64)
-def _bucket_lut(
-    num_buckets: int, max_distance: int, bidirectional: bool, device: torch.device
-) -> torch.Tensor:
-    """Bucket of every distance -max_distance..max_distance: [2 * max_distance + 1] int64, computed
-    by the reference formula itself (bit-exact on this device). Beyond +-max_distance buckets
-    saturate, so clamping the distance is exact. Cached: create it before any CUDA-graph capture."""
-    rel = torch.arange(-max_distance, max_distance + 1, device=device)
-    return relative_position_bucket(rel, num_buckets, max_distance, bidirectional)
-
-
-def _bias_rows(rel_bias: RelBias | None, num_heads: int, device: torch.device):
-    """(per-head bias by distance [H, 2 * max_distance + 1] float32 in log2 units, max_distance)."""
+def _check_rel_bias(rel_bias: RelBias | None, num_heads: int, device: torch.device) -> None:
     if rel_bias is None:
-        return torch.empty(1, device=device, dtype=torch.float32), 0
+        return
     if not isinstance(rel_bias, RelBias):
         raise ValueError(f"rel_bias must be a kernels.RelBias, got {type(rel_bias).__name__}")
     table = rel_bias.table
@@ -445,8 +539,43 @@ def _bias_rows(rel_bias: RelBias | None, num_heads: int, device: torch.device):
             f"num_buckets{' // 2' if rel_bias.bidirectional else ''} // 2 (the exact range), got "
             f"num_buckets={rel_bias.num_buckets}, max_distance={rel_bias.max_distance}"
         )
-    lut = _bucket_lut(rel_bias.num_buckets, rel_bias.max_distance, bool(rel_bias.bidirectional), table.device)
-    return (table[:, lut] * LOG2E).contiguous(), rel_bias.max_distance
+
+
+@functools.lru_cache(maxsize=64)
+def _bucket_lut(
+    num_buckets: int, max_distance: int, bidirectional: bool, device: torch.device
+) -> torch.Tensor:
+    """Bucket of every distance -max_distance..max_distance: [2 * max_distance + 1] int32, computed
+    by the reference formula itself (bit-exact on this device). Beyond +-max_distance buckets
+    saturate, so clamping the distance is exact. Cached: create it before any CUDA-graph capture
+    (one warm-up call of paged_attention per RelBias config)."""
+    rel = torch.arange(-max_distance, max_distance + 1, device=device)
+    return relative_position_bucket(rel, num_buckets, max_distance, bidirectional).to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_buckets(
+    num_buckets: int, max_distance: int, bidirectional: bool, center: int, device: torch.device
+) -> torch.Tensor:
+    """[2 * center + 1, 2] int64: row e holds the buckets of distances e - center and e - center + 1
+    (the reference formula, bit-exact on this device)."""
+    rel = torch.arange(-center, center + 2, device=device)
+    b = relative_position_bucket(rel, num_buckets, max_distance, bidirectional)
+    return torch.stack((b[:-1], b[1:]), dim=1)
+
+
+def _bias_center(max_seqlen: int) -> int:
+    """Half width of the varlen bias table: every distance a tile can meet is within
+    +-(max_seqlen + BIAS_PAD). A power of two, so few tables get cached."""
+    return triton.next_power_of_2(max_seqlen + BIAS_PAD)
+
+
+def _bias_pairs(rel_bias: RelBias, center: int) -> torch.Tensor:
+    """Per-head bias of adjacent distance pairs: [H, 2 * center + 1, 2] float32 (natural units),
+    entry center + d = (bias(d), bias(d + 1))."""
+    rb = rel_bias
+    idx = _pair_buckets(rb.num_buckets, rb.max_distance, bool(rb.bidirectional), center, rb.table.device)
+    return rb.table[:, idx]
 
 
 def _check_index(name, t, ndim, device):
@@ -460,8 +589,10 @@ def _check_index(name, t, ndim, device):
 
 
 def _check_scale(scale):
-    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)):
+    if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a python float (no device sync), got {type(scale).__name__}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0 (it is folded into the softmax max), got {scale!r}")
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None):
@@ -470,7 +601,7 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
     q, k, v: [T, H, D] (any token/head strides, last dim contiguous); cu_seqlens: [B+1] int32
     offsets; max_seqlen: python int >= every sequence length. Returns a new [T, H, D] tensor.
     causal: token i of a sequence sees tokens <= i. rel_bias: T5 bias (positions restart at 0
-    in every sequence).
+    in every sequence). scale: python float > 0.
     """
     _check_tensor("q", q, 3)
     _check_tensor("k", k, 3, device=q.device)
@@ -486,27 +617,47 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
     if isinstance(max_seqlen, torch.Tensor) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a python int >= 0 (no device sync), got {max_seqlen!r}")
     _check_scale(scale)
+    _check_head_dim(q.shape[2])
+    _check_rel_bias(rel_bias, q.shape[1], q.device)
+    return _launch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, rel_bias)
+
+
+def _launch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, rel_bias, config=None):
+    """varlen_attention without the input checks. config: a triton.Config to launch instead of
+    the autotuned (or ENCDEC_AUTOTUNE=0 default) one; CUDA only (tests, benchmarks)."""
     t, h, d = q.shape
-    _check_head_dim(d)
-    bias, max_dist = _bias_rows(rel_bias, h, q.device)
     out = torch.empty((t, h, d), device=q.device, dtype=q.dtype)
     num_seqs = cu_seqlens.numel() - 1
     if t == 0 or num_seqs == 0 or max_seqlen == 0:
         return out
+    center = _bias_center(max_seqlen)
+    if rel_bias is None:
+        bias = torch.empty((1, 1), device=q.device, dtype=torch.float32)  # never read
+    else:
+        bias = _bias_pairs(rel_bias, center)
+    block_d = _block_d(d)
+    if not q.is_cuda:  # interpreter: the fixed small test tiles
+        kernel, meta = _varlen_attn_kernel, dict(INTERPRET_VARLEN_TILES)
+    elif config is not None:
+        kernel, meta = _varlen_attn_kernel, config.all_kwargs()
+    elif _autotune_enabled():
+        kernel, meta = _varlen_attn_tuned, {}
+    else:
+        kernel, meta = _varlen_attn_kernel, _varlen_configs_for(block_d, q.dtype)[0].all_kwargs()
 
-    def grid(meta):
-        return (triton.cdiv(max_seqlen, meta["BLOCK_M"]) * h * num_seqs,)
+    def grid(m):
+        return (triton.cdiv(max_seqlen, m["BLOCK_M"]) * h * num_seqs,)
 
-    # CUDA: autotuned tiles; CPU (interpreter): the fixed small test tiles.
-    kernel, tiles = (_varlen_attn_tuned, {}) if q.is_cuda else (_varlen_attn_kernel, INTERPRET_VARLEN_TILES)
+    has_bias = rel_bias is not None
     # fmt: off
     kernel[grid](
         q, k, v, out, cu_seqlens, bias,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), bias.stride(0),
-        h, max_seqlen, max_dist, float(scale) * LOG2E,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), IS_CAUSAL=bool(causal), HAS_BIAS=rel_bias is not None,
-        DOT_PRECISION=_dot_precision(q.dtype), **tiles,
+        h, max_seqlen, _seq_bucket(max_seqlen), center, float(scale),
+        LOG2E if has_bias else float(scale) * LOG2E,  # exp2_scale: with bias the scores are scaled first
+        HEAD_DIM=d, BLOCK_D=block_d, IS_CAUSAL=bool(causal), HAS_BIAS=has_bias, GATHER_ASM=_ptx_gathers(q),
+        DOT_PRECISION=_dot_precision(q.dtype), **meta,
     )
     # fmt: on
     return out
@@ -519,17 +670,20 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_kv_splits(programs: int, max_keys: int, device: torch.device) -> int:
+def _num_kv_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
     """Key splits per (query tile, head, sequence), from static shapes only (CUDA-graph safe).
 
     programs: B * H * query tiles; max_keys: block_tables.shape[1] * block_size (the capacity,
-    not the actual lengths). Split while fewer than SPLIT_MIN_PROGRAMS_PER_SM programs per SM
-    would run, keeping >= SPLIT_MIN_KEYS keys per split and <= SPLIT_MAX splits.
+    not the actual lengths). Split while fewer than SPLIT_PROGRAMS_PER_SM programs per SM would
+    run, into at most one split per key tile and SPLIT_MAX splits, every split the same number
+    of whole tiles (a full-length sequence leaves no split empty).
     """
-    target = SPLIT_MIN_PROGRAMS_PER_SM * _sm_count(device)
+    target = SPLIT_PROGRAMS_PER_SM * _sm_count(device)
     if programs >= target:
         return 1
-    return max(1, min(triton.cdiv(target, programs), max_keys // SPLIT_MIN_KEYS, SPLIT_MAX))
+    tiles = max(1, triton.cdiv(max_keys, block_n))
+    splits = max(1, min(triton.cdiv(target, programs), tiles, SPLIT_MAX))
+    return triton.cdiv(tiles, triton.cdiv(tiles, splits))
 
 
 def _paged_block_n(block_d: int) -> int:
@@ -550,8 +704,9 @@ def paged_attention(
     cu_seqlens_q: [B+1] int32; max_seqlen_q: python int >= every query count.
     causal=True (self-attention): the i-th of q_len queries sits at position seq_len - q_len + i
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
-    rel_bias: T5 bias on key_pos - query_pos. Returns a new [Tq, H, D] tensor.
-    No host sync: safe inside CUDA-graph capture (after one warm-up call per configuration).
+    rel_bias: T5 bias on key_pos - query_pos. scale: python float > 0. Returns a new [Tq, H, D]
+    tensor. No host sync: safe inside CUDA-graph capture after one warm-up call per
+    configuration (compiles the kernels, caches the T5 bucket table).
     """
     _check_tensor("q", q, 3)
     _check_tensor("k_cache", k_cache, 4, device=q.device, contiguous=True)
@@ -580,6 +735,7 @@ def paged_attention(
     if isinstance(max_seqlen_q, torch.Tensor) or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
         raise ValueError(f"max_seqlen_q must be a python int >= 0 (no device sync), got {max_seqlen_q!r}")
     _check_scale(scale)
+    _check_rel_bias(rel_bias, h, q.device)
     return _launch_paged(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal, rel_bias
     )
@@ -601,45 +757,53 @@ def _launch_paged(
     """paged_attention without the input checks; num_splits overrides the split-KV heuristic
     (tests and benchmarks)."""
     tq, h, d = q.shape
-    bias, max_dist = _bias_rows(rel_bias, h, q.device)
     out = torch.empty((tq, h, d), device=q.device, dtype=q.dtype)
     num_seqs = block_tables.shape[0]
     if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
         return out
+    if rel_bias is None:
+        table = lut = torch.empty((1, 1), device=q.device, dtype=torch.float32)  # never read
+        max_dist = 0
+    else:
+        table, max_dist = rel_bias.table, rel_bias.max_distance
+        lut = _bucket_lut(rel_bias.num_buckets, max_dist, bool(rel_bias.bidirectional), q.device)
     block_d = _block_d(d)
-    # One query row: the broadcast-multiply path; more: a tl.dot-able query tile of 16..64 rows.
+    # A tl.dot-able query tile of 16..64 rows; one query row: 16 (SINGLE_QUERY_DOT) or 1 (the
+    # broadcast-multiply path).
     block_q = min(64, max(MIN_DOT.value, triton.next_power_of_2(max_seqlen_q)))
     if max_seqlen_q == 1 and not SINGLE_QUERY_DOT:
         block_q = 1
     num_q_tiles = triton.cdiv(max_seqlen_q, block_q)
+    block_n = _paged_block_n(block_d) if q.is_cuda else INTERPRET_PAGED_TILES["BLOCK_N"]
     if num_splits is None:
         num_splits = _num_kv_splits(
-            num_seqs * h * num_q_tiles, block_tables.shape[1] * k_cache.shape[1], q.device
+            num_seqs * h * num_q_tiles, block_tables.shape[1] * k_cache.shape[1], block_n, q.device
         )
     if num_splits > 1:
         o_part = torch.empty((tq, h, num_splits, block_d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((tq, h, num_splits), device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = out  # unused
-    block_n = _paged_block_n(block_d) if q.is_cuda else INTERPRET_PAGED_TILES["BLOCK_N"]
+    has_bias = rel_bias is not None
     # fmt: off
     _paged_attn_kernel[(num_q_tiles * h * num_seqs, num_splits)](
-        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, bias, o_part, lse_part,
+        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, table, lut, o_part, lse_part,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), bias.stride(0),
-        h, num_q_tiles, max_dist, float(scale) * LOG2E,
+        block_tables.stride(0), table.stride(0),
+        h, num_q_tiles, num_splits, max_dist, float(scale),
+        LOG2E if has_bias else float(scale) * LOG2E,  # exp2_scale: with bias the scores are scaled first
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=block_n, CACHE_BLOCK=k_cache.shape[1],
-        IS_CAUSAL=bool(causal), HAS_BIAS=rel_bias is not None, NUM_SPLITS=num_splits,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        IS_CAUSAL=bool(causal), HAS_BIAS=has_bias, SINGLE_QUERY=max_seqlen_q == 1 and has_bias,
+        IS_SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,  # decode tiles are small: 4 warps per [64, D] K/V tile
         num_stages=3 if block_q >= MIN_DOT.value else 2,  # prefetch depth of the K/V loads
     )
     if num_splits > 1:
         _merge_splits_kernel[(tq * h,)](
-            o_part, lse_part, out, out.stride(0), out.stride(1), h,
-            HEAD_DIM=d, BLOCK_D=block_d, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits,
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few compiles
             num_warps=1 if block_d <= 64 else 2,  # one (token, head) row of D floats per program
         )
     # fmt: on

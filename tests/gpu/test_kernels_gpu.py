@@ -2,11 +2,21 @@
 
 Run on a GPU machine: ``pytest tests/gpu/test_kernels_gpu.py -m gpu``. Skipped without CUDA,
 and when TRITON_INTERPRET=1 (these must run compiled kernels; see tests/kernels/conftest.py).
+
+Time goes mostly into compiling (about a second per kernel variant), so the cases are chosen
+to need few distinct variants (about 60), and varlen_attention runs with ENCDEC_AUTOTUNE=0
+(one fixed config per key, no benchmarking) except in test_varlen_every_autotune_config, which
+checks every config the autotuner may pick and then the autotuner itself. A watchdog ends the
+process, printing every thread's traceback, if one test runs past TEST_TIMEOUT_S: a hang
+cannot stall the run (exit status 1).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import sys
+import threading
 
 import pytest
 import torch
@@ -28,7 +38,8 @@ if torch.cuda.is_available() and not INTERPRET:
 else:
     attention = norm = None
 
-DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TEST_TIMEOUT_S = 120  # per test, compiles included (the slowest compiles ~10 kernel variants)
+AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # == kernels.attention.AUTOTUNE_ENV
 # ||out - ref|| / ||ref||; float32 dots run as exact fp32 FMAs ("ieee"), not TF32
 TOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 WHISPER_HEADS, T5_HEADS, HEAD_DIM = 20, 16, 64  # whisper-large-v3: 1280 / 20; flan-t5-large: 16 x 64
@@ -46,6 +57,39 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _watchdog(request):
+    """A test running past TEST_TIMEOUT_S prints every thread's traceback (past pytest's output
+    capture) and ends the process, so a hung kernel cannot stall the run. A Python timer does it
+    (the main thread releases the GIL while it waits on the GPU); faulthandler's C thread ends
+    the process 30 s later in case the main thread holds the GIL."""
+
+    def expire():
+        capman = request.config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            capman.suspend_global_capture(in_=True)
+        sys.stderr.write(f"\n{request.node.nodeid} ran past {TEST_TIMEOUT_S} s; stopping the run\n")
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(TEST_TIMEOUT_S, expire)
+    timer.daemon = True
+    timer.start()
+    faulthandler.dump_traceback_later(TEST_TIMEOUT_S + 30, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+    timer.cancel()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fixed_varlen_configs():
+    """No autotuning here (every config would be compiled and benchmarked per key)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(AUTOTUNE_ENV, "0")
+        yield
+
+
 def t5_lengths(n, seed=1):
     return torch.randint(*T5_LENGTHS, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -53,7 +97,7 @@ def t5_lengths(n, seed=1):
 # -- encoder / prefill ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_whisper_encoder_attention(dtype):
     q, k, v, cu = varlen_inputs([WHISPER_FRAMES] * 4, WHISPER_HEADS, HEAD_DIM, dtype, DEVICE, fused=True)
     ref = reference.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=HEAD_DIM**-0.5)
@@ -62,8 +106,11 @@ def test_whisper_encoder_attention(dtype):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    "dtype,bias",
+    [(torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True), (torch.float32, True)],
+    ids=str,
+)
 def test_t5_encoder_attention_ragged(dtype, bias):
     lens = t5_lengths(8)
     q, k, v, cu = varlen_inputs(lens, T5_HEADS, HEAD_DIM, dtype, DEVICE)
@@ -74,15 +121,36 @@ def test_t5_encoder_attention_ragged(dtype, bias):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("head_dim", [80, 128])
-def test_varlen_other_head_dims_causal(head_dim):
+def test_varlen_every_autotune_config(monkeypatch):
+    """Each config the autotuner may pick (bf16, D = 64, T5 bias: the in-place pair gathers),
+    then the autotuner itself on the same key (it reuses those compiled kernels)."""
+    lens = t5_lengths(8, seed=3)
+    q, k, v, cu = varlen_inputs(lens, T5_HEADS, HEAD_DIM, torch.bfloat16, DEVICE)
+    rb = rel_bias(T5_HEADS, True, DEVICE)
+    ref = reference.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
+    configs = attention._varlen_configs_for(HEAD_DIM, torch.bfloat16)
+    assert len(configs) > 1
+    for config in configs:
+        with poisoned_allocations():
+            out = attention._launch_varlen(q, k, v, cu, max(lens), 1.0, False, rb, config=config)
+        assert rel_err(out, ref) < TOL[torch.bfloat16], config
+    monkeypatch.setenv(AUTOTUNE_ENV, "1")
+    out = attention.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert attention._varlen_attn_tuned.cache  # benchmarked and cached a choice
+
+
+@pytest.mark.parametrize(
+    "head_dim,causal,bias", [(80, True, False), (80, True, True), (80, False, False), (128, True, True)]
+)
+def test_varlen_other_head_dims(head_dim, causal, bias):
     lens = [1, 200, 333, 64]
     q, k, v, cu = varlen_inputs(lens, 4, head_dim, torch.bfloat16, DEVICE)
-    rb = rel_bias(4, False, DEVICE)
-    for kw in (dict(causal=True), dict(causal=True, rel_bias=rb), dict(causal=False)):
-        ref = reference.varlen_attention(q, k, v, cu, 333, scale=head_dim**-0.5, **kw)
+    kw = dict(causal=causal, rel_bias=rel_bias(4, not causal, DEVICE) if bias else None)
+    ref = reference.varlen_attention(q, k, v, cu, 333, scale=head_dim**-0.5, **kw)
+    with poisoned_allocations():
         out = attention.varlen_attention(q, k, v, cu, 333, scale=head_dim**-0.5, **kw)
-        assert rel_err(out, ref) < TOL[torch.bfloat16], kw
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 # -- decode -----------------------------------------------------------------------------------
@@ -103,12 +171,22 @@ def test_cross_attention_decode(dtype, q_len, batch):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("q_len", [1, 4])
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("block_size", [16, 32])
-def test_self_attention_decode(dtype, q_len, bias, block_size):
+SELF_DECODE_CASES = [  # (dtype, q_len, T5 bias, cache block size, SINGLE_QUERY_DOT)
+    (torch.bfloat16, 1, False, 16, True),
+    (torch.bfloat16, 4, False, 16, True),
+    (torch.bfloat16, 1, True, 16, True),
+    (torch.bfloat16, 4, True, 16, True),
+    (torch.bfloat16, 1, False, 32, True),
+    (torch.float32, 4, True, 32, True),
+    (torch.bfloat16, 1, False, 16, False),  # one query: the broadcast-multiply reduction path
+    (torch.bfloat16, 1, True, 16, False),
+]
+
+
+@pytest.mark.parametrize("dtype,q_len,bias,block_size,single_query_dot", SELF_DECODE_CASES, ids=str)
+def test_self_attention_decode(monkeypatch, dtype, q_len, bias, block_size, single_query_dot):
     """Decoder self-attention over paged blocks, lengths up to 200, T5 causal bias optional."""
+    monkeypatch.setattr(attention, "SINGLE_QUERY_DOT", single_query_dot)
     batch = DECODE_BATCH
     gen = torch.Generator().manual_seed(2)
     seq_lens = torch.randint(q_len, SELF_MAX + 1, (batch,), generator=gen).tolist()
@@ -122,19 +200,23 @@ def test_self_attention_decode(dtype, q_len, bias, block_size):
     assert rel_err(out, ref) < TOL[dtype]
 
 
-@pytest.mark.parametrize("batch,q_len", [(1, 1), (3, 4), (64, 1)])
-def test_split_kv_long_self_attention(batch, q_len):
+@pytest.mark.parametrize("batch,q_len,bias", [(1, 1, False), (3, 4, True), (64, 1, False)])
+def test_split_kv_long_self_attention(batch, q_len, bias):
+    """Few (sequence, head) programs over 4000 keys: split-KV + merge (63, 21 and 2 splits on an
+    H100), with the T5 bias on the multi-query case."""
     seq_lens = [LONG_KEYS - 37 * b for b in range(batch)]
     case = paged_inputs(seq_lens, [q_len] * batch, 8, 128, 16, torch.bfloat16, DEVICE)
-    ref = reference.paged_attention(*case.args(), scale=128**-0.5, causal=True)
+    kw = dict(scale=128**-0.5, causal=True, rel_bias=rel_bias(8, False, DEVICE) if bias else None)
+    ref = reference.paged_attention(*case.args(), **kw)
     with poisoned_allocations():
-        out = attention.paged_attention(*case.args(), scale=128**-0.5, causal=True)
+        out = attention.paged_attention(*case.args(), **kw)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 def test_decode_step_captures_in_cuda_graph():
-    """store_kv + self + cross paged attention captured once, replayed with new lengths/data."""
-    batch, heads, bs, width = 8, WHISPER_HEADS, 16, 16  # 8 x 20 programs: split-KV path on an H100
+    """store_kv + self (T5 bias) + cross paged attention captured once, replayed with new
+    lengths/data. Batch 8: split-KV path on an H100."""
+    batch, heads, bs, width = 8, WHISPER_HEADS, 16, 16
     pool = batch * width + 1
     self_k = torch.zeros(pool, bs, heads, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     self_v = torch.zeros_like(self_k)
@@ -145,10 +227,13 @@ def test_decode_step_captures_in_cuda_graph():
     slots = torch.zeros(batch, device=DEVICE, dtype=torch.int64)
     q = torch.zeros(batch, heads, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
     k_new, v_new = torch.zeros_like(q), torch.zeros_like(q)
+    rb = rel_bias(heads, False, DEVICE)
 
     def step():
         attention.store_kv(k_new, v_new, self_k, self_v, slots)
-        s = attention.paged_attention(q, self_k, self_v, tables, seq_lens, cu_q, 1, scale=0.125, causal=True)
+        s = attention.paged_attention(
+            q, self_k, self_v, tables, seq_lens, cu_q, 1, scale=0.125, causal=True, rel_bias=rb
+        )
         c = attention.paged_attention(
             s,
             cross.k_cache,
@@ -165,7 +250,7 @@ def test_decode_step_captures_in_cuda_graph():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        step()  # warm-up: compiles the kernels outside capture
+        step()  # warm-up: compiles the kernels and caches the bias bucket table outside capture
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -180,7 +265,7 @@ def test_decode_step_captures_in_cuda_graph():
         k_ref, v_ref = self_k.clone(), self_v.clone()
         reference.store_kv(k_new, v_new, k_ref, v_ref, slots)
         s_ref = reference.paged_attention(
-            q, k_ref, v_ref, tables, seq_lens, cu_q, 1, scale=0.125, causal=True
+            q, k_ref, v_ref, tables, seq_lens, cu_q, 1, scale=0.125, causal=True, rel_bias=rb
         )
         c_ref = reference.paged_attention(
             s_out,
@@ -218,8 +303,11 @@ def test_store_kv():
 # -- norms ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("c", [1280, 1024, 4096])
+@pytest.mark.parametrize(
+    "dtype,c",
+    [(torch.bfloat16, 1280), (torch.bfloat16, 1024), (torch.float16, 1280), (torch.float32, 4096)],
+    ids=str,
+)
 def test_norms(dtype, c):
     x = (torch.randn(NORM_ROWS, c, device=DEVICE) * 3).to(dtype)
     r = torch.randn(NORM_ROWS, c, device=DEVICE).to(dtype)

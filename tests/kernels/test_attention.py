@@ -116,18 +116,29 @@ def test_varlen_bias_long_distances(attn, gen, monkeypatch, bidirectional):
 def test_bias_lookup_matches_reference_bucket_for_every_distance(
     attn, num_buckets, max_distance, bidirectional
 ):
-    """The clamped distance lookup the kernels do == transformers' bucket formula, for every
-    distance in [-5000, 5000] (incl. the exact log boundaries such as rel = 16 for 32/128)."""
+    """Both bias lookups == transformers' bucket formula, for every distance in [-5000, 5000]
+    (incl. the exact log boundaries such as rel = 16 for 32/128): the clamped bucket table of
+    paged_attention and the distance-pair table of varlen_attention."""
     rel = torch.arange(-5000, 5001)
     want = reference.relative_position_bucket(rel, num_buckets, max_distance, bidirectional)
     lut = attn._bucket_lut(num_buckets, max_distance, bidirectional, rel.device)
-    got = lut[rel.clamp(-max_distance, max_distance) + max_distance]
-    assert torch.equal(got, want)
-    # and the per-head bias rows the kernels read
+    assert lut.dtype == torch.int32
+    assert torch.equal(lut[rel.clamp(-max_distance, max_distance) + max_distance].long(), want)
     table = torch.randn(3, num_buckets)
-    rows, md = attn._bias_rows(RelBias(table, num_buckets, max_distance, bidirectional), 3, rel.device)
-    assert md == max_distance
-    assert torch.allclose(rows[:, rel.clamp(-md, md) + md], table[:, want] * attn.LOG2E)
+    center = 5000
+    pairs = attn._bias_pairs(RelBias(table, num_buckets, max_distance, bidirectional), center)
+    assert pairs.shape == (3, 2 * center + 1, 2) and pairs.is_contiguous()
+    assert torch.equal(pairs[:, rel + center, 0], table[:, want])  # bias(d)
+    assert torch.equal(pairs[:, rel[:-1] + center, 1], table[:, want[1:]])  # bias(d + 1)
+
+
+def test_bias_table_covers_every_tile(attn):
+    """The varlen pair table reaches past max_seqlen by more than any tile (ragged tile ends read
+    it unmasked), for the interpreter tiles and every CUDA config."""
+    tiles = [attn.INTERPRET_VARLEN_TILES] + [c.kwargs for c in attn._VARLEN_CONFIGS]
+    assert max(max(t["BLOCK_M"], t["BLOCK_N"]) for t in tiles) <= attn.BIAS_PAD
+    for max_seqlen in (1, 5, 440, 1500, 4097):
+        assert attn._bias_center(max_seqlen) >= max_seqlen + attn.BIAS_PAD
 
 
 # -- paged decode attention -------------------------------------------------------------------
@@ -172,11 +183,10 @@ SPLIT_CASES = [(torch.float32, m, q) for m in PAGED_MODES for q in (1, 4, 20, 70
 def test_paged_split_kv_matches_reference(attn, gen, monkeypatch, bf16_dot_ok, dtype, mode, max_seqlen_q):
     causal, bias = mode
     """Few (sequence, head) programs and long keys: the split-KV path (flash-decoding + merge)."""
-    monkeypatch.setattr(attn, "SPLIT_MIN_KEYS", 16)  # split even the small test lengths
     seq_lens = [max_seqlen_q + 60, max_seqlen_q + 3]
     q_lens = [max_seqlen_q, 1]
     case = paged_inputs(seq_lens, q_lens, 1, 16, 16, dtype, "cpu", gen=gen)
-    assert attn._num_kv_splits(2, case.block_tables.shape[1] * 16, case.q.device) > 1
+    assert attn._num_kv_splits(2, case.block_tables.shape[1] * 16, 16, case.q.device) > 1
     rb = rel_bias(1, False, "cpu", num_buckets=16, max_distance=24, gen=gen) if bias else None
     kw = dict(scale=0.25, causal=causal, rel_bias=rb)
     ref = reference.paged_attention(*case.args(), **kw)
@@ -195,14 +205,17 @@ def test_paged_splits_longer_than_keys(attn, gen, num_splits):
     assert rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_paged_single_query_dot_path(attn, gen, monkeypatch, causal):
-    """SINGLE_QUERY_DOT: plain decode through the padded tl.dot tile instead of the reduction."""
-    monkeypatch.setattr(attn, "SINGLE_QUERY_DOT", True)
+def test_paged_single_query_reduction_path(attn, gen, monkeypatch, causal, bias):
+    """SINGLE_QUERY_DOT=False: plain decode through the broadcast-multiply reduction instead of
+    the padded tl.dot tile (the default)."""
+    monkeypatch.setattr(attn, "SINGLE_QUERY_DOT", False)
     case = paged_inputs([1, 17, 40], [1, 1, 1], 2, 16, 16, torch.float32, "cpu", gen=gen)
-    ref = reference.paged_attention(*case.args(), scale=0.25, causal=causal)
+    rb = rel_bias(2, False, "cpu", num_buckets=16, max_distance=24, gen=gen) if bias else None
+    ref = reference.paged_attention(*case.args(), scale=0.25, causal=causal, rel_bias=rb)
     with poisoned_allocations():
-        out = attn.paged_attention(*case.args(), scale=0.25, causal=causal)
+        out = attn.paged_attention(*case.args(), scale=0.25, causal=causal, rel_bias=rb)
     assert rel_err(out, ref) < 1e-5
 
 
@@ -220,13 +233,52 @@ def test_paged_beams_share_cross_blocks_and_empty_query_rows(attn, gen):
 
 
 def test_num_kv_splits_heuristic(attn, monkeypatch):
-    monkeypatch.setattr(attn, "_sm_count", lambda device: 132)  # an H100
+    monkeypatch.setattr(attn, "_sm_count", lambda device: 132)  # an H100: split below 4 * 132 programs
     dev = torch.device("cuda")
-    assert attn._num_kv_splits(256 * 20, 1504, dev) == 1  # big decode batch: no split
-    assert attn._num_kv_splits(20, 1504, dev) == 5  # batch 1, Whisper cross: 1504 keys // 256
-    assert attn._num_kv_splits(16 * 8, 1504, dev) == 3  # batch 8: cdiv(2 * 132, 128) programs
-    assert attn._num_kv_splits(1, 1 << 20, dev) == attn.SPLIT_MAX
-    assert attn._num_kv_splits(20, 200, dev) == 1  # short keys: not worth a merge
+    assert attn._num_kv_splits(256 * 20, 1504, 64, dev) == 1  # big decode batch: no split
+    assert attn._num_kv_splits(20, 1504, 64, dev) == 24  # batch 1, Whisper cross: one 64-key tile each
+    assert attn._num_kv_splits(8 * 20, 1504, 64, dev) == 4  # batch 8: cdiv(528, 160), 6 tiles each
+    assert attn._num_kv_splits(16 * 8, 1504, 64, dev) == 5  # cdiv(528, 128) = 5 -> 5 tiles each
+    assert attn._num_kv_splits(1, 1 << 20, 64, dev) == attn.SPLIT_MAX
+    assert attn._num_kv_splits(20, 200, 64, dev) == 4  # short keys: at most one split per tile
+    assert attn._num_kv_splits(20, 48, 64, dev) == 1
+    for programs in (1, 3, 20, 100, 527):  # never an empty split at full length
+        for keys in (64, 200, 1504, 4096):
+            splits = attn._num_kv_splits(programs, keys, 64, dev)
+            tiles = -(-keys // 64)
+            assert 1 <= splits <= min(tiles, attn.SPLIT_MAX)
+            assert (splits - 1) * -(-tiles // splits) < tiles
+
+
+def test_scale_must_be_positive(attn):
+    a = _varlen_ok()
+    for scale in (0.0, -0.125, True):
+        with pytest.raises(ValueError):
+            attn.varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], 6, scale=scale)
+    p = _paged_ok()
+    with pytest.raises(ValueError):
+        attn.paged_attention(*p.values(), scale=0.0, causal=True)
+
+
+def test_varlen_configs(attn, monkeypatch):
+    """Every head dim / dtype has candidates (its first is the ENCDEC_AUTOTUNE=0 config), the
+    autotuner's prune keeps exactly those, and the autotune key buckets max_seqlen."""
+    for block_d in (16, 32, 64, 128, 256):
+        for dtype in (torch.bfloat16, torch.float16, torch.float32):
+            allowed = attn._varlen_configs_for(block_d, dtype)
+            assert allowed and all(any(c is a for a in attn._VARLEN_CONFIGS) for c in allowed)
+            kept = attn._varlen_prune(
+                attn._VARLEN_CONFIGS, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d
+            )
+            assert kept == [c for c in attn._VARLEN_CONFIGS if any(c is a for a in allowed)]
+    assert len(attn._varlen_configs_for(64, torch.bfloat16)) > len(
+        attn._varlen_configs_for(128, torch.bfloat16)
+    )
+    assert attn._seq_bucket(1500) == 2048 and attn._seq_bucket(440) == 512 and attn._seq_bucket(3) == 64
+    monkeypatch.setenv(attn.AUTOTUNE_ENV, "0")
+    assert not attn._autotune_enabled()
+    monkeypatch.setenv(attn.AUTOTUNE_ENV, "1")
+    assert attn._autotune_enabled()
 
 
 # -- store_kv ---------------------------------------------------------------------------------
