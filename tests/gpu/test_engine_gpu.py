@@ -34,31 +34,31 @@ def _agreement(a: dict, b: dict) -> float:
     return same / max(total, 1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_whisper_triton_matches_reference(tmp_path, dtype):
+def test_whisper_triton_matches_reference_fp32(tmp_path):
+    # float32 only: this random model is chaotic on purpose (so its outputs depend on every
+    # layer), and bf16 rounding then changes later tokens whatever the kernels do; bf16
+    # agreement is checked on the trained text models below.
     random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
-    loaded = load_ours(tmp_path, dtype=dtype)
+    loaded = load_ours(tmp_path, dtype=torch.float32)
     loaded.model.cuda()
     g = torch.Generator().manual_seed(0)
     reqs = [Request(torch.randn(80, 3000, generator=g), [SOT] + [5 + i] * (i % 3),
                     SamplingParams(max_new_tokens=40, stop_token_ids=(EOT,)), i) for i in range(24)]
     ref = _run(loaded, reqs, "reference", num_blocks=4000, max_num_seqs=8, enforce_eager=True)
     tri = _run(loaded, reqs, "triton", num_blocks=4000, max_num_seqs=8)
-    if dtype == torch.float32:
-        assert tri == ref
-    else:
-        assert _agreement(tri, ref) >= 0.99
+    assert tri == ref
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("name", ["bart", "mbart", "pegasus", "t5", "t5_v1_1"])
-def test_text_models_triton_matches_reference(tmp_path, name):
-    from models.loading import load_model
-    from tests.text_models import build_tiny_model, source_ids
-
+def test_text_models_triton_matches_reference(tiny_text_model, name, dtype):
     import random
 
-    tiny = build_tiny_model(name, tmp_path, steps=150)
-    loaded = load_model(tiny.path, device="cuda", dtype="float32")
+    from models.loading import load_model
+    from tests.text_models import source_ids
+
+    tiny = tiny_text_model(name)
+    loaded = load_model(tiny.path, device="cuda", dtype=dtype)
     rng = random.Random(0)
     reqs = []
     for i in range(32):
@@ -68,4 +68,7 @@ def test_text_models_triton_matches_reference(tmp_path, name):
                                            forced_tokens=tiny.forced_tokens), i))
     ref = _run(loaded, reqs, "reference", num_blocks=2000, max_num_seqs=8, enforce_eager=True)
     tri = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=8)
-    assert tri == ref
+    if dtype == "float32":
+        assert tri == ref
+    else:
+        assert _agreement(tri, ref) >= 0.99
