@@ -59,10 +59,16 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         # 1. Room for every running sequence's next token(s); out of blocks: preempt the newest.
+        bs = self.blocks.block_size
+        refs = self.blocks.refs
         for group in sorted(self.running, key=lambda g: g.order):
-            if group not in self.running:
+            if group.preempted_now:
                 continue  # preempted below
             for seq in group.seqs:
+                table = seq.block_table
+                # fast path: the new tokens fit the last block, which is this sequence's own
+                if len(seq.tokens) <= len(table) * bs and refs[table[(seq.num_cached) // bs]] == 1:
+                    continue
                 while True:
                     try:
                         plan.copies += self.blocks.prepare_write(
@@ -75,8 +81,10 @@ class Scheduler:
                         plan.preempted.append(victim)
                         if victim is group:
                             break
-                if group not in self.running:
+                if group.preempted_now:
                     break
+        for g in plan.preempted:
+            g.preempted_now = False
         # 2. Admit waiting requests (preempted first, then shortest encoder input first).
         self.waiting.sort(key=lambda g: (not g.preempted, g.encoder_len))
         num_seqs = sum(g.num_seqs_reserved for g in self.running)
@@ -135,6 +143,7 @@ class Scheduler:
         self._free(group)
         group.encoded = False
         group.preempted = True  # goes first when re-admitted
+        group.preempted_now = True
         self.waiting.insert(0, group)
         self.num_preemptions += 1
 

@@ -151,6 +151,7 @@ class SequenceGroup:
         self.cross_blocks: list[int] = []
         self.encoded = False
         self.preempted = False
+        self.preempted_now = False  # set while the scheduler is preempting it in this step
         self.finished: list[Completion] = []
         self.beam = None  # beam-search state (engine/beam.py) when num_beams > 1
         self.generator = None  # torch.Generator for seeded sampling
