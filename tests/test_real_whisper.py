@@ -91,3 +91,11 @@ def test_multilingual_base_detects_english(base_dir, example_clips):
     t, err = out["r"]
     assert err is None and t.language == "en"
     assert wer(example_clips[0].text, t.text) <= MAX_WER, t.text
+
+
+def test_cpu_bfloat16(tiny_en_dir, example_clips):
+    engine = Engine(load_model(tiny_en_dir, device="cpu", dtype="bfloat16"))
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
+    out = {}
+    Transcriber(engine).run([AudioItem("a", "a", str(example_clips[0].path))], lambda i, t, e: out.setdefault("r", t))
+    assert wer(example_clips[0].text, out["r"].text) <= MAX_WER
