@@ -14,6 +14,7 @@ import transformers
 from transformers.generation.utils import GenerationMixin
 
 from encdec_cli.engine import Engine, Request, SamplingParams
+from encdec_cli.engine import engine as engine_module
 from encdec_cli.tasks.generation import sampling_params_from_generation_config
 from tests.whisper_models import EOT, SOT, load_ours, random_whisper
 
@@ -32,6 +33,17 @@ CASES = {  # (early_stopping, length_penalty, max_new_tokens, extra)
     "short-pref-true": (True, 0.5, 30, {}),
     "forced-bos-eos": (False, 1.0, 16, {"forced_bos_token_id": 5, "forced_eos_token_id": EOT}),
 }
+SECOND_EOS = 463  # a token the model emits often: with EOT, 2 stop tokens and K = 3 * num_beams
+MIXED = [  # (case, num_beams, eos_token_id) of request i: beam groups of different shapes in one engine
+    ("early-true", 2, EOT),
+    ("never", 3, EOT),
+    ("early-false", 4, EOT),
+    ("forced-bos-eos", 3, EOT),
+    ("early-true", 4, [EOT, SECOND_EOS]),
+    ("never", 2, EOT),
+    ("short-pref-never", 2, EOT),
+    ("short-pref-true", 3, [EOT, SECOND_EOS]),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,41 +68,45 @@ def whisper(tmp_path_factory):
     return hf, load_ours(path), feats
 
 
-def _kwargs(case: str) -> dict:
-    """transformers' generate() arguments of a case."""
+def _kwargs(case: str, **gen) -> dict:
+    """transformers' generate() arguments of a case (``gen``: further or replaced arguments)."""
     early, lp, max_new, extra = CASES[case]
-    return dict(BASE, early_stopping=early, length_penalty=lp, max_new_tokens=max_new, **extra)
+    return dict(BASE, early_stopping=early, length_penalty=lp, max_new_tokens=max_new, **extra) | gen
 
 
-def _params(case: str, **overrides) -> SamplingParams:
+def _params(case: str, gen: dict | None = None, **overrides) -> SamplingParams:
     """The same case as engine SamplingParams (through the generation-config mapping)."""
-    gen = transformers.GenerationConfig(eos_token_id=EOT, **_kwargs(case))
-    return sampling_params_from_generation_config(gen, prompt_len=1, overrides=overrides)
+    config = transformers.GenerationConfig(**{"eos_token_id": EOT, **_kwargs(case, **(gen or {}))})
+    return sampling_params_from_generation_config(config, prompt_len=1, overrides=overrides)
 
 
 _HF_CACHE: dict[str, list] = {}
 
 
+def _hf_hypotheses(hf, feat, kwargs: dict) -> list[tuple[list[int], str, float]]:
+    """transformers' hypotheses for one input: (tokens without EOS, finish reason, score), best first."""
+    eos = kwargs.get("eos_token_id", EOT)
+    stops = set(eos) if isinstance(eos, list) else {eos}
+    out = GenerationMixin.generate(
+        hf,
+        input_features=feat[None],
+        decoder_input_ids=torch.tensor([[SOT]]),
+        return_dict_in_generate=True,
+        output_scores=True,
+        **kwargs,
+    )
+    hyps = []
+    for seq, score in zip(out.sequences[:, 1:].tolist(), out.sequences_scores.tolist(), strict=True):
+        end = next((i for i, t in enumerate(seq) if t in stops), None)  # padded after the end
+        hyps.append((seq, "length", score) if end is None else (seq[:end], "stop", score))
+    return hyps
+
+
 def _reference(whisper, case: str) -> list[list[tuple[list[int], str, float]]]:
-    """transformers' hypotheses per request: (tokens without EOS, finish reason, score), best first."""
+    """transformers' hypotheses per request of a case."""
     if case not in _HF_CACHE:
         hf, _, feats = whisper
-        ref = []
-        for f in feats:
-            out = GenerationMixin.generate(
-                hf,
-                input_features=f[None],
-                decoder_input_ids=torch.tensor([[SOT]]),
-                return_dict_in_generate=True,
-                output_scores=True,
-                **_kwargs(case),
-            )
-            hyps = []
-            for seq, score in zip(out.sequences[:, 1:].tolist(), out.sequences_scores.tolist(), strict=True):
-                ended = EOT in seq  # padded with EOS after the end
-                hyps.append((seq[: seq.index(EOT)] if ended else seq, "stop" if ended else "length", score))
-            ref.append(hyps)
-        _HF_CACHE[case] = ref
+        _HF_CACHE[case] = [_hf_hypotheses(hf, f, _kwargs(case)) for f in feats]
     return _HF_CACHE[case]
 
 
@@ -171,3 +187,29 @@ def test_beam_search_under_preemption_with_greedy_neighbours(whisper):
         want = want[1:] if want[:1] == [SOT] else want
         want = want[: want.index(EOT)] if EOT in want else want
         assert out[("greedy", i)].token_ids == want
+
+
+def test_mixed_beam_searches_in_one_engine(whisper, monkeypatch):
+    """Requests with 2, 3 and 4 beams, different length penalties, early_stopping rules and EOS
+    counts (K = 2N or 3N) are stepped together; each equals transformers' search run alone."""
+    hf, loaded, feats = whisper
+    step_shapes = []  # per engine step: the (num_beams, stop tokens) of the requests stepped
+    beam_step_batch = engine_module.beam_step_batch
+
+    def spy(groups, *args):
+        step_shapes.append({(g.params.num_beams, len(g.params.stop_token_ids)) for g in groups})
+        return beam_step_batch(groups, *args)
+
+    monkeypatch.setattr(engine_module, "beam_step_batch", spy)
+    reqs, refs = [], []
+    for i, (case, num_beams, eos) in enumerate(MIXED):
+        gen = dict(num_beams=num_beams, eos_token_id=eos)
+        reqs.append(Request(feats[i], [SOT], _params(case, gen, logprobs=i % 2 == 0), i))
+        refs.append(_hf_hypotheses(hf, feats[i], _kwargs(case, **gen)))
+    _, out, _ = _run(
+        loaded, [], None, num_blocks=N_REQUESTS * (CROSS_BLOCKS + 40), max_num_seqs=24, extra=reqs
+    )
+    assert max(map(len, step_shapes)) == 5  # (2, 1), (3, 1), (3, 2), (4, 1), (4, 2) in one step
+    for i, ref in enumerate(refs):
+        _assert_same(out[i], ref)
+        assert all((c.logprobs is not None) == (i % 2 == 0) for c in out[i].completions)

@@ -1,6 +1,7 @@
 """Beam search inside the continuous-batching engine, step for step as transformers' ``_beam_search``.
 
-A request with ``num_beams`` N starts as one sequence (its prompt). Each step, for one request:
+A request with ``num_beams`` N starts as one sequence (its prompt). Each step, for every
+beam-search request at once (``beam_step_batch``):
 
 1. candidates: running beam scores + the processed log-probabilities of each beam's next token,
    the top K = max(2, 1 + #EOS) * N over (beam x vocab). On the first step the one prompt stands
@@ -15,8 +16,15 @@ A request with ``num_beams`` N starts as one sequence (its prompt). Each step, f
    ``early_stopping`` is True, or when the best running beam can no longer beat the worst finished
    hypothesis (transformers' heuristic; ``early_stopping`` "never" assumes the longest length).
 
-The score arithmetic runs on the same float32 tensors in the same order as transformers, so
-ties and near-ties break the same way. Scores live in small [N] / [K] tensors on the CPU.
+Batching: the requests of a step that share N and K (the usual case: all of them) go through
+steps 1-4 together. Step 1 gathers their rows into [G, N, V] on the device and takes one ``topk``;
+one copy brings every batch's candidates to the CPU. Steps 2-4 are CPU tensor ops over [G, K] and
+[G, N + K]; Python per request only does the sequence bookkeeping (step 5: slots, forks, blocks).
+
+The score arithmetic runs on the same float32 values in the same order as transformers (each
+request's row of every batched op computes exactly what transformers' batch-of-one ops compute),
+so ties and near-ties break the same way. Scores between steps live as Python floats (exact
+float32 values) in each request's ``BeamState``.
 """
 
 from __future__ import annotations
@@ -29,152 +37,221 @@ from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.sequence import Completion, Sequence, SequenceGroup
 
 NEG_LARGE = -1.0e9  # transformers' "impossible" score: initial copies, hits, empty slots
+F32 = torch.float32
 
 
 @dataclass
 class BeamState:
-    """One request's beam search: N finished-hypothesis slots (best first) and the running scores."""
+    """One request's beam search: N finished-hypothesis slots (best first) and the running scores.
+
+    Scores are float32 values kept as Python floats (exact both ways)."""
 
     num_beams: int
     beams_to_keep: int  # K candidates per step: enough that N of them are not stop tokens
-    running_scores: torch.Tensor  # [len(group.seqs)] float32, sum of processed log-probs per beam
-    slot_scores: torch.Tensor  # [N] float32, length-penalised; NEG_LARGE while empty
-    slot_finished: torch.Tensor  # [N] bool
+    running_scores: list[float]  # [N] sum of processed log-probs per running beam
+    slot_scores: list[float]  # [N] length-penalised; NEG_LARGE while empty
+    slot_finished: list[bool]  # [N]
     slots: list[Completion | None] = field(default_factory=list)  # the hypothesis in each slot
     improvable: bool = True  # transformers' early-stop heuristic has not fired yet
 
     @classmethod
     def start(cls, num_beams: int, num_stop_tokens: int) -> BeamState:
-        running = torch.full((num_beams,), NEG_LARGE)
-        running[0] = 0.0
         return cls(
             num_beams,
             max(2, 1 + num_stop_tokens) * num_beams,
-            running,
-            torch.full((num_beams,), NEG_LARGE),
-            torch.zeros(num_beams, dtype=torch.bool),
+            [0.0] + [NEG_LARGE] * (num_beams - 1),
+            [NEG_LARGE] * num_beams,
+            [False] * num_beams,
             [None] * num_beams,
         )
 
 
-def beam_step(group: SequenceGroup, logprobs: torch.Tensor, blocks: BlockManager) -> None:
-    """Advance one request's beams by one token.
+def _column(values: list, dtype: torch.dtype) -> torch.Tensor:
+    """[G, 1] CPU tensor: one value per request, broadcast over its candidates or slots."""
+    return torch.tensor(values, dtype=dtype)[:, None]
 
-    logprobs: [len(group.seqs), V] log_softmax of the logits, then the logits processors (the
-    order transformers uses in beam search). Updates ``group.seqs`` (the running beams, best
-    first) and, when the search ends, empties it and fills ``group.finished`` (best first).
+
+def beam_step_batch(
+    groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[list[int]], blocks: BlockManager
+) -> None:
+    """Advance every beam-search request of an engine step by one token.
+
+    logprobs: [B, V] float32 on the model's device, log_softmax of the logits then the logits
+    processors (the order transformers uses in beam search); ``rows[g]`` are the rows of
+    ``groups[g].seqs`` in it (one row on a request's first step, N after). Updates each
+    ``group.seqs`` (the running beams, best first) and, when its search ends, empties it and
+    fills ``group.finished`` (best first).
+
+    Requests are batched by their (N, K): one ``topk`` over [G_b, N * V] per such batch, the very
+    shapes transformers uses, so even exactly tied candidates rank as in transformers (a topk over
+    padded rows, or with a larger k, may order ties differently). All batches' candidates come to
+    the CPU in one copy, the step's only device sync.
     """
-    p = group.params
-    n = p.num_beams
-    stop = set(p.stop_token_ids)
-    if group.beam is None:
-        group.beam = BeamState.start(n, len(p.stop_token_ids))
-    st: BeamState = group.beam
-    seqs = group.seqs
-    if len(seqs) == 1 < n:  # first step: the prompt stands for N identical copies
-        parents = seqs * n
-        logprobs = logprobs.expand(n, -1)
-    else:
-        parents = seqs
-    vocab = logprobs.shape[1]
-    prompt_len = seqs[0].num_prompt
-    cur_len = len(seqs[0].tokens)  # every running beam has the same length
-    max_len = prompt_len + group.max_new_tokens
+    for g in groups:
+        if g.beam is None:
+            g.beam = BeamState.start(g.params.num_beams, len(g.params.stop_token_ids))
+    batches: dict[tuple[int, int], list[int]] = {}
+    for i, g in enumerate(groups):
+        batches.setdefault((g.beam.num_beams, g.beam.beams_to_keep), []).append(i)
+    on_device = [
+        _candidates([groups[i] for i in idx], logprobs, [rows[i] for i in idx]) for idx in batches.values()
+    ]
+    host = torch.cat([t.reshape(-1) for t in on_device]).cpu().split([t.numel() for t in on_device])
+    for idx, packed, t in zip(batches.values(), host, on_device, strict=True):
+        _select([groups[i] for i in idx], packed.view(t.shape), logprobs.shape[1], blocks)
 
-    # 1. top K candidates over (beam x vocab)
-    acc = logprobs + st.running_scores.to(logprobs.device)[:, None]  # [N, V]
-    top_scores, top_idx = torch.topk(acc.reshape(1, -1), st.beams_to_keep)
-    top_scores, top_idx = top_scores[0].cpu(), top_idx[0].cpu()  # [K]
-    cand_beam = (top_idx // vocab).tolist()
-    cand_tok = (top_idx % vocab).tolist()
-    at_limit = cur_len + 1 >= max_len
-    hits = torch.tensor([at_limit or t in stop for t in cand_tok])  # [K] bool
-    tok_logprob = None
-    if p.logprobs:
-        tok_logprob = logprobs.reshape(-1)[top_idx.to(logprobs.device)].tolist()
 
-    # 2. running beams for the next step: the N best candidates that did not hit
-    masked = top_scores + hits.to(torch.float32) * NEG_LARGE
-    next_idx = torch.topk(masked, k=n)[1]
-    next_scores = masked[next_idx]
+def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
+    """Top K candidates of G requests sharing (N, K), on the device, without a sync.
+
+    logprobs: [B, V]. Returns float64 [P, G, K] (float64 holds float32 scores and indices exactly,
+    so one copy moves all): P = 2 (scores, flat index beam * V + token into [N, V]), or 3 with the
+    candidates' own log-probs when a request asks for them.
+    """
+    n = groups[0].beam.num_beams
+    k = groups[0].beam.beams_to_keep
+    dev = logprobs.device
+    # first step: the prompt's one row stands for N copies (running scores [0, -1e9, ...])
+    beam_rows = [r * n if len(r) == 1 < n else r for r in rows]  # [G][N] rows of logprobs
+    row_idx = _on(dev, torch.tensor(beam_rows))
+    running = _on(dev, torch.tensor([g.beam.running_scores for g in groups], dtype=F32))
+    acc = logprobs[row_idx]  # [G, N, V]
+    acc += running[:, :, None]
+    top_scores, top_idx = torch.topk(acc.view(len(groups), -1), k)  # [G, K]
+    parts = [top_scores, top_idx]
+    if any(g.params.logprobs for g in groups):
+        vocab = logprobs.shape[1]
+        parts.append(logprobs[row_idx.gather(1, top_idx // vocab), top_idx % vocab])
+    return torch.stack([t.double() for t in parts])
+
+
+def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, blocks: BlockManager) -> None:
+    """Steps 2-5 for G requests sharing (N, K), from their candidates ``packed`` [P, G, K] (CPU)."""
+    states: list[BeamState] = [g.beam for g in groups]
+    n, k = states[0].num_beams, states[0].beams_to_keep
+    top_scores, top_idx = packed[0].to(F32), packed[1].long()  # [G, K]
+    prompt_len = [g.seqs[0].num_prompt for g in groups]
+    cur_len = [len(g.seqs[0].tokens) for g in groups]  # every running beam of a request has the same length
+    max_len = [p + g.max_new_tokens for p, g in zip(prompt_len, groups, strict=True)]
+    new_len = [c + 1 - p for c, p in zip(cur_len, prompt_len, strict=True)]  # counts the new token
+    lps = [g.params.length_penalty for g in groups]
+    early_true = _column([g.params.early_stopping is True for g in groups], torch.bool)
+
+    # 2. hits, and the running beams for the next step: the N best candidates that did not hit
+    cand_beam, cand_tok = top_idx // vocab, top_idx % vocab
+    stop_lists = [list(g.params.stop_token_ids) for g in groups]
+    width = max(1, *map(len, stop_lists))
+    stops = torch.tensor([s + [-1] * (width - len(s)) for s in stop_lists])  # [G, S], -1: none
+    at_limit = _column([c + 1 >= m for c, m in zip(cur_len, max_len, strict=True)], torch.bool)
+    hits = at_limit | (cand_tok[:, :, None] == stops[:, None, :]).any(-1)  # [G, K]
+    masked = top_scores + hits.to(F32) * NEG_LARGE
+    next_idx = torch.topk(masked, n)[1]  # [G, N]
+    next_scores = masked.gather(1, next_idx)
 
     # 3. finished hypotheses: hits among the top N, merged with the slots, N best kept
-    top_n = torch.arange(st.beams_to_keep) < n
-    did_finish = hits & top_n
-    cand = top_scores / ((cur_len + 1 - prompt_len) ** p.length_penalty)
-    full = bool(st.slot_finished.all()) and p.early_stopping is True
-    cand += float(full) * NEG_LARGE
-    cand += float(not st.improvable) * NEG_LARGE
+    did_finish = hits & (torch.arange(k) < n)
+    slot_scores = torch.tensor([st.slot_scores for st in states], dtype=F32)  # [G, N]
+    slot_finished = torch.tensor([st.slot_finished for st in states])
+    cand = top_scores / _column([t**lp for t, lp in zip(new_len, lps, strict=True)], F32)
+    cand += (slot_finished.all(1, keepdim=True) & early_true).to(F32) * NEG_LARGE
+    cand += _column([not st.improvable for st in states], F32) * NEG_LARGE
     cand += (~did_finish) * NEG_LARGE
-    merged = torch.cat((st.slot_scores, cand))
-    keep = torch.topk(merged, k=n)[1].tolist()
-    merged_finished = torch.cat((st.slot_finished, did_finish))
-    slots = []
-    for j in keep:
-        if j < n:
-            slots.append(st.slots[j])
-        elif did_finish[j - n]:
-            c = j - n
-            slots.append(
-                _hypothesis(
-                    parents[cand_beam[c]],
-                    cand_tok[c],
-                    stop,
-                    float(merged[j]),
-                    tok_logprob[c] if tok_logprob else None,
-                    p.logprobs,
-                )
-            )
-        else:
-            slots.append(None)
-    st.slots = slots
-    st.slot_scores = merged[keep]
-    st.slot_finished = merged_finished[keep]
+    merged = torch.cat((slot_scores, cand), 1)  # [G, N + K]: the slots, then the candidates
+    keep = torch.topk(merged, n)[1]  # [G, N]
+    slot_scores = merged.gather(1, keep)
+    slot_finished = torch.cat((slot_finished, did_finish), 1).gather(1, keep)
 
     # 4. stop rule (transformers' _check_early_stop_heuristic / _beam_search_has_unfinished_sequences)
-    if p.early_stopping == "never" and p.length_penalty > 0.0:
-        best_len = max_len - prompt_len
-    else:
-        best_len = cur_len + 1 - prompt_len
-    best_possible = next_scores[:1] / (best_len**p.length_penalty)
-    worst_finished = torch.where(st.slot_finished, torch.min(st.slot_scores), NEG_LARGE)
-    st.improvable = st.improvable and bool(torch.any(best_possible > worst_finished))
-    open_slot = not (bool(st.slot_finished.all()) and p.early_stopping is True)
-    if not (st.improvable and open_slot and not bool(hits.all())):
-        for s in seqs:
-            blocks.free(s.block_table)
-            s.block_table = []
-        group.seqs = []
-        group.finished = [
-            h for h, done in zip(st.slots, st.slot_finished.tolist(), strict=True) if done and h is not None
-        ]
-        return
+    best_len = [
+        m - p if g.params.early_stopping == "never" and lp > 0.0 else t
+        for g, m, p, t, lp in zip(groups, max_len, prompt_len, new_len, lps, strict=True)
+    ]
+    best_possible = next_scores[:, :1] / _column([t**lp for t, lp in zip(best_len, lps, strict=True)], F32)
+    worst_finished = torch.where(slot_finished, slot_scores.min(1, keepdim=True)[0], NEG_LARGE)  # [G, N]
+    improvable = _column([st.improvable for st in states], torch.bool)[:, 0] & (
+        best_possible > worst_finished
+    ).any(1)
+    full = slot_finished.all(1) & early_true[:, 0]
+    go_on = (improvable & ~full & ~hits.all(1)).tolist()
 
-    # 5. the new running beams: reuse each parent once, fork it (sharing blocks) for more children
-    chosen = next_idx.tolist()
-    new_seqs: list[Sequence] = []
+    # 5. per request: the new slots, then the new running beams or the end of the search
+    tok_logprobs = packed[2].to(F32).tolist() if len(packed) > 2 else None
+    cand_beam, cand_tok, did_finish = cand_beam.tolist(), cand_tok.tolist(), did_finish.tolist()
+    next_idx, next_scores, keep = next_idx.tolist(), next_scores.tolist(), keep.tolist()
+    slot_scores, slot_finished, improvable = slot_scores.tolist(), slot_finished.tolist(), improvable.tolist()
+    for i, (g, st) in enumerate(zip(groups, states, strict=True)):
+        want = g.params.logprobs
+        stop = set(g.params.stop_token_ids)
+        parents = g.seqs * n if len(g.seqs) == 1 < n else g.seqs
+        slots = []
+        for j in keep[i]:
+            c = j - n
+            if c < 0:
+                slots.append(st.slots[j])
+            elif did_finish[i][c]:
+                lp = tok_logprobs[i][c] if want else None
+                score = slot_scores[i][len(slots)]
+                slots.append(_hypothesis(parents[cand_beam[i][c]], cand_tok[i][c], stop, score, lp, want))
+            else:
+                slots.append(None)
+        st.slots, st.slot_scores, st.slot_finished = slots, slot_scores[i], slot_finished[i]
+        st.improvable = improvable[i]
+        if go_on[i]:
+            chosen = next_idx[i]
+            st.running_scores = next_scores[i]
+            _advance(
+                g,
+                [parents[cand_beam[i][c]] for c in chosen],
+                [cand_tok[i][c] for c in chosen],
+                [tok_logprobs[i][c] for c in chosen] if want else None,
+                st.running_scores,
+                blocks,
+            )
+        else:
+            for s in g.seqs:
+                blocks.free(s.block_table)
+                s.block_table = []
+            g.seqs = []
+            g.finished = [
+                h for h, done in zip(slots, st.slot_finished, strict=True) if done and h is not None
+            ]
+
+
+def _advance(
+    group: SequenceGroup,
+    parents: list[Sequence],
+    tokens: list[int],
+    logprobs: list[float] | None,
+    scores: list[float],
+    blocks: BlockManager,
+) -> None:
+    """The new running beams (child i = parents[i] + tokens[i]): each parent's first child reuses
+    its sequence, further children fork it and share its blocks; childless parents free theirs."""
+    children: list[Sequence] = []
     reused: set[int] = set()
-    for c in chosen:
-        parent = parents[cand_beam[c]]
+    for parent in parents:
         if id(parent) in reused:
             child = parent.fork()
             child.block_table = blocks.share(parent.block_table)
         else:
             reused.add(id(parent))
             child = parent
-        new_seqs.append(child)
-    for s in seqs:
+        children.append(child)
+    for s in group.seqs:
         if id(s) not in reused:
             blocks.free(s.block_table)
             s.block_table = []
-    for child, c in zip(new_seqs, chosen, strict=True):  # after every fork copied its parent's tokens
-        child.tokens.append(cand_tok[c])
-        if tok_logprob is not None:
-            child.logprobs.append(tok_logprob[c])
-    st.running_scores = next_scores
-    for s, score in zip(new_seqs, next_scores.tolist(), strict=True):
-        s.cum_logprob = score
-    group.seqs = new_seqs
+    for i, child in enumerate(children):  # after every fork copied its parent's tokens
+        child.tokens.append(tokens[i])
+        if logprobs is not None:
+            child.logprobs.append(logprobs[i])
+        child.cum_logprob = scores[i]
+    group.seqs = children
+
+
+def _on(dev: torch.device, t: torch.Tensor) -> torch.Tensor:
+    """A small CPU tensor on ``dev`` without a sync (pinned, non-blocking on CUDA)."""
+    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
 def _hypothesis(

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from encdec_cli.engine.beam import beam_step
+from encdec_cli.engine.beam import beam_step_batch
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig
 from encdec_cli.engine.runner import ModelRunner
@@ -202,9 +202,9 @@ class Engine:
             for j, seq in enumerate(seqs):
                 self._append(seq, tokens[j], logprobs[j] if logprobs is not None else None)
                 finished.append(seq.group)
-        for group, rows in beams.items():
-            beam_step(group, logits[rows], self.blocks)
-            finished.append(group)
+        if beams:  # every beam-search request at once: one device-to-host copy per step
+            beam_step_batch(list(beams), logits, list(beams.values()), self.blocks)
+            finished.extend(beams)
         for group in dict.fromkeys(finished):
             group.first_token = group.first_token or now
             if group.done and group in self.scheduler.running:
