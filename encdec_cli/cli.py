@@ -37,11 +37,13 @@ def _engine(
     max_num_seqs: int,
     gpu_memory_utilization: float,
     enforce_eager: bool,
+    quiet: bool = False,
     **extra,
 ):
+    """Load the model into an Engine; unless ``quiet``, say on stderr what was loaded where."""
     from encdec_cli.engine import Engine
 
-    return Engine(
+    engine = Engine(
         model,
         device=device,
         dtype=dtype,
@@ -50,6 +52,10 @@ def _engine(
         enforce_eager=enforce_eager,
         **extra,
     )
+    if not quiet:
+        dt = str(engine.dtype).removeprefix("torch.")
+        typer.echo(f"model {engine.loaded.path} on {engine.device} ({dt})", err=True)
+    return engine
 
 
 def _fail(message: str, code: int = 2):
@@ -244,7 +250,7 @@ def _text_command(task: str):
             )
             engine = _engine(model, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet)
             code = run_seq2seq(engine, input, output, opts, quiet=quiet)
-        except (FileNotFoundError, ValueError, RuntimeError, TableError) as e:
+        except (OSError, ValueError, RuntimeError, TableError) as e:
             _fail(str(e))
         raise typer.Exit(code)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -77,7 +78,8 @@ class Engine:
             self.blocks,
         )
         self._order = 0
-        self.stats: dict[str, float] = {}  # seconds per step phase when config.profile is on
+        # seconds per step phase when config.profile is on; always: "steps", "oom_recoveries"
+        self.stats: dict[str, float] = {}
         self._last_tick = time.perf_counter()
 
     def _pool_blocks(self) -> int:
@@ -136,6 +138,11 @@ class Engine:
         try:
             if not req.prompt_ids:
                 raise ValueError("empty decoder prompt (it needs at least the decoder start token)")
+            if req.params.num_beams > self.config.max_num_seqs:  # it could never be scheduled
+                raise ValueError(
+                    f"num_beams {req.params.num_beams} exceeds max_num_seqs {self.config.max_num_seqs} "
+                    "(the sequences one step can decode); raise --max-num-seqs"
+                )
             enc_len = self.model.encoder_length(req.encoder_input)
             if enc_len > self.max_source_len:
                 raise ValueError(
@@ -155,9 +162,62 @@ class Engine:
 
     def step(self) -> list[Result]:
         """Schedule, encode the newly admitted, decode one token for every running sequence;
-        returns the requests that finished."""
+        returns the requests that finished.
+
+        Out of GPU memory in a step is not fatal: see :meth:`_recover_from_oom`.
+        """
+        results: list[Result] = []
         with torch.inference_mode():
-            return list(self._step())
+            try:
+                for result in self._step():
+                    results.append(result)
+            except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
+                results += self._recover_from_oom(e)
+        return results
+
+    def _recover_from_oom(self, error: torch.OutOfMemoryError) -> list[Result]:
+        """A step ran out of device memory: send its requests back to waiting (they re-encode and
+        recompute their tokens when re-admitted: same outputs), halve the batch limits so fewer run
+        together (floor 1), and free the allocator's cached blocks. Only a request that ran alone
+        becomes an error Result: it cannot fit at all."""
+        self.stats["oom_recoveries"] = self.stats.get("oom_recoveries", 0) + 1
+        sched = self.scheduler
+        groups = sched.preempt_all()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(groups) <= 1:
+            for g in groups:
+                sched.waiting.remove(g)  # preempt_all freed its blocks
+            log.warning("out of device memory with a single request running; it fails (%s)", error)
+            return [
+                Result(
+                    g.request.request_id,
+                    [],
+                    error=f"out of device memory even when run alone (encoder input of {g.encoder_len} "
+                    f"tokens, {g.params.num_beams} beam(s)); lower --gpu-memory-utilization or "
+                    "shorten the input",
+                )
+                for g in groups
+            ]
+        cfg = sched.config
+        seqs = sum(g.num_seqs_reserved for g in groups)
+        new = dataclasses.replace(
+            cfg,
+            max_num_seqs=max(1, min(cfg.max_num_seqs, seqs) // 2),
+            max_encoder_tokens=max(1, cfg.max_encoder_tokens // 2),
+        )
+        sched.config = new
+        log.warning(
+            "out of device memory in a step of %d requests (%s); recomputing them with at most %d "
+            "sequences and %d encoder tokens per step (were %d and %d)",
+            len(groups),
+            error,
+            new.max_num_seqs,
+            new.max_encoder_tokens,
+            cfg.max_num_seqs,
+            cfg.max_encoder_tokens,
+        )
+        return []
 
     def _tick(self, phase: str) -> None:
         """With ``profile`` on, add the time since the last tick to ``stats[phase]`` (GPU synced)."""

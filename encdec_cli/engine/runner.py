@@ -8,6 +8,9 @@ CUDA graphs captured for padded batch sizes (see ``encdec_cli/engine/cuda_graphs
 
 from __future__ import annotations
 
+import os
+from collections.abc import Hashable
+
 import numpy as np
 import torch
 
@@ -16,13 +19,17 @@ from models.base import AttentionMetadata, PagedView
 
 
 class _Rows:
-    """Row ids of a persistent table for live objects; rows of objects gone are reused."""
+    """Row ids of a persistent table for live objects; rows of objects gone are reused.
+
+    Keys must stay unique while they hold a row: sequence ids, or the request (group) objects
+    themselves (never ``id(obj)``: a finished group's id is reused by a new group, which would then
+    inherit its stale row)."""
 
     def __init__(self, n: int):
         self.free = list(range(n - 1, -1, -1))
-        self.of: dict[int, int] = {}
+        self.of: dict[Hashable, int] = {}
 
-    def get(self, key: int) -> tuple[int, bool]:
+    def get(self, key: Hashable) -> tuple[int, bool]:
         row = self.of.get(key)
         if row is not None:
             return row, False
@@ -31,7 +38,7 @@ class _Rows:
         row = self.of[key] = self.free.pop()
         return row, True
 
-    def keep_only(self, keys: set[int]) -> None:
+    def keep_only(self, keys: set) -> None:
         for k in [k for k in self.of if k not in keys]:
             self.free.append(self.of.pop(k))
 
@@ -65,6 +72,13 @@ class ModelRunner:
         self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
         self.synced: dict[int, int] = {}  # seq_id -> blocks written into its row
         self.graphs = None  # CudaGraphs, set up by capture_graphs()
+        # Fault injection for tests: encode/decode calls (counted from 1 in `calls`) that raise
+        # torch.OutOfMemoryError instead of running, as a CUDA OOM would; also read from the
+        # environment, e.g. ENCDEC_INJECT_OOM_AT=3,7 (for CLI tests in a subprocess).
+        self.calls = 0
+        self.fail_at_calls: set[int] = {
+            int(x) for x in os.environ.get("ENCDEC_INJECT_OOM_AT", "").split(",") if x.strip()
+        }
 
     @staticmethod
     def bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
@@ -89,8 +103,14 @@ class ModelRunner:
             self.k_cache[:, dst] = self.k_cache[:, src]
             self.v_cache[:, dst] = self.v_cache[:, src]
 
+    def _count_call(self, what: str) -> None:
+        self.calls += 1
+        if self.calls in self.fail_at_calls:
+            raise torch.OutOfMemoryError(f"injected out-of-memory error at {what} (call {self.calls})")
+
     def encode(self, groups: list[SequenceGroup]) -> None:
         """Run the encoder over the groups' inputs (packed) and write their cross K/V."""
+        self._count_call("encode")
         batch = self.model.prepare_encoder_batch([g.request.encoder_input for g in groups], self.device)
         hidden = self.model.encode(batch)
         slots = []
@@ -103,19 +123,22 @@ class ModelRunner:
     def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
         """Row of every sequence in the self and cross tables, writing rows that changed."""
         self.self_rows.keep_only({s.seq_id for s in seqs})
-        self.cross_rows.keep_only({id(s.group) for s in seqs})
+        self.cross_rows.keep_only({s.group for s in seqs})
         for k in [k for k in self.synced if k not in self.self_rows.of]:
             del self.synced[k]
         srows, crows = np.empty(len(seqs), np.int64), np.empty(len(seqs), np.int64)
         for i, s in enumerate(seqs):
             r, _ = self.self_rows.get(s.seq_id)
             n = len(s.block_table)
-            if self.synced.get(s.seq_id) != n or s.group.params.num_beams > 1:  # beams: copy-on-write
+            # rewrite on a block count change, on the first decode since (re)admission (after a
+            # preemption the blocks are new, their number may not be), and for beams (copy-on-write)
+            fresh = s.num_cached == 0
+            if fresh or self.synced.get(s.seq_id) != n or s.group.params.num_beams > 1:
                 self.self_tables[r, :n] = s.block_table
                 self.synced[s.seq_id] = n
             srows[i] = r
-            c, new = self.cross_rows.get(id(s.group))
-            if new:
+            c, new = self.cross_rows.get(s.group)
+            if new or fresh:
                 self.cross_tables[c, : len(s.group.cross_blocks)] = s.group.cross_blocks
             crows[i] = c
         return srows, crows
@@ -123,6 +146,7 @@ class ModelRunner:
     def decode(self, seqs: list[Sequence]) -> torch.Tensor:
         """One decoder step over every sequence's uncached tokens -> float32 logits [B, vocab] of
         each sequence's last token."""
+        self._count_call("decode")
         srows, crows = self._rows(seqs)
         q_lens = [len(s.tokens) - s.num_cached for s in seqs]
         if self.graphs is not None and max(q_lens) == 1 and len(seqs) <= self.graphs.max_batch:

@@ -108,7 +108,9 @@ class Scheduler:
                 )
                 continue
             fits = (
-                num_seqs + group.num_seqs_reserved <= self.config.max_num_seqs
+                # at least one request even beyond the limit (e.g. more beams than max_num_seqs
+                # after an out-of-memory shrink): a request that can never be admitted would hang
+                (num_seqs == 0 or num_seqs + group.num_seqs_reserved <= self.config.max_num_seqs)
                 and (enc_tokens == 0 or enc_tokens + group.encoder_len <= self.config.max_encoder_tokens)
                 and self._try_admit(group)
             )
@@ -136,6 +138,15 @@ class Scheduler:
             s.block_table = self.blocks.allocate(self.blocks.blocks_for(len(s.tokens)))
             s.num_cached = 0
         return True
+
+    def preempt_all(self) -> list[SequenceGroup]:
+        """Send every running request back to waiting, to re-encode and recompute later (after a
+        step failed, e.g. out of device memory); returns them."""
+        groups = sorted(self.running, key=lambda g: g.order)
+        for g in groups:
+            self._preempt(g)
+            g.preempted_now = False
+        return groups
 
     def _preempt(self, group: SequenceGroup) -> None:
         """Free everything the group holds; it re-encodes and recomputes its tokens later."""
