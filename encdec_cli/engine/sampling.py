@@ -6,6 +6,8 @@ over hundreds of sequences with the same options costs a handful of kernels, not
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from encdec_cli.engine.sequence import Sequence
@@ -19,6 +21,26 @@ def banned_ngram_tokens(tokens: list[int], n: int) -> list[int]:
         return []
     prefix = tuple(tokens[len(tokens) - n + 1 :])
     return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
+
+
+# seq -> (tokens indexed, {n-1 prefix: next tokens}); beams re-index only when forked
+_NGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def banned_ngram_tokens_cached(seq: Sequence, n: int) -> list[int]:
+    """``banned_ngram_tokens(seq.tokens, n)`` from an n-gram index kept per sequence and extended
+    as it grows: O(new tokens) per step instead of a scan of the whole sequence."""
+    tokens = seq.tokens
+    if n <= 0 or len(tokens) + 1 < n:
+        return []
+    done, index = _NGRAMS.get(seq, (0, None))  # done: n-gram start positions indexed so far
+    if index is None or done > len(tokens) - n + 1:
+        done, index = 0, {}
+    for i in range(done, len(tokens) - n + 1):
+        key = tuple(tokens[i : i + n - 1])
+        index[key] = index.get(key, ()) + (tokens[i + n - 1],)
+    _NGRAMS[seq] = (max(done, len(tokens) - n + 1), index)
+    return list(index.get(tuple(tokens[len(tokens) - n + 1 :]), ()))
 
 
 def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) -> list[int]:
@@ -55,7 +77,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             x = logits[i, prev]
             logits[i, prev] = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
         if p.no_repeat_ngram_size or p.bad_words_ids:
-            ban = banned_ngram_tokens(s.tokens, p.no_repeat_ngram_size) + banned_bad_words(
+            ban = banned_ngram_tokens_cached(s, p.no_repeat_ngram_size) + banned_bad_words(
                 s.tokens, p.bad_words_ids
             )
             ban_rows += [i] * len(ban)
