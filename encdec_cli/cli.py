@@ -63,6 +63,22 @@ def _fail(message: str, code: int = 2):
     raise typer.Exit(code)
 
 
+def _floats(name: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name} takes comma-separated numbers, e.g. 0,0.2,0.4; got {text!r}") from None
+
+
+def _threshold(name: str, text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name} takes a number or 'off', got {text!r}") from None
+
+
 @app.command()
 def transcribe(
     inputs: list[str] = typer.Argument(
@@ -90,6 +106,57 @@ def transcribe(
     audio_column: str = typer.Option(
         "audio", "--audio-column", help="Column with audio bytes or paths in table inputs."
     ),
+    timestamps: bool = typer.Option(
+        True,
+        "--timestamps/--no-timestamps",
+        help="Timed segments from Whisper's timestamp tokens, or one segment per window (faster).",
+    ),
+    long_form: str = typer.Option(
+        "chunked",
+        "--long-form",
+        help="chunked: cut long audio at quiet points and decode all windows at once (fastest); "
+        "sequential: openai-whisper's 30 s windows, each starting at the previous one's last "
+        "timestamp and prompted with its text (files are still batched with each other).",
+    ),
+    initial_prompt: str | None = typer.Option(
+        None, "--initial-prompt", help="Text the transcript continues (names, spelling, style)."
+    ),
+    condition_on_previous_text: bool = typer.Option(
+        True,
+        "--condition-on-previous-text/--no-condition-on-previous-text",
+        help="Prompt each window with the text before it (sequential windows of a file, and the "
+        "continuation windows of a chunk). Off: less repetition, less consistency.",
+    ),
+    beam_size: int = typer.Option(1, "--beam-size", help="Beam search width at temperature 0 (1 = greedy)."),
+    best_of: int = typer.Option(
+        1, "--best-of", help="Candidates sampled at a fallback temperature; the likeliest is kept."
+    ),
+    temperature: str = typer.Option(
+        "0,0.2,0.4,0.6,0.8,1.0",
+        "--temperature",
+        help="Comma-separated temperatures tried in order while a window looks repetitive or unlikely "
+        "(see the thresholds); a single 0 turns fallback off.",
+    ),
+    compression_ratio_threshold: str = typer.Option(
+        "2.4",
+        "--compression-ratio-threshold",
+        help="Fall back when the text's gzip ratio is above this; 'off'.",
+    ),
+    logprob_threshold: str = typer.Option(
+        "-1.0",
+        "--logprob-threshold",
+        help="Fall back when the mean token log-probability is below this; 'off'.",
+    ),
+    no_speech_threshold: str = typer.Option(
+        "0.6",
+        "--no-speech-threshold",
+        help="Skip a window as silence when P(no speech) is above this and its log-probability is "
+        "below --logprob-threshold; 'off'.",
+    ),
+    max_initial_timestamp: float = typer.Option(
+        1.0, "--max-initial-timestamp", help="Latest first timestamp of a window, in seconds."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for the sampling fallbacks (runs are repeatable)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Limit per 30 s window."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
@@ -108,7 +175,10 @@ def transcribe(
 ):
     """Transcribe (or translate) speech with Whisper.
 
-    Long audio is cut into 30 s windows at quiet points; windows of all files are batched together.
+    Long audio: cut into 30 s windows at quiet points, or window after window (--long-form).
+    Windows of all files are batched together.
+    Segments are timed by Whisper's timestamp tokens (--no-timestamps: one per window).
+    Repetitive or unlikely windows are redone at higher temperatures; silent ones are skipped.
     Writes INPUT.{txt,srt,vtt,tsv,json} per input; a manifest in the output folder makes re-runs
     skip finished files. Exit status: 0 all done, 1 some files failed, 2 usage error, 130 interrupted.
     """
@@ -118,7 +188,25 @@ def transcribe(
 
     try:
         formats = resolve_formats(output_format)
-        opts = TranscribeOptions(language=language, task=task, max_new_tokens=max_new_tokens)
+        opts = TranscribeOptions(
+            language=language,
+            task=task,
+            max_new_tokens=max_new_tokens,
+            timestamps=timestamps,
+            long_form=long_form,
+            temperatures=_floats("--temperature", temperature),
+            beam_size=beam_size,
+            best_of=best_of,
+            initial_prompt=initial_prompt,
+            condition_on_previous_text=condition_on_previous_text,
+            compression_ratio_threshold=_threshold(
+                "--compression-ratio-threshold", compression_ratio_threshold
+            ),
+            logprob_threshold=_threshold("--logprob-threshold", logprob_threshold),
+            no_speech_threshold=_threshold("--no-speech-threshold", no_speech_threshold),
+            max_initial_timestamp=max_initial_timestamp,
+            seed=seed,
+        )
         plan_inputs([i for i in inputs if i != "-"], audio_column)  # fail fast on missing inputs
     except (UsageError, ValueError) as e:
         _fail(str(e))

@@ -40,7 +40,7 @@ def test_tokens_identical_to_transformers(tiny_engine, tiny_en_dir, example_clip
     hf.load_state_dict({k: v.float() for k, v in state.items()})
     hf.generation_config = tiny_engine.loaded.generation_config
     fe = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins)
-    prompts = WhisperPrompts(tiny_engine, TranscribeOptions())
+    prompts = WhisperPrompts(tiny_engine, TranscribeOptions(timestamps=False))
     feats = [fe(load_audio(c.path), sampling_rate=16000, return_tensors="pt").input_features for c in example_clips]
     ours = {r.request_id: r for r in tiny_engine.generate(
         Request(f[0], prompts.prompt(None), prompts.params, i) for i, f in enumerate(feats))}
@@ -58,8 +58,8 @@ def test_transcripts_from_audio_files(tiny_engine, example_clips):
         t, err = out[c.path.stem]
         assert err is None
         assert wer(c.text, t.text) <= MAX_WER, (c.text, t.text)
-        assert t.language == "en" and len(t.segments) == 1 and t.segments[0].start == 0.0
-        assert abs(t.segments[0].end - t.duration) < 1e-6 and t.segments[0].avg_logprob < 0
+        assert t.language == "en" and 1 <= len(t.segments) <= 2 and 0 <= t.segments[0].start <= 1.0
+        assert t.segments[-1].end <= t.duration + 0.02 and t.segments[0].avg_logprob < 0
 
 
 def test_long_audio_is_windowed_and_stitched(tiny_engine, example_clips, tmp_path):
@@ -78,8 +78,8 @@ def test_long_audio_is_windowed_and_stitched(tiny_engine, example_clips, tmp_pat
     out = {}
     Transcriber(tiny_engine).run([AudioItem("k", "long", str(path))], lambda i, t, e: out.setdefault("r", (t, e)))
     t, err = out["r"]
-    assert err is None and len(t.segments) == 2 and t.segments[1].start > 20
-    # a mostly-silent second window may add a stray word until no-speech skipping exists
+    assert err is None and len(t.segments) >= 3 and t.segments[-1].start > 20
+    assert all(a.end <= b.start for a, b in zip(t.segments, t.segments[1:]))
     assert wer(" ".join(texts), t.text) <= 0.15, t.text
 
 

@@ -10,7 +10,7 @@ import weakref
 
 import torch
 
-from encdec_cli.engine.sequence import Sequence
+from encdec_cli.engine.sequence import Sequence, TimestampRules
 
 NEG_INF = float("-inf")
 
@@ -63,6 +63,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     cost does not grow with the number of distinct SamplingParams in the batch.
     """
     dev = logits.device
+    record_first_step_probs(logits, seqs)
     ban_rows: list[int] = []  # (row, token) pairs set to -inf
     ban_toks: list[int] = []
     suppress: dict[int, tuple[tuple[int, ...], list[int]]] = {}  # id(list) -> (tokens, rows)
@@ -84,7 +85,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
             ban_toks += ban
         if p.suppress_tokens:
             suppress.setdefault(id(p.suppress_tokens), (p.suppress_tokens, []))[1].append(i)
-        if n == 0 and p.begin_suppress_tokens:
+        if n == p.begin_index and p.begin_suppress_tokens:
             ban_rows += [i] * len(p.begin_suppress_tokens)
             ban_toks += p.begin_suppress_tokens
         if n < p.min_new_tokens and p.stop_token_ids:
@@ -109,7 +110,86 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         r = _on(dev, forced_rows)
         logits[r] = NEG_INF
         logits[r, _on(dev, forced_toks)] = 0.0
+    apply_timestamp_rules(logits, seqs)
     return logits
+
+
+# ---- Whisper: first-step probabilities and timestamp rules -----------------------------------------
+
+
+def record_first_step_probs(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Store, for rows at their first step that ask for it, the softmax probability of the tokens in
+    ``params.record_first_step_probs`` in ``request.first_step_probs`` (Whisper's no-speech
+    probability: the <|nospeech|> probability right after <|startoftranscript|>).
+
+    logits: [B, V] unprocessed (log-probabilities for beam rows: same softmax)."""
+    rows = [i for i, s in enumerate(seqs) if s.num_generated == 0 and s.group.params.record_first_step_probs]
+    if not rows:
+        return
+    probs = torch.softmax(logits[rows].float(), -1)  # [R, V]
+    toks = [seqs[i].group.params.record_first_step_probs for i in rows]
+    width = max(len(t) for t in toks)
+    idx = _on(logits.device, [list(t) + [t[-1]] * (width - len(t)) for t in toks])  # [R, width]
+    values = probs.gather(1, idx).tolist()
+    for i, t, v in zip(rows, toks, values):
+        seqs[i].group.request.first_step_probs = dict(zip(t, v))
+
+
+def _timestamp_row_bounds(s: Sequence, rules: TimestampRules, vocab: int) -> tuple[int, int, int]:
+    """For one row: (text_hi, ts_lo, ts_hi): ids < text_hi are banned, and of the timestamps only
+    ts_lo <= id <= ts_hi stay allowed (ts_lo > ts_hi bans them all)."""
+    tb, tokens = rules.timestamp_begin, s.tokens
+    begin = s.num_prompt + s.group.params.begin_index
+    n = len(tokens) - begin  # free tokens so far
+    if n == 0:  # the first free token is a timestamp, at most max_initial_timestamp_index
+        mx = rules.max_initial_timestamp_index
+        return tb, tb, vocab - 1 if mx is None else tb + mx
+    last_ts = tokens[-1] >= tb
+    penultimate_ts = n < 2 or tokens[-2] >= tb
+    if last_ts and penultimate_ts:  # a pair just closed (or the opening one): text must follow
+        return 0, vocab, vocab - 1
+    text_hi = rules.eot if last_ts else 0  # an open timestamp is closed (or ends the text): no text
+    last = next((tokens[j] for j in range(len(tokens) - 1, begin - 1, -1) if tokens[j] >= tb), None)
+    if last is None:
+        return text_hi, tb, vocab - 1
+    # timestamps never decrease; a segment closing its own pair may repeat the opening time,
+    # otherwise each segment has a nonzero length
+    return text_hi, last if last_ts and not penultimate_ts else last + 1, vocab - 1
+
+
+def apply_timestamp_rules(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Whisper's timestamp rules (``TimestampRules``) on every row that has them, in place.
+
+    One [R, V] mask for all such rows (per-row bounds from a short scan of each row's tokens), then
+    one log-softmax for "when the timestamps are likelier together than any text token, take a
+    timestamp". logits: [B, V] float32."""
+    rows, bounds, specials = [], [], []
+    vocab = logits.shape[1]
+    for i, s in enumerate(seqs):
+        p = s.group.params
+        r = p.timestamp_rules
+        if r is None or s.num_generated < p.begin_index:
+            continue
+        rows.append(i)
+        bounds.append(_timestamp_row_bounds(s, r, vocab))
+        specials.append((r.timestamp_begin, r.no_timestamps))
+    if not rows:
+        return
+    dev = logits.device
+    whole = len(rows) == len(seqs)
+    x = logits if whole else logits[_on(dev, rows)]  # [R, V]
+    b = _on(dev, bounds)  # [R, 3]
+    sp = _on(dev, specials)  # [R, 2]
+    v = torch.arange(vocab, device=dev)[None, :]  # [1, V]
+    is_ts = v >= sp[:, :1]  # [R, V]
+    ban = (v < b[:, :1]) | (is_ts & ((v < b[:, 1:2]) | (v > b[:, 2:3]))) | (v == sp[:, 1:2])
+    x.masked_fill_(ban, NEG_INF)
+    logprobs = torch.log_softmax(x.float(), -1)
+    ts_logprob = logprobs.masked_fill(~is_ts, NEG_INF).logsumexp(-1)  # [R]
+    max_text = logprobs.masked_fill(is_ts, NEG_INF).amax(-1)  # [R]
+    x.masked_fill_(~is_ts & (ts_logprob > max_text)[:, None], NEG_INF)
+    if not whole:
+        logits[_on(dev, rows)] = x
 
 
 def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
@@ -146,4 +226,9 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int]
     logprobs = None
     if any(s.group.params.logprobs for s in seqs):
         logprobs = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()
-    return tokens.tolist(), logprobs
+    tokens = tokens.tolist()
+    if logprobs is not None:
+        for s, t, lp in zip(seqs, tokens, logprobs):
+            if t in s.group.params.stop_token_ids:
+                s.group.request.stop_logprob = lp  # the Completion's logprobs end before the stop token
+    return tokens, logprobs

@@ -9,6 +9,21 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class TimestampRules:
+    """Whisper's timestamp-token grammar, over token ids (openai-whisper ``ApplyTimestampRules``,
+    transformers ``WhisperTimeStampLogitsProcessor``). Counted from ``SamplingParams.begin_index``:
+    the first free token is a timestamp (at most ``max_initial_timestamp_index``); timestamps come
+    in pairs (one may stand alone before EOT) and never decrease; a pair closing a segment is
+    followed by text; and when the timestamps together are likelier than the likeliest text
+    token, a timestamp is taken."""
+
+    timestamp_begin: int  # id of <|0.00|>; every id >= this is a timestamp, 0.02 s apart
+    eot: int  # <|endoftext|>; text tokens are the ids below it
+    no_timestamps: int  # <|notimestamps|>: never generated in timestamp mode
+    max_initial_timestamp_index: int | None = 50  # first timestamp <= 50 x 0.02 s = 1.0 s; None: any
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to decode one request. Frozen and hashable: the sampler batches rows sharing params."""
 
@@ -31,6 +46,10 @@ class SamplingParams:
     early_stopping: bool | str = False  # beam search stop rule: True, False or "never"
     num_return_sequences: int = 1  # best hypotheses returned (<= num_beams)
     logprobs: bool = False  # record each chosen token's log-probability
+    begin_index: int = 0  # forced new tokens before the free ones; begin_suppress/timestamp rules start here
+    timestamp_rules: TimestampRules | None = None  # Whisper timestamp grammar; None: off
+    record_first_step_probs: tuple[int, ...] = ()  # tokens whose first-step probability (unprocessed
+    # logits, i.e. after the last prompt token) is stored in Request.first_step_probs
 
     def __post_init__(self):
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -51,6 +70,8 @@ class SamplingParams:
             raise ValueError("beam search with sampling is not supported; set temperature 0 or num_beams 1")
         if self.repetition_penalty <= 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.begin_index < 0:
+            raise ValueError(f"begin_index must be >= 0, got {self.begin_index}")
         if self.early_stopping not in (True, False, "never"):
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
 
@@ -72,6 +93,9 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: Any = None
+    # filled by the sampler for the caller (the Request object is the caller's own):
+    first_step_probs: dict[int, float] = field(default_factory=dict)  # see params.record_first_step_probs
+    stop_logprob: float | None = None  # log-probability of the stop token that ended a greedy/sampled request
 
 
 @dataclass

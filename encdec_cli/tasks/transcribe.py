@@ -1,39 +1,54 @@
-"""Transcription: audio items -> Whisper requests, results -> stitched transcripts.
+"""Transcription: audio items -> Whisper requests, results -> stitched, timed transcripts.
 
-Every file is cut into <= 30 s windows at quiet points (``encdec_cli.io.audio``); the windows of
-all files stream through one engine together, so the GPU batch stays full across files. A
-background thread decodes audio ahead of the engine. Each finished file becomes a
-``Transcript`` handed to ``on_done``; a file that cannot be read becomes an error, never a crash.
+Two long-form modes (``TranscribeOptions.long_form``), both batching windows of many files in one
+engine so the batch stays full:
+
+- ``chunked`` (default): every file is cut into <= 30 s windows at quiet points
+  (``encdec_cli.io.audio``) and all windows of all files are decoded independently, at once.
+- ``sequential``: openai-whisper's algorithm. Each file is a stream of 30 s windows over its
+  log-mel spectrogram; the next window starts at the last complete timestamp of the previous one
+  and may be prompted with its text. A file has one window in flight at a time; many files run
+  side by side, each submitting its next window as soon as the previous one is done (the request
+  iterator yields None meanwhile).
+
+Every window is decoded with timestamp tokens (unless ``timestamps`` is off), falls back to the
+next temperature while it looks repetitive or unlikely, and is skipped when it looks silent
+(``whisper_rules``). A background thread decodes audio ahead of the engine. Each finished file
+becomes a ``Transcript`` handed to ``on_done``; a file that cannot be read becomes an error,
+never a crash.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from encdec_cli.engine import Engine, Request, Result, SamplingParams
+from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.audio import iter_audio_windows, load_audio, split_on_silence
 from encdec_cli.io.records import Segment, Transcript
-from models.audio import SAMPLE_RATE
+from encdec_cli.tasks.whisper_audio import file_log_mel
+from encdec_cli.tasks.whisper_rules import (
+    FRAMES_PER_SECOND,
+    N_FRAMES,
+    TranscribeOptions,
+    WhisperPrompts,
+    WindowStats,
+    compression_ratio,
+    parse_timestamps,
+)
+from models.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
 PREFETCH_WINDOWS = 64  # decoded windows buffered ahead of the engine (64 x 30 s x 4 B = 123 MB max)
-
-
-@dataclass(frozen=True)
-class TranscribeOptions:
-    language: str | None = None  # e.g. "en"; None: English-only models use English, others detect
-    task: str = "transcribe"  # "transcribe" or "translate" (to English; multilingual models only)
-    max_new_tokens: int | None = None  # per 30 s window; None: the model's limit
-
-    def __post_init__(self):
-        if self.task not in ("transcribe", "translate"):
-            raise ValueError(f"--task must be transcribe or translate, got {self.task!r}")
+PREFETCH_FILES = 4  # sequential mode: whole-file spectrograms buffered ahead (1 h of audio = 115 MB)
+EXTRA_FILES = 4  # sequential mode: files in flight beyond one per engine slot (covers turnaround)
 
 
 @dataclass
@@ -45,63 +60,53 @@ class AudioItem:
     source: Any  # str path or bytes
 
 
-@dataclass
-class _FileState:
+@dataclass(eq=False)
+class _File:
+    n: int  # input order
     item: AudioItem
-    windows: dict[int, tuple[int, int]] = field(default_factory=dict)  # idx -> (start, end) samples
-    results: dict[int, Result] = field(default_factory=dict)
-    audio: dict[int, np.ndarray] = field(default_factory=dict)  # held until the language is known
-    n_windows: int | None = None  # known once the whole file is read
     language: str | None = None
     error: str | None = None
+    n_chunks: int | None = None  # known once the whole file is read
+    held: dict[int, tuple[int, Any]] = field(default_factory=dict)  # chunks read before the language is known
+    open_streams: int = 0
+    done: dict[int, list[Segment]] = field(default_factory=dict)  # chunk index -> its segments
+    duration: float = 0.0  # seconds read so far
 
 
-class WhisperPrompts:
-    """Decoder prompts and decoding rules for a Whisper model and tokenizer."""
+@dataclass(eq=False)
+class _Stream:
+    """Consecutive windows over one stretch of audio: a chunk of a file (chunked mode) or the whole
+    file (sequential mode). The next window starts where the last complete timestamp pair of the
+    previous one ended, and may be prompted with the text decoded so far."""
 
-    def __init__(self, engine: Engine, opts: TranscribeOptions):
-        tok, gen = engine.tokenizer, engine.loaded.generation_config
-        vocab = tok.get_vocab()
-        self.sot = vocab["<|startoftranscript|>"]
-        self.eot = vocab["<|endoftext|>"]
-        self.no_timestamps = vocab["<|notimestamps|>"]
-        self.multilingual = bool(
-            getattr(gen, "is_multilingual", False)
-            or "<|translate|>" in vocab
-            and engine.model.vocab_size >= 51865
-        )
-        self.lang_ids = {t[2:-2]: i for t, i in (getattr(gen, "lang_to_id", None) or {}).items()}
-        self.task_ids = {"transcribe": vocab.get("<|transcribe|>"), "translate": vocab.get("<|translate|>")}
-        self.opts = opts
-        if opts.language is not None:
-            if not self.multilingual and opts.language != "en":
-                raise ValueError(f"this model is English-only; --language {opts.language} is not possible")
-            if self.multilingual and opts.language not in self.lang_ids:
-                raise ValueError(
-                    f"unknown language {opts.language!r}; known: {', '.join(sorted(self.lang_ids))}"
-                )
-        if opts.task == "translate" and not self.multilingual:
-            raise ValueError("--task translate needs a multilingual model (e.g. -m base)")
-        room = engine.model.max_target_positions // 2
-        self.params = SamplingParams(
-            max_new_tokens=min(opts.max_new_tokens or room, room),
-            stop_token_ids=(self.eot,),
-            suppress_tokens=tuple(gen.suppress_tokens or ()),
-            begin_suppress_tokens=tuple(gen.begin_suppress_tokens or ()),
-            logprobs=True,
-        )
-        self.detect_params = SamplingParams(
-            max_new_tokens=1, allowed_tokens=tuple(sorted(self.lang_ids.values()))
-        )
-        self.id_to_lang = {i: lang for lang, i in self.lang_ids.items()}
+    file: _File
+    idx: int  # chunk index (0 in sequential mode)
+    source: Any  # waveform [samples] (chunked) or log-mel [n_mels, frames] (sequential)
+    offset: float  # seconds from the file start to the source start
+    total: int  # mel frames in the source
+    seek: int = 0  # mel frames done
+    tokens: list[int] = field(default_factory=list)  # decoded so far, timestamps included (prompt source)
+    prompt_from: int = 0  # tokens[prompt_from:] prompt the next window
+    segments: list[Segment] = field(default_factory=list)
 
-    def needs_detection(self) -> bool:
-        return self.multilingual and self.opts.language is None
 
-    def prompt(self, language: str | None) -> list[int]:
-        if not self.multilingual:
-            return [self.sot, self.no_timestamps]
-        return [self.sot, self.lang_ids[language or "en"], self.task_ids[self.opts.task], self.no_timestamps]
+@dataclass(eq=False)
+class _Window:
+    """One window of a stream being decoded: a request per candidate at the current temperature."""
+
+    stream: _Stream
+    features: Any  # waveform slice (engine computes log-mel) or log-mel [n_mels, 3000]
+    frames: int  # mel frames of real audio in the window (<= 3000)
+    prev: list[int]  # previous-text tokens for the prompt (may be empty)
+    attempt: int = 0  # index into the temperatures
+    requests: list[Request] = field(default_factory=list)  # candidates at this temperature
+    probe: Request | None = None  # a separate no-speech probe (beam search with forced task tokens)
+    results: dict[int, Result] = field(default_factory=dict)  # by candidate index; the probe is -1
+    no_speech_prob: float = 0.0
+
+    @property
+    def offset(self) -> float:
+        return self.stream.offset + self.stream.seek / FRAMES_PER_SECOND
 
 
 def _read_windows(item: AudioItem) -> Iterator[tuple[int, np.ndarray]]:
@@ -113,6 +118,10 @@ def _read_windows(item: AudioItem) -> Iterator[tuple[int, np.ndarray]]:
         yield from iter_audio_windows(item.source)
 
 
+def _seed(*parts) -> int:
+    return zlib.crc32(repr(parts).encode()) & 0x7FFFFFFF
+
+
 class Transcriber:
     """Runs many audio items through one engine; calls ``on_done(item, transcript, error)`` per item
     as soon as all its windows are decoded (error is a message or None)."""
@@ -122,6 +131,13 @@ class Transcriber:
         self.opts = opts or TranscribeOptions()
         self.prompts = WhisperPrompts(engine, self.opts)
         self.tokenizer = engine.tokenizer
+        self.sequential = self.opts.long_form == "sequential"
+        self.n_mels = getattr(engine.model, "n_mels", 80)
+        self.max_files = max(engine.config.max_num_seqs // self.opts.beam_size, 1) + EXTRA_FILES
+        # the no-speech probability rides on the first window request (its prompt then ends at
+        # <|startoftranscript|>), except for beam search with forced task tokens: a probe request
+        self.want_no_speech = self.opts.no_speech_threshold is not None
+        self.probe_apart = self.opts.beam_size > 1 and bool(self.prompts.task_tokens("en"))
 
     def run(
         self,
@@ -129,15 +145,16 @@ class Transcriber:
         on_done: Callable[[AudioItem, Transcript | None, str | None], None],
         on_audio: Callable[[float], None] | None = None,
     ) -> None:
-        audio_q: queue.Queue = queue.Queue(maxsize=PREFETCH_WINDOWS)
+        audio_q: queue.Queue = queue.Queue(maxsize=PREFETCH_FILES if self.sequential else PREFETCH_WINDOWS)
         stop = threading.Event()
         reader = threading.Thread(target=self._reader, args=(items, audio_q, stop), daemon=True)
         reader.start()
-        self.files: dict[int, _FileState] = {}
+        self.files: dict[int, _File] = {}  # in progress, by input order
+        self.finished: set[int] = set()
         self.pending: deque[Request] = deque()
         self.on_done, self.on_audio = on_done, on_audio
         try:
-            for result in self.engine.generate(self._requests(audio_q, reader)):
+            for result in self.engine.generate(self._requests(audio_q)):
                 self._on_result(result)
         finally:
             stop.set()
@@ -156,6 +173,13 @@ class Transcriber:
         for n, item in enumerate(items):
             count = 0
             try:
+                if self.sequential:
+                    audio = load_audio(item.source)
+                    if len(audio) == 0:
+                        raise ValueError(f"{item.name} contains no audio")
+                    if not put(("file", n, item, file_log_mel(audio, self.n_mels))):
+                        return
+                    continue
                 for start, audio in _read_windows(item):
                     if not put(("window", n, item, count, start, audio)):
                         return
@@ -168,16 +192,19 @@ class Transcriber:
         put(("done",))
 
     # ---- requests -------------------------------------------------------------------------------
-    def _requests(self, audio_q: queue.Queue, reader: threading.Thread) -> Iterator[Request | None]:
+    def _requests(self, audio_q: queue.Queue) -> Iterator[Request | None]:
         done = False
         while True:
             if self.pending:
                 yield self.pending.popleft()
                 continue
             if done:
-                if not any(f.n_windows is None or len(f.results) < f.n_windows for f in self.files.values()):
+                if not self.files:
                     return
-                yield None  # results still to come may queue more requests (held windows)
+                yield None  # results still to come queue more requests (next windows, fallbacks)
+                continue
+            if self.sequential and len(self.files) >= self.max_files:
+                yield None  # enough streams to fill the engine; take a new file when one finishes
                 continue
             busy = not self.engine.scheduler.idle
             try:
@@ -192,72 +219,197 @@ class Transcriber:
 
     def _on_audio_msg(self, msg) -> None:
         kind, n, item = msg[0], msg[1], msg[2]
-        f = self.files.setdefault(n, _FileState(item, language=self.opts.language))
+        if n in self.finished:  # failed already (a window's error); the rest of it is not needed
+            return
+        f = self.files.setdefault(n, _File(n, item, language=self.opts.language))
         if kind == "error":
-            f.error, f.n_windows = msg[3], len(f.windows)  # wait for windows in flight
-            self._maybe_finish(n)
+            f.error = msg[3]
+            self._maybe_finish(f)
         elif kind == "end":
-            f.n_windows = msg[3]
-            self._maybe_finish(n)
+            f.n_chunks = msg[3]
+            self._maybe_finish(f)
+        elif kind == "file":  # sequential: the whole file's spectrogram is one stream
+            mel = msg[3]
+            f.n_chunks, f.duration = 1, mel.shape[1] / FRAMES_PER_SECOND
+            self._arrived(f, 0, 0, mel)
         else:
             idx, start, audio = msg[3], msg[4], msg[5]
-            f.windows[idx] = (start, start + len(audio))
+            f.duration = max(f.duration, (start + len(audio)) / SAMPLE_RATE)
             if self.on_audio:
                 self.on_audio(len(audio) / SAMPLE_RATE)
-            if self.prompts.needs_detection() and f.language is None:
-                if idx == 0:
-                    self.pending.append(
-                        Request(audio, [self.prompts.sot], self.prompts.detect_params, (n, "lang"))
-                    )
-                f.audio[idx] = audio
-            else:
-                self._submit(n, idx, audio)
+            self._arrived(f, idx, start, audio)
 
-    def _submit(self, n: int, idx: int, audio: np.ndarray) -> None:
-        f = self.files[n]
-        self.pending.append(Request(audio, self.prompts.prompt(f.language), self.prompts.params, (n, idx)))
+    def _arrived(self, f: _File, idx: int, start: int, source) -> None:
+        """A chunk (or a whole file's spectrogram) is ready: start its stream, after language
+        detection on the file's first window when the language is still unknown."""
+        if self.prompts.needs_detection() and f.language is None:
+            if not f.held and not f.done and not f.open_streams:
+                feats = self._mel_window(source, 0)[0] if self.sequential else source[:N_SAMPLES]
+                self.pending.append(
+                    Request(feats, [self.prompts.sot], self.prompts.detect_params, ("lang", f))
+                )
+            f.held[idx] = (start, source)
+            return
+        total = source.shape[1] if self.sequential else -(-len(source) // HOP_LENGTH)
+        st = _Stream(f, idx, source, start / SAMPLE_RATE, total, tokens=list(self.prompts.initial_prompt))
+        f.open_streams += 1
+        self._next_window(st)
+
+    @staticmethod
+    def _mel_window(mel: torch.Tensor, seek: int) -> tuple[torch.Tensor, int]:
+        """[n_mels, 3000] features from frame ``seek`` (zero-padded, as openai-whisper), and the
+        number of real frames in them."""
+        frames = min(N_FRAMES, mel.shape[1] - seek)
+        feats = mel[:, seek : seek + frames]
+        if frames < N_FRAMES:
+            feats = torch.nn.functional.pad(feats, (0, N_FRAMES - frames))
+        return feats.contiguous(), frames
+
+    def _next_window(self, st: _Stream) -> None:
+        """Submit the stream's next window, or close the stream when it is done."""
+        f = st.file
+        if st.seek >= st.total or f.error:
+            f.open_streams -= 1
+            f.done[st.idx] = st.segments
+            self._maybe_finish(f)
+            return
+        if self.sequential:
+            feats, frames = self._mel_window(st.source, st.seek)
+        else:  # the engine pads a waveform to 30 s and computes its log-mel
+            feats = st.source[st.seek * HOP_LENGTH : st.seek * HOP_LENGTH + N_SAMPLES]
+            frames = min(N_FRAMES, st.total - st.seek)
+        self._submit(_Window(st, feats, frames, st.tokens[st.prompt_from :]))
+
+    # ---- one window: candidates, fallback --------------------------------------------------------
+    def _submit(self, w: _Window) -> None:
+        opts, st = self.opts, w.stream
+        temperature = opts.temperatures[w.attempt]
+        first = w.attempt == 0 and self.want_no_speech  # P(<|nospeech|>) does not change on fallback
+        w.requests, w.results, w.probe = [], {}, None
+        for k in range(1 if temperature == 0 else opts.best_of):
+            seed = (
+                _seed(opts.seed, st.file.item.key, st.idx, st.seek, w.attempt, k) if temperature > 0 else None
+            )
+            probe = first and not self.probe_apart
+            prompt, params = self.prompts.window(st.file.language, w.prev, temperature, seed, probe)
+            w.requests.append(Request(w.features, prompt, params, ("win", w, k)))
+        if first and self.probe_apart:
+            prompt, params = self.prompts.probe_request(w.prev)
+            w.probe = Request(w.features, prompt, params, ("win", w, -1))
+            self.pending.append(w.probe)
+        self.pending.extend(w.requests)
+
+    def _on_window_result(self, w: _Window, k: int, r: Result) -> None:
+        w.results[k] = r
+        if len(w.results) < len(w.requests) + (w.probe is not None):
+            return
+        errors = [x.error for x in w.results.values() if x.error]
+        if errors:
+            w.stream.file.error = w.stream.file.error or errors[0]
+            self._next_window(w.stream)
+            return
+        no_speech = self.prompts.vocab.no_speech
+        for req in [*w.requests, w.probe]:
+            if req is not None and no_speech in req.first_step_probs:
+                w.no_speech_prob = req.first_step_probs[no_speech]
+        _, tokens, avg_logprob = max(
+            (self._candidate(req, w.results[k]) for k, req in enumerate(w.requests)), key=lambda c: c[0]
+        )
+        temperature = self.opts.temperatures[w.attempt]
+        stats = WindowStats(
+            avg_logprob, compression_ratio(self.prompts.text(tokens)), w.no_speech_prob, temperature
+        )
+        if stats.needs_fallback(self.opts) and w.attempt + 1 < len(self.opts.temperatures):
+            w.attempt += 1
+            self._submit(w)
+            return
+        self._window_done(w, tokens, stats)
+
+    @staticmethod
+    def _candidate(req: Request, r: Result) -> tuple[float, list[int], float]:
+        """(rank score, free tokens, avg logprob) of one decoding; sampled candidates rank by
+        sum logprob / length (openai-whisper's MaximumLikelihoodRanker)."""
+        begin = req.params.begin_index
+        tokens = r.token_ids[begin:]
+        if req.params.num_beams > 1:
+            avg = r.completions[0].score  # sum of log-probs (with EOT) / (tokens + 1): length_penalty 1
+            return avg, tokens, avg
+        total = sum((r.logprobs or [])[begin:]) + (req.stop_logprob or 0.0)
+        return total / max(len(tokens), 1), tokens, total / (len(tokens) + 1)
+
+    def _window_done(self, w: _Window, tokens: list[int], stats: WindowStats) -> None:
+        """Stitch the window's segments into its stream and move the stream on (openai-whisper:
+        to the last complete timestamp pair, or past the window)."""
+        st, opts = w.stream, self.opts
+        if stats.is_silence(opts):
+            frames, pieces = w.frames, []
+        elif opts.timestamps:
+            parsed = parse_timestamps(tokens, self.prompts.vocab.timestamp_begin, w.frames, keep_tail=False)
+            frames, pieces = parsed.seek_frames, [(p.start, p.end, p.tokens) for p in parsed.pieces]
+        else:
+            frames, pieces = w.frames, [(0.0, w.frames / FRAMES_PER_SECOND, tokens)]
+        duration, offset = w.frames / FRAMES_PER_SECOND, w.offset
+        kept = []
+        for start, end, toks in pieces:
+            text = self.prompts.text(toks)
+            if not text.strip() or start == end:  # openai-whisper clears these
+                continue
+            kept += toks
+            st.segments.append(
+                Segment(
+                    id=0,
+                    start=round(offset + min(start, duration), 3),
+                    end=round(offset + min(end, duration), 3),
+                    text=text,
+                    tokens=[t for t in toks if t < self.prompts.eot],
+                    avg_logprob=stats.avg_logprob,
+                    compression_ratio=stats.compression_ratio,
+                    no_speech_prob=stats.no_speech_prob,
+                    temperature=stats.temperature,
+                    seek=round(offset * FRAMES_PER_SECOND),
+                )
+            )
+        if pieces:
+            st.tokens += kept
+            if not opts.condition_on_previous_text or stats.temperature > 0.5:
+                st.prompt_from = len(st.tokens)  # a high temperature's text is no reliable prompt
+        st.seek += frames
+        if self.sequential and self.on_audio:
+            self.on_audio(frames / FRAMES_PER_SECOND)
+        self._next_window(st)
 
     # ---- results --------------------------------------------------------------------------------
     def _on_result(self, r: Result) -> None:
-        n, idx = r.request_id
-        f = self.files[n]
-        if idx == "lang":
-            f.language = self.prompts.id_to_lang.get(r.token_ids[0] if r.token_ids else -1, "en")
-            for i in sorted(f.audio):
-                self._submit(n, i, f.audio.pop(i))
+        if r.request_id[0] == "win":
+            _, w, k = r.request_id
+            self._on_window_result(w, k, r)
             return
-        if r.error and f.error is None:
-            f.error = r.error
-        f.results[idx] = r
-        self._maybe_finish(n)
+        f = r.request_id[1]  # language detection
+        f.language = self.prompts.id_to_lang.get(r.token_ids[0] if r.token_ids else -1, "en")
+        if r.error:
+            f.error = f.error or r.error
+        for idx in sorted(f.held):
+            self._arrived(f, idx, *f.held.pop(idx))
+        self._maybe_finish(f)
 
-    def _maybe_finish(self, n: int) -> None:
-        f = self.files[n]
-        if f.n_windows is None or len(f.results) < f.n_windows or f.audio:
+    def _maybe_finish(self, f: _File) -> None:
+        if f.n not in self.files or f.open_streams:
             return
-        del self.files[n]
+        if f.error is None and (f.n_chunks is None or f.held or len(f.done) < f.n_chunks):
+            return
+        del self.files[f.n]
+        self.finished.add(f.n)
         if f.error:
+            f.held.clear()
             self.on_done(f.item, None, f.error)
             return
-        segments = []
-        for i in range(f.n_windows):
-            r, (start, end) = f.results[i], f.windows[i]
-            text = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
-            if not text.strip():
-                continue
-            lps = r.logprobs or [0.0]
-            segments.append(
-                Segment(
-                    id=len(segments),
-                    start=start / SAMPLE_RATE,
-                    end=end / SAMPLE_RATE,
-                    text=text,
-                    tokens=list(r.token_ids),
-                    avg_logprob=float(np.mean(lps)),
-                )
-            )
-        duration = max((e for _, e in f.windows.values()), default=0) / SAMPLE_RATE
+        segments = [s for i in range(f.n_chunks) for s in f.done[i]]
+        for i, s in enumerate(segments):
+            s.id = i
         language = f.language or ("en" if not self.prompts.multilingual else "")
         self.on_done(
-            f.item, Transcript("".join(s.text for s in segments), segments, language, duration), None
+            f.item, Transcript("".join(s.text for s in segments), segments, language, f.duration), None
         )
+
+
+__all__ = ["AudioItem", "Transcriber", "TranscribeOptions", "WhisperPrompts"]
