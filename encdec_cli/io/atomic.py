@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_path", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
+__all__ = [
+    "atomic_open",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "fsync_dir",
+    "remove_stale_temps",
+]
 
 _WRITE_MODES = {"w", "wt", "wb", "x", "xt", "xb"}
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[0-9a-f]{8}\.(?P<pid>\d+)\.tmp$")  # see _reserve_temp
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -101,6 +110,46 @@ def atomic_open(
             os.fsync(f.fileno())
         finally:
             f.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(
+    directory: str | os.PathLike[str], target_name: str | None = None, recursive: bool = False
+) -> list[Path]:
+    """Delete the temp files of commits that never finished (their writer was killed) from
+    ``directory`` (and its subfolders with ``recursive``); with ``target_name``, only those of that
+    target. A temp file whose writing process still runs is kept. Returns the paths deleted."""
+    removed = []
+    for root, _, files in os.walk(directory) if recursive else [(directory, None, _listdir(directory))]:
+        for name in files:
+            m = _TEMP_NAME.match(name)
+            if m is None or (target_name is not None and m["target"] != target_name):
+                continue
+            if _pid_alive(int(m["pid"])):
+                continue
+            path = Path(root) / name
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _listdir(directory: str | os.PathLike[str]) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from encdec_cli.io.atomic import atomic_open, atomic_path, atomic_write_text, fsync_dir
+from encdec_cli.io.atomic import atomic_open, atomic_path, atomic_write_text, fsync_dir, remove_stale_temps
 
 try:  # advisory lock so two jobs cannot write one output; absent on Windows
     import fcntl
@@ -798,6 +798,7 @@ def open_sink(
     *,
     result_columns: Sequence[str],
     input_schema: pa.Schema | None = None,
+    result_types: Mapping[str, pa.DataType] | None = None,
     job_key: str | None = None,
     resume: bool = True,
     part_rows: int = 4096,
@@ -809,9 +810,11 @@ def open_sink(
     ``fmt`` is "parquet", "jsonl" or "csv" (default: from the extension); ``-`` writes
     JSON Lines to stdout as soon as each prefix of rows is complete (no resume).
     ``input_schema`` (``TableSource.arrow_schema``) keeps input column types; without
-    it, types are inferred from the values. ``job_key`` identifies the job (input +
+    it, types are inferred from the values. ``result_types`` gives result columns a type
+    other than string (e.g. a list of strings). ``job_key`` identifies the job (input +
     options): parts left by a job with another key raise :class:`TableError` instead of
-    being mixed in. ``resume=False`` discards parts left by an earlier run.
+    being mixed in. ``resume=False`` discards parts left by an earlier run. Temp files of
+    the output left by a killed earlier run are deleted.
 
     A file sink buffers at most ``max_buffer_rows`` (default ``4 * part_rows``) rows:
     a contiguous run of ``part_rows`` rows, or any non-empty run after
@@ -832,6 +835,7 @@ def open_sink(
         fmt,
         result_columns,
         input_schema=input_schema,
+        result_types=result_types,
         job_key=job_key,
         resume=resume,
         part_rows=part_rows,
@@ -938,6 +942,7 @@ class PartsSink(TableSink):
         result_columns: Sequence[str],
         *,
         input_schema: pa.Schema | None = None,
+        result_types: Mapping[str, pa.DataType] | None = None,
         job_key: str | None = None,
         resume: bool = True,
         part_rows: int = 4096,
@@ -945,6 +950,7 @@ class PartsSink(TableSink):
         flush_interval_s: float = 30.0,
     ) -> None:
         super().__init__(result_columns)
+        result_types = dict(result_types or {})
         if part_rows < 1:
             raise ValueError("part_rows must be >= 1")
         self.path = path
@@ -959,7 +965,7 @@ class PartsSink(TableSink):
         if input_schema is not None:
             fields = [f for f in input_schema.remove_metadata() if f.name not in self._reserved]
             self._input_names = [f.name for f in fields]
-            fields += [pa.field(n, pa.string()) for n in self.result_columns]
+            fields += [pa.field(n, result_types.get(n, pa.string())) for n in self.result_columns]
             fields += [pa.field(ERROR_COLUMN, pa.string()), pa.field(ROW_ID, pa.int64())]
             self._part_schema = pa.schema(fields)
         self._pending: dict[int, dict[str, Any]] = {}  # written, not yet contiguous
@@ -971,6 +977,7 @@ class PartsSink(TableSink):
         self._lock_file: IO[bytes] | None = None
         self._parts: list[_Part] = []
         self._open_parts_dir(job_key, resume, fmt)
+        remove_stale_temps(path.parent, path.name)  # an output commit a killed run never finished
         self._committed = RowIdSet()  # ids in any part
         prev_ok, prev_err = RowIdSet(), RowIdSet()
         for part in self._parts:

@@ -52,4 +52,4 @@ class JobProgress:
             self._progress.console.print(message)
 
     def summary(self, message: str) -> None:
-        self.console.print(message, highlight=False)
+        self.console.print(message, highlight=False, soft_wrap=True)  # one line, also in logs

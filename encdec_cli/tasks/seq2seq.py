@@ -2,25 +2,34 @@
 
 Rows stream from the input (``encdec_cli.io.tables``), through the engine, into a sink that
 writes the output in input order, in parts, resumable: a re-run of the same command skips the
-rows already done. Bad rows (null, empty, not UTF-8, too long with ``--no-truncate``) get an
-error in the output's ``error`` column and the job goes on.
+rows already done (a job reading stdin starts over). Bad rows (null, empty, not UTF-8, too long
+with ``--no-truncate``) get an error in the output's ``error`` column and the job goes on.
+Ctrl-C lets the part being written finish, saves the rows already done, and exits with 130.
+
+Finished rows are committed every ``ENCDEC_PART_ROWS`` rows (default 4096) or
+``ENCDEC_FLUSH_SECONDS`` seconds (default 30), whichever comes first: what a crash can lose.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+
 from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.manifest import file_key
-from encdec_cli.io.tables import Row, open_sink, open_table
+from encdec_cli.io.tables import Row, TableError, open_sink, open_table
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
+from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.progress import JobProgress
 
 TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
 UNLIMITED = 1 << 30  # a tokenizer's "no limit" model_max_length is a huge sentinel
+TABLE_OUTPUTS = {".parquet": ".parquet", ".pq": ".parquet", ".jsonl": ".jsonl", ".csv": ".csv"}
 
 
 @dataclass(frozen=True)
@@ -48,8 +57,21 @@ def default_output(input_path: str, opts: Seq2SeqOptions) -> str:
     if input_path == "-":
         return "-"
     p = Path(input_path)
-    ext = p.suffix if p.suffix in (".parquet", ".jsonl", ".csv") else ".jsonl"
+    ext = TABLE_OUTPUTS.get(p.suffix.lower(), ".jsonl")  # .txt / .json / .ndjson -> JSON Lines
     return str(p.with_name(f"{p.stem}.{opts.result_column}{ext}"))
+
+
+def _env_number(name: str, default: float, kind=int):
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a number") from None
+    if number <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return number
 
 
 class TextEncoder:
@@ -92,7 +114,10 @@ class TextEncoder:
 def run_seq2seq(
     engine: Engine, input_path: str, output: str | None, opts: Seq2SeqOptions, quiet: bool = False
 ) -> int:
-    """Run the job; returns the exit status (0 all done, 1 some rows failed, 130 interrupted)."""
+    """Run the job; returns the exit status (0 all done, 1 some rows failed, 130 interrupted).
+
+    Raises ValueError / :class:`TableError` for usage errors (bad option, unreadable input,
+    missing column), before any row runs."""
     enc = TextEncoder(engine, opts)
     gen = engine.loaded.generation_config
     prompt = decoder_prompt(gen, engine.loaded.config)
@@ -101,18 +126,34 @@ def run_seq2seq(
         overrides["forced_bos_token_id"] = enc._check_lang(opts.target_lang, "--target-lang")
     params = sampling_params_from_generation_config(gen, len(prompt), overrides)
     output = output or default_output(input_path, opts)
+    if input_path != "-" and output != "-" and Path(output).resolve() == Path(input_path).resolve():
+        raise TableError(f"the output {output} would overwrite the input; choose another -o/--output")
+    part_rows = _env_number("ENCDEC_PART_ROWS", 4096)
+    flush_s = _env_number("ENCDEC_FLUSH_SECONDS", 30.0, float)
     src = open_table(input_path, opts.column)
-    job_key = f"{file_key(input_path) if input_path != '-' else 'stdin'}|{opts}|{engine.loaded.path}"
-    sink = open_sink(
-        output,
-        result_columns=[opts.result_column],
-        input_schema=src.arrow_schema,
-        job_key=job_key if input_path != "-" else None,
-    )
+    stdin = input_path == "-"
+    try:
+        sink = open_sink(
+            output,
+            result_columns=[opts.result_column],
+            input_schema=src.arrow_schema,
+            result_types={opts.result_column: pa.list_(pa.string())}
+            if params.num_return_sequences > 1
+            else None,
+            job_key=None if stdin else f"{file_key(input_path)}|{opts}|{engine.loaded.path}",
+            resume=not stdin,  # stdin cannot be told apart from another stdin: no resume
+            part_rows=part_rows,
+            flush_interval_s=flush_s,
+        )
+    except BaseException:
+        src.close()
+        raise
     done = sink.done_row_ids()
+    failed_before = len(sink.failed_row_ids())
     rows: dict[int, Row] = {}
     failed = skipped = 0
     progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens")
+    guard = InterruptGuard()
 
     def requests() -> Iterator[Request]:
         nonlocal failed, skipped
@@ -128,43 +169,56 @@ def run_seq2seq(
                 except ValueError as e:
                     error = str(e)
             if error is not None:
-                sink.write_row(row, error=error)
+                with guard.protect():
+                    sink.write_row(row, error=error)
                 failed += 1
                 progress.advance(files=1)
                 continue
             rows[row.row_id] = row
             yield Request(ids, list(prompt), params, row.row_id)
 
+    def decode(token_ids: list[int]) -> str:
+        return enc.tok.decode(token_ids, skip_special_tokens=True).strip()
+
     def on_result(r: Result) -> None:
         nonlocal failed
         row = rows.pop(r.request_id)
         if r.error:
             failed += 1
-            sink.write_row(row, error=r.error)
+            with guard.protect():
+                sink.write_row(row, error=r.error)
         else:
-            text = enc.tok.decode(r.token_ids, skip_special_tokens=True).strip()
-            sink.write_row(row, {opts.result_column: text})
-        progress.advance(files=1, amount=len(r.token_ids))
+            value = (
+                [decode(c.token_ids) for c in r.completions]
+                if params.num_return_sequences > 1
+                else decode(r.token_ids)
+            )
+            with guard.protect():
+                sink.write_row(row, {opts.result_column: value})
+        progress.advance(files=1, amount=sum(len(c.token_ids) for c in r.completions))
 
     start = time.perf_counter()
     interrupted = False
-    try:
-        with progress:
-            for result in engine.generate(requests()):
-                on_result(result)
-        sink.finalize(expected_rows=src.rows_read)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        sink.close()
-        src.close()
+    with guard.installed():
+        try:
+            with progress:
+                for result in engine.generate(requests()):
+                    on_result(result)
+            with guard.protect():
+                sink.finalize(expected_rows=src.rows_read)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            guard.stopping()  # from here on a Ctrl-C does not cut the saving short
+            sink.close()
+            src.close()
     wall = time.perf_counter() - start
     n = progress.files - skipped
     summary = (
         f"{opts.task}: {n - failed} row(s) done, {progress.amount:,.0f} tokens in {wall:.1f} s "
         f"({progress.amount / max(wall, 1e-9):,.0f} tok/s)"
     )
-    if output != "-":
+    if output != "-" and not interrupted:
         summary += f" -> {output}"
     if skipped:
         summary += f"; {skipped} row(s) already done in an earlier run (skipped)"
@@ -172,5 +226,15 @@ def run_seq2seq(
         summary += f"; {enc.truncated} input(s) truncated to {enc.max_len} tokens"
     if failed:
         summary += f"; {failed} row(s) FAILED (see the 'error' column)"
-    progress.summary(summary + ("; INTERRUPTED (re-run the same command to resume)" if interrupted else ""))
-    return 130 if interrupted else 1 if failed else 0
+    if failed_before:
+        summary += f"; {failed_before} row(s) failed in an earlier run (see the 'error' column)"
+    oom = int(engine.stats.get("oom_recoveries", 0))
+    if oom:
+        summary += (
+            f"; {oom} out-of-memory recoveries (now at most {engine.scheduler.config.max_num_seqs} "
+            "sequences per step)"
+        )
+    if interrupted:
+        summary += f"; INTERRUPTED after {n} row(s) (re-run the same command to resume)"
+    progress.summary(summary)
+    return 130 if interrupted else 1 if failed or failed_before else 0
