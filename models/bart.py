@@ -62,22 +62,6 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
     return out
 
 
-def _layer_config(cfg, variant: Variant, heads: int, ffn: int) -> LayerConfig:
-    return LayerConfig(
-        d_model=cfg.d_model,
-        num_heads=heads,
-        head_dim=cfg.d_model // heads,
-        d_ff=ffn,
-        activation=cfg.activation_function,
-        gated=False,
-        pre_norm=variant.pre_norm,
-        norm="layer",
-        norm_eps=1e-5,
-        bias=True,
-        scale=(cfg.d_model // heads) ** -0.5,
-    )
-
-
 class BartStack(nn.Module):
     """Positions, optional embedding/final norms and the layers of one side (encoder or decoder)."""
 
@@ -122,8 +106,12 @@ class Bart(TextEncDecModel):
         self.shared_vocab = getattr(cfg, "share_encoder_decoder_embeddings", True)
         dec_vocab = cfg.vocab_size if self.shared_vocab else (cfg.decoder_vocab_size or cfg.vocab_size)
         self.shared = nn.Embedding(cfg.vocab_size, d)  # encoder (and, when shared, decoder) tokens
-        enc_lc = _layer_config(cfg, v, cfg.encoder_attention_heads, cfg.encoder_ffn_dim)
-        dec_lc = _layer_config(cfg, v, cfg.decoder_attention_heads, cfg.decoder_ffn_dim)
+        enc_lc = LayerConfig.layer_norm_style(
+            cfg, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, v.pre_norm
+        )
+        dec_lc = LayerConfig.layer_norm_style(
+            cfg, cfg.decoder_attention_heads, cfg.decoder_ffn_dim, v.pre_norm
+        )
         self.encoder = BartStack(
             cfg, v, nn.ModuleList(EncoderLayer(enc_lc) for _ in range(cfg.encoder_layers))
         )

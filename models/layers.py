@@ -36,6 +36,25 @@ class LayerConfig:
     bias: bool  # q/v/out projections and MLP carry biases (all but T5)
     scale: float  # softmax scale: head_dim**-0.5, or 1.0 for T5
 
+    @classmethod
+    def layer_norm_style(cls, cfg, heads: int, ffn: int, pre_norm: bool) -> LayerConfig:
+        """Whisper and BART-family layers (transformers config fields): LayerNorm (eps 1e-5),
+        biases, head_dim**-0.5 scaling, the config's activation."""
+        head_dim = cfg.d_model // heads
+        return cls(
+            d_model=cfg.d_model,
+            num_heads=heads,
+            head_dim=head_dim,
+            d_ff=ffn,
+            activation=cfg.activation_function,
+            gated=False,
+            pre_norm=pre_norm,
+            norm="layer",
+            norm_eps=1e-5,
+            bias=True,
+            scale=head_dim**-0.5,
+        )
+
 
 class Norm(nn.Module):
     """LayerNorm or T5 RMSNorm; ``add`` fuses the residual sum."""

@@ -16,22 +16,6 @@ N_FRAMES = 3000  # mel frames of one window (hop 160)
 N_AUDIO_CTX = N_FRAMES // 2  # 1500 encoder tokens (conv2 has stride 2)
 
 
-def _layer_config(cfg, heads: int, ffn: int) -> LayerConfig:
-    return LayerConfig(
-        d_model=cfg.d_model,
-        num_heads=heads,
-        head_dim=cfg.d_model // heads,
-        d_ff=ffn,
-        activation=cfg.activation_function,
-        gated=False,
-        pre_norm=True,
-        norm="layer",
-        norm_eps=1e-5,
-        bias=True,
-        scale=(cfg.d_model // heads) ** -0.5,
-    )
-
-
 class WhisperEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -39,7 +23,9 @@ class WhisperEncoder(nn.Module):
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
-        lc = _layer_config(cfg, cfg.encoder_attention_heads, cfg.encoder_ffn_dim)
+        lc = LayerConfig.layer_norm_style(
+            cfg, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, pre_norm=True
+        )
         self.layers = nn.ModuleList(EncoderLayer(lc) for _ in range(cfg.encoder_layers))
         self.layer_norm = Norm(d, "layer", 1e-5)
 
@@ -49,7 +35,9 @@ class WhisperDecoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_positions = nn.Embedding(cfg.max_target_positions, cfg.d_model)
-        lc = _layer_config(cfg, cfg.decoder_attention_heads, cfg.decoder_ffn_dim)
+        lc = LayerConfig.layer_norm_style(
+            cfg, cfg.decoder_attention_heads, cfg.decoder_ffn_dim, pre_norm=True
+        )
         self.layers = nn.ModuleList(DecoderLayer(lc) for _ in range(cfg.decoder_layers))
         self.layer_norm = Norm(cfg.d_model, "layer", 1e-5)
 
@@ -113,7 +101,9 @@ class Whisper(EncDecModel):
         x = self.features(batch.inputs).to(dtype)
         x = F.gelu(enc.conv1(x))
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # [B, 1500, d]
-        x = (x + enc.embed_positions.weight[: x.shape[1]]).reshape(-1, x.shape[-1]).contiguous()  # [B*1500, d]
+        x = (
+            (x + enc.embed_positions.weight[: x.shape[1]]).reshape(-1, x.shape[-1]).contiguous()
+        )  # [B*1500, d]
         for layer in enc.layers:
             x = layer(x, batch.cu_seqlens, batch.max_seqlen)
         return enc.layer_norm(x)
