@@ -55,6 +55,8 @@ def _describe(source: str | os.PathLike | bytes) -> str:
 
 def _check_path(path: Path) -> None:
     if not path.exists():
+        if path.is_symlink():
+            raise AudioError(f"'{path}' is a broken symbolic link (its target is missing, or it loops)")
         raise AudioError(f"audio file '{path}' does not exist")
     if not path.is_file():
         raise AudioError(f"'{path}' is not a file")

@@ -38,9 +38,19 @@ MANIFEST_NAME = ".encdec-manifest.jsonl"
 
 
 def file_key(path: str | os.PathLike[str]) -> str:
-    """Identity of an input file: resolved path + size + mtime (ns); changes when the file does."""
-    resolved = Path(path).resolve()
-    st = resolved.stat()
+    """Identity of an input file: resolved path + size + mtime (ns); changes when the file does.
+
+    Never raises: a path that cannot be stat'ed (missing, a dangling symlink or a symlink loop,
+    no permission on a folder) gets a key that says so; reading it fails later, as that item's
+    error, and the key changes once the file is there."""
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, RuntimeError):  # RuntimeError: a symlink loop (Python < 3.13)
+        resolved = Path(os.path.abspath(path))
+    try:
+        st = resolved.stat()
+    except OSError as e:
+        return f"file:{resolved}:unreadable:{e.errno}"
     return f"file:{resolved}:{st.st_size}:{st.st_mtime_ns}"
 
 

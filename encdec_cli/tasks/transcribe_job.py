@@ -60,12 +60,29 @@ def plan_inputs(inputs: list[str], audio_column: str = "audio") -> list[AudioIte
                 rel = f.relative_to(p).with_suffix("")
                 out.append(AudioItem(file_key(f), str(rel), str(f)))
         elif p.suffix.lower() in TABLE_EXTENSIONS and p.is_file():
+            _check_table_column(p, audio_column)
             out.append((p, audio_column))
         elif p.exists():
             out.append(AudioItem(file_key(p), p.with_suffix("").name, str(p)))
         else:
             raise UsageError(f"input {raw!r} does not exist")
     return out
+
+
+def _check_table_column(path: Path, column: str) -> None:
+    """A readable Parquet table without the audio column is a usage error (an unreadable one
+    fails as its own item when the job reads it)."""
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except (pa.ArrowException, OSError):
+        return
+    if column not in names:
+        raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)} (see --audio-column)")
 
 
 def iter_table_audio(path: Path, column: str) -> Iterator[AudioItem]:
@@ -125,11 +142,18 @@ def run_transcribe(
     progress = JobProgress("transcribe", total=n_files or None, quiet=quiet, unit="audio s")
     failed: list[tuple[str, str]] = []
     skipped = 0
+    unreadable: list[tuple[AudioItem, str]] = []  # tables that failed while read (reader thread)
+
+    def table_items(path: Path, column: str) -> Iterator[AudioItem]:
+        try:
+            yield from iter_table_audio(path, column)
+        except Exception as e:  # an unreadable table is its own error, never the job's (nor a hang)
+            unreadable.append((AudioItem(file_key(path), path.stem, str(path)), f"cannot read table: {e}"))
 
     def items() -> Iterator[AudioItem]:
         nonlocal skipped
         for p in planned:
-            for item in iter_table_audio(*p) if isinstance(p, tuple) else [p]:
+            for item in table_items(*p) if isinstance(p, tuple) else [p]:
                 if manifest is not None and not overwrite:
                     if manifest.is_done(item.key) or (manifest.failed(item.key) and not retry_failed):
                         skipped += 1
@@ -165,6 +189,8 @@ def run_transcribe(
             Transcriber(engine, opts).run(items(), on_done, on_audio=lambda s: progress.advance(amount=s))
         except KeyboardInterrupt:
             interrupted = True
+        for item, error in unreadable:
+            on_done(item, None, error)
     if manifest is not None:
         manifest.close()
     wall = time.perf_counter() - start
