@@ -13,6 +13,16 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+SENTENCES = [
+    "Good morning, everyone.",
+    "The weather is very nice today.",
+    "I will send you the report tomorrow morning.",
+    "Please close the door when you leave.",
+    "We are going to the park after lunch.",
+    "My brother plays the guitar every evening.",
+    "The train to the city leaves at eight o'clock.",
+    "She bought three apples and a loaf of bread.",
+]
 SAMPLE_RATE = 16000
 SPEECH_RMS_FRACTION = 0.02  # a 10 ms frame is speech when its RMS exceeds this share of the peak RMS
 

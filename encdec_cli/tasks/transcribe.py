@@ -49,6 +49,16 @@ from models.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 PREFETCH_WINDOWS = 64  # decoded windows buffered ahead of the engine (64 x 30 s x 4 B = 123 MB max)
 PREFETCH_FILES = 4  # sequential mode: whole-file spectrograms buffered ahead (1 h of audio = 115 MB)
 EXTRA_FILES = 4  # sequential mode: files in flight beyond one per engine slot (covers turnaround)
+SILENT_RMS = 10 ** (-60 / 20)  # a window whose every 10 ms frame is below -60 dBFS is skipped undecoded
+LEADING_SILENCE_FRAMES = 500  # a window starting with >= 5 s of such silence starts later instead
+SILENCE_MARGIN_FRAMES = 50  # ... 0.5 s before the sound (the first timestamp must be <= 1 s in)
+
+
+def frame_rms(audio: np.ndarray) -> np.ndarray:
+    """[ceil(samples / HOP_LENGTH)] RMS of each mel frame's 10 ms of audio."""
+    pad = -len(audio) % HOP_LENGTH
+    x = np.pad(audio, (0, pad)).reshape(-1, HOP_LENGTH) if pad else audio.reshape(-1, HOP_LENGTH)
+    return np.sqrt(np.mean(np.square(x, dtype=np.float32), axis=1))
 
 
 @dataclass
@@ -82,6 +92,7 @@ class _Stream:
     file: _File
     idx: int  # chunk index (0 in sequential mode)
     source: Any  # waveform [samples] (chunked) or log-mel [n_mels, frames] (sequential)
+    rms: np.ndarray  # [frames] loudness of each 10 ms mel frame (finds silent windows)
     offset: float  # seconds from the file start to the source start
     total: int  # mel frames in the source
     seek: int = 0  # mel frames done
@@ -177,7 +188,7 @@ class Transcriber:
                     audio = load_audio(item.source)
                     if len(audio) == 0:
                         raise ValueError(f"{item.name} contains no audio")
-                    if not put(("file", n, item, file_log_mel(audio, self.n_mels))):
+                    if not put(("file", n, item, file_log_mel(audio, self.n_mels), frame_rms(audio))):
                         return
                     continue
                 for start, audio in _read_windows(item):
@@ -229,9 +240,9 @@ class Transcriber:
             f.n_chunks = msg[3]
             self._maybe_finish(f)
         elif kind == "file":  # sequential: the whole file's spectrogram is one stream
-            mel = msg[3]
+            mel, rms = msg[3], msg[4]
             f.n_chunks, f.duration = 1, mel.shape[1] / FRAMES_PER_SECOND
-            self._arrived(f, 0, 0, mel)
+            self._arrived(f, 0, 0, (mel, rms))
         else:
             idx, start, audio = msg[3], msg[4], msg[5]
             f.duration = max(f.duration, (start + len(audio)) / SAMPLE_RATE)
@@ -244,14 +255,19 @@ class Transcriber:
         detection on the file's first window when the language is still unknown."""
         if self.prompts.needs_detection() and f.language is None:
             if not f.held and not f.done and not f.open_streams:
-                feats = self._mel_window(source, 0)[0] if self.sequential else source[:N_SAMPLES]
+                feats = self._mel_window(source[0], 0)[0] if self.sequential else source[:N_SAMPLES]
                 self.pending.append(
                     Request(feats, [self.prompts.sot], self.prompts.detect_params, ("lang", f))
                 )
             f.held[idx] = (start, source)
             return
-        total = source.shape[1] if self.sequential else -(-len(source) // HOP_LENGTH)
-        st = _Stream(f, idx, source, start / SAMPLE_RATE, total, tokens=list(self.prompts.initial_prompt))
+        if self.sequential:
+            source, rms = source
+        else:
+            rms = frame_rms(source)
+        st = _Stream(
+            f, idx, source, rms, start / SAMPLE_RATE, len(rms), tokens=list(self.prompts.initial_prompt)
+        )
         f.open_streams += 1
         self._next_window(st)
 
@@ -266,19 +282,29 @@ class Transcriber:
         return feats.contiguous(), frames
 
     def _next_window(self, st: _Stream) -> None:
-        """Submit the stream's next window, or close the stream when it is done."""
+        """Submit the stream's next window (silent ones are skipped undecoded, when the no-speech
+        guard is on), or close the stream when it is done."""
         f = st.file
-        if st.seek >= st.total or f.error:
-            f.open_streams -= 1
-            f.done[st.idx] = st.segments
-            self._maybe_finish(f)
-            return
-        if self.sequential:
-            feats, frames = self._mel_window(st.source, st.seek)
-        else:  # the engine pads a waveform to 30 s and computes its log-mel
-            feats = st.source[st.seek * HOP_LENGTH : st.seek * HOP_LENGTH + N_SAMPLES]
+        while st.seek < st.total and not f.error:
             frames = min(N_FRAMES, st.total - st.seek)
-        self._submit(_Window(st, feats, frames, st.tokens[st.prompt_from :]))
+            loud = st.rms[st.seek : st.seek + frames] >= SILENT_RMS
+            skip = frames if not loud.any() else int(loud.argmax()) - SILENCE_MARGIN_FRAMES
+            if self.want_no_speech and (
+                skip == frames or skip >= LEADING_SILENCE_FRAMES - SILENCE_MARGIN_FRAMES
+            ):
+                st.seek += skip  # a silent window, or a long silence before the speech in it
+                if self.sequential and self.on_audio:
+                    self.on_audio(skip / FRAMES_PER_SECOND)
+                continue
+            if self.sequential:
+                feats = self._mel_window(st.source, st.seek)[0]
+            else:  # the engine pads a waveform to 30 s and computes its log-mel
+                feats = st.source[st.seek * HOP_LENGTH : st.seek * HOP_LENGTH + N_SAMPLES]
+            self._submit(_Window(st, feats, frames, st.tokens[st.prompt_from :]))
+            return
+        f.open_streams -= 1
+        f.done[st.idx] = st.segments
+        self._maybe_finish(f)
 
     # ---- one window: candidates, fallback --------------------------------------------------------
     def _submit(self, w: _Window) -> None:
@@ -355,6 +381,8 @@ class Transcriber:
             if not text.strip() or start == end:  # openai-whisper clears these
                 continue
             kept += toks
+            if start >= duration:  # timed after the end of the audio: a hallucination (openai-whisper
+                continue  # and transformers keep it, and so does the prompt of the next window)
             st.segments.append(
                 Segment(
                     id=0,
