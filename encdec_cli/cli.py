@@ -309,7 +309,7 @@ def _text_command(task: str):
         enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
         quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
     ):
-        from encdec_cli.io.tables import TableError
+        from encdec_cli.io.tables import TableError, open_table
         from encdec_cli.tasks.seq2seq import Seq2SeqOptions, run_seq2seq
 
         gen = {
@@ -336,6 +336,8 @@ def _text_command(task: str):
                 truncate=truncate,
                 generation={k: v for k, v in gen.items() if v is not None},
             )
+            if input != "-":  # fail fast, before loading the model (stdin can be read only once)
+                open_table(input, column).close()
             engine = _engine(model, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet)
             code = run_seq2seq(engine, input, output, opts, quiet=quiet)
         except (OSError, ValueError, RuntimeError, TableError) as e:

@@ -43,6 +43,7 @@ import decimal
 import heapq
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -85,6 +86,9 @@ ROW_GROUP_BYTES = 8 << 20  # ... or this many bytes of Arrow data (bounds the wr
 CSV_BLOCK_BYTES = 1 << 20  # pyarrow CSV reader block (one batch per block)
 PARQUET_READ_BUFFER = 1 << 20  # read column chunks through a buffer, not whole (bounded memory)
 
+# A JSON \uD800-\uDFFF escape: json.loads turns a lone one into a str that cannot be UTF-8 encoded.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
 
 
@@ -220,7 +224,31 @@ def _text_or_error(value: Any, column: str) -> tuple[str | None, str | None]:
         return None, f"column '{column}' is {type(value).__name__}, expected a string"
     if not value.strip():
         return None, f"column '{column}' is empty"
+    bad = _lone_surrogate(value)
+    if bad is not None:
+        return None, f"column '{column}' is not valid Unicode (lone surrogate {bad})"
     return value, None
+
+
+def _lone_surrogate(text: str) -> str | None:
+    """Where ``text`` has a lone UTF-16 surrogate (from a JSON escape such as \\ud800), else None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"U+{ord(text[exc.start]):04X} at position {exc.start}"
+    return None
+
+
+def _fix_surrogates(value: Any) -> Any:
+    """``value`` with lone surrogates in its strings (also nested) replaced by U+FFFD, so that it can
+    be written as UTF-8."""
+    if isinstance(value, str):
+        return value if _lone_surrogate(value) is None else _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_fix_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {_fix_surrogates(k): _fix_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _describe_decode_error(exc: UnicodeDecodeError) -> str:
@@ -498,17 +526,23 @@ def _jsonl_row(row_id: int, lineno: int, raw: bytes, column: str) -> Row:
         obj = json.loads(line)
     except ValueError as exc:
         return Row(row_id, None, None, f"line {lineno} is not valid JSON ({exc})")
-    return _object_row(row_id, f"line {lineno}", obj, column)
+    return _object_row(row_id, f"line {lineno}", obj, column, _SURROGATE_ESCAPE.search(raw) is not None)
 
 
-def _object_row(row_id: int, where: str, obj: Any, column: str) -> Row:
+def _object_row(row_id: int, where: str, obj: Any, column: str, surrogates: bool = True) -> Row:
+    """A row from one JSON value; ``surrogates``: its text may hold lone surrogates to replace."""
     if not isinstance(obj, dict):
         return Row(row_id, None, None, f"{where} is a JSON {type(obj).__name__}, expected an object")
     if column not in obj:
         keys = ", ".join(repr(k) for k in obj) or "(none)"
-        return Row(row_id, None, obj, f"{where} has no column {column!r} (it has {keys})")
+        return Row(
+            row_id,
+            None,
+            _fix_surrogates(obj) if surrogates else obj,
+            f"{where} has no column {column!r} (it has {keys})",
+        )
     text, error = _text_or_error(obj[column], column)
-    return Row(row_id, text, obj, error)
+    return Row(row_id, text, _fix_surrogates(obj) if surrogates else obj, error)
 
 
 def _text_row(row_id: int, lineno: int, raw: bytes, column: str) -> Row:

@@ -166,8 +166,10 @@ def run_seq2seq(
             if error is None:
                 try:
                     ids = enc.encode(row.text)
-                except ValueError as e:
+                except ValueError as e:  # too long with --no-truncate
                     error = str(e)
+                except Exception as e:  # the tokenizer rejects it: the row's error, never the job's
+                    error = f"cannot tokenize this text ({type(e).__name__}: {e})"
             if error is not None:
                 with guard.protect():
                     sink.write_row(row, error=error)
