@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from encdec_cli.io.atomic import fsync_dir
+from encdec_cli.io.atomic import fsync_dir, remove_stale_temps
 
 __all__ = ["MANIFEST_NAME", "Manifest", "ManifestEntry", "file_key", "row_key"]
 
@@ -84,7 +84,11 @@ class Manifest:
 
     @classmethod
     def in_dir(cls, directory: str | os.PathLike[str]) -> Manifest:
-        """The manifest of a job writing into ``directory``."""
+        """The manifest of a job writing into ``directory``. Temp files that an earlier run of a
+        job there left when it was killed mid-commit (outputs that never became files) are
+        deleted from the directory tree."""
+        if os.path.isdir(directory):
+            remove_stale_temps(directory, recursive=True)
         return cls(Path(directory) / MANIFEST_NAME)
 
     # -- reading -------------------------------------------------------------------

@@ -1,0 +1,227 @@
+"""Kill and resume: jobs killed (SIGKILL) or interrupted (Ctrl-C = SIGINT) at several points, then
+run again with the same command, end with every item exactly once, no partial or temporary file
+left, and the same results as an uninterrupted run. Real subprocesses, CPU only."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from encdec_cli.io.manifest import MANIFEST_NAME, Manifest, file_key
+from encdec_cli.tasks.interrupts import InterruptGuard
+from tests.text_models import N_WORDS
+
+N_ROWS = 400
+PART_ROWS = 16  # finished rows are committed every 16 rows, so a kill loses little
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ENCDEC_PART_ROWS": str(PART_ROWS)}
+
+
+class Job:
+    """One run of an ``encdec`` command in a subprocess (stdout/stderr to files: no pipe stalls)."""
+
+    def __init__(self, args: list, log_dir: Path, name: str):
+        self.out, self.err = log_dir / f"{name}.out", log_dir / f"{name}.err"
+        with open(self.out, "wb") as o, open(self.err, "wb") as e:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "encdec_cli", *map(str, args)], stdout=o, stderr=e, env=ENV
+            )
+
+    def wait_until(self, ready: Callable[[], bool], timeout: float = 240) -> None:
+        """Poll until ``ready()``; the job must still be running then (else the kill point is moot)."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert self.proc.poll() is None, f"job ended before the kill point:\n{self.stderr}"
+            assert time.monotonic() < deadline, "kill point never reached"
+            time.sleep(0.02)
+
+    def kill(self, sig: int = signal.SIGKILL) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=120)
+
+    def finish(self) -> int:
+        return self.proc.wait(timeout=600)
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+
+def committed_rows(parts_dir: Path) -> int:
+    """Rows saved in the part files of a text job's resume state (part files appear atomically)."""
+    n = 0
+    for p in parts_dir.glob("part-*.arrow"):
+        try:
+            with pa.OSFile(str(p)) as f:
+                n += json.loads(pa.ipc.open_file(f).schema.metadata[b"encdec.part"])["rows"]
+        except (FileNotFoundError, pa.ArrowException):  # removed by finalize meanwhile
+            pass
+    return n
+
+
+def temp_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---- text job ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    import random
+
+    rng = random.Random(11)
+    texts = [" ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(rng.randint(1, 12))) for _ in range(N_ROWS)]
+    texts[123] = ""  # one error row: it must survive the kills too
+    path = tmp_path_factory.mktemp("resume-text") / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(N_ROWS)), "text": texts}), path, row_group_size=100)
+    return path
+
+
+def test_text_job_killed_and_interrupted_resumes_exactly_once(tiny_text_model, table, tmp_path):
+    bart = tiny_text_model("bart")
+    # --min-new-tokens makes each row take ~25 decode steps: the job runs for seconds, not instants
+    flags = ["-m", bart.path, "--max-num-seqs", 8, "--min-new-tokens", 24]
+    ref = Job(["summarize", table, "-o", tmp_path / "ref.parquet", "-q", *flags], tmp_path, "ref")
+    assert ref.finish() == 1, ref.stderr  # row 123 failed
+    expected = pq.read_table(tmp_path / "ref.parquet").to_pylist()
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copy(table, work / "in.parquet")
+    out = work / "in.summary.parquet"  # the default output
+    parts = work / ".in.summary.parquet.parts"
+    cmd = ["summarize", work / "in.parquet", "-q", *flags]
+    seen = 0
+    for i, threshold in enumerate((64, 160)):  # SIGKILL twice, at different points
+        job = Job(cmd, tmp_path, f"kill{i}")
+        job.wait_until(lambda t=threshold: committed_rows(parts) >= t)
+        assert job.kill() == -signal.SIGKILL
+        assert not out.exists()
+        saved = committed_rows(parts)
+        assert saved >= max(seen, threshold)  # nothing saved before is lost
+        seen = saved
+
+    # Ctrl-C: the part being written is finished, buffered results are saved, exit 130 + summary
+    job = Job(cmd, tmp_path, "sigint")
+    job.wait_until(lambda: committed_rows(parts) >= 250)
+    before = committed_rows(parts)
+    assert job.kill(signal.SIGINT) == 130, job.stderr
+    assert "INTERRUPTED" in job.stderr and "re-run the same command to resume" in job.stderr
+    assert f"{seen} row(s) already done in an earlier run" in job.stderr
+    assert committed_rows(parts) >= before and not temp_files(work)
+
+    # what a kill during a commit leaves (a temp file of a process that is gone): cleaned up
+    dead = job.proc.pid
+    stale = [
+        work / f".in.summary.parquet.0badc0de.{dead}.tmp",
+        parts / f".part-00000999.arrow.0badc0de.{dead}.tmp",
+    ]
+    for p in stale:
+        p.write_bytes(b"partial")
+    final = Job(cmd, tmp_path, "final")
+    assert final.finish() == 1, final.stderr  # row 123 failed (in an earlier run)
+    assert "already done in an earlier run" in final.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == list(range(N_ROWS))  # every row exactly once, in order
+    assert rows == expected  # same results as the uninterrupted run
+    assert rows[123]["error"] and rows[124]["summary"]
+    assert sorted(p.name for p in work.iterdir()) == ["in.parquet", "in.summary.parquet"]  # no parts/temps
+
+
+# ---- transcribe ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clips_dir(tmp_path_factory, example_clips) -> Path:
+    folder = tmp_path_factory.mktemp("resume-audio") / "clips"
+    (folder / "sub").mkdir(parents=True)
+    for i, clip in enumerate(example_clips):
+        shutil.copy(clip.path, folder / clip.path.name)
+        shutil.copy(clip.path, folder / "sub" / f"copy{i}{clip.path.suffix}")
+    return folder
+
+
+def ok_count(out: Path) -> int:
+    try:
+        lines = (out / MANIFEST_NAME).read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum('"status": "ok"' in line for line in lines)
+
+
+def test_transcribe_killed_and_interrupted_resumes_exactly_once(clips_dir, tiny_en_dir, tmp_path):
+    files = sorted(p for p in clips_dir.rglob("*") if p.is_file())
+    assert len(files) == 8
+    # two windows per step: files finish a pair at a time, so there are points to kill at
+    flags = ["-f", "txt", "-f", "srt", "-f", "json", "-q", "--max-num-seqs", 2]
+    ref = Job(["transcribe", clips_dir, "-o", tmp_path / "ref", *flags], tmp_path, "ref")
+    assert ref.finish() == 0, ref.stderr
+
+    out = tmp_path / "out"
+    cmd = ["transcribe", clips_dir, "-o", out, *flags]
+    job = Job(cmd, tmp_path, "kill")
+    job.wait_until(lambda: ok_count(out) >= 2)
+    assert job.kill() == -signal.SIGKILL
+
+    job = Job(cmd, tmp_path, "sigint")
+    job.wait_until(lambda: ok_count(out) >= 5)
+    assert job.kill(signal.SIGINT) == 130, job.stderr
+    assert "INTERRUPTED" in job.stderr and "skipped" in job.stderr  # the first run's files
+
+    stale = out / "sub" / f".copy0.srt.0badc0de.{job.proc.pid}.tmp"  # a commit the kill cut short
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"partial")
+    final = Job(cmd, tmp_path, "final")
+    assert final.finish() == 0, final.stderr
+    assert not stale.exists()
+    assert "skipped" in final.stderr
+    manifest = Manifest.in_dir(out)
+    keys = [file_key(f) for f in files]
+    assert sorted(e.key for e in manifest.entries()) == sorted(keys)  # each file recorded ...
+    assert all(manifest.is_done(k) for k in keys)  # ... as done, with its outputs there
+    for f in files:
+        stem = f.relative_to(clips_dir).with_suffix("")
+        for ext in ("txt", "srt"):
+            got, want = out / f"{stem}.{ext}", tmp_path / "ref" / f"{stem}.{ext}"
+            assert got.read_text() == want.read_text(), (stem, ext)  # same as uninterrupted
+        got, want = (json.loads((d / f"{stem}.json").read_text()) for d in (out, tmp_path / "ref"))
+        assert got["text"] == want["text"] and got["text"].strip()
+        assert [s["tokens"] for s in got["segments"]] == [s["tokens"] for s in want["segments"]]
+    outputs = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+    assert len(outputs) == 8 * 3 and not temp_files(out)  # one set per file, nothing partial
+
+
+# ---- Ctrl-C never cuts a write -------------------------------------------------------------------
+
+
+def test_interrupt_guard_defers_ctrl_c_to_the_end_of_a_write():
+    guard = InterruptGuard()
+    previous = signal.getsignal(signal.SIGINT)
+    finished = []
+    with guard.installed():
+        with pytest.raises(KeyboardInterrupt):
+            with guard.protect():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler has run by now: deferred, not raised here
+                finished.append("write")
+        assert finished == ["write"]
+        with pytest.raises(KeyboardInterrupt):  # outside a write: at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        guard.stopping()  # while saving on the way out, Ctrl-C is only noted
+        with guard.protect():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+        assert guard.count == 3
+    assert signal.getsignal(signal.SIGINT) is previous
