@@ -156,6 +156,12 @@ def transcribe(
     max_initial_timestamp: float = typer.Option(
         1.0, "--max-initial-timestamp", help="Latest first timestamp of a window, in seconds."
     ),
+    word_timestamps: bool = typer.Option(
+        False,
+        "--word-timestamps",
+        help="Time every word (cross-attention alignment, as openai-whisper): words in the json output, "
+        "segment times tightened to the speech. Costs one more encoder and decoder pass per window.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the sampling fallbacks (runs are repeatable)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Limit per 30 s window."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -206,6 +212,7 @@ def transcribe(
             no_speech_threshold=_threshold("--no-speech-threshold", no_speech_threshold),
             max_initial_timestamp=max_initial_timestamp,
             seed=seed,
+            word_timestamps=word_timestamps,
         )
         plan_inputs([i for i in inputs if i != "-"], audio_column)  # fail fast on missing inputs
     except (UsageError, ValueError) as e:

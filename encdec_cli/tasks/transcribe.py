@@ -44,11 +44,13 @@ from encdec_cli.tasks.whisper_rules import (
     compression_ratio,
     parse_timestamps,
 )
+from encdec_cli.tasks.whisper_words import AlignJob, WordAligner, add_word_timestamps
 from models.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
 PREFETCH_WINDOWS = 64  # decoded windows buffered ahead of the engine (64 x 30 s x 4 B = 123 MB max)
 PREFETCH_FILES = 4  # sequential mode: whole-file spectrograms buffered ahead (1 h of audio = 115 MB)
 EXTRA_FILES = 4  # sequential mode: files in flight beyond one per engine slot (covers turnaround)
+ALIGN_BATCH = 16  # windows per word-alignment pass
 SILENT_RMS = 10 ** (-60 / 20)  # a window whose every 10 ms frame is below -60 dBFS is skipped undecoded
 LEADING_SILENCE_FRAMES = 500  # a window starting with >= 5 s of such silence starts later instead
 SILENCE_MARGIN_FRAMES = 50  # ... 0.5 s before the sound (the first timestamp must be <= 1 s in)
@@ -79,6 +81,7 @@ class _File:
     n_chunks: int | None = None  # known once the whole file is read
     held: dict[int, tuple[int, Any]] = field(default_factory=dict)  # chunks read before the language is known
     open_streams: int = 0
+    aligning: int = 0  # windows waiting for word timings
     done: dict[int, list[Segment]] = field(default_factory=dict)  # chunk index -> its segments
     duration: float = 0.0  # seconds read so far
 
@@ -99,6 +102,7 @@ class _Stream:
     tokens: list[int] = field(default_factory=list)  # decoded so far, timestamps included (prompt source)
     prompt_from: int = 0  # tokens[prompt_from:] prompt the next window
     segments: list[Segment] = field(default_factory=list)
+    last_speech: float = 0.0  # end of the last segment with words (word timestamps' heuristics)
 
 
 @dataclass(eq=False)
@@ -149,6 +153,7 @@ class Transcriber:
         # <|startoftranscript|>), except for beam search with forced task tokens: a probe request
         self.want_no_speech = self.opts.no_speech_threshold is not None
         self.probe_apart = self.opts.beam_size > 1 and bool(self.prompts.task_tokens("en"))
+        self.aligner = WordAligner(engine) if self.opts.word_timestamps else None
 
     def run(
         self,
@@ -163,6 +168,7 @@ class Transcriber:
         self.files: dict[int, _File] = {}  # in progress, by input order
         self.finished: set[int] = set()
         self.pending: deque[Request] = deque()
+        self.align_q: deque[tuple[AlignJob, _Stream, list[Segment], float]] = deque()
         self.on_done, self.on_audio = on_done, on_audio
         try:
             for result in self.engine.generate(self._requests(audio_q)):
@@ -206,6 +212,9 @@ class Transcriber:
     def _requests(self, audio_q: queue.Queue) -> Iterator[Request | None]:
         done = False
         while True:
+            if self.align_q and (len(self.align_q) >= ALIGN_BATCH or not self.pending):
+                self._flush_alignments()
+                continue
             if self.pending:
                 yield self.pending.popleft()
                 continue
@@ -375,7 +384,7 @@ class Transcriber:
         else:
             frames, pieces = w.frames, [(0.0, w.frames / FRAMES_PER_SECOND, tokens)]
         duration, offset = w.frames / FRAMES_PER_SECOND, w.offset
-        kept = []
+        kept, new = [], []
         for start, end, toks in pieces:
             text = self.prompts.text(toks)
             if not text.strip() or start == end:  # openai-whisper clears these
@@ -383,7 +392,7 @@ class Transcriber:
             kept += toks
             if start >= duration:  # timed after the end of the audio: a hallucination (openai-whisper
                 continue  # and transformers keep it, and so does the prompt of the next window)
-            st.segments.append(
+            new.append(
                 Segment(
                     id=0,
                     start=round(offset + min(start, duration), 3),
@@ -397,6 +406,13 @@ class Transcriber:
                     seek=round(offset * FRAMES_PER_SECOND),
                 )
             )
+        st.segments += new
+        if new and self.aligner is not None:  # word timings later, in a batch with other windows
+            st.file.aligning += 1
+            text = [t for seg in new for t in seg.tokens]
+            language = st.file.language or "en"
+            job = AlignJob(w.features, self.prompts.sot_sequence(language), text, w.frames, language)
+            self.align_q.append((job, st, new, offset))
         if pieces:
             st.tokens += kept
             if not opts.condition_on_previous_text or stats.temperature > 0.5:
@@ -405,6 +421,15 @@ class Transcriber:
         if self.sequential and self.on_audio:
             self.on_audio(frames / FRAMES_PER_SECOND)
         self._next_window(st)
+
+    def _flush_alignments(self) -> None:
+        """Word timings for up to ALIGN_BATCH finished windows (one teacher-forced pass)."""
+        batch = [self.align_q.popleft() for _ in range(min(ALIGN_BATCH, len(self.align_q)))]
+        timings = self.aligner.align([job for job, *_ in batch])
+        for (_, st, segments, offset), words in zip(batch, timings):
+            st.last_speech = add_word_timestamps(segments, words, offset, st.last_speech)
+            st.file.aligning -= 1
+            self._maybe_finish(st.file)
 
     # ---- results --------------------------------------------------------------------------------
     def _on_result(self, r: Result) -> None:
@@ -421,7 +446,7 @@ class Transcriber:
         self._maybe_finish(f)
 
     def _maybe_finish(self, f: _File) -> None:
-        if f.n not in self.files or f.open_streams:
+        if f.n not in self.files or f.open_streams or f.aligning:
             return
         if f.error is None and (f.n_chunks is None or f.held or len(f.done) < f.n_chunks):
             return

@@ -150,6 +150,12 @@ class WhisperPrompts:
         out = [self.lang_ids[language or "en"], self.task_ids[self.opts.task]] if self.multilingual else []
         return out if self.opts.timestamps else out + [self.no_timestamps]
 
+    def sot_sequence(self, language: str | None) -> list[int]:
+        """<|startoftranscript|> and, on multilingual models, the language and task tokens."""
+        if not self.multilingual:
+            return [self.sot]
+        return [self.sot, self.lang_ids[language or "en"], self.task_ids[self.opts.task]]
+
     def prompt(self, language: str | None) -> list[int]:
         """The plain prompt (no previous text), as transformers builds it; use with ``params``."""
         return [self.sot, *self.task_tokens(language)]
