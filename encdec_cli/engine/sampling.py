@@ -160,36 +160,43 @@ def _timestamp_row_bounds(s: Sequence, rules: TimestampRules, vocab: int) -> tup
 def apply_timestamp_rules(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     """Whisper's timestamp rules (``TimestampRules``) on every row that has them, in place.
 
-    One [R, V] mask for all such rows (per-row bounds from a short scan of each row's tokens), then
-    one log-softmax for "when the timestamps are likelier together than any text token, take a
-    timestamp". logits: [B, V] float32."""
-    rows, bounds, specials = [], [], []
+    Rows sharing one ``TimestampRules`` (all of them, usually) go together: per-row bounds from a
+    short scan of each row's tokens; the timestamp columns are masked as one [R, n_timestamps]
+    block, the text columns only on the rows that ban text; then "when the timestamps together
+    are likelier than the likeliest text token, take a timestamp" from one logsumexp over the
+    rows (log-probabilities differ from the logits by a per-row constant, so the comparison needs
+    no full log-softmax). logits: [B, V] float32."""
+    groups: dict[int, tuple[TimestampRules, list[int], list[tuple[int, int, int]]]] = {}
     vocab = logits.shape[1]
     for i, s in enumerate(seqs):
         p = s.group.params
         r = p.timestamp_rules
         if r is None or s.num_generated < p.begin_index:
             continue
-        rows.append(i)
-        bounds.append(_timestamp_row_bounds(s, r, vocab))
-        specials.append((r.timestamp_begin, r.no_timestamps))
-    if not rows:
-        return
+        g = groups.setdefault(id(r), (r, [], []))
+        g[1].append(i)
+        g[2].append(_timestamp_row_bounds(s, r, vocab))
     dev = logits.device
-    whole = len(rows) == len(seqs)
-    x = logits if whole else logits[_on(dev, rows)]  # [R, V]
-    b = _on(dev, bounds)  # [R, 3]
-    sp = _on(dev, specials)  # [R, 2]
-    v = torch.arange(vocab, device=dev)[None, :]  # [1, V]
-    is_ts = v >= sp[:, :1]  # [R, V]
-    ban = (v < b[:, :1]) | (is_ts & ((v < b[:, 1:2]) | (v > b[:, 2:3]))) | (v == sp[:, 1:2])
-    x.masked_fill_(ban, NEG_INF)
-    logprobs = torch.log_softmax(x.float(), -1)
-    ts_logprob = logprobs.masked_fill(~is_ts, NEG_INF).logsumexp(-1)  # [R]
-    max_text = logprobs.masked_fill(is_ts, NEG_INF).amax(-1)  # [R]
-    x.masked_fill_(~is_ts & (ts_logprob > max_text)[:, None], NEG_INF)
-    if not whole:
-        logits[_on(dev, rows)] = x
+    for r, rows, bounds in groups.values():
+        tb = r.timestamp_begin
+        whole = len(rows) == len(seqs)
+        idx = None if whole else _on(dev, rows)
+        x = logits if whole else logits[idx]  # [R, V]
+        x[:, r.no_timestamps] = NEG_INF
+        for hi in (r.eot, tb):  # rows banning the text tokens below ``hi``
+            ban = [j for j, b in enumerate(bounds) if b[0] == hi]
+            if ban:
+                x[_on(dev, ban), :hi] = NEG_INF
+        lo_hi = _on(dev, [(b[1], b[2]) for b in bounds]) - tb  # [R, 2] allowed timestamp range
+        col = torch.arange(vocab - tb, device=dev)[None, :]  # [1, n_timestamps]
+        ts = x[:, tb:]  # [R, n_timestamps] view
+        ts.masked_fill_((col < lo_hi[:, :1]) | (col > lo_hi[:, 1:]), NEG_INF)
+        lse = torch.logsumexp(x, -1, keepdim=True)  # [R, 1]
+        ts_logprob = torch.logsumexp(ts - lse, -1)  # [R]
+        max_text = x[:, :tb].amax(-1) - lse[:, 0]  # [R]
+        x[:, :tb].masked_fill_((ts_logprob > max_text)[:, None], NEG_INF)
+        if not whole:
+            logits[idx] = x
 
 
 def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
