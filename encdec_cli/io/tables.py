@@ -85,6 +85,7 @@ ROW_GROUP_ROWS = 65_536  # Parquet output row group: at most this many rows ...
 ROW_GROUP_BYTES = 8 << 20  # ... or this many bytes of Arrow data (bounds the writer's memory)
 CSV_BLOCK_BYTES = 1 << 20  # pyarrow CSV reader block (one batch per block)
 PARQUET_READ_BUFFER = 1 << 20  # read column chunks through a buffer, not whole (bounded memory)
+MAX_BUFFER_BYTES = 64 << 20  # a file sink spills buffered rows beyond about this much text/bytes
 
 # A JSON \uD800-\uDFFF escape: json.loads turns a lone one into a str that cannot be UTF-8 encoded.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -837,6 +838,7 @@ def open_sink(
     resume: bool = True,
     part_rows: int = 4096,
     max_buffer_rows: int | None = None,
+    max_buffer_bytes: int = MAX_BUFFER_BYTES,
     flush_interval_s: float = 30.0,
 ) -> TableSink:
     """Open the output of a table job.
@@ -850,9 +852,11 @@ def open_sink(
     being mixed in. ``resume=False`` discards parts left by an earlier run. Temp files of
     the output left by a killed earlier run are deleted.
 
-    A file sink buffers at most ``max_buffer_rows`` (default ``4 * part_rows``) rows:
-    a contiguous run of ``part_rows`` rows, or any non-empty run after
-    ``flush_interval_s``, becomes a part; when the buffer is full, it is spilled.
+    A file sink buffers at most ``max_buffer_rows`` (default ``4 * part_rows``) rows
+    and about ``max_buffer_bytes`` of their strings and bytes (rows held back behind a
+    slow early row can be wide: whole documents): a contiguous run of ``part_rows`` rows,
+    or any non-empty run after ``flush_interval_s``, becomes a part; when the buffer is
+    full, it is spilled.
     """
     if str(path_or_dash) == "-":
         if fmt not in (None, "jsonl", "json"):
@@ -874,6 +878,7 @@ def open_sink(
         resume=resume,
         part_rows=part_rows,
         max_buffer_rows=max_buffer_rows,
+        max_buffer_bytes=max_buffer_bytes,
         flush_interval_s=flush_interval_s,
     )
 
@@ -981,6 +986,7 @@ class PartsSink(TableSink):
         resume: bool = True,
         part_rows: int = 4096,
         max_buffer_rows: int | None = None,
+        max_buffer_bytes: int = MAX_BUFFER_BYTES,
         flush_interval_s: float = 30.0,
     ) -> None:
         super().__init__(result_columns)
@@ -992,6 +998,8 @@ class PartsSink(TableSink):
         self.parts_dir = path.with_name(f".{path.name}.parts")
         self.part_rows = part_rows
         self.max_buffer_rows = max(max_buffer_rows or 4 * part_rows, part_rows)
+        self.max_buffer_bytes = max_buffer_bytes
+        self._buffer_bytes = 0  # approximate size of the rows in _pending, _run and _redo
         self.flush_interval_s = flush_interval_s
         self.warnings: list[str] = []
         self._input_names: list[str] = []
@@ -1103,18 +1111,23 @@ class PartsSink(TableSink):
             if row_id in self._prev_failed and row_id not in self._redone:
                 self._redone.add(row_id)
                 self._redo.append(row)
+                self._buffer_bytes += _approx_bytes(row)
                 if len(self._redo) >= self.part_rows:
                     self._flush_redo()
             else:
                 self.duplicates += 1
             return
         self._pending[row_id] = row
+        self._buffer_bytes += _approx_bytes(row)
         self._advance()
         if len(self._run) >= self.part_rows:
             self._flush_run()
         elif self._run and time.monotonic() - self._last_flush >= self.flush_interval_s:
             self._flush_run()
-        if len(self._pending) + len(self._run) + len(self._redo) > self.max_buffer_rows:
+        if (
+            len(self._pending) + len(self._run) + len(self._redo) > self.max_buffer_rows
+            or self._buffer_bytes > self.max_buffer_bytes
+        ):
             self.flush()
 
     def _advance(self) -> None:
@@ -1133,11 +1146,13 @@ class PartsSink(TableSink):
     def _flush_run(self) -> None:
         if self._run:
             self._write_part(self._run)
+            self._buffer_bytes -= sum(_approx_bytes(r) for r in self._run)
             self._run = []
 
     def _flush_redo(self) -> None:
         if self._redo:
             self._write_part(sorted(self._redo, key=lambda r: r[ROW_ID]))
+            self._buffer_bytes -= sum(_approx_bytes(r) for r in self._redo)
             self._redo = []
 
     def flush(self) -> None:
@@ -1149,6 +1164,7 @@ class PartsSink(TableSink):
             self._advance()
             self._flush_run()
         self._flush_redo()
+        self._buffer_bytes = 0  # nothing is buffered now
 
     def _rows_to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         if self._part_schema is not None:
@@ -1279,6 +1295,17 @@ class PartsSink(TableSink):
             else:
                 yield from _merge_rows(parts[i:j], schema)
             i = j
+
+
+def _approx_bytes(value: Any) -> int:
+    """Rough memory of a buffered row (or value): its strings and bytes, plus 16 per other value."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return 49 + len(value)
+    if isinstance(value, Mapping):
+        return 64 + sum(_approx_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return 56 + sum(_approx_bytes(v) for v in value)
+    return 16
 
 
 def _part_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
