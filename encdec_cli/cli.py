@@ -311,7 +311,7 @@ def _text_command(task: str):
         ),
         device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
         dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
-        max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Sequences decoded together per step."),
+        max_num_seqs: int = typer.Option(512, "--max-num-seqs", help="Sequences decoded together per step."),
         gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
         enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
         quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
@@ -378,7 +378,8 @@ def bench(
     out: str | None = typer.Option(
         None, "--out", help="JSON results file (default: benchmarks/results/<device>-<time>.json)."
     ),
-    max_num_seqs: int = typer.Option(256, "--max-num-seqs"),
+    max_num_seqs: int = typer.Option(512, "--max-num-seqs", help="Sequences per engine step (beams count "
+                                     "singly); the KV pool limits what is admitted."),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
     profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),
