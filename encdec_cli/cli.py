@@ -190,7 +190,7 @@ def transcribe(
     """
     from encdec_cli.io.subtitles import resolve_formats
     from encdec_cli.tasks.transcribe import TranscribeOptions
-    from encdec_cli.tasks.transcribe_job import UsageError, plan_inputs, run_transcribe
+    from encdec_cli.tasks.transcribe_job import UsageError, check_inputs, run_transcribe
 
     try:
         formats = resolve_formats(output_format)
@@ -214,7 +214,7 @@ def transcribe(
             seed=seed,
             word_timestamps=word_timestamps,
         )
-        plan_inputs([i for i in inputs if i != "-"], audio_column)  # fail fast on missing inputs
+        check_inputs(inputs, audio_column)  # fail fast on missing inputs
     except (UsageError, ValueError) as e:
         _fail(str(e))
     try:

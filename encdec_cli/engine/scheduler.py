@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 
-
 ADMIT_MIN_FREE_FRACTION = 1 / 8  # admit new requests once this share of sequence slots is free
 
 

@@ -42,31 +42,51 @@ def _audio_files(directory: Path) -> Iterator[Path]:
                 yield Path(root) / f
 
 
-def plan_inputs(inputs: list[str], audio_column: str = "audio") -> list[AudioItem | tuple[Path, str]]:
-    """Expand INPUTS: audio files, folders (recursive), '-' (paths on stdin), Parquet/JSONL tables."""
-    out: list = []
+def check_inputs(inputs: list[str], audio_column: str = "audio") -> None:
+    """Fail fast (UsageError) on INPUTS that do not exist or tables without the audio column;
+    touches only the named paths, never walks folders."""
+    for raw in inputs:
+        if raw == "-":
+            continue
+        p = Path(raw)
+        if not p.exists() and not p.is_symlink():
+            raise UsageError(f"input {raw!r} does not exist")
+        if p.suffix.lower() in TABLE_EXTENSIONS and p.is_file():
+            _check_table_column(p, audio_column)
+
+
+def count_files(inputs: list[str]) -> int | None:
+    """How many audio items the inputs hold, for the progress bar (names only, no stat); None when
+    unknown up front (stdin lists, tables)."""
+    n = 0
+    for raw in inputs:
+        p = Path(raw)
+        if raw == "-" or p.suffix.lower() in TABLE_EXTENSIONS:
+            return None
+        n += sum(1 for _ in _audio_files(p)) if p.is_dir() else 1
+    return n
+
+
+def plan_inputs(inputs: list[str], audio_column: str = "audio") -> Iterator[AudioItem | tuple[Path, str]]:
+    """Expand INPUTS lazily: audio files, folders (recursive), '-' (paths on stdin), Parquet/JSONL
+    tables (yielded as (path, column) and read row by row later). Nothing is listed up front, so a
+    folder of millions of files starts at once and costs no memory in proportion."""
+    check_inputs(inputs, audio_column)
     for raw in inputs:
         if raw == "-":
             for line in sys.stdin:
                 if line.strip():
                     p = Path(line.strip())
-                    out.append(
-                        AudioItem(file_key(p) if p.exists() else str(p), p.with_suffix("").name, str(p))
-                    )
+                    yield AudioItem(file_key(p) if p.exists() else str(p), p.with_suffix("").name, str(p))
             continue
         p = Path(raw)
         if p.is_dir():
             for f in _audio_files(p):
-                rel = f.relative_to(p).with_suffix("")
-                out.append(AudioItem(file_key(f), str(rel), str(f)))
+                yield AudioItem(file_key(f), str(f.relative_to(p).with_suffix("")), str(f))
         elif p.suffix.lower() in TABLE_EXTENSIONS and p.is_file():
-            _check_table_column(p, audio_column)
-            out.append((p, audio_column))
-        elif p.exists():
-            out.append(AudioItem(file_key(p), p.with_suffix("").name, str(p)))
+            yield (p, audio_column)
         else:
-            raise UsageError(f"input {raw!r} does not exist")
-    return out
+            yield AudioItem(file_key(p), p.with_suffix("").name, str(p))
 
 
 def _check_table_column(path: Path, column: str) -> None:
@@ -134,12 +154,12 @@ def run_transcribe(
     quiet: bool = False,
 ) -> int:
     formats = resolve_formats(formats)
+    check_inputs(inputs, audio_column)
     planned = plan_inputs(inputs, audio_column)
     to_stdout = output == "-"
     out_dir = Path(output)
     manifest = None if to_stdout else Manifest.in_dir(out_dir)
-    n_files = sum(1 for p in planned if isinstance(p, AudioItem))
-    progress = JobProgress("transcribe", total=n_files or None, quiet=quiet, unit="audio s")
+    progress = JobProgress("transcribe", total=count_files(inputs) or None, quiet=quiet, unit="audio s")
     failed: list[tuple[str, str]] = []
     skipped = 0
     unreadable: list[tuple[AudioItem, str]] = []  # tables that failed while read (reader thread)
@@ -211,4 +231,4 @@ def run_transcribe(
     return 130 if interrupted else 1 if failed else 0
 
 
-__all__ = ["run_transcribe", "plan_inputs", "iter_table_audio", "UsageError"]
+__all__ = ["run_transcribe", "plan_inputs", "check_inputs", "count_files", "iter_table_audio", "UsageError"]
