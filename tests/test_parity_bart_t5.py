@@ -237,3 +237,50 @@ def test_unsupported_architecture_lists_supported(tmp_path):
         "WhisperForConditionalGeneration",
     ):
         assert arch in msg
+
+
+@pytest.mark.slow  # trains the tiny model on first use
+@pytest.mark.parametrize("name", ["bart", "mbart", "pegasus", "t5_v1_1"])
+def test_beam_search_parity_with_transformers(name, tiny_text_model):
+    """num_beams 4, length_penalty 2.0, no_repeat_ngram_size 3 and a min length: the same top
+    hypothesis as transformers' generate, per request, run together through one engine."""
+    tiny = tiny_text_model(name)
+    tok = tiny.tokenizer()
+    texts = sentences(7)[:12]
+    hf = AutoModelForSeq2SeqLM.from_pretrained(tiny.path).eval()
+    extra = {} if tiny.forced_bos_token_id is None else {"forced_bos_token_id": tiny.forced_bos_token_id}
+    expected = []
+    with torch.no_grad():
+        for text in texts:  # one at a time: no padding, exactly what each request sees
+            ids = tok(text, return_tensors="pt").input_ids
+            out = hf.generate(
+                ids,
+                num_beams=4,
+                length_penalty=2.0,
+                no_repeat_ngram_size=3,
+                min_length=4,
+                max_new_tokens=MAX_NEW_TOKENS,
+                early_stopping=True,
+                do_sample=False,
+                decoder_start_token_id=tiny.decoder_start_token_id,
+                eos_token_id=tiny.eos_token_id,
+                pad_token_id=tiny.pad_token_id,
+                **extra,
+            )[0, 1:].tolist()
+            expected.append(out[: out.index(tiny.eos_token_id)] if tiny.eos_token_id in out else out)
+    params = SamplingParams(
+        num_beams=4,
+        length_penalty=2.0,
+        no_repeat_ngram_size=3,
+        min_new_tokens=3,
+        max_new_tokens=MAX_NEW_TOKENS,
+        early_stopping=True,
+        stop_token_ids=(tiny.eos_token_id,),
+        forced_tokens=tiny.forced_tokens,
+    )
+    engine = Engine(load_model(tiny.path, device="cpu"), num_blocks=400, block_size=4, max_num_seqs=16)
+    reqs = [Request(tok(t).input_ids, tiny.prompt_ids, params, i) for i, t in enumerate(texts)]
+    got = {r.request_id: r.token_ids for r in engine.generate(reqs)}
+    assert [got[i] for i in range(len(texts))] == expected
+    assert len({tuple(e) for e in expected}) >= len(texts) * 0.8  # inputs give different outputs
+    assert engine.blocks.num_free == engine.blocks.num_blocks
