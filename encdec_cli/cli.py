@@ -378,8 +378,11 @@ def bench(
     out: str | None = typer.Option(
         None, "--out", help="JSON results file (default: benchmarks/results/<device>-<time>.json)."
     ),
-    max_num_seqs: int = typer.Option(512, "--max-num-seqs", help="Sequences per engine step (beams count "
-                                     "singly); the KV pool limits what is admitted."),
+    max_num_seqs: int = typer.Option(
+        512,
+        "--max-num-seqs",
+        help="Sequences per engine step (beams count singly); the KV pool limits what is admitted.",
+    ),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
     profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),

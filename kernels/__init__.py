@@ -45,21 +45,44 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
     if use_triton(q):
         from kernels import attention
 
-        return attention.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal,
-                                          rel_bias=rel_bias)
-    return reference.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal,
-                                      rel_bias=rel_bias)
+        return attention.varlen_attention(
+            q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal, rel_bias=rel_bias
+        )
+    return reference.varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal, rel_bias=rel_bias
+    )
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale,
-                    causal, rel_bias=None):
+def paged_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
+):
     if use_triton(q):
         from kernels import attention
 
-        return attention.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q,
-                                         max_seqlen_q, scale=scale, causal=causal, rel_bias=rel_bias)
-    return reference.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
-                                     scale=scale, causal=causal, rel_bias=rel_bias)
+        return attention.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            cu_seqlens_q,
+            max_seqlen_q,
+            scale=scale,
+            causal=causal,
+            rel_bias=rel_bias,
+        )
+    return reference.paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        cu_seqlens_q,
+        max_seqlen_q,
+        scale=scale,
+        causal=causal,
+        rel_bias=rel_bias,
+    )
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

@@ -82,8 +82,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
         bias = bias_matrix(rel_bias, pos, pos) if rel_bias is not None else None
         if bias is None:
             o = F.scaled_dot_product_attention(
-                q[s:e].transpose(0, 1), k[s:e].transpose(0, 1), v[s:e].transpose(0, 1),
-                is_causal=causal, scale=scale,
+                q[s:e].transpose(0, 1),
+                k[s:e].transpose(0, 1),
+                v[s:e].transpose(0, 1),
+                is_causal=causal,
+                scale=scale,
             ).transpose(0, 1)
         else:
             o = _attend(q[s:e], k[s:e], v[s:e], scale, mask, bias)
@@ -110,8 +113,9 @@ def gather_paged(cache, block_table, n):
     return cache[block_table[:nblk].long()].reshape(-1, *cache.shape[2:])[:n]
 
 
-def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale,
-                    causal, rel_bias=None):
+def paged_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
+):
     """Decoder attention over a paged cache: 1..k query tokens per sequence.
 
     q: [Tq, H, D] packed; sequence b owns q[cu_seqlens_q[b]:cu_seqlens_q[b+1]].
@@ -141,8 +145,9 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, m
 
 def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last dim, computed in float32, returned in x's dtype."""
-    return F.layer_norm(x.float(), x.shape[-1:], weight.float(), None if bias is None else bias.float(),
-                        eps).to(x.dtype)
+    return F.layer_norm(
+        x.float(), x.shape[-1:], weight.float(), None if bias is None else bias.float(), eps
+    ).to(x.dtype)
 
 
 def rms_norm(x, weight, eps):

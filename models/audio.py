@@ -45,9 +45,15 @@ def mel_filters(n_mels: int, device: torch.device | str = "cpu") -> torch.Tensor
     if filters is None:
         from transformers.audio_utils import mel_filter_bank  # what WhisperFeatureExtractor uses
 
-        bank = mel_filter_bank(num_frequency_bins=N_FFT // 2 + 1, num_mel_filters=n_mels, min_frequency=0.0,
-                               max_frequency=SAMPLE_RATE / 2, sampling_rate=SAMPLE_RATE, norm="slaney",
-                               mel_scale="slaney").T  # [n_mels, 201]
+        bank = mel_filter_bank(
+            num_frequency_bins=N_FFT // 2 + 1,
+            num_mel_filters=n_mels,
+            min_frequency=0.0,
+            max_frequency=SAMPLE_RATE / 2,
+            sampling_rate=SAMPLE_RATE,
+            norm="slaney",
+            mel_scale="slaney",
+        ).T  # [n_mels, 201]
         filters = torch.from_numpy(np.asarray(bank, dtype=np.float32)).to(device)
         with _LOCK:
             filters = _MEL_CACHE.setdefault(key, filters)

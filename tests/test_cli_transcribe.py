@@ -14,8 +14,14 @@ from encdec_cli.io.manifest import MANIFEST_NAME
 
 
 def encdec(*args, stdin=None, cwd=None):
-    return subprocess.run([sys.executable, "-m", "encdec_cli", *args], input=stdin, capture_output=True,
-                          text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "encdec_cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -11,18 +11,37 @@ transformers.logging.set_verbosity_error()
 
 SHAPES = {
     "tiny-like": dict(),
-    "128-mels-odd-heads": dict(num_mel_bins=128, d_model=96, encoder_attention_heads=3, decoder_attention_heads=3,
-                               encoder_layers=3, decoder_layers=1, encoder_ffn_dim=64, decoder_ffn_dim=200),
-    "deeper-decoder": dict(d_model=32, encoder_layers=1, decoder_layers=4, encoder_attention_heads=2,
-                           decoder_attention_heads=2, vocab_size=700),
+    "128-mels-odd-heads": dict(
+        num_mel_bins=128,
+        d_model=96,
+        encoder_attention_heads=3,
+        decoder_attention_heads=3,
+        encoder_layers=3,
+        decoder_layers=1,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=200,
+    ),
+    "deeper-decoder": dict(
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=4,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        vocab_size=700,
+    ),
 }
 
 
 def _hf_greedy(model, feats, prompt, max_new):
-    out = model.generate(input_features=feats[None], decoder_input_ids=torch.tensor([prompt]),
-                         max_new_tokens=max_new, do_sample=False, num_beams=1)
+    out = model.generate(
+        input_features=feats[None],
+        decoder_input_ids=torch.tensor([prompt]),
+        max_new_tokens=max_new,
+        do_sample=False,
+        num_beams=1,
+    )
     toks = out[0].tolist()
-    toks = toks[len(prompt):] if toks[: len(prompt)] == prompt else toks  # versions differ
+    toks = toks[len(prompt) :] if toks[: len(prompt)] == prompt else toks  # versions differ
     return toks[: toks.index(EOT)] if EOT in toks else toks
 
 
@@ -40,8 +59,10 @@ def test_greedy_matches_transformers(tmp_path, shape):
     assert len({tuple(r) for r in long}) == len(long) and all(len(set(r)) > 3 for r in long)
 
     engine = Engine(load_ours(tmp_path), num_blocks=4 * 375 + 40, block_size=4, max_num_seqs=4)
-    reqs = [Request(f, p, SamplingParams(max_new_tokens=m, stop_token_ids=(EOT,)), i)
-            for i, (f, p, m) in enumerate(zip(feats, prompts, max_new))]
+    reqs = [
+        Request(f, p, SamplingParams(max_new_tokens=m, stop_token_ids=(EOT,)), i)
+        for i, (f, p, m) in enumerate(zip(feats, prompts, max_new))
+    ]
     out = {r.request_id: r for r in engine.generate(reqs)}
     assert all(r.error is None for r in out.values())
     assert [out[i].token_ids for i in range(len(reqs))] == ref
@@ -57,7 +78,10 @@ def test_results_independent_of_batch_size_order_and_preemption(tmp_path):
 
     def run(order, **cfg):
         engine = Engine(ours, block_size=4, **cfg)
-        res = {r.request_id: r.token_ids for r in engine.generate(Request(feats[i], [SOT], params, i) for i in order)}
+        res = {
+            r.request_id: r.token_ids
+            for r in engine.generate(Request(feats[i], [SOT], params, i) for i in order)
+        }
         assert engine.blocks.num_free == engine.blocks.num_blocks
         return res, engine.scheduler.num_preemptions
 
@@ -73,8 +97,11 @@ def test_request_errors_do_not_stop_the_others(tmp_path):
     random_whisper(tmp_path)
     engine = Engine(load_ours(tmp_path), num_blocks=800, block_size=4)
     f = torch.randn(80, 3000)
-    reqs = [Request(f, [], SamplingParams(), "empty-prompt"), Request(f, [SOT], SamplingParams(max_new_tokens=3), "ok"),
-            Request(f, [SOT] * 64, SamplingParams(), "too-long")]
+    reqs = [
+        Request(f, [], SamplingParams(), "empty-prompt"),
+        Request(f, [SOT], SamplingParams(max_new_tokens=3), "ok"),
+        Request(f, [SOT] * 64, SamplingParams(), "too-long"),
+    ]
     out = {r.request_id: r for r in engine.generate(reqs)}
     assert "empty decoder prompt" in out["empty-prompt"].error
     assert "no room" in out["too-long"].error

@@ -41,9 +41,15 @@ def test_tokens_identical_to_transformers(tiny_engine, tiny_en_dir, example_clip
     hf.generation_config = tiny_engine.loaded.generation_config
     fe = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins)
     prompts = WhisperPrompts(tiny_engine, TranscribeOptions(timestamps=False))
-    feats = [fe(load_audio(c.path), sampling_rate=16000, return_tensors="pt").input_features for c in example_clips]
-    ours = {r.request_id: r for r in tiny_engine.generate(
-        Request(f[0], prompts.prompt(None), prompts.params, i) for i, f in enumerate(feats))}
+    feats = [
+        fe(load_audio(c.path), sampling_rate=16000, return_tensors="pt").input_features for c in example_clips
+    ]
+    ours = {
+        r.request_id: r
+        for r in tiny_engine.generate(
+            Request(f[0], prompts.prompt(None), prompts.params, i) for i, f in enumerate(feats)
+        )
+    }
     for i, f in enumerate(feats):
         ref = hf.generate(f, return_timestamps=False)[0].tolist()
         ref = [t for t in ref if t < prompts.eot]  # transformers keeps special tokens in some versions
@@ -76,7 +82,9 @@ def test_long_audio_is_windowed_and_stitched(tiny_engine, example_clips, tmp_pat
     path = tmp_path / "long.wav"
     sf.write(path, audio, 16000)
     out = {}
-    Transcriber(tiny_engine).run([AudioItem("k", "long", str(path))], lambda i, t, e: out.setdefault("r", (t, e)))
+    Transcriber(tiny_engine).run(
+        [AudioItem("k", "long", str(path))], lambda i, t, e: out.setdefault("r", (t, e))
+    )
     t, err = out["r"]
     assert err is None and len(t.segments) >= 3 and t.segments[-1].start > 20
     assert all(a.end <= b.start for a, b in zip(t.segments, t.segments[1:]))
@@ -97,5 +105,7 @@ def test_cpu_bfloat16(tiny_en_dir, example_clips):
     engine = Engine(load_model(tiny_en_dir, device="cpu", dtype="bfloat16"))
     assert next(engine.model.parameters()).dtype == torch.bfloat16
     out = {}
-    Transcriber(engine).run([AudioItem("a", "a", str(example_clips[0].path))], lambda i, t, e: out.setdefault("r", t))
+    Transcriber(engine).run(
+        [AudioItem("a", "a", str(example_clips[0].path))], lambda i, t, e: out.setdefault("r", t)
+    )
     assert wer(example_clips[0].text, out["r"].text) <= MAX_WER

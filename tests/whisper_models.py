@@ -31,10 +31,24 @@ def discriminating_init_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def random_whisper(path: Path, seed: int = 0, **overrides) -> WhisperForConditionalGeneration:
     """Build, initialise and save_pretrained a small random Whisper; returns the HF model."""
-    kw = dict(vocab_size=1000, num_mel_bins=80, d_model=64, encoder_layers=2, decoder_layers=2,
-              encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-              max_target_positions=64, decoder_start_token_id=SOT, eos_token_id=EOT, pad_token_id=PAD,
-              bos_token_id=EOT, suppress_tokens=[], begin_suppress_tokens=[])
+    kw = dict(
+        vocab_size=1000,
+        num_mel_bins=80,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_target_positions=64,
+        decoder_start_token_id=SOT,
+        eos_token_id=EOT,
+        pad_token_id=PAD,
+        bos_token_id=EOT,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
+    )
     kw.update(overrides)
     torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(WhisperConfig(**kw)).eval()

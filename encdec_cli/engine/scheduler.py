@@ -92,8 +92,11 @@ class Scheduler:
         # Admit in batches: wait until a slice of the sequence slots is free (or a preempted request
         # waits), so encoder runs stay large instead of one request per finishing sequence.
         min_free = max(1, int(self.config.max_num_seqs * ADMIT_MIN_FREE_FRACTION))
-        if self.running and self.config.max_num_seqs - num_seqs < min_free and not any(
-                g.preempted for g in self.waiting):
+        if (
+            self.running
+            and self.config.max_num_seqs - num_seqs < min_free
+            and not any(g.preempted for g in self.waiting)
+        ):
             plan.decode = [s for g in self.running for s in g.seqs]
             return plan
         for i, group in enumerate(self.waiting):

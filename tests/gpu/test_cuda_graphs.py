@@ -11,7 +11,10 @@ from encdec_cli.engine.cuda_graphs import graph_batch_sizes
 from models.loading import LoadedModel, build_model
 from tests.whisper_models import EOT, SOT, discriminating_init_, load_ours, random_whisper
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def _tokens(loaded, reqs, **cfg):
@@ -33,32 +36,63 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
     loaded.model.cuda()
     g = torch.Generator().manual_seed(0)
     # staggered lengths: as requests finish, the running batch passes through every size
-    reqs = [Request(torch.randn(80, 3000, generator=g), [SOT], SamplingParams(max_new_tokens=3 + 2 * i,
-                    min_new_tokens=3 + 2 * i, stop_token_ids=(EOT,)), i) for i in range(20)]
+    reqs = [
+        Request(
+            torch.randn(80, 3000, generator=g),
+            [SOT],
+            SamplingParams(max_new_tokens=3 + 2 * i, min_new_tokens=3 + 2 * i, stop_token_ids=(EOT,)),
+            i,
+        )
+        for i in range(20)
+    ]
     eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20, enforce_eager=True)
     graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20)
     assert graphs == eager
     # preemption and recompute with graphs on: same tokens (pool: 3 cross caches, few output blocks)
-    same = [Request(r.encoder_input, [SOT], SamplingParams(max_new_tokens=40, min_new_tokens=40,
-                    stop_token_ids=(EOT,)), r.request_id) for r in reqs[:8]]
+    same = [
+        Request(
+            r.encoder_input,
+            [SOT],
+            SamplingParams(max_new_tokens=40, min_new_tokens=40, stop_token_ids=(EOT,)),
+            r.request_id,
+        )
+        for r in reqs[:8]
+    ]
     eager, _ = _tokens(loaded, same, num_blocks=4000, block_size=4, max_num_seqs=8, enforce_eager=True)
     small, engine = _tokens(loaded, same, num_blocks=3 * 375 + 20, block_size=4, max_num_seqs=8)
     assert engine.scheduler.num_preemptions > 0 and small == eager
 
 
 def test_bart_mixed_cross_lengths_and_arrivals(tmp_path):
-    cfg = BartConfig(vocab_size=300, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                     decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=512,
-                     architectures=["BartForConditionalGeneration"])
+    cfg = BartConfig(
+        vocab_size=300,
+        d_model=64,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_position_embeddings=512,
+        architectures=["BartForConditionalGeneration"],
+    )
     hf = BartForConditionalGeneration(cfg).eval()
     discriminating_init_(hf)
-    model = build_model("BartForConditionalGeneration", cfg, hf.state_dict().items(), torch.device("cuda"),
-                        torch.float32)
+    model = build_model(
+        "BartForConditionalGeneration", cfg, hf.state_dict().items(), torch.device("cuda"), torch.float32
+    )
     loaded = LoadedModel(model, None, cfg, GenerationConfig(), "BartForConditionalGeneration", tmp_path)
     g = torch.Generator().manual_seed(1)
     lens = torch.randint(3, 400, (40,), generator=g).tolist()
-    reqs = [Request(torch.randint(4, 299, (n,), generator=g).tolist(), [2], SamplingParams(max_new_tokens=30,
-                    stop_token_ids=(2,)), i) for i, n in enumerate(lens)]
+    reqs = [
+        Request(
+            torch.randint(4, 299, (n,), generator=g).tolist(),
+            [2],
+            SamplingParams(max_new_tokens=30, stop_token_ids=(2,)),
+            i,
+        )
+        for i, n in enumerate(lens)
+    ]
 
     def trickle():  # requests arrive while others run: the source is not ready every time it is asked
         for i, r in enumerate(reqs):

@@ -11,7 +11,10 @@ import torch
 from encdec_cli.engine import Engine, Request, SamplingParams
 from tests.whisper_models import EOT, SOT, load_ours, random_whisper
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 def _run(loaded, requests, kernels: str, **cfg):
@@ -42,8 +45,15 @@ def test_whisper_triton_matches_reference_fp32(tmp_path):
     loaded = load_ours(tmp_path, dtype=torch.float32)
     loaded.model.cuda()
     g = torch.Generator().manual_seed(0)
-    reqs = [Request(torch.randn(80, 3000, generator=g), [SOT] + [5 + i] * (i % 3),
-                    SamplingParams(max_new_tokens=40, stop_token_ids=(EOT,)), i) for i in range(24)]
+    reqs = [
+        Request(
+            torch.randn(80, 3000, generator=g),
+            [SOT] + [5 + i] * (i % 3),
+            SamplingParams(max_new_tokens=40, stop_token_ids=(EOT,)),
+            i,
+        )
+        for i in range(24)
+    ]
     ref = _run(loaded, reqs, "reference", num_blocks=4000, max_num_seqs=8, enforce_eager=True)
     tri = _run(loaded, reqs, "triton", num_blocks=4000, max_num_seqs=8)
     assert tri == ref
@@ -63,9 +73,16 @@ def test_text_models_triton_matches_reference(tiny_text_model, name, dtype):
     reqs = []
     for i in range(32):
         words = [f"w{rng.randrange(100)}" for _ in range(rng.randint(1, 14))]
-        reqs.append(Request(source_ids(name, words), tiny.prompt_ids,
-                            SamplingParams(max_new_tokens=20, stop_token_ids=(tiny.eos_token_id,),
-                                           forced_tokens=tiny.forced_tokens), i))
+        reqs.append(
+            Request(
+                source_ids(name, words),
+                tiny.prompt_ids,
+                SamplingParams(
+                    max_new_tokens=20, stop_token_ids=(tiny.eos_token_id,), forced_tokens=tiny.forced_tokens
+                ),
+                i,
+            )
+        )
     ref = _run(loaded, reqs, "reference", num_blocks=2000, max_num_seqs=8, enforce_eager=True)
     tri = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=8)
     if dtype == "float32":
