@@ -187,6 +187,14 @@ class Transcriber:
                     continue
             return False
 
+        try:
+            self._read_items(items, put)
+        except BaseException as e:  # the input listing itself failed: end the job, never hang it
+            put(("fatal", e))
+            return
+        put(("done",))
+
+    def _read_items(self, items, put) -> None:
         for n, item in enumerate(items):
             count = 0
             try:
@@ -206,7 +214,6 @@ class Transcriber:
                 put(("end", n, item, count))
             except Exception as e:  # every decoding failure is the item's error, never the job's
                 put(("error", n, item, str(e) or type(e).__name__))
-        put(("done",))
 
     # ---- requests -------------------------------------------------------------------------------
     def _requests(self, audio_q: queue.Queue) -> Iterator[Request | None]:
@@ -234,6 +241,8 @@ class Transcriber:
                 continue
             if msg[0] == "done":
                 done = True
+            elif msg[0] == "fatal":
+                raise msg[1]
             else:
                 self._on_audio_msg(msg)
 
