@@ -314,6 +314,12 @@ def _text_command(task: str):
         max_num_seqs: int = typer.Option(512, "--max-num-seqs", help="Sequences decoded together per step."),
         gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
         enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Redo every row, ignoring what an earlier run of this job saved."
+        ),
+        retry_failed: bool = typer.Option(
+            False, "--retry-failed", help="Redo the rows that failed in an earlier run of this job."
+        ),
         quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
     ):
         from encdec_cli.io.tables import TableError, open_table
@@ -346,7 +352,9 @@ def _text_command(task: str):
             if input != "-":  # fail fast, before loading the model (stdin can be read only once)
                 open_table(input, column).close()
             engine = _engine(model, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet)
-            code = run_seq2seq(engine, input, output, opts, quiet=quiet)
+            code = run_seq2seq(
+                engine, input, output, opts, quiet=quiet, overwrite=overwrite, retry_failed=retry_failed
+            )
         except (OSError, ValueError, RuntimeError, TableError) as e:
             _fail(str(e))
         raise typer.Exit(code)

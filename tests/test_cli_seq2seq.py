@@ -349,3 +349,20 @@ def test_entry_point_pipes_stdin_to_stdout(bart):
     assert r.returncode == 0, r.stderr.decode()
     assert [json.loads(line)["summary"] for line in r.stdout.decode().splitlines()] == ["w1 w2 w3", "w4"]
     assert b"summarize: 2 row(s) done" in r.stderr
+
+
+def test_overwrite_and_retry_failed_flags(tmp_path, tiny_text_model):
+    """--overwrite and --retry-failed run the job to the same complete output (resume of an
+    interrupted run is covered in tests/test_resume.py; a finished job's parts are gone)."""
+    bart = tiny_text_model("bart")
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["w1 w2", "", "w3 w4 w5"]))
+    out = tmp_path / "out.jsonl"
+    results = []
+    for flags in ([], ["--retry-failed"], ["--overwrite"]):
+        r = encdec("summarize", src, "-m", bart.path, "-o", out, "-q", *flags)
+        assert r.exit_code == 1 and "1 row(s) FAILED" in r.stderr
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [x["text"] for x in rows] == ["w1 w2", "", "w3 w4 w5"] and rows[1]["error"]
+        results.append(rows)
+    assert results[0] == results[1] == results[2]

@@ -112,7 +112,13 @@ class TextEncoder:
 
 
 def run_seq2seq(
-    engine: Engine, input_path: str, output: str | None, opts: Seq2SeqOptions, quiet: bool = False
+    engine: Engine,
+    input_path: str,
+    output: str | None,
+    opts: Seq2SeqOptions,
+    quiet: bool = False,
+    overwrite: bool = False,
+    retry_failed: bool = False,
 ) -> int:
     """Run the job; returns the exit status (0 all done, 1 some rows failed, 130 interrupted).
 
@@ -141,7 +147,8 @@ def run_seq2seq(
             if params.num_return_sequences > 1
             else None,
             job_key=None if stdin else f"{file_key(input_path)}|{opts}|{engine.loaded.path}",
-            resume=not stdin,  # stdin cannot be told apart from another stdin: no resume
+            # stdin cannot be told apart from another stdin: no resume; --overwrite starts afresh
+            resume=not stdin and not overwrite,
             part_rows=part_rows,
             flush_interval_s=flush_s,
         )
@@ -150,6 +157,9 @@ def run_seq2seq(
         raise
     done = sink.done_row_ids()
     failed_before = len(sink.failed_row_ids())
+    if retry_failed:  # rows that failed in an earlier run are redone; their new result replaces the error
+        done = done.difference(sink.failed_row_ids())
+        failed_before = 0
     rows: dict[int, Row] = {}
     failed = skipped = 0
     progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens")
