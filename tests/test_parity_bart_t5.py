@@ -240,7 +240,7 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 
 
 @pytest.mark.slow  # trains the tiny model on first use
-@pytest.mark.parametrize("name", ["bart", "mbart", "pegasus", "t5_v1_1"])
+@pytest.mark.parametrize("name", NAMES)
 def test_beam_search_parity_with_transformers(name, tiny_text_model):
     """num_beams 4, length_penalty 2.0, no_repeat_ngram_size 3 and a min length: the same top
     hypothesis as transformers' generate, per request, run together through one engine."""
