@@ -12,6 +12,7 @@ package (see DESIGN.md, "Known hazard").
 
 from __future__ import annotations
 
+import importlib
 import os
 
 from kernels import reference
@@ -41,14 +42,15 @@ def use_triton(t) -> bool:
     return True
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None):
-    if use_triton(q):
-        from kernels import attention
+def _impl(t, triton_module: str):
+    """The module implementing a kernel for tensor ``t``: Triton's on CUDA, else the reference."""
+    if use_triton(t):
+        return importlib.import_module(f"kernels.{triton_module}")
+    return reference
 
-        return attention.varlen_attention(
-            q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal, rel_bias=rel_bias
-        )
-    return reference.varlen_attention(
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None):
+    return _impl(q, "attention").varlen_attention(
         q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal, rel_bias=rel_bias
     )
 
@@ -56,70 +58,27 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
 ):
-    if use_triton(q):
-        from kernels import attention
-
-        return attention.paged_attention(
-            q,
-            k_cache,
-            v_cache,
-            block_tables,
-            seq_lens,
-            cu_seqlens_q,
-            max_seqlen_q,
-            scale=scale,
-            causal=causal,
-            rel_bias=rel_bias,
-        )
-    return reference.paged_attention(
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        seq_lens,
-        cu_seqlens_q,
-        max_seqlen_q,
-        scale=scale,
-        causal=causal,
-        rel_bias=rel_bias,
-    )
+    return _impl(q, "attention").paged_attention(
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
+        scale=scale, causal=causal, rel_bias=rel_bias,
+    )  # fmt: skip
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    if use_triton(k):
-        from kernels import attention
-
-        return attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
-    return reference.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return _impl(k, "attention").store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def layer_norm(x, weight, bias, eps):
-    if use_triton(x):
-        from kernels import norm
-
-        return norm.layer_norm(x, weight, bias, eps)
-    return reference.layer_norm(x, weight, bias, eps)
+    return _impl(x, "norm").layer_norm(x, weight, bias, eps)
 
 
 def rms_norm(x, weight, eps):
-    if use_triton(x):
-        from kernels import norm
-
-        return norm.rms_norm(x, weight, eps)
-    return reference.rms_norm(x, weight, eps)
+    return _impl(x, "norm").rms_norm(x, weight, eps)
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
-    if use_triton(x):
-        from kernels import norm
-
-        return norm.add_layer_norm(x, residual, weight, bias, eps)
-    return reference.add_layer_norm(x, residual, weight, bias, eps)
+    return _impl(x, "norm").add_layer_norm(x, residual, weight, bias, eps)
 
 
 def add_rms_norm(x, residual, weight, eps):
-    if use_triton(x):
-        from kernels import norm
-
-        return norm.add_rms_norm(x, residual, weight, eps)
-    return reference.add_rms_norm(x, residual, weight, eps)
+    return _impl(x, "norm").add_rms_norm(x, residual, weight, eps)
