@@ -1,0 +1,146 @@
+"""Tile-parameter sweep of the attention kernels on the standard shapes (CUDA only).
+
+    python benchmarks/sweep_kernels.py [--only decode|encoder] [--out FILE]
+
+For the decode kernel: BLOCK_N x num_warps x num_stages (and split counts at batch 1) on the
+shapes of benchmarks/kernels.py; for the encoder kernel: extra tile configs beyond the autotune
+list, on the Whisper large-v3 shape. Prints milliseconds (CUDA-graph replays for decode) and
+the copy-bandwidth fraction, to choose the defaults in kernels/attention.py from measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import itertools
+import json
+import pathlib
+import sys
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
+kb = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kb)
+
+
+def decode_shapes():
+    self_base = np.random.default_rng(2).integers(1, kb.SELF_MAX + 1, size=kb.DECODE_BATCH).tolist()
+    return [
+        ("t5 self b256 bias", [n + 1 for n in self_base], kb.T5_HEADS, True, True),
+        ("self b256", [n + 1 for n in self_base], kb.WHISPER_HEADS, True, False),
+        ("cross b256", [kb.CROSS_LEN] * kb.DECODE_BATCH, kb.WHISPER_HEADS, False, False),
+        ("cross b1", [kb.CROSS_LEN], kb.WHISPER_HEADS, False, False),
+        ("cross b8", [kb.CROSS_LEN] * 8, kb.WHISPER_HEADS, False, False),
+        ("cross b32", [kb.CROSS_LEN] * 32, kb.WHISPER_HEADS, False, False),
+    ]
+
+
+def sweep_decode(copy_bw, rows):
+    import triton.testing
+
+    from kernels import attention, reference
+
+    gen = np.random.default_rng(0)
+    for name, lens, heads, causal, with_bias in decode_shapes():
+        b = len(lens)
+        k_cache, v_cache, tables = kb.paged_cache(lens, heads, gen)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+        q = torch.randn(b, heads, kb.HEAD_DIM, device="cuda", dtype=kb.DTYPE)
+        rb = None
+        if with_bias:
+            rb = reference.RelBias(
+                torch.randn(heads, kb.T5_BUCKETS, device="cuda"), kb.T5_BUCKETS, kb.T5_MAX_DISTANCE, False
+            )
+        moved = (2 * sum(lens) + 2 * b) * heads * kb.HEAD_DIM * 2
+        ref = attention._launch_paged(q, k_cache, v_cache, tables, seq_lens, cu, 1, 1.0, causal, rb)
+        splits = [None] + ([4, 8, 12, 16, 24, 32, 48] if b <= 32 else [])
+        if b <= 32:  # small batches: the split count matters most
+            configs = [(64, 4, 3), (32, 4, 3), (16, 4, 3), (32, 2, 3), (16, 2, 2)]
+        else:
+            configs = [(64, 4, 3)] + [
+                c for c in itertools.product((16, 32, 64, 128), (2, 4, 8), (2, 3)) if c != (64, 4, 3)
+            ]
+        for (bn, nw, ns), sp in itertools.product(configs, splits):
+            fn = functools.partial(
+                attention._launch_paged, q, k_cache, v_cache, tables, seq_lens, cu, 1, 1.0, causal, rb,
+                num_splits=sp, block_n=bn, num_warps=nw, num_stages=ns,
+            )  # fmt: skip
+
+            try:
+                out = fn()
+                torch.cuda.synchronize()
+                err = kb.rel_err(out, ref)
+                ms = triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
+            except Exception as e:  # a config that does not compile (registers, shared memory)
+                print(f"{name:<18} bn{bn} w{nw} s{ns} split {sp}: failed {type(e).__name__}")
+                continue
+            frac = moved / (ms * 1e-3) / copy_bw
+            rows.append(dict(case=name, block_n=bn, warps=nw, stages=ns, splits=sp, ms=ms, copy=frac))
+            print(
+                f"{name:<18} bn{bn:<4} w{nw} s{ns} split {sp!s:<5} {ms * 1e3:7.1f} us {frac:4.0%} {err:.0e}"
+            )
+
+
+def sweep_encoder(rows):
+    import triton
+
+    from kernels import attention
+
+    lens = [kb.WHISPER_FRAMES] * kb.WHISPER_BATCH
+    t, h, d = sum(lens), kb.WHISPER_HEADS, kb.HEAD_DIM
+    qkv = torch.randn(t, 3, h, d, device="cuda", dtype=kb.DTYPE)  # the engine's fused projection layout
+    q, k, v = qkv.unbind(1)
+    cu = kb.pack(lens)
+    scale = d**-0.5
+    flops = sum(4 * h * n * n * d for n in lens)
+    qp, kp, vp = (x.view(len(lens), lens[0], h, d).transpose(1, 2) for x in (q, k, v))
+    sdpa = kb.bench(lambda: torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, scale=scale))
+    print(f"encoder sdpa (fused-qkv views) {sdpa:.3f} ms  {flops / sdpa / 1e9:.0f} TFLOP/s")
+    rows.append(dict(case="encoder sdpa", ms=sdpa))
+    ref = (
+        torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, scale=scale)
+        .transpose(1, 2)
+        .reshape(t, h, d)
+    )
+    cands = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)]
+    for bm, bn, nw, ns in cands:
+        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
+        fn = functools.partial(attention._launch_varlen, q, k, v, cu, lens[0], scale, False, None, cfg)
+        try:
+            ms = kb.bench(fn)
+            err = kb.rel_err(fn(), ref)
+        except Exception as e:
+            print(f"encoder {bm}x{bn} w{nw} s{ns}: failed {type(e).__name__}: {e}"[:300])
+            continue
+        rows.append(dict(case="encoder", block_m=bm, block_n=bn, warps=nw, stages=ns, ms=ms))
+        print(
+            f"encoder {bm}x{bn} w{nw} s{ns}: {ms:.3f} ms {flops / ms / 1e9:.0f} TFLOP/s "
+            f"{sdpa / ms:.3f}x sdpa, err {err:.0e}"
+        )
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--only", choices=["decode", "encoder"])
+    p.add_argument("--out", type=pathlib.Path)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    rows: list[dict] = []
+    copy_bw = kb.copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {copy_bw / 1e9:.0f} GB/s")
+    if args.only in (None, "encoder"):
+        sweep_encoder(rows)
+    if args.only in (None, "decode"):
+        sweep_decode(copy_bw, rows)
+    if args.out:
+        args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
