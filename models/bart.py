@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from models.base import AttentionMetadata, CacheSpec, EncoderBatch
-from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm
+from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
 from models.text import TextEncDecModel, packed_positions
 
 LEARNED_POSITION_OFFSET = 2  # BART/mBART position ids start at 2 (a fairseq leftover)
@@ -84,9 +84,6 @@ class BartStack(nn.Module):
         else:
             x = tokens + self.sinusoid[positions]
         return x if self.layernorm_embedding is None else self.layernorm_embedding(x)
-
-    def finish(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.layer_norm is None else self.layer_norm(x)
 
 
 class Bart(TextEncDecModel):
@@ -162,16 +159,14 @@ class Bart(TextEncDecModel):
         enc = self.encoder
         positions = packed_positions(batch.cu_seqlens, batch.inputs.shape[0])
         x = enc.embed(self.shared(batch.inputs) * self.embed_scale, positions)
-        for layer in enc.layers:
-            x = layer(x, batch.cu_seqlens, batch.max_seqlen)
-        return enc.finish(x)
+        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen)
+        return final_norm(enc.layer_norm, x, residual)
 
     def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
         """tokens, positions: [Tq] new tokens and their index in their decoder sequence -> [N, V]."""
         dec = self.decoder
         embed = self.shared if self.shared_vocab else dec.embed_tokens
         x = dec.embed(embed(tokens) * self.embed_scale, positions)
-        for layer in dec.layers:
-            x = layer(x, meta)
-        x = dec.finish(x[meta.logits_indices])
+        x, residual = run_layers(dec.layers, x, meta)
+        x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
         return self.lm_logits(x) + self.final_logits_bias

@@ -170,15 +170,16 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.final_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
 
-    def forward(self, x, cu_seqlens, max_seqlen, rel_bias=None):
-        """x: [T, d] -> [T, d]."""
+    def forward(self, x, cu_seqlens, max_seqlen, rel_bias=None, residual=None):
+        """(x, residual) [T, d] -> (x, residual): see ``run_layers``."""
         if self.pre_norm:
-            a = self.self_attn.encoder(self.self_attn_layer_norm(x), cu_seqlens, max_seqlen, rel_bias)
-            h, x = self.final_layer_norm.add(a, x)
-            return x + self.mlp(h)
+            h, residual = _pre_norm(self.self_attn_layer_norm, x, residual)
+            a = self.self_attn.encoder(h, cu_seqlens, max_seqlen, rel_bias)
+            h, residual = self.final_layer_norm.add(a, residual)
+            return self.mlp(h), residual
         a = self.self_attn.encoder(x, cu_seqlens, max_seqlen, rel_bias)
         x = self.self_attn_layer_norm.add(a, x)[0]
-        return self.final_layer_norm.add(self.mlp(x), x)[0]
+        return self.final_layer_norm.add(self.mlp(x), x)[0], None
 
 
 class DecoderLayer(nn.Module):
@@ -192,13 +193,49 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.final_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
 
-    def forward(self, x, meta: AttentionMetadata, rel_bias=None):
-        """x: [Tq, d] new decoder tokens -> [Tq, d]."""
+    def forward(self, x, meta: AttentionMetadata, rel_bias=None, residual=None):
+        """(x, residual) [Tq, d] new decoder tokens -> (x, residual): see ``run_layers``."""
         if self.pre_norm:
-            a = self.self_attn.decoder_self(self.self_attn_layer_norm(x), meta, rel_bias)
-            h, x = self.encoder_attn_layer_norm.add(a, x)
-            h, x = self.final_layer_norm.add(self.encoder_attn.cross(h, meta), x)
-            return x + self.mlp(h)
+            h, residual = _pre_norm(self.self_attn_layer_norm, x, residual)
+            a = self.self_attn.decoder_self(h, meta, rel_bias)
+            h, residual = self.encoder_attn_layer_norm.add(a, residual)
+            h, residual = self.final_layer_norm.add(self.encoder_attn.cross(h, meta), residual)
+            return self.mlp(h), residual
         x = self.self_attn_layer_norm.add(self.self_attn.decoder_self(x, meta, rel_bias), x)[0]
         x = self.encoder_attn_layer_norm.add(self.encoder_attn.cross(x, meta), x)[0]
-        return self.final_layer_norm.add(self.mlp(x), x)[0]
+        return self.final_layer_norm.add(self.mlp(x), x)[0], None
+
+
+def _pre_norm(norm: Norm, x, residual):
+    """(norm(x + residual), x + residual); the first layer has no pending residual."""
+    return (norm(x), x) if residual is None else norm.add(x, residual)
+
+
+# Called with i before layer i > 0 of every ``run_layers`` stack when set: CUDA-graph capture
+# uses it to cut a decode step into several graphs at layer boundaries (engine/cuda_graphs.py).
+layer_boundary_hook = None
+
+
+def run_layers(layers, x, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a stack of encoder or decoder layers; ``args`` follow x in their forward.
+
+    Returns (x, residual): the hidden state is x + residual. Pre-norm layers leave their last
+    residual sum to the next norm (its fused add), one elementwise kernel less per layer; the
+    stack's final norm takes it through ``final_norm``. Post-norm layers return residual None."""
+    residual = None
+    for i, layer in enumerate(layers):
+        if i and layer_boundary_hook is not None:
+            layer_boundary_hook(i)
+        x, residual = layer(x, *args, residual=residual)
+    return x, residual
+
+
+def final_norm(norm: Norm | None, x, residual, rows=None) -> torch.Tensor:
+    """norm(x + residual) of the given rows (all when ``rows`` is None); residual may be None, and
+    without a norm the plain sum."""
+    if rows is not None:
+        x = x[rows]
+        residual = None if residual is None else residual[rows]
+    if norm is None:
+        return x if residual is None else x + residual
+    return norm(x) if residual is None else norm.add(x, residual)[0]

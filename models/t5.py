@@ -20,7 +20,7 @@ from torch import nn
 
 from kernels import RelBias
 from models.base import AttentionMetadata, CacheSpec, EncoderBatch
-from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm
+from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
 from models.text import TextEncDecModel
 
 # T5 has no absolute positions; the relative bias extends to any length. This only bounds what a
@@ -142,17 +142,15 @@ class T5(TextEncDecModel):
         """batch.inputs: [T] packed token ids -> [T, d]."""
         enc = self.encoder
         x = self.shared(batch.inputs)
-        for layer in enc.layers:
-            x = layer(x, batch.cu_seqlens, batch.max_seqlen, enc.rel_bias)
-        return enc.layer_norm(x)
+        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, enc.rel_bias)
+        return final_norm(enc.layer_norm, x, residual)
 
     def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
         """tokens: [Tq] new tokens -> [N, V]. Positions are implicit (relative bias over the cache)."""
         dec = self.decoder
         x = self.shared(tokens)
-        for layer in dec.layers:
-            x = layer(x, meta, dec.rel_bias)
-        x = dec.layer_norm(x[meta.logits_indices])
+        x, residual = run_layers(dec.layers, x, meta, dec.rel_bias)
+        x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
         if self.output_scale != 1.0:
             x = x * self.output_scale
         return self.lm_logits(x)

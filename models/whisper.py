@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch
-from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm
+from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
 
 SAMPLE_RATE = 16000
 N_SAMPLES = 30 * SAMPLE_RATE  # 480000 samples: one 30 s window
@@ -104,14 +104,12 @@ class Whisper(EncDecModel):
         x = (
             (x + enc.embed_positions.weight[: x.shape[1]]).reshape(-1, x.shape[-1]).contiguous()
         )  # [B*1500, d]
-        for layer in enc.layers:
-            x = layer(x, batch.cu_seqlens, batch.max_seqlen)
-        return enc.layer_norm(x)
+        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen)
+        return final_norm(enc.layer_norm, x, residual)
 
     def decode(self, tokens, positions, meta: AttentionMetadata):
         dec = self.decoder
         x = dec.embed_tokens(tokens) + dec.embed_positions(positions)
-        for layer in dec.layers:
-            x = layer(x, meta)
-        x = dec.layer_norm(x[meta.logits_indices])
+        x, residual = run_layers(dec.layers, x, meta)
+        x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
         return F.linear(x, dec.embed_tokens.weight)
