@@ -56,6 +56,19 @@ def _on(dev: torch.device, data) -> torch.Tensor:
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
+_CONSTANTS: dict[tuple[torch.device, float], torch.Tensor] = {}
+
+
+def _set(x: torch.Tensor, index, value: float) -> None:
+    """``x[index] = value`` with advanced indexing, without a host sync: a Python number would be
+    copied to the device from pageable memory on every call, which waits for the GPU to finish
+    the step (a device-side constant is reused instead)."""
+    key = (x.device, value)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(value, dtype=torch.float32, device=x.device)
+    x[index] = _CONSTANTS[key]
+
+
 def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Apply every request's logits rules in place. logits: [B, V] float32, row i = seqs[i].
 
@@ -98,18 +111,18 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                 forced_rows.append(i)
                 forced_toks.append(token)
     for tokens, rows in suppress.values():
-        logits[_on(dev, rows).unsqueeze(1), _on(dev, tokens)] = NEG_INF
+        _set(logits, (_on(dev, rows).unsqueeze(1), _on(dev, tokens)), NEG_INF)
     if ban_rows:
-        logits[_on(dev, ban_rows), _on(dev, ban_toks)] = NEG_INF
+        _set(logits, (_on(dev, ban_rows), _on(dev, ban_toks)), NEG_INF)
     for tokens, rows in allowed.values():
         r, t = _on(dev, rows).unsqueeze(1), _on(dev, tokens)
         keep = logits[r, t]
-        logits[r] = NEG_INF
+        _set(logits, r, NEG_INF)
         logits[r, t] = keep
     if forced_rows:
         r = _on(dev, forced_rows)
-        logits[r] = NEG_INF
-        logits[r, _on(dev, forced_toks)] = 0.0
+        _set(logits, r, NEG_INF)
+        _set(logits, (r, _on(dev, forced_toks)), 0.0)
     apply_timestamp_rules(logits, seqs)
     return logits
 
@@ -186,7 +199,7 @@ def apply_timestamp_rules(logits: torch.Tensor, seqs: list[Sequence]) -> None:
         for hi in (r.eot, tb):  # rows banning the text tokens below ``hi``
             ban = [j for j, b in enumerate(bounds) if b[0] == hi]
             if ban:
-                x[_on(dev, ban), :hi] = NEG_INF
+                _set(x, (_on(dev, ban), slice(None, hi)), NEG_INF)
         lo_hi = _on(dev, [(b[1], b[2]) for b in bounds]) - tb  # [R, 2] allowed timestamp range
         col = torch.arange(vocab - tb, device=dev)[None, :]  # [1, n_timestamps]
         ts = x[:, tb:]  # [R, n_timestamps] view
