@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.register_assert_rewrite("tests.transcribe_clips")  # its checks report values, as in test files
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_AUDIO_DIR = REPO_ROOT / "examples" / "audio"
 

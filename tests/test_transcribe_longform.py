@@ -100,6 +100,24 @@ def test_sequential_batched_across_files_equals_one_by_one(tiny_engine, clips):
     assert t.segments[-1].end <= t.duration + 0.01
 
 
+def test_sequential_word_timestamps_start_the_next_window_at_the_last_word(tiny_engine, clips):
+    """openai-whisper with word timestamps: a window that does not end in a single timestamp is
+    followed by one starting at its last word's end, not at its last timestamp pair (a last word
+    running past that pair would otherwise overlap the next window's first one)."""
+    path, _, truth = clips["a"]
+    t = run(tiny_engine, [path], long_form="sequential", word_timestamps=True)["a"]
+    windows: dict[int, list] = {}
+    for s in t.segments:
+        windows.setdefault(s.seek, []).append(s)
+    seeks = sorted(windows)
+    assert (
+        len(seeks) == 2
+    )  # tiny.en's first window ends in a timestamp pair at 26.00 s, its last word at 25.44
+    assert seeks[1] == round(windows[seeks[0]][-1].words[-1].end * 100)
+    tc.check_word_segment_times(t.segments, truth)  # no overlaps, edges at the speech
+    assert tc.word_error_rate(" ".join(x.text for x in truth), t.text) <= 0.2
+
+
 @pytest.fixture(scope="module")
 def hf_tiny(tiny_engine, tiny_en_dir):
     cfg, state, _ = load_ctranslate2_whisper(tiny_en_dir)

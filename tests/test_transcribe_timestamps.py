@@ -3,7 +3,6 @@ tiny.en timestamp tokens identical to transformers' ``generate(return_timestamps
 segment times against synthetic speech whose sentence boundaries are known."""
 
 import random
-import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -31,11 +30,8 @@ SENTENCES = [
     "I will send you the report tomorrow morning.",
     "Please close the door when you leave.",
 ]
-TOLERANCE = 0.5  # seconds
-
-
-def words(s: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]", " ", s.lower()).split()
+TOLERANCE = transcribe_clips.TOLERANCE
+words = transcribe_clips.words
 
 
 # ---- the rule itself, on random logits -----------------------------------------------------------
@@ -183,8 +179,16 @@ def test_timestamp_tokens_identical_to_transformers(tiny_engine, hf_tiny, exampl
 
 
 def _check_against_truth(segments, truth, text):
-    """Every sentence lies inside one segment (+- TOLERANCE); no segment edge cuts into a sentence
-    by more than TOLERANCE (edges fall in the pauses); no segment is pure silence; times increase."""
+    """Segment times from the timestamp tokens alone (no word timestamps). tiny.en's timestamps are
+    whole seconds on these clips, so a segment edge lands somewhere in a pause, not at the speech:
+    on the 16 s clip the segments are 0-3, 3-7, 7-12, 12-16 s for speech at 0.80-2.41, 4.41-6.27,
+    7.47-9.89, 12.89-14.78 s (edges up to 2.1 s from the speech). So what is asserted is: every
+    sentence lies inside one segment (+- TOLERANCE); every segment edge lies in a pause or outside
+    the speech, cutting into no sentence by more than TOLERANCE (a boundary between two segments lies
+    between the end of one sentence - TOLERANCE and the start of the next + TOLERANCE); every
+    segment contains a sentence's midpoint (none is pure silence); times increase. Times shifted by
+    a window offset, or in frames instead of seconds, fail all of these. Edges within TOLERANCE of
+    the speech come with word timestamps (``transcribe_clips.check_word_segment_times``)."""
     for t in truth:
         assert any(s.start - TOLERANCE <= t.start and t.end <= s.end + TOLERANCE for s in segments), (
             t,

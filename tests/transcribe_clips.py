@@ -1,8 +1,11 @@
 """Synthetic speech with known timing for the transcription tests: espeak-ng sentences separated
-by silences of chosen lengths, so the true start and end of every sentence are known."""
+by silences of chosen lengths, so the true start and end of every sentence are known; and the checks
+of transcripts against that truth."""
 
 from __future__ import annotations
 
+import math
+import re
 import shutil
 import subprocess
 import tempfile
@@ -23,8 +26,31 @@ SENTENCES = [
     "The train to the city leaves at eight o'clock.",
     "She bought three apples and a loaf of bread.",
 ]
+MORE_SENTENCES = [  # distinct text for long clips (repeated text invites loops in prompted windows)
+    "The meeting starts at ten in the small room.",
+    "Our team finished the new design last week.",
+    "Can you call the doctor before noon?",
+    "The children are playing football in the garden.",
+    "He forgot his umbrella at the office again.",
+    "The library is closed on Sunday afternoons.",
+    "We need more paper for the printer downstairs.",
+    "The river is quiet and the water is cold.",
+    "I read a good book about old ships.",
+    "Dinner will be ready in twenty minutes.",
+    "The store on the corner sells fresh fish.",
+    "Turn left at the bridge and walk to the church.",
+    "My sister lives in a house near the sea.",
+    "The bus was late because of the snow.",
+    "Please write your name at the top of the page.",
+    "The coffee machine in the kitchen is broken.",
+    "They are planning a trip to the mountains in June.",
+    "The price of the tickets went up this year.",
+    "Remember to water the plants on Friday.",
+    "The dog sleeps under the table after dinner.",
+]
 SAMPLE_RATE = 16000
 SPEECH_RMS_FRACTION = 0.02  # a 10 ms frame is speech when its RMS exceeds this share of the peak RMS
+TOLERANCE = 0.5  # seconds: how far a segment edge may lie from the speech boundary it marks
 
 
 @dataclass(frozen=True)
@@ -51,13 +77,26 @@ def speak(text: str, voice: str = "en-us", wpm: int = 150) -> np.ndarray:
     return np.ascontiguousarray(audio[on[0] * hop : (on[-1] + 1) * hop], dtype=np.float32)
 
 
-def build(parts: list[str | float], voice: str = "en-us", wpm: int = 150) -> tuple[np.ndarray, list[Spoken]]:
+@dataclass(frozen=True)
+class Say:
+    """A sentence in its own voice and speed (``build`` speaks a plain str in its defaults)."""
+
+    text: str
+    voice: str
+    wpm: int
+
+
+def build(
+    parts: list[str | Say | float], voice: str = "en-us", wpm: int = 150
+) -> tuple[np.ndarray, list[Spoken]]:
     """``parts``: sentences and silences (seconds), in order -> (audio, where each sentence is)."""
     chunks, spoken, t = [], [], 0
     for p in parts:
         if isinstance(p, str):
-            a = speak(p, voice, wpm)
-            spoken.append(Spoken(p, t / SAMPLE_RATE, (t + len(a)) / SAMPLE_RATE))
+            p = Say(p, voice, wpm)
+        if isinstance(p, Say):
+            a = speak(p.text, p.voice, p.wpm)
+            spoken.append(Spoken(p.text, t / SAMPLE_RATE, (t + len(a)) / SAMPLE_RATE))
         else:
             a = np.zeros(round(p * SAMPLE_RATE), np.float32)
         chunks.append(a)
@@ -68,3 +107,61 @@ def build(parts: list[str | float], voice: str = "en-us", wpm: int = 150) -> tup
 def write(path: Path, audio: np.ndarray) -> Path:
     sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
     return path
+
+
+# ---- transcripts against the truth ---------------------------------------------------------------
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation, for comparing transcripts."""
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower()).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance (substitutions, insertions, deletions) / reference words."""
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))  # distances from ref[:i] to each hyp[:j]
+    for i, r in enumerate(ref, 1):
+        diag, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (r != h))
+    return row[-1] / max(len(ref), 1)
+
+
+def sentences_in(segment, truth: list[Spoken]) -> list[Spoken]:
+    """The sentences whose midpoint lies inside ``segment`` (anything with start and end)."""
+    return [t for t in truth if segment.start <= (t.start + t.end) / 2 <= segment.end]
+
+
+def check_word_segment_times(segments, truth: list[Spoken], tolerance: float = TOLERANCE) -> None:
+    """Segment times with word timestamps on (a segment runs from its first word's start to its last
+    word's end) against the true sentences. For each segment, with S the sentences it contains
+    (never none: no segment is placed in silence):
+
+    - a window's first segment starts in the pause before S[0], +- ``tolerance``: the alignment
+      anchors a window's first word at the window's first frame (openai-whisper's does too) and its
+      long-first-word heuristic only trims it to twice the median word length, so that start is
+      early by up to the pause (windows start in pauses: at a timestamp or a word end);
+    - any other segment starts within ``tolerance`` of S[0]'s start;
+    - it ends in the pause after S[-1], +- ``tolerance``: never early by more than ``tolerance``,
+      but the alignment gives a pause to the word before it, so an end can run late into the pause
+      (tiny.en: up to 1.4 s in the 3.6-minute clip, 1.05 s in the 16 s clip);
+    - its words lie inside it; segments and words follow each other without overlapping.
+    """
+    for i, s in enumerate(segments):
+        inside = sentences_in(s, truth)
+        assert inside, f"segment {s.start}-{s.end} {s.text!r} contains no speech"
+        first, last = truth.index(inside[0]), truth.index(inside[-1])
+        pause_from = truth[first - 1].end if first else 0.0
+        pause_to = truth[last + 1].start if last + 1 < len(truth) else math.inf
+        where = (s.start, s.end, s.text, inside[0].start, inside[-1].end)
+        if i == 0 or segments[i - 1].seek != s.seek:  # the window's first segment
+            assert pause_from - tolerance <= s.start <= inside[0].start + tolerance, where
+        else:
+            assert abs(s.start - inside[0].start) <= tolerance, where
+        assert inside[-1].end - tolerance <= s.end <= pause_to + tolerance, where
+        assert s.words and s.words[0].start == s.start and s.words[-1].end == s.end, where
+    assert all(a.end <= b.start for a, b in zip(segments, segments[1:]))
+    timed = [w for s in segments for w in s.words]
+    assert all(w.start <= w.end for w in timed)
+    assert all(a.end <= b.start for a, b in zip(timed, timed[1:]))

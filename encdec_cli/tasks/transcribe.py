@@ -7,7 +7,8 @@ engine so the batch stays full:
   (``encdec_cli.io.audio``) and all windows of all files are decoded independently, at once.
 - ``sequential``: openai-whisper's algorithm. Each file is a stream of 30 s windows over its
   log-mel spectrogram; the next window starts at the last complete timestamp of the previous one
-  and may be prompted with its text. A file has one window in flight at a time; many files run
+  (with word timestamps: at its last word's end, unless it ended in a single timestamp) and may be
+  prompted with its text. A file has one window in flight at a time; many files run
   side by side, each submitting its next window as soon as the previous one is done (the request
   iterator yields None meanwhile).
 
@@ -168,7 +169,8 @@ class Transcriber:
         self.files: dict[int, _File] = {}  # in progress, by input order
         self.finished: set[int] = set()
         self.pending: deque[Request] = deque()
-        self.align_q: deque[tuple[AlignJob, _Stream, list[Segment], float]] = deque()
+        # (job, stream, its segments, window start in seconds, frames to advance after the words or None)
+        self.align_q: deque[tuple[AlignJob, _Stream, list[Segment], float, int | None]] = deque()
         self.on_done, self.on_audio = on_done, on_audio
         try:
             for result in self.engine.generate(self._requests(audio_q)):
@@ -385,11 +387,13 @@ class Transcriber:
         """Stitch the window's segments into its stream and move the stream on (openai-whisper:
         to the last complete timestamp pair, or past the window)."""
         st, opts = w.stream, self.opts
+        single_ending = False  # the window ended in a single timestamp (fully transcribed)
         if stats.is_silence(opts):
             frames, pieces = w.frames, []
         elif opts.timestamps:
             parsed = parse_timestamps(tokens, self.prompts.vocab.timestamp_begin, w.frames, keep_tail=False)
             frames, pieces = parsed.seek_frames, [(p.start, p.end, p.tokens) for p in parsed.pieces]
+            single_ending = parsed.single_ending
         else:
             frames, pieces = w.frames, [(0.0, w.frames / FRAMES_PER_SECOND, tokens)]
         duration, offset = w.frames / FRAMES_PER_SECOND, w.offset
@@ -416,16 +420,24 @@ class Transcriber:
                 )
             )
         st.segments += new
+        if pieces:
+            st.tokens += kept
+            if not opts.condition_on_previous_text or stats.temperature > 0.5:
+                st.prompt_from = len(st.tokens)  # a high temperature's text is no reliable prompt
+        # openai-whisper with word timestamps: unless the window ended in a single timestamp, the
+        # next sequential window starts at the last word's end, known once the words are aligned
+        after_words = self.sequential and self.aligner is not None and bool(new) and not single_ending
         if new and self.aligner is not None:  # word timings later, in a batch with other windows
             st.file.aligning += 1
             text = [t for seg in new for t in seg.tokens]
             language = st.file.language or "en"
             job = AlignJob(w.features, self.prompts.sot_sequence(language), text, w.frames, language)
-            self.align_q.append((job, st, new, offset))
-        if pieces:
-            st.tokens += kept
-            if not opts.condition_on_previous_text or stats.temperature > 0.5:
-                st.prompt_from = len(st.tokens)  # a high temperature's text is no reliable prompt
+            self.align_q.append((job, st, new, offset, frames if after_words else None))
+        if not after_words:
+            self._advance(st, frames)
+
+    def _advance(self, st: _Stream, frames: int) -> None:
+        """Move the stream ``frames`` mel frames on and submit its next window."""
         st.seek += frames
         if self.sequential and self.on_audio:
             self.on_audio(frames / FRAMES_PER_SECOND)
@@ -435,9 +447,14 @@ class Transcriber:
         """Word timings for up to ALIGN_BATCH finished windows (one teacher-forced pass)."""
         batch = [self.align_q.popleft() for _ in range(min(ALIGN_BATCH, len(self.align_q)))]
         timings = self.aligner.align([job for job, *_ in batch])
-        for (_, st, segments, offset), words in zip(batch, timings):
+        for (_, st, segments, offset, frames), words in zip(batch, timings):
             st.last_speech = add_word_timestamps(segments, words, offset, st.last_speech)
             st.file.aligning -= 1
+            if frames is not None:  # the stream waits: its next window starts at the last word's end
+                end = next((wd.end for s in reversed(segments) for wd in reversed(s.words)), segments[-1].end)
+                if end > offset:  # so the next window's words never overlap this one's
+                    frames = max(round((end - st.offset) * FRAMES_PER_SECOND) - st.seek, 1)
+                self._advance(st, frames)
             self._maybe_finish(st.file)
 
     # ---- results --------------------------------------------------------------------------------

@@ -217,6 +217,7 @@ class TimedPiece:
 class ParsedWindow:
     pieces: list[TimedPiece]  # closed segments (and, with ``keep_tail``, the unfinished last one)
     seek_frames: int  # mel frames consumed: where the next sequential window starts
+    single_ending: bool  # the tokens end in one timestamp after text: the window was fully transcribed
 
 
 def parse_timestamps(tokens: list[int], timestamp_begin: int, frames: int, keep_tail: bool) -> ParsedWindow:
@@ -236,7 +237,7 @@ def parse_timestamps(tokens: list[int], timestamp_begin: int, frames: int, keep_
         end = duration
         if stamps and stamps[-1] != timestamp_begin:
             end = (stamps[-1] - timestamp_begin) * TIME_PRECISION
-        return ParsedWindow([TimedPiece(0.0, end, list(tokens))], frames)
+        return ParsedWindow([TimedPiece(0.0, end, list(tokens))], frames, single_ending)
     if single_ending:
         cuts.append(len(tokens))
     pieces, last = [], 0
@@ -251,14 +252,14 @@ def parse_timestamps(tokens: list[int], timestamp_begin: int, frames: int, keep_
         )
         last = cut
     if single_ending:
-        return ParsedWindow(pieces, frames)
+        return ParsedWindow(pieces, frames, True)
     if not keep_tail:
-        return ParsedWindow(pieces, (tokens[last - 1] - timestamp_begin) * INPUT_STRIDE)
+        return ParsedWindow(pieces, (tokens[last - 1] - timestamp_begin) * INPUT_STRIDE, False)
     tail = tokens[last:]
     if any(t < timestamp_begin for t in tail):
         start = (tail[0] - timestamp_begin) * TIME_PRECISION if is_ts[last] else pieces[-1].end
         pieces.append(TimedPiece(start, max(duration, start), tail))
-    return ParsedWindow(pieces, frames)
+    return ParsedWindow(pieces, frames, False)
 
 
 @dataclass

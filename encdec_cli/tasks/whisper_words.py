@@ -246,8 +246,9 @@ def add_word_timestamps(
     segments: list[Segment], alignment: list[WordTiming], window_start: float, last_speech: float
 ) -> float:
     """Give ``segments`` (one window's, in order) their words, and move their start/end to the speech
-    (openai-whisper's ``add_word_timestamps``, with its long-word heuristics). Returns the new
-    last-speech time (seconds from the file start)."""
+    (openai-whisper's ``add_word_timestamps``, with its long-word heuristics): a segment with words
+    runs from its first word's start to its last word's end. Returns the new last-speech time
+    (seconds from the file start)."""
     durations = np.array([t.end - t.start for t in alignment])
     durations = durations[durations.nonzero()]
     median = min(0.7, float(np.median(durations))) if len(durations) else 0.0
@@ -290,12 +291,11 @@ def add_word_timestamps(
             # prefer the segment's own start/end when the first/last word runs too long
             if seg.start < first.end and seg.start - 0.5 > first.start:
                 first.start = max(0.0, min(first.end - median, seg.start))
-            else:
-                seg.start = first.start
             if seg.end > last.start and seg.end + 0.5 < last.end:
                 last.end = max(last.start + median, seg.end)
-            else:
-                seg.end = last.end
+            # the segment spans its words: openai-whisper keeps the segment's own time in the two
+            # cases above, which can leave the first/last word up to `median` outside its segment
+            seg.start, seg.end = first.start, last.end
             last_speech = seg.end
         seg.words = words
     return last_speech
