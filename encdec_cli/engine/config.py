@@ -18,6 +18,9 @@ class EngineConfig:
     max_source_len: int | None = None  # encoder tokens per request; None: model limit, at most 4096
     profile: bool = False  # time each step phase (synchronizes the GPU: slower)
     max_target_len: int | None = None  # decoder tokens per sequence; None: model limit, at most 1024
+    # greedy steps whose logits rules depend only on token counts launch the next step's model run
+    # before their tokens reach the host (GPU and host overlap; see Engine._choose_and_run_ahead)
+    lookahead: bool = True
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

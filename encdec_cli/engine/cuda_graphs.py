@@ -46,11 +46,20 @@ class CudaGraphs:
         self.cross_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.idx = torch.arange(n, dtype=torch.long, device=dev)
-        # one pinned host buffer per step: tokens, positions, slots, self lens, cross lens (a step
-        # of padded batch b uses its first 5 * b values as [5, b])
-        self.host = torch.zeros(5 * n, dtype=torch.long, pin_memory=True)
-        self.host_self = torch.zeros(n, runner.self_width, dtype=torch.int32, pin_memory=True)
-        self.host_cross = torch.zeros(n, runner.cross_width, dtype=torch.int32, pin_memory=True)
+        # Pinned host buffers, two sets used in turn (a step may be prepared while the previous
+        # step's copies are still queued; an event says when a set is free again): tokens,
+        # positions, slots, self lens, cross lens (a step of padded batch b uses the first 5 * b
+        # values as [5, b]), then the block tables.
+        self.host_sets = [
+            (
+                torch.zeros(5 * n, dtype=torch.long, pin_memory=True),
+                torch.zeros(n, runner.self_width, dtype=torch.int32, pin_memory=True),
+                torch.zeros(n, runner.cross_width, dtype=torch.int32, pin_memory=True),
+                torch.cuda.Event(),
+            )
+            for _ in range(2)
+        ]
+        self.turn = 0
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # batch -> its segments, in order
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
@@ -96,34 +105,42 @@ class CudaGraphs:
         self.capture_seconds = time.perf_counter() - start
         self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
 
-    def run(self, runner, seqs, srows: np.ndarray, crows: np.ndarray) -> torch.Tensor:
+    def run(self, runner, seqs, srows: np.ndarray, crows: np.ndarray, next_tokens=None) -> torch.Tensor:
+        """Replay the graph of the step's padded batch size; ``next_tokens``: see runner.decode."""
         n = len(seqs)
         b = next(s for s in self.sizes if s >= n)
+        flat, host_self, host_cross, free = self.host_sets[self.turn]
+        self.turn ^= 1
+        free.synchronize()  # this set's copies of two steps ago are done
         # the step's first 5 * b values, contiguous: a strided pinned slice would be staged through
         # pageable memory by .to(), a copy that blocks the host until the GPU is idle
-        host = self.host.view(-1)[: 5 * b].view(5, b)
+        host = flat[: 5 * b].view(5, b)
         h = host.numpy()
         bs = runner.block_size
+        ahead = next_tokens is not None
         for i, s in enumerate(seqs):
-            pos = len(s.tokens) - 1
+            pos = len(s.tokens) - (not ahead)
             h[0, i], h[1, i] = s.tokens[-1], pos
             h[2, i] = s.block_table[pos // bs] * bs + pos % bs
-            h[3, i], h[4, i] = len(s.tokens), s.group.encoder_len
+            h[3, i], h[4, i] = pos + 1, s.group.encoder_len
         # padding rows: token 0 at position 0, write nowhere, read one key (every value of the
         # [5, b] view is set: its layout changes with b, stale values would index out of range)
         h[0, n:b], h[1, n:b], h[2, n:b], h[3, n:b], h[4, n:b] = 0, 0, -1, 1, 1
-        self.host_self.numpy()[:n] = runner.self_tables[srows]
-        self.host_cross.numpy()[:n] = runner.cross_tables[crows]
-        self.host_self.numpy()[n:b] = 0
-        self.host_cross.numpy()[n:b] = 0
+        host_self.numpy()[:n] = runner.self_tables[srows]
+        host_cross.numpy()[:n] = runner.cross_tables[crows]
+        host_self.numpy()[n:b] = 0
+        host_cross.numpy()[n:b] = 0
         dev = host.to(runner.device, non_blocking=True)
+        self.self_tables[:b].copy_(host_self[:b], non_blocking=True)
+        self.cross_tables[:b].copy_(host_cross[:b], non_blocking=True)
+        free.record()
         self.tokens[:b].copy_(dev[0])
+        if ahead:
+            self.tokens[:n].copy_(next_tokens)
         self.positions[:b].copy_(dev[1])
         self.slots[:b].copy_(dev[2])
         self.self_lens[:b].copy_(dev[3])
         self.cross_lens[:b].copy_(dev[4])
-        self.self_tables[:b].copy_(self.host_self[:b], non_blocking=True)
-        self.cross_tables[:b].copy_(self.host_cross[:b], non_blocking=True)
         for g in self.graphs[b]:
             g.replay()
         return self.outputs[b][:n]

@@ -78,7 +78,13 @@ class Engine:
             self.blocks,
         )
         self._order = 0
-        # seconds per step phase when config.profile is on; always: "steps", "oom_recoveries"
+        # (rows, logits) of a step launched ahead by the previous one (see _choose_and_run_ahead)
+        self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
+        self._host_tokens = torch.empty(
+            self.config.max_num_seqs, dtype=torch.long, pin_memory=self.device.type == "cuda"
+        )
+        # seconds per step phase when config.profile is on; always: "steps", "ahead_steps" (steps
+        # launched by the previous one, see _choose_and_run_ahead), "oom_recoveries"
         self.stats: dict[str, float] = {}
         self._last_tick = time.perf_counter()
 
@@ -127,6 +133,7 @@ class Engine:
                 else:
                     self.scheduler.add(group)
             if self.scheduler.idle:
+                self._ahead = None  # rows that all finished (stop tokens) while it was launched
                 if exhausted:
                     return
                 continue
@@ -181,6 +188,7 @@ class Engine:
         together (floor 1), and free the allocator's cached blocks. Only a request that ran alone
         becomes an error Result: it cannot fit at all."""
         self.stats["oom_recoveries"] = self.stats.get("oom_recoveries", 0) + 1
+        self._ahead = None  # its rows are preempted with the rest and recomputed
         sched = self.scheduler
         groups = sched.preempt_all()
         if self.device.type == "cuda":
@@ -230,36 +238,49 @@ class Engine:
 
     def _step(self) -> Iterator[Result]:
         self._tick("outside")
-        plan = self.scheduler.schedule()
         self.stats["steps"] = self.stats.get("steps", 0) + 1
-        for group, msg in plan.failed:
-            yield Result(group.request.request_id, [], error=msg)
-        self.runner.copy_blocks(plan.copies)
-        self._tick("schedule")
-        if plan.encode:
-            self.runner.encode(plan.encode)
-            self._tick("encode")
-        if not plan.decode:
-            return
-        logits = self.runner.decode(plan.decode)
+        if self._ahead is not None:  # this step's model run was launched by the previous step
+            rows, logits = self._ahead
+            self._ahead = None
+            self.stats["ahead_steps"] = self.stats.get("ahead_steps", 0) + 1
+            live = [i for i, s in enumerate(rows) if s in s.group.seqs]  # rows that hit EOS are dropped
+            decode = [rows[i] for i in live]
+            if not decode:
+                return
+            logits = logits if len(live) == len(rows) else logits[live]
+        else:
+            plan = self.scheduler.schedule()
+            for group, msg in plan.failed:
+                yield Result(group.request.request_id, [], error=msg)
+            self.runner.copy_blocks(plan.copies)
+            self._tick("schedule")
+            if plan.encode:
+                self.runner.encode(plan.encode)
+                self._tick("encode")
+            if not plan.decode:
+                return
+            decode = plan.decode
+            logits = self.runner.decode(decode)
         self._tick("decode")
-        beam_rows = [i for i, s in enumerate(plan.decode) if s.group.params.num_beams > 1]
+        beam_rows = [i for i, s in enumerate(decode) if s.group.params.num_beams > 1]
         if beam_rows:  # beam search applies the logits processors to log-probs (as transformers)
             logits[beam_rows] = torch.log_softmax(logits[beam_rows], -1)
-        process_logits(logits, plan.decode)
+        process_logits(logits, decode)
         now = time.perf_counter()
-        single = [i for i, s in enumerate(plan.decode) if s.group.params.num_beams == 1]
+        single = [i for i, s in enumerate(decode) if s.group.params.num_beams == 1]
         beams: dict[SequenceGroup, list[int]] = {}
-        for i, s in enumerate(plan.decode):
+        for i, s in enumerate(decode):
             if s.group.params.num_beams > 1:
                 beams.setdefault(s.group, []).append(i)
         finished = []
+        if single and len(single) == len(decode) and self._can_run_ahead(decode):
+            tokens, logprobs = self._choose_and_run_ahead(logits, decode), None
+        elif single:
+            seqs = [decode[i] for i in single]
+            tokens, logprobs = choose_tokens(logits[single] if len(single) < len(decode) else logits, seqs)
         if single:
-            seqs = [plan.decode[i] for i in single]
-            tokens, logprobs = choose_tokens(
-                logits[single] if len(single) < len(plan.decode) else logits, seqs
-            )
-            for j, seq in enumerate(seqs):
+            for j, i in enumerate(single):
+                seq = decode[i]
                 self._append(seq, tokens[j], logprobs[j] if logprobs is not None else None)
                 finished.append(seq.group)
         if beams:  # every beam-search request at once: one device-to-host copy per step
@@ -271,6 +292,45 @@ class Engine:
                 self.scheduler.finish(group)
                 yield self._result(group, now)
         self._tick("sample")
+
+    # ---- one step ahead (see EngineConfig.lookahead) -----------------------------------------
+    def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
+        """Whether the next step can be launched before this step's tokens reach the host: every
+        row greedy with logits rules that depend only on token counts (they are applied once the
+        tokens are known), not all rows finishing by length now, no request about to be admitted
+        (it would only wait one step more), and a cache slot for every row's next token."""
+        if not self.config.lookahead or self.scheduler.admits_next_step():
+            return False
+        for s in seqs:
+            p = s.group.params
+            if not p.greedy or not p.count_based_rules:
+                return False
+        if all(s.num_generated + 1 >= s.group.max_new_tokens for s in seqs):
+            return False
+        bs = self.blocks.block_size
+        need = [s for s in seqs if len(s.tokens) >= len(s.block_table) * bs]
+        if len(need) > self.blocks.num_free:
+            return False
+        for s in need:
+            s.block_table += self.blocks.allocate(1)
+        return True
+
+    def _choose_and_run_ahead(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+        """Greedy tokens of this step; on the way, launch the next step's model run with them as
+        its input (device to device) before waiting for them on the host, so the GPU computes the
+        next step while the host does this step's bookkeeping. Rows that this step finishes (a
+        stop token) are computed once more for nothing and dropped by the next step."""
+        tokens = logits.argmax(-1)
+        if self.device.type != "cuda":
+            self._ahead = (seqs, self.runner.decode(seqs, next_tokens=tokens))
+            return tokens.tolist()
+        host = self._host_tokens[: len(seqs)]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        self._ahead = (seqs, self.runner.decode(seqs, next_tokens=tokens))
+        done.synchronize()  # this step's tokens only; the next step keeps running
+        return host.tolist()
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         p = seq.group.params

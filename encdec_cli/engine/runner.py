@@ -143,24 +143,30 @@ class ModelRunner:
             crows[i] = c
         return srows, crows
 
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+    def decode(self, seqs: list[Sequence], next_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder step over every sequence's uncached tokens -> float32 logits [B, vocab] of
-        each sequence's last token."""
+        each sequence's last token.
+
+        ``next_tokens`` ([B] int64 on the device): run the step after the current one, before its
+        tokens are on the host: sequence b's input is next_tokens[b] at position len(tokens) (its
+        cache slot must exist). The caller appends the tokens to the sequences afterwards."""
         self._count_call("decode")
         srows, crows = self._rows(seqs)
-        q_lens = [len(s.tokens) - s.num_cached for s in seqs]
+        ahead = next_tokens is not None
+        q_lens = [1] * len(seqs) if ahead else [len(s.tokens) - s.num_cached for s in seqs]
         if self.graphs is not None and max(q_lens) == 1 and len(seqs) <= self.graphs.max_batch:
-            logits = self.graphs.run(self, seqs, srows, crows)
+            logits = self.graphs.run(self, seqs, srows, crows, next_tokens)
         else:
-            logits = self._eager(seqs, srows, crows, q_lens)
+            logits = self._eager(seqs, srows, crows, q_lens, next_tokens)
         for s in seqs:
-            s.num_cached = len(s.tokens)
+            s.num_cached = len(s.tokens) + ahead
         return logits.float()
 
-    def _eager(self, seqs, srows, crows, q_lens) -> torch.Tensor:
+    def _eager(self, seqs, srows, crows, q_lens, next_tokens=None) -> torch.Tensor:
+        ahead = next_tokens is not None
         tokens, positions, slots = [], [], []
         for s in seqs:
-            start, end = s.num_cached, len(s.tokens)
+            start, end = (len(s.tokens), len(s.tokens) + 1) if ahead else (s.num_cached, len(s.tokens))
             tokens += s.tokens[start:end]
             positions += range(start, end)
             slots += self._slots(s.block_table, start, end)
@@ -172,7 +178,7 @@ class ModelRunner:
             slot_mapping=self._tensor(slots, torch.long),
             self_attn=PagedView(
                 self._tensor(self.self_tables[srows], torch.int32),
-                self._tensor([len(s.tokens) for s in seqs], torch.int32),
+                self._tensor([len(s.tokens) + ahead for s in seqs], torch.int32),
             ),
             cross_attn=PagedView(
                 self._tensor(self.cross_tables[crows], torch.int32),
@@ -180,4 +186,5 @@ class ModelRunner:
             ),
             logits_indices=self._tensor(cu[1:] - 1, torch.long),
         )
-        return self.model.decode(self._tensor(tokens, torch.long), self._tensor(positions, torch.long), meta)
+        token_ids = next_tokens if ahead else self._tensor(tokens, torch.long)
+        return self.model.decode(token_ids, self._tensor(positions, torch.long), meta)

@@ -55,6 +55,22 @@ class Scheduler:
             full
         )
 
+    def _admission_paused(self, num_seqs: int) -> bool:
+        """Batched admission: wait until a slice of the sequence slots is free (or a preempted
+        request waits), so encoder runs stay large instead of one request per finishing sequence."""
+        min_free = max(1, int(self.config.max_num_seqs * ADMIT_MIN_FREE_FRACTION))
+        return (
+            bool(self.running)
+            and self.config.max_num_seqs - num_seqs < min_free
+            and not any(g.preempted for g in self.waiting)
+        )
+
+    def admits_next_step(self) -> bool:
+        """Whether the next ``schedule`` may admit waiting requests (as things stand now)."""
+        return bool(self.waiting) and not self._admission_paused(
+            sum(g.num_seqs_reserved for g in self.running)
+        )
+
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         # 1. Room for every running sequence's next token(s); out of blocks: preempt the newest.
@@ -89,14 +105,7 @@ class Scheduler:
         num_seqs = sum(g.num_seqs_reserved for g in self.running)
         enc_tokens = 0
         still_waiting = []
-        # Admit in batches: wait until a slice of the sequence slots is free (or a preempted request
-        # waits), so encoder runs stay large instead of one request per finishing sequence.
-        min_free = max(1, int(self.config.max_num_seqs * ADMIT_MIN_FREE_FRACTION))
-        if (
-            self.running
-            and self.config.max_num_seqs - num_seqs < min_free
-            and not any(g.preempted for g in self.waiting)
-        ):
+        if self._admission_paused(num_seqs):
             plan.decode = [s for g in self.running for s in g.seqs]
             return plan
         for i, group in enumerate(self.waiting):

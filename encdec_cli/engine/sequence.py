@@ -79,6 +79,19 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0 and self.num_beams == 1
 
+    @property
+    def count_based_rules(self) -> bool:
+        """Whether every logits rule depends only on how many tokens were generated, not on which
+        (so a step can run before the previous tokens are known on the host) and no log-probs are
+        asked for."""
+        return (
+            self.timestamp_rules is None
+            and not self.no_repeat_ngram_size
+            and not self.bad_words_ids
+            and self.repetition_penalty == 1.0
+            and not self.logprobs
+        )
+
 
 @dataclass
 class Request:

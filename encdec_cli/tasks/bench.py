@@ -181,6 +181,7 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         "preemptions": engine.scheduler.num_preemptions,
         "graphs": engine.runner.graphs is not None,
         "steps": engine.stats.get("steps", 0),
+        "ahead_steps": engine.stats.get("ahead_steps", 0),
     }
     if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
         engine.stats = {}

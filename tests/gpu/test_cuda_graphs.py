@@ -31,6 +31,7 @@ def test_graph_sizes():
 
 
 def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
+    """Graphs (steps launched one ahead, EngineConfig.lookahead) against plain eager steps."""
     random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
     loaded = load_ours(tmp_path)
     loaded.model.cuda()
@@ -45,9 +46,9 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
         )
         for i in range(20)
     ]
-    eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20, enforce_eager=True)
+    eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20, enforce_eager=True, lookahead=False)
     graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20)
-    assert graphs == eager
+    assert graphs == eager and engine.stats["ahead_steps"] > 0  # graphs replayed one step ahead
     # preemption and recompute with graphs on: same tokens (pool: 3 cross caches, few output blocks)
     same = [
         Request(
@@ -58,7 +59,8 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
         )
         for r in reqs[:8]
     ]
-    eager, _ = _tokens(loaded, same, num_blocks=4000, block_size=4, max_num_seqs=8, enforce_eager=True)
+    plain = dict(enforce_eager=True, lookahead=False)
+    eager, _ = _tokens(loaded, same, num_blocks=4000, block_size=4, max_num_seqs=8, **plain)
     small, engine = _tokens(loaded, same, num_blocks=3 * 375 + 20, block_size=4, max_num_seqs=8)
     assert engine.scheduler.num_preemptions > 0 and small == eager
 
@@ -100,6 +102,6 @@ def test_bart_mixed_cross_lengths_and_arrivals(tmp_path):
                 yield None
             yield r
 
-    eager, _ = _tokens(loaded, reqs, num_blocks=3000, max_num_seqs=16, enforce_eager=True)
-    graphs, _ = _tokens(loaded, trickle(), num_blocks=3000, max_num_seqs=16)
-    assert graphs == eager
+    eager, _ = _tokens(loaded, reqs, num_blocks=3000, max_num_seqs=16, enforce_eager=True, lookahead=False)
+    graphs, engine = _tokens(loaded, trickle(), num_blocks=3000, max_num_seqs=16)
+    assert graphs == eager and engine.stats["ahead_steps"] > 0
