@@ -17,11 +17,12 @@ beam-search request at once (``beam_step_batch``):
    hypothesis (transformers' heuristic; ``early_stopping`` "never" assumes the longest length).
 
 Batching: the requests of a step that share N and K (the usual case: all of them) go through
-steps 1-4 together. Step 1 gathers their rows into [G, N, V] on the device and takes one ``topk``;
-one copy brings every batch's candidates to the CPU. Steps 2-4 are float32 numpy ops over [G, K]
-and [G, N + K] (a small numpy op costs a fraction of a small torch op; elementwise IEEE arithmetic
-gives torch's values) and two ``torch.topk`` rankings on the same memory; Python per request only
-does the sequence bookkeeping (step 5: slots, forks, blocks).
+steps 1-4 together. Step 1 takes their rows as [G, N, V] on the device (a view when the rows are
+consecutive, the usual case; a gather otherwise) and one ``topk``; one copy brings every batch's
+candidates to the CPU. Steps 2-4 are float32 numpy ops over [G, K] and [G, N + K] (a small numpy op
+costs a fraction of a small torch op; elementwise IEEE arithmetic gives torch's values) and two
+``torch.topk`` rankings on the same memory; Python per request only does the sequence
+bookkeeping (step 5: slots, forks, blocks).
 
 The score arithmetic runs on the same float32 values in the same order as transformers (each
 request's row of every batched op computes exactly what transformers' batch-of-one ops compute),
@@ -110,17 +111,27 @@ def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
     n = groups[0].beam.num_beams
     k = groups[0].beam.beams_to_keep
     dev = logprobs.device
-    # first step: the prompt's one row stands for N copies (running scores [0, -1e9, ...])
-    beam_rows = [r * n if len(r) == 1 < n else r for r in rows]  # [G][N] rows of logprobs
-    row_idx = _on(dev, torch.tensor(beam_rows))
-    running = _on(dev, torch.tensor([g.beam.running_scores for g in groups], dtype=F32))
-    acc = logprobs[row_idx]  # [G, N, V]
-    acc += running[:, :, None]
-    top_scores, top_idx = torch.topk(acc.view(len(groups), -1), k)  # [G, K]
-    parts = [top_scores, top_idx]
-    if any(g.params.logprobs for g in groups):
-        vocab = logprobs.shape[1]
-        parts.append(logprobs[row_idx.gather(1, top_idx // vocab), top_idx % vocab])
+    num, vocab = len(groups), logprobs.shape[1]
+    running = _on(dev, torch.tensor([g.beam.running_scores for g in groups], dtype=F32))  # [G, N]
+    flat = [i for r in rows for i in r]
+    if len(flat) == num * n and flat == list(range(flat[0], flat[0] + len(flat))):
+        # the usual case: every request has its N beams, in consecutive rows: a view, no gather
+        own = logprobs[flat[0] : flat[0] + len(flat)].view(num, n * vocab)  # [G, N * V]
+        acc = own.view(num, n, vocab) + running[:, :, None]
+        top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
+        parts = [top_scores, top_idx]
+        if any(g.params.logprobs for g in groups):
+            parts.append(own.gather(1, top_idx))
+    else:  # a gather: a first step, or rows of requests of another (N, K) in between
+        # first step: the prompt's one row stands for N copies (running scores [0, -1e9, ...])
+        beam_rows = [r * n if len(r) == 1 < n else r for r in rows]  # [G][N] rows of logprobs
+        row_idx = _on(dev, torch.tensor(beam_rows))
+        acc = logprobs[row_idx]  # [G, N, V]
+        acc += running[:, :, None]
+        top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
+        parts = [top_scores, top_idx]
+        if any(g.params.logprobs for g in groups):
+            parts.append(logprobs[row_idx.gather(1, top_idx // vocab), top_idx % vocab])
     return torch.stack([t.double() for t in parts])
 
 

@@ -243,16 +243,25 @@ class Engine:
             return
         logits = self.runner.decode(plan.decode)
         self._tick("decode")
-        beam_rows = [i for i, s in enumerate(plan.decode) if s.group.params.num_beams > 1]
-        if beam_rows:  # beam search applies the logits processors to log-probs (as transformers)
-            logits[beam_rows] = torch.log_softmax(logits[beam_rows], -1)
-        process_logits(logits, plan.decode)
-        now = time.perf_counter()
-        single = [i for i, s in enumerate(plan.decode) if s.group.params.num_beams == 1]
-        beams: dict[SequenceGroup, list[int]] = {}
+        single: list[int] = []  # rows of greedy / sampled sequences
+        beams: dict[SequenceGroup, list[int]] = {}  # beam-search request -> its rows
         for i, s in enumerate(plan.decode):
             if s.group.params.num_beams > 1:
-                beams.setdefault(s.group, []).append(i)
+                rows = beams.get(s.group)
+                if rows is None:
+                    beams[s.group] = [i]
+                else:
+                    rows.append(i)
+            else:
+                single.append(i)
+        if beams:  # beam search applies the logits processors to log-probs (as transformers)
+            if single:
+                beam_rows = [i for rows in beams.values() for i in rows]
+                logits[beam_rows] = torch.log_softmax(logits[beam_rows], -1)
+            else:  # every row (the usual case): no gather and scatter of [B, V]
+                logits = torch.log_softmax(logits, -1)
+        process_logits(logits, plan.decode)
+        now = time.perf_counter()
         finished = []
         if single:
             seqs = [plan.decode[i] for i in single]
