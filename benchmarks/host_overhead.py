@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import hashlib
 import io
 import json
@@ -61,7 +62,7 @@ MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}  
 clock = time.thread_time  # set to time.perf_counter by --wall
 
 
-def tiny_bart(d_model: int, layers: int):
+def tiny_bart(d_model: int, layers: int, vocab: int = VOCAB):
     """A random BART with the real vocabulary, built the way ``encdec bench`` builds its models."""
     from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
 
@@ -69,7 +70,7 @@ def tiny_bart(d_model: int, layers: int):
     from models.registry import architecture_of
 
     cfg = BartConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab,
         d_model=d_model,
         encoder_layers=layers,
         decoder_layers=layers,
@@ -88,12 +89,12 @@ def tiny_bart(d_model: int, layers: int):
     return LoadedModel(ours, None, cfg, GenerationConfig.from_model_config(cfg), arch, Path("random"))
 
 
-def workload(n: int) -> tuple[list[list[int]], list[int]]:
+def workload(n: int, vocab: int = VOCAB) -> tuple[list[list[int]], list[int]]:
     """W3's seeded inputs and target lengths (encdec_cli/tasks/bench.py ``inputs_for``), first n."""
     targets = np.random.default_rng(2).integers(32, 129, n).tolist()
     lens = np.random.default_rng(1).integers(260, 441, n)
     rng = np.random.default_rng(3)
-    return [rng.integers(4, VOCAB - 1, k).tolist() for k in lens], targets
+    return [rng.integers(4, vocab - 1, k).tolist() for k in lens], targets
 
 
 def requests(loaded, inputs, targets, beams: int):
@@ -187,7 +188,7 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
     "steps": n}, {host function: seconds}: ``runner._rows`` always, more in a plain run).
     ``meter``: count and time the ops outside the model's forward; ``prof``: profile the schedule
     and sample phases and ``runner._rows``."""
-    from encdec_cli.engine import Engine, beam, sampling
+    from encdec_cli.engine import Engine, beam
     from encdec_cli.engine import engine as engine_module
 
     engine = Engine(loaded, device="cpu", dtype="float32", **engine_cfg)
@@ -206,10 +207,9 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
             prof.enable() if phase in ("outside", "decode") else prof.disable()
 
     with contextlib.ExitStack() as patches:
-        if meter is None and prof is None:  # the plain run (a timer costs ~1 us a call)
+        if meter is None and prof is None:  # the plain run (a timer costs ~2 us a call: two clock reads)
             _timed(patches, engine.scheduler, "schedule", times, "scheduler.schedule")
             _timed(patches, engine_module, "process_logits", times, "process_logits")
-            _timed(patches, sampling, "banned_ngram_tokens_cached", times, "banned_ngram_tokens_cached")
             _timed(patches, engine_module, "beam_step_batch", times, "beam_step_batch")
             _timed(patches, beam, "_select", times, "beam._select")
             _timed(patches, beam, "_advance", times, "beam._advance")
@@ -235,9 +235,22 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
 
             patches.enter_context(mock.patch.object(engine.model, "decode", unmetered_forward))
             patches.enter_context(meter)
+        gc_start = [0.0]
+
+        def gc_timer(stage: str, info: dict) -> None:  # Python's garbage collector: part of host time
+            if stage == "start":
+                gc_start[0] = clock()
+            else:
+                times[f"gc{info['generation']}"] += clock() - gc_start[0]
+                times[f"gc{info['generation']} runs"] += 1
+
         steps0 = engine.stats.get("steps", 0)
-        last[0] = clock()
-        out = list(engine.generate(reqs))
+        gc.callbacks.append(gc_timer)
+        try:
+            last[0] = clock()
+            out = list(engine.generate(reqs))
+        finally:
+            gc.callbacks.remove(gc_timer)
         phases["steps"] = engine.stats.get("steps", 0) - steps0
     if prof is not None:
         prof.disable()
@@ -263,6 +276,12 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=32)
     ap.add_argument("--layers", type=int, default=1)
+    ap.add_argument(
+        "--vocab",
+        type=int,
+        default=VOCAB,
+        help="a small one (e.g. 1024) leaves almost only the host work in the sample phase",
+    )
     ap.add_argument("--wall", action="store_true", help="wall-clock time instead of this thread's CPU time")
     ap.add_argument("--top", type=int, default=30, help="cProfile entries shown")
     ap.add_argument("--no-cprofile", action="store_true")
@@ -276,8 +295,8 @@ def main() -> None:
     if args.wall:
         clock = time.perf_counter
 
-    loaded = tiny_bart(args.d_model, args.layers)
-    inputs, targets = workload(args.requests)
+    loaded = tiny_bart(args.d_model, args.layers, args.vocab)
+    inputs, targets = workload(args.requests, args.vocab)
     reqs = requests(loaded, inputs, targets, args.beams)
     engine_cfg = dict(
         max_num_seqs=args.max_num_seqs, max_source_len=MAX_POSITIONS, cpu_kv_cache_bytes=2 << 30
@@ -309,7 +328,14 @@ def main() -> None:
         return 1e3 * seconds / steps
 
     print("\n1. plain run: " + ", ".join(f"{p} {ms(phases[p]):.3f}" for p in PHASES))
-    print("   host functions (incl. their ops): " + ", ".join(f"{k} {ms(v):.3f}" for k, v in times.items()))
+    print(
+        "   host functions (incl. their ops): "
+        + ", ".join(f"{k} {ms(v):.3f}" for k, v in times.items() if not k.startswith("gc"))
+    )
+    print(
+        "   garbage collector (within the phases above), by generation: "
+        + ", ".join(f"{k} {ms(times[k]):.3f} ({times[k + ' runs']:.0f} runs)" for k in ("gc0", "gc1", "gc2"))
+    )
 
     overhead = _meter_cost_per_op()
     meter = _OpMeter()
@@ -356,7 +382,7 @@ def main() -> None:
             steps=steps,
             digest=h,
             plain_ms={p: ms(phases[p]) for p in PHASES},
-            functions_ms={k: ms(v) for k, v in times.items()},
+            functions_ms={k: ms(v) for k, v in times.items() if not k.endswith("runs")},
             metered_ms=report,
             host_ms=host,
         )
