@@ -17,9 +17,12 @@ beam-search request at once (``beam_step_batch``):
    hypothesis (transformers' heuristic; ``early_stopping`` "never" assumes the longest length).
 
 Batching: the requests of a step that share N and K (the usual case: all of them) go through
-steps 1-4 together. Step 1 gathers their rows into [G, N, V] on the device and takes one ``topk``;
-one copy brings every batch's candidates to the CPU. Steps 2-4 are CPU tensor ops over [G, K] and
-[G, N + K]; Python per request only does the sequence bookkeeping (step 5: slots, forks, blocks).
+steps 1-4 together. Step 1 takes their rows as [G, N, V] on the device (a view when the rows are
+consecutive, the usual case; a gather otherwise) and one ``topk``; one copy brings every batch's
+candidates to the CPU. Steps 2-4 are float32 numpy ops over [G, K] and [G, N + K] (a small numpy op
+costs a fraction of a small torch op; elementwise IEEE arithmetic gives torch's values) and two
+``torch.topk`` rankings on the same memory; Python per request only does the sequence
+bookkeeping (step 5: slots, forks, blocks).
 
 The score arithmetic runs on the same float32 values in the same order as transformers (each
 request's row of every batched op computes exactly what transformers' batch-of-one ops compute),
@@ -31,12 +34,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.sequence import Completion, Sequence, SequenceGroup
 
 NEG_LARGE = -1.0e9  # transformers' "impossible" score: initial copies, hits, empty slots
+NEG_LARGE_F32 = np.float32(NEG_LARGE)  # exact: 1e9 = 2**9 * 1953125
 F32 = torch.float32
 
 
@@ -64,11 +69,6 @@ class BeamState:
             [False] * num_beams,
             [None] * num_beams,
         )
-
-
-def _column(values: list, dtype: torch.dtype) -> torch.Tensor:
-    """[G, 1] CPU tensor: one value per request, broadcast over its candidates or slots."""
-    return torch.tensor(values, dtype=dtype)[:, None]
 
 
 def beam_step_batch(
@@ -111,78 +111,99 @@ def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
     n = groups[0].beam.num_beams
     k = groups[0].beam.beams_to_keep
     dev = logprobs.device
-    # first step: the prompt's one row stands for N copies (running scores [0, -1e9, ...])
-    beam_rows = [r * n if len(r) == 1 < n else r for r in rows]  # [G][N] rows of logprobs
-    row_idx = _on(dev, torch.tensor(beam_rows))
-    running = _on(dev, torch.tensor([g.beam.running_scores for g in groups], dtype=F32))
-    acc = logprobs[row_idx]  # [G, N, V]
-    acc += running[:, :, None]
-    top_scores, top_idx = torch.topk(acc.view(len(groups), -1), k)  # [G, K]
-    parts = [top_scores, top_idx]
-    if any(g.params.logprobs for g in groups):
-        vocab = logprobs.shape[1]
-        parts.append(logprobs[row_idx.gather(1, top_idx // vocab), top_idx % vocab])
+    num, vocab = len(groups), logprobs.shape[1]
+    running = _on(dev, torch.tensor([g.beam.running_scores for g in groups], dtype=F32))  # [G, N]
+    flat = [i for r in rows for i in r]
+    if len(flat) == num * n and flat == list(range(flat[0], flat[0] + len(flat))):
+        # the usual case: every request has its N beams, in consecutive rows: a view, no gather
+        own = logprobs[flat[0] : flat[0] + len(flat)].view(num, n * vocab)  # [G, N * V]
+        acc = own.view(num, n, vocab) + running[:, :, None]
+        top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
+        parts = [top_scores, top_idx]
+        if any(g.params.logprobs for g in groups):
+            parts.append(own.gather(1, top_idx))
+    else:  # a gather: a first step, or rows of requests of another (N, K) in between
+        # first step: the prompt's one row stands for N copies (running scores [0, -1e9, ...])
+        beam_rows = [r * n if len(r) == 1 < n else r for r in rows]  # [G][N] rows of logprobs
+        row_idx = _on(dev, torch.tensor(beam_rows))
+        acc = logprobs[row_idx]  # [G, N, V]
+        acc += running[:, :, None]
+        top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
+        parts = [top_scores, top_idx]
+        if any(g.params.logprobs for g in groups):
+            parts.append(logprobs[row_idx.gather(1, top_idx // vocab), top_idx % vocab])
     return torch.stack([t.double() for t in parts])
 
 
 def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, blocks: BlockManager) -> None:
-    """Steps 2-5 for G requests sharing (N, K), from their candidates ``packed`` [P, G, K] (CPU)."""
+    """Steps 2-5 for G requests sharing (N, K), from their candidates ``packed`` [P, G, K] (CPU).
+
+    The score arithmetic is float32 numpy (elementwise IEEE operations: the same values as torch's
+    in the same order, at a fraction of a small torch op's cost); the two rankings stay
+    ``torch.topk`` (on the same arrays, no copy) so ties break as in transformers."""
     states: list[BeamState] = [g.beam for g in groups]
     n, k = states[0].num_beams, states[0].beams_to_keep
-    top_scores, top_idx = packed[0].to(F32), packed[1].long()  # [G, K]
-    prompt_len = [g.seqs[0].num_prompt for g in groups]
-    cur_len = [len(g.seqs[0].tokens) for g in groups]  # every running beam of a request has the same length
-    max_len = [p + g.max_new_tokens for p, g in zip(prompt_len, groups, strict=True)]
-    new_len = [c + 1 - p for c, p in zip(cur_len, prompt_len, strict=True)]  # counts the new token
-    lps = [g.params.length_penalty for g in groups]
-    early_true = _column([g.params.early_stopping is True for g in groups], torch.bool)
+    host = packed.numpy()
+    top_scores, top_idx = host[0].astype(np.float32), host[1].astype(np.int64)  # [G, K]
+    # per request (every running beam of a request has the same length)
+    new_len, best_len, lps, stop_lists = [], [], [], []  # new_len counts the new token
+    at_limit, early_true, not_improvable, slot_scores, slot_finished = [], [], [], [], []
+    for g, st in zip(groups, states, strict=True):
+        p, seq = g.params, g.seqs[0]
+        t, lp = len(seq.tokens) + 1 - seq.num_prompt, p.length_penalty
+        new_len.append(t)
+        lps.append(lp)
+        # the early-stop heuristic's length: "never" assumes the longest one (for lp > 0)
+        best_len.append(g.max_new_tokens if p.early_stopping == "never" and lp > 0.0 else t)
+        stop_lists.append(p.stop_token_ids)
+        at_limit.append(t >= g.max_new_tokens)
+        early_true.append(p.early_stopping is True)
+        not_improvable.append(not st.improvable)
+        slot_scores.append(st.slot_scores)
+        slot_finished.append(st.slot_finished)
+    at_limit = np.array(at_limit)[:, None]  # [G, 1]
+    early_true = np.array(early_true)[:, None]  # [G, 1]
 
     # 2. hits, and the running beams for the next step: the N best candidates that did not hit
     cand_beam, cand_tok = top_idx // vocab, top_idx % vocab
-    stop_lists = [list(g.params.stop_token_ids) for g in groups]
-    width = max(1, *map(len, stop_lists))
-    stops = torch.tensor([s + [-1] * (width - len(s)) for s in stop_lists])  # [G, S], -1: none
-    at_limit = _column([c + 1 >= m for c, m in zip(cur_len, max_len, strict=True)], torch.bool)
+    width = max(1, max(map(len, stop_lists)))
+    stops = np.array([s + (-1,) * (width - len(s)) for s in stop_lists], np.int64)  # [G, S], -1: none
     hits = at_limit | (cand_tok[:, :, None] == stops[:, None, :]).any(-1)  # [G, K]
-    masked = top_scores + hits.to(F32) * NEG_LARGE
-    next_idx = torch.topk(masked, n)[1]  # [G, N]
-    next_scores = masked.gather(1, next_idx)
+    masked = top_scores + hits.astype(np.float32) * NEG_LARGE_F32
+    next_idx = torch.topk(torch.from_numpy(masked), n)[1].numpy()  # [G, N]
+    next_scores = np.take_along_axis(masked, next_idx, 1)
 
     # 3. finished hypotheses: hits among the top N, merged with the slots, N best kept
-    did_finish = hits & (torch.arange(k) < n)
-    slot_scores = torch.tensor([st.slot_scores for st in states], dtype=F32)  # [G, N]
-    slot_finished = torch.tensor([st.slot_finished for st in states])
-    cand = top_scores / _column([t**lp for t, lp in zip(new_len, lps, strict=True)], F32)
-    cand += (slot_finished.all(1, keepdim=True) & early_true).to(F32) * NEG_LARGE
-    cand += _column([not st.improvable for st in states], F32) * NEG_LARGE
-    cand += (~did_finish) * NEG_LARGE
-    merged = torch.cat((slot_scores, cand), 1)  # [G, N + K]: the slots, then the candidates
-    keep = torch.topk(merged, n)[1]  # [G, N]
-    slot_scores = merged.gather(1, keep)
-    slot_finished = torch.cat((slot_finished, did_finish), 1).gather(1, keep)
+    did_finish = hits & (np.arange(k) < n)
+    slot_scores = np.array(slot_scores, np.float32)  # [G, N]
+    slot_finished = np.array(slot_finished, bool)
+    pen = np.array([t**lp for t, lp in zip(new_len, lps, strict=True)], np.float32)[:, None]
+    cand = top_scores / pen
+    cand += (slot_finished.all(1, keepdims=True) & early_true).astype(np.float32) * NEG_LARGE_F32
+    cand += np.array(not_improvable, np.float32)[:, None] * NEG_LARGE_F32
+    cand += (~did_finish).astype(np.float32) * NEG_LARGE_F32
+    merged = np.concatenate((slot_scores, cand), 1)  # [G, N + K]: the slots, then the candidates
+    keep = torch.topk(torch.from_numpy(merged), n)[1].numpy()  # [G, N]
+    slot_scores = np.take_along_axis(merged, keep, 1)
+    slot_finished = np.take_along_axis(np.concatenate((slot_finished, did_finish), 1), keep, 1)
 
     # 4. stop rule (transformers' _check_early_stop_heuristic / _beam_search_has_unfinished_sequences)
-    best_len = [
-        m - p if g.params.early_stopping == "never" and lp > 0.0 else t
-        for g, m, p, t, lp in zip(groups, max_len, prompt_len, new_len, lps, strict=True)
-    ]
-    best_possible = next_scores[:, :1] / _column([t**lp for t, lp in zip(best_len, lps, strict=True)], F32)
-    worst_finished = torch.where(slot_finished, slot_scores.min(1, keepdim=True)[0], NEG_LARGE)  # [G, N]
-    improvable = _column([st.improvable for st in states], torch.bool)[:, 0] & (
-        best_possible > worst_finished
-    ).any(1)
+    best_pen = np.array([t**lp for t, lp in zip(best_len, lps, strict=True)], np.float32)[:, None]
+    best_possible = next_scores[:, :1] / best_pen
+    worst_finished = np.where(slot_finished, slot_scores.min(1, keepdims=True), NEG_LARGE_F32)  # [G, N]
+    improvable = ~np.array(not_improvable) & (best_possible > worst_finished).any(1)
     full = slot_finished.all(1) & early_true[:, 0]
     go_on = (improvable & ~full & ~hits.all(1)).tolist()
 
     # 5. per request: the new slots, then the new running beams or the end of the search
-    tok_logprobs = packed[2].to(F32).tolist() if len(packed) > 2 else None
+    tok_logprobs = host[2].astype(np.float32).tolist() if len(host) > 2 else None
     cand_beam, cand_tok, did_finish = cand_beam.tolist(), cand_tok.tolist(), did_finish.tolist()
     next_idx, next_scores, keep = next_idx.tolist(), next_scores.tolist(), keep.tolist()
     slot_scores, slot_finished, improvable = slot_scores.tolist(), slot_finished.tolist(), improvable.tolist()
     for i, (g, st) in enumerate(zip(groups, states, strict=True)):
         want = g.params.logprobs
-        stop = set(g.params.stop_token_ids)
         parents = g.seqs * n if len(g.seqs) == 1 < n else g.seqs
+        beam_i, tok_i = cand_beam[i], cand_tok[i]
         slots = []
         for j in keep[i]:
             c = j - n
@@ -191,7 +212,8 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
             elif did_finish[i][c]:
                 lp = tok_logprobs[i][c] if want else None
                 score = slot_scores[i][len(slots)]
-                slots.append(_hypothesis(parents[cand_beam[i][c]], cand_tok[i][c], stop, score, lp, want))
+                stop = g.params.stop_token_ids
+                slots.append(_hypothesis(parents[beam_i[c]], tok_i[c], stop, score, lp, want))
             else:
                 slots.append(None)
         st.slots, st.slot_scores, st.slot_finished = slots, slot_scores[i], slot_finished[i]
@@ -201,8 +223,8 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
             st.running_scores = next_scores[i]
             _advance(
                 g,
-                [parents[cand_beam[i][c]] for c in chosen],
-                [cand_tok[i][c] for c in chosen],
+                [parents[beam_i[c]] for c in chosen],
+                [tok_i[c] for c in chosen],
                 [tok_logprobs[i][c] for c in chosen] if want else None,
                 st.running_scores,
                 blocks,
@@ -255,7 +277,12 @@ def _on(dev: torch.device, t: torch.Tensor) -> torch.Tensor:
 
 
 def _hypothesis(
-    parent: Sequence, token: int, stop: set[int], score: float, logprob: float | None, want_logprobs: bool
+    parent: Sequence,
+    token: int,
+    stop: tuple[int, ...],
+    score: float,
+    logprob: float | None,
+    want_logprobs: bool,
 ) -> Completion:
     """A finished beam: its generated tokens (the stop token excluded) and length-penalised score."""
     if token in stop:

@@ -59,18 +59,21 @@ class BlockManager:
         copy (copy-on-write). Returns the (src, dst) block copies the runner must do first.
         All-or-nothing: raises OutOfBlocks without changing anything.
         """
-        need_new = max(0, self.blocks_for(end_pos) - len(table))
-        first_blk = first_pos // self.block_size
-        cow = [
-            i for i in range(first_blk, min(len(table), self.blocks_for(end_pos))) if self.refs[table[i]] > 1
-        ]
-        if need_new + len(cow) > len(self.free_blocks):
-            raise OutOfBlocks(f"need {need_new + len(cow)} blocks, {len(self.free_blocks)} free")
+        bs, refs, free = self.block_size, self.refs, self.free_blocks
+        end_blk = -(-end_pos // bs)
+        need_new = max(0, end_blk - len(table))
+        cow = [i for i in range(first_pos // bs, min(len(table), end_blk)) if refs[table[i]] > 1]
+        if need_new + len(cow) > len(free):
+            raise OutOfBlocks(f"need {need_new + len(cow)} blocks, {len(free)} free")
         copies = []
-        for i in cow:
-            (dst,) = self.allocate(1)
-            copies.append((table[i], dst))
-            self.free([table[i]])
+        for i in cow:  # a private copy; the shared block keeps its other references
+            src, dst = table[i], free.popleft()
+            refs[dst] = 1
+            refs[src] -= 1
+            copies.append((src, dst))
             table[i] = dst
-        table.extend(self.allocate(need_new))
+        for _ in range(need_new):
+            b = free.popleft()
+            refs[b] = 1
+            table.append(b)
         return copies

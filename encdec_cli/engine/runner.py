@@ -70,7 +70,7 @@ class ModelRunner:
         self.self_tables = np.zeros((max_num_seqs, self.self_width), np.int32)
         self.cross_tables = np.zeros((max_num_seqs, self.cross_width), np.int32)
         self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
-        self.synced: dict[int, int] = {}  # seq_id -> blocks written into its row
+        self.synced: dict[int, list[int]] = {}  # seq_id -> the block table written into its row
         self.graphs = None  # CudaGraphs, set up by capture_graphs()
         # Fault injection for tests: encode/decode calls (counted from 1 in `calls`) that raise
         # torch.OutOfMemoryError instead of running, as a CUDA OOM would; also read from the
@@ -121,27 +121,35 @@ class ModelRunner:
             g.encoded = True
 
     def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
-        """Row of every sequence in the self and cross tables, writing rows that changed."""
+        """Row of every sequence in the self and cross tables, writing rows that changed.
+
+        A self-table row is rewritten only when its sequence's block table differs from the one
+        last written there (``synced`` keeps a copy): a block appended, a shared block replaced by
+        its copy (copy-on-write: beams), or new blocks after a preemption. Beams forked this step
+        have new sequence ids, so new rows."""
         self.self_rows.keep_only({s.seq_id for s in seqs})
         self.cross_rows.keep_only({s.group for s in seqs})
-        for k in [k for k in self.synced if k not in self.self_rows.of]:
-            del self.synced[k]
-        srows, crows = np.empty(len(seqs), np.int64), np.empty(len(seqs), np.int64)
-        for i, s in enumerate(seqs):
-            r, _ = self.self_rows.get(s.seq_id)
-            n = len(s.block_table)
-            # rewrite on a block count change, on the first decode since (re)admission (after a
-            # preemption the blocks are new, their number may not be), and for beams (copy-on-write)
-            fresh = s.num_cached == 0
-            if fresh or self.synced.get(s.seq_id) != n or s.group.params.num_beams > 1:
-                self.self_tables[r, :n] = s.block_table
-                self.synced[s.seq_id] = n
-            srows[i] = r
-            c, new = self.cross_rows.get(s.group)
-            if new or fresh:
+        synced = self.synced
+        for k in [k for k in synced if k not in self.self_rows.of]:
+            del synced[k]
+        self_of, cross_of = self.self_rows.of, self.cross_rows.of
+        srows, crows = [], []
+        for s in seqs:
+            r = self_of.get(s.seq_id)
+            if r is None:
+                r, _ = self.self_rows.get(s.seq_id)
+            table = s.block_table
+            fresh = s.num_cached == 0  # first decode since (re)admission: its blocks are new
+            if fresh or synced.get(s.seq_id) != table:
+                self.self_tables[r, : len(table)] = table
+                synced[s.seq_id] = table.copy()
+            srows.append(r)
+            c = cross_of.get(s.group)
+            if c is None or fresh:
+                c, _ = self.cross_rows.get(s.group)
                 self.cross_tables[c, : len(s.group.cross_blocks)] = s.group.cross_blocks
-            crows[i] = c
-        return srows, crows
+            crows.append(c)
+        return np.array(srows, np.int64), np.array(crows, np.int64)
 
     def decode(self, seqs: list[Sequence], next_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One decoder step over every sequence's uncached tokens -> float32 logits [B, vocab] of

@@ -6,11 +6,9 @@ over hundreds of sequences with the same options costs a handful of kernels, not
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 
-from encdec_cli.engine.sequence import Sequence, TimestampRules
+from encdec_cli.engine.sequence import SamplingParams, Sequence, TimestampRules
 
 NEG_INF = float("-inf")
 
@@ -23,24 +21,42 @@ def banned_ngram_tokens(tokens: list[int], n: int) -> list[int]:
     return [tokens[i + n - 1] for i in range(len(tokens) - n + 1) if tuple(tokens[i : i + n - 1]) == prefix]
 
 
-# seq -> (tokens indexed, {n-1 prefix: next tokens}); beams re-index only when forked
-_NGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class NgramIndex:
+    """A sequence's n-grams: every (n-1)-token prefix -> the tokens that followed it, in order.
+
+    Kept on the sequence (``Sequence.ngrams``) and extended as it grows; a beam fork copies its
+    parent's (``Sequence.fork``): one dict copy instead of re-indexing every token."""
+
+    __slots__ = ("n", "done", "following")
+
+    def __init__(self, n: int):
+        self.n = n
+        self.done = 0  # n-gram start positions indexed so far
+        self.following: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def copy(self) -> NgramIndex:
+        c = NgramIndex(self.n)
+        c.done, c.following = self.done, self.following.copy()  # values are tuples: never mutated
+        return c
 
 
 def banned_ngram_tokens_cached(seq: Sequence, n: int) -> list[int]:
-    """``banned_ngram_tokens(seq.tokens, n)`` from an n-gram index kept per sequence and extended
-    as it grows: O(new tokens) per step instead of a scan of the whole sequence."""
+    """``banned_ngram_tokens(seq.tokens, n)`` from the sequence's ``NgramIndex``, extended as it
+    grows: O(new tokens) per step instead of a scan of the whole sequence. Any object with a
+    ``tokens`` list works (the index is stored as its ``ngrams`` attribute)."""
     tokens = seq.tokens
     if n <= 0 or len(tokens) + 1 < n:
         return []
-    done, index = _NGRAMS.get(seq, (0, None))  # done: n-gram start positions indexed so far
-    if index is None or done > len(tokens) - n + 1:
-        done, index = 0, {}
-    for i in range(done, len(tokens) - n + 1):
-        key = tuple(tokens[i : i + n - 1])
-        index[key] = index.get(key, ()) + (tokens[i + n - 1],)
-    _NGRAMS[seq] = (max(done, len(tokens) - n + 1), index)
-    return list(index.get(tuple(tokens[len(tokens) - n + 1 :]), ()))
+    end = len(tokens) - n + 1  # n-gram start positions [0, end) exist
+    index = getattr(seq, "ngrams", None)
+    if index is None or index.n != n or index.done > end:
+        index = seq.ngrams = NgramIndex(n)
+    following, m = index.following, n - 1
+    for i in range(index.done, end):
+        key = tuple(tokens[i : i + m])
+        following[key] = following.get(key, ()) + (tokens[i + m],)
+    index.done = end
+    return list(following.get(tuple(tokens[end:]), ()))
 
 
 def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) -> list[int]:
@@ -69,51 +85,82 @@ def _set(x: torch.Tensor, index, value: float) -> None:
     x[index] = _CONSTANTS[key]
 
 
+ParamRows = list[tuple[SamplingParams, list[int]]]  # rows of a step grouped by their SamplingParams
+
+
+def rows_by_params(seqs: list[Sequence]) -> ParamRows:
+    """The rows of ``seqs`` grouped by their SamplingParams object (first-seen order)."""
+    out: dict[int, tuple[SamplingParams, list[int]]] = {}
+    for i, s in enumerate(seqs):
+        p = s.group.params
+        entry = out.get(id(p))
+        if entry is None:
+            out[id(p)] = (p, [i])
+        else:
+            entry[1].append(i)
+    return list(out.values())
+
+
 def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Apply every request's logits rules in place. logits: [B, V] float32, row i = seqs[i].
 
     Rules are gathered over all rows first and applied as a few batched index operations, so the
-    cost does not grow with the number of distinct SamplingParams in the batch.
+    cost does not grow with the number of distinct SamplingParams in the batch. Rows are visited
+    per SamplingParams, so a row pays only for the rules its request has.
     """
     dev = logits.device
-    record_first_step_probs(logits, seqs)
+    by_params = rows_by_params(seqs)
+    record_first_step_probs(logits, seqs, by_params)
     ban_rows: list[int] = []  # (row, token) pairs set to -inf
     ban_toks: list[int] = []
     suppress: dict[int, tuple[tuple[int, ...], list[int]]] = {}  # id(list) -> (tokens, rows)
     allowed: dict[int, tuple[tuple[int, ...], list[int]]] = {}
     forced_rows: list[int] = []
     forced_toks: list[int] = []
-    for i, s in enumerate(seqs):
-        p = s.group.params
-        n = s.num_generated
+    for p, rows in by_params:
         if p.repetition_penalty != 1.0:
-            prev = torch.tensor(sorted(set(s.tokens)), device=dev)
-            x = logits[i, prev]
-            logits[i, prev] = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
-        if p.no_repeat_ngram_size or p.bad_words_ids:
-            ban = banned_ngram_tokens_cached(s, p.no_repeat_ngram_size) + banned_bad_words(
-                s.tokens, p.bad_words_ids
-            )
-            ban_rows += [i] * len(ban)
-            ban_toks += ban
+            for i in rows:
+                prev = torch.tensor(sorted(set(seqs[i].tokens)), device=dev)
+                x = logits[i, prev]
+                logits[i, prev] = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
         if p.suppress_tokens:
-            suppress.setdefault(id(p.suppress_tokens), (p.suppress_tokens, []))[1].append(i)
-        if n == p.begin_index and p.begin_suppress_tokens:
-            ban_rows += [i] * len(p.begin_suppress_tokens)
-            ban_toks += p.begin_suppress_tokens
-        if n < p.min_new_tokens and p.stop_token_ids:
-            ban_rows += [i] * len(p.stop_token_ids)
-            ban_toks += p.stop_token_ids
+            suppress.setdefault(id(p.suppress_tokens), (p.suppress_tokens, []))[1].extend(rows)
         if p.allowed_tokens:
-            allowed.setdefault(id(p.allowed_tokens), (p.allowed_tokens, []))[1].append(i)
-        for at, token in p.forced_tokens:
-            if n == at:
-                forced_rows.append(i)
-                forced_toks.append(token)
+            allowed.setdefault(id(p.allowed_tokens), (p.allowed_tokens, []))[1].extend(rows)
+        ngram, bad_words = p.no_repeat_ngram_size, p.bad_words_ids
+        begin, forced = p.begin_suppress_tokens, p.forced_tokens
+        stops = p.stop_token_ids if p.min_new_tokens else ()
+        by_count = begin or stops or forced  # rules that depend on the number of new tokens
+        if not (ngram or bad_words or by_count):
+            continue
+        for i in rows:
+            s = seqs[i]
+            if ngram:
+                ban = banned_ngram_tokens_cached(s, ngram)
+                if ban:
+                    ban_rows += [i] * len(ban)
+                    ban_toks += ban
+            if bad_words:
+                ban = banned_bad_words(s.tokens, bad_words)
+                ban_rows += [i] * len(ban)
+                ban_toks += ban
+            if by_count:
+                n = len(s.tokens) - s.num_prompt
+                if n == p.begin_index and begin:
+                    ban_rows += [i] * len(begin)
+                    ban_toks += begin
+                if n < p.min_new_tokens and stops:
+                    ban_rows += [i] * len(stops)
+                    ban_toks += stops
+                for at, token in forced:
+                    if n == at:
+                        forced_rows.append(i)
+                        forced_toks.append(token)
     for tokens, rows in suppress.values():
         _set(logits, (_on(dev, rows).unsqueeze(1), _on(dev, tokens)), NEG_INF)
     if ban_rows:
-        _set(logits, (_on(dev, ban_rows), _on(dev, ban_toks)), NEG_INF)
+        ban = _on(dev, [ban_rows, ban_toks])  # [2, M]: one copy to the device
+        _set(logits, (ban[0], ban[1]), NEG_INF)
     for tokens, rows in allowed.values():
         r, t = _on(dev, rows).unsqueeze(1), _on(dev, tokens)
         keep = logits[r, t]
@@ -123,19 +170,24 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         r = _on(dev, forced_rows)
         _set(logits, r, NEG_INF)
         _set(logits, (r, _on(dev, forced_toks)), 0.0)
-    apply_timestamp_rules(logits, seqs)
+    apply_timestamp_rules(logits, seqs, by_params)
     return logits
 
 
 # ---- Whisper: first-step probabilities and timestamp rules -----------------------------------------
 
 
-def record_first_step_probs(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def record_first_step_probs(
+    logits: torch.Tensor, seqs: list[Sequence], by_params: ParamRows | None = None
+) -> None:
     """Store, for rows at their first step that ask for it, the softmax probability of the tokens in
     ``params.record_first_step_probs`` in ``request.first_step_probs`` (Whisper's no-speech
     probability: the <|nospeech|> probability right after <|startoftranscript|>).
 
-    logits: [B, V] unprocessed (log-probabilities for beam rows: same softmax)."""
+    logits: [B, V] unprocessed (log-probabilities for beam rows: same softmax). ``by_params``:
+    ``rows_by_params(seqs)`` when the caller has it (no row is visited when no request asks)."""
+    if by_params is not None and not any(p.record_first_step_probs for p, _ in by_params):
+        return
     rows = [i for i, s in enumerate(seqs) if s.num_generated == 0 and s.group.params.record_first_step_probs]
     if not rows:
         return
@@ -170,7 +222,9 @@ def _timestamp_row_bounds(s: Sequence, rules: TimestampRules, vocab: int) -> tup
     return text_hi, last if last_ts and not penultimate_ts else last + 1, vocab - 1
 
 
-def apply_timestamp_rules(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+def apply_timestamp_rules(
+    logits: torch.Tensor, seqs: list[Sequence], by_params: ParamRows | None = None
+) -> None:
     """Whisper's timestamp rules (``TimestampRules``) on every row that has them, in place.
 
     Rows sharing one ``TimestampRules`` (all of them, usually) go together: per-row bounds from a
@@ -178,7 +232,9 @@ def apply_timestamp_rules(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     block, the text columns only on the rows that ban text; then "when the timestamps together
     are likelier than the likeliest text token, take a timestamp" from one logsumexp over the
     rows (log-probabilities differ from the logits by a per-row constant, so the comparison needs
-    no full log-softmax). logits: [B, V] float32."""
+    no full log-softmax). logits: [B, V] float32. ``by_params``: as in ``record_first_step_probs``."""
+    if by_params is not None and not any(p.timestamp_rules for p, _ in by_params):
+        return
     groups: dict[int, tuple[TimestampRules, list[int], list[tuple[int, int, int]]]] = {}
     vocab = logits.shape[1]
     for i, s in enumerate(seqs):

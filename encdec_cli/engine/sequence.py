@@ -159,6 +159,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.logprobs: list[float] = []
         self.cum_logprob = 0.0
+        self.ngrams = None  # sampling.NgramIndex for no_repeat_ngram_size, built on first use
 
     @property
     def num_generated(self) -> int:
@@ -171,6 +172,8 @@ class Sequence:
     def fork(self) -> Sequence:
         s = Sequence(self.group, list(self.tokens), self.num_prompt)
         s.num_cached, s.logprobs, s.cum_logprob = self.num_cached, list(self.logprobs), self.cum_logprob
+        if self.ngrams is not None:
+            s.ngrams = self.ngrams.copy()
         return s
 
 
