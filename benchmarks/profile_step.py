@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
-    from encdec_cli.engine import Engine, Request, SamplingParams
-    from encdec_cli.tasks.bench import WORKLOADS, Workload, build_models, inputs_for
+    from encdec_cli.engine import Engine
+    from encdec_cli.tasks.bench import WORKLOADS, Workload, build_models, inputs_for, workload_requests
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("workload", choices=sorted(WORKLOADS))
@@ -42,25 +42,9 @@ def main(argv=None):
     enc_inputs, targets = inputs_for(w)
     _, loaded = build_models(w, "cuda", torch.bfloat16, with_hf=False)
     engine = Engine(loaded, max_num_seqs=args.max_num_seqs)
-    cfg = loaded.config
-    params = {
-        t: SamplingParams(
-            max_new_tokens=t,
-            min_new_tokens=t,
-            stop_token_ids=(cfg.eos_token_id,),
-            num_beams=w.num_beams,
-            length_penalty=w.length_penalty,
-            no_repeat_ngram_size=w.no_repeat_ngram_size,
-        )
-        for t in set(targets)
-    }
 
     def run():
-        reqs = (
-            Request(x, [cfg.decoder_start_token_id], params[t], i)
-            for i, (x, t) in enumerate(zip(enc_inputs, targets))
-        )
-        out = list(engine.generate(reqs))
+        out = list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         torch.cuda.synchronize()
         return out
 

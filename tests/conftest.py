@@ -78,3 +78,21 @@ def tiny_text_model(tmp_path_factory: pytest.TempPathFactory):
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def bart_cpu(tiny_text_model):
+    """(tiny trained BART, loaded for the engine on the CPU in float32)."""
+    from models.loading import load_model
+
+    tiny = tiny_text_model("bart")
+    return tiny, load_model(tiny.path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_en_dir):
+    """An engine on the real tiny.en weights, on the CPU (one per test module)."""
+    from encdec_cli.engine import Engine
+    from models.loading import load_model
+
+    return Engine(load_model(tiny_en_dir, device="cpu"))

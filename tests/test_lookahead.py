@@ -11,7 +11,6 @@ import random
 import pytest
 
 from encdec_cli.engine import Engine, Request, SamplingParams
-from models.loading import load_model
 from tests.text_models import N_WORDS, single_thread
 
 
@@ -19,12 +18,6 @@ from tests.text_models import N_WORDS, single_thread
 def _one_thread():
     with single_thread():
         yield
-
-
-@pytest.fixture(scope="module")
-def bart(tiny_text_model):
-    tiny = tiny_text_model("bart")
-    return tiny, load_model(tiny.path, device="cpu", dtype="float32")
 
 
 def requests(tiny, tok, n=30, seed=0, **params) -> list[Request]:
@@ -64,8 +57,8 @@ def run(loaded, reqs, lookahead, stream=False, **cfg):
     [({}, False), ({}, True), ({"num_blocks": 24}, False), ({"max_num_seqs": 30}, True)],
     ids=["admissions", "arrivals", "preemption", "all-at-once"],
 )
-def test_lookahead_gives_the_step_by_step_results(bart, cfg, stream):
-    tiny, loaded = bart
+def test_lookahead_gives_the_step_by_step_results(bart_cpu, cfg, stream):
+    tiny, loaded = bart_cpu
     reqs = requests(tiny, loaded.tokenizer)
     plain, want = run(loaded, reqs, False, stream, **cfg)
     ahead, got = run(loaded, reqs, True, stream, **cfg)
@@ -77,9 +70,9 @@ def test_lookahead_gives_the_step_by_step_results(bart, cfg, stream):
         assert ahead.scheduler.num_preemptions > 0
 
 
-def test_value_dependent_rules_do_not_run_ahead(bart):
+def test_value_dependent_rules_do_not_run_ahead(bart_cpu):
     """A rule reading the previous tokens (no-repeat n-gram) needs them before the next step."""
-    tiny, loaded = bart
+    tiny, loaded = bart_cpu
     reqs = requests(tiny, loaded.tokenizer, n=6, no_repeat_ngram_size=2)
     engine, got = run(loaded, reqs, True)
     assert "ahead_steps" not in engine.stats

@@ -23,7 +23,6 @@ from encdec_cli.engine import Engine, Request, SamplingParams
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
 from encdec_cli.engine.sequence import SequenceGroup
-from models.loading import load_model
 from tests.text_models import N_WORDS, single_thread
 from tests.whisper_models import EOT, SOT, load_ours, random_whisper
 
@@ -38,9 +37,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def bart(tiny_text_model):
-    tiny = tiny_text_model("bart")
-    return tiny, load_model(tiny.path, device="cpu", dtype="float32")
+def bart(bart_cpu):
+    return bart_cpu
 
 
 def text_requests(tiny, tok, n=NUM_REQUESTS, num_beams=1, seed=0) -> list[Request]:

@@ -3,7 +3,6 @@ transformers running the same (converted) weights, and close to the spoken text.
 
 import re
 
-import pytest
 import torch
 import transformers
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
@@ -27,11 +26,6 @@ def wer(ref: str, hyp: str) -> float:
         for j in range(1, len(h) + 1):
             prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (r[i - 1] != h[j - 1]))
     return d[len(h)] / max(len(r), 1)
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_en_dir):
-    return Engine(load_model(tiny_en_dir, device="cpu"))
 
 
 def test_tokens_identical_to_transformers(tiny_engine, tiny_en_dir, example_clips):

@@ -5,11 +5,9 @@ windows, nothing placed in the long silence."""
 
 import pytest
 
-from encdec_cli.engine import Engine
 from encdec_cli.tasks.transcribe import AudioItem, Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions
 from models.audio import N_SAMPLES, SAMPLE_RATE
-from models.loading import load_model
 from tests import transcribe_clips as tc
 
 VOICES = [("en-us", 150), ("en-gb", 170), ("en-us+f3", 135), ("en-gb-scotland", 160)]  # voice, words/min
@@ -18,11 +16,6 @@ N_SENTENCES = 56
 LONG_PAUSE_AFTER, LONG_PAUSE = 29, 8.0  # the 30th sentence is followed by 8 s of silence
 WINDOW = N_SAMPLES / SAMPLE_RATE  # 30 s
 TOLERANCE = tc.TOLERANCE
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_en_dir):
-    return Engine(load_model(tiny_en_dir, device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,14 @@ import torch
 import transformers
 from transformers import WhisperForConditionalGeneration
 
-from encdec_cli.engine import Engine
 from encdec_cli.tasks.transcribe import AudioItem, Transcriber
 from encdec_cli.tasks.whisper_audio import file_log_mel
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts
 from models.ctranslate2 import load_ctranslate2_whisper
-from models.loading import load_model
 from tests import transcribe_clips as tc
 
 transformers.logging.set_verbosity_error()
 S = tc.SENTENCES
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_en_dir):
-    return Engine(load_model(tiny_en_dir, device="cpu"))
 
 
 @pytest.fixture(scope="module")

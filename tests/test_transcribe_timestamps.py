@@ -12,14 +12,13 @@ import transformers
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
 
-from encdec_cli.engine import Engine, Request, SamplingParams
+from encdec_cli.engine import Request, SamplingParams
 from encdec_cli.engine.sampling import process_logits
 from encdec_cli.engine.sequence import SequenceGroup, TimestampRules
 from encdec_cli.io.audio import load_audio
 from encdec_cli.tasks.transcribe import AudioItem, Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts, parse_timestamps
 from models.ctranslate2 import load_ctranslate2_whisper
-from models.loading import load_model
 from tests import transcribe_clips
 
 transformers.logging.set_verbosity_error()
@@ -119,11 +118,6 @@ def test_parse_timestamps_like_openai_whisper():
 
 
 # ---- real tiny.en --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_en_dir):
-    return Engine(load_model(tiny_en_dir, device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 import transformers
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from encdec_cli.engine import Engine
 from encdec_cli.io.audio import load_audio
 from encdec_cli.io.records import Segment
 from encdec_cli.tasks.transcribe import AudioItem, Transcriber
@@ -26,7 +25,6 @@ from encdec_cli.tasks.whisper_words import (
     median_filter,
 )
 from models.ctranslate2 import load_ctranslate2_whisper
-from models.loading import load_model
 from tests import transcribe_clips as tc
 
 transformers.logging.set_verbosity_error()
@@ -101,11 +99,6 @@ def test_segments_span_their_words():
     # ... and the segment spans them (openai-whisper's would stay 10.9-12.0)
     assert (seg.start, seg.end) == (first.start, last.end) and last_speech == last.end
     assert [w.word for w in seg.words] == [" Hi", " there,", " good", " kind", " people"]
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_en_dir):
-    return Engine(load_model(tiny_en_dir, device="cpu"))
 
 
 @pytest.fixture(scope="module")
