@@ -186,7 +186,8 @@ def transcribe(
     Segments are timed by Whisper's timestamp tokens (--no-timestamps: one per window).
     Repetitive or unlikely windows are redone at higher temperatures; silent ones are skipped.
     Writes INPUT.{txt,srt,vtt,tsv,json} per input; a manifest in the output folder makes re-runs
-    skip finished files. Exit status: 0 all done, 1 some files failed, 2 usage error, 130 interrupted.
+    skip finished files. Exit status: 0 all done, 1 some files failed (now or, skipped now, in an
+    earlier run), 2 usage error, 130 interrupted.
     """
     from encdec_cli.io.subtitles import resolve_formats
     from encdec_cli.tasks.transcribe import TranscribeOptions

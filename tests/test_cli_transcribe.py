@@ -56,9 +56,10 @@ def test_folder_all_formats_mirrored_and_errors_recorded(corpus, tmp_path, examp
     manifest = [json.loads(line) for line in (out / MANIFEST_NAME).read_text().splitlines()]
     assert sorted(e["status"] for e in manifest) == ["error", "ok", "ok"]
 
-    # a re-run skips finished and failed files; --retry-failed retries the broken one only
+    # a re-run skips finished and failed files, and its exit status still reports the failure;
+    # --retry-failed retries the broken one only
     r = encdec("transcribe", str(corpus), "-o", str(out), "-q")
-    assert r.returncode == 0 and "skipped" in r.stderr
+    assert r.returncode == 1 and "skipped" in r.stderr and "1 of them FAILED in an earlier run" in r.stderr
     r = encdec("transcribe", str(corpus), "-o", str(out), "-q", "--retry-failed")
     assert r.returncode == 1 and "transcribed 0 file(s)" in r.stderr
 

@@ -1,6 +1,7 @@
 """The ``encdec transcribe`` job: inputs -> audio items, transcripts -> files, manifest, progress.
 
-Exit status: 0 all done, 1 some items failed, 130 interrupted (usage errors are 2, from the CLI).
+Exit status: 0 all done, 1 some items failed (in this run, or in an earlier one and skipped now),
+130 interrupted (usage errors are 2, from the CLI).
 """
 
 from __future__ import annotations
@@ -162,6 +163,7 @@ def run_transcribe(
     progress = JobProgress("transcribe", total=count_files(inputs) or None, quiet=quiet, unit="audio s")
     failed: list[tuple[str, str]] = []
     skipped = 0
+    failed_before = 0  # skipped items that failed in an earlier run: the job is still not all done
     unreadable: list[tuple[AudioItem, str]] = []  # tables that failed while read (reader thread)
 
     def table_items(path: Path, column: str) -> Iterator[AudioItem]:
@@ -171,12 +173,14 @@ def run_transcribe(
             unreadable.append((AudioItem(file_key(path), path.stem, str(path)), f"cannot read table: {e}"))
 
     def items() -> Iterator[AudioItem]:
-        nonlocal skipped
+        nonlocal skipped, failed_before
         for p in planned:
             for item in table_items(*p) if isinstance(p, tuple) else [p]:
                 if manifest is not None and not overwrite:
-                    if manifest.is_done(item.key) or (manifest.failed(item.key) and not retry_failed):
+                    failed_earlier = manifest.failed(item.key) and not retry_failed
+                    if manifest.is_done(item.key) or failed_earlier:
                         skipped += 1
+                        failed_before += bool(failed_earlier)
                         progress.advance(files=1)
                         continue
                 yield item
@@ -224,11 +228,13 @@ def run_transcribe(
         summary += (
             f"; {skipped} already done or failed before (skipped; --overwrite / --retry-failed redo them)"
         )
+    if failed_before:
+        summary += f"; {failed_before} of them FAILED in an earlier run (see the manifest)"
     if failed:
         summary += f"; {len(failed)} FAILED: " + "; ".join(f"{n}: {e}" for n, e in failed[:5])
         summary += " ..." if len(failed) > 5 else ""
     progress.summary(summary + ("; INTERRUPTED" if interrupted else ""))
-    return 130 if interrupted else 1 if failed else 0
+    return 130 if interrupted else 1 if failed or failed_before else 0
 
 
 __all__ = ["run_transcribe", "plan_inputs", "check_inputs", "count_files", "iter_table_audio", "UsageError"]
