@@ -167,7 +167,7 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
     # 2. hits, and the running beams for the next step: the N best candidates that did not hit
     cand_beam, cand_tok = top_idx // vocab, top_idx % vocab
     width = max(1, max(map(len, stop_lists)))
-    stops = np.array([s + (-1,) * (width - len(s)) for s in stop_lists], np.int64)  # [G, S], -1: none
+    stops = np.array([(*s, *(-1,) * (width - len(s))) for s in stop_lists], np.int64)  # [G, S], -1: none
     if width == 1:  # one stop token per request (the usual case)
         hits = at_limit | (cand_tok == stops)  # [G, K]
     else:
