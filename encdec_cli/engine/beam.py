@@ -167,11 +167,14 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
     # 2. hits, and the running beams for the next step: the N best candidates that did not hit
     cand_beam, cand_tok = top_idx // vocab, top_idx % vocab
     width = max(1, max(map(len, stop_lists)))
-    stops = np.array([s + (-1,) * (width - len(s)) for s in stop_lists], np.int64)  # [G, S], -1: none
-    hits = at_limit | (cand_tok[:, :, None] == stops[:, None, :]).any(-1)  # [G, K]
+    stops = np.array([(*s, *(-1,) * (width - len(s))) for s in stop_lists], np.int64)  # [G, S], -1: none
+    if width == 1:  # one stop token per request (the usual case)
+        hits = at_limit | (cand_tok == stops)  # [G, K]
+    else:
+        hits = at_limit | (cand_tok[:, :, None] == stops[:, None, :]).any(-1)
     masked = top_scores + hits.astype(np.float32) * NEG_LARGE_F32
-    next_idx = torch.topk(torch.from_numpy(masked), n)[1].numpy()  # [G, N]
-    next_scores = np.take_along_axis(masked, next_idx, 1)
+    next_scores, next_idx = (t.numpy() for t in torch.topk(torch.from_numpy(masked), n))  # [G, N]
+    rows = np.arange(len(groups))[:, None]
 
     # 3. finished hypotheses: hits among the top N, merged with the slots, N best kept
     did_finish = hits & (np.arange(k) < n)
@@ -183,9 +186,8 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
     cand += np.array(not_improvable, np.float32)[:, None] * NEG_LARGE_F32
     cand += (~did_finish).astype(np.float32) * NEG_LARGE_F32
     merged = np.concatenate((slot_scores, cand), 1)  # [G, N + K]: the slots, then the candidates
-    keep = torch.topk(torch.from_numpy(merged), n)[1].numpy()  # [G, N]
-    slot_scores = np.take_along_axis(merged, keep, 1)
-    slot_finished = np.take_along_axis(np.concatenate((slot_finished, did_finish), 1), keep, 1)
+    slot_scores, keep = (t.numpy() for t in torch.topk(torch.from_numpy(merged), n))  # [G, N]
+    slot_finished = np.concatenate((slot_finished, did_finish), 1)[rows, keep]
 
     # 4. stop rule (transformers' _check_early_stop_heuristic / _beam_search_has_unfinished_sequences)
     best_pen = np.array([t**lp for t, lp in zip(best_len, lps, strict=True)], np.float32)[:, None]
@@ -196,36 +198,40 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
     go_on = (improvable & ~full & ~hits.all(1)).tolist()
 
     # 5. per request: the new slots, then the new running beams or the end of the search
-    tok_logprobs = host[2].astype(np.float32).tolist() if len(host) > 2 else None
-    cand_beam, cand_tok, did_finish = cand_beam.tolist(), cand_tok.tolist(), did_finish.tolist()
-    next_idx, next_scores, keep = next_idx.tolist(), next_scores.tolist(), keep.tolist()
+    tok_logprobs = host[2].astype(np.float32) if len(host) > 2 else None
+    next_beam, next_tok = cand_beam[rows, next_idx].tolist(), cand_tok[rows, next_idx].tolist()  # [G, N]
+    next_logprobs = tok_logprobs[rows, next_idx].tolist() if tok_logprobs is not None else None
+    any_finished = slot_finished.any(1).tolist()
     slot_scores, slot_finished, improvable = slot_scores.tolist(), slot_finished.tolist(), improvable.tolist()
+    next_scores, keep = next_scores.tolist(), keep.tolist()
     for i, (g, st) in enumerate(zip(groups, states, strict=True)):
         want = g.params.logprobs
         parents = g.seqs * n if len(g.seqs) == 1 < n else g.seqs
-        beam_i, tok_i = cand_beam[i], cand_tok[i]
-        slots = []
-        for j in keep[i]:
-            c = j - n
-            if c < 0:
-                slots.append(st.slots[j])
-            elif did_finish[i][c]:
-                lp = tok_logprobs[i][c] if want else None
-                score = slot_scores[i][len(slots)]
-                stop = g.params.stop_token_ids
-                slots.append(_hypothesis(parents[beam_i[c]], tok_i[c], stop, score, lp, want))
-            else:
-                slots.append(None)
+        if not any_finished[i]:  # no hypothesis yet (slots are None exactly while unfinished)
+            slots = [None] * n
+        else:
+            slots = []
+            for j in keep[i]:
+                c = j - n
+                if c < 0:
+                    slots.append(st.slots[j])
+                elif did_finish[i, c]:
+                    lp = float(tok_logprobs[i, c]) if want else None
+                    score = slot_scores[i][len(slots)]
+                    token = int(cand_tok[i, c])
+                    parent = parents[cand_beam[i, c]]
+                    slots.append(_hypothesis(parent, token, g.params.stop_token_ids, score, lp, want))
+                else:
+                    slots.append(None)
         st.slots, st.slot_scores, st.slot_finished = slots, slot_scores[i], slot_finished[i]
         st.improvable = improvable[i]
         if go_on[i]:
-            chosen = next_idx[i]
             st.running_scores = next_scores[i]
             _advance(
                 g,
-                [parents[beam_i[c]] for c in chosen],
-                [tok_i[c] for c in chosen],
-                [tok_logprobs[i][c] for c in chosen] if want else None,
+                [parents[b] for b in next_beam[i]],
+                next_tok[i],
+                next_logprobs[i] if want else None,
                 st.running_scores,
                 blocks,
             )
