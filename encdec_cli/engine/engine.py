@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -116,20 +115,7 @@ class Engine:
         ``requests`` is consumed lazily, only while the engine has room. A streaming source may
         yield ``None`` for "nothing ready yet": the engine then runs a step (or, when idle, asks
         again), so a source can wait briefly for audio decoding or for earlier results.
-
-        While it runs, the objects that existed before it (torch, transformers, the model: a
-        large heap) are frozen out of Python's cyclic garbage collector (``gc.freeze``), and
-        unfrozen when it ends or is closed: otherwise every full collection, triggered by the
-        steps' own allocations every few hundred steps, walks that whole heap (~0.2 s each).
-        Objects created meanwhile are collected as usual.
         """
-        gc.freeze()
-        try:
-            yield from self._generate(requests)
-        finally:
-            gc.unfreeze()
-
-    def _generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
         it = iter(requests)
         exhausted = False
         while True:
