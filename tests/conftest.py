@@ -96,3 +96,19 @@ def tiny_engine(tiny_en_dir):
     from models.loading import load_model
 
     return Engine(load_model(tiny_en_dir, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_engine, tiny_en_dir):
+    """transformers' WhisperForConditionalGeneration on the same tiny.en weights (float32), with the
+    engine's generation config (the reference for timestamps and long-form decoding)."""
+    from transformers import WhisperForConditionalGeneration
+
+    from models.ctranslate2 import load_ctranslate2_whisper
+
+    cfg, state, _ = load_ctranslate2_whisper(tiny_en_dir)
+    hf = WhisperForConditionalGeneration(cfg).eval()
+    hf.load_state_dict({k: v.float() for k, v in state.items()})
+    hf.generation_config = tiny_engine.loaded.generation_config
+    hf.generation_config.max_initial_timestamp_index = 50  # openai-whisper's 1.0 s (not in the config)
+    return hf

@@ -9,12 +9,9 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import WhisperForConditionalGeneration
 
-from encdec_cli.tasks.transcribe import AudioItem, Transcriber
 from encdec_cli.tasks.whisper_audio import file_log_mel
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts
-from models.ctranslate2 import load_ctranslate2_whisper
 from tests import transcribe_clips as tc
 
 transformers.logging.set_verbosity_error()
@@ -61,14 +58,6 @@ def clips(tmp_path_factory):
     return out
 
 
-def run(engine, paths, **opts):
-    out = {}
-    items = [AudioItem(str(p), p.stem, str(p)) for p in paths]
-    Transcriber(engine, TranscribeOptions(**opts)).run(items, lambda i, t, e: out.__setitem__(i.name, (t, e)))
-    assert all(e is None for _, e in out.values()), out
-    return {k: t for k, (t, _) in out.items()}
-
-
 def timeline(t):
     return [(s.start, s.end, s.text) for s in t.segments]
 
@@ -79,12 +68,12 @@ def test_sequential_batched_across_files_equals_one_by_one(tiny_engine, clips):
     decode = tiny_engine.runner.decode
     tiny_engine.runner.decode = lambda seqs: sizes.append(len(seqs)) or decode(seqs)
     try:
-        together = run(tiny_engine, paths, long_form="sequential")
+        together = tc.transcribe(tiny_engine, paths, long_form="sequential")
     finally:
         tiny_engine.runner.decode = decode
     assert max(sizes) >= 2  # windows of different files did share steps
     for p in paths:
-        alone = run(tiny_engine, [p], long_form="sequential")
+        alone = tc.transcribe(tiny_engine, [p], long_form="sequential")
         assert timeline(alone[p.stem]) == timeline(together[p.stem])
     t = together["a"]
     assert t.duration == pytest.approx(len(clips["a"][1]) / 16000, abs=0.01)
@@ -98,7 +87,7 @@ def test_sequential_word_timestamps_start_the_next_window_at_the_last_word(tiny_
     followed by one starting at its last word's end, not at its last timestamp pair (a last word
     running past that pair would otherwise overlap the next window's first one)."""
     path, _, truth = clips["a"]
-    t = run(tiny_engine, [path], long_form="sequential", word_timestamps=True)["a"]
+    t = tc.transcribe(tiny_engine, [path], long_form="sequential", word_timestamps=True)["a"]
     windows: dict[int, list] = {}
     for s in t.segments:
         windows.setdefault(s.seek, []).append(s)
@@ -111,16 +100,6 @@ def test_sequential_word_timestamps_start_the_next_window_at_the_last_word(tiny_
     assert tc.word_error_rate(" ".join(x.text for x in truth), t.text) <= 0.2
 
 
-@pytest.fixture(scope="module")
-def hf_tiny(tiny_engine, tiny_en_dir):
-    cfg, state, _ = load_ctranslate2_whisper(tiny_en_dir)
-    hf = WhisperForConditionalGeneration(cfg).eval()
-    hf.load_state_dict({k: v.float() for k, v in state.items()})
-    hf.generation_config = tiny_engine.loaded.generation_config
-    hf.generation_config.max_initial_timestamp_index = 50  # openai-whisper's 1.0 s (not in the config)
-    return hf
-
-
 @pytest.mark.parametrize("condition", [False, True])
 def test_sequential_matches_transformers_long_form(tiny_engine, hf_tiny, clips, condition):
     """transformers' long-form generate on the same log-mel (ours: ``file_log_mel``, the whole file,
@@ -129,7 +108,7 @@ def test_sequential_matches_transformers_long_form(tiny_engine, hf_tiny, clips, 
     segments timed after the end of the audio (tiny.en's loops in the zero padding of the last
     window) are dropped from our output; transformers keeps them. Both use them as the next prompt."""
     path, audio, _ = clips["a"]
-    ours = run(
+    ours = tc.transcribe(
         tiny_engine, [path], long_form="sequential", temperatures=(0.0,), condition_on_previous_text=condition
     )
     mel = file_log_mel(audio)
@@ -159,11 +138,11 @@ def test_temperature_fallback_is_seeded_and_recorded(tiny_engine, clips):
     sampling best_of candidates with seeds derived from the file and window (repeatable)."""
     path = clips["c"][0]
     opts = dict(logprob_threshold=0.0, no_speech_threshold=None, temperatures=(0.0, 0.3), best_of=2)
-    first = run(tiny_engine, [path], **opts)["c"]
-    again = run(tiny_engine, [path], **opts)["c"]
+    first = tc.transcribe(tiny_engine, [path], **opts)["c"]
+    again = tc.transcribe(tiny_engine, [path], **opts)["c"]
     assert first.segments and all(s.temperature == 0.3 for s in first.segments)
     assert timeline(first) == timeline(again)
-    other = run(tiny_engine, [path], seed=1, **opts)["c"]
+    other = tc.transcribe(tiny_engine, [path], seed=1, **opts)["c"]
     assert all(s.temperature == 0.3 for s in other.segments)
 
 
@@ -176,7 +155,7 @@ def test_silence_is_skipped(tiny_engine, clips, tmp_path, long_form):
     path = tc.write(
         tmp_path / "gap.wav", np.concatenate([audio, np.zeros(int(gap * 16000), np.float32), audio])
     )
-    t = run(tiny_engine, [path], long_form=long_form)["gap"]
+    t = tc.transcribe(tiny_engine, [path], long_form=long_form)["gap"]
     clip = len(audio) / 16000
     assert not [s for s in t.segments if clip + 1.0 < s.start < clip + gap - 1.0], timeline(t)
     assert any(s.start >= clip + gap - 1.0 for s in t.segments), timeline(t)
@@ -203,7 +182,8 @@ def test_prompt_layout_with_previous_text(tiny_engine):
 @pytest.mark.parametrize("long_form", ["chunked", "sequential"])
 def test_beam_search_and_initial_prompt(tiny_engine, clips, long_form):
     path, _, truth = clips["c"]
-    t = run(tiny_engine, [path], long_form=long_form, beam_size=3, initial_prompt="Meeting notes.")["c"]
+    opts = dict(long_form=long_form, beam_size=3, initial_prompt="Meeting notes.")
+    t = tc.transcribe(tiny_engine, [path], **opts)["c"]
     words = lambda s: "".join(ch for ch in s.lower() if ch.isalnum() or ch == " ").split()  # noqa: E731
     assert words(t.text) == words(" ".join(x.text for x in truth))
     assert 0.0 < t.segments[0].no_speech_prob < 0.6 and all(-1 < s.avg_logprob < 0 for s in t.segments)

@@ -9,7 +9,6 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 
 from encdec_cli.engine import Engine, Request
 from encdec_cli.io.audio import load_audio
-from encdec_cli.tasks.transcribe import AudioItem, Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts
 from models.ctranslate2 import load_ctranslate2_whisper
 from models.loading import load_model
@@ -53,16 +52,8 @@ def foreign(tmp_path_factory):
     return paths
 
 
-def run(engine, paths, **opts):
-    out = {}
-    items = [AudioItem(str(p), p.stem, str(p)) for p in paths]
-    Transcriber(engine, TranscribeOptions(**opts)).run(items, lambda i, t, e: out.__setitem__(i.name, (t, e)))
-    assert all(e is None for _, e in out.values()), out
-    return {k: t for k, (t, _) in out.items()}
-
-
 def test_language_detected_and_transcribed(base_engine, foreign):
-    out = run(base_engine, list(foreign.values()))
+    out = tc.transcribe(base_engine, list(foreign.values()))
     for lang, (_, _, must) in SPEECH.items():
         t = out[lang]
         assert t.language == lang
@@ -73,7 +64,7 @@ def test_language_detected_and_transcribed(base_engine, foreign):
 
 @pytest.mark.parametrize("long_form", ["chunked", "sequential"])
 def test_translate_to_english(base_engine, foreign, long_form):
-    out = run(base_engine, [foreign["de"], foreign["es"]], task="translate", long_form=long_form)
+    out = tc.transcribe(base_engine, [foreign["de"], foreign["es"]], task="translate", long_form=long_form)
     for lang in ("de", "es"):
         text = out[lang].text.lower()
         assert out[lang].language == lang
@@ -83,7 +74,7 @@ def test_translate_to_english(base_engine, foreign, long_form):
 
 def test_beam_search_with_forced_task_tokens(base_engine, foreign):
     """Beams cannot carry forced tokens, so the no-speech probability comes from a probe request."""
-    t = run(base_engine, [foreign["de"]], beam_size=2, language="de")["de"]
+    t = tc.transcribe(base_engine, [foreign["de"]], beam_size=2, language="de")["de"]
     assert "guten morgen" in t.text.lower() and t.language == "de"
     assert all(0 < s.no_speech_prob < 0.6 for s in t.segments)
 

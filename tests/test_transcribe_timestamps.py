@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
+from transformers import WhisperFeatureExtractor
 from transformers.generation.logits_process import WhisperTimeStampLogitsProcessor
 
 from encdec_cli.engine import Request, SamplingParams
@@ -18,7 +18,6 @@ from encdec_cli.engine.sequence import SequenceGroup, TimestampRules
 from encdec_cli.io.audio import load_audio
 from encdec_cli.tasks.transcribe import AudioItem, Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts, parse_timestamps
-from models.ctranslate2 import load_ctranslate2_whisper
 from tests import transcribe_clips
 
 transformers.logging.set_verbosity_error()
@@ -118,16 +117,6 @@ def test_parse_timestamps_like_openai_whisper():
 
 
 # ---- real tiny.en --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def hf_tiny(tiny_engine, tiny_en_dir):
-    cfg, state, _ = load_ctranslate2_whisper(tiny_en_dir)
-    hf = WhisperForConditionalGeneration(cfg).eval()
-    hf.load_state_dict({k: v.float() for k, v in state.items()})
-    hf.generation_config = tiny_engine.loaded.generation_config
-    hf.generation_config.max_initial_timestamp_index = 50  # openai-whisper's 1.0 s (not in the config)
-    return hf
 
 
 @pytest.fixture(scope="module")

@@ -165,3 +165,16 @@ def check_word_segment_times(segments, truth: list[Spoken], tolerance: float = T
     timed = [w for s in segments for w in s.words]
     assert all(w.start <= w.end for w in timed)
     assert all(a.end <= b.start for a, b in zip(timed, timed[1:]))
+
+
+def transcribe(engine, paths, **opts) -> dict:
+    """Transcribe files with ``Transcriber`` (options: ``TranscribeOptions`` fields) -> {stem:
+    Transcript}; every file must succeed."""
+    from encdec_cli.tasks.transcribe import AudioItem, Transcriber
+    from encdec_cli.tasks.whisper_rules import TranscribeOptions
+
+    out = {}
+    items = [AudioItem(str(p), p.stem, str(p)) for p in paths]
+    Transcriber(engine, TranscribeOptions(**opts)).run(items, lambda i, t, e: out.__setitem__(i.name, (t, e)))
+    assert all(e is None for _, e in out.values()), out
+    return {k: t for k, (t, _) in out.items()}
