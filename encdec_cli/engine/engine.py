@@ -310,15 +310,20 @@ class Engine:
         (it would only wait one step more), and a cache slot for every row's next token."""
         if not self.config.lookahead or self.scheduler.admits_next_step():
             return False
-        for s in seqs:
-            p = s.group.params
-            if not p.greedy or not p.count_based_rules:
-                return False
-        if all(s.num_generated + 1 >= s.group.max_new_tokens for s in seqs):
-            return False
         bs = self.blocks.block_size
-        need = [s for s in seqs if len(s.tokens) >= len(s.block_table) * bs]
-        if len(need) > self.blocks.num_free:
+        checked: set[int] = set()  # SamplingParams objects (rows share a few)
+        need = []  # rows whose next token starts a new block
+        all_end = True
+        for s in seqs:  # one pass: this runs between the step's argmax and the next launch
+            p = s.group.params
+            if id(p) not in checked:
+                if not p.greedy or not p.count_based_rules:
+                    return False
+                checked.add(id(p))
+            all_end = all_end and s.num_generated + 1 >= s.group.max_new_tokens
+            if len(s.tokens) >= len(s.block_table) * bs:
+                need.append(s)
+        if all_end or len(need) > self.blocks.num_free:
             return False
         for s in need:
             s.block_table += self.blocks.allocate(1)
