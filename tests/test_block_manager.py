@@ -75,3 +75,50 @@ def test_scheduler_rejects_request_that_can_never_fit():
     plan = sched.schedule()
     assert plan.failed and plan.failed[0][0] is g and "KV blocks" in plan.failed[0][1]
     assert sched.idle
+
+
+def test_admission_waits_for_a_slice_of_the_pool():
+    """With requests running, new ones are admitted once an eighth of the pool is free beyond
+    the running sequences' headroom (batched encoder runs; steps in between run ahead), not one
+    request per finished one; admits_next_step says whether the next schedule would admit."""
+    bm = BlockManager(64, 4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=32, max_encoder_tokens=1000, window=64), bm)
+    groups = [_group(i) for i in range(20)]  # 3 cross + 1 prompt block each
+    for g in groups:
+        sched.add(g)
+    assert sched.admits_next_step()  # nothing runs: admit
+    plan = sched.schedule()
+    running = plan.encode
+    assert len(running) == 13 and bm.num_free == 64 - 13 * 4  # the 14th would eat the headroom
+    assert not sched.admits_next_step()  # 12 free, 13 of them headroom
+    sched.finish(running[0])  # 16 free, headroom 12: one request would fit, but 4 < 64 / 8
+    assert not sched.admits_next_step()
+    assert sched.schedule().encode == []
+    sched.finish(running[1])  # 20 free, headroom 11: 9 >= 8
+    assert sched.admits_next_step()
+    assert sched.schedule().encode == groups[13:15]  # 4 + 4 + headroom 12 <= 20; a third would not fit
+    assert not sched.admits_next_step()
+
+
+def test_admission_not_paused_for_preempted_or_unfittable_requests():
+    bm = BlockManager(40, 4)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_encoder_tokens=1000, window=16), bm)
+    for i in range(10):
+        sched.add(_group(i))
+    assert len(sched.schedule().encode) == 8  # 8 x 4 blocks + 7 headroom <= 40
+    assert not sched.admits_next_step()  # 8 free = the headroom: paused
+    huge = _group(10, enc_len=200)  # 50 cross blocks: more than the pool
+    sched.add(huge)
+    assert sched.waiting[-1] is huge  # sorted by encoder length
+    victim = sched.running[-1]
+    sched._preempt(victim)  # (as a step out of blocks would)
+    assert sched.waiting[0] is victim and sched.admits_next_step()  # a preempted request goes first
+    assert sched.schedule().encode == [victim]
+    sched.waiting.remove(huge)
+    sched.waiting.insert(0, huge)  # first in line, and it never fits
+    assert not sched.admits_next_step()  # paused: 8 free, the headroom
+    sched.finish(sched.running[0])
+    sched.finish(sched.running[0])  # 16 free, headroom 6: not paused; the next schedule fails it
+    assert sched.admits_next_step()
+    plan = sched.schedule()
+    assert plan.failed and plan.failed[0][0] is huge

@@ -5,12 +5,19 @@ Pure Python over SequenceGroups and the BlockManager: no tensors, unit-testable.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 
-ADMIT_MIN_FREE_FRACTION = 1 / 8  # admit new requests once this share of sequence slots is free
+# While requests run, admit new ones once this share of the sequence slots and of the KV pool is
+# free (see Scheduler._admission_paused).
+ADMIT_MIN_FREE_FRACTION = 1 / 8
+
+
+def _waiting_key(group: SequenceGroup) -> tuple[bool, int]:
+    return (not group.preempted, group.encoder_len)  # preempted first, then shortest input
 
 
 @dataclass(frozen=True)
@@ -33,12 +40,12 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
         self.config = config
         self.blocks = blocks
-        self.waiting: list[SequenceGroup] = []  # preempted first, then by encoder length
+        self.waiting: list[SequenceGroup] = []  # kept sorted by _waiting_key
         self.running: list[SequenceGroup] = []
         self.num_preemptions = 0
 
     def add(self, group: SequenceGroup) -> None:
-        self.waiting.append(group)
+        bisect.insort(self.waiting, group, key=_waiting_key)
 
     @property
     def has_room(self) -> bool:
@@ -55,21 +62,48 @@ class Scheduler:
             full
         )
 
+    def _admit_blocks(self, group: SequenceGroup) -> int:
+        """Blocks a waiting group takes when admitted: its cross blocks and prompt blocks."""
+        own = sum(self.blocks.blocks_for(len(s.tokens)) for s in group.seqs)
+        return self.blocks.blocks_for(group.encoder_len) + own
+
+    def _headroom(self) -> int:
+        """Blocks kept free for the running sequences: one each, so admitted work can progress."""
+        return sum(len(g.seqs) for g in self.running)
+
     def _admission_paused(self, num_seqs: int) -> bool:
-        """Batched admission: wait until a slice of the sequence slots is free (or a preempted
-        request waits), so encoder runs stay large instead of one request per finishing sequence."""
-        min_free = max(1, int(self.config.max_num_seqs * ADMIT_MIN_FREE_FRACTION))
-        return (
-            bool(self.running)
-            and self.config.max_num_seqs - num_seqs < min_free
-            and not any(g.preempted for g in self.waiting)
+        """Batched admission: while requests run, wait until a slice (ADMIT_MIN_FREE_FRACTION) of
+        the sequence slots and of the KV pool (beyond the running sequences' headroom) is free, or
+        everything waiting fits, so encoder runs stay large instead of one request per finishing
+        sequence, and the steps in between run ahead (Engine._can_run_ahead). A preempted request
+        is admitted as soon as it fits."""
+        if not self.running or not self.waiting or self.waiting[0].preempted:  # sorted: preempted first
+            return False
+        if self.config.max_num_seqs - num_seqs < max(
+            1, int(self.config.max_num_seqs * ADMIT_MIN_FREE_FRACTION)
+        ):
+            return True
+        want = min(
+            int(self.blocks.num_blocks * ADMIT_MIN_FREE_FRACTION),
+            self._admit_blocks(self.waiting[0]) * len(self.waiting),
         )
+        return self.blocks.num_free - self._headroom() < want
 
     def admits_next_step(self) -> bool:
-        """Whether the next ``schedule`` may admit waiting requests (as things stand now)."""
-        return bool(self.waiting) and not self._admission_paused(
-            sum(g.num_seqs_reserved for g in self.running)
-        )
+        """Whether the next ``schedule`` would admit (or reject) a waiting request, as things stand
+        now: admission not paused, and the first waiting request fits the sequence slots and the
+        free blocks (or can never fit, and gets its error)."""
+        if not self.waiting:
+            return False
+        num_seqs = sum(g.num_seqs_reserved for g in self.running)
+        if self._admission_paused(num_seqs):
+            return False
+        first = self.waiting[0]
+        if not self.running or self.max_blocks(first) > self.blocks.num_blocks:
+            return True
+        if num_seqs + first.num_seqs_reserved > self.config.max_num_seqs:
+            return False
+        return self._admit_blocks(first) + self._headroom() <= self.blocks.num_free
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -101,7 +135,7 @@ class Scheduler:
         for g in plan.preempted:
             g.preempted_now = False
         # 2. Admit waiting requests (preempted first, then shortest encoder input first).
-        self.waiting.sort(key=lambda g: (not g.preempted, g.encoder_len))
+        self.waiting.sort(key=_waiting_key)  # sorted already unless a preemption just happened
         num_seqs = sum(g.num_seqs_reserved for g in self.running)
         enc_tokens = 0
         still_waiting = []
@@ -139,12 +173,9 @@ class Scheduler:
     def _try_admit(self, group: SequenceGroup) -> bool:
         """Allocate cross blocks and each sequence's prompt blocks, keeping one block of headroom
         per running sequence so admitted work can make progress."""
-        cross = self.blocks.blocks_for(group.encoder_len)
-        own = sum(self.blocks.blocks_for(len(s.tokens)) for s in group.seqs)
-        headroom = sum(len(g.seqs) for g in self.running)
-        if cross + own + headroom > self.blocks.num_free:
+        if self._admit_blocks(group) + self._headroom() > self.blocks.num_free:
             return False
-        group.cross_blocks = self.blocks.allocate(cross)
+        group.cross_blocks = self.blocks.allocate(self.blocks.blocks_for(group.encoder_len))
         for s in group.seqs:
             s.block_table = self.blocks.allocate(self.blocks.blocks_for(len(s.tokens)))
             s.num_cached = 0
