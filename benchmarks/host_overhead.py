@@ -1,4 +1,4 @@
-"""Host (CPU/Python) time per engine step of beam search, without a GPU (workload W3's shape).
+"""Host (CPU/Python) time per engine step, without a GPU (workload W3's shape, or W2's).
 
 A tiny random BART (d_model 32, one encoder and one decoder layer) with bart-large's vocabulary
 (50264) runs W3-like requests on the CPU: inputs of 260-440 token ids, output lengths forced to
@@ -26,6 +26,7 @@ Three runs over the same requests:
 3. cProfile of the schedule and sample phases and ``runner._rows`` (not the model).
 
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py [--requests 128] [--max-num-seqs 256]
+    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --workload W2 --requests 512 --max-num-seqs 512
 
 ``--check FILE`` stores (first run) or compares (later runs) every result's tokens and scores, to
 show that a change left the outputs unchanged.
@@ -97,24 +98,17 @@ def workload(n: int, vocab: int = VOCAB) -> tuple[list[list[int]], list[int]]:
     return [rng.integers(4, vocab - 1, k).tolist() for k in lens], targets
 
 
-def requests(loaded, inputs, targets, beams: int):
-    """W3's requests (as ``bench.run_ours`` makes them): exactly ``target`` new tokens each."""
-    from encdec_cli.engine import Request, SamplingParams
+def requests(loaded, inputs, targets, workload: str, beams: int | None):
+    """The workload's requests as ``encdec bench`` makes them (exactly ``target`` new tokens each);
+    ``beams`` overrides its beam count."""
+    import dataclasses
 
-    cfg = loaded.config
-    params = {
-        t: SamplingParams(
-            max_new_tokens=t,
-            min_new_tokens=t,
-            stop_token_ids=(cfg.eos_token_id,),
-            num_beams=beams,
-            length_penalty=2.0,
-            no_repeat_ngram_size=3,
-        )
-        for t in set(targets)
-    }
-    start = cfg.decoder_start_token_id
-    return [Request(x, [start], params[t], i) for i, (x, t) in enumerate(zip(inputs, targets, strict=True))]
+    from encdec_cli.tasks.bench import WORKLOADS, workload_requests
+
+    w = WORKLOADS[workload]
+    if beams is not None:
+        w = dataclasses.replace(w, num_beams=beams)
+    return workload_requests(w, loaded.config, inputs, targets)
 
 
 class _OpMeter(TorchDispatchMode):
@@ -272,7 +266,8 @@ def main() -> None:
     global clock
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=128)
-    ap.add_argument("--beams", type=int, default=4)
+    ap.add_argument("--workload", choices=["W2", "W3"], default="W3", help="W2: greedy; W3: beam 4, n-grams")
+    ap.add_argument("--beams", type=int, help="override the workload's beam count")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--d-model", type=int, default=32)
     ap.add_argument("--layers", type=int, default=1)
@@ -297,7 +292,7 @@ def main() -> None:
 
     loaded = tiny_bart(args.d_model, args.layers, args.vocab)
     inputs, targets = workload(args.requests, args.vocab)
-    reqs = requests(loaded, inputs, targets, args.beams)
+    reqs = requests(loaded, inputs, targets, args.workload, args.beams)
     engine_cfg = dict(
         max_num_seqs=args.max_num_seqs, max_source_len=MAX_POSITIONS, cpu_kv_cache_bytes=2 << 30
     )
@@ -307,7 +302,8 @@ def main() -> None:
     tokens = sum(len(r.token_ids) for r in results)
     unit = "wall" if args.wall else "CPU"
     print(
-        f"{args.requests} requests x beam {args.beams}, max_num_seqs {args.max_num_seqs}: {steps} steps, "
+        f"{args.workload}: {args.requests} requests x beam {reqs[0].params.num_beams}, max_num_seqs "
+        f"{args.max_num_seqs}: {steps} steps, "
         f"{tokens} output tokens; times are {unit} ms per step"
     )
     h, table = digest(results)
@@ -377,7 +373,8 @@ def main() -> None:
         out = dict(
             clock=unit,
             requests=args.requests,
-            beams=args.beams,
+            workload=args.workload,
+            beams=reqs[0].params.num_beams,
             max_num_seqs=args.max_num_seqs,
             steps=steps,
             digest=h,
