@@ -44,3 +44,35 @@ def test_forked_sequences_carry_a_copy_of_the_ngram_index():
                 seqs.append(child)
             for s in seqs:
                 s.tokens.append(rng.randint(0, 4))
+
+
+def test_repetition_penalty_batched_over_rows_matches_transformers():
+    """Rows of two penalties and one without, in one step: each row equals transformers'
+    RepetitionPenaltyLogitsProcessor on that row alone (tokens seen, prompt included)."""
+    import torch
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from encdec_cli.engine.sampling import process_logits
+    from encdec_cli.engine.sequence import Request, SamplingParams, SequenceGroup
+
+    g = torch.Generator().manual_seed(0)
+    params = [
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(repetition_penalty=0.7),
+        SamplingParams(),
+    ]
+    histories = [[2, 5, 5, 9], [2, 7, 3, 7, 1], [2, 4, 4], [2, 9, 11]]
+    seqs = []
+    for i, hist in enumerate(histories):
+        p = params[[0, 1, 2, 0][i]]
+        group = SequenceGroup(Request(None, hist[:1], p, i), 1, 8, i)
+        group.seqs[0].tokens = list(hist)
+        seqs.append(group.seqs[0])
+    logits = torch.randn(len(seqs), 16, generator=g)
+    ours = process_logits(logits.clone(), seqs)
+    for i, (s, hist) in enumerate(zip(seqs, histories, strict=True)):
+        pen = s.group.params.repetition_penalty
+        want = logits[i : i + 1].clone()
+        if pen != 1.0:
+            want = RepetitionPenaltyLogitsProcessor(pen)(torch.tensor([hist]), want)
+        assert torch.equal(ours[i], want[0]), i

@@ -117,12 +117,16 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     allowed: dict[int, tuple[tuple[int, ...], list[int]]] = {}
     forced_rows: list[int] = []
     forced_toks: list[int] = []
+    pen_rows: list[int] = []  # repetition penalty: (row, token seen) pairs and their penalties
+    pen_toks: list[int] = []
+    pen_vals: list[float] = []
     for p, rows in by_params:
         if p.repetition_penalty != 1.0:
             for i in rows:
-                prev = torch.tensor(sorted(set(seqs[i].tokens)), device=dev)
-                x = logits[i, prev]
-                logits[i, prev] = torch.where(x < 0, x * p.repetition_penalty, x / p.repetition_penalty)
+                seen = set(seqs[i].tokens)
+                pen_rows += [i] * len(seen)
+                pen_toks += seen
+            pen_vals += [p.repetition_penalty] * (len(pen_toks) - len(pen_vals))
         if p.suppress_tokens:
             suppress.setdefault(id(p.suppress_tokens), (p.suppress_tokens, []))[1].extend(rows)
         if p.allowed_tokens:
@@ -156,6 +160,12 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                     if n == at:
                         forced_rows.append(i)
                         forced_toks.append(token)
+    if pen_rows:  # one gather and one scatter for every penalised row (first, as before the bans)
+        r, t = _on(dev, [pen_rows, pen_toks])
+        pen = torch.tensor(pen_vals, dtype=torch.float32)
+        pen = pen.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else pen
+        x = logits[r, t]
+        logits[r, t] = torch.where(x < 0, x * pen, x / pen)
     for tokens, rows in suppress.values():
         _set(logits, (_on(dev, rows).unsqueeze(1), _on(dev, tokens)), NEG_INF)
     if ban_rows:
