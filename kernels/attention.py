@@ -121,7 +121,6 @@ def _softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT: tl.constexpr, DOT_
     return acc, m_new, l_i
 
 
-
 @triton.jit
 def _gather_pairs(ptrs, GATHER_ASM: tl.constexpr):
     """(ptrs[0], ptrs[1]) float32 at every 8-byte aligned pointer of ptrs.

@@ -36,11 +36,6 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def bart(bart_cpu):
-    return bart_cpu
-
-
 def text_requests(tiny, tok, n=NUM_REQUESTS, num_beams=1, seed=0) -> list[Request]:
     rng = random.Random(seed)
     texts = [" ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(rng.randint(1, 12))) for _ in range(n)]
@@ -61,8 +56,8 @@ def run(loaded, requests, fail_at=(), **cfg) -> tuple[Engine, dict]:
     return engine, results
 
 
-def test_injected_oom_recovers_with_identical_results(bart, caplog):
-    tiny, loaded = bart
+def test_injected_oom_recovers_with_identical_results(bart_cpu, caplog):
+    tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer)
     ref_engine, ref = run(loaded, reqs)
     assert ref_engine.stats.get("oom_recoveries", 0) == 0
@@ -83,8 +78,8 @@ def test_injected_oom_recovers_with_identical_results(bart, caplog):
     assert engine.scheduler.idle
 
 
-def test_oom_with_a_single_request_fails_only_that_request(bart):
-    tiny, loaded = bart
+def test_oom_with_a_single_request_fails_only_that_request(bart_cpu):
+    tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer, n=6)
     # one slot: every step runs one request; call 1 (its encoder run) fails -> that request fails
     engine, out = run(loaded, reqs, fail_at={1}, max_num_seqs=1)
@@ -97,8 +92,8 @@ def test_oom_with_a_single_request_fails_only_that_request(bart):
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
-def test_beam_requests_recompute_after_oom(bart):
-    tiny, loaded = bart
+def test_beam_requests_recompute_after_oom(bart_cpu):
+    tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer, n=8, num_beams=4)
     _, ref = run(loaded, reqs)
     engine, out = run(loaded, reqs, fail_at={2, 5})  # decode steps of 3 and then 1-2 requests
@@ -107,10 +102,10 @@ def test_beam_requests_recompute_after_oom(bart):
     assert len(ok) >= 7 and all(out[i].token_ids == ref[i].token_ids for i in ok)
 
 
-def test_requests_wider_than_the_shrunk_limit_still_run(bart):
+def test_requests_wider_than_the_shrunk_limit_still_run(bart_cpu):
     """After shrinking, max_num_seqs can be below num_beams: such a request is admitted when
     nothing else runs instead of waiting forever."""
-    tiny, loaded = bart
+    tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer, n=4, num_beams=4)
     _, ref = run(loaded, reqs)
     engine = Engine(loaded, **ENGINE)
@@ -190,8 +185,8 @@ def test_cli_job_survives_injected_oom(tiny_text_model, tmp_path):
     assert "2 out-of-memory recoveries" in stderr and "out of device memory" in stderr
 
 
-def test_more_beams_than_sequence_slots_is_a_request_error(bart):
-    tiny, loaded = bart
+def test_more_beams_than_sequence_slots_is_a_request_error(bart_cpu):
+    tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer, n=2, num_beams=4)
     _, out = run(loaded, reqs, max_num_seqs=2)
     assert all("exceeds max_num_seqs" in r.error for r in out.values())

@@ -67,8 +67,8 @@ def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) 
     return out
 
 
-def _on(dev: torch.device, data) -> torch.Tensor:
-    t = torch.tensor(data, dtype=torch.long)
+def _on(dev: torch.device, data, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    t = torch.tensor(data, dtype=dtype)
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
@@ -162,8 +162,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                         forced_toks.append(token)
     if pen_rows:  # one gather and one scatter for every penalised row (first, as before the bans)
         r, t = _on(dev, [pen_rows, pen_toks])
-        pen = torch.tensor(pen_vals, dtype=torch.float32)
-        pen = pen.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else pen
+        pen = _on(dev, pen_vals, torch.float32)
         x = logits[r, t]
         logits[r, t] = torch.where(x < 0, x * pen, x / pen)
     for tokens, rows in suppress.values():

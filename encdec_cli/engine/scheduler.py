@@ -71,7 +71,7 @@ class Scheduler:
         """Blocks kept free for the running sequences: one each, so admitted work can progress."""
         return sum(len(g.seqs) for g in self.running)
 
-    def _admission_paused(self, num_seqs: int) -> bool:
+    def _admission_paused(self, num_seqs: int, headroom: int) -> bool:
         """Batched admission: while requests run, wait until a slice (ADMIT_MIN_FREE_FRACTION) of
         the sequence slots and of the KV pool (beyond the running sequences' headroom) is free, or
         everything waiting fits, so encoder runs stay large instead of one request per finishing
@@ -87,7 +87,7 @@ class Scheduler:
             int(self.blocks.num_blocks * ADMIT_MIN_FREE_FRACTION),
             self._admit_blocks(self.waiting[0]) * len(self.waiting),
         )
-        return self.blocks.num_free - self._headroom() < want
+        return self.blocks.num_free - headroom < want
 
     def admits_next_step(self) -> bool:
         """Whether the next ``schedule`` would admit (or reject) a waiting request, as things stand
@@ -95,15 +95,15 @@ class Scheduler:
         free blocks (or can never fit, and gets its error)."""
         if not self.waiting:
             return False
-        num_seqs = sum(g.num_seqs_reserved for g in self.running)
-        if self._admission_paused(num_seqs):
+        num_seqs, headroom = sum(g.num_seqs_reserved for g in self.running), self._headroom()
+        if self._admission_paused(num_seqs, headroom):
             return False
         first = self.waiting[0]
         if not self.running or self.max_blocks(first) > self.blocks.num_blocks:
             return True
         if num_seqs + first.num_seqs_reserved > self.config.max_num_seqs:
             return False
-        return self._admit_blocks(first) + self._headroom() <= self.blocks.num_free
+        return self._admit_blocks(first) + headroom <= self.blocks.num_free
 
     def schedule(self) -> StepPlan:
         plan = StepPlan()
@@ -139,7 +139,7 @@ class Scheduler:
         num_seqs = sum(g.num_seqs_reserved for g in self.running)
         enc_tokens = 0
         still_waiting = []
-        if self._admission_paused(num_seqs):
+        if self._admission_paused(num_seqs, self._headroom()):
             plan.decode = [s for g in self.running for s in g.seqs]
             return plan
         for i, group in enumerate(self.waiting):
