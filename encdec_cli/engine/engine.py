@@ -247,7 +247,7 @@ class Engine:
             decode = [rows[i] for i in live]
             if not decode:
                 return
-            logits = logits if len(live) == len(rows) else logits[live]
+            logits = logits if len(live) == len(rows) else self._take_rows(logits, live)
         else:
             plan = self.scheduler.schedule()
             for group, msg in plan.failed:
@@ -275,8 +275,10 @@ class Engine:
                 single.append(i)
         if beams:  # beam search applies the logits processors to log-probs (as transformers)
             if single:
-                beam_rows = [i for group_rows in beams.values() for i in group_rows]
-                logits[beam_rows] = torch.log_softmax(logits[beam_rows], -1)
+                idx = self.runner._tensor(
+                    [i for group_rows in beams.values() for i in group_rows], torch.long
+                )
+                logits.index_copy_(0, idx, torch.log_softmax(logits.index_select(0, idx), -1))
             else:  # every row (the usual case): no gather and scatter of [B, V]
                 logits = torch.log_softmax(logits, -1)
         process_logits(logits, decode)
@@ -286,7 +288,8 @@ class Engine:
             tokens, logprobs = self._choose_and_run_ahead(logits, decode), None
         elif single:
             seqs = [decode[i] for i in single]
-            tokens, logprobs = choose_tokens(logits[single] if len(single) < len(decode) else logits, seqs)
+            rows_logits = self._take_rows(logits, single) if len(single) < len(decode) else logits
+            tokens, logprobs = choose_tokens(rows_logits, seqs)
         if single:
             for j, i in enumerate(single):
                 seq = decode[i]
@@ -301,6 +304,12 @@ class Engine:
                 self.scheduler.finish(group)
                 yield self._result(group, now)
         self._tick("sample")
+
+    def _take_rows(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """x[rows], the index sent from pinned memory: indexing a CUDA tensor with a Python list
+        copies the index from pageable memory and synchronises the stream, which would wait for
+        every queued GPU step (and leave the GPU idle until the host launches the next)."""
+        return x.index_select(0, self.runner._tensor(rows, torch.long))
 
     # ---- one step ahead (see EngineConfig.lookahead) -----------------------------------------
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:

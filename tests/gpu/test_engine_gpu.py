@@ -89,3 +89,55 @@ def test_text_models_triton_matches_reference(tiny_text_model, name, dtype):
         assert tri == ref
     else:
         assert _agreement(tri, ref) >= 0.99
+
+
+def test_ahead_steps_never_synchronize_the_stream(tiny_text_model):
+    """A step launched ahead must not wait for the GPU through a stream synchronisation (a copy
+    from pageable memory, .tolist() of a device tensor) before it launches the next step: the
+    GPU would idle until then. Rows finish at different lengths (so ahead steps drop rows);
+    every ahead step runs with torch's sync debug mode set to "error" up to that launch (a step
+    that cannot launch another waits for its tokens on purpose). Tokens equal a run without
+    lookahead."""
+    from models.loading import load_model
+    from tests.text_models import source_ids
+
+    tiny = tiny_text_model("bart")
+    loaded = load_model(tiny.path, device="cuda", dtype="float32")
+    lengths = [3 + i % 7 for i in range(16)]
+    reqs = [
+        Request(
+            source_ids("bart", [f"w{i}", "w7"]),
+            tiny.prompt_ids,
+            SamplingParams(max_new_tokens=n, min_new_tokens=n, stop_token_ids=(tiny.eos_token_id,)),
+            i,
+        )
+        for i, n in enumerate(lengths)
+    ]
+    engine = Engine(loaded, num_blocks=2000, max_num_seqs=16)
+    step, can_run_ahead = engine.step, engine._can_run_ahead
+    checked = 0
+
+    def checked_step():
+        if engine._ahead is None:
+            return step()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    def checked_can_run_ahead(seqs):
+        nonlocal checked
+        ahead = can_run_ahead(seqs)
+        if ahead:
+            checked += torch.cuda.get_sync_debug_mode() == 2  # an ahead step launching the next
+        else:
+            torch.cuda.set_sync_debug_mode("default")  # this step now waits for its tokens
+        return ahead
+
+    engine.step, engine._can_run_ahead = checked_step, checked_can_run_ahead
+    out = {r.request_id: r.token_ids for r in engine.generate(reqs)}
+    assert checked >= 3
+    assert [len(out[i]) for i in range(16)] == lengths
+    ref = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=16, lookahead=False)
+    assert out == ref
