@@ -76,14 +76,22 @@ class Whisper(EncDecModel):
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
         """items: waveforms (<= 30 s) or precomputed log-mel [n_mels, 3000]."""
+        # host inputs are pinned on CUDA (the caching host allocator reuses the memory): a copy
+        # from pageable memory would first wait for all queued GPU work
+        pin = device.type == "cuda"
         if all(torch.is_tensor(x) and x.dim() == 2 for x in items):
-            inputs = torch.stack([x.float() for x in items]).to(device)
+            inputs = torch.stack([x.float() for x in items])
+            if pin and inputs.device.type == "cpu":
+                inputs = inputs.pin_memory()
+            inputs = inputs.to(device, non_blocking=True)
         else:
-            wave = np.zeros((len(items), N_SAMPLES), dtype=np.float32)
+            host = torch.empty((len(items), N_SAMPLES), pin_memory=pin)
+            wave = host.numpy()
             for i, x in enumerate(items):
                 x = np.asarray(x, dtype=np.float32)[:N_SAMPLES]
                 wave[i, : len(x)] = x
-            inputs = torch.from_numpy(wave).to(device, non_blocking=True)
+                wave[i, len(x) :] = 0.0
+            inputs = host.to(device, non_blocking=True)
         cu = torch.arange(0, len(items) + 1, dtype=torch.int32, device=device) * N_AUDIO_CTX
         return EncoderBatch(inputs=inputs, cu_seqlens=cu, max_seqlen=N_AUDIO_CTX)
 
