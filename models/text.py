@@ -17,21 +17,28 @@ import torch.nn.functional as F
 from models.base import EncDecModel, EncoderBatch
 
 
-def as_token_ids(item: Any) -> list[int]:
-    """A list of ints from a list/tuple/array/1-D tensor of token ids; ValueError otherwise."""
-    if torch.is_tensor(item) or isinstance(item, np.ndarray):
-        if item.ndim != 1:
-            raise ValueError(
-                f"encoder input must be a 1-D sequence of token ids, got shape {tuple(item.shape)}"
-            )
-        item = item.tolist()
-    if isinstance(item, (str, bytes)) or not isinstance(item, Sequence):
+def as_token_ids(item: Any) -> np.ndarray:
+    """A 1-D int64 array of token ids from a list/tuple/array/1-D tensor; ValueError otherwise.
+
+    Runs for every request, twice (admission checks, then the encoder batch): one vectorised
+    conversion, no Python loop over the tokens."""
+    if torch.is_tensor(item):
+        item = item.detach().cpu().numpy()
+    if isinstance(item, (str, bytes)) or not isinstance(item, (Sequence, np.ndarray)):
         raise ValueError(
             f"encoder input must be a list of token ids (tokenize text first), got {type(item).__name__}"
         )
-    if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in item):
+    if isinstance(item, (list, tuple)) and bool in set(map(type, item)):
+        raise ValueError("encoder input must hold integer token ids only (found a bool)")
+    try:
+        ids = np.asarray(item)
+    except (TypeError, ValueError) as e:  # ragged nesting
+        raise ValueError(f"encoder input must be a 1-D sequence of token ids ({e})") from None
+    if ids.ndim != 1:
+        raise ValueError(f"encoder input must be a 1-D sequence of token ids, got shape {ids.shape}")
+    if ids.size and ids.dtype.kind not in "iu":
         raise ValueError("encoder input must hold integer token ids only")
-    return [int(t) for t in item]
+    return ids.astype(np.int64, copy=False)
 
 
 def packed_positions(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -55,14 +62,14 @@ class TextEncDecModel(EncDecModel):
     # ---- encoder inputs -----------------------------------------------------------------------
     def encoder_length(self, item) -> int:
         ids = as_token_ids(item)
-        if not ids:
+        if not len(ids):
             raise ValueError("empty encoder input: it needs at least one token")
         if len(ids) > self.max_source_positions:
             raise ValueError(
                 f"encoder input has {len(ids)} tokens; this model takes at most "
                 f"{self.max_source_positions} (truncate the input)"
             )
-        lo, hi = min(ids), max(ids)
+        lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.source_vocab_size:
             bad = lo if lo < 0 else hi
             raise ValueError(
@@ -75,11 +82,13 @@ class TextEncDecModel(EncDecModel):
         """items: lists of token ids -> inputs [T] int64 packed, cu_seqlens [B+1] int32."""
         seqs = [as_token_ids(x) for x in items]
         lens = [len(s) for s in seqs]
-        flat = [t for s in seqs for t in s]
-        cu = np.concatenate([[0], np.cumsum(lens)]).tolist()
-        pin = device.type == "cuda"
-        inputs = torch.tensor(flat, dtype=torch.long, pin_memory=pin).to(device, non_blocking=True)
-        cu_seqlens = torch.tensor(cu, dtype=torch.int32, pin_memory=pin).to(device, non_blocking=True)
+        host = [
+            torch.from_numpy(np.concatenate(seqs)),
+            torch.tensor([0, *np.cumsum(lens)], dtype=torch.int32),
+        ]
+        if device.type == "cuda":  # pinned: the copies do not wait for the GPU
+            host = [t.pin_memory() for t in host]
+        inputs, cu_seqlens = (t.to(device, non_blocking=True) for t in host)
         return EncoderBatch(inputs=inputs, cu_seqlens=cu_seqlens, max_seqlen=max(lens))
 
     # ---- tied weights -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM, MarianMTModel
@@ -205,7 +206,11 @@ def test_encoder_input_errors(tmp_path_factory):
         "long": [5] * (MAX_POSITIONS + 1),
         "id": [5, vocab],
         "text": "w1 w2",
+        "bool": [0, True, 2],
+        "float": [0, 5.0, 2],
+        "nested": [[0, 5], [2, 3]],
         "ok": [0, 5, 2],
+        "ok_array": np.array([0, 5, 2], dtype=np.int32),
     }
     reqs = [Request(x, tiny.prompt_ids, params, request_id=k) for k, x in inputs.items()]
     results = {r.request_id: r for r in engine.generate(reqs)}
@@ -213,7 +218,11 @@ def test_encoder_input_errors(tmp_path_factory):
     assert f"at most {MAX_POSITIONS}" in results["long"].error
     assert "outside the model's vocabulary" in results["id"].error
     assert "list of token ids" in results["text"].error
+    assert "integer token ids only (found a bool)" in results["bool"].error
+    assert "integer token ids only" in results["float"].error
+    assert "1-D sequence of token ids, got shape (2, 2)" in results["nested"].error
     assert results["ok"].error is None and results["ok"].completions
+    assert results["ok_array"].completions == results["ok"].completions
 
 
 def test_t5_refuses_float16(tmp_path_factory):
