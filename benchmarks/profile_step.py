@@ -5,7 +5,11 @@
 
 Prints the kernels by total GPU time, the kernel count and GPU-busy time per engine step, the
 wall time, and (for a pure decode step at batch 1) the replay time of the CUDA graph alone, so
-host overhead = wall - GPU busy is visible. Optionally writes the numbers as JSON (--out).
+host overhead = wall - GPU busy is visible. Also: the GPU's idle time between kernels by gap
+length (where the GPU waited for the host), the host-side CUDA runtime calls (count, total and
+longest: a long cudaStreamSynchronize or cudaMemcpyAsync is the host waiting for the GPU), host
+milliseconds per step inside a few engine functions, rows per decoder run, and the host cost of
+launching a step's graphs onto an idle GPU. Optionally writes the numbers as JSON (--out).
 """
 
 from __future__ import annotations
@@ -15,11 +19,121 @@ import json
 import pathlib
 import sys
 import time
+import types
 
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+
+def idle_gaps(events) -> dict:
+    """GPU idle time between the first and the last kernel of the profiled run, by gap length."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    buckets = {k: [0, 0.0] for k in ("<10us", "10us-100us", "0.1-1ms", "1-10ms", ">=10ms")}
+    end = spans[0][1]
+    largest = []
+    for s, e in spans[1:]:
+        gap = s - end
+        if gap > 0:
+            key = (
+                "<10us" if gap < 10 else "10us-100us" if gap < 100 else "0.1-1ms" if gap < 1e3
+                else "1-10ms" if gap < 1e4 else ">=10ms"
+            )  # fmt: skip
+            buckets[key][0] += 1
+            buckets[key][1] += gap / 1e6
+            largest.append(gap)
+        end = max(end, e)
+    span = end - spans[0][0]
+    idle = sum(b[1] for b in buckets.values())
+    return {
+        "span_s": span / 1e6,
+        "idle_s": idle,
+        "by_gap": {k: {"count": n, "s": round(t, 4)} for k, (n, t) in buckets.items()},
+        "largest_ms": [round(g / 1e3, 2) for g in sorted(largest)[-20:]],
+    }
+
+
+def _time_calls(obj, name: str, store: dict) -> None:
+    """Wrap obj.name to add its host seconds to store[name] = [calls, seconds, original]."""
+    fn = getattr(obj, name)
+    entry = store[name] = [0, 0.0, fn]
+
+    def timed(*a, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            entry[0] += 1
+            entry[1] += time.perf_counter() - t0
+
+    setattr(obj, name, timed)
+
+
+def runtime_calls(all_events) -> dict:
+    """Host-side CUDA runtime / driver calls of the profiled run: {name: [calls, total ms, max ms]}
+    (long copies or synchronizations are where the host waited for the GPU)."""
+    out: dict[str, list] = {}
+    for e in all_events:
+        if e.device_type != torch.autograd.DeviceType.CPU or not e.name.startswith(("cuda", "cu")):
+            continue
+        ms = (e.time_range.end - e.time_range.start) / 1e3
+        t = out.setdefault(e.name, [0, 0.0, 0.0])
+        t[0] += 1
+        t[1] += ms
+        t[2] = max(t[2], ms)
+    return {
+        k: [n, round(ms, 2), round(mx, 2)] for k, (n, ms, mx) in sorted(out.items(), key=lambda kv: -kv[1][1])
+    }
+
+
+def kernel_totals(events, rows: int) -> dict:
+    """{kernel name: [calls, total ms]} of the `rows` kernels with the most GPU time."""
+    totals: dict[str, list] = {}
+    for e in events:
+        t = totals.setdefault(e.name, [0, 0.0])
+        t[0] += 1
+        t[1] += e.device_time / 1e3
+    top = sorted(totals.items(), key=lambda kv: -kv[1][1])[:rows]
+    return {name[:160]: [n, round(ms, 2)] for name, (n, ms) in top}
+
+
+def graph_launch_times(graphs) -> dict:
+    """Per captured batch size (a few): host ms to launch one step's graph segments onto an idle
+    GPU, and ms until the GPU has run them (host-timed, synchronised)."""
+    out = {}
+    sizes = graphs.sizes
+    for b in sorted({sizes[0], sizes[len(sizes) // 4], sizes[len(sizes) // 2], sizes[-1]}):
+        segments = graphs.graphs[b]
+        host, total = [], []
+        for _ in range(20):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for g in segments:
+                g.replay()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            host.append(t1 - t0)
+            total.append(time.perf_counter() - t0)
+        # the same segments launched twice back to back: does the second launch wait on the host
+        # for the first one to run (same graph executables)?
+        again = []
+        for _ in range(20):
+            torch.cuda.synchronize()
+            for g in segments:
+                g.replay()
+            t0 = time.perf_counter()
+            for g in segments:
+                g.replay()
+            again.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        out[b] = {
+            "host_launch_ms": round(1e3 * sorted(host)[10], 3),
+            "gpu_done_ms": round(1e3 * sorted(total)[10], 3),
+            "host_relaunch_ms": round(1e3 * sorted(again)[10], 3),
+            "segments": len(segments),
+        }
+    return out
 
 
 def main(argv=None):
@@ -49,17 +163,49 @@ def main(argv=None):
         return out
 
     run()  # warm-up: compiles, autotunes
+    rows_per_step: list[int] = []  # sequences of every decoder run (the plain run below)
+    decode = engine.runner.decode
+
+    def counted_decode(seqs, *a, **kw):
+        rows_per_step.append(len(seqs))
+        return decode(seqs, *a, **kw)
+
+    engine.runner.decode = counted_decode
+    host_s: dict[str, list] = {}  # host seconds inside a few engine functions (plain run, no sync)
+    import encdec_cli.engine.engine as engine_module
+
+    timed_fns = [
+        (engine.scheduler, "schedule"),
+        (engine.runner, "encode"),
+        (engine.runner, "_rows"),
+        (engine, "_can_run_ahead"),
+        (engine, "_choose_and_run_ahead"),
+        (engine_module, "process_logits"),
+        (engine_module, "choose_tokens"),
+    ]
+    if engine.runner.graphs is not None:
+        timed_fns.append((engine.runner.graphs, "run"))
+    for obj, name in timed_fns:
+        _time_calls(obj, name, host_s)
     steps0 = engine.stats.get("steps", 0)
     t0 = time.perf_counter()
     run()
     wall_plain = time.perf_counter() - t0
     steps = engine.stats["steps"] - steps0
+    engine.runner.decode = decode
+    for obj, name in timed_fns:  # unwrap: the profiled run below times the engine as it is
+        if isinstance(obj, types.ModuleType):
+            setattr(obj, name, host_s[name][2])
+        else:
+            del vars(obj)[name]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         run()
         wall_prof = time.perf_counter() - t0
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time for e in events)
+    gaps = idle_gaps(events)
+    runtime = runtime_calls(prof.events())
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows))
     res = {
         "workload": w.id,
@@ -71,6 +217,19 @@ def main(argv=None):
         "kernels_per_step": len(events) / steps,
         "wall_ms_per_step": 1e3 * wall_plain / steps,
         "gpu_ms_per_step": gpu_us / 1e3 / steps,
+        "gpu_idle": gaps,
+        "decoder_runs": len(rows_per_step),
+        "rows_per_decoder_run": {
+            "mean": sum(rows_per_step) / max(1, len(rows_per_step)),
+            "quartiles": [
+                sorted(rows_per_step)[int(q * (len(rows_per_step) - 1))] for q in (0, 0.25, 0.5, 0.75, 1)
+            ]
+            if rows_per_step
+            else [],
+        },
+        "host_ms_per_step": {k: round(1e3 * t / steps, 3) for k, (n, t, _) in host_s.items()},
+        "kernels_ms": kernel_totals(events, args.rows),
+        "cuda_runtime_calls": runtime,
     }
     graphs = engine.runner.graphs
     if graphs is not None and 1 in graphs.graphs:
@@ -85,6 +244,7 @@ def main(argv=None):
                 g.replay()
         torch.cuda.synchronize()
         res["graph_b1_replay_ms"] = 1e3 * (time.perf_counter() - t0) / n
+        res["graph_launch"] = graph_launch_times(graphs)
     if args.cprofile:
         import cProfile
         import pstats
@@ -94,6 +254,7 @@ def main(argv=None):
         run()
         prof_host.disable()
         pstats.Stats(prof_host).sort_stats("tottime").print_stats(30)
+        pstats.Stats(prof_host).sort_stats("cumulative").print_stats(45)
     print(json.dumps(res, indent=1))
     if args.out:
         args.out.write_text(json.dumps(res, indent=1))
