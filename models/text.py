@@ -80,6 +80,7 @@ class TextEncDecModel(EncDecModel):
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
         """items: lists of token ids -> inputs [T] int64 packed, cu_seqlens [B+1] int32."""
+        device = torch.device(device)
         seqs = [as_token_ids(x) for x in items]
         lens = [len(s) for s in seqs]
         host = [

@@ -78,6 +78,7 @@ class Whisper(EncDecModel):
         """items: waveforms (<= 30 s) or precomputed log-mel [n_mels, 3000]."""
         # host inputs are pinned on CUDA (the caching host allocator reuses the memory): a copy
         # from pageable memory would first wait for all queued GPU work
+        device = torch.device(device)
         pin = device.type == "cuda"
         if all(torch.is_tensor(x) and x.dim() == 2 for x in items):
             inputs = torch.stack([x.float() for x in items])
