@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from encdec_cli.engine.block_manager import BlockManager
+from encdec_cli.engine.sampling import to_device
 from encdec_cli.engine.sequence import Completion, Sequence, SequenceGroup
 
 NEG_LARGE = -1.0e9  # transformers' "impossible" score: initial copies, hits, empty slots
@@ -112,7 +113,7 @@ def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
     k = groups[0].beam.beams_to_keep
     dev = logprobs.device
     num, vocab = len(groups), logprobs.shape[1]
-    running = _on(dev, torch.tensor([g.beam.running_scores for g in groups], dtype=F32))  # [G, N]
+    running = to_device(dev, [g.beam.running_scores for g in groups], F32)  # [G, N]
     flat = [i for r in rows for i in r]
     if len(flat) == num * n and flat == list(range(flat[0], flat[0] + len(flat))):
         # the usual case: every request has its N beams, in consecutive rows: a view, no gather
@@ -125,7 +126,7 @@ def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
     else:  # a gather: a first step, or rows of requests of another (N, K) in between
         # first step: the prompt's one row stands for N copies (running scores [0, -1e9, ...])
         beam_rows = [r * n if len(r) == 1 < n else r for r in rows]  # [G][N] rows of logprobs
-        row_idx = _on(dev, torch.tensor(beam_rows))
+        row_idx = to_device(dev, beam_rows)
         acc = logprobs[row_idx]  # [G, N, V]
         acc += running[:, :, None]
         top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
@@ -275,11 +276,6 @@ def _advance(
             child.logprobs.append(logprobs[i])
         child.cum_logprob = scores[i]
     group.seqs = children
-
-
-def _on(dev: torch.device, t: torch.Tensor) -> torch.Tensor:
-    """A small CPU tensor on ``dev`` without a sync (pinned, non-blocking on CUDA)."""
-    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
 
 def _hypothesis(

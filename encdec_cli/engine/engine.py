@@ -13,7 +13,7 @@ from encdec_cli.engine.beam import beam_step_batch
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig
 from encdec_cli.engine.runner import ModelRunner
-from encdec_cli.engine.sampling import choose_tokens, process_logits
+from encdec_cli.engine.sampling import choose_tokens, process_logits, to_device
 from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
 from models.loading import LoadedModel, load_model
@@ -275,9 +275,7 @@ class Engine:
                 single.append(i)
         if beams:  # beam search applies the logits processors to log-probs (as transformers)
             if single:
-                idx = self.runner._tensor(
-                    [i for group_rows in beams.values() for i in group_rows], torch.long
-                )
+                idx = to_device(logits.device, [i for group_rows in beams.values() for i in group_rows])
                 logits.index_copy_(0, idx, torch.log_softmax(logits.index_select(0, idx), -1))
             else:  # every row (the usual case): no gather and scatter of [B, V]
                 logits = torch.log_softmax(logits, -1)
@@ -305,11 +303,11 @@ class Engine:
                 yield self._result(group, now)
         self._tick("sample")
 
-    def _take_rows(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """x[rows], the index sent from pinned memory: indexing a CUDA tensor with a Python list
-        copies the index from pageable memory and synchronises the stream, which would wait for
-        every queued GPU step (and leave the GPU idle until the host launches the next)."""
-        return x.index_select(0, self.runner._tensor(rows, torch.long))
+    @staticmethod
+    def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """x[rows] without ``x[rows]``: that copies the index from pageable memory, a stream sync
+        that would wait for every queued GPU step (the GPU then idles until the next launch)."""
+        return x.index_select(0, to_device(x.device, rows))
 
     # ---- one step ahead (see EngineConfig.lookahead) -----------------------------------------
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:

@@ -14,6 +14,7 @@ from collections.abc import Hashable
 import numpy as np
 import torch
 
+from encdec_cli.engine.sampling import to_device
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from models.base import AttentionMetadata, PagedView
 
@@ -87,10 +88,7 @@ class ModelRunner:
         return 2 * s.num_layers * block_size * s.num_heads * s.head_dim * elem
 
     def _tensor(self, data, dtype) -> torch.Tensor:
-        t = torch.as_tensor(np.asarray(data), dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        return to_device(self.device, data, dtype)
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size

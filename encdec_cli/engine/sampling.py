@@ -67,7 +67,11 @@ def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) 
     return out
 
 
-def _on(dev: torch.device, data, dtype: torch.dtype = torch.long) -> torch.Tensor:
+def to_device(dev: torch.device, data, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Host data (a list, nested lists or a numpy array) as a tensor on ``dev``, without a sync: on
+    CUDA it goes through pinned memory with a non-blocking copy (a copy from pageable memory, as
+    ``cuda_tensor[python_list]`` or ``torch.tensor(data, device=...)`` make, waits for every
+    queued GPU step)."""
     t = torch.tensor(data, dtype=dtype)
     return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
@@ -161,24 +165,24 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                         forced_rows.append(i)
                         forced_toks.append(token)
     if pen_rows:  # one gather and one scatter for every penalised row (first, as before the bans)
-        r, t = _on(dev, [pen_rows, pen_toks])
-        pen = _on(dev, pen_vals, torch.float32)
+        r, t = to_device(dev, [pen_rows, pen_toks])
+        pen = to_device(dev, pen_vals, torch.float32)
         x = logits[r, t]
         logits[r, t] = torch.where(x < 0, x * pen, x / pen)
     for tokens, rows in suppress.values():
-        _set(logits, (_on(dev, rows).unsqueeze(1), _on(dev, tokens)), NEG_INF)
+        _set(logits, (to_device(dev, rows).unsqueeze(1), to_device(dev, tokens)), NEG_INF)
     if ban_rows:
-        ban = _on(dev, [ban_rows, ban_toks])  # [2, M]: one copy to the device
+        ban = to_device(dev, [ban_rows, ban_toks])  # [2, M]: one copy to the device
         _set(logits, (ban[0], ban[1]), NEG_INF)
     for tokens, rows in allowed.values():
-        r, t = _on(dev, rows).unsqueeze(1), _on(dev, tokens)
+        r, t = to_device(dev, rows).unsqueeze(1), to_device(dev, tokens)
         keep = logits[r, t]
         _set(logits, r, NEG_INF)
         logits[r, t] = keep
     if forced_rows:
-        r = _on(dev, forced_rows)
+        r = to_device(dev, forced_rows)
         _set(logits, r, NEG_INF)
-        _set(logits, (r, _on(dev, forced_toks)), 0.0)
+        _set(logits, (r, to_device(dev, forced_toks)), 0.0)
     apply_timestamp_rules(logits, seqs, by_params)
     return logits
 
@@ -203,7 +207,7 @@ def record_first_step_probs(
     probs = torch.softmax(logits[rows].float(), -1)  # [R, V]
     toks = [seqs[i].group.params.record_first_step_probs for i in rows]
     width = max(len(t) for t in toks)
-    idx = _on(logits.device, [list(t) + [t[-1]] * (width - len(t)) for t in toks])  # [R, width]
+    idx = to_device(logits.device, [list(t) + [t[-1]] * (width - len(t)) for t in toks])  # [R, width]
     values = probs.gather(1, idx).tolist()
     for i, t, v in zip(rows, toks, values):
         seqs[i].group.request.first_step_probs = dict(zip(t, v))
@@ -258,14 +262,14 @@ def apply_timestamp_rules(
     for r, rows, bounds in groups.values():
         tb = r.timestamp_begin
         whole = len(rows) == len(seqs)
-        idx = None if whole else _on(dev, rows)
+        idx = None if whole else to_device(dev, rows)
         x = logits if whole else logits[idx]  # [R, V]
         x[:, r.no_timestamps] = NEG_INF
         for hi in (r.eot, tb):  # rows banning the text tokens below ``hi``
             ban = [j for j, b in enumerate(bounds) if b[0] == hi]
             if ban:
-                _set(x, (_on(dev, ban), slice(None, hi)), NEG_INF)
-        lo_hi = _on(dev, [(b[1], b[2]) for b in bounds]) - tb  # [R, 2] allowed timestamp range
+                _set(x, (to_device(dev, ban), slice(None, hi)), NEG_INF)
+        lo_hi = to_device(dev, [(b[1], b[2]) for b in bounds]) - tb  # [R, 2] allowed timestamp range
         col = torch.arange(vocab - tb, device=dev)[None, :]  # [1, n_timestamps]
         ts = x[:, tb:]  # [R, n_timestamps] view
         ts.masked_fill_((col < lo_hi[:, :1]) | (col > lo_hi[:, 1:]), NEG_INF)
