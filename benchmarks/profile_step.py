@@ -15,11 +15,12 @@ launching a step's graphs onto an idle GPU. Optionally writes the numbers as JSO
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
 import time
-import types
+from unittest import mock
 
 import torch
 
@@ -54,10 +55,8 @@ def idle_gaps(events) -> dict:
     }
 
 
-def _time_calls(obj, name: str, store: dict) -> None:
-    """Wrap obj.name to add its host seconds to store[name] = [calls, seconds, original]."""
-    fn = getattr(obj, name)
-    entry = store[name] = [0, 0.0, fn]
+def _timed(fn, entry: list):
+    """fn, adding each call's host seconds to entry = [calls, seconds]."""
 
     def timed(*a, **kw):
         t0 = time.perf_counter()
@@ -67,7 +66,7 @@ def _time_calls(obj, name: str, store: dict) -> None:
             entry[0] += 1
             entry[1] += time.perf_counter() - t0
 
-    setattr(obj, name, timed)
+    return timed
 
 
 def runtime_calls(all_events) -> dict:
@@ -170,8 +169,6 @@ def main(argv=None):
         rows_per_step.append(len(seqs))
         return decode(seqs, *a, **kw)
 
-    engine.runner.decode = counted_decode
-    host_s: dict[str, list] = {}  # host seconds inside a few engine functions (plain run, no sync)
     import encdec_cli.engine.engine as engine_module
 
     timed_fns = [
@@ -185,19 +182,17 @@ def main(argv=None):
     ]
     if engine.runner.graphs is not None:
         timed_fns.append((engine.runner.graphs, "run"))
-    for obj, name in timed_fns:
-        _time_calls(obj, name, host_s)
-    steps0 = engine.stats.get("steps", 0)
-    t0 = time.perf_counter()
-    run()
-    wall_plain = time.perf_counter() - t0
-    steps = engine.stats["steps"] - steps0
-    engine.runner.decode = decode
-    for obj, name in timed_fns:  # unwrap: the profiled run below times the engine as it is
-        if isinstance(obj, types.ModuleType):
-            setattr(obj, name, host_s[name][2])
-        else:
-            del vars(obj)[name]
+    host_s: dict[str, list] = {}  # host [calls, seconds] inside those functions (plain run, no sync)
+    with contextlib.ExitStack() as patches:  # undone after it: the profiled run times the engine as is
+        patches.enter_context(mock.patch.object(engine.runner, "decode", counted_decode))
+        for obj, name in timed_fns:
+            host_s[name] = [0, 0.0]
+            patches.enter_context(mock.patch.object(obj, name, _timed(getattr(obj, name), host_s[name])))
+        steps0 = engine.stats.get("steps", 0)
+        t0 = time.perf_counter()
+        run()
+        wall_plain = time.perf_counter() - t0
+        steps = engine.stats["steps"] - steps0
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         run()
@@ -227,7 +222,7 @@ def main(argv=None):
             if rows_per_step
             else [],
         },
-        "host_ms_per_step": {k: round(1e3 * t / steps, 3) for k, (n, t, _) in host_s.items()},
+        "host_ms_per_step": {k: round(1e3 * t / steps, 3) for k, (n, t) in host_s.items()},
         "kernels_ms": kernel_totals(events, args.rows),
         "cuda_runtime_calls": runtime,
     }
