@@ -16,6 +16,10 @@ N_FRAMES = 3000  # mel frames of one window (hop 160)
 N_AUDIO_CTX = N_FRAMES // 2  # 1500 encoder tokens (conv2 has stride 2)
 
 
+def _is_log_mel(item) -> bool:
+    return torch.is_tensor(item) and item.dim() == 2
+
+
 class WhisperEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -72,27 +76,69 @@ class Whisper(EncDecModel):
         return list(self.decoder.layers)
 
     def encoder_length(self, item) -> int:
+        """Checks one encoder input: a 16 kHz mono waveform of at most 30 s (a 1-D numpy array,
+        tensor or list of numbers) or log-mel features [n_mels, 3000] (a tensor). ValueError
+        otherwise, so that request alone fails."""
+        if _is_log_mel(item):
+            if tuple(item.shape) != (self.n_mels, N_FRAMES):
+                raise ValueError(
+                    f"log-mel features must be [{self.n_mels}, {N_FRAMES}], got {list(item.shape)}"
+                )
+            return N_AUDIO_CTX
+        if torch.is_tensor(item):
+            ok = item.dim() == 1 and not item.is_complex() and item.dtype != torch.bool
+            shape = tuple(item.shape)
+        elif isinstance(item, (str, bytes)) or not hasattr(item, "__len__"):
+            raise ValueError(f"audio must be a waveform (a 1-D array of samples), got {type(item).__name__}")
+        else:
+            try:
+                x = np.asarray(item)
+            except (TypeError, ValueError):  # ragged nesting
+                x = np.asarray(item, dtype=object)
+            ok, shape = x.ndim == 1 and (x.dtype.kind in "fiu" or x.size == 0), x.shape
+        if not ok:
+            raise ValueError(
+                f"audio must be a 1-D array of numbers (16 kHz mono) or log-mel [{self.n_mels}, {N_FRAMES}], "
+                f"got shape {list(shape)}"
+            )
+        if shape[0] > N_SAMPLES:
+            raise ValueError(
+                f"audio of {shape[0] / SAMPLE_RATE:.1f} s is longer than one 30 s window; "
+                "encdec transcribe (or tasks.transcribe.Transcriber) windows long audio"
+            )
         return N_AUDIO_CTX
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
-        """items: waveforms (<= 30 s) or precomputed log-mel [n_mels, 3000]."""
+        """items: waveforms (<= 30 s) or precomputed log-mel [n_mels, 3000], in any mix."""
         # host inputs are pinned on CUDA (the caching host allocator reuses the memory): a copy
         # from pageable memory would first wait for all queued GPU work
         device = torch.device(device)
         pin = device.type == "cuda"
-        if all(torch.is_tensor(x) and x.dim() == 2 for x in items):
-            inputs = torch.stack([x.float() for x in items])
-            if pin and inputs.device.type == "cpu":
-                inputs = inputs.pin_memory()
-            inputs = inputs.to(device, non_blocking=True)
+
+        def to_device(t):
+            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
+
+        mel = [_is_log_mel(x) for x in items]
+        if all(mel):
+            inputs = to_device(torch.stack([x.float() for x in items]))
         else:
-            host = torch.empty((len(items), N_SAMPLES), pin_memory=pin)
-            wave = host.numpy()
-            for i, x in enumerate(items):
-                x = np.asarray(x, dtype=np.float32)[:N_SAMPLES]
-                wave[i, : len(x)] = x
-                wave[i, len(x) :] = 0.0
+            waves = [x for x, m in zip(items, mel, strict=True) if not m]
+            host = torch.empty((len(waves), N_SAMPLES), pin_memory=pin)
+            buf = host.numpy()
+            for i, x in enumerate(waves):
+                x = (
+                    x.detach().cpu().float().numpy()
+                    if torch.is_tensor(x)
+                    else np.asarray(x, dtype=np.float32)
+                )
+                buf[i, : len(x)] = x
+                buf[i, len(x) :] = 0.0
             inputs = host.to(device, non_blocking=True)
+            if any(mel):  # a mix: the waveforms' log-mel here, beside the given features
+                computed = iter(self.features(inputs))
+                inputs = torch.stack(
+                    [to_device(x.float()) if m else next(computed) for x, m in zip(items, mel)]
+                )
         cu = torch.arange(0, len(items) + 1, dtype=torch.int32, device=device) * N_AUDIO_CTX
         return EncoderBatch(inputs=inputs, cu_seqlens=cu, max_seqlen=N_AUDIO_CTX)
 

@@ -1,5 +1,8 @@
 """Whisper: our engine vs transformers' generate on random-weight models (fp32, CPU)."""
 
+import re
+
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -106,6 +109,39 @@ def test_request_errors_do_not_stop_the_others(tmp_path):
     assert "empty decoder prompt" in out["empty-prompt"].error
     assert "no room" in out["too-long"].error
     assert out["ok"].error is None and len(out["ok"].token_ids) <= 3
+
+
+def test_bad_audio_fails_alone_and_input_kinds_mix(tmp_path):
+    """Engine-level bad audio gets an error Result each (the rest runs); a waveform and log-mel
+    features batched together give the tokens each gives alone."""
+    random_whisper(tmp_path)
+    ours = load_ours(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    wave = (torch.randn(5 * 16000, generator=g) * 0.1).numpy()
+    mel = torch.randn(80, 3000, generator=g)
+    params = SamplingParams(max_new_tokens=5, stop_token_ids=(EOT,))
+
+    def run(items: dict) -> dict:
+        engine = Engine(ours, num_blocks=2000, block_size=4, max_num_seqs=8)
+        out = {
+            r.request_id: r for r in engine.generate(Request(x, [SOT], params, k) for k, x in items.items())
+        }
+        assert engine.blocks.num_free == engine.blocks.num_blocks
+        return out
+
+    alone = {k: run({k: x})[k].token_ids for k, x in (("wave", wave), ("mel", mel))}
+    bad = {
+        "2-D audio": (np.zeros((2, 100), np.float32), r"1-D array of numbers .* got shape \[2, 100\]"),
+        "short mel": (torch.zeros(80, 10), r"log-mel features must be \[80, 3000\], got \[80, 10\]"),
+        "text": ("w1 w2", "audio must be a waveform .* got str"),
+        "strings": (["a", "b"], "1-D array of numbers"),
+        "40 s": (np.zeros(40 * 16000, np.float32), "40.0 s is longer than one 30 s window"),
+    }
+    out = run({"wave": wave, "mel": mel, **{k: x for k, (x, _) in bad.items()}})
+    assert out["wave"].error is None and out["wave"].token_ids == alone["wave"]
+    assert out["mel"].error is None and out["mel"].token_ids == alone["mel"]
+    for k, (_, expect) in bad.items():
+        assert out[k].error is not None and re.search(expect, out[k].error), (k, out[k].error)
 
 
 def test_seeded_sampling_is_reproducible(tmp_path):
