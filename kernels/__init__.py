@@ -1,7 +1,7 @@
 """Attention and norm kernels: pure functions on tensors, never importing the engine.
 
 The functions exported here dispatch on the device: CUDA tensors go to the Triton kernels
-(``kernels/attention.py``, ``kernels/norm.py``), everything else to the plain-PyTorch
+(``kernels/attention.py``, ``kernels/norm.py``, ``kernels/linear.py``), everything else to the plain-PyTorch
 references in ``kernels/reference.py``. ``ENCDEC_KERNELS=reference`` forces the references
 everywhere (used by tests that compare the two paths end to end).
 
@@ -27,6 +27,9 @@ __all__ = [
     "rms_norm",
     "add_layer_norm",
     "add_rms_norm",
+    "gemv",
+    "GEMV_ACTIVATIONS",
+    "norm_gemv",
     "use_triton",
 ]
 
@@ -82,3 +85,19 @@ def add_layer_norm(x, residual, weight, bias, eps):
 
 def add_rms_norm(x, residual, weight, eps):
     return _impl(x, "norm").add_rms_norm(x, residual, weight, eps)
+
+
+# activations (transformers ACT2FN names) that gemv / norm_gemv apply in the kernel
+GEMV_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_pytorch_tanh"})
+
+
+def gemv(x, weight, bias=None, activation=None):
+    """act(x @ weight^T + bias) for one row x [1, K] (kernels/linear.py on CUDA)."""
+    return _impl(x, "linear").gemv(x, weight, bias, activation)
+
+
+def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None):
+    """(gemv(norm(x + residual)), x + residual) for one row; residual may be None."""
+    return _impl(x, "linear").norm_gemv(
+        x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias, activation
+    )

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
 from kernels.reference import RelBias, relative_position_bucket
 
 __all__ = ["varlen_attention", "paged_attention", "store_kv"]
@@ -293,9 +294,12 @@ def _paged_attn_kernel(
     num_heads, num_q_tiles, num_splits, max_dist, scale, exp2_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_QUERY: tl.constexpr,
-    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # Axis 0: (query tile, head, sequence), query tiles fastest; axis 1: key split.
+    if PDL:  # kernels/pdl.py: the next kernel may launch; q and the new K/V are ready after the wait
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     tile_q = pid % num_q_tiles
@@ -367,9 +371,13 @@ def _paged_attn_kernel(
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(O_PART, LSE_PART, Out, stride_ot, stride_oh, num_heads, num_splits,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                         PDL: tl.constexpr):
     """Merge the S = num_splits <= BLOCK_S partial results of one (token, head): weights
     exp2(lse_s - max lse)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0).to(tl.int64)  # = token * H + head
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -393,8 +401,11 @@ def _merge_splits_kernel(O_PART, LSE_PART, Out, stride_ot, stride_oh, num_heads,
 
 @triton.jit
 def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh, num_heads,
-                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
     """One program per token: copy its [H, D] K and V rows into cache slot SLOTS[t] (-1 = skip)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(SLOTS + t)
     if slot < 0:
@@ -807,12 +818,14 @@ def _launch_paged(
         IS_SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps or (2 if block_q <= MIN_DOT.value else 4),
         num_stages=num_stages or (2 if block_q <= MIN_DOT.value else 3),  # prefetch depth of the K/V loads
+        **pdl_launch(q),
     )
     if num_splits > 1:
         _merge_splits_kernel[(tq * h,)](
             o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few compiles
             num_warps=1 if block_d <= 64 else 2,  # one (token, head) row of D floats per program
+            **pdl_launch(q),
         )
     # fmt: on
     return out
@@ -856,5 +869,6 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
         k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1), h,
         HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d,
         num_warps=max(1, min(8, block_h * block_d // 256)),  # ~256 elements (8 per thread) per warp
+        **pdl_launch(k),
     )
     # fmt: on

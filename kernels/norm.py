@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import pdl_launch
+
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,8 +25,11 @@ MAX_C = 32768  # one row lives in registers: 32768 floats = 32 per thread at 32 
 def _norm_kernel(X, RES, W, B, Y, SUM,  # RES/SUM only with HAS_RESIDUAL, B only with HAS_BIAS
                  C, eps,
                  BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 IS_RMS: tl.constexpr):
+                 IS_RMS: tl.constexpr, PDL: tl.constexpr):
     """One row: y = (x - mean) * rstd * w + b (LayerNorm) or x * rstd * w (RMSNorm)."""
+    if PDL:  # kernels/pdl.py
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)  # rows * C can exceed int32
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
@@ -92,6 +97,7 @@ def _norm(x, residual, weight, bias, eps, is_rms):
             summed if summed is not None else y, c, float(eps),
             BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms,
             num_warps=min(max(block_c // 256, 1), 32),  # ~8 elements per thread, 1..32 warps
+            **pdl_launch(x),
         )
         # fmt: on
     return y, summed

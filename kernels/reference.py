@@ -1,7 +1,7 @@
 """Plain-PyTorch versions of every kernel: the CPU path and the test oracle.
 
 Each function has the same signature as its Triton twin in ``kernels/attention.py`` /
-``kernels/norm.py``. Shapes use: T = packed tokens, H = heads, D = head dim,
+``kernels/norm.py`` / ``kernels/linear.py``. Shapes use: T = packed tokens, H = heads, D = head dim,
 B = sequences, NB = cache blocks, BS = block size.
 """
 
@@ -167,3 +167,29 @@ def add_rms_norm(x, residual, weight, eps):
     """(rms_norm(x + residual), x + residual)."""
     s = x + residual
     return rms_norm(s, weight, eps), s
+
+
+def apply_activation(y, name):
+    """The epilogue activations of ``gemv`` by transformers ACT2FN name (None: identity)."""
+    if name is None:
+        return y
+    if name == "relu":
+        return F.relu(y)
+    if name == "gelu":
+        return F.gelu(y)
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return F.gelu(y, approximate="tanh")
+    raise ValueError(f"activation {name!r} not supported")
+
+
+def gemv(x, weight, bias=None, activation=None):
+    """act(x @ weight^T + bias) for one row x [1, K] (float32 sums, output in x's dtype)."""
+    y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return apply_activation(y, activation).to(x.dtype)
+
+
+def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None):
+    """(gemv(norm(s)), s) with s = x + residual (x when residual is None)."""
+    s = x if residual is None else x + residual
+    h = rms_norm(s, norm_weight, eps) if is_rms else layer_norm(s, norm_weight, norm_bias, eps)
+    return gemv(h, weight, bias, activation), s

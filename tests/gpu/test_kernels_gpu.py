@@ -34,9 +34,9 @@ pytestmark = [
 if torch.cuda.is_available() and not INTERPRET:
     # Import (compile-mode) triton now, at collection, before tests/kernels/conftest.py could
     # switch this process to the interpreter.
-    from kernels import attention, norm
+    from kernels import attention, linear, norm
 else:
-    attention = norm = None
+    attention = linear = norm = None
 
 TEST_TIMEOUT_S = 120  # per test, compiles included (the slowest compiles ~10 kernel variants)
 AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # == kernels.attention.AUTOTUNE_ENV
@@ -326,3 +326,41 @@ def test_norms(dtype, c):
             norm.add_rms_norm(x, r, w, 1e-6), reference.add_rms_norm(x, r, w, 1e-6), strict=True
         ):
             assert rel_err(got, want) < tol
+
+
+# -- one-row linear layers (batch-1 decoding) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize(
+    "n,k,act",
+    [(3840, 1280, None), (1280, 1280, None), (5120, 1280, "gelu"), (1280, 5120, None), (4096, 1024, "relu"),
+     (2816, 1024, "gelu_new"), (51866, 1280, None)],
+    ids=str,
+)  # fmt: skip
+def test_gemv(dtype, n, k, act):
+    x = torch.randn(1, k, device=DEVICE).to(dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype)
+    with poisoned_allocations():
+        got = linear.gemv(x, w, b, act)
+    assert rel_err(got, reference.gemv(x, w, b, act)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("is_rms,residual", [(False, True), (False, False), (True, True)], ids=str)
+def test_norm_gemv(dtype, is_rms, residual):
+    d, n = 1280, 3840
+    x = (torch.randn(1, d, device=DEVICE) * 3).to(dtype)
+    r = torch.randn(1, d, device=DEVICE).to(dtype) if residual else None
+    nw, nb = (
+        torch.randn(d, device=DEVICE).to(dtype),
+        None if is_rms else torch.randn(d, device=DEVICE).to(dtype),
+    )
+    w = (torch.randn(n, d, device=DEVICE) / d**0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype)
+    with poisoned_allocations():
+        got, summed = linear.norm_gemv(x, r, nw, nb, 1e-5, is_rms, w, b, "gelu")
+    want, want_sum = reference.norm_gemv(x, r, nw, nb, 1e-5, is_rms, w, b, "gelu")
+    assert rel_err(got, want) < TOL[dtype]
+    assert torch.equal(summed, want_sum)

@@ -118,6 +118,14 @@ def norm():
 
 
 @pytest.fixture(scope="session")
+def lin():
+    """kernels.linear with its kernels running in the Triton interpreter."""
+    if not INTERPRETED:
+        pytest.skip(NOT_INTERPRETED_REASON)
+    return _interpreted_module("linear")
+
+
+@pytest.fixture(scope="session")
 def bf16_dot_ok():
     """Whether the interpreter can run tl.dot on bfloat16 (after the workaround above)."""
     return BF16_DOT_OK

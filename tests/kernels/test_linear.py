@@ -1,0 +1,93 @@
+"""Triton one-row linear kernels (gemv, norm + gemv) vs kernels.reference, on the CPU through the
+Triton interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from tests.kernels.cases import TOL, poisoned_allocations, rel_err
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# [N, K]: odd sizes (masked rows and K tail), Whisper's d_model, a long K (fc2: several chunks)
+SHAPES = [(37, 200), (300, 1280), (9, 5120)]
+ACTS = [None, "relu", "gelu", "gelu_new"]
+
+
+def _ids(v):
+    return str(v).removeprefix("torch.")
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(0)
+
+
+def _weights(n, k, dtype, gen, bias=True):
+    w = (torch.randn(n, k, generator=gen) / k**0.5).to(dtype)
+    b = torch.randn(n, generator=gen).to(dtype) if bias else None
+    return w, b
+
+
+def test_activation_names_match_dispatch(lin):
+    assert set(lin.ACTIVATIONS) - {None} == kernels.GEMV_ACTIVATIONS
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("act", ACTS, ids=_ids)
+def test_gemv(lin, gen, dtype, shape, act):
+    n, k = shape
+    x = torch.randn(1, k, generator=gen).to(dtype)
+    w, b = _weights(n, k, dtype, gen, bias=act != "relu")  # relu cases run without bias
+    with poisoned_allocations():
+        out = lin.gemv(x, w, b, act)
+    ref = reference.gemv(x, w, b, act)
+    assert out.shape == (1, n) and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_gemv_takes_a_strided_weight(lin, gen):
+    """A weight whose rows are a slice of a wider matrix (row stride > K)."""
+    wide = torch.randn(40, 96, generator=gen)
+    x = torch.randn(1, 64, generator=gen)
+    assert rel_err(lin.gemv(x, wide[:, :64], None), reference.gemv(x, wide[:, :64], None)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("is_rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "first-layer"])
+@pytest.mark.parametrize("act", [None, "gelu"], ids=_ids)
+def test_norm_gemv(lin, gen, dtype, is_rms, with_residual, act):
+    n, k = 300, 1280
+    x = (torch.randn(1, k, generator=gen) * 3 + 1).to(dtype)
+    residual = torch.randn(1, k, generator=gen).to(dtype) if with_residual else None
+    nw = (torch.randn(k, generator=gen) * 0.5 + 1).to(dtype)
+    nb = None if is_rms else torch.randn(k, generator=gen).to(dtype)
+    w, b = _weights(n, k, dtype, gen)
+    with poisoned_allocations():
+        out, summed = lin.norm_gemv(x, residual, nw, nb, 1e-5, is_rms, w, b, act)
+    ref, ref_sum = reference.norm_gemv(x, residual, nw, nb, 1e-5, is_rms, w, b, act)
+    assert rel_err(out, ref) < TOL[dtype]
+    torch.testing.assert_close(summed, ref_sum, rtol=0 if dtype != torch.bfloat16 else 2**-7, atol=0)
+    if not with_residual:
+        assert summed is x
+
+
+BAD = {
+    "two rows": lambda x, w, b: (x.repeat(2, 1), w, b, None),
+    "K mismatch": lambda x, w, b: (x[:, :-1], w, b, None),
+    "bias shape": lambda x, w, b: (x, w, b[:-1], None),
+    "int weight": lambda x, w, b: (x, w.long(), b, None),
+    "activation": lambda x, w, b: (x, w, b, "swish"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+def test_rejects_bad_inputs(lin, gen, bad):
+    x = torch.randn(1, 32, generator=gen)
+    w, b = _weights(16, 32, torch.float32, gen)
+    with pytest.raises(ValueError):
+        lin.gemv(*BAD[bad](x, w, b))
