@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
@@ -77,6 +78,33 @@ class Norm(nn.Module):
         return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
+def _one_row(x) -> bool:
+    """Whether x [1, d] runs the Triton one-row kernels (``kernels.gemv``): batch-1 decoding on
+    CUDA, where cuBLAS leaves most SMs idle. Everything else takes cuBLAS / the CPU path."""
+    return x.dim() == 2 and x.shape[0] == 1 and kernels.use_triton(x)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose one-row calls on CUDA run ``kernels.gemv``."""
+
+    def forward(self, x):
+        if _one_row(x):
+            return kernels.gemv(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def norm_linear(norm: Norm, x, residual, linear: nn.Linear):
+    """(linear(norm(x + residual)), x + residual) of a pre-norm block (residual None: the first
+    layer, norm(x) and x); one kernel for a single row on CUDA."""
+    if _one_row(x):
+        is_rms = norm.kind == "rms"
+        return kernels.norm_gemv(
+            x, residual, norm.weight, norm.bias, norm.eps, is_rms, linear.weight, linear.bias
+        )
+    h, residual = _pre_norm(norm, x, residual)
+    return linear(h), residual
+
+
 class Attention(nn.Module):
     """Multi-head attention in one of three roles: encoder self, decoder self (paged), cross."""
 
@@ -85,28 +113,29 @@ class Attention(nn.Module):
         self.h, self.d, self.scale = cfg.num_heads, cfg.head_dim, cfg.scale
         inner = cfg.num_heads * cfg.head_dim
         if cross:
-            self.q_proj = nn.Linear(cfg.d_model, inner, bias=cfg.bias)
-            self.kv_proj = nn.Linear(cfg.d_model, 2 * inner, bias=cfg.bias)
+            self.q_proj = Linear(cfg.d_model, inner, bias=cfg.bias)
+            self.kv_proj = Linear(cfg.d_model, 2 * inner, bias=cfg.bias)
         else:
-            self.qkv_proj = nn.Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
-        self.out_proj = nn.Linear(inner, cfg.d_model, bias=cfg.bias)
+            self.qkv_proj = Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
+        self.out_proj = Linear(inner, cfg.d_model, bias=cfg.bias)
         self.k_cache = self.v_cache = None  # [NB, BS, H, D] views bound by the engine
 
-    def _qkv(self, x):
-        q, k, v = self.qkv_proj(x).view(-1, 3, self.h, self.d).unbind(1)  # each [T, H, D]
+    def _split(self, qkv):
+        q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)  # each [T, H, D]
         return q, k, v
 
     def encoder(self, x, cu_seqlens, max_seqlen, rel_bias: RelBias | None = None):
         """x: [T, d] packed encoder tokens -> [T, d]."""
-        q, k, v = self._qkv(x)
+        q, k, v = self._split(self.qkv_proj(x))
         o = kernels.varlen_attention(
             q, k, v, cu_seqlens, max_seqlen, scale=self.scale, causal=False, rel_bias=rel_bias
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
-    def decoder_self(self, x, meta: AttentionMetadata, rel_bias: RelBias | None = None):
-        """x: [Tq, d] new decoder tokens; writes their K/V to the paged cache, attends causally."""
-        q, k, v = self._qkv(x)
+    def decoder_self(self, qkv, meta: AttentionMetadata, rel_bias: RelBias | None = None):
+        """qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens; writes their K/V to the paged
+        cache, attends causally -> [Tq, d]."""
+        q, k, v = self._split(qkv)
         kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = kernels.paged_attention(
             q,
@@ -122,9 +151,10 @@ class Attention(nn.Module):
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
-    def cross(self, x, meta: AttentionMetadata):
-        """x: [Tq, d]; attends to the request's cross K/V (written once by ``write_cross``)."""
-        q = self.q_proj(x).view(-1, self.h, self.d)
+    def cross(self, q, meta: AttentionMetadata):
+        """q: [Tq, H * D] = q_proj of the decoder tokens; attends to the request's cross K/V
+        (written once by ``write_cross``) -> [Tq, d]."""
+        q = q.view(-1, self.h, self.d)
         o = kernels.paged_attention(
             q,
             self.k_cache,
@@ -149,9 +179,10 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LayerConfig):
         super().__init__()
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
-        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.fc1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
+        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.activation = cfg.activation
         self.act = ACT2FN[cfg.activation]
 
     def forward(self, x):
@@ -159,6 +190,26 @@ class MLP(nn.Module):
         if self.up is not None:
             h = h * self.up(x)
         return self.fc2(h)
+
+    def after_norm(self, norm: Norm, x, residual):
+        """(mlp(norm(x + residual)), x + residual) of a pre-norm block; for a single row on CUDA
+        the norm, fc1 and its activation are one kernel."""
+        if self.up is None and self.activation in kernels.GEMV_ACTIVATIONS and _one_row(x):
+            is_rms = norm.kind == "rms"
+            h, residual = kernels.norm_gemv(
+                x,
+                residual,
+                norm.weight,
+                norm.bias,
+                norm.eps,
+                is_rms,
+                self.fc1.weight,
+                self.fc1.bias,
+                self.activation,
+            )
+            return self.fc2(h), residual
+        h, residual = _pre_norm(norm, x, residual)
+        return self(h), residual
 
 
 class EncoderLayer(nn.Module):
@@ -195,14 +246,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, meta: AttentionMetadata, rel_bias=None, residual=None):
         """(x, residual) [Tq, d] new decoder tokens -> (x, residual): see ``run_layers``."""
+        sa, ca = self.self_attn, self.encoder_attn
         if self.pre_norm:
-            h, residual = _pre_norm(self.self_attn_layer_norm, x, residual)
-            a = self.self_attn.decoder_self(h, meta, rel_bias)
-            h, residual = self.encoder_attn_layer_norm.add(a, residual)
-            h, residual = self.final_layer_norm.add(self.encoder_attn.cross(h, meta), residual)
-            return self.mlp(h), residual
-        x = self.self_attn_layer_norm.add(self.self_attn.decoder_self(x, meta, rel_bias), x)[0]
-        x = self.encoder_attn_layer_norm.add(self.encoder_attn.cross(x, meta), x)[0]
+            qkv, residual = norm_linear(self.self_attn_layer_norm, x, residual, sa.qkv_proj)
+            q, residual = norm_linear(
+                self.encoder_attn_layer_norm, sa.decoder_self(qkv, meta, rel_bias), residual, ca.q_proj
+            )
+            return self.mlp.after_norm(self.final_layer_norm, ca.cross(q, meta), residual)
+        x = self.self_attn_layer_norm.add(sa.decoder_self(sa.qkv_proj(x), meta, rel_bias), x)[0]
+        x = self.encoder_attn_layer_norm.add(ca.cross(ca.q_proj(x), meta), x)[0]
         return self.final_layer_norm.add(self.mlp(x), x)[0], None
 
 
