@@ -103,6 +103,12 @@ class EncDecModel(nn.Module):
     def encode(self, batch: EncoderBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def graph_encoder_batch(self, device: torch.device) -> EncoderBatch | None:
+        """A one-item encoder batch of the fixed input shape every item of this model takes, to
+        capture a CUDA graph of the encoder run (``ModelRunner.capture_encoder_graph``); None
+        when inputs vary in shape (text)."""
+        return None
+
     def write_cross_kv(self, hidden: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         for layer in self.decoder_layers():
             layer.encoder_attn.write_cross(hidden, slot_mapping)

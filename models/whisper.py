@@ -142,6 +142,10 @@ class Whisper(EncDecModel):
         cu = torch.arange(0, len(items) + 1, dtype=torch.int32, device=device) * N_AUDIO_CTX
         return EncoderBatch(inputs=inputs, cu_seqlens=cu, max_seqlen=N_AUDIO_CTX)
 
+    def graph_encoder_batch(self, device) -> EncoderBatch:
+        """One silent 30 s waveform: the shape of every waveform batch of one item."""
+        return self.prepare_encoder_batch([np.zeros(N_SAMPLES, np.float32)], device)
+
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
         """[B, N_SAMPLES] waveforms or [B, n_mels, 3000] features -> [B, n_mels, 3000]."""
         if inputs.dim() == 3:

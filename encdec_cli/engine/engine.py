@@ -65,6 +65,14 @@ class Engine:
                 graphs.capture_seconds,
                 graphs.pool_bytes / 2**20,
             )
+            start = time.perf_counter()
+            encoder_bytes = self.runner.capture_encoder_graph()
+            if self.runner.encoder_graph is not None:
+                log.info(
+                    "captured the one-item encoder run in %.1f s, %.0f MiB",
+                    time.perf_counter() - start,
+                    encoder_bytes / 2**20,
+                )
         log.info(
             "KV pool: %d blocks of %d tokens (%.0f MiB) on %s, %s",
             num_blocks,

@@ -105,3 +105,24 @@ def test_bart_mixed_cross_lengths_and_arrivals(tmp_path):
     eager, _ = _tokens(loaded, reqs, num_blocks=3000, max_num_seqs=16, enforce_eager=True, lookahead=False)
     graphs, engine = _tokens(loaded, trickle(), num_blocks=3000, max_num_seqs=16)
     assert graphs == eager and engine.stats["ahead_steps"] > 0
+
+
+def test_one_item_encoder_graph_matches_eager(tmp_path):
+    """Waveforms encoded one at a time replay the captured encoder graph (cross K/V written into
+    each request's own blocks); a log-mel input, another shape, runs eager. Same tokens as an
+    engine without graphs."""
+    random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
+    loaded = load_ours(tmp_path)
+    loaded.model.cuda()
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(16000 * n, generator=g).numpy() * 0.1 for n in (30, 7, 19)]
+    inputs.insert(2, torch.randn(80, 3000, generator=g))
+    reqs = [
+        Request(x, [SOT], SamplingParams(max_new_tokens=12, min_new_tokens=12, stop_token_ids=(EOT,)), i)
+        for i, x in enumerate(inputs)
+    ]
+    eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=1, enforce_eager=True, lookahead=False)
+    graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=1)
+    assert engine.runner.encoder_graph is not None
+    assert engine.runner.encoder_graph_replays == 3  # the three waveforms; the log-mel ran eager
+    assert graphs == eager
