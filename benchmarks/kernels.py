@@ -19,6 +19,10 @@ Workloads (bf16, random data, seed 0):
   contiguous (unpaged) [B, H, L, D] K/V. Both are timed as CUDA-graph replays, as the engine
   runs decode steps (so small cases measure the GPU, not Python launch overhead).
 - norms: LayerNorm / RMSNorm (+ residual) on [96000, 1280] vs the torch ops.
+- one-row linear layers (batch-1 decoding): kernels.linear's gemv (+ GELU, + fused add + LayerNorm)
+  on the Whisper large-v3 decoder weights vs cuBLAS (F.linear, after our norm kernel), CUDA-graph
+  timings over cycling weight copies (120 MB, beyond the L2 cache, as in a decode step); GB/s on
+  the weight bytes.
 
 Targets (H100): encoder >= 1.0x SDPA without bias, >= 3x SDPA with materialised bias;
 decode (batch 256) >= 70% of copy bandwidth; the batch-1 rows are reported without a target.
@@ -27,6 +31,7 @@ decode (batch 256) >= 70% of copy bandwidth; the batch-1 rows are reported witho
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import pathlib
@@ -309,13 +314,77 @@ def norm_cases(norm, copy_bw):
     return out
 
 
+# -- one-row linear layers (batch-1 decoding) -------------------------------------------------
+
+
+def linear_cases(copy_bw):
+    """kernels.gemv / norm_gemv on Whisper large-v3 decoder weights at one row, against cuBLAS
+    (F.linear, + F.gelu, after our norm kernel). CUDA-graph timings: the kernels as a captured
+    decode step runs them."""
+    from kernels import linear, norm
+
+    d, ff = 1280, 5120
+    x = torch.randn(1, d, device=DEVICE, dtype=DTYPE)
+    r = torch.randn_like(x)
+    h = torch.randn(1, ff, device=DEVICE, dtype=DTYPE)
+    nw, nb = torch.randn(d, device=DEVICE, dtype=DTYPE), torch.randn(d, device=DEVICE, dtype=DTYPE)
+    out = []
+
+    def weights(n, k):
+        """Weight copies that cycle per call (each captured call reads another): 120 MB in all,
+        more than the L2 cache, as a decode step's 32 layers are."""
+        copies = max(2, 120 * 2**20 // (n * k * 2))
+        ws = [
+            (
+                torch.randn(n, k, device=DEVICE, dtype=DTYPE) / k**0.5,
+                torch.randn(n, device=DEVICE, dtype=DTYPE),
+            )
+            for _ in range(copies)
+        ]
+        return itertools.cycle(ws).__next__, n * k * ws[0][0].element_size()
+
+    qkv, o, fc1, fc2 = weights(3 * d, d), weights(d, d), weights(ff, d), weights(d, ff)
+
+    def normed(w, b):
+        return linear.norm_gemv(x, r, nw, nb, 1e-5, False, w, b)
+
+    def normed_cublas(w, b):
+        return F.linear(norm.add_layer_norm(x, r, nw, nb, 1e-5)[0], w, b)
+
+    cases = [
+        ("gemv qkv 3840x1280", lambda w, b: linear.gemv(x, w, b), lambda w, b: F.linear(x, w, b), qkv),
+        ("gemv out 1280x1280", lambda w, b: linear.gemv(x, w, b), lambda w, b: F.linear(x, w, b), o),
+        ("gemv fc1 5120x1280 + gelu", lambda w, b: linear.gemv(x, w, b, "gelu"),
+         lambda w, b: F.gelu(F.linear(x, w, b)), fc1),
+        ("gemv fc2 1280x5120", lambda w, b: linear.gemv(h, w, b), lambda w, b: F.linear(h, w, b), fc2),
+        ("add_layer_norm + gemv qkv 3840x1280", normed, normed_cublas, qkv),
+        ("add_layer_norm + gemv out 1280x1280", normed, normed_cublas, o),
+    ]  # fmt: skip
+    for name, ours_fn, base_fn, (next_w, moved) in cases:
+        ours = bench(lambda f=ours_fn, nxt=next_w: f(*nxt()), graph=True)
+        base = bench(lambda f=base_fn, nxt=next_w: f(*nxt()), graph=True)
+        out.append(
+            dict(
+                name=name,
+                kind="linear",
+                ours_ms=ours,
+                baseline_ms=base,
+                baseline="cuBLAS (F.linear)",
+                ratio=base / ours,
+                ours_GBps=moved / (ours * 1e-3) / 1e9,
+                copy_fraction=moved / (ours * 1e-3) / copy_bw,
+            )
+        )
+    return out
+
+
 # -- main --------------------------------------------------------------------------------------
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=pathlib.Path, help="JSON results file (default: print only)")
-    parser.add_argument("--only", choices=["encoder", "decode", "norm"], help="run one group")
+    parser.add_argument("--only", choices=["encoder", "decode", "norm", "linear"], help="run one group")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py needs a CUDA device")
@@ -428,6 +497,8 @@ def main(argv=None):
             )
     if args.only in (None, "norm"):
         results.extend(norm_cases(norm, copy_bw))
+    if args.only in (None, "linear"):
+        results.extend(linear_cases(copy_bw))
 
     report = dict(
         device=torch.cuda.get_device_name(),

@@ -6,10 +6,11 @@
 Prints the kernels by total GPU time, the kernel count and GPU-busy time per engine step, the
 wall time, and (for a pure decode step at batch 1) the replay time of the CUDA graph alone, so
 host overhead = wall - GPU busy is visible. Also: the GPU's idle time between kernels by gap
-length (where the GPU waited for the host), the host-side CUDA runtime calls (count, total and
-longest: a long cudaStreamSynchronize or cudaMemcpyAsync is the host waiting for the GPU), host
-milliseconds per step inside a few engine functions, rows per decoder run, and the host cost of
-launching a step's graphs onto an idle GPU. Optionally writes the numbers as JSON (--out).
+length (where the GPU waited for the host) and the kernels around the long gaps, the host-side
+CUDA runtime calls (count, total and longest: a long cudaStreamSynchronize or cudaMemcpyAsync is
+the host waiting for the GPU), host milliseconds per step inside a few engine functions, rows per
+decoder run, and the host cost of launching a step's graphs onto an idle GPU. Optionally writes the
+numbers as JSON (--out).
 """
 
 from __future__ import annotations
@@ -30,12 +31,19 @@ sys.path.insert(0, str(ROOT))
 
 def idle_gaps(events) -> dict:
     """GPU idle time between the first and the last kernel of the profiled run, by gap length."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events)
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events)
     buckets = {k: [0, 0.0] for k in ("<10us", "10us-100us", "0.1-1ms", "1-10ms", ">=10ms")}
-    end = spans[0][1]
+    end, last = spans[0][1], spans[0][2]
     largest = []
-    for s, e in spans[1:]:
+    between: dict[str, list] = {}  # gaps >= 100 us by (kernel before, kernel after): [count, ms]
+    for s, e, name in spans[1:]:
         gap = s - end
+        if gap >= 100:
+            entry = between.setdefault(f"{last[:60]} -> {name[:60]}", [0, 0.0])
+            entry[0] += 1
+            entry[1] += gap / 1e3
+        if e >= end:
+            last = name
         if gap > 0:
             key = (
                 "<10us" if gap < 10 else "10us-100us" if gap < 100 else "0.1-1ms" if gap < 1e3
@@ -52,6 +60,9 @@ def idle_gaps(events) -> dict:
         "idle_s": idle,
         "by_gap": {k: {"count": n, "s": round(t, 4)} for k, (n, t) in buckets.items()},
         "largest_ms": [round(g / 1e3, 2) for g in sorted(largest)[-20:]],
+        "gaps_over_100us_between": {
+            k: [n, round(ms, 2)] for k, (n, ms) in sorted(between.items(), key=lambda kv: -kv[1][1])[:10]
+        },
     }
 
 

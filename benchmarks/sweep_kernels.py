@@ -1,10 +1,11 @@
 """Tile-parameter sweep of the attention kernels on the standard shapes (CUDA only).
 
-    python benchmarks/sweep_kernels.py [--only decode|encoder] [--out FILE]
+    python benchmarks/sweep_kernels.py [--only decode|encoder|linear] [--out FILE]
 
 For the decode kernel: BLOCK_N x num_warps x num_stages (and split counts at batch 1) on the
 shapes of benchmarks/kernels.py; for the encoder kernel: extra tile configs beyond the autotune
-list, on the Whisper large-v3 shape. Prints milliseconds (CUDA-graph replays for decode) and
+list, on the Whisper large-v3 shape; for the one-row linear kernel: BLOCK_N x CHUNK (block_k) x
+num_warps on the Whisper large-v3 decoder weights. Prints milliseconds (CUDA-graph replays for decode) and
 the copy-bandwidth fraction, to choose the defaults in kernels/attention.py from measurements.
 """
 
@@ -125,9 +126,43 @@ def sweep_encoder(rows):
         )
 
 
+def sweep_linear(copy_bw, rows):
+    from kernels import linear
+
+    d, ff = 1280, 5120
+    orig = linear._tiles
+    for name, n, k in (("qkv", 3 * d, d), ("out", d, d), ("fc1", ff, d), ("fc2", d, ff)):
+        x = torch.randn(1, k, device="cuda", dtype=kb.DTYPE)
+        # weight copies cycled per captured call: 120 MB, beyond the L2 cache (as a decode step)
+        ws = [
+            (
+                torch.randn(n, k, device="cuda", dtype=kb.DTYPE) / k**0.5,
+                torch.randn(n, device="cuda", dtype=kb.DTYPE),
+            )
+            for _ in range(max(2, 120 * 2**20 // (n * k * 2)))
+        ]
+        next_w = itertools.cycle(ws).__next__
+        moved = n * k * 2
+        cublas = kb.bench(lambda x=x, nxt=next_w: torch.nn.functional.linear(x, *nxt()), graph=True)
+        print(f"linear {name} {n}x{k}: cuBLAS {cublas * 1e3:.1f} us ({moved / cublas / 1e6:.0f} GB/s)")
+        rows.append(dict(case=f"linear {name}", impl="cublas", ms=cublas))
+        for bn, bk, nw in itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)):
+            linear._tiles = lambda n_, k_, t=(bn, min(bk, k), nw): t
+            try:
+                ms = kb.bench(lambda x=x, nxt=next_w: linear.gemv(x, *nxt()), graph=True)
+            except Exception as e:
+                print(f"  {bn}x{bk} w{nw}: failed {type(e).__name__}: {e}"[:300])
+                continue
+            finally:
+                linear._tiles = orig
+            rows.append(dict(case=f"linear {name}", block_n=bn, block_k=bk, warps=nw, ms=ms))
+            print(f"  {bn}x{bk} w{nw}: {ms * 1e3:.1f} us ({moved / ms / 1e6:.0f} GB/s, "
+                  f"{moved / (ms * 1e-3) / copy_bw:.0%} of copy)")  # fmt: skip
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["decode", "encoder"])
+    p.add_argument("--only", choices=["decode", "encoder", "linear"])
     p.add_argument("--out", type=pathlib.Path)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -138,6 +173,8 @@ def main(argv=None):
         sweep_encoder(rows)
     if args.only in (None, "decode"):
         sweep_decode(copy_bw, rows)
+    if args.only in (None, "linear"):
+        sweep_linear(copy_bw, rows)
     if args.out:
         args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
 
