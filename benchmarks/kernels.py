@@ -296,22 +296,24 @@ def norm_cases(norm, copy_bw):
             4 * size,
         ),
     ]
-    out = []
-    for name, ours_fn, base_fn, moved in cases:
-        ours, base = bench(ours_fn), bench(base_fn)
-        out.append(
-            dict(
-                name=name,
-                kind="norm",
-                ours_ms=ours,
-                baseline_ms=base,
-                baseline="torch ops",
-                ratio=base / ours,
-                ours_GBps=moved / (ours * 1e-3) / 1e9,
-                copy_fraction=moved / (ours * 1e-3) / copy_bw,
-            )
-        )
-    return out
+    return [
+        bandwidth_row(name, "norm", bench(ours_fn), bench(base_fn), "torch ops", moved, copy_bw)
+        for name, ours_fn, base_fn, moved in cases
+    ]
+
+
+def bandwidth_row(name, kind, ours, base, baseline, moved, copy_bw) -> dict:
+    """A memory-bound case's result: times (ms), ratio, GB/s on ``moved`` bytes, copy fraction."""
+    return dict(
+        name=name,
+        kind=kind,
+        ours_ms=ours,
+        baseline_ms=base,
+        baseline=baseline,
+        ratio=base / ours,
+        ours_GBps=moved / (ours * 1e-3) / 1e9,
+        copy_fraction=moved / (ours * 1e-3) / copy_bw,
+    )
 
 
 # -- one-row linear layers (batch-1 decoding) -------------------------------------------------
@@ -363,18 +365,7 @@ def linear_cases(copy_bw):
     for name, ours_fn, base_fn, (next_w, moved) in cases:
         ours = bench(lambda f=ours_fn, nxt=next_w: f(*nxt()), graph=True)
         base = bench(lambda f=base_fn, nxt=next_w: f(*nxt()), graph=True)
-        out.append(
-            dict(
-                name=name,
-                kind="linear",
-                ours_ms=ours,
-                baseline_ms=base,
-                baseline="cuBLAS (F.linear)",
-                ratio=base / ours,
-                ours_GBps=moved / (ours * 1e-3) / 1e9,
-                copy_fraction=moved / (ours * 1e-3) / copy_bw,
-            )
-        )
+        out.append(bandwidth_row(name, "linear", ours, base, "cuBLAS (F.linear)", moved, copy_bw))
     return out
 
 

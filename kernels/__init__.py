@@ -29,6 +29,7 @@ __all__ = [
     "add_rms_norm",
     "gemv",
     "GEMV_ACTIVATIONS",
+    "GEMV_MAX_K",
     "norm_gemv",
     "use_triton",
 ]
@@ -89,6 +90,9 @@ def add_rms_norm(x, residual, weight, eps):
 
 # activations (transformers ACT2FN names) that gemv / norm_gemv apply in the kernel
 GEMV_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_pytorch_tanh"})
+# widest input the one-row kernels are meant for: a program holds its weight rows' whole K in
+# registers (two rows of 8192 bf16 = 256 values per thread); wider layers stay on cuBLAS
+GEMV_MAX_K = 8192
 
 
 def gemv(x, weight, bias=None, activation=None):

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.checks import check_tensor
 from kernels.pdl import pdl_launch
 from kernels.reference import RelBias, relative_position_bucket
 
@@ -51,7 +52,6 @@ LOG2E = 1.4426950408889634  # 1 / ln(2): softmax in base 2, exp(x) == exp2(x * L
 NEG_INIT = tl.constexpr(-1.0e30)  # finite start for the running max: fully masked tiles never give inf - inf
 MIN_DOT = tl.constexpr(16)  # tl.dot needs every tile dim >= 16
 MAX_HEAD_DIM = 256  # largest head dim the tiles are sized for (one [BLOCK, D] tile per operand)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BIAS_PAD = 256  # varlen bias table margin beyond max_seqlen: >= every BLOCK_M / BLOCK_N (ragged tile ends)
 AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # "0": varlen_attention takes the first candidate config, no benchmarking
 
@@ -502,21 +502,6 @@ def _autotune_enabled() -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _check_tensor(name, t, ndim, dtypes=SUPPORTED_DTYPES, device=None, contiguous=False):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
-    if t.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but q is on {device}; move all inputs to one device")
-    if contiguous and not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous; call .contiguous() on it")
-    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {t.stride()}")
-
-
 def _check_head_dim(d):
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {d} not supported: must be in 1..{MAX_HEAD_DIM}")
@@ -537,7 +522,7 @@ def _check_rel_bias(rel_bias: RelBias | None, num_heads: int, device: torch.devi
     if not isinstance(rel_bias, RelBias):
         raise ValueError(f"rel_bias must be a kernels.RelBias, got {type(rel_bias).__name__}")
     table = rel_bias.table
-    _check_tensor("rel_bias.table", table, 2, dtypes=(torch.float32,), device=device)
+    check_tensor("rel_bias.table", table, 2, dtypes=(torch.float32,), device=device)
     if table.shape != (num_heads, rel_bias.num_buckets):
         raise ValueError(
             f"rel_bias.table must be [H={num_heads}, num_buckets={rel_bias.num_buckets}], "
@@ -614,9 +599,9 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
     causal: token i of a sequence sees tokens <= i. rel_bias: T5 bias (positions restart at 0
     in every sequence). scale: python float > 0.
     """
-    _check_tensor("q", q, 3)
-    _check_tensor("k", k, 3, device=q.device)
-    _check_tensor("v", v, 3, device=q.device)
+    check_tensor("q", q, 3)
+    check_tensor("k", k, 3, device=q.device)
+    check_tensor("v", v, 3, device=q.device)
     if k.shape != q.shape or v.shape != q.shape or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(
             f"q, k, v must share shape and dtype, got {tuple(q.shape)} {q.dtype}, "
@@ -719,9 +704,9 @@ def paged_attention(
     tensor. No host sync: safe inside CUDA-graph capture after one warm-up call per
     configuration (compiles the kernels, caches the T5 bucket table).
     """
-    _check_tensor("q", q, 3)
-    _check_tensor("k_cache", k_cache, 4, device=q.device, contiguous=True)
-    _check_tensor("v_cache", v_cache, 4, device=q.device, contiguous=True)
+    check_tensor("q", q, 3)
+    check_tensor("k_cache", k_cache, 4, device=q.device, contiguous=True)
+    check_tensor("v_cache", v_cache, 4, device=q.device, contiguous=True)
     h, d = q.shape[1:]
     if k_cache.shape != v_cache.shape or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(
@@ -838,10 +823,10 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     [NB, BS, H, D] contiguous; slot_mapping: [N] int64, slot = block * BS + offset, -1 = skip.
     Values are cast to the cache dtype.
     """
-    _check_tensor("k", k, 3)
-    _check_tensor("v", v, 3, device=k.device)
-    _check_tensor("k_cache", k_cache, 4, device=k.device, contiguous=True)
-    _check_tensor("v_cache", v_cache, 4, device=k.device, contiguous=True)
+    check_tensor("k", k, 3)
+    check_tensor("v", v, 3, device=k.device, first="k")
+    check_tensor("k_cache", k_cache, 4, device=k.device, contiguous=True, first="k")
+    check_tensor("v_cache", v_cache, 4, device=k.device, contiguous=True, first="k")
     if v.shape != k.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:

@@ -22,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.checks import check_tensor
 from kernels.pdl import pdl_launch
 
 __all__ = ["gemv", "norm_gemv", "ACTIVATIONS"]
 
 # transformers ACT2FN names computed in the kernel epilogue (on the float32 sum, before rounding)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3}
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_NORM_K = 16384  # the norm prologue holds one row in registers (per program)
 
 
@@ -88,19 +88,6 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
 # fmt: on
 
 
-def _check(name, t, dims, like=None):
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != dims:
-        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(t.shape)}")
-    if t.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{name} must have dtype in {[str(d) for d in SUPPORTED_DTYPES]}, got {t.dtype}")
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        raise ValueError(f"{name} must be contiguous in its last dim, got strides {t.stride()}")
-    if like is not None and t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {like.device}; move all inputs to one device")
-
-
 def _tiles(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, CHUNK, num_warps): two weight rows per program, K in 1024-element chunks, two
     warps; the best sum over the Whisper large-v3 decoder weights in ``benchmarks/sweep_kernels.py
@@ -113,25 +100,27 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
         raise ValueError(
             f"activation {activation!r} not supported; one of {sorted(a for a in ACTIVATIONS if a)}"
         )
-    _check("x", x, 2)
+    check_tensor("x", x, 2)
     if x.shape[0] != 1:
         raise ValueError(f"x must be one row [1, K], got shape {tuple(x.shape)}")
-    _check("weight", weight, 2, x)
+    check_tensor("weight", weight, 2, device=x.device, first="x")
     n, k = weight.shape
     if x.shape[1] != k:
         raise ValueError(f"x has {x.shape[1]} features but weight is [{n}, {k}]")
     if bias is not None:
-        _check("bias", bias, 1, x)
+        check_tensor("bias", bias, 1, device=x.device, first="x")
         if bias.shape != (n,):
             raise ValueError(f"bias must be [N={n}], got {tuple(bias.shape)}")
     if norm:
         if k > MAX_NORM_K:
             raise ValueError(f"norm_gemv supports K <= {MAX_NORM_K}, got {k}")
-        _check("norm_weight", norm_weight, 1, x)
-        if norm_bias is not None:
-            _check("norm_bias", norm_bias, 1, x)
+        for name, t in (("norm_weight", norm_weight), ("norm_bias", norm_bias)):
+            if t is not None:
+                check_tensor(name, t, 1, device=x.device, first="x")
+                if t.shape != (k,):
+                    raise ValueError(f"{name} must be [K={k}], got {tuple(t.shape)}")
         if residual is not None:
-            _check("residual", residual, 2, x)
+            check_tensor("residual", residual, 2, device=x.device, first="x")
             if residual.shape != x.shape or residual.dtype != x.dtype:
                 raise ValueError(f"residual must match x ({tuple(x.shape)} {x.dtype}), got "
                                  f"{tuple(residual.shape)} {residual.dtype}")  # fmt: skip

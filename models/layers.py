@@ -81,7 +81,7 @@ class Norm(nn.Module):
 def _one_row(x) -> bool:
     """Whether x [1, d] runs the Triton one-row kernels (``kernels.gemv``): batch-1 decoding on
     CUDA, where cuBLAS leaves most SMs idle. Everything else takes cuBLAS / the CPU path."""
-    return x.dim() == 2 and x.shape[0] == 1 and kernels.use_triton(x)
+    return x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= kernels.GEMV_MAX_K and kernels.use_triton(x)
 
 
 class Linear(nn.Linear):

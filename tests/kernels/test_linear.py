@@ -91,3 +91,17 @@ def test_rejects_bad_inputs(lin, gen, bad):
     w, b = _weights(16, 32, torch.float32, gen)
     with pytest.raises(ValueError):
         lin.gemv(*BAD[bad](x, w, b))
+
+
+def test_norm_gemv_rejects_bad_norm_inputs(lin, gen):
+    x, r = torch.randn(1, 32, generator=gen), torch.randn(1, 32, generator=gen)
+    w, b = _weights(16, 32, torch.float32, gen)
+    ones = torch.ones(32)
+    for args in [
+        (x, r, ones[:-1], None),  # norm weight of the wrong length
+        (x, r, ones, ones[:-1]),  # norm bias of the wrong length
+        (x, r[:, :-1], ones, None),  # residual shape
+        (x, r.double(), ones, None),  # residual dtype
+    ]:
+        with pytest.raises(ValueError):
+            lin.norm_gemv(*args, 1e-5, False, w, b)
