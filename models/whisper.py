@@ -20,6 +20,15 @@ def _is_log_mel(item) -> bool:
     return torch.is_tensor(item) and item.dim() == 2
 
 
+def _check_finite(x, what: str) -> None:
+    """NaN or inf in an input would silently turn every encoder output into NaN."""
+    if torch.is_tensor(x):
+        if x.device.type == "cpu" and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"NaN or infinite values in the {what}")
+    elif x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise ValueError(f"NaN or infinite values in the {what}")
+
+
 class WhisperEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -77,13 +86,15 @@ class Whisper(EncDecModel):
 
     def encoder_length(self, item) -> int:
         """Checks one encoder input: a 16 kHz mono waveform of at most 30 s (a 1-D numpy array,
-        tensor or list of numbers) or log-mel features [n_mels, 3000] (a tensor). ValueError
-        otherwise, so that request alone fails."""
+        tensor or list of numbers) or log-mel features [n_mels, 3000] (a tensor), with finite
+        values (checked for host data; a CUDA tensor is not read back, which would wait for the
+        GPU). ValueError otherwise, so that request alone fails."""
         if _is_log_mel(item):
             if tuple(item.shape) != (self.n_mels, N_FRAMES):
                 raise ValueError(
                     f"log-mel features must be [{self.n_mels}, {N_FRAMES}], got {list(item.shape)}"
                 )
+            _check_finite(item, "log-mel features")
             return N_AUDIO_CTX
         if torch.is_tensor(item):
             ok = item.dim() == 1 and not item.is_complex() and item.dtype != torch.bool
@@ -106,6 +117,7 @@ class Whisper(EncDecModel):
                 f"audio of {shape[0] / SAMPLE_RATE:.1f} s is longer than one 30 s window; "
                 "encdec transcribe (or tasks.transcribe.Transcriber) windows long audio"
             )
+        _check_finite(item if torch.is_tensor(item) else x, "audio")
         return N_AUDIO_CTX
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:

@@ -136,6 +136,10 @@ def test_bad_audio_fails_alone_and_input_kinds_mix(tmp_path):
         "text": ("w1 w2", "audio must be a waveform .* got str"),
         "strings": (["a", "b"], "1-D array of numbers"),
         "40 s": (np.zeros(40 * 16000, np.float32), "40.0 s is longer than one 30 s window"),
+        "NaN audio": (np.where(np.arange(16000) == 7, np.nan, 0.0).astype(np.float32), "NaN .* in the audio"),
+        "inf list": ([0.0, float("inf"), 0.0], "NaN or infinite values in the audio"),
+        "NaN tensor": (torch.full((100,), float("nan")), "in the audio"),
+        "inf mel": (torch.full((80, 3000), float("-inf")), "infinite values in the log-mel features"),
     }
     out = run({"wave": wave, "mel": mel, **{k: x for k, (x, _) in bad.items()}})
     assert out["wave"].error is None and out["wave"].token_ids == alone["wave"]
