@@ -13,6 +13,16 @@ import torch
 from torch import nn
 
 
+def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without waiting for the GPU: on CUDA through pinned memory with a
+    non-blocking copy (a copy from pageable memory first waits for every queued GPU step; the
+    caching host allocator reuses the pinned buffers). Tensors already on a device stay as they are."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 @dataclass
 class EncoderBatch:
     """Packed encoder inputs for one encoder run.

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import EncDecModel, EncoderBatch
+from models.base import EncDecModel, EncoderBatch, host_to_device
 
 
 def as_token_ids(item: Any) -> np.ndarray:
@@ -80,16 +80,13 @@ class TextEncDecModel(EncDecModel):
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
         """items: lists of token ids -> inputs [T] int64 packed, cu_seqlens [B+1] int32."""
-        device = torch.device(device)
         seqs = [as_token_ids(x) for x in items]
         lens = [len(s) for s in seqs]
         host = [
             torch.from_numpy(np.concatenate(seqs)),
             torch.tensor([0, *np.cumsum(lens)], dtype=torch.int32),
         ]
-        if device.type == "cuda":  # pinned: the copies do not wait for the GPU
-            host = [t.pin_memory() for t in host]
-        inputs, cu_seqlens = (t.to(device, non_blocking=True) for t in host)
+        inputs, cu_seqlens = (host_to_device(t, device) for t in host)
         return EncoderBatch(inputs=inputs, cu_seqlens=cu_seqlens, max_seqlen=max(lens))
 
     # ---- tied weights -------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch
+from models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch, host_to_device
 from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
 
 SAMPLE_RATE = 16000
@@ -122,20 +122,13 @@ class Whisper(EncDecModel):
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
         """items: waveforms (<= 30 s) or precomputed log-mel [n_mels, 3000], in any mix."""
-        # host inputs are pinned on CUDA (the caching host allocator reuses the memory): a copy
-        # from pageable memory would first wait for all queued GPU work
         device = torch.device(device)
-        pin = device.type == "cuda"
-
-        def to_device(t):
-            return (t.pin_memory() if pin and t.device.type == "cpu" else t).to(device, non_blocking=True)
-
         mel = [_is_log_mel(x) for x in items]
         if all(mel):
-            inputs = to_device(torch.stack([x.float() for x in items]))
+            inputs = host_to_device(torch.stack([x.float() for x in items]), device)
         else:
             waves = [x for x, m in zip(items, mel, strict=True) if not m]
-            host = torch.empty((len(waves), N_SAMPLES), pin_memory=pin)
+            host = torch.empty((len(waves), N_SAMPLES), pin_memory=device.type == "cuda")
             buf = host.numpy()
             for i, x in enumerate(waves):
                 x = (
@@ -145,11 +138,11 @@ class Whisper(EncDecModel):
                 )
                 buf[i, : len(x)] = x
                 buf[i, len(x) :] = 0.0
-            inputs = host.to(device, non_blocking=True)
+            inputs = host_to_device(host, device)
             if any(mel):  # a mix: the waveforms' log-mel here, beside the given features
                 computed = iter(self.features(inputs))
                 inputs = torch.stack(
-                    [to_device(x.float()) if m else next(computed) for x, m in zip(items, mel)]
+                    [host_to_device(x.float(), device) if m else next(computed) for x, m in zip(items, mel)]
                 )
         cu = torch.arange(0, len(items) + 1, dtype=torch.int32, device=device) * N_AUDIO_CTX
         return EncoderBatch(inputs=inputs, cu_seqlens=cu, max_seqlen=N_AUDIO_CTX)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from encdec_cli.engine.sequence import SamplingParams, Sequence, TimestampRules
+from models.base import host_to_device
 
 NEG_INF = float("-inf")
 
@@ -72,8 +73,7 @@ def to_device(dev: torch.device, data, dtype: torch.dtype = torch.long) -> torch
     CUDA it goes through pinned memory with a non-blocking copy (a copy from pageable memory, as
     ``cuda_tensor[python_list]`` or ``torch.tensor(data, device=...)`` make, waits for every
     queued GPU step)."""
-    t = torch.tensor(data, dtype=dtype)
-    return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
+    return host_to_device(torch.tensor(data, dtype=dtype), dev)
 
 
 _CONSTANTS: dict[tuple[torch.device, float], torch.Tensor] = {}
