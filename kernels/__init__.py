@@ -1,8 +1,8 @@
-"""Attention and norm kernels: pure functions on tensors, never importing the engine.
+"""Attention, norm and one-row linear kernels: pure functions on tensors, never importing the engine.
 
 The functions exported here dispatch on the device: CUDA tensors go to the Triton kernels
-(``kernels/attention.py``, ``kernels/norm.py``, ``kernels/linear.py``), everything else to the plain-PyTorch
-references in ``kernels/reference.py``. ``ENCDEC_KERNELS=reference`` forces the references
+(``kernels/attention.py``, ``kernels/norm.py``, ``kernels/linear.py``), everything else to the
+plain-PyTorch references in ``kernels/reference.py``. ``ENCDEC_KERNELS=reference`` forces the references
 everywhere (used by tests that compare the two paths end to end).
 
 Note: this package deliberately has no ``__version__`` and is installed under the

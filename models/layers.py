@@ -71,6 +71,21 @@ class Norm(nn.Module):
             return kernels.rms_norm(x, self.weight, self.eps)
         return kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def linear(self, x, residual, linear: nn.Linear, activation: str | None = None):
+        """(act(linear(norm(x + residual))), x + residual) in one kernel (``kernels.norm_gemv``):
+        one row, residual None for norm(x)."""
+        return kernels.norm_gemv(
+            x,
+            residual,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.kind == "rms",
+            linear.weight,
+            linear.bias,
+            activation,
+        )
+
     def add(self, x, residual):
         """(norm(x + residual), x + residual)."""
         if self.kind == "rms":
@@ -97,10 +112,7 @@ def norm_linear(norm: Norm, x, residual, linear: nn.Linear):
     """(linear(norm(x + residual)), x + residual) of a pre-norm block (residual None: the first
     layer, norm(x) and x); one kernel for a single row on CUDA."""
     if _one_row(x):
-        is_rms = norm.kind == "rms"
-        return kernels.norm_gemv(
-            x, residual, norm.weight, norm.bias, norm.eps, is_rms, linear.weight, linear.bias
-        )
+        return norm.linear(x, residual, linear)
     h, residual = _pre_norm(norm, x, residual)
     return linear(h), residual
 
@@ -195,18 +207,7 @@ class MLP(nn.Module):
         """(mlp(norm(x + residual)), x + residual) of a pre-norm block; for a single row on CUDA
         the norm, fc1 and its activation are one kernel."""
         if self.up is None and self.activation in kernels.GEMV_ACTIVATIONS and _one_row(x):
-            is_rms = norm.kind == "rms"
-            h, residual = kernels.norm_gemv(
-                x,
-                residual,
-                norm.weight,
-                norm.bias,
-                norm.eps,
-                is_rms,
-                self.fc1.weight,
-                self.fc1.bias,
-                self.activation,
-            )
+            h, residual = norm.linear(x, residual, self.fc1, self.activation)
             return self.fc2(h), residual
         h, residual = _pre_norm(norm, x, residual)
         return self(h), residual

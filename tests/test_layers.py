@@ -1,0 +1,31 @@
+"""The fused one-row layer helpers compute what the unfused layers do (CPU: the references)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.activations import ACT2FN
+
+from models.layers import Linear, Norm
+
+
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize("activation", [None, "gelu", "relu", "gelu_new"])
+def test_norm_linear_matches_norm_then_linear(kind, with_residual, activation):
+    g = torch.Generator().manual_seed(0)
+    norm, linear = Norm(48, kind, 1e-5), Linear(48, 40)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(48, generator=g))
+        if norm.bias is not None:
+            norm.bias.copy_(torch.randn(48, generator=g))
+    x = torch.randn(1, 48, generator=g)
+    residual = torch.randn(1, 48, generator=g) if with_residual else None
+    with torch.no_grad():
+        got, got_sum = norm.linear(x, residual, linear, activation)
+        h, want_sum = (norm(x), x) if residual is None else norm.add(x, residual)
+        want = linear(h)
+        if activation is not None:
+            want = ACT2FN[activation](want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_sum, want_sum, rtol=0, atol=0)
