@@ -160,9 +160,61 @@ def sweep_linear(copy_bw, rows):
                   f"{moved / (ms * 1e-3) / copy_bw:.0%} of copy)")  # fmt: skip
 
 
+HOPPER_CONFIGS = [  # full configs (kernels/flash_hopper.py CONFIGS keys); the first is the default for D 64
+    dict(BLOCK_N=128, K_STAGES=3, CONSUMERS=3, REGS=160, PIPELINE=True),
+    dict(BLOCK_N=128, K_STAGES=2, CONSUMERS=3, REGS=160, PIPELINE=False),
+    dict(BLOCK_N=128, K_STAGES=3, CONSUMERS=3, REGS=160, PIPELINE=False),
+    dict(BLOCK_N=128, K_STAGES=2, CONSUMERS=2, REGS=240, PIPELINE=False),
+    dict(BLOCK_N=128, K_STAGES=3, CONSUMERS=2, REGS=240, PIPELINE=True),
+    dict(BLOCK_N=64, K_STAGES=4, CONSUMERS=2, REGS=240, PIPELINE=False),
+    dict(BLOCK_N=64, K_STAGES=4, CONSUMERS=2, REGS=240, PIPELINE=True),
+]
+
+
+def sweep_hopper(rows):
+    """kernels/flash_hopper.py configs (full CONFIGS entries) on the Whisper large-v3 and T5
+    encoder shapes, beside SDPA and the Triton kernel (each checked against SDPA)."""
+    t5_lens = np.random.default_rng(1).integers(260, 441, size=64).tolist()
+    sweep_hopper_shape(
+        "whisper 64x1500 20x64", [kb.WHISPER_FRAMES] * kb.WHISPER_BATCH, kb.WHISPER_HEADS, rows
+    )
+    sweep_hopper_shape("t5 64x260-440 16x64", t5_lens, kb.T5_HEADS, rows)
+
+
+def sweep_hopper_shape(name, lens, heads, rows):
+    import torch.nn.functional as F
+
+    from kernels import attention, flash_hopper
+
+    t, n = sum(lens), max(lens)
+    q, k, v = (torch.randn(t, heads, kb.HEAD_DIM, device="cuda", dtype=kb.DTYPE) for _ in range(3))
+    cu = kb.pack(lens)
+    scale = kb.HEAD_DIM**-0.5
+    padded = [kb.padded_views(x, lens, n) for x in (q, k, v)]
+    key_ok = torch.arange(n, device="cuda")[None, :] < torch.tensor(lens, device="cuda")[:, None]
+    mask = None if len(set(lens)) == 1 else key_ok[:, None, None, :]
+    sdpa = kb.bench(lambda: F.scaled_dot_product_attention(*padded, attn_mask=mask, scale=scale))
+    want = F.scaled_dot_product_attention(*padded, attn_mask=mask, scale=scale).transpose(1, 2)
+    want = torch.cat([want[b, :m] for b, m in enumerate(lens)])
+    cfg = attention._varlen_configs_for(kb.HEAD_DIM, kb.DTYPE)[0]
+    tri = kb.bench(lambda: attention._launch_varlen(q, k, v, cu, n, scale, False, None, config=cfg))
+    flops = sum(4 * heads * m * m * kb.HEAD_DIM for m in lens)
+    print(f"{name}: sdpa {sdpa:.3f} ms, triton {tri:.3f} ms ({sdpa / tri:.2f}x sdpa)")
+    for over in HOPPER_CONFIGS:
+        try:
+            err = kb.rel_err(flash_hopper.flash_attention(q, k, v, cu, n, scale, over), want)
+            ms = kb.bench(lambda over=over: flash_hopper.flash_attention(q, k, v, cu, n, scale, over))
+        except Exception as e:
+            print(f"  {over}: failed {type(e).__name__}: {e}"[:300])
+            continue
+        rows.append(dict(case=f"hopper {name}", config=over, ms=ms, sdpa_ms=sdpa, triton_ms=tri, rel_err=err))
+        print(f"  {over}: {ms:.3f} ms, {sdpa / ms:.2f}x sdpa, {tri / ms:.2f}x triton, "
+              f"{flops / ms / 1e9:.0f} TFLOP/s, rel err {err:.1e}")  # fmt: skip
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["decode", "encoder", "linear"])
+    p.add_argument("--only", choices=["decode", "encoder", "linear", "hopper"])
     p.add_argument("--out", type=pathlib.Path)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -171,6 +223,8 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {copy_bw / 1e9:.0f} GB/s")
     if args.only in (None, "encoder"):
         sweep_encoder(rows)
+    if args.only in (None, "hopper"):
+        sweep_hopper(rows)
     if args.only in (None, "decode"):
         sweep_decode(copy_bw, rows)
     if args.only in (None, "linear"):

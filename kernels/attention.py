@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import flash_hopper
 from kernels.checks import check_tensor
 from kernels.pdl import pdl_launch
 from kernels.reference import RelBias, relative_position_bucket
@@ -620,7 +621,14 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
 
 def _launch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, rel_bias, config=None):
     """varlen_attention without the input checks. config: a triton.Config to launch instead of
-    the autotuned (or ENCDEC_AUTOTUNE=0 default) one; CUDA only (tests, benchmarks)."""
+    the autotuned (or ENCDEC_AUTOTUNE=0 default) one; CUDA only (tests, benchmarks). Without one,
+    the Hopper kernel (kernels/flash_hopper.py) takes the long sequences it supports."""
+    if (
+        config is None
+        and max_seqlen >= flash_hopper.MIN_SEQLEN
+        and flash_hopper.supports(q, k, v, causal, rel_bias)
+    ):
+        return flash_hopper.flash_attention(q, k, v, cu_seqlens, max_seqlen, scale)
     t, h, d = q.shape
     out = torch.empty((t, h, d), device=q.device, dtype=q.dtype)
     num_seqs = cu_seqlens.numel() - 1

@@ -34,9 +34,10 @@ pytestmark = [
 if torch.cuda.is_available() and not INTERPRET:
     # Import (compile-mode) triton now, at collection, before tests/kernels/conftest.py could
     # switch this process to the interpreter.
-    from kernels import attention, linear, norm
+    from kernels import attention, flash_hopper, linear, norm
 else:
-    attention = linear = norm = None
+    attention = flash_hopper = linear = norm = None
+HOPPER = torch.cuda.is_available() and not INTERPRET and torch.cuda.get_device_capability()[0] == 9
 
 TEST_TIMEOUT_S = 120  # per test, compiles included (the slowest compiles ~10 kernel variants)
 AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # == kernels.attention.AUTOTUNE_ENV
@@ -97,8 +98,10 @@ def t5_lengths(n, seed=1):
 # -- encoder / prefill ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("gluon", ["1", "0"], ids=["hopper-kernel-if-any", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-def test_whisper_encoder_attention(dtype):
+def test_whisper_encoder_attention(monkeypatch, dtype, gluon):
+    monkeypatch.setenv("ENCDEC_GLUON", gluon)  # == kernels.flash_hopper.ENV
     q, k, v, cu = varlen_inputs([WHISPER_FRAMES] * 4, WHISPER_HEADS, HEAD_DIM, dtype, DEVICE, fused=True)
     ref = reference.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=HEAD_DIM**-0.5)
     with poisoned_allocations():
@@ -138,6 +141,50 @@ def test_varlen_every_autotune_config(monkeypatch):
     out = attention.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
     assert attention._varlen_attn_tuned.cache  # benchmarked and cached a choice
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon encoder kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize(
+    "lens,heads,head_dim,dtype,fused",
+    [
+        ([WHISPER_FRAMES] * 3, WHISPER_HEADS, HEAD_DIM, torch.bfloat16, True),  # 720 tiles: many per CTA
+        (None, T5_HEADS, HEAD_DIM, torch.bfloat16, False),  # ragged T5 lengths
+        ([1, 5, 127, 128, 129, 255, 256, 257, 700], 3, 64, torch.float16, False),  # tile edges
+        ([1, 63, 64, 65, 300, 513], 2, 128, torch.bfloat16, True),
+    ],
+    ids=["whisper", "t5-ragged", "edges-d64-fp16", "edges-d128"],
+)
+def test_hopper_encoder_kernel(lens, heads, head_dim, dtype, fused):
+    """kernels/flash_hopper.py against the reference, and varlen_attention dispatching to it."""
+    assert flash_hopper.AVAILABLE
+    lens = lens or t5_lengths(8)
+    q, k, v, cu = varlen_inputs(lens, heads, head_dim, dtype, DEVICE, fused=fused)
+    assert flash_hopper.supports(q, k, v, False, None)
+    assert not flash_hopper.supports(q, k, v, True, None)  # causal stays on Triton
+    scale = head_dim**-0.5
+    ref = reference.varlen_attention(q, k, v, cu, max(lens), scale=scale)
+    with poisoned_allocations():
+        out = flash_hopper.flash_attention(q, k, v, cu, max(lens), scale)
+    assert rel_err(out, ref) < TOL[dtype]
+    if max(lens) >= flash_hopper.MIN_SEQLEN:  # varlen_attention takes it for long sequences
+        with poisoned_allocations():
+            via_dispatch = attention.varlen_attention(q, k, v, cu, max(lens), scale=scale)
+        assert torch.equal(via_dispatch, out)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon encoder kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize("config", [dict(CONSUMERS=2, REGS=240, PIPELINE=False, K_STAGES=2),
+                                    dict(CONSUMERS=2, REGS=240, PIPELINE=True, K_STAGES=3),
+                                    dict(CONSUMERS=3, REGS=160, PIPELINE=False, K_STAGES=2),
+                                    dict(BLOCK_N=64, K_STAGES=4)], ids=str)  # fmt: skip
+def test_hopper_encoder_kernel_configs(config):
+    """The other kernel variants the sweep times (benchmarks/sweep_kernels.py --only hopper)."""
+    lens = [1, 127, 129, 700, 1500, 64]
+    q, k, v, cu = varlen_inputs(lens, 5, HEAD_DIM, torch.bfloat16, DEVICE, fused=True)
+    ref = reference.varlen_attention(q, k, v, cu, max(lens), scale=0.125)
+    with poisoned_allocations():
+        out = flash_hopper.flash_attention(q, k, v, cu, max(lens), 0.125, config)
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.parametrize(

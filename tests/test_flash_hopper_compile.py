@@ -1,0 +1,77 @@
+"""kernels/flash_hopper.py on a machine without a GPU: the Gluon kernel compiles for sm_90 with the
+installed Triton (its own compiler and bundled ptxas), in each configuration below, and the
+compiled code has the structure its speed comes from. Gluon kernels do not run in Triton's
+interpreter, so their numerics are checked against the reference on a Hopper GPU
+(tests/gpu/test_kernels_gpu.py::test_hopper_encoder_kernel*).
+
+The compiles run in a fresh process without TRITON_INTERPRET: in this one, tests/kernels may
+have imported triton in interpreter mode, which Gluon's compiler cannot use."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from kernels import flash_hopper
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+H100_SHARED_BYTES = 227 * 1024  # the most shared memory one CTA may take on sm_90
+CASES = {
+    "d64-bf16": (64, "bfloat16", None),  # the defaults (flash_hopper.CONFIGS)
+    "d128-fp16": (128, "float16", None),
+    "d64-2-consumers": (64, "float16", dict(CONSUMERS=2, REGS=240, PIPELINE=False, K_STAGES=2)),
+    "d64-64-key-tiles": (64, "bfloat16", dict(BLOCK_N=64, K_STAGES=4, CONSUMERS=2, REGS=240, PIPELINE=True)),
+}
+SCRIPT = """
+import json, sys, torch
+from kernels import flash_hopper
+out = {}
+for name, (d, dtype, cfg) in json.loads(sys.argv[1]).items():
+    k = flash_hopper.compile_offline(d, getattr(torch, dtype), cfg)
+    ptx = k.asm["ptx"]
+    out[name] = dict(shared=k.metadata.shared, setmaxnreg=ptx.count("setmaxnreg.inc"),
+                     tma="cp.async.bulk.tensor" in ptx, wgmma="wgmma.mma_async" in ptx,
+                     wait_one="wgmma.wait_group.sync.aligned 1;" in ptx, local=".local" in ptx)
+print("RESULT " + json.dumps(out))
+"""
+
+pytestmark = pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="this Triton has no Gluon")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-4000:] + proc.stderr[-8000:]
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiles_for_hopper(compiled, case):
+    head_dim, _, config = CASES[case]
+    pipelined = {**flash_hopper.CONFIGS[head_dim], **(config or {})}["PIPELINE"]
+    got = compiled[case]
+    assert got["shared"] <= H100_SHARED_BYTES
+    assert got["setmaxnreg"] >= 1  # the consumer warp groups take registers from the producer
+    assert got["tma"] and got["wgmma"]  # TMA loads, asynchronous warp-group MMA
+    # pipelined, the loop leaves P V in flight during the next tile's softmax (waits for all but
+    # one product); otherwise every wait drains the tensor cores
+    assert got["wait_one"] == pipelined
+    assert not got["local"]  # no register spills
+
+
+def test_never_taken_for_cpu_tensors():
+    import torch
+
+    q = torch.randn(8, 2, 64, dtype=torch.bfloat16)
+    assert not flash_hopper.supports(q, q, q, False, None)
