@@ -141,3 +141,36 @@ def test_ahead_steps_never_synchronize_the_stream(tiny_text_model):
     assert [len(out[i]) for i in range(16)] == lengths
     ref = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=16, lookahead=False)
     assert out == ref
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+    reason="the Gluon encoder attention is for Hopper (sm_90)",
+)
+def test_whisper_bf16_encoder_on_the_hopper_kernel(tmp_path, monkeypatch):
+    """A bf16 Whisper encoder (1500 positions, head dim 64) runs its attention on
+    kernels/flash_hopper.py, and its output matches the encoder on the Triton kernel and on the
+    reference path to bf16 accuracy."""
+    from kernels import flash_hopper
+    from tests.kernels.cases import rel_err
+
+    random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
+    loaded = load_ours(tmp_path, dtype=torch.bfloat16)
+    model = loaded.model.cuda()
+    g = torch.Generator().manual_seed(0)
+    batch = model.prepare_encoder_batch(
+        [torch.randn(16000 * 30, generator=g).numpy() * 0.1 for _ in range(3)], "cuda"
+    )
+    calls = []
+    real = flash_hopper.flash_attention
+    monkeypatch.setattr(flash_hopper, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.inference_mode():
+        hopper = model.encode(batch)
+        assert len(calls) == 2  # both encoder layers
+        monkeypatch.setenv(flash_hopper.ENV, "0")
+        triton_out = model.encode(batch)
+        monkeypatch.setenv("ENCDEC_KERNELS", "reference")
+        reference_out = model.encode(batch)
+    assert len(calls) == 2
+    assert rel_err(triton_out, reference_out) < 1e-2
+    assert rel_err(hopper, reference_out) < 1e-2
