@@ -622,13 +622,16 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
 def _launch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, rel_bias, config=None):
     """varlen_attention without the input checks. config: a triton.Config to launch instead of
     the autotuned (or ENCDEC_AUTOTUNE=0 default) one; CUDA only (tests, benchmarks). Without one,
-    the Hopper kernel (kernels/flash_hopper.py) takes the long sequences it supports."""
+    the Hopper kernel (kernels/flash_hopper.py) takes the long sequences it supports (unless it
+    does not compile with the installed Triton: then this one)."""
     if (
         config is None
         and max_seqlen >= flash_hopper.MIN_SEQLEN
         and flash_hopper.supports(q, k, v, causal, rel_bias)
     ):
-        return flash_hopper.flash_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+        out = flash_hopper.flash_attention(q, k, v, cu_seqlens, max_seqlen, scale)
+        if out is not None:
+            return out
     t, h, d = q.shape
     out = torch.empty((t, h, d), device=q.device, dtype=q.dtype)
     num_seqs = cu_seqlens.numel() - 1

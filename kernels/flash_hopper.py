@@ -25,11 +25,13 @@ Imports fail softly: without Gluon (older Triton) ``AVAILABLE`` is False and not
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 try:
     from triton.experimental import gluon
@@ -44,12 +46,17 @@ try:
 
     # the TMA load is tma.async_load from Triton 3.7 on (3.6 also has the older name, later ones only this)
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - depends on the installed Triton
+    # Gluon's API moves between releases: built and checked with 3.6 (GPU) and 3.9 (compile only)
+    AVAILABLE = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
+except (ImportError, ValueError):  # pragma: no cover - depends on the installed Triton
     AVAILABLE = False
+
+log = logging.getLogger("encdec")
+_failed: str | None = None  # why the kernel did not compile here (then it is never taken again)
 
 __all__ = ["AVAILABLE", "ENV", "supports", "flash_attention"]
 
+LOG2E = 1.4426950408889634  # softmax in base 2
 ENV = "ENCDEC_GLUON"  # "0": never take this kernel (compare against the Triton one)
 BLOCK_M = 64  # query rows per consumer warp group
 Q_STAGES = 2  # query tiles in flight (the next tile's load while the current one drains)
@@ -76,7 +83,9 @@ def supports(q, k, v, causal, rel_bias) -> bool:
     """Whether flash_attention can take these varlen_attention inputs: Hopper, fp16/bf16,
     head dim 64/128, non-causal, no bias, each of q/k/v a [T, H, D] view whose heads sit side by
     side in memory (rows of H * D elements, TMA-aligned)."""
-    if not (AVAILABLE and q.is_cuda and torch.version.hip is None and os.environ.get(ENV, "1") != "0"):
+    if not (AVAILABLE and _failed is None and q.is_cuda and torch.version.hip is None):
+        return False
+    if os.environ.get(ENV, "1") == "0":
         return False
     if causal or rel_bias is not None or q.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -292,10 +301,12 @@ def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
 
 def flash_attention(
     q, k, v, cu_seqlens, max_seqlen: int, scale: float, config: dict | None = None
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """varlen_attention (non-causal, no bias) on Hopper; the caller checked ``supports``.
-    Returns a new contiguous [T, H, D] tensor. config: CONFIGS keys to override (benchmarks).
-    No host sync: CUDA-graph safe."""
+    Returns a new contiguous [T, H, D] tensor, or None if the kernel does not compile with this
+    Triton (logged once; ``supports`` is False from then on, so the caller's Triton kernel takes
+    over). config: CONFIGS keys to override (benchmarks). No host sync: CUDA-graph safe."""
+    global _failed
     t, h, d = q.shape
     cfg = {**CONFIGS[d], **(config or {})}
     out = torch.empty((t, h, d), device=q.device, dtype=q.dtype)
@@ -304,11 +315,17 @@ def flash_attention(
     num_tiles = m_tiles * h * (cu_seqlens.numel() - 1)
     if t == 0 or num_tiles == 0:
         return out
-    _flash_fwd_kernel[(min(num_tiles, _sm_count(q.device)),)](
-        _descriptor(q, BLOCK_M), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]), out,
-        cu_seqlens, out.stride(0), out.stride(1), h, m_tiles, num_tiles, float(scale) * 1.4426950408889634,
-        HEAD_DIM=d, num_warps=4, **cfg,
-    )  # fmt: skip
+    try:
+        _flash_fwd_kernel[(min(num_tiles, _sm_count(q.device)),)](
+            _descriptor(q, BLOCK_M), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]), out,
+            cu_seqlens, out.stride(0), out.stride(1), h, m_tiles, num_tiles, float(scale) * LOG2E,
+            HEAD_DIM=d, num_warps=4, **cfg,
+        )  # fmt: skip
+    except CompilationError as e:  # an API change in a newer Triton: fall back, do not fail the job
+        _failed = str(e).strip().splitlines()[-1][:300]
+        log.warning("the Hopper encoder attention kernel does not compile with triton %s (%s); "
+                    "using the Triton kernel instead", triton.__version__, _failed)  # fmt: skip
+        return None
     return out
 
 

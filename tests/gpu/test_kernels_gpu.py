@@ -173,6 +173,33 @@ def test_hopper_encoder_kernel(lens, heads, head_dim, dtype, fused):
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon encoder kernel is for Hopper (sm_90)")
+def test_hopper_kernel_that_does_not_compile_falls_back_to_triton(monkeypatch):
+    """A Triton whose Gluon API no longer fits the kernel: the first call logs, returns the Triton
+    kernel's result, and the Hopper kernel is not tried again."""
+    from triton.compiler.errors import CompilationError
+
+    tries = []
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tries.append(grid)
+                raise CompilationError("", None, "AttributeError: a Gluon API this Triton lacks")
+
+            return launch
+
+    monkeypatch.setattr(flash_hopper, "_flash_fwd_kernel", Broken())
+    monkeypatch.setattr(flash_hopper, "_failed", None)
+    q, k, v, cu = varlen_inputs([WHISPER_FRAMES] * 2, 4, HEAD_DIM, torch.bfloat16, DEVICE, fused=True)
+    ref = reference.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=0.125)
+    for _ in range(2):
+        out = attention.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=0.125)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+    assert len(tries) == 1 and "a Gluon API this Triton lacks" in flash_hopper._failed
+    assert not flash_hopper.supports(q, k, v, False, None)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon encoder kernel is for Hopper (sm_90)")
 @pytest.mark.parametrize("config", [dict(CONSUMERS=2, REGS=240, PIPELINE=False, K_STAGES=2),
                                     dict(CONSUMERS=2, REGS=240, PIPELINE=True, K_STAGES=3),
                                     dict(CONSUMERS=3, REGS=160, PIPELINE=False, K_STAGES=2),
