@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,15 @@ N_AUDIO_CTX = N_FRAMES // 2  # 1500 encoder tokens (conv2 has stride 2)
 
 def _is_log_mel(item) -> bool:
     return torch.is_tensor(item) and item.dim() == 2
+
+
+def _as_tensor(x) -> torch.Tensor:
+    """A waveform (numpy array or list of numbers) as a float32 CPU tensor, sharing a float32
+    array's memory (torch warns that a read-only array stays read-only: it is only read here)."""
+    a = np.asarray(x, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
 
 
 def _check_finite(x, what: str) -> None:
@@ -129,15 +140,10 @@ class Whisper(EncDecModel):
         else:
             waves = [x for x, m in zip(items, mel, strict=True) if not m]
             host = torch.empty((len(waves), N_SAMPLES), pin_memory=device.type == "cuda")
-            buf = host.numpy()
-            for i, x in enumerate(waves):
-                x = (
-                    x.detach().cpu().float().numpy()
-                    if torch.is_tensor(x)
-                    else np.asarray(x, dtype=np.float32)
-                )
-                buf[i, : len(x)] = x
-                buf[i, len(x) :] = 0.0
+            for i, x in enumerate(waves):  # torch's copies: several threads for these MB-sized rows
+                x = x.detach().cpu().float() if torch.is_tensor(x) else _as_tensor(x)
+                host[i, : len(x)].copy_(x)
+                host[i, len(x) :].zero_()
             inputs = host_to_device(host, device)
             if any(mel):  # a mix: the waveforms' log-mel here, beside the given features
                 computed = iter(self.features(inputs))

@@ -157,3 +157,31 @@ def test_seeded_sampling_is_reproducible(tmp_path):
     b = [r.token_ids for r in engine.generate([Request(f, [SOT], p, 0)])]
     greedy = [r.token_ids for r in engine.generate([Request(f, [SOT], SamplingParams(max_new_tokens=15), 0)])]
     assert a == b and a != greedy
+
+
+def test_waveform_batch_from_every_input_kind(tmp_path):
+    """prepare_encoder_batch packs float32 / read-only / int16 arrays, lists and tensors of any
+    float dtype into zero-padded 30 s rows holding the same samples, without warnings."""
+    import warnings
+
+    random_whisper(tmp_path)
+    model = load_ours(tmp_path).model
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal(n).astype(np.float32) for n in (16000, 480000, 3)]
+    read_only = np.frombuffer(base[0].tobytes(), dtype=np.float32)
+    items = [
+        base[0],
+        read_only,
+        base[1],
+        base[2].tolist(),
+        torch.from_numpy(base[0]).double(),
+        np.arange(5, dtype=np.int16),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        batch = model.prepare_encoder_batch(items, "cpu")
+    want = np.zeros((len(items), 480000), np.float32)
+    for i, x in enumerate([base[0], base[0], base[1], base[2], base[0], np.arange(5, dtype=np.float32)]):
+        want[i, : len(x)] = x
+    assert torch.equal(batch.inputs, torch.from_numpy(want))
+    assert batch.cu_seqlens.tolist() == [1500 * i for i in range(len(items) + 1)]
