@@ -212,9 +212,42 @@ def sweep_hopper_shape(name, lens, heads, rows):
               f"{flops / ms / 1e9:.0f} TFLOP/s, rel err {err:.1e}")  # fmt: skip
 
 
+def sweep_splits(copy_bw, rows):
+    """Cross-attention decode (Whisper large-v3: 20 heads x 64, 1500 keys, one query) at the batch
+    sizes a W1 run passes through, against forced split-KV counts (0 = the built-in heuristic):
+    how much the last, partial wave of programs costs when no split spreads them."""
+    import triton.testing
+
+    from kernels import attention
+
+    gen = np.random.default_rng(0)
+    k_cache, v_cache, tables = kb.paged_cache([kb.CROSS_LEN] * 256, kb.WHISPER_HEADS, gen)
+    for b in (16, 32, 54, 96, 128, 160, 197, 233, 256):
+        lens = torch.full((b,), kb.CROSS_LEN, dtype=torch.int32, device="cuda")
+        cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+        q = torch.randn(b, kb.WHISPER_HEADS, kb.HEAD_DIM, device="cuda", dtype=kb.DTYPE)
+        moved = 2 * b * kb.CROSS_LEN * kb.WHISPER_HEADS * kb.HEAD_DIM * 2
+        line = []
+        for sp in (0, 1, 2, 3, 4, 6, 8, 12):
+            fn = functools.partial(attention._launch_paged, q, k_cache, v_cache, tables[:b], lens, cu, 1,
+                                   0.125, False, None, num_splits=sp or None)  # fmt: skip
+            fn()
+            ms = triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")
+            rows.append(
+                dict(
+                    case=f"cross b{b}",
+                    splits=sp or "auto",
+                    ms=ms,
+                    copy_fraction=moved / (ms * 1e-3) / copy_bw,
+                )
+            )
+            line.append(f"{sp or 'auto'}: {ms * 1e3:.0f} us {moved / (ms * 1e-3) / copy_bw:.0%}")
+        print(f"cross b{b}: " + ", ".join(line))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["decode", "encoder", "linear", "hopper"])
+    p.add_argument("--only", choices=["decode", "encoder", "linear", "hopper", "splits"])
     p.add_argument("--out", type=pathlib.Path)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -225,6 +258,8 @@ def main(argv=None):
         sweep_encoder(rows)
     if args.only in (None, "hopper"):
         sweep_hopper(rows)
+    if args.only in (None, "splits"):
+        sweep_splits(copy_bw, rows)
     if args.only in (None, "decode"):
         sweep_decode(copy_bw, rows)
     if args.only in (None, "linear"):
