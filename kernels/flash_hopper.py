@@ -16,10 +16,16 @@ dim 64 that holds it at FlashAttention-2's speed. Here the work of one CTA is sp
 The grid is persistent (one CTA per SM, tiles taken in a fixed stride). Packed variable-length
 sequences come through ``cu_seqlens`` as in the Triton kernel: a tile never mixes sequences
 (query rows past the sequence end are computed and not stored; key columns past it are masked
-in the last key tile only). Non-causal, no bias, head dim 64 or 128, float16/bfloat16: the
-Whisper/BART/T5-without-bias encoder case. Everything else, and CPU tensors, stay on Triton.
+in the last key tile only). Non-causal, no bias, head dim 64 or 128, float16/bfloat16;
+``attention.varlen_attention`` takes it from MIN_SEQLEN keys on (the Whisper encoder).
+Everything else, and CPU tensors, stay on Triton. On an H100, Whisper large-v3's encoder
+attention (64 x 1500 tokens, 20 heads x 64): 1.69-1.73 ms against 1.91-1.94 ms for SDPA
+(FlashAttention-2) and 1.92-2.02 ms for the Triton kernel.
 
-Imports fail softly: without Gluon (older Triton) ``AVAILABLE`` is False and nothing here runs.
+Fails softly: without Gluon (Triton before 3.6) ``AVAILABLE`` is False, and a kernel that does
+not compile with the installed Triton is logged once and never tried again (the Triton kernel
+serves). Gluon kernels do not run in Triton's interpreter: CPU CI compiles this one for sm_90
+(``compile_offline``), GPU tests check its numbers.
 """
 
 from __future__ import annotations
