@@ -107,12 +107,14 @@ def test_bart_mixed_cross_lengths_and_arrivals(tmp_path):
     assert graphs == eager and engine.stats["ahead_steps"] > 0
 
 
-def test_one_item_encoder_graph_matches_eager(tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_item_encoder_graph_matches_eager(tmp_path, monkeypatch, dtype):
     """Waveforms encoded one at a time replay the captured encoder graph (cross K/V written into
     each request's own blocks); a log-mel input, another shape, runs eager. Same tokens as an
-    engine without graphs."""
+    engine without graphs. In bfloat16 on Hopper the graph holds the Gluon encoder attention
+    (kernels/flash_hopper.py: TMA descriptors captured as kernel parameters)."""
     random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
-    loaded = load_ours(tmp_path)
+    loaded = load_ours(tmp_path, dtype=dtype)
     loaded.model.cuda()
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(16000 * n, generator=g).numpy() * 0.1 for n in (30, 7, 19)]
@@ -121,8 +123,15 @@ def test_one_item_encoder_graph_matches_eager(tmp_path):
         Request(x, [SOT], SamplingParams(max_new_tokens=12, min_new_tokens=12, stop_token_ids=(EOT,)), i)
         for i, x in enumerate(inputs)
     ]
+    from kernels import flash_hopper
+
+    calls = []
+    real = flash_hopper.flash_attention
+    monkeypatch.setattr(flash_hopper, "flash_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=1, enforce_eager=True, lookahead=False)
     graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=1)
+    hopper = torch.cuda.get_device_capability()[0] == 9 and flash_hopper.AVAILABLE
+    assert bool(calls) == (hopper and dtype == torch.bfloat16)  # eager runs and the graph capture
     assert engine.runner.encoder_graph is not None
     assert engine.runner.encoder_graph_replays == 3  # the three waveforms; the log-mel ran eager
     assert graphs == eager
