@@ -110,18 +110,18 @@ def encoder_case(name, lens, heads, with_bias, attention, reference):
         table = torch.randn(heads, T5_BUCKETS, device=DEVICE)
         rb = reference.RelBias(table, T5_BUCKETS, T5_MAX_DISTANCE, True)
     ours = bench(lambda: attention.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb))
-    hopper = max_len >= attention.flash_hopper.MIN_SEQLEN and attention.flash_hopper.supports(
-        q, k, v, False, rb
-    )
+    from kernels import flash_hopper
+
+    hopper = max_len >= attention.HOPPER_MIN_SEQLEN and flash_hopper.supports(q, k, v, False, rb)
     triton_ms = None
     if hopper:  # the Gluon kernel ran: time the Triton one too (what other GPUs get)
-        os.environ[attention.flash_hopper.ENV] = "0"
+        os.environ[flash_hopper.ENV] = "0"
         try:
             triton_ms = bench(
                 lambda: attention.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb)
             )
         finally:
-            del os.environ[attention.flash_hopper.ENV]
+            del os.environ[flash_hopper.ENV]
     config, timings = autotune_choice(attention)
 
     uniform = all(n == max_len for n in lens)

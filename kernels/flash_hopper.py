@@ -17,7 +17,8 @@ The grid is persistent (one CTA per SM, tiles taken in a fixed stride). Packed v
 sequences come through ``cu_seqlens`` as in the Triton kernel: a tile never mixes sequences
 (query rows past the sequence end are computed and not stored; key columns past it are masked
 in the last key tile only). Non-causal, no bias, head dim 64 or 128, float16/bfloat16;
-``attention.varlen_attention`` takes it from MIN_SEQLEN keys on (the Whisper encoder).
+``attention.varlen_attention`` takes it from ``attention.HOPPER_MIN_SEQLEN`` keys on (the
+Whisper encoder), importing this module only then (Gluon is a large import).
 Everything else, and CPU tensors, stay on Triton. On an H100, Whisper large-v3's encoder
 attention (64 x 1500 tokens, 20 heads x 64): 1.69-1.73 ms against 1.91-1.94 ms for SDPA
 (FlashAttention-2) and 1.92-2.02 ms for the Triton kernel.
@@ -78,10 +79,6 @@ CONFIGS = {
     128: dict(BLOCK_N=128, K_STAGES=2, CONSUMERS=2, REGS=240, PIPELINE=False),
 }
 HEAD_DIMS = tuple(CONFIGS)
-# varlen_attention takes this kernel from this longest sequence on: on T5's 260-440 tokens the
-# Triton kernel is faster (0.155 ms against 0.18-0.20 ms: short sequences leave the 192-row query
-# tiles partly empty), on Whisper's 1500 this one is.
-MIN_SEQLEN = 1024
 _BM, _QS = tl.constexpr(BLOCK_M), tl.constexpr(Q_STAGES)  # device-code copies (jit reads constexpr globals)
 
 

@@ -166,7 +166,7 @@ def test_hopper_encoder_kernel(lens, heads, head_dim, dtype, fused):
     with poisoned_allocations():
         out = flash_hopper.flash_attention(q, k, v, cu, max(lens), scale)
     assert rel_err(out, ref) < TOL[dtype]
-    if max(lens) >= flash_hopper.MIN_SEQLEN:  # varlen_attention takes it for long sequences
+    if max(lens) >= attention.HOPPER_MIN_SEQLEN:  # varlen_attention takes it for long sequences
         with poisoned_allocations():
             via_dispatch = attention.varlen_attention(q, k, v, cu, max(lens), scale=scale)
         assert torch.equal(via_dispatch, out)
