@@ -40,6 +40,8 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
+from kernels.attention import LOG2E, _sm_count
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -63,7 +65,6 @@ _failed: str | None = None  # why the kernel did not compile here (then it is ne
 
 __all__ = ["AVAILABLE", "ENV", "supports", "flash_attention"]
 
-LOG2E = 1.4426950408889634  # softmax in base 2
 ENV = "ENCDEC_GLUON"  # "0": never take this kernel (compare against the Triton one)
 BLOCK_M = 64  # query rows per consumer warp group
 Q_STAGES = 2  # query tiles in flight (the next tile's load while the current one drains)
@@ -104,11 +105,6 @@ def supports(q, k, v, causal, rel_bias) -> bool:
 @functools.lru_cache(maxsize=8)
 def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # Device code. Kept out of ruff format: Gluon kernels read better with packed argument lists.
