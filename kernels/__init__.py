@@ -22,6 +22,7 @@ __all__ = [
     "RelBias",
     "varlen_attention",
     "paged_attention",
+    "shared_kv_attention",
     "store_kv",
     "layer_norm",
     "rms_norm",
@@ -62,6 +63,12 @@ def paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
         scale=scale, causal=causal, rel_bias=rel_bias,
     )  # fmt: skip
+
+
+def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+    return _impl(q, "attention").shared_kv_attention(
+        q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale
+    )
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

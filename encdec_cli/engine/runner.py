@@ -44,7 +44,14 @@ class _Rows:
 
 
 class ModelRunner:
-    """Owns the KV pool tensors ([L, NB, BS, H, D] for K and V) and the model's device."""
+    """Owns the KV pool and the model's device.
+
+    The pool is one tensor [2, L, NB, BS, H, D]: K and V of every decoder layer for block NB's
+    BS tokens. With ``absorb_cross`` a request's cross blocks hold its encoder output instead
+    (read by every layer, see ``Attention.cross``): each of the 2 * L chunks [BS, H, D] of a block
+    holds RC = BS * H * D // d_model rows, so a block holds 2 * L * RC (1024 for Whisper large:
+    1500 positions in 2 blocks instead of 94).
+    """
 
     def __init__(
         self,
@@ -56,17 +63,29 @@ class ModelRunner:
         max_num_seqs: int,
         max_source_len: int,
         max_target_len: int,
+        absorb_cross: bool = False,
     ):
         self.model, self.device, self.block_size = model, device, block_size
         spec = model.cache_spec
-        shape = (spec.num_layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        model.bind_cache(self.k_cache, self.v_cache)
+        shape = (2, spec.num_layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
+        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_cache, self.v_cache = self.pool[0], self.pool[1]
+        self.encoder_rows = None
+        self.cross_block_rows = block_size  # encoder positions per cross block
+        if absorb_cross:
+            chunk = block_size * spec.num_heads * spec.head_dim  # elements of one [BS, H, D] chunk
+            d, rc = model.d_model, chunk // model.d_model
+            if rc < 1:
+                raise ValueError(f"block_size {block_size} is too small to hold a {d}-wide encoder row")
+            self.encoder_rows = self.pool.as_strided(
+                (2 * spec.num_layers, num_blocks, rc, d), (num_blocks * chunk, chunk, d, 1)
+            )
+            self.cross_block_rows = 2 * spec.num_layers * rc
+        model.bind_cache(self.k_cache, self.v_cache, self.encoder_rows)
         self.max_num_seqs = max_num_seqs
         # persistent block tables: self-attention per sequence, cross-attention per request
         self.self_width = -(-max_target_len // block_size)
-        self.cross_width = -(-max_source_len // block_size)
+        self.cross_width = -(-max_source_len // self.cross_block_rows)
         self.self_tables = np.zeros((max_num_seqs, self.self_width), np.int32)
         self.cross_tables = np.zeros((max_num_seqs, self.cross_width), np.int32)
         self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
@@ -96,12 +115,22 @@ class ModelRunner:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
+    def _cross_slots(self, table: list[int], n: int) -> np.ndarray:
+        """Where encoder positions 0..n-1 of a request go (absorbed: ``encoder_rows`` [C, NB, RC, d]
+        indexed as (chunk * NB + block) * RC + row; position p is row r = p % (C * RC) of block
+        table[p // (C * RC)], at encoder_rows[r // RC, block, r % RC])."""
+        if self.encoder_rows is None:
+            return np.asarray(self._slots(table, 0, n), np.int64)
+        p = np.arange(n)
+        blocks = np.asarray(table, np.int64)[p // self.cross_block_rows]
+        r, rc = p % self.cross_block_rows, self.encoder_rows.shape[2]
+        return ((r // rc) * self.pool.shape[2] + blocks) * rc + r % rc
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             src = self._tensor([c[0] for c in copies], torch.long)
             dst = self._tensor([c[1] for c in copies], torch.long)
-            self.k_cache[:, dst] = self.k_cache[:, src]
-            self.v_cache[:, dst] = self.v_cache[:, src]
+            self.pool[:, :, dst] = self.pool[:, :, src]
 
     def _count_call(self, what: str) -> None:
         self.calls += 1
@@ -113,9 +142,7 @@ class ModelRunner:
         self._count_call("encode")
         batch = self.model.prepare_encoder_batch([g.request.encoder_input for g in groups], self.device)
         hidden = self.model.encode(batch)
-        slots = []
-        for g in groups:
-            slots += self._slots(g.cross_blocks, 0, g.encoder_len)
+        slots = np.concatenate([self._cross_slots(g.cross_blocks, g.encoder_len) for g in groups])
         self.model.write_cross_kv(hidden, self._tensor(slots, torch.long))
         for g in groups:
             g.encoded = True

@@ -51,9 +51,9 @@ class Scheduler:
     def max_blocks(self, group: SequenceGroup) -> int:
         """Blocks a group needs at its largest: cross + every beam at full length."""
         full = len(group.request.prompt_ids) + group.max_new_tokens
-        return self.blocks.blocks_for(group.encoder_len) + group.params.num_beams * self.blocks.blocks_for(
-            full
-        )
+        return self.blocks.cross_blocks_for(
+            group.encoder_len
+        ) + group.params.num_beams * self.blocks.blocks_for(full)
 
     def _admission_paused(self, num_seqs: int) -> bool:
         """Batched admission: wait until a slice of the sequence slots is free (or a preempted
@@ -139,7 +139,7 @@ class Scheduler:
     def _try_admit(self, group: SequenceGroup) -> bool:
         """Allocate cross blocks and each sequence's prompt blocks, keeping one block of headroom
         per running sequence so admitted work can make progress."""
-        cross = self.blocks.blocks_for(group.encoder_len)
+        cross = self.blocks.cross_blocks_for(group.encoder_len)
         own = sum(self.blocks.blocks_for(len(s.tokens)) for s in group.seqs)
         headroom = sum(len(g.seqs) for g in self.running)
         if cross + own + headroom > self.blocks.num_free:
