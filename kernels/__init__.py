@@ -23,7 +23,9 @@ __all__ = [
     "RelBias",
     "varlen_attention",
     "paged_attention",
+    "shared_kv_attention",
     "store_kv",
+    "store_rows",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
@@ -69,8 +71,18 @@ def paged_attention(
     )  # fmt: skip
 
 
+def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+    return _impl(q, "attention").shared_kv_attention(
+        q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale
+    )
+
+
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
     return _impl(k, "attention").store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
+def store_rows(x, rows, slot_mapping):
+    return _impl(x, "attention").store_rows(x, rows, slot_mapping)
 
 
 def layer_norm(x, weight, bias, eps):

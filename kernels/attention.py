@@ -46,7 +46,7 @@ from kernels.checks import check_tensor
 from kernels.pdl import pdl_launch
 from kernels.reference import RelBias, relative_position_bucket
 
-__all__ = ["varlen_attention", "paged_attention", "store_kv"]
+__all__ = ["varlen_attention", "paged_attention", "shared_kv_attention", "store_kv", "store_rows"]
 
 LOG2E = 1.4426950408889634  # 1 / ln(2): softmax in base 2, exp(x) == exp2(x * LOG2E)
 NEG_INIT = tl.constexpr(-1.0e30)  # finite start for the running max: fully masked tiles never give inf - inf
@@ -71,6 +71,13 @@ SINGLE_QUERY_DOT = True
 # on T5's 260-440 tokens this module's kernel is faster (0.147 ms against 0.18-0.20 ms: short
 # sequences leave the 192-row query tiles partly empty), on Whisper's 1500 that one is.
 HOPPER_MIN_SEQLEN = 1024
+# shared_kv_attention: (token, head) query rows per program, key rows per tile, and launch shape.
+# A program holds BLOCK_R x d_model float32 accumulators (80 registers per thread at d 1280 with 8
+# warps), so one or two programs fill an SM: split the keys until about SHARED_SPLIT_PER_SM run.
+SHARED_KV_TILES = {"BLOCK_R": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "TRANSPOSED": False}
+INTERPRET_SHARED_KV_TILES = {"BLOCK_R": 16, "BLOCK_N": 16, "TRANSPOSED": False}
+SHARED_SPLIT_PER_SM = 2
+SHARED_SPLIT_MAX = 32
 
 
 # --------------------------------------------------------------------------------------
@@ -374,30 +381,150 @@ def _paged_attn_kernel(
 
 
 @triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits_kernel(O_PART, LSE_PART, Out, stride_ot, stride_oh, num_heads, num_splits,
+def _merge_splits_kernel(O_PART, LSE_PART, Out, stride_ot, stride_oh, num_heads, num_splits, part_stride,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                          PDL: tl.constexpr):
-    """Merge the S = num_splits <= BLOCK_S partial results of one (token, head): weights
-    exp2(lse_s - max lse)."""
+    """Merge the S = num_splits <= BLOCK_S partial results of one (token, head), columns
+    [BLOCK_D * axis 1, + BLOCK_D): weights exp2(lse_s - max lse). A partial row holds part_stride
+    floats."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0).to(tl.int64)  # = token * H + head
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
     lse = tl.load(LSE_PART + pid * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: every weight is 0, output 0
     w = tl.math.exp2(lse - m)
-    parts = tl.load(O_PART + (pid * num_splits + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                    mask=s_mask[:, None], other=0.0)
+    parts = tl.load(O_PART + (pid * num_splits + offs_s)[:, None] * part_stride + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     denom = tl.sum(w, 0)
     out = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0.0, denom, 1.0)
     token = pid // num_heads
     head = pid % num_heads
-    tl.store(Out + token * stride_ot + head * stride_oh + offs_d, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(Out + token * stride_ot + head * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
+
+
+# -- shared-K/V attention (absorbed cross-attention) --------------------------------------------
+
+
+@triton.jit(do_not_specialize=["num_groups", "num_splits"])
+def _shared_kv_kernel(
+    Q, ROWS, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, O_PART, LSE_PART,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_rc, stride_rb, stride_rr, stride_bt,
+    num_heads, num_groups, num_splits, exp2_scale,
+    D_MODEL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS_PER_CHUNK: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr, IS_SPLIT: tl.constexpr,
+    TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """BLOCK_R (token, head) query rows of one sequence against its key rows [lo, hi) of this
+    split; a key row is its value row too. Columns [0, D0) and [D0, D0 + D1) are two tiles (d_model
+    need not be a power of two: 1280 = 1024 + 256). TRANSPOSED computes s^T = e q^T and
+    o^T = e^T p^T instead: the key tile is the left operand of both products (Hopper's wgmma
+    reads it from shared memory, both times), the accumulators are [D, BLOCK_R]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    group = pid % num_groups
+    off_b = pid // num_groups
+    q_start = tl.load(CU_SEQLENS_Q + off_b)
+    n_rows = (tl.load(CU_SEQLENS_Q + off_b + 1) - q_start) * num_heads
+    r0 = group * BLOCK_R
+    if r0 >= n_rows:
+        return
+    seq_len = tl.load(SEQ_LENS + off_b)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < n_rows
+    tok = (q_start + offs_r // num_heads).to(tl.int64)
+    head = offs_r % num_heads
+    q_rows = Q + tok * stride_qt + head * stride_qh
+    offs_0 = tl.arange(0, D0)
+    offs_1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    d1_ok = offs_1 < D_MODEL
+    if TRANSPOSED:
+        q0 = tl.load(q_rows[None, :] + offs_0[:, None], mask=row_ok[None, :], other=0.0)  # [D0, R]
+        acc0 = tl.zeros([D0, BLOCK_R], dtype=tl.float32)
+        if D1 > 0:
+            q1 = tl.load(q_rows[None, :] + offs_1[:, None], mask=row_ok[None, :] & d1_ok[:, None], other=0.0)
+            acc1 = tl.zeros([D1, BLOCK_R], dtype=tl.float32)
+    else:
+        q0 = tl.load(q_rows[:, None] + offs_0[None, :], mask=row_ok[:, None], other=0.0)  # [R, D0]
+        acc0 = tl.zeros([BLOCK_R, D0], dtype=tl.float32)
+        if D1 > 0:
+            q1 = tl.load(q_rows[:, None] + offs_1[None, :], mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
+            acc1 = tl.zeros([BLOCK_R, D1], dtype=tl.float32)
+
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(split * chunk, seq_len)
+    hi = tl.minimum(lo + chunk, seq_len)
+    bt_row = BLOCK_TABLES + off_b.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_R], NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        blk = tl.load(bt_row + cols // ROWS_PER_BLOCK, mask=col_ok, other=0).to(tl.int64)
+        r = cols % ROWS_PER_BLOCK
+        key_rows = ROWS + (r // ROWS_PER_CHUNK).to(tl.int64) * stride_rc + blk * stride_rb
+        key_rows += (r % ROWS_PER_CHUNK) * stride_rr
+        e0 = tl.load(key_rows[:, None] + offs_0[None, :], mask=col_ok[:, None], other=0.0)  # [N, D0]
+        if D1 > 0:
+            e1 = tl.load(key_rows[:, None] + offs_1[None, :], mask=col_ok[:, None] & d1_ok[None, :],
+                         other=0.0)
+        if TRANSPOSED:
+            s = tl.dot(e0, q0, input_precision=DOT_PRECISION)  # [N, R]
+            if D1 > 0:
+                s = tl.dot(e1, q1, s, input_precision=DOT_PRECISION)
+            s = tl.where(col_ok[:, None], s * exp2_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            p = tl.math.exp2(s - m_new[None, :])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 0)
+            acc0 = tl.dot(tl.trans(e0), p.to(e0.dtype), acc0 * alpha[None, :], input_precision=DOT_PRECISION)
+            if D1 > 0:
+                acc1 = tl.dot(tl.trans(e1), p.to(e1.dtype), acc1 * alpha[None, :],
+                              input_precision=DOT_PRECISION)
+        else:
+            s = tl.dot(q0, tl.trans(e0), input_precision=DOT_PRECISION)  # [R, N]
+            if D1 > 0:
+                s = tl.dot(q1, tl.trans(e1), s, input_precision=DOT_PRECISION)
+            s = tl.where(col_ok[None, :], s * exp2_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc0 = tl.dot(p.to(e0.dtype), e0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+            if D1 > 0:
+                acc1 = tl.dot(p.to(e1.dtype), e1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
+    if TRANSPOSED:  # back to [R, D] tiles for the stores
+        out0 = tl.trans(acc0 * inv_l[None, :])
+        if D1 > 0:
+            out1 = tl.trans(acc1 * inv_l[None, :])
+    else:
+        out0 = acc0 * inv_l[:, None]
+        if D1 > 0:
+            out1 = acc1 * inv_l[:, None]
+    if not IS_SPLIT:
+        o_rows = Out + tok * stride_ot + head * stride_oh
+        tl.store(o_rows[:, None] + offs_0[None, :], out0.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        if D1 > 0:
+            tl.store(o_rows[:, None] + offs_1[None, :], out1.to(Out.dtype.element_ty),
+                     mask=row_ok[:, None] & d1_ok[None, :])
+    else:
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        part_row = (tok * num_heads + head) * num_splits + split  # [Tq, H, S] flat index
+        tl.store(LSE_PART + part_row, lse, mask=row_ok)
+        tl.store(O_PART + part_row[:, None] * D_MODEL + offs_0[None, :], out0, mask=row_ok[:, None])
+        if D1 > 0:
+            tl.store(O_PART + part_row[:, None] * D_MODEL + offs_1[None, :], out1,
+                     mask=row_ok[:, None] & d1_ok[None, :])
 
 
 # -- KV store ----------------------------------------------------------------------------------
@@ -422,6 +549,24 @@ def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_kt, stride_kh, stride
     dst = slot * num_heads * HEAD_DIM + offs_h[:, None] * HEAD_DIM + offs_d[None, :]  # caches are contiguous
     tl.store(K_CACHE + dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
     tl.store(V_CACHE + dst, v.to(V_CACHE.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_rows_kernel(X, ROWS, SLOTS, stride_xt, stride_rb, stride_rr, rows_per_chunk,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """One program per row: copy X[t] into row slot % RC of chunk slot // RC (-1 = skip)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + t)
+    if slot < 0:
+        return
+    dst = ROWS + (slot // rows_per_chunk) * stride_rb + (slot % rows_per_chunk) * stride_rr
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(X + t * stride_xt + offs, mask=offs < D)
+        tl.store(dst + offs, x.to(ROWS.dtype.element_ty), mask=offs < D)
 
 
 # fmt: on
@@ -679,7 +824,14 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_kv_splits(programs: int, max_keys: int, block_n: int, device: torch.device) -> int:
+def _num_kv_splits(
+    programs: int,
+    max_keys: int,
+    block_n: int,
+    device: torch.device,
+    per_sm: int = SPLIT_PROGRAMS_PER_SM,
+    max_splits: int = SPLIT_MAX,
+) -> int:
     """Key splits per (query tile, head, sequence), from static shapes only (CUDA-graph safe).
 
     programs: B * H * query tiles; max_keys: block_tables.shape[1] * block_size (the capacity,
@@ -687,11 +839,11 @@ def _num_kv_splits(programs: int, max_keys: int, block_n: int, device: torch.dev
     run, into at most one split per key tile and SPLIT_MAX splits, every split the same number
     of whole tiles (a full-length sequence leaves no split empty).
     """
-    target = SPLIT_PROGRAMS_PER_SM * _sm_count(device)
+    target = per_sm * _sm_count(device)
     if programs >= target:
         return 1
     tiles = max(1, triton.cdiv(max_keys, block_n))
-    splits = max(1, min(triton.cdiv(target, programs), tiles, SPLIT_MAX))
+    splits = max(1, min(triton.cdiv(target, programs), tiles, max_splits))
     return triton.cdiv(tiles, triton.cdiv(tiles, splits))
 
 
@@ -819,14 +971,129 @@ def _launch_paged(
         **pdl_launch(q),
     )
     if num_splits > 1:
-        _merge_splits_kernel[(tq * h,)](
-            o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits,
+        _merge_splits_kernel[(tq * h, 1)](
+            o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits, block_d,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few compiles
             num_warps=1 if block_d <= 64 else 2,  # one (token, head) row of D floats per program
             **pdl_launch(q),
         )
     # fmt: on
     return out
+
+
+def _split_d(d: int) -> tuple[int, int]:
+    """d_model as two power-of-two column tiles (D0, D1): the largest power of two <= d, and the
+    rest rounded up (0 if none; at least 16, the smallest tl.dot reduction)."""
+    d0 = 1 << (d.bit_length() - 1)
+    rest = d - d0
+    return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+    """Attention of H query heads over one key head per sequence whose keys are also its values:
+    softmax(scale * q . r) . r over the sequence's rows r. This is cross-attention with the K and V
+    projections absorbed into the query and the output (see ``models.layers.Attention.cross``):
+    the rows are the encoder output itself, d_model wide, shared by every head and layer.
+
+    q: [Tq, H, d] packed (any token/head strides, last dim contiguous); sequence b owns
+    q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]. rows: [C, NB, RC, d] (any strides but a contiguous last
+    dim); block n of a sequence's block table holds its rows n*C*RC + r at rows[r // RC, block,
+    r % RC], r < C * RC. block_tables: [B, max_blocks] int32; seq_lens: [B] int32 rows of sequence b.
+    Returns [Tq, H, d]: a view of a new head-major [H, Tq, d] tensor (``.transpose(0, 1)`` of
+    it is contiguous). No host sync: CUDA-graph safe.
+    """
+    check_tensor("q", q, 3)
+    check_tensor("rows", rows, 4, device=q.device)
+    if rows.dtype != q.dtype:
+        raise ValueError(f"rows must have q's dtype {q.dtype}, got {rows.dtype}")
+    h, d = q.shape[1:]
+    if rows.shape[3] != d:
+        raise ValueError(f"rows are {rows.shape[3]} wide but q's rows are {d}")
+    if d < 16:
+        raise ValueError(f"row width must be >= 16, got {d}")
+    _check_index("block_tables", block_tables, 2, q.device)
+    _check_index("seq_lens", seq_lens, 1, q.device)
+    _check_index("cu_seqlens_q", cu_seqlens_q, 1, q.device)
+    num_seqs = block_tables.shape[0]
+    if seq_lens.shape[0] != num_seqs or cu_seqlens_q.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"block_tables [B={num_seqs}, ...] needs seq_lens [B] and cu_seqlens_q [B+1], got "
+            f"{tuple(seq_lens.shape)} and {tuple(cu_seqlens_q.shape)}"
+        )
+    if isinstance(max_seqlen_q, torch.Tensor) or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
+        raise ValueError(f"max_seqlen_q must be a python int >= 0 (no device sync), got {max_seqlen_q!r}")
+    _check_scale(scale)
+    return _launch_shared_kv(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale)
+
+
+def _launch_shared_kv(
+    q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, num_splits=None, tiles=None
+):
+    """shared_kv_attention without the input checks; num_splits and tiles (SHARED_KV_TILES keys)
+    override the built-in choices (tests and benchmarks)."""
+    tq, h, d = q.shape
+    out = torch.empty((h, tq, d), device=q.device, dtype=q.dtype).transpose(0, 1)
+    num_seqs = block_tables.shape[0]
+    if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
+        return out
+    cfg = dict(SHARED_KV_TILES if q.is_cuda else INTERPRET_SHARED_KV_TILES)
+    cfg.update(tiles or {})
+    block_r, block_n = cfg.pop("BLOCK_R"), cfg.pop("BLOCK_N")
+    num_groups = triton.cdiv(max_seqlen_q * h, block_r)
+    rows_per_block = rows.shape[0] * rows.shape[2]
+    if num_splits is None:
+        num_splits = _num_kv_splits(
+            num_seqs * num_groups, block_tables.shape[1] * rows_per_block, block_n, q.device,
+            SHARED_SPLIT_PER_SM, SHARED_SPLIT_MAX,
+        )  # fmt: skip
+    if num_splits > 1:
+        o_part = torch.empty((tq, h, num_splits, d), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((tq, h, num_splits), device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = out  # unused
+    d0, d1 = _split_d(d)
+    # fmt: off
+    _shared_kv_kernel[(num_seqs * num_groups, num_splits)](
+        q, rows, out, block_tables, seq_lens, cu_seqlens_q, o_part, lse_part,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        rows.stride(0), rows.stride(1), rows.stride(2), block_tables.stride(0),
+        h, num_groups, num_splits, float(scale) * LOG2E,
+        D_MODEL=d, D0=d0, D1=d1, BLOCK_R=block_r, BLOCK_N=block_n, ROWS_PER_CHUNK=rows.shape[2],
+        ROWS_PER_BLOCK=rows_per_block, IS_SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+    )
+    if num_splits > 1:
+        merge_d = min(256, triton.next_power_of_2(d))
+        _merge_splits_kernel[(tq * h, triton.cdiv(d, merge_d))](
+            o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits, d,
+            HEAD_DIM=d, BLOCK_D=merge_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),
+            num_warps=4, **pdl_launch(q),
+        )
+    # fmt: on
+    return out
+
+
+def store_rows(x, rows, slot_mapping):
+    """Write rows x [N, d] (last dim contiguous) into a row cache rows [C, NB, RC, d] (any
+    strides but a contiguous last dim, C and NB mergeable): slot = (c * NB + block) * RC + r puts
+    x[i] at rows[c, block, r]; -1 = skip. Values are cast to the cache dtype."""
+    check_tensor("x", x, 2)
+    check_tensor("rows", rows, 4, device=x.device, first="x")
+    if rows.shape[3] != x.shape[1] or rows.stride(0) != rows.shape[1] * rows.stride(1):
+        raise ValueError(f"rows must be [C, NB, RC, d={x.shape[1]}] with C and NB mergeable")
+    if (
+        not isinstance(slot_mapping, torch.Tensor)
+        or slot_mapping.dtype != torch.int64
+        or slot_mapping.shape != (x.shape[0],)
+        or not slot_mapping.is_contiguous()
+        or slot_mapping.device != x.device
+    ):
+        raise ValueError(f"slot_mapping must be a contiguous int64 tensor [N={x.shape[0]}] on {x.device}")
+    if x.shape[0] == 0:
+        return
+    _store_rows_kernel[(x.shape[0],)](
+        x, rows, slot_mapping, x.stride(0), rows.stride(1), rows.stride(2), rows.shape[2],
+        D=x.shape[1], BLOCK_D=min(1024, triton.next_power_of_2(x.shape[1])), num_warps=4, **pdl_launch(x),
+    )  # fmt: skip
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):

@@ -106,6 +106,15 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
 
 
+def store_rows(x, rows, slot_mapping):
+    """Write rows x [N, d] into a row cache rows [C, NB, RC, d]: slot = (c * NB + block) * RC + r
+    puts x[i] at rows[c, block, r]; -1 = skip."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    nb, rc = rows.shape[1], rows.shape[2]
+    rows[slots // (nb * rc), slots // rc % nb, slots % rc] = x[keep].to(rows.dtype)
+
+
 def gather_paged(cache, block_table, n):
     """First n rows of one sequence's paged cache: [n, H, D]."""
     bs = cache.shape[1]
@@ -140,6 +149,32 @@ def paged_attention(
         mask = k_pos[None, :] <= q_pos[:, None] if causal else None
         bias = bias_matrix(rel_bias, q_pos, k_pos) if rel_bias is not None else None
         out[s:e] = _attend(q[s:e], k, v, scale, mask, bias)
+    return out
+
+
+def gather_rows(rows, block_table, n):
+    """First n rows of one sequence in a row cache [C, NB, RC, d] (see shared_kv_attention): [n, d]."""
+    per_block = rows.shape[0] * rows.shape[2]
+    nblk = (n + per_block - 1) // per_block
+    blocks = rows[:, block_table[:nblk].long()]  # [C, nblk, BS, d]
+    return blocks.transpose(0, 1).reshape(-1, rows.shape[3])[:n]
+
+
+def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+    """H query heads over one key head per sequence whose keys are also its values (absorbed
+    cross-attention). q: [Tq, H, d]; rows: [C, NB, RC, d], block n of a sequence's table holding
+    its rows n*C*RC + r at rows[r // RC, block, r % RC]; block_tables: [B, max_blocks] int32;
+    seq_lens: [B] int32. Returns [Tq, H, d]."""
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    for b in range(len(cu) - 1):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        kv = gather_rows(rows, block_tables[b], lens[b])
+        kv = kv[:, None].expand(-1, q.shape[1], -1)
+        out[s:e] = _attend(q[s:e], kv, kv, scale)
     return out
 
 

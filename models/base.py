@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+import kernels
+
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor on ``device`` without waiting for the GPU: on CUDA through pinned memory with a
@@ -91,15 +93,27 @@ class EncDecModel(nn.Module):
     """
 
     cache_spec: CacheSpec
+    cross_rows: torch.Tensor | None = None  # set by bind_cache
     max_target_positions: int  # decoder positions the model supports (prompt + output)
     max_source_positions: int  # encoder tokens the model supports
     vocab_size: int
 
-    def bind_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
-        """Give each decoder layer its slice of the pool: caches are [L, NB, BS, H, D]."""
+    def bind_cache(
+        self, k_cache: torch.Tensor, v_cache: torch.Tensor, cross_rows: torch.Tensor | None = None
+    ) -> None:
+        """Give each decoder layer its slice of the pool: caches are [L, NB, BS, H, D].
+
+        cross_rows: the same pool seen as encoder-output rows [C, NB, RC, d_model] (absorbed
+        cross-attention, see ``layers.Attention.cross``); None: cross K/V per layer."""
+        self.cross_rows = cross_rows
         for i, layer in enumerate(self.decoder_layers()):
             layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache[i], v_cache[i]
             layer.encoder_attn.k_cache, layer.encoder_attn.v_cache = k_cache[i], v_cache[i]
+            layer.encoder_attn.cross_rows = cross_rows
+
+    @property
+    def d_model(self) -> int:
+        return self.decoder_layers()[0].encoder_attn.kv_proj.in_features
 
     def decoder_layers(self) -> list[nn.Module]:
         raise NotImplementedError
@@ -120,6 +134,11 @@ class EncDecModel(nn.Module):
         return None
 
     def write_cross_kv(self, hidden: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Write the encoder output's cross-attention cache: each layer's K/V at ``slot_mapping``,
+        or (absorbed) the rows themselves at rows of ``cross_rows`` flattened to [N, d_model]."""
+        if self.cross_rows is not None:  # slot = (chunk * NB + block) * RC + row; -1 = skip
+            kernels.store_rows(hidden, self.cross_rows, slot_mapping)
+            return
         for layer in self.decoder_layers():
             layer.encoder_attn.write_cross(hidden, slot_mapping)
 

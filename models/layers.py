@@ -131,6 +131,7 @@ class Attention(nn.Module):
             self.qkv_proj = Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
         self.out_proj = Linear(inner, cfg.d_model, bias=cfg.bias)
         self.k_cache = self.v_cache = None  # [NB, BS, H, D] views bound by the engine
+        self.cross_rows = None  # cross, absorbed: encoder-output rows [C, NB, BS, d] (bind_cache)
 
     def _split(self, qkv):
         q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)  # each [T, H, D]
@@ -165,8 +166,28 @@ class Attention(nn.Module):
 
     def cross(self, q, meta: AttentionMetadata):
         """q: [Tq, H * D] = q_proj of the decoder tokens; attends to the request's cross K/V
-        (written once by ``write_cross``) -> [Tq, d]."""
+        (written once by ``write_cross``) -> [Tq, d]. With ``cross_rows`` bound, it attends to the
+        request's encoder output rows e instead: per head h the query moves to model space,
+        q Wk_h (the key bias only shifts a row's scores), attends over e (keys and values at
+        once), and the result moves back through Wv_h (+ bv_h: the weights sum to 1)."""
         q = q.view(-1, self.h, self.d)
+        if self.cross_rows is not None:
+            w = self.kv_proj.weight.view(2, self.h, self.d, -1)  # [K|V, H, D, d]
+            qe = torch.bmm(q.transpose(0, 1), w[0])  # [H, Tq, d]
+            o = kernels.shared_kv_attention(
+                qe.transpose(0, 1),
+                self.cross_rows,
+                meta.cross_attn.block_tables,
+                meta.cross_attn.seq_lens,
+                meta.cu_seqlens_q,
+                meta.max_seqlen_q,
+                scale=self.scale,
+            ).transpose(0, 1)  # [H, Tq, d]
+            if self.kv_proj.bias is None:
+                ov = torch.bmm(o, w[1].transpose(1, 2))
+            else:
+                ov = torch.baddbmm(self.kv_proj.bias.view(2, self.h, 1, self.d)[1], o, w[1].transpose(1, 2))
+            return self.out_proj(ov.transpose(0, 1).reshape(-1, self.h * self.d))
         o = kernels.paged_attention(
             q,
             self.k_cache,

@@ -86,9 +86,9 @@ def reference_outputs(tiny, tok, texts: list[str]) -> list[tuple[list[int], list
     return rows
 
 
-def run_engine(loaded, tiny, encoder_ids: list[list[int]]) -> tuple[Engine, list]:
+def run_engine(loaded, tiny, encoder_ids: list[list[int]], **config) -> tuple[Engine, list]:
     """Greedy through one Engine (small pool, fewer slots than requests); results in input order."""
-    engine = Engine(loaded, **ENGINE)
+    engine = Engine(loaded, **{**ENGINE, **config})
     params = SamplingParams(
         max_new_tokens=MAX_NEW_TOKENS,
         stop_token_ids=(tiny.eos_token_id,),
@@ -111,9 +111,17 @@ def assert_same(name, texts, results, expected) -> None:
         assert r.finish_reason == ("length" if len(tokens) == MAX_NEW_TOKENS else "stop"), i
 
 
+# absorbed: cross-attention over the encoder output, K/V projections moved into the query and the
+# output (the GPU default). A cross block then holds 16 (BART family) or 20 (T5: d_kv * heads = 64
+# is wider than d_model 48) encoder rows, so a smaller pool (10 blocks: the longest request needs
+# 2 + 7) keeps the preemptions.
+ABSORBED = dict(absorb_cross=True, num_blocks=10)
+
+
 @pytest.mark.slow  # trains the tiny model on first use (~5-30 s each)
+@pytest.mark.parametrize("absorbed", [False, True], ids=["kv", "absorbed"])
 @pytest.mark.parametrize("name", NAMES)
-def test_greedy_parity_with_transformers(name, tiny_text_model):
+def test_greedy_parity_with_transformers(name, absorbed, tiny_text_model):
     tiny = tiny_text_model(name)
     loaded = load_model(tiny.path, device="cpu", dtype="float32")
     assert loaded.architecture == tiny.architecture
@@ -121,7 +129,7 @@ def test_greedy_parity_with_transformers(name, tiny_text_model):
     tok = loaded.tokenizer
     texts = sentences(seed=NAMES.index(name))
     encoder_ids = [tok(t).input_ids for t in texts]
-    engine, results = run_engine(loaded, tiny, encoder_ids)
+    engine, results = run_engine(loaded, tiny, encoder_ids, **(ABSORBED if absorbed else {}))
     assert_same(name, texts, results, reference_outputs(tiny, tok, texts))
     assert engine.scheduler.num_preemptions > 0, "the small pool should force a preemption"
 
@@ -249,8 +257,9 @@ def test_unsupported_architecture_lists_supported(tmp_path):
 
 
 @pytest.mark.slow  # trains the tiny model on first use
+@pytest.mark.parametrize("absorbed", [False, True], ids=["kv", "absorbed"])
 @pytest.mark.parametrize("name", NAMES)
-def test_beam_search_parity_with_transformers(name, tiny_text_model):
+def test_beam_search_parity_with_transformers(name, absorbed, tiny_text_model):
     """num_beams 4, length_penalty 2.0, no_repeat_ngram_size 3 and a min length: the same top
     hypothesis as transformers' generate, per request, run together through one engine."""
     tiny = tiny_text_model(name)
@@ -287,7 +296,13 @@ def test_beam_search_parity_with_transformers(name, tiny_text_model):
         stop_token_ids=(tiny.eos_token_id,),
         forced_tokens=tiny.forced_tokens,
     )
-    engine = Engine(load_model(tiny.path, device="cpu"), num_blocks=400, block_size=4, max_num_seqs=16)
+    engine = Engine(
+        load_model(tiny.path, device="cpu"),
+        num_blocks=400,
+        block_size=4,
+        max_num_seqs=16,
+        absorb_cross=absorbed,
+    )
     reqs = [Request(tok(t).input_ids, tiny.prompt_ids, params, i) for i, t in enumerate(texts)]
     got = {r.request_id: r.token_ids for r in engine.generate(reqs)}
     assert [got[i] for i in range(len(texts))] == expected

@@ -48,8 +48,11 @@ def _hf_greedy(model, feats, prompt, max_new):
     return toks[: toks.index(EOT)] if EOT in toks else toks
 
 
+@pytest.mark.parametrize("absorb_cross", [False, True], ids=["kv", "absorbed"])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_greedy_matches_transformers(tmp_path, shape):
+def test_greedy_matches_transformers(tmp_path, shape, absorb_cross):
+    """absorbed: cross-attention over the encoder output, K/V projections moved into the query
+    and the output (the default on GPUs)."""
     hf = random_whisper(tmp_path, seed=list(SHAPES).index(shape), **SHAPES[shape])  # stable across runs
     n_mels = hf.config.num_mel_bins
     g = torch.Generator().manual_seed(1)
@@ -61,7 +64,9 @@ def test_greedy_matches_transformers(tmp_path, shape):
     long = [r for r in ref if len(r) >= 10]
     assert len({tuple(r) for r in long}) == len(long) and all(len(set(r)) > 3 for r in long)
 
-    engine = Engine(load_ours(tmp_path), num_blocks=4 * 375 + 40, block_size=4, max_num_seqs=4)
+    engine = Engine(
+        load_ours(tmp_path), num_blocks=4 * 375 + 40, block_size=4, max_num_seqs=4, absorb_cross=absorb_cross
+    )
     reqs = [
         Request(f, p, SamplingParams(max_new_tokens=m, stop_token_ids=(EOT,)), i)
         for i, (f, p, m) in enumerate(zip(feats, prompts, max_new))

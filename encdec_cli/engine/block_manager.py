@@ -1,7 +1,9 @@
 """Fixed-size KV blocks from one pool, ref-counted, copy-on-write. Pure Python: no tensors.
 
 One pool serves both decoder self-attention blocks (per sequence) and cross-attention blocks
-(per request, shared by its beams): a token's K/V has the same shape in both.
+(per request, shared by its beams). A cross block holds ``cross_block_rows`` encoder positions:
+``block_size`` when it holds every layer's cross K/V of its tokens, more when it holds the
+encoder output itself (absorbed cross-attention, see ``ModelRunner``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ class OutOfBlocks(Exception):
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, cross_block_rows: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.cross_block_rows = cross_block_rows or block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
         self.refs = [0] * num_blocks
 
@@ -28,6 +31,9 @@ class BlockManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def cross_blocks_for(self, encoder_len: int) -> int:
+        return -(-encoder_len // self.cross_block_rows)
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self.free_blocks):

@@ -21,6 +21,10 @@ class EngineConfig:
     # greedy steps whose logits rules depend only on token counts launch the next step's model run
     # before their tokens reach the host (GPU and host overlap; see Engine._choose_and_run_ahead)
     lookahead: bool = True
+    # cross-attention over the encoder output itself, K/V projections absorbed into the query and
+    # the output (ModelRunner): half the bytes per decode step and no K/V projections in the
+    # encoder, for two small matmuls per layer and step. None: on for CUDA when max_num_seqs > 1
+    absorb_cross: bool | None = None
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -41,7 +41,9 @@ class Engine:
         self.max_source_len = min(self.config.max_source_len or 4096, self.model.max_source_positions)
         self.max_target_len = min(self.config.max_target_len or 1024, self.model.max_target_positions)
         num_blocks = self.config.num_blocks or self._pool_blocks()
-        self.blocks = BlockManager(num_blocks, self.config.block_size)
+        absorb = self.config.absorb_cross
+        if absorb is None:
+            absorb = self.device.type == "cuda" and self.config.max_num_seqs > 1
         self.runner = ModelRunner(
             self.model,
             num_blocks,
@@ -51,7 +53,9 @@ class Engine:
             self.config.max_num_seqs,
             self.max_source_len,
             self.max_target_len,
+            absorb,
         )
+        self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
@@ -74,12 +78,13 @@ class Engine:
                     encoder_bytes / 2**20,
                 )
         log.info(
-            "KV pool: %d blocks of %d tokens (%.0f MiB) on %s, %s",
+            "KV pool: %d blocks of %d tokens (%.0f MiB) on %s, %s; cross-attention %s",
             num_blocks,
             self.config.block_size,
             num_blocks * ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype) / 2**20,
             self.device,
             str(self.dtype).removeprefix("torch."),
+            f"absorbed ({self.runner.cross_block_rows} encoder rows a block)" if absorb else "K/V per layer",
         )
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_encoder_tokens, self.config.window),

@@ -45,7 +45,14 @@ class _Rows:
 
 
 class ModelRunner:
-    """Owns the KV pool tensors ([L, NB, BS, H, D] for K and V) and the model's device."""
+    """Owns the KV pool and the model's device.
+
+    The pool is one tensor [2, L, NB, BS, H, D]: K and V of every decoder layer for block NB's
+    BS tokens. With ``absorb_cross`` a request's cross blocks hold its encoder output instead
+    (read by every layer, see ``Attention.cross``): each of the 2 * L chunks [BS, H, D] of a block
+    holds RC = BS * H * D // d_model rows, so a block holds 2 * L * RC (1024 for Whisper large:
+    1500 positions in 2 blocks instead of 94).
+    """
 
     def __init__(
         self,
@@ -57,17 +64,32 @@ class ModelRunner:
         max_num_seqs: int,
         max_source_len: int,
         max_target_len: int,
+        absorb_cross: bool = False,
     ):
         self.model, self.device, self.block_size = model, device, block_size
         spec = model.cache_spec
-        shape = (spec.num_layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-        model.bind_cache(self.k_cache, self.v_cache)
+        shape = (2, spec.num_layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
+        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_cache, self.v_cache = self.pool[0], self.pool[1]
+        self.encoder_rows = None
+        self.cross_block_rows = block_size  # encoder positions per cross block
+        self._cross_layout = (block_size, np.arange(block_size))  # see _cross_slots
+        if absorb_cross:
+            chunk = block_size * spec.num_heads * spec.head_dim  # elements of one [BS, H, D] chunk
+            d, rc = model.d_model, chunk // model.d_model
+            if rc < 1:
+                raise ValueError(f"block_size {block_size} is too small to hold a {d}-wide encoder row")
+            self.encoder_rows = self.pool.as_strided(
+                (2 * spec.num_layers, num_blocks, rc, d), (num_blocks * chunk, chunk, d, 1)
+            )
+            self.cross_block_rows = 2 * spec.num_layers * rc
+            r = np.arange(self.cross_block_rows)
+            self._cross_layout = (rc, (r // rc) * num_blocks * rc + r % rc)
+        model.bind_cache(self.k_cache, self.v_cache, self.encoder_rows)
         self.max_num_seqs = max_num_seqs
         # persistent block tables: self-attention per sequence, cross-attention per request
         self.self_width = -(-max_target_len // block_size)
-        self.cross_width = -(-max_source_len // block_size)
+        self.cross_width = -(-max_source_len // self.cross_block_rows)
         self.self_tables = np.zeros((max_num_seqs, self.self_width), np.int32)
         self.cross_tables = np.zeros((max_num_seqs, self.cross_width), np.int32)
         self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
@@ -98,12 +120,14 @@ class ModelRunner:
 
     def _cross_slots(self, groups: list[SequenceGroup]) -> np.ndarray:
         """Cache slot of every encoder position of the groups, packed (numpy: a Python loop over a
-        Whisper request's 1500 positions kept the GPU waiting for milliseconds per encoder batch)."""
-        bs = self.block_size
-        within = np.arange(bs)
+        Whisper request's 1500 positions kept the GPU waiting for milliseconds per encoder batch).
+        Position p of a request is row r = p % rows of block b = table[p // rows] (rows =
+        ``cross_block_rows``), at slot b * step + offset[r]: b * BS + r for per-layer K/V; for
+        encoder rows, row r % RC of chunk r // RC of the block (``encoder_rows`` [C, NB, RC, d])."""
+        step, offsets = self._cross_layout
         return np.concatenate(
             [
-                (np.asarray(g.cross_blocks, np.int64)[:, None] * bs + within).ravel()[: g.encoder_len]
+                (np.asarray(g.cross_blocks, np.int64)[:, None] * step + offsets).ravel()[: g.encoder_len]
                 for g in groups
             ]
         )
@@ -112,8 +136,7 @@ class ModelRunner:
         if copies:
             src = self._tensor([c[0] for c in copies], torch.long)
             dst = self._tensor([c[1] for c in copies], torch.long)
-            self.k_cache[:, dst] = self.k_cache[:, src]
-            self.v_cache[:, dst] = self.v_cache[:, src]
+            self.pool[:, :, dst] = self.pool[:, :, src]
 
     def _count_call(self, what: str) -> None:
         self.calls += 1

@@ -58,14 +58,14 @@ class Scheduler:
     def max_blocks(self, group: SequenceGroup) -> int:
         """Blocks a group needs at its largest: cross + every beam at full length."""
         full = len(group.request.prompt_ids) + group.max_new_tokens
-        return self.blocks.blocks_for(group.encoder_len) + group.params.num_beams * self.blocks.blocks_for(
+        return self.blocks.cross_blocks_for(group.encoder_len) + group.params.num_beams * self.blocks.blocks_for(
             full
         )
 
     def _admit_blocks(self, group: SequenceGroup) -> int:
         """Blocks a waiting group takes when admitted: its cross blocks and prompt blocks."""
         own = sum(self.blocks.blocks_for(len(s.tokens)) for s in group.seqs)
-        return self.blocks.blocks_for(group.encoder_len) + own
+        return self.blocks.cross_blocks_for(group.encoder_len) + own
 
     def _headroom(self) -> int:
         """Blocks kept free for the running sequences: one each, so admitted work can progress."""
@@ -175,7 +175,7 @@ class Scheduler:
         per running sequence so admitted work can make progress."""
         if self._admit_blocks(group) + self._headroom() > self.blocks.num_free:
             return False
-        group.cross_blocks = self.blocks.allocate(self.blocks.blocks_for(group.encoder_len))
+        group.cross_blocks = self.blocks.allocate(self.blocks.cross_blocks_for(group.encoder_len))
         for s in group.seqs:
             s.block_table = self.blocks.allocate(self.blocks.blocks_for(len(s.tokens)))
             s.num_cached = 0

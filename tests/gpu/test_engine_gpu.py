@@ -57,6 +57,8 @@ def test_whisper_triton_matches_reference_fp32(tmp_path):
     ref = _run(loaded, reqs, "reference", num_blocks=4000, max_num_seqs=8, enforce_eager=True)
     tri = _run(loaded, reqs, "triton", num_blocks=4000, max_num_seqs=8)
     assert tri == ref
+    # the GPU default is absorbed cross-attention (the runs above); the per-layer K/V path agrees
+    assert _run(loaded, reqs, "triton", num_blocks=4000, max_num_seqs=8, absorb_cross=False) == ref
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -85,10 +87,13 @@ def test_text_models_triton_matches_reference(tiny_text_model, name, dtype):
         )
     ref = _run(loaded, reqs, "reference", num_blocks=2000, max_num_seqs=8, enforce_eager=True)
     tri = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=8)
+    # the GPU default is absorbed cross-attention (both runs above); the per-layer K/V path
+    kv = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=8, absorb_cross=False)
     if dtype == "float32":
-        assert tri == ref
+        assert tri == ref == kv
     else:
         assert _agreement(tri, ref) >= 0.99
+        assert _agreement(tri, kv) >= 0.99
 
 
 def test_ahead_steps_never_synchronize_the_stream(tiny_text_model):

@@ -22,7 +22,14 @@ import pytest
 import torch
 
 from kernels import reference
-from tests.kernels.cases import paged_inputs, poisoned_allocations, rel_bias, rel_err, varlen_inputs
+from tests.kernels.cases import (
+    paged_inputs,
+    poisoned_allocations,
+    rel_bias,
+    rel_err,
+    shared_kv_inputs,
+    varlen_inputs,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
@@ -255,6 +262,41 @@ SELF_DECODE_CASES = [  # (dtype, q_len, T5 bias, cache block size, SINGLE_QUERY_
     (torch.bfloat16, 1, False, 16, False),  # one query: the broadcast-multiply reduction path
     (torch.bfloat16, 1, True, 16, False),
 ]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,q_len", [(DECODE_BATCH, 1), (3, 1), (2, 4)])
+def test_absorbed_cross_attention(dtype, batch, q_len):
+    """shared_kv_attention on Whisper large-v3's absorbed cross-attention: 20 heads over
+    1280-wide encoder rows (two column tiles, 1024 + 256), 1500 rows in blocks of 2 * 32 layers *
+    16 rows; batch 256 (no split), small batches (split + merge), 4 query tokens (prompt)."""
+    case = shared_kv_inputs(
+        [CROSS_LEN] * batch, [q_len] * batch, WHISPER_HEADS, 1280, 64, 16, dtype, DEVICE, spare_blocks=1
+    )
+    with poisoned_allocations():
+        out = attention.shared_kv_attention(*case.args(), scale=HEAD_DIM**-0.5)
+    n = min(batch, 4)  # the reference loops over sequences in Python: check a few
+    ref = reference.shared_kv_attention(
+        case.q[: n * q_len], case.rows, case.block_tables[:n], case.seq_lens[:n], case.cu_seqlens_q[: n + 1],
+        q_len, scale=HEAD_DIM**-0.5,
+    )  # fmt: skip
+    assert not out.isnan().any()
+    assert rel_err(out[: n * q_len], ref) < TOL[dtype]
+
+
+def test_absorbed_cross_attention_fp32_and_other_widths():
+    """float32 (exact dots) and the other families' widths: 1024 (BART/T5 large, one tile), 768,
+    384 (tiny: 256 + 128)."""
+    for width, heads, dtype in (
+        (1024, 16, torch.bfloat16),
+        (768, 12, torch.bfloat16),
+        (384, 6, torch.float32),
+    ):
+        case = shared_kv_inputs([350, 77, 1], [1, 1, 1], heads, width, 24, 16, dtype, DEVICE)
+        with poisoned_allocations():
+            out = attention.shared_kv_attention(*case.args(), scale=0.125)
+        ref = reference.shared_kv_attention(*case.args(), scale=0.125)
+        assert rel_err(out, ref) < TOL[dtype], width
 
 
 @pytest.mark.parametrize("dtype,q_len,bias,block_size,single_query_dot", SELF_DECODE_CASES, ids=str)

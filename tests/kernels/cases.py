@@ -141,3 +141,68 @@ def paged_inputs(
         cu_seqlens(q_lens, device),
         max(q_lens),
     )
+
+
+@dataclass
+class SharedKVCase:
+    q: torch.Tensor  # [Tq, H, d]
+    rows: torch.Tensor  # [C, NB, BS, d], rows no sequence owns NaN
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    seq_lens: torch.Tensor  # [B] int32
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    max_seqlen_q: int
+
+    def args(self):
+        return self.q, self.rows, self.block_tables, self.seq_lens, self.cu_seqlens_q, self.max_seqlen_q
+
+
+def shared_kv_inputs(
+    seq_lens,
+    q_lens,
+    heads,
+    width,
+    chunks,
+    block_size,
+    dtype,
+    device,
+    share=(),
+    spare_blocks=2,
+    pad_rows=0,
+    gen=None,
+) -> SharedKVCase:
+    """A row cache [chunks, NB, block_size, width] holding sequences of seq_lens rows in shuffled
+    blocks of chunks * block_size rows (see kernels.shared_kv_attention). share: pairs (b, a),
+    sequence b reads sequence a's table row (beams). Unused rows and a padding table column point
+    at NaN, so any read past seq_len fails. pad_rows: the cache is a strided view, pad_rows NaN
+    rows after each chunk (as the engine's pool when heads * head_dim != d_model)."""
+    shared = dict(share)
+    per_block = chunks * block_size
+    nblocks = [0 if b in shared else -(-n // per_block) for b, n in enumerate(seq_lens)]
+    pool = sum(nblocks) + spare_blocks
+    base = torch.full((chunks, pool, block_size + pad_rows, width), float("nan"), dtype=dtype, device=device)
+    rows = base[:, :, :block_size]
+    perm = torch.randperm(pool, generator=gen).tolist()
+    table = torch.full((len(seq_lens), max(1, max(nblocks)) + 1), perm[-1], dtype=torch.int32)
+    used = 0
+    for b, n in enumerate(seq_lens):
+        if b in shared or n == 0:
+            continue
+        blocks = perm[used : used + nblocks[b]]
+        used += nblocks[b]
+        table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        vals = torch.full((len(blocks) * per_block, width), float("nan"), dtype=dtype, device=device)
+        vals[:n] = randn((n, width), dtype, device, gen)
+        rows[:, torch.tensor(blocks, device=device)] = vals.view(
+            len(blocks), chunks, block_size, width
+        ).transpose(0, 1)
+    for b, a in shared.items():
+        table[b] = table[a]
+    q = randn((sum(q_lens), heads, width), dtype, device, gen)
+    return SharedKVCase(
+        q,
+        rows,
+        table.to(device),
+        torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        cu_seqlens(q_lens, device),
+        max(q_lens),
+    )
