@@ -77,7 +77,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
         scale=dh**-0.5,
     )
     row_bytes = b * n * d * 2
-    configs = [{}]
+    configs = [{}, {"triton": True}]  # default: the Hopper kernel where it applies; then the Triton one
     if not quick and b == 256:
         configs += [
             dict(BLOCK_R=r, BLOCK_N=bn, num_warps=nw, num_stages=ns, TRANSPOSED=True)
@@ -92,10 +92,15 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
     for cfg, sp in itertools.product(configs, splits):
         if sp is not None and cfg:
             continue  # split counts with the default tiles only
+        launch = (
+            dict(num_splits=sp, tiles=None, hopper=False)
+            if cfg.get("triton")
+            else dict(num_splits=sp, tiles=cfg or None)
+        )
         try:
-            out = attention._launch_shared_kv(qe, pool, perm, lens, cu, 1, dh**-0.5, num_splits=sp, tiles=cfg)
+            out = attention._launch_shared_kv(qe, pool, perm, lens, cu, 1, dh**-0.5, **launch)
             err = kb.rel_err(out[: min(b, 8)], ref)
-            ms = bench(functools.partial(absorbed, num_splits=sp, tiles=cfg))
+            ms = bench(functools.partial(absorbed, **launch))
             kern = bench(
                 functools.partial(
                     attention._launch_shared_kv,
@@ -106,8 +111,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
                     cu,
                     1,
                     dh**-0.5,
-                    num_splits=sp,
-                    tiles=cfg,
+                    **launch,
                 )
             )
         except Exception as e:  # noqa: BLE001 (a config that does not compile)

@@ -395,6 +395,12 @@ def bench(
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
     profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),
+    cross: str = typer.Option(
+        "auto",
+        "--cross",
+        help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it), absorbed (the encoder "
+        "output once, K/V projections absorbed), kv (K and V per decoder layer).",
+    ),
 ):
     """Run the standard workloads (random weights of the real architectures, fixed output lengths)
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
@@ -404,6 +410,9 @@ def bench(
 
     if not torch.cuda.is_available():
         _fail("encdec bench needs a CUDA GPU")
+    absorb = {"auto": None, "absorbed": True, "kv": False}.get(cross, "bad")
+    if absorb == "bad":
+        _fail(f"--cross must be auto, absorbed or kv, got {cross!r}")
     ids = [w.upper() for w in (workloads or list(WORKLOADS))]
     bad = [w for w in ids if w not in WORKLOADS]
     if bad:
@@ -416,7 +425,12 @@ def bench(
             wid,
             baseline == "hf",
             tuple(baseline_batch),
-            {"max_num_seqs": max_num_seqs, "enforce_eager": enforce_eager, "profile": profile},
+            {
+                "max_num_seqs": max_num_seqs,
+                "enforce_eager": enforce_eager,
+                "profile": profile,
+                "absorb_cross": absorb,
+            },
             scale,
         )
         results.append(res)

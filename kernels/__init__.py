@@ -2,7 +2,8 @@
 
 The functions exported here dispatch on the device: CUDA tensors go to the Triton kernels
 (``kernels/attention.py``, ``kernels/norm.py``, ``kernels/linear.py``; on Hopper, long encoder
-attention goes on to the Gluon kernel of ``kernels/flash_hopper.py``), everything else to the
+attention goes on to the Gluon kernel of ``kernels/flash_hopper.py`` and absorbed cross-attention
+to ``kernels/shared_kv_hopper.py``), everything else to the
 plain-PyTorch references in ``kernels/reference.py``. ``ENCDEC_KERNELS=reference`` forces the references
 everywhere (used by tests that compare the two paths end to end).
 

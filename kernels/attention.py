@@ -1001,6 +1001,10 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqle
     r % RC], r < C * RC. block_tables: [B, max_blocks] int32; seq_lens: [B] int32 rows of sequence b.
     Returns [Tq, H, d]: a view of a new head-major [H, Tq, d] tensor (``.transpose(0, 1)`` of
     it is contiguous). No host sync: CUDA-graph safe.
+
+    On Hopper, fp16/bf16 q laid out as the layer makes it (a view of [H, Tq, d]) goes to
+    ``kernels/shared_kv_hopper.py``, which loads whole 64-row tiles: the rows after a sequence's
+    last one, to the end of its tile, must be finite (the engine writes zeros there).
     """
     check_tensor("q", q, 3)
     check_tensor("rows", rows, 4, device=q.device)
@@ -1027,13 +1031,35 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqle
 
 
 def _launch_shared_kv(
-    q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, num_splits=None, tiles=None
+    q,
+    rows,
+    block_tables,
+    seq_lens,
+    cu_seqlens_q,
+    max_seqlen_q,
+    scale,
+    num_splits=None,
+    tiles=None,
+    hopper=True,
 ):
     """shared_kv_attention without the input checks; num_splits and tiles (SHARED_KV_TILES keys)
-    override the built-in choices (tests and benchmarks)."""
+    override the built-in choices (tests and benchmarks). Decode steps on Hopper (one query token
+    per sequence) take ``kernels/shared_kv_hopper.py`` unless ``hopper`` is False or tiles are given."""
     tq, h, d = q.shape
-    out = torch.empty((h, tq, d), device=q.device, dtype=q.dtype).transpose(0, 1)
     num_seqs = block_tables.shape[0]
+    if hopper and tiles is None and q.is_cuda and tq > 0 and num_seqs > 0:
+        from kernels import shared_kv_hopper  # Gluon: imported only when a CUDA step can use it
+
+        if shared_kv_hopper.supports(q, rows, tq, 1):
+            if not (max_seqlen_q == 1 and tq == num_seqs):  # prompts, beams: one row per query token
+                seq_of = torch.repeat_interleave(
+                    torch.arange(num_seqs, device=q.device), cu_seqlens_q.diff(), output_size=tq
+                )
+                block_tables, seq_lens = block_tables[seq_of], seq_lens[seq_of]
+            out = shared_kv_hopper.shared_kv_attention(q, rows, block_tables, seq_lens, scale, num_splits)
+            if out is not None:
+                return out
+    out = torch.empty((h, tq, d), device=q.device, dtype=q.dtype).transpose(0, 1)
     if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
         return out
     cfg = dict(SHARED_KV_TILES if q.is_cuda else INTERPRET_SHARED_KV_TILES)

@@ -70,6 +70,8 @@ class Whisper(EncDecModel):
     """Encoder inputs are 16 kHz mono waveforms (np/torch, at most 30 s) or log-mel features
     [n_mels, 3000]; the encoder computes log-mel on the engine's device."""
 
+    absorb_cross_by_default = True  # 1500 encoder rows a request
+
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg

@@ -18,6 +18,12 @@ from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
 from models.loading import LoadedModel, load_model
 
+# absorbed cross-attention by default from this many sequences per step (where the Hopper kernel runs):
+# it reads each sequence's encoder rows with one CTA per 64-row tile, so a step of a few sequences
+# leaves most SMs idle (H200, Whisper large-v3: batch 1 7 us per-layer K/V against 24-39 us, batch
+# 32 1.06x, batch 256 1.24x; benchmarks/sweep_shared_kv.py)
+ABSORB_MIN_SEQS = 16
+
 log = logging.getLogger("encdec")
 
 
@@ -42,8 +48,8 @@ class Engine:
         self.max_target_len = min(self.config.max_target_len or 1024, self.model.max_target_positions)
         num_blocks = self.config.num_blocks or self._pool_blocks()
         absorb = self.config.absorb_cross
-        if absorb is None:
-            absorb = self.device.type == "cuda" and self.config.max_num_seqs > 1
+        if absorb is None:  # batched decoding on the Hopper kernel: half the bytes per step
+            absorb = self.config.max_num_seqs >= ABSORB_MIN_SEQS and self._hopper_cross()
         self.runner = ModelRunner(
             self.model,
             num_blocks,
@@ -100,6 +106,18 @@ class Engine:
         # launched by the previous one, see _choose_and_run_ahead), "oom_recoveries"
         self.stats: dict[str, float] = {}
         self._last_tick = time.perf_counter()
+
+    def _hopper_cross(self) -> bool:
+        """Whether this model takes absorbed cross-attention by default and its steps run on
+        kernels/shared_kv_hopper.py here."""
+        if not self.model.absorb_cross_by_default or self.dtype not in (torch.float16, torch.bfloat16):
+            return False
+        try:
+            from kernels import shared_kv_hopper
+        except ImportError:  # no Triton
+            return False
+        spec = self.model.cache_spec
+        return shared_kv_hopper.preferred(self.device, spec.num_heads, self.model.d_model)
 
     def _pool_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype)

@@ -14,9 +14,14 @@ from collections.abc import Hashable
 import numpy as np
 import torch
 
+import kernels
 from encdec_cli.engine.sampling import to_device
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from models.base import AttentionMetadata, PagedView
+
+# absorbed cross-attention: rows after a request's encoder output are zeroed up to a multiple of this
+# (the Hopper kernel's tile; see ModelRunner._zero_tile_ends)
+TILE_ROWS = 64
 
 
 class _Rows:
@@ -132,6 +137,25 @@ class ModelRunner:
             ]
         )
 
+    def _zero_tile_ends(self, groups: list[SequenceGroup]) -> None:
+        """Absorbed layout: write zeros after each request's encoder rows up to the end of their last
+        TILE_ROWS-row tile. The Hopper kernel (kernels/shared_kv_hopper.py) loads whole tiles and
+        masks the scores only, so a stale inf or NaN left there by an earlier request would reach
+        the output through 0 * inf."""
+        step, offsets = self._cross_layout
+        slots = []
+        for g in groups:
+            end = min(-(-g.encoder_len // TILE_ROWS) * TILE_ROWS, len(g.cross_blocks) * self.cross_block_rows)
+            p = np.arange(g.encoder_len, end)
+            slots.append(np.asarray(g.cross_blocks, np.int64)[p // self.cross_block_rows] * step
+                         + offsets[p % self.cross_block_rows])  # fmt: skip
+        slots = np.concatenate(slots)
+        if len(slots):
+            zeros = torch.zeros(
+                (len(slots), self.encoder_rows.shape[3]), dtype=self.pool.dtype, device=self.device
+            )
+            kernels.store_rows(zeros, self.encoder_rows, self._tensor(slots, torch.long))
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             src = self._tensor([c[0] for c in copies], torch.long)
@@ -183,6 +207,8 @@ class ModelRunner:
             self.encoder_graph_replays += 1
         else:
             self.model.write_cross_kv(self.model.encode(batch), self._tensor(slots, torch.long))
+        if self.encoder_rows is not None:
+            self._zero_tile_ends(groups)
         for g in groups:
             g.encoded = True
 

@@ -58,9 +58,9 @@ class Scheduler:
     def max_blocks(self, group: SequenceGroup) -> int:
         """Blocks a group needs at its largest: cross + every beam at full length."""
         full = len(group.request.prompt_ids) + group.max_new_tokens
-        return self.blocks.cross_blocks_for(group.encoder_len) + group.params.num_beams * self.blocks.blocks_for(
-            full
-        )
+        return self.blocks.cross_blocks_for(
+            group.encoder_len
+        ) + group.params.num_beams * self.blocks.blocks_for(full)
 
     def _admit_blocks(self, group: SequenceGroup) -> int:
         """Blocks a waiting group takes when admitted: its cross blocks and prompt blocks."""

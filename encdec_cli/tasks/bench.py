@@ -171,7 +171,11 @@ def warmup_requests(w: Workload, config, enc_inputs, targets) -> list:
 def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[float, int, dict]:
     from encdec_cli.engine import Engine
 
-    engine = Engine(loaded, **{k: v for k, v in engine_cfg.items() if k != "profile"})
+    cfg = {k: v for k, v in engine_cfg.items() if k != "profile"}
+    # never more sequence slots than the workload has sequences (W5: one): the engine sizes its CUDA
+    # graphs and its cross-attention layout (Engine, ABSORB_MIN_SEQS) by them
+    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(enc_inputs) * w.num_beams)
+    engine = Engine(loaded, **cfg)
     list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
     engine.stats = {}  # count the timed run's steps only
     requests = workload_requests(w, loaded.config, enc_inputs, targets)

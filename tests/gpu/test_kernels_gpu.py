@@ -284,6 +284,76 @@ def test_absorbed_cross_attention(dtype, batch, q_len):
     assert rel_err(out[: n * q_len], ref) < TOL[dtype]
 
 
+def _hopper_case(lens, q_lens, heads, width, chunks, dtype):
+    """shared_kv_inputs as the engine makes them for kernels/shared_kv_hopper.py: q a view of
+    [H, Tq, d] (the layer's bmm), zeros after each sequence's rows to the end of its 64-row tile
+    (ModelRunner._zero_tile_ends: the kernel loads whole tiles); rows further on stay NaN."""
+    case = shared_kv_inputs(lens, q_lens, heads, width, chunks, 16, dtype, DEVICE)
+    for b, n in enumerate(lens):
+        for p in range(n, min(-(-n // 64) * 64, case.block_tables.shape[1] * chunks * 16)):
+            blk, r = case.block_tables[b, p // (chunks * 16)], p % (chunks * 16)
+            case.rows[r // 16, blk, r % 16] = 0
+    case.q = case.q.transpose(0, 1).contiguous().transpose(0, 1)
+    return case
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon cross-attention kernel is for Hopper (sm_90)")
+def test_hopper_absorbed_cross_attention_several_tokens(monkeypatch):
+    """Steps with prompts or several tokens of a sequence (max_seqlen_q > 1) run on the Hopper
+    kernel too, one row of block table per query token."""
+    from kernels import shared_kv_hopper
+
+    calls = []
+    real = shared_kv_hopper.shared_kv_attention
+    monkeypatch.setattr(
+        shared_kv_hopper, "shared_kv_attention", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    case = _hopper_case([1500, 20, 700], [4, 1, 2], WHISPER_HEADS, 1280, 64, torch.bfloat16)
+    with poisoned_allocations():
+        out = attention.shared_kv_attention(*case.args(), scale=0.125)
+    assert calls == [1]
+    ref = reference.shared_kv_attention(*case.args(), scale=0.125)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon cross-attention kernel is for Hopper (sm_90)")
+@pytest.mark.parametrize(
+    "lens,heads,width,chunks,dtype,splits",
+    [
+        ([CROSS_LEN] * DECODE_BATCH, WHISPER_HEADS, 1280, 64, torch.bfloat16, None),  # W1: 3 consumers
+        ([CROSS_LEN, 700, 1], WHISPER_HEADS, 1280, 64, torch.bfloat16, None),  # small batch: split + merge
+        ([350, 77, 1, 64, 65, 128, 129], T5_HEADS, 1024, 24, torch.float16, None),  # BART/T5-large: 2
+        ([1500, 33, 191, 192], 6, 384, 4, torch.bfloat16, 3),  # Whisper tiny: 1 consumer, 3 splits
+        ([200, 1, 63], 2, 128, 4, torch.float16, 1),  # a 2-head toy model, tile edges
+    ],
+    ids=["whisper-b256", "whisper-split", "large-16-heads", "tiny-splits", "toy"],
+)
+def test_hopper_absorbed_cross_attention(lens, heads, width, chunks, dtype, splits):
+    """kernels/shared_kv_hopper.py (decode: one query token per sequence, q a view of [H, B, d]
+    as the layer makes it) matches the reference; rows past each sequence are NaN, so a read
+    past the end shows."""
+    from kernels import shared_kv_hopper
+
+    case = _hopper_case(lens, [1] * len(lens), heads, width, chunks, dtype)
+    q = case.q
+    assert shared_kv_hopper.supports(q, case.rows, len(lens), 1)
+    with poisoned_allocations():
+        out = shared_kv_hopper.shared_kv_attention(
+            q, case.rows, case.block_tables, case.seq_lens, 0.125, num_splits=splits
+        )
+    assert out is not None  # compiled
+    n = min(len(lens), 8)
+    args = case.args()
+    ref = reference.shared_kv_attention(
+        case.q[:n], case.rows, case.block_tables[:n], case.seq_lens[:n], args[4][: n + 1], 1, scale=0.125
+    )
+    assert not out.isnan().any()
+    assert rel_err(out[:n], ref) < TOL[dtype]
+    # and through the public entry point (the dispatch takes this kernel for such inputs)
+    assert rel_err(attention.shared_kv_attention(q, *args[1:], scale=0.125)[:n], ref) < TOL[dtype]
+
+
 def test_absorbed_cross_attention_fp32_and_other_widths():
     """float32 (exact dots) and the other families' widths: 1024 (BART/T5 large, one tile), 768,
     384 (tiny: 256 + 128)."""

@@ -102,3 +102,23 @@ def test_shared_kv_rejects_bad_inputs(attn, gen):
         attn.shared_kv_attention(*case.args(), scale=0.0)
     with pytest.raises(ValueError, match="int32"):
         attn.shared_kv_attention(case.q, case.rows, case.block_tables.long(), *case.args()[3:], scale=1.0)
+
+
+@pytest.mark.parametrize("pad_rows", [0, 3], ids=["packed", "strided"])
+def test_store_rows_matches_reference_and_skips_padding(attn, gen, pad_rows):
+    """Encoder rows into the row cache (the absorbed layout, gaps between chunks when H * D !=
+    d_model): the Triton kernel writes what the reference writes, -1 slots nowhere."""
+    chunks, blocks, rc, width, n = 3, 4, 8, 48, 20
+    base = torch.full((chunks, blocks, rc + pad_rows, width), float("nan"))
+    rows, ref = base[:, :, :rc], base.clone()[:, :, :rc]
+    x = torch.randn(n, width, generator=gen)
+    slots = torch.randperm(chunks * blocks * rc, generator=gen)[:n]
+    slots[[2, 7]] = -1
+    reference.store_rows(x, ref, slots)
+    attn.store_rows(x, rows, slots)
+    assert torch.equal(rows.isnan(), ref.isnan())
+    assert rows.isnan().sum() == (chunks * blocks * rc - (n - 2)) * width
+    torch.testing.assert_close(rows.nan_to_num(), ref.nan_to_num(), rtol=0, atol=0)
+    assert base[:, :, rc:].isnan().all()  # the gaps untouched
+    with pytest.raises(ValueError, match="slot_mapping"):
+        attn.store_rows(x, rows, slots.int())
