@@ -23,7 +23,8 @@ class EngineConfig:
     lookahead: bool = True
     # cross-attention over the encoder output itself, K/V projections absorbed into the query and
     # the output (ModelRunner): half the bytes per decode step and no K/V projections in the
-    # encoder, for two small matmuls per layer and step. None: on for CUDA when max_num_seqs > 1
+    # encoder, for two small matmuls per layer and step. None: on where the model asks for it
+    # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= engine.ABSORB_MIN_SEQS
     absorb_cross: bool | None = None
 
     def __post_init__(self):
