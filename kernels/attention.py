@@ -733,6 +733,22 @@ def _check_index(name, t, ndim, device):
         raise ValueError(f"{name} must be contiguous; call .contiguous() on it")
 
 
+def _check_tables(block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, device):
+    """The paged launchers' sequence tables: [B, max_blocks], [B] and [B+1] int32 on q's device,
+    max_seqlen_q a Python int (reading it from the device would sync)."""
+    _check_index("block_tables", block_tables, 2, device)
+    _check_index("seq_lens", seq_lens, 1, device)
+    _check_index("cu_seqlens_q", cu_seqlens_q, 1, device)
+    num_seqs = block_tables.shape[0]
+    if seq_lens.shape[0] != num_seqs or cu_seqlens_q.shape[0] != num_seqs + 1:
+        raise ValueError(
+            f"block_tables [B={num_seqs}, ...] needs seq_lens [B] and cu_seqlens_q [B+1], got "
+            f"{tuple(seq_lens.shape)} and {tuple(cu_seqlens_q.shape)}"
+        )
+    if isinstance(max_seqlen_q, torch.Tensor) or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
+        raise ValueError(f"max_seqlen_q must be a python int >= 0 (no device sync), got {max_seqlen_q!r}")
+
+
 def _check_scale(scale):
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or isinstance(scale, bool):
         raise ValueError(f"scale must be a python float (no device sync), got {type(scale).__name__}")
@@ -884,17 +900,7 @@ def paged_attention(
     if bs < 1 or bs & (bs - 1):
         raise ValueError(f"cache block size must be a power of two, got {bs}")
     _check_head_dim(d)
-    _check_index("block_tables", block_tables, 2, q.device)
-    _check_index("seq_lens", seq_lens, 1, q.device)
-    _check_index("cu_seqlens_q", cu_seqlens_q, 1, q.device)
-    num_seqs = block_tables.shape[0]
-    if seq_lens.shape[0] != num_seqs or cu_seqlens_q.shape[0] != num_seqs + 1:
-        raise ValueError(
-            f"block_tables [B={num_seqs}, ...] needs seq_lens [B] and cu_seqlens_q [B+1], got "
-            f"{tuple(seq_lens.shape)} and {tuple(cu_seqlens_q.shape)}"
-        )
-    if isinstance(max_seqlen_q, torch.Tensor) or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
-        raise ValueError(f"max_seqlen_q must be a python int >= 0 (no device sync), got {max_seqlen_q!r}")
+    _check_tables(block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, q.device)
     _check_scale(scale)
     _check_rel_bias(rel_bias, h, q.device)
     return _launch_paged(
@@ -1015,17 +1021,7 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqle
         raise ValueError(f"rows are {rows.shape[3]} wide but q's rows are {d}")
     if d < 16:
         raise ValueError(f"row width must be >= 16, got {d}")
-    _check_index("block_tables", block_tables, 2, q.device)
-    _check_index("seq_lens", seq_lens, 1, q.device)
-    _check_index("cu_seqlens_q", cu_seqlens_q, 1, q.device)
-    num_seqs = block_tables.shape[0]
-    if seq_lens.shape[0] != num_seqs or cu_seqlens_q.shape[0] != num_seqs + 1:
-        raise ValueError(
-            f"block_tables [B={num_seqs}, ...] needs seq_lens [B] and cu_seqlens_q [B+1], got "
-            f"{tuple(seq_lens.shape)} and {tuple(cu_seqlens_q.shape)}"
-        )
-    if isinstance(max_seqlen_q, torch.Tensor) or not isinstance(max_seqlen_q, int) or max_seqlen_q < 0:
-        raise ValueError(f"max_seqlen_q must be a python int >= 0 (no device sync), got {max_seqlen_q!r}")
+    _check_tables(block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, q.device)
     _check_scale(scale)
     return _launch_shared_kv(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale)
 
@@ -1087,15 +1083,22 @@ def _launch_shared_kv(
         D_MODEL=d, D0=d0, D1=d1, BLOCK_R=block_r, BLOCK_N=block_n, ROWS_PER_CHUNK=rows.shape[2],
         ROWS_PER_BLOCK=rows_per_block, IS_SPLIT=num_splits > 1, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
     )
-    if num_splits > 1:
-        merge_d = min(256, triton.next_power_of_2(d))
-        _merge_splits_kernel[(tq * h, triton.cdiv(d, merge_d))](
-            o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits, d,
-            HEAD_DIM=d, BLOCK_D=merge_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),
-            num_warps=4, **pdl_launch(q),
-        )
     # fmt: on
+    if num_splits > 1:
+        merge_rows(o_part, lse_part, out)
     return out
+
+
+def merge_rows(o_part, lse_part, out):
+    """Merge split partial results of d-wide rows (shared_kv_attention's): o_part [Tq, H, S, d]
+    float32, lse_part [Tq, H, S] (log2 of each split's softmax sum) -> out [Tq, H, d]."""
+    tq, h, num_splits, d = o_part.shape
+    merge_d = min(256, triton.next_power_of_2(d))
+    _merge_splits_kernel[(tq * h, triton.cdiv(d, merge_d))](
+        o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits, d,
+        HEAD_DIM=d, BLOCK_D=merge_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),
+        num_warps=4, **pdl_launch(out),
+    )  # fmt: skip
 
 
 def store_rows(x, rows, slot_mapping):

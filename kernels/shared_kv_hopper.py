@@ -39,9 +39,8 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
-from kernels.attention import LOG2E, _merge_splits_kernel, _sm_count
+from kernels.attention import LOG2E, _sm_count, merge_rows
 from kernels.flash_hopper import AVAILABLE, _capability
-from kernels.pdl import pdl_launch
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -358,12 +357,7 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, scale: float, num_split
                     "using the Triton kernel instead", triton.__version__, _failed)  # fmt: skip
         return None
     if num_splits > 1:
-        merge_d = min(256, triton.next_power_of_2(d))
-        _merge_splits_kernel[(tq * h, triton.cdiv(d, merge_d))](
-            o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits, d,
-            HEAD_DIM=d, BLOCK_D=merge_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),
-            num_warps=4, **pdl_launch(q),
-        )  # fmt: skip
+        merge_rows(o_part, lse_part, out)
     return out
 
 

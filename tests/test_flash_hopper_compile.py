@@ -9,18 +9,11 @@ have imported triton in interpreter mode, which Gluon's compiler cannot use."""
 
 from __future__ import annotations
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 
 from kernels import flash_hopper
+from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-H100_SHARED_BYTES = 227 * 1024  # the most shared memory one CTA may take on sm_90
 CASES = {
     "d64-bf16": (64, "bfloat16", None),  # the defaults (flash_hopper.CONFIGS)
     "d128-fp16": (128, "float16", None),
@@ -30,6 +23,7 @@ CASES = {
 SCRIPT = """
 import json, sys, torch
 from kernels import flash_hopper
+from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 out = {}
 for name, (d, dtype, cfg) in json.loads(sys.argv[1]).items():
     k = flash_hopper.compile_offline(d, getattr(torch, dtype), cfg)
@@ -45,15 +39,7 @@ pytestmark = pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="this Triton 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-4000:] + proc.stderr[-8000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return compile_in_subprocess(SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))

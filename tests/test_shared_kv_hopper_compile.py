@@ -5,22 +5,15 @@ wgmma's shared-memory descriptors were computed once before the tile loop, ptxas
 and each product waited on reloading its descriptors (5x slower than the loads alone on an H100).
 Numbers against the reference: tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_*.
 
-Compiles run in a fresh process without TRITON_INTERPRET (see test_flash_hopper_compile.py)."""
+Compiles run in a fresh process without TRITON_INTERPRET (tests/gluon_compile.py)."""
 
 from __future__ import annotations
-
-import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 
 from kernels import flash_hopper
+from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-H100_SHARED_BYTES = 227 * 1024
 CASES = {  # name: (d_model, heads, split)
     "whisper-large": (1280, 20, False),  # three consumer warp groups, the largest tile
     "whisper-large-split": (1280, 20, True),
@@ -50,15 +43,7 @@ pytestmark = pytest.mark.skipif(not flash_hopper.AVAILABLE, reason="this Triton 
 
 @pytest.fixture(scope="module")
 def compiled():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, json.dumps(CASES)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-4000:] + proc.stderr[-8000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return compile_in_subprocess(SCRIPT, CASES)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -28,6 +28,19 @@ def _run(loaded, requests, kernels: str, **cfg):
         os.environ.pop("ENCDEC_KERNELS", None)
 
 
+def _random_whisper_requests(tmp_path, dtype, n, params):
+    """A random 2-head Whisper (d_model 128) on the GPU and n requests of random features with
+    prompts of 1-3 tokens."""
+    random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
+    loaded = load_ours(tmp_path, dtype=dtype)
+    loaded.model.cuda()
+    g = torch.Generator().manual_seed(0)
+    reqs = [
+        Request(torch.randn(80, 3000, generator=g), [SOT] + [5 + i] * (i % 3), params, i) for i in range(n)
+    ]
+    return loaded, reqs
+
+
 def _agreement(a: dict, b: dict) -> float:
     same = total = 0
     for k in a:
@@ -41,19 +54,9 @@ def test_whisper_triton_matches_reference_fp32(tmp_path):
     # float32 only: this random model is chaotic on purpose (so its outputs depend on every
     # layer), and bf16 rounding then changes later tokens whatever the kernels do; bf16
     # agreement is checked on the trained text models below.
-    random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
-    loaded = load_ours(tmp_path, dtype=torch.float32)
-    loaded.model.cuda()
-    g = torch.Generator().manual_seed(0)
-    reqs = [
-        Request(
-            torch.randn(80, 3000, generator=g),
-            [SOT] + [5 + i] * (i % 3),
-            SamplingParams(max_new_tokens=40, stop_token_ids=(EOT,)),
-            i,
-        )
-        for i in range(24)
-    ]
+    loaded, reqs = _random_whisper_requests(
+        tmp_path, torch.float32, 24, SamplingParams(max_new_tokens=40, stop_token_ids=(EOT,))
+    )
     ref = _run(loaded, reqs, "reference", num_blocks=4000, max_num_seqs=8, enforce_eager=True)
     tri = _run(loaded, reqs, "triton", num_blocks=4000, max_num_seqs=8, absorb_cross=False)
     assert tri == ref
@@ -192,19 +195,8 @@ def test_whisper_fp16_absorbed_cross_attention_on_the_hopper_kernel(tmp_path, mo
     engine (this random model is chaotic: a few tokens each; in bf16 11% of them differ)."""
     from kernels import shared_kv_hopper
 
-    random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
-    loaded = load_ours(tmp_path, dtype=torch.float16)  # bf16's rounding alone flips 11% of tokens here
-    loaded.model.cuda()
-    g = torch.Generator().manual_seed(0)
-    reqs = [
-        Request(
-            torch.randn(80, 3000, generator=g),
-            [SOT] + [5 + i] * (i % 3),
-            SamplingParams(max_new_tokens=4, min_new_tokens=4, stop_token_ids=(EOT,)),
-            i,
-        )
-        for i in range(40)
-    ]
+    params = SamplingParams(max_new_tokens=4, min_new_tokens=4, stop_token_ids=(EOT,))
+    loaded, reqs = _random_whisper_requests(tmp_path, torch.float16, 40, params)  # bf16: 11% differ
     calls = []
     real = shared_kv_hopper.shared_kv_attention
     monkeypatch.setattr(
