@@ -21,12 +21,17 @@ heads over consumer warp groups (``gl.warp_specialize``), ``GROUP`` heads each:
 
 Every consumer reads the same resident tile, so a tile is loaded once for all heads. One CTA
 per SM (shared memory: the tile, the queries); sequences beyond one wave of CTAs, or split into
-key ranges when the batch is small (partial results merged as in ``paged_attention``).
+row ranges when the batch is small (partial results merged as in ``paged_attention``). The
+kernel takes one query token per program: ``attention._launch_shared_kv`` gives steps with
+several tokens of a sequence (prompts) one block-table row per token. Whole tiles are loaded
+and only the scores masked, so the rows after a sequence's last, to its tile's end, must be
+finite (``ModelRunner._zero_tile_ends`` writes zeros there). H100, Whisper large-v3 at batch
+256: the load pipeline alone (``_MODE = 1``) moves 96% of copy bandwidth.
 
 Fails softly like ``flash_hopper``: ``supports`` is False without Gluon, before Hopper, for
-inputs it does not cover (more than one query token per sequence, more than
-``GROUP * MAX_CONSUMERS`` heads, a width that is not a multiple of DC, a row layout TMA cannot
-address), and after a compile failure (logged once); the Triton kernel serves then.
+inputs it does not cover (float32, more than ``GROUP * MAX_CONSUMERS`` heads, a width that is
+not a multiple of DC or does not fit shared memory, a row layout TMA cannot address), and after
+a compile failure (logged once); the Triton kernel serves then.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ __all__ = ["supports", "shared_kv_attention"]
 
 ENV = "ENCDEC_GLUON"  # "0": never take the Gluon kernels (as in flash_hopper)
 BLOCK_N = 64  # rows per tile: the M of S^T = E Q^T (a warp group's wgmma is 64 rows)
-DC = 128  # columns per chunk
+DC = 128  # columns per shared-memory chunk (and per O^T accumulator)
 GROUP = 8  # heads per consumer warp group (the N of both products)
 MAX_CONSUMERS = 3  # 24 heads at most (Whisper large-v3: 20, BART-large and T5-large: 16)
 SHARED_LIMIT = 227 * 1024
