@@ -80,12 +80,10 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
     configs = [{}, {"triton": True}]  # default: the Hopper kernel where it applies; then the Triton one
     if not quick and b == 256:
         configs += [
-            dict(BLOCK_R=r, BLOCK_N=bn, num_warps=nw, num_stages=ns, TRANSPOSED=True)
+            dict(BLOCK_R=r, BLOCK_N=bn, num_warps=nw, num_stages=ns)
             for r, bn, nw, ns in itertools.product((16, 32), (32, 64), (4, 8, 16), (1, 2))
         ]
-        configs += [
-            dict(BLOCK_R=32, BLOCK_N=32, num_warps=16, num_stages=ns, TRANSPOSED=False) for ns in (2, 3)
-        ]
+        configs += [dict(BLOCK_R=32, BLOCK_N=32, num_warps=16, num_stages=ns) for ns in (2, 3)]
     splits = [None] + ([1, 4, 8, 16, 32] if b <= 32 else [])
     print(f"{name}: kv {kv_ms * 1e3:.1f} us ({kv_bytes / kv_ms / 1e-3 / copy_bw:.0%} of copy)")
     best = None

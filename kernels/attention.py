@@ -74,8 +74,8 @@ HOPPER_MIN_SEQLEN = 1024
 # shared_kv_attention: (token, head) query rows per program, key rows per tile, and launch shape.
 # A program holds BLOCK_R x d_model float32 accumulators (80 registers per thread at d 1280 with 8
 # warps), so one or two programs fill an SM: split the keys until about SHARED_SPLIT_PER_SM run.
-SHARED_KV_TILES = {"BLOCK_R": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2, "TRANSPOSED": False}
-INTERPRET_SHARED_KV_TILES = {"BLOCK_R": 16, "BLOCK_N": 16, "TRANSPOSED": False}
+SHARED_KV_TILES = {"BLOCK_R": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+INTERPRET_SHARED_KV_TILES = {"BLOCK_R": 16, "BLOCK_N": 16}
 SHARED_SPLIT_PER_SM = 2
 SHARED_SPLIT_MAX = 32
 
@@ -418,13 +418,13 @@ def _shared_kv_kernel(
     num_heads, num_groups, num_splits, exp2_scale,
     D_MODEL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ROWS_PER_CHUNK: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr, IS_SPLIT: tl.constexpr,
-    TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """BLOCK_R (token, head) query rows of one sequence against its key rows [lo, hi) of this
     split; a key row is its value row too. Columns [0, D0) and [D0, D0 + D1) are two tiles (d_model
-    need not be a power of two: 1280 = 1024 + 256). TRANSPOSED computes s^T = e q^T and
-    o^T = e^T p^T instead: the key tile is the left operand of both products (Hopper's wgmma
-    reads it from shared memory, both times), the accumulators are [D, BLOCK_R]."""
+    need not be a power of two: 1280 = 1024 + 256). (Computing s^T = e q^T and o^T = e^T p^T
+    instead was no faster in any config swept on an H100; kernels/shared_kv_hopper.py is the fast
+    path on Hopper.)"""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     group = pid % num_groups
@@ -443,18 +443,11 @@ def _shared_kv_kernel(
     offs_0 = tl.arange(0, D0)
     offs_1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
     d1_ok = offs_1 < D_MODEL
-    if TRANSPOSED:
-        q0 = tl.load(q_rows[None, :] + offs_0[:, None], mask=row_ok[None, :], other=0.0)  # [D0, R]
-        acc0 = tl.zeros([D0, BLOCK_R], dtype=tl.float32)
-        if D1 > 0:
-            q1 = tl.load(q_rows[None, :] + offs_1[:, None], mask=row_ok[None, :] & d1_ok[:, None], other=0.0)
-            acc1 = tl.zeros([D1, BLOCK_R], dtype=tl.float32)
-    else:
-        q0 = tl.load(q_rows[:, None] + offs_0[None, :], mask=row_ok[:, None], other=0.0)  # [R, D0]
-        acc0 = tl.zeros([BLOCK_R, D0], dtype=tl.float32)
-        if D1 > 0:
-            q1 = tl.load(q_rows[:, None] + offs_1[None, :], mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
-            acc1 = tl.zeros([BLOCK_R, D1], dtype=tl.float32)
+    q0 = tl.load(q_rows[:, None] + offs_0[None, :], mask=row_ok[:, None], other=0.0)  # [R, D0]
+    acc0 = tl.zeros([BLOCK_R, D0], dtype=tl.float32)
+    if D1 > 0:
+        q1 = tl.load(q_rows[:, None] + offs_1[None, :], mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
+        acc1 = tl.zeros([BLOCK_R, D1], dtype=tl.float32)
 
     chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     lo = tl.minimum(split * chunk, seq_len)
@@ -474,43 +467,24 @@ def _shared_kv_kernel(
         if D1 > 0:
             e1 = tl.load(key_rows[:, None] + offs_1[None, :], mask=col_ok[:, None] & d1_ok[None, :],
                          other=0.0)
-        if TRANSPOSED:
-            s = tl.dot(e0, q0, input_precision=DOT_PRECISION)  # [N, R]
-            if D1 > 0:
-                s = tl.dot(e1, q1, s, input_precision=DOT_PRECISION)
-            s = tl.where(col_ok[:, None], s * exp2_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            p = tl.math.exp2(s - m_new[None, :])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 0)
-            acc0 = tl.dot(tl.trans(e0), p.to(e0.dtype), acc0 * alpha[None, :], input_precision=DOT_PRECISION)
-            if D1 > 0:
-                acc1 = tl.dot(tl.trans(e1), p.to(e1.dtype), acc1 * alpha[None, :],
-                              input_precision=DOT_PRECISION)
-        else:
-            s = tl.dot(q0, tl.trans(e0), input_precision=DOT_PRECISION)  # [R, N]
-            if D1 > 0:
-                s = tl.dot(q1, tl.trans(e1), s, input_precision=DOT_PRECISION)
-            s = tl.where(col_ok[None, :], s * exp2_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.math.exp2(s - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc0 = tl.dot(p.to(e0.dtype), e0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
-            if D1 > 0:
-                acc1 = tl.dot(p.to(e1.dtype), e1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        s = tl.dot(q0, tl.trans(e0), input_precision=DOT_PRECISION)  # [R, N]
+        if D1 > 0:
+            s = tl.dot(q1, tl.trans(e1), s, input_precision=DOT_PRECISION)
+        s = tl.where(col_ok[None, :], s * exp2_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc0 = tl.dot(p.to(e0.dtype), e0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        if D1 > 0:
+            acc1 = tl.dot(p.to(e1.dtype), e1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     has_keys = l_i > 0.0
     inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
-    if TRANSPOSED:  # back to [R, D] tiles for the stores
-        out0 = tl.trans(acc0 * inv_l[None, :])
-        if D1 > 0:
-            out1 = tl.trans(acc1 * inv_l[None, :])
-    else:
-        out0 = acc0 * inv_l[:, None]
-        if D1 > 0:
-            out1 = acc1 * inv_l[:, None]
+    out0 = acc0 * inv_l[:, None]
+    if D1 > 0:
+        out1 = acc1 * inv_l[:, None]
     if not IS_SPLIT:
         o_rows = Out + tok * stride_ot + head * stride_oh
         tl.store(o_rows[:, None] + offs_0[None, :], out0.to(Out.dtype.element_ty), mask=row_ok[:, None])
@@ -1046,7 +1020,7 @@ def _launch_shared_kv(
     if hopper and tiles is None and q.is_cuda and tq > 0 and num_seqs > 0:
         from kernels import shared_kv_hopper  # Gluon: imported only when a CUDA step can use it
 
-        if shared_kv_hopper.supports(q, rows, tq, 1):
+        if shared_kv_hopper.supports(q, rows):
             if not (max_seqlen_q == 1 and tq == num_seqs):  # prompts, beams: one row per query token
                 seq_of = torch.repeat_interleave(
                     torch.arange(num_seqs, device=q.device), cu_seqlens_q.diff(), output_size=tq

@@ -82,16 +82,29 @@ def _shared_bytes(d: int, consumers: int, elem: int = 2) -> int:
     return (BLOCK_N * d + consumers * GROUP * d + consumers * GROUP * BLOCK_N) * elem + 1024
 
 
-def supports(q, rows, num_seqs: int, max_seqlen_q: int) -> bool:
-    """Whether shared_kv_attention can run these inputs here (see the module docstring)."""
-    if not (AVAILABLE and _failed is None and q.is_cuda and torch.version.hip is None):
-        return False
-    if os.environ.get(ENV, "1") == "0" or _capability(q.device)[0] != 9:
-        return False
+def preferred(device: torch.device, num_heads: int, d_model: int) -> bool:
+    """Whether this kernel runs a model of this shape here (Gluon, Hopper, not turned off, few
+    enough heads, a width that fits): the engine then takes absorbed cross-attention by default
+    (the Triton kernel alone is slower than per-layer K/V)."""
+    return (
+        AVAILABLE
+        and _failed is None
+        and device.type == "cuda"
+        and torch.version.hip is None
+        and os.environ.get(ENV, "1") != "0"
+        and _capability(device)[0] == 9
+        and num_heads <= GROUP * MAX_CONSUMERS
+        and d_model % DC == 0
+        and _shared_bytes(d_model, triton.cdiv(num_heads, GROUP)) <= SHARED_LIMIT
+    )
+
+
+def supports(q, rows) -> bool:
+    """Whether shared_kv_attention can run these inputs here: a model shape ``preferred`` takes,
+    fp16/bf16, q [Tq, H, d] a view of [H, Tq, d] (as the layer makes it; one token per program),
+    and rows [C, NB, RC, d] that TMA can address as one [C * NB * RC, d] matrix."""
     tq, h, d = q.shape
-    if max_seqlen_q != 1 or tq != num_seqs or q.dtype not in (torch.float16, torch.bfloat16):
-        return False  # one query token per sequence: tq == B and each has at most one
-    if h > GROUP * MAX_CONSUMERS or d % DC or _shared_bytes(d, triton.cdiv(h, GROUP)) > SHARED_LIMIT:
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and preferred(q.device, h, d)):
         return False
     c, nb, rc, _ = rows.shape
     box = min(rc, BLOCK_N)
@@ -107,24 +120,9 @@ def supports(q, rows, num_seqs: int, max_seqlen_q: int) -> bool:
         and (c * rc) % BLOCK_N == 0  # a tile never crosses a block
         and q.stride(2) == 1
         and q.stride(0) == d
-        and q.stride(1) == tq * d  # q: a view of [H, B, d]
+        and q.stride(1) == tq * d  # q: a view of [H, Tq, d]
         and (tq * d * q.element_size()) % 16 == 0
         and q.data_ptr() % 16 == 0
-    )
-
-
-def preferred(device: torch.device, num_heads: int, d_model: int) -> bool:
-    """Whether decode steps of a model of this shape can run on this kernel here: the engine then
-    takes absorbed cross-attention by default (the Triton kernel alone is slower than per-layer K/V)."""
-    return (
-        AVAILABLE
-        and device.type == "cuda"
-        and torch.version.hip is None
-        and os.environ.get(ENV, "1") != "0"
-        and _capability(device)[0] == 9
-        and num_heads <= GROUP * MAX_CONSUMERS
-        and d_model % DC == 0
-        and _shared_bytes(d_model, triton.cdiv(num_heads, GROUP)) <= SHARED_LIMIT
     )
 
 
@@ -314,7 +312,8 @@ _MODE = 0  # debug probes: 1 = consumers do no math (load throughput alone)
 
 
 def shared_kv_attention(q, rows, block_tables, seq_lens, scale: float, num_splits: int | None = None):
-    """attention.shared_kv_attention for one query token per sequence (``supports`` checked):
+    """attention.shared_kv_attention with one query token per sequence (``supports`` checked;
+    token b reads block_tables[b] and seq_lens[b]):
     returns [B, H, d] (a view of a new [H, B, d] tensor, as the Triton kernel), or None if the
     kernel does not compile with this Triton (logged once; the caller falls back)."""
     global _failed

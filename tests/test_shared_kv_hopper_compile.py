@@ -66,5 +66,5 @@ def test_supports_only_what_the_kernel_covers():
 
     q = torch.zeros(20, 4, 1280).transpose(0, 1)
     rows = torch.zeros(64, 8, 16, 1280)
-    assert not shared_kv_hopper.supports(q, rows, 4, 1)
+    assert not shared_kv_hopper.supports(q, rows)
     assert not shared_kv_hopper.preferred(torch.device("cpu"), 20, 1280)

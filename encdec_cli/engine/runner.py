@@ -123,33 +123,29 @@ class ModelRunner:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def _cross_slots(self, groups: list[SequenceGroup]) -> np.ndarray:
-        """Cache slot of every encoder position of the groups, packed (numpy: a Python loop over a
-        Whisper request's 1500 positions kept the GPU waiting for milliseconds per encoder batch).
-        Position p of a request is row r = p % rows of block b = table[p // rows] (rows =
-        ``cross_block_rows``), at slot b * step + offset[r]: b * BS + r for per-layer K/V; for
-        encoder rows, row r % RC of chunk r // RC of the block (``encoder_rows`` [C, NB, RC, d])."""
+    def _cross_positions(self, g: SequenceGroup, start: int, end: int) -> np.ndarray:
+        """Cache slots of a request's encoder positions [start, end). Position p is row r = p % rows
+        of block b = table[p // rows] (rows = ``cross_block_rows``), at slot b * step + offset[r]:
+        b * BS + r for per-layer K/V; for encoder rows, row r % RC of chunk r // RC of the block
+        (``encoder_rows`` [C, NB, RC, d]). Numpy: a Python loop over a Whisper request's 1500
+        positions kept the GPU waiting for milliseconds per encoder batch."""
         step, offsets = self._cross_layout
-        return np.concatenate(
-            [
-                (np.asarray(g.cross_blocks, np.int64)[:, None] * step + offsets).ravel()[: g.encoder_len]
-                for g in groups
-            ]
-        )
+        p = np.arange(start, end)
+        rows = self.cross_block_rows
+        return np.asarray(g.cross_blocks, np.int64)[p // rows] * step + offsets[p % rows]
+
+    def _cross_slots(self, groups: list[SequenceGroup]) -> np.ndarray:
+        """Cache slot of every encoder position of the groups, packed."""
+        return np.concatenate([self._cross_positions(g, 0, g.encoder_len) for g in groups])
 
     def _zero_tile_ends(self, groups: list[SequenceGroup]) -> None:
         """Absorbed layout: write zeros after each request's encoder rows up to the end of their last
         TILE_ROWS-row tile. The Hopper kernel (kernels/shared_kv_hopper.py) loads whole tiles and
         masks the scores only, so a stale inf or NaN left there by an earlier request would reach
         the output through 0 * inf."""
-        step, offsets = self._cross_layout
-        slots = []
-        for g in groups:
-            end = min(-(-g.encoder_len // TILE_ROWS) * TILE_ROWS, len(g.cross_blocks) * self.cross_block_rows)
-            p = np.arange(g.encoder_len, end)
-            slots.append(np.asarray(g.cross_blocks, np.int64)[p // self.cross_block_rows] * step
-                         + offsets[p % self.cross_block_rows])  # fmt: skip
-        slots = np.concatenate(slots)
+        ends = [min(-(-g.encoder_len // TILE_ROWS) * TILE_ROWS, len(g.cross_blocks) * self.cross_block_rows)
+                for g in groups]  # fmt: skip
+        slots = np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
         if len(slots):
             zeros = torch.zeros(
                 (len(slots), self.encoder_rows.shape[3]), dtype=self.pool.dtype, device=self.device

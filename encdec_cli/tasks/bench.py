@@ -270,9 +270,10 @@ def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int) -> dict:
     """Lower bounds (BENCHMARKS.md): decode = bytes that must move per step (decoder weights once +
     every running sequence's cross K/V + self K/V) / bandwidth; encoder = FLOPs / peak.
 
-    Absorbed cross-attention (the GPU default) reads each layer's encoder rows instead of its
-    cross K and V, half the bytes: ``decode_floor_absorbed_s`` counts those (the BENCHMARKS.md
-    floor stays the reported one, so its fraction may pass what the K/V path could reach)."""
+    Absorbed cross-attention (the default for Whisper on Hopper) reads each layer's encoder rows
+    instead of its cross K and V, half the bytes: ``decode_floor_absorbed_s`` counts those (the
+    BENCHMARKS.md floor stays the reported one, so its fraction may pass what the K/V path could
+    reach)."""
     params = dict(model.named_parameters())
     dec_bytes = 2 * sum(p.numel() for n, p in params.items() if not n.startswith("encoder"))
     enc_params = sum(p.numel() for n, p in params.items() if n.startswith("encoder"))

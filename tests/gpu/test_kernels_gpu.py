@@ -337,7 +337,7 @@ def test_hopper_absorbed_cross_attention(lens, heads, width, chunks, dtype, spli
 
     case = _hopper_case(lens, [1] * len(lens), heads, width, chunks, dtype)
     q = case.q
-    assert shared_kv_hopper.supports(q, case.rows, len(lens), 1)
+    assert shared_kv_hopper.supports(q, case.rows)
     with poisoned_allocations():
         out = shared_kv_hopper.shared_kv_attention(
             q, case.rows, case.block_tables, case.seq_lens, 0.125, num_splits=splits

@@ -24,16 +24,13 @@ SHAPES = [(32, 3, [1, 1, 1]), (48, 20, [1, 1, 1]), (40, 6, [3, 1, 2])]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("width,heads,q_lens", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("transposed", [False, True], ids=["rows-first", "transposed"])
-def test_shared_kv_matches_reference(attn, gen, bf16_dot_ok, dtype, width, heads, q_lens, splits, transposed):
+def test_shared_kv_matches_reference(attn, gen, bf16_dot_ok, dtype, width, heads, q_lens, splits):
     if dtype == torch.bfloat16 and not bf16_dot_ok:
         pytest.skip("this Triton interpreter cannot run tl.dot on bfloat16")
     case = shared_kv_inputs([5, 37, 70], q_lens, heads, width, 2, 8, dtype, "cpu", gen=gen)
     ref = reference.shared_kv_attention(*case.args(), scale=width**-0.5)
     with poisoned_allocations():
-        out = attn._launch_shared_kv(
-            *case.args(), width**-0.5, num_splits=splits, tiles={"TRANSPOSED": transposed}
-        )
+        out = attn._launch_shared_kv(*case.args(), width**-0.5, num_splits=splits)
     assert out.shape == case.q.shape and out.dtype == dtype
     assert out.transpose(0, 1).is_contiguous()  # head-major storage for the value projection
     assert rel_err(out, ref) < TOL[dtype]
