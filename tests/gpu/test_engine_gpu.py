@@ -197,12 +197,16 @@ def test_whisper_fp16_absorbed_cross_attention_on_the_hopper_kernel(tmp_path, mo
 
     params = SamplingParams(max_new_tokens=4, min_new_tokens=4, stop_token_ids=(EOT,))
     loaded, reqs = _random_whisper_requests(tmp_path, torch.float16, 40, params)  # bf16: 11% differ
-    calls = []
-    real = shared_kv_hopper.shared_kv_attention
+    from kernels import attention
+
+    steps, hopper = [], []  # max_seqlen_q of every absorbed cross-attention call; Hopper kernel calls
+    launch, real = attention._launch_shared_kv, shared_kv_hopper.shared_kv_attention
+    monkeypatch.setattr(attention, "_launch_shared_kv", lambda *a, **k: steps.append(a[5]) or launch(*a, **k))
     monkeypatch.setattr(
-        shared_kv_hopper, "shared_kv_attention", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+        shared_kv_hopper, "shared_kv_attention", lambda *a, **k: hopper.append(1) or real(*a, **k)
     )
     absorbed = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=32)
-    assert calls and any(s[0] > 1 for s in calls)
+    assert len(hopper) == len(steps) > 0  # every call took the Hopper kernel ...
+    assert max(steps) > 1 and min(steps) == 1  # ... prompt steps (several tokens a sequence) included
     kv = _run(loaded, reqs, "triton", num_blocks=4000, max_num_seqs=32, absorb_cross=False)
     assert _agreement(absorbed, kv) >= 0.95
