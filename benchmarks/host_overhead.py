@@ -67,8 +67,8 @@ def tiny_bart(d_model: int, layers: int, vocab: int = VOCAB):
     """A random BART with the real vocabulary, built the way ``encdec bench`` builds its models."""
     from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
 
-    from models.loading import LoadedModel, build_model
-    from models.registry import architecture_of
+    from encdec_models.loading import LoadedModel, build_model
+    from encdec_models.registry import architecture_of
 
     cfg = BartConfig(
         vocab_size=vocab,

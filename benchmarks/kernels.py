@@ -19,7 +19,7 @@ Workloads (bf16, random data, seed 0):
   contiguous (unpaged) [B, H, L, D] K/V. Both are timed as CUDA-graph replays, as the engine
   runs decode steps (so small cases measure the GPU, not Python launch overhead).
 - norms: LayerNorm / RMSNorm (+ residual) on [96000, 1280] vs the torch ops.
-- one-row linear layers (batch-1 decoding): kernels.linear's gemv (+ GELU, + fused add + LayerNorm)
+- one-row linear layers (batch-1 decoding): encdec_kernels.linear's gemv (+ GELU, + fused add + LayerNorm)
   on the Whisper large-v3 decoder weights vs cuBLAS (F.linear, after our norm kernel), CUDA-graph
   timings over cycling weight copies (120 MB, beyond the L2 cache, as in a decode step); GB/s on
   the weight bytes.
@@ -110,7 +110,7 @@ def encoder_case(name, lens, heads, with_bias, attention, reference):
         table = torch.randn(heads, T5_BUCKETS, device=DEVICE)
         rb = reference.RelBias(table, T5_BUCKETS, T5_MAX_DISTANCE, True)
     ours = bench(lambda: attention.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb))
-    from kernels import flash_hopper
+    from encdec_kernels import flash_hopper
 
     hopper = max_len >= attention.HOPPER_MIN_SEQLEN and flash_hopper.supports(q, k, v, False, rb)
     triton_ms = None
@@ -152,7 +152,7 @@ def encoder_case(name, lens, heads, with_bias, attention, reference):
         rel_err_vs_sdpa=rel_err(got, want),
         name=name,
         kind="encoder",
-        kernel="gluon (kernels/flash_hopper.py)" if hopper else "triton",
+        kernel="gluon (encdec_kernels/flash_hopper.py)" if hopper else "triton",
         triton_ms=triton_ms,
         ours_ms=ours,
         baseline_ms=base,
@@ -335,10 +335,10 @@ def bandwidth_row(name, kind, ours, base, baseline, moved, copy_bw) -> dict:
 
 
 def linear_cases(copy_bw):
-    """kernels.gemv / norm_gemv on Whisper large-v3 decoder weights at one row, against cuBLAS
+    """encdec_kernels.gemv / norm_gemv on Whisper large-v3 decoder weights at one row, against cuBLAS
     (F.linear, + F.gelu, after our norm kernel). CUDA-graph timings: the kernels as a captured
     decode step runs them."""
-    from kernels import linear, norm
+    from encdec_kernels import linear, norm
 
     d, ff = 1280, 5120
     x = torch.randn(1, d, device=DEVICE, dtype=DTYPE)
@@ -397,7 +397,7 @@ def main(argv=None):
 
     import triton
 
-    from kernels import attention, norm, reference
+    from encdec_kernels import attention, norm, reference
 
     torch.manual_seed(0)
     gen = np.random.default_rng(0)

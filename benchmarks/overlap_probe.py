@@ -24,7 +24,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "encdec_kernels.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
 
@@ -51,7 +51,7 @@ def timed(fn, streams, reps=5) -> float:
 
 def main(argv=None):
     from encdec_cli.tasks.bench import WORKLOADS, build_models
-    from kernels import attention
+    from encdec_kernels import attention
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clips", type=int, default=10)

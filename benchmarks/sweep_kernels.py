@@ -6,7 +6,7 @@ For the decode kernel: BLOCK_N x num_warps x num_stages (and split counts at bat
 shapes of benchmarks/kernels.py; for the encoder kernel: extra tile configs beyond the autotune
 list, on the Whisper large-v3 shape; for the one-row linear kernel: BLOCK_N x CHUNK (block_k) x
 num_warps on the Whisper large-v3 decoder weights. Prints milliseconds (CUDA-graph replays for decode) and
-the copy-bandwidth fraction, to choose the defaults in kernels/attention.py from measurements.
+the copy-bandwidth fraction, to choose the defaults in encdec_kernels/attention.py from measurements.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "encdec_kernels.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
 
@@ -44,7 +44,7 @@ def decode_shapes():
 def sweep_decode(copy_bw, rows):
     import triton.testing
 
-    from kernels import attention, reference
+    from encdec_kernels import attention, reference
 
     gen = np.random.default_rng(0)
     for name, lens, heads, causal, with_bias in decode_shapes():
@@ -91,7 +91,7 @@ def sweep_decode(copy_bw, rows):
 def sweep_encoder(rows):
     import triton
 
-    from kernels import attention
+    from encdec_kernels import attention
 
     lens = [kb.WHISPER_FRAMES] * kb.WHISPER_BATCH
     t, h, d = sum(lens), kb.WHISPER_HEADS, kb.HEAD_DIM
@@ -127,7 +127,7 @@ def sweep_encoder(rows):
 
 
 def sweep_linear(copy_bw, rows):
-    from kernels import linear
+    from encdec_kernels import linear
 
     d, ff = 1280, 5120
     orig = linear._tiles
@@ -160,7 +160,8 @@ def sweep_linear(copy_bw, rows):
                   f"{moved / (ms * 1e-3) / copy_bw:.0%} of copy)")  # fmt: skip
 
 
-HOPPER_CONFIGS = [  # full configs (kernels/flash_hopper.py CONFIGS keys); the first is the default for D 64
+# full configs (encdec_kernels/flash_hopper.py CONFIGS keys); the first is the default for D 64
+HOPPER_CONFIGS = [
     dict(BLOCK_N=128, K_STAGES=3, CONSUMERS=3, REGS=160, PIPELINE=True),
     dict(BLOCK_N=128, K_STAGES=2, CONSUMERS=3, REGS=160, PIPELINE=False),
     dict(BLOCK_N=128, K_STAGES=3, CONSUMERS=3, REGS=160, PIPELINE=False),
@@ -172,7 +173,7 @@ HOPPER_CONFIGS = [  # full configs (kernels/flash_hopper.py CONFIGS keys); the f
 
 
 def sweep_hopper(rows):
-    """kernels/flash_hopper.py configs (full CONFIGS entries) on the Whisper large-v3 and T5
+    """encdec_kernels/flash_hopper.py configs (full CONFIGS entries) on the Whisper large-v3 and T5
     encoder shapes, beside SDPA and the Triton kernel (each checked against SDPA)."""
     t5_lens = np.random.default_rng(1).integers(260, 441, size=64).tolist()
     sweep_hopper_shape(
@@ -184,7 +185,7 @@ def sweep_hopper(rows):
 def sweep_hopper_shape(name, lens, heads, rows):
     import torch.nn.functional as F
 
-    from kernels import attention, flash_hopper
+    from encdec_kernels import attention, flash_hopper
 
     t, n = sum(lens), max(lens)
     q, k, v = (torch.randn(t, heads, kb.HEAD_DIM, device="cuda", dtype=kb.DTYPE) for _ in range(3))
@@ -218,7 +219,7 @@ def sweep_splits(copy_bw, rows):
     how much the last, partial wave of programs costs when no split spreads them."""
     import triton.testing
 
-    from kernels import attention
+    from encdec_kernels import attention
 
     gen = np.random.default_rng(0)
     k_cache, v_cache, tables = kb.paged_cache([kb.CROSS_LEN] * 256, kb.WHISPER_HEADS, gen)

@@ -8,7 +8,7 @@ Per shape (Whisper large-v3 cross: 20 heads x 64, d_model 1280, 1500 encoder row
 - ``absorbed``: q -> q Wk_h (bmm), ``shared_kv_attention`` over the encoder rows (1 x 1500 x
   1280), -> Wv_h (+ bv, baddbmm): the whole replacement, for each kernel tile config.
 Times are CUDA-graph replays (median); the fraction is of the copy bandwidth on the bytes each
-must read (K + V, or the rows). Every config is checked against kernels.reference first.
+must read (K + V, or the rows). Every config is checked against encdec_kernels.reference first.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "encdec_kernels.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
 
@@ -135,7 +135,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
 def main(argv=None):
     import triton.testing
 
-    from kernels import attention, reference
+    from encdec_kernels import attention, reference
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=pathlib.Path)

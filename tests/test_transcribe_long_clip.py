@@ -7,7 +7,7 @@ import pytest
 
 from encdec_cli.tasks.transcribe import AudioItem, Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions
-from models.audio import N_SAMPLES, SAMPLE_RATE
+from encdec_models.audio import N_SAMPLES, SAMPLE_RATE
 from tests import transcribe_clips as tc
 
 VOICES = [("en-us", 150), ("en-gb", 170), ("en-us+f3", 135), ("en-gb-scotland", 160)]  # voice, words/min

@@ -4,7 +4,7 @@ import pytest
 
 from encdec_cli.engine import Engine
 from encdec_cli.tasks.transcribe import AudioItem, Transcriber
-from models.loading import load_model
+from encdec_models.loading import load_model
 
 
 def test_input_listing_error_ends_the_job(tiny_en_dir, example_clips):

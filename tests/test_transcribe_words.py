@@ -24,7 +24,7 @@ from encdec_cli.tasks.whisper_words import (
     dtw,
     median_filter,
 )
-from models.ctranslate2 import load_ctranslate2_whisper
+from encdec_models.ctranslate2 import load_ctranslate2_whisper
 from tests import transcribe_clips as tc
 
 transformers.logging.set_verbosity_error()

@@ -1,5 +1,5 @@
 """Tiny trained text encoder/decoder models (BART, mBART, Marian, Pegasus, T5 v1.0, T5 v1.1, mT5)
-with real tokenizers, saved as Hugging Face folders that ``models.loading.load_model`` reads.
+with real tokenizers, saved as Hugging Face folders that ``encdec_models.loading.load_model`` reads.
 
 Random-weight decoders tend to repeat one token whatever the input, and two such outputs agreeing
 proves little. So every model here is trained (single-threaded, 300-1000 steps, ~5-30 s each) to
@@ -35,7 +35,7 @@ from transformers import (
     T5Config,
 )
 
-from models.bart import sinusoidal_table
+from encdec_models.bart import sinusoidal_table
 
 N_WORDS = 100  # plain word tokens "w0".."w99"
 MAX_WORDS = 12  # training sentences have 1..MAX_WORDS words

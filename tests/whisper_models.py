@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
-from models.loading import LoadedModel, build_model, iter_checkpoint
+from encdec_models.loading import LoadedModel, build_model, iter_checkpoint
 
 SOT, EOT, PAD = 1, 2, 0
 

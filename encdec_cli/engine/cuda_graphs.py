@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
-import models.layers
-from models.base import AttentionMetadata, PagedView
+import encdec_models.layers
+from encdec_models.base import AttentionMetadata, PagedView
 
 SEGMENTS = 4  # graphs per decode step (at most one per decoder layer)
 
@@ -148,8 +148,8 @@ class CudaGraphs:
 
 @contextlib.contextmanager
 def _boundary_hook(fn):
-    models.layers.layer_boundary_hook = fn
+    encdec_models.layers.layer_boundary_hook = fn
     try:
         yield
     finally:
-        models.layers.layer_boundary_hook = None
+        encdec_models.layers.layer_boundary_hook = None

@@ -16,7 +16,7 @@ from encdec_cli.engine.runner import ModelRunner
 from encdec_cli.engine.sampling import choose_tokens, process_logits, to_device
 from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
-from models.loading import LoadedModel, load_model
+from encdec_models.loading import LoadedModel, load_model
 
 # absorbed cross-attention by default from this many sequences per step (where the Hopper kernel runs):
 # it reads each sequence's encoder rows with one CTA per 64-row tile, so a step of a few sequences
@@ -30,7 +30,7 @@ log = logging.getLogger("encdec")
 class Engine:
     """Continuous-batching encoder/decoder generation.
 
-    ``model``: a name or path (see ``models.loading.load_model``) or a ``LoadedModel``.
+    ``model``: a name or path (see ``encdec_models.loading.load_model``) or a ``LoadedModel``.
     ``device``: "auto", "cpu", "cuda", "cuda:N"; ``dtype``: "auto", "float32", "bfloat16", "float16".
     Further keyword arguments are ``EngineConfig`` fields.
     """
@@ -109,11 +109,11 @@ class Engine:
 
     def _hopper_cross(self) -> bool:
         """Whether this model takes absorbed cross-attention by default and its steps run on
-        kernels/shared_kv_hopper.py here."""
+        encdec_kernels/shared_kv_hopper.py here."""
         if not self.model.absorb_cross_by_default or self.dtype not in (torch.float16, torch.bfloat16):
             return False
         try:
-            from kernels import shared_kv_hopper
+            from encdec_kernels import shared_kv_hopper
         except ImportError:  # no Triton
             return False
         spec = self.model.cache_spec

@@ -14,10 +14,10 @@ from collections.abc import Hashable
 import numpy as np
 import torch
 
-import kernels
+import encdec_kernels
 from encdec_cli.engine.sampling import to_device
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
-from models.base import AttentionMetadata, PagedView
+from encdec_models.base import AttentionMetadata, PagedView
 
 # absorbed cross-attention: rows after a request's encoder output are zeroed up to a multiple of this
 # (the Hopper kernel's tile; see ModelRunner._zero_tile_ends)
@@ -140,7 +140,7 @@ class ModelRunner:
 
     def _zero_tile_ends(self, groups: list[SequenceGroup]) -> None:
         """Absorbed layout: write zeros after each request's encoder rows up to the end of their last
-        TILE_ROWS-row tile. The Hopper kernel (kernels/shared_kv_hopper.py) loads whole tiles and
+        TILE_ROWS-row tile. The Hopper kernel (encdec_kernels/shared_kv_hopper.py) loads whole tiles and
         masks the scores only, so a stale inf or NaN left there by an earlier request would reach
         the output through 0 * inf."""
         ends = [min(-(-g.encoder_len // TILE_ROWS) * TILE_ROWS, len(g.cross_blocks) * self.cross_block_rows)
@@ -150,7 +150,7 @@ class ModelRunner:
             zeros = torch.zeros(
                 (len(slots), self.encoder_rows.shape[3]), dtype=self.pool.dtype, device=self.device
             )
-            kernels.store_rows(zeros, self.encoder_rows, self._tensor(slots, torch.long))
+            encdec_kernels.store_rows(zeros, self.encoder_rows, self._tensor(slots, torch.long))
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from encdec_cli.engine.sequence import SamplingParams, Sequence, TimestampRules
-from models.base import host_to_device
+from encdec_models.base import host_to_device
 
 NEG_INF = float("-inf")
 

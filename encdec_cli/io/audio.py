@@ -22,7 +22,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from models.audio import CHUNK_LENGTH, SAMPLE_RATE
+from encdec_models.audio import CHUNK_LENGTH, SAMPLE_RATE
 
 # Read by libsndfile (soundfile); a file with one of these names that it cannot open is broken.
 _LIBSNDFILE_EXTENSIONS = frozenset(

@@ -119,8 +119,8 @@ def build_models(w: Workload, device, dtype, with_hf: bool):
     """The transformers model (random init, seed 0) and ours with the same weights."""
     from transformers import AutoModelForSeq2SeqLM, WhisperForConditionalGeneration
 
-    from models.loading import LoadedModel, build_model
-    from models.registry import architecture_of
+    from encdec_models.loading import LoadedModel, build_model
+    from encdec_models.registry import architecture_of
 
     cfg = hf_config(w.model)
     torch.manual_seed(0)

@@ -46,7 +46,7 @@ from encdec_cli.tasks.whisper_rules import (
     parse_timestamps,
 )
 from encdec_cli.tasks.whisper_words import AlignJob, WordAligner, add_word_timestamps
-from models.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
+from encdec_models.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
 
 PREFETCH_WINDOWS = 64  # decoded windows buffered ahead of the engine (64 x 30 s x 4 B = 123 MB max)
 PREFETCH_FILES = 4  # sequential mode: whole-file spectrograms buffered ahead (1 h of audio = 115 MB)

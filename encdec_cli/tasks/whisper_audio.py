@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.audio import DYNAMIC_RANGE, HOP_LENGTH, LOG_FLOOR, N_FFT, _hann_window, mel_filters
+from encdec_models.audio import DYNAMIC_RANGE, HOP_LENGTH, LOG_FLOOR, N_FFT, _hann_window, mel_filters
 
 BLOCK_FRAMES = 30_000  # frames per STFT block (5 min): bounds the complex STFT's memory (~50 MB)
 
@@ -14,7 +14,7 @@ BLOCK_FRAMES = 30_000  # frames per STFT block (5 min): bounds the complex STFT'
 def file_log_mel(audio: np.ndarray, n_mels: int = 80) -> torch.Tensor:
     """Log-mel features of a whole file: ``[n_mels, len(audio) // HOP_LENGTH]`` float32 on the CPU.
 
-    The same numbers as ``models.audio.log_mel_spectrogram`` on the unpadded waveform (centred
+    The same numbers as ``encdec_models.audio.log_mel_spectrogram`` on the unpadded waveform (centred
     STFT with reflect padding, the last frame dropped, clamped to the file's maximum - 8, then
     (x + 4) / 4), computed in blocks of frames so an hours-long file needs no giant STFT."""
     wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))

@@ -8,7 +8,7 @@ from transformers import BartConfig, BartForConditionalGeneration, GenerationCon
 
 from encdec_cli.engine import Engine, Request, SamplingParams
 from encdec_cli.engine.cuda_graphs import graph_batch_sizes
-from models.loading import LoadedModel, build_model
+from encdec_models.loading import LoadedModel, build_model
 from tests.whisper_models import EOT, SOT, discriminating_init_, load_ours, random_whisper
 
 pytestmark = [
@@ -112,7 +112,7 @@ def test_one_item_encoder_graph_matches_eager(tmp_path, monkeypatch, dtype):
     """Waveforms encoded one at a time replay the captured encoder graph (cross K/V written into
     each request's own blocks); a log-mel input, another shape, runs eager. Same tokens as an
     engine without graphs. In bfloat16 on Hopper the graph holds the Gluon encoder attention
-    (kernels/flash_hopper.py: TMA descriptors captured as kernel parameters)."""
+    (encdec_kernels/flash_hopper.py: TMA descriptors captured as kernel parameters)."""
     random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
     loaded = load_ours(tmp_path, dtype=dtype)
     loaded.model.cuda()
@@ -123,7 +123,7 @@ def test_one_item_encoder_graph_matches_eager(tmp_path, monkeypatch, dtype):
         Request(x, [SOT], SamplingParams(max_new_tokens=12, min_new_tokens=12, stop_token_ids=(EOT,)), i)
         for i, x in enumerate(inputs)
     ]
-    from kernels import flash_hopper
+    from encdec_kernels import flash_hopper
 
     calls = []
     real = flash_hopper.flash_attention

@@ -69,7 +69,7 @@ def test_whisper_triton_matches_reference_fp32(tmp_path):
 def test_text_models_triton_matches_reference(tiny_text_model, name, dtype):
     import random
 
-    from models.loading import load_model
+    from encdec_models.loading import load_model
     from tests.text_models import source_ids
 
     tiny = tiny_text_model(name)
@@ -89,7 +89,7 @@ def test_text_models_triton_matches_reference(tiny_text_model, name, dtype):
             )
         )
     ref = _run(loaded, reqs, "reference", num_blocks=2000, max_num_seqs=8, enforce_eager=True)
-    # absorbed cross-attention (bf16 on Hopper: kernels/shared_kv_hopper.py) and per-layer K/V
+    # absorbed cross-attention (bf16 on Hopper: encdec_kernels/shared_kv_hopper.py) and per-layer K/V
     tri = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=8, absorb_cross=True)
     kv = _run(loaded, reqs, "triton", num_blocks=2000, max_num_seqs=8, absorb_cross=False)
     if dtype == "float32":
@@ -107,7 +107,7 @@ def test_ahead_steps_never_synchronize_the_stream(tiny_text_model):
     every ahead step runs with torch's sync debug mode set to "error" up to that launch (a step
     that cannot launch another waits for its tokens on purpose). Tokens equal a run without
     lookahead."""
-    from models.loading import load_model
+    from encdec_models.loading import load_model
     from tests.text_models import source_ids
 
     tiny = tiny_text_model("bart")
@@ -158,9 +158,9 @@ def test_ahead_steps_never_synchronize_the_stream(tiny_text_model):
 )
 def test_whisper_bf16_encoder_on_the_hopper_kernel(tmp_path, monkeypatch):
     """A bf16 Whisper encoder (1500 positions, head dim 64) runs its attention on
-    kernels/flash_hopper.py, and its output matches the encoder on the Triton kernel and on the
+    encdec_kernels/flash_hopper.py, and its output matches the encoder on the Triton kernel and on the
     reference path to bf16 accuracy."""
-    from kernels import flash_hopper
+    from encdec_kernels import flash_hopper
     from tests.kernels.cases import rel_err
 
     random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
@@ -191,13 +191,13 @@ def test_whisper_bf16_encoder_on_the_hopper_kernel(tmp_path, monkeypatch):
 )
 def test_whisper_fp16_absorbed_cross_attention_on_the_hopper_kernel(tmp_path, monkeypatch):
     """An fp16 Whisper engine with absorbed cross-attention runs its steps, CUDA-graphed and eager,
-    prompts included, on kernels/shared_kv_hopper.py, and gives the tokens of the per-layer K/V
+    prompts included, on encdec_kernels/shared_kv_hopper.py, and gives the tokens of the per-layer K/V
     engine (this random model is chaotic: a few tokens each; in bf16 11% of them differ)."""
-    from kernels import shared_kv_hopper
+    from encdec_kernels import shared_kv_hopper
 
     params = SamplingParams(max_new_tokens=4, min_new_tokens=4, stop_token_ids=(EOT,))
     loaded, reqs = _random_whisper_requests(tmp_path, torch.float16, 40, params)  # bf16: 11% differ
-    from kernels import attention
+    from encdec_kernels import attention
 
     steps, hopper = [], []  # max_seqlen_q of every absorbed cross-attention call; Hopper kernel calls
     launch, real = attention._launch_shared_kv, shared_kv_hopper.shared_kv_attention

@@ -1,4 +1,4 @@
-"""Triton kernels vs kernels.reference on CUDA, with the real model shapes.
+"""Triton kernels vs encdec_kernels.reference on CUDA, with the real model shapes.
 
 Run on a GPU machine: ``pytest tests/gpu/test_kernels_gpu.py -m gpu``. Skipped without CUDA,
 and when TRITON_INTERPRET=1 (these must run compiled kernels; see tests/kernels/conftest.py).
@@ -21,7 +21,7 @@ import threading
 import pytest
 import torch
 
-from kernels import reference
+from encdec_kernels import reference
 from tests.kernels.cases import (
     paged_inputs,
     poisoned_allocations,
@@ -41,13 +41,13 @@ pytestmark = [
 if torch.cuda.is_available() and not INTERPRET:
     # Import (compile-mode) triton now, at collection, before tests/kernels/conftest.py could
     # switch this process to the interpreter.
-    from kernels import attention, flash_hopper, linear, norm
+    from encdec_kernels import attention, flash_hopper, linear, norm
 else:
     attention = flash_hopper = linear = norm = None
 HOPPER = torch.cuda.is_available() and not INTERPRET and torch.cuda.get_device_capability()[0] == 9
 
 TEST_TIMEOUT_S = 120  # per test, compiles included (the slowest compiles ~10 kernel variants)
-AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # == kernels.attention.AUTOTUNE_ENV
+AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # == encdec_kernels.attention.AUTOTUNE_ENV
 # ||out - ref|| / ||ref||; float32 dots run as exact fp32 FMAs ("ieee"), not TF32
 TOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 WHISPER_HEADS, T5_HEADS, HEAD_DIM = 20, 16, 64  # whisper-large-v3: 1280 / 20; flan-t5-large: 16 x 64
@@ -108,7 +108,7 @@ def t5_lengths(n, seed=1):
 @pytest.mark.parametrize("gluon", ["1", "0"], ids=["hopper-kernel-if-any", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_whisper_encoder_attention(monkeypatch, dtype, gluon):
-    monkeypatch.setenv("ENCDEC_GLUON", gluon)  # == kernels.flash_hopper.ENV
+    monkeypatch.setenv("ENCDEC_GLUON", gluon)  # == encdec_kernels.flash_hopper.ENV
     q, k, v, cu = varlen_inputs([WHISPER_FRAMES] * 4, WHISPER_HEADS, HEAD_DIM, dtype, DEVICE, fused=True)
     ref = reference.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=HEAD_DIM**-0.5)
     with poisoned_allocations():
@@ -162,7 +162,7 @@ def test_varlen_every_autotune_config(monkeypatch):
     ids=["whisper", "t5-ragged", "edges-d64-fp16", "edges-d128"],
 )
 def test_hopper_encoder_kernel(lens, heads, head_dim, dtype, fused):
-    """kernels/flash_hopper.py against the reference, and varlen_attention dispatching to it."""
+    """encdec_kernels/flash_hopper.py against the reference, and varlen_attention dispatching to it."""
     assert flash_hopper.AVAILABLE
     lens = lens or t5_lengths(8)
     q, k, v, cu = varlen_inputs(lens, heads, head_dim, dtype, DEVICE, fused=fused)
@@ -285,7 +285,7 @@ def test_absorbed_cross_attention(dtype, batch, q_len):
 
 
 def _hopper_case(lens, q_lens, heads, width, chunks, dtype):
-    """shared_kv_inputs as the engine makes them for kernels/shared_kv_hopper.py: q a view of
+    """shared_kv_inputs as the engine makes them for encdec_kernels/shared_kv_hopper.py: q a view of
     [H, Tq, d] (the layer's bmm), zeros after each sequence's rows to the end of its 64-row tile
     (ModelRunner._zero_tile_ends: the kernel loads whole tiles); rows further on stay NaN."""
     case = shared_kv_inputs(lens, q_lens, heads, width, chunks, 16, dtype, DEVICE)
@@ -301,7 +301,7 @@ def _hopper_case(lens, q_lens, heads, width, chunks, dtype):
 def test_hopper_absorbed_cross_attention_several_tokens(monkeypatch):
     """Steps with prompts or several tokens of a sequence (max_seqlen_q > 1) run on the Hopper
     kernel too, one row of block table per query token."""
-    from kernels import shared_kv_hopper
+    from encdec_kernels import shared_kv_hopper
 
     calls = []
     real = shared_kv_hopper.shared_kv_attention
@@ -330,10 +330,10 @@ def test_hopper_absorbed_cross_attention_several_tokens(monkeypatch):
     ids=["whisper-b256", "whisper-split", "large-16-heads", "tiny-splits", "toy"],
 )
 def test_hopper_absorbed_cross_attention(lens, heads, width, chunks, dtype, splits):
-    """kernels/shared_kv_hopper.py (decode: one query token per sequence, q a view of [H, B, d]
+    """encdec_kernels/shared_kv_hopper.py (decode: one query token per sequence, q a view of [H, B, d]
     as the layer makes it) matches the reference; rows past each sequence are NaN, so a read
     past the end shows."""
-    from kernels import shared_kv_hopper
+    from encdec_kernels import shared_kv_hopper
 
     case = _hopper_case(lens, [1] * len(lens), heads, width, chunks, dtype)
     q = case.q

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.reference import RelBias
+from encdec_kernels.reference import RelBias
 
 # Relative error bound ||out - ref|| / ||ref|| per dtype.
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -171,7 +171,7 @@ def shared_kv_inputs(
     gen=None,
 ) -> SharedKVCase:
     """A row cache [chunks, NB, block_size, width] holding sequences of seq_lens rows in shuffled
-    blocks of chunks * block_size rows (see kernels.shared_kv_attention). share: pairs (b, a),
+    blocks of chunks * block_size rows (see encdec_kernels.shared_kv_attention). share: pairs (b, a),
     sequence b reads sequence a's table row (beams). Unused rows and a padding table column point
     at NaN, so any read past seq_len fails. pad_rows: the cache is a strided view, pad_rows NaN
     rows after each chunk (as the engine's pool when heads * head_dim != d_model)."""

@@ -94,16 +94,18 @@ def _interpreted_module(name):
 
     from triton.runtime.interpreter import InterpretedFunction
 
-    module = importlib.import_module(f"kernels.{name}")
+    module = importlib.import_module(f"encdec_kernels.{name}")
     kernels = [v for v in vars(module).values() if isinstance(v, (InterpretedFunction, triton.JITFunction))]
     if not kernels or not all(isinstance(k, InterpretedFunction) for k in kernels):
-        pytest.fail(f"kernels.{name} was imported before TRITON_INTERPRET=1 was set; run tests/kernels alone")
+        pytest.fail(
+            f"encdec_kernels.{name} was imported before TRITON_INTERPRET=1 was set; run tests/kernels alone"
+        )
     return module
 
 
 @pytest.fixture(scope="session")
 def attn():
-    """kernels.attention with its kernels running in the Triton interpreter."""
+    """encdec_kernels.attention with its kernels running in the Triton interpreter."""
     if not INTERPRETED:
         pytest.skip(NOT_INTERPRETED_REASON)
     return _interpreted_module("attention")
@@ -111,7 +113,7 @@ def attn():
 
 @pytest.fixture(scope="session")
 def norm():
-    """kernels.norm with its kernels running in the Triton interpreter."""
+    """encdec_kernels.norm with its kernels running in the Triton interpreter."""
     if not INTERPRETED:
         pytest.skip(NOT_INTERPRETED_REASON)
     return _interpreted_module("norm")
@@ -119,7 +121,7 @@ def norm():
 
 @pytest.fixture(scope="session")
 def lin():
-    """kernels.linear with its kernels running in the Triton interpreter."""
+    """encdec_kernels.linear with its kernels running in the Triton interpreter."""
     if not INTERPRETED:
         pytest.skip(NOT_INTERPRETED_REASON)
     return _interpreted_module("linear")

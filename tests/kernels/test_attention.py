@@ -1,6 +1,6 @@
-"""Triton attention kernels vs kernels.reference, on the CPU through the Triton interpreter.
+"""Triton attention kernels vs encdec_kernels.reference, on the CPU through the Triton interpreter.
 
-The ``attn`` fixture (conftest.py) is kernels.attention with interpreted kernels. Shapes are
+The ``attn`` fixture (conftest.py) is encdec_kernels.attention with interpreted kernels. Shapes are
 small; the interpreter uses 16-wide tiles (attn.INTERPRET_*_TILES) so they still cover
 several tiles, ragged tails and the masked / unmasked tile paths.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
-from kernels.reference import RelBias
+from encdec_kernels import reference
+from encdec_kernels.reference import RelBias
 from tests.kernels.cases import TOL, paged_inputs, poisoned_allocations, rel_bias, rel_err, varlen_inputs
 
 

@@ -1,4 +1,4 @@
-"""Triton one-row linear kernels (gemv, norm + gemv) vs kernels.reference, on the CPU through the
+"""Triton one-row linear kernels (gemv, norm + gemv) vs encdec_kernels.reference, on the CPU through the
 Triton interpreter."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels import reference
+import encdec_kernels
+from encdec_kernels import reference
 from tests.kernels.cases import TOL, poisoned_allocations, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -32,7 +32,7 @@ def _weights(n, k, dtype, gen, bias=True):
 
 
 def test_activation_names_match_dispatch(lin):
-    assert set(lin.ACTIVATIONS) - {None} == kernels.GEMV_ACTIVATIONS
+    assert set(lin.ACTIVATIONS) - {None} == encdec_kernels.GEMV_ACTIVATIONS
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)

@@ -1,11 +1,11 @@
-"""Triton norm kernels vs kernels.reference, on the CPU through the Triton interpreter."""
+"""Triton norm kernels vs encdec_kernels.reference, on the CPU through the Triton interpreter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels import reference
+from encdec_kernels import reference
 from tests.kernels.cases import poisoned_allocations, rel_err
 
 # The interpreter rounds float32 -> bfloat16 toward zero (the GPU: to nearest even), so bf16

@@ -1,4 +1,4 @@
-"""The shared-K/V (absorbed cross-attention) kernel vs kernels.reference, on the CPU through the
+"""The shared-K/V (absorbed cross-attention) kernel vs encdec_kernels.reference, on the CPU through the
 Triton interpreter (``attn`` fixture, see conftest.py). Query rows are (token, head) pairs in
 groups of 16; row widths that are not a power of two run as two column tiles."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import reference
+from encdec_kernels import reference
 from tests.kernels.cases import TOL, poisoned_allocations, rel_err, shared_kv_inputs
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import EncDecModel, EncoderBatch, host_to_device
+from encdec_models.base import EncDecModel, EncoderBatch, host_to_device
 
 
 def as_token_ids(item: Any) -> np.ndarray:

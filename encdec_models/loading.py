@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
-from models.registry import architecture_of, model_class
+from encdec_models.registry import architecture_of, model_class
 
 DEFAULT_MODEL = "tiny.en"
 
@@ -78,7 +78,7 @@ def resolve_model_path(name: str | os.PathLike) -> Path:
             f"{p} is a folder but holds neither config.json (Hugging Face) nor model.bin (CTranslate2)"
         )
     looked.append(f"local folder {p}")
-    from models.packaged import PACKAGED_MODELS, find_packaged_model
+    from encdec_models.packaged import PACKAGED_MODELS, find_packaged_model
 
     found = find_packaged_model(str(name))
     if found is not None:
@@ -212,7 +212,7 @@ def load_model(
 
 
 def _load_ctranslate2(path: Path, device, dtype) -> LoadedModel:
-    from models.ctranslate2 import load_ctranslate2_whisper
+    from encdec_models.ctranslate2 import load_ctranslate2_whisper
 
     config, state, info = load_ctranslate2_whisper(path)
     arch = "WhisperForConditionalGeneration"

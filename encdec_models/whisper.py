@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch, host_to_device
-from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
+from encdec_models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch, host_to_device
+from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
 
 SAMPLE_RATE = 16000
 N_SAMPLES = 30 * SAMPLE_RATE  # 480000 samples: one 30 s window
@@ -163,7 +163,7 @@ class Whisper(EncDecModel):
         """[B, N_SAMPLES] waveforms or [B, n_mels, 3000] features -> [B, n_mels, 3000]."""
         if inputs.dim() == 3:
             return inputs
-        from models.audio import log_mel_spectrogram
+        from encdec_models.audio import log_mel_spectrogram
 
         return log_mel_spectrogram(inputs, self.n_mels)
 

@@ -1,8 +1,8 @@
 """Plain-PyTorch versions of every kernel: the CPU path and the test oracle.
 
-Each function has the same signature as its Triton twin in ``kernels/attention.py`` /
-``kernels/norm.py`` / ``kernels/linear.py``. Shapes use: T = packed tokens, H = heads, D = head dim,
-B = sequences, NB = cache blocks, BS = block size.
+Each function has the same signature as its Triton twin in ``encdec_kernels/attention.py``,
+``encdec_kernels/norm.py`` or ``encdec_kernels/linear.py``. Shapes use: T = packed tokens,
+H = heads, D = head dim, B = sequences, NB = cache blocks, BS = block size.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
+import encdec_kernels
 
 
 def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -141,7 +141,7 @@ class EncDecModel(nn.Module):
         """Write the encoder output's cross-attention cache: each layer's K/V at ``slot_mapping``,
         or (absorbed) the rows themselves at rows of ``cross_rows`` flattened to [N, d_model]."""
         if self.cross_rows is not None:  # slot = (chunk * NB + block) * RC + row; -1 = skip
-            kernels.store_rows(hidden, self.cross_rows, slot_mapping)
+            encdec_kernels.store_rows(hidden, self.cross_rows, slot_mapping)
             return
         for layer in self.decoder_layers():
             layer.encoder_attn.write_cross(hidden, slot_mapping)

@@ -1,15 +1,13 @@
 """Attention, norm and one-row linear kernels: pure functions on tensors, never importing the engine.
 
 The functions exported here dispatch on the device: CUDA tensors go to the Triton kernels
-(``kernels/attention.py``, ``kernels/norm.py``, ``kernels/linear.py``; on Hopper, long encoder
-attention goes on to the Gluon kernel of ``kernels/flash_hopper.py`` and absorbed cross-attention
-to ``kernels/shared_kv_hopper.py``), everything else to the
-plain-PyTorch references in ``kernels/reference.py``. ``ENCDEC_KERNELS=reference`` forces the references
-everywhere (used by tests that compare the two paths end to end).
+(``attention.py``, ``norm.py``, ``linear.py``; on Hopper, long encoder attention goes on to the
+Gluon kernel of ``flash_hopper.py`` and absorbed cross-attention to ``shared_kv_hopper.py``),
+everything else to the plain-PyTorch references in ``reference.py``. ``ENCDEC_KERNELS=reference``
+forces the references everywhere (used by tests that compare the two paths end to end).
 
-Note: this package deliberately has no ``__version__`` and is installed under the
-distribution name ``encdec``, so transformers never mistakes it for the Hub ``kernels``
-package (see DESIGN.md, "Known hazard").
+The package is named ``encdec_kernels``, not ``kernels``: transformers depends on Hugging Face's
+kernel-hub package, a top-level ``kernels`` (docs/design.md, "Import names").
 """
 
 from __future__ import annotations
@@ -17,8 +15,8 @@ from __future__ import annotations
 import importlib
 import os
 
-from kernels import reference
-from kernels.reference import RelBias
+from encdec_kernels import reference
+from encdec_kernels.reference import RelBias
 
 __all__ = [
     "RelBias",
@@ -44,7 +42,7 @@ def use_triton(t) -> bool:
     if not t.is_cuda or os.environ.get("ENCDEC_KERNELS", "triton") == "reference":
         return False
     try:
-        import kernels.attention  # noqa: F401  (imports triton)
+        import encdec_kernels.attention  # noqa: F401  (imports triton)
     except ImportError:
         return False
     return True
@@ -53,7 +51,7 @@ def use_triton(t) -> bool:
 def _impl(t, triton_module: str):
     """The module implementing a kernel for tensor ``t``: Triton's on CUDA, else the reference."""
     if use_triton(t):
-        return importlib.import_module(f"kernels.{triton_module}")
+        return importlib.import_module(f"encdec_kernels.{triton_module}")
     return reference
 
 
@@ -110,7 +108,7 @@ GEMV_MAX_K = 8192
 
 
 def gemv(x, weight, bias=None, activation=None):
-    """act(x @ weight^T + bias) for one row x [1, K] (kernels/linear.py on CUDA)."""
+    """act(x @ weight^T + bias) for one row x [1, K] (encdec_kernels/linear.py on CUDA)."""
     return _impl(x, "linear").gemv(x, weight, bias, activation)
 
 

@@ -1,6 +1,6 @@
 """Triton attention kernels: varlen encoder/prefill attention, paged decode attention, KV store.
 
-Same signatures and semantics as the references in ``kernels/reference.py`` (the test oracle).
+Same signatures and semantics as the references in ``encdec_kernels/reference.py`` (the test oracle).
 Shapes: T = packed tokens, H = heads, D = head dim, B = sequences, NB = cache blocks,
 BS = cache block size, S = KV splits, NBK = T5 buckets.
 
@@ -42,9 +42,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_tensor
-from kernels.pdl import pdl_launch
-from kernels.reference import RelBias, relative_position_bucket
+from encdec_kernels.checks import check_tensor
+from encdec_kernels.pdl import pdl_launch
+from encdec_kernels.reference import RelBias, relative_position_bucket
 
 __all__ = ["varlen_attention", "paged_attention", "shared_kv_attention", "store_kv", "store_rows"]
 
@@ -67,7 +67,7 @@ SPLIT_MAX = 64  # at most 64 splits (the merge reads all partials of a row as on
 # (tensor cores, K/V loads pipelined through shared memory with cp.async; measured faster on an
 # H100: cross b256 k=1 96% vs 90% of copy bandwidth); False = broadcast-multiply in registers.
 SINGLE_QUERY_DOT = True
-# varlen_attention takes the Hopper kernel (kernels/flash_hopper.py) from this longest sequence on:
+# varlen_attention takes the Hopper kernel (encdec_kernels/flash_hopper.py) from this longest sequence on:
 # on T5's 260-440 tokens this module's kernel is faster (0.147 ms against 0.18-0.20 ms: short
 # sequences leave the 192-row query tiles partly empty), on Whisper's 1500 that one is.
 HOPPER_MIN_SEQLEN = 1024
@@ -308,7 +308,7 @@ def _paged_attn_kernel(
     IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # Axis 0: (query tile, head, sequence), query tiles fastest; axis 1: key split.
-    if PDL:  # kernels/pdl.py: the next kernel may launch; q and the new K/V are ready after the wait
+    if PDL:  # encdec_kernels/pdl.py: the next kernel may launch; q and the new K/V are ready after the wait
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     pid = tl.program_id(0)
@@ -423,7 +423,7 @@ def _shared_kv_kernel(
     """BLOCK_R (token, head) query rows of one sequence against its key rows [lo, hi) of this
     split; a key row is its value row too. Columns [0, D0) and [D0, D0 + D1) are two tiles (d_model
     need not be a power of two: 1280 = 1024 + 256). (Computing s^T = e q^T and o^T = e^T p^T
-    instead was no faster in any config swept on an H100; kernels/shared_kv_hopper.py is the fast
+    instead was no faster in any config swept on an H100; encdec_kernels/shared_kv_hopper.py is the fast
     path on Hopper.)"""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -643,7 +643,7 @@ def _check_rel_bias(rel_bias: RelBias | None, num_heads: int, device: torch.devi
     if rel_bias is None:
         return
     if not isinstance(rel_bias, RelBias):
-        raise ValueError(f"rel_bias must be a kernels.RelBias, got {type(rel_bias).__name__}")
+        raise ValueError(f"rel_bias must be a encdec_kernels.RelBias, got {type(rel_bias).__name__}")
     table = rel_bias.table
     check_tensor("rel_bias.table", table, 2, dtypes=(torch.float32,), device=device)
     if table.shape != (num_heads, rel_bias.num_buckets):
@@ -760,10 +760,10 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
 def _launch_varlen(q, k, v, cu_seqlens, max_seqlen, scale, causal, rel_bias, config=None):
     """varlen_attention without the input checks. config: a triton.Config to launch instead of
     the autotuned (or ENCDEC_AUTOTUNE=0 default) one; CUDA only (tests, benchmarks). Without one,
-    the Hopper kernel (kernels/flash_hopper.py) takes the long sequences it supports (unless it
+    the Hopper kernel (encdec_kernels/flash_hopper.py) takes the long sequences it supports (unless it
     does not compile with the installed Triton: then this one)."""
     if config is None and max_seqlen >= HOPPER_MIN_SEQLEN and q.is_cuda:
-        from kernels import flash_hopper  # imported on first use: Gluon is a large import
+        from encdec_kernels import flash_hopper  # imported on first use: Gluon is a large import
 
         if flash_hopper.supports(q, k, v, causal, rel_bias):
             out = flash_hopper.flash_attention(q, k, v, cu_seqlens, max_seqlen, scale)
@@ -972,7 +972,7 @@ def _split_d(d: int) -> tuple[int, int]:
 def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
     """Attention of H query heads over one key head per sequence whose keys are also its values:
     softmax(scale * q . r) . r over the sequence's rows r. This is cross-attention with the K and V
-    projections absorbed into the query and the output (see ``models.layers.Attention.cross``):
+    projections absorbed into the query and the output (see ``encdec_models.layers.Attention.cross``):
     the rows are the encoder output itself, d_model wide, shared by every head and layer.
 
     q: [Tq, H, d] packed (any token/head strides, last dim contiguous); sequence b owns
@@ -983,7 +983,7 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqle
     it is contiguous). No host sync: CUDA-graph safe.
 
     On Hopper, fp16/bf16 q laid out as the layer makes it (a view of [H, Tq, d]) goes to
-    ``kernels/shared_kv_hopper.py``, which loads whole 64-row tiles: the rows after a sequence's
+    ``encdec_kernels/shared_kv_hopper.py``, which loads whole 64-row tiles: the rows after a sequence's
     last one, to the end of its tile, must be finite (the engine writes zeros there).
     """
     check_tensor("q", q, 3)
@@ -1014,11 +1014,12 @@ def _launch_shared_kv(
 ):
     """shared_kv_attention without the input checks; num_splits and tiles (SHARED_KV_TILES keys)
     override the built-in choices (tests and benchmarks). Decode steps on Hopper (one query token
-    per sequence) take ``kernels/shared_kv_hopper.py`` unless ``hopper`` is False or tiles are given."""
+    per sequence) take ``encdec_kernels/shared_kv_hopper.py`` unless ``hopper`` is False or tiles are
+    given."""
     tq, h, d = q.shape
     num_seqs = block_tables.shape[0]
     if hopper and tiles is None and q.is_cuda and tq > 0 and num_seqs > 0:
-        from kernels import shared_kv_hopper  # Gluon: imported only when a CUDA step can use it
+        from encdec_kernels import shared_kv_hopper  # Gluon: imported only when a CUDA step can use it
 
         if shared_kv_hopper.supports(q, rows):
             if not (max_seqlen_q == 1 and tq == num_seqs):  # prompts, beams: one row per query token

@@ -5,7 +5,7 @@ Against the BART family: RMSNorm without bias, pre-norm, no biases anywhere, no 
 relative position bias: a [num_buckets, H] table owned by layer 0 of each stack and used by every
 layer of that stack (bidirectional buckets in the encoder, causal ones in decoder
 self-attention, none in cross-attention). The kernels compute the bucket in-kernel from a
-``kernels.RelBias``.
+``encdec_kernels.RelBias``.
 
 v1.0: ReLU MLP, lm_head tied to the embedding and decoder output scaled by d_model**-0.5 first.
 v1.1 / Flan-T5 / mT5: gated-GELU (``gelu_new``) MLP, their own lm_head, no output scaling.
@@ -18,10 +18,10 @@ import re
 import torch
 from torch import nn
 
-from kernels import RelBias
-from models.base import AttentionMetadata, CacheSpec, EncoderBatch
-from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
-from models.text import TextEncDecModel
+from encdec_kernels import RelBias
+from encdec_models.base import AttentionMetadata, CacheSpec, EncoderBatch
+from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
+from encdec_models.text import TextEncDecModel
 
 # T5 has no absolute positions; the relative bias extends to any length. This only bounds what a
 # request may ask for (the engine checks prompt + max_new_tokens against it).

@@ -5,13 +5,13 @@ At one row a linear layer is a weight read: ``y = act(x @ W^T + b)`` reads W [N,
 cuBLAS picks a narrow tile for that shape (20 programs for a 1280 x 1280 weight), which leaves
 most SMs idle and reads at ~1.2 TB/s on an H100; here every program reads a few whole weight
 rows (BLOCK_N x K, 16-byte loads along K, all issued before any is summed), so several
-hundred programs keep the memory system busy. With programmatic dependent launch (kernels/pdl.py)
+hundred programs keep the memory system busy. With programmatic dependent launch (encdec_kernels/pdl.py)
 the weights are read before waiting for the previous kernel, so a layer's weight read overlaps
 the kernel before it.
 
 ``norm_gemv`` also takes the pending residual of a pre-norm layer: every program forms
 ``s = x + residual`` (rounded to x's dtype), its LayerNorm/RMSNorm statistics and the normalised
-row (rounded to x's dtype, as ``kernels.norm`` hands it to the linear layer) and multiplies
+row (rounded to x's dtype, as ``encdec_kernels.norm`` hands it to the linear layer) and multiplies
 that; program 0 writes ``s``. One kernel instead of a norm and a matrix-vector product.
 Sums are float32; the output is in x's dtype.
 """
@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.checks import check_tensor
-from kernels.pdl import pdl_launch
+from encdec_kernels.checks import check_tensor
+from encdec_kernels.pdl import pdl_launch
 
 __all__ = ["gemv", "norm_gemv", "ACTIVATIONS"]
 
@@ -67,7 +67,7 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
     if PDL:  # the previous kernel's writes (x, residual) are complete and visible after this
         tl.extra.cuda.gdc_wait()
     h = tl.load(X + kk, mask=k_mask, other=0.0).to(tl.float32)
-    if NORM != 0:  # the norm of the whole row, as kernels/norm.py computes it
+    if NORM != 0:  # the norm of the whole row, as encdec_kernels/norm.py computes it
         if HAS_RESIDUAL:
             s = (h + tl.load(RES + kk, mask=k_mask, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
             if pid == 0:

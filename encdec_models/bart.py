@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.base import AttentionMetadata, CacheSpec, EncoderBatch
-from models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
-from models.text import TextEncDecModel, packed_positions
+from encdec_models.base import AttentionMetadata, CacheSpec, EncoderBatch
+from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
+from encdec_models.text import TextEncDecModel, packed_positions
 
 LEARNED_POSITION_OFFSET = 2  # BART/mBART position ids start at 2 (a fairseq leftover)
 

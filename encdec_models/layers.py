@@ -2,7 +2,7 @@
 and the pre-/post-norm encoder and decoder layers built from them.
 
 Parameter names follow the BART/Whisper checkpoints (``self_attn``, ``encoder_attn``,
-``*_layer_norm``); other families rename at load time (see ``models/loading.py``). q/k/v are
+``*_layer_norm``); other families rename at load time (see ``encdec_models/loading.py``). q/k/v are
 fused into ``qkv_proj`` and cross-attention k/v into ``kv_proj`` at load time.
 Shapes: T = packed tokens of a step, d = d_model, H = heads, D = head dim.
 """
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-import kernels
-from kernels import RelBias
-from models.base import AttentionMetadata
+import encdec_kernels
+from encdec_kernels import RelBias
+from encdec_models.base import AttentionMetadata
 
 
 @dataclass(frozen=True)
@@ -68,13 +68,13 @@ class Norm(nn.Module):
 
     def forward(self, x):
         if self.kind == "rms":
-            return kernels.rms_norm(x, self.weight, self.eps)
-        return kernels.layer_norm(x, self.weight, self.bias, self.eps)
+            return encdec_kernels.rms_norm(x, self.weight, self.eps)
+        return encdec_kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
     def linear(self, x, residual, linear: nn.Linear, activation: str | None = None):
-        """(act(linear(norm(x + residual))), x + residual) in one kernel (``kernels.norm_gemv``):
+        """(act(linear(norm(x + residual))), x + residual) in one kernel (``encdec_kernels.norm_gemv``):
         one row, residual None for norm(x)."""
-        return kernels.norm_gemv(
+        return encdec_kernels.norm_gemv(
             x,
             residual,
             self.weight,
@@ -89,22 +89,25 @@ class Norm(nn.Module):
     def add(self, x, residual):
         """(norm(x + residual), x + residual)."""
         if self.kind == "rms":
-            return kernels.add_rms_norm(x, residual, self.weight, self.eps)
-        return kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+            return encdec_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        return encdec_kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 def _one_row(x) -> bool:
-    """Whether x [1, d] runs the Triton one-row kernels (``kernels.gemv``): batch-1 decoding on
+    """Whether x [1, d] runs the Triton one-row kernels (``encdec_kernels.gemv``): batch-1 decoding on
     CUDA, where cuBLAS leaves most SMs idle. Everything else takes cuBLAS / the CPU path."""
-    return x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= kernels.GEMV_MAX_K and kernels.use_triton(x)
+    return (
+        x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= encdec_kernels.GEMV_MAX_K
+        and encdec_kernels.use_triton(x)
+    )
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose one-row calls on CUDA run ``kernels.gemv``."""
+    """nn.Linear whose one-row calls on CUDA run ``encdec_kernels.gemv``."""
 
     def forward(self, x):
         if _one_row(x):
-            return kernels.gemv(x, self.weight, self.bias)
+            return encdec_kernels.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -140,7 +143,7 @@ class Attention(nn.Module):
     def encoder(self, x, cu_seqlens, max_seqlen, rel_bias: RelBias | None = None):
         """x: [T, d] packed encoder tokens -> [T, d]."""
         q, k, v = self._split(self.qkv_proj(x))
-        o = kernels.varlen_attention(
+        o = encdec_kernels.varlen_attention(
             q, k, v, cu_seqlens, max_seqlen, scale=self.scale, causal=False, rel_bias=rel_bias
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
@@ -149,8 +152,8 @@ class Attention(nn.Module):
         """qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens; writes their K/V to the paged
         cache, attends causally -> [Tq, d]."""
         q, k, v = self._split(qkv)
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        o = kernels.paged_attention(
+        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        o = encdec_kernels.paged_attention(
             q,
             self.k_cache,
             self.v_cache,
@@ -174,7 +177,7 @@ class Attention(nn.Module):
         if self.cross_rows is not None:
             w = self.kv_proj.weight.view(2, self.h, self.d, -1)  # [K|V, H, D, d]
             qe = torch.bmm(q.transpose(0, 1), w[0])  # [H, Tq, d]
-            o = kernels.shared_kv_attention(
+            o = encdec_kernels.shared_kv_attention(
                 qe.transpose(0, 1),
                 self.cross_rows,
                 meta.cross_attn.block_tables,
@@ -188,7 +191,7 @@ class Attention(nn.Module):
             else:
                 ov = torch.baddbmm(self.kv_proj.bias.view(2, self.h, 1, self.d)[1], o, w[1].transpose(1, 2))
             return self.out_proj(ov.transpose(0, 1).reshape(-1, self.h * self.d))
-        o = kernels.paged_attention(
+        o = encdec_kernels.paged_attention(
             q,
             self.k_cache,
             self.v_cache,
@@ -204,7 +207,7 @@ class Attention(nn.Module):
     def write_cross(self, hidden, slot_mapping):
         """hidden: [T_enc, d] encoder output; slot_mapping: [T_enc] cross-cache slots."""
         k, v = self.kv_proj(hidden).view(-1, 2, self.h, self.d).unbind(1)
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping)
+        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping)
 
 
 class MLP(nn.Module):
@@ -227,7 +230,7 @@ class MLP(nn.Module):
     def after_norm(self, norm: Norm, x, residual):
         """(mlp(norm(x + residual)), x + residual) of a pre-norm block; for a single row on CUDA
         the norm, fc1 and its activation are one kernel."""
-        if self.up is None and self.activation in kernels.GEMV_ACTIVATIONS and _one_row(x):
+        if self.up is None and self.activation in encdec_kernels.GEMV_ACTIVATIONS and _one_row(x):
             h, residual = norm.linear(x, residual, self.fc1, self.activation)
             return self.fc2(h), residual
         h, residual = _pre_norm(norm, x, residual)

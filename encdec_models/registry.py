@@ -6,13 +6,13 @@ import importlib
 
 # architecture name -> "module:Class"
 ARCHITECTURES = {
-    "WhisperForConditionalGeneration": "models.whisper:Whisper",
-    "BartForConditionalGeneration": "models.bart:Bart",
-    "MBartForConditionalGeneration": "models.bart:Bart",
-    "MarianMTModel": "models.bart:Bart",
-    "PegasusForConditionalGeneration": "models.bart:Bart",
-    "T5ForConditionalGeneration": "models.t5:T5",
-    "MT5ForConditionalGeneration": "models.t5:T5",
+    "WhisperForConditionalGeneration": "encdec_models.whisper:Whisper",
+    "BartForConditionalGeneration": "encdec_models.bart:Bart",
+    "MBartForConditionalGeneration": "encdec_models.bart:Bart",
+    "MarianMTModel": "encdec_models.bart:Bart",
+    "PegasusForConditionalGeneration": "encdec_models.bart:Bart",
+    "T5ForConditionalGeneration": "encdec_models.t5:T5",
+    "MT5ForConditionalGeneration": "encdec_models.t5:T5",
 }
 
 # config.model_type -> architecture, for configs without an ``architectures`` list

@@ -1,7 +1,7 @@
 """Absorbed cross-attention for Hopper (sm_90) in Gluon: ``attention.shared_kv_attention`` for
 decode steps (one query token per sequence).
 
-With the K/V projections absorbed (``models.layers.Attention.cross``), every head of a sequence
+With the K/V projections absorbed (``encdec_models.layers.Attention.cross``), every head of a sequence
 attends over the same rows, the encoder output e [n, d_model]: softmax(scale * q'_h . e) . e.
 A decode step then reads each sequence's rows once for all heads and layers' worth of K and V:
 half the bytes of per-layer K/V. The work per row is H dot products of length d each way, so
@@ -44,8 +44,8 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
-from kernels.attention import LOG2E, _sm_count, merge_rows
-from kernels.flash_hopper import AVAILABLE, _capability
+from encdec_kernels.attention import LOG2E, _sm_count, merge_rows
+from encdec_kernels.flash_hopper import AVAILABLE, _capability
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -58,7 +58,7 @@ if AVAILABLE:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from kernels.flash_hopper import _tma_load
+    from encdec_kernels.flash_hopper import _tma_load
 
     # the CTA (here: warp-group partition) barrier: gl.thread_barrier in Triton 3.6, gl.barrier from 3.9
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
-from kernels.attention import LOG2E, _sm_count
+from encdec_kernels.attention import LOG2E, _sm_count
 
 try:
     from triton.experimental import gluon

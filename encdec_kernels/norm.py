@@ -1,6 +1,6 @@
 """Triton LayerNorm / RMSNorm (+ fused residual add) over the last dim of [..., C] tensors.
 
-Same signatures and semantics as ``kernels/reference.py``: statistics in float32, output in
+Same signatures and semantics as ``encdec_kernels/reference.py``: statistics in float32, output in
 x's dtype; the fused variants also return ``x + residual`` (rounded to x's dtype, and the norm
 is taken of that rounded sum, exactly like the reference). One program normalises one row held
 in registers, so C is limited to MAX_C.
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.pdl import pdl_launch
+from encdec_kernels.pdl import pdl_launch
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
 
@@ -27,7 +27,7 @@ def _norm_kernel(X, RES, W, B, Y, SUM,  # RES/SUM only with HAS_RESIDUAL, B only
                  BLOCK_C: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  IS_RMS: tl.constexpr, PDL: tl.constexpr):
     """One row: y = (x - mean) * rstd * w + b (LayerNorm) or x * rstd * w (RMSNorm)."""
-    if PDL:  # kernels/pdl.py
+    if PDL:  # encdec_kernels/pdl.py
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     row = tl.program_id(0).to(tl.int64)  # rows * C can exceed int32
@@ -71,7 +71,7 @@ def _norm(x, residual, weight, bias, eps, is_rms):
         raise ValueError(f"x must be [..., C] with C >= 1, got shape {tuple(x.shape)}")
     c = x.shape[-1]
     if c > MAX_C:
-        raise ValueError(f"C = {c} is larger than the supported {MAX_C}; use kernels.reference")
+        raise ValueError(f"C = {c} is larger than the supported {MAX_C}; use encdec_kernels.reference")
     _check("weight", weight, x)
     if weight.shape != (c,):
         raise ValueError(f"weight must be [C={c}], got {tuple(weight.shape)}")
