@@ -375,7 +375,7 @@ for _task in TEXT_DOCS:
 
 @app.command()
 def bench(
-    workloads: list[str] = typer.Argument(None, help="Workload ids W1..W5 of BENCHMARKS.md (default: all)."),
+    workloads: list[str] = typer.Argument(None, help="Workload ids W1..W5 of benchmarks/WORKLOADS.md (default: all)."),
     baseline: str = typer.Option(
         "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."
     ),

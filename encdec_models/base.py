@@ -1,7 +1,7 @@
 """The model protocol the engine speaks, and the metadata passed to attention.
 
 A model family implements ``prepare_encoder_batch``, ``encode``, ``write_cross_kv`` and
-``decode``; the engine knows nothing else about it (see DESIGN.md, "The model protocol").
+``decode``; the engine knows nothing else about it (see docs/design.md, "The model protocol").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The standard workloads of BENCHMARKS.md (W1..W5): ours vs transformers in one process run.
+"""The standard workloads of benchmarks/WORKLOADS.md (W1..W5): ours vs transformers in one process run.
 
 Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
 suppressed before the target length, forced at it), so both systems do exactly the same work.
@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BASELINE_BATCHES = (16, 64, 128)  # BENCHMARKS.md: transformers' best of these (Whisper: 64)
-H100_BANDWIDTH = 3.0e12  # bytes/s, measured copy bandwidth (BENCHMARKS.md)
+BASELINE_BATCHES = (16, 64, 128)  # WORKLOADS.md: transformers' best of these (Whisper: 64)
+H100_BANDWIDTH = 3.0e12  # bytes/s, measured copy bandwidth (WORKLOADS.md)
 H100_BF16_FLOPS = 800e12  # dense bf16 peak used for the encoder floor
 
 
@@ -98,7 +98,7 @@ def hf_config(name: str):
 
 
 def inputs_for(w: Workload):
-    """(encoder inputs, target output lengths), seeded as BENCHMARKS.md says."""
+    """(encoder inputs, target output lengths), seeded as benchmarks/WORKLOADS.md says."""
     targets = (
         np.random.default_rng(0).integers(16, 193, w.requests)
         if w.model.startswith("whisper")
@@ -267,12 +267,12 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
 
 
 def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int) -> dict:
-    """Lower bounds (BENCHMARKS.md): decode = bytes that must move per step (decoder weights once +
+    """Lower bounds (benchmarks/WORKLOADS.md): decode = bytes that must move per step (decoder weights once +
     every running sequence's cross K/V + self K/V) / bandwidth; encoder = FLOPs / peak.
 
     Absorbed cross-attention (the default for Whisper on Hopper) reads each layer's encoder rows
     instead of its cross K and V, half the bytes: ``decode_floor_absorbed_s`` counts those (the
-    BENCHMARKS.md floor stays the reported one, so its fraction may pass what the K/V path could
+    WORKLOADS.md floor stays the reported one, so its fraction may pass what the K/V path could
     reach)."""
     params = dict(model.named_parameters())
     dec_bytes = 2 * sum(p.numel() for n, p in params.items() if not n.startswith("encoder"))
