@@ -238,14 +238,14 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
                 times[f"gc{info['generation']}"] += clock() - gc_start[0]
                 times[f"gc{info['generation']} runs"] += 1
 
-        steps0 = engine.stats.get("steps", 0)
+        steps0 = engine.stats.steps
         gc.callbacks.append(gc_timer)
         try:
             last[0] = clock()
             out = list(engine.generate(reqs))
         finally:
             gc.callbacks.remove(gc_timer)
-        phases["steps"] = engine.stats.get("steps", 0) - steps0
+        phases["steps"] = engine.stats.steps - steps0
     if prof is not None:
         prof.disable()
     errors = [r.error for r in out if r.error]

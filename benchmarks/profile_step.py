@@ -199,11 +199,11 @@ def main(argv=None):
         for obj, name in timed_fns:
             host_s[name] = [0, 0.0]
             patches.enter_context(mock.patch.object(obj, name, _timed(getattr(obj, name), host_s[name])))
-        steps0 = engine.stats.get("steps", 0)
+        steps0 = engine.stats.steps
         t0 = time.perf_counter()
         run()
         wall_plain = time.perf_counter() - t0
-        steps = engine.stats["steps"] - steps0
+        steps = engine.stats.steps - steps0
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         t0 = time.perf_counter()
         run()

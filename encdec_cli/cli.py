@@ -375,7 +375,9 @@ for _task in TEXT_DOCS:
 
 @app.command()
 def bench(
-    workloads: list[str] = typer.Argument(None, help="Workload ids W1..W5 of benchmarks/WORKLOADS.md (default: all)."),
+    workloads: list[str] = typer.Argument(
+        None, help="Workload ids W1..W5 of benchmarks/WORKLOADS.md (default: all)."
+    ),
     baseline: str = typer.Option(
         "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."
     ),
@@ -406,7 +408,7 @@ def bench(
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
     import torch
 
-    from encdec_cli.tasks.bench import WORKLOADS, run_workload, write_results
+    from encdec_cli.tasks.bench import WORKLOADS, device_rates, run_workload, write_results
 
     if not torch.cuda.is_available():
         _fail("encdec bench needs a CUDA GPU")
@@ -420,6 +422,12 @@ def bench(
     results = []
     dev = torch.cuda.get_device_name().replace(" ", "-")
     path = Path(out or f"benchmarks/results/{dev}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    rates = device_rates()
+    typer.echo(
+        f"{torch.cuda.get_device_name()}: copy {rates['copy_bytes_per_s'] / 1e12:.2f} TB/s, "
+        f"bf16 matmul {rates['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s (the floors divide by these)",
+        err=True,
+    )
     for wid in ids:
         res = run_workload(
             wid,
@@ -432,9 +440,10 @@ def bench(
                 "absorb_cross": absorb,
             },
             scale,
+            rates,
         )
         results.append(res)
-        write_results(results, path)
+        write_results(results, path, rates)
         base = (
             f"{res['baseline']:,.1f} (batch {res['baseline_batch']})  x{res['ratio']:.2f}"
             if "baseline" in res

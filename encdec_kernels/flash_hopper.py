@@ -73,8 +73,8 @@ Q_STAGES = 2  # query tiles in flight (the next tile's load while the current on
 # thread (3 x 128 x 160 + the producer's fill the register file), and PIPELINE: issue the next
 # tile's QK^T before this tile's softmax (FA3's intra-warpgroup overlap). Chosen with
 # `benchmarks/sweep_kernels.py --only hopper` (H100, Whisper large-v3 shape: 3 consumers 1.67-1.69
-# ms, 2 consumers 1.87-2.0 ms, SDPA 1.92 ms; results/h100-sweep-hopper-2026-11-27-509fe63.txt). Head dim 128 keeps
-# 2 consumers: its [64, 128] float32 accumulator needs more than 160 registers.
+# ms, 2 consumers 1.87-2.0 ms, SDPA 1.92 ms; results/h100-sweep-hopper-2026-11-27-509fe63.txt).
+# Head dim 128 keeps 2 consumers: its [64, 128] float32 accumulator needs more than 160 registers.
 CONFIGS = {
     64: dict(BLOCK_N=128, K_STAGES=3, CONSUMERS=3, REGS=160, PIPELINE=True),
     128: dict(BLOCK_N=128, K_STAGES=2, CONSUMERS=2, REGS=240, PIPELINE=False),

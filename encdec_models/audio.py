@@ -19,8 +19,14 @@ HOP_LENGTH = 160  # 10 ms between frames at 16 kHz
 CHUNK_LENGTH = 30  # seconds of audio per encoder input
 N_SAMPLES = CHUNK_LENGTH * SAMPLE_RATE  # 480000 samples in one 30 s chunk
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in one chunk (encoder halves it to 1500)
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100 mel frames per second: the unit of "seek"
+INPUT_STRIDE = 2  # mel frames per encoder position (conv2 stride): frames per timestamp step
+N_AUDIO_CTX = N_FRAMES // INPUT_STRIDE  # 1500 encoder positions per window
+TIME_PRECISION = INPUT_STRIDE / FRAMES_PER_SECOND  # 0.02 s between timestamp tokens (one position)
 LOG_FLOOR = 1e-10  # power floor before log10, avoids log(0)
 DYNAMIC_RANGE = 8.0  # log10 units kept below each example's maximum (80 dB)
+
+BLOCK_FRAMES = 30_000  # frames per STFT block (5 min): bounds the complex STFT's memory (~50 MB)
 
 _MEL_CACHE: dict[tuple[int, str], torch.Tensor] = {}
 _WINDOW_CACHE: dict[str, torch.Tensor] = {}
@@ -113,3 +119,26 @@ def log_mel_spectrogram(audio: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
     log_spec = torch.maximum(log_spec, peak - DYNAMIC_RANGE)
     log_spec = (log_spec + 4.0) / 4.0
     return log_spec.squeeze(0) if squeeze else log_spec
+
+
+def file_log_mel(audio: np.ndarray, n_mels: int = 80) -> torch.Tensor:
+    """Log-mel features of a whole file: ``[n_mels, len(audio) // HOP_LENGTH]`` float32 on the CPU.
+
+    The same numbers as ``log_mel_spectrogram`` on the unpadded waveform (centred
+    STFT with reflect padding, the last frame dropped, clamped to the file's maximum - 8, then
+    (x + 4) / 4), computed in blocks of frames so an hours-long file needs no giant STFT."""
+    wave = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    n_frames = len(wave) // HOP_LENGTH
+    half = N_FFT // 2
+    mode = "reflect" if len(wave) > half else "constant"
+    padded = torch.nn.functional.pad(wave[None, None], (half, half), mode=mode)[0, 0]
+    window, filters = _hann_window(wave.device), mel_filters(n_mels)
+    out = torch.empty(n_mels, n_frames)
+    for a in range(0, n_frames, BLOCK_FRAMES):
+        b = min(a + BLOCK_FRAMES, n_frames)
+        chunk = padded[a * HOP_LENGTH : (b - 1) * HOP_LENGTH + N_FFT]  # frames a..b-1
+        stft = torch.stft(chunk, N_FFT, HOP_LENGTH, window=window, center=False, return_complex=True)
+        out[:, a:b] = (filters @ stft.abs().square()).clamp_min(LOG_FLOOR).log10()  # [n_mels, b - a]
+    if n_frames:
+        out = torch.maximum(out, out.max() - DYNAMIC_RANGE)
+    return (out + 4.0) / 4.0

@@ -9,13 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from encdec_models.audio import N_AUDIO_CTX, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from encdec_models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch, host_to_device
 from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
-
-SAMPLE_RATE = 16000
-N_SAMPLES = 30 * SAMPLE_RATE  # 480000 samples: one 30 s window
-N_FRAMES = 3000  # mel frames of one window (hop 160)
-N_AUDIO_CTX = N_FRAMES // 2  # 1500 encoder tokens (conv2 has stride 2)
 
 
 def _is_log_mel(item) -> bool:
@@ -163,8 +159,6 @@ class Whisper(EncDecModel):
         """[B, N_SAMPLES] waveforms or [B, n_mels, 3000] features -> [B, n_mels, 3000]."""
         if inputs.dim() == 3:
             return inputs
-        from encdec_models.audio import log_mel_spectrogram
-
         return log_mel_spectrogram(inputs, self.n_mels)
 
     def encode(self, batch: EncoderBatch) -> torch.Tensor:
@@ -185,3 +179,39 @@ class Whisper(EncDecModel):
         x, residual = run_layers(dec.layers, x, meta)
         x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
         return F.linear(x, dec.embed_tokens.weight)
+
+    def teacher_forced(
+        self, tokens: torch.Tensor, enc: torch.Tensor, heads: dict[int, list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder over whole [B, T] token sequences attending to ``enc`` [B, S, d], in plain
+        PyTorch on this model's own layers (no cache, no kernels): the logits [B, T, V] and the
+        cross-attention logits of the given heads ({layer: [head, ...]}) [B, n, T, S], for word
+        alignment (the kernels return no attention weights)."""
+        dec = self.decoder
+        B, T = tokens.shape
+        x = dec.embed_tokens(tokens) + dec.embed_positions(torch.arange(T, device=tokens.device))
+        d = x.shape[-1]
+        kept = []
+
+        def norm(mod, y):
+            return mod(y.reshape(-1, d)).view(y.shape)
+
+        for li, layer in enumerate(dec.layers):
+            sa, ca = layer.self_attn, layer.encoder_attn
+            h, hd = sa.h, sa.d
+            q, k, v = sa.qkv_proj(norm(layer.self_attn_layer_norm, x)).view(B, T, 3, h, hd).unbind(2)
+            a = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=sa.scale
+            )  # [B, H, T, D]
+            x = x + sa.out_proj(a.transpose(1, 2).reshape(B, T, h * hd))
+            q = ca.q_proj(norm(layer.encoder_attn_layer_norm, x)).view(B, T, h, hd).transpose(1, 2)
+            kc, vc = ca.kv_proj(enc).view(B, enc.shape[1], 2, h, hd).unbind(2)
+            kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # [B, H, S, D]
+            if li in heads:
+                sel = heads[li]
+                kept.append((q[:, sel].float() @ kc[:, sel].float().transpose(-1, -2)) * ca.scale)
+            a = F.scaled_dot_product_attention(q, kc, vc, scale=ca.scale)
+            x = x + ca.out_proj(a.transpose(1, 2).reshape(B, T, h * hd))
+            x = x + layer.mlp(norm(layer.final_layer_norm, x))
+        x = norm(dec.layer_norm, x)
+        return F.linear(x, dec.embed_tokens.weight), torch.cat(kept, dim=1)

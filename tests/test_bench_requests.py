@@ -29,3 +29,29 @@ def test_workload_and_warmup_requests(wid):
     warm = warmup_requests(small, config, enc_inputs, targets)
     assert len(warm) == min(4, small.requests)  # W5: one (a mismatch here once broke its bench)
     assert all(r.params.max_new_tokens == targets[0] for r in warm)
+
+
+def test_floors_count_the_layout_used_and_divide_by_the_measured_rates(tmp_path):
+    """The decode floor counts the cross-attention bytes of the layout the engine ran (absorbed:
+    the encoder rows read by every layer; else every layer's K and V) and divides by the device's
+    measured copy bandwidth; the encoder floor by its measured matmul rate."""
+    from encdec_cli.tasks.bench import floors
+    from tests.whisper_models import load_ours, random_whisper
+
+    random_whisper(tmp_path)
+    model = load_ours(tmp_path).model
+    spec = model.cache_spec
+    w = Workload("W1", "whisper-large-v3", 4, metric="RTFx")
+    enc_inputs, targets = [None] * 4, [10, 20, 30, 40]
+    rates = {"copy_bytes_per_s": 1e12, "bf16_flop_per_s": 1e14}
+    kv = floors(w, model, enc_inputs, targets, 4, absorbed=False, rates=rates)
+    ab = floors(w, model, enc_inputs, targets, 4, absorbed=True, rates=rates)
+    assert (kv["floor_layout"], ab["floor_layout"]) == ("kv", "absorbed")
+    kv_row = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K + V of all layers, bf16
+    enc_row = spec.num_layers * model.d_model * 2  # one encoder row read by every layer, bf16
+    cross_reads = sum(t * 1500 for t in targets)  # rows read: each step reads its sequence's 1500 rows
+    diff = (kv["decode_floor_s"] - ab["decode_floor_s"]) * rates["copy_bytes_per_s"]
+    assert diff == pytest.approx(cross_reads * (kv_row - enc_row))
+    assert ab["encoder_floor_s"] == kv["encoder_floor_s"] > 0
+    faster = floors(w, model, enc_inputs, targets, 4, True, {k: 2 * v for k, v in rates.items()})
+    assert faster["floor_s"] == pytest.approx(ab["floor_s"] / 2)

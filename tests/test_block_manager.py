@@ -3,7 +3,8 @@
 import pytest
 
 from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
-from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
+from encdec_cli.engine.config import EngineConfig
+from encdec_cli.engine.scheduler import Scheduler
 from encdec_cli.engine.sequence import Request, SamplingParams, SequenceGroup
 
 
@@ -44,7 +45,7 @@ def _group(order, enc_len=10, prompt=2, max_new=8, beams=1):
 
 def test_scheduler_admits_by_budget_and_preempts_newest():
     bm = BlockManager(12, 4)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=8, max_encoder_tokens=25, window=16), bm)
+    sched = Scheduler(EngineConfig(max_num_seqs=8, max_encoder_tokens=25, window=16), bm)
     groups = [_group(i) for i in range(4)]
     for g in groups:
         sched.add(g)
@@ -69,7 +70,7 @@ def test_scheduler_admits_by_budget_and_preempts_newest():
 
 def test_scheduler_rejects_request_that_can_never_fit():
     bm = BlockManager(4, 4)
-    sched = Scheduler(SchedulerConfig(), bm)
+    sched = Scheduler(EngineConfig(), bm)
     g = _group(0, enc_len=40)
     sched.add(g)
     plan = sched.schedule()
@@ -82,7 +83,7 @@ def test_admission_waits_for_a_slice_of_the_pool():
     the running sequences' headroom (batched encoder runs; steps in between run ahead), not one
     request per finished one; admits_next_step says whether the next schedule would admit."""
     bm = BlockManager(64, 4)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=32, max_encoder_tokens=1000, window=64), bm)
+    sched = Scheduler(EngineConfig(max_num_seqs=32, max_encoder_tokens=1000, window=64), bm)
     groups = [_group(i) for i in range(20)]  # 3 cross + 1 prompt block each
     for g in groups:
         sched.add(g)
@@ -102,7 +103,7 @@ def test_admission_waits_for_a_slice_of_the_pool():
 
 def test_admission_not_paused_for_preempted_or_unfittable_requests():
     bm = BlockManager(40, 4)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=16, max_encoder_tokens=1000, window=16), bm)
+    sched = Scheduler(EngineConfig(max_num_seqs=16, max_encoder_tokens=1000, window=16), bm)
     for i in range(10):
         sched.add(_group(i))
     assert len(sched.schedule().encode) == 8  # 8 x 4 blocks + 7 headroom <= 40

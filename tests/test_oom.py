@@ -7,7 +7,6 @@ the chosen encode/decode calls raise ``torch.OutOfMemoryError`` as a CUDA alloca
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import random
@@ -21,7 +20,8 @@ import torch
 
 from encdec_cli.engine import Engine, Request, SamplingParams
 from encdec_cli.engine.block_manager import BlockManager
-from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
+from encdec_cli.engine.config import EngineConfig
+from encdec_cli.engine.scheduler import Scheduler
 from encdec_cli.engine.sequence import SequenceGroup
 from tests.text_models import N_WORDS, single_thread
 from tests.whisper_models import EOT, SOT, load_ours, random_whisper
@@ -60,19 +60,19 @@ def test_injected_oom_recovers_with_identical_results(bart_cpu, caplog):
     tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer)
     ref_engine, ref = run(loaded, reqs)
-    assert ref_engine.stats.get("oom_recoveries", 0) == 0
+    assert ref_engine.stats.oom_recoveries == 0
     assert all(r.error is None for r in ref.values())
     assert len({tuple(r.token_ids) for r in ref.values()}) > 0.8 * NUM_REQUESTS  # input-dependent
 
     fail_at = {1, 3, 8}  # the first encoder run, then decode / encode calls after re-admission
     with caplog.at_level("WARNING", logger="encdec"):
         engine, out = run(loaded, reqs, fail_at=fail_at)
-    assert engine.stats["oom_recoveries"] == len(fail_at)
+    assert engine.stats.oom_recoveries == len(fail_at)
     assert [out[i].token_ids for i in range(NUM_REQUESTS)] == [ref[i].token_ids for i in range(NUM_REQUESTS)]
     assert all(r.error is None for r in out.values())
     # limits halved (from the number of sequences that were running), never below 1
-    assert 1 <= engine.scheduler.config.max_num_seqs < ENGINE["max_num_seqs"]
-    assert engine.scheduler.config.max_encoder_tokens < ref_engine.scheduler.config.max_encoder_tokens
+    assert 1 <= engine.max_num_seqs < ENGINE["max_num_seqs"]
+    assert engine.scheduler.max_encoder_tokens < ref_engine.scheduler.max_encoder_tokens
     assert sum("out of device memory" in m for m in caplog.messages) == len(fail_at)
     assert engine.blocks.num_free == engine.blocks.num_blocks  # nothing leaked
     assert engine.scheduler.idle
@@ -88,7 +88,7 @@ def test_oom_with_a_single_request_fails_only_that_request(bart_cpu):
     assert len(failed) == 1 and "out of device memory" in out[failed[0]].error
     assert out[failed[0]].completions == []
     assert all(out[i].token_ids == ref[i].token_ids for i in out if i not in failed)
-    assert engine.stats["oom_recoveries"] == 1
+    assert engine.stats.oom_recoveries == 1
     assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
@@ -97,7 +97,7 @@ def test_beam_requests_recompute_after_oom(bart_cpu):
     reqs = text_requests(tiny, loaded.tokenizer, n=8, num_beams=4)
     _, ref = run(loaded, reqs)
     engine, out = run(loaded, reqs, fail_at={2, 5})  # decode steps of 3 and then 1-2 requests
-    assert engine.stats["oom_recoveries"] == 2
+    assert engine.stats.oom_recoveries == 2
     ok = [i for i, r in out.items() if r.error is None]
     assert len(ok) >= 7 and all(out[i].token_ids == ref[i].token_ids for i in ok)
 
@@ -109,7 +109,7 @@ def test_requests_wider_than_the_shrunk_limit_still_run(bart_cpu):
     reqs = text_requests(tiny, loaded.tokenizer, n=4, num_beams=4)
     _, ref = run(loaded, reqs)
     engine = Engine(loaded, **ENGINE)
-    engine.scheduler.config = dataclasses.replace(engine.scheduler.config, max_num_seqs=2)
+    engine.scheduler.max_num_seqs = 2
     out = {r.request_id: r.token_ids for r in engine.generate(reqs)}
     assert out == {i: r.token_ids for i, r in ref.items()}
 
@@ -126,13 +126,13 @@ def test_whisper_oom_recovery(tmp_path):
     cfg = dict(num_blocks=6 * 375 + 80, block_size=4, max_num_seqs=6)
     _, ref = run(ours, reqs, **cfg)
     engine, out = run(ours, reqs, fail_at={2, 5}, **cfg)
-    assert engine.stats["oom_recoveries"] == 2
+    assert engine.stats.oom_recoveries == 2
     assert {i: r.token_ids for i, r in out.items()} == {i: r.token_ids for i, r in ref.items()}
 
 
 def test_scheduler_preempt_all_and_oversized_admission():
     blocks = BlockManager(64, 4)
-    sched = Scheduler(SchedulerConfig(max_num_seqs=2, max_encoder_tokens=8, window=16), blocks)
+    sched = Scheduler(EngineConfig(max_num_seqs=2, max_encoder_tokens=8, window=16), blocks)
     wide = SequenceGroup(Request([1] * 5, [0], SamplingParams(num_beams=4, max_new_tokens=3)), 5, 3, order=1)
     sched.add(wide)
     plan = sched.schedule()  # 4 beams > max_num_seqs 2, but nothing runs: admitted anyway

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from encdec_cli.tasks.whisper_audio import file_log_mel
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts
+from encdec_models.audio import file_log_mel
 from tests import transcribe_clips as tc
 
 transformers.logging.set_verbosity_error()

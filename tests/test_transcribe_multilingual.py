@@ -97,4 +97,4 @@ def test_forced_prefix_tokens_identical_to_transformers(base_engine, base_dir, f
     ref = [t for t in ref if t != prompts.eot]
     assert ours[False].token_ids == ref
     assert ours[True].token_ids == prompts.task_tokens("de") + ref
-    assert reqs[1].params.begin_index == 2 and reqs[1].first_step_probs
+    assert reqs[1].params.begin_index == 2 and ours[True].first_step_probs

@@ -133,7 +133,8 @@ def test_teacher_forced_pass_equals_transformers(tiny_engine, tiny_en_dir, four)
         enc = tiny_engine.model.encode(tiny_engine.model.prepare_encoder_batch([feats[0]], "cpu")).view(
             1, 1500, -1
         )
-        logits, qk = aligner._decoder(torch.tensor([toks, toks[:5] + [50256] * 3]), enc.expand(2, -1, -1))
+        tokens = torch.tensor([toks, toks[:5] + [50256] * 3])
+        logits, qk = tiny_engine.model.teacher_forced(tokens, enc.expand(2, -1, -1), aligner.heads)
         ref = hf(feats, decoder_input_ids=torch.tensor([toks]), output_attentions=True)
     torch.testing.assert_close(logits[0], ref.logits[0], atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(

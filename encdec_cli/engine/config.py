@@ -1,8 +1,8 @@
-"""Engine options."""
+"""Engine options and statistics."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -34,3 +34,16 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1 or self.max_encoder_tokens < 1 or self.window < 1:
             raise ValueError("max_num_seqs, max_encoder_tokens and window must be >= 1")
+
+
+@dataclass
+class EngineStats:
+    """What an engine did since it was made or since ``Engine.reset_stats`` (``Engine.stats`` gives a
+    copy)."""
+
+    steps: int = 0  # engine steps (encoder runs and/or one decode step each)
+    ahead_steps: int = 0  # steps whose model run the previous step launched (EngineConfig.lookahead)
+    oom_recoveries: int = 0  # steps that ran out of device memory and were recomputed with lower limits
+    preemptions: int = 0  # requests sent back to waiting for want of KV blocks
+    # seconds per step phase (schedule / encode / decode / sample ...), with profiling on (GPU synced)
+    phase_seconds: dict[str, float] = field(default_factory=dict)

@@ -11,10 +11,10 @@ import torch
 
 from encdec_cli.engine.beam import beam_step_batch
 from encdec_cli.engine.block_manager import BlockManager
-from encdec_cli.engine.config import EngineConfig
+from encdec_cli.engine.config import EngineConfig, EngineStats
 from encdec_cli.engine.runner import ModelRunner
 from encdec_cli.engine.sampling import choose_tokens, process_logits, to_device
-from encdec_cli.engine.scheduler import Scheduler, SchedulerConfig
+from encdec_cli.engine.scheduler import Scheduler
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
 from encdec_models.loading import LoadedModel, load_model
 
@@ -92,20 +92,62 @@ class Engine:
             str(self.dtype).removeprefix("torch."),
             f"absorbed ({self.runner.cross_block_rows} encoder rows a block)" if absorb else "K/V per layer",
         )
-        self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_encoder_tokens, self.config.window),
-            self.blocks,
-        )
+        self.scheduler = Scheduler(self.config, self.blocks)
         self._order = 0
         # (rows, logits) of a step launched ahead by the previous one (see _choose_and_run_ahead)
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
         self._host_tokens = torch.empty(
             self.config.max_num_seqs, dtype=torch.long, pin_memory=self.device.type == "cuda"
         )
-        # seconds per step phase when config.profile is on; always: "steps", "ahead_steps" (steps
-        # launched by the previous one, see _choose_and_run_ahead), "oom_recoveries"
-        self.stats: dict[str, float] = {}
+        self._profile = self.config.profile
+        self.reset_stats()
+
+    # ---- what callers may read ------------------------------------------------------------------
+    @property
+    def stats(self) -> EngineStats:
+        """Counters since the engine was made or since ``reset_stats`` (a snapshot)."""
+        return dataclasses.replace(
+            self._stats,
+            preemptions=self.scheduler.num_preemptions - self._preemptions_before,
+            phase_seconds=dict(self._stats.phase_seconds),
+        )
+
+    def reset_stats(self, profile: bool | None = None) -> None:
+        """Start the counters again; ``profile`` turns the per-phase timing (GPU synced) on or off."""
+        if profile is not None:
+            self._profile = profile
+        self._stats = EngineStats()
+        self._preemptions_before = self.scheduler.num_preemptions
         self._last_tick = time.perf_counter()
+
+    @property
+    def idle(self) -> bool:
+        """No request waiting or running."""
+        return self.scheduler.idle
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences one step may decode now: ``config.max_num_seqs`` until an out-of-memory
+        recovery lowers it."""
+        return self.scheduler.max_num_seqs
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks in the KV pool (self-attention and cross-attention together)."""
+        return self.blocks.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.blocks.num_free
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        return self.runner.graphs is not None
+
+    @property
+    def absorbs_cross(self) -> bool:
+        """Cross-attention reads the encoder output itself (absorbed) rather than per-layer K/V."""
+        return self.runner.encoder_rows is not None
 
     def _hopper_cross(self) -> bool:
         """Whether this model takes absorbed cross-attention by default and its steps run on
@@ -218,7 +260,7 @@ class Engine:
         recompute their tokens when re-admitted: same outputs), halve the batch limits so fewer run
         together (floor 1), and free the allocator's cached blocks. Only a request that ran alone
         becomes an error Result: it cannot fit at all."""
-        self.stats["oom_recoveries"] = self.stats.get("oom_recoveries", 0) + 1
+        self._stats.oom_recoveries += 1
         self._ahead = None  # its rows are preempted with the rest and recomputed
         sched = self.scheduler
         groups = sched.preempt_all()
@@ -238,42 +280,39 @@ class Engine:
                 )
                 for g in groups
             ]
-        cfg = sched.config
         seqs = sum(g.num_seqs_reserved for g in groups)
-        new = dataclasses.replace(
-            cfg,
-            max_num_seqs=max(1, min(cfg.max_num_seqs, seqs) // 2),
-            max_encoder_tokens=max(1, cfg.max_encoder_tokens // 2),
-        )
-        sched.config = new
+        was = sched.max_num_seqs, sched.max_encoder_tokens
+        sched.max_num_seqs = max(1, min(sched.max_num_seqs, seqs) // 2)
+        sched.max_encoder_tokens = max(1, sched.max_encoder_tokens // 2)
         log.warning(
             "out of device memory in a step of %d requests (%s); recomputing them with at most %d "
             "sequences and %d encoder tokens per step (were %d and %d)",
             len(groups),
             error,
-            new.max_num_seqs,
-            new.max_encoder_tokens,
-            cfg.max_num_seqs,
-            cfg.max_encoder_tokens,
+            sched.max_num_seqs,
+            sched.max_encoder_tokens,
+            *was,
         )
         return []
 
     def _tick(self, phase: str) -> None:
-        """With ``profile`` on, add the time since the last tick to ``stats[phase]`` (GPU synced)."""
-        if self.config.profile:
+        """With profiling on, add the time since the last tick to ``stats.phase_seconds[phase]``
+        (GPU synced)."""
+        if self._profile:
             if self.device.type == "cuda":
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            self.stats[phase] = self.stats.get(phase, 0.0) + now - self._last_tick
+            phases = self._stats.phase_seconds
+            phases[phase] = phases.get(phase, 0.0) + now - self._last_tick
             self._last_tick = now
 
     def _step(self) -> Iterator[Result]:
         self._tick("outside")
-        self.stats["steps"] = self.stats.get("steps", 0) + 1
+        self._stats.steps += 1
         if self._ahead is not None:  # this step's model run was launched by the previous step
             rows, logits = self._ahead
             self._ahead = None
-            self.stats["ahead_steps"] = self.stats.get("ahead_steps", 0) + 1
+            self._stats.ahead_steps += 1
             live = [i for i, s in enumerate(rows) if s in s.group.seqs]  # rows that hit EOS are dropped
             decode = [rows[i] for i in live]
             if not decode:
@@ -400,7 +439,11 @@ class Engine:
         group = seq.group
         group.finished.append(
             Completion(
-                seq.generated, seq.logprobs if group.params.logprobs else None, seq.cum_logprob, reason
+                seq.generated,
+                seq.logprobs if group.params.logprobs else None,
+                seq.cum_logprob,
+                reason,
+                seq.stop_logprob if reason == "stop" else None,
             )
         )
         group.seqs.remove(seq)
@@ -419,4 +462,5 @@ class Engine:
                 "finish": now,
                 "encoder_len": group.encoder_len,
             },
+            first_step_probs=group.first_step_probs,
         )

@@ -194,8 +194,9 @@ def record_first_step_probs(
     logits: torch.Tensor, seqs: list[Sequence], by_params: ParamRows | None = None
 ) -> None:
     """Store, for rows at their first step that ask for it, the softmax probability of the tokens in
-    ``params.record_first_step_probs`` in ``request.first_step_probs`` (Whisper's no-speech
-    probability: the <|nospeech|> probability right after <|startoftranscript|>).
+    ``params.record_first_step_probs`` in ``group.first_step_probs``, returned in the request's
+    Result (Whisper's no-speech probability: the <|nospeech|> probability right after
+    <|startoftranscript|>).
 
     logits: [B, V] unprocessed (log-probabilities for beam rows: same softmax). ``by_params``:
     ``rows_by_params(seqs)`` when the caller has it (no row is visited when no request asks)."""
@@ -210,7 +211,7 @@ def record_first_step_probs(
     idx = to_device(logits.device, [list(t) + [t[-1]] * (width - len(t)) for t in toks])  # [R, width]
     values = probs.gather(1, idx).tolist()
     for i, t, v in zip(rows, toks, values):
-        seqs[i].group.request.first_step_probs = dict(zip(t, v))
+        seqs[i].group.first_step_probs = dict(zip(t, v))
 
 
 def _timestamp_row_bounds(s: Sequence, rules: TimestampRules, vocab: int) -> tuple[int, int, int]:
@@ -319,5 +320,5 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int]
     if logprobs is not None:
         for s, t, lp in zip(seqs, tokens, logprobs):
             if t in s.group.params.stop_token_ids:
-                s.group.request.stop_logprob = lp  # the Completion's logprobs end before the stop token
+                s.stop_logprob = lp  # the Completion's logprobs end before the stop token
     return tokens, logprobs

@@ -9,6 +9,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
+from encdec_cli.engine.config import EngineConfig
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 
 # While requests run, admit new ones once this share of the sequence slots and of the KV pool is
@@ -18,13 +19,6 @@ ADMIT_MIN_FREE_FRACTION = 1 / 8
 
 def _waiting_key(group: SequenceGroup) -> tuple[bool, int]:
     return (not group.preempted, group.encoder_len)  # preempted first, then shortest input
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256  # decoder sequences (beams count singly) in one step
-    max_encoder_tokens: int = 16384  # encoder tokens admitted in one step (at least one request)
-    window: int = 1024  # look-ahead: waiting requests sorted by encoder length
 
 
 @dataclass
@@ -37,8 +31,11 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, blocks: BlockManager):
-        self.config = config
+    def __init__(self, config: EngineConfig, blocks: BlockManager):
+        # the step limits: from the engine's config, lowered by the engine after running out of memory
+        self.max_num_seqs = config.max_num_seqs  # decoder sequences (beams count singly) in one step
+        self.max_encoder_tokens = config.max_encoder_tokens  # encoder tokens per step (>= 1 request)
+        self.window = config.window  # look-ahead: waiting requests sorted by encoder length
         self.blocks = blocks
         self.waiting: list[SequenceGroup] = []  # kept sorted by _waiting_key
         self.running: list[SequenceGroup] = []
@@ -49,7 +46,7 @@ class Scheduler:
 
     @property
     def has_room(self) -> bool:
-        return len(self.waiting) < self.config.window
+        return len(self.waiting) < self.window
 
     @property
     def idle(self) -> bool:
@@ -79,8 +76,8 @@ class Scheduler:
         is admitted as soon as it fits."""
         if not self.running or not self.waiting or self.waiting[0].preempted:  # sorted: preempted first
             return False
-        if self.config.max_num_seqs - num_seqs < max(
-            1, int(self.config.max_num_seqs * ADMIT_MIN_FREE_FRACTION)
+        if self.max_num_seqs - num_seqs < max(
+            1, int(self.max_num_seqs * ADMIT_MIN_FREE_FRACTION)
         ):
             return True
         want = min(
@@ -101,7 +98,7 @@ class Scheduler:
         first = self.waiting[0]
         if not self.running or self.max_blocks(first) > self.blocks.num_blocks:
             return True
-        if num_seqs + first.num_seqs_reserved > self.config.max_num_seqs:
+        if num_seqs + first.num_seqs_reserved > self.max_num_seqs:
             return False
         return self._admit_blocks(first) + headroom <= self.blocks.num_free
 
@@ -155,8 +152,8 @@ class Scheduler:
             fits = (
                 # at least one request even beyond the limit (e.g. more beams than max_num_seqs
                 # after an out-of-memory shrink): a request that can never be admitted would hang
-                (num_seqs == 0 or num_seqs + group.num_seqs_reserved <= self.config.max_num_seqs)
-                and (enc_tokens == 0 or enc_tokens + group.encoder_len <= self.config.max_encoder_tokens)
+                (num_seqs == 0 or num_seqs + group.num_seqs_reserved <= self.max_num_seqs)
+                and (enc_tokens == 0 or enc_tokens + group.encoder_len <= self.max_encoder_tokens)
                 and self._try_admit(group)
             )
             if not fits:

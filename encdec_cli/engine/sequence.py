@@ -106,9 +106,6 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: Any = None
-    # filled by the sampler for the caller (the Request object is the caller's own):
-    first_step_probs: dict[int, float] = field(default_factory=dict)  # see params.record_first_step_probs
-    stop_logprob: float | None = None  # log-probability of the stop token that ended a greedy/sampled request
 
 
 @dataclass
@@ -119,6 +116,8 @@ class Completion:
     logprobs: list[float] | None
     score: float  # cumulative logprob (greedy/sampling) or length-penalised beam score
     finish_reason: str  # "stop" | "length"
+    # log-probability of the stop token that ended a greedy/sampled hypothesis (logprobs on)
+    stop_logprob: float | None = None
 
 
 @dataclass
@@ -130,6 +129,8 @@ class Result:
     error: str | None = None  # set when the request could not run; completions is then empty
     text: str | None = None  # decoded best completion (when the engine has a tokenizer)
     metrics: dict = field(default_factory=dict)  # arrival/first_token/finish times (s), encoder_len
+    # softmax probabilities of params.record_first_step_probs at the first step (Whisper's no-speech)
+    first_step_probs: dict[int, float] = field(default_factory=dict)
 
     @property
     def token_ids(self) -> list[int]:
@@ -142,6 +143,10 @@ class Result:
     @property
     def finish_reason(self) -> str:
         return self.completions[0].finish_reason if self.completions else "error"
+
+    @property
+    def stop_logprob(self) -> float | None:
+        return self.completions[0].stop_logprob if self.completions else None
 
 
 _seq_ids = itertools.count()
@@ -159,6 +164,7 @@ class Sequence:
         self.block_table: list[int] = []
         self.logprobs: list[float] = []
         self.cum_logprob = 0.0
+        self.stop_logprob: float | None = None  # set by the sampler when a stop token ends it
         self.ngrams = None  # sampling.NgramIndex for no_repeat_ngram_size, built on first use
 
     @property
@@ -193,6 +199,7 @@ class SequenceGroup:
         self.preempted = False
         self.preempted_now = False  # set while the scheduler is preempting it in this step
         self.finished: list[Completion] = []
+        self.first_step_probs: dict[int, float] = {}  # see SamplingParams.record_first_step_probs
         self.beam = None  # beam-search state (engine/beam.py) when num_beams > 1
         self.generator = None  # torch.Generator for seeded sampling
         self.arrival = time.perf_counter()

@@ -8,7 +8,6 @@ is loaded into ours.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import platform
 import time
@@ -18,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BASELINE_BATCHES = (16, 64, 128)  # WORKLOADS.md: transformers' best of these (Whisper: 64)
-H100_BANDWIDTH = 3.0e12  # bytes/s, measured copy bandwidth (WORKLOADS.md)
-H100_BF16_FLOPS = 800e12  # dense bf16 peak used for the encoder floor
+COPY_BYTES = 1 << 30  # a 1 GiB device-to-device copy measures the copy bandwidth
+MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 
 
 @dataclass(frozen=True)
@@ -177,7 +175,7 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
     cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(enc_inputs) * w.num_beams)
     engine = Engine(loaded, **cfg)
     list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
-    engine.stats = {}  # count the timed run's steps only
+    engine.reset_stats()  # count the timed run's steps only
     requests = workload_requests(w, loaded.config, enc_inputs, targets)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -188,19 +186,20 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
     errors = [r.error for r in out if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    stats = engine.stats
     info = {
-        "num_blocks": engine.blocks.num_blocks,
-        "preemptions": engine.scheduler.num_preemptions,
-        "graphs": engine.runner.graphs is not None,
-        "steps": engine.stats.get("steps", 0),
-        "ahead_steps": engine.stats.get("ahead_steps", 0),
-        "absorb_cross": engine.runner.encoder_rows is not None,
+        "max_num_seqs": cfg["max_num_seqs"],
+        "num_blocks": engine.num_blocks,
+        "preemptions": stats.preemptions,
+        "graphs": engine.uses_cuda_graphs,
+        "steps": stats.steps,
+        "ahead_steps": stats.ahead_steps,
+        "absorb_cross": engine.absorbs_cross,
     }
     if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
-        engine.stats = {}
-        engine.config = dataclasses.replace(engine.config, profile=True)
+        engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
-        info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.items()}
+        info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
     del engine
     torch.cuda.empty_cache()
     return wall, tokens, info
@@ -266,53 +265,90 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
     return wall, tokens
 
 
-def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int) -> dict:
-    """Lower bounds (benchmarks/WORKLOADS.md): decode = bytes that must move per step (decoder weights once +
-    every running sequence's cross K/V + self K/V) / bandwidth; encoder = FLOPs / peak.
+def _cuda_ms(fn, reps: int = 10) -> float:
+    """Mean milliseconds of ``fn`` on the current CUDA stream, after one warm-up call."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
-    Absorbed cross-attention (the default for Whisper on Hopper) reads each layer's encoder rows
-    instead of its cross K and V, half the bytes: ``decode_floor_absorbed_s`` counts those (the
-    WORKLOADS.md floor stays the reported one, so its fraction may pass what the K/V path could
-    reach)."""
+
+def copy_bandwidth() -> float:
+    """This device's copy bandwidth in bytes/s, counting read + write."""
+    src = torch.empty(COPY_BYTES, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    return 2 * COPY_BYTES / (_cuda_ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def matmul_rate() -> float:
+    """This device's bf16 matmul rate in FLOP/s (cuBLAS, [8192, 8192] squared)."""
+    a = torch.randn(MATMUL_N, MATMUL_N, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    return 2 * MATMUL_N**3 / (_cuda_ms(lambda: a @ b) * 1e-3)
+
+
+def device_rates() -> dict:
+    """Measured at the start of a bench run (a few hundred ms): what the floors divide by."""
+    rates = {"copy_bytes_per_s": copy_bandwidth(), "bf16_flop_per_s": matmul_rate()}
+    torch.cuda.empty_cache()
+    return rates
+
+
+def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed: bool, rates: dict) -> dict:
+    """Lower bounds on a run's time on this device (benchmarks/WORKLOADS.md, "Floors").
+
+    decode: the bytes that must move, over this device's copy bandwidth: the decoder weights once per
+    step, plus every step's reads of each running sequence's cross-attention cache in the layout the
+    engine used (``absorbed``: the encoder rows, read by every layer; else every layer's cross K and
+    V) and its self-attention K/V so far, all bf16. The step count assumes full batches of
+    ``max_num_seqs`` sequences, each as long as the mean output.
+    encoder: the encoder's matmul FLOPs (weights and attention) over this device's bf16 matmul rate."""
     params = dict(model.named_parameters())
     dec_bytes = 2 * sum(p.numel() for n, p in params.items() if not n.startswith("encoder"))
     enc_params = sum(p.numel() for n, p in params.items() if n.startswith("encoder"))
     spec = model.cache_spec
-    kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V, bf16, all layers
+    kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V of one token, all layers
+    cross_row = spec.num_layers * model.d_model * 2 if absorbed else kv_token  # per encoder position
     enc_lens = [1500 if w.model.startswith("whisper") else len(x) for x in enc_inputs]
     seqs = len(targets) * w.num_beams
     steps = int(np.ceil(seqs / max_num_seqs)) * int(np.mean(targets))
-    kv_bytes = sum(w.num_beams * t * kv_token * (e + t / 2) for e, t in zip(enc_lens, targets))
-    decode_s = (steps * dec_bytes + kv_bytes) / H100_BANDWIDTH
-    row_layer = spec.num_layers * model.d_model * 2  # one encoder row read by every layer, bf16
-    absorbed_bytes = sum(
-        w.num_beams * t * (row_layer * e + kv_token * t / 2) for e, t in zip(enc_lens, targets)
-    )
+    cache_bytes = sum(w.num_beams * t * (cross_row * e + kv_token * t / 2) for e, t in zip(enc_lens, targets))
+    decode_s = (steps * dec_bytes + cache_bytes) / rates["copy_bytes_per_s"]
     d = spec.num_heads * spec.head_dim
-    enc_flops = sum(
-        2 * enc_params * e + 4 * e * e * d * len(model.encoder.layers if hasattr(model, "encoder") else [])
-        for e in enc_lens
-    )
-    encoder_s = enc_flops / H100_BF16_FLOPS
+    layers = len(model.encoder.layers) if hasattr(model, "encoder") else 0
+    enc_flops = sum(2 * enc_params * e + 4 * e * e * d * layers for e in enc_lens)
+    encoder_s = enc_flops / rates["bf16_flop_per_s"]
     return {
         "decode_floor_s": decode_s,
         "encoder_floor_s": encoder_s,
         "floor_s": decode_s + encoder_s,
-        "decode_floor_absorbed_s": (steps * dec_bytes + absorbed_bytes) / H100_BANDWIDTH,
+        "floor_layout": "absorbed" if absorbed else "kv",
     }
 
 
 def run_workload(
-    wid: str, baseline: bool, batches: tuple[int, ...], engine_cfg: dict, scale: float = 1.0
+    wid: str,
+    baseline: bool,
+    batches: tuple[int, ...],
+    engine_cfg: dict,
+    scale: float = 1.0,
+    rates: dict | None = None,
 ) -> dict:
+    """One workload, ours and (``baseline``) transformers; ``rates``: ``device_rates()`` of this run."""
     w = WORKLOADS[wid]
     if scale != 1.0:
         w = Workload(**{**asdict(w), "requests": max(1, int(w.requests * scale))})
     dev, dtype = "cuda", torch.bfloat16
     enc_inputs, targets = inputs_for(w)
     hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
-    fl = floors(w, loaded.model, enc_inputs, targets, engine_cfg.get("max_num_seqs", 256))
     ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
+    rates = rates or device_rates()
+    fl = floors(w, loaded.model, enc_inputs, targets, info["max_num_seqs"], info["absorb_cross"], rates)
     audio_s = 30.0 * w.requests
     res = {
         "workload": wid,
@@ -359,6 +395,7 @@ def environment() -> dict:
     }
 
 
-def write_results(results: list[dict], out: Path) -> None:
+def write_results(results: list[dict], out: Path, rates: dict | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({**environment(), "results": results}, indent=2))
+    head = {**environment(), **({"device_rates": rates} if rates else {})}
+    out.write_text(json.dumps({**head, "results": results}, indent=2))

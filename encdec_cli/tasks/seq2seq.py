@@ -240,12 +240,9 @@ def run_seq2seq(
         summary += f"; {failed} row(s) FAILED (see the 'error' column)"
     if failed_before:
         summary += f"; {failed_before} row(s) failed in an earlier run (see the 'error' column)"
-    oom = int(engine.stats.get("oom_recoveries", 0))
+    oom = engine.stats.oom_recoveries
     if oom:
-        summary += (
-            f"; {oom} out-of-memory recoveries (now at most {engine.scheduler.config.max_num_seqs} "
-            "sequences per step)"
-        )
+        summary += f"; {oom} out-of-memory recoveries (now at most {engine.max_num_seqs} sequences per step)"
     if interrupted:
         summary += f"; INTERRUPTED after {n} row(s) (re-run the same command to resume)"
     progress.summary(summary)

@@ -35,10 +35,7 @@ import torch
 from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.audio import iter_audio_windows, load_audio, split_on_silence
 from encdec_cli.io.records import Segment, Transcript
-from encdec_cli.tasks.whisper_audio import file_log_mel
 from encdec_cli.tasks.whisper_rules import (
-    FRAMES_PER_SECOND,
-    N_FRAMES,
     TranscribeOptions,
     WhisperPrompts,
     WindowStats,
@@ -46,7 +43,14 @@ from encdec_cli.tasks.whisper_rules import (
     parse_timestamps,
 )
 from encdec_cli.tasks.whisper_words import AlignJob, WordAligner, add_word_timestamps
-from encdec_models.audio import HOP_LENGTH, N_SAMPLES, SAMPLE_RATE
+from encdec_models.audio import (
+    FRAMES_PER_SECOND,
+    HOP_LENGTH,
+    N_FRAMES,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    file_log_mel,
+)
 
 PREFETCH_WINDOWS = 64  # decoded windows buffered ahead of the engine (64 x 30 s x 4 B = 123 MB max)
 PREFETCH_FILES = 4  # sequential mode: whole-file spectrograms buffered ahead (1 h of audio = 115 MB)
@@ -149,7 +153,7 @@ class Transcriber:
         self.tokenizer = engine.tokenizer
         self.sequential = self.opts.long_form == "sequential"
         self.n_mels = getattr(engine.model, "n_mels", 80)
-        self.max_files = max(engine.config.max_num_seqs // self.opts.beam_size, 1) + EXTRA_FILES
+        self.max_files = max(engine.max_num_seqs // self.opts.beam_size, 1) + EXTRA_FILES
         # the no-speech probability rides on the first window request (its prompt then ends at
         # <|startoftranscript|>), except for beam search with forced task tokens: a probe request
         self.want_no_speech = self.opts.no_speech_threshold is not None
@@ -235,7 +239,7 @@ class Transcriber:
             if self.sequential and len(self.files) >= self.max_files:
                 yield None  # enough streams to fill the engine; take a new file when one finishes
                 continue
-            busy = not self.engine.scheduler.idle
+            busy = not self.engine.idle
             try:
                 msg = audio_q.get(timeout=0.001 if busy else 0.5)
             except queue.Empty:
@@ -355,9 +359,9 @@ class Transcriber:
             self._next_window(w.stream)
             return
         no_speech = self.prompts.vocab.no_speech
-        for req in [*w.requests, w.probe]:
-            if req is not None and no_speech in req.first_step_probs:
-                w.no_speech_prob = req.first_step_probs[no_speech]
+        for r in w.results.values():
+            if no_speech in r.first_step_probs:
+                w.no_speech_prob = r.first_step_probs[no_speech]
         _, tokens, avg_logprob = max(
             (self._candidate(req, w.results[k]) for k, req in enumerate(w.requests)), key=lambda c: c[0]
         )
@@ -380,7 +384,7 @@ class Transcriber:
         if req.params.num_beams > 1:
             avg = r.completions[0].score  # sum of log-probs (with EOT) / (tokens + 1): length_penalty 1
             return avg, tokens, avg
-        total = sum((r.logprobs or [])[begin:]) + (req.stop_logprob or 0.0)
+        total = sum((r.logprobs or [])[begin:]) + (r.stop_logprob or 0.0)
         return total / max(len(tokens), 1), tokens, total / (len(tokens) + 1)
 
     def _window_done(self, w: _Window, tokens: list[int], stats: WindowStats) -> None:

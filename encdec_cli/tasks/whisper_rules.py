@@ -9,11 +9,8 @@ from dataclasses import dataclass, replace
 
 from encdec_cli.engine import SamplingParams
 from encdec_cli.engine.sequence import TimestampRules
+from encdec_models.audio import FRAMES_PER_SECOND, INPUT_STRIDE, TIME_PRECISION
 
-TIME_PRECISION = 0.02  # seconds between timestamp tokens (one encoder position)
-INPUT_STRIDE = 2  # mel frames per encoder position (conv2 stride): frames per timestamp step
-FRAMES_PER_SECOND = 100  # mel frames per second (hop 160 at 16 kHz)
-N_FRAMES = 3000  # mel frames in one 30 s window
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's fallback schedule
 
 

@@ -1,11 +1,11 @@
 """Word-level timestamps, as openai-whisper computes them (``whisper/timing.py``).
 
 The engine's attention kernels return no attention weights, so each window's final text tokens
-are run once more, teacher-forced, through a plain-PyTorch copy of the decoder forward (same
-weights) that keeps the cross-attention of the model's alignment heads. Per window: softmax of
-the heads' cross-attention logits over the real audio frames, normalised over tokens, median
-filtered along time, averaged over heads; dynamic time warping then maps tokens to encoder
-frames (20 ms each), and the token boundaries of each word give its start and end.
+are run once more, teacher-forced, through the model's plain-PyTorch decoder pass
+(``Whisper.teacher_forced``) that keeps the cross-attention of the model's alignment heads. Per
+window: softmax of the heads' cross-attention logits over the real audio frames, normalised over
+tokens, median filtered along time, averaged over heads; dynamic time warping then maps tokens to
+encoder frames (20 ms each), and the token boundaries of each word give its start and end.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ class WordAligner:
         tokens = torch.tensor([s + [self.eot] * (width - len(s)) for s in seqs], device=dev)  # [B, T]
         enc = model.encode(model.prepare_encoder_batch([j.features for j in jobs], dev))
         enc = enc.view(len(jobs), -1, enc.shape[-1])  # [B, S, d]
-        logits, weights = self._decoder(tokens, enc)  # [B, T, V], [B, heads, T, S] cross-attn logits
+        logits, weights = model.teacher_forced(tokens, enc, self.heads)  # [B, T, V], [B, n, T, S]
         out = []
         for b, (job, seq) in enumerate(zip(jobs, seqs)):
             prefix, n_text = len(job.sot_sequence), len(job.text_tokens)
@@ -137,39 +137,6 @@ class WordAligner:
             matrix = w.mean(0)[prefix:-1]  # [n_text + 1, S']: the steps predicting each text token, EOT
             out.append(self._words(job, matrix.cpu().numpy(), text_probs.tolist()))
         return out
-
-    def _decoder(self, tokens: torch.Tensor, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Plain-PyTorch Whisper decoder forward over [B, T] tokens attending to ``enc`` [B, S, d];
-        returns the logits [B, T, V] and the alignment heads' cross-attention logits [B, n, T, S]."""
-        dec = self.model.decoder
-        B, T = tokens.shape
-        positions = torch.arange(T, device=tokens.device)
-        x = dec.embed_tokens(tokens) + dec.embed_positions(positions)  # [B, T, d]
-        d = x.shape[-1]
-        kept = []
-
-        def norm(mod, y):
-            return mod(y.reshape(-1, d)).view(y.shape)
-
-        for li, layer in enumerate(dec.layers):
-            sa, ca = layer.self_attn, layer.encoder_attn
-            h, hd = sa.h, sa.d
-            q, k, v = sa.qkv_proj(norm(layer.self_attn_layer_norm, x)).view(B, T, 3, h, hd).unbind(2)
-            a = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=sa.scale
-            )  # [B, H, T, D]
-            x = x + sa.out_proj(a.transpose(1, 2).reshape(B, T, h * hd))
-            q = ca.q_proj(norm(layer.encoder_attn_layer_norm, x)).view(B, T, h, hd).transpose(1, 2)
-            kc, vc = ca.kv_proj(enc).view(B, enc.shape[1], 2, h, hd).unbind(2)
-            kc, vc = kc.transpose(1, 2), vc.transpose(1, 2)  # [B, H, S, D]
-            if li in self.heads:
-                sel = self.heads[li]
-                kept.append((q[:, sel].float() @ kc[:, sel].float().transpose(-1, -2)) * ca.scale)
-            a = F.scaled_dot_product_attention(q, kc, vc, scale=ca.scale)
-            x = x + ca.out_proj(a.transpose(1, 2).reshape(B, T, h * hd))
-            x = x + layer.mlp(norm(layer.final_layer_norm, x))
-        x = norm(dec.layer_norm, x)
-        return F.linear(x, dec.embed_tokens.weight), torch.cat(kept, dim=1)
 
     def _words(self, job: AlignJob, matrix: np.ndarray, text_probs: list[float]) -> list[WordTiming]:
         text_idx, time_idx = dtw(-matrix)
