@@ -99,7 +99,7 @@ def padded_views(x, lens, max_len):
 # -- encoder -----------------------------------------------------------------------------------
 
 
-def encoder_case(name, lens, heads, with_bias, attention, reference):
+def encoder_case(name, lens, heads, with_bias, varlen, reference):
     t = sum(lens)
     max_len = max(lens)
     q, k, v = (torch.randn(t, heads, HEAD_DIM, device=DEVICE, dtype=DTYPE) for _ in range(3))
@@ -109,20 +109,18 @@ def encoder_case(name, lens, heads, with_bias, attention, reference):
     if with_bias:
         table = torch.randn(heads, T5_BUCKETS, device=DEVICE)
         rb = reference.RelBias(table, T5_BUCKETS, T5_MAX_DISTANCE, True)
-    ours = bench(lambda: attention.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb))
-    from encdec_kernels import flash_hopper
+    ours = bench(lambda: varlen.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb))
+    from encdec_kernels import flash_hopper, gluon_support
 
-    hopper = max_len >= attention.HOPPER_MIN_SEQLEN and flash_hopper.supports(q, k, v, False, rb)
+    hopper = max_len >= varlen.HOPPER_MIN_SEQLEN and flash_hopper.supports(q, k, v, False, rb)
     triton_ms = None
     if hopper:  # the Gluon kernel ran: time the Triton one too (what other GPUs get)
-        os.environ[flash_hopper.ENV] = "0"
+        os.environ[gluon_support.ENV] = "0"
         try:
-            triton_ms = bench(
-                lambda: attention.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb)
-            )
+            triton_ms = bench(lambda: varlen.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb))
         finally:
-            del os.environ[flash_hopper.ENV]
-    config, timings = autotune_choice(attention)
+            del os.environ[gluon_support.ENV]
+    config, timings = autotune_choice(varlen)
 
     uniform = all(n == max_len for n in lens)
     if uniform:  # zero-copy [B, H, L, D] views of the packed tensors, no mask: flash backend
@@ -141,7 +139,7 @@ def encoder_case(name, lens, heads, with_bias, attention, reference):
         mask = key_ok[:, None, None, :]  # key padding mask
     base = bench(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale))
     # sanity: both compute the same thing (real rows only)
-    got = attention.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb)
+    got = varlen.varlen_attention(q, k, v, cu, max_len, scale=scale, rel_bias=rb)
     want = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale).transpose(1, 2)
     want = torch.cat([want[b, :n] for b, n in enumerate(lens)])
 
@@ -174,11 +172,11 @@ def config_name(c) -> str:
     return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}"
 
 
-def autotune_choice(attention):
+def autotune_choice(varlen):
     """(config varlen_attention ran with, {config: ms} of the autotuning that chose it)."""
-    if not attention._autotune_enabled():
+    if not varlen._autotune_enabled():
         return "fixed (ENCDEC_AUTOTUNE=0)", {}
-    tuner = attention._varlen_attn_tuned
+    tuner = varlen._varlen_attn_tuned
     timings = {
         config_name(c): float(t[0] if isinstance(t, (list, tuple)) else t)
         for c, t in (getattr(tuner, "configs_timings", None) or {}).items()
@@ -212,7 +210,7 @@ def contiguous_kv(k_cache, tables, seq_lens, max_len):
 
 
 def decode_case(
-    name, seq_lens, q_len, heads, causal, with_bias, attention, reference, copy_bw, gen, num_splits=None,
+    name, seq_lens, q_len, heads, causal, with_bias, paged, reference, copy_bw, gen, num_splits=None,
     has_target=True,
 ):  # fmt: skip
     b = len(seq_lens)
@@ -228,7 +226,7 @@ def decode_case(
             torch.randn(heads, T5_BUCKETS, device=DEVICE), T5_BUCKETS, T5_MAX_DISTANCE, False
         )
     # _launch_paged: paged_attention minus the input checks, with an optional forced split count
-    fn = lambda: attention._launch_paged(  # noqa: E731
+    fn = lambda: paged._launch_paged(  # noqa: E731
         q, k_cache, v_cache, tables, lens, cu_q, q_len, scale, causal, rb, num_splits=num_splits
     )
     ours = bench(fn, graph=True)
@@ -397,7 +395,7 @@ def main(argv=None):
 
     import triton
 
-    from encdec_kernels import attention, norm, reference
+    from encdec_kernels import norm, paged, reference, varlen
 
     torch.manual_seed(0)
     gen = np.random.default_rng(0)
@@ -412,16 +410,16 @@ def main(argv=None):
                 [WHISPER_FRAMES] * WHISPER_BATCH,
                 WHISPER_HEADS,
                 False,
-                attention,
+                varlen,
                 reference,
             )
         )
         results.append(
-            encoder_case("t5 encoder 64 x 260-440, 16x64", t5_lens, T5_HEADS, False, attention, reference)
+            encoder_case("t5 encoder 64 x 260-440, 16x64", t5_lens, T5_HEADS, False, varlen, reference)
         )
         results.append(
             encoder_case(
-                "t5 encoder 64 x 260-440, 16x64, rel bias", t5_lens, T5_HEADS, True, attention, reference
+                "t5 encoder 64 x 260-440, 16x64, rel bias", t5_lens, T5_HEADS, True, varlen, reference
             )
         )
     if args.only in (None, "decode"):
@@ -435,7 +433,7 @@ def main(argv=None):
                     WHISPER_HEADS,
                     False,
                     False,
-                    attention,
+                    paged,
                     reference,
                     copy_bw,
                     gen,
@@ -449,7 +447,7 @@ def main(argv=None):
                     WHISPER_HEADS,
                     True,
                     False,
-                    attention,
+                    paged,
                     reference,
                     copy_bw,
                     gen,
@@ -463,14 +461,14 @@ def main(argv=None):
                 T5_HEADS,
                 True,
                 True,
-                attention,
+                paged,
                 reference,
                 copy_bw,
                 gen,
             )
         )
-        default_dot = attention.SINGLE_QUERY_DOT
-        attention.SINGLE_QUERY_DOT = False  # the alternative k=1 path, to compare with the default
+        default_dot = paged.SINGLE_QUERY_DOT
+        paged.SINGLE_QUERY_DOT = False  # the alternative k=1 path, to compare with the default
         for name, lens, causal in (
             (
                 f"cross decode b{DECODE_BATCH} L{CROSS_LEN} k=1 (reduction path)",
@@ -480,9 +478,9 @@ def main(argv=None):
             (f"self decode b{DECODE_BATCH} L<=200 k=1 (reduction path)", [n + 1 for n in self_base], True),
         ):
             results.append(
-                decode_case(name, lens, 1, WHISPER_HEADS, causal, False, attention, reference, copy_bw, gen)
+                decode_case(name, lens, 1, WHISPER_HEADS, causal, False, paged, reference, copy_bw, gen)
             )
-        attention.SINGLE_QUERY_DOT = default_dot
+        paged.SINGLE_QUERY_DOT = default_dot
         for splits in (None, 1):
             label = "auto split-KV" if splits is None else "no split"
             results.append(
@@ -493,7 +491,7 @@ def main(argv=None):
                     WHISPER_HEADS,
                     False,
                     False,
-                    attention,
+                    paged,
                     reference,
                     copy_bw,
                     gen,

@@ -24,7 +24,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "encdec_kernels.py")
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
 
@@ -51,7 +51,7 @@ def timed(fn, streams, reps=5) -> float:
 
 def main(argv=None):
     from encdec_cli.tasks.bench import WORKLOADS, build_models
-    from encdec_kernels import attention
+    from encdec_kernels import paged
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--clips", type=int, default=10)
@@ -97,7 +97,7 @@ def main(argv=None):
 
     def decode():
         for _ in range(args.steps * 32):
-            attention._launch_paged(q, k_cache, v_cache, tables, lens, cu, 1, 0.125, False, None)
+            paged._launch_paged(q, k_cache, v_cache, tables, lens, cu, 1, 0.125, False, None)
             if args.linears:
                 for w in weights:
                     torch.nn.functional.linear(x if w.shape[1] == 1280 else x.repeat(1, 4), w)

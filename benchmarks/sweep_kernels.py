@@ -6,7 +6,8 @@ For the decode kernel: BLOCK_N x num_warps x num_stages (and split counts at bat
 shapes of benchmarks/kernels.py; for the encoder kernel: extra tile configs beyond the autotune
 list, on the Whisper large-v3 shape; for the one-row linear kernel: BLOCK_N x CHUNK (block_k) x
 num_warps on the Whisper large-v3 decoder weights. Prints milliseconds (CUDA-graph replays for decode) and
-the copy-bandwidth fraction, to choose the defaults in encdec_kernels/attention.py from measurements.
+the copy-bandwidth fraction, to choose the defaults in encdec_kernels/paged.py and varlen.py from
+measurements.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "encdec_kernels.py")
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
 
@@ -44,7 +45,7 @@ def decode_shapes():
 def sweep_decode(copy_bw, rows):
     import triton.testing
 
-    from encdec_kernels import attention, reference
+    from encdec_kernels import paged, reference
 
     gen = np.random.default_rng(0)
     for name, lens, heads, causal, with_bias in decode_shapes():
@@ -59,7 +60,7 @@ def sweep_decode(copy_bw, rows):
                 torch.randn(heads, kb.T5_BUCKETS, device="cuda"), kb.T5_BUCKETS, kb.T5_MAX_DISTANCE, False
             )
         moved = (2 * sum(lens) + 2 * b) * heads * kb.HEAD_DIM * 2
-        ref = attention._launch_paged(q, k_cache, v_cache, tables, seq_lens, cu, 1, 1.0, causal, rb)
+        ref = paged._launch_paged(q, k_cache, v_cache, tables, seq_lens, cu, 1, 1.0, causal, rb)
         splits = [None] + ([4, 8, 12, 16, 24, 32, 48] if b <= 32 else [])
         if b <= 32:  # small batches: the split count matters most
             configs = [(64, 4, 3), (32, 4, 3), (16, 4, 3), (32, 2, 3), (16, 2, 2)]
@@ -69,7 +70,7 @@ def sweep_decode(copy_bw, rows):
             ]
         for (bn, nw, ns), sp in itertools.product(configs, splits):
             fn = functools.partial(
-                attention._launch_paged, q, k_cache, v_cache, tables, seq_lens, cu, 1, 1.0, causal, rb,
+                paged._launch_paged, q, k_cache, v_cache, tables, seq_lens, cu, 1, 1.0, causal, rb,
                 num_splits=sp, block_n=bn, num_warps=nw, num_stages=ns,
             )  # fmt: skip
 
@@ -91,7 +92,7 @@ def sweep_decode(copy_bw, rows):
 def sweep_encoder(rows):
     import triton
 
-    from encdec_kernels import attention
+    from encdec_kernels import varlen
 
     lens = [kb.WHISPER_FRAMES] * kb.WHISPER_BATCH
     t, h, d = sum(lens), kb.WHISPER_HEADS, kb.HEAD_DIM
@@ -112,7 +113,7 @@ def sweep_encoder(rows):
     cands = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 3)]
     for bm, bn, nw, ns in cands:
         cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=nw, num_stages=ns)
-        fn = functools.partial(attention._launch_varlen, q, k, v, cu, lens[0], scale, False, None, cfg)
+        fn = functools.partial(varlen._launch_varlen, q, k, v, cu, lens[0], scale, False, None, cfg)
         try:
             ms = kb.bench(fn)
             err = kb.rel_err(fn(), ref)
@@ -185,7 +186,7 @@ def sweep_hopper(rows):
 def sweep_hopper_shape(name, lens, heads, rows):
     import torch.nn.functional as F
 
-    from encdec_kernels import attention, flash_hopper
+    from encdec_kernels import flash_hopper, varlen
 
     t, n = sum(lens), max(lens)
     q, k, v = (torch.randn(t, heads, kb.HEAD_DIM, device="cuda", dtype=kb.DTYPE) for _ in range(3))
@@ -197,8 +198,8 @@ def sweep_hopper_shape(name, lens, heads, rows):
     sdpa = kb.bench(lambda: F.scaled_dot_product_attention(*padded, attn_mask=mask, scale=scale))
     want = F.scaled_dot_product_attention(*padded, attn_mask=mask, scale=scale).transpose(1, 2)
     want = torch.cat([want[b, :m] for b, m in enumerate(lens)])
-    cfg = attention._varlen_configs_for(kb.HEAD_DIM, kb.DTYPE)[0]
-    tri = kb.bench(lambda: attention._launch_varlen(q, k, v, cu, n, scale, False, None, config=cfg))
+    cfg = varlen._varlen_configs_for(kb.HEAD_DIM, kb.DTYPE)[0]
+    tri = kb.bench(lambda: varlen._launch_varlen(q, k, v, cu, n, scale, False, None, config=cfg))
     flops = sum(4 * heads * m * m * kb.HEAD_DIM for m in lens)
     print(f"{name}: sdpa {sdpa:.3f} ms, triton {tri:.3f} ms ({sdpa / tri:.2f}x sdpa)")
     for over in HOPPER_CONFIGS:
@@ -219,7 +220,7 @@ def sweep_splits(copy_bw, rows):
     how much the last, partial wave of programs costs when no split spreads them."""
     import triton.testing
 
-    from encdec_kernels import attention
+    from encdec_kernels import paged
 
     gen = np.random.default_rng(0)
     k_cache, v_cache, tables = kb.paged_cache([kb.CROSS_LEN] * 256, kb.WHISPER_HEADS, gen)
@@ -230,7 +231,7 @@ def sweep_splits(copy_bw, rows):
         moved = 2 * b * kb.CROSS_LEN * kb.WHISPER_HEADS * kb.HEAD_DIM * 2
         line = []
         for sp in (0, 1, 2, 3, 4, 6, 8, 12):
-            fn = functools.partial(attention._launch_paged, q, k_cache, v_cache, tables[:b], lens, cu, 1,
+            fn = functools.partial(paged._launch_paged, q, k_cache, v_cache, tables[:b], lens, cu, 1,
                                    0.125, False, None, num_splits=sp or None)  # fmt: skip
             fn()
             ms = triton.testing.do_bench_cudagraph(fn, rep=30, return_mode="median")

@@ -26,7 +26,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "encdec_kernels.py")
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
 
@@ -39,7 +39,7 @@ SHAPES = [  # (name, batch, heads, d_model, encoder rows, decoder layers)
 BLOCK_SIZE = 16
 
 
-def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list[dict]:
+def sweep_shape(shape, quick, copy_bw, gen, bench, paged, shared_kv, reference) -> list[dict]:
     name, b, h, d, n, layers = shape
     rows = []
     dh = d // h
@@ -50,7 +50,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
     cu = torch.arange(b + 1, dtype=torch.int32, device=dev)
     q = torch.randn(b, h, dh, device=dev, dtype=dt)
     kv_ms = bench(
-        lambda: attention._launch_paged(q, k_cache, v_cache, kv_tables, lens, cu, 1, dh**-0.5, False, None)
+        lambda: paged._launch_paged(q, k_cache, v_cache, kv_tables, lens, cu, 1, dh**-0.5, False, None)
     )
     kv_bytes = 2 * b * n * d * 2
     # absorbed: rows in a pool laid out as the engine's ([2 L, NB, BS, d], 2 L * BS rows a block)
@@ -63,7 +63,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
 
     def absorbed(**launch):
         qe = torch.bmm(q.transpose(0, 1), w[0])
-        o = attention._launch_shared_kv(qe.transpose(0, 1), pool, perm, lens, cu, 1, dh**-0.5, **launch)
+        o = shared_kv._launch_shared_kv(qe.transpose(0, 1), pool, perm, lens, cu, 1, dh**-0.5, **launch)
         return torch.baddbmm(bias, o.transpose(0, 1), w[1].transpose(1, 2))
 
     qe = torch.bmm(q.transpose(0, 1), w[0]).transpose(0, 1)
@@ -96,12 +96,12 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
             else dict(num_splits=sp, tiles=cfg or None)
         )
         try:
-            out = attention._launch_shared_kv(qe, pool, perm, lens, cu, 1, dh**-0.5, **launch)
+            out = shared_kv._launch_shared_kv(qe, pool, perm, lens, cu, 1, dh**-0.5, **launch)
             err = kb.rel_err(out[: min(b, 8)], ref)
             ms = bench(functools.partial(absorbed, **launch))
             kern = bench(
                 functools.partial(
-                    attention._launch_shared_kv,
+                    shared_kv._launch_shared_kv,
                     qe,
                     pool,
                     perm,
@@ -135,7 +135,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, attention, reference) -> list
 def main(argv=None):
     import triton.testing
 
-    from encdec_kernels import attention, reference
+    from encdec_kernels import paged, reference, shared_kv
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=pathlib.Path)
@@ -147,7 +147,7 @@ def main(argv=None):
     bench = functools.partial(triton.testing.do_bench_cudagraph, rep=40, return_mode="median")
     rows_out = []
     for shape in SHAPES:
-        rows_out += sweep_shape(shape, args.quick, copy_bw, gen, bench, attention, reference)
+        rows_out += sweep_shape(shape, args.quick, copy_bw, gen, bench, paged, shared_kv, reference)
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(

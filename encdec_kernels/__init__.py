@@ -1,10 +1,11 @@
 """Attention, norm and one-row linear kernels: pure functions on tensors, never importing the engine.
 
 The functions exported here dispatch on the device: CUDA tensors go to the Triton kernels
-(``attention.py``, ``norm.py``, ``linear.py``; on Hopper, long encoder attention goes on to the
-Gluon kernel of ``flash_hopper.py`` and absorbed cross-attention to ``shared_kv_hopper.py``),
-everything else to the plain-PyTorch references in ``reference.py``. ``ENCDEC_KERNELS=reference``
-forces the references everywhere (used by tests that compare the two paths end to end).
+(``varlen.py``, ``paged.py``, ``shared_kv.py``, ``norm.py``, ``linear.py``; on Hopper, long
+encoder attention goes on to the Gluon kernel of ``flash_hopper.py`` and absorbed
+cross-attention to ``shared_kv_hopper.py``), everything else to the plain-PyTorch references in
+``reference.py``. ``ENCDEC_KERNELS=reference`` forces the references everywhere (used by tests
+that compare the two paths end to end).
 
 The package is named ``encdec_kernels``, not ``kernels``: transformers depends on Hugging Face's
 kernel-hub package, a top-level ``kernels`` (docs/design.md, "Import names").
@@ -15,7 +16,10 @@ from __future__ import annotations
 import importlib
 import os
 
+import torch
+
 from encdec_kernels import reference
+from encdec_kernels.checks import SHARED_KV_TILE_ROWS
 from encdec_kernels.reference import RelBias
 
 __all__ = [
@@ -34,6 +38,8 @@ __all__ = [
     "GEMV_MAX_K",
     "norm_gemv",
     "use_triton",
+    "prefers_absorbed_cross",
+    "SHARED_KV_TILE_ROWS",
 ]
 
 
@@ -42,7 +48,7 @@ def use_triton(t) -> bool:
     if not t.is_cuda or os.environ.get("ENCDEC_KERNELS", "triton") == "reference":
         return False
     try:
-        import encdec_kernels.attention  # noqa: F401  (imports triton)
+        import encdec_kernels.common  # noqa: F401  (imports triton)
     except ImportError:
         return False
     return True
@@ -56,7 +62,7 @@ def _impl(t, triton_module: str):
 
 
 def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None):
-    return _impl(q, "attention").varlen_attention(
+    return _impl(q, "varlen").varlen_attention(
         q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal, rel_bias=rel_bias
     )
 
@@ -64,24 +70,38 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
 ):
-    return _impl(q, "attention").paged_attention(
+    return _impl(q, "paged").paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
         scale=scale, causal=causal, rel_bias=rel_bias,
     )  # fmt: skip
 
 
 def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
-    return _impl(q, "attention").shared_kv_attention(
+    return _impl(q, "shared_kv").shared_kv_attention(
         q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale
     )
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    return _impl(k, "attention").store_kv(k, v, k_cache, v_cache, slot_mapping)
+    return _impl(k, "paged").store_kv(k, v, k_cache, v_cache, slot_mapping)
 
 
 def store_rows(x, rows, slot_mapping):
-    return _impl(x, "attention").store_rows(x, rows, slot_mapping)
+    return _impl(x, "shared_kv").store_rows(x, rows, slot_mapping)
+
+
+def prefers_absorbed_cross(device: torch.device, dtype: torch.dtype, num_heads: int, d_model: int) -> bool:
+    """Whether absorbed cross-attention (``shared_kv_attention`` over the encoder output, d_model
+    wide) should be a model's default here: only where the Hopper kernel runs it (fp16/bf16, a
+    shape it covers); the Triton kernel alone is slower than per-layer K/V. Such a cache must hold
+    finite rows after each sequence's last, to the end of its ``SHARED_KV_TILE_ROWS``-row tile."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        from encdec_kernels import shared_kv_hopper
+    except ImportError:  # no Triton
+        return False
+    return shared_kv_hopper.preferred(device, num_heads, d_model)
 
 
 def layer_norm(x, weight, bias, eps):

@@ -1,10 +1,9 @@
 """Encoder attention for Hopper (sm_90), written in Gluon: FlashAttention-3's structure.
 
-The Triton kernel (``attention._varlen_attn_kernel``) waits for every tensor-core product
-before the softmax arithmetic starts (Triton 3.6 puts ``wgmma.wait_group 0`` after each), so
-on an H100 the matrix products, the exponentials and the rest run one after another: at head
-dim 64 that holds it at FlashAttention-2's speed. Here the work of one CTA is split by role
-(``gl.warp_specialize``):
+The Triton kernel (``varlen._varlen_attn_kernel``) waits for every tensor-core product before
+the softmax arithmetic starts (Triton 3.6 puts ``wgmma.wait_group 0`` after each), so the matrix
+products, the exponentials and the rest run one after another. Here the work of one CTA is split
+by role (``gl.warp_specialize``):
 
 - a producer warp group loads each query tile once and streams the sequence's K/V tiles into a
   ring of shared-memory stages with TMA, signalling mbarriers;
@@ -17,64 +16,39 @@ The grid is persistent (one CTA per SM, tiles taken in a fixed stride). Packed v
 sequences come through ``cu_seqlens`` as in the Triton kernel: a tile never mixes sequences
 (query rows past the sequence end are computed and not stored; key columns past it are masked
 in the last key tile only). Non-causal, no bias, head dim 64 or 128, float16/bfloat16;
-``attention.varlen_attention`` takes it from ``attention.HOPPER_MIN_SEQLEN`` keys on (the
-Whisper encoder), importing this module only then (Gluon is a large import).
-Everything else, and CPU tensors, stay on Triton. On an H100, Whisper large-v3's encoder
-attention (64 x 1500 tokens, 20 heads x 64): 1.69-1.73 ms against 1.91-1.94 ms for SDPA
-(FlashAttention-2) and 1.92-2.02 ms for the Triton kernel.
-
-Fails softly: without Gluon (Triton before 3.6) ``AVAILABLE`` is False, and a kernel that does
-not compile with the installed Triton is logged once and never tried again (the Triton kernel
-serves). Gluon kernels do not run in Triton's interpreter: CPU CI compiles this one for sm_90
-(``compile_offline``), GPU tests check its numbers.
+``varlen.varlen_attention`` takes it from ``varlen.HOPPER_MIN_SEQLEN`` keys on (the Whisper
+encoder), importing this module only then (Gluon is a large import). Everything else, and CPU
+tensors, stay on Triton. Fails softly (``gluon_support.py``): the Triton kernel serves then.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
 
-from encdec_kernels.attention import LOG2E, _sm_count
+from encdec_kernels.common import LOG2E, sm_count
+from encdec_kernels.gluon_support import AVAILABLE, CompileGuard, compile_sm90, desc_type, ptr_type
 
-try:
+if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    # the TMA load is tma.async_load from Triton 3.7 on (3.6 also has the older name, later ones only this)
-    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    # Gluon's API moves between releases: built and checked with 3.6 (GPU) and 3.9 (compile only)
-    AVAILABLE = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 6)
-except (ImportError, ValueError):  # pragma: no cover - depends on the installed Triton
-    AVAILABLE = False
+    from encdec_kernels.gluon_support import mma_layout, shared_layout, tma_load
 
-log = logging.getLogger("encdec")
-_failed: str | None = None  # why the kernel did not compile here (then it is never taken again)
+__all__ = ["AVAILABLE", "supports", "flash_attention"]
 
-__all__ = ["AVAILABLE", "ENV", "supports", "flash_attention"]
-
-ENV = "ENCDEC_GLUON"  # "0": never take this kernel (compare against the Triton one)
+_guard = CompileGuard("Hopper encoder attention")
 BLOCK_M = 64  # query rows per consumer warp group
 Q_STAGES = 2  # query tiles in flight (the next tile's load while the current one drains)
 # Per head dim: BLOCK_N keys per K/V stage, K_STAGES stages in the ring, CONSUMERS warp groups of
 # BLOCK_M query rows (a CTA's query tile is CONSUMERS * BLOCK_M rows), REGS registers per consumer
 # thread (3 x 128 x 160 + the producer's fill the register file), and PIPELINE: issue the next
 # tile's QK^T before this tile's softmax (FA3's intra-warpgroup overlap). Chosen with
-# `benchmarks/sweep_kernels.py --only hopper` (H100, Whisper large-v3 shape: 3 consumers 1.67-1.69
-# ms, 2 consumers 1.87-2.0 ms, SDPA 1.92 ms; results/h100-sweep-hopper-2026-11-27-509fe63.txt).
-# Head dim 128 keeps 2 consumers: its [64, 128] float32 accumulator needs more than 160 registers.
+# `benchmarks/sweep_kernels.py --only hopper` on the Whisper large-v3 shape. Head dim 128 keeps
+# 2 consumers: its [64, 128] float32 accumulator needs more than 160 registers.
 CONFIGS = {
     64: dict(BLOCK_N=128, K_STAGES=3, CONSUMERS=3, REGS=160, PIPELINE=True),
     128: dict(BLOCK_N=128, K_STAGES=2, CONSUMERS=2, REGS=240, PIPELINE=False),
@@ -87,14 +61,12 @@ def supports(q, k, v, causal, rel_bias) -> bool:
     """Whether flash_attention can take these varlen_attention inputs: Hopper, fp16/bf16,
     head dim 64/128, non-causal, no bias, each of q/k/v a [T, H, D] view whose heads sit side by
     side in memory (rows of H * D elements, TMA-aligned)."""
-    if not (AVAILABLE and _failed is None and q.is_cuda and torch.version.hip is None):
-        return False
-    if os.environ.get(ENV, "1") == "0":
+    if not _guard.usable(q.device):
         return False
     if causal or rel_bias is not None or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     t, h, d = q.shape
-    if d not in HEAD_DIMS or t >= 2**31 or _capability(q.device)[0] != 9:
+    if d not in HEAD_DIMS or t >= 2**31:
         return False
     for x in (q, k, v):
         if x.stride(2) != 1 or x.stride(1) != d or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
@@ -102,25 +74,14 @@ def supports(q, k, v, causal, rel_bias) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=8)
-def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 # Device code. Kept out of ruff format: Gluon kernels read better with packed argument lists.
 # fmt: off
 if AVAILABLE:
-    _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
-
-    @gluon.constexpr_function
-    def _mma_layout(n):
-        """wgmma accumulator layout of a [BLOCK_M, n] tile on one warp group (4 warps)."""
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
 
     @gluon.constexpr_function
     def _p_layout(head_dim):
         """Register layout of the probabilities as the left operand of P @ V."""
-        return gl.DotOperandLayout(operand_index=0, parent=_mma_layout(head_dim), k_width=2)
+        return gl.DotOperandLayout(operand_index=0, parent=mma_layout(head_dim), k_width=2)
 
     @gluon.jit
     def _tile_coords(tile, CU_SEQLENS, num_heads, m_tiles, BM_TOTAL: gl.constexpr):
@@ -150,7 +111,7 @@ if AVAILABLE:
                 mbarrier.wait(q_empty.index(qs), ((qt // _QS) & 1) ^ 1)  # a fresh barrier passes phase 1
                 mbarrier.expect(q_ready.index(qs), CONSUMERS * desc_q.block_type.nbytes)
                 for c in gl.static_range(CONSUMERS):
-                    _tma_load(desc_q, [start + m0 + c * _BM, col], q_ready.index(qs),
+                    tma_load(desc_q, [start + m0 + c * _BM, col], q_ready.index(qs),
                                                     q_bufs.index(qs * CONSUMERS + c))
                 qt += 1
                 for n0 in range(0, seq_len, BLOCK_N):
@@ -158,8 +119,8 @@ if AVAILABLE:
                     mbarrier.wait(kv_empty.index(ks), ((kc // K_STAGES) & 1) ^ 1)
                     mbarrier.expect(kv_ready.index(ks), kv_bytes)
                     bar = kv_ready.index(ks)
-                    _tma_load(desc_k, [start + n0, col], bar, k_bufs.index(ks))
-                    _tma_load(desc_v, [start + n0, col], bar, v_bufs.index(ks))
+                    tma_load(desc_k, [start + n0, col], bar, k_bufs.index(ks))
+                    tma_load(desc_v, [start + n0, col], bar, v_bufs.index(ks))
                     kc += 1
 
     @gluon.jit
@@ -167,7 +128,7 @@ if AVAILABLE:
         """Start S = Q K^T on K/V stage kc (asynchronous: a token for warpgroup_mma_wait)."""
         ks = kc % K_STAGES
         mbarrier.wait(kv_ready.index(ks), (kc // K_STAGES) & 1)
-        s = gl.zeros([_BM, BLOCK_N], gl.float32, _mma_layout(BLOCK_N))
+        s = gl.zeros([_BM, BLOCK_N], gl.float32, mma_layout(BLOCK_N))
         return warpgroup_mma(q, k_bufs.index(ks).permute((1, 0)), s, use_acc=False, is_async=True)
 
     @gluon.jit
@@ -175,7 +136,7 @@ if AVAILABLE:
         """Online-softmax step on scores s of keys [n0, n0 + BLOCK_N), in log2 units (qk_scale =
         scale * log2 e): (p, alpha, new max, new row sum)."""
         if n0 + BLOCK_N > seq_len:  # the last tile: keys past the sequence end (the next one's, or TMA zeros)
-            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, _mma_layout(BLOCK_N)))
+            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_layout(BLOCK_N)))
             s = gl.where(cols[None, :] < seq_len, s, float("-inf"))
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         p = gl.exp2(s * qk_scale - m_new[:, None])  # one FFMA + one MUFU.EX2 per score
@@ -184,7 +145,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _rescale(acc, alpha, HEAD_DIM: gl.constexpr):
-        return acc * gl.convert_layout(alpha, gl.SliceLayout(1, _mma_layout(HEAD_DIM)))[:, None]
+        return acc * gl.convert_layout(alpha, gl.SliceLayout(1, mma_layout(HEAD_DIM)))[:, None]
 
     @gluon.jit
     def _consumer(smem, bars, work, dest, CONSUMER: gl.constexpr,
@@ -194,8 +155,8 @@ if AVAILABLE:
         q_ready, q_empty, kv_ready, kv_empty = bars
         CU_SEQLENS, num_heads, m_tiles, num_tiles = work
         Out, stride_ot, stride_oh, qk_scale = dest
-        s_layout: gl.constexpr = _mma_layout(BLOCK_N)
-        o_layout: gl.constexpr = _mma_layout(HEAD_DIM)
+        s_layout: gl.constexpr = mma_layout(BLOCK_N)
+        o_layout: gl.constexpr = mma_layout(HEAD_DIM)
         dtype: gl.constexpr = q_bufs.dtype
         qt = 0
         kc = 0
@@ -294,8 +255,7 @@ if AVAILABLE:
 def _descriptor(x: torch.Tensor, rows: int) -> TensorDescriptor:
     """TMA descriptor over x [T, H, D] seen as [T, H * D] rows (x.stride(0) apart), [rows, D] boxes."""
     t, h, d = x.shape
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], _GL_DTYPES[x.dtype])
-    return TensorDescriptor(x, [t, h * d], [x.stride(0), 1], [rows, d], layout)
+    return TensorDescriptor(x, [t, h * d], [x.stride(0), 1], [rows, d], shared_layout([rows, d], x.dtype))
 
 
 def flash_attention(
@@ -305,7 +265,6 @@ def flash_attention(
     Returns a new contiguous [T, H, D] tensor, or None if the kernel does not compile with this
     Triton (logged once; ``supports`` is False from then on, so the caller's Triton kernel takes
     over). config: CONFIGS keys to override (benchmarks). No host sync: CUDA-graph safe."""
-    global _failed
     t, h, d = q.shape
     cfg = {**CONFIGS[d], **(config or {})}
     out = torch.empty((t, h, d), device=q.device, dtype=q.dtype)
@@ -314,39 +273,20 @@ def flash_attention(
     num_tiles = m_tiles * h * (cu_seqlens.numel() - 1)
     if t == 0 or num_tiles == 0:
         return out
-    try:
-        _flash_fwd_kernel[(min(num_tiles, _sm_count(q.device)),)](
-            _descriptor(q, BLOCK_M), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]), out,
-            cu_seqlens, out.stride(0), out.stride(1), h, m_tiles, num_tiles, float(scale) * LOG2E,
-            HEAD_DIM=d, num_warps=4, **cfg,
-        )  # fmt: skip
-    except CompilationError as e:  # an API change in a newer Triton: fall back, do not fail the job
-        _failed = str(e).strip().splitlines()[-1][:300]
-        log.warning("the Hopper encoder attention kernel does not compile with triton %s (%s); "
-                    "using the Triton kernel instead", triton.__version__, _failed)  # fmt: skip
-        return None
-    return out
+    launched = _guard.launch(
+        _flash_fwd_kernel, (min(num_tiles, sm_count(q.device)),),
+        _descriptor(q, BLOCK_M), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]), out,
+        cu_seqlens, out.stride(0), out.stride(1), h, m_tiles, num_tiles, float(scale) * LOG2E,
+        HEAD_DIM=d, num_warps=4, **cfg,
+    )  # fmt: skip
+    return out if launched else None
 
 
 def compile_offline(head_dim: int, dtype: torch.dtype = torch.bfloat16, config: dict | None = None):
-    """Compile the kernel for sm_90 on any machine, no GPU needed (Triton's own compiler and its
-    bundled ptxas): CPU tests check that it builds with the installed Triton. Returns Triton's
-    compiled kernel (``.asm["ptx"]``, ``.metadata``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
+    """The kernel compiled for sm_90 without a GPU (``gluon_support.compile_sm90``; CPU tests)."""
     cfg = {**CONFIGS[head_dim], **(config or {})}
-    ty = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-    def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([rows, head_dim], _GL_DTYPES[dtype])
-        return f"tensordesc<{ty}[{rows}, {head_dim}],{layout!r}>"
-
-    sig = dict(desc_q=desc(BLOCK_M), desc_k=desc(cfg["BLOCK_N"]), desc_v=desc(cfg["BLOCK_N"]), Out=f"*{ty}",
+    kv = desc_type(dtype, [cfg["BLOCK_N"], head_dim])
+    sig = dict(desc_q=desc_type(dtype, [BLOCK_M, head_dim]), desc_k=kv, desc_v=kv, Out=ptr_type(dtype),
                CU_SEQLENS="*i32", stride_ot="i32", stride_oh="i32", num_heads="i32", m_tiles="i32",
-               num_tiles="i32", qk_scale="fp32", HEAD_DIM="constexpr")  # fmt: skip
-    sig.update(dict.fromkeys(cfg, "constexpr"))
-    names = list(sig)
-    constexprs = {(names.index(k),): v for k, v in {"HEAD_DIM": head_dim, **cfg}.items()}
-    src = GluonASTSource(_flash_fwd_kernel, sig, constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+               num_tiles="i32", qk_scale="fp32")  # fmt: skip
+    return compile_sm90(_flash_fwd_kernel, sig, {"HEAD_DIM": head_dim, **cfg})

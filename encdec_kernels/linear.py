@@ -3,7 +3,7 @@ fused residual add + LayerNorm/RMSNorm before and activation after.
 
 At one row a linear layer is a weight read: ``y = act(x @ W^T + b)`` reads W [N, K] once.
 cuBLAS picks a narrow tile for that shape (20 programs for a 1280 x 1280 weight), which leaves
-most SMs idle and reads at ~1.2 TB/s on an H100; here every program reads a few whole weight
+most SMs idle; here every program reads a few whole weight
 rows (BLOCK_N x K, 16-byte loads along K, all issued before any is summed), so several
 hundred programs keep the memory system busy. With programmatic dependent launch (encdec_kernels/pdl.py)
 the weights are read before waiting for the previous kernel, so a layer's weight read overlaps
@@ -91,7 +91,7 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
 def _tiles(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, CHUNK, num_warps): two weight rows per program, K in 1024-element chunks, two
     warps; the best sum over the Whisper large-v3 decoder weights in ``benchmarks/sweep_kernels.py
-    --only linear`` on an H100 (with PDL: 2.3-5.6 us per weight, ~2.1 TB/s over a layer)."""
+    --only linear``."""
     return 2, min(1024, triton.next_power_of_2(k)), 2
 
 

@@ -1,7 +1,7 @@
 """Plain-PyTorch versions of every kernel: the CPU path and the test oracle.
 
-Each function has the same signature as its Triton twin in ``encdec_kernels/attention.py``,
-``encdec_kernels/norm.py`` or ``encdec_kernels/linear.py``. Shapes use: T = packed tokens,
+Each function has the same signature as its Triton twin in ``encdec_kernels/varlen.py``,
+``paged.py``, ``shared_kv.py``, ``norm.py`` or ``linear.py``. Shapes use: T = packed tokens,
 H = heads, D = head dim, B = sequences, NB = cache blocks, BS = block size.
 """
 

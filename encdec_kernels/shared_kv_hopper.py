@@ -1,14 +1,14 @@
-"""Absorbed cross-attention for Hopper (sm_90) in Gluon: ``attention.shared_kv_attention`` for
-decode steps (one query token per sequence).
+"""Absorbed cross-attention for Hopper (sm_90) in Gluon: ``shared_kv.shared_kv_attention`` with
+one query token per program.
 
 With the K/V projections absorbed (``encdec_models.layers.Attention.cross``), every head of a sequence
 attends over the same rows, the encoder output e [n, d_model]: softmax(scale * q'_h . e) . e.
 A decode step then reads each sequence's rows once for all heads and layers' worth of K and V:
 half the bytes of per-layer K/V. The work per row is H dot products of length d each way, so
 it needs the tensor cores, and an output of H x d float32 per sequence (20 x 1280 for Whisper
-large-v3) that must stay in registers. The Triton kernel cannot arrange that (a [rows x d]
-accumulator per program leaves it at a third of the memory bandwidth), so this one splits the
-heads over consumer warp groups (``gl.warp_specialize``), ``GROUP`` heads each:
+large-v3) that must stay in registers. The Triton kernel cannot arrange that (with a [rows x d]
+accumulator per program it stays far below the memory bandwidth), so this one splits the heads
+over consumer warp groups (``gl.warp_specialize``), ``GROUP`` heads each:
 
 - a producer warp group streams the sequence's rows, one tile of ``BLOCK_N`` rows at a time, as
   ``d / DC`` shared-memory chunks of [BLOCK_N, DC] with TMA (the whole tile stays resident: the
@@ -22,13 +22,12 @@ heads over consumer warp groups (``gl.warp_specialize``), ``GROUP`` heads each:
 Every consumer reads the same resident tile, so a tile is loaded once for all heads. One CTA
 per SM (shared memory: the tile, the queries); sequences beyond one wave of CTAs, or split into
 row ranges when the batch is small (partial results merged as in ``paged_attention``). The
-kernel takes one query token per program: ``attention._launch_shared_kv`` gives steps with
+kernel takes one query token per program: ``shared_kv._launch_shared_kv`` gives steps with
 several tokens of a sequence (prompts) one block-table row per token. Whole tiles are loaded
 and only the scores masked, so the rows after a sequence's last, to its tile's end, must be
-finite (``ModelRunner._zero_tile_ends`` writes zeros there). H100, Whisper large-v3 at batch
-256: the load pipeline alone (``_MODE = 1``) moves 96% of copy bandwidth.
+finite (``ModelRunner._zero_tile_ends`` writes zeros there).
 
-Fails softly like ``flash_hopper``: ``supports`` is False without Gluon, before Hopper, for
+Fails softly (``gluon_support.py``): ``supports`` is False without Gluon, before Hopper, for
 inputs it does not cover (float32, more than ``GROUP * MAX_CONSUMERS`` heads, a width that is
 not a multiple of DC or does not fit shared memory, a row layout TMA cannot address), and after
 a compile failure (logged once); the Triton kernel serves then.
@@ -36,16 +35,13 @@ a compile failure (logged once); the Triton kernel serves then.
 
 from __future__ import annotations
 
-import logging
-import os
-
 import torch
 import triton
 import triton.language as tl
-from triton.compiler.errors import CompilationError
 
-from encdec_kernels.attention import LOG2E, _sm_count, merge_rows
-from encdec_kernels.flash_hopper import AVAILABLE, _capability
+from encdec_kernels.checks import SHARED_KV_TILE_ROWS
+from encdec_kernels.common import LOG2E, NEG_INIT, merge_rows, sm_count
+from encdec_kernels.gluon_support import AVAILABLE, CompileGuard, compile_sm90, desc_type, ptr_type
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -58,24 +54,17 @@ if AVAILABLE:
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from encdec_kernels.flash_hopper import _tma_load
+    from encdec_kernels.gluon_support import barrier, mma_layout, shared_layout, tma_load
 
-    # the CTA (here: warp-group partition) barrier: gl.thread_barrier in Triton 3.6, gl.barrier from 3.9
-    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+__all__ = ["supports", "preferred", "shared_kv_attention"]
 
-log = logging.getLogger("encdec")
-_failed: str | None = None
-
-__all__ = ["supports", "shared_kv_attention"]
-
-ENV = "ENCDEC_GLUON"  # "0": never take the Gluon kernels (as in flash_hopper)
-BLOCK_N = 64  # rows per tile: the M of S^T = E Q^T (a warp group's wgmma is 64 rows)
+_guard = CompileGuard("Hopper cross-attention")
+BLOCK_N = SHARED_KV_TILE_ROWS  # rows per tile: the M of S^T = E Q^T (a warp group's wgmma is 64 rows)
 DC = 128  # columns per shared-memory chunk (and per O^T accumulator)
 GROUP = 8  # heads per consumer warp group (the N of both products)
 MAX_CONSUMERS = 3  # 24 heads at most (Whisper large-v3: 20, BART-large and T5-large: 16)
 SHARED_LIMIT = 227 * 1024
 _BN, _DC, _G = tl.constexpr(BLOCK_N), tl.constexpr(DC), tl.constexpr(GROUP)
-NEG_INIT = tl.constexpr(-1.0e30)  # finite start for the running max (a fully masked tile gives no inf - inf)
 
 
 def _shared_bytes(d: int, consumers: int, elem: int = 2) -> int:
@@ -87,12 +76,7 @@ def preferred(device: torch.device, num_heads: int, d_model: int) -> bool:
     enough heads, a width that fits): the engine then takes absorbed cross-attention by default
     (the Triton kernel alone is slower than per-layer K/V)."""
     return (
-        AVAILABLE
-        and _failed is None
-        and device.type == "cuda"
-        and torch.version.hip is None
-        and os.environ.get(ENV, "1") != "0"
-        and _capability(device)[0] == 9
+        _guard.usable(device)
         and num_heads <= GROUP * MAX_CONSUMERS
         and d_model % DC == 0
         and _shared_bytes(d_model, triton.cdiv(num_heads, GROUP)) <= SHARED_LIMIT
@@ -129,10 +113,6 @@ def supports(q, rows) -> bool:
 # fmt: off
 if AVAILABLE:
 
-    @gluon.constexpr_function
-    def _mma_layout(n):
-        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, n, 16])
-
     @gluon.jit
     def _split_range(SEQ_LENS, num_splits):
         """(sequence, first row, end row) of this CTA: split s of a sequence takes rows
@@ -155,7 +135,7 @@ if AVAILABLE:
         mbarrier.expect(q_ready, CONSUMERS * NCH * desc_q.block_type.nbytes)
         for g in gl.static_range(CONSUMERS):
             for c in gl.static_range(NCH):
-                _tma_load(desc_q, [g * _G, b * D + c * _DC], q_ready, q_bufs.index(g * NCH + c))
+                tma_load(desc_q, [g * _G, b * D + c * _DC], q_ready, q_bufs.index(g * NCH + c))
         bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt
         t = 0
         for n0 in range(lo, hi, _BN):
@@ -168,7 +148,7 @@ if AVAILABLE:
                     r = r0 + k * BOX_R
                     row = ((r // RC) * nb + block) * RC + r % RC
                     dest = e_bufs.index(c).slice(k * BOX_R, BOX_R)
-                    _tma_load(desc_e, [row, c * _DC], e_ready.index(c), dest)
+                    tma_load(desc_e, [row, c * _DC], e_ready.index(c), dest)
             t += 1
 
     @gluon.jit
@@ -178,7 +158,7 @@ if AVAILABLE:
         stride_ot, stride_oh, num_heads, num_splits, qk_scale = args[9:]
         NCH: gl.constexpr = D // _DC
         b, lo, hi = _split_range(SEQ_LENS, num_splits)
-        s_layout: gl.constexpr = _mma_layout(_G)
+        s_layout: gl.constexpr = mma_layout(_G)
         dtype: gl.constexpr = e_bufs.dtype
         mbarrier.wait(q_ready, 0)
 
@@ -215,7 +195,7 @@ if AVAILABLE:
                 m_i = m_new
                 p_bufs.store(gl.permute(p.to(dtype), (1, 0)))  # P^T [GROUP, BLOCK_N]: the B operand, K-major
                 fence_async_shared()
-                _barrier()
+                barrier()
                 if MODE == 2:
                     for c in gl.static_range(NCH):
                         mbarrier.arrive(e_empty.index(c), count=1)
@@ -298,7 +278,7 @@ def num_splits_for(num_seqs: int, num_rows: int, device: torch.device) -> int:
     """Row splits per sequence: one CTA per SM, so pick the split that needs the fewest waves of
     CTAs per unit of work, counting what each extra split costs (its partial results written
     and merged: about 3% of a split's rows at Whisper's 1500 x 1280)."""
-    sms = _sm_count(device)
+    sms = sm_count(device)
     tiles = max(1, triton.cdiv(num_rows, BLOCK_N))
     best, best_cost = 1, None
     for s in range(1, min(tiles, 16) + 1):
@@ -312,11 +292,10 @@ _MODE = 0  # debug probes: 1 = consumers do no math (load throughput alone)
 
 
 def shared_kv_attention(q, rows, block_tables, seq_lens, scale: float, num_splits: int | None = None):
-    """attention.shared_kv_attention with one query token per sequence (``supports`` checked;
+    """shared_kv.shared_kv_attention with one query token per block-table row (``supports`` checked;
     token b reads block_tables[b] and seq_lens[b]):
     returns [B, H, d] (a view of a new [H, B, d] tensor, as the Triton kernel), or None if the
     kernel does not compile with this Triton (logged once; the caller falls back)."""
-    global _failed
     tq, h, d = q.shape
     num_seqs = block_tables.shape[0]
     out = torch.empty((h, tq, d), device=q.device, dtype=q.dtype).transpose(0, 1)
@@ -333,61 +312,37 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, scale: float, num_split
     else:
         o_part = lse_part = out  # unused
     box = min(rc, BLOCK_N)
-    gl_dtype = _GL_DTYPES[q.dtype]
     flat = rows.as_strided((c * nb * rc, d), (d, 1))
-    desc = TensorDescriptor(
-        flat, [c * nb * rc, d], [d, 1], [box, DC], gl.NVMMASharedLayout.get_default_for([box, DC], gl_dtype)
-    )
+    desc = TensorDescriptor(flat, [c * nb * rc, d], [d, 1], [box, DC], shared_layout([box, DC], q.dtype))
     # q [B, H, d] is a view of [H, B, d]: seen as [H, B * d], a [GROUP, DC] box is GROUP heads' chunk
     q_flat = q.as_strided((h, tq * d), (tq * d, 1))
     desc_q = TensorDescriptor(
-        q_flat,
-        [h, tq * d],
-        [tq * d, 1],
-        [GROUP, DC],
-        gl.NVMMASharedLayout.get_default_for([GROUP, DC], gl_dtype),
+        q_flat, [h, tq * d], [tq * d, 1], [GROUP, DC], shared_layout([GROUP, DC], q.dtype)
     )
-    try:
-        _shared_kv_kernel[(num_seqs, num_splits)](
-            desc, desc_q, out, o_part, lse_part, block_tables, seq_lens,
-            out.stride(0), out.stride(1), block_tables.stride(0),
-            h, num_splits, nb, float(scale) * LOG2E,
-            D=d, RC=rc, BOX_R=box, ROWS_PER_BLOCK=rows_per_block, CONSUMERS=consumers, REGS=REGS[consumers],
-            IS_SPLIT=num_splits > 1, num_warps=4, MODE=_MODE,
-        )  # fmt: skip
-    except CompilationError as e:
-        _failed = str(e).strip().splitlines()[-1][:300]
-        log.warning("the Hopper cross-attention kernel does not compile with triton %s (%s); "
-                    "using the Triton kernel instead", triton.__version__, _failed)  # fmt: skip
+    launched = _guard.launch(
+        _shared_kv_kernel, (num_seqs, num_splits),
+        desc, desc_q, out, o_part, lse_part, block_tables, seq_lens,
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        h, num_splits, nb, float(scale) * LOG2E,
+        D=d, RC=rc, BOX_R=box, ROWS_PER_BLOCK=rows_per_block, CONSUMERS=consumers, REGS=REGS[consumers],
+        IS_SPLIT=num_splits > 1, num_warps=4, MODE=_MODE,
+    )  # fmt: skip
+    if not launched:
         return None
     if num_splits > 1:
         merge_rows(o_part, lse_part, out)
     return out
 
 
-if AVAILABLE:
-    _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
-
-
 def compile_offline(d: int, heads: int, rc: int = 16, rows_per_block: int = 1024, split: bool = False,
                     dtype: torch.dtype = torch.bfloat16):  # fmt: skip
-    """Compile for sm_90 without a GPU (CPU tests): Triton's compiled kernel (``.asm``, ``.metadata``)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    ty = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    """The kernel compiled for sm_90 without a GPU (``gluon_support.compile_sm90``; CPU tests)."""
     box = min(rc, BLOCK_N)
-    layout = gl.NVMMASharedLayout.get_default_for([box, DC], _GL_DTYPES[dtype])
     consumers = triton.cdiv(heads, GROUP)
-    q_layout = gl.NVMMASharedLayout.get_default_for([GROUP, DC], _GL_DTYPES[dtype])
-    sig = dict(desc_e=f"tensordesc<{ty}[{box}, {DC}],{layout!r}>",
-               desc_q=f"tensordesc<{ty}[{GROUP}, {DC}],{q_layout!r}>",
-               Out=f"*{ty}", O_PART="*fp32", LSE_PART="*fp32", BLOCK_TABLES="*i32", SEQ_LENS="*i32",
-               stride_ot="i32", stride_oh="i32", stride_bt="i32", num_heads="i32", num_splits="i32", nb="i32",
+    sig = dict(desc_e=desc_type(dtype, [box, DC]), desc_q=desc_type(dtype, [GROUP, DC]), Out=ptr_type(dtype),
+               O_PART="*fp32", LSE_PART="*fp32", BLOCK_TABLES="*i32", SEQ_LENS="*i32", stride_ot="i32",
+               stride_oh="i32", stride_bt="i32", num_heads="i32", num_splits="i32", nb="i32",
                qk_scale="fp32")  # fmt: skip
     consts = dict(D=d, RC=rc, BOX_R=box, ROWS_PER_BLOCK=rows_per_block, CONSUMERS=consumers,
                   REGS=REGS[consumers], IS_SPLIT=split, MODE=0)  # fmt: skip
-    sig.update(dict.fromkeys(consts, "constexpr"))
-    names = list(sig)
-    src = GluonASTSource(_shared_kv_kernel, sig, {(names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    return compile_sm90(_shared_kv_kernel, sig, consts)

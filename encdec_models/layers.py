@@ -9,6 +9,9 @@ Shapes: T = packed tokens of a step, d = d_model, H = heads, D = head dim.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -288,9 +291,19 @@ def _pre_norm(norm: Norm, x, residual):
     return (norm(x), x) if residual is None else norm.add(x, residual)
 
 
-# Called with i before layer i > 0 of every ``run_layers`` stack when set: CUDA-graph capture
-# uses it to cut a decode step into several graphs at layer boundaries (engine/cuda_graphs.py).
-layer_boundary_hook = None
+_boundary_hook: ContextVar[Callable[[int], None] | None] = ContextVar("layer_boundary_hook", default=None)
+
+
+@contextlib.contextmanager
+def layer_boundary_hook(fn: Callable[[int], None]):
+    """Within this block (and this thread), every ``run_layers`` stack calls fn(i) before its
+    layer i > 0: CUDA-graph capture cuts a decode step into several graphs at layer boundaries
+    (encdec_cli/engine/cuda_graphs.py)."""
+    token = _boundary_hook.set(fn)
+    try:
+        yield
+    finally:
+        _boundary_hook.reset(token)
 
 
 def run_layers(layers, x, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -300,9 +313,10 @@ def run_layers(layers, x, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
     residual sum to the next norm (its fused add), one elementwise kernel less per layer; the
     stack's final norm takes it through ``final_norm``. Post-norm layers return residual None."""
     residual = None
+    hook = _boundary_hook.get()
     for i, layer in enumerate(layers):
-        if i and layer_boundary_hook is not None:
-            layer_boundary_hook(i)
+        if i and hook is not None:
+            hook(i)
         x, residual = layer(x, *args, residual=residual)
     return x, residual
 

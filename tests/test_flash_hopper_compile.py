@@ -61,3 +61,26 @@ def test_never_taken_for_cpu_tensors():
 
     q = torch.randn(8, 2, 64, dtype=torch.bfloat16)
     assert not flash_hopper.supports(q, q, q, False, None)
+
+
+def test_compile_guard_logs_once_and_turns_the_kernel_off(caplog):
+    """gluon_support.CompileGuard, as both Hopper kernels use it: a launch that does not compile
+    returns False, logs why, and the kernel is not usable from then on (the Triton one serves)."""
+    import torch
+    from triton.compiler.errors import CompilationError
+
+    from encdec_kernels.gluon_support import CompileGuard
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise CompilationError("", None, "AttributeError: a Gluon API this Triton lacks")
+
+            return launch
+
+    guard = CompileGuard("test")
+    with caplog.at_level("WARNING", logger="encdec"):
+        assert guard.launch(Broken(), (1,), 1, x=2) is False
+    assert "a Gluon API this Triton lacks" in guard.failed
+    assert "the test kernel does not compile" in caplog.text
+    assert not guard.usable(torch.device("cuda"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from encdec_models.layers import Linear, Norm
+from encdec_models.layers import Linear, Norm, layer_boundary_hook, run_layers
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
@@ -29,3 +29,17 @@ def test_norm_linear_matches_norm_then_linear(kind, with_residual, activation):
             want = ACT2FN[activation](want)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_sum, want_sum, rtol=0, atol=0)
+
+
+def test_layer_boundary_hook_is_called_inside_its_block_only():
+    """CUDA-graph capture's cut points: fn(i) before every layer i > 0 of a stack, within the block."""
+
+    def layer(x, residual=None):
+        calls.append("layer")
+        return x, residual
+
+    calls = []
+    with layer_boundary_hook(calls.append):
+        run_layers([layer] * 3, torch.zeros(1))
+    run_layers([layer] * 3, torch.zeros(1))
+    assert calls == ["layer", 1, "layer", 2, "layer"] + ["layer"] * 3

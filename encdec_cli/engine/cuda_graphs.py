@@ -13,14 +13,13 @@ for that long every step; with segments it runs the first while the host launche
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 import numpy as np
 import torch
 
-import encdec_models.layers
 from encdec_models.base import AttentionMetadata, PagedView
+from encdec_models.layers import layer_boundary_hook
 
 SEGMENTS = 4  # graphs per decode step (at most one per decoder layer)
 
@@ -96,7 +95,7 @@ class CudaGraphs:
                     segments.append(torch.cuda.CUDAGraph())
                     segments[-1].capture_begin(pool=pool)
 
-            with torch.cuda.stream(stream), _boundary_hook(cut):
+            with torch.cuda.stream(stream), layer_boundary_hook(cut):
                 segments[0].capture_begin(pool=pool)
                 self.outputs[b] = model.decode(self.tokens[:b], self.positions[:b], meta)
                 segments[-1].capture_end()
@@ -144,12 +143,3 @@ class CudaGraphs:
         for g in self.graphs[b]:
             g.replay()
         return self.outputs[b][:n]
-
-
-@contextlib.contextmanager
-def _boundary_hook(fn):
-    encdec_models.layers.layer_boundary_hook = fn
-    try:
-        yield
-    finally:
-        encdec_models.layers.layer_boundary_hook = None

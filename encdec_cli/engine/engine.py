@@ -9,6 +9,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+import encdec_kernels
 from encdec_cli.engine.beam import beam_step_batch
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig, EngineStats
@@ -150,16 +151,12 @@ class Engine:
         return self.runner.encoder_rows is not None
 
     def _hopper_cross(self) -> bool:
-        """Whether this model takes absorbed cross-attention by default and its steps run on
-        encdec_kernels/shared_kv_hopper.py here."""
-        if not self.model.absorb_cross_by_default or self.dtype not in (torch.float16, torch.bfloat16):
-            return False
-        try:
-            from encdec_kernels import shared_kv_hopper
-        except ImportError:  # no Triton
-            return False
+        """Whether this model takes absorbed cross-attention by default here: encdec_kernels prefers
+        it where its Hopper kernel runs this model's shape and dtype."""
         spec = self.model.cache_spec
-        return shared_kv_hopper.preferred(self.device, spec.num_heads, self.model.d_model)
+        return self.model.absorb_cross_by_default and encdec_kernels.prefers_absorbed_cross(
+            self.device, self.dtype, spec.num_heads, self.model.d_model
+        )
 
     def _pool_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype)

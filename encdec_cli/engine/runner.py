@@ -19,10 +19,6 @@ from encdec_cli.engine.sampling import to_device
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from encdec_models.base import AttentionMetadata, PagedView
 
-# absorbed cross-attention: rows after a request's encoder output are zeroed up to a multiple of this
-# (the Hopper kernel's tile; see ModelRunner._zero_tile_ends)
-TILE_ROWS = 64
-
 
 class _Rows:
     """Row ids of a persistent table for live objects; rows of objects gone are reused.
@@ -140,10 +136,11 @@ class ModelRunner:
 
     def _zero_tile_ends(self, groups: list[SequenceGroup]) -> None:
         """Absorbed layout: write zeros after each request's encoder rows up to the end of their last
-        TILE_ROWS-row tile. The Hopper kernel (encdec_kernels/shared_kv_hopper.py) loads whole tiles and
+        ``encdec_kernels.SHARED_KV_TILE_ROWS``-row tile. The Hopper kernel loads whole tiles and
         masks the scores only, so a stale inf or NaN left there by an earlier request would reach
         the output through 0 * inf."""
-        ends = [min(-(-g.encoder_len // TILE_ROWS) * TILE_ROWS, len(g.cross_blocks) * self.cross_block_rows)
+        tile = encdec_kernels.SHARED_KV_TILE_ROWS
+        ends = [min(-(-g.encoder_len // tile) * tile, len(g.cross_blocks) * self.cross_block_rows)
                 for g in groups]  # fmt: skip
         slots = np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
         if len(slots):

@@ -160,7 +160,7 @@ def test_whisper_bf16_encoder_on_the_hopper_kernel(tmp_path, monkeypatch):
     """A bf16 Whisper encoder (1500 positions, head dim 64) runs its attention on
     encdec_kernels/flash_hopper.py, and its output matches the encoder on the Triton kernel and on the
     reference path to bf16 accuracy."""
-    from encdec_kernels import flash_hopper
+    from encdec_kernels import flash_hopper, gluon_support
     from tests.kernels.cases import rel_err
 
     random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
@@ -176,7 +176,7 @@ def test_whisper_bf16_encoder_on_the_hopper_kernel(tmp_path, monkeypatch):
     with torch.inference_mode():
         hopper = model.encode(batch)
         assert len(calls) == 2  # both encoder layers
-        monkeypatch.setenv(flash_hopper.ENV, "0")
+        monkeypatch.setenv(gluon_support.ENV, "0")
         triton_out = model.encode(batch)
         monkeypatch.setenv("ENCDEC_KERNELS", "reference")
         reference_out = model.encode(batch)
@@ -197,11 +197,11 @@ def test_whisper_fp16_absorbed_cross_attention_on_the_hopper_kernel(tmp_path, mo
 
     params = SamplingParams(max_new_tokens=4, min_new_tokens=4, stop_token_ids=(EOT,))
     loaded, reqs = _random_whisper_requests(tmp_path, torch.float16, 40, params)  # bf16: 11% differ
-    from encdec_kernels import attention
+    from encdec_kernels import shared_kv
 
     steps, hopper = [], []  # max_seqlen_q of every absorbed cross-attention call; Hopper kernel calls
-    launch, real = attention._launch_shared_kv, shared_kv_hopper.shared_kv_attention
-    monkeypatch.setattr(attention, "_launch_shared_kv", lambda *a, **k: steps.append(a[5]) or launch(*a, **k))
+    launch, real = shared_kv._launch_shared_kv, shared_kv_hopper.shared_kv_attention
+    monkeypatch.setattr(shared_kv, "_launch_shared_kv", lambda *a, **k: steps.append(a[5]) or launch(*a, **k))
     monkeypatch.setattr(
         shared_kv_hopper, "shared_kv_attention", lambda *a, **k: hopper.append(1) or real(*a, **k)
     )

@@ -41,13 +41,13 @@ pytestmark = [
 if torch.cuda.is_available() and not INTERPRET:
     # Import (compile-mode) triton now, at collection, before tests/kernels/conftest.py could
     # switch this process to the interpreter.
-    from encdec_kernels import attention, flash_hopper, linear, norm
+    from encdec_kernels import flash_hopper, linear, norm, paged, shared_kv, varlen
 else:
-    attention = flash_hopper = linear = norm = None
+    flash_hopper = linear = norm = paged = shared_kv = varlen = None
 HOPPER = torch.cuda.is_available() and not INTERPRET and torch.cuda.get_device_capability()[0] == 9
 
 TEST_TIMEOUT_S = 120  # per test, compiles included (the slowest compiles ~10 kernel variants)
-AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # == encdec_kernels.attention.AUTOTUNE_ENV
+AUTOTUNE_ENV = "ENCDEC_AUTOTUNE"  # == encdec_kernels.varlen.AUTOTUNE_ENV
 # ||out - ref|| / ||ref||; float32 dots run as exact fp32 FMAs ("ieee"), not TF32
 TOL = {torch.float32: 5e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 WHISPER_HEADS, T5_HEADS, HEAD_DIM = 20, 16, 64  # whisper-large-v3: 1280 / 20; flan-t5-large: 16 x 64
@@ -108,11 +108,11 @@ def t5_lengths(n, seed=1):
 @pytest.mark.parametrize("gluon", ["1", "0"], ids=["hopper-kernel-if-any", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_whisper_encoder_attention(monkeypatch, dtype, gluon):
-    monkeypatch.setenv("ENCDEC_GLUON", gluon)  # == encdec_kernels.flash_hopper.ENV
+    monkeypatch.setenv("ENCDEC_GLUON", gluon)  # == encdec_kernels.gluon_support.ENV
     q, k, v, cu = varlen_inputs([WHISPER_FRAMES] * 4, WHISPER_HEADS, HEAD_DIM, dtype, DEVICE, fused=True)
     ref = reference.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=HEAD_DIM**-0.5)
     with poisoned_allocations():
-        out = attention.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=HEAD_DIM**-0.5)
+        out = varlen.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=HEAD_DIM**-0.5)
     assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -127,7 +127,7 @@ def test_t5_encoder_attention_ragged(dtype, bias):
     rb = rel_bias(T5_HEADS, True, DEVICE) if bias else None
     ref = reference.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
     with poisoned_allocations():
-        out = attention.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
+        out = varlen.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
     assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -138,16 +138,16 @@ def test_varlen_every_autotune_config(monkeypatch):
     q, k, v, cu = varlen_inputs(lens, T5_HEADS, HEAD_DIM, torch.bfloat16, DEVICE)
     rb = rel_bias(T5_HEADS, True, DEVICE)
     ref = reference.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
-    configs = attention._varlen_configs_for(HEAD_DIM, torch.bfloat16)
+    configs = varlen._varlen_configs_for(HEAD_DIM, torch.bfloat16)
     assert len(configs) > 1
     for config in configs:
         with poisoned_allocations():
-            out = attention._launch_varlen(q, k, v, cu, max(lens), 1.0, False, rb, config=config)
+            out = varlen._launch_varlen(q, k, v, cu, max(lens), 1.0, False, rb, config=config)
         assert rel_err(out, ref) < TOL[torch.bfloat16], config
     monkeypatch.setenv(AUTOTUNE_ENV, "1")
-    out = attention.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
+    out = varlen.varlen_attention(q, k, v, cu, max(lens), scale=1.0, rel_bias=rb)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
-    assert attention._varlen_attn_tuned.cache  # benchmarked and cached a choice
+    assert varlen._varlen_attn_tuned.cache  # benchmarked and cached a choice
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon encoder kernel is for Hopper (sm_90)")
@@ -173,9 +173,9 @@ def test_hopper_encoder_kernel(lens, heads, head_dim, dtype, fused):
     with poisoned_allocations():
         out = flash_hopper.flash_attention(q, k, v, cu, max(lens), scale)
     assert rel_err(out, ref) < TOL[dtype]
-    if max(lens) >= attention.HOPPER_MIN_SEQLEN:  # varlen_attention takes it for long sequences
+    if max(lens) >= varlen.HOPPER_MIN_SEQLEN:  # varlen_attention takes it for long sequences
         with poisoned_allocations():
-            via_dispatch = attention.varlen_attention(q, k, v, cu, max(lens), scale=scale)
+            via_dispatch = varlen.varlen_attention(q, k, v, cu, max(lens), scale=scale)
         assert torch.equal(via_dispatch, out)
 
 
@@ -196,13 +196,13 @@ def test_hopper_kernel_that_does_not_compile_falls_back_to_triton(monkeypatch):
             return launch
 
     monkeypatch.setattr(flash_hopper, "_flash_fwd_kernel", Broken())
-    monkeypatch.setattr(flash_hopper, "_failed", None)
+    monkeypatch.setattr(flash_hopper._guard, "failed", None)
     q, k, v, cu = varlen_inputs([WHISPER_FRAMES] * 2, 4, HEAD_DIM, torch.bfloat16, DEVICE, fused=True)
     ref = reference.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=0.125)
     for _ in range(2):
-        out = attention.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=0.125)
+        out = varlen.varlen_attention(q, k, v, cu, WHISPER_FRAMES, scale=0.125)
         assert rel_err(out, ref) < TOL[torch.bfloat16]
-    assert len(tries) == 1 and "a Gluon API this Triton lacks" in flash_hopper._failed
+    assert len(tries) == 1 and "a Gluon API this Triton lacks" in flash_hopper._guard.failed
     assert not flash_hopper.supports(q, k, v, False, None)
 
 
@@ -230,7 +230,7 @@ def test_varlen_other_head_dims(head_dim, causal, bias):
     kw = dict(causal=causal, rel_bias=rel_bias(4, not causal, DEVICE) if bias else None)
     ref = reference.varlen_attention(q, k, v, cu, 333, scale=head_dim**-0.5, **kw)
     with poisoned_allocations():
-        out = attention.varlen_attention(q, k, v, cu, 333, scale=head_dim**-0.5, **kw)
+        out = varlen.varlen_attention(q, k, v, cu, 333, scale=head_dim**-0.5, **kw)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
@@ -248,7 +248,7 @@ def test_cross_attention_decode(dtype, q_len, batch):
     )
     ref = reference.paged_attention(*case.args(), scale=HEAD_DIM**-0.5, causal=False)
     with poisoned_allocations():
-        out = attention.paged_attention(*case.args(), scale=HEAD_DIM**-0.5, causal=False)
+        out = paged.paged_attention(*case.args(), scale=HEAD_DIM**-0.5, causal=False)
     assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -274,7 +274,7 @@ def test_absorbed_cross_attention(dtype, batch, q_len):
         [CROSS_LEN] * batch, [q_len] * batch, WHISPER_HEADS, 1280, 64, 16, dtype, DEVICE, spare_blocks=1
     )
     with poisoned_allocations():
-        out = attention.shared_kv_attention(*case.args(), scale=HEAD_DIM**-0.5)
+        out = shared_kv.shared_kv_attention(*case.args(), scale=HEAD_DIM**-0.5)
     n = min(batch, 4)  # the reference loops over sequences in Python: check a few
     ref = reference.shared_kv_attention(
         case.q[: n * q_len], case.rows, case.block_tables[:n], case.seq_lens[:n], case.cu_seqlens_q[: n + 1],
@@ -310,7 +310,7 @@ def test_hopper_absorbed_cross_attention_several_tokens(monkeypatch):
     )
     case = _hopper_case([1500, 20, 700], [4, 1, 2], WHISPER_HEADS, 1280, 64, torch.bfloat16)
     with poisoned_allocations():
-        out = attention.shared_kv_attention(*case.args(), scale=0.125)
+        out = shared_kv.shared_kv_attention(*case.args(), scale=0.125)
     assert calls == [1]
     ref = reference.shared_kv_attention(*case.args(), scale=0.125)
     assert not out.isnan().any()
@@ -351,7 +351,7 @@ def test_hopper_absorbed_cross_attention(lens, heads, width, chunks, dtype, spli
     assert not out.isnan().any()
     assert rel_err(out[:n], ref) < TOL[dtype]
     # and through the public entry point (the dispatch takes this kernel for such inputs)
-    assert rel_err(attention.shared_kv_attention(q, *args[1:], scale=0.125)[:n], ref) < TOL[dtype]
+    assert rel_err(shared_kv.shared_kv_attention(q, *args[1:], scale=0.125)[:n], ref) < TOL[dtype]
 
 
 def test_absorbed_cross_attention_fp32_and_other_widths():
@@ -364,7 +364,7 @@ def test_absorbed_cross_attention_fp32_and_other_widths():
     ):
         case = shared_kv_inputs([350, 77, 1], [1, 1, 1], heads, width, 24, 16, dtype, DEVICE)
         with poisoned_allocations():
-            out = attention.shared_kv_attention(*case.args(), scale=0.125)
+            out = shared_kv.shared_kv_attention(*case.args(), scale=0.125)
         ref = reference.shared_kv_attention(*case.args(), scale=0.125)
         assert rel_err(out, ref) < TOL[dtype], width
 
@@ -372,7 +372,7 @@ def test_absorbed_cross_attention_fp32_and_other_widths():
 @pytest.mark.parametrize("dtype,q_len,bias,block_size,single_query_dot", SELF_DECODE_CASES, ids=str)
 def test_self_attention_decode(monkeypatch, dtype, q_len, bias, block_size, single_query_dot):
     """Decoder self-attention over paged blocks, lengths up to 200, T5 causal bias optional."""
-    monkeypatch.setattr(attention, "SINGLE_QUERY_DOT", single_query_dot)
+    monkeypatch.setattr(paged, "SINGLE_QUERY_DOT", single_query_dot)
     batch = DECODE_BATCH
     gen = torch.Generator().manual_seed(2)
     seq_lens = torch.randint(q_len, SELF_MAX + 1, (batch,), generator=gen).tolist()
@@ -382,7 +382,7 @@ def test_self_attention_decode(monkeypatch, dtype, q_len, bias, block_size, sing
     kw = dict(scale=1.0 if bias else HEAD_DIM**-0.5, causal=True, rel_bias=rb)
     ref = reference.paged_attention(*case.args(), **kw)
     with poisoned_allocations():
-        out = attention.paged_attention(*case.args(), **kw)
+        out = paged.paged_attention(*case.args(), **kw)
     assert rel_err(out, ref) < TOL[dtype]
 
 
@@ -395,7 +395,7 @@ def test_split_kv_long_self_attention(batch, q_len, bias):
     kw = dict(scale=128**-0.5, causal=True, rel_bias=rel_bias(8, False, DEVICE) if bias else None)
     ref = reference.paged_attention(*case.args(), **kw)
     with poisoned_allocations():
-        out = attention.paged_attention(*case.args(), **kw)
+        out = paged.paged_attention(*case.args(), **kw)
     assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
@@ -416,11 +416,11 @@ def test_decode_step_captures_in_cuda_graph():
     rb = rel_bias(heads, False, DEVICE)
 
     def step():
-        attention.store_kv(k_new, v_new, self_k, self_v, slots)
-        s = attention.paged_attention(
+        paged.store_kv(k_new, v_new, self_k, self_v, slots)
+        s = paged.paged_attention(
             q, self_k, self_v, tables, seq_lens, cu_q, 1, scale=0.125, causal=True, rel_bias=rb
         )
-        c = attention.paged_attention(
+        c = paged.paged_attention(
             s,
             cross.k_cache,
             cross.v_cache,
@@ -480,7 +480,7 @@ def test_store_kv():
         for _ in range(4)
     ]
     reference.store_kv(k, v, caches[0], caches[1], slots)
-    attention.store_kv(k, v, caches[2], caches[3], slots)
+    paged.store_kv(k, v, caches[2], caches[3], slots)
     assert torch.equal(caches[0].isnan(), caches[2].isnan())
     assert torch.equal(caches[0].nan_to_num(), caches[2].nan_to_num())
     assert torch.equal(caches[1].nan_to_num(), caches[3].nan_to_num())

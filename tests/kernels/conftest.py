@@ -103,28 +103,25 @@ def _interpreted_module(name):
     return module
 
 
-@pytest.fixture(scope="session")
-def attn():
-    """encdec_kernels.attention with its kernels running in the Triton interpreter."""
-    if not INTERPRETED:
-        pytest.skip(NOT_INTERPRETED_REASON)
-    return _interpreted_module("attention")
+def _interpreted_fixture(module, name=None):
+    """A session fixture ``name`` (default: the module's name): encdec_kernels.<module> with its
+    kernels running in the Triton interpreter."""
+
+    def fixture():
+        if not INTERPRETED:
+            pytest.skip(NOT_INTERPRETED_REASON)
+        return _interpreted_module(module)
+
+    fixture.__doc__ = f"encdec_kernels.{module} with its kernels running in the Triton interpreter."
+    return pytest.fixture(scope="session", name=name or module)(fixture)
 
 
-@pytest.fixture(scope="session")
-def norm():
-    """encdec_kernels.norm with its kernels running in the Triton interpreter."""
-    if not INTERPRETED:
-        pytest.skip(NOT_INTERPRETED_REASON)
-    return _interpreted_module("norm")
-
-
-@pytest.fixture(scope="session")
-def lin():
-    """encdec_kernels.linear with its kernels running in the Triton interpreter."""
-    if not INTERPRETED:
-        pytest.skip(NOT_INTERPRETED_REASON)
-    return _interpreted_module("linear")
+common = _interpreted_fixture("common")
+varlen = _interpreted_fixture("varlen")
+paged = _interpreted_fixture("paged")
+shared_kv = _interpreted_fixture("shared_kv")
+norm = _interpreted_fixture("norm")
+lin = _interpreted_fixture("linear", "lin")
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Triton attention kernels vs encdec_kernels.reference, on the CPU through the Triton interpreter.
 
-The ``attn`` fixture (conftest.py) is encdec_kernels.attention with interpreted kernels. Shapes are
-small; the interpreter uses 16-wide tiles (attn.INTERPRET_*_TILES) so they still cover
-several tiles, ragged tails and the masked / unmasked tile paths.
+The ``varlen``, ``paged`` and ``common`` fixtures (conftest.py) are those modules of encdec_kernels
+with interpreted kernels. Shapes are small; the interpreter uses 16-wide tiles
+(INTERPRET_*_TILES) so they still cover several tiles, ragged tails and the masked / unmasked
+tile paths.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ VARLEN_CASES = [(torch.float32, m, s) for s in VARLEN_SHAPES for m in VARLEN_MOD
 
 
 @pytest.mark.parametrize("dtype,mode,shape", VARLEN_CASES, ids=case_id)
-def test_varlen_matches_reference(attn, gen, bf16_dot_ok, dtype, mode, shape):
+def test_varlen_matches_reference(varlen, gen, bf16_dot_ok, dtype, mode, shape):
     (causal, bias), (lens, heads, head_dim) = mode, shape
     skip_bf16_dot(dtype, bf16_dot_ok)
     q, k, v, cu = varlen_inputs(lens, heads, head_dim, dtype, "cpu", gen=gen)
@@ -71,41 +72,41 @@ def test_varlen_matches_reference(attn, gen, bf16_dot_ok, dtype, mode, shape):
     kw = dict(scale=head_dim**-0.5, causal=causal, rel_bias=rb)
     ref = reference.varlen_attention(q, k, v, cu, max(lens), **kw)
     with poisoned_allocations():
-        out = attn.varlen_attention(q, k, v, cu, max(lens), **kw)
+        out = varlen.varlen_attention(q, k, v, cu, max(lens), **kw)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert rel_err(out, ref) < TOL[dtype]
 
 
-def test_varlen_strided_views_and_loose_max_seqlen(attn, gen):
+def test_varlen_strided_views_and_loose_max_seqlen(varlen, gen):
     """q/k/v as views of a fused [T, 3, H, D] projection; max_seqlen larger than needed."""
     lens = [7, 19]
     q, k, v, cu = varlen_inputs(lens, 2, 32, torch.float32, "cpu", fused=True, gen=gen)
     ref = reference.varlen_attention(q, k, v, cu, 19, scale=0.2)
     with poisoned_allocations():
-        out = attn.varlen_attention(q, k, v, cu, 40, scale=0.2)
+        out = varlen.varlen_attention(q, k, v, cu, 40, scale=0.2)
     assert rel_err(out, ref) < 1e-5
 
 
-def test_varlen_empty_sequences(attn, gen):
+def test_varlen_empty_sequences(varlen, gen):
     lens = [0, 5, 0, 3]
     q, k, v, cu = varlen_inputs(lens, 2, 16, torch.float32, "cpu", gen=gen)
     ref = reference.varlen_attention(q, k, v, cu, 5, scale=0.25)
     with poisoned_allocations():
-        out = attn.varlen_attention(q, k, v, cu, 5, scale=0.25)
+        out = varlen.varlen_attention(q, k, v, cu, 5, scale=0.25)
     assert rel_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
-def test_varlen_bias_long_distances(attn, gen, monkeypatch, bidirectional):
+def test_varlen_bias_long_distances(varlen, gen, monkeypatch, bidirectional):
     """Distances far beyond max_distance (clamped lookup) with T5's real bucket config."""
-    monkeypatch.setitem(attn.INTERPRET_VARLEN_TILES, "BLOCK_M", 64)
-    monkeypatch.setitem(attn.INTERPRET_VARLEN_TILES, "BLOCK_N", 64)
+    monkeypatch.setitem(varlen.INTERPRET_VARLEN_TILES, "BLOCK_M", 64)
+    monkeypatch.setitem(varlen.INTERPRET_VARLEN_TILES, "BLOCK_N", 64)
     lens = [300, 45]
     q, k, v, cu = varlen_inputs(lens, 1, 16, torch.float32, "cpu", gen=gen)
     rb = rel_bias(1, bidirectional, "cpu", num_buckets=32, max_distance=128, gen=gen)
     kw = dict(scale=0.1, causal=not bidirectional, rel_bias=rb)
     ref = reference.varlen_attention(q, k, v, cu, 300, **kw)
-    out = attn.varlen_attention(q, k, v, cu, 300, **kw)
+    out = varlen.varlen_attention(q, k, v, cu, 300, **kw)
     assert rel_err(out, ref) < 1e-5
 
 
@@ -114,31 +115,31 @@ def test_varlen_bias_long_distances(attn, gen, monkeypatch, bidirectional):
     [(32, 128, True), (32, 128, False), (16, 24, True), (8, 20, False), (64, 256, True), (4, 3, True)],
 )
 def test_bias_lookup_matches_reference_bucket_for_every_distance(
-    attn, num_buckets, max_distance, bidirectional
+    varlen, paged, num_buckets, max_distance, bidirectional
 ):
     """Both bias lookups == transformers' bucket formula, for every distance in [-5000, 5000]
     (incl. the exact log boundaries such as rel = 16 for 32/128): the clamped bucket table of
     paged_attention and the distance-pair table of varlen_attention."""
     rel = torch.arange(-5000, 5001)
     want = reference.relative_position_bucket(rel, num_buckets, max_distance, bidirectional)
-    lut = attn._bucket_lut(num_buckets, max_distance, bidirectional, rel.device)
+    lut = paged._bucket_lut(num_buckets, max_distance, bidirectional, rel.device)
     assert lut.dtype == torch.int32
     assert torch.equal(lut[rel.clamp(-max_distance, max_distance) + max_distance].long(), want)
     table = torch.randn(3, num_buckets)
     center = 5000
-    pairs = attn._bias_pairs(RelBias(table, num_buckets, max_distance, bidirectional), center)
+    pairs = varlen._bias_pairs(RelBias(table, num_buckets, max_distance, bidirectional), center)
     assert pairs.shape == (3, 2 * center + 1, 2) and pairs.is_contiguous()
     assert torch.equal(pairs[:, rel + center, 0], table[:, want])  # bias(d)
     assert torch.equal(pairs[:, rel[:-1] + center, 1], table[:, want[1:]])  # bias(d + 1)
 
 
-def test_bias_table_covers_every_tile(attn):
+def test_bias_table_covers_every_tile(varlen):
     """The varlen pair table reaches past max_seqlen by more than any tile (ragged tile ends read
     it unmasked), for the interpreter tiles and every CUDA config."""
-    tiles = [attn.INTERPRET_VARLEN_TILES] + [c.kwargs for c in attn._VARLEN_CONFIGS]
-    assert max(max(t["BLOCK_M"], t["BLOCK_N"]) for t in tiles) <= attn.BIAS_PAD
+    tiles = [varlen.INTERPRET_VARLEN_TILES] + [c.kwargs for c in varlen._VARLEN_CONFIGS]
+    assert max(max(t["BLOCK_M"], t["BLOCK_N"]) for t in tiles) <= varlen.BIAS_PAD
     for max_seqlen in (1, 5, 440, 1500, 4097):
-        assert attn._bias_center(max_seqlen) >= max_seqlen + attn.BIAS_PAD
+        assert varlen._bias_center(max_seqlen) >= max_seqlen + varlen.BIAS_PAD
 
 
 # -- paged decode attention -------------------------------------------------------------------
@@ -157,7 +158,7 @@ PAGED_CASES = [(torch.float32, m, q, bs) for m in PAGED_MODES for q in (1, 3) fo
 
 
 @pytest.mark.parametrize("dtype,mode,q_len,block_size", PAGED_CASES, ids=case_id)
-def test_paged_matches_reference(attn, gen, bf16_dot_ok, dtype, mode, q_len, block_size):
+def test_paged_matches_reference(paged, gen, bf16_dot_ok, dtype, mode, q_len, block_size):
     causal, bias = mode
     skip_bf16_dot(dtype, bf16_dot_ok)
     seq_lens = [q_len, 17, 40, 70]  # shortest: only the new tokens (self) / one block part (cross)
@@ -168,7 +169,7 @@ def test_paged_matches_reference(attn, gen, bf16_dot_ok, dtype, mode, q_len, blo
     kw = dict(scale=head_dim**-0.5, causal=causal, rel_bias=rb)
     ref = reference.paged_attention(*case.args(), **kw)
     with poisoned_allocations():
-        out = attn.paged_attention(*case.args(), **kw)
+        out = paged.paged_attention(*case.args(), **kw)
     assert out.shape == case.q.shape and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
 
@@ -180,46 +181,48 @@ SPLIT_CASES = [(torch.float32, m, q) for m in PAGED_MODES for q in (1, 4, 20, 70
 
 
 @pytest.mark.parametrize("dtype,mode,max_seqlen_q", SPLIT_CASES, ids=case_id)
-def test_paged_split_kv_matches_reference(attn, gen, monkeypatch, bf16_dot_ok, dtype, mode, max_seqlen_q):
+def test_paged_split_kv_matches_reference(
+    common, paged, gen, monkeypatch, bf16_dot_ok, dtype, mode, max_seqlen_q
+):
     causal, bias = mode
     """Few (sequence, head) programs and long keys: the split-KV path (flash-decoding + merge)."""
     seq_lens = [max_seqlen_q + 60, max_seqlen_q + 3]
     q_lens = [max_seqlen_q, 1]
     case = paged_inputs(seq_lens, q_lens, 1, 16, 16, dtype, "cpu", gen=gen)
-    assert attn._num_kv_splits(2, case.block_tables.shape[1] * 16, 16, case.q.device) > 1
+    assert common.num_kv_splits(2, case.block_tables.shape[1] * 16, 16, case.q.device) > 1
     rb = rel_bias(1, False, "cpu", num_buckets=16, max_distance=24, gen=gen) if bias else None
     kw = dict(scale=0.25, causal=causal, rel_bias=rb)
     ref = reference.paged_attention(*case.args(), **kw)
     with poisoned_allocations():
-        out = attn.paged_attention(*case.args(), **kw)
+        out = paged.paged_attention(*case.args(), **kw)
     assert rel_err(out, ref) < TOL[dtype]
 
 
 @pytest.mark.parametrize("num_splits", [2, 5])
-def test_paged_splits_longer_than_keys(attn, gen, num_splits):
+def test_paged_splits_longer_than_keys(paged, gen, num_splits):
     """More splits than key tiles: empty splits must not disturb the merge."""
     case = paged_inputs([3, 20], [1, 2], 2, 16, 16, torch.float32, "cpu", gen=gen)
     ref = reference.paged_attention(*case.args(), scale=0.3, causal=True)
     with poisoned_allocations():
-        out = attn._launch_paged(*case.args(), 0.3, True, None, num_splits=num_splits)
+        out = paged._launch_paged(*case.args(), 0.3, True, None, num_splits=num_splits)
     assert rel_err(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
-def test_paged_single_query_reduction_path(attn, gen, monkeypatch, causal, bias):
+def test_paged_single_query_reduction_path(paged, gen, monkeypatch, causal, bias):
     """SINGLE_QUERY_DOT=False: plain decode through the broadcast-multiply reduction instead of
     the padded tl.dot tile (the default)."""
-    monkeypatch.setattr(attn, "SINGLE_QUERY_DOT", False)
+    monkeypatch.setattr(paged, "SINGLE_QUERY_DOT", False)
     case = paged_inputs([1, 17, 40], [1, 1, 1], 2, 16, 16, torch.float32, "cpu", gen=gen)
     rb = rel_bias(2, False, "cpu", num_buckets=16, max_distance=24, gen=gen) if bias else None
     ref = reference.paged_attention(*case.args(), scale=0.25, causal=causal, rel_bias=rb)
     with poisoned_allocations():
-        out = attn.paged_attention(*case.args(), scale=0.25, causal=causal, rel_bias=rb)
+        out = paged.paged_attention(*case.args(), scale=0.25, causal=causal, rel_bias=rb)
     assert rel_err(out, ref) < 1e-5
 
 
-def test_paged_beams_share_cross_blocks_and_empty_query_rows(attn, gen):
+def test_paged_beams_share_cross_blocks_and_empty_query_rows(paged, gen):
     """Beams of one request reuse the same block table row; a padded sequence has no queries."""
     seq_lens = [23, 23, 23, 9, 9]
     q_lens = [1, 1, 1, 0, 1]
@@ -228,57 +231,57 @@ def test_paged_beams_share_cross_blocks_and_empty_query_rows(attn, gen):
     )
     ref = reference.paged_attention(*case.args(), scale=0.25, causal=False)
     with poisoned_allocations():
-        out = attn.paged_attention(*case.args(), scale=0.25, causal=False)
+        out = paged.paged_attention(*case.args(), scale=0.25, causal=False)
     assert rel_err(out, ref) < 1e-5
 
 
-def test_num_kv_splits_heuristic(attn, monkeypatch):
-    monkeypatch.setattr(attn, "_sm_count", lambda device: 132)  # an H100: split below 4 * 132 programs
+def test_num_kv_splits_heuristic(common, monkeypatch):
+    monkeypatch.setattr(common, "sm_count", lambda device: 132)  # an H100: split below 4 * 132 programs
     dev = torch.device("cuda")
-    assert attn._num_kv_splits(256 * 20, 1504, 64, dev) == 1  # big decode batch: no split
-    assert attn._num_kv_splits(20, 1504, 64, dev) == 24  # batch 1, Whisper cross: one 64-key tile each
-    assert attn._num_kv_splits(8 * 20, 1504, 64, dev) == 4  # batch 8: cdiv(528, 160), 6 tiles each
-    assert attn._num_kv_splits(16 * 8, 1504, 64, dev) == 5  # cdiv(528, 128) = 5 -> 5 tiles each
-    assert attn._num_kv_splits(1, 1 << 20, 64, dev) == attn.SPLIT_MAX
-    assert attn._num_kv_splits(20, 200, 64, dev) == 4  # short keys: at most one split per tile
-    assert attn._num_kv_splits(20, 48, 64, dev) == 1
+    assert common.num_kv_splits(256 * 20, 1504, 64, dev) == 1  # big decode batch: no split
+    assert common.num_kv_splits(20, 1504, 64, dev) == 24  # batch 1, Whisper cross: one 64-key tile each
+    assert common.num_kv_splits(8 * 20, 1504, 64, dev) == 4  # batch 8: cdiv(528, 160), 6 tiles each
+    assert common.num_kv_splits(16 * 8, 1504, 64, dev) == 5  # cdiv(528, 128) = 5 -> 5 tiles each
+    assert common.num_kv_splits(1, 1 << 20, 64, dev) == common.SPLIT_MAX
+    assert common.num_kv_splits(20, 200, 64, dev) == 4  # short keys: at most one split per tile
+    assert common.num_kv_splits(20, 48, 64, dev) == 1
     for programs in (1, 3, 20, 100, 527):  # never an empty split at full length
         for keys in (64, 200, 1504, 4096):
-            splits = attn._num_kv_splits(programs, keys, 64, dev)
+            splits = common.num_kv_splits(programs, keys, 64, dev)
             tiles = -(-keys // 64)
-            assert 1 <= splits <= min(tiles, attn.SPLIT_MAX)
+            assert 1 <= splits <= min(tiles, common.SPLIT_MAX)
             assert (splits - 1) * -(-tiles // splits) < tiles
 
 
-def test_scale_must_be_positive(attn):
+def test_scale_must_be_positive(varlen, paged):
     a = _varlen_ok()
     for scale in (0.0, -0.125, True):
         with pytest.raises(ValueError):
-            attn.varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], 6, scale=scale)
+            varlen.varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], 6, scale=scale)
     p = _paged_ok()
     with pytest.raises(ValueError):
-        attn.paged_attention(*p.values(), scale=0.0, causal=True)
+        paged.paged_attention(*p.values(), scale=0.0, causal=True)
 
 
-def test_varlen_configs(attn, monkeypatch):
+def test_varlen_configs(varlen, monkeypatch):
     """Every head dim / dtype has candidates (its first is the ENCDEC_AUTOTUNE=0 config), the
     autotuner's prune keeps exactly those, and the autotune key buckets max_seqlen."""
     for block_d in (16, 32, 64, 128, 256):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
-            allowed = attn._varlen_configs_for(block_d, dtype)
-            assert allowed and all(any(c is a for a in attn._VARLEN_CONFIGS) for c in allowed)
-            kept = attn._varlen_prune(
-                attn._VARLEN_CONFIGS, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d
+            allowed = varlen._varlen_configs_for(block_d, dtype)
+            assert allowed and all(any(c is a for a in varlen._VARLEN_CONFIGS) for c in allowed)
+            kept = varlen._varlen_prune(
+                varlen._VARLEN_CONFIGS, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=block_d
             )
-            assert kept == [c for c in attn._VARLEN_CONFIGS if any(c is a for a in allowed)]
-    assert len(attn._varlen_configs_for(64, torch.bfloat16)) > len(
-        attn._varlen_configs_for(128, torch.bfloat16)
+            assert kept == [c for c in varlen._VARLEN_CONFIGS if any(c is a for a in allowed)]
+    assert len(varlen._varlen_configs_for(64, torch.bfloat16)) > len(
+        varlen._varlen_configs_for(128, torch.bfloat16)
     )
-    assert attn._seq_bucket(1500) == 2048 and attn._seq_bucket(440) == 512 and attn._seq_bucket(3) == 64
-    monkeypatch.setenv(attn.AUTOTUNE_ENV, "0")
-    assert not attn._autotune_enabled()
-    monkeypatch.setenv(attn.AUTOTUNE_ENV, "1")
-    assert attn._autotune_enabled()
+    assert varlen._seq_bucket(1500) == 2048 and varlen._seq_bucket(440) == 512 and varlen._seq_bucket(3) == 64
+    monkeypatch.setenv(varlen.AUTOTUNE_ENV, "0")
+    assert not varlen._autotune_enabled()
+    monkeypatch.setenv(varlen.AUTOTUNE_ENV, "1")
+    assert varlen._autotune_enabled()
 
 
 # -- store_kv ---------------------------------------------------------------------------------
@@ -289,7 +292,7 @@ def test_varlen_configs(attn, monkeypatch):
     [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)],
     ids=case_id,
 )
-def test_store_kv_matches_reference_and_skips_padding(attn, gen, src_dtype, cache_dtype):
+def test_store_kv_matches_reference_and_skips_padding(paged, gen, src_dtype, cache_dtype):
     n, heads, head_dim, blocks, block_size = 9, 3, 20, 4, 8
     kv = torch.randn(n, 2, heads, head_dim, generator=gen).to(src_dtype)
     k, v = kv.unbind(1)  # strided views, like a fused projection
@@ -299,7 +302,7 @@ def test_store_kv_matches_reference_and_skips_padding(attn, gen, src_dtype, cach
     v_cache = torch.full_like(k_cache, float("nan"))
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     reference.store_kv(k, v, k_ref, v_ref, slots)
-    attn.store_kv(k, v, k_cache, v_cache, slots)
+    paged.store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache.isnan(), k_ref.isnan())  # skipped rows untouched, others written
     # the interpreter rounds float32 -> bfloat16 toward zero (torch and the GPU: to nearest even)
     tol = dict(rtol=2**-7, atol=0) if src_dtype != cache_dtype else dict(rtol=0, atol=0)
@@ -333,14 +336,14 @@ VARLEN_BAD = {
 
 
 @pytest.mark.parametrize("bad", list(VARLEN_BAD))
-def test_varlen_rejects_bad_inputs(attn, bad):
+def test_varlen_rejects_bad_inputs(varlen, bad):
     a = _varlen_ok()
     VARLEN_BAD[bad](a)
     with pytest.raises(ValueError):
-        attn.varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"], scale=1.0)
+        varlen.varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], a["max_seqlen"], scale=1.0)
 
 
-def test_rel_bias_checks(attn):
+def test_rel_bias_checks(varlen):
     a = _varlen_ok()
     for rb in (
         RelBias(torch.randn(3, 32), 32, 128, True),  # wrong head count
@@ -349,7 +352,7 @@ def test_rel_bias_checks(attn):
         RelBias(torch.randn(2, 32), 32, 4, True),
     ):  # max_distance inside the exact range
         with pytest.raises(ValueError):
-            attn.varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], 6, scale=1.0, rel_bias=rb)
+            varlen.varlen_attention(a["q"], a["k"], a["v"], a["cu_seqlens"], 6, scale=1.0, rel_bias=rb)
 
 
 def _paged_ok(gen=None):
@@ -379,18 +382,18 @@ PAGED_BAD = {
 
 
 @pytest.mark.parametrize("bad", list(PAGED_BAD))
-def test_paged_rejects_bad_inputs(attn, bad):
+def test_paged_rejects_bad_inputs(paged, bad):
     a = _paged_ok()
     PAGED_BAD[bad](a)
     with pytest.raises(ValueError):
-        attn.paged_attention(*a.values(), scale=1.0, causal=True)
+        paged.paged_attention(*a.values(), scale=1.0, causal=True)
 
 
-def test_store_kv_rejects_bad_inputs(attn):
+def test_store_kv_rejects_bad_inputs(paged):
     k = torch.randn(3, 2, 16)
     cache = torch.zeros(2, 4, 2, 16)
     slots = torch.tensor([0, -1, 5])
-    attn.store_kv(k, k, cache, cache.clone(), slots)  # fine
+    paged.store_kv(k, k, cache, cache.clone(), slots)  # fine
     for args in (
         (k, k, cache, cache.clone(), slots.int()),  # int32 slots
         (k, k, cache, cache.clone(), slots[:2]),  # wrong length
@@ -400,4 +403,4 @@ def test_store_kv_rejects_bad_inputs(attn):
         (k, k, cache.transpose(0, 1), cache.clone(), slots),
     ):  # cache not contiguous
         with pytest.raises(ValueError):
-            attn.store_kv(*args)
+            paged.store_kv(*args)

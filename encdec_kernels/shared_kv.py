@@ -1,0 +1,270 @@
+"""Triton shared-K/V attention (absorbed cross-attention, ``shared_kv_attention``) and its row
+store (``store_rows``).
+
+Same signatures and semantics as the references in ``encdec_kernels/reference.py`` (the test
+oracle). Shapes: Tq = packed query tokens, H = heads, d = row width (d_model), B = sequences,
+C = row chunks, NB = cache blocks, RC = rows per chunk, S = KV splits. Softmax and split-KV: see
+``common.py``. On Hopper the Gluon kernel of ``shared_kv_hopper.py`` takes the steps it supports.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from encdec_kernels.checks import check_scale, check_tables, check_tensor
+from encdec_kernels.common import LOG2E, NEG_INIT, dot_precision, merge_rows, num_kv_splits
+from encdec_kernels.pdl import pdl_launch
+
+__all__ = ["shared_kv_attention", "store_rows"]
+
+# (token, head) query rows per program, key rows per tile, and launch shape. A program holds
+# BLOCK_R x d_model float32 accumulators (80 registers per thread at d 1280 with 8 warps), so one
+# or two programs fill an SM: split the keys until about SHARED_SPLIT_PER_SM run.
+SHARED_KV_TILES = {"BLOCK_R": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+INTERPRET_SHARED_KV_TILES = {"BLOCK_R": 16, "BLOCK_N": 16}  # CPU tensors (Triton interpreter): small tiles
+SHARED_SPLIT_PER_SM = 2
+SHARED_SPLIT_MAX = 32
+
+
+# Device code. Kept out of ruff format: Triton kernels read better with packed argument lists.
+# fmt: off
+
+
+@triton.jit(do_not_specialize=["num_groups", "num_splits"])
+def _shared_kv_kernel(
+    Q, ROWS, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, O_PART, LSE_PART,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_rc, stride_rb, stride_rr, stride_bt,
+    num_heads, num_groups, num_splits, exp2_scale,
+    D_MODEL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS_PER_CHUNK: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr, IS_SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """BLOCK_R (token, head) query rows of one sequence against its key rows [lo, hi) of this
+    split; a key row is its value row too. Columns [0, D0) and [D0, D0 + D1) are two tiles (d_model
+    need not be a power of two: 1280 = 1024 + 256). encdec_kernels/shared_kv_hopper.py is the fast
+    path on Hopper."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    group = pid % num_groups
+    off_b = pid // num_groups
+    q_start = tl.load(CU_SEQLENS_Q + off_b)
+    n_rows = (tl.load(CU_SEQLENS_Q + off_b + 1) - q_start) * num_heads
+    r0 = group * BLOCK_R
+    if r0 >= n_rows:
+        return
+    seq_len = tl.load(SEQ_LENS + off_b)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    row_ok = offs_r < n_rows
+    tok = (q_start + offs_r // num_heads).to(tl.int64)
+    head = offs_r % num_heads
+    q_rows = Q + tok * stride_qt + head * stride_qh
+    offs_0 = tl.arange(0, D0)
+    offs_1 = D0 + tl.arange(0, D1 if D1 > 0 else 16)
+    d1_ok = offs_1 < D_MODEL
+    q0 = tl.load(q_rows[:, None] + offs_0[None, :], mask=row_ok[:, None], other=0.0)  # [R, D0]
+    acc0 = tl.zeros([BLOCK_R, D0], dtype=tl.float32)
+    if D1 > 0:
+        q1 = tl.load(q_rows[:, None] + offs_1[None, :], mask=row_ok[:, None] & d1_ok[None, :], other=0.0)
+        acc1 = tl.zeros([BLOCK_R, D1], dtype=tl.float32)
+
+    chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    lo = tl.minimum(split * chunk, seq_len)
+    hi = tl.minimum(lo + chunk, seq_len)
+    bt_row = BLOCK_TABLES + off_b.to(tl.int64) * stride_bt
+    offs_n = tl.arange(0, BLOCK_N)
+    m_i = tl.full([BLOCK_R], NEG_INIT, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        blk = tl.load(bt_row + cols // ROWS_PER_BLOCK, mask=col_ok, other=0).to(tl.int64)
+        r = cols % ROWS_PER_BLOCK
+        key_rows = ROWS + (r // ROWS_PER_CHUNK).to(tl.int64) * stride_rc + blk * stride_rb
+        key_rows += (r % ROWS_PER_CHUNK) * stride_rr
+        e0 = tl.load(key_rows[:, None] + offs_0[None, :], mask=col_ok[:, None], other=0.0)  # [N, D0]
+        if D1 > 0:
+            e1 = tl.load(key_rows[:, None] + offs_1[None, :], mask=col_ok[:, None] & d1_ok[None, :],
+                         other=0.0)
+        s = tl.dot(q0, tl.trans(e0), input_precision=DOT_PRECISION)  # [R, N]
+        if D1 > 0:
+            s = tl.dot(q1, tl.trans(e1), s, input_precision=DOT_PRECISION)
+        s = tl.where(col_ok[None, :], s * exp2_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc0 = tl.dot(p.to(e0.dtype), e0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
+        if D1 > 0:
+            acc1 = tl.dot(p.to(e1.dtype), e1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has_keys = l_i > 0.0
+    inv_l = 1.0 / tl.where(has_keys, l_i, 1.0)
+    out0 = acc0 * inv_l[:, None]
+    if D1 > 0:
+        out1 = acc1 * inv_l[:, None]
+    if not IS_SPLIT:
+        o_rows = Out + tok * stride_ot + head * stride_oh
+        tl.store(o_rows[:, None] + offs_0[None, :], out0.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        if D1 > 0:
+            tl.store(o_rows[:, None] + offs_1[None, :], out1.to(Out.dtype.element_ty),
+                     mask=row_ok[:, None] & d1_ok[None, :])
+    else:
+        lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+        part_row = (tok * num_heads + head) * num_splits + split  # [Tq, H, S] flat index
+        tl.store(LSE_PART + part_row, lse, mask=row_ok)
+        tl.store(O_PART + part_row[:, None] * D_MODEL + offs_0[None, :], out0, mask=row_ok[:, None])
+        if D1 > 0:
+            tl.store(O_PART + part_row[:, None] * D_MODEL + offs_1[None, :], out1,
+                     mask=row_ok[:, None] & d1_ok[None, :])
+
+
+@triton.jit
+def _store_rows_kernel(X, ROWS, SLOTS, stride_xt, stride_rb, stride_rr, rows_per_chunk,
+                       D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
+    """One program per row: copy X[t] into row slot % RC of chunk slot // RC (-1 = skip)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(SLOTS + t)
+    if slot < 0:
+        return
+    dst = ROWS + (slot // rows_per_chunk) * stride_rb + (slot % rows_per_chunk) * stride_rr
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(X + t * stride_xt + offs, mask=offs < D)
+        tl.store(dst + offs, x.to(ROWS.dtype.element_ty), mask=offs < D)
+
+
+# fmt: on
+
+
+def _split_d(d: int) -> tuple[int, int]:
+    """d_model as two power-of-two column tiles (D0, D1): the largest power of two <= d, and the
+    rest rounded up (0 if none; at least 16, the smallest tl.dot reduction)."""
+    d0 = 1 << (d.bit_length() - 1)
+    rest = d - d0
+    return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
+
+
+def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+    """Attention of H query heads over one key head per sequence whose keys are also its values:
+    softmax(scale * q . r) . r over the sequence's rows r. This is cross-attention with the K and V
+    projections absorbed into the query and the output (see ``encdec_models.layers.Attention.cross``):
+    the rows are the encoder output itself, d_model wide, shared by every head and layer.
+
+    q: [Tq, H, d] packed (any token/head strides, last dim contiguous); sequence b owns
+    q[cu_seqlens_q[b]:cu_seqlens_q[b+1]]. rows: [C, NB, RC, d] (any strides but a contiguous last
+    dim); block n of a sequence's block table holds its rows n*C*RC + r at rows[r // RC, block,
+    r % RC], r < C * RC. block_tables: [B, max_blocks] int32; seq_lens: [B] int32 rows of sequence b.
+    Returns [Tq, H, d]: a view of a new head-major [H, Tq, d] tensor (``.transpose(0, 1)`` of
+    it is contiguous). No host sync: CUDA-graph safe.
+
+    On Hopper, fp16/bf16 q laid out as the layer makes it (a view of [H, Tq, d]) goes to
+    ``encdec_kernels/shared_kv_hopper.py``, which loads whole ``SHARED_KV_TILE_ROWS``-row tiles: the
+    rows after a sequence's last one, to the end of its tile, must be finite (the engine writes zeros
+    there).
+    """
+    check_tensor("q", q, 3)
+    check_tensor("rows", rows, 4, device=q.device)
+    if rows.dtype != q.dtype:
+        raise ValueError(f"rows must have q's dtype {q.dtype}, got {rows.dtype}")
+    h, d = q.shape[1:]
+    if rows.shape[3] != d:
+        raise ValueError(f"rows are {rows.shape[3]} wide but q's rows are {d}")
+    if d < 16:
+        raise ValueError(f"row width must be >= 16, got {d}")
+    check_tables(block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, q.device)
+    check_scale(scale)
+    return _launch_shared_kv(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale)
+
+
+def _launch_shared_kv(
+    q,
+    rows,
+    block_tables,
+    seq_lens,
+    cu_seqlens_q,
+    max_seqlen_q,
+    scale,
+    num_splits=None,
+    tiles=None,
+    hopper=True,
+):
+    """shared_kv_attention without the input checks; num_splits and tiles (SHARED_KV_TILES keys)
+    override the built-in choices (tests and benchmarks). Decode steps on Hopper (one query token
+    per sequence) take ``encdec_kernels/shared_kv_hopper.py`` unless ``hopper`` is False or tiles are
+    given."""
+    tq, h, d = q.shape
+    num_seqs = block_tables.shape[0]
+    if hopper and tiles is None and q.is_cuda and tq > 0 and num_seqs > 0:
+        from encdec_kernels import shared_kv_hopper  # Gluon: imported only when a CUDA step can use it
+
+        if shared_kv_hopper.supports(q, rows):
+            if not (max_seqlen_q == 1 and tq == num_seqs):  # prompts, beams: one row per query token
+                seq_of = torch.repeat_interleave(
+                    torch.arange(num_seqs, device=q.device), cu_seqlens_q.diff(), output_size=tq
+                )
+                block_tables, seq_lens = block_tables[seq_of], seq_lens[seq_of]
+            out = shared_kv_hopper.shared_kv_attention(q, rows, block_tables, seq_lens, scale, num_splits)
+            if out is not None:
+                return out
+    out = torch.empty((h, tq, d), device=q.device, dtype=q.dtype).transpose(0, 1)
+    if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
+        return out
+    cfg = dict(SHARED_KV_TILES if q.is_cuda else INTERPRET_SHARED_KV_TILES)
+    cfg.update(tiles or {})
+    block_r, block_n = cfg.pop("BLOCK_R"), cfg.pop("BLOCK_N")
+    num_groups = triton.cdiv(max_seqlen_q * h, block_r)
+    rows_per_block = rows.shape[0] * rows.shape[2]
+    if num_splits is None:
+        num_splits = num_kv_splits(
+            num_seqs * num_groups, block_tables.shape[1] * rows_per_block, block_n, q.device,
+            SHARED_SPLIT_PER_SM, SHARED_SPLIT_MAX,
+        )  # fmt: skip
+    if num_splits > 1:
+        o_part = torch.empty((tq, h, num_splits, d), device=q.device, dtype=torch.float32)
+        lse_part = torch.empty((tq, h, num_splits), device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = out  # unused
+    d0, d1 = _split_d(d)
+    # fmt: off
+    _shared_kv_kernel[(num_seqs * num_groups, num_splits)](
+        q, rows, out, block_tables, seq_lens, cu_seqlens_q, o_part, lse_part,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        rows.stride(0), rows.stride(1), rows.stride(2), block_tables.stride(0),
+        h, num_groups, num_splits, float(scale) * LOG2E,
+        D_MODEL=d, D0=d0, D1=d1, BLOCK_R=block_r, BLOCK_N=block_n, ROWS_PER_CHUNK=rows.shape[2],
+        ROWS_PER_BLOCK=rows_per_block, IS_SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype), **cfg,
+    )
+    # fmt: on
+    if num_splits > 1:
+        merge_rows(o_part, lse_part, out)
+    return out
+
+
+def store_rows(x, rows, slot_mapping):
+    """Write rows x [N, d] (last dim contiguous) into a row cache rows [C, NB, RC, d] (any
+    strides but a contiguous last dim, C and NB mergeable): slot = (c * NB + block) * RC + r puts
+    x[i] at rows[c, block, r]; -1 = skip. Values are cast to the cache dtype."""
+    check_tensor("x", x, 2)
+    check_tensor("rows", rows, 4, device=x.device, first="x")
+    if rows.shape[3] != x.shape[1] or rows.stride(0) != rows.shape[1] * rows.stride(1):
+        raise ValueError(f"rows must be [C, NB, RC, d={x.shape[1]}] with C and NB mergeable")
+    if (
+        not isinstance(slot_mapping, torch.Tensor)
+        or slot_mapping.dtype != torch.int64
+        or slot_mapping.shape != (x.shape[0],)
+        or not slot_mapping.is_contiguous()
+        or slot_mapping.device != x.device
+    ):
+        raise ValueError(f"slot_mapping must be a contiguous int64 tensor [N={x.shape[0]}] on {x.device}")
+    if x.shape[0] == 0:
+        return
+    _store_rows_kernel[(x.shape[0],)](
+        x, rows, slot_mapping, x.stride(0), rows.stride(1), rows.stride(2), rows.shape[2],
+        D=x.shape[1], BLOCK_D=min(1024, triton.next_power_of_2(x.shape[1])), num_warps=4, **pdl_launch(x),
+    )  # fmt: skip
