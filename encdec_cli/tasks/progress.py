@@ -13,6 +13,7 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Column
 
 PLAIN_LINE_SECONDS = 5.0  # seconds between plain progress lines when stderr is not a terminal
 
@@ -47,10 +48,11 @@ class JobProgress:
         self._interval = float(os.environ.get("ENCDEC_PROGRESS_SECONDS", PLAIN_LINE_SECONDS))
         self._last_line = self.start
         self._progress = Progress(
-            TextColumn(f"[bold]{name}"),
-            BarColumn(),
-            TextColumn("{task.fields[status]}"),
+            TextColumn(f"[bold]{name}", table_column=Column(min_width=len(name), no_wrap=True)),
+            BarColumn(bar_width=20, table_column=Column(min_width=20)),
+            TextColumn("{task.fields[status]}", table_column=Column(no_wrap=True, ratio=1)),
             console=self.console,
+            expand=True,  # the status takes the width left, the bar keeps its own
             disable=quiet or self._plain,
             transient=False,
         )
@@ -93,18 +95,20 @@ class JobProgress:
         return done / total if total else None
 
     def status(self) -> str:
-        """One line: items, work, rate, elapsed time and ETA."""
+        """One line: items, ETA, work, rate and elapsed time (the first parts fit 80 columns)."""
         wall = max(time.perf_counter() - self.start, 1e-9)
-        parts = [f"{self.files}/{'?' if self.total is None else self.total} {self.items}"]
+        frac = self.fraction()
+        eta = None if not frac else wall * (1 - frac) / frac
+        parts = [
+            f"{self.files}/{'?' if self.total is None else self.total} {self.items}",
+            f"ETA {'?' if eta is None else _clock(eta)}",
+        ]
         if self.unit == "audio s":
             parts.append(f"audio {_clock(self.amount)}/{_clock(self.planned)} transcribed")
             parts.append(f"RTFx {self.amount / wall:,.1f}")
         else:
             parts.append(f"{self.amount:,.0f} {self.unit} ({self.amount / wall:,.0f}/s)")
         parts.append(f"{_clock(wall)} elapsed")
-        frac = self.fraction()
-        eta = None if not frac else wall * (1 - frac) / frac
-        parts.append(f"ETA {'?' if eta is None else _clock(eta)}")
         return ", ".join(parts)
 
     def _refresh(self) -> None:
