@@ -106,6 +106,15 @@ def transcribe(
     audio_column: str = typer.Option(
         "audio", "--audio-column", help="Column with audio bytes or paths in table inputs."
     ),
+    id_column: str | None = typer.Option(
+        None,
+        "--id-column",
+        help="Column naming each table row's outputs (TABLE/ID.txt). Default: 'id' when the table "
+        "has it, else the audio's file name, else the row number.",
+    ),
+    ordered: bool = typer.Option(
+        False, "--ordered", help="With -o -: print records in input order (default: as files finish)."
+    ),
     timestamps: bool = typer.Option(
         True,
         "--timestamps/--no-timestamps",
@@ -191,7 +200,7 @@ def transcribe(
     """
     from encdec_cli.io.subtitles import resolve_formats
     from encdec_cli.tasks.transcribe import TranscribeOptions
-    from encdec_cli.tasks.transcribe_job import UsageError, check_inputs, run_transcribe
+    from encdec_cli.tasks.transcribe_job import UsageError, check_inputs, check_output, run_transcribe
 
     try:
         formats = resolve_formats(output_format)
@@ -215,7 +224,8 @@ def transcribe(
             seed=seed,
             word_timestamps=word_timestamps,
         )
-        check_inputs(inputs, audio_column)  # fail fast on missing inputs
+        check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
+        check_output(output, formats)
     except (UsageError, ValueError) as e:
         _fail(str(e))
     try:
@@ -242,6 +252,8 @@ def transcribe(
             overwrite=overwrite,
             retry_failed=retry_failed,
             quiet=quiet,
+            id_column=id_column,
+            ordered=ordered,
         )
     except (UsageError, ValueError) as e:
         _fail(str(e))

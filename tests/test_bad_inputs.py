@@ -184,26 +184,26 @@ def test_transcribe_every_bad_file_gets_its_error(transcribed, example_clips):
     assert f"{n_bad} FAILED" in r.stderr
     assert len(manifest) == len(AUDIO_CASES) + len(TABLE_CASES) + len(UNREADABLE_TABLES) + 3
 
+    # names mirror the inputs from their common folder (/ here: stdin lists a file of the repository)
+    mirror = out / os.path.relpath(root, "/")
     for name, expect in AUDIO_CASES.items():
         entry = manifest.get(file_key(corpus / name))
         assert entry is not None, name
-        stem = Path(name).stem
+        stem = mirror / "corpus" / Path(name).stem
         if expect == "ok":
             assert entry.status == "ok", (name, entry.error)
-            assert (out / f"{stem}.txt").is_file() and (out / f"{stem}.json").is_file()
+            assert entry.outputs == (f"{stem}.txt", f"{stem}.json") and Path(f"{stem}.txt").is_file()
         else:
             assert entry.status == "error" and re.search(expect, entry.error), (name, entry.error)
-            assert not (out / f"{stem}.txt").exists()
+            assert not Path(f"{stem}.txt").exists()
     for (table, row), expect in TABLE_CASES.items():
         entry = manifest.get(f"{file_key(tables / table)}#{row}")
         assert entry is not None, (table, row)
-        txt = out / Path(table).stem / f"{row:06d}.txt"
         if expect == "ok":
             assert entry.status == "ok", (table, row, entry.error)
-            assert txt.is_file()
+            assert Path(entry.outputs[0]).is_file()
         else:
             assert entry.status == "error" and re.search(expect, entry.error), (table, row, entry.error)
-            assert not txt.exists()
     for table, expect in UNREADABLE_TABLES.items():
         entry = manifest.get(file_key(tables / table))
         assert entry.status == "error" and re.search(expect, entry.error), (table, entry.error)
@@ -211,11 +211,12 @@ def test_transcribe_every_bad_file_gets_its_error(transcribed, example_clips):
     assert "does not exist" in manifest.get(str(root / "listed-but-missing.wav")).error
     assert "is not a file" in manifest.get(file_key(tables)).error
 
-    # the good items really were transcribed
-    assert "good morning" in (out / "good.txt").read_text().lower()
-    assert "report" in (out / "spaced name ü.txt").read_text().lower()
-    assert "park" in (out / "bytes" / "000000.txt").read_text().lower()
-    assert "coffee" in (out / "paths" / "000000.txt").read_text().lower()
+    # the good items really were transcribed (table rows named by id, else by the audio's file name)
+    assert "good morning" in (mirror / "corpus" / "good.txt").read_text().lower()
+    assert "report" in (mirror / "corpus" / "spaced name ü.txt").read_text().lower()
+    assert "park" in (mirror / "tables" / "bytes" / "0.txt").read_text().lower()
+    assert "coffee" in (mirror / "tables" / "paths" / "rel.txt").read_text().lower()
+    assert "truncated" in manifest.get(file_key(corpus / "half.wav")).warnings[0]
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
 
 

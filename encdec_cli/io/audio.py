@@ -7,13 +7,16 @@
 
 Decoding: libsndfile (soundfile) first: WAV, FLAC, OGG/Vorbis/Opus, MP3, AIFF, ...; other
 formats (m4a, aac, wma, webm, mp4, ...) go through audioread, which needs ffmpeg or
-GStreamer on the machine. Every failure is an `AudioError` with a message for the user.
+GStreamer on the machine. Every failure is an `AudioError` with a message for the user; a file
+that is read but damaged (a WAV cut short of the length its header gives) adds a message to the
+caller's `warnings` list.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +43,9 @@ CUT_SEARCH_SECONDS = 5.0  # a cut is searched in the last this-many seconds befo
 CUT_FRAME_SECONDS = 0.1  # RMS window for finding the quietest point (longer than a stop closure)
 CUT_HOP_SECONDS = 0.01  # RMS window step: cut positions are on a 10 ms grid
 
+# libsndfile's log line for a data chunk longer in its header than in the file:
+# "data : 124852 (should be 62404)"
+_SHORT_DATA = re.compile(r"^\s*(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 _FFMPEG_HINT = "install ffmpeg (e.g. `apt install ffmpeg`) to read m4a/aac/wma/webm/mp4 files"
 
 
@@ -76,6 +82,18 @@ def _check_format(name: str, sample_rate: int, channels: int, frames: int | None
         raise AudioError(f"{name} contains no audio samples (zero length)")
 
 
+def _check_length(f: sf.SoundFile, name: str, warnings: list[str] | None) -> None:
+    """Note a file whose header promises more audio data than it holds (a truncated download or copy):
+    what is there is transcribed, with a warning on the item."""
+    m = _SHORT_DATA.search(f.extra_info) if warnings is not None else None
+    if m and int(m.group(2)) < int(m.group(1)):
+        promised, held = int(m.group(1)), int(m.group(2))
+        warnings.append(
+            f"{name} is truncated: its header gives {promised} bytes of audio data, the file holds {held}; "
+            f"transcribed the {f.frames / f.samplerate:.2f} s that are there"
+        )
+
+
 def _check_finite(name: str, samples: np.ndarray, sample_rate: int, offset_seconds: float = 0.0) -> None:
     """Reject NaN/inf samples: they would silently turn every feature of the window into NaN."""
     finite = np.isfinite(samples).reshape(len(samples), -1).all(axis=1)  # [frames]
@@ -97,9 +115,10 @@ def _to_mono_16k(name: str, data: np.ndarray, sample_rate: int) -> np.ndarray:
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _read_soundfile(source: str | io.BytesIO, name: str) -> np.ndarray:
+def _read_soundfile(source: bytes | io.BytesIO, name: str, warnings: list[str] | None) -> np.ndarray:
     with sf.SoundFile(source) as f:
         _check_format(name, f.samplerate, f.channels, f.frames)
+        _check_length(f, name, warnings)
         data = f.read(dtype="float32", always_2d=True)  # [frames, channels]
         sample_rate = f.samplerate
     if len(data) == 0:
@@ -157,8 +176,9 @@ def _fallback(path: str, name: str, suffix: str, first: sf.LibsndfileError) -> n
         raise AudioError(f"{name} could not be decoded ({reason}); the file may be corrupt") from e
 
 
-def load_audio(source: str | os.PathLike | bytes) -> np.ndarray:
+def load_audio(source: str | os.PathLike | bytes, warnings: list[str] | None = None) -> np.ndarray:
     """Decode a file (path) or in-memory file contents (bytes) to `[samples]` float32 mono 16 kHz.
+    A truncated file is read as far as it goes, with a message added to ``warnings``.
 
     Raises:
         AudioError: missing, empty, zero-length, non-audio, corrupt, NaN/inf samples,
@@ -170,7 +190,7 @@ def load_audio(source: str | os.PathLike | bytes) -> np.ndarray:
         if not data:
             raise AudioError("audio input is empty (0 bytes)")
         try:
-            return _read_soundfile(io.BytesIO(data), name)
+            return _read_soundfile(io.BytesIO(data), name, warnings)
         except sf.LibsndfileError as first:
             with tempfile.NamedTemporaryFile(suffix=".audio") as tmp:
                 tmp.write(data)
@@ -179,7 +199,7 @@ def load_audio(source: str | os.PathLike | bytes) -> np.ndarray:
     path = Path(source)
     _check_path(path)
     try:
-        return _read_soundfile(str(path), name)
+        return _read_soundfile(os.fsencode(path), name, warnings)  # bytes: any Linux file name
     except sf.LibsndfileError as first:
         return _fallback(str(path), name, path.suffix.lower().lstrip("."), first)
 
@@ -240,27 +260,29 @@ def split_on_silence(
 
 
 def iter_audio_windows(
-    path: str | os.PathLike, max_seconds: float = float(CHUNK_LENGTH)
+    path: str | os.PathLike, max_seconds: float = float(CHUNK_LENGTH), warnings: list[str] | None = None
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Stream `(start_sample, window)` pairs: float32 mono 16 kHz windows of at most `max_seconds`.
 
     Same windows as `split_on_silence(load_audio(path))` but read block by block, holding at most
     one window plus one block in memory. `start_sample` counts 16 kHz samples from the file start.
-    Formats libsndfile cannot read (m4a, ...) are decoded whole through `load_audio`.
+    Formats libsndfile cannot read (m4a, ...) are decoded whole through `load_audio`. A truncated
+    file adds a message to ``warnings``.
     """
     p = Path(path)
     _check_path(p)
     name = _describe(path)
     max_len, search = _cut_bounds(max_seconds, SAMPLE_RATE)
     try:
-        f = sf.SoundFile(str(p))
+        f = sf.SoundFile(os.fsencode(p))
     except sf.LibsndfileError:
-        audio = load_audio(p)  # not streamable by libsndfile: decode whole (raises AudioError)
+        audio = load_audio(p, warnings)  # not streamable by libsndfile: decode whole (raises AudioError)
         for start, end in split_on_silence(audio, max_seconds):
             yield start, audio[start:end]
         return
     with f:
         _check_format(name, f.samplerate, f.channels, f.frames)
+        _check_length(f, name, warnings)
         buf = np.zeros(0, dtype=np.float32)  # pending 16 kHz samples, buf[0] is sample `buf_start`
         buf_start = 0
         for chunk in _stream_mono_16k(f, name):

@@ -1,9 +1,10 @@
 """Job manifest: an append-only JSONL log of finished and failed items, for resume.
 
-One line per event, ``{"key", "status": "ok"|"error", "error"?, "outputs"?, "time"}``;
+One line per event, ``{"key", "status": "ok"|"error", "error"?, "outputs"?, "warnings"?, "time"}``;
 the last line for a key wins. Each line is flushed and fsynced before the call
 returns, so a crash loses at most the line being written; a truncated or otherwise
-unreadable line is ignored when the manifest is read back.
+unreadable line is ignored when the manifest is read back. Keys and paths are str; a non-UTF-8 file
+name (surrogateescape) is written \\u-escaped and reads back as the same str.
 
 Typical use (a file job such as transcribe)::
 
@@ -25,14 +26,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from encdec_cli.io.atomic import fsync_dir, remove_stale_temps
+from encdec_cli.io.records import json_line
 
-__all__ = ["MANIFEST_NAME", "Manifest", "ManifestEntry", "file_key", "row_key"]
+__all__ = ["MANIFEST_NAME", "Manifest", "ManifestEntry", "file_key", "key_input", "row_key"]
 
 MANIFEST_NAME = ".encdec-manifest.jsonl"
 
@@ -54,6 +57,15 @@ def file_key(path: str | os.PathLike[str]) -> str:
     return f"file:{resolved}:{st.st_size}:{st.st_mtime_ns}"
 
 
+_FILE_STATE = re.compile(r":(?:\d+|unreadable):-?\d+(?=(?:#\d+)?$)")  # ":size:mtime" of a file key
+
+
+def key_input(key: str) -> str:
+    """The input a key names, without the file's state: ``file:/a/x.wav`` for ``file:/a/x.wav:SIZE:MTIME``,
+    ``file:/t.parquet#3`` for the key of row 3 of that table. It stays the same when the file changes."""
+    return _FILE_STATE.sub("", key, count=1) if key.startswith("file:") else key
+
+
 def row_key(row_id: int, text: str | bytes) -> str:
     """Identity of a table row: its row id + a hash of its content."""
     data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
@@ -69,6 +81,7 @@ class ManifestEntry:
     error: str | None  # message, when status == "error"
     outputs: tuple[str, ...]  # files written for the item, when status == "ok"
     time: float  # unix time of the event
+    warnings: tuple[str, ...] = ()  # e.g. the input was truncated (status "ok": done regardless)
 
 
 class Manifest:
@@ -137,9 +150,12 @@ class Manifest:
         return list(self._entries.values())
 
     # -- writing -------------------------------------------------------------------
-    def record_ok(self, key: str, outputs: list[str | os.PathLike[str]] | tuple = ()) -> None:
+    def record_ok(
+        self, key: str, outputs: list[str | os.PathLike[str]] | tuple = (), warnings: list[str] | tuple = ()
+    ) -> None:
         """Record that ``key`` finished and wrote ``outputs`` (call after they are committed)."""
-        self._append(ManifestEntry(key, "ok", None, tuple(str(p) for p in outputs), time.time()))
+        outs = tuple(os.fspath(p) for p in outputs)
+        self._append(ManifestEntry(key, "ok", None, outs, time.time(), tuple(warnings)))
 
     def record_error(self, key: str, message: str) -> None:
         """Record that ``key`` failed with ``message``; a re-run may retry it."""
@@ -151,8 +167,10 @@ class Manifest:
             line["error"] = entry.error
         if entry.status == "ok":
             line["outputs"] = list(entry.outputs)
+        if entry.warnings:
+            line["warnings"] = list(entry.warnings)
         line["time"] = round(entry.time, 3)
-        data = json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
+        data = json_line(line).encode("utf-8") + b"\n"
         f = self._open()
         if self._needs_newline:
             data = b"\n" + data
@@ -195,6 +213,7 @@ def _parse_line(raw: bytes) -> ManifestEntry | None:
     if status not in ("ok", "error"):
         return None
     outputs = obj.get("outputs") or ()
+    warnings = obj.get("warnings") or ()
     error = obj.get("error")
     return ManifestEntry(
         key=obj["key"],
@@ -202,4 +221,5 @@ def _parse_line(raw: bytes) -> ManifestEntry | None:
         error=None if error is None else str(error),
         outputs=tuple(str(p) for p in outputs) if isinstance(outputs, list) else (),
         time=float(obj.get("time", 0.0)) if isinstance(obj.get("time"), (int, float)) else 0.0,
+        warnings=tuple(str(w) for w in warnings) if isinstance(warnings, list) else (),
     )

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FRAMES_PER_SECOND", "Segment", "Transcript", "Word"]
+__all__ = ["FRAMES_PER_SECOND", "Segment", "Transcript", "Word", "json_line"]
 
 FRAMES_PER_SECOND = 100  # Whisper mel frames per second (16 kHz / HOP_LENGTH 160): unit of "seek"
 
@@ -66,14 +67,19 @@ class Transcript:
     segments: list[Segment] = field(default_factory=list)
     language: str = ""  # ISO 639-1 code, e.g. "en"
     duration: float = 0.0  # seconds of audio transcribed
+    warnings: list[str] = field(default_factory=list)  # e.g. the audio file was truncated
 
     def to_json_dict(self) -> dict[str, Any]:
-        """openai-whisper's result shape: ``{"text", "segments": [...], "language"}``."""
-        return {
+        """openai-whisper's result shape: ``{"text", "segments": [...], "language"}``, and
+        ``"warnings"`` when there are any."""
+        out: dict[str, Any] = {
             "text": self.text,
             "segments": [s.to_json_dict() for s in self.segments],
             "language": self.language,
         }
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any], duration: float | None = None) -> Transcript:
@@ -103,4 +109,17 @@ class Transcript:
             segments=segments,
             language=str(data.get("language", "")),
             duration=duration,
+            warnings=[str(w) for w in data.get("warnings", [])],
         )
+
+
+def json_line(obj: Any) -> str:
+    """``obj`` as one line of JSON: UTF-8 text, except that a string holding lone surrogates (a
+    non-UTF-8 file name, decoded with surrogateescape) makes the whole line \\u-escaped ASCII, which
+    UTF-8 can carry and ``json.loads`` turns back into the same string (``os.fsencode``: the name)."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(obj)
+    return text

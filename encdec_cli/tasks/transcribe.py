@@ -16,7 +16,9 @@ Every window is decoded with timestamp tokens (unless ``timestamps`` is off), fa
 next temperature while it looks repetitive or unlikely, and is skipped when it looks silent
 (``whisper_rules``). A background thread decodes audio ahead of the engine. Each finished file
 becomes a ``Transcript`` handed to ``on_done``; a file that cannot be read becomes an error,
-never a crash.
+never a crash. ``on_audio(read, transcribed, started)`` reports progress: seconds of audio read
+ahead (the work planned; negative for what a failed file leaves undone), seconds transcribed
+(windows decoded or skipped as silent), and files begun.
 """
 
 from __future__ import annotations
@@ -73,8 +75,17 @@ class AudioItem:
     """One input: a path or in-memory file bytes, with a name for outputs and messages."""
 
     key: str  # identity for the manifest
-    name: str  # shown to the user; relative output path without extension
+    name: str  # relative output path without extension
     source: Any  # str path or bytes
+    input: str | None = None  # the input as given, for records and messages (default: the path or name)
+    row: int | None = None  # row number, for a row of a table input
+    error: str | None = None  # known to fail before it is read (e.g. its table is unreadable)
+    index: int = 0  # position in the job's input order
+    warnings: list[str] = field(default_factory=list)  # found while reading (e.g. a truncated file)
+
+    def __post_init__(self):
+        if self.input is None:
+            self.input = self.source if isinstance(self.source, str) else self.name
 
 
 @dataclass(eq=False)
@@ -89,6 +100,8 @@ class _File:
     aligning: int = 0  # windows waiting for word timings
     done: dict[int, list[Segment]] = field(default_factory=dict)  # chunk index -> its segments
     duration: float = 0.0  # seconds read so far
+    read: float = 0.0  # seconds of audio reported read (progress)
+    transcribed: float = 0.0  # seconds of audio reported transcribed (progress)
 
 
 @dataclass(eq=False)
@@ -131,11 +144,11 @@ class _Window:
 
 def _read_windows(item: AudioItem) -> Iterator[tuple[int, np.ndarray]]:
     if isinstance(item.source, (bytes, bytearray, memoryview)):
-        audio = load_audio(item.source)
+        audio = load_audio(item.source, item.warnings)
         for s, e in split_on_silence(audio):
             yield s, audio[s:e]
     else:
-        yield from iter_audio_windows(item.source)
+        yield from iter_audio_windows(item.source, warnings=item.warnings)
 
 
 def _seed(*parts) -> int:
@@ -164,7 +177,7 @@ class Transcriber:
         self,
         items: Iterable[AudioItem],
         on_done: Callable[[AudioItem, Transcript | None, str | None], None],
-        on_audio: Callable[[float], None] | None = None,
+        on_audio: Callable[[float, float, int], None] | None = None,
     ) -> None:
         audio_q: queue.Queue = queue.Queue(maxsize=PREFETCH_FILES if self.sequential else PREFETCH_WINDOWS)
         stop = threading.Event()
@@ -204,8 +217,10 @@ class Transcriber:
         for n, item in enumerate(items):
             count = 0
             try:
+                if item.error:
+                    raise ValueError(item.error)
                 if self.sequential:
-                    audio = load_audio(item.source)
+                    audio = load_audio(item.source, item.warnings)
                     if len(audio) == 0:
                         raise ValueError(f"{item.name} contains no audio")
                     if not put(("file", n, item, file_log_mel(audio, self.n_mels), frame_rms(audio))):
@@ -256,7 +271,10 @@ class Transcriber:
         kind, n, item = msg[0], msg[1], msg[2]
         if n in self.finished:  # failed already (a window's error); the rest of it is not needed
             return
-        f = self.files.setdefault(n, _File(n, item, language=self.opts.language))
+        f = self.files.get(n)
+        if f is None:
+            f = self.files[n] = _File(n, item, language=self.opts.language)
+            self._progress(f, started=1)
         if kind == "error":
             f.error = msg[3]
             self._maybe_finish(f)
@@ -266,13 +284,19 @@ class Transcriber:
         elif kind == "file":  # sequential: the whole file's spectrogram is one stream
             mel, rms = msg[3], msg[4]
             f.n_chunks, f.duration = 1, mel.shape[1] / FRAMES_PER_SECOND
+            self._progress(f, read=f.duration)
             self._arrived(f, 0, 0, (mel, rms))
         else:
             idx, start, audio = msg[3], msg[4], msg[5]
             f.duration = max(f.duration, (start + len(audio)) / SAMPLE_RATE)
-            if self.on_audio:
-                self.on_audio(len(audio) / SAMPLE_RATE)
+            self._progress(f, read=len(audio) / SAMPLE_RATE)
             self._arrived(f, idx, start, audio)
+
+    def _progress(self, f: _File, read: float = 0.0, transcribed: float = 0.0, started: int = 0) -> None:
+        f.read += read
+        f.transcribed += transcribed
+        if self.on_audio:
+            self.on_audio(read, transcribed, started)
 
     def _arrived(self, f: _File, idx: int, start: int, source) -> None:
         """A chunk (or a whole file's spectrogram) is ready: start its stream, after language
@@ -317,8 +341,7 @@ class Transcriber:
                 skip == frames or skip >= LEADING_SILENCE_FRAMES - SILENCE_MARGIN_FRAMES
             ):
                 st.seek += skip  # a silent window, or a long silence before the speech in it
-                if self.sequential and self.on_audio:
-                    self.on_audio(skip / FRAMES_PER_SECOND)
+                self._progress(f, transcribed=skip / FRAMES_PER_SECOND)
                 continue
             if self.sequential:
                 feats = self._mel_window(st.source, st.seek)[0]
@@ -442,9 +465,9 @@ class Transcriber:
 
     def _advance(self, st: _Stream, frames: int) -> None:
         """Move the stream ``frames`` mel frames on and submit its next window."""
+        frames = min(frames, st.total - st.seek)
         st.seek += frames
-        if self.sequential and self.on_audio:
-            self.on_audio(frames / FRAMES_PER_SECOND)
+        self._progress(st.file, transcribed=frames / FRAMES_PER_SECOND)
         self._next_window(st)
 
     def _flush_alignments(self) -> None:
@@ -484,15 +507,15 @@ class Transcriber:
         self.finished.add(f.n)
         if f.error:
             f.held.clear()
+            self._progress(f, read=-(f.read - f.transcribed))  # planned work that will not be done
             self.on_done(f.item, None, f.error)
             return
         segments = [s for i in range(f.n_chunks) for s in f.done[i]]
         for i, s in enumerate(segments):
             s.id = i
         language = f.language or ("en" if not self.prompts.multilingual else "")
-        self.on_done(
-            f.item, Transcript("".join(s.text for s in segments), segments, language, f.duration), None
-        )
+        text = "".join(s.text for s in segments)
+        self.on_done(f.item, Transcript(text, segments, language, f.duration, list(f.item.warnings)), None)
 
 
 __all__ = ["AudioItem", "Transcriber", "TranscribeOptions", "WhisperPrompts"]

@@ -1,59 +1,78 @@
 """The ``encdec transcribe`` job: inputs -> audio items, transcripts -> files, manifest, progress.
 
-Exit status: 0 all done, 1 some items failed (in this run, or in an earlier one and skipped now),
-130 interrupted (usage errors are 2, from the CLI).
+Output names mirror the inputs' paths relative to their common folder, without the audio extension
+(``a/x.wav`` and ``b/x.wav`` -> ``a/x.txt``, ``b/x.txt``). Audio files beside each other that share
+a stem keep their extensions (``x.wav`` and ``x.mp3`` -> ``x.wav.txt``, ``x.mp3.txt``); any other
+clash, in this run or with an earlier run's outputs in the same folder, gives the later input its
+extension, then ``~2``, ``~3``... (in input order, never completion order). A table's rows are
+named ``TABLE/ID`` by the ``--id-column`` value, else by the audio's path, else by row number.
+
+Exit status: 0 all done, 1 some items failed (in this run, or in an earlier one and skipped now)
+or an input folder held no audio, 130 interrupted (usage errors are 2, from the CLI).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+
+from rich.markup import escape
 
 from encdec_cli.engine import Engine
 from encdec_cli.io.audio import AUDIO_EXTENSIONS
-from encdec_cli.io.manifest import Manifest, file_key
-from encdec_cli.io.records import Transcript
-from encdec_cli.io.subtitles import resolve_formats, write_transcript
+from encdec_cli.io.manifest import Manifest, file_key, key_input
+from encdec_cli.io.records import Transcript, json_line
+from encdec_cli.io.subtitles import FORMATS, resolve_formats, write_transcript
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import AudioItem, TranscribeOptions, Transcriber
 
 TABLE_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson")
+SEARCHED = ", ".join(f".{e}" for e in sorted(AUDIO_EXTENSIONS))
 
 
 class UsageError(ValueError):
     """Bad command-line input (exit status 2)."""
 
 
-@dataclass
-class InputPlan:
-    items: list[AudioItem]  # paths only: audio is read lazily, table rows are read lazily below
-    tables: list[tuple[Path, str]]  # (table path, audio column)
+def _is_table(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in TABLE_EXTENSIONS
 
 
-def _audio_files(directory: Path) -> Iterator[Path]:
+def _audio_files(directory: str) -> Iterator[tuple[str, bool]]:
+    """(path, whether another audio file beside it has the same stem), recursively, sorted."""
     for root, dirs, files in os.walk(directory):
         dirs.sort()
-        for f in sorted(files):
-            if f.rsplit(".", 1)[-1].lower() in AUDIO_EXTENSIONS and not f.startswith("."):
-                yield Path(root) / f
+        audio = sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in AUDIO_EXTENSIONS and f[0] != ".")
+        stems = Counter(os.path.splitext(f)[0] for f in audio)
+        for f in audio:
+            yield os.path.join(root, f), stems[os.path.splitext(f)[0]] > 1
 
 
-def check_inputs(inputs: list[str], audio_column: str = "audio") -> None:
-    """Fail fast (UsageError) on INPUTS that do not exist or tables without the audio column;
-    touches only the named paths, never walks folders."""
+def check_inputs(inputs: list[str], audio_column: str = "audio", id_column: str | None = None) -> None:
+    """Fail fast (UsageError) on INPUTS that do not exist or tables without the audio column (or
+    without an ``id_column`` asked for); touches only the named paths, never walks folders."""
     for raw in inputs:
         if raw == "-":
             continue
         p = Path(raw)
         if not p.exists() and not p.is_symlink():
             raise UsageError(f"input {raw!r} does not exist")
-        if p.suffix.lower() in TABLE_EXTENSIONS and p.is_file():
-            _check_table_column(p, audio_column)
+        if _is_table(raw) and p.is_file():
+            _check_table_columns(p, [audio_column, *([id_column] if id_column else [])])
+
+
+def check_output(output: str, formats: list[str]) -> None:
+    """``-o -`` prints JSON records: another format asked for (``-f srt``) is a usage error."""
+    formats = resolve_formats(formats)
+    if output == "-" and formats not in (["json"], list(FORMATS)):
+        other = ", ".join(f for f in formats if f != "json")
+        raise UsageError(f"-o - prints JSON Lines records, not {other}: pass -o FOLDER for {other} files")
 
 
 def count_files(inputs: list[str]) -> int | None:
@@ -61,37 +80,14 @@ def count_files(inputs: list[str]) -> int | None:
     unknown up front (stdin lists, tables)."""
     n = 0
     for raw in inputs:
-        p = Path(raw)
-        if raw == "-" or p.suffix.lower() in TABLE_EXTENSIONS:
+        if raw == "-" or _is_table(raw):
             return None
-        n += sum(1 for _ in _audio_files(p)) if p.is_dir() else 1
+        n += sum(1 for _ in _audio_files(raw)) if os.path.isdir(raw) else 1
     return n
 
 
-def plan_inputs(inputs: list[str], audio_column: str = "audio") -> Iterator[AudioItem | tuple[Path, str]]:
-    """Expand INPUTS lazily: audio files, folders (recursive), '-' (paths on stdin), Parquet/JSONL
-    tables (yielded as (path, column) and read row by row later). Nothing is listed up front, so a
-    folder of millions of files starts at once and costs no memory in proportion."""
-    check_inputs(inputs, audio_column)
-    for raw in inputs:
-        if raw == "-":
-            for line in sys.stdin:
-                if line.strip():
-                    p = Path(line.strip())
-                    yield AudioItem(file_key(p) if p.exists() else str(p), p.with_suffix("").name, str(p))
-            continue
-        p = Path(raw)
-        if p.is_dir():
-            for f in _audio_files(p):
-                yield AudioItem(file_key(f), str(f.relative_to(p).with_suffix("")), str(f))
-        elif p.suffix.lower() in TABLE_EXTENSIONS and p.is_file():
-            yield (p, audio_column)
-        else:
-            yield AudioItem(file_key(p), p.with_suffix("").name, str(p))
-
-
-def _check_table_column(path: Path, column: str) -> None:
-    """A readable Parquet table without the audio column is a usage error (an unreadable one
+def _check_table_columns(path: Path, columns: list[str]) -> None:
+    """A readable Parquet table without a needed column is a usage error (an unreadable one
     fails as its own item when the job reads it)."""
     if path.suffix.lower() not in (".parquet", ".pq"):
         return
@@ -102,45 +98,177 @@ def _check_table_column(path: Path, column: str) -> None:
         names = pq.read_schema(path).names
     except (pa.ArrowException, OSError):
         return
-    if column not in names:
-        raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)} (see --audio-column)")
+    for column in columns:
+        if column not in names:
+            flag = "--audio-column" if column == columns[0] else "--id-column"
+            raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)} (see {flag})")
 
 
-def iter_table_audio(path: Path, column: str) -> Iterator[AudioItem]:
-    """Rows of a Parquet/JSONL table whose ``column`` holds audio file bytes, a path, or a
-    Hugging Face datasets Audio struct {bytes, path}. Streams record batches."""
-    if path.suffix.lower() in (".parquet", ".pq"):
+def iter_table_audio(path: str, column: str, id_column: str = "id") -> Iterator[tuple[object, object]]:
+    """(audio value, id value or None) per row of a Parquet/JSONL table; the audio value is file
+    bytes, a path or a Hugging Face datasets Audio struct {bytes, path}. Streams record batches."""
+    if os.path.splitext(path)[1].lower() in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
         pf = pq.ParquetFile(path)
-        if column not in pf.schema_arrow.names:
-            raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(pf.schema_arrow.names)}")
-        batches = (b.column(column).to_pylist() for b in pf.iter_batches(batch_size=64, columns=[column]))
+        names = pf.schema_arrow.names
+        if column not in names:
+            raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)}")
+        columns = [column, *([id_column] if id_column in names and id_column != column else [])]
+        for b in pf.iter_batches(batch_size=64, columns=columns):
+            ids = b.column(id_column).to_pylist() if len(columns) > 1 else [None] * b.num_rows
+            yield from zip(b.column(column).to_pylist(), ids)
     else:
-
-        def batches_jsonl():
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield [_json_field(line, column) for line in f if line.strip()]
-
-        batches = batches_jsonl()
-    row = 0
-    for values in batches:
-        for v in values:
-            name = f"{path.stem}/{row:06d}"
-            key = f"{file_key(path)}#{row}"
-            if isinstance(v, dict):
-                v = v.get("bytes") or v.get("path")
-            if isinstance(v, str) and not os.path.isabs(v):
-                v = str(path.parent / v)
-            yield AudioItem(key, name, v if v is not None else b"")
-            row += 1
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    row = _json_object(line)
+                    yield row.get(column), row.get(id_column)
 
 
-def _json_field(line: str, column: str):
+def _json_object(line: str) -> dict:
     try:
-        return json.loads(line).get(column)
-    except (json.JSONDecodeError, AttributeError):
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _safe_name(value: object) -> str | None:
+    """``value`` as one file name (path separators replaced), or None when it makes none."""
+    if value is None:
         return None
+    name = str(value).strip().replace("/", "_").replace("\\", "_").replace("\0", "_")
+    try:
+        too_long = len(name.encode("utf-8", "surrogateescape")) > 200
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return None
+    return None if too_long or name in ("", ".", "..") else name
+
+
+class Namer:
+    """Unique output names (relative paths without extension): each belongs to one input (a
+    manifest key without the file's state, so it stays when the file changes). An input takes the
+    first of its candidate names that no other input holds, else the last one with ~2, ~3, ..."""
+
+    def __init__(self, manifest: Manifest | None = None, out_dir: str = "."):
+        self._owner: dict[str, str] = {}  # name (case-folded) -> input
+        for entry in manifest.entries() if manifest is not None else ():
+            for out in entry.outputs[:1]:  # the outputs of one input share their name
+                self._owner.setdefault(
+                    os.path.splitext(os.path.relpath(out, out_dir))[0].casefold(), key_input(entry.key)
+                )
+
+    def claim(self, key: str, candidates: list[str]) -> str:
+        owner = key_input(key)
+        numbered = (f"{candidates[-1]}~{n}" for n in itertools.count(2))
+        return next(
+            name
+            for name in itertools.chain(candidates, numbered)
+            if self._owner.setdefault(name.casefold(), owner) == owner
+        )
+
+
+def _file_names(rel: str, keep_extension: bool) -> list[str]:
+    stem = os.path.splitext(rel)[0]
+    return [rel] if keep_extension or stem == rel else [stem, rel]
+
+
+def plan_inputs(
+    inputs: list[str],
+    audio_column: str = "audio",
+    id_column: str | None = None,
+    namer: Namer | None = None,
+    warnings: list[str] | None = None,
+) -> Iterator[AudioItem]:
+    """Expand INPUTS lazily into named audio items: audio files, folders (recursive), '-' (paths on
+    stdin), Parquet/JSONL tables (read row by row). Folders are walked as the job goes, so a folder
+    of millions of files starts at once and costs no memory in proportion. A folder without audio
+    files, or an empty stdin list, adds a message to ``warnings``."""
+    check_inputs(inputs, audio_column, id_column)
+    namer = namer or Namer()
+    warnings = [] if warnings is None else warnings
+    stdin = (
+        [os.fsdecode(p.strip()) for p in sys.stdin.buffer.read().splitlines() if p.strip()]
+        if "-" in inputs
+        else []
+    )
+    if "-" in inputs and not stdin:
+        warnings.append("no paths on stdin")
+    args = [raw for raw in inputs if raw != "-"]
+    dirs = [os.path.abspath(p) if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in args]
+    root = os.path.commonpath(dirs + [os.path.dirname(os.path.abspath(p)) for p in stdin] or [os.getcwd()])
+
+    def rel(path: str) -> str:
+        return os.path.relpath(os.path.abspath(path), root)
+
+    listed = {os.path.abspath(p) for p in args + stdin if not os.path.isdir(p) and not _is_table(p)}
+    stems = Counter(os.path.splitext(rel(p))[0] for p in listed)  # listed files that share a name
+
+    def file_item(path: str, key: str, beside: bool = False) -> AudioItem:
+        keep = beside or stems[os.path.splitext(rel(path))[0]] > 1
+        return AudioItem(key, namer.claim(key, _file_names(rel(path), keep)), path)
+
+    for raw in inputs:
+        if raw == "-":
+            for p in stdin:
+                yield file_item(p, file_key(p) if os.path.exists(p) else p)
+        elif os.path.isdir(raw):
+            found = False
+            for path, beside in _audio_files(raw):
+                found = True
+                yield file_item(path, file_key(path), beside)
+            if not found:
+                warnings.append(f"no audio files in {raw} (searched for {SEARCHED})")
+        elif _is_table(raw) and os.path.isfile(raw):
+            table = file_item(raw, file_key(raw))
+            yield from _table_items(raw, audio_column, id_column or "id", table, namer)
+        else:
+            yield file_item(raw, file_key(raw))
+
+
+def _table_items(
+    path: str, column: str, id_column: str, table: AudioItem, namer: Namer
+) -> Iterator[AudioItem]:
+    """The rows of a table, named TABLE/ID, TABLE/PATH-STEM or TABLE/ROW; an unreadable table is
+    one item with its error."""
+    row = 0
+    try:
+        for value, row_id in iter_table_audio(path, column, id_column):
+            audio_path = value.get("path") if isinstance(value, dict) else value
+            source = (value.get("bytes") or audio_path) if isinstance(value, dict) else value
+            if isinstance(source, str) and not os.path.isabs(source):
+                source = os.path.join(os.path.dirname(path), source)
+            stem = os.path.splitext(os.path.basename(audio_path))[0] if isinstance(audio_path, str) else None
+            label = _safe_name(row_id) or _safe_name(stem) or f"{row:06d}"
+            key = f"{table.key}#{row}"
+            names = [f"{table.name}/{label}", f"{table.name}/{label}~{row:06d}"]
+            yield AudioItem(key, namer.claim(key, names), source if source is not None else b"", path, row)
+            row += 1
+    except Exception as e:  # an unreadable table is its own error, never the job's (nor a hang)
+        yield AudioItem(table.key, table.name, path, error=f"cannot read table: {e}")
+
+
+class _Printer:
+    """JSON Lines records on stdout, as items finish or (``ordered``) in input order."""
+
+    def __init__(self, ordered: bool):
+        self.ordered, self.next, self.held = ordered, 0, {}
+
+    def put(self, index: int, record: dict) -> None:
+        self.held[index if self.ordered else self.next] = json_line(record) + "\n"
+        while self.next in self.held:
+            sys.stdout.write(self.held.pop(self.next))
+            self.next += 1
+        sys.stdout.flush()
+
+    def close(self) -> None:  # an interrupted job: what finished, in order, past the gaps
+        sys.stdout.writelines(self.held[i] for i in sorted(self.held))
+        sys.stdout.flush()
+
+
+def _listed(pairs: list[tuple[str, str]], limit: int = 5) -> str:
+    return "; ".join(f"{n}: {m}" for n, m in pairs[:limit]) + (" ..." if len(pairs) > limit else "")
 
 
 def run_transcribe(
@@ -153,56 +281,64 @@ def run_transcribe(
     overwrite: bool = False,
     retry_failed: bool = False,
     quiet: bool = False,
+    id_column: str | None = None,
+    ordered: bool = False,
 ) -> int:
     formats = resolve_formats(formats)
-    check_inputs(inputs, audio_column)
-    planned = plan_inputs(inputs, audio_column)
+    check_output(output, formats)
+    check_inputs(inputs, audio_column, id_column)
     to_stdout = output == "-"
-    out_dir = Path(output)
-    manifest = None if to_stdout else Manifest.in_dir(out_dir)
-    progress = JobProgress("transcribe", total=count_files(inputs) or None, quiet=quiet, unit="audio s")
+    manifest = None if to_stdout else Manifest.in_dir(output)
+    notes: list[str] = []  # inputs that matched nothing
+    planned = plan_inputs(inputs, audio_column, id_column, Namer(manifest, output), notes)
+    printer = _Printer(ordered) if to_stdout else None
+    progress = JobProgress("transcribe", count_files(inputs), quiet=quiet, unit="audio s", items="files")
     failed: list[tuple[str, str]] = []
-    skipped = 0
-    failed_before = 0  # skipped items that failed in an earlier run: the job is still not all done
-    unreadable: list[tuple[AudioItem, str]] = []  # tables that failed while read (reader thread)
-
-    def table_items(path: Path, column: str) -> Iterator[AudioItem]:
-        try:
-            yield from iter_table_audio(path, column)
-        except Exception as e:  # an unreadable table is its own error, never the job's (nor a hang)
-            unreadable.append((AudioItem(file_key(path), path.stem, str(path)), f"cannot read table: {e}"))
+    warned: list[tuple[str, str]] = []
+    written, written_s, skipped, failed_before = 0, 0.0, 0, 0  # failed_before: skipped, failed earlier
 
     def items() -> Iterator[AudioItem]:
         nonlocal skipped, failed_before
-        for p in planned:
-            for item in table_items(*p) if isinstance(p, tuple) else [p]:
-                if manifest is not None and not overwrite:
-                    failed_earlier = manifest.failed(item.key) and not retry_failed
-                    if manifest.is_done(item.key) or failed_earlier:
-                        skipped += 1
-                        failed_before += bool(failed_earlier)
-                        progress.advance(files=1)
-                        continue
-                yield item
+        seen: set[str] = set()
+        index = 0
+        for item in planned:
+            if item.key in seen:  # the same file named twice (a folder and a file in it)
+                continue
+            seen.add(item.key)
+            if manifest is not None and not overwrite:
+                failed_earlier = manifest.failed(item.key) and not retry_failed
+                if manifest.is_done(item.key) or failed_earlier:
+                    skipped += 1
+                    failed_before += bool(failed_earlier)
+                    progress.skip()
+                    continue
+            item.index, index = index, index + 1
+            yield item
 
     def on_done(item: AudioItem, transcript: Transcript | None, error: str | None) -> None:
+        nonlocal written, written_s
+        where = item.input + ("" if item.row is None else f" row {item.row}")
+        record = {"input": item.input, **({} if item.row is None else {"row": item.row})}
         if error is None:
             try:
-                if to_stdout:
-                    rec = {"input": item.name, **transcript.to_json_dict(), "error": None}
-                    sys.stdout.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    sys.stdout.flush()
+                if printer is not None:
+                    printer.put(item.index, {**record, **transcript.to_json_dict(), "error": None})
                 else:
-                    paths = write_transcript(transcript, out_dir / item.name, formats)
-                    manifest.record_ok(item.key, paths)
-            except OSError as e:
+                    paths = write_transcript(transcript, Path(output) / item.name, formats)
+                    manifest.record_ok(item.key, paths, transcript.warnings)
+            except (OSError, ValueError) as e:  # ValueError: e.g. a name the file system cannot take
                 error = f"cannot write outputs: {e}"
+            else:
+                written, written_s = written + 1, written_s + transcript.duration
+                warned.extend((where, w) for w in transcript.warnings)
+                for w in transcript.warnings:
+                    progress.log(f"[yellow]warning[/yellow] {escape(w)}")
         if error is not None:
-            failed.append((item.name, error))
-            progress.log(f"[red]error[/red] {item.name}: {error}")
-            if to_stdout:
-                sys.stdout.write(json.dumps({"input": item.name, "text": None, "error": error}) + "\n")
-            elif manifest is not None:
+            failed.append((where, error))
+            progress.log(f"[red]error[/red] {escape(where)}: {escape(error)}")
+            if printer is not None:
+                printer.put(item.index, {**record, "text": None, "error": error})
+            else:
                 manifest.record_error(item.key, error)
         progress.advance(files=1)
 
@@ -210,19 +346,21 @@ def run_transcribe(
     interrupted = False
     with progress:
         try:
-            Transcriber(engine, opts).run(items(), on_done, on_audio=lambda s: progress.advance(amount=s))
+            Transcriber(engine, opts).run(
+                items(), on_done, on_audio=lambda r, t, n: progress.advance(amount=t, planned=r, started=n)
+            )
         except KeyboardInterrupt:
             interrupted = True
-        for item, error in unreadable:
-            on_done(item, None, error)
+    if printer is not None:
+        printer.close()
     if manifest is not None:
         manifest.close()
     wall = time.perf_counter() - start
-    audio_s = progress.amount
-    done = progress.files - len(failed) - skipped
+    for note in notes:
+        progress.summary(f"warning: {note}")
     summary = (
-        f"transcribed {done} file(s), {audio_s / 60:.1f} min of audio in {wall:.1f} s "
-        f"(RTFx {audio_s / max(wall, 1e-9):.1f})"
+        f"transcribed {written} file(s), {written_s / 60:.1f} min of audio in {wall:.1f} s "
+        f"(RTFx {written_s / max(wall, 1e-9):.1f})"
     )
     if skipped:
         summary += (
@@ -230,11 +368,23 @@ def run_transcribe(
         )
     if failed_before:
         summary += f"; {failed_before} of them FAILED in an earlier run (see the manifest)"
+    if warned:
+        summary += f"; {len(warned)} warning(s): {_listed(warned, 3)}"
     if failed:
-        summary += f"; {len(failed)} FAILED: " + "; ".join(f"{n}: {e}" for n, e in failed[:5])
-        summary += " ..." if len(failed) > 5 else ""
+        summary += f"; {len(failed)} FAILED: {_listed(failed)}"
+    if notes:
+        summary += f"; {len(notes)} input(s) matched no audio"
     progress.summary(summary + ("; INTERRUPTED" if interrupted else ""))
-    return 130 if interrupted else 1 if failed or failed_before else 0
+    return 130 if interrupted else 1 if failed or failed_before or notes else 0
 
 
-__all__ = ["run_transcribe", "plan_inputs", "check_inputs", "count_files", "iter_table_audio", "UsageError"]
+__all__ = [
+    "Namer",
+    "UsageError",
+    "check_inputs",
+    "check_output",
+    "count_files",
+    "iter_table_audio",
+    "plan_inputs",
+    "run_transcribe",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from encdec_cli.io.manifest import MANIFEST_NAME, Manifest, file_key, row_key
+from encdec_cli.io.manifest import MANIFEST_NAME, Manifest, file_key, key_input, row_key
 
 
 def test_record_and_reload(tmp_path):
@@ -67,3 +67,18 @@ def test_keys(tmp_path):
     assert file_key(f) != k  # a changed file is a new item
     assert row_key(3, "abc") == row_key(3, b"abc") != row_key(4, "abc")
     assert row_key(3, "abc") != row_key(3, "abd")
+    assert key_input(k) == f"file:{f.resolve()}" == key_input(file_key(f))  # the input, not its state
+    assert key_input(f"{k}#7") == f"file:{f.resolve()}#7"
+
+
+def test_non_utf8_names_and_warnings_round_trip(tmp_path):
+    name = os.fsdecode(b"caf\xe9.wav")  # a Latin-1 file name: a lone surrogate in the str
+    out = tmp_path / os.fsdecode(b"caf\xe9.txt")
+    out.write_text("x")
+    with Manifest.in_dir(tmp_path) as m:
+        m.record_ok(f"file:/in/{name}:1:2", [out], ["truncated"])
+    raw = (tmp_path / MANIFEST_NAME).read_bytes()
+    raw.decode("utf-8")  # valid UTF-8 (the surrogate is \u-escaped)
+    entry = Manifest.in_dir(tmp_path).get(f"file:/in/{name}:1:2")
+    assert entry.outputs == (str(out),) and entry.warnings == ("truncated",)
+    assert Manifest.in_dir(tmp_path).is_done(entry.key)
