@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["FRAMES_PER_SECOND", "Segment", "Transcript", "Word", "json_line"]
+from encdec_models.audio import FRAMES_PER_SECOND  # the unit of "seek"
 
-FRAMES_PER_SECOND = 100  # Whisper mel frames per second (16 kHz / HOP_LENGTH 160): unit of "seek"
+__all__ = ["Segment", "Transcript", "Word", "json_line"]
 
 
 @dataclass

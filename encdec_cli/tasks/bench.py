@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from encdec_models.audio import N_AUDIO_CTX, N_SAMPLES
+
 COPY_BYTES = 1 << 30  # a 1 GiB device-to-device copy measures the copy bandwidth
 MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 
@@ -106,7 +108,8 @@ def inputs_for(w: Workload):
         targets = np.array([128])
     if w.model.startswith("whisper"):
         g = torch.Generator().manual_seed(0)
-        return [torch.randn(480000, generator=g).numpy() * 0.1 for _ in range(w.requests)], targets.tolist()
+        waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(w.requests)]
+        return waves, targets.tolist()
     lens = np.random.default_rng(1).integers(260, 441, w.requests)
     vocab = hf_config(w.model).vocab_size
     rng = np.random.default_rng(3)
@@ -314,7 +317,7 @@ def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed:
     spec = model.cache_spec
     kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V of one token, all layers
     cross_row = spec.num_layers * model.d_model * 2 if absorbed else kv_token  # per encoder position
-    enc_lens = [1500 if w.model.startswith("whisper") else len(x) for x in enc_inputs]
+    enc_lens = [N_AUDIO_CTX if w.model.startswith("whisper") else len(x) for x in enc_inputs]
     seqs = len(targets) * w.num_beams
     steps = int(np.ceil(seqs / max_num_seqs)) * int(np.mean(targets))
     cache_bytes = sum(w.num_beams * t * (cross_row * e + kv_token * t / 2) for e, t in zip(enc_lens, targets))
