@@ -273,6 +273,14 @@ def test_a_disk_error_in_a_text_job_is_an_io_failure(tmp_path, text_model):
     one_error_line(r.stderr, str(tmp_path), "File too large")
 
 
+def test_a_disk_error_in_transcribe_is_an_io_failure(tmp_path, example_clips):
+    clips = [c.path for c in example_clips[:3]]
+    out = tmp_path / "out"
+    r = encdec("transcribe", *clips, "-o", out, "-q", preexec_fn=_file_size_limit(300))
+    assert r.returncode == 3, r.stderr
+    one_error_line(r.stderr, str(out), "File too large")
+
+
 def test_a_full_disk_says_a_rerun_resumes(tmp_path, monkeypatch):
     import encdec_cli.cli as cli
     import encdec_cli.tasks.seq2seq as seq2seq
