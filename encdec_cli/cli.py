@@ -1,13 +1,27 @@
-"""The ``encdec`` command line: one small function per command; the work is in tasks/."""
+"""The ``encdec`` command line: one small function per command; the work is in tasks/.
+
+Importing this module imports neither torch nor transformers (``encdec --help`` stays fast): each
+command imports what it needs when it runs. Every command runs through :func:`_command`, which turns
+its faults into one ``error:`` line and the exit status README.md documents (encdec_cli.errors).
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
+from typer.core import TyperCommand
+
+from encdec_cli import errors
+from encdec_cli.errors import UsageError
+from encdec_cli.tasks import interrupts
+from encdec_models.registry import ModelNotFoundError
 
 app = typer.Typer(
     help="Offline, throughput-first inference for encoder/decoder models: transcribe audio with "
@@ -15,23 +29,130 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "[...]" is shown, not taken as markup
 )
 
-MODEL_HELP = (
-    "Model: a local Hugging Face folder, a CTranslate2 Whisper folder, a packaged name "
-    "(tiny.en [default for transcribe], base), or a hub id already in the HF cache."
+WHISPER_MODEL_HELP = (
+    "Whisper model: a packaged name (tiny.en [the default], base [multilingual]), a local Hugging Face "
+    "or CTranslate2 Whisper folder, or a hub id already in the Hugging Face cache "
+    "(e.g. openai/whisper-small)."
 )
-DEVICE_HELP = "auto (CUDA if available), cpu, cuda or cuda:N."
-DTYPE_HELP = "auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."
+TEXT_MODEL_HELP = (
+    "Text model (BART, mBART, Marian, Pegasus, T5, mT5): a local Hugging Face folder (config.json, "
+    "weights, tokenizer files) or a hub id already in the Hugging Face cache, e.g. "
+    "facebook/bart-large-cnn (fill the cache with `hf download ID` on a machine with internet)."
+)
+# options that several commands share
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16 "
+        "(CUDA only: slow on the CPU).",
+    ),
+]
+GpuMemory = Annotated[
+    float,
+    typer.Option(
+        "--gpu-memory-utilization",
+        help="Fraction of the GPU's memory the engine may use (weights, KV cache, CUDA graphs).",
+    ),
+]
+EnforceEager = Annotated[bool, typer.Option("--enforce-eager", help="Disable CUDA graphs.")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
+RetryFailed = Annotated[
+    bool, typer.Option("--retry-failed", help="Redo the items that failed in an earlier run of this job.")
+]
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+TABLE_OUTPUT_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson", ".json", ".csv")
+TRANSCRIPT_EXTENSIONS = (".txt", ".srt", ".vtt", ".tsv", ".json", ".jsonl")
 
 
-@app.callback()
-def _root():
-    """encdec: transcribe, summarize, translate and generate with encoder/decoder models."""
+class _Command(TyperCommand):
+    """Usage lines name arguments as ``INPUTS...`` / ``[WORKLOADS]...``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.name.upper() if param.required else f"[{param.name.upper()}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+_job_stopped = False  # a job stopped on a stop signal and printed its summary (no more to say)
+
+
+def _command(name: str | None = None):
+    """Register a command whose faults end in one line and a documented exit status: 2 usage (an
+    option, an input or the model), 3 reading or writing failed; otherwise the status the command
+    returns. A stop signal (typer turns its KeyboardInterrupt into status 130) is :func:`main`'s."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            global _job_stopped
+            interrupts.reset()
+            try:
+                code = fn(*args, **kwargs)
+            except (ValueError, ModelNotFoundError) as e:  # UsageError, TableError, model errors
+                _fail(str(e), errors.USAGE)
+            except OSError as e:
+                _fail(errors.describe_os_error(e), errors.IO_FAILURE)
+            if code == 130:
+                _job_stopped = True
+                code = interrupts.exit_status()
+            raise typer.Exit(code or 0)
+
+        return app.command(name, cls=_Command)(run)
+
+    return register
+
+
+def _fail(message: str, code: int = errors.USAGE):
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def _model(name: str, command: str, language: str | None = None, task: str = "transcribe") -> Path:
+    """The folder of model ``name`` once it is known to fit ``command``; reads its config and tokenizer
+    files only. Raises UsageError naming the flag that fixes a mismatch."""
+    from encdec_models.registry import inspect_model, resolve_model_path
+
+    path = resolve_model_path(name)
+    info = inspect_model(path)
+    if command == "transcribe" and not info.is_whisper:
+        raise UsageError(
+            f"model {name!r} is a text model ({info.architecture}), not a Whisper speech model: use it "
+            "with encdec summarize, translate or generate; transcribe takes a Whisper model (-m tiny.en, "
+            "-m base)"
+        )
+    if command != "transcribe" and info.is_whisper:
+        raise UsageError(
+            f"model {name!r} is a Whisper speech model: use it with encdec transcribe; {command} needs a "
+            "text model (BART, mBART, Marian, Pegasus, T5, mT5) in -m"
+        )
+    if info.multilingual is False:
+        if task == "translate":
+            raise UsageError(
+                f"--task translate needs a multilingual model; {name!r} is English-only: pass -m base "
+                "(or another multilingual Whisper)"
+            )
+        if language not in (None, "en"):
+            raise UsageError(
+                f"--language {language}: {name!r} is English-only; drop --language, or pass a "
+                "multilingual model (-m base)"
+            )
+    if language is not None and info.languages and language not in info.languages:
+        raise UsageError(
+            f"unknown --language {language!r}; this model knows: {', '.join(sorted(info.languages))}"
+        )
+    return path
 
 
 def _engine(
-    model: str,
+    path: Path,
     device: str,
     dtype: str,
     max_num_seqs: int,
@@ -40,27 +161,33 @@ def _engine(
     quiet: bool = False,
     **extra,
 ):
-    """Load the model into an Engine; unless ``quiet``, say on stderr what was loaded where."""
+    """Load the model folder into an Engine; unless ``quiet``, say on stderr what was loaded where."""
+    if dtype.lower() not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
     from encdec_cli.engine import Engine
+    from encdec_models.loading import resolve_device
 
-    engine = Engine(
-        model,
-        device=device,
-        dtype=dtype,
-        max_num_seqs=max_num_seqs,
-        gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager,
-        **extra,
-    )
+    if dtype.lower() in ("float16", "fp16") and resolve_device(device).type == "cpu":
+        raise UsageError(
+            "--dtype float16 runs slowly on the CPU (it has no half-precision matrix kernels): use "
+            "--dtype float32 (the CPU default) or bfloat16, or run on a GPU (--device cuda)"
+        )
+    try:
+        engine = Engine(
+            str(path),
+            device=device,
+            dtype=dtype.lower(),
+            max_num_seqs=max_num_seqs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            **extra,
+        )
+    except RuntimeError as e:  # e.g. a dtype the model cannot run in, CUDA unusable
+        raise UsageError(str(e)) from None
     if not quiet:
         dt = str(engine.dtype).removeprefix("torch.")
         typer.echo(f"model {engine.loaded.path} on {engine.device} ({dt})", err=True)
     return engine
-
-
-def _fail(message: str, code: int = 2):
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(code)
 
 
 def _floats(name: str, text: str) -> tuple[float, ...]:
@@ -79,14 +206,14 @@ def _threshold(name: str, text: str) -> float | None:
         raise ValueError(f"{name} takes a number or 'off', got {text!r}") from None
 
 
-@app.command()
+@_command()
 def transcribe(
     inputs: list[str] = typer.Argument(
         ...,
         help="Audio files, folders (searched recursively), '-' to read "
         "paths from stdin, or Parquet/JSONL tables with an audio column.",
     ),
-    model: str = typer.Option("tiny.en", "-m", "--model", help=MODEL_HELP),
+    model: str = typer.Option("tiny.en", "-m", "--model", help=WHISPER_MODEL_HELP),
     output: str = typer.Option(
         ".",
         "-o",
@@ -173,20 +300,16 @@ def transcribe(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for the sampling fallbacks (runs are repeatable)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Limit per 30 s window."),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: Device = "auto",
+    dtype: Dtype = "auto",
     max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Windows decoded together per step."),
-    gpu_memory_utilization: float = typer.Option(
-        0.9, "--gpu-memory-utilization", help="Fraction of GPU memory the engine may use."
-    ),
-    enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
+    gpu_memory_utilization: GpuMemory = 0.9,
+    enforce_eager: EnforceEager = False,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo files the output folder's manifest marks as done."
     ),
-    retry_failed: bool = typer.Option(
-        False, "--retry-failed", help="Retry files that failed in an earlier run."
-    ),
-    quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+    retry_failed: RetryFailed = False,
+    quiet: Quiet = False,
 ):
     """Transcribe (or translate) speech with Whisper.
 
@@ -196,53 +319,46 @@ def transcribe(
     Repetitive or unlikely windows are redone at higher temperatures; silent ones are skipped.
     Writes INPUT.{txt,srt,vtt,tsv,json} per input; a manifest in the output folder makes re-runs
     skip finished files. Exit status: 0 all done, 1 some files failed (now or, skipped now, in an
-    earlier run), 2 usage error, 130 interrupted.
+    earlier run), 2 usage error, 3 writing failed, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
     """
     from encdec_cli.io.subtitles import resolve_formats
     from encdec_cli.tasks.transcribe import TranscribeOptions
-    from encdec_cli.tasks.transcribe_job import UsageError, check_inputs, check_output, run_transcribe
+    from encdec_cli.tasks.transcribe_job import check_inputs, check_output, run_transcribe
 
-    try:
-        formats = resolve_formats(output_format)
-        opts = TranscribeOptions(
-            language=language,
-            task=task,
-            max_new_tokens=max_new_tokens,
-            timestamps=timestamps,
-            long_form=long_form,
-            temperatures=_floats("--temperature", temperature),
-            beam_size=beam_size,
-            best_of=best_of,
-            initial_prompt=initial_prompt,
-            condition_on_previous_text=condition_on_previous_text,
-            compression_ratio_threshold=_threshold(
-                "--compression-ratio-threshold", compression_ratio_threshold
-            ),
-            logprob_threshold=_threshold("--logprob-threshold", logprob_threshold),
-            no_speech_threshold=_threshold("--no-speech-threshold", no_speech_threshold),
-            max_initial_timestamp=max_initial_timestamp,
-            seed=seed,
-            word_timestamps=word_timestamps,
+    formats = resolve_formats(output_format)
+    opts = TranscribeOptions(
+        language=language,
+        task=task,
+        max_new_tokens=max_new_tokens,
+        timestamps=timestamps,
+        long_form=long_form,
+        temperatures=_floats("--temperature", temperature),
+        beam_size=beam_size,
+        best_of=best_of,
+        initial_prompt=initial_prompt,
+        condition_on_previous_text=condition_on_previous_text,
+        compression_ratio_threshold=_threshold("--compression-ratio-threshold", compression_ratio_threshold),
+        logprob_threshold=_threshold("--logprob-threshold", logprob_threshold),
+        no_speech_threshold=_threshold("--no-speech-threshold", no_speech_threshold),
+        max_initial_timestamp=max_initial_timestamp,
+        seed=seed,
+        word_timestamps=word_timestamps,
+    )
+    out = Path(output)
+    if output != "-" and (out.is_file() or not out.exists() and out.suffix.lower() in TRANSCRIPT_EXTENSIONS):
+        raise UsageError(
+            f"-o {output}: transcribe writes a folder of transcripts (one file per input and format); "
+            "pass a folder (-o transcripts), or '-o -' for JSON Lines on stdout"
         )
-        check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
-        check_output(output, formats)
-    except (UsageError, ValueError) as e:
-        _fail(str(e))
-    try:
-        engine = _engine(
-            model,
-            device,
-            dtype,
-            max_num_seqs,
-            gpu_memory_utilization,
-            enforce_eager,
-            quiet,
-            window=max(2 * max_num_seqs, 16),
-        )
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        _fail(str(e))
-    try:
-        code = run_transcribe(
+    check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
+    check_output(output, formats)
+    path = _model(model, "transcribe", language, task)
+    window = max(2 * max_num_seqs, 16)
+    engine = _engine(
+        path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet, window=window
+    )
+    with errors.writing_to(output):
+        return run_transcribe(
             engine,
             inputs,
             output,
@@ -255,37 +371,40 @@ def transcribe(
             id_column=id_column,
             ordered=ordered,
         )
-    except (UsageError, ValueError) as e:
-        _fail(str(e))
-    raise typer.Exit(code)
 
 
-TEXT_DOCS = {
-    "summarize": "Summarize each row's text with a BART/Pegasus/T5-family model.",
-    "translate": "Translate each row's text with a Marian/mBART/T5-family model.",
-    "generate": "Run any supported encoder/decoder text model on each row's text (raw generation).",
+# task -> (its result column, the first line of its help)
+TEXT_TASKS = {
+    "summarize": ("summary", "Summarize each row's text with a BART/Pegasus/T5-family model."),
+    "translate": ("translation", "Translate each row's text with a Marian/mBART/T5-family model."),
+    "generate": (
+        "generated",
+        "Run any supported encoder/decoder text model on each row's text (raw generation).",
+    ),
 }
 
 
 def _text_command(task: str):
+    result_column = TEXT_TASKS[task][0]
+
     def command(
         input: str = typer.Argument(
             ...,
             help="Input table: .parquet, .jsonl, .csv, .txt (one item per line), "
             "or '-' for stdin (JSON Lines if lines are JSON objects, else lines).",
         ),
-        model: str = typer.Option(..., "-m", "--model", help=MODEL_HELP),
+        model: str | None = typer.Option(None, "-m", "--model", help=TEXT_MODEL_HELP),
         output: str | None = typer.Option(
             None,
             "-o",
             "--output",
-            help="Output table (.parquet, .jsonl, "
-            ".csv) or '-' for JSON Lines on stdout. Default: next to the "
-            f"input, e.g. in.{task}.parquet. All input columns are kept.",
+            help="Output table (.parquet, .jsonl, .csv) or '-' for JSON Lines on stdout. Default: next to "
+            f"the input, named after the result column: in.parquet -> in.{result_column}.parquet (.txt and "
+            ".json inputs -> .jsonl). All input columns are kept.",
         ),
         column: str = typer.Option("text", "--column", help="Input column with the text."),
         output_column: str | None = typer.Option(
-            None, "--output-column", help="Result column name (default: summary / translation / generated)."
+            None, "--output-column", help=f"Result column name (default: {result_column})."
         ),
         prefix: str | None = typer.Option(
             None,
@@ -311,10 +430,21 @@ def _text_command(task: str):
         no_repeat_ngram_size: int | None = typer.Option(
             None, "--no-repeat-ngram-size", help="Forbid repeating n-grams of this size."
         ),
-        repetition_penalty: float | None = typer.Option(None, "--repetition-penalty"),
+        repetition_penalty: float | None = typer.Option(
+            None,
+            "--repetition-penalty",
+            help="Divide the scores of tokens already in the input or output by this (> 1 repeats less).",
+        ),
         temperature: float | None = typer.Option(None, "--temperature", help="> 0 samples; 0 is greedy."),
-        top_k: int | None = typer.Option(None, "--top-k"),
-        top_p: float | None = typer.Option(None, "--top-p"),
+        top_k: int | None = typer.Option(
+            None, "--top-k", help="Sample only from the k likeliest tokens (with --temperature > 0)."
+        ),
+        top_p: float | None = typer.Option(
+            None,
+            "--top-p",
+            help="Sample only from the likeliest tokens whose probabilities add up to p "
+            "(with --temperature > 0).",
+        ),
         seed: int | None = typer.Option(None, "--seed", help="Seed for sampling."),
         truncate: bool = typer.Option(
             True,
@@ -322,21 +452,28 @@ def _text_command(task: str):
             help="Cut inputs longer than the "
             "model's limit (counted in the summary), or make them row errors.",
         ),
-        device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-        dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+        device: Device = "auto",
+        dtype: Dtype = "auto",
         max_num_seqs: int = typer.Option(512, "--max-num-seqs", help="Sequences decoded together per step."),
-        gpu_memory_utilization: float = typer.Option(0.9, "--gpu-memory-utilization"),
-        enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
+        gpu_memory_utilization: GpuMemory = 0.9,
+        enforce_eager: EnforceEager = False,
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Redo every row, ignoring what an earlier run of this job saved."
         ),
-        retry_failed: bool = typer.Option(
-            False, "--retry-failed", help="Redo the rows that failed in an earlier run of this job."
-        ),
-        quiet: bool = typer.Option(False, "-q", "--quiet", help="No progress bar."),
+        retry_failed: RetryFailed = False,
+        quiet: Quiet = False,
     ):
-        from encdec_cli.io.tables import TableError, open_table
-        from encdec_cli.tasks.seq2seq import Seq2SeqOptions, run_seq2seq
+        from encdec_models.registry import how_to_get_a_model
+
+        if model is None:
+            raise UsageError(f"{task} needs a text model: {how_to_get_a_model()}")
+        if output not in (None, "-") and Path(output).suffix.lower() not in TABLE_OUTPUT_EXTENSIONS:
+            raise UsageError(
+                f"-o {output}: the output format comes from its extension; end it in .parquet, .jsonl or "
+                ".csv, or pass '-o -' for JSON Lines on stdout"
+            )
+        from encdec_cli.io.tables import open_table
+        from encdec_cli.tasks.seq2seq import Seq2SeqOptions, default_output, run_seq2seq
 
         gen = {
             "num_beams": num_beams,
@@ -351,41 +488,43 @@ def _text_command(task: str):
             "top_p": top_p,
             "seed": seed,
         }
-        try:
-            opts = Seq2SeqOptions(
-                task=task,
-                column=column,
-                output_column=output_column,
-                prefix=prefix,
-                source_lang=source_lang,
-                target_lang=target_lang,
-                truncate=truncate,
-                generation={k: v for k, v in gen.items() if v is not None},
-            )
-            if input != "-":  # fail fast, before loading the model (stdin can be read only once)
+        opts = Seq2SeqOptions(
+            task=task,
+            column=column,
+            output_column=output_column,
+            prefix=prefix,
+            source_lang=source_lang,
+            target_lang=target_lang,
+            truncate=truncate,
+            generation={k: v for k, v in gen.items() if v is not None},
+        )
+        if input != "-":  # fail fast, before loading the model (stdin can be read only once)
+            try:
                 open_table(input, column).close()
-            engine = _engine(model, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet)
-            code = run_seq2seq(
+            except OSError as e:
+                raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
+        path = _model(model, task)
+        engine = _engine(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet)
+        with errors.writing_to(output or default_output(input, opts)):
+            return run_seq2seq(
                 engine, input, output, opts, quiet=quiet, overwrite=overwrite, retry_failed=retry_failed
             )
-        except (OSError, ValueError, RuntimeError, TableError) as e:
-            _fail(str(e))
-        raise typer.Exit(code)
 
-    command.__doc__ = TEXT_DOCS[task] + (
+    command.__doc__ = TEXT_TASKS[task][1] + (
         "\n\nRows stream through the engine in bounded memory; the output keeps every input column, adds "
         "the result column and an 'error' column, and is written in input order. An interrupted run resumes "
         "where it stopped when the same command is run again.\n\nExit status: 0 all rows done, 1 some rows "
-        "failed (their 'error' says why), 2 usage error, 130 interrupted."
+        "failed (their 'error' says why), 2 usage error, 3 reading or writing failed (a re-run resumes), "
+        "130 interrupted (Ctrl-C), 143 stopped by SIGTERM."
     )
     return command
 
 
-for _task in TEXT_DOCS:
-    app.command(_task)(_text_command(_task))
+for _task in TEXT_TASKS:
+    _command(_task)(_text_command(_task))
 
 
-@app.command()
+@_command()
 def bench(
     workloads: list[str] = typer.Argument(
         None, help="Workload ids W1..W5 of benchmarks/WORKLOADS.md (default: all)."
@@ -470,10 +609,26 @@ def bench(
 
 
 def main():
+    """The ``encdec`` console script (through encdec_cli.__main__, which routes stop signals first)."""
+    interrupts.install()
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        if e.code not in interrupts.STOP_SIGNALS.values():
+            raise
+        if not _job_stopped:  # stopped before a job took over (parsing, imports, loading): nothing written
+            typer.echo(interrupts.stop_message(), err=True)
+        # Leave without the interpreter's teardown, where native extensions report the objects still
+        # alive (soxr's "nanobind: leaked ..."): the job, if any, has saved what it had.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(interrupts.exit_status())
 
 
-__all__ = ["app", "main", "Path"]
+__all__ = ["app", "main"]

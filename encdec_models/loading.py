@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,13 +19,18 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
 
-from encdec_models.registry import architecture_of, model_class
+from encdec_models.registry import (  # noqa: F401 (ModelNotFoundError: re-exported)
+    ModelNotFoundError,
+    architecture_of,
+    model_class,
+    resolve_model_path,
+)
 
 DEFAULT_MODEL = "tiny.en"
 
 
-class ModelNotFoundError(FileNotFoundError):
-    pass
+class UnsafeCheckpointError(ValueError):
+    """A weights file that is refused (it could run code) or cannot be read."""
 
 
 @dataclass
@@ -67,38 +73,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return table[dtype]
 
 
-def resolve_model_path(name: str | os.PathLike) -> Path:
-    """Local folder, packaged model, or HF cache (hub only when online); clear error otherwise."""
-    looked = []
-    p = Path(name).expanduser()
-    if p.is_dir():
-        if (p / "config.json").exists() or (p / "model.bin").exists():
-            return p
-        raise ModelNotFoundError(
-            f"{p} is a folder but holds neither config.json (Hugging Face) nor model.bin (CTranslate2)"
-        )
-    looked.append(f"local folder {p}")
-    from encdec_models.packaged import PACKAGED_MODELS, find_packaged_model
-
-    found = find_packaged_model(str(name))
-    if found is not None:
-        return found
-    looked.append("installed model packages (" + ", ".join(sorted(PACKAGED_MODELS)) + ")")
-    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", str(name)):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(str(name), local_files_only=True))
-        except Exception:
-            looked.append("the Hugging Face cache")
-        if os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false", "False"):
-            try:
-                return Path(snapshot_download(str(name)))
-            except Exception as e:  # network errors, unknown repo
-                looked.append(f"the Hugging Face hub ({type(e).__name__})")
-    raise ModelNotFoundError(f"model {str(name)!r} not found; looked in: " + "; ".join(looked))
-
-
 def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, tensor) from safetensors or pytorch_model.bin files, sharded or not."""
     for stem, index_name in (
@@ -120,9 +94,24 @@ def iter_checkpoint(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     for k in sf.keys():
                         yield k, sf.get_tensor(k)
             else:
-                yield from torch.load(folder / f, map_location="cpu", mmap=True, weights_only=True).items()
+                yield from _torch_load(folder / f).items()
         return
     raise ModelNotFoundError(f"no weights in {folder} (model.safetensors or pytorch_model.bin)")
+
+
+def _torch_load(path: Path) -> dict:
+    """A pytorch_model.bin's tensors; a file that would run code (a pickle of other objects) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported GLOBAL (\S+)", str(e))
+        if found is None:
+            raise UnsafeCheckpointError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+        raise UnsafeCheckpointError(
+            f"{path} was not loaded: besides tensors it holds Python objects, which could run code (it "
+            f"names {found[1]}). Use a model whose weights are in model.safetensors, or convert this one "
+            "where you trust it"
+        ) from None
 
 
 # self-attention q/k/v fuse into qkv_proj; cross-attention k/v into kv_proj: (fused name, shard, shards)

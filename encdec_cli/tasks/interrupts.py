@@ -1,11 +1,15 @@
-"""Ctrl-C (SIGINT) that never cuts a write in half.
+"""Ctrl-C (SIGINT) and SIGTERM stop a job in order, never cutting a write in half.
+
+:func:`install` (called first thing by the ``encdec`` entry point) makes SIGTERM, as batch
+schedulers (Slurm, Kubernetes) send it, raise ``KeyboardInterrupt`` just as Ctrl-C does, and notes
+which signal came: the exit status is 130 after Ctrl-C and 143 after SIGTERM (:func:`exit_status`).
 
 A job installs an :class:`InterruptGuard` for its run and wraps each output write in
-:meth:`InterruptGuard.protect`. A Ctrl-C outside a protected block raises ``KeyboardInterrupt`` at
-once (the engine step or input read it stops loses nothing); inside one it is held until the
+:meth:`InterruptGuard.protect`. A stop signal outside a protected block raises ``KeyboardInterrupt``
+at once (the engine step or input read it stops loses nothing); inside one it is held until the
 block ends, so the part file or manifest line being committed is finished first. After
-:meth:`InterruptGuard.stopping`, further Ctrl-Cs are only noted: the job is already saving
-what it has and exiting with status 130.
+:meth:`InterruptGuard.stopping`, further signals are only noted: the job is already saving what it
+has, printing its summary and exiting.
 """
 
 from __future__ import annotations
@@ -15,18 +19,52 @@ import signal
 import threading
 from collections.abc import Iterator
 
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # signal -> exit status (128 + its number)
+_received: list[int] = []  # stop signals this process received, in order
+
+
+def _note(signum: int) -> None:
+    _received.append(signum)
+
+
+def _raise(signum, frame) -> None:
+    _note(signum)
+    raise KeyboardInterrupt
+
+
+def install() -> None:
+    """Process-wide (main thread only): SIGINT and SIGTERM raise ``KeyboardInterrupt``, noted."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise)
+
+
+def reset() -> None:
+    """Forget the stop signals noted so far (a command starting in a process that ran others)."""
+    _received.clear()
+
+
+def exit_status() -> int:
+    """130 after Ctrl-C, 143 after SIGTERM: the first stop signal received (130 if none was noted)."""
+    return STOP_SIGNALS.get(_received[0], 130) if _received else 130
+
+
+def stop_message() -> str:
+    """One line saying why the command stopped."""
+    return "stopped by SIGTERM" if exit_status() == 143 else "interrupted (Ctrl-C)"
+
 
 class InterruptGuard:
-    """SIGINT handling for one job (see the module docstring)."""
+    """Stop-signal handling for one job (see the module docstring)."""
 
     def __init__(self) -> None:
         self._depth = 0  # nesting of protect() blocks
-        self._pending = False  # a Ctrl-C arrived inside a protected block
+        self._pending = False  # a stop signal arrived inside a protected block
         self._stopping = False
-        self.count = 0  # Ctrl-Cs received
+        self.count = 0  # stop signals received
 
     def _handler(self, signum, frame) -> None:
         self.count += 1
+        _note(signum)
         if self._depth or self._stopping:
             self._pending = True
             return
@@ -34,20 +72,21 @@ class InterruptGuard:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[InterruptGuard]:
-        """Route SIGINT through this guard for the block (only from the main thread; elsewhere the
-        default behaviour stays)."""
+        """Route SIGINT and SIGTERM through this guard for the block (only from the main thread;
+        elsewhere the handlers stay as they are)."""
         if threading.current_thread() is not threading.main_thread():
             yield self
             return
-        previous = signal.signal(signal.SIGINT, self._handler)
+        previous = {sig: signal.signal(sig, self._handler) for sig in STOP_SIGNALS}
         try:
             yield self
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     @contextlib.contextmanager
     def protect(self) -> Iterator[None]:
-        """A block that a Ctrl-C does not interrupt; a Ctrl-C received inside it is raised as
+        """A block that a stop signal does not interrupt; one received inside it is raised as
         ``KeyboardInterrupt`` when the block ends."""
         self._depth += 1
         try:
@@ -59,5 +98,5 @@ class InterruptGuard:
             raise KeyboardInterrupt
 
     def stopping(self) -> None:
-        """The job is shutting down: from now on Ctrl-C is only noted, not raised."""
+        """The job is shutting down: from now on a stop signal is only noted, not raised."""
         self._stopping = True

@@ -25,6 +25,7 @@ from pathlib import Path
 from rich.markup import escape
 
 from encdec_cli.engine import Engine
+from encdec_cli.errors import UsageError
 from encdec_cli.io.audio import AUDIO_EXTENSIONS
 from encdec_cli.io.manifest import Manifest, file_key, key_input
 from encdec_cli.io.records import Transcript, json_line
@@ -34,10 +35,6 @@ from encdec_cli.tasks.transcribe import AudioItem, TranscribeOptions, Transcribe
 
 TABLE_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson")
 SEARCHED = ", ".join(f".{e}" for e in sorted(AUDIO_EXTENSIONS))
-
-
-class UsageError(ValueError):
-    """Bad command-line input (exit status 2)."""
 
 
 def _is_table(path: str) -> bool:

@@ -1,0 +1,402 @@
+"""The command line's front: checks before work starts, help texts, stop signals, faults as faults.
+
+Real files and, where signals or imports matter, real subprocesses (``python -m encdec_cli``).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from encdec_cli.cli import TEXT_TASKS, app
+from encdec_cli.io.manifest import MANIFEST_NAME
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def encdec(*args, env: dict | None = None, preexec_fn=None, timeout: float = 600):
+    return subprocess.run(
+        [sys.executable, "-m", "encdec_cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**ENV, **(env or {})},
+        preexec_fn=preexec_fn,
+        timeout=timeout,
+    )
+
+
+def one_error_line(stderr: str, *words: str) -> str:
+    """The stderr of a command that ended in a fault: one ``error:`` line with these words, no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> Path:
+    """An untrained tiny BART folder: loadable, and slow to finish (it rarely stops early)."""
+    from tests.text_models import build_tiny_model
+
+    return build_tiny_model("bart", tmp_path_factory.mktemp("bart"), max_steps=0).path
+
+
+@pytest.fixture(scope="module")
+def audio(tmp_path_factory, example_clips) -> Path:
+    folder = tmp_path_factory.mktemp("audio")
+    shutil.copy(example_clips[0].path, folder / "one.wav")
+    return folder / "one.wav"
+
+
+def whisper_config_only(folder: Path, multilingual: bool) -> Path:
+    """A Hugging Face Whisper folder with a config and language tokens but no weights: any check that
+    passes it on would fail at loading ("no weights"), so an error naming a flag came first."""
+    folder.mkdir()
+    vocab = 51865 if multilingual else 51864
+    config = {
+        "architectures": ["WhisperForConditionalGeneration"],
+        "model_type": "whisper",
+        "vocab_size": vocab,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    added = [{"id": 50259 + i, "content": f"<|{code}|>"} for i, code in enumerate(("en", "de", "fr"))]
+    (folder / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
+    return folder
+
+
+# ---- help -------------------------------------------------------------------------------------------
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from encdec_cli.cli import app\n"
+        "for args in ([], ['--help'], *([c, '--help'] for c in ('transcribe', 'summarize', 'translate', "
+        "'generate', 'bench'))):\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code in (0, 2) and 'Usage: ' in r.output, (args, r.output)\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def _help(*args) -> str:
+    r = CliRunner().invoke(app, [*args, "--help"], prog_name="encdec", env={"COLUMNS": "100"})
+    assert r.exit_code == 0, r.output
+    return " ".join(r.output.split())  # line breaks of the wrapped help do not matter
+
+
+def test_help_texts():
+    transcribe = _help("transcribe")
+    assert "tiny.en [the default], base [multilingual]" in transcribe  # brackets are not markup
+    assert "Usage: encdec transcribe [OPTIONS] INPUTS... " in transcribe and "{inputs}" not in transcribe
+    assert "Usage: encdec bench [OPTIONS] [WORKLOADS]..." in _help("bench")
+    from encdec_cli.tasks.seq2seq import Seq2SeqOptions, default_output
+
+    for task, (column, _) in TEXT_TASKS.items():
+        text = _help(task)
+        assert f"Usage: encdec {task} [OPTIONS] INPUT " in text
+        model_help = text.split("-m, --model")[1].split("-o, --output")[0]
+        assert "Hugging Face folder" in model_help and "hf download" in model_help
+        assert "Whisper" not in model_help and "tiny.en" not in model_help and "CTranslate2" not in model_help
+        named = default_output("in.parquet", Seq2SeqOptions(task=task))
+        assert f"in.parquet -> {named} " in text and named == f"in.{column}.parquet"
+    commands = typer.main.get_command(app).commands
+    for name, command in commands.items():
+        for param in command.params:
+            if param.name != "help":
+                assert (param.help or "").strip(), f"encdec {name} {param.opts[0]} has no help"
+
+
+# ---- checks before work starts --------------------------------------------------------------------
+
+
+def test_model_must_fit_the_command(tmp_path, text_model, audio):
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    r = encdec("summarize", tmp_path / "in.txt", "-m", "tiny.en", "-q")
+    assert r.returncode == 2
+    one_error_line(r.stderr, "Whisper speech model", "encdec transcribe")
+    only_config = tmp_path / "bart-config"  # the config decides; the weights are never read
+    only_config.mkdir()
+    shutil.copy(text_model / "config.json", only_config)
+    r = encdec("transcribe", audio, "-m", only_config, "-o", tmp_path / "out", "-q")
+    assert r.returncode == 2
+    one_error_line(r.stderr, "text model (BartForConditionalGeneration)", "summarize")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--task", "translate"], ["--task translate", "English-only", "-m base"]),
+        (["--language", "de"], ["--language de", "English-only"]),
+        (["-f", "docx"], ["unknown output format 'docx'"]),
+        (["-o", "transcripts.txt"], ["-o transcripts.txt", "folder"]),
+        (["--temperature", "x"], ["--temperature"]),
+    ],
+)
+def test_cheap_checks_come_before_the_model_loads(tmp_path, audio, args, words):
+    model = whisper_config_only(tmp_path / "english-only", multilingual=False)
+    r = encdec("transcribe", audio, "-m", model, "-o", tmp_path / "out", *args)
+    assert r.returncode == 2
+    one_error_line(r.stderr, *words)
+
+
+def test_language_checked_against_the_models_tokenizer(tmp_path, audio):
+    model = whisper_config_only(tmp_path / "multilingual", multilingual=True)
+    r = encdec("transcribe", audio, "-m", model, "--language", "xx")
+    assert r.returncode == 2
+    one_error_line(r.stderr, "unknown --language 'xx'", "de, en, fr")
+    r = encdec("transcribe", audio, "-m", model, "--language", "de", "--task", "translate", "-q")
+    assert r.returncode == 2 and "no weights" in r.stderr  # the checks passed; loading failed
+
+
+def test_text_output_extension_checked_first(tmp_path):
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    r = encdec("summarize", tmp_path / "in.txt", "-m", tmp_path / "no-such-model", "-o", tmp_path / "o.xlsx")
+    assert r.returncode == 2
+    one_error_line(r.stderr, "-o ", "o.xlsx", ".parquet, .jsonl or .csv")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="float16 is refused on the CPU only")
+def test_float16_on_the_cpu_is_refused(tmp_path, text_model):
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    r = encdec(
+        "summarize", tmp_path / "in.txt", "-m", text_model, "--dtype", "float16", "-o", tmp_path / "o.jsonl"
+    )
+    assert r.returncode == 2
+    one_error_line(r.stderr, "--dtype float16", "CPU", "--dtype float32")
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_hub_id_not_cached_says_how_to_get_it(tmp_path):
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")}
+    r = encdec("summarize", tmp_path / "in.txt", "-m", "someone/some-bart", env=env)
+    assert r.returncode == 2
+    one_error_line(r.stderr, "'someone/some-bart'", "hub could not be reached", "hf download", "-m")
+
+
+def test_summarize_without_a_model_says_how_to_get_one(tmp_path):
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    r = encdec("summarize", tmp_path / "in.txt")
+    assert r.returncode == 2
+    one_error_line(r.stderr, "summarize needs a text model", "local Hugging Face model folder", "hf download")
+
+
+# ---- faults are reported as faults ------------------------------------------------------------------
+
+
+def test_a_pickle_payload_is_refused(tmp_path, text_model):
+    model = tmp_path / "evil"
+    shutil.copytree(text_model, model)
+    (model / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model.shared.weight": Payload()}, model / "pytorch_model.bin")
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    r = encdec("summarize", tmp_path / "in.txt", "-m", model, "-o", tmp_path / "o.jsonl", "-q")
+    assert r.returncode == 2
+    one_error_line(r.stderr, str(model / "pytorch_model.bin"), "safetensors")
+    assert not marker.exists() and not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_manifest_path_that_is_a_folder(tmp_path, audio):
+    out = tmp_path / "out"
+    (out / MANIFEST_NAME).mkdir(parents=True)
+    r = encdec("transcribe", audio, "-o", out, "-q")
+    assert r.returncode == 3
+    one_error_line(r.stderr, str(out / MANIFEST_NAME), "folder")
+
+
+@pytest.mark.skipif(IS_ROOT, reason="root writes into read-only folders")
+def test_a_read_only_output_folder(tmp_path, audio):
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        r = encdec("transcribe", audio, "-o", out, "-q")
+    finally:
+        out.chmod(0o700)
+    assert r.returncode == 3
+    one_error_line(r.stderr, str(out), "-o")
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail (EFBIG) instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_disk_error_in_a_text_job_is_an_io_failure(tmp_path, text_model):
+    lines = "".join(f"w{i % 100} w{(i * 7) % 100}\n" for i in range(64))
+    (tmp_path / "in.txt").write_text(lines)
+    r = encdec(
+        "summarize",
+        tmp_path / "in.txt",
+        "-m",
+        text_model,
+        "-o",
+        tmp_path / "o.jsonl",
+        "-q",
+        "--max-new-tokens",
+        "8",
+        env={"ENCDEC_PART_ROWS": "8"},
+        preexec_fn=_file_size_limit(512),
+    )
+    assert r.returncode == 3, r.stderr  # not 2: that is for usage errors
+    one_error_line(r.stderr, str(tmp_path), "File too large")
+
+
+def test_a_disk_error_in_transcribe_is_an_io_failure(tmp_path, example_clips):
+    clips = [c.path for c in example_clips[:3]]
+    out = tmp_path / "out"
+    r = encdec("transcribe", *clips, "-o", out, "-q", preexec_fn=_file_size_limit(300))
+    assert r.returncode == 3, r.stderr
+    one_error_line(r.stderr, str(out), "File too large")
+
+
+def test_a_full_disk_says_a_rerun_resumes(tmp_path, monkeypatch):
+    import encdec_cli.cli as cli
+    import encdec_cli.tasks.seq2seq as seq2seq
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".o.jsonl.parts" / "part-3"))
+
+    monkeypatch.setattr(cli, "_model", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(cli, "_engine", lambda *a, **k: None)
+    monkeypatch.setattr(seq2seq, "run_seq2seq", full)
+    (tmp_path / "in.txt").write_text("w1\n")
+    r = CliRunner().invoke(app, ["summarize", str(tmp_path / "in.txt"), "-m", "x"])
+    assert r.exit_code == 3
+    one_error_line(r.stderr, "part-3", "No space left on device", "run the same command again", "resumes")
+
+
+# ---- stop signals ---------------------------------------------------------------------------------
+
+
+def _stopped(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+@pytest.fixture
+def blocked_model(tmp_path, text_model) -> Path:
+    """A text model whose weights file is a FIFO nobody writes: loading it blocks until a signal."""
+    model = tmp_path / "blocked"
+    shutil.copytree(text_model, model)
+    (model / "model.safetensors").unlink()
+    os.mkfifo(model / "pytorch_model.bin")
+    return model
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("delay", [0.4, 1.5, "loading"])
+def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, blocked_model, sig, status, delay):
+    """During imports (the delays) or while the model loads: the status, one line, no traceback."""
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    args = [
+        sys.executable,
+        "-m",
+        "encdec_cli",
+        "summarize",
+        str(tmp_path / "in.txt"),
+        "-m",
+        str(blocked_model),
+    ]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    writer = None
+    try:
+        if delay == "loading":  # wait until the loader has the weights open, then hold them empty
+            deadline = time.monotonic() + 120
+            while writer is None and time.monotonic() < deadline:
+                try:
+                    writer = os.open(blocked_model / "pytorch_model.bin", os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:  # no reader yet
+                    time.sleep(0.05)
+            assert writer is not None
+        else:
+            time.sleep(delay)
+        code, err = _stopped(proc, sig)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if writer is not None:
+            os.close(writer)
+    assert code == status, err
+    assert "Traceback" not in err and "nanobind" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1] in ("interrupted (Ctrl-C)", "stopped by SIGTERM"), err
+    assert len([line for line in lines if "interrupted" in line or "stopped" in line]) == 1, err
+
+
+def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
+    """SIGTERM mid-job, as Slurm or Kubernetes send it: the job saves, prints its summary, exits 143."""
+    lines = "".join(f"w{i % 100} w{(i * 7) % 100} w{(i * 13) % 100}\n" for i in range(600))
+    (tmp_path / "in.txt").write_text(lines)
+    out = tmp_path / "o.jsonl"
+    args = ["summarize", tmp_path / "in.txt", "-m", text_model, "-o", out, "--max-num-seqs", "8"]
+    args += ["--max-new-tokens", "40", "--min-new-tokens", "40"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "encdec_cli", *map(str, args)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**ENV, "ENCDEC_PART_ROWS": "8"},
+    )
+    first = proc.stderr.readline()  # "model ... on cpu (float32)": the job is about to start
+    assert first.startswith("model "), first
+    time.sleep(3)  # some rows done (600 rows take a minute and more)
+    code, err = _stopped(proc, signal.SIGTERM)
+    assert code == 143, err
+    assert "Traceback" not in err and "nanobind" not in err
+    summary = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "INTERRUPTED" in summary and "re-run" in summary, err
+
+
+def test_ctrl_c_mid_transcription_leaves_quietly(tmp_path, example_clips):
+    """Ctrl-C while 44.1 kHz files stream through soxr: 130, the summary, no native leak report."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(20):
+        shutil.copy(example_clips[2].path, corpus / f"c{i:02d}.flac")  # 44.1 kHz: resampled by soxr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "encdec_cli", "transcribe", str(corpus), "-o", str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    first = proc.stderr.readline()
+    assert first.startswith("model "), first
+    time.sleep(2)
+    code, err = _stopped(proc, signal.SIGINT)
+    assert code == 130, err
+    assert "Traceback" not in err and "nanobind" not in err and "leaked" not in err, err
+    assert "INTERRUPTED" in err.replace("\r", "\n").strip().splitlines()[-1], err
