@@ -101,7 +101,7 @@ def test_sink_buffer_is_bounded_in_bytes(tmp_path):
 
 
 def test_transcribe_folder_inputs_are_enumerated_lazily(tmp_path):
-    from encdec_cli.tasks.transcribe_job import plan_inputs
+    from encdec_cli.io.inputs import plan_inputs
 
     for i in range(50):
         (tmp_path / f"{i:03d}.wav").write_bytes(b"")

@@ -9,7 +9,8 @@ from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneratio
 
 from encdec_cli.engine import Engine, Request
 from encdec_cli.io.audio import load_audio
-from encdec_cli.tasks.transcribe import AudioItem, TranscribeOptions, Transcriber, WhisperPrompts
+from encdec_cli.io.inputs import AudioItem
+from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber, WhisperPrompts
 from encdec_models.ctranslate2 import load_ctranslate2_whisper
 from encdec_models.loading import load_model
 

@@ -5,7 +5,8 @@ windows, nothing placed in the long silence."""
 
 import pytest
 
-from encdec_cli.tasks.transcribe import AudioItem, Transcriber
+from encdec_cli.io.inputs import AudioItem
+from encdec_cli.tasks.transcribe import Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions
 from encdec_models.audio import N_SAMPLES, SAMPLE_RATE
 from tests import transcribe_clips as tc

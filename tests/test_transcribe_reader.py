@@ -3,7 +3,8 @@
 import pytest
 
 from encdec_cli.engine import Engine
-from encdec_cli.tasks.transcribe import AudioItem, Transcriber
+from encdec_cli.io.inputs import AudioItem
+from encdec_cli.tasks.transcribe import Transcriber
 from encdec_models.loading import load_model
 
 

@@ -16,7 +16,8 @@ from encdec_cli.engine import Request, SamplingParams
 from encdec_cli.engine.sampling import process_logits
 from encdec_cli.engine.sequence import SequenceGroup, TimestampRules
 from encdec_cli.io.audio import load_audio
-from encdec_cli.tasks.transcribe import AudioItem, Transcriber
+from encdec_cli.io.inputs import AudioItem
+from encdec_cli.tasks.transcribe import Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts, parse_timestamps
 from tests import transcribe_clips
 

@@ -13,8 +13,9 @@ import transformers
 from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration
 
 from encdec_cli.io.audio import load_audio
+from encdec_cli.io.inputs import AudioItem
 from encdec_cli.io.records import Segment
-from encdec_cli.tasks.transcribe import AudioItem, Transcriber
+from encdec_cli.tasks.transcribe import Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions
 from encdec_cli.tasks.whisper_words import (
     WordAligner,

@@ -170,7 +170,8 @@ def check_word_segment_times(segments, truth: list[Spoken], tolerance: float = T
 def transcribe(engine, paths, **opts) -> dict:
     """Transcribe files with ``Transcriber`` (options: ``TranscribeOptions`` fields) -> {stem:
     Transcript}; every file must succeed."""
-    from encdec_cli.tasks.transcribe import AudioItem, Transcriber
+    from encdec_cli.io.inputs import AudioItem
+    from encdec_cli.tasks.transcribe import Transcriber
     from encdec_cli.tasks.whisper_rules import TranscribeOptions
 
     out = {}

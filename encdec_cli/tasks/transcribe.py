@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from encdec_cli.engine import Engine, Request, Result
-from encdec_cli.io.audio import iter_audio_windows, load_audio, split_on_silence
+from encdec_cli.io.audio import load_audio
+from encdec_cli.io.inputs import AudioItem, read_windows
 from encdec_cli.io.records import Segment, Transcript
 from encdec_cli.tasks.whisper_rules import (
     TranscribeOptions,
@@ -68,24 +69,6 @@ def frame_rms(audio: np.ndarray) -> np.ndarray:
     pad = -len(audio) % HOP_LENGTH
     x = np.pad(audio, (0, pad)).reshape(-1, HOP_LENGTH) if pad else audio.reshape(-1, HOP_LENGTH)
     return np.sqrt(np.mean(np.square(x, dtype=np.float32), axis=1))
-
-
-@dataclass
-class AudioItem:
-    """One input: a path or in-memory file bytes, with a name for outputs and messages."""
-
-    key: str  # identity for the manifest
-    name: str  # relative output path without extension
-    source: Any  # str path or bytes
-    input: str | None = None  # the input as given, for records and messages (default: the path or name)
-    row: int | None = None  # row number, for a row of a table input
-    error: str | None = None  # known to fail before it is read (e.g. its table is unreadable)
-    index: int = 0  # position in the job's input order
-    warnings: list[str] = field(default_factory=list)  # found while reading (e.g. a truncated file)
-
-    def __post_init__(self):
-        if self.input is None:
-            self.input = self.source if isinstance(self.source, str) else self.name
 
 
 @dataclass(eq=False)
@@ -140,15 +123,6 @@ class _Window:
     @property
     def offset(self) -> float:
         return self.stream.offset + self.stream.seek / FRAMES_PER_SECOND
-
-
-def _read_windows(item: AudioItem) -> Iterator[tuple[int, np.ndarray]]:
-    if isinstance(item.source, (bytes, bytearray, memoryview)):
-        audio = load_audio(item.source, item.warnings)
-        for s, e in split_on_silence(audio):
-            yield s, audio[s:e]
-    else:
-        yield from iter_audio_windows(item.source, warnings=item.warnings)
 
 
 def _seed(*parts) -> int:
@@ -226,7 +200,7 @@ class Transcriber:
                     if not put(("file", n, item, file_log_mel(audio, self.n_mels), frame_rms(audio))):
                         return
                     continue
-                for start, audio in _read_windows(item):
+                for start, audio in read_windows(item):
                     if not put(("window", n, item, count, start, audio)):
                         return
                     count += 1
