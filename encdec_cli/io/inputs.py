@@ -171,8 +171,8 @@ def plan_inputs(
     """Expand INPUTS lazily into named audio items: audio files, folders (recursive), '-' (paths on
     stdin), Parquet/JSONL tables (read row by row). Folders are walked as the job goes, so a folder
     of millions of files starts at once and costs no memory in proportion. A folder without audio
-    files, or an empty stdin list, adds a message to ``warnings``."""
-    check_inputs(inputs, audio_column, id_column)
+    files, or an empty stdin list, adds a message to ``warnings``. The inputs have passed
+    :func:`check_inputs`."""
     namer = namer or Namer()
     warnings = [] if warnings is None else warnings
     stdin = (

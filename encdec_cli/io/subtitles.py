@@ -114,14 +114,15 @@ def resolve_formats(formats: Iterable[str]) -> list[str]:
 def write_transcript(
     transcript: Transcript, base_path: str | os.PathLike[str], formats: Iterable[str]
 ) -> list[Path]:
-    """Write ``<base_path>.<fmt>`` for each format, each atomically; returns the paths written.
+    """Write ``<base_path>.<fmt>`` for each format (names from ``resolve_formats``), each atomically;
+    returns the paths written.
 
     ``base_path`` has no extension (``out/talk`` -> ``out/talk.srt``); a dot already in
     its name is kept (``talk.v2`` -> ``talk.v2.srt``).
     """
     base = Path(base_path)
     paths = []
-    for fmt in resolve_formats(formats):
+    for fmt in formats:
         path = base.with_name(f"{base.name}.{fmt}")
         atomic_write_text(path, _FORMATTERS[fmt](transcript))
         paths.append(path)

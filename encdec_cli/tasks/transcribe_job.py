@@ -20,14 +20,14 @@ from encdec_cli.errors import UsageError
 from encdec_cli.io.inputs import AudioItem, Namer, check_inputs, count_files, plan_inputs
 from encdec_cli.io.manifest import Manifest
 from encdec_cli.io.records import Transcript, json_line
-from encdec_cli.io.subtitles import FORMATS, resolve_formats, write_transcript
+from encdec_cli.io.subtitles import FORMATS, write_transcript
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber
 
 
 def check_output(output: str, formats: list[str]) -> None:
-    """``-o -`` prints JSON records: another format asked for (``-f srt``) is a usage error."""
-    formats = resolve_formats(formats)
+    """``-o -`` prints JSON records: another format asked for (``-f srt``) is a usage error.
+    ``formats``: from ``resolve_formats``."""
     if output == "-" and formats not in (["json"], list(FORMATS)):
         other = ", ".join(f for f in formats if f != "json")
         raise UsageError(f"-o - prints JSON Lines records, not {other}: pass -o FOLDER for {other} files")
@@ -68,9 +68,9 @@ def run_transcribe(
     id_column: str | None = None,
     ordered: bool = False,
 ) -> int:
-    formats = resolve_formats(formats)
-    check_output(output, formats)
-    check_inputs(inputs, audio_column, id_column)
+    """Transcribe every input into ``output``; the exit status. The caller has checked the inputs
+    (``check_inputs``) and the output (``check_output``) once and resolved ``formats``
+    (``resolve_formats``), as the CLI does before the model loads."""
     to_stdout = output == "-"
     manifest = None if to_stdout else Manifest.in_dir(output)
     notes: list[str] = []  # inputs that matched nothing

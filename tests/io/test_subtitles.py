@@ -141,7 +141,7 @@ def test_empty_text_segment_skipped_in_cues():
 
 def test_write_transcript_all_formats(tmp_path):
     t = make_transcript(words=True)
-    paths = write_transcript(t, tmp_path / "out" / "talk.v2", ["all"])
+    paths = write_transcript(t, tmp_path / "out" / "talk.v2", resolve_formats(["all"]))
     assert [p.name for p in paths] == [f"talk.v2.{f}" for f in FORMATS]
     assert (tmp_path / "out" / "talk.v2.srt").read_text("utf-8") == format_srt(t)
     assert json.loads((tmp_path / "out" / "talk.v2.json").read_text("utf-8"))["text"] == t.text
