@@ -83,13 +83,13 @@ def test_summarize_peak_rss_does_not_grow_with_row_count(tiny_text_model, tmp_pa
 
 def test_sink_buffer_is_bounded_in_bytes(tmp_path):
     """Rows held back behind a slow first row (the engine runs short inputs first) are spilled once
-    they hold ~max_buffer_bytes, not only after max_buffer_rows rows; the output stays in order."""
+    they hold ~max_buffer_bytes, not only after part_rows rows; the output stays in order."""
     n, width, cap = 400, 10_000, 1 << 20
     pq.write_table(pa.table({"text": [f"{i} " + "y" * width for i in range(n)]}), tmp_path / "in.parquet")
     src = open_table(tmp_path / "in.parquet", "text")
     rows = list(src)
     sink = open_sink(tmp_path / "out.parquet", result_columns=["summary"], input_schema=src.arrow_schema,
-                     part_rows=64, max_buffer_rows=100_000, max_buffer_bytes=cap)  # fmt: skip
+                     part_rows=100_000, max_buffer_bytes=cap)  # fmt: skip
     peak = 0
     for row in rows[1:] + rows[:1]:  # row 0 finishes last: nothing is contiguous until then
         sink.write_row(row, {"summary": str(row.row_id)})

@@ -136,7 +136,80 @@ def test_text_job_killed_and_interrupted_resumes_exactly_once(tiny_text_model, t
     assert [r["id"] for r in rows] == list(range(N_ROWS))  # every row exactly once, in order
     assert rows == expected  # same results as the uninterrupted run
     assert rows[123]["error"] and rows[124]["summary"]
-    assert sorted(p.name for p in work.iterdir()) == ["in.parquet", "in.summary.parquet"]  # no parts/temps
+    names = sorted(p.name for p in work.iterdir())  # no parts or temps; the finished job's state
+    assert names == [".in.summary.parquet.done.json", "in.parquet", "in.summary.parquet"]
+
+
+# A text job whose sink logs when each row was finished (handed to the sink): "<unix time> <row id>".
+LOGGED_JOB = """
+import os, sys, time
+from encdec_cli.io import tables
+log = os.open(sys.argv.pop(1), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+write = tables.PartsSink.write
+def logged(self, row_id, *args, **kwargs):
+    os.write(log, f"{time.time():.6f} {row_id}\\n".encode())
+    return write(self, row_id, *args, **kwargs)
+tables.PartsSink.write = logged
+from encdec_cli.cli import main
+main()
+"""
+FLUSH_S = 2.0  # ENCDEC_FLUSH_SECONDS for the test (30 s by default): what a crash may lose
+
+
+def saved_row_ids(parts_dir: Path) -> list[int]:
+    ids = []
+    for p in parts_dir.glob("part-*.arrow"):
+        with pa.OSFile(str(p)) as f:
+            ids += pa.ipc.open_file(f).read_all().column("__encdec_row_id").to_pylist()
+    return ids
+
+
+@pytest.mark.slow
+def test_sigkill_loses_at_most_the_rows_of_the_flush_interval(tiny_text_model, tmp_path):
+    """A 3,000-row job killed (SIGKILL) at three random moments: each time, every row finished more
+    than ENCDEC_FLUSH_SECONDS before the kill is saved, whatever the order rows finish in (short
+    inputs first); a re-run then gives every row exactly once, in input order."""
+    import random
+
+    bart = tiny_text_model("bart")
+    rng = random.Random(18)
+    n = 3000
+    texts = [" ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(rng.randint(1, 12))) for _ in range(n)]
+    src = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": list(range(n)), "text": texts}), src)
+    out, parts = tmp_path / "in.summary.parquet", tmp_path / ".in.summary.parquet.parts"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ENCDEC_FLUSH_SECONDS": str(FLUSH_S)}  # 4096 rows a part
+    cmd = ["summarize", src, "-m", bart.path, "-q", "--max-num-seqs", 32]
+    for k in range(3):
+        log = tmp_path / f"finished{k}.log"
+        stderr = tmp_path / f"kill{k}.err"
+        with open(stderr, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", LOGGED_JOB, log, *map(str, cmd)], stderr=err, env=env
+            )
+        deadline = time.monotonic() + 240
+        while not (log.exists() and log.stat().st_size):  # the first row of this run is done
+            assert proc.poll() is None and time.monotonic() < deadline, stderr.read_text()
+            time.sleep(0.02)
+        time.sleep(rng.uniform(1.5 * FLUSH_S, 3 * FLUSH_S))
+        assert proc.poll() is None  # killed mid-job
+        killed_at = time.time()
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        finished = [line.split() for line in log.read_text().splitlines()]
+        due = {int(i) for t, i in finished if float(t) <= killed_at - FLUSH_S}
+        saved = saved_row_ids(parts)
+        assert len(saved) == len(set(saved))  # no row saved twice
+        assert due and due <= set(saved), sorted(due - set(saved))[:20]
+        assert max(due) >= len(due) + min(due)  # rows finished out of order (not a prefix) were saved
+        assert not out.exists()
+
+    final = Job(cmd, tmp_path, "final")
+    assert final.finish() == 0, final.stderr
+    assert "row(s) already done in an earlier run" in final.stderr
+    rows = pq.read_table(out).to_pylist()
+    assert [r["id"] for r in rows] == list(range(n))  # every row exactly once, in input order
+    assert all(r["summary"] and r["error"] is None for r in rows)
 
 
 # ---- transcribe ----------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -22,6 +23,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "fsync_dir",
+    "remove_dir",
     "remove_stale_temps",
 ]
 
@@ -140,7 +142,7 @@ def remove_stale_temps(
                 continue
             path = Path(root) / name
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()  # a folder: see remove_dir
                 removed.append(path)
     return removed
 
@@ -164,3 +166,15 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
     with atomic_open(path, "w", encoding=encoding, newline="") as f:
         f.write(text)
     return Path(path)
+
+
+def remove_dir(directory: str | os.PathLike[str]) -> None:
+    """Delete ``directory`` and what it holds so that its path is free at once: it is renamed to a
+    temp name beside it first (a crash while deleting leaves a temp that remove_stale_temps deletes)."""
+    d = Path(directory)
+    tmp = d.with_name(f".{d.name}.{secrets.token_hex(4)}.{os.getpid()}.tmp")
+    try:
+        os.rename(d, tmp)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -7,14 +7,16 @@ row, an unreadable Parquet row group) is still yielded, with ``error`` set, so t
 can record it and go on.
 
 Output: :func:`open_sink` accepts finished rows in any order and produces the output
-in input row order. A file sink writes finished rows into numbered part files (Arrow
-IPC, each committed atomically) in a hidden ``.<name>.parts/`` directory beside the
-output; :meth:`PartsSink.finalize` merges the parts in row order into the output
-(committed atomically) and removes the directory. Rows are flushed as contiguous
-row-id runs, so parts are normally disjoint ranges and the merge is a streaming copy;
-overlapping parts (after out-of-order spills or retries) are merged row by row,
-opening each part only when its first row is due. The parts directory is the resume
-state: a re-run opens the sink, skips ``sink.done_row_ids()``, and finishes.
+in input row order. A file sink commits finished rows, whatever their order, into
+numbered part files (Arrow IPC with the row ids, each committed atomically) in a hidden
+``.<name>.parts/`` directory beside the output, within ``part_rows`` rows and
+``flush_interval_s`` seconds (see :func:`open_sink`). :meth:`PartsSink.finalize` merges
+the parts in row order into the output (committed atomically): parts that are disjoint
+ranges are copied, overlapping ones (rows finished out of order, retries) merged row by
+row, in rounds of at most ``MERGE_FAN_IN`` parts. It then writes ``.<name>.done.json``
+beside the output and removes the directory. The parts directory and the done file are
+the resume state: a re-run opens the sink, skips ``sink.done_row_ids()`` (all rows of a
+finished job) and finishes.
 
 A job (see :func:`open_sink` for the resume loop)::
 
@@ -36,18 +38,22 @@ A job (see :func:`open_sink` for the resume loop)::
 
 from __future__ import annotations
 
+import base64
 import bisect
 import csv
 import datetime as dt
 import decimal
 import heapq
+import itertools
 import json
 import os
 import re
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -56,7 +62,14 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from encdec_cli.io.atomic import atomic_open, atomic_path, atomic_write_text, fsync_dir, remove_stale_temps
+from encdec_cli.io.atomic import (
+    atomic_open,
+    atomic_path,
+    atomic_write_text,
+    fsync_dir,
+    remove_dir,
+    remove_stale_temps,
+)
 
 try:  # advisory lock so two jobs cannot write one output; absent on Windows
     import fcntl
@@ -84,8 +97,11 @@ MAX_JSON_ARRAY_BYTES = 64 << 20  # a .json array is loaded whole; beyond this, a
 ROW_GROUP_ROWS = 65_536  # Parquet output row group: at most this many rows ...
 ROW_GROUP_BYTES = 8 << 20  # ... or this many bytes of Arrow data (bounds the writer's memory)
 CSV_BLOCK_BYTES = 1 << 20  # pyarrow CSV reader block (one batch per block)
+MAX_QUOTED_LINES = 1000  # a quoted CSV field over more lines is taken for an unclosed quote
 PARQUET_READ_BUFFER = 1 << 20  # read column chunks through a buffer, not whole (bounded memory)
-MAX_BUFFER_BYTES = 64 << 20  # a file sink spills buffered rows beyond about this much text/bytes
+MAX_BUFFER_BYTES = 64 << 20  # a file sink commits buffered rows beyond about this much text/bytes
+MERGE_FAN_IN = 64  # finalize merges at most this many overlapping parts at once (more: in rounds)
+DONE_SUFFIX = ".done.json"  # .<output name>.done.json beside the output: the job finished (see PartsSink)
 
 # A JSON \uD800-\uDFFF escape: json.loads turns a lone one into a str that cannot be UTF-8 encoded.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -280,7 +296,7 @@ class TableSource:
         column: str,
         columns: list[str],
         arrow_schema: pa.Schema | None,
-        batches: Callable[[], Iterator[list[Row]]],
+        batches: Callable[[], Generator[list[Row], None, None]],
         num_rows: int | None = None,
         reiterable: bool = True,
         on_close: Callable[[], None] | None = None,
@@ -296,6 +312,7 @@ class TableSource:
         self._reiterable = reiterable
         self._iterated = False
         self._on_close = on_close
+        self._open_batches: Generator[list[Row], None, None] | None = None
 
     def iter_batches(self) -> Iterator[list[Row]]:
         """Lists of consecutive rows (row ids restart at 0 on each pass over a file)."""
@@ -303,7 +320,8 @@ class TableSource:
             raise TableError(f"{self.path}: this input can be read only once")
         self._iterated = True
         self.rows_read = 0
-        for batch in self._batches():
+        self._open_batches = batches = self._batches()
+        for batch in batches:
             self.rows_read += len(batch)
             yield batch
 
@@ -312,6 +330,11 @@ class TableSource:
             yield from batch
 
     def close(self) -> None:
+        """Close the file and the native reader of a pass not read to its end (now, in order: not
+        left to the interpreter's exit)."""
+        if self._open_batches is not None:
+            self._open_batches.close()
+            self._open_batches = None
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
@@ -443,15 +466,14 @@ def _arrow_batch_rows(batch: pa.RecordBatch, column: str, first_id: int) -> list
 
 # -- CSV ------------------------------------------------------------------------------
 def _open_csv(path: Path, column: str, batch_rows: int) -> TableSource:
-    parse = pacsv.ParseOptions(newlines_in_values=True, invalid_row_handler=lambda row: "skip")
-    try:  # first pass: the header only
-        with pacsv.open_csv(
-            path,
-            read_options=pacsv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES),
-            parse_options=parse,
+    try:  # the header only, parsed on its own: no data row can make this fail
+        header = pacsv.read_csv(
+            pa.BufferReader(_scan_csv(path)),
+            read_options=pacsv.ReadOptions(use_threads=False),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(check_utf8=False),
-        ) as reader:
-            names = list(reader.schema.names)
+        )
+        names = header.column_names
     except (pa.ArrowException, OSError) as exc:
         raise TableError(f"cannot read {path} as CSV ({exc})") from exc
     if column not in names:
@@ -496,6 +518,61 @@ def _open_csv(path: Path, column: str, batch_rows: int) -> TableSource:
 
     schema = pa.schema([(n, pa.string()) for n in names])
     return TableSource(str(path), "csv", column, names, schema, batches)
+
+
+def _scan_csv(path: Path) -> bytes:
+    """The header record of a CSV file, after checking that every quoted field of the file closes
+    within MAX_QUOTED_LINES lines: an unclosed quote would silently make the rows after it one
+    field's text. Raises :class:`TableError` naming the line where such a quote opens."""
+    header: list[bytes] = []  # the lines of the first record
+    header_done = False
+    inside = False  # in a quoted field at the end of the line
+    opened = 0  # the line where that field opened
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")  # UTF-8 byte order mark
+            if inside or b'"' in line:
+                was_inside, inside = inside, _quote_open_after(line, inside)
+                if inside and not was_inside:
+                    opened = lineno
+                if inside and lineno - opened + 1 >= MAX_QUOTED_LINES:  # still open after them
+                    raise TableError(
+                        f"{path} line {opened}: a quoted field opens there and runs over more than "
+                        f'{MAX_QUOTED_LINES} lines; is its closing quote (") missing?'
+                    )
+            if not header_done and (header or line.strip()):  # blank lines before it are no record
+                header.append(line)
+                header_done = not inside
+    if inside:
+        raise TableError(
+            f'{path} line {opened}: a quoted field opens there and is never closed; add its closing quote (")'
+        )
+    if not header:
+        raise TableError(f"{path} is empty; a CSV file starts with a header line naming its columns")
+    return b"".join(header)
+
+
+def _quote_open_after(line: bytes, inside: bool) -> bool:
+    """Whether a quoted field is open at the end of ``line`` (``inside``: open at its start). As
+    pyarrow parses: a quote opens a field only at the field's start, "" inside is a quote."""
+    i = 0
+    while True:
+        if inside:
+            j = line.find(b'"', i)
+            if j < 0:
+                return True
+            if line.startswith(b'"', j + 1):
+                i = j + 2
+                continue
+            inside, i = False, j + 1
+        elif line.startswith(b'"', i):
+            inside, i = True, i + 1
+            continue
+        j = line.find(b",", i)  # the rest of this field is plain text
+        if j < 0:
+            return False
+        i = j + 1
 
 
 def _csv_rows(batch: pa.RecordBatch, names: list[str], column: str, first_id: int) -> list[Row]:
@@ -757,6 +834,7 @@ class TableSink:
             raise ValueError(f"duplicate result column names: {result_columns}")
         self.result_columns = result_columns
         self.duplicates = 0  # writes ignored because the row was already written
+        self.finished = False  # an earlier run of this job wrote its whole output (file sinks)
         self._reserved = (*result_columns, ERROR_COLUMN, ROW_ID)
         self._result_set = frozenset(result_columns)
         self._closed = False
@@ -837,7 +915,6 @@ def open_sink(
     job_key: str | None = None,
     resume: bool = True,
     part_rows: int = 4096,
-    max_buffer_rows: int | None = None,
     max_buffer_bytes: int = MAX_BUFFER_BYTES,
     flush_interval_s: float = 30.0,
 ) -> TableSink:
@@ -849,14 +926,16 @@ def open_sink(
     it, types are inferred from the values. ``result_types`` gives result columns a type
     other than string (e.g. a list of strings). ``job_key`` identifies the job (input +
     options): parts left by a job with another key raise :class:`TableError` instead of
-    being mixed in. ``resume=False`` discards parts left by an earlier run. Temp files of
-    the output left by a killed earlier run are deleted.
+    being mixed in; the output of a finished run of the same job counts as done (its
+    rows are skipped, its failed rows can be retried). ``resume=False`` discards both.
+    Temp files of the output left by a killed earlier run are deleted.
 
-    A file sink buffers at most ``max_buffer_rows`` (default ``4 * part_rows``) rows
-    and about ``max_buffer_bytes`` of their strings and bytes (rows held back behind a
-    slow early row can be wide: whole documents): a contiguous run of ``part_rows`` rows,
-    or any non-empty run after ``flush_interval_s``, becomes a part; when the buffer is
-    full, it is spilled.
+    A file sink commits the rows written to it, in whatever order they come, as a part
+    when it holds ``part_rows`` rows or about ``max_buffer_bytes`` of their strings and
+    bytes, and at the latest ``flush_interval_s`` after the oldest of them was written
+    (a thread commits them then even if nothing else is written). What a crash, even
+    SIGKILL, can lose is thus at most ``part_rows`` rows and the rows of the last
+    ``flush_interval_s`` seconds.
     """
     if str(path_or_dash) == "-":
         if fmt not in (None, "jsonl", "json"):
@@ -877,7 +956,6 @@ def open_sink(
         job_key=job_key,
         resume=resume,
         part_rows=part_rows,
-        max_buffer_rows=max_buffer_rows,
         max_buffer_bytes=max_buffer_bytes,
         flush_interval_s=flush_interval_s,
     )
@@ -955,6 +1033,8 @@ class _Part:
     last: int  # largest row id
     ok: RowIdSet
     err: RowIdSet
+    schema: pa.Schema
+    fmt: str | None = None  # None: an Arrow IPC part file; else the format of a finished job's output
 
 
 def _read_part_info(path: Path) -> _Part:
@@ -968,7 +1048,17 @@ def _read_part_info(path: Path) -> _Part:
         last=int(meta["last"]),
         ok=RowIdSet(meta["ok"]),
         err=RowIdSet(meta["err"]),
+        schema=schema.remove_metadata(),
     )
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """Size and mtime of a file (None if it is missing): tells whether it changed since."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 class PartsSink(TableSink):
@@ -985,7 +1075,6 @@ class PartsSink(TableSink):
         job_key: str | None = None,
         resume: bool = True,
         part_rows: int = 4096,
-        max_buffer_rows: int | None = None,
         max_buffer_bytes: int = MAX_BUFFER_BYTES,
         flush_interval_s: float = 30.0,
     ) -> None:
@@ -996,10 +1085,9 @@ class PartsSink(TableSink):
         self.path = path
         self.format = fmt
         self.parts_dir = path.with_name(f".{path.name}.parts")
+        self.done_file = path.with_name(f".{path.name}{DONE_SUFFIX}")
         self.part_rows = part_rows
-        self.max_buffer_rows = max(max_buffer_rows or 4 * part_rows, part_rows)
         self.max_buffer_bytes = max_buffer_bytes
-        self._buffer_bytes = 0  # approximate size of the rows in _pending, _run and _redo
         self.flush_interval_s = flush_interval_s
         self.warnings: list[str] = []
         self._input_names: list[str] = []
@@ -1010,16 +1098,19 @@ class PartsSink(TableSink):
             fields += [pa.field(n, result_types.get(n, pa.string())) for n in self.result_columns]
             fields += [pa.field(ERROR_COLUMN, pa.string()), pa.field(ROW_ID, pa.int64())]
             self._part_schema = pa.schema(fields)
-        self._pending: dict[int, dict[str, Any]] = {}  # written, not yet contiguous
-        self._run: list[dict[str, Any]] = []  # contiguous rows up to the frontier
-        self._redo: list[dict[str, Any]] = []  # retries of rows an earlier run failed
-        self._redone = RowIdSet()
-        self._frontier = 0  # every id below it is in a part or in `_run`
-        self._last_flush = time.monotonic()
+        self._buffer: dict[int, dict[str, Any]] = {}  # written rows not yet in a part, any order
+        self._buffer_bytes = 0  # approximate size of the rows in _buffer
+        self._buffered_since = 0.0  # when the oldest row in _buffer was written (monotonic)
+        self._redone = RowIdSet()  # rows an earlier run failed, written again in this run
+        self._mutex = threading.Condition()  # guards the buffer and the parts against the flush thread
+        self._flush_error: Exception | None = None  # a commit of the flush thread failed
+        self._stopping = False
         self._lock_file: IO[bytes] | None = None
         self._parts: list[_Part] = []
-        self._open_parts_dir(job_key, resume, fmt)
+        self._state = {"version": 1, "job_key": job_key, "format": fmt, "result_columns": self.result_columns}
+        self._open_parts_dir(resume)
         remove_stale_temps(path.parent, path.name)  # an output commit a killed run never finished
+        remove_stale_temps(path.parent, self.parts_dir.name)  # a parts folder it was removing
         self._committed = RowIdSet()  # ids in any part
         prev_ok, prev_err = RowIdSet(), RowIdSet()
         for part in self._parts:
@@ -1030,15 +1121,17 @@ class PartsSink(TableSink):
         self._prev_done = RowIdSet(self._committed.intervals())
         self._prev_failed = prev_err.difference(prev_ok)
         self._next_seq = max((p.seq for p in self._parts), default=-1) + 1
-        self._advance()
+        self._flusher = threading.Thread(
+            target=_flush_when_due, args=(weakref.ref(self), self._mutex), name="encdec-sink", daemon=True
+        )
+        self._flusher.start()
 
     # -- state directory -------------------------------------------------------------
-    def _open_parts_dir(self, job_key: str | None, resume: bool, fmt: str) -> None:
-        state = {"version": 1, "job_key": job_key, "format": fmt, "result_columns": self.result_columns}
+    def _open_parts_dir(self, resume: bool) -> None:
         job_file = self.parts_dir / JOB_FILE
-        self.parts_dir.mkdir(parents=True, exist_ok=True)
         self._lock()  # before touching anything: another job may be using this directory
         if not resume:
+            self.done_file.unlink(missing_ok=True)
             for p in self.parts_dir.iterdir():
                 if p.name != ".lock":
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -1048,7 +1141,7 @@ class PartsSink(TableSink):
                 old = json.loads(job_file.read_text("utf-8"))
             except ValueError:
                 old = None
-            if old != state:
+            if old != self._state:
                 self._unlock()
                 raise TableError(
                     f"{self.parts_dir} holds partial results of a different job (input, options or "
@@ -1056,10 +1149,10 @@ class PartsSink(TableSink):
                     "delete that directory (or run without resume) to start over."
                 )
         else:  # a new job (or one that crashed before its first part)
-            atomic_write_text(job_file, json.dumps(state))
+            atomic_write_text(job_file, json.dumps(self._state))
         for p in self.parts_dir.iterdir():
-            if p.name.startswith(".") and p.name.endswith(".tmp"):  # from a crash mid-commit
-                p.unlink()
+            if p.name.startswith(".") and p.name.endswith(".tmp") or p.name.startswith("merged-"):
+                p.unlink()  # from a crash mid-commit or mid-merge
             elif p.name.startswith("part-") and p.suffix == ".arrow":
                 try:
                     self._parts.append(_read_part_info(p))
@@ -1067,16 +1160,73 @@ class PartsSink(TableSink):
                     self.warnings.append(f"ignored unreadable part {p.name} ({exc}); its rows run again")
                     p.rename(p.with_name(p.name + ".bad"))
         self._parts.sort(key=lambda p: p.seq)
+        if resume:
+            self._open_finished_output()
+
+    def _open_finished_output(self) -> None:
+        """If an earlier run of this job finished (its done file matches this job and the output is
+        as it left it), take that output as the first part: its rows are done, its failed rows known."""
+        try:
+            done = json.loads(self.done_file.read_text("utf-8"))
+            valid = {k: done[k] for k in self._state} == self._state and done["output"] == _stamp(self.path)
+            rows, failed = int(done["rows"]), RowIdSet(done["failed"])
+            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(done["schema"])))
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+            valid = False
+        if not valid:  # none, another job's, or the output changed since: the job runs again
+            self.done_file.unlink(missing_ok=True)
+            return
+        self.finished = True
+        if rows:
+            ok = RowIdSet([(0, rows)]).difference(failed)
+            self._parts.insert(0, _Part(-1, self.path, 0, rows - 1, ok, failed, schema, self.format))
+
+    def _write_done_file(self, schema: pa.Schema) -> None:
+        """Record that the output is complete, with its failed rows, so that a re-run skips the job."""
+        ok, err = RowIdSet(), RowIdSet()
+        for part in self._parts:
+            ok.update(part.ok)
+            err.update(part.err)
+        if self.format == "csv":  # read back as text
+            schema = pa.schema([(name, pa.string()) for name in schema.names])
+        done = {
+            **self._state,
+            "rows": len(self._committed),
+            "failed": err.difference(ok).intervals(),
+            "output": _stamp(self.path),
+            "schema": base64.b64encode(schema.serialize().to_pybytes()).decode("ascii"),
+        }
+        atomic_write_text(self.done_file, json.dumps(done))
 
     def _lock(self) -> None:
-        if fcntl is None:
-            return
-        self._lock_file = open(self.parts_dir / ".lock", "ab")  # noqa: SIM115 - closed by _unlock
-        try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self._unlock()
-            raise TableError(f"another encdec job is writing {self.path} right now") from exc
+        """Create the parts directory and take its lock. A job finishing meanwhile removes the
+        directory it locked (with the lock file), so a lock file is used only if it is still there."""
+        lock_path = self.parts_dir / ".lock"
+        for _ in range(100):
+            try:
+                self.parts_dir.mkdir(parents=True, exist_ok=True)
+                self._lock_file = open(lock_path, "ab")  # noqa: SIM115 - closed by _unlock
+            except (FileNotFoundError, FileExistsError):  # removed between the two calls, or by them
+                continue
+            if fcntl is None:
+                return
+            try:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except OSError:
+                locked = False
+            try:
+                current = os.stat(lock_path)
+            except FileNotFoundError:
+                current = None
+            opened = os.fstat(self._lock_file.fileno())
+            if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+                if locked:
+                    return
+                self._unlock()
+                raise TableError(f"another encdec job is writing {self.path} right now")
+            self._unlock()  # a finished job removed this lock file: take the new one
+        raise TableError(f"cannot create and lock {self.parts_dir}")
 
     def _unlock(self) -> None:
         if self._lock_file is not None:
@@ -1103,68 +1253,52 @@ class PartsSink(TableSink):
         results: Mapping[str, Any] | None = None,
         error: str | None = None,
     ) -> None:
+        """Buffer a finished row. The buffer is committed as a part when it holds ``part_rows``
+        rows or ``max_buffer_bytes``, and by the flush thread within ``flush_interval_s``."""
         row = self._make_row(row_id, record, results, error)
-        if row_id in self._pending:
-            self._pending[row_id] = row
-            return
-        if row_id < self._frontier or row_id in self._committed:
-            if row_id in self._prev_failed and row_id not in self._redone:
-                self._redone.add(row_id)
-                self._redo.append(row)
-                self._buffer_bytes += _approx_bytes(row)
-                if len(self._redo) >= self.part_rows:
-                    self._flush_redo()
-            else:
+        with self._mutex:
+            if self._flush_error is not None:
+                raise self._flush_error
+            if row_id in self._buffer or (
+                row_id in self._committed and (row_id not in self._prev_failed or row_id in self._redone)
+            ):
                 self.duplicates += 1
-            return
-        self._pending[row_id] = row
-        self._buffer_bytes += _approx_bytes(row)
-        self._advance()
-        if len(self._run) >= self.part_rows:
-            self._flush_run()
-        elif self._run and time.monotonic() - self._last_flush >= self.flush_interval_s:
-            self._flush_run()
-        if (
-            len(self._pending) + len(self._run) + len(self._redo) > self.max_buffer_rows
-            or self._buffer_bytes > self.max_buffer_bytes
-        ):
-            self.flush()
-
-    def _advance(self) -> None:
-        """Move the frontier over rows now contiguous: buffered ones join `_run`."""
-        while True:
-            row = self._pending.pop(self._frontier, None)
-            if row is not None:
-                self._run.append(row)
-                self._frontier += 1
-                continue
-            end = self._committed.end_of(self._frontier)
-            if end is None:
                 return
-            self._frontier = end
+            if row_id in self._committed:  # a retry of a row an earlier run failed
+                self._redone.add(row_id)
+            if not self._buffer:
+                self._buffered_since = time.monotonic()
+                self._mutex.notify_all()  # the flush thread: a row to save in time
+            self._buffer[row_id] = row
+            self._buffer_bytes += _approx_bytes(row)
+            if (
+                len(self._buffer) >= self.part_rows
+                or self._buffer_bytes > self.max_buffer_bytes
+                or time.monotonic() >= self._flush_due()
+            ):
+                self._flush_locked()
 
-    def _flush_run(self) -> None:
-        if self._run:
-            self._write_part(self._run)
-            self._buffer_bytes -= sum(_approx_bytes(r) for r in self._run)
-            self._run = []
-
-    def _flush_redo(self) -> None:
-        if self._redo:
-            self._write_part(sorted(self._redo, key=lambda r: r[ROW_ID]))
-            self._buffer_bytes -= sum(_approx_bytes(r) for r in self._redo)
-            self._redo = []
+    def _flush_due(self) -> float:
+        """When the buffered rows are committed: half the flush interval after the oldest one was
+        written, so that the commit is done well within the interval."""
+        return self._buffered_since + self.flush_interval_s / 2
 
     def flush(self) -> None:
-        self._flush_run()
-        if self._pending:
-            rows = [self._pending[i] for i in sorted(self._pending)]
-            self._pending.clear()
-            self._write_part(rows)
-            self._advance()
-            self._flush_run()
-        self._flush_redo()
-        self._buffer_bytes = 0  # nothing is buffered now
+        with self._mutex:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._buffer:
+            self._write_part([self._buffer[i] for i in sorted(self._buffer)])
+            self._buffer.clear()
+            self._buffer_bytes = 0
+
+    def _stop_flusher(self) -> None:
+        with self._mutex:
+            self._stopping = True
+            self._mutex.notify_all()
+        if self._flusher is not threading.current_thread():
+            self._flusher.join()
 
     def _rows_to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
         if self._part_schema is not None:
@@ -1192,25 +1326,25 @@ class PartsSink(TableSink):
         table = table.replace_schema_metadata({PART_META_KEY: json.dumps(meta)})
         seq = self._next_seq
         path = self.parts_dir / f"part-{seq:08d}.arrow"
-        options = pa.ipc.IpcWriteOptions(compression="lz4" if pa.Codec.is_available("lz4_frame") else None)
-        with atomic_path(path) as tmp:
-            with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, table.schema, options=options) as w:
-                w.write_table(table, max_chunksize=1024)
+        _write_ipc(path, table.schema, table.to_batches(max_chunksize=1024))
         self._next_seq += 1
-        self._parts.append(_Part(seq, path, ids[0], ids[-1], RowIdSet(ok), RowIdSet(err)))
+        schema = table.schema.remove_metadata()
+        self._parts.append(_Part(seq, path, ids[0], ids[-1], RowIdSet(ok), RowIdSet(err), schema))
         for s, e in _runs(ids):
             self._committed.add_range(s, e)
-        self._last_flush = time.monotonic()
 
     # -- finalize ------------------------------------------------------------------------
     def finalize(self, expected_rows: int | None = None) -> Path:
-        """Merge all parts into the output in row order (atomically) and delete the parts.
+        """Merge all parts into the output in row order (atomically), record the job as done
+        (a re-run then skips it) and delete the parts. A finished job with nothing new keeps its
+        output as it is.
 
         With ``expected_rows``, raises :class:`TableError` (keeping the parts) unless the
         rows written are exactly ids ``0 .. expected_rows - 1``.
         """
         if self._closed:
             raise ValueError("sink already finalized or closed")
+        self._stop_flusher()
         self.flush()
         if expected_rows is not None and self._committed != RowIdSet([(0, expected_rows)]):
             have = len(self._committed)
@@ -1219,23 +1353,27 @@ class PartsSink(TableSink):
                 f"{have} of {expected_rows} rows have a result (missing e.g. {list(missing)[:5]}); "
                 f"partial results are kept in {self.parts_dir}: re-run the job to finish"
             )
-        schema = self._unified_schema()
-        out_schema = pa.schema([f for f in schema if f.name != ROW_ID])
-        batches = (_select(b, out_schema) for b in self._merged_batches(schema))
-        if self.format == "parquet":
-            _write_parquet(self.path, out_schema, batches)
-        elif self.format == "jsonl":
-            _write_jsonl(self.path, batches)
-        else:
-            _write_csv(self.path, out_schema, batches)
+        if not self.finished or any(p.fmt is None for p in self._parts):
+            schema = self._unified_schema()
+            out_schema = pa.schema([f for f in schema if f.name != ROW_ID])
+            batches = (_select(b, out_schema) for b in self._merged_batches(schema))
+            if self.format == "parquet":
+                _write_parquet(self.path, out_schema, batches)
+            elif self.format == "jsonl":
+                _write_jsonl(self.path, batches)
+            else:
+                _write_csv(self.path, out_schema, batches)
+            if self._committed == RowIdSet([(0, len(self._committed))]):  # row ids are positions
+                self._write_done_file(out_schema)
+        remove_dir(self.parts_dir)  # still locked: a job starting now waits for a new directory
         self._closed = True
         self._unlock()
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
         fsync_dir(self.path.parent)
         return self.path
 
     def close(self) -> None:
         if not self._closed:
+            self._stop_flusher()
             try:
                 self.flush()
             finally:
@@ -1249,9 +1387,8 @@ class PartsSink(TableSink):
             for f in self._part_schema:
                 types[f.name] = []
         for part in self._parts:
-            with pa.OSFile(str(part.path)) as source:
-                for f in pa.ipc.open_file(source).schema:
-                    types.setdefault(f.name, []).append(f.type)
+            for f in part.schema:
+                types.setdefault(f.name, []).append(f.type)
         for name in (*self.result_columns, ERROR_COLUMN, ROW_ID):  # always present, at the end
             types[name] = types.pop(name, [])
         fields = []
@@ -1291,10 +1428,48 @@ class PartsSink(TableSink):
                 last = max(last, parts[j].last)
                 j += 1
             if j == i + 1:  # the usual case: a contiguous run, copied batch by batch
-                yield from _part_batches(parts[i].path, schema)
+                yield from _part_batches(parts[i], schema)
             else:
-                yield from _merge_rows(parts[i:j], schema)
+                yield from _merge_rows(self._compacted(parts[i:j], schema), schema)
             i = j
+
+    def _compacted(self, parts: list[_Part], schema: pa.Schema) -> list[_Part]:
+        """Overlapping ``parts`` merged in groups of consecutive writes until at most MERGE_FAN_IN
+        are left, so that the final merge holds few files open and few rows in memory however many
+        parts a long job wrote out of order. A merged part takes the newest seq of its group."""
+        while len(parts) > MERGE_FAN_IN:
+            by_seq = sorted(parts, key=lambda p: p.seq)
+            parts = []
+            for k in range(0, len(by_seq), MERGE_FAN_IN):
+                group = sorted(by_seq[k : k + MERGE_FAN_IN], key=lambda p: p.first)
+                seq = max(p.seq for p in group)
+                path = self.parts_dir / f"merged-{seq:08d}-{len(group)}.arrow"
+                _write_ipc(path, schema, _merge_rows(group, schema))
+                first, last = min(p.first for p in group), max(p.last for p in group)
+                parts.append(_Part(seq, path, first, last, RowIdSet(), RowIdSet(), schema))
+            parts.sort(key=lambda p: p.first)
+        return parts
+
+
+def _flush_when_due(ref: weakref.ref[PartsSink], mutex: threading.Condition) -> None:
+    """A PartsSink's flush thread: commits its buffered rows when due (see ``PartsSink._flush_due``)
+    however long the job goes without writing. Ends when the sink stops or is gone."""
+    with mutex:
+        while True:
+            sink = ref()
+            if sink is None or sink._stopping or sink._flush_error is not None:
+                return
+            due = sink._flush_due() if sink._buffer else None
+            if due is not None and due <= time.monotonic():
+                try:
+                    sink._flush_locked()
+                except Exception as exc:  # e.g. a full disk: the job's next write raises it
+                    sink._flush_error = exc
+                continue
+            del sink
+            if ref() is None:  # dropped just now, in this thread
+                return
+            mutex.wait(None if due is None else due - time.monotonic())
 
 
 def _approx_bytes(value: Any) -> int:
@@ -1308,11 +1483,58 @@ def _approx_bytes(value: Any) -> int:
     return 16
 
 
-def _part_batches(path: Path, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+def _write_ipc(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
+    options = pa.ipc.IpcWriteOptions(compression="lz4" if pa.Codec.is_available("lz4_frame") else None)
+    with atomic_path(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, schema, options=options) as w:
+            for batch in batches:
+                w.write_batch(batch)
+
+
+def _part_batches(part: _Part, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    batches = _ipc_batches(part.path) if part.fmt is None else _output_batches(part)
+    for batch in batches:
+        yield _conform(batch, schema)
+
+
+def _ipc_batches(path: Path) -> Iterator[pa.RecordBatch]:
     with pa.OSFile(str(path)) as source:
         reader = pa.ipc.open_file(source)
         for k in range(reader.num_record_batches):
-            yield _conform(reader.get_batch(k), schema)
+            yield reader.get_batch(k)
+
+
+def _output_batches(part: _Part) -> Iterator[pa.RecordBatch]:
+    """The rows of a finished job's output with their row ids (its row order), read as ``part.schema``
+    where the format keeps types (CSV is read as text, JSON values that do not fit as they come)."""
+    next_id = 0
+    for batch in _read_output(part):
+        ids = pa.array(range(next_id, next_id + batch.num_rows), pa.int64())
+        next_id += batch.num_rows
+        yield pa.RecordBatch.from_arrays([*batch.columns, ids], names=[*batch.schema.names, ROW_ID])
+
+
+def _read_output(part: _Part) -> Iterator[pa.RecordBatch]:
+    if part.fmt == "parquet":
+        with pq.ParquetFile(part.path) as f:
+            yield from f.iter_batches(batch_size=1024)
+    elif part.fmt == "csv":
+        with pacsv.open_csv(
+            part.path,
+            read_options=pacsv.ReadOptions(use_threads=False, block_size=CSV_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types=part.schema),
+        ) as reader:
+            yield from reader
+    else:
+        with open(part.path, "rb") as f:
+            while lines := list(itertools.islice(f, 1024)):
+                rows = [json.loads(line) for line in lines]
+                try:
+                    yield pa.RecordBatch.from_pylist(rows, schema=part.schema)
+                except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                    arrays = [_infer_array([r.get(n) for r in rows]) for n in part.schema.names]
+                    yield pa.RecordBatch.from_arrays(arrays, names=part.schema.names)
 
 
 def _merge_rows(parts: list[_Part], schema: pa.Schema, chunk: int = 1024) -> Iterator[pa.RecordBatch]:
@@ -1322,7 +1544,7 @@ def _merge_rows(parts: list[_Part], schema: pa.Schema, chunk: int = 1024) -> Ite
     """
 
     def rows(part: _Part) -> Iterator[dict[str, Any]]:
-        for batch in _part_batches(part.path, schema):
+        for batch in _part_batches(part, schema):
             yield from batch.to_pylist()
 
     heap: list[tuple[int, int, dict[str, Any], Iterator[dict[str, Any]]]] = []

@@ -8,11 +8,14 @@ import io
 import json
 import random
 import sys
+import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from encdec_cli.io import tables
 from encdec_cli.io.tables import ERROR_COLUMN, RowIdSet, TableError, open_sink, open_table
 
 
@@ -108,20 +111,29 @@ def test_close_saves_buffered_rows_for_resume(tmp_path):
     assert [r["translation"] for r in got] == [f"T{i}" for i in range(6)]
 
 
-def test_spills_and_overlapping_parts_merge_in_order(tmp_path):
+def test_rows_out_of_order_are_saved_and_merge_in_rounds(tmp_path, monkeypatch):
+    """Rows finished out of order are committed all the same (the first row finishes last here);
+    the many overlapping parts merge in rounds of MERGE_FAN_IN, a retried row's newest result wins."""
+    monkeypatch.setattr(tables, "MERGE_FAN_IN", 4)  # 3000 / 8 parts: several rounds
     n = 3000
     out = tmp_path / "out.parquet"
-    sink = open_sink(out, result_columns=["summary"], part_rows=64, max_buffer_rows=100)
+    sink = open_sink(out, result_columns=["summary"], part_rows=8)
     order = list(range(1, n))
     random.Random(1).shuffle(order)
-    order.append(0)  # the first row finishes last: nothing is contiguous until the end
-    for i in order:
+    for k, i in enumerate(order):
+        error = "timeout" if i in (10, 2000) else None
+        sink.write(i, {"id": i, "text": f"doc {i}"}, None if error else {"summary": f"s{i}"}, error)
+        assert sink.rows_committed == (k + 1) // 8 * 8  # nothing waits for row 0
+    sink.close()
+    sink = open_sink(out, result_columns=["summary"], part_rows=8)
+    assert sink.done_row_ids() == RowIdSet([(1, n)]) and list(sink.failed_row_ids()) == [10, 2000]
+    for i in (2000, 0, 10):
         sink.write(i, {"id": i, "text": f"doc {i}"}, {"summary": f"s{i}"})
-    assert sink.rows_committed > 0  # the buffer was spilled, bounded
     sink.finalize(expected_rows=n)
     got = pq.read_table(out).to_pylist()
     assert [r["id"] for r in got] == list(range(n))
-    assert all(r["summary"] == f"s{r['id']}" for r in got)
+    assert all(r["summary"] == f"s{r['id']}" and r["error"] is None for r in got)
+    assert no_parts_left(out)
 
 
 def test_failed_rows_can_be_retried_and_replace_the_error(tmp_path):
@@ -173,6 +185,45 @@ def test_second_writer_is_refused(tmp_path):
         open_sink(out, result_columns=["summary"])
     first.close()
     open_sink(out, result_columns=["summary"]).close()
+
+
+def test_writer_starting_while_another_finalizes(tmp_path):
+    """Finalize removes the parts folder before it lets go of its lock: a second writer that keeps
+    trying while the first finishes is refused as busy until then, and then starts afresh, never
+    failing on a file or folder that vanished under it."""
+    out = tmp_path / "out.jsonl"
+    errors: list[BaseException] = []
+    refused = 0
+
+    def second_writer(start: threading.Barrier) -> None:
+        nonlocal refused
+        start.wait()
+        while True:
+            try:
+                sink = open_sink(out, result_columns=["summary"], resume=False)
+            except TableError as exc:
+                assert "another encdec job is writing" in str(exc)
+                refused += 1
+                continue
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+            assert len(sink.done_row_ids()) == 0
+            sink.close()
+            return
+
+    for _ in range(100):
+        first = open_sink(out, result_columns=["summary"], resume=False)
+        first.write(0, {"text": "x"}, {"summary": "y"})
+        start = threading.Barrier(2)
+        thread = threading.Thread(target=second_writer, args=(start,))
+        thread.start()
+        start.wait()
+        first.finalize(expected_rows=1)
+        thread.join()
+        assert errors == []
+        assert read_output(out) == [{"text": "x", "summary": "y", "error": None}]
+    assert refused > 0  # the second writer did try while the first was finishing
 
 
 def test_schemaless_rows_with_mixed_types(tmp_path):
@@ -262,6 +313,40 @@ def test_slow_jobs_flush_on_a_timer(tmp_path):
     assert sink.rows_committed == 3  # each contiguous row saved at once
     del sink  # crash
     assert len(open_sink(out, result_columns=["summary"]).done_row_ids()) == 3
+
+
+def test_rows_are_committed_in_time_without_further_writes(tmp_path):
+    """The flush thread commits buffered rows (out of order too) when the job writes nothing more."""
+    out = tmp_path / "out.jsonl"
+    sink = open_sink(out, result_columns=["summary"], part_rows=1000, flush_interval_s=0.2)
+    for i in (2, 0):
+        sink.write(i, {"text": "x"}, {"summary": "y"})
+    deadline = time.monotonic() + 60
+    while sink.rows_committed < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    del sink  # crash; the thread does not keep the sink (and its lock) alive
+    assert open_sink(out, result_columns=["summary"]).done_row_ids() == RowIdSet([(0, 1), (2, 3)])
+
+
+def test_failed_timed_commit_is_raised_by_the_next_write(tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    sink = open_sink(out, result_columns=["summary"], part_rows=1000, flush_interval_s=0.2)
+
+    def disk_full(rows):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sink, "_write_part", disk_full)
+    sink.write(0, {"text": "x"}, {"summary": "y"})
+    deadline = time.monotonic() + 60
+    while sink._flush_error is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="No space left"):
+        sink.write(1, {"text": "x"}, {"summary": "y"})
+    monkeypatch.undo()  # space again: closing saves the buffered row
+    sink.close()
+    assert open_sink(out, result_columns=["summary"]).done_row_ids() == RowIdSet([(0, 1)])
 
 
 def test_unreadable_part_is_set_aside_and_its_rows_rerun(tmp_path):

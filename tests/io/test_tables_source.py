@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from encdec_cli.io import tables
 from encdec_cli.io.tables import Row, TableError, open_table
 
 TEXTS = ["first doc", "second, with a comma", 'third "quoted"\nand multi-line', "fourth ünïcode"]
@@ -75,6 +76,43 @@ def test_corrupt_or_unknown_inputs(tmp_path):
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     with pytest.raises(TableError, match="type int64; expected a text"):
         open_table(tmp_path / "ints.parquet", "text")
+
+
+def test_csv_unclosed_quote_is_an_error_naming_its_line(tmp_path, monkeypatch):
+    """A quote that never closes would make every later row part of one field's text: the input is
+    refused, naming the line where the quote opens. Quotes that pyarrow reads as text, escaped ones
+    and multi-line fields (also in the header) are fine."""
+    path = tmp_path / "in.csv"
+    path.write_bytes(b'id,text\n1,fine\n2,"unclosed\n3,swallowed\n4,"" still inside\n')
+    with pytest.raises(TableError, match=r"in.csv line 3: a quoted field opens there and is never closed"):
+        open_table(path, "text")
+    monkeypatch.setattr(tables, "MAX_QUOTED_LINES", 5)
+    path.write_bytes(b'id,text\n1,"a\nb\nc\nd\ne\nf"\n2,swallowed\n')
+    with pytest.raises(TableError, match=r"line 2: a quoted field opens there and runs over more than 5"):
+        open_table(path, "text")
+    path.write_bytes(b'\xef\xbb\xbf"id","te\nxt"\n1,he said "hi\n2,"a ""b"", c\nd\ne"\n3,x""y\n4,"q"\n')
+    rows = list(open_table(path, "te\nxt"))
+    assert [r.text for r in rows] == ['he said "hi', 'a "b", c\nd\ne', 'x""y', "q"]
+    assert [r.record["id"] for r in rows] == ["1", "2", "3", "4"]
+
+
+def test_empty_csv_is_an_error(tmp_path):
+    for data in (b"", b"\n\n", b"\xef\xbb\xbf"):
+        (tmp_path / "e.csv").write_bytes(data)
+        with pytest.raises(TableError, match="e.csv is empty; a CSV file starts with a header line"):
+            open_table(tmp_path / "e.csv", "text")
+    (tmp_path / "e.csv").write_bytes(b"id,text\n")
+    assert list(open_table(tmp_path / "e.csv", "text")) == []
+
+
+def test_close_ends_a_pass_read_halfway(tmp_path):
+    """close() ends the native reader of a pass not read to its end at once, not at the exit."""
+    (tmp_path / "in.csv").write_bytes(b"text\n" + b"row\n" * 10)
+    src = open_table(tmp_path / "in.csv", "text", batch_rows=2)
+    batches = src.iter_batches()
+    assert len(next(batches)) == 2
+    src.close()
+    assert src._open_batches is None and list(batches) == []
 
 
 def _errors(rows: list[Row]) -> dict[int, str]:
