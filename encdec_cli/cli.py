@@ -302,7 +302,13 @@ def transcribe(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Limit per 30 s window."),
     device: Device = "auto",
     dtype: Dtype = "auto",
-    max_num_seqs: int = typer.Option(64, "--max-num-seqs", help="Windows decoded together per step."),
+    max_num_seqs: int = typer.Option(
+        64,
+        "--max-num-seqs",
+        help="Windows decoded together per step (beams count singly). 64, lower than the text commands' "
+        "512: windows come from audio decoded on the host as the job goes, and each holds 1500 encoder "
+        "positions of cache; raise it on a large GPU fed with many files (encdec bench runs W1 at 512).",
+    ),
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     overwrite: bool = typer.Option(
@@ -454,7 +460,12 @@ def _text_command(task: str):
         ),
         device: Device = "auto",
         dtype: Dtype = "auto",
-        max_num_seqs: int = typer.Option(512, "--max-num-seqs", help="Sequences decoded together per step."),
+        max_num_seqs: int = typer.Option(
+            512,
+            "--max-num-seqs",
+            help="Sequences decoded together per step (beams count singly; the KV pool limits what is "
+            "admitted). Text inputs are short, so many fit at once; the engine's own default is 256.",
+        ),
         gpu_memory_utilization: GpuMemory = 0.9,
         enforce_eager: EnforceEager = False,
         overwrite: bool = typer.Option(

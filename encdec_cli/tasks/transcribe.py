@@ -492,4 +492,4 @@ class Transcriber:
         self.on_done(f.item, Transcript(text, segments, language, f.duration, list(f.item.warnings)), None)
 
 
-__all__ = ["AudioItem", "Transcriber", "TranscribeOptions", "WhisperPrompts"]
+__all__ = ["Transcriber", "TranscribeOptions", "WhisperPrompts"]
