@@ -137,6 +137,7 @@ def _first_object_keys(lines: Iterable[bytes]) -> list[str] | None:
 
 
 def open_jsonl(path: Path, column: str, batch_rows: int) -> TableSource:
+    """JSON Lines, one object per line; its columns are those of the first object."""
     lines = _file_lines(path)
     it = lines()
     try:
@@ -150,6 +151,8 @@ def open_jsonl(path: Path, column: str, batch_rows: int) -> TableSource:
 
 
 def open_json(path: Path, column: str, batch_rows: int) -> TableSource:
+    """A ``.json`` file: one JSON array of objects (loaded whole, up to MAX_JSON_ARRAY_BYTES), else
+    JSON Lines."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if not head.startswith(b"["):
@@ -177,6 +180,7 @@ def open_json(path: Path, column: str, batch_rows: int) -> TableSource:
 
 
 def open_txt(path: Path, column: str, batch_rows: int) -> TableSource:
+    """Plain text, one item per line, as column ``text``."""
     if column != "text":
         raise missing_column(column, f"{path} (plain text, one item per line)", ["text"])
     batches = _line_batches(_file_lines(path), _text_row, column, batch_rows, skip_blank=False)
@@ -195,6 +199,7 @@ def _stdin_lines() -> Iterator[bytes]:
 
 
 def open_stdin(column: str, batch_rows: int) -> TableSource:
+    """stdin, read once: JSON Lines if its first non-blank line is a JSON object, else plain text."""
     source = _stdin_lines()
     peeked: list[bytes] = []
     first: bytes | None = None

@@ -130,6 +130,7 @@ def _compacted(parts: list[Part], schema: pa.Schema, work_dir: Path) -> list[Par
 
 
 def _part_batches(part: Part, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+    """The rows of one part, with its row ids, conformed to ``schema``."""
     batches = ipc_batches(part.path) if part.fmt is None else _output_batches(part)
     for batch in batches:
         yield _conform(batch, schema)
@@ -146,6 +147,7 @@ def _output_batches(part: Part) -> Iterator[pa.RecordBatch]:
 
 
 def _read_output(part: Part) -> Iterator[pa.RecordBatch]:
+    """The rows of a finished job's output file, a batch at a time."""
     if part.fmt == "parquet":
         with pq.ParquetFile(part.path) as f:
             yield from f.iter_batches(batch_size=1024)
@@ -232,6 +234,8 @@ def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
 
 
 def _write_parquet(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
+    """Commit ``batches`` as Parquet; row groups of at most ROW_GROUP_ROWS rows or ROW_GROUP_BYTES
+    (the writer holds one row group in memory)."""
     with atomic_path(path) as tmp:
         writer = pq.ParquetWriter(str(tmp), schema)
         try:
@@ -251,6 +255,7 @@ def _write_parquet(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBat
 
 
 def _write_jsonl(path: Path, batches: Iterable[pa.RecordBatch]) -> None:
+    """Commit ``batches`` as JSON Lines (UTF-8, not ASCII-escaped)."""
     with atomic_open(path, "w", encoding="utf-8", newline="\n") as f:
         for batch in batches:
             f.writelines(
@@ -259,6 +264,8 @@ def _write_jsonl(path: Path, batches: Iterable[pa.RecordBatch]) -> None:
 
 
 def _csv_value(value: Any) -> Any:
+    """A value as ``csv.writer`` should write it: null as empty, booleans lowercase, strings and
+    numbers as they are, other values as JSON text."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -269,6 +276,7 @@ def _csv_value(value: Any) -> Any:
 
 
 def _write_csv(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
+    """Commit ``batches`` as CSV with a header line."""
     with atomic_open(path, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(schema.names)

@@ -46,6 +46,7 @@ class Part:
 
 
 def _read_part_info(path: Path) -> Part:
+    """A part file's row ids, from its schema metadata (its rows are not read)."""
     with pa.OSFile(str(path)) as source:
         schema = pa.ipc.open_file(source).schema
     meta = json.loads((schema.metadata or {})[PART_META_KEY])
@@ -70,6 +71,7 @@ def _stamp(path: Path) -> list[int] | None:
 
 
 def write_ipc(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> None:
+    """Commit ``batches`` to ``path`` as an Arrow IPC file, atomically (LZ4-compressed if available)."""
     options = pa.ipc.IpcWriteOptions(compression="lz4" if pa.Codec.is_available("lz4_frame") else None)
     with atomic_path(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_file(f, schema, options=options) as w:
@@ -78,6 +80,7 @@ def write_ipc(path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) 
 
 
 def ipc_batches(path: Path) -> Iterator[pa.RecordBatch]:
+    """The record batches of an Arrow IPC file, read one at a time (bounded memory)."""
     with pa.OSFile(str(path)) as source:
         reader = pa.ipc.open_file(source)
         for k in range(reader.num_record_batches):
@@ -142,6 +145,7 @@ class PartsDir:
         self.unlock()
 
     def _open(self, resume: bool) -> None:
+        """Lock the directory, check or write the job file and read the parts (see the class)."""
         job_file = self.dir / JOB_FILE
         self._lock()  # before touching anything: another job may be using this directory
         if not resume:

@@ -192,7 +192,6 @@ class StreamSink(TableSink):
             raise TableError(f"rows {missing[:10]} never got a result; the output has gaps")
         if expected_rows is not None and self.rows_written != expected_rows:
             raise TableError(f"wrote {self.rows_written} rows, expected {expected_rows}")
-        return None
 
 
 class PartsSink(TableSink):
@@ -306,6 +305,8 @@ class PartsSink(TableSink):
             self._flusher.join()
 
     def _rows_to_table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """``rows`` as a table: with the input's types when the values fit them, else with types
+        inferred from the values; the result columns, ``error`` and the row id at the end."""
         if self._part_schema is not None:
             try:
                 return pa.Table.from_pylist(rows, schema=self._part_schema)

@@ -68,6 +68,7 @@ def fix_surrogates(value: Any) -> Any:
 
 
 def describe_decode_error(exc: UnicodeDecodeError) -> str:
+    """Where bytes are not UTF-8, for an error row's message."""
     return f"byte 0x{exc.object[exc.start]:02x} at position {exc.start}"
 
 
@@ -163,6 +164,8 @@ def _is_text_type(t: pa.DataType) -> bool:
 
 
 def open_parquet(path: Path, column: str, batch_rows: int) -> TableSource:
+    """A Parquet file, read a row group at a time through a small buffer (bounded memory); the text
+    column must have a string type. An unreadable row group becomes error rows."""
     try:
         pf = pq.ParquetFile(path, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
         schema = pf.schema_arrow
@@ -233,6 +236,8 @@ def _arrow_batch_rows(batch: pa.RecordBatch, column: str, first_id: int) -> list
 
 # -- CSV ------------------------------------------------------------------------------
 def open_csv(path: Path, column: str, batch_rows: int) -> TableSource:
+    """A CSV file with a header line, read in blocks, every column as bytes (no type guessing).
+    A malformed row becomes an error row; an unclosed quote is refused (see ``_scan_csv``)."""
     try:  # the header only, parsed on its own: no data row can make this fail
         header = pacsv.read_csv(
             pa.BufferReader(_scan_csv(path)),
