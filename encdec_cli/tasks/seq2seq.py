@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.manifest import file_key
-from encdec_cli.io.tables import Row, TableError, open_sink, open_table
+from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.progress import JobProgress
@@ -141,8 +141,7 @@ def run_seq2seq(
     src = open_table(input_path, opts.column)
     stdin = input_path == "-"
     try:
-        sink = open_sink(
-            output,
+        sink_options = SinkOptions(
             result_columns=[opts.result_column],
             input_schema=src.arrow_schema,
             result_types={opts.result_column: pa.list_(pa.string())}
@@ -154,6 +153,7 @@ def run_seq2seq(
             part_rows=part_rows,
             flush_interval_s=flush_s,
         )
+        sink = open_sink(output, options=sink_options)
     except BaseException:
         src.close()
         raise

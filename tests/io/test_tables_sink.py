@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from encdec_cli.io import tables
 from encdec_cli.io.tables import ERROR_COLUMN, RowIdSet, TableError, open_sink, open_table
+from encdec_cli.io.tables import merge as tables  # MERGE_FAN_IN
 
 
 def read_output(path):

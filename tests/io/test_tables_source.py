@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from encdec_cli.io import tables
 from encdec_cli.io.tables import Row, TableError, open_table
+from encdec_cli.io.tables import sources as tables  # MAX_QUOTED_LINES
 
 TEXTS = ["first doc", "second, with a comma", 'third "quoted"\nand multi-line', "fourth ünïcode"]
 
