@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from encdec_cli.engine.block_manager import BlockManager
-from encdec_cli.engine.sampling import to_device
 from encdec_cli.engine.sequence import Completion, Sequence, SequenceGroup
+from encdec_cli.engine.transfer import to_device
 
 NEG_LARGE = -1.0e9  # transformers' "impossible" score: initial copies, hits, empty slots
 NEG_LARGE_F32 = np.float32(NEG_LARGE)  # exact: 1e9 = 2**9 * 1953125

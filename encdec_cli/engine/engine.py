@@ -14,9 +14,10 @@ from encdec_cli.engine.beam import beam_step_batch
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig, EngineStats
 from encdec_cli.engine.runner import ModelRunner
-from encdec_cli.engine.sampling import choose_tokens, process_logits, to_device
+from encdec_cli.engine.sampling import choose_tokens, process_logits
 from encdec_cli.engine.scheduler import Scheduler
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
+from encdec_cli.engine.transfer import take_rows, to_device
 from encdec_models.loading import LoadedModel, load_model
 
 # absorbed cross-attention by default from this many sequences per step (where the Hopper kernel runs):
@@ -314,7 +315,7 @@ class Engine:
             decode = [rows[i] for i in live]
             if not decode:
                 return
-            logits = logits if len(live) == len(rows) else self._take_rows(logits, live)
+            logits = logits if len(live) == len(rows) else take_rows(logits, live)
         else:
             plan = self.scheduler.schedule()
             for group, msg in plan.failed:
@@ -353,7 +354,7 @@ class Engine:
             tokens, logprobs = self._choose_and_run_ahead(logits, decode), None
         elif single:
             seqs = [decode[i] for i in single]
-            rows_logits = self._take_rows(logits, single) if len(single) < len(decode) else logits
+            rows_logits = take_rows(logits, single) if len(single) < len(decode) else logits
             tokens, logprobs = choose_tokens(rows_logits, seqs)
         if single:
             for j, i in enumerate(single):
@@ -369,12 +370,6 @@ class Engine:
                 self.scheduler.finish(group)
                 yield self._result(group, now)
         self._tick("sample")
-
-    @staticmethod
-    def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """x[rows] without ``x[rows]``: that copies the index from pageable memory, a stream sync
-        that would wait for every queued GPU step (the GPU then idles until the next launch)."""
-        return x.index_select(0, to_device(x.device, rows))
 
     # ---- one step ahead (see EngineConfig.lookahead) -----------------------------------------
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:

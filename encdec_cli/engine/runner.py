@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 import encdec_kernels
-from encdec_cli.engine.sampling import to_device
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
+from encdec_cli.engine.transfer import to_device
 from encdec_models.base import AttentionMetadata, PagedView
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from encdec_cli.engine.sequence import SamplingParams, Sequence, TimestampRules
-from encdec_models.base import host_to_device
+from encdec_cli.engine.transfer import to_device
 
 NEG_INF = float("-inf")
 
@@ -66,14 +66,6 @@ def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) 
         if len(w) == 1 or tuple(tokens[len(tokens) - len(w) + 1 :]) == tuple(w[:-1]):
             out.append(w[-1])
     return out
-
-
-def to_device(dev: torch.device, data, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Host data (a list, nested lists or a numpy array) as a tensor on ``dev``, without a sync: on
-    CUDA it goes through pinned memory with a non-blocking copy (a copy from pageable memory, as
-    ``cuda_tensor[python_list]`` or ``torch.tensor(data, device=...)`` make, waits for every
-    queued GPU step)."""
-    return host_to_device(torch.tensor(data, dtype=dtype), dev)
 
 
 _CONSTANTS: dict[tuple[torch.device, float], torch.Tensor] = {}
