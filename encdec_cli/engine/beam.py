@@ -72,6 +72,16 @@ class BeamState:
         )
 
 
+def to_logprobs(logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+    """Beam search applies the logits processors to log-probabilities (as transformers): the
+    log_softmax of ``logits`` [B, V], of every row (``rows`` None: the usual case, no gather and
+    scatter of [B, V]) or, in place, of ``rows`` only (greedy or sampled rows share the step)."""
+    if rows is None:
+        return torch.log_softmax(logits, -1)
+    idx = to_device(logits.device, rows)
+    return logits.index_copy_(0, idx, torch.log_softmax(logits.index_select(0, idx), -1))
+
+
 def beam_step_batch(
     groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[list[int]], blocks: BlockManager
 ) -> None:
