@@ -48,7 +48,7 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
     ]
     eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20, enforce_eager=True, lookahead=False)
     graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20)
-    assert graphs == eager and engine.stats["ahead_steps"] > 0  # graphs replayed one step ahead
+    assert graphs == eager and engine.stats.ahead_steps > 0  # graphs replayed one step ahead
     # preemption and recompute with graphs on: same tokens (pool: 3 cross caches, few output blocks)
     same = [
         Request(
@@ -104,7 +104,7 @@ def test_bart_mixed_cross_lengths_and_arrivals(tmp_path):
 
     eager, _ = _tokens(loaded, reqs, num_blocks=3000, max_num_seqs=16, enforce_eager=True, lookahead=False)
     graphs, engine = _tokens(loaded, trickle(), num_blocks=3000, max_num_seqs=16)
-    assert graphs == eager and engine.stats["ahead_steps"] > 0
+    assert graphs == eager and engine.stats.ahead_steps > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
