@@ -182,8 +182,7 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
     "steps": n}, {host function: seconds}: ``runner._rows`` always, more in a plain run).
     ``meter``: count and time the ops outside the model's forward; ``prof``: profile the schedule
     and sample phases and ``runner._rows``."""
-    from encdec_cli.engine import Engine, beam
-    from encdec_cli.engine import engine as engine_module
+    from encdec_cli.engine import Engine, beam, sampling
 
     engine = Engine(loaded, device="cpu", dtype="float32", **engine_cfg)
     list(engine.generate(reqs[:4]))
@@ -203,8 +202,8 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
     with contextlib.ExitStack() as patches:
         if meter is None and prof is None:  # the plain run (a timer costs ~2 us a call: two clock reads)
             _timed(patches, engine.scheduler, "schedule", times, "scheduler.schedule")
-            _timed(patches, engine_module, "process_logits", times, "process_logits")
-            _timed(patches, engine_module, "beam_step_batch", times, "beam_step_batch")
+            _timed(patches, sampling, "process_logits", times, "process_logits")
+            _timed(patches, sampling, "beam_step_batch", times, "beam_step_batch")
             _timed(patches, beam, "_select", times, "beam._select")
             _timed(patches, beam, "_advance", times, "beam._advance")
         _timed(patches, engine.runner, "_rows", times, "runner._rows")

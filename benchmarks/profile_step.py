@@ -180,16 +180,16 @@ def main(argv=None):
         rows_per_step.append(len(seqs))
         return decode(seqs, *a, **kw)
 
-    import encdec_cli.engine.engine as engine_module
+    import encdec_cli.engine.sampling as sampling
 
     timed_fns = [
         (engine.scheduler, "schedule"),
         (engine.runner, "encode"),
         (engine.runner, "_rows"),
         (engine, "_can_run_ahead"),
-        (engine, "_choose_and_run_ahead"),
-        (engine_module, "process_logits"),
-        (engine_module, "choose_tokens"),
+        (engine.sampler, "_argmax_ahead"),
+        (sampling, "process_logits"),
+        (sampling, "choose_tokens"),
     ]
     if engine.runner.graphs is not None:
         timed_fns.append((engine.runner.graphs, "run"))

@@ -38,8 +38,8 @@ import numpy as np
 import torch
 
 from encdec_cli.engine.block_manager import BlockManager
-from encdec_cli.engine.sampling import to_device
 from encdec_cli.engine.sequence import Completion, Sequence, SequenceGroup
+from encdec_cli.engine.transfer import to_device
 
 NEG_LARGE = -1.0e9  # transformers' "impossible" score: initial copies, hits, empty slots
 NEG_LARGE_F32 = np.float32(NEG_LARGE)  # exact: 1e9 = 2**9 * 1953125
@@ -70,6 +70,16 @@ class BeamState:
             [False] * num_beams,
             [None] * num_beams,
         )
+
+
+def to_logprobs(logits: torch.Tensor, rows: list[int] | None = None) -> torch.Tensor:
+    """Beam search applies the logits processors to log-probabilities (as transformers): the
+    log_softmax of ``logits`` [B, V], of every row (``rows`` None: the usual case, no gather and
+    scatter of [B, V]) or, in place, of ``rows`` only (greedy or sampled rows share the step)."""
+    if rows is None:
+        return torch.log_softmax(logits, -1)
+    idx = to_device(logits.device, rows)
+    return logits.index_copy_(0, idx, torch.log_softmax(logits.index_select(0, idx), -1))
 
 
 def beam_step_batch(

@@ -19,12 +19,12 @@ class EngineConfig:
     profile: bool = False  # time each step phase (synchronizes the GPU: slower)
     max_target_len: int | None = None  # decoder tokens per sequence; None: model limit, at most 1024
     # greedy steps whose logits rules depend only on token counts launch the next step's model run
-    # before their tokens reach the host (GPU and host overlap; see Engine._choose_and_run_ahead)
+    # before their tokens reach the host (GPU and host overlap; see Sampler._argmax_ahead)
     lookahead: bool = True
     # cross-attention over the encoder output itself, K/V projections absorbed into the query and
     # the output (ModelRunner): half the bytes per decode step and no K/V projections in the
     # encoder, for two small matmuls per layer and step. None: on where the model asks for it
-    # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= engine.ABSORB_MIN_SEQS
+    # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= runner.ABSORB_MIN_SEQS
     absorb_cross: bool | None = None
 
     def __post_init__(self):

@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
 
 import torch
 
-import encdec_kernels
-from encdec_cli.engine.beam import beam_step_batch
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig, EngineStats
 from encdec_cli.engine.runner import ModelRunner
-from encdec_cli.engine.sampling import choose_tokens, process_logits, to_device
-from encdec_cli.engine.scheduler import Scheduler
+from encdec_cli.engine.sampling import Sampled, Sampler
+from encdec_cli.engine.scheduler import Scheduler, StepPlan
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
+from encdec_cli.engine.transfer import take_rows
 from encdec_models.loading import LoadedModel, load_model
-
-# absorbed cross-attention by default from this many sequences per step (where the Hopper kernel runs):
-# it reads each sequence's encoder rows with one CTA per 64-row tile, so a step of a few sequences
-# leaves most SMs idle (H200, Whisper large-v3: batch 1 7 us per-layer K/V against 24-39 us, batch
-# 32 1.06x, batch 256 1.24x; benchmarks/sweep_shared_kv.py)
-ABSORB_MIN_SEQS = 16
 
 log = logging.getLogger("encdec")
 
@@ -43,25 +38,10 @@ class Engine:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.config = EngineConfig(**config)
-        p = next(self.model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.max_source_len = min(self.config.max_source_len or 4096, self.model.max_source_positions)
-        self.max_target_len = min(self.config.max_target_len or 1024, self.model.max_target_positions)
-        num_blocks = self.config.num_blocks or self._pool_blocks()
-        absorb = self.config.absorb_cross
-        if absorb is None:  # batched decoding on the Hopper kernel: half the bytes per step
-            absorb = self.config.max_num_seqs >= ABSORB_MIN_SEQS and self._hopper_cross()
-        self.runner = ModelRunner(
-            self.model,
-            num_blocks,
-            self.config.block_size,
-            self.device,
-            self.dtype,
-            self.config.max_num_seqs,
-            self.max_source_len,
-            self.max_target_len,
-            absorb,
-        )
+        self.runner = ModelRunner(self.model, self.config)
+        self.device, self.dtype = self.runner.device, self.runner.dtype
+        self.max_source_len, self.max_target_len = self.runner.max_source_len, self.runner.max_target_len
+        num_blocks = self.runner.num_blocks
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows)
         if self.device.type == "cuda" and not self.config.enforce_eager:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
@@ -91,15 +71,15 @@ class Engine:
             num_blocks * ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype) / 2**20,
             self.device,
             str(self.dtype).removeprefix("torch."),
-            f"absorbed ({self.runner.cross_block_rows} encoder rows a block)" if absorb else "K/V per layer",
+            f"absorbed ({self.runner.cross_block_rows} encoder rows a block)"
+            if self.absorbs_cross
+            else "K/V per layer",
         )
         self.scheduler = Scheduler(self.config, self.blocks)
         self._order = 0
-        # (rows, logits) of a step launched ahead by the previous one (see _choose_and_run_ahead)
+        self.sampler = Sampler(self.device, self.config.max_num_seqs)
+        # (rows, logits) of a step launched ahead by the previous one (see _run_ahead)
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
-        self._host_tokens = torch.empty(
-            self.config.max_num_seqs, dtype=torch.long, pin_memory=self.device.type == "cuda"
-        )
         self._profile = self.config.profile
         self.reset_stats()
 
@@ -149,34 +129,6 @@ class Engine:
     def absorbs_cross(self) -> bool:
         """Cross-attention reads the encoder output itself (absorbed) rather than per-layer K/V."""
         return self.runner.encoder_rows is not None
-
-    def _hopper_cross(self) -> bool:
-        """Whether this model takes absorbed cross-attention by default here: encdec_kernels prefers
-        it where its Hopper kernel runs this model's shape and dtype."""
-        spec = self.model.cache_spec
-        return self.model.absorb_cross_by_default and encdec_kernels.prefers_absorbed_cross(
-            self.device, self.dtype, spec.num_heads, self.model.d_model
-        )
-
-    def _pool_blocks(self) -> int:
-        per_block = ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype)
-        if self.device.type != "cuda":
-            return max(16, self.config.cpu_kv_cache_bytes // per_block)
-        free, total = torch.cuda.mem_get_info(self.device)
-        # leave room for activations: the largest encoder batch and the step's logits
-        spec = self.model.cache_spec
-        d_model = spec.num_heads * spec.head_dim
-        act = (
-            self.config.max_encoder_tokens * d_model * 2 * 24
-            + self.config.max_num_seqs * self.model.vocab_size * 16
-        )
-        budget = total * self.config.gpu_memory_utilization - (total - free) - act
-        if budget < per_block * 64:
-            raise RuntimeError(
-                "not enough GPU memory left for the KV cache; lower --max-num-seqs or "
-                "raise --gpu-memory-utilization"
-            )
-        return int(budget // per_block)
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
@@ -304,77 +256,44 @@ class Engine:
             self._last_tick = now
 
     def _step(self) -> Iterator[Result]:
+        """Schedule, run, sample, finish. A step whose model run the previous step launched ahead
+        (see ``_can_run_ahead``) skips the first two."""
         self._tick("outside")
         self._stats.steps += 1
-        if self._ahead is not None:  # this step's model run was launched by the previous step
-            rows, logits = self._ahead
-            self._ahead = None
-            self._stats.ahead_steps += 1
-            live = [i for i, s in enumerate(rows) if s in s.group.seqs]  # rows that hit EOS are dropped
-            decode = [rows[i] for i in live]
-            if not decode:
-                return
-            logits = logits if len(live) == len(rows) else self._take_rows(logits, live)
+        if self._ahead is not None:
+            seqs, logits = self._take_ahead()
         else:
             plan = self.scheduler.schedule()
             for group, msg in plan.failed:
                 yield Result(group.request.request_id, [], error=msg)
-            self.runner.copy_blocks(plan.copies)
-            self._tick("schedule")
-            if plan.encode:
-                self.runner.encode(plan.encode)
-                self._tick("encode")
-            if not plan.decode:
-                return
-            decode = plan.decode
-            logits = self.runner.decode(decode)
+            seqs, logits = self._run(plan)
+        if not seqs:
+            return
         self._tick("decode")
-        single: list[int] = []  # rows of greedy / sampled sequences
-        beams: dict[SequenceGroup, list[int]] = {}  # beam-search request -> its rows
-        for i, s in enumerate(decode):
-            if s.group.params.num_beams > 1:
-                group_rows = beams.get(s.group)
-                if group_rows is None:
-                    beams[s.group] = [i]
-                else:
-                    group_rows.append(i)
-            else:
-                single.append(i)
-        if beams:  # beam search applies the logits processors to log-probs (as transformers)
-            if single:
-                idx = to_device(logits.device, [i for group_rows in beams.values() for i in group_rows])
-                logits.index_copy_(0, idx, torch.log_softmax(logits.index_select(0, idx), -1))
-            else:  # every row (the usual case): no gather and scatter of [B, V]
-                logits = torch.log_softmax(logits, -1)
-        process_logits(logits, decode)
+        launch = functools.partial(self._run_ahead, seqs) if self._can_run_ahead(seqs) else None
+        yield from self._finish(self.sampler(logits, seqs, self.blocks, launch))
+        self._tick("sample")
+
+    def _run(self, plan: StepPlan) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The plan's block copies and encoder runs, then one decoder step: (rows, logits)."""
+        self.runner.copy_blocks(plan.copies)
+        self._tick("schedule")
+        if plan.encode:
+            self.runner.encode(plan.encode)
+            self._tick("encode")
+        return plan.decode, self.runner.decode(plan.decode) if plan.decode else None
+
+    def _finish(self, sampled: Sampled) -> Iterator[Result]:
+        """Append the chosen tokens; the requests now done leave the scheduler as Results."""
         now = time.perf_counter()
-        finished = []
-        if single and len(single) == len(decode) and self._can_run_ahead(decode):
-            tokens, logprobs = self._choose_and_run_ahead(logits, decode), None
-        elif single:
-            seqs = [decode[i] for i in single]
-            rows_logits = self._take_rows(logits, single) if len(single) < len(decode) else logits
-            tokens, logprobs = choose_tokens(rows_logits, seqs)
-        if single:
-            for j, i in enumerate(single):
-                seq = decode[i]
-                self._append(seq, tokens[j], logprobs[j] if logprobs is not None else None)
-                finished.append(seq.group)
-        if beams:  # every beam-search request at once: one device-to-host copy per step
-            beam_step_batch(list(beams), logits, list(beams.values()), self.blocks)
-            finished.extend(beams)
-        for group in dict.fromkeys(finished):
+        logprobs = sampled.logprobs or itertools.repeat(None)
+        for seq, token, logprob in zip(sampled.seqs, sampled.tokens, logprobs):
+            self._append(seq, token, logprob)
+        for group in dict.fromkeys([s.group for s in sampled.seqs] + sampled.beam_groups):
             group.first_token = group.first_token or now
             if group.done and group in self.scheduler.running:
                 self.scheduler.finish(group)
                 yield self._result(group, now)
-        self._tick("sample")
-
-    @staticmethod
-    def _take_rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """x[rows] without ``x[rows]``: that copies the index from pageable memory, a stream sync
-        that would wait for every queued GPU step (the GPU then idles until the next launch)."""
-        return x.index_select(0, to_device(x.device, rows))
 
     # ---- one step ahead (see EngineConfig.lookahead) -----------------------------------------
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:
@@ -388,7 +307,7 @@ class Engine:
         checked: set[int] = set()  # SamplingParams objects (rows share a few)
         need = []  # rows whose next token starts a new block
         all_end = True
-        for s in seqs:  # one pass: this runs between the step's argmax and the next launch
+        for s in seqs:  # one pass: this runs on the way to the next launch
             p = s.group.params
             if id(p) not in checked:
                 if not p.greedy or not p.count_based_rules:
@@ -403,22 +322,22 @@ class Engine:
             s.block_table += self.blocks.allocate(1)
         return True
 
-    def _choose_and_run_ahead(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-        """Greedy tokens of this step; on the way, launch the next step's model run with them as
-        its input (device to device) before waiting for them on the host, so the GPU computes the
-        next step while the host does this step's bookkeeping. Rows that this step finishes (a
-        stop token) are computed once more for nothing and dropped by the next step."""
-        tokens = logits.argmax(-1)
-        if self.device.type != "cuda":
-            self._ahead = (seqs, self.runner.decode(seqs, next_tokens=tokens))
-            return tokens.tolist()
-        host = self._host_tokens[: len(seqs)]
-        host.copy_(tokens, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
+    def _run_ahead(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        """Launch the next step's model run with this step's tokens (on the device) as its input.
+        Rows that this step finishes (a stop token) are computed once more for nothing and
+        dropped by ``_take_ahead``."""
         self._ahead = (seqs, self.runner.decode(seqs, next_tokens=tokens))
-        done.synchronize()  # this step's tokens only; the next step keeps running
-        return host.tolist()
+
+    def _take_ahead(self) -> tuple[list[Sequence], torch.Tensor | None]:
+        """(rows, logits) of the model run the previous step launched, without the rows that
+        finished meanwhile."""
+        rows, logits = self._ahead
+        self._ahead = None
+        self._stats.ahead_steps += 1
+        live = [i for i, s in enumerate(rows) if s in s.group.seqs]  # rows that hit EOS are dropped
+        if len(live) == len(rows):
+            return rows, logits
+        return [rows[i] for i in live], take_rows(logits, live) if live else None
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         p = seq.group.params

@@ -15,9 +15,16 @@ import numpy as np
 import torch
 
 import encdec_kernels
-from encdec_cli.engine.sampling import to_device
+from encdec_cli.engine.config import EngineConfig
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
+from encdec_cli.engine.transfer import to_device
 from encdec_models.base import AttentionMetadata, PagedView
+
+# absorbed cross-attention by default from this many sequences per step (where the Hopper kernel runs):
+# it reads each sequence's encoder rows with one CTA per 64-row tile, so a step of a few sequences
+# leaves most SMs idle (H200, Whisper large-v3: batch 1 7 us per-layer K/V against 24-39 us, batch
+# 32 1.06x, batch 256 1.24x; benchmarks/sweep_shared_kv.py)
+ABSORB_MIN_SEQS = 16
 
 
 class _Rows:
@@ -49,33 +56,33 @@ class ModelRunner:
     """Owns the KV pool and the model's device.
 
     The pool is one tensor [2, L, NB, BS, H, D]: K and V of every decoder layer for block NB's
-    BS tokens. With ``absorb_cross`` a request's cross blocks hold its encoder output instead
-    (read by every layer, see ``Attention.cross``): each of the 2 * L chunks [BS, H, D] of a block
-    holds RC = BS * H * D // d_model rows, so a block holds 2 * L * RC (1024 for Whisper large:
-    1500 positions in 2 blocks instead of 94).
+    BS tokens. With absorbed cross-attention a request's cross blocks hold its encoder output
+    instead (read by every layer, see ``Attention.cross``): each of the 2 * L chunks [BS, H, D] of
+    a block holds RC = BS * H * D // d_model rows, so a block holds 2 * L * RC (1024 for Whisper
+    large: 1500 positions in 2 blocks instead of 94).
+
+    From the ``EngineConfig`` it resolves what the model and the device decide: the length limits
+    (``max_source_len``, ``max_target_len``), the pool size (``num_blocks``) and the
+    cross-attention layout (``encoder_rows`` is None unless absorbed).
     """
 
-    def __init__(
-        self,
-        model,
-        num_blocks: int,
-        block_size: int,
-        device: torch.device,
-        dtype: torch.dtype,
-        max_num_seqs: int,
-        max_source_len: int,
-        max_target_len: int,
-        absorb_cross: bool = False,
-    ):
-        self.model, self.device, self.block_size = model, device, block_size
-        spec = model.cache_spec
+    def __init__(self, model, config: EngineConfig):
+        p = next(model.parameters())
+        self.model, self.device, self.dtype, self.block_size = model, p.device, p.dtype, config.block_size
+        self.max_source_len = min(config.max_source_len or 4096, model.max_source_positions)
+        self.max_target_len = min(config.max_target_len or 1024, model.max_target_positions)
+        self.num_blocks = num_blocks = config.num_blocks or self._pool_blocks(config)
+        absorb = config.absorb_cross
+        if absorb is None:  # batched decoding on the Hopper kernel: half the bytes per step
+            absorb = config.max_num_seqs >= ABSORB_MIN_SEQS and self._hopper_cross()
+        block_size, spec = config.block_size, model.cache_spec
         shape = (2, spec.num_layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
-        self.pool = torch.zeros(shape, dtype=dtype, device=device)
+        self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.k_cache, self.v_cache = self.pool[0], self.pool[1]
         self.encoder_rows = None
         self.cross_block_rows = block_size  # encoder positions per cross block
         self._cross_layout = (block_size, np.arange(block_size))  # see _cross_slots
-        if absorb_cross:
+        if absorb:
             chunk = block_size * spec.num_heads * spec.head_dim  # elements of one [BS, H, D] chunk
             d, rc = model.d_model, chunk // model.d_model
             if rc < 1:
@@ -87,10 +94,10 @@ class ModelRunner:
             r = np.arange(self.cross_block_rows)
             self._cross_layout = (rc, (r // rc) * num_blocks * rc + r % rc)
         model.bind_cache(self.k_cache, self.v_cache, self.encoder_rows)
-        self.max_num_seqs = max_num_seqs
+        max_num_seqs = self.max_num_seqs = config.max_num_seqs
         # persistent block tables: self-attention per sequence, cross-attention per request
-        self.self_width = -(-max_target_len // block_size)
-        self.cross_width = -(-max_source_len // self.cross_block_rows)
+        self.self_width = -(-self.max_target_len // block_size)
+        self.cross_width = -(-self.max_source_len // self.cross_block_rows)
         self.self_tables = np.zeros((max_num_seqs, self.self_width), np.int32)
         self.cross_tables = np.zeros((max_num_seqs, self.cross_width), np.int32)
         self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
@@ -105,6 +112,33 @@ class ModelRunner:
         self.fail_at_calls: set[int] = {
             int(x) for x in os.environ.get("ENCDEC_INJECT_OOM_AT", "").split(",") if x.strip()
         }
+
+    def _hopper_cross(self) -> bool:
+        """Whether this model takes absorbed cross-attention by default here: encdec_kernels prefers
+        it where its Hopper kernel runs this model's shape and dtype."""
+        m = self.model
+        return m.absorb_cross_by_default and encdec_kernels.prefers_absorbed_cross(
+            self.device, self.dtype, m.cache_spec.num_heads, m.d_model
+        )
+
+    def _pool_blocks(self, config: EngineConfig) -> int:
+        """Blocks of the KV pool: ``config.cpu_kv_cache_bytes`` on the CPU; on a GPU what
+        ``gpu_memory_utilization`` leaves after the memory in use and room for activations."""
+        per_block = self.bytes_per_block(self.model, config.block_size, self.dtype)
+        if self.device.type != "cuda":
+            return max(16, config.cpu_kv_cache_bytes // per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        # leave room for activations: the largest encoder batch and the step's logits
+        spec = self.model.cache_spec
+        d_model = spec.num_heads * spec.head_dim
+        act = config.max_encoder_tokens * d_model * 2 * 24 + config.max_num_seqs * self.model.vocab_size * 16
+        budget = total * config.gpu_memory_utilization - (total - free) - act
+        if budget < per_block * 64:
+            raise RuntimeError(
+                "not enough GPU memory left for the KV cache; lower --max-num-seqs or "
+                "raise --gpu-memory-utilization"
+            )
+        return int(budget // per_block)
 
     @staticmethod
     def bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:

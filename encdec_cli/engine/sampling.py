@@ -1,4 +1,5 @@
-"""Logits processors and token choice (greedy / temperature, top-k, top-p with a seed).
+"""A step's token choice (``Sampler``): logits processors, then greedy / temperature, top-k, top-p
+with a seed, or a beam-search step.
 
 Rows sharing one SamplingParams are processed together (one indexed op per rule), so a step
 over hundreds of sequences with the same options costs a handful of kernels, not one per row.
@@ -6,10 +7,15 @@ over hundreds of sequences with the same options costs a handful of kernels, not
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
-from encdec_cli.engine.sequence import SamplingParams, Sequence, TimestampRules
-from encdec_models.base import host_to_device
+from encdec_cli.engine.beam import beam_step_batch, to_logprobs
+from encdec_cli.engine.block_manager import BlockManager
+from encdec_cli.engine.sequence import SamplingParams, Sequence, SequenceGroup, TimestampRules
+from encdec_cli.engine.transfer import take_rows, to_device
 
 NEG_INF = float("-inf")
 
@@ -66,14 +72,6 @@ def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) 
         if len(w) == 1 or tuple(tokens[len(tokens) - len(w) + 1 :]) == tuple(w[:-1]):
             out.append(w[-1])
     return out
-
-
-def to_device(dev: torch.device, data, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Host data (a list, nested lists or a numpy array) as a tensor on ``dev``, without a sync: on
-    CUDA it goes through pinned memory with a non-blocking copy (a copy from pageable memory, as
-    ``cuda_tensor[python_list]`` or ``torch.tensor(data, device=...)`` make, waits for every
-    queued GPU step)."""
-    return host_to_device(torch.tensor(data, dtype=dtype), dev)
 
 
 _CONSTANTS: dict[tuple[torch.device, float], torch.Tensor] = {}
@@ -322,3 +320,77 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int]
             if t in s.group.params.stop_token_ids:
                 s.stop_logprob = lp  # the Completion's logprobs end before the stop token
     return tokens, logprobs
+
+
+@dataclass
+class Sampled:
+    """What a step chose: the greedy / sampled rows' tokens (the engine appends them) and the
+    beam-search requests, each advanced by one token already (``beam_step_batch``)."""
+
+    seqs: list[Sequence]  # the greedy / sampled rows, in step order
+    tokens: list[int]
+    logprobs: list[float] | None  # when a row asks for them
+    beam_groups: list[SequenceGroup]
+
+
+class Sampler:
+    """Chooses a step's tokens from the model's logits [B, V] (row i = ``seqs[i]``): splits the rows
+    into greedy / sampled ones and beam-search requests, takes log-probabilities for beam rows,
+    applies every request's logits rules, then picks.
+
+    When all rows take one path (the usual case) no [B, V] gather or scatter runs; the beam-search
+    requests of a step advance together (one device-to-host copy per step)."""
+
+    def __init__(self, device: torch.device, max_rows: int):
+        # look-ahead tokens reach the host through pinned memory (see _argmax_ahead)
+        self._host_tokens = torch.empty(max_rows, dtype=torch.long, pin_memory=device.type == "cuda")
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        blocks: BlockManager,
+        launch_ahead: Callable[[torch.Tensor], object] | None = None,
+    ) -> Sampled:
+        """``launch_ahead``: only when every row is greedy with count-based rules (the engine's
+        look-ahead, ``EngineConfig.lookahead``); called with the step's tokens on the device."""
+        single: list[int] = []  # rows of greedy / sampled sequences
+        beams: dict[SequenceGroup, list[int]] = {}  # beam-search request -> its rows
+        for i, s in enumerate(seqs):
+            if s.group.params.num_beams > 1:
+                group_rows = beams.get(s.group)
+                if group_rows is None:
+                    beams[s.group] = [i]
+                else:
+                    group_rows.append(i)
+            else:
+                single.append(i)
+        whole = len(single) == len(seqs)
+        if beams:
+            logits = to_logprobs(logits, [i for rows in beams.values() for i in rows] if single else None)
+        process_logits(logits, seqs)
+        chosen = seqs if whole else [seqs[i] for i in single]
+        tokens, logprobs = [], None
+        if launch_ahead is not None:
+            tokens = self._argmax_ahead(logits, launch_ahead)
+        elif single:
+            tokens, logprobs = choose_tokens(logits if whole else take_rows(logits, single), chosen)
+        if beams:  # every beam-search request at once: one device-to-host copy per step
+            beam_step_batch(list(beams), logits, list(beams.values()), blocks)
+        return Sampled(chosen, tokens, logprobs, list(beams))
+
+    def _argmax_ahead(self, logits: torch.Tensor, launch: Callable[[torch.Tensor], object]) -> list[int]:
+        """Greedy tokens of this step; on the way, ``launch`` starts the next step's model run with
+        them as its input (device to device) before the host waits for them, so the GPU computes
+        the next step while the host does this step's bookkeeping."""
+        tokens = logits.argmax(-1)
+        if logits.device.type != "cuda":
+            launch(tokens)
+            return tokens.tolist()
+        host = self._host_tokens[: len(tokens)]
+        host.copy_(tokens, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        launch(tokens)
+        done.synchronize()  # this step's tokens only; the next step keeps running
+        return host.tolist()
