@@ -24,7 +24,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernel_table.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
 

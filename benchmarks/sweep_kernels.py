@@ -3,7 +3,7 @@
     python benchmarks/sweep_kernels.py [--only decode|encoder|linear] [--out FILE]
 
 For the decode kernel: BLOCK_N x num_warps x num_stages (and split counts at batch 1) on the
-shapes of benchmarks/kernels.py; for the encoder kernel: extra tile configs beyond the autotune
+shapes of benchmarks/kernel_table.py; for the encoder kernel: extra tile configs beyond the autotune
 list, on the Whisper large-v3 shape; for the one-row linear kernel: BLOCK_N x CHUNK (block_k) x
 num_warps on the Whisper large-v3 decoder weights. Prints milliseconds (CUDA-graph replays for decode) and
 the copy-bandwidth fraction, to choose the defaults in encdec_kernels/paged.py and varlen.py from
@@ -25,7 +25,7 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernels.py")
+_spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernel_table.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
 

@@ -79,3 +79,14 @@ def test_console_script_runs_from_another_folder(tmp_path):
 def test_module_entry_point_runs_from_another_folder(tmp_path):
     r = _run([sys.executable, "-m", "encdec_cli", "--help"], cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and "transcribe" in r.stdout, r.stderr[-3000:]
+
+
+def test_benchmark_scripts_shadow_no_installed_module():
+    """``python benchmarks/X.py`` puts benchmarks/ first on sys.path: a script named like an installed
+    top-level module (``kernels.py`` once hid Hugging Face's ``kernels`` from transformers) breaks it."""
+    import importlib.util
+
+    for script in (REPO / "benchmarks").glob("*.py"):
+        spec = importlib.util.find_spec(script.stem)
+        origin = Path(spec.origin).resolve() if spec and spec.origin else None
+        assert spec is None or origin == script.resolve(), f"benchmarks/{script.name} shadows {origin}"

@@ -174,7 +174,7 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
 
     cfg = {k: v for k, v in engine_cfg.items() if k != "profile"}
     # never more sequence slots than the workload has sequences (W5: one): the engine sizes its CUDA
-    # graphs and its cross-attention layout (Engine, ABSORB_MIN_SEQS) by them
+    # graphs and its cross-attention layout (runner.ABSORB_MIN_SEQS) by them
     cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(enc_inputs) * w.num_beams)
     engine = Engine(loaded, **cfg)
     list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))

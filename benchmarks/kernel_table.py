@@ -1,6 +1,6 @@
 """Triton kernels vs torch SDPA / torch ops on the standard shapes (CUDA only).
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels-<device>.json
+    python benchmarks/kernel_table.py --out benchmarks/results/kernels-<device>.json
 
 Workloads (bf16, random data, seed 0):
 - encoder attention: Whisper large-v3 (20 heads x 64, 1500 tokens, batch 64); T5 (16 x 64,
@@ -391,7 +391,7 @@ def main(argv=None):
     parser.add_argument("--only", choices=["encoder", "decode", "norm", "linear"], help="run one group")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA device")
+        sys.exit("benchmarks/kernel_table.py needs a CUDA device")
 
     import triton
 
