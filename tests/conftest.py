@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("tests.transcribe_clips")  # its checks report values, as in test files
+pytest.register_assert_rewrite("tests.support.transcribe_clips")  # its checks report values, as in test files
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_AUDIO_DIR = REPO_ROOT / "examples" / "audio"
@@ -62,11 +62,11 @@ def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_text_model(tmp_path_factory: pytest.TempPathFactory):
-    """Factory ``tiny_text_model(name) -> tests.text_models.TinyTextModel``: a small trained model
+    """Factory ``tiny_text_model(name) -> tests.support.text_models.TinyTextModel``: a small trained model
     of that family with its tokenizer, saved as a Hugging Face folder (``.path``, loadable with
     ``encdec_models.loading.load_model``). Built on first use and cached for the session; names are
-    ``tests.text_models.NAMES`` ("bart", "mbart", "marian", "pegasus", "t5", "t5_v1_1", "mt5")."""
-    from tests.text_models import NAMES, build_tiny_model
+    ``tests.support.text_models.NAMES`` ("bart", "mbart", "marian", "pegasus", "t5", "t5_v1_1", "mt5")."""
+    from tests.support.text_models import NAMES, build_tiny_model
 
     built = {}
 

@@ -9,7 +9,7 @@ from transformers import BartConfig, BartForConditionalGeneration, GenerationCon
 from encdec_cli.engine import Engine, Request, SamplingParams
 from encdec_cli.engine.cuda_graphs import graph_batch_sizes
 from encdec_models.loading import LoadedModel, build_model
-from tests.whisper_models import EOT, SOT, discriminating_init_, load_ours, random_whisper
+from tests.support.whisper_models import EOT, SOT, discriminating_init_, load_ours, random_whisper
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from encdec_cli.engine import Engine, Request, SamplingParams
-from tests.whisper_models import EOT, SOT, load_ours, random_whisper
+from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
 
 pytestmark = [
     pytest.mark.gpu,
@@ -70,7 +70,7 @@ def test_text_models_triton_matches_reference(tiny_text_model, name, dtype):
     import random
 
     from encdec_models.loading import load_model
-    from tests.text_models import source_ids
+    from tests.support.text_models import source_ids
 
     tiny = tiny_text_model(name)
     loaded = load_model(tiny.path, device="cuda", dtype=dtype)
@@ -108,7 +108,7 @@ def test_ahead_steps_never_synchronize_the_stream(tiny_text_model):
     that cannot launch another waits for its tokens on purpose). Tokens equal a run without
     lookahead."""
     from encdec_models.loading import load_model
-    from tests.text_models import source_ids
+    from tests.support.text_models import source_ids
 
     tiny = tiny_text_model("bart")
     loaded = load_model(tiny.path, device="cuda", dtype="float32")

@@ -138,7 +138,7 @@ def _tiny_bart() -> BartForConditionalGeneration:
     )
     torch.manual_seed(0)
     m = BartForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # larger weights: varied greedy tokens (see tests/whisper_models.py)
+    with torch.no_grad():  # larger weights: varied greedy tokens (see tests/support/whisper_models.py)
         for name, p in m.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0, 1 if "embed" in name or "shared" in name else 3 / p.shape[-1] ** 0.5)

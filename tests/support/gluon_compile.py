@@ -9,7 +9,7 @@ import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 H100_SHARED_BYTES = 227 * 1024  # the most shared memory one CTA may take on sm_90
 
 

@@ -12,7 +12,7 @@ from encdec_cli.io.audio import load_audio
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts
 from encdec_models.ctranslate2 import load_ctranslate2_whisper
 from encdec_models.loading import load_model
-from tests import transcribe_clips as tc
+from tests.support import transcribe_clips as tc
 
 transformers.logging.set_verbosity_error()
 

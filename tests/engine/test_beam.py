@@ -16,7 +16,7 @@ from transformers.generation.utils import GenerationMixin
 from encdec_cli.engine import Engine, Request, SamplingParams
 from encdec_cli.engine import sampling as sampling_module
 from encdec_cli.tasks.generation import sampling_params_from_generation_config
-from tests.whisper_models import EOT, SOT, load_ours, random_whisper
+from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
 
 transformers.logging.set_verbosity_error()
 

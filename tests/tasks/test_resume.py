@@ -20,7 +20,7 @@ import pytest
 
 from encdec_cli.io.manifest import MANIFEST_NAME, Manifest, file_key
 from encdec_cli.tasks.interrupts import InterruptGuard
-from tests.text_models import N_WORDS
+from tests.support.text_models import N_WORDS
 
 N_ROWS = 400
 PART_ROWS = 16  # finished rows are committed every 16 rows, so a kill loses little

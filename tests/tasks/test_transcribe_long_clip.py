@@ -9,7 +9,7 @@ from encdec_cli.io.inputs import AudioItem
 from encdec_cli.tasks.transcribe import Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions
 from encdec_models.audio import N_SAMPLES, SAMPLE_RATE
-from tests import transcribe_clips as tc
+from tests.support import transcribe_clips as tc
 
 VOICES = [("en-us", 150), ("en-gb", 170), ("en-us+f3", 135), ("en-gb-scotland", 160)]  # voice, words/min
 PAUSES = [0.6, 1.5, 0.9, 2.5, 1.2, 3.0, 0.8, 2.0, 0.5, 1.8]  # seconds after each sentence, in turn

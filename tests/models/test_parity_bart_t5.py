@@ -1,5 +1,5 @@
 """Greedy parity with transformers for the BART family (BART, mBART, Marian, Pegasus) and the T5
-family (T5 v1.0, T5 v1.1 / Flan-style, mT5), on tiny trained models (see tests/text_models.py).
+family (T5 v1.0, T5 v1.1 / Flan-style, mT5), on tiny trained models (see tests/support/text_models.py).
 
 Our engine runs every architecture's requests through one Engine with a small KV pool and fewer
 sequence slots than requests, so continuous batching and preemption (recompute) happen; its
@@ -21,7 +21,7 @@ from encdec_models.bart import Bart, sinusoidal_table
 from encdec_models.loading import load_model
 from encdec_models.registry import UnsupportedModelError
 from encdec_models.t5 import T5
-from tests.text_models import (
+from tests.support.text_models import (
     MAX_POSITIONS,
     N_WORDS,
     NAMES,

@@ -12,7 +12,7 @@ import transformers
 
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts
 from encdec_models.audio import file_log_mel
-from tests import transcribe_clips as tc
+from tests.support import transcribe_clips as tc
 
 transformers.logging.set_verbosity_error()
 S = tc.SENTENCES

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from encdec_cli.engine import Engine, Request, SamplingParams
-from tests.text_models import N_WORDS, single_thread
+from tests.support.text_models import N_WORDS, single_thread
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """`encdec summarize | translate | generate` end to end on tiny trained models (CPU).
 
-The models are trained to copy word sequences (tests/text_models.py), so an output is meaningful:
+The models are trained to copy word sequences (tests/support/text_models.py), so an output is meaningful:
 every result must equal transformers' ``generate`` for the same row, with the model's own
 generation config (greedy unless a flag says otherwise). Commands run in-process through
 typer's CliRunner (one real subprocess checks the installed entry point and pipes).
@@ -24,7 +24,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from encdec_cli.cli import app
-from tests.text_models import N_WORDS, single_thread
+from tests.support.text_models import N_WORDS, single_thread
 
 N_ROWS = 48
 EMPTY_ROW = 5  # every input below has an empty text here: an error row, exit status 1

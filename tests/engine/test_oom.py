@@ -23,8 +23,8 @@ from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig
 from encdec_cli.engine.scheduler import Scheduler
 from encdec_cli.engine.sequence import SequenceGroup
-from tests.text_models import N_WORDS, single_thread
-from tests.whisper_models import EOT, SOT, load_ours, random_whisper
+from tests.support.text_models import N_WORDS, single_thread
+from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
 
 NUM_REQUESTS = 40
 ENGINE = dict(block_size=4, num_blocks=400, max_num_seqs=12)

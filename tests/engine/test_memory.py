@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from encdec_cli.io.tables import open_sink, open_table
-from tests.text_models import N_WORDS
+from tests.support.text_models import N_WORDS
 
 PAYLOAD = 16_000  # bytes per row in a column the job only carries through
 # Stated bounds. The engine's CPU KV pool (EngineConfig.cpu_kv_cache_bytes) is 1 GiB and touched

@@ -52,7 +52,7 @@ def one_error_line(stderr: str, *words: str) -> str:
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory) -> Path:
     """An untrained tiny BART folder: loadable, and slow to finish (it rarely stops early)."""
-    from tests.text_models import build_tiny_model
+    from tests.support.text_models import build_tiny_model
 
     return build_tiny_model("bart", tmp_path_factory.mktemp("bart"), max_steps=0).path
 

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from encdec_cli.engine import Engine, Request, SamplingParams
-from tests.whisper_models import EOT, SOT, load_ours, random_whisper
+from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
 
 transformers.logging.set_verbosity_error()
 

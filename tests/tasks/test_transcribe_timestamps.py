@@ -19,7 +19,7 @@ from encdec_cli.io.audio import load_audio
 from encdec_cli.io.inputs import AudioItem
 from encdec_cli.tasks.transcribe import Transcriber
 from encdec_cli.tasks.whisper_rules import TranscribeOptions, WhisperPrompts, parse_timestamps
-from tests import transcribe_clips
+from tests.support import transcribe_clips
 
 transformers.logging.set_verbosity_error()
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from encdec_kernels import flash_hopper
-from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
+from tests.support.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 
 CASES = {
     "d64-bf16": (64, "bfloat16", None),  # the defaults (flash_hopper.CONFIGS)
@@ -23,7 +23,7 @@ CASES = {
 SCRIPT = """
 import json, sys, torch
 from encdec_kernels import flash_hopper
-from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
+from tests.support.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 out = {}
 for name, (d, dtype, cfg) in json.loads(sys.argv[1]).items():
     k = flash_hopper.compile_offline(d, getattr(torch, dtype), cfg)

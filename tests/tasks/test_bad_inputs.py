@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from encdec_cli.cli import app
 from encdec_cli.io.manifest import Manifest, file_key
-from tests.text_models import single_thread
+from tests.support.text_models import single_thread
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny ops: one thread is much faster on a shared CPU
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0

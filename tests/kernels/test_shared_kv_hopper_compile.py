@@ -5,14 +5,14 @@ wgmma's shared-memory descriptors were computed once before the tile loop, ptxas
 and each product waited on reloading its descriptors (5x slower than the loads alone on an H100).
 Numbers against the reference: tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_*.
 
-Compiles run in a fresh process without TRITON_INTERPRET (tests/gluon_compile.py)."""
+Compiles run in a fresh process without TRITON_INTERPRET (tests/support/gluon_compile.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from encdec_kernels import flash_hopper
-from tests.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
+from tests.support.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 
 CASES = {  # name: (d_model, heads, split)
     "whisper-large": (1280, 20, False),  # three consumer warp groups, the largest tile

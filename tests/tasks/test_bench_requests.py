@@ -36,7 +36,7 @@ def test_floors_count_the_layout_used_and_divide_by_the_measured_rates(tmp_path)
     the encoder rows read by every layer; else every layer's K and V) and divides by the device's
     measured copy bandwidth; the encoder floor by its measured matmul rate."""
     from encdec_cli.tasks.bench import floors
-    from tests.whisper_models import load_ours, random_whisper
+    from tests.support.whisper_models import load_ours, random_whisper
 
     random_whisper(tmp_path)
     model = load_ours(tmp_path).model

@@ -26,7 +26,7 @@ from encdec_cli.tasks.whisper_words import (
     median_filter,
 )
 from encdec_models.ctranslate2 import load_ctranslate2_whisper
-from tests import transcribe_clips as tc
+from tests.support import transcribe_clips as tc
 
 transformers.logging.set_verbosity_error()
 S = tc.SENTENCES
