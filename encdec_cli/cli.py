@@ -100,9 +100,8 @@ def _command(name: str | None = None):
                 _fail(str(e), errors.USAGE)
             except OSError as e:
                 _fail(errors.describe_os_error(e), errors.IO_FAILURE)
-            if code == 130:
+            if code in interrupts.STOP_SIGNALS.values():  # the job's summary said it stopped
                 _job_stopped = True
-                code = interrupts.exit_status()
             raise typer.Exit(code or 0)
 
         return app.command(name, cls=_Command)(run)

@@ -27,6 +27,7 @@ from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, TableError, open_sink, open_table
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
+from encdec_cli.tasks.outcome import ROWS, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
 
 TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
@@ -122,7 +123,7 @@ def run_seq2seq(
     overwrite: bool = False,
     retry_failed: bool = False,
 ) -> int:
-    """Run the job; returns the exit status (0 all done, 1 some rows failed, 130 interrupted).
+    """Run the job; returns the exit status (:meth:`JobOutcome.exit_code`).
 
     Raises ValueError / :class:`TableError` for usage errors (bad option, unreadable input,
     missing column), before any row runs."""
@@ -184,10 +185,10 @@ def run_seq2seq(
                 except Exception as e:  # the tokenizer rejects it: the row's error, never the job's
                     error = f"cannot tokenize this text ({type(e).__name__}: {e})"
             if error is not None:
-                with guard.protect():
+                with guard.protect():  # the write and its count: a stop signal waits for both
                     sink.write_row(row, error=error)
-                failed += 1
-                progress.advance(files=1)
+                    failed += 1
+                    progress.advance(files=1)
                 continue
             rows[row.row_id] = row
             yield Request(ids, list(prompt), params, row.row_id)
@@ -198,19 +199,18 @@ def run_seq2seq(
     def on_result(r: Result) -> None:
         nonlocal failed
         row = rows.pop(r.request_id)
-        if r.error:
-            failed += 1
-            with guard.protect():
+        with guard.protect():  # the write and its count: a stop signal waits for both
+            if r.error:
+                failed += 1
                 sink.write_row(row, error=r.error)
-        else:
-            value = (
-                [decode(c.token_ids) for c in r.completions]
-                if params.num_return_sequences > 1
-                else decode(r.token_ids)
-            )
-            with guard.protect():
+            else:
+                value = (
+                    [decode(c.token_ids) for c in r.completions]
+                    if params.num_return_sequences > 1
+                    else decode(r.token_ids)
+                )
                 sink.write_row(row, {opts.result_column: value})
-        progress.advance(files=1, amount=sum(len(c.token_ids) for c in r.completions))
+            progress.advance(files=1, amount=sum(len(c.token_ids) for c in r.completions))
 
     start = time.perf_counter()
     interrupted = False
@@ -231,26 +231,24 @@ def run_seq2seq(
             guard.stopping()  # from here on a Ctrl-C does not cut the saving short
             sink.close()
             src.close()
-    wall = time.perf_counter() - start
-    n = progress.files - skipped
-    summary = (
-        f"{opts.task}: {n - failed} row(s) done, {progress.amount:,.0f} tokens in {wall:.1f} s "
-        f"({progress.amount / max(wall, 1e-9):,.0f} tok/s)"
-    )
-    if output != "-" and not interrupted:
-        summary += f" -> {output}"
-    if skipped:
-        summary += f"; {skipped} row(s) already done in an earlier run (skipped)"
-    if enc.truncated:
-        summary += f"; {enc.truncated} input(s) truncated to {enc.max_len} tokens"
-    if failed:
-        summary += f"; {failed} row(s) FAILED (see the 'error' column)"
-    if failed_before:
-        summary += f"; {failed_before} row(s) failed in an earlier run (see the 'error' column)"
+    details = [f"{enc.truncated} input(s) truncated to {enc.max_len} tokens"] if enc.truncated else []
     oom = engine.stats.oom_recoveries
     if oom:
-        summary += f"; {oom} out-of-memory recoveries (now at most {engine.max_num_seqs} sequences per step)"
-    if interrupted:
-        summary += f"; INTERRUPTED after {n} row(s) (re-run the same command to resume)"
-    progress.summary(summary)
-    return 130 if interrupted else 1 if failed or failed_before else 0
+        details.append(
+            f"{oom} out-of-memory recoveries (now at most {engine.max_num_seqs} sequences per step)"
+        )
+    outcome = JobOutcome(
+        opts.task,
+        ROWS,
+        done=progress.files - skipped - failed,
+        failed=failed,
+        failed_before=failed_before,
+        skipped=skipped,
+        amount=progress.amount,
+        wall=time.perf_counter() - start,
+        output=None if output == "-" else output,
+        interrupted=interrupted,
+        details=details,
+    )
+    progress.summary(outcome.summary())
+    return outcome.exit_code()
