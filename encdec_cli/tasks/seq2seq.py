@@ -14,13 +14,16 @@ crash, even SIGKILL, loses at most the rows finished in the last 30 s, and at mo
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
+from transformers import AutoConfig, AutoTokenizer
 
 from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.manifest import file_key
@@ -29,6 +32,8 @@ from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_gen
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import ROWS, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
+from encdec_models.loading import generation_config_of
+from encdec_models.registry import resolve_model_path
 
 TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
 UNLIMITED = 1 << 30  # a tokenizer's "no limit" model_max_length is a huge sentinel
@@ -77,12 +82,38 @@ def _env_number(name: str, default: float, kind=int):
     return number
 
 
+class LazyEngine:
+    """The job's engine, loaded by ``load`` when first asked for (:meth:`get`): a re-run that finds every
+    row done never loads the weights. ``loaded`` holds what a job needs before a row runs, read without
+    the weights: the model's ``path`` (as the loader resolves it), ``config``, ``generation_config`` and
+    ``tokenizer``, as an Engine's ``loaded`` does."""
+
+    def __init__(self, path: str | os.PathLike, load: Callable[[], Engine]):
+        self.path, self._load, self._engine = path, load, None
+
+    @functools.cached_property
+    def loaded(self) -> SimpleNamespace:
+        path = resolve_model_path(self.path)
+        config = AutoConfig.from_pretrained(path)
+        return SimpleNamespace(
+            path=path,
+            config=config,
+            generation_config=generation_config_of(path, config),
+            tokenizer=AutoTokenizer.from_pretrained(path),
+        )
+
+    def get(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._load()
+        return self._engine
+
+
 class TextEncoder:
     """Turns input texts into encoder token ids (prefix, language codes, truncation)."""
 
-    def __init__(self, engine: Engine, opts: Seq2SeqOptions):
-        self.tok = engine.tokenizer
-        cfg = engine.loaded.config
+    def __init__(self, loaded: SimpleNamespace, opts: Seq2SeqOptions):
+        self.tok = loaded.tokenizer
+        cfg = loaded.config
         task_params = (getattr(cfg, "task_specific_params", None) or {}).get(
             "summarization" if opts.task == "summarize" else "", {}
         )
@@ -90,11 +121,15 @@ class TextEncoder:
         if opts.source_lang:
             self._check_lang(opts.source_lang, "--source-lang")
             self.tok.src_lang = opts.source_lang
-        limits = [engine.max_source_len, getattr(self.tok, "model_max_length", None)]
-        limits = [x for x in limits if x and x < UNLIMITED]
-        self.max_len = min(limits) if limits else None
+        self.max_len: int | None = None  # see fit()
         self.truncate = opts.truncate
         self.truncated = 0
+
+    def fit(self, max_source_len: int) -> None:
+        """Inputs longer than this or the tokenizer's limit are cut (or are errors, ``truncate=False``)."""
+        limits = [max_source_len, getattr(self.tok, "model_max_length", None)]
+        limits = [x for x in limits if x and x < UNLIMITED]
+        self.max_len = min(limits) if limits else None
 
     def _check_lang(self, code: str, flag: str) -> int:
         tid = self.tok.convert_tokens_to_ids(code)
@@ -115,7 +150,7 @@ class TextEncoder:
 
 
 def run_seq2seq(
-    engine: Engine,
+    engine: LazyEngine,
     input_path: str,
     output: str | None,
     opts: Seq2SeqOptions,
@@ -126,8 +161,8 @@ def run_seq2seq(
     """Run the job; returns the exit status (:meth:`JobOutcome.exit_code`).
 
     Raises ValueError / :class:`TableError` for usage errors (bad option, unreadable input,
-    missing column), before any row runs."""
-    enc = TextEncoder(engine, opts)
+    missing column), before any row runs. The engine loads only when some row must run."""
+    enc = TextEncoder(engine.loaded, opts)
     gen = engine.loaded.generation_config
     prompt = decoder_prompt(gen, engine.loaded.config)
     overrides = dict(opts.generation)
@@ -164,6 +199,12 @@ def run_seq2seq(
         done = done.difference(sink.failed_row_ids())
         failed_before = 0
     finished = sink.finished and done == sink.done_row_ids()  # and no failed row to retry
+    try:  # the weights load only when some row must run
+        running = None if finished else engine.get()
+    except BaseException:  # a stop signal while the model loads ends the command before the job began
+        sink.close()
+        src.close()
+        raise
     rows: dict[int, Row] = {}
     failed = skipped = 0
     progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens")
@@ -220,8 +261,9 @@ def run_seq2seq(
                 skipped = len(done)
                 progress.advance(files=skipped)
             else:
+                enc.fit(running.max_source_len)
                 with progress:
-                    for result in engine.generate(requests()):
+                    for result in running.generate(requests()):
                         on_result(result)
             with guard.protect():
                 sink.finalize(expected_rows=None if finished else src.rows_read)
@@ -232,10 +274,10 @@ def run_seq2seq(
             sink.close()
             src.close()
     details = [f"{enc.truncated} input(s) truncated to {enc.max_len} tokens"] if enc.truncated else []
-    oom = engine.stats.oom_recoveries
+    oom = running.stats.oom_recoveries if running else 0
     if oom:
         details.append(
-            f"{oom} out-of-memory recoveries (now at most {engine.max_num_seqs} sequences per step)"
+            f"{oom} out-of-memory recoveries (now at most {running.max_num_seqs} sequences per step)"
         )
     outcome = JobOutcome(
         opts.task,
