@@ -100,9 +100,8 @@ def _command(name: str | None = None):
                 _fail(str(e), errors.USAGE)
             except OSError as e:
                 _fail(errors.describe_os_error(e), errors.IO_FAILURE)
-            if code == 130:
+            if code in interrupts.STOP_SIGNALS.values():  # the job's summary said it stopped
                 _job_stopped = True
-                code = interrupts.exit_status()
             raise typer.Exit(code or 0)
 
         return app.command(name, cls=_Command)(run)
@@ -151,6 +150,19 @@ def _model(name: str, command: str, language: str | None = None, task: str = "tr
     return path
 
 
+def _check_dtype(dtype: str, device: str) -> None:
+    """Raises UsageError unless --dtype is known and suits --device."""
+    if dtype.lower() not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    from encdec_models.loading import resolve_device
+
+    if dtype.lower() in ("float16", "fp16") and resolve_device(device).type == "cpu":
+        raise UsageError(
+            "--dtype float16 runs slowly on the CPU (it has no half-precision matrix kernels): use "
+            "--dtype float32 (the CPU default) or bfloat16, or run on a GPU (--device cuda)"
+        )
+
+
 def _engine(
     path: Path,
     device: str,
@@ -162,16 +174,9 @@ def _engine(
     **extra,
 ):
     """Load the model folder into an Engine; unless ``quiet``, say on stderr what was loaded where."""
-    if dtype.lower() not in DTYPES:
-        raise UsageError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    _check_dtype(dtype, device)
     from encdec_cli.engine import Engine
-    from encdec_models.loading import resolve_device
 
-    if dtype.lower() in ("float16", "fp16") and resolve_device(device).type == "cpu":
-        raise UsageError(
-            "--dtype float16 runs slowly on the CPU (it has no half-precision matrix kernels): use "
-            "--dtype float32 (the CPU default) or bfloat16, or run on a GPU (--device cuda)"
-        )
     try:
         engine = Engine(
             str(path),
@@ -182,8 +187,8 @@ def _engine(
             enforce_eager=enforce_eager,
             **extra,
         )
-    except RuntimeError as e:  # e.g. a dtype the model cannot run in, CUDA unusable
-        raise UsageError(str(e)) from None
+    except (RuntimeError, ModelNotFoundError) as e:  # e.g. a dtype the model cannot run in, no weights
+        raise UsageError(str(e)) from None  # (not an OSError: a job's writing_to would name its output)
     if not quiet:
         dt = str(engine.dtype).removeprefix("torch.")
         typer.echo(f"model {engine.loaded.path} on {engine.device} ({dt})", err=True)
@@ -484,7 +489,7 @@ def _text_command(task: str):
                 ".csv, or pass '-o -' for JSON Lines on stdout"
             )
         from encdec_cli.io.tables import open_table
-        from encdec_cli.tasks.seq2seq import Seq2SeqOptions, default_output, run_seq2seq
+        from encdec_cli.tasks.seq2seq import LazyEngine, Seq2SeqOptions, default_output, run_seq2seq
 
         gen = {
             "num_beams": num_beams,
@@ -515,7 +520,13 @@ def _text_command(task: str):
             except OSError as e:
                 raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
         path = _model(model, task)
-        engine = _engine(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet)
+        _check_dtype(dtype, device)
+        engine = LazyEngine(  # loaded when some row must run: a finished job run again never loads it
+            path,
+            functools.partial(
+                _engine, path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet
+            ),
+        )
         with errors.writing_to(output or default_output(input, opts)):
             return run_seq2seq(
                 engine, input, output, opts, quiet=quiet, overwrite=overwrite, retry_failed=retry_failed

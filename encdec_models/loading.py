@@ -191,13 +191,18 @@ def load_model(
         return _load_ctranslate2(path, dev, dt)
     config = AutoConfig.from_pretrained(path)
     arch = architecture_of(config)
-    try:
-        gen = GenerationConfig.from_pretrained(path)
-    except OSError:
-        gen = GenerationConfig.from_model_config(config)
+    gen = generation_config_of(path, config)
     model = build_model(arch, config, iter_checkpoint(path), dev, dt)
     tok = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model, tok, config, gen, arch, path)
+
+
+def generation_config_of(path: Path, config) -> GenerationConfig:
+    """The folder's generation_config.json, else (as transformers does) the one config.json implies."""
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
 
 
 def _load_ctranslate2(path: Path, device, dtype) -> LoadedModel:

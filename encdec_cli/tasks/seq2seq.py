@@ -14,20 +14,26 @@ crash, even SIGKILL, loses at most the rows finished in the last 30 s, and at mo
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
+from transformers import AutoConfig, AutoTokenizer
 
 from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
+from encdec_cli.tasks.outcome import ROWS, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
+from encdec_models.loading import generation_config_of
+from encdec_models.registry import resolve_model_path
 
 TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
 UNLIMITED = 1 << 30  # a tokenizer's "no limit" model_max_length is a huge sentinel
@@ -76,12 +82,38 @@ def _env_number(name: str, default: float, kind=int):
     return number
 
 
+class LazyEngine:
+    """The job's engine, loaded by ``load`` when first asked for (:meth:`get`): a re-run that finds every
+    row done never loads the weights. ``loaded`` holds what a job needs before a row runs, read without
+    the weights: the model's ``path`` (as the loader resolves it), ``config``, ``generation_config`` and
+    ``tokenizer``, as an Engine's ``loaded`` does."""
+
+    def __init__(self, path: str | os.PathLike, load: Callable[[], Engine]):
+        self.path, self._load, self._engine = path, load, None
+
+    @functools.cached_property
+    def loaded(self) -> SimpleNamespace:
+        path = resolve_model_path(self.path)
+        config = AutoConfig.from_pretrained(path)
+        return SimpleNamespace(
+            path=path,
+            config=config,
+            generation_config=generation_config_of(path, config),
+            tokenizer=AutoTokenizer.from_pretrained(path),
+        )
+
+    def get(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._load()
+        return self._engine
+
+
 class TextEncoder:
     """Turns input texts into encoder token ids (prefix, language codes, truncation)."""
 
-    def __init__(self, engine: Engine, opts: Seq2SeqOptions):
-        self.tok = engine.tokenizer
-        cfg = engine.loaded.config
+    def __init__(self, loaded: SimpleNamespace, opts: Seq2SeqOptions):
+        self.tok = loaded.tokenizer
+        cfg = loaded.config
         task_params = (getattr(cfg, "task_specific_params", None) or {}).get(
             "summarization" if opts.task == "summarize" else "", {}
         )
@@ -89,11 +121,15 @@ class TextEncoder:
         if opts.source_lang:
             self._check_lang(opts.source_lang, "--source-lang")
             self.tok.src_lang = opts.source_lang
-        limits = [engine.max_source_len, getattr(self.tok, "model_max_length", None)]
-        limits = [x for x in limits if x and x < UNLIMITED]
-        self.max_len = min(limits) if limits else None
+        self.max_len: int | None = None  # see fit()
         self.truncate = opts.truncate
         self.truncated = 0
+
+    def fit(self, max_source_len: int) -> None:
+        """Inputs longer than this or the tokenizer's limit are cut (or are errors, ``truncate=False``)."""
+        limits = [max_source_len, getattr(self.tok, "model_max_length", None)]
+        limits = [x for x in limits if x and x < UNLIMITED]
+        self.max_len = min(limits) if limits else None
 
     def _check_lang(self, code: str, flag: str) -> int:
         tid = self.tok.convert_tokens_to_ids(code)
@@ -114,7 +150,7 @@ class TextEncoder:
 
 
 def run_seq2seq(
-    engine: Engine,
+    engine: LazyEngine,
     input_path: str,
     output: str | None,
     opts: Seq2SeqOptions,
@@ -122,11 +158,11 @@ def run_seq2seq(
     overwrite: bool = False,
     retry_failed: bool = False,
 ) -> int:
-    """Run the job; returns the exit status (0 all done, 1 some rows failed, 130 interrupted).
+    """Run the job; returns the exit status (:meth:`JobOutcome.exit_code`).
 
     Raises ValueError / :class:`TableError` for usage errors (bad option, unreadable input,
-    missing column), before any row runs."""
-    enc = TextEncoder(engine, opts)
+    missing column), before any row runs. The engine loads only when some row must run."""
+    enc = TextEncoder(engine.loaded, opts)
     gen = engine.loaded.generation_config
     prompt = decoder_prompt(gen, engine.loaded.config)
     overrides = dict(opts.generation)
@@ -163,6 +199,12 @@ def run_seq2seq(
         done = done.difference(sink.failed_row_ids())
         failed_before = 0
     finished = sink.finished and done == sink.done_row_ids()  # and no failed row to retry
+    try:  # the weights load only when some row must run
+        running = None if finished else engine.get()
+    except BaseException:  # a stop signal while the model loads ends the command before the job began
+        sink.close()
+        src.close()
+        raise
     rows: dict[int, Row] = {}
     failed = skipped = 0
     progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens")
@@ -184,10 +226,10 @@ def run_seq2seq(
                 except Exception as e:  # the tokenizer rejects it: the row's error, never the job's
                     error = f"cannot tokenize this text ({type(e).__name__}: {e})"
             if error is not None:
-                with guard.protect():
+                with guard.protect():  # the write and its count: a stop signal waits for both
                     sink.write_row(row, error=error)
-                failed += 1
-                progress.advance(files=1)
+                    failed += 1
+                    progress.advance(files=1)
                 continue
             rows[row.row_id] = row
             yield Request(ids, list(prompt), params, row.row_id)
@@ -198,19 +240,18 @@ def run_seq2seq(
     def on_result(r: Result) -> None:
         nonlocal failed
         row = rows.pop(r.request_id)
-        if r.error:
-            failed += 1
-            with guard.protect():
+        with guard.protect():  # the write and its count: a stop signal waits for both
+            if r.error:
+                failed += 1
                 sink.write_row(row, error=r.error)
-        else:
-            value = (
-                [decode(c.token_ids) for c in r.completions]
-                if params.num_return_sequences > 1
-                else decode(r.token_ids)
-            )
-            with guard.protect():
+            else:
+                value = (
+                    [decode(c.token_ids) for c in r.completions]
+                    if params.num_return_sequences > 1
+                    else decode(r.token_ids)
+                )
                 sink.write_row(row, {opts.result_column: value})
-        progress.advance(files=1, amount=sum(len(c.token_ids) for c in r.completions))
+            progress.advance(files=1, amount=sum(len(c.token_ids) for c in r.completions))
 
     start = time.perf_counter()
     interrupted = False
@@ -220,8 +261,9 @@ def run_seq2seq(
                 skipped = len(done)
                 progress.advance(files=skipped)
             else:
+                enc.fit(running.max_source_len)
                 with progress:
-                    for result in engine.generate(requests()):
+                    for result in running.generate(requests()):
                         on_result(result)
             with guard.protect():
                 sink.finalize(expected_rows=None if finished else src.rows_read)
@@ -231,26 +273,24 @@ def run_seq2seq(
             guard.stopping()  # from here on a Ctrl-C does not cut the saving short
             sink.close()
             src.close()
-    wall = time.perf_counter() - start
-    n = progress.files - skipped
-    summary = (
-        f"{opts.task}: {n - failed} row(s) done, {progress.amount:,.0f} tokens in {wall:.1f} s "
-        f"({progress.amount / max(wall, 1e-9):,.0f} tok/s)"
-    )
-    if output != "-" and not interrupted:
-        summary += f" -> {output}"
-    if skipped:
-        summary += f"; {skipped} row(s) already done in an earlier run (skipped)"
-    if enc.truncated:
-        summary += f"; {enc.truncated} input(s) truncated to {enc.max_len} tokens"
-    if failed:
-        summary += f"; {failed} row(s) FAILED (see the 'error' column)"
-    if failed_before:
-        summary += f"; {failed_before} row(s) failed in an earlier run (see the 'error' column)"
-    oom = engine.stats.oom_recoveries
+    details = [f"{enc.truncated} input(s) truncated to {enc.max_len} tokens"] if enc.truncated else []
+    oom = running.stats.oom_recoveries if running else 0
     if oom:
-        summary += f"; {oom} out-of-memory recoveries (now at most {engine.max_num_seqs} sequences per step)"
-    if interrupted:
-        summary += f"; INTERRUPTED after {n} row(s) (re-run the same command to resume)"
-    progress.summary(summary)
-    return 130 if interrupted else 1 if failed or failed_before else 0
+        details.append(
+            f"{oom} out-of-memory recoveries (now at most {running.max_num_seqs} sequences per step)"
+        )
+    outcome = JobOutcome(
+        opts.task,
+        ROWS,
+        done=progress.files - skipped - failed,
+        failed=failed,
+        failed_before=failed_before,
+        skipped=skipped,
+        amount=progress.amount,
+        wall=time.perf_counter() - start,
+        output=None if output == "-" else output,
+        interrupted=interrupted,
+        details=details,
+    )
+    progress.summary(outcome.summary())
+    return outcome.exit_code()

@@ -2,8 +2,10 @@
 
 Inputs are planned into named items by ``encdec_cli.io.inputs``.
 
-Exit status: 0 all done, 1 some items failed (in this run, or in an earlier one and skipped now)
-or an input folder held no audio, 130 interrupted (usage errors are 2, from the CLI).
+A stop signal (Ctrl-C, SIGTERM) never cuts an item's outputs or its manifest line in half: the
+item being recorded is finished, the summary printed, and the exit status is 130 or 143. Exit
+status otherwise: 0 all done, 1 some items failed (in this run, or in an earlier one and skipped
+now) or an input folder held no audio (usage errors are 2, from the CLI).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from encdec_cli.io.inputs import AudioItem, Namer, check_inputs, count_files, pl
 from encdec_cli.io.manifest import Manifest
 from encdec_cli.io.records import Transcript, json_line
 from encdec_cli.io.subtitles import FORMATS, write_transcript
+from encdec_cli.tasks.interrupts import InterruptGuard
+from encdec_cli.tasks.outcome import FILES, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber
 
@@ -49,10 +53,6 @@ class _Printer:
     def close(self) -> None:  # an interrupted job: what finished, in order, past the gaps
         sys.stdout.writelines(self.held[i] for i in sorted(self.held))
         sys.stdout.flush()
-
-
-def _listed(pairs: list[tuple[str, str]], limit: int = 5) -> str:
-    return "; ".join(f"{n}: {m}" for n, m in pairs[:limit]) + (" ..." if len(pairs) > limit else "")
 
 
 def run_transcribe(
@@ -101,65 +101,67 @@ def run_transcribe(
 
     def on_done(item: AudioItem, transcript: Transcript | None, error: str | None) -> None:
         nonlocal written, written_s
-        where = item.input + ("" if item.row is None else f" row {item.row}")
-        record = {"input": item.input, **({} if item.row is None else {"row": item.row})}
-        if error is None:
-            try:
-                if printer is not None:
-                    printer.put(item.index, {**record, **transcript.to_json_dict(), "error": None})
+        with guard.protect():  # a stop signal waits for the item's outputs, manifest line and count
+            where = item.input + ("" if item.row is None else f" row {item.row}")
+            record = {"input": item.input, **({} if item.row is None else {"row": item.row})}
+            if error is None:
+                try:
+                    if printer is not None:
+                        printer.put(item.index, {**record, **transcript.to_json_dict(), "error": None})
+                    else:
+                        paths = write_transcript(transcript, Path(output) / item.name, formats)
+                        manifest.record_ok(item.key, paths, transcript.warnings)
+                except (OSError, ValueError) as e:  # ValueError: e.g. a name the file system cannot take
+                    error = f"cannot write outputs: {e}"
                 else:
-                    paths = write_transcript(transcript, Path(output) / item.name, formats)
-                    manifest.record_ok(item.key, paths, transcript.warnings)
-            except (OSError, ValueError) as e:  # ValueError: e.g. a name the file system cannot take
-                error = f"cannot write outputs: {e}"
-            else:
-                written, written_s = written + 1, written_s + transcript.duration
-                warned.extend((where, w) for w in transcript.warnings)
-                for w in transcript.warnings:
-                    progress.log(f"[yellow]warning[/yellow] {escape(w)}")
-        if error is not None:
-            failed.append((where, error))
-            progress.log(f"[red]error[/red] {escape(where)}: {escape(error)}")
-            if printer is not None:
-                printer.put(item.index, {**record, "text": None, "error": error})
-            else:
-                manifest.record_error(item.key, error)
-        progress.advance(files=1)
+                    written, written_s = written + 1, written_s + transcript.duration
+                    warned.extend((where, w) for w in transcript.warnings)
+                    for w in transcript.warnings:
+                        progress.log(f"[yellow]warning[/yellow] {escape(w)}")
+            if error is not None:
+                failed.append((where, error))
+                progress.log(f"[red]error[/red] {escape(where)}: {escape(error)}")
+                if printer is not None:
+                    printer.put(item.index, {**record, "text": None, "error": error})
+                else:
+                    manifest.record_error(item.key, error)
+            progress.advance(files=1)
+
+    def on_audio(planned_s: float, seconds: float, started: int) -> None:
+        progress.advance(amount=seconds, planned=planned_s, started=started)
 
     start = time.perf_counter()
     interrupted = False
-    with progress:
+    guard = InterruptGuard()
+    with guard.installed():
         try:
-            Transcriber(engine, opts).run(
-                items(), on_done, on_audio=lambda r, t, n: progress.advance(amount=t, planned=r, started=n)
-            )
+            with progress:
+                Transcriber(engine, opts).run(items(), on_done, on_audio=on_audio)
         except KeyboardInterrupt:
             interrupted = True
-    if printer is not None:
-        printer.close()
-    if manifest is not None:
-        manifest.close()
-    wall = time.perf_counter() - start
-    for note in notes:
-        progress.summary(f"warning: {note}")
-    summary = (
-        f"transcribed {written} file(s), {written_s / 60:.1f} min of audio in {wall:.1f} s "
-        f"(RTFx {written_s / max(wall, 1e-9):.1f})"
+        finally:
+            guard.stopping()  # from here on a stop signal does not cut the saving short
+            if printer is not None:
+                printer.close()
+            if manifest is not None:
+                manifest.close()
+    outcome = JobOutcome(
+        "transcribe",
+        FILES,
+        done=written,
+        failed=len(failed),
+        failed_before=failed_before,
+        skipped=skipped,
+        amount=written_s,
+        wall=time.perf_counter() - start,
+        output=None if to_stdout else output,
+        interrupted=interrupted,
+        failures=failed,
+        warnings=warned,
+        notes=notes,
     )
-    if skipped:
-        summary += (
-            f"; {skipped} already done or failed before (skipped; --overwrite / --retry-failed redo them)"
-        )
-    if failed_before:
-        summary += f"; {failed_before} of them FAILED in an earlier run (see the manifest)"
-    if warned:
-        summary += f"; {len(warned)} warning(s): {_listed(warned, 3)}"
-    if failed:
-        summary += f"; {len(failed)} FAILED: {_listed(failed)}"
-    if notes:
-        summary += f"; {len(notes)} input(s) matched no audio"
-    progress.summary(summary + ("; INTERRUPTED" if interrupted else ""))
-    return 130 if interrupted else 1 if failed or failed_before or notes else 0
+    progress.summary(outcome.summary())
+    return outcome.exit_code()
 
 
 __all__ = ["check_inputs", "check_output", "run_transcribe"]

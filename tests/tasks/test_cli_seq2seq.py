@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -428,3 +429,23 @@ def test_finished_job_is_skipped_retried_or_overwritten(bart, bart_ref, tmp_path
 
     log, rows, _ = run("--overwrite")
     assert sorted(ran) == valid and rows == retried
+
+
+def test_finished_job_run_again_loads_no_weights(bart, tmp_path):
+    """A finished job run again skips every row without loading the model: with its weights gone it
+    ends as before (same exit status, output untouched); --overwrite, which runs rows, cannot load."""
+    model = tmp_path / "model"
+    shutil.copytree(bart.path, model)
+    arg, _, _ = write_input("jsonl", tmp_path)
+    out = tmp_path / "out.jsonl"
+    args = ["summarize", arg, "-m", model, "-o", out, "--max-num-seqs", 8]
+    r = encdec(*args)
+    assert r.exit_code == 1 and r.stderr.startswith(f"model {model} on cpu"), r.stderr  # the empty row
+    first = out.read_bytes()
+    (model / "model.safetensors").unlink()
+    r = encdec(*args)
+    assert r.exit_code == 1 and not r.stderr.startswith("model "), r.stderr
+    assert "0 row(s) done" in r.stderr and f"{N_ROWS} row(s) already done in an earlier run" in r.stderr
+    assert out.read_bytes() == first
+    r = encdec(*args, "--overwrite")
+    assert r.exit_code == 2 and "no weights in" in r.stderr, r.stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -37,13 +38,13 @@ class Job:
                 [sys.executable, "-m", "encdec_cli", *map(str, args)], stdout=o, stderr=e, env=ENV
             )
 
-    def wait_until(self, ready: Callable[[], bool], timeout: float = 240) -> None:
+    def wait_until(self, ready: Callable[[], bool], timeout: float = 240, poll: float = 0.02) -> None:
         """Poll until ``ready()``; the job must still be running then (else the kill point is moot)."""
         deadline = time.monotonic() + timeout
         while not ready():
             assert self.proc.poll() is None, f"job ended before the kill point:\n{self.stderr}"
             assert time.monotonic() < deadline, "kill point never reached"
-            time.sleep(0.02)
+            time.sleep(poll)
 
     def kill(self, sig: int = signal.SIGKILL) -> int:
         self.proc.send_signal(sig)
@@ -273,6 +274,45 @@ def test_transcribe_killed_and_interrupted_resumes_exactly_once(clips_dir, tiny_
         assert [s["tokens"] for s in got["segments"]] == [s["tokens"] for s in want["segments"]]
     outputs = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
     assert len(outputs) == 8 * 3 and not temp_files(out)  # one set per file, nothing partial
+
+
+def test_sigterm_as_the_first_outputs_appear_cuts_no_transcript(clips_dir, tmp_path):
+    """SIGTERM the moment the first output file appears (while its item's files and manifest line
+    are being written): exit 143 with the summary; every output there is whole and recorded as ok;
+    the same command then does the rest."""
+    out = tmp_path / "out"
+    cmd = ["transcribe", clips_dir, "-o", out, "-f", "txt", "-f", "srt", "-f", "json", "-q"]
+    job = Job([*cmd, "--max-num-seqs", 2], tmp_path, "term")
+
+    def outputs() -> list[Path]:  # temps too: a commit under way
+        return [p for p in out.rglob("*") if p.is_file() and p.name != MANIFEST_NAME]
+
+    job.wait_until(lambda: bool(outputs()), poll=0.001)
+    assert job.kill(signal.SIGTERM) == 143, job.stderr
+    last = job.stderr.strip().splitlines()[-1]
+    assert "INTERRUPTED by SIGTERM" in last and "re-run" in last, job.stderr
+    assert not temp_files(out), job.stderr  # the commit under way was finished
+    manifest = Manifest(out / MANIFEST_NAME)
+    assert manifest.skipped_lines == 0  # no half line
+    recorded = {Path(o) for e in manifest.entries() if e.status == "ok" for o in e.outputs}
+    written = outputs()
+    assert written and set(written) == recorded  # each file is its item's, and the item is done
+    for path in written:
+        text = path.read_text()
+        if path.suffix == ".json":
+            assert json.loads(text)["segments"]
+        elif path.suffix == ".srt":
+            for n, block in enumerate(text.strip().split("\n\n"), 1):
+                assert re.fullmatch(rf"{n}\n[\d:,]+ --> [\d:,]+\n.+", block, re.S), text
+        else:
+            assert text.strip() and text.endswith("\n"), text
+
+    final = Job(cmd, tmp_path, "final")
+    assert final.finish() == 0, final.stderr
+    manifest = Manifest(out / MANIFEST_NAME)
+    files = [p for p in clips_dir.rglob("*") if p.is_file()]
+    assert all(manifest.is_done(file_key(f)) for f in files)
+    assert len(outputs()) == len(files) * 3
 
 
 # ---- Ctrl-C never cuts a write -------------------------------------------------------------------
