@@ -1,6 +1,7 @@
 """Exit statuses of ``encdec`` and the one-line messages of the faults that end a command.
 
-README.md ("Exit status") documents the codes; ``cli.py``'s command wrapper maps exceptions to them.
+README.md ("Exit status") documents the codes; the command wrapper (``commands/common.py``) maps
+exceptions to them.
 """
 
 from __future__ import annotations

@@ -282,14 +282,14 @@ def test_a_disk_error_in_transcribe_is_an_io_failure(tmp_path, example_clips):
 
 
 def test_a_full_disk_says_a_rerun_resumes(tmp_path, monkeypatch):
-    import encdec_cli.cli as cli
+    import encdec_cli.commands.common as common
     import encdec_cli.tasks.seq2seq as seq2seq
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".o.jsonl.parts" / "part-3"))
 
-    monkeypatch.setattr(cli, "_model", lambda *a, **k: tmp_path)
-    monkeypatch.setattr(cli, "_engine", lambda *a, **k: None)
+    monkeypatch.setattr(common, "check_model", lambda *a, **k: tmp_path)
+    monkeypatch.setattr(common, "load_engine", lambda *a, **k: None)
     monkeypatch.setattr(seq2seq, "run_seq2seq", full)
     (tmp_path / "in.txt").write_text("w1\n")
     r = CliRunner().invoke(app, ["summarize", str(tmp_path / "in.txt"), "-m", "x"])

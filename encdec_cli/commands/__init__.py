@@ -1,0 +1,1 @@
+"""The ``encdec`` commands, one module each; ``encdec_cli.cli`` registers them on the app."""

@@ -1,0 +1,207 @@
+"""What the commands share: the Typer app, the options several commands take, the wrapper that turns
+a command's faults into one ``error:`` line and a documented exit status, and the model checks that
+run before a model loads.
+
+Importing this imports neither torch nor transformers (``encdec --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperCommand
+
+from encdec_cli import errors
+from encdec_cli.errors import UsageError
+from encdec_cli.tasks import interrupts
+from encdec_models.registry import ModelNotFoundError
+
+app = typer.Typer(
+    help="Offline, throughput-first inference for encoder/decoder models: transcribe audio with "
+    "Whisper, summarize and translate text with BART/T5-family models.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts are plain text: "[...]" is shown, not taken as markup
+)
+
+WHISPER_MODEL_HELP = (
+    "Whisper model: a packaged name (tiny.en [the default], base [multilingual]), a local Hugging Face "
+    "or CTranslate2 Whisper folder, or a hub id already in the Hugging Face cache "
+    "(e.g. openai/whisper-small)."
+)
+TEXT_MODEL_HELP = (
+    "Text model (BART, mBART, Marian, Pegasus, T5, mT5): a local Hugging Face folder (config.json, "
+    "weights, tokenizer files) or a hub id already in the Hugging Face cache, e.g. "
+    "facebook/bart-large-cnn (fill the cache with `hf download ID` on a machine with internet)."
+)
+# options that several commands share
+Device = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16 "
+        "(CUDA only: slow on the CPU).",
+    ),
+]
+GpuMemory = Annotated[
+    float,
+    typer.Option(
+        "--gpu-memory-utilization",
+        help="Fraction of the GPU's memory the engine may use (weights, KV cache, CUDA graphs).",
+    ),
+]
+EnforceEager = Annotated[bool, typer.Option("--enforce-eager", help="Disable CUDA graphs.")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
+RetryFailed = Annotated[
+    bool, typer.Option("--retry-failed", help="Redo the items that failed in an earlier run of this job.")
+]
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+TABLE_OUTPUT_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson", ".json", ".csv")
+TRANSCRIPT_EXTENSIONS = (".txt", ".srt", ".vtt", ".tsv", ".json", ".jsonl")
+
+
+class _Command(TyperCommand):
+    """Usage lines name arguments as ``INPUTS...`` / ``[WORKLOADS]...``."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.name.upper() if param.required else f"[{param.name.upper()}]"
+                pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+job_stopped = False  # a job stopped on a stop signal and printed its summary (no more to say)
+
+
+def command(name: str | None = None):
+    """Register a command whose faults end in one line and a documented exit status: 2 usage (an
+    option, an input or the model), 3 reading or writing failed; otherwise the status the command
+    returns. A stop signal (typer turns its KeyboardInterrupt into status 130) is :func:`main`'s."""
+
+    def register(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            global job_stopped
+            interrupts.reset()
+            try:
+                code = fn(*args, **kwargs)
+            except (ValueError, ModelNotFoundError) as e:  # UsageError, TableError, model errors
+                fail(str(e), errors.USAGE)
+            except OSError as e:
+                fail(errors.describe_os_error(e), errors.IO_FAILURE)
+            if code in interrupts.STOP_SIGNALS.values():  # the job's summary said it stopped
+                job_stopped = True
+            raise typer.Exit(code or 0)
+
+        return app.command(name, cls=_Command)(run)
+
+    return register
+
+
+def fail(message: str, code: int = errors.USAGE):
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code)
+
+
+def check_model(name: str, command: str, language: str | None = None, task: str = "transcribe") -> Path:
+    """The folder of model ``name`` once it is known to fit ``command``; reads its config and tokenizer
+    files only. Raises UsageError naming the flag that fixes a mismatch."""
+    from encdec_models.registry import inspect_model, resolve_model_path
+
+    path = resolve_model_path(name)
+    info = inspect_model(path)
+    if command == "transcribe" and not info.is_whisper:
+        raise UsageError(
+            f"model {name!r} is a text model ({info.architecture}), not a Whisper speech model: use it "
+            "with encdec summarize, translate or generate; transcribe takes a Whisper model (-m tiny.en, "
+            "-m base)"
+        )
+    if command != "transcribe" and info.is_whisper:
+        raise UsageError(
+            f"model {name!r} is a Whisper speech model: use it with encdec transcribe; {command} needs a "
+            "text model (BART, mBART, Marian, Pegasus, T5, mT5) in -m"
+        )
+    if info.multilingual is False:
+        if task == "translate":
+            raise UsageError(
+                f"--task translate needs a multilingual model; {name!r} is English-only: pass -m base "
+                "(or another multilingual Whisper)"
+            )
+        if language not in (None, "en"):
+            raise UsageError(
+                f"--language {language}: {name!r} is English-only; drop --language, or pass a "
+                "multilingual model (-m base)"
+            )
+    if language is not None and info.languages and language not in info.languages:
+        raise UsageError(
+            f"unknown --language {language!r}; this model knows: {', '.join(sorted(info.languages))}"
+        )
+    return path
+
+
+def check_dtype(dtype: str, device: str) -> None:
+    """Raises UsageError unless --dtype is known and suits --device."""
+    if dtype.lower() not in DTYPES:
+        raise UsageError(f"unknown --dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    from encdec_models.loading import resolve_device
+
+    if dtype.lower() in ("float16", "fp16") and resolve_device(device).type == "cpu":
+        raise UsageError(
+            "--dtype float16 runs slowly on the CPU (it has no half-precision matrix kernels): use "
+            "--dtype float32 (the CPU default) or bfloat16, or run on a GPU (--device cuda)"
+        )
+
+
+def load_engine(
+    path: Path,
+    device: str,
+    dtype: str,
+    max_num_seqs: int,
+    gpu_memory_utilization: float,
+    enforce_eager: bool,
+    quiet: bool = False,
+    **extra,
+):
+    """Load the model folder into an Engine; unless ``quiet``, say on stderr what was loaded where."""
+    check_dtype(dtype, device)
+    from encdec_cli.engine import Engine
+
+    try:
+        engine = Engine(
+            str(path),
+            device=device,
+            dtype=dtype.lower(),
+            max_num_seqs=max_num_seqs,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=enforce_eager,
+            **extra,
+        )
+    except (RuntimeError, ModelNotFoundError) as e:  # e.g. a dtype the model cannot run in, no weights
+        raise UsageError(str(e)) from None  # (not an OSError: a job's writing_to would name its output)
+    if not quiet:
+        dt = str(engine.dtype).removeprefix("torch.")
+        typer.echo(f"model {engine.loaded.path} on {engine.device} ({dt})", err=True)
+    return engine
+
+
+def floats(name: str, text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{name} takes comma-separated numbers, e.g. 0,0.2,0.4; got {text!r}") from None
+
+
+def threshold(name: str, text: str) -> float | None:
+    if text.strip().lower() in ("off", "none"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{name} takes a number or 'off', got {text!r}") from None
