@@ -22,7 +22,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PACKAGED_MODEL = "tiny.en"
 _COPY_CHUNK = 16 << 20  # bytes per read/write when joining the model parts
 
 

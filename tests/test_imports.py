@@ -100,3 +100,14 @@ def test_no_import_runs_back_up_a_floor():
     # the check sees real imports: the CLI imports the engine, the models import the kernels
     transcribe = ROOT / "encdec_cli" / "tasks" / "transcribe.py"
     assert "encdec_cli.engine" in _imported("encdec_cli.tasks.transcribe", transcribe)
+
+
+def test_tasks_use_the_engine_through_its_public_face():
+    """tasks/ (and the commands and io) import ``encdec_cli.engine``, never one of its modules."""
+    inside = {
+        name: sorted(m for m in _imported(name, path) if m.startswith("encdec_cli.engine."))
+        for package in ("encdec_cli",)
+        for name, path in _modules(package).items()
+        if not name.startswith("encdec_cli.engine")
+    }
+    assert not {name: found for name, found in inside.items() if found}

@@ -12,7 +12,7 @@ import warnings
 
 from transformers import GenerationConfig
 
-from encdec_cli.engine.sequence import SamplingParams
+from encdec_cli.engine import SamplingParams
 
 DEFAULT_TOP_K = 50  # transformers' top_k when sampling and the config leaves it unset
 

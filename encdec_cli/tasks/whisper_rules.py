@@ -7,8 +7,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, replace
 
-from encdec_cli.engine import SamplingParams
-from encdec_cli.engine.sequence import TimestampRules
+from encdec_cli.engine import SamplingParams, TimestampRules
 from encdec_models.audio import FRAMES_PER_SECOND, INPUT_STRIDE, TIME_PRECISION
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's fallback schedule
