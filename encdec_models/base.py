@@ -95,8 +95,8 @@ class EncDecModel(nn.Module):
     cache_spec: CacheSpec
     cross_rows: torch.Tensor | None = None  # set by bind_cache
     # whether the engine takes absorbed cross-attention by default (where the Hopper kernel runs it):
-    # it pays where every request's encoder output is long (Whisper: 1500 rows; W1 +4% on an H200);
-    # on BART's shorter inputs the two extra matmuls per layer cost more (W2 -14%)
+    # it pays where every request's encoder output is long (Whisper: 1500 rows); on BART's shorter
+    # inputs the two extra matmuls per layer cost more than the reads they save (benchmarks/README.md)
     absorb_cross_by_default: bool = False
     max_target_positions: int  # decoder positions the model supports (prompt + output)
     max_source_positions: int  # encoder tokens the model supports

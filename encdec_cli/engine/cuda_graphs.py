@@ -6,9 +6,9 @@ nowhere (slot -1) and attend to one key; their logits are dropped. The cross-att
 data (a per-sequence length tensor), never a graph key.
 
 Each step's graph is captured as SEGMENTS graphs cut at decoder-layer boundaries and replayed in
-order: launching a graph costs the host about a microsecond per kernel (~0.5 ms for the ~470
-kernels of a Whisper large-v3 step) before the GPU starts it, so with one graph the GPU idles
-for that long every step; with segments it runs the first while the host launches the rest.
+order: launching a graph costs the host time per kernel before the GPU starts it, so with one
+graph of a whole step the GPU idles for that long every step; with segments it runs the first
+while the host launches the rest.
 """
 
 from __future__ import annotations

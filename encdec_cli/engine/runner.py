@@ -22,8 +22,7 @@ from encdec_models.base import AttentionMetadata, PagedView
 
 # absorbed cross-attention by default from this many sequences per step (where the Hopper kernel runs):
 # it reads each sequence's encoder rows with one CTA per 64-row tile, so a step of a few sequences
-# leaves most SMs idle (H200, Whisper large-v3: batch 1 7 us per-layer K/V against 24-39 us, batch
-# 32 1.06x, batch 256 1.24x; benchmarks/sweep_shared_kv.py)
+# leaves most SMs idle (measured with benchmarks/sweep_shared_kv.py; numbers in benchmarks/README.md)
 ABSORB_MIN_SEQS = 16
 
 
