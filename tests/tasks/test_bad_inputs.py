@@ -184,8 +184,11 @@ def test_transcribe_every_bad_file_gets_its_error(transcribed, example_clips):
     assert f"{n_bad} FAILED" in r.stderr
     assert len(manifest) == len(AUDIO_CASES) + len(TABLE_CASES) + len(UNREADABLE_TABLES) + 3
 
-    # names mirror the inputs from their common folder (/ here: stdin lists a file of the repository)
-    mirror = out / os.path.relpath(root, "/")
+    # names mirror the inputs from their common folder (stdin lists a file of the repository, so
+    # that folder is the one above both the repository and the test's folder, often /)
+    listed = os.path.dirname(os.path.abspath(example_clips[3].path))
+    common = os.path.commonpath([os.path.abspath(root), listed])
+    mirror = out / os.path.relpath(root, common)
     for name, expect in AUDIO_CASES.items():
         entry = manifest.get(file_key(corpus / name))
         assert entry is not None, name
