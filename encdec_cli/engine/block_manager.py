@@ -83,3 +83,11 @@ class BlockManager:
             refs[b] = 1
             table.append(b)
         return copies
+
+    def truncate(self, table: list[int], num_tokens: int) -> None:
+        """Keep only the blocks that hold positions [0, num_tokens) of ``table``; free the rest (the
+        slots of rejected draft tokens, see engine/speculative.py)."""
+        keep = self.blocks_for(num_tokens)
+        if len(table) > keep:
+            self.free(table[keep:])
+            del table[keep:]

@@ -26,6 +26,9 @@ class EngineConfig:
     # encoder, for two small matmuls per layer and step. None: on where the model asks for it
     # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= runner.ABSORB_MIN_SEQS
     absorb_cross: bool | None = None
+    # speculative decoding (engine/speculative.py): None / "off", "ngram[:K]" (prompt lookup) or
+    # "model:DIR[:K]" (a draft model with the same tokenizer); K draft tokens per step (default 4)
+    speculative: str | None = None
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -34,6 +37,9 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1 or self.max_encoder_tokens < 1 or self.window < 1:
             raise ValueError("max_num_seqs, max_encoder_tokens and window must be >= 1")
+        from encdec_cli.engine.speculative import parse_speculative
+
+        parse_speculative(self.speculative)  # ValueError on a bad value, before anything loads
 
 
 @dataclass
@@ -47,3 +53,30 @@ class EngineStats:
     preemptions: int = 0  # requests sent back to waiting for want of KV blocks
     # seconds per step phase (schedule / encode / decode / sample ...), with profiling on (GPU synced)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # greedy / sampled sequences (not beams): one row per sequence and decode step, and the tokens
+    # they generated (more than rows with speculative decoding)
+    decode_rows: int = 0
+    generated_tokens: int = 0
+    # speculative decoding: steps that verified drafts, draft tokens proposed and accepted
+    verify_steps: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of the proposed draft tokens that were accepted (None: none proposed)."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Mean tokens a sequence generated per decode step (1.0 without speculative decoding)."""
+        return self.generated_tokens / self.decode_rows if self.decode_rows else None
+
+    def speculation_summary(self) -> str | None:
+        """One line for a job summary when drafts were proposed, else None."""
+        if not self.draft_tokens:
+            return None
+        return (
+            f"speculative decoding: {self.acceptance_rate:.0%} of {self.draft_tokens:,} draft tokens "
+            f"accepted, {self.tokens_per_step:.2f} tokens per sequence and step"
+        )
