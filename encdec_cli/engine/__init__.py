@@ -3,12 +3,15 @@
 from encdec_cli.engine.config import EngineConfig, EngineStats
 from encdec_cli.engine.engine import Engine
 from encdec_cli.engine.sequence import Completion, Request, Result, SamplingParams, TimestampRules
+from encdec_cli.engine.speculative import Drafter, OracleDrafter
 
 __all__ = [
     "Completion",
+    "Drafter",
     "Engine",
     "EngineConfig",
     "EngineStats",
+    "OracleDrafter",
     "Request",
     "Result",
     "SamplingParams",
