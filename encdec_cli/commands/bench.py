@@ -9,6 +9,9 @@ import typer
 
 from encdec_cli.commands import common
 
+ORACLE_ALPHAS = "0.0,0.5,0.7,0.9"  # encdec_cli.tasks.bench.ORACLE_ALPHAS (not imported: no torch for --help)
+ORACLE_KS = "2,4,8"
+
 
 @common.command()
 def bench(
@@ -40,6 +43,19 @@ def bench(
         help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it), absorbed (the encoder "
         "output once, K/V projections absorbed), kv (K and V per decoder layer).",
     ),
+    speculative: str = typer.Option(
+        "off",
+        "--speculative",
+        help="off; oracle (synthetic: the plain run's own greedy tokens as drafts, each wrong with "
+        "probability 1 - alpha, swept over --oracle-alpha x --oracle-k); oracle:ALPHA:K (one point); "
+        "ngram[:K] (prompt lookup on the random inputs: its overhead).",
+    ),
+    oracle_alpha: str = typer.Option(
+        ORACLE_ALPHAS, "--oracle-alpha", help="Oracle draft acceptance probabilities (comma-separated)."
+    ),
+    oracle_k: str = typer.Option(
+        ORACLE_KS, "--oracle-k", help="Oracle draft tokens per step (comma-separated)."
+    ),
 ):
     """Run the standard workloads (random weights of the real architectures, fixed output lengths)
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
@@ -56,6 +72,11 @@ def bench(
     bad = [w for w in ids if w not in WORKLOADS]
     if bad:
         common.fail(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
+    oracle, spec = _speculative(speculative, oracle_alpha, oracle_k)
+    if oracle is not None or spec is not None:
+        beams = [w for w in ids if WORKLOADS[w].num_beams > 1]
+        if beams:
+            common.fail(f"--speculative cannot run beam-search workloads ({', '.join(beams)})")
     results = []
     dev = torch.cuda.get_device_name().replace(" ", "-")
     path = Path(out or f"benchmarks/results/{dev}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -75,9 +96,11 @@ def bench(
                 "enforce_eager": enforce_eager,
                 "profile": profile,
                 "absorb_cross": absorb,
+                **({"speculative": spec} if spec else {}),
             },
             scale,
             rates,
+            oracle,
         )
         results.append(res)
         write_results(results, path, rates)
@@ -91,4 +114,41 @@ def bench(
             f"floor {res['floor_fraction']:.0%}",
             err=True,
         )
+        for run in res.get("speculative", {}).get("runs", []):
+            typer.echo(
+                f"    synthetic oracle alpha {run['alpha']:.2f} K {run['k']}: {run['value']:,.1f} "
+                f"x{run['speedup']:.2f}, {run['tokens_per_step']:.2f} tokens/step, "
+                f"{(run['acceptance_rate'] or 0):.0%} accepted",
+                err=True,
+            )
     typer.echo(f"wrote {path}", err=True)
+
+
+def _speculative(text: str, alphas: str, ks: str):
+    """--speculative for bench -> (oracle sweep (alphas, Ks) or None, engine speculative value or None)."""
+    from encdec_cli.engine.speculative import parse_speculative
+
+    t = text.strip().lower()
+    if t == "oracle" or t.startswith("oracle:"):
+        if t != "oracle":
+            parts = t.split(":")
+            if len(parts) != 3:
+                common.fail(f"--speculative oracle:ALPHA:K, e.g. oracle:0.7:4; got {text!r}")
+            alphas, ks = parts[1], parts[2]
+        try:
+            a = tuple(float(x) for x in alphas.split(",") if x.strip())
+            k = tuple(int(x) for x in ks.split(",") if x.strip())
+        except ValueError:
+            common.fail(f"oracle alphas and Ks are comma-separated numbers; got {alphas!r} and {ks!r}")
+        if not a or not k or any(not 0 <= x <= 1 for x in a) or any(not 1 <= x <= 16 for x in k):
+            common.fail("oracle alphas must be in [0, 1] and Ks in 1..16")
+        return (a, k), None
+    try:
+        spec = parse_speculative(text)
+    except ValueError as e:
+        common.fail(f"{e}; bench also takes oracle or oracle:ALPHA:K")
+    if spec is not None and spec.kind == "model":
+        common.fail(
+            "bench runs random weights: a draft model would agree by chance only; use --speculative oracle"
+        )
+    return None, text if spec is not None else None

@@ -172,6 +172,18 @@ class Engine:
         """Cross-attention reads the encoder output itself (absorbed) rather than per-layer K/V."""
         return self.runner.encoder_rows is not None
 
+    def set_drafter(self, drafter: Drafter) -> None:
+        """Replace the speculative drafter between jobs (the engine idle), e.g. an ``OracleDrafter``
+        of another alpha; the engine must decode speculatively already, with K at least the new one's
+        (its verification steps and graphs are sized for it)."""
+        if self.speculator is None or drafter.k > self.runner.queries - 1:
+            raise ValueError(
+                f"set_drafter needs an engine made with a drafter (or speculative) of K >= {drafter.k}"
+            )
+        if not self.idle:
+            raise ValueError("set_drafter needs an idle engine")
+        self.speculator.drafter = drafter
+
     # ---- public API -------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
         """Yield one Result per request, in completion order (match them by ``request_id``).

@@ -8,6 +8,7 @@ is loaded into ours.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import time
@@ -19,6 +20,10 @@ import torch
 
 from encdec_models.audio import N_AUDIO_CTX, N_SAMPLES
 
+# speculative decoding with oracle drafts (run_oracle_sweep): draft acceptance probabilities and draft
+# lengths swept by ``encdec bench --speculative oracle``
+ORACLE_ALPHAS = (0.0, 0.5, 0.7, 0.9)
+ORACLE_KS = (2, 4, 8)
 COPY_BYTES = 1 << 30  # a 1 GiB device-to-device copy measures the copy bandwidth
 MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 
@@ -169,15 +174,18 @@ def warmup_requests(w: Workload, config, enc_inputs, targets) -> list:
     return workload_requests(w, config, warm, [targets[0]] * len(warm))
 
 
-def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[float, int, dict]:
-    from encdec_cli.engine import Engine
-
+def _engine_cfg(w: Workload, engine_cfg: dict, n: int) -> dict:
     cfg = {k: v for k, v in engine_cfg.items() if k != "profile"}
     # never more sequence slots than the workload has sequences (W5: one): the engine sizes its CUDA
     # graphs and its cross-attention layout (runner.ABSORB_MIN_SEQS) by them
-    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(enc_inputs) * w.num_beams)
-    engine = Engine(loaded, **cfg)
-    list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
+    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), n * w.num_beams)
+    return cfg
+
+
+def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True) -> tuple[float, list]:
+    """One timed run of the workload on ``engine`` (after an untimed warm-up batch): (wall s, results)."""
+    if warmup:
+        list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
     engine.reset_stats()  # count the timed run's steps only
     requests = workload_requests(w, loaded.config, enc_inputs, targets)
     torch.cuda.synchronize()
@@ -185,10 +193,36 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
     out = list(engine.generate(requests))
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    tokens = sum(len(r.token_ids) for r in out)
     errors = [r.error for r in out if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return wall, out
+
+
+def _free(engine) -> None:
+    del engine
+    gc.collect()  # the engine's CUDA graphs and KV pool go before the next engine sizes its pool
+    torch.cuda.empty_cache()
+
+
+def speculation_info(stats) -> dict:
+    """The speculative-decoding counters of a run (EngineStats) for the bench JSON."""
+    return {
+        "verify_steps": stats.verify_steps,
+        "draft_tokens": stats.draft_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "tokens_per_step": stats.tokens_per_step,
+    }
+
+
+def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[float, int, dict]:
+    from encdec_cli.engine import Engine
+
+    cfg = _engine_cfg(w, engine_cfg, len(enc_inputs))
+    engine = Engine(loaded, **cfg)
+    wall, out = _timed(w, engine, loaded, enc_inputs, targets)
+    tokens = sum(len(r.token_ids) for r in out)
     stats = engine.stats
     info = {
         "max_num_seqs": cfg["max_num_seqs"],
@@ -198,14 +232,79 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         "steps": stats.steps,
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
+        **(speculation_info(stats) if cfg.get("speculative") else {}),
     }
     if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
         engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
-    del engine
-    torch.cuda.empty_cache()
+    _free(engine)
     return wall, tokens, info
+
+
+def run_oracle_sweep(
+    w: Workload, loaded, enc_inputs, targets, engine_cfg: dict, alphas, ks, value
+) -> tuple[dict, tuple[float, int, dict]]:
+    """Speculative decoding with oracle drafts (synthetic: random weights agree with no real draft).
+
+    A plain run (look-ahead on, as ``run_ours``) records each request's greedy tokens and is the
+    reference speed; then, for each K, one engine verifies K oracle drafts a step (``OracleDrafter``:
+    the recorded continuation, each token wrong with probability 1 - alpha) and runs the workload
+    once per alpha. ``value(wall, tokens)``: the workload's metric. Returns (the sweep for the JSON,
+    the plain run as ``run_ours`` returns it)."""
+    from encdec_cli.engine import Engine, OracleDrafter
+
+    cfg = _engine_cfg(w, engine_cfg, len(enc_inputs))
+    engine = Engine(loaded, **cfg)
+    wall, out = _timed(w, engine, loaded, enc_inputs, targets)
+    tokens = sum(len(r.token_ids) for r in out)
+    recorded = {r.request_id: r.token_ids for r in out}
+    stats = engine.stats
+    plain_info = {
+        "max_num_seqs": cfg["max_num_seqs"],
+        "num_blocks": engine.num_blocks,
+        "preemptions": stats.preemptions,
+        "graphs": engine.uses_cuda_graphs,
+        "steps": stats.steps,
+        "ahead_steps": stats.ahead_steps,
+        "absorb_cross": engine.absorbs_cross,
+    }
+    _free(engine)
+    plain = value(wall, tokens)
+    vocab = loaded.model.vocab_size
+    runs = []
+    for k in ks:
+        engine = Engine(loaded, drafter=OracleDrafter(recorded, alphas[0], k, vocab), **cfg)
+        for i, alpha in enumerate(alphas):
+            drafter = OracleDrafter(recorded, alpha, k, vocab)
+            engine.set_drafter(drafter)
+            s_wall, s_out = _timed(w, engine, loaded, enc_inputs, targets, warmup=i == 0)
+            s_tokens = sum(len(r.token_ids) for r in s_out)
+            same = sum(r.token_ids == recorded[r.request_id] for r in s_out)
+            st = engine.stats
+            runs.append(
+                {
+                    "alpha": alpha,
+                    "k": k,
+                    "value": value(s_wall, s_tokens),
+                    "speedup": value(s_wall, s_tokens) / plain,
+                    "wall_s": s_wall,
+                    "steps": st.steps,
+                    **speculation_info(st),
+                    "off_track_proposals": drafter.off_track,
+                    "outputs_equal_to_plain": same / len(s_out),
+                }
+            )
+        _free(engine)
+    sweep = {
+        "synthetic": True,
+        "draft": "oracle",
+        "note": "random weights: drafts are the plain run's own greedy tokens, each replaced by a wrong "
+        "token with probability 1 - alpha (synthetic acceptance; real acceptance needs real weights)",
+        "plain": {"value": plain, "wall_s": wall, "steps": stats.steps, "ahead_steps": stats.ahead_steps},
+        "runs": runs,
+    }
+    return sweep, (wall, tokens, plain_info)
 
 
 class _FixedLength:
@@ -341,18 +440,31 @@ def run_workload(
     engine_cfg: dict,
     scale: float = 1.0,
     rates: dict | None = None,
+    oracle: tuple[tuple[float, ...], tuple[int, ...]] | None = None,
 ) -> dict:
-    """One workload, ours and (``baseline``) transformers; ``rates``: ``device_rates()`` of this run."""
+    """One workload, ours and (``baseline``) transformers; ``rates``: ``device_rates()`` of this run.
+    ``oracle`` (alphas, Ks): also the speculative sweep of ``run_oracle_sweep`` (its plain run is
+    ours)."""
     w = WORKLOADS[wid]
     if scale != 1.0:
         w = Workload(**{**asdict(w), "requests": max(1, int(w.requests * scale))})
     dev, dtype = "cuda", torch.bfloat16
     enc_inputs, targets = inputs_for(w)
     hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
-    ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
+    audio_s = 30.0 * w.requests
+
+    def value(wall: float, tokens: int) -> float:
+        return audio_s / wall if w.metric == "RTFx" else tokens / wall
+
+    sweep = None
+    if oracle is not None:
+        sweep, (ours_wall, ours_tokens, info) = run_oracle_sweep(
+            w, loaded, enc_inputs, targets, engine_cfg, *oracle, value
+        )
+    else:
+        ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
     rates = rates or device_rates()
     fl = floors(w, loaded.model, enc_inputs, targets, info["max_num_seqs"], info["absorb_cross"], rates)
-    audio_s = 30.0 * w.requests
     res = {
         "workload": wid,
         "model": w.model,
@@ -364,7 +476,9 @@ def run_workload(
         **fl,
         "floor_fraction": fl["floor_s"] / ours_wall,
     }
-    res["ours"] = audio_s / ours_wall if w.metric == "RTFx" else ours_tokens / ours_wall
+    res["ours"] = value(ours_wall, ours_tokens)
+    if sweep is not None:
+        res["speculative"] = sweep
     if baseline:
         del loaded
         torch.cuda.empty_cache()

@@ -159,6 +159,7 @@ def run_transcribe(
         failures=failed,
         warnings=warned,
         notes=notes,
+        details=[line] if (line := engine.stats.speculation_summary()) else [],
     )
     progress.summary(outcome.summary())
     return outcome.exit_code()

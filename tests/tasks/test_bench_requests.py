@@ -55,3 +55,34 @@ def test_floors_count_the_layout_used_and_divide_by_the_measured_rates(tmp_path)
     assert ab["encoder_floor_s"] == kv["encoder_floor_s"] > 0
     faster = floors(w, model, enc_inputs, targets, 4, True, {k: 2 * v for k, v in rates.items()})
     assert faster["floor_s"] == pytest.approx(ab["floor_s"] / 2)
+
+
+def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkeypatch):
+    """``encdec bench --speculative oracle`` on a small random Whisper (CPU; the sweep's timing is
+    meaningless here, its bookkeeping is not): the plain run's tokens are the drafts; alpha 1
+    accepts every draft and alpha 0 none, and every run's outputs equal the plain run's."""
+    import torch
+
+    from encdec_cli.tasks.bench import run_oracle_sweep
+    from tests.support.whisper_models import load_ours, random_whisper
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    random_whisper(tmp_path)
+    loaded = load_ours(tmp_path)
+    w = Workload("W1", "whisper-large-v3", 3, metric="RTFx")
+    g = torch.Generator().manual_seed(0)
+    enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
+    targets = [6, 9, 12]
+    cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16}
+    sweep, (wall, tokens, info) = run_oracle_sweep(
+        w, loaded, enc_inputs, targets, cfg, (0.0, 1.0), (2, 3), lambda wall, tok: tok / wall
+    )
+    assert tokens == sum(targets) and sweep["synthetic"] and sweep["plain"]["value"] > 0
+    runs = {(r["alpha"], r["k"]): r for r in sweep["runs"]}
+    assert sorted(runs) == [(0.0, 2), (0.0, 3), (1.0, 2), (1.0, 3)]
+    for (alpha, k), r in runs.items():
+        assert r["outputs_equal_to_plain"] == 1.0 and r["off_track_proposals"] == 0
+        assert r["draft_tokens"] > 0
+        assert r["acceptance_rate"] == alpha
+    assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
+    assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
