@@ -80,7 +80,7 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
     assert tokens == sum(targets) and sweep["synthetic"] and sweep["plain"]["value"] > 0
     runs = {(r["alpha"], r["k"]): r for r in sweep["runs"]}
     assert sorted(runs) == [(0.0, 2), (0.0, 3), (1.0, 2), (1.0, 3)]
-    for (alpha, k), r in runs.items():
+    for (alpha, _), r in runs.items():
         assert r["outputs_equal_to_plain"] == 1.0 and r["off_track_proposals"] == 0
         assert r["draft_tokens"] > 0
         assert r["acceptance_rate"] == alpha
