@@ -72,6 +72,7 @@ class CudaGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
         self.pool_bytes = 0
+        self.replays = 0  # steps run on these graphs
 
     def _meta(self, b: int) -> AttentionMetadata:
         q = self.queries
@@ -174,6 +175,7 @@ class CudaGraphs:
         self.cross_lens[:b].copy_(dev[3 * b * q + b :])
         for g in self.graphs[b]:
             g.replay()
+        self.replays += 1
         if q == 1:
             return self.outputs[b][:n]
         return self.outputs[b].index_select(0, to_device(runner.device, rows))
