@@ -126,7 +126,7 @@ def bench(
 
 def _speculative(text: str, alphas: str, ks: str):
     """--speculative for bench -> (oracle sweep (alphas, Ks) or None, engine speculative value or None)."""
-    from encdec_cli.engine.speculative import parse_speculative
+    from encdec_cli.engine import parse_speculative
 
     t = text.strip().lower()
     if t == "oracle" or t.startswith("oracle:"):

@@ -203,7 +203,7 @@ def load_engine(
 
 def check_speculative(speculative: str, num_beams: int | None, beam_flag: str) -> str | None:
     """The --speculative value for the engine (None: off); UsageError for a bad value or beams."""
-    from encdec_cli.engine.speculative import parse_speculative
+    from encdec_cli.engine import parse_speculative
 
     if parse_speculative(speculative) is None:
         return None

@@ -4,6 +4,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+DEFAULT_K = 4  # draft tokens per step when ``--speculative`` names none
+MAX_K = 16
+USAGE = "off, ngram[:K] or model:DIR[:K]"
+
+
+@dataclass(frozen=True)
+class SpeculativeSpec:
+    """A parsed ``--speculative`` value."""
+
+    kind: str  # "ngram" | "model"
+    k: int  # draft tokens per step (at most)
+    path: str | None = None  # the draft model (kind "model")
+
+
+def _k(text: str, whole: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_K:
+        raise ValueError(f"--speculative {whole!r}: K must be a whole number from 1 to {MAX_K}")
+    return int(text)
+
+
+def parse_speculative(text: str | None) -> SpeculativeSpec | None:
+    """``off`` / ``ngram[:K]`` / ``model:DIR[:K]`` -> a spec (None for off); ValueError otherwise."""
+    if text is None or text.strip().lower() in ("", "off", "none"):
+        return None
+    t = text.strip()
+    if t == "ngram" or t.startswith("ngram:"):
+        return SpeculativeSpec("ngram", _k(t[6:], text) if t != "ngram" else DEFAULT_K)
+    if t.startswith("model:"):
+        rest = t[6:]
+        head, sep, tail = rest.rpartition(":")
+        path, k = (head, _k(tail, text)) if sep and head and tail.isdigit() else (rest, DEFAULT_K)
+        if not path:
+            raise ValueError(f"--speculative {text!r}: name the draft model's folder, e.g. model:DIR:4")
+        return SpeculativeSpec("model", k, path)
+    raise ValueError(f"--speculative takes {USAGE}; got {text!r}")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -37,8 +73,6 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1 or self.max_encoder_tokens < 1 or self.window < 1:
             raise ValueError("max_num_seqs, max_encoder_tokens and window must be >= 1")
-        from encdec_cli.engine.speculative import parse_speculative
-
         parse_speculative(self.speculative)  # ValueError on a bad value, before anything loads
 
 

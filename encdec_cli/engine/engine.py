@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from encdec_cli.engine.block_manager import BlockManager
-from encdec_cli.engine.config import EngineConfig, EngineStats
+from encdec_cli.engine.config import EngineConfig, EngineStats, parse_speculative
 from encdec_cli.engine.runner import ModelRunner
 from encdec_cli.engine.sampling import Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
@@ -24,7 +24,6 @@ from encdec_cli.engine.speculative import (
     NgramDrafter,
     Speculator,
     Verified,
-    parse_speculative,
 )
 from encdec_cli.engine.transfer import take_rows
 from encdec_models.loading import LoadedModel, load_model

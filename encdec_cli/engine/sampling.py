@@ -151,7 +151,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                 ban_rows += [i] * len(ban)
                 ban_toks += ban
             if by_count:
-                n = len(s.tokens) - s.num_prompt
+                n = s.num_generated
                 if n == p.begin_index and begin:
                     ban_rows += [i] * len(begin)
                     ban_toks += begin

@@ -38,46 +38,10 @@ import numpy as np
 import torch
 
 from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
-from encdec_cli.engine.config import EngineConfig
+from encdec_cli.engine.config import DEFAULT_K, EngineConfig
 from encdec_cli.engine.sampling import process_logits, sampling_generator, sampling_probs
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from encdec_cli.engine.transfer import to_device
-
-DEFAULT_K = 4  # draft tokens per step when ``--speculative`` names none
-MAX_K = 16
-USAGE = "off, ngram[:K] or model:DIR[:K]"
-
-
-@dataclass(frozen=True)
-class SpeculativeSpec:
-    """A parsed ``--speculative`` value."""
-
-    kind: str  # "ngram" | "model"
-    k: int  # draft tokens per step (at most)
-    path: str | None = None  # the draft model (kind "model")
-
-
-def _k(text: str, whole: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_K:
-        raise ValueError(f"--speculative {whole!r}: K must be a whole number from 1 to {MAX_K}")
-    return int(text)
-
-
-def parse_speculative(text: str | None) -> SpeculativeSpec | None:
-    """``off`` / ``ngram[:K]`` / ``model:DIR[:K]`` -> a spec (None for off); ValueError otherwise."""
-    if text is None or text.strip().lower() in ("", "off", "none"):
-        return None
-    t = text.strip()
-    if t == "ngram" or t.startswith("ngram:"):
-        return SpeculativeSpec("ngram", _k(t[6:], text) if t != "ngram" else DEFAULT_K)
-    if t.startswith("model:"):
-        rest = t[6:]
-        head, sep, tail = rest.rpartition(":")
-        path, k = (head, _k(tail, text)) if sep and head and tail.isdigit() else (rest, DEFAULT_K)
-        if not path:
-            raise ValueError(f"--speculative {text!r}: name the draft model's folder, e.g. model:DIR:4")
-        return SpeculativeSpec("model", k, path)
-    raise ValueError(f"--speculative takes {USAGE}; got {text!r}")
 
 
 @dataclass

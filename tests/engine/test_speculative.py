@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from encdec_cli.engine import Engine, OracleDrafter, Request, SamplingParams
-from encdec_cli.engine.speculative import (
-    Draft,
-    NgramDrafter,
+from encdec_cli.engine import (
+    Engine,
+    OracleDrafter,
+    Request,
+    SamplingParams,
     SpeculativeSpec,
     parse_speculative,
-    speculative_sample,
 )
+from encdec_cli.engine.speculative import Draft, NgramDrafter, speculative_sample
 from encdec_models.loading import load_model
 from tests.support.text_models import N_WORDS, single_thread
 from tests.support.whisper_models import EOT, SOT, discriminating_init_, load_ours, random_whisper
