@@ -199,9 +199,10 @@ def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True
     return wall, out
 
 
-def _free(engine) -> None:
-    del engine
-    gc.collect()  # the engine's CUDA graphs and KV pool go before the next engine sizes its pool
+def _release() -> None:
+    """After the caller dropped its engine: its CUDA graphs and KV pool go before the next engine
+    sizes its pool from the free memory."""
+    gc.collect()
     torch.cuda.empty_cache()
 
 
@@ -238,7 +239,8 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
-    _free(engine)
+    del engine
+    _release()
     return wall, tokens, info
 
 
@@ -269,7 +271,8 @@ def run_oracle_sweep(
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
     }
-    _free(engine)
+    del engine
+    _release()
     plain = value(wall, tokens)
     vocab = loaded.model.vocab_size
     runs = []
@@ -295,7 +298,8 @@ def run_oracle_sweep(
                     "outputs_equal_to_plain": same / len(s_out),
                 }
             )
-        _free(engine)
+        del engine
+        _release()
     sweep = {
         "synthetic": True,
         "draft": "oracle",
