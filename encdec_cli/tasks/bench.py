@@ -53,7 +53,7 @@ def _trt_workloads(tid: str, model: str) -> dict:
         f"{tid}-B{b}": Workload(
             f"{tid}-B{b}",
             model,
-            b,
+            4 * b,  # four full batches: a steady state, not one batch's start
             output_tokens=128,
             batch=b,
             published=tuple((k, v[i]) for k, v in TRTLLM_H100[model].items()),
@@ -305,7 +305,9 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
         return hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
 
     with torch.inference_mode():
-        one(0, min(2, len(enc_inputs)))  # warm-up
+        # warm-up at the timed batch size: its first run of a shape pays the allocator's growth and
+        # kernel selection (one cold batch of 128 ran 4x slower than a warm one)
+        one(0, min(batch, len(enc_inputs)))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for lo in range(0, len(enc_inputs), batch):

@@ -65,11 +65,11 @@ def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
     ids, bad = expand_ids(["t2", "W1", "T1-B64", "T9"])
     assert ids == ["T2-B32", "T2-B64", "T2-B128", "W1", "T1-B64"] and bad == ["T9"]
     w = WORKLOADS["T2-B64"]
-    assert (w.model, w.batch, w.requests, w.output_tokens) == ("flan-t5-xl", 64, 64, 128)
+    assert (w.model, w.batch, w.requests, w.output_tokens) == ("flan-t5-xl", 64, 256, 128)
     assert dict(w.published) == {"legacy": 3863, "pytorch": 4184}
     assert dict(WORKLOADS["T1-B128"].published)["legacy"] == TRTLLM_H100["bart-large-cnn"]["legacy"][2]
     cfg = hf_config("flan-t5-xl")
     shape = (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_layers, cfg.vocab_size)
     assert shape == (2048, 5120, 32, 24, 32128)
     enc_inputs, targets = inputs_for(w)
-    assert targets == [128] * 64 and all(260 <= len(x) <= 440 for x in enc_inputs)
+    assert targets == [128] * 256 and all(260 <= len(x) <= 440 for x in enc_inputs)
