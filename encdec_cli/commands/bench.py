@@ -16,7 +16,9 @@ ORACLE_KS = "2,4,8"
 @common.command()
 def bench(
     workloads: list[str] = typer.Argument(
-        None, help="Workload ids W1..W5 of benchmarks/WORKLOADS.md (default: all)."
+        None,
+        help="Workload ids of benchmarks/WORKLOADS.md: W1..W5 (the default), T1 / T2 (TensorRT-LLM's "
+        "published shapes at batch 32, 64 and 128; or one batch, e.g. T1-B64).",
     ),
     baseline: str = typer.Option(
         "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."
@@ -61,17 +63,25 @@ def bench(
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
     import torch
 
-    from encdec_cli.tasks.bench import WORKLOADS, device_rates, run_workload, write_results
+    from encdec_cli.tasks.bench import (
+        DEFAULT_WORKLOADS,
+        GROUPS,
+        WORKLOADS,
+        device_rates,
+        expand_ids,
+        run_workload,
+        write_results,
+    )
 
     if not torch.cuda.is_available():
         common.fail("encdec bench needs a CUDA GPU")
     absorb = {"auto": None, "absorbed": True, "kv": False}.get(cross, "bad")
     if absorb == "bad":
         common.fail(f"--cross must be auto, absorbed or kv, got {cross!r}")
-    ids = [w.upper() for w in (workloads or list(WORKLOADS))]
-    bad = [w for w in ids if w not in WORKLOADS]
+    ids, bad = expand_ids(workloads or list(DEFAULT_WORKLOADS))
     if bad:
-        common.fail(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
+        choices = ", ".join([w for w in WORKLOADS if not w.startswith(("T1-", "T2-"))] + list(GROUPS))
+        common.fail(f"unknown workload(s) {', '.join(bad)}; choose from {choices} (or T1-B32 ... T2-B128)")
     oracle, spec = _speculative(speculative, oracle_alpha, oracle_k)
     if oracle is not None or spec is not None:
         beams = [w for w in ids if WORKLOADS[w].num_beams > 1]
@@ -109,9 +119,13 @@ def bench(
             if "baseline" in res
             else ""
         )
+        trt = "".join(
+            f"  vs TensorRT-LLM {k} (published, H100) x{v:.2f}"
+            for k, v in res.get("vs_trtllm_published_h100", {}).items()
+        )
         typer.echo(
             f"{wid} {res['model']:<18} {res['metric']:<13} ours {res['ours']:,.1f}  baseline {base}  "
-            f"floor {res['floor_fraction']:.0%}",
+            f"floor {res['floor_fraction']:.0%}{trt}",
             err=True,
         )
         for run in res.get("speculative", {}).get("runs", []):

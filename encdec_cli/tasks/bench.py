@@ -1,4 +1,4 @@
-"""The standard workloads of benchmarks/WORKLOADS.md (W1..W5): ours vs transformers in one process run.
+"""The standard workloads of benchmarks/WORKLOADS.md (W1..W5, T1, T2): ours vs transformers in one run.
 
 Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
 suppressed before the target length, forced at it), so both systems do exactly the same work.
@@ -37,6 +37,34 @@ class Workload:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     metric: str = "output tok/s"
+    # TensorRT-LLM's shape (T1/T2): every request makes exactly this many tokens, and the engine and
+    # the baseline both run at ``batch`` sequences (the engine's max_num_seqs = batch)
+    output_tokens: int | None = None
+    batch: int | None = None
+    published: tuple[tuple[str, float], ...] = ()  # TensorRT-LLM's published H100 tok/s at this batch
+
+
+# TensorRT-LLM's published H100 numbers (bf16, greedy, 260-440 input tokens, 128 output tokens):
+# legacy TensorRT path, then its PyTorch backend, at batch 32 / 64 / 128 (benchmarks/WORKLOADS.md)
+TRTLLM_H100 = {
+    "bart-large-cnn": {"legacy": (12611, 22007, 31544), "pytorch": (10662, 16209, 23518)},
+    "flan-t5-xl": {"legacy": (3153, 3863, 4601), "pytorch": (3312, 4184, 4768)},
+}
+TRT_BATCHES = (32, 64, 128)
+
+
+def _trt_workloads(tid: str, model: str) -> dict:
+    return {
+        f"{tid}-B{b}": Workload(
+            f"{tid}-B{b}",
+            model,
+            4 * b,  # four full batches: a steady state, not one batch's start
+            output_tokens=128,
+            batch=b,
+            published=tuple((k, v[i]) for k, v in TRTLLM_H100[model].items()),
+        )
+        for i, b in enumerate(TRT_BATCHES)
+    }
 
 
 WORKLOADS = {
@@ -45,7 +73,22 @@ WORKLOADS = {
     "W3": Workload("W3", "bart-large-cnn", 512, num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3),
     "W4": Workload("W4", "flan-t5-large", 1024),
     "W5": Workload("W5", "whisper-large-v3", 1, metric="tok/s"),
+    **_trt_workloads("T1", "bart-large-cnn"),
+    **_trt_workloads("T2", "flan-t5-xl"),
 }
+# a group id runs all of its members: ``encdec bench T1`` is T1 at batch 32, 64 and 128
+GROUPS = {t: [w for w in WORKLOADS if w.startswith(f"{t}-")] for t in ("T1", "T2")}
+DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+
+
+def expand_ids(ids: list[str]) -> tuple[list[str], list[str]]:
+    """Workload ids (groups expanded, in order, case-insensitive) and the unknown ones."""
+    out, bad = [], []
+    for i in (x.upper() for x in ids):
+        members = GROUPS.get(i) or ([i] if i in WORKLOADS else [])
+        out += [m for m in members if m not in out]
+        bad += [] if members else [i]
+    return out, bad
 
 
 def hf_config(name: str):
@@ -85,15 +128,16 @@ def hf_config(name: str):
             forced_bos_token_id=None,
             architectures=["BartForConditionalGeneration"],
         )
-    if name == "flan-t5-large":
+    if name in ("flan-t5-large", "flan-t5-xl"):
+        xl = name == "flan-t5-xl"
         return T5Config(
             vocab_size=32128,
-            d_model=1024,
+            d_model=2048 if xl else 1024,
             d_kv=64,
-            d_ff=2816,
+            d_ff=5120 if xl else 2816,
             num_layers=24,
             num_decoder_layers=24,
-            num_heads=16,
+            num_heads=32 if xl else 16,
             feed_forward_proj="gated-gelu",
             tie_word_embeddings=False,
             decoder_start_token_id=0,
@@ -111,6 +155,8 @@ def inputs_for(w: Workload):
     )
     if w.id == "W5":
         targets = np.array([128])
+    if w.output_tokens:
+        targets = np.full(w.requests, w.output_tokens)
     if w.model.startswith("whisper"):
         g = torch.Generator().manual_seed(0)
         waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(w.requests)]
@@ -179,6 +225,8 @@ def _engine_cfg(w: Workload, engine_cfg: dict, n: int) -> dict:
     # never more sequence slots than the workload has sequences (W5: one): the engine sizes its CUDA
     # graphs and its cross-attention layout (runner.ABSORB_MIN_SEQS) by them
     cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), n * w.num_beams)
+    if w.batch:  # TensorRT-LLM's shape: exactly this many sequences per step
+        cfg["max_num_seqs"] = w.batch
     return cfg
 
 
@@ -360,7 +408,9 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
         return hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
 
     with torch.inference_mode():
-        one(0, min(2, len(enc_inputs)))  # warm-up
+        # warm-up at the timed batch size: its first run of a shape pays the allocator's growth and
+        # kernel selection (one cold batch of 128 ran 4x slower than a warm one)
+        one(0, min(batch, len(enc_inputs)))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for lo in range(0, len(enc_inputs), batch):
@@ -457,13 +507,13 @@ def run_workload(
     hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
     audio_s = 30.0 * w.requests
 
-    def value(wall: float, tokens: int) -> float:
+    def metric_of(wall: float, tokens: int) -> float:
         return audio_s / wall if w.metric == "RTFx" else tokens / wall
 
     sweep = None
     if oracle is not None:
         sweep, (ours_wall, ours_tokens, info) = run_oracle_sweep(
-            w, loaded, enc_inputs, targets, engine_cfg, *oracle, value
+            w, loaded, enc_inputs, targets, engine_cfg, *oracle, metric_of
         )
     else:
         ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
@@ -480,7 +530,7 @@ def run_workload(
         **fl,
         "floor_fraction": fl["floor_s"] / ours_wall,
     }
-    res["ours"] = value(ours_wall, ours_tokens)
+    res["ours"] = metric_of(ours_wall, ours_tokens)
     if sweep is not None:
         res["speculative"] = sweep
     if baseline:
@@ -488,6 +538,8 @@ def run_workload(
         torch.cuda.empty_cache()
         if w.model.startswith("whisper"):
             batches = (64,) if w.requests > 1 else (1,)
+        if w.batch:
+            batches = (w.batch,)
         best = None
         for b in batches:
             wall, tokens = run_hf(w, hf, enc_inputs, targets, b)
@@ -498,6 +550,9 @@ def run_workload(
         res.update(
             baseline=best[0], baseline_batch=best[1], baseline_wall_s=best[2], ratio=res["ours"] / best[0]
         )
+    if w.published:
+        res["trtllm_published_h100"] = dict(w.published)
+        res["vs_trtllm_published_h100"] = {k: res["ours"] / v for k, v in w.published}
     res["metric"] = w.metric
     return res
 

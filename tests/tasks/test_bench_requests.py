@@ -86,3 +86,21 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
         assert r["acceptance_rate"] == alpha
     assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
     assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
+
+
+def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
+    """T1 / T2 are TensorRT-LLM's published shapes: a group id runs batch 32, 64 and 128 in order,
+    each request makes exactly 128 tokens, and the engine and the baseline run at that batch."""
+    from encdec_cli.tasks.bench import TRTLLM_H100, expand_ids
+
+    ids, bad = expand_ids(["t2", "W1", "T1-B64", "T9"])
+    assert ids == ["T2-B32", "T2-B64", "T2-B128", "W1", "T1-B64"] and bad == ["T9"]
+    w = WORKLOADS["T2-B64"]
+    assert (w.model, w.batch, w.requests, w.output_tokens) == ("flan-t5-xl", 64, 256, 128)
+    assert dict(w.published) == {"legacy": 3863, "pytorch": 4184}
+    assert dict(WORKLOADS["T1-B128"].published)["legacy"] == TRTLLM_H100["bart-large-cnn"]["legacy"][2]
+    cfg = hf_config("flan-t5-xl")
+    shape = (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_layers, cfg.vocab_size)
+    assert shape == (2048, 5120, 32, 24, 32128)
+    enc_inputs, targets = inputs_for(w)
+    assert targets == [128] * 256 and all(260 <= len(x) <= 440 for x in enc_inputs)
