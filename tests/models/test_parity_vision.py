@@ -10,7 +10,7 @@ from transformers import AutoImageProcessor
 
 from encdec_cli.engine import Engine, Request, SamplingParams
 from tests.support.text_models import single_thread
-from tests.support.vision_models import BOS, EOS, draw_images, load_ours, random_trocr
+from tests.support.vision_models import BOS, EOS, draw_images, load_ours, random_donut, random_trocr
 
 transformers.logging.set_verbosity_error()
 
@@ -109,3 +109,32 @@ def test_bad_pixel_inputs_fail_alone(tmp_path):
     }
     assert out[0].error is None and out[4].error is None and out[0].token_ids == out[4].token_ids
     assert "[3, 32, 32]" in out[1].error and "NaN" in out[2].error and "pixel tensor" in out[3].error
+
+
+DONUT_SHAPES = {
+    # 16 x 12 patches, then 8 x 6 (padded to whole windows; shifted windows with masks)
+    "swin-mbart": dict(),
+    # a decoder wider than the encoder (enc_to_dec_proj), windows of 2 patches, an odd grid to merge
+    "wide-decoder-odd-grid": dict(
+        image_size=(36, 28),
+        encoder=dict(window_size=3, depths=[2, 3], num_heads=[2, 2]),
+        decoder=dict(d_model=48),
+    ),
+}
+
+
+@pytest.mark.parametrize("shape", list(DONUT_SHAPES))
+def test_donut_greedy_matches_transformers(tmp_path, shape):
+    """Donut's task prompt goes into the decoder: prompts start with task tokens (ids 4..8)."""
+    hf = random_donut(tmp_path, seed=list(DONUT_SHAPES).index(shape), **DONUT_SHAPES[shape])
+    _assert_parity(hf, tmp_path, [[4], [5, 6, 40, 41, 7, 8], [BOS], [4, 9], [5]], [20, 12, 16, 1, 25])
+
+
+def test_donut_encoder_output_matches_transformers(tmp_path):
+    hf = random_donut(tmp_path)
+    ours = load_ours(tmp_path).model
+    pixels = torch.stack(_pixels(tmp_path, draw_images(2)))
+    with torch.no_grad():
+        ref = hf.encoder(pixel_values=pixels).last_hidden_state
+        got = ours.encode(ours.prepare_encoder_batch(list(pixels), torch.device("cpu")))
+    torch.testing.assert_close(got, ref.reshape(-1, ref.shape[-1]), rtol=1e-4, atol=1e-4)

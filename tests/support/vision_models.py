@@ -134,3 +134,51 @@ def draw_images(n: int, seed: int = 0, size=(64, 40)) -> list[Image.Image]:
         d.text((2, h // 3), f"item {i}", fill=(0, 0, 0))
         images.append(im)
     return images
+
+
+DONUT_TASKS = ["<s_cord>", "<s_docvqa>", "<s_question>", "</s_question>", "<s_answer>"]
+
+
+def random_donut(
+    path: Path,
+    seed: int = 0,
+    encoder: dict | None = None,
+    decoder: dict | None = None,
+    image_size: tuple[int, int] = (64, 48),
+):
+    """A Donut-shaped model (Swin encoder, mBART decoder) with a Donut image processor and task tokens
+    (``DONUT_TASKS``, ids 4..8) in its tokenizer."""
+    from transformers import DonutImageProcessor, DonutSwinConfig, MBartConfig
+
+    torch.manual_seed(seed)
+    enc_kw = dict(
+        image_size=list(image_size),
+        patch_size=4,
+        embed_dim=16,
+        depths=[2, 2],
+        num_heads=[2, 4],
+        window_size=4,
+    )
+    enc_kw.update(encoder or {})
+    dec_kw = dict(
+        vocab_size=300,
+        d_model=32,
+        decoder_layers=2,
+        decoder_attention_heads=4,
+        decoder_ffn_dim=64,
+        max_position_embeddings=64,
+        scale_embedding=True,
+        bos_token_id=BOS,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=BOS,
+    )
+    dec_kw.update(decoder or {})
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        DonutSwinConfig(**enc_kw), MBartConfig(**dec_kw)
+    )
+    model = VisionEncoderDecoderModel(cfg)
+    proc = DonutImageProcessor(
+        size={"height": image_size[0], "width": image_size[1]}, do_align_long_axis=False, do_thumbnail=True
+    )
+    return save_vision_model(path, model, proc, dec_kw["vocab_size"], extra_tokens=DONUT_TASKS, seed=seed)
