@@ -101,7 +101,9 @@ def _one_row(x) -> bool:
     """Whether x [1, d] runs the Triton one-row kernels (``encdec_kernels.gemv``): batch-1 decoding on
     CUDA, where cuBLAS leaves most SMs idle. Everything else takes cuBLAS / the CPU path."""
     return (
-        x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= encdec_kernels.GEMV_MAX_K
+        x.dim() == 2
+        and x.shape[0] == 1
+        and x.shape[1] <= encdec_kernels.GEMV_MAX_K
         and encdec_kernels.use_triton(x)
     )
 

@@ -24,6 +24,7 @@ ARCHITECTURES = {
     "T5ForConditionalGeneration": "encdec_models.t5:T5",
     "MT5ForConditionalGeneration": "encdec_models.t5:T5",
     "VisionEncoderDecoderModel": "encdec_models.vision:VisionEncoderDecoder",
+    "Florence2ForConditionalGeneration": "encdec_models.florence2:Florence2",
 }
 
 # config.model_type -> architecture, for configs without an ``architectures`` list
@@ -36,8 +37,10 @@ MODEL_TYPES = {
     "t5": "T5ForConditionalGeneration",
     "mt5": "MT5ForConditionalGeneration",
     "vision-encoder-decoder": "VisionEncoderDecoderModel",
+    "florence2": "Florence2ForConditionalGeneration",
 }
-VISION = frozenset({"VisionEncoderDecoderModel"})  # image-to-text models (encdec image-to-text)
+# image-to-text models (encdec image-to-text)
+VISION = frozenset({"VisionEncoderDecoderModel", "Florence2ForConditionalGeneration"})
 
 WHISPER = "WhisperForConditionalGeneration"
 MULTILINGUAL_VOCAB = 51865  # English-only Whisper models have 51864 tokens; multilingual >= 51865

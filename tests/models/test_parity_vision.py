@@ -10,7 +10,15 @@ from transformers import AutoImageProcessor
 
 from encdec_cli.engine import Engine, Request, SamplingParams
 from tests.support.text_models import single_thread
-from tests.support.vision_models import BOS, EOS, draw_images, load_ours, random_donut, random_trocr
+from tests.support.vision_models import (
+    BOS,
+    EOS,
+    draw_images,
+    load_ours,
+    random_donut,
+    random_florence2,
+    random_trocr,
+)
 
 transformers.logging.set_verbosity_error()
 
@@ -138,3 +146,50 @@ def test_donut_encoder_output_matches_transformers(tmp_path):
         ref = hf.encoder(pixel_values=pixels).last_hidden_state
         got = ours.encode(ours.prepare_encoder_batch(list(pixels), torch.device("cpu")))
     torch.testing.assert_close(got, ref.reshape(-1, ref.shape[-1]), rtol=1e-4, atol=1e-4)
+
+
+FLORENCE_SHAPES = {
+    "davit-bart": dict(),
+    # a non-square image, windows that need padding, no q/k/v bias, pre-norm patch embedding first
+    "non-square-no-qkv-bias": dict(
+        image_size=(72, 40),
+        vision=dict(window_size=4, qkv_bias=False, patch_prenorm=[False, False], num_groups=[4, 2]),
+    ),
+}
+
+
+@pytest.mark.parametrize("absorb_cross", [False, True], ids=["kv", "absorbed"])
+@pytest.mark.parametrize("shape", list(FLORENCE_SHAPES))
+def test_florence2_greedy_matches_transformers(tmp_path, shape, absorb_cross):
+    """Image tokens and the task prompt's tokens form the BART encoder's input (packed, of different
+    lengths per request); the decoder starts from </s>."""
+    from transformers import AutoProcessor
+
+    hf = random_florence2(tmp_path, seed=list(FLORENCE_SHAPES).index(shape), **FLORENCE_SHAPES[shape])
+    proc = AutoProcessor.from_pretrained(tmp_path)
+    tasks = ["<CAPTION>", "<OCR>", "<OD>", "<DETAILED_CAPTION>", "<OCR_WITH_REGION>"]
+    max_new = [20, 12, 16, 1, 25]
+    inputs = [proc(text=t, images=im, return_tensors="pt") for t, im in zip(tasks, draw_images(5, seed=5))]
+    ref = []
+    for x, m in zip(inputs, max_new):
+        out = hf.generate(**x, max_new_tokens=m, do_sample=False, num_beams=1)[0].tolist()[1:]
+        ref.append(out[: out.index(EOS)] if EOS in out else out)
+    long = [r for r in ref if len(r) >= 8]
+    assert len(long) >= 2 and len({tuple(r) for r in long}) == len(long)
+    assert len({len(x.input_ids[0]) for x in inputs}) > 1  # prompts of different lengths
+    engine = Engine(
+        load_ours(tmp_path), block_size=4, num_blocks=300, max_num_seqs=3, absorb_cross=absorb_cross
+    )
+    reqs = [
+        Request(
+            {"pixel_values": x.pixel_values[0], "input_ids": x.input_ids[0].tolist()},
+            [EOS],
+            SamplingParams(max_new_tokens=m, stop_token_ids=(EOS,)),
+            i,
+        )
+        for i, (x, m) in enumerate(zip(inputs, max_new))
+    ]
+    out = {r.request_id: r for r in engine.generate(reqs)}
+    assert all(r.error is None for r in out.values()), [r.error for r in out.values()]
+    assert [out[i].token_ids for i in range(len(reqs))] == ref
+    assert engine.blocks.num_free == engine.blocks.num_blocks

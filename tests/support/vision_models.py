@@ -111,8 +111,10 @@ def load_ours(path: Path, dtype=torch.float32) -> LoadedModel:
     """Our model from a saved folder, with its tokenizer and generation config."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from encdec_models.registry import architecture_of
+
     cfg = AutoConfig.from_pretrained(path)
-    arch = "VisionEncoderDecoderModel"
+    arch = architecture_of(cfg)
     model = build_model(arch, cfg, iter_checkpoint(path), torch.device("cpu"), dtype)
     tok = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model, tok, cfg, generation_config_of(path, cfg), arch, path)
@@ -182,3 +184,130 @@ def random_donut(
         size={"height": image_size[0], "width": image_size[1]}, do_align_long_axis=False, do_thumbnail=True
     )
     return save_vision_model(path, model, proc, dec_kw["vocab_size"], extra_tokens=DONUT_TASKS, seed=seed)
+
+
+FLORENCE_TASK_WORDS = (
+    "What is the text in the image? What is the text in the image, with regions? What does the image "
+    "describe? Describe in detail what is shown in the image. Locate the objects with category name in "
+    "the image."
+).split()
+FLORENCE_POST_PROCESSOR = {
+    "ocr": {
+        "PATTERN": r"(.+?)" + r"<loc_(\d+)>" * 8,
+        "AREA_THRESHOLD": 0.0,
+    },
+    "phrase_grounding": {"FILTER_BY_BLACK_LIST": True},
+    "pure_text": {},
+    "description_with_bboxes": {},
+    "description_with_polygons": {},
+    "polygons": {},
+    "bboxes": {},
+    "description_with_bboxes_or_polygons": {},
+}
+
+
+def florence_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Specials 0-3, <image> (4), the words of the task prompts, <loc_0>..<loc_999>, then words w0, w1..
+    Words carry a leading '▁' (Metaspace), so <loc_*> tokens decode right after a word, as in BART's
+    tokenizer."""
+    words = list(dict.fromkeys(f"▁{w}" for w in FLORENCE_TASK_WORDS))
+    locs = [f"<loc_{i}>" for i in range(1000)]
+    fixed = [*SPECIALS, "<image>", *words, *locs]
+    fillers = [f"▁w{i}" for i in range(vocab_size - len(fixed))]
+    vocab = {t: i for i, t in enumerate(fixed + fillers)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    fast.add_special_tokens({"additional_special_tokens": locs})
+    return fast
+
+
+IMAGE_TOKEN = 4
+
+
+def random_florence2(
+    path: Path,
+    seed: int = 0,
+    vision: dict | None = None,
+    text: dict | None = None,
+    image_size: tuple[int, int] = (64, 64),
+):
+    """A Florence-2-shaped model (two DaViT stages, a small BART) with its processor (a CLIP image
+    processor and the post-processor's parsing rules) saved into ``path``."""
+    from transformers import (
+        BartConfig,
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        Florence2VisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    v_kw = dict(
+        depths=[1, 1],
+        patch_size=[7, 3],
+        patch_stride=[4, 2],
+        patch_padding=[3, 1],
+        patch_prenorm=[False, True],
+        embed_dim=[16, 32],
+        num_heads=[2, 4],
+        num_groups=[2, 4],
+        window_size=3,
+        projection_dim=32,
+        max_position_embeddings=20,
+        drop_path_rate=0.0,
+    )
+    v_kw.update(vision or {})
+    vocab_size = 1200
+    t_kw = dict(
+        vocab_size=vocab_size,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=160,
+        bos_token_id=BOS,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        decoder_start_token_id=EOS,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+    )
+    t_kw.update(text or {})
+    cfg = Florence2Config(
+        vision_config=Florence2VisionConfig(**v_kw),
+        text_config=BartConfig(**t_kw),
+        image_token_id=IMAGE_TOKEN,
+    )
+    model = Florence2ForConditionalGeneration(cfg)
+    discriminating_init_(model, seed)
+    model.eval()
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=BOS
+    )
+    model.save_pretrained(path)
+    tok = florence_tokenizer(vocab_size)
+    h, w = image_size
+    for k, s, p in zip(v_kw["patch_size"], v_kw["patch_stride"], v_kw["patch_padding"]):
+        h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    proc = CLIPImageProcessor(
+        size={"height": image_size[0], "width": image_size[1]},
+        do_center_crop=False,
+        image_seq_length=h * w + 1,
+    )
+    Florence2Processor(
+        image_processor=proc, tokenizer=tok, post_processor_config=FLORENCE_POST_PROCESSOR
+    ).save_pretrained(path)
+    return model
