@@ -11,9 +11,9 @@ from encdec_cli.commands.common import Device, Dtype, EnforceEager, GpuMemory, Q
 
 VISION_MODEL_HELP = (
     "Image-to-text model: a VisionEncoderDecoderModel folder (TrOCR: ViT/DeiT + TrOCR decoder; Donut: "
-    "Swin + mBART; or a ViT/DeiT/Swin encoder with a BART/mBART decoder) with its tokenizer and "
-    "preprocessor_config.json, or a hub id already in the Hugging Face cache (e.g. "
-    "microsoft/trocr-base-printed)."
+    "Swin + mBART; or a ViT/DeiT/Swin encoder with a BART/mBART decoder) or a Florence-2 folder "
+    "(transformers' native florence2, e.g. florence-community/Florence-2-large), with its tokenizer and "
+    "processor files, or a hub id already in the Hugging Face cache (e.g. microsoft/trocr-base-printed)."
 )
 
 
@@ -44,11 +44,17 @@ def image_to_text(
     task: str | None = typer.Option(
         None,
         "--task",
-        help="A task prompt that starts the decoder in place of the decoder start token, e.g. Donut's "
-        "<s_cord-v2> or <s_docvqa>.",
+        help="Florence-2: its task token, <CAPTION> (the default), <DETAILED_CAPTION>, "
+        "<MORE_DETAILED_CAPTION>, <OCR>, <OCR_WITH_REGION>, <OD>, <DENSE_REGION_CAPTION>, <REGION_PROPOSAL>, "
+        "<CAPTION_TO_PHRASE_GROUNDING> (with --prompt), ...; tasks with coordinates write boxes in image "
+        "pixels (NAME.json with -f txt, a 'regions' JSON column in tables). Donut: a task prompt that starts "
+        "the decoder in place of the decoder start token, e.g. <s_cord-v2> or <s_docvqa>.",
     ),
     prompt: str | None = typer.Option(
-        None, "--prompt", help="Text the decoder continues from, after the task prompt (e.g. a question)."
+        None,
+        "--prompt",
+        help="Donut/TrOCR: text the decoder continues from, after the task prompt (e.g. a question). "
+        "Florence-2: the input of tasks that take one (the caption to ground, the region).",
     ),
     image_column: str = typer.Option(
         "image", "--image-column", help="Column with image bytes or paths in table inputs."
@@ -77,16 +83,19 @@ def image_to_text(
     retry_failed: RetryFailed = False,
     quiet: Quiet = False,
 ):
-    """Read text from images (OCR) or describe them, with vision encoder/decoder models.
+    """Read text from images (OCR), describe them or locate objects, with vision encoder/decoder
+    models (TrOCR, Donut) and Florence-2.
 
     Images are decoded with Pillow and preprocessed with the model's own image processor settings
     (resize, rescale, normalise) in worker threads. ViT/DeiT encoders run on the engine's packed
-    encoder path and kernels; Swin encoders (Donut) use windowed attention with relative-position
-    biases and shifted-window masks, which the kernels do not cover: they run on the reference
-    (plain PyTorch) path. A bad image (unreadable, damaged, empty, over the decompression-bomb limit
-    of about 89 megapixels) gets an error record and the rest goes on. Exit status: 0 all done, 1
-    some images failed (now or in an earlier run), 2 usage error, 3 writing failed, 130 interrupted
-    (Ctrl-C), 143 stopped by SIGTERM.
+    encoder path and kernels; Swin encoders (Donut: windowed attention with relative-position
+    biases and shifted-window masks) and Florence-2's DaViT vision tower (window and channel-group
+    attention) are not what the kernels compute: they run on the reference (plain PyTorch) path.
+    Florence-2's image tokens and task prompt then run through the BART encoder on the packed path.
+    A bad image (unreadable, damaged, empty, over the decompression-bomb limit of about 89
+    megapixels) gets an error record and the rest goes on. Exit status: 0 all done, 1 some images
+    failed (now or in an earlier run), 2 usage error, 3 writing failed, 130 interrupted (Ctrl-C),
+    143 stopped by SIGTERM.
     """
     from encdec_cli.io.inputs import check_inputs
     from encdec_cli.tasks.image_to_text import (

@@ -7,10 +7,12 @@ preprocessed by the model's own image processor (resize, rescale, normalise, fro
 
 Outputs, by ``-f``:
 
-- ``txt``: one ``NAME.txt`` per image in the output folder, recorded in its manifest (as
-  ``encdec transcribe`` does): a re-run skips finished (and failed) images.
+- ``txt``: one ``NAME.txt`` per image in the output folder (``NAME.json`` for Florence-2 tasks with
+  coordinates), recorded in its manifest (as ``encdec transcribe`` does): a re-run skips finished
+  (and failed) images.
 - ``jsonl`` / ``parquet``: one table, a row per image in input order (``input``, ``row``, ``text``,
-  ``error``), written in parts and finalised atomically (``encdec_cli.io.tables``): a re-run resumes.
+  (``regions``,) ``error``), written in parts and finalised atomically (``encdec_cli.io.tables``): a
+  re-run resumes.
 - ``-o -``: JSON Lines on stdout, in input order.
 
 A bad image (unreadable, damaged, empty, too large) is an error record; the job goes on and the
@@ -19,6 +21,7 @@ exit status is 1. Ctrl-C / SIGTERM let the write in flight finish (exit 130 / 14
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -90,23 +93,37 @@ def prefetch_map(fn: Callable[[Any], Any], items: Iterable, workers: int, ahead:
             yield x0, f.result()
 
 
+def _quiet_transformers():
+    """transformers' logging at error level for a block ("torchvision missing, the PIL backend is used")."""
+    import contextlib
+
+    import transformers
+
+    @contextlib.contextmanager
+    def block():
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:
+            yield
+        finally:
+            transformers.logging.set_verbosity(verbosity)
+
+    return block()
+
+
 class ImagePreprocessor:
     """The model's own image processor (``AutoImageProcessor`` from its folder): image -> pixels [C, H, W]."""
 
     def __init__(self, model_path: str | os.PathLike):
-        import transformers
         from transformers import AutoImageProcessor
 
-        verbosity = transformers.logging.get_verbosity()
-        transformers.logging.set_verbosity_error()  # "torchvision missing, the PIL backend is used"
-        try:
-            self.processor = AutoImageProcessor.from_pretrained(model_path)
-        except (OSError, ValueError) as e:
-            raise UsageError(
-                f"the model in {model_path} has no usable image processor (preprocessor_config.json): {e}"
-            ) from None
-        finally:
-            transformers.logging.set_verbosity(verbosity)
+        with _quiet_transformers():
+            try:
+                self.processor = AutoImageProcessor.from_pretrained(model_path)
+            except (OSError, ValueError) as e:
+                raise UsageError(
+                    f"the model in {model_path} has no usable image processor (preprocessor_config.json): {e}"
+                ) from None
 
     def __call__(self, source):
         image = load_image(source)
@@ -126,6 +143,76 @@ def build_prompt(loaded, opts: ImageToTextOptions) -> list[int]:
             raise UsageError(f"--task {opts.task!r} is not a task prompt of this model's tokenizer")
     text_ids = tok(opts.prompt, add_special_tokens=False)["input_ids"] if opts.prompt else []
     return (task_ids or start) + text_ids
+
+
+class ImageReader:
+    """How one kind of model reads an image: ``prepare(source) -> (encoder input, (width, height))``
+    (run in worker threads), the decoder ``prompt``, and ``result(token_ids, size) -> (text, regions)``
+    (regions: None, or the coordinates of a Florence-2 task in image pixels)."""
+
+    regions = False  # whether results carry regions
+
+    def __init__(self, loaded, opts: ImageToTextOptions):
+        self.tok = loaded.tokenizer
+        self.prompt = build_prompt(loaded, opts)
+        self.pixels = ImagePreprocessor(loaded.path)
+
+    def prepare(self, source):
+        return self.pixels(source)
+
+    def result(self, token_ids: list[int], size) -> tuple[str, dict | None]:
+        return self.tok.decode(token_ids, skip_special_tokens=True).strip(), None
+
+
+class Florence2Reader(ImageReader):
+    """Florence-2: the processor lays out image tokens and the task's prompt as the encoder input
+    (``--task <CAPTION>``, the default; ``--prompt`` is the input of tasks that take one, e.g.
+    ``<CAPTION_TO_PHRASE_GROUNDING>``); its post-processor turns coordinate outputs (``<OD>``,
+    ``<OCR_WITH_REGION>``, ...) into boxes or polygons in image pixels."""
+
+    DEFAULT_TASK = "<CAPTION>"
+
+    def __init__(self, loaded, opts: ImageToTextOptions):
+        from transformers import AutoProcessor
+
+        with _quiet_transformers():
+            try:
+                self.processor = AutoProcessor.from_pretrained(loaded.path)
+            except (OSError, ValueError, TypeError) as e:
+                raise UsageError(
+                    f"the Florence-2 model in {loaded.path} has no usable processor: {e}"
+                ) from None
+        kinds = self.processor.tasks_answer_post_processing_type
+        self.task = opts.task or self.DEFAULT_TASK
+        if self.task not in kinds:
+            raise UsageError(f"--task {self.task!r} is not a Florence-2 task; use one of: {', '.join(kinds)}")
+        self.kind = kinds[self.task]
+        self.regions = self.kind != "pure_text"
+        takes_input = self.task in self.processor.task_prompts_with_input
+        if opts.prompt and not takes_input:
+            raise UsageError(f"--task {self.task} takes no --prompt")
+        self.text = self.task + (opts.prompt or "") if takes_input else self.task
+        self.tok = loaded.tokenizer
+        self.prompt = decoder_prompt(loaded.generation_config, loaded.config.text_config)
+
+    def prepare(self, source):
+        image = load_image(source)
+        x = self.processor(text=self.text, images=image, return_tensors="pt")
+        return {"pixel_values": x["pixel_values"][0], "input_ids": x["input_ids"][0].tolist()}, image.size
+
+    def result(self, token_ids: list[int], size) -> tuple[str, dict | None]:
+        raw = self.tok.decode(token_ids, skip_special_tokens=False)
+        parsed = self.processor.post_process_generation(text=raw, task=self.task, image_size=size)[self.task]
+        if not self.regions:
+            return parsed, None
+        text = raw.replace("<s>", "").replace("</s>", "").replace("<pad>", "").strip()
+        return text, parsed
+
+
+def image_reader(loaded, opts: ImageToTextOptions) -> ImageReader:
+    if loaded.architecture == "Florence2ForConditionalGeneration":
+        return Florence2Reader(loaded, opts)
+    return ImageReader(loaded, opts)
 
 
 def _text(value: str) -> str:
@@ -148,8 +235,12 @@ class _FolderOutput:
         failed = self.manifest.failed(item.key) is not None and not self.retry_failed
         return self.manifest.is_done(item.key) or failed, failed
 
-    def ok(self, item: AudioItem, text: str) -> None:
-        path = atomic_write_text(Path(self.folder) / f"{item.name}.txt", text + "\n")
+    def ok(self, item: AudioItem, text: str, regions: dict | None) -> None:
+        if regions is None:
+            path = atomic_write_text(Path(self.folder) / f"{item.name}.txt", text + "\n")
+        else:  # coordinates: NAME.json, {"text", "bboxes"|"quad_boxes"|"polygons", "labels"}
+            record = json.dumps({"text": text, **regions}, ensure_ascii=False)
+            path = atomic_write_text(Path(self.folder) / f"{item.name}.json", record + "\n")
         self.manifest.record_ok(item.key, [path], [])
 
     def error(self, item: AudioItem, message: str) -> None:
@@ -166,13 +257,20 @@ class _TableOutput:
     SCHEMA = pa.schema([("input", pa.string()), ("row", pa.int64())])
 
     def __init__(
-        self, output: str, fmt: str, inputs: list[str], job_key: str, overwrite: bool, retry_failed: bool
+        self,
+        output: str,
+        fmt: str,
+        inputs: list[str],
+        job_key: str,
+        overwrite: bool,
+        retry_failed: bool,
+        regions: bool = False,
     ):
         stdout = output == "-"
         self.sink = open_sink(
             output,
             None if stdout else fmt,
-            result_columns=["text"],
+            result_columns=["text", "regions"] if regions else ["text"],
             input_schema=self.SCHEMA,
             job_key=None if stdout else job_key,
             # a list of paths on stdin cannot be told apart from another: no resume
@@ -191,8 +289,11 @@ class _TableOutput:
     def _record(self, item: AudioItem) -> dict:
         return {"input": _text(item.input), "row": item.row}
 
-    def ok(self, item: AudioItem, text: str) -> None:
-        self.sink.write(item.index, self._record(item), {"text": text}, None)
+    def ok(self, item: AudioItem, text: str, regions: dict | None) -> None:
+        results = {"text": text}
+        if regions is not None:  # a JSON object as text: {"bboxes"|"quad_boxes"|"polygons", "labels"}
+            results["regions"] = json.dumps(regions, ensure_ascii=False)
+        self.sink.write(item.index, self._record(item), results, None)
 
     def error(self, item: AudioItem, message: str) -> None:
         self.sink.write(item.index, self._record(item), None, message)
@@ -238,16 +339,16 @@ def run_image_to_text(
 ) -> int:
     """Run the job; returns the exit status. The caller has checked the inputs and the output."""
     loaded = engine.loaded
-    prompt = build_prompt(loaded, opts)
+    reader = image_reader(loaded, opts)
+    prompt = reader.prompt
     params = sampling_params_from_generation_config(loaded.generation_config, len(prompt), opts.generation)
-    preprocess = ImagePreprocessor(loaded.path)
     notes: list[str] = []
     if fmt == "txt" and output != "-":
         out: _FolderOutput | _TableOutput = _FolderOutput(output, overwrite, retry_failed)
         namer = out.namer
     else:
         job_key = f"{[file_key(i) if os.path.exists(i) else i for i in inputs]}|{opts}|{loaded.path}"
-        out = _TableOutput(output, fmt, inputs, job_key, overwrite, retry_failed)
+        out = _TableOutput(output, fmt, inputs, job_key, overwrite, retry_failed, reader.regions)
         namer = Namer()
     planned = plan_inputs(
         inputs, opts.image_column, opts.id_column, namer, notes, extensions=IMAGE_EXTENSIONS, kind="image"
@@ -257,7 +358,7 @@ def run_image_to_text(
     )
     failed: list[tuple[str, str]] = []
     counts = {"done": 0, "skipped": 0, "failed_before": 0, "items": 0}
-    running: dict[int, AudioItem] = {}
+    running: dict[int, tuple[AudioItem, tuple[int, int]]] = {}
     guard = InterruptGuard()
 
     def where(item: AudioItem) -> str:
@@ -289,25 +390,29 @@ def run_image_to_text(
     def prepare(item: AudioItem):
         if item.error is not None:
             raise ValueError(item.error)
-        return preprocess(item.source)
+        return reader.prepare(item.source)
 
     def requests() -> Iterator[Request]:
         for item, (value, error) in prefetch_map(prepare, todo(), worker_count(opts.workers)):
             if error is not None:
                 fail(item, error)
                 continue
-            running[item.index] = item
+            running[item.index] = (item, value[1])
             yield Request(value[0], list(prompt), params, item.index)
 
     def on_result(r: Result) -> None:
-        item = running.pop(r.request_id)
+        item, size = running.pop(r.request_id)
         if r.error:
             fail(item, r.error)
             return
-        text = loaded.tokenizer.decode(r.token_ids, skip_special_tokens=True).strip()
+        try:
+            text, regions = reader.result(r.token_ids, size)
+        except Exception as e:  # the post-processor cannot parse this output: the item's error
+            fail(item, f"cannot parse the model's output ({type(e).__name__}: {e})")
+            return
         with guard.protect():
             try:
-                out.ok(item, text)
+                out.ok(item, text, regions)
             except (OSError, ValueError) as e:
                 if isinstance(out, _TableOutput):
                     raise

@@ -214,3 +214,96 @@ def test_usage_errors(model_dir, tmp_path):
     assert r.exit_code == 2 and "use it with encdec image-to-text" in r.stderr
     r = encdec("image-to-text", tmp_path / "a.png", "-m", model_dir, "--task", "<nope>")
     assert r.exit_code == 2 and "--task" in r.stderr
+
+
+def test_donut_task_prompt(tmp_path):
+    """--task starts the decoder with Donut's task prompt, as transformers' generate(decoder_input_ids)."""
+    from tests.support.vision_models import random_donut
+
+    model = tmp_path / "donut"
+    hf = random_donut(model)
+    images = draw_images(2, seed=4)
+    for i, im in enumerate(images):
+        im.save(tmp_path / f"{i}.png")
+    r = encdec(
+        "image-to-text", tmp_path / "0.png", tmp_path / "1.png", "-m", model, "--task", "<s_docvqa>",
+        "--prompt", "<s_question> w3 w4 </s_question>", "-f", "jsonl", "-o", "-", "--max-new-tokens", MAX_NEW,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    got = [json.loads(line)["text"] for line in r.stdout.splitlines()]
+    tok = AutoTokenizer.from_pretrained(model)
+    prompt = tok(
+        "<s_docvqa> <s_question> w3 w4 </s_question>", add_special_tokens=False, return_tensors="pt"
+    ).input_ids
+    proc = AutoImageProcessor.from_pretrained(model)
+    expected = []
+    for im in images:
+        pixels = proc(
+            images=load_image(tmp_path / f"{images.index(im)}.png"), return_tensors="pt"
+        ).pixel_values
+        with torch.no_grad():
+            out = hf.generate(
+                pixel_values=pixels, decoder_input_ids=prompt, max_new_tokens=MAX_NEW, do_sample=False
+            )
+        expected.append(tok.decode(out[0, prompt.shape[1] :], skip_special_tokens=True).strip())
+    assert got == expected
+
+
+@pytest.fixture(scope="module")
+def florence_dir(tmp_path_factory) -> tuple[Path, object]:
+    from tests.support.vision_models import random_florence2
+
+    path = tmp_path_factory.mktemp("florence2")
+    return path, random_florence2(path)
+
+
+def florence_reference(path: Path, model, task: str, images, max_new: int) -> list:
+    """transformers' processor + generate + post_process_generation, image by image."""
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(path)
+    parsed = []
+    for im in images:
+        x = proc(text=task, images=im, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**x, max_new_tokens=max_new, do_sample=False, num_beams=1)
+        text = proc.batch_decode(out, skip_special_tokens=False)[0]
+        parsed.append(proc.post_process_generation(text=text, task=task, image_size=im.size)[task])
+    return parsed
+
+
+@pytest.mark.parametrize("task", ["<CAPTION>", "<OD>", "<OCR_WITH_REGION>"])
+def test_florence2_tasks(florence_dir, tmp_path, task):
+    """Plain-text tasks give text; coordinate tasks give the post-processor's boxes in image pixels:
+    NAME.json with -f txt, a 'regions' JSON column in tables."""
+    path, hf = florence_dir
+    images = draw_images(3, seed=9, size=(90, 70))
+    for i, im in enumerate(images):
+        im.save(tmp_path / f"{i}.png")
+    decoded = [load_image(tmp_path / f"{i}.png") for i in range(3)]
+    expected = florence_reference(path, hf, task, decoded, MAX_NEW)
+    out = tmp_path / "out"
+    args = ["image-to-text", *(tmp_path / f"{i}.png" for i in range(3)), "-m", path, "--task", task, "-q"]
+    r = encdec(*args, "-o", out, "--max-new-tokens", MAX_NEW)
+    assert r.exit_code == 0, r.output
+    r = encdec(*args, "-f", "jsonl", "-o", tmp_path / "t.jsonl", "--max-new-tokens", MAX_NEW)
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+    for i, want in enumerate(expected):
+        if task == "<CAPTION>":
+            assert (out / f"{i}.txt").read_text() == want + "\n"
+            assert rows[i]["text"] == want and "regions" not in rows[i]
+        else:
+            written = json.loads((out / f"{i}.json").read_text())
+            assert {k: v for k, v in written.items() if k != "text"} == want
+            assert json.loads(rows[i]["regions"]) == want
+            assert set(want) == ({"bboxes", "labels"} if task == "<OD>" else {"quad_boxes", "labels"})
+
+
+def test_florence2_task_errors(florence_dir, tmp_path):
+    path, _ = florence_dir
+    draw_images(1)[0].save(tmp_path / "a.png")
+    r = encdec("image-to-text", tmp_path / "a.png", "-m", path, "--task", "<NOPE>")
+    assert r.exit_code == 2 and "<OD>" in r.stderr and "<CAPTION>" in r.stderr
+    r = encdec("image-to-text", tmp_path / "a.png", "-m", path, "--task", "<OD>", "--prompt", "a car")
+    assert r.exit_code == 2 and "takes no --prompt" in r.stderr
