@@ -191,14 +191,21 @@ class Florence2Reader(ImageReader):
         takes_input = self.task in self.processor.task_prompts_with_input
         if opts.prompt and not takes_input:
             raise UsageError(f"--task {self.task} takes no --prompt")
-        self.text = self.task + (opts.prompt or "") if takes_input else self.task
+        text = self.task + (opts.prompt or "") if takes_input else self.task
+        # every image of the job has the same encoder token layout (image tokens, then the prompt):
+        # made once here, so the worker threads never share the tokenizer
+        from PIL import Image
+
+        with _quiet_transformers():
+            self.input_ids = self.processor(text=text, images=Image.new("RGB", (64, 64)))["input_ids"][0]
+        self.input_ids = [int(t) for t in self.input_ids]
         self.tok = loaded.tokenizer
         self.prompt = decoder_prompt(loaded.generation_config, loaded.config.text_config)
 
     def prepare(self, source):
         image = load_image(source)
-        x = self.processor(text=self.text, images=image, return_tensors="pt")
-        return {"pixel_values": x["pixel_values"][0], "input_ids": x["input_ids"][0].tolist()}, image.size
+        pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "input_ids": self.input_ids}, image.size
 
     def result(self, token_ids: list[int], size) -> tuple[str, dict | None]:
         raw = self.tok.decode(token_ids, skip_special_tokens=False)
