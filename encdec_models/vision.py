@@ -12,7 +12,8 @@ Encoders:
 |                | shifted-window masks, which the kernels do not cover: plain PyTorch (reference) |
 
 Decoders: ``TrOCRForCausalLM``, ``BartForCausalLM`` and ``MBartForCausalLM`` (the BART family's
-decoder stack of ``encdec_models.bart``: post-norm TrOCR/BART, pre-norm mBART), cross-attending to
+decoder stack of ``encdec_models.bart``: post-norm TrOCR/BART, pre-norm mBART; TrOCR's learned or
+fairseq-sinusoidal positions), cross-attending to
 the encoder output directly (``cross_attention_hidden_size``) or through ``enc_to_dec_proj`` when
 the widths differ. The decoder prompt (the decoder start token, Donut's task prompt) comes from the
 task layer.
@@ -136,20 +137,26 @@ class ViTEncoder(nn.Module):
 
 def _decoder_variant(cfg) -> Variant:
     if cfg.model_type == "trocr":
-        if not cfg.use_learned_position_embeddings:
-            from encdec_models.registry import UnsupportedModelError
-
-            raise UnsupportedModelError(
-                "TrOCR decoders with sinusoidal positions (use_learned_position_embeddings=false) are not "
-                "supported yet; learned positions are"
-            )
         return Variant(
             pre_norm=False,
-            learned_positions=True,
+            learned_positions=cfg.use_learned_position_embeddings,
             layernorm_embedding=cfg.layernorm_embedding,
             final_norm=False,
         )
     return VARIANTS[cfg.model_type]
+
+
+def fairseq_sinusoids(num_positions: int, dim: int, padding_idx: int) -> torch.Tensor:
+    """[num_positions, dim] TrOCR's (fairseq's) sinusoidal positions for decoder positions 0, 1, ..:
+    rows padding_idx + 1 + p of its table (sin of every frequency, then cos; frequencies spaced by
+    log(10000) / (dim/2 - 1)), computed in float32 as transformers does. (transformers also skips pad
+    tokens when it counts positions; a decoder sequence here counts every token.)"""
+    half = dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
+    pos = torch.arange(padding_idx + 1, padding_idx + 1 + num_positions, dtype=torch.int64).float()
+    angle = pos[:, None] * freq[None]
+    table = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+    return torch.cat([table, torch.zeros(num_positions, 1)], dim=1) if dim % 2 else table
 
 
 class VisionEncoderDecoder(TextEncDecModel):
@@ -216,8 +223,10 @@ class VisionEncoderDecoder(TextEncDecModel):
         return None
 
     def post_load(self) -> None:
-        if hasattr(self.encoder, "post_load"):
-            self.encoder.post_load()
+        if self.decoder.embed_positions is None:  # TrOCR's fixed sinusoidal positions
+            pad = self.config.decoder.pad_token_id
+            table = fairseq_sinusoids(*self.decoder.sinusoid.shape, 1 if pad is None else pad)
+            self.decoder.sinusoid.copy_(table)
         self.tie_equal_weights()
 
     def decoder_layers(self):
@@ -235,7 +244,8 @@ class VisionEncoderDecoder(TextEncDecModel):
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
         """items: pixel tensors [C, H, W] -> inputs [B, C, H, W]; every image is num_tokens long."""
-        pixels = torch.stack([check_pixels(x, self.image_shape).float().cpu() for x in items])
+        pixels = [check_pixels(x, self.image_shape).cpu() for x in items]
+        pixels = torch.stack([p.to(pixels[0].dtype) for p in pixels])  # as given: fp16 moves half
         n = self.encoder.num_tokens
         cu = torch.arange(0, (len(items) + 1) * n, n, dtype=torch.int32)
         return EncoderBatch(
