@@ -11,11 +11,12 @@ Encoders:
 | Swin (Donut)   | ``encdec_models.swin``: windowed attention with a relative position bias and    |
 |                | shifted-window masks, which the kernels do not cover: plain PyTorch (reference) |
 
-Decoders: ``TrOCRForCausalLM``, ``BartForCausalLM`` and ``MBartForCausalLM`` (the BART family's
-decoder stack of ``encdec_models.bart``: post-norm TrOCR/BART, pre-norm mBART; TrOCR's learned or
-fairseq-sinusoidal positions), cross-attending to
-the encoder output directly (``cross_attention_hidden_size``) or through ``enc_to_dec_proj`` when
-the widths differ. The decoder prompt (the decoder start token, Donut's task prompt) comes from the
+Decoders: ``TrOCRForCausalLM``, ``BartForCausalLM``, ``MBartForCausalLM`` and ``RobertaForCausalLM``
+(the BART family's decoder stack of ``encdec_models.bart``: post-norm TrOCR/BART, pre-norm mBART;
+TrOCR's learned or fairseq-sinusoidal positions; RoBERTa's BERT-style post-norm layers, its token
+type folded into the positions and its LM head's dense + GELU + LayerNorm), cross-attending to the
+encoder output directly (``cross_attention_hidden_size``) or through ``enc_to_dec_proj`` when the
+widths differ. The decoder prompt (the decoder start token, Donut's task prompt) comes from the
 task layer.
 
 Encoder inputs are pixel tensors [channels, height, width] already resized and normalised by the
@@ -27,9 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from encdec_models.bart import VARIANTS, BartStack, Variant
@@ -39,7 +42,7 @@ from encdec_models.text import TextEncDecModel
 
 VIT_TYPES = ("vit", "deit")
 SWIN_TYPES = ("donut-swin", "swin")
-DECODER_TYPES = ("trocr", "bart", "mbart")
+DECODER_TYPES = ("trocr", "bart", "mbart", "roberta")
 
 
 def _pair(x) -> tuple[int, int]:
@@ -135,6 +138,42 @@ class ViTEncoder(nn.Module):
         return final_norm(self.layernorm, x, residual), cu, n
 
 
+_ROBERTA_NAMES = (
+    ("decoder.roberta.embeddings.word_embeddings.", "decoder.embed_tokens."),
+    ("decoder.roberta.embeddings.position_embeddings.", "decoder.embed_positions."),
+    ("decoder.roberta.embeddings.token_type_embeddings.weight", "token_type"),
+    ("decoder.roberta.embeddings.LayerNorm.", "decoder.layernorm_embedding."),
+    ("decoder.roberta.encoder.layer.", "decoder.layers."),
+    (".crossattention.self.query.", ".encoder_attn.q_proj."),
+    (".crossattention.self.key.", ".encoder_attn.k_proj."),
+    (".crossattention.self.value.", ".encoder_attn.v_proj."),
+    (".crossattention.output.dense.", ".encoder_attn.out_proj."),
+    (".crossattention.output.LayerNorm.", ".encoder_attn_layer_norm."),
+    (".attention.self.query.", ".self_attn.q_proj."),
+    (".attention.self.key.", ".self_attn.k_proj."),
+    (".attention.self.value.", ".self_attn.v_proj."),
+    (".attention.output.dense.", ".self_attn.out_proj."),
+    (".attention.output.LayerNorm.", ".self_attn_layer_norm."),
+    (".intermediate.dense.", ".mlp.fc1."),
+    (".output.dense.", ".mlp.fc2."),
+    (".output.LayerNorm.", ".final_layer_norm."),
+    ("decoder.lm_head.dense.", "head.dense."),
+    ("decoder.lm_head.layer_norm.", "head.layer_norm."),
+    ("decoder.lm_head.decoder.weight", "lm_head.weight"),
+)
+
+
+def _roberta_name(name: str) -> str | None:
+    """A RobertaForCausalLM decoder checkpoint name -> ours (None: not used)."""
+    if name in ("decoder.lm_head.bias", "decoder.lm_head.decoder.bias"):
+        return "logits_bias"
+    if not name.startswith(("decoder.roberta.embeddings.", "decoder.roberta.encoder.", "decoder.lm_head.")):
+        return None
+    for theirs, ours in _ROBERTA_NAMES:
+        name = name.replace(theirs, ours)
+    return name
+
+
 def _decoder_variant(cfg) -> Variant:
     if cfg.model_type == "trocr":
         return Variant(
@@ -182,27 +221,57 @@ class VisionEncoderDecoder(TextEncDecModel):
                 f"decoder {dec_cfg.model_type!r} is not supported; encdec runs " + ", ".join(DECODER_TYPES)
             )
         self.config = cfg
-        d, enc_d = dec_cfg.d_model, self.encoder.hidden_size
+        self.roberta = dec_cfg.model_type == "roberta"
+        enc_d = self.encoder.hidden_size
         cross = getattr(dec_cfg, "cross_attention_hidden_size", None)
+        if self.roberta:  # BERT-style post-norm layers: the BART layers with BERT's names and eps
+            d, heads, n_layers = dec_cfg.hidden_size, dec_cfg.num_attention_heads, dec_cfg.num_hidden_layers
+            lc = LayerConfig(
+                d_model=d,
+                num_heads=heads,
+                head_dim=d // heads,
+                d_ff=dec_cfg.intermediate_size,
+                activation=dec_cfg.hidden_act,
+                gated=False,
+                pre_norm=False,
+                norm="layer",
+                norm_eps=dec_cfg.layer_norm_eps,
+                bias=True,
+                scale=(d // heads) ** -0.5,
+            )
+            # positions offset by padding_idx + 1 = 2 (RoBERTa's table includes the offset rows)
+            variant = Variant(
+                pre_norm=False, learned_positions=True, layernorm_embedding=True, final_norm=False
+            )
+            stack_cfg = SimpleNamespace(
+                d_model=d, max_position_embeddings=dec_cfg.max_position_embeddings - 2
+            )
+            self.embed_scale = 1.0
+        else:
+            d, heads, n_layers = dec_cfg.d_model, dec_cfg.decoder_attention_heads, dec_cfg.decoder_layers
+            variant = _decoder_variant(dec_cfg)
+            lc = LayerConfig.layer_norm_style(dec_cfg, heads, dec_cfg.decoder_ffn_dim, variant.pre_norm)
+            stack_cfg = dec_cfg
+            self.embed_scale = math.sqrt(d) if dec_cfg.scale_embedding else 1.0
         # transformers projects the encoder output when the widths differ and the decoder does not
         # cross-attend to the encoder's width itself
         self.enc_to_dec_proj = nn.Linear(enc_d, d) if enc_d != d and cross is None else None
-        variant = _decoder_variant(dec_cfg)
-        lc = LayerConfig.layer_norm_style(
-            dec_cfg, dec_cfg.decoder_attention_heads, dec_cfg.decoder_ffn_dim, variant.pre_norm
-        )
         lc = dataclasses.replace(lc, cross_dim=cross or d)
-        self.decoder = BartStack(
-            dec_cfg, variant, nn.ModuleList(DecoderLayer(lc) for _ in range(dec_cfg.decoder_layers))
-        )
+        self.decoder = BartStack(stack_cfg, variant, nn.ModuleList(DecoderLayer(lc) for _ in range(n_layers)))
         self.decoder.embed_tokens = nn.Embedding(dec_cfg.vocab_size, d)
-        self.embed_scale = math.sqrt(d) if dec_cfg.scale_embedding else 1.0
         self.lm_head = nn.Linear(d, dec_cfg.vocab_size, bias=False)
+        self.head = self.logits_bias = None
+        if self.roberta:  # token type 0 (folded into the positions at load), the LM head's transform
+            self.decoder.layernorm_embedding.eps = dec_cfg.layer_norm_eps
+            self.token_type = nn.Parameter(torch.zeros(dec_cfg.type_vocab_size, d))
+            self.head = nn.ModuleDict(
+                {"dense": nn.Linear(d, d), "layer_norm": Norm(d, "layer", dec_cfg.layer_norm_eps)}
+            )
+            self.logits_bias = nn.Parameter(torch.zeros(dec_cfg.vocab_size))
         tie = getattr(dec_cfg, "tie_word_embeddings", True) or getattr(cfg, "tie_word_embeddings", False)
         self.tied_weights = {"lm_head.weight": "decoder.embed_tokens.weight"} if tie else {}
-        heads = dec_cfg.decoder_attention_heads
-        self.cache_spec = CacheSpec(dec_cfg.decoder_layers, heads, d // heads)
-        self.max_target_positions = dec_cfg.max_position_embeddings
+        self.cache_spec = CacheSpec(n_layers, heads, d // heads)
+        self.max_target_positions = stack_cfg.max_position_embeddings
         self.max_source_positions = self.encoder.num_tokens
         self.vocab_size = self.source_vocab_size = dec_cfg.vocab_size
 
@@ -220,6 +289,8 @@ class VisionEncoderDecoder(TextEncDecModel):
             return name
         if name.startswith("enc_to_dec_proj."):
             return name
+        if self.roberta:
+            return _roberta_name(name)
         return None
 
     def post_load(self) -> None:
@@ -227,6 +298,8 @@ class VisionEncoderDecoder(TextEncDecModel):
             pad = self.config.decoder.pad_token_id
             table = fairseq_sinusoids(*self.decoder.sinusoid.shape, 1 if pad is None else pad)
             self.decoder.sinusoid.copy_(table)
+        if self.roberta:  # every decoder token has token type 0: its embedding joins every position's
+            self.decoder.embed_positions.weight.data += self.token_type.data[0]
         self.tie_equal_weights()
 
     def decoder_layers(self):
@@ -263,4 +336,7 @@ class VisionEncoderDecoder(TextEncDecModel):
         x = dec.embed(dec.embed_tokens(tokens) * self.embed_scale, positions)
         x, residual = run_layers(dec.layers, x, meta)
         x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
-        return self.lm_logits(x)
+        if self.head is None:
+            return self.lm_logits(x)
+        x = self.head["layer_norm"](F.gelu(self.head["dense"](x)))
+        return self.lm_logits(x) + self.logits_bias

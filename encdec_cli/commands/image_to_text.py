@@ -11,9 +11,9 @@ from encdec_cli.commands.common import Device, Dtype, EnforceEager, GpuMemory, Q
 
 VISION_MODEL_HELP = (
     "Image-to-text model: a VisionEncoderDecoderModel folder (TrOCR: ViT/DeiT + TrOCR decoder; Donut: "
-    "Swin + mBART; or a ViT/DeiT/Swin encoder with a BART/mBART decoder) or a Florence-2 folder "
-    "(transformers' native florence2, e.g. florence-community/Florence-2-large), with its tokenizer and "
-    "processor files, or a hub id already in the Hugging Face cache (e.g. microsoft/trocr-base-printed)."
+    "Swin + mBART; or a ViT/DeiT/Swin encoder with a TrOCR/BART/mBART/RoBERTa decoder) or a Florence-2 "
+    "folder (transformers' native florence2, e.g. florence-community/Florence-2-large), with its tokenizer "
+    "and processor files, or a hub id already in the Hugging Face cache (e.g. microsoft/trocr-base-printed)."
 )
 
 

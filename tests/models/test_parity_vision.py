@@ -81,6 +81,8 @@ TROCR_SHAPES = {
     "sinusoidal-positions": dict(
         decoder=dict(use_learned_position_embeddings=False, layernorm_embedding=False)
     ),
+    # a RoBERTa decoder (RobertaForCausalLM with cross-attention): BERT-style layers and LM head
+    "roberta-decoder": dict(decoder_type="roberta"),
     "small-patches-no-qkv-bias": dict(
         image_size=32, patch_size=4, encoder=dict(num_hidden_layers=1, qkv_bias=False)
     ),

@@ -73,8 +73,9 @@ def random_trocr(
     image_size: int = 32,
     patch_size: int = 8,
     encoder_type: str = "vit",
+    decoder_type: str = "trocr",
 ):
-    """A TrOCR-shaped model (ViT or DeiT encoder, TrOCR decoder) with a ViT image processor."""
+    """A TrOCR-shaped model (ViT or DeiT encoder, TrOCR or RoBERTa decoder) with a ViT image processor."""
     from transformers import DeiTConfig, ViTImageProcessor
 
     torch.manual_seed(seed)
@@ -101,7 +102,23 @@ def random_trocr(
     )
     dec_kw.update(decoder or {})
     enc_cfg = (DeiTConfig if encoder_type == "deit" else ViTConfig)(**enc_kw)
-    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc_cfg, TrOCRConfig(**dec_kw))
+    if decoder_type == "roberta":
+        from transformers import RobertaConfig
+
+        dec_cfg = RobertaConfig(
+            vocab_size=dec_kw["vocab_size"],
+            hidden_size=dec_kw["d_model"],
+            num_hidden_layers=dec_kw["decoder_layers"],
+            num_attention_heads=dec_kw["decoder_attention_heads"],
+            intermediate_size=dec_kw["decoder_ffn_dim"],
+            max_position_embeddings=dec_kw["max_position_embeddings"] + 2,
+            bos_token_id=BOS,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+        )
+    else:
+        dec_cfg = TrOCRConfig(**dec_kw)
+    cfg = VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc_cfg, dec_cfg)
     model = VisionEncoderDecoderModel(cfg)
     proc = ViTImageProcessor(size={"height": image_size, "width": image_size})
     return save_vision_model(path, model, proc, dec_kw["vocab_size"], seed=seed)
