@@ -307,3 +307,40 @@ def test_florence2_task_errors(florence_dir, tmp_path):
     assert r.exit_code == 2 and "<OD>" in r.stderr and "<CAPTION>" in r.stderr
     r = encdec("image-to-text", tmp_path / "a.png", "-m", path, "--task", "<OD>", "--prompt", "a car")
     assert r.exit_code == 2 and "takes no --prompt" in r.stderr
+
+
+def test_prefetch_map_keeps_order_bounds_lookahead_and_captures_errors():
+    import threading
+    import time
+
+    from encdec_cli.tasks.image_to_text import prefetch_map
+
+    started, threads = [], set()
+
+    def work(x):
+        started.append(x)
+        threads.add(threading.current_thread().name)
+        time.sleep(0.002 * (x % 3))
+        if x % 5 == 4:
+            raise ValueError(f"bad {x}")
+        return x * x
+
+    consumed = 0
+    for x, (value, error) in prefetch_map(work, range(40), workers=4, ahead=6):
+        assert x == consumed and len(started) <= consumed + 6  # in order, at most 6 ahead
+        assert (value, error) == ((None, f"bad {x}") if x % 5 == 4 else (x * x, None))
+        consumed += 1
+    assert consumed == 40 and len(threads) > 1 and all(t.startswith("encdec-images") for t in threads)
+
+
+def test_outputs_and_inputs_that_do_not_fit(model_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "out.txt").write_text("")
+    r = encdec("image-to-text", tmp_path / "empty", "-m", model_dir, "-o", tmp_path / "o", "-q")
+    assert r.exit_code == 1 and "no image files in" in r.stderr and ".png" in r.stderr
+    r = encdec("image-to-text", tmp_path / "empty", "-m", model_dir, "-o", tmp_path / "out.txt")
+    assert r.exit_code == 2 and "folder" in r.stderr
+    r = encdec("image-to-text", tmp_path / "empty", "-m", model_dir, "-f", "parquet", "-o", tmp_path)
+    assert r.exit_code == 2 and "one table file" in r.stderr
+    r = encdec("image-to-text", tmp_path / "missing.png", "-m", model_dir)
+    assert r.exit_code == 2 and "does not exist" in r.stderr
