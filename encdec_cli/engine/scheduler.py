@@ -76,9 +76,7 @@ class Scheduler:
         is admitted as soon as it fits."""
         if not self.running or not self.waiting or self.waiting[0].preempted:  # sorted: preempted first
             return False
-        if self.max_num_seqs - num_seqs < max(
-            1, int(self.max_num_seqs * ADMIT_MIN_FREE_FRACTION)
-        ):
+        if self.max_num_seqs - num_seqs < max(1, int(self.max_num_seqs * ADMIT_MIN_FREE_FRACTION)):
             return True
         want = min(
             int(self.blocks.num_blocks * ADMIT_MIN_FREE_FRACTION),
