@@ -369,8 +369,10 @@ def run_oracle_sweep(
     A plain run (look-ahead on, as ``run_ours``) records each request's greedy tokens and is the
     reference speed; then, for each K, one engine verifies K oracle drafts a step (``OracleDrafter``:
     the recorded continuation, each token wrong with probability 1 - alpha) and runs the workload
-    once per alpha. ``value(wall, tokens)``: the workload's metric. Returns (the sweep for the JSON,
-    the plain run as ``run_ours`` returns it)."""
+    once per alpha. ``value(wall, tokens)``: the workload's metric. With ``profile`` in
+    ``engine_cfg``, every run is followed by a GPU-synchronised one whose per-phase seconds
+    (schedule / encode / draft / decode / sample) go into the JSON: where the time goes. Returns
+    (the sweep for the JSON, the plain run as ``run_ours`` returns it)."""
     from encdec_cli.engine import Engine, OracleDrafter
 
     cfg = _engine_cfg(w, engine_cfg, len(enc_inputs))
@@ -388,6 +390,18 @@ def run_oracle_sweep(
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
     }
+    profile = bool(engine_cfg.get("profile"))
+
+    def phases(engine) -> dict:
+        """A second, GPU-synchronised run of the workload: seconds per step phase."""
+        engine.reset_stats(profile=True)
+        list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
+        out = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
+        engine.reset_stats(profile=False)
+        return out
+
+    if profile:
+        plain_info["profile_s"] = phases(engine)
     del engine
     _release()
     plain = value(wall, tokens)
@@ -413,6 +427,7 @@ def run_oracle_sweep(
                     **speculation_info(st),
                     "off_track_proposals": drafter.off_track,
                     "outputs_equal_to_plain": same / len(s_out),
+                    **({"profile_s": phases(engine)} if profile else {}),
                 }
             )
         del engine

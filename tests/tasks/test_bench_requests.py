@@ -75,7 +75,7 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
     g = torch.Generator().manual_seed(0)
     enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
     targets = [6, 9, 12]
-    cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16}
+    cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16, "profile": True}
     sweep, (wall, tokens, info) = run_oracle_sweep(
         w, loaded, enc_inputs, targets, cfg, (0.0, 1.0), (2, 3), lambda wall, tok: tok / wall
     )
@@ -88,6 +88,8 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
         assert r["acceptance_rate"] == alpha
     assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
     assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
+    assert {"encode", "draft", "decode", "sample"} <= runs[(1.0, 3)]["profile_s"].keys()
+    assert "draft" not in info["profile_s"]  # the plain run drafts nothing
 
 
 def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
