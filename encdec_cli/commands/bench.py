@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from encdec_cli.commands import common
+from encdec_cli.tasks import summary
 
 
 @common.command()
@@ -40,6 +41,7 @@ def bench(
         help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it), absorbed (the encoder "
         "output once, K/V projections absorbed), kv (K and V per decoder layer).",
     ),
+    summary_json: common.SummaryJson = None,
 ):
     """Run the standard workloads (random weights of the real architectures, fixed output lengths)
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
@@ -81,6 +83,8 @@ def bench(
         )
         results.append(res)
         write_results(results, path, rates)
+        summary.record(counts={"done": len(results), "failed": 0, "skipped": 0, "failed_before": 0},
+                       workloads=results, output=str(path))  # fmt: skip
         base = (
             f"{res['baseline']:,.1f} (batch {res['baseline_batch']})  x{res['ratio']:.2f}"
             if "baseline" in res

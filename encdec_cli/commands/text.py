@@ -18,6 +18,7 @@ from encdec_cli.commands.common import (
     GpuMemory,
     Quiet,
     RetryFailed,
+    SummaryJson,
 )
 from encdec_cli.errors import UsageError
 
@@ -115,6 +116,7 @@ def _text_command(task: str):
         ),
         retry_failed: RetryFailed = False,
         quiet: Quiet = False,
+        summary_json: SummaryJson = None,
     ):
         from encdec_models.registry import how_to_get_a_model
 

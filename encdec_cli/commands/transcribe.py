@@ -17,6 +17,7 @@ from encdec_cli.commands.common import (
     GpuMemory,
     Quiet,
     RetryFailed,
+    SummaryJson,
 )
 from encdec_cli.errors import UsageError
 
@@ -131,6 +132,7 @@ def transcribe(
     ),
     retry_failed: RetryFailed = False,
     quiet: Quiet = False,
+    summary_json: SummaryJson = None,
 ):
     """Transcribe (or translate) speech with Whisper.
 

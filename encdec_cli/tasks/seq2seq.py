@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoTokenizer
 from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
+from encdec_cli.tasks import summary
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import ROWS, JobOutcome
@@ -207,6 +208,7 @@ def run_seq2seq(
         raise
     rows: dict[int, Row] = {}
     failed = skipped = 0
+    failures: list[tuple[str, str]] = []  # (row N, error) of the rows that failed in this run
     progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens")
     guard = InterruptGuard()
 
@@ -229,6 +231,7 @@ def run_seq2seq(
                 with guard.protect():  # the write and its count: a stop signal waits for both
                     sink.write_row(row, error=error)
                     failed += 1
+                    failures.append((f"row {row.row_id}", error))
                     progress.advance(files=1)
                 continue
             rows[row.row_id] = row
@@ -243,6 +246,7 @@ def run_seq2seq(
         with guard.protect():  # the write and its count: a stop signal waits for both
             if r.error:
                 failed += 1
+                failures.append((f"row {row.row_id}", r.error))
                 sink.write_row(row, error=r.error)
             else:
                 value = (
@@ -290,7 +294,9 @@ def run_seq2seq(
         wall=time.perf_counter() - start,
         output=None if output == "-" else output,
         interrupted=interrupted,
+        failures=failures,
         details=details,
     )
     progress.summary(outcome.summary())
+    summary.record(outcome, running)
     return outcome.exit_code()

@@ -329,6 +329,8 @@ def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, blocked_model, sig, s
         str(tmp_path / "in.txt"),
         "-m",
         str(blocked_model),
+        "--summary-json",
+        str(tmp_path / "summary.json"),
     ]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
     writer = None
@@ -354,6 +356,10 @@ def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, blocked_model, sig, s
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1] in ("interrupted (Ctrl-C)", "stopped by SIGTERM"), err
     assert len([line for line in lines if "interrupted" in line or "stopped" in line]) == 1, err
+    if delay == "loading":  # the command had begun: its summary JSON says how it ended
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["exit_code"] == status
+        assert summary["error"] == lines[-1] and summary["counts"]["done"] == 0
 
 
 def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
@@ -362,7 +368,7 @@ def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
     (tmp_path / "in.txt").write_text(lines)
     out = tmp_path / "o.jsonl"
     args = ["summarize", tmp_path / "in.txt", "-m", text_model, "-o", out, "--max-num-seqs", "8"]
-    args += ["--max-new-tokens", "40", "--min-new-tokens", "40"]
+    args += ["--max-new-tokens", "40", "--min-new-tokens", "40", "--summary-json", tmp_path / "s.json"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "encdec_cli", *map(str, args)],
         stderr=subprocess.PIPE,
@@ -378,6 +384,9 @@ def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
     assert "Traceback" not in err and "nanobind" not in err
     summary = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "INTERRUPTED" in summary and "re-run" in summary, err
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["status"] == "interrupted" and saved["exit_code"] == 143 and saved["interrupted"]
+    assert 0 < saved["counts"]["done"] < 600 and saved["tokens"] == 40 * saved["counts"]["done"]
 
 
 def test_ctrl_c_mid_transcription_leaves_quietly(tmp_path, example_clips):
