@@ -23,7 +23,7 @@ app = typer.Typer(
     help="Offline, throughput-first inference for encoder/decoder models: transcribe audio with "
     "Whisper, summarize and translate text with BART/T5-family models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion (cli.py keeps them fast)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts are plain text: "[...]" is shown, not taken as markup
 )

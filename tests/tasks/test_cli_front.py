@@ -99,6 +99,44 @@ def test_help_imports_neither_torch_nor_transformers():
     assert r.returncode == 0, r.stderr
 
 
+def test_bash_completion(tmp_path):
+    """``encdec --show-completion`` (run from bash) prints a script that bash sources; with it, the
+    completion of commands and options works, and answers without importing torch or transformers."""
+    script = Path(sys.executable).parent / "encdec"
+    if not script.exists():
+        script = Path(shutil.which("encdec") or "encdec")
+    probe = tmp_path / "probe.py"  # the console script, noting what a completion request imported
+    probe.write_text(
+        "import sys, atexit\n"
+        "note = sys.argv[1]\n"
+        "atexit.register(lambda: open(note, 'w').write(' '.join(\n"
+        "    m for m in ('torch', 'transformers') if m in sys.modules)))\n"
+        "sys.argv = ['encdec', *sys.argv[2:]]\n"
+        "from encdec_cli.__main__ import main\n"
+        "main()\n"
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "encdec").write_text(f'#!/bin/sh\nexec {sys.executable} {probe} {tmp_path / "heavy"} "$@"\n')
+    (bin_dir / "encdec").chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV.get('PATH', '')}"}
+    shown = subprocess.run(["bash", "-c", f"{script} --show-completion"], capture_output=True, text=True,
+                           env=env, timeout=120)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "complete -o default -F _encdec_completion encdec" in shown.stdout
+    assert "_ENCDEC_COMPLETE=complete_bash" in shown.stdout
+    completing = (
+        'eval "$(encdec --show-completion)"\n'
+        "COMP_WORDS=(encdec tra); COMP_CWORD=1; _encdec_completion encdec; echo \"${COMPREPLY[*]}\"\n"
+        "COMP_WORDS=(encdec summarize --num); COMP_CWORD=2; _encdec_completion encdec; "
+        'echo "${COMPREPLY[*]}"\n'
+    )
+    r = subprocess.run(["bash", "-c", completing], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["transcribe translate", "--num-beams --num-return-sequences"], r.stdout
+    assert (tmp_path / "heavy").read_text() == ""  # completion stays as light as --help
+
+
 def _help(*args) -> str:
     r = CliRunner().invoke(app, [*args, "--help"], prog_name="encdec", env={"COLUMNS": "100"})
     assert r.exit_code == 0, r.output
