@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -447,3 +448,33 @@ def test_ctrl_c_mid_transcription_leaves_quietly(tmp_path, example_clips):
     assert code == 130, err
     assert "Traceback" not in err and "nanobind" not in err and "leaked" not in err, err
     assert "INTERRUPTED" in err.replace("\r", "\n").strip().splitlines()[-1], err
+
+
+# ---- progress -------------------------------------------------------------------------------------
+
+PLAIN_PROGRESS = re.compile(
+    r"summarize: (\d+)/~?40 rows, ETA (\d+:\d\d|\?), ([\d,]+) tokens \(([\d,]+)/s\), \d+:\d\d elapsed"
+)
+
+
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, text_model):
+    """stderr not a terminal (CI logs, nohup): progress is whole lines, no redraws; rows done of the
+    total, an ETA, tokens and their rate, time elapsed; at most one line per ENCDEC_PROGRESS_SECONDS."""
+    (tmp_path / "in.txt").write_text("".join(f"w{i} w{i + 1} w{i + 2}\n" for i in range(40)))
+    args = ["summarize", tmp_path / "in.txt", "-m", text_model, "--max-num-seqs", "4"]
+    args += ["--max-new-tokens", "5", "--min-new-tokens", "5"]
+    r = encdec(*args, "-o", tmp_path / "a.jsonl", env={**ENV, "ENCDEC_PROGRESS_SECONDS": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr
+    *lines, summary = [line for line in r.stderr.splitlines() if line.startswith("summarize: ")]
+    matches = [PLAIN_PROGRESS.fullmatch(line) for line in lines]
+    assert len(lines) >= 10 and all(matches), lines
+    rows = [int(m[1]) for m in matches]
+    tokens = [int(m[3].replace(",", "")) for m in matches]
+    assert rows == sorted(rows) and rows[-1] == 40 and tokens[-1] == 200
+    assert all(t == 5 * n for n, t in zip(rows, tokens))  # every row done made 5 tokens
+    assert any(m[2] != "?" for m in matches) and any("/~40 rows" in line for line in lines)
+    assert summary.startswith("summarize: 40 row(s) done, 200 tokens in ")
+    # the default interval (5 s) on a job this short: no progress line at all, only the summary
+    r = encdec(*args, "-o", tmp_path / "b.jsonl", env={**ENV, "ENCDEC_PROGRESS_SECONDS": "3600"})
+    assert r.returncode == 0 and not [x for x in r.stderr.splitlines() if PLAIN_PROGRESS.match(x)], r.stderr
