@@ -90,7 +90,7 @@ def test_help_imports_neither_torch_nor_transformers():
         "from typer.testing import CliRunner\n"
         "from encdec_cli.cli import app\n"
         "for args in ([], ['--help'], *([c, '--help'] for c in ('transcribe', 'summarize', 'translate', "
-        "'generate', 'bench'))):\n"
+        "'generate', 'eval', 'bench'))):\n"
         "    r = CliRunner().invoke(app, args)\n"
         "    assert r.exit_code in (0, 2) and 'Usage: ' in r.output, (args, r.output)\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules)\n"
