@@ -54,18 +54,33 @@ class SileroVAD(nn.Module):
         return torch.sigmoid(torch.relu(h) @ w.T + self.final_conv.bias).squeeze(-1)
 
     @torch.inference_mode()
-    def probs(self, audio: torch.Tensor) -> torch.Tensor:
-        """[samples] 16 kHz mono audio -> [ceil(samples / FRAME)] speech probabilities."""
+    def probs(self, audio: torch.Tensor, state: VadState | None = None) -> torch.Tensor:
+        """[samples] 16 kHz mono audio -> [ceil(samples / FRAME)] speech probabilities (on the CPU).
+
+        ``state``: to run a long input piece by piece, exactly as in one go, pass the same
+        :class:`VadState` with each piece; every piece but the last must be whole frames long."""
         device = self.stft_conv.weight.device
         audio = audio.to(device=device, dtype=torch.float32).flatten()
         n = -(-audio.numel() // FRAME)
         if n == 0:
             return torch.zeros(0)
-        padded = nn.functional.pad(audio, (CONTEXT, n * FRAME - audio.numel()))
+        context = audio.new_zeros(CONTEXT) if state is None or state.context is None else state.context
+        padded = torch.cat([context, audio, audio.new_zeros(n * FRAME - audio.numel())])
         frames = padded.unfold(0, CONTEXT + FRAME, FRAME)  # [n, 576], a view
         feats = torch.cat([self.front(frames[i : i + FRONT_BATCH]) for i in range(0, n, FRONT_BATCH)])
-        out, _ = self.lstm(feats[None])  # one pass over the whole sequence, as the package runs it
+        # one pass over the whole sequence, as the package runs it frame after frame
+        out, hidden = self.lstm(feats[None], None if state is None else state.hidden)
+        if state is not None:
+            state.context, state.hidden = padded[-CONTEXT:].clone(), hidden
         return self.head(out[0]).float().cpu()
+
+
+class VadState:
+    """What carries from one piece of an input to the next: the last samples and the LSTM state."""
+
+    def __init__(self):
+        self.context: torch.Tensor | None = None
+        self.hidden: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _package_model():

@@ -38,7 +38,7 @@ from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.audio import load_audio
 from encdec_cli.io.inputs import AudioItem, read_windows
 from encdec_cli.io.records import Segment, Transcript
-from encdec_cli.tasks.vad import Chunk, VoiceActivity, skipped_before
+from encdec_cli.tasks.vad import Chunk, VoiceActivity
 from encdec_cli.tasks.whisper_rules import (
     TranscribeOptions,
     WhisperPrompts,
@@ -205,16 +205,16 @@ class Transcriber:
                         return
                     continue
                 if self.vad is not None:  # windows of speech regions only
-                    audio = load_audio(item.source, item.warnings)
-                    if len(audio) == 0:
-                        raise ValueError(f"{item.name} contains no audio")
-                    chunks = self.vad.chunks(audio)
-                    for i, chunk in enumerate(chunks):
-                        skipped = skipped_before(chunks, i) / SAMPLE_RATE
-                        if not put(("window", n, item, i, chunk.start, chunk.audio(audio), chunk, skipped)):
+                    done_to = 0  # file samples accounted for (decoded or skipped as non-speech)
+                    for chunk, audio in self.vad.stream(read_windows(item)):
+                        skipped = (chunk.end - done_to - chunk.samples) / SAMPLE_RATE
+                        if not put(("window", n, item, count, chunk.start, audio, chunk, skipped)):
                             return
-                    tail = (len(audio) - (chunks[-1].end if chunks else 0)) / SAMPLE_RATE
-                    put(("end", n, item, len(chunks), tail, len(audio) / SAMPLE_RATE))
+                        count, done_to = count + 1, chunk.end
+                    if self.vad.samples_read == 0:
+                        raise ValueError(f"{item.name} contains no audio")
+                    length = self.vad.samples_read
+                    put(("end", n, item, count, (length - done_to) / SAMPLE_RATE, length / SAMPLE_RATE))
                     continue
                 for start, audio in read_windows(item):
                     if not put(("window", n, item, count, start, audio)):

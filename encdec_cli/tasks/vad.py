@@ -7,22 +7,30 @@ little padding). Regions are then packed, in order, into chunks of at most 30 s 
 faster-whisper's batched pipeline does: a chunk's audio is its regions' audio joined, so the
 silence between them never reaches the decoder. :meth:`Chunk.to_file` maps a time in a chunk's
 joined audio back to the file's timeline (segment and word timestamps).
+
+A file is streamed (:meth:`VoiceActivity.stream`): read and searched 10 minutes at a time, the
+VAD's state carried from piece to piece, so memory stays bounded on hours-long files; a speech
+region that runs over a piece's end is cut there (into two regions, usually in one chunk).
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from encdec_models.audio import N_SAMPLES, SAMPLE_RATE
+from encdec_models.silero_vad import VadState
 
 DEFAULT_THRESHOLD = 0.5  # speech probability from which a frame is speech (Silero's default)
 DEFAULT_MIN_SILENCE = 0.5  # s: shorter pauses do not end a speech region
 MIN_SPEECH_MS = 250  # shorter bursts are not speech (Silero's default)
 SPEECH_PAD_MS = 200  # kept on each side of a region, so no word edge is cut
+PIECE_SAMPLES = 10 * 60 * SAMPLE_RATE  # a file is read and searched 10 min at a time (38 MB)
+FRAME = 512  # samples per VAD probability
 
 
 @dataclass(frozen=True)
@@ -114,39 +122,67 @@ class VoiceActivity:
         # on a GPU the VAD runs on its own stream, beside the engine's work
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
-    def probs(self, audio: np.ndarray) -> np.ndarray:
+    def probs(self, audio: np.ndarray, state: VadState | None = None) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
         if self._stream is None:
-            return self.model.probs(x).numpy()
+            return self.model.probs(x, state).numpy()
         with torch.cuda.stream(self._stream):
-            return self.model.probs(x.pin_memory().to(self.device, non_blocking=True)).numpy()
+            return self.model.probs(x.pin_memory().to(self.device, non_blocking=True), state).numpy()
 
     def regions(self, audio: np.ndarray) -> list[tuple[int, int]]:
         """[start, end) samples of each speech region of 16 kHz ``audio``, each <= 30 s."""
-        if len(audio) == 0:
+        return self._regions(self.probs(audio), len(audio)) if len(audio) else []
+
+    def _regions(self, probs: np.ndarray, samples: int) -> list[tuple[int, int]]:
+        if samples == 0:
             return []
         found = self._timestamps(
-            self.probs(audio).tolist(),
+            probs.tolist(),
             sampling_rate=SAMPLE_RATE,
             threshold=self.opts.threshold,
             min_speech_duration_ms=MIN_SPEECH_MS,
             max_speech_duration_s=N_SAMPLES / SAMPLE_RATE,
             min_silence_duration_ms=round(self.opts.min_silence * 1000),
             speech_pad_ms=SPEECH_PAD_MS,
-            audio_length_samples=len(audio),
+            audio_length_samples=samples,
         )
-        regions = [(int(r["start"]), min(int(r["end"]), len(audio))) for r in found]
+        regions = [(int(r["start"]), min(int(r["end"]), samples)) for r in found]
         return [(s, e) for s, e in regions if e > s]
 
     def chunks(self, audio: np.ndarray) -> list[Chunk]:
         return pack(self.regions(audio))
 
+    def stream(
+        self, blocks: Iterable[tuple[int, np.ndarray]], piece_samples: int = PIECE_SAMPLES
+    ) -> Iterator[tuple[Chunk, np.ndarray]]:
+        """Chunks of a file read as consecutive ``(start, samples)`` blocks, in bounded memory: the
+        audio is taken ``piece_samples`` at a time (the VAD's state carries on, so its probabilities
+        are those of the whole file), each piece's regions packed into chunks. Yields (chunk, its
+        joined audio); ``self.samples_read`` is the file's length once the blocks are exhausted."""
+        state = VadState()
+        self.samples_read = 0
+        held: list[np.ndarray] = []  # audio not yet run, from file sample `base`
+        base = held_samples = 0
 
-def skipped_before(chunks: list[Chunk], index: int) -> int:
-    """Samples of the file before chunk ``index``'s end that no chunk decodes, and that earlier
-    chunks did not cover either (the silence this chunk's arrival accounts for)."""
-    prev_end = chunks[index - 1].end if index else 0
-    return chunks[index].end - prev_end - chunks[index].samples
+        def run_piece(audio: np.ndarray):
+            nonlocal base
+            probs = self.probs(audio, state)
+            for chunk in pack(self._regions(probs, len(audio))):
+                shifted = Chunk(tuple((s + base, e + base) for s, e in chunk.pieces))
+                yield shifted, chunk.audio(audio)
+            base += len(audio)
+            self.samples_read = base
+
+        for _, samples in blocks:
+            held.append(samples)
+            held_samples += len(samples)
+            if held_samples >= piece_samples:
+                audio = np.concatenate(held)
+                whole = len(audio) // FRAME * FRAME  # every piece but the last: whole frames
+                held, held_samples = [audio[whole:]], len(audio) - whole
+                yield from run_piece(audio[:whole])
+        if held_samples:
+            yield from run_piece(np.concatenate(held))
 
 
-__all__ = ["Chunk", "VadOptions", "VoiceActivity", "pack", "skipped_before"]
+__all__ = ["Chunk", "VadOptions", "VoiceActivity", "pack"]
