@@ -114,12 +114,13 @@ def transcribe(
         help="Time every word (cross-attention alignment, as openai-whisper): words in the json output, "
         "segment times tightened to the speech. Costs one more encoder and decoder pass per window.",
     ),
-    vad: bool = typer.Option(
-        False,
+    vad: bool | None = typer.Option(
+        None,
         "--vad/--no-vad",
         help="Find the speech first with Silero VAD and decode only it: windows of <= 30 s of speech "
-        "regions joined (with --long-form chunked), so silence, noise and music never reach the "
-        "decoder (no words invented there); timestamps stay on the file's timeline.",
+        "regions joined, so silence, noise and music never reach the decoder (no words invented "
+        "there); timestamps stay on the file's timeline. Default: on with --long-form chunked; "
+        "sequential long-form takes --no-vad only.",
     ),
     vad_threshold: float = typer.Option(
         0.5, "--vad-threshold", help="Speech probability from which a 32 ms frame counts as speech (--vad)."
@@ -184,7 +185,9 @@ def transcribe(
         max_initial_timestamp=max_initial_timestamp,
         seed=seed,
         word_timestamps=word_timestamps,
-        vad=VadOptions(vad_threshold, min_silence) if vad else None,
+        vad=VadOptions(vad_threshold, min_silence)
+        if (long_form == "chunked" if vad is None else vad)
+        else None,
     )
     out = Path(output)
     if output != "-" and (out.is_file() or not out.exists() and out.suffix.lower() in TRANSCRIPT_EXTENSIONS):

@@ -165,3 +165,38 @@ def test_vad_options_are_checked():
         VadOptions(min_silence=-1)
     with pytest.raises(ValueError, match="--vad builds the windows of --long-form chunked"):
         TranscribeOptions(long_form="sequential", vad=VadOptions())
+
+
+@needs_espeak
+def test_cli_vad_is_the_default_for_chunked_long_form(tmp_path, tiny_en_dir):
+    """`encdec transcribe` runs the VAD unless told not to: the 12 s of chords before the sentence
+    are skipped (its json segment starts at the sentence, on the file's timeline); --vad with
+    sequential long-form is a usage error."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    audio, truth = build_with_gaps([SENTENCES[2]], [("silence", 2)], lead=("tones", 12.0))
+    path = write(tmp_path / "late.wav", audio)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "encdec_cli",
+        "transcribe",
+        str(path),
+        "-o",
+        str(tmp_path),
+        "-f",
+        "json",
+        "-q",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "late.json").read_text())
+    assert "report" in data["text"].lower() and data["segments"]
+    assert abs(data["segments"][0]["start"] - truth[0].start) <= TOLERANCE, data["segments"]
+    assert abs(data["segments"][-1]["end"] - truth[0].end) <= TOLERANCE, data["segments"]
+    r = subprocess.run([*cmd, "--vad", "--long-form", "sequential"], capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "--vad builds the windows of --long-form chunked" in r.stderr, r.stderr
