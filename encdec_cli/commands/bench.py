@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from encdec_cli.commands import common
+from encdec_cli.tasks import summary
 
 ORACLE_ALPHAS = "0.0,0.5,0.7,0.9"  # encdec_cli.tasks.bench.ORACLE_ALPHAS (not imported: no torch for --help)
 ORACLE_KS = "2,4,8"
@@ -59,6 +60,7 @@ def bench(
     oracle_k: str = typer.Option(
         ORACLE_KS, "--oracle-k", help="Oracle draft tokens per step (comma-separated)."
     ),
+    summary_json: common.SummaryJson = None,
 ):
     """Run the standard workloads (random weights of the real architectures, fixed output lengths)
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
@@ -115,6 +117,8 @@ def bench(
         )
         results.append(res)
         write_results(results, path, rates)
+        summary.record(counts={"done": len(results), "failed": 0, "skipped": 0, "failed_before": 0},
+                       workloads=results, output=str(path))  # fmt: skip
         base = (
             f"{res['baseline']:,.1f} (batch {res['baseline_batch']})  x{res['ratio']:.2f}"
             if "baseline" in res

@@ -16,14 +16,14 @@ from typer.core import TyperCommand
 
 from encdec_cli import errors
 from encdec_cli.errors import UsageError
-from encdec_cli.tasks import interrupts
+from encdec_cli.tasks import interrupts, summary
 from encdec_models.registry import ModelNotFoundError
 
 app = typer.Typer(
     help="Offline, throughput-first inference for encoder/decoder models: transcribe audio with "
     "Whisper, summarize and translate text with BART/T5-family models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion (cli.py keeps them fast)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts are plain text: "[...]" is shown, not taken as markup
 )
@@ -67,6 +67,16 @@ Speculative = Annotated[
     ),
 ]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
+SummaryJson = Annotated[
+    str | None,
+    typer.Option(
+        "--summary-json",
+        metavar="FILE",
+        help="Also write what the command did as JSON to FILE (counts, failures with their messages, "
+        "work, wall time, throughput, engine statistics), written atomically, also when the command "
+        "fails or is stopped.",
+    ),
+]
 RetryFailed = Annotated[
     bool, typer.Option("--retry-failed", help="Redo the items that failed in an earlier run of this job.")
 ]
@@ -101,9 +111,22 @@ def command(name: str | None = None):
             global job_stopped
             interrupts.reset()
             try:
+                summary.begin(kwargs.get("summary_json"), name or fn.__name__)  # --summary-json
                 code = fn(*args, **kwargs)
+            except typer.Exit:  # fail() inside the command: its summary is written
+                raise
             except (ValueError, ModelNotFoundError) as e:  # UsageError, TableError, model errors
                 fail(str(e), errors.USAGE)
+            except OSError as e:
+                fail(errors.describe_os_error(e), errors.IO_FAILURE)
+            except KeyboardInterrupt:  # before the job took over (loading): typer's status 130
+                _summary_of_fault(interrupts.exit_status(), interrupts.stop_message())
+                raise
+            except Exception as e:  # a bug: the summary says so, the traceback follows
+                _summary_of_fault(1, f"internal error: {type(e).__name__}: {e}")
+                raise
+            try:
+                summary.finish(code or 0)
             except OSError as e:
                 fail(errors.describe_os_error(e), errors.IO_FAILURE)
             if code in interrupts.STOP_SIGNALS.values():  # the job's summary said it stopped
@@ -115,7 +138,17 @@ def command(name: str | None = None):
     return register
 
 
+def _summary_of_fault(code: int, message: str) -> None:
+    """A command ended by a fault: its summary JSON (when asked for) says so."""
+    try:
+        summary.finish(code, message)
+    except OSError as e:
+        typer.secho(f"warning: {errors.describe_os_error(e)}", fg="yellow", err=True)
+
+
 def fail(message: str, code: int = errors.USAGE):
+    """End the command with one ``error:`` line and ``code`` (its summary JSON says so too)."""
+    _summary_of_fault(code, message)
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(code)
 

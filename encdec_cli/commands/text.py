@@ -19,6 +19,7 @@ from encdec_cli.commands.common import (
     Quiet,
     RetryFailed,
     Speculative,
+    SummaryJson,
 )
 from encdec_cli.errors import UsageError
 
@@ -117,6 +118,7 @@ def _text_command(task: str):
         ),
         retry_failed: RetryFailed = False,
         quiet: Quiet = False,
+        summary_json: SummaryJson = None,
     ):
         from encdec_models.registry import how_to_get_a_model
 

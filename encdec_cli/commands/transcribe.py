@@ -17,6 +17,7 @@ from encdec_cli.commands.common import (
     GpuMemory,
     Quiet,
     RetryFailed,
+    SummaryJson,
 )
 from encdec_cli.errors import UsageError
 
@@ -113,6 +114,22 @@ def transcribe(
         help="Time every word (cross-attention alignment, as openai-whisper): words in the json output, "
         "segment times tightened to the speech. Costs one more encoder and decoder pass per window.",
     ),
+    vad: bool | None = typer.Option(
+        None,
+        "--vad/--no-vad",
+        help="Find the speech first with Silero VAD and decode only it: windows of <= 30 s of speech "
+        "regions joined, so silence, noise and music never reach the decoder (no words invented "
+        "there); timestamps stay on the file's timeline. Default: on with --long-form chunked; "
+        "sequential long-form takes --no-vad only.",
+    ),
+    vad_threshold: float = typer.Option(
+        0.5, "--vad-threshold", help="Speech probability from which a 32 ms frame counts as speech (--vad)."
+    ),
+    min_silence: float = typer.Option(
+        0.5,
+        "--min-silence",
+        help="Seconds of non-speech that end a speech region (--vad); shorter pauses stay inside one.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the sampling fallbacks (runs are repeatable)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Limit per 30 s window."),
     device: Device = "auto",
@@ -132,6 +149,7 @@ def transcribe(
     ),
     retry_failed: RetryFailed = False,
     quiet: Quiet = False,
+    summary_json: SummaryJson = None,
 ):
     """Transcribe (or translate) speech with Whisper.
 
@@ -146,6 +164,7 @@ def transcribe(
     from encdec_cli.io.subtitles import resolve_formats
     from encdec_cli.tasks.transcribe import TranscribeOptions
     from encdec_cli.tasks.transcribe_job import check_inputs, check_output, run_transcribe
+    from encdec_cli.tasks.vad import VadOptions
 
     formats = resolve_formats(output_format)
     opts = TranscribeOptions(
@@ -167,6 +186,9 @@ def transcribe(
         max_initial_timestamp=max_initial_timestamp,
         seed=seed,
         word_timestamps=word_timestamps,
+        vad=VadOptions(vad_threshold, min_silence)
+        if (long_form == "chunked" if vad is None else vad)
+        else None,
     )
     out = Path(output)
     if output != "-" and (out.is_file() or not out.exists() and out.suffix.lower() in TRANSCRIPT_EXTENSIONS):

@@ -23,6 +23,8 @@ class Wording:
     failed_before: str
     failed: str
     items: str  # the items, after a number
+    amount_key: str  # the amount's name in the summary JSON (encdec_cli.tasks.summary)
+    rate_unit: str  # the rate's unit there
 
 
 ROWS = Wording(  # a text job: table rows, tokens generated
@@ -31,6 +33,8 @@ ROWS = Wording(  # a text job: table rows, tokens generated
     failed_before="{failed_before} row(s) failed in an earlier run (see the 'error' column)",
     failed="{failed} row(s) FAILED (see the 'error' column)",
     items="row(s)",
+    amount_key="tokens",
+    rate_unit="tokens_per_second",
 )
 FILES = Wording(  # a transcribe job: audio files, seconds of audio transcribed
     head="transcribed {done} file(s), {minutes:.1f} min of audio in {wall:.1f} s (RTFx {rate:.1f})",
@@ -38,6 +42,8 @@ FILES = Wording(  # a transcribe job: audio files, seconds of audio transcribed
     failed_before="{failed_before} of them FAILED in an earlier run (see the manifest)",
     failed="{failed} FAILED",
     items="file(s)",
+    amount_key="audio_seconds",
+    rate_unit="rtfx",
 )
 
 
@@ -69,6 +75,28 @@ class JobOutcome:
         if self.interrupted:
             return interrupts.exit_status()
         return errors.ITEMS_FAILED if self.failed or self.failed_before or self.notes else errors.OK
+
+    def as_dict(self) -> dict:
+        """The counts, failures, work and rate, as the summary JSON holds them
+        (encdec_cli.tasks.summary)."""
+        w = self.wording
+        return {
+            "counts": {
+                "done": self.done,
+                "failed": self.failed,
+                "skipped": self.skipped,
+                "failed_before": self.failed_before,
+            },
+            "failures": [{"item": item, "error": error} for item, error in self.failures],
+            "warnings": [{"item": item, "warning": warning} for item, warning in self.warnings],
+            "notes": list(self.notes),
+            "details": list(self.details),
+            "interrupted": self.interrupted,
+            "output": self.output,
+            "job_seconds": self.wall,
+            w.amount_key: self.amount,
+            "throughput": {"unit": w.rate_unit, "value": self.amount / max(self.wall, 1e-9)},
+        }
 
     def summary(self) -> str:
         """The warnings about inputs, a line each, then one line: counts, amount, rate, what failed."""

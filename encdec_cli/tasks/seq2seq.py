@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from transformers import AutoConfig, AutoTokenizer
 from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
+from encdec_cli.tasks import summary
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import ROWS, JobOutcome
@@ -149,6 +151,22 @@ class TextEncoder:
         return ids
 
 
+def _estimate_rows(path: str, fmt: str, progress: JobProgress) -> None:
+    """The rows of a line-based table, estimated from its lines (a CSV field may span lines; blank
+    lines may not be rows), for the progress' total and ETA; counted at the speed of the disk."""
+    lines = 0
+    last = b"\n"
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                lines += chunk.count(b"\n")
+                last = chunk[-1:]
+    except OSError:
+        return  # the job itself reports what it cannot read
+    lines += last != b"\n"
+    progress.estimate_total(max(lines - (fmt == "csv"), 0))
+
+
 def run_seq2seq(
     engine: LazyEngine,
     input_path: str,
@@ -214,7 +232,10 @@ def run_seq2seq(
         raise
     rows: dict[int, Row] = {}
     failed = skipped = 0
-    progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens")
+    failures: list[tuple[str, str]] = []  # (row N, error) of the rows that failed in this run
+    progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens", items="rows")
+    if src.num_rows is None and not stdin and not finished:  # lines of a text file: counted aside
+        threading.Thread(target=_estimate_rows, args=(input_path, src.format, progress), daemon=True).start()
     guard = InterruptGuard()
 
     def requests() -> Iterator[Request]:
@@ -236,6 +257,7 @@ def run_seq2seq(
                 with guard.protect():  # the write and its count: a stop signal waits for both
                     sink.write_row(row, error=error)
                     failed += 1
+                    failures.append((f"row {row.row_id}", error))
                     progress.advance(files=1)
                 continue
             rows[row.row_id] = row
@@ -250,6 +272,7 @@ def run_seq2seq(
         with guard.protect():  # the write and its count: a stop signal waits for both
             if r.error:
                 failed += 1
+                failures.append((f"row {row.row_id}", r.error))
                 sink.write_row(row, error=r.error)
             else:
                 value = (
@@ -300,7 +323,9 @@ def run_seq2seq(
         wall=time.perf_counter() - start,
         output=None if output == "-" else output,
         interrupted=interrupted,
+        failures=failures,
         details=details,
     )
     progress.summary(outcome.summary())
+    summary.record(outcome, running)
     return outcome.exit_code()

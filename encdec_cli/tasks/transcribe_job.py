@@ -23,6 +23,7 @@ from encdec_cli.io.inputs import AudioItem, Namer, check_inputs, count_files, pl
 from encdec_cli.io.manifest import Manifest
 from encdec_cli.io.records import Transcript, json_line
 from encdec_cli.io.subtitles import FORMATS, write_transcript
+from encdec_cli.tasks import summary
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import FILES, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
@@ -162,6 +163,7 @@ def run_transcribe(
         details=[line] if (line := engine.stats.speculation_summary()) else [],
     )
     progress.summary(outcome.summary())
+    summary.record(outcome, engine)
     return outcome.exit_code()
 
 

@@ -8,6 +8,7 @@ import zlib
 from dataclasses import dataclass, replace
 
 from encdec_cli.engine import SamplingParams, TimestampRules
+from encdec_cli.tasks.vad import VadOptions
 from encdec_models.audio import FRAMES_PER_SECOND, INPUT_STRIDE, TIME_PRECISION
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's fallback schedule
@@ -34,6 +35,7 @@ class TranscribeOptions:
     max_initial_timestamp: float | None = 1.0  # seconds; the first timestamp is at most this
     seed: int = 0  # base seed of the sampling fallbacks (each window and attempt derive their own)
     word_timestamps: bool = False  # word times from cross-attention alignment heads (DTW)
+    vad: VadOptions | None = None  # chunked: windows from Silero VAD's speech regions (tasks/vad.py)
 
     def __post_init__(self):
         if self.task not in ("transcribe", "translate"):
@@ -46,6 +48,8 @@ class TranscribeOptions:
             raise ValueError(f"--long-form must be chunked or sequential, got {self.long_form!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.vad is not None and self.long_form != "chunked":
+            raise ValueError("--vad builds the windows of --long-form chunked; drop --vad or --long-form")
         if self.no_speech_threshold is not None and not 0 <= self.no_speech_threshold <= 1:
             raise ValueError(f"--no-speech-threshold must be in [0, 1], got {self.no_speech_threshold}")
 
