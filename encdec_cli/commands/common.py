@@ -56,6 +56,16 @@ GpuMemory = Annotated[
     ),
 ]
 EnforceEager = Annotated[bool, typer.Option("--enforce-eager", help="Disable CUDA graphs.")]
+DataParallelRanks = Annotated[
+    int | None,
+    typer.Option(
+        "--data-parallel",
+        "-dp",
+        help="Run N engine processes, one per device (cuda:0..N-1, or N CPU processes with --device cpu); "
+        "--device cuda:0,cuda:0 names each rank's device instead. One job: the same outputs, manifest and "
+        "summary as one process. Under torchrun, leave it out: each torchrun process is one rank.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
 RetryFailed = Annotated[
     bool, typer.Option("--retry-failed", help="Redo the items that failed in an earlier run of this job.")
@@ -189,6 +199,34 @@ def load_engine(
         dt = str(engine.dtype).removeprefix("torch.")
         typer.echo(f"model {engine.loaded.path} on {engine.device} ({dt})", err=True)
     return engine
+
+
+ENGINE_OPTIONS = ("max_num_seqs", "gpu_memory_utilization", "enforce_eager")  # load_engine's, in order
+
+
+def torchrun_rank(device: str, ranks: int | None):
+    """(this process's place in a torchrun job or None, the device it runs on)."""
+    from encdec_cli.tasks.distributed import Distributed
+
+    dist = Distributed.from_env()
+    return dist, device if dist is None else dist.device(device, ranks)
+
+
+def data_parallel(path: Path, device: str, dtype: str, ranks: int | None, quiet: bool, **config):
+    """The ranks of a data-parallel job (``encdec_cli.tasks.data_parallel``), or None when ``--device``
+    and ``--data-parallel`` ask for one process; ``config``: the engine's options."""
+    from encdec_cli.tasks.data_parallel import DataParallel, EngineSpec, rank_devices
+
+    devices = rank_devices(device, ranks)
+    if len(devices) == 1:
+        return None
+    for d in set(devices):
+        check_dtype(dtype, d)
+    spec = EngineSpec(str(path), dtype.lower(), tuple(sorted(config.items())))
+    say = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
+    if not quiet:
+        typer.echo(f"model {path}: {len(devices)} ranks on {', '.join(devices)}", err=True)
+    return DataParallel(spec, devices, log=say)
 
 
 def floats(name: str, text: str) -> tuple[float, ...]:

@@ -12,6 +12,7 @@ from encdec_cli.commands import common
 from encdec_cli.commands.common import (
     TABLE_OUTPUT_EXTENSIONS,
     TEXT_MODEL_HELP,
+    DataParallelRanks,
     Device,
     Dtype,
     EnforceEager,
@@ -101,6 +102,7 @@ def _text_command(task: str):
             "model's limit (counted in the summary), or make them row errors.",
         ),
         device: Device = "auto",
+        data_parallel: DataParallelRanks = None,
         dtype: Dtype = "auto",
         max_num_seqs: int = typer.Option(
             512,
@@ -157,17 +159,33 @@ def _text_command(task: str):
             except OSError as e:
                 raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
         path = common.check_model(model, task)
-        common.check_dtype(dtype, device)
+        engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
+        dist, device = common.torchrun_rank(device, data_parallel)
+        ranks = (
+            None
+            if dist
+            else common.data_parallel(
+                path, device, dtype, data_parallel, quiet, **dict(zip(common.ENGINE_OPTIONS, engine_options))
+            )
+        )
+        if ranks is None:
+            common.check_dtype(dtype, device)
         engine = LazyEngine(  # loaded when some row must run: a finished job run again never loads it
             path,
-            functools.partial(
-                common.load_engine,
-                *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
-            ),
+            (lambda: ranks)
+            if ranks is not None  # the ranks start, each loading the model, when some row must run
+            else functools.partial(common.load_engine, *(path, device, dtype, *engine_options, quiet)),
         )
         with errors.writing_to(output or default_output(input, opts)):
             return run_seq2seq(
-                engine, input, output, opts, quiet=quiet, overwrite=overwrite, retry_failed=retry_failed
+                engine,
+                input,
+                output,
+                opts,
+                quiet=quiet,
+                overwrite=overwrite,
+                retry_failed=retry_failed,
+                dist=dist,
             )
 
     command.__doc__ = TEXT_TASKS[task][1] + (

@@ -95,12 +95,25 @@ class PartsDir:
     reads their row-id ranges (an unreadable part is set aside with a warning: its rows run again)
     and, with ``resume``, takes the output of an earlier finished run of the job as the first part
     (``finished``). Without ``resume`` it discards the parts and the done file first.
+
+    The ranks of a torchrun job (``writer`` = (rank, world size)) share the directory: each holds a
+    shared lock and names its parts ``part-SEQ-rRANK.arrow``, with sequence numbers of its own (rank
+    r takes every world-th number after the parts it found), so none clobbers another's; rank 0
+    opens first (it alone discards, without ``resume``) and, once all are done, reads the others'
+    parts (:meth:`adopt_new_parts`) and merges.
     """
 
     def __init__(
-        self, path: Path, fmt: str, result_columns: Sequence[str], job_key: str | None, resume: bool
+        self,
+        path: Path,
+        fmt: str,
+        result_columns: Sequence[str],
+        job_key: str | None,
+        resume: bool,
+        writer: tuple[int, int] | None = None,
     ) -> None:
         self.path = path
+        self.writer = writer
         self.format = fmt
         self.dir = path.with_name(f".{path.name}.parts")
         self.done_file = path.with_name(f".{path.name}{DONE_SUFFIX}")
@@ -113,6 +126,9 @@ class PartsDir:
         remove_stale_temps(path.parent, path.name)  # an output commit a killed run never finished
         remove_stale_temps(path.parent, self.dir.name)  # a parts folder it was removing
         self._next_seq = max((p.seq for p in self.parts), default=-1) + 1
+        self._seq_step = 1
+        if writer is not None:
+            self._next_seq, self._seq_step = self._next_seq + writer[0], writer[1]
 
     def row_ids(self) -> tuple[RowIdSet, RowIdSet]:
         """The rows in the parts that are fine, and those that failed (a retried row can be in both)."""
@@ -130,13 +146,28 @@ class PartsDir:
         meta = {"first": ids[0], "last": ids[-1], "rows": len(ids), "ok": ok, "err": err}
         table = table.replace_schema_metadata({PART_META_KEY: json.dumps(meta)})
         seq = self._next_seq
-        path = self.dir / f"part-{seq:08d}.arrow"
+        rank = "" if self.writer is None else f"-r{self.writer[0]}"
+        path = self.dir / f"part-{seq:08d}{rank}.arrow"
         write_ipc(path, table.schema, table.to_batches(max_chunksize=1024))
-        self._next_seq += 1
+        self._next_seq += self._seq_step
         schema = table.schema.remove_metadata()
         part = Part(seq, path, ids[0], ids[-1], RowIdSet(ok), RowIdSet(err), schema)
         self.parts.append(part)
         return part
+
+    def adopt_new_parts(self) -> list[Part]:
+        """Read the parts that other writers (torchrun ranks) committed since this one opened; returns
+        them (an unreadable one is set aside with a warning, as when opening)."""
+        known = {p.path for p in self.parts}
+        new = []
+        for p in sorted(self.dir.glob("part-*.arrow")):
+            if p not in known:
+                try:
+                    new.append(_read_part_info(p))
+                except (pa.ArrowException, OSError, KeyError, ValueError, IndexError) as exc:
+                    self.warnings.append(f"ignored unreadable part {p.name} ({exc}); its rows run again")
+        self.parts = sorted(self.parts + new, key=lambda p: p.seq)
+        return new
 
     def remove(self) -> None:
         """Delete the directory (the job is done), then release the lock: a job starting meanwhile
@@ -226,7 +257,8 @@ class PartsDir:
             if fcntl is None:
                 return
             try:
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mode = fcntl.LOCK_EX if self.writer is None else fcntl.LOCK_SH  # torchrun ranks share it
+                fcntl.flock(self._lock_file.fileno(), mode | fcntl.LOCK_NB)
                 locked = True
             except OSError:
                 locked = False
