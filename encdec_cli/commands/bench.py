@@ -34,6 +34,19 @@ def bench(
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
     profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),
+    data_parallel: int | None = typer.Option(
+        None,
+        "--data-parallel",
+        "-dp",
+        help="Also run each workload (default: W1 and W2) on N rank processes, one per GPU, and report "
+        "the total and per-device throughput and the scaling over the one-GPU run.",
+    ),
+    device: str = typer.Option(
+        "cuda",
+        "--device",
+        help="With --data-parallel: each rank's device, comma-separated (cuda:0,cuda:0 runs two ranks on "
+        "one GPU, a correctness and overhead check); default cuda:0..N-1.",
+    ),
     cross: str = typer.Option(
         "auto",
         "--cross",
@@ -52,7 +65,15 @@ def bench(
     absorb = {"auto": None, "absorbed": True, "kv": False}.get(cross, "bad")
     if absorb == "bad":
         common.fail(f"--cross must be auto, absorbed or kv, got {cross!r}")
-    ids = [w.upper() for w in (workloads or list(WORKLOADS))]
+    ids = [
+        w.upper()
+        for w in (workloads or (["W1", "W2"] if data_parallel or "," in device else list(WORKLOADS)))
+    ]
+    devices = None
+    if data_parallel or "," in device:
+        from encdec_cli.tasks.data_parallel import rank_devices
+
+        devices = rank_devices(device, data_parallel)
     bad = [w for w in ids if w not in WORKLOADS]
     if bad:
         common.fail(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
@@ -79,6 +100,20 @@ def bench(
             scale,
             rates,
         )
+        if devices is not None and len(devices) > 1:
+            from encdec_cli.tasks.bench_parallel import run_data_parallel
+
+            engine_cfg = {
+                "max_num_seqs": max_num_seqs,
+                "enforce_eager": enforce_eager,
+                "absorb_cross": absorb,
+            }
+            res["data_parallel"] = dp = run_data_parallel(wid, devices, engine_cfg, scale, res["ours"])
+            typer.echo(
+                f"{wid} {len(devices)} ranks ({','.join(devices)}): total {dp['total']:,.1f}, per device "
+                f"{dp['per_device']:,.1f}, scaling x{dp['scaling']:.2f} over one device ({res['ours']:,.1f})",
+                err=True,
+            )
         results.append(res)
         write_results(results, path, rates)
         base = (

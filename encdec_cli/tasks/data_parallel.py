@@ -44,10 +44,20 @@ class EngineSpec:
     dtype: str = "auto"
     config: tuple[tuple[str, Any], ...] = ()  # EngineConfig fields, as (name, value) pairs
 
-    def load(self, device: str):
+    def load(self, device: str, share: tuple[int, int] = (0, 1)):
         from encdec_cli.engine import Engine
 
-        return Engine(self.path, device=device, dtype=self.dtype, **dict(self.config))
+        return Engine(self.path, device=device, dtype=self.dtype, **shared_config(dict(self.config), share))
+
+
+def shared_config(config: dict, share: tuple[int, int]) -> dict:
+    """An engine's options when it is the ``k``-th of ``n`` ranks on one GPU (``share`` = (k, n)).
+    ``gpu_memory_utilization`` caps the GPU's whole use, other processes' included, and the ranks
+    of a GPU start one after another: the k-th may fill it up to (k + 1) / n of the cap."""
+    k, n = share
+    if n > 1:
+        config["gpu_memory_utilization"] = config.get("gpu_memory_utilization", 0.9) * (k + 1) / n
+    return config
 
 
 def rank_devices(device: str, data_parallel: int | None) -> list[str]:
@@ -134,6 +144,42 @@ class Feed:
                 yield unit
 
 
+class UnitRequests:
+    """A rank's units turned into engine requests, pulled as the engine has room: ``expand(unit,
+    payload, count)`` yields a unit's requests and says how many results the unit will have
+    (``count(n)``); :meth:`answer` hands each result to the parent, the unit's last one marked. The
+    rank takes no more units while ``most`` results are outstanding, so that the ranks share the
+    work instead of the first one to ask taking it all."""
+
+    def __init__(self, engine, feed: Feed, result: Callable[[int, Any, bool], None], most: int):
+        self.engine, self.feed, self.result, self.most = engine, feed, result, most
+        self.left: dict[int, int] = {}  # unit -> its results still to come
+
+    def answer(self, unit: int, value: Any) -> None:
+        self.left[unit] -= 1
+        if not self.left[unit]:
+            del self.left[unit]
+        self.result(unit, value, unit not in self.left)
+
+    def requests(self, expand: Callable[[int, Any, Callable[[int], None]], Iterable[Any]]) -> Iterator[Any]:
+        while True:
+            if sum(self.left.values()) >= self.most:
+                yield None  # enough work in hand: the engine runs a step first
+                continue
+            got = self.feed.poll(0.5 if self.engine.idle else 0.0)
+            if got == END:
+                return
+            if got is None:
+                yield None
+                continue
+            unit, payload = got
+
+            def count(n: int, unit: int = unit) -> None:
+                self.left[unit] = n
+
+            yield from expand(unit, payload, count)
+
+
 def _die_with_parent() -> None:
     """Linux: this process gets SIGKILL when the process that started it dies."""
     try:
@@ -144,8 +190,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _rank_main(rank: int, device: str, spec: EngineSpec, work: Work, down: Connection, up: Connection,
-               threads: int) -> None:  # fmt: skip
+def _rank_main(rank: int, device: str, share: tuple[int, int], spec: EngineSpec, work: Work,
+               down: Connection, up: Connection, threads: int) -> None:  # fmt: skip
     """A rank process: load the engine, serve units until the parent says there are no more."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the job (and the ranks)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -161,7 +207,7 @@ def _rank_main(rank: int, device: str, spec: EngineSpec, work: Work, down: Conne
 
         if device == "cpu":
             torch.set_num_threads(threads)
-        engine = spec.load(device)
+        engine = spec.load(device, share) if share[1] > 1 else spec.load(device)
         send(("ready", str(engine.device), os.getpid()))
         work.serve(
             engine,
@@ -200,6 +246,7 @@ class RunReport:
 
     deaths: list[str] = field(default_factory=list)  # one message per rank that died
     stopped: bool = False  # every rank died before the work was done (a re-run does the rest)
+    started: float | None = None  # time.perf_counter() when the first unit went out (all ranks ready)
     oom_recoveries: int = 0
     max_num_seqs: int | None = None
 
@@ -251,26 +298,48 @@ class DataParallel:
         ctx = mp.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // self.size)
         report = RunReport()
-        ranks: list[_Rank] = []
+        ranks: list[_Rank] = []  # by rank (see below)
         source = iter(units)
         exhausted = False
         retry: deque[int] = deque()
         inflight: dict[int, list] = {}  # unit id -> [payload, attempts, rank]
         next_id = 0
         try:
-            for r, device in enumerate(self.devices):
+
+            def start(r: int) -> None:
+                device = self.devices[r]
+                share = (self.devices[:r].count(device), self.devices.count(device))
+                if device == "cpu":
+                    share = (0, 1)  # (each CPU rank has its own KV budget)
                 down_r, down_w = ctx.Pipe(duplex=False)
                 up_r, up_w = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
                     target=_rank_main,
-                    args=(r, device, self.spec, work, down_r, up_w, threads),
+                    args=(r, device, share, self.spec, work, down_r, up_w, threads),
                     name=f"encdec-rank-{r}",
                     daemon=True,
                 )
                 proc.start()
                 down_r.close()
                 up_w.close()
-                ranks.append(_Rank(r, device, proc, down_w, up_r))
+                ranks[r] = _Rank(r, device, proc, down_w, up_r)
+
+            # ranks that share a GPU start one after another (see shared_config); the others at once
+            ranks = [None] * self.size  # type: ignore[list-item]
+            later: dict[str, deque[int]] = {}
+            for r, device in enumerate(self.devices):
+                if device != "cpu" and device in later:
+                    later[device].append(r)
+                else:
+                    later.setdefault(device, deque())
+                    start(r)
+            waiting_to_start = [r for q in later.values() for r in q]
+            for r in waiting_to_start:  # placeholders until started: never asked, never done
+                ranks[r] = _Rank(r, self.devices[r], None, None, None)  # type: ignore[arg-type]
+
+            def start_next_on(device: str) -> None:
+                if later.get(device):
+                    start(later[device].popleft())
 
             def next_unit() -> int | None:
                 nonlocal exhausted, next_id
@@ -300,6 +369,8 @@ class DataParallel:
                         _send(rank, END)
                         rank.asked = False
                     return
+                if report.started is None:
+                    report.started = time.perf_counter()
                 entry = inflight[unit]
                 entry[2] = rank.rank
                 rank.units.add(unit)
@@ -314,6 +385,7 @@ class DataParallel:
 
             def died(rank: _Rank, why: str) -> None:
                 rank.done, rank.asked = True, False
+                start_next_on(rank.device)
                 message = f"rank {rank.rank} ({rank.device}) died: {why}"
                 report.deaths.append(message)
                 self.log(message)
@@ -353,6 +425,7 @@ class DataParallel:
                         on_progress(msg[1])
                 elif kind == "ready":
                     rank.ready = True
+                    start_next_on(rank.device)
                     self.log(f"rank {rank.rank} ready on {msg[1]} (pid {msg[2]})")
                 elif kind == "exit":
                     rank.done, rank.stats = True, msg[1]
@@ -362,7 +435,7 @@ class DataParallel:
                     died(rank, f"{msg[1]}\n{msg[2]}" if os.environ.get("ENCDEC_DEBUG") else msg[1])
 
             while not all(r.done for r in ranks):
-                live = [r for r in ranks if not r.done]
+                live = [r for r in ranks if not r.done and r.proc is not None]
                 wait([r.up for r in live] + [r.proc.sentinel for r in live], timeout=1.0)
                 for rank in live:
                     try:
@@ -385,6 +458,7 @@ class DataParallel:
                     )
             return report
         finally:
+            ranks = [r for r in ranks if r is not None and r.proc is not None]
             for rank in ranks:  # closing its pipe ends a rank at its next request; then it is stopped
                 rank.down.close()
             deadline = time.monotonic() + 3

@@ -29,7 +29,7 @@ from encdec_cli.engine import Engine, Request, Result, SamplingParams
 from encdec_cli.errors import UsageError
 from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
-from encdec_cli.tasks.data_parallel import END, DataParallel, RunReport, chunks
+from encdec_cli.tasks.data_parallel import DataParallel, RunReport, UnitRequests, chunks
 from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
@@ -188,42 +188,25 @@ class TextWork:
     def serve(self, engine: Engine, feed, result, progress) -> None:
         enc = TextEncoder(engine.loaded, self.opts)
         enc.fit(engine.max_source_len)
-        left: dict[int, int] = {}  # unit -> its rows without a result
-        # rows this rank takes before its engine has room for them: enough to refill its batch
-        most = engine.max_num_seqs // max(self.params.num_beams, 1) + 4 * UNIT_ROWS
+        # rows in hand before the engine has room for them: enough to refill its batch
+        most = engine.max_num_seqs // self.params.num_beams + 4 * UNIT_ROWS
+        units = UnitRequests(engine, feed, result, most)
 
-        def answer(unit: int, value: tuple) -> None:
-            left[unit] -= 1
-            if not left[unit]:
-                del left[unit]
-            result(unit, value, unit not in left)
-
-        def requests() -> Iterator[Request | None]:
-            while True:
-                if sum(left.values()) >= most:
-                    yield None
+        def expand(unit: int, block: list, count) -> Iterator[Request]:
+            count(len(block))
+            for row_id, text in block:
+                before = enc.truncated
+                try:
+                    ids = enc.encode(text)
+                except Exception as e:
+                    units.answer(unit, (row_id, None, encode_error(e), 0, 0))
                     continue
-                got = feed.poll(0.5 if engine.idle else 0.0)
-                if got == END:
-                    return
-                if got is None:
-                    yield None
-                    continue
-                unit, block = got
-                left[unit] = len(block)
-                for row_id, text in block:
-                    before = enc.truncated
-                    try:
-                        ids = enc.encode(text)
-                    except Exception as e:
-                        answer(unit, (row_id, None, encode_error(e), 0, 0))
-                        continue
-                    cut = enc.max_len if enc.truncated > before else 0
-                    yield Request(ids, list(self.prompt), self.params, (unit, row_id, cut))
+                cut = enc.max_len if enc.truncated > before else 0
+                yield Request(ids, list(self.prompt), self.params, (unit, row_id, cut))
 
-        for r in engine.generate(requests()):
+        for r in engine.generate(units.requests(expand)):
             unit, row_id, cut = r.request_id
-            answer(unit, (row_id, *result_value(r, self.params, enc.tok), cut))
+            units.answer(unit, (row_id, *result_value(r, self.params, enc.tok), cut))
 
 
 def _run_ranks(pool: DataParallel, work: TextWork, to_run, rows: dict, write, enc: TextEncoder) -> RunReport:
