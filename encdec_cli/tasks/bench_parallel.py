@@ -9,6 +9,7 @@ over the one-device run's)."""
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ from encdec_cli.tasks.bench import (
     warmup_requests,
     workload_requests,
 )
-from encdec_cli.tasks.data_parallel import DataParallel, UnitRequests, chunks
+from encdec_cli.tasks.data_parallel import DataParallel, UnitRequests, chunks, shared_config
 
 BLOCK = 8  # requests handed to a rank at a time
 
@@ -41,13 +42,14 @@ class BenchSpec:
     scale: float
     engine_cfg: tuple[tuple[str, object], ...]
 
-    def load(self, device: str):
+    def load(self, device: str, share: tuple[int, int] = (0, 1)):
         from encdec_cli.engine import Engine
 
         w = scaled(self.wid, self.scale)
         enc_inputs, targets = inputs_for(w)
         _, loaded = build_models(w, device, torch.bfloat16, with_hf=False)
-        cfg = {k: v for k, v in self.engine_cfg if k != "profile"}
+        torch.cuda.empty_cache()  # the transformers model the weights came from is gone
+        cfg = shared_config({k: v for k, v in self.engine_cfg if k != "profile"}, share)
         cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), w.requests * w.num_beams)
         engine = Engine(loaded, **cfg)
         list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
@@ -85,6 +87,8 @@ def run_data_parallel(wid: str, devices: list[str], engine_cfg: dict, scale: flo
     """Workload ``wid`` on one rank per device of ``devices``; ``single``: the one-device run's result
     (RTFx or output tok/s). Returns the total and per-device throughput and the scaling ratio."""
     w = scaled(wid, scale)
+    gc.collect()  # the one-device run's engine and model: their GPU memory back for the ranks
+    torch.cuda.empty_cache()
     spec = BenchSpec(wid, scale, tuple(sorted(engine_cfg.items())))
     tokens = 0
 

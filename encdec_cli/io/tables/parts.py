@@ -122,9 +122,13 @@ class PartsDir:
         self.warnings: list[str] = []
         self.finished = False  # an earlier run of this job wrote its whole output
         self._lock_file: IO[bytes] | None = None
+        # a torchrun rank other than 0 opens after rank 0 has cleaned up, alongside the others:
+        # it only reads (and writes its own parts)
+        self.follower = writer is not None and writer[0] != 0
         self._open(resume)
-        remove_stale_temps(path.parent, path.name)  # an output commit a killed run never finished
-        remove_stale_temps(path.parent, self.dir.name)  # a parts folder it was removing
+        if not self.follower:
+            remove_stale_temps(path.parent, path.name)  # an output commit a killed run never finished
+            remove_stale_temps(path.parent, self.dir.name)  # a parts folder it was removing
         self._next_seq = max((p.seq for p in self.parts), default=-1) + 1
         self._seq_step = 1
         if writer is not None:
@@ -197,17 +201,19 @@ class PartsDir:
                     "output format changed). Re-run with the original settings to finish it, or "
                     "delete that directory (or run without resume) to start over."
                 )
-        else:  # a new job (or one that crashed before its first part)
+        elif not self.follower:  # a new job (or one that crashed before its first part)
             atomic_write_text(job_file, json.dumps(self.state))
         for p in self.dir.iterdir():
             if p.name.startswith(".") and p.name.endswith(".tmp") or p.name.startswith("merged-"):
-                p.unlink()  # from a crash mid-commit or mid-merge
+                if not self.follower:
+                    p.unlink()  # from a crash mid-commit or mid-merge
             elif p.name.startswith("part-") and p.suffix == ".arrow":
                 try:
                     self.parts.append(_read_part_info(p))
                 except (pa.ArrowException, OSError, KeyError, ValueError, IndexError) as exc:
                     self.warnings.append(f"ignored unreadable part {p.name} ({exc}); its rows run again")
-                    p.rename(p.with_name(p.name + ".bad"))
+                    if not self.follower:
+                        p.rename(p.with_name(p.name + ".bad"))
         self.parts.sort(key=lambda p: p.seq)
         if resume:
             self._open_finished_output()
@@ -223,7 +229,8 @@ class PartsDir:
         except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
             valid = False
         if not valid:  # none, another job's, or the output changed since: the job runs again
-            self.done_file.unlink(missing_ok=True)
+            if not self.follower:
+                self.done_file.unlink(missing_ok=True)
             return
         self.finished = True
         if rows:
