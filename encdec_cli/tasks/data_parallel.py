@@ -247,6 +247,7 @@ class RunReport:
     deaths: list[str] = field(default_factory=list)  # one message per rank that died
     stopped: bool = False  # every rank died before the work was done (a re-run does the rest)
     started: float | None = None  # time.perf_counter() when the first unit went out (all ranks ready)
+    last_result: float | None = None  # time.perf_counter() when the last result came in
     oom_recoveries: int = 0
     max_num_seqs: int | None = None
 
@@ -417,6 +418,7 @@ class DataParallel:
                     if entry is None:
                         return
                     on_result(entry[0], value)
+                    report.last_result = time.perf_counter()
                     if last:
                         del inflight[unit]
                         rank.units.discard(unit)
