@@ -39,7 +39,14 @@ TEXT_MODEL_HELP = (
     "facebook/bart-large-cnn (fill the cache with `hf download ID` on a machine with internet)."
 )
 # options that several commands share
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto (CUDA if available), cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) runs "
+        "one engine process per entry (see --data-parallel).",
+    ),
+]
 Dtype = Annotated[
     str,
     typer.Option(

@@ -71,6 +71,17 @@ def rank_devices(device: str, data_parallel: int | None) -> list[str]:
                 f"--data-parallel {data_parallel} does not match the {len(listed)} devices of --device "
                 f"{device}: give one of them (the devices list says how many ranks run)"
             )
+        gpus = [d for d in listed if d != "cpu"]
+        if gpus:
+            import torch
+
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            for d in gpus:
+                index = d.partition(":")[2]
+                if not d.startswith("cuda") or (index and not index.isdigit()):
+                    raise UsageError(f"--device {device}: {d!r} is not cpu, cuda or cuda:N")
+                if int(index or 0) >= have:
+                    raise UsageError(f"--device {device}: no {d} here ({have} CUDA device(s); use cpu)")
         return listed
     n = 1 if data_parallel is None else data_parallel
     if n < 1:
@@ -207,6 +218,8 @@ def _rank_main(rank: int, device: str, share: tuple[int, int], spec: EngineSpec,
 
         if device == "cpu":
             torch.set_num_threads(threads)
+        elif device.startswith("cuda"):
+            torch.cuda.set_device(device)  # kernels and CUDA graphs run on the current device
         engine = spec.load(device, share) if share[1] > 1 else spec.load(device)
         send(("ready", str(engine.device), os.getpid()))
         work.serve(

@@ -73,7 +73,9 @@ class Distributed:
             if device == "cuda":
                 raise UsageError("--device cuda: no CUDA device is available (use --device cpu)")
             return "cpu"
-        return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        device = f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        torch.cuda.set_device(device)  # kernels and CUDA graphs run on the current device
+        return device
 
     def start(self) -> None:
         """Join the job's gloo process group (CPU tensors only: it carries barriers and small counts)."""

@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from encdec_cli.errors import UsageError
 from encdec_cli.io.manifest import MANIFEST_NAME
@@ -54,11 +55,17 @@ def tree(folder: Path) -> dict[str, bytes]:
 
 def test_rank_devices():
     assert rank_devices("cpu", 3) == ["cpu"] * 3
-    assert rank_devices("cuda:0,cuda:0", None) == ["cuda:0", "cuda:0"]
-    assert rank_devices("cuda:1, cuda:0", 2) == ["cuda:1", "cuda:0"]
+    assert rank_devices("cpu,cpu", None) == ["cpu", "cpu"]
+    if torch.cuda.device_count() >= 2:
+        assert rank_devices("cuda:0,cuda:0", None) == ["cuda:0", "cuda:0"]
+        assert rank_devices("cuda:1, cuda:0", 2) == ["cuda:1", "cuda:0"]
+    with pytest.raises(UsageError, match=r"no cuda:\d here"):
+        rank_devices("cuda:0,cuda:9", None)
+    with pytest.raises(UsageError, match="is not cpu, cuda or cuda:N"):
+        rank_devices("cpu,gpu1", None)
     assert rank_devices("cuda:1", None) == ["cuda:1"] and rank_devices("auto", 1) == ["auto"]
     with pytest.raises(UsageError, match="does not match"):
-        rank_devices("cuda:0,cuda:1", 3)
+        rank_devices("cpu,cpu", 3)
     with pytest.raises(UsageError, match="name every rank's device"):
         rank_devices("cuda:1", 2)
     with pytest.raises(UsageError, match=">= 1"):
