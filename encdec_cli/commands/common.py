@@ -222,7 +222,8 @@ def torchrun_rank(device: str, ranks: int | None):
 def data_parallel(path: Path, device: str, dtype: str, ranks: int | None, quiet: bool, **config):
     """The ranks of a data-parallel job (``encdec_cli.tasks.data_parallel``), or None when ``--device``
     and ``--data-parallel`` ask for one process; ``config``: the engine's options."""
-    from encdec_cli.tasks.data_parallel import DataParallel, EngineSpec, rank_devices
+    from encdec_cli.tasks.data_parallel import DataParallel, rank_devices
+    from encdec_cli.tasks.ranks import EngineSpec
 
     devices = rank_devices(device, ranks)
     if len(devices) == 1:

@@ -23,7 +23,8 @@ from encdec_cli.tasks.bench import (
     warmup_requests,
     workload_requests,
 )
-from encdec_cli.tasks.data_parallel import DataParallel, UnitRequests, chunks, shared_config
+from encdec_cli.tasks.data_parallel import DataParallel, chunks
+from encdec_cli.tasks.ranks import UnitRequests, shared_config
 
 BLOCK = 8  # requests handed to a rank at a time
 

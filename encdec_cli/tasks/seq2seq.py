@@ -29,12 +29,13 @@ from encdec_cli.engine import Engine, Request, Result, SamplingParams
 from encdec_cli.errors import UsageError
 from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
-from encdec_cli.tasks.data_parallel import DataParallel, RunReport, UnitRequests, chunks
+from encdec_cli.tasks.data_parallel import DataParallel, RunReport, chunks
 from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import ROWS, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
+from encdec_cli.tasks.ranks import UnitRequests
 from encdec_models.loading import generation_config_of
 from encdec_models.registry import resolve_model_path
 
