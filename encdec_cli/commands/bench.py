@@ -41,6 +41,19 @@ def bench(
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
     profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),
+    data_parallel: int | None = typer.Option(
+        None,
+        "--data-parallel",
+        "-dp",
+        help="Also run each workload (default: W1 and W2) on N rank processes, one per GPU, and report "
+        "the total and per-device throughput and the scaling over the one-GPU run.",
+    ),
+    device: str = typer.Option(
+        "cuda",
+        "--device",
+        help="With --data-parallel: each rank's device, comma-separated (cuda:0,cuda:0 runs two ranks on "
+        "one GPU, a correctness and overhead check); default cuda:0..N-1.",
+    ),
     cross: str = typer.Option(
         "auto",
         "--cross",
@@ -81,7 +94,13 @@ def bench(
     absorb = {"auto": None, "absorbed": True, "kv": False}.get(cross, "bad")
     if absorb == "bad":
         common.fail(f"--cross must be auto, absorbed or kv, got {cross!r}")
-    ids, bad = expand_ids(workloads or list(DEFAULT_WORKLOADS))
+    parallel = bool(data_parallel) or "," in device
+    ids, bad = expand_ids(workloads or (["W1", "W2"] if parallel else list(DEFAULT_WORKLOADS)))
+    devices = None
+    if parallel:
+        from encdec_cli.tasks.data_parallel import rank_devices
+
+        devices = rank_devices(device, data_parallel)
     if bad:
         choices = ", ".join([w for w in WORKLOADS if not w.startswith(("T1-", "T2-"))] + list(GROUPS))
         common.fail(f"unknown workload(s) {', '.join(bad)}; choose from {choices} (or T1-B32 ... T2-B128)")
@@ -115,6 +134,20 @@ def bench(
             rates,
             oracle,
         )
+        if devices is not None and len(devices) > 1:
+            from encdec_cli.tasks.bench_parallel import run_data_parallel
+
+            engine_cfg = {
+                "max_num_seqs": max_num_seqs,
+                "enforce_eager": enforce_eager,
+                "absorb_cross": absorb,
+            }
+            res["data_parallel"] = dp = run_data_parallel(wid, devices, engine_cfg, scale, res["ours"])
+            typer.echo(
+                f"{wid} {len(devices)} ranks ({','.join(devices)}): total {dp['total']:,.1f}, per device "
+                f"{dp['per_device']:,.1f}, scaling x{dp['scaling']:.2f} over one device ({res['ours']:,.1f})",
+                err=True,
+            )
         results.append(res)
         write_results(results, path, rates)
         summary.record(counts={"done": len(results), "failed": 0, "skipped": 0, "failed_before": 0},

@@ -39,7 +39,14 @@ TEXT_MODEL_HELP = (
     "facebook/bart-large-cnn (fill the cache with `hf download ID` on a machine with internet)."
 )
 # options that several commands share
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto (CUDA if available), cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) runs "
+        "one engine process per entry (see --data-parallel).",
+    ),
+]
 Dtype = Annotated[
     str,
     typer.Option(
@@ -64,6 +71,16 @@ Speculative = Annotated[
         "input's and the output's own n-gram matches; default K 4); model:DIR[:K] (a smaller draft "
         "model with the same tokenizer, e.g. distil-whisper for large-v3). Outputs are unchanged "
         "(greedy: token for token; sampling: the same distribution). Not with beam search.",
+    ),
+]
+DataParallelRanks = Annotated[
+    int | None,
+    typer.Option(
+        "--data-parallel",
+        "-dp",
+        help="Run N engine processes, one per device (cuda:0..N-1, or N CPU processes with --device cpu); "
+        "--device cuda:0,cuda:0 names each rank's device instead. One job: the same outputs, manifest and "
+        "summary as one process. Under torchrun, leave it out: each torchrun process is one rank.",
     ),
 ]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
@@ -253,6 +270,35 @@ def check_speculative(speculative: str, num_beams: int | None, beam_flag: str) -
             f"use {beam_flag} 1 or --speculative off"
         )
     return speculative
+
+
+ENGINE_OPTIONS = ("max_num_seqs", "gpu_memory_utilization", "enforce_eager")  # load_engine's, in order
+
+
+def torchrun_rank(device: str, ranks: int | None):
+    """(this process's place in a torchrun job or None, the device it runs on)."""
+    from encdec_cli.tasks.distributed import Distributed
+
+    dist = Distributed.from_env()
+    return dist, device if dist is None else dist.device(device, ranks)
+
+
+def data_parallel(path: Path, device: str, dtype: str, ranks: int | None, quiet: bool, **config):
+    """The ranks of a data-parallel job (``encdec_cli.tasks.data_parallel``), or None when ``--device``
+    and ``--data-parallel`` ask for one process; ``config``: the engine's options."""
+    from encdec_cli.tasks.data_parallel import DataParallel, rank_devices
+    from encdec_cli.tasks.ranks import EngineSpec
+
+    devices = rank_devices(device, ranks)
+    if len(devices) == 1:
+        return None
+    for d in set(devices):
+        check_dtype(dtype, d)
+    spec = EngineSpec(str(path), dtype.lower(), tuple(sorted(config.items())))
+    say = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
+    if not quiet:
+        typer.echo(f"model {path}: {len(devices)} ranks on {', '.join(devices)}", err=True)
+    return DataParallel(spec, devices, log=say)
 
 
 def floats(name: str, text: str) -> tuple[float, ...]:

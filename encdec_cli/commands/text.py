@@ -12,6 +12,7 @@ from encdec_cli.commands import common
 from encdec_cli.commands.common import (
     TABLE_OUTPUT_EXTENSIONS,
     TEXT_MODEL_HELP,
+    DataParallelRanks,
     Device,
     Dtype,
     EnforceEager,
@@ -103,6 +104,7 @@ def _text_command(task: str):
             "model's limit (counted in the summary), or make them row errors.",
         ),
         device: Device = "auto",
+        data_parallel: DataParallelRanks = None,
         dtype: Dtype = "auto",
         max_num_seqs: int = typer.Option(
             512,
@@ -162,13 +164,29 @@ def _text_command(task: str):
                 raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
         spec = common.check_speculative(speculative, num_beams, "--num-beams")
         path = common.check_model(model, task)
-        common.check_dtype(dtype, device)
+        engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
+        dist, device = common.torchrun_rank(device, data_parallel)
+        ranks = (
+            None
+            if dist
+            else common.data_parallel(
+                path,
+                device,
+                dtype,
+                data_parallel,
+                quiet,
+                **dict(zip(common.ENGINE_OPTIONS, engine_options)),
+                **({"speculative": spec} if spec else {}),
+            )
+        )
+        if ranks is None:
+            common.check_dtype(dtype, device)
         engine = LazyEngine(  # loaded when some row must run: a finished job run again never loads it
             path,
-            functools.partial(
-                common.load_engine,
-                *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
-                speculative=spec,
+            (lambda: ranks)
+            if ranks is not None  # the ranks start, each loading the model, when some row must run
+            else functools.partial(
+                common.load_engine, *(path, device, dtype, *engine_options, quiet), speculative=spec
             ),
         )
         with errors.writing_to(output or default_output(input, opts)):
@@ -181,6 +199,7 @@ def _text_command(task: str):
                 overwrite=overwrite,
                 retry_failed=retry_failed,
                 speculative=spec is not None,
+                dist=dist,
             )
 
     command.__doc__ = TEXT_TASKS[task][1] + (

@@ -11,6 +11,7 @@ from encdec_cli.commands import common
 from encdec_cli.commands.common import (
     TRANSCRIPT_EXTENSIONS,
     WHISPER_MODEL_HELP,
+    DataParallelRanks,
     Device,
     Dtype,
     EnforceEager,
@@ -133,6 +134,7 @@ def transcribe(
     seed: int = typer.Option(0, "--seed", help="Seed for the sampling fallbacks (runs are repeatable)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Limit per 30 s window."),
     device: Device = "auto",
+    data_parallel: DataParallelRanks = None,
     dtype: Dtype = "auto",
     max_num_seqs: int = typer.Option(
         64,
@@ -201,16 +203,24 @@ def transcribe(
     spec = common.check_speculative(speculative, beam_size, "--beam-size")
     path = common.check_model(model, "transcribe", language, task)
     window = max(2 * max_num_seqs, 16)
-    engine = common.load_engine(
-        path,
-        device,
-        dtype,
-        max_num_seqs,
-        gpu_memory_utilization,
-        enforce_eager,
-        quiet,
-        window=window,
-        speculative=spec,
+    engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
+    dist, device = common.torchrun_rank(device, data_parallel)
+    ranks = (
+        None
+        if dist
+        else common.data_parallel(
+            path,
+            device,
+            dtype,
+            data_parallel,
+            quiet,
+            **dict(zip(common.ENGINE_OPTIONS, engine_options)),
+            window=window,
+            **({"speculative": spec} if spec else {}),
+        )
+    )
+    engine = ranks or common.load_engine(
+        path, device, dtype, *engine_options, quiet, window=window, speculative=spec
     )
     with errors.writing_to(output):
         return run_transcribe(
@@ -225,4 +235,5 @@ def transcribe(
             quiet=quiet,
             id_column=id_column,
             ordered=ordered,
+            dist=dist,
         )

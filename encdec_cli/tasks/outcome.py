@@ -70,11 +70,38 @@ class JobOutcome:
     warnings: list[tuple[str, str]] = field(default_factory=list)  # (item, warning) of items done
     details: list[str] = field(default_factory=list)  # more clauses of the job's own
     notes: list[str] = field(default_factory=list)  # inputs that matched nothing: exit status 1
+    faults: list[str] = field(default_factory=list)  # the job's processes failed (a rank died): status 1
+
+    @classmethod
+    def combined(cls, outcomes: list[JobOutcome]) -> JobOutcome:
+        """The outcome of a job whose ranks had ``outcomes`` (torchrun): counts, amounts and lists
+        added up, the longest wall time, the job's notes once."""
+        first = outcomes[0]
+        joined = {
+            name: sum(getattr(o, name) for o in outcomes)
+            for name in ("done", "failed", "failed_before", "skipped", "amount")
+        }
+        for name in ("failures", "warnings", "faults"):
+            joined[name] = [x for o in outcomes for x in getattr(o, name)]
+        for name in ("notes", "details"):  # the same on every rank
+            joined[name] = list(dict.fromkeys(x for o in outcomes for x in getattr(o, name)))
+        return cls(
+            first.name,
+            first.wording,
+            wall=max(o.wall for o in outcomes),
+            output=first.output,
+            interrupted=any(o.interrupted for o in outcomes),
+            **joined,
+        )
 
     def exit_code(self) -> int:
         if self.interrupted:
             return interrupts.exit_status()
-        return errors.ITEMS_FAILED if self.failed or self.failed_before or self.notes else errors.OK
+        return (
+            errors.ITEMS_FAILED
+            if self.failed or self.failed_before or self.notes or self.faults
+            else errors.OK
+        )
 
     def as_dict(self) -> dict:
         """The counts, failures, work and rate, as the summary JSON holds them
@@ -115,9 +142,11 @@ class JobOutcome:
             clauses.append(w.failed.format(**values) + listed)
         if self.notes:
             clauses.append(f"{len(self.notes)} input(s) matched nothing (see the warning above)")
+        if self.faults:
+            clauses.append(f"{len(self.faults)} process fault(s) (see the warning above)")
         if self.interrupted:
             by = " by SIGTERM" if interrupts.exit_status() == 143 else ""
             n = self.done + self.failed
             clauses.append(f"INTERRUPTED{by} after {n} {w.items} (re-run the same command to resume)")
         line = "; ".join([line, *clauses])
-        return "\n".join([f"warning: {note}" for note in self.notes] + [line])
+        return "\n".join([f"warning: {note}" for note in self.notes + self.faults] + [line])

@@ -26,14 +26,18 @@ from types import SimpleNamespace
 import pyarrow as pa
 from transformers import AutoConfig, AutoTokenizer
 
-from encdec_cli.engine import Engine, Request, Result
+from encdec_cli.engine import Engine, Request, Result, SamplingParams
+from encdec_cli.errors import UsageError
 from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
 from encdec_cli.tasks import summary
+from encdec_cli.tasks.data_parallel import DataParallel, RunReport, chunks
+from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import ROWS, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
+from encdec_cli.tasks.ranks import UnitRequests
 from encdec_models.loading import generation_config_of
 from encdec_models.registry import resolve_model_path
 
@@ -167,6 +171,87 @@ def _estimate_rows(path: str, fmt: str, progress: JobProgress) -> None:
     progress.estimate_total(max(lines - (fmt == "csv"), 0))
 
 
+def encode_error(e: Exception) -> str:
+    """A row's error when its text cannot be tokenized."""
+    if isinstance(e, ValueError):  # too long with --no-truncate
+        return str(e)
+    return f"cannot tokenize this text ({type(e).__name__}: {e})"  # the row's error, never the job's
+
+
+def result_value(r: Result, params: SamplingParams, tok) -> tuple[object, str | None, int]:
+    """A finished request as (the result column's value, the error, tokens generated)."""
+    tokens = sum(len(c.token_ids) for c in r.completions)
+    if r.error:
+        return None, r.error, tokens
+
+    def decode(token_ids: list[int]) -> str:
+        return tok.decode(token_ids, skip_special_tokens=True).strip()
+
+    if params.num_return_sequences > 1:
+        return [decode(c.token_ids) for c in r.completions], None, tokens
+    return decode(r.token_ids), None, tokens
+
+
+UNIT_ROWS = 16  # rows handed to a rank at a time (data parallel)
+
+
+@dataclass(frozen=True)
+class TextWork:
+    """A text job's side in a data-parallel rank: blocks of (row id, text) in; per row (row id, value,
+    error, tokens, the length it was truncated to or 0) out. Tokenizing and decoding run in the rank."""
+
+    opts: Seq2SeqOptions
+    params: SamplingParams
+    prompt: list[int]
+
+    def serve(self, engine: Engine, feed, result, progress) -> None:
+        enc = TextEncoder(engine.loaded, self.opts)
+        enc.fit(engine.max_source_len)
+        # rows in hand before the engine has room for them: enough to refill its batch
+        most = engine.max_num_seqs // self.params.num_beams + 4 * UNIT_ROWS
+        units = UnitRequests(engine, feed, result, most)
+
+        def expand(unit: int, block: list, count) -> Iterator[Request]:
+            count(len(block))
+            for row_id, text in block:
+                before = enc.truncated
+                try:
+                    ids = enc.encode(text)
+                except Exception as e:
+                    units.answer(unit, (row_id, None, encode_error(e), 0, 0))
+                    continue
+                cut = enc.max_len if enc.truncated > before else 0
+                yield Request(ids, list(self.prompt), self.params, (unit, row_id, cut))
+
+        for r in engine.generate(units.requests(expand)):
+            unit, row_id, cut = r.request_id
+            units.answer(unit, (row_id, *result_value(r, self.params, enc.tok), cut))
+
+
+def _run_ranks(pool: DataParallel, work: TextWork, to_run, rows: dict, write, enc: TextEncoder) -> RunReport:
+    """The rows of ``to_run`` through the ranks of ``pool``, in blocks; each result written by ``write``
+    here, in the job's process."""
+
+    def on_result(block, value) -> None:
+        row_id, v, error, tokens, cut = value
+        if cut:
+            enc.truncated, enc.max_len = enc.truncated + 1, cut
+        row = rows.pop(row_id, None)
+        if row is not None:
+            write(row, v, error, tokens)
+
+    def on_failed(block, message: str) -> None:
+        for row_id, _ in block:
+            if row_id in rows:
+                write(rows.pop(row_id), None, message)
+
+    def remaining(block):
+        return [(i, t) for i, t in block if i in rows] or None
+
+    units = chunks(((row.row_id, row.text) for row in to_run), UNIT_ROWS)
+    return pool.run(work, units, on_result, on_failed, remaining)
+
+
 def run_seq2seq(
     engine: LazyEngine,
     input_path: str,
@@ -176,12 +261,17 @@ def run_seq2seq(
     overwrite: bool = False,
     retry_failed: bool = False,
     speculative: bool = False,
+    dist: Distributed | None = None,
 ) -> int:
     """Run the job; returns the exit status (:meth:`JobOutcome.exit_code`). ``speculative``: the
     engine decodes speculatively (beam search, also from the model's generation config, is refused).
 
     Raises ValueError / :class:`TableError` for usage errors (bad option, unreadable input,
-    missing column), before any row runs. The engine loads only when some row must run."""
+    missing column), before any row runs. The engine loads only when some row must run.
+
+    Under torchrun (``dist``) this rank runs its share of the rows, blocks of ``UNIT_ROWS``
+    (``encdec_cli.tasks.distributed``), into the output's shared parts folder; rank 0 merges them
+    when all are done. The exit status is the whole job's."""
     enc = TextEncoder(engine.loaded, opts)
     gen = engine.loaded.generation_config
     prompt = decoder_prompt(gen, engine.loaded.config)
@@ -199,8 +289,14 @@ def run_seq2seq(
         raise TableError(f"the output {output} would overwrite the input; choose another -o/--output")
     part_rows = _env_number("ENCDEC_PART_ROWS", 4096)
     flush_s = _env_number("ENCDEC_FLUSH_SECONDS", 30.0, float)
+    if dist is not None:
+        if "-" in (input_path, output):
+            raise UsageError("under torchrun every rank reads the input and writes the output: stdin and "
+                             "stdout ('-') cannot be shared; pass files")  # fmt: skip
+        dist.start()
     src = open_table(input_path, opts.column)
     stdin = input_path == "-"
+    first = dist is None or dist.rank == 0  # opens the output first, merges it at the end
     try:
         sink_options = SinkOptions(
             result_columns=[opts.result_column],
@@ -210,16 +306,23 @@ def run_seq2seq(
             else None,
             job_key=None if stdin else f"{file_key(input_path)}|{opts}|{engine.loaded.path}",
             # stdin cannot be told apart from another stdin: no resume; --overwrite starts afresh
-            resume=not stdin and not overwrite,
+            resume=not stdin and (not overwrite or not first),  # with --overwrite rank 0 starts afresh
             part_rows=part_rows,
             flush_interval_s=flush_s,
+            writer=None if dist is None else (dist.rank, dist.world),
         )
+        if not first:
+            dist.barrier()  # rank 0 has opened the output (and discarded it, with --overwrite)
         sink = open_sink(output, options=sink_options)
+        if dist is not None:
+            if first:
+                dist.barrier()
+            dist.barrier()  # every rank has read what is done before any rank writes
     except BaseException:
         src.close()
         raise
     done = sink.done_row_ids()
-    failed_before = len(sink.failed_row_ids())
+    failed_before = len(sink.failed_row_ids()) if first else 0  # (counted once, by rank 0)
     if retry_failed:  # rows that failed in an earlier run are redone; their new result replaces the error
         done = done.difference(sink.failed_row_ids())
         failed_before = 0
@@ -233,85 +336,110 @@ def run_seq2seq(
     rows: dict[int, Row] = {}
     failed = skipped = 0
     failures: list[tuple[str, str]] = []  # (row N, error) of the rows that failed in this run
-    progress = JobProgress(opts.task, total=src.num_rows, quiet=quiet, unit="tokens", items="rows")
-    if src.num_rows is None and not stdin and not finished:  # lines of a text file: counted aside
+    total = src.num_rows
+    if dist is not None:  # rank 0 shows its own share's progress, the summary the whole job's
+        quiet = quiet or not first
+        total = (
+            None
+            if total is None
+            else sum(
+                min(UNIT_ROWS, total - b) for b in range(dist.rank * UNIT_ROWS, total, dist.world * UNIT_ROWS)
+            )
+        )
+    progress = JobProgress(opts.task, total=total, quiet=quiet, unit="tokens", items="rows")
+    if src.num_rows is None and dist is None and not stdin and not finished:  # lines of a text file
         threading.Thread(target=_estimate_rows, args=(input_path, src.format, progress), daemon=True).start()
+    final_error = None  # rank 0's merge failed: told once the ranks have met
     guard = InterruptGuard()
+    report = None  # the ranks' report (data parallel)
 
-    def requests() -> Iterator[Request]:
-        nonlocal failed, skipped
+    def to_run() -> Iterator[Row]:
+        """The rows that must run; rows already done are skipped, bad rows written as errors."""
+        nonlocal skipped
         for row in src:
+            if dist is not None and not dist.owns(row.row_id // UNIT_ROWS):  # another rank's
+                continue
             if row.row_id in done:
                 skipped += 1
                 progress.advance(files=1)
                 continue
-            error = row.error
-            if error is None:
-                try:
-                    ids = enc.encode(row.text)
-                except ValueError as e:  # too long with --no-truncate
-                    error = str(e)
-                except Exception as e:  # the tokenizer rejects it: the row's error, never the job's
-                    error = f"cannot tokenize this text ({type(e).__name__}: {e})"
-            if error is not None:
-                with guard.protect():  # the write and its count: a stop signal waits for both
-                    sink.write_row(row, error=error)
-                    failed += 1
-                    failures.append((f"row {row.row_id}", error))
-                    progress.advance(files=1)
+            if row.error is not None:
+                write(row, None, row.error)
                 continue
             rows[row.row_id] = row
+            yield row
+
+    def requests() -> Iterator[Request]:
+        for row in to_run():
+            try:
+                ids = enc.encode(row.text)
+            except Exception as e:
+                write(rows.pop(row.row_id), None, encode_error(e))
+                continue
             yield Request(ids, list(prompt), params, row.row_id)
 
-    def decode(token_ids: list[int]) -> str:
-        return enc.tok.decode(token_ids, skip_special_tokens=True).strip()
-
-    def on_result(r: Result) -> None:
+    def write(row: Row, value, error: str | None, tokens: int = 0) -> None:
         nonlocal failed
-        row = rows.pop(r.request_id)
         with guard.protect():  # the write and its count: a stop signal waits for both
-            if r.error:
+            if error is not None:
                 failed += 1
-                failures.append((f"row {row.row_id}", r.error))
-                sink.write_row(row, error=r.error)
+                failures.append((f"row {row.row_id}", error))
+                sink.write_row(row, error=error)
             else:
-                value = (
-                    [decode(c.token_ids) for c in r.completions]
-                    if params.num_return_sequences > 1
-                    else decode(r.token_ids)
-                )
                 sink.write_row(row, {opts.result_column: value})
-            progress.advance(files=1, amount=sum(len(c.token_ids) for c in r.completions))
+            progress.advance(files=1, amount=tokens)
 
     start = time.perf_counter()
     interrupted = False
     with guard.installed():
         try:
             if finished:  # an earlier run did every row: nothing to read or run
-                skipped = len(done)
+                skipped = len(done) if first else 0
                 progress.advance(files=skipped)
+            elif isinstance(running, DataParallel):
+                with progress:
+                    report = _run_ranks(running, TextWork(opts, params, prompt), to_run(), rows, write, enc)
             else:
                 enc.fit(running.max_source_len)
                 with progress:
-                    for result in running.generate(requests()):
-                        on_result(result)
+                    for r in running.generate(requests()):
+                        value, error, tokens = result_value(r, params, enc.tok)
+                        write(rows.pop(r.request_id), value, error, tokens)
             with guard.protect():
-                sink.finalize(expected_rows=None if finished else src.rows_read)
+                if dist is not None:
+                    sink.flush() if first else sink.close()
+                    dist.barrier()  # every rank's rows are committed
+                    if first:
+                        sink.adopt_new_parts()
+                if first:
+                    try:
+                        sink.finalize(expected_rows=None if finished else src.rows_read)
+                    except (TableError, OSError) as e:
+                        if dist is None:
+                            raise
+                        final_error = e
         except KeyboardInterrupt:
             interrupted = True
         finally:
             guard.stopping()  # from here on a Ctrl-C does not cut the saving short
             sink.close()
             src.close()
-    details = [f"{enc.truncated} input(s) truncated to {enc.max_len} tokens"] if enc.truncated else []
-    oom = running.stats.oom_recoveries if running else 0
-    spec_line = running.stats.speculation_summary() if running else None
+    if running is None or isinstance(running, DataParallel):
+        oom, max_seqs = (report.oom_recoveries, report.max_num_seqs) if report else (0, None)
+    else:
+        oom, max_seqs = running.stats.oom_recoveries, running.max_num_seqs
+    truncated, max_len = enc.truncated, enc.max_len
+    if dist is not None and not interrupted:  # the whole job's counts
+        ranks = dist.gather((truncated, max_len, oom, max_seqs))
+        truncated, oom = sum(r[0] for r in ranks), sum(r[2] for r in ranks)
+        max_len = next((r[1] for r in ranks if r[0]), max_len)
+        max_seqs = min((r[3] for r in ranks if r[2]), default=max_seqs)
+    details = [f"{truncated} input(s) truncated to {max_len} tokens"] if truncated else []
+    spec_line = running.stats.speculation_summary() if isinstance(running, Engine) else None
     if spec_line:
         details.append(spec_line)
     if oom:
-        details.append(
-            f"{oom} out-of-memory recoveries (now at most {running.max_num_seqs} sequences per step)"
-        )
+        details.append(f"{oom} out-of-memory recoveries (now at most {max_seqs} sequences per step)")
     outcome = JobOutcome(
         opts.task,
         ROWS,
@@ -325,7 +453,16 @@ def run_seq2seq(
         interrupted=interrupted,
         failures=failures,
         details=details,
+        faults=report.notes() if report is not None else [],
     )
+    if dist is not None:
+        if not interrupted:  # (an interrupted rank stops alone, torchrun stops the others)
+            outcome = JobOutcome.combined(dist.gather(outcome))
+        dist.stop()
+        if final_error is not None:
+            raise final_error
+        if not first and not interrupted:  # rank 0 says how the job went (its summary, its status)
+            return 0
     progress.summary(outcome.summary())
     summary.record(outcome, running)
     return outcome.exit_code()

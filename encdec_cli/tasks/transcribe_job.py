@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.markup import escape
@@ -20,10 +21,12 @@ from rich.markup import escape
 from encdec_cli.engine import Engine
 from encdec_cli.errors import UsageError
 from encdec_cli.io.inputs import AudioItem, Namer, check_inputs, count_files, plan_inputs
-from encdec_cli.io.manifest import Manifest
+from encdec_cli.io.manifest import Manifest, fold_rank_manifests
 from encdec_cli.io.records import Transcript, json_line
 from encdec_cli.io.subtitles import FORMATS, write_transcript
 from encdec_cli.tasks import summary
+from encdec_cli.tasks.data_parallel import DataParallel
+from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import FILES, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
@@ -56,8 +59,28 @@ class _Printer:
         sys.stdout.flush()
 
 
+@dataclass(frozen=True)
+class TranscribeWork:
+    """The transcribe job's side in a data-parallel rank: audio items in (each its own unit; the rank
+    decodes the audio), (transcript, error) out, and the Transcriber's progress."""
+
+    opts: TranscribeOptions
+
+    def serve(self, engine: Engine, feed, result, progress) -> None:
+        def items() -> Iterator[AudioItem]:
+            for unit, item in feed:
+                item.index = unit
+                yield item
+
+        Transcriber(engine, self.opts).run(
+            items(),
+            lambda item, transcript, error: result(item.index, (transcript, error), True),
+            on_audio=lambda *amounts: progress(amounts),
+        )
+
+
 def run_transcribe(
-    engine: Engine,
+    engine: Engine | DataParallel,
     inputs: list[str],
     output: str,
     formats: list[str],
@@ -68,16 +91,32 @@ def run_transcribe(
     quiet: bool = False,
     id_column: str | None = None,
     ordered: bool = False,
+    dist: Distributed | None = None,
 ) -> int:
-    """Transcribe every input into ``output``; the exit status. The caller has checked the inputs
+    """Transcribe every input into ``output``; the exit status. ``engine`` is one engine, or the ranks
+    of a data-parallel job (each item then runs on some rank; everything else happens here, as with
+    one engine). The caller has checked the inputs
     (``check_inputs``) and the output (``check_output``) once and resolved ``formats``
-    (``resolve_formats``), as the CLI does before the model loads."""
+    (``resolve_formats``), as the CLI does before the model loads.
+
+    Under torchrun (``dist``), this rank plans every input (the same names on every rank) and runs
+    its share of them (``encdec_cli.tasks.distributed``); the exit status is the whole job's."""
     to_stdout = output == "-"
-    manifest = None if to_stdout else Manifest.in_dir(output)
+    if dist is not None:
+        if to_stdout:
+            raise UsageError("-o - under torchrun: every rank would print; pass -o FOLDER")
+        dist.start()
+    manifest = None if to_stdout else Manifest.in_dir(output, rank=None if dist is None else dist.rank)
+    if dist is not None:
+        dist.barrier()  # every rank has read the manifests before any rank writes
     notes: list[str] = []  # inputs that matched nothing
     planned = plan_inputs(inputs, audio_column, id_column, Namer(manifest, output), notes)
     printer = _Printer(ordered) if to_stdout else None
-    progress = JobProgress("transcribe", count_files(inputs), quiet=quiet, unit="audio s", items="files")
+    total = count_files(inputs)
+    if dist is not None:  # rank 0 shows its own share's progress, the summary the whole job's
+        quiet = quiet or dist.rank != 0
+        total = None if total is None else len(range(dist.rank, total, dist.world))
+    progress = JobProgress("transcribe", total, quiet=quiet, unit="audio s", items="files")
     failed: list[tuple[str, str]] = []
     warned: list[tuple[str, str]] = []
     written, written_s, skipped, failed_before = 0, 0.0, 0, 0  # failed_before: skipped, failed earlier
@@ -90,6 +129,8 @@ def run_transcribe(
             if item.key in seen:  # the same file named twice (a folder and a file in it)
                 continue
             seen.add(item.key)
+            if dist is not None and not dist.owns(len(seen) - 1):  # another rank's
+                continue
             if manifest is not None and not overwrite:
                 failed_earlier = manifest.failed(item.key) and not retry_failed
                 if manifest.is_done(item.key) or failed_earlier:
@@ -133,11 +174,21 @@ def run_transcribe(
 
     start = time.perf_counter()
     interrupted = False
+    report = None  # the ranks' report (data parallel)
     guard = InterruptGuard()
     with guard.installed():
         try:
             with progress:
-                Transcriber(engine, opts).run(items(), on_done, on_audio=on_audio)
+                if isinstance(engine, DataParallel):
+                    report = engine.run(
+                        TranscribeWork(opts),
+                        items(),
+                        on_result=lambda item, value: on_done(item, *value),
+                        on_failed=lambda item, message: on_done(item, None, message),
+                        on_progress=lambda amounts: on_audio(*amounts),
+                    )
+                else:
+                    Transcriber(engine, opts).run(items(), on_done, on_audio=on_audio)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -160,8 +211,21 @@ def run_transcribe(
         failures=failed,
         warnings=warned,
         notes=notes,
-        details=[line] if (line := engine.stats.speculation_summary()) else [],
+        details=[line]
+        if not isinstance(engine, DataParallel) and (line := engine.stats.speculation_summary())
+        else [],
+        faults=report.notes() if report is not None else [],
     )
+    if dist is not None:
+        if interrupted:  # this rank stops alone (torchrun stops the others): its own summary
+            dist.stop()
+        else:
+            outcome = JobOutcome.combined(dist.gather(outcome))
+            if dist.rank == 0 and manifest is not None:
+                fold_rank_manifests(output)  # every rank is done writing: one manifest again
+            dist.stop()
+            if dist.rank != 0:  # rank 0 says how the job went (its summary, its status)
+                return 0
     progress.summary(outcome.summary())
     summary.record(outcome, engine)
     return outcome.exit_code()
