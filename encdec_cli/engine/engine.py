@@ -7,12 +7,14 @@ import functools
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
 
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig, EngineStats
+from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, encoder_key
 from encdec_cli.engine.runner import ModelRunner
 from encdec_cli.engine.sampling import Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
@@ -42,7 +44,15 @@ class Engine:
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.max_source_len, self.max_target_len = self.runner.max_source_len, self.runner.max_target_len
         num_blocks = self.runner.num_blocks
-        self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows)
+        cache = PrefixCache() if self.config.prefix_cache else None
+        self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows, cache)
+        # what besides the input decides the cached encoder output (one engine has one of each)
+        self._key_salt = repr(
+            (self.loaded.architecture, str(self.loaded.path), str(self.dtype), self.runner.cross_block_rows,
+             self.runner.encoder_rows is not None)
+        ).encode()  # fmt: skip
+        self._key_memo: dict[int, tuple[weakref.ref, bytes | None]] = {}  # id(input) -> (its ref, key)
+        self._encoder_clock = _EncoderClock(self.device) if cache is not None else None
         if self.device.type == "cuda" and not self.config.enforce_eager:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
@@ -87,10 +97,19 @@ class Engine:
     @property
     def stats(self) -> EngineStats:
         """Counters since the engine was made or since ``reset_stats`` (a snapshot)."""
+        cache = self.blocks.cache
+        counters = cache.counters if cache is not None else PrefixCacheCounters()
         return dataclasses.replace(
             self._stats,
             preemptions=self.scheduler.num_preemptions - self._preemptions_before,
             phase_seconds=dict(self._stats.phase_seconds),
+            prefix_cache_hits=counters.hits,
+            prefix_cache_misses=counters.misses,
+            prefix_cache_evictions=counters.evictions,
+            prefix_cache_prompt_tokens=counters.prompt_tokens_saved,
+            encoder_seconds_saved=(
+                counters.encoder_tokens_saved * self._encoder_clock.seconds_per_token() if cache else 0.0
+            ),
         )
 
     def reset_stats(self, profile: bool | None = None) -> None:
@@ -99,6 +118,8 @@ class Engine:
             self._profile = profile
         self._stats = EngineStats()
         self._preemptions_before = self.scheduler.num_preemptions
+        if self.blocks.cache is not None:
+            self.blocks.cache.counters = PrefixCacheCounters()
         self._last_tick = time.perf_counter()
 
     @property
@@ -124,6 +145,11 @@ class Engine:
     @property
     def uses_cuda_graphs(self) -> bool:
         return self.runner.graphs is not None
+
+    @property
+    def prefix_caching(self) -> bool:
+        """Automatic prefix caching is on (``EngineConfig.prefix_cache``)."""
+        return self.blocks.cache is not None
 
     @property
     def absorbs_cross(self) -> bool:
@@ -187,7 +213,31 @@ class Engine:
                 )
         except (ValueError, TypeError) as e:
             return Result(req.request_id, [], error=str(e))
-        return SequenceGroup(req, enc_len, max_new, self._order)
+        group = SequenceGroup(req, enc_len, max_new, self._order)
+        if self.blocks.cache is not None:
+            group.encoder_key = self._encoder_key(req.encoder_input)
+        return group
+
+    def _encoder_key(self, item) -> bytes | None:
+        """The prefix cache key of an encoder input. Hashing a 30 s waveform takes milliseconds, so
+        the key of an array (numpy, tensor) is remembered while the array lives: a task's
+        fallback, ``--best-of`` and probe requests pass the same array again."""
+        memo = self._key_memo
+        seen = memo.get(id(item))
+        if seen is not None and seen[0]() is item:
+            return seen[1]
+        key = encoder_key(item, self._key_salt)
+        try:
+            ref = weakref.ref(item)
+        except TypeError:  # lists: not remembered
+            return key
+        if len(memo) >= 4096:
+            for k in [k for k, (r, _) in memo.items() if r() is None]:
+                del memo[k]
+            if len(memo) >= 4096:
+                memo.clear()
+        memo[id(item)] = (ref, key)
+        return key
 
     def step(self) -> list[Result]:
         """Schedule, encode the newly admitted, decode one token for every running sequence;
@@ -279,9 +329,16 @@ class Engine:
         self.runner.copy_blocks(plan.copies)
         self._tick("schedule")
         if plan.encode:
+            clock = self._encoder_clock
+            if clock is not None:
+                clock.start()
             self.runner.encode(plan.encode)
+            if clock is not None:
+                clock.stop(sum(g.encoder_len for g in plan.encode))
             self._tick("encode")
-        return plan.decode, self.runner.decode(plan.decode) if plan.decode else None
+        logits = self.runner.decode(plan.decode) if plan.decode else None
+        self.blocks.commit_cached()  # the cache entries this step registered are written (queued)
+        return plan.decode, logits
 
     def _finish(self, sampled: Sampled) -> Iterator[Result]:
         """Append the chosen tokens; the requests now done leave the scheduler as Results."""
@@ -380,3 +437,48 @@ class Engine:
             },
             first_step_probs=group.first_step_probs,
         )
+
+
+class _EncoderClock:
+    """Encoder time per encoder token, measured on the runs that happen (with the prefix cache on:
+    what a hit saves). On CUDA with events, read back only when asked, so nothing waits."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.tokens = 0
+        self._open: list[tuple[object, object, int]] = []  # CUDA (start, end, tokens) not yet read
+        self._begin: object = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+        else:
+            self._begin = time.perf_counter()
+
+    def stop(self, tokens: int) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._open.append((self._begin, end, tokens))
+            if len(self._open) > 64:
+                self._read(wait=False)
+        else:
+            self.seconds += time.perf_counter() - self._begin
+            self.tokens += tokens
+
+    def _read(self, wait: bool) -> None:
+        keep = []
+        for begin, end, tokens in self._open:
+            if wait or end.query():
+                end.synchronize()
+                self.seconds += begin.elapsed_time(end) / 1000
+                self.tokens += tokens
+            else:
+                keep.append((begin, end, tokens))
+        self._open = keep
+
+    def seconds_per_token(self) -> float:
+        self._read(wait=True)
+        return self.seconds / self.tokens if self.tokens else 0.0

@@ -257,7 +257,8 @@ class ModelRunner:
             if r is None:
                 r, _ = self.self_rows.get(s.seq_id)
             table = s.block_table
-            fresh = s.num_cached == 0  # first decode since (re)admission: its blocks are new
+            # first decode since (re)admission: its blocks are new (prefix cache hits included)
+            fresh = s.num_cached == s.num_reused
             if fresh or synced.get(s.seq_id) != table:
                 self.self_tables[r, : len(table)] = table
                 synced[s.seq_id] = table.copy()

@@ -161,6 +161,7 @@ class Sequence:
         self.tokens = tokens
         self.num_prompt = num_prompt
         self.num_cached = 0  # tokens whose K/V are in the cache
+        self.num_reused = 0  # of those, tokens found in the prefix cache at (re)admission
         self.block_table: list[int] = []
         self.logprobs: list[float] = []
         self.cum_logprob = 0.0
@@ -195,7 +196,8 @@ class SequenceGroup:
         self.order = order  # arrival order (preemption picks the newest)
         self.seqs = [Sequence(self, list(request.prompt_ids), len(request.prompt_ids))]
         self.cross_blocks: list[int] = []
-        self.encoded = False
+        self.encoder_key: bytes | None = None  # prefix cache key of the encoder input (None: uncached)
+        self.encoded = False  # cross blocks written (or written by this step's encoder run)
         self.preempted = False
         self.preempted_now = False  # set while the scheduler is preempting it in this step
         self.finished: list[Completion] = []
