@@ -56,6 +56,15 @@ GpuMemory = Annotated[
     ),
 ]
 EnforceEager = Annotated[bool, typer.Option("--enforce-eager", help="Disable CUDA graphs.")]
+NoPrefixCache = Annotated[
+    bool,
+    typer.Option(
+        "--no-prefix-cache",
+        help="Turn off automatic prefix caching: by default requests with the same encoder input (a "
+        "duplicate file or row, a window decoded again at a fallback temperature, --best-of candidates) "
+        "share one encoder run and its cache, kept until the memory is needed. Outputs are the same.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
 RetryFailed = Annotated[
     bool, typer.Option("--retry-failed", help="Redo the items that failed in an earlier run of this job.")
@@ -167,6 +176,7 @@ def load_engine(
     gpu_memory_utilization: float,
     enforce_eager: bool,
     quiet: bool = False,
+    no_prefix_cache: bool = False,
     **extra,
 ):
     """Load the model folder into an Engine; unless ``quiet``, say on stderr what was loaded where."""
@@ -181,6 +191,7 @@ def load_engine(
             max_num_seqs=max_num_seqs,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
+            prefix_cache=not no_prefix_cache,
             **extra,
         )
     except (RuntimeError, ModelNotFoundError) as e:  # e.g. a dtype the model cannot run in, no weights

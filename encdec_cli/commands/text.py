@@ -16,6 +16,7 @@ from encdec_cli.commands.common import (
     Dtype,
     EnforceEager,
     GpuMemory,
+    NoPrefixCache,
     Quiet,
     RetryFailed,
 )
@@ -110,6 +111,7 @@ def _text_command(task: str):
         ),
         gpu_memory_utilization: GpuMemory = 0.9,
         enforce_eager: EnforceEager = False,
+        no_prefix_cache: NoPrefixCache = False,
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Redo every row, ignoring what an earlier run of this job saved."
         ),
@@ -163,6 +165,7 @@ def _text_command(task: str):
             functools.partial(
                 common.load_engine,
                 *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
+                no_prefix_cache=no_prefix_cache,
             ),
         )
         with errors.writing_to(output or default_output(input, opts)):

@@ -15,6 +15,7 @@ from encdec_cli.commands.common import (
     Dtype,
     EnforceEager,
     GpuMemory,
+    NoPrefixCache,
     Quiet,
     RetryFailed,
 )
@@ -126,6 +127,7 @@ def transcribe(
     ),
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    no_prefix_cache: NoPrefixCache = False,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo files the output folder's manifest marks as done."
     ),
@@ -178,7 +180,15 @@ def transcribe(
     path = common.check_model(model, "transcribe", language, task)
     window = max(2 * max_num_seqs, 16)
     engine = common.load_engine(
-        path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet, window=window
+        path,
+        device,
+        dtype,
+        max_num_seqs,
+        gpu_memory_utilization,
+        enforce_eager,
+        quiet,
+        no_prefix_cache,
+        window=window,
     )
     with errors.writing_to(output):
         return run_transcribe(

@@ -7,7 +7,6 @@ import functools
 import itertools
 import logging
 import time
-import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -51,7 +50,6 @@ class Engine:
             (self.loaded.architecture, str(self.loaded.path), str(self.dtype), self.runner.cross_block_rows,
              self.runner.encoder_rows is not None)
         ).encode()  # fmt: skip
-        self._key_memo: dict[int, tuple[weakref.ref, bytes | None]] = {}  # id(input) -> (its ref, key)
         self._encoder_clock = _EncoderClock(self.device) if cache is not None else None
         if self.device.type == "cuda" and not self.config.enforce_eager:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
@@ -156,6 +154,22 @@ class Engine:
         """Cross-attention reads the encoder output itself (absorbed) rather than per-layer K/V."""
         return self.runner.encoder_rows is not None
 
+    def cached_encoder_output(self, encoder_input) -> torch.Tensor | None:
+        """The encoder output [encoder length, d_model] of an input whose encoder run is still in the
+        prefix cache, read back from the cross cache (a copy), or None: not cached, evicted, or the
+        cross cache holds per-layer K/V rather than the encoder output (only the absorbed layout
+        keeps it). Lets a later pass over the same input (Whisper's word alignment) skip the
+        encoder; the values are the ones the decoder attended to."""
+        cache = self.blocks.cache
+        if cache is None or self.runner.encoder_rows is None:
+            return None
+        key = encoder_key(encoder_input, self._key_salt)
+        blocks = None if key is None else cache.lookup(key, ready_only=True)
+        if blocks is None:
+            return None
+        with torch.inference_mode():
+            return self.runner.read_encoder_rows(blocks, self.model.encoder_length(encoder_input))
+
     # ---- public API -------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
         """Yield one Result per request, in completion order (match them by ``request_id``).
@@ -215,29 +229,8 @@ class Engine:
             return Result(req.request_id, [], error=str(e))
         group = SequenceGroup(req, enc_len, max_new, self._order)
         if self.blocks.cache is not None:
-            group.encoder_key = self._encoder_key(req.encoder_input)
+            group.encoder_key = encoder_key(req.encoder_input, self._key_salt)
         return group
-
-    def _encoder_key(self, item) -> bytes | None:
-        """The prefix cache key of an encoder input. Hashing a 30 s waveform takes milliseconds, so
-        the key of an array (numpy, tensor) is remembered while the array lives: a task's
-        fallback, ``--best-of`` and probe requests pass the same array again."""
-        memo = self._key_memo
-        seen = memo.get(id(item))
-        if seen is not None and seen[0]() is item:
-            return seen[1]
-        key = encoder_key(item, self._key_salt)
-        try:
-            ref = weakref.ref(item)
-        except TypeError:  # lists: not remembered
-            return key
-        if len(memo) >= 4096:
-            for k in [k for k, (r, _) in memo.items() if r() is None]:
-                del memo[k]
-            if len(memo) >= 4096:
-                memo.clear()
-        memo[id(item)] = (ref, key)
-        return key
 
     def step(self) -> list[Result]:
         """Schedule, encode the newly admitted, decode one token for every running sequence;
@@ -434,6 +427,8 @@ class Engine:
                 "first_token": group.first_token,
                 "finish": now,
                 "encoder_len": group.encoder_len,
+                "encoder_cached": group.encoder_cached,
+                "cached_prompt_tokens": group.cached_prompt_tokens,
             },
             first_step_probs=group.first_step_probs,
         )

@@ -188,9 +188,11 @@ class Scheduler:
         )
         if group.encoded:
             blocks.cache.counters.encoder_tokens_saved += group.encoder_len
+        group.encoder_cached = group.encoded
         for s in group.seqs:  # prefix caching: full blocks of the same encoder input and prompt
             s.block_table, s.num_cached = blocks.acquire_prompt(key, s.tokens, s.num_prompt)
             s.num_reused = s.num_cached
+        group.cached_prompt_tokens = group.seqs[0].num_reused if group.seqs else 0
         return True
 
     def preempt_all(self) -> list[SequenceGroup]:

@@ -128,7 +128,9 @@ class Result:
     completions: list[Completion]
     error: str | None = None  # set when the request could not run; completions is then empty
     text: str | None = None  # decoded best completion (when the engine has a tokenizer)
-    metrics: dict = field(default_factory=dict)  # arrival/first_token/finish times (s), encoder_len
+    # arrival/first_token/finish times (s), encoder_len, and from the prefix cache: encoder_cached
+    # (its encoder output was reused: no encoder run), cached_prompt_tokens (decoder prompt tokens reused)
+    metrics: dict = field(default_factory=dict)
     # softmax probabilities of params.record_first_step_probs at the first step (Whisper's no-speech)
     first_step_probs: dict[int, float] = field(default_factory=dict)
 
@@ -198,6 +200,8 @@ class SequenceGroup:
         self.cross_blocks: list[int] = []
         self.encoder_key: bytes | None = None  # prefix cache key of the encoder input (None: uncached)
         self.encoded = False  # cross blocks written (or written by this step's encoder run)
+        self.encoder_cached = False  # admitted with its encoder output in the prefix cache
+        self.cached_prompt_tokens = 0  # decoder prompt tokens found in the prefix cache at admission
         self.preempted = False
         self.preempted_now = False  # set while the scheduler is preempting it in this step
         self.finished: list[Completion] = []

@@ -30,7 +30,7 @@ from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import ROWS, JobOutcome
+from encdec_cli.tasks.outcome import ROWS, JobOutcome, prefix_cache_details
 from encdec_cli.tasks.progress import JobProgress
 from encdec_models.loading import generation_config_of
 from encdec_models.registry import resolve_model_path
@@ -279,6 +279,7 @@ def run_seq2seq(
         details.append(
             f"{oom} out-of-memory recoveries (now at most {running.max_num_seqs} sequences per step)"
         )
+    details += prefix_cache_details(running.stats) if running else []
     outcome = JobOutcome(
         opts.task,
         ROWS,
