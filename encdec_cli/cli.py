@@ -18,6 +18,7 @@ import typer
 # isort: off
 # importing a command module registers its commands, in this (--help) order
 from encdec_cli.commands import transcribe, text, bench  # noqa: F401
+
 # isort: on
 from encdec_cli.commands import common
 from encdec_cli.commands.common import app
@@ -46,7 +47,6 @@ def main():
             except (OSError, ValueError):
                 pass
         os._exit(interrupts.exit_status())
-
 
 
 __all__ = ["TEXT_TASKS", "app", "main"]

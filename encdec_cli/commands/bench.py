@@ -13,7 +13,9 @@ from encdec_cli.commands import common
 @common.command()
 def bench(
     workloads: list[str] = typer.Argument(
-        None, help="Workload ids W1..W5 of benchmarks/WORKLOADS.md (default: all)."
+        None,
+        help="Workload ids W1..W6 of benchmarks/WORKLOADS.md (default: all). W6 times the prefix cache "
+        "on against off (no transformers baseline).",
     ),
     baseline: str = typer.Option(
         "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."
@@ -34,6 +36,7 @@ def bench(
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
     profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),
+    no_prefix_cache: common.NoPrefixCache = False,
     cross: str = typer.Option(
         "auto",
         "--cross",
@@ -75,12 +78,22 @@ def bench(
                 "enforce_eager": enforce_eager,
                 "profile": profile,
                 "absorb_cross": absorb,
+                "prefix_cache": not no_prefix_cache,
             },
             scale,
             rates,
         )
         results.append(res)
         write_results(results, path, rates)
+        if wid == "W6":
+            pc = res["prefix_cache"]
+            typer.echo(
+                f"{wid} {res['model']:<18} {res['metric']:<13} prefix cache on {res['ours']:,.1f}  "
+                f"off {res['cache_off']:,.1f}  x{res['ratio']:.2f}  ({pc['hits']} hits, {pc['misses']} "
+                f"misses, {pc['evictions']} evictions, ~{pc['encoder_seconds_saved']:.2f} s encoder saved)",
+                err=True,
+            )
+            continue
         base = (
             f"{res['baseline']:,.1f} (batch {res['baseline_batch']})  x{res['ratio']:.2f}"
             if "baseline" in res
