@@ -9,13 +9,17 @@ import typer
 
 from encdec_cli.commands import common
 
+ORACLE_ALPHAS = "0.0,0.5,0.7,0.9"  # encdec_cli.tasks.bench.ORACLE_ALPHAS (not imported: no torch for --help)
+ORACLE_KS = "2,4,8"
+
 
 @common.command()
 def bench(
     workloads: list[str] = typer.Argument(
         None,
-        help="Workload ids W1..W6 of benchmarks/WORKLOADS.md (default: all). W6 times the prefix cache "
-        "on against off (no transformers baseline).",
+        help="Workload ids of benchmarks/WORKLOADS.md: W1..W5 (the default), W6 (the prefix cache on "
+        "against off, no transformers baseline), T1 / T2 (TensorRT-LLM's published shapes at batch 32, "
+        "64 and 128; or one batch, e.g. T1-B64).",
     ),
     baseline: str = typer.Option(
         "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."
@@ -43,22 +47,48 @@ def bench(
         help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it), absorbed (the encoder "
         "output once, K/V projections absorbed), kv (K and V per decoder layer).",
     ),
+    speculative: str = typer.Option(
+        "off",
+        "--speculative",
+        help="off; oracle (synthetic: the plain run's own greedy tokens as drafts, each wrong with "
+        "probability 1 - alpha, swept over --oracle-alpha x --oracle-k); oracle:ALPHA:K (one point); "
+        "ngram[:K] (prompt lookup on the random inputs: its overhead).",
+    ),
+    oracle_alpha: str = typer.Option(
+        ORACLE_ALPHAS, "--oracle-alpha", help="Oracle draft acceptance probabilities (comma-separated)."
+    ),
+    oracle_k: str = typer.Option(
+        ORACLE_KS, "--oracle-k", help="Oracle draft tokens per step (comma-separated)."
+    ),
 ):
     """Run the standard workloads (random weights of the real architectures, fixed output lengths)
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
     import torch
 
-    from encdec_cli.tasks.bench import WORKLOADS, device_rates, run_workload, write_results
+    from encdec_cli.tasks.bench import (
+        DEFAULT_WORKLOADS,
+        GROUPS,
+        WORKLOADS,
+        device_rates,
+        expand_ids,
+        run_workload,
+        write_results,
+    )
 
     if not torch.cuda.is_available():
         common.fail("encdec bench needs a CUDA GPU")
     absorb = {"auto": None, "absorbed": True, "kv": False}.get(cross, "bad")
     if absorb == "bad":
         common.fail(f"--cross must be auto, absorbed or kv, got {cross!r}")
-    ids = [w.upper() for w in (workloads or list(WORKLOADS))]
-    bad = [w for w in ids if w not in WORKLOADS]
+    ids, bad = expand_ids(workloads or list(DEFAULT_WORKLOADS))
     if bad:
-        common.fail(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
+        choices = ", ".join([w for w in WORKLOADS if not w.startswith(("T1-", "T2-"))] + list(GROUPS))
+        common.fail(f"unknown workload(s) {', '.join(bad)}; choose from {choices} (or T1-B32 ... T2-B128)")
+    oracle, spec = _speculative(speculative, oracle_alpha, oracle_k)
+    if oracle is not None or spec is not None:
+        beams = [w for w in ids if WORKLOADS[w].num_beams > 1]
+        if beams:
+            common.fail(f"--speculative cannot run beam-search workloads ({', '.join(beams)})")
     results = []
     dev = torch.cuda.get_device_name().replace(" ", "-")
     path = Path(out or f"benchmarks/results/{dev}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -79,9 +109,11 @@ def bench(
                 "profile": profile,
                 "absorb_cross": absorb,
                 "prefix_cache": not no_prefix_cache,
+                **({"speculative": spec} if spec else {}),
             },
             scale,
             rates,
+            oracle,
         )
         results.append(res)
         write_results(results, path, rates)
@@ -99,9 +131,50 @@ def bench(
             if "baseline" in res
             else ""
         )
+        trt = "".join(
+            f"  vs TensorRT-LLM {k} (published, H100) x{v:.2f}"
+            for k, v in res.get("vs_trtllm_published_h100", {}).items()
+        )
         typer.echo(
             f"{wid} {res['model']:<18} {res['metric']:<13} ours {res['ours']:,.1f}  baseline {base}  "
-            f"floor {res['floor_fraction']:.0%}",
+            f"floor {res['floor_fraction']:.0%}{trt}",
             err=True,
         )
+        for run in res.get("speculative", {}).get("runs", []):
+            typer.echo(
+                f"    synthetic oracle alpha {run['alpha']:.2f} K {run['k']}: {run['value']:,.1f} "
+                f"x{run['speedup']:.2f}, {run['tokens_per_step']:.2f} tokens/step, "
+                f"{(run['acceptance_rate'] or 0):.0%} accepted",
+                err=True,
+            )
     typer.echo(f"wrote {path}", err=True)
+
+
+def _speculative(text: str, alphas: str, ks: str):
+    """--speculative for bench -> (oracle sweep (alphas, Ks) or None, engine speculative value or None)."""
+    from encdec_cli.engine import parse_speculative
+
+    t = text.strip().lower()
+    if t == "oracle" or t.startswith("oracle:"):
+        if t != "oracle":
+            parts = t.split(":")
+            if len(parts) != 3:
+                common.fail(f"--speculative oracle:ALPHA:K, e.g. oracle:0.7:4; got {text!r}")
+            alphas, ks = parts[1], parts[2]
+        try:
+            a = tuple(float(x) for x in alphas.split(",") if x.strip())
+            k = tuple(int(x) for x in ks.split(",") if x.strip())
+        except ValueError:
+            common.fail(f"oracle alphas and Ks are comma-separated numbers; got {alphas!r} and {ks!r}")
+        if not a or not k or any(not 0 <= x <= 1 for x in a) or any(not 1 <= x <= 16 for x in k):
+            common.fail("oracle alphas must be in [0, 1] and Ks in 1..16")
+        return (a, k), None
+    try:
+        spec = parse_speculative(text)
+    except ValueError as e:
+        common.fail(f"{e}; bench also takes oracle or oracle:ALPHA:K")
+    if spec is not None and spec.kind == "model":
+        common.fail(
+            "bench runs random weights: a draft model would agree by chance only; use --speculative oracle"
+        )
+    return None, text if spec is not None else None

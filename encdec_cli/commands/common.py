@@ -65,6 +65,16 @@ NoPrefixCache = Annotated[
         "share one encoder run and its cache, kept until the memory is needed. Outputs are the same.",
     ),
 ]
+Speculative = Annotated[
+    str,
+    typer.Option(
+        "--speculative",
+        help="Speculative decoding: off; ngram[:K] (prompt lookup: up to K tokens copied from the "
+        "input's and the output's own n-gram matches; default K 4); model:DIR[:K] (a smaller draft "
+        "model with the same tokenizer, e.g. distil-whisper for large-v3). Outputs are unchanged "
+        "(greedy: token for token; sampling: the same distribution). Not with beam search.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
 RetryFailed = Annotated[
     bool, typer.Option("--retry-failed", help="Redo the items that failed in an earlier run of this job.")
@@ -200,6 +210,20 @@ def load_engine(
         dt = str(engine.dtype).removeprefix("torch.")
         typer.echo(f"model {engine.loaded.path} on {engine.device} ({dt})", err=True)
     return engine
+
+
+def check_speculative(speculative: str, num_beams: int | None, beam_flag: str) -> str | None:
+    """The --speculative value for the engine (None: off); UsageError for a bad value or beams."""
+    from encdec_cli.engine import parse_speculative
+
+    if parse_speculative(speculative) is None:
+        return None
+    if num_beams is not None and num_beams > 1:
+        raise UsageError(
+            f"--speculative cannot be combined with beam search ({beam_flag} {num_beams}); "
+            f"use {beam_flag} 1 or --speculative off"
+        )
+    return speculative
 
 
 def floats(name: str, text: str) -> tuple[float, ...]:

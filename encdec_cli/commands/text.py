@@ -19,6 +19,7 @@ from encdec_cli.commands.common import (
     NoPrefixCache,
     Quiet,
     RetryFailed,
+    Speculative,
 )
 from encdec_cli.errors import UsageError
 
@@ -112,6 +113,7 @@ def _text_command(task: str):
         gpu_memory_utilization: GpuMemory = 0.9,
         enforce_eager: EnforceEager = False,
         no_prefix_cache: NoPrefixCache = False,
+        speculative: Speculative = "off",
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Redo every row, ignoring what an earlier run of this job saved."
         ),
@@ -158,6 +160,7 @@ def _text_command(task: str):
                 open_table(input, column).close()
             except OSError as e:
                 raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
+        spec = common.check_speculative(speculative, num_beams, "--num-beams")
         path = common.check_model(model, task)
         common.check_dtype(dtype, device)
         engine = LazyEngine(  # loaded when some row must run: a finished job run again never loads it
@@ -166,11 +169,19 @@ def _text_command(task: str):
                 common.load_engine,
                 *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
                 no_prefix_cache=no_prefix_cache,
+                speculative=spec,
             ),
         )
         with errors.writing_to(output or default_output(input, opts)):
             return run_seq2seq(
-                engine, input, output, opts, quiet=quiet, overwrite=overwrite, retry_failed=retry_failed
+                engine,
+                input,
+                output,
+                opts,
+                quiet=quiet,
+                overwrite=overwrite,
+                retry_failed=retry_failed,
+                speculative=spec is not None,
             )
 
     command.__doc__ = TEXT_TASKS[task][1] + (

@@ -128,6 +128,7 @@ def transcribe(
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     no_prefix_cache: NoPrefixCache = False,
+    speculative: common.Speculative = "off",
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo files the output folder's manifest marks as done."
     ),
@@ -177,6 +178,7 @@ def transcribe(
         )
     check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
     check_output(output, formats)
+    spec = common.check_speculative(speculative, beam_size, "--beam-size")
     path = common.check_model(model, "transcribe", language, task)
     window = max(2 * max_num_seqs, 16)
     engine = common.load_engine(
@@ -189,6 +191,7 @@ def transcribe(
         quiet,
         no_prefix_cache,
         window=window,
+        speculative=spec,
     )
     with errors.writing_to(output):
         return run_transcribe(

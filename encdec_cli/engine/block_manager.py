@@ -163,3 +163,11 @@ class BlockManager:
         """This step failed before its model run: forget the entries it registered."""
         if self.cache is not None:
             self.free_blocks.extend(self.cache.drop_pending())
+
+    def truncate(self, table: list[int], num_tokens: int) -> None:
+        """Keep only the blocks that hold positions [0, num_tokens) of ``table``; free the rest (the
+        slots of rejected draft tokens, see engine/speculative.py)."""
+        keep = self.blocks_for(num_tokens)
+        if len(table) > keep:
+            self.free(table[keep:])
+            del table[keep:]

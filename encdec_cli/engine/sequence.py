@@ -128,8 +128,10 @@ class Result:
     completions: list[Completion]
     error: str | None = None  # set when the request could not run; completions is then empty
     text: str | None = None  # decoded best completion (when the engine has a tokenizer)
-    # arrival/first_token/finish times (s), encoder_len, and from the prefix cache: encoder_cached
-    # (its encoder output was reused: no encoder run), cached_prompt_tokens (decoder prompt tokens reused)
+    # arrival / first_token / finish times (s), encoder_len; greedy / sampled requests also
+    # decode_steps, generated_tokens, draft_tokens, accepted_tokens (speculative decoding); from the
+    # prefix cache: encoder_cached (its encoder output was reused: no encoder run) and
+    # cached_prompt_tokens (decoder prompt tokens reused)
     metrics: dict = field(default_factory=dict)
     # softmax probabilities of params.record_first_step_probs at the first step (Whisper's no-speech)
     first_step_probs: dict[int, float] = field(default_factory=dict)
@@ -149,6 +151,18 @@ class Result:
     @property
     def stop_logprob(self) -> float | None:
         return self.completions[0].stop_logprob if self.completions else None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of its speculative draft tokens that were accepted (None: no drafts)."""
+        drafted = self.metrics.get("draft_tokens")
+        return self.metrics["accepted_tokens"] / drafted if drafted else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Tokens generated per decode step (1.0 without speculative decoding; None for beams)."""
+        steps = self.metrics.get("decode_steps")
+        return self.metrics["generated_tokens"] / steps if steps else None
 
 
 _seq_ids = itertools.count()
@@ -210,6 +224,12 @@ class SequenceGroup:
         self.generator = None  # torch.Generator for seeded sampling
         self.arrival = time.perf_counter()
         self.first_token: float | None = None
+        # decode steps of its (one) sequence, tokens it generated (the stop token too), and
+        # speculative draft tokens proposed / accepted
+        self.decode_steps = 0
+        self.generated_tokens = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
 
     @property
     def num_seqs_reserved(self) -> int:

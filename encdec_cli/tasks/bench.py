@@ -1,4 +1,4 @@
-"""The standard workloads of benchmarks/WORKLOADS.md (W1..W6): ours vs transformers in one process run
+"""The standard workloads of benchmarks/WORKLOADS.md (W1..W6, T1, T2): ours vs transformers in one run
 (W6: ours with the prefix cache on vs off).
 
 Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
@@ -9,6 +9,7 @@ is loaded into ours.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import time
@@ -21,6 +22,10 @@ import torch
 
 from encdec_models.audio import N_AUDIO_CTX, N_SAMPLES
 
+# speculative decoding with oracle drafts (run_oracle_sweep): draft acceptance probabilities and draft
+# lengths swept by ``encdec bench --speculative oracle``
+ORACLE_ALPHAS = (0.0, 0.5, 0.7, 0.9)
+ORACLE_KS = (2, 4, 8)
 COPY_BYTES = 1 << 30  # a 1 GiB device-to-device copy measures the copy bandwidth
 MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 
@@ -34,6 +39,34 @@ class Workload:
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     metric: str = "output tok/s"
+    # TensorRT-LLM's shape (T1/T2): every request makes exactly this many tokens, and the engine and
+    # the baseline both run at ``batch`` sequences (the engine's max_num_seqs = batch)
+    output_tokens: int | None = None
+    batch: int | None = None
+    published: tuple[tuple[str, float], ...] = ()  # TensorRT-LLM's published H100 tok/s at this batch
+
+
+# TensorRT-LLM's published H100 numbers (bf16, greedy, 260-440 input tokens, 128 output tokens):
+# legacy TensorRT path, then its PyTorch backend, at batch 32 / 64 / 128 (benchmarks/WORKLOADS.md)
+TRTLLM_H100 = {
+    "bart-large-cnn": {"legacy": (12611, 22007, 31544), "pytorch": (10662, 16209, 23518)},
+    "flan-t5-xl": {"legacy": (3153, 3863, 4601), "pytorch": (3312, 4184, 4768)},
+}
+TRT_BATCHES = (32, 64, 128)
+
+
+def _trt_workloads(tid: str, model: str) -> dict:
+    return {
+        f"{tid}-B{b}": Workload(
+            f"{tid}-B{b}",
+            model,
+            4 * b,  # four full batches: a steady state, not one batch's start
+            output_tokens=128,
+            batch=b,
+            published=tuple((k, v[i]) for k, v in TRTLLM_H100[model].items()),
+        )
+        for i, b in enumerate(TRT_BATCHES)
+    }
 
 
 WORKLOADS = {
@@ -43,7 +76,24 @@ WORKLOADS = {
     "W4": Workload("W4", "flan-t5-large", 1024),
     "W5": Workload("W5", "whisper-large-v3", 1, metric="tok/s"),
     "W6": Workload("W6", "whisper-large-v3", 256, metric="RTFx"),
+    **_trt_workloads("T1", "bart-large-cnn"),
+    **_trt_workloads("T2", "flan-t5-xl"),
 }
+# a group id runs all of its members: ``encdec bench T1`` is T1 at batch 32, 64 and 128
+GROUPS = {t: [w for w in WORKLOADS if w.startswith(f"{t}-")] for t in ("T1", "T2")}
+DEFAULT_WORKLOADS = ("W1", "W2", "W3", "W4", "W5")
+
+
+def expand_ids(ids: list[str]) -> tuple[list[str], list[str]]:
+    """Workload ids (groups expanded, in order, case-insensitive) and the unknown ones."""
+    out, bad = [], []
+    for i in (x.upper() for x in ids):
+        members = GROUPS.get(i) or ([i] if i in WORKLOADS else [])
+        out += [m for m in members if m not in out]
+        bad += [] if members else [i]
+    return out, bad
+
+
 # W6 (automatic prefix caching): a quarter of the windows are exact copies of others, and 30% of the
 # distinct windows (their copies too) are decoded again after their greedy decoding, as Whisper's
 # temperature fallback does: W6_BEST_OF candidates sampled at W6_TEMPERATURE (openai-whisper's first
@@ -88,15 +138,16 @@ def hf_config(name: str):
             forced_bos_token_id=None,
             architectures=["BartForConditionalGeneration"],
         )
-    if name == "flan-t5-large":
+    if name in ("flan-t5-large", "flan-t5-xl"):
+        xl = name == "flan-t5-xl"
         return T5Config(
             vocab_size=32128,
-            d_model=1024,
+            d_model=2048 if xl else 1024,
             d_kv=64,
-            d_ff=2816,
+            d_ff=5120 if xl else 2816,
             num_layers=24,
             num_decoder_layers=24,
-            num_heads=16,
+            num_heads=32 if xl else 16,
             feed_forward_proj="gated-gelu",
             tie_word_embeddings=False,
             decoder_start_token_id=0,
@@ -114,6 +165,8 @@ def inputs_for(w: Workload):
     )
     if w.id == "W5":
         targets = np.array([128])
+    if w.output_tokens:
+        targets = np.full(w.requests, w.output_tokens)
     if w.model.startswith("whisper"):
         g = torch.Generator().manual_seed(0)
         waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(w.requests)]
@@ -294,15 +347,20 @@ def _engine_info(engine, max_num_seqs: int, stats) -> dict:
     }
 
 
-def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[float, int, dict]:
-    from encdec_cli.engine import Engine
-
+def _engine_cfg(w: Workload, engine_cfg: dict, n: int) -> dict:
     cfg = {k: v for k, v in engine_cfg.items() if k != "profile"}
     # never more sequence slots than the workload has sequences (W5: one): the engine sizes its CUDA
     # graphs and its cross-attention layout (runner.ABSORB_MIN_SEQS) by them
-    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(enc_inputs) * w.num_beams)
-    engine = Engine(loaded, **cfg)
-    list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
+    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), n * w.num_beams)
+    if w.batch:  # TensorRT-LLM's shape: exactly this many sequences per step
+        cfg["max_num_seqs"] = w.batch
+    return cfg
+
+
+def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True) -> tuple[float, list]:
+    """One timed run of the workload on ``engine`` (after an untimed warm-up batch): (wall s, results)."""
+    if warmup:
+        list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
     engine.reset_stats()  # count the timed run's steps only
     requests = workload_requests(w, loaded.config, enc_inputs, targets)
     torch.cuda.synchronize()
@@ -310,18 +368,123 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
     out = list(engine.generate(requests))
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    tokens = sum(len(r.token_ids) for r in out)
     errors = [r.error for r in out if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
-    info = _engine_info(engine, cfg["max_num_seqs"], engine.stats)
+    return wall, out
+
+
+def _release() -> None:
+    """After the caller dropped its engine: its CUDA graphs and KV pool go before the next engine
+    sizes its pool from the free memory."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def speculation_info(stats) -> dict:
+    """The speculative-decoding counters of a run (EngineStats) for the bench JSON."""
+    return {
+        "verify_steps": stats.verify_steps,
+        "draft_tokens": stats.draft_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "tokens_per_step": stats.tokens_per_step,
+    }
+
+
+def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[float, int, dict]:
+    from encdec_cli.engine import Engine
+
+    cfg = _engine_cfg(w, engine_cfg, len(enc_inputs))
+    engine = Engine(loaded, **cfg)
+    wall, out = _timed(w, engine, loaded, enc_inputs, targets)
+    tokens = sum(len(r.token_ids) for r in out)
+    stats = engine.stats
+    info = {
+        "max_num_seqs": cfg["max_num_seqs"],
+        "num_blocks": engine.num_blocks,
+        "preemptions": stats.preemptions,
+        "graphs": engine.uses_cuda_graphs,
+        "steps": stats.steps,
+        "ahead_steps": stats.ahead_steps,
+        "absorb_cross": engine.absorbs_cross,
+        "prefix_cache": engine.prefix_caching,
+        **(speculation_info(stats) if cfg.get("speculative") else {}),
+    }
     if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
         engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
     del engine
-    torch.cuda.empty_cache()
+    _release()
     return wall, tokens, info
+
+
+def run_oracle_sweep(
+    w: Workload, loaded, enc_inputs, targets, engine_cfg: dict, alphas, ks, value
+) -> tuple[dict, tuple[float, int, dict]]:
+    """Speculative decoding with oracle drafts (synthetic: random weights agree with no real draft).
+
+    A plain run (look-ahead on, as ``run_ours``) records each request's greedy tokens and is the
+    reference speed; then, for each K, one engine verifies K oracle drafts a step (``OracleDrafter``:
+    the recorded continuation, each token wrong with probability 1 - alpha) and runs the workload
+    once per alpha. ``value(wall, tokens)``: the workload's metric. Returns (the sweep for the JSON,
+    the plain run as ``run_ours`` returns it)."""
+    from encdec_cli.engine import Engine, OracleDrafter
+
+    cfg = _engine_cfg(w, engine_cfg, len(enc_inputs))
+    engine = Engine(loaded, **cfg)
+    wall, out = _timed(w, engine, loaded, enc_inputs, targets)
+    tokens = sum(len(r.token_ids) for r in out)
+    recorded = {r.request_id: r.token_ids for r in out}
+    stats = engine.stats
+    plain_info = {
+        "max_num_seqs": cfg["max_num_seqs"],
+        "num_blocks": engine.num_blocks,
+        "preemptions": stats.preemptions,
+        "graphs": engine.uses_cuda_graphs,
+        "steps": stats.steps,
+        "ahead_steps": stats.ahead_steps,
+        "absorb_cross": engine.absorbs_cross,
+    }
+    del engine
+    _release()
+    plain = value(wall, tokens)
+    vocab = loaded.model.vocab_size
+    runs = []
+    for k in ks:
+        engine = Engine(loaded, drafter=OracleDrafter(recorded, alphas[0], k, vocab), **cfg)
+        for i, alpha in enumerate(alphas):
+            drafter = OracleDrafter(recorded, alpha, k, vocab)
+            engine.set_drafter(drafter)
+            s_wall, s_out = _timed(w, engine, loaded, enc_inputs, targets, warmup=i == 0)
+            s_tokens = sum(len(r.token_ids) for r in s_out)
+            same = sum(r.token_ids == recorded[r.request_id] for r in s_out)
+            st = engine.stats
+            runs.append(
+                {
+                    "alpha": alpha,
+                    "k": k,
+                    "value": value(s_wall, s_tokens),
+                    "speedup": value(s_wall, s_tokens) / plain,
+                    "wall_s": s_wall,
+                    "steps": st.steps,
+                    **speculation_info(st),
+                    "off_track_proposals": drafter.off_track,
+                    "outputs_equal_to_plain": same / len(s_out),
+                }
+            )
+        del engine
+        _release()
+    sweep = {
+        "synthetic": True,
+        "draft": "oracle",
+        "note": "random weights: drafts are the plain run's own greedy tokens, each replaced by a wrong "
+        "token with probability 1 - alpha (synthetic acceptance; real acceptance needs real weights)",
+        "plain": {"value": plain, "wall_s": wall, "steps": stats.steps, "ahead_steps": stats.ahead_steps},
+        "runs": runs,
+    }
+    return sweep, (wall, tokens, plain_info)
 
 
 class _FixedLength:
@@ -373,7 +536,9 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
         return hf.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), **kw)
 
     with torch.inference_mode():
-        one(0, min(2, len(enc_inputs)))  # warm-up
+        # warm-up at the timed batch size: its first run of a shape pays the allocator's growth and
+        # kernel selection (one cold batch of 128 ran 4x slower than a warm one)
+        one(0, min(batch, len(enc_inputs)))
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for lo in range(0, len(enc_inputs), batch):
@@ -457,8 +622,11 @@ def run_workload(
     engine_cfg: dict,
     scale: float = 1.0,
     rates: dict | None = None,
+    oracle: tuple[tuple[float, ...], tuple[int, ...]] | None = None,
 ) -> dict:
-    """One workload, ours and (``baseline``) transformers; ``rates``: ``device_rates()`` of this run."""
+    """One workload, ours and (``baseline``) transformers; ``rates``: ``device_rates()`` of this run.
+    ``oracle`` (alphas, Ks): also the speculative sweep of ``run_oracle_sweep`` (its plain run is
+    ours)."""
     w = WORKLOADS[wid]
     if scale != 1.0:
         w = Workload(**{**asdict(w), "requests": max(1, int(w.requests * scale))})
@@ -469,10 +637,20 @@ def run_workload(
         return {**res, **run_prefix_workload(w, loaded, engine_cfg), "metric": w.metric}
     enc_inputs, targets = inputs_for(w)
     hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
-    ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
+    audio_s = 30.0 * w.requests
+
+    def metric_of(wall: float, tokens: int) -> float:
+        return audio_s / wall if w.metric == "RTFx" else tokens / wall
+
+    sweep = None
+    if oracle is not None:
+        sweep, (ours_wall, ours_tokens, info) = run_oracle_sweep(
+            w, loaded, enc_inputs, targets, engine_cfg, *oracle, metric_of
+        )
+    else:
+        ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
     rates = rates or device_rates()
     fl = floors(w, loaded.model, enc_inputs, targets, info["max_num_seqs"], info["absorb_cross"], rates)
-    audio_s = 30.0 * w.requests
     res = {
         "workload": wid,
         "model": w.model,
@@ -484,12 +662,16 @@ def run_workload(
         **fl,
         "floor_fraction": fl["floor_s"] / ours_wall,
     }
-    res["ours"] = audio_s / ours_wall if w.metric == "RTFx" else ours_tokens / ours_wall
+    res["ours"] = metric_of(ours_wall, ours_tokens)
+    if sweep is not None:
+        res["speculative"] = sweep
     if baseline:
         del loaded
         torch.cuda.empty_cache()
         if w.model.startswith("whisper"):
             batches = (64,) if w.requests > 1 else (1,)
+        if w.batch:
+            batches = (w.batch,)
         best = None
         for b in batches:
             wall, tokens = run_hf(w, hf, enc_inputs, targets, b)
@@ -500,6 +682,9 @@ def run_workload(
         res.update(
             baseline=best[0], baseline_batch=best[1], baseline_wall_s=best[2], ratio=res["ours"] / best[0]
         )
+    if w.published:
+        res["trtllm_published_h100"] = dict(w.published)
+        res["vs_trtllm_published_h100"] = {k: res["ours"] / v for k, v in w.published}
     res["metric"] = w.metric
     return res
 

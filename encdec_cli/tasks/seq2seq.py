@@ -157,8 +157,10 @@ def run_seq2seq(
     quiet: bool = False,
     overwrite: bool = False,
     retry_failed: bool = False,
+    speculative: bool = False,
 ) -> int:
-    """Run the job; returns the exit status (:meth:`JobOutcome.exit_code`).
+    """Run the job; returns the exit status (:meth:`JobOutcome.exit_code`). ``speculative``: the
+    engine decodes speculatively (beam search, also from the model's generation config, is refused).
 
     Raises ValueError / :class:`TableError` for usage errors (bad option, unreadable input,
     missing column), before any row runs. The engine loads only when some row must run."""
@@ -169,6 +171,11 @@ def run_seq2seq(
     if opts.target_lang:
         overrides["forced_bos_token_id"] = enc._check_lang(opts.target_lang, "--target-lang")
     params = sampling_params_from_generation_config(gen, len(prompt), overrides)
+    if speculative and params.num_beams > 1:
+        raise ValueError(
+            f"--speculative cannot be combined with beam search, and this model's generation config "
+            f"asks for {params.num_beams} beams: pass --num-beams 1 (or --speculative off)"
+        )
     output = output or default_output(input_path, opts)
     if input_path != "-" and output != "-" and Path(output).resolve() == Path(input_path).resolve():
         raise TableError(f"the output {output} would overwrite the input; choose another -o/--output")
@@ -275,6 +282,9 @@ def run_seq2seq(
             src.close()
     details = [f"{enc.truncated} input(s) truncated to {enc.max_len} tokens"] if enc.truncated else []
     oom = running.stats.oom_recoveries if running else 0
+    spec_line = running.stats.speculation_summary() if running else None
+    if spec_line:
+        details.append(spec_line)
     if oom:
         details.append(
             f"{oom} out-of-memory recoveries (now at most {running.max_num_seqs} sequences per step)"

@@ -159,7 +159,8 @@ def run_transcribe(
         failures=failed,
         warnings=warned,
         notes=notes,
-        details=prefix_cache_details(engine.stats),
+        details=prefix_cache_details(engine.stats)
+        + ([line] if (line := engine.stats.speculation_summary()) else []),
     )
     progress.summary(outcome.summary())
     return outcome.exit_code()

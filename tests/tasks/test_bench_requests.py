@@ -90,3 +90,52 @@ def test_w6_duplicates_fallbacks_and_prefix_cache_hits(tmp_path):
     want = sum(short) + W6_BEST_OF * sum(t for t, f in zip(short, falls) if f)
     assert tokens[True] == tokens[False] == want
     assert stats.prefix_cache_misses == 12 and stats.prefix_cache_hits == 4 + W6_BEST_OF * sum(falls)
+
+
+def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkeypatch):
+    """``encdec bench --speculative oracle`` on a small random Whisper (CPU; the sweep's timing is
+    meaningless here, its bookkeeping is not): the plain run's tokens are the drafts; alpha 1
+    accepts every draft and alpha 0 none, and every run's outputs equal the plain run's."""
+    import torch
+
+    from encdec_cli.tasks.bench import run_oracle_sweep
+    from tests.support.whisper_models import load_ours, random_whisper
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    random_whisper(tmp_path)
+    loaded = load_ours(tmp_path)
+    w = Workload("W1", "whisper-large-v3", 3, metric="RTFx")
+    g = torch.Generator().manual_seed(0)
+    enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
+    targets = [6, 9, 12]
+    cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16}
+    sweep, (wall, tokens, info) = run_oracle_sweep(
+        w, loaded, enc_inputs, targets, cfg, (0.0, 1.0), (2, 3), lambda wall, tok: tok / wall
+    )
+    assert tokens == sum(targets) and sweep["synthetic"] and sweep["plain"]["value"] > 0
+    runs = {(r["alpha"], r["k"]): r for r in sweep["runs"]}
+    assert sorted(runs) == [(0.0, 2), (0.0, 3), (1.0, 2), (1.0, 3)]
+    for (alpha, _), r in runs.items():
+        assert r["outputs_equal_to_plain"] == 1.0 and r["off_track_proposals"] == 0
+        assert r["draft_tokens"] > 0
+        assert r["acceptance_rate"] == alpha
+    assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
+    assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
+
+
+def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
+    """T1 / T2 are TensorRT-LLM's published shapes: a group id runs batch 32, 64 and 128 in order,
+    each request makes exactly 128 tokens, and the engine and the baseline run at that batch."""
+    from encdec_cli.tasks.bench import TRTLLM_H100, expand_ids
+
+    ids, bad = expand_ids(["t2", "W1", "T1-B64", "T9"])
+    assert ids == ["T2-B32", "T2-B64", "T2-B128", "W1", "T1-B64"] and bad == ["T9"]
+    w = WORKLOADS["T2-B64"]
+    assert (w.model, w.batch, w.requests, w.output_tokens) == ("flan-t5-xl", 64, 256, 128)
+    assert dict(w.published) == {"legacy": 3863, "pytorch": 4184}
+    assert dict(WORKLOADS["T1-B128"].published)["legacy"] == TRTLLM_H100["bart-large-cnn"]["legacy"][2]
+    cfg = hf_config("flan-t5-xl")
+    shape = (cfg.d_model, cfg.d_ff, cfg.num_heads, cfg.num_layers, cfg.vocab_size)
+    assert shape == (2048, 5120, 32, 24, 32128)
+    enc_inputs, targets = inputs_for(w)
+    assert targets == [128] * 256 and all(260 <= len(x) <= 440 for x in enc_inputs)

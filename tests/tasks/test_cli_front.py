@@ -152,6 +152,8 @@ def test_model_must_fit_the_command(tmp_path, text_model, audio):
         (["-f", "docx"], ["unknown output format 'docx'"]),
         (["-o", "transcripts.txt"], ["-o transcripts.txt", "folder"]),
         (["--temperature", "x"], ["--temperature"]),
+        (["--speculative", "ngram", "--beam-size", "2"], ["--speculative", "beam search", "--beam-size 1"]),
+        (["--speculative", "model:"], ["--speculative", "draft model"]),
     ],
 )
 def test_cheap_checks_come_before_the_model_loads(tmp_path, audio, args, words):
