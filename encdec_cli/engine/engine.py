@@ -399,6 +399,8 @@ class Engine:
             if spec is not None:
                 spec.drafter.on_encode(plan.encode, hidden)
             self._tick("encode")
+        if spec is not None and plan.reused:  # no encoder run of the target's for them
+            spec.drafter.on_encode(plan.reused, None)
         if not plan.decode:
             self.blocks.commit_cached()
             return plan.decode, None, None

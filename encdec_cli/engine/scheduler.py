@@ -24,6 +24,7 @@ def _waiting_key(group: SequenceGroup) -> tuple[bool, int]:
 @dataclass
 class StepPlan:
     encode: list[SequenceGroup] = field(default_factory=list)  # run the encoder, write cross K/V
+    reused: list[SequenceGroup] = field(default_factory=list)  # admitted on a cached encoder run
     decode: list[Sequence] = field(default_factory=list)  # one decoder step each
     copies: list[tuple[int, int]] = field(default_factory=list)  # block copies (src, dst) first
     preempted: list[SequenceGroup] = field(default_factory=list)
@@ -162,6 +163,8 @@ class Scheduler:
             if not group.encoded:  # a prefix cache hit shares another request's encoder run
                 enc_tokens += group.encoder_len
                 plan.encode.append(group)
+            else:
+                plan.reused.append(group)
         self.waiting = still_waiting
         plan.decode = [s for g in self.running for s in g.seqs]
         return plan
