@@ -17,7 +17,7 @@ import typer
 
 # isort: off
 # importing a command module registers its commands, in this (--help) order
-from encdec_cli.commands import transcribe, text, bench  # noqa: F401
+from encdec_cli.commands import transcribe, text, image_to_text, bench  # noqa: F401
 
 # isort: on
 from encdec_cli.commands import common

@@ -39,6 +39,7 @@ class LayerConfig:
     norm_eps: float
     bias: bool  # q/v/out projections and MLP carry biases (all but T5)
     scale: float  # softmax scale: head_dim**-0.5, or 1.0 for T5
+    cross_dim: int | None = None  # width of the encoder output cross-attention reads (None: d_model)
 
     @classmethod
     def layer_norm_style(cls, cfg, heads: int, ffn: int, pre_norm: bool) -> LayerConfig:
@@ -100,7 +101,9 @@ def _one_row(x) -> bool:
     """Whether x [1, d] runs the Triton one-row kernels (``encdec_kernels.gemv``): batch-1 decoding on
     CUDA, where cuBLAS leaves most SMs idle. Everything else takes cuBLAS / the CPU path."""
     return (
-        x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= encdec_kernels.GEMV_MAX_K
+        x.dim() == 2
+        and x.shape[0] == 1
+        and x.shape[1] <= encdec_kernels.GEMV_MAX_K
         and encdec_kernels.use_triton(x)
     )
 
@@ -132,7 +135,7 @@ class Attention(nn.Module):
         inner = cfg.num_heads * cfg.head_dim
         if cross:
             self.q_proj = Linear(cfg.d_model, inner, bias=cfg.bias)
-            self.kv_proj = Linear(cfg.d_model, 2 * inner, bias=cfg.bias)
+            self.kv_proj = Linear(cfg.cross_dim or cfg.d_model, 2 * inner, bias=cfg.bias)
         else:
             self.qkv_proj = Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
         self.out_proj = Linear(inner, cfg.d_model, bias=cfg.bias)

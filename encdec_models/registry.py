@@ -23,6 +23,8 @@ ARCHITECTURES = {
     "PegasusForConditionalGeneration": "encdec_models.bart:Bart",
     "T5ForConditionalGeneration": "encdec_models.t5:T5",
     "MT5ForConditionalGeneration": "encdec_models.t5:T5",
+    "VisionEncoderDecoderModel": "encdec_models.vision:VisionEncoderDecoder",
+    "Florence2ForConditionalGeneration": "encdec_models.florence2:Florence2",
 }
 
 # config.model_type -> architecture, for configs without an ``architectures`` list
@@ -34,7 +36,11 @@ MODEL_TYPES = {
     "pegasus": "PegasusForConditionalGeneration",
     "t5": "T5ForConditionalGeneration",
     "mt5": "MT5ForConditionalGeneration",
+    "vision-encoder-decoder": "VisionEncoderDecoderModel",
+    "florence2": "Florence2ForConditionalGeneration",
 }
+# image-to-text models (encdec image-to-text)
+VISION = frozenset({"VisionEncoderDecoderModel", "Florence2ForConditionalGeneration"})
 
 WHISPER = "WhisperForConditionalGeneration"
 MULTILINGUAL_VOCAB = 51865  # English-only Whisper models have 51864 tokens; multilingual >= 51865
@@ -126,6 +132,10 @@ class ModelInfo:
     @property
     def is_whisper(self) -> bool:
         return self.architecture == WHISPER
+
+    @property
+    def is_vision(self) -> bool:
+        return self.architecture in VISION
 
 
 def _read_json(path: Path):

@@ -136,6 +136,13 @@ def check_model(name: str, command: str, language: str | None = None, task: str 
 
     path = resolve_model_path(name)
     info = inspect_model(path)
+    if (command == "image-to-text") != info.is_vision:
+        raise UsageError(
+            f"model {name!r} is an image-to-text model: use it with encdec image-to-text"
+            if info.is_vision
+            else f"model {name!r} ({info.architecture}) does not read images: image-to-text takes a vision "
+            "encoder/decoder model (TrOCR, Donut) in -m"
+        )
     if command == "transcribe" and not info.is_whisper:
         raise UsageError(
             f"model {name!r} is a text model ({info.architecture}), not a Whisper speech model: use it "

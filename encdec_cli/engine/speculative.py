@@ -387,33 +387,23 @@ class ModelDrafter(Drafter):
 
 class Extended:
     """A sequence seen with some draft tokens after its own: what the logits rules of the
-    verification row after those drafts read (token counts, n-grams, timestamps)."""
+    verification row after those drafts read (token counts, n-grams, timestamps). Plain
+    attributes: the rules read them for every row of every step."""
 
-    __slots__ = ("seq", "extra", "_tokens", "ngrams", "stop_logprob")
+    __slots__ = ("seq", "extra", "group", "num_prompt", "num_generated", "_tokens", "ngrams", "stop_logprob")
 
     def __init__(self, seq: Sequence, extra: list[int]):
-        self.seq, self.extra = seq, extra
+        self.seq, self.extra, self.group, self.num_prompt = seq, extra, seq.group, seq.num_prompt
+        self.num_generated = len(seq.tokens) + len(extra) - seq.num_prompt
         self._tokens: list[int] | None = None
         self.ngrams = None
         self.stop_logprob = None
-
-    @property
-    def group(self) -> SequenceGroup:
-        return self.seq.group
-
-    @property
-    def num_prompt(self) -> int:
-        return self.seq.num_prompt
 
     @property
     def tokens(self) -> list[int]:
         if self._tokens is None:
             self._tokens = self.seq.tokens + self.extra
         return self._tokens
-
-    @property
-    def num_generated(self) -> int:
-        return len(self.seq.tokens) + len(self.extra) - self.seq.num_prompt
 
 
 @dataclass

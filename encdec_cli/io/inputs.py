@@ -39,17 +39,22 @@ def _is_table(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in TABLE_EXTENSIONS
 
 
-def _audio_files(directory: str) -> Iterator[tuple[str, bool]]:
-    """(path, whether another audio file beside it has the same stem), recursively, sorted."""
+def _audio_files(directory: str, extensions=AUDIO_EXTENSIONS) -> Iterator[tuple[str, bool]]:
+    """(path, whether another file of ``extensions`` beside it has the same stem), recursively, sorted."""
     for root, dirs, files in os.walk(directory):
         dirs.sort()
-        audio = sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in AUDIO_EXTENSIONS and f[0] != ".")
+        audio = sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in extensions and f[0] != ".")
         stems = Counter(os.path.splitext(f)[0] for f in audio)
         for f in audio:
             yield os.path.join(root, f), stems[os.path.splitext(f)[0]] > 1
 
 
-def check_inputs(inputs: list[str], audio_column: str = "audio", id_column: str | None = None) -> None:
+def check_inputs(
+    inputs: list[str],
+    audio_column: str = "audio",
+    id_column: str | None = None,
+    column_flag: str = "--audio-column",
+) -> None:
     """Fail fast (UsageError) on INPUTS that do not exist or tables without the audio column (or
     without an ``id_column`` asked for); touches only the named paths, never walks folders."""
     for raw in inputs:
@@ -59,21 +64,21 @@ def check_inputs(inputs: list[str], audio_column: str = "audio", id_column: str 
         if not p.exists() and not p.is_symlink():
             raise UsageError(f"input {raw!r} does not exist")
         if _is_table(raw) and p.is_file():
-            _check_table_columns(p, [audio_column, *([id_column] if id_column else [])])
+            _check_table_columns(p, [audio_column, *([id_column] if id_column else [])], column_flag)
 
 
-def count_files(inputs: list[str]) -> int | None:
+def count_files(inputs: list[str], extensions=AUDIO_EXTENSIONS) -> int | None:
     """How many audio items the inputs hold, for the progress bar (names only, no stat); None when
     unknown up front (stdin lists, tables)."""
     n = 0
     for raw in inputs:
         if raw == "-" or _is_table(raw):
             return None
-        n += sum(1 for _ in _audio_files(raw)) if os.path.isdir(raw) else 1
+        n += sum(1 for _ in _audio_files(raw, extensions)) if os.path.isdir(raw) else 1
     return n
 
 
-def _check_table_columns(path: Path, columns: list[str]) -> None:
+def _check_table_columns(path: Path, columns: list[str], column_flag: str = "--audio-column") -> None:
     """A readable Parquet table without a needed column is a usage error (an unreadable one
     fails as its own item when the job reads it)."""
     if path.suffix.lower() not in (".parquet", ".pq"):
@@ -87,7 +92,7 @@ def _check_table_columns(path: Path, columns: list[str]) -> None:
         return
     for column in columns:
         if column not in names:
-            flag = "--audio-column" if column == columns[0] else "--id-column"
+            flag = column_flag if column == columns[0] else "--id-column"
             raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)} (see {flag})")
 
 
@@ -167,8 +172,11 @@ def plan_inputs(
     id_column: str | None = None,
     namer: Namer | None = None,
     warnings: list[str] | None = None,
+    extensions=AUDIO_EXTENSIONS,
+    kind: str = "audio",
 ) -> Iterator[AudioItem]:
-    """Expand INPUTS lazily into named audio items: audio files, folders (recursive), '-' (paths on
+    """Expand INPUTS lazily into named items (``kind`` files of ``extensions``; audio by default): files,
+    folders (recursive), '-' (paths on
     stdin), Parquet/JSONL tables (read row by row). Folders are walked as the job goes, so a folder
     of millions of files starts at once and costs no memory in proportion. A folder without audio
     files, or an empty stdin list, adds a message to ``warnings``. The inputs have passed
@@ -202,11 +210,12 @@ def plan_inputs(
                 yield file_item(p, file_key(p) if os.path.exists(p) else p)
         elif os.path.isdir(raw):
             found = False
-            for path, beside in _audio_files(raw):
+            for path, beside in _audio_files(raw, extensions):
                 found = True
                 yield file_item(path, file_key(path), beside)
             if not found:
-                warnings.append(f"no audio files in {raw} (searched for {SEARCHED})")
+                searched = ", ".join(f".{e}" for e in sorted(extensions))
+                warnings.append(f"no {kind} files in {raw} (searched for {searched})")
         elif _is_table(raw) and os.path.isfile(raw):
             table = file_item(raw, file_key(raw))
             yield from _table_items(raw, audio_column, id_column or "id", table, namer)

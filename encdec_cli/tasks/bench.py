@@ -1,5 +1,5 @@
-"""The standard workloads of benchmarks/WORKLOADS.md (W1..W6, T1, T2): ours vs transformers in one run
-(W6: ours with the prefix cache on vs off).
+"""The standard workloads of benchmarks/WORKLOADS.md (W1..W6, W9, T1, T2): ours vs transformers in one
+run (W6: ours with the prefix cache on vs off).
 
 Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
 suppressed before the target length, forced at it), so both systems do exactly the same work.
@@ -33,7 +33,7 @@ MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 @dataclass(frozen=True)
 class Workload:
     id: str
-    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large"
+    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large" | "florence-2-large"
     requests: int
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -76,6 +76,7 @@ WORKLOADS = {
     "W4": Workload("W4", "flan-t5-large", 1024),
     "W5": Workload("W5", "whisper-large-v3", 1, metric="tok/s"),
     "W6": Workload("W6", "whisper-large-v3", 256, metric="RTFx"),
+    "W9": Workload("W9", "florence-2-large", 512),
     **_trt_workloads("T1", "bart-large-cnn"),
     **_trt_workloads("T2", "flan-t5-xl"),
 }
@@ -100,10 +101,56 @@ def expand_ids(ids: list[str]) -> tuple[list[str], list[str]]:
 # fallback step and default best_of)
 W6_DUPLICATES, W6_FALLBACK, W6_BEST_OF, W6_TEMPERATURE = 0.25, 0.30, 5, 0.2
 
+FLORENCE_IMAGE = 768  # W9: 768 x 768 images, Florence-2's own size: (768 / 32)^2 + 1 = 577 image tokens
+FLORENCE_IMAGE_TOKEN = 51289
+# <s>, 6 text tokens, </s>: as long as the prompt Florence-2's processor makes of <CAPTION> ("<s>What does
+# the image describe?</s>"); which tokens does not change the work
+FLORENCE_CAPTION_PROMPT = [0, 2264, 473, 5, 2274, 6190, 116, 2]
+
+
+def text_config(config):
+    """The config holding a model's token ids (Florence-2: its language model's)."""
+    return getattr(config, "text_config", None) or config
+
 
 def hf_config(name: str):
     from transformers import BartConfig, T5Config, WhisperConfig
 
+    if name == "florence-2-large":
+        from transformers import Florence2Config, Florence2VisionConfig
+
+        text = BartConfig(
+            vocab_size=51290,  # 51289 BART + locations and task tokens, then the image token
+            d_model=1024,
+            encoder_layers=12,
+            decoder_layers=12,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=4096,
+            decoder_ffn_dim=4096,
+            max_position_embeddings=1024,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            decoder_start_token_id=2,
+            eos_token_id=2,
+            bos_token_id=0,
+            pad_token_id=1,
+        )
+        vision = Florence2VisionConfig(
+            depths=[1, 1, 9, 1],
+            embed_dim=[256, 512, 1024, 2048],
+            num_heads=[8, 16, 32, 64],
+            num_groups=[8, 16, 32, 64],
+            window_size=12,
+            projection_dim=1024,
+            drop_path_rate=0.0,
+        )
+        return Florence2Config(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=FLORENCE_IMAGE_TOKEN,
+            architectures=["Florence2ForConditionalGeneration"],
+        )
     if name == "whisper-large-v3":
         return WhisperConfig(
             vocab_size=51866,
@@ -165,16 +212,32 @@ def inputs_for(w: Workload):
     )
     if w.id == "W5":
         targets = np.array([128])
+    if w.model.startswith("florence"):  # captions
+        targets = np.random.default_rng(2).integers(16, 65, w.requests)
     if w.output_tokens:
         targets = np.full(w.requests, w.output_tokens)
     if w.model.startswith("whisper"):
         g = torch.Generator().manual_seed(0)
         waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(w.requests)]
         return waves, targets.tolist()
+    if w.model.startswith("florence"):
+        return florence_inputs(w.requests), targets.tolist()
     lens = np.random.default_rng(1).integers(260, 441, w.requests)
     vocab = hf_config(w.model).vocab_size
     rng = np.random.default_rng(3)
     return [rng.integers(4, vocab - 1, n).tolist() for n in lens], targets.tolist()
+
+
+def florence_inputs(n: int, size: int = FLORENCE_IMAGE) -> list[dict]:
+    """W9's encoder inputs: normalised random images (float16 on the host: 3.4 MiB each) and the
+    processor's layout of <CAPTION>: the image tokens, then <s>What does the image describe?</s>."""
+    g = torch.Generator().manual_seed(0)
+    tokens = (size // 32) ** 2 + 1
+    ids = [FLORENCE_IMAGE_TOKEN] * tokens + FLORENCE_CAPTION_PROMPT
+    return [
+        {"pixel_values": torch.randn(3, size, size, generator=g).to(torch.float16), "input_ids": ids}
+        for _ in range(n)
+    ]
 
 
 def build_models(w: Workload, device, dtype, with_hf: bool):
@@ -189,6 +252,10 @@ def build_models(w: Workload, device, dtype, with_hf: bool):
     with torch.device(device):
         if w.model.startswith("whisper"):
             hf = WhisperForConditionalGeneration(cfg)
+        elif w.model.startswith("florence"):
+            from transformers import Florence2ForConditionalGeneration
+
+            hf = Florence2ForConditionalGeneration(cfg)
         else:
             hf = AutoModelForSeq2SeqLM.from_config(cfg)
         hf = hf.to(dtype).eval()
@@ -208,6 +275,7 @@ def workload_requests(w: Workload, config, enc_inputs, targets) -> list:
     before, the length limit after), from the decoder start token."""
     from encdec_cli.engine import Request, SamplingParams
 
+    config = text_config(config)
     params = {
         t: SamplingParams(
             max_new_tokens=t,
@@ -428,8 +496,10 @@ def run_oracle_sweep(
     A plain run (look-ahead on, as ``run_ours``) records each request's greedy tokens and is the
     reference speed; then, for each K, one engine verifies K oracle drafts a step (``OracleDrafter``:
     the recorded continuation, each token wrong with probability 1 - alpha) and runs the workload
-    once per alpha. ``value(wall, tokens)``: the workload's metric. Returns (the sweep for the JSON,
-    the plain run as ``run_ours`` returns it)."""
+    once per alpha. ``value(wall, tokens)``: the workload's metric. With ``profile`` in
+    ``engine_cfg``, every run is followed by a GPU-synchronised one whose per-phase seconds
+    (schedule / encode / draft / decode / sample) go into the JSON: where the time goes. Returns
+    (the sweep for the JSON, the plain run as ``run_ours`` returns it)."""
     from encdec_cli.engine import Engine, OracleDrafter
 
     cfg = _engine_cfg(w, engine_cfg, len(enc_inputs))
@@ -447,6 +517,18 @@ def run_oracle_sweep(
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
     }
+    profile = bool(engine_cfg.get("profile"))
+
+    def phases(engine) -> dict:
+        """A second, GPU-synchronised run of the workload: seconds per step phase."""
+        engine.reset_stats(profile=True)
+        list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
+        out = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
+        engine.reset_stats(profile=False)
+        return out
+
+    if profile:
+        plain_info["profile_s"] = phases(engine)
     del engine
     _release()
     plain = value(wall, tokens)
@@ -472,6 +554,7 @@ def run_oracle_sweep(
                     **speculation_info(st),
                     "off_track_proposals": drafter.off_track,
                     "outputs_equal_to_plain": same / len(s_out),
+                    **({"profile_s": phases(engine)} if profile else {}),
                 }
             )
         del engine
@@ -508,7 +591,7 @@ class _FixedLength:
 def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int]:
     from transformers import LogitsProcessorList, WhisperFeatureExtractor
 
-    cfg = hf.config
+    cfg = text_config(hf.config)
     dev = next(hf.parameters()).device
     fe = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins) if w.model.startswith("whisper") else None
     tokens = 0
@@ -528,6 +611,10 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
         if fe is not None:
             feats = fe(xs, sampling_rate=16000, return_tensors="pt", device="cuda").input_features
             return hf.generate(input_features=feats.to(dev, hf.dtype), **kw)
+        if isinstance(xs[0], dict):  # Florence-2: images and prompts of one length
+            pixels = torch.stack([x["pixel_values"] for x in xs]).to(dev, hf.dtype)
+            ids = torch.tensor([x["input_ids"] for x in xs], device=dev)
+            return hf.generate(input_ids=ids, pixel_values=pixels, **kw)
         n = max(len(x) for x in xs)
         ids = torch.full((len(xs), n), cfg.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(xs), n), dtype=torch.long)
@@ -593,18 +680,27 @@ def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed:
     ``max_num_seqs`` sequences, each as long as the mean output.
     encoder: the encoder's matmul FLOPs (weights and attention) over this device's bf16 matmul rate."""
     params = dict(model.named_parameters())
+    florence = w.model.startswith("florence")
+    if florence:  # the BART encoder only: the vision tower's work is left out (still a lower bound)
+        params = {
+            n.removeprefix("language_model."): p for n, p in params.items() if n.startswith("language_model.")
+        }
     dec_bytes = 2 * sum(p.numel() for n, p in params.items() if not n.startswith("encoder"))
     enc_params = sum(p.numel() for n, p in params.items() if n.startswith("encoder"))
     spec = model.cache_spec
     kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V of one token, all layers
     cross_row = spec.num_layers * model.d_model * 2 if absorbed else kv_token  # per encoder position
-    enc_lens = [N_AUDIO_CTX if w.model.startswith("whisper") else len(x) for x in enc_inputs]
+    enc_lens = [
+        N_AUDIO_CTX if w.model.startswith("whisper") else len(x["input_ids"]) if florence else len(x)
+        for x in enc_inputs
+    ]
     seqs = len(targets) * w.num_beams
     steps = int(np.ceil(seqs / max_num_seqs)) * int(np.mean(targets))
     cache_bytes = sum(w.num_beams * t * (cross_row * e + kv_token * t / 2) for e, t in zip(enc_lens, targets))
     decode_s = (steps * dec_bytes + cache_bytes) / rates["copy_bytes_per_s"]
     d = spec.num_heads * spec.head_dim
-    layers = len(model.encoder.layers) if hasattr(model, "encoder") else 0
+    encoder = model.language_model.encoder if florence else getattr(model, "encoder", None)
+    layers = len(encoder.layers) if encoder is not None else 0
     enc_flops = sum(2 * enc_params * e + 4 * e * e * d * layers for e in enc_lens)
     encoder_s = enc_flops / rates["bf16_flop_per_s"]
     return {

@@ -64,10 +64,21 @@ def test_speculative_greedy_with_graphs_matches_eager(tmp_path, absorb):
                 assert graphs.replays > 0 and engine.stats.accepted_tokens > 0, name
     if absorb:
         return
-    # preemption with graphs on (a pool of 3 cross caches and a few output blocks)
-    small = dict(num_blocks=3 * 375 + 20, block_size=4, max_num_seqs=8)
-    want, _ = _run(loaded, reqs[:8], enforce_eager=True, lookahead=False, **{**small, "num_blocks": 4000})
+    # preemption with graphs on: a pool of 3 cross caches and 8 output blocks of 4 tokens, for
+    # requests of exactly 24 tokens (6 blocks each; with 20 spare blocks and the short requests
+    # above, three requests at a time fitted and nothing was preempted)
+    long = [
+        Request(
+            r.encoder_input,
+            [SOT],
+            SamplingParams(max_new_tokens=24, min_new_tokens=24, stop_token_ids=(EOT,)),
+            i,
+        )
+        for i, r in enumerate(reqs[:8])
+    ]
+    small = dict(num_blocks=3 * 375 + 8, block_size=4, max_num_seqs=8)
+    want, _ = _run(loaded, long, enforce_eager=True, lookahead=False, **{**small, "num_blocks": 4000})
     recorded = {rid: toks for rid, (toks, _) in want.items()}
     oracle = OracleDrafter(recorded, 0.9, 8, loaded.model.vocab_size)
-    got, engine = _run(loaded, reqs[:8], drafter=oracle, **small)
+    got, engine = _run(loaded, long, drafter=oracle, **small)
     assert got == want and engine.scheduler.num_preemptions > 0

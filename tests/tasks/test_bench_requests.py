@@ -10,6 +10,7 @@ from encdec_cli.tasks.bench import (
     Workload,
     hf_config,
     inputs_for,
+    text_config,
     warmup_requests,
     workload_requests,
 )
@@ -23,6 +24,7 @@ def test_workload_and_warmup_requests(wid):
     assert len(enc_inputs) == len(targets) == small.requests
     config = hf_config(w.model)
     reqs = workload_requests(small, config, enc_inputs, targets)
+    config = text_config(config)  # Florence-2 (W9): its language model's token ids
     assert [r.params.max_new_tokens for r in reqs] == targets == [r.params.min_new_tokens for r in reqs]
     assert all(r.prompt_ids == [config.decoder_start_token_id] for r in reqs)
     assert all(r.params.num_beams == w.num_beams for r in reqs)
@@ -108,7 +110,7 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
     g = torch.Generator().manual_seed(0)
     enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
     targets = [6, 9, 12]
-    cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16}
+    cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16, "profile": True}
     sweep, (wall, tokens, info) = run_oracle_sweep(
         w, loaded, enc_inputs, targets, cfg, (0.0, 1.0), (2, 3), lambda wall, tok: tok / wall
     )
@@ -121,6 +123,8 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
         assert r["acceptance_rate"] == alpha
     assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
     assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
+    assert {"encode", "draft", "decode", "sample"} <= runs[(1.0, 3)]["profile_s"].keys()
+    assert "draft" not in info["profile_s"]  # the plain run drafts nothing
 
 
 def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
@@ -139,3 +143,33 @@ def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
     assert shape == (2048, 5120, 32, 24, 32128)
     enc_inputs, targets = inputs_for(w)
     assert targets == [128] * 256 and all(260 <= len(x) <= 440 for x in enc_inputs)
+
+
+def test_w9_florence2_large_captions():
+    """W9: Florence-2-large's architecture; 768 x 768 images whose 577 image tokens (the count our
+    model computes from its DaViT strides) precede the 8-token <CAPTION> prompt; 16..64 new tokens
+    each, from </s>."""
+    import torch
+
+    from encdec_models.florence2 import Florence2
+
+    w = WORKLOADS["W9"]
+    assert (w.model, w.requests, w.num_beams) == ("florence-2-large", 512, 1)
+    small = Workload(**{**asdict(w), "requests": 3})
+    enc_inputs, targets = inputs_for(small)
+    cfg = hf_config(w.model)
+    with torch.device("meta"):
+        model = Florence2(cfg)
+    for x in enc_inputs:
+        assert tuple(x["pixel_values"].shape) == (3, 768, 768) and x["pixel_values"].device.type == "cpu"
+        assert x["input_ids"].count(cfg.image_token_id) == 577 == model.image_tokens(768, 768)
+        assert model.encoder_length(x) == 577 + 8
+    assert (
+        all(16 <= t <= 64 for t in targets)
+        and len(set(inputs_for(Workload(**{**asdict(w), "requests": 40}))[1])) > 5
+    )
+    reqs = workload_requests(small, cfg, enc_inputs, targets)
+    assert all(r.prompt_ids == [2] and r.params.stop_token_ids == (2,) for r in reqs)
+    v, t = cfg.vision_config, cfg.text_config
+    assert (list(v.embed_dim), list(v.depths), v.window_size) == ([256, 512, 1024, 2048], [1, 1, 9, 1], 12)
+    assert (t.d_model, t.encoder_layers, t.decoder_layers, t.encoder_attention_heads) == (1024, 12, 12, 16)
