@@ -18,9 +18,9 @@ ORACLE_KS = "2,4,8"
 def bench(
     workloads: list[str] = typer.Argument(
         None,
-        help="Workload ids of benchmarks/WORKLOADS.md: W1..W5 (the default), W9 (Florence-2-large "
-        "captions), T1 / T2 (TensorRT-LLM's published shapes at batch 32, 64 and 128; or one batch, "
-        "e.g. T1-B64).",
+        help="Workload ids of benchmarks/WORKLOADS.md: W1..W5 (the default), W6 (the prefix cache on "
+        "against off, no transformers baseline), W9 (Florence-2-large captions), T1 / T2 (TensorRT-LLM's "
+        "published shapes at batch 32, 64 and 128; or one batch, e.g. T1-B64).",
     ),
     baseline: str = typer.Option(
         "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."
@@ -54,6 +54,7 @@ def bench(
         help="With --data-parallel: each rank's device, comma-separated (cuda:0,cuda:0 runs two ranks on "
         "one GPU, a correctness and overhead check); default cuda:0..N-1.",
     ),
+    no_prefix_cache: common.NoPrefixCache = False,
     cross: str = typer.Option(
         "auto",
         "--cross",
@@ -128,6 +129,7 @@ def bench(
                 "enforce_eager": enforce_eager,
                 "profile": profile,
                 "absorb_cross": absorb,
+                "prefix_cache": not no_prefix_cache,
                 **({"speculative": spec} if spec else {}),
             },
             scale,
@@ -152,6 +154,15 @@ def bench(
         write_results(results, path, rates)
         summary.record(counts={"done": len(results), "failed": 0, "skipped": 0, "failed_before": 0},
                        workloads=results, output=str(path))  # fmt: skip
+        if wid == "W6":
+            pc = res["prefix_cache"]
+            typer.echo(
+                f"{wid} {res['model']:<18} {res['metric']:<13} prefix cache on {res['ours']:,.1f}  "
+                f"off {res['cache_off']:,.1f}  x{res['ratio']:.2f}  ({pc['hits']} hits, {pc['misses']} "
+                f"misses, {pc['evictions']} evictions, ~{pc['encoder_seconds_saved']:.2f} s encoder saved)",
+                err=True,
+            )
+            continue
         base = (
             f"{res['baseline']:,.1f} (batch {res['baseline_batch']})  x{res['ratio']:.2f}"
             if "baseline" in res

@@ -63,6 +63,15 @@ GpuMemory = Annotated[
     ),
 ]
 EnforceEager = Annotated[bool, typer.Option("--enforce-eager", help="Disable CUDA graphs.")]
+NoPrefixCache = Annotated[
+    bool,
+    typer.Option(
+        "--no-prefix-cache",
+        help="Turn off automatic prefix caching: by default requests with the same encoder input (a "
+        "duplicate file or row, a window decoded again at a fallback temperature, --best-of candidates) "
+        "share one encoder run and its cache, kept until the memory is needed. Outputs are the same.",
+    ),
+]
 Speculative = Annotated[
     str,
     typer.Option(
@@ -234,6 +243,7 @@ def load_engine(
     gpu_memory_utilization: float,
     enforce_eager: bool,
     quiet: bool = False,
+    no_prefix_cache: bool = False,
     **extra,
 ):
     """Load the model folder into an Engine; unless ``quiet``, say on stderr what was loaded where."""
@@ -248,6 +258,7 @@ def load_engine(
             max_num_seqs=max_num_seqs,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
+            prefix_cache=not no_prefix_cache,
             **extra,
         )
     except (RuntimeError, ModelNotFoundError) as e:  # e.g. a dtype the model cannot run in, no weights

@@ -17,6 +17,7 @@ from encdec_cli.commands.common import (
     Dtype,
     EnforceEager,
     GpuMemory,
+    NoPrefixCache,
     Quiet,
     RetryFailed,
     Speculative,
@@ -114,6 +115,7 @@ def _text_command(task: str):
         ),
         gpu_memory_utilization: GpuMemory = 0.9,
         enforce_eager: EnforceEager = False,
+        no_prefix_cache: NoPrefixCache = False,
         speculative: Speculative = "off",
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Redo every row, ignoring what an earlier run of this job saved."
@@ -177,6 +179,7 @@ def _text_command(task: str):
                 quiet,
                 **dict(zip(common.ENGINE_OPTIONS, engine_options)),
                 **({"speculative": spec} if spec else {}),
+                **({"prefix_cache": False} if no_prefix_cache else {}),
             )
         )
         if ranks is None:
@@ -186,7 +189,9 @@ def _text_command(task: str):
             (lambda: ranks)
             if ranks is not None  # the ranks start, each loading the model, when some row must run
             else functools.partial(
-                common.load_engine, *(path, device, dtype, *engine_options, quiet), speculative=spec
+                common.load_engine,
+                *(path, device, dtype, *engine_options, quiet, no_prefix_cache),
+                speculative=spec,
             ),
         )
         with errors.writing_to(output or default_output(input, opts)):

@@ -16,6 +16,7 @@ from encdec_cli.commands.common import (
     Dtype,
     EnforceEager,
     GpuMemory,
+    NoPrefixCache,
     Quiet,
     RetryFailed,
     SummaryJson,
@@ -145,6 +146,7 @@ def transcribe(
     ),
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    no_prefix_cache: NoPrefixCache = False,
     speculative: common.Speculative = "off",
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo files the output folder's manifest marks as done."
@@ -217,10 +219,11 @@ def transcribe(
             **dict(zip(common.ENGINE_OPTIONS, engine_options)),
             window=window,
             **({"speculative": spec} if spec else {}),
+            **({"prefix_cache": False} if no_prefix_cache else {}),
         )
     )
     engine = ranks or common.load_engine(
-        path, device, dtype, *engine_options, quiet, window=window, speculative=spec
+        path, device, dtype, *engine_options, quiet, no_prefix_cache, window=window, speculative=spec
     )
     with errors.writing_to(output):
         return run_transcribe(

@@ -62,6 +62,10 @@ class EngineConfig:
     # encoder, for two small matmuls per layer and step. None: on where the model asks for it
     # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= runner.ABSORB_MIN_SEQS
     absorb_cross: bool | None = None
+    # automatic prefix caching (engine/prefix_cache.py): requests with the same encoder input share
+    # one encoder run and its cross blocks, and full blocks of a shared decoder prompt prefix; the
+    # blocks stay cached once free until the pool needs them
+    prefix_cache: bool = True
     # speculative decoding (engine/speculative.py): None / "off", "ngram[:K]" (prompt lookup) or
     # "model:DIR[:K]" (a draft model with the same tokenizer); K draft tokens per step (default 4)
     speculative: str | None = None
@@ -85,6 +89,16 @@ class EngineStats:
     ahead_steps: int = 0  # steps whose model run the previous step launched (EngineConfig.lookahead)
     oom_recoveries: int = 0  # steps that ran out of device memory and were recomputed with lower limits
     preemptions: int = 0  # requests sent back to waiting for want of KV blocks
+    # prefix cache (EngineConfig.prefix_cache): requests that found their encoder output cached or
+    # shared it with a request admitted in the same step (no encoder run), requests with a
+    # cacheable input that ran the encoder, cached entries evicted for room, decoder prompt tokens
+    # whose K/V were reused, and the encoder time the hits saved (their encoder tokens x the
+    # measured encoder seconds per token)
+    prefix_cache_hits: int = 0
+    prefix_cache_misses: int = 0
+    prefix_cache_evictions: int = 0
+    prefix_cache_prompt_tokens: int = 0
+    encoder_seconds_saved: float = 0.0
     # seconds per step phase (schedule / encode / decode / sample ...), with profiling on (GPU synced)
     phase_seconds: dict[str, float] = field(default_factory=dict)
     # greedy / sampled sequences (not beams): one row per sequence and decode step, and the tokens

@@ -13,6 +13,7 @@ import torch
 
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig, EngineStats, parse_speculative
+from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, encoder_key
 from encdec_cli.engine.runner import ModelRunner
 from encdec_cli.engine.sampling import Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
@@ -64,7 +65,14 @@ class Engine:
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.max_source_len, self.max_target_len = self.runner.max_source_len, self.runner.max_target_len
         num_blocks = self.runner.num_blocks
-        self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows)
+        cache = PrefixCache() if self.config.prefix_cache else None
+        self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows, cache)
+        # what besides the input decides the cached encoder output (one engine has one of each)
+        self._key_salt = repr(
+            (self.loaded.architecture, str(self.loaded.path), str(self.dtype), self.runner.cross_block_rows,
+             self.runner.encoder_rows is not None)
+        ).encode()  # fmt: skip
+        self._encoder_clock = _EncoderClock(self.device) if cache is not None else None
         if self.device.type == "cuda" and not self.config.enforce_eager:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
@@ -128,10 +136,19 @@ class Engine:
     @property
     def stats(self) -> EngineStats:
         """Counters since the engine was made or since ``reset_stats`` (a snapshot)."""
+        cache = self.blocks.cache
+        counters = cache.counters if cache is not None else PrefixCacheCounters()
         return dataclasses.replace(
             self._stats,
             preemptions=self.scheduler.num_preemptions - self._preemptions_before,
             phase_seconds=dict(self._stats.phase_seconds),
+            prefix_cache_hits=counters.hits,
+            prefix_cache_misses=counters.misses,
+            prefix_cache_evictions=counters.evictions,
+            prefix_cache_prompt_tokens=counters.prompt_tokens_saved,
+            encoder_seconds_saved=(
+                counters.encoder_tokens_saved * self._encoder_clock.seconds_per_token() if cache else 0.0
+            ),
         )
 
     def reset_stats(self, profile: bool | None = None) -> None:
@@ -140,6 +157,8 @@ class Engine:
             self._profile = profile
         self._stats = EngineStats()
         self._preemptions_before = self.scheduler.num_preemptions
+        if self.blocks.cache is not None:
+            self.blocks.cache.counters = PrefixCacheCounters()
         self._last_tick = time.perf_counter()
 
     @property
@@ -167,9 +186,30 @@ class Engine:
         return self.runner.graphs is not None
 
     @property
+    def prefix_caching(self) -> bool:
+        """Automatic prefix caching is on (``EngineConfig.prefix_cache``)."""
+        return self.blocks.cache is not None
+
+    @property
     def absorbs_cross(self) -> bool:
         """Cross-attention reads the encoder output itself (absorbed) rather than per-layer K/V."""
         return self.runner.encoder_rows is not None
+
+    def cached_encoder_output(self, encoder_input) -> torch.Tensor | None:
+        """The encoder output [encoder length, d_model] of an input whose encoder run is still in the
+        prefix cache, read back from the cross cache (a copy), or None: not cached, evicted, or the
+        cross cache holds per-layer K/V rather than the encoder output (only the absorbed layout
+        keeps it). Lets a later pass over the same input (Whisper's word alignment) skip the
+        encoder; the values are the ones the decoder attended to."""
+        cache = self.blocks.cache
+        if cache is None or self.runner.encoder_rows is None:
+            return None
+        key = encoder_key(encoder_input, self._key_salt)
+        blocks = None if key is None else cache.lookup(key, ready_only=True)
+        if blocks is None:
+            return None
+        with torch.inference_mode():
+            return self.runner.read_encoder_rows(blocks, self.model.encoder_length(encoder_input))
 
     def set_drafter(self, drafter: Drafter) -> None:
         """Replace the speculative drafter between jobs (the engine idle), e.g. an ``OracleDrafter``
@@ -245,7 +285,10 @@ class Engine:
                 )
         except (ValueError, TypeError) as e:
             return Result(req.request_id, [], error=str(e))
-        return SequenceGroup(req, enc_len, max_new, self._order)
+        group = SequenceGroup(req, enc_len, max_new, self._order)
+        if self.blocks.cache is not None:
+            group.encoder_key = encoder_key(req.encoder_input, self._key_salt)
+        return group
 
     def step(self) -> list[Result]:
         """Schedule, encode the newly admitted, decode one token for every running sequence;
@@ -347,11 +390,19 @@ class Engine:
         self._tick("schedule")
         spec = self.speculator
         if plan.encode:
+            clock = self._encoder_clock
+            if clock is not None:
+                clock.start()
             hidden = self.runner.encode(plan.encode)
+            if clock is not None:
+                clock.stop(sum(g.encoder_len for g in plan.encode))
             if spec is not None:
                 spec.drafter.on_encode(plan.encode, hidden)
             self._tick("encode")
+        if spec is not None and plan.reused:  # no encoder run of the target's for them
+            spec.drafter.on_encode(plan.reused, None)
         if not plan.decode:
+            self.blocks.commit_cached()
             return plan.decode, None, None
         if spec is not None:
             drafts, copies = spec.propose(plan.decode)
@@ -359,8 +410,12 @@ class Engine:
                 self._tick("draft")
                 self.runner.copy_blocks(copies)
                 tokens = [d.tokens if d is not None else [] for d in drafts]
-                return plan.decode, self.runner.decode(plan.decode, drafts=tokens), drafts
-        return plan.decode, self.runner.decode(plan.decode), None
+                logits = self.runner.decode(plan.decode, drafts=tokens)
+                self.blocks.commit_cached()  # this step's cache entries are written (queued)
+                return plan.decode, logits, drafts
+        logits = self.runner.decode(plan.decode)
+        self.blocks.commit_cached()  # this step's cache entries are written (queued)
+        return plan.decode, logits, None
 
     def _forget_drafts(self, groups: list[SequenceGroup]) -> None:
         if self.speculator is not None:
@@ -503,6 +558,8 @@ class Engine:
                 "first_token": group.first_token,
                 "finish": now,
                 "encoder_len": group.encoder_len,
+                "encoder_cached": group.encoder_cached,
+                "cached_prompt_tokens": group.cached_prompt_tokens,
                 **(
                     {
                         "decode_steps": group.decode_steps,
@@ -516,3 +573,48 @@ class Engine:
             },
             first_step_probs=group.first_step_probs,
         )
+
+
+class _EncoderClock:
+    """Encoder time per encoder token, measured on the runs that happen (with the prefix cache on:
+    what a hit saves). On CUDA with events, read back only when asked, so nothing waits."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.tokens = 0
+        self._open: list[tuple[object, object, int]] = []  # CUDA (start, end, tokens) not yet read
+        self._begin: object = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+        else:
+            self._begin = time.perf_counter()
+
+    def stop(self, tokens: int) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._open.append((self._begin, end, tokens))
+            if len(self._open) > 64:
+                self._read(wait=False)
+        else:
+            self.seconds += time.perf_counter() - self._begin
+            self.tokens += tokens
+
+    def _read(self, wait: bool) -> None:
+        keep = []
+        for begin, end, tokens in self._open:
+            if wait or end.query():
+                end.synchronize()
+                self.seconds += begin.elapsed_time(end) / 1000
+                self.tokens += tokens
+            else:
+                keep.append((begin, end, tokens))
+        self._open = keep
+
+    def seconds_per_token(self) -> float:
+        self._read(wait=True)
+        return self.seconds / self.tokens if self.tokens else 0.0

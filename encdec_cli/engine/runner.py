@@ -168,6 +168,16 @@ class ModelRunner:
         rows = self.cross_block_rows
         return np.asarray(g.cross_blocks, np.int64)[p // rows] * step + offsets[p % rows]
 
+    def read_encoder_rows(self, blocks: list[int], n: int) -> torch.Tensor:
+        """Absorbed layout: the first ``n`` encoder rows held in cross blocks ``blocks`` [n, d]
+        (a copy: the blocks may be reused afterwards)."""
+        step, offsets = self._cross_layout
+        p = np.arange(n)
+        slots = self._tensor(np.asarray(blocks, np.int64)[p // self.cross_block_rows] * step
+                             + offsets[p % self.cross_block_rows], torch.long)  # fmt: skip
+        nb, rc = self.encoder_rows.shape[1], self.encoder_rows.shape[2]
+        return self.encoder_rows[slots // (nb * rc), slots // rc % nb, slots % rc]
+
     def _cross_slots(self, groups: list[SequenceGroup]) -> np.ndarray:
         """Cache slot of every encoder position of the groups, packed."""
         return np.concatenate([self._cross_positions(g, 0, g.encoder_len) for g in groups])
@@ -266,7 +276,8 @@ class ModelRunner:
             if r is None:
                 r, _ = self.self_rows.get(s.seq_id)
             table = s.block_table
-            fresh = s.num_cached == 0  # first decode since (re)admission: its blocks are new
+            # first decode since (re)admission: its blocks are new (prefix cache hits included)
+            fresh = s.num_cached == s.num_reused
             if fresh or synced.get(s.seq_id) != table:
                 self.self_tables[r, : len(table)] = table
                 synced[s.seq_id] = table.copy()

@@ -63,8 +63,9 @@ class Drafter:
     def propose(self, seqs: list[Sequence], room: list[int]) -> list[Draft | None]:
         raise NotImplementedError
 
-    def on_encode(self, groups: list[SequenceGroup], hidden: torch.Tensor) -> None:
-        """The target just ran its encoder for ``groups`` (packed output ``hidden``)."""
+    def on_encode(self, groups: list[SequenceGroup], hidden: torch.Tensor | None) -> None:
+        """The target just ran its encoder for ``groups`` (packed output ``hidden``), or (``hidden``
+        None) admitted them on a cached encoder run (prefix cache: no encoder output this step)."""
 
     def forget(self, group: SequenceGroup) -> None:
         """The group finished or was preempted: drop what is kept for it."""
@@ -282,7 +283,11 @@ class ModelDrafter(Drafter):
             self.blocks.free(sh.group.cross_blocks)
             sh.seq.block_table, sh.group.cross_blocks = [], []
 
-    def on_encode(self, groups: list[SequenceGroup], hidden: torch.Tensor) -> None:
+    def on_encode(self, groups: list[SequenceGroup], hidden: torch.Tensor | None) -> None:
+        if hidden is None and self.shares_encoder:  # nothing to write the draft's cross cache from:
+            for g in groups:  # no drafts for these requests (their own encoder would be the target's)
+                self.forget(g)
+            return
         taken: list[_Shadow | None] = []
         for g in groups:
             self.forget(g)  # re-admitted after a preemption: start again
@@ -293,7 +298,7 @@ class ModelDrafter(Drafter):
             shadow = SequenceGroup(g.request, g.encoder_len, g.max_new_tokens, g.order)
             shadow.cross_blocks = self.blocks.allocate(need)
             if g.params.temperature > 0:  # its own random stream, independent of the target's
-                gen = shadow.generator = torch.Generator(device=hidden.device)
+                gen = shadow.generator = torch.Generator(device=self.runner.device)
                 seed = g.params.seed
                 if seed is None:
                     gen.seed()

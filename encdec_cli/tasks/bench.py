@@ -1,4 +1,5 @@
-"""The standard workloads of benchmarks/WORKLOADS.md (W1..W5, W9, T1, T2): ours vs transformers in one run.
+"""The standard workloads of benchmarks/WORKLOADS.md (W1..W6, W9, T1, T2): ours vs transformers in one
+run (W6: ours with the prefix cache on vs off).
 
 Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
 suppressed before the target length, forced at it), so both systems do exactly the same work.
@@ -12,6 +13,7 @@ import gc
 import json
 import platform
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -73,6 +75,7 @@ WORKLOADS = {
     "W3": Workload("W3", "bart-large-cnn", 512, num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3),
     "W4": Workload("W4", "flan-t5-large", 1024),
     "W5": Workload("W5", "whisper-large-v3", 1, metric="tok/s"),
+    "W6": Workload("W6", "whisper-large-v3", 256, metric="RTFx"),
     "W9": Workload("W9", "florence-2-large", 512),
     **_trt_workloads("T1", "bart-large-cnn"),
     **_trt_workloads("T2", "flan-t5-xl"),
@@ -91,6 +94,12 @@ def expand_ids(ids: list[str]) -> tuple[list[str], list[str]]:
         bad += [] if members else [i]
     return out, bad
 
+
+# W6 (automatic prefix caching): a quarter of the windows are exact copies of others, and 30% of the
+# distinct windows (their copies too) are decoded again after their greedy decoding, as Whisper's
+# temperature fallback does: W6_BEST_OF candidates sampled at W6_TEMPERATURE (openai-whisper's first
+# fallback step and default best_of)
+W6_DUPLICATES, W6_FALLBACK, W6_BEST_OF, W6_TEMPERATURE = 0.25, 0.30, 5, 0.2
 
 FLORENCE_IMAGE = 768  # W9: 768 x 768 images, Florence-2's own size: (768 / 32)^2 + 1 = 577 image tokens
 FLORENCE_IMAGE_TOKEN = 51289
@@ -289,6 +298,123 @@ def warmup_requests(w: Workload, config, enc_inputs, targets) -> list:
     return workload_requests(w, config, warm, [targets[0]] * len(warm))
 
 
+def prefix_inputs(w: Workload) -> tuple[list, list[int], list[bool]]:
+    """W6's windows in submission order: (waveforms, output lengths, whether the window falls
+    back). Distinct windows: 30 s noise (torch seed 0, x 0.1) with W1's output lengths
+    (rng(0).integers(16, 193)); copies (a new array with the same samples, as a copied file would
+    give) of distinct ones picked by rng(4), shuffled in among them; the falling-back windows, also
+    from rng(4), a share of the distinct ones (a copy falls back with its original)."""
+    n = w.requests
+    n_unique = n - int(round(n * W6_DUPLICATES))
+    g = torch.Generator().manual_seed(0)
+    unique = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(n_unique)]
+    lengths = np.random.default_rng(0).integers(16, 193, n_unique)
+    rng = np.random.default_rng(4)
+    source = np.concatenate(
+        [np.arange(n_unique), rng.choice(n_unique, n - n_unique, replace=n - n_unique > n_unique)]
+    )
+    rng.shuffle(source)
+    falls = set(rng.choice(n_unique, int(round(n_unique * W6_FALLBACK)), replace=False).tolist())
+    return [unique[s].copy() for s in source], [int(lengths[s]) for s in source], [s in falls for s in source]
+
+
+def run_prefix(engine, config, waves, targets, falls) -> tuple[float, int]:
+    """One timed W6 run: every window greedy; when a falling-back window's result arrives, its
+    W6_BEST_OF sampled candidates are submitted (the same waveform again, seeded per candidate).
+    Fixed output lengths, so the cache on and off do the same decoding work. (wall s, tokens)."""
+    from encdec_cli.engine import Request, SamplingParams
+
+    eos, start = config.eos_token_id, [config.decoder_start_token_id]
+
+    def params(t: int, **kw) -> SamplingParams:
+        return SamplingParams(max_new_tokens=t, min_new_tokens=t, stop_token_ids=(eos,), **kw)
+
+    greedy = {t: params(t) for t in set(targets)}
+    pending = deque(Request(x, start, greedy[t], (i, -1)) for i, (x, t) in enumerate(zip(waves, targets)))
+    outstanding = 0
+
+    def source():
+        nonlocal outstanding
+        while pending or outstanding:
+            if pending:
+                outstanding += 1
+                yield pending.popleft()
+            else:
+                yield None  # the fallbacks of windows still running come later
+
+    tokens = 0
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    for r in engine.generate(source()):
+        outstanding -= 1
+        if r.error:
+            raise RuntimeError(f"W6 request {r.request_id} failed: {r.error}")
+        tokens += len(r.token_ids)
+        i, k = r.request_id
+        if k < 0 and falls[i]:
+            for c in range(W6_BEST_OF):
+                p = params(targets[i], temperature=W6_TEMPERATURE, seed=i * W6_BEST_OF + c)
+                pending.append(Request(waves[i], start, p, (i, c)))
+    sync()
+    return time.perf_counter() - t0, tokens
+
+
+def run_prefix_workload(w: Workload, loaded, engine_cfg: dict) -> dict:
+    """W6 with the prefix cache off, then on, in one process (same weights, same engine settings)."""
+    from encdec_cli.engine import Engine, Request, SamplingParams
+
+    waves, targets, falls = prefix_inputs(w)
+    g = torch.Generator().manual_seed(1)  # warm-up windows that are not in the workload
+    warm_waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(4)]
+    cfg = {k: v for k, v in engine_cfg.items() if k not in ("profile", "prefix_cache")}
+    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(waves) * (1 + W6_BEST_OF))
+    res: dict = {"decodings": len(waves) + W6_BEST_OF * sum(falls), "fallback_windows": sum(falls)}
+    audio_s = 30.0 * len(waves)
+    for on in (False, True):
+        engine = Engine(loaded, prefix_cache=on, **cfg)
+        start, eos = [loaded.config.decoder_start_token_id], loaded.config.eos_token_id
+        warm = [  # greedy and sampled, so both paths are compiled before the timed run
+            Request(
+                x, start, SamplingParams(max_new_tokens=8, stop_token_ids=(eos,), temperature=t, seed=0), i
+            )
+            for i, (x, t) in enumerate(zip(warm_waves, (0.0, 0.0, W6_TEMPERATURE, W6_TEMPERATURE)))
+        ]
+        list(engine.generate(warm))
+        engine.reset_stats()
+        wall, tokens = run_prefix(engine, loaded.config, waves, targets, falls)
+        stats = engine.stats
+        info = _engine_info(engine, cfg["max_num_seqs"], stats)
+        name = "ours" if on else "cache_off"
+        res.update({name: audio_s / wall, f"{name}_wall_s": wall, f"{name}_output_tokens": tokens})
+        res["engine" if on else "engine_cache_off"] = info
+        if on:
+            res["prefix_cache"] = {
+                "hits": stats.prefix_cache_hits,
+                "misses": stats.prefix_cache_misses,
+                "evictions": stats.prefix_cache_evictions,
+                "prompt_tokens": stats.prefix_cache_prompt_tokens,
+                "encoder_seconds_saved": round(stats.encoder_seconds_saved, 3),
+            }
+        del engine
+        torch.cuda.empty_cache()
+    res["ratio"] = res["ours"] / res["cache_off"]
+    return res
+
+
+def _engine_info(engine, max_num_seqs: int, stats) -> dict:
+    return {
+        "max_num_seqs": max_num_seqs,
+        "num_blocks": engine.num_blocks,
+        "preemptions": stats.preemptions,
+        "graphs": engine.uses_cuda_graphs,
+        "steps": stats.steps,
+        "ahead_steps": stats.ahead_steps,
+        "absorb_cross": engine.absorbs_cross,
+        "prefix_cache": engine.prefix_caching,
+    }
+
+
 def _engine_cfg(w: Workload, engine_cfg: dict, n: int) -> dict:
     cfg = {k: v for k, v in engine_cfg.items() if k != "profile"}
     # never more sequence slots than the workload has sequences (W5: one): the engine sizes its CUDA
@@ -350,6 +476,7 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         "steps": stats.steps,
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
+        "prefix_cache": engine.prefix_caching,
         **(speculation_info(stats) if cfg.get("speculative") else {}),
     }
     if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
@@ -600,6 +727,10 @@ def run_workload(
     if scale != 1.0:
         w = Workload(**{**asdict(w), "requests": max(1, int(w.requests * scale))})
     dev, dtype = "cuda", torch.bfloat16
+    if w.id == "W6":  # the prefix cache on vs off: no transformers baseline, no floor
+        _, loaded = build_models(w, dev, dtype, with_hf=False)
+        res = {"workload": wid, "model": w.model, "requests": w.requests, "num_beams": 1}
+        return {**res, **run_prefix_workload(w, loaded, engine_cfg), "metric": w.metric}
     enc_inputs, targets = inputs_for(w)
     hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
     audio_s = 30.0 * w.requests

@@ -150,3 +150,20 @@ class JobOutcome:
             clauses.append(f"INTERRUPTED{by} after {n} {w.items} (re-run the same command to resume)")
         line = "; ".join([line, *clauses])
         return "\n".join([f"warning: {note}" for note in self.notes + self.faults] + [line])
+
+
+def prefix_cache_details(stats) -> list[str]:
+    """The summary clause about the engine's prefix cache (``EngineStats``), when it saved work:
+    encoder inputs reused, the encoder time that saved (an estimate), entries evicted."""
+    hits, misses = stats.prefix_cache_hits, stats.prefix_cache_misses
+    if not hits and not stats.prefix_cache_prompt_tokens:
+        return []
+    clause = (
+        f"prefix cache: {hits} of {hits + misses} encoder runs reused "
+        f"(~{stats.encoder_seconds_saved:.1f} s of encoder time saved"
+    )
+    if stats.prefix_cache_prompt_tokens:
+        clause += f", {stats.prefix_cache_prompt_tokens} prompt tokens"
+    if stats.prefix_cache_evictions:
+        clause += f", {stats.prefix_cache_evictions} entries evicted"
+    return [clause + ")"]

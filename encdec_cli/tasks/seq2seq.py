@@ -35,7 +35,7 @@ from encdec_cli.tasks.data_parallel import DataParallel, RunReport, chunks
 from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import ROWS, JobOutcome
+from encdec_cli.tasks.outcome import ROWS, JobOutcome, prefix_cache_details
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.ranks import UnitRequests
 from encdec_models.loading import generation_config_of
@@ -440,6 +440,7 @@ def run_seq2seq(
         details.append(spec_line)
     if oom:
         details.append(f"{oom} out-of-memory recoveries (now at most {max_seqs} sequences per step)")
+    details += prefix_cache_details(running.stats) if isinstance(running, Engine) else []
     outcome = JobOutcome(
         opts.task,
         ROWS,

@@ -28,7 +28,7 @@ from encdec_cli.tasks import summary
 from encdec_cli.tasks.data_parallel import DataParallel
 from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import FILES, JobOutcome
+from encdec_cli.tasks.outcome import FILES, JobOutcome, prefix_cache_details
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber
 
@@ -211,9 +211,10 @@ def run_transcribe(
         failures=failed,
         warnings=warned,
         notes=notes,
-        details=[line]
-        if not isinstance(engine, DataParallel) and (line := engine.stats.speculation_summary())
-        else [],
+        details=[]
+        if isinstance(engine, DataParallel)
+        else prefix_cache_details(engine.stats)
+        + ([line] if (line := engine.stats.speculation_summary()) else []),
         faults=report.notes() if report is not None else [],
     )
     if dist is not None:

@@ -59,6 +59,41 @@ def test_floors_count_the_layout_used_and_divide_by_the_measured_rates(tmp_path)
     assert faster["floor_s"] == pytest.approx(ab["floor_s"] / 2)
 
 
+def test_w6_duplicates_fallbacks_and_prefix_cache_hits(tmp_path):
+    """W6's windows: a quarter exact copies (new arrays), 30% of the distinct windows falling back
+    (their copies with them); its run on a tiny Whisper (CPU) encodes each distinct window once
+    with the cache on (every copy and every fallback candidate a hit) and decodes the same tokens
+    as with it off."""
+    import numpy as np
+
+    from encdec_cli.engine import Engine
+    from encdec_cli.tasks.bench import W6_BEST_OF, prefix_inputs, run_prefix
+    from tests.support.text_models import single_thread
+    from tests.support.whisper_models import load_ours, random_whisper
+
+    w = Workload(**{**asdict(WORKLOADS["W6"]), "requests": 16})
+    waves, targets, falls = prefix_inputs(w)
+    keys = [x.tobytes() for x in waves]
+    assert len(waves) == 16 and len(set(keys)) == 12  # 4 copies
+    assert len({id(x) for x in waves}) == 16  # each its own array, as a copied file gives
+    assert sum(f for k, f in {k: f for k, f in zip(keys, falls)}.items()) == 4  # 30% of 12 distinct
+    for a, b in [(i, j) for i in range(16) for j in range(i) if keys[i] == keys[j]]:
+        assert falls[a] == falls[b] and targets[a] == targets[b]
+    assert np.array_equal(waves[0], prefix_inputs(w)[0][0])  # seeded
+    random_whisper(tmp_path)
+    loaded = load_ours(tmp_path)
+    short = [t % 5 + 2 for t in targets]  # shorter outputs: a CPU test
+    tokens = {}
+    for on in (False, True):
+        engine = Engine(loaded, prefix_cache=on, block_size=16, num_blocks=4000, max_num_seqs=16)
+        with single_thread():
+            wall, tokens[on] = run_prefix(engine, loaded.config, waves, short, falls)
+        stats = engine.stats
+    want = sum(short) + W6_BEST_OF * sum(t for t, f in zip(short, falls) if f)
+    assert tokens[True] == tokens[False] == want
+    assert stats.prefix_cache_misses == 12 and stats.prefix_cache_hits == 4 + W6_BEST_OF * sum(falls)
+
+
 def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkeypatch):
     """``encdec bench --speculative oracle`` on a small random Whisper (CPU; the sweep's timing is
     meaningless here, its bookkeeping is not): the plain run's tokens are the drafts; alpha 1
