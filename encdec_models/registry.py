@@ -21,6 +21,7 @@ ARCHITECTURES = {
     "MBartForConditionalGeneration": "encdec_models.bart:Bart",
     "MarianMTModel": "encdec_models.bart:Bart",
     "PegasusForConditionalGeneration": "encdec_models.bart:Bart",
+    "M2M100ForConditionalGeneration": "encdec_models.bart:Bart",  # M2M100 and NLLB-200
     "T5ForConditionalGeneration": "encdec_models.t5:T5",
     "MT5ForConditionalGeneration": "encdec_models.t5:T5",
 }
@@ -32,6 +33,7 @@ MODEL_TYPES = {
     "mbart": "MBartForConditionalGeneration",
     "marian": "MarianMTModel",
     "pegasus": "PegasusForConditionalGeneration",
+    "m2m_100": "M2M100ForConditionalGeneration",
     "t5": "T5ForConditionalGeneration",
     "mt5": "MT5ForConditionalGeneration",
 }
