@@ -2,13 +2,13 @@
 
 What differs between them (checked against transformers' modeling files):
 
-| family        | layers    | positions                                | layernorm_embedding | final stack norms |
-|---------------|-----------|------------------------------------------|---------------------|-------------------|
-| BART          | post-norm | learned, ids offset by 2                 | yes                 | no                |
-| mBART         | pre-norm  | learned, ids offset by 2                 | yes                 | yes               |
-| Marian        | post-norm | sinusoidal, sin / cos halves             | no                  | no                |
-| Pegasus       | pre-norm  | sinusoidal, sin / cos halves             | no                  | yes               |
-| M2M100 / NLLB | pre-norm  | fairseq sinusoidal, from padding_idx + 1 | no                  | yes               |
+| family        | layers | positions                         | layernorm_embedding | final norms |
+|---------------|--------|-----------------------------------|---------------------|-------------|
+| BART          | post   | learned, ids offset by 2          | yes                 | no          |
+| mBART         | pre    | learned, ids offset by 2          | yes                 | yes         |
+| Marian        | post   | sinusoidal, sin / cos halves      | no                  | no          |
+| Pegasus       | pre    | sinusoidal, sin / cos halves      | no                  | yes         |
+| M2M100 / NLLB | pre    | fairseq sinusoidal, from pad + 1  | no                  | yes         |
 
 M2M100's fairseq table (NLLB-200 is the same ``m2m_100`` model) puts position i at row
 ``pad_token_id + 1 + i`` and a pad token at the all-zero row ``pad_token_id``, computed in float32

@@ -83,7 +83,11 @@ def test_greedy_parity(model, absorbed):
             for i, t in enumerate(texts)
         ]
     engine = Engine(
-        load_model(model.path, device="cpu"), block_size=4, num_blocks=40, max_num_seqs=6, absorb_cross=absorbed
+        load_model(model.path, device="cpu"),
+        block_size=4,
+        num_blocks=40,
+        max_num_seqs=6,
+        absorb_cross=absorbed,
     )
     got = {r.request_id: r for r in engine.generate(requests)}
     assert all(r.error is None for r in got.values())
