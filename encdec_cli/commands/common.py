@@ -159,6 +159,16 @@ def check_dtype(dtype: str, device: str) -> None:
         )
 
 
+def check_tokenizer(path: Path) -> None:
+    """UsageError for a model folder without tokenizer files: the commands read and write text."""
+    from encdec_models.registry import UnsupportedModelError, check_tokenizer
+
+    try:
+        check_tokenizer(path)
+    except UnsupportedModelError as e:
+        raise UsageError(str(e)) from None
+
+
 def load_engine(
     path: Path,
     device: str,
@@ -171,6 +181,7 @@ def load_engine(
 ):
     """Load the model folder into an Engine; unless ``quiet``, say on stderr what was loaded where."""
     check_dtype(dtype, device)
+    check_tokenizer(path)
     from encdec_cli.engine import Engine
 
     try:

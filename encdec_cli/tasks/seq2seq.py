@@ -35,7 +35,7 @@ from encdec_cli.tasks.languages import example_code, language_codes, language_to
 from encdec_cli.tasks.outcome import ROWS, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
 from encdec_models.loading import generation_config_of
-from encdec_models.registry import resolve_model_path
+from encdec_models.registry import check_tokenizer, resolve_model_path
 
 TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
 UNLIMITED = 1 << 30  # a tokenizer's "no limit" model_max_length is a huge sentinel
@@ -99,6 +99,7 @@ class LazyEngine:
     @functools.cached_property
     def loaded(self) -> SimpleNamespace:
         path = resolve_model_path(self.path)
+        check_tokenizer(path)  # the job reads and writes text
         config = AutoConfig.from_pretrained(path)
         return SimpleNamespace(
             path=path,
