@@ -24,6 +24,7 @@ ARCHITECTURES = {
     "M2M100ForConditionalGeneration": "encdec_models.bart:Bart",  # M2M100 and NLLB-200
     "T5ForConditionalGeneration": "encdec_models.t5:T5",
     "MT5ForConditionalGeneration": "encdec_models.t5:T5",
+    "T5GemmaForConditionalGeneration": "encdec_models.t5gemma:T5Gemma",
 }
 
 # config.model_type -> architecture, for configs without an ``architectures`` list
@@ -36,6 +37,7 @@ MODEL_TYPES = {
     "m2m_100": "M2M100ForConditionalGeneration",
     "t5": "T5ForConditionalGeneration",
     "mt5": "MT5ForConditionalGeneration",
+    "t5gemma": "T5GemmaForConditionalGeneration",
 }
 
 WHISPER = "WhisperForConditionalGeneration"
