@@ -42,6 +42,7 @@ class LayerConfig:
     softcap: float | None = None  # Gemma: attention scores become softcap * tanh(scores / softcap)
     sandwich: bool = False  # Gemma: x + post_norm(f(pre_norm(x))) (a norm after each sub-layer too)
     cross_d_model: int | None = None  # width of the encoder output cross-attention reads (default d_model)
+    mlp_bias: bool | None = None  # the MLP's biases when they differ from the attention's (Moonshine)
 
     @classmethod
     def layer_norm_style(cls, cfg, heads: int, ffn: int, pre_norm: bool) -> LayerConfig:
@@ -101,29 +102,56 @@ class Norm(nn.Module):
 
 @dataclass(frozen=True)
 class Rotary:
-    """Rotary position embedding of a step's tokens (Llama/Gemma "rotate half" layout): cos, sin
-    [T, D]. Passed to attention in the position-bias slot; it turns q and k before the kernels."""
+    """Rotary position embedding of a step's tokens: cos, sin [T, R] for the first R <= D features
+    of each head (the rest pass unchanged: partial rotary). Layouts: "rotate half" (Llama, Gemma:
+    feature i pairs with i + R/2) or interleaved (Moonshine: feature 2i pairs with 2i + 1). Passed
+    to attention in the position-bias slot; it turns q and k before the kernels."""
 
     cos: torch.Tensor
     sin: torch.Tensor
+    interleaved: bool = False
 
     @classmethod
-    def at(cls, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> Rotary:
-        """inv_freq [D/2] float32, positions [T] -> cos/sin [T, D] (computed in float32, as
+    def at(
+        cls, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, interleaved: bool = False
+    ) -> Rotary:
+        """inv_freq [R/2] float32, positions [T] -> cos/sin [T, R] (computed in float32, as
         transformers does, then cast to the activations' dtype)."""
         freqs = positions.float()[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return cls(emb.cos().to(dtype), emb.sin().to(dtype))
+        emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
+        return cls(emb.cos().to(dtype), emb.sin().to(dtype), interleaved)
 
     def apply(self, q, k):
         """q, k: [T, H, D] -> rotated."""
         cos, sin = self.cos[:, None], self.sin[:, None]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        r = cos.shape[-1]
+        turn = _rotate_pairs if self.interleaved else _rotate_half
+
+        def one(x):
+            if r == x.shape[-1]:
+                return x * cos + turn(x) * sin
+            x_rot = x[..., :r]
+            return torch.cat((x_rot * cos + turn(x_rot) * sin, x[..., r:]), dim=-1)
+
+        return one(q), one(k)
 
 
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_pairs(x):
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def repeat_kv_heads(w: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """A grouped-query K or V projection (weight [kv_heads * D, d] or bias) with each K/V head
+    repeated for its n_rep query heads (transformers' repeat_kv order), so the caches and kernels
+    see plain multi-head attention."""
+    if n_rep == 1:
+        return w
+    return w.view(-1, head_dim, *w.shape[1:]).repeat_interleave(n_rep, 0).reshape(-1, *w.shape[1:])
 
 
 def _split_position(pos):
@@ -272,9 +300,10 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LayerConfig):
         super().__init__()
-        self.fc1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
-        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        bias = cfg.bias if cfg.mlp_bias is None else cfg.mlp_bias
+        self.fc1 = Linear(cfg.d_model, cfg.d_ff, bias=bias)
+        self.up = Linear(cfg.d_model, cfg.d_ff, bias=bias) if cfg.gated else None
+        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=bias)
         self.activation = cfg.activation
         self.act = ACT2FN[cfg.activation]
 

@@ -25,6 +25,7 @@ ARCHITECTURES = {
     "T5ForConditionalGeneration": "encdec_models.t5:T5",
     "MT5ForConditionalGeneration": "encdec_models.t5:T5",
     "T5GemmaForConditionalGeneration": "encdec_models.t5gemma:T5Gemma",
+    "MoonshineForConditionalGeneration": "encdec_models.moonshine:Moonshine",
 }
 
 # config.model_type -> architecture, for configs without an ``architectures`` list
@@ -38,6 +39,7 @@ MODEL_TYPES = {
     "t5": "T5ForConditionalGeneration",
     "mt5": "MT5ForConditionalGeneration",
     "t5gemma": "T5GemmaForConditionalGeneration",
+    "moonshine": "MoonshineForConditionalGeneration",
 }
 
 WHISPER = "WhisperForConditionalGeneration"

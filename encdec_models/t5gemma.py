@@ -34,6 +34,7 @@ from encdec_models.layers import (
     Norm,
     Rotary,
     final_norm,
+    repeat_kv_heads,
     run_layers,
 )
 from encdec_models.text import TextEncDecModel, packed_positions
@@ -147,8 +148,7 @@ class T5Gemma(TextEncDecModel):
             if m is not None:
                 stack = "decoder" if ".decoder." in name else "encoder"
                 n_rep, d = self.n_rep[stack], self.head_dims[stack]
-                if n_rep > 1:
-                    w = w.view(-1, d, *w.shape[1:]).repeat_interleave(n_rep, 0).reshape(-1, *w.shape[1:])
+                w = repeat_kv_heads(w, n_rep, d)
             yield name, w
 
     # HF "model.decoder.layers.0.cross_attn.q_proj.weight" -> "decoder.layers.0.encoder_attn.q_proj.weight"
