@@ -43,6 +43,7 @@ MODEL_TYPES = {
 }
 
 WHISPER = "WhisperForConditionalGeneration"
+SPEECH = frozenset({WHISPER, "MoonshineForConditionalGeneration"})  # architectures `transcribe` takes
 MULTILINGUAL_VOCAB = 51865  # English-only Whisper models have 51864 tokens; multilingual >= 51865
 MULTILINGUAL_EOT = 50257  # <|endoftext|> of the multilingual tokenizer (English-only: 50256)
 _LANGUAGE_TOKEN = re.compile(r"<\|([a-z]{2,3})\|>")
@@ -145,6 +146,10 @@ class ModelInfo:
     @property
     def is_whisper(self) -> bool:
         return self.architecture == WHISPER
+
+    @property
+    def is_speech(self) -> bool:
+        return self.architecture in SPEECH
 
 
 def _read_json(path: Path):

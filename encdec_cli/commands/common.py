@@ -117,16 +117,22 @@ def check_model(name: str, command: str, language: str | None = None, task: str 
 
     path = resolve_model_path(name)
     info = inspect_model(path)
-    if command == "transcribe" and not info.is_whisper:
+    if command == "transcribe" and not info.is_speech:
         raise UsageError(
             f"model {name!r} is a text model ({info.architecture}), not a Whisper speech model: use it "
             "with encdec summarize, translate or generate; transcribe takes a Whisper model (-m tiny.en, "
             "-m base)"
         )
-    if command != "transcribe" and info.is_whisper:
+    if command != "transcribe" and info.is_speech:
         raise UsageError(
-            f"model {name!r} is a Whisper speech model: use it with encdec transcribe; {command} needs a "
-            "text model (BART, mBART, Marian, Pegasus, T5, mT5) in -m"
+            f"model {name!r} is a {'Whisper' if info.is_whisper else 'Moonshine'} speech model: use it with "
+            f"encdec transcribe; {command} needs a text model (BART, mBART, Marian, Pegasus, NLLB, M2M100, "
+            "T5, mT5, T5Gemma) in -m"
+        )
+    if info.is_speech and not info.is_whisper and (task == "translate" or language not in (None, "en")):
+        raise UsageError(
+            f"{info.architecture} transcribes English only: drop --task translate / --language, or pass a "
+            "multilingual Whisper model (-m base)"
         )
     if info.multilingual is False:
         if task == "translate":

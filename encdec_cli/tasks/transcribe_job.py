@@ -27,6 +27,15 @@ from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import FILES, JobOutcome
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber
+from encdec_cli.tasks.transcribe_chunks import ChunkTranscriber
+
+
+def transcriber_for(engine: Engine, opts: TranscribeOptions):
+    """The front end and decoding rules the model folder asks for: Whisper's (log-mel windows,
+    timestamp tokens, fallback) or chunk-timed raw-waveform decoding (Moonshine)."""
+    if engine.loaded.architecture == "WhisperForConditionalGeneration":
+        return Transcriber(engine, opts)
+    return ChunkTranscriber(engine, opts)
 
 
 def check_output(output: str, formats: list[str]) -> None:
@@ -136,7 +145,7 @@ def run_transcribe(
     with guard.installed():
         try:
             with progress:
-                Transcriber(engine, opts).run(items(), on_done, on_audio=on_audio)
+                transcriber_for(engine, opts).run(items(), on_done, on_audio=on_audio)
         except KeyboardInterrupt:
             interrupted = True
         finally:
