@@ -100,6 +100,9 @@ class EncDecModel(nn.Module):
     # it pays where every request's encoder output is long (Whisper: 1500 rows); on BART's shorter
     # inputs the two extra matmuls per layer cost more than the reads they save (benchmarks/README.md)
     absorb_cross_by_default: bool = False
+    # False: decode steps cannot be captured in CUDA graphs (T5Gemma's sliding windows and soft-capping
+    # run on the reference attention, which reads sequence lengths on the host)
+    cuda_graphs: bool = True
     max_target_positions: int  # decoder positions the model supports (prompt + output)
     max_source_positions: int  # encoder tokens the model supports
     vocab_size: int

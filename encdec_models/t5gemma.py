@@ -130,6 +130,8 @@ class T5Gemma(TextEncDecModel):
         }
         self.head_dims = {"encoder": enc.head_dim, "decoder": dec.head_dim}
         self.cache_spec = CacheSpec(dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim)
+        attn = [layer.self_attn for layer in [*self.encoder.layers, *self.decoder.layers]]
+        self.cuda_graphs = not any(a.window is not None or a.softcap is not None for a in attn)
         self.max_source_positions = enc.max_position_embeddings
         self.max_target_positions = dec.max_position_embeddings
         self.source_vocab_size = enc.vocab_size

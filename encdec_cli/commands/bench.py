@@ -13,7 +13,7 @@ from encdec_cli.commands import common
 @common.command()
 def bench(
     workloads: list[str] = typer.Argument(
-        None, help="Workload ids W1..W5 of benchmarks/WORKLOADS.md (default: all)."
+        None, help="Workload ids W1..W5, W7, W8 of benchmarks/WORKLOADS.md (default: all)."
     ),
     baseline: str = typer.Option(
         "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."

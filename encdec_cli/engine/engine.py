@@ -43,7 +43,9 @@ class Engine:
         self.max_source_len, self.max_target_len = self.runner.max_source_len, self.runner.max_target_len
         num_blocks = self.runner.num_blocks
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows)
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        # a model whose attention must run on the (host-synchronising) reference runs eagerly
+        graphs_ok = getattr(self.model, "cuda_graphs", True)
+        if self.device.type == "cuda" and not self.config.enforce_eager and graphs_ok:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
             graphs = CudaGraphs(self.runner, self.config.max_num_seqs)

@@ -1,4 +1,4 @@
-"""The standard workloads of benchmarks/WORKLOADS.md (W1..W5): ours vs transformers in one process run.
+"""The standard workloads of benchmarks/WORKLOADS.md (W1..W5, W7, W8): ours vs transformers in one run.
 
 Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
 suppressed before the target length, forced at it), so both systems do exactly the same work.
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encdec_models.audio import N_AUDIO_CTX, N_SAMPLES
+from encdec_models.audio import N_AUDIO_CTX
 
+NLLB_FRA_LATN = 256057  # fra_Latn in NLLB-200's tokenizer: "translation to one language"
 COPY_BYTES = 1 << 30  # a 1 GiB device-to-device copy measures the copy bandwidth
 MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 
@@ -26,12 +27,13 @@ MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 @dataclass(frozen=True)
 class Workload:
     id: str
-    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large"
+    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large" | "nllb-200-distilled-600M" | ...
     requests: int
     num_beams: int = 1
     length_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     metric: str = "output tok/s"
+    forced_bos: int | None = None  # a token forced first (NLLB: the target language)
 
 
 WORKLOADS = {
@@ -40,11 +42,58 @@ WORKLOADS = {
     "W3": Workload("W3", "bart-large-cnn", 512, num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3),
     "W4": Workload("W4", "flan-t5-large", 1024),
     "W5": Workload("W5", "whisper-large-v3", 1, metric="tok/s"),
+    "W7": Workload("W7", "nllb-200-distilled-600M", 1024, forced_bos=NLLB_FRA_LATN),
+    "W8": Workload("W8", "moonshine-base", 512, metric="RTFx"),
 }
+AUDIO_SECONDS = {"whisper-large-v3": 30.0, "moonshine-base": 10.0}  # each request's audio
+# the inputs' token-length range and the outputs' of the text workloads (seeded rng(1), rng(2))
+TEXT_LENGTHS = {"nllb-200-distilled-600M": ((20, 61), (16, 65))}
+
+
+def is_audio(name: str) -> bool:
+    return name in AUDIO_SECONDS
 
 
 def hf_config(name: str):
-    from transformers import BartConfig, T5Config, WhisperConfig
+    from transformers import BartConfig, M2M100Config, MoonshineConfig, T5Config, WhisperConfig
+
+    if name == "nllb-200-distilled-600M":  # facebook/nllb-200-distilled-600M's config.json
+        return M2M100Config(
+            vocab_size=256206,
+            d_model=1024,
+            encoder_layers=12,
+            decoder_layers=12,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=4096,
+            decoder_ffn_dim=4096,
+            activation_function="relu",
+            max_position_embeddings=1024,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            architectures=["M2M100ForConditionalGeneration"],
+        )
+    if name == "moonshine-base":  # UsefulSensors/moonshine-base's config.json
+        return MoonshineConfig(
+            vocab_size=32768,
+            hidden_size=416,
+            intermediate_size=1664,
+            encoder_num_hidden_layers=8,
+            decoder_num_hidden_layers=8,
+            encoder_num_attention_heads=8,
+            decoder_num_attention_heads=8,
+            max_position_embeddings=194,
+            pad_head_dim_to_multiple_of=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.62},
+            decoder_start_token_id=1,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            architectures=["MoonshineForConditionalGeneration"],
+        )
 
     if name == "whisper-large-v3":
         return WhisperConfig(
@@ -99,18 +148,21 @@ def hf_config(name: str):
 
 def inputs_for(w: Workload):
     """(encoder inputs, target output lengths), seeded as benchmarks/WORKLOADS.md says."""
-    targets = (
-        np.random.default_rng(0).integers(16, 193, w.requests)
-        if w.model.startswith("whisper")
-        else np.random.default_rng(2).integers(32, 129, w.requests)
-    )
+    (in_lo, in_hi), (out_lo, out_hi) = TEXT_LENGTHS.get(w.model, ((260, 441), (32, 129)))
+    if w.model.startswith("whisper"):
+        targets = np.random.default_rng(0).integers(16, 193, w.requests)
+    elif w.model == "moonshine-base":
+        targets = np.random.default_rng(0).integers(16, 97, w.requests)
+    else:
+        targets = np.random.default_rng(2).integers(out_lo, out_hi, w.requests)
     if w.id == "W5":
         targets = np.array([128])
-    if w.model.startswith("whisper"):
+    if is_audio(w.model):
         g = torch.Generator().manual_seed(0)
-        waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(w.requests)]
+        n = int(AUDIO_SECONDS[w.model] * 16000)
+        waves = [torch.randn(n, generator=g).numpy() * 0.1 for _ in range(w.requests)]
         return waves, targets.tolist()
-    lens = np.random.default_rng(1).integers(260, 441, w.requests)
+    lens = np.random.default_rng(1).integers(in_lo, in_hi, w.requests)
     vocab = hf_config(w.model).vocab_size
     rng = np.random.default_rng(3)
     return [rng.integers(4, vocab - 1, n).tolist() for n in lens], targets.tolist()
@@ -118,7 +170,11 @@ def inputs_for(w: Workload):
 
 def build_models(w: Workload, device, dtype, with_hf: bool):
     """The transformers model (random init, seed 0) and ours with the same weights."""
-    from transformers import AutoModelForSeq2SeqLM, WhisperForConditionalGeneration
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        MoonshineForConditionalGeneration,
+        WhisperForConditionalGeneration,
+    )
 
     from encdec_models.loading import LoadedModel, build_model
     from encdec_models.registry import architecture_of
@@ -128,6 +184,8 @@ def build_models(w: Workload, device, dtype, with_hf: bool):
     with torch.device(device):
         if w.model.startswith("whisper"):
             hf = WhisperForConditionalGeneration(cfg)
+        elif w.model == "moonshine-base":
+            hf = MoonshineForConditionalGeneration(cfg)
         else:
             hf = AutoModelForSeq2SeqLM.from_config(cfg)
         hf = hf.to(dtype).eval()
@@ -152,6 +210,7 @@ def workload_requests(w: Workload, config, enc_inputs, targets) -> list:
             max_new_tokens=t,
             min_new_tokens=t,
             stop_token_ids=(config.eos_token_id,),
+            forced_tokens=() if w.forced_bos is None else ((0, w.forced_bos),),
             num_beams=w.num_beams,
             length_penalty=w.length_penalty,
             no_repeat_ngram_size=w.no_repeat_ngram_size,
@@ -246,6 +305,11 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
         )
         if w.num_beams > 1:
             kw.update(length_penalty=w.length_penalty, no_repeat_ngram_size=w.no_repeat_ngram_size)
+        if w.forced_bos is not None:
+            kw.update(forced_bos_token_id=w.forced_bos)
+        if w.model == "moonshine-base":  # equal-length clips: one [B, samples] batch, no padding
+            waves = torch.from_numpy(np.stack(xs)).to(dev, hf.dtype)
+            return hf.generate(input_values=waves, **kw)
         if fe is not None:
             feats = fe(xs, sampling_rate=16000, return_tensors="pt", device="cuda").input_features
             return hf.generate(input_features=feats.to(dev, hf.dtype), **kw)
@@ -317,7 +381,14 @@ def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed:
     spec = model.cache_spec
     kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V of one token, all layers
     cross_row = spec.num_layers * model.d_model * 2 if absorbed else kv_token  # per encoder position
-    enc_lens = [N_AUDIO_CTX if w.model.startswith("whisper") else len(x) for x in enc_inputs]
+    if w.model.startswith("whisper"):
+        enc_lens = [N_AUDIO_CTX] * len(enc_inputs)
+    elif w.model == "moonshine-base":
+        from encdec_models.moonshine import encoder_frames
+
+        enc_lens = [encoder_frames(len(x)) for x in enc_inputs]
+    else:
+        enc_lens = [len(x) for x in enc_inputs]
     seqs = len(targets) * w.num_beams
     steps = int(np.ceil(seqs / max_num_seqs)) * int(np.mean(targets))
     cache_bytes = sum(w.num_beams * t * (cross_row * e + kv_token * t / 2) for e, t in zip(enc_lens, targets))
@@ -352,7 +423,7 @@ def run_workload(
     ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
     rates = rates or device_rates()
     fl = floors(w, loaded.model, enc_inputs, targets, info["max_num_seqs"], info["absorb_cross"], rates)
-    audio_s = 30.0 * w.requests
+    audio_s = AUDIO_SECONDS.get(w.model, 30.0) * w.requests
     res = {
         "workload": wid,
         "model": w.model,
