@@ -29,7 +29,8 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 class EncoderBatch:
     """Packed encoder inputs for one encoder run.
 
-    inputs: model-specific tensor (Whisper: waveforms [B, N_SAMPLES]; text models: token ids [T]).
+    inputs: model-specific tensor (Whisper: waveforms [B, N_SAMPLES]; text models: token ids [T];
+    Moonshine: every item's samples concatenated, item i at input_offsets[i]:input_offsets[i+1]).
     cu_seqlens: [B+1] int32 offsets of each sequence in the packed encoder output.
     max_seqlen: longest encoder sequence of the batch.
     """
@@ -37,6 +38,7 @@ class EncoderBatch:
     inputs: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    input_offsets: list[int] | None = None  # raw-waveform models: each item's samples in ``inputs``
 
 
 @dataclass
@@ -98,6 +100,9 @@ class EncDecModel(nn.Module):
     # it pays where every request's encoder output is long (Whisper: 1500 rows); on BART's shorter
     # inputs the two extra matmuls per layer cost more than the reads they save (benchmarks/README.md)
     absorb_cross_by_default: bool = False
+    # False: decode steps cannot be captured in CUDA graphs (T5Gemma's sliding windows and soft-capping
+    # run on the reference attention, which reads sequence lengths on the host)
+    cuda_graphs: bool = True
     max_target_positions: int  # decoder positions the model supports (prompt + output)
     max_source_positions: int  # encoder tokens the model supports
     vocab_size: int

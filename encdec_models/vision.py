@@ -256,7 +256,7 @@ class VisionEncoderDecoder(TextEncDecModel):
         # transformers projects the encoder output when the widths differ and the decoder does not
         # cross-attend to the encoder's width itself
         self.enc_to_dec_proj = nn.Linear(enc_d, d) if enc_d != d and cross is None else None
-        lc = dataclasses.replace(lc, cross_dim=cross or d)
+        lc = dataclasses.replace(lc, cross_d_model=cross or d)
         self.decoder = BartStack(stack_cfg, variant, nn.ModuleList(DecoderLayer(lc) for _ in range(n_layers)))
         self.decoder.embed_tokens = nn.Embedding(dec_cfg.vocab_size, d)
         self.lm_head = nn.Linear(d, dec_cfg.vocab_size, bias=False)

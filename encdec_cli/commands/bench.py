@@ -19,7 +19,8 @@ def bench(
     workloads: list[str] = typer.Argument(
         None,
         help="Workload ids of benchmarks/WORKLOADS.md: W1..W5 (the default), W6 (the prefix cache on "
-        "against off, no transformers baseline), W9 (Florence-2-large captions), T1 / T2 (TensorRT-LLM's "
+        "against off, no transformers baseline), W7 (NLLB-200 translation), W8 (Moonshine), W9 "
+        "(Florence-2-large captions), T1 / T2 (TensorRT-LLM's "
         "published shapes at batch 32, 64 and 128; or one batch, e.g. T1-B64).",
     ),
     baseline: str = typer.Option(

@@ -193,16 +193,22 @@ def check_model(name: str, command: str, language: str | None = None, task: str 
             else f"model {name!r} ({info.architecture}) does not read images: image-to-text takes a vision "
             "encoder/decoder model (TrOCR, Donut) in -m"
         )
-    if command == "transcribe" and not info.is_whisper:
+    if command == "transcribe" and not info.is_speech:
         raise UsageError(
             f"model {name!r} is a text model ({info.architecture}), not a Whisper speech model: use it "
             "with encdec summarize, translate or generate; transcribe takes a Whisper model (-m tiny.en, "
             "-m base)"
         )
-    if command != "transcribe" and info.is_whisper:
+    if command != "transcribe" and info.is_speech:
         raise UsageError(
-            f"model {name!r} is a Whisper speech model: use it with encdec transcribe; {command} needs a "
-            "text model (BART, mBART, Marian, Pegasus, T5, mT5) in -m"
+            f"model {name!r} is a {'Whisper' if info.is_whisper else 'Moonshine'} speech model: use it with "
+            f"encdec transcribe; {command} needs a text model (BART, mBART, Marian, Pegasus, NLLB, M2M100, "
+            "T5, mT5, T5Gemma) in -m"
+        )
+    if info.is_speech and not info.is_whisper and (task == "translate" or language not in (None, "en")):
+        raise UsageError(
+            f"{info.architecture} transcribes English only: drop --task translate / --language, or pass a "
+            "multilingual Whisper model (-m base)"
         )
     if info.multilingual is False:
         if task == "translate":
@@ -235,6 +241,16 @@ def check_dtype(dtype: str, device: str) -> None:
         )
 
 
+def check_tokenizer(path: Path) -> None:
+    """UsageError for a model folder without tokenizer files: the commands read and write text."""
+    from encdec_models.registry import UnsupportedModelError, check_tokenizer
+
+    try:
+        check_tokenizer(path)
+    except UnsupportedModelError as e:
+        raise UsageError(str(e)) from None
+
+
 def load_engine(
     path: Path,
     device: str,
@@ -248,6 +264,7 @@ def load_engine(
 ):
     """Load the model folder into an Engine; unless ``quiet``, say on stderr what was loaded where."""
     check_dtype(dtype, device)
+    check_tokenizer(path)
     from encdec_cli.engine import Engine
 
     try:

@@ -28,7 +28,10 @@ from encdec_cli.errors import UsageError
 # task -> (its result column, the first line of its help)
 TEXT_TASKS = {
     "summarize": ("summary", "Summarize each row's text with a BART/Pegasus/T5-family model."),
-    "translate": ("translation", "Translate each row's text with a Marian/mBART/T5-family model."),
+    "translate": (
+        "translation",
+        "Translate each row's text with a Marian, mBART, NLLB-200, M2M100 or T5-family model.",
+    ),
     "generate": (
         "generated",
         "Run any supported encoder/decoder text model on each row's text (raw generation).",
@@ -65,12 +68,23 @@ def _text_command(task: str):
             "'summarize: '. Default: the model's own task prefix, if any.",
         ),
         source_lang: str | None = typer.Option(
-            None, "--source-lang", help="mBART-style source language code, e.g. en_XX."
+            None,
+            "--source-lang",
+            help="Language code of the inputs, as the model's tokenizer spells it: en_XX (mBART-50), "
+            "eng_Latn (NLLB-200), en (M2M100).",
         ),
         target_lang: str | None = typer.Option(
             None,
             "--target-lang",
-            help="mBART-style target language code, e.g. de_DE (forced as the first output token).",
+            help="Language code of the outputs, e.g. de_DE, fra_Latn or fr (forced as the first output "
+            "token). NLLB-200 and M2M100 need it (or --target-lang-column). An unknown code is an error "
+            "listing close matches.",
+        ),
+        target_lang_column: str | None = typer.Option(
+            None,
+            "--target-lang-column",
+            help="Input column with each row's target language code: rows into different languages run "
+            "together in one job (a row with an unknown code gets an error).",
         ),
         num_beams: int | None = typer.Option(None, "--num-beams", help="Beam search width (1 = greedy)."),
         num_return_sequences: int | None = typer.Option(
@@ -156,6 +170,7 @@ def _text_command(task: str):
             prefix=prefix,
             source_lang=source_lang,
             target_lang=target_lang,
+            target_lang_column=target_lang_column,
             truncate=truncate,
             generation={k: v for k, v in gen.items() if v is not None},
         )
@@ -182,6 +197,11 @@ def _text_command(task: str):
                 **({"prefix_cache": False} if no_prefix_cache else {}),
             )
         )
+        if ranks is not None and target_lang_column:
+            raise UsageError(
+                "--target-lang-column runs in one process for now: leave out --data-parallel (or use "
+                "--target-lang, one language per job)"
+            )
         if ranks is None:
             common.check_dtype(dtype, device)
         engine = LazyEngine(  # loaded when some row must run: a finished job run again never loads it

@@ -1,4 +1,4 @@
-"""``encdec transcribe``: speech to text with Whisper (the job: encdec_cli.tasks.transcribe_job)."""
+"""``encdec transcribe``: speech to text with Whisper or Moonshine (the job: tasks.transcribe_job)."""
 
 from __future__ import annotations
 
@@ -159,7 +159,9 @@ def transcribe(
 
     Long audio: cut into 30 s windows at quiet points, or window after window (--long-form).
     Windows of all files are batched together.
-    Segments are timed by Whisper's timestamp tokens (--no-timestamps: one per window).
+    Segments are timed by Whisper's timestamp tokens (--no-timestamps: one per window). A Moonshine
+    model reads each quiet-point chunk's raw waveform and has no timestamp tokens: its segments are
+    the chunks, timed by their boundaries (Whisper-only options do not apply to it).
     Repetitive or unlikely windows are redone at higher temperatures; silent ones are skipped.
     Writes INPUT.{txt,srt,vtt,tsv,json} per input; a manifest in the output folder makes re-runs
     skip finished files. Exit status: 0 all done, 1 some files failed (now or, skipped now, in an

@@ -73,7 +73,9 @@ class Engine:
              self.runner.encoder_rows is not None)
         ).encode()  # fmt: skip
         self._encoder_clock = _EncoderClock(self.device) if cache is not None else None
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        # a model whose attention must run on the (host-synchronising) reference runs eagerly
+        graphs_ok = getattr(self.model, "cuda_graphs", True)
+        if self.device.type == "cuda" and not self.config.enforce_eager and graphs_ok:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
             graphs = CudaGraphs(self.runner, self.config.max_num_seqs)

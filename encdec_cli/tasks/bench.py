@@ -1,4 +1,4 @@
-"""The standard workloads of benchmarks/WORKLOADS.md (W1..W6, W9, T1, T2): ours vs transformers in one
+"""The standard workloads of benchmarks/WORKLOADS.md (W1..W9, T1, T2): ours vs transformers in one
 run (W6: ours with the prefix cache on vs off).
 
 Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
@@ -26,6 +26,7 @@ from encdec_models.audio import N_AUDIO_CTX, N_SAMPLES
 # lengths swept by ``encdec bench --speculative oracle``
 ORACLE_ALPHAS = (0.0, 0.5, 0.7, 0.9)
 ORACLE_KS = (2, 4, 8)
+NLLB_FRA_LATN = 256057  # fra_Latn in NLLB-200's tokenizer: "translation to one language"
 COPY_BYTES = 1 << 30  # a 1 GiB device-to-device copy measures the copy bandwidth
 MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 
@@ -33,7 +34,7 @@ MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 @dataclass(frozen=True)
 class Workload:
     id: str
-    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large" | "florence-2-large"
+    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large" | "nllb-200-distilled-600M" | ...
     requests: int
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -44,6 +45,7 @@ class Workload:
     output_tokens: int | None = None
     batch: int | None = None
     published: tuple[tuple[str, float], ...] = ()  # TensorRT-LLM's published H100 tok/s at this batch
+    forced_bos: int | None = None  # a token forced first (NLLB: the target language)
 
 
 # TensorRT-LLM's published H100 numbers (bf16, greedy, 260-440 input tokens, 128 output tokens):
@@ -77,6 +79,8 @@ WORKLOADS = {
     "W5": Workload("W5", "whisper-large-v3", 1, metric="tok/s"),
     "W6": Workload("W6", "whisper-large-v3", 256, metric="RTFx"),
     "W9": Workload("W9", "florence-2-large", 512),
+    "W7": Workload("W7", "nllb-200-distilled-600M", 1024, forced_bos=NLLB_FRA_LATN),
+    "W8": Workload("W8", "moonshine-base", 512, metric="RTFx"),
     **_trt_workloads("T1", "bart-large-cnn"),
     **_trt_workloads("T2", "flan-t5-xl"),
 }
@@ -113,8 +117,55 @@ def text_config(config):
     return getattr(config, "text_config", None) or config
 
 
+AUDIO_SECONDS = {"whisper-large-v3": 30.0, "moonshine-base": 10.0}  # each request's audio
+# the inputs' token-length range and the outputs' of the text workloads (seeded rng(1), rng(2))
+TEXT_LENGTHS = {"nllb-200-distilled-600M": ((20, 61), (16, 65))}
+
+
+def is_audio(name: str) -> bool:
+    return name in AUDIO_SECONDS
+
+
 def hf_config(name: str):
-    from transformers import BartConfig, T5Config, WhisperConfig
+    from transformers import BartConfig, M2M100Config, MoonshineConfig, T5Config, WhisperConfig
+
+    if name == "nllb-200-distilled-600M":  # facebook/nllb-200-distilled-600M's config.json
+        return M2M100Config(
+            vocab_size=256206,
+            d_model=1024,
+            encoder_layers=12,
+            decoder_layers=12,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=4096,
+            decoder_ffn_dim=4096,
+            activation_function="relu",
+            max_position_embeddings=1024,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            architectures=["M2M100ForConditionalGeneration"],
+        )
+    if name == "moonshine-base":  # UsefulSensors/moonshine-base's config.json
+        return MoonshineConfig(
+            vocab_size=32768,
+            hidden_size=416,
+            intermediate_size=1664,
+            encoder_num_hidden_layers=8,
+            decoder_num_hidden_layers=8,
+            encoder_num_attention_heads=8,
+            decoder_num_attention_heads=8,
+            max_position_embeddings=194,
+            pad_head_dim_to_multiple_of=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.62},
+            decoder_start_token_id=1,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            architectures=["MoonshineForConditionalGeneration"],
+        )
 
     if name == "florence-2-large":
         from transformers import Florence2Config, Florence2VisionConfig
@@ -205,24 +256,27 @@ def hf_config(name: str):
 
 def inputs_for(w: Workload):
     """(encoder inputs, target output lengths), seeded as benchmarks/WORKLOADS.md says."""
-    targets = (
-        np.random.default_rng(0).integers(16, 193, w.requests)
-        if w.model.startswith("whisper")
-        else np.random.default_rng(2).integers(32, 129, w.requests)
-    )
+    (in_lo, in_hi), (out_lo, out_hi) = TEXT_LENGTHS.get(w.model, ((260, 441), (32, 129)))
+    if w.model.startswith("whisper"):
+        targets = np.random.default_rng(0).integers(16, 193, w.requests)
+    elif w.model == "moonshine-base":
+        targets = np.random.default_rng(0).integers(16, 97, w.requests)
+    else:
+        targets = np.random.default_rng(2).integers(out_lo, out_hi, w.requests)
     if w.id == "W5":
         targets = np.array([128])
     if w.model.startswith("florence"):  # captions
         targets = np.random.default_rng(2).integers(16, 65, w.requests)
     if w.output_tokens:
         targets = np.full(w.requests, w.output_tokens)
-    if w.model.startswith("whisper"):
+    if is_audio(w.model):
         g = torch.Generator().manual_seed(0)
-        waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(w.requests)]
+        n = int(AUDIO_SECONDS[w.model] * 16000)
+        waves = [torch.randn(n, generator=g).numpy() * 0.1 for _ in range(w.requests)]
         return waves, targets.tolist()
     if w.model.startswith("florence"):
         return florence_inputs(w.requests), targets.tolist()
-    lens = np.random.default_rng(1).integers(260, 441, w.requests)
+    lens = np.random.default_rng(1).integers(in_lo, in_hi, w.requests)
     vocab = hf_config(w.model).vocab_size
     rng = np.random.default_rng(3)
     return [rng.integers(4, vocab - 1, n).tolist() for n in lens], targets.tolist()
@@ -242,7 +296,11 @@ def florence_inputs(n: int, size: int = FLORENCE_IMAGE) -> list[dict]:
 
 def build_models(w: Workload, device, dtype, with_hf: bool):
     """The transformers model (random init, seed 0) and ours with the same weights."""
-    from transformers import AutoModelForSeq2SeqLM, WhisperForConditionalGeneration
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        MoonshineForConditionalGeneration,
+        WhisperForConditionalGeneration,
+    )
 
     from encdec_models.loading import LoadedModel, build_model
     from encdec_models.registry import architecture_of
@@ -256,6 +314,8 @@ def build_models(w: Workload, device, dtype, with_hf: bool):
             from transformers import Florence2ForConditionalGeneration
 
             hf = Florence2ForConditionalGeneration(cfg)
+        elif w.model == "moonshine-base":
+            hf = MoonshineForConditionalGeneration(cfg)
         else:
             hf = AutoModelForSeq2SeqLM.from_config(cfg)
         hf = hf.to(dtype).eval()
@@ -281,6 +341,7 @@ def workload_requests(w: Workload, config, enc_inputs, targets) -> list:
             max_new_tokens=t,
             min_new_tokens=t,
             stop_token_ids=(config.eos_token_id,),
+            forced_tokens=() if w.forced_bos is None else ((0, w.forced_bos),),
             num_beams=w.num_beams,
             length_penalty=w.length_penalty,
             no_repeat_ngram_size=w.no_repeat_ngram_size,
@@ -608,6 +669,11 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
         )
         if w.num_beams > 1:
             kw.update(length_penalty=w.length_penalty, no_repeat_ngram_size=w.no_repeat_ngram_size)
+        if w.forced_bos is not None:
+            kw.update(forced_bos_token_id=w.forced_bos)
+        if w.model == "moonshine-base":  # equal-length clips: one [B, samples] batch, no padding
+            waves = torch.from_numpy(np.stack(xs)).to(dev, hf.dtype)
+            return hf.generate(input_values=waves, **kw)
         if fe is not None:
             feats = fe(xs, sampling_rate=16000, return_tensors="pt", device="cuda").input_features
             return hf.generate(input_features=feats.to(dev, hf.dtype), **kw)
@@ -690,10 +756,14 @@ def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed:
     spec = model.cache_spec
     kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V of one token, all layers
     cross_row = spec.num_layers * model.d_model * 2 if absorbed else kv_token  # per encoder position
-    enc_lens = [
-        N_AUDIO_CTX if w.model.startswith("whisper") else len(x["input_ids"]) if florence else len(x)
-        for x in enc_inputs
-    ]
+    if w.model.startswith("whisper"):
+        enc_lens = [N_AUDIO_CTX] * len(enc_inputs)
+    elif w.model == "moonshine-base":
+        from encdec_models.moonshine import encoder_frames
+
+        enc_lens = [encoder_frames(len(x)) for x in enc_inputs]
+    else:
+        enc_lens = [len(x["input_ids"]) if florence else len(x) for x in enc_inputs]
     seqs = len(targets) * w.num_beams
     steps = int(np.ceil(seqs / max_num_seqs)) * int(np.mean(targets))
     cache_bytes = sum(w.num_beams * t * (cross_row * e + kv_token * t / 2) for e, t in zip(enc_lens, targets))
@@ -733,7 +803,7 @@ def run_workload(
         return {**res, **run_prefix_workload(w, loaded, engine_cfg), "metric": w.metric}
     enc_inputs, targets = inputs_for(w)
     hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
-    audio_s = 30.0 * w.requests
+    audio_s = AUDIO_SECONDS.get(w.model, 30.0) * w.requests
 
     def metric_of(wall: float, tokens: int) -> float:
         return audio_s / wall if w.metric == "RTFx" else tokens / wall

@@ -30,16 +30,18 @@ from encdec_cli.engine import Engine, Request, Result, SamplingParams
 from encdec_cli.errors import UsageError
 from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
+from encdec_cli.io.tables.sources import missing_column
 from encdec_cli.tasks import summary
 from encdec_cli.tasks.data_parallel import DataParallel, RunReport, chunks
 from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
+from encdec_cli.tasks.languages import example_code, language_codes, language_token_id
 from encdec_cli.tasks.outcome import ROWS, JobOutcome, prefix_cache_details
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.ranks import UnitRequests
 from encdec_models.loading import generation_config_of
-from encdec_models.registry import resolve_model_path
+from encdec_models.registry import check_tokenizer, resolve_model_path
 
 TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
 UNLIMITED = 1 << 30  # a tokenizer's "no limit" model_max_length is a huge sentinel
@@ -52,14 +54,17 @@ class Seq2SeqOptions:
     column: str = "text"  # input column
     output_column: str | None = None  # default: summary / translation / generated
     prefix: str | None = None  # prepended to each text; None: the model's task prefix (T5), else ""
-    source_lang: str | None = None  # mBART-style language code of the inputs, e.g. en_XX
-    target_lang: str | None = None  # mBART-style language code of the outputs (forced first token)
+    source_lang: str | None = None  # language code of the inputs: en_XX (mBART), eng_Latn (NLLB), en (M2M100)
+    target_lang: str | None = None  # language code of the outputs (forced first token)
+    target_lang_column: str | None = None  # input column with each row's target language code
     truncate: bool = True  # cut inputs longer than the model's limit (counted); False: row error
     generation: dict = field(default_factory=dict)  # GenerationConfig-named overrides (None = keep)
 
     def __post_init__(self):
         if self.task not in TASK_COLUMNS:
             raise ValueError(f"unknown task {self.task!r}")
+        if self.target_lang and self.target_lang_column:
+            raise ValueError("pass --target-lang or --target-lang-column, not both")
 
     @property
     def result_column(self) -> str:
@@ -100,6 +105,7 @@ class LazyEngine:
     @functools.cached_property
     def loaded(self) -> SimpleNamespace:
         path = resolve_model_path(self.path)
+        check_tokenizer(path)  # the job reads and writes text
         config = AutoConfig.from_pretrained(path)
         return SimpleNamespace(
             path=path,
@@ -125,7 +131,7 @@ class TextEncoder:
         )
         self.prefix = opts.prefix if opts.prefix is not None else task_params.get("prefix", "")
         if opts.source_lang:
-            self._check_lang(opts.source_lang, "--source-lang")
+            language_token_id(self.tok, opts.source_lang, "--source-lang")
             self.tok.src_lang = opts.source_lang
         self.max_len: int | None = None  # see fit()
         self.truncate = opts.truncate
@@ -136,12 +142,6 @@ class TextEncoder:
         limits = [max_source_len, getattr(self.tok, "model_max_length", None)]
         limits = [x for x in limits if x and x < UNLIMITED]
         self.max_len = min(limits) if limits else None
-
-    def _check_lang(self, code: str, flag: str) -> int:
-        tid = self.tok.convert_tokens_to_ids(code)
-        if tid is None or tid == self.tok.unk_token_id:
-            raise ValueError(f"{flag} {code!r} is not a language code of this model's tokenizer")
-        return tid
 
     def encode(self, text: str) -> list[int]:
         ids = self.tok(self.prefix + text, add_special_tokens=True)["input_ids"]
@@ -252,6 +252,19 @@ def _run_ranks(pool: DataParallel, work: TextWork, to_run, rows: dict, write, en
     return pool.run(work, units, on_result, on_failed, remaining)
 
 
+def _check_target_needed(loaded: SimpleNamespace, tok) -> None:
+    """A many-to-many model (NLLB-200, M2M100) translates into the language it is told: without
+    --target-lang (or a forced first token in its generation config) there is no translation."""
+    if getattr(loaded.config, "model_type", None) != "m2m_100" or not language_codes(tok):
+        return
+    if getattr(loaded.generation_config, "forced_bos_token_id", None) is not None:
+        return
+    raise ValueError(
+        f"this model translates into any of its {len(language_codes(tok))} languages: pass --target-lang "
+        f"(e.g. --target-lang {example_code(tok)}) or --target-lang-column"
+    )
+
+
 def run_seq2seq(
     engine: LazyEngine,
     input_path: str,
@@ -277,13 +290,33 @@ def run_seq2seq(
     prompt = decoder_prompt(gen, engine.loaded.config)
     overrides = dict(opts.generation)
     if opts.target_lang:
-        overrides["forced_bos_token_id"] = enc._check_lang(opts.target_lang, "--target-lang")
+        overrides["forced_bos_token_id"] = language_token_id(enc.tok, opts.target_lang, "--target-lang")
+    elif opts.task == "translate" and not opts.target_lang_column:
+        _check_target_needed(engine.loaded, enc.tok)
     params = sampling_params_from_generation_config(gen, len(prompt), overrides)
     if speculative and params.num_beams > 1:
         raise ValueError(
             f"--speculative cannot be combined with beam search, and this model's generation config "
             f"asks for {params.num_beams} beams: pass --num-beams 1 (or --speculative off)"
         )
+    row_params: dict[str, object] = {}  # --target-lang-column: language code -> SamplingParams
+
+    def params_of(row: Row):
+        """The row's SamplingParams (its own target language with --target-lang-column)."""
+        if not opts.target_lang_column:
+            return params
+        code = (row.record or {}).get(opts.target_lang_column)
+        code = code.strip() if isinstance(code, str) else code
+        if not code:
+            raise ValueError(f"no target language in column {opts.target_lang_column!r}")
+        if code not in row_params:
+            what = f"target language (column {opts.target_lang_column!r})"
+            tid = language_token_id(enc.tok, str(code), what)
+            row_params[code] = sampling_params_from_generation_config(
+                gen, len(prompt), {**overrides, "forced_bos_token_id": tid}
+            )
+        return row_params[code]
+
     output = output or default_output(input_path, opts)
     if input_path != "-" and output != "-" and Path(output).resolve() == Path(input_path).resolve():
         raise TableError(f"the output {output} would overwrite the input; choose another -o/--output")
@@ -296,6 +329,9 @@ def run_seq2seq(
         dist.start()
     src = open_table(input_path, opts.column)
     stdin = input_path == "-"
+    if opts.target_lang_column and src.columns and opts.target_lang_column not in src.columns:
+        src.close()  # (JSON Lines: the first object's columns; a later row without it fails alone)
+        raise missing_column(opts.target_lang_column, f"--target-lang-column: {input_path}", src.columns)
     first = dist is None or dist.rank == 0  # opens the output first, merges it at the end
     try:
         sink_options = SinkOptions(
@@ -372,11 +408,12 @@ def run_seq2seq(
     def requests() -> Iterator[Request]:
         for row in to_run():
             try:
+                row_sp = params_of(row)  # ValueError: an unknown target language in its column
                 ids = enc.encode(row.text)
             except Exception as e:
                 write(rows.pop(row.row_id), None, encode_error(e))
                 continue
-            yield Request(ids, list(prompt), params, row.row_id)
+            yield Request(ids, list(prompt), row_sp, row.row_id)
 
     def write(row: Row, value, error: str | None, tokens: int = 0) -> None:
         nonlocal failed

@@ -139,6 +139,7 @@ class Transcriber:
         self.engine = engine
         self.opts = opts or TranscribeOptions()
         self.prompts = WhisperPrompts(engine, self.opts)
+        self.opts = self.prompts.opts  # timestamps off for a model without timestamp tokens
         self.tokenizer = engine.tokenizer
         self.sequential = self.opts.long_form == "sequential"
         self.n_mels = getattr(engine.model, "n_mels", 80)

@@ -31,6 +31,15 @@ from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.outcome import FILES, JobOutcome, prefix_cache_details
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber
+from encdec_cli.tasks.transcribe_chunks import ChunkTranscriber
+
+
+def transcriber_for(engine: Engine, opts: TranscribeOptions):
+    """The front end and decoding rules the model folder asks for: Whisper's (log-mel windows,
+    timestamp tokens, fallback) or chunk-timed raw-waveform decoding (Moonshine)."""
+    if engine.loaded.architecture == "WhisperForConditionalGeneration":
+        return Transcriber(engine, opts)
+    return ChunkTranscriber(engine, opts)
 
 
 def check_output(output: str, formats: list[str]) -> None:
@@ -72,7 +81,7 @@ class TranscribeWork:
                 item.index = unit
                 yield item
 
-        Transcriber(engine, self.opts).run(
+        transcriber_for(engine, self.opts).run(
             items(),
             lambda item, transcript, error: result(item.index, (transcript, error), True),
             on_audio=lambda *amounts: progress(amounts),
@@ -188,7 +197,7 @@ def run_transcribe(
                         on_progress=lambda amounts: on_audio(*amounts),
                     )
                 else:
-                    Transcriber(engine, opts).run(items(), on_done, on_audio=on_audio)
+                    transcriber_for(engine, opts).run(items(), on_done, on_audio=on_audio)
         except KeyboardInterrupt:
             interrupted = True
         finally:

@@ -110,7 +110,9 @@ class WordAligner:
         self.model = engine.model
         self.tokenizer = engine.tokenizer
         self.eot = engine.tokenizer.get_vocab()["<|endoftext|>"]
-        self.no_timestamps = engine.tokenizer.get_vocab()["<|notimestamps|>"]
+        self.no_timestamps = engine.tokenizer.get_vocab().get("<|notimestamps|>")
+        if self.no_timestamps is None:
+            raise ValueError("--word-timestamps needs a tokenizer with <|notimestamps|>; this one has none")
         self.encoder_runs_saved = 0  # windows whose encoder output came from the prefix cache
         self.heads: dict[int, list[int]] = {}
         for layer, head in alignment_heads(engine):

@@ -173,3 +173,58 @@ def test_w9_florence2_large_captions():
     v, t = cfg.vision_config, cfg.text_config
     assert (list(v.embed_dim), list(v.depths), v.window_size) == ([256, 512, 1024, 2048], [1, 1, 9, 1], 12)
     assert (t.d_model, t.encoder_layers, t.decoder_layers, t.encoder_attention_heads) == (1024, 12, 12, 16)
+
+
+@pytest.mark.parametrize("wid", ["W7", "W8"])
+def test_w7_w8_requests_run_on_a_narrow_model_of_the_architecture(wid):
+    """W7 (NLLB-200-distilled-600M: 20-60 input tokens, 16-64 outputs, French forced first) and W8
+    (Moonshine base: 10 s waveforms, 16-96 outputs): the request builders give those shapes, and the
+    requests run through the engine on the CPU on the same architecture narrowed (widths and depth
+    cut, vocabulary, positions and front end kept), each making exactly its target length."""
+    import numpy as np
+    import torch
+    from transformers import GenerationConfig
+
+    from encdec_cli.engine import Engine
+    from encdec_cli.tasks.bench import NLLB_FRA_LATN
+    from encdec_models.loading import LoadedModel, build_model
+    from encdec_models.registry import architecture_of
+
+    w = WORKLOADS[wid]
+    small = Workload(**{**asdict(w), "requests": 3})
+    enc_inputs, targets = inputs_for(small)
+    config = hf_config(w.model)
+    if wid == "W7":
+        assert w.requests == 1024 and w.forced_bos == NLLB_FRA_LATN < config.vocab_size
+        assert all(20 <= len(x) <= 60 and 0 <= min(x) and max(x) < config.vocab_size for x in enc_inputs)
+        assert all(16 <= t <= 64 for t in targets)
+        narrow = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)  # fmt: skip
+    else:
+        assert w.requests == 512 and w.metric == "RTFx"
+        assert all(x.shape == (160000,) and x.dtype == np.float32 for x in enc_inputs)
+        assert all(16 <= t <= 96 for t in targets)
+        narrow = dict(hidden_size=64, intermediate_size=64, encoder_num_hidden_layers=1,
+                      decoder_num_hidden_layers=1, encoder_num_attention_heads=2,
+                      decoder_num_attention_heads=2, encoder_num_key_value_heads=2,
+                      decoder_num_key_value_heads=2)  # fmt: skip
+    for k, v in narrow.items():
+        setattr(config, k, v)
+    reqs = workload_requests(small, config, enc_inputs, targets)
+    if wid == "W7":
+        assert all(r.params.forced_tokens == ((0, NLLB_FRA_LATN),) for r in reqs)
+    from transformers import AutoModelForSeq2SeqLM, MoonshineForConditionalGeneration
+
+    torch.manual_seed(0)
+    hf = (
+        MoonshineForConditionalGeneration(config)
+        if wid == "W8"
+        else AutoModelForSeq2SeqLM.from_config(config)
+    )
+    arch = architecture_of(config)
+    ours = build_model(arch, config, hf.state_dict().items(), torch.device("cpu"), torch.float32)
+    loaded = LoadedModel(ours, None, config, GenerationConfig.from_model_config(config), arch, None)
+    out = {r.request_id: r for r in Engine(loaded, num_blocks=200, block_size=16).generate(reqs)}
+    assert [len(out[i].token_ids) for i in range(3)] == targets
+    if wid == "W7":
+        assert all(out[i].token_ids[0] == NLLB_FRA_LATN for i in range(3))

@@ -128,7 +128,7 @@ def test_bash_completion(tmp_path):
     assert "_ENCDEC_COMPLETE=complete_bash" in shown.stdout
     completing = (
         'eval "$(encdec --show-completion)"\n'
-        "COMP_WORDS=(encdec tra); COMP_CWORD=1; _encdec_completion encdec; echo \"${COMPREPLY[*]}\"\n"
+        'COMP_WORDS=(encdec tra); COMP_CWORD=1; _encdec_completion encdec; echo "${COMPREPLY[*]}"\n'
         "COMP_WORDS=(encdec summarize --num); COMP_CWORD=2; _encdec_completion encdec; "
         'echo "${COMPREPLY[*]}"\n'
     )
