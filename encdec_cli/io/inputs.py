@@ -16,7 +16,6 @@ named ``TABLE/ID`` by the ``--id-column`` value, else by the audio's path, else 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 from collections import Counter
@@ -30,6 +29,7 @@ import numpy as np
 from encdec_cli.errors import UsageError
 from encdec_cli.io.audio import AUDIO_EXTENSIONS, iter_audio_windows, load_audio, split_on_silence
 from encdec_cli.io.manifest import Manifest, file_key, key_input
+from encdec_cli.io.tables import open_table
 
 TABLE_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson")
 SEARCHED = ", ".join(f".{e}" for e in sorted(AUDIO_EXTENSIONS))
@@ -89,36 +89,6 @@ def _check_table_columns(path: Path, columns: list[str]) -> None:
         if column not in names:
             flag = "--audio-column" if column == columns[0] else "--id-column"
             raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)} (see {flag})")
-
-
-def iter_table_audio(path: str, column: str, id_column: str = "id") -> Iterator[tuple[object, object]]:
-    """(audio value, id value or None) per row of a Parquet/JSONL table; the audio value is file
-    bytes, a path or a Hugging Face datasets Audio struct {bytes, path}. Streams record batches."""
-    if os.path.splitext(path)[1].lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        if column not in names:
-            raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)}")
-        columns = [column, *([id_column] if id_column in names and id_column != column else [])]
-        for b in pf.iter_batches(batch_size=64, columns=columns):
-            ids = b.column(id_column).to_pylist() if len(columns) > 1 else [None] * b.num_rows
-            yield from zip(b.column(column).to_pylist(), ids)
-    else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    row = _json_object(line)
-                    yield row.get(column), row.get(id_column)
-
-
-def _json_object(line: str) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _safe_name(value: object) -> str | None:
@@ -214,24 +184,38 @@ def plan_inputs(
             yield file_item(raw, file_key(raw))
 
 
+def _audio_value(value: Any, table_dir: str) -> tuple[Any, str | None]:
+    """(the item's source, the audio's path if it has one) for a table cell: file bytes, a path
+    (relative to the table's folder) or a Hugging Face datasets Audio struct {bytes, path}; null is
+    empty bytes (the item fails as empty)."""
+    audio_path = value.get("path") if isinstance(value, dict) else value
+    source = (value.get("bytes") or audio_path) if isinstance(value, dict) else value
+    if isinstance(source, str) and not os.path.isabs(source):
+        source = os.path.join(table_dir, source)
+    return (b"" if source is None else source), (audio_path if isinstance(audio_path, str) else None)
+
+
+TABLE_BATCH_ROWS = 64  # rows of audio read at once from a table (each may hold a file's bytes)
+
+
 def _table_items(
     path: str, column: str, id_column: str, table: AudioItem, namer: Namer
 ) -> Iterator[AudioItem]:
-    """The rows of a table, named TABLE/ID, TABLE/PATH-STEM or TABLE/ROW; an unreadable table is
-    one item with its error."""
-    row = 0
+    """The rows of a table (read by ``encdec_cli.io.tables``, streamed), named TABLE/ID,
+    TABLE/PATH-STEM or TABLE/ROW; a row that cannot be read is an item with its error, an
+    unreadable table one item with its error."""
+    table_dir = os.path.dirname(path)
     try:
-        for value, row_id in iter_table_audio(path, column, id_column):
-            audio_path = value.get("path") if isinstance(value, dict) else value
-            source = (value.get("bytes") or audio_path) if isinstance(value, dict) else value
-            if isinstance(source, str) and not os.path.isabs(source):
-                source = os.path.join(os.path.dirname(path), source)
-            stem = os.path.splitext(os.path.basename(audio_path))[0] if isinstance(audio_path, str) else None
-            label = _safe_name(row_id) or _safe_name(stem) or f"{row:06d}"
-            key = f"{table.key}#{row}"
-            names = [f"{table.name}/{label}", f"{table.name}/{label}~{row:06d}"]
-            yield AudioItem(key, namer.claim(key, names), source if source is not None else b"", path, row)
-            row += 1
+        with open_table(path, column, TABLE_BATCH_ROWS, raw=True, select=[id_column]) as rows:
+            for row in rows:
+                record = row.record or {}
+                source, audio_path = _audio_value(record.get(column), table_dir)
+                stem = os.path.splitext(os.path.basename(audio_path))[0] if audio_path else ""
+                label = _safe_name(record.get(id_column)) or _safe_name(stem) or f"{row.row_id:06d}"
+                key = f"{table.key}#{row.row_id}"
+                names = [f"{table.name}/{label}", f"{table.name}/{label}~{row.row_id:06d}"]
+                error = None if row.error is None else f"{row.error}; no audio read: empty (0 bytes)"
+                yield AudioItem(key, namer.claim(key, names), source, path, row.row_id, error=error)
     except Exception as e:  # an unreadable table is its own error, never the job's (nor a hang)
         yield AudioItem(table.key, table.name, path, error=f"cannot read table: {e}")
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,14 @@ __all__ = [
 ]
 
 
-def open_table(path_or_dash: str | os.PathLike[str], column: str, batch_rows: int = 1024) -> TableSource:
+def open_table(
+    path_or_dash: str | os.PathLike[str],
+    column: str,
+    batch_rows: int = 1024,
+    *,
+    raw: bool = False,
+    select: Sequence[str] | None = None,
+) -> TableSource:
     """Open an input table for streaming; raises :class:`TableError` if it cannot be used.
 
     The format comes from the extension: ``.parquet``/``.pq``, ``.jsonl``/``.ndjson``/
@@ -78,6 +86,10 @@ def open_table(path_or_dash: str | os.PathLike[str], column: str, batch_rows: in
     ``.csv``, ``.txt`` (one item per line, column ``text``). ``-`` reads stdin: JSON
     Lines if the first non-empty line is a JSON object, else one item per line.
     A missing ``column`` raises, listing the columns there are.
+
+    ``raw``: ``column`` may hold any type (audio bytes, paths, ``{bytes, path}`` structs); its cells
+    are not checked and rows carry no ``text``: read the value from ``Row.record``. ``select``: read
+    only these columns (and ``column``) where the format can skip the others (Parquet).
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be >= 1")
@@ -88,13 +100,13 @@ def open_table(path_or_dash: str | os.PathLike[str], column: str, batch_rows: in
         raise TableError(f"input {path} does not exist or is not a file")
     ext = path.suffix.lower()
     if ext in (".parquet", ".pq"):
-        return open_parquet(path, column, batch_rows)
+        return open_parquet(path, column, batch_rows, raw, select)
     if ext in (".jsonl", ".ndjson"):
-        return open_jsonl(path, column, batch_rows)
+        return open_jsonl(path, column, batch_rows, raw)
     if ext == ".json":
-        return open_json(path, column, batch_rows)
+        return open_json(path, column, batch_rows, raw)
     if ext == ".csv":
-        return open_csv(path, column, batch_rows)
+        return open_csv(path, column, batch_rows, raw)
     if ext == ".txt":
         return open_txt(path, column, batch_rows)
     raise TableError(
