@@ -27,16 +27,17 @@ from typing import Any
 import numpy as np
 
 from encdec_cli.errors import UsageError
-from encdec_cli.io.audio import AUDIO_EXTENSIONS, iter_audio_windows, load_audio, split_on_silence
+from encdec_cli.io.audio import AUDIO_EXTENSIONS, Samples, iter_audio_windows, load_audio, split_on_silence
 from encdec_cli.io.manifest import Manifest, file_key, key_input
-from encdec_cli.io.tables import open_table
+from encdec_cli.io.tables import TableError, is_dataset_dir, open_table, table_columns
 
-TABLE_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson")
+TABLE_EXTENSIONS = (".parquet", ".pq", ".arrow", ".jsonl", ".ndjson")
 SEARCHED = ", ".join(f".{e}" for e in sorted(AUDIO_EXTENSIONS))
 
 
 def _is_table(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in TABLE_EXTENSIONS
+    """A table input: by its extension, or a folder written by ``datasets``' ``save_to_disk``."""
+    return os.path.splitext(path)[1].lower() in TABLE_EXTENSIONS or is_dataset_dir(Path(path))
 
 
 def _audio_files(directory: str) -> Iterator[tuple[str, bool]]:
@@ -58,7 +59,7 @@ def check_inputs(inputs: list[str], audio_column: str = "audio", id_column: str 
         p = Path(raw)
         if not p.exists() and not p.is_symlink():
             raise UsageError(f"input {raw!r} does not exist")
-        if _is_table(raw) and p.is_file():
+        if _is_table(raw):
             _check_table_columns(p, [audio_column, *([id_column] if id_column else [])])
 
 
@@ -74,18 +75,13 @@ def count_files(inputs: list[str]) -> int | None:
 
 
 def _check_table_columns(path: Path, columns: list[str]) -> None:
-    """A readable Parquet table without a needed column is a usage error (an unreadable one
-    fails as its own item when the job reads it)."""
-    if path.suffix.lower() not in (".parquet", ".pq"):
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+    """A readable typed table (Parquet, Arrow, a save_to_disk folder) without a needed column is a
+    usage error (an unreadable one fails as its own item when the job reads it)."""
     try:
-        names = pq.read_schema(path).names
-    except (pa.ArrowException, OSError):
+        names = table_columns(path)
+    except TableError:
         return
-    for column in columns:
+    for column in columns if names is not None else ():
         if column not in names:
             flag = "--audio-column" if column == columns[0] else "--id-column"
             raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)} (see {flag})")
@@ -153,7 +149,10 @@ def plan_inputs(
     if "-" in inputs and not stdin:
         warnings.append("no paths on stdin")
     args = [raw for raw in inputs if raw != "-"]
-    dirs = [os.path.abspath(p) if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in args]
+    dirs = [
+        os.path.abspath(p) if os.path.isdir(p) and not _is_table(p) else os.path.dirname(os.path.abspath(p))
+        for p in args
+    ]
     root = os.path.commonpath(dirs + [os.path.dirname(os.path.abspath(p)) for p in stdin] or [os.getcwd()])
 
     def rel(path: str) -> str:
@@ -170,6 +169,9 @@ def plan_inputs(
         if raw == "-":
             for p in stdin:
                 yield file_item(p, file_key(p) if os.path.exists(p) else p)
+        elif _is_table(raw) and (os.path.isfile(raw) or os.path.isdir(raw)):
+            table = file_item(raw, file_key(raw))
+            yield from _table_items(raw, audio_column, id_column or "id", table, namer)
         elif os.path.isdir(raw):
             found = False
             for path, beside in _audio_files(raw):
@@ -177,17 +179,18 @@ def plan_inputs(
                 yield file_item(path, file_key(path), beside)
             if not found:
                 warnings.append(f"no audio files in {raw} (searched for {SEARCHED})")
-        elif _is_table(raw) and os.path.isfile(raw):
-            table = file_item(raw, file_key(raw))
-            yield from _table_items(raw, audio_column, id_column or "id", table, namer)
         else:
             yield file_item(raw, file_key(raw))
 
 
-def _audio_value(value: Any, table_dir: str) -> tuple[Any, str | None]:
+def audio_value(value: Any, table_dir: str) -> tuple[Any, str | None]:
     """(the item's source, the audio's path if it has one) for a table cell: file bytes, a path
-    (relative to the table's folder) or a Hugging Face datasets Audio struct {bytes, path}; null is
-    empty bytes (the item fails as empty)."""
+    (relative to the table's folder), a Hugging Face datasets Audio struct {bytes, path}, or decoded
+    samples {array, sampling_rate}; null is empty bytes (the item fails as empty)."""
+    if isinstance(value, dict) and "array" in value:
+        audio_path = value.get("path")
+        samples = Samples(value["array"], value.get("sampling_rate"))
+        return samples, (audio_path if isinstance(audio_path, str) else None)
     audio_path = value.get("path") if isinstance(value, dict) else value
     source = (value.get("bytes") or audio_path) if isinstance(value, dict) else value
     if isinstance(source, str) and not os.path.isabs(source):
@@ -209,7 +212,7 @@ def _table_items(
         with open_table(path, column, TABLE_BATCH_ROWS, raw=True, select=[id_column]) as rows:
             for row in rows:
                 record = row.record or {}
-                source, audio_path = _audio_value(record.get(column), table_dir)
+                source, audio_path = audio_value(record.get(column), table_dir)
                 stem = os.path.splitext(os.path.basename(audio_path))[0] if audio_path else ""
                 label = _safe_name(record.get(id_column)) or _safe_name(stem) or f"{row.row_id:06d}"
                 key = f"{table.key}#{row.row_id}"
@@ -222,11 +225,12 @@ def _table_items(
 
 @dataclass
 class AudioItem:
-    """One input: a path or in-memory file bytes, with a name for outputs and messages."""
+    """One input: a path, in-memory file bytes or decoded samples, with a name for outputs and
+    messages."""
 
     key: str  # identity for the manifest
     name: str  # relative output path without extension
-    source: Any  # str path or bytes
+    source: Any  # str path, bytes or Samples
     input: str | None = None  # the input as given, for records and messages (default: the path or name)
     row: int | None = None  # row number, for a row of a table input
     error: str | None = None  # known to fail before it is read (e.g. its table is unreadable)
@@ -240,8 +244,8 @@ class AudioItem:
 
 def read_windows(item: AudioItem) -> Iterator[tuple[int, np.ndarray]]:
     """(start sample, samples) of each <= 30 s window of an item's audio, cut at quiet points;
-    streamed from disk for a path, whole in memory for file bytes."""
-    if isinstance(item.source, (bytes, bytearray, memoryview)):
+    streamed from disk for a path, whole in memory for file bytes and samples."""
+    if isinstance(item.source, (bytes, bytearray, memoryview, Samples)):
         audio = load_audio(item.source, item.warnings)
         for s, e in split_on_silence(audio):
             yield s, audio[s:e]

@@ -37,7 +37,13 @@ from encdec_models.registry import resolve_model_path
 
 TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
 UNLIMITED = 1 << 30  # a tokenizer's "no limit" model_max_length is a huge sentinel
-TABLE_OUTPUTS = {".parquet": ".parquet", ".pq": ".parquet", ".jsonl": ".jsonl", ".csv": ".csv"}
+TABLE_OUTPUTS = {
+    ".parquet": ".parquet",
+    ".pq": ".parquet",
+    ".arrow": ".parquet",
+    ".jsonl": ".jsonl",
+    ".csv": ".csv",
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,8 @@ def default_output(input_path: str, opts: Seq2SeqOptions) -> str:
     if input_path == "-":
         return "-"
     p = Path(input_path)
+    if p.is_dir():  # a save_to_disk folder: typed columns, as Parquet
+        return str(p.with_name(f"{p.name}.{opts.result_column}.parquet"))
     ext = TABLE_OUTPUTS.get(p.suffix.lower(), ".jsonl")  # .txt / .json / .ndjson -> JSON Lines
     return str(p.with_name(f"{p.stem}.{opts.result_column}{ext}"))
 
