@@ -148,7 +148,7 @@ def transcribe(
     earlier run), 2 usage error, 3 writing failed, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
     """
     from encdec_cli.io.subtitles import resolve_formats
-    from encdec_cli.tasks.transcribe import TranscribeOptions
+    from encdec_cli.tasks.transcribe import TranscribeOptions, engine_window
     from encdec_cli.tasks.transcribe_job import check_inputs, check_output, is_table_output, run_transcribe
 
     formats = resolve_formats(output_format)
@@ -183,7 +183,7 @@ def transcribe(
     check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
     check_output(output, formats)
     path = common.check_model(model, "transcribe", language, task)
-    window = max(2 * max_num_seqs, 16)
+    window = engine_window(max_num_seqs)
     engine = common.load_engine(
         path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet, window=window
     )

@@ -157,6 +157,47 @@ class TextEncoder:
         return ids
 
 
+class TextTask:
+    """The per-row work of a text job, shared by the CLI's table job and the Ray integration
+    (``encdec_cli.integrations.ray``), so both give the same result for the same text: a text becomes
+    an engine Request (:meth:`request`), a Result the result column's value (:meth:`value`)."""
+
+    def __init__(self, loaded: SimpleNamespace, opts: Seq2SeqOptions):
+        self.enc = TextEncoder(loaded, opts)
+        gen = loaded.generation_config
+        self.prompt = decoder_prompt(gen, loaded.config)
+        overrides = dict(opts.generation)
+        if opts.target_lang:
+            overrides["forced_bos_token_id"] = self.enc._check_lang(opts.target_lang, "--target-lang")
+        self.params = sampling_params_from_generation_config(gen, len(self.prompt), overrides)
+        # the result column's type: several return sequences are a list of strings
+        self.result_type = pa.list_(pa.string()) if self.params.num_return_sequences > 1 else pa.string()
+
+    def fit(self, engine: Engine) -> None:
+        """Size the inputs to the engine's encoder (before the first :meth:`request`)."""
+        self.enc.fit(engine.max_source_len)
+
+    def request(self, request_id: int, text: str) -> Request:
+        """The engine request for ``text``; raises ValueError with the row's error (too long with
+        ``truncate=False``, or a text the tokenizer rejects)."""
+        try:
+            ids = self.enc.encode(text)
+        except ValueError:
+            raise
+        except Exception as e:  # the tokenizer rejects it: the row's error, never the job's
+            raise ValueError(f"cannot tokenize this text ({type(e).__name__}: {e})") from e
+        return Request(ids, list(self.prompt), self.params, request_id)
+
+    def value(self, result: Result) -> str | list[str]:
+        """The result column's value for a finished request (without error)."""
+        if self.params.num_return_sequences > 1:
+            return [self._decode(c.token_ids) for c in result.completions]
+        return self._decode(result.token_ids)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.enc.tok.decode(token_ids, skip_special_tokens=True).strip()
+
+
 def run_seq2seq(
     engine: LazyEngine,
     input_path: str,
@@ -170,13 +211,8 @@ def run_seq2seq(
 
     Raises ValueError / :class:`TableError` for usage errors (bad option, unreadable input,
     missing column), before any row runs. The engine loads only when some row must run."""
-    enc = TextEncoder(engine.loaded, opts)
-    gen = engine.loaded.generation_config
-    prompt = decoder_prompt(gen, engine.loaded.config)
-    overrides = dict(opts.generation)
-    if opts.target_lang:
-        overrides["forced_bos_token_id"] = enc._check_lang(opts.target_lang, "--target-lang")
-    params = sampling_params_from_generation_config(gen, len(prompt), overrides)
+    task = TextTask(engine.loaded, opts)
+    enc = task.enc
     output = output or default_output(input_path, opts)
     if input_path != "-" and output != "-" and Path(output).resolve() == Path(input_path).resolve():
         raise TableError(f"the output {output} would overwrite the input; choose another -o/--output")
@@ -188,9 +224,7 @@ def run_seq2seq(
         sink_options = SinkOptions(
             result_columns=[opts.result_column],
             input_schema=src.arrow_schema,
-            result_types={opts.result_column: pa.list_(pa.string())}
-            if params.num_return_sequences > 1
-            else None,
+            result_types={opts.result_column: task.result_type},
             job_key=None if stdin else f"{file_key(input_path)}|{opts}|{engine.loaded.path}",
             # stdin cannot be told apart from another stdin: no resume; --overwrite starts afresh
             resume=not stdin and not overwrite,
@@ -228,11 +262,9 @@ def run_seq2seq(
             error = row.error
             if error is None:
                 try:
-                    ids = enc.encode(row.text)
-                except ValueError as e:  # too long with --no-truncate
+                    request = task.request(row.row_id, row.text)
+                except ValueError as e:  # too long with --no-truncate, or not tokenizable
                     error = str(e)
-                except Exception as e:  # the tokenizer rejects it: the row's error, never the job's
-                    error = f"cannot tokenize this text ({type(e).__name__}: {e})"
             if error is not None:
                 with guard.protect():  # the write and its count: a stop signal waits for both
                     sink.write_row(row, error=error)
@@ -240,10 +272,7 @@ def run_seq2seq(
                     progress.advance(files=1)
                 continue
             rows[row.row_id] = row
-            yield Request(ids, list(prompt), params, row.row_id)
-
-    def decode(token_ids: list[int]) -> str:
-        return enc.tok.decode(token_ids, skip_special_tokens=True).strip()
+            yield request
 
     def on_result(r: Result) -> None:
         nonlocal failed
@@ -253,12 +282,7 @@ def run_seq2seq(
                 failed += 1
                 sink.write_row(row, error=r.error)
             else:
-                value = (
-                    [decode(c.token_ids) for c in r.completions]
-                    if params.num_return_sequences > 1
-                    else decode(r.token_ids)
-                )
-                sink.write_row(row, {opts.result_column: value})
+                sink.write_row(row, {opts.result_column: task.value(r)})
             progress.advance(files=1, amount=sum(len(c.token_ids) for c in r.completions))
 
     start = time.perf_counter()
@@ -269,7 +293,7 @@ def run_seq2seq(
                 skipped = len(done)
                 progress.advance(files=skipped)
             else:
-                enc.fit(running.max_source_len)
+                task.fit(running)
                 with progress:
                     for result in running.generate(requests()):
                         on_result(result)

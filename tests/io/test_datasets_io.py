@@ -97,6 +97,7 @@ def encdec(*args, cwd=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_datasets_round_trip(tmp_path, example_clips, tiny_en_dir):
     """examples/datasets_roundtrip.py: save_to_disk -> encdec transcribe -> Parquet that
     load_dataset reads back, segments a list of structs. Its transcripts equal those of the same
@@ -141,6 +142,7 @@ def test_datasets_round_trip(tmp_path, example_clips, tiny_en_dir):
     assert f"{len(example_clips)} already done" in r.stderr and out.read_bytes() == before
 
 
+@pytest.mark.slow
 def test_summarize_a_save_to_disk_folder(tmp_path, tiny_text_model):
     """A text command reads a save_to_disk folder as it reads the same rows from Parquet; the output
     goes beside it as Parquet, every input column kept."""
