@@ -45,8 +45,9 @@ def _text_command(task: str):
     def command(
         input: str = typer.Argument(
             ...,
-            help="Input table: .parquet, .jsonl, .csv, .txt (one item per line), "
-            "or '-' for stdin (JSON Lines if lines are JSON objects, else lines).",
+            help="Input table: .parquet, .jsonl, .csv, .txt (one item per line), .arrow, a folder "
+            "saved by Hugging Face datasets' save_to_disk, or '-' for stdin (JSON Lines if lines are "
+            "JSON objects, else lines).",
         ),
         model: str | None = typer.Option(None, "-m", "--model", help=TEXT_MODEL_HELP),
         output: str | None = typer.Option(
@@ -55,7 +56,8 @@ def _text_command(task: str):
             "--output",
             help="Output table (.parquet, .jsonl, .csv) or '-' for JSON Lines on stdout. Default: next to "
             f"the input, named after the result column: in.parquet -> in.{result_column}.parquet (.txt and "
-            ".json inputs -> .jsonl). All input columns are kept.",
+            ".json inputs -> .jsonl; .arrow and save_to_disk folders -> .parquet). All input columns "
+            "are kept.",
         ),
         column: str = typer.Option("text", "--column", help="Input column with the text."),
         output_column: str | None = typer.Option(

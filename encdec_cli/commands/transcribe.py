@@ -28,16 +28,18 @@ from encdec_cli.errors import UsageError
 def transcribe(
     inputs: list[str] = typer.Argument(
         ...,
-        help="Audio files, folders (searched recursively), '-' to read "
-        "paths from stdin, or Parquet/JSONL tables with an audio column.",
+        help="Audio files, folders (searched recursively), '-' to read paths from stdin, or "
+        "tables with an audio column: Parquet, JSONL, Arrow, or a folder saved by Hugging Face "
+        "datasets' save_to_disk.",
     ),
     model: str = typer.Option("tiny.en", "-m", "--model", help=WHISPER_MODEL_HELP),
     output: str = typer.Option(
         ".",
         "-o",
         "--output-dir",
-        help="Folder for the outputs (input folders' "
-        "structure is mirrored), or '-' to print JSON Lines to stdout.",
+        help="Folder for the outputs (input folders' structure is mirrored), a .parquet file for "
+        "one table of transcripts (a row per input, segments as a list of structs; Hugging Face "
+        "datasets reads it), or '-' to print JSON Lines to stdout.",
     ),
     output_format: list[str] = typer.Option(
         ["all"], "-f", "--output-format", help="txt, srt, vtt, tsv, json or all; repeat for several."
@@ -49,7 +51,10 @@ def transcribe(
     ),
     task: str = typer.Option("transcribe", "--task", help="transcribe, or translate (to English)."),
     audio_column: str = typer.Option(
-        "audio", "--audio-column", help="Column with audio bytes or paths in table inputs."
+        "audio",
+        "--audio-column",
+        help="Column with the audio in table inputs: file bytes, paths, or the datasets shapes "
+        "{bytes, path} and {array, sampling_rate}.",
     ),
     id_column: str | None = typer.Option(
         None,
@@ -168,8 +173,8 @@ def transcribe(
     earlier run), 2 usage error, 3 writing failed, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
     """
     from encdec_cli.io.subtitles import resolve_formats
-    from encdec_cli.tasks.transcribe import TranscribeOptions
-    from encdec_cli.tasks.transcribe_job import check_inputs, check_output, run_transcribe
+    from encdec_cli.tasks.transcribe import TranscribeOptions, engine_window
+    from encdec_cli.tasks.transcribe_job import check_inputs, check_output, is_table_output, run_transcribe
     from encdec_cli.tasks.vad import VadOptions
 
     formats = resolve_formats(output_format)
@@ -197,16 +202,18 @@ def transcribe(
         else None,
     )
     out = Path(output)
-    if output != "-" and (out.is_file() or not out.exists() and out.suffix.lower() in TRANSCRIPT_EXTENSIONS):
+    file = out.is_file() or not out.exists() and out.suffix.lower() in TRANSCRIPT_EXTENSIONS
+    if output != "-" and not is_table_output(output) and file:
         raise UsageError(
             f"-o {output}: transcribe writes a folder of transcripts (one file per input and format); "
-            "pass a folder (-o transcripts), or '-o -' for JSON Lines on stdout"
+            "pass a folder (-o transcripts), a .parquet file for one table, or '-o -' for JSON Lines "
+            "on stdout"
         )
     check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
     check_output(output, formats)
     spec = common.check_speculative(speculative, beam_size, "--beam-size")
     path = common.check_model(model, "transcribe", language, task)
-    window = max(2 * max_num_seqs, 16)
+    window = engine_window(max_num_seqs)
     engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
     dist, device = common.torchrun_rank(device, data_parallel)
     ranks = (

@@ -45,7 +45,13 @@ from encdec_models.registry import check_tokenizer, resolve_model_path
 
 TASK_COLUMNS = {"summarize": "summary", "translate": "translation", "generate": "generated"}
 UNLIMITED = 1 << 30  # a tokenizer's "no limit" model_max_length is a huge sentinel
-TABLE_OUTPUTS = {".parquet": ".parquet", ".pq": ".parquet", ".jsonl": ".jsonl", ".csv": ".csv"}
+TABLE_OUTPUTS = {
+    ".parquet": ".parquet",
+    ".pq": ".parquet",
+    ".arrow": ".parquet",
+    ".jsonl": ".jsonl",
+    ".csv": ".csv",
+}
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ def default_output(input_path: str, opts: Seq2SeqOptions) -> str:
     if input_path == "-":
         return "-"
     p = Path(input_path)
+    if p.is_dir():  # a save_to_disk folder: typed columns, as Parquet
+        return str(p.with_name(f"{p.name}.{opts.result_column}.parquet"))
     ext = TABLE_OUTPUTS.get(p.suffix.lower(), ".jsonl")  # .txt / .json / .ndjson -> JSON Lines
     return str(p.with_name(f"{p.stem}.{opts.result_column}{ext}"))
 
@@ -263,6 +271,49 @@ def _check_target_needed(loaded: SimpleNamespace, tok) -> None:
         f"this model translates into any of its {len(language_codes(tok))} languages: pass --target-lang "
         f"(e.g. --target-lang {example_code(tok)}) or --target-lang-column"
     )
+
+
+class TextTask:
+    """The per-row work of a text job, shared by the CLI's table job and the Ray integration
+    (``encdec_cli.integrations.ray``), so both give the same result for the same text: a text becomes
+    an engine Request (:meth:`request`), a Result the result column's value (:meth:`value`)."""
+
+    def __init__(self, loaded: SimpleNamespace, opts: Seq2SeqOptions):
+        self.enc = TextEncoder(loaded, opts)
+        gen = loaded.generation_config
+        self.prompt = decoder_prompt(gen, loaded.config)
+        overrides = dict(opts.generation)
+        if opts.target_lang:
+            overrides["forced_bos_token_id"] = language_token_id(
+                self.enc.tok, opts.target_lang, "--target-lang"
+            )
+        self.params = sampling_params_from_generation_config(gen, len(self.prompt), overrides)
+        # the result column's type: several return sequences are a list of strings
+        self.result_type = pa.list_(pa.string()) if self.params.num_return_sequences > 1 else pa.string()
+
+    def fit(self, engine: Engine) -> None:
+        """Size the inputs to the engine's encoder (before the first :meth:`request`)."""
+        self.enc.fit(engine.max_source_len)
+
+    def request(self, request_id: int, text: str) -> Request:
+        """The engine request for ``text``; raises ValueError with the row's error (too long with
+        ``truncate=False``, or a text the tokenizer rejects)."""
+        try:
+            ids = self.enc.encode(text)
+        except ValueError:
+            raise
+        except Exception as e:  # the tokenizer rejects it: the row's error, never the job's
+            raise ValueError(f"cannot tokenize this text ({type(e).__name__}: {e})") from e
+        return Request(ids, list(self.prompt), self.params, request_id)
+
+    def value(self, result: Result) -> str | list[str]:
+        """The result column's value for a finished request (without error)."""
+        if self.params.num_return_sequences > 1:
+            return [self._decode(c.token_ids) for c in result.completions]
+        return self._decode(result.token_ids)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.enc.tok.decode(token_ids, skip_special_tokens=True).strip()
 
 
 def run_seq2seq(

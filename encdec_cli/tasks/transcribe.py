@@ -65,6 +65,11 @@ LEADING_SILENCE_FRAMES = 500  # a window starting with >= 5 s of such silence st
 SILENCE_MARGIN_FRAMES = 50  # ... 0.5 s before the sound (the first timestamp must be <= 1 s in)
 
 
+def engine_window(max_num_seqs: int) -> int:
+    """``EngineConfig.window`` for transcription: twice the batch keeps it full as audio decodes."""
+    return max(2 * max_num_seqs, 16)
+
+
 def frame_rms(audio: np.ndarray) -> np.ndarray:
     """[ceil(samples / HOP_LENGTH)] RMS of each mel frame's 10 ms of audio."""
     pad = -len(audio) % HOP_LENGTH
