@@ -305,10 +305,11 @@ def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True
         list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
     engine.reset_stats()  # count the timed run's steps only
     requests = workload_requests(w, loaded.config, enc_inputs, targets)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     out = list(engine.generate(requests))
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     errors = [r.error for r in out if r.error]
     if errors:
@@ -316,11 +317,15 @@ def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True
     return wall, out
 
 
-def _release() -> None:
-    """After the caller dropped its engine: its CUDA graphs and KV pool go before the next engine
-    sizes its pool from the free memory."""
+def _release(engine) -> None:
+    """The engine's CUDA graphs and KV pool go (``Engine.close``: also the model's layers' views of
+    the pool) before the next engine sizes its pool from the free memory. The caller drops its own
+    reference (``del``) right after; nothing else of the run (stats snapshots, results, drafters)
+    refers to the engine."""
+    engine.close()
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def speculation_info(stats) -> dict:
@@ -356,8 +361,8 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
+    _release(engine)
     del engine
-    _release()
     return wall, tokens, info
 
 
@@ -402,8 +407,8 @@ def run_oracle_sweep(
 
     if profile:
         plain_info["profile_s"] = phases(engine)
+    _release(engine)
     del engine
-    _release()
     plain = value(wall, tokens)
     vocab = loaded.model.vocab_size
     runs = []
@@ -430,8 +435,8 @@ def run_oracle_sweep(
                     **({"profile_s": phases(engine)} if profile else {}),
                 }
             )
+        _release(engine)
         del engine
-        _release()
     sweep = {
         "synthetic": True,
         "draft": "oracle",
