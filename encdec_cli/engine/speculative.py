@@ -478,8 +478,8 @@ class Speculator:
     in a row whose drafts were all rejected halve its K (down to none: it then decodes as in a
     plain step, and after ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long after
     each failed try, at most ``BACKOFF_MOST``); a step with an accepted draft doubles it again
-    (at most K). Where drafts are rarely right, a step costs about what a plain one does; the output is the same
-    either way (verification decides every token)."""
+    (at most K). Where drafts are rarely right, a step costs about what a plain one does; the
+    output is the same either way (verification decides every token)."""
 
     def __init__(self, drafter: Drafter, blocks: BlockManager, adaptive: bool = True):
         self.drafter, self.blocks, self.adaptive = drafter, blocks, adaptive
