@@ -431,6 +431,10 @@ def run_oracle_sweep(
                     "steps": st.steps,
                     **speculation_info(st),
                     "off_track_proposals": drafter.off_track,
+                    # more steps than the plain run at alpha 0 mean fewer sequences a step: an
+                    # out-of-memory recovery lowered the engine's sequence limit, or preemptions
+                    "max_num_seqs_after": engine.max_num_seqs,
+                    "preemptions": st.preemptions,
                     "outputs_equal_to_plain": same / len(s_out),
                     **({"profile_s": phases(engine)} if profile else {}),
                 }
@@ -440,6 +444,7 @@ def run_oracle_sweep(
     sweep = {
         "synthetic": True,
         "draft": "oracle",
+        "adaptive_k": cfg.get("speculative_adaptive", True),  # K: the most drafts a step
         "note": "random weights: drafts are the plain run's own greedy tokens, each replaced by a wrong "
         "token with probability 1 - alpha (synthetic acceptance; real acceptance needs real weights)",
         "plain": {"value": plain, "wall_s": wall, "steps": stats.steps, "ahead_steps": stats.ahead_steps},

@@ -64,3 +64,4 @@ def test_oracle_sweep_releases_each_engine_before_the_next(tiny_text_model, monk
     assert [(r["k"], r["alpha"]) for r in runs] == [(2, 0.0), (2, 1.0), (3, 0.0), (3, 1.0)]
     assert all(r["outputs_equal_to_plain"] == 1.0 for r in runs) and tokens == 15
     assert all(r["acceptance_rate"] == 1.0 for r in runs if r["alpha"] == 1.0)
+    assert sweep["adaptive_k"] and all(r["preemptions"] == 0 and r["max_num_seqs_after"] == 3 for r in runs)
