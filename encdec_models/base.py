@@ -120,6 +120,15 @@ class EncDecModel(nn.Module):
             layer.encoder_attn.k_cache, layer.encoder_attn.v_cache = k_cache[i], v_cache[i]
             layer.encoder_attn.cross_rows = cross_rows
 
+    def unbind_cache(self) -> None:
+        """Drop the pool views ``bind_cache`` gave the layers: the model no longer keeps an engine's
+        KV pool alive (an engine's pool goes with it; a new engine sizes its pool from free memory)."""
+        self.cross_rows = None
+        for layer in self.decoder_layers():
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+            layer.encoder_attn.k_cache = layer.encoder_attn.v_cache = None
+            layer.encoder_attn.cross_rows = None
+
     @property
     def d_model(self) -> int:
         return self.decoder_layers()[0].encoder_attn.kv_proj.in_features

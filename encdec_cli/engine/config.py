@@ -69,6 +69,10 @@ class EngineConfig:
     # speculative decoding (engine/speculative.py): None / "off", "ngram[:K]" (prompt lookup) or
     # "model:DIR[:K]" (a draft model with the same tokenizer); K draft tokens per step (default 4)
     speculative: str | None = None
+    # adaptive drafting: a sequence whose drafts are all rejected takes fewer (down to none, with
+    # a retry now and then), one whose drafts are all accepted more again (Speculator); False: K
+    # drafts every step (measuring a fixed K)
+    speculative_adaptive: bool = True
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -113,7 +113,11 @@ class Engine:
                 drafter = NgramDrafter(spec.k, encoder_ids=getattr(self.model, "shared_vocab", True))
             else:
                 drafter = ModelDrafter(draft_model, self.loaded, spec.k, self.config, num_blocks)
-        self.speculator = Speculator(drafter, self.blocks) if drafter is not None else None
+        self.speculator = (
+            Speculator(drafter, self.blocks, self.config.speculative_adaptive)
+            if drafter is not None
+            else None
+        )
         if self.speculator is not None and self.runner.graphs is not None:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
@@ -212,6 +216,17 @@ class Engine:
             return None
         with torch.inference_mode():
             return self.runner.read_encoder_rows(blocks, self.model.encoder_length(encoder_input))
+
+    def close(self) -> None:
+        """Give the KV pool and the CUDA graphs back (also those of a draft model): another engine on
+        the same model may then size its pool from the free memory (after ``gc.collect()`` and
+        ``torch.cuda.empty_cache()``). The engine cannot run afterwards; closing twice is harmless."""
+        runners = [self.runner]
+        if self.speculator is not None and hasattr(self.speculator.drafter, "runner"):
+            runners.append(self.speculator.drafter.runner)
+        for r in runners:
+            r.release()
+        self._ahead = None
 
     def set_drafter(self, drafter: Drafter) -> None:
         """Replace the speculative drafter between jobs (the engine idle), e.g. an ``OracleDrafter``
@@ -441,6 +456,7 @@ class Engine:
             stats.decode_rows += 1
             stats.draft_tokens += proposed
             stats.accepted_tokens += v.accepted
+            self.speculator.adapt(s, proposed, v.accepted)
             lps = v.logprobs or itertools.repeat(None)
             for token, logprob in zip(v.tokens, lps):
                 stats.generated_tokens += 1

@@ -69,6 +69,9 @@ class ModelRunner:
         """``queries``: the most inputs per sequence of a decode step (speculative verification:
         K + 1): the step's logits take that much more room."""
         p = next(model.parameters())
+        # an earlier engine's pool, bound into this model's layers, must not count as used memory
+        # (nor outlive that engine) when this one sizes its own
+        model.unbind_cache()
         self.queries = queries
         self.model, self.device, self.dtype, self.block_size = model, p.device, p.dtype, config.block_size
         self.max_source_len = min(config.max_source_len or 4096, model.max_source_positions)
@@ -123,6 +126,16 @@ class ModelRunner:
         return m.absorb_cross_by_default and encdec_kernels.prefers_absorbed_cross(
             self.device, self.dtype, m.cache_spec.num_heads, m.d_model
         )
+
+    def release(self) -> None:
+        """Drop the KV pool and the CUDA graphs (``Engine.close``); the model's layers let go of the
+        pool too unless another runner bound its own since."""
+        if self.pool is not None:
+            k = self.model.decoder_layers()[0].self_attn.k_cache
+            if k is not None and k.untyped_storage().data_ptr() == self.pool.untyped_storage().data_ptr():
+                self.model.unbind_cache()
+        self.graphs = self.verify_graphs = self.encoder_graph = None
+        self.pool = self.k_cache = self.v_cache = self.encoder_rows = None
 
     def _pool_blocks(self, config: EngineConfig) -> int:
         """Blocks of the KV pool: ``config.cpu_kv_cache_bytes`` on the CPU; on a GPU what

@@ -459,65 +459,148 @@ def speculative_sample(
     return (draft.tokens[:m] if k else []) + [token], m
 
 
+class _Adapt:
+    """One sequence's drafting state (adaptive K): the drafts it may take now, and, while that is 0,
+    the steps left until it tries one draft again and how long it waited last."""
+
+    __slots__ = ("k", "wait", "backoff", "misses")
+
+    def __init__(self, k: int):
+        self.k, self.wait, self.backoff, self.misses = k, 0, 0, 0
+
+
+# steps a sequence whose drafts keep failing waits before trying one draft again: doubling from the
+# first to the last (a rejected retry waits longer; an accepted draft ends the back-off)
+BACKOFF_FIRST, BACKOFF_MOST = 4, 32
+MISSES = 2  # steps in a row with every draft rejected that halve K (one rejected retry ends a try)
+
+
 class Speculator:
     """The engine's side of speculation: asks the drafter, makes room for the drafts in the target's
-    pool, verifies, and gives rejected drafts' slots back."""
+    pool, verifies, and gives rejected drafts' slots back.
 
-    def __init__(self, drafter: Drafter, blocks: BlockManager):
-        self.drafter, self.blocks = drafter, blocks
+    Adaptive drafting (``adaptive``): each sequence starts at K drafts a step; ``MISSES`` steps
+    in a row whose drafts were all rejected halve its K (down to none: it then decodes as in a
+    plain step, and after ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long after
+    each failed try, at most ``BACKOFF_MOST``); a step with an accepted draft doubles it again
+    (at most K). Where drafts are rarely right, a step costs about what a plain one does; the
+    output is the same either way (verification decides every token)."""
+
+    def __init__(self, drafter: Drafter, blocks: BlockManager, adaptive: bool = True):
+        self.drafter, self.blocks, self.adaptive = drafter, blocks, adaptive
+        self._adapt: weakref.WeakKeyDictionary[Sequence, _Adapt] = weakref.WeakKeyDictionary()
 
     @property
     def k(self) -> int:
         return self.drafter.k
 
+    def _want(self, s: Sequence) -> int:
+        """Drafts the sequence may take this step (adaptive K; without it, K)."""
+        k = self.drafter.k
+        if not self.adaptive:
+            return k
+        a = self._adapt.get(s)
+        if a is None:
+            a = self._adapt[s] = _Adapt(k)
+        if a.k == 0:
+            a.wait -= 1
+            if a.wait > 0:
+                return 0
+            return 1  # a try: its outcome (adapt) sets k and the next wait
+        return min(a.k, k)
+
+    def adapt(self, s: Sequence, proposed: int, accepted: int) -> None:
+        """After verification: the sequence's K for the next steps (see the class docstring)."""
+        if not self.adaptive or proposed == 0:
+            return
+        a = self._adapt.get(s)
+        if a is None:
+            return
+        if accepted == 0:
+            if a.k == 0:  # a failed try: wait twice as long
+                a.backoff = a.wait = min(BACKOFF_MOST, a.backoff * 2)
+                return
+            a.misses += 1
+            if a.misses < MISSES:
+                return
+            a.misses, a.k = 0, a.k // 2
+            if a.k == 0:
+                a.backoff = a.wait = BACKOFF_FIRST
+        else:
+            a.k, a.backoff, a.misses = min(self.drafter.k, max(1, a.k) * 2), 0, 0
+
     def propose(self, seqs: list[Sequence]) -> tuple[list[Draft | None], list[tuple[int, int]]]:
         """Drafts for the step's sequences with cache slots for them -> (drafts, block copies to
         run first). A sequence gets at most as many drafts as it may still generate tokens, less one
-        (the target adds one of its own), and none when the pool has no room for them."""
-        room = [s.group.max_new_tokens - s.num_generated - 1 for s in seqs]
-        drafts = self.drafter.propose(seqs, room)
+        (the target adds one of its own), its adaptive K allows, and none when the pool has no room
+        for them. The drafter sees only the sequences that may take drafts."""
+        drafts: list[Draft | None] = [None] * len(seqs)
+        ask, room = [], []
+        for i, s in enumerate(seqs):
+            r = min(s.group.max_new_tokens - s.num_generated - 1, self._want(s))
+            if r > 0:
+                ask.append(i)
+                room.append(r)
+        if not ask:
+            return drafts, []
+        proposed = self.drafter.propose([seqs[i] for i in ask], room)
         copies: list[tuple[int, int]] = []
         bs = self.blocks.block_size
-        for i, (s, d) in enumerate(zip(seqs, drafts)):
+        for i, d in zip(ask, proposed):
             if d is None or not d.tokens:
-                drafts[i] = None
                 continue
+            s = seqs[i]
             n = len(s.tokens)
             try:
                 copies += self.blocks.prepare_write(s.block_table, n, n + len(d.tokens))
             except OutOfBlocks:  # only what the last block still holds (no preemption for drafts)
                 fit = len(s.block_table) * bs - n
                 if fit <= 0 or self.blocks.refs[s.block_table[-1]] > 1:
-                    drafts[i] = None
                     continue
                 d.tokens = d.tokens[:fit]
                 d.probs = d.probs[:fit] if d.probs is not None else None
+            drafts[i] = d
         return drafts, copies
 
     def verify(
         self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
     ) -> list[Verified]:
         """logits [sum(len(draft) + 1), V] float32 (``ModelRunner.decode(drafts=...)``) -> each
-        sequence's tokens (see the module docstring)."""
+        sequence's tokens (see the module docstring). Greedy rows are decided together: one
+        device-to-host copy of the argmaxes, acceptance over all rows in numpy."""
+        lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, len(drafts))
+        starts = np.zeros(len(seqs), np.int64)
+        np.cumsum(lens[:-1] + 1, out=starts[1:])
         rows: list = []
-        starts = []
         for s, d in zip(seqs, drafts):
-            starts.append(len(rows))
             rows.append(s)
             if d is not None:
                 rows += [Extended(s, d.tokens[:j]) for j in range(1, len(d.tokens) + 1)]
         process_logits(logits, rows)
-        greedy = logits.argmax(-1).tolist() if any(s.group.params.temperature == 0 for s in seqs) else None
+        temps = [s.group.params.temperature for s in seqs]
+        accepted = np.zeros(len(seqs), np.int64)
+        greedy = None
+        if 0 in temps:
+            greedy = logits.argmax(-1).cpu().numpy()
+            kmax = int(lens.max()) if len(lens) else 0
+            if kmax:
+                table = np.full((len(seqs), kmax), -1, np.int64)  # drafts, -1 past each row's end
+                for i, d in enumerate(drafts):
+                    if d is not None:
+                        table[i, : len(d.tokens)] = d.tokens
+                at = np.minimum(starts[:, None] + np.arange(kmax), len(greedy) - 1)
+                agree = greedy[at] == table  # -1 never equals a token
+                accepted = np.where(agree.all(1), kmax, agree.argmin(1))  # drafts before the first miss
+                accepted = np.minimum(accepted, lens)
         log_probs = torch.log_softmax(logits, -1) if any(s.group.params.logprobs for s in seqs) else None
+        bonus = greedy[starts + accepted].tolist() if greedy is not None else None
         out = []
-        for s, d, o in zip(seqs, drafts, starts):
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
             p = s.group.params
-            k = len(d.tokens) if d is not None else 0
-            if p.temperature == 0:
-                m = 0
-                while m < k and greedy[o + m] == d.tokens[m]:
-                    m += 1
-                tokens = (d.tokens[:m] if k else []) + [greedy[o + m]]
+            o, k = int(starts[i]), int(lens[i])
+            if temps[i] == 0:
+                m = int(accepted[i])
+                tokens = (d.tokens[:m] if m else []) + [bonus[i]]
             else:
                 probs = sampling_probs(logits[o : o + k + 1], p)
                 tokens, m = speculative_sample(probs, d, sampling_generator(s.group, logits.device))

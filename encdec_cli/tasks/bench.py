@@ -457,7 +457,9 @@ def run_prefix_workload(w: Workload, loaded, engine_cfg: dict) -> dict:
                 "prompt_tokens": stats.prefix_cache_prompt_tokens,
                 "encoder_seconds_saved": round(stats.encoder_seconds_saved, 3),
             }
+        engine.close()  # its KV pool and graphs go before the next engine sizes its own
         del engine
+        gc.collect()
         torch.cuda.empty_cache()
     res["ratio"] = res["ours"] / res["cache_off"]
     return res
@@ -492,10 +494,11 @@ def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True
         list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
     engine.reset_stats()  # count the timed run's steps only
     requests = workload_requests(w, loaded.config, enc_inputs, targets)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     out = list(engine.generate(requests))
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
     errors = [r.error for r in out if r.error]
     if errors:
@@ -503,11 +506,15 @@ def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True
     return wall, out
 
 
-def _release() -> None:
-    """After the caller dropped its engine: its CUDA graphs and KV pool go before the next engine
-    sizes its pool from the free memory."""
+def _release(engine) -> None:
+    """The engine's CUDA graphs and KV pool go (``Engine.close``: also the model's layers' views of
+    the pool) before the next engine sizes its pool from the free memory. The caller drops its own
+    reference (``del``) right after; nothing else of the run (stats snapshots, results, drafters)
+    refers to the engine."""
+    engine.close()
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def speculation_info(stats) -> dict:
@@ -544,8 +551,8 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
+    _release(engine)
     del engine
-    _release()
     return wall, tokens, info
 
 
@@ -590,8 +597,8 @@ def run_oracle_sweep(
 
     if profile:
         plain_info["profile_s"] = phases(engine)
+    _release(engine)
     del engine
-    _release()
     plain = value(wall, tokens)
     vocab = loaded.model.vocab_size
     runs = []
@@ -614,15 +621,20 @@ def run_oracle_sweep(
                     "steps": st.steps,
                     **speculation_info(st),
                     "off_track_proposals": drafter.off_track,
+                    # more steps than the plain run at alpha 0 mean fewer sequences a step: an
+                    # out-of-memory recovery lowered the engine's sequence limit, or preemptions
+                    "max_num_seqs_after": engine.max_num_seqs,
+                    "preemptions": st.preemptions,
                     "outputs_equal_to_plain": same / len(s_out),
                     **({"profile_s": phases(engine)} if profile else {}),
                 }
             )
+        _release(engine)
         del engine
-        _release()
     sweep = {
         "synthetic": True,
         "draft": "oracle",
+        "adaptive_k": cfg.get("speculative_adaptive", True),  # K: the most drafts a step
         "note": "random weights: drafts are the plain run's own greedy tokens, each replaced by a wrong "
         "token with probability 1 - alpha (synthetic acceptance; real acceptance needs real weights)",
         "plain": {"value": plain, "wall_s": wall, "steps": stats.steps, "ahead_steps": stats.ahead_steps},
