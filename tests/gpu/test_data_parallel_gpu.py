@@ -35,13 +35,14 @@ def encdec(*args, cwd=None) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_transcribe_two_ranks_on_one_gpu(tmp_path, example_clips):
+def test_transcribe_two_ranks_on_one_gpu(tmp_path, example_clips, tiny_en_dir):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for k in range(2):
         for clip in example_clips:
             shutil.copy(clip.path, corpus / f"{k}-{clip.path.name}")
-    flags = ["--max-num-seqs", 1, "--gpu-memory-utilization", 0.5, "-f", "all"]
+    # the packaged tiny.en (skips where it is not installed, as on a GPU machine without the package)
+    flags = ["-m", tiny_en_dir, "--max-num-seqs", 1, "--gpu-memory-utilization", 0.5, "-f", "all"]
     for name, device in (("one", "cuda:0"), ("two", "cuda:0,cuda:0")):
         (tmp_path / name).mkdir()
         r = encdec("transcribe", corpus, "-o", "out", "--device", device, *flags, cwd=tmp_path / name)
