@@ -119,9 +119,11 @@ class BartStack(nn.Module):
         else:
             self.sinusoid.copy_(fairseq_sinusoidal_table(rows, d, self.padding_idx))
 
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """tokens: [T, d] scaled token embeddings of the token ids ``ids`` [T]; positions: [T] index
-        in the sequence -> [T, d]."""
+    def embed(
+        self, tokens: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens: [T, d] scaled token embeddings of the token ids ``ids`` [T] (needed by the fairseq
+        positions only: a pad token reads their zero row); positions: [T] index in the sequence -> [T, d]."""
         if self.embed_positions is not None:
             x = tokens + self.embed_positions(positions + LEARNED_POSITION_OFFSET)
         elif self.padding_idx is not None:  # fairseq: a pad token reads the zero row

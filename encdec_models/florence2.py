@@ -36,9 +36,10 @@ from encdec_models.vision import check_pixels
 
 @dataclass
 class ImageTextBatch(EncoderBatch):
-    """inputs: packed token ids [T] (image placeholders included); pixels: [B, C, H, W]."""
+    """inputs: packed token ids [T] (image placeholders included); pixels: [B, C, H, W] (always given;
+    a default only because EncoderBatch's last field has one)."""
 
-    pixels: torch.Tensor
+    pixels: torch.Tensor = None
 
 
 def _mlp(dim: int, ratio: float, activation: str) -> MLP:

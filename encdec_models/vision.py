@@ -178,7 +178,8 @@ def _decoder_variant(cfg) -> Variant:
     if cfg.model_type == "trocr":
         return Variant(
             pre_norm=False,
-            learned_positions=cfg.use_learned_position_embeddings,
+            # TrOCR's fixed table is fairseq's: installed over the stack's below (fairseq_sinusoids)
+            positions="learned" if cfg.use_learned_position_embeddings else "sinusoidal",
             layernorm_embedding=cfg.layernorm_embedding,
             final_norm=False,
         )
@@ -240,9 +241,7 @@ class VisionEncoderDecoder(TextEncDecModel):
                 scale=(d // heads) ** -0.5,
             )
             # positions offset by padding_idx + 1 = 2 (RoBERTa's table includes the offset rows)
-            variant = Variant(
-                pre_norm=False, learned_positions=True, layernorm_embedding=True, final_norm=False
-            )
+            variant = Variant(pre_norm=False, positions="learned", layernorm_embedding=True, final_norm=False)
             stack_cfg = SimpleNamespace(
                 d_model=d, max_position_embeddings=dec_cfg.max_position_embeddings - 2
             )

@@ -87,6 +87,10 @@ class Transcribe:
         enforce_eager: bool = False,
         **options: Any,
     ):
+        if "vad" not in options and options.get("long_form", "chunked") == "chunked":
+            from encdec_cli.tasks.vad import VadOptions
+
+            options["vad"] = VadOptions()  # the CLI's default: --vad with chunked long-form
         self.options = TranscribeOptions(**options)
         self.audio_column = audio_column
         self.engine = Engine(

@@ -570,7 +570,9 @@ def run_oracle_sweep(
     (the sweep for the JSON, the plain run as ``run_ours`` returns it)."""
     from encdec_cli.engine import Engine, OracleDrafter
 
-    cfg = _engine_cfg(w, engine_cfg, len(enc_inputs))
+    # no prefix cache: every alpha repeats the plain run's inputs, which would then skip their encoder
+    # runs and look faster than speculation makes them
+    cfg = {**_engine_cfg(w, engine_cfg, len(enc_inputs)), "prefix_cache": False}
     engine = Engine(loaded, **cfg)
     wall, out = _timed(w, engine, loaded, enc_inputs, targets)
     tokens = sum(len(r.token_ids) for r in out)

@@ -54,6 +54,8 @@ IMAGES = Wording(
     failed_before="{failed_before} of them FAILED in an earlier run",
     failed="{failed} FAILED",
     items="image(s)",
+    amount_key="tokens",
+    rate_unit="tokens_per_second",
 )
 
 
