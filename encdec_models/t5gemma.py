@@ -202,4 +202,3 @@ class T5Gemma(TextEncDecModel):
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
-
