@@ -329,6 +329,31 @@ def data_parallel(path: Path, device: str, dtype: str, ranks: int | None, quiet:
     return DataParallel(spec, devices, log=say)
 
 
+def placement(
+    path: Path,
+    device: str,
+    dtype: str,
+    ranks: int | None,
+    quiet: bool,
+    engine_options: tuple,
+    speculative: str | None,
+    no_prefix_cache: bool,
+    **extra,
+):
+    """Where a job runs: (its place in a torchrun job or None, this process's device, the ranks of a
+    data-parallel job or None); ``engine_options``: ``ENGINE_OPTIONS``' values, ``extra``: more
+    EngineConfig fields for the ranks' engines."""
+    dist, device = torchrun_rank(device, ranks)
+    if dist is not None:
+        return dist, device, None
+    config = {**dict(zip(ENGINE_OPTIONS, engine_options)), **extra}
+    if speculative:
+        config["speculative"] = speculative
+    if no_prefix_cache:
+        config["prefix_cache"] = False
+    return dist, device, data_parallel(path, device, dtype, ranks, quiet, **config)
+
+
 def floats(name: str, text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())

@@ -184,20 +184,8 @@ def _text_command(task: str):
         spec = common.check_speculative(speculative, num_beams, "--num-beams")
         path = common.check_model(model, task)
         engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
-        dist, device = common.torchrun_rank(device, data_parallel)
-        ranks = (
-            None
-            if dist
-            else common.data_parallel(
-                path,
-                device,
-                dtype,
-                data_parallel,
-                quiet,
-                **dict(zip(common.ENGINE_OPTIONS, engine_options)),
-                **({"speculative": spec} if spec else {}),
-                **({"prefix_cache": False} if no_prefix_cache else {}),
-            )
+        dist, device, ranks = common.placement(
+            path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache
         )
         if ranks is not None and target_lang_column:
             raise UsageError(

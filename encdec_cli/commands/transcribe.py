@@ -215,21 +215,8 @@ def transcribe(
     path = common.check_model(model, "transcribe", language, task)
     window = engine_window(max_num_seqs)
     engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
-    dist, device = common.torchrun_rank(device, data_parallel)
-    ranks = (
-        None
-        if dist
-        else common.data_parallel(
-            path,
-            device,
-            dtype,
-            data_parallel,
-            quiet,
-            **dict(zip(common.ENGINE_OPTIONS, engine_options)),
-            window=window,
-            **({"speculative": spec} if spec else {}),
-            **({"prefix_cache": False} if no_prefix_cache else {}),
-        )
+    dist, device, ranks = common.placement(
+        path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache, window=window
     )
     engine = ranks or common.load_engine(
         path, device, dtype, *engine_options, quiet, no_prefix_cache, window=window, speculative=spec
