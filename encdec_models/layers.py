@@ -74,6 +74,7 @@ class Norm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d)) if kind == "layer" else None
 
     def forward(self, x):
+        x = x.contiguous()  # the kernels take rows; the vision encoders hand in permuted views
         if self.kind == "rms":
             return encdec_kernels.rms_norm(x, self.weight, self.eps)
         return encdec_kernels.layer_norm(x, self.weight, self.bias, self.eps)
