@@ -41,9 +41,10 @@ from encdec_cli.io.images import IMAGE_EXTENSIONS, load_image
 from encdec_cli.io.inputs import AudioItem, Namer, count_files, plan_inputs
 from encdec_cli.io.manifest import Manifest, file_key
 from encdec_cli.io.tables import open_sink
+from encdec_cli.tasks import summary
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import JobOutcome, Wording
+from encdec_cli.tasks.outcome import JobOutcome, Wording, prefix_cache_details
 from encdec_cli.tasks.progress import JobProgress
 
 FORMATS = ("txt", "jsonl", "parquet")
@@ -457,6 +458,8 @@ def run_image_to_text(
         interrupted=interrupted,
         failures=failed,
         notes=notes,
+        details=[d for d in [engine.stats.speculation_summary()] if d] + prefix_cache_details(engine.stats),
     )
     progress.summary(outcome.summary())
+    summary.record(outcome, engine)
     return outcome.exit_code()

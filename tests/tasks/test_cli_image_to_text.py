@@ -344,3 +344,38 @@ def test_outputs_and_inputs_that_do_not_fit(model_dir, tmp_path):
     assert r.exit_code == 2 and "one table file" in r.stderr
     r = encdec("image-to-text", tmp_path / "missing.png", "-m", model_dir)
     assert r.exit_code == 2 and "does not exist" in r.stderr
+
+
+def test_summary_json_prefix_cache_and_speculation(model_dir, tmp_path):
+    """--summary-json reports the job (counts, failures, engine statistics); a duplicate image reuses
+    the first one's encoder run unless --no-prefix-cache; --speculative ngram gives the same texts."""
+    images = draw_images(3, seed=4)
+    (tmp_path / "imgs").mkdir()
+    for i, im in enumerate(images):
+        im.save(tmp_path / "imgs" / f"{i}.png")
+    images[0].save(tmp_path / "imgs" / "copy.png")
+    (tmp_path / "imgs" / "notes.png").write_text("not an image")
+    want = dict(zip(["0", "1", "2", "copy"], hf_texts(model_dir, [*images, images[0]])))
+    runs = {
+        "plain": [],
+        "no-cache": ["--no-prefix-cache"],
+        "ngram": ["--speculative", "ngram:3", "--num-beams", "1"],
+    }
+    for name, extra in runs.items():
+        out, report = tmp_path / name, tmp_path / f"{name}.json"
+        r = encdec(
+            *("image-to-text", tmp_path / "imgs", "-m", model_dir, "-o", out, "--max-new-tokens", MAX_NEW),
+            *(*extra, "--summary-json", report, "-q"),
+        )
+        assert r.exit_code == 1, r.output  # notes.png failed
+        assert {p.stem: p.read_text().strip() for p in out.glob("*.txt")} == want, name
+        s = json.loads(report.read_text())
+        assert s["command"] == "image-to-text" and s["exit_code"] == 1, s
+        assert s["counts"]["done"] == 4 and s["counts"]["failed"] == 1, s
+        assert "notes.png" in s["failures"][0]["item"] and s["engine"] is not None, s
+        assert s["engine"]["prefix_cache_hits"] == (0 if name == "no-cache" else 1), (name, s["engine"])
+        assert (s["engine"]["verify_steps"] > 0) == (name == "ngram"), (name, s["engine"])
+    r = encdec(
+        "image-to-text", tmp_path / "imgs", "-m", model_dir, "--speculative", "ngram", "--num-beams", "2"
+    )
+    assert r.exit_code == 2 and "beam search" in r.stderr, r.stderr
