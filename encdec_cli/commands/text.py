@@ -187,11 +187,6 @@ def _text_command(task: str):
         dist, device, ranks = common.placement(
             path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache
         )
-        if ranks is not None and target_lang_column:
-            raise UsageError(
-                "--target-lang-column runs in one process for now: leave out --data-parallel (or use "
-                "--target-lang, one language per job)"
-            )
         if ranks is None:
             common.check_dtype(dtype, device)
         engine = LazyEngine(  # loaded when some row must run: a finished job run again never loads it

@@ -205,8 +205,9 @@ UNIT_ROWS = 16  # rows handed to a rank at a time (data parallel)
 
 @dataclass(frozen=True)
 class TextWork:
-    """A text job's side in a data-parallel rank: blocks of (row id, text) in; per row (row id, value,
-    error, tokens, the length it was truncated to or 0) out. Tokenizing and decoding run in the rank."""
+    """A text job's side in a data-parallel rank: blocks of (row id, text, the row's SamplingParams or
+    None for the job's) in; per row (row id, value, error, tokens, the length it was truncated to or 0)
+    out. Tokenizing and decoding run in the rank."""
 
     opts: Seq2SeqOptions
     params: SamplingParams
@@ -221,7 +222,7 @@ class TextWork:
 
         def expand(unit: int, block: list, count) -> Iterator[Request]:
             count(len(block))
-            for row_id, text in block:
+            for row_id, text, params in block:  # params: the row's own (its target language) or None
                 before = enc.truncated
                 try:
                     ids = enc.encode(text)
@@ -229,16 +230,16 @@ class TextWork:
                     units.answer(unit, (row_id, None, encode_error(e), 0, 0))
                     continue
                 cut = enc.max_len if enc.truncated > before else 0
-                yield Request(ids, list(self.prompt), self.params, (unit, row_id, cut))
+                yield Request(ids, list(self.prompt), params or self.params, (unit, row_id, cut))
 
         for r in engine.generate(units.requests(expand)):
             unit, row_id, cut = r.request_id
             units.answer(unit, (row_id, *result_value(r, self.params, enc.tok), cut))
 
 
-def _run_ranks(pool: DataParallel, work: TextWork, to_run, rows: dict, write, enc: TextEncoder) -> RunReport:
-    """The rows of ``to_run`` through the ranks of ``pool``, in blocks; each result written by ``write``
-    here, in the job's process."""
+def _run_ranks(pool: DataParallel, work: TextWork, units, rows: dict, write, enc: TextEncoder) -> RunReport:
+    """The (row id, text, params) of ``units`` through the ranks of ``pool``, in blocks; each result
+    written by ``write`` here, in the job's process."""
 
     def on_result(block, value) -> None:
         row_id, v, error, tokens, cut = value
@@ -249,15 +250,15 @@ def _run_ranks(pool: DataParallel, work: TextWork, to_run, rows: dict, write, en
             write(row, v, error, tokens)
 
     def on_failed(block, message: str) -> None:
-        for row_id, _ in block:
+        for row_id, *_ in block:
             if row_id in rows:
                 write(rows.pop(row_id), None, message)
 
     def remaining(block):
-        return [(i, t) for i, t in block if i in rows] or None
+        return [u for u in block if u[0] in rows] or None
 
-    units = chunks(((row.row_id, row.text) for row in to_run), UNIT_ROWS)
-    return pool.run(work, units, on_result, on_failed, remaining)
+    blocks = chunks(units, UNIT_ROWS)
+    return pool.run(work, blocks, on_result, on_failed, remaining)
 
 
 def _check_target_needed(loaded: SimpleNamespace, tok) -> None:
@@ -466,6 +467,16 @@ def run_seq2seq(
                 continue
             yield Request(ids, list(prompt), row_sp, row.row_id)
 
+    def rank_units() -> Iterator[tuple]:
+        """(row id, text, the row's params or None) for the ranks, which tokenize themselves."""
+        for row in to_run():
+            try:
+                row_sp = params_of(row) if opts.target_lang_column else None
+            except ValueError as e:
+                write(rows.pop(row.row_id), None, encode_error(e))
+                continue
+            yield row.row_id, row.text, row_sp
+
     def write(row: Row, value, error: str | None, tokens: int = 0) -> None:
         nonlocal failed
         with guard.protect():  # the write and its count: a stop signal waits for both
@@ -486,7 +497,8 @@ def run_seq2seq(
                 progress.advance(files=skipped)
             elif isinstance(running, DataParallel):
                 with progress:
-                    report = _run_ranks(running, TextWork(opts, params, prompt), to_run(), rows, write, enc)
+                    work = TextWork(opts, params, prompt)
+                    report = _run_ranks(running, work, rank_units(), rows, write, enc)
             else:
                 enc.fit(running.max_source_len)
                 with progress:

@@ -15,6 +15,7 @@ from transformers import M2M100ForConditionalGeneration
 from tests.support.text_models import single_thread
 from tests.support.translation_models import build_translation_model, sentence
 from tests.tasks.test_cli_seq2seq import encdec, read_output
+from tests.tasks.test_data_parallel import encdec as encdec_process
 
 
 @pytest.fixture(autouse=True)
@@ -62,15 +63,21 @@ def test_source_and_target_language(name, src, tgt, request, tmp_path):
     assert hf_translate(model, TEXTS, other, tgt) != got
 
 
-def test_two_target_languages_in_one_job(nllb, tmp_path):
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "data-parallel"])
+def test_two_target_languages_in_one_job(nllb, tmp_path, ranks):
     langs = ["fra_Latn", "deu_Latn"] * (len(TEXTS) // 2)
     rows = [{"id": i, "text": t, "lang": lang} for i, (t, lang) in enumerate(zip(TEXTS, langs))]
     rows.append({"id": 99, "text": TEXTS[0], "lang": "fra_latn"})  # a bad code fails its row only
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out.jsonl"
-    r = encdec("translate", tmp_path / "in.jsonl", "-m", nllb.path, "-o", out, "-q",
-               "--source-lang", "eng_Latn", "--target-lang-column", "lang")  # fmt: skip
-    assert r.exit_code == 1, r.stderr  # one row failed
+    args = ["translate", tmp_path / "in.jsonl", "-m", nllb.path, "-o", out, "-q",
+            "--source-lang", "eng_Latn", "--target-lang-column", "lang"]  # fmt: skip
+    if ranks == 1:
+        r = encdec(*args)
+        assert r.exit_code == 1, r.stderr  # one row failed
+    else:  # rank processes: the rows' languages travel with them
+        r = encdec_process(*args, "--device", "cpu", "-dp", ranks)
+        assert r.returncode == 1, r.stderr
     got = read_output(out)
     fr = hf_translate(nllb, TEXTS, "eng_Latn", "fra_Latn")
     de = hf_translate(nllb, TEXTS, "eng_Latn", "deu_Latn")
