@@ -105,19 +105,34 @@ class TranscribeWork:
 
 
 def _open_table_output(
-    output: str, inputs: list[str], opts: TranscribeOptions, model: str, overwrite: bool
+    output: str,
+    inputs: list[str],
+    opts: TranscribeOptions,
+    model: str,
+    overwrite: bool,
+    dist: Distributed | None = None,
 ) -> TableSink:
     """The Parquet output: a row per item (its row id: the item's place in the input order), the
-    transcript's columns, resumable; a job with other inputs or options does not mix into it."""
+    transcript's columns, resumable; a job with other inputs or options does not mix into it.
+    Under torchrun every rank writes its own parts into the one parts folder: rank 0 opens it first
+    (and, with --overwrite, discards an earlier run's), the others then join it."""
     key = json.dumps([[file_key(i) if i != "-" else "-" for i in inputs], repr(opts), model])
+    first = dist is None or dist.rank == 0
     options = SinkOptions(
         result_columns=list(TRANSCRIPT_COLUMNS),
         input_schema=ITEM_SCHEMA,
         result_types=TRANSCRIPT_COLUMNS,
         job_key=key,
-        resume="-" not in inputs and not overwrite,  # a list on stdin cannot be told apart
+        # a list on stdin cannot be told apart; with --overwrite only rank 0 starts afresh
+        resume="-" not in inputs and (not overwrite or not first),
+        writer=None if dist is None else (dist.rank, dist.world),
     )
-    return open_sink(output, "parquet", options)
+    if not first:
+        dist.barrier()  # rank 0 has opened the output
+    sink = open_sink(output, "parquet", options)
+    if dist is not None and first:
+        dist.barrier()
+    return sink
 
 
 def run_transcribe(
@@ -146,16 +161,14 @@ def run_transcribe(
     if dist is not None:
         if to_stdout:
             raise UsageError("-o - under torchrun: every rank would print; pass -o FOLDER")
-        if is_table_output(output):
-            raise UsageError(
-                "a table output (-o X.parquet) under torchrun is not supported yet; pass -o FOLDER"
-            )
+        if "-" in inputs:
+            raise UsageError("a list of inputs on stdin ('-') under torchrun: every rank would read it")
         dist.start()
     table = None
     done_rows = failed_rows = RowIdSet()  # the table output's rows of an earlier run
     if is_table_output(output):
         model = engine.spec.path if isinstance(engine, DataParallel) else str(engine.loaded.path)
-        table = _open_table_output(output, inputs, opts, model, overwrite)
+        table = _open_table_output(output, inputs, opts, model, overwrite, dist)
         done_rows, failed_rows = table.done_row_ids(), table.failed_row_ids()
     manifest = (
         None
@@ -255,10 +268,17 @@ def run_transcribe(
                     )
                 else:
                     transcriber_for(engine, opts).run(items(), on_done, on_audio=on_audio)
-            if table is not None:  # (a finished job with nothing redone keeps its output)
-                finished = table.finished and done_rows == table.done_row_ids()
+            if table is not None:
                 with guard.protect():
-                    table.finalize(expected_rows=None if finished else planned_count)
+                    first = dist is None or dist.rank == 0
+                    if dist is not None:  # rank 0 merges every rank's parts once all are committed
+                        table.flush() if first else table.close()
+                        dist.barrier()
+                        if first:
+                            table.adopt_new_parts()
+                    if first:  # (a finished job with nothing redone keeps its output)
+                        finished = table.finished and done_rows == table.done_row_ids()
+                        table.finalize(expected_rows=None if finished else planned_count)
         except KeyboardInterrupt:
             interrupted = True
         finally:

@@ -83,6 +83,17 @@ def test_transcribe_under_torchrun_writes_what_one_process_writes(tmp_path, exam
     out = tmp_path / "two" / "out"
     assert (out / MANIFEST_NAME).is_file() and not list(out.glob(RANK_MANIFEST_GLOB))  # one manifest
     assert tree(tmp_path / "one" / "out") == tree(out)
+    # a Parquet output: each rank writes its parts, rank 0 merges them into what one process writes
+    for name, nproc in (("one", None), ("two", 2)):
+        r = run(nproc, "transcribe", corpus, "-o", "out.parquet", *flags, cwd=tmp_path / name)
+        assert r.returncode == 1, r.stderr
+    one, two = tmp_path / "one" / "out.parquet", tmp_path / "two" / "out.parquet"
+    assert pq.read_table(one).to_pylist() == pq.read_table(two).to_pylist()
+    assert pq.read_table(two).num_rows == len(example_clips) + 1
+    assert not (tmp_path / "two" / ".out.parquet.parts").exists()
+    again = run(2, "transcribe", corpus, "-o", "out.parquet", *flags, cwd=tmp_path / "two")
+    assert again.returncode == 1 and "already done" in again.stderr, again.stderr
+    assert pq.read_table(two).to_pylist() == pq.read_table(one).to_pylist()
 
 
 class Launched:
