@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from encdec_models.bart import Bart
-from encdec_models.base import AttentionMetadata, EncDecModel, EncoderBatch, host_to_device
+from encdec_models.base import AttentionMetadata, EncDecModel, EncoderBatch, host_to_device, stack_to_device
 from encdec_models.layers import MLP, LayerConfig, Norm, final_norm, run_layers
 from encdec_models.text import as_token_ids, packed_positions
 from encdec_models.vision import check_pixels
@@ -315,7 +315,7 @@ class Florence2(EncDecModel):
         return self.language_model.decoder_layers()
 
     # ---- encoder --------------------------------------------------------------------------------
-    def _parts(self, item) -> tuple[torch.Tensor, np.ndarray]:
+    def _parts(self, item, values: bool = True) -> tuple[torch.Tensor, np.ndarray]:
         if not isinstance(item, dict) or "pixel_values" not in item or "input_ids" not in item:
             raise ValueError(
                 "a Florence-2 encoder input is a dict with pixel_values [C, H, W] and input_ids (the "
@@ -325,7 +325,7 @@ class Florence2(EncDecModel):
         shape = tuple(getattr(pixels, "shape", ()))
         if len(shape) != 3 or shape[0] != self.channels or min(shape[1:]) < 32:
             raise ValueError(f"pixel_values must be [{self.channels}, H, W] (H, W >= 32), got {list(shape)}")
-        pixels = check_pixels(pixels, shape)
+        pixels = check_pixels(pixels, shape, values)
         ids = as_token_ids(item["input_ids"])
         n_image, expected = int((ids == self.image_token_id).sum()), self.image_tokens(*shape[1:])
         if n_image != expected:
@@ -345,18 +345,18 @@ class Florence2(EncDecModel):
         return len(ids)
 
     def prepare_encoder_batch(self, items, device) -> ImageTextBatch:
-        parts = [self._parts(x) for x in items]
+        """The items' pixel values were checked by ``encoder_length`` (the engine's admission)."""
+        parts = [self._parts(x, values=False) for x in items]
         lens = [len(ids) for _, ids in parts]
         ids = torch.from_numpy(np.concatenate([ids for _, ids in parts]))
         cu = torch.tensor([0, *np.cumsum(lens)], dtype=torch.int32)
         if len({tuple(p.shape) for p, _ in parts}) > 1:
             raise ValueError("the images of one encoder batch must have one size (the image processor's)")
-        pixels = torch.stack([p.cpu().to(parts[0][0].dtype) for p, _ in parts])  # as given: fp16 moves half
         return ImageTextBatch(
             inputs=host_to_device(ids, device),
             cu_seqlens=host_to_device(cu, device),
             max_seqlen=max(lens),
-            pixels=host_to_device(pixels, device),
+            pixels=stack_to_device([p for p, _ in parts], device),  # as given: fp16 moves half the bytes
         )
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
