@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from encdec_models.bart import Bart
 from encdec_models.base import AttentionMetadata, EncDecModel, EncoderBatch, host_to_device, stack_to_device
@@ -99,6 +100,12 @@ class ConvEmbed(nn.Module):
         return x if self.pre_norm else self.norm(x)
 
 
+# Window attention's SDPA backends: not cuDNN's, which builds an execution plan for every new shape
+# (the window count follows the engine's encoder batch size, which varies from run to run), a cost
+# paid inside the timed run; flash attention has none. The math fallback serves what flash refuses.
+_WINDOW_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 class WindowAttention(nn.Module):
     def __init__(self, dim: int, heads: int, window: int, qkv_bias: bool):
         super().__init__()
@@ -124,7 +131,8 @@ class WindowAttention(nn.Module):
         x = x.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
         n, t, _ = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c)
+        with sdpa_kernel(_WINDOW_BACKENDS):
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c)
         o = self.proj(o).view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5)  # [B, nh, ws, nw, ws, C]
         if padded:
             return residual.add_(o.reshape(b, hp, wp, c)[:, :h, :w])
