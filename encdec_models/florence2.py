@@ -6,11 +6,11 @@ task prompt's tokens, are the input of a BART encoder/decoder.
   without position bias, MLP) and a channel block (depthwise convolution, attention across channel
   groups, MLP). Plain PyTorch (the reference path: window and channel attention are not what the
   engine's kernels compute); the norms (the convolutions' residual adds fused in) and MLPs are the
-  shared layers. Laid out for the GPU: activations stay token rows [B, H, W, C] (channels-last), which
-  the convolutions read and write as channels-last NCHW views, so the stages need no permute copies;
-  the channel attention is three batched GEMMs in channel-major layout (not attention kernels: its
-  "head dim" is the token count); window partition is one copy and the reverse rides in the residual
-  add.
+  shared layers. Laid out for the GPU: activations stay token rows [B, H, W, C] (channels-last) from
+  the first convolution's output on, which the convolutions read and write as channels-last NCHW
+  views, so the stages need no permute copies; the channel attention is three batched GEMMs in
+  channel-major layout (not attention kernels: its "head dim" is the token count); window partition
+  is one copy and the reverse rides in the residual add.
 - Projector: learned 2-D (row, column) position embeddings and the first 1-D cosine temporal
   embedding are added, the mean of all tokens is put before them as one more token, then a linear
   projection and a LayerNorm: (H/32)(W/32) + 1 image tokens of the language model's width.
@@ -92,11 +92,16 @@ class ConvEmbed(nn.Module):
         )
         self.norm = Norm(c_in if self.pre_norm else c_out, "layer", 1e-5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: token rows [B, H, W, C_in] -> [B, H', W', C_out]."""
+    def forward(self, x: torch.Tensor, pixels: bool = False) -> torch.Tensor:
+        """x: token rows [B, H, W, C_in], or NCHW pixels (``pixels``: the first stage) -> token rows
+        [B, H', W', C_out]. Pixels go into the convolution as NCHW, as transformers has them: a
+        3-channel image is a poor channels-last layout for cuDNN; the output's one copy into rows
+        is the only one of the stage."""
         if self.pre_norm:
-            x = self.norm(x)
-        x = _as_rows(self.conv(_as_nchw(x)))
+            x = _as_nchw(self.norm(x.permute(0, 2, 3, 1) if pixels else x))
+        elif not pixels:
+            x = _as_nchw(x)
+        x = _as_rows(self.conv(x))
         return x if self.pre_norm else self.norm(x)
 
 
@@ -231,13 +236,11 @@ class VisionTower(nn.Module):
         )
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels [B, C, H, W] (any memory format) -> the last stage's token rows [B, H', W', C']."""
-        # channels-last from the first convolution on; the cast to the weights' dtype is the same copy
-        x = pixels.permute(0, 2, 3, 1).to(
-            self.convs[0].conv.weight.dtype, memory_format=torch.contiguous_format
-        )
-        for conv, blocks in zip(self.convs, self.blocks):
-            x = conv(x)
+        """pixels [B, C, H, W] -> the last stage's token rows [B, H', W', C'] (channels-last from
+        the first convolution's output on)."""
+        x = pixels.to(self.convs[0].conv.weight.dtype, memory_format=torch.contiguous_format)
+        for i, (conv, blocks) in enumerate(zip(self.convs, self.blocks)):
+            x = conv(x, pixels=i == 0)
             for block in blocks:
                 x = block(x)
         return x

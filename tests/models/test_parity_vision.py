@@ -208,6 +208,8 @@ FLORENCE_TOWERS = {
     **FLORENCE_SHAPES,
     # two blocks a stage, whole windows (no padding): the windows go back in place inside the add
     "deeper-whole-windows": dict(image_size=(96, 96), vision=dict(depths=[2, 2], window_size=4)),
+    # a LayerNorm over the pixels' channels before the first convolution
+    "pixel-prenorm": dict(vision=dict(patch_prenorm=[True, True])),
 }
 
 
@@ -224,7 +226,7 @@ def test_florence2_image_features_match_transformers(tmp_path, shape):
         ref = hf.model.get_image_features(pixels)
         ref = getattr(ref, "pooler_output", ref)
         got = ours.image_features(pixels)
-        # channels-last or half-precision pixels go through the same single cast-and-layout copy
+        # channels-last pixels: the same values in, one cast-and-layout copy
         again = ours.image_features(pixels.to(memory_format=torch.channels_last))
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
