@@ -25,6 +25,23 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
 
 
+def stack_to_device(items: list[torch.Tensor], device: torch.device, dtype: torch.dtype | None = None):
+    """``torch.stack(items)`` (cast to ``dtype``, default the first item's) on ``device``. Host items
+    bound for CUDA are stacked straight into pinned memory (one host copy, not a stack and then a
+    pinned copy) and moved without waiting for the GPU; items already on the device stack there."""
+    device = torch.device(device)
+    dtype = items[0].dtype if dtype is None else dtype
+    if device.type != "cuda" or any(t.device.type != "cpu" for t in items):
+        return torch.stack([t.to(device, dtype) for t in items])
+    out = torch.empty((len(items), *items[0].shape), dtype=dtype, pin_memory=True)
+    if all(t.dtype == dtype for t in items):
+        torch.stack(items, out=out)
+    else:
+        for i, t in enumerate(items):
+            out[i].copy_(t)
+    return out.to(device, non_blocking=True)
+
+
 @dataclass
 class EncoderBatch:
     """Packed encoder inputs for one encoder run.

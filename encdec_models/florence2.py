@@ -5,7 +5,12 @@ task prompt's tokens, are the input of a BART encoder/decoder.
   before or after it) and blocks of a spatial block (depthwise convolution, window attention
   without position bias, MLP) and a channel block (depthwise convolution, attention across channel
   groups, MLP). Plain PyTorch (the reference path: window and channel attention are not what the
-  engine's kernels compute); the norms and MLPs are the shared layers.
+  engine's kernels compute); the norms (the convolutions' residual adds fused in) and MLPs are the
+  shared layers. Laid out for the GPU: activations stay token rows [B, H, W, C] (channels-last) from
+  the first convolution's output on, which the convolutions read and write as channels-last NCHW
+  views, so the stages need no permute copies; the channel attention is three batched GEMMs in
+  channel-major layout (not attention kernels: its "head dim" is the token count); window partition
+  is one copy and the reverse rides in the residual add.
 - Projector: learned 2-D (row, column) position embeddings and the first 1-D cosine temporal
   embedding are added, the mean of all tokens is put before them as one more token, then a linear
   projection and a LayerNorm: (H/32)(W/32) + 1 image tokens of the language model's width.
@@ -26,9 +31,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from encdec_models.bart import Bart
-from encdec_models.base import AttentionMetadata, EncDecModel, EncoderBatch, host_to_device
+from encdec_models.base import AttentionMetadata, EncDecModel, EncoderBatch, host_to_device, stack_to_device
 from encdec_models.layers import MLP, LayerConfig, Norm, final_norm, run_layers
 from encdec_models.text import as_token_ids, packed_positions
 from encdec_models.vision import check_pixels
@@ -60,6 +66,17 @@ def _mlp(dim: int, ratio: float, activation: str) -> MLP:
     )
 
 
+def _as_nchw(rows: torch.Tensor) -> torch.Tensor:
+    """Token rows [B, H, W, C] (contiguous) as the channels-last NCHW view the convolutions take."""
+    return rows.permute(0, 3, 1, 2)
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """An NCHW convolution output as token rows [B, H, W, C]: a view when it is channels-last (the
+    convolutions keep their input's memory format), one copy otherwise."""
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
 class ConvEmbed(nn.Module):
     def __init__(self, cfg, i: int):
         super().__init__()
@@ -75,13 +92,23 @@ class ConvEmbed(nn.Module):
         )
         self.norm = Norm(c_in if self.pre_norm else c_out, "layer", 1e-5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pixels: bool = False) -> torch.Tensor:
+        """x: token rows [B, H, W, C_in], or NCHW pixels (``pixels``: the first stage) -> token rows
+        [B, H', W', C_out]. Pixels go into the convolution as NCHW, as transformers has them: a
+        3-channel image is a poor channels-last layout for cuDNN; the output's one copy into rows
+        is the only one of the stage."""
         if self.pre_norm:
-            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        x = self.conv(x)
-        if not self.pre_norm:
-            x = self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return x
+            x = _as_nchw(self.norm(x.permute(0, 2, 3, 1) if pixels else x))
+        elif not pixels:
+            x = _as_nchw(x)
+        x = _as_rows(self.conv(x))
+        return x if self.pre_norm else self.norm(x)
+
+
+# Window attention's SDPA backends: not cuDNN's, which builds an execution plan for every new shape
+# (the window count follows the engine's encoder batch size, which varies from run to run), a cost
+# paid inside the timed run; flash attention has none. The math fallback serves what flash refuses.
+_WINDOW_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class WindowAttention(nn.Module):
@@ -91,23 +118,42 @@ class WindowAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, H, W, C] -> [B, H * W, C]."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x: normed token rows [B, H, W, C]; residual [B, H, W, C] (contiguous, updated in place)
+        -> residual + attention(x).
+
+        One copy cuts the windows out ([windows, ws * ws, C]); q, k and v are strided views of the
+        qkv projection, which the attention kernels take as they are; the windows go back in place
+        inside the residual add (no copy of their own). Padded positions are zeros before qkv
+        (their keys and values are qkv's bias), as in transformers."""
         b, h, w, c = x.shape
         ws = self.window
-        x = F.pad(x, (0, 0, 0, -w % ws, 0, -h % ws))
+        padded = bool(h % ws or w % ws)
+        if padded:
+            x = F.pad(x, (0, 0, 0, -w % ws, 0, -h % ws))
         hp, wp = x.shape[1], x.shape[2]
-        x = x.view(b, hp // ws, ws, wp // ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
+        nh, nw = hp // ws, wp // ws
+        x = x.view(b, nh, ws, nw, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, c)
         n, t, _ = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.h, c // self.h).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c)
-        o = self.proj(o).view(b, hp // ws, wp // ws, ws, ws, c).permute(0, 1, 3, 2, 4, 5)
-        return o.reshape(b, hp, wp, c)[:, :h, :w].reshape(b, h * w, c)
+        with sdpa_kernel(_WINDOW_BACKENDS):
+            o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, t, c)
+        o = self.proj(o).view(b, nh, nw, ws, ws, c).permute(0, 1, 3, 2, 4, 5)  # [B, nh, ws, nw, ws, C]
+        if padded:
+            return residual.add_(o.reshape(b, hp, wp, c)[:, :h, :w])
+        residual.view(b, nh, ws, nw, ws, c).add_(o)
+        return residual
 
 
 class ChannelAttention(nn.Module):
     """Attention across channel groups: each group's channels are the queries and keys, the tokens
-    their features (scale: tokens**-0.5)."""
+    their features (scale: tokens**-0.5).
+
+    Computed channel-major with batched matmuls (no attention kernel: the "head dim" is the token
+    count, which flash/cuDNN refuse and the math fallback pays for in copies): q, k, v = W x^T + b
+    as [B, C, N] (one GEMM each, x^T a transposed view), so every (image, group) is a contiguous
+    [C/g, N] slice; scores [C/g, C/g] = q k^T, softmax, o = attn v; the output projection reads
+    o^T (a transposed view) and adds into the residual in its GEMM."""
 
     def __init__(self, dim: int, groups: int, qkv_bias: bool):
         super().__init__()
@@ -115,15 +161,34 @@ class ChannelAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """x: normed tokens [B, N, C]; residual [B, N, C] -> residual + attention(x)."""
         b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.groups, c // self.groups).permute(2, 0, 3, 4, 1)
-        o = F.scaled_dot_product_attention(q, k, v, scale=n**-0.5)  # [B, g, C/g, N]
-        return self.proj(o.permute(0, 3, 1, 2).reshape(b, n, c))
+        g = self.groups
+        xt = x.transpose(1, 2)  # [B, C, N], a view
+        w = self.qkv.weight.view(3, c, c)
+        bias = self.qkv.bias
+        qkv = []
+        for i in range(3):
+            wi = w[i].expand(b, c, c)
+            if bias is None:
+                qkv.append(torch.bmm(wi, xt))
+            else:
+                qkv.append(torch.baddbmm(bias[i * c : (i + 1) * c, None].expand(b, c, n), wi, xt))
+        q, k, v = (t.view(b * g, c // g, n) for t in qkv)
+        scores = torch.bmm(q, k.transpose(1, 2)) * n**-0.5  # [B g, C/g, C/g]
+        attn = scores.softmax(dim=-1)
+        o = torch.bmm(attn, v).view(b, c, n)
+        out = torch.baddbmm(residual, o.transpose(1, 2), self.proj.weight.t().expand(b, c, c))
+        return out.add_(self.proj.bias)
 
 
 class _Block(nn.Module):
-    """conv1 residual, attention (pre-norm) residual, conv2 residual, MLP (pre-norm) residual."""
+    """conv1 residual, attention (pre-norm) residual, conv2 residual, MLP (pre-norm) residual.
+
+    Activations stay token rows [B, H, W, C] (channels-last): the depthwise convolutions read them
+    as channels-last NCHW views and write channels-last, so no permute copies; each convolution's
+    residual add is fused into the next LayerNorm (``Norm.add``)."""
 
     def __init__(self, cfg, dim: int, attn: nn.Module, attn_name: str):
         super().__init__()
@@ -136,16 +201,15 @@ class _Block(nn.Module):
         self.ffn = _mlp(dim, cfg.mlp_ratio, cfg.activation_function)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        t = (self.conv1(x) + x).flatten(2).transpose(1, 2)
-        y = self.norm1(t)
+        """x: token rows [B, H, W, C] -> the same."""
+        b, h, w, c = x.shape
+        y, t = self.norm1.add(_as_rows(self.conv1(_as_nchw(x))), x)
         if self._attn_name == "window_attn":
-            y = y.view(b, h, w, c)
-        t = t + getattr(self, self._attn_name)(y)
-        x = t.transpose(1, 2).reshape(b, c, h, w)
-        t = (self.conv2(x) + x).flatten(2).transpose(1, 2)
-        t = t + self.ffn(self.norm2(t))
-        return t.transpose(1, 2).reshape(b, c, h, w)
+            t = self.window_attn(y, t)
+        else:
+            t = self.channel_attn(y.view(b, h * w, c), t.view(b, h * w, c)).view(b, h, w, c)
+        y, t = self.norm2.add(_as_rows(self.conv2(_as_nchw(t))), t)
+        return t + self.ffn(y)
 
 
 class DaViTBlock(nn.Module):
@@ -171,9 +235,12 @@ class VisionTower(nn.Module):
             nn.ModuleList(DaViTBlock(cfg, i) for _ in range(cfg.depths[i])) for i in range(len(cfg.embed_dim))
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv, blocks in zip(self.convs, self.blocks):
-            x = conv(x)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, C, H, W] -> the last stage's token rows [B, H', W', C'] (channels-last from
+        the first convolution's output on)."""
+        x = pixels.to(self.convs[0].conv.weight.dtype, memory_format=torch.contiguous_format)
+        for i, (conv, blocks) in enumerate(zip(self.convs, self.blocks)):
+            x = conv(x, pixels=i == 0)
             for block in blocks:
                 x = block(x)
         return x
@@ -193,12 +260,12 @@ class Projector(nn.Module):
         self.register_buffer("temporal", temporal, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, C, H, W] -> [B, H * W + 1, projection_dim]."""
-        b, c, h, w = x.shape
+        """x: token rows [B, H, W, C] -> [B, H * W + 1, projection_dim]."""
+        b, h, w, c = x.shape
         col = self.column_embeddings(torch.arange(w, device=x.device))
         row = self.row_embeddings(torch.arange(h, device=x.device))
         pos = torch.cat([col[None].expand(h, -1, -1), row[:, None].expand(-1, w, -1)], dim=-1)  # [H, W, C]
-        t = (x + pos.permute(2, 0, 1)).flatten(2).transpose(1, 2) + self.temporal.to(x.dtype)
+        t = ((x + pos) + self.temporal.to(x.dtype)).view(b, h * w, c)
         t = torch.cat([t.mean(dim=1, keepdim=True), t], dim=1)
         return self.image_proj_norm(self.image_projection(t))
 
@@ -259,7 +326,7 @@ class Florence2(EncDecModel):
         return self.language_model.decoder_layers()
 
     # ---- encoder --------------------------------------------------------------------------------
-    def _parts(self, item) -> tuple[torch.Tensor, np.ndarray]:
+    def _parts(self, item, values: bool = True) -> tuple[torch.Tensor, np.ndarray]:
         if not isinstance(item, dict) or "pixel_values" not in item or "input_ids" not in item:
             raise ValueError(
                 "a Florence-2 encoder input is a dict with pixel_values [C, H, W] and input_ids (the "
@@ -269,7 +336,7 @@ class Florence2(EncDecModel):
         shape = tuple(getattr(pixels, "shape", ()))
         if len(shape) != 3 or shape[0] != self.channels or min(shape[1:]) < 32:
             raise ValueError(f"pixel_values must be [{self.channels}, H, W] (H, W >= 32), got {list(shape)}")
-        pixels = check_pixels(pixels, shape)
+        pixels = check_pixels(pixels, shape, values)
         ids = as_token_ids(item["input_ids"])
         n_image, expected = int((ids == self.image_token_id).sum()), self.image_tokens(*shape[1:])
         if n_image != expected:
@@ -289,24 +356,23 @@ class Florence2(EncDecModel):
         return len(ids)
 
     def prepare_encoder_batch(self, items, device) -> ImageTextBatch:
-        parts = [self._parts(x) for x in items]
+        """The items' pixel values were checked by ``encoder_length`` (the engine's admission)."""
+        parts = [self._parts(x, values=False) for x in items]
         lens = [len(ids) for _, ids in parts]
         ids = torch.from_numpy(np.concatenate([ids for _, ids in parts]))
         cu = torch.tensor([0, *np.cumsum(lens)], dtype=torch.int32)
         if len({tuple(p.shape) for p, _ in parts}) > 1:
             raise ValueError("the images of one encoder batch must have one size (the image processor's)")
-        pixels = torch.stack([p.cpu().to(parts[0][0].dtype) for p, _ in parts])  # as given: fp16 moves half
         return ImageTextBatch(
             inputs=host_to_device(ids, device),
             cu_seqlens=host_to_device(cu, device),
             max_seqlen=max(lens),
-            pixels=host_to_device(pixels, device),
+            pixels=stack_to_device([p for p, _ in parts], device),  # as given: fp16 moves half the bytes
         )
 
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, C, H, W] -> image tokens [B, N, d_model]."""
-        dtype = self.language_model.lm_head.weight.dtype
-        return self.multi_modal_projector(self.vision_tower(pixels.to(dtype)))
+        return self.multi_modal_projector(self.vision_tower(pixels))
 
     def encode(self, batch: ImageTextBatch) -> torch.Tensor:
         lm = self.language_model

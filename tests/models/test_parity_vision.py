@@ -202,3 +202,57 @@ def test_florence2_greedy_matches_transformers(tmp_path, shape, absorb_cross):
     assert all(r.error is None for r in out.values()), [r.error for r in out.values()]
     assert [out[i].token_ids for i in range(len(reqs))] == ref
     assert engine.blocks.num_free == engine.blocks.num_blocks
+
+
+FLORENCE_TOWERS = {
+    **FLORENCE_SHAPES,
+    # two blocks a stage, whole windows (no padding): the windows go back in place inside the add
+    "deeper-whole-windows": dict(image_size=(96, 96), vision=dict(depths=[2, 2], window_size=4)),
+    # a LayerNorm over the pixels' channels before the first convolution
+    "pixel-prenorm": dict(vision=dict(patch_prenorm=[True, True])),
+}
+
+
+@pytest.mark.parametrize("shape", list(FLORENCE_TOWERS))
+def test_florence2_image_features_match_transformers(tmp_path, shape):
+    """The DaViT tower + projector (token rows, channel attention as batched GEMMs, norms with the
+    convolutions' residuals fused) against transformers' get_image_features, fp32."""
+    kw = FLORENCE_TOWERS[shape]
+    hf = random_florence2(tmp_path, seed=3, **kw)
+    ours = load_ours(tmp_path).model
+    h, w = kw.get("image_size", (64, 64))
+    pixels = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf.model.get_image_features(pixels)
+        ref = getattr(ref, "pooler_output", ref)
+        got = ours.image_features(pixels)
+        # channels-last pixels: the same values in, one cast-and-layout copy
+        again = ours.image_features(pixels.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def test_pixel_value_check_and_batch_stacking():
+    """The finite check (a sum first, the element-wise scan only when finite values overflow it) and
+    prepare_encoder_batch's stacking, which takes the values encoder_length checked."""
+    from encdec_models.base import stack_to_device
+    from encdec_models.vision import all_finite, check_pixels
+
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        x = torch.randn(3, 40, 40).to(dtype)
+        assert all_finite(x)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            y = x.clone()
+            y[1, 3, 7] = bad
+            assert not all_finite(y), (dtype, bad)
+            with pytest.raises(ValueError, match="NaN or infinite"):
+                check_pixels(y, (3, 40, 40))
+            assert check_pixels(y, (3, 40, 40), values=False) is y  # shape and type only
+        assert all_finite(torch.full((3, 40, 40), torch.finfo(dtype).max, dtype=dtype))  # the sum overflows
+    with pytest.raises(ValueError, match=r"\[3, 40, 40\]"):
+        check_pixels(torch.zeros(3, 40, 41), (3, 40, 40), values=False)
+    items = [torch.randn(3, 8, 8).half() for _ in range(3)]
+    out = stack_to_device(items, torch.device("cpu"))
+    assert out.dtype == torch.float16 and torch.equal(out, torch.stack(items))
+    mixed = stack_to_device([items[0].float(), items[1]], torch.device("cpu"), torch.float32)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed[1], items[1].float())
