@@ -30,7 +30,7 @@ class EncoderBatch:
     """Packed encoder inputs for one encoder run.
 
     inputs: model-specific tensor (Whisper: waveforms [B, N_SAMPLES]; text models: token ids [T];
-    Moonshine: every item's samples concatenated, item i at input_offsets[i]:input_offsets[i+1]).
+    Moonshine: waveforms zero-padded to the longest [B, N], item i valid for input_lengths[i]).
     cu_seqlens: [B+1] int32 offsets of each sequence in the packed encoder output.
     max_seqlen: longest encoder sequence of the batch.
     """
@@ -38,7 +38,10 @@ class EncoderBatch:
     inputs: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    input_offsets: list[int] | None = None  # raw-waveform models: each item's samples in ``inputs``
+    # raw-waveform models (Moonshine): each item's valid samples [B] and, for the encoder's padded
+    # output [B * max_seqlen, d], the rows that make the packed [T, d] (both on the device)
+    input_lengths: torch.Tensor | None = None
+    pack_index: torch.Tensor | None = None
 
 
 @dataclass

@@ -137,6 +137,25 @@ class Rotary:
         return one(q), one(k)
 
 
+def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm`` (a GroupNorm) of each item of a padded batch over its own valid positions only:
+    x [B, C, L], item b valid at positions < lengths[b] ([B] on x's device). The valid positions
+    equal ``norm`` run on each item alone (statistics in float32, as torch's GroupNorm keeps them
+    for half inputs); the padded positions come out finite and meaningless. No host sync."""
+    b, c, n = x.shape
+    g = norm.num_groups
+    valid = (torch.arange(n, device=x.device) < lengths[:, None])[:, None, None]  # [B, 1, 1, L]
+    xf = x.float().view(b, g, c // g, n)
+    count = (lengths.float() * (c // g))[:, None, None, None]
+    mean = (xf * valid).sum((2, 3), keepdim=True) / count
+    centered = xf - mean
+    var = (centered.square() * valid).sum((2, 3), keepdim=True) / count
+    y = (centered * torch.rsqrt(var + norm.eps)).view(b, c, n)
+    if norm.affine:
+        y = y * norm.weight.float()[:, None] + norm.bias.float()[:, None]
+    return y.to(x.dtype)
+
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

@@ -11,8 +11,11 @@ no log-mel): conv1 (kernel 127, stride 64, no bias) -> tanh -> GroupNorm(1 group
 - encoder MLP fc2(GELU(fc1(x))) with biases; decoder MLP: fc1 gives [value | gate] halves,
   fc2(SiLU(gate) * value) (split into our gated MLP's ``up`` and ``fc1`` at load time);
 - decoder tokens without absolute positions, ``proj_out`` tied to the embedding unless stored.
-The GroupNorm normalises over a clip's own conv1 frames, so each clip's front end runs alone (a
-batch padded to its longest clip would change the shorter clips' statistics).
+The front end runs every clip of an encoder batch together, zero-padded to the longest: the
+GroupNorm normalises over each clip's own valid conv1 frames only (``layers.masked_group_norm``; a
+plain GroupNorm would count the padding in the shorter clips' statistics), and a clip's valid
+conv2/conv3 frames read only its valid conv1 frames, so each clip's frames equal those of a run on
+the clip alone. The valid frames are then gathered into the packed [T, d] of the encoder layers.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ from encdec_models.layers import (
     Norm,
     Rotary,
     final_norm,
+    masked_group_norm,
     repeat_kv_heads,
     run_layers,
 )
-from encdec_models.text import packed_positions
 from encdec_models.whisper import _as_tensor, _check_finite
 
 SAMPLE_RATE = 16000
@@ -88,13 +91,14 @@ class MoonshineEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(lc) for _ in range(cfg.encoder_num_hidden_layers))
         self.layer_norm = Norm(d, "layer", 1e-5)
 
-    def front_end(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave [N] -> frames [L, d]."""
-        x = torch.tanh(self.conv1(wave.to(self.conv1.weight.dtype)[None, None]))
-        x = self.groupnorm(x)
+    def front_end(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """waves [B, N] zero-padded, item b's samples valid below lengths[b] ([B], on the device)
+        -> frames [B, d, L] (L = encoder_frames(N)); item b's first encoder_frames(lengths[b])
+        frames are those of its samples alone, the rest are padding."""
+        x = torch.tanh(self.conv1(waves.to(self.conv1.weight.dtype)[:, None]))
+        x = masked_group_norm(x, torch.div(lengths - 127, 64, rounding_mode="floor") + 1, self.groupnorm)
         x = F.gelu(self.conv2(x))
-        x = F.gelu(self.conv3(x))
-        return x[0].transpose(0, 1)
+        return F.gelu(self.conv3(x))
 
 
 class MoonshineDecoder(nn.Module):
@@ -214,22 +218,38 @@ class Moonshine(EncDecModel):
         return frames
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
-        """items: waveforms of any lengths -> inputs [N_total] float32 (concatenated samples),
-        cu_seqlens over encoder frames, each item's samples at ``input_offsets``."""
+        """items: waveforms of any lengths -> inputs [B, N] float32 zero-padded to the longest
+        (built in pinned memory for a CUDA device: one copy), each item's samples
+        (``input_lengths``), cu_seqlens over encoder frames and the (item, frame) pairs of the
+        valid frames in packed order (``pack_index`` [2, T])."""
         device = torch.device(device)
-        waves = [x.detach().cpu().float() if torch.is_tensor(x) else _as_tensor(x) for x in items]
-        frames = [encoder_frames(len(w)) for w in waves]
-        inputs = host_to_device(torch.cat(waves), device)
-        cu = torch.tensor([0, *np.cumsum(frames)], dtype=torch.int32)
-        offsets = [0, *np.cumsum([len(w) for w in waves]).tolist()]
-        return EncoderBatch(inputs, host_to_device(cu, device), max(frames), input_offsets=offsets)
+        waves = [x.detach().cpu().float().reshape(-1) if torch.is_tensor(x) else _as_tensor(x) for x in items]
+        lengths = [len(w) for w in waves]
+        frames = [encoder_frames(n) for n in lengths]
+        padded = torch.empty((len(waves), max(lengths)), pin_memory=device.type == "cuda")
+        for row, w in zip(padded, waves):
+            row[: len(w)] = w
+            row[len(w) :] = 0
+        counts = np.array(frames)
+        item = np.repeat(np.arange(len(frames)), counts)
+        frame = np.arange(item.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        meta = torch.from_numpy(np.concatenate([[0], np.cumsum(counts), lengths, item, frame]))
+        meta = host_to_device(meta, device)  # one copy of every index
+        b = len(waves)
+        return EncoderBatch(
+            host_to_device(padded, device),
+            meta[: b + 1].to(torch.int32),
+            max(frames),
+            input_lengths=meta[b + 1 : 2 * b + 1],
+            pack_index=meta[2 * b + 1 :].view(2, -1),
+        )
 
     def encode(self, batch: EncoderBatch) -> torch.Tensor:
         enc = self.encoder
-        off = batch.input_offsets
-        x = torch.cat([enc.front_end(batch.inputs[a:b]) for a, b in zip(off, off[1:])])  # [T, d]
-        positions = packed_positions(batch.cu_seqlens, x.shape[0])
-        rope = Rotary.at(self.enc_inv_freq, positions, x.dtype, interleaved=True)
+        x = enc.front_end(batch.inputs, batch.input_lengths)  # [B, d, L]
+        item, frame = batch.pack_index
+        x = x[item, :, frame]  # [T, d]: the valid frames, packed
+        rope = Rotary.at(self.enc_inv_freq, frame, x.dtype, interleaved=True)  # a frame's position
         x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, rope)
         return final_norm(enc.layer_norm, x, residual)
 
