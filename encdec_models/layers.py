@@ -141,19 +141,26 @@ def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm
     """``norm`` (a GroupNorm) of each item of a padded batch over its own valid positions only:
     x [B, C, L], item b valid at positions < lengths[b] ([B] on x's device). The valid positions
     equal ``norm`` run on each item alone (statistics in float32, as torch's GroupNorm keeps them
-    for half inputs); the padded positions come out finite and meaningless. No host sync."""
+    for half inputs); the padded positions come out finite and meaningless. No host sync.
+
+    Few passes over x: per-position sums and sums of squares over each group's channels, taken
+    around a pivot (each group's mean at the first position: no cancellation when the values sit
+    far from zero), masked and summed over positions, then one per-(item, channel) scale and shift."""
     b, c, n = x.shape
-    g = norm.num_groups
-    valid = (torch.arange(n, device=x.device) < lengths[:, None])[:, None, None]  # [B, 1, 1, L]
-    xf = x.float().view(b, g, c // g, n)
-    count = (lengths.float() * (c // g))[:, None, None, None]
-    mean = (xf * valid).sum((2, 3), keepdim=True) / count
-    centered = xf - mean
-    var = (centered.square() * valid).sum((2, 3), keepdim=True) / count
-    y = (centered * torch.rsqrt(var + norm.eps)).view(b, c, n)
+    g, cg = norm.num_groups, c // norm.num_groups
+    pivot = x[:, :, :1].float().view(b, g, cg).mean(-1)  # [B, G]
+    xc = x.float().view(b, g, cg, n) - pivot[..., None, None]
+    valid = (torch.arange(n, device=x.device) < lengths[:, None])[:, None]  # [B, 1, L]
+    count = (lengths.float() * cg)[:, None]  # [B, 1]
+    mean = (xc.sum(2) * valid).sum(-1) / count  # [B, G], around the pivot
+    var = (torch.linalg.vector_norm(xc, dim=2).square() * valid).sum(-1) / count - mean.square()
+    scale = torch.rsqrt(var.clamp_min(0) + norm.eps)[..., None].expand(b, g, cg)  # [B, G, C/G]
     if norm.affine:
-        y = y * norm.weight.float()[:, None] + norm.bias.float()[:, None]
-    return y.to(x.dtype)
+        scale = scale * norm.weight.float().view(g, cg)
+    shift = -mean[..., None] * scale
+    if norm.affine:
+        shift = shift + norm.bias.float().view(g, cg)
+    return torch.addcmul(shift.reshape(b, c, 1), xc.view(b, c, n), scale.reshape(b, c, 1)).to(x.dtype)
 
 
 def _rotate_half(x):

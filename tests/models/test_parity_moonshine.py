@@ -11,8 +11,8 @@ import torch
 from transformers import MoonshineConfig, MoonshineForConditionalGeneration
 
 from encdec_cli.engine import Engine, Request, SamplingParams
-from encdec_models.loading import load_model
 from encdec_models.layers import masked_group_norm
+from encdec_models.loading import load_model
 from encdec_models.moonshine import MIN_SAMPLES, encoder_frames
 from tests.support import transcribe_clips
 from tests.support.text_models import single_thread
@@ -112,16 +112,19 @@ def test_batched_front_end_equals_each_clip_alone(clips, tmp_path):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_masked_group_norm_is_group_norm_of_each_item(groups):
+@pytest.mark.parametrize(("groups", "offset"), [(1, 1.0), (4, 1.0), (1, 300.0)])
+def test_masked_group_norm_is_group_norm_of_each_item(groups, offset):
+    """Against a float64 GroupNorm of each item alone; also far from zero (offset 300, spread 3),
+    where sums of squares taken around zero would cancel."""
     torch.manual_seed(0)
     norm = torch.nn.GroupNorm(groups, 8, eps=1e-5)
     with torch.no_grad():
         norm.weight.normal_()
         norm.bias.normal_()
     lengths = [7, 19, 1, 12]
-    x = torch.randn(len(lengths), 8, max(lengths)) * 3 + 1
+    x = torch.randn(len(lengths), 8, max(lengths)) * 3 + offset
     got = masked_group_norm(x, torch.tensor(lengths), norm)
     assert torch.isfinite(got).all()
     for i, n in enumerate(lengths):
-        torch.testing.assert_close(got[i, :, :n], norm(x[i : i + 1, :, :n])[0], rtol=1e-5, atol=1e-5)
+        ref = norm.double()(x[i : i + 1, :, :n].double())[0].float()  # exact to float32's resolution
+        torch.testing.assert_close(got[i, :, :n], ref, rtol=1e-5, atol=1e-5)
