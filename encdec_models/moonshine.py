@@ -142,8 +142,8 @@ class Moonshine(EncDecModel):
             "encoder": cfg.hidden_size // cfg.encoder_num_attention_heads,
             "decoder": cfg.hidden_size // heads,
         }
-        self.register_buffer("enc_inv_freq", torch.empty(0), persistent=False)
-        self.register_buffer("dec_inv_freq", torch.empty(0), persistent=False)
+        self.enc_rope: Rotary | None = None  # rotary tables of every position (post_load)
+        self.dec_rope: Rotary | None = None
 
     # ---- weights ----------------------------------------------------------------------------------
     def adapt_checkpoint(self, tensors):
@@ -186,9 +186,17 @@ class Moonshine(EncDecModel):
         return False
 
     def post_load(self) -> None:
-        cfg = self.config
-        self.enc_inv_freq = _inv_freq(cfg, cfg.encoder_num_attention_heads).to(self.proj_out.weight.device)
-        self.dec_inv_freq = _inv_freq(cfg, cfg.decoder_num_attention_heads).to(self.proj_out.weight.device)
+        """The rotary tables of every encoder frame and decoder position, on the weights' device and
+        in their dtype: a step gathers its rows (two kernels) instead of computing them."""
+        cfg, w = self.config, self.proj_out.weight
+        tables = {}
+        for stack, heads, n in (
+            ("encoder", cfg.encoder_num_attention_heads, self.max_source_positions),
+            ("decoder", cfg.decoder_num_attention_heads, self.max_target_positions),
+        ):
+            inv_freq, d = _inv_freq(cfg, heads).to(w.device), self.head_dims[stack]
+            tables[stack] = Rotary.table(inv_freq, n, w.dtype, interleaved=True, head_dim=d)
+        self.enc_rope, self.dec_rope = tables["encoder"], tables["decoder"]
 
     def decoder_layers(self):
         return list(self.decoder.layers)
@@ -249,14 +257,14 @@ class Moonshine(EncDecModel):
         x = enc.front_end(batch.inputs, batch.input_lengths)  # [B, d, L]
         item, frame = batch.pack_index
         x = x[item, :, frame]  # [T, d]: the valid frames, packed
-        rope = Rotary.at(self.enc_inv_freq, frame, x.dtype, interleaved=True)  # a frame's position
+        rope = self.enc_rope.rows(frame)  # a frame's position is its index in its clip
         x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, rope)
         return final_norm(enc.layer_norm, x, residual)
 
     def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
         dec = self.decoder
         x = dec.embed_tokens(tokens)
-        rope = Rotary.at(self.dec_inv_freq, positions, x.dtype, interleaved=True)
+        rope = self.dec_rope.rows(positions)
         x, residual = run_layers(dec.layers, x, meta, rope)
         x = final_norm(dec.norm, x, residual, meta.logits_indices)
         return F.linear(x, self.proj_out.weight)
