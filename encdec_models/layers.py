@@ -172,7 +172,7 @@ def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm
     b, c, n = x.shape
     g, cg = norm.num_groups, c // norm.num_groups
     pivot = x[:, :, :1].float().view(b, g, cg).mean(-1)  # [B, G]
-    xc = x.float().view(b, g, cg, n) - pivot[..., None, None]
+    xc = x.view(b, g, cg, n) - pivot[..., None, None]  # float32 (type promotion), one kernel
     valid = (torch.arange(n, device=x.device) < lengths[:, None])[:, None]  # [B, 1, L]
     count = (lengths.float() * cg)[:, None]  # [B, 1]
     mean = (xc.sum(2) * valid).sum(-1) / count  # [B, G], around the pivot
