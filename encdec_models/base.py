@@ -30,7 +30,7 @@ class EncoderBatch:
     """Packed encoder inputs for one encoder run.
 
     inputs: model-specific tensor (Whisper: waveforms [B, N_SAMPLES]; text models: token ids [T];
-    Moonshine: waveforms zero-padded to the longest [B, N], item i valid for input_lengths[i]).
+    Moonshine: groups of waveforms, each zero-padded to its longest, flattened one after another).
     cu_seqlens: [B+1] int32 offsets of each sequence in the packed encoder output.
     max_seqlen: longest encoder sequence of the batch.
     """
@@ -38,10 +38,13 @@ class EncoderBatch:
     inputs: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    # raw-waveform models (Moonshine): each item's valid samples [B] and, for the encoder's padded
-    # output [B * max_seqlen, d], the rows that make the packed [T, d] (both on the device)
+    # raw-waveform models (Moonshine, see its prepare_encoder_batch): the front end's groups of padded
+    # rows (rows, width in samples, valid frames), each row's valid samples, the (row, frame) of every
+    # valid frame, and where the items' order differs from the groups', the packing's rows in it
+    front_end_groups: list[tuple[int, int, int]] | None = None
     input_lengths: torch.Tensor | None = None
     pack_index: torch.Tensor | None = None
+    pack_order: torch.Tensor | None = None
 
 
 @dataclass

@@ -11,7 +11,8 @@ no log-mel): conv1 (kernel 127, stride 64, no bias) -> tanh -> GroupNorm(1 group
 - encoder MLP fc2(GELU(fc1(x))) with biases; decoder MLP: fc1 gives [value | gate] halves,
   fc2(SiLU(gate) * value) (split into our gated MLP's ``up`` and ``fc1`` at load time);
 - decoder tokens without absolute positions, ``proj_out`` tied to the embedding unless stored.
-The front end runs every clip of an encoder batch together, zero-padded to the longest: the
+The front end runs the clips of an encoder batch together, in groups of similar lengths each
+zero-padded to its longest (one group when the clips are alike): the
 GroupNorm normalises over each clip's own valid conv1 frames only (``layers.masked_group_norm``; a
 plain GroupNorm would count the padding in the shorter clips' statistics), and a clip's valid
 conv2/conv3 frames read only its valid conv1 frames, so each clip's frames equal those of a run on
@@ -226,40 +227,81 @@ class Moonshine(EncDecModel):
         return frames
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
-        """items: waveforms of any lengths -> inputs [B, N] float32 zero-padded to the longest
-        (built in pinned memory for a CUDA device: one copy), each item's samples
-        (``input_lengths``), cu_seqlens over encoder frames and the (item, frame) pairs of the
-        valid frames in packed order (``pack_index`` [2, T])."""
+        """items: waveforms of any lengths -> an encoder batch whose front end runs in a few groups
+        of similar lengths (``front_end_groups``): the clips sorted longest first, a group's clips
+        at least half as long as its first, each group zero-padded to its longest (padding at most
+        doubles the samples, however mixed the lengths: a 30 s clip does not pad a hundred 1 s ones
+        to 30 s). inputs: every group's [rows, width] float32 samples, flattened one after another
+        (built in pinned memory for a CUDA device: one copy); ``input_lengths``: each row's valid
+        samples; ``pack_index`` [2, T]: the (row in its group, frame) of every valid frame, groups
+        in order; ``pack_order`` ([T], None when the groups keep the items' order): the rows of that
+        packing in the items' order, which cu_seqlens describes."""
         device = torch.device(device)
         waves = [x.detach().cpu().float().reshape(-1) if torch.is_tensor(x) else _as_tensor(x) for x in items]
-        lengths = [len(w) for w in waves]
-        frames = [encoder_frames(n) for n in lengths]
-        padded = torch.empty((len(waves), max(lengths)), pin_memory=device.type == "cuda")
-        for row, w in zip(padded, waves):
-            row[: len(w)] = w
-            row[len(w) :] = 0
-        counts = np.array(frames)
-        item = np.repeat(np.arange(len(frames)), counts)
-        frame = np.arange(item.size) - np.repeat(np.cumsum(counts) - counts, counts)
-        meta = torch.from_numpy(np.concatenate([[0], np.cumsum(counts), lengths, item, frame]))
-        meta = host_to_device(meta, device)  # one copy of every index
-        b = len(waves)
+        lengths = np.array([len(w) for w in waves])
+        frames = np.array([encoder_frames(n) for n in lengths])
+        order = np.argsort(-lengths, kind="stable")  # longest first; equal lengths keep their order
+        groups, row_in_group = [], np.zeros(len(waves), np.int64)
+        for i in order:  # groups of [rows, width, frames]
+            if groups and 2 * lengths[i] >= groups[-1][1]:
+                groups[-1][0] += 1
+                groups[-1][2] += int(frames[i])
+            else:
+                groups.append([1, int(lengths[i]), int(frames[i])])
+            row_in_group[i] = groups[-1][0] - 1
+        inputs = torch.empty(sum(r * w for r, w, _ in groups), pin_memory=device.type == "cuda")
+        start, k = 0, 0
+        for rows, width, _ in groups:
+            block = inputs[start : start + rows * width].view(rows, width)
+            for row in block:
+                w = waves[order[k]]
+                row[: len(w)] = w
+                row[len(w) :] = 0
+                k += 1
+            start += rows * width
+        f = frames[order]  # frames of the rows, groups in order
+        item = np.repeat(row_in_group[order], f)
+        frame = np.arange(item.size) - np.repeat(np.cumsum(f) - f, f)
+        parts = [[0], np.cumsum(frames), lengths[order], item, frame]
+        identity = bool((order == np.arange(len(order))).all())
+        if not identity:  # item i's frames start at its rows' place in the group-ordered packing
+            at = np.empty(len(order), np.int64)
+            at[order] = np.cumsum(f) - f
+            parts.append(np.repeat(at - (np.cumsum(frames) - frames), frames) + np.arange(item.size))
+        meta = host_to_device(torch.from_numpy(np.concatenate(parts).astype(np.int64)), device)  # one copy
+        b, t = len(waves), item.size
         return EncoderBatch(
-            host_to_device(padded, device),
+            host_to_device(inputs, device),
             meta[: b + 1].to(torch.int32),
-            max(frames),
+            int(frames.max()),
             input_lengths=meta[b + 1 : 2 * b + 1],
-            pack_index=meta[2 * b + 1 :].view(2, -1),
+            pack_index=meta[2 * b + 1 : 2 * b + 1 + 2 * t].view(2, t),
+            pack_order=None if identity else meta[2 * b + 1 + 2 * t :],
+            front_end_groups=[tuple(g) for g in groups],
         )
 
     def encode(self, batch: EncoderBatch) -> torch.Tensor:
-        enc = self.encoder
-        x = enc.front_end(batch.inputs, batch.input_lengths)  # [B, d, L]
-        item, frame = batch.pack_index
-        x = x[item, :, frame]  # [T, d]: the valid frames, packed
-        rope = self.enc_rope.rows(frame)  # a frame's position is its index in its clip
+        x, position = self.packed_frames(batch)
+        enc, rope = self.encoder, self.enc_rope.rows(position)
         x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, rope)
         return final_norm(enc.layer_norm, x, residual)
+
+    def packed_frames(self, batch: EncoderBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The front end over the batch's groups -> (every item's valid frames packed in the items'
+        order [T, d], each frame's index in its clip [T]); no host sync."""
+        enc = self.encoder
+        parts, s, r, t = [], 0, 0, 0
+        for rows, width, frames in batch.front_end_groups:
+            waves = batch.inputs[s : s + rows * width].view(rows, width)
+            y = enc.front_end(waves, batch.input_lengths[r : r + rows])  # [rows, d, L]
+            item, frame = batch.pack_index[:, t : t + frames]
+            parts.append(y[item, :, frame])  # [frames, d]: the group's valid frames, packed
+            s, r, t = s + rows * width, r + rows, t + frames
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        position = batch.pack_index[1]  # a frame's position is its index in its clip
+        if batch.pack_order is not None:  # back to the items' order
+            x, position = x.index_select(0, batch.pack_order), position.index_select(0, batch.pack_order)
+        return x, position
 
     def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
         dec = self.decoder

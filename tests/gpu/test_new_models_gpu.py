@@ -67,9 +67,9 @@ def test_moonshine_on_cuda_matches_transformers(tmp_path):
 
 
 def test_moonshine_batched_front_end_on_cuda_bf16(tmp_path):
-    """bf16 on CUDA, clips of different lengths in one encoder batch: the batched front end (masked
-    GroupNorm, packing) launches without a host sync, and each clip's encoder output matches a
-    batch of that clip alone to bf16's precision."""
+    """bf16 on CUDA, clips of different lengths in one encoder batch (three length groups): the
+    batched front end (masked GroupNorm, packing, back to the items' order) launches without a host
+    sync, and each clip's encoder output matches a batch of that clip alone to bf16's precision."""
     from tests.models.test_parity_moonshine import _build
 
     _build(tmp_path, tied=False)
@@ -78,11 +78,11 @@ def test_moonshine_batched_front_end_on_cuda_bf16(tmp_path):
     waves = [(g.standard_normal(n) * 0.1).astype(np.float32) for n in (160000, 16000, 97531, 48000)]
     with torch.inference_mode():
         batch = model.prepare_encoder_batch(waves, "cuda")
+        assert len(batch.front_end_groups) == 3 and batch.pack_order is not None
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            frames = model.encoder.front_end(batch.inputs, batch.input_lengths)
-            frames[batch.pack_index[0], :, batch.pack_index[1]]
+            model.packed_frames(batch)
         finally:
             torch.cuda.set_sync_debug_mode(0)
         together = model.encode(batch).float()

@@ -92,16 +92,20 @@ def test_bad_audio_fails_alone(tmp_path, clips):
 
 
 def test_batched_front_end_equals_each_clip_alone(clips, tmp_path):
-    """Clips of different lengths in one encoder batch (zero-padded, the GroupNorm masked to each
-    clip's own frames) give each clip the encoder output of a batch of that clip alone, and
-    transformers' encoder output on the clip (fp32)."""
+    """Clips of different lengths in one encoder batch (grouped by length, each group zero-padded,
+    the GroupNorm masked to each clip's own frames, the frames put back in the items' order) give
+    each clip the encoder output of a batch of that clip alone, and transformers' encoder output on
+    the clip (fp32)."""
     hf = _build(tmp_path, False)
     model = load_model(tmp_path, device="cpu").model
     waves = [clips[1], clips[0], clips[3], clips[2][:MIN_SAMPLES], clips[2]]
     assert len({len(w) for w in waves}) == len(waves)
     with torch.no_grad():
         batch = model.prepare_encoder_batch(waves, "cpu")
-        assert batch.inputs.shape == (len(waves), max(len(w) for w in waves))
+        groups = batch.front_end_groups  # longest first, each clip at least half its group's first
+        assert [(r, w) for r, w, _ in groups] == [(3, len(clips[3])), (1, len(clips[0])), (1, MIN_SAMPLES)]
+        assert batch.inputs.numel() == sum(r * w for r, w, _ in groups) <= 2 * sum(len(w) for w in waves)
+        assert batch.pack_order is not None  # the groups' order is not the items'
         together = model.encode(batch)
         frames = [encoder_frames(len(w)) for w in waves]
         assert together.shape[0] == sum(frames) and batch.max_seqlen == max(frames)
