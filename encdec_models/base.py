@@ -47,7 +47,7 @@ class EncoderBatch:
     """Packed encoder inputs for one encoder run.
 
     inputs: model-specific tensor (Whisper: waveforms [B, N_SAMPLES]; text models: token ids [T];
-    Moonshine: every item's samples concatenated, item i at input_offsets[i]:input_offsets[i+1]).
+    Moonshine: groups of waveforms, each zero-padded to its longest, flattened one after another).
     cu_seqlens: [B+1] int32 offsets of each sequence in the packed encoder output.
     max_seqlen: longest encoder sequence of the batch.
     """
@@ -55,7 +55,13 @@ class EncoderBatch:
     inputs: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    input_offsets: list[int] | None = None  # raw-waveform models: each item's samples in ``inputs``
+    # raw-waveform models (Moonshine, see its prepare_encoder_batch): the front end's groups of padded
+    # rows (rows, width in samples, valid frames), each row's valid samples, the (row, frame) of every
+    # valid frame, and where the items' order differs from the groups', the packing's rows in it
+    front_end_groups: list[tuple[int, int, int]] | None = None
+    input_lengths: torch.Tensor | None = None
+    pack_index: torch.Tensor | None = None
+    pack_order: torch.Tensor | None = None
 
 
 @dataclass

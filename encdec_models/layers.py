@@ -103,47 +103,87 @@ class Norm(nn.Module):
 
 @dataclass(frozen=True)
 class Rotary:
-    """Rotary position embedding of a step's tokens: cos, sin [T, R] for the first R <= D features
-    of each head (the rest pass unchanged: partial rotary). Layouts: "rotate half" (Llama, Gemma:
-    feature i pairs with i + R/2) or interleaved (Moonshine: feature 2i pairs with 2i + 1). Passed
-    to attention in the position-bias slot; it turns q and k before the kernels."""
+    """Rotary position embedding of a step's tokens over each head's full width D: cos, sin [T, D]
+    and ``partner`` [D], the feature each feature turns with. The first R <= D features turn (partial
+    rotary: the rest have cos 1 and sin 0, so they pass unchanged); layouts: "rotate half" (Llama,
+    Gemma: feature i pairs with i + R/2) or interleaved (Moonshine: feature 2i pairs with 2i + 1).
+    ``sin`` carries the sign of the partner's term, so x turned is x * cos + x[partner] * sin: q
+    and k of a layer turn together in four elementwise kernels, with the roundings of transformers'
+    (q * cos) + (rotate(q) * sin) (the sign flip is exact). Passed to attention in the
+    position-bias slot."""
 
     cos: torch.Tensor
     sin: torch.Tensor
-    interleaved: bool = False
+    partner: torch.Tensor
 
     @classmethod
     def at(
-        cls, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, interleaved: bool = False
+        cls,
+        inv_freq: torch.Tensor,
+        positions: torch.Tensor,
+        dtype: torch.dtype,
+        interleaved: bool = False,
+        head_dim: int | None = None,
     ) -> Rotary:
-        """inv_freq [R/2] float32, positions [T] -> cos/sin [T, R] (computed in float32, as
-        transformers does, then cast to the activations' dtype)."""
+        """inv_freq [R/2] float32, positions [T] -> the rotary of those positions (angles in float32,
+        as transformers computes them, cos and sin then cast to ``dtype``); head_dim D >= R (None: R)."""
         freqs = positions.float()[:, None] * inv_freq[None, :]
         emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
-        return cls(emb.cos().to(dtype), emb.sin().to(dtype), interleaved)
+        r = emb.shape[-1]
+        d = head_dim or r
+        i = torch.arange(d, device=emb.device)
+        if interleaved:
+            partner, first = torch.where(i < r, i ^ 1, i), i % 2 == 0
+        else:
+            h = r // 2
+            partner, first = torch.where(i < h, i + h, torch.where(i < r, i - h, i)), i < h
+        cos, sin = F.pad(emb.cos(), (0, d - r), value=1.0), F.pad(emb.sin(), (0, d - r))
+        return cls(cos.to(dtype), torch.where(first, -sin, sin).to(dtype), partner)
 
-    def apply(self, q, k):
-        """q, k: [T, H, D] -> rotated."""
-        cos, sin = self.cos[:, None], self.sin[:, None]
-        r = cos.shape[-1]
-        turn = _rotate_pairs if self.interleaved else _rotate_half
+    @classmethod
+    def table(cls, inv_freq, max_positions: int, dtype, interleaved: bool = False, head_dim=None) -> Rotary:
+        """The rotary of positions 0 .. max_positions - 1, computed once: ``rows`` then gathers a
+        step's (the same values as ``at``, in two gathers instead of a dozen kernels a step)."""
+        positions = torch.arange(max_positions, device=inv_freq.device)
+        return cls.at(inv_freq, positions, dtype, interleaved, head_dim)
 
-        def one(x):
-            if r == x.shape[-1]:
-                return x * cos + turn(x) * sin
-            x_rot = x[..., :r]
-            return torch.cat((x_rot * cos + turn(x_rot) * sin, x[..., r:]), dim=-1)
+    def rows(self, positions: torch.Tensor) -> Rotary:
+        """This table's rotary at ``positions`` [T]."""
+        return Rotary(self.cos[positions], self.sin[positions], self.partner)
 
-        return one(q), one(k)
+    def split(self, qkv: torch.Tensor, h: int, d: int):
+        """qkv [T, 3 * H * D] -> (q, k turned; v), each [T, H, D] (views)."""
+        x = qkv.view(-1, 3, h, d)
+        qk = x[:, :2]
+        cos, sin = self.cos[:, None, None], self.sin[:, None, None]
+        q, k = (qk * cos + qk.index_select(-1, self.partner) * sin).unbind(1)
+        return q, k, x[:, 2]
 
 
-def _rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+    """``norm`` (a GroupNorm) of each item of a padded batch over its own valid positions only:
+    x [B, C, L], item b valid at positions < lengths[b] ([B] on x's device). The valid positions
+    equal ``norm`` run on each item alone (statistics in float32, as torch's GroupNorm keeps them
+    for half inputs); the padded positions come out finite and meaningless. No host sync.
 
-
-def _rotate_pairs(x):
-    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+    Few passes over x: per-position sums and sums of squares over each group's channels, taken
+    around a pivot (each group's mean at the first position: no cancellation when the values sit
+    far from zero), masked and summed over positions, then one per-(item, channel) scale and shift."""
+    b, c, n = x.shape
+    g, cg = norm.num_groups, c // norm.num_groups
+    pivot = x[:, :, :1].float().view(b, g, cg).mean(-1)  # [B, G]
+    xc = x.view(b, g, cg, n) - pivot[..., None, None]  # float32 (type promotion), one kernel
+    valid = (torch.arange(n, device=x.device) < lengths[:, None])[:, None]  # [B, 1, L]
+    count = (lengths.float() * cg)[:, None]  # [B, 1]
+    mean = (xc.sum(2) * valid).sum(-1) / count  # [B, G], around the pivot
+    var = (torch.linalg.vector_norm(xc, dim=2).square() * valid).sum(-1) / count - mean.square()
+    scale = torch.rsqrt(var.clamp_min(0) + norm.eps)[..., None].expand(b, g, cg)  # [B, G, C/G]
+    if norm.affine:
+        scale = scale * norm.weight.float().view(g, cg)
+    shift = -mean[..., None] * scale
+    if norm.affine:
+        shift = shift + norm.bias.float().view(g, cg)
+    return torch.addcmul(shift.reshape(b, c, 1), xc.view(b, c, n), scale.reshape(b, c, 1)).to(x.dtype)
 
 
 def repeat_kv_heads(w: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
@@ -207,8 +247,11 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = None  # [NB, BS, H, D] views bound by the engine
         self.cross_rows = None  # cross, absorbed: encoder-output rows [C, NB, BS, d] (bind_cache)
 
-    def _split(self, qkv):
-        q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)  # each [T, H, D]
+    def _split(self, qkv, rotary: Rotary | None = None):
+        """qkv [T, 3 * H * D] -> q, k, v [T, H, D], q and k turned by ``rotary`` if given."""
+        if rotary is not None:
+            return rotary.split(qkv, self.h, self.d)
+        q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)
         return q, k, v
 
     def _extra(self) -> dict:
@@ -219,10 +262,8 @@ class Attention(nn.Module):
 
     def encoder(self, x, cu_seqlens, max_seqlen, rel_bias: RelBias | Rotary | None = None):
         """x: [T, d] packed encoder tokens -> [T, d]. rel_bias: T5's bias or rotary positions."""
-        q, k, v = self._split(self.qkv_proj(x))
         rotary, rel_bias = _split_position(rel_bias)
-        if rotary is not None:
-            q, k = rotary.apply(q, k)
+        q, k, v = self._split(self.qkv_proj(x), rotary)
         o = encdec_kernels.varlen_attention(
             q, k, v, cu_seqlens, max_seqlen,
             scale=self.scale, causal=False, rel_bias=rel_bias, **self._extra(),
@@ -232,10 +273,8 @@ class Attention(nn.Module):
     def decoder_self(self, qkv, meta: AttentionMetadata, rel_bias: RelBias | None = None):
         """qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens; writes their K/V to the paged
         cache, attends causally -> [Tq, d]."""
-        q, k, v = self._split(qkv)
         rotary, rel_bias = _split_position(rel_bias)
-        if rotary is not None:
-            q, k = rotary.apply(q, k)
+        q, k, v = self._split(qkv, rotary)
         encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = encdec_kernels.paged_attention(
             q,

@@ -11,8 +11,12 @@ no log-mel): conv1 (kernel 127, stride 64, no bias) -> tanh -> GroupNorm(1 group
 - encoder MLP fc2(GELU(fc1(x))) with biases; decoder MLP: fc1 gives [value | gate] halves,
   fc2(SiLU(gate) * value) (split into our gated MLP's ``up`` and ``fc1`` at load time);
 - decoder tokens without absolute positions, ``proj_out`` tied to the embedding unless stored.
-The GroupNorm normalises over a clip's own conv1 frames, so each clip's front end runs alone (a
-batch padded to its longest clip would change the shorter clips' statistics).
+The front end runs the clips of an encoder batch together, in groups of similar lengths each
+zero-padded to its longest (one group when the clips are alike): the
+GroupNorm normalises over each clip's own valid conv1 frames only (``layers.masked_group_norm``; a
+plain GroupNorm would count the padding in the shorter clips' statistics), and a clip's valid
+conv2/conv3 frames read only its valid conv1 frames, so each clip's frames equal those of a run on
+the clip alone. The valid frames are then gathered into the packed [T, d] of the encoder layers.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ from encdec_models.layers import (
     Norm,
     Rotary,
     final_norm,
+    masked_group_norm,
     repeat_kv_heads,
     run_layers,
 )
-from encdec_models.text import packed_positions
 from encdec_models.whisper import _as_tensor, _check_finite
 
 SAMPLE_RATE = 16000
@@ -88,13 +92,14 @@ class MoonshineEncoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(lc) for _ in range(cfg.encoder_num_hidden_layers))
         self.layer_norm = Norm(d, "layer", 1e-5)
 
-    def front_end(self, wave: torch.Tensor) -> torch.Tensor:
-        """wave [N] -> frames [L, d]."""
-        x = torch.tanh(self.conv1(wave.to(self.conv1.weight.dtype)[None, None]))
-        x = self.groupnorm(x)
+    def front_end(self, waves: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """waves [B, N] zero-padded, item b's samples valid below lengths[b] ([B], on the device)
+        -> frames [B, d, L] (L = encoder_frames(N)); item b's first encoder_frames(lengths[b])
+        frames are those of its samples alone, the rest are padding."""
+        x = torch.tanh(self.conv1(waves.to(self.conv1.weight.dtype)[:, None]))
+        x = masked_group_norm(x, torch.div(lengths - 127, 64, rounding_mode="floor") + 1, self.groupnorm)
         x = F.gelu(self.conv2(x))
-        x = F.gelu(self.conv3(x))
-        return x[0].transpose(0, 1)
+        return F.gelu(self.conv3(x))
 
 
 class MoonshineDecoder(nn.Module):
@@ -138,8 +143,8 @@ class Moonshine(EncDecModel):
             "encoder": cfg.hidden_size // cfg.encoder_num_attention_heads,
             "decoder": cfg.hidden_size // heads,
         }
-        self.register_buffer("enc_inv_freq", torch.empty(0), persistent=False)
-        self.register_buffer("dec_inv_freq", torch.empty(0), persistent=False)
+        self.enc_rope: Rotary | None = None  # rotary tables of every position (post_load)
+        self.dec_rope: Rotary | None = None
 
     # ---- weights ----------------------------------------------------------------------------------
     def adapt_checkpoint(self, tensors):
@@ -182,9 +187,17 @@ class Moonshine(EncDecModel):
         return False
 
     def post_load(self) -> None:
-        cfg = self.config
-        self.enc_inv_freq = _inv_freq(cfg, cfg.encoder_num_attention_heads).to(self.proj_out.weight.device)
-        self.dec_inv_freq = _inv_freq(cfg, cfg.decoder_num_attention_heads).to(self.proj_out.weight.device)
+        """The rotary tables of every encoder frame and decoder position, on the weights' device and
+        in their dtype: a step gathers its rows (two kernels) instead of computing them."""
+        cfg, w = self.config, self.proj_out.weight
+        tables = {}
+        for stack, heads, n in (
+            ("encoder", cfg.encoder_num_attention_heads, self.max_source_positions),
+            ("decoder", cfg.decoder_num_attention_heads, self.max_target_positions),
+        ):
+            inv_freq, d = _inv_freq(cfg, heads).to(w.device), self.head_dims[stack]
+            tables[stack] = Rotary.table(inv_freq, n, w.dtype, interleaved=True, head_dim=d)
+        self.enc_rope, self.dec_rope = tables["encoder"], tables["decoder"]
 
     def decoder_layers(self):
         return list(self.decoder.layers)
@@ -214,29 +227,86 @@ class Moonshine(EncDecModel):
         return frames
 
     def prepare_encoder_batch(self, items, device) -> EncoderBatch:
-        """items: waveforms of any lengths -> inputs [N_total] float32 (concatenated samples),
-        cu_seqlens over encoder frames, each item's samples at ``input_offsets``."""
+        """items: waveforms of any lengths -> an encoder batch whose front end runs in a few groups
+        of similar lengths (``front_end_groups``): the clips sorted longest first, a group's clips
+        at least half as long as its first, each group zero-padded to its longest (padding at most
+        doubles the samples, however mixed the lengths: a 30 s clip does not pad a hundred 1 s ones
+        to 30 s). inputs: every group's [rows, width] float32 samples, flattened one after another
+        (built in pinned memory for a CUDA device: one copy); ``input_lengths``: each row's valid
+        samples; ``pack_index`` [2, T]: the (row in its group, frame) of every valid frame, groups
+        in order; ``pack_order`` ([T], None when the groups keep the items' order): the rows of that
+        packing in the items' order, which cu_seqlens describes."""
         device = torch.device(device)
-        waves = [x.detach().cpu().float() if torch.is_tensor(x) else _as_tensor(x) for x in items]
-        frames = [encoder_frames(len(w)) for w in waves]
-        inputs = host_to_device(torch.cat(waves), device)
-        cu = torch.tensor([0, *np.cumsum(frames)], dtype=torch.int32)
-        offsets = [0, *np.cumsum([len(w) for w in waves]).tolist()]
-        return EncoderBatch(inputs, host_to_device(cu, device), max(frames), input_offsets=offsets)
+        waves = [x.detach().cpu().float().reshape(-1) if torch.is_tensor(x) else _as_tensor(x) for x in items]
+        lengths = np.array([len(w) for w in waves])
+        frames = np.array([encoder_frames(n) for n in lengths])
+        order = np.argsort(-lengths, kind="stable")  # longest first; equal lengths keep their order
+        groups, row_in_group = [], np.zeros(len(waves), np.int64)
+        for i in order:  # groups of [rows, width, frames]
+            if groups and 2 * lengths[i] >= groups[-1][1]:
+                groups[-1][0] += 1
+                groups[-1][2] += int(frames[i])
+            else:
+                groups.append([1, int(lengths[i]), int(frames[i])])
+            row_in_group[i] = groups[-1][0] - 1
+        inputs = torch.empty(sum(r * w for r, w, _ in groups), pin_memory=device.type == "cuda")
+        start, k = 0, 0
+        for rows, width, _ in groups:
+            block = inputs[start : start + rows * width].view(rows, width)
+            for row in block:
+                w = waves[order[k]]
+                row[: len(w)] = w
+                row[len(w) :] = 0
+                k += 1
+            start += rows * width
+        f = frames[order]  # frames of the rows, groups in order
+        item = np.repeat(row_in_group[order], f)
+        frame = np.arange(item.size) - np.repeat(np.cumsum(f) - f, f)
+        parts = [[0], np.cumsum(frames), lengths[order], item, frame]
+        identity = bool((order == np.arange(len(order))).all())
+        if not identity:  # item i's frames start at its rows' place in the group-ordered packing
+            at = np.empty(len(order), np.int64)
+            at[order] = np.cumsum(f) - f
+            parts.append(np.repeat(at - (np.cumsum(frames) - frames), frames) + np.arange(item.size))
+        meta = host_to_device(torch.from_numpy(np.concatenate(parts).astype(np.int64)), device)  # one copy
+        b, t = len(waves), item.size
+        return EncoderBatch(
+            host_to_device(inputs, device),
+            meta[: b + 1].to(torch.int32),
+            int(frames.max()),
+            input_lengths=meta[b + 1 : 2 * b + 1],
+            pack_index=meta[2 * b + 1 : 2 * b + 1 + 2 * t].view(2, t),
+            pack_order=None if identity else meta[2 * b + 1 + 2 * t :],
+            front_end_groups=[tuple(g) for g in groups],
+        )
 
     def encode(self, batch: EncoderBatch) -> torch.Tensor:
-        enc = self.encoder
-        off = batch.input_offsets
-        x = torch.cat([enc.front_end(batch.inputs[a:b]) for a, b in zip(off, off[1:])])  # [T, d]
-        positions = packed_positions(batch.cu_seqlens, x.shape[0])
-        rope = Rotary.at(self.enc_inv_freq, positions, x.dtype, interleaved=True)
+        x, position = self.packed_frames(batch)
+        enc, rope = self.encoder, self.enc_rope.rows(position)
         x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, rope)
         return final_norm(enc.layer_norm, x, residual)
+
+    def packed_frames(self, batch: EncoderBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The front end over the batch's groups -> (every item's valid frames packed in the items'
+        order [T, d], each frame's index in its clip [T]); no host sync."""
+        enc = self.encoder
+        parts, s, r, t = [], 0, 0, 0
+        for rows, width, frames in batch.front_end_groups:
+            waves = batch.inputs[s : s + rows * width].view(rows, width)
+            y = enc.front_end(waves, batch.input_lengths[r : r + rows])  # [rows, d, L]
+            item, frame = batch.pack_index[:, t : t + frames]
+            parts.append(y[item, :, frame])  # [frames, d]: the group's valid frames, packed
+            s, r, t = s + rows * width, r + rows, t + frames
+        x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        position = batch.pack_index[1]  # a frame's position is its index in its clip
+        if batch.pack_order is not None:  # back to the items' order
+            x, position = x.index_select(0, batch.pack_order), position.index_select(0, batch.pack_order)
+        return x, position
 
     def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
         dec = self.decoder
         x = dec.embed_tokens(tokens)
-        rope = Rotary.at(self.dec_inv_freq, positions, x.dtype, interleaved=True)
+        rope = self.dec_rope.rows(positions)
         x, residual = run_layers(dec.layers, x, meta, rope)
         x = final_norm(dec.norm, x, residual, meta.logits_indices)
         return F.linear(x, self.proj_out.weight)

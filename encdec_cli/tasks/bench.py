@@ -26,7 +26,11 @@ from encdec_models.audio import N_AUDIO_CTX, N_SAMPLES
 # lengths swept by ``encdec bench --speculative oracle``
 ORACLE_ALPHAS = (0.0, 0.5, 0.7, 0.9)
 ORACLE_KS = (2, 4, 8)
-NLLB_FRA_LATN = 256057  # fra_Latn in NLLB-200's tokenizer: "translation to one language"
+# fra_Latn in NLLB-200's tokenizer ("translation to one language"): the language codes follow the
+# 256,000 sentencepiece pieces and the fairseq offset of 1, in transformers' FAIRSEQ_LANGUAGE_CODES
+# order (models/nllb/tokenization_nllb.py), where fra_Latn is entry 56: 256000 + 56 + 1
+# (eng_Latn, entry 46, is the well-known 256047)
+NLLB_FRA_LATN = 256057
 COPY_BYTES = 1 << 30  # a 1 GiB device-to-device copy measures the copy bandwidth
 MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 
@@ -129,7 +133,10 @@ def is_audio(name: str) -> bool:
 def hf_config(name: str):
     from transformers import BartConfig, M2M100Config, MoonshineConfig, T5Config, WhisperConfig
 
-    if name == "nllb-200-distilled-600M":  # facebook/nllb-200-distilled-600M's config.json
+    # facebook/nllb-200-distilled-600M's config.json (the hub is not reachable from here: checked
+    # against public copies of it). Its embedding has 256206 rows, two more than the tokenizer's
+    # 256204 ids (the 202 language codes end at 256202, <mask> is 256203).
+    if name == "nllb-200-distilled-600M":
         return M2M100Config(
             vocab_size=256206,
             d_model=1024,
@@ -148,7 +155,12 @@ def hf_config(name: str):
             decoder_start_token_id=2,
             architectures=["M2M100ForConditionalGeneration"],
         )
-    if name == "moonshine-base":  # UsefulSensors/moonshine-base's config.json
+    # UsefulSensors/moonshine-base's config.json, checked against public copies of it (keras-hub's
+    # conversion script for that checkpoint, which loads its weights: vocabulary 32768, 416 wide,
+    # 8 + 8 layers, 8 heads, 1664, partial rotary 0.62, 194 positions). transformers' MoonshineConfig
+    # defaults are moonshine-tiny's (288 wide, 6 + 6 layers, partial rotary 0.9). Head dim 52
+    # (transformers pads it to 56 for its attention, scaling by 52**-0.5; same result), 32 rotary.
+    if name == "moonshine-base":
         return MoonshineConfig(
             vocab_size=32768,
             hidden_size=416,

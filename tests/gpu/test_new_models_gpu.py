@@ -66,6 +66,33 @@ def test_moonshine_on_cuda_matches_transformers(tmp_path):
     assert [got[i] for i in range(len(waves))] == expected
 
 
+def test_moonshine_batched_front_end_on_cuda_bf16(tmp_path):
+    """bf16 on CUDA, clips of different lengths in one encoder batch (three length groups): the
+    batched front end (masked GroupNorm, packing, back to the items' order) launches without a host
+    sync, and each clip's encoder output matches a batch of that clip alone to bf16's precision."""
+    from tests.models.test_parity_moonshine import _build
+
+    _build(tmp_path, tied=False)
+    model = load_model(tmp_path, device="cuda", dtype="bfloat16").model
+    g = np.random.default_rng(1)
+    waves = [(g.standard_normal(n) * 0.1).astype(np.float32) for n in (160000, 16000, 97531, 48000)]
+    with torch.inference_mode():
+        batch = model.prepare_encoder_batch(waves, "cuda")
+        assert len(batch.front_end_groups) == 3 and batch.pack_order is not None
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model.packed_frames(batch)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        together = model.encode(batch).float()
+        lens = [int(n) for n in (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()]
+        for got, w in zip(together.split(lens), waves, strict=True):
+            alone = model.encode(model.prepare_encoder_batch([w], "cuda")).float()
+            assert got.shape == alone.shape
+            assert ((got - alone).norm() / alone.norm()).item() < 2e-2
+
+
 def test_t5gemma_on_cuda_runs_eager_on_the_reference_attention(tmp_path):
     from tests.models.test_parity_t5gemma import BOS, EOS, _build, _hf, _inputs
 

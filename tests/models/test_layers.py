@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.activations import ACT2FN
 
-from encdec_models.layers import Linear, Norm, layer_boundary_hook, run_layers
+from encdec_models.layers import Linear, Norm, Rotary, layer_boundary_hook, run_layers
 
 
 @pytest.mark.parametrize("kind", ["layer", "rms"])
@@ -43,3 +43,41 @@ def test_layer_boundary_hook_is_called_inside_its_block_only():
         run_layers([layer] * 3, torch.zeros(1))
     run_layers([layer] * 3, torch.zeros(1))
     assert calls == ["layer", 1, "layer", 2, "layer"] + ["layer"] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("layout", ["moonshine-base", "rotate-half", "rotate-half-partial"])
+def test_rotary_turns_q_and_k_bit_for_bit_as_transformers(layout, dtype):
+    """Rotary.split (q and k together, x * cos + x[partner] * signed sin, the pass-through features
+    at cos 1, sin 0) gives transformers' rotary bit for bit: Moonshine's interleaved partial rotary
+    (head dim 52, 32 turned), and rotate-half (full, as T5Gemma's, and partial); a table's rows equal
+    the rotary computed at those positions."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as rotate_half_rope
+    from transformers.models.moonshine.modeling_moonshine import apply_rotary_pos_emb as interleaved_rope
+
+    h, d = 8, 52
+    r = {"moonshine-base": 32, "rotate-half": d, "rotate-half-partial": 20}[layout]
+    interleaved = layout == "moonshine-base"
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, r, 2, dtype=torch.int64).float() / r))
+    g = torch.Generator().manual_seed(0)
+    positions = torch.tensor([0, 1, 2, 7, 193, 40, 3])
+    qkv = torch.randn(len(positions), 3 * h * d, generator=g).to(dtype)
+    table = Rotary.table(inv_freq, 194, dtype, interleaved, head_dim=d)
+    rotary = Rotary.at(inv_freq, positions, dtype, interleaved, head_dim=d)
+    assert torch.equal(table.rows(positions).cos, rotary.cos) and torch.equal(
+        table.rows(positions).sin, rotary.sin
+    )
+    q, k, v = table.rows(positions).split(qkv, h, d)
+
+    freqs = positions.float()[:, None] * inv_freq  # transformers' rotary embedding module
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos().to(dtype)[None], emb.sin().to(dtype)[None]  # [1, T, R]
+    q0, k0, v0 = qkv.view(1, -1, 3, h, d).unbind(2)  # [1, T, H, D]
+    if interleaved:
+        want_q, want_k = interleaved_rope(q0, k0, cos, sin, unsqueeze_dim=2)
+    else:
+        (q_rot, q_pass), (k_rot, k_pass) = q0.split([r, d - r], -1), k0.split([r, d - r], -1)
+        want_q, want_k = rotate_half_rope(q_rot, k_rot, cos, sin, unsqueeze_dim=2)
+        want_q, want_k = torch.cat((want_q, q_pass), -1), torch.cat((want_k, k_pass), -1)
+    assert torch.equal(q, want_q[0]) and torch.equal(k, want_k[0]) and torch.equal(v, v0[0])
+    assert not torch.equal(q, q0[0])

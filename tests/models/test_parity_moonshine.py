@@ -11,8 +11,9 @@ import torch
 from transformers import MoonshineConfig, MoonshineForConditionalGeneration
 
 from encdec_cli.engine import Engine, Request, SamplingParams
+from encdec_models.layers import masked_group_norm
 from encdec_models.loading import load_model
-from encdec_models.moonshine import encoder_frames
+from encdec_models.moonshine import MIN_SAMPLES, encoder_frames
 from tests.support import transcribe_clips
 from tests.support.text_models import single_thread
 from tests.support.whisper_models import discriminating_init_
@@ -88,3 +89,46 @@ def test_bad_audio_fails_alone(tmp_path, clips):
     got = {r.request_id: r for r in engine.generate(Request(x, [SOT], params, k) for k, x in items.items())}
     assert got["ok"].error is None
     assert "too short" in got["short"].error and "1-D array" in got["2-D"].error
+
+
+def test_batched_front_end_equals_each_clip_alone(clips, tmp_path):
+    """Clips of different lengths in one encoder batch (grouped by length, each group zero-padded,
+    the GroupNorm masked to each clip's own frames, the frames put back in the items' order) give
+    each clip the encoder output of a batch of that clip alone, and transformers' encoder output on
+    the clip (fp32)."""
+    hf = _build(tmp_path, False)
+    model = load_model(tmp_path, device="cpu").model
+    waves = [clips[1], clips[0], clips[3], clips[2][:MIN_SAMPLES], clips[2]]
+    assert len({len(w) for w in waves}) == len(waves)
+    with torch.no_grad():
+        batch = model.prepare_encoder_batch(waves, "cpu")
+        groups = batch.front_end_groups  # longest first, each clip at least half its group's first
+        assert [(r, w) for r, w, _ in groups] == [(3, len(clips[3])), (1, len(clips[0])), (1, MIN_SAMPLES)]
+        assert batch.inputs.numel() == sum(r * w for r, w, _ in groups) <= 2 * sum(len(w) for w in waves)
+        assert batch.pack_order is not None  # the groups' order is not the items'
+        together = model.encode(batch)
+        frames = [encoder_frames(len(w)) for w in waves]
+        assert together.shape[0] == sum(frames) and batch.max_seqlen == max(frames)
+        alone = [model.encode(model.prepare_encoder_batch([w], "cpu")) for w in waves]
+        theirs = [hf.model.encoder(torch.from_numpy(w)[None]).last_hidden_state[0] for w in waves]
+    for got, one, ref in zip(together.split(frames), alone, theirs, strict=True):
+        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("groups", "offset"), [(1, 1.0), (4, 1.0), (1, 300.0)])
+def test_masked_group_norm_is_group_norm_of_each_item(groups, offset):
+    """Against a float64 GroupNorm of each item alone; also far from zero (offset 300, spread 3),
+    where sums of squares taken around zero would cancel."""
+    torch.manual_seed(0)
+    norm = torch.nn.GroupNorm(groups, 8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    lengths = [7, 19, 1, 12]
+    x = torch.randn(len(lengths), 8, max(lengths)) * 3 + offset
+    got = masked_group_norm(x, torch.tensor(lengths), norm)
+    assert torch.isfinite(got).all()
+    for i, n in enumerate(lengths):
+        ref = norm.double()(x[i : i + 1, :, :n].double())[0].float()  # exact to float32's resolution
+        torch.testing.assert_close(got[i, :, :n], ref, rtol=1e-5, atol=1e-5)
