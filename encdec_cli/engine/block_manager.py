@@ -53,6 +53,15 @@ class BlockManager:
         self.refs[b] = 1
         return b
 
+    def drop_cached(self) -> int:
+        """Forget every prefix cache entry no request holds (their blocks become plain free blocks);
+        returns how many entries were dropped."""
+        dropped = 0
+        while self.cache is not None and self.cache.evictable:
+            self.free_blocks.extend(self.cache.evict())
+            dropped += 1
+        return dropped
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

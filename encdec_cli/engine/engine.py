@@ -196,6 +196,12 @@ class Engine:
         """Automatic prefix caching is on (``EngineConfig.prefix_cache``)."""
         return self.blocks.cache is not None
 
+    def reset_prefix_cache(self) -> int:
+        """Forget the prefix cache's entries that no running request holds (a benchmark's warm-up
+        inputs, for instance), so that later requests run their encoder again; returns how many
+        were dropped. Outputs never depend on it."""
+        return self.blocks.drop_cached()
+
     @property
     def absorbs_cross(self) -> bool:
         """Cross-attention reads the encoder output itself (absorbed) rather than per-layer K/V."""

@@ -504,6 +504,7 @@ def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True
     """One timed run of the workload on ``engine`` (after an untimed warm-up batch): (wall s, results)."""
     if warmup:
         list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
+        engine.reset_prefix_cache()  # the warm-up's inputs are the workload's first: no free encoder runs
     engine.reset_stats()  # count the timed run's steps only
     requests = workload_requests(w, loaded.config, enc_inputs, targets)
     sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None

@@ -92,6 +92,20 @@ def test_plain_free_blocks_go_before_cached_ones():
     assert not set(other) & set(cached) and bm.cache.lookup(key) == cached
 
 
+def test_drop_cached_forgets_only_entries_no_request_holds():
+    bm = BlockManager(8, 4, cache=PrefixCache())
+    free_key, held_key = encoder_key([1], SALT), encoder_key([2], SALT)
+    done, _ = bm.acquire_cross(free_key, 2)
+    held, _ = bm.acquire_cross(held_key, 2)
+    bm.commit_cached()
+    bm.free(done)
+    assert bm.drop_cached() == 1 and bm.num_free == 6 and not bm.cache.evictable
+    assert bm.cache.lookup(free_key) is None and bm.cache.lookup(held_key) == held
+    assert bm.acquire_cross(free_key, 2)[1] is False  # encoded again
+    assert bm.acquire_cross(held_key, 2) == (held, True)
+    assert BlockManager(4, 4).drop_cached() == 0  # no cache: nothing to drop
+
+
 def test_decoder_prefix_blocks():
     bm = BlockManager(32, 4, cache=PrefixCache())
     enc = encoder_key([1, 2], SALT)
