@@ -39,7 +39,7 @@ import torch
 
 from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
 from encdec_cli.engine.config import DEFAULT_K, EngineConfig
-from encdec_cli.engine.sampling import process_logits, sampling_generator, sampling_probs
+from encdec_cli.engine.sampling import process_logits, rows_by_params, sampling_generator, sampling_probs
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from encdec_cli.engine.transfer import to_device
 
@@ -423,40 +423,73 @@ def _fit_vocab(q: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.nn.functional.pad(q, (0, vocab - q.shape[1]))
 
 
+def speculative_accept(
+    probs: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling for many sequences at once, on the device (no host sync).
+
+    ``probs`` [T, V]: the target's distributions, packed: sequence b's after each of its draft
+    prefixes at rows starts[b] .. starts[b] + lens[b]; ``drafts`` [B, kmax] long (-1 past lens[b]);
+    ``draft_probs`` [B, kmax, V]: the distribution each draft token was sampled from (None: every
+    draft was chosen outright, q a point mass); ``u`` [B, kmax + 1] uniforms in [0, 1).
+    Returns (accepted drafts [B], the token after them [B]): draft d_j is accepted while
+    u_j * q(d_j) < p(d_j); at the first rejection m the token is a sample of max(0, p_m - q_m)
+    (normalised; p_m where that is zero), after all drafts a sample of p; sampled by inverting the
+    cumulative distribution at u[:, kmax]."""
+    n, kmax = drafts.shape
+    vocab, dev = probs.shape[1], probs.device
+    j = torch.arange(kmax, device=dev)
+    in_draft = j[None, :] < lens[:, None]  # [B, kmax]
+    valid = in_draft & (drafts >= 0) & (drafts < vocab)  # a token the target cannot say: rejected
+    tok = drafts.clamp(0, vocab - 1)
+    pos = (starts[:, None] + j).clamp_(max=probs.shape[0] - 1)
+    p_d = probs[pos, tok] * valid
+    q_d = draft_probs.gather(2, tok[..., None])[..., 0] if draft_probs is not None else 1.0
+    accept = (u[:, :kmax] * q_d < p_d) & in_draft
+    m = accept.long().cumprod(1).sum(1) if kmax else torch.zeros(n, dtype=torch.long, device=dev)
+    rows = torch.arange(n, device=dev)
+    p_m = probs[starts + m]  # [B, V]
+    if kmax:
+        rejected = m < lens
+        mc = m.clamp(max=kmax - 1)
+        if draft_probs is not None:
+            q_m = draft_probs[rows, mc]
+        else:
+            q_m = torch.zeros_like(p_m)
+            q_m[rows, tok[rows, mc]] = valid[rows, mc].to(p_m.dtype)
+        resid = (p_m - q_m * rejected[:, None]).clamp_min_(0)
+        last = torch.where(resid.sum(1, keepdim=True) > 0, resid, p_m)
+    else:
+        last = p_m
+    cdf = last.cumsum(1)
+    x = u[:, kmax : kmax + 1] * cdf[:, -1:]
+    token = torch.searchsorted(cdf, x, right=True)[:, 0].clamp_(max=vocab - 1)
+    return m, token
+
+
 def speculative_sample(
     probs: torch.Tensor, draft: Draft | None, generator: torch.Generator
 ) -> tuple[list[int], int]:
-    """Speculative sampling for one sequence. ``probs`` [k + 1, V]: the target's distribution after
-    each draft prefix; returns (tokens, drafts accepted): the accepted drafts, then a sample of the
-    residual max(0, p - q) at the first rejection or of p after the last draft."""
+    """Speculative sampling for one sequence (``speculative_accept`` of one row). ``probs``
+    [k + 1, V]: the target's distribution after each draft prefix; returns (tokens, drafts
+    accepted): the accepted drafts, then a sample of the residual max(0, p - q) at the first
+    rejection or of p after the last draft."""
     k = len(draft.tokens) if draft is not None else 0
-    vocab, dev = probs.shape[1], probs.device
-    m, q = 0, None
-    if k:
-        idx = to_device(dev, draft.tokens).clamp_(max=vocab - 1)[:, None]
-        valid = to_device(dev, [t < vocab for t in draft.tokens], torch.bool)
-        p_d = probs[:k].gather(1, idx)[:, 0] * valid
-        if draft.probs is not None:
-            q = _fit_vocab(draft.probs.to(dev, torch.float32), vocab)
-            q_d = q.gather(1, idx)[:, 0]
-        else:
-            q_d = torch.ones(k, device=dev)
-        u = torch.rand(k, generator=generator, device=dev)
-        accept = (u * q_d < p_d).tolist()  # u < p(d) / q(d)
-        m = accept.index(False) if False in accept else k
-    if m < k:
-        if q is not None:
-            resid = (probs[m] - q[m]).clamp_min(0)
-        else:
-            resid = probs[m].clone()
-            if draft.tokens[m] < vocab:
-                resid[draft.tokens[m]] = 0
-        total = resid.sum()
-        last = resid / total if float(total) > 0 else probs[m]
-    else:
-        last = probs[k]
-    token = int(torch.multinomial(last, 1, generator=generator))
-    return (draft.tokens[:m] if k else []) + [token], m
+    dev, vocab = probs.device, probs.shape[1]
+    dp = None
+    if k and draft.probs is not None:
+        dp = _fit_vocab(draft.probs.to(dev, torch.float32), vocab)[None]
+    table = to_device(dev, [draft.tokens if k else []]).reshape(1, k)
+    u = torch.rand(1, k + 1, generator=generator, device=dev)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    m, token = speculative_accept(probs, zero, zero + k, table, dp, u)
+    m = int(m[0])
+    return (draft.tokens[:m] if k else []) + [int(token[0])], m
 
 
 class _Adapt:
@@ -566,54 +599,125 @@ class Speculator:
         self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
     ) -> list[Verified]:
         """logits [sum(len(draft) + 1), V] float32 (``ModelRunner.decode(drafts=...)``) -> each
-        sequence's tokens (see the module docstring). Greedy rows are decided together: one
-        device-to-host copy of the argmaxes, acceptance over all rows in numpy."""
-        lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, len(drafts))
-        starts = np.zeros(len(seqs), np.int64)
-        np.cumsum(lens[:-1] + 1, out=starts[1:])
-        rows: list = []
-        for s, d in zip(seqs, drafts):
-            rows.append(s)
+        sequence's tokens (see the module docstring).
+
+        All rows at once: the logits rules over every row (``process_logits`` with each row's
+        drafts seen; count-based rules vectorised), acceptance on the device (greedy: argmax
+        agreement; sampled: ``speculative_accept``), then one device-to-host copy of every
+        sequence's accepted count and last token (and log-probabilities when asked for)."""
+        n = len(seqs)
+        dev = logits.device
+        lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, n)
+        counts = lens + 1
+        starts = np.zeros(n, np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        total = int(counts.sum())
+        owner = np.repeat(np.arange(n), counts)  # verification row -> its sequence
+        drafted = np.arange(total) - starts[owner]  # drafts each row sees
+        flat = [seqs[b] for b in owner.tolist()]
+        base = rows_by_params(seqs)
+        if len(base) == 1:
+            by_params = [(base[0][0], np.arange(total))]
+        else:
+            gid = np.empty(n, np.int64)
+            for g, (_, rows) in enumerate(base):
+                gid[rows] = g
+            fg = gid[owner]
+            by_params = [(p, np.flatnonzero(fg == g)) for g, (p, _) in enumerate(base)]
+
+        def view(i: int) -> Extended:
+            b = owner[i]
+            return Extended(seqs[b], drafts[b].tokens[: drafted[i]])
+
+        process_logits(logits, flat, by_params, drafted, view)
+        kmax = int(lens.max()) if n else 0
+        host = np.full((n, kmax + 2), -1, np.int64)  # starts, lens, drafts (-1 past each row's end)
+        host[:, 0], host[:, 1] = starts, lens
+        for b, d in enumerate(drafts):
             if d is not None:
-                rows += [Extended(s, d.tokens[:j]) for j in range(1, len(d.tokens) + 1)]
-        process_logits(logits, rows)
-        temps = [s.group.params.temperature for s in seqs]
-        accepted = np.zeros(len(seqs), np.int64)
-        greedy = None
-        if 0 in temps:
-            greedy = logits.argmax(-1).cpu().numpy()
-            kmax = int(lens.max()) if len(lens) else 0
-            if kmax:
-                table = np.full((len(seqs), kmax), -1, np.int64)  # drafts, -1 past each row's end
-                for i, d in enumerate(drafts):
-                    if d is not None:
-                        table[i, : len(d.tokens)] = d.tokens
-                at = np.minimum(starts[:, None] + np.arange(kmax), len(greedy) - 1)
-                agree = greedy[at] == table  # -1 never equals a token
-                accepted = np.where(agree.all(1), kmax, agree.argmin(1))  # drafts before the first miss
-                accepted = np.minimum(accepted, lens)
-        log_probs = torch.log_softmax(logits, -1) if any(s.group.params.logprobs for s in seqs) else None
-        bonus = greedy[starts + accepted].tolist() if greedy is not None else None
-        out = []
-        for i, (s, d) in enumerate(zip(seqs, drafts)):
-            p = s.group.params
-            o, k = int(starts[i]), int(lens[i])
-            if temps[i] == 0:
-                m = int(accepted[i])
-                tokens = (d.tokens[:m] if m else []) + [bonus[i]]
-            else:
-                probs = sampling_probs(logits[o : o + k + 1], p)
-                tokens, m = speculative_sample(probs, d, sampling_generator(s.group, logits.device))
+                host[b, 2 : 2 + len(d.tokens)] = d.tokens
+        meta = to_device(dev, host)
+        st, ln, table = meta[:, 0], meta[:, 1], meta[:, 2:]
+        sampled = [b for b, s in enumerate(seqs) if s.group.params.temperature > 0]
+        if len(sampled) < n:  # greedy: the drafts up to the first that is not the argmax, then it
+            g = logits.argmax(-1)
+            j = torch.arange(kmax, device=dev)
+            at = (st[:, None] + j).clamp_(max=total - 1)
+            agree = (g[at] == table) & (j[None, :] < ln[:, None])
+            m = agree.long().cumprod(1).sum(1) if kmax else torch.zeros(n, dtype=torch.long, device=dev)
+            out = torch.stack([m, g[st + m]], 1)
+        else:
+            out = torch.empty(n, 2, dtype=torch.long, device=dev)
+        if sampled:
+            idx = to_device(dev, sampled)
+            m, token = self._sample(logits, seqs, drafts, sampled, lens, starts, kmax, table.index_select(0, idx))
+            out.index_copy_(0, idx, torch.stack([m, token], 1))
+        want_lp = any(s.group.params.logprobs for s in seqs)
+        if want_lp:  # the log-probability of every token a sequence takes
+            tok = torch.cat([table, table[:, :1]], 1)
+            tok.scatter_(1, out[:, :1], out[:, 1:])
+            j = torch.arange(kmax + 1, device=dev)
+            at = (st[:, None] + j).clamp_(max=total - 1)
+            lp = torch.log_softmax(logits, -1)[at, tok.clamp(0, logits.shape[1] - 1)]
+            res = torch.cat([out.double(), lp.double()], 1).cpu().numpy()  # one copy to the host
+        else:
+            res = out.cpu().numpy()
+        accepted = res[:, 0].astype(np.int64).tolist()
+        last = res[:, 1].astype(np.int64).tolist()
+        result = []
+        for b, (s, d) in enumerate(zip(seqs, drafts)):
+            m = accepted[b]
+            tokens = (d.tokens[:m] if m else []) + [last[b]]
             lps = None
+            p = s.group.params
             if p.logprobs:
-                at = to_device(logits.device, [o + j for j in range(len(tokens))])
-                lps = log_probs[at, to_device(logits.device, tokens)].tolist()
+                lps = res[b, 2 : 3 + m].tolist()
                 for t, lp in zip(tokens, lps):
                     if t in p.stop_token_ids:
                         s.stop_logprob = lp
                         break
-            out.append(Verified(tokens, lps, m))
-        return out
+            result.append(Verified(tokens, lps, m))
+        return result
+
+    def _sample(self, logits, seqs, drafts, rows, lens, starts, kmax, table):
+        """Speculative sampling of the sampled sequences ``rows`` (indexes into seqs): their
+        distributions (per SamplingParams), the draft's, and their uniforms from each request's
+        own generator -> (accepted [R], token [R]) on the device."""
+        dev, vocab = logits.device, logits.shape[1]
+        ln = lens[rows]
+        counts = ln + 1
+        local = np.zeros(len(rows), np.int64)
+        np.cumsum(counts[:-1], out=local[1:])
+        src = np.concatenate([np.arange(starts[b], starts[b] + c) for b, c in zip(rows, counts)])
+        probs = torch.empty(int(counts.sum()), vocab, device=dev)
+        groups: dict[int, tuple] = {}
+        for r, b in enumerate(rows):
+            p = seqs[b].group.params
+            groups.setdefault(id(p), (p, []))[1].append(r)
+        for p, rs in groups.values():
+            sel = np.concatenate([np.arange(local[r], local[r] + counts[r]) for r in rs])
+            dst = to_device(dev, sel)
+            probs[dst] = sampling_probs(logits.index_select(0, to_device(dev, src[sel])), p)
+        u = torch.cat(
+            [
+                torch.rand(1, kmax + 1, generator=sampling_generator(seqs[b].group, dev), device=dev)
+                for b in rows
+            ]
+        )
+        dprobs = None
+        if any(drafts[b] is not None and drafts[b].probs is not None for b in rows):
+            dprobs = torch.zeros(len(rows), kmax, vocab, device=dev)
+            for r, b in enumerate(rows):
+                d = drafts[b]
+                if d is None or not d.tokens:
+                    continue
+                if d.probs is not None:
+                    dprobs[r, : len(d.tokens)] = _fit_vocab(d.probs.to(dev, torch.float32), vocab)
+                else:  # chosen outright: a point mass
+                    t = to_device(dev, d.tokens).clamp_(max=vocab - 1)
+                    dprobs[r, torch.arange(len(d.tokens), device=dev), t] = 1.0
+        meta = to_device(dev, np.stack([local, ln]))
+        return speculative_accept(probs, meta[0], meta[1], table, dprobs, u)
 
     def settle(self, seq: Sequence, num_tokens_before: int, accepted: int) -> None:
         """After a running sequence took its verified tokens: the cache holds its tokens up to the
