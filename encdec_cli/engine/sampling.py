@@ -110,6 +110,7 @@ def process_logits(
     by_params: ParamRows | None = None,
     drafted: np.ndarray | None = None,
     view: Callable[[int], Sequence] | None = None,
+    generated: np.ndarray | None = None,
 ) -> torch.Tensor:
     """Apply every request's logits rules in place. logits: [B, V] float32, row i = seqs[i].
 
@@ -124,7 +125,8 @@ def process_logits(
     ``drafted[i]`` draft tokens after its own; ``view(i)`` gives that row's sequence with them
     (``Extended``), made only for the rules that read the tokens themselves (n-grams, bad words,
     repetition penalty, timestamps). ``by_params``: ``rows_by_params(seqs)`` when the caller has it
-    (rows as lists or numpy arrays).
+    (rows as lists or numpy arrays); ``generated``: each row's tokens generated, drafts seen
+    included, when the caller has them.
     """
     dev = logits.device
     if by_params is None:
@@ -142,7 +144,6 @@ def process_logits(
         record_first_step_probs(
             logits, seqs if drafted is None else [seq_at(i) for i in range(len(seqs))], by_params
         )
-    generated: np.ndarray | None = None  # tokens generated per row (drafts seen included)
     ban_rows: list = []  # (row, token) pairs set to -inf: lists / numpy arrays, joined at the end
     ban_toks: list = []
     suppress: dict[int, tuple[tuple[int, ...], list]] = {}  # id(tokens) -> (tokens, row arrays)

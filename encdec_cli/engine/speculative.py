@@ -494,12 +494,12 @@ def speculative_sample(
 
 class _Adapt:
     """One sequence's drafting state (adaptive K): the drafts it may take now, and, while that is 0,
-    the steps left until it tries one draft again and how long it waited last."""
+    the step on which it tries one draft again and how long it waited last."""
 
-    __slots__ = ("k", "wait", "backoff", "misses")
+    __slots__ = ("k", "next_try", "backoff", "misses")
 
     def __init__(self, k: int):
-        self.k, self.wait, self.backoff, self.misses = k, 0, 0, 0
+        self.k, self.next_try, self.backoff, self.misses = k, 0, 0, 0
 
 
 # steps a sequence whose drafts keep failing waits before trying one draft again: doubling from the
@@ -514,18 +514,26 @@ class Speculator:
 
     Adaptive drafting (``adaptive``): each sequence starts at K drafts a step; ``MISSES`` steps
     in a row whose drafts were all rejected halve its K (down to none: it then decodes as in a
-    plain step, and after ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long after
-    each failed try, at most ``BACKOFF_MOST``); a step with an accepted draft doubles it again
-    (at most K). Where drafts are rarely right, a step costs about what a plain one does; the
-    output is the same either way (verification decides every token)."""
+    plain step, and after about ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long
+    after each failed try, at most ``BACKOFF_MOST``); a step with an accepted draft doubles it
+    again (at most K). Tries fall on the steps that are multiples of the wait (``clock``: the
+    engine's steps), so sequences backing off alike try on the same steps and the steps between
+    have no drafts at all: plain steps, which the engine may run ahead (``drafts_next_step``).
+    Where drafts are rarely right, a step costs about what a plain one does; the output is the
+    same either way (verification decides every token)."""
 
     def __init__(self, drafter: Drafter, blocks: BlockManager, adaptive: bool = True):
         self.drafter, self.blocks, self.adaptive = drafter, blocks, adaptive
         self._adapt: weakref.WeakKeyDictionary[Sequence, _Adapt] = weakref.WeakKeyDictionary()
+        self.clock = 0  # the engine's steps so far (``tick``)
 
     @property
     def k(self) -> int:
         return self.drafter.k
+
+    def tick(self) -> None:
+        """The engine starts a step."""
+        self.clock += 1
 
     def _want(self, s: Sequence) -> int:
         """Drafts the sequence may take this step (adaptive K; without it, K)."""
@@ -535,12 +543,26 @@ class Speculator:
         a = self._adapt.get(s)
         if a is None:
             a = self._adapt[s] = _Adapt(k)
-        if a.k == 0:
-            a.wait -= 1
-            if a.wait > 0:
-                return 0
-            return 1  # a try: its outcome (adapt) sets k and the next wait
+        if a.k == 0:  # backing off: one draft on its try step (adapt sets k and the next try)
+            return 1 if self.clock >= a.next_try else 0
         return min(a.k, k)
+
+    def drafts_next_step(self, seqs: list[Sequence]) -> bool:
+        """Whether any of ``seqs`` may take drafts in the engine's next step (False: that step is a
+        plain one, and the engine may launch it before this step's tokens reach the host)."""
+        if not self.adaptive:
+            return True
+        nxt, adapt = self.clock + 1, self._adapt
+        for s in seqs:
+            a = adapt.get(s)
+            if a is None or a.k or a.next_try <= nxt:
+                return True
+        return False
+
+    def _back_off(self, a: _Adapt, wait: int) -> None:
+        """Try again on a multiple of ``wait``, between half a wait and one and a half from now."""
+        a.backoff = wait
+        a.next_try = ((self.clock + wait // 2) // wait + 1) * wait
 
     def adapt(self, s: Sequence, proposed: int, accepted: int) -> None:
         """After verification: the sequence's K for the next steps (see the class docstring)."""
@@ -551,14 +573,14 @@ class Speculator:
             return
         if accepted == 0:
             if a.k == 0:  # a failed try: wait twice as long
-                a.backoff = a.wait = min(BACKOFF_MOST, a.backoff * 2)
+                self._back_off(a, min(BACKOFF_MOST, a.backoff * 2))
                 return
             a.misses += 1
             if a.misses < MISSES:
                 return
             a.misses, a.k = 0, a.k // 2
             if a.k == 0:
-                a.backoff = a.wait = BACKOFF_FIRST
+                self._back_off(a, BACKOFF_FIRST)
         else:
             a.k, a.backoff, a.misses = min(self.drafter.k, max(1, a.k) * 2), 0, 0
 
@@ -602,9 +624,10 @@ class Speculator:
         sequence's tokens (see the module docstring).
 
         All rows at once: the logits rules over every row (``process_logits`` with each row's
-        drafts seen; count-based rules vectorised), acceptance on the device (greedy: argmax
-        agreement; sampled: ``speculative_accept``), then one device-to-host copy of every
-        sequence's accepted count and last token (and log-probabilities when asked for)."""
+        drafts seen; count-based rules vectorised); the argmax of every row (greedy sequences)
+        and speculative sampling (sampled sequences: ``speculative_accept``) on the device; one
+        device-to-host copy of those (and of log-probabilities when asked for); greedy acceptance
+        (the drafts up to the first that is not the argmax) in numpy over all rows."""
         n = len(seqs)
         dev = logits.device
         lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, n)
@@ -629,41 +652,61 @@ class Speculator:
             b = owner[i]
             return Extended(seqs[b], drafts[b].tokens[: drafted[i]])
 
-        process_logits(logits, flat, by_params, drafted, view)
+        generated = np.repeat(
+            np.fromiter((s.num_generated for s in seqs), np.int64, n), counts
+        ) + drafted  # fmt: skip
+        process_logits(logits, flat, by_params, drafted, view, generated)
         kmax = int(lens.max()) if n else 0
-        host = np.full((n, kmax + 2), -1, np.int64)  # starts, lens, drafts (-1 past each row's end)
-        host[:, 0], host[:, 1] = starts, lens
+        table = np.full((n, kmax), -1, np.int64)  # drafts, -1 past each row's end
         for b, d in enumerate(drafts):
             if d is not None:
-                host[b, 2 : 2 + len(d.tokens)] = d.tokens
-        meta = to_device(dev, host)
-        st, ln, table = meta[:, 0], meta[:, 1], meta[:, 2:]
-        sampled = [b for b, s in enumerate(seqs) if s.group.params.temperature > 0]
-        if len(sampled) < n:  # greedy: the drafts up to the first that is not the argmax, then it
-            g = logits.argmax(-1)
-            j = torch.arange(kmax, device=dev)
-            at = (st[:, None] + j).clamp_(max=total - 1)
-            agree = (g[at] == table) & (j[None, :] < ln[:, None])
-            m = agree.long().cumprod(1).sum(1) if kmax else torch.zeros(n, dtype=torch.long, device=dev)
-            out = torch.stack([m, g[st + m]], 1)
-        else:
-            out = torch.empty(n, 2, dtype=torch.long, device=dev)
-        if sampled:
-            idx = to_device(dev, sampled)
-            m, token = self._sample(logits, seqs, drafts, sampled, lens, starts, kmax, table.index_select(0, idx))
-            out.index_copy_(0, idx, torch.stack([m, token], 1))
+                table[b, : len(d.tokens)] = d.tokens
         want_lp = any(s.group.params.logprobs for s in seqs)
-        if want_lp:  # the log-probability of every token a sequence takes
-            tok = torch.cat([table, table[:, :1]], 1)
-            tok.scatter_(1, out[:, :1], out[:, 1:])
-            j = torch.arange(kmax + 1, device=dev)
-            at = (st[:, None] + j).clamp_(max=total - 1)
-            lp = torch.log_softmax(logits, -1)[at, tok.clamp(0, logits.shape[1] - 1)]
-            res = torch.cat([out.double(), lp.double()], 1).cpu().numpy()  # one copy to the host
-        else:
-            res = out.cpu().numpy()
-        accepted = res[:, 0].astype(np.int64).tolist()
-        last = res[:, 1].astype(np.int64).tolist()
+        sampled = [b for b, s in enumerate(seqs) if s.group.params.temperature > 0]
+        parts: list[torch.Tensor] = []  # what the host needs, copied to it at once
+        if len(sampled) < n:  # greedy rows: the argmax of every row (acceptance below, numpy)
+            g = logits.argmax(-1)
+            parts.append(g)
+            if want_lp:
+                parts.append(torch.log_softmax(logits, -1).gather(1, g[:, None])[:, 0])
+        if sampled:  # speculative sampling on the device
+            st = to_device(dev, table[sampled])
+            m, token = self._sample(logits, seqs, drafts, sampled, lens, starts, kmax, st)
+            parts += [m, token]
+            if want_lp:  # the log-probability of each token a sequence takes
+                tok = torch.cat([st, st[:, :1]], 1).scatter_(1, m[:, None], token[:, None])
+                at = to_device(dev, starts[sampled])[:, None] + torch.arange(kmax + 1, device=dev)
+                lp = torch.log_softmax(logits, -1)
+                parts.append(lp[at.clamp_(max=total - 1), tok.clamp(0, lp.shape[1] - 1)].flatten())
+        if want_lp:
+            parts = [x.double() for x in parts]
+        res = torch.cat(parts).cpu().numpy()  # the step's one device-to-host copy
+        accepted = np.zeros(n, np.int64)
+        last = np.zeros(n, np.int64)
+        lp_rows = None  # [n, kmax + 1] log-probabilities of the tokens each sequence takes
+        at = 0
+        if len(sampled) < n:
+            g = res[:total].astype(np.int64)
+            at = total
+            if kmax:
+                cols = np.minimum(starts[:, None] + np.arange(kmax), total - 1)
+                agree = g[cols] == table  # -1 never equals a token
+                m = np.where(agree.all(1), kmax, agree.argmin(1))  # drafts before the first miss
+                accepted = np.minimum(m, lens)
+            last = g[starts + accepted]
+            if want_lp:
+                glp = res[at : at + total]
+                at += total
+                lp_rows = glp[np.minimum(starts[:, None] + np.arange(kmax + 1), total - 1)]
+        if sampled:
+            r = len(sampled)
+            accepted[sampled] = res[at : at + r].astype(np.int64)
+            last[sampled] = res[at + r : at + 2 * r].astype(np.int64)
+            if want_lp:
+                if lp_rows is None:
+                    lp_rows = np.zeros((n, kmax + 1))
+                lp_rows[sampled] = res[at + 2 * r :].reshape(r, kmax + 1)
+        accepted, last = accepted.tolist(), last.tolist()
         result = []
         for b, (s, d) in enumerate(zip(seqs, drafts)):
             m = accepted[b]
@@ -671,7 +714,7 @@ class Speculator:
             lps = None
             p = s.group.params
             if p.logprobs:
-                lps = res[b, 2 : 3 + m].tolist()
+                lps = lp_rows[b, : m + 1].tolist()
                 for t, lp in zip(tokens, lps):
                     if t in p.stop_token_ids:
                         s.stop_logprob = lp
