@@ -86,7 +86,8 @@ def main() -> None:
         same = sum(r.token_ids == recorded[r.request_id] for r in out) / len(out)
         print(
             f"{label}: {cpu * 1e3 / st.steps:.2f} ms/step CPU, host (less model) "
-            f"{(cpu - model) * 1e3 / st.steps:.2f} ms/step, {st.steps} steps, drafts {st.draft_tokens}, "
+            f"{(cpu - model) * 1e3 / st.steps:.2f} ms/step, {st.steps} steps ({st.verify_steps} verifying, "
+            f"{st.ahead_steps} run ahead), drafts {st.draft_tokens}, "
             f"accepted {st.accepted_tokens}, outputs equal to plain {same:.3f}"
         )
         if args.show == label:
