@@ -9,7 +9,8 @@ Printed per run: CPU process time per step, and that time less the model's own e
 steps, drafts, accepted drafts and whether the outputs equal the plain run's.
 
     OMP_NUM_THREADS=1 python benchmarks/spec_host_profile.py [--requests 256] [--tokens 64] [--k 4]
-        [--alphas 0,0.7] [--fixed-k] [--show k4a0.7]   # --show: cProfile's top functions of that run
+        [--alphas 0,0.7] [--fixed-k] [--show k4a0.7 [--sort cumulative]]
+    # --show: cProfile's top engine (encdec_cli) functions of that run
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--alphas", default="0,0.7")
     ap.add_argument("--fixed-k", action="store_true", help="speculative_adaptive=False")
     ap.add_argument("--show", default=None, help="print the profile of this run (plain, k4a0.7, ...)")
+    ap.add_argument("--sort", default="tottime", help="--show's order (pstats: tottime, cumulative)")
     args = ap.parse_args()
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -84,11 +86,12 @@ def main() -> None:
         same = sum(r.token_ids == recorded[r.request_id] for r in out) / len(out)
         print(
             f"{label}: {cpu * 1e3 / st.steps:.2f} ms/step CPU, host (less model) "
-            f"{(cpu - model) * 1e3 / st.steps:.2f} ms/step, {st.steps} steps, drafts {st.draft_tokens}, "
+            f"{(cpu - model) * 1e3 / st.steps:.2f} ms/step, {st.steps} steps ({st.verify_steps} verifying, "
+            f"{st.ahead_steps} run ahead), drafts {st.draft_tokens}, "
             f"accepted {st.accepted_tokens}, outputs equal to plain {same:.3f}"
         )
         if args.show == label:
-            stats.sort_stats("tottime").print_stats(25)
+            stats.sort_stats(args.sort).print_stats("encdec_cli", 40)
 
     measure(plain, "plain")
     plain.close()

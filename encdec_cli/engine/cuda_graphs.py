@@ -141,19 +141,13 @@ class CudaGraphs:
                 slot[i] = s.block_table[p // bs] * bs + p % bs
                 lens[i], clens[i] = p + 1, s.group.encoder_len
         else:  # real inputs last in each sequence's q rows, padding rows (slot -1) first
-            tok[:], slot[:] = 0, -1
-            rows = []  # logits rows: each sequence's last len(draft) + 1
-            for i, s in enumerate(seqs):
-                d = drafts[i]
-                inputs = s.tokens[s.num_cached :] + d
-                start, r, end = s.num_cached, len(inputs), i * q + q
-                tok[end - r : end] = inputs
-                pos[i * q : end] = start  # padding rows: the first input's position
-                pos[end - r : end] = np.arange(start, start + r)
-                table = s.block_table
-                slot[end - r : end] = [table[p // bs] * bs + p % bs for p in range(start, start + r)]
-                lens[i], clens[i] = start + r, s.group.encoder_len
-                rows.extend(range(end - len(d) - 1, end))
+            lay = runner.verify_layout(seqs, srows, drafts, q)
+            tok[: n * q], slot[: n * q] = 0, -1
+            pos[: n * q] = np.repeat(lay.start, q)  # padding rows: the first input's position
+            tok[lay.dest], pos[lay.dest], slot[lay.dest] = lay.tokens, lay.positions, lay.slots
+            lens[:n] = lay.kv_lens
+            clens[:n] = np.fromiter((s.group.encoder_len for s in seqs), np.int64, n)
+            rows = lay.logits_rows  # each sequence's last len(draft) + 1
         # padding sequences: token 0 at position 0, write nowhere, read one key (every value of the
         # step's part of the buffer is set: its layout changes with b, stale values would index out
         # of range)

@@ -121,16 +121,23 @@ class Engine:
         if self.speculator is not None and self.runner.graphs is not None:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
-            verify = CudaGraphs(self.runner, self.config.max_num_seqs, queries=k + 1)
-            verify.capture(self.model)
-            self.runner.verify_graphs = verify
-            log.info(
-                "captured %d CUDA graphs of verification steps (%d queries a sequence) in %.1f s, %.0f MiB",
-                len(verify.sizes),
-                k + 1,
-                verify.capture_seconds,
-                verify.pool_bytes / 2**20,
-            )
+            # K + 1 queries a sequence, and K / 2 + 1, K / 4 + 1, ..., 2 (the Ks adaptive drafting
+            # goes through; 2: its tries): a step runs the graphs of the fewest queries that hold
+            # its longest row, so where every row drafts at most k tokens it computes k + 1 rows a
+            # sequence, not K + 1
+            self.runner.verify_graphs = []
+            for q in verify_queries(k):
+                verify = CudaGraphs(self.runner, self.config.max_num_seqs, queries=q)
+                verify.capture(self.model)
+                self.runner.verify_graphs.append(verify)
+                log.info(
+                    "captured %d CUDA graphs of verification steps (%d queries a sequence) in %.1f s, "
+                    "%.0f MiB",
+                    len(verify.sizes),
+                    q,
+                    verify.capture_seconds,
+                    verify.pool_bytes / 2**20,
+                )
         self._order = 0
         self.sampler = Sampler(self.device, self.config.max_num_seqs)
         # (rows, logits) of a step launched ahead by the previous one (see _run_ahead)
@@ -385,6 +392,8 @@ class Engine:
         (see ``_can_run_ahead``) skips the first two."""
         self._tick("outside")
         self._stats.steps += 1
+        if self.speculator is not None:
+            self.speculator.tick()
         if self._ahead is not None:
             seqs, logits = self._take_ahead()
         else:
@@ -463,6 +472,18 @@ class Engine:
             stats.draft_tokens += proposed
             stats.accepted_tokens += v.accepted
             self.speculator.adapt(s, proposed, v.accepted)
+            p, n = group.params, len(v.tokens)
+            if (
+                v.logprobs is None
+                and s.num_generated + n < group.max_new_tokens
+                and not any(t in p.stop_token_ids for t in v.tokens)
+            ):  # none of the tokens ends it: as _append one by one, at once
+                s.tokens += v.tokens
+                group.generated_tokens += n
+                stats.generated_tokens += n
+                self.speculator.settle(s, before, v.accepted)
+                group.first_token = group.first_token or now
+                continue
             lps = v.logprobs or itertools.repeat(None)
             for token, logprob in zip(v.tokens, lps):
                 stats.generated_tokens += 1
@@ -502,10 +523,12 @@ class Engine:
         tokens are known), not all rows finishing by length now, no request about to be admitted
         (it would only wait one step more), and a cache slot for every row's next token.
 
-        Never with speculative decoding: the next step's drafts follow from this step's tokens on
-        the host (a step launched ahead could verify none), so look-ahead would turn speculation
-        off after its first step."""
-        if not self.config.lookahead or self.speculator is not None or self.scheduler.admits_next_step():
+        With speculative decoding only when no row may take drafts in the next step (adaptive K
+        backed off to none for every row, ``Speculator.drafts_next_step``): drafts follow from this
+        step's tokens on the host, so a step launched ahead can verify none."""
+        if not self.config.lookahead or self.scheduler.admits_next_step():
+            return False
+        if self.speculator is not None and self.speculator.drafts_next_step(seqs):
             return False
         bs = self.blocks.block_size
         checked: set[int] = set()  # SamplingParams objects (rows share a few)
@@ -597,6 +620,12 @@ class Engine:
             },
             first_step_probs=group.first_step_probs,
         )
+
+
+def verify_queries(k: int) -> list[int]:
+    """Query rows a sequence of the verification CUDA graphs of an engine drafting up to ``k``
+    tokens: k + 1, k // 2 + 1, ..., 2."""
+    return sorted({(k >> i) + 1 for i in range(k.bit_length())})
 
 
 class _EncoderClock:

@@ -8,8 +8,10 @@ CUDA graphs captured for padded batch sizes (see ``encdec_cli/engine/cuda_graphs
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Hashable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -49,6 +51,20 @@ class _Rows:
     def keep_only(self, keys: set) -> None:
         for k in [k for k in self.of if k not in keys]:
             self.free.append(self.of.pop(k))
+
+
+@dataclass
+class VerifyLayout:
+    """A verification step's inputs (``ModelRunner.verify_layout``), numpy int64."""
+
+    tokens: np.ndarray  # [T] every sequence's inputs, in order
+    positions: np.ndarray  # [T]
+    slots: np.ndarray  # [T] their self-attention cache slots
+    dest: np.ndarray  # [T] each input's row in the step (packed, or q rows a sequence)
+    logits_rows: np.ndarray  # [sum(len(d) + 1)] the rows whose logits verification reads
+    start: np.ndarray  # [B] each sequence's first input position (its cached tokens)
+    kv_lens: np.ndarray  # [B] keys each sequence attends to
+    inputs: np.ndarray  # [B] inputs a sequence
 
 
 class ModelRunner:
@@ -108,7 +124,7 @@ class ModelRunner:
         self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
         self.synced: dict[int, list[int]] = {}  # seq_id -> the block table written into its row
         self.graphs = None  # CudaGraphs, set up by the engine
-        self.verify_graphs = None  # CudaGraphs of speculative verification steps (K + 1 queries each)
+        self.verify_graphs = None  # [CudaGraphs] of speculative verification steps, by queries a sequence
         self.encoder_graph = None  # (graph, static EncoderBatch, static slots): capture_encoder_graph()
         self.encoder_graph_replays = 0
         # Fault injection for tests: encode/decode calls (counted from 1 in `calls`) that raise
@@ -169,6 +185,39 @@ class ModelRunner:
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def verify_layout(
+        self, seqs: list[Sequence], srows: np.ndarray, drafts: list[list[int]], q: int | None = None
+    ) -> VerifyLayout:
+        """The inputs of a verification step (each sequence's uncached tokens, then its drafts) as
+        numpy arrays over all sequences at once: packed (``q`` None) or in ``q`` rows a sequence,
+        real inputs last (the verification CUDA graphs). ``srows``: the sequences' rows of
+        ``self_tables`` (``_rows``, written for this step)."""
+        n, bs = len(seqs), self.block_size
+        start = np.fromiter((s.num_cached for s in seqs), np.int64, n)
+        dl = np.fromiter((len(d) for d in drafts), np.int64, n)
+        r = np.fromiter((len(s.tokens) for s in seqs), np.int64, n) - start + dl  # inputs a sequence
+        total = int(r.sum())
+        tokens = np.fromiter(
+            itertools.chain.from_iterable(
+                itertools.chain(s.tokens[c:], d) for s, c, d in zip(seqs, start.tolist(), drafts)
+            ),
+            np.int64,
+            total,
+        )
+        owner = np.repeat(np.arange(n), r)
+        first = np.zeros(n, np.int64)
+        np.cumsum(r[:-1], out=first[1:])
+        j = np.arange(total) - first[owner]
+        positions = start[owner] + j
+        slots = self.self_tables[srows[owner], positions // bs].astype(np.int64) * bs + positions % bs
+        end = first + r if q is None else np.arange(1, n + 1) * q  # past each sequence's inputs
+        dest = (end - r)[owner] + j  # where each input goes
+        lo = np.repeat(np.arange(n), dl + 1)
+        lfirst = np.zeros(n, np.int64)
+        np.cumsum(dl[:-1] + 1, out=lfirst[1:])
+        logits_rows = (end - dl - 1)[lo] + np.arange(len(lo)) - lfirst[lo]  # the last len(d) + 1
+        return VerifyLayout(tokens, positions, slots, dest, logits_rows, start, start + r, r)
 
     def _cross_positions(self, g: SequenceGroup, start: int, end: int) -> np.ndarray:
         """Cache slots of a request's encoder positions [start, end). Position p is row r = p % rows
@@ -325,8 +374,9 @@ class ModelRunner:
         q_lens = [1] * len(seqs) if ahead else [len(s.tokens) - s.num_cached for s in seqs]
         if drafts is not None:
             q_lens = [q + len(d) for q, d in zip(q_lens, drafts)]
-            graphs = self.verify_graphs
-            if graphs is not None and max(q_lens) <= graphs.queries and len(seqs) <= graphs.max_batch:
+            most = max(q_lens)  # the graphs with the fewest queries a sequence that hold the step's
+            graphs = next((g for g in self.verify_graphs or () if g.queries >= most), None)
+            if graphs is not None and len(seqs) <= graphs.max_batch:
                 logits = graphs.run(self, seqs, srows, crows, drafts=drafts)
             else:
                 logits = self._eager(seqs, srows, crows, q_lens, drafts=drafts)
@@ -340,24 +390,21 @@ class ModelRunner:
 
     def _eager(self, seqs, srows, crows, q_lens, next_tokens=None, drafts=None) -> torch.Tensor:
         ahead = next_tokens is not None
-        tokens, positions, slots = [], [], []
-        for i, s in enumerate(seqs):
-            start, end = (len(s.tokens), len(s.tokens) + 1) if ahead else (s.num_cached, len(s.tokens))
-            tokens += s.tokens[start:end]
-            if drafts is not None:
-                tokens += drafts[i]
-                end += len(drafts[i])
-            positions += range(start, end)
-            slots += self._slots(s.block_table, start, end)
         cu = np.zeros(len(seqs) + 1, np.int32)
         np.cumsum(q_lens, out=cu[1:])
-        if drafts is None:
+        if drafts is not None:  # verification: each sequence's last len(draft) + 1 inputs' logits
+            lay = self.verify_layout(seqs, srows, drafts)
+            tokens, positions, slots = lay.tokens, lay.positions, lay.slots
+            logits_rows, kv_lens = lay.logits_rows, lay.kv_lens
+        else:
+            tokens, positions, slots = [], [], []
+            for s in seqs:
+                start, end = (len(s.tokens), len(s.tokens) + 1) if ahead else (s.num_cached, len(s.tokens))
+                tokens += s.tokens[start:end]
+                positions += range(start, end)
+                slots += self._slots(s.block_table, start, end)
             logits_rows = cu[1:] - 1
-        else:  # each sequence's last len(draft) + 1 inputs
-            logits_rows = np.concatenate([np.arange(e - len(d) - 1, e) for e, d in zip(cu[1:], drafts)])
-        kv_lens = [len(s.tokens) + ahead for s in seqs]
-        if drafts is not None:
-            kv_lens = [n + len(d) for n, d in zip(kv_lens, drafts)]
+            kv_lens = [len(s.tokens) + ahead for s in seqs]
         meta = AttentionMetadata(
             cu_seqlens_q=self._tensor(cu, torch.int32),
             max_seqlen_q=max(q_lens),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from encdec_cli.engine.beam import beam_step_batch, to_logprobs
@@ -103,86 +104,132 @@ def rows_by_params(seqs: list[Sequence]) -> ParamRows:
     return list(out.values())
 
 
-def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def process_logits(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    by_params: ParamRows | None = None,
+    drafted: np.ndarray | None = None,
+    view: Callable[[int], Sequence] | None = None,
+    generated: np.ndarray | None = None,
+) -> torch.Tensor:
     """Apply every request's logits rules in place. logits: [B, V] float32, row i = seqs[i].
 
     Rules are gathered over all rows first and applied as a few batched index operations, so the
     cost does not grow with the number of distinct SamplingParams in the batch. Rows are visited
-    per SamplingParams, so a row pays only for the rules its request has.
+    per SamplingParams, so a row pays only for the rules its request has; the rules that depend
+    only on the number of tokens generated (begin suppression, min length, forced tokens,
+    suppress / allowed lists) are computed over all of a SamplingParams' rows at once (numpy), no
+    Python per row.
+
+    Speculative verification rows (engine/speculative.py): row i is ``seqs[i]`` seen with
+    ``drafted[i]`` draft tokens after its own; ``view(i)`` gives that row's sequence with them
+    (``Extended``), made only for the rules that read the tokens themselves (n-grams, bad words,
+    repetition penalty, timestamps). ``by_params``: ``rows_by_params(seqs)`` when the caller has it
+    (rows as lists or numpy arrays); ``generated``: each row's tokens generated, drafts seen
+    included, when the caller has them.
     """
     dev = logits.device
-    by_params = rows_by_params(seqs)
-    record_first_step_probs(logits, seqs, by_params)
-    ban_rows: list[int] = []  # (row, token) pairs set to -inf
-    ban_toks: list[int] = []
-    suppress: dict[int, tuple[tuple[int, ...], list[int]]] = {}  # id(list) -> (tokens, rows)
-    allowed: dict[int, tuple[tuple[int, ...], list[int]]] = {}
-    forced_rows: list[int] = []
-    forced_toks: list[int] = []
+    if by_params is None:
+        by_params = rows_by_params(seqs)
+    if drafted is not None and view is not None:
+
+        def seq_at(i: int) -> Sequence:
+            return view(i) if drafted[i] else seqs[i]
+    else:
+
+        def seq_at(i: int) -> Sequence:
+            return seqs[i]
+
+    if any(p.record_first_step_probs for p, _ in by_params):
+        record_first_step_probs(
+            logits, seqs if drafted is None else [seq_at(i) for i in range(len(seqs))], by_params
+        )
+    ban_rows: list = []  # (row, token) pairs set to -inf: lists / numpy arrays, joined at the end
+    ban_toks: list = []
+    suppress: dict[int, tuple[tuple[int, ...], list]] = {}  # id(tokens) -> (tokens, row arrays)
+    allowed: dict[int, tuple[tuple[int, ...], list]] = {}
+    forced_rows: list = []
+    forced_toks: list = []
     pen_rows: list[int] = []  # repetition penalty: (row, token seen) pairs and their penalties
     pen_toks: list[int] = []
     pen_vals: list[float] = []
     for p, rows in by_params:
         if p.repetition_penalty != 1.0:
             for i in rows:
-                seen = set(seqs[i].tokens)
-                pen_rows += [i] * len(seen)
+                seen = set(seq_at(int(i)).tokens)
+                pen_rows += [int(i)] * len(seen)
                 pen_toks += seen
             pen_vals += [p.repetition_penalty] * (len(pen_toks) - len(pen_vals))
         if p.suppress_tokens:
-            suppress.setdefault(id(p.suppress_tokens), (p.suppress_tokens, []))[1].extend(rows)
+            suppress.setdefault(id(p.suppress_tokens), (p.suppress_tokens, []))[1].append(rows)
         if p.allowed_tokens:
-            allowed.setdefault(id(p.allowed_tokens), (p.allowed_tokens, []))[1].extend(rows)
+            allowed.setdefault(id(p.allowed_tokens), (p.allowed_tokens, []))[1].append(rows)
         ngram, bad_words = p.no_repeat_ngram_size, p.bad_words_ids
         begin, forced = p.begin_suppress_tokens, p.forced_tokens
         stops = p.stop_token_ids if p.min_new_tokens else ()
-        by_count = begin or stops or forced  # rules that depend on the number of new tokens
-        if not (ngram or bad_words or by_count):
+        if begin or stops or forced:  # rules that depend on the number of new tokens: vectorised
+            if generated is None:
+                generated = np.fromiter((s.num_generated for s in seqs), np.int64, len(seqs))
+                if drafted is not None:
+                    generated += drafted
+            r = np.asarray(rows, np.int64)
+            n = generated[r]
+            for toks, hit in ((begin, n == p.begin_index), (stops, n < p.min_new_tokens)):
+                if toks and hit.any():
+                    sel = r[hit]
+                    ban_rows.append(np.repeat(sel, len(toks)))
+                    ban_toks.append(np.tile(np.asarray(toks, np.int64), len(sel)))
+            for at, token in forced:
+                sel = r[n == at]
+                if len(sel):
+                    forced_rows.append(sel)
+                    forced_toks.append(np.full(len(sel), token, np.int64))
+        if not (ngram or bad_words):
             continue
         for i in rows:
-            s = seqs[i]
+            i = int(i)
+            s = seq_at(i)
             if ngram:
                 ban = banned_ngram_tokens_cached(s, ngram)
                 if ban:
-                    ban_rows += [i] * len(ban)
-                    ban_toks += ban
+                    ban_rows.append([i] * len(ban))
+                    ban_toks.append(ban)
             if bad_words:
                 ban = banned_bad_words(s.tokens, bad_words)
-                ban_rows += [i] * len(ban)
-                ban_toks += ban
-            if by_count:
-                n = s.num_generated
-                if n == p.begin_index and begin:
-                    ban_rows += [i] * len(begin)
-                    ban_toks += begin
-                if n < p.min_new_tokens and stops:
-                    ban_rows += [i] * len(stops)
-                    ban_toks += stops
-                for at, token in forced:
-                    if n == at:
-                        forced_rows.append(i)
-                        forced_toks.append(token)
+                if ban:
+                    ban_rows.append([i] * len(ban))
+                    ban_toks.append(ban)
     if pen_rows:  # one gather and one scatter for every penalised row (first, as before the bans)
         r, t = to_device(dev, [pen_rows, pen_toks])
         pen = to_device(dev, pen_vals, torch.float32)
         x = logits[r, t]
         logits[r, t] = torch.where(x < 0, x * pen, x / pen)
     for tokens, rows in suppress.values():
-        _set(logits, (to_device(dev, rows).unsqueeze(1), to_device(dev, tokens)), NEG_INF)
+        _set(logits, (to_device(dev, _join(rows)).unsqueeze(1), to_device(dev, tokens)), NEG_INF)
     if ban_rows:
-        ban = to_device(dev, [ban_rows, ban_toks])  # [2, M]: one copy to the device
+        ban = to_device(dev, np.stack([_join(ban_rows), _join(ban_toks)]))  # [2, M]: one copy
         _set(logits, (ban[0], ban[1]), NEG_INF)
     for tokens, rows in allowed.values():
-        r, t = to_device(dev, rows).unsqueeze(1), to_device(dev, tokens)
+        r, t = to_device(dev, _join(rows)).unsqueeze(1), to_device(dev, tokens)
         keep = logits[r, t]
         _set(logits, r, NEG_INF)
         logits[r, t] = keep
     if forced_rows:
-        r = to_device(dev, forced_rows)
-        _set(logits, r, NEG_INF)
-        _set(logits, (r, to_device(dev, forced_toks)), 0.0)
-    apply_timestamp_rules(logits, seqs, by_params)
+        rt = to_device(dev, np.stack([_join(forced_rows), _join(forced_toks)]))
+        _set(logits, rt[0], NEG_INF)
+        _set(logits, (rt[0], rt[1]), 0.0)
+    if any(p.timestamp_rules for p, _ in by_params):
+        apply_timestamp_rules(
+            logits, seqs if drafted is None else [seq_at(i) for i in range(len(seqs))], by_params
+        )
     return logits
+
+
+def _join(parts: list) -> np.ndarray:
+    """Lists / numpy arrays of ints -> one int64 array."""
+    if len(parts) == 1:
+        return np.asarray(parts[0], np.int64)
+    return np.concatenate([np.asarray(x, np.int64) for x in parts])
 
 
 # ---- Whisper: first-step probabilities and timestamp rules -----------------------------------------

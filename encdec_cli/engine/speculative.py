@@ -39,7 +39,7 @@ import torch
 
 from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
 from encdec_cli.engine.config import DEFAULT_K, EngineConfig
-from encdec_cli.engine.sampling import process_logits, sampling_generator, sampling_probs
+from encdec_cli.engine.sampling import process_logits, rows_by_params, sampling_generator, sampling_probs
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from encdec_cli.engine.transfer import to_device
 
@@ -423,50 +423,83 @@ def _fit_vocab(q: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.nn.functional.pad(q, (0, vocab - q.shape[1]))
 
 
+def speculative_accept(
+    probs: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_probs: torch.Tensor | None,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative sampling for many sequences at once, on the device (no host sync).
+
+    ``probs`` [T, V]: the target's distributions, packed: sequence b's after each of its draft
+    prefixes at rows starts[b] .. starts[b] + lens[b]; ``drafts`` [B, kmax] long (-1 past lens[b]);
+    ``draft_probs`` [B, kmax, V]: the distribution each draft token was sampled from (None: every
+    draft was chosen outright, q a point mass); ``u`` [B, kmax + 1] uniforms in [0, 1).
+    Returns (accepted drafts [B], the token after them [B]): draft d_j is accepted while
+    u_j * q(d_j) < p(d_j); at the first rejection m the token is a sample of max(0, p_m - q_m)
+    (normalised; p_m where that is zero), after all drafts a sample of p; sampled by inverting the
+    cumulative distribution at u[:, kmax]."""
+    n, kmax = drafts.shape
+    vocab, dev = probs.shape[1], probs.device
+    j = torch.arange(kmax, device=dev)
+    in_draft = j[None, :] < lens[:, None]  # [B, kmax]
+    valid = in_draft & (drafts >= 0) & (drafts < vocab)  # a token the target cannot say: rejected
+    tok = drafts.clamp(0, vocab - 1)
+    pos = (starts[:, None] + j).clamp_(max=probs.shape[0] - 1)
+    p_d = probs[pos, tok] * valid
+    q_d = draft_probs.gather(2, tok[..., None])[..., 0] if draft_probs is not None else 1.0
+    accept = (u[:, :kmax] * q_d < p_d) & in_draft
+    m = accept.long().cumprod(1).sum(1) if kmax else torch.zeros(n, dtype=torch.long, device=dev)
+    rows = torch.arange(n, device=dev)
+    p_m = probs[starts + m]  # [B, V]
+    if kmax:
+        rejected = m < lens
+        mc = m.clamp(max=kmax - 1)
+        if draft_probs is not None:
+            q_m = draft_probs[rows, mc]
+        else:
+            q_m = torch.zeros_like(p_m)
+            q_m[rows, tok[rows, mc]] = valid[rows, mc].to(p_m.dtype)
+        resid = (p_m - q_m * rejected[:, None]).clamp_min_(0)
+        last = torch.where(resid.sum(1, keepdim=True) > 0, resid, p_m)
+    else:
+        last = p_m
+    cdf = last.cumsum(1)
+    x = u[:, kmax : kmax + 1] * cdf[:, -1:]
+    token = torch.searchsorted(cdf, x, right=True)[:, 0].clamp_(max=vocab - 1)
+    return m, token
+
+
 def speculative_sample(
     probs: torch.Tensor, draft: Draft | None, generator: torch.Generator
 ) -> tuple[list[int], int]:
-    """Speculative sampling for one sequence. ``probs`` [k + 1, V]: the target's distribution after
-    each draft prefix; returns (tokens, drafts accepted): the accepted drafts, then a sample of the
-    residual max(0, p - q) at the first rejection or of p after the last draft."""
+    """Speculative sampling for one sequence (``speculative_accept`` of one row). ``probs``
+    [k + 1, V]: the target's distribution after each draft prefix; returns (tokens, drafts
+    accepted): the accepted drafts, then a sample of the residual max(0, p - q) at the first
+    rejection or of p after the last draft."""
     k = len(draft.tokens) if draft is not None else 0
-    vocab, dev = probs.shape[1], probs.device
-    m, q = 0, None
-    if k:
-        idx = to_device(dev, draft.tokens).clamp_(max=vocab - 1)[:, None]
-        valid = to_device(dev, [t < vocab for t in draft.tokens], torch.bool)
-        p_d = probs[:k].gather(1, idx)[:, 0] * valid
-        if draft.probs is not None:
-            q = _fit_vocab(draft.probs.to(dev, torch.float32), vocab)
-            q_d = q.gather(1, idx)[:, 0]
-        else:
-            q_d = torch.ones(k, device=dev)
-        u = torch.rand(k, generator=generator, device=dev)
-        accept = (u * q_d < p_d).tolist()  # u < p(d) / q(d)
-        m = accept.index(False) if False in accept else k
-    if m < k:
-        if q is not None:
-            resid = (probs[m] - q[m]).clamp_min(0)
-        else:
-            resid = probs[m].clone()
-            if draft.tokens[m] < vocab:
-                resid[draft.tokens[m]] = 0
-        total = resid.sum()
-        last = resid / total if float(total) > 0 else probs[m]
-    else:
-        last = probs[k]
-    token = int(torch.multinomial(last, 1, generator=generator))
-    return (draft.tokens[:m] if k else []) + [token], m
+    dev, vocab = probs.device, probs.shape[1]
+    dp = None
+    if k and draft.probs is not None:
+        dp = _fit_vocab(draft.probs.to(dev, torch.float32), vocab)[None]
+    table = to_device(dev, [draft.tokens if k else []]).reshape(1, k)
+    u = torch.rand(1, k + 1, generator=generator, device=dev)
+    zero = torch.zeros(1, dtype=torch.long, device=dev)
+    m, token = speculative_accept(probs, zero, zero + k, table, dp, u)
+    m = int(m[0])
+    return (draft.tokens[:m] if k else []) + [int(token[0])], m
 
 
 class _Adapt:
     """One sequence's drafting state (adaptive K): the drafts it may take now, and, while that is 0,
-    the steps left until it tries one draft again and how long it waited last."""
+    the step on which it tries one draft again and how long it waited last."""
 
-    __slots__ = ("k", "wait", "backoff", "misses")
+    __slots__ = ("k", "next_try", "backoff", "misses")
 
     def __init__(self, k: int):
-        self.k, self.wait, self.backoff, self.misses = k, 0, 0, 0
+        self.k, self.next_try, self.backoff, self.misses = k, 0, 0, 0
 
 
 # steps a sequence whose drafts keep failing waits before trying one draft again: doubling from the
@@ -481,18 +514,26 @@ class Speculator:
 
     Adaptive drafting (``adaptive``): each sequence starts at K drafts a step; ``MISSES`` steps
     in a row whose drafts were all rejected halve its K (down to none: it then decodes as in a
-    plain step, and after ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long after
-    each failed try, at most ``BACKOFF_MOST``); a step with an accepted draft doubles it again
-    (at most K). Where drafts are rarely right, a step costs about what a plain one does; the
-    output is the same either way (verification decides every token)."""
+    plain step, and after about ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long
+    after each failed try, at most ``BACKOFF_MOST``); a step with an accepted draft doubles it
+    again (at most K). Tries fall on the steps that are multiples of the wait (``clock``: the
+    engine's steps), so sequences backing off alike try on the same steps and the steps between
+    have no drafts at all: plain steps, which the engine may run ahead (``drafts_next_step``).
+    Where drafts are rarely right, a step costs about what a plain one does; the output is the
+    same either way (verification decides every token)."""
 
     def __init__(self, drafter: Drafter, blocks: BlockManager, adaptive: bool = True):
         self.drafter, self.blocks, self.adaptive = drafter, blocks, adaptive
         self._adapt: weakref.WeakKeyDictionary[Sequence, _Adapt] = weakref.WeakKeyDictionary()
+        self.clock = 0  # the engine's steps so far (``tick``)
 
     @property
     def k(self) -> int:
         return self.drafter.k
+
+    def tick(self) -> None:
+        """The engine starts a step."""
+        self.clock += 1
 
     def _want(self, s: Sequence) -> int:
         """Drafts the sequence may take this step (adaptive K; without it, K)."""
@@ -502,12 +543,26 @@ class Speculator:
         a = self._adapt.get(s)
         if a is None:
             a = self._adapt[s] = _Adapt(k)
-        if a.k == 0:
-            a.wait -= 1
-            if a.wait > 0:
-                return 0
-            return 1  # a try: its outcome (adapt) sets k and the next wait
+        if a.k == 0:  # backing off: one draft on its try step (adapt sets k and the next try)
+            return 1 if self.clock >= a.next_try else 0
         return min(a.k, k)
+
+    def drafts_next_step(self, seqs: list[Sequence]) -> bool:
+        """Whether any of ``seqs`` may take drafts in the engine's next step (False: that step is a
+        plain one, and the engine may launch it before this step's tokens reach the host)."""
+        if not self.adaptive:
+            return True
+        nxt, adapt = self.clock + 1, self._adapt
+        for s in seqs:
+            a = adapt.get(s)
+            if a is None or a.k or a.next_try <= nxt:
+                return True
+        return False
+
+    def _back_off(self, a: _Adapt, wait: int) -> None:
+        """Try again on a multiple of ``wait``, between half a wait and one and a half from now."""
+        a.backoff = wait
+        a.next_try = ((self.clock + wait // 2) // wait + 1) * wait
 
     def adapt(self, s: Sequence, proposed: int, accepted: int) -> None:
         """After verification: the sequence's K for the next steps (see the class docstring)."""
@@ -518,14 +573,14 @@ class Speculator:
             return
         if accepted == 0:
             if a.k == 0:  # a failed try: wait twice as long
-                a.backoff = a.wait = min(BACKOFF_MOST, a.backoff * 2)
+                self._back_off(a, min(BACKOFF_MOST, a.backoff * 2))
                 return
             a.misses += 1
             if a.misses < MISSES:
                 return
             a.misses, a.k = 0, a.k // 2
             if a.k == 0:
-                a.backoff = a.wait = BACKOFF_FIRST
+                self._back_off(a, BACKOFF_FIRST)
         else:
             a.k, a.backoff, a.misses = min(self.drafter.k, max(1, a.k) * 2), 0, 0
 
@@ -566,54 +621,146 @@ class Speculator:
         self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
     ) -> list[Verified]:
         """logits [sum(len(draft) + 1), V] float32 (``ModelRunner.decode(drafts=...)``) -> each
-        sequence's tokens (see the module docstring). Greedy rows are decided together: one
-        device-to-host copy of the argmaxes, acceptance over all rows in numpy."""
-        lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, len(drafts))
-        starts = np.zeros(len(seqs), np.int64)
-        np.cumsum(lens[:-1] + 1, out=starts[1:])
-        rows: list = []
-        for s, d in zip(seqs, drafts):
-            rows.append(s)
+        sequence's tokens (see the module docstring).
+
+        All rows at once: the logits rules over every row (``process_logits`` with each row's
+        drafts seen; count-based rules vectorised); the argmax of every row (greedy sequences)
+        and speculative sampling (sampled sequences: ``speculative_accept``) on the device; one
+        device-to-host copy of those (and of log-probabilities when asked for); greedy acceptance
+        (the drafts up to the first that is not the argmax) in numpy over all rows."""
+        n = len(seqs)
+        dev = logits.device
+        lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, n)
+        counts = lens + 1
+        starts = np.zeros(n, np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        total = int(counts.sum())
+        owner = np.repeat(np.arange(n), counts)  # verification row -> its sequence
+        drafted = np.arange(total) - starts[owner]  # drafts each row sees
+        flat = [seqs[b] for b in owner.tolist()]
+        base = rows_by_params(seqs)
+        if len(base) == 1:
+            by_params = [(base[0][0], np.arange(total))]
+        else:
+            gid = np.empty(n, np.int64)
+            for g, (_, rows) in enumerate(base):
+                gid[rows] = g
+            fg = gid[owner]
+            by_params = [(p, np.flatnonzero(fg == g)) for g, (p, _) in enumerate(base)]
+
+        def view(i: int) -> Extended:
+            b = owner[i]
+            return Extended(seqs[b], drafts[b].tokens[: drafted[i]])
+
+        generated = np.repeat(
+            np.fromiter((s.num_generated for s in seqs), np.int64, n), counts
+        ) + drafted  # fmt: skip
+        process_logits(logits, flat, by_params, drafted, view, generated)
+        kmax = int(lens.max()) if n else 0
+        table = np.full((n, kmax), -1, np.int64)  # drafts, -1 past each row's end
+        for b, d in enumerate(drafts):
             if d is not None:
-                rows += [Extended(s, d.tokens[:j]) for j in range(1, len(d.tokens) + 1)]
-        process_logits(logits, rows)
-        temps = [s.group.params.temperature for s in seqs]
-        accepted = np.zeros(len(seqs), np.int64)
-        greedy = None
-        if 0 in temps:
-            greedy = logits.argmax(-1).cpu().numpy()
-            kmax = int(lens.max()) if len(lens) else 0
+                table[b, : len(d.tokens)] = d.tokens
+        want_lp = any(s.group.params.logprobs for s in seqs)
+        sampled = [b for b, s in enumerate(seqs) if s.group.params.temperature > 0]
+        parts: list[torch.Tensor] = []  # what the host needs, copied to it at once
+        if len(sampled) < n:  # greedy rows: the argmax of every row (acceptance below, numpy)
+            g = logits.argmax(-1)
+            parts.append(g)
+            if want_lp:
+                parts.append(torch.log_softmax(logits, -1).gather(1, g[:, None])[:, 0])
+        if sampled:  # speculative sampling on the device
+            st = to_device(dev, table[sampled])
+            m, token = self._sample(logits, seqs, drafts, sampled, lens, starts, kmax, st)
+            parts += [m, token]
+            if want_lp:  # the log-probability of each token a sequence takes
+                tok = torch.cat([st, st[:, :1]], 1).scatter_(1, m[:, None], token[:, None])
+                at = to_device(dev, starts[sampled])[:, None] + torch.arange(kmax + 1, device=dev)
+                lp = torch.log_softmax(logits, -1)
+                parts.append(lp[at.clamp_(max=total - 1), tok.clamp(0, lp.shape[1] - 1)].flatten())
+        if want_lp:
+            parts = [x.double() for x in parts]
+        res = torch.cat(parts).cpu().numpy()  # the step's one device-to-host copy
+        accepted = np.zeros(n, np.int64)
+        last = np.zeros(n, np.int64)
+        lp_rows = None  # [n, kmax + 1] log-probabilities of the tokens each sequence takes
+        at = 0
+        if len(sampled) < n:
+            g = res[:total].astype(np.int64)
+            at = total
             if kmax:
-                table = np.full((len(seqs), kmax), -1, np.int64)  # drafts, -1 past each row's end
-                for i, d in enumerate(drafts):
-                    if d is not None:
-                        table[i, : len(d.tokens)] = d.tokens
-                at = np.minimum(starts[:, None] + np.arange(kmax), len(greedy) - 1)
-                agree = greedy[at] == table  # -1 never equals a token
-                accepted = np.where(agree.all(1), kmax, agree.argmin(1))  # drafts before the first miss
-                accepted = np.minimum(accepted, lens)
-        log_probs = torch.log_softmax(logits, -1) if any(s.group.params.logprobs for s in seqs) else None
-        bonus = greedy[starts + accepted].tolist() if greedy is not None else None
-        out = []
-        for i, (s, d) in enumerate(zip(seqs, drafts)):
-            p = s.group.params
-            o, k = int(starts[i]), int(lens[i])
-            if temps[i] == 0:
-                m = int(accepted[i])
-                tokens = (d.tokens[:m] if m else []) + [bonus[i]]
-            else:
-                probs = sampling_probs(logits[o : o + k + 1], p)
-                tokens, m = speculative_sample(probs, d, sampling_generator(s.group, logits.device))
+                cols = np.minimum(starts[:, None] + np.arange(kmax), total - 1)
+                agree = g[cols] == table  # -1 never equals a token
+                m = np.where(agree.all(1), kmax, agree.argmin(1))  # drafts before the first miss
+                accepted = np.minimum(m, lens)
+            last = g[starts + accepted]
+            if want_lp:
+                glp = res[at : at + total]
+                at += total
+                lp_rows = glp[np.minimum(starts[:, None] + np.arange(kmax + 1), total - 1)]
+        if sampled:
+            r = len(sampled)
+            accepted[sampled] = res[at : at + r].astype(np.int64)
+            last[sampled] = res[at + r : at + 2 * r].astype(np.int64)
+            if want_lp:
+                if lp_rows is None:
+                    lp_rows = np.zeros((n, kmax + 1))
+                lp_rows[sampled] = res[at + 2 * r :].reshape(r, kmax + 1)
+        accepted, last = accepted.tolist(), last.tolist()
+        result = []
+        for b, (s, d) in enumerate(zip(seqs, drafts)):
+            m = accepted[b]
+            tokens = (d.tokens[:m] if m else []) + [last[b]]
             lps = None
+            p = s.group.params
             if p.logprobs:
-                at = to_device(logits.device, [o + j for j in range(len(tokens))])
-                lps = log_probs[at, to_device(logits.device, tokens)].tolist()
+                lps = lp_rows[b, : m + 1].tolist()
                 for t, lp in zip(tokens, lps):
                     if t in p.stop_token_ids:
                         s.stop_logprob = lp
                         break
-            out.append(Verified(tokens, lps, m))
-        return out
+            result.append(Verified(tokens, lps, m))
+        return result
+
+    def _sample(self, logits, seqs, drafts, rows, lens, starts, kmax, table):
+        """Speculative sampling of the sampled sequences ``rows`` (indexes into seqs): their
+        distributions (per SamplingParams), the draft's, and their uniforms from each request's
+        own generator -> (accepted [R], token [R]) on the device."""
+        dev, vocab = logits.device, logits.shape[1]
+        ln = lens[rows]
+        counts = ln + 1
+        local = np.zeros(len(rows), np.int64)
+        np.cumsum(counts[:-1], out=local[1:])
+        src = np.concatenate([np.arange(starts[b], starts[b] + c) for b, c in zip(rows, counts)])
+        probs = torch.empty(int(counts.sum()), vocab, device=dev)
+        groups: dict[int, tuple] = {}
+        for r, b in enumerate(rows):
+            p = seqs[b].group.params
+            groups.setdefault(id(p), (p, []))[1].append(r)
+        for p, rs in groups.values():
+            sel = np.concatenate([np.arange(local[r], local[r] + counts[r]) for r in rs])
+            dst = to_device(dev, sel)
+            probs[dst] = sampling_probs(logits.index_select(0, to_device(dev, src[sel])), p)
+        u = torch.cat(
+            [
+                torch.rand(1, kmax + 1, generator=sampling_generator(seqs[b].group, dev), device=dev)
+                for b in rows
+            ]
+        )
+        dprobs = None
+        if any(drafts[b] is not None and drafts[b].probs is not None for b in rows):
+            dprobs = torch.zeros(len(rows), kmax, vocab, device=dev)
+            for r, b in enumerate(rows):
+                d = drafts[b]
+                if d is None or not d.tokens:
+                    continue
+                if d.probs is not None:
+                    dprobs[r, : len(d.tokens)] = _fit_vocab(d.probs.to(dev, torch.float32), vocab)
+                else:  # chosen outright: a point mass
+                    t = to_device(dev, d.tokens).clamp_(max=vocab - 1)
+                    dprobs[r, torch.arange(len(d.tokens), device=dev), t] = 1.0
+        meta = to_device(dev, np.stack([local, ln]))
+        return speculative_accept(probs, meta[0], meta[1], table, dprobs, u)
 
     def settle(self, seq: Sequence, num_tokens_before: int, accepted: int) -> None:
         """After a running sequence took its verified tokens: the cache holds its tokens up to the

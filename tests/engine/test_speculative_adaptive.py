@@ -19,29 +19,42 @@ class _Seq:  # what Speculator._want / adapt read of a sequence: nothing but its
     pass
 
 
+def _steps_until_try(spec: Speculator, s) -> int:
+    """Engine steps (``tick``) until the sequence may take a draft again; that step's ``_want``."""
+    for n in range(1, 10 * BACKOFF_MOST):
+        spec.tick()
+        k = spec._want(s)
+        if k:
+            assert k == 1 and spec.clock % spec._adapt[s].backoff == 0  # tries fall on multiples
+            return n
+    raise AssertionError("no try")
+
+
 def test_k_halves_after_missed_steps_backs_off_and_comes_back():
     spec, s = Speculator(_Drafter(), blocks=None), _Seq()
+    spec.tick()
     assert spec._want(s) == 8
     seen = []
     for _ in range(3 * MISSES):  # every draft rejected: 8 -> 4 -> 2 -> 1 -> 0, MISSES steps each
+        spec.tick()
         k = spec._want(s)
         seen.append(k)
         spec.adapt(s, k, 0)
     assert seen == [8] * MISSES + [4] * MISSES + [2] * MISSES
     for _ in range(MISSES):
+        spec.tick()
         spec.adapt(s, spec._want(s), 0)
-    # none now: BACKOFF_FIRST - 1 steps without drafts, then one try
-    assert [spec._want(s) for _ in range(BACKOFF_FIRST)] == [0] * (BACKOFF_FIRST - 1) + [1]
-    spec.adapt(s, 1, 0)  # the try failed: twice as long
-    assert [spec._want(s) for _ in range(2 * BACKOFF_FIRST)] == [0] * (2 * BACKOFF_FIRST - 1) + [1]
-    wait = 2 * BACKOFF_FIRST
-    for _ in range(10):  # never longer than BACKOFF_MOST
+    # none now: no drafts (and drafts_next_step says so) for about BACKOFF_FIRST steps, then one try
+    assert not spec.drafts_next_step([s])
+    assert BACKOFF_FIRST // 2 < _steps_until_try(spec, s) <= BACKOFF_FIRST * 3 // 2
+    wait = BACKOFF_FIRST
+    for _ in range(10):  # the try failed: twice as long, never longer than BACKOFF_MOST
         spec.adapt(s, 1, 0)
         wait = min(BACKOFF_MOST, wait * 2)
-        got = [spec._want(s) for _ in range(wait)]
-        assert got == [0] * (wait - 1) + [1]
+        assert wait // 2 < _steps_until_try(spec, s) <= wait * 3 // 2
     spec.adapt(s, 1, 1)  # accepted: K doubles from one try
-    assert spec._want(s) == 2
+    spec.tick()
+    assert spec._want(s) == 2 and spec.drafts_next_step([s])
     spec.adapt(s, 2, 1)
     spec.adapt(s, spec._want(s), 2)
     assert spec._want(s) == 8  # back at K
@@ -49,8 +62,37 @@ def test_k_halves_after_missed_steps_backs_off_and_comes_back():
     assert spec._want(s) == 8
     fixed = Speculator(_Drafter(), blocks=None, adaptive=False)
     for _ in range(20):
-        assert fixed._want(s) == 8
+        fixed.tick()
+        assert fixed._want(s) == 8 and fixed.drafts_next_step([s])
         fixed.adapt(s, 8, 0)
+
+
+def test_sequences_backing_off_try_on_the_same_steps():
+    """Sequences whose tries fail on different steps with the same wait try again on multiples of
+    it: 5 sequences failing on 5 consecutive steps try on at most 2 steps, not 5, so the steps
+    between have no drafts at all (plain steps, which the engine may run ahead)."""
+    spec = Speculator(_Drafter(), blocks=None)
+    seqs = [_Seq() for _ in range(5)]
+    for s in seqs:
+        spec._want(s)
+        spec._adapt[s].k = 1
+        spec.adapt(s, 1, 0)
+        spec.adapt(s, 1, 0)  # backing off, BACKOFF_FIRST
+    for _ in range(4):
+        for s in seqs:  # a failed try each, on consecutive steps: the same (doubled) wait for all
+            spec.tick()
+            spec.adapt(s, 1, 0)
+        wait = spec._adapt[seqs[0]].backoff
+        tries: dict[int, list] = {}
+        for _ in range(3 * BACKOFF_MOST):
+            spec.tick()
+            for s in seqs:
+                if s not in sum(tries.values(), []) and spec._want(s):
+                    tries.setdefault(spec.clock, []).append(s)
+            if len(sum(tries.values(), [])) == len(seqs):
+                break
+        assert len(sum(tries.values(), [])) == len(seqs)
+        assert len(tries) <= 2 and all(c % wait == 0 for c in tries), (wait, tries)
 
 
 def test_adaptive_drafts_less_at_alpha_zero_with_the_same_output(tiny_text_model):
@@ -60,11 +102,14 @@ def test_adaptive_drafts_less_at_alpha_zero_with_the_same_output(tiny_text_model
     with single_thread():
         _, want, _ = run(loaded, reqs)
         recorded = {rid: toks for rid, (toks, _, _) in want.items()}
-        drafts = {}
+        drafts, ahead = {}, {}
         for adaptive in (False, True):
             oracle = OracleDrafter(recorded, 0.0, 4, loaded.model.vocab_size, seed=1)
             engine, got, _ = run(loaded, reqs, drafter=oracle, speculative_adaptive=adaptive)
             assert got == want, adaptive
             assert engine.stats.accepted_tokens == 0
             drafts[adaptive] = engine.stats.draft_tokens
+            ahead[adaptive] = engine.stats.ahead_steps
     assert 0 < drafts[True] < 0.75 * drafts[False]  # short requests (4-20 tokens): 185 of 300
+    # every row backed off: plain steps between the tries, launched ahead (fixed K: never)
+    assert ahead[True] > 0 and ahead[False] == 0

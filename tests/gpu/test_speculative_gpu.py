@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from encdec_cli.engine import Engine, OracleDrafter, Request, SamplingParams
+from encdec_cli.engine.engine import verify_queries
 from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
 
 pytestmark = [
@@ -58,10 +59,11 @@ def test_speculative_greedy_with_graphs_matches_eager(tmp_path, absorb):
         for stream in (False, True):
             got, engine = _run(loaded, reqs, stream, **base, **kw)
             assert got == want, (name, stream)
-            graphs = engine.runner.verify_graphs
-            assert graphs is not None and graphs.queries == engine.speculator.k + 1
+            graphs = engine.runner.verify_graphs  # K + 1 queries a sequence, K / 2 + 1, ..., 2
+            k = engine.speculator.k
+            assert [g.queries for g in graphs] == verify_queries(k) and graphs[-1].queries == k + 1
             if name != "ngram":  # random weights: prompt lookup may propose nothing
-                assert graphs.replays > 0 and engine.stats.accepted_tokens > 0, name
+                assert sum(g.replays for g in graphs) > 0 and engine.stats.accepted_tokens > 0, name
     if absorb:
         return
     # preemption with graphs on: a pool of 3 cross caches and 8 output blocks of 4 tokens, for
@@ -105,4 +107,6 @@ def test_speculative_batch_one_long_output_matches_plain_graphs(tmp_path, alpha)
         oracle = OracleDrafter(recorded, alpha, k, loaded.model.vocab_size)
         got, engine = _run(loaded, reqs, drafter=oracle, **base)
         assert got == want, k
-        assert oracle.off_track == 0 and engine.runner.verify_graphs.replays > 0, k
+        assert oracle.off_track == 0 and sum(g.replays for g in engine.runner.verify_graphs) > 0, k
+        if alpha == 0:  # backed off: plain steps in between, run ahead
+            assert engine.stats.ahead_steps > 0, k
