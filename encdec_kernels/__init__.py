@@ -27,6 +27,7 @@ __all__ = [
     "RelBias",
     "varlen_attention",
     "paged_attention",
+    "merge_attention",
     "shared_kv_attention",
     "store_kv",
     "store_rows",
@@ -78,8 +79,10 @@ def _reference_only(what: str):
     return reference
 
 
-def _attention_impl(q, triton_module: str, window, softcap):
-    if (window is not None or softcap is not None) and use_triton(q):
+def _attention_impl(q, triton_module: str, window, softcap, return_lse=False):
+    if (window is not None or softcap is not None or return_lse) and use_triton(q):
+        if return_lse:
+            return _reference_only("attention returning its log-sum-exp (T5Gemma 2's merged attention)")
         return _reference_only("sliding-window attention" if window is not None else "attention soft-capping")
     return _impl(q, triton_module)
 
@@ -95,13 +98,22 @@ def varlen_attention(
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
-    window=None, softcap=None,
+    window=None, softcap=None, return_lse=False,
 ):  # fmt: skip
+    """See ``reference.paged_attention``; return_lse=True returns (out, lse) (reference only)."""
     extra = {} if window is None and softcap is None else {"window": window, "softcap": softcap}
-    return _attention_impl(q, "paged", window, softcap).paged_attention(
+    if return_lse:
+        extra["return_lse"] = True
+    return _attention_impl(q, "paged", window, softcap, return_lse).paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
         scale=scale, causal=causal, rel_bias=rel_bias, **extra,
     )  # fmt: skip
+
+
+def merge_attention(o_a, lse_a, o_b, lse_b):
+    """One softmax over two attentions' keys from their (output, log-sum-exp) pairs
+    (``reference.merge_attention``: elementwise tensor ops, any device)."""
+    return reference.merge_attention(o_a, lse_a, o_b, lse_b)
 
 
 def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):

@@ -182,10 +182,15 @@ def fail(message: str, code: int = errors.USAGE):
 def check_model(name: str, command: str, language: str | None = None, task: str = "transcribe") -> Path:
     """The folder of model ``name`` once it is known to fit ``command``; reads its config and tokenizer
     files only. Raises UsageError naming the flag that fixes a mismatch."""
-    from encdec_models.registry import inspect_model, resolve_model_path
+    from encdec_models.registry import IMAGES_NOT_SUPPORTED, inspect_model, resolve_model_path
 
     path = resolve_model_path(name)
     info = inspect_model(path)
+    if command == "image-to-text" and info.architecture in IMAGES_NOT_SUPPORTED:
+        raise UsageError(
+            f"model {name!r} is T5Gemma 2: encdec runs it on text only (its SigLIP image encoder is not "
+            "supported); use it with encdec generate, summarize or translate"
+        )
     if (command == "image-to-text") != info.is_vision:
         raise UsageError(
             f"model {name!r} is an image-to-text model: use it with encdec image-to-text"
@@ -203,7 +208,7 @@ def check_model(name: str, command: str, language: str | None = None, task: str 
         raise UsageError(
             f"model {name!r} is a {'Whisper' if info.is_whisper else 'Moonshine'} speech model: use it with "
             f"encdec transcribe; {command} needs a text model (BART, mBART, Marian, Pegasus, NLLB, M2M100, "
-            "T5, mT5, T5Gemma) in -m"
+            "T5, mT5, T5Gemma, T5Gemma 2) in -m"
         )
     if info.is_speech and not info.is_whisper and (task == "translate" or language not in (None, "en")):
         raise UsageError(
