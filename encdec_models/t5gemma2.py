@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encdec_models.base import AttentionMetadata, CacheSpec, EncoderBatch
+from encdec_models.base import AttentionMetadata, CacheSpec, EncoderBatch, host_to_device
+from encdec_models.florence2 import ImageTextBatch
 from encdec_models.layers import (
     EncoderLayer,
     LayerConfig,
@@ -54,7 +55,8 @@ from encdec_models.layers import (
     run_layers,
 )
 from encdec_models.registry import UnsupportedModelError
-from encdec_models.text import TextEncDecModel, packed_positions
+from encdec_models.text import TextEncDecModel, as_token_ids, packed_positions
+from encdec_models.vision import SiglipVisionEncoder, check_pixels
 
 ARCHITECTURE = "T5Gemma2ForConditionalGeneration"
 # transformers' T5Gemma2TextConfig / T5Gemma2DecoderConfig defaults (a config.json may leave them out)
@@ -64,6 +66,11 @@ _TEXT_DEFAULTS = dict(
     max_position_embeddings=131_072, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
     attention_bias=False,
     query_pre_attn_scalar=256, sliding_window=4096, layer_types=None, final_logit_softcapping=None,
+)  # fmt: skip
+# transformers' SiglipVisionConfig defaults
+_VISION_DEFAULTS = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_channels=3,
+    image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6,
 )  # fmt: skip
 _DEFAULT_THETA = {"full_attention": 1_000_000.0, "sliding_attention": 10_000.0}
 _LEGACY_THETA = {"full_attention": "rope_theta", "sliding_attention": "rope_local_base_freq"}
@@ -162,6 +169,24 @@ def _inv_freq(params: dict, head_dim: int) -> torch.Tensor:
     return inv / float(params["factor"]) if kind == "linear" else inv
 
 
+class Projector(nn.Module):
+    """SigLIP patches -> image tokens of the text width: average pooling of the patch grid to
+    ``mm_tokens_per_image`` tokens, Gemma's (1 + w) RMSNorm, a projection matrix (no bias)."""
+
+    def __init__(self, d_vision: int, d_text: int, grid: int, tokens: int, eps: float):
+        super().__init__()
+        self.norm = Norm(d_vision, "rms", eps)
+        self.weight = nn.Parameter(torch.empty(d_vision, d_text))
+        self.grid, self.kernel = grid, grid // int(tokens**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, grid * grid, d_vision] -> [B, tokens, d_text]."""
+        b, _, d = x.shape
+        x = x.transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        x = F.avg_pool2d(x, self.kernel, self.kernel).flatten(2).transpose(1, 2)
+        return self.norm(x) @ self.weight
+
+
 class T5Gemma2Stack(nn.Module):
     """Token embedding (+ the end-of-image embedding), rotary frequencies per layer type, layers
     and final norm."""
@@ -237,6 +262,19 @@ class T5Gemma2(TextEncDecModel):
             if tie
             else {}
         )
+        encoder = top.get("encoder") or {}
+        self.vision_tower = self.projector = None
+        if encoder.get("vision_config") is not None:  # the SigLIP tower: images in encdec's image-to-text
+            vs = SimpleNamespace(
+                **{k: encoder["vision_config"].get(k, v) for k, v in _VISION_DEFAULTS.items()}
+            )
+            self.vision_tower = SiglipVisionEncoder(vs)
+            self.image_tokens = int(encoder.get("mm_tokens_per_image", 256))
+            grid = self.vision_tower.grid
+            self.projector = Projector(
+                vs.hidden_size, enc.hidden_size, grid, self.image_tokens, vs.layer_norm_eps
+            )
+        self.image_token_id = top.get("image_token_index", encoder.get("image_token_index"))
         self.logit_softcap = dec.final_logit_softcapping
         self.n_rep = {
             "encoder": enc.num_attention_heads // enc.num_key_value_heads,
@@ -272,16 +310,24 @@ class T5Gemma2(TextEncDecModel):
         """Grouped-query K/V projections repeated to every query head (transformers' repeat_kv order)."""
         for name, w in tensors:
             m = _KV_RE.search(name)
-            if m is not None and name.startswith("model."):
+            if m is not None and name.startswith("model.") and ".vision_tower." not in name:
                 stack = "decoder" if name.startswith("model.decoder.") else "encoder"
                 w = repeat_kv_heads(w, self.n_rep[stack], self.head_dims[stack])
             yield name, w
 
     # "model.encoder.layers.0.self_attn.o_proj.weight" (or model.encoder.text_model.layers...) ->
-    # "encoder.layers.0.self_attn.out_proj.weight"; the vision tower and projector are skipped
+    # "encoder.layers.0.self_attn.out_proj.weight"; "model.encoder.vision_tower.X" -> "vision_tower.X'"
     def rename(self, name: str) -> str | None:
         if name in ("lm_head.out_proj.weight", "lm_head.weight"):
             return "lm_head.weight"
+        if name.startswith("model.encoder.vision_tower."):
+            ours = SiglipVisionEncoder.rename(name.removeprefix("model.encoder.vision_tower."))
+            return None if ours is None or self.vision_tower is None else "vision_tower." + ours
+        if name.startswith("model.encoder.multi_modal_projector.") and self.projector is not None:
+            return {
+                "mm_input_projection_weight": "projector.weight",
+                "mm_soft_emb_norm.weight": "projector.norm.weight",
+            }.get(name.removeprefix("model.encoder.multi_modal_projector."))
         m = _NAME_RE.match(name)
         if m is None:
             return None
@@ -301,8 +347,9 @@ class T5Gemma2(TextEncDecModel):
         return f"{stack}.layers.{i}.{rest}"
 
     def post_load(self) -> None:
-        with torch.no_grad():  # Gemma's RMSNorm scales by (1 + w): fold the 1 into the weights
-            for module in self.modules():
+        gemma = [self.encoder, self.decoder] + ([self.projector] if self.projector is not None else [])
+        with torch.no_grad():  # Gemma's RMSNorms scale by (1 + w): fold the 1 into the weights
+            for module in (m for part in gemma for m in part.modules()):
                 if isinstance(module, Norm):
                     module.weight.add_(1.0)
         for stack in (self.encoder, self.decoder):
@@ -312,10 +359,53 @@ class T5Gemma2(TextEncDecModel):
     def decoder_layers(self):
         return list(self.decoder.layers)
 
+    # ---- encoder inputs: token ids, or {"pixel_values": [C, H, W], "input_ids": ids} -----------------
+    def _parts(self, item) -> tuple[torch.Tensor | None, object]:
+        """(pixels or None, the item's token ids) of an encoder input."""
+        if not isinstance(item, dict):
+            ids = as_token_ids(item)
+            if self.image_token_id is not None and (ids == self.image_token_id).any():
+                raise ValueError(
+                    "the encoder input holds image tokens but no image: pass a dict with pixel_values"
+                )
+            return None, ids
+        if self.vision_tower is None:
+            raise ValueError("this T5Gemma 2 checkpoint has no vision tower: its encoder input is token ids")
+        if "pixel_values" not in item or "input_ids" not in item:
+            raise ValueError(
+                "a T5Gemma 2 image input is a dict with pixel_values [C, H, W] (its image processor's) and "
+                "input_ids (its processor's prompt, with the image's tokens)"
+            )
+        pixels = check_pixels(item["pixel_values"], self.vision_tower.input_shape)
+        ids = as_token_ids(item["input_ids"])
+        found = int((ids == self.image_token_id).sum())
+        if found != self.image_tokens:
+            raise ValueError(f"input_ids hold {found} image tokens; one image takes {self.image_tokens}")
+        return pixels, ids
+
+    def encoder_length(self, item) -> int:
+        return super().encoder_length(self._parts(item)[1])
+
+    def prepare_encoder_batch(self, items, device) -> EncoderBatch:
+        parts = [self._parts(x) for x in items]
+        batch = super().prepare_encoder_batch([ids for _, ids in parts], device)
+        images = [p.cpu() for p, _ in parts if p is not None]
+        if not images:
+            return batch
+        pixels = host_to_device(torch.stack([p.to(images[0].dtype) for p in images]), device)
+        return ImageTextBatch(batch.inputs, batch.cu_seqlens, batch.max_seqlen, pixels=pixels)
+
     def encode(self, batch: EncoderBatch) -> torch.Tensor:
-        """batch.inputs: [T] packed token ids -> [T, d]."""
+        """batch.inputs: [T] packed token ids -> [T, d]; an image batch's image tokens take the
+        projected SigLIP features of its images, in order."""
         enc = self.encoder
         x = enc.embed(batch.inputs)
+        pixels = getattr(batch, "pixels", None)
+        if pixels is not None:
+            image = self.projector(self.vision_tower(pixels.to(x.dtype)))
+            x = x.masked_scatter(
+                (batch.inputs == self.image_token_id)[:, None], image.reshape(-1, x.shape[-1])
+            )
         rope = enc.rotary(packed_positions(batch.cu_seqlens, batch.inputs.shape[0]), x.dtype)
         x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, rope)
         return final_norm(enc.norm, x, residual)

@@ -230,3 +230,62 @@ def test_cli_generate_and_image_to_text(tmp_path):
     (tmp_path / "img").mkdir()
     r = encdec("image-to-text", tmp_path / "img", "-m", tmp_path / "m", "-o", tmp_path / "out")
     assert r.exit_code == 2 and "T5Gemma 2" in r.stderr and "image" in r.stderr
+
+
+def _image_inputs(n: int, seed: int) -> list[dict]:
+    """Encoder inputs with an image: pixels [3, 28, 28] and ids with the image's 4 tokens between
+    the begin- and end-of-image tokens (the processor's layout), text around them."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        text = torch.randint(3, BOI, (3 + 2 * i,), generator=g).tolist()
+        ids = text[:2] + [BOI] + [IMAGE] * 4 + [EOI] + text[2:] + [EOS]
+        rows.append({"pixel_values": torch.randn(3, 28, 28, generator=g), "input_ids": ids})
+    return rows
+
+
+def _hf_image(model, item, **gen) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([item["input_ids"]]), pixel_values=item["pixel_values"][None],
+            decoder_input_ids=torch.tensor([[BOS]]), max_new_tokens=MAX_NEW, do_sample=False,
+            eos_token_id=EOS, pad_token_id=PAD, **gen,
+        )[0, 1:].tolist()  # fmt: skip
+    return out[: out.index(EOS)] if EOS in out else out
+
+
+def test_image_inputs_parity(tmp_path):
+    """Images through the SigLIP tower and the projector into the encoder's image tokens, batched
+    with text-only inputs: transformers' tokens, greedy and 4-beam; the image decides the output."""
+    hf = _build(tmp_path)
+    images = _image_inputs(4, 11)
+    mixed = [images[0], *_inputs(2, 1), *images[1:]]
+    expected = [_hf_image(hf, x) if isinstance(x, dict) else _hf(hf, x) for x in mixed]
+    other = dict(images[0], pixel_values=torch.randn(3, 28, 28, generator=torch.Generator().manual_seed(99)))
+    assert _hf_image(hf, other) != expected[0]
+    engine = Engine(load_model(tmp_path, device="cpu"), num_blocks=200, block_size=4, max_num_seqs=4)
+    assert _run(engine, mixed, GREEDY) == expected
+    gen = dict(num_beams=4, length_penalty=1.2, early_stopping=True)
+    beams = [_hf_image(hf, x, **gen) for x in images[:2]]
+    assert (
+        _run(engine, images[:2], SamplingParams(max_new_tokens=MAX_NEW, stop_token_ids=(EOS,), **gen))
+        == beams
+    )
+
+
+def test_bad_image_inputs_are_item_errors(tmp_path):
+    _build(tmp_path)
+    engine = Engine(load_model(tmp_path, device="cpu"), num_blocks=60, block_size=4, max_num_seqs=4)
+    good = _image_inputs(1, 3)[0]
+    bad = [
+        dict(good, input_ids=good["input_ids"][:3] + good["input_ids"][4:]),  # 3 image tokens, not 4
+        dict(good, pixel_values=torch.randn(3, 14, 14)),  # not the processor's size
+        {"input_ids": good["input_ids"]},  # no pixels
+        good["input_ids"],  # image tokens without an image
+    ]
+    results = {
+        r.request_id: r
+        for r in engine.generate(Request(x, [BOS], GREEDY, i) for i, x in enumerate([*bad, good]))
+    }
+    assert all(results[i].error for i in range(len(bad))), [results[i].error for i in range(len(bad))]
+    assert results[len(bad)].error is None and results[len(bad)].token_ids
