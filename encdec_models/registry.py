@@ -27,7 +27,7 @@ ARCHITECTURES = {
     "VisionEncoderDecoderModel": "encdec_models.vision:VisionEncoderDecoder",
     "Florence2ForConditionalGeneration": "encdec_models.florence2:Florence2",
     "T5GemmaForConditionalGeneration": "encdec_models.t5gemma:T5Gemma",
-    "T5Gemma2ForConditionalGeneration": "encdec_models.t5gemma2:T5Gemma2",  # text in and out
+    "T5Gemma2ForConditionalGeneration": "encdec_models.t5gemma2:T5Gemma2",
     "MoonshineForConditionalGeneration": "encdec_models.moonshine:Moonshine",
 }
 
@@ -49,8 +49,8 @@ MODEL_TYPES = {
 }
 # image-to-text models (encdec image-to-text)
 VISION = frozenset({"VisionEncoderDecoderModel", "Florence2ForConditionalGeneration"})
-# models whose checkpoints hold a vision tower encdec does not run: text in and out only
-IMAGES_NOT_SUPPORTED = frozenset({"T5Gemma2ForConditionalGeneration"})
+# text models that also read images (encdec image-to-text as well as generate / summarize / translate)
+TEXT_AND_IMAGES = frozenset({"T5Gemma2ForConditionalGeneration"})
 
 WHISPER = "WhisperForConditionalGeneration"
 SPEECH = frozenset({WHISPER, "MoonshineForConditionalGeneration"})  # architectures `transcribe` takes

@@ -1,5 +1,5 @@
-"""T5Gemma 2 (``T5Gemma2ForConditionalGeneration``, transformers ``t5gemma2``), text in and out, on
-the shared layers.
+"""T5Gemma 2 (``T5Gemma2ForConditionalGeneration``, transformers ``t5gemma2``) on the shared layers:
+text, or an image with text, in; text out.
 
 Gemma-3-style stacks, checked against transformers' modeling_t5gemma2.py:
 - RMSNorm as norm(x) * (1 + w) (the 1 folded into our weights at load time), a norm before and
@@ -25,9 +25,15 @@ Gemma-3-style stacks, checked against transformers' modeling_t5gemma2.py:
   apply (the key norm is not linear).
 - tied weights: the decoder's embedding (and eoi embedding) are the encoder's, the lm_head too
   when ``tie_word_embeddings``.
+- images: SigLIP's vision tower (``vision.SiglipVisionEncoder``: patches, learned positions, the
+  shared pre-norm layers on the packed encoder path, a final LayerNorm; its pooling head unused), then
+  the projector: average pooling of the patch grid to ``mm_tokens_per_image`` tokens, a (1 + w)
+  RMSNorm and a projection matrix; the image tokens (``image_token_index``) of the encoder input take
+  them in place of their embeddings, and the text encoder runs as for text.
 Encoder and decoder have the same width and vocabulary (transformers requires it). The decoder
-starts from ``bos_token_id``. The SigLIP vision tower and its projector are not loaded: images are
-not supported (``encdec image-to-text`` refuses a T5Gemma 2 folder).
+starts from ``bos_token_id``. Encoder inputs are token ids, or a dict with ``pixel_values`` [C, H, W]
+(the image processor's) and ``input_ids`` holding the image's ``mm_tokens_per_image`` image tokens
+(the processor's layout; ``encdec_cli.tasks.image_to_text`` builds both); one image an input.
 
 The config is the transformers one where the installed transformers has ``t5gemma2``, else read
 from config.json (``config_from_dict``) with transformers' defaults; the model code needs neither.

@@ -6,9 +6,10 @@ The tiny model has everything the real ones have on the text path: grouped-query
 local and a global base, sliding-window layers (window 4, shorter than inputs and outputs, so the
 window decides what a layer sees; the encoder's even window is one longer ahead than behind), logit
 soft-capping, the end-of-image token's own embedding (in inputs and outputs), the decoder's merged
-self + cross attention, and a SigLIP tower in the checkpoint that encdec skips. Greedy (untied, and
+self + cross attention, and images through the SigLIP tower and projector. Greedy (untied, and
 tied: loaded from the encoder's embedding), 4-beam, with the prefix cache reusing encoder runs and
-decoder prompt blocks, and with prompt-lookup speculative decoding: the same tokens every time.
+decoder prompt blocks, with prompt-lookup speculative decoding, with images (Python API and
+`encdec image-to-text` with Gemma 3's processor), and `encdec generate`: the same tokens every time.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration  # noq
 from encdec_cli.engine import Engine, Request, SamplingParams  # noqa: E402
 from encdec_models import loading  # noqa: E402
 from encdec_models.loading import load_model  # noqa: E402
-from tests.support.text_models import build_tokenizer, single_thread  # noqa: E402
+from tests.support.text_models import single_thread  # noqa: E402
 from tests.tasks.test_cli_seq2seq import encdec, read_output  # noqa: E402
 
 VOCAB, PAD, EOS, BOS = 120, 0, 1, 2
@@ -214,12 +215,41 @@ def test_loads_where_transformers_lacks_t5gemma2(tmp_path, monkeypatch):
     assert _run(engine, inputs, GREEDY) == expected
 
 
-def test_cli_generate_and_image_to_text(tmp_path):
-    """`encdec generate` on a T5Gemma 2 folder with a tokenizer gives transformers' text; image-to-text
-    refuses it with a usage error (its SigLIP image encoder is not supported)."""
+def _tokenizer_and_processor(folder):
+    """A word-level tokenizer with Gemma 3's image tokens (<pad> 0, </s> 1, <bos> 2, words w0.. from 3)
+    and Gemma 3's processor (4 image tokens, 28 x 28 pixels) saved into the model folder."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import Gemma3Processor, PreTrainedTokenizerFast
+
+    images = {"<start_of_image>": BOI, "<end_of_image>": EOI, "<image_soft_token>": IMAGE}
+    vocab = {"<pad>": PAD, "</s>": EOS, "<bos>": BOS, **{f"w{i}": 3 + i for i in range(BOI - 3)}, **images}
+    vocab["<unk>"] = IMAGE + 1
+    word_level = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    word_level.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", EOS)]
+    )
+    word_level.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=word_level, bos_token="<bos>", eos_token="</s>", pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                              "image_token": "<image_soft_token>"},
+    )  # fmt: skip
+    # the Pillow backend (no torchvision here); older transformers call it Gemma3ImageProcessor
+    pil = getattr(transformers, "Gemma3ImageProcessorPil", None) or transformers.Gemma3ImageProcessor
+    processor = Gemma3Processor(
+        image_processor=pil(size={"height": 28, "width": 28}), tokenizer=tok, image_seq_length=4
+    )
+    processor.save_pretrained(folder)
+    return tok, processor
+
+
+def test_cli_generate(tmp_path):
+    """`encdec generate` on a T5Gemma 2 folder with a tokenizer gives transformers' text."""
     hf = _build(tmp_path / "m")
-    tok = build_tokenizer("t5")  # <pad> 0, </s> 1, <unk> 2 (= BOS here), words from 3
-    tok.save_pretrained(tmp_path / "m")
+    tok, _ = _tokenizer_and_processor(tmp_path / "m")
     texts = ["w1 w5 w9 w2", "w40 w41 w3 w7 w8 w9 w60 w61 w62", "w13"]
     (tmp_path / "in.txt").write_text("\n".join(texts) + "\n")
     r = encdec("generate", tmp_path / "in.txt", "-m", tmp_path / "m", "-o", tmp_path / "o.jsonl", "-q",
@@ -227,9 +257,35 @@ def test_cli_generate_and_image_to_text(tmp_path):
     assert r.exit_code == 0, r.stderr
     expected = [tok.decode(_hf(hf, tok(t)["input_ids"]), skip_special_tokens=True).strip() for t in texts]
     assert [row["generated"] for row in read_output(tmp_path / "o.jsonl")] == expected
+
+
+def test_cli_image_to_text(tmp_path):
+    """`encdec image-to-text` on a T5Gemma 2 folder: its processor's pixels and token layout (the
+    image where <start_of_image> stands, --prompt after it), transformers' text per image."""
+    from PIL import Image
+
+    hf = _build(tmp_path / "m")
+    tok, processor = _tokenizer_and_processor(tmp_path / "m")
     (tmp_path / "img").mkdir()
-    r = encdec("image-to-text", tmp_path / "img", "-m", tmp_path / "m", "-o", tmp_path / "out")
-    assert r.exit_code == 2 and "T5Gemma 2" in r.stderr and "image" in r.stderr
+    g = torch.Generator().manual_seed(5)
+    images = {}
+    for i, size in enumerate([(40, 30), (28, 28), (64, 20)]):
+        pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+        images[f"im{i}"] = Image.fromarray(pixels)
+        images[f"im{i}"].save(tmp_path / "img" / f"im{i}.png")
+    prompt = "w3 w4 w5"
+    r = encdec("image-to-text", tmp_path / "img", "-m", tmp_path / "m", "-o", tmp_path / "out", "-q",
+               "--prompt", prompt, "--max-new-tokens", MAX_NEW, "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    got, expected = {}, {}
+    for name, image in images.items():
+        inputs = processor(text="<start_of_image>" + prompt, images=image, return_tensors="pt")
+        item = {"pixel_values": inputs["pixel_values"][0], "input_ids": inputs["input_ids"][0].tolist()}
+        expected[name] = tok.decode(_hf_image(hf, item), skip_special_tokens=True).strip()
+        got[name] = (tmp_path / "out" / f"{name}.txt").read_text().strip()
+    assert got == expected and len(set(expected.values())) > 1
+    r = encdec("image-to-text", tmp_path / "img", "-m", tmp_path / "m", "-o", tmp_path / "o2", "--task", "x")
+    assert r.exit_code == 2 and "takes no --task" in r.stderr
 
 
 def _image_inputs(n: int, seed: int) -> list[dict]:
