@@ -79,10 +79,8 @@ def _reference_only(what: str):
     return reference
 
 
-def _attention_impl(q, triton_module: str, window, softcap, return_lse=False):
-    if (window is not None or softcap is not None or return_lse) and use_triton(q):
-        if return_lse:
-            return _reference_only("attention returning its log-sum-exp (T5Gemma 2's merged attention)")
+def _attention_impl(q, triton_module: str, window, softcap):
+    if (window is not None or softcap is not None) and use_triton(q):
         return _reference_only("sliding-window attention" if window is not None else "attention soft-capping")
     return _impl(q, triton_module)
 
@@ -100,11 +98,11 @@ def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
     window=None, softcap=None, return_lse=False,
 ):  # fmt: skip
-    """See ``reference.paged_attention``; return_lse=True returns (out, lse) (reference only)."""
+    """See ``reference.paged_attention``; return_lse=True returns (out, lse [Tq, H] natural logs)."""
     extra = {} if window is None and softcap is None else {"window": window, "softcap": softcap}
     if return_lse:
         extra["return_lse"] = True
-    return _attention_impl(q, "paged", window, softcap, return_lse).paged_attention(
+    return _attention_impl(q, "paged", window, softcap).paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
         scale=scale, causal=causal, rel_bias=rel_bias, **extra,
     )  # fmt: skip

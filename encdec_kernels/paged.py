@@ -19,6 +19,7 @@ blocks, BS = cache block size, S = KV splits, NBK = T5 buckets. Softmax and spli
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -225,8 +226,9 @@ def _paged_block_n(block_d: int) -> int:
 
 
 def paged_attention(
-    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
-):
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
+    return_lse=False,
+):  # fmt: skip
     """Decoder attention over a paged cache: 1..k query tokens per sequence.
 
     q: [Tq, H, D] packed (any token/head strides, last dim contiguous); sequence b owns
@@ -237,8 +239,10 @@ def paged_attention(
     causal=True (self-attention): the i-th of q_len queries sits at position seq_len - q_len + i
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
     rel_bias: T5 bias on key_pos - query_pos. scale: python float > 0. Returns a new [Tq, H, D]
-    tensor. No host sync: safe inside CUDA-graph capture after one warm-up call per
-    configuration (compiles the kernels, caches the T5 bucket table).
+    tensor; with return_lse, (out, lse [Tq, H] float32: the natural log of each query and head's
+    softmax sum, from the split partials, which this path always writes). No host sync: safe inside
+    CUDA-graph capture after one warm-up call per configuration (compiles the kernels, caches the
+    T5 bucket table).
     """
     check_tensor("q", q, 3)
     check_tensor("k_cache", k_cache, 4, device=q.device, contiguous=True)
@@ -259,8 +263,9 @@ def paged_attention(
     check_scale(scale)
     check_rel_bias(rel_bias, h, q.device)
     return _launch_paged(
-        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal, rel_bias
-    )
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal, rel_bias,
+        return_lse=return_lse,
+    )  # fmt: skip
 
 
 def _launch_paged(
@@ -278,6 +283,7 @@ def _launch_paged(
     block_n=None,
     num_warps=None,
     num_stages=None,
+    return_lse=False,
 ):
     """paged_attention without the input checks; num_splits, block_n, num_warps, num_stages
     override the built-in choices (tests and benchmarks)."""
@@ -285,7 +291,7 @@ def _launch_paged(
     out = torch.empty((tq, h, d), device=q.device, dtype=q.dtype)
     num_seqs = block_tables.shape[0]
     if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
-        return out
+        return (out, torch.full((tq, h), float("-inf"), device=q.device)) if return_lse else out
     if rel_bias is None:
         table = lut = torch.empty((1, 1), device=q.device, dtype=torch.float32)  # never read
         max_dist = 0
@@ -307,7 +313,8 @@ def _launch_paged(
         num_splits = num_kv_splits(
             num_seqs * h * num_q_tiles, block_tables.shape[1] * k_cache.shape[1], block_n, q.device
         )
-    if num_splits > 1:
+    split = num_splits > 1 or return_lse  # the log-sum-exp comes from the split partials (one split or more)
+    if split:
         o_part = torch.empty((tq, h, num_splits, block_d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((tq, h, num_splits), device=q.device, dtype=torch.float32)
     else:
@@ -324,12 +331,12 @@ def _launch_paged(
         LOG2E if has_bias else float(scale) * LOG2E,  # exp2_scale: with bias the scores are scaled first
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=block_n, CACHE_BLOCK=k_cache.shape[1],
         IS_CAUSAL=bool(causal), HAS_BIAS=has_bias, SINGLE_QUERY=max_seqlen_q == 1 and has_bias,
-        IS_SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
+        IS_SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps or (2 if block_q <= MIN_DOT.value else 4),
         num_stages=num_stages or (2 if block_q <= MIN_DOT.value else 3),  # prefetch depth of the K/V loads
         **pdl_launch(q),
     )
-    if num_splits > 1:
+    if split:
         merge_splits_kernel[(tq * h, 1)](
             o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits, block_d,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few compiles
@@ -337,6 +344,8 @@ def _launch_paged(
             **pdl_launch(q),
         )
     # fmt: on
+    if return_lse:  # partials are log2 of each split's sum: natural log of the whole sum
+        return out, torch.logsumexp(lse_part * math.log(2.0), dim=-1)
     return out
 
 

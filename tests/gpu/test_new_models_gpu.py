@@ -84,18 +84,18 @@ def test_t5gemma_on_cuda_runs_eager_on_the_reference_attention(tmp_path):
 
 
 def test_t5gemma2_on_cuda_matches_transformers(tmp_path):
-    """T5Gemma 2's merged attention and sliding windows on CUDA (reference attention with log-sum-exp,
-    eager): transformers' greedy tokens and the CPU engine's. Skipped where the installed transformers
-    has no T5Gemma 2 (the reference)."""
+    """T5Gemma 2 on CUDA: merged attention (the Triton paged kernel's log-sum-exp; sliding-window
+    layers' self part on the reference, eager), images through SigLIP: transformers' greedy tokens.
+    Skipped where the installed transformers has no T5Gemma 2 (the reference)."""
     import transformers
 
     if not hasattr(transformers, "T5Gemma2ForConditionalGeneration"):
         pytest.skip("the installed transformers has no T5Gemma 2")
-    from tests.models.test_parity_t5gemma2 import GREEDY, _build, _hf, _inputs, _run
+    from tests.models.test_parity_t5gemma2 import GREEDY, _build, _hf, _hf_image, _image_inputs, _inputs, _run
 
     hf = _build(tmp_path)
-    inputs = _inputs(6, 1)
-    expected = [_hf(hf, ids) for ids in inputs]
+    inputs = _inputs(6, 1) + _image_inputs(3, 11)  # text, and images through the SigLIP tower
+    expected = [_hf_image(hf, x) if isinstance(x, dict) else _hf(hf, x) for x in inputs]
     engine = Engine(load_model(tmp_path, device="cuda", dtype="float32"), max_num_seqs=4)
     assert not engine.uses_cuda_graphs
     assert _run(engine, inputs, GREEDY) == expected

@@ -4,6 +4,7 @@ asymmetric (before, after) sliding window of the bidirectional encoder."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import encdec_kernels
@@ -71,3 +72,23 @@ def test_asymmetric_encoder_window():
         reference.window_mask(pos, pos, causal=False, window=(3, 3)),
     )
     assert torch.equal(reference.window_mask(pos, pos, causal=True, window=3), (dist >= 0) & (dist < 3))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_triton_paged_log_sum_exp_matches_reference(paged, causal, num_splits):
+    """The Triton kernel's (out, lse), through the split partials with one split or several (the
+    Triton interpreter on the CPU): the reference's."""
+    from tests.kernels.cases import paged_inputs, poisoned_allocations
+
+    gen = torch.Generator().manual_seed(3)
+    case = paged_inputs([5, 40, 23], [2, 1, 5], 2, 16, 16, torch.float32, "cpu", gen=gen)
+    ref_out, ref_lse = reference.paged_attention(*case.args(), scale=0.3, causal=causal, return_lse=True)
+    with poisoned_allocations():
+        out, lse = paged._launch_paged(
+            *case.args(), 0.3, causal, None, num_splits=num_splits, return_lse=True
+        )
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    plain = paged.paged_attention(*case.args(), scale=0.3, causal=causal)
+    torch.testing.assert_close(plain, ref_out, rtol=1e-5, atol=1e-5)
