@@ -67,8 +67,8 @@ _REFERENCE_ONLY_LOGGED: set[str] = set()
 
 
 def _reference_only(what: str):
-    """The reference module, for attention features the Triton kernels do not have yet (a sliding
-    window, Gemma's score soft-capping); logged once per feature, since it is slow on a GPU."""
+    """The reference module, for attention features the Triton kernels do not have yet (the encoder's
+    sliding window, Gemma's score soft-capping); logged once per feature, since it is slow on a GPU."""
     if what not in _REFERENCE_ONLY_LOGGED:
         _REFERENCE_ONLY_LOGGED.add(what)
         logging.getLogger("encdec").warning(
@@ -102,6 +102,12 @@ def paged_attention(
     extra = {} if window is None and softcap is None else {"window": window, "softcap": softcap}
     if return_lse:
         extra["return_lse"] = True
+    if softcap is None and (causal or window is None) and use_triton(q):  # the kernel has causal windows
+        extra.pop("softcap", None)
+        return _impl(q, "paged").paged_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
+            scale=scale, causal=causal, rel_bias=rel_bias, **extra,
+        )  # fmt: skip
     return _attention_impl(q, "paged", window, softcap).paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
         scale=scale, causal=causal, rel_bias=rel_bias, **extra,

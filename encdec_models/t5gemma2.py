@@ -288,7 +288,8 @@ class T5Gemma2(TextEncDecModel):
         }
         self.head_dims = {"encoder": enc.head_dim, "decoder": dec.head_dim}
         self.cache_spec = CacheSpec(dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim)
-        # the sliding-window layers' self attention runs on the reference (host-side lengths): eager
+        # decode steps run on the kernels (causal windows, log-sum-exp); eager until a GPU run shows
+        # captured steps give the same tokens (tests/gpu/test_new_models_gpu.py captures them)
         self.cuda_graphs = False
         self.max_source_positions = enc.max_position_embeddings
         self.max_target_positions = dec.max_position_embeddings

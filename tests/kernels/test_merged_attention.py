@@ -92,3 +92,28 @@ def test_triton_paged_log_sum_exp_matches_reference(paged, causal, num_splits):
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
     plain = paged.paged_attention(*case.args(), scale=0.3, causal=causal)
     torch.testing.assert_close(plain, ref_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 16, 37])
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("q_len", [1, 5, 20])
+def test_triton_paged_causal_sliding_window_matches_reference(paged, window, num_splits, q_len):
+    """The Triton kernel's causal sliding window (keys q - k < window; whole tiles before the window
+    skipped) on 1..k queries, with and without split-KV, with its log-sum-exp: the reference's."""
+    from tests.kernels.cases import paged_inputs, poisoned_allocations
+
+    gen = torch.Generator().manual_seed(window * 100 + q_len)
+    case = paged_inputs([q_len, 40, 70], [q_len, 1, q_len], 2, 16, 16, torch.float32, "cpu", gen=gen)
+    kw = dict(scale=0.3, causal=True, window=window)
+    ref_out, ref_lse = reference.paged_attention(*case.args(), **kw, return_lse=True)
+    with poisoned_allocations():
+        out, lse = paged._launch_paged(
+            *case.args(), 0.3, True, None, num_splits=num_splits, window=window, return_lse=True
+        )
+        plain = paged.paged_attention(*case.args(), **kw)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(plain, ref_out, rtol=1e-5, atol=1e-5)
+    full = reference.paged_attention(*case.args(), scale=0.3, causal=True)
+    if window < 40:
+        assert not torch.allclose(full, ref_out)  # the window changes the result
