@@ -233,7 +233,8 @@ class T5Gemma2Stack(nn.Module):
 
 
 class T5Gemma2(TextEncDecModel):
-    """T5Gemma 2 encoder/decoder models, text only (``config.encoder.text_config`` / ``config.decoder``)."""
+    """T5Gemma 2 encoder/decoder models (``config.encoder.text_config`` and ``.vision_config``,
+    ``config.decoder``)."""
 
     config_from_dict = staticmethod(config_from_dict)  # loading.read_config: transformers without t5gemma2
 
@@ -243,7 +244,10 @@ class T5Gemma2(TextEncDecModel):
         enc, dec, top = settings(cfg)
         if enc.hidden_size != dec.hidden_size or enc.vocab_size != dec.vocab_size:
             raise UnsupportedModelError("T5Gemma 2 needs encoder and decoder of one width and vocabulary")
-        eoi = top.get("eoi_token_index", (top.get("encoder") or {}).get("eoi_token_index"))
+        encoder = top.get("encoder") or {}
+        # transformers' defaults: the end-of-image token 256000 (the encoder's), image tokens 256001 (the
+        # top-level value, which transformers copies into the encoder config)
+        eoi = top.get("eoi_token_index") or encoder.get("eoi_token_index", 256_000)
         self.encoder = T5Gemma2Stack(
             enc,
             nn.ModuleList(EncoderLayer(_layer_config(enc)) for _ in range(enc.num_hidden_layers)),
@@ -268,7 +272,6 @@ class T5Gemma2(TextEncDecModel):
             if tie
             else {}
         )
-        encoder = top.get("encoder") or {}
         self.vision_tower = self.projector = None
         if encoder.get("vision_config") is not None:  # the SigLIP tower: images in encdec's image-to-text
             vs = SimpleNamespace(
@@ -280,7 +283,7 @@ class T5Gemma2(TextEncDecModel):
             self.projector = Projector(
                 vs.hidden_size, enc.hidden_size, grid, self.image_tokens, vs.layer_norm_eps
             )
-        self.image_token_id = top.get("image_token_index", encoder.get("image_token_index"))
+        self.image_token_id = top.get("image_token_index", 256_001)
         self.logit_softcap = dec.final_logit_softcapping
         self.n_rep = {
             "encoder": enc.num_attention_heads // enc.num_key_value_heads,
