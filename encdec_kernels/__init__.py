@@ -27,6 +27,7 @@ __all__ = [
     "RelBias",
     "varlen_attention",
     "paged_attention",
+    "merge_attention",
     "shared_kv_attention",
     "store_kv",
     "store_rows",
@@ -66,8 +67,8 @@ _REFERENCE_ONLY_LOGGED: set[str] = set()
 
 
 def _reference_only(what: str):
-    """The reference module, for attention features the Triton kernels do not have yet (a sliding
-    window, Gemma's score soft-capping); logged once per feature, since it is slow on a GPU."""
+    """The reference module, for attention features the Triton kernels do not have yet (the encoder's
+    sliding window, Gemma's score soft-capping); logged once per feature, since it is slow on a GPU."""
     if what not in _REFERENCE_ONLY_LOGGED:
         _REFERENCE_ONLY_LOGGED.add(what)
         logging.getLogger("encdec").warning(
@@ -95,13 +96,28 @@ def varlen_attention(
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
-    window=None, softcap=None,
+    window=None, softcap=None, return_lse=False,
 ):  # fmt: skip
+    """See ``reference.paged_attention``; return_lse=True returns (out, lse [Tq, H] natural logs)."""
     extra = {} if window is None and softcap is None else {"window": window, "softcap": softcap}
+    if return_lse:
+        extra["return_lse"] = True
+    if softcap is None and (causal or window is None) and use_triton(q):  # the kernel has causal windows
+        extra.pop("softcap", None)
+        return _impl(q, "paged").paged_attention(
+            q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
+            scale=scale, causal=causal, rel_bias=rel_bias, **extra,
+        )  # fmt: skip
     return _attention_impl(q, "paged", window, softcap).paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
         scale=scale, causal=causal, rel_bias=rel_bias, **extra,
     )  # fmt: skip
+
+
+def merge_attention(o_a, lse_a, o_b, lse_b):
+    """One softmax over two attentions' keys from their (output, log-sum-exp) pairs
+    (``reference.merge_attention``: elementwise tensor ops, any device)."""
+    return reference.merge_attention(o_a, lse_a, o_b, lse_b)
 
 
 def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):

@@ -19,6 +19,7 @@ blocks, BS = cache block size, S = KV splits, NBK = T5 buckets. Softmax and spli
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -66,7 +67,8 @@ def _bucket_bias(table_row, lut_center, q_pos, k_pos, max_dist):
 @triton.jit
 def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb, stride_vs,
                  table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len, lo, hi, scale, exp2_scale,
-                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 window, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_WINDOW: tl.constexpr,
                  USE_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Key tiles [lo, hi) of one query tile, keys gathered through the block table."""
@@ -89,6 +91,8 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
             keep = cols[None, :] < seq_len
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= q_pos[:, None])
+            if HAS_WINDOW:  # sliding window: keys window or more positions before the query are masked
+                keep = keep & (cols[None, :] > q_pos[:, None] - window)
             s = tl.where(keep, s, float("-inf"))
         v_ptrs = v_base + (blk * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :]
         v = load_rows(v_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
@@ -96,7 +100,7 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["num_q_tiles", "num_splits"])
+@triton.jit(do_not_specialize=["num_q_tiles", "num_splits", "window"])
 def _paged_attn_kernel(
     Q, K_CACHE, V_CACHE, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q,
     TABLE, LUT,  # T5 bias: RelBias.table [H, NBK] float32, bucket of each distance [2 * max_dist + 1] int32
@@ -104,9 +108,10 @@ def _paged_attn_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, stride_table_h,
-    num_heads, num_q_tiles, num_splits, max_dist, scale, exp2_scale,
+    num_heads, num_q_tiles, num_splits, max_dist, scale, exp2_scale, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    CACHE_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_QUERY: tl.constexpr,
+    CACHE_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    SINGLE_QUERY: tl.constexpr,
     IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     # Axis 0: (query tile, head, sequence), query tiles fastest; axis 1: key split.
@@ -145,9 +150,15 @@ def _paged_attn_kernel(
     else:
         hi = seq_len
         full_hi = (seq_len // BLOCK_N) * BLOCK_N
-    # This split's share of [0, hi): whole tiles, the last split takes the ragged end.
-    chunk = tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N
-    lo_s = tl.minimum(split * chunk, hi)
+    # A causal sliding window (keys q - k < window): no row of the tile sees keys before its first
+    # row's window, whole tiles from lo on; every tile is masked.
+    lo = 0
+    if HAS_WINDOW:
+        lo = (tl.maximum(seq_len - q_len + m0 - window + 1, 0) // BLOCK_N) * BLOCK_N
+        full_hi = lo
+    # This split's share of [lo, hi): whole tiles, the last split takes the ragged end.
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
+    lo_s = tl.minimum(lo + split * chunk, hi)
     hi_s = tl.minimum(lo_s + chunk, hi)
     mid_s = tl.maximum(lo_s, tl.minimum(hi_s, full_hi))
 
@@ -161,12 +172,12 @@ def _paged_attn_kernel(
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
                                  stride_vs, table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len,
-                                 lo_s, mid_s, scale, exp2_scale, False, IS_CAUSAL, HAS_BIAS, USE_DOT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION)
+                                 lo_s, mid_s, scale, exp2_scale, window, False, IS_CAUSAL, HAS_BIAS,
+                                 HAS_WINDOW, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION)
     acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
                                  stride_vs, table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len,
-                                 mid_s, hi_s, scale, exp2_scale, True, IS_CAUSAL, HAS_BIAS, USE_DOT,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION)
+                                 mid_s, hi_s, scale, exp2_scale, window, True, IS_CAUSAL, HAS_BIAS,
+                                 HAS_WINDOW, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION)
 
     # Rows without any key (empty split, or seq_len == 0 padding) give 0 and lse = -inf.
     has_keys = l_i > 0.0
@@ -225,8 +236,9 @@ def _paged_block_n(block_d: int) -> int:
 
 
 def paged_attention(
-    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
-):
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
+    window=None, return_lse=False,
+):  # fmt: skip
     """Decoder attention over a paged cache: 1..k query tokens per sequence.
 
     q: [Tq, H, D] packed (any token/head strides, last dim contiguous); sequence b owns
@@ -236,9 +248,12 @@ def paged_attention(
     cu_seqlens_q: [B+1] int32; max_seqlen_q: python int >= every query count.
     causal=True (self-attention): the i-th of q_len queries sits at position seq_len - q_len + i
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
-    rel_bias: T5 bias on key_pos - query_pos. scale: python float > 0. Returns a new [Tq, H, D]
-    tensor. No host sync: safe inside CUDA-graph capture after one warm-up call per
-    configuration (compiles the kernels, caches the T5 bucket table).
+    rel_bias: T5 bias on key_pos - query_pos. window (causal only): a sliding window, keys ``window``
+    or more positions before the query are masked. scale: python float > 0. Returns a new [Tq, H, D]
+    tensor; with return_lse, (out, lse [Tq, H] float32: the natural log of each query and head's
+    softmax sum, from the split partials, which this path always writes). No host sync: safe inside
+    CUDA-graph capture after one warm-up call per configuration (compiles the kernels, caches the
+    T5 bucket table).
     """
     check_tensor("q", q, 3)
     check_tensor("k_cache", k_cache, 4, device=q.device, contiguous=True)
@@ -258,9 +273,16 @@ def paged_attention(
     check_tables(block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, q.device)
     check_scale(scale)
     check_rel_bias(rel_bias, h, q.device)
+    if window is not None and (
+        not causal or isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ValueError(
+            f"window must be a positive int of causal attention, got {window!r} (causal={causal})"
+        )
     return _launch_paged(
-        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal, rel_bias
-    )
+        q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal, rel_bias,
+        return_lse=return_lse, window=window,
+    )  # fmt: skip
 
 
 def _launch_paged(
@@ -278,6 +300,8 @@ def _launch_paged(
     block_n=None,
     num_warps=None,
     num_stages=None,
+    return_lse=False,
+    window=None,
 ):
     """paged_attention without the input checks; num_splits, block_n, num_warps, num_stages
     override the built-in choices (tests and benchmarks)."""
@@ -285,7 +309,7 @@ def _launch_paged(
     out = torch.empty((tq, h, d), device=q.device, dtype=q.dtype)
     num_seqs = block_tables.shape[0]
     if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
-        return out
+        return (out, torch.full((tq, h), float("-inf"), device=q.device)) if return_lse else out
     if rel_bias is None:
         table = lut = torch.empty((1, 1), device=q.device, dtype=torch.float32)  # never read
         max_dist = 0
@@ -307,7 +331,8 @@ def _launch_paged(
         num_splits = num_kv_splits(
             num_seqs * h * num_q_tiles, block_tables.shape[1] * k_cache.shape[1], block_n, q.device
         )
-    if num_splits > 1:
+    split = num_splits > 1 or return_lse  # the log-sum-exp comes from the split partials (one split or more)
+    if split:
         o_part = torch.empty((tq, h, num_splits, block_d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((tq, h, num_splits), device=q.device, dtype=torch.float32)
     else:
@@ -322,14 +347,16 @@ def _launch_paged(
         block_tables.stride(0), table.stride(0),
         h, num_q_tiles, num_splits, max_dist, float(scale),
         LOG2E if has_bias else float(scale) * LOG2E,  # exp2_scale: with bias the scores are scaled first
+        int(window or 0),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=block_n, CACHE_BLOCK=k_cache.shape[1],
-        IS_CAUSAL=bool(causal), HAS_BIAS=has_bias, SINGLE_QUERY=max_seqlen_q == 1 and has_bias,
-        IS_SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype),
+        IS_CAUSAL=bool(causal), HAS_BIAS=has_bias, HAS_WINDOW=window is not None,
+        SINGLE_QUERY=max_seqlen_q == 1 and has_bias,
+        IS_SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps or (2 if block_q <= MIN_DOT.value else 4),
         num_stages=num_stages or (2 if block_q <= MIN_DOT.value else 3),  # prefetch depth of the K/V loads
         **pdl_launch(q),
     )
-    if num_splits > 1:
+    if split:
         merge_splits_kernel[(tq * h, 1)](
             o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits, block_d,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few compiles
@@ -337,6 +364,8 @@ def _launch_paged(
             **pdl_launch(q),
         )
     # fmt: on
+    if return_lse:  # partials are log2 of each split's sum: natural log of the whole sum
+        return out, torch.logsumexp(lse_part * math.log(2.0), dim=-1)
     return out
 
 

@@ -52,9 +52,10 @@ def bias_matrix(bias: RelBias, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torc
     return bias.table[:, b]  # [H, Lq, Lk]
 
 
-def _attend(q, k, v, scale, mask=None, bias=None, softcap=None):
+def _attend(q, k, v, scale, mask=None, bias=None, softcap=None, return_lse=False):
     """q: [Lq, H, D], k/v: [Lk, H, D], mask: [Lq, Lk] bool (True = keep), bias: [H, Lq, Lk];
-    softcap: scores become softcap * tanh(scores / softcap) (Gemma)."""
+    softcap: scores become softcap * tanh(scores / softcap) (Gemma). return_lse: also the natural
+    log of each (query, head)'s softmax sum, [Lq, H] float32 (see ``merge_attention``)."""
     s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
@@ -63,18 +64,39 @@ def _attend(q, k, v, scale, mask=None, bias=None, softcap=None):
     if mask is not None:
         s = s.masked_fill(~mask[None], float("-inf"))
     p = torch.softmax(s, dim=-1)
-    return torch.einsum("hqk,khd->qhd", p, v.float()).to(q.dtype)
+    out = torch.einsum("hqk,khd->qhd", p, v.float()).to(q.dtype)
+    if return_lse:
+        return out, torch.logsumexp(s, dim=-1).transpose(0, 1)
+    return out
 
 
-def window_mask(q_pos, k_pos, causal: bool, window: int | None):
+def merge_attention(o_a, lse_a, o_b, lse_b):
+    """One softmax over the keys of two attentions from their separate results: o_a, o_b [T, H, D]
+    (each normalised over its own keys), lse_a, lse_b [T, H] float32 natural logs of their softmax
+    sums -> [T, H, D], each weighted by its share exp(lse) of the joint sum (T5Gemma 2's merged
+    self + cross attention). Plain tensor ops: the same on every device."""
+    m = torch.maximum(lse_a, lse_b)
+    w_a, w_b = torch.exp(lse_a - m), torch.exp(lse_b - m)
+    total = w_a + w_b
+    out = o_a.float() * (w_a / total)[..., None] + o_b.float() * (w_b / total)[..., None]
+    return out.to(o_a.dtype)
+
+
+def window_mask(q_pos, k_pos, causal: bool, window):
     """[Lq, Lk] bool keep-mask (None: keep all): causal keeps keys at or before the query; a
-    sliding window keeps keys less than ``window`` positions away (|q - k| for non-causal)."""
+    sliding window keeps keys less than ``window`` positions away (|q - k| for non-causal). A
+    non-causal window may be a pair (before, after): keys ``before`` or more positions before the
+    query, or ``after`` or more after it, are masked (T5Gemma 2's encoder: an even window is one
+    position longer ahead than behind)."""
     if not causal and window is None:
         return None
     dist = q_pos[:, None] - k_pos[None, :]
     keep = dist >= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
     if window is not None:
-        keep &= (dist if causal else dist.abs()) < window
+        before, after = window if isinstance(window, tuple) else (window, window)
+        keep &= dist < before
+        if not causal:
+            keep &= -dist < after
     return keep
 
 
@@ -144,7 +166,7 @@ def gather_paged(cache, block_table, n):
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
-    window=None, softcap=None,
+    window=None, softcap=None, return_lse=False,
 ):  # fmt: skip
     """Decoder attention over a paged cache: 1..k query tokens per sequence.
 
@@ -155,9 +177,11 @@ def paged_attention(
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
     rel_bias: T5 causal bias on key_pos - query_pos. window: causal sliding window, keys
     ``window`` or more positions before the query are masked; softcap: Gemma's score soft-capping.
-    Returns [Tq, H, D].
+    Returns [Tq, H, D]; with return_lse, (out, lse [Tq, H] float32: the natural log of each
+    query and head's softmax sum, for ``merge_attention``).
     """
     out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
     for b in range(len(cu) - 1):
@@ -171,8 +195,11 @@ def paged_attention(
         q_pos = torch.arange(n - (e - s), n, device=q.device)
         mask = window_mask(q_pos, k_pos, causal, window)
         bias = bias_matrix(rel_bias, q_pos, k_pos) if rel_bias is not None else None
-        out[s:e] = _attend(q[s:e], k, v, scale, mask, bias, softcap)
-    return out
+        if return_lse:
+            out[s:e], lse[s:e] = _attend(q[s:e], k, v, scale, mask, bias, softcap, return_lse=True)
+        else:
+            out[s:e] = _attend(q[s:e], k, v, scale, mask, bias, softcap)
+    return (out, lse) if return_lse else out
 
 
 def gather_rows(rows, block_table, n):

@@ -43,6 +43,7 @@ class LayerConfig:
     sandwich: bool = False  # Gemma: x + post_norm(f(pre_norm(x))) (a norm after each sub-layer too)
     cross_d_model: int | None = None  # width of the encoder output cross-attention reads (default d_model)
     mlp_bias: bool | None = None  # the MLP's biases when they differ from the attention's (Moonshine)
+    qk_norm: bool = False  # Gemma 3: an RMSNorm over each head's query and key (before rotary)
 
     @classmethod
     def layer_norm_style(cls, cfg, heads: int, ffn: int, pre_norm: bool) -> LayerConfig:
@@ -151,13 +152,19 @@ class Rotary:
         """This table's rotary at ``positions`` [T]."""
         return Rotary(self.cos[positions], self.sin[positions], self.partner)
 
+    def _turn(self, qk: torch.Tensor):
+        """qk [T, 2, H, D] -> q, k turned."""
+        cos, sin = self.cos[:, None, None], self.sin[:, None, None]
+        return (qk * cos + qk.index_select(-1, self.partner) * sin).unbind(1)
+
     def split(self, qkv: torch.Tensor, h: int, d: int):
         """qkv [T, 3 * H * D] -> (q, k turned; v), each [T, H, D] (views)."""
         x = qkv.view(-1, 3, h, d)
-        qk = x[:, :2]
-        cos, sin = self.cos[:, None, None], self.sin[:, None, None]
-        q, k = (qk * cos + qk.index_select(-1, self.partner) * sin).unbind(1)
-        return q, k, x[:, 2]
+        return (*self._turn(x[:, :2]), x[:, 2])
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor):
+        """q, k [T, H, D] (e.g. after per-head norms) -> turned."""
+        return self._turn(torch.stack((q, k), 1))
 
 
 def masked_group_norm(x: torch.Tensor, lengths: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
@@ -230,13 +237,22 @@ def norm_linear(norm: Norm, x, residual, linear: nn.Linear):
 
 
 class Attention(nn.Module):
-    """Multi-head attention in one of three roles: encoder self, decoder self (paged), cross."""
+    """Multi-head attention in one of four roles: encoder self, decoder self (paged), cross, and
+    merged (T5Gemma 2: decoder self and cross in one softmax, one set of projections)."""
 
-    def __init__(self, cfg: LayerConfig, cross: bool = False):
+    def __init__(self, cfg: LayerConfig, cross: bool = False, merged: bool = False):
         super().__init__()
         self.h, self.d, self.scale = cfg.num_heads, cfg.head_dim, cfg.scale
         self.softcap = cfg.softcap
-        self.window: int | None = None  # sliding window (keys this far away or more are masked), per layer
+        # per layer: sliding window (keys this far away or more are masked; encoder: int or (before, after))
+        self.window: int | tuple[int, int] | None = None
+        self.rope_kind: str | None = None  # the rotary this layer takes of a {kind: Rotary} position argument
+        self.merged = merged
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg.head_dim, cfg.norm, cfg.norm_eps)
+            self.k_norm = Norm(cfg.head_dim, cfg.norm, cfg.norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         inner = cfg.num_heads * cfg.head_dim
         if cross:
             self.q_proj = Linear(cfg.d_model, inner, bias=cfg.bias)
@@ -247,12 +263,25 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = None  # [NB, BS, H, D] views bound by the engine
         self.cross_rows = None  # cross, absorbed: encoder-output rows [C, NB, BS, d] (bind_cache)
 
-    def _split(self, qkv, rotary: Rotary | None = None):
-        """qkv [T, 3 * H * D] -> q, k, v [T, H, D], q and k turned by ``rotary`` if given."""
-        if rotary is not None:
-            return rotary.split(qkv, self.h, self.d)
+    def _head_norm(self, norm: Norm | None, x):
+        """x [T, H, D] with Gemma 3's per-head RMSNorm (None: unchanged)."""
+        return x if norm is None else norm(x.reshape(-1, self.d)).view(x.shape)
+
+    def _qkv(self, qkv, pos):
+        """qkv [T, 3 * H * D] -> (q, k, v [T, H, D], T5 bias or None): q and k after the per-head
+        norms and the rotary of ``pos`` (a Rotary, a {kind: Rotary} of which this layer takes
+        ``rope_kind``'s, a T5 bias or None). Without head norms q and k turn together as they are
+        split from qkv."""
+        if isinstance(pos, dict):
+            pos = pos[self.rope_kind]
+        rotary, rel_bias = _split_position(pos)
+        if rotary is not None and self.q_norm is None:
+            return (*rotary.split(qkv, self.h, self.d), rel_bias)
         q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)
-        return q, k, v
+        q, k = self._head_norm(self.q_norm, q), self._head_norm(self.k_norm, k)
+        if rotary is not None:
+            q, k = rotary.apply(q, k)
+        return q, k, v, rel_bias
 
     def _extra(self) -> dict:
         """Sliding window / soft-capping keywords for the kernels (none for the other models)."""
@@ -262,8 +291,7 @@ class Attention(nn.Module):
 
     def encoder(self, x, cu_seqlens, max_seqlen, rel_bias: RelBias | Rotary | None = None):
         """x: [T, d] packed encoder tokens -> [T, d]. rel_bias: T5's bias or rotary positions."""
-        rotary, rel_bias = _split_position(rel_bias)
-        q, k, v = self._split(self.qkv_proj(x), rotary)
+        q, k, v, rel_bias = self._qkv(self.qkv_proj(x), rel_bias)
         o = encdec_kernels.varlen_attention(
             q, k, v, cu_seqlens, max_seqlen,
             scale=self.scale, causal=False, rel_bias=rel_bias, **self._extra(),
@@ -273,8 +301,7 @@ class Attention(nn.Module):
     def decoder_self(self, qkv, meta: AttentionMetadata, rel_bias: RelBias | None = None):
         """qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens; writes their K/V to the paged
         cache, attends causally -> [Tq, d]."""
-        rotary, rel_bias = _split_position(rel_bias)
-        q, k, v = self._split(qkv, rotary)
+        q, k, v, rel_bias = self._qkv(qkv, rel_bias)
         encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = encdec_kernels.paged_attention(
             q,
@@ -331,9 +358,36 @@ class Attention(nn.Module):
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
+    def decoder_merged(self, qkv, meta: AttentionMetadata, pos):
+        """T5Gemma 2's merged attention. qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens;
+        their K/V go to the paged self cache. Each query attends with one softmax over the request's
+        encoder keys (the cross cache, written by ``write_cross`` with the same K/V projections) and
+        its own causal (sliding-window) keys: computed as the two usual paged attentions, each
+        returning its log-sum-exp, merged by their shares of the joint softmax sum -> [Tq, d]."""
+        q, k, v, _ = self._qkv(qkv, pos)
+        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        args = (q, self.k_cache, self.v_cache)
+        o_self, lse_self = encdec_kernels.paged_attention(
+            *args, meta.self_attn.block_tables, meta.self_attn.seq_lens, meta.cu_seqlens_q,
+            meta.max_seqlen_q, scale=self.scale, causal=True, window=self.window, return_lse=True,
+        )  # fmt: skip
+        o_cross, lse_cross = encdec_kernels.paged_attention(
+            *args, meta.cross_attn.block_tables, meta.cross_attn.seq_lens, meta.cu_seqlens_q,
+            meta.max_seqlen_q, scale=self.scale, causal=False, return_lse=True,
+        )  # fmt: skip
+        o = encdec_kernels.merge_attention(o_self, lse_self, o_cross, lse_cross)
+        return self.out_proj(o.reshape(-1, self.h * self.d))
+
     def write_cross(self, hidden, slot_mapping):
-        """hidden: [T_enc, d] encoder output; slot_mapping: [T_enc] cross-cache slots."""
-        k, v = self.kv_proj(hidden).view(-1, 2, self.h, self.d).unbind(1)
+        """hidden: [T_enc, d] encoder output; slot_mapping: [T_enc] cross-cache slots. Merged
+        attention projects the encoder output with its own K/V projections and key norm (no rotary)."""
+        if self.merged:
+            inner = self.h * self.d
+            bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[inner:]
+            k, v = F.linear(hidden, self.qkv_proj.weight[inner:], bias).view(-1, 2, self.h, self.d).unbind(1)
+            k = self._head_norm(self.k_norm, k)
+        else:
+            k, v = self.kv_proj(hidden).view(-1, 2, self.h, self.d).unbind(1)
         encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping)
 
 
@@ -430,6 +484,33 @@ class DecoderLayer(nn.Module):
         x = self.self_attn_layer_norm.add(sa.decoder_self(sa.qkv_proj(x), meta, rel_bias), x)[0]
         x = self.encoder_attn_layer_norm.add(ca.cross(ca.q_proj(x), meta), x)[0]
         return self.final_layer_norm.add(self.mlp(x), x)[0], None
+
+
+class MergedDecoderLayer(nn.Module):
+    """T5Gemma 2's decoder layer: Gemma's sandwich norms around one merged attention (decoder self
+    and cross, ``Attention.decoder_merged``) and the MLP. The cross cache of layer i holds the encoder
+    output's K/V under this attention's projections, so ``encoder_attn`` (what the engine binds the
+    cross cache to and writes it through) is the same module as ``self_attn``."""
+
+    def __init__(self, cfg: LayerConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg, merged=True)
+        self.self_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.post_self_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+        self.final_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.post_mlp_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+
+    @property
+    def encoder_attn(self) -> Attention:
+        return self.self_attn
+
+    def forward(self, x, meta: AttentionMetadata, pos=None, residual=None):
+        """(x, residual) [Tq, d] new decoder tokens -> (x, None): see ``run_layers``."""
+        x = x if residual is None else x + residual
+        a = self.self_attn.decoder_merged(self.self_attn.qkv_proj(self.self_attn_layer_norm(x)), meta, pos)
+        x = x + self.post_self_attn_layer_norm(a)
+        return x + self.post_mlp_layer_norm(self.mlp(self.final_layer_norm(x))), None
 
 
 def _pre_norm(norm: Norm, x, residual):

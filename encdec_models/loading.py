@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
@@ -192,7 +193,7 @@ def load_model(
     path = resolve_model_path(name)
     if not (path / "config.json").exists() or (path / "model.bin").exists():
         return _load_ctranslate2(path, dev, dt)
-    config = AutoConfig.from_pretrained(path)
+    config = read_config(path)
     arch = architecture_of(config)
     gen = generation_config_of(path, config)
     model = build_model(arch, config, iter_checkpoint(path), dev, dt)
@@ -201,11 +202,34 @@ def load_model(
     return LoadedModel(model, tok, config, gen, arch, path)
 
 
+def read_config(path: Path):
+    """The folder's transformers config; where the installed transformers does not know its model
+    type, our model class's own reading of config.json (``config_from_dict``, T5Gemma 2 on
+    transformers < 5.2x), else the transformers error."""
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (ValueError, KeyError) as e:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        try:
+            arch = architecture_of(SimpleNamespace(architectures=raw.get("architectures"),
+                                                   model_type=raw.get("model_type")))  # fmt: skip
+        except ValueError:
+            raise e from None
+        from_dict = getattr(model_class(arch), "config_from_dict", None)
+        if from_dict is None:
+            raise
+        return from_dict(raw)
+
+
 def generation_config_of(path: Path, config) -> GenerationConfig:
-    """The folder's generation_config.json, else (as transformers does) the one config.json implies."""
+    """The folder's generation_config.json, else (as transformers does) the one config.json implies
+    (a config read without transformers: its token ids)."""
     try:
         return GenerationConfig.from_pretrained(path)
     except OSError:
+        if isinstance(config, SimpleNamespace):
+            ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+            return GenerationConfig(**{k: getattr(config, k, None) for k in ids})
         return GenerationConfig.from_model_config(config)
 
 

@@ -27,6 +27,7 @@ ARCHITECTURES = {
     "VisionEncoderDecoderModel": "encdec_models.vision:VisionEncoderDecoder",
     "Florence2ForConditionalGeneration": "encdec_models.florence2:Florence2",
     "T5GemmaForConditionalGeneration": "encdec_models.t5gemma:T5Gemma",
+    "T5Gemma2ForConditionalGeneration": "encdec_models.t5gemma2:T5Gemma2",
     "MoonshineForConditionalGeneration": "encdec_models.moonshine:Moonshine",
 }
 
@@ -43,10 +44,13 @@ MODEL_TYPES = {
     "vision-encoder-decoder": "VisionEncoderDecoderModel",
     "florence2": "Florence2ForConditionalGeneration",
     "t5gemma": "T5GemmaForConditionalGeneration",
+    "t5gemma2": "T5Gemma2ForConditionalGeneration",
     "moonshine": "MoonshineForConditionalGeneration",
 }
 # image-to-text models (encdec image-to-text)
 VISION = frozenset({"VisionEncoderDecoderModel", "Florence2ForConditionalGeneration"})
+# text models that also read images (encdec image-to-text as well as generate / summarize / translate)
+TEXT_AND_IMAGES = frozenset({"T5Gemma2ForConditionalGeneration"})
 
 WHISPER = "WhisperForConditionalGeneration"
 SPEECH = frozenset({WHISPER, "MoonshineForConditionalGeneration"})  # architectures `transcribe` takes

@@ -15,7 +15,7 @@ Gemma-2-style stacks on both sides, checked against transformers' modeling file:
   stays full. Sliding windows and soft-capping run on the reference attention (the Triton kernels
   lack them: ``encdec_kernels`` logs it once on CUDA).
 Encoder and decoder may differ in width; cross-attention projects the encoder's width. The decoder
-starts from ``bos_token_id``. T5Gemma 2 (``t5gemma2``, multimodal) is not supported.
+starts from ``bos_token_id``. T5Gemma 2 (``t5gemma2``) is ``t5gemma2.py``.
 """
 
 from __future__ import annotations

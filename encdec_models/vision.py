@@ -149,6 +149,66 @@ class ViTEncoder(nn.Module):
         return final_norm(self.layernorm, x, residual), cu, n
 
 
+class SiglipVisionEncoder(nn.Module):
+    """SigLIP's vision tower (``SiglipVisionModel``: T5Gemma 2's, Gemma 3's): a strided convolution
+    cuts the image into patches, learned positions are added (no class token), pre-norm layers on the
+    packed encoder path, a final LayerNorm. The attention-pooling head is not needed (the language
+    models read every patch) and not loaded. ``cfg``: the vision config's fields (a transformers
+    config or a namespace)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.hidden_size
+        self.image_size, self.patch_size = cfg.image_size, cfg.patch_size
+        self.channels = cfg.num_channels
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
+        self.grid = cfg.image_size // cfg.patch_size
+        self.position_embedding = nn.Embedding(self.grid * self.grid, d)
+        heads = cfg.num_attention_heads
+        lc = LayerConfig(
+            d_model=d,
+            num_heads=heads,
+            head_dim=d // heads,
+            d_ff=cfg.intermediate_size,
+            activation=cfg.hidden_act,
+            gated=False,
+            pre_norm=True,
+            norm="layer",
+            norm_eps=cfg.layer_norm_eps,
+            bias=True,
+            scale=(d // heads) ** -0.5,
+        )
+        self.layers = nn.ModuleList(EncoderLayer(lc) for _ in range(cfg.num_hidden_layers))
+        self.post_layernorm = Norm(d, "layer", cfg.layer_norm_eps)
+        self.hidden_size = d
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    @staticmethod
+    def rename(name: str) -> str | None:
+        """A SiglipVisionModel checkpoint name (without its prefix; ``vision_model.`` optional) -> ours."""
+        name = name.removeprefix("vision_model.")
+        if name.startswith("head."):
+            return None
+        name = name.removeprefix("embeddings.").replace("encoder.layers.", "layers.")
+        return name.replace(".layer_norm1.", ".self_attn_layer_norm.").replace(
+            ".layer_norm2.", ".final_layer_norm."
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels [B, C, H, W] -> [B, grid * grid, d]."""
+        b = pixels.shape[0]
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2) + self.position_embedding.weight
+        n = x.shape[1]
+        cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=x.device)
+        x, residual = run_layers(self.layers, x.reshape(b * n, -1), cu, n)
+        return final_norm(self.post_layernorm, x, residual).view(b, n, -1)
+
+
 _ROBERTA_NAMES = (
     ("decoder.roberta.embeddings.word_embeddings.", "decoder.embed_tokens."),
     ("decoder.roberta.embeddings.position_embeddings.", "decoder.embed_positions."),

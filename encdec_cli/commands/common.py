@@ -182,16 +182,17 @@ def fail(message: str, code: int = errors.USAGE):
 def check_model(name: str, command: str, language: str | None = None, task: str = "transcribe") -> Path:
     """The folder of model ``name`` once it is known to fit ``command``; reads its config and tokenizer
     files only. Raises UsageError naming the flag that fixes a mismatch."""
-    from encdec_models.registry import inspect_model, resolve_model_path
+    from encdec_models.registry import TEXT_AND_IMAGES, inspect_model, resolve_model_path
 
     path = resolve_model_path(name)
     info = inspect_model(path)
-    if (command == "image-to-text") != info.is_vision:
+    reads_images = info.is_vision or info.architecture in TEXT_AND_IMAGES
+    if (command == "image-to-text" and not reads_images) or (command != "image-to-text" and info.is_vision):
         raise UsageError(
             f"model {name!r} is an image-to-text model: use it with encdec image-to-text"
             if info.is_vision
             else f"model {name!r} ({info.architecture}) does not read images: image-to-text takes a vision "
-            "encoder/decoder model (TrOCR, Donut) in -m"
+            "encoder/decoder model (TrOCR, Donut), Florence-2 or T5Gemma 2 in -m"
         )
     if command == "transcribe" and not info.is_speech:
         raise UsageError(
@@ -203,7 +204,7 @@ def check_model(name: str, command: str, language: str | None = None, task: str 
         raise UsageError(
             f"model {name!r} is a {'Whisper' if info.is_whisper else 'Moonshine'} speech model: use it with "
             f"encdec transcribe; {command} needs a text model (BART, mBART, Marian, Pegasus, NLLB, M2M100, "
-            "T5, mT5, T5Gemma) in -m"
+            "T5, mT5, T5Gemma, T5Gemma 2) in -m"
         )
     if info.is_speech and not info.is_whisper and (task == "translate" or language not in (None, "en")):
         raise UsageError(

@@ -64,7 +64,9 @@ def image_to_text(
         None,
         "--prompt",
         help="Donut/TrOCR: text the decoder continues from, after the task prompt (e.g. a question). "
-        "Florence-2: the input of tasks that take one (the caption to ground, the region).",
+        "Florence-2: the input of tasks that take one (the caption to ground, the region). "
+        "T5Gemma 2: the encoder's text with the image, e.g. 'Describe this image.' (the image goes "
+        "where <start_of_image> stands, else before the text).",
     ),
     image_column: str = typer.Option(
         "image", "--image-column", help="Column with image bytes or paths in table inputs."
@@ -97,14 +99,15 @@ def image_to_text(
     summary_json: SummaryJson = None,
 ):
     """Read text from images (OCR), describe them or locate objects, with vision encoder/decoder
-    models (TrOCR, Donut) and Florence-2.
+    models (TrOCR, Donut), Florence-2 and T5Gemma 2.
 
     Images are decoded with Pillow and preprocessed with the model's own image processor settings
     (resize, rescale, normalise) in worker threads. ViT/DeiT encoders run on the engine's packed
     encoder path and kernels; Swin encoders (Donut: windowed attention with relative-position
     biases and shifted-window masks) and Florence-2's DaViT vision tower (window and channel-group
     attention) are not what the kernels compute: they run on the reference (plain PyTorch) path.
-    Florence-2's image tokens and task prompt then run through the BART encoder on the packed path.
+    Florence-2's image tokens and task prompt then run through the BART encoder on the packed path;
+    T5Gemma 2's SigLIP tower runs on the packed path, its image tokens and --prompt through its encoder.
     A bad image (unreadable, damaged, empty, over the decompression-bomb limit of about 89
     megapixels) gets an error record and the rest goes on. Exit status: 0 all done, 1 some images
     failed (now or in an earlier run), 2 usage error, 3 writing failed, 130 interrupted (Ctrl-C),

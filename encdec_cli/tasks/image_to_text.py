@@ -219,9 +219,51 @@ class Florence2Reader(ImageReader):
         return text, parsed
 
 
+class T5Gemma2Reader(ImageReader):
+    """T5Gemma 2: its processor (Gemma 3's) puts the image's tokens where ``<start_of_image>`` stands
+    in ``--prompt`` (before the prompt when it has none) as the encoder input; the decoder starts from
+    its start token."""
+
+    def __init__(self, loaded, opts: ImageToTextOptions):
+        from transformers import AutoProcessor
+
+        if opts.task:
+            raise UsageError("T5Gemma 2 takes no --task; pass its input text with --prompt")
+        with _quiet_transformers():
+            try:
+                self.processor = AutoProcessor.from_pretrained(loaded.path)
+                boi = self.processor.tokenizer.boi_token
+            except (OSError, ValueError, TypeError, AttributeError) as e:
+                raise UsageError(
+                    f"the T5Gemma 2 model in {loaded.path} has no usable image processor and processor "
+                    f"(processor_config.json, preprocessor_config.json): {e}"
+                ) from None
+        text = opts.prompt or ""
+        if boi not in text:
+            text = boi + text
+        # one token layout for every image (a fixed number of image tokens): made once here, so the
+        # worker threads never share the tokenizer
+        from PIL import Image
+
+        with _quiet_transformers():
+            size = getattr(self.processor.image_processor, "size", None) or {}
+            blank = Image.new("RGB", (size.get("width", 64), size.get("height", 64)))
+            self.input_ids = [int(t) for t in self.processor(text=text, images=blank)["input_ids"][0]]
+        self.tok = loaded.tokenizer
+        self.prompt = decoder_prompt(loaded.generation_config, loaded.config)
+
+    def prepare(self, source):
+        image = load_image(source)
+        with _quiet_transformers():
+            pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+        return {"pixel_values": pixels, "input_ids": self.input_ids}, image.size
+
+
 def image_reader(loaded, opts: ImageToTextOptions) -> ImageReader:
     if loaded.architecture == "Florence2ForConditionalGeneration":
         return Florence2Reader(loaded, opts)
+    if loaded.architecture == "T5Gemma2ForConditionalGeneration":
+        return T5Gemma2Reader(loaded, opts)
     return ImageReader(loaded, opts)
 
 
