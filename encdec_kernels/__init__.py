@@ -21,7 +21,7 @@ import torch
 
 from encdec_kernels import reference
 from encdec_kernels.checks import SHARED_KV_TILE_ROWS
-from encdec_kernels.reference import RelBias
+from encdec_kernels.reference import FP8_DTYPE, RelBias
 
 __all__ = [
     "RelBias",
@@ -41,6 +41,7 @@ __all__ = [
     "use_triton",
     "prefers_absorbed_cross",
     "SHARED_KV_TILE_ROWS",
+    "FP8_DTYPE",
 ]
 
 
@@ -95,27 +96,29 @@ def varlen_attention(
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
-    window=None, softcap=None,
+    window=None, softcap=None, k_scales=None, v_scales=None,
 ):  # fmt: skip
     extra = {} if window is None and softcap is None else {"window": window, "softcap": softcap}
+    if k_scales is not None:
+        extra.update(k_scales=k_scales, v_scales=v_scales)
     return _attention_impl(q, "paged", window, softcap).paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
         scale=scale, causal=causal, rel_bias=rel_bias, **extra,
     )  # fmt: skip
 
 
-def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, row_scales=None):
     return _impl(q, "shared_kv").shared_kv_attention(
-        q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale
+        q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale, row_scales=row_scales
     )
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    return _impl(k, "paged").store_kv(k, v, k_cache, v_cache, slot_mapping)
+def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None):
+    return _impl(k, "paged").store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales)
 
 
-def store_rows(x, rows, slot_mapping):
-    return _impl(x, "shared_kv").store_rows(x, rows, slot_mapping)
+def store_rows(x, rows, slot_mapping, row_scales=None):
+    return _impl(x, "shared_kv").store_rows(x, rows, slot_mapping, row_scales)
 
 
 def prefers_absorbed_cross(device: torch.device, dtype: torch.dtype, num_heads: int, d_model: int) -> bool:

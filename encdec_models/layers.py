@@ -206,10 +206,16 @@ class Attention(nn.Module):
         self.out_proj = Linear(inner, cfg.d_model, bias=cfg.bias)
         self.k_cache = self.v_cache = None  # [NB, BS, H, D] views bound by the engine
         self.cross_rows = None  # cross, absorbed: encoder-output rows [C, NB, BS, d] (bind_cache)
+        # fp8 pools: float32 scales, one per cached (token, head) row [NB, BS, H] / encoder row [C, NB, RC]
+        self.k_scales = self.v_scales = self.row_scales = None
 
     def _split(self, qkv):
         q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)  # each [T, H, D]
         return q, k, v
+
+    def _scales(self) -> dict:
+        """The fp8 cache's scales for the kernels (none for a cache in the model's dtype)."""
+        return {} if self.k_scales is None else {"k_scales": self.k_scales, "v_scales": self.v_scales}
 
     def _extra(self) -> dict:
         """Sliding window / soft-capping keywords for the kernels (none for the other models)."""
@@ -236,7 +242,7 @@ class Attention(nn.Module):
         rotary, rel_bias = _split_position(rel_bias)
         if rotary is not None:
             q, k = rotary.apply(q, k)
-        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scales, self.v_scales)
         o = encdec_kernels.paged_attention(
             q,
             self.k_cache,
@@ -249,6 +255,7 @@ class Attention(nn.Module):
             causal=True,
             rel_bias=rel_bias,
             **self._extra(),
+            **self._scales(),
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
@@ -272,6 +279,7 @@ class Attention(nn.Module):
                 meta.cu_seqlens_q,
                 meta.max_seqlen_q,
                 scale=self.scale,
+                row_scales=self.row_scales,
             ).transpose(0, 1)  # [H, Tq, d]
             if self.kv_proj.bias is None:
                 ov = torch.bmm(o, w[1].transpose(1, 2))
@@ -289,13 +297,14 @@ class Attention(nn.Module):
             scale=self.scale,
             causal=False,
             **self._extra(),
+            **self._scales(),
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
     def write_cross(self, hidden, slot_mapping):
         """hidden: [T_enc, d] encoder output; slot_mapping: [T_enc] cross-cache slots."""
         k, v = self.kv_proj(hidden).view(-1, 2, self.h, self.d).unbind(1)
-        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping)
+        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping, self.k_scales, self.v_scales)
 
 
 class MLP(nn.Module):
