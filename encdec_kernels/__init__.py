@@ -107,7 +107,9 @@ def paged_attention(
     )  # fmt: skip
 
 
-def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, row_scales=None):
+def shared_kv_attention(
+    q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, row_scales=None
+):
     return _impl(q, "shared_kv").shared_kv_attention(
         q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale, row_scales=row_scales
     )

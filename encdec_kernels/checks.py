@@ -52,7 +52,9 @@ def check_scales(cache, scales, name, contiguous=False):
         or scales.device != cache.device
     ):
         desc = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales)
-        raise ValueError(f"{name}_scales must be float32 {tuple(cache.shape[:-1])} on {cache.device}, got {desc}")
+        raise ValueError(
+            f"{name}_scales must be float32 {tuple(cache.shape[:-1])} on {cache.device}, got {desc}"
+        )
     if (contiguous and not scales.is_contiguous()) or (scales.shape[-1] > 1 and scales.stride(-1) != 1):
         raise ValueError(f"{name}_scales must be contiguous{'' if contiguous else ' in the last dim'}")
 

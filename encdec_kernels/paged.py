@@ -190,11 +190,13 @@ def _paged_attn_kernel(
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
-                                 stride_vs, ks_base, vs_base, stride_sb, stride_ss, table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len,
+                                 stride_vs, ks_base, vs_base, stride_sb, stride_ss, table_row, lut_center,
+                                 max_dist, q_pos, bias_q_pos, seq_len,
                                  lo_s, mid_s, scale, exp2_scale, False, IS_CAUSAL, HAS_BIAS, USE_DOT,
                                  HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION, FP8)
     acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
-                                 stride_vs, ks_base, vs_base, stride_sb, stride_ss, table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len,
+                                 stride_vs, ks_base, vs_base, stride_sb, stride_ss, table_row, lut_center,
+                                 max_dist, q_pos, bias_q_pos, seq_len,
                                  mid_s, hi_s, scale, exp2_scale, True, IS_CAUSAL, HAS_BIAS, USE_DOT,
                                  HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION, FP8)
 

@@ -181,7 +181,9 @@ def _split_d(d: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
-def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, row_scales=None):
+def shared_kv_attention(
+    q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, row_scales=None
+):
     """Attention of H query heads over one key head per sequence whose keys are also its values:
     softmax(scale * q . r) . r over the sequence's rows r. This is cross-attention with the K and V
     projections absorbed into the query and the output (see ``encdec_models.layers.Attention.cross``):
@@ -313,7 +315,8 @@ def store_rows(x, rows, slot_mapping, row_scales=None):
     fp8 = row_scales is not None
     sc_strides = (row_scales.stride(1), row_scales.stride(2)) if fp8 else (0, 0)
     _store_rows_kernel[(x.shape[0],)](
-        x, rows, slot_mapping, row_scales if fp8 else slot_mapping, x.stride(0), rows.stride(1), rows.stride(2),
+        x, rows, slot_mapping, row_scales if fp8 else slot_mapping, x.stride(0), rows.stride(1),
+        rows.stride(2),
         *sc_strides, rows.shape[2], D=x.shape[1], BLOCK_D=min(1024, triton.next_power_of_2(x.shape[1])),
         FP8=fp8, num_warps=4, **pdl_launch(x),
     )  # fmt: skip

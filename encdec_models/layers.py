@@ -242,7 +242,9 @@ class Attention(nn.Module):
         rotary, rel_bias = _split_position(rel_bias)
         if rotary is not None:
             q, k = rotary.apply(q, k)
-        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scales, self.v_scales)
+        encdec_kernels.store_kv(
+            k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scales, self.v_scales
+        )
         o = encdec_kernels.paged_attention(
             q,
             self.k_cache,

@@ -101,7 +101,8 @@ class Engine:
             "KV pool: %d blocks of %d tokens (%.0f MiB) on %s, %s; cross-attention %s",
             num_blocks,
             self.config.block_size,
-            num_blocks * ModelRunner.bytes_per_block(self.model, self.config.block_size, self.runner.cache_dtype)
+            num_blocks
+            * ModelRunner.bytes_per_block(self.model, self.config.block_size, self.runner.cache_dtype)
             / 2**20,
             self.device,
             self.kv_dtype_name,

@@ -241,8 +241,12 @@ class ModelRunner:
                 for g in groups]  # fmt: skip
         slots = np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
         if len(slots):
-            zeros = torch.zeros((len(slots), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device)
-            encdec_kernels.store_rows(zeros, self.encoder_rows, self._tensor(slots, torch.long), self.row_scales)
+            zeros = torch.zeros(
+                (len(slots), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device
+            )
+            encdec_kernels.store_rows(
+                zeros, self.encoder_rows, self._tensor(slots, torch.long), self.row_scales
+            )
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:

@@ -70,7 +70,9 @@ def test_paged_fp8_t5_bias_and_public_entry(paged, gen):
 @pytest.mark.parametrize("width,heads,q_lens", [(32, 3, [1, 1, 1]), (48, 20, [1, 1, 1]), (40, 6, [3, 1, 2])])
 @pytest.mark.parametrize("splits", [1, 3])
 def test_shared_kv_fp8_matches_reference(shared_kv, gen, width, heads, q_lens, splits):
-    case = shared_kv_inputs([5, 37, 70], q_lens, heads, width, 2, 8, torch.float32, "cpu", pad_rows=2, gen=gen)
+    case = shared_kv_inputs(
+        [5, 37, 70], q_lens, heads, width, 2, 8, torch.float32, "cpu", pad_rows=2, gen=gen
+    )
     rows, sc = _fp8(case.rows)  # contiguous copies of the strided view; scales [C, NB, RC]
     args = (case.q, rows, case.block_tables, case.seq_lens, case.cu_seqlens_q, case.max_seqlen_q)
     ref = reference.shared_kv_attention(*args, scale=width**-0.5, row_scales=sc)
