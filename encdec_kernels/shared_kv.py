@@ -24,6 +24,10 @@ __all__ = ["shared_kv_attention", "store_rows"]
 # or two programs fill an SM: split the keys until about SHARED_SPLIT_PER_SM run.
 SHARED_KV_TILES = {"BLOCK_R": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 INTERPRET_SHARED_KV_TILES = {"BLOCK_R": 16, "BLOCK_N": 16}  # CPU tensors (Triton interpreter): small tiles
+# fp8 rows convert to q's dtype in registers before each product, which holds the [BLOCK_N, d] tile
+# there: half the key rows per tile keep ptxas' spills below the bf16 variant's (sm_90, d 1280;
+# tests/kernels/test_fp8_compile.py)
+SHARED_KV_TILES_FP8 = {**SHARED_KV_TILES, "BLOCK_N": 16}
 SHARED_SPLIT_PER_SM = 2
 SHARED_SPLIT_MAX = 32
 
@@ -254,7 +258,8 @@ def _launch_shared_kv(
     out = torch.empty((h, tq, d), device=q.device, dtype=q.dtype).transpose(0, 1)
     if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
         return out
-    cfg = dict(SHARED_KV_TILES if q.is_cuda else INTERPRET_SHARED_KV_TILES)
+    fp8 = row_scales is not None
+    cfg = dict((SHARED_KV_TILES_FP8 if fp8 else SHARED_KV_TILES) if q.is_cuda else INTERPRET_SHARED_KV_TILES)
     cfg.update(tiles or {})
     block_r, block_n = cfg.pop("BLOCK_R"), cfg.pop("BLOCK_N")
     num_groups = triton.cdiv(max_seqlen_q * h, block_r)
@@ -270,7 +275,6 @@ def _launch_shared_kv(
     else:
         o_part = lse_part = out  # unused
     d0, d1 = _split_d(d)
-    fp8 = row_scales is not None
     sc_strides = row_scales.stride() if fp8 else (0, 0, 0)
     # fmt: off
     _shared_kv_kernel[(num_seqs * num_groups, num_splits)](
