@@ -21,7 +21,7 @@ import torch
 
 from encdec_kernels import reference
 from encdec_kernels.checks import SHARED_KV_TILE_ROWS
-from encdec_kernels.reference import RelBias
+from encdec_kernels.reference import FP8_DTYPE, RelBias
 
 __all__ = [
     "RelBias",
@@ -42,6 +42,7 @@ __all__ = [
     "use_triton",
     "prefers_absorbed_cross",
     "SHARED_KV_TILE_ROWS",
+    "FP8_DTYPE",
 ]
 
 
@@ -96,12 +97,14 @@ def varlen_attention(
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
-    window=None, softcap=None, return_lse=False,
+    window=None, softcap=None, return_lse=False, k_scales=None, v_scales=None,
 ):  # fmt: skip
     """See ``reference.paged_attention``; return_lse=True returns (out, lse [Tq, H] natural logs)."""
     extra = {} if window is None and softcap is None else {"window": window, "softcap": softcap}
     if return_lse:
         extra["return_lse"] = True
+    if k_scales is not None:
+        extra.update(k_scales=k_scales, v_scales=v_scales)
     if softcap is None and (causal or window is None) and use_triton(q):  # the kernel has causal windows
         extra.pop("softcap", None)
         return _impl(q, "paged").paged_attention(
@@ -120,18 +123,20 @@ def merge_attention(o_a, lse_a, o_b, lse_b):
     return reference.merge_attention(o_a, lse_a, o_b, lse_b)
 
 
-def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+def shared_kv_attention(
+    q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, row_scales=None
+):
     return _impl(q, "shared_kv").shared_kv_attention(
-        q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale
+        q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale=scale, row_scales=row_scales
     )
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
-    return _impl(k, "paged").store_kv(k, v, k_cache, v_cache, slot_mapping)
+def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None):
+    return _impl(k, "paged").store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales)
 
 
-def store_rows(x, rows, slot_mapping):
-    return _impl(x, "shared_kv").store_rows(x, rows, slot_mapping)
+def store_rows(x, rows, slot_mapping, row_scales=None):
+    return _impl(x, "shared_kv").store_rows(x, rows, slot_mapping, row_scales)
 
 
 def prefers_absorbed_cross(device: torch.device, dtype: torch.dtype, num_heads: int, d_model: int) -> bool:

@@ -9,6 +9,8 @@ import torch
 from encdec_kernels.reference import RelBias
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# caches may also hold fp8 e4m3 values, with float32 scales (reference.quantize_rows)
+CACHE_DTYPES = (*SUPPORTED_DTYPES, torch.float8_e4m3fn)
 MAX_HEAD_DIM = 256  # largest head dim the attention tiles are sized for (one [BLOCK, D] tile per operand)
 # shared_kv_attention on Hopper loads whole tiles of this many rows and masks only the scores, so
 # the rows after a sequence's last one, to the end of its tile, must be finite (the engine writes
@@ -31,6 +33,30 @@ def check_tensor(name, t, ndim, dtypes=SUPPORTED_DTYPES, device=None, contiguous
         raise ValueError(f"{name} must be contiguous; call .contiguous() on it")
     if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(f"{name} must be contiguous in its last dim (stride 1), got strides {t.stride()}")
+
+
+def check_scales(cache, scales, name, contiguous=False):
+    """An fp8 cache comes with float32 scales of its shape without the last dim (one per row;
+    contiguous if asked, else contiguous in the last dim); other caches with none."""
+    fp8 = cache.dtype == torch.float8_e4m3fn
+    if scales is None:
+        if fp8:
+            raise ValueError(f"{name}: an fp8 cache needs its float32 scales ({name}_scales)")
+        return
+    if not fp8:
+        raise ValueError(f"{name}_scales are for fp8 caches only; the cache is {cache.dtype}")
+    if (
+        not isinstance(scales, torch.Tensor)
+        or scales.dtype != torch.float32
+        or tuple(scales.shape) != tuple(cache.shape[:-1])
+        or scales.device != cache.device
+    ):
+        desc = f"{scales.dtype} {tuple(scales.shape)}" if isinstance(scales, torch.Tensor) else type(scales)
+        raise ValueError(
+            f"{name}_scales must be float32 {tuple(cache.shape[:-1])} on {cache.device}, got {desc}"
+        )
+    if (contiguous and not scales.is_contiguous()) or (scales.shape[-1] > 1 and scales.stride(-1) != 1):
+        raise ValueError(f"{name}_scales must be contiguous{'' if contiguous else ' in the last dim'}")
 
 
 def check_index(name, t, ndim, device):

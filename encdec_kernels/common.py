@@ -25,6 +25,7 @@ from encdec_kernels.pdl import pdl_launch
 LOG2E = 1.4426950408889634  # 1 / ln(2): softmax in base 2, exp(x) == exp2(x * LOG2E)
 NEG_INIT = tl.constexpr(-1.0e30)  # finite start for the running max: fully masked tiles never give inf - inf
 MIN_DOT = tl.constexpr(16)  # tl.dot needs every tile dim >= 16
+FP8_MAX = tl.constexpr(448.0)  # largest finite e4m3fn value (reference.FP8_MAX)
 
 # Split-KV (flash-decoding) heuristic, see num_kv_splits.
 SPLIT_PROGRAMS_PER_SM = 4  # split until ~4 programs per SM run: batch-1 Whisper cross = 24 splits x 20 heads
@@ -120,6 +121,17 @@ def softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT: tl.constexpr, DOT_P
         BLOCK_N: tl.constexpr = v.shape[0]
         acc += tl.sum(tl.reshape(p, (BLOCK_N, 1)) * v.to(tl.float32), 0)[None, :]
     return acc, m_new, l_i
+
+
+@triton.jit
+def quantize_rows(x):
+    """x [R, C] -> (x / s [R, C] float32 within +-FP8_MAX, s [R] float32): one scale per row,
+    s = max|x| / FP8_MAX (1 for an all-zero row), as ``reference.quantize_rows``; the caller
+    stores the first as e4m3 (round to nearest)."""
+    xf = x.to(tl.float32)
+    amax = tl.max(tl.abs(xf), 1)
+    s = tl.where(amax > 0.0, amax / FP8_MAX, 1.0)
+    return tl.clamp(xf / s[:, None], -FP8_MAX, FP8_MAX), s
 
 
 @triton.jit(do_not_specialize=["num_splits"])

@@ -25,7 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
-from encdec_kernels.checks import check_head_dim, check_rel_bias, check_scale, check_tables, check_tensor
+from encdec_kernels.checks import (
+    CACHE_DTYPES,
+    check_head_dim,
+    check_rel_bias,
+    check_scale,
+    check_scales,
+    check_tables,
+    check_tensor,
+)
 from encdec_kernels.common import (
     LOG2E,
     MIN_DOT,
@@ -34,6 +42,7 @@ from encdec_kernels.common import (
     load_rows,
     merge_splits_kernel,
     num_kv_splits,
+    quantize_rows,
     scores,
     softmax_update,
     tile_dim,
@@ -66,12 +75,17 @@ def _bucket_bias(table_row, lut_center, q_pos, k_pos, max_dist):
 
 @triton.jit
 def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb, stride_vs,
+                 ks_base, vs_base, stride_sb, stride_ss,
                  table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len, lo, hi, scale, exp2_scale,
                  window, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr,
                  HAS_WINDOW: tl.constexpr,
                  USE_DOT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Key tiles [lo, hi) of one query tile, keys gathered through the block table."""
+                 BLOCK_N: tl.constexpr, CACHE_BLOCK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 FP8: tl.constexpr):
+    """Key tiles [lo, hi) of one query tile, keys gathered through the block table. FP8: the
+    caches hold e4m3 values with a float32 scale per (token, head) row (ks_base / vs_base); the fp8
+    tiles convert exactly to q's dtype, a key's scale multiplies its score column and a value's
+    scale its row (dequantized in registers)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
@@ -84,7 +98,17 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
         slot = cols % CACHE_BLOCK
         k_ptrs = k_base + (blk * stride_kb + slot * stride_ks)[:, None] + offs_d[None, :]
         k = load_rows(k_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        s = scores(q, k, USE_DOT, DOT_PRECISION)
+        if FP8:
+            s_off = blk * stride_sb + slot * stride_ss
+            if MASKED:
+                k_sc = tl.load(ks_base + s_off, mask=cols < seq_len, other=0.0)
+                v_sc = tl.load(vs_base + s_off, mask=cols < seq_len, other=0.0)
+            else:
+                k_sc = tl.load(ks_base + s_off)
+                v_sc = tl.load(vs_base + s_off)
+            s = scores(q, k.to(q.dtype), USE_DOT, DOT_PRECISION) * k_sc[None, :]
+        else:
+            s = scores(q, k, USE_DOT, DOT_PRECISION)
         if HAS_BIAS:  # natural units: scale * q.k + bias (exp2_scale is then LOG2E)
             s = tl.fma(s, scale, _bucket_bias(table_row, lut_center, bias_q_pos, cols, max_dist))
         if MASKED:
@@ -96,6 +120,8 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
             s = tl.where(keep, s, float("-inf"))
         v_ptrs = v_base + (blk * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :]
         v = load_rows(v_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        if FP8:
+            v = (v.to(tl.float32) * v_sc[:, None]).to(q.dtype)
         acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT, DOT_PRECISION)
     return acc, m_i, l_i
 
@@ -103,16 +129,18 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
 @triton.jit(do_not_specialize=["num_q_tiles", "num_splits", "window"])
 def _paged_attn_kernel(
     Q, K_CACHE, V_CACHE, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q,
+    K_SCALES, V_SCALES,  # fp8 caches (FP8): float32 scales [NB, BS, H], one per (token, head) row
     TABLE, LUT,  # T5 bias: RelBias.table [H, NBK] float32, bucket of each distance [2 * max_dist + 1] int32
     O_PART, LSE_PART,  # split partials [Tq, H, S, BLOCK_D] / [Tq, H, S] float32 (only if IS_SPLIT)
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+    stride_sb, stride_ss, stride_sh,
     stride_bt, stride_table_h,
     num_heads, num_q_tiles, num_splits, max_dist, scale, exp2_scale, window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SINGLE_QUERY: tl.constexpr,
-    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     # Axis 0: (query tile, head, sequence), query tiles fastest; axis 1: key split.
     if PDL:  # encdec_kernels/pdl.py: the next kernel may launch; q and the new K/V are ready after the wait
@@ -164,6 +192,8 @@ def _paged_attn_kernel(
 
     k_base = K_CACHE + off_h * stride_kh
     v_base = V_CACHE + off_h * stride_vh
+    ks_base = K_SCALES + off_h * stride_sh
+    vs_base = V_SCALES + off_h * stride_sh
     bt_row = BLOCK_TABLES + off_b.to(tl.int64) * stride_bt
     table_row = TABLE + off_h * stride_table_h
     lut_center = LUT + max_dist
@@ -171,13 +201,17 @@ def _paged_attn_kernel(
     l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
     acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
-                                 stride_vs, table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len,
+                                 stride_vs, ks_base, vs_base, stride_sb, stride_ss, table_row, lut_center,
+                                 max_dist, q_pos, bias_q_pos, seq_len,
                                  lo_s, mid_s, scale, exp2_scale, window, False, IS_CAUSAL, HAS_BIAS,
-                                 HAS_WINDOW, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION)
+                                 HAS_WINDOW, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION,
+                                 FP8)
     acc, m_i, l_i = _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb,
-                                 stride_vs, table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len,
+                                 stride_vs, ks_base, vs_base, stride_sb, stride_ss, table_row, lut_center,
+                                 max_dist, q_pos, bias_q_pos, seq_len,
                                  mid_s, hi_s, scale, exp2_scale, window, True, IS_CAUSAL, HAS_BIAS,
-                                 HAS_WINDOW, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION)
+                                 HAS_WINDOW, USE_DOT, HEAD_DIM, BLOCK_D, BLOCK_N, CACHE_BLOCK, DOT_PRECISION,
+                                 FP8)
 
     # Rows without any key (empty split, or seq_len == 0 padding) give 0 and lse = -inf.
     has_keys = l_i > 0.0
@@ -194,9 +228,12 @@ def _paged_attn_kernel(
 
 
 @triton.jit
-def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_kt, stride_kh, stride_vt, stride_vh, num_heads,
-                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """One program per token: copy its [H, D] K and V rows into cache slot SLOTS[t] (-1 = skip)."""
+def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALES, V_SCALES, stride_kt, stride_kh, stride_vt,
+                     stride_vh, num_heads, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                     BLOCK_D: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+    """One program per token: copy its [H, D] K and V rows into cache slot SLOTS[t] (-1 = skip).
+    FP8: each (token, head) row is quantized to e4m3 with its own scale (written to the
+    contiguous [NB, BS, H] float32 K_SCALES / V_SCALES)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -210,6 +247,11 @@ def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, stride_kt, stride_kh, stride
     k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
     dst = slot * num_heads * HEAD_DIM + offs_h[:, None] * HEAD_DIM + offs_d[None, :]  # caches are contiguous
+    if FP8:
+        k, k_sc = quantize_rows(k)
+        v, v_sc = quantize_rows(v)
+        tl.store(K_SCALES + slot * num_heads + offs_h, k_sc, mask=offs_h < num_heads)
+        tl.store(V_SCALES + slot * num_heads + offs_h, v_sc, mask=offs_h < num_heads)
     tl.store(K_CACHE + dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
     tl.store(V_CACHE + dst, v.to(V_CACHE.dtype.element_ty), mask=mask)
 
@@ -237,7 +279,7 @@ def _paged_block_n(block_d: int) -> int:
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
-    window=None, return_lse=False,
+    window=None, return_lse=False, k_scales=None, v_scales=None,
 ):  # fmt: skip
     """Decoder attention over a paged cache: 1..k query tokens per sequence.
 
@@ -249,19 +291,26 @@ def paged_attention(
     causal=True (self-attention): the i-th of q_len queries sits at position seq_len - q_len + i
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
     rel_bias: T5 bias on key_pos - query_pos. window (causal only): a sliding window, keys ``window``
-    or more positions before the query are masked. scale: python float > 0. Returns a new [Tq, H, D]
-    tensor; with return_lse, (out, lse [Tq, H] float32: the natural log of each query and head's
-    softmax sum, from the split partials, which this path always writes). No host sync: safe inside
-    CUDA-graph capture after one warm-up call per configuration (compiles the kernels, caches the
-    T5 bucket table).
+    or more positions before the query are masked. scale: python float > 0. fp8 (e4m3) caches come
+    with k_scales, v_scales: [NB, BS, H] float32 contiguous, one scale per (token, head) row; the
+    kernel reads the fp8 values and dequantizes in registers. Returns a new [Tq, H, D] tensor; with
+    return_lse, (out, lse [Tq, H] float32: the natural log of each query and head's softmax sum,
+    from the split partials, which this path always writes). No host sync: safe inside CUDA-graph
+    capture after one warm-up call per configuration (compiles the kernels, caches the T5 bucket
+    table).
     """
     check_tensor("q", q, 3)
-    check_tensor("k_cache", k_cache, 4, device=q.device, contiguous=True)
-    check_tensor("v_cache", v_cache, 4, device=q.device, contiguous=True)
+    check_tensor("k_cache", k_cache, 4, CACHE_DTYPES, device=q.device, contiguous=True)
+    check_tensor("v_cache", v_cache, 4, CACHE_DTYPES, device=q.device, contiguous=True)
     h, d = q.shape[1:]
-    if k_cache.shape != v_cache.shape or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    check_scales(k_cache, k_scales, "k", contiguous=True)
+    check_scales(v_cache, v_scales, "v", contiguous=True)
+    if k_scales is not None and k_scales.stride() != v_scales.stride():
+        raise ValueError("k_scales and v_scales must have the same strides")
+    want = torch.float8_e4m3fn if k_scales is not None else q.dtype
+    if k_cache.shape != v_cache.shape or k_cache.dtype != want or v_cache.dtype != want:
         raise ValueError(
-            f"k_cache and v_cache must share shape and q's dtype {q.dtype}, got "
+            f"k_cache and v_cache must share shape and the dtype {want}, got "
             f"{tuple(k_cache.shape)} {k_cache.dtype} and {tuple(v_cache.shape)} {v_cache.dtype}"
         )
     if tuple(k_cache.shape[2:]) != (h, d):
@@ -281,7 +330,7 @@ def paged_attention(
         )
     return _launch_paged(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, causal, rel_bias,
-        return_lse=return_lse, window=window,
+        return_lse=return_lse, window=window, k_scales=k_scales, v_scales=v_scales,
     )  # fmt: skip
 
 
@@ -302,6 +351,8 @@ def _launch_paged(
     num_stages=None,
     return_lse=False,
     window=None,
+    k_scales=None,
+    v_scales=None,
 ):
     """paged_attention without the input checks; num_splits, block_n, num_warps, num_stages
     override the built-in choices (tests and benchmarks)."""
@@ -338,12 +389,17 @@ def _launch_paged(
     else:
         o_part = lse_part = out  # unused
     has_bias = rel_bias is not None
+    fp8 = k_scales is not None
+    if not fp8:
+        k_scales = v_scales = table  # never read
     # fmt: off
     _paged_attn_kernel[(num_q_tiles * h * num_seqs, num_splits)](
-        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, table, lut, o_part, lse_part,
+        q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, k_scales, v_scales, table, lut,
+        o_part, lse_part,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_scales.stride(0) if fp8 else 0, k_scales.stride(1) if fp8 else 0, 1,  # scales [NB, BS, H]
         block_tables.stride(0), table.stride(0),
         h, num_q_tiles, num_splits, max_dist, float(scale),
         LOG2E if has_bias else float(scale) * LOG2E,  # exp2_scale: with bias the scores are scaled first
@@ -351,7 +407,7 @@ def _launch_paged(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=block_n, CACHE_BLOCK=k_cache.shape[1],
         IS_CAUSAL=bool(causal), HAS_BIAS=has_bias, HAS_WINDOW=window is not None,
         SINGLE_QUERY=max_seqlen_q == 1 and has_bias,
-        IS_SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
+        IS_SPLIT=split, DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
         num_warps=num_warps or (2 if block_q <= MIN_DOT.value else 4),
         num_stages=num_stages or (2 if block_q <= MIN_DOT.value else 3),  # prefetch depth of the K/V loads
         **pdl_launch(q),
@@ -369,17 +425,20 @@ def _launch_paged(
     return out
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
+def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None):
     """Write new K/V rows into cache slots (in place).
 
     k, v: [N, H, D] (any token/head strides, last dim contiguous); k_cache, v_cache:
     [NB, BS, H, D] contiguous; slot_mapping: [N] int64, slot = block * BS + offset, -1 = skip.
-    Values are cast to the cache dtype.
+    Values are cast to the cache dtype; fp8 (e4m3) caches: each (token, head) row is quantized
+    with its own scale, written to k_scales / v_scales [NB, BS, H] float32 contiguous.
     """
     check_tensor("k", k, 3)
     check_tensor("v", v, 3, device=k.device, first="k")
-    check_tensor("k_cache", k_cache, 4, device=k.device, contiguous=True, first="k")
-    check_tensor("v_cache", v_cache, 4, device=k.device, contiguous=True, first="k")
+    check_tensor("k_cache", k_cache, 4, CACHE_DTYPES, device=k.device, contiguous=True, first="k")
+    check_tensor("v_cache", v_cache, 4, CACHE_DTYPES, device=k.device, contiguous=True, first="k")
+    check_scales(k_cache, k_scales, "k", contiguous=True)
+    check_scales(v_cache, v_scales, "v", contiguous=True)
     if v.shape != k.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
@@ -402,10 +461,13 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping):
     if n == 0:
         return
     block_h, block_d = triton.next_power_of_2(h), triton.next_power_of_2(d)
+    fp8 = k_scales is not None
+    if not fp8:
+        k_scales = v_scales = slot_mapping  # never read
     # fmt: off
     _store_kv_kernel[(n,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1), h,
-        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d,
+        k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales, k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), h, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8,
         num_warps=max(1, min(8, block_h * block_d // 256)),  # ~256 elements (8 per thread) per warp
         **pdl_launch(k),
     )

@@ -136,37 +136,90 @@ def varlen_attention(
     return out
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping):
+# fp8 caches (``EngineConfig.kv_dtype``): e4m3 values with one float32 scale per row of the last
+# dim (a (token, head) row of D for K/V caches, an encoder row of d_model for the absorbed row
+# cache). A row x is stored as round(x / s) with s = max|x| / FP8_MAX (1 for an all-zero row) and
+# read as fp8 * s. The scale tensors have the cache's shape without its last dim.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] -> (fp8 values [..., D], float32 scales [...]), one scale per row."""
+    xf = x.float()
+    amax = xf.abs().amax(-1)
+    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (xf / s[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s
+
+
+def dequantize_rows(x: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+    """fp8 values [..., D] and their scales [...] -> float32 (x itself when scales is None)."""
+    return x if scales is None else x.float() * scales[..., None].float()
+
+
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """fp8 tensors as uint8 bytes (indexing and index-assignment are not implemented for float8 on
+    every device); other dtypes unchanged."""
+    return t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+
+
+def _gather(t: torch.Tensor, index) -> torch.Tensor:
+    """t[index] for any dtype (fp8 through its bytes)."""
+    return _raw(t)[index].view(t.dtype)
+
+
+def _quantize_for(cache: torch.Tensor, scales, x: torch.Tensor, what: str):
+    """x cast for ``cache`` ([N, ...] values to write; fp8 caches: quantized) and the scales to
+    write with them (None unless fp8)."""
+    if cache.dtype != FP8_DTYPE:
+        if scales is not None:
+            raise ValueError(f"{what}: scales are for fp8 caches only, the cache is {cache.dtype}")
+        return x.to(cache.dtype), None
+    if scales is None:
+        raise ValueError(f"{what}: an fp8 cache needs its float32 scales")
+    return quantize_rows(x)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None):
     """Write new K/V rows into cache slots.
 
     k, v: [N, H, D]; k_cache, v_cache: [NB, BS, H, D]; slot_mapping: [N] int64, slot =
-    block * BS + offset, -1 = skip (padding).
+    block * BS + offset, -1 = skip (padding). fp8 caches: each (token, head) row is quantized with
+    its own scale, written to k_scales / v_scales [NB, BS, H] float32.
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
+    for x, cache, sc, name in ((k, k_cache, k_scales, "k_cache"), (v, v_cache, v_scales, "v_cache")):
+        vals, s = _quantize_for(cache, sc, x[keep], name)
+        _raw(cache).view(-1, *cache.shape[2:])[slots] = _raw(vals)
+        if s is not None:
+            sc.view(-1, sc.shape[2])[slots] = s
 
 
-def store_rows(x, rows, slot_mapping):
+def store_rows(x, rows, slot_mapping, row_scales=None):
     """Write rows x [N, d] into a row cache rows [C, NB, RC, d]: slot = (c * NB + block) * RC + r
-    puts x[i] at rows[c, block, r]; -1 = skip."""
+    puts x[i] at rows[c, block, r]; -1 = skip. fp8 rows: each row quantized with its own scale,
+    written to row_scales [C, NB, RC] float32."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     nb, rc = rows.shape[1], rows.shape[2]
-    rows[slots // (nb * rc), slots // rc % nb, slots % rc] = x[keep].to(rows.dtype)
+    vals, s = _quantize_for(rows, row_scales, x[keep], "rows")
+    index = (slots // (nb * rc), slots // rc % nb, slots % rc)
+    _raw(rows)[index] = _raw(vals)
+    if s is not None:
+        row_scales[index] = s
 
 
 def gather_paged(cache, block_table, n):
-    """First n rows of one sequence's paged cache: [n, H, D]."""
+    """First n rows of one sequence's paged cache [NB, BS, ...]: [n, ...]."""
     bs = cache.shape[1]
     nblk = (n + bs - 1) // bs
-    return cache[block_table[:nblk].long()].reshape(-1, *cache.shape[2:])[:n]
+    return _gather(cache, block_table[:nblk].long()).reshape(-1, *cache.shape[2:])[:n]
 
 
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
-    window=None, softcap=None, return_lse=False,
+    window=None, softcap=None, return_lse=False, k_scales=None, v_scales=None,
 ):  # fmt: skip
     """Decoder attention over a paged cache: 1..k query tokens per sequence.
 
@@ -177,6 +230,7 @@ def paged_attention(
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
     rel_bias: T5 causal bias on key_pos - query_pos. window: causal sliding window, keys
     ``window`` or more positions before the query are masked; softcap: Gemma's score soft-capping.
+    k_scales, v_scales: [NB, BS, H] float32 scales of fp8 caches (values are read as fp8 * scale).
     Returns [Tq, H, D]; with return_lse, (out, lse [Tq, H] float32: the natural log of each
     query and head's softmax sum, for ``merge_attention``).
     """
@@ -191,6 +245,9 @@ def paged_attention(
         n = lens[b]
         k = gather_paged(k_cache, block_tables[b], n)
         v = gather_paged(v_cache, block_tables[b], n)
+        if k_scales is not None:
+            k = dequantize_rows(k, gather_paged(k_scales, block_tables[b], n))
+            v = dequantize_rows(v, gather_paged(v_scales, block_tables[b], n))
         k_pos = torch.arange(n, device=q.device)
         q_pos = torch.arange(n - (e - s), n, device=q.device)
         mask = window_mask(q_pos, k_pos, causal, window)
@@ -203,18 +260,24 @@ def paged_attention(
 
 
 def gather_rows(rows, block_table, n):
-    """First n rows of one sequence in a row cache [C, NB, RC, d] (see shared_kv_attention): [n, d]."""
+    """First n rows of one sequence in a row cache [C, NB, RC, d] (see shared_kv_attention): [n, d]
+    (or, for its scales [C, NB, RC], the first n scales [n])."""
+    if rows.dim() == 3:
+        return gather_rows(rows[..., None], block_table, n)[:, 0]
     per_block = rows.shape[0] * rows.shape[2]
     nblk = (n + per_block - 1) // per_block
-    blocks = rows[:, block_table[:nblk].long()]  # [C, nblk, BS, d]
+    blocks = _raw(rows)[:, block_table[:nblk].long()].view(rows.dtype)  # [C, nblk, BS, d]
     return blocks.transpose(0, 1).reshape(-1, rows.shape[3])[:n]
 
 
-def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+def shared_kv_attention(
+    q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, row_scales=None
+):
     """H query heads over one key head per sequence whose keys are also its values (absorbed
     cross-attention). q: [Tq, H, d]; rows: [C, NB, RC, d], block n of a sequence's table holding
     its rows n*C*RC + r at rows[r // RC, block, r % RC]; block_tables: [B, max_blocks] int32;
-    seq_lens: [B] int32. Returns [Tq, H, d]."""
+    seq_lens: [B] int32. row_scales: [C, NB, RC] float32 scales of fp8 rows (read as fp8 * scale).
+    Returns [Tq, H, d]."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = seq_lens.tolist()
@@ -223,6 +286,8 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqle
         if e == s:
             continue
         kv = gather_rows(rows, block_tables[b], lens[b])
+        if row_scales is not None:
+            kv = dequantize_rows(kv, gather_rows(row_scales, block_tables[b], lens[b]))
         kv = kv[:, None].expand(-1, q.shape[1], -1)
         out[s:e] = _attend(q[s:e], kv, kv, scale)
     return out

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from encdec_kernels.checks import check_scale, check_tables, check_tensor
-from encdec_kernels.common import LOG2E, NEG_INIT, dot_precision, merge_rows, num_kv_splits
+from encdec_kernels.checks import CACHE_DTYPES, check_scale, check_scales, check_tables, check_tensor
+from encdec_kernels.common import FP8_MAX, LOG2E, NEG_INIT, dot_precision, merge_rows, num_kv_splits
 from encdec_kernels.pdl import pdl_launch
 
 __all__ = ["shared_kv_attention", "store_rows"]
@@ -24,6 +24,10 @@ __all__ = ["shared_kv_attention", "store_rows"]
 # or two programs fill an SM: split the keys until about SHARED_SPLIT_PER_SM run.
 SHARED_KV_TILES = {"BLOCK_R": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 INTERPRET_SHARED_KV_TILES = {"BLOCK_R": 16, "BLOCK_N": 16}  # CPU tensors (Triton interpreter): small tiles
+# fp8 rows convert to q's dtype in registers before each product, which holds the [BLOCK_N, d] tile
+# there: half the key rows per tile keep ptxas' spills below the bf16 variant's (sm_90, d 1280;
+# tests/kernels/test_fp8_compile.py)
+SHARED_KV_TILES_FP8 = {**SHARED_KV_TILES, "BLOCK_N": 16}
 SHARED_SPLIT_PER_SM = 2
 SHARED_SPLIT_MAX = 32
 
@@ -34,17 +38,20 @@ SHARED_SPLIT_MAX = 32
 
 @triton.jit(do_not_specialize=["num_groups", "num_splits"])
 def _shared_kv_kernel(
-    Q, ROWS, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, O_PART, LSE_PART,
+    Q, ROWS, Out, BLOCK_TABLES, SEQ_LENS, CU_SEQLENS_Q, O_PART, LSE_PART, ROW_SCALES,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_rc, stride_rb, stride_rr, stride_bt,
+    stride_sc, stride_sb, stride_sr,
     num_heads, num_groups, num_splits, exp2_scale,
     D_MODEL: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     ROWS_PER_CHUNK: tl.constexpr, ROWS_PER_BLOCK: tl.constexpr, IS_SPLIT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     """BLOCK_R (token, head) query rows of one sequence against its key rows [lo, hi) of this
     split; a key row is its value row too. Columns [0, D0) and [D0, D0 + D1) are two tiles (d_model
     need not be a power of two: 1280 = 1024 + 256). encdec_kernels/shared_kv_hopper.py is the fast
-    path on Hopper."""
+    path on Hopper. FP8: the rows are e4m3 with a float32 scale per row (ROW_SCALES [C, NB, RC]);
+    the tiles convert exactly to q's dtype and a row's scale multiplies its score column (keys)
+    and its probability column (values): dequantized without touching the [N, d] tiles."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     group = pid % num_groups
@@ -87,14 +94,24 @@ def _shared_kv_kernel(
         if D1 > 0:
             e1 = tl.load(key_rows[:, None] + offs_1[None, :], mask=col_ok[:, None] & d1_ok[None, :],
                          other=0.0)
+        if FP8:
+            sc = tl.load(ROW_SCALES + (r // ROWS_PER_CHUNK).to(tl.int64) * stride_sc + blk * stride_sb
+                         + (r % ROWS_PER_CHUNK) * stride_sr, mask=col_ok, other=0.0)
+            e0 = e0.to(q0.dtype)
+            if D1 > 0:
+                e1 = e1.to(q1.dtype)
         s = tl.dot(q0, tl.trans(e0), input_precision=DOT_PRECISION)  # [R, N]
         if D1 > 0:
             s = tl.dot(q1, tl.trans(e1), s, input_precision=DOT_PRECISION)
+        if FP8:
+            s = s * sc[None, :]
         s = tl.where(col_ok[None, :], s * exp2_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if FP8:
+            p = p * sc[None, :]
         acc0 = tl.dot(p.to(e0.dtype), e0, acc0 * alpha[:, None], input_precision=DOT_PRECISION)
         if D1 > 0:
             acc1 = tl.dot(p.to(e1.dtype), e1, acc1 * alpha[:, None], input_precision=DOT_PRECISION)
@@ -122,9 +139,12 @@ def _shared_kv_kernel(
 
 
 @triton.jit
-def _store_rows_kernel(X, ROWS, SLOTS, stride_xt, stride_rb, stride_rr, rows_per_chunk,
-                       D: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr):
-    """One program per row: copy X[t] into row slot % RC of chunk slot // RC (-1 = skip)."""
+def _store_rows_kernel(X, ROWS, SLOTS, ROW_SCALES, stride_xt, stride_rb, stride_rr, stride_sb, stride_sr,
+                       rows_per_chunk, D: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
+                       PDL: tl.constexpr):
+    """One program per row: copy X[t] into row slot % RC of chunk slot // RC (-1 = skip). FP8: the
+    row is quantized to e4m3 with one scale (max|x| / FP8_MAX, as reference.quantize_rows),
+    written to ROW_SCALES at the same slot."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -133,10 +153,25 @@ def _store_rows_kernel(X, ROWS, SLOTS, stride_xt, stride_rb, stride_rr, rows_per
     if slot < 0:
         return
     dst = ROWS + (slot // rows_per_chunk) * stride_rb + (slot % rows_per_chunk) * stride_rr
-    for d0 in range(0, D, BLOCK_D):
-        offs = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(X + t * stride_xt + offs, mask=offs < D)
-        tl.store(dst + offs, x.to(ROWS.dtype.element_ty), mask=offs < D)
+    if FP8:
+        amax = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(X + t * stride_xt + offs, mask=offs < D, other=0.0)
+            amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+        row_max = tl.max(amax, 0)
+        sc = tl.where(row_max > 0.0, row_max / FP8_MAX, 1.0)
+        tl.store(ROW_SCALES + (slot // rows_per_chunk) * stride_sb + (slot % rows_per_chunk) * stride_sr, sc)
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(X + t * stride_xt + offs, mask=offs < D, other=0.0)
+            y = tl.clamp(x.to(tl.float32) / sc, -FP8_MAX, FP8_MAX)
+            tl.store(dst + offs, y.to(ROWS.dtype.element_ty), mask=offs < D)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            offs = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(X + t * stride_xt + offs, mask=offs < D)
+            tl.store(dst + offs, x.to(ROWS.dtype.element_ty), mask=offs < D)
 
 
 # fmt: on
@@ -150,7 +185,9 @@ def _split_d(d: int) -> tuple[int, int]:
     return d0, (max(16, triton.next_power_of_2(rest)) if rest else 0)
 
 
-def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale):
+def shared_kv_attention(
+    q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, row_scales=None
+):
     """Attention of H query heads over one key head per sequence whose keys are also its values:
     softmax(scale * q . r) . r over the sequence's rows r. This is cross-attention with the K and V
     projections absorbed into the query and the output (see ``encdec_models.layers.Attention.cross``):
@@ -161,7 +198,8 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqle
     dim); block n of a sequence's block table holds its rows n*C*RC + r at rows[r // RC, block,
     r % RC], r < C * RC. block_tables: [B, max_blocks] int32; seq_lens: [B] int32 rows of sequence b.
     Returns [Tq, H, d]: a view of a new head-major [H, Tq, d] tensor (``.transpose(0, 1)`` of
-    it is contiguous). No host sync: CUDA-graph safe.
+    it is contiguous). No host sync: CUDA-graph safe. fp8 (e4m3) rows come with row_scales
+    [C, NB, RC] float32 (contiguous last dim), one scale per row, read as fp8 * scale.
 
     On Hopper, fp16/bf16 q laid out as the layer makes it (a view of [H, Tq, d]) goes to
     ``encdec_kernels/shared_kv_hopper.py``, which loads whole ``SHARED_KV_TILE_ROWS``-row tiles: the
@@ -169,9 +207,11 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqle
     there).
     """
     check_tensor("q", q, 3)
-    check_tensor("rows", rows, 4, device=q.device)
-    if rows.dtype != q.dtype:
-        raise ValueError(f"rows must have q's dtype {q.dtype}, got {rows.dtype}")
+    check_tensor("rows", rows, 4, CACHE_DTYPES, device=q.device)
+    check_scales(rows, row_scales, "row")
+    want = torch.float8_e4m3fn if row_scales is not None else q.dtype
+    if rows.dtype != want:
+        raise ValueError(f"rows must have the dtype {want}, got {rows.dtype}")
     h, d = q.shape[1:]
     if rows.shape[3] != d:
         raise ValueError(f"rows are {rows.shape[3]} wide but q's rows are {d}")
@@ -179,7 +219,9 @@ def shared_kv_attention(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqle
         raise ValueError(f"row width must be >= 16, got {d}")
     check_tables(block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, q.device)
     check_scale(scale)
-    return _launch_shared_kv(q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale)
+    return _launch_shared_kv(
+        q, rows, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, scale, row_scales=row_scales
+    )
 
 
 def _launch_shared_kv(
@@ -193,6 +235,7 @@ def _launch_shared_kv(
     num_splits=None,
     tiles=None,
     hopper=True,
+    row_scales=None,
 ):
     """shared_kv_attention without the input checks; num_splits and tiles (SHARED_KV_TILES keys)
     override the built-in choices (tests and benchmarks). Decode steps on Hopper (one query token
@@ -203,7 +246,7 @@ def _launch_shared_kv(
     if hopper and tiles is None and q.is_cuda and tq > 0 and num_seqs > 0:
         from encdec_kernels import shared_kv_hopper  # Gluon: imported only when a CUDA step can use it
 
-        if shared_kv_hopper.supports(q, rows):
+        if row_scales is None and shared_kv_hopper.supports(q, rows):  # fp8 rows: the Triton kernel
             if not (max_seqlen_q == 1 and tq == num_seqs):  # prompts, beams: one row per query token
                 seq_of = torch.repeat_interleave(
                     torch.arange(num_seqs, device=q.device), cu_seqlens_q.diff(), output_size=tq
@@ -215,7 +258,8 @@ def _launch_shared_kv(
     out = torch.empty((h, tq, d), device=q.device, dtype=q.dtype).transpose(0, 1)
     if tq == 0 or num_seqs == 0 or max_seqlen_q == 0:
         return out
-    cfg = dict(SHARED_KV_TILES if q.is_cuda else INTERPRET_SHARED_KV_TILES)
+    fp8 = row_scales is not None
+    cfg = dict((SHARED_KV_TILES_FP8 if fp8 else SHARED_KV_TILES) if q.is_cuda else INTERPRET_SHARED_KV_TILES)
     cfg.update(tiles or {})
     block_r, block_n = cfg.pop("BLOCK_R"), cfg.pop("BLOCK_N")
     num_groups = triton.cdiv(max_seqlen_q * h, block_r)
@@ -231,14 +275,17 @@ def _launch_shared_kv(
     else:
         o_part = lse_part = out  # unused
     d0, d1 = _split_d(d)
+    sc_strides = row_scales.stride() if fp8 else (0, 0, 0)
     # fmt: off
     _shared_kv_kernel[(num_seqs * num_groups, num_splits)](
         q, rows, out, block_tables, seq_lens, cu_seqlens_q, o_part, lse_part,
+        row_scales if fp8 else seq_lens,  # never read without FP8
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        rows.stride(0), rows.stride(1), rows.stride(2), block_tables.stride(0),
+        rows.stride(0), rows.stride(1), rows.stride(2), block_tables.stride(0), *sc_strides,
         h, num_groups, num_splits, float(scale) * LOG2E,
         D_MODEL=d, D0=d0, D1=d1, BLOCK_R=block_r, BLOCK_N=block_n, ROWS_PER_CHUNK=rows.shape[2],
-        ROWS_PER_BLOCK=rows_per_block, IS_SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype), **cfg,
+        ROWS_PER_BLOCK=rows_per_block, IS_SPLIT=num_splits > 1, DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
+        **cfg,
     )
     # fmt: on
     if num_splits > 1:
@@ -246,14 +293,19 @@ def _launch_shared_kv(
     return out
 
 
-def store_rows(x, rows, slot_mapping):
+def store_rows(x, rows, slot_mapping, row_scales=None):
     """Write rows x [N, d] (last dim contiguous) into a row cache rows [C, NB, RC, d] (any
-    strides but a contiguous last dim, C and NB mergeable): slot = (c * NB + block) * RC + r puts
-    x[i] at rows[c, block, r]; -1 = skip. Values are cast to the cache dtype."""
+    strides but a contiguous last dim, C and NB mergeable): slot = (c * NB + block) * RC + r
+    puts x[i] at rows[c, block, r]; -1 = skip. Values are cast to the cache dtype; fp8 (e4m3) rows:
+    each row quantized with its own scale, written to row_scales [C, NB, RC] float32 (C and NB
+    mergeable too)."""
     check_tensor("x", x, 2)
-    check_tensor("rows", rows, 4, device=x.device, first="x")
+    check_tensor("rows", rows, 4, CACHE_DTYPES, device=x.device, first="x")
+    check_scales(rows, row_scales, "row")
     if rows.shape[3] != x.shape[1] or rows.stride(0) != rows.shape[1] * rows.stride(1):
         raise ValueError(f"rows must be [C, NB, RC, d={x.shape[1]}] with C and NB mergeable")
+    if row_scales is not None and row_scales.stride(0) != rows.shape[1] * row_scales.stride(1):
+        raise ValueError("row_scales must be [C, NB, RC] with C and NB mergeable")
     if (
         not isinstance(slot_mapping, torch.Tensor)
         or slot_mapping.dtype != torch.int64
@@ -264,7 +316,11 @@ def store_rows(x, rows, slot_mapping):
         raise ValueError(f"slot_mapping must be a contiguous int64 tensor [N={x.shape[0]}] on {x.device}")
     if x.shape[0] == 0:
         return
+    fp8 = row_scales is not None
+    sc_strides = (row_scales.stride(1), row_scales.stride(2)) if fp8 else (0, 0)
     _store_rows_kernel[(x.shape[0],)](
-        x, rows, slot_mapping, x.stride(0), rows.stride(1), rows.stride(2), rows.shape[2],
-        D=x.shape[1], BLOCK_D=min(1024, triton.next_power_of_2(x.shape[1])), num_warps=4, **pdl_launch(x),
+        x, rows, slot_mapping, row_scales if fp8 else slot_mapping, x.stride(0), rows.stride(1),
+        rows.stride(2),
+        *sc_strides, rows.shape[2], D=x.shape[1], BLOCK_D=min(1024, triton.next_power_of_2(x.shape[1])),
+        FP8=fp8, num_warps=4, **pdl_launch(x),
     )  # fmt: skip

@@ -119,6 +119,7 @@ class EncDecModel(nn.Module):
 
     cache_spec: CacheSpec
     cross_rows: torch.Tensor | None = None  # set by bind_cache
+    cross_row_scales: torch.Tensor | None = None  # fp8 pools: the rows' float32 scales (bind_cache)
     # whether the engine takes absorbed cross-attention by default (where the Hopper kernel runs it):
     # it pays where every request's encoder output is long (Whisper: 1500 rows); on BART's shorter
     # inputs the two extra matmuls per layer cost more than the reads they save (benchmarks/README.md)
@@ -131,26 +132,37 @@ class EncDecModel(nn.Module):
     vocab_size: int
 
     def bind_cache(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, cross_rows: torch.Tensor | None = None
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cross_rows: torch.Tensor | None = None,
+        scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
     ) -> None:
         """Give each decoder layer its slice of the pool: caches are [L, NB, BS, H, D].
 
         cross_rows: the same pool seen as encoder-output rows [C, NB, RC, d_model] (absorbed
-        cross-attention, see ``layers.Attention.cross``); None: cross K/V per layer."""
+        cross-attention, see ``layers.Attention.cross``); None: cross K/V per layer.
+        scales: an fp8 pool's float32 scales (k [L, NB, BS, H], v [L, NB, BS, H], rows [C, NB, RC]
+        or None), one per cached row (``encdec_kernels.reference.quantize_rows``)."""
         self.cross_rows = cross_rows
+        k_sc, v_sc, row_sc = scales if scales is not None else (None, None, None)
+        self.cross_row_scales = row_sc
         for i, layer in enumerate(self.decoder_layers()):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache[i], v_cache[i]
-            layer.encoder_attn.k_cache, layer.encoder_attn.v_cache = k_cache[i], v_cache[i]
+            for attn in (layer.self_attn, layer.encoder_attn):
+                attn.k_cache, attn.v_cache = k_cache[i], v_cache[i]
+                attn.k_scales = None if k_sc is None else k_sc[i]
+                attn.v_scales = None if v_sc is None else v_sc[i]
             layer.encoder_attn.cross_rows = cross_rows
+            layer.encoder_attn.row_scales = row_sc
 
     def unbind_cache(self) -> None:
         """Drop the pool views ``bind_cache`` gave the layers: the model no longer keeps an engine's
         KV pool alive (an engine's pool goes with it; a new engine sizes its pool from free memory)."""
-        self.cross_rows = None
+        self.cross_rows = self.cross_row_scales = None
         for layer in self.decoder_layers():
-            layer.self_attn.k_cache = layer.self_attn.v_cache = None
-            layer.encoder_attn.k_cache = layer.encoder_attn.v_cache = None
-            layer.encoder_attn.cross_rows = None
+            for attn in (layer.self_attn, layer.encoder_attn):
+                attn.k_cache = attn.v_cache = attn.k_scales = attn.v_scales = None
+            layer.encoder_attn.cross_rows = layer.encoder_attn.row_scales = None
 
     @property
     def d_model(self) -> int:
@@ -178,7 +190,7 @@ class EncDecModel(nn.Module):
         """Write the encoder output's cross-attention cache: each layer's K/V at ``slot_mapping``,
         or (absorbed) the rows themselves at rows of ``cross_rows`` flattened to [N, d_model]."""
         if self.cross_rows is not None:  # slot = (chunk * NB + block) * RC + row; -1 = skip
-            encdec_kernels.store_rows(hidden, self.cross_rows, slot_mapping)
+            encdec_kernels.store_rows(hidden, self.cross_rows, slot_mapping, self.cross_row_scales)
             return
         for layer in self.decoder_layers():
             layer.encoder_attn.write_cross(hidden, slot_mapping)

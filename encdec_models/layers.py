@@ -262,6 +262,8 @@ class Attention(nn.Module):
         self.out_proj = Linear(inner, cfg.d_model, bias=cfg.bias)
         self.k_cache = self.v_cache = None  # [NB, BS, H, D] views bound by the engine
         self.cross_rows = None  # cross, absorbed: encoder-output rows [C, NB, BS, d] (bind_cache)
+        # fp8 pools: float32 scales, one per cached (token, head) row [NB, BS, H] / encoder row [C, NB, RC]
+        self.k_scales = self.v_scales = self.row_scales = None
 
     def _head_norm(self, norm: Norm | None, x):
         """x [T, H, D] with Gemma 3's per-head RMSNorm (None: unchanged)."""
@@ -283,6 +285,10 @@ class Attention(nn.Module):
             q, k = rotary.apply(q, k)
         return q, k, v, rel_bias
 
+    def _scales(self) -> dict:
+        """The fp8 cache's scales for the kernels (none for a cache in the model's dtype)."""
+        return {} if self.k_scales is None else {"k_scales": self.k_scales, "v_scales": self.v_scales}
+
     def _extra(self) -> dict:
         """Sliding window / soft-capping keywords for the kernels (none for the other models)."""
         if self.window is None and self.softcap is None:
@@ -302,7 +308,9 @@ class Attention(nn.Module):
         """qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens; writes their K/V to the paged
         cache, attends causally -> [Tq, d]."""
         q, k, v, rel_bias = self._qkv(qkv, rel_bias)
-        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        encdec_kernels.store_kv(
+            k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scales, self.v_scales
+        )
         o = encdec_kernels.paged_attention(
             q,
             self.k_cache,
@@ -315,6 +323,7 @@ class Attention(nn.Module):
             causal=True,
             rel_bias=rel_bias,
             **self._extra(),
+            **self._scales(),
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
@@ -338,6 +347,7 @@ class Attention(nn.Module):
                 meta.cu_seqlens_q,
                 meta.max_seqlen_q,
                 scale=self.scale,
+                row_scales=self.row_scales,
             ).transpose(0, 1)  # [H, Tq, d]
             if self.kv_proj.bias is None:
                 ov = torch.bmm(o, w[1].transpose(1, 2))
@@ -355,6 +365,7 @@ class Attention(nn.Module):
             scale=self.scale,
             causal=False,
             **self._extra(),
+            **self._scales(),
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
@@ -365,15 +376,18 @@ class Attention(nn.Module):
         its own causal (sliding-window) keys: computed as the two usual paged attentions, each
         returning its log-sum-exp, merged by their shares of the joint softmax sum -> [Tq, d]."""
         q, k, v, _ = self._qkv(qkv, pos)
-        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        encdec_kernels.store_kv(
+            k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scales, self.v_scales
+        )
         args = (q, self.k_cache, self.v_cache)
         o_self, lse_self = encdec_kernels.paged_attention(
             *args, meta.self_attn.block_tables, meta.self_attn.seq_lens, meta.cu_seqlens_q,
             meta.max_seqlen_q, scale=self.scale, causal=True, window=self.window, return_lse=True,
+            **self._scales(),
         )  # fmt: skip
         o_cross, lse_cross = encdec_kernels.paged_attention(
             *args, meta.cross_attn.block_tables, meta.cross_attn.seq_lens, meta.cu_seqlens_q,
-            meta.max_seqlen_q, scale=self.scale, causal=False, return_lse=True,
+            meta.max_seqlen_q, scale=self.scale, causal=False, return_lse=True, **self._scales(),
         )  # fmt: skip
         o = encdec_kernels.merge_attention(o_self, lse_self, o_cross, lse_cross)
         return self.out_proj(o.reshape(-1, self.h * self.d))
@@ -388,7 +402,7 @@ class Attention(nn.Module):
             k = self._head_norm(self.k_norm, k)
         else:
             k, v = self.kv_proj(hidden).view(-1, 2, self.h, self.d).unbind(1)
-        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping)
+        encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, slot_mapping, self.k_scales, self.v_scales)
 
 
 class MLP(nn.Module):

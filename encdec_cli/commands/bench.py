@@ -62,6 +62,7 @@ def bench(
         help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it), absorbed (the encoder "
         "output once, K/V projections absorbed), kv (K and V per decoder layer).",
     ),
+    kv_dtype: common.KvDtype = "auto",
     speculative: str = typer.Option(
         "off",
         "--speculative",
@@ -96,6 +97,8 @@ def bench(
     absorb = {"auto": None, "absorbed": True, "kv": False}.get(cross, "bad")
     if absorb == "bad":
         common.fail(f"--cross must be auto, absorbed or kv, got {cross!r}")
+    if kv_dtype not in ("auto", "fp8"):
+        common.fail(f"--kv-dtype must be auto or fp8, got {kv_dtype!r}")
     parallel = bool(data_parallel) or "," in device
     ids, bad = expand_ids(workloads or (["W1", "W2"] if parallel else list(DEFAULT_WORKLOADS)))
     devices = None
@@ -130,6 +133,7 @@ def bench(
                 "enforce_eager": enforce_eager,
                 "profile": profile,
                 "absorb_cross": absorb,
+                "kv_dtype": kv_dtype,
                 "prefix_cache": not no_prefix_cache,
                 **({"speculative": spec} if spec else {}),
             },
@@ -144,6 +148,7 @@ def bench(
                 "max_num_seqs": max_num_seqs,
                 "enforce_eager": enforce_eager,
                 "absorb_cross": absorb,
+                "kv_dtype": kv_dtype,
             }
             res["data_parallel"] = dp = run_data_parallel(wid, devices, engine_cfg, scale, res["ours"])
             typer.echo(

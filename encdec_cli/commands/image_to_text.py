@@ -92,6 +92,7 @@ def image_to_text(
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     no_prefix_cache: NoPrefixCache = False,
+    kv_dtype: common.KvDtype = "auto",
     speculative: Speculative = "off",
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images an earlier run finished."),
     retry_failed: RetryFailed = False,
@@ -136,7 +137,7 @@ def image_to_text(
         workers=workers,
     )
     engine = common.load_engine(
-        *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
+        *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, kv_dtype, quiet),
         no_prefix_cache=no_prefix_cache,
         speculative=spec,
     )

@@ -132,6 +132,7 @@ def _text_command(task: str):
         gpu_memory_utilization: GpuMemory = 0.9,
         enforce_eager: EnforceEager = False,
         no_prefix_cache: NoPrefixCache = False,
+        kv_dtype: common.KvDtype = "auto",
         speculative: Speculative = "off",
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Redo every row, ignoring what an earlier run of this job saved."
@@ -183,7 +184,7 @@ def _text_command(task: str):
                 raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
         spec = common.check_speculative(speculative, num_beams, "--num-beams")
         path = common.check_model(model, task)
-        engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
+        engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager, kv_dtype)
         dist, device, ranks = common.placement(
             path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache
         )

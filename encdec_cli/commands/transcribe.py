@@ -152,6 +152,7 @@ def transcribe(
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
     no_prefix_cache: NoPrefixCache = False,
+    kv_dtype: common.KvDtype = "auto",
     speculative: common.Speculative = "off",
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo files the output folder's manifest marks as done."
@@ -214,7 +215,7 @@ def transcribe(
     spec = common.check_speculative(speculative, beam_size, "--beam-size")
     path = common.check_model(model, "transcribe", language, task)
     window = engine_window(max_num_seqs)
-    engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
+    engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager, kv_dtype)
     dist, device, ranks = common.placement(
         path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache, window=window
     )

@@ -1,11 +1,12 @@
 """The engine's public surface: what tasks and other callers use (nothing else of encdec_cli.engine)."""
 
-from encdec_cli.engine.config import EngineConfig, EngineStats, SpeculativeSpec, parse_speculative
+from encdec_cli.engine.config import KV_DTYPES, EngineConfig, EngineStats, SpeculativeSpec, parse_speculative
 from encdec_cli.engine.engine import Engine
 from encdec_cli.engine.sequence import Completion, Request, Result, SamplingParams, TimestampRules
 from encdec_cli.engine.speculative import Drafter, OracleDrafter
 
 __all__ = [
+    "KV_DTYPES",
     "Completion",
     "Drafter",
     "Engine",

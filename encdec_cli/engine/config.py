@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 DEFAULT_K = 4  # draft tokens per step when ``--speculative`` names none
 MAX_K = 16
 USAGE = "off, ngram[:K] or model:DIR[:K]"
+KV_DTYPES = ("auto", "fp8")  # EngineConfig.kv_dtype
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,11 @@ class EngineConfig:
     # a retry now and then), one whose drafts are all accepted more again (Speculator); False: K
     # drafts every step (measuring a fixed K)
     speculative_adaptive: bool = True
+    # KV pool values (runner.cache_dtype): "auto" = the model's dtype; "fp8" = e4m3 with one float32
+    # scale per cached row (a (token, head) row of K/V, an encoder row in the absorbed layout), read
+    # by the kernels in fp8: half the bytes of bf16 and about twice the blocks in the same memory.
+    # It covers decoder self-attention and cross-attention alike: one pool holds both kinds of block
+    kv_dtype: str = "auto"
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -82,6 +88,8 @@ class EngineConfig:
         if self.max_num_seqs < 1 or self.max_encoder_tokens < 1 or self.window < 1:
             raise ValueError("max_num_seqs, max_encoder_tokens and window must be >= 1")
         parse_speculative(self.speculative)  # ValueError on a bad value, before anything loads
+        if self.kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
 
 
 @dataclass

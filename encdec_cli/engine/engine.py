@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+import encdec_kernels
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig, EngineStats, parse_speculative
 from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, encoder_key
@@ -70,7 +71,7 @@ class Engine:
         # what besides the input decides the cached encoder output (one engine has one of each)
         self._key_salt = repr(
             (self.loaded.architecture, str(self.loaded.path), str(self.dtype), self.runner.cross_block_rows,
-             self.runner.encoder_rows is not None)
+             self.runner.encoder_rows is not None, str(self.runner.cache_dtype))
         ).encode()  # fmt: skip
         self._encoder_clock = _EncoderClock(self.device) if cache is not None else None
         # a model whose attention must run on the (host-synchronising) reference runs eagerly
@@ -100,9 +101,11 @@ class Engine:
             "KV pool: %d blocks of %d tokens (%.0f MiB) on %s, %s; cross-attention %s",
             num_blocks,
             self.config.block_size,
-            num_blocks * ModelRunner.bytes_per_block(self.model, self.config.block_size, self.dtype) / 2**20,
+            num_blocks
+            * ModelRunner.bytes_per_block(self.model, self.config.block_size, self.runner.cache_dtype)
+            / 2**20,
             self.device,
-            str(self.dtype).removeprefix("torch."),
+            self.kv_dtype_name,
             f"absorbed ({self.runner.cross_block_rows} encoder rows a block)"
             if self.absorbs_cross
             else "K/V per layer",
@@ -208,6 +211,13 @@ class Engine:
         inputs, for instance), so that later requests run their encoder again; returns how many
         were dropped. Outputs never depend on it."""
         return self.blocks.drop_cached()
+
+    @property
+    def kv_dtype_name(self) -> str:
+        """The KV pool's value dtype, for summaries: "bfloat16", "float32", ... or "fp8_e4m3"
+        (``EngineConfig.kv_dtype``: fp8 values with a float32 scale per row)."""
+        dt = self.runner.cache_dtype
+        return "fp8_e4m3" if dt == encdec_kernels.FP8_DTYPE else str(dt).removeprefix("torch.")
 
     @property
     def absorbs_cross(self) -> bool:

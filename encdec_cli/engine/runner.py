@@ -28,6 +28,13 @@ from encdec_models.base import AttentionMetadata, PagedView
 ABSORB_MIN_SEQS = 16
 
 
+def cache_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV pool's value dtype for ``EngineConfig.kv_dtype``: "auto" keeps the model's dtype,
+    "fp8" stores e4m3 values with float32 scales per row (decoder self-attention and
+    cross-attention alike: one pool serves both kinds of block)."""
+    return encdec_kernels.FP8_DTYPE if kv_dtype == "fp8" else model_dtype
+
+
 class _Rows:
     """Row ids of a persistent table for live objects; rows of objects gone are reused.
 
@@ -76,6 +83,11 @@ class ModelRunner:
     a block holds RC = BS * H * D // d_model rows, so a block holds 2 * L * RC (1024 for Whisper
     large: 1500 positions in 2 blocks instead of 94).
 
+    ``EngineConfig.kv_dtype`` "fp8": the pool holds e4m3 values (``cache_dtype``) and a second
+    tensor ``scales`` [2, L, NB, BS, H] float32 holds one scale per (token, head) row of K/V; the
+    absorbed layout's rows of chunk c in block b take their scales from the first RC entries of
+    ``scales`` chunk c, block b (``row_scales`` [C, NB, RC]; RC <= BS * H since d_model >= D).
+
     From the ``EngineConfig`` it resolves what the model and the device decide: the length limits
     (``max_source_len``, ``max_target_len``), the pool size (``num_blocks``) and the
     cross-attention layout (``encoder_rows`` is None unless absorbed).
@@ -92,14 +104,18 @@ class ModelRunner:
         self.model, self.device, self.dtype, self.block_size = model, p.device, p.dtype, config.block_size
         self.max_source_len = min(config.max_source_len or 4096, model.max_source_positions)
         self.max_target_len = min(config.max_target_len or 1024, model.max_target_positions)
+        self.cache_dtype = cache_dtype(config.kv_dtype, self.dtype)
         self.num_blocks = num_blocks = config.num_blocks or self._pool_blocks(config)
         absorb = config.absorb_cross
         if absorb is None:  # batched decoding on the Hopper kernel: half the bytes per step
             absorb = config.max_num_seqs >= ABSORB_MIN_SEQS and self._hopper_cross()
         block_size, spec = config.block_size, model.cache_spec
         shape = (2, spec.num_layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
-        self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.pool = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
         self.k_cache, self.v_cache = self.pool[0], self.pool[1]
+        self.scales = self.row_scales = None
+        if self.cache_dtype == encdec_kernels.FP8_DTYPE:
+            self.scales = torch.ones(shape[:-1], dtype=torch.float32, device=self.device)
         self.encoder_rows = None
         self.cross_block_rows = block_size  # encoder positions per cross block
         self._cross_layout = (block_size, np.arange(block_size))  # see _cross_slots
@@ -111,10 +127,18 @@ class ModelRunner:
             self.encoder_rows = self.pool.as_strided(
                 (2 * spec.num_layers, num_blocks, rc, d), (num_blocks * chunk, chunk, d, 1)
             )
+            if self.scales is not None:
+                per = block_size * spec.num_heads  # scales of one [BS, H] chunk
+                self.row_scales = self.scales.view(2 * spec.num_layers, num_blocks, per)[:, :, :rc]
             self.cross_block_rows = 2 * spec.num_layers * rc
             r = np.arange(self.cross_block_rows)
             self._cross_layout = (rc, (r // rc) * num_blocks * rc + r % rc)
-        model.bind_cache(self.k_cache, self.v_cache, self.encoder_rows)
+        model.bind_cache(
+            self.k_cache,
+            self.v_cache,
+            self.encoder_rows,
+            None if self.scales is None else (self.scales[0], self.scales[1], self.row_scales),
+        )
         max_num_seqs = self.max_num_seqs = config.max_num_seqs
         # persistent block tables: self-attention per sequence, cross-attention per request
         self.self_width = -(-self.max_target_len // block_size)
@@ -139,6 +163,8 @@ class ModelRunner:
         """Whether this model takes absorbed cross-attention by default here: encdec_kernels prefers
         it where its Hopper kernel runs this model's shape and dtype."""
         m = self.model
+        if self.cache_dtype != self.dtype:  # fp8 rows run on the Triton kernel, slower than per-layer K/V
+            return False
         return m.absorb_cross_by_default and encdec_kernels.prefers_absorbed_cross(
             self.device, self.dtype, m.cache_spec.num_heads, m.d_model
         )
@@ -152,11 +178,12 @@ class ModelRunner:
                 self.model.unbind_cache()
         self.graphs = self.verify_graphs = self.encoder_graph = None
         self.pool = self.k_cache = self.v_cache = self.encoder_rows = None
+        self.scales = self.row_scales = None
 
     def _pool_blocks(self, config: EngineConfig) -> int:
         """Blocks of the KV pool: ``config.cpu_kv_cache_bytes`` on the CPU; on a GPU what
         ``gpu_memory_utilization`` leaves after the memory in use and room for activations."""
-        per_block = self.bytes_per_block(self.model, config.block_size, self.dtype)
+        per_block = self.bytes_per_block(self.model, config.block_size, self.cache_dtype)
         if self.device.type != "cuda":
             return max(16, config.cpu_kv_cache_bytes // per_block)
         free, total = torch.cuda.mem_get_info(self.device)
@@ -175,9 +202,14 @@ class ModelRunner:
 
     @staticmethod
     def bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block of the pool with values of ``dtype`` (the cache dtype): fp8 takes one
+        byte a value plus a float32 scale per (token, head) row, so about twice the blocks fit in
+        the same memory as bf16."""
         s = model.cache_spec
         elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * s.num_layers * block_size * s.num_heads * s.head_dim * elem
+        rows = 2 * s.num_layers * block_size * s.num_heads
+        scale_bytes = 4 if dtype == encdec_kernels.FP8_DTYPE else 0
+        return rows * (s.head_dim * elem + scale_bytes)
 
     def _tensor(self, data, dtype) -> torch.Tensor:
         return to_device(self.device, data, dtype)
@@ -238,7 +270,11 @@ class ModelRunner:
         slots = self._tensor(np.asarray(blocks, np.int64)[p // self.cross_block_rows] * step
                              + offsets[p % self.cross_block_rows], torch.long)  # fmt: skip
         nb, rc = self.encoder_rows.shape[1], self.encoder_rows.shape[2]
-        return self.encoder_rows[slots // (nb * rc), slots // rc % nb, slots % rc]
+        index = (slots // (nb * rc), slots // rc % nb, slots % rc)
+        if self.row_scales is None:
+            return self.encoder_rows[index]
+        vals = self.encoder_rows.view(torch.uint8)[index].view(self.cache_dtype)  # fp8 rows: dequantized
+        return (vals.float() * self.row_scales[index][:, None]).to(self.dtype)
 
     def _cross_slots(self, groups: list[SequenceGroup]) -> np.ndarray:
         """Cache slot of every encoder position of the groups, packed."""
@@ -255,15 +291,20 @@ class ModelRunner:
         slots = np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
         if len(slots):
             zeros = torch.zeros(
-                (len(slots), self.encoder_rows.shape[3]), dtype=self.pool.dtype, device=self.device
+                (len(slots), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device
             )
-            encdec_kernels.store_rows(zeros, self.encoder_rows, self._tensor(slots, torch.long))
+            encdec_kernels.store_rows(
+                zeros, self.encoder_rows, self._tensor(slots, torch.long), self.row_scales
+            )
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             src = self._tensor([c[0] for c in copies], torch.long)
             dst = self._tensor([c[1] for c in copies], torch.long)
-            self.pool[:, :, dst] = self.pool[:, :, src]
+            raw = self.pool.view(torch.uint8) if self.scales is not None else self.pool  # fp8: as bytes
+            raw[:, :, dst] = raw[:, :, src]
+            if self.scales is not None:
+                self.scales[:, :, dst] = self.scales[:, :, src]
 
     def _count_call(self, what: str) -> None:
         self.calls += 1

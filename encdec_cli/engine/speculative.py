@@ -245,7 +245,7 @@ class ModelDrafter(Drafter):
     name = "model"
 
     def __init__(self, draft, target, k: int, config: EngineConfig, num_blocks: int):
-        from encdec_cli.engine.runner import ModelRunner
+        from encdec_cli.engine.runner import ModelRunner, cache_dtype
 
         check_same_tokenizer(target, draft)
         self.k, self.draft = k, draft
@@ -254,7 +254,7 @@ class ModelDrafter(Drafter):
         self.target_vocab = target.model.vocab_size
         dev = next(self.model.parameters()).device
         if dev.type == "cuda":  # the target's pool took its share: what is left, at most as many blocks
-            dtype = next(self.model.parameters()).dtype
+            dtype = cache_dtype(config.kv_dtype, next(self.model.parameters()).dtype)
             per_block = ModelRunner.bytes_per_block(self.model, config.block_size, dtype)
             num_blocks = max(16, min(num_blocks, int(torch.cuda.mem_get_info(dev)[0] * 0.5 // per_block)))
         cfg = EngineConfig(
@@ -265,6 +265,7 @@ class ModelDrafter(Drafter):
             num_blocks=num_blocks,
             absorb_cross=False,
             enforce_eager=config.enforce_eager,
+            kv_dtype=config.kv_dtype,
         )
         self.runner = ModelRunner(self.model, cfg)
         self.blocks = BlockManager(num_blocks, config.block_size, self.runner.cross_block_rows)

@@ -486,6 +486,7 @@ def _engine_info(engine, max_num_seqs: int, stats) -> dict:
         "steps": stats.steps,
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
+        "kv_dtype": engine.kv_dtype_name,
         "prefix_cache": engine.prefix_caching,
     }
 
@@ -557,6 +558,7 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         "steps": stats.steps,
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
+        "kv_dtype": engine.kv_dtype_name,
         "prefix_cache": engine.prefix_caching,
         **(speculation_info(stats) if cfg.get("speculative") else {}),
     }
@@ -599,6 +601,7 @@ def run_oracle_sweep(
         "steps": stats.steps,
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
+        "kv_dtype": engine.kv_dtype_name,
     }
     profile = bool(engine_cfg.get("profile"))
 
@@ -763,13 +766,23 @@ def device_rates() -> dict:
     return rates
 
 
-def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed: bool, rates: dict) -> dict:
+def floors(
+    w: Workload,
+    model,
+    enc_inputs,
+    targets,
+    max_num_seqs: int,
+    absorbed: bool,
+    rates: dict,
+    kv_dtype: str = "bfloat16",
+) -> dict:
     """Lower bounds on a run's time on this device (benchmarks/WORKLOADS.md, "Floors").
 
     decode: the bytes that must move, over this device's copy bandwidth: the decoder weights once per
     step, plus every step's reads of each running sequence's cross-attention cache in the layout the
     engine used (``absorbed``: the encoder rows, read by every layer; else every layer's cross K and
-    V) and its self-attention K/V so far, all bf16. The step count assumes full batches of
+    V) and its self-attention K/V so far, in bf16 or (``kv_dtype`` "fp8_e4m3") one byte a value plus
+    a float32 scale per cached row. The step count assumes full batches of
     ``max_num_seqs`` sequences, each as long as the mean output.
     encoder: the encoder's matmul FLOPs (weights and attention) over this device's bf16 matmul rate."""
     params = dict(model.named_parameters())
@@ -781,8 +794,10 @@ def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed:
     dec_bytes = 2 * sum(p.numel() for n, p in params.items() if not n.startswith("encoder"))
     enc_params = sum(p.numel() for n, p in params.items() if n.startswith("encoder"))
     spec = model.cache_spec
-    kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V of one token, all layers
-    cross_row = spec.num_layers * model.d_model * 2 if absorbed else kv_token  # per encoder position
+    fp8 = kv_dtype == "fp8_e4m3"
+    elem, row_scale = (1, 4) if fp8 else (2, 0)
+    kv_token = 2 * spec.num_layers * spec.num_heads * (spec.head_dim * elem + row_scale)  # K+V, all layers
+    cross_row = spec.num_layers * (model.d_model * elem + row_scale) if absorbed else kv_token  # per position
     if w.model.startswith("whisper"):
         enc_lens = [N_AUDIO_CTX] * len(enc_inputs)
     elif w.model == "moonshine-base":
@@ -804,7 +819,7 @@ def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed:
         "decode_floor_s": decode_s,
         "encoder_floor_s": encoder_s,
         "floor_s": decode_s + encoder_s,
-        "floor_layout": "absorbed" if absorbed else "kv",
+        "floor_layout": ("absorbed" if absorbed else "kv") + (" fp8" if fp8 else ""),
     }
 
 
@@ -843,7 +858,10 @@ def run_workload(
     else:
         ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
     rates = rates or device_rates()
-    fl = floors(w, loaded.model, enc_inputs, targets, info["max_num_seqs"], info["absorb_cross"], rates)
+    fl = floors(
+        w, loaded.model, enc_inputs, targets, info["max_num_seqs"], info["absorb_cross"], rates,
+        info.get("kv_dtype", "bfloat16"),
+    )  # fmt: skip
     res = {
         "workload": wid,
         "model": w.model,

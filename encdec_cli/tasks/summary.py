@@ -58,9 +58,18 @@ def _plain(value: Any) -> Any:
 
 
 def engine_stats(engine: Any) -> dict | None:
-    """All fields of ``engine.stats`` (an ``EngineStats``) as a dict, or None without an engine."""
+    """All fields of ``engine.stats`` (an ``EngineStats``) as a dict, or None without an engine; with
+    the KV cache's value dtype (``kv_dtype``: "bfloat16", "fp8_e4m3", ...; a data-parallel job's
+    ranks: the option, "auto" or "fp8")."""
     stats = getattr(engine, "stats", None) if engine is not None else None
-    return _plain(stats) if stats is not None else None
+    if stats is None:
+        return None
+    out = _plain(stats)
+    kv = getattr(engine, "kv_dtype_name", None)
+    if kv is None:  # data-parallel ranks: the option they were started with
+        kv = dict(getattr(getattr(engine, "spec", None), "config", ())).get("kv_dtype", "auto")
+    out["kv_dtype"] = kv
+    return out
 
 
 class Report:

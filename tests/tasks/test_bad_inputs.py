@@ -261,8 +261,8 @@ def test_transcribe_summary_json(transcribed):
     assert any("truncated" in w["warning"] for w in summary["warnings"])
     assert summary["audio_seconds"] > 1 and summary["output"] == str(out)
     assert summary["throughput"]["unit"] == "rtfx" and summary["throughput"]["value"] > 0
-    assert set(summary["engine"]) == {f.name for f in fields(EngineStats)}
-    assert summary["engine"]["steps"] > 0
+    assert set(summary["engine"]) == {f.name for f in fields(EngineStats)} | {"kv_dtype"}
+    assert summary["engine"]["steps"] > 0 and summary["engine"]["kv_dtype"] == "float32"  # --kv-dtype auto
     assert not list(root.glob(".summary.json.*"))  # committed atomically: no temp file left
 
 

@@ -57,6 +57,14 @@ def test_floors_count_the_layout_used_and_divide_by_the_measured_rates(tmp_path)
     assert ab["encoder_floor_s"] == kv["encoder_floor_s"] > 0
     faster = floors(w, model, enc_inputs, targets, 4, True, {k: 2 * v for k, v in rates.items()})
     assert faster["floor_s"] == pytest.approx(ab["floor_s"] / 2)
+    # an fp8 pool: one byte a value plus a float32 scale a cached row
+    ab8 = floors(w, model, enc_inputs, targets, 4, True, rates, "fp8_e4m3")
+    assert ab8["floor_layout"] == "absorbed fp8"
+    enc_row8 = spec.num_layers * (model.d_model + 4)
+    kv_row8 = 2 * spec.num_layers * spec.num_heads * (spec.head_dim + 4)
+    self_reads = sum(t * t / 2 for t in targets)
+    diff8 = (ab["decode_floor_s"] - ab8["decode_floor_s"]) * rates["copy_bytes_per_s"]
+    assert diff8 == pytest.approx(cross_reads * (enc_row - enc_row8) + self_reads * (kv_row - kv_row8))
 
 
 def test_w6_duplicates_fallbacks_and_prefix_cache_hits(tmp_path):

@@ -477,3 +477,20 @@ def test_speculative_usage_errors(bart, tmp_path, args, words):
     r = encdec("summarize", tmp_path / "in.parquet", "-m", bart.path, "-q", *args)
     assert r.exit_code == 2
     assert r.stderr.startswith("error:") and all(w in r.stderr for w in words), r.stderr
+
+
+def test_kv_dtype_fp8_option(bart, bart_ref, tmp_path):
+    """--kv-dtype fp8 runs the job on the fp8 KV pool and the summary says so; a bad value is a
+    usage error before any model loads."""
+    arg, stdin, _ = write_input("jsonl", tmp_path)
+    out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    r = encdec(
+        "summarize", arg, "-m", bart.path, "-o", out, "-q", "--kv-dtype", "fp8", "--summary-json", summary
+    )
+    assert r.exit_code == 1, r.stderr  # the empty row
+    rows = read_output(out)
+    same = sum(row["summary"] == bart_ref[i] for i, row in enumerate(rows) if i != EMPTY_ROW)
+    assert same >= (N_ROWS - 1) * 0.9  # fp8 may change a near-tied token now and then
+    assert json.loads(summary.read_text())["engine"]["kv_dtype"] == "fp8_e4m3"
+    r = encdec("summarize", arg, "-m", bart.path, "-o", tmp_path / "x.jsonl", "-q", "--kv-dtype", "int4")
+    assert r.exit_code == 2 and "--kv-dtype" in r.stderr
