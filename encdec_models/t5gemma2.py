@@ -304,13 +304,13 @@ class T5Gemma2(TextEncDecModel):
         if dtype == torch.float16:
             raise ValueError("T5Gemma 2 overflows in float16; use bfloat16 or float32")
 
-    def bind_cache(self, k_cache, v_cache, cross_rows=None) -> None:
+    def bind_cache(self, k_cache, v_cache, cross_rows=None, scales=None) -> None:
         if cross_rows is not None:
             raise ValueError(
                 "T5Gemma 2's merged attention normalises the encoder keys (k_norm), so absorbed "
                 "cross-attention cannot apply; use per-layer cross K/V (absorb_cross=False, --cross kv)"
             )
-        super().bind_cache(k_cache, v_cache, None)
+        super().bind_cache(k_cache, v_cache, None, scales)
 
     @property
     def d_model(self) -> int:
