@@ -53,6 +53,7 @@ class BenchSpec:
         cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), w.requests * w.num_beams)
         engine = Engine(loaded, **cfg)
         list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
+        engine.reset_prefix_cache()  # the warm-up ran the workload's first inputs
         engine.reset_stats()
         return engine
 

@@ -6,6 +6,7 @@ from dataclasses import asdict
 import pytest
 
 from encdec_cli.tasks.bench import (
+    WARMUP_REQUESTS,
     WORKLOADS,
     Workload,
     hf_config,
@@ -19,7 +20,7 @@ from encdec_cli.tasks.bench import (
 @pytest.mark.parametrize("wid", sorted(WORKLOADS))
 def test_workload_and_warmup_requests(wid):
     w = WORKLOADS[wid]
-    small = Workload(**{**asdict(w), "requests": min(w.requests, 6)})  # W5 keeps its single request
+    small = Workload(**{**asdict(w), "requests": min(w.requests, 70)})  # W5 keeps its single request
     enc_inputs, targets = inputs_for(small)
     assert len(enc_inputs) == len(targets) == small.requests
     config = hf_config(w.model)
@@ -29,7 +30,7 @@ def test_workload_and_warmup_requests(wid):
     assert all(r.prompt_ids == [config.decoder_start_token_id] for r in reqs)
     assert all(r.params.num_beams == w.num_beams for r in reqs)
     warm = warmup_requests(small, config, enc_inputs, targets)
-    assert len(warm) == min(4, small.requests)  # W5: one (a mismatch here once broke its bench)
+    assert len(warm) == min(WARMUP_REQUESTS, small.requests)  # W5: one (a mismatch once broke its bench)
     assert all(r.params.max_new_tokens == targets[0] for r in warm)
 
 
