@@ -6,6 +6,9 @@ A model family implements ``prepare_encoder_batch``, ``encode``, ``write_cross_k
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +83,39 @@ class CacheSpec:
     num_layers: int
     num_heads: int
     head_dim: int
+    d_model: int  # width of the decoder's hidden states (T5: not num_heads * head_dim)
+
+
+_boundary_hook: ContextVar[Callable[[int], None] | None] = ContextVar("layer_boundary_hook", default=None)
+
+
+@contextlib.contextmanager
+def layer_boundary_hook(fn: Callable[[int], None]):
+    """Within this block (and this thread), every ``run_layers`` stack calls fn(i) before its
+    layer i > 0: CUDA-graph capture cuts a decode step into several graphs at layer boundaries
+    (encdec_cli/engine/cuda_graphs.py)."""
+    token = _boundary_hook.set(fn)
+    try:
+        yield
+    finally:
+        _boundary_hook.reset(token)
+
+
+def run_layers(
+    layers, x, *args, residual=None, start: int = 0, end: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run layers [start, end) of a stack of encoder or decoder layers (all by default); ``args``
+    follow x in their forward; ``residual``: what the layer before ``start`` left pending.
+
+    Returns (x, residual): the hidden state is x + residual. Pre-norm layers leave their last
+    residual sum to the next norm (its fused add), one elementwise kernel less per layer; the
+    stack's final norm takes it through ``final_norm``. Post-norm layers return residual None."""
+    hook = _boundary_hook.get()
+    for i in range(start, len(layers) if end is None else end):
+        if i and hook is not None:
+            hook(i)
+        x, residual = layers[i](x, *args, residual=residual)
+    return x, residual
 
 
 class EncDecModel(nn.Module):
@@ -87,9 +123,16 @@ class EncDecModel(nn.Module):
 
     - ``encoder_length(item) -> int``: encoder tokens an input will take (Whisper: 1500).
     - ``prepare_encoder_batch(items, device) -> EncoderBatch``.
+    - the pieces around the two layer stacks: ``encoder_layers`` / ``decoder_layers``,
+      ``embed_encoder``, ``encoder_layer_args``, ``finish_encoder``, ``embed_decoder``,
+      ``decoder_layer_args``, ``decoder_head``.
+
+    From these the base composes the protocol the engine speaks:
     - ``encode(batch) -> hidden [total_encoder_tokens, d_model]``.
     - ``write_cross_kv(hidden, slot_mapping)``: project each decoder layer's cross K/V once.
     - ``decode(tokens [Tq], positions [Tq], meta) -> logits [N, vocab]``.
+    and its layer-range form for pipeline stages (``encoder_part``, ``decoder_part``; a stage binds
+    the cache of its own decoder layers with ``bind_cache(..., first=)``).
     """
 
     cache_spec: CacheSpec
@@ -103,21 +146,32 @@ class EncDecModel(nn.Module):
     vocab_size: int
 
     def bind_cache(
-        self, k_cache: torch.Tensor, v_cache: torch.Tensor, cross_rows: torch.Tensor | None = None
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cross_rows: torch.Tensor | None = None,
+        first: int = 0,
     ) -> None:
-        """Give each decoder layer its slice of the pool: caches are [L, NB, BS, H, D].
+        """Give each decoder layer its slice of the pool: caches are [L, NB, BS, H, D] for decoder
+        layers [first, first + L) (a pipeline stage holds the cache of its own layers only).
 
         cross_rows: the same pool seen as encoder-output rows [C, NB, RC, d_model] (absorbed
         cross-attention, see ``layers.Attention.cross``); None: cross K/V per layer."""
         self.cross_rows = cross_rows
-        for i, layer in enumerate(self.decoder_layers()):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache[i], v_cache[i]
-            layer.encoder_attn.k_cache, layer.encoder_attn.v_cache = k_cache[i], v_cache[i]
+        self._cache_layers = range(first, first + k_cache.shape[0])
+        layers = self.decoder_layers()
+        for i in self._cache_layers:
+            layer, j = layers[i], i - first
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k_cache[j], v_cache[j]
+            layer.encoder_attn.k_cache, layer.encoder_attn.v_cache = k_cache[j], v_cache[j]
             layer.encoder_attn.cross_rows = cross_rows
 
     @property
     def d_model(self) -> int:
-        return self.decoder_layers()[0].encoder_attn.kv_proj.in_features
+        return self.cache_spec.d_model
+
+    def encoder_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
 
     def decoder_layers(self) -> list[nn.Module]:
         raise NotImplementedError
@@ -128,8 +182,57 @@ class EncDecModel(nn.Module):
     def prepare_encoder_batch(self, items: list[Any], device: torch.device) -> EncoderBatch:
         raise NotImplementedError
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    # ---- the pieces around the layer stacks (each family) ---------------------------------------
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
+        """[T, d] input of encoder layer 0."""
         raise NotImplementedError
+
+    def encoder_layer_args(self, batch: EncoderBatch) -> tuple:
+        """What follows x in an encoder layer's forward."""
+        return (batch.cu_seqlens, batch.max_seqlen)
+
+    def finish_encoder(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The encoder output from the last layer's (x, residual)."""
+        raise NotImplementedError
+
+    def embed_decoder(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[Tq, d] input of decoder layer 0."""
+        raise NotImplementedError
+
+    def decoder_layer_args(self, meta: AttentionMetadata) -> tuple:
+        """What follows x in a decoder layer's forward."""
+        return (meta,)
+
+    def decoder_head(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata):
+        """Logits [N, vocab] of the rows ``meta.logits_indices`` from the last layer's (x, residual)."""
+        raise NotImplementedError
+
+    # ---- the protocol, whole or a range of layers (pipeline stages) ---------------------------
+    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+        x = self.embed_encoder(batch)
+        x, residual = run_layers(self.encoder_layers(), x, *self.encoder_layer_args(batch))
+        return self.finish_encoder(x, residual)
+
+    def encoder_part(self, batch: EncoderBatch, start: int, end: int, x=None, residual=None):
+        """Encoder layers [start, end): from the embedding when ``start`` is 0, else from the
+        (x, residual) of the part before. Returns the encoder output when ``end`` is the last
+        layer, else (x, residual) for the next part."""
+        layers = self.encoder_layers()
+        if start == 0:
+            x = self.embed_encoder(batch)
+        x, residual = run_layers(
+            layers, x, *self.encoder_layer_args(batch), residual=residual, start=start, end=end
+        )
+        return self.finish_encoder(x, residual) if end == len(layers) else (x, residual)
+
+    def decoder_part(self, meta: AttentionMetadata, start: int, end: int, x, residual=None):
+        """Decoder layers [start, end) from (x, residual) (``embed_decoder``'s output for layer 0):
+        the logits when ``end`` is the last layer, else (x, residual) for the next part."""
+        layers = self.decoder_layers()
+        x, residual = run_layers(
+            layers, x, *self.decoder_layer_args(meta), residual=residual, start=start, end=end
+        )
+        return self.decoder_head(x, residual, meta) if end == len(layers) else (x, residual)
 
     def graph_encoder_batch(self, device: torch.device) -> EncoderBatch | None:
         """A one-item encoder batch of the fixed input shape every item of this model takes, to
@@ -143,8 +246,12 @@ class EncDecModel(nn.Module):
         if self.cross_rows is not None:  # slot = (chunk * NB + block) * RC + row; -1 = skip
             encdec_kernels.store_rows(hidden, self.cross_rows, slot_mapping)
             return
-        for layer in self.decoder_layers():
-            layer.encoder_attn.write_cross(hidden, slot_mapping)
+        layers = self.decoder_layers()
+        for i in getattr(self, "_cache_layers", range(len(layers))):  # the layers bind_cache bound
+            layers[i].encoder_attn.write_cross(hidden, slot_mapping)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        raise NotImplementedError
+        x, residual = run_layers(
+            self.decoder_layers(), self.embed_decoder(tokens, positions), *self.decoder_layer_args(meta)
+        )
+        return self.decoder_head(x, residual, meta)

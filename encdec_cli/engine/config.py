@@ -26,6 +26,11 @@ class EngineConfig:
     # encoder, for two small matmuls per layer and step. None: on where the model asks for it
     # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= runner.ABSORB_MIN_SEQS
     absorb_cross: bool | None = None
+    # pipeline parallelism (encdec_cli/engine/pipeline.py): the layers in this many stages, one
+    # process and device each (cuda:N, cuda:N+1, ...); pp_layers: layers per stage, encoder layers
+    # first (None: balanced by estimated cost)
+    pipeline_parallel: int = 1
+    pp_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -34,6 +39,10 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1 or self.max_encoder_tokens < 1 or self.window < 1:
             raise ValueError("max_num_seqs, max_encoder_tokens and window must be >= 1")
+        if self.pipeline_parallel < 1:
+            raise ValueError(f"pipeline_parallel must be >= 1, got {self.pipeline_parallel}")
+        if self.pp_layers is not None and self.pipeline_parallel == 1 and len(self.pp_layers) != 1:
+            raise ValueError("--pp-layers needs --pipeline-parallel (one number per stage)")
 
 
 @dataclass
@@ -47,3 +56,6 @@ class EngineStats:
     preemptions: int = 0  # requests sent back to waiting for want of KV blocks
     # seconds per step phase (schedule / encode / decode / sample ...), with profiling on (GPU synced)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # pipeline parallelism: seconds each stage spent computing (not waiting), stage 0 first; a
+    # stage far busier than the others shows a bad split (--pp-layers). Empty with one stage.
+    stage_busy_seconds: list[float] = field(default_factory=list)

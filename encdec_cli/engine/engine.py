@@ -18,6 +18,7 @@ from encdec_cli.engine.sampling import Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
 from encdec_cli.engine.transfer import take_rows
+from encdec_cli.errors import PipelineFailure
 from encdec_models.loading import LoadedModel, load_model
 
 log = logging.getLogger("encdec")
@@ -38,12 +39,17 @@ class Engine:
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
         self.config = EngineConfig(**config)
-        self.runner = ModelRunner(self.model, self.config)
+        if self.config.pipeline_parallel > 1:  # stage 0 of a pipeline: see engine/pipeline.py
+            from encdec_cli.engine.pipeline import PipelineRunner
+
+            self.runner = PipelineRunner(self.loaded, self.config)
+        else:
+            self.runner = ModelRunner(self.model, self.config)
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.max_source_len, self.max_target_len = self.runner.max_source_len, self.runner.max_target_len
         num_blocks = self.runner.num_blocks
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows)
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.config.pipeline_parallel == 1:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
             graphs = CudaGraphs(self.runner, self.config.max_num_seqs)
@@ -91,7 +97,18 @@ class Engine:
             self._stats,
             preemptions=self.scheduler.num_preemptions - self._preemptions_before,
             phase_seconds=dict(self._stats.phase_seconds),
+            stage_busy_seconds=self._stage_busy(),
         )
+
+    def _stage_busy(self) -> list[float]:
+        if not hasattr(self.runner, "stage_busy"):
+            return []
+        return [b - b0 for b, b0 in zip(self.runner.stage_busy(), self._busy_before)]
+
+    def close(self) -> None:
+        """Stop the pipeline's worker stages, if any (they also stop when this process exits)."""
+        if hasattr(self.runner, "close"):
+            self.runner.close()
 
     def reset_stats(self, profile: bool | None = None) -> None:
         """Start the counters again; ``profile`` turns the per-phase timing (GPU synced) on or off."""
@@ -99,6 +116,7 @@ class Engine:
             self._profile = profile
         self._stats = EngineStats()
         self._preemptions_before = self.scheduler.num_preemptions
+        self._busy_before = self.runner.stage_busy() if hasattr(self.runner, "stage_busy") else []
         self._last_tick = time.perf_counter()
 
     @property
@@ -202,6 +220,13 @@ class Engine:
                     results.append(result)
             except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
                 results += self._recover_from_oom(e)
+            except PipelineFailure as e:  # a pipeline stage died: the job ends; name what it leaves
+                groups = list(self.scheduler.running) + list(self.scheduler.waiting)
+                ids = ", ".join(str(g.request.request_id) for g in groups[:20]) + (", ..." if len(groups) > 20 else "")
+                raise PipelineFailure(
+                    f"{e}; {len(groups)} request(s) in flight were not finished ({ids}): what finished "
+                    "is saved, run the same command again to resume"
+                ) from None
         return results
 
     def _recover_from_oom(self, error: torch.OutOfMemoryError) -> list[Result]:
