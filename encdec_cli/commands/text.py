@@ -15,6 +15,8 @@ from encdec_cli.commands.common import (
     Device,
     Dtype,
     EnforceEager,
+    PipelineParallel,
+    PpLayers,
     GpuMemory,
     Quiet,
     RetryFailed,
@@ -110,6 +112,8 @@ def _text_command(task: str):
         ),
         gpu_memory_utilization: GpuMemory = 0.9,
         enforce_eager: EnforceEager = False,
+        pipeline_parallel: PipelineParallel = 1,
+        pp_layers: PpLayers = None,
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Redo every row, ignoring what an earlier run of this job saved."
         ),
@@ -156,6 +160,7 @@ def _text_command(task: str):
                 open_table(input, column).close()
             except OSError as e:
                 raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
+        pipeline = common.pipeline_options(pipeline_parallel, pp_layers)
         path = common.check_model(model, task)
         common.check_dtype(dtype, device)
         engine = LazyEngine(  # loaded when some row must run: a finished job run again never loads it
@@ -163,6 +168,7 @@ def _text_command(task: str):
             functools.partial(
                 common.load_engine,
                 *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
+                **pipeline,
             ),
         )
         with errors.writing_to(output or default_output(input, opts)):

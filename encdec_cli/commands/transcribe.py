@@ -14,6 +14,8 @@ from encdec_cli.commands.common import (
     Device,
     Dtype,
     EnforceEager,
+    PipelineParallel,
+    PpLayers,
     GpuMemory,
     Quiet,
     RetryFailed,
@@ -126,6 +128,8 @@ def transcribe(
     ),
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    pipeline_parallel: PipelineParallel = 1,
+    pp_layers: PpLayers = None,
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo files the output folder's manifest marks as done."
     ),
@@ -175,10 +179,16 @@ def transcribe(
         )
     check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
     check_output(output, formats)
+    pipeline = common.pipeline_options(pipeline_parallel, pp_layers)
+    if word_timestamps and pipeline_parallel > 1:
+        raise UsageError(
+            "--word-timestamps needs the whole decoder in one process (it re-runs it to align words); "
+            "drop --pipeline-parallel or --word-timestamps"
+        )
     path = common.check_model(model, "transcribe", language, task)
     window = max(2 * max_num_seqs, 16)
     engine = common.load_engine(
-        path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet, window=window
+        path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet, window=window, **pipeline
     )
     with errors.writing_to(output):
         return run_transcribe(

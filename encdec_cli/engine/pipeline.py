@@ -557,6 +557,8 @@ class PipelineRunner:
         self.fail_at_calls: set[int] = {
             int(x) for x in os.environ.get("ENCDEC_INJECT_OOM_AT", "").split(",") if x.strip()
         }
+        # fault injection for tests: stage 1 is killed (SIGKILL) at this call (CLI tests in a subprocess)
+        self.kill_at_call = int(os.environ.get("ENCDEC_TEST_KILL_STAGE_AT_CALL", "0"))
         log.info(
             "pipeline of %d stages: %s",
             stages,
@@ -607,6 +609,11 @@ class PipelineRunner:
 
     def _count_call(self, what: str) -> None:
         self.calls += 1
+        if self.calls == self.kill_at_call:
+            import signal
+
+            os.kill(self.procs[0].pid, signal.SIGKILL)
+            self.procs[0].join()
         if self.calls in self.fail_at_calls:
             raise torch.OutOfMemoryError(f"injected out-of-memory error at {what} (call {self.calls})")
 

@@ -158,8 +158,8 @@ def test_a_killed_stage_fails_the_job_and_a_rerun_resumes(tiny_text_model, tmp_p
     pq.write_table(pa.table({"id": list(range(40)), "text": texts}), src)
     cmd = [sys.executable, "-m", "encdec_cli", "summarize", str(src), "-m", str(tiny.path), "-o", str(out),
            "--device", "cpu", "-pp", "2", "-q", "--max-num-seqs", "4"]  # fmt: skip
-    # the job kills its stage 1 after its 6th decoder step (a test hook), rows finished by then are saved
-    env = {**os.environ, "ENCDEC_TEST_KILL_STAGE_AT_STEP": "6", "ENCDEC_PART_ROWS": "1"}
+    # the job kills its stage 1 at its 12th model call (a test hook); rows finished by then are saved
+    env = {**os.environ, "ENCDEC_TEST_KILL_STAGE_AT_CALL": "12", "ENCDEC_PART_ROWS": "1"}
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 1, first.stderr
     assert "error: pipeline stage 1" in first.stderr and "run the same command again" in first.stderr
