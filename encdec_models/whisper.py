@@ -170,7 +170,8 @@ class Whisper(EncDecModel):
         x = self.features(batch.inputs).to(dtype)
         x = F.gelu(enc.conv1(x))
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # [B, 1500, d]
-        return (x + enc.embed_positions.weight[: x.shape[1]]).reshape(-1, x.shape[-1]).contiguous()  # [B*1500, d]
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        return x.reshape(-1, x.shape[-1]).contiguous()  # [B*1500, d]
 
     def finish_encoder(self, x, residual) -> torch.Tensor:
         return final_norm(self.encoder.layer_norm, x, residual)

@@ -15,9 +15,9 @@ from encdec_cli.commands.common import (
     Device,
     Dtype,
     EnforceEager,
+    GpuMemory,
     PipelineParallel,
     PpLayers,
-    GpuMemory,
     Quiet,
     RetryFailed,
 )

@@ -14,9 +14,9 @@ from encdec_cli.commands.common import (
     Device,
     Dtype,
     EnforceEager,
+    GpuMemory,
     PipelineParallel,
     PpLayers,
-    GpuMemory,
     Quiet,
     RetryFailed,
 )
@@ -188,7 +188,9 @@ def transcribe(
     path = common.check_model(model, "transcribe", language, task)
     window = max(2 * max_num_seqs, 16)
     engine = common.load_engine(
-        path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet, window=window, **pipeline
+        *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
+        window=window,
+        **pipeline,
     )
     with errors.writing_to(output):
         return run_transcribe(

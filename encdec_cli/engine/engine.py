@@ -49,7 +49,8 @@ class Engine:
         self.max_source_len, self.max_target_len = self.runner.max_source_len, self.runner.max_target_len
         num_blocks = self.runner.num_blocks
         self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows)
-        if self.device.type == "cuda" and not self.config.enforce_eager and self.config.pipeline_parallel == 1:
+        graphs = self.config.pipeline_parallel == 1 and not self.config.enforce_eager  # none across stages
+        if self.device.type == "cuda" and graphs:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
             graphs = CudaGraphs(self.runner, self.config.max_num_seqs)
@@ -222,7 +223,8 @@ class Engine:
                 results += self._recover_from_oom(e)
             except PipelineFailure as e:  # a pipeline stage died: the job ends; name what it leaves
                 groups = list(self.scheduler.running) + list(self.scheduler.waiting)
-                ids = ", ".join(str(g.request.request_id) for g in groups[:20]) + (", ..." if len(groups) > 20 else "")
+                ids = ", ".join(str(g.request.request_id) for g in groups[:20])
+                ids += ", ..." if len(groups) > 20 else ""
                 raise PipelineFailure(
                     f"{e}; {len(groups)} request(s) in flight were not finished ({ids}): what finished "
                     "is saved, run the same command again to resume"

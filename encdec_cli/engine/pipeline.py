@@ -39,10 +39,13 @@ import os
 import pickle
 import time
 import weakref
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing
 
 from encdec_cli.engine.config import EngineConfig
 from encdec_cli.engine.runner import ABSORB_MIN_SEQS, ModelRunner, _Rows
@@ -63,7 +66,10 @@ def layer_costs(model) -> list[int]:
     """Estimated cost of every layer, encoder layers first: its parameter count (its weight bytes,
     which is also what a memory-bound decode step reads; a decoder layer's cross-attention makes it
     about 1.3x an encoder layer)."""
-    return [sum(p.numel() for p in layer.parameters()) for layer in (*model.encoder_layers(), *model.decoder_layers())]
+    return [
+        sum(p.numel() for p in layer.parameters())
+        for layer in (*model.encoder_layers(), *model.decoder_layers())
+    ]
 
 
 def split_layers(costs: list[int], stages: int) -> list[int]:
@@ -113,7 +119,8 @@ def stage_sizes(model, stages: int, pp_layers: tuple[int, ...] | None) -> list[i
         raise ValueError(
             f"--pp-layers {','.join(map(str, sizes))}: give {stages} numbers (one per stage of "
             f"--pipeline-parallel {stages}), each at least 1, summing to this model's {n} layers "
-            f"({n_enc} encoder then {n_dec} decoder layers), e.g. {','.join(map(str, split_layers(layer_costs(model), stages)))}"
+            f"({n_enc} encoder then {n_dec} decoder layers), e.g. "
+            + ",".join(map(str, split_layers(layer_costs(model), stages)))
         )
     return sizes
 
@@ -145,7 +152,10 @@ class StagePlan:
 
 def drop_other_layers(model, plan: StagePlan) -> None:
     """Free the weights of the layers other stages hold (a placeholder module stays in their place)."""
-    for layers, lo, hi in ((model.encoder_layers(), plan.e0, plan.e1), (model.decoder_layers(), plan.d0, plan.d1)):
+    for layers, lo, hi in (
+        (model.encoder_layers(), plan.e0, plan.e1),
+        (model.decoder_layers(), plan.d0, plan.d1),
+    ):
         for i in range(len(layers)):
             if not lo <= i < hi:
                 layers[i] = torch.nn.Module()
@@ -168,7 +178,9 @@ class _Wire:
         self.pending: list = []  # (work, tensor) of sends in flight (their buffers must live)
 
     def send_obj(self, obj, dst: int, tag: int = CONTROL) -> None:
-        data = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+        data = torch.frombuffer(
+            bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8
+        )
         n = torch.tensor([data.numel()], dtype=torch.int64)
         self.pending += [(self.gloo.send([n], dst, tag), n), (self.gloo.send([data], dst, tag), data)]
 
@@ -221,6 +233,10 @@ class Stage:
         # out of memory in this stage since its last decoder step: every activation it sends says
         # so until then, and the last stage's logits carry it to stage 0
         self.failed = False
+        # fault injection for tests: ENCDEC_INJECT_STAGE_OOM=S:N makes stage S's N-th part (counted
+        # from 1) raise torch.OutOfMemoryError instead of running, as a CUDA OOM would
+        stage, _, part = os.environ.get("ENCDEC_INJECT_STAGE_OOM", "").partition(":")
+        self.parts, self.fail_at_part = 0, int(part) if stage.strip() == str(plan.rank) else 0
 
     def own_blocks(self) -> int:
         """Blocks this stage's memory holds (a stage without decoder layers: no limit)."""
@@ -261,7 +277,9 @@ class Stage:
         if cross_block_rows is not None:
             chunk = bs * spec.num_heads * spec.head_dim
             rc = chunk // spec.d_model
-            rows = self.pool.as_strided((2 * layers, num_blocks, rc, spec.d_model), (num_blocks * chunk, chunk, spec.d_model, 1))
+            rows = self.pool.as_strided(
+                (2 * layers, num_blocks, rc, spec.d_model), (num_blocks * chunk, chunk, spec.d_model, 1)
+            )
         self.encoder_rows = rows
         self.model.bind_cache(self.pool[0], self.pool[1], rows, first=self.plan.d0)
 
@@ -271,9 +289,13 @@ class Stage:
         return to_device(self.device, data, dtype)
 
     def _timed(self, fn, fallback):
-        """fn() timed as busy; out of memory: (fallback(), True) so that the pipeline goes on."""
+        """fn() timed as busy; out of memory: (fallback(), True) so that the pipeline goes on (what
+        it sends then is flagged as failed)."""
         start = time.perf_counter()
+        self.parts += 1
         try:
+            if self.parts == self.fail_at_part:
+                raise torch.OutOfMemoryError(f"injected out-of-memory error in part {self.parts}")
             out, failed = fn(), False
         except torch.OutOfMemoryError:
             out, failed = fallback(), True
@@ -306,12 +328,8 @@ class Stage:
                     xr, failed = wire.recv(plan.rank - 1, ACTIVATION)
                     self.failed |= failed
                     x, res = xr[0], (xr[1] if xr.shape[0] == 2 else None)
-                out, _ = self._timed(
-                    lambda: model.encoder_part(batch, plan.e0, plan.e1, x, res),
-                    lambda: torch.zeros((total, d), dtype=self.dtype, device=self.device)
-                    if plan.e1 == plan.n_enc
-                    else (torch.zeros((total, d), dtype=self.dtype, device=self.device), None),
-                )
+                zeros = partial(self._zeros, total, d, pair=plan.e1 < plan.n_enc)
+                out, _ = self._timed(partial(model.encoder_part, batch, plan.e0, plan.e1, x, res), zeros)
                 if plan.e1 == plan.n_enc:
                     hidden = out
                     for s in plan.decoder_stages:
@@ -323,14 +341,16 @@ class Stage:
                 if hidden is None:
                     hidden, failed = wire.recv(plan.encoder_last, ENCODER_OUT)
                     self.failed |= failed
-                self._timed(lambda: self._write_cross(hidden, mb), lambda: None)
+                self._timed(partial(self._write_cross, hidden, mb), lambda: None)
 
     def _write_cross(self, hidden, mb) -> None:
         self.model.write_cross_kv(hidden, self._tensor(mb["slots"], torch.long))
         if mb.get("zero") is not None and len(mb["zero"]):
             import encdec_kernels
 
-            zeros = torch.zeros((len(mb["zero"]), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device)
+            zeros = torch.zeros(
+                (len(mb["zero"]), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device
+            )
             encdec_kernels.store_rows(zeros, self.encoder_rows, self._tensor(mb["zero"], torch.long))
 
     def _meta(self, mb) -> AttentionMetadata:
@@ -353,7 +373,8 @@ class Stage:
         for m, mb in enumerate(micro):
             tq, n = int(mb["cu"][-1]), len(mb["logits"])
             if plan.rank == 0:
-                (x, res), _ = self._timed(lambda: (embedded[m](), None), lambda: (self._zeros(tq, d), None))
+                x, _ = self._timed(embedded[m], partial(self._zeros, tq, d))
+                res = None
             elif plan.has_decoder:
                 src = stages[stages.index(plan.rank) - 1] if stages.index(plan.rank) else 0
                 xr, failed = wire.recv(src, ACTIVATION)
@@ -364,10 +385,12 @@ class Stage:
             last = plan.rank == plan.num_stages - 1
             if plan.has_decoder:
                 meta = self._meta(mb)
-                out, _ = self._timed(
-                    lambda: model.decoder_part(meta, plan.d0, plan.d1, x, res),
-                    lambda: torch.zeros((n, vocab), device=self.device) if last else (self._zeros(tq, d), None),
+                zeros = (
+                    partial(self._zeros, n, vocab, torch.float32)
+                    if last
+                    else partial(self._zeros, tq, d, pair=True)
                 )
+                out, _ = self._timed(partial(model.decoder_part, meta, plan.d0, plan.d1, x, res), zeros)
             else:
                 out = (x, res)
             if last:
@@ -377,8 +400,10 @@ class Stage:
                 wire.send(_stack(*out), nxt, ACTIVATION, self.failed)
         self.failed = False
 
-    def _zeros(self, rows: int, d: int) -> torch.Tensor:
-        return torch.zeros((rows, d), dtype=self.dtype, device=self.device)
+    def _zeros(self, rows: int, d: int, dtype=None, pair: bool = False):
+        """What a part that ran out of memory sends on: zeros (with residual None as a pair)."""
+        z = torch.zeros((rows, d), dtype=dtype or self.dtype, device=self.device)
+        return (z, None) if pair else z
 
 
 def _stack(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -394,10 +419,16 @@ def _micro(n: int, parts: int) -> list[range]:
 
 
 # ---- the worker processes ----------------------------------------------------------------------
-def _stage_main(rank: int, size: int, port: int, path: str, device: str, dtype: str, config, sizes) -> None:
-    """A worker stage: connect, load the model (its own layers), agree on the pool, then serve."""
+def _stage_main(rank: int, size: int, port: int, source, device: str, dtype: str, config, sizes) -> None:
+    """A worker stage: connect, load the model (its own layers), agree on the pool, then serve.
+    ``source``: the model folder, or the model itself (shared memory) when it has none."""
+    import signal
+
     from encdec_models.loading import load_model
 
+    # Ctrl-C and SIGTERM are stage 0's to handle (the job stops in order, then closes the stages)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if torch.device(device).type == "cpu":  # the stages share the CPU's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=TIMEOUT)
@@ -406,9 +437,10 @@ def _stage_main(rank: int, size: int, port: int, path: str, device: str, dtype: 
         torch.cuda.set_device(dev)
     wire = _Wire(store, rank, size, dev)
     try:
-        model = load_model(path, device, dtype).model
+        model = load_model(source, device, dtype).model if isinstance(source, str) else source
         plan = StagePlan(sizes, len(model.encoder_layers()), rank)
         drop_other_layers(model, plan)
+        model.to(dev)
         stage = Stage(model, config, plan, wire)
         wire.send_obj({"blocks": stage.own_blocks()}, 0, REPLY)
     except Exception as e:  # loading failed: tell stage 0, which raises it
@@ -416,8 +448,16 @@ def _stage_main(rank: int, size: int, port: int, path: str, device: str, dtype: 
         wire.flush()
         return
     wire.flush()
-    layout = wire.recv_obj(0)
-    stage.make_pool(layout["num_blocks"], layout["cross_block_rows"])
+    try:
+        layout = wire.recv_obj(0)
+        stage.make_pool(layout["num_blocks"], layout["cross_block_rows"])
+        _serve(stage, wire)
+    except RuntimeError as e:  # stage 0 (or another stage) is gone: nothing is left to serve
+        log.debug("pipeline stage %d stops: %s", rank, e)
+
+
+def _serve(stage: Stage, wire: _Wire) -> None:
+    """A worker stage's loop: one control message from stage 0 at a time."""
     with torch.inference_mode():
         while True:
             msg = wire.recv_obj(0)
@@ -489,18 +529,31 @@ class PipelineRunner:
         self.stage_devices = devices
         dtype_name = str(self.dtype).removeprefix("torch.")
         store = dist.TCPStore("127.0.0.1", 0, stages, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
-        ctx = multiprocessing.get_context("spawn")
+        ctx = torch.multiprocessing.get_context("spawn")  # its tensors pickle through shared memory
+        # the workers load the model from its folder; a model built in memory (random weights for
+        # encdec bench) goes to them itself
+        path = Path(loaded.path)
+        source = str(path) if (path / "config.json").is_file() or (path / "model.bin").is_file() else model
         self.procs = [
             ctx.Process(
                 target=_stage_main,
-                args=(s, stages, store.port, str(loaded.path), str(devices[s]), dtype_name, config, self.sizes),
+                args=(s, stages, store.port, source, str(devices[s]), dtype_name, config, self.sizes),
                 daemon=True,
                 name=f"encdec-stage-{s}",
             )
             for s in range(1, stages)
         ]
-        for proc in self.procs:
-            proc.start()
+        # a data-parallel rank may itself be a daemonic process, which multiprocessing refuses
+        # children; the stages need no such guard (a stage whose stage 0 dies sees its
+        # connections close and exits), so the flag is lifted while they start
+        me = multiprocessing.current_process()
+        daemonic = me.daemon
+        me._config["daemon"] = False
+        try:
+            for proc in self.procs:
+                proc.start()
+        finally:
+            me._config["daemon"] = daemonic
         self.wire = wire = _Wire(store, 0, stages, self.device)
         self._store = store
         self._closer = weakref.finalize(self, _shutdown, self.procs, wire)
@@ -523,7 +576,9 @@ class PipelineRunner:
             absorb = (
                 config.max_num_seqs >= ABSORB_MIN_SEQS
                 and model.absorb_cross_by_default
-                and encdec_kernels.prefers_absorbed_cross(self.device, self.dtype, spec.num_heads, spec.d_model)
+                and encdec_kernels.prefers_absorbed_cross(
+                    self.device, self.dtype, spec.num_heads, spec.d_model
+                )
             )
         spec, bs = model.cache_spec, config.block_size
         self.cross_block_rows, self.encoder_rows = bs, None
@@ -653,7 +708,9 @@ class PipelineRunner:
             mb["zero"] = self._tile_ends(part) if self.encoder_rows is not None else None
             micro.append(mb)
             if self.plans[0].has_encoder:
-                batches.append(self.model.prepare_encoder_batch([g.request.encoder_input for g in part], self.device))
+                batches.append(
+                    self.model.prepare_encoder_batch([g.request.encoder_input for g in part], self.device)
+                )
         self._broadcast({"op": "encode", "micro": micro})
         try:
             self.stage.encode(micro, batches)
@@ -666,7 +723,9 @@ class PipelineRunner:
         import encdec_kernels
 
         tile = encdec_kernels.SHARED_KV_TILE_ROWS
-        ends = [min(-(-g.encoder_len // tile) * tile, len(g.cross_blocks) * self.cross_block_rows) for g in groups]
+        ends = [
+            min(-(-g.encoder_len // tile) * tile, len(g.cross_blocks) * self.cross_block_rows) for g in groups
+        ]
         return np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
 
     def decode(self, seqs: list[Sequence], next_tokens: torch.Tensor | None = None) -> torch.Tensor:

@@ -247,10 +247,13 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
     }
+    if stats.stage_busy_seconds:  # pipeline parallel: each stage's compute seconds (not waiting)
+        info["stage_busy_s"] = [round(b, 3) for b in stats.stage_busy_seconds]
     if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
         engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
+    engine.close()
     del engine
     torch.cuda.empty_cache()
     return wall, tokens, info

@@ -93,3 +93,12 @@ class JobOutcome:
             clauses.append(f"INTERRUPTED{by} after {n} {w.items} (re-run the same command to resume)")
         line = "; ".join([line, *clauses])
         return "\n".join([f"warning: {note}" for note in self.notes] + [line])
+
+
+def stage_busy_note(stats) -> list[str]:
+    """A summary clause with each pipeline stage's busy seconds (none with one stage): a stage far
+    busier than the others shows a bad split (--pp-layers)."""
+    busy = stats.stage_busy_seconds
+    if len(busy) < 2:
+        return []
+    return ["pipeline stages busy " + " / ".join(f"{b:.1f}" for b in busy) + " s"]

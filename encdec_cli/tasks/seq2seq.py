@@ -30,7 +30,7 @@ from encdec_cli.io.manifest import file_key
 from encdec_cli.io.tables import Row, SinkOptions, TableError, open_sink, open_table
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import ROWS, JobOutcome
+from encdec_cli.tasks.outcome import ROWS, JobOutcome, stage_busy_note
 from encdec_cli.tasks.progress import JobProgress
 from encdec_models.loading import generation_config_of
 from encdec_models.registry import resolve_model_path
@@ -274,6 +274,8 @@ def run_seq2seq(
             sink.close()
             src.close()
     details = [f"{enc.truncated} input(s) truncated to {enc.max_len} tokens"] if enc.truncated else []
+    if running:
+        details += stage_busy_note(running.stats)
     oom = running.stats.oom_recoveries if running else 0
     if oom:
         details.append(

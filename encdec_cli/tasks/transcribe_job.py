@@ -24,7 +24,7 @@ from encdec_cli.io.manifest import Manifest
 from encdec_cli.io.records import Transcript, json_line
 from encdec_cli.io.subtitles import FORMATS, write_transcript
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import FILES, JobOutcome
+from encdec_cli.tasks.outcome import FILES, JobOutcome, stage_busy_note
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber
 
@@ -159,6 +159,7 @@ def run_transcribe(
         failures=failed,
         warnings=warned,
         notes=notes,
+        details=stage_busy_note(engine.stats),
     )
     progress.summary(outcome.summary())
     return outcome.exit_code()

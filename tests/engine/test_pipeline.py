@@ -23,7 +23,7 @@ from tests.support.whisper_models import EOT, SOT, random_whisper
 
 # a small pool of small blocks: the 4-beam runs must preempt (asserted); a Whisper request's 1500
 # encoder positions take 94 blocks of 16
-POOL = dict(block_size=4, num_blocks=24, max_num_seqs=8, device="cpu", dtype="float32")
+POOL = dict(block_size=4, num_blocks=20, max_num_seqs=8, device="cpu", dtype="float32")
 WHISPER_POOL = {**POOL, "block_size": 16, "num_blocks": 194}
 
 
@@ -32,7 +32,12 @@ def _text_requests(tiny, beams: int) -> list[Request]:
     vocab = vocabulary(tiny.name)
     params = SamplingParams(max_new_tokens=14, num_beams=beams, stop_token_ids=[vocab["</s>"]])
     return [
-        Request(source_ids(tiny.name, random_words(rng, rng.randint(2, 11))), [tiny.decoder_start_token_id], params, i)
+        Request(
+            source_ids(tiny.name, random_words(rng, rng.randint(2, 11))),
+            [tiny.decoder_start_token_id],
+            params,
+            i,
+        )
         for i in range(10)
     ]
 
@@ -92,7 +97,9 @@ def test_absorbed_cross_attention_across_stages(whisper_dir):
     """The encoder rows of a request live in every decoder stage's own pool."""
     one = Engine(str(whisper_dir), absorb_cross=True, **WHISPER_POOL)
     want = _run(one, _whisper_requests(1))
-    engine = Engine(str(whisper_dir), absorb_cross=True, pipeline_parallel=3, pp_layers=(1, 2, 1), **WHISPER_POOL)
+    engine = Engine(
+        str(whisper_dir), absorb_cross=True, pipeline_parallel=3, pp_layers=(1, 2, 1), **WHISPER_POOL
+    )
     try:
         assert engine.absorbs_cross
         assert _run(engine, _whisper_requests(1)) == want
@@ -105,6 +112,20 @@ def test_out_of_memory_in_a_pipeline_step_recovers(whisper_dir, monkeypatch):
     want = _run(one, _whisper_requests(1))[0]
     monkeypatch.setenv("ENCDEC_INJECT_OOM_AT", "3")
     engine = Engine(str(whisper_dir), pipeline_parallel=2, **WHISPER_POOL)
+    try:
+        assert _run(engine, _whisper_requests(1))[0] == want
+        assert engine.stats.oom_recoveries == 1
+    finally:
+        engine.close()
+
+
+def test_out_of_memory_in_a_worker_stage_recovers(whisper_dir, monkeypatch):
+    """Stage 1 of 3 fails a part: the stages still exchange every message, the failure reaches
+    stage 0 with the logits, and the step is recomputed."""
+    one = Engine(str(whisper_dir), **WHISPER_POOL)
+    want = _run(one, _whisper_requests(1))[0]
+    monkeypatch.setenv("ENCDEC_INJECT_STAGE_OOM", "1:5")
+    engine = Engine(str(whisper_dir), pipeline_parallel=3, **WHISPER_POOL)
     try:
         assert _run(engine, _whisper_requests(1))[0] == want
         assert engine.stats.oom_recoveries == 1
@@ -142,7 +163,9 @@ def test_a_killed_stage_ends_the_engine_naming_the_requests_in_flight(whisper_di
         results = engine.generate(_whisper_requests(1))
         engine.step()  # requests now in flight
         os.kill(engine.runner.procs[0].pid, signal.SIGKILL)
-        with pytest.raises(PipelineFailure, match=r"stage 1 \(exit code -9\) stopped.*in flight were not finished"):
+        with pytest.raises(
+            PipelineFailure, match=r"stage 1 \(exit code -9\) stopped.*in flight were not finished"
+        ):
             list(results)
     finally:
         engine.close()
