@@ -32,6 +32,7 @@ residual) go point to point to the next stage: NCCL between GPUs, gloo on the CP
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import multiprocessing
@@ -229,7 +230,8 @@ class Stage:
         p = next(model.parameters())
         self.model, self.plan, self.wire = model, plan, wire
         self.device, self.dtype, self.config = p.device, p.dtype, config
-        self.busy = 0.0  # seconds of this stage's own compute
+        self.busy = 0.0  # seconds of this stage's own compute (see busy_seconds)
+        self._events: list = []  # CUDA: (start, end) events of parts not yet added to busy
         # out of memory in this stage since its last decoder step: every activation it sends says
         # so until then, and the last stage's logits carry it to stage 0
         self.failed = False
@@ -290,8 +292,14 @@ class Stage:
 
     def _timed(self, fn, fallback):
         """fn() timed as busy; out of memory: (fallback(), True) so that the pipeline goes on (what
-        it sends then is flagged as failed)."""
-        start = time.perf_counter()
+        it sends then is flagged as failed). On CUDA the part's GPU time is taken from events (no
+        sync: the host goes on launching)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+        else:
+            start = time.perf_counter()
         self.parts += 1
         try:
             if self.parts == self.fail_at_part:
@@ -299,11 +307,32 @@ class Stage:
             out, failed = fn(), False
         except torch.OutOfMemoryError:
             out, failed = fallback(), True
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        self.busy += time.perf_counter() - start
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((begin, end))
+            if len(self._events) > 1024:
+                self._add_events(wait=False)
+        else:
+            self.busy += time.perf_counter() - start
         self.failed |= failed
         return out, failed
+
+    def _add_events(self, wait: bool) -> None:
+        keep = []
+        for begin, end in self._events:
+            if wait:
+                end.synchronize()
+            if end.query():
+                self.busy += begin.elapsed_time(end) / 1000
+            else:
+                keep.append((begin, end))
+        self._events = keep
+
+    def busy_seconds(self) -> float:
+        """Seconds this stage computed since it started."""
+        self._add_events(wait=True)
+        return self.busy
 
     # -- the three calls -------------------------------------------------------------------------
     def copy_blocks(self, copies) -> None:
@@ -469,9 +498,7 @@ def _serve(stage: Stage, wire: _Wire) -> None:
             elif op == "decode":
                 stage.decode(msg["micro"])
             elif op == "stats":
-                wire.send_obj({"busy": stage.busy}, 0, REPLY)
-            elif op == "reset":
-                stage.busy = 0.0
+                wire.send_obj({"busy": stage.busy_seconds()}, 0, REPLY)
             elif op == "close":
                 wire.flush()
                 return
@@ -633,26 +660,40 @@ class PipelineRunner:
         self.broken = PipelineFailure(f"pipeline {who} stopped ({str(error).splitlines()[0][:200]})")
         return self.broken
 
-    def _recv_obj(self, src: int, tag: int):
-        try:
-            return self.wire.recv_obj(src, tag)
-        except RuntimeError as e:
-            raise self._dead(e) from None
-
-    def _flush(self) -> None:
-        try:
-            self.wire.flush()
-        except RuntimeError as e:
-            raise self._dead(e) from None
-
-    def _broadcast(self, msg: dict) -> None:
+    @contextlib.contextmanager
+    def _exchange(self):
+        """A message exchange with the stages. A stage gone: ``PipelineFailure``. Anything else that
+        cuts it short (Ctrl-C) leaves the stages mid-call, out of step with stage 0: they are
+        ended, and the pipeline takes no more calls."""
         if self.broken is not None:
             raise self.broken
         try:
-            for s in range(1, len(self.plans)):
-                self.wire.send_obj(msg, s)
+            yield
+        except PipelineFailure:
+            raise
         except RuntimeError as e:
             raise self._dead(e) from None
+        except BaseException:
+            if self.broken is None:
+                self.broken = PipelineFailure("a pipeline step was interrupted; its stages were stopped")
+                for p in self.procs:
+                    if p.is_alive():
+                        p.kill()
+                self.close()
+            raise
+
+    def _recv_obj(self, src: int, tag: int):
+        with self._exchange():
+            return self.wire.recv_obj(src, tag)
+
+    def _flush(self) -> None:
+        with self._exchange():
+            self.wire.flush()
+
+    def _broadcast(self, msg: dict) -> None:
+        with self._exchange():
+            for s in range(1, len(self.plans)):
+                self.wire.send_obj(msg, s)
 
     broken: PipelineFailure | None = None
 
@@ -674,19 +715,16 @@ class PipelineRunner:
 
     # -- statistics ------------------------------------------------------------------------------
     def stage_busy(self) -> list[float]:
-        """Seconds each stage spent computing (not waiting), stage 0 first."""
+        """Seconds each stage spent computing (not waiting) since it started, stage 0 first (the
+        engine reports differences)."""
         if self.broken is not None:
             return []
-        self._broadcast({"op": "stats"})
-        busy = [self.stage.busy]
-        for s in range(1, len(self.plans)):
-            busy.append(self._recv_obj(s, REPLY)["busy"])
+        with self._exchange():
+            self._broadcast({"op": "stats"})
+            busy = [self.stage.busy_seconds()]
+            for s in range(1, len(self.plans)):
+                busy.append(self.wire.recv_obj(s, REPLY)["busy"])
         return busy
-
-    def reset_busy(self) -> None:
-        if self.broken is None:
-            self._broadcast({"op": "reset"})
-            self.stage.busy = 0.0
 
     # -- the engine's calls ----------------------------------------------------------------------
     def capture_encoder_graph(self) -> int:
@@ -694,8 +732,9 @@ class PipelineRunner:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
-            self._broadcast({"op": "copy", "copies": list(copies)})
-            self.stage.copy_blocks(copies)
+            with self._exchange():
+                self._broadcast({"op": "copy", "copies": list(copies)})
+                self.stage.copy_blocks(copies)
 
     def encode(self, groups: list[SequenceGroup]) -> None:
         self._count_call("encode")
@@ -711,11 +750,9 @@ class PipelineRunner:
                 batches.append(
                     self.model.prepare_encoder_batch([g.request.encoder_input for g in part], self.device)
                 )
-        self._broadcast({"op": "encode", "micro": micro})
-        try:
+        with self._exchange():
+            self._broadcast({"op": "encode", "micro": micro})
             self.stage.encode(micro, batches)
-        except RuntimeError as e:
-            raise self._dead(e) from None
         for g in groups:
             g.encoded = True
 
@@ -758,8 +795,8 @@ class PipelineRunner:
             tok = next_tokens[rows.start : rows.stop] if ahead else self.stage._tensor(tokens, torch.long)
             pos = self.stage._tensor(positions, torch.long)
             embed.append(lambda tok=tok, pos=pos: self.model.embed_decoder(tok, pos))
-        self._broadcast({"op": "decode", "micro": micro})
-        try:
+        with self._exchange():
+            self._broadcast({"op": "decode", "micro": micro})
             self.stage.decode(micro, embed)
             failed = False  # out of memory in any stage (since its last step): in the logits' headers
             logits = []
@@ -768,8 +805,6 @@ class PipelineRunner:
                 logits.append(out)
                 failed |= f
             self.wire.flush()
-        except RuntimeError as e:
-            raise self._dead(e) from None
         if failed:
             raise torch.OutOfMemoryError("out of device memory in a pipeline stage")
         for s in seqs:
