@@ -7,6 +7,7 @@ A model family implements ``prepare_encoder_batch``, ``encode``, ``write_cross_k
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -111,10 +112,11 @@ def run_layers(
     residual sum to the next norm (its fused add), one elementwise kernel less per layer; the
     stack's final norm takes it through ``final_norm``. Post-norm layers return residual None."""
     hook = _boundary_hook.get()
-    for i in range(start, len(layers) if end is None else end):
+    part = layers if start == 0 and end is None else itertools.islice(layers, start, end)
+    for i, layer in enumerate(part, start):
         if i and hook is not None:
             hook(i)
-        x, residual = layers[i](x, *args, residual=residual)
+        x, residual = layer(x, *args, residual=residual)
     return x, residual
 
 

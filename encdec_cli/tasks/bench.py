@@ -355,7 +355,9 @@ def device_rates() -> dict:
     return rates
 
 
-def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed: bool, rates: dict) -> dict:
+def floors(
+    w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed: bool, rates: dict, counts=None
+) -> dict:
     """Lower bounds on a run's time on this device (benchmarks/WORKLOADS.md, "Floors").
 
     decode: the bytes that must move, over this device's copy bandwidth: the decoder weights once per
@@ -363,10 +365,12 @@ def floors(w: Workload, model, enc_inputs, targets, max_num_seqs: int, absorbed:
     engine used (``absorbed``: the encoder rows, read by every layer; else every layer's cross K and
     V) and its self-attention K/V so far, all bf16. The step count assumes full batches of
     ``max_num_seqs`` sequences, each as long as the mean output.
-    encoder: the encoder's matmul FLOPs (weights and attention) over this device's bf16 matmul rate."""
-    params = dict(model.named_parameters())
-    dec_bytes = 2 * sum(p.numel() for n, p in params.items() if not n.startswith("encoder"))
-    enc_params = sum(p.numel() for n, p in params.items() if n.startswith("encoder"))
+    encoder: the encoder's matmul FLOPs (weights and attention) over this device's bf16 matmul rate.
+    ``counts``: {parameter: elements} taken before a pipeline-parallel run dropped other stages' layers.
+    """
+    counts = counts or {n: p.numel() for n, p in model.named_parameters()}
+    dec_bytes = 2 * sum(c for n, c in counts.items() if not n.startswith("encoder"))
+    enc_params = sum(c for n, c in counts.items() if n.startswith("encoder"))
     spec = model.cache_spec
     kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V of one token, all layers
     cross_row = spec.num_layers * model.d_model * 2 if absorbed else kv_token  # per encoder position
@@ -402,9 +406,11 @@ def run_workload(
     dev, dtype = "cuda", torch.bfloat16
     enc_inputs, targets = inputs_for(w)
     hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
+    counts = {n: p.numel() for n, p in loaded.model.named_parameters()}  # before stages drop layers
     ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
     rates = rates or device_rates()
-    fl = floors(w, loaded.model, enc_inputs, targets, info["max_num_seqs"], info["absorb_cross"], rates)
+    seqs, absorbed = info["max_num_seqs"], info["absorb_cross"]
+    fl = floors(w, loaded.model, enc_inputs, targets, seqs, absorbed, rates, counts)
     audio_s = 30.0 * w.requests
     res = {
         "workload": wid,
