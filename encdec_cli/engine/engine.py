@@ -35,10 +35,15 @@ class Engine:
     def __init__(
         self, model: str | LoadedModel = "tiny.en", device: str = "auto", dtype: str = "auto", **config
     ):
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+        self.config = EngineConfig(**config)
+        prune = None
+        if self.config.pipeline_parallel > 1:  # stage 0 allocates only its own layers' weights
+            from encdec_cli.engine.pipeline import stage_pruner
+
+            prune = stage_pruner(self.config, 0)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, prune)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
-        self.config = EngineConfig(**config)
         if self.config.pipeline_parallel > 1:  # stage 0 of a pipeline: see engine/pipeline.py
             from encdec_cli.engine.pipeline import PipelineRunner
 

@@ -151,6 +151,19 @@ class StagePlan:
         return ", ".join(parts)
 
 
+def stage_pruner(config: EngineConfig, rank: int, sizes: list[int] | None = None):
+    """``load_model``'s prune hook for stage ``rank``: the other stages' layers are never
+    allocated. The split (``sizes``, else computed from the model) is kept as
+    ``model.pipeline_sizes`` for the runner."""
+
+    def prune(model) -> None:
+        split = sizes or stage_sizes(model, config.pipeline_parallel, config.pp_layers)
+        model.pipeline_sizes = list(split)
+        drop_other_layers(model, StagePlan(split, len(model.encoder_layers()), rank))
+
+    return prune
+
+
 def drop_other_layers(model, plan: StagePlan) -> None:
     """Free the weights of the layers other stages hold (a placeholder module stays in their place)."""
     for layers, lo, hi in (
@@ -162,6 +175,7 @@ def drop_other_layers(model, plan: StagePlan) -> None:
                 layers[i] = torch.nn.Module()
     if next(model.parameters()).is_cuda:
         torch.cuda.empty_cache()
+    model.pipeline_sizes = list(plan.bounds[i + 1] - plan.bounds[i] for i in range(plan.num_stages))
 
 
 # ---- the wire ----------------------------------------------------------------------------------
@@ -466,7 +480,10 @@ def _stage_main(rank: int, size: int, port: int, source, device: str, dtype: str
         torch.cuda.set_device(dev)
     wire = _Wire(store, rank, size, dev)
     try:
-        model = load_model(source, device, dtype).model if isinstance(source, str) else source
+        if isinstance(source, str):
+            model = load_model(source, device, dtype, prune=stage_pruner(config, rank, sizes)).model
+        else:
+            model = source
         plan = StagePlan(sizes, len(model.encoder_layers()), rank)
         drop_other_layers(model, plan)
         model.to(dev)
@@ -538,7 +555,8 @@ class PipelineRunner:
         self.device, self.dtype, self.block_size = p.device, p.dtype, config.block_size
         self.max_source_len = min(config.max_source_len or 4096, model.max_source_positions)
         self.max_target_len = min(config.max_target_len or 1024, model.max_target_positions)
-        self.sizes = stage_sizes(model, stages, config.pp_layers)
+        # the split chosen when the model was loaded for stage 0 (see stage_pruner), else now
+        self.sizes = getattr(model, "pipeline_sizes", None) or stage_sizes(model, stages, config.pp_layers)
         n_enc = len(model.encoder_layers())
         self.plans = [StagePlan(self.sizes, n_enc, s) for s in range(stages)]
         plan = self.plans[0]
