@@ -602,17 +602,18 @@ class PipelineRunner:
         self.wire = wire = _Wire(store, 0, stages, self.device)
         self._store = store
         self._closer = weakref.finalize(self, _shutdown, self.procs, wire)
-        drop_other_layers(model, plan)
         self.stage = Stage(model, config, plan, wire)
-        # one pool size for all: the fewest blocks any stage holds
-        blocks = [self.stage.own_blocks()]
+        blocks = []
         for s in range(1, stages):
             reply = self._recv_obj(s, REPLY)
             if "error" in reply:
                 self.close()
                 raise RuntimeError(f"pipeline stage {s} could not start: {reply['error']}")
             blocks.append(reply["blocks"])
-        self.num_blocks = num_blocks = int(min(blocks))
+        # only now: a model sent to the stages in memory (CUDA IPC) must live until they hold it
+        drop_other_layers(model, plan)
+        # one pool size for all: the fewest blocks any stage holds
+        self.num_blocks = num_blocks = int(min([self.stage.own_blocks(), *blocks]))
         absorb = config.absorb_cross
         if absorb is None:
             import encdec_kernels
