@@ -17,7 +17,8 @@ import typer
 
 # isort: off
 # importing a command module registers its commands, in this (--help) order
-from encdec_cli.commands import transcribe, text, bench  # noqa: F401
+from encdec_cli.commands import transcribe, text, image_to_text, evaluate, bench  # noqa: F401
+
 # isort: on
 from encdec_cli.commands import common
 from encdec_cli.commands.common import app
@@ -33,20 +34,26 @@ def main():
     )
     try:
         app()
+    except KeyboardInterrupt:  # a stop signal while Typer still builds the commands, before click runs
+        _stopped(common.job_stopped)
     except SystemExit as e:
         if e.code not in interrupts.STOP_SIGNALS.values():
             raise
-        if not common.job_stopped:  # stopped before a job took over (parsing, imports, loading)
-            typer.echo(interrupts.stop_message(), err=True)
-        # Leave without the interpreter's teardown, where native extensions report the objects still
-        # alive (soxr's "nanobind: leaked ..."): the job, if any, has saved what it had.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(interrupts.exit_status())
+        _stopped(common.job_stopped)
 
+
+def _stopped(job_took_over: bool):
+    """Leave on a stop signal: one line unless a job took over (it printed its summary), then the
+    signal's exit status, without the interpreter's teardown, where native extensions report the
+    objects still alive (soxr's "nanobind: leaked ..."): the job, if any, has saved what it had."""
+    if not job_took_over:  # stopped before a job took over (parsing, imports, loading)
+        typer.echo(interrupts.stop_message(), err=True)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(interrupts.exit_status())
 
 
 __all__ = ["TEXT_TASKS", "app", "main"]

@@ -14,6 +14,7 @@ kernel-hub package, a top-level ``kernels`` (docs/design.md, "Import names").
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 
 import torch
@@ -61,18 +62,45 @@ def _impl(t, triton_module: str):
     return reference
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None):
-    return _impl(q, "varlen").varlen_attention(
-        q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal, rel_bias=rel_bias
+_REFERENCE_ONLY_LOGGED: set[str] = set()
+
+
+def _reference_only(what: str):
+    """The reference module, for attention features the Triton kernels do not have yet (a sliding
+    window, Gemma's score soft-capping); logged once per feature, since it is slow on a GPU."""
+    if what not in _REFERENCE_ONLY_LOGGED:
+        _REFERENCE_ONLY_LOGGED.add(what)
+        logging.getLogger("encdec").warning(
+            "%s: the Triton attention kernels do not implement it; this model's attention runs on the "
+            "plain-PyTorch reference (correct, slower)",
+            what,
+        )
+    return reference
+
+
+def _attention_impl(q, triton_module: str, window, softcap):
+    if (window is not None or softcap is not None) and use_triton(q):
+        return _reference_only("sliding-window attention" if window is not None else "attention soft-capping")
+    return _impl(q, triton_module)
+
+
+def varlen_attention(
+    q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None, window=None, softcap=None
+):
+    extra = {} if window is None and softcap is None else {"window": window, "softcap": softcap}
+    return _attention_impl(q, "varlen", window, softcap).varlen_attention(
+        q, k, v, cu_seqlens, max_seqlen, scale=scale, causal=causal, rel_bias=rel_bias, **extra
     )
 
 
 def paged_attention(
-    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
-):
-    return _impl(q, "paged").paged_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
+    window=None, softcap=None,
+):  # fmt: skip
+    extra = {} if window is None and softcap is None else {"window": window, "softcap": softcap}
+    return _attention_impl(q, "paged", window, softcap).paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
-        scale=scale, causal=causal, rel_bias=rel_bias,
+        scale=scale, causal=causal, rel_bias=rel_bias, **extra,
     )  # fmt: skip
 
 

@@ -52,9 +52,12 @@ def bias_matrix(bias: RelBias, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torc
     return bias.table[:, b]  # [H, Lq, Lk]
 
 
-def _attend(q, k, v, scale, mask=None, bias=None):
-    """q: [Lq, H, D], k/v: [Lk, H, D], mask: [Lq, Lk] bool (True = keep), bias: [H, Lq, Lk]."""
+def _attend(q, k, v, scale, mask=None, bias=None, softcap=None):
+    """q: [Lq, H, D], k/v: [Lk, H, D], mask: [Lq, Lk] bool (True = keep), bias: [H, Lq, Lk];
+    softcap: scores become softcap * tanh(scores / softcap) (Gemma)."""
     s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if bias is not None:
         s = s + bias.float()
     if mask is not None:
@@ -63,12 +66,27 @@ def _attend(q, k, v, scale, mask=None, bias=None):
     return torch.einsum("hqk,khd->qhd", p, v.float()).to(q.dtype)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None):
+def window_mask(q_pos, k_pos, causal: bool, window: int | None):
+    """[Lq, Lk] bool keep-mask (None: keep all): causal keeps keys at or before the query; a
+    sliding window keeps keys less than ``window`` positions away (|q - k| for non-causal)."""
+    if not causal and window is None:
+        return None
+    dist = q_pos[:, None] - k_pos[None, :]
+    keep = dist >= 0 if causal else torch.ones_like(dist, dtype=torch.bool)
+    if window is not None:
+        keep &= (dist if causal else dist.abs()) < window
+    return keep
+
+
+def varlen_attention(
+    q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, rel_bias=None, window=None, softcap=None
+):
     """Attention over packed variable-length sequences (encoder / prefill).
 
     q, k, v: [T, H, D]; cu_seqlens: [B+1] int32 offsets; max_seqlen: int. Returns [T, H, D].
     causal: token i of a sequence sees tokens <= i. rel_bias: T5 bias (positions restart at 0
-    in every sequence).
+    in every sequence). window: keys ``window`` or more positions away are masked (sliding
+    window); softcap: Gemma's score soft-capping.
     """
     out = torch.empty_like(q)
     bounds = cu_seqlens.tolist()
@@ -78,9 +96,11 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen, *, scale, causal=False, re
             continue
         n = e - s
         pos = torch.arange(n, device=q.device)
-        mask = pos[None, :] <= pos[:, None] if causal else None
+        mask = window_mask(pos, pos, causal, window)
         bias = bias_matrix(rel_bias, pos, pos) if rel_bias is not None else None
-        if bias is None:
+        if window is not None or softcap is not None:
+            o = _attend(q[s:e], k[s:e], v[s:e], scale, mask, bias, softcap)
+        elif bias is None:
             o = F.scaled_dot_product_attention(
                 q[s:e].transpose(0, 1),
                 k[s:e].transpose(0, 1),
@@ -123,8 +143,9 @@ def gather_paged(cache, block_table, n):
 
 
 def paged_attention(
-    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None
-):
+    q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
+    window=None, softcap=None,
+):  # fmt: skip
     """Decoder attention over a paged cache: 1..k query tokens per sequence.
 
     q: [Tq, H, D] packed; sequence b owns q[cu_seqlens_q[b]:cu_seqlens_q[b+1]].
@@ -132,7 +153,9 @@ def paged_attention(
     number of keys of sequence b (already including the new tokens for self-attention).
     causal=True (self-attention): the i-th of q_len queries sits at position seq_len - q_len + i
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
-    rel_bias: T5 causal bias on key_pos - query_pos. Returns [Tq, H, D].
+    rel_bias: T5 causal bias on key_pos - query_pos. window: causal sliding window, keys
+    ``window`` or more positions before the query are masked; softcap: Gemma's score soft-capping.
+    Returns [Tq, H, D].
     """
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
@@ -146,9 +169,9 @@ def paged_attention(
         v = gather_paged(v_cache, block_tables[b], n)
         k_pos = torch.arange(n, device=q.device)
         q_pos = torch.arange(n - (e - s), n, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None] if causal else None
+        mask = window_mask(q_pos, k_pos, causal, window)
         bias = bias_matrix(rel_bias, q_pos, k_pos) if rel_bias is not None else None
-        out[s:e] = _attend(q[s:e], k, v, scale, mask, bias)
+        out[s:e] = _attend(q[s:e], k, v, scale, mask, bias, softcap)
     return out
 
 

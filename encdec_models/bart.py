@@ -1,13 +1,19 @@
-"""The BART family in one implementation: BART, mBART, Marian, Pegasus.
+"""The BART family in one implementation: BART, mBART, Marian, Pegasus, M2M100 / NLLB-200.
 
 What differs between them (checked against transformers' modeling files):
 
-| family  | layers    | positions                     | layernorm_embedding | final stack norms |
-|---------|-----------|-------------------------------|---------------------|-------------------|
-| BART    | post-norm | learned, ids offset by 2      | yes                 | no                |
-| mBART   | pre-norm  | learned, ids offset by 2      | yes                 | yes               |
-| Marian  | post-norm | sinusoidal, sin / cos halves  | no                  | no                |
-| Pegasus | pre-norm  | sinusoidal, sin / cos halves  | no                  | yes               |
+| family        | layers | positions                         | layernorm_embedding | final norms |
+|---------------|--------|-----------------------------------|---------------------|-------------|
+| BART          | post   | learned, ids offset by 2          | yes                 | no          |
+| mBART         | pre    | learned, ids offset by 2          | yes                 | yes         |
+| Marian        | post   | sinusoidal, sin / cos halves      | no                  | no          |
+| Pegasus       | pre    | sinusoidal, sin / cos halves      | no                  | yes         |
+| M2M100 / NLLB | pre    | fairseq sinusoidal, from pad + 1  | no                  | yes         |
+
+M2M100's fairseq table (NLLB-200 is the same ``m2m_100`` model) puts position i at row
+``pad_token_id + 1 + i`` and a pad token at the all-zero row ``pad_token_id``, computed in float32
+as transformers does (frequencies exp(-k log(10000) / (dim/2 - 1)), sin half then cos half). An
+encoder token's position counts only the non-pad tokens before it; a decoder token's is its index.
 
 Common to all, from the config: token embeddings scaled by sqrt(d_model) when
 ``scale_embedding``, the activation function, ``final_logits_bias`` added to the logits, an
@@ -34,17 +40,18 @@ LEARNED_POSITION_OFFSET = 2  # BART/mBART position ids start at 2 (a fairseq lef
 
 @dataclass(frozen=True)
 class Variant:
-    pre_norm: bool  # x + f(norm(x)) (mBART, Pegasus) instead of norm(x + f(x))
-    learned_positions: bool  # learned table (offset 2) or fixed sinusoidal table
+    pre_norm: bool  # x + f(norm(x)) (mBART, Pegasus, M2M100) instead of norm(x + f(x))
+    positions: str  # "learned" (offset 2), "sinusoidal" (Marian/Pegasus) or "fairseq" (M2M100)
     layernorm_embedding: bool  # LayerNorm right after token + position embedding
     final_norm: bool  # LayerNorm after the last layer of each stack
 
 
 VARIANTS = {
-    "bart": Variant(pre_norm=False, learned_positions=True, layernorm_embedding=True, final_norm=False),
-    "mbart": Variant(pre_norm=True, learned_positions=True, layernorm_embedding=True, final_norm=True),
-    "marian": Variant(pre_norm=False, learned_positions=False, layernorm_embedding=False, final_norm=False),
-    "pegasus": Variant(pre_norm=True, learned_positions=False, layernorm_embedding=False, final_norm=True),
+    "bart": Variant(pre_norm=False, positions="learned", layernorm_embedding=True, final_norm=False),
+    "mbart": Variant(pre_norm=True, positions="learned", layernorm_embedding=True, final_norm=True),
+    "marian": Variant(pre_norm=False, positions="sinusoidal", layernorm_embedding=False, final_norm=False),
+    "pegasus": Variant(pre_norm=True, positions="sinusoidal", layernorm_embedding=False, final_norm=True),
+    "m2m_100": Variant(pre_norm=True, positions="fairseq", layernorm_embedding=False, final_norm=True),
 }
 
 
@@ -62,32 +69,73 @@ def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
     return out
 
 
+def fairseq_sinusoidal_table(num_positions: int, dim: int, padding_idx: int) -> torch.Tensor:
+    """[num_positions, dim] float32 M2M100 / NLLB table, exactly as transformers computes it (in
+    float32 torch): row ``padding_idx`` is zero; sequence index i reads row padding_idx + 1 + i."""
+    half = dim // 2
+    step = math.log(10000) / (half - 1)
+    freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -step)
+    angle = torch.arange(num_positions, dtype=torch.int64).float().unsqueeze(1) * freq.unsqueeze(0)
+    out = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1).view(num_positions, -1)
+    if dim % 2 == 1:
+        out = torch.cat([out, torch.zeros(num_positions, 1)], dim=1)
+    out[padding_idx, :] = 0
+    return out
+
+
+def nonpad_positions(ids: torch.Tensor, cu_seqlens: torch.Tensor, pad: int) -> torch.Tensor:
+    """[T] index of every packed token among the non-pad tokens of its sequence (fairseq's encoder
+    positions; a pad token's own value is not used)."""
+    count = (ids != pad).long().cumsum(0)
+    cu = cu_seqlens.long()
+    before = torch.cat([count.new_zeros(1), count])[cu[:-1]]
+    return count - torch.repeat_interleave(before, cu[1:] - cu[:-1], output_size=ids.shape[0]) - 1
+
+
 class BartStack(nn.Module):
     """Positions, optional embedding/final norms and the layers of one side (encoder or decoder)."""
 
     def __init__(self, cfg, variant: Variant, layers: nn.ModuleList):
         super().__init__()
         d, n_pos = cfg.d_model, cfg.max_position_embeddings
-        if variant.learned_positions:
+        self.positions = variant.positions
+        self.padding_idx = cfg.pad_token_id if variant.positions == "fairseq" else None
+        if variant.positions == "learned":
             self.embed_positions = nn.Embedding(n_pos + LEARNED_POSITION_OFFSET, d)
         else:  # fixed table, computed by ``post_load`` (the model is built on the meta device)
             self.embed_positions = None
-            self.register_buffer("sinusoid", torch.empty(n_pos, d), persistent=False)
+            rows = n_pos if self.padding_idx is None else n_pos + self.padding_idx + 1
+            self.register_buffer("sinusoid", torch.empty(rows, d), persistent=False)
         self.layernorm_embedding = Norm(d, "layer", 1e-5) if variant.layernorm_embedding else None
         self.layers = layers
         self.layer_norm = Norm(d, "layer", 1e-5) if variant.final_norm else None
 
-    def embed(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens: [T, d] scaled token embeddings; positions: [T] index in the sequence -> [T, d]."""
+    def make_table(self) -> None:
+        if self.embed_positions is not None:
+            return
+        rows, d = self.sinusoid.shape
+        if self.padding_idx is None:
+            self.sinusoid.copy_(sinusoidal_table(rows, d))
+        else:
+            self.sinusoid.copy_(fairseq_sinusoidal_table(rows, d, self.padding_idx))
+
+    def embed(
+        self, tokens: torch.Tensor, positions: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """tokens: [T, d] scaled token embeddings of the token ids ``ids`` [T] (needed by the fairseq
+        positions only: a pad token reads their zero row); positions: [T] index in the sequence -> [T, d]."""
         if self.embed_positions is not None:
             x = tokens + self.embed_positions(positions + LEARNED_POSITION_OFFSET)
+        elif self.padding_idx is not None:  # fairseq: a pad token reads the zero row
+            pad = self.padding_idx
+            x = tokens + self.sinusoid[torch.where(ids == pad, pad, positions + (pad + 1))]
         else:
             x = tokens + self.sinusoid[positions]
         return x if self.layernorm_embedding is None else self.layernorm_embedding(x)
 
 
 class Bart(TextEncDecModel):
-    """BART, mBART, Marian and Pegasus (``config.model_type`` picks the variant)."""
+    """BART, mBART, Marian, Pegasus and M2M100 / NLLB-200 (``config.model_type`` picks the variant)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -133,7 +181,7 @@ class Bart(TextEncDecModel):
         name = name.removeprefix("model.")
         if name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
             return "shared.weight" if self.shared_vocab or name.startswith("encoder.") else name
-        if name.endswith("embed_positions.weight") and not self.variant.learned_positions:
+        if name.endswith("embed_positions.weight") and self.variant.positions != "learned":
             return None  # fixed sinusoidal table, computed in post_load
         for fc in (".fc1.", ".fc2."):
             name = name.replace(fc, ".mlp" + fc)
@@ -147,8 +195,7 @@ class Bart(TextEncDecModel):
 
     def post_load(self) -> None:
         for stack in (self.encoder, self.decoder):
-            if stack.embed_positions is None:
-                stack.sinusoid.copy_(sinusoidal_table(*stack.sinusoid.shape))
+            stack.make_table()
         self.tie_equal_weights()
 
     def decoder_layers(self):
@@ -159,8 +206,12 @@ class Bart(TextEncDecModel):
 
     def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
         """batch.inputs: [T] packed token ids -> [T, d]."""
-        positions = packed_positions(batch.cu_seqlens, batch.inputs.shape[0])
-        return self.encoder.embed(self.shared(batch.inputs) * self.embed_scale, positions)
+        enc = self.encoder
+        if enc.padding_idx is None:
+            positions = packed_positions(batch.cu_seqlens, batch.inputs.shape[0])
+        else:  # fairseq counts the non-pad tokens: a pad inside an input shifts the rest back
+            positions = nonpad_positions(batch.inputs, batch.cu_seqlens, enc.padding_idx)
+        return enc.embed(self.shared(batch.inputs) * self.embed_scale, positions, batch.inputs)
 
     def finish_encoder(self, x, residual) -> torch.Tensor:
         return final_norm(self.encoder.layer_norm, x, residual)
@@ -169,7 +220,7 @@ class Bart(TextEncDecModel):
         """tokens, positions: [Tq] new tokens and their index in their decoder sequence."""
         dec = self.decoder
         embed = self.shared if self.shared_vocab else dec.embed_tokens
-        return dec.embed(embed(tokens) * self.embed_scale, positions)
+        return dec.embed(embed(tokens) * self.embed_scale, positions, tokens)
 
     def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
         x = final_norm(self.decoder.layer_norm, x, residual, meta.logits_indices)

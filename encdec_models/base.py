@@ -33,7 +33,8 @@ def host_to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 class EncoderBatch:
     """Packed encoder inputs for one encoder run.
 
-    inputs: model-specific tensor (Whisper: waveforms [B, N_SAMPLES]; text models: token ids [T]).
+    inputs: model-specific tensor (Whisper: waveforms [B, N_SAMPLES]; text models: token ids [T];
+    Moonshine: every item's samples concatenated, item i at input_offsets[i]:input_offsets[i+1]).
     cu_seqlens: [B+1] int32 offsets of each sequence in the packed encoder output.
     max_seqlen: longest encoder sequence of the batch.
     """
@@ -41,6 +42,7 @@ class EncoderBatch:
     inputs: torch.Tensor
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    input_offsets: list[int] | None = None  # raw-waveform models: each item's samples in ``inputs``
 
 
 @dataclass
@@ -84,7 +86,14 @@ class CacheSpec:
     num_layers: int
     num_heads: int
     head_dim: int
-    d_model: int  # width of the decoder's hidden states (T5: not num_heads * head_dim)
+    # width of the encoder output, what cross-attention reads (T5: not num_heads * head_dim)
+    d_model: int
+    decoder_width: int | None = None  # the decoder's hidden width where it differs from d_model
+
+    @property
+    def hidden(self) -> int:
+        """Width of the decoder's hidden states."""
+        return self.decoder_width or self.d_model
 
 
 _boundary_hook: ContextVar[Callable[[int], None] | None] = ContextVar("layer_boundary_hook", default=None)
@@ -143,6 +152,9 @@ class EncDecModel(nn.Module):
     # it pays where every request's encoder output is long (Whisper: 1500 rows); on BART's shorter
     # inputs the two extra matmuls per layer cost more than the reads they save (benchmarks/README.md)
     absorb_cross_by_default: bool = False
+    # False: decode steps cannot be captured in CUDA graphs (T5Gemma's sliding windows and soft-capping
+    # run on the reference attention, which reads sequence lengths on the host)
+    cuda_graphs: bool = True
     max_target_positions: int  # decoder positions the model supports (prompt + output)
     max_source_positions: int  # encoder tokens the model supports
     vocab_size: int
@@ -168,6 +180,15 @@ class EncDecModel(nn.Module):
             layer.encoder_attn.k_cache, layer.encoder_attn.v_cache = k_cache[j], v_cache[j]
             layer.encoder_attn.cross_rows = cross_rows
 
+    def unbind_cache(self) -> None:
+        """Drop the pool views ``bind_cache`` gave the layers: the model no longer keeps an engine's
+        KV pool alive (an engine's pool goes with it; a new engine sizes its pool from free memory)."""
+        self.cross_rows = None
+        for layer in self.decoder_layers():
+            layer.self_attn.k_cache = layer.self_attn.v_cache = None
+            layer.encoder_attn.k_cache = layer.encoder_attn.v_cache = None
+            layer.encoder_attn.cross_rows = None
+
     @property
     def d_model(self) -> int:
         return self.cache_spec.d_model
@@ -189,8 +210,9 @@ class EncDecModel(nn.Module):
         """[T, d] input of encoder layer 0."""
         raise NotImplementedError
 
-    def encoder_layer_args(self, batch: EncoderBatch) -> tuple:
-        """What follows x in an encoder layer's forward."""
+    def encoder_layer_args(self, batch: EncoderBatch, x: torch.Tensor) -> tuple:
+        """What follows x (the [T, d] input of the layers; a stage past the first gets a batch
+        without ``inputs``) in an encoder layer's forward."""
         return (batch.cu_seqlens, batch.max_seqlen)
 
     def finish_encoder(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -201,8 +223,9 @@ class EncDecModel(nn.Module):
         """[Tq, d] input of decoder layer 0."""
         raise NotImplementedError
 
-    def decoder_layer_args(self, meta: AttentionMetadata) -> tuple:
-        """What follows x in a decoder layer's forward."""
+    def decoder_layer_args(self, meta: AttentionMetadata, positions: torch.Tensor, x: torch.Tensor) -> tuple:
+        """What follows x in a decoder layer's forward (``positions``: [Tq] each input's index in
+        its decoder sequence, for rotary families)."""
         return (meta,)
 
     def decoder_head(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata):
@@ -212,7 +235,7 @@ class EncDecModel(nn.Module):
     # ---- the protocol, whole or a range of layers (pipeline stages) ---------------------------
     def encode(self, batch: EncoderBatch) -> torch.Tensor:
         x = self.embed_encoder(batch)
-        x, residual = run_layers(self.encoder_layers(), x, *self.encoder_layer_args(batch))
+        x, residual = run_layers(self.encoder_layers(), x, *self.encoder_layer_args(batch, x))
         return self.finish_encoder(x, residual)
 
     def encoder_part(self, batch: EncoderBatch, start: int, end: int, x=None, residual=None):
@@ -223,16 +246,16 @@ class EncDecModel(nn.Module):
         if start == 0:
             x = self.embed_encoder(batch)
         x, residual = run_layers(
-            layers, x, *self.encoder_layer_args(batch), residual=residual, start=start, end=end
+            layers, x, *self.encoder_layer_args(batch, x), residual=residual, start=start, end=end
         )
         return self.finish_encoder(x, residual) if end == len(layers) else (x, residual)
 
-    def decoder_part(self, meta: AttentionMetadata, start: int, end: int, x, residual=None):
+    def decoder_part(self, meta: AttentionMetadata, positions, start: int, end: int, x, residual=None):
         """Decoder layers [start, end) from (x, residual) (``embed_decoder``'s output for layer 0):
         the logits when ``end`` is the last layer, else (x, residual) for the next part."""
         layers = self.decoder_layers()
         x, residual = run_layers(
-            layers, x, *self.decoder_layer_args(meta), residual=residual, start=start, end=end
+            layers, x, *self.decoder_layer_args(meta, positions, x), residual=residual, start=start, end=end
         )
         return self.decoder_head(x, residual, meta) if end == len(layers) else (x, residual)
 
@@ -253,7 +276,6 @@ class EncDecModel(nn.Module):
             layers[i].encoder_attn.write_cross(hidden, slot_mapping)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = run_layers(
-            self.decoder_layers(), self.embed_decoder(tokens, positions), *self.decoder_layer_args(meta)
-        )
+        x = self.embed_decoder(tokens, positions)
+        x, residual = run_layers(self.decoder_layers(), x, *self.decoder_layer_args(meta, positions, x))
         return self.decoder_head(x, residual, meta)

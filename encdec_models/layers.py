@@ -36,6 +36,10 @@ class LayerConfig:
     norm_eps: float
     bias: bool  # q/v/out projections and MLP carry biases (all but T5)
     scale: float  # softmax scale: head_dim**-0.5, or 1.0 for T5
+    softcap: float | None = None  # Gemma: attention scores become softcap * tanh(scores / softcap)
+    sandwich: bool = False  # Gemma: x + post_norm(f(pre_norm(x))) (a norm after each sub-layer too)
+    cross_d_model: int | None = None  # width of the encoder output cross-attention reads (default d_model)
+    mlp_bias: bool | None = None  # the MLP's biases when they differ from the attention's (Moonshine)
 
     @classmethod
     def layer_norm_style(cls, cfg, heads: int, ffn: int, pre_norm: bool) -> LayerConfig:
@@ -93,11 +97,72 @@ class Norm(nn.Module):
         return encdec_kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary position embedding of a step's tokens: cos, sin [T, R] for the first R <= D features
+    of each head (the rest pass unchanged: partial rotary). Layouts: "rotate half" (Llama, Gemma:
+    feature i pairs with i + R/2) or interleaved (Moonshine: feature 2i pairs with 2i + 1). Passed
+    to attention in the position-bias slot; it turns q and k before the kernels."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    interleaved: bool = False
+
+    @classmethod
+    def at(
+        cls, inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, interleaved: bool = False
+    ) -> Rotary:
+        """inv_freq [R/2] float32, positions [T] -> cos/sin [T, R] (computed in float32, as
+        transformers does, then cast to the activations' dtype)."""
+        freqs = positions.float()[:, None] * inv_freq[None, :]
+        emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
+        return cls(emb.cos().to(dtype), emb.sin().to(dtype), interleaved)
+
+    def apply(self, q, k):
+        """q, k: [T, H, D] -> rotated."""
+        cos, sin = self.cos[:, None], self.sin[:, None]
+        r = cos.shape[-1]
+        turn = _rotate_pairs if self.interleaved else _rotate_half
+
+        def one(x):
+            if r == x.shape[-1]:
+                return x * cos + turn(x) * sin
+            x_rot = x[..., :r]
+            return torch.cat((x_rot * cos + turn(x_rot) * sin, x[..., r:]), dim=-1)
+
+        return one(q), one(k)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate_pairs(x):
+    return torch.stack((-x[..., 1::2], x[..., 0::2]), dim=-1).flatten(-2)
+
+
+def repeat_kv_heads(w: torch.Tensor, n_rep: int, head_dim: int) -> torch.Tensor:
+    """A grouped-query K or V projection (weight [kv_heads * D, d] or bias) with each K/V head
+    repeated for its n_rep query heads (transformers' repeat_kv order), so the caches and kernels
+    see plain multi-head attention."""
+    if n_rep == 1:
+        return w
+    return w.view(-1, head_dim, *w.shape[1:]).repeat_interleave(n_rep, 0).reshape(-1, *w.shape[1:])
+
+
+def _split_position(pos):
+    """(rotary or None, T5 bias or None) from the position slot of a layer call."""
+    return (pos, None) if isinstance(pos, Rotary) else (None, pos)
+
+
 def _one_row(x) -> bool:
     """Whether x [1, d] runs the Triton one-row kernels (``encdec_kernels.gemv``): batch-1 decoding on
     CUDA, where cuBLAS leaves most SMs idle. Everything else takes cuBLAS / the CPU path."""
     return (
-        x.dim() == 2 and x.shape[0] == 1 and x.shape[1] <= encdec_kernels.GEMV_MAX_K
+        x.dim() == 2
+        and x.shape[0] == 1
+        and x.shape[1] <= encdec_kernels.GEMV_MAX_K
         and encdec_kernels.use_triton(x)
     )
 
@@ -126,10 +191,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: LayerConfig, cross: bool = False):
         super().__init__()
         self.h, self.d, self.scale = cfg.num_heads, cfg.head_dim, cfg.scale
+        self.softcap = cfg.softcap
+        self.window: int | None = None  # sliding window (keys this far away or more are masked), per layer
         inner = cfg.num_heads * cfg.head_dim
         if cross:
             self.q_proj = Linear(cfg.d_model, inner, bias=cfg.bias)
-            self.kv_proj = Linear(cfg.d_model, 2 * inner, bias=cfg.bias)
+            self.kv_proj = Linear(cfg.cross_d_model or cfg.d_model, 2 * inner, bias=cfg.bias)
         else:
             self.qkv_proj = Linear(cfg.d_model, 3 * inner, bias=cfg.bias)
         self.out_proj = Linear(inner, cfg.d_model, bias=cfg.bias)
@@ -140,18 +207,31 @@ class Attention(nn.Module):
         q, k, v = qkv.view(-1, 3, self.h, self.d).unbind(1)  # each [T, H, D]
         return q, k, v
 
-    def encoder(self, x, cu_seqlens, max_seqlen, rel_bias: RelBias | None = None):
-        """x: [T, d] packed encoder tokens -> [T, d]."""
+    def _extra(self) -> dict:
+        """Sliding window / soft-capping keywords for the kernels (none for the other models)."""
+        if self.window is None and self.softcap is None:
+            return {}
+        return {"window": self.window, "softcap": self.softcap}
+
+    def encoder(self, x, cu_seqlens, max_seqlen, rel_bias: RelBias | Rotary | None = None):
+        """x: [T, d] packed encoder tokens -> [T, d]. rel_bias: T5's bias or rotary positions."""
         q, k, v = self._split(self.qkv_proj(x))
+        rotary, rel_bias = _split_position(rel_bias)
+        if rotary is not None:
+            q, k = rotary.apply(q, k)
         o = encdec_kernels.varlen_attention(
-            q, k, v, cu_seqlens, max_seqlen, scale=self.scale, causal=False, rel_bias=rel_bias
-        )
+            q, k, v, cu_seqlens, max_seqlen,
+            scale=self.scale, causal=False, rel_bias=rel_bias, **self._extra(),
+        )  # fmt: skip
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
     def decoder_self(self, qkv, meta: AttentionMetadata, rel_bias: RelBias | None = None):
         """qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens; writes their K/V to the paged
         cache, attends causally -> [Tq, d]."""
         q, k, v = self._split(qkv)
+        rotary, rel_bias = _split_position(rel_bias)
+        if rotary is not None:
+            q, k = rotary.apply(q, k)
         encdec_kernels.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = encdec_kernels.paged_attention(
             q,
@@ -164,6 +244,7 @@ class Attention(nn.Module):
             scale=self.scale,
             causal=True,
             rel_bias=rel_bias,
+            **self._extra(),
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
@@ -175,6 +256,8 @@ class Attention(nn.Module):
         once), and the result moves back through Wv_h (+ bv_h: the weights sum to 1)."""
         q = q.view(-1, self.h, self.d)
         if self.cross_rows is not None:
+            if self.softcap is not None:
+                raise ValueError("absorbed cross-attention has no score soft-capping; use per-layer K/V")
             w = self.kv_proj.weight.view(2, self.h, self.d, -1)  # [K|V, H, D, d]
             qe = torch.bmm(q.transpose(0, 1), w[0])  # [H, Tq, d]
             o = encdec_kernels.shared_kv_attention(
@@ -201,6 +284,7 @@ class Attention(nn.Module):
             meta.max_seqlen_q,
             scale=self.scale,
             causal=False,
+            **self._extra(),
         )
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
@@ -215,9 +299,10 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LayerConfig):
         super().__init__()
-        self.fc1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        self.up = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if cfg.gated else None
-        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        bias = cfg.bias if cfg.mlp_bias is None else cfg.mlp_bias
+        self.fc1 = Linear(cfg.d_model, cfg.d_ff, bias=bias)
+        self.up = Linear(cfg.d_model, cfg.d_ff, bias=bias) if cfg.gated else None
+        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=bias)
         self.activation = cfg.activation
         self.act = ACT2FN[cfg.activation]
 
@@ -245,9 +330,18 @@ class EncoderLayer(nn.Module):
         self.self_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.final_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.sandwich = cfg.sandwich
+        if cfg.sandwich:  # the norms after each sub-layer
+            self.post_self_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+            self.post_mlp_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
 
     def forward(self, x, cu_seqlens, max_seqlen, rel_bias=None, residual=None):
         """(x, residual) [T, d] -> (x, residual): see ``run_layers``."""
+        if self.sandwich:  # Gemma: x + post(f(pre(x))); the sum is whole again after each layer
+            x = x if residual is None else x + residual
+            a = self.self_attn.encoder(self.self_attn_layer_norm(x), cu_seqlens, max_seqlen, rel_bias)
+            x = x + self.post_self_attn_layer_norm(a)
+            return x + self.post_mlp_layer_norm(self.mlp(self.final_layer_norm(x))), None
         if self.pre_norm:
             h, residual = _pre_norm(self.self_attn_layer_norm, x, residual)
             a = self.self_attn.encoder(h, cu_seqlens, max_seqlen, rel_bias)
@@ -268,10 +362,22 @@ class DecoderLayer(nn.Module):
         self.encoder_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.final_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+        self.sandwich = cfg.sandwich
+        if cfg.sandwich:  # the norms after each sub-layer
+            self.post_self_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+            self.post_encoder_attn_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
+            self.post_mlp_layer_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps)
 
     def forward(self, x, meta: AttentionMetadata, rel_bias=None, residual=None):
         """(x, residual) [Tq, d] new decoder tokens -> (x, residual): see ``run_layers``."""
         sa, ca = self.self_attn, self.encoder_attn
+        if self.sandwich:  # Gemma: x + post(f(pre(x))) for each sub-layer
+            x = x if residual is None else x + residual
+            a = sa.decoder_self(sa.qkv_proj(self.self_attn_layer_norm(x)), meta, rel_bias)
+            x = x + self.post_self_attn_layer_norm(a)
+            a = ca.cross(ca.q_proj(self.encoder_attn_layer_norm(x)), meta)
+            x = x + self.post_encoder_attn_layer_norm(a)
+            return x + self.post_mlp_layer_norm(self.mlp(self.final_layer_norm(x))), None
         if self.pre_norm:
             qkv, residual = norm_linear(self.self_attn_layer_norm, x, residual, sa.qkv_proj)
             q, residual = norm_linear(

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrained
 from encdec_models.registry import (  # noqa: F401 (ModelNotFoundError: re-exported)
     ModelNotFoundError,
     architecture_of,
+    has_tokenizer,
     model_class,
     resolve_model_path,
 )
@@ -38,7 +39,7 @@ class LoadedModel:
     """A model ready for the engine, with what the tasks need to build requests."""
 
     model: torch.nn.Module
-    tokenizer: object  # a transformers fast tokenizer
+    tokenizer: object  # a transformers tokenizer; None for a folder without tokenizer files
     config: object  # the transformers config
     generation_config: GenerationConfig
     architecture: str
@@ -178,6 +179,8 @@ def build_model(arch: str, config, tensors, device: torch.device, dtype: torch.d
     if prune is not None:
         prune(model)
     model = model.to_empty(device=device).to(dtype)
+    if hasattr(model, "adapt_checkpoint"):  # e.g. T5Gemma: grouped-query K/V repeated to every head
+        tensors = model.adapt_checkpoint(tensors)
     load_weights(model, tensors, model.rename)
     if hasattr(model, "post_load"):
         model.post_load()
@@ -201,7 +204,8 @@ def load_model(
     arch = architecture_of(config)
     gen = generation_config_of(path, config)
     model = build_model(arch, config, iter_checkpoint(path), dev, dt, prune)
-    tok = AutoTokenizer.from_pretrained(path)
+    # a folder without tokenizer files runs on token ids (Request inputs and prompts, Result.token_ids)
+    tok = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
     return LoadedModel(model, tok, config, gen, arch, path)
 
 

@@ -21,8 +21,13 @@ ARCHITECTURES = {
     "MBartForConditionalGeneration": "encdec_models.bart:Bart",
     "MarianMTModel": "encdec_models.bart:Bart",
     "PegasusForConditionalGeneration": "encdec_models.bart:Bart",
+    "M2M100ForConditionalGeneration": "encdec_models.bart:Bart",  # M2M100 and NLLB-200
     "T5ForConditionalGeneration": "encdec_models.t5:T5",
     "MT5ForConditionalGeneration": "encdec_models.t5:T5",
+    "VisionEncoderDecoderModel": "encdec_models.vision:VisionEncoderDecoder",
+    "Florence2ForConditionalGeneration": "encdec_models.florence2:Florence2",
+    "T5GemmaForConditionalGeneration": "encdec_models.t5gemma:T5Gemma",
+    "MoonshineForConditionalGeneration": "encdec_models.moonshine:Moonshine",
 }
 
 # config.model_type -> architecture, for configs without an ``architectures`` list
@@ -32,13 +37,33 @@ MODEL_TYPES = {
     "mbart": "MBartForConditionalGeneration",
     "marian": "MarianMTModel",
     "pegasus": "PegasusForConditionalGeneration",
+    "m2m_100": "M2M100ForConditionalGeneration",
     "t5": "T5ForConditionalGeneration",
     "mt5": "MT5ForConditionalGeneration",
+    "vision-encoder-decoder": "VisionEncoderDecoderModel",
+    "florence2": "Florence2ForConditionalGeneration",
+    "t5gemma": "T5GemmaForConditionalGeneration",
+    "moonshine": "MoonshineForConditionalGeneration",
 }
+# image-to-text models (encdec image-to-text)
+VISION = frozenset({"VisionEncoderDecoderModel", "Florence2ForConditionalGeneration"})
 
 WHISPER = "WhisperForConditionalGeneration"
+SPEECH = frozenset({WHISPER, "MoonshineForConditionalGeneration"})  # architectures `transcribe` takes
 MULTILINGUAL_VOCAB = 51865  # English-only Whisper models have 51864 tokens; multilingual >= 51865
+MULTILINGUAL_EOT = 50257  # <|endoftext|> of the multilingual tokenizer (English-only: 50256)
 _LANGUAGE_TOKEN = re.compile(r"<\|([a-z]{2,3})\|>")
+# files any transformers tokenizer is read from; a folder with none of them has no tokenizer
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "source.spm",
+    "tokenizer.model",
+)
 HOW_TO_GET_A_MODEL = (
     "pass -m a local Hugging Face model folder (config.json, weights, tokenizer), or a hub id "
     "already in the Hugging Face cache: on a machine with internet run `hf download ID` (or "
@@ -122,10 +147,19 @@ class ModelInfo:
     ctranslate2: bool  # a CTranslate2 Whisper folder (model.bin), else a Hugging Face folder
     multilingual: bool | None  # Whisper: several languages (None: cannot tell without the weights)
     languages: frozenset[str]  # Whisper language codes its tokenizer has (may be empty: unknown)
+    has_tokenizer: bool = True  # tokenizer files are there (without: token ids in, token ids out)
 
     @property
     def is_whisper(self) -> bool:
         return self.architecture == WHISPER
+
+    @property
+    def is_vision(self) -> bool:
+        return self.architecture in VISION
+
+    @property
+    def is_speech(self) -> bool:
+        return self.architecture in SPEECH
 
 
 def _read_json(path: Path):
@@ -155,9 +189,29 @@ def inspect_model(path: Path) -> ModelInfo:
         )
         vocab_size = config.get("vocab_size")
     languages: frozenset[str] = frozenset()
+    multilingual = None if arch != WHISPER or vocab_size is None else vocab_size >= MULTILINGUAL_VOCAB
     if arch == WHISPER and (path / "tokenizer.json").is_file():
         added = _read_json(path / "tokenizer.json").get("added_tokens") or []
         found = (_LANGUAGE_TOKEN.fullmatch(str(t.get("content", ""))) for t in added)
         languages = frozenset(m[1] for m in found if m)
-    multilingual = None if arch != WHISPER or vocab_size is None else vocab_size >= MULTILINGUAL_VOCAB
-    return ModelInfo(path, arch, ct2, multilingual, languages if multilingual else frozenset())
+        eot = [t.get("id") for t in added if t.get("content") == "<|endoftext|>"]
+        if eot and isinstance(eot[0], int):  # whatever the vocabulary size (fine-tunes add or drop tokens),
+            multilingual = eot[0] >= MULTILINGUAL_EOT  # the text vocabulary tells: multilingual has one more
+    return ModelInfo(
+        path, arch, ct2, multilingual, languages if multilingual else frozenset(), has_tokenizer(path)
+    )
+
+
+def has_tokenizer(path: Path) -> bool:
+    """Whether the folder holds tokenizer files (:data:`TOKENIZER_FILES`)."""
+    return any((path / f).is_file() for f in TOKENIZER_FILES)
+
+
+def check_tokenizer(path: Path) -> None:
+    """UnsupportedModelError for a folder without tokenizer files, where text must be read or written."""
+    if not (path / "model.bin").exists() and not has_tokenizer(path):
+        raise UnsupportedModelError(
+            f"model {str(path)!r} has no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, "
+            "spiece.model, ...): the commands read and write text, so copy the tokenizer into the folder "
+            "(the Python API runs such a folder on token ids)"
+        )

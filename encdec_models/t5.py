@@ -145,7 +145,7 @@ class T5(TextEncDecModel):
         """batch.inputs: [T] packed token ids -> [T, d]."""
         return self.shared(batch.inputs)
 
-    def encoder_layer_args(self, batch: EncoderBatch) -> tuple:
+    def encoder_layer_args(self, batch: EncoderBatch, x) -> tuple:
         return (batch.cu_seqlens, batch.max_seqlen, self.encoder.rel_bias)
 
     def finish_encoder(self, x, residual) -> torch.Tensor:
@@ -155,7 +155,7 @@ class T5(TextEncDecModel):
         """Positions are implicit (relative bias over the cache)."""
         return self.shared(tokens)
 
-    def decoder_layer_args(self, meta: AttentionMetadata) -> tuple:
+    def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
         return (meta, self.decoder.rel_bias)
 
     def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:

@@ -8,13 +8,19 @@ from pathlib import Path
 import typer
 
 from encdec_cli.commands import common
+from encdec_cli.tasks import summary
+
+ORACLE_ALPHAS = "0.0,0.5,0.7,0.9"  # encdec_cli.tasks.bench.ORACLE_ALPHAS (not imported: no torch for --help)
+ORACLE_KS = "2,4,8"
 
 
 @common.command()
 def bench(
     workloads: list[str] = typer.Argument(
         None,
-        help="Workload ids of benchmarks/WORKLOADS.md: W1..W5 (the default), T1 / T2 (TensorRT-LLM's "
+        help="Workload ids of benchmarks/WORKLOADS.md: W1..W5 (the default), W6 (the prefix cache on "
+        "against off, no transformers baseline), W7 (NLLB-200 translation), W8 (Moonshine), W9 "
+        "(Florence-2-large captions), T1 / T2 (TensorRT-LLM's "
         "published shapes at batch 32, 64 and 128; or one batch, e.g. T1-B64).",
     ),
     baseline: str = typer.Option(
@@ -38,12 +44,40 @@ def bench(
     pp_layers: common.PpLayers = None,
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
     profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),
+    data_parallel: int | None = typer.Option(
+        None,
+        "--data-parallel",
+        "-dp",
+        help="Also run each workload (default: W1 and W2) on N rank processes, one per GPU, and report "
+        "the total and per-device throughput and the scaling over the one-GPU run.",
+    ),
+    device: str = typer.Option(
+        "cuda",
+        "--device",
+        help="With --data-parallel: each rank's device, comma-separated (cuda:0,cuda:0 runs two ranks on "
+        "one GPU, a correctness and overhead check); default cuda:0..N-1.",
+    ),
+    no_prefix_cache: common.NoPrefixCache = False,
     cross: str = typer.Option(
         "auto",
         "--cross",
         help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it), absorbed (the encoder "
         "output once, K/V projections absorbed), kv (K and V per decoder layer).",
     ),
+    speculative: str = typer.Option(
+        "off",
+        "--speculative",
+        help="off; oracle (synthetic: the plain run's own greedy tokens as drafts, each wrong with "
+        "probability 1 - alpha, swept over --oracle-alpha x --oracle-k); oracle:ALPHA:K (one point); "
+        "ngram[:K] (prompt lookup on the random inputs: its overhead).",
+    ),
+    oracle_alpha: str = typer.Option(
+        ORACLE_ALPHAS, "--oracle-alpha", help="Oracle draft acceptance probabilities (comma-separated)."
+    ),
+    oracle_k: str = typer.Option(
+        ORACLE_KS, "--oracle-k", help="Oracle draft tokens per step (comma-separated)."
+    ),
+    summary_json: common.SummaryJson = None,
 ):
     """Run the standard workloads (random weights of the real architectures, fixed output lengths)
     on the GPU, ours and the transformers baseline in one process; print a table and write JSON."""
@@ -64,10 +98,21 @@ def bench(
     absorb = {"auto": None, "absorbed": True, "kv": False}.get(cross, "bad")
     if absorb == "bad":
         common.fail(f"--cross must be auto, absorbed or kv, got {cross!r}")
-    ids, bad = expand_ids(workloads or list(DEFAULT_WORKLOADS))
+    parallel = bool(data_parallel) or "," in device
+    ids, bad = expand_ids(workloads or (["W1", "W2"] if parallel else list(DEFAULT_WORKLOADS)))
+    devices = None
+    if parallel:
+        from encdec_cli.tasks.data_parallel import rank_devices
+
+        devices = rank_devices(device, data_parallel)
     if bad:
         choices = ", ".join([w for w in WORKLOADS if not w.startswith(("T1-", "T2-"))] + list(GROUPS))
         common.fail(f"unknown workload(s) {', '.join(bad)}; choose from {choices} (or T1-B32 ... T2-B128)")
+    oracle, spec = _speculative(speculative, oracle_alpha, oracle_k)
+    if oracle is not None or spec is not None:
+        beams = [w for w in ids if WORKLOADS[w].num_beams > 1]
+        if beams:
+            common.fail(f"--speculative cannot run beam-search workloads ({', '.join(beams)})")
     results = []
     dev = torch.cuda.get_device_name().replace(" ", "-")
     path = Path(out or f"benchmarks/results/{dev}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -88,12 +133,40 @@ def bench(
                 "profile": profile,
                 "absorb_cross": absorb,
                 **common.pipeline_options(pipeline_parallel, pp_layers),
+                "prefix_cache": not no_prefix_cache,
+                **({"speculative": spec} if spec else {}),
             },
             scale,
             rates,
+            oracle,
         )
+        if devices is not None and len(devices) > 1:
+            from encdec_cli.tasks.bench_parallel import run_data_parallel
+
+            engine_cfg = {
+                "max_num_seqs": max_num_seqs,
+                "enforce_eager": enforce_eager,
+                "absorb_cross": absorb,
+            }
+            res["data_parallel"] = dp = run_data_parallel(wid, devices, engine_cfg, scale, res["ours"])
+            typer.echo(
+                f"{wid} {len(devices)} ranks ({','.join(devices)}): total {dp['total']:,.1f}, per device "
+                f"{dp['per_device']:,.1f}, scaling x{dp['scaling']:.2f} over one device ({res['ours']:,.1f})",
+                err=True,
+            )
         results.append(res)
         write_results(results, path, rates)
+        summary.record(counts={"done": len(results), "failed": 0, "skipped": 0, "failed_before": 0},
+                       workloads=results, output=str(path))  # fmt: skip
+        if wid == "W6":
+            pc = res["prefix_cache"]
+            typer.echo(
+                f"{wid} {res['model']:<18} {res['metric']:<13} prefix cache on {res['ours']:,.1f}  "
+                f"off {res['cache_off']:,.1f}  x{res['ratio']:.2f}  ({pc['hits']} hits, {pc['misses']} "
+                f"misses, {pc['evictions']} evictions, ~{pc['encoder_seconds_saved']:.2f} s encoder saved)",
+                err=True,
+            )
+            continue
         base = (
             f"{res['baseline']:,.1f} (batch {res['baseline_batch']})  x{res['ratio']:.2f}"
             if "baseline" in res
@@ -108,4 +181,41 @@ def bench(
             f"floor {res['floor_fraction']:.0%}{trt}",
             err=True,
         )
+        for run in res.get("speculative", {}).get("runs", []):
+            typer.echo(
+                f"    synthetic oracle alpha {run['alpha']:.2f} K {run['k']}: {run['value']:,.1f} "
+                f"x{run['speedup']:.2f}, {run['tokens_per_step']:.2f} tokens/step, "
+                f"{(run['acceptance_rate'] or 0):.0%} accepted",
+                err=True,
+            )
     typer.echo(f"wrote {path}", err=True)
+
+
+def _speculative(text: str, alphas: str, ks: str):
+    """--speculative for bench -> (oracle sweep (alphas, Ks) or None, engine speculative value or None)."""
+    from encdec_cli.engine import parse_speculative
+
+    t = text.strip().lower()
+    if t == "oracle" or t.startswith("oracle:"):
+        if t != "oracle":
+            parts = t.split(":")
+            if len(parts) != 3:
+                common.fail(f"--speculative oracle:ALPHA:K, e.g. oracle:0.7:4; got {text!r}")
+            alphas, ks = parts[1], parts[2]
+        try:
+            a = tuple(float(x) for x in alphas.split(",") if x.strip())
+            k = tuple(int(x) for x in ks.split(",") if x.strip())
+        except ValueError:
+            common.fail(f"oracle alphas and Ks are comma-separated numbers; got {alphas!r} and {ks!r}")
+        if not a or not k or any(not 0 <= x <= 1 for x in a) or any(not 1 <= x <= 16 for x in k):
+            common.fail("oracle alphas must be in [0, 1] and Ks in 1..16")
+        return (a, k), None
+    try:
+        spec = parse_speculative(text)
+    except ValueError as e:
+        common.fail(f"{e}; bench also takes oracle or oracle:ALPHA:K")
+    if spec is not None and spec.kind == "model":
+        common.fail(
+            "bench runs random weights: a draft model would agree by chance only; use --speculative oracle"
+        )
+    return None, text if spec is not None else None

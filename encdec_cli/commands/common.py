@@ -16,14 +16,14 @@ from typer.core import TyperCommand
 
 from encdec_cli import errors
 from encdec_cli.errors import UsageError
-from encdec_cli.tasks import interrupts
+from encdec_cli.tasks import interrupts, summary
 from encdec_models.registry import ModelNotFoundError
 
 app = typer.Typer(
     help="Offline, throughput-first inference for encoder/decoder models: transcribe audio with "
     "Whisper, summarize and translate text with BART/T5-family models.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion, --show-completion (cli.py keeps them fast)
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts are plain text: "[...]" is shown, not taken as markup
 )
@@ -39,7 +39,14 @@ TEXT_MODEL_HELP = (
     "facebook/bart-large-cnn (fill the cache with `hf download ID` on a machine with internet)."
 )
 # options that several commands share
-Device = Annotated[str, typer.Option("--device", help="auto (CUDA if available), cpu, cuda or cuda:N.")]
+Device = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="auto (CUDA if available), cpu, cuda or cuda:N; a comma-separated list (cuda:0,cuda:1) runs "
+        "one engine process per entry (see --data-parallel).",
+    ),
+]
 Dtype = Annotated[
     str,
     typer.Option(
@@ -76,7 +83,46 @@ PpLayers = Annotated[
         "busy times show a bad split).",
     ),
 ]
+NoPrefixCache = Annotated[
+    bool,
+    typer.Option(
+        "--no-prefix-cache",
+        help="Turn off automatic prefix caching: by default requests with the same encoder input (a "
+        "duplicate file or row, a window decoded again at a fallback temperature, --best-of candidates) "
+        "share one encoder run and its cache, kept until the memory is needed. Outputs are the same.",
+    ),
+]
+Speculative = Annotated[
+    str,
+    typer.Option(
+        "--speculative",
+        help="Speculative decoding: off; ngram[:K] (prompt lookup: up to K tokens copied from the "
+        "input's and the output's own n-gram matches; default K 4); model:DIR[:K] (a smaller draft "
+        "model with the same tokenizer, e.g. distil-whisper for large-v3). Outputs are unchanged "
+        "(greedy: token for token; sampling: the same distribution). Not with beam search.",
+    ),
+]
+DataParallelRanks = Annotated[
+    int | None,
+    typer.Option(
+        "--data-parallel",
+        "-dp",
+        help="Run N engine processes, one per device (cuda:0..N-1, or N CPU processes with --device cpu); "
+        "--device cuda:0,cuda:0 names each rank's device instead. One job: the same outputs, manifest and "
+        "summary as one process. Under torchrun, leave it out: each torchrun process is one rank.",
+    ),
+]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="No progress bar.")]
+SummaryJson = Annotated[
+    str | None,
+    typer.Option(
+        "--summary-json",
+        metavar="FILE",
+        help="Also write what the command did as JSON to FILE (counts, failures with their messages, "
+        "work, wall time, throughput, engine statistics), written atomically, also when the command "
+        "fails or is stopped.",
+    ),
+]
 RetryFailed = Annotated[
     bool, typer.Option("--retry-failed", help="Redo the items that failed in an earlier run of this job.")
 ]
@@ -111,13 +157,26 @@ def command(name: str | None = None):
             global job_stopped
             interrupts.reset()
             try:
+                summary.begin(kwargs.get("summary_json"), name or fn.__name__)  # --summary-json
                 code = fn(*args, **kwargs)
+            except typer.Exit:  # fail() inside the command: its summary is written
+                raise
             except (ValueError, ModelNotFoundError) as e:  # UsageError, TableError, model errors
                 fail(str(e), errors.USAGE)
             except OSError as e:
                 fail(errors.describe_os_error(e), errors.IO_FAILURE)
             except errors.PipelineFailure as e:  # a pipeline stage died: what finished is saved
                 fail(str(e), errors.ITEMS_FAILED)
+            except KeyboardInterrupt:  # before the job took over (loading): typer's status 130
+                _summary_of_fault(interrupts.exit_status(), interrupts.stop_message())
+                raise
+            except Exception as e:  # a bug: the summary says so, the traceback follows
+                _summary_of_fault(1, f"internal error: {type(e).__name__}: {e}")
+                raise
+            try:
+                summary.finish(code or 0)
+            except OSError as e:
+                fail(errors.describe_os_error(e), errors.IO_FAILURE)
             if code in interrupts.STOP_SIGNALS.values():  # the job's summary said it stopped
                 job_stopped = True
             raise typer.Exit(code or 0)
@@ -145,7 +204,17 @@ def pipeline_options(pipeline_parallel: int, pp_layers: str | None) -> dict:
     return {"pipeline_parallel": pipeline_parallel, "pp_layers": layers}
 
 
+def _summary_of_fault(code: int, message: str) -> None:
+    """A command ended by a fault: its summary JSON (when asked for) says so."""
+    try:
+        summary.finish(code, message)
+    except OSError as e:
+        typer.secho(f"warning: {errors.describe_os_error(e)}", fg="yellow", err=True)
+
+
 def fail(message: str, code: int = errors.USAGE):
+    """End the command with one ``error:`` line and ``code`` (its summary JSON says so too)."""
+    _summary_of_fault(code, message)
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(code)
 
@@ -157,16 +226,29 @@ def check_model(name: str, command: str, language: str | None = None, task: str 
 
     path = resolve_model_path(name)
     info = inspect_model(path)
-    if command == "transcribe" and not info.is_whisper:
+    if (command == "image-to-text") != info.is_vision:
+        raise UsageError(
+            f"model {name!r} is an image-to-text model: use it with encdec image-to-text"
+            if info.is_vision
+            else f"model {name!r} ({info.architecture}) does not read images: image-to-text takes a vision "
+            "encoder/decoder model (TrOCR, Donut) in -m"
+        )
+    if command == "transcribe" and not info.is_speech:
         raise UsageError(
             f"model {name!r} is a text model ({info.architecture}), not a Whisper speech model: use it "
             "with encdec summarize, translate or generate; transcribe takes a Whisper model (-m tiny.en, "
             "-m base)"
         )
-    if command != "transcribe" and info.is_whisper:
+    if command != "transcribe" and info.is_speech:
         raise UsageError(
-            f"model {name!r} is a Whisper speech model: use it with encdec transcribe; {command} needs a "
-            "text model (BART, mBART, Marian, Pegasus, T5, mT5) in -m"
+            f"model {name!r} is a {'Whisper' if info.is_whisper else 'Moonshine'} speech model: use it with "
+            f"encdec transcribe; {command} needs a text model (BART, mBART, Marian, Pegasus, NLLB, M2M100, "
+            "T5, mT5, T5Gemma) in -m"
+        )
+    if info.is_speech and not info.is_whisper and (task == "translate" or language not in (None, "en")):
+        raise UsageError(
+            f"{info.architecture} transcribes English only: drop --task translate / --language, or pass a "
+            "multilingual Whisper model (-m base)"
         )
     if info.multilingual is False:
         if task == "translate":
@@ -199,6 +281,16 @@ def check_dtype(dtype: str, device: str) -> None:
         )
 
 
+def check_tokenizer(path: Path) -> None:
+    """UsageError for a model folder without tokenizer files: the commands read and write text."""
+    from encdec_models.registry import UnsupportedModelError, check_tokenizer
+
+    try:
+        check_tokenizer(path)
+    except UnsupportedModelError as e:
+        raise UsageError(str(e)) from None
+
+
 def load_engine(
     path: Path,
     device: str,
@@ -207,10 +299,12 @@ def load_engine(
     gpu_memory_utilization: float,
     enforce_eager: bool,
     quiet: bool = False,
+    no_prefix_cache: bool = False,
     **extra,
 ):
     """Load the model folder into an Engine; unless ``quiet``, say on stderr what was loaded where."""
     check_dtype(dtype, device)
+    check_tokenizer(path)
     from encdec_cli.engine import Engine
 
     try:
@@ -221,6 +315,7 @@ def load_engine(
             max_num_seqs=max_num_seqs,
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
+            prefix_cache=not no_prefix_cache,
             **extra,
         )
     except (RuntimeError, ModelNotFoundError) as e:  # e.g. a dtype the model cannot run in, no weights
@@ -229,6 +324,74 @@ def load_engine(
         dt = str(engine.dtype).removeprefix("torch.")
         typer.echo(f"model {engine.loaded.path} on {engine.device} ({dt})", err=True)
     return engine
+
+
+def check_speculative(speculative: str, num_beams: int | None, beam_flag: str) -> str | None:
+    """The --speculative value for the engine (None: off); UsageError for a bad value or beams."""
+    from encdec_cli.engine import parse_speculative
+
+    if parse_speculative(speculative) is None:
+        return None
+    if num_beams is not None and num_beams > 1:
+        raise UsageError(
+            f"--speculative cannot be combined with beam search ({beam_flag} {num_beams}); "
+            f"use {beam_flag} 1 or --speculative off"
+        )
+    return speculative
+
+
+ENGINE_OPTIONS = ("max_num_seqs", "gpu_memory_utilization", "enforce_eager")  # load_engine's, in order
+
+
+def torchrun_rank(device: str, ranks: int | None):
+    """(this process's place in a torchrun job or None, the device it runs on)."""
+    from encdec_cli.tasks.distributed import Distributed
+
+    dist = Distributed.from_env()
+    return dist, device if dist is None else dist.device(device, ranks)
+
+
+def data_parallel(path: Path, device: str, dtype: str, ranks: int | None, quiet: bool, **config):
+    """The ranks of a data-parallel job (``encdec_cli.tasks.data_parallel``), or None when ``--device``
+    and ``--data-parallel`` ask for one process; ``config``: the engine's options."""
+    from encdec_cli.tasks.data_parallel import DataParallel, rank_devices
+    from encdec_cli.tasks.ranks import EngineSpec
+
+    devices = rank_devices(device, ranks)
+    if len(devices) == 1:
+        return None
+    for d in set(devices):
+        check_dtype(dtype, d)
+    spec = EngineSpec(str(path), dtype.lower(), tuple(sorted(config.items())))
+    say = (lambda message: None) if quiet else (lambda message: typer.echo(message, err=True))
+    if not quiet:
+        typer.echo(f"model {path}: {len(devices)} ranks on {', '.join(devices)}", err=True)
+    return DataParallel(spec, devices, log=say)
+
+
+def placement(
+    path: Path,
+    device: str,
+    dtype: str,
+    ranks: int | None,
+    quiet: bool,
+    engine_options: tuple,
+    speculative: str | None,
+    no_prefix_cache: bool,
+    **extra,
+):
+    """Where a job runs: (its place in a torchrun job or None, this process's device, the ranks of a
+    data-parallel job or None); ``engine_options``: ``ENGINE_OPTIONS``' values, ``extra``: more
+    EngineConfig fields for the ranks' engines."""
+    dist, device = torchrun_rank(device, ranks)
+    if dist is not None:
+        return dist, device, None
+    config = {**dict(zip(ENGINE_OPTIONS, engine_options)), **extra}
+    if speculative:
+        config["speculative"] = speculative
+    if no_prefix_cache:
+        config["prefix_cache"] = False
+    return dist, device, data_parallel(path, device, dtype, ranks, quiet, **config)
 
 
 def floats(name: str, text: str) -> tuple[float, ...]:

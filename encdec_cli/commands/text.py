@@ -12,21 +12,28 @@ from encdec_cli.commands import common
 from encdec_cli.commands.common import (
     TABLE_OUTPUT_EXTENSIONS,
     TEXT_MODEL_HELP,
+    DataParallelRanks,
     Device,
     Dtype,
     EnforceEager,
     GpuMemory,
     PipelineParallel,
     PpLayers,
+    NoPrefixCache,
     Quiet,
     RetryFailed,
+    Speculative,
+    SummaryJson,
 )
 from encdec_cli.errors import UsageError
 
 # task -> (its result column, the first line of its help)
 TEXT_TASKS = {
     "summarize": ("summary", "Summarize each row's text with a BART/Pegasus/T5-family model."),
-    "translate": ("translation", "Translate each row's text with a Marian/mBART/T5-family model."),
+    "translate": (
+        "translation",
+        "Translate each row's text with a Marian, mBART, NLLB-200, M2M100 or T5-family model.",
+    ),
     "generate": (
         "generated",
         "Run any supported encoder/decoder text model on each row's text (raw generation).",
@@ -40,8 +47,9 @@ def _text_command(task: str):
     def command(
         input: str = typer.Argument(
             ...,
-            help="Input table: .parquet, .jsonl, .csv, .txt (one item per line), "
-            "or '-' for stdin (JSON Lines if lines are JSON objects, else lines).",
+            help="Input table: .parquet, .jsonl, .csv, .txt (one item per line), .arrow, a folder "
+            "saved by Hugging Face datasets' save_to_disk, or '-' for stdin (JSON Lines if lines are "
+            "JSON objects, else lines).",
         ),
         model: str | None = typer.Option(None, "-m", "--model", help=TEXT_MODEL_HELP),
         output: str | None = typer.Option(
@@ -50,7 +58,8 @@ def _text_command(task: str):
             "--output",
             help="Output table (.parquet, .jsonl, .csv) or '-' for JSON Lines on stdout. Default: next to "
             f"the input, named after the result column: in.parquet -> in.{result_column}.parquet (.txt and "
-            ".json inputs -> .jsonl). All input columns are kept.",
+            ".json inputs -> .jsonl; .arrow and save_to_disk folders -> .parquet). All input columns "
+            "are kept.",
         ),
         column: str = typer.Option("text", "--column", help="Input column with the text."),
         output_column: str | None = typer.Option(
@@ -63,12 +72,23 @@ def _text_command(task: str):
             "'summarize: '. Default: the model's own task prefix, if any.",
         ),
         source_lang: str | None = typer.Option(
-            None, "--source-lang", help="mBART-style source language code, e.g. en_XX."
+            None,
+            "--source-lang",
+            help="Language code of the inputs, as the model's tokenizer spells it: en_XX (mBART-50), "
+            "eng_Latn (NLLB-200), en (M2M100).",
         ),
         target_lang: str | None = typer.Option(
             None,
             "--target-lang",
-            help="mBART-style target language code, e.g. de_DE (forced as the first output token).",
+            help="Language code of the outputs, e.g. de_DE, fra_Latn or fr (forced as the first output "
+            "token). NLLB-200 and M2M100 need it (or --target-lang-column). An unknown code is an error "
+            "listing close matches.",
+        ),
+        target_lang_column: str | None = typer.Option(
+            None,
+            "--target-lang-column",
+            help="Input column with each row's target language code: rows into different languages run "
+            "together in one job (a row with an unknown code gets an error).",
         ),
         num_beams: int | None = typer.Option(None, "--num-beams", help="Beam search width (1 = greedy)."),
         num_return_sequences: int | None = typer.Option(
@@ -103,6 +123,7 @@ def _text_command(task: str):
             "model's limit (counted in the summary), or make them row errors.",
         ),
         device: Device = "auto",
+        data_parallel: DataParallelRanks = None,
         dtype: Dtype = "auto",
         max_num_seqs: int = typer.Option(
             512,
@@ -114,11 +135,14 @@ def _text_command(task: str):
         enforce_eager: EnforceEager = False,
         pipeline_parallel: PipelineParallel = 1,
         pp_layers: PpLayers = None,
+        no_prefix_cache: NoPrefixCache = False,
+        speculative: Speculative = "off",
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Redo every row, ignoring what an earlier run of this job saved."
         ),
         retry_failed: RetryFailed = False,
         quiet: Quiet = False,
+        summary_json: SummaryJson = None,
     ):
         from encdec_models.registry import how_to_get_a_model
 
@@ -152,6 +176,7 @@ def _text_command(task: str):
             prefix=prefix,
             source_lang=source_lang,
             target_lang=target_lang,
+            target_lang_column=target_lang_column,
             truncate=truncate,
             generation={k: v for k, v in gen.items() if v is not None},
         )
@@ -161,19 +186,41 @@ def _text_command(task: str):
             except OSError as e:
                 raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
         pipeline = common.pipeline_options(pipeline_parallel, pp_layers)
+        spec = common.check_speculative(speculative, num_beams, "--num-beams")
         path = common.check_model(model, task)
-        common.check_dtype(dtype, device)
+        engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
+        dist, device, ranks = common.placement(
+            path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache, **pipeline
+        )
+        if ranks is not None and target_lang_column:
+            raise UsageError(
+                "--target-lang-column runs in one process for now: leave out --data-parallel (or use "
+                "--target-lang, one language per job)"
+            )
+        if ranks is None:
+            common.check_dtype(dtype, device)
         engine = LazyEngine(  # loaded when some row must run: a finished job run again never loads it
             path,
-            functools.partial(
+            (lambda: ranks)
+            if ranks is not None  # the ranks start, each loading the model, when some row must run
+            else functools.partial(
                 common.load_engine,
-                *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
+                *(path, device, dtype, *engine_options, quiet, no_prefix_cache),
+                speculative=spec,
                 **pipeline,
             ),
         )
         with errors.writing_to(output or default_output(input, opts)):
             return run_seq2seq(
-                engine, input, output, opts, quiet=quiet, overwrite=overwrite, retry_failed=retry_failed
+                engine,
+                input,
+                output,
+                opts,
+                quiet=quiet,
+                overwrite=overwrite,
+                retry_failed=retry_failed,
+                speculative=spec is not None,
+                dist=dist,
             )
 
     command.__doc__ = TEXT_TASKS[task][1] + (

@@ -1,4 +1,4 @@
-"""``encdec transcribe``: speech to text with Whisper (the job: encdec_cli.tasks.transcribe_job)."""
+"""``encdec transcribe``: speech to text with Whisper or Moonshine (the job: tasks.transcribe_job)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,17 @@ from encdec_cli.commands import common
 from encdec_cli.commands.common import (
     TRANSCRIPT_EXTENSIONS,
     WHISPER_MODEL_HELP,
+    DataParallelRanks,
     Device,
     Dtype,
     EnforceEager,
     GpuMemory,
     PipelineParallel,
     PpLayers,
+    NoPrefixCache,
     Quiet,
     RetryFailed,
+    SummaryJson,
 )
 from encdec_cli.errors import UsageError
 
@@ -27,16 +30,18 @@ from encdec_cli.errors import UsageError
 def transcribe(
     inputs: list[str] = typer.Argument(
         ...,
-        help="Audio files, folders (searched recursively), '-' to read "
-        "paths from stdin, or Parquet/JSONL tables with an audio column.",
+        help="Audio files, folders (searched recursively), '-' to read paths from stdin, or "
+        "tables with an audio column: Parquet, JSONL, Arrow, or a folder saved by Hugging Face "
+        "datasets' save_to_disk.",
     ),
     model: str = typer.Option("tiny.en", "-m", "--model", help=WHISPER_MODEL_HELP),
     output: str = typer.Option(
         ".",
         "-o",
         "--output-dir",
-        help="Folder for the outputs (input folders' "
-        "structure is mirrored), or '-' to print JSON Lines to stdout.",
+        help="Folder for the outputs (input folders' structure is mirrored), a .parquet file for "
+        "one table of transcripts (a row per input, segments as a list of structs; Hugging Face "
+        "datasets reads it), or '-' to print JSON Lines to stdout.",
     ),
     output_format: list[str] = typer.Option(
         ["all"], "-f", "--output-format", help="txt, srt, vtt, tsv, json or all; repeat for several."
@@ -48,7 +53,10 @@ def transcribe(
     ),
     task: str = typer.Option("transcribe", "--task", help="transcribe, or translate (to English)."),
     audio_column: str = typer.Option(
-        "audio", "--audio-column", help="Column with audio bytes or paths in table inputs."
+        "audio",
+        "--audio-column",
+        help="Column with the audio in table inputs: file bytes, paths, or the datasets shapes "
+        "{bytes, path} and {array, sampling_rate}.",
     ),
     id_column: str | None = typer.Option(
         None,
@@ -115,9 +123,26 @@ def transcribe(
         help="Time every word (cross-attention alignment, as openai-whisper): words in the json output, "
         "segment times tightened to the speech. Costs one more encoder and decoder pass per window.",
     ),
+    vad: bool | None = typer.Option(
+        None,
+        "--vad/--no-vad",
+        help="Find the speech first with Silero VAD and decode only it: windows of <= 30 s of speech "
+        "regions joined, so silence, noise and music never reach the decoder (no words invented "
+        "there); timestamps stay on the file's timeline. Default: on with --long-form chunked; "
+        "sequential long-form takes --no-vad only.",
+    ),
+    vad_threshold: float = typer.Option(
+        0.5, "--vad-threshold", help="Speech probability from which a 32 ms frame counts as speech (--vad)."
+    ),
+    min_silence: float = typer.Option(
+        0.5,
+        "--min-silence",
+        help="Seconds of non-speech that end a speech region (--vad); shorter pauses stay inside one.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for the sampling fallbacks (runs are repeatable)."),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Limit per 30 s window."),
     device: Device = "auto",
+    data_parallel: DataParallelRanks = None,
     dtype: Dtype = "auto",
     max_num_seqs: int = typer.Option(
         64,
@@ -130,25 +155,31 @@ def transcribe(
     enforce_eager: EnforceEager = False,
     pipeline_parallel: PipelineParallel = 1,
     pp_layers: PpLayers = None,
+    no_prefix_cache: NoPrefixCache = False,
+    speculative: common.Speculative = "off",
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Redo files the output folder's manifest marks as done."
     ),
     retry_failed: RetryFailed = False,
     quiet: Quiet = False,
+    summary_json: SummaryJson = None,
 ):
     """Transcribe (or translate) speech with Whisper.
 
     Long audio: cut into 30 s windows at quiet points, or window after window (--long-form).
     Windows of all files are batched together.
-    Segments are timed by Whisper's timestamp tokens (--no-timestamps: one per window).
+    Segments are timed by Whisper's timestamp tokens (--no-timestamps: one per window). A Moonshine
+    model reads each quiet-point chunk's raw waveform and has no timestamp tokens: its segments are
+    the chunks, timed by their boundaries (Whisper-only options do not apply to it).
     Repetitive or unlikely windows are redone at higher temperatures; silent ones are skipped.
     Writes INPUT.{txt,srt,vtt,tsv,json} per input; a manifest in the output folder makes re-runs
     skip finished files. Exit status: 0 all done, 1 some files failed (now or, skipped now, in an
     earlier run), 2 usage error, 3 writing failed, 130 interrupted (Ctrl-C), 143 stopped by SIGTERM.
     """
     from encdec_cli.io.subtitles import resolve_formats
-    from encdec_cli.tasks.transcribe import TranscribeOptions
-    from encdec_cli.tasks.transcribe_job import check_inputs, check_output, run_transcribe
+    from encdec_cli.tasks.transcribe import TranscribeOptions, engine_window
+    from encdec_cli.tasks.transcribe_job import check_inputs, check_output, is_table_output, run_transcribe
+    from encdec_cli.tasks.vad import VadOptions
 
     formats = resolve_formats(output_format)
     opts = TranscribeOptions(
@@ -170,12 +201,17 @@ def transcribe(
         max_initial_timestamp=max_initial_timestamp,
         seed=seed,
         word_timestamps=word_timestamps,
+        vad=VadOptions(vad_threshold, min_silence)
+        if (long_form == "chunked" if vad is None else vad)
+        else None,
     )
     out = Path(output)
-    if output != "-" and (out.is_file() or not out.exists() and out.suffix.lower() in TRANSCRIPT_EXTENSIONS):
+    file = out.is_file() or not out.exists() and out.suffix.lower() in TRANSCRIPT_EXTENSIONS
+    if output != "-" and not is_table_output(output) and file:
         raise UsageError(
             f"-o {output}: transcribe writes a folder of transcripts (one file per input and format); "
-            "pass a folder (-o transcripts), or '-o -' for JSON Lines on stdout"
+            "pass a folder (-o transcripts), a .parquet file for one table, or '-o -' for JSON Lines "
+            "on stdout"
         )
     check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
     check_output(output, formats)
@@ -185,11 +221,16 @@ def transcribe(
             "--word-timestamps needs the whole decoder in one process (it re-runs it to align words); "
             "drop --pipeline-parallel or --word-timestamps"
         )
+    spec = common.check_speculative(speculative, beam_size, "--beam-size")
     path = common.check_model(model, "transcribe", language, task)
-    window = max(2 * max_num_seqs, 16)
-    engine = common.load_engine(
-        *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet),
-        window=window,
+    window = engine_window(max_num_seqs)
+    engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
+    dist, device, ranks = common.placement(
+        path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache, window=window,
+        **pipeline,
+    )
+    engine = ranks or common.load_engine(
+        path, device, dtype, *engine_options, quiet, no_prefix_cache, window=window, speculative=spec,
         **pipeline,
     )
     with errors.writing_to(output):
@@ -205,4 +246,5 @@ def transcribe(
             quiet=quiet,
             id_column=id_column,
             ordered=ordered,
+            dist=dist,
         )

@@ -5,6 +5,13 @@ start-up into one shared memory pool and replayed with static input buffers. Pad
 nowhere (slot -1) and attend to one key; their logits are dropped. The cross-attention length is
 data (a per-sequence length tensor), never a graph key.
 
+Speculative verification steps (engine/speculative.py) have graphs of their own (``queries`` =
+K + 1): every sequence has K + 1 query rows, its real inputs (its token and its drafts) last and
+padding rows first. A padding row writes nowhere; it sits before the real ones, so the causal rule
+(the i-th of q queries sees keys up to seq_len - q + i) gives it fewer keys than the real rows, never
+a key past the sequence's end, and the real rows see exactly their own keys. Padding rows' outputs
+(possibly NaN: they may see no key at all) stay in their own rows and are never read.
+
 Each step's graph is captured as SEGMENTS graphs cut at decoder-layer boundaries and replayed in
 order: launching a graph costs the host time per kernel before the GPU starts it, so with one
 graph of a whole step the GPU idles for that long every step; with segments it runs the first
@@ -18,6 +25,7 @@ import time
 import numpy as np
 import torch
 
+from encdec_cli.engine.transfer import to_device
 from encdec_models.base import AttentionMetadata, PagedView
 from encdec_models.layers import layer_boundary_hook
 
@@ -32,26 +40,27 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class CudaGraphs:
-    def __init__(self, runner, max_num_seqs: int):
+    def __init__(self, runner, max_num_seqs: int, queries: int = 1):
         self.sizes = graph_batch_sizes(max_num_seqs)
         self.max_batch = self.sizes[-1]
+        self.queries = q = queries  # query rows per sequence (K + 1 for verification steps)
         dev, n = runner.device, self.max_batch
-        self.tokens = torch.zeros(n, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(n, dtype=torch.long, device=dev)
-        self.slots = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.tokens = torch.zeros(n * q, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(n * q, dtype=torch.long, device=dev)
+        self.slots = torch.full((n * q,), -1, dtype=torch.long, device=dev)
         self.self_tables = torch.zeros(n, runner.self_width, dtype=torch.int32, device=dev)
         self.self_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.cross_tables = torch.zeros(n, runner.cross_width, dtype=torch.int32, device=dev)
         self.cross_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev)
-        self.idx = torch.arange(n, dtype=torch.long, device=dev)
+        self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev) * q
+        self.idx = torch.arange(n * q, dtype=torch.long, device=dev)
         # Pinned host buffers, two sets used in turn (a step may be prepared while the previous
         # step's copies are still queued; an event says when a set is free again): tokens,
-        # positions, slots, self lens, cross lens (a step of padded batch b uses the first 5 * b
-        # values as [5, b]), then the block tables.
+        # positions, slots (q values a sequence), self lens, cross lens (a step of padded batch b
+        # uses the first (3q + 2) * b values), then the block tables.
         self.host_sets = [
             (
-                torch.zeros(5 * n, dtype=torch.long, pin_memory=True),
+                torch.zeros((3 * q + 2) * n, dtype=torch.long, pin_memory=True),
                 torch.zeros(n, runner.self_width, dtype=torch.int32, pin_memory=True),
                 torch.zeros(n, runner.cross_width, dtype=torch.int32, pin_memory=True),
                 torch.cuda.Event(),
@@ -63,15 +72,17 @@ class CudaGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
         self.pool_bytes = 0
+        self.replays = 0  # steps run on these graphs
 
     def _meta(self, b: int) -> AttentionMetadata:
+        q = self.queries
         return AttentionMetadata(
             cu_seqlens_q=self.cu[: b + 1],
-            max_seqlen_q=1,
-            slot_mapping=self.slots[:b],
+            max_seqlen_q=q,
+            slot_mapping=self.slots[: b * q],
             self_attn=PagedView(self.self_tables[:b], self.self_lens[:b]),
             cross_attn=PagedView(self.cross_tables[:b], self.cross_lens[:b]),
-            logits_indices=self.idx[:b],
+            logits_indices=self.idx[: b * q],
         )
 
     @torch.inference_mode()
@@ -82,10 +93,11 @@ class CudaGraphs:
         layers = len(model.decoder_layers())
         cuts = {round(i * layers / SEGMENTS) for i in range(1, SEGMENTS)} - {0}
         stream = torch.cuda.Stream()
+        q = self.queries
         for b in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
             meta = self._meta(b)
             for _ in range(2):  # warm-up: compile / autotune outside the capture
-                model.decode(self.tokens[:b], self.positions[:b], meta)
+                model.decode(self.tokens[: b * q], self.positions[: b * q], meta)
             torch.cuda.synchronize()
             segments = [torch.cuda.CUDAGraph()]
 
@@ -97,34 +109,55 @@ class CudaGraphs:
 
             with torch.cuda.stream(stream), layer_boundary_hook(cut):
                 segments[0].capture_begin(pool=pool)
-                self.outputs[b] = model.decode(self.tokens[:b], self.positions[:b], meta)
+                self.outputs[b] = model.decode(self.tokens[: b * q], self.positions[: b * q], meta)
                 segments[-1].capture_end()
             self.graphs[b] = segments
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
 
-    def run(self, runner, seqs, srows: np.ndarray, crows: np.ndarray, next_tokens=None) -> torch.Tensor:
-        """Replay the graph of the step's padded batch size; ``next_tokens``: see runner.decode."""
-        n = len(seqs)
+    def run(
+        self, runner, seqs, srows: np.ndarray, crows: np.ndarray, next_tokens=None, drafts=None
+    ) -> torch.Tensor:
+        """Replay the graph of the step's padded batch size; ``next_tokens`` and ``drafts``: see
+        runner.decode (``drafts`` only with ``queries`` > 1)."""
+        n, q = len(seqs), self.queries
         b = next(s for s in self.sizes if s >= n)
         flat, host_self, host_cross, free = self.host_sets[self.turn]
         self.turn ^= 1
         free.synchronize()  # this set's copies of two steps ago are done
-        # the step's first 5 * b values, contiguous: a strided pinned slice would be staged through
-        # pageable memory by .to(), a copy that blocks the host until the GPU is idle
-        host = flat[: 5 * b].view(5, b)
+        # the step's first (3q + 2) * b values, contiguous: a strided pinned slice would be staged
+        # through pageable memory by .to(), a copy that blocks the host until the GPU is idle
+        host = flat[: (3 * q + 2) * b]
         h = host.numpy()
+        tok, pos, slot = h[: b * q], h[b * q : 2 * b * q], h[2 * b * q : 3 * b * q]
+        lens, clens = h[3 * b * q : 3 * b * q + b], h[3 * b * q + b :]
         bs = runner.block_size
         ahead = next_tokens is not None
-        for i, s in enumerate(seqs):
-            pos = len(s.tokens) - (not ahead)
-            h[0, i], h[1, i] = s.tokens[-1], pos
-            h[2, i] = s.block_table[pos // bs] * bs + pos % bs
-            h[3, i], h[4, i] = pos + 1, s.group.encoder_len
-        # padding rows: token 0 at position 0, write nowhere, read one key (every value of the
-        # [5, b] view is set: its layout changes with b, stale values would index out of range)
-        h[0, n:b], h[1, n:b], h[2, n:b], h[3, n:b], h[4, n:b] = 0, 0, -1, 1, 1
+        if q == 1:
+            for i, s in enumerate(seqs):
+                p = len(s.tokens) - (not ahead)
+                tok[i], pos[i] = s.tokens[-1], p
+                slot[i] = s.block_table[p // bs] * bs + p % bs
+                lens[i], clens[i] = p + 1, s.group.encoder_len
+        else:  # real inputs last in each sequence's q rows, padding rows (slot -1) first
+            tok[:], slot[:] = 0, -1
+            rows = []  # logits rows: each sequence's last len(draft) + 1
+            for i, s in enumerate(seqs):
+                d = drafts[i]
+                inputs = s.tokens[s.num_cached :] + d
+                start, r, end = s.num_cached, len(inputs), i * q + q
+                tok[end - r : end] = inputs
+                pos[i * q : end] = start  # padding rows: the first input's position
+                pos[end - r : end] = np.arange(start, start + r)
+                table = s.block_table
+                slot[end - r : end] = [table[p // bs] * bs + p % bs for p in range(start, start + r)]
+                lens[i], clens[i] = start + r, s.group.encoder_len
+                rows.extend(range(end - len(d) - 1, end))
+        # padding sequences: token 0 at position 0, write nowhere, read one key (every value of the
+        # step's part of the buffer is set: its layout changes with b, stale values would index out
+        # of range)
+        tok[n * q :], pos[n * q :], slot[n * q :], lens[n:], clens[n:] = 0, 0, -1, 1, 1
         host_self.numpy()[:n] = runner.self_tables[srows]
         host_cross.numpy()[:n] = runner.cross_tables[crows]
         host_self.numpy()[n:b] = 0
@@ -133,13 +166,16 @@ class CudaGraphs:
         self.self_tables[:b].copy_(host_self[:b], non_blocking=True)
         self.cross_tables[:b].copy_(host_cross[:b], non_blocking=True)
         free.record()
-        self.tokens[:b].copy_(dev[0])
+        self.tokens[: b * q].copy_(dev[: b * q])
         if ahead:
             self.tokens[:n].copy_(next_tokens)
-        self.positions[:b].copy_(dev[1])
-        self.slots[:b].copy_(dev[2])
-        self.self_lens[:b].copy_(dev[3])
-        self.cross_lens[:b].copy_(dev[4])
+        self.positions[: b * q].copy_(dev[b * q : 2 * b * q])
+        self.slots[: b * q].copy_(dev[2 * b * q : 3 * b * q])
+        self.self_lens[:b].copy_(dev[3 * b * q : 3 * b * q + b])
+        self.cross_lens[:b].copy_(dev[3 * b * q + b :])
         for g in self.graphs[b]:
             g.replay()
-        return self.outputs[b][:n]
+        self.replays += 1
+        if q == 1:
+            return self.outputs[b][:n]
+        return self.outputs[b].index_select(0, to_device(runner.device, rows))

@@ -12,11 +12,20 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from encdec_cli.engine.block_manager import BlockManager
-from encdec_cli.engine.config import EngineConfig, EngineStats
+from encdec_cli.engine.config import EngineConfig, EngineStats, parse_speculative
+from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, encoder_key
 from encdec_cli.engine.runner import ModelRunner
 from encdec_cli.engine.sampling import Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
+from encdec_cli.engine.speculative import (
+    Draft,
+    Drafter,
+    ModelDrafter,
+    NgramDrafter,
+    Speculator,
+    Verified,
+)
 from encdec_cli.engine.transfer import take_rows
 from encdec_cli.errors import PipelineFailure
 from encdec_models.loading import LoadedModel, load_model
@@ -29,11 +38,17 @@ class Engine:
 
     ``model``: a name or path (see ``encdec_models.loading.load_model``) or a ``LoadedModel``.
     ``device``: "auto", "cpu", "cuda", "cuda:N"; ``dtype``: "auto", "float32", "bfloat16", "float16".
-    Further keyword arguments are ``EngineConfig`` fields.
+    ``drafter``: a speculative-decoding drafter of the caller's (e.g. ``OracleDrafter`` for measuring),
+    instead of ``speculative``. Further keyword arguments are ``EngineConfig`` fields.
     """
 
     def __init__(
-        self, model: str | LoadedModel = "tiny.en", device: str = "auto", dtype: str = "auto", **config
+        self,
+        model: str | LoadedModel = "tiny.en",
+        device: str = "auto",
+        dtype: str = "auto",
+        drafter: Drafter | None = None,
+        **config,
     ):
         self.config = EngineConfig(**config)
         prune = None
@@ -44,18 +59,35 @@ class Engine:
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, prune)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
+        spec = parse_speculative(self.config.speculative)
+        if spec is not None and drafter is not None:
+            raise ValueError("give either EngineConfig.speculative or a drafter, not both")
+        draft_model = None
+        if spec is not None and spec.kind == "model":  # before the KV pool is sized: its weights count
+            p = next(self.model.parameters())
+            draft_model = load_model(spec.path, str(p.device), p.dtype)
+        k = spec.k if spec is not None else drafter.k if drafter is not None else 0
         if self.config.pipeline_parallel > 1:  # stage 0 of a pipeline: see engine/pipeline.py
             from encdec_cli.engine.pipeline import PipelineRunner
 
-            self.runner = PipelineRunner(self.loaded, self.config)
+            self.runner = PipelineRunner(self.loaded, self.config, queries=k + 1)
         else:
-            self.runner = ModelRunner(self.model, self.config)
+            self.runner = ModelRunner(self.model, self.config, queries=k + 1)
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.max_source_len, self.max_target_len = self.runner.max_source_len, self.runner.max_target_len
         num_blocks = self.runner.num_blocks
-        self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows)
-        graphs = self.config.pipeline_parallel == 1 and not self.config.enforce_eager  # none across stages
-        if self.device.type == "cuda" and graphs:
+        cache = PrefixCache() if self.config.prefix_cache else None
+        self.blocks = BlockManager(num_blocks, self.config.block_size, self.runner.cross_block_rows, cache)
+        # what besides the input decides the cached encoder output (one engine has one of each)
+        self._key_salt = repr(
+            (self.loaded.architecture, str(self.loaded.path), str(self.dtype), self.runner.cross_block_rows,
+             self.runner.encoder_rows is not None)
+        ).encode()  # fmt: skip
+        self._encoder_clock = _EncoderClock(self.device) if cache is not None else None
+        # a model whose attention must run on the (host-synchronising) reference runs eagerly; no
+        # CUDA graphs across pipeline stages
+        graphs_ok = getattr(self.model, "cuda_graphs", True) and self.config.pipeline_parallel == 1
+        if self.device.type == "cuda" and not self.config.enforce_eager and graphs_ok:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
             graphs = CudaGraphs(self.runner, self.config.max_num_seqs)
@@ -88,6 +120,31 @@ class Engine:
             else "K/V per layer",
         )
         self.scheduler = Scheduler(self.config, self.blocks)
+        if spec is not None:
+            if spec.kind == "ngram":  # encoder ids count where the decoder shares their vocabulary
+                drafter = NgramDrafter(spec.k, encoder_ids=getattr(self.model, "shared_vocab", True))
+            else:
+                drafter = ModelDrafter(draft_model, self.loaded, spec.k, self.config, num_blocks)
+                if self.config.pipeline_parallel > 1:  # stage 0 holds no whole encoder output to share
+                    drafter.shares_encoder = False
+        self.speculator = (
+            Speculator(drafter, self.blocks, self.config.speculative_adaptive)
+            if drafter is not None
+            else None
+        )
+        if self.speculator is not None and self.runner.graphs is not None:
+            from encdec_cli.engine.cuda_graphs import CudaGraphs
+
+            verify = CudaGraphs(self.runner, self.config.max_num_seqs, queries=k + 1)
+            verify.capture(self.model)
+            self.runner.verify_graphs = verify
+            log.info(
+                "captured %d CUDA graphs of verification steps (%d queries a sequence) in %.1f s, %.0f MiB",
+                len(verify.sizes),
+                k + 1,
+                verify.capture_seconds,
+                verify.pool_bytes / 2**20,
+            )
         self._order = 0
         self.sampler = Sampler(self.device, self.config.max_num_seqs)
         # (rows, logits) of a step launched ahead by the previous one (see _run_ahead)
@@ -99,22 +156,26 @@ class Engine:
     @property
     def stats(self) -> EngineStats:
         """Counters since the engine was made or since ``reset_stats`` (a snapshot)."""
+        cache = self.blocks.cache
+        counters = cache.counters if cache is not None else PrefixCacheCounters()
         return dataclasses.replace(
             self._stats,
             preemptions=self.scheduler.num_preemptions - self._preemptions_before,
             phase_seconds=dict(self._stats.phase_seconds),
             stage_busy_seconds=self._stage_busy(),
+            prefix_cache_hits=counters.hits,
+            prefix_cache_misses=counters.misses,
+            prefix_cache_evictions=counters.evictions,
+            prefix_cache_prompt_tokens=counters.prompt_tokens_saved,
+            encoder_seconds_saved=(
+                counters.encoder_tokens_saved * self._encoder_clock.seconds_per_token() if cache else 0.0
+            ),
         )
 
     def _stage_busy(self) -> list[float]:
         if not hasattr(self.runner, "stage_busy"):
             return []
         return [b - b0 for b, b0 in zip(self.runner.stage_busy(), self._busy_before)]
-
-    def close(self) -> None:
-        """Stop the pipeline's worker stages, if any (they also stop when this process exits)."""
-        if hasattr(self.runner, "close"):
-            self.runner.close()
 
     def reset_stats(self, profile: bool | None = None) -> None:
         """Start the counters again; ``profile`` turns the per-phase timing (GPU synced) on or off."""
@@ -123,6 +184,8 @@ class Engine:
         self._stats = EngineStats()
         self._preemptions_before = self.scheduler.num_preemptions
         self._busy_before = self.runner.stage_busy() if hasattr(self.runner, "stage_busy") else []
+        if self.blocks.cache is not None:
+            self.blocks.cache.counters = PrefixCacheCounters()
         self._last_tick = time.perf_counter()
 
     @property
@@ -150,9 +213,53 @@ class Engine:
         return self.runner.graphs is not None
 
     @property
+    def prefix_caching(self) -> bool:
+        """Automatic prefix caching is on (``EngineConfig.prefix_cache``)."""
+        return self.blocks.cache is not None
+
+    @property
     def absorbs_cross(self) -> bool:
         """Cross-attention reads the encoder output itself (absorbed) rather than per-layer K/V."""
         return self.runner.encoder_rows is not None
+
+    def cached_encoder_output(self, encoder_input) -> torch.Tensor | None:
+        """The encoder output [encoder length, d_model] of an input whose encoder run is still in the
+        prefix cache, read back from the cross cache (a copy), or None: not cached, evicted, or the
+        cross cache holds per-layer K/V rather than the encoder output (only the absorbed layout
+        keeps it). Lets a later pass over the same input (Whisper's word alignment) skip the
+        encoder; the values are the ones the decoder attended to."""
+        cache = self.blocks.cache
+        if cache is None or self.runner.encoder_rows is None:
+            return None
+        key = encoder_key(encoder_input, self._key_salt)
+        blocks = None if key is None else cache.lookup(key, ready_only=True)
+        if blocks is None:
+            return None
+        with torch.inference_mode():
+            return self.runner.read_encoder_rows(blocks, self.model.encoder_length(encoder_input))
+
+    def close(self) -> None:
+        """Give the KV pool and the CUDA graphs back (also those of a draft model): another engine on
+        the same model may then size its pool from the free memory (after ``gc.collect()`` and
+        ``torch.cuda.empty_cache()``). The engine cannot run afterwards; closing twice is harmless."""
+        runners = [self.runner]
+        if self.speculator is not None and hasattr(self.speculator.drafter, "runner"):
+            runners.append(self.speculator.drafter.runner)
+        for r in runners:
+            r.release()
+        self._ahead = None
+
+    def set_drafter(self, drafter: Drafter) -> None:
+        """Replace the speculative drafter between jobs (the engine idle), e.g. an ``OracleDrafter``
+        of another alpha; the engine must decode speculatively already, with K at least the new one's
+        (its verification steps and graphs are sized for it)."""
+        if self.speculator is None or drafter.k > self.runner.queries - 1:
+            raise ValueError(
+                f"set_drafter needs an engine made with a drafter (or speculative) of K >= {drafter.k}"
+            )
+        if not self.idle:
+            raise ValueError("set_drafter needs an idle engine")
+        self.speculator.drafter = drafter
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:
@@ -191,6 +298,11 @@ class Engine:
         try:
             if not req.prompt_ids:
                 raise ValueError("empty decoder prompt (it needs at least the decoder start token)")
+            if req.params.num_beams > 1 and self.speculator is not None:
+                raise ValueError(
+                    "beam search cannot be combined with speculative decoding; use num_beams 1 or "
+                    "turn speculation off"
+                )
             if req.params.num_beams > self.config.max_num_seqs:  # it could never be scheduled
                 raise ValueError(
                     f"num_beams {req.params.num_beams} exceeds max_num_seqs {self.config.max_num_seqs} "
@@ -211,7 +323,10 @@ class Engine:
                 )
         except (ValueError, TypeError) as e:
             return Result(req.request_id, [], error=str(e))
-        return SequenceGroup(req, enc_len, max_new, self._order)
+        group = SequenceGroup(req, enc_len, max_new, self._order)
+        if self.blocks.cache is not None:
+            group.encoder_key = encoder_key(req.encoder_input, self._key_salt)
+        return group
 
     def step(self) -> list[Result]:
         """Schedule, encode the newly admitted, decode one token for every running sequence;
@@ -245,6 +360,7 @@ class Engine:
         self._ahead = None  # its rows are preempted with the rest and recomputed
         sched = self.scheduler
         groups = sched.preempt_all()
+        self._forget_drafts(groups)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(groups) <= 1:
@@ -298,7 +414,13 @@ class Engine:
             plan = self.scheduler.schedule()
             for group, msg in plan.failed:
                 yield Result(group.request.request_id, [], error=msg)
-            seqs, logits = self._run(plan)
+            self._forget_drafts(plan.preempted)
+            seqs, logits, drafts = self._run(plan)
+            if drafts is not None:  # a verification step
+                self._tick("decode")
+                yield from self._finish_verified(seqs, drafts, logits)
+                self._tick("sample")
+                return
         if not seqs:
             return
         self._tick("decode")
@@ -306,25 +428,94 @@ class Engine:
         yield from self._finish(self.sampler(logits, seqs, self.blocks, launch))
         self._tick("sample")
 
-    def _run(self, plan: StepPlan) -> tuple[list[Sequence], torch.Tensor | None]:
-        """The plan's block copies and encoder runs, then one decoder step: (rows, logits)."""
+    def _run(self, plan: StepPlan) -> tuple[list[Sequence], torch.Tensor | None, list[Draft | None] | None]:
+        """The plan's block copies and encoder runs, then one decoder step: (rows, logits, drafts).
+        With speculative decoding, rows with drafts make it a verification step (drafts not None:
+        logits of every draft position, see ``ModelRunner.decode``)."""
         self.runner.copy_blocks(plan.copies)
         self._tick("schedule")
+        spec = self.speculator
         if plan.encode:
-            self.runner.encode(plan.encode)
+            clock = self._encoder_clock
+            if clock is not None:
+                clock.start()
+            hidden = self.runner.encode(plan.encode)
+            if clock is not None:
+                clock.stop(sum(g.encoder_len for g in plan.encode))
+            if spec is not None:
+                spec.drafter.on_encode(plan.encode, hidden)
             self._tick("encode")
-        return plan.decode, self.runner.decode(plan.decode) if plan.decode else None
+        if spec is not None and plan.reused:  # no encoder run of the target's for them
+            spec.drafter.on_encode(plan.reused, None)
+        if not plan.decode:
+            self.blocks.commit_cached()
+            return plan.decode, None, None
+        if spec is not None:
+            drafts, copies = spec.propose(plan.decode)
+            if any(d is not None for d in drafts):
+                self._tick("draft")
+                self.runner.copy_blocks(copies)
+                tokens = [d.tokens if d is not None else [] for d in drafts]
+                logits = self.runner.decode(plan.decode, drafts=tokens)
+                self.blocks.commit_cached()  # this step's cache entries are written (queued)
+                return plan.decode, logits, drafts
+        logits = self.runner.decode(plan.decode)
+        self.blocks.commit_cached()  # this step's cache entries are written (queued)
+        return plan.decode, logits, None
+
+    def _forget_drafts(self, groups: list[SequenceGroup]) -> None:
+        if self.speculator is not None:
+            for g in groups:
+                self.speculator.drafter.forget(g)
+
+    def _finish_verified(
+        self, seqs: list[Sequence], drafts: list[Draft | None], logits: torch.Tensor
+    ) -> Iterator[Result]:
+        """A verification step's tokens: each sequence takes its accepted drafts and one token of
+        the target's (until a stop token or its length ends it); rejected drafts' slots go back."""
+        verified: list[Verified] = self.speculator.verify(logits, seqs, drafts)
+        stats, now = self._stats, time.perf_counter()
+        stats.verify_steps += 1
+        for s, d, v in zip(seqs, drafts, verified):
+            group, before = s.group, len(s.tokens)
+            proposed = len(d.tokens) if d is not None else 0
+            group.decode_steps += 1
+            group.draft_tokens += proposed
+            group.accepted_tokens += v.accepted
+            stats.decode_rows += 1
+            stats.draft_tokens += proposed
+            stats.accepted_tokens += v.accepted
+            self.speculator.adapt(s, proposed, v.accepted)
+            lps = v.logprobs or itertools.repeat(None)
+            for token, logprob in zip(v.tokens, lps):
+                stats.generated_tokens += 1
+                self._append(s, token, logprob)
+                if s not in group.seqs:  # a stop token or the length ended it
+                    break
+            else:
+                self.speculator.settle(s, before, v.accepted)
+            group.first_token = group.first_token or now
+            if group.done and group in self.scheduler.running:
+                self._finish_group(group)
+                yield self._result(group, now)
+
+    def _finish_group(self, group: SequenceGroup) -> None:
+        self.scheduler.finish(group)
+        self._forget_drafts([group])
 
     def _finish(self, sampled: Sampled) -> Iterator[Result]:
         """Append the chosen tokens; the requests now done leave the scheduler as Results."""
         now = time.perf_counter()
         logprobs = sampled.logprobs or itertools.repeat(None)
         for seq, token, logprob in zip(sampled.seqs, sampled.tokens, logprobs):
+            seq.group.decode_steps += 1
             self._append(seq, token, logprob)
+        self._stats.decode_rows += len(sampled.seqs)
+        self._stats.generated_tokens += len(sampled.seqs)
         for group in dict.fromkeys([s.group for s in sampled.seqs] + sampled.beam_groups):
             group.first_token = group.first_token or now
             if group.done and group in self.scheduler.running:
-                self.scheduler.finish(group)
+                self._finish_group(group)
                 yield self._result(group, now)
 
     # ---- one step ahead (see EngineConfig.lookahead) -----------------------------------------
@@ -332,8 +523,12 @@ class Engine:
         """Whether the next step can be launched before this step's tokens reach the host: every
         row greedy with logits rules that depend only on token counts (they are applied once the
         tokens are known), not all rows finishing by length now, no request about to be admitted
-        (it would only wait one step more), and a cache slot for every row's next token."""
-        if not self.config.lookahead or self.scheduler.admits_next_step():
+        (it would only wait one step more), and a cache slot for every row's next token.
+
+        Never with speculative decoding: the next step's drafts follow from this step's tokens on
+        the host (a step launched ahead could verify none), so look-ahead would turn speculation
+        off after its first step."""
+        if not self.config.lookahead or self.speculator is not None or self.scheduler.admits_next_step():
             return False
         bs = self.blocks.block_size
         checked: set[int] = set()  # SamplingParams objects (rows share a few)
@@ -373,6 +568,7 @@ class Engine:
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         p = seq.group.params
+        seq.group.generated_tokens += 1
         if token in p.stop_token_ids and seq.num_generated >= p.min_new_tokens:
             self._complete(seq, "stop")
             return
@@ -409,6 +605,63 @@ class Engine:
                 "first_token": group.first_token,
                 "finish": now,
                 "encoder_len": group.encoder_len,
+                "encoder_cached": group.encoder_cached,
+                "cached_prompt_tokens": group.cached_prompt_tokens,
+                **(
+                    {
+                        "decode_steps": group.decode_steps,
+                        "generated_tokens": group.generated_tokens,
+                        "draft_tokens": group.draft_tokens,
+                        "accepted_tokens": group.accepted_tokens,
+                    }
+                    if group.params.num_beams == 1
+                    else {}
+                ),
             },
             first_step_probs=group.first_step_probs,
         )
+
+
+class _EncoderClock:
+    """Encoder time per encoder token, measured on the runs that happen (with the prefix cache on:
+    what a hit saves). On CUDA with events, read back only when asked, so nothing waits."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.tokens = 0
+        self._open: list[tuple[object, object, int]] = []  # CUDA (start, end, tokens) not yet read
+        self._begin: object = None
+
+    def start(self) -> None:
+        if self.cuda:
+            self._begin = torch.cuda.Event(enable_timing=True)
+            self._begin.record()
+        else:
+            self._begin = time.perf_counter()
+
+    def stop(self, tokens: int) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._open.append((self._begin, end, tokens))
+            if len(self._open) > 64:
+                self._read(wait=False)
+        else:
+            self.seconds += time.perf_counter() - self._begin
+            self.tokens += tokens
+
+    def _read(self, wait: bool) -> None:
+        keep = []
+        for begin, end, tokens in self._open:
+            if wait or end.query():
+                end.synchronize()
+                self.seconds += begin.elapsed_time(end) / 1000
+                self.tokens += tokens
+            else:
+                keep.append((begin, end, tokens))
+        self._open = keep
+
+    def seconds_per_token(self) -> float:
+        self._read(wait=True)
+        return self.seconds / self.tokens if self.tokens else 0.0

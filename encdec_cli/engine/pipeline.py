@@ -140,12 +140,15 @@ class StagePlan:
         # the stage holding the last encoder layer; the stages holding decoder layers, in order
         self.encoder_last = next(s for s in range(len(sizes)) if bounds[s + 1] >= n_enc)
         self.decoder_stages = [s for s in range(len(sizes)) if bounds[s + 1] > n_enc]
-        self.has_encoder, self.has_decoder = self.e1 > self.e0, self.d1 > self.d0
+        # a model whose whole encoder is its embedding (no encoder layers to split: the image
+        # encoders) runs it on stage 0
+        self.has_encoder = self.e1 > self.e0 or (n_enc == 0 and rank == 0)
+        self.has_decoder = self.d1 > self.d0
 
     def describe(self) -> str:
         parts = []
         if self.has_encoder:
-            parts.append(f"encoder layers {self.e0}-{self.e1 - 1}")
+            parts.append(f"encoder layers {self.e0}-{self.e1 - 1}" if self.e1 > self.e0 else "the encoder")
         if self.has_decoder:
             parts.append(f"decoder layers {self.d0}-{self.d1 - 1}")
         return ", ".join(parts)
@@ -411,7 +414,7 @@ class Stage:
         """This stage's part of a decoder step in micro-batches (``embedded``: stage 0's embedded
         tokens, a callable per micro-batch). The last stage sends each micro-batch's logits to 0."""
         plan, wire, model = self.plan, self.wire, self.model
-        d, vocab = model.cache_spec.d_model, model.vocab_size
+        d, vocab = model.cache_spec.hidden, model.vocab_size
         stages = plan.decoder_stages
         for m, mb in enumerate(micro):
             tq, n = int(mb["cu"][-1]), len(mb["logits"])
@@ -433,7 +436,9 @@ class Stage:
                     if last
                     else partial(self._zeros, tq, d, pair=True)
                 )
-                out, _ = self._timed(partial(model.decoder_part, meta, plan.d0, plan.d1, x, res), zeros)
+                positions = self._tensor(mb["positions"], torch.long)
+                part = partial(model.decoder_part, meta, positions, plan.d0, plan.d1, x, res)
+                out, _ = self._timed(part, zeros)
             else:
                 out = (x, res)
             if last:
@@ -547,10 +552,12 @@ class PipelineRunner:
     _slots = ModelRunner._slots
     _cross_positions = ModelRunner._cross_positions
     _cross_slots = ModelRunner._cross_slots
+    _tensor = ModelRunner._tensor
 
-    def __init__(self, loaded, config: EngineConfig):
+    def __init__(self, loaded, config: EngineConfig, queries: int = 1):
         model, stages = loaded.model, config.pipeline_parallel
         self.model, self.config = model, config
+        self.queries = queries  # the most inputs per sequence of a step (speculative verification)
         p = next(model.parameters())
         self.device, self.dtype, self.block_size = p.device, p.dtype, config.block_size
         self.max_source_len = min(config.max_source_len or 4096, model.max_source_positions)
@@ -652,7 +659,7 @@ class PipelineRunner:
         self.cross_tables = np.zeros((n, self.cross_width), np.int32)
         self.self_rows, self.cross_rows = _Rows(n), _Rows(n)
         self.synced: dict[int, list[int]] = {}
-        self.graphs = self.encoder_graph = None  # no CUDA graphs across stages (yet)
+        self.graphs = self.verify_graphs = self.encoder_graph = None  # no CUDA graphs across stages (yet)
         self.encoder_graph_replays = 0
         self.calls = 0
         self.fail_at_calls: set[int] = {
@@ -715,6 +722,17 @@ class PipelineRunner:
                 self.wire.send_obj(msg, s)
 
     broken: PipelineFailure | None = None
+
+    def read_encoder_rows(self, blocks: list[int], n: int) -> torch.Tensor | None:
+        """Absorbed layout: a cached request's encoder rows from stage 0's pool (``ModelRunner``'s);
+        None when stage 0 holds no decoder layer (no rows here: the caller runs the encoder)."""
+        if not self.plans[0].has_decoder:
+            return None
+        return ModelRunner.read_encoder_rows(self, blocks, n)
+
+    def release(self) -> None:
+        """``Engine.close``: the stages stop, and with them their pools."""
+        self.close()
 
     def close(self) -> None:
         """Stop the worker stages (also when the runner is collected or the process exits)."""
@@ -784,32 +802,47 @@ class PipelineRunner:
         ]
         return np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
 
-    def decode(self, seqs: list[Sequence], next_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        """One decoder step through every stage, in micro-batches -> float32 logits [B, vocab]."""
+    def decode(
+        self,
+        seqs: list[Sequence],
+        next_tokens: torch.Tensor | None = None,
+        drafts: list[list[int]] | None = None,
+    ) -> torch.Tensor:
+        """One decoder step through every stage, in micro-batches -> float32 logits [B, vocab]; with
+        ``drafts`` a verification step: the logits of each sequence's last len(drafts[b]) + 1
+        inputs, packed (see ``ModelRunner.decode``)."""
         self._count_call("decode")
         srows, crows = self._rows(seqs)
         ahead = next_tokens is not None
         micro, embed = [], []
         for rows in _micro(len(seqs), len(self.plans)):
             part = [seqs[i] for i in rows]
-            tokens, positions, slots, q_lens = [], [], [], []
-            for s in part:
+            tokens, positions, slots, q_lens, logits_rows, kv_lens = [], [], [], [], [], []
+            for i, s in zip(rows, part):
                 start, end = (len(s.tokens), len(s.tokens) + 1) if ahead else (s.num_cached, len(s.tokens))
                 tokens += s.tokens[start:end]
+                extra = len(drafts[i]) if drafts is not None else 0
+                if extra:
+                    tokens += drafts[i]
+                    end += extra
                 positions += range(start, end)
                 slots += self._slots(s.block_table, start, end)
                 q_lens.append(end - start)
+                last = sum(q_lens)
+                logits_rows += range(last - extra - 1, last)
+                kv_lens.append(len(s.tokens) + ahead + extra)
             cu = np.zeros(len(part) + 1, np.int32)
             np.cumsum(q_lens, out=cu[1:])
             micro.append({
                 "cu": cu,
                 "max_q": max(q_lens),
                 "slots": np.asarray(slots, np.int64),
+                "positions": np.asarray(positions, np.int64),
                 "self_tables": self.self_tables[srows[rows.start:rows.stop]],
-                "self_lens": np.array([len(s.tokens) + ahead for s in part], np.int32),
+                "self_lens": np.array(kv_lens, np.int32),
                 "cross_tables": self.cross_tables[crows[rows.start:rows.stop]],
                 "cross_lens": np.array([s.group.encoder_len for s in part], np.int32),
-                "logits": (cu[1:] - 1).astype(np.int64),
+                "logits": np.asarray(logits_rows, np.int64),
             })  # fmt: skip
             tok = next_tokens[rows.start : rows.stop] if ahead else self.stage._tensor(tokens, torch.long)
             pos = self.stage._tensor(positions, torch.long)

@@ -65,8 +65,14 @@ class ModelRunner:
     cross-attention layout (``encoder_rows`` is None unless absorbed).
     """
 
-    def __init__(self, model, config: EngineConfig):
+    def __init__(self, model, config: EngineConfig, queries: int = 1):
+        """``queries``: the most inputs per sequence of a decode step (speculative verification:
+        K + 1): the step's logits take that much more room."""
         p = next(model.parameters())
+        # an earlier engine's pool, bound into this model's layers, must not count as used memory
+        # (nor outlive that engine) when this one sizes its own
+        model.unbind_cache()
+        self.queries = queries
         self.model, self.device, self.dtype, self.block_size = model, p.device, p.dtype, config.block_size
         self.max_source_len = min(config.max_source_len or 4096, model.max_source_positions)
         self.max_target_len = min(config.max_target_len or 1024, model.max_target_positions)
@@ -102,6 +108,7 @@ class ModelRunner:
         self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
         self.synced: dict[int, list[int]] = {}  # seq_id -> the block table written into its row
         self.graphs = None  # CudaGraphs, set up by the engine
+        self.verify_graphs = None  # CudaGraphs of speculative verification steps (K + 1 queries each)
         self.encoder_graph = None  # (graph, static EncoderBatch, static slots): capture_encoder_graph()
         self.encoder_graph_replays = 0
         # Fault injection for tests: encode/decode calls (counted from 1 in `calls`) that raise
@@ -120,6 +127,16 @@ class ModelRunner:
             self.device, self.dtype, m.cache_spec.num_heads, m.d_model
         )
 
+    def release(self) -> None:
+        """Drop the KV pool and the CUDA graphs (``Engine.close``); the model's layers let go of the
+        pool too unless another runner bound its own since."""
+        if self.pool is not None:
+            k = self.model.decoder_layers()[0].self_attn.k_cache
+            if k is not None and k.untyped_storage().data_ptr() == self.pool.untyped_storage().data_ptr():
+                self.model.unbind_cache()
+        self.graphs = self.verify_graphs = self.encoder_graph = None
+        self.pool = self.k_cache = self.v_cache = self.encoder_rows = None
+
     def _pool_blocks(self, config: EngineConfig) -> int:
         """Blocks of the KV pool: ``config.cpu_kv_cache_bytes`` on the CPU; on a GPU what
         ``gpu_memory_utilization`` leaves after the memory in use and room for activations."""
@@ -130,7 +147,8 @@ class ModelRunner:
         # leave room for activations: the largest encoder batch and the step's logits
         spec = self.model.cache_spec
         d_model = spec.num_heads * spec.head_dim
-        act = config.max_encoder_tokens * d_model * 2 * 24 + config.max_num_seqs * self.model.vocab_size * 16
+        logit_rows = config.max_num_seqs * self.queries
+        act = config.max_encoder_tokens * d_model * 2 * 24 + logit_rows * self.model.vocab_size * 16
         budget = total * config.gpu_memory_utilization - (total - free) - act
         if budget < per_block * 64:
             raise RuntimeError(
@@ -162,6 +180,16 @@ class ModelRunner:
         p = np.arange(start, end)
         rows = self.cross_block_rows
         return np.asarray(g.cross_blocks, np.int64)[p // rows] * step + offsets[p % rows]
+
+    def read_encoder_rows(self, blocks: list[int], n: int) -> torch.Tensor:
+        """Absorbed layout: the first ``n`` encoder rows held in cross blocks ``blocks`` [n, d]
+        (a copy: the blocks may be reused afterwards)."""
+        step, offsets = self._cross_layout
+        p = np.arange(n)
+        slots = self._tensor(np.asarray(blocks, np.int64)[p // self.cross_block_rows] * step
+                             + offsets[p % self.cross_block_rows], torch.long)  # fmt: skip
+        nb, rc = self.encoder_rows.shape[1], self.encoder_rows.shape[2]
+        return self.encoder_rows[slots // (nb * rc), slots // rc % nb, slots % rc]
 
     def _cross_slots(self, groups: list[SequenceGroup]) -> np.ndarray:
         """Cache slot of every encoder position of the groups, packed."""
@@ -211,12 +239,14 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self.model.write_cross_kv(self.model.encode(example), slots)
-        self.encoder_graph = (graph, example, slots)
+            hidden = self.model.encode(example)
+            self.model.write_cross_kv(hidden, slots)
+        self.encoder_graph = (graph, example, slots, hidden)
         return max(0, free_before - torch.cuda.mem_get_info(self.device)[0])
 
-    def encode(self, groups: list[SequenceGroup]) -> None:
-        """Run the encoder over the groups' inputs (packed) and write their cross K/V."""
+    def encode(self, groups: list[SequenceGroup]) -> torch.Tensor:
+        """Run the encoder over the groups' inputs (packed) and write their cross K/V; returns the
+        encoder output [total encoder tokens, d_model] (valid until the next encoder run)."""
         self._count_call("encode")
         batch = self.model.prepare_encoder_batch([g.request.encoder_input for g in groups], self.device)
         slots = self._cross_slots(groups)
@@ -226,17 +256,19 @@ class ModelRunner:
             and graphed[1].inputs.shape == batch.inputs.shape
             and len(slots) == len(graphed[2])
         ):
-            graph, example, static_slots = graphed
+            graph, example, static_slots, hidden = graphed
             example.inputs.copy_(batch.inputs)
             static_slots.copy_(self._tensor(slots, torch.long))
             graph.replay()
             self.encoder_graph_replays += 1
         else:
-            self.model.write_cross_kv(self.model.encode(batch), self._tensor(slots, torch.long))
+            hidden = self.model.encode(batch)
+            self.model.write_cross_kv(hidden, self._tensor(slots, torch.long))
         if self.encoder_rows is not None:
             self._zero_tile_ends(groups)
         for g in groups:
             g.encoded = True
+        return hidden
 
     def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
         """Row of every sequence in the self and cross tables, writing rows that changed.
@@ -257,7 +289,8 @@ class ModelRunner:
             if r is None:
                 r, _ = self.self_rows.get(s.seq_id)
             table = s.block_table
-            fresh = s.num_cached == 0  # first decode since (re)admission: its blocks are new
+            # first decode since (re)admission: its blocks are new (prefix cache hits included)
+            fresh = s.num_cached == s.num_reused
             if fresh or synced.get(s.seq_id) != table:
                 self.self_tables[r, : len(table)] = table
                 synced[s.seq_id] = table.copy()
@@ -269,18 +302,35 @@ class ModelRunner:
             crows.append(c)
         return np.array(srows, np.int64), np.array(crows, np.int64)
 
-    def decode(self, seqs: list[Sequence], next_tokens: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        seqs: list[Sequence],
+        next_tokens: torch.Tensor | None = None,
+        drafts: list[list[int]] | None = None,
+    ) -> torch.Tensor:
         """One decoder step over every sequence's uncached tokens -> float32 logits [B, vocab] of
         each sequence's last token.
 
         ``next_tokens`` ([B] int64 on the device): run the step after the current one, before its
         tokens are on the host: sequence b's input is next_tokens[b] at position len(tokens) (its
-        cache slot must exist). The caller appends the tokens to the sequences afterwards."""
+        cache slot must exist). The caller appends the tokens to the sequences afterwards.
+
+        ``drafts`` (speculative verification): sequence b's input continues with drafts[b] after
+        its uncached tokens (their cache slots must exist), and the logits are those of its last
+        len(drafts[b]) + 1 inputs, packed: [sum(len(d) + 1), vocab]. ``num_cached`` then counts
+        the tokens only; the caller adds the drafts it accepts."""
         self._count_call("decode")
         srows, crows = self._rows(seqs)
         ahead = next_tokens is not None
         q_lens = [1] * len(seqs) if ahead else [len(s.tokens) - s.num_cached for s in seqs]
-        if self.graphs is not None and max(q_lens) == 1 and len(seqs) <= self.graphs.max_batch:
+        if drafts is not None:
+            q_lens = [q + len(d) for q, d in zip(q_lens, drafts)]
+            graphs = self.verify_graphs
+            if graphs is not None and max(q_lens) <= graphs.queries and len(seqs) <= graphs.max_batch:
+                logits = graphs.run(self, seqs, srows, crows, drafts=drafts)
+            else:
+                logits = self._eager(seqs, srows, crows, q_lens, drafts=drafts)
+        elif self.graphs is not None and max(q_lens) == 1 and len(seqs) <= self.graphs.max_batch:
             logits = self.graphs.run(self, seqs, srows, crows, next_tokens)
         else:
             logits = self._eager(seqs, srows, crows, q_lens, next_tokens)
@@ -288,29 +338,39 @@ class ModelRunner:
             s.num_cached = len(s.tokens) + ahead
         return logits.float()
 
-    def _eager(self, seqs, srows, crows, q_lens, next_tokens=None) -> torch.Tensor:
+    def _eager(self, seqs, srows, crows, q_lens, next_tokens=None, drafts=None) -> torch.Tensor:
         ahead = next_tokens is not None
         tokens, positions, slots = [], [], []
-        for s in seqs:
+        for i, s in enumerate(seqs):
             start, end = (len(s.tokens), len(s.tokens) + 1) if ahead else (s.num_cached, len(s.tokens))
             tokens += s.tokens[start:end]
+            if drafts is not None:
+                tokens += drafts[i]
+                end += len(drafts[i])
             positions += range(start, end)
             slots += self._slots(s.block_table, start, end)
         cu = np.zeros(len(seqs) + 1, np.int32)
         np.cumsum(q_lens, out=cu[1:])
+        if drafts is None:
+            logits_rows = cu[1:] - 1
+        else:  # each sequence's last len(draft) + 1 inputs
+            logits_rows = np.concatenate([np.arange(e - len(d) - 1, e) for e, d in zip(cu[1:], drafts)])
+        kv_lens = [len(s.tokens) + ahead for s in seqs]
+        if drafts is not None:
+            kv_lens = [n + len(d) for n, d in zip(kv_lens, drafts)]
         meta = AttentionMetadata(
             cu_seqlens_q=self._tensor(cu, torch.int32),
             max_seqlen_q=max(q_lens),
             slot_mapping=self._tensor(slots, torch.long),
             self_attn=PagedView(
                 self._tensor(self.self_tables[srows], torch.int32),
-                self._tensor([len(s.tokens) + ahead for s in seqs], torch.int32),
+                self._tensor(kv_lens, torch.int32),
             ),
             cross_attn=PagedView(
                 self._tensor(self.cross_tables[crows], torch.int32),
                 self._tensor([s.group.encoder_len for s in seqs], torch.int32),
             ),
-            logits_indices=self._tensor(cu[1:] - 1, torch.long),
+            logits_indices=self._tensor(logits_rows, torch.long),
         )
         token_ids = next_tokens if ahead else self._tensor(tokens, torch.long)
         return self.model.decode(token_ids, self._tensor(positions, torch.long), meta)

@@ -151,7 +151,7 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
                 ban_rows += [i] * len(ban)
                 ban_toks += ban
             if by_count:
-                n = len(s.tokens) - s.num_prompt
+                n = s.num_generated
                 if n == p.begin_index and begin:
                     ban_rows += [i] * len(begin)
                     ban_toks += begin
@@ -280,6 +280,33 @@ def apply_timestamp_rules(
             logits[idx] = x
 
 
+def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled row draws from: processed logits [R, V] (float32) over the
+    temperature, limited to the top-k tokens and to the smallest set with mass >= top_p -> [R, V]
+    probabilities (speculative verification compares these with the draft's)."""
+    x = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(x, min(p.top_k, x.shape[-1]), dim=-1).values[:, -1:]
+        x = x.masked_fill(x < kth, NEG_INF)
+    if p.top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True, dim=-1)
+        sorted_p = torch.softmax(sorted_x, -1)
+        drop = sorted_p.cumsum(-1) - sorted_p > p.top_p  # keep the smallest set with mass >= top_p
+        x = x.masked_fill(torch.zeros_like(drop).scatter(-1, order, drop), NEG_INF)
+    return torch.softmax(x, -1)
+
+
+def sampling_generator(group: SequenceGroup, device: torch.device) -> torch.Generator:
+    """The request's random generator (made on first use: seeded by ``params.seed``, else at random)."""
+    if group.generator is None:
+        group.generator = torch.Generator(device=device)
+        if group.params.seed is not None:
+            group.generator.manual_seed(group.params.seed)
+        else:
+            group.generator.seed()
+    return group.generator
+
+
 def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float] | None]:
     """Pick one token per row of processed logits [B, V] (greedy or seeded sampling).
 
@@ -295,22 +322,9 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int]
             if p.temperature == 0:
                 tokens[i] = logits[i].argmax()
                 continue
-            x = logits[i] / p.temperature
-            if p.top_k:
-                kth = torch.topk(x, min(p.top_k, x.numel())).values[-1]
-                x = x.masked_fill(x < kth, NEG_INF)
-            if p.top_p < 1.0:
-                sorted_x, order = torch.sort(x, descending=True)
-                cum = torch.softmax(sorted_x, -1).cumsum(-1)
-                drop = cum - torch.softmax(sorted_x, -1) > p.top_p  # keep the smallest set with mass >= top_p
-                x[order[drop]] = NEG_INF
-            if s.group.generator is None:
-                s.group.generator = torch.Generator(device=logits.device)
-                if p.seed is not None:
-                    s.group.generator.manual_seed(p.seed)
-                else:
-                    s.group.generator.seed()
-            tokens[i] = torch.multinomial(torch.softmax(x, -1), 1, generator=s.group.generator)[0]
+            probs = sampling_probs(logits[i : i + 1], p)[0]
+            generator = sampling_generator(s.group, logits.device)
+            tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
     logprobs = None
     if any(s.group.params.logprobs for s in seqs):
         logprobs = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()

@@ -24,6 +24,7 @@ def _waiting_key(group: SequenceGroup) -> tuple[bool, int]:
 @dataclass
 class StepPlan:
     encode: list[SequenceGroup] = field(default_factory=list)  # run the encoder, write cross K/V
+    reused: list[SequenceGroup] = field(default_factory=list)  # admitted on a cached encoder run
     decode: list[Sequence] = field(default_factory=list)  # one decoder step each
     copies: list[tuple[int, int]] = field(default_factory=list)  # block copies (src, dst) first
     preempted: list[SequenceGroup] = field(default_factory=list)
@@ -76,9 +77,7 @@ class Scheduler:
         is admitted as soon as it fits."""
         if not self.running or not self.waiting or self.waiting[0].preempted:  # sorted: preempted first
             return False
-        if self.max_num_seqs - num_seqs < max(
-            1, int(self.max_num_seqs * ADMIT_MIN_FREE_FRACTION)
-        ):
+        if self.max_num_seqs - num_seqs < max(1, int(self.max_num_seqs * ADMIT_MIN_FREE_FRACTION)):
             return True
         want = min(
             int(self.blocks.num_blocks * ADMIT_MIN_FREE_FRACTION),
@@ -153,34 +152,56 @@ class Scheduler:
                 # at least one request even beyond the limit (e.g. more beams than max_num_seqs
                 # after an out-of-memory shrink): a request that can never be admitted would hang
                 (num_seqs == 0 or num_seqs + group.num_seqs_reserved <= self.max_num_seqs)
-                and (enc_tokens == 0 or enc_tokens + group.encoder_len <= self.max_encoder_tokens)
+                and (enc_tokens == 0 or enc_tokens + self._encoder_tokens(group) <= self.max_encoder_tokens)
                 and self._try_admit(group)
             )
             if not fits:
                 still_waiting.extend(self.waiting[i:])
                 break
             num_seqs += group.num_seqs_reserved
-            enc_tokens += group.encoder_len
             self.running.append(group)
-            plan.encode.append(group)
+            if not group.encoded:  # a prefix cache hit shares another request's encoder run
+                enc_tokens += group.encoder_len
+                plan.encode.append(group)
+            else:
+                plan.reused.append(group)
         self.waiting = still_waiting
         plan.decode = [s for g in self.running for s in g.seqs]
         return plan
 
+    def _encoder_tokens(self, group: SequenceGroup) -> int:
+        """Encoder tokens a waiting group would add to this step's encoder run: none when its
+        encoder output is in the prefix cache."""
+        cache = self.blocks.cache
+        if cache is not None and group.encoder_key is not None and cache.lookup(group.encoder_key):
+            return 0
+        return group.encoder_len
+
     def _try_admit(self, group: SequenceGroup) -> bool:
         """Allocate cross blocks and each sequence's prompt blocks, keeping one block of headroom
-        per running sequence so admitted work can make progress."""
+        per running sequence so admitted work can make progress. With prefix caching, a request
+        whose encoder input is cached (or encoded by a request admitted before it in this step)
+        shares its cross blocks and skips the encoder (``group.encoded``), and cached full blocks
+        of its decoder prompt are shared (``BlockManager.acquire_prompt``)."""
         if self._admit_blocks(group) + self._headroom() > self.blocks.num_free:
             return False
-        group.cross_blocks = self.blocks.allocate(self.blocks.cross_blocks_for(group.encoder_len))
-        for s in group.seqs:
-            s.block_table = self.blocks.allocate(self.blocks.blocks_for(len(s.tokens)))
-            s.num_cached = 0
+        blocks, key = self.blocks, group.encoder_key
+        group.cross_blocks, group.encoded = blocks.acquire_cross(
+            key, blocks.cross_blocks_for(group.encoder_len)
+        )
+        if group.encoded:
+            blocks.cache.counters.encoder_tokens_saved += group.encoder_len
+        group.encoder_cached = group.encoded
+        for s in group.seqs:  # prefix caching: full blocks of the same encoder input and prompt
+            s.block_table, s.num_cached = blocks.acquire_prompt(key, s.tokens, s.num_prompt)
+            s.num_reused = s.num_cached
+        group.cached_prompt_tokens = group.seqs[0].num_reused if group.seqs else 0
         return True
 
     def preempt_all(self) -> list[SequenceGroup]:
         """Send every running request back to waiting, to re-encode and recompute later (after a
         step failed, e.g. out of device memory); returns them."""
+        self.blocks.drop_pending()  # what this step registered in the prefix cache is not written
         groups = sorted(self.running, key=lambda g: g.order)
         for g in groups:
             self._preempt(g)

@@ -128,7 +128,11 @@ class Result:
     completions: list[Completion]
     error: str | None = None  # set when the request could not run; completions is then empty
     text: str | None = None  # decoded best completion (when the engine has a tokenizer)
-    metrics: dict = field(default_factory=dict)  # arrival/first_token/finish times (s), encoder_len
+    # arrival / first_token / finish times (s), encoder_len; greedy / sampled requests also
+    # decode_steps, generated_tokens, draft_tokens, accepted_tokens (speculative decoding); from the
+    # prefix cache: encoder_cached (its encoder output was reused: no encoder run) and
+    # cached_prompt_tokens (decoder prompt tokens reused)
+    metrics: dict = field(default_factory=dict)
     # softmax probabilities of params.record_first_step_probs at the first step (Whisper's no-speech)
     first_step_probs: dict[int, float] = field(default_factory=dict)
 
@@ -148,6 +152,18 @@ class Result:
     def stop_logprob(self) -> float | None:
         return self.completions[0].stop_logprob if self.completions else None
 
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Share of its speculative draft tokens that were accepted (None: no drafts)."""
+        drafted = self.metrics.get("draft_tokens")
+        return self.metrics["accepted_tokens"] / drafted if drafted else None
+
+    @property
+    def tokens_per_step(self) -> float | None:
+        """Tokens generated per decode step (1.0 without speculative decoding; None for beams)."""
+        steps = self.metrics.get("decode_steps")
+        return self.metrics["generated_tokens"] / steps if steps else None
+
 
 _seq_ids = itertools.count()
 
@@ -161,6 +177,7 @@ class Sequence:
         self.tokens = tokens
         self.num_prompt = num_prompt
         self.num_cached = 0  # tokens whose K/V are in the cache
+        self.num_reused = 0  # of those, tokens found in the prefix cache at (re)admission
         self.block_table: list[int] = []
         self.logprobs: list[float] = []
         self.cum_logprob = 0.0
@@ -195,7 +212,10 @@ class SequenceGroup:
         self.order = order  # arrival order (preemption picks the newest)
         self.seqs = [Sequence(self, list(request.prompt_ids), len(request.prompt_ids))]
         self.cross_blocks: list[int] = []
-        self.encoded = False
+        self.encoder_key: bytes | None = None  # prefix cache key of the encoder input (None: uncached)
+        self.encoded = False  # cross blocks written (or written by this step's encoder run)
+        self.encoder_cached = False  # admitted with its encoder output in the prefix cache
+        self.cached_prompt_tokens = 0  # decoder prompt tokens found in the prefix cache at admission
         self.preempted = False
         self.preempted_now = False  # set while the scheduler is preempting it in this step
         self.finished: list[Completion] = []
@@ -204,6 +224,12 @@ class SequenceGroup:
         self.generator = None  # torch.Generator for seeded sampling
         self.arrival = time.perf_counter()
         self.first_token: float | None = None
+        # decode steps of its (one) sequence, tokens it generated (the stop token too), and
+        # speculative draft tokens proposed / accepted
+        self.decode_steps = 0
+        self.generated_tokens = 0
+        self.draft_tokens = 0
+        self.accepted_tokens = 0
 
     @property
     def num_seqs_reserved(self) -> int:

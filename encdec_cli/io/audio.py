@@ -1,6 +1,7 @@
 """Audio input: decode any file to 16 kHz mono float32, and cut long audio into <= 30 s windows.
 
-- `load_audio(path_or_bytes)`: whole file in memory (short clips, items of a table).
+- `load_audio(path_or_bytes)`: whole file in memory (short clips, items of a table); also
+  decoded `Samples` at any rate (a datasets `{array, sampling_rate}` cell).
 - `split_on_silence(audio)`: window bounds for audio longer than 30 s, each cut in a pause.
 - `iter_audio_windows(path)`: the same windows, streamed block by block from disk, so an
   hours-long recording is never fully in memory.
@@ -19,7 +20,9 @@ import os
 import re
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -53,7 +56,18 @@ class AudioError(ValueError):
     """An audio input that cannot be used; the message says which file and what to do."""
 
 
-def _describe(source: str | os.PathLike | bytes) -> str:
+@dataclass(frozen=True)
+class Samples:
+    """Decoded audio, as Hugging Face ``datasets`` holds it: ``array`` is ``[samples]`` or
+    ``[channels, samples]`` (any numeric sequence), ``sampling_rate`` in Hz."""
+
+    array: Any
+    sampling_rate: Any
+
+
+def _describe(source: str | os.PathLike | bytes | Samples) -> str:
+    if isinstance(source, Samples):
+        return "<decoded audio samples>"
     if isinstance(source, (bytes, bytearray, memoryview)):
         return f"<{len(source)} bytes of audio>"
     return f"'{os.fspath(source)}'"
@@ -113,6 +127,21 @@ def _to_mono_16k(name: str, data: np.ndarray, sample_rate: int) -> np.ndarray:
     if sample_rate != SAMPLE_RATE:
         mono = soxr.resample(mono, sample_rate, SAMPLE_RATE, quality=RESAMPLE_QUALITY)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _samples_mono_16k(name: str, samples: Samples) -> np.ndarray:
+    rate = samples.sampling_rate
+    if not isinstance(rate, (int, np.integer)) or isinstance(rate, bool):
+        raise AudioError(f"{name} have no integer sampling_rate (got {rate!r})")
+    try:
+        data = np.asarray(samples.array if samples.array is not None else [], dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise AudioError(f"{name} are not an array of numbers ({e})") from None
+    if data.ndim not in (1, 2):
+        raise AudioError(f"{name} have {data.ndim} dimensions; expected [samples] or [channels, samples]")
+    data = data[:, None] if data.ndim == 1 else data.T  # [frames, channels]
+    _check_format(name, int(rate), data.shape[1], len(data))
+    return _to_mono_16k(name, data, int(rate))
 
 
 def _read_soundfile(source: bytes | io.BytesIO, name: str, warnings: list[str] | None) -> np.ndarray:
@@ -176,15 +205,17 @@ def _fallback(path: str, name: str, suffix: str, first: sf.LibsndfileError) -> n
         raise AudioError(f"{name} could not be decoded ({reason}); the file may be corrupt") from e
 
 
-def load_audio(source: str | os.PathLike | bytes, warnings: list[str] | None = None) -> np.ndarray:
-    """Decode a file (path) or in-memory file contents (bytes) to `[samples]` float32 mono 16 kHz.
-    A truncated file is read as far as it goes, with a message added to ``warnings``.
+def load_audio(source: str | os.PathLike | bytes | Samples, warnings: list[str] | None = None) -> np.ndarray:
+    """Decode a file (path), in-memory file contents (bytes) or samples to `[samples]` float32 mono
+    16 kHz. A truncated file is read as far as it goes, with a message added to ``warnings``.
 
     Raises:
         AudioError: missing, empty, zero-length, non-audio, corrupt, NaN/inf samples,
             or an impossible sample rate.
     """
     name = _describe(source)
+    if isinstance(source, Samples):
+        return _samples_mono_16k(name, source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:

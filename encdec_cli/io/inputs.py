@@ -16,7 +16,6 @@ named ``TABLE/ID`` by the ``--id-column`` value, else by the audio's path, else 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import sys
 from collections import Counter
@@ -28,28 +27,35 @@ from typing import Any
 import numpy as np
 
 from encdec_cli.errors import UsageError
-from encdec_cli.io.audio import AUDIO_EXTENSIONS, iter_audio_windows, load_audio, split_on_silence
+from encdec_cli.io.audio import AUDIO_EXTENSIONS, Samples, iter_audio_windows, load_audio, split_on_silence
 from encdec_cli.io.manifest import Manifest, file_key, key_input
+from encdec_cli.io.tables import TableError, is_dataset_dir, open_table, table_columns
 
-TABLE_EXTENSIONS = (".parquet", ".pq", ".jsonl", ".ndjson")
+TABLE_EXTENSIONS = (".parquet", ".pq", ".arrow", ".jsonl", ".ndjson")
 SEARCHED = ", ".join(f".{e}" for e in sorted(AUDIO_EXTENSIONS))
 
 
 def _is_table(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in TABLE_EXTENSIONS
+    """A table input: by its extension, or a folder written by ``datasets``' ``save_to_disk``."""
+    return os.path.splitext(path)[1].lower() in TABLE_EXTENSIONS or is_dataset_dir(Path(path))
 
 
-def _audio_files(directory: str) -> Iterator[tuple[str, bool]]:
-    """(path, whether another audio file beside it has the same stem), recursively, sorted."""
+def _audio_files(directory: str, extensions=AUDIO_EXTENSIONS) -> Iterator[tuple[str, bool]]:
+    """(path, whether another file of ``extensions`` beside it has the same stem), recursively, sorted."""
     for root, dirs, files in os.walk(directory):
         dirs.sort()
-        audio = sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in AUDIO_EXTENSIONS and f[0] != ".")
+        audio = sorted(f for f in files if f.rsplit(".", 1)[-1].lower() in extensions and f[0] != ".")
         stems = Counter(os.path.splitext(f)[0] for f in audio)
         for f in audio:
             yield os.path.join(root, f), stems[os.path.splitext(f)[0]] > 1
 
 
-def check_inputs(inputs: list[str], audio_column: str = "audio", id_column: str | None = None) -> None:
+def check_inputs(
+    inputs: list[str],
+    audio_column: str = "audio",
+    id_column: str | None = None,
+    column_flag: str = "--audio-column",
+) -> None:
     """Fail fast (UsageError) on INPUTS that do not exist or tables without the audio column (or
     without an ``id_column`` asked for); touches only the named paths, never walks folders."""
     for raw in inputs:
@@ -58,67 +64,32 @@ def check_inputs(inputs: list[str], audio_column: str = "audio", id_column: str 
         p = Path(raw)
         if not p.exists() and not p.is_symlink():
             raise UsageError(f"input {raw!r} does not exist")
-        if _is_table(raw) and p.is_file():
-            _check_table_columns(p, [audio_column, *([id_column] if id_column else [])])
+        if _is_table(raw):
+            _check_table_columns(p, [audio_column, *([id_column] if id_column else [])], column_flag)
 
 
-def count_files(inputs: list[str]) -> int | None:
+def count_files(inputs: list[str], extensions=AUDIO_EXTENSIONS) -> int | None:
     """How many audio items the inputs hold, for the progress bar (names only, no stat); None when
     unknown up front (stdin lists, tables)."""
     n = 0
     for raw in inputs:
         if raw == "-" or _is_table(raw):
             return None
-        n += sum(1 for _ in _audio_files(raw)) if os.path.isdir(raw) else 1
+        n += sum(1 for _ in _audio_files(raw, extensions)) if os.path.isdir(raw) else 1
     return n
 
 
-def _check_table_columns(path: Path, columns: list[str]) -> None:
-    """A readable Parquet table without a needed column is a usage error (an unreadable one
-    fails as its own item when the job reads it)."""
-    if path.suffix.lower() not in (".parquet", ".pq"):
-        return
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def _check_table_columns(path: Path, columns: list[str], column_flag: str = "--audio-column") -> None:
+    """A readable typed table (Parquet, Arrow, a save_to_disk folder) without a needed column is a
+    usage error (an unreadable one fails as its own item when the job reads it)."""
     try:
-        names = pq.read_schema(path).names
-    except (pa.ArrowException, OSError):
+        names = table_columns(path)
+    except TableError:
         return
-    for column in columns:
+    for column in columns if names is not None else ():
         if column not in names:
-            flag = "--audio-column" if column == columns[0] else "--id-column"
+            flag = column_flag if column == columns[0] else "--id-column"
             raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)} (see {flag})")
-
-
-def iter_table_audio(path: str, column: str, id_column: str = "id") -> Iterator[tuple[object, object]]:
-    """(audio value, id value or None) per row of a Parquet/JSONL table; the audio value is file
-    bytes, a path or a Hugging Face datasets Audio struct {bytes, path}. Streams record batches."""
-    if os.path.splitext(path)[1].lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        if column not in names:
-            raise UsageError(f"{path} has no column {column!r}; columns: {', '.join(names)}")
-        columns = [column, *([id_column] if id_column in names and id_column != column else [])]
-        for b in pf.iter_batches(batch_size=64, columns=columns):
-            ids = b.column(id_column).to_pylist() if len(columns) > 1 else [None] * b.num_rows
-            yield from zip(b.column(column).to_pylist(), ids)
-    else:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.strip():
-                    row = _json_object(line)
-                    yield row.get(column), row.get(id_column)
-
-
-def _json_object(line: str) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _safe_name(value: object) -> str | None:
@@ -167,8 +138,11 @@ def plan_inputs(
     id_column: str | None = None,
     namer: Namer | None = None,
     warnings: list[str] | None = None,
+    extensions=AUDIO_EXTENSIONS,
+    kind: str = "audio",
 ) -> Iterator[AudioItem]:
-    """Expand INPUTS lazily into named audio items: audio files, folders (recursive), '-' (paths on
+    """Expand INPUTS lazily into named items (``kind`` files of ``extensions``; audio by default): files,
+    folders (recursive), '-' (paths on
     stdin), Parquet/JSONL tables (read row by row). Folders are walked as the job goes, so a folder
     of millions of files starts at once and costs no memory in proportion. A folder without audio
     files, or an empty stdin list, adds a message to ``warnings``. The inputs have passed
@@ -183,7 +157,10 @@ def plan_inputs(
     if "-" in inputs and not stdin:
         warnings.append("no paths on stdin")
     args = [raw for raw in inputs if raw != "-"]
-    dirs = [os.path.abspath(p) if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in args]
+    dirs = [
+        os.path.abspath(p) if os.path.isdir(p) and not _is_table(p) else os.path.dirname(os.path.abspath(p))
+        for p in args
+    ]
     root = os.path.commonpath(dirs + [os.path.dirname(os.path.abspath(p)) for p in stdin] or [os.getcwd()])
 
     def rel(path: str) -> str:
@@ -200,49 +177,69 @@ def plan_inputs(
         if raw == "-":
             for p in stdin:
                 yield file_item(p, file_key(p) if os.path.exists(p) else p)
+        elif _is_table(raw) and (os.path.isfile(raw) or os.path.isdir(raw)):
+            table = file_item(raw, file_key(raw))
+            yield from _table_items(raw, audio_column, id_column or "id", table, namer)
         elif os.path.isdir(raw):
             found = False
-            for path, beside in _audio_files(raw):
+            for path, beside in _audio_files(raw, extensions):
                 found = True
                 yield file_item(path, file_key(path), beside)
             if not found:
-                warnings.append(f"no audio files in {raw} (searched for {SEARCHED})")
-        elif _is_table(raw) and os.path.isfile(raw):
-            table = file_item(raw, file_key(raw))
-            yield from _table_items(raw, audio_column, id_column or "id", table, namer)
+                searched = ", ".join(f".{e}" for e in sorted(extensions))
+                warnings.append(f"no {kind} files in {raw} (searched for {searched})")
         else:
             yield file_item(raw, file_key(raw))
+
+
+def audio_value(value: Any, table_dir: str) -> tuple[Any, str | None]:
+    """(the item's source, the audio's path if it has one) for a table cell: file bytes, a path
+    (relative to the table's folder), a Hugging Face datasets Audio struct {bytes, path}, or decoded
+    samples {array, sampling_rate}; null is empty bytes (the item fails as empty)."""
+    if isinstance(value, dict) and "array" in value:
+        audio_path = value.get("path")
+        samples = Samples(value["array"], value.get("sampling_rate"))
+        return samples, (audio_path if isinstance(audio_path, str) else None)
+    audio_path = value.get("path") if isinstance(value, dict) else value
+    source = (value.get("bytes") or audio_path) if isinstance(value, dict) else value
+    if isinstance(source, str) and not os.path.isabs(source):
+        source = os.path.join(table_dir, source)
+    return (b"" if source is None else source), (audio_path if isinstance(audio_path, str) else None)
+
+
+TABLE_BATCH_ROWS = 64  # rows of audio read at once from a table (each may hold a file's bytes)
 
 
 def _table_items(
     path: str, column: str, id_column: str, table: AudioItem, namer: Namer
 ) -> Iterator[AudioItem]:
-    """The rows of a table, named TABLE/ID, TABLE/PATH-STEM or TABLE/ROW; an unreadable table is
-    one item with its error."""
-    row = 0
+    """The rows of a table (read by ``encdec_cli.io.tables``, streamed), named TABLE/ID,
+    TABLE/PATH-STEM or TABLE/ROW; a row that cannot be read is an item with its error, an
+    unreadable table one item with its error."""
+    table_dir = os.path.dirname(path)
     try:
-        for value, row_id in iter_table_audio(path, column, id_column):
-            audio_path = value.get("path") if isinstance(value, dict) else value
-            source = (value.get("bytes") or audio_path) if isinstance(value, dict) else value
-            if isinstance(source, str) and not os.path.isabs(source):
-                source = os.path.join(os.path.dirname(path), source)
-            stem = os.path.splitext(os.path.basename(audio_path))[0] if isinstance(audio_path, str) else None
-            label = _safe_name(row_id) or _safe_name(stem) or f"{row:06d}"
-            key = f"{table.key}#{row}"
-            names = [f"{table.name}/{label}", f"{table.name}/{label}~{row:06d}"]
-            yield AudioItem(key, namer.claim(key, names), source if source is not None else b"", path, row)
-            row += 1
+        with open_table(path, column, TABLE_BATCH_ROWS, raw=True, select=[id_column]) as rows:
+            for row in rows:
+                record = row.record or {}
+                source, audio_path = audio_value(record.get(column), table_dir)
+                stem = os.path.splitext(os.path.basename(audio_path))[0] if audio_path else ""
+                label = _safe_name(record.get(id_column)) or _safe_name(stem) or f"{row.row_id:06d}"
+                key = f"{table.key}#{row.row_id}"
+                names = [f"{table.name}/{label}", f"{table.name}/{label}~{row.row_id:06d}"]
+                error = None if row.error is None else f"{row.error}; no audio read: empty (0 bytes)"
+                yield AudioItem(key, namer.claim(key, names), source, path, row.row_id, error=error)
     except Exception as e:  # an unreadable table is its own error, never the job's (nor a hang)
         yield AudioItem(table.key, table.name, path, error=f"cannot read table: {e}")
 
 
 @dataclass
 class AudioItem:
-    """One input: a path or in-memory file bytes, with a name for outputs and messages."""
+    """One input: a path, in-memory file bytes or decoded samples, with a name for outputs and
+    messages."""
 
     key: str  # identity for the manifest
     name: str  # relative output path without extension
-    source: Any  # str path or bytes
+    source: Any  # str path, bytes or Samples
     input: str | None = None  # the input as given, for records and messages (default: the path or name)
     row: int | None = None  # row number, for a row of a table input
     error: str | None = None  # known to fail before it is read (e.g. its table is unreadable)
@@ -256,8 +253,8 @@ class AudioItem:
 
 def read_windows(item: AudioItem) -> Iterator[tuple[int, np.ndarray]]:
     """(start sample, samples) of each <= 30 s window of an item's audio, cut at quiet points;
-    streamed from disk for a path, whole in memory for file bytes."""
-    if isinstance(item.source, (bytes, bytearray, memoryview)):
+    streamed from disk for a path, whole in memory for file bytes and samples."""
+    if isinstance(item.source, (bytes, bytearray, memoryview, Samples)):
         audio = load_audio(item.source, item.warnings)
         for s, e in split_on_silence(audio):
             yield s, audio[s:e]

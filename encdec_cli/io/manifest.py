@@ -35,9 +35,19 @@ from typing import IO, Any
 from encdec_cli.io.atomic import fsync_dir, remove_stale_temps
 from encdec_cli.io.records import json_line
 
-__all__ = ["MANIFEST_NAME", "Manifest", "ManifestEntry", "file_key", "key_input", "row_key"]
+__all__ = [
+    "MANIFEST_NAME",
+    "Manifest",
+    "ManifestEntry",
+    "file_key",
+    "fold_rank_manifests",
+    "key_input",
+    "row_key",
+]
 
 MANIFEST_NAME = ".encdec-manifest.jsonl"
+RANK_MANIFEST = ".encdec-manifest.rank-{rank}.jsonl"  # a torchrun rank's own manifest (see in_dir)
+RANK_MANIFEST_GLOB = ".encdec-manifest.rank-*.jsonl"
 
 
 def file_key(path: str | os.PathLike[str]) -> str:
@@ -87,27 +97,47 @@ class ManifestEntry:
 class Manifest:
     """Append-only record of which items of a job are done or failed."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], read_also: list[Path] | tuple = ()) -> None:
+        """The manifest in the file ``path``, which this object appends to. The entries of the
+        manifests ``read_also`` count too (for a key in several files, its newest entry wins)."""
         self.path = Path(path)
         self.skipped_lines = 0  # unreadable lines found on load (e.g. truncated by a crash)
         self._entries: dict[str, ManifestEntry] = {}
         self._file: IO[bytes] | None = None
         self._needs_newline = False  # the file ends in a partial line: start ours on a new one
-        self._load()
+        self._load(self.path)
+        for other in read_also:
+            self._load(Path(other), newest=True)
 
     @classmethod
-    def in_dir(cls, directory: str | os.PathLike[str]) -> Manifest:
+    def in_dir(cls, directory: str | os.PathLike[str], rank: int | None = None) -> Manifest:
         """The manifest of a job writing into ``directory``. Temp files that an earlier run of a
         job there left when it was killed mid-commit (outputs that never became files) are
-        deleted from the directory tree."""
-        if os.path.isdir(directory):
+        deleted from the directory tree.
+
+        A torchrun job's rank ``rank`` appends to its own manifest there and reads everyone's (the
+        folder's manifest and every rank's); rank 0 folds the ranks' manifests into the folder's
+        one when the job ends (:func:`fold_rank_manifests`). A job of one process (``rank`` None)
+        folds what an interrupted torchrun job left first."""
+        directory = Path(directory)
+        if directory.is_dir():
             remove_stale_temps(directory, recursive=True)
-        return cls(Path(directory) / MANIFEST_NAME)
+        if rank is None:
+            fold_rank_manifests(directory)
+            return cls(directory / MANIFEST_NAME)
+        own = directory / RANK_MANIFEST.format(rank=rank)
+        others = [
+            directory / MANIFEST_NAME,
+            *sorted(p for p in directory.glob(RANK_MANIFEST_GLOB) if p != own),
+        ]
+        return cls(own, read_also=others)
 
     # -- reading -------------------------------------------------------------------
-    def _load(self) -> None:
+    def _load(self, path: Path, newest: bool = False) -> None:
+        """Read the manifest file ``path``: its last entry of a key wins, or, with ``newest``, the
+        key's newest entry of those read so far and this file's."""
         try:
-            f = open(self.path, "rb")  # noqa: SIM115
+            f = open(path, "rb")  # noqa: SIM115
         except FileNotFoundError:
             return
         with f:
@@ -117,9 +147,10 @@ class Manifest:
                 entry = _parse_line(raw)
                 if entry is None:
                     self.skipped_lines += raw.strip() != b""
-                else:
+                elif not newest or entry.time >= getattr(self._entries.get(entry.key), "time", 0.0):
                     self._entries[entry.key] = entry
-            self._needs_newline = bool(last) and not last.endswith(b"\n")
+            if path == self.path:
+                self._needs_newline = bool(last) and not last.endswith(b"\n")
 
     def get(self, key: str) -> ManifestEntry | None:
         """The latest entry for ``key``, or None if the item was never recorded."""
@@ -199,6 +230,35 @@ class Manifest:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def fold_rank_manifests(directory: str | os.PathLike[str]) -> None:
+    """Append the lines of the torchrun ranks' manifests in ``directory`` to the folder's manifest,
+    oldest first, and delete them: one manifest again. A crash in between leaves lines in both,
+    which read back the same."""
+    directory = Path(directory)
+    ranks = sorted(directory.glob(RANK_MANIFEST_GLOB))
+    if not ranks:
+        return
+    lines = []
+    for path in ranks:
+        for raw in path.read_bytes().splitlines():
+            entry = _parse_line(raw)
+            if entry is not None:
+                lines.append((entry.time, raw.strip()))
+    lines.sort(key=lambda t: t[0])
+    main = directory / MANIFEST_NAME
+    if lines:
+        with open(main, "ab") as f:
+            if f.tell() and not main.read_bytes().endswith(b"\n"):
+                f.write(b"\n")
+            f.write(b"".join(raw + b"\n" for _, raw in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(directory)
+    for path in ranks:
+        path.unlink(missing_ok=True)
+    fsync_dir(directory)
 
 
 def _parse_line(raw: bytes) -> ManifestEntry | None:

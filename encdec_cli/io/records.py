@@ -6,9 +6,38 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from encdec_models.audio import FRAMES_PER_SECOND  # the unit of "seek"
 
-__all__ = ["Segment", "Transcript", "Word", "json_line"]
+__all__ = ["TRANSCRIPT_COLUMNS", "Segment", "Transcript", "Word", "json_line"]
+
+WORD_TYPE = pa.struct(
+    [("word", pa.string()), ("start", pa.float64()), ("end", pa.float64()), ("probability", pa.float64())]
+)
+SEGMENT_TYPE = pa.struct(
+    [
+        ("id", pa.int64()),
+        ("seek", pa.int64()),
+        ("start", pa.float64()),
+        ("end", pa.float64()),
+        ("text", pa.string()),
+        ("tokens", pa.list_(pa.int64())),
+        ("temperature", pa.float64()),
+        ("avg_logprob", pa.float64()),
+        ("compression_ratio", pa.float64()),
+        ("no_speech_prob", pa.float64()),
+        ("words", pa.list_(WORD_TYPE)),  # null without word timestamps
+    ]
+)
+# A transcript as table columns (Transcript.to_columns): the segments are a list of structs, the
+# shape Hugging Face datasets reads back as a Sequence of dicts.
+TRANSCRIPT_COLUMNS: dict[str, pa.DataType] = {
+    "text": pa.string(),
+    "language": pa.string(),
+    "duration": pa.float64(),
+    "segments": pa.list_(SEGMENT_TYPE),
+}
 
 
 @dataclass
@@ -80,6 +109,15 @@ class Transcript:
         if self.warnings:
             out["warnings"] = list(self.warnings)
         return out
+
+    def to_columns(self) -> dict[str, Any]:
+        """The values of :data:`TRANSCRIPT_COLUMNS` for this transcript (segments as in the JSON)."""
+        return {
+            "text": self.text,
+            "language": self.language,
+            "duration": self.duration,
+            "segments": [s.to_json_dict() for s in self.segments],
+        }
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any], duration: float | None = None) -> Transcript:

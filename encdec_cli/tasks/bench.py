@@ -1,4 +1,5 @@
-"""The standard workloads of benchmarks/WORKLOADS.md (W1..W5, T1, T2): ours vs transformers in one run.
+"""The standard workloads of benchmarks/WORKLOADS.md (W1..W9, T1, T2): ours vs transformers in one
+run (W6: ours with the prefix cache on vs off).
 
 Random weights of the real architectures (seed 0); output lengths are fixed per request (EOS
 suppressed before the target length, forced at it), so both systems do exactly the same work.
@@ -8,9 +9,11 @@ is loaded into ours.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,6 +22,11 @@ import torch
 
 from encdec_models.audio import N_AUDIO_CTX, N_SAMPLES
 
+# speculative decoding with oracle drafts (run_oracle_sweep): draft acceptance probabilities and draft
+# lengths swept by ``encdec bench --speculative oracle``
+ORACLE_ALPHAS = (0.0, 0.5, 0.7, 0.9)
+ORACLE_KS = (2, 4, 8)
+NLLB_FRA_LATN = 256057  # fra_Latn in NLLB-200's tokenizer: "translation to one language"
 COPY_BYTES = 1 << 30  # a 1 GiB device-to-device copy measures the copy bandwidth
 MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 
@@ -26,7 +34,7 @@ MATMUL_N = 8192  # [N, N] @ [N, N] bf16 matmuls measure the matmul rate
 @dataclass(frozen=True)
 class Workload:
     id: str
-    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large"
+    model: str  # "whisper-large-v3" | "bart-large-cnn" | "flan-t5-large" | "nllb-200-distilled-600M" | ...
     requests: int
     num_beams: int = 1
     length_penalty: float = 1.0
@@ -37,6 +45,7 @@ class Workload:
     output_tokens: int | None = None
     batch: int | None = None
     published: tuple[tuple[str, float], ...] = ()  # TensorRT-LLM's published H100 tok/s at this batch
+    forced_bos: int | None = None  # a token forced first (NLLB: the target language)
 
 
 # TensorRT-LLM's published H100 numbers (bf16, greedy, 260-440 input tokens, 128 output tokens):
@@ -68,6 +77,10 @@ WORKLOADS = {
     "W3": Workload("W3", "bart-large-cnn", 512, num_beams=4, length_penalty=2.0, no_repeat_ngram_size=3),
     "W4": Workload("W4", "flan-t5-large", 1024),
     "W5": Workload("W5", "whisper-large-v3", 1, metric="tok/s"),
+    "W6": Workload("W6", "whisper-large-v3", 256, metric="RTFx"),
+    "W9": Workload("W9", "florence-2-large", 512),
+    "W7": Workload("W7", "nllb-200-distilled-600M", 1024, forced_bos=NLLB_FRA_LATN),
+    "W8": Workload("W8", "moonshine-base", 512, metric="RTFx"),
     **_trt_workloads("T1", "bart-large-cnn"),
     **_trt_workloads("T2", "flan-t5-xl"),
 }
@@ -86,9 +99,109 @@ def expand_ids(ids: list[str]) -> tuple[list[str], list[str]]:
     return out, bad
 
 
-def hf_config(name: str):
-    from transformers import BartConfig, T5Config, WhisperConfig
+# W6 (automatic prefix caching): a quarter of the windows are exact copies of others, and 30% of the
+# distinct windows (their copies too) are decoded again after their greedy decoding, as Whisper's
+# temperature fallback does: W6_BEST_OF candidates sampled at W6_TEMPERATURE (openai-whisper's first
+# fallback step and default best_of)
+W6_DUPLICATES, W6_FALLBACK, W6_BEST_OF, W6_TEMPERATURE = 0.25, 0.30, 5, 0.2
 
+FLORENCE_IMAGE = 768  # W9: 768 x 768 images, Florence-2's own size: (768 / 32)^2 + 1 = 577 image tokens
+FLORENCE_IMAGE_TOKEN = 51289
+# <s>, 6 text tokens, </s>: as long as the prompt Florence-2's processor makes of <CAPTION> ("<s>What does
+# the image describe?</s>"); which tokens does not change the work
+FLORENCE_CAPTION_PROMPT = [0, 2264, 473, 5, 2274, 6190, 116, 2]
+
+
+def text_config(config):
+    """The config holding a model's token ids (Florence-2: its language model's)."""
+    return getattr(config, "text_config", None) or config
+
+
+AUDIO_SECONDS = {"whisper-large-v3": 30.0, "moonshine-base": 10.0}  # each request's audio
+# the inputs' token-length range and the outputs' of the text workloads (seeded rng(1), rng(2))
+TEXT_LENGTHS = {"nllb-200-distilled-600M": ((20, 61), (16, 65))}
+
+
+def is_audio(name: str) -> bool:
+    return name in AUDIO_SECONDS
+
+
+def hf_config(name: str):
+    from transformers import BartConfig, M2M100Config, MoonshineConfig, T5Config, WhisperConfig
+
+    if name == "nllb-200-distilled-600M":  # facebook/nllb-200-distilled-600M's config.json
+        return M2M100Config(
+            vocab_size=256206,
+            d_model=1024,
+            encoder_layers=12,
+            decoder_layers=12,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=4096,
+            decoder_ffn_dim=4096,
+            activation_function="relu",
+            max_position_embeddings=1024,
+            scale_embedding=True,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+            decoder_start_token_id=2,
+            architectures=["M2M100ForConditionalGeneration"],
+        )
+    if name == "moonshine-base":  # UsefulSensors/moonshine-base's config.json
+        return MoonshineConfig(
+            vocab_size=32768,
+            hidden_size=416,
+            intermediate_size=1664,
+            encoder_num_hidden_layers=8,
+            decoder_num_hidden_layers=8,
+            encoder_num_attention_heads=8,
+            decoder_num_attention_heads=8,
+            max_position_embeddings=194,
+            pad_head_dim_to_multiple_of=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.62},
+            decoder_start_token_id=1,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=2,
+            architectures=["MoonshineForConditionalGeneration"],
+        )
+
+    if name == "florence-2-large":
+        from transformers import Florence2Config, Florence2VisionConfig
+
+        text = BartConfig(
+            vocab_size=51290,  # 51289 BART + locations and task tokens, then the image token
+            d_model=1024,
+            encoder_layers=12,
+            decoder_layers=12,
+            encoder_attention_heads=16,
+            decoder_attention_heads=16,
+            encoder_ffn_dim=4096,
+            decoder_ffn_dim=4096,
+            max_position_embeddings=1024,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            decoder_start_token_id=2,
+            eos_token_id=2,
+            bos_token_id=0,
+            pad_token_id=1,
+        )
+        vision = Florence2VisionConfig(
+            depths=[1, 1, 9, 1],
+            embed_dim=[256, 512, 1024, 2048],
+            num_heads=[8, 16, 32, 64],
+            num_groups=[8, 16, 32, 64],
+            window_size=12,
+            projection_dim=1024,
+            drop_path_rate=0.0,
+        )
+        return Florence2Config(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=FLORENCE_IMAGE_TOKEN,
+            architectures=["Florence2ForConditionalGeneration"],
+        )
     if name == "whisper-large-v3":
         return WhisperConfig(
             vocab_size=51866,
@@ -143,28 +256,51 @@ def hf_config(name: str):
 
 def inputs_for(w: Workload):
     """(encoder inputs, target output lengths), seeded as benchmarks/WORKLOADS.md says."""
-    targets = (
-        np.random.default_rng(0).integers(16, 193, w.requests)
-        if w.model.startswith("whisper")
-        else np.random.default_rng(2).integers(32, 129, w.requests)
-    )
+    (in_lo, in_hi), (out_lo, out_hi) = TEXT_LENGTHS.get(w.model, ((260, 441), (32, 129)))
+    if w.model.startswith("whisper"):
+        targets = np.random.default_rng(0).integers(16, 193, w.requests)
+    elif w.model == "moonshine-base":
+        targets = np.random.default_rng(0).integers(16, 97, w.requests)
+    else:
+        targets = np.random.default_rng(2).integers(out_lo, out_hi, w.requests)
     if w.id == "W5":
         targets = np.array([128])
+    if w.model.startswith("florence"):  # captions
+        targets = np.random.default_rng(2).integers(16, 65, w.requests)
     if w.output_tokens:
         targets = np.full(w.requests, w.output_tokens)
-    if w.model.startswith("whisper"):
+    if is_audio(w.model):
         g = torch.Generator().manual_seed(0)
-        waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(w.requests)]
+        n = int(AUDIO_SECONDS[w.model] * 16000)
+        waves = [torch.randn(n, generator=g).numpy() * 0.1 for _ in range(w.requests)]
         return waves, targets.tolist()
-    lens = np.random.default_rng(1).integers(260, 441, w.requests)
+    if w.model.startswith("florence"):
+        return florence_inputs(w.requests), targets.tolist()
+    lens = np.random.default_rng(1).integers(in_lo, in_hi, w.requests)
     vocab = hf_config(w.model).vocab_size
     rng = np.random.default_rng(3)
     return [rng.integers(4, vocab - 1, n).tolist() for n in lens], targets.tolist()
 
 
+def florence_inputs(n: int, size: int = FLORENCE_IMAGE) -> list[dict]:
+    """W9's encoder inputs: normalised random images (float16 on the host: 3.4 MiB each) and the
+    processor's layout of <CAPTION>: the image tokens, then <s>What does the image describe?</s>."""
+    g = torch.Generator().manual_seed(0)
+    tokens = (size // 32) ** 2 + 1
+    ids = [FLORENCE_IMAGE_TOKEN] * tokens + FLORENCE_CAPTION_PROMPT
+    return [
+        {"pixel_values": torch.randn(3, size, size, generator=g).to(torch.float16), "input_ids": ids}
+        for _ in range(n)
+    ]
+
+
 def build_models(w: Workload, device, dtype, with_hf: bool):
     """The transformers model (random init, seed 0) and ours with the same weights."""
-    from transformers import AutoModelForSeq2SeqLM, WhisperForConditionalGeneration
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        MoonshineForConditionalGeneration,
+        WhisperForConditionalGeneration,
+    )
 
     from encdec_models.loading import LoadedModel, build_model
     from encdec_models.registry import architecture_of
@@ -174,6 +310,12 @@ def build_models(w: Workload, device, dtype, with_hf: bool):
     with torch.device(device):
         if w.model.startswith("whisper"):
             hf = WhisperForConditionalGeneration(cfg)
+        elif w.model.startswith("florence"):
+            from transformers import Florence2ForConditionalGeneration
+
+            hf = Florence2ForConditionalGeneration(cfg)
+        elif w.model == "moonshine-base":
+            hf = MoonshineForConditionalGeneration(cfg)
         else:
             hf = AutoModelForSeq2SeqLM.from_config(cfg)
         hf = hf.to(dtype).eval()
@@ -193,11 +335,13 @@ def workload_requests(w: Workload, config, enc_inputs, targets) -> list:
     before, the length limit after), from the decoder start token."""
     from encdec_cli.engine import Request, SamplingParams
 
+    config = text_config(config)
     params = {
         t: SamplingParams(
             max_new_tokens=t,
             min_new_tokens=t,
             stop_token_ids=(config.eos_token_id,),
+            forced_tokens=() if w.forced_bos is None else ((0, w.forced_bos),),
             num_beams=w.num_beams,
             length_penalty=w.length_penalty,
             no_repeat_ngram_size=w.no_repeat_ngram_size,
@@ -215,28 +359,182 @@ def warmup_requests(w: Workload, config, enc_inputs, targets) -> list:
     return workload_requests(w, config, warm, [targets[0]] * len(warm))
 
 
-def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[float, int, dict]:
-    from encdec_cli.engine import Engine
+def prefix_inputs(w: Workload) -> tuple[list, list[int], list[bool]]:
+    """W6's windows in submission order: (waveforms, output lengths, whether the window falls
+    back). Distinct windows: 30 s noise (torch seed 0, x 0.1) with W1's output lengths
+    (rng(0).integers(16, 193)); copies (a new array with the same samples, as a copied file would
+    give) of distinct ones picked by rng(4), shuffled in among them; the falling-back windows, also
+    from rng(4), a share of the distinct ones (a copy falls back with its original)."""
+    n = w.requests
+    n_unique = n - int(round(n * W6_DUPLICATES))
+    g = torch.Generator().manual_seed(0)
+    unique = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(n_unique)]
+    lengths = np.random.default_rng(0).integers(16, 193, n_unique)
+    rng = np.random.default_rng(4)
+    source = np.concatenate(
+        [np.arange(n_unique), rng.choice(n_unique, n - n_unique, replace=n - n_unique > n_unique)]
+    )
+    rng.shuffle(source)
+    falls = set(rng.choice(n_unique, int(round(n_unique * W6_FALLBACK)), replace=False).tolist())
+    return [unique[s].copy() for s in source], [int(lengths[s]) for s in source], [s in falls for s in source]
 
+
+def run_prefix(engine, config, waves, targets, falls) -> tuple[float, int]:
+    """One timed W6 run: every window greedy; when a falling-back window's result arrives, its
+    W6_BEST_OF sampled candidates are submitted (the same waveform again, seeded per candidate).
+    Fixed output lengths, so the cache on and off do the same decoding work. (wall s, tokens)."""
+    from encdec_cli.engine import Request, SamplingParams
+
+    eos, start = config.eos_token_id, [config.decoder_start_token_id]
+
+    def params(t: int, **kw) -> SamplingParams:
+        return SamplingParams(max_new_tokens=t, min_new_tokens=t, stop_token_ids=(eos,), **kw)
+
+    greedy = {t: params(t) for t in set(targets)}
+    pending = deque(Request(x, start, greedy[t], (i, -1)) for i, (x, t) in enumerate(zip(waves, targets)))
+    outstanding = 0
+
+    def source():
+        nonlocal outstanding
+        while pending or outstanding:
+            if pending:
+                outstanding += 1
+                yield pending.popleft()
+            else:
+                yield None  # the fallbacks of windows still running come later
+
+    tokens = 0
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    for r in engine.generate(source()):
+        outstanding -= 1
+        if r.error:
+            raise RuntimeError(f"W6 request {r.request_id} failed: {r.error}")
+        tokens += len(r.token_ids)
+        i, k = r.request_id
+        if k < 0 and falls[i]:
+            for c in range(W6_BEST_OF):
+                p = params(targets[i], temperature=W6_TEMPERATURE, seed=i * W6_BEST_OF + c)
+                pending.append(Request(waves[i], start, p, (i, c)))
+    sync()
+    return time.perf_counter() - t0, tokens
+
+
+def run_prefix_workload(w: Workload, loaded, engine_cfg: dict) -> dict:
+    """W6 with the prefix cache off, then on, in one process (same weights, same engine settings)."""
+    from encdec_cli.engine import Engine, Request, SamplingParams
+
+    waves, targets, falls = prefix_inputs(w)
+    g = torch.Generator().manual_seed(1)  # warm-up windows that are not in the workload
+    warm_waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(4)]
+    cfg = {k: v for k, v in engine_cfg.items() if k not in ("profile", "prefix_cache")}
+    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(waves) * (1 + W6_BEST_OF))
+    res: dict = {"decodings": len(waves) + W6_BEST_OF * sum(falls), "fallback_windows": sum(falls)}
+    audio_s = 30.0 * len(waves)
+    for on in (False, True):
+        engine = Engine(loaded, prefix_cache=on, **cfg)
+        start, eos = [loaded.config.decoder_start_token_id], loaded.config.eos_token_id
+        warm = [  # greedy and sampled, so both paths are compiled before the timed run
+            Request(
+                x, start, SamplingParams(max_new_tokens=8, stop_token_ids=(eos,), temperature=t, seed=0), i
+            )
+            for i, (x, t) in enumerate(zip(warm_waves, (0.0, 0.0, W6_TEMPERATURE, W6_TEMPERATURE)))
+        ]
+        list(engine.generate(warm))
+        engine.reset_stats()
+        wall, tokens = run_prefix(engine, loaded.config, waves, targets, falls)
+        stats = engine.stats
+        info = _engine_info(engine, cfg["max_num_seqs"], stats)
+        name = "ours" if on else "cache_off"
+        res.update({name: audio_s / wall, f"{name}_wall_s": wall, f"{name}_output_tokens": tokens})
+        res["engine" if on else "engine_cache_off"] = info
+        if on:
+            res["prefix_cache"] = {
+                "hits": stats.prefix_cache_hits,
+                "misses": stats.prefix_cache_misses,
+                "evictions": stats.prefix_cache_evictions,
+                "prompt_tokens": stats.prefix_cache_prompt_tokens,
+                "encoder_seconds_saved": round(stats.encoder_seconds_saved, 3),
+            }
+        engine.close()  # its KV pool and graphs go before the next engine sizes its own
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    res["ratio"] = res["ours"] / res["cache_off"]
+    return res
+
+
+def _engine_info(engine, max_num_seqs: int, stats) -> dict:
+    return {
+        "max_num_seqs": max_num_seqs,
+        "num_blocks": engine.num_blocks,
+        "preemptions": stats.preemptions,
+        "graphs": engine.uses_cuda_graphs,
+        "steps": stats.steps,
+        "ahead_steps": stats.ahead_steps,
+        "absorb_cross": engine.absorbs_cross,
+        "prefix_cache": engine.prefix_caching,
+    }
+
+
+def _engine_cfg(w: Workload, engine_cfg: dict, n: int) -> dict:
     cfg = {k: v for k, v in engine_cfg.items() if k != "profile"}
     # never more sequence slots than the workload has sequences (W5: one): the engine sizes its CUDA
     # graphs and its cross-attention layout (runner.ABSORB_MIN_SEQS) by them
-    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(enc_inputs) * w.num_beams)
+    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), n * w.num_beams)
     if w.batch:  # TensorRT-LLM's shape: exactly this many sequences per step
         cfg["max_num_seqs"] = w.batch
-    engine = Engine(loaded, **cfg)
-    list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
+    return cfg
+
+
+def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True) -> tuple[float, list]:
+    """One timed run of the workload on ``engine`` (after an untimed warm-up batch): (wall s, results)."""
+    if warmup:
+        list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
     engine.reset_stats()  # count the timed run's steps only
     requests = workload_requests(w, loaded.config, enc_inputs, targets)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if engine.device.type == "cuda" else lambda: None
+    sync()
     t0 = time.perf_counter()
     out = list(engine.generate(requests))
-    torch.cuda.synchronize()
+    sync()
     wall = time.perf_counter() - t0
-    tokens = sum(len(r.token_ids) for r in out)
     errors = [r.error for r in out if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} requests failed, e.g. {errors[0]}")
+    return wall, out
+
+
+def _release(engine) -> None:
+    """The engine's CUDA graphs and KV pool go (``Engine.close``: also the model's layers' views of
+    the pool) before the next engine sizes its pool from the free memory. The caller drops its own
+    reference (``del``) right after; nothing else of the run (stats snapshots, results, drafters)
+    refers to the engine."""
+    engine.close()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def speculation_info(stats) -> dict:
+    """The speculative-decoding counters of a run (EngineStats) for the bench JSON."""
+    return {
+        "verify_steps": stats.verify_steps,
+        "draft_tokens": stats.draft_tokens,
+        "accepted_tokens": stats.accepted_tokens,
+        "acceptance_rate": stats.acceptance_rate,
+        "tokens_per_step": stats.tokens_per_step,
+    }
+
+
+def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[float, int, dict]:
+    from encdec_cli.engine import Engine
+
+    cfg = _engine_cfg(w, engine_cfg, len(enc_inputs))
+    engine = Engine(loaded, **cfg)
+    wall, out = _timed(w, engine, loaded, enc_inputs, targets)
+    tokens = sum(len(r.token_ids) for r in out)
     stats = engine.stats
     info = {
         "max_num_seqs": cfg["max_num_seqs"],
@@ -246,6 +544,8 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         "steps": stats.steps,
         "ahead_steps": stats.ahead_steps,
         "absorb_cross": engine.absorbs_cross,
+        "prefix_cache": engine.prefix_caching,
+        **(speculation_info(stats) if cfg.get("speculative") else {}),
     }
     if stats.stage_busy_seconds:  # pipeline parallel: each stage's compute seconds (not waiting)
         info["stage_busy_s"] = [round(b, 3) for b in stats.stage_busy_seconds]
@@ -253,10 +553,98 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         info["profile_s"] = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
-    engine.close()
+    _release(engine)
     del engine
-    torch.cuda.empty_cache()
     return wall, tokens, info
+
+
+def run_oracle_sweep(
+    w: Workload, loaded, enc_inputs, targets, engine_cfg: dict, alphas, ks, value
+) -> tuple[dict, tuple[float, int, dict]]:
+    """Speculative decoding with oracle drafts (synthetic: random weights agree with no real draft).
+
+    A plain run (look-ahead on, as ``run_ours``) records each request's greedy tokens and is the
+    reference speed; then, for each K, one engine verifies K oracle drafts a step (``OracleDrafter``:
+    the recorded continuation, each token wrong with probability 1 - alpha) and runs the workload
+    once per alpha. ``value(wall, tokens)``: the workload's metric. With ``profile`` in
+    ``engine_cfg``, every run is followed by a GPU-synchronised one whose per-phase seconds
+    (schedule / encode / draft / decode / sample) go into the JSON: where the time goes. Returns
+    (the sweep for the JSON, the plain run as ``run_ours`` returns it)."""
+    from encdec_cli.engine import Engine, OracleDrafter
+
+    # no prefix cache: every alpha repeats the plain run's inputs, which would then skip their encoder
+    # runs and look faster than speculation makes them
+    cfg = {**_engine_cfg(w, engine_cfg, len(enc_inputs)), "prefix_cache": False}
+    engine = Engine(loaded, **cfg)
+    wall, out = _timed(w, engine, loaded, enc_inputs, targets)
+    tokens = sum(len(r.token_ids) for r in out)
+    recorded = {r.request_id: r.token_ids for r in out}
+    stats = engine.stats
+    plain_info = {
+        "max_num_seqs": cfg["max_num_seqs"],
+        "num_blocks": engine.num_blocks,
+        "preemptions": stats.preemptions,
+        "graphs": engine.uses_cuda_graphs,
+        "steps": stats.steps,
+        "ahead_steps": stats.ahead_steps,
+        "absorb_cross": engine.absorbs_cross,
+    }
+    profile = bool(engine_cfg.get("profile"))
+
+    def phases(engine) -> dict:
+        """A second, GPU-synchronised run of the workload: seconds per step phase."""
+        engine.reset_stats(profile=True)
+        list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
+        out = {k: round(v, 3) for k, v in engine.stats.phase_seconds.items()}
+        engine.reset_stats(profile=False)
+        return out
+
+    if profile:
+        plain_info["profile_s"] = phases(engine)
+    _release(engine)
+    del engine
+    plain = value(wall, tokens)
+    vocab = loaded.model.vocab_size
+    runs = []
+    for k in ks:
+        engine = Engine(loaded, drafter=OracleDrafter(recorded, alphas[0], k, vocab), **cfg)
+        for i, alpha in enumerate(alphas):
+            drafter = OracleDrafter(recorded, alpha, k, vocab)
+            engine.set_drafter(drafter)
+            s_wall, s_out = _timed(w, engine, loaded, enc_inputs, targets, warmup=i == 0)
+            s_tokens = sum(len(r.token_ids) for r in s_out)
+            same = sum(r.token_ids == recorded[r.request_id] for r in s_out)
+            st = engine.stats
+            runs.append(
+                {
+                    "alpha": alpha,
+                    "k": k,
+                    "value": value(s_wall, s_tokens),
+                    "speedup": value(s_wall, s_tokens) / plain,
+                    "wall_s": s_wall,
+                    "steps": st.steps,
+                    **speculation_info(st),
+                    "off_track_proposals": drafter.off_track,
+                    # more steps than the plain run at alpha 0 mean fewer sequences a step: an
+                    # out-of-memory recovery lowered the engine's sequence limit, or preemptions
+                    "max_num_seqs_after": engine.max_num_seqs,
+                    "preemptions": st.preemptions,
+                    "outputs_equal_to_plain": same / len(s_out),
+                    **({"profile_s": phases(engine)} if profile else {}),
+                }
+            )
+        _release(engine)
+        del engine
+    sweep = {
+        "synthetic": True,
+        "draft": "oracle",
+        "adaptive_k": cfg.get("speculative_adaptive", True),  # K: the most drafts a step
+        "note": "random weights: drafts are the plain run's own greedy tokens, each replaced by a wrong "
+        "token with probability 1 - alpha (synthetic acceptance; real acceptance needs real weights)",
+        "plain": {"value": plain, "wall_s": wall, "steps": stats.steps, "ahead_steps": stats.ahead_steps},
+        "runs": runs,
+    }
+    return sweep, (wall, tokens, plain_info)
 
 
 class _FixedLength:
@@ -280,7 +668,7 @@ class _FixedLength:
 def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int]:
     from transformers import LogitsProcessorList, WhisperFeatureExtractor
 
-    cfg = hf.config
+    cfg = text_config(hf.config)
     dev = next(hf.parameters()).device
     fe = WhisperFeatureExtractor(feature_size=cfg.num_mel_bins) if w.model.startswith("whisper") else None
     tokens = 0
@@ -297,9 +685,18 @@ def run_hf(w: Workload, hf, enc_inputs, targets, batch: int) -> tuple[float, int
         )
         if w.num_beams > 1:
             kw.update(length_penalty=w.length_penalty, no_repeat_ngram_size=w.no_repeat_ngram_size)
+        if w.forced_bos is not None:
+            kw.update(forced_bos_token_id=w.forced_bos)
+        if w.model == "moonshine-base":  # equal-length clips: one [B, samples] batch, no padding
+            waves = torch.from_numpy(np.stack(xs)).to(dev, hf.dtype)
+            return hf.generate(input_values=waves, **kw)
         if fe is not None:
             feats = fe(xs, sampling_rate=16000, return_tensors="pt", device="cuda").input_features
             return hf.generate(input_features=feats.to(dev, hf.dtype), **kw)
+        if isinstance(xs[0], dict):  # Florence-2: images and prompts of one length
+            pixels = torch.stack([x["pixel_values"] for x in xs]).to(dev, hf.dtype)
+            ids = torch.tensor([x["input_ids"] for x in xs], device=dev)
+            return hf.generate(input_ids=ids, pixel_values=pixels, **kw)
         n = max(len(x) for x in xs)
         ids = torch.full((len(xs), n), cfg.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(xs), n), dtype=torch.long)
@@ -369,18 +766,31 @@ def floors(
     ``counts``: {parameter: elements} taken before a pipeline-parallel run dropped other stages' layers.
     """
     counts = counts or {n: p.numel() for n, p in model.named_parameters()}
+    florence = w.model.startswith("florence")
+    if florence:  # the BART encoder only: the vision tower's work is left out (still a lower bound)
+        counts = {
+            n.removeprefix("language_model."): c for n, c in counts.items() if n.startswith("language_model.")
+        }
     dec_bytes = 2 * sum(c for n, c in counts.items() if not n.startswith("encoder"))
     enc_params = sum(c for n, c in counts.items() if n.startswith("encoder"))
     spec = model.cache_spec
     kv_token = 2 * spec.num_layers * spec.num_heads * spec.head_dim * 2  # K+V of one token, all layers
     cross_row = spec.num_layers * model.d_model * 2 if absorbed else kv_token  # per encoder position
-    enc_lens = [N_AUDIO_CTX if w.model.startswith("whisper") else len(x) for x in enc_inputs]
+    if w.model.startswith("whisper"):
+        enc_lens = [N_AUDIO_CTX] * len(enc_inputs)
+    elif w.model == "moonshine-base":
+        from encdec_models.moonshine import encoder_frames
+
+        enc_lens = [encoder_frames(len(x)) for x in enc_inputs]
+    else:
+        enc_lens = [len(x["input_ids"]) if florence else len(x) for x in enc_inputs]
     seqs = len(targets) * w.num_beams
     steps = int(np.ceil(seqs / max_num_seqs)) * int(np.mean(targets))
     cache_bytes = sum(w.num_beams * t * (cross_row * e + kv_token * t / 2) for e, t in zip(enc_lens, targets))
     decode_s = (steps * dec_bytes + cache_bytes) / rates["copy_bytes_per_s"]
     d = spec.num_heads * spec.head_dim
-    layers = len(model.encoder.layers) if hasattr(model, "encoder") else 0
+    encoder = model.language_model.encoder if florence else getattr(model, "encoder", None)
+    layers = len(encoder.layers) if encoder is not None else 0
     enc_flops = sum(2 * enc_params * e + 4 * e * e * d * layers for e in enc_lens)
     encoder_s = enc_flops / rates["bf16_flop_per_s"]
     return {
@@ -398,20 +808,37 @@ def run_workload(
     engine_cfg: dict,
     scale: float = 1.0,
     rates: dict | None = None,
+    oracle: tuple[tuple[float, ...], tuple[int, ...]] | None = None,
 ) -> dict:
-    """One workload, ours and (``baseline``) transformers; ``rates``: ``device_rates()`` of this run."""
+    """One workload, ours and (``baseline``) transformers; ``rates``: ``device_rates()`` of this run.
+    ``oracle`` (alphas, Ks): also the speculative sweep of ``run_oracle_sweep`` (its plain run is
+    ours)."""
     w = WORKLOADS[wid]
     if scale != 1.0:
         w = Workload(**{**asdict(w), "requests": max(1, int(w.requests * scale))})
     dev, dtype = "cuda", torch.bfloat16
+    if w.id == "W6":  # the prefix cache on vs off: no transformers baseline, no floor
+        _, loaded = build_models(w, dev, dtype, with_hf=False)
+        res = {"workload": wid, "model": w.model, "requests": w.requests, "num_beams": 1}
+        return {**res, **run_prefix_workload(w, loaded, engine_cfg), "metric": w.metric}
     enc_inputs, targets = inputs_for(w)
     hf, loaded = build_models(w, dev, dtype, with_hf=baseline)
+    audio_s = AUDIO_SECONDS.get(w.model, 30.0) * w.requests
+
+    def metric_of(wall: float, tokens: int) -> float:
+        return audio_s / wall if w.metric == "RTFx" else tokens / wall
+
     counts = {n: p.numel() for n, p in loaded.model.named_parameters()}  # before stages drop layers
-    ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
+    sweep = None
+    if oracle is not None:
+        sweep, (ours_wall, ours_tokens, info) = run_oracle_sweep(
+            w, loaded, enc_inputs, targets, engine_cfg, *oracle, metric_of
+        )
+    else:
+        ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
     rates = rates or device_rates()
     seqs, absorbed = info["max_num_seqs"], info["absorb_cross"]
     fl = floors(w, loaded.model, enc_inputs, targets, seqs, absorbed, rates, counts)
-    audio_s = 30.0 * w.requests
     res = {
         "workload": wid,
         "model": w.model,
@@ -423,7 +850,9 @@ def run_workload(
         **fl,
         "floor_fraction": fl["floor_s"] / ours_wall,
     }
-    res["ours"] = audio_s / ours_wall if w.metric == "RTFx" else ours_tokens / ours_wall
+    res["ours"] = metric_of(ours_wall, ours_tokens)
+    if sweep is not None:
+        res["speculative"] = sweep
     if baseline:
         del loaded
         torch.cuda.empty_cache()

@@ -37,6 +37,7 @@ class JobProgress:
     ):
         self.console = Console(stderr=True)
         self.name, self.total, self.quiet, self.unit, self.items = name, total, quiet, unit, items
+        self.approximate = False  # ``total`` is an estimate (see estimate_total)
         self.files = 0  # items finished: done, failed or skipped
         self.skipped = 0  # of those, skipped (done in an earlier run)
         self.amount = 0.0  # work done
@@ -75,6 +76,13 @@ class JobProgress:
             self.planned_items += started
             self._refresh()
 
+    def estimate_total(self, total: int) -> None:
+        """An estimate of the number of items, where it is not known up front (lines of a text
+        file): shown as ``~N`` and used for the ETA; never below the items already finished."""
+        with self._lock:
+            if self.total is None:
+                self.total, self.approximate = max(total, self.files), True
+
     def skip(self, files: int = 1) -> None:
         """``files`` items finished in an earlier run: no work, and no part of the ETA."""
         with self._lock:
@@ -84,7 +92,7 @@ class JobProgress:
 
     def fraction(self) -> float | None:
         """The estimated fraction of the job done, None while it cannot be estimated."""
-        total = None if self.total is None else self.total - self.skipped
+        total = None if self.total is None else max(self.total, self.files) - self.skipped
         if self.planned_items:
             unread = None if total is None else max(total - self.planned_items, 0)
             if unread is None:
@@ -100,7 +108,7 @@ class JobProgress:
         frac = self.fraction()
         eta = None if not frac else wall * (1 - frac) / frac
         parts = [
-            f"{self.files}/{'?' if self.total is None else self.total} {self.items}",
+            f"{self.files}/{self._total_text()} {self.items}",
             f"ETA {'?' if eta is None else _clock(eta)}",
         ]
         if self.unit == "audio s":
@@ -110,6 +118,11 @@ class JobProgress:
             parts.append(f"{self.amount:,.0f} {self.unit} ({self.amount / wall:,.0f}/s)")
         parts.append(f"{_clock(wall)} elapsed")
         return ", ".join(parts)
+
+    def _total_text(self) -> str:
+        if self.total is None:
+            return "?"
+        return f"~{max(self.total, self.files)}" if self.approximate else str(self.total)
 
     def _refresh(self) -> None:
         if self.quiet:

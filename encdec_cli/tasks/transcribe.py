@@ -38,6 +38,7 @@ from encdec_cli.engine import Engine, Request, Result
 from encdec_cli.io.audio import load_audio
 from encdec_cli.io.inputs import AudioItem, read_windows
 from encdec_cli.io.records import Segment, Transcript
+from encdec_cli.tasks.vad import Chunk, VoiceActivity
 from encdec_cli.tasks.whisper_rules import (
     TranscribeOptions,
     WhisperPrompts,
@@ -64,6 +65,11 @@ LEADING_SILENCE_FRAMES = 500  # a window starting with >= 5 s of such silence st
 SILENCE_MARGIN_FRAMES = 50  # ... 0.5 s before the sound (the first timestamp must be <= 1 s in)
 
 
+def engine_window(max_num_seqs: int) -> int:
+    """``EngineConfig.window`` for transcription: twice the batch keeps it full as audio decodes."""
+    return max(2 * max_num_seqs, 16)
+
+
 def frame_rms(audio: np.ndarray) -> np.ndarray:
     """[ceil(samples / HOP_LENGTH)] RMS of each mel frame's 10 ms of audio."""
     pad = -len(audio) % HOP_LENGTH
@@ -85,6 +91,7 @@ class _File:
     duration: float = 0.0  # seconds read so far
     read: float = 0.0  # seconds of audio reported read (progress)
     transcribed: float = 0.0  # seconds of audio reported transcribed (progress)
+    chunks: dict[int, Chunk] = field(default_factory=dict)  # --vad: each chunk's speech regions
 
 
 @dataclass(eq=False)
@@ -137,6 +144,7 @@ class Transcriber:
         self.engine = engine
         self.opts = opts or TranscribeOptions()
         self.prompts = WhisperPrompts(engine, self.opts)
+        self.opts = self.prompts.opts  # timestamps off for a model without timestamp tokens
         self.tokenizer = engine.tokenizer
         self.sequential = self.opts.long_form == "sequential"
         self.n_mels = getattr(engine.model, "n_mels", 80)
@@ -146,6 +154,8 @@ class Transcriber:
         self.want_no_speech = self.opts.no_speech_threshold is not None
         self.probe_apart = self.opts.beam_size > 1 and bool(self.prompts.task_tokens("en"))
         self.aligner = WordAligner(engine) if self.opts.word_timestamps else None
+        vad = self.opts.vad
+        self.vad = None if vad is None or self.sequential else VoiceActivity(vad, engine.device)
 
     def run(
         self,
@@ -199,6 +209,18 @@ class Transcriber:
                         raise ValueError(f"{item.name} contains no audio")
                     if not put(("file", n, item, file_log_mel(audio, self.n_mels), frame_rms(audio))):
                         return
+                    continue
+                if self.vad is not None:  # windows of speech regions only
+                    done_to = 0  # file samples accounted for (decoded or skipped as non-speech)
+                    for chunk, audio in self.vad.stream(read_windows(item)):
+                        skipped = (chunk.end - done_to - chunk.samples) / SAMPLE_RATE
+                        if not put(("window", n, item, count, chunk.start, audio, chunk, skipped)):
+                            return
+                        count, done_to = count + 1, chunk.end
+                    if self.vad.samples_read == 0:
+                        raise ValueError(f"{item.name} contains no audio")
+                    length = self.vad.samples_read
+                    put(("end", n, item, count, (length - done_to) / SAMPLE_RATE, length / SAMPLE_RATE))
                     continue
                 for start, audio in read_windows(item):
                     if not put(("window", n, item, count, start, audio)):
@@ -254,6 +276,9 @@ class Transcriber:
             self._maybe_finish(f)
         elif kind == "end":
             f.n_chunks = msg[3]
+            if len(msg) > 4:  # --vad: the silence after the last chunk, the file's length
+                f.duration = msg[5]
+                self._progress(f, read=msg[4], transcribed=msg[4])
             self._maybe_finish(f)
         elif kind == "file":  # sequential: the whole file's spectrogram is one stream
             mel, rms = msg[3], msg[4]
@@ -262,8 +287,14 @@ class Transcriber:
             self._arrived(f, 0, 0, (mel, rms))
         else:
             idx, start, audio = msg[3], msg[4], msg[5]
-            f.duration = max(f.duration, (start + len(audio)) / SAMPLE_RATE)
-            self._progress(f, read=len(audio) / SAMPLE_RATE)
+            if len(msg) > 6:  # --vad: speech regions joined; the silence before them is done
+                chunk, skipped = msg[6], msg[7]
+                f.chunks[idx] = chunk
+                f.duration = max(f.duration, chunk.end / SAMPLE_RATE)
+                self._progress(f, read=len(audio) / SAMPLE_RATE + skipped, transcribed=skipped)
+            else:
+                f.duration = max(f.duration, (start + len(audio)) / SAMPLE_RATE)
+                self._progress(f, read=len(audio) / SAMPLE_RATE)
             self._arrived(f, idx, start, audio)
 
     def _progress(self, f: _File, read: float = 0.0, transcribed: float = 0.0, started: int = 0) -> None:
@@ -484,12 +515,25 @@ class Transcriber:
             self._progress(f, read=-(f.read - f.transcribed))  # planned work that will not be done
             self.on_done(f.item, None, f.error)
             return
+        for i, chunk in f.chunks.items():  # --vad: times in joined speech -> times in the file
+            _to_file_times(f.done[i], chunk, chunk.start / SAMPLE_RATE)
         segments = [s for i in range(f.n_chunks) for s in f.done[i]]
         for i, s in enumerate(segments):
             s.id = i
         language = f.language or ("en" if not self.prompts.multilingual else "")
         text = "".join(s.text for s in segments)
         self.on_done(f.item, Transcript(text, segments, language, f.duration, list(f.item.warnings)), None)
+
+
+def _to_file_times(segments: list[Segment], chunk: Chunk, offset: float) -> None:
+    """Segment and word times of a --vad chunk (``offset`` + seconds into its joined speech) moved
+    onto the file's timeline."""
+    for s in segments:
+        s.start = round(chunk.to_file(s.start - offset), 3)
+        s.end = round(chunk.to_file(s.end - offset, end=True), 3)
+        for w in s.words or ():
+            w.start = round(chunk.to_file(w.start - offset), 3)
+            w.end = round(chunk.to_file(w.end - offset, end=True), 3)
 
 
 __all__ = ["Transcriber", "TranscribeOptions", "WhisperPrompts"]

@@ -1,6 +1,8 @@
 """The ``encdec transcribe`` job: inputs -> audio items, transcripts -> files, manifest, progress.
 
-Inputs are planned into named items by ``encdec_cli.io.inputs``.
+Inputs are planned into named items by ``encdec_cli.io.inputs``. The transcripts go to a folder
+(files per input, a manifest), to stdout (JSON Lines) or to one Parquet table (``-o x.parquet``:
+a row per input, in input order, through the resumable table sink of ``encdec_cli.io.tables``).
 
 A stop signal (Ctrl-C, SIGTERM) never cuts an item's outputs or its manifest line in half: the
 item being recorded is finished, the summary printed, and the exit status is 130 or 143. Exit
@@ -10,28 +12,55 @@ now) or an input folder held no audio (usage errors are 2, from the CLI).
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
 from rich.markup import escape
 
 from encdec_cli.engine import Engine
 from encdec_cli.errors import UsageError
 from encdec_cli.io.inputs import AudioItem, Namer, check_inputs, count_files, plan_inputs
-from encdec_cli.io.manifest import Manifest
-from encdec_cli.io.records import Transcript, json_line
+from encdec_cli.io.manifest import Manifest, file_key, fold_rank_manifests
+from encdec_cli.io.records import TRANSCRIPT_COLUMNS, Transcript, json_line
 from encdec_cli.io.subtitles import FORMATS, write_transcript
+from encdec_cli.io.tables import RowIdSet, SinkOptions, TableSink, open_sink
+from encdec_cli.tasks import summary
+from encdec_cli.tasks.data_parallel import DataParallel
+from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import FILES, JobOutcome, stage_busy_note
+from encdec_cli.tasks.outcome import FILES, JobOutcome, prefix_cache_details, stage_busy_note
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber
+from encdec_cli.tasks.transcribe_chunks import ChunkTranscriber
+
+
+def transcriber_for(engine: Engine, opts: TranscribeOptions):
+    """The front end and decoding rules the model folder asks for: Whisper's (log-mel windows,
+    timestamp tokens, fallback) or chunk-timed raw-waveform decoding (Moonshine)."""
+    if engine.loaded.architecture == "WhisperForConditionalGeneration":
+        return Transcriber(engine, opts)
+    return ChunkTranscriber(engine, opts)
+
+
+TABLE_OUTPUTS = (".parquet", ".pq")  # -o with these writes one table, not a folder
+# The table output's columns before the transcript's (TRANSCRIPT_COLUMNS) and "error".
+ITEM_SCHEMA = pa.schema([("input", pa.string()), ("row", pa.int64()), ("name", pa.string())])
+
+
+def is_table_output(output: str) -> bool:
+    return Path(output).suffix.lower() in TABLE_OUTPUTS
 
 
 def check_output(output: str, formats: list[str]) -> None:
-    """``-o -`` prints JSON records: another format asked for (``-f srt``) is a usage error.
-    ``formats``: from ``resolve_formats``."""
+    """``-o -`` prints JSON records and ``-o x.parquet`` writes a table: another format asked for
+    (``-f srt``) is a usage error. ``formats``: from ``resolve_formats``."""
+    if is_table_output(output) and formats != list(FORMATS):
+        raise UsageError(f"-o {output} writes one Parquet table of transcripts; -f applies to -o FOLDER")
     if output == "-" and formats not in (["json"], list(FORMATS)):
         other = ", ".join(f for f in formats if f != "json")
         raise UsageError(f"-o - prints JSON Lines records, not {other}: pass -o FOLDER for {other} files")
@@ -55,8 +84,44 @@ class _Printer:
         sys.stdout.flush()
 
 
+@dataclass(frozen=True)
+class TranscribeWork:
+    """The transcribe job's side in a data-parallel rank: audio items in (each its own unit; the rank
+    decodes the audio), (transcript, error) out, and the Transcriber's progress."""
+
+    opts: TranscribeOptions
+
+    def serve(self, engine: Engine, feed, result, progress) -> None:
+        def items() -> Iterator[AudioItem]:
+            for unit, item in feed:
+                item.index = unit
+                yield item
+
+        transcriber_for(engine, self.opts).run(
+            items(),
+            lambda item, transcript, error: result(item.index, (transcript, error), True),
+            on_audio=lambda *amounts: progress(amounts),
+        )
+
+
+def _open_table_output(
+    output: str, inputs: list[str], opts: TranscribeOptions, model: str, overwrite: bool
+) -> TableSink:
+    """The Parquet output: a row per item (its row id: the item's place in the input order), the
+    transcript's columns, resumable; a job with other inputs or options does not mix into it."""
+    key = json.dumps([[file_key(i) if i != "-" else "-" for i in inputs], repr(opts), model])
+    options = SinkOptions(
+        result_columns=list(TRANSCRIPT_COLUMNS),
+        input_schema=ITEM_SCHEMA,
+        result_types=TRANSCRIPT_COLUMNS,
+        job_key=key,
+        resume="-" not in inputs and not overwrite,  # a list on stdin cannot be told apart
+    )
+    return open_sink(output, "parquet", options)
+
+
 def run_transcribe(
-    engine: Engine,
+    engine: Engine | DataParallel,
     inputs: list[str],
     output: str,
     formats: list[str],
@@ -67,36 +132,75 @@ def run_transcribe(
     quiet: bool = False,
     id_column: str | None = None,
     ordered: bool = False,
+    dist: Distributed | None = None,
 ) -> int:
-    """Transcribe every input into ``output``; the exit status. The caller has checked the inputs
+    """Transcribe every input into ``output``; the exit status. ``engine`` is one engine, or the ranks
+    of a data-parallel job (each item then runs on some rank; everything else happens here, as with
+    one engine). The caller has checked the inputs
     (``check_inputs``) and the output (``check_output``) once and resolved ``formats``
-    (``resolve_formats``), as the CLI does before the model loads."""
+    (``resolve_formats``), as the CLI does before the model loads.
+
+    Under torchrun (``dist``), this rank plans every input (the same names on every rank) and runs
+    its share of them (``encdec_cli.tasks.distributed``); the exit status is the whole job's."""
     to_stdout = output == "-"
-    manifest = None if to_stdout else Manifest.in_dir(output)
+    if dist is not None:
+        if to_stdout:
+            raise UsageError("-o - under torchrun: every rank would print; pass -o FOLDER")
+        if is_table_output(output):
+            raise UsageError(
+                "a table output (-o X.parquet) under torchrun is not supported yet; pass -o FOLDER"
+            )
+        dist.start()
+    table = None
+    done_rows = failed_rows = RowIdSet()  # the table output's rows of an earlier run
+    if is_table_output(output):
+        model = engine.spec.path if isinstance(engine, DataParallel) else str(engine.loaded.path)
+        table = _open_table_output(output, inputs, opts, model, overwrite)
+        done_rows, failed_rows = table.done_row_ids(), table.failed_row_ids()
+    manifest = (
+        None
+        if to_stdout or table is not None
+        else Manifest.in_dir(output, rank=None if dist is None else dist.rank)
+    )
+    if retry_failed:
+        done_rows = done_rows.difference(failed_rows)
+    if dist is not None:
+        dist.barrier()  # every rank has read the manifests before any rank writes
     notes: list[str] = []  # inputs that matched nothing
     planned = plan_inputs(inputs, audio_column, id_column, Namer(manifest, output), notes)
     printer = _Printer(ordered) if to_stdout else None
-    progress = JobProgress("transcribe", count_files(inputs), quiet=quiet, unit="audio s", items="files")
+    total = count_files(inputs)
+    if dist is not None:  # rank 0 shows its own share's progress, the summary the whole job's
+        quiet = quiet or dist.rank != 0
+        total = None if total is None else len(range(dist.rank, total, dist.world))
+    progress = JobProgress("transcribe", total, quiet=quiet, unit="audio s", items="files")
     failed: list[tuple[str, str]] = []
     warned: list[tuple[str, str]] = []
     written, written_s, skipped, failed_before = 0, 0.0, 0, 0  # failed_before: skipped, failed earlier
 
+    planned_count = 0
+
     def items() -> Iterator[AudioItem]:
-        nonlocal skipped, failed_before
+        nonlocal skipped, failed_before, planned_count
         seen: set[str] = set()
-        index = 0
         for item in planned:
             if item.key in seen:  # the same file named twice (a folder and a file in it)
                 continue
             seen.add(item.key)
+            item.index, planned_count = planned_count, planned_count + 1  # its place in input order
+            if dist is not None and not dist.owns(len(seen) - 1):  # another rank's
+                continue
             if manifest is not None and not overwrite:
                 failed_earlier = manifest.failed(item.key) and not retry_failed
-                if manifest.is_done(item.key) or failed_earlier:
-                    skipped += 1
-                    failed_before += bool(failed_earlier)
-                    progress.skip()
-                    continue
-            item.index, index = index, index + 1
+                done = manifest.is_done(item.key)
+            else:
+                failed_earlier = item.index in failed_rows and not retry_failed
+                done = item.index in done_rows
+            if done or failed_earlier:
+                skipped += 1
+                failed_before += bool(failed_earlier)
+                progress.skip()
+                continue
             yield item
 
     def on_done(item: AudioItem, transcript: Transcript | None, error: str | None) -> None:
@@ -108,6 +212,8 @@ def run_transcribe(
                 try:
                     if printer is not None:
                         printer.put(item.index, {**record, **transcript.to_json_dict(), "error": None})
+                    elif table is not None:
+                        table.write(item.index, {**record, "name": item.name}, transcript.to_columns())
                     else:
                         paths = write_transcript(transcript, Path(output) / item.name, formats)
                         manifest.record_ok(item.key, paths, transcript.warnings)
@@ -123,6 +229,8 @@ def run_transcribe(
                 progress.log(f"[red]error[/red] {escape(where)}: {escape(error)}")
                 if printer is not None:
                     printer.put(item.index, {**record, "text": None, "error": error})
+                elif table is not None:
+                    table.write(item.index, {**record, "name": item.name}, error=error)
                 else:
                     manifest.record_error(item.key, error)
             progress.advance(files=1)
@@ -132,11 +240,25 @@ def run_transcribe(
 
     start = time.perf_counter()
     interrupted = False
+    report = None  # the ranks' report (data parallel)
     guard = InterruptGuard()
     with guard.installed():
         try:
             with progress:
-                Transcriber(engine, opts).run(items(), on_done, on_audio=on_audio)
+                if isinstance(engine, DataParallel):
+                    report = engine.run(
+                        TranscribeWork(opts),
+                        items(),
+                        on_result=lambda item, value: on_done(item, *value),
+                        on_failed=lambda item, message: on_done(item, None, message),
+                        on_progress=lambda amounts: on_audio(*amounts),
+                    )
+                else:
+                    transcriber_for(engine, opts).run(items(), on_done, on_audio=on_audio)
+            if table is not None:  # (a finished job with nothing redone keeps its output)
+                finished = table.finished and done_rows == table.done_row_ids()
+                with guard.protect():
+                    table.finalize(expected_rows=None if finished else planned_count)
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -145,6 +267,8 @@ def run_transcribe(
                 printer.close()
             if manifest is not None:
                 manifest.close()
+            if table is not None:
+                table.close()
     outcome = JobOutcome(
         "transcribe",
         FILES,
@@ -159,9 +283,25 @@ def run_transcribe(
         failures=failed,
         warnings=warned,
         notes=notes,
-        details=stage_busy_note(engine.stats),
+        details=[]
+        if isinstance(engine, DataParallel)
+        else prefix_cache_details(engine.stats)
+        + ([line] if (line := engine.stats.speculation_summary()) else [])
+        + stage_busy_note(engine.stats),
+        faults=report.notes() if report is not None else [],
     )
+    if dist is not None:
+        if interrupted:  # this rank stops alone (torchrun stops the others): its own summary
+            dist.stop()
+        else:
+            outcome = JobOutcome.combined(dist.gather(outcome))
+            if dist.rank == 0 and manifest is not None:
+                fold_rank_manifests(output)  # every rank is done writing: one manifest again
+            dist.stop()
+            if dist.rank != 0:  # rank 0 says how the job went (its summary, its status)
+                return 0
     progress.summary(outcome.summary())
+    summary.record(outcome, engine)
     return outcome.exit_code()
 
 

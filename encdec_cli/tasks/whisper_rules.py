@@ -4,13 +4,18 @@ no-speech skipping (openai-whisper ``transcribe``/``decoding``)."""
 
 from __future__ import annotations
 
+import re
 import zlib
 from dataclasses import dataclass, replace
 
 from encdec_cli.engine import SamplingParams, TimestampRules
+from encdec_cli.tasks.vad import VadOptions
 from encdec_models.audio import FRAMES_PER_SECOND, INPUT_STRIDE, TIME_PRECISION
 
 DEFAULT_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's fallback schedule
+N_TIMESTAMPS = 1501  # <|0.00|> .. <|30.00|>
+MULTILINGUAL_EOT = 50257  # <|endoftext|> of multilingual tokenizers (English-only: 50256)
+_LANGUAGE_TOKEN = re.compile(r"<\|[a-z]{2,3}\|>")
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,7 @@ class TranscribeOptions:
     max_initial_timestamp: float | None = 1.0  # seconds; the first timestamp is at most this
     seed: int = 0  # base seed of the sampling fallbacks (each window and attempt derive their own)
     word_timestamps: bool = False  # word times from cross-attention alignment heads (DTW)
+    vad: VadOptions | None = None  # chunked: windows from Silero VAD's speech regions (tasks/vad.py)
 
     def __post_init__(self):
         if self.task not in ("transcribe", "translate"):
@@ -46,6 +52,8 @@ class TranscribeOptions:
             raise ValueError(f"--long-form must be chunked or sequential, got {self.long_form!r}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.vad is not None and self.long_form != "chunked":
+            raise ValueError("--vad builds the windows of --long-form chunked; drop --vad or --long-form")
         if self.no_speech_threshold is not None and not 0 <= self.no_speech_threshold <= 1:
             raise ValueError(f"--no-speech-threshold must be in [0, 1], got {self.no_speech_threshold}")
 
@@ -58,8 +66,9 @@ class WhisperVocab:
     eot: int  # <|endoftext|>; text tokens are the ids below it
     sot_prev: int  # <|startofprev|>: previous text follows
     no_speech: int  # <|nospeech|> (<|nocaptions|> in English-only models)
-    no_timestamps: int  # <|notimestamps|>
+    no_timestamps: int | None  # <|notimestamps|> (None: a fine-tune without it)
     timestamp_begin: int  # <|0.00|>; every id from here is a timestamp (0.02 s apart)
+    timestamps: bool  # the model has the 1501 timestamp tokens (fine-tunes may drop them)
     multilingual: bool
     lang_ids: dict[str, int]  # "en" -> <|en|>
     task_ids: dict[str, int | None]  # "transcribe"/"translate" -> id
@@ -68,23 +77,37 @@ class WhisperVocab:
     def from_engine(cls, engine) -> WhisperVocab:
         tok, gen = engine.tokenizer, engine.loaded.generation_config
         vocab = tok.get_vocab()
-        no_ts = vocab["<|notimestamps|>"]
+        no_ts = vocab.get("<|notimestamps|>")
+        after_specials = vocab["<|startoftranscript|>"] + 1 if no_ts is None else no_ts + 1
+        # multilingual: the config says so, or the tokenizer's text vocabulary is the multilingual one
+        # (<|endoftext|> at 50257, not 50256); a fine-tune's changed vocabulary size cannot tell
         multilingual = bool(
-            getattr(gen, "is_multilingual", False)
-            or "<|translate|>" in vocab
-            and engine.model.vocab_size >= 51865
+            getattr(gen, "is_multilingual", False) or vocab["<|endoftext|>"] >= MULTILINGUAL_EOT
         )
+        lang_ids = _language_ids(gen, vocab) if multilingual else {}
         return cls(
             sot=vocab["<|startoftranscript|>"],
             eot=vocab["<|endoftext|>"],
-            sot_prev=vocab.get("<|startofprev|>", no_ts - 2),
-            no_speech=vocab.get("<|nospeech|>", vocab.get("<|nocaptions|>", no_ts - 1)),
+            sot_prev=vocab.get("<|startofprev|>", after_specials - 3),
+            no_speech=vocab.get("<|nospeech|>", vocab.get("<|nocaptions|>", after_specials - 2)),
             no_timestamps=no_ts,
-            timestamp_begin=no_ts + 1,  # the timestamp tokens' text is missing from some tokenizer.json
+            timestamp_begin=after_specials,  # the timestamp tokens' text is missing from some tokenizer.json
+            # <|0.00|> .. <|30.00|>: a fine-tune whose vocabulary stops short has none
+            timestamps=no_ts is not None and engine.model.vocab_size >= after_specials + N_TIMESTAMPS,
             multilingual=multilingual,
-            lang_ids={t[2:-2]: i for t, i in (getattr(gen, "lang_to_id", None) or {}).items()},
+            lang_ids=lang_ids,
             task_ids={"transcribe": vocab.get("<|transcribe|>"), "translate": vocab.get("<|translate|>")},
         )
+
+
+def _language_ids(gen, vocab: dict[str, int]) -> dict[str, int]:
+    """ "en" -> <|en|>: from the generation config, else (a fine-tune whose config lacks it) the
+    tokenizer's language tokens, the ones between <|startoftranscript|> and <|translate|>."""
+    found = getattr(gen, "lang_to_id", None)
+    if found:
+        return {t[2:-2]: i for t, i in found.items()}
+    lo, hi = vocab["<|startoftranscript|>"], vocab.get("<|translate|>", -1)
+    return {t[2:-2]: i for t, i in vocab.items() if lo < i < hi and _LANGUAGE_TOKEN.fullmatch(t)}
 
 
 class WhisperPrompts:
@@ -101,6 +124,8 @@ class WhisperPrompts:
         self.sot, self.eot, self.no_timestamps = v.sot, v.eot, v.no_timestamps
         self.multilingual, self.lang_ids, self.task_ids = v.multilingual, v.lang_ids, v.task_ids
         self.tokenizer = engine.tokenizer
+        if opts.timestamps and not v.timestamps:  # segments are then timed by their windows
+            opts = replace(opts, timestamps=False)
         self.opts = opts
         if opts.language is not None:
             if not self.multilingual and opts.language != "en":
@@ -144,7 +169,7 @@ class WhisperPrompts:
     def task_tokens(self, language: str | None) -> list[int]:
         """The tokens after <|startoftranscript|>: language and task (multilingual), <|notimestamps|>."""
         out = [self.lang_ids[language or "en"], self.task_ids[self.opts.task]] if self.multilingual else []
-        return out if self.opts.timestamps else out + [self.no_timestamps]
+        return out if self.opts.timestamps or self.no_timestamps is None else out + [self.no_timestamps]
 
     def sot_sequence(self, language: str | None) -> list[int]:
         """<|startoftranscript|> and, on multilingual models, the language and task tokens."""

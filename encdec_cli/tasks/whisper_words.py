@@ -2,7 +2,9 @@
 
 The engine's attention kernels return no attention weights, so each window's final text tokens
 are run once more, teacher-forced, through the model's plain-PyTorch decoder pass
-(``Whisper.teacher_forced``) that keeps the cross-attention of the model's alignment heads. Per
+(``Whisper.teacher_forced``) that keeps the cross-attention of the model's alignment heads. The
+window's encoder output comes from the engine's prefix cache when it is still there (absorbed
+cross-attention, the GPU default for Whisper), else from one more encoder run. Per
 window: softmax of the heads' cross-attention logits over the real audio frames, normalised over
 tokens, median filtered along time, averaged over heads; dynamic time warping then maps tokens to
 encoder frames (20 ms each), and the token boundaries of each word give its start and end.
@@ -104,10 +106,14 @@ class WordAligner:
     """Teacher-forced decoder passes that keep the alignment heads' cross-attention."""
 
     def __init__(self, engine):
+        self.engine = engine
         self.model = engine.model
         self.tokenizer = engine.tokenizer
         self.eot = engine.tokenizer.get_vocab()["<|endoftext|>"]
-        self.no_timestamps = engine.tokenizer.get_vocab()["<|notimestamps|>"]
+        self.no_timestamps = engine.tokenizer.get_vocab().get("<|notimestamps|>")
+        if self.no_timestamps is None:
+            raise ValueError("--word-timestamps needs a tokenizer with <|notimestamps|>; this one has none")
+        self.encoder_runs_saved = 0  # windows whose encoder output came from the prefix cache
         self.heads: dict[int, list[int]] = {}
         for layer, head in alignment_heads(engine):
             self.heads.setdefault(layer, []).append(head)
@@ -120,8 +126,7 @@ class WordAligner:
         seqs = [[*j.sot_sequence, self.no_timestamps, *j.text_tokens, self.eot] for j in jobs]
         width = max(len(s) for s in seqs)
         tokens = torch.tensor([s + [self.eot] * (width - len(s)) for s in seqs], device=dev)  # [B, T]
-        enc = model.encode(model.prepare_encoder_batch([j.features for j in jobs], dev))
-        enc = enc.view(len(jobs), -1, enc.shape[-1])  # [B, S, d]
+        enc = self._encoder_outputs(jobs, dev)  # [B, S, d]
         logits, weights = model.teacher_forced(tokens, enc, self.heads)  # [B, T, V], [B, n, T, S]
         out = []
         for b, (job, seq) in enumerate(zip(jobs, seqs)):
@@ -137,6 +142,20 @@ class WordAligner:
             matrix = w.mean(0)[prefix:-1]  # [n_text + 1, S']: the steps predicting each text token, EOT
             out.append(self._words(job, matrix.cpu().numpy(), text_probs.tolist()))
         return out
+
+    def _encoder_outputs(self, jobs: list[AlignJob], dev) -> torch.Tensor:
+        """[B, S, d]: each window's encoder output, from the engine's prefix cache where it is
+        still there (absorbed cross-attention keeps the encoder output itself), else one encoder
+        run over the others."""
+        rows = [self.engine.cached_encoder_output(j.features) for j in jobs]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            model = self.model
+            enc = model.encode(model.prepare_encoder_batch([jobs[i].features for i in missing], dev))
+            for i, e in zip(missing, enc.view(len(missing), -1, enc.shape[-1])):
+                rows[i] = e
+        self.encoder_runs_saved += len(jobs) - len(missing)
+        return torch.stack(rows)
 
     def _words(self, job: AlignJob, matrix: np.ndarray, text_probs: list[float]) -> list[WordTiming]:
         text_idx, time_idx = dtw(-matrix)

@@ -82,3 +82,34 @@ def test_non_utf8_names_and_warnings_round_trip(tmp_path):
     entry = Manifest.in_dir(tmp_path).get(f"file:/in/{name}:1:2")
     assert entry.outputs == (str(out),) and entry.warnings == ("truncated",)
     assert Manifest.in_dir(tmp_path).is_done(entry.key)
+
+
+def test_torchrun_ranks_write_their_own_manifests_read_together_and_folded(tmp_path, monkeypatch):
+    from encdec_cli.io import manifest as manifest_module
+    from encdec_cli.io.manifest import RANK_MANIFEST_GLOB, fold_rank_manifests
+
+    clock = iter(range(100, 200))
+    monkeypatch.setattr(manifest_module.time, "time", lambda: float(next(clock)))
+    with Manifest.in_dir(tmp_path) as m:  # an earlier one-process run
+        m.record_error("a", "failed once")
+    r0, r1 = Manifest.in_dir(tmp_path, rank=0), Manifest.in_dir(tmp_path, rank=1)
+    assert r0.failed("a") and r1.failed("a")  # every rank reads the folder's manifest
+    r1.record_ok("a")  # retried by rank 1, newer than the failure
+    r0.record_ok("b")
+    r0.record_error("c", "bad")
+    r0.close()
+    r1.close()
+    assert (tmp_path / MANIFEST_NAME).read_text().count("\n") == 1  # the ranks never touch it
+    seen = Manifest.in_dir(tmp_path, rank=2)  # a rank of a re-run with 3 processes: all of it
+    assert seen.is_done("a", check_outputs=False) and seen.is_done("b") and seen.failed("c") == "bad"
+    seen.close()
+    fold_rank_manifests(tmp_path)
+    assert not list(tmp_path.glob(RANK_MANIFEST_GLOB))
+    one = Manifest(tmp_path / MANIFEST_NAME)
+    assert one.is_done("a") and one.is_done("b") and one.failed("c") == "bad" and len(one) == 3
+    # a one-process job folds what an interrupted torchrun job left, before it reads
+    r0 = Manifest.in_dir(tmp_path, rank=0)
+    r0.record_error("b", "redone, failed")
+    r0.close()
+    assert Manifest.in_dir(tmp_path).failed("b") == "redone, failed"
+    assert not list(tmp_path.glob(RANK_MANIFEST_GLOB))

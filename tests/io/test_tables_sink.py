@@ -364,3 +364,33 @@ def test_unreadable_part_is_set_aside_and_its_rows_rerun(tmp_path):
         sink.write(i, {"text": "x"}, {"summary": "z"})
     sink.finalize(expected_rows=4)
     assert [r["summary"] for r in read_output(out)] == ["y", "y", "z", "z"]
+
+
+def test_torchrun_ranks_share_one_parts_folder_and_rank_0_merges(tmp_path):
+    """Three ranks write disjoint rows into one output's parts folder (their own part names and
+    sequence numbers, a shared lock), rank 0 opening first; rank 0 then takes in the others' parts
+    and merges them; a one-process job cannot open the output meanwhile."""
+    out = tmp_path / "out.parquet"
+    opts = dict(result_columns=["r"], job_key="job", part_rows=2)
+    sinks = [open_sink(out, writer=(rank, 3), **opts) for rank in range(3)]
+    with pytest.raises(TableError, match="another encdec job"):
+        open_sink(out, **opts)
+    for row_id in range(20):
+        sinks[(row_id // 4) % 3].write(row_id, {"n": row_id}, {"r": f"v{row_id}"})
+    for sink in sinks[1:]:
+        sink.close()
+    names = sorted(p.name for p in (tmp_path / ".out.parquet.parts").glob("part-*"))
+    assert len(names) == len(set(names)) == 10 and {n[-8:] for n in names} == {
+        "r0.arrow",
+        "r1.arrow",
+        "r2.arrow",
+    }
+    seqs = [int(n.split("-")[1]) for n in names]
+    assert len(set(seqs)) == len(seqs)  # interleaved by rank: never the same number twice
+    sinks[0].adopt_new_parts()
+    sinks[0].finalize(expected_rows=20)
+    rows = pq.read_table(out).to_pylist()
+    assert [r["n"] for r in rows] == list(range(20)) and rows[7]["r"] == "v7"
+    again = open_sink(out, **opts)  # the finished job: every row done
+    assert again.finished and again.done_row_ids() == RowIdSet([(0, 20)])
+    again.close()

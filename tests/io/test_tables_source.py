@@ -198,3 +198,37 @@ def test_stdin_missing_column(monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO('{"doc": "a"}\n'))
     with pytest.raises(TableError, match="stdin .* no column 'text'; available columns: 'doc'"):
         open_table("-", "text")
+
+
+def test_raw_column_any_type_parquet(tmp_path):
+    """raw: an audio column of {bytes, path} structs is read as is (no text check, no text), only the
+    selected columns are read, and rows keep their ids across batches."""
+    audio = [{"bytes": b"\x00\x01", "path": "a.wav"}, {"bytes": None, "path": None}, None]
+    table = pa.table({"id": ["x", "y", "z"], "audio": audio, "big": ["unread"] * 3})
+    pq.write_table(table, tmp_path / "a.parquet")
+    with pytest.raises(TableError, match="expected a text"):
+        open_table(tmp_path / "a.parquet", "audio")
+    with open_table(tmp_path / "a.parquet", "audio", batch_rows=2, raw=True, select=["id"]) as src:
+        assert src.columns == ["id", "audio"]
+        batches = list(src.iter_batches())
+    assert [len(b) for b in batches] == [2, 1]
+    rows = [r for b in batches for r in b]
+    assert [(r.row_id, r.text, r.error) for r in rows] == [(0, None, None), (1, None, None), (2, None, None)]
+    assert [r.record for r in rows] == [{"id": i, "audio": a} for i, a in zip("xyz", audio)]
+
+
+def test_raw_column_jsonl(tmp_path):
+    """raw JSONL: any value, a missing key is null; lines that are no object stay error rows."""
+    lines = [
+        json.dumps({"audio": "a.wav"}),
+        "{not json",
+        json.dumps({"audio": 5}),
+        "[1]",
+        json.dumps({"x": 1}),
+    ]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    rows = list(open_table(tmp_path / "a.jsonl", "audio", raw=True))
+    assert [r.row_id for r in rows] == [0, 1, 2, 3, 4]
+    assert [(r.record or {}).get("audio") for r in rows] == ["a.wav", None, 5, None, None]
+    assert [r.error is not None for r in rows] == [False, True, False, True, False]
+    assert "not valid JSON" in rows[1].error and "expected an object" in rows[3].error

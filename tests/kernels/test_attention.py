@@ -404,3 +404,23 @@ def test_store_kv_rejects_bad_inputs(paged):
     ):  # cache not contiguous
         with pytest.raises(ValueError):
             paged.store_kv(*args)
+
+
+@pytest.mark.parametrize("bias", [None, "causal"])
+def test_paged_query_rows_before_the_first_key(paged, gen, bias):
+    """Speculative verification graphs pad each sequence to K + 1 query rows, padding first: a
+    padding row may sit before position 0 (the causal rule gives it no key). Such rows come out as
+    zeros (never NaN, never a read past the sequence), and the rows after them are exact."""
+    seq_lens, q_lens = [3, 12], [9, 9]
+    case = paged_inputs(seq_lens, q_lens, 2, 16, 8, torch.float32, "cpu", gen=gen)
+    rb = rel_bias(2, False, "cpu", num_buckets=16, max_distance=24, gen=gen) if bias else None
+    kw = dict(scale=0.25, causal=True, rel_bias=rb)
+    ref = reference.paged_attention(*case.args(), **kw)
+    with poisoned_allocations():
+        out = paged.paged_attention(*case.args(), **kw)
+    start = 0
+    for n, q in zip(seq_lens, q_lens):
+        first = max(0, q - n)  # rows before this one see no key
+        assert torch.equal(out[start : start + first], torch.zeros_like(out[start : start + first]))
+        assert rel_err(out[start + first : start + q], ref[start + first : start + q]) < TOL[torch.float32]
+        start += q

@@ -179,3 +179,60 @@ def transcribe(engine, paths, **opts) -> dict:
     Transcriber(engine, TranscribeOptions(**opts)).run(items, lambda i, t, e: out.__setitem__(i.name, (t, e)))
     assert all(e is None for _, e in out.values()), out
     return {k: t for k, (t, _) in out.items()}
+
+
+# ---- speech between long stretches of silence, noise and music-like tones (--vad) -----------------
+
+GAP_KINDS = ("silence", "noise", "tones")
+
+
+def gap_audio(kind: str, seconds: float, seed: int = 0) -> np.ndarray:
+    """``seconds`` of non-speech, 16 kHz: digital silence; noise (white noise low-passed to a hiss,
+    about -30 dBFS RMS); or music-like tones (a new three-note chord of a pentatonic scale every 0.4 s,
+    each note with its overtones and a decaying envelope, about -20 dBFS)."""
+    n = round(seconds * SAMPLE_RATE)
+    rng = np.random.default_rng(seed)
+    if kind == "silence":
+        return np.zeros(n, np.float32)
+    if kind == "noise":
+        white = rng.normal(0.0, 1.0, n + 8)
+        hiss = np.convolve(white, np.ones(8) / 8, mode="valid")[:n]  # a gentle low-pass
+        return (0.03 * hiss / hiss.std()).astype(np.float32)
+    if kind == "tones":
+        scale = 220.0 * 2 ** (np.array([0, 2, 4, 7, 9, 12, 14, 16]) / 12)  # A pentatonic, two octaves
+        note = round(0.4 * SAMPLE_RATE)
+        t = np.arange(note) / SAMPLE_RATE
+        envelope = np.minimum(t / 0.01, 1.0) * np.exp(-t / 0.25)
+        out = np.zeros(n + note, np.float32)
+        for start in range(0, n, note):
+            notes = rng.choice(scale, 3, replace=False)
+            chord = sum(np.sin(2 * np.pi * k * f * t) / k for f in notes for k in (1, 2, 3))
+            out[start : start + note] += (0.05 * chord * envelope).astype(np.float32)
+        return out[:n]
+    raise ValueError(f"unknown gap kind {kind!r}; have {GAP_KINDS}")
+
+
+def build_with_gaps(
+    sentences: list[str], gaps: list[tuple[str, float]], lead: tuple[str, float] = ("silence", 1.0)
+) -> tuple[np.ndarray, list[Spoken]]:
+    """``lead``, then each sentence followed by its gap (kind, seconds): the audio and where each
+    sentence is."""
+    chunks, spoken, t = [gap_audio(*lead, seed=99)], [], round(lead[1] * SAMPLE_RATE)
+    for i, (text, (kind, seconds)) in enumerate(zip(sentences, gaps)):
+        a = speak(text)
+        spoken.append(Spoken(text, t / SAMPLE_RATE, (t + len(a)) / SAMPLE_RATE))
+        g = gap_audio(kind, seconds, seed=i)
+        chunks += [a, g]
+        t += len(a) + len(g)
+    return np.concatenate(chunks), spoken
+
+
+def words_outside(segments, truth: list[Spoken], tolerance: float = TOLERANCE) -> list:
+    """The timed words (word timestamps) that lie in no sentence: their middle is more than
+    ``tolerance`` outside every sentence placed in the file."""
+    return [
+        w
+        for s in segments
+        for w in s.words or ()
+        if not any(t.start - tolerance <= (w.start + w.end) / 2 <= t.end + tolerance for t in truth)
+    ]

@@ -168,7 +168,7 @@ def transcribed(tmp_path_factory, example_clips, tiny_en_dir):
     stdin = f"{example_clips[3].path}\n\n{root / 'listed-but-missing.wav'}\n{tables}\n"
     r = subprocess.run(
         [sys.executable, "-m", "encdec_cli", "transcribe", str(corpus), *table_args, "-", "-o", str(out),
-         "-f", "txt", "-f", "json", "-q"],
+         "-f", "txt", "-f", "json", "-q", "--summary-json", str(root / "summary.json")],
         input=stdin, capture_output=True, text=True, env=ENV, timeout=600,
     )  # fmt: skip
     return root, corpus, tables, out, r
@@ -223,15 +223,63 @@ def test_transcribe_every_bad_file_gets_its_error(transcribed, example_clips):
     assert not any(p.name.endswith(".tmp") for p in out.rglob("*"))
 
 
+def check_summary_schema(summary: dict, command: str) -> None:
+    """The fields every --summary-json file has, with their types."""
+    assert summary["schema"] == 1 and summary["command"] == command
+    assert isinstance(summary["exit_code"], int) and isinstance(summary["status"], str)
+    assert isinstance(summary["wall_seconds"], float) and summary["wall_seconds"] > 0
+    for key in ("started_at", "finished_at"):
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", summary[key]), summary[key]
+    assert set(summary["counts"]) == {"done", "failed", "skipped", "failed_before"}
+    assert all(isinstance(v, int) for v in summary["counts"].values())
+    assert all(set(f) == {"item", "error"} for f in summary["failures"])
+    assert all(set(w) == {"item", "warning"} for w in summary["warnings"])
+    assert isinstance(summary["notes"], list)
+
+
+def test_transcribe_summary_json(transcribed):
+    """--summary-json: the same counts as the stderr summary, every failure with its message, the
+    audio transcribed, the rate, and every field of the engine's statistics."""
+    from dataclasses import fields
+
+    from encdec_cli.engine import EngineStats
+
+    root, corpus, tables, out, r = transcribed
+    summary = json.loads((root / "summary.json").read_text())
+    check_summary_schema(summary, "transcribe")
+    assert summary["status"] == "items_failed" and summary["exit_code"] == 1 and summary["error"] is None
+    n_bad = sum(v != "ok" for v in AUDIO_CASES.values()) + sum(v != "ok" for v in TABLE_CASES.values())
+    n_bad += len(UNREADABLE_TABLES) + 2
+    n_ok = len(AUDIO_CASES) + len(TABLE_CASES) + len(UNREADABLE_TABLES) + 3 - n_bad
+    assert summary["counts"] == {"done": n_ok, "failed": n_bad, "skipped": 0, "failed_before": 0}
+    assert f"transcribed {n_ok} file(s)" in r.stderr
+    failures = {f["item"]: f["error"] for f in summary["failures"]}
+    assert len(failures) == n_bad
+    assert re.search(AUDIO_CASES["empty.wav"], failures[str(corpus / "empty.wav")])
+    assert re.search(TABLE_CASES[("bytes.parquet", 3)], failures[f"{tables / 'bytes.parquet'} row 3"])
+    assert "does not exist" in failures[str(root / "listed-but-missing.wav")]
+    assert any("truncated" in w["warning"] for w in summary["warnings"])
+    assert summary["audio_seconds"] > 1 and summary["output"] == str(out)
+    assert summary["throughput"]["unit"] == "rtfx" and summary["throughput"]["value"] > 0
+    assert set(summary["engine"]) == {f.name for f in fields(EngineStats)}
+    assert summary["engine"]["steps"] > 0
+    assert not list(root.glob(".summary.json.*"))  # committed atomically: no temp file left
+
+
 def test_transcribe_usage_errors_are_exit_2(tmp_path, tiny_en_dir):
     pq.write_table(pa.table({"sound": [b"x"]}), tmp_path / "nocol.parquet")
     for args, message in (
         ([str(tmp_path / "nocol.parquet")], "has no column 'audio'"),
         ([str(tmp_path / "missing.wav")], "does not exist"),
     ):
-        cmd = [sys.executable, "-m", "encdec_cli", "transcribe", *args, "-o", str(tmp_path / "o")]
+        cmd = [sys.executable, "-m", "encdec_cli", "transcribe", *args, "-o", str(tmp_path / "o"),
+               "--summary-json", str(tmp_path / "s.json")]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+        summary = json.loads((tmp_path / "s.json").read_text())  # written also when the command fails
+        check_summary_schema(summary, "transcribe")
+        assert summary["status"] == "usage_error" and summary["exit_code"] == 2
+        assert message in summary["error"] and summary["engine"] is None
 
 
 # ---- text jobs -----------------------------------------------------------------------------------
@@ -293,10 +341,29 @@ def test_jsonl_bad_rows(bart, tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_bytes(b"\xef\xbb\xbf" + b"\n".join(line for line, _ in JSONL_CASES) + b"\n\n")  # BOM, blank end
     out = tmp_path / "out.jsonl"
-    r = run_text("summarize", src, "-m", bart.path, "-o", out, "-q", "--no-truncate")
+    r = run_text("summarize", src, "-m", bart.path, "-o", out, "-q", "--no-truncate",
+                 "--summary-json", tmp_path / "summary.json")  # fmt: skip
     assert r.exit_code == 1
     n_bad = sum(e is not None for _, e in JSONL_CASES)
     assert f"{n_bad} row(s) FAILED" in r.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    check_summary_schema(summary, "summarize")
+    assert summary["status"] == "items_failed" and summary["exit_code"] == 1
+    n_ok = len(JSONL_CASES) - n_bad
+    assert summary["counts"] == {"done": n_ok, "failed": n_bad, "skipped": 0, "failed_before": 0}
+    failures = {f["item"]: f["error"] for f in summary["failures"]}
+    for i, (_, expect) in enumerate(JSONL_CASES):
+        assert (f"row {i}" in failures) == (expect is not None), i
+        if expect is not None:
+            assert re.search(expect, failures[f"row {i}"]), (i, failures[f"row {i}"])
+    assert summary["tokens"] > 0 and summary["throughput"]["unit"] == "tokens_per_second"
+    assert summary["engine"]["steps"] > 0 and "preemptions" in summary["engine"]
+    # a re-run finds every row finished: counted as skipped, the failed ones as failed before
+    r = run_text("summarize", src, "-m", bart.path, "-o", out, "-q", "--no-truncate",
+                 "--summary-json", tmp_path / "summary.json")  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["counts"] == {"done": 0, "failed": 0, "skipped": len(JSONL_CASES), "failed_before": n_bad}
+    assert summary["exit_code"] == 1 and summary["engine"] is None  # the model never loaded
     rows = [json.loads(line) for line in out.read_text("utf-8").splitlines()]
     check_rows(rows, [e for _, e in JSONL_CASES])
     assert rows[0]["summary"] == "w1 w2" and rows[14]["note"] == "\ufffd" and rows[19]["id"] == 20

@@ -10,6 +10,7 @@ from encdec_cli.tasks.bench import (
     Workload,
     hf_config,
     inputs_for,
+    text_config,
     warmup_requests,
     workload_requests,
 )
@@ -23,6 +24,7 @@ def test_workload_and_warmup_requests(wid):
     assert len(enc_inputs) == len(targets) == small.requests
     config = hf_config(w.model)
     reqs = workload_requests(small, config, enc_inputs, targets)
+    config = text_config(config)  # Florence-2 (W9): its language model's token ids
     assert [r.params.max_new_tokens for r in reqs] == targets == [r.params.min_new_tokens for r in reqs]
     assert all(r.prompt_ids == [config.decoder_start_token_id] for r in reqs)
     assert all(r.params.num_beams == w.num_beams for r in reqs)
@@ -57,6 +59,74 @@ def test_floors_count_the_layout_used_and_divide_by_the_measured_rates(tmp_path)
     assert faster["floor_s"] == pytest.approx(ab["floor_s"] / 2)
 
 
+def test_w6_duplicates_fallbacks_and_prefix_cache_hits(tmp_path):
+    """W6's windows: a quarter exact copies (new arrays), 30% of the distinct windows falling back
+    (their copies with them); its run on a tiny Whisper (CPU) encodes each distinct window once
+    with the cache on (every copy and every fallback candidate a hit) and decodes the same tokens
+    as with it off."""
+    import numpy as np
+
+    from encdec_cli.engine import Engine
+    from encdec_cli.tasks.bench import W6_BEST_OF, prefix_inputs, run_prefix
+    from tests.support.text_models import single_thread
+    from tests.support.whisper_models import load_ours, random_whisper
+
+    w = Workload(**{**asdict(WORKLOADS["W6"]), "requests": 16})
+    waves, targets, falls = prefix_inputs(w)
+    keys = [x.tobytes() for x in waves]
+    assert len(waves) == 16 and len(set(keys)) == 12  # 4 copies
+    assert len({id(x) for x in waves}) == 16  # each its own array, as a copied file gives
+    assert sum(f for k, f in {k: f for k, f in zip(keys, falls)}.items()) == 4  # 30% of 12 distinct
+    for a, b in [(i, j) for i in range(16) for j in range(i) if keys[i] == keys[j]]:
+        assert falls[a] == falls[b] and targets[a] == targets[b]
+    assert np.array_equal(waves[0], prefix_inputs(w)[0][0])  # seeded
+    random_whisper(tmp_path)
+    loaded = load_ours(tmp_path)
+    short = [t % 5 + 2 for t in targets]  # shorter outputs: a CPU test
+    tokens = {}
+    for on in (False, True):
+        engine = Engine(loaded, prefix_cache=on, block_size=16, num_blocks=4000, max_num_seqs=16)
+        with single_thread():
+            wall, tokens[on] = run_prefix(engine, loaded.config, waves, short, falls)
+        stats = engine.stats
+    want = sum(short) + W6_BEST_OF * sum(t for t, f in zip(short, falls) if f)
+    assert tokens[True] == tokens[False] == want
+    assert stats.prefix_cache_misses == 12 and stats.prefix_cache_hits == 4 + W6_BEST_OF * sum(falls)
+
+
+def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkeypatch):
+    """``encdec bench --speculative oracle`` on a small random Whisper (CPU; the sweep's timing is
+    meaningless here, its bookkeeping is not): the plain run's tokens are the drafts; alpha 1
+    accepts every draft and alpha 0 none, and every run's outputs equal the plain run's."""
+    import torch
+
+    from encdec_cli.tasks.bench import run_oracle_sweep
+    from tests.support.whisper_models import load_ours, random_whisper
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    random_whisper(tmp_path)
+    loaded = load_ours(tmp_path)
+    w = Workload("W1", "whisper-large-v3", 3, metric="RTFx")
+    g = torch.Generator().manual_seed(0)
+    enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
+    targets = [6, 9, 12]
+    cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16, "profile": True}
+    sweep, (wall, tokens, info) = run_oracle_sweep(
+        w, loaded, enc_inputs, targets, cfg, (0.0, 1.0), (2, 3), lambda wall, tok: tok / wall
+    )
+    assert tokens == sum(targets) and sweep["synthetic"] and sweep["plain"]["value"] > 0
+    runs = {(r["alpha"], r["k"]): r for r in sweep["runs"]}
+    assert sorted(runs) == [(0.0, 2), (0.0, 3), (1.0, 2), (1.0, 3)]
+    for (alpha, _), r in runs.items():
+        assert r["outputs_equal_to_plain"] == 1.0 and r["off_track_proposals"] == 0
+        assert r["draft_tokens"] > 0
+        assert r["acceptance_rate"] == alpha
+    assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
+    assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
+    assert {"encode", "draft", "decode", "sample"} <= runs[(1.0, 3)]["profile_s"].keys()
+    assert "draft" not in info["profile_s"]  # the plain run drafts nothing
+
+
 def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
     """T1 / T2 are TensorRT-LLM's published shapes: a group id runs batch 32, 64 and 128 in order,
     each request makes exactly 128 tokens, and the engine and the baseline run at that batch."""
@@ -73,3 +143,88 @@ def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
     assert shape == (2048, 5120, 32, 24, 32128)
     enc_inputs, targets = inputs_for(w)
     assert targets == [128] * 256 and all(260 <= len(x) <= 440 for x in enc_inputs)
+
+
+def test_w9_florence2_large_captions():
+    """W9: Florence-2-large's architecture; 768 x 768 images whose 577 image tokens (the count our
+    model computes from its DaViT strides) precede the 8-token <CAPTION> prompt; 16..64 new tokens
+    each, from </s>."""
+    import torch
+
+    from encdec_models.florence2 import Florence2
+
+    w = WORKLOADS["W9"]
+    assert (w.model, w.requests, w.num_beams) == ("florence-2-large", 512, 1)
+    small = Workload(**{**asdict(w), "requests": 3})
+    enc_inputs, targets = inputs_for(small)
+    cfg = hf_config(w.model)
+    with torch.device("meta"):
+        model = Florence2(cfg)
+    for x in enc_inputs:
+        assert tuple(x["pixel_values"].shape) == (3, 768, 768) and x["pixel_values"].device.type == "cpu"
+        assert x["input_ids"].count(cfg.image_token_id) == 577 == model.image_tokens(768, 768)
+        assert model.encoder_length(x) == 577 + 8
+    assert (
+        all(16 <= t <= 64 for t in targets)
+        and len(set(inputs_for(Workload(**{**asdict(w), "requests": 40}))[1])) > 5
+    )
+    reqs = workload_requests(small, cfg, enc_inputs, targets)
+    assert all(r.prompt_ids == [2] and r.params.stop_token_ids == (2,) for r in reqs)
+    v, t = cfg.vision_config, cfg.text_config
+    assert (list(v.embed_dim), list(v.depths), v.window_size) == ([256, 512, 1024, 2048], [1, 1, 9, 1], 12)
+    assert (t.d_model, t.encoder_layers, t.decoder_layers, t.encoder_attention_heads) == (1024, 12, 12, 16)
+
+
+@pytest.mark.parametrize("wid", ["W7", "W8"])
+def test_w7_w8_requests_run_on_a_narrow_model_of_the_architecture(wid):
+    """W7 (NLLB-200-distilled-600M: 20-60 input tokens, 16-64 outputs, French forced first) and W8
+    (Moonshine base: 10 s waveforms, 16-96 outputs): the request builders give those shapes, and the
+    requests run through the engine on the CPU on the same architecture narrowed (widths and depth
+    cut, vocabulary, positions and front end kept), each making exactly its target length."""
+    import numpy as np
+    import torch
+    from transformers import GenerationConfig
+
+    from encdec_cli.engine import Engine
+    from encdec_cli.tasks.bench import NLLB_FRA_LATN
+    from encdec_models.loading import LoadedModel, build_model
+    from encdec_models.registry import architecture_of
+
+    w = WORKLOADS[wid]
+    small = Workload(**{**asdict(w), "requests": 3})
+    enc_inputs, targets = inputs_for(small)
+    config = hf_config(w.model)
+    if wid == "W7":
+        assert w.requests == 1024 and w.forced_bos == NLLB_FRA_LATN < config.vocab_size
+        assert all(20 <= len(x) <= 60 and 0 <= min(x) and max(x) < config.vocab_size for x in enc_inputs)
+        assert all(16 <= t <= 64 for t in targets)
+        narrow = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                      decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)  # fmt: skip
+    else:
+        assert w.requests == 512 and w.metric == "RTFx"
+        assert all(x.shape == (160000,) and x.dtype == np.float32 for x in enc_inputs)
+        assert all(16 <= t <= 96 for t in targets)
+        narrow = dict(hidden_size=64, intermediate_size=64, encoder_num_hidden_layers=1,
+                      decoder_num_hidden_layers=1, encoder_num_attention_heads=2,
+                      decoder_num_attention_heads=2, encoder_num_key_value_heads=2,
+                      decoder_num_key_value_heads=2)  # fmt: skip
+    for k, v in narrow.items():
+        setattr(config, k, v)
+    reqs = workload_requests(small, config, enc_inputs, targets)
+    if wid == "W7":
+        assert all(r.params.forced_tokens == ((0, NLLB_FRA_LATN),) for r in reqs)
+    from transformers import AutoModelForSeq2SeqLM, MoonshineForConditionalGeneration
+
+    torch.manual_seed(0)
+    hf = (
+        MoonshineForConditionalGeneration(config)
+        if wid == "W8"
+        else AutoModelForSeq2SeqLM.from_config(config)
+    )
+    arch = architecture_of(config)
+    ours = build_model(arch, config, hf.state_dict().items(), torch.device("cpu"), torch.float32)
+    loaded = LoadedModel(ours, None, config, GenerationConfig.from_model_config(config), arch, None)
+    out = {r.request_id: r for r in Engine(loaded, num_blocks=200, block_size=16).generate(reqs)}
+    assert [len(out[i].token_ids) for i in range(3)] == targets
+    if wid == "W7":
+        assert all(out[i].token_ids[0] == NLLB_FRA_LATN for i in range(3))

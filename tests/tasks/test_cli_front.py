@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -89,7 +90,7 @@ def test_help_imports_neither_torch_nor_transformers():
         "from typer.testing import CliRunner\n"
         "from encdec_cli.cli import app\n"
         "for args in ([], ['--help'], *([c, '--help'] for c in ('transcribe', 'summarize', 'translate', "
-        "'generate', 'bench'))):\n"
+        "'generate', 'eval', 'bench'))):\n"
         "    r = CliRunner().invoke(app, args)\n"
         "    assert r.exit_code in (0, 2) and 'Usage: ' in r.output, (args, r.output)\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'triton') if m in sys.modules)\n"
@@ -97,6 +98,44 @@ def test_help_imports_neither_torch_nor_transformers():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_bash_completion(tmp_path):
+    """``encdec --show-completion`` (run from bash) prints a script that bash sources; with it, the
+    completion of commands and options works, and answers without importing torch or transformers."""
+    script = Path(sys.executable).parent / "encdec"
+    if not script.exists():
+        script = Path(shutil.which("encdec") or "encdec")
+    probe = tmp_path / "probe.py"  # the console script, noting what a completion request imported
+    probe.write_text(
+        "import sys, atexit\n"
+        "note = sys.argv[1]\n"
+        "atexit.register(lambda: open(note, 'w').write(' '.join(\n"
+        "    m for m in ('torch', 'transformers') if m in sys.modules)))\n"
+        "sys.argv = ['encdec', *sys.argv[2:]]\n"
+        "from encdec_cli.__main__ import main\n"
+        "main()\n"
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "encdec").write_text(f'#!/bin/sh\nexec {sys.executable} {probe} {tmp_path / "heavy"} "$@"\n')
+    (bin_dir / "encdec").chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV.get('PATH', '')}"}
+    shown = subprocess.run(["bash", "-c", f"{script} --show-completion"], capture_output=True, text=True,
+                           env=env, timeout=120)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "complete -o default -F _encdec_completion encdec" in shown.stdout
+    assert "_ENCDEC_COMPLETE=complete_bash" in shown.stdout
+    completing = (
+        'eval "$(encdec --show-completion)"\n'
+        'COMP_WORDS=(encdec tra); COMP_CWORD=1; _encdec_completion encdec; echo "${COMPREPLY[*]}"\n'
+        "COMP_WORDS=(encdec summarize --num); COMP_CWORD=2; _encdec_completion encdec; "
+        'echo "${COMPREPLY[*]}"\n'
+    )
+    r = subprocess.run(["bash", "-c", completing], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["transcribe translate", "--num-beams --num-return-sequences"], r.stdout
+    assert (tmp_path / "heavy").read_text() == ""  # completion stays as light as --help
 
 
 def _help(*args) -> str:
@@ -152,6 +191,8 @@ def test_model_must_fit_the_command(tmp_path, text_model, audio):
         (["-f", "docx"], ["unknown output format 'docx'"]),
         (["-o", "transcripts.txt"], ["-o transcripts.txt", "folder"]),
         (["--temperature", "x"], ["--temperature"]),
+        (["--speculative", "ngram", "--beam-size", "2"], ["--speculative", "beam search", "--beam-size 1"]),
+        (["--speculative", "model:"], ["--speculative", "draft model"]),
     ],
 )
 def test_cheap_checks_come_before_the_model_loads(tmp_path, audio, args, words):
@@ -329,6 +370,8 @@ def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, blocked_model, sig, s
         str(tmp_path / "in.txt"),
         "-m",
         str(blocked_model),
+        "--summary-json",
+        str(tmp_path / "summary.json"),
     ]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
     writer = None
@@ -354,6 +397,10 @@ def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, blocked_model, sig, s
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[-1] in ("interrupted (Ctrl-C)", "stopped by SIGTERM"), err
     assert len([line for line in lines if "interrupted" in line or "stopped" in line]) == 1, err
+    if delay == "loading":  # the command had begun: its summary JSON says how it ended
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        assert summary["status"] == "interrupted" and summary["exit_code"] == status
+        assert summary["error"] == lines[-1] and summary["counts"]["done"] == 0
 
 
 def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
@@ -362,7 +409,7 @@ def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
     (tmp_path / "in.txt").write_text(lines)
     out = tmp_path / "o.jsonl"
     args = ["summarize", tmp_path / "in.txt", "-m", text_model, "-o", out, "--max-num-seqs", "8"]
-    args += ["--max-new-tokens", "40", "--min-new-tokens", "40"]
+    args += ["--max-new-tokens", "40", "--min-new-tokens", "40", "--summary-json", tmp_path / "s.json"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "encdec_cli", *map(str, args)],
         stderr=subprocess.PIPE,
@@ -378,6 +425,9 @@ def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
     assert "Traceback" not in err and "nanobind" not in err
     summary = err.replace("\r", "\n").strip().splitlines()[-1]
     assert "INTERRUPTED" in summary and "re-run" in summary, err
+    saved = json.loads((tmp_path / "s.json").read_text())
+    assert saved["status"] == "interrupted" and saved["exit_code"] == 143 and saved["interrupted"]
+    assert 0 < saved["counts"]["done"] < 600 and saved["tokens"] == 40 * saved["counts"]["done"]
 
 
 def test_ctrl_c_mid_transcription_leaves_quietly(tmp_path, example_clips):
@@ -400,3 +450,33 @@ def test_ctrl_c_mid_transcription_leaves_quietly(tmp_path, example_clips):
     assert code == 130, err
     assert "Traceback" not in err and "nanobind" not in err and "leaked" not in err, err
     assert "INTERRUPTED" in err.replace("\r", "\n").strip().splitlines()[-1], err
+
+
+# ---- progress -------------------------------------------------------------------------------------
+
+PLAIN_PROGRESS = re.compile(
+    r"summarize: (\d+)/~?40 rows, ETA (\d+:\d\d|\?), ([\d,]+) tokens \(([\d,]+)/s\), \d+:\d\d elapsed"
+)
+
+
+def test_progress_off_a_terminal_is_plain_lines(tmp_path, text_model):
+    """stderr not a terminal (CI logs, nohup): progress is whole lines, no redraws; rows done of the
+    total, an ETA, tokens and their rate, time elapsed; at most one line per ENCDEC_PROGRESS_SECONDS."""
+    (tmp_path / "in.txt").write_text("".join(f"w{i} w{i + 1} w{i + 2}\n" for i in range(40)))
+    args = ["summarize", tmp_path / "in.txt", "-m", text_model, "--max-num-seqs", "4"]
+    args += ["--max-new-tokens", "5", "--min-new-tokens", "5"]
+    r = encdec(*args, "-o", tmp_path / "a.jsonl", env={**ENV, "ENCDEC_PROGRESS_SECONDS": "0"})
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "\x1b[" not in r.stderr
+    *lines, summary = [line for line in r.stderr.splitlines() if line.startswith("summarize: ")]
+    matches = [PLAIN_PROGRESS.fullmatch(line) for line in lines]
+    assert len(lines) >= 10 and all(matches), lines
+    rows = [int(m[1]) for m in matches]
+    tokens = [int(m[3].replace(",", "")) for m in matches]
+    assert rows == sorted(rows) and rows[-1] == 40 and tokens[-1] == 200
+    assert all(t == 5 * n for n, t in zip(rows, tokens))  # every row done made 5 tokens
+    assert any(m[2] != "?" for m in matches) and any("/~40 rows" in line for line in lines)
+    assert summary.startswith("summarize: 40 row(s) done, 200 tokens in ")
+    # the default interval (5 s) on a job this short: no progress line at all, only the summary
+    r = encdec(*args, "-o", tmp_path / "b.jsonl", env={**ENV, "ENCDEC_PROGRESS_SECONDS": "3600"})
+    assert r.returncode == 0 and not [x for x in r.stderr.splitlines() if PLAIN_PROGRESS.match(x)], r.stderr

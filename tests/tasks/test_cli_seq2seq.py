@@ -449,3 +449,31 @@ def test_finished_job_run_again_loads_no_weights(bart, tmp_path):
     assert out.read_bytes() == first
     r = encdec(*args, "--overwrite")
     assert r.exit_code == 2 and "no weights in" in r.stderr, r.stderr
+
+
+def test_speculative_decoding_gives_the_same_rows(bart, bart_ref, tmp_path):
+    """--speculative (prompt lookup, and the model as its own draft): the same summaries as plain
+    greedy decoding (transformers'), and the job summary says how many drafts were accepted."""
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "in.parquet")
+    for i, spec in enumerate(("ngram:3", f"model:{bart.path}:2")):
+        out = tmp_path / f"out{i}.parquet"
+        args = ["-o", out, "-q", "--max-num-seqs", 8, "--speculative", spec]
+        r = encdec("summarize", tmp_path / "in.parquet", "-m", bart.path, *args)
+        assert r.exit_code == 1, r.stderr  # the empty row
+        assert [row["summary"] for row in read_output(out)] == bart_ref
+        assert "speculative decoding:" in r.stderr and "draft tokens accepted" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--speculative", "ngram", "--num-beams", "2"], ["--speculative", "beam search", "--num-beams 1"]),
+        (["--speculative", "lookup"], ["--speculative", "ngram[:K]"]),
+        (["--speculative", "ngram:0"], ["K must be", "1 to 16"]),
+    ],
+)
+def test_speculative_usage_errors(bart, tmp_path, args, words):
+    pq.write_table(pa.table({"text": TEXTS[:3]}), tmp_path / "in.parquet")
+    r = encdec("summarize", tmp_path / "in.parquet", "-m", bart.path, "-q", *args)
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error:") and all(w in r.stderr for w in words), r.stderr

@@ -45,10 +45,15 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from encdec_cli.io.tables.arrow_sources import dataset_files, is_dataset_dir, open_arrow, open_ipc
 from encdec_cli.io.tables.base import ERROR_COLUMN, Row, TableError
 from encdec_cli.io.tables.line_sources import open_json, open_jsonl, open_stdin, open_txt
 from encdec_cli.io.tables.rowids import RowIdSet
@@ -65,42 +70,76 @@ __all__ = [
     "TableError",
     "TableSink",
     "TableSource",
+    "is_dataset_dir",
     "open_sink",
     "open_table",
+    "table_columns",
 ]
 
 
-def open_table(path_or_dash: str | os.PathLike[str], column: str, batch_rows: int = 1024) -> TableSource:
+def open_table(
+    path_or_dash: str | os.PathLike[str],
+    column: str,
+    batch_rows: int = 1024,
+    *,
+    raw: bool = False,
+    select: Sequence[str] | None = None,
+) -> TableSource:
     """Open an input table for streaming; raises :class:`TableError` if it cannot be used.
 
     The format comes from the extension: ``.parquet``/``.pq``, ``.jsonl``/``.ndjson``/
     ``.json`` (JSON Lines; a ``.json`` holding one array is read whole up to 64 MiB),
-    ``.csv``, ``.txt`` (one item per line, column ``text``). ``-`` reads stdin: JSON
-    Lines if the first non-empty line is a JSON object, else one item per line.
+    ``.csv``, ``.txt`` (one item per line, column ``text``), ``.arrow`` (Arrow IPC). A folder
+    written by Hugging Face ``datasets``' ``save_to_disk`` is read as its Arrow files, in order.
+    ``-`` reads stdin: JSON Lines if the first non-empty line is a JSON object, else one item
+    per line.
     A missing ``column`` raises, listing the columns there are.
+
+    ``raw``: ``column`` may hold any type (audio bytes, paths, ``{bytes, path}`` structs); its cells
+    are not checked and rows carry no ``text``: read the value from ``Row.record``. ``select``: read
+    only these columns (and ``column``) where the format can skip the others (Parquet).
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be >= 1")
     if str(path_or_dash) == "-":
         return open_stdin(column, batch_rows)
     path = Path(path_or_dash)
+    if is_dataset_dir(path):
+        return open_arrow(path, column, batch_rows, raw, select)
     if not path.is_file():
-        raise TableError(f"input {path} does not exist or is not a file")
+        raise TableError(f"input {path} does not exist or is not a file (nor a save_to_disk folder)")
     ext = path.suffix.lower()
+    if ext == ".arrow":
+        return open_arrow(path, column, batch_rows, raw, select)
     if ext in (".parquet", ".pq"):
-        return open_parquet(path, column, batch_rows)
+        return open_parquet(path, column, batch_rows, raw, select)
     if ext in (".jsonl", ".ndjson"):
-        return open_jsonl(path, column, batch_rows)
+        return open_jsonl(path, column, batch_rows, raw)
     if ext == ".json":
-        return open_json(path, column, batch_rows)
+        return open_json(path, column, batch_rows, raw)
     if ext == ".csv":
-        return open_csv(path, column, batch_rows)
+        return open_csv(path, column, batch_rows, raw)
     if ext == ".txt":
         return open_txt(path, column, batch_rows)
     raise TableError(
         f"cannot tell the format of {path} from its extension; "
-        "use .parquet, .jsonl, .json, .csv or .txt (or '-' for stdin)"
+        "use .parquet, .arrow, .jsonl, .json, .csv or .txt (or '-' for stdin)"
     )
+
+
+def table_columns(path: str | os.PathLike[str]) -> list[str] | None:
+    """The column names of a typed table (Parquet, Arrow, a ``save_to_disk`` folder) from its schema
+    alone, None for other formats; raises :class:`TableError` when it cannot be read."""
+    path = Path(path)
+    try:
+        if is_dataset_dir(path) or path.suffix.lower() == ".arrow":
+            with open_ipc(dataset_files(path)[0] if path.is_dir() else path) as reader:
+                return list(reader.schema.names)
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return list(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError) as exc:
+        raise TableError(f"cannot read {path} ({exc})") from exc
+    return None
 
 
 def open_sink(

@@ -1,7 +1,8 @@
 """The line-based table readers: JSON Lines, a JSON array, plain text (one item per line) and stdin
 (JSON Lines if its first line is a JSON object, else plain text). They read a line at a time, so
 memory stays bounded however big the input; only a ``.json`` array is loaded whole (up to
-``MAX_JSON_ARRAY_BYTES``)."""
+``MAX_JSON_ARRAY_BYTES``). Opened ``raw``, a JSON object's column is not checked: any value (a
+path, base64 text, a nested object) is the caller's to judge, a missing key reads as null."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +39,28 @@ def _strip_eol(raw: bytes) -> bytes:
     return raw
 
 
-def _jsonl_row(row_id: int, lineno: int, raw: bytes, column: str) -> Row:
+def _jsonl_row(row_id: int, lineno: int, data: bytes, column: str, raw: bool = False) -> Row:
     try:
-        line = raw.decode("utf-8")
+        line = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         return Row(row_id, None, None, f"line {lineno} is not valid UTF-8 ({describe_decode_error(exc)})")
     try:
         obj = json.loads(line)
     except ValueError as exc:
         return Row(row_id, None, None, f"line {lineno} is not valid JSON ({exc})")
-    return _object_row(row_id, f"line {lineno}", obj, column, _SURROGATE_ESCAPE.search(raw) is not None)
+    surrogates = _SURROGATE_ESCAPE.search(data) is not None
+    return _object_row(row_id, f"line {lineno}", obj, column, surrogates, raw)
 
 
-def _object_row(row_id: int, where: str, obj: Any, column: str, surrogates: bool = True) -> Row:
-    """A row from one JSON value; ``surrogates``: its text may hold lone surrogates to replace."""
+def _object_row(
+    row_id: int, where: str, obj: Any, column: str, surrogates: bool = True, raw: bool = False
+) -> Row:
+    """A row from one JSON value; ``surrogates``: its text may hold lone surrogates to replace;
+    ``raw``: the column's value is not checked (nor required)."""
     if not isinstance(obj, dict):
         return Row(row_id, None, None, f"{where} is a JSON {type(obj).__name__}, expected an object")
+    if raw:
+        return Row(row_id, None, fix_surrogates(obj) if surrogates else obj, None)
     if column not in obj:
         keys = ", ".join(repr(k) for k in obj) or "(none)"
         return Row(
@@ -136,7 +144,7 @@ def _first_object_keys(lines: Iterable[bytes]) -> list[str] | None:
     return None
 
 
-def open_jsonl(path: Path, column: str, batch_rows: int) -> TableSource:
+def open_jsonl(path: Path, column: str, batch_rows: int, raw: bool = False) -> TableSource:
     """JSON Lines, one object per line; its columns are those of the first object."""
     lines = _file_lines(path)
     it = lines()
@@ -146,17 +154,17 @@ def open_jsonl(path: Path, column: str, batch_rows: int) -> TableSource:
         it.close()  # type: ignore[attr-defined]
     if keys is not None and column not in keys:
         raise missing_column(column, f"{path} (first JSON object)", keys)
-    batches = _line_batches(lines, _jsonl_row, column, batch_rows, skip_blank=True)
+    batches = _line_batches(lines, partial(_jsonl_row, raw=raw), column, batch_rows, skip_blank=True)
     return TableSource(str(path), "jsonl", column, keys or [], None, batches)
 
 
-def open_json(path: Path, column: str, batch_rows: int) -> TableSource:
+def open_json(path: Path, column: str, batch_rows: int, raw: bool = False) -> TableSource:
     """A ``.json`` file: one JSON array of objects (loaded whole, up to MAX_JSON_ARRAY_BYTES), else
     JSON Lines."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
     if not head.startswith(b"["):
-        return open_jsonl(path, column, batch_rows)
+        return open_jsonl(path, column, batch_rows, raw)
     size = path.stat().st_size
     if size > MAX_JSON_ARRAY_BYTES:
         raise TableError(
@@ -174,7 +182,7 @@ def open_json(path: Path, column: str, batch_rows: int) -> TableSource:
     def batches() -> Iterator[list[Row]]:
         for start in range(0, len(items), batch_rows):
             chunk = items[start : start + batch_rows]
-            yield [_object_row(i, f"item {i}", obj, column) for i, obj in enumerate(chunk, start)]
+            yield [_object_row(i, f"item {i}", obj, column, raw=raw) for i, obj in enumerate(chunk, start)]
 
     return TableSource(str(path), "jsonl", column, keys or [], None, batches)
 

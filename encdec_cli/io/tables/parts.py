@@ -95,12 +95,25 @@ class PartsDir:
     reads their row-id ranges (an unreadable part is set aside with a warning: its rows run again)
     and, with ``resume``, takes the output of an earlier finished run of the job as the first part
     (``finished``). Without ``resume`` it discards the parts and the done file first.
+
+    The ranks of a torchrun job (``writer`` = (rank, world size)) share the directory: each holds a
+    shared lock and names its parts ``part-SEQ-rRANK.arrow``, with sequence numbers of its own (rank
+    r takes every world-th number after the parts it found), so none clobbers another's; rank 0
+    opens first (it alone discards, without ``resume``) and, once all are done, reads the others'
+    parts (:meth:`adopt_new_parts`) and merges.
     """
 
     def __init__(
-        self, path: Path, fmt: str, result_columns: Sequence[str], job_key: str | None, resume: bool
+        self,
+        path: Path,
+        fmt: str,
+        result_columns: Sequence[str],
+        job_key: str | None,
+        resume: bool,
+        writer: tuple[int, int] | None = None,
     ) -> None:
         self.path = path
+        self.writer = writer
         self.format = fmt
         self.dir = path.with_name(f".{path.name}.parts")
         self.done_file = path.with_name(f".{path.name}{DONE_SUFFIX}")
@@ -109,10 +122,17 @@ class PartsDir:
         self.warnings: list[str] = []
         self.finished = False  # an earlier run of this job wrote its whole output
         self._lock_file: IO[bytes] | None = None
+        # a torchrun rank other than 0 opens after rank 0 has cleaned up, alongside the others:
+        # it only reads (and writes its own parts)
+        self.follower = writer is not None and writer[0] != 0
         self._open(resume)
-        remove_stale_temps(path.parent, path.name)  # an output commit a killed run never finished
-        remove_stale_temps(path.parent, self.dir.name)  # a parts folder it was removing
+        if not self.follower:
+            remove_stale_temps(path.parent, path.name)  # an output commit a killed run never finished
+            remove_stale_temps(path.parent, self.dir.name)  # a parts folder it was removing
         self._next_seq = max((p.seq for p in self.parts), default=-1) + 1
+        self._seq_step = 1
+        if writer is not None:
+            self._next_seq, self._seq_step = self._next_seq + writer[0], writer[1]
 
     def row_ids(self) -> tuple[RowIdSet, RowIdSet]:
         """The rows in the parts that are fine, and those that failed (a retried row can be in both)."""
@@ -130,13 +150,28 @@ class PartsDir:
         meta = {"first": ids[0], "last": ids[-1], "rows": len(ids), "ok": ok, "err": err}
         table = table.replace_schema_metadata({PART_META_KEY: json.dumps(meta)})
         seq = self._next_seq
-        path = self.dir / f"part-{seq:08d}.arrow"
+        rank = "" if self.writer is None else f"-r{self.writer[0]}"
+        path = self.dir / f"part-{seq:08d}{rank}.arrow"
         write_ipc(path, table.schema, table.to_batches(max_chunksize=1024))
-        self._next_seq += 1
+        self._next_seq += self._seq_step
         schema = table.schema.remove_metadata()
         part = Part(seq, path, ids[0], ids[-1], RowIdSet(ok), RowIdSet(err), schema)
         self.parts.append(part)
         return part
+
+    def adopt_new_parts(self) -> list[Part]:
+        """Read the parts that other writers (torchrun ranks) committed since this one opened; returns
+        them (an unreadable one is set aside with a warning, as when opening)."""
+        known = {p.path for p in self.parts}
+        new = []
+        for p in sorted(self.dir.glob("part-*.arrow")):
+            if p not in known:
+                try:
+                    new.append(_read_part_info(p))
+                except (pa.ArrowException, OSError, KeyError, ValueError, IndexError) as exc:
+                    self.warnings.append(f"ignored unreadable part {p.name} ({exc}); its rows run again")
+        self.parts = sorted(self.parts + new, key=lambda p: p.seq)
+        return new
 
     def remove(self) -> None:
         """Delete the directory (the job is done), then release the lock: a job starting meanwhile
@@ -166,17 +201,19 @@ class PartsDir:
                     "output format changed). Re-run with the original settings to finish it, or "
                     "delete that directory (or run without resume) to start over."
                 )
-        else:  # a new job (or one that crashed before its first part)
+        elif not self.follower:  # a new job (or one that crashed before its first part)
             atomic_write_text(job_file, json.dumps(self.state))
         for p in self.dir.iterdir():
             if p.name.startswith(".") and p.name.endswith(".tmp") or p.name.startswith("merged-"):
-                p.unlink()  # from a crash mid-commit or mid-merge
+                if not self.follower:
+                    p.unlink()  # from a crash mid-commit or mid-merge
             elif p.name.startswith("part-") and p.suffix == ".arrow":
                 try:
                     self.parts.append(_read_part_info(p))
                 except (pa.ArrowException, OSError, KeyError, ValueError, IndexError) as exc:
                     self.warnings.append(f"ignored unreadable part {p.name} ({exc}); its rows run again")
-                    p.rename(p.with_name(p.name + ".bad"))
+                    if not self.follower:
+                        p.rename(p.with_name(p.name + ".bad"))
         self.parts.sort(key=lambda p: p.seq)
         if resume:
             self._open_finished_output()
@@ -192,7 +229,8 @@ class PartsDir:
         except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
             valid = False
         if not valid:  # none, another job's, or the output changed since: the job runs again
-            self.done_file.unlink(missing_ok=True)
+            if not self.follower:
+                self.done_file.unlink(missing_ok=True)
             return
         self.finished = True
         if rows:
@@ -226,7 +264,8 @@ class PartsDir:
             if fcntl is None:
                 return
             try:
-                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                mode = fcntl.LOCK_EX if self.writer is None else fcntl.LOCK_SH  # torchrun ranks share it
+                fcntl.flock(self._lock_file.fileno(), mode | fcntl.LOCK_NB)
                 locked = True
             except OSError:
                 locked = False

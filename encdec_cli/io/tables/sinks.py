@@ -52,6 +52,7 @@ class SinkOptions:
     part_rows: int = 4096
     max_buffer_bytes: int = MAX_BUFFER_BYTES
     flush_interval_s: float = 30.0
+    writer: tuple[int, int] | None = None  # (rank, world size) of a torchrun job's rank (see PartsDir)
 
 
 class TableSink:
@@ -222,7 +223,7 @@ class PartsSink(TableSink):
         self._mutex = threading.Condition()  # guards the buffer and the parts against the flush thread
         self._flush_error: Exception | None = None  # a commit of the flush thread failed
         self._stopping = False
-        self._dir = PartsDir(path, fmt, self.result_columns, options.job_key, options.resume)
+        self._dir = PartsDir(path, fmt, self.result_columns, options.job_key, options.resume, options.writer)
         self.parts_dir = self._dir.dir
         self.warnings = self._dir.warnings
         self.finished = self._dir.finished
@@ -327,6 +328,14 @@ class PartsSink(TableSink):
         part = self._dir.write_part(rows, self._rows_to_table(rows))
         self._committed.update(part.ok)
         self._committed.update(part.err)
+
+    def adopt_new_parts(self) -> None:
+        """Take in the rows that other writers (the other ranks of a torchrun job, all done now)
+        committed into this output's parts folder, so that :meth:`finalize` merges them too."""
+        with self._mutex:
+            for part in self._dir.adopt_new_parts():
+                self._committed.update(part.ok)
+                self._committed.update(part.err)
 
     # -- finalize ------------------------------------------------------------------------
     def finalize(self, expected_rows: int | None = None) -> Path:

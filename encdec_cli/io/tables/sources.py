@@ -5,6 +5,9 @@ face) picks the reader from the extension.
 
 A row whose text is null, empty, not UTF-8 or not a string (or a malformed CSV row, an unreadable
 Parquet row group) is still yielded, with ``error`` set, so that the job can record it and go on.
+A source opened ``raw`` (an audio column: bytes, a path, a struct) checks no cell and gives no
+text: the caller reads the value from ``Row.record`` and judges it; only rows that cannot be read
+at all are error rows.
 """
 
 from __future__ import annotations
@@ -83,10 +86,10 @@ class TableSource:
     """Rows of an input table, streamed in batches of at most ``batch_rows`` rows.
 
     Attributes: ``path`` (``"-"`` for stdin), ``format`` ("parquet" | "jsonl" | "csv" |
-    "txt"), ``column`` (the text column), ``columns`` (input column names; for JSONL
-    those of the first object), ``arrow_schema`` (input column types when the format
-    has them, else None: pass it to :func:`open_sink`), ``num_rows`` (known up front
-    for Parquet, else None) and ``rows_read`` (rows yielded so far).
+    "txt"), ``column`` (the text column; any column in a source opened ``raw``), ``columns``
+    (input column names; for JSONL those of the first object), ``arrow_schema`` (input column
+    types when the format has them, else None: pass it to :func:`open_sink`), ``num_rows`` (known
+    up front for Parquet, else None) and ``rows_read`` (rows yielded so far).
     """
 
     def __init__(
@@ -163,9 +166,12 @@ def _is_text_type(t: pa.DataType) -> bool:
     )
 
 
-def open_parquet(path: Path, column: str, batch_rows: int) -> TableSource:
-    """A Parquet file, read a row group at a time through a small buffer (bounded memory); the text
-    column must have a string type. An unreadable row group becomes error rows."""
+def open_parquet(
+    path: Path, column: str, batch_rows: int, raw: bool = False, select: Sequence[str] | None = None
+) -> TableSource:
+    """A Parquet file, read a row group at a time through a small buffer (bounded memory); the
+    column must have a string type unless ``raw``. ``select``: read only these of its columns (and
+    ``column``). An unreadable row group becomes error rows."""
     try:
         pf = pq.ParquetFile(path, buffer_size=PARQUET_READ_BUFFER, pre_buffer=False)
         schema = pf.schema_arrow
@@ -173,13 +179,11 @@ def open_parquet(path: Path, column: str, batch_rows: int) -> TableSource:
         raise TableError(
             f"cannot read {path} as Parquet ({exc}); is the file complete and not corrupt?"
         ) from exc
-    if column not in schema.names:
+    try:
+        schema, read = check_column(schema, column, str(path), raw, select)
+    except TableError:
         pf.close()
-        raise missing_column(column, str(path), schema.names)
-    ctype = schema.field(column).type
-    if not _is_text_type(ctype):
-        pf.close()
-        raise TableError(f"column {column!r} of {path} has type {ctype}; expected a text (string) column")
+        raise
 
     def batches() -> Iterator[list[Row]]:
         next_id = 0
@@ -187,8 +191,10 @@ def open_parquet(path: Path, column: str, batch_rows: int) -> TableSource:
             rg_rows = pf.metadata.row_group(rg).num_rows
             done = 0
             try:
-                for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[rg], use_threads=False):
-                    rows = _arrow_batch_rows(batch, column, next_id)
+                for batch in pf.iter_batches(
+                    batch_size=batch_rows, row_groups=[rg], columns=read, use_threads=False
+                ):
+                    rows = arrow_batch_rows(batch, column, next_id, raw)
                     next_id += len(rows)
                     done += len(rows)
                     yield rows
@@ -212,32 +218,51 @@ def open_parquet(path: Path, column: str, batch_rows: int) -> TableSource:
     )
 
 
-def _arrow_batch_rows(batch: pa.RecordBatch, column: str, first_id: int) -> list[Row]:
+def check_column(
+    schema: pa.Schema, column: str, where: str, raw: bool, select: Sequence[str] | None
+) -> tuple[pa.Schema, list[str] | None]:
+    """(the schema of the columns read, their names or None for all) for an Arrow-typed input;
+    raises :class:`TableError` when ``column`` is missing or (unless ``raw``) not text."""
+    if column not in schema.names:
+        raise missing_column(column, where, schema.names)
+    ctype = schema.field(column).type
+    if not raw and not _is_text_type(ctype):
+        raise TableError(f"column {column!r} of {where} has type {ctype}; expected a text (string) column")
+    if select is None:
+        return schema, None
+    read = [n for n in schema.names if n == column or n in select]
+    return pa.schema([schema.field(n) for n in read], metadata=schema.metadata), read
+
+
+def arrow_batch_rows(batch: pa.RecordBatch, column: str, first_id: int, raw: bool = False) -> list[Row]:
+    """The rows of an Arrow record batch: every cell as a Python value (invalid UTF-8 in a string
+    column replaced), the text of ``column`` checked unless ``raw``."""
     names = batch.schema.names
     values: list[list[Any]] = []
     text_values: list[Any] = []
     for name, arr in zip(names, batch.columns, strict=True):
         try:
             col = arr.to_pylist()
-            raw = col
+            raw_col = col
         except (UnicodeDecodeError, pa.ArrowException):  # invalid UTF-8 in a string column
-            raw = arr.cast(pa.binary() if not pa.types.is_large_string(arr.type) else pa.large_binary())
-            raw = raw.to_pylist()
-            col = [decode_lenient(v) for v in raw]
+            raw_col = arr.cast(pa.binary() if not pa.types.is_large_string(arr.type) else pa.large_binary())
+            raw_col = raw_col.to_pylist()
+            col = [decode_lenient(v) for v in raw_col]
         values.append(col)
         if name == column:
-            text_values = raw
+            text_values = raw_col
     rows = []
     for i, vals in enumerate(zip(*values, strict=True)):
-        text, error = text_or_error(text_values[i], column)
+        text, error = (None, None) if raw else text_or_error(text_values[i], column)
         rows.append(Row(first_id + i, text, dict(zip(names, vals, strict=True)), error))
     return rows
 
 
 # -- CSV ------------------------------------------------------------------------------
-def open_csv(path: Path, column: str, batch_rows: int) -> TableSource:
+def open_csv(path: Path, column: str, batch_rows: int, raw: bool = False) -> TableSource:
     """A CSV file with a header line, read in blocks, every column as bytes (no type guessing).
-    A malformed row becomes an error row; an unclosed quote is refused (see ``_scan_csv``)."""
+    A malformed row becomes an error row; an unclosed quote is refused (see ``_scan_csv``).
+    ``raw``: the column's cells are not checked (a path column)."""
     try:  # the header only, parsed on its own: no data row can make this fail
         header = pacsv.read_csv(
             pa.BufferReader(_scan_csv(path)),
@@ -272,7 +297,7 @@ def open_csv(path: Path, column: str, batch_rows: int) -> TableSource:
         with reader:
             for batch in reader:
                 for start in range(0, batch.num_rows, batch_rows):
-                    rows = _csv_rows(batch.slice(start, batch_rows), names, column, next_id)
+                    rows = _csv_rows(batch.slice(start, batch_rows), names, column, next_id, raw)
                     next_id += len(rows)
                     yield rows
                 if bad:  # malformed rows of this block follow its good rows
@@ -347,12 +372,12 @@ def _quote_open_after(line: bytes, inside: bool) -> bool:
         i = j + 1
 
 
-def _csv_rows(batch: pa.RecordBatch, names: list[str], column: str, first_id: int) -> list[Row]:
+def _csv_rows(batch: pa.RecordBatch, names: list[str], column: str, first_id: int, raw: bool) -> list[Row]:
     raw_cols = [arr.to_pylist() for arr in batch.columns]
     text_col = raw_cols[names.index(column)]
     rows = []
     for i, vals in enumerate(zip(*raw_cols, strict=True)):
-        text, error = text_or_error(text_col[i], column)
+        text, error = (None, None) if raw else text_or_error(text_col[i], column)
         record = {n: decode_lenient(v) for n, v in zip(names, vals, strict=True)}
         rows.append(Row(first_id + i, text, record, error))
     return rows

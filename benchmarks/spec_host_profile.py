@@ -1,0 +1,103 @@
+"""Host (CPU/Python) time per step of speculative verification against plain decoding, no GPU.
+
+A tiny random BART (d_model 32, one layer each side, vocabulary 512: the model costs little) runs
+N requests of exactly T new tokens on the CPU: once plain (recording each request's greedy tokens),
+then with ``OracleDrafter`` drafts (K, each wrong with probability 1 - alpha) for each alpha.
+Printed per run: CPU process time per step, and that time less the model's own encode / decode
+(cProfile's cumulative time of ``BartModel.encode`` / ``decode``): the engine's host work per step
+(scheduling, drafting, the runner's inputs, logits rules, acceptance, block bookkeeping). Also the
+steps, drafts, accepted drafts and whether the outputs equal the plain run's.
+
+    OMP_NUM_THREADS=1 python benchmarks/spec_host_profile.py [--requests 256] [--tokens 64] [--k 4]
+        [--alphas 0,0.7] [--fixed-k] [--show k4a0.7]   # --show: cProfile's top functions of that run
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import tempfile
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--alphas", default="0,0.7")
+    ap.add_argument("--fixed-k", action="store_true", help="speculative_adaptive=False")
+    ap.add_argument("--show", default=None, help="print the profile of this run (plain, k4a0.7, ...)")
+    args = ap.parse_args()
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from encdec_cli.engine import Engine, OracleDrafter, Request, SamplingParams
+    from encdec_models.loading import load_model
+
+    torch.set_num_threads(1)
+    path = tempfile.mkdtemp(prefix="spec-host-")
+    cfg = BartConfig(
+        vocab_size=512,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=max(128, args.tokens + 8),
+    )
+    torch.manual_seed(0)
+    BartForConditionalGeneration(cfg).save_pretrained(path)
+    loaded = load_model(path, device="cpu", dtype="float32")
+    n, t = args.requests, args.tokens
+    p = SamplingParams(max_new_tokens=t, min_new_tokens=t, stop_token_ids=(cfg.eos_token_id,))
+
+    def requests():
+        start = [cfg.decoder_start_token_id]
+        return [
+            Request([0] + [5 + (i * 7 + j) % 400 for j in range(20)] + [2], start, p, i) for i in range(n)
+        ]
+
+    engine_cfg = dict(block_size=16, num_blocks=n * (t // 16 + 4), max_num_seqs=n)
+    plain = Engine(loaded, **engine_cfg)
+    recorded = {r.request_id: r.token_ids for r in plain.generate(requests())}
+
+    def measure(engine, label):
+        engine.reset_stats()
+        prof = cProfile.Profile(time.process_time)
+        t0 = time.process_time()
+        prof.enable()
+        out = list(engine.generate(requests()))
+        prof.disable()
+        cpu = time.process_time() - t0
+        stats = pstats.Stats(prof)
+        model = sum(
+            v[3]
+            for (f, _, fn), v in stats.stats.items()
+            if f.endswith("encdec_models/bart.py") and fn in ("encode", "decode")
+        )
+        st = engine.stats
+        same = sum(r.token_ids == recorded[r.request_id] for r in out) / len(out)
+        print(
+            f"{label}: {cpu * 1e3 / st.steps:.2f} ms/step CPU, host (less model) "
+            f"{(cpu - model) * 1e3 / st.steps:.2f} ms/step, {st.steps} steps, drafts {st.draft_tokens}, "
+            f"accepted {st.accepted_tokens}, outputs equal to plain {same:.3f}"
+        )
+        if args.show == label:
+            stats.sort_stats("tottime").print_stats(25)
+
+    measure(plain, "plain")
+    plain.close()
+    for alpha in (float(a) for a in args.alphas.split(",")):
+        drafter = OracleDrafter(recorded, alpha, args.k, loaded.model.vocab_size)
+        engine = Engine(loaded, drafter=drafter, speculative_adaptive=not args.fixed_k, **engine_cfg)
+        measure(engine, f"k{args.k}a{alpha}")
+        engine.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,622 @@
+"""Speculative decoding inside continuous batching (``EngineConfig.speculative``, ``--speculative``).
+
+Each step a drafter proposes up to K tokens for every running sequence, and one model run verifies
+them all: a sequence's uncached token and its drafts are its queries (K + 1 in a decode step),
+through the same multi-query paged attention as prompts, so the step reads each request's cross
+cache once for up to K + 1 tokens. Sequences without a draft ride in the same run with their one
+token. The logits of each sequence's last len(draft) + 1 inputs decide:
+
+- greedy rows take the drafts up to the first that differs from the argmax, then the argmax there:
+  exactly the tokens plain greedy decoding gives (every logits rule sees the draft prefix of its
+  row, ``Extended``);
+- sampled rows use speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft token d
+  is accepted with probability min(1, p(d) / q(d)) (q: the draft's distribution; a point mass for
+  drafts chosen outright), a rejected one is replaced by a sample of max(0, p - q) normalised, and
+  when all are accepted one more token comes from p. The output distribution is p's.
+
+Rejected drafts' cache slots are given back (``BlockManager.truncate``). Beam search is refused
+(the engine turns such a request into an error Result; the CLI refuses the options together).
+
+Drafters:
+- ``NgramDrafter`` (prompt lookup): the continuation of the latest earlier occurrence of the
+  sequence's last n tokens (n = 3, 2, 1) in the encoder input's token ids (where encoder and
+  decoder share a vocabulary: BART, T5, Marian), the prompt and the tokens generated so far.
+- ``ModelDrafter``: a smaller model with the same tokenizer, run K steps ahead in its own KV pool;
+  where its encoder weights equal the target's (distil-whisper), it takes the target's encoder
+  output instead of running its own encoder.
+- ``OracleDrafter`` (measuring only): the target's own greedy continuation, recorded in an earlier
+  run, each token replaced by a wrong one with probability 1 - alpha.
+"""
+
+from __future__ import annotations
+
+import weakref
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
+from encdec_cli.engine.config import DEFAULT_K, EngineConfig
+from encdec_cli.engine.sampling import process_logits, sampling_generator, sampling_probs
+from encdec_cli.engine.sequence import Sequence, SequenceGroup
+from encdec_cli.engine.transfer import to_device
+
+
+@dataclass
+class Draft:
+    """Draft tokens for one sequence. ``probs`` [len(tokens), V]: the distribution each token was
+    sampled from (a draft model sampling); None: the tokens were chosen outright (q = 1 for them)."""
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+
+
+class Drafter:
+    """Proposes draft tokens. ``propose`` gets the step's sequences and, per sequence, the most
+    draft tokens it may take (``room``; 0: none); it returns a Draft or None per sequence."""
+
+    k: int = DEFAULT_K
+    name: str = "drafter"
+
+    def propose(self, seqs: list[Sequence], room: list[int]) -> list[Draft | None]:
+        raise NotImplementedError
+
+    def on_encode(self, groups: list[SequenceGroup], hidden: torch.Tensor | None) -> None:
+        """The target just ran its encoder for ``groups`` (packed output ``hidden``), or (``hidden``
+        None) admitted them on a cached encoder run (prefix cache: no encoder output this step)."""
+
+    def forget(self, group: SequenceGroup) -> None:
+        """The group finished or was preempted: drop what is kept for it."""
+
+
+# ---- prompt lookup -------------------------------------------------------------------------------
+
+
+class _Lookup:
+    """One request's n-gram indexes: n-gram -> where its continuation starts, for the encoder
+    input's ids (first occurrence) and the decoder tokens (latest occurrence, extended as they grow)."""
+
+    __slots__ = ("encoder", "decoder", "done")
+
+    def __init__(self, encoder_ids: list[int] | None, sizes: range):
+        self.encoder: dict[tuple[int, ...], int] = {}
+        if encoder_ids:
+            for c in range(len(encoder_ids) - 1, 0, -1):  # backwards: the first occurrence wins
+                for n in sizes:
+                    if c >= n:
+                        self.encoder[tuple(encoder_ids[c - n : c])] = c
+        self.decoder: dict[tuple[int, ...], int] = {}
+        self.done = 0  # continuation starts indexed so far in the decoder tokens
+
+
+class NgramDrafter(Drafter):
+    """Prompt lookup: the continuation of the longest (n <= ``max_n``) latest earlier occurrence of
+    the sequence's last n tokens, in the encoder input (``encoder_ids``: where it shares the decoder's
+    vocabulary) and in the decoder's own tokens (prompt and generated)."""
+
+    name = "ngram"
+
+    def __init__(self, k: int = DEFAULT_K, encoder_ids: bool = True, max_n: int = 3, min_n: int = 1):
+        self.k, self.encoder_ids = k, encoder_ids
+        self.sizes = range(max_n, min_n - 1, -1)
+        self._state: weakref.WeakKeyDictionary[SequenceGroup, _Lookup] = weakref.WeakKeyDictionary()
+
+    def _lookup(self, group: SequenceGroup) -> _Lookup:
+        state = self._state.get(group)
+        if state is None:
+            ids = group.request.encoder_input
+            usable = self.encoder_ids and isinstance(ids, (list, tuple))
+            usable = usable and all(isinstance(t, int) for t in ids)
+            state = self._state[group] = _Lookup(list(ids) if usable else None, self.sizes)
+        return state
+
+    def propose(self, seqs: list[Sequence], room: list[int]) -> list[Draft | None]:
+        out: list[Draft | None] = []
+        for s, r in zip(seqs, room):
+            k = min(self.k, r)
+            out.append(self._draft(s, k) if k > 0 else None)
+        return out
+
+    def _draft(self, s: Sequence, k: int) -> Draft | None:
+        st, tokens = self._lookup(s.group), s.tokens
+        end = len(tokens)
+        dec = st.decoder
+        for c in range(max(st.done, 1), end):  # n-grams ending before c, continued by tokens[c]
+            for n in self.sizes:
+                if c >= n:
+                    dec[tuple(tokens[c - n : c])] = c  # later occurrences overwrite: the latest wins
+        st.done = end
+        enc_ids = s.group.request.encoder_input
+        for n in self.sizes:
+            if end < n:
+                continue
+            key = tuple(tokens[end - n :])
+            c = st.encoder.get(key)
+            if c is not None:
+                return Draft(list(enc_ids[c : c + k]))
+            c = dec.get(key)
+            if c is not None:
+                return Draft(tokens[c : c + k])
+        return None
+
+
+# ---- oracle (measuring the engine) --------------------------------------------------------------
+
+
+class OracleDrafter(Drafter):
+    """For measuring the engine only (``encdec bench --speculative oracle``), synthetic: proposes the
+    target's own greedy continuation of each request (``continuations``: request_id -> the token ids
+    an earlier run generated), each draft token replaced by a wrong one with probability
+    1 - ``alpha``, seeded per request (the same drafts whatever the batch). A sequence that left the
+    recorded path (reduced-precision numerics in another batch composition) gets no draft."""
+
+    name = "oracle"
+
+    def __init__(self, continuations: dict, alpha: float, k: int, vocab_size: int, seed: int = 0):
+        if not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.continuations, self.alpha, self.k = continuations, alpha, k
+        self.vocab_size, self.seed = vocab_size, seed
+        self._drafts: dict = {}  # request_id -> the recorded tokens with the wrong ones in place
+        self.off_track = 0  # proposals skipped: the sequence left the recorded continuation
+
+    def _noisy(self, rid) -> list[int] | None:
+        out = self._drafts.get(rid)
+        if out is None:
+            cont = self.continuations.get(rid)
+            if cont is None:
+                return None
+            rng = np.random.default_rng([self.seed, zlib.crc32(repr(rid).encode())])
+            wrong = rng.random(len(cont)) >= self.alpha
+            shift = rng.integers(1, self.vocab_size, len(cont))  # never 0: a different token
+            arr = np.asarray(cont, np.int64)
+            out = self._drafts[rid] = np.where(wrong, (arr + shift) % self.vocab_size, arr).tolist()
+        return out
+
+    def propose(self, seqs: list[Sequence], room: list[int]) -> list[Draft | None]:
+        out: list[Draft | None] = []
+        for s, r in zip(seqs, room):
+            rid = s.group.request.request_id
+            noisy, cont = self._noisy(rid), self.continuations.get(rid)
+            g = s.num_generated
+            k = min(self.k, r, len(cont) - g) if cont is not None else 0
+            if k < 1:
+                out.append(None)
+            elif g and s.tokens[-1] != cont[g - 1]:
+                self.off_track += 1
+                out.append(None)
+            else:
+                out.append(Draft(noisy[g : g + k]))
+        return out
+
+
+# ---- a draft model -------------------------------------------------------------------------------
+
+
+def same_encoder(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Whether two models' encoders have equal weights (then one encoder output serves both)."""
+
+    def enc(m):
+        return {n: p for n, p in m.named_parameters() if n.startswith("encoder.") or n == "shared.weight"}
+
+    ea, eb = enc(a), enc(b)
+    if not ea or ea.keys() != eb.keys():
+        return False
+    return all(ea[n].shape == eb[n].shape and torch.equal(ea[n], eb[n].to(ea[n].device)) for n in ea)
+
+
+def check_same_tokenizer(target, draft) -> None:
+    """ValueError unless the draft's tokenizer (or, without one, its vocabulary size) is the target's."""
+    ta, tb = target.tokenizer, draft.tokenizer
+    if ta is not None and tb is not None:
+        if ta.get_vocab() != tb.get_vocab():
+            raise ValueError(
+                f"the draft model {draft.path} has another tokenizer than the target; speculative "
+                "decoding needs a draft with the same tokenizer"
+            )
+    elif draft.model.vocab_size != target.model.vocab_size:
+        raise ValueError(
+            f"the draft model {draft.path} has a vocabulary of {draft.model.vocab_size} tokens, the "
+            f"target {target.model.vocab_size}; speculative decoding needs the same tokenizer"
+        )
+
+
+class _Shadow:
+    """The draft model's copy of one request: a SequenceGroup of its own (cross blocks in the draft's
+    pool) whose one sequence follows the target's tokens, plus how many of them were synced."""
+
+    __slots__ = ("group", "seq", "synced")
+
+    def __init__(self, group: SequenceGroup):
+        self.group = group
+        self.seq = group.seqs[0]
+        self.seq.tokens = []
+        self.synced = 0  # leading tokens known equal to the target's
+
+
+class ModelDrafter(Drafter):
+    """A smaller model with the target's tokenizer, in its own runner and KV pool (as many blocks as
+    the target's, or what fits). Each step it catches up with the target's tokens (keeping the cache
+    of the drafts that were accepted) and runs up to K single-token steps. When its pool or its
+    length limits cannot hold a request, that request simply gets no drafts."""
+
+    name = "model"
+
+    def __init__(self, draft, target, k: int, config: EngineConfig, num_blocks: int):
+        from encdec_cli.engine.runner import ModelRunner
+
+        check_same_tokenizer(target, draft)
+        self.k, self.draft = k, draft
+        self.model = draft.model
+        self.shares_encoder = same_encoder(target.model, draft.model)
+        self.target_vocab = target.model.vocab_size
+        dev = next(self.model.parameters()).device
+        if dev.type == "cuda":  # the target's pool took its share: what is left, at most as many blocks
+            dtype = next(self.model.parameters()).dtype
+            per_block = ModelRunner.bytes_per_block(self.model, config.block_size, dtype)
+            num_blocks = max(16, min(num_blocks, int(torch.cuda.mem_get_info(dev)[0] * 0.5 // per_block)))
+        cfg = EngineConfig(
+            block_size=config.block_size,
+            max_num_seqs=config.max_num_seqs,
+            max_source_len=config.max_source_len,
+            max_target_len=config.max_target_len,
+            num_blocks=num_blocks,
+            absorb_cross=False,
+            enforce_eager=config.enforce_eager,
+        )
+        self.runner = ModelRunner(self.model, cfg)
+        self.blocks = BlockManager(num_blocks, config.block_size, self.runner.cross_block_rows)
+        if dev.type == "cuda" and not config.enforce_eager:
+            from encdec_cli.engine.cuda_graphs import CudaGraphs
+
+            graphs = CudaGraphs(self.runner, config.max_num_seqs)
+            graphs.capture(self.model)
+            self.runner.graphs = graphs
+        self._state: dict[SequenceGroup, _Shadow] = {}
+
+    def forget(self, group: SequenceGroup) -> None:
+        sh = self._state.pop(group, None)
+        if sh is not None:
+            self.blocks.free(sh.seq.block_table)
+            self.blocks.free(sh.group.cross_blocks)
+            sh.seq.block_table, sh.group.cross_blocks = [], []
+
+    def on_encode(self, groups: list[SequenceGroup], hidden: torch.Tensor | None) -> None:
+        if hidden is None and self.shares_encoder:  # nothing to write the draft's cross cache from:
+            for g in groups:  # no drafts for these requests (their own encoder would be the target's)
+                self.forget(g)
+            return
+        taken: list[_Shadow | None] = []
+        for g in groups:
+            self.forget(g)  # re-admitted after a preemption: start again
+            need = self.blocks.cross_blocks_for(g.encoder_len)
+            if g.encoder_len > self.runner.max_source_len or need > self.blocks.num_free:
+                taken.append(None)
+                continue
+            shadow = SequenceGroup(g.request, g.encoder_len, g.max_new_tokens, g.order)
+            shadow.cross_blocks = self.blocks.allocate(need)
+            if g.params.temperature > 0:  # its own random stream, independent of the target's
+                gen = shadow.generator = torch.Generator(device=self.runner.device)
+                seed = g.params.seed
+                if seed is None:
+                    gen.seed()
+                else:
+                    gen.manual_seed((seed * 1_000_003 + 12_345) % 2**63)
+            sh = self._state[g] = _Shadow(shadow)
+            taken.append(sh)
+        mine = [sh.group for sh in taken if sh is not None]
+        if not mine:
+            return
+        if not self.shares_encoder:
+            self.runner.encode(mine)
+            return
+        slots = np.concatenate(
+            [
+                self.runner._cross_positions(sh.group, 0, g.encoder_len)
+                if sh is not None
+                else np.full(g.encoder_len, -1, np.int64)
+                for g, sh in zip(groups, taken)
+            ]
+        )
+        self.model.write_cross_kv(hidden, to_device(hidden.device, slots))
+        for g in mine:
+            g.encoded = True
+
+    def _sync(self, s: Sequence, sh: _Shadow, k: int) -> int:
+        """Bring the draft sequence to the target's tokens; room for ``k`` drafts -> drafts it may
+        make (0 when its pool or length limit says no)."""
+        ds, tokens = sh.seq, s.tokens
+        same = sh.synced  # the draft's tokens agree with the target's up to the last sync ...
+        n = min(len(ds.tokens), len(tokens))
+        while same < n and ds.tokens[same] == tokens[same]:  # ... and then up to the first rejection
+            same += 1
+        ds.num_cached = min(ds.num_cached, same, len(tokens) - 1)  # the last token is always an input
+        del ds.tokens[same:]
+        ds.tokens += tokens[same:]
+        sh.synced = len(tokens)
+        self.blocks.truncate(ds.block_table, len(ds.tokens))  # the rejected drafts' slots
+        k = min(k, self.runner.max_target_len - len(tokens) + 1)
+        if k < 1:
+            return 0
+        try:
+            copies = self.blocks.prepare_write(ds.block_table, ds.num_cached, len(tokens) + k - 1)
+        except OutOfBlocks:
+            return 0
+        self.runner.copy_blocks(copies)
+        return k
+
+    def propose(self, seqs: list[Sequence], room: list[int]) -> list[Draft | None]:
+        out: list[Draft | None] = [None] * len(seqs)
+        todo: list[tuple[int, _Shadow, int]] = []  # (row, shadow, drafts wanted)
+        for i, (s, r) in enumerate(zip(seqs, room)):
+            sh = self._state.get(s.group)
+            if sh is not None and r > 0:
+                k = self._sync(s, sh, min(self.k, r))
+                if k:
+                    todo.append((i, sh, k))
+        drafts = {i: Draft([], None) for i, _, _ in todo}
+        probs: dict[int, list[torch.Tensor]] = {i: [] for i, _, _ in todo}
+        for step in range(max((k for _, _, k in todo), default=0)):
+            live = [(i, sh) for i, sh, k in todo if step < k]
+            dseqs = [sh.seq for _, sh in live]
+            logits = self.runner.decode(dseqs)
+            if logits.shape[1] > self.target_vocab:  # never propose what the target cannot say
+                logits[:, self.target_vocab :] = float("-inf")
+            process_logits(logits, dseqs)
+            greedy = logits.argmax(-1).tolist()
+            for j, (i, sh) in enumerate(live):
+                p = sh.group.params
+                t = greedy[j]
+                if p.temperature > 0:
+                    q = sampling_probs(logits[j : j + 1], p)[0]
+                    t = int(torch.multinomial(q, 1, generator=sampling_generator(sh.group, q.device)))
+                    probs[i].append(q)
+                sh.seq.tokens.append(t)
+                drafts[i].tokens.append(t)
+        for i, _, _ in todo:
+            if probs[i]:
+                drafts[i].probs = torch.stack(probs[i])
+            out[i] = drafts[i]
+        return out
+
+
+# ---- verification ----------------------------------------------------------------------------------
+
+
+class Extended:
+    """A sequence seen with some draft tokens after its own: what the logits rules of the
+    verification row after those drafts read (token counts, n-grams, timestamps). Plain
+    attributes: the rules read them for every row of every step."""
+
+    __slots__ = ("seq", "extra", "group", "num_prompt", "num_generated", "_tokens", "ngrams", "stop_logprob")
+
+    def __init__(self, seq: Sequence, extra: list[int]):
+        self.seq, self.extra, self.group, self.num_prompt = seq, extra, seq.group, seq.num_prompt
+        self.num_generated = len(seq.tokens) + len(extra) - seq.num_prompt
+        self._tokens: list[int] | None = None
+        self.ngrams = None
+        self.stop_logprob = None
+
+    @property
+    def tokens(self) -> list[int]:
+        if self._tokens is None:
+            self._tokens = self.seq.tokens + self.extra
+        return self._tokens
+
+
+@dataclass
+class Verified:
+    """One sequence's outcome of a verification step."""
+
+    tokens: list[int]  # accepted drafts, then one token of the target's own
+    logprobs: list[float] | None
+    accepted: int  # draft tokens accepted
+
+
+def _fit_vocab(q: torch.Tensor, vocab: int) -> torch.Tensor:
+    if q.shape[1] == vocab:
+        return q
+    if q.shape[1] > vocab:
+        return q[:, :vocab]
+    return torch.nn.functional.pad(q, (0, vocab - q.shape[1]))
+
+
+def speculative_sample(
+    probs: torch.Tensor, draft: Draft | None, generator: torch.Generator
+) -> tuple[list[int], int]:
+    """Speculative sampling for one sequence. ``probs`` [k + 1, V]: the target's distribution after
+    each draft prefix; returns (tokens, drafts accepted): the accepted drafts, then a sample of the
+    residual max(0, p - q) at the first rejection or of p after the last draft."""
+    k = len(draft.tokens) if draft is not None else 0
+    vocab, dev = probs.shape[1], probs.device
+    m, q = 0, None
+    if k:
+        idx = to_device(dev, draft.tokens).clamp_(max=vocab - 1)[:, None]
+        valid = to_device(dev, [t < vocab for t in draft.tokens], torch.bool)
+        p_d = probs[:k].gather(1, idx)[:, 0] * valid
+        if draft.probs is not None:
+            q = _fit_vocab(draft.probs.to(dev, torch.float32), vocab)
+            q_d = q.gather(1, idx)[:, 0]
+        else:
+            q_d = torch.ones(k, device=dev)
+        u = torch.rand(k, generator=generator, device=dev)
+        accept = (u * q_d < p_d).tolist()  # u < p(d) / q(d)
+        m = accept.index(False) if False in accept else k
+    if m < k:
+        if q is not None:
+            resid = (probs[m] - q[m]).clamp_min(0)
+        else:
+            resid = probs[m].clone()
+            if draft.tokens[m] < vocab:
+                resid[draft.tokens[m]] = 0
+        total = resid.sum()
+        last = resid / total if float(total) > 0 else probs[m]
+    else:
+        last = probs[k]
+    token = int(torch.multinomial(last, 1, generator=generator))
+    return (draft.tokens[:m] if k else []) + [token], m
+
+
+class _Adapt:
+    """One sequence's drafting state (adaptive K): the drafts it may take now, and, while that is 0,
+    the steps left until it tries one draft again and how long it waited last."""
+
+    __slots__ = ("k", "wait", "backoff", "misses")
+
+    def __init__(self, k: int):
+        self.k, self.wait, self.backoff, self.misses = k, 0, 0, 0
+
+
+# steps a sequence whose drafts keep failing waits before trying one draft again: doubling from the
+# first to the last (a rejected retry waits longer; an accepted draft ends the back-off)
+BACKOFF_FIRST, BACKOFF_MOST = 4, 32
+MISSES = 2  # steps in a row with every draft rejected that halve K (one rejected retry ends a try)
+
+
+class Speculator:
+    """The engine's side of speculation: asks the drafter, makes room for the drafts in the target's
+    pool, verifies, and gives rejected drafts' slots back.
+
+    Adaptive drafting (``adaptive``): each sequence starts at K drafts a step; ``MISSES`` steps
+    in a row whose drafts were all rejected halve its K (down to none: it then decodes as in a
+    plain step, and after ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long after
+    each failed try, at most ``BACKOFF_MOST``); a step with an accepted draft doubles it again
+    (at most K). Where drafts are rarely right, a step costs about what a plain one does; the
+    output is the same either way (verification decides every token)."""
+
+    def __init__(self, drafter: Drafter, blocks: BlockManager, adaptive: bool = True):
+        self.drafter, self.blocks, self.adaptive = drafter, blocks, adaptive
+        self._adapt: weakref.WeakKeyDictionary[Sequence, _Adapt] = weakref.WeakKeyDictionary()
+
+    @property
+    def k(self) -> int:
+        return self.drafter.k
+
+    def _want(self, s: Sequence) -> int:
+        """Drafts the sequence may take this step (adaptive K; without it, K)."""
+        k = self.drafter.k
+        if not self.adaptive:
+            return k
+        a = self._adapt.get(s)
+        if a is None:
+            a = self._adapt[s] = _Adapt(k)
+        if a.k == 0:
+            a.wait -= 1
+            if a.wait > 0:
+                return 0
+            return 1  # a try: its outcome (adapt) sets k and the next wait
+        return min(a.k, k)
+
+    def adapt(self, s: Sequence, proposed: int, accepted: int) -> None:
+        """After verification: the sequence's K for the next steps (see the class docstring)."""
+        if not self.adaptive or proposed == 0:
+            return
+        a = self._adapt.get(s)
+        if a is None:
+            return
+        if accepted == 0:
+            if a.k == 0:  # a failed try: wait twice as long
+                a.backoff = a.wait = min(BACKOFF_MOST, a.backoff * 2)
+                return
+            a.misses += 1
+            if a.misses < MISSES:
+                return
+            a.misses, a.k = 0, a.k // 2
+            if a.k == 0:
+                a.backoff = a.wait = BACKOFF_FIRST
+        else:
+            a.k, a.backoff, a.misses = min(self.drafter.k, max(1, a.k) * 2), 0, 0
+
+    def propose(self, seqs: list[Sequence]) -> tuple[list[Draft | None], list[tuple[int, int]]]:
+        """Drafts for the step's sequences with cache slots for them -> (drafts, block copies to
+        run first). A sequence gets at most as many drafts as it may still generate tokens, less one
+        (the target adds one of its own), its adaptive K allows, and none when the pool has no room
+        for them. The drafter sees only the sequences that may take drafts."""
+        drafts: list[Draft | None] = [None] * len(seqs)
+        ask, room = [], []
+        for i, s in enumerate(seqs):
+            r = min(s.group.max_new_tokens - s.num_generated - 1, self._want(s))
+            if r > 0:
+                ask.append(i)
+                room.append(r)
+        if not ask:
+            return drafts, []
+        proposed = self.drafter.propose([seqs[i] for i in ask], room)
+        copies: list[tuple[int, int]] = []
+        bs = self.blocks.block_size
+        for i, d in zip(ask, proposed):
+            if d is None or not d.tokens:
+                continue
+            s = seqs[i]
+            n = len(s.tokens)
+            try:
+                copies += self.blocks.prepare_write(s.block_table, n, n + len(d.tokens))
+            except OutOfBlocks:  # only what the last block still holds (no preemption for drafts)
+                fit = len(s.block_table) * bs - n
+                if fit <= 0 or self.blocks.refs[s.block_table[-1]] > 1:
+                    continue
+                d.tokens = d.tokens[:fit]
+                d.probs = d.probs[:fit] if d.probs is not None else None
+            drafts[i] = d
+        return drafts, copies
+
+    def verify(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
+    ) -> list[Verified]:
+        """logits [sum(len(draft) + 1), V] float32 (``ModelRunner.decode(drafts=...)``) -> each
+        sequence's tokens (see the module docstring). Greedy rows are decided together: one
+        device-to-host copy of the argmaxes, acceptance over all rows in numpy."""
+        lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, len(drafts))
+        starts = np.zeros(len(seqs), np.int64)
+        np.cumsum(lens[:-1] + 1, out=starts[1:])
+        rows: list = []
+        for s, d in zip(seqs, drafts):
+            rows.append(s)
+            if d is not None:
+                rows += [Extended(s, d.tokens[:j]) for j in range(1, len(d.tokens) + 1)]
+        process_logits(logits, rows)
+        temps = [s.group.params.temperature for s in seqs]
+        accepted = np.zeros(len(seqs), np.int64)
+        greedy = None
+        if 0 in temps:
+            greedy = logits.argmax(-1).cpu().numpy()
+            kmax = int(lens.max()) if len(lens) else 0
+            if kmax:
+                table = np.full((len(seqs), kmax), -1, np.int64)  # drafts, -1 past each row's end
+                for i, d in enumerate(drafts):
+                    if d is not None:
+                        table[i, : len(d.tokens)] = d.tokens
+                at = np.minimum(starts[:, None] + np.arange(kmax), len(greedy) - 1)
+                agree = greedy[at] == table  # -1 never equals a token
+                accepted = np.where(agree.all(1), kmax, agree.argmin(1))  # drafts before the first miss
+                accepted = np.minimum(accepted, lens)
+        log_probs = torch.log_softmax(logits, -1) if any(s.group.params.logprobs for s in seqs) else None
+        bonus = greedy[starts + accepted].tolist() if greedy is not None else None
+        out = []
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
+            p = s.group.params
+            o, k = int(starts[i]), int(lens[i])
+            if temps[i] == 0:
+                m = int(accepted[i])
+                tokens = (d.tokens[:m] if m else []) + [bonus[i]]
+            else:
+                probs = sampling_probs(logits[o : o + k + 1], p)
+                tokens, m = speculative_sample(probs, d, sampling_generator(s.group, logits.device))
+            lps = None
+            if p.logprobs:
+                at = to_device(logits.device, [o + j for j in range(len(tokens))])
+                lps = log_probs[at, to_device(logits.device, tokens)].tolist()
+                for t, lp in zip(tokens, lps):
+                    if t in p.stop_token_ids:
+                        s.stop_logprob = lp
+                        break
+            out.append(Verified(tokens, lps, m))
+        return out
+
+    def settle(self, seq: Sequence, num_tokens_before: int, accepted: int) -> None:
+        """After a running sequence took its verified tokens: the cache holds its tokens up to the
+        accepted drafts; the slots past its tokens go back to the pool."""
+        seq.num_cached = num_tokens_before + accepted
+        self.blocks.truncate(seq.block_table, len(seq.tokens))
