@@ -124,7 +124,8 @@ class Moonshine(EncDecModel):
         self.proj_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie = getattr(cfg, "tie_word_embeddings", True)
         heads = cfg.decoder_num_attention_heads
-        self.cache_spec = CacheSpec(cfg.decoder_num_hidden_layers, heads, cfg.hidden_size // heads, cfg.hidden_size)
+        d = cfg.hidden_size
+        self.cache_spec = CacheSpec(cfg.decoder_num_hidden_layers, heads, d // heads, d)
         self.max_target_positions = cfg.max_position_embeddings
         self.max_source_positions = encoder_frames(MAX_SECONDS * SAMPLE_RATE)
         self.vocab_size = cfg.vocab_size

@@ -7,7 +7,16 @@ import typer
 
 from encdec_cli import errors
 from encdec_cli.commands import common
-from encdec_cli.commands.common import Device, Dtype, EnforceEager, GpuMemory, Quiet, RetryFailed
+from encdec_cli.commands.common import (
+    Device,
+    Dtype,
+    EnforceEager,
+    GpuMemory,
+    PipelineParallel,
+    PpLayers,
+    Quiet,
+    RetryFailed,
+)
 
 VISION_MODEL_HELP = (
     "Image-to-text model: a VisionEncoderDecoderModel folder (TrOCR: ViT/DeiT + TrOCR decoder; Donut: "
@@ -79,6 +88,8 @@ def image_to_text(
     max_num_seqs: int = typer.Option(256, "--max-num-seqs", help="Images decoded together per step."),
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    pipeline_parallel: PipelineParallel = 1,
+    pp_layers: PpLayers = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images an earlier run finished."),
     retry_failed: RetryFailed = False,
     quiet: Quiet = False,
@@ -109,6 +120,7 @@ def image_to_text(
     output = output or default_output(fmt)
     check_output(output, fmt)
     check_inputs(inputs, image_column, id_column, column_flag="--image-column")
+    pipeline = common.pipeline_options(pipeline_parallel, pp_layers)
     path = common.check_model(model, "image-to-text")
     opts = ImageToTextOptions(
         task=task,
@@ -119,7 +131,7 @@ def image_to_text(
         workers=workers,
     )
     engine = common.load_engine(
-        path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet
+        path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, quiet, **pipeline
     )
     with errors.writing_to(output):
         return run_image_to_text(

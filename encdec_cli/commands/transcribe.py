@@ -16,9 +16,9 @@ from encdec_cli.commands.common import (
     Dtype,
     EnforceEager,
     GpuMemory,
+    NoPrefixCache,
     PipelineParallel,
     PpLayers,
-    NoPrefixCache,
     Quiet,
     RetryFailed,
     SummaryJson,
@@ -226,11 +226,14 @@ def transcribe(
     window = engine_window(max_num_seqs)
     engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager)
     dist, device, ranks = common.placement(
-        path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache, window=window,
+        *(path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache),
+        window=window,
         **pipeline,
     )
     engine = ranks or common.load_engine(
-        path, device, dtype, *engine_options, quiet, no_prefix_cache, window=window, speculative=spec,
+        *(path, device, dtype, *engine_options, quiet, no_prefix_cache),
+        window=window,
+        speculative=spec,
         **pipeline,
     )
     with errors.writing_to(output):

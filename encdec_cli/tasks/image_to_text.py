@@ -43,7 +43,7 @@ from encdec_cli.io.manifest import Manifest, file_key
 from encdec_cli.io.tables import open_sink
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import JobOutcome, Wording
+from encdec_cli.tasks.outcome import JobOutcome, Wording, stage_busy_note
 from encdec_cli.tasks.progress import JobProgress
 
 FORMATS = ("txt", "jsonl", "parquet")
@@ -457,6 +457,7 @@ def run_image_to_text(
         interrupted=interrupted,
         failures=failed,
         notes=notes,
+        details=stage_busy_note(engine.stats),
     )
     progress.summary(outcome.summary())
     return outcome.exit_code()

@@ -191,3 +191,55 @@ def test_a_killed_stage_fails_the_job_and_a_rerun_resumes(tiny_text_model, tmp_p
     table = pq.read_table(out)
     assert table.column("id").to_pylist() == list(range(40))
     assert all(table.column("summary").to_pylist())
+
+
+def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "encdec_cli", *map(str, args)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
+
+
+def test_data_parallel_ranks_each_a_pipeline(tiny_text_model, tmp_path):
+    """-dp 2 -pp 2: two data-parallel ranks, each the stage 0 of its own two-stage pipeline (four
+    processes): the output table is byte for byte the one process's."""
+    tiny = tiny_text_model("bart")
+    rng = random.Random(6)
+    texts = [" ".join(random_words(rng, rng.randint(2, 8))) for _ in range(24)]
+    pq.write_table(pa.table({"id": list(range(24)), "text": texts}), tmp_path / "in.parquet")
+    outs = {}
+    for name, extra in (("one", []), ("dp-pp", ["-dp", 2, "-pp", 2])):
+        out = tmp_path / f"{name}.parquet"
+        r = _cli("summarize", tmp_path / "in.parquet", "-m", tiny.path, "-o", out, "--device", "cpu",
+                 "--max-num-seqs", 4, "-q", *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[name] = out.read_bytes()
+    assert outs["one"] == outs["dp-pp"]
+
+
+def test_image_to_text_in_stages_and_the_usage_refusals(tmp_path, tiny_text_model):
+    """image-to-text -pp 2 writes what one process writes; what cannot run in stages is a usage
+    error (exit 2) that says why."""
+    from tests.support.vision_models import draw_images, random_trocr
+
+    model = tmp_path / "trocr"
+    random_trocr(model)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, im in enumerate(draw_images(3, seed=3)):
+        im.save(images / f"{i}.png")
+    outs = {}
+    for name, extra in (("one", []), ("two", ["-pp", 2])):
+        out = tmp_path / f"{name}.jsonl"
+        r = _cli("image-to-text", images, "-m", model, "-o", out, "-f", "jsonl", "--device", "cpu",
+                 "--max-new-tokens", 8, "-q", *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[name] = out.read_bytes()
+    assert outs["one"] == outs["two"]
+    r = _cli("transcribe", images, "-m", model, "-pp", 2, "--word-timestamps", "--device", "cpu")
+    assert r.returncode == 2 and "--word-timestamps needs the whole decoder in one process" in r.stderr
+    pq.write_table(pa.table({"text": ["a b c"]}), tmp_path / "x.parquet")
+    r = _cli("summarize", tmp_path / "x.parquet", "-m", tiny_text_model("bart").path, "-pp", 2,
+             "--pp-layers", "3,x")  # fmt: skip
+    assert r.returncode == 2 and "--pp-layers takes comma-separated layer counts" in r.stderr

@@ -103,7 +103,8 @@ def test_vision_encoder_decoder(tmp_path, kind):
     elif kind == "trocr-narrow-decoder":
         random_trocr(tmp_path, encoder_type="deit", decoder=dict(d_model=32, decoder_attention_heads=2))
     else:
-        random_trocr(tmp_path, decoder=dict(d_model=32, decoder_attention_heads=2, cross_attention_hidden_size=48))
+        narrow = dict(d_model=32, decoder_attention_heads=2, cross_attention_hidden_size=48)
+        random_trocr(tmp_path, decoder=narrow)
     pixels = _pixels(tmp_path, 4)
     params = SamplingParams(max_new_tokens=12, stop_token_ids=(EOS,))
     prompt = [4] if kind == "donut" else [BOS]

@@ -40,3 +40,28 @@ def test_two_gpu_stages_give_the_tokens_of_one_gpu(tmp_path, absorb):
     got, stats = run(pipeline_parallel=2)
     assert got == want
     assert len(stats.stage_busy_seconds) == 2
+
+
+def test_two_gpu_stages_rotary_widths_and_speculative(tmp_path):
+    """T5Gemma with an encoder wider than its decoder (rotary positions, both widths over NCCL),
+    with and without n-gram speculative decoding: the greedy tokens of one GPU."""
+    from tests.models.test_parity_t5gemma import BOS, EOS, _build, _inputs
+
+    _build(tmp_path, "full-wide-encoder")
+    params = SamplingParams(max_new_tokens=16, stop_token_ids=(EOS,))
+    inputs = _inputs(6, 1) * 2  # duplicates: prefix-cache hits across the stages too
+
+    def run(**cfg):
+        engine = Engine(str(tmp_path), device="cuda:0", dtype="float32", **cfg)
+        try:
+            out = {r.request_id: r.token_ids for r in engine.generate(
+                Request(ids, [BOS], params, i) for i, ids in enumerate(inputs))}  # fmt: skip
+            return out, engine.stats
+        finally:
+            engine.close()
+
+    want, _ = run(enforce_eager=True)
+    got, stats = run(pipeline_parallel=2)
+    assert got == want and stats.prefix_cache_hits > 0
+    got, stats = run(pipeline_parallel=2, speculative="ngram:3")
+    assert got == want and stats.verify_steps > 0
