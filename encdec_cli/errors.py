@@ -17,6 +17,11 @@ IO_FAILURE = 3  # reading or writing files failed mid-job (disk full, no permiss
 # 130 (Ctrl-C) and 143 (SIGTERM): see encdec_cli.tasks.interrupts
 
 
+class PipelineFailure(RuntimeError):
+    """A stage of a pipeline-parallel engine stopped (killed, crashed): the job ends (exit status 1);
+    what finished is saved, so the same command run again resumes."""
+
+
 class UsageError(ValueError):
     """The command cannot run as given (exit status 2); the message says which flag fixes it."""
 

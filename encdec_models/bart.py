@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from encdec_models.base import AttentionMetadata, CacheSpec, EncoderBatch
-from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
+from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm
 from encdec_models.text import TextEncDecModel, packed_positions
 
 LEARNED_POSITION_OFFSET = 2  # BART/mBART position ids start at 2 (a fairseq leftover)
@@ -170,7 +170,7 @@ class Bart(TextEncDecModel):
         dec_embed = "shared.weight" if self.shared_vocab else "decoder.embed_tokens.weight"
         self.tied_weights = {"lm_head.weight": dec_embed} if cfg.tie_word_embeddings else {}
         heads = cfg.decoder_attention_heads
-        self.cache_spec = CacheSpec(cfg.decoder_layers, heads, d // heads)
+        self.cache_spec = CacheSpec(cfg.decoder_layers, heads, d // heads, d)
         self.max_target_positions = self.max_source_positions = cfg.max_position_embeddings
         self.source_vocab_size = cfg.vocab_size
         self.vocab_size = dec_vocab
@@ -199,24 +199,29 @@ class Bart(TextEncDecModel):
         self.tie_equal_weights()
 
     def decoder_layers(self):
-        return list(self.decoder.layers)
+        return self.decoder.layers
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    def encoder_layers(self):
+        return self.encoder.layers
+
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
         """batch.inputs: [T] packed token ids -> [T, d]."""
         enc = self.encoder
         if enc.padding_idx is None:
             positions = packed_positions(batch.cu_seqlens, batch.inputs.shape[0])
         else:  # fairseq counts the non-pad tokens: a pad inside an input shifts the rest back
             positions = nonpad_positions(batch.inputs, batch.cu_seqlens, enc.padding_idx)
-        x = enc.embed(self.shared(batch.inputs) * self.embed_scale, positions, batch.inputs)
-        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen)
-        return final_norm(enc.layer_norm, x, residual)
+        return enc.embed(self.shared(batch.inputs) * self.embed_scale, positions, batch.inputs)
 
-    def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
-        """tokens, positions: [Tq] new tokens and their index in their decoder sequence -> [N, V]."""
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return final_norm(self.encoder.layer_norm, x, residual)
+
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
+        """tokens, positions: [Tq] new tokens and their index in their decoder sequence."""
         dec = self.decoder
         embed = self.shared if self.shared_vocab else dec.embed_tokens
-        x = dec.embed(embed(tokens) * self.embed_scale, positions, tokens)
-        x, residual = run_layers(dec.layers, x, meta)
-        x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
+        return dec.embed(embed(tokens) * self.embed_scale, positions, tokens)
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        x = final_norm(self.decoder.layer_norm, x, residual, meta.logits_indices)
         return self.lm_logits(x) + self.final_logits_bias

@@ -6,6 +6,10 @@ A model family implements ``prepare_encoder_batch``, ``encode``, ``write_cross_k
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +109,47 @@ class CacheSpec:
     num_layers: int
     num_heads: int
     head_dim: int
+    # width of the encoder output, what cross-attention reads (T5: not num_heads * head_dim)
+    d_model: int
+    decoder_width: int | None = None  # the decoder's hidden width where it differs from d_model
+
+    @property
+    def hidden(self) -> int:
+        """Width of the decoder's hidden states."""
+        return self.decoder_width or self.d_model
+
+
+_boundary_hook: ContextVar[Callable[[int], None] | None] = ContextVar("layer_boundary_hook", default=None)
+
+
+@contextlib.contextmanager
+def layer_boundary_hook(fn: Callable[[int], None]):
+    """Within this block (and this thread), every ``run_layers`` stack calls fn(i) before its
+    layer i > 0: CUDA-graph capture cuts a decode step into several graphs at layer boundaries
+    (encdec_cli/engine/cuda_graphs.py)."""
+    token = _boundary_hook.set(fn)
+    try:
+        yield
+    finally:
+        _boundary_hook.reset(token)
+
+
+def run_layers(
+    layers, x, *args, residual=None, start: int = 0, end: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run layers [start, end) of a stack of encoder or decoder layers (all by default); ``args``
+    follow x in their forward; ``residual``: what the layer before ``start`` left pending.
+
+    Returns (x, residual): the hidden state is x + residual. Pre-norm layers leave their last
+    residual sum to the next norm (its fused add), one elementwise kernel less per layer; the
+    stack's final norm takes it through ``final_norm``. Post-norm layers return residual None."""
+    hook = _boundary_hook.get()
+    part = layers if start == 0 and end is None else itertools.islice(layers, start, end)
+    for i, layer in enumerate(part, start):
+        if i and hook is not None:
+            hook(i)
+        x, residual = layer(x, *args, residual=residual)
+    return x, residual
 
 
 class EncDecModel(nn.Module):
@@ -112,9 +157,16 @@ class EncDecModel(nn.Module):
 
     - ``encoder_length(item) -> int``: encoder tokens an input will take (Whisper: 1500).
     - ``prepare_encoder_batch(items, device) -> EncoderBatch``.
+    - the pieces around the two layer stacks: ``encoder_layers`` / ``decoder_layers``,
+      ``embed_encoder``, ``encoder_layer_args``, ``finish_encoder``, ``embed_decoder``,
+      ``decoder_layer_args``, ``decoder_head``.
+
+    From these the base composes the protocol the engine speaks:
     - ``encode(batch) -> hidden [total_encoder_tokens, d_model]``.
     - ``write_cross_kv(hidden, slot_mapping)``: project each decoder layer's cross K/V once.
     - ``decode(tokens [Tq], positions [Tq], meta) -> logits [N, vocab]``.
+    and its layer-range form for pipeline stages (``encoder_part``, ``decoder_part``; a stage binds
+    the cache of its own decoder layers with ``bind_cache(..., first=)``).
     """
 
     cache_spec: CacheSpec
@@ -137,8 +189,10 @@ class EncDecModel(nn.Module):
         v_cache: torch.Tensor,
         cross_rows: torch.Tensor | None = None,
         scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+        first: int = 0,
     ) -> None:
-        """Give each decoder layer its slice of the pool: caches are [L, NB, BS, H, D].
+        """Give each decoder layer its slice of the pool: caches are [L, NB, BS, H, D] for decoder
+        layers [first, first + L) (a pipeline stage holds the cache of its own layers only).
 
         cross_rows: the same pool seen as encoder-output rows [C, NB, RC, d_model] (absorbed
         cross-attention, see ``layers.Attention.cross``); None: cross K/V per layer.
@@ -147,11 +201,14 @@ class EncDecModel(nn.Module):
         self.cross_rows = cross_rows
         k_sc, v_sc, row_sc = scales if scales is not None else (None, None, None)
         self.cross_row_scales = row_sc
-        for i, layer in enumerate(self.decoder_layers()):
+        self._cache_layers = range(first, first + k_cache.shape[0])
+        layers = self.decoder_layers()
+        for i in self._cache_layers:
+            layer, j = layers[i], i - first
             for attn in (layer.self_attn, layer.encoder_attn):
-                attn.k_cache, attn.v_cache = k_cache[i], v_cache[i]
-                attn.k_scales = None if k_sc is None else k_sc[i]
-                attn.v_scales = None if v_sc is None else v_sc[i]
+                attn.k_cache, attn.v_cache = k_cache[j], v_cache[j]
+                attn.k_scales = None if k_sc is None else k_sc[j]
+                attn.v_scales = None if v_sc is None else v_sc[j]
             layer.encoder_attn.cross_rows = cross_rows
             layer.encoder_attn.row_scales = row_sc
 
@@ -166,7 +223,10 @@ class EncDecModel(nn.Module):
 
     @property
     def d_model(self) -> int:
-        return self.decoder_layers()[0].encoder_attn.kv_proj.in_features
+        return self.cache_spec.d_model
+
+    def encoder_layers(self) -> list[nn.Module]:
+        raise NotImplementedError
 
     def decoder_layers(self) -> list[nn.Module]:
         raise NotImplementedError
@@ -177,8 +237,59 @@ class EncDecModel(nn.Module):
     def prepare_encoder_batch(self, items: list[Any], device: torch.device) -> EncoderBatch:
         raise NotImplementedError
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    # ---- the pieces around the layer stacks (each family) ---------------------------------------
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
+        """[T, d] input of encoder layer 0."""
         raise NotImplementedError
+
+    def encoder_layer_args(self, batch: EncoderBatch, x: torch.Tensor) -> tuple:
+        """What follows x (the [T, d] input of the layers; a stage past the first gets a batch
+        without ``inputs``) in an encoder layer's forward."""
+        return (batch.cu_seqlens, batch.max_seqlen)
+
+    def finish_encoder(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """The encoder output from the last layer's (x, residual)."""
+        raise NotImplementedError
+
+    def embed_decoder(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[Tq, d] input of decoder layer 0."""
+        raise NotImplementedError
+
+    def decoder_layer_args(self, meta: AttentionMetadata, positions: torch.Tensor, x: torch.Tensor) -> tuple:
+        """What follows x in a decoder layer's forward (``positions``: [Tq] each input's index in
+        its decoder sequence, for rotary families)."""
+        return (meta,)
+
+    def decoder_head(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata):
+        """Logits [N, vocab] of the rows ``meta.logits_indices`` from the last layer's (x, residual)."""
+        raise NotImplementedError
+
+    # ---- the protocol, whole or a range of layers (pipeline stages) ---------------------------
+    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+        x = self.embed_encoder(batch)
+        x, residual = run_layers(self.encoder_layers(), x, *self.encoder_layer_args(batch, x))
+        return self.finish_encoder(x, residual)
+
+    def encoder_part(self, batch: EncoderBatch, start: int, end: int, x=None, residual=None):
+        """Encoder layers [start, end): from the embedding when ``start`` is 0, else from the
+        (x, residual) of the part before. Returns the encoder output when ``end`` is the last
+        layer, else (x, residual) for the next part."""
+        layers = self.encoder_layers()
+        if start == 0:
+            x = self.embed_encoder(batch)
+        x, residual = run_layers(
+            layers, x, *self.encoder_layer_args(batch, x), residual=residual, start=start, end=end
+        )
+        return self.finish_encoder(x, residual) if end == len(layers) else (x, residual)
+
+    def decoder_part(self, meta: AttentionMetadata, positions, start: int, end: int, x, residual=None):
+        """Decoder layers [start, end) from (x, residual) (``embed_decoder``'s output for layer 0):
+        the logits when ``end`` is the last layer, else (x, residual) for the next part."""
+        layers = self.decoder_layers()
+        x, residual = run_layers(
+            layers, x, *self.decoder_layer_args(meta, positions, x), residual=residual, start=start, end=end
+        )
+        return self.decoder_head(x, residual, meta) if end == len(layers) else (x, residual)
 
     def graph_encoder_batch(self, device: torch.device) -> EncoderBatch | None:
         """A one-item encoder batch of the fixed input shape every item of this model takes, to
@@ -192,8 +303,11 @@ class EncDecModel(nn.Module):
         if self.cross_rows is not None:  # slot = (chunk * NB + block) * RC + row; -1 = skip
             encdec_kernels.store_rows(hidden, self.cross_rows, slot_mapping, self.cross_row_scales)
             return
-        for layer in self.decoder_layers():
-            layer.encoder_attn.write_cross(hidden, slot_mapping)
+        layers = self.decoder_layers()
+        for i in getattr(self, "_cache_layers", range(len(layers))):  # the layers bind_cache bound
+            layers[i].encoder_attn.write_cross(hidden, slot_mapping)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        raise NotImplementedError
+        x = self.embed_decoder(tokens, positions)
+        x, residual = run_layers(self.decoder_layers(), x, *self.decoder_layer_args(meta, positions, x))
+        return self.decoder_head(x, residual, meta)

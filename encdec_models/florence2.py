@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from encdec_models.bart import Bart
 from encdec_models.base import AttentionMetadata, EncDecModel, EncoderBatch, host_to_device, stack_to_device
-from encdec_models.layers import MLP, LayerConfig, Norm, final_norm, run_layers
+from encdec_models.layers import MLP, LayerConfig, Norm
 from encdec_models.text import as_token_ids, packed_positions
 from encdec_models.vision import check_pixels
 
@@ -374,18 +374,26 @@ class Florence2(EncDecModel):
         """pixels [B, C, H, W] -> image tokens [B, N, d_model]."""
         return self.multi_modal_projector(self.vision_tower(pixels))
 
-    def encode(self, batch: ImageTextBatch) -> torch.Tensor:
+    # ---- the pieces around the language model's layer stacks (base.py runs the stacks) ---------
+    def encoder_layers(self):
+        return self.language_model.encoder_layers()
+
+    def embed_encoder(self, batch: ImageTextBatch) -> torch.Tensor:
+        """The prompt's token embeddings with the image tokens in place of the placeholders (the
+        vision tower runs here: on stage 0 of a pipeline)."""
         lm = self.language_model
-        enc = lm.encoder
         x = lm.shared(batch.inputs) * lm.embed_scale
         image = self.image_features(batch.pixels)
         x = x.masked_scatter(
             (batch.inputs == self.image_token_id)[:, None], image.reshape(-1, image.shape[-1])
         )
-        x = enc.embed(x, packed_positions(batch.cu_seqlens, batch.inputs.shape[0]))
-        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen)
-        return final_norm(enc.layer_norm, x, residual)
+        return lm.encoder.embed(x, packed_positions(batch.cu_seqlens, batch.inputs.shape[0]))
 
-    # ---- decoder --------------------------------------------------------------------------------
-    def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
-        return self.language_model.decode(tokens, positions, meta)
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return self.language_model.finish_encoder(x, residual)
+
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
+        return self.language_model.embed_decoder(tokens, positions)
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        return self.language_model.decoder_head(x, residual, meta)

@@ -9,9 +9,6 @@ Shapes: T = packed tokens of a step, d = d_model, H = heads, D = head dim.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +18,7 @@ from transformers.activations import ACT2FN
 
 import encdec_kernels
 from encdec_kernels import RelBias
-from encdec_models.base import AttentionMetadata
+from encdec_models.base import AttentionMetadata, layer_boundary_hook, run_layers  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -530,36 +527,6 @@ class MergedDecoderLayer(nn.Module):
 def _pre_norm(norm: Norm, x, residual):
     """(norm(x + residual), x + residual); the first layer has no pending residual."""
     return (norm(x), x) if residual is None else norm.add(x, residual)
-
-
-_boundary_hook: ContextVar[Callable[[int], None] | None] = ContextVar("layer_boundary_hook", default=None)
-
-
-@contextlib.contextmanager
-def layer_boundary_hook(fn: Callable[[int], None]):
-    """Within this block (and this thread), every ``run_layers`` stack calls fn(i) before its
-    layer i > 0: CUDA-graph capture cuts a decode step into several graphs at layer boundaries
-    (encdec_cli/engine/cuda_graphs.py)."""
-    token = _boundary_hook.set(fn)
-    try:
-        yield
-    finally:
-        _boundary_hook.reset(token)
-
-
-def run_layers(layers, x, *args) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run a stack of encoder or decoder layers; ``args`` follow x in their forward.
-
-    Returns (x, residual): the hidden state is x + residual. Pre-norm layers leave their last
-    residual sum to the next norm (its fused add), one elementwise kernel less per layer; the
-    stack's final norm takes it through ``final_norm``. Post-norm layers return residual None."""
-    residual = None
-    hook = _boundary_hook.get()
-    for i, layer in enumerate(layers):
-        if i and hook is not None:
-            hook(i)
-        x, residual = layer(x, *args, residual=residual)
-    return x, residual
 
 
 def final_norm(norm: Norm | None, x, residual, rows=None) -> torch.Tensor:

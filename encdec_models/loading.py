@@ -169,12 +169,16 @@ def _shards(name: str) -> int:
     return 3 if ".qkv_proj." in name else 2 if ".kv_proj." in name else 1
 
 
-def build_model(arch: str, config, tensors, device: torch.device, dtype: torch.dtype):
+def build_model(arch: str, config, tensors, device: torch.device, dtype: torch.dtype, prune=None):
+    """``prune(model)``: called on the model before its weights exist (meta device), e.g. to drop
+    the layers another pipeline stage holds: their weights are then never allocated nor read."""
     cls = model_class(arch)
     if hasattr(cls, "check_dtype"):
         cls.check_dtype(dtype)
     with torch.device("meta"):
         model = cls(config)
+    if prune is not None:
+        prune(model)
     model = model.to_empty(device=device).to(dtype)
     if hasattr(model, "adapt_checkpoint"):  # e.g. T5Gemma: grouped-query K/V repeated to every head
         tensors = model.adapt_checkpoint(tensors)
@@ -185,18 +189,22 @@ def build_model(arch: str, config, tensors, device: torch.device, dtype: torch.d
 
 
 def load_model(
-    name: str | os.PathLike = DEFAULT_MODEL, device: str = "auto", dtype: str | torch.dtype = "auto"
+    name: str | os.PathLike = DEFAULT_MODEL,
+    device: str = "auto",
+    dtype: str | torch.dtype = "auto",
+    prune=None,
 ) -> LoadedModel:
-    """Load any supported model for the engine (see module docstring for what ``name`` may be)."""
+    """Load any supported model for the engine (see module docstring for what ``name`` may be);
+    ``prune``: see ``build_model``."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = resolve_model_path(name)
     if not (path / "config.json").exists() or (path / "model.bin").exists():
-        return _load_ctranslate2(path, dev, dt)
+        return _load_ctranslate2(path, dev, dt, prune)
     config = read_config(path)
     arch = architecture_of(config)
     gen = generation_config_of(path, config)
-    model = build_model(arch, config, iter_checkpoint(path), dev, dt)
+    model = build_model(arch, config, iter_checkpoint(path), dev, dt, prune)
     # a folder without tokenizer files runs on token ids (Request inputs and prompts, Result.token_ids)
     tok = AutoTokenizer.from_pretrained(path) if has_tokenizer(path) else None
     return LoadedModel(model, tok, config, gen, arch, path)
@@ -233,12 +241,12 @@ def generation_config_of(path: Path, config) -> GenerationConfig:
         return GenerationConfig.from_model_config(config)
 
 
-def _load_ctranslate2(path: Path, device, dtype) -> LoadedModel:
+def _load_ctranslate2(path: Path, device, dtype, prune=None) -> LoadedModel:
     from encdec_models.ctranslate2 import load_ctranslate2_whisper
 
     config, state, info = load_ctranslate2_whisper(path)
     arch = "WhisperForConditionalGeneration"
-    model = build_model(arch, config, state.items(), device, dtype)
+    model = build_model(arch, config, state.items(), device, dtype, prune)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     gen = whisper_generation_config(config, tok, info)
     return LoadedModel(model, tok, config, gen, arch, path, extra=info)

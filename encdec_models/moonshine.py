@@ -38,8 +38,8 @@ from encdec_models.layers import (
     final_norm,
     masked_group_norm,
     repeat_kv_heads,
-    run_layers,
 )
+from encdec_models.text import packed_positions
 from encdec_models.whisper import _as_tensor, _check_finite
 
 SAMPLE_RATE = 16000
@@ -130,7 +130,8 @@ class Moonshine(EncDecModel):
         self.proj_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie = getattr(cfg, "tie_word_embeddings", True)
         heads = cfg.decoder_num_attention_heads
-        self.cache_spec = CacheSpec(cfg.decoder_num_hidden_layers, heads, cfg.hidden_size // heads)
+        d = cfg.hidden_size
+        self.cache_spec = CacheSpec(cfg.decoder_num_hidden_layers, heads, d // heads, d)
         self.max_target_positions = cfg.max_position_embeddings
         self.max_source_positions = encoder_frames(MAX_SECONDS * SAMPLE_RATE)
         self.vocab_size = cfg.vocab_size
@@ -200,7 +201,7 @@ class Moonshine(EncDecModel):
         self.enc_rope, self.dec_rope = tables["encoder"], tables["decoder"]
 
     def decoder_layers(self):
-        return list(self.decoder.layers)
+        return self.decoder.layers
 
     # ---- encoder inputs ---------------------------------------------------------------------------
     def encoder_length(self, item) -> int:
@@ -280,15 +281,16 @@ class Moonshine(EncDecModel):
             front_end_groups=[tuple(g) for g in groups],
         )
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
-        x, position = self.packed_frames(batch)
-        enc, rope = self.encoder, self.enc_rope.rows(position)
-        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, rope)
-        return final_norm(enc.layer_norm, x, residual)
+    # ---- the pieces around the layer stacks (encdec_models/base.py runs the stacks) ---------------
+    def encoder_layers(self):
+        return self.encoder.layers
 
-    def packed_frames(self, batch: EncoderBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """The front end over the batch's groups -> (every item's valid frames packed in the items'
-        order [T, d], each frame's index in its clip [T]); no host sync."""
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
+        return self.packed_frames(batch)
+
+    def packed_frames(self, batch: EncoderBatch) -> torch.Tensor:
+        """The front end over the batch's groups -> every item's valid frames packed in the items'
+        order [T, d]; no host sync."""
         enc = self.encoder
         parts, s, r, t = [], 0, 0, 0
         for rows, width, frames in batch.front_end_groups:
@@ -298,15 +300,23 @@ class Moonshine(EncDecModel):
             parts.append(y[item, :, frame])  # [frames, d]: the group's valid frames, packed
             s, r, t = s + rows * width, r + rows, t + frames
         x = parts[0] if len(parts) == 1 else torch.cat(parts)
-        position = batch.pack_index[1]  # a frame's position is its index in its clip
         if batch.pack_order is not None:  # back to the items' order
-            x, position = x.index_select(0, batch.pack_order), position.index_select(0, batch.pack_order)
-        return x, position
+            x = x.index_select(0, batch.pack_order)
+        return x
 
-    def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
-        dec = self.decoder
-        x = dec.embed_tokens(tokens)
-        rope = self.dec_rope.rows(positions)
-        x, residual = run_layers(dec.layers, x, meta, rope)
-        x = final_norm(dec.norm, x, residual, meta.logits_indices)
+    def encoder_layer_args(self, batch: EncoderBatch, x) -> tuple:
+        positions = packed_positions(batch.cu_seqlens, x.shape[0])  # a frame's index in its clip
+        return (batch.cu_seqlens, batch.max_seqlen, self.enc_rope.rows(positions))
+
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return final_norm(self.encoder.layer_norm, x, residual)
+
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
+        return self.decoder.embed_tokens(tokens)
+
+    def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
+        return (meta, self.dec_rope.rows(positions))
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        x = final_norm(self.decoder.norm, x, residual, meta.logits_indices)
         return F.linear(x, self.proj_out.weight)

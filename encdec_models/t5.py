@@ -20,7 +20,7 @@ from torch import nn
 
 from encdec_kernels import RelBias
 from encdec_models.base import AttentionMetadata, CacheSpec, EncoderBatch
-from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
+from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm
 from encdec_models.text import TextEncDecModel
 
 # T5 has no absolute positions; the relative bias extends to any length. This only bounds what a
@@ -91,7 +91,7 @@ class T5(TextEncDecModel):
         # ``scale_decoder_outputs``; older configs say it with ``tie_word_embeddings``. mT5 never does.
         scale = cfg.model_type == "t5" and getattr(cfg, "scale_decoder_outputs", cfg.tie_word_embeddings)
         self.output_scale = cfg.d_model**-0.5 if scale else 1.0
-        self.cache_spec = CacheSpec(cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv)
+        self.cache_spec = CacheSpec(cfg.num_decoder_layers, cfg.num_heads, cfg.d_kv, cfg.d_model)
         self.max_target_positions = self.max_source_positions = MAX_POSITIONS
         self.source_vocab_size = self.vocab_size = cfg.vocab_size
 
@@ -136,21 +136,30 @@ class T5(TextEncDecModel):
         self.tie_equal_weights()
 
     def decoder_layers(self):
-        return list(self.decoder.layers)
+        return self.decoder.layers
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    def encoder_layers(self):
+        return self.encoder.layers
+
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
         """batch.inputs: [T] packed token ids -> [T, d]."""
-        enc = self.encoder
-        x = self.shared(batch.inputs)
-        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, enc.rel_bias)
-        return final_norm(enc.layer_norm, x, residual)
+        return self.shared(batch.inputs)
 
-    def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
-        """tokens: [Tq] new tokens -> [N, V]. Positions are implicit (relative bias over the cache)."""
-        dec = self.decoder
-        x = self.shared(tokens)
-        x, residual = run_layers(dec.layers, x, meta, dec.rel_bias)
-        x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
+    def encoder_layer_args(self, batch: EncoderBatch, x) -> tuple:
+        return (batch.cu_seqlens, batch.max_seqlen, self.encoder.rel_bias)
+
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return final_norm(self.encoder.layer_norm, x, residual)
+
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
+        """Positions are implicit (relative bias over the cache)."""
+        return self.shared(tokens)
+
+    def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
+        return (meta, self.decoder.rel_bias)
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        x = final_norm(self.decoder.layer_norm, x, residual, meta.logits_indices)
         if self.output_scale != 1.0:
             x = x * self.output_scale
         return self.lm_logits(x)

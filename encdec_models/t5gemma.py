@@ -35,7 +35,6 @@ from encdec_models.layers import (
     Rotary,
     final_norm,
     repeat_kv_heads,
-    run_layers,
 )
 from encdec_models.text import TextEncDecModel, packed_positions
 
@@ -129,7 +128,9 @@ class T5Gemma(TextEncDecModel):
             "decoder": dec.num_attention_heads // dec.num_key_value_heads,
         }
         self.head_dims = {"encoder": enc.head_dim, "decoder": dec.head_dim}
-        self.cache_spec = CacheSpec(dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim)
+        self.cache_spec = CacheSpec(
+            dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim, enc.hidden_size, dec.hidden_size
+        )
         attn = [layer.self_attn for layer in [*self.encoder.layers, *self.decoder.layers]]
         self.cuda_graphs = not any(a.window is not None or a.softcap is not None for a in attn)
         self.max_source_positions = enc.max_position_embeddings
@@ -179,25 +180,32 @@ class T5Gemma(TextEncDecModel):
         self.tie_equal_weights()
 
     def decoder_layers(self):
-        return list(self.decoder.layers)
+        return self.decoder.layers
 
-    def _rotary(self, stack: T5GemmaStack, positions: torch.Tensor, dtype) -> Rotary:
-        return Rotary.at(stack.inv_freq, positions, dtype)
+    # ---- the pieces around the layer stacks (encdec_models/base.py runs the stacks) ---------------
+    def encoder_layers(self):
+        return self.encoder.layers
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
         """batch.inputs: [T] packed token ids -> [T, d_encoder]."""
-        enc = self.encoder
-        x = enc.embed(batch.inputs)
-        rope = self._rotary(enc, packed_positions(batch.cu_seqlens, batch.inputs.shape[0]), x.dtype)
-        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, rope)
-        return final_norm(enc.norm, x, residual)
+        return self.encoder.embed(batch.inputs)
 
-    def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
-        """tokens, positions: [Tq] new tokens and their index in the decoder sequence -> [N, V]."""
-        dec = self.decoder
-        x = dec.embed(tokens)
-        x, residual = run_layers(dec.layers, x, meta, self._rotary(dec, positions, x.dtype))
-        x = final_norm(dec.norm, x, residual, meta.logits_indices)
+    def encoder_layer_args(self, batch: EncoderBatch, x) -> tuple:
+        rope = Rotary.at(self.encoder.inv_freq, packed_positions(batch.cu_seqlens, x.shape[0]), x.dtype)
+        return (batch.cu_seqlens, batch.max_seqlen, rope)
+
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return final_norm(self.encoder.norm, x, residual)
+
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
+        """tokens, positions: [Tq] new tokens and their index in the decoder sequence."""
+        return self.decoder.embed(tokens)
+
+    def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
+        return (meta, Rotary.at(self.decoder.inv_freq, positions, x.dtype))
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        x = final_norm(self.decoder.norm, x, residual, meta.logits_indices)
         logits = F.linear(x, self.lm_head.weight)
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap

@@ -58,7 +58,6 @@ from encdec_models.layers import (
     Rotary,
     final_norm,
     repeat_kv_heads,
-    run_layers,
 )
 from encdec_models.registry import UnsupportedModelError
 from encdec_models.text import TextEncDecModel, as_token_ids, packed_positions
@@ -290,7 +289,9 @@ class T5Gemma2(TextEncDecModel):
             "decoder": dec.num_attention_heads // dec.num_key_value_heads,
         }
         self.head_dims = {"encoder": enc.head_dim, "decoder": dec.head_dim}
-        self.cache_spec = CacheSpec(dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim)
+        self.cache_spec = CacheSpec(
+            dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim, enc.hidden_size, dec.hidden_size
+        )
         # decode steps run on the kernels (causal windows, log-sum-exp); eager until a GPU run shows
         # captured steps give the same tokens (tests/gpu/test_new_models_gpu.py captures them)
         self.cuda_graphs = False
@@ -304,17 +305,13 @@ class T5Gemma2(TextEncDecModel):
         if dtype == torch.float16:
             raise ValueError("T5Gemma 2 overflows in float16; use bfloat16 or float32")
 
-    def bind_cache(self, k_cache, v_cache, cross_rows=None, scales=None) -> None:
+    def bind_cache(self, k_cache, v_cache, cross_rows=None, scales=None, first: int = 0) -> None:
         if cross_rows is not None:
             raise ValueError(
                 "T5Gemma 2's merged attention normalises the encoder keys (k_norm), so absorbed "
                 "cross-attention cannot apply; use per-layer cross K/V (absorb_cross=False, --cross kv)"
             )
-        super().bind_cache(k_cache, v_cache, None, scales)
-
-    @property
-    def d_model(self) -> int:
-        return self.decoder.embed_tokens.embedding_dim
+        super().bind_cache(k_cache, v_cache, None, scales, first)
 
     def adapt_checkpoint(self, tensors):
         """Grouped-query K/V projections repeated to every query head (transformers' repeat_kv order)."""
@@ -367,7 +364,7 @@ class T5Gemma2(TextEncDecModel):
         self.tie_equal_weights()
 
     def decoder_layers(self):
-        return list(self.decoder.layers)
+        return self.decoder.layers
 
     # ---- encoder inputs: token ids, or {"pixel_values": [C, H, W], "input_ids": ids} -----------------
     def _parts(self, item) -> tuple[torch.Tensor | None, object]:
@@ -405,27 +402,38 @@ class T5Gemma2(TextEncDecModel):
         pixels = host_to_device(torch.stack([p.to(images[0].dtype) for p in images]), device)
         return ImageTextBatch(batch.inputs, batch.cu_seqlens, batch.max_seqlen, pixels=pixels)
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    # ---- the pieces around the layer stacks (encdec_models/base.py runs the stacks) ---------------
+    def encoder_layers(self):
+        return self.encoder.layers
+
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
         """batch.inputs: [T] packed token ids -> [T, d]; an image batch's image tokens take the
         projected SigLIP features of its images, in order."""
-        enc = self.encoder
-        x = enc.embed(batch.inputs)
+        x = self.encoder.embed(batch.inputs)
         pixels = getattr(batch, "pixels", None)
         if pixels is not None:
             image = self.projector(self.vision_tower(pixels.to(x.dtype)))
             x = x.masked_scatter(
                 (batch.inputs == self.image_token_id)[:, None], image.reshape(-1, x.shape[-1])
             )
-        rope = enc.rotary(packed_positions(batch.cu_seqlens, batch.inputs.shape[0]), x.dtype)
-        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen, rope)
-        return final_norm(enc.norm, x, residual)
+        return x
 
-    def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
-        """tokens, positions: [Tq] new tokens and their index in the decoder sequence -> [N, V]."""
-        dec = self.decoder
-        x = dec.embed(tokens)
-        x, residual = run_layers(dec.layers, x, meta, dec.rotary(positions, x.dtype))
-        x = final_norm(dec.norm, x, residual, meta.logits_indices)
+    def encoder_layer_args(self, batch: EncoderBatch, x) -> tuple:
+        rope = self.encoder.rotary(packed_positions(batch.cu_seqlens, x.shape[0]), x.dtype)
+        return (batch.cu_seqlens, batch.max_seqlen, rope)
+
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return final_norm(self.encoder.norm, x, residual)
+
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
+        """tokens, positions: [Tq] new tokens and their index in the decoder sequence."""
+        return self.decoder.embed(tokens)
+
+    def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
+        return (meta, self.decoder.rotary(positions, x.dtype))
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        x = final_norm(self.decoder.norm, x, residual, meta.logits_indices)
         logits = F.linear(x, self.lm_head.weight)
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap

@@ -340,7 +340,7 @@ class VisionEncoderDecoder(TextEncDecModel):
             self.logits_bias = nn.Parameter(torch.zeros(dec_cfg.vocab_size))
         tie = getattr(dec_cfg, "tie_word_embeddings", True) or getattr(cfg, "tie_word_embeddings", False)
         self.tied_weights = {"lm_head.weight": "decoder.embed_tokens.weight"} if tie else {}
-        self.cache_spec = CacheSpec(n_layers, heads, d // heads)
+        self.cache_spec = CacheSpec(n_layers, heads, d // heads, cross or d, d)
         self.max_target_positions = stack_cfg.max_position_embeddings
         self.max_source_positions = self.encoder.num_tokens
         self.vocab_size = self.source_vocab_size = dec_cfg.vocab_size
@@ -373,7 +373,7 @@ class VisionEncoderDecoder(TextEncDecModel):
         self.tie_equal_weights()
 
     def decoder_layers(self):
-        return list(self.decoder.layers)
+        return self.decoder.layers
 
     # ---- encoder --------------------------------------------------------------------------------
     @property
@@ -397,17 +397,26 @@ class VisionEncoderDecoder(TextEncDecModel):
             max_seqlen=n,
         )
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    # the whole image encoder is the embedding: its layers are no uniform stack to cut (Swin's stages
+    # change the width), so pipeline stages split the decoder's layers only; stage 0 runs the encoder
+    def encoder_layers(self):
+        return ()
+
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
         dtype = self.lm_head.weight.dtype
         hidden, _, _ = self.encoder(batch.inputs.to(dtype))
         return hidden if self.enc_to_dec_proj is None else self.enc_to_dec_proj(hidden)
 
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return x
+
     # ---- decoder --------------------------------------------------------------------------------
-    def decode(self, tokens, positions, meta: AttentionMetadata) -> torch.Tensor:
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
         dec = self.decoder
-        x = dec.embed(dec.embed_tokens(tokens) * self.embed_scale, positions)
-        x, residual = run_layers(dec.layers, x, meta)
-        x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
+        return dec.embed(dec.embed_tokens(tokens) * self.embed_scale, positions)
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        x = final_norm(self.decoder.layer_norm, x, residual, meta.logits_indices)
         if self.head is None:
             return self.lm_logits(x)
         x = self.head["layer_norm"](F.gelu(self.head["dense"](x)))

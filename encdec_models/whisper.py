@@ -11,7 +11,7 @@ from torch import nn
 
 from encdec_models.audio import N_AUDIO_CTX, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from encdec_models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch, host_to_device
-from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, run_layers
+from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm
 
 
 def _is_log_mel(item) -> bool:
@@ -74,7 +74,7 @@ class Whisper(EncDecModel):
         self.encoder = WhisperEncoder(cfg)
         self.decoder = WhisperDecoder(cfg)
         heads = cfg.decoder_attention_heads
-        self.cache_spec = CacheSpec(cfg.decoder_layers, heads, cfg.d_model // heads)
+        self.cache_spec = CacheSpec(cfg.decoder_layers, heads, cfg.d_model // heads, cfg.d_model)
         self.max_target_positions = cfg.max_target_positions
         self.max_source_positions = N_AUDIO_CTX
         self.vocab_size = cfg.vocab_size
@@ -91,7 +91,7 @@ class Whisper(EncDecModel):
         return name
 
     def decoder_layers(self):
-        return list(self.decoder.layers)
+        return self.decoder.layers
 
     def encoder_length(self, item) -> int:
         """Checks one encoder input: a 16 kHz mono waveform of at most 30 s (a 1-D numpy array,
@@ -161,22 +161,27 @@ class Whisper(EncDecModel):
             return inputs
         return log_mel_spectrogram(inputs, self.n_mels)
 
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    def encoder_layers(self):
+        return self.encoder.layers
+
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
         enc = self.encoder
         dtype = enc.conv1.weight.dtype
         x = self.features(batch.inputs).to(dtype)
         x = F.gelu(enc.conv1(x))
         x = F.gelu(enc.conv2(x)).transpose(1, 2)  # [B, 1500, d]
-        x = (
-            (x + enc.embed_positions.weight[: x.shape[1]]).reshape(-1, x.shape[-1]).contiguous()
-        )  # [B*1500, d]
-        x, residual = run_layers(enc.layers, x, batch.cu_seqlens, batch.max_seqlen)
-        return final_norm(enc.layer_norm, x, residual)
+        x = x + enc.embed_positions.weight[: x.shape[1]]
+        return x.reshape(-1, x.shape[-1]).contiguous()  # [B*1500, d]
 
-    def decode(self, tokens, positions, meta: AttentionMetadata):
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return final_norm(self.encoder.layer_norm, x, residual)
+
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
         dec = self.decoder
-        x = dec.embed_tokens(tokens) + dec.embed_positions(positions)
-        x, residual = run_layers(dec.layers, x, meta)
+        return dec.embed_tokens(tokens) + dec.embed_positions(positions)
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        dec = self.decoder
         x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
         return F.linear(x, dec.embed_tokens.weight)
 

@@ -40,6 +40,8 @@ def bench(
         help="Sequences per engine step (beams count singly); the KV pool limits what is admitted.",
     ),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
+    pipeline_parallel: common.PipelineParallel = 1,
+    pp_layers: common.PpLayers = None,
     scale: float = typer.Option(1.0, "--scale", help="Fraction of each workload's requests (quick checks)."),
     profile: bool = typer.Option(False, "--profile", help="Also time each engine step phase (extra run)."),
     data_parallel: int | None = typer.Option(
@@ -134,6 +136,7 @@ def bench(
                 "profile": profile,
                 "absorb_cross": absorb,
                 "kv_dtype": kv_dtype,
+                **common.pipeline_options(pipeline_parallel, pp_layers),
                 "prefix_cache": not no_prefix_cache,
                 **({"speculative": spec} if spec else {}),
             },

@@ -63,6 +63,26 @@ GpuMemory = Annotated[
     ),
 ]
 EnforceEager = Annotated[bool, typer.Option("--enforce-eager", help="Disable CUDA graphs.")]
+PipelineParallel = Annotated[
+    int,
+    typer.Option(
+        "-pp",
+        "--pipeline-parallel",
+        min=1,
+        help="Split the model's layers into this many pipeline stages, one process and device each "
+        "(--device cuda:N: stage s on cuda:N+s; on the CPU they share the cores). For models larger "
+        "than one GPU, or to run encoder and decoder work at once.",
+    ),
+]
+PpLayers = Annotated[
+    str | None,
+    typer.Option(
+        "--pp-layers",
+        help="Layers per pipeline stage, encoder layers first then decoder layers, e.g. 6,6 for a "
+        "12-layer model in 2 stages (default: balanced by estimated cost; the job summary's stage "
+        "busy times show a bad split).",
+    ),
+]
 NoPrefixCache = Annotated[
     bool,
     typer.Option(
@@ -156,6 +176,8 @@ def command(name: str | None = None):
                 fail(str(e), errors.USAGE)
             except OSError as e:
                 fail(errors.describe_os_error(e), errors.IO_FAILURE)
+            except errors.PipelineFailure as e:  # a pipeline stage died: what finished is saved
+                fail(str(e), errors.ITEMS_FAILED)
             except KeyboardInterrupt:  # before the job took over (loading): typer's status 130
                 _summary_of_fault(interrupts.exit_status(), interrupts.stop_message())
                 raise
@@ -173,6 +195,24 @@ def command(name: str | None = None):
         return app.command(name, cls=_Command)(run)
 
     return register
+
+
+def pipeline_options(pipeline_parallel: int, pp_layers: str | None) -> dict:
+    """The engine options of -pp / --pp-layers (the layer counts are checked against the model when
+    it loads)."""
+    if pp_layers is None or not pp_layers.strip():
+        return {"pipeline_parallel": pipeline_parallel}
+    try:
+        layers = tuple(int(x) for x in pp_layers.split(","))
+    except ValueError:
+        raise UsageError(
+            f"--pp-layers takes comma-separated layer counts, one per stage, e.g. 6,6; got {pp_layers!r}"
+        ) from None
+    if len(layers) != pipeline_parallel:
+        raise UsageError(
+            f"--pp-layers {pp_layers}: give one number per stage of --pipeline-parallel {pipeline_parallel}"
+        )
+    return {"pipeline_parallel": pipeline_parallel, "pp_layers": layers}
 
 
 def _summary_of_fault(code: int, message: str) -> None:

@@ -13,6 +13,8 @@ from encdec_cli.commands.common import (
     EnforceEager,
     GpuMemory,
     NoPrefixCache,
+    PipelineParallel,
+    PpLayers,
     Quiet,
     RetryFailed,
     Speculative,
@@ -94,6 +96,8 @@ def image_to_text(
     no_prefix_cache: NoPrefixCache = False,
     kv_dtype: common.KvDtype = "auto",
     speculative: Speculative = "off",
+    pipeline_parallel: PipelineParallel = 1,
+    pp_layers: PpLayers = None,
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images an earlier run finished."),
     retry_failed: RetryFailed = False,
     quiet: Quiet = False,
@@ -127,6 +131,7 @@ def image_to_text(
     check_output(output, fmt)
     check_inputs(inputs, image_column, id_column, column_flag="--image-column")
     spec = common.check_speculative(speculative, num_beams, "--num-beams")
+    pipeline = common.pipeline_options(pipeline_parallel, pp_layers)
     path = common.check_model(model, "image-to-text")
     opts = ImageToTextOptions(
         task=task,
@@ -140,6 +145,7 @@ def image_to_text(
         *(path, device, dtype, max_num_seqs, gpu_memory_utilization, enforce_eager, kv_dtype, quiet),
         no_prefix_cache=no_prefix_cache,
         speculative=spec,
+        **pipeline,
     )
     with errors.writing_to(output):
         return run_image_to_text(

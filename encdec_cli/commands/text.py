@@ -18,6 +18,8 @@ from encdec_cli.commands.common import (
     EnforceEager,
     GpuMemory,
     NoPrefixCache,
+    PipelineParallel,
+    PpLayers,
     Quiet,
     RetryFailed,
     Speculative,
@@ -131,6 +133,8 @@ def _text_command(task: str):
         ),
         gpu_memory_utilization: GpuMemory = 0.9,
         enforce_eager: EnforceEager = False,
+        pipeline_parallel: PipelineParallel = 1,
+        pp_layers: PpLayers = None,
         no_prefix_cache: NoPrefixCache = False,
         kv_dtype: common.KvDtype = "auto",
         speculative: Speculative = "off",
@@ -182,11 +186,12 @@ def _text_command(task: str):
                 open_table(input, column).close()
             except OSError as e:
                 raise UsageError(f"cannot read the input {input}: {e.strerror or e}") from None
+        pipeline = common.pipeline_options(pipeline_parallel, pp_layers)
         spec = common.check_speculative(speculative, num_beams, "--num-beams")
         path = common.check_model(model, task)
         engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager, kv_dtype)
         dist, device, ranks = common.placement(
-            path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache
+            path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache, **pipeline
         )
         if ranks is None:
             common.check_dtype(dtype, device)
@@ -198,6 +203,7 @@ def _text_command(task: str):
                 common.load_engine,
                 *(path, device, dtype, *engine_options, quiet, no_prefix_cache),
                 speculative=spec,
+                **pipeline,
             ),
         )
         with errors.writing_to(output or default_output(input, opts)):

@@ -17,6 +17,8 @@ from encdec_cli.commands.common import (
     EnforceEager,
     GpuMemory,
     NoPrefixCache,
+    PipelineParallel,
+    PpLayers,
     Quiet,
     RetryFailed,
     SummaryJson,
@@ -151,6 +153,8 @@ def transcribe(
     ),
     gpu_memory_utilization: GpuMemory = 0.9,
     enforce_eager: EnforceEager = False,
+    pipeline_parallel: PipelineParallel = 1,
+    pp_layers: PpLayers = None,
     no_prefix_cache: NoPrefixCache = False,
     kv_dtype: common.KvDtype = "auto",
     speculative: common.Speculative = "off",
@@ -212,15 +216,26 @@ def transcribe(
         )
     check_inputs(inputs, audio_column, id_column)  # fail fast on missing inputs
     check_output(output, formats)
+    pipeline = common.pipeline_options(pipeline_parallel, pp_layers)
+    if word_timestamps and pipeline_parallel > 1:
+        raise UsageError(
+            "--word-timestamps needs the whole decoder in one process (it re-runs it to align words); "
+            "drop --pipeline-parallel or --word-timestamps"
+        )
     spec = common.check_speculative(speculative, beam_size, "--beam-size")
     path = common.check_model(model, "transcribe", language, task)
     window = engine_window(max_num_seqs)
     engine_options = (max_num_seqs, gpu_memory_utilization, enforce_eager, kv_dtype)
     dist, device, ranks = common.placement(
-        path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache, window=window
+        *(path, device, dtype, data_parallel, quiet, engine_options, spec, no_prefix_cache),
+        window=window,
+        **pipeline,
     )
     engine = ranks or common.load_engine(
-        path, device, dtype, *engine_options, quiet, no_prefix_cache, window=window, speculative=spec
+        *(path, device, dtype, *engine_options, quiet, no_prefix_cache),
+        window=window,
+        speculative=spec,
+        **pipeline,
     )
     with errors.writing_to(output):
         return run_transcribe(

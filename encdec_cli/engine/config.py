@@ -63,6 +63,11 @@ class EngineConfig:
     # encoder, for two small matmuls per layer and step. None: on where the model asks for it
     # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= runner.ABSORB_MIN_SEQS
     absorb_cross: bool | None = None
+    # pipeline parallelism (encdec_cli/engine/pipeline.py): the layers in this many stages, one
+    # process and device each (cuda:N, cuda:N+1, ...); pp_layers: layers per stage, encoder layers
+    # first (None: balanced by estimated cost)
+    pipeline_parallel: int = 1
+    pp_layers: tuple[int, ...] | None = None
     # automatic prefix caching (engine/prefix_cache.py): requests with the same encoder input share
     # one encoder run and its cross blocks, and full blocks of a shared decoder prompt prefix; the
     # blocks stay cached once free until the pool needs them
@@ -87,9 +92,18 @@ class EngineConfig:
             raise ValueError("gpu_memory_utilization must be in (0, 1]")
         if self.max_num_seqs < 1 or self.max_encoder_tokens < 1 or self.window < 1:
             raise ValueError("max_num_seqs, max_encoder_tokens and window must be >= 1")
+        if self.pipeline_parallel < 1:
+            raise ValueError(f"pipeline_parallel must be >= 1, got {self.pipeline_parallel}")
+        if self.pp_layers is not None and self.pipeline_parallel == 1 and len(self.pp_layers) != 1:
+            raise ValueError("--pp-layers needs --pipeline-parallel (one number per stage)")
         parse_speculative(self.speculative)  # ValueError on a bad value, before anything loads
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
+        if self.kv_dtype == "fp8" and self.pipeline_parallel > 1:
+            raise ValueError(
+                "an fp8 KV cache (--kv-dtype fp8) is not built for pipeline stages yet: use one of "
+                "--kv-dtype auto or --pipeline-parallel 1"
+            )
 
 
 @dataclass
@@ -113,6 +127,9 @@ class EngineStats:
     encoder_seconds_saved: float = 0.0
     # seconds per step phase (schedule / encode / decode / sample ...), with profiling on (GPU synced)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # pipeline parallelism: seconds each stage spent computing (not waiting), stage 0 first; a
+    # stage far busier than the others shows a bad split (--pp-layers). Empty with one stage.
+    stage_busy_seconds: list[float] = field(default_factory=list)
     # greedy / sampled sequences (not beams): one row per sequence and decode step, and the tokens
     # they generated (more than rows with speculative decoding)
     decode_rows: int = 0

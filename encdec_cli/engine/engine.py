@@ -28,6 +28,7 @@ from encdec_cli.engine.speculative import (
     Verified,
 )
 from encdec_cli.engine.transfer import take_rows
+from encdec_cli.errors import PipelineFailure
 from encdec_models.loading import LoadedModel, load_model
 
 log = logging.getLogger("encdec")
@@ -50,10 +51,15 @@ class Engine:
         drafter: Drafter | None = None,
         **config,
     ):
-        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype)
+        self.config = EngineConfig(**config)
+        prune = None
+        if self.config.pipeline_parallel > 1:  # stage 0 allocates only its own layers' weights
+            from encdec_cli.engine.pipeline import stage_pruner
+
+            prune = stage_pruner(self.config, 0)
+        self.loaded = model if isinstance(model, LoadedModel) else load_model(model, device, dtype, prune)
         self.model = self.loaded.model
         self.tokenizer = self.loaded.tokenizer
-        self.config = EngineConfig(**config)
         spec = parse_speculative(self.config.speculative)
         if spec is not None and drafter is not None:
             raise ValueError("give either EngineConfig.speculative or a drafter, not both")
@@ -62,7 +68,12 @@ class Engine:
             p = next(self.model.parameters())
             draft_model = load_model(spec.path, str(p.device), p.dtype)
         k = spec.k if spec is not None else drafter.k if drafter is not None else 0
-        self.runner = ModelRunner(self.model, self.config, queries=k + 1)
+        if self.config.pipeline_parallel > 1:  # stage 0 of a pipeline: see engine/pipeline.py
+            from encdec_cli.engine.pipeline import PipelineRunner
+
+            self.runner = PipelineRunner(self.loaded, self.config, queries=k + 1)
+        else:
+            self.runner = ModelRunner(self.model, self.config, queries=k + 1)
         self.device, self.dtype = self.runner.device, self.runner.dtype
         self.max_source_len, self.max_target_len = self.runner.max_source_len, self.runner.max_target_len
         num_blocks = self.runner.num_blocks
@@ -74,8 +85,9 @@ class Engine:
              self.runner.encoder_rows is not None, str(self.runner.cache_dtype))
         ).encode()  # fmt: skip
         self._encoder_clock = _EncoderClock(self.device) if cache is not None else None
-        # a model whose attention must run on the (host-synchronising) reference runs eagerly
-        graphs_ok = getattr(self.model, "cuda_graphs", True)
+        # a model whose attention must run on the (host-synchronising) reference runs eagerly; no
+        # CUDA graphs across pipeline stages
+        graphs_ok = getattr(self.model, "cuda_graphs", True) and self.config.pipeline_parallel == 1
         if self.device.type == "cuda" and not self.config.enforce_eager and graphs_ok:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
@@ -116,6 +128,8 @@ class Engine:
                 drafter = NgramDrafter(spec.k, encoder_ids=getattr(self.model, "shared_vocab", True))
             else:
                 drafter = ModelDrafter(draft_model, self.loaded, spec.k, self.config, num_blocks)
+                if self.config.pipeline_parallel > 1:  # stage 0 holds no whole encoder output to share
+                    drafter.shares_encoder = False
         self.speculator = (
             Speculator(drafter, self.blocks, self.config.speculative_adaptive)
             if drafter is not None
@@ -158,6 +172,7 @@ class Engine:
             self._stats,
             preemptions=self.scheduler.num_preemptions - self._preemptions_before,
             phase_seconds=dict(self._stats.phase_seconds),
+            stage_busy_seconds=self._stage_busy(),
             prefix_cache_hits=counters.hits,
             prefix_cache_misses=counters.misses,
             prefix_cache_evictions=counters.evictions,
@@ -167,12 +182,18 @@ class Engine:
             ),
         )
 
+    def _stage_busy(self) -> list[float]:
+        if not hasattr(self.runner, "stage_busy"):
+            return []
+        return [b - b0 for b, b0 in zip(self.runner.stage_busy(), self._busy_before)]
+
     def reset_stats(self, profile: bool | None = None) -> None:
         """Start the counters again; ``profile`` turns the per-phase timing (GPU synced) on or off."""
         if profile is not None:
             self._profile = profile
         self._stats = EngineStats()
         self._preemptions_before = self.scheduler.num_preemptions
+        self._busy_before = self.runner.stage_busy() if hasattr(self.runner, "stage_busy") else []
         if self.blocks.cache is not None:
             self.blocks.cache.counters = PrefixCacheCounters()
         self._last_tick = time.perf_counter()
@@ -343,6 +364,14 @@ class Engine:
                     results.append(result)
             except torch.OutOfMemoryError as e:  # torch.cuda.OutOfMemoryError is the same class
                 results += self._recover_from_oom(e)
+            except PipelineFailure as e:  # a pipeline stage died: the job ends; name what it leaves
+                groups = list(self.scheduler.running) + list(self.scheduler.waiting)
+                ids = ", ".join(str(g.request.request_id) for g in groups[:20])
+                ids += ", ..." if len(groups) > 20 else ""
+                raise PipelineFailure(
+                    f"{e}; {len(groups)} request(s) in flight were not finished ({ids}): what finished "
+                    "is saved, run the same command again to resume"
+                ) from None
         return results
 
     def _recover_from_oom(self, error: torch.OutOfMemoryError) -> list[Result]:

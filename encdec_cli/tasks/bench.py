@@ -567,6 +567,8 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
         "prefix_cache": engine.prefix_caching,
         **(speculation_info(stats) if cfg.get("speculative") else {}),
     }
+    if stats.stage_busy_seconds:  # pipeline parallel: each stage's compute seconds (not waiting)
+        info["stage_busy_s"] = [round(b, 3) for b in stats.stage_busy_seconds]
     if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
         engine.reset_stats(profile=True)
         list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
@@ -780,6 +782,7 @@ def floors(
     absorbed: bool,
     rates: dict,
     kv_dtype: str = "bfloat16",
+    counts=None,
 ) -> dict:
     """Lower bounds on a run's time on this device (benchmarks/WORKLOADS.md, "Floors").
 
@@ -789,15 +792,17 @@ def floors(
     V) and its self-attention K/V so far, in bf16 or (``kv_dtype`` "fp8_e4m3") one byte a value plus
     a float32 scale per cached row. The step count assumes full batches of
     ``max_num_seqs`` sequences, each as long as the mean output.
-    encoder: the encoder's matmul FLOPs (weights and attention) over this device's bf16 matmul rate."""
-    params = dict(model.named_parameters())
+    encoder: the encoder's matmul FLOPs (weights and attention) over this device's bf16 matmul rate.
+    ``counts``: {parameter: elements} taken before a pipeline-parallel run dropped other stages' layers.
+    """
+    counts = counts or {n: p.numel() for n, p in model.named_parameters()}
     florence = w.model.startswith("florence")
     if florence:  # the BART encoder only: the vision tower's work is left out (still a lower bound)
-        params = {
-            n.removeprefix("language_model."): p for n, p in params.items() if n.startswith("language_model.")
+        counts = {
+            n.removeprefix("language_model."): c for n, c in counts.items() if n.startswith("language_model.")
         }
-    dec_bytes = 2 * sum(p.numel() for n, p in params.items() if not n.startswith("encoder"))
-    enc_params = sum(p.numel() for n, p in params.items() if n.startswith("encoder"))
+    dec_bytes = 2 * sum(c for n, c in counts.items() if not n.startswith("encoder"))
+    enc_params = sum(c for n, c in counts.items() if n.startswith("encoder"))
     spec = model.cache_spec
     fp8 = kv_dtype == "fp8_e4m3"
     elem, row_scale = (1, 4) if fp8 else (2, 0)
@@ -855,6 +860,7 @@ def run_workload(
     def metric_of(wall: float, tokens: int) -> float:
         return audio_s / wall if w.metric == "RTFx" else tokens / wall
 
+    counts = {n: p.numel() for n, p in loaded.model.named_parameters()}  # before stages drop layers
     sweep = None
     if oracle is not None:
         sweep, (ours_wall, ours_tokens, info) = run_oracle_sweep(
@@ -863,9 +869,9 @@ def run_workload(
     else:
         ours_wall, ours_tokens, info = run_ours(w, loaded, enc_inputs, targets, **engine_cfg)
     rates = rates or device_rates()
+    seqs, absorbed = info["max_num_seqs"], info["absorb_cross"]
     fl = floors(
-        w, loaded.model, enc_inputs, targets, info["max_num_seqs"], info["absorb_cross"], rates,
-        info.get("kv_dtype", "bfloat16"),
+        w, loaded.model, enc_inputs, targets, seqs, absorbed, rates, info.get("kv_dtype", "bfloat16"), counts
     )  # fmt: skip
     res = {
         "workload": wid,

@@ -44,7 +44,7 @@ from encdec_cli.io.tables import open_sink
 from encdec_cli.tasks import summary
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import JobOutcome, Wording, prefix_cache_details
+from encdec_cli.tasks.outcome import JobOutcome, Wording, prefix_cache_details, stage_busy_note
 from encdec_cli.tasks.progress import JobProgress
 
 FORMATS = ("txt", "jsonl", "parquet")
@@ -500,7 +500,9 @@ def run_image_to_text(
         interrupted=interrupted,
         failures=failed,
         notes=notes,
-        details=[d for d in [engine.stats.speculation_summary()] if d] + prefix_cache_details(engine.stats),
+        details=[d for d in [engine.stats.speculation_summary()] if d]
+        + prefix_cache_details(engine.stats)
+        + stage_busy_note(engine.stats),
     )
     progress.summary(outcome.summary())
     summary.record(outcome, engine)

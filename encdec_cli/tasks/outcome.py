@@ -167,3 +167,12 @@ def prefix_cache_details(stats) -> list[str]:
     if stats.prefix_cache_evictions:
         clause += f", {stats.prefix_cache_evictions} entries evicted"
     return [clause + ")"]
+
+
+def stage_busy_note(stats) -> list[str]:
+    """A summary clause with each pipeline stage's busy seconds (none with one stage): a stage far
+    busier than the others shows a bad split (--pp-layers)."""
+    busy = stats.stage_busy_seconds
+    if len(busy) < 2:
+        return []
+    return ["pipeline stages busy " + " / ".join(f"{b:.1f}" for b in busy) + " s"]

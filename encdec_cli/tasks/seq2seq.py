@@ -37,7 +37,7 @@ from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.generation import decoder_prompt, sampling_params_from_generation_config
 from encdec_cli.tasks.interrupts import InterruptGuard
 from encdec_cli.tasks.languages import example_code, language_codes, language_token_id
-from encdec_cli.tasks.outcome import ROWS, JobOutcome, prefix_cache_details
+from encdec_cli.tasks.outcome import ROWS, JobOutcome, prefix_cache_details, stage_busy_note
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.ranks import UnitRequests
 from encdec_models.loading import generation_config_of
@@ -540,7 +540,8 @@ def run_seq2seq(
         details.append(spec_line)
     if oom:
         details.append(f"{oom} out-of-memory recoveries (now at most {max_seqs} sequences per step)")
-    details += prefix_cache_details(running.stats) if isinstance(running, Engine) else []
+    if isinstance(running, Engine):
+        details += prefix_cache_details(running.stats) + stage_busy_note(running.stats)
     outcome = JobOutcome(
         opts.task,
         ROWS,

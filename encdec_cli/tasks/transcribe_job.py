@@ -33,7 +33,7 @@ from encdec_cli.tasks import summary
 from encdec_cli.tasks.data_parallel import DataParallel
 from encdec_cli.tasks.distributed import Distributed
 from encdec_cli.tasks.interrupts import InterruptGuard
-from encdec_cli.tasks.outcome import FILES, JobOutcome, prefix_cache_details
+from encdec_cli.tasks.outcome import FILES, JobOutcome, prefix_cache_details, stage_busy_note
 from encdec_cli.tasks.progress import JobProgress
 from encdec_cli.tasks.transcribe import TranscribeOptions, Transcriber
 from encdec_cli.tasks.transcribe_chunks import ChunkTranscriber
@@ -306,7 +306,8 @@ def run_transcribe(
         details=[]
         if isinstance(engine, DataParallel)
         else prefix_cache_details(engine.stats)
-        + ([line] if (line := engine.stats.speculation_summary()) else []),
+        + ([line] if (line := engine.stats.speculation_summary()) else [])
+        + stage_busy_note(engine.stats),
         faults=report.notes() if report is not None else [],
     )
     if dist is not None:

@@ -167,3 +167,5 @@ def test_kv_dtype_is_checked():
     assert EngineConfig(kv_dtype="fp8").kv_dtype == "fp8"
     with pytest.raises(ValueError, match="kv_dtype"):
         EngineConfig(kv_dtype="int8")
+    with pytest.raises(ValueError, match="pipeline stages"):
+        EngineConfig(kv_dtype="fp8", pipeline_parallel=2)

@@ -1,0 +1,865 @@
+"""Pipeline parallelism: the model's layers split into P stages, one process (and device) per stage.
+
+The global layer list is the encoder's layers, then the decoder's; stage s holds a contiguous
+range of it (``split_layers``), so a stage holds encoder layers, decoder layers or both. Stage 0
+is the engine's own process: the scheduler, the block manager and the sampler run there unchanged,
+with a ``PipelineRunner`` in place of the ``ModelRunner`` (the same interface). Stages 1..P-1 are
+worker processes (``_stage_main``) that the runner spawns; they load the same model, drop the
+layers of other stages and run what each step's message tells them.
+
+Per engine call (block copies, an encoder run, a decoder step) stage 0 sends every worker one
+control message (pickled, over gloo): the step's block copies, cache slots, block tables and
+lengths, already decided. Block ids are the same on every stage (one pool size, the smallest any
+stage can hold), so each stage keeps the K/V of its own decoder layers in its own pool under the
+same tables. The work of a call is cut into micro-batches (up to P): stage s runs micro-batch m
+while stage s+1 runs m-1, so all stages work at once. Activations (x and the pending pre-norm
+residual) go point to point to the next stage: NCCL between GPUs, gloo on the CPU.
+
+- Encoder: stage 0 embeds, every stage with encoder layers runs its range, the stage with the
+  last encoder layer applies the final norm and sends the encoder output of each micro-batch once
+  to every other stage with decoder layers; each writes the cross K/V (or, absorbed, the rows) of
+  its own layers.
+- Decoder: stage 0 embeds the tokens, the decoder stages run their layers in order, the last
+  stage computes the logits and sends them back to stage 0, where sampling, beam search and stop
+  checks run. Logits rather than tokens travel back so that the sampler, its logits rules and the
+  beam bookkeeping stay one unchanged piece of code on the process that owns the scheduler (the
+  price: [B, vocab] float32 per step instead of [B] token ids).
+- Faults: out of memory in any stage does not break the protocol: that stage sends zeros flagged
+  as failed, the flag travels down the pipeline to stage 0, which raises ``torch.OutOfMemoryError``
+  (the engine's recovery then runs as in one process). A stage that dies (killed, crashed) closes
+  its connections: stage 0 raises ``PipelineFailure`` naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import multiprocessing
+import os
+import pickle
+import time
+import weakref
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing
+
+from encdec_cli.engine.config import EngineConfig
+from encdec_cli.engine.runner import ABSORB_MIN_SEQS, ModelRunner, _Rows
+from encdec_cli.engine.sequence import Sequence, SequenceGroup
+from encdec_cli.errors import PipelineFailure
+from encdec_models.base import AttentionMetadata, EncoderBatch, PagedView
+
+log = logging.getLogger("encdec")
+
+# message tags (gloo matches a receive by source and tag, in order)
+CONTROL, ACTIVATION, ENCODER_OUT, LOGITS, REPLY = 1, 2, 3, 4, 5
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TIMEOUT = datetime.timedelta(minutes=30)  # a stage silent this long (alive) is a hang: fail
+
+
+# ---- stage placement ---------------------------------------------------------------------------
+def layer_costs(model) -> list[int]:
+    """Estimated cost of every layer, encoder layers first: its parameter count (its weight bytes,
+    which is also what a memory-bound decode step reads; a decoder layer's cross-attention makes it
+    about 1.3x an encoder layer)."""
+    return [
+        sum(p.numel() for p in layer.parameters())
+        for layer in (*model.encoder_layers(), *model.decoder_layers())
+    ]
+
+
+def split_layers(costs: list[int], stages: int) -> list[int]:
+    """Layers per stage (contiguous, each at least 1) minimising the costliest stage."""
+    n = len(costs)
+    if not 1 <= stages <= n:
+        raise ValueError(f"--pipeline-parallel {stages}: this model has {n} layers; use 1 to {n} stages")
+    prefix = np.concatenate([[0], np.cumsum(costs)])
+    # best[k][i]: the least max-stage cost of layers [0, i) in k stages; cut[k][i]: its last cut
+    best = np.full((stages + 1, n + 1), np.inf)
+    cut = np.zeros((stages + 1, n + 1), np.int64)
+    best[0][0] = 0
+    for k in range(1, stages + 1):
+        for i in range(k, n + 1):
+            for j in range(k - 1, i):
+                c = max(best[k - 1][j], prefix[i] - prefix[j])
+                if c < best[k][i]:
+                    best[k][i], cut[k][i] = c, j
+    sizes, i = [], n
+    for k in range(stages, 0, -1):
+        j = int(cut[k][i])
+        sizes.append(i - j)
+        i = j
+    return sizes[::-1]
+
+
+def parse_pp_layers(text: str | None) -> tuple[int, ...] | None:
+    """``--pp-layers 6,6,8`` -> (6, 6, 8); None or "" -> None (balanced placement)."""
+    if text is None or not str(text).strip():
+        return None
+    try:
+        return tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        raise ValueError(
+            f"--pp-layers takes comma-separated layer counts, one per stage, e.g. 6,6; got {text!r}"
+        ) from None
+
+
+def stage_sizes(model, stages: int, pp_layers: tuple[int, ...] | None) -> list[int]:
+    """Layers per stage: ``pp_layers`` once checked, else the balanced split."""
+    n_enc, n_dec = len(model.encoder_layers()), len(model.decoder_layers())
+    n = n_enc + n_dec
+    if pp_layers is None:
+        return split_layers(layer_costs(model), stages)
+    sizes = list(pp_layers)
+    if len(sizes) != stages or min(sizes) < 1 or sum(sizes) != n:
+        raise ValueError(
+            f"--pp-layers {','.join(map(str, sizes))}: give {stages} numbers (one per stage of "
+            f"--pipeline-parallel {stages}), each at least 1, summing to this model's {n} layers "
+            f"({n_enc} encoder then {n_dec} decoder layers), e.g. "
+            + ",".join(map(str, split_layers(layer_costs(model), stages)))
+        )
+    return sizes
+
+
+class StagePlan:
+    """Which layers stage ``rank`` holds: encoder layers [e0, e1), decoder layers [d0, d1)."""
+
+    def __init__(self, sizes: list[int], n_enc: int, rank: int):
+        bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self.rank, self.num_stages, self.n_enc = rank, len(sizes), n_enc
+        self.n_dec = bounds[-1] - n_enc
+        lo, hi = bounds[rank], bounds[rank + 1]
+        self.e0, self.e1 = min(lo, n_enc), min(hi, n_enc)
+        self.d0, self.d1 = max(lo - n_enc, 0), max(hi - n_enc, 0)
+        self.bounds = bounds
+        # the stage holding the last encoder layer; the stages holding decoder layers, in order
+        self.encoder_last = next(s for s in range(len(sizes)) if bounds[s + 1] >= n_enc)
+        self.decoder_stages = [s for s in range(len(sizes)) if bounds[s + 1] > n_enc]
+        # a model whose whole encoder is its embedding (no encoder layers to split: the image
+        # encoders) runs it on stage 0
+        self.has_encoder = self.e1 > self.e0 or (n_enc == 0 and rank == 0)
+        self.has_decoder = self.d1 > self.d0
+
+    def describe(self) -> str:
+        parts = []
+        if self.has_encoder:
+            parts.append(f"encoder layers {self.e0}-{self.e1 - 1}" if self.e1 > self.e0 else "the encoder")
+        if self.has_decoder:
+            parts.append(f"decoder layers {self.d0}-{self.d1 - 1}")
+        return ", ".join(parts)
+
+
+def stage_pruner(config: EngineConfig, rank: int, sizes: list[int] | None = None):
+    """``load_model``'s prune hook for stage ``rank``: the other stages' layers are never
+    allocated. The split (``sizes``, else computed from the model) is kept as
+    ``model.pipeline_sizes`` for the runner."""
+
+    def prune(model) -> None:
+        split = sizes or stage_sizes(model, config.pipeline_parallel, config.pp_layers)
+        model.pipeline_sizes = list(split)
+        drop_other_layers(model, StagePlan(split, len(model.encoder_layers()), rank))
+
+    return prune
+
+
+def drop_other_layers(model, plan: StagePlan) -> None:
+    """Free the weights of the layers other stages hold (a placeholder module stays in their place)."""
+    for layers, lo, hi in (
+        (model.encoder_layers(), plan.e0, plan.e1),
+        (model.decoder_layers(), plan.d0, plan.d1),
+    ):
+        for i in range(len(layers)):
+            if not lo <= i < hi:
+                layers[i] = torch.nn.Module()
+    if next(model.parameters()).is_cuda:
+        torch.cuda.empty_cache()
+    model.pipeline_sizes = list(plan.bounds[i + 1] - plan.bounds[i] for i in range(plan.num_stages))
+
+
+# ---- the wire ----------------------------------------------------------------------------------
+class _Wire:
+    """Point-to-point messages between the stages of one pipeline: pickled objects and tensor
+    headers over gloo; tensors over NCCL on CUDA, gloo on the CPU. Its own process groups on its
+    own store, never the default group: a data-parallel rank can be a whole pipeline."""
+
+    def __init__(self, store, rank: int, size: int, device: torch.device):
+        self.rank, self.device = rank, device
+        self.gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, TIMEOUT)
+        self.nccl = None
+        if device.type == "cuda":
+            self.nccl = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, size)
+        self.pending: list = []  # (work, tensor) of sends in flight (their buffers must live)
+
+    def send_obj(self, obj, dst: int, tag: int = CONTROL) -> None:
+        data = torch.frombuffer(
+            bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8
+        )
+        n = torch.tensor([data.numel()], dtype=torch.int64)
+        self.pending += [(self.gloo.send([n], dst, tag), n), (self.gloo.send([data], dst, tag), data)]
+
+    def recv_obj(self, src: int, tag: int = CONTROL):
+        n = torch.zeros(1, dtype=torch.int64)
+        self.gloo.recv([n], src, tag).wait()
+        data = torch.empty(int(n), dtype=torch.uint8)
+        self.gloo.recv([data], src, tag).wait()
+        return pickle.loads(data.numpy().tobytes())
+
+    def send(self, t: torch.Tensor | None, dst: int, tag: int, failed: bool = False) -> None:
+        """Send a tensor of up to 3 dims (None: an empty one) with a header: dtype, failed, shape."""
+        if t is None:
+            t = torch.zeros(0, device=self.device)
+        t = t.contiguous()
+        shape = list(t.shape) + [1] * (3 - t.dim())
+        header = torch.tensor([_DTYPES.index(t.dtype), int(failed), t.dim(), *shape], dtype=torch.int64)
+        self.pending.append((self.gloo.send([header], dst, tag), header))
+        if t.numel():
+            pg = self.nccl if t.is_cuda else self.gloo
+            self.pending.append((pg.send([t], dst, tag), t))
+
+    def recv(self, src: int, tag: int) -> tuple[torch.Tensor | None, bool]:
+        header = torch.zeros(6, dtype=torch.int64)
+        self.gloo.recv([header], src, tag).wait()
+        dtype, failed, ndim, *shape = header.tolist()
+        shape = shape[:ndim]
+        if not int(np.prod(shape)):
+            return None, bool(failed)
+        t = torch.empty(shape, dtype=_DTYPES[dtype], device=self.device)
+        (self.nccl if self.device.type == "cuda" else self.gloo).recv([t], src, tag).wait()
+        return t, bool(failed)
+
+    def flush(self) -> None:
+        """Wait for the sends in flight (their buffers may then be freed)."""
+        for work, _ in self.pending:
+            work.wait()
+        self.pending.clear()
+
+
+# ---- one stage's model part and cache ---------------------------------------------------------
+class Stage:
+    """A stage's layers and the KV pool of its decoder layers; runs its part of each call."""
+
+    def __init__(self, model, config: EngineConfig, plan: StagePlan, wire: _Wire):
+        p = next(model.parameters())
+        self.model, self.plan, self.wire = model, plan, wire
+        self.device, self.dtype, self.config = p.device, p.dtype, config
+        self.busy = 0.0  # seconds of this stage's own compute (see busy_seconds)
+        self._events: list = []  # CUDA: (start, end) events of parts not yet added to busy
+        # out of memory in this stage since its last decoder step: every activation it sends says
+        # so until then, and the last stage's logits carry it to stage 0
+        self.failed = False
+        # fault injection for tests: ENCDEC_INJECT_STAGE_OOM=S:N makes stage S's N-th part (counted
+        # from 1) raise torch.OutOfMemoryError instead of running, as a CUDA OOM would
+        stage, _, part = os.environ.get("ENCDEC_INJECT_STAGE_OOM", "").partition(":")
+        self.parts, self.fail_at_part = 0, int(part) if stage.strip() == str(plan.rank) else 0
+
+    def own_blocks(self) -> int:
+        """Blocks this stage's memory holds (a stage without decoder layers: no limit)."""
+        if not self.plan.has_decoder:
+            return 1 << 62
+        if self.config.num_blocks:
+            return self.config.num_blocks
+        per_block = self.bytes_per_block()
+        if self.device.type != "cuda":
+            return max(16, self.config.cpu_kv_cache_bytes // per_block)
+        free, total = torch.cuda.mem_get_info(self.device)
+        spec, c = self.model.cache_spec, self.config
+        act = c.max_encoder_tokens * spec.d_model * 2 * 24 + c.max_num_seqs * self.model.vocab_size * 16
+        budget = total * c.gpu_memory_utilization - (total - free) - act
+        if budget < per_block * 64:
+            raise RuntimeError(
+                f"pipeline stage {self.plan.rank}: not enough GPU memory left for the KV cache; lower "
+                "--max-num-seqs, raise --gpu-memory-utilization or use more stages"
+            )
+        return int(budget // per_block)
+
+    def bytes_per_block(self) -> int:
+        s = self.model.cache_spec
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * (self.plan.d1 - self.plan.d0) * self.config.block_size * s.num_heads * s.head_dim * elem
+
+    def make_pool(self, num_blocks: int, cross_block_rows: int | None) -> None:
+        """The pool of this stage's decoder layers; ``cross_block_rows``: absorbed layout (the rows
+        of a cross block, the same on every stage), None: per-layer K/V."""
+        self.pool = None
+        if not self.plan.has_decoder:
+            return
+        spec, bs = self.model.cache_spec, self.config.block_size
+        layers = self.plan.d1 - self.plan.d0
+        shape = (2, layers, num_blocks, bs, spec.num_heads, spec.head_dim)
+        self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        rows = None
+        if cross_block_rows is not None:
+            chunk = bs * spec.num_heads * spec.head_dim
+            rc = chunk // spec.d_model
+            rows = self.pool.as_strided(
+                (2 * layers, num_blocks, rc, spec.d_model), (num_blocks * chunk, chunk, spec.d_model, 1)
+            )
+        self.encoder_rows = rows
+        self.model.bind_cache(self.pool[0], self.pool[1], rows, first=self.plan.d0)
+
+    def _tensor(self, data, dtype) -> torch.Tensor:
+        from encdec_cli.engine.transfer import to_device
+
+        return to_device(self.device, data, dtype)
+
+    def _timed(self, fn, fallback):
+        """fn() timed as busy; out of memory: (fallback(), True) so that the pipeline goes on (what
+        it sends then is flagged as failed). On CUDA the part's GPU time is taken from events (no
+        sync: the host goes on launching)."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            begin = torch.cuda.Event(enable_timing=True)
+            begin.record()
+        else:
+            start = time.perf_counter()
+        self.parts += 1
+        try:
+            if self.parts == self.fail_at_part:
+                raise torch.OutOfMemoryError(f"injected out-of-memory error in part {self.parts}")
+            out, failed = fn(), False
+        except torch.OutOfMemoryError:
+            out, failed = fallback(), True
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((begin, end))
+            if len(self._events) > 1024:
+                self._add_events(wait=False)
+        else:
+            self.busy += time.perf_counter() - start
+        self.failed |= failed
+        return out, failed
+
+    def _add_events(self, wait: bool) -> None:
+        keep = []
+        for begin, end in self._events:
+            if wait:
+                end.synchronize()
+            if end.query():
+                self.busy += begin.elapsed_time(end) / 1000
+            else:
+                keep.append((begin, end))
+        self._events = keep
+
+    def busy_seconds(self) -> float:
+        """Seconds this stage computed since it started."""
+        self._add_events(wait=True)
+        return self.busy
+
+    # -- the three calls -------------------------------------------------------------------------
+    def copy_blocks(self, copies) -> None:
+        if self.pool is not None and copies:
+            src = self._tensor([c[0] for c in copies], torch.long)
+            dst = self._tensor([c[1] for c in copies], torch.long)
+            self.pool[:, :, dst] = self.pool[:, :, src]
+
+    def encode(self, micro: list[dict], batches: list[EncoderBatch] | None = None) -> None:
+        """This stage's part of an encoder run in micro-batches (``batches``: stage 0's prepared
+        inputs)."""
+        plan, wire, model = self.plan, self.wire, self.model
+        d = model.cache_spec.d_model
+        for m, mb in enumerate(micro):
+            total = int(mb["cu"][-1])
+            hidden = None
+            if plan.has_encoder:
+                if plan.rank == 0:
+                    batch, x, res = batches[m], None, None
+                else:
+                    batch = EncoderBatch(None, self._tensor(mb["cu"], torch.int32), mb["max"])
+                    xr, failed = wire.recv(plan.rank - 1, ACTIVATION)
+                    self.failed |= failed
+                    x, res = xr[0], (xr[1] if xr.shape[0] == 2 else None)
+                zeros = partial(self._zeros, total, d, pair=plan.e1 < plan.n_enc)
+                out, _ = self._timed(partial(model.encoder_part, batch, plan.e0, plan.e1, x, res), zeros)
+                if plan.e1 == plan.n_enc:
+                    hidden = out
+                    for s in plan.decoder_stages:
+                        if s != plan.rank:
+                            wire.send(hidden, s, ENCODER_OUT, self.failed)
+                else:
+                    wire.send(_stack(*out), plan.rank + 1, ACTIVATION, self.failed)
+            if plan.has_decoder:
+                if hidden is None:
+                    hidden, failed = wire.recv(plan.encoder_last, ENCODER_OUT)
+                    self.failed |= failed
+                self._timed(partial(self._write_cross, hidden, mb), lambda: None)
+
+    def _write_cross(self, hidden, mb) -> None:
+        self.model.write_cross_kv(hidden, self._tensor(mb["slots"], torch.long))
+        if mb.get("zero") is not None and len(mb["zero"]):
+            import encdec_kernels
+
+            zeros = torch.zeros(
+                (len(mb["zero"]), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device
+            )
+            encdec_kernels.store_rows(zeros, self.encoder_rows, self._tensor(mb["zero"], torch.long))
+
+    def _meta(self, mb) -> AttentionMetadata:
+        t = self._tensor
+        return AttentionMetadata(
+            cu_seqlens_q=t(mb["cu"], torch.int32),
+            max_seqlen_q=mb["max_q"],
+            slot_mapping=t(mb["slots"], torch.long),
+            self_attn=PagedView(t(mb["self_tables"], torch.int32), t(mb["self_lens"], torch.int32)),
+            cross_attn=PagedView(t(mb["cross_tables"], torch.int32), t(mb["cross_lens"], torch.int32)),
+            logits_indices=t(mb["logits"], torch.long),
+        )
+
+    def decode(self, micro: list[dict], embedded: list | None = None) -> None:
+        """This stage's part of a decoder step in micro-batches (``embedded``: stage 0's embedded
+        tokens, a callable per micro-batch). The last stage sends each micro-batch's logits to 0."""
+        plan, wire, model = self.plan, self.wire, self.model
+        d, vocab = model.cache_spec.hidden, model.vocab_size
+        stages = plan.decoder_stages
+        for m, mb in enumerate(micro):
+            tq, n = int(mb["cu"][-1]), len(mb["logits"])
+            if plan.rank == 0:
+                x, _ = self._timed(embedded[m], partial(self._zeros, tq, d))
+                res = None
+            elif plan.has_decoder:
+                src = stages[stages.index(plan.rank) - 1] if stages.index(plan.rank) else 0
+                xr, failed = wire.recv(src, ACTIVATION)
+                self.failed |= failed
+                x, res = xr[0], (xr[1] if xr.shape[0] == 2 else None)
+            else:
+                continue  # an encoder-only stage has no part in decoding
+            last = plan.rank == plan.num_stages - 1
+            if plan.has_decoder:
+                meta = self._meta(mb)
+                zeros = (
+                    partial(self._zeros, n, vocab, torch.float32)
+                    if last
+                    else partial(self._zeros, tq, d, pair=True)
+                )
+                positions = self._tensor(mb["positions"], torch.long)
+                part = partial(model.decoder_part, meta, positions, plan.d0, plan.d1, x, res)
+                out, _ = self._timed(part, zeros)
+            else:
+                out = (x, res)
+            if last:
+                wire.send(out.float(), 0, LOGITS, self.failed)
+            else:
+                nxt = stages[stages.index(plan.rank) + 1] if plan.rank in stages else stages[0]
+                wire.send(_stack(*out), nxt, ACTIVATION, self.failed)
+        self.failed = False
+
+    def _zeros(self, rows: int, d: int, dtype=None, pair: bool = False):
+        """What a part that ran out of memory sends on: zeros (with residual None as a pair)."""
+        z = torch.zeros((rows, d), dtype=dtype or self.dtype, device=self.device)
+        return (z, None) if pair else z
+
+
+def _stack(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """(x, residual) as one [1 or 2, T, d] tensor to send."""
+    return x.unsqueeze(0) if residual is None else torch.stack((x, residual))
+
+
+def _micro(n: int, parts: int) -> list[range]:
+    """n rows in up to ``parts`` contiguous, nearly equal micro-batches."""
+    parts = max(1, min(parts, n))
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+# ---- the worker processes ----------------------------------------------------------------------
+def _stage_main(rank: int, size: int, port: int, source, device: str, dtype: str, config, sizes) -> None:
+    """A worker stage: connect, load the model (its own layers), agree on the pool, then serve.
+    ``source``: the model folder, or the model itself (shared memory) when it has none."""
+    import signal
+
+    from encdec_models.loading import load_model
+
+    # Ctrl-C and SIGTERM are stage 0's to handle (the job stops in order, then closes the stages)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if torch.device(device).type == "cpu":  # the stages share the CPU's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=TIMEOUT)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    wire = _Wire(store, rank, size, dev)
+    try:
+        if isinstance(source, str):
+            model = load_model(source, device, dtype, prune=stage_pruner(config, rank, sizes)).model
+        else:
+            model = source
+        plan = StagePlan(sizes, len(model.encoder_layers()), rank)
+        drop_other_layers(model, plan)
+        model.to(dev)
+        stage = Stage(model, config, plan, wire)
+        wire.send_obj({"blocks": stage.own_blocks()}, 0, REPLY)
+    except Exception as e:  # loading failed: tell stage 0, which raises it
+        wire.send_obj({"error": f"{type(e).__name__}: {e}"}, 0, REPLY)
+        wire.flush()
+        return
+    wire.flush()
+    try:
+        layout = wire.recv_obj(0)
+        stage.make_pool(layout["num_blocks"], layout["cross_block_rows"])
+        _serve(stage, wire)
+    except RuntimeError as e:  # stage 0 (or another stage) is gone: nothing is left to serve
+        log.debug("pipeline stage %d stops: %s", rank, e)
+
+
+def _serve(stage: Stage, wire: _Wire) -> None:
+    """A worker stage's loop: one control message from stage 0 at a time."""
+    with torch.inference_mode():
+        while True:
+            msg = wire.recv_obj(0)
+            op = msg["op"]
+            if op == "copy":
+                stage.copy_blocks(msg["copies"])
+            elif op == "encode":
+                stage.encode(msg["micro"])
+            elif op == "decode":
+                stage.decode(msg["micro"])
+            elif op == "stats":
+                wire.send_obj({"busy": stage.busy_seconds()}, 0, REPLY)
+            elif op == "close":
+                wire.flush()
+                return
+            wire.flush()
+
+
+def _shutdown(procs, wire) -> None:
+    """Tell the workers to stop and wait for them (briefly), then end any that remain."""
+    for s, p in enumerate(procs, start=1):
+        if p.is_alive():
+            try:
+                wire.send_obj({"op": "close"}, s)
+            except Exception:  # noqa: BLE001 (a dead peer: nothing to tell)
+                pass
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.terminate()
+            p.join(timeout=5)
+
+
+# ---- stage 0: the runner the engine uses -----------------------------------------------------
+class PipelineRunner:
+    """The engine's runner for P > 1 stages: ``ModelRunner``'s interface (the engine cannot tell),
+    stage 0's part of every call, the other stages through their control messages."""
+
+    # what it shares with ModelRunner: the row tables and the cache-slot arithmetic
+    _rows = ModelRunner._rows
+    _slots = ModelRunner._slots
+    _cross_positions = ModelRunner._cross_positions
+    _cross_slots = ModelRunner._cross_slots
+    _tensor = ModelRunner._tensor
+
+    def __init__(self, loaded, config: EngineConfig, queries: int = 1):
+        model, stages = loaded.model, config.pipeline_parallel
+        self.model, self.config = model, config
+        self.queries = queries  # the most inputs per sequence of a step (speculative verification)
+        p = next(model.parameters())
+        self.device, self.dtype, self.block_size = p.device, p.dtype, config.block_size
+        self.cache_dtype = self.dtype  # (an fp8 pool is refused with stages: EngineConfig)
+        self.max_source_len = min(config.max_source_len or 4096, model.max_source_positions)
+        self.max_target_len = min(config.max_target_len or 1024, model.max_target_positions)
+        # the split chosen when the model was loaded for stage 0 (see stage_pruner), else now
+        self.sizes = getattr(model, "pipeline_sizes", None) or stage_sizes(model, stages, config.pp_layers)
+        n_enc = len(model.encoder_layers())
+        self.plans = [StagePlan(self.sizes, n_enc, s) for s in range(stages)]
+        plan = self.plans[0]
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        devices = [
+            torch.device("cuda", self.device.index + s) if self.device.type == "cuda" else self.device
+            for s in range(stages)
+        ]
+        if self.device.type == "cuda" and devices[-1].index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--pipeline-parallel {stages} on {self.device} needs GPUs {self.device.index}.."
+                f"{devices[-1].index}; this machine has {torch.cuda.device_count()}"
+            )
+        self.stage_devices = devices
+        dtype_name = str(self.dtype).removeprefix("torch.")
+        store = dist.TCPStore("127.0.0.1", 0, stages, is_master=True, wait_for_workers=False, timeout=TIMEOUT)
+        ctx = torch.multiprocessing.get_context("spawn")  # its tensors pickle through shared memory
+        # the workers load the model from its folder; a model built in memory (random weights for
+        # encdec bench) goes to them itself
+        path = Path(loaded.path)
+        source = str(path) if (path / "config.json").is_file() or (path / "model.bin").is_file() else model
+        self.procs = [
+            ctx.Process(
+                target=_stage_main,
+                args=(s, stages, store.port, source, str(devices[s]), dtype_name, config, self.sizes),
+                daemon=True,
+                name=f"encdec-stage-{s}",
+            )
+            for s in range(1, stages)
+        ]
+        # a data-parallel rank may itself be a daemonic process, which multiprocessing refuses
+        # children; the stages need no such guard (a stage whose stage 0 dies sees its
+        # connections close and exits), so the flag is lifted while they start
+        me = multiprocessing.current_process()
+        daemonic = me.daemon
+        me._config["daemon"] = False
+        try:
+            for proc in self.procs:
+                proc.start()
+        finally:
+            me._config["daemon"] = daemonic
+        self.wire = wire = _Wire(store, 0, stages, self.device)
+        self._store = store
+        self._closer = weakref.finalize(self, _shutdown, self.procs, wire)
+        self.stage = Stage(model, config, plan, wire)
+        blocks = []
+        for s in range(1, stages):
+            reply = self._recv_obj(s, REPLY)
+            if "error" in reply:
+                self.close()
+                raise RuntimeError(f"pipeline stage {s} could not start: {reply['error']}")
+            blocks.append(reply["blocks"])
+        # only now: a model sent to the stages in memory (CUDA IPC) must live until they hold it
+        drop_other_layers(model, plan)
+        # one pool size for all: the fewest blocks any stage holds
+        self.num_blocks = num_blocks = int(min([self.stage.own_blocks(), *blocks]))
+        absorb = config.absorb_cross
+        if absorb is None:
+            import encdec_kernels
+
+            spec = model.cache_spec
+            absorb = (
+                config.max_num_seqs >= ABSORB_MIN_SEQS
+                and model.absorb_cross_by_default
+                and encdec_kernels.prefers_absorbed_cross(
+                    self.device, self.dtype, spec.num_heads, spec.d_model
+                )
+            )
+        spec, bs = model.cache_spec, config.block_size
+        self.cross_block_rows, self.encoder_rows = bs, None
+        self._cross_layout = (bs, np.arange(bs))
+        if absorb:  # the rows of a cross block: what the stage with the fewest decoder layers holds
+            rc = bs * spec.num_heads * spec.head_dim // spec.d_model
+            if rc < 1:
+                raise ValueError(f"block_size {bs} is too small to hold a {spec.d_model}-wide encoder row")
+            fewest = min(p.d1 - p.d0 for p in self.plans if p.has_decoder)
+            self.cross_block_rows = 2 * fewest * rc
+            r = np.arange(self.cross_block_rows)
+            self._cross_layout = (rc, (r // rc) * num_blocks * rc + r % rc)
+        layout = {"num_blocks": num_blocks, "cross_block_rows": self.cross_block_rows if absorb else None}
+        for s in range(1, stages):
+            wire.send_obj(layout, s)
+        self._flush()
+        self.stage.make_pool(num_blocks, layout["cross_block_rows"])
+        if absorb:  # not None: the engine reads it as "absorbed" (stage 0 may hold no decoder layer)
+            self.encoder_rows = self.stage.encoder_rows if plan.has_decoder else torch.empty(0)
+        # persistent block tables, as ModelRunner keeps them (the rows travel with each step)
+        n = self.max_num_seqs = config.max_num_seqs
+        self.self_width = -(-self.max_target_len // bs)
+        self.cross_width = -(-self.max_source_len // self.cross_block_rows)
+        self.self_tables = np.zeros((n, self.self_width), np.int32)
+        self.cross_tables = np.zeros((n, self.cross_width), np.int32)
+        self.self_rows, self.cross_rows = _Rows(n), _Rows(n)
+        self.synced: dict[int, list[int]] = {}
+        self.graphs = self.verify_graphs = self.encoder_graph = None  # no CUDA graphs across stages (yet)
+        self.encoder_graph_replays = 0
+        self.calls = 0
+        self.fail_at_calls: set[int] = {
+            int(x) for x in os.environ.get("ENCDEC_INJECT_OOM_AT", "").split(",") if x.strip()
+        }
+        # fault injection for tests: stage 1 is killed (SIGKILL) at this call (CLI tests in a subprocess)
+        self.kill_at_call = int(os.environ.get("ENCDEC_TEST_KILL_STAGE_AT_CALL", "0"))
+        log.info(
+            "pipeline of %d stages: %s",
+            stages,
+            "; ".join(f"stage {p.rank} on {devices[p.rank]}: {p.describe()}" for p in self.plans),
+        )
+
+    # -- faults ----------------------------------------------------------------------------------
+    def _dead(self, error: Exception) -> PipelineFailure:
+        """The failure to raise when talking to a stage failed: it died (or hung up)."""
+        for _ in range(20):  # its exit may lag its closed connections a little
+            gone = [(s, p) for s, p in enumerate(self.procs, start=1) if not p.is_alive()]
+            if gone:
+                break
+            time.sleep(0.05)
+        who = ", ".join(f"stage {s} (exit code {p.exitcode})" for s, p in gone) or "a stage"
+        self.close()
+        self.broken = PipelineFailure(f"pipeline {who} stopped ({str(error).splitlines()[0][:200]})")
+        return self.broken
+
+    @contextlib.contextmanager
+    def _exchange(self):
+        """A message exchange with the stages. A stage gone: ``PipelineFailure``. Anything else that
+        cuts it short (Ctrl-C) leaves the stages mid-call, out of step with stage 0: they are
+        ended, and the pipeline takes no more calls."""
+        if self.broken is not None:
+            raise self.broken
+        try:
+            yield
+        except PipelineFailure:
+            raise
+        except RuntimeError as e:
+            raise self._dead(e) from None
+        except BaseException:
+            if self.broken is None:
+                self.broken = PipelineFailure("a pipeline step was interrupted; its stages were stopped")
+                for p in self.procs:
+                    if p.is_alive():
+                        p.kill()
+                self.close()
+            raise
+
+    def _recv_obj(self, src: int, tag: int):
+        with self._exchange():
+            return self.wire.recv_obj(src, tag)
+
+    def _flush(self) -> None:
+        with self._exchange():
+            self.wire.flush()
+
+    def _broadcast(self, msg: dict) -> None:
+        with self._exchange():
+            for s in range(1, len(self.plans)):
+                self.wire.send_obj(msg, s)
+
+    broken: PipelineFailure | None = None
+
+    def read_encoder_rows(self, blocks: list[int], n: int) -> torch.Tensor | None:
+        """Absorbed layout: a cached request's encoder rows from stage 0's pool (``ModelRunner``'s);
+        None when stage 0 holds no decoder layer (no rows here: the caller runs the encoder)."""
+        if not self.plans[0].has_decoder:
+            return None
+        return ModelRunner.read_encoder_rows(self, blocks, n)
+
+    def release(self) -> None:
+        """``Engine.close``: the stages stop, and with them their pools."""
+        self.close()
+
+    def close(self) -> None:
+        """Stop the worker stages (also when the runner is collected or the process exits)."""
+        if self.broken is None:
+            self.broken = PipelineFailure("the pipeline's stages were stopped")
+        self._closer()
+
+    def _count_call(self, what: str) -> None:
+        self.calls += 1
+        if self.calls == self.kill_at_call:
+            import signal
+
+            os.kill(self.procs[0].pid, signal.SIGKILL)
+            self.procs[0].join()
+        if self.calls in self.fail_at_calls:
+            raise torch.OutOfMemoryError(f"injected out-of-memory error at {what} (call {self.calls})")
+
+    # -- statistics ------------------------------------------------------------------------------
+    def stage_busy(self) -> list[float]:
+        """Seconds each stage spent computing (not waiting) since it started, stage 0 first (the
+        engine reports differences)."""
+        if self.broken is not None:
+            return []
+        with self._exchange():
+            self._broadcast({"op": "stats"})
+            busy = [self.stage.busy_seconds()]
+            for s in range(1, len(self.plans)):
+                busy.append(self.wire.recv_obj(s, REPLY)["busy"])
+        return busy
+
+    # -- the engine's calls ----------------------------------------------------------------------
+    def capture_encoder_graph(self) -> int:
+        return 0
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if copies:
+            with self._exchange():
+                self._broadcast({"op": "copy", "copies": list(copies)})
+                self.stage.copy_blocks(copies)
+
+    def encode(self, groups: list[SequenceGroup]) -> None:
+        self._count_call("encode")
+        micro, batches = [], []
+        for rows in _micro(len(groups), len(self.plans)):
+            part = [groups[i] for i in rows]
+            lens = [g.encoder_len for g in part]
+            mb = {"cu": np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), "max": max(lens)}
+            mb["slots"] = self._cross_slots(part)
+            mb["zero"] = self._tile_ends(part) if self.encoder_rows is not None else None
+            micro.append(mb)
+            if self.plans[0].has_encoder:
+                batches.append(
+                    self.model.prepare_encoder_batch([g.request.encoder_input for g in part], self.device)
+                )
+        with self._exchange():
+            self._broadcast({"op": "encode", "micro": micro})
+            self.stage.encode(micro, batches)
+        for g in groups:
+            g.encoded = True
+
+    def _tile_ends(self, groups) -> np.ndarray:
+        import encdec_kernels
+
+        tile = encdec_kernels.SHARED_KV_TILE_ROWS
+        ends = [
+            min(-(-g.encoder_len // tile) * tile, len(g.cross_blocks) * self.cross_block_rows) for g in groups
+        ]
+        return np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
+
+    def decode(
+        self,
+        seqs: list[Sequence],
+        next_tokens: torch.Tensor | None = None,
+        drafts: list[list[int]] | None = None,
+    ) -> torch.Tensor:
+        """One decoder step through every stage, in micro-batches -> float32 logits [B, vocab]; with
+        ``drafts`` a verification step: the logits of each sequence's last len(drafts[b]) + 1
+        inputs, packed (see ``ModelRunner.decode``)."""
+        self._count_call("decode")
+        srows, crows = self._rows(seqs)
+        ahead = next_tokens is not None
+        micro, embed = [], []
+        for rows in _micro(len(seqs), len(self.plans)):
+            part = [seqs[i] for i in rows]
+            tokens, positions, slots, q_lens, logits_rows, kv_lens = [], [], [], [], [], []
+            for i, s in zip(rows, part):
+                start, end = (len(s.tokens), len(s.tokens) + 1) if ahead else (s.num_cached, len(s.tokens))
+                tokens += s.tokens[start:end]
+                extra = len(drafts[i]) if drafts is not None else 0
+                if extra:
+                    tokens += drafts[i]
+                    end += extra
+                positions += range(start, end)
+                slots += self._slots(s.block_table, start, end)
+                q_lens.append(end - start)
+                last = sum(q_lens)
+                logits_rows += range(last - extra - 1, last)
+                kv_lens.append(len(s.tokens) + ahead + extra)
+            cu = np.zeros(len(part) + 1, np.int32)
+            np.cumsum(q_lens, out=cu[1:])
+            micro.append({
+                "cu": cu,
+                "max_q": max(q_lens),
+                "slots": np.asarray(slots, np.int64),
+                "positions": np.asarray(positions, np.int64),
+                "self_tables": self.self_tables[srows[rows.start:rows.stop]],
+                "self_lens": np.array(kv_lens, np.int32),
+                "cross_tables": self.cross_tables[crows[rows.start:rows.stop]],
+                "cross_lens": np.array([s.group.encoder_len for s in part], np.int32),
+                "logits": np.asarray(logits_rows, np.int64),
+            })  # fmt: skip
+            tok = next_tokens[rows.start : rows.stop] if ahead else self.stage._tensor(tokens, torch.long)
+            pos = self.stage._tensor(positions, torch.long)
+            embed.append(lambda tok=tok, pos=pos: self.model.embed_decoder(tok, pos))
+        with self._exchange():
+            self._broadcast({"op": "decode", "micro": micro})
+            self.stage.decode(micro, embed)
+            failed = False  # out of memory in any stage (since its last step): in the logits' headers
+            logits = []
+            for _ in micro:
+                out, f = self.wire.recv(len(self.plans) - 1, LOGITS)
+                logits.append(out)
+                failed |= f
+            self.wire.flush()
+        if failed:
+            raise torch.OutOfMemoryError("out of device memory in a pipeline stage")
+        for s in seqs:
+            s.num_cached = len(s.tokens) + ahead
+        return torch.cat(logits) if len(logits) > 1 else logits[0]

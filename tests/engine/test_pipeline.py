@@ -1,0 +1,245 @@
+"""Pipeline parallelism (encdec_cli/engine/pipeline.py) on the CPU over gloo: 2 and 3 stages give the
+tokens of one process, greedy and 4-beam, with preemption forced by a small KV pool; the stage
+placement and its checks; a stage killed mid-job ends the job cleanly and a re-run resumes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from encdec_cli.engine import Engine, Request, SamplingParams
+from encdec_cli.engine.pipeline import StagePlan, parse_pp_layers, split_layers, stage_sizes
+from encdec_cli.errors import PipelineFailure
+from tests.support.text_models import random_words, source_ids, vocabulary
+from tests.support.whisper_models import EOT, SOT, random_whisper
+
+# a small pool of small blocks: the 4-beam runs must preempt (asserted); a Whisper request's 1500
+# encoder positions take 94 blocks of 16
+POOL = dict(block_size=4, num_blocks=20, max_num_seqs=8, device="cpu", dtype="float32")
+WHISPER_POOL = {**POOL, "block_size": 16, "num_blocks": 194}
+
+
+def _text_requests(tiny, beams: int) -> list[Request]:
+    rng = random.Random(1)
+    vocab = vocabulary(tiny.name)
+    params = SamplingParams(max_new_tokens=14, num_beams=beams, stop_token_ids=[vocab["</s>"]])
+    return [
+        Request(
+            source_ids(tiny.name, random_words(rng, rng.randint(2, 11))),
+            [tiny.decoder_start_token_id],
+            params,
+            i,
+        )
+        for i in range(10)
+    ]
+
+
+def _whisper_requests(beams: int) -> list[Request]:
+    rng = np.random.default_rng(0)
+    params = SamplingParams(max_new_tokens=24, num_beams=beams, stop_token_ids=[EOT])
+    # log-mel features: the stage split is what is tested, not the feature extractor
+    return [Request(torch_mel(rng), [SOT], params, i) for i in range(6)]
+
+
+def torch_mel(rng):
+    import torch
+
+    return torch.from_numpy(rng.standard_normal((80, 3000)).astype(np.float32))
+
+
+def _run(engine: Engine, requests: list[Request]) -> dict:
+    before = engine.scheduler.num_preemptions
+    out = {r.request_id: (r.error, [c.token_ids for c in r.completions]) for r in engine.generate(requests)}
+    assert all(err is None for err, _ in out.values()), out
+    return out, engine.scheduler.num_preemptions - before
+
+
+@pytest.fixture(scope="module")
+def whisper_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("whisper-pp")
+    random_whisper(path, encoder_layers=2, decoder_layers=2)
+    return path
+
+
+@pytest.mark.parametrize("family", ["whisper", "bart", "mbart", "t5", "t5_v1_1"])
+def test_stages_give_the_tokens_of_one_process(family, tiny_text_model, whisper_dir):
+    pool = WHISPER_POOL if family == "whisper" else POOL
+    if family == "whisper":
+        path, make = whisper_dir, _whisper_requests
+    else:
+        tiny = tiny_text_model(family)
+        path, make = tiny.path, lambda beams: _text_requests(tiny, beams)
+    one = Engine(str(path), **pool)
+    want = {beams: _run(one, make(beams)) for beams in (1, 4)}
+    assert want[4][1] > 0, "the 4-beam run did not preempt: the test's pool is too large"
+    for stages in (2, 3):
+        engine = Engine(str(path), pipeline_parallel=stages, **pool)
+        try:
+            assert engine.num_blocks == one.num_blocks
+            for beams in (1, 4):
+                got = _run(engine, make(beams))
+                assert got == want[beams], f"{family}: {stages} stages, {beams} beam(s)"
+            busy = engine.stats.stage_busy_seconds
+            assert len(busy) == stages and all(b > 0 for b in busy)
+        finally:
+            engine.close()
+
+
+def test_absorbed_cross_attention_across_stages(whisper_dir):
+    """The encoder rows of a request live in every decoder stage's own pool."""
+    one = Engine(str(whisper_dir), absorb_cross=True, **WHISPER_POOL)
+    want = _run(one, _whisper_requests(1))
+    engine = Engine(
+        str(whisper_dir), absorb_cross=True, pipeline_parallel=3, pp_layers=(1, 2, 1), **WHISPER_POOL
+    )
+    try:
+        assert engine.absorbs_cross
+        assert _run(engine, _whisper_requests(1)) == want
+    finally:
+        engine.close()
+
+
+def test_out_of_memory_in_a_pipeline_step_recovers(whisper_dir, monkeypatch):
+    one = Engine(str(whisper_dir), **WHISPER_POOL)
+    want = _run(one, _whisper_requests(1))[0]
+    monkeypatch.setenv("ENCDEC_INJECT_OOM_AT", "3")
+    engine = Engine(str(whisper_dir), pipeline_parallel=2, **WHISPER_POOL)
+    try:
+        assert _run(engine, _whisper_requests(1))[0] == want
+        assert engine.stats.oom_recoveries == 1
+    finally:
+        engine.close()
+
+
+def test_out_of_memory_in_a_worker_stage_recovers(whisper_dir, monkeypatch):
+    """Stage 1 of 3 fails a part: the stages still exchange every message, the failure reaches
+    stage 0 with the logits, and the step is recomputed."""
+    one = Engine(str(whisper_dir), **WHISPER_POOL)
+    want = _run(one, _whisper_requests(1))[0]
+    monkeypatch.setenv("ENCDEC_INJECT_STAGE_OOM", "1:5")
+    engine = Engine(str(whisper_dir), pipeline_parallel=3, **WHISPER_POOL)
+    try:
+        assert _run(engine, _whisper_requests(1))[0] == want
+        assert engine.stats.oom_recoveries == 1
+    finally:
+        engine.close()
+
+
+def test_placement_balances_cost_and_checks_pp_layers(whisper_dir):
+    assert split_layers([1, 1, 1, 1], 2) == [2, 2]
+    assert split_layers([1, 1, 1, 3], 2) == [3, 1]
+    assert split_layers([4, 1, 1, 1, 1], 2) == [1, 4]
+    assert split_layers([1, 1, 1], 3) == [1, 1, 1]
+    # encoder-only, mixed and decoder-only stages
+    plans = [StagePlan([1, 2, 1], 2, s) for s in range(3)]
+    assert [(p.e0, p.e1, p.d0, p.d1) for p in plans] == [(0, 1, 0, 0), (1, 2, 0, 1), (2, 2, 1, 2)]
+    assert plans[0].encoder_last == 1 and plans[0].decoder_stages == [1, 2]
+    assert parse_pp_layers("3,1") == (3, 1) and parse_pp_layers(None) is None
+    with pytest.raises(ValueError, match="comma-separated"):
+        parse_pp_layers("3;1")
+    from encdec_models.loading import load_model
+
+    model = load_model(whisper_dir, "cpu", "float32").model
+    assert stage_sizes(model, 2, (3, 1)) == [3, 1]
+    with pytest.raises(ValueError, match="summing to this model's 4 layers"):
+        stage_sizes(model, 2, (2, 3))
+    with pytest.raises(ValueError, match="give 3 numbers"):
+        stage_sizes(model, 3, (2, 2))
+    with pytest.raises(ValueError, match="use 1 to 4 stages"):
+        stage_sizes(model, 5, None)
+
+
+def test_a_killed_stage_ends_the_engine_naming_the_requests_in_flight(whisper_dir):
+    engine = Engine(str(whisper_dir), pipeline_parallel=2, **WHISPER_POOL)
+    try:
+        results = engine.generate(_whisper_requests(1))
+        engine.step()  # requests now in flight
+        os.kill(engine.runner.procs[0].pid, signal.SIGKILL)
+        with pytest.raises(
+            PipelineFailure, match=r"stage 1 \(exit code -9\) stopped.*in flight were not finished"
+        ):
+            list(results)
+    finally:
+        engine.close()
+
+
+def test_a_killed_stage_fails_the_job_and_a_rerun_resumes(tiny_text_model, tmp_path):
+    """The CLI: exit status 1 with one error line naming the stage; the rows that finished before
+    are kept and the same command run again does the rest."""
+    tiny = tiny_text_model("bart")
+    rng = random.Random(0)
+    src, out = tmp_path / "in.parquet", tmp_path / "out.parquet"
+    texts = [" ".join(random_words(rng, rng.randint(2, 8))) for _ in range(40)]
+    pq.write_table(pa.table({"id": list(range(40)), "text": texts}), src)
+    cmd = [sys.executable, "-m", "encdec_cli", "summarize", str(src), "-m", str(tiny.path), "-o", str(out),
+           "--device", "cpu", "-pp", "2", "-q", "--max-num-seqs", "4"]  # fmt: skip
+    # the job kills its stage 1 at its 12th model call (a test hook); rows finished by then are saved
+    env = {**os.environ, "ENCDEC_TEST_KILL_STAGE_AT_CALL": "12", "ENCDEC_PART_ROWS": "1"}
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr
+    assert "error: pipeline stage 1" in first.stderr and "run the same command again" in first.stderr
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == list(range(40))
+    assert all(table.column("summary").to_pylist())
+
+
+def _cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "encdec_cli", *map(str, args)],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
+
+
+def test_data_parallel_ranks_each_a_pipeline(tiny_text_model, tmp_path):
+    """-dp 2 -pp 2: two data-parallel ranks, each the stage 0 of its own two-stage pipeline (four
+    processes): the output table is byte for byte the one process's."""
+    tiny = tiny_text_model("bart")
+    rng = random.Random(6)
+    texts = [" ".join(random_words(rng, rng.randint(2, 8))) for _ in range(24)]
+    pq.write_table(pa.table({"id": list(range(24)), "text": texts}), tmp_path / "in.parquet")
+    outs = {}
+    for name, extra in (("one", []), ("dp-pp", ["-dp", 2, "-pp", 2])):
+        out = tmp_path / f"{name}.parquet"
+        r = _cli("summarize", tmp_path / "in.parquet", "-m", tiny.path, "-o", out, "--device", "cpu",
+                 "--max-num-seqs", 4, "-q", *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[name] = out.read_bytes()
+    assert outs["one"] == outs["dp-pp"]
+
+
+def test_image_to_text_in_stages_and_the_usage_refusals(tmp_path, tiny_text_model):
+    """image-to-text -pp 2 writes what one process writes; what cannot run in stages is a usage
+    error (exit 2) that says why."""
+    from tests.support.vision_models import draw_images, random_trocr
+
+    model = tmp_path / "trocr"
+    random_trocr(model)
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, im in enumerate(draw_images(3, seed=3)):
+        im.save(images / f"{i}.png")
+    outs = {}
+    for name, extra in (("one", []), ("two", ["-pp", 2])):
+        out = tmp_path / f"{name}.jsonl"
+        r = _cli("image-to-text", images, "-m", model, "-o", out, "-f", "jsonl", "--device", "cpu",
+                 "--max-new-tokens", 8, "-q", *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[name] = out.read_bytes()
+    assert outs["one"] == outs["two"]
+    r = _cli("transcribe", images, "-m", model, "-pp", 2, "--word-timestamps", "--device", "cpu")
+    assert r.returncode == 2 and "--word-timestamps needs the whole decoder in one process" in r.stderr
+    pq.write_table(pa.table({"text": ["a b c"]}), tmp_path / "x.parquet")
+    r = _cli("summarize", tmp_path / "x.parquet", "-m", tiny_text_model("bart").path, "-pp", 2,
+             "--pp-layers", "3,x")  # fmt: skip
+    assert r.returncode == 2 and "--pp-layers takes comma-separated layer counts" in r.stderr
