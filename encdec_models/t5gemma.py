@@ -58,8 +58,10 @@ _RENAME = {
 _KV_RE = re.compile(r"\.(self_attn|cross_attn)\.(k|v)_proj\.(weight|bias)$")
 
 
-def _layer_config(cfg, cross_d_model: int | None = None) -> LayerConfig:
-    return LayerConfig(
+def gemma_layer_config(cfg, **extra) -> LayerConfig:
+    """A Gemma-style layer (gated MLP, RMSNorm before and after each block) of a T5Gemma (2) stack's
+    config; ``extra``: LayerConfig fields that differ (T5Gemma 2: per-head q/k norms, no capping)."""
+    fields = dict(
         d_model=cfg.hidden_size,
         num_heads=cfg.num_attention_heads,
         head_dim=cfg.head_dim,
@@ -71,10 +73,10 @@ def _layer_config(cfg, cross_d_model: int | None = None) -> LayerConfig:
         norm_eps=cfg.rms_norm_eps,
         bias=cfg.attention_bias,
         scale=cfg.query_pre_attn_scalar**-0.5,
-        softcap=cfg.attn_logit_softcapping,
+        softcap=getattr(cfg, "attn_logit_softcapping", None),
         sandwich=True,
-        cross_d_model=cross_d_model,
     )
+    return LayerConfig(**{**fields, **extra})
 
 
 class T5GemmaStack(nn.Module):
@@ -100,12 +102,49 @@ class T5GemmaStack(nn.Module):
         exponent = torch.arange(0, d, 2, dtype=torch.int64).to(torch.float) / d
         self.inv_freq.copy_(1.0 / (self.rope_theta**exponent))
 
+    def rotary(self, positions: torch.Tensor, dtype) -> Rotary:
+        return Rotary.at(self.inv_freq, positions, dtype)
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(tokens)
         return x * torch.tensor(self.embed_scale, dtype=x.dtype)
 
 
-class T5Gemma(TextEncDecModel):
+class GemmaStackHooks:
+    """The pieces around the layer stacks (encdec_models/base.py runs the stacks) of T5Gemma and
+    T5Gemma 2: stacks with ``embed``, ``rotary(positions, dtype)`` and ``norm``; an lm_head with
+    optional final logit soft-capping (``logit_softcap``)."""
+
+    def encoder_layers(self):
+        return self.encoder.layers
+
+    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
+        """batch.inputs: [T] packed token ids -> [T, d_encoder]."""
+        return self.encoder.embed(batch.inputs)
+
+    def encoder_layer_args(self, batch: EncoderBatch, x) -> tuple:
+        rope = self.encoder.rotary(packed_positions(batch.cu_seqlens, x.shape[0]), x.dtype)
+        return (batch.cu_seqlens, batch.max_seqlen, rope)
+
+    def finish_encoder(self, x, residual) -> torch.Tensor:
+        return final_norm(self.encoder.norm, x, residual)
+
+    def embed_decoder(self, tokens, positions) -> torch.Tensor:
+        """tokens, positions: [Tq] new tokens and their index in the decoder sequence."""
+        return self.decoder.embed(tokens)
+
+    def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
+        return (meta, self.decoder.rotary(positions, x.dtype))
+
+    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+        x = final_norm(self.decoder.norm, x, residual, meta.logits_indices)
+        logits = F.linear(x, self.lm_head.weight)
+        if self.logit_softcap is not None:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
+
+
+class T5Gemma(GemmaStackHooks, TextEncDecModel):
     """T5Gemma encoder/decoder models (``config.encoder`` / ``config.decoder`` sub-configs)."""
 
     def __init__(self, cfg):
@@ -113,9 +152,11 @@ class T5Gemma(TextEncDecModel):
         self.config = cfg
         enc, dec = cfg.encoder, cfg.decoder
         self.encoder = T5GemmaStack(
-            enc, nn.ModuleList(EncoderLayer(_layer_config(enc)) for _ in range(enc.num_hidden_layers)), False
+            enc,
+            nn.ModuleList(EncoderLayer(gemma_layer_config(enc)) for _ in range(enc.num_hidden_layers)),
+            False,
         )
-        dec_lc = _layer_config(dec, cross_d_model=enc.hidden_size)
+        dec_lc = gemma_layer_config(dec, cross_d_model=enc.hidden_size)
         self.decoder = T5GemmaStack(
             dec, nn.ModuleList(DecoderLayer(dec_lc) for _ in range(dec.num_hidden_layers)), True
         )
@@ -181,32 +222,3 @@ class T5Gemma(TextEncDecModel):
 
     def decoder_layers(self):
         return self.decoder.layers
-
-    # ---- the pieces around the layer stacks (encdec_models/base.py runs the stacks) ---------------
-    def encoder_layers(self):
-        return self.encoder.layers
-
-    def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
-        """batch.inputs: [T] packed token ids -> [T, d_encoder]."""
-        return self.encoder.embed(batch.inputs)
-
-    def encoder_layer_args(self, batch: EncoderBatch, x) -> tuple:
-        rope = Rotary.at(self.encoder.inv_freq, packed_positions(batch.cu_seqlens, x.shape[0]), x.dtype)
-        return (batch.cu_seqlens, batch.max_seqlen, rope)
-
-    def finish_encoder(self, x, residual) -> torch.Tensor:
-        return final_norm(self.encoder.norm, x, residual)
-
-    def embed_decoder(self, tokens, positions) -> torch.Tensor:
-        """tokens, positions: [Tq] new tokens and their index in the decoder sequence."""
-        return self.decoder.embed(tokens)
-
-    def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
-        return (meta, Rotary.at(self.decoder.inv_freq, positions, x.dtype))
-
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
-        x = final_norm(self.decoder.norm, x, residual, meta.logits_indices)
-        logits = F.linear(x, self.lm_head.weight)
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits

@@ -48,19 +48,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encdec_models.base import AttentionMetadata, CacheSpec, EncoderBatch, host_to_device
+from encdec_models.base import CacheSpec, EncoderBatch, host_to_device
 from encdec_models.florence2 import ImageTextBatch
 from encdec_models.layers import (
     EncoderLayer,
-    LayerConfig,
     MergedDecoderLayer,
     Norm,
     Rotary,
-    final_norm,
     repeat_kv_heads,
 )
 from encdec_models.registry import UnsupportedModelError
-from encdec_models.text import TextEncDecModel, as_token_ids, packed_positions
+from encdec_models.t5gemma import GemmaStackHooks, gemma_layer_config
+from encdec_models.text import TextEncDecModel, as_token_ids
 from encdec_models.vision import SiglipVisionEncoder, check_pixels
 
 ARCHITECTURE = "T5Gemma2ForConditionalGeneration"
@@ -145,24 +144,6 @@ def config_from_dict(d: dict) -> SimpleNamespace:
     )
 
 
-def _layer_config(s: SimpleNamespace) -> LayerConfig:
-    return LayerConfig(
-        d_model=s.hidden_size,
-        num_heads=s.num_attention_heads,
-        head_dim=s.head_dim,
-        d_ff=s.intermediate_size,
-        activation=s.hidden_activation,
-        gated=True,
-        pre_norm=True,
-        norm="rms",
-        norm_eps=s.rms_norm_eps,
-        bias=s.attention_bias,
-        scale=s.query_pre_attn_scalar**-0.5,
-        sandwich=True,
-        qk_norm=True,
-    )
-
-
 def _inv_freq(params: dict, head_dim: int) -> torch.Tensor:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind not in ("default", "linear"):
@@ -231,7 +212,7 @@ class T5Gemma2Stack(nn.Module):
         return x
 
 
-class T5Gemma2(TextEncDecModel):
+class T5Gemma2(GemmaStackHooks, TextEncDecModel):
     """T5Gemma 2 encoder/decoder models (``config.encoder.text_config`` and ``.vision_config``,
     ``config.decoder``)."""
 
@@ -249,13 +230,19 @@ class T5Gemma2(TextEncDecModel):
         eoi = top.get("eoi_token_index") or encoder.get("eoi_token_index", 256_000)
         self.encoder = T5Gemma2Stack(
             enc,
-            nn.ModuleList(EncoderLayer(_layer_config(enc)) for _ in range(enc.num_hidden_layers)),
+            nn.ModuleList(
+                EncoderLayer(gemma_layer_config(enc, softcap=None, qk_norm=True))
+                for _ in range(enc.num_hidden_layers)
+            ),
             False,
             eoi,
         )
         self.decoder = T5Gemma2Stack(
             dec,
-            nn.ModuleList(MergedDecoderLayer(_layer_config(dec)) for _ in range(dec.num_hidden_layers)),
+            nn.ModuleList(
+                MergedDecoderLayer(gemma_layer_config(dec, softcap=None, qk_norm=True))
+                for _ in range(dec.num_hidden_layers)
+            ),
             True,
             eoi,
         )
@@ -402,14 +389,10 @@ class T5Gemma2(TextEncDecModel):
         pixels = host_to_device(torch.stack([p.to(images[0].dtype) for p in images]), device)
         return ImageTextBatch(batch.inputs, batch.cu_seqlens, batch.max_seqlen, pixels=pixels)
 
-    # ---- the pieces around the layer stacks (encdec_models/base.py runs the stacks) ---------------
-    def encoder_layers(self):
-        return self.encoder.layers
-
     def embed_encoder(self, batch: EncoderBatch) -> torch.Tensor:
         """batch.inputs: [T] packed token ids -> [T, d]; an image batch's image tokens take the
         projected SigLIP features of its images, in order."""
-        x = self.encoder.embed(batch.inputs)
+        x = super().embed_encoder(batch)
         pixels = getattr(batch, "pixels", None)
         if pixels is not None:
             image = self.projector(self.vision_tower(pixels.to(x.dtype)))
@@ -417,24 +400,3 @@ class T5Gemma2(TextEncDecModel):
                 (batch.inputs == self.image_token_id)[:, None], image.reshape(-1, x.shape[-1])
             )
         return x
-
-    def encoder_layer_args(self, batch: EncoderBatch, x) -> tuple:
-        rope = self.encoder.rotary(packed_positions(batch.cu_seqlens, x.shape[0]), x.dtype)
-        return (batch.cu_seqlens, batch.max_seqlen, rope)
-
-    def finish_encoder(self, x, residual) -> torch.Tensor:
-        return final_norm(self.encoder.norm, x, residual)
-
-    def embed_decoder(self, tokens, positions) -> torch.Tensor:
-        """tokens, positions: [Tq] new tokens and their index in the decoder sequence."""
-        return self.decoder.embed(tokens)
-
-    def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
-        return (meta, self.decoder.rotary(positions, x.dtype))
-
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
-        x = final_norm(self.decoder.norm, x, residual, meta.logits_indices)
-        logits = F.linear(x, self.lm_head.weight)
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
