@@ -49,21 +49,7 @@ class ImageTextBatch(EncoderBatch):
 
 
 def _mlp(dim: int, ratio: float, activation: str) -> MLP:
-    return MLP(
-        LayerConfig(
-            d_model=dim,
-            num_heads=1,
-            head_dim=dim,
-            d_ff=int(dim * ratio),
-            activation=activation,
-            gated=False,
-            pre_norm=True,
-            norm="layer",
-            norm_eps=1e-5,
-            bias=True,
-            scale=1.0,
-        )
-    )
+    return MLP(LayerConfig.plain(dim, 1, int(dim * ratio), activation, 1e-5))
 
 
 def _as_nchw(rows: torch.Tensor) -> torch.Tensor:

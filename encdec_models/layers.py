@@ -46,17 +46,25 @@ class LayerConfig:
     def layer_norm_style(cls, cfg, heads: int, ffn: int, pre_norm: bool) -> LayerConfig:
         """Whisper and BART-family layers (transformers config fields): LayerNorm (eps 1e-5),
         biases, head_dim**-0.5 scaling, the config's activation."""
-        head_dim = cfg.d_model // heads
+        return cls.plain(cfg.d_model, heads, ffn, cfg.activation_function, 1e-5, pre_norm)
+
+    @classmethod
+    def plain(
+        cls, d: int, heads: int, ffn: int, activation: str, eps: float, pre_norm: bool = True
+    ) -> LayerConfig:
+        """A BERT/ViT-style layer of width d: LayerNorm with ``eps``, biases, an ungated MLP of
+        width ``ffn``, head_dim**-0.5 scaling."""
+        head_dim = d // heads
         return cls(
-            d_model=cfg.d_model,
+            d_model=d,
             num_heads=heads,
             head_dim=head_dim,
             d_ff=ffn,
-            activation=cfg.activation_function,
+            activation=activation,
             gated=False,
             pre_norm=pre_norm,
             norm="layer",
-            norm_eps=1e-5,
+            norm_eps=eps,
             bias=True,
             scale=head_dim**-0.5,
         )

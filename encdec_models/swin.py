@@ -93,20 +93,9 @@ class SwinBlock(nn.Module):
         self.norm1 = Norm(dim, "layer", cfg.layer_norm_eps)
         self.self_attn = WindowAttention(dim, heads, cfg.window_size, cfg.qkv_bias)
         self.norm2 = Norm(dim, "layer", cfg.layer_norm_eps)
-        lc = LayerConfig(
-            d_model=dim,
-            num_heads=heads,
-            head_dim=dim // heads,
-            d_ff=int(cfg.mlp_ratio * dim),
-            activation=cfg.hidden_act,
-            gated=False,
-            pre_norm=True,
-            norm="layer",
-            norm_eps=cfg.layer_norm_eps,
-            bias=True,
-            scale=(dim // heads) ** -0.5,
+        self.mlp = MLP(
+            LayerConfig.plain(dim, heads, int(cfg.mlp_ratio * dim), cfg.hidden_act, cfg.layer_norm_eps)
         )
-        self.mlp = MLP(lc)
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """x: [B, H * W, C]."""

@@ -93,19 +93,8 @@ class ViTEncoder(nn.Module):
         self.num_tokens = grid + 1 + (self.distillation_token is not None)
         self.position_embeddings = nn.Parameter(torch.zeros(1, self.num_tokens, d))
         heads = cfg.num_attention_heads
-        lc = LayerConfig(
-            d_model=d,
-            num_heads=heads,
-            head_dim=d // heads,
-            d_ff=cfg.intermediate_size,
-            activation=cfg.hidden_act,
-            gated=False,
-            pre_norm=True,
-            norm="layer",
-            norm_eps=cfg.layer_norm_eps,
-            bias=True,  # qkv_bias=False checkpoints lack the q/k/v biases: the loader zeroes them
-            scale=(d // heads) ** -0.5,
-        )
+        # (qkv_bias=False checkpoints lack the q/k/v biases: the loader zeroes them)
+        lc = LayerConfig.plain(d, heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(lc) for _ in range(cfg.num_hidden_layers))
         self.layernorm = Norm(d, "layer", cfg.layer_norm_eps)
         self.hidden_size = d
@@ -167,19 +156,7 @@ class SiglipVisionEncoder(nn.Module):
         self.grid = cfg.image_size // cfg.patch_size
         self.position_embedding = nn.Embedding(self.grid * self.grid, d)
         heads = cfg.num_attention_heads
-        lc = LayerConfig(
-            d_model=d,
-            num_heads=heads,
-            head_dim=d // heads,
-            d_ff=cfg.intermediate_size,
-            activation=cfg.hidden_act,
-            gated=False,
-            pre_norm=True,
-            norm="layer",
-            norm_eps=cfg.layer_norm_eps,
-            bias=True,
-            scale=(d // heads) ** -0.5,
-        )
+        lc = LayerConfig.plain(d, heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
         self.layers = nn.ModuleList(EncoderLayer(lc) for _ in range(cfg.num_hidden_layers))
         self.post_layernorm = Norm(d, "layer", cfg.layer_norm_eps)
         self.hidden_size = d
@@ -298,18 +275,13 @@ class VisionEncoderDecoder(TextEncDecModel):
         cross = getattr(dec_cfg, "cross_attention_hidden_size", None)
         if self.roberta:  # BERT-style post-norm layers: the BART layers with BERT's names and eps
             d, heads, n_layers = dec_cfg.hidden_size, dec_cfg.num_attention_heads, dec_cfg.num_hidden_layers
-            lc = LayerConfig(
-                d_model=d,
-                num_heads=heads,
-                head_dim=d // heads,
-                d_ff=dec_cfg.intermediate_size,
-                activation=dec_cfg.hidden_act,
-                gated=False,
+            lc = LayerConfig.plain(
+                d,
+                heads,
+                dec_cfg.intermediate_size,
+                dec_cfg.hidden_act,
+                dec_cfg.layer_norm_eps,
                 pre_norm=False,
-                norm="layer",
-                norm_eps=dec_cfg.layer_norm_eps,
-                bias=True,
-                scale=(d // heads) ** -0.5,
             )
             # positions offset by padding_idx + 1 = 2 (RoBERTa's table includes the offset rows)
             variant = Variant(pre_norm=False, positions="learned", layernorm_embedding=True, final_norm=False)
