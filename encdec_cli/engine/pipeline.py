@@ -49,7 +49,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from encdec_cli.engine.config import EngineConfig
-from encdec_cli.engine.runner import ABSORB_MIN_SEQS, ModelRunner, _Rows
+from encdec_cli.engine.runner import ABSORB_MIN_SEQS, ModelRunner
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from encdec_cli.errors import PipelineFailure
 from encdec_models.base import AttentionMetadata, EncoderBatch, PagedView
@@ -553,6 +553,7 @@ class PipelineRunner:
     _cross_positions = ModelRunner._cross_positions
     _cross_slots = ModelRunner._cross_slots
     _tensor = ModelRunner._tensor
+    _init_tables = ModelRunner._init_tables
 
     def __init__(self, loaded, config: EngineConfig, queries: int = 1):
         model, stages = loaded.model, config.pipeline_parallel
@@ -652,14 +653,7 @@ class PipelineRunner:
         self.stage.make_pool(num_blocks, layout["cross_block_rows"])
         if absorb:  # not None: the engine reads it as "absorbed" (stage 0 may hold no decoder layer)
             self.encoder_rows = self.stage.encoder_rows if plan.has_decoder else torch.empty(0)
-        # persistent block tables, as ModelRunner keeps them (the rows travel with each step)
-        n = self.max_num_seqs = config.max_num_seqs
-        self.self_width = -(-self.max_target_len // bs)
-        self.cross_width = -(-self.max_source_len // self.cross_block_rows)
-        self.self_tables = np.zeros((n, self.self_width), np.int32)
-        self.cross_tables = np.zeros((n, self.cross_width), np.int32)
-        self.self_rows, self.cross_rows = _Rows(n), _Rows(n)
-        self.synced: dict[int, list[int]] = {}
+        self._init_tables(config.max_num_seqs, bs)  # as ModelRunner keeps them (rows travel with each step)
         self.graphs = self.verify_graphs = self.encoder_graph = None  # no CUDA graphs across stages (yet)
         self.encoder_graph_replays = 0
         self.calls = 0

@@ -139,14 +139,7 @@ class ModelRunner:
             self.encoder_rows,
             None if self.scales is None else (self.scales[0], self.scales[1], self.row_scales),
         )
-        max_num_seqs = self.max_num_seqs = config.max_num_seqs
-        # persistent block tables: self-attention per sequence, cross-attention per request
-        self.self_width = -(-self.max_target_len // block_size)
-        self.cross_width = -(-self.max_source_len // self.cross_block_rows)
-        self.self_tables = np.zeros((max_num_seqs, self.self_width), np.int32)
-        self.cross_tables = np.zeros((max_num_seqs, self.cross_width), np.int32)
-        self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
-        self.synced: dict[int, list[int]] = {}  # seq_id -> the block table written into its row
+        self._init_tables(config.max_num_seqs, block_size)
         self.graphs = None  # CudaGraphs, set up by the engine
         self.verify_graphs = None  # [CudaGraphs] of speculative verification steps, by queries a sequence
         self.encoder_graph = None  # (graph, static EncoderBatch, static slots): capture_encoder_graph()
@@ -158,6 +151,17 @@ class ModelRunner:
         self.fail_at_calls: set[int] = {
             int(x) for x in os.environ.get("ENCDEC_INJECT_OOM_AT", "").split(",") if x.strip()
         }
+
+    def _init_tables(self, max_num_seqs: int, block_size: int) -> None:
+        """The persistent block tables: self-attention per sequence, cross-attention per request
+        (rows handed out by ``_Rows``; ``synced``: seq_id -> the block table written into its row)."""
+        self.max_num_seqs = max_num_seqs
+        self.self_width = -(-self.max_target_len // block_size)
+        self.cross_width = -(-self.max_source_len // self.cross_block_rows)
+        self.self_tables = np.zeros((max_num_seqs, self.self_width), np.int32)
+        self.cross_tables = np.zeros((max_num_seqs, self.cross_width), np.int32)
+        self.self_rows, self.cross_rows = _Rows(max_num_seqs), _Rows(max_num_seqs)
+        self.synced: dict[int, list[int]] = {}
 
     def _hopper_cross(self) -> bool:
         """Whether this model takes absorbed cross-attention by default here: encdec_kernels prefers
