@@ -125,21 +125,20 @@ def bench(
         f"bf16 matmul {rates['bf16_flop_per_s'] / 1e12:.0f} TFLOP/s (the floors divide by these)",
         err=True,
     )
+    engine_cfg = {  # the one-device run's and every data-parallel rank's
+        "max_num_seqs": max_num_seqs,
+        "enforce_eager": enforce_eager,
+        "absorb_cross": absorb,
+        "kv_dtype": kv_dtype,
+        **common.pipeline_options(pipeline_parallel, pp_layers),
+        "prefix_cache": not no_prefix_cache,
+    }
     for wid in ids:
         res = run_workload(
             wid,
             baseline == "hf",
             tuple(baseline_batch),
-            {
-                "max_num_seqs": max_num_seqs,
-                "enforce_eager": enforce_eager,
-                "profile": profile,
-                "absorb_cross": absorb,
-                "kv_dtype": kv_dtype,
-                **common.pipeline_options(pipeline_parallel, pp_layers),
-                "prefix_cache": not no_prefix_cache,
-                **({"speculative": spec} if spec else {}),
-            },
+            {**engine_cfg, "profile": profile, **({"speculative": spec} if spec else {})},
             scale,
             rates,
             oracle,
@@ -147,12 +146,6 @@ def bench(
         if devices is not None and len(devices) > 1:
             from encdec_cli.tasks.bench_parallel import run_data_parallel
 
-            engine_cfg = {
-                "max_num_seqs": max_num_seqs,
-                "enforce_eager": enforce_eager,
-                "absorb_cross": absorb,
-                "kv_dtype": kv_dtype,
-            }
             res["data_parallel"] = dp = run_data_parallel(wid, devices, engine_cfg, scale, res["ours"])
             typer.echo(
                 f"{wid} {len(devices)} ranks ({','.join(devices)}): total {dp['total']:,.1f}, per device "
