@@ -130,6 +130,19 @@ def is_audio(name: str) -> bool:
     return name in AUDIO_SECONDS
 
 
+# the BART-large shape that NLLB-200-distilled-600M's and Florence-2-large's language model share
+LARGE_12_12 = dict(
+    d_model=1024,
+    encoder_layers=12,
+    decoder_layers=12,
+    encoder_attention_heads=16,
+    decoder_attention_heads=16,
+    encoder_ffn_dim=4096,
+    decoder_ffn_dim=4096,
+    max_position_embeddings=1024,
+)
+
+
 def hf_config(name: str):
     from transformers import BartConfig, M2M100Config, MoonshineConfig, T5Config, WhisperConfig
 
@@ -138,16 +151,9 @@ def hf_config(name: str):
     # 256204 ids (the 202 language codes end at 256202, <mask> is 256203).
     if name == "nllb-200-distilled-600M":
         return M2M100Config(
+            **LARGE_12_12,
             vocab_size=256206,
-            d_model=1024,
-            encoder_layers=12,
-            decoder_layers=12,
-            encoder_attention_heads=16,
-            decoder_attention_heads=16,
-            encoder_ffn_dim=4096,
-            decoder_ffn_dim=4096,
             activation_function="relu",
-            max_position_embeddings=1024,
             scale_embedding=True,
             pad_token_id=1,
             bos_token_id=0,
@@ -183,15 +189,8 @@ def hf_config(name: str):
         from transformers import Florence2Config, Florence2VisionConfig
 
         text = BartConfig(
+            **LARGE_12_12,
             vocab_size=51290,  # 51289 BART + locations and task tokens, then the image token
-            d_model=1024,
-            encoder_layers=12,
-            decoder_layers=12,
-            encoder_attention_heads=16,
-            decoder_attention_heads=16,
-            encoder_ffn_dim=4096,
-            decoder_ffn_dim=4096,
-            max_position_embeddings=1024,
             forced_bos_token_id=None,
             forced_eos_token_id=None,
             decoder_start_token_id=2,
@@ -236,15 +235,8 @@ def hf_config(name: str):
         )
     if name == "bart-large-cnn":
         return BartConfig(
+            **LARGE_12_12,
             vocab_size=50264,
-            d_model=1024,
-            encoder_layers=12,
-            decoder_layers=12,
-            encoder_attention_heads=16,
-            decoder_attention_heads=16,
-            encoder_ffn_dim=4096,
-            decoder_ffn_dim=4096,
-            max_position_embeddings=1024,
             forced_bos_token_id=None,
             architectures=["BartForConditionalGeneration"],
         )
