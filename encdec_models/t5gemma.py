@@ -115,6 +115,29 @@ class GemmaStackHooks:
     T5Gemma 2: stacks with ``embed``, ``rotary(positions, dtype)`` and ``norm``; an lm_head with
     optional final logit soft-capping (``logit_softcap``)."""
 
+    family = "T5Gemma"
+
+    def set_shapes(self, enc, dec) -> None:
+        """From the encoder and decoder text configs: grouped-query repeats, head dims, the cache's
+        shape, position limits, vocabularies."""
+        self.n_rep = {
+            "encoder": enc.num_attention_heads // enc.num_key_value_heads,
+            "decoder": dec.num_attention_heads // dec.num_key_value_heads,
+        }
+        self.head_dims = {"encoder": enc.head_dim, "decoder": dec.head_dim}
+        self.cache_spec = CacheSpec(
+            dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim, enc.hidden_size, dec.hidden_size
+        )
+        self.max_source_positions = enc.max_position_embeddings
+        self.max_target_positions = dec.max_position_embeddings
+        self.source_vocab_size = enc.vocab_size
+        self.vocab_size = dec.vocab_size
+
+    @classmethod
+    def check_dtype(cls, dtype: torch.dtype) -> None:
+        if dtype == torch.float16:
+            raise ValueError(f"{cls.family} overflows in float16; use bfloat16 or float32")
+
     def encoder_layers(self):
         return self.encoder.layers
 
@@ -164,25 +187,9 @@ class T5Gemma(GemmaStackHooks, TextEncDecModel):
         tie = getattr(cfg, "tie_word_embeddings", True)
         self.tied_weights = {"lm_head.weight": "decoder.embed_tokens.weight"} if tie else {}
         self.logit_softcap = dec.final_logit_softcapping
-        self.n_rep = {
-            "encoder": enc.num_attention_heads // enc.num_key_value_heads,
-            "decoder": dec.num_attention_heads // dec.num_key_value_heads,
-        }
-        self.head_dims = {"encoder": enc.head_dim, "decoder": dec.head_dim}
-        self.cache_spec = CacheSpec(
-            dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim, enc.hidden_size, dec.hidden_size
-        )
+        self.set_shapes(enc, dec)
         attn = [layer.self_attn for layer in [*self.encoder.layers, *self.decoder.layers]]
         self.cuda_graphs = not any(a.window is not None or a.softcap is not None for a in attn)
-        self.max_source_positions = enc.max_position_embeddings
-        self.max_target_positions = dec.max_position_embeddings
-        self.source_vocab_size = enc.vocab_size
-        self.vocab_size = dec.vocab_size
-
-    @classmethod
-    def check_dtype(cls, dtype: torch.dtype) -> None:
-        if dtype == torch.float16:
-            raise ValueError("T5Gemma overflows in float16; use bfloat16 or float32")
 
     def adapt_checkpoint(self, tensors):
         """Grouped-query K/V projections repeated to every query head (transformers' repeat_kv

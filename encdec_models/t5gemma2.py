@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from encdec_models.base import CacheSpec, EncoderBatch, host_to_device
+from encdec_models.base import EncoderBatch, host_to_device
 from encdec_models.florence2 import ImageTextBatch
 from encdec_models.layers import (
     EncoderLayer,
@@ -216,6 +216,8 @@ class T5Gemma2(GemmaStackHooks, TextEncDecModel):
     """T5Gemma 2 encoder/decoder models (``config.encoder.text_config`` and ``.vision_config``,
     ``config.decoder``)."""
 
+    family = "T5Gemma 2"
+
     config_from_dict = staticmethod(config_from_dict)  # loading.read_config: transformers without t5gemma2
 
     def __init__(self, cfg):
@@ -271,26 +273,10 @@ class T5Gemma2(GemmaStackHooks, TextEncDecModel):
             )
         self.image_token_id = top.get("image_token_index", 256_001)
         self.logit_softcap = dec.final_logit_softcapping
-        self.n_rep = {
-            "encoder": enc.num_attention_heads // enc.num_key_value_heads,
-            "decoder": dec.num_attention_heads // dec.num_key_value_heads,
-        }
-        self.head_dims = {"encoder": enc.head_dim, "decoder": dec.head_dim}
-        self.cache_spec = CacheSpec(
-            dec.num_hidden_layers, dec.num_attention_heads, dec.head_dim, enc.hidden_size, dec.hidden_size
-        )
+        self.set_shapes(enc, dec)
         # decode steps run on the kernels (causal windows, log-sum-exp); eager until a GPU run shows
         # captured steps give the same tokens (tests/gpu/test_new_models_gpu.py captures them)
         self.cuda_graphs = False
-        self.max_source_positions = enc.max_position_embeddings
-        self.max_target_positions = dec.max_position_embeddings
-        self.source_vocab_size = enc.vocab_size
-        self.vocab_size = dec.vocab_size
-
-    @classmethod
-    def check_dtype(cls, dtype: torch.dtype) -> None:
-        if dtype == torch.float16:
-            raise ValueError("T5Gemma 2 overflows in float16; use bfloat16 or float32")
 
     def bind_cache(self, k_cache, v_cache, cross_rows=None, scales=None, first: int = 0) -> None:
         if cross_rows is not None:
