@@ -138,6 +138,22 @@ class GemmaStackHooks:
         if dtype == torch.float16:
             raise ValueError(f"{cls.family} overflows in float16; use bfloat16 or float32")
 
+    def gemma_parts(self) -> list[nn.Module]:
+        """The modules whose RMSNorms are Gemma's (T5Gemma 2's SigLIP tower has LayerNorms of its own)."""
+        return [self.encoder, self.decoder]
+
+    def post_load(self) -> None:
+        with torch.no_grad():  # Gemma's RMSNorm scales by (1 + w): fold the 1 into the weights
+            for module in (m for part in self.gemma_parts() for m in part.modules()):
+                if isinstance(module, Norm):
+                    module.weight.add_(1.0)
+        for stack in (self.encoder, self.decoder):
+            stack.make_inv_freq()
+        self.tie_equal_weights()
+
+    def decoder_layers(self):
+        return self.decoder.layers
+
     def encoder_layers(self):
         return self.encoder.layers
 
@@ -217,15 +233,3 @@ class T5Gemma(GemmaStackHooks, TextEncDecModel):
                 rest = ours + rest[len(theirs) :]
                 break
         return f"{stack}.layers.{i}.{rest}"
-
-    def post_load(self) -> None:
-        with torch.no_grad():  # Gemma's RMSNorm scales by (1 + w): fold the 1 into the weights
-            for module in self.modules():
-                if isinstance(module, Norm):
-                    module.weight.add_(1.0)
-        for stack in (self.encoder, self.decoder):
-            stack.make_inv_freq()
-        self.tie_equal_weights()
-
-    def decoder_layers(self):
-        return self.decoder.layers

@@ -326,18 +326,8 @@ class T5Gemma2(GemmaStackHooks, TextEncDecModel):
                 break
         return f"{stack}.layers.{i}.{rest}"
 
-    def post_load(self) -> None:
-        gemma = [self.encoder, self.decoder] + ([self.projector] if self.projector is not None else [])
-        with torch.no_grad():  # Gemma's RMSNorms scale by (1 + w): fold the 1 into the weights
-            for module in (m for part in gemma for m in part.modules()):
-                if isinstance(module, Norm):
-                    module.weight.add_(1.0)
-        for stack in (self.encoder, self.decoder):
-            stack.make_inv_freq()
-        self.tie_equal_weights()
-
-    def decoder_layers(self):
-        return self.decoder.layers
+    def gemma_parts(self) -> list[nn.Module]:
+        return [self.encoder, self.decoder] + ([self.projector] if self.projector is not None else [])
 
     # ---- encoder inputs: token ids, or {"pixel_values": [C, H, W], "input_ids": ids} -----------------
     def _parts(self, item) -> tuple[torch.Tensor | None, object]:
