@@ -6,12 +6,10 @@ eager path; the CUDA-graph path is covered in tests/gpu/test_cuda_graphs.py."""
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
-from encdec_cli.engine import Engine, Request, SamplingParams
-from tests.support.text_models import N_WORDS, single_thread
+from encdec_cli.engine import Engine, Request
+from tests.support.text_models import random_text_requests, single_thread
 
 
 @pytest.fixture(autouse=True)
@@ -21,19 +19,7 @@ def _one_thread():
 
 
 def requests(tiny, tok, n=30, seed=0, **params) -> list[Request]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        text = " ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(rng.randint(1, 12)))
-        p = SamplingParams(
-            max_new_tokens=rng.randint(3, 18),
-            min_new_tokens=rng.choice([0, 0, 2]),
-            stop_token_ids=(tiny.eos_token_id,),
-            forced_tokens=tiny.forced_tokens,
-            **params,
-        )
-        out.append(Request(tok(text).input_ids, tiny.prompt_ids, p, i))
-    return out
+    return random_text_requests(tiny, tok, n, seed, **params)
 
 
 def run(loaded, reqs, lookahead, stream=False, **cfg):

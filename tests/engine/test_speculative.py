@@ -21,7 +21,7 @@ from encdec_cli.engine import (
 )
 from encdec_cli.engine.speculative import Draft, NgramDrafter, speculative_sample
 from encdec_models.loading import load_model
-from tests.support.text_models import N_WORDS, single_thread
+from tests.support.text_models import random_text_requests, single_thread
 from tests.support.whisper_models import EOT, SOT, discriminating_init_, load_ours, random_whisper
 
 
@@ -32,19 +32,7 @@ def _one_thread():
 
 
 def text_requests(tiny, tok, n=24, seed=0, **params) -> list[Request]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        text = " ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(rng.randint(2, 12)))
-        p = SamplingParams(
-            max_new_tokens=rng.randint(4, 20),
-            min_new_tokens=rng.choice([0, 0, 3]),
-            stop_token_ids=(tiny.eos_token_id,),
-            forced_tokens=tiny.forced_tokens,
-            **params,
-        )
-        out.append(Request(tok(text).input_ids, tiny.prompt_ids, p, i))
-    return out
+    return random_text_requests(tiny, tok, n, seed, (2, 12), (4, 20), (0, 0, 3), **params)
 
 
 def run(loaded, reqs, stream=False, drafter=None, **cfg):

@@ -187,6 +187,29 @@ def random_words(rng: random.Random, n: int) -> list[str]:
     return [f"w{rng.randrange(N_WORDS)}" for _ in range(n)]
 
 
+def random_text_requests(
+    tiny, tok, n: int, seed: int = 0, words=(1, 12), max_new=(3, 18), min_new=(0, 0, 2), **params
+) -> list:
+    """``n`` engine requests of random "wN" texts (``words``: the range of their word counts) for a
+    tiny text model, each with a random length limit (``max_new``) and minimum (one of ``min_new``);
+    ``params``: more SamplingParams fields."""
+    from encdec_cli.engine import Request, SamplingParams
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        text = " ".join(f"w{rng.randrange(N_WORDS)}" for _ in range(rng.randint(*words)))
+        p = SamplingParams(
+            max_new_tokens=rng.randint(*max_new),
+            min_new_tokens=rng.choice(min_new),
+            stop_token_ids=(tiny.eos_token_id,),
+            forced_tokens=tiny.forced_tokens,
+            **params,
+        )
+        out.append(Request(tok(text).input_ids, tiny.prompt_ids, p, i))
+    return out
+
+
 def source_ids(name: str, words: list[str]) -> list[int]:
     """Encoder token ids of a sentence, as the family's tokenizer makes them."""
     vocab, spec = vocabulary(name), SPECS[name]
