@@ -80,7 +80,7 @@ def main() -> None:
         model = sum(
             v[3]
             for (f, _, fn), v in stats.stats.items()
-            if f.endswith("encdec_models/bart.py") and fn in ("encode", "decode")
+            if f.endswith(("encdec_models/bart.py", "encdec_models/base.py")) and fn in ("encode", "decode")
         )
         st = engine.stats
         same = sum(r.token_ids == recorded[r.request_id] for r in out) / len(out)
