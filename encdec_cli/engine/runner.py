@@ -28,7 +28,7 @@ from encdec_models.base import AttentionMetadata, PagedView
 ABSORB_MIN_SEQS = 16
 # up to this many sequences a verification step's inputs are laid out in Python lists
 # (``ModelRunner._verify_layout_few``), beyond it in numpy over all rows at once
-FEW_SEQS = 4
+FEW_SEQS = 8
 
 
 def cache_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
