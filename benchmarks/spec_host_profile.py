@@ -4,7 +4,7 @@ A tiny random BART (d_model 32, one layer each side, vocabulary 512: the model c
 N requests of exactly T new tokens on the CPU: once plain (recording each request's greedy tokens),
 then with ``OracleDrafter`` drafts (K, each wrong with probability 1 - alpha) for each alpha.
 Printed per run: CPU process time per step, and that time less the model's own encode / decode
-(cProfile's cumulative time of ``BartModel.encode`` / ``decode``): the engine's host work per step
+(cProfile's cumulative time of the model's ``encode`` / ``decode``): the engine's host work per step
 (scheduling, drafting, the runner's inputs, logits rules, acceptance, block bookkeeping). Also the
 steps, drafts, accepted drafts and whether the outputs equal the plain run's.
 
@@ -82,6 +82,8 @@ def main() -> None:
             for (f, _, fn), v in stats.stats.items()
             if f.endswith(("encdec_models/bart.py", "encdec_models/base.py")) and fn in ("encode", "decode")
         )
+        if model == 0:  # the model's encode / decode moved: "less model" would silently be the total
+            raise SystemExit("no model encode / decode time found in the profile; update the file filter")
         st = engine.stats
         same = sum(r.token_ids == recorded[r.request_id] for r in out) / len(out)
         print(
