@@ -131,6 +131,11 @@ def process_logits(
     dev = logits.device
     if by_params is None:
         by_params = rows_by_params(seqs)
+    if len(seqs) <= FEW_ROWS and all(_counts_only(p) for p, _ in by_params):
+        _count_rules_few(logits, seqs, by_params, drafted, generated)
+        return logits
+    if generated is not None:
+        generated = np.asarray(generated, np.int64)
     if drafted is not None and view is not None:
 
         def seq_at(i: int) -> Sequence:
@@ -223,6 +228,103 @@ def process_logits(
             logits, seqs if drafted is None else [seq_at(i) for i in range(len(seqs))], by_params
         )
     return logits
+
+
+# Up to this many rows, a step whose rules all count tokens (``_counts_only``) takes them in Python
+# (``_count_rules_few``): numpy's and torch's fixed cost per call outweighs a loop over a few rows
+# (batch 1: a speculative verification step's K + 1 rows, a plain step's one row).
+FEW_ROWS = 16
+
+
+def _counts_only(p: SamplingParams) -> bool:
+    """Every logits rule of ``p`` depends only on the number of tokens generated."""
+    return (
+        p.timestamp_rules is None
+        and not p.no_repeat_ngram_size
+        and not p.bad_words_ids
+        and p.repetition_penalty == 1.0
+        and not p.record_first_step_probs
+    )
+
+
+_INDEXES: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _index(dev: torch.device, tokens: tuple[int, ...]) -> torch.Tensor:
+    """A device tensor of ``tokens`` (a SamplingParams' tuple), uploaded once and reused."""
+    key = (dev, tokens)
+    t = _INDEXES.get(key)
+    if t is None:
+        if len(_INDEXES) >= 1024:  # many distinct option tuples: start again rather than grow
+            _INDEXES.clear()
+        t = _INDEXES[key] = to_device(dev, list(tokens))
+    return t
+
+
+def _row_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct rows -> their runs of consecutive rows [lo, hi)."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def _count_rules_few(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    by_params: ParamRows,
+    drafted,
+    generated,
+) -> None:
+    """``process_logits`` for a few rows whose rules all count tokens (suppress / allowed lists,
+    begin suppression, min length, forced tokens), in Python: each rule's rows in runs of
+    consecutive rows, each run one in-place op on a row slice with the rule's tokens as a device
+    tensor uploaded once (``_index``): no per-step host-to-device copy. Same result as the general
+    path (every rule sets -inf; allowed keeps the values the bans left; forced tokens last)."""
+    bans: dict[tuple[int, ...], set[int]] = {}  # banned tokens -> rows
+    allowed: dict[tuple[int, ...], set[int]] = {}
+    forced: list[tuple[int, int]] = []  # (row, token)
+    for p, rows in by_params:
+        begin, forced_at = p.begin_suppress_tokens, p.forced_tokens
+        stops = p.stop_token_ids if p.min_new_tokens else ()
+        if p.suppress_tokens:
+            bans.setdefault(p.suppress_tokens, set()).update(int(i) for i in rows)
+        if p.allowed_tokens:
+            allowed.setdefault(p.allowed_tokens, set()).update(int(i) for i in rows)
+        if not (begin or stops or forced_at):
+            continue
+        for i in rows:
+            i = int(i)
+            if generated is not None:
+                n = int(generated[i])
+            else:
+                n = seqs[i].num_generated + (int(drafted[i]) if drafted is not None else 0)
+            if begin and n == p.begin_index:
+                bans.setdefault(begin, set()).add(i)
+            if stops and n < p.min_new_tokens:
+                bans.setdefault(stops, set()).add(i)
+            for at, token in forced_at:
+                if n == at:
+                    forced.append((i, token))
+    dev = logits.device
+    for tokens, rows in bans.items():
+        idx = _index(dev, tokens)
+        for lo, hi in _row_runs(sorted(rows)):
+            logits[lo:hi].index_fill_(1, idx, NEG_INF)
+    for tokens, rows in allowed.items():
+        idx = _index(dev, tokens)
+        for lo, hi in _row_runs(sorted(rows)):
+            x = logits[lo:hi]
+            keep = x.index_select(1, idx)
+            x.fill_(NEG_INF)
+            x.index_copy_(1, idx, keep)
+    if forced:
+        rt = to_device(dev, [[r for r, _ in forced], [t for _, t in forced]])
+        _set(logits, rt[0], NEG_INF)
+        _set(logits, (rt[0], rt[1]), 0.0)
 
 
 def _join(parts: list) -> np.ndarray:
