@@ -189,7 +189,7 @@ def main(argv=None):
         (engine, "_can_run_ahead"),
         (engine.sampler, "_argmax_ahead"),
         (sampling, "process_logits"),
-        (sampling, "choose_tokens"),
+        (sampling, "choose_tokens_on_device"),
     ]
     if engine.runner.graphs is not None:
         timed_fns.append((engine.runner.graphs, "run"))
