@@ -34,14 +34,16 @@ SAMPLED = dict(temperature=0.9, top_k=20, top_p=0.9, logprobs=True)
 
 
 def text_requests(tiny, tok, n, **params) -> list[Request]:
-    """Beam searches of different input and output lengths, every third request greedy with the
-    no-repeat rule beside them; seeds for the sampled ones."""
+    """Beam searches (or sampled requests) of different input and output lengths, a third as many
+    greedy requests with the no-repeat rule beside them; seeds for the sampled ones."""
     beams = random_text_requests(tiny, tok, n, 0, **params)
     greedy = random_text_requests(tiny, tok, n // 3, 1, no_repeat_ngram_size=2)
     out = []
     for r in beams:
         p = dataclasses.replace(r.params, seed=100 + r.request_id) if r.params.temperature else r.params
-        out.append(Request(r.encoder_input, r.prompt_ids, p, r.request_id))
+        # every fifth input repeats the one before: the prefix cache shares its encoder run
+        source = out[-1].encoder_input if r.request_id % 5 == 4 else r.encoder_input
+        out.append(Request(source, r.prompt_ids, p, r.request_id))
     for r in greedy:
         out.append(Request(r.encoder_input, r.prompt_ids, r.params, GREEDY_IDS + r.request_id))
     return out
@@ -89,6 +91,7 @@ def check_same(loaded, reqs, **cfg):
     assert split.stats.micro_batch_steps >= 10  # the path ran, many times
     assert split.stats.decode_rows == whole.stats.decode_rows
     assert split.stats.generated_tokens == whole.stats.generated_tokens
+    assert split.stats.prefix_cache_hits > 0
     return whole, split
 
 
@@ -142,7 +145,8 @@ def test_whisper_beam_search_same_with_two_cohorts(whisper):
             num_return_sequences=2 if i % 3 else 1,
             logprobs=True,
         )
-        reqs.append(Request(torch.randn(80, 3000, generator=g), [SOT], p, i))
+        feat = reqs[2].encoder_input if i == 5 else torch.randn(80, 3000, generator=g)  # a cache hit
+        reqs.append(Request(feat, [SOT], p, i))
     cross = 1500 // 4  # a request's cross blocks (blocks of 4)
     check_same(whisper, reqs, max_num_seqs=16, num_blocks=7 * (cross + 40))
     _, split = check_same(whisper, reqs, max_num_seqs=16, num_blocks=2 * cross + 10)
