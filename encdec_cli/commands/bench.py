@@ -70,7 +70,7 @@ def bench(
         "--micro-batches",
         help="Steps that need their tokens on the host before the next one (beam search, sampling) "
         "alternate between two cohorts of the requests, so one's host work overlaps the other's GPU "
-        "step: auto (on with enough sequences), 1 (off) or 2.",
+        "step: auto (beam search, with enough sequences), 1 (off) or 2 (every step that cannot run ahead).",
     ),
     speculative: str = typer.Option(
         "off",

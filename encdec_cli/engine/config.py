@@ -88,11 +88,12 @@ class EngineConfig:
     # by the kernels in fp8: half the bytes of bf16 and about twice the blocks in the same memory.
     # It covers decoder self-attention and cross-attention alike: one pool holds both kinds of block
     kv_dtype: str = "auto"
-    # micro-batches (Engine._step): steps whose tokens must reach the host before the next one
-    # (beam search, sampling, rules reading the tokens) alternate between two cohorts of the running
-    # requests, so one cohort's host work (beam bookkeeping) overlaps the other's GPU step. None:
-    # auto (on CUDA, without speculation or pipeline stages, once each cohort holds at least
-    # MICRO_BATCH_MIN_SEQS sequences); 1: off; 2: whenever both cohorts have a sequence
+    # micro-batches (Engine._micro_step): steps whose tokens must reach the host before the next one
+    # alternate between two cohorts of the running requests, so one cohort's host work (beam
+    # bookkeeping) overlaps the other's GPU step. None: auto (on CUDA, without speculation or
+    # pipeline stages, for steps with a beam search once each cohort holds at least
+    # MICRO_BATCH_MIN_SEQS sequences); 1: off; 2: for every step that cannot run ahead (beam search,
+    # sampling, rules reading the tokens) whenever both cohorts have a sequence
     micro_batches: int | None = None
 
     def __post_init__(self):

@@ -166,6 +166,8 @@ class Engine:
         can_split = self.speculator is None and self.config.pipeline_parallel == 1
         self.micro_batches = mb if mb is not None else 2 if can_split and self.device.type == "cuda" else 1
         self._cohort_min_seqs = MICRO_BATCH_MIN_SEQS if mb is None else 1
+        # auto: only beam search (the heavy host bookkeeping); 2: any step that cannot run ahead
+        self._cohorts_for_beams_only = mb is None
         self.scheduler.cohorts = self.micro_batches
         self._turn = 0  # the cohort of the next micro-batch step when none is pending
         # (cohort, its launched token choice): a micro-batch step whose host part is still to run
@@ -584,22 +586,23 @@ class Engine:
 
     # ---- two micro-batches (see EngineConfig.micro_batches) --------------------------------------
     def _step_cohort(self) -> int | None:
-        """The cohort the next step runs, or None for a whole step: with two micro-batches on, when
-        the other cohort is the pending one (or none is) and each cohort holds enough sequences,
-        and some running request needs its tokens on the host before its next step (beam search,
-        sampling, rules that read the tokens: what ``_can_run_ahead`` refuses); a whole step
-        otherwise (one request, an empty cohort, all greedy: those run ahead instead)."""
+        """The cohort the next step runs, or None for a whole step: with two micro-batches on, the
+        cohort after the pending one, when each cohort holds enough sequences and some running
+        request needs its tokens on the host before its next step: beam search (auto), or also
+        sampling and rules that read the tokens (``micro_batches`` 2: what ``_can_run_ahead``
+        refuses); a whole step otherwise (one request, an empty cohort, all greedy: those run
+        ahead instead)."""
         if self.micro_batches == 1:
             return None
-        sched = self.scheduler
         cohort = 1 - self._pending[0] if self._pending is not None else self._turn
         load = [0, 0]
         host_bound = False
-        for g in sched.running:
+        beams_only = self._cohorts_for_beams_only
+        for g in self.scheduler.running:
             load[g.cohort] += g.num_seqs_reserved
             if not host_bound:
                 p = g.params
-                host_bound = not (p.greedy and p.count_based_rules)
+                host_bound = p.num_beams > 1 if beams_only else not (p.greedy and p.count_based_rules)
         if not host_bound or min(load) < self._cohort_min_seqs:
             return None
         return cohort

@@ -208,6 +208,18 @@ def test_batch_composition_alone_moves_the_last_bits(bart_cpu):
     assert narrow != wide  # not bit-identical: a tolerance is needed, and this is its size
 
 
+def test_auto_splits_beam_search_steps_only(bart_cpu):
+    """Auto (as on CUDA, here with cohorts of any size): beam-search steps split, sampled ones not."""
+    tiny, loaded = bart_cpu
+    for params, split in ((SAMPLED, False), (BEAM, True)):
+        engine = Engine(loaded, block_size=4, max_num_seqs=24, num_blocks=600)
+        assert engine.micro_batches == 1  # auto on the CPU: off
+        engine.micro_batches = engine.scheduler.cohorts = 2  # what auto chooses on CUDA
+        engine._cohort_min_seqs = 1
+        list(engine.generate(text_requests(tiny, loaded.tokenizer, 9, **params)))
+        assert (engine.stats.micro_batch_steps > 0) == split
+
+
 def test_micro_batches_config():
     with pytest.raises(ValueError, match="micro_batches"):
         EngineConfig(micro_batches=3)
