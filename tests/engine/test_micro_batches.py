@@ -220,6 +220,22 @@ def test_auto_splits_beam_search_steps_only(bart_cpu):
         assert (engine.stats.micro_batch_steps > 0) == split
 
 
+def test_profiled_phases_and_close(bart_cpu):
+    """With profiling on, micro-batch steps time their phases; close() drops a pending step."""
+    tiny, loaded = bart_cpu
+    engine = Engine(loaded, micro_batches=2, profile=True, block_size=4, max_num_seqs=24, num_blocks=600)
+    list(engine.generate(text_requests(tiny, loaded.tokenizer, 9, **BEAM)))
+    stats = engine.stats
+    assert stats.micro_batch_steps > 0
+    assert {"schedule", "encode", "decode", "sample"} <= set(stats.phase_seconds)
+    for r in text_requests(tiny, loaded.tokenizer, 3, **BEAM):
+        engine.scheduler.add(engine._admit(r))
+    while engine._pending is None:
+        engine.step()
+    engine.close()
+    assert engine._pending is None
+
+
 def test_micro_batches_config():
     with pytest.raises(ValueError, match="micro_batches"):
         EngineConfig(micro_batches=3)
