@@ -404,15 +404,16 @@ class ModelRunner:
             g.encoded = True
         return hidden
 
-    def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
-        """Row of every sequence in the self and cross tables, writing rows that changed.
+    def _rows(self, seqs: list[Sequence], keep: list[Sequence] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Row of every sequence in the self and cross tables, writing rows that changed; rows of
+        other sequences are handed back, except those of ``keep`` (the other micro-batch's).
 
         A self-table row is rewritten only when its sequence's block table differs from the one
         last written there (``synced`` keeps a copy): a block appended, a shared block replaced by
         its copy (copy-on-write: beams), or new blocks after a preemption. Beams forked this step
         have new sequence ids, so new rows."""
-        self.self_rows.keep_only({s.seq_id for s in seqs})
-        self.cross_rows.keep_only({s.group for s in seqs})
+        self.self_rows.keep_only({s.seq_id for s in itertools.chain(seqs, keep)})
+        self.cross_rows.keep_only({s.group for s in itertools.chain(seqs, keep)})
         synced = self.synced
         for k in [k for k in synced if k not in self.self_rows.of]:
             del synced[k]
@@ -441,6 +442,7 @@ class ModelRunner:
         seqs: list[Sequence],
         next_tokens: torch.Tensor | None = None,
         drafts: list[list[int]] | None = None,
+        keep: list[Sequence] = (),
     ) -> torch.Tensor:
         """One decoder step over every sequence's uncached tokens -> float32 logits [B, vocab] of
         each sequence's last token.
@@ -452,9 +454,11 @@ class ModelRunner:
         ``drafts`` (speculative verification): sequence b's input continues with drafts[b] after
         its uncached tokens (their cache slots must exist), and the logits are those of its last
         len(drafts[b]) + 1 inputs, packed: [sum(len(d) + 1), vocab]. ``num_cached`` then counts
-        the tokens only; the caller adds the drafts it accepts."""
+        the tokens only; the caller adds the drafts it accepts.
+
+        ``keep``: sequences not in this step whose table rows stay (the other micro-batch's)."""
         self._count_call("decode")
-        srows, crows = self._rows(seqs)
+        srows, crows = self._rows(seqs, keep)
         ahead = next_tokens is not None
         q_lens = [1] * len(seqs) if ahead else [len(s.tokens) - s.num_cached for s in seqs]
         if drafts is not None:
