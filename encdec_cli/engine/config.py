@@ -83,6 +83,7 @@ class EngineConfig:
     # scale per cached row (a (token, head) row of K/V, an encoder row in the absorbed layout), read
     # by the kernels in fp8: half the bytes of bf16 and about twice the blocks in the same memory.
     # It covers decoder self-attention and cross-attention alike: one pool holds both kinds of block
+    # (with pipeline stages, each stage's pool of its own layers: values and scales alike)
     kv_dtype: str = "auto"
 
     def __post_init__(self):
@@ -99,11 +100,6 @@ class EngineConfig:
         parse_speculative(self.speculative)  # ValueError on a bad value, before anything loads
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
-        if self.kv_dtype == "fp8" and self.pipeline_parallel > 1:
-            raise ValueError(
-                "an fp8 KV cache (--kv-dtype fp8) is not built for pipeline stages yet: use one of "
-                "--kv-dtype auto or --pipeline-parallel 1"
-            )
 
 
 @dataclass
