@@ -282,6 +282,30 @@ def test_data_parallel_ranks_each_a_pipeline(tiny_text_model, tmp_path):
     assert outs["one"] == outs["dp-pp"]
 
 
+def test_summarize_in_stages_with_an_fp8_cache(tiny_text_model, tmp_path):
+    """summarize -pp 2 --kv-dtype fp8 writes what one process with --kv-dtype fp8 writes, and its
+    summary says the cache was fp8."""
+    import json
+
+    tiny = tiny_text_model("bart")
+    rng = random.Random(7)
+    texts = [" ".join(random_words(rng, rng.randint(2, 8))) for _ in range(12)]
+    pq.write_table(pa.table({"id": list(range(12)), "text": texts}), tmp_path / "in.parquet")
+    outs = {}
+    for name, extra in (("one", []), ("two", ["-pp", 2])):
+        out, summary = tmp_path / f"{name}.parquet", tmp_path / f"{name}.json"
+        r = _cli("summarize", tmp_path / "in.parquet", "-m", tiny.path, "-o", out, "--device", "cpu",
+                 "--max-num-seqs", 4, "--kv-dtype", "fp8", "--summary-json", summary,
+                 "-q", *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[name] = out.read_bytes()
+        engine = json.loads(summary.read_text())["engine"]
+        assert engine["kv_dtype"] == "fp8_e4m3"
+        assert len(engine["stage_busy_seconds"]) == (2 if extra else 0)
+    assert outs["one"] == outs["two"]
+    assert all(pq.read_table(tmp_path / "two.parquet").column("summary").to_pylist())
+
+
 def test_image_to_text_in_stages_and_the_usage_refusals(tmp_path, tiny_text_model):
     """image-to-text -pp 2 writes what one process writes; what cannot run in stages is a usage
     error (exit 2) that says why."""
