@@ -71,7 +71,8 @@ PipelineParallel = Annotated[
         min=1,
         help="Split the model's layers into this many pipeline stages, one process and device each "
         "(--device cuda:N: stage s on cuda:N+s; on the CPU they share the cores). For models larger "
-        "than one GPU, or to run encoder and decoder work at once.",
+        "than one GPU, or to run encoder and decoder work at once. Outputs are those of one process "
+        "(also with --kv-dtype fp8: each stage's cache in fp8).",
     ),
 ]
 PpLayers = Annotated[
@@ -99,8 +100,8 @@ KvDtype = Annotated[
         help="KV cache values: auto (the model's dtype) or fp8 (e4m3 with a float32 scale per cached row: "
         "about half the bytes of bf16, so twice the sequences fit and each decode step reads half as "
         "much; the attention kernels read fp8 directly). It covers decoder self-attention and "
-        "cross-attention alike (one memory pool holds both). Outputs may change slightly (Whisper "
-        "tiny.en: identical transcripts on the test speech); off by default.",
+        "cross-attention alike (one memory pool holds both), and with -pp every stage's cache. Outputs "
+        "may change slightly (Whisper tiny.en: identical transcripts on the test speech); off by default.",
     ),
 ]
 Speculative = Annotated[

@@ -87,6 +87,7 @@ class EngineConfig:
     # scale per cached row (a (token, head) row of K/V, an encoder row in the absorbed layout), read
     # by the kernels in fp8: half the bytes of bf16 and about twice the blocks in the same memory.
     # It covers decoder self-attention and cross-attention alike: one pool holds both kinds of block
+    # (with pipeline stages, each stage's pool of its own layers: values and scales alike)
     kv_dtype: str = "auto"
     # micro-batches (Engine._micro_step): steps whose tokens must reach the host before the next one
     # alternate between two cohorts of the running requests, so one cohort's host work (beam
@@ -117,11 +118,6 @@ class EngineConfig:
             )
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
-        if self.kv_dtype == "fp8" and self.pipeline_parallel > 1:
-            raise ValueError(
-                "an fp8 KV cache (--kv-dtype fp8) is not built for pipeline stages yet: use one of "
-                "--kv-dtype auto or --pipeline-parallel 1"
-            )
 
 
 @dataclass

@@ -49,7 +49,14 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from encdec_cli.engine.config import EngineConfig
-from encdec_cli.engine.runner import ABSORB_MIN_SEQS, ModelRunner
+from encdec_cli.engine.runner import (
+    ABSORB_MIN_SEQS,
+    KVPool,
+    ModelRunner,
+    cache_dtype,
+    cross_layout,
+    fit_blocks,
+)
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from encdec_cli.errors import PipelineFailure
 from encdec_models.base import AttentionMetadata, EncoderBatch, PagedView
@@ -241,12 +248,15 @@ class _Wire:
 
 # ---- one stage's model part and cache ---------------------------------------------------------
 class Stage:
-    """A stage's layers and the KV pool of its decoder layers; runs its part of each call."""
+    """A stage's layers and the KV pool of its decoder layers (``KVPool``, as one process holds it:
+    with ``kv_dtype`` "fp8", e4m3 values and their scales); runs its part of each call."""
 
     def __init__(self, model, config: EngineConfig, plan: StagePlan, wire: _Wire):
         p = next(model.parameters())
         self.model, self.plan, self.wire = model, plan, wire
         self.device, self.dtype, self.config = p.device, p.dtype, config
+        self.cache_dtype = cache_dtype(config.kv_dtype, self.dtype)
+        self.kv: KVPool | None = None  # make_pool
         self.busy = 0.0  # seconds of this stage's own compute (see busy_seconds)
         self._events: list = []  # CUDA: (start, end) events of parts not yet added to busy
         # out of memory in this stage since its last decoder step: every activation it sends says
@@ -263,44 +273,24 @@ class Stage:
             return 1 << 62
         if self.config.num_blocks:
             return self.config.num_blocks
-        per_block = self.bytes_per_block()
-        if self.device.type != "cuda":
-            return max(16, self.config.cpu_kv_cache_bytes // per_block)
-        free, total = torch.cuda.mem_get_info(self.device)
-        spec, c = self.model.cache_spec, self.config
-        act = c.max_encoder_tokens * spec.d_model * 2 * 24 + c.max_num_seqs * self.model.vocab_size * 16
-        budget = total * c.gpu_memory_utilization - (total - free) - act
-        if budget < per_block * 64:
-            raise RuntimeError(
-                f"pipeline stage {self.plan.rank}: not enough GPU memory left for the KV cache; lower "
-                "--max-num-seqs, raise --gpu-memory-utilization or use more stages"
-            )
-        return int(budget // per_block)
+        c = self.config
+        return fit_blocks(self.model, c, self.bytes_per_block(), self.device, c.max_num_seqs,
+                          f"pipeline stage {self.plan.rank}: ", " or use more stages")  # fmt: skip
 
     def bytes_per_block(self) -> int:
-        s = self.model.cache_spec
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * (self.plan.d1 - self.plan.d0) * self.config.block_size * s.num_heads * s.head_dim * elem
+        """Bytes of one block of this stage's pool (its decoder layers; fp8: with the scales)."""
+        layers = self.plan.d1 - self.plan.d0
+        return KVPool.bytes_per_block(self.model.cache_spec, layers, self.config.block_size, self.cache_dtype)
 
     def make_pool(self, num_blocks: int, cross_block_rows: int | None) -> None:
         """The pool of this stage's decoder layers; ``cross_block_rows``: absorbed layout (the rows
         of a cross block, the same on every stage), None: per-layer K/V."""
-        self.pool = None
+        self.kv = None
         if not self.plan.has_decoder:
             return
-        spec, bs = self.model.cache_spec, self.config.block_size
-        layers = self.plan.d1 - self.plan.d0
-        shape = (2, layers, num_blocks, bs, spec.num_heads, spec.head_dim)
-        self.pool = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        rows = None
-        if cross_block_rows is not None:
-            chunk = bs * spec.num_heads * spec.head_dim
-            rc = chunk // spec.d_model
-            rows = self.pool.as_strided(
-                (2 * layers, num_blocks, rc, spec.d_model), (num_blocks * chunk, chunk, spec.d_model, 1)
-            )
-        self.encoder_rows = rows
-        self.model.bind_cache(self.pool[0], self.pool[1], rows, first=self.plan.d0)
+        p = self.plan
+        self.kv = KVPool.build(self.model, p.d1 - p.d0, num_blocks, self.config.block_size, self.cache_dtype,
+                               self.device, cross_block_rows is not None, first=p.d0)  # fmt: skip
 
     def _tensor(self, data, dtype) -> torch.Tensor:
         from encdec_cli.engine.transfer import to_device
@@ -353,10 +343,9 @@ class Stage:
 
     # -- the three calls -------------------------------------------------------------------------
     def copy_blocks(self, copies) -> None:
-        if self.pool is not None and copies:
-            src = self._tensor([c[0] for c in copies], torch.long)
-            dst = self._tensor([c[1] for c in copies], torch.long)
-            self.pool[:, :, dst] = self.pool[:, :, src]
+        if self.kv is not None and copies:
+            self.kv.copy_blocks(self._tensor([c[0] for c in copies], torch.long),
+                                self._tensor([c[1] for c in copies], torch.long))  # fmt: skip
 
     def encode(self, micro: list[dict], batches: list[EncoderBatch] | None = None) -> None:
         """This stage's part of an encoder run in micro-batches (``batches``: stage 0's prepared
@@ -392,12 +381,9 @@ class Stage:
     def _write_cross(self, hidden, mb) -> None:
         self.model.write_cross_kv(hidden, self._tensor(mb["slots"], torch.long))
         if mb.get("zero") is not None and len(mb["zero"]):
-            import encdec_kernels
-
-            zeros = torch.zeros(
-                (len(mb["zero"]), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device
-            )
-            encdec_kernels.store_rows(zeros, self.encoder_rows, self._tensor(mb["zero"], torch.long))
+            zeros = torch.zeros((len(mb["zero"]), self.kv.encoder_rows.shape[3]), dtype=self.dtype,
+                                device=self.device)  # fmt: skip
+            self.kv.store_rows(zeros, self._tensor(mb["zero"], torch.long))
 
     def _meta(self, mb) -> AttentionMetadata:
         t = self._tensor
@@ -554,6 +540,7 @@ class PipelineRunner:
     _cross_slots = ModelRunner._cross_slots
     _tensor = ModelRunner._tensor
     _init_tables = ModelRunner._init_tables
+    _hopper_cross = ModelRunner._hopper_cross
 
     def __init__(self, loaded, config: EngineConfig, queries: int = 1):
         model, stages = loaded.model, config.pipeline_parallel
@@ -561,7 +548,7 @@ class PipelineRunner:
         self.queries = queries  # the most inputs per sequence of a step (speculative verification)
         p = next(model.parameters())
         self.device, self.dtype, self.block_size = p.device, p.dtype, config.block_size
-        self.cache_dtype = self.dtype  # (an fp8 pool is refused with stages: EngineConfig)
+        self.cache_dtype = cache_dtype(config.kv_dtype, self.dtype)  # every stage's pool (Stage)
         self.max_source_len = min(config.max_source_len or 4096, model.max_source_positions)
         self.max_target_len = min(config.max_target_len or 1024, model.max_target_positions)
         # the split chosen when the model was loaded for stage 0 (see stage_pruner), else now
@@ -624,35 +611,22 @@ class PipelineRunner:
         # one pool size for all: the fewest blocks any stage holds
         self.num_blocks = num_blocks = int(min([self.stage.own_blocks(), *blocks]))
         absorb = config.absorb_cross
-        if absorb is None:
-            import encdec_kernels
-
-            spec = model.cache_spec
-            absorb = (
-                config.max_num_seqs >= ABSORB_MIN_SEQS
-                and model.absorb_cross_by_default
-                and encdec_kernels.prefers_absorbed_cross(
-                    self.device, self.dtype, spec.num_heads, spec.d_model
-                )
-            )
+        if absorb is None:  # as ModelRunner decides it
+            absorb = config.max_num_seqs >= ABSORB_MIN_SEQS and self._hopper_cross()
         spec, bs = model.cache_spec, config.block_size
-        self.cross_block_rows, self.encoder_rows = bs, None
-        self._cross_layout = (bs, np.arange(bs))
-        if absorb:  # the rows of a cross block: what the stage with the fewest decoder layers holds
-            rc = bs * spec.num_heads * spec.head_dim // spec.d_model
-            if rc < 1:
-                raise ValueError(f"block_size {bs} is too small to hold a {spec.d_model}-wide encoder row")
-            fewest = min(p.d1 - p.d0 for p in self.plans if p.has_decoder)
-            self.cross_block_rows = 2 * fewest * rc
-            r = np.arange(self.cross_block_rows)
-            self._cross_layout = (rc, (r // rc) * num_blocks * rc + r % rc)
+        self.encoder_rows = None
+        # absorbed: the rows of a cross block are what the stage with the fewest decoder layers holds
+        rc = KVPool.rows_per_chunk(spec, bs) if absorb else None
+        fewest = min(p.d1 - p.d0 for p in self.plans if p.has_decoder)
+        self.cross_block_rows, self._cross_layout = cross_layout(bs, num_blocks, rc, 2 * fewest)
         layout = {"num_blocks": num_blocks, "cross_block_rows": self.cross_block_rows if absorb else None}
         for s in range(1, stages):
             wire.send_obj(layout, s)
         self._flush()
         self.stage.make_pool(num_blocks, layout["cross_block_rows"])
+        self.kv = self.stage.kv  # stage 0's own pool (None: it holds no decoder layer)
         if absorb:  # not None: the engine reads it as "absorbed" (stage 0 may hold no decoder layer)
-            self.encoder_rows = self.stage.encoder_rows if plan.has_decoder else torch.empty(0)
+            self.encoder_rows = self.kv.encoder_rows if plan.has_decoder else torch.empty(0)
         self._init_tables(config.max_num_seqs, bs)  # as ModelRunner keeps them (rows travel with each step)
         self.graphs = self.verify_graphs = self.encoder_graph = None  # no CUDA graphs across stages (yet)
         self.encoder_graph_replays = 0

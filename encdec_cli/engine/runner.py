@@ -38,6 +38,120 @@ def cache_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     return encdec_kernels.FP8_DTYPE if kv_dtype == "fp8" else model_dtype
 
 
+def cross_layout(block_size: int, num_blocks: int, rc: int | None = None, chunks: int = 0):
+    """(cross_block_rows, (step, offsets)): encoder positions a cross block holds and where: the
+    position r of block b is cache slot b * step + offsets[r] (``ModelRunner._cross_positions``).
+    Per-layer K/V (``rc`` None): ``block_size`` positions, slot b * BS + r. Absorbed: ``chunks``
+    chunks of ``rc`` rows a block, row r in chunk r // rc of ``KVPool.encoder_rows``."""
+    if rc is None:
+        return block_size, (block_size, np.arange(block_size))
+    r = np.arange(chunks * rc)
+    return chunks * rc, (rc, (r // rc) * num_blocks * rc + r % rc)
+
+
+class KVPool:
+    """The KV pool of decoder layers [first, first + L) in one process (a ``ModelRunner``'s whole
+    decoder, a pipeline ``Stage``'s own layers), bound into those layers by ``build``.
+
+    ``values`` [2, L, NB, BS, H, D]: K and V of each layer for block NB's BS tokens. Absorbed
+    cross-attention: ``encoder_rows`` [C = 2 * L, NB, RC, d_model] is the same memory seen as
+    encoder-output rows, RC = BS * H * D // d_model a [BS, H, D] chunk (``Attention.cross``).
+
+    fp8 (``cache_dtype`` e4m3): ``scales`` [2, L, NB, BS, H] float32 holds one scale per (token,
+    head) row of K/V; the rows of chunk c in block b take theirs from the first RC entries of
+    ``scales`` chunk c, block b (``row_scales`` [C, NB, RC]; RC <= BS * H since d_model >= D).
+    Otherwise both are None."""
+
+    def __init__(self, values, scales, encoder_rows, row_scales):
+        self.values, self.scales = values, scales
+        self.encoder_rows, self.row_scales = encoder_rows, row_scales
+
+    @staticmethod
+    def bytes_per_block(spec, layers: int, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block of ``layers`` decoder layers' pool with values of ``dtype`` (the cache
+        dtype): fp8 takes one byte a value plus a float32 scale per (token, head) row, so about
+        twice the blocks fit in the same memory as bf16."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        rows = 2 * layers * block_size * spec.num_heads
+        scale_bytes = 4 if dtype == encdec_kernels.FP8_DTYPE else 0
+        return rows * (spec.head_dim * elem + scale_bytes)
+
+    @staticmethod
+    def rows_per_chunk(spec, block_size: int) -> int:
+        """RC: encoder rows of one [BS, H, D] chunk in the absorbed layout."""
+        rc = block_size * spec.num_heads * spec.head_dim // spec.d_model
+        if rc < 1:
+            d = spec.d_model
+            raise ValueError(f"block_size {block_size} is too small to hold a {d}-wide encoder row")
+        return rc
+
+    @classmethod
+    def build(cls, model, layers: int, num_blocks: int, block_size: int, dtype: torch.dtype,
+              device: torch.device, absorb: bool, first: int = 0) -> KVPool:  # fmt: skip
+        """A zeroed pool of decoder layers [first, first + layers), bound into them
+        (``model.bind_cache``); ``absorb``: with the encoder-rows view."""
+        spec = model.cache_spec
+        shape = (2, layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
+        values = torch.zeros(shape, dtype=dtype, device=device)
+        scales = rows = row_scales = None
+        if dtype == encdec_kernels.FP8_DTYPE:
+            scales = torch.ones(shape[:-1], dtype=torch.float32, device=device)
+        if absorb:
+            chunk = block_size * spec.num_heads * spec.head_dim  # elements of one [BS, H, D] chunk
+            d, rc = spec.d_model, cls.rows_per_chunk(spec, block_size)
+            rows = values.as_strided((2 * layers, num_blocks, rc, d), (num_blocks * chunk, chunk, d, 1))
+            if scales is not None:
+                per = block_size * spec.num_heads  # scales of one [BS, H] chunk
+                row_scales = scales.view(2 * layers, num_blocks, per)[:, :, :rc]
+        model.bind_cache(
+            values[0], values[1], rows, None if scales is None else (scales[0], scales[1], row_scales), first
+        )
+        return cls(values, scales, rows, row_scales)
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Blocks src -> dst (device long tensors): values and, fp8, their scales."""
+        raw = self.values.view(torch.uint8) if self.scales is not None else self.values  # fp8: as bytes
+        raw[:, :, dst] = raw[:, :, src]
+        if self.scales is not None:
+            self.scales[:, :, dst] = self.scales[:, :, src]
+
+    def store_rows(self, x: torch.Tensor, slots: torch.Tensor) -> None:
+        """Absorbed layout: rows x [N, d] to encoder-row slots (``encdec_kernels.store_rows``; fp8:
+        quantized, one scale a row)."""
+        encdec_kernels.store_rows(x, self.encoder_rows, slots, self.row_scales)
+
+    def read_rows(self, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Absorbed layout: the encoder rows at ``slots`` [n, d] in ``dtype`` (a copy; fp8:
+        dequantized)."""
+        nb, rc = self.encoder_rows.shape[1], self.encoder_rows.shape[2]
+        index = (slots // (nb * rc), slots // rc % nb, slots % rc)
+        if self.row_scales is None:
+            return self.encoder_rows[index]
+        vals = self.encoder_rows.view(torch.uint8)[index].view(self.encoder_rows.dtype)
+        return (vals.float() * self.row_scales[index][:, None]).to(dtype)
+
+
+def fit_blocks(model, config: EngineConfig, per_block: int, device: torch.device, logit_rows: int,
+               who: str = "", hint: str = "") -> int:  # fmt: skip
+    """Blocks of ``per_block`` bytes a pool takes: ``config.cpu_kv_cache_bytes`` on the CPU; on a
+    GPU what ``gpu_memory_utilization`` leaves after the memory in use and room for activations
+    (the largest encoder batch and ``logit_rows`` rows of logits). ``who`` / ``hint``: the error's
+    prefix and extra advice."""
+    if device.type != "cuda":
+        return max(16, config.cpu_kv_cache_bytes // per_block)
+    free, total = torch.cuda.mem_get_info(device)
+    spec = model.cache_spec
+    d_model = spec.num_heads * spec.head_dim
+    act = config.max_encoder_tokens * d_model * 2 * 24 + logit_rows * model.vocab_size * 16
+    budget = total * config.gpu_memory_utilization - (total - free) - act
+    if budget < per_block * 64:
+        raise RuntimeError(
+            f"{who}not enough GPU memory left for the KV cache; lower --max-num-seqs"
+            f"{',' if hint else ' or'} raise --gpu-memory-utilization{hint}"
+        )
+    return int(budget // per_block)
+
+
 class _Rows:
     """Row ids of a persistent table for live objects; rows of objects gone are reused.
 
@@ -80,16 +194,15 @@ class VerifyLayout:
 class ModelRunner:
     """Owns the KV pool and the model's device.
 
-    The pool is one tensor [2, L, NB, BS, H, D]: K and V of every decoder layer for block NB's
-    BS tokens. With absorbed cross-attention a request's cross blocks hold its encoder output
-    instead (read by every layer, see ``Attention.cross``): each of the 2 * L chunks [BS, H, D] of
-    a block holds RC = BS * H * D // d_model rows, so a block holds 2 * L * RC (1024 for Whisper
-    large: 1500 positions in 2 blocks instead of 94).
+    The pool (``KVPool``: ``pool`` = its values, ``scales``, ``encoder_rows``, ``row_scales``) is
+    one tensor [2, L, NB, BS, H, D]: K and V of every decoder layer for block NB's BS tokens. With
+    absorbed cross-attention a request's cross blocks hold its encoder output instead (read by
+    every layer, see ``Attention.cross``): each of the 2 * L chunks [BS, H, D] of a block holds
+    RC = BS * H * D // d_model rows, so a block holds 2 * L * RC (1024 for Whisper large: 1500
+    positions in 2 blocks instead of 94).
 
-    ``EngineConfig.kv_dtype`` "fp8": the pool holds e4m3 values (``cache_dtype``) and a second
-    tensor ``scales`` [2, L, NB, BS, H] float32 holds one scale per (token, head) row of K/V; the
-    absorbed layout's rows of chunk c in block b take their scales from the first RC entries of
-    ``scales`` chunk c, block b (``row_scales`` [C, NB, RC]; RC <= BS * H since d_model >= D).
+    ``EngineConfig.kv_dtype`` "fp8": the pool holds e4m3 values (``cache_dtype``) with a float32
+    scale per cached row (``KVPool``).
 
     From the ``EngineConfig`` it resolves what the model and the device decide: the length limits
     (``max_source_len``, ``max_target_len``), the pool size (``num_blocks``) and the
@@ -113,35 +226,15 @@ class ModelRunner:
         if absorb is None:  # batched decoding on the Hopper kernel: half the bytes per step
             absorb = config.max_num_seqs >= ABSORB_MIN_SEQS and self._hopper_cross()
         block_size, spec = config.block_size, model.cache_spec
-        shape = (2, spec.num_layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
-        self.pool = torch.zeros(shape, dtype=self.cache_dtype, device=self.device)
-        self.k_cache, self.v_cache = self.pool[0], self.pool[1]
-        self.scales = self.row_scales = None
-        if self.cache_dtype == encdec_kernels.FP8_DTYPE:
-            self.scales = torch.ones(shape[:-1], dtype=torch.float32, device=self.device)
-        self.encoder_rows = None
-        self.cross_block_rows = block_size  # encoder positions per cross block
-        self._cross_layout = (block_size, np.arange(block_size))  # see _cross_slots
-        if absorb:
-            chunk = block_size * spec.num_heads * spec.head_dim  # elements of one [BS, H, D] chunk
-            d, rc = model.d_model, chunk // model.d_model
-            if rc < 1:
-                raise ValueError(f"block_size {block_size} is too small to hold a {d}-wide encoder row")
-            self.encoder_rows = self.pool.as_strided(
-                (2 * spec.num_layers, num_blocks, rc, d), (num_blocks * chunk, chunk, d, 1)
-            )
-            if self.scales is not None:
-                per = block_size * spec.num_heads  # scales of one [BS, H] chunk
-                self.row_scales = self.scales.view(2 * spec.num_layers, num_blocks, per)[:, :, :rc]
-            self.cross_block_rows = 2 * spec.num_layers * rc
-            r = np.arange(self.cross_block_rows)
-            self._cross_layout = (rc, (r // rc) * num_blocks * rc + r % rc)
-        model.bind_cache(
-            self.k_cache,
-            self.v_cache,
-            self.encoder_rows,
-            None if self.scales is None else (self.scales[0], self.scales[1], self.row_scales),
+        self.kv = KVPool.build(
+            model, spec.num_layers, num_blocks, block_size, self.cache_dtype, self.device, bool(absorb)
         )
+        self.pool, self.scales = self.kv.values, self.kv.scales
+        self.encoder_rows, self.row_scales = self.kv.encoder_rows, self.kv.row_scales
+        self.k_cache, self.v_cache = self.pool[0], self.pool[1]
+        rc = KVPool.rows_per_chunk(spec, block_size) if absorb else None
+        chunks = 2 * spec.num_layers
+        self.cross_block_rows, self._cross_layout = cross_layout(block_size, num_blocks, rc, chunks)
         self._init_tables(config.max_num_seqs, block_size)
         self.graphs = None  # CudaGraphs, set up by the engine
         self.verify_graphs = None  # [CudaGraphs] of speculative verification steps, by queries a sequence
@@ -184,39 +277,19 @@ class ModelRunner:
             if k is not None and k.untyped_storage().data_ptr() == self.pool.untyped_storage().data_ptr():
                 self.model.unbind_cache()
         self.graphs = self.verify_graphs = self.encoder_graph = None
-        self.pool = self.k_cache = self.v_cache = self.encoder_rows = None
+        self.pool = self.k_cache = self.v_cache = self.encoder_rows = self.kv = None
         self.scales = self.row_scales = None
 
     def _pool_blocks(self, config: EngineConfig) -> int:
-        """Blocks of the KV pool: ``config.cpu_kv_cache_bytes`` on the CPU; on a GPU what
-        ``gpu_memory_utilization`` leaves after the memory in use and room for activations."""
+        """Blocks of the KV pool (``fit_blocks``; the step's logits: ``queries`` rows a sequence)."""
         per_block = self.bytes_per_block(self.model, config.block_size, self.cache_dtype)
-        if self.device.type != "cuda":
-            return max(16, config.cpu_kv_cache_bytes // per_block)
-        free, total = torch.cuda.mem_get_info(self.device)
-        # leave room for activations: the largest encoder batch and the step's logits
-        spec = self.model.cache_spec
-        d_model = spec.num_heads * spec.head_dim
-        logit_rows = config.max_num_seqs * self.queries
-        act = config.max_encoder_tokens * d_model * 2 * 24 + logit_rows * self.model.vocab_size * 16
-        budget = total * config.gpu_memory_utilization - (total - free) - act
-        if budget < per_block * 64:
-            raise RuntimeError(
-                "not enough GPU memory left for the KV cache; lower --max-num-seqs or "
-                "raise --gpu-memory-utilization"
-            )
-        return int(budget // per_block)
+        return fit_blocks(self.model, config, per_block, self.device, config.max_num_seqs * self.queries)
 
     @staticmethod
     def bytes_per_block(model, block_size: int, dtype: torch.dtype) -> int:
-        """Bytes of one block of the pool with values of ``dtype`` (the cache dtype): fp8 takes one
-        byte a value plus a float32 scale per (token, head) row, so about twice the blocks fit in
-        the same memory as bf16."""
-        s = model.cache_spec
-        elem = torch.empty((), dtype=dtype).element_size()
-        rows = 2 * s.num_layers * block_size * s.num_heads
-        scale_bytes = 4 if dtype == encdec_kernels.FP8_DTYPE else 0
-        return rows * (s.head_dim * elem + scale_bytes)
+        """Bytes of one block of the whole decoder's pool with values of ``dtype`` (the cache dtype;
+        ``KVPool.bytes_per_block``)."""
+        return KVPool.bytes_per_block(model.cache_spec, model.cache_spec.num_layers, block_size, dtype)
 
     def _tensor(self, data, dtype) -> torch.Tensor:
         return to_device(self.device, data, dtype)
@@ -313,12 +386,7 @@ class ModelRunner:
         p = np.arange(n)
         slots = self._tensor(np.asarray(blocks, np.int64)[p // self.cross_block_rows] * step
                              + offsets[p % self.cross_block_rows], torch.long)  # fmt: skip
-        nb, rc = self.encoder_rows.shape[1], self.encoder_rows.shape[2]
-        index = (slots // (nb * rc), slots // rc % nb, slots % rc)
-        if self.row_scales is None:
-            return self.encoder_rows[index]
-        vals = self.encoder_rows.view(torch.uint8)[index].view(self.cache_dtype)  # fp8 rows: dequantized
-        return (vals.float() * self.row_scales[index][:, None]).to(self.dtype)
+        return self.kv.read_rows(slots, self.dtype)
 
     def _cross_slots(self, groups: list[SequenceGroup]) -> np.ndarray:
         """Cache slot of every encoder position of the groups, packed."""
@@ -337,18 +405,13 @@ class ModelRunner:
             zeros = torch.zeros(
                 (len(slots), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device
             )
-            encdec_kernels.store_rows(
-                zeros, self.encoder_rows, self._tensor(slots, torch.long), self.row_scales
-            )
+            self.kv.store_rows(zeros, self._tensor(slots, torch.long))
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
             src = self._tensor([c[0] for c in copies], torch.long)
             dst = self._tensor([c[1] for c in copies], torch.long)
-            raw = self.pool.view(torch.uint8) if self.scales is not None else self.pool  # fp8: as bytes
-            raw[:, :, dst] = raw[:, :, src]
-            if self.scales is not None:
-                self.scales[:, :, dst] = self.scales[:, :, src]
+            self.kv.copy_blocks(src, dst)
 
     def _count_call(self, what: str) -> None:
         self.calls += 1

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from encdec_cli.engine import Engine, Request, SamplingParams
 from encdec_cli.engine.pipeline import StagePlan, parse_pp_layers, split_layers, stage_sizes
@@ -103,6 +104,69 @@ def test_absorbed_cross_attention_across_stages(whisper_dir):
     try:
         assert engine.absorbs_cross
         assert _run(engine, _whisper_requests(1)) == want
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("family", ["whisper", "whisper-absorbed", "bart", "t5"])
+def test_fp8_stages_give_the_tokens_of_one_fp8_process(family, tiny_text_model, whisper_dir):
+    """--kv-dtype fp8 with stages: every stage's pool holds e4m3 values and a scale a row (K/V, or
+    the absorbed encoder rows) for its own layers, as the one process's pool does for all: the same
+    tokens, greedy and 4-beam, through preemption."""
+    from encdec_kernels import FP8_DTYPE
+
+    whisper = family.startswith("whisper")
+    absorb = family == "whisper-absorbed"
+    pool = {**(WHISPER_POOL if whisper else POOL), "kv_dtype": "fp8", "absorb_cross": absorb}
+    if absorb:  # a cross block of 2 stages holds the rows of one layer's K and V: 47 a request
+        pool["num_blocks"] = 100
+    if whisper:
+        path, make = whisper_dir, _whisper_requests
+    else:
+        tiny = tiny_text_model(family)
+        path, make = tiny.path, lambda beams: _text_requests(tiny, beams)
+    one = Engine(str(path), **pool)
+    assert one.kv_dtype_name == "fp8_e4m3" and one.absorbs_cross == absorb
+    want = {beams: _run(one, make(beams)) for beams in (1, 4)}
+    one.close()
+    # stage 0: every encoder layer and decoder layer 0; stage 1: the last decoder layer (each of
+    # the 2 + 2 layer models), so both stages hold a pool
+    engine = Engine(str(path), pipeline_parallel=2, pp_layers=(3, 1), **pool)
+    try:
+        assert engine.kv_dtype_name == "fp8_e4m3" and engine.absorbs_cross == absorb
+        kv = engine.runner.kv  # stage 0's own pool (decoder layer 0)
+        assert kv.values.dtype == FP8_DTYPE and kv.values.shape[1] == 1
+        assert kv.scales.shape == kv.values.shape[:-1]
+        assert (kv.row_scales is not None) == absorb
+        for beams in (1, 4):
+            got = _run(engine, make(beams))
+            assert got[0] == want[beams][0], f"{family}: {beams} beam(s)"
+        assert got[1] > 0, "the 4-beam run in stages did not preempt: the test's pool is too large"
+        if not absorb:  # one block layout, so the same preemptions
+            assert got[1] == want[4][1]
+    finally:
+        engine.close()
+
+
+def test_fp8_stage_pools_are_sized_from_fp8_bytes(whisper_dir):
+    """The pool size of a pipeline is the fewest blocks any stage's memory holds, counted in fp8
+    values plus their float32 scales: with the decoder on the worker stage, that stage's count."""
+    from encdec_cli.engine.runner import KVPool
+    from encdec_kernels import FP8_DTYPE
+
+    budget = 1 << 20
+    cfg = dict(block_size=4, max_num_seqs=4, device="cpu", dtype="float32", cpu_kv_cache_bytes=budget)
+    # stage 0: encoder layer 0 (no pool); stage 1: encoder layer 1 and both decoder layers
+    engine = Engine(str(whisper_dir), pipeline_parallel=2, pp_layers=(1, 3), kv_dtype="fp8", **cfg)
+    try:
+        spec = engine.model.cache_spec
+        per = KVPool.bytes_per_block(spec, 2, 4, FP8_DTYPE)
+        assert per == 2 * 2 * 4 * spec.num_heads * (spec.head_dim + 4)
+        assert engine.runner.kv is None and engine.num_blocks == budget // per
+        plain = budget // KVPool.bytes_per_block(spec, 2, 4, torch.float32)
+        assert engine.num_blocks > 3 * plain  # float32 values: 4 bytes -> 1 (+ the scales)
+        # the engine works on it
+        assert _run(engine, _whisper_requests(1)[:2])[0]
     finally:
         engine.close()
 
@@ -216,6 +280,30 @@ def test_data_parallel_ranks_each_a_pipeline(tiny_text_model, tmp_path):
         assert r.returncode == 0, r.stderr
         outs[name] = out.read_bytes()
     assert outs["one"] == outs["dp-pp"]
+
+
+def test_summarize_in_stages_with_an_fp8_cache(tiny_text_model, tmp_path):
+    """summarize -pp 2 --kv-dtype fp8 writes what one process with --kv-dtype fp8 writes, and its
+    summary says the cache was fp8."""
+    import json
+
+    tiny = tiny_text_model("bart")
+    rng = random.Random(7)
+    texts = [" ".join(random_words(rng, rng.randint(2, 8))) for _ in range(12)]
+    pq.write_table(pa.table({"id": list(range(12)), "text": texts}), tmp_path / "in.parquet")
+    outs = {}
+    for name, extra in (("one", []), ("two", ["-pp", 2])):
+        out, summary = tmp_path / f"{name}.parquet", tmp_path / f"{name}.json"
+        r = _cli("summarize", tmp_path / "in.parquet", "-m", tiny.path, "-o", out, "--device", "cpu",
+                 "--max-num-seqs", 4, "--kv-dtype", "fp8", "--summary-json", summary,
+                 "-q", *extra)  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        outs[name] = out.read_bytes()
+        engine = json.loads(summary.read_text())["engine"]
+        assert engine["kv_dtype"] == "fp8_e4m3"
+        assert len(engine["stage_busy_seconds"]) == (2 if extra else 0)
+    assert outs["one"] == outs["two"]
+    assert all(pq.read_table(tmp_path / "two.parquet").column("summary").to_pylist())
 
 
 def test_image_to_text_in_stages_and_the_usage_refusals(tmp_path, tiny_text_model):

@@ -1,5 +1,6 @@
 """Pipeline parallelism on GPUs: 2 stages over NCCL (needs 2 CUDA devices) give the greedy and
-4-beam tokens of one process (float32), on a random Whisper in both cross-attention layouts."""
+4-beam tokens of one process (float32), on a random Whisper in both cross-attention layouts, with
+the model's dtype or fp8 (the Triton store kernels quantizing in every stage) in the KV cache."""
 
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
 @pytest.mark.parametrize("absorb", [False, True])
-def test_two_gpu_stages_give_the_tokens_of_one_gpu(tmp_path, absorb):
+def test_two_gpu_stages_give_the_tokens_of_one_gpu(tmp_path, absorb, kv_dtype):
     random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2,
                    encoder_layers=3, decoder_layers=3)  # fmt: skip
     g = torch.Generator().manual_seed(0)
     feats = [torch.randn(80, 3000, generator=g) for _ in range(12)]
 
     def run(**cfg):
-        engine = Engine(str(tmp_path), device="cuda:0", dtype="float32", absorb_cross=absorb, **cfg)
+        engine = Engine(str(tmp_path), device="cuda:0", dtype="float32", absorb_cross=absorb,
+                        kv_dtype=kv_dtype, **cfg)  # fmt: skip
         try:
+            assert engine.kv_dtype_name == ("fp8_e4m3" if kv_dtype == "fp8" else "float32")
             out = {}
             for beams in (1, 4):
                 params = SamplingParams(max_new_tokens=32, num_beams=beams, stop_token_ids=[EOT])
