@@ -12,7 +12,14 @@ import torch
 
 from encdec_kernels import reference
 from encdec_kernels.reference import FP8_DTYPE, quantize_rows
-from tests.kernels.cases import paged_inputs, poisoned_allocations, rel_bias, rel_err, shared_kv_inputs
+from tests.kernels.cases import (
+    hopper_shared_kv_inputs,
+    paged_inputs,
+    poisoned_allocations,
+    rel_bias,
+    rel_err,
+    shared_kv_inputs,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
@@ -26,6 +33,8 @@ if torch.cuda.is_available() and not INTERPRET:
 else:
     paged = shared_kv = None
 
+HOPPER = torch.cuda.is_available() and not INTERPRET and torch.cuda.get_device_capability()[0] == 9
+ON_HOPPER = pytest.mark.skipif(not HOPPER, reason="the Gluon cross-attention kernel is for Hopper (sm_90)")
 DEVICE = "cuda"
 HEADS, HEAD_DIM, WIDTH = 20, 64, 1280  # whisper-large-v3
 CROSS_LEN = 1500
@@ -98,8 +107,8 @@ def test_paged_attention_fp8(causal, q_len, bias):
 
 @pytest.mark.parametrize("batch,q_len", [(256, 1), (3, 1), (2, 4)])
 def test_absorbed_cross_attention_fp8(batch, q_len):
-    """fp8 encoder rows run on the Triton shared-K/V kernel (also on Hopper: the Gluon kernel
-    takes bf16/fp16 rows only)."""
+    """fp8 encoder rows on the Triton shared-K/V kernel (also on Hopper: q here is not the view of
+    [H, Tq, d] the layer makes, which the Gluon kernel needs; that one: the tests below)."""
     case = shared_kv_inputs(
         [CROSS_LEN] * batch, [q_len] * batch, HEADS, WIDTH, 64, 16, torch.bfloat16, DEVICE
     )
@@ -115,6 +124,131 @@ def test_absorbed_cross_attention_fp8(batch, q_len):
     )  # fmt: skip
     assert not out.isnan().any()
     assert rel_err(out[: n * q_len], ref) < 1e-2
+
+
+def _spy(calls: list, real):
+    """shared_kv_hopper.shared_kv_attention that records, per call, whether it was given row scales."""
+    return lambda *a, **k: calls.append(len(a) > 6 and a[6] is not None) or real(*a, **k)
+
+
+def _hopper_fp8_case(lens, q_lens, heads, width, chunks):
+    """hopper_shared_kv_inputs with the rows quantized (zeros to each tile's end: scale 1, as
+    ModelRunner._zero_tile_ends writes them); the scales of those zero rows are then set to NaN,
+    so a scale read past a sequence's end shows (the rows after the tile's end are NaN already)."""
+    case = hopper_shared_kv_inputs(lens, q_lens, heads, width, chunks, torch.bfloat16, DEVICE)
+    rows, sc = quantize_rows(case.rows)
+    per_block = chunks * 16
+    for b, n in enumerate(lens):
+        for p in range(n, min(-(-n // 64) * 64, case.block_tables.shape[1] * per_block)):
+            blk, r = case.block_tables[b, p // per_block], p % per_block
+            sc[r // 16, blk, r % 16] = float("nan")
+    return case, rows, sc
+
+
+@ON_HOPPER
+@pytest.mark.parametrize(
+    "lens,heads,width,chunks,splits",
+    [
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None),  # W1: batch 256, 3 consumers, one wave
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None),  # small batch: row splits + merge
+        ([CROSS_LEN] * 64, HEADS, WIDTH, 64, None),  # W1 at batch 64
+        ([350, 77, 1, 64, 65, 128, 129], 16, 1024, 24, None),  # BART-large: 2 consumers, tile edges
+        ([1500, 33, 191, 192], 6, 384, 4, 3),  # Whisper tiny: 1 consumer, 3 splits
+    ],
+    ids=["whisper-b256", "whisper-split", "whisper-b64", "bart-large", "tiny-splits"],
+)
+def test_hopper_absorbed_cross_attention_fp8(lens, heads, width, chunks, splits):
+    """encdec_kernels/shared_kv_hopper.py on fp8 rows (decode: one query token per sequence) against
+    the reference on the same fp8 rows (dequantized, float32), to bf16 accuracy as the bf16 kernel
+    (tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_cross_attention); and the public entry
+    point takes it for such inputs."""
+    from encdec_kernels import shared_kv_hopper
+
+    case, rows, sc = _hopper_fp8_case(lens, [1] * len(lens), heads, width, chunks)
+    assert shared_kv_hopper.supports(case.q, rows, sc)
+    assert not shared_kv_hopper.supports(case.q, rows)  # fp8 rows need their scales
+    with poisoned_allocations():
+        out = shared_kv_hopper.shared_kv_attention(
+            case.q, rows, case.block_tables, case.seq_lens, 0.125, num_splits=splits, row_scales=sc
+        )
+    assert out is not None, shared_kv_hopper._guard_fp8.failed  # compiled
+    n = min(len(lens), 8)
+    args = case.args()
+    ref = reference.shared_kv_attention(
+        case.q[:n], rows, case.block_tables[:n], case.seq_lens[:n], args[4][: n + 1], 1, scale=0.125,
+        row_scales=sc,
+    )  # fmt: skip
+    assert not out.isnan().any()
+    assert rel_err(out[:n], ref) < 1e-2
+    # every sequence, not only the first n: the Triton kernel on the same rows
+    tri = shared_kv._launch_shared_kv(case.q, rows, *args[2:], 0.125, hopper=False, row_scales=sc)
+    assert rel_err(out, tri) < 1e-2
+    # the public entry point dispatches here (a different split count may round differently)
+    public = shared_kv.shared_kv_attention(case.q, rows, *args[2:], scale=0.125, row_scales=sc)
+    assert rel_err(public[:n], ref) < 1e-2
+
+
+@ON_HOPPER
+def test_hopper_absorbed_cross_attention_fp8_several_tokens(monkeypatch):
+    """Prompt steps (several query tokens a sequence) with fp8 rows run on the Gluon kernel too, one
+    block-table row per token, through the public entry point."""
+    from encdec_kernels import shared_kv_hopper
+
+    calls = []
+    real = shared_kv_hopper.shared_kv_attention
+    monkeypatch.setattr(shared_kv_hopper, "shared_kv_attention", _spy(calls, real))
+    case, rows, sc = _hopper_fp8_case([CROSS_LEN, 20, 700], [4, 1, 2], HEADS, WIDTH, 64)
+    args = case.args()
+    with poisoned_allocations():
+        out = shared_kv.shared_kv_attention(case.q, rows, *args[2:], scale=0.125, row_scales=sc)
+    assert calls == [True]  # the Gluon kernel, given the scales
+    ref = reference.shared_kv_attention(case.q, rows, *args[2:], scale=0.125, row_scales=sc)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-2
+
+
+@ON_HOPPER
+def test_whisper_large_shaped_fp8_engine_runs_absorbed_rows_on_the_hopper_kernel(tmp_path, monkeypatch):
+    """W1's shape (a random bf16 Whisper of large-v3's width: d 1280, 20 heads; 2 + 2 layers, 32
+    sequence slots): with --kv-dtype fp8 the engine takes absorbed cross-attention by default on
+    Hopper, and every absorbed decode step (CUDA-graphed) runs on the Gluon kernel with fp8 rows.
+    Its tokens agree with the same fp8 rows on the Triton shared-K/V kernel (ENCDEC_GLUON=0)."""
+    from encdec_cli.engine import Engine, Request, SamplingParams
+    from encdec_kernels import gluon_support, shared_kv_hopper
+    from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
+
+    random_whisper(
+        tmp_path, d_model=WIDTH, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+        encoder_ffn_dim=4 * WIDTH, decoder_ffn_dim=4 * WIDTH,
+    )  # fmt: skip
+    loaded = load_ours(tmp_path, dtype=torch.bfloat16)
+    loaded.model.cuda()
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_new_tokens=8, min_new_tokens=8, stop_token_ids=(EOT,))
+    reqs = [Request(torch.randn(80, 3000, generator=g), [SOT], params, i) for i in range(48)]
+    calls = []
+    real = shared_kv_hopper.shared_kv_attention
+    monkeypatch.setattr(shared_kv_hopper, "shared_kv_attention", _spy(calls, real))
+
+    def run(**cfg):
+        engine = Engine(loaded, num_blocks=4000, max_num_seqs=32, kv_dtype="fp8", **cfg)
+        try:
+            absorbed = engine.runner.encoder_rows is not None and engine.runner.row_scales is not None
+            return absorbed, {r.request_id: r.token_ids for r in engine.generate(reqs)}
+        finally:
+            engine.close()
+
+    absorbed, gluon = run()  # the default cross layout
+    assert absorbed
+    assert calls and all(calls)  # the Gluon kernel ran, on fp8 rows with their scales
+    assert shared_kv_hopper._guard_fp8.failed is None
+    monkeypatch.setenv(gluon_support.ENV, "0")
+    n = len(calls)
+    absorbed, tri = run(absorb_cross=True)
+    assert absorbed and len(calls) == n  # the Triton shared-K/V kernel this time
+    share = _agreement(gluon, tri)
+    print(f"whisper d1280 fp8 absorbed: Gluon vs Triton {share:.4f} of tokens identical")
+    assert share >= 0.9
 
 
 def _agreement(a: dict, b: dict) -> float:

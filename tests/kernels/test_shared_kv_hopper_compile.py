@@ -3,7 +3,13 @@ compiles for sm_90 with the installed Triton in the shapes the engine gives it, 
 shared memory, and ptxas keeps it in registers. A spill was its one big slowdown: when every
 wgmma's shared-memory descriptors were computed once before the tile loop, ptxas spilled them
 and each product waited on reloading its descriptors (5x slower than the loads alone on an H100).
-Numbers against the reference: tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_*.
+Numbers against the reference: tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_* (bf16/fp16 rows),
+tests/gpu/test_fp8_gpu.py::test_hopper_absorbed_cross_attention_fp8 (fp8 rows, ``--kv-dtype fp8``).
+
+The fp8 variant converts each e4m3 chunk to bf16 in registers as wgmma's A operand: with 128-column
+chunks the three-consumer shape (d 1280) ran out of registers (2.4 KB of spills, and ptxas
+serialized the wgmmas), so it takes 64-column chunks (``DC_FP8``); it must spill no more than the
+bf16 kernel of the same shape and keep its wgmmas asynchronous.
 
 Compiles run in a fresh process without TRITON_INTERPRET (tests/support/gluon_compile.py)."""
 
@@ -14,19 +20,27 @@ import pytest
 from encdec_kernels import flash_hopper
 from tests.support.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 
-CASES = {  # name: (d_model, heads, split)
-    "whisper-large": (1280, 20, False),  # three consumer warp groups, the largest tile
-    "whisper-large-split": (1280, 20, True),
-    "bart-t5-large": (1024, 16, False),
-    "whisper-tiny": (384, 6, True),
+# name: (d_model, heads, split, fp8, rows per block: 2 x decoder layers x 16 rows, as the runner's pool)
+CASES = {
+    "whisper-large": (1280, 20, False, False, 1024),  # three consumer warp groups, the largest tile
+    "whisper-large-split": (1280, 20, True, False, 1024),
+    "bart-t5-large": (1024, 16, False, False, 1024),
+    "whisper-tiny": (384, 6, True, False, 1024),
+    # fp8 rows (the engine's default cross layout with --kv-dtype fp8 on Hopper): W1 decodes 256
+    # sequences (one wave: no split) and splits the rows when the batch is small
+    "whisper-large-fp8": (1280, 20, False, True, 1024),  # large-v3: 32 decoder layers
+    "whisper-large-split-fp8": (1280, 20, True, True, 1024),
+    "bart-large-fp8": (1024, 16, False, True, 384),  # 12 decoder layers
+    "bart-large-split-fp8": (1024, 16, True, True, 384),
+    "whisper-tiny-fp8": (384, 6, True, True, 128),  # 4 decoder layers: one consumer
 }
 SCRIPT = """
 import json, re, subprocess, sys, tempfile, torch
 import triton.backends.nvidia.compiler as nv
 from encdec_kernels import shared_kv_hopper
 out = {}
-for name, (d, h, split) in json.loads(sys.argv[1]).items():
-    k = shared_kv_hopper.compile_offline(d, h, split=split)
+for name, (d, h, split, fp8, rows_per_block) in json.loads(sys.argv[1]).items():
+    k = shared_kv_hopper.compile_offline(d, h, rows_per_block=rows_per_block, split=split, fp8=fp8)
     ptx = k.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         open(tmp + "/k.ptx", "w").write(ptx)
@@ -34,7 +48,9 @@ for name, (d, h, split) in json.loads(sys.argv[1]).items():
         info = subprocess.run(cmd, capture_output=True, text=True).stderr
     spills = [int(x) for x in re.findall(r"(\\d+) bytes spill (?:stores|loads)", info)]
     out[name] = dict(shared=k.metadata.shared, tma="cp.async.bulk.tensor" in ptx,
-                     wgmma="wgmma.mma_async" in ptx, spill_bytes=sum(spills), ptxas_ok=bool(spills))
+                     wgmma="wgmma.mma_async" in ptx, spill_bytes=sum(spills), ptxas_ok=bool(spills),
+                     e4m3="e4m3x2" in ptx, serialized="wgmma.mma_async instructions are serialized" in info)
+    print(name, {k: v for k, v in out[name].items() if k != "ptxas_ok"}, file=sys.stderr)
 print("RESULT " + json.dumps(out))
 """
 
@@ -55,6 +71,18 @@ def test_compiles_for_hopper_without_spills(compiled, case):
     # Triton 3.6: none; 3.9: ~1 KB in the three-consumer shape (loop scalars); the hoisted-descriptor
     # version that ran 5x slow spilled 4.5-6.5 KB
     assert c["spill_bytes"] < 2048
+    assert not c["serialized"], "ptxas serialized the wgmmas (too few registers)"
+    assert c["e4m3"] == case.endswith("-fp8")  # fp8 rows convert in hardware (cvt ... e4m3x2)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.endswith("-fp8") and c.replace("-fp8", "") in CASES])
+def test_fp8_variant_halves_the_tile_and_spills_no_more_than_bf16(compiled, case):
+    """The fp8 tile takes half the shared memory of the bf16 one (the queries and probabilities
+    stay bf16), and converting it in registers costs no more spills."""
+    fp8, bf16 = compiled[case], compiled[case.replace("-fp8", "")]
+    d = CASES[case][0]
+    assert bf16["shared"] - fp8["shared"] >= 64 * d - 1024  # 64 rows x d bytes, less barrier slack
+    assert fp8["spill_bytes"] <= bf16["spill_bytes"]
 
 
 def test_supports_only_what_the_kernel_covers():
@@ -67,4 +95,6 @@ def test_supports_only_what_the_kernel_covers():
     q = torch.zeros(20, 4, 1280).transpose(0, 1)
     rows = torch.zeros(64, 8, 16, 1280)
     assert not shared_kv_hopper.supports(q, rows)
+    assert not shared_kv_hopper.supports(q, rows.to(torch.float8_e4m3fn), torch.ones(64, 8, 16))
     assert not shared_kv_hopper.preferred(torch.device("cpu"), 20, 1280)
+    assert not shared_kv_hopper.preferred(torch.device("cpu"), 20, 1280, fp8=True)
