@@ -38,7 +38,11 @@ scores the chunk goes straight into registers as wgmma's A operand (two-byte loa
 values (E^T, whose K runs across rows) byte loads in that layout cost 4x more instructions, so
 the chunk goes through a per-consumer ring of three fp16 [BLOCK_N, DC_FP8] slots with 16-byte
 loads and stores and is read from there as the bf16 kernel reads E^T (``FP8_VALUES_SMEM``; the
-register form stays, ``_fp8_values``). As in ``shared_kv.py``, a row's scale multiplies its score
+register form stays, ``_fp8_values``). A third form, off by default until measured
+(``FP8_PRODUCER_CONVERTS``): the producer warp group converts each chunk once for all consumers
+into a shared ring of fp16 chunks (twice a tile: the scores' pass, the values' pass), and the
+consumers run the bf16 kernel's products on it (``_convert_tiles``, ``_ring_scores``,
+``_ring_values``). As in ``shared_kv.py``, a row's scale multiplies its score
 (keys) and its probability before the PV product (values): the tile itself is never rescaled. The
 consumers read their tile's scales from global memory (a float per row, issued before the tile's
 wait). Since the products no longer read the fp8 tile, a chunk is released as soon as its values
@@ -91,6 +95,12 @@ DC_FP8 = 64
 # barrier a chunk; ``_fp8_values_smem``) or straight into wgmma's A registers (byte loads;
 # ``_fp8_values``). The kernel's FP8 constexpr: 0 bf16/fp16 rows, 1 registers, 2 the ring.
 FP8_VALUES_SMEM = True
+# fp8 rows, FP8 3: the producer warp group converts each chunk once for all consumers (twice a tile)
+# into a shared ring of FP8_RING fp16 chunks, and the consumers run the bf16 kernel's products on
+# it; the consumers convert nothing. Off by default until measured (FP8_VALUES_SMEM's form is).
+FP8_PRODUCER_CONVERTS = False
+FP8_RING = 8  # a power of two: the slot and phase of chunk k are shifts
+_RING = tl.constexpr(FP8_RING)
 GROUP = 8  # heads per consumer warp group (the N of both products)
 MAX_CONSUMERS = 3  # 24 heads at most (Whisper large-v3: 20, BART-large and T5-large: 16)
 SHARED_LIMIT = 227 * 1024
@@ -101,8 +111,11 @@ def _shared_bytes(d: int, consumers: int, fp8: bool = False) -> int:
     """Shared memory of one CTA: the row tile (1 byte a value for fp8, else 2), each consumer's
     queries and probabilities (2 bytes a value) and, for fp8 rows, its ring of converted chunks;
     the barriers."""
-    ring = 3 * BLOCK_N * DC_FP8 if fp8 and FP8_VALUES_SMEM else 0
-    return BLOCK_N * d * (1 if fp8 else 2) + consumers * (GROUP * d + GROUP * BLOCK_N + ring) * 2 + 1024
+    mode = _fp8_mode(fp8)
+    ring = 3 * BLOCK_N * DC_FP8 if mode == 2 else 0  # per consumer
+    shared_ring = FP8_RING * BLOCK_N * DC_FP8 * 2 if mode == 3 else 0
+    per_consumer = (GROUP * d + GROUP * BLOCK_N + ring) * 2
+    return BLOCK_N * d * (1 if fp8 else 2) + consumers * per_consumer + shared_ring + 1024
 
 
 def preferred(device: torch.device, num_heads: int, d_model: int, fp8: bool = False) -> bool:
@@ -168,21 +181,58 @@ if AVAILABLE:
         return b, lo, gl.minimum(lo + chunk, seq_len)
 
     @gluon.jit
-    def _producer(args, RC: gl.constexpr, BOX_R: gl.constexpr, ROWS_PER_BLOCK: gl.constexpr, D: gl.constexpr,
-                  CONSUMERS: gl.constexpr, FP8: gl.constexpr):
-        desc_e, desc_q, e_bufs, q_bufs, e_ready, e_empty, q_ready, BLOCK_TABLES, SEQ_LENS = args[:9]
-        stride_bt, num_splits, nb = args[9:]
-        DCW: gl.constexpr = desc_e.block_type.shape[1]  # chunk width: DC, or DC_FP8 for fp8 rows
-        NCH: gl.constexpr = D // DCW
-        b, lo, hi = _split_range(SEQ_LENS, num_splits)
-        # every consumer's queries: heads [8 c, 8 c + 8) of token b, as [GROUP, DC] chunks (rows past
-        # the last head are zeros: TMA fills outside the tensor)
-        if not FP8:  # fp8 rows: the consumers load their queries themselves (as fp16)
-            mbarrier.expect(q_ready, CONSUMERS * NCH * desc_q.block_type.nbytes)
-            for g in gl.static_range(CONSUMERS):
+    def _load_chunk(desc_e, e_bufs, e_ready, bt_row, n0, c: gl.constexpr, nb, RC: gl.constexpr,
+                    BOX_R: gl.constexpr, ROWS_PER_BLOCK: gl.constexpr):
+        """TMA: chunk c of the tile at row n0 into e_bufs[c] (e_ready[c] counts its bytes)."""
+        DCW: gl.constexpr = desc_e.block_type.shape[1]
+        block = gl.load(bt_row + n0 // ROWS_PER_BLOCK)
+        r0 = n0 % ROWS_PER_BLOCK
+        mbarrier.expect(e_ready.index(c), (_BN // BOX_R) * desc_e.block_type.nbytes)
+        for k in gl.static_range(_BN // BOX_R):
+            r = r0 + k * BOX_R
+            row = ((r // RC) * nb + block) * RC + r % RC
+            tma_load(desc_e, [row, c * DCW], e_ready.index(c), e_bufs.index(c).slice(k * BOX_R, BOX_R))
+
+    @gluon.jit
+    def _convert_tiles(desc_e, e_bufs, e_ready, ring, r_ready, r_empty, bt_row, lo, hi, nb, RC: gl.constexpr,
+                       BOX_R: gl.constexpr, ROWS_PER_BLOCK: gl.constexpr, NCH: gl.constexpr):
+        """FP8 == 3: the producer warp group converts every fp8 chunk to fp16 once for all consumers,
+        twice per tile (the scores' pass, then the values'), into a ring of FP8_RING slots: chunk k
+        of the CTA (2 NCH a tile) goes to slot k % FP8_RING once every consumer has released what
+        it held (r_empty) and is announced by r_ready. The fp8 tile is the producer's alone: a chunk
+        is reloaded, for the next tile, as soon as its second conversion is done."""
+        NS: gl.constexpr = ring.shape[0]
+        layout: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0])  # [32, 64]: 16 a thread
+        if lo < hi:
+            for c in gl.static_range(NCH):
+                _load_chunk(desc_e, e_bufs, e_ready, bt_row, lo, c, nb, RC, BOX_R, ROWS_PER_BLOCK)
+        t = 0
+        for n0 in range(lo, hi, _BN):
+            for ps in gl.static_range(2):
                 for c in gl.static_range(NCH):
-                    tma_load(desc_q, [g * _G, b * D + c * DCW], q_ready, q_bufs.index(g * NCH + c))
-        bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt
+                    if ps == 0:
+                        mbarrier.wait(e_ready.index(c), t & 1)
+                    k = (t * 2 + ps) * NCH + c
+                    mbarrier.wait(r_empty.index(k % NS), ((k // NS) & 1) ^ 1)  # fresh: phase 1 passes
+                    src = e_bufs.index(c)
+                    dst = ring.index(k % NS)
+                    for h in gl.static_range(2):  # half a chunk at a time: the producer has few registers
+                        x = src.slice(h * (_BN // 2), _BN // 2).load(layout)
+                        dst.slice(h * (_BN // 2), _BN // 2).store(x.to(ring.dtype))
+                    fence_async_shared()
+                    barrier()
+                    mbarrier.arrive(r_ready.index(k % NS), count=1)
+                    if ps == 1:
+                        if n0 + _BN < hi:  # every warp is past its reads of this chunk (the barrier)
+                            _load_chunk(desc_e, e_bufs, e_ready, bt_row, n0 + _BN, c, nb, RC, BOX_R,
+                                        ROWS_PER_BLOCK)
+            t += 1
+
+    @gluon.jit
+    def _load_tiles(desc_e, e_bufs, e_ready, e_empty, bt_row, lo, hi, nb, RC: gl.constexpr,
+                    BOX_R: gl.constexpr, ROWS_PER_BLOCK: gl.constexpr, NCH: gl.constexpr):
+        """The tiles of rows [lo, hi) into e_bufs, a chunk as soon as every consumer released it."""
+        DCW: gl.constexpr = desc_e.block_type.shape[1]
         t = 0
         for n0 in range(lo, hi, _BN):
             block = gl.load(bt_row + n0 // ROWS_PER_BLOCK)
@@ -196,6 +246,28 @@ if AVAILABLE:
                     dest = e_bufs.index(c).slice(k * BOX_R, BOX_R)
                     tma_load(desc_e, [row, c * DCW], e_ready.index(c), dest)
             t += 1
+
+    @gluon.jit
+    def _producer(args, RC: gl.constexpr, BOX_R: gl.constexpr, ROWS_PER_BLOCK: gl.constexpr, D: gl.constexpr,
+                  CONSUMERS: gl.constexpr, FP8: gl.constexpr):
+        desc_e, desc_q, e_bufs, q_bufs, e_ready, e_empty, q_ready, BLOCK_TABLES, SEQ_LENS = args[:9]
+        stride_bt, num_splits, nb, ring, r_ready, r_empty = args[9:]
+        DCW: gl.constexpr = desc_e.block_type.shape[1]  # chunk width: DC, or DC_FP8 for fp8 rows
+        NCH: gl.constexpr = D // DCW
+        b, lo, hi = _split_range(SEQ_LENS, num_splits)
+        # every consumer's queries: heads [8 c, 8 c + 8) of token b, as [GROUP, DC] chunks (rows past
+        # the last head are zeros: TMA fills outside the tensor)
+        if not FP8:  # fp8 rows: the consumers load their queries themselves (as fp16)
+            mbarrier.expect(q_ready, CONSUMERS * NCH * desc_q.block_type.nbytes)
+            for g in gl.static_range(CONSUMERS):
+                for c in gl.static_range(NCH):
+                    tma_load(desc_q, [g * _G, b * D + c * DCW], q_ready, q_bufs.index(g * NCH + c))
+        bt_row = BLOCK_TABLES + b.to(gl.int64) * stride_bt
+        if FP8 == 3:
+            _convert_tiles(desc_e, e_bufs, e_ready, ring, r_ready, r_empty, bt_row, lo, hi, nb, RC, BOX_R,
+                           ROWS_PER_BLOCK, NCH)
+        else:
+            _load_tiles(desc_e, e_bufs, e_ready, e_empty, bt_row, lo, hi, nb, RC, BOX_R, ROWS_PER_BLOCK, NCH)
 
     @gluon.jit
     def _fp16_queries(Q, stride_qh, b, num_heads, q16_bufs, CONSUMER: gl.constexpr, NCH: gl.constexpr):
@@ -295,6 +367,49 @@ if AVAILABLE:
         return new + (acc_prev,)
 
     @gluon.jit
+    def _ring_scores(ring, r_ready, r_empty, q_bufs, t, CONSUMER: gl.constexpr, NCH: gl.constexpr):
+        """FP8 == 3: S^T = E Q^T over the tile's fp16 chunks in the shared ring (``_convert_tiles``);
+        a slot is released once this consumer's product on it is done."""
+        s_layout: gl.constexpr = mma_layout(_G)
+        NS: gl.constexpr = ring.shape[0]
+        k0 = t * 2 * NCH
+        mbarrier.wait(r_ready.index(k0 % NS), (k0 // NS) & 1)
+        s = warpgroup_mma(ring.index(k0 % NS), q_bufs.index(CONSUMER * NCH).permute((1, 0)),
+                          gl.zeros([_BN, _G], gl.float32, s_layout), is_async=True)
+        for c in gl.static_range(1, NCH):
+            k = k0 + c
+            mbarrier.wait(r_ready.index(k % NS), (k // NS) & 1)
+            s = warpgroup_mma(ring.index(k % NS), q_bufs.index(CONSUMER * NCH + c).permute((1, 0)), s,
+                              is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s,))
+            mbarrier.arrive(r_empty.index((k - 1) % NS), count=1)
+        s = warpgroup_mma_wait(0, deps=(s,))
+        mbarrier.arrive(r_empty.index((k0 + NCH - 1) % NS), count=1)
+        return s
+
+    @gluon.jit
+    def _ring_values(ring, r_ready, r_empty, p_t, accs, alpha, t, NCH: gl.constexpr):
+        """FP8 == 3: O^T = O^T * alpha + E^T P^T over the tile's second pass through the ring."""
+        NS: gl.constexpr = ring.shape[0]
+        k0 = (t * 2 + 1) * NCH
+        mbarrier.wait(r_ready.index(k0 % NS), (k0 // NS) & 1)
+        acc_prev = warpgroup_mma(ring.index(k0 % NS).permute((1, 0)), p_t, accs[0] * alpha[None, :],
+                                 is_async=True)
+        new = ()
+        for c in gl.static_range(1, NCH):
+            k = k0 + c
+            mbarrier.wait(r_ready.index(k % NS), (k // NS) & 1)
+            acc = warpgroup_mma(ring.index(k % NS).permute((1, 0)), p_t, accs[c] * alpha[None, :],
+                                is_async=True)
+            acc_prev = warpgroup_mma_wait(1, deps=(acc_prev,))
+            mbarrier.arrive(r_empty.index((k - 1) % NS), count=1)
+            new = new + (acc_prev,)
+            acc_prev = acc
+        acc_prev = warpgroup_mma_wait(0, deps=(acc_prev,))
+        mbarrier.arrive(r_empty.index((k0 + NCH - 1) % NS), count=1)
+        return new + (acc_prev,)
+
+    @gluon.jit
     def _consumer(args, p_bufs, CONSUMER: gl.constexpr, D: gl.constexpr, RC: gl.constexpr,
                   ROWS_PER_BLOCK: gl.constexpr, IS_SPLIT: gl.constexpr, FP8: gl.constexpr,
                   MODE: gl.constexpr):
@@ -302,7 +417,7 @@ if AVAILABLE:
         stride_ot, stride_oh, num_heads, num_splits, qk_scale = args[9:14]
         ROW_SCALES, BLOCK_TABLES, stride_bt, stride_sc, stride_sb, stride_sr, q16_bufs = args[14:21]
         scratch = args[21]
-        Q, stride_qh = args[22:]
+        Q, stride_qh, r_ready, r_empty = args[22:]
         DCW: gl.constexpr = e_bufs.shape[2]
         NCH: gl.constexpr = D // DCW
         b, lo, hi = _split_range(SEQ_LENS, num_splits)
@@ -335,7 +450,10 @@ if AVAILABLE:
                 sc_ptrs = ROW_SCALES + (r // RC).to(gl.int64) * stride_sc + block * stride_sb
                 sc_ptrs += (r % RC) * stride_sr
                 sc = gl.load(sc_ptrs, mask=rows < hi, other=0.0)  # 0 past the end: p * 0, never 0 * inf
-                s = _fp8_scores(e_bufs, q16_bufs, e_ready, t, z, CONSUMER, NCH)
+                if FP8 == 3:
+                    s = _ring_scores(scratch, r_ready, r_empty, q16_bufs, t, CONSUMER, NCH)
+                else:
+                    s = _fp8_scores(e_bufs, q16_bufs, e_ready, t, z, CONSUMER, NCH)
                 s = gl.where(rows[:, None] < hi, s * (sc * qk_scale)[:, None], float("-inf"))
                 m_new = gl.maximum(m_i, gl.max(s, axis=0))
                 p = gl.exp2(s - m_new[None, :])
@@ -351,7 +469,10 @@ if AVAILABLE:
                 p_bufs.store(gl.permute((p * (sc / v_new)[:, None]).to(dtype), (1, 0)))
                 fence_async_shared()
                 barrier()
-                if FP8 == 2:
+                if FP8 == 3:
+                    p_t = p_bufs.permute((1, 0))
+                    accs = _ring_values(scratch, r_ready, r_empty, p_t, accs, alpha, t, NCH)
+                elif FP8 == 2:
                     accs = _fp8_values_smem(e_bufs, scratch, p_bufs.permute((1, 0)), e_empty, accs, alpha, z,
                                             CONSUMER, NCH)
                 else:
@@ -435,8 +556,8 @@ if AVAILABLE:
             q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_G, DCW], gl.float16)
             q_bufs = gl.allocate_shared_memory(gl.float16, [CONSUMERS * NCH, _G, DCW], q_layout)
             s_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([_BN, DCW], gl.float16)
-            scratch = gl.allocate_shared_memory(gl.float16, [CONSUMERS * 3 if FP8 == 2 else 1, _BN, DCW],
-                                                s_layout)
+            slots: gl.constexpr = _RING if FP8 == 3 else (CONSUMERS * 3 if FP8 == 2 else 1)
+            scratch = gl.allocate_shared_memory(gl.float16, [slots, _BN, DCW], s_layout)
         else:
             q_bufs = gl.allocate_shared_memory(desc_q.dtype, [CONSUMERS * NCH, _G, DCW], desc_q.layout)
             scratch = q_bufs  # unused
@@ -447,11 +568,20 @@ if AVAILABLE:
         for i in gl.static_range(NCH):
             mbarrier.init(e_ready.index(i), count=1)
             mbarrier.init(e_empty.index(i), count=CONSUMERS)  # every consumer reads every chunk
+        if FP8 == 3:  # the shared fp16 ring
+            r_ready = gl.allocate_shared_memory(gl.int64, [_RING, 1], mbarrier.MBarrierLayout())
+            r_empty = gl.allocate_shared_memory(gl.int64, [_RING, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(_RING):
+                mbarrier.init(r_ready.index(i), count=1)
+                mbarrier.init(r_empty.index(i), count=CONSUMERS)
+        else:
+            r_ready = e_ready  # unused
+            r_empty = e_empty
         pargs = (desc_e, desc_q, e_bufs, q_bufs, e_ready, e_empty, q_ready, BLOCK_TABLES, SEQ_LENS, stride_bt,
-                 num_splits, nb)
+                 num_splits, nb, scratch, r_ready, r_empty)
         cargs = (Out, O_PART, LSE_PART, SEQ_LENS, e_bufs, q_bufs, e_ready, e_empty, q_ready, stride_ot,
                  stride_oh, num_heads, num_splits, qk_scale, ROW_SCALES, BLOCK_TABLES, stride_bt, stride_sc,
-                 stride_sb, stride_sr, q_bufs, scratch, Q, stride_qh)
+                 stride_sb, stride_sr, q_bufs, scratch, Q, stride_qh, r_ready, r_empty)
         # one branch per consumer count: warp_specialize takes its partitions as written
         if CONSUMERS == 1:
             gl.warp_specialize([(_producer, (pargs, RC, BOX_R, ROWS_PER_BLOCK, D, CONSUMERS, FP8)),
@@ -478,11 +608,14 @@ if AVAILABLE:
 REGS = {1: 240, 2: 240, 3: 160}  # per consumer thread: the register file holds them and the producer
 
 
-def _fp8_mode(fp8: bool, values_smem: bool | None = None) -> int:
-    """The kernel's FP8 constexpr (see FP8_VALUES_SMEM)."""
-    if values_smem is None:
-        values_smem = FP8_VALUES_SMEM
-    return (2 if values_smem else 1) if fp8 else 0
+def _fp8_mode(fp8: bool, form: str | None = None) -> int:
+    """The kernel's FP8 constexpr: 0 bf16/fp16 rows; for fp8 rows ``form`` (default: as
+    FP8_PRODUCER_CONVERTS and FP8_VALUES_SMEM say) "registers" 1, "ring" 2, "producer" 3."""
+    if not fp8:
+        return 0
+    if form is None:
+        form = "producer" if FP8_PRODUCER_CONVERTS else "ring" if FP8_VALUES_SMEM else "registers"
+    return {"registers": 1, "ring": 2, "producer": 3}[form]
 
 
 def num_splits_for(num_seqs: int, num_rows: int, device: torch.device) -> int:
@@ -554,10 +687,10 @@ def shared_kv_attention(
 
 def compile_offline(d: int, heads: int, rc: int = 16, rows_per_block: int = 1024, split: bool = False,
                     dtype: torch.dtype = torch.bfloat16, fp8: bool = False,
-                    values_smem: bool | None = None):  # fmt: skip
+                    form: str | None = None):  # fmt: skip
     """The kernel compiled for sm_90 without a GPU (``gluon_support.compile_sm90``; CPU tests);
-    ``fp8``: the variant for e4m3 rows (q and the output in ``dtype``), its values' product as
-    ``values_smem`` says (default ``FP8_VALUES_SMEM``)."""
+    ``fp8``: the variant for e4m3 rows (q and the output in ``dtype``) in this ``form``
+    (``_fp8_mode``)."""
     box = min(rc, BLOCK_N)
     consumers = triton.cdiv(heads, GROUP)
     row_dtype, dc = (torch.float8_e4m3fn, DC_FP8) if fp8 else (dtype, DC)
@@ -568,5 +701,5 @@ def compile_offline(d: int, heads: int, rc: int = 16, rows_per_block: int = 1024
                stride_sr="i32", stride_qh="i32", num_heads="i32", num_splits="i32", nb="i32",
                qk_scale="fp32")  # fmt: skip
     consts = dict(D=d, RC=rc, BOX_R=box, ROWS_PER_BLOCK=rows_per_block, CONSUMERS=consumers,
-                  REGS=REGS[consumers], IS_SPLIT=split, FP8=_fp8_mode(fp8, values_smem), MODE=0)  # fmt: skip
+                  REGS=REGS[consumers], IS_SPLIT=split, FP8=_fp8_mode(fp8, form), MODE=0)  # fmt: skip
     return compile_sm90(_shared_kv_kernel, sig, consts)

@@ -148,40 +148,51 @@ def _hopper_fp8_case(lens, q_lens, heads, width, chunks, row_mult=1.0, q_mult=1.
     return case, rows, sc
 
 
-@ON_HOPPER
-@pytest.mark.parametrize(
-    "lens,heads,width,chunks,splits,values_smem,mults",
-    [
-        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, True, (1, 1)),  # W1: batch 256, 3 consumers, one wave
-        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, False, (1, 1)),  # the values' product from registers
-        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (1, 1)),  # small batch: row splits + merge
-        ([CROSS_LEN] * 64, HEADS, WIDTH, 64, None, True, (1, 1)),  # W1 at batch 64
-        ([350, 77, 1, 64, 65, 128, 129], 16, 1024, 24, None, True, (1, 1)),  # BART-large: 2 consumers
-        ([1500, 33, 191, 192], 6, 384, 4, 3, True, (1, 1)),  # Whisper tiny: 1 consumer, 3 splits
-        ([1500, 33, 191, 192], 6, 384, 4, 3, False, (1, 1)),
-        # fp16 operands: tiny rows (p * scale would underflow fp16), queries past fp16's range, both
-        # huge rows and small queries, and diffuse attention (small scores)
-        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (1e-4, 1e4)),
-        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (1e-3, 1e5)),
-        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (3e3, 1 / 3e3)),
-        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, True, (1, 1e-2)),
-    ],
-    ids=[
-        "whisper-b256", "whisper-b256-regs", "whisper-split", "whisper-b64", "bart-large", "tiny-splits",
-        "tiny-splits-regs", "tiny-rows", "huge-queries", "huge-rows", "diffuse",
-    ],
-)  # fmt: skip
-def test_hopper_absorbed_cross_attention_fp8(
-    monkeypatch, lens, heads, width, chunks, splits, values_smem, mults
-):
-    """encdec_kernels/shared_kv_hopper.py on fp8 rows (decode: one query token per sequence) against
-    the reference on the same fp8 rows (dequantized, float32), to bf16 accuracy as the bf16 kernel
-    (tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_cross_attention), in both forms of its
-    values' product and at magnitudes that would leave fp16's range unscaled; and the public entry
-    point takes it for such inputs."""
+def _use_form(monkeypatch, form: str) -> None:
+    """Launch the fp8 Gluon kernel in this form (shared_kv_hopper._fp8_mode)."""
     from encdec_kernels import shared_kv_hopper
 
-    monkeypatch.setattr(shared_kv_hopper, "FP8_VALUES_SMEM", values_smem)
+    monkeypatch.setattr(shared_kv_hopper, "FP8_PRODUCER_CONVERTS", form == "producer")
+    monkeypatch.setattr(shared_kv_hopper, "FP8_VALUES_SMEM", form != "registers")
+
+
+@ON_HOPPER
+@pytest.mark.parametrize(
+    "lens,heads,width,chunks,splits,form,mults",
+    [
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, "ring", (1, 1)),  # W1: batch 256, 3 consumers, one wave
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, "registers", (1, 1)),
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, "producer", (1, 1)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (1, 1)),  # small batch: row splits + merge
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "producer", (1, 1)),
+        ([CROSS_LEN] * 64, HEADS, WIDTH, 64, None, "ring", (1, 1)),  # W1 at batch 64
+        ([350, 77, 1, 64, 65, 128, 129], 16, 1024, 24, None, "ring", (1, 1)),  # BART-large: 2 consumers
+        ([350, 77, 1, 64, 65, 128, 129], 16, 1024, 24, None, "producer", (1, 1)),
+        ([1500, 33, 191, 192], 6, 384, 4, 3, "ring", (1, 1)),  # Whisper tiny: 1 consumer, 3 splits
+        ([1500, 33, 191, 192], 6, 384, 4, 3, "registers", (1, 1)),
+        ([1500, 33, 191, 192], 6, 384, 4, 3, "producer", (1, 1)),
+        # fp16 operands: tiny rows (p * scale would underflow fp16), queries past fp16's range, both
+        # huge rows and small queries, and diffuse attention (small scores)
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (1e-4, 1e4)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (1e-3, 1e5)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (3e3, 1 / 3e3)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (1, 1e-2)),
+    ],
+    ids=[
+        "whisper-b256", "whisper-b256-registers", "whisper-b256-producer", "whisper-split",
+        "whisper-split-producer", "whisper-b64", "bart-large", "bart-large-producer", "tiny-splits",
+        "tiny-splits-registers", "tiny-splits-producer", "tiny-rows", "huge-queries", "huge-rows", "diffuse",
+    ],
+)  # fmt: skip
+def test_hopper_absorbed_cross_attention_fp8(monkeypatch, lens, heads, width, chunks, splits, form, mults):
+    """encdec_kernels/shared_kv_hopper.py on fp8 rows (decode: one query token per sequence) against
+    the reference on the same fp8 rows (dequantized, float32), to bf16 accuracy as the bf16 kernel
+    (tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_cross_attention), in every form of it and
+    at magnitudes that would leave fp16's range unscaled; and the public entry point takes it for
+    such inputs."""
+    from encdec_kernels import shared_kv_hopper
+
+    _use_form(monkeypatch, form)
     case, rows, sc = _hopper_fp8_case(lens, [1] * len(lens), heads, width, chunks, *mults)
     assert shared_kv_hopper.supports(case.q, rows, sc)
     assert not shared_kv_hopper.supports(case.q, rows)  # fp8 rows need their scales

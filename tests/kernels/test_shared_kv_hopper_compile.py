@@ -11,7 +11,7 @@ three-consumer shape (d 1280) ran out of registers (2.4 KB of spills, and ptxas 
 wgmmas), so it takes 64-column chunks (``DC_FP8``); it must spill no more than the bf16 kernel of
 the same shape, keep its wgmmas asynchronous, and take no more shared memory than
 ``_shared_bytes`` says (``preferred`` decides on it: a launch past the limit would fail, not fall
-back). Both forms of its values' product compile (``FP8_VALUES_SMEM``).
+back). Every form of it compiles (``_fp8_mode``: "ring", the default; "registers"; "producer").
 
 Compiles run in a fresh process without TRITON_INTERPRET (tests/support/gluon_compile.py)."""
 
@@ -22,8 +22,8 @@ import pytest
 from encdec_kernels import flash_hopper
 from tests.support.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 
-# name: (d_model, heads, split, fp8 (None: bf16 rows; else its values_smem), rows per block: 2 x decoder
-# layers x 16 rows, as the runner's pool)
+# name: (d_model, heads, split, fp8 form (None: bf16 rows), rows per block: 2 x decoder layers x 16 rows,
+# as the runner's pool)
 CASES = {
     "whisper-large": (1280, 20, False, None, 1024),  # three consumer warp groups, the largest tile
     "whisper-large-split": (1280, 20, True, None, 1024),
@@ -31,23 +31,27 @@ CASES = {
     "whisper-tiny": (384, 6, True, None, 1024),
     # fp8 rows (the engine's default cross layout with --kv-dtype fp8 on Hopper): W1 decodes 256
     # sequences (one wave: no split) and splits the rows when the batch is small
-    "whisper-large-fp8": (1280, 20, False, True, 1024),  # large-v3: 32 decoder layers
-    "whisper-large-split-fp8": (1280, 20, True, True, 1024),
-    "whisper-large-fp8-regs": (1280, 20, False, False, 1024),  # the values' product from registers
-    "bart-large-fp8": (1024, 16, False, True, 384),  # 12 decoder layers
-    "bart-large-split-fp8": (1024, 16, True, True, 384),
-    "whisper-tiny-fp8": (384, 6, True, True, 128),  # 4 decoder layers: one consumer
+    "whisper-large-fp8": (1280, 20, False, "ring", 1024),  # large-v3: 32 decoder layers
+    "whisper-large-split-fp8": (1280, 20, True, "ring", 1024),
+    "whisper-large-fp8-registers": (1280, 20, False, "registers", 1024),
+    "whisper-large-fp8-producer": (1280, 20, False, "producer", 1024),
+    "whisper-large-split-fp8-producer": (1280, 20, True, "producer", 1024),
+    "bart-large-fp8": (1024, 16, False, "ring", 384),  # 12 decoder layers
+    "bart-large-split-fp8": (1024, 16, True, "ring", 384),
+    "whisper-tiny-fp8": (384, 6, True, "ring", 128),  # 4 decoder layers: one consumer
+    "whisper-tiny-fp8-producer": (384, 6, True, "producer", 128),
 }
 SCRIPT = """
 import json, re, subprocess, sys, tempfile, torch
 import triton.backends.nvidia.compiler as nv
 from encdec_kernels import shared_kv_hopper
 out = {}
-for name, (d, h, split, smem, rows_per_block) in json.loads(sys.argv[1]).items():
-    fp8 = smem is not None
-    shared_kv_hopper.FP8_VALUES_SMEM = smem if fp8 else True  # the form _shared_bytes counts
+for name, (d, h, split, form, rows_per_block) in json.loads(sys.argv[1]).items():
+    fp8 = form is not None
+    shared_kv_hopper.FP8_PRODUCER_CONVERTS = form == "producer"  # the form _shared_bytes counts
+    shared_kv_hopper.FP8_VALUES_SMEM = form != "registers"
     k = shared_kv_hopper.compile_offline(d, h, rows_per_block=rows_per_block, split=split, fp8=fp8,
-                                         values_smem=smem)
+                                         form=form)
     ptx = k.asm["ptx"]
     with tempfile.TemporaryDirectory() as tmp:
         open(tmp + "/k.ptx", "w").write(ptx)
@@ -88,7 +92,8 @@ def test_compiles_for_hopper_without_spills(compiled, case):
 @pytest.mark.parametrize("case", [c for c in CASES if "-fp8" in c and c.split("-fp8")[0] in CASES])
 def test_fp8_variant_spills_about_as_little_as_bf16(compiled, case):
     """Converting the fp8 chunks costs about no more spills than the bf16 kernel of the same shape
-    (Whisper large: Triton 3.9 56 B against 992 B; Triton 3.6 112 B against none)."""
+    (Whisper large: Triton 3.9 56 B against 992 B (producer form 384 B); Triton 3.6 112 B against
+    none)."""
     assert compiled[case]["spill_bytes"] <= compiled[case.split("-fp8")[0]]["spill_bytes"] + 256
 
 
