@@ -156,6 +156,12 @@ def main(argv=None):
     p.add_argument("workload", choices=sorted(WORKLOADS))
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the workload's requests")
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--micro-batches",
+        choices=["auto", "1", "2"],
+        default="auto",
+        help="EngineConfig.micro_batches: two cohorts for beam / sampled steps (auto, 1: off, 2)",
+    )
     p.add_argument("--rows", type=int, default=30, help="kernel table rows")
     p.add_argument("--out", type=pathlib.Path)
     p.add_argument("--cprofile", action="store_true", help="also print the host-side (Python) profile")
@@ -165,7 +171,8 @@ def main(argv=None):
     w = Workload(**{**w.__dict__, "requests": max(1, int(w.requests * args.scale))})
     enc_inputs, targets = inputs_for(w)
     _, loaded = build_models(w, "cuda", torch.bfloat16, with_hf=False)
-    engine = Engine(loaded, max_num_seqs=args.max_num_seqs)
+    micro = None if args.micro_batches == "auto" else int(args.micro_batches)
+    engine = Engine(loaded, max_num_seqs=args.max_num_seqs, micro_batches=micro)
 
     def run():
         out = list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
@@ -189,7 +196,7 @@ def main(argv=None):
         (engine, "_can_run_ahead"),
         (engine.sampler, "_argmax_ahead"),
         (sampling, "process_logits"),
-        (sampling, "choose_tokens"),
+        (sampling, "choose_tokens_on_device"),
     ]
     if engine.runner.graphs is not None:
         timed_fns.append((engine.runner.graphs, "run"))
@@ -215,6 +222,7 @@ def main(argv=None):
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows))
     res = {
         "workload": w.id,
+        "micro_batches": engine.micro_batches,
         "requests": w.requests,
         "steps": steps,
         "wall_s": wall_plain,

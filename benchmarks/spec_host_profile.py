@@ -4,13 +4,14 @@ A tiny random BART (d_model 32, one layer each side, vocabulary 512: the model c
 N requests of exactly T new tokens on the CPU: once plain (recording each request's greedy tokens),
 then with ``OracleDrafter`` drafts (K, each wrong with probability 1 - alpha) for each alpha.
 Printed per run: CPU process time per step, and that time less the model's own encode / decode
-(cProfile's cumulative time of ``BartModel.encode`` / ``decode``): the engine's host work per step
+(cProfile's cumulative time of the model's ``encode`` / ``decode``): the engine's host work per step
 (scheduling, drafting, the runner's inputs, logits rules, acceptance, block bookkeeping). Also the
 steps, drafts, accepted drafts and whether the outputs equal the plain run's.
 
     OMP_NUM_THREADS=1 python benchmarks/spec_host_profile.py [--requests 256] [--tokens 64] [--k 4]
-        [--alphas 0,0.7] [--fixed-k] [--show k4a0.7 [--sort cumulative]]
+        [--alphas 0,0.7] [--fixed-k] [--show k4a0.7 [--sort cumulative]] [--calls]
     # --show: cProfile's top engine (encdec_cli) functions of that run
+    # --calls: median wall time per call of the step's pieces, without cProfile
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import tempfile
 import time
 
@@ -33,6 +35,12 @@ def main() -> None:
     ap.add_argument("--fixed-k", action="store_true", help="speculative_adaptive=False")
     ap.add_argument("--show", default=None, help="print the profile of this run (plain, k4a0.7, ...)")
     ap.add_argument("--sort", default="tottime", help="--show's order (pstats: tottime, cumulative)")
+    ap.add_argument(
+        "--calls",
+        action="store_true",
+        help="also run each speculative engine once more without cProfile, timing the step's host "
+        "pieces per call (wall us: scheduling, drafting, the layout, verification, ...)",
+    )
     args = ap.parse_args()
     from transformers import BartConfig, BartForConditionalGeneration
 
@@ -80,8 +88,10 @@ def main() -> None:
         model = sum(
             v[3]
             for (f, _, fn), v in stats.stats.items()
-            if f.endswith("encdec_models/bart.py") and fn in ("encode", "decode")
+            if f.endswith(("encdec_models/bart.py", "encdec_models/base.py")) and fn in ("encode", "decode")
         )
+        if model == 0:  # the model's encode / decode moved: "less model" would silently be the total
+            raise SystemExit("no model encode / decode time found in the profile; update the file filter")
         st = engine.stats
         same = sum(r.token_ids == recorded[r.request_id] for r in out) / len(out)
         print(
@@ -93,12 +103,61 @@ def main() -> None:
         if args.show == label:
             stats.sort_stats(args.sort).print_stats("encdec_cli", 40)
 
+    def per_call(engine, label):
+        """Median wall time per call of the step's host pieces, without cProfile (wrappers only; the
+        median: on a shared machine a few calls are descheduled)."""
+        from encdec_cli.engine import runner, scheduler, speculative
+
+        pieces = [
+            (scheduler.Scheduler, "schedule"),
+            (speculative.Speculator, "propose"),
+            (runner.ModelRunner, "_rows"),
+            (runner.ModelRunner, "verify_layout"),
+            (runner.ModelRunner, "decode"),
+            (type(loaded.model), "decode"),
+            (speculative.Speculator, "verify"),
+            (speculative, "process_logits"),  # the verification's rules (the sampler has its own name)
+        ]
+        spent: dict[str, list[float]] = {}  # piece -> its calls' seconds
+        saved = []
+        for owner, name in pieces:
+            fn = getattr(owner, name)
+            slot = spent.setdefault(f"{owner.__name__.rsplit('.', 1)[-1]}.{name}", [])
+
+            def timed(*a, _fn=fn, _slot=slot, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **kw)
+                finally:
+                    _slot.append(time.perf_counter() - t0)
+
+            saved.append((owner, name, fn, name in vars(owner)))
+            setattr(owner, name, timed)
+        try:
+            engine.reset_stats()
+            t0 = time.perf_counter()
+            list(engine.generate(requests()))
+            wall = time.perf_counter() - t0
+        finally:
+            for owner, name, fn, own in saved:
+                if own:
+                    setattr(owner, name, fn)
+                else:  # inherited: drop the wrapper again
+                    delattr(owner, name)
+        steps = engine.stats.steps
+        model = sum(spent[f"{type(loaded.model).__name__}.decode"])
+        calls = ", ".join(f"{k} {statistics.median(v) * 1e6:.0f}" for k, v in spent.items() if v)
+        less = (wall - model) * 1e6 / steps
+        print(f"{label} per call (median wall us, no cProfile): step less model {less:.0f} (mean); {calls}")
+
     measure(plain, "plain")
     plain.close()
     for alpha in (float(a) for a in args.alphas.split(",")):
         drafter = OracleDrafter(recorded, alpha, args.k, loaded.model.vocab_size)
         engine = Engine(loaded, drafter=drafter, speculative_adaptive=not args.fixed_k, **engine_cfg)
         measure(engine, f"k{args.k}a{alpha}")
+        if args.calls:
+            per_call(engine, f"k{args.k}a{alpha}")
         engine.close()
 
 

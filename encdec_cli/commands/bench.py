@@ -66,6 +66,13 @@ def bench(
         "output once, K/V projections absorbed), kv (K and V per decoder layer).",
     ),
     kv_dtype: common.KvDtype = "auto",
+    micro_batches: str = typer.Option(
+        "auto",
+        "--micro-batches",
+        help="Steps that need their tokens on the host before the next one (beam search, sampling) "
+        "alternate between two cohorts of the requests, so one's host work overlaps the other's GPU "
+        "step: auto (beam search, with enough sequences), 1 (off) or 2 (every step that cannot run ahead).",
+    ),
     speculative: str = typer.Option(
         "off",
         "--speculative",
@@ -102,6 +109,8 @@ def bench(
         common.fail(f"--cross must be auto, absorbed or kv, got {cross!r}")
     if kv_dtype not in ("auto", "fp8"):
         common.fail(f"--kv-dtype must be auto or fp8, got {kv_dtype!r}")
+    if micro_batches not in ("auto", "1", "2"):
+        common.fail(f"--micro-batches must be auto, 1 or 2, got {micro_batches!r}")
     parallel = bool(data_parallel) or "," in device
     ids, bad = expand_ids(workloads or (["W1", "W2"] if parallel else list(DEFAULT_WORKLOADS)))
     devices = None
@@ -117,6 +126,8 @@ def bench(
         beams = [w for w in ids if WORKLOADS[w].num_beams > 1]
         if beams:
             common.fail(f"--speculative cannot run beam-search workloads ({', '.join(beams)})")
+        if micro_batches == "2":
+            common.fail("--micro-batches 2 cannot run with --speculative (use auto or 1)")
     results = []
     dev = torch.cuda.get_device_name().replace(" ", "-")
     path = Path(out or f"benchmarks/results/{dev}-{time.strftime('%Y%m%d-%H%M%S')}.json")
@@ -131,6 +142,7 @@ def bench(
         "enforce_eager": enforce_eager,
         "absorb_cross": absorb,
         "kv_dtype": kv_dtype,
+        "micro_batches": None if micro_batches == "auto" else int(micro_batches),
         **common.pipeline_options(pipeline_parallel, pp_layers),
         "prefix_cache": not no_prefix_cache,
     }

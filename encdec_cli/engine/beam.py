@@ -97,7 +97,29 @@ def beam_step_batch(
     shapes transformers uses, so even exactly tied candidates rank as in transformers (a topk over
     padded rows, or with a larger k, may order ties differently). All batches' candidates come to
     the CPU in one copy, the step's only device sync.
+
+    The same as ``beam_finish(beam_launch(groups, logprobs, rows), blocks)``: the engine's micro-
+    batches (``Engine._step``) run the two halves apart, another step's GPU work in between.
     """
+    beam_finish(beam_launch(groups, logprobs, rows), blocks)
+
+
+@dataclass
+class BeamLaunch:
+    """A beam step's device half (``beam_launch``): its candidates on their way to the host."""
+
+    groups: list[SequenceGroup]
+    batches: list[list[int]]  # indices into groups: the requests of each (N, K)
+    shapes: list[torch.Size]  # each batch's [P, G, K]
+    host: torch.Tensor  # every batch's candidates, flat (float64; on CUDA pinned, filled by a copy)
+    done: object  # a CUDA event recorded after the copy, or None (the copy is done)
+    vocab: int
+
+
+def beam_launch(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[list[int]]) -> BeamLaunch:
+    """The device half of ``beam_step_batch``: per (N, K) batch one ``topk`` of the candidates,
+    then one copy of them all toward the host; on CUDA a non-blocking copy into pinned memory with
+    an event, so nothing waits here and the GPU may go on with other work. Touches no sequence."""
     for g in groups:
         if g.beam is None:
             g.beam = BeamState.start(g.params.num_beams, len(g.params.stop_token_ids))
@@ -107,9 +129,28 @@ def beam_step_batch(
     on_device = [
         _candidates([groups[i] for i in idx], logprobs, [rows[i] for i in idx]) for idx in batches.values()
     ]
-    host = torch.cat([t.reshape(-1) for t in on_device]).cpu().split([t.numel() for t in on_device])
-    for idx, packed, t in zip(batches.values(), host, on_device, strict=True):
-        _select([groups[i] for i in idx], packed.view(t.shape), logprobs.shape[1], blocks)
+    flat = torch.cat([t.reshape(-1) for t in on_device])
+    done = None
+    if flat.device.type == "cuda":
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+    else:
+        host = flat.cpu()
+    shapes = [t.shape for t in on_device]
+    return BeamLaunch(groups, list(batches.values()), shapes, host, done, logprobs.shape[1])
+
+
+def beam_finish(launch: BeamLaunch, blocks: BlockManager) -> None:
+    """The host half of ``beam_step_batch``: wait for this launch's candidates only (its event),
+    then steps 2-5 per (N, K) batch: new slots, running beams, forks and freed blocks."""
+    if launch.done is not None:
+        launch.done.synchronize()
+    host = launch.host.split([s.numel() for s in launch.shapes])
+    groups = launch.groups
+    for idx, packed, shape in zip(launch.batches, host, launch.shapes, strict=True):
+        _select([groups[i] for i in idx], packed.view(shape), launch.vocab, blocks)
 
 
 def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:

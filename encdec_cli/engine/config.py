@@ -8,6 +8,10 @@ DEFAULT_K = 4  # draft tokens per step when ``--speculative`` names none
 MAX_K = 16
 USAGE = "off, ngram[:K] or model:DIR[:K]"
 KV_DTYPES = ("auto", "fp8")  # EngineConfig.kv_dtype
+# micro_batches None (auto) runs two cohorts once each holds this many sequences, so that halving
+# the batch leaves each decode step enough rows to amortise its weight read (a starting value, not
+# yet tuned on a GPU: see benchmarks/README.md)
+MICRO_BATCH_MIN_SEQS = 64
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,13 @@ class EngineConfig:
     # by the kernels in fp8: half the bytes of bf16 and about twice the blocks in the same memory.
     # It covers decoder self-attention and cross-attention alike: one pool holds both kinds of block
     kv_dtype: str = "auto"
+    # micro-batches (Engine._micro_step): steps whose tokens must reach the host before the next one
+    # alternate between two cohorts of the running requests, so one cohort's host work (beam
+    # bookkeeping) overlaps the other's GPU step. None: auto (on CUDA, without speculation or
+    # pipeline stages, for steps with a beam search once each cohort holds at least
+    # MICRO_BATCH_MIN_SEQS sequences); 1: off; 2: for every step that cannot run ahead (beam search,
+    # sampling, rules reading the tokens) whenever both cohorts have a sequence
+    micro_batches: int | None = None
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -97,6 +108,13 @@ class EngineConfig:
         if self.pp_layers is not None and self.pipeline_parallel == 1 and len(self.pp_layers) != 1:
             raise ValueError("--pp-layers needs --pipeline-parallel (one number per stage)")
         parse_speculative(self.speculative)  # ValueError on a bad value, before anything loads
+        if self.micro_batches not in (None, 1, 2):
+            raise ValueError(f"micro_batches must be 1, 2 or None (auto), got {self.micro_batches!r}")
+        if self.micro_batches == 2 and (self.pipeline_parallel > 1 or parse_speculative(self.speculative)):
+            raise ValueError(
+                "two micro-batches (--micro-batches 2) are not built for speculative decoding or "
+                "pipeline stages: use --micro-batches 1 or auto"
+            )
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")
         if self.kv_dtype == "fp8" and self.pipeline_parallel > 1:
@@ -113,6 +131,7 @@ class EngineStats:
 
     steps: int = 0  # engine steps (encoder runs and/or one decode step each)
     ahead_steps: int = 0  # steps whose model run the previous step launched (EngineConfig.lookahead)
+    micro_batch_steps: int = 0  # steps of one of two cohorts (EngineConfig.micro_batches)
     oom_recoveries: int = 0  # steps that ran out of device memory and were recomputed with lower limits
     preemptions: int = 0  # requests sent back to waiting for want of KV blocks
     # prefix cache (EngineConfig.prefix_cache): requests that found their encoder output cached or

@@ -172,4 +172,7 @@ class CudaGraphs:
         self.replays += 1
         if q == 1:
             return self.outputs[b][:n]
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo == len(rows):  # consecutive (one sequence: batch 1): a view, no index upload
+            return self.outputs[b][lo:hi]
         return self.outputs[b].index_select(0, to_device(runner.device, rows))

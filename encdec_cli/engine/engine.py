@@ -13,10 +13,10 @@ import torch
 
 import encdec_kernels
 from encdec_cli.engine.block_manager import BlockManager
-from encdec_cli.engine.config import EngineConfig, EngineStats, parse_speculative
+from encdec_cli.engine.config import MICRO_BATCH_MIN_SEQS, EngineConfig, EngineStats, parse_speculative
 from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, encoder_key
 from encdec_cli.engine.runner import ModelRunner
-from encdec_cli.engine.sampling import Sampled, Sampler
+from encdec_cli.engine.sampling import PendingSample, Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
 from encdec_cli.engine.speculative import (
@@ -159,6 +159,19 @@ class Engine:
         self.sampler = Sampler(self.device, self.config.max_num_seqs)
         # (rows, logits) of a step launched ahead by the previous one (see _run_ahead)
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
+        # micro-batches (see _micro_step): two cohorts, or 1 (off); each needs this many sequences
+        mb = self.config.micro_batches
+        if mb == 2 and self.speculator is not None:
+            raise ValueError("two micro-batches are not built for speculative decoding (a drafter)")
+        can_split = self.speculator is None and self.config.pipeline_parallel == 1
+        self.micro_batches = mb if mb is not None else 2 if can_split and self.device.type == "cuda" else 1
+        self._cohort_min_seqs = MICRO_BATCH_MIN_SEQS if mb is None else 1
+        # auto: only beam search (the heavy host bookkeeping); 2: any step that cannot run ahead
+        self._cohorts_for_beams_only = mb is None
+        self.scheduler.cohorts = self.micro_batches
+        self._turn = 0  # the cohort of the next micro-batch step when none is pending
+        # (cohort, its launched token choice): a micro-batch step whose host part is still to run
+        self._pending: tuple[int, PendingSample] | None = None
         self._profile = self.config.profile
         self.reset_stats()
 
@@ -271,6 +284,7 @@ class Engine:
         for r in runners:
             r.release()
         self._ahead = None
+        self._pending = None
 
     def set_drafter(self, drafter: Drafter) -> None:
         """Replace the speculative drafter between jobs (the engine idle), e.g. an ``OracleDrafter``
@@ -381,6 +395,9 @@ class Engine:
         becomes an error Result: it cannot fit at all."""
         self._stats.oom_recoveries += 1
         self._ahead = None  # its rows are preempted with the rest and recomputed
+        # a micro-batch step launched before the failing one ran whole on the device: its host part
+        # takes its tokens first, so no request is preempted with its step in flight
+        finished = list(self._finish_pending()) if self._pending is not None else []
         sched = self.scheduler
         groups = sched.preempt_all()
         self._forget_drafts(groups)
@@ -390,7 +407,7 @@ class Engine:
             for g in groups:
                 sched.waiting.remove(g)  # preempt_all freed its blocks
             log.warning("out of device memory with a single request running; it fails (%s)", error)
-            return [
+            return finished + [
                 Result(
                     g.request.request_id,
                     [],
@@ -413,7 +430,7 @@ class Engine:
             sched.max_encoder_tokens,
             *was,
         )
-        return []
+        return finished
 
     def _tick(self, phase: str) -> None:
         """With profiling on, add the time since the last tick to ``stats.phase_seconds[phase]``
@@ -436,6 +453,12 @@ class Engine:
         if self._ahead is not None:
             seqs, logits = self._take_ahead()
         else:
+            cohort = self._step_cohort()
+            if cohort is not None:
+                yield from self._micro_step(cohort)
+                return
+            if self._pending is not None:  # back to whole steps: the other cohort's step ends first
+                yield from self._finish_pending()
             plan = self.scheduler.schedule()
             for group, msg in plan.failed:
                 yield Result(group.request.request_id, [], error=msg)
@@ -453,10 +476,13 @@ class Engine:
         yield from self._finish(self.sampler(logits, seqs, self.blocks, launch))
         self._tick("sample")
 
-    def _run(self, plan: StepPlan) -> tuple[list[Sequence], torch.Tensor | None, list[Draft | None] | None]:
+    def _run(
+        self, plan: StepPlan, keep: list[Sequence] | None = None
+    ) -> tuple[list[Sequence], torch.Tensor | None, list[Draft | None] | None]:
         """The plan's block copies and encoder runs, then one decoder step: (rows, logits, drafts).
         With speculative decoding, rows with drafts make it a verification step (drafts not None:
-        logits of every draft position, see ``ModelRunner.decode``)."""
+        logits of every draft position, see ``ModelRunner.decode``). ``keep``: a micro-batch step's
+        other cohort, whose rows of the runner's tables stay (``ModelRunner.decode``)."""
         self.runner.copy_blocks(plan.copies)
         self._tick("schedule")
         spec = self.speculator
@@ -484,7 +510,10 @@ class Engine:
                 logits = self.runner.decode(plan.decode, drafts=tokens)
                 self.blocks.commit_cached()  # this step's cache entries are written (queued)
                 return plan.decode, logits, drafts
-        logits = self.runner.decode(plan.decode)
+        if keep is None:
+            logits = self.runner.decode(plan.decode)
+        else:  # a micro-batch step (a ModelRunner: no pipeline stages)
+            logits = self.runner.decode(plan.decode, keep=keep)
         self.blocks.commit_cached()  # this step's cache entries are written (queued)
         return plan.decode, logits, None
 
@@ -554,6 +583,61 @@ class Engine:
             if group.done and group in self.scheduler.running:
                 self._finish_group(group)
                 yield self._result(group, now)
+
+    # ---- two micro-batches (see EngineConfig.micro_batches) --------------------------------------
+    def _step_cohort(self) -> int | None:
+        """The cohort the next step runs, or None for a whole step: with two micro-batches on, the
+        cohort after the pending one, when each cohort holds enough sequences and some running
+        request needs its tokens on the host before its next step: beam search (auto), or also
+        sampling and rules that read the tokens (``micro_batches`` 2: what ``_can_run_ahead``
+        refuses); a whole step otherwise (one request, an empty cohort, all greedy: those run
+        ahead instead)."""
+        if self.micro_batches == 1:
+            return None
+        cohort = 1 - self._pending[0] if self._pending is not None else self._turn
+        load = [0, 0]
+        host_bound = False
+        beams_only = self._cohorts_for_beams_only
+        for g in self.scheduler.running:
+            load[g.cohort] += g.num_seqs_reserved
+            if not host_bound:
+                p = g.params
+                host_bound = p.num_beams > 1 if beams_only else not (p.greedy and p.count_based_rules)
+        if not host_bound or min(load) < self._cohort_min_seqs:
+            return None
+        return cohort
+
+    def _micro_step(self, cohort: int) -> Iterator[Result]:
+        """One step of one cohort (micro-batch) X while the other cohort Y's previous step is
+        pending: schedule X (admissions join the lighter cohort; only X's requests can be
+        preempted), run its encoder work and decode, launch its token choice on the device
+        (``Sampler.launch``: beam candidates, tokens, copies toward the host); only then finish Y's
+        step on the host (``Sampler.finish``: it waits for Y's copies alone, queued before X's
+        work), so Y's bookkeeping runs while the GPU computes X. X's step is then the pending one.
+        On the CPU the same order runs without overlap."""
+        self._stats.micro_batch_steps += 1
+        plan = self.scheduler.schedule(cohort)
+        for group, msg in plan.failed:
+            yield Result(group.request.request_id, [], error=msg)
+        self._forget_drafts(plan.preempted)
+        keep = [s for g in self.scheduler.running if g.cohort != cohort for s in g.seqs]
+        seqs, logits, _ = self._run(plan, keep)  # no drafts: micro-batches run without speculation
+        if seqs:
+            self._tick("decode")
+        launched = self.sampler.launch(logits, seqs) if seqs else None
+        if self._pending is not None:
+            yield from self._finish_pending()
+        if launched is not None:
+            self._pending = (cohort, launched)
+        self._turn = 1 - cohort
+        self._tick("sample")
+
+    def _finish_pending(self) -> Iterator[Result]:
+        """The host part of the pending micro-batch step: its tokens appended, beams advanced,
+        finished requests out as Results."""
+        _, pending = self._pending
+        self._pending = None
+        yield from self._finish(self.sampler.finish(pending, self.blocks))
 
     # ---- one step ahead (see EngineConfig.lookahead) -----------------------------------------
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:

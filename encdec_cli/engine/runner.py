@@ -26,6 +26,9 @@ from encdec_models.base import AttentionMetadata, PagedView
 # it reads each sequence's encoder rows with one CTA per 64-row tile, so a step of a few sequences
 # leaves most SMs idle (measured with benchmarks/sweep_shared_kv.py; numbers in benchmarks/README.md)
 ABSORB_MIN_SEQS = 16
+# up to this many sequences a verification step's inputs are laid out in Python lists
+# (``ModelRunner._verify_layout_few``), beyond it in numpy over all rows at once
+FEW_SEQS = 8
 
 
 def cache_dtype(kv_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -226,8 +229,11 @@ class ModelRunner:
         """The inputs of a verification step (each sequence's uncached tokens, then its drafts) as
         numpy arrays over all sequences at once: packed (``q`` None) or in ``q`` rows a sequence,
         real inputs last (the verification CUDA graphs). ``srows``: the sequences' rows of
-        ``self_tables`` (``_rows``, written for this step)."""
+        ``self_tables`` (``_rows``, written for this step). A few sequences take ``_verify_layout_few``
+        (the same in Python lists)."""
         n, bs = len(seqs), self.block_size
+        if n <= FEW_SEQS:
+            return self._verify_layout_few(seqs, drafts, q)
         start = np.fromiter((s.num_cached for s in seqs), np.int64, n)
         dl = np.fromiter((len(d) for d in drafts), np.int64, n)
         r = np.fromiter((len(s.tokens) for s in seqs), np.int64, n) - start + dl  # inputs a sequence
@@ -252,6 +258,40 @@ class ModelRunner:
         np.cumsum(dl[:-1] + 1, out=lfirst[1:])
         logits_rows = (end - dl - 1)[lo] + np.arange(len(lo)) - lfirst[lo]  # the last len(d) + 1
         return VerifyLayout(tokens, positions, slots, dest, logits_rows, start, start + r, r)
+
+    def _verify_layout_few(
+        self, seqs: list[Sequence], drafts: list[list[int]], q: int | None
+    ) -> VerifyLayout:
+        """``verify_layout`` of a few sequences: Python lists (numpy's fixed cost per op outweighs
+        a loop over a few rows), slots from the sequences' block tables (``_rows`` wrote the same
+        into ``self_tables``)."""
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        dest: list[int] = []
+        logits_rows: list[int] = []
+        start: list[int] = []
+        kv_lens: list[int] = []
+        inputs: list[int] = []
+        end = 0  # past the previous sequence's rows
+        for i, (s, d) in enumerate(zip(seqs, drafts)):
+            c = s.num_cached
+            mine = s.tokens[c:] + d
+            r = len(mine)
+            end = end + r if q is None else (i + 1) * q
+            tokens += mine
+            positions += range(c, c + r)
+            slots += self._slots(s.block_table, c, c + r)
+            dest += range(end - r, end)
+            logits_rows += range(end - len(d) - 1, end)
+            start.append(c)
+            kv_lens.append(c + r)
+            inputs.append(r)
+        a = np.array
+        return VerifyLayout(
+            a(tokens, np.int64), a(positions, np.int64), a(slots, np.int64), a(dest, np.int64),
+            a(logits_rows, np.int64), a(start, np.int64), a(kv_lens, np.int64), a(inputs, np.int64),
+        )  # fmt: skip
 
     def _cross_positions(self, g: SequenceGroup, start: int, end: int) -> np.ndarray:
         """Cache slots of a request's encoder positions [start, end). Position p is row r = p % rows
@@ -362,15 +402,16 @@ class ModelRunner:
             g.encoded = True
         return hidden
 
-    def _rows(self, seqs: list[Sequence]) -> tuple[np.ndarray, np.ndarray]:
-        """Row of every sequence in the self and cross tables, writing rows that changed.
+    def _rows(self, seqs: list[Sequence], keep: list[Sequence] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """Row of every sequence in the self and cross tables, writing rows that changed; rows of
+        other sequences are handed back, except those of ``keep`` (the other micro-batch's).
 
         A self-table row is rewritten only when its sequence's block table differs from the one
         last written there (``synced`` keeps a copy): a block appended, a shared block replaced by
         its copy (copy-on-write: beams), or new blocks after a preemption. Beams forked this step
         have new sequence ids, so new rows."""
-        self.self_rows.keep_only({s.seq_id for s in seqs})
-        self.cross_rows.keep_only({s.group for s in seqs})
+        self.self_rows.keep_only({s.seq_id for s in itertools.chain(seqs, keep)})
+        self.cross_rows.keep_only({s.group for s in itertools.chain(seqs, keep)})
         synced = self.synced
         for k in [k for k in synced if k not in self.self_rows.of]:
             del synced[k]
@@ -399,6 +440,7 @@ class ModelRunner:
         seqs: list[Sequence],
         next_tokens: torch.Tensor | None = None,
         drafts: list[list[int]] | None = None,
+        keep: list[Sequence] = (),
     ) -> torch.Tensor:
         """One decoder step over every sequence's uncached tokens -> float32 logits [B, vocab] of
         each sequence's last token.
@@ -410,9 +452,11 @@ class ModelRunner:
         ``drafts`` (speculative verification): sequence b's input continues with drafts[b] after
         its uncached tokens (their cache slots must exist), and the logits are those of its last
         len(drafts[b]) + 1 inputs, packed: [sum(len(d) + 1), vocab]. ``num_cached`` then counts
-        the tokens only; the caller adds the drafts it accepts."""
+        the tokens only; the caller adds the drafts it accepts.
+
+        ``keep``: sequences not in this step whose table rows stay (the other micro-batch's)."""
         self._count_call("decode")
-        srows, crows = self._rows(seqs)
+        srows, crows = self._rows(seqs, keep)
         ahead = next_tokens is not None
         q_lens = [1] * len(seqs) if ahead else [len(s.tokens) - s.num_cached for s in seqs]
         if drafts is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from encdec_cli.engine.beam import beam_step_batch, to_logprobs
+from encdec_cli.engine.beam import BeamLaunch, beam_finish, beam_launch, to_logprobs
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.sequence import SamplingParams, Sequence, SequenceGroup, TimestampRules
 from encdec_cli.engine.transfer import take_rows, to_device
@@ -131,6 +131,11 @@ def process_logits(
     dev = logits.device
     if by_params is None:
         by_params = rows_by_params(seqs)
+    if len(seqs) <= FEW_ROWS and all(_counts_only(p) for p, _ in by_params):
+        _count_rules_few(logits, seqs, by_params, drafted, generated)
+        return logits
+    if generated is not None:
+        generated = np.asarray(generated, np.int64)
     if drafted is not None and view is not None:
 
         def seq_at(i: int) -> Sequence:
@@ -223,6 +228,103 @@ def process_logits(
             logits, seqs if drafted is None else [seq_at(i) for i in range(len(seqs))], by_params
         )
     return logits
+
+
+# Up to this many rows, a step whose rules all count tokens (``_counts_only``) takes them in Python
+# (``_count_rules_few``): numpy's and torch's fixed cost per call outweighs a loop over a few rows
+# (batch 1: a speculative verification step's K + 1 rows, a plain step's one row).
+FEW_ROWS = 16
+
+
+def _counts_only(p: SamplingParams) -> bool:
+    """Every logits rule of ``p`` depends only on the number of tokens generated."""
+    return (
+        p.timestamp_rules is None
+        and not p.no_repeat_ngram_size
+        and not p.bad_words_ids
+        and p.repetition_penalty == 1.0
+        and not p.record_first_step_probs
+    )
+
+
+_INDEXES: dict[tuple[torch.device, tuple[int, ...]], torch.Tensor] = {}
+
+
+def _index(dev: torch.device, tokens: tuple[int, ...]) -> torch.Tensor:
+    """A device tensor of ``tokens`` (a SamplingParams' tuple), uploaded once and reused."""
+    key = (dev, tokens)
+    t = _INDEXES.get(key)
+    if t is None:
+        if len(_INDEXES) >= 1024:  # many distinct option tuples: start again rather than grow
+            _INDEXES.clear()
+        t = _INDEXES[key] = to_device(dev, list(tokens))
+    return t
+
+
+def _row_runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted distinct rows -> their runs of consecutive rows [lo, hi)."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and runs[-1][1] == r:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def _count_rules_few(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    by_params: ParamRows,
+    drafted,
+    generated,
+) -> None:
+    """``process_logits`` for a few rows whose rules all count tokens (suppress / allowed lists,
+    begin suppression, min length, forced tokens), in Python: each rule's rows in runs of
+    consecutive rows, each run one in-place op on a row slice with the rule's tokens as a device
+    tensor uploaded once (``_index``): no per-step host-to-device copy. Same result as the general
+    path (every rule sets -inf; allowed keeps the values the bans left; forced tokens last)."""
+    bans: dict[tuple[int, ...], set[int]] = {}  # banned tokens -> rows
+    allowed: dict[tuple[int, ...], set[int]] = {}
+    forced: list[tuple[int, int]] = []  # (row, token)
+    for p, rows in by_params:
+        begin, forced_at = p.begin_suppress_tokens, p.forced_tokens
+        stops = p.stop_token_ids if p.min_new_tokens else ()
+        if p.suppress_tokens:
+            bans.setdefault(p.suppress_tokens, set()).update(int(i) for i in rows)
+        if p.allowed_tokens:
+            allowed.setdefault(p.allowed_tokens, set()).update(int(i) for i in rows)
+        if not (begin or stops or forced_at):
+            continue
+        for i in rows:
+            i = int(i)
+            if generated is not None:
+                n = int(generated[i])
+            else:
+                n = seqs[i].num_generated + (int(drafted[i]) if drafted is not None else 0)
+            if begin and n == p.begin_index:
+                bans.setdefault(begin, set()).add(i)
+            if stops and n < p.min_new_tokens:
+                bans.setdefault(stops, set()).add(i)
+            for at, token in forced_at:
+                if n == at:
+                    forced.append((i, token))
+    dev = logits.device
+    for tokens, rows in bans.items():
+        idx = _index(dev, tokens)
+        for lo, hi in _row_runs(sorted(rows)):
+            logits[lo:hi].index_fill_(1, idx, NEG_INF)
+    for tokens, rows in allowed.items():
+        idx = _index(dev, tokens)
+        for lo, hi in _row_runs(sorted(rows)):
+            x = logits[lo:hi]
+            keep = x.index_select(1, idx)
+            x.fill_(NEG_INF)
+            x.index_copy_(1, idx, keep)
+    if forced:
+        rt = to_device(dev, [[r for r, _ in forced], [t for _, t in forced]])
+        _set(logits, rt[0], NEG_INF)
+        _set(logits, (rt[0], rt[1]), 0.0)
 
 
 def _join(parts: list) -> np.ndarray:
@@ -359,6 +461,15 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int]
 
     Returns the token ids and, when any row asks for them, their log-probabilities.
     """
+    tokens, logprobs = choose_tokens_on_device(logits, seqs)
+    return chosen_to_host(seqs, tokens.tolist(), logprobs.tolist() if logprobs is not None else None)
+
+
+def choose_tokens_on_device(
+    logits: torch.Tensor, seqs: list[Sequence]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``choose_tokens``' device half: the tokens [B] (int64) and, when a row asks for them, their
+    log-probabilities [B] (float32), on the logits' device, nothing read back."""
     greedy = all(s.group.params.temperature == 0 for s in seqs)
     if greedy:
         tokens = logits.argmax(-1)
@@ -374,12 +485,19 @@ def choose_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int]
             tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
     logprobs = None
     if any(s.group.params.logprobs for s in seqs):
-        logprobs = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0].tolist()
-    tokens = tokens.tolist()
+        logprobs = torch.log_softmax(logits, -1).gather(1, tokens[:, None])[:, 0]
+    return tokens, logprobs
+
+
+def chosen_to_host(
+    seqs: list[Sequence], tokens: list[int], logprobs: list[float] | None
+) -> tuple[list[int], list[float] | None]:
+    """``choose_tokens``' host half, once the tokens are read back: a stop token's log-probability
+    is kept on its sequence (the Completion's logprobs end before the stop token)."""
     if logprobs is not None:
         for s, t, lp in zip(seqs, tokens, logprobs):
             if t in s.group.params.stop_token_ids:
-                s.stop_logprob = lp  # the Completion's logprobs end before the stop token
+                s.stop_logprob = lp
     return tokens, logprobs
 
 
@@ -394,13 +512,27 @@ class Sampled:
     beam_groups: list[SequenceGroup]
 
 
+@dataclass
+class PendingSample:
+    """A step's token choice launched on the device (``Sampler.launch``), not yet on the host:
+    ``Sampler.finish`` waits for its copies (its event only) and completes it."""
+
+    chosen: list[Sequence]  # the greedy / sampled rows, in step order
+    tokens: torch.Tensor | None  # their tokens on the way to the host (CPU tensor; pinned on CUDA)
+    logprobs: torch.Tensor | None  # and their log-probabilities, when a row asks for them
+    beams: BeamLaunch | None  # the beam-search requests' candidates (beam_launch)
+    done: object  # a CUDA event after the copies, or None (on the CPU: nothing to wait for)
+
+
 class Sampler:
     """Chooses a step's tokens from the model's logits [B, V] (row i = ``seqs[i]``): splits the rows
     into greedy / sampled ones and beam-search requests, takes log-probabilities for beam rows,
     applies every request's logits rules, then picks.
 
     When all rows take one path (the usual case) no [B, V] gather or scatter runs; the beam-search
-    requests of a step advance together (one device-to-host copy per step)."""
+    requests of a step advance together (one device-to-host copy per step). ``launch`` and
+    ``finish`` are the two halves of a call: the device work and copies toward the host, then
+    the host's part once they land (the engine's micro-batches run other work in between)."""
 
     def __init__(self, device: torch.device, max_rows: int):
         # look-ahead tokens reach the host through pinned memory (see _argmax_ahead)
@@ -415,6 +547,16 @@ class Sampler:
     ) -> Sampled:
         """``launch_ahead``: only when every row is greedy with count-based rules (the engine's
         look-ahead, ``EngineConfig.lookahead``); called with the step's tokens on the device."""
+        if launch_ahead is None:
+            return self.finish(self.launch(logits, seqs), blocks)
+        process_logits(logits, seqs)  # every row greedy (Engine._can_run_ahead): no beams
+        return Sampled(seqs, self._argmax_ahead(logits, launch_ahead), None, [])
+
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+        """The device half of a step's choice: log-probabilities for beam rows, the logits rules
+        (their host part reads these rows' tokens), the greedy / sampled tokens and the beam
+        candidates (``beam_launch``), and non-blocking copies of them to the host. Changes no
+        sequence."""
         single: list[int] = []  # rows of greedy / sampled sequences
         beams: dict[SequenceGroup, list[int]] = {}  # beam-search request -> its rows
         for i, s in enumerate(seqs):
@@ -431,14 +573,31 @@ class Sampler:
             logits = to_logprobs(logits, [i for rows in beams.values() for i in rows] if single else None)
         process_logits(logits, seqs)
         chosen = seqs if whole else [seqs[i] for i in single]
+        tokens = logprobs = None
+        if single:
+            tokens, logprobs = choose_tokens_on_device(logits if whole else take_rows(logits, single), chosen)
+        launched = beam_launch(list(beams), logits, list(beams.values())) if beams else None
+        done = None
+        if logits.device.type == "cuda" and tokens is not None:
+            tokens = _to_pinned(tokens)
+            logprobs = _to_pinned(logprobs) if logprobs is not None else None
+            done = torch.cuda.Event()
+            done.record()
+        return PendingSample(chosen, tokens, logprobs, launched, done)
+
+    def finish(self, pending: PendingSample, blocks: BlockManager) -> Sampled:
+        """The host half: the chosen tokens read back, the beam-search requests advanced one token
+        (``beam_finish``: slots, forks, blocks)."""
         tokens, logprobs = [], None
-        if launch_ahead is not None:
-            tokens = self._argmax_ahead(logits, launch_ahead)
-        elif single:
-            tokens, logprobs = choose_tokens(logits if whole else take_rows(logits, single), chosen)
-        if beams:  # every beam-search request at once: one device-to-host copy per step
-            beam_step_batch(list(beams), logits, list(beams.values()), blocks)
-        return Sampled(chosen, tokens, logprobs, list(beams))
+        if pending.tokens is not None:
+            if pending.done is not None:
+                pending.done.synchronize()  # this step's copies only; later work keeps running
+            lps = pending.logprobs.tolist() if pending.logprobs is not None else None
+            tokens, logprobs = chosen_to_host(pending.chosen, pending.tokens.tolist(), lps)
+        beams = pending.beams
+        if beams is not None:
+            beam_finish(beams, blocks)
+        return Sampled(pending.chosen, tokens, logprobs, beams.groups if beams is not None else [])
 
     def _argmax_ahead(self, logits: torch.Tensor, launch: Callable[[torch.Tensor], object]) -> list[int]:
         """Greedy tokens of this step; on the way, ``launch`` starts the next step's model run with
@@ -455,3 +614,11 @@ class Sampler:
         launch(tokens)
         done.synchronize()  # this step's tokens only; the next step keeps running
         return host.tolist()
+
+
+def _to_pinned(x: torch.Tensor) -> torch.Tensor:
+    """A non-blocking copy of a device tensor into fresh pinned host memory (read it only after an
+    event recorded behind the copy has completed)."""
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    return host

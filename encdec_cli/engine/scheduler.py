@@ -41,6 +41,9 @@ class Scheduler:
         self.waiting: list[SequenceGroup] = []  # kept sorted by _waiting_key
         self.running: list[SequenceGroup] = []
         self.num_preemptions = 0
+        # micro-batches (Engine._step): admitted requests join the cohort with fewer sequences
+        # (1: everything in cohort 0)
+        self.cohorts = 1
 
     def add(self, group: SequenceGroup) -> None:
         bisect.insort(self.waiting, group, key=_waiting_key)
@@ -101,13 +104,25 @@ class Scheduler:
             return False
         return self._admit_blocks(first) + headroom <= self.blocks.num_free
 
-    def schedule(self) -> StepPlan:
+    def cohort_seqs(self) -> list[int]:
+        """Sequences (reserved: a beam search counts its beams) running in each cohort."""
+        load = [0] * self.cohorts
+        for g in self.running:
+            load[g.cohort] += g.num_seqs_reserved
+        return load
+
+    def schedule(self, cohort: int | None = None) -> StepPlan:
+        """The next step: room for the running sequences' next tokens, admissions, what decodes.
+
+        ``cohort``: a micro-batch step (Engine._step): only that cohort's requests get room and
+        decode, and only they can be preempted (the other cohort's step is in flight); admitted
+        requests still join the lighter cohort (encoded now, decoded in their cohort's step)."""
         plan = StepPlan()
         # 1. Room for every running sequence's next token(s); out of blocks: preempt the newest.
         bs = self.blocks.block_size
         refs = self.blocks.refs
         for group in sorted(self.running, key=lambda g: g.order):
-            if group.preempted_now:
+            if group.preempted_now or (cohort is not None and group.cohort != cohort):
                 continue  # preempted below
             for seq in group.seqs:
                 table = seq.block_table
@@ -121,7 +136,10 @@ class Scheduler:
                         )
                         break
                     except OutOfBlocks:
-                        victim = max(self.running, key=lambda g: g.order)
+                        victim = max(
+                            (g for g in self.running if cohort is None or g.cohort == cohort),
+                            key=lambda g: g.order,
+                        )
                         self._preempt(victim)
                         plan.preempted.append(victim)
                         if victim is group:
@@ -136,8 +154,9 @@ class Scheduler:
         enc_tokens = 0
         still_waiting = []
         if self._admission_paused(num_seqs, self._headroom()):
-            plan.decode = [s for g in self.running for s in g.seqs]
+            plan.decode = self._decode(cohort)
             return plan
+        load = self.cohort_seqs()
         for i, group in enumerate(self.waiting):
             if self.max_blocks(group) > self.blocks.num_blocks:
                 plan.failed.append(
@@ -159,6 +178,10 @@ class Scheduler:
                 still_waiting.extend(self.waiting[i:])
                 break
             num_seqs += group.num_seqs_reserved
+            # the lighter cohort (ties: the one stepping now, so that it decodes at once)
+            first = cohort if cohort is not None else 0
+            group.cohort = min(range(self.cohorts), key=lambda c: (load[c], c != first))
+            load[group.cohort] += group.num_seqs_reserved
             self.running.append(group)
             if not group.encoded:  # a prefix cache hit shares another request's encoder run
                 enc_tokens += group.encoder_len
@@ -166,8 +189,13 @@ class Scheduler:
             else:
                 plan.reused.append(group)
         self.waiting = still_waiting
-        plan.decode = [s for g in self.running for s in g.seqs]
+        plan.decode = self._decode(cohort)
         return plan
+
+    def _decode(self, cohort: int | None) -> list[Sequence]:
+        if cohort is None:
+            return [s for g in self.running for s in g.seqs]
+        return [s for g in self.running if g.cohort == cohort for s in g.seqs]
 
     def _encoder_tokens(self, group: SequenceGroup) -> int:
         """Encoder tokens a waiting group would add to this step's encoder run: none when its

@@ -221,6 +221,7 @@ class SequenceGroup:
         self.finished: list[Completion] = []
         self.first_step_probs: dict[int, float] = {}  # see SamplingParams.record_first_step_probs
         self.beam = None  # beam-search state (engine/beam.py) when num_beams > 1
+        self.cohort = 0  # its micro-batch (Scheduler.cohorts), from admission to its end
         self.generator = None  # torch.Generator for seeded sampling
         self.arrival = time.perf_counter()
         self.first_token: float | None = None

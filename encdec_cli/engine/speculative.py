@@ -39,7 +39,13 @@ import torch
 
 from encdec_cli.engine.block_manager import BlockManager, OutOfBlocks
 from encdec_cli.engine.config import DEFAULT_K, EngineConfig
-from encdec_cli.engine.sampling import process_logits, rows_by_params, sampling_generator, sampling_probs
+from encdec_cli.engine.sampling import (
+    FEW_ROWS,
+    process_logits,
+    rows_by_params,
+    sampling_generator,
+    sampling_probs,
+)
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from encdec_cli.engine.transfer import to_device
 
@@ -628,8 +634,13 @@ class Speculator:
         drafts seen; count-based rules vectorised); the argmax of every row (greedy sequences)
         and speculative sampling (sampled sequences: ``speculative_accept``) on the device; one
         device-to-host copy of those (and of log-probabilities when asked for); greedy acceptance
-        (the drafts up to the first that is not the argmax) in numpy over all rows."""
+        (the drafts up to the first that is not the argmax) in numpy over all rows. A few greedy
+        sequences without log-probabilities (batch 1) take ``_verify_few``: the same in Python."""
         n = len(seqs)
+        if n * (self.drafter.k + 1) <= FEW_ROWS and not any(
+            s.group.params.temperature > 0 or s.group.params.logprobs for s in seqs
+        ):
+            return self._verify_few(logits, seqs, drafts)
         dev = logits.device
         lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, n)
         counts = lens + 1
@@ -721,6 +732,40 @@ class Speculator:
                         s.stop_logprob = lp
                         break
             result.append(Verified(tokens, lps, m))
+        return result
+
+    def _verify_few(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
+    ) -> list[Verified]:
+        """``verify`` of a few greedy sequences without log-probabilities, in Python lists: the
+        rules over every row (``process_logits``' few-row path where the rules count tokens),
+        every row's argmax in one device-to-host copy, then each sequence takes its drafts up to
+        the first that is not the argmax, and the argmax there."""
+        toks = [d.tokens if d is not None else [] for d in drafts]
+        flat: list[Sequence] = []  # each row's sequence, the drafts it sees, its tokens generated
+        seen: list[list[int]] = []
+        drafted: list[int] = []
+        generated: list[int] = []
+        for s, t in zip(seqs, toks):
+            g, k = s.num_generated, len(t) + 1
+            flat += [s] * k
+            seen += [t] * k
+            drafted += range(k)
+            generated += range(g, g + k)
+
+        def view(i: int) -> Extended:
+            return Extended(flat[i], seen[i][: drafted[i]])
+
+        process_logits(logits, flat, rows_by_params(flat), drafted, view, generated)
+        best = logits.argmax(-1).tolist()  # the step's one device-to-host copy
+        result = []
+        at = 0
+        for t in toks:
+            m, k = 0, len(t)
+            while m < k and best[at + m] == t[m]:
+                m += 1
+            result.append(Verified(t[:m] + [best[at + m]], None, m))
+            at += k + 1
         return result
 
     def _sample(self, logits, seqs, drafts, rows, lens, starts, kmax, table):

@@ -194,13 +194,13 @@ def test_mixed_beam_searches_in_one_engine(whisper, monkeypatch):
     counts (K = 2N or 3N) are stepped together; each equals transformers' search run alone."""
     hf, loaded, feats = whisper
     step_shapes = []  # per engine step: the (num_beams, stop tokens) of the requests stepped
-    beam_step_batch = sampling_module.beam_step_batch
+    beam_launch = sampling_module.beam_launch
 
     def spy(groups, *args):
         step_shapes.append({(g.params.num_beams, len(g.params.stop_token_ids)) for g in groups})
-        return beam_step_batch(groups, *args)
+        return beam_launch(groups, *args)
 
-    monkeypatch.setattr(sampling_module, "beam_step_batch", spy)
+    monkeypatch.setattr(sampling_module, "beam_launch", spy)
     reqs, refs = [], []
     for i, (case, num_beams, eos) in enumerate(MIXED):
         gen = dict(num_beams=num_beams, eos_token_id=eos)

@@ -76,3 +76,57 @@ def test_repetition_penalty_batched_over_rows_matches_transformers():
         if pen != 1.0:
             want = RepetitionPenaltyLogitsProcessor(pen)(torch.tensor([hist]), want)
         assert torch.equal(ours[i], want[0]), i
+
+
+def test_count_rules_on_few_rows_match_the_vectorised_path(monkeypatch):
+    """The few-row path of the count-based rules (Python, row runs, ``sampling.FEW_ROWS``) gives the
+    same logits as the vectorised one: suppress / allowed lists, begin suppression, min length and
+    forced tokens, mixed SamplingParams, verification rows seen with drafts (``drafted``,
+    ``generated``) and without."""
+    import numpy as np
+    import torch
+
+    from encdec_cli.engine import sampling
+    from encdec_cli.engine.sequence import Request, SamplingParams, SequenceGroup
+
+    rng = random.Random(3)
+    vocab = 24
+    for trial in range(150):
+        params = []
+        for _ in range(rng.randint(1, 3)):
+            kw = {}
+            if rng.random() < 0.5:
+                kw["suppress_tokens"] = tuple(rng.sample(range(vocab), rng.randint(1, 3)))
+            if rng.random() < 0.4:
+                kw["begin_suppress_tokens"] = tuple(rng.sample(range(vocab), rng.randint(1, 2)))
+                kw["begin_index"] = rng.randint(0, 2)
+            if rng.random() < 0.6:
+                kw["stop_token_ids"] = tuple(rng.sample(range(vocab), rng.randint(1, 2)))
+                kw["min_new_tokens"] = rng.randint(0, 6)
+            if rng.random() < 0.3:
+                kw["allowed_tokens"] = tuple(rng.sample(range(vocab), rng.randint(2, 8)))
+            if rng.random() < 0.3:
+                kw["forced_tokens"] = tuple((rng.randint(0, 4), rng.randrange(vocab)) for _ in range(2))
+            params.append(SamplingParams(**kw))
+        seqs = []
+        for i in range(rng.randint(1, 4)):
+            group = SequenceGroup(Request(None, [1], rng.choice(params), i), 1, 16, i)
+            group.seqs[0].tokens = [1] + [rng.randrange(vocab) for _ in range(rng.randint(0, 4))]
+            seqs.append(group.seqs[0])
+        drafted = generated = None
+        rows = seqs
+        if trial % 2:  # verification rows: each sequence seen with 0..k drafts
+            rows, d = [], []
+            for s in seqs:
+                k = rng.randint(0, 3)
+                rows += [s] * (k + 1)
+                d += range(k + 1)
+            drafted = np.asarray(d, np.int64)
+            generated = np.asarray([s.num_generated for s in rows], np.int64) + drafted
+        logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(trial))
+        assert len(rows) <= sampling.FEW_ROWS
+        few = sampling.process_logits(logits.clone(), rows, None, drafted, None, generated)
+        monkeypatch.setattr(sampling, "FEW_ROWS", 0)
+        wide = sampling.process_logits(logits.clone(), rows, None, drafted, None, generated)
+        monkeypatch.undo()
+        assert torch.equal(few, wide), trial

@@ -1,16 +1,18 @@
-"""The verification step's input layout (``ModelRunner.verify_layout``), numpy over all sequences:
-equal to the per-sequence construction it replaced, packed (the eager path) and in q rows a
-sequence with the real inputs last (the verification CUDA graphs, tests/gpu for the graphs)."""
+"""The verification step's input layout (``ModelRunner.verify_layout``), numpy over all sequences
+(Python lists for a few): equal to the per-sequence construction it replaced, packed (the eager
+path) and in q rows a sequence with the real inputs last (the verification CUDA graphs, tests/gpu
+for the graphs)."""
 
 from __future__ import annotations
 
+import functools
 import random
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from encdec_cli.engine.runner import ModelRunner
+from encdec_cli.engine.runner import FEW_SEQS, ModelRunner
 
 
 def _reference(seqs, drafts, bs, q):
@@ -31,10 +33,11 @@ def _reference(seqs, drafts, bs, q):
     return out, rows, kv
 
 
+@pytest.mark.parametrize("n", [1, 3, 23])  # a few sequences: the Python path (FEW_SEQS); more: numpy
 @pytest.mark.parametrize("q", [None, 5, 9])
-def test_verify_layout_matches_per_sequence_construction(q):
-    rng = random.Random(0)
-    bs, n = 4, 23
+def test_verify_layout_matches_per_sequence_construction(q, n):
+    rng = random.Random(n)
+    bs = 4
     tables = np.zeros((n + 3, 16), np.int32)
     seqs, drafts, srows = [], [], []
     for i in range(n):
@@ -54,7 +57,11 @@ def test_verify_layout_matches_per_sequence_construction(q):
         drafts.append(d)
         srows.append(row)
     runner = SimpleNamespace(block_size=bs, self_tables=tables)
+    runner._slots = functools.partial(ModelRunner._slots, runner)
+    runner._verify_layout_few = functools.partial(ModelRunner._verify_layout_few, runner)
+    assert (n <= FEW_SEQS) == (n < 23)
     lay = ModelRunner.verify_layout(runner, seqs, np.asarray(srows), drafts, q)
+    assert all(x.dtype == np.int64 for x in vars(lay).values())
     want, rows, kv = _reference(seqs, drafts, bs, q)
     got = list(zip(lay.dest.tolist(), lay.tokens.tolist(), lay.positions.tolist(), lay.slots.tolist()))
     assert got == want

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed, in parts that each fit one 10-minute device call.
+#
+#     bash benchmarks/gpu_session.sh PART [PART...]     # results under $OUT (default ./gpu-out)
+#
+# Parts (rough minutes on one H200, model builds and graph captures included):
+#   tests   tests/gpu without the 2-GPU file (~6)
+#   core    W1 W2 against transformers (issue 21's P = 1 check), then W1 ours only with
+#           --kv-dtype fp8, per-layer K/V and absorbed rows (issue 26) (~6)
+#   speed   W3 W4 W5 against transformers (issue 26's targets) (~5)
+#   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22) (~6)
+#   models  W8 W9 against transformers, then benchmarks/profile_w9.py (issues 24, 25) (~6)
+#   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
+#   pp2     2 GPUs: tests/gpu/test_pipeline_gpu.py, W1 and W4 with -pp 2 against one device
+#           (issue 28) (~6)
+#
+# Every command runs under its own time limit and the part goes on when one fails; each writes
+# a log and a JSON named <device>-<what>-<date>-<commit>.json, ready for benchmarks/results/.
+# Where a wheel folder .whl/ is present (soundfile, librosa's pieces: the GPU machine lacks them,
+# see /work/.library/device/README.md) it is installed into /tmp/site first.
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ] && ! python3 -c "import soundfile" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+encdec() { python3 -m encdec_cli "$@"; }
+device=$(python3 -c "import torch; n = torch.cuda.get_device_name(0).lower(); print(next((k for k in ('h200', 'h100', 'a100', 'l40s') if k in n), n.split()[-1]))" 2>/dev/null || echo cpu)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo nogit)
+day=$(date -u +%F)
+name() { echo "$OUT/$device-$1-$day-$commit"; }
+step() {  # step LIMIT_S WHAT CMD...: run CMD with a time limit, its output in WHAT.log
+    local limit=$1 what=$2
+    shift 2
+    echo "== $what: $*" | tee -a "$OUT/session.log"
+    local t0=$SECONDS
+    timeout --signal=INT --kill-after=20 "$limit" "$@" >"$(name "$what").log" 2>&1
+    local rc=$?
+    echo "   rc $rc, $((SECONDS - t0)) s" | tee -a "$OUT/session.log"
+    tail -n 25 "$(name "$what").log"
+}
+{ nvidia-smi -L; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } >"$OUT/device.txt" 2>&1
+
+for part in "$@"; do
+    case $part in
+    tests)
+        step 420 gpu-tests python3 -m pytest -q -m gpu tests/gpu --ignore=tests/gpu/test_pipeline_gpu.py \
+            -p no:cacheprovider --junitxml="$(name gpu-tests).xml" ;;
+    core)
+        step 240 W1-W2 encdec bench W1 W2 --out "$(name W1-W2).json"
+        step 90 W1-fp8-kv encdec bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json"
+        step 90 W1-fp8-absorbed encdec bench W1 --baseline none --kv-dtype fp8 --cross absorbed \
+            --out "$(name W1-fp8-absorbed).json" ;;
+    speed)
+        step 300 W3-W4-W5 encdec bench W3 W4 W5 --out "$(name W3-W4-W5).json" ;;
+    spec)
+        step 330 W5-W1-speculative-oracle encdec bench W5 W1 --baseline none --speculative oracle \
+            --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json" ;;
+    models)
+        step 300 W8-W9 encdec bench W8 W9 --out "$(name W8-W9).json"
+        step 150 profile-W9 python3 benchmarks/profile_w9.py ;;
+    trt)
+        step 300 T1-T2 encdec bench T1 T2 --out "$(name T1-T2).json" ;;
+    pp2)
+        step 240 pp2-tests python3 -m pytest -q -m gpu tests/gpu/test_pipeline_gpu.py -p no:cacheprovider
+        step 300 W1-W4-pp2 encdec bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
+        step 200 W1-W4-pp1 encdec bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
+    *)
+        echo "unknown part $part (tests core speed spec models trt pp2)" >&2
+        exit 2 ;;
+    esac
+done
