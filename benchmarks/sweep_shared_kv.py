@@ -1,6 +1,6 @@
 """Absorbed cross-attention vs cross K/V on the H100: kernel tiles and the whole layer step.
 
-    python benchmarks/sweep_shared_kv.py [--out FILE]
+    python benchmarks/sweep_shared_kv.py [--quick] [--fp8 [ring|registers|producer]] [--out FILE]
 
 Per shape (Whisper large-v3 cross: 20 heads x 64, d_model 1280, 1500 encoder rows; BART-large:
 16 x 64, d_model 1024, 350 rows), batch 256 / 32 / 1, one query token per sequence:
@@ -9,6 +9,9 @@ Per shape (Whisper large-v3 cross: 20 heads x 64, d_model 1280, 1500 encoder row
   1280), -> Wv_h (+ bv, baddbmm): the whole replacement, for each kernel tile config.
 Times are CUDA-graph replays (median); the fraction is of the copy bandwidth on the bytes each
 must read (K + V, or the rows). Every config is checked against encdec_kernels.reference first.
+``--fp8``: the rows quantized to e4m3 with a scale per row (``--kv-dtype fp8``: half the bytes; the
+Gluon kernel's fp8 variant in the given form (``shared_kv_hopper._fp8_mode``; default ring), then
+the Triton kernel's); ``kv`` stays bf16.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ SHAPES = [  # (name, batch, heads, d_model, encoder rows, decoder layers)
 BLOCK_SIZE = 16
 
 
-def sweep_shape(shape, quick, copy_bw, gen, bench, paged, shared_kv, reference) -> list[dict]:
+def sweep_shape(shape, quick, copy_bw, gen, bench, paged, shared_kv, reference, fp8=False) -> list[dict]:
     name, b, h, d, n, layers = shape
     rows = []
     dh = d // h
@@ -57,13 +60,18 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, paged, shared_kv, reference) 
     per_block = 2 * layers * BLOCK_SIZE
     nblk = -(-n // per_block)
     pool = torch.randn(2 * layers, b * nblk + 3, BLOCK_SIZE, d, device=dev, dtype=dt)
+    sc = None
+    if fp8:
+        pool, sc = reference.quantize_rows(pool)
     perm = torch.randperm(b * nblk + 3, device=dev)[: b * nblk].view(b, nblk).to(torch.int32)
     w = torch.randn(2, h, dh, d, device=dev, dtype=dt) * d**-0.5
     bias = torch.randn(h, 1, dh, device=dev, dtype=dt)
 
     def absorbed(**launch):
         qe = torch.bmm(q.transpose(0, 1), w[0])
-        o = shared_kv._launch_shared_kv(qe.transpose(0, 1), pool, perm, lens, cu, 1, dh**-0.5, **launch)
+        o = shared_kv._launch_shared_kv(
+            qe.transpose(0, 1), pool, perm, lens, cu, 1, dh**-0.5, row_scales=sc, **launch
+        )
         return torch.baddbmm(bias, o.transpose(0, 1), w[1].transpose(1, 2))
 
     qe = torch.bmm(q.transpose(0, 1), w[0]).transpose(0, 1)
@@ -75,8 +83,9 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, paged, shared_kv, reference) 
         cu[: min(b, 8) + 1],
         1,
         scale=dh**-0.5,
+        row_scales=sc,
     )
-    row_bytes = b * n * d * 2
+    row_bytes = b * n * (d + 4 if fp8 else d * 2)
     configs = [{}, {"triton": True}]  # default: the Hopper kernel where it applies; then the Triton one
     if not quick and b == 256:
         configs += [
@@ -85,6 +94,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, paged, shared_kv, reference) 
         ]
         configs += [dict(BLOCK_R=32, BLOCK_N=32, num_warps=16, num_stages=ns) for ns in (2, 3)]
     splits = [None] + ([1, 4, 8, 16, 32] if b <= 32 else [])
+    name = name + (" fp8" if fp8 else "")  # (the form: --fp8's)
     print(f"{name}: kv {kv_ms * 1e3:.1f} us ({kv_bytes / kv_ms / 1e-3 / copy_bw:.0%} of copy)")
     best = None
     for cfg, sp in itertools.product(configs, splits):
@@ -96,7 +106,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, paged, shared_kv, reference) 
             else dict(num_splits=sp, tiles=cfg or None)
         )
         try:
-            out = shared_kv._launch_shared_kv(qe, pool, perm, lens, cu, 1, dh**-0.5, **launch)
+            out = shared_kv._launch_shared_kv(qe, pool, perm, lens, cu, 1, dh**-0.5, row_scales=sc, **launch)
             err = kb.rel_err(out[: min(b, 8)], ref)
             ms = bench(functools.partial(absorbed, **launch))
             kern = bench(
@@ -109,6 +119,7 @@ def sweep_shape(shape, quick, copy_bw, gen, bench, paged, shared_kv, reference) 
                     cu,
                     1,
                     dh**-0.5,
+                    row_scales=sc,
                     **launch,
                 )
             )
@@ -140,14 +151,28 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=pathlib.Path)
     p.add_argument("--quick", action="store_true", help="default tiles only")
+    p.add_argument(
+        "--fp8",
+        nargs="?",
+        const="ring",
+        choices=["ring", "registers", "producer"],
+        help="fp8 (e4m3) rows with a scale per row; the Gluon kernel's form (default ring)",
+    )
     args = p.parse_args(argv)
+    if args.fp8:
+        from encdec_kernels import shared_kv_hopper
+
+        shared_kv_hopper.FP8_PRODUCER_CONVERTS = args.fp8 == "producer"
+        shared_kv_hopper.FP8_VALUES_SMEM = args.fp8 != "registers"
     torch.manual_seed(0)
     gen = np.random.default_rng(0)
     copy_bw = kb.copy_bandwidth()
     bench = functools.partial(triton.testing.do_bench_cudagraph, rep=40, return_mode="median")
     rows_out = []
     for shape in SHAPES:
-        rows_out += sweep_shape(shape, args.quick, copy_bw, gen, bench, paged, shared_kv, reference)
+        rows_out += sweep_shape(
+            shape, args.quick, copy_bw, gen, bench, paged, shared_kv, reference, bool(args.fp8)
+        )
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text(

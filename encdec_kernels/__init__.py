@@ -139,18 +139,26 @@ def store_rows(x, rows, slot_mapping, row_scales=None):
     return _impl(x, "shared_kv").store_rows(x, rows, slot_mapping, row_scales)
 
 
-def prefers_absorbed_cross(device: torch.device, dtype: torch.dtype, num_heads: int, d_model: int) -> bool:
+def prefers_absorbed_cross(
+    device: torch.device,
+    dtype: torch.dtype,
+    num_heads: int,
+    d_model: int,
+    cache_dtype: torch.dtype | None = None,
+) -> bool:
     """Whether absorbed cross-attention (``shared_kv_attention`` over the encoder output, d_model
-    wide) should be a model's default here: only where the Hopper kernel runs it (fp16/bf16, a
-    shape it covers); the Triton kernel alone is slower than per-layer K/V. Such a cache must hold
-    finite rows after each sequence's last, to the end of its ``SHARED_KV_TILE_ROWS``-row tile."""
-    if dtype not in (torch.float16, torch.bfloat16):
+    wide) should be a model's default here: only where the Hopper kernel runs it (fp16/bf16
+    activations, rows in that dtype or fp8 (``cache_dtype``, default ``dtype``), a shape it covers);
+    the Triton kernel alone is slower than per-layer K/V. Such a cache must hold finite rows after
+    each sequence's last, to the end of its ``SHARED_KV_TILE_ROWS``-row tile."""
+    cache_dtype = dtype if cache_dtype is None else cache_dtype
+    if dtype not in (torch.float16, torch.bfloat16) or cache_dtype not in (dtype, FP8_DTYPE):
         return False
     try:
         from encdec_kernels import shared_kv_hopper
     except ImportError:  # no Triton
         return False
-    return shared_kv_hopper.preferred(device, num_heads, d_model)
+    return shared_kv_hopper.preferred(device, num_heads, d_model, fp8=cache_dtype == FP8_DTYPE)
 
 
 def layer_norm(x, weight, bias, eps):

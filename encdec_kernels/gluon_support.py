@@ -39,8 +39,8 @@ ENV = "ENCDEC_GLUON"  # "0": never take the Gluon kernels (compare against the T
 log = logging.getLogger("encdec")
 
 if AVAILABLE:
-    GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
-    _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+    GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float8_e4m3fn: gl.float8e4nv}
+    _TYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv"}
 
     @gluon.constexpr_function
     def mma_layout(n):

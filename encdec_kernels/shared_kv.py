@@ -202,9 +202,9 @@ def shared_kv_attention(
     [C, NB, RC] float32 (contiguous last dim), one scale per row, read as fp8 * scale.
 
     On Hopper, fp16/bf16 q laid out as the layer makes it (a view of [H, Tq, d]) goes to
-    ``encdec_kernels/shared_kv_hopper.py``, which loads whole ``SHARED_KV_TILE_ROWS``-row tiles: the
-    rows after a sequence's last one, to the end of its tile, must be finite (the engine writes zeros
-    there).
+    ``encdec_kernels/shared_kv_hopper.py`` (rows in q's dtype, or fp8 ones with their scales), which
+    loads whole ``SHARED_KV_TILE_ROWS``-row tiles: the rows after a sequence's last one, to the end
+    of its tile, must be finite (the engine writes zeros there).
     """
     check_tensor("q", q, 3)
     check_tensor("rows", rows, 4, CACHE_DTYPES, device=q.device)
@@ -246,13 +246,15 @@ def _launch_shared_kv(
     if hopper and tiles is None and q.is_cuda and tq > 0 and num_seqs > 0:
         from encdec_kernels import shared_kv_hopper  # Gluon: imported only when a CUDA step can use it
 
-        if row_scales is None and shared_kv_hopper.supports(q, rows):  # fp8 rows: the Triton kernel
+        if shared_kv_hopper.supports(q, rows, row_scales):  # bf16/fp16 rows, or fp8 ones with their scales
             if not (max_seqlen_q == 1 and tq == num_seqs):  # prompts, beams: one row per query token
                 seq_of = torch.repeat_interleave(
                     torch.arange(num_seqs, device=q.device), cu_seqlens_q.diff(), output_size=tq
                 )
                 block_tables, seq_lens = block_tables[seq_of], seq_lens[seq_of]
-            out = shared_kv_hopper.shared_kv_attention(q, rows, block_tables, seq_lens, scale, num_splits)
+            out = shared_kv_hopper.shared_kv_attention(
+                q, rows, block_tables, seq_lens, scale, num_splits, row_scales
+            )
             if out is not None:
                 return out
     out = torch.empty((h, tq, d), device=q.device, dtype=q.dtype).transpose(0, 1)

@@ -61,7 +61,8 @@ def bench(
     cross: str = typer.Option(
         "auto",
         "--cross",
-        help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it), absorbed (the encoder "
+        help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it: bf16/fp16 or fp8 rows), "
+        "absorbed (the encoder "
         "output once, K/V projections absorbed), kv (K and V per decoder layer).",
     ),
     kv_dtype: common.KvDtype = "auto",

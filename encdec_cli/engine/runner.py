@@ -261,12 +261,10 @@ class ModelRunner:
 
     def _hopper_cross(self) -> bool:
         """Whether this model takes absorbed cross-attention by default here: encdec_kernels prefers
-        it where its Hopper kernel runs this model's shape and dtype."""
+        it where its Hopper kernel runs this model's shape, dtype and cache dtype (fp8 rows too)."""
         m = self.model
-        if self.cache_dtype != self.dtype:  # fp8 rows run on the Triton kernel, slower than per-layer K/V
-            return False
         return m.absorb_cross_by_default and encdec_kernels.prefers_absorbed_cross(
-            self.device, self.dtype, m.cache_spec.num_heads, m.d_model
+            self.device, self.dtype, m.cache_spec.num_heads, m.d_model, self.cache_dtype
         )
 
     def release(self) -> None:

@@ -12,7 +12,14 @@ import torch
 
 from encdec_kernels import reference
 from encdec_kernels.reference import FP8_DTYPE, quantize_rows
-from tests.kernels.cases import paged_inputs, poisoned_allocations, rel_bias, rel_err, shared_kv_inputs
+from tests.kernels.cases import (
+    hopper_shared_kv_inputs,
+    paged_inputs,
+    poisoned_allocations,
+    rel_bias,
+    rel_err,
+    shared_kv_inputs,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
@@ -26,6 +33,8 @@ if torch.cuda.is_available() and not INTERPRET:
 else:
     paged = shared_kv = None
 
+HOPPER = torch.cuda.is_available() and not INTERPRET and torch.cuda.get_device_capability()[0] == 9
+ON_HOPPER = pytest.mark.skipif(not HOPPER, reason="the Gluon cross-attention kernel is for Hopper (sm_90)")
 DEVICE = "cuda"
 HEADS, HEAD_DIM, WIDTH = 20, 64, 1280  # whisper-large-v3
 CROSS_LEN = 1500
@@ -98,8 +107,8 @@ def test_paged_attention_fp8(causal, q_len, bias):
 
 @pytest.mark.parametrize("batch,q_len", [(256, 1), (3, 1), (2, 4)])
 def test_absorbed_cross_attention_fp8(batch, q_len):
-    """fp8 encoder rows run on the Triton shared-K/V kernel (also on Hopper: the Gluon kernel
-    takes bf16/fp16 rows only)."""
+    """fp8 encoder rows on the Triton shared-K/V kernel (also on Hopper: q here is not the view of
+    [H, Tq, d] the layer makes, which the Gluon kernel needs; that one: the tests below)."""
     case = shared_kv_inputs(
         [CROSS_LEN] * batch, [q_len] * batch, HEADS, WIDTH, 64, 16, torch.bfloat16, DEVICE
     )
@@ -115,6 +124,164 @@ def test_absorbed_cross_attention_fp8(batch, q_len):
     )  # fmt: skip
     assert not out.isnan().any()
     assert rel_err(out[: n * q_len], ref) < 1e-2
+
+
+def _spy(calls: list, real):
+    """shared_kv_hopper.shared_kv_attention that records, per call, whether it was given row scales."""
+    return lambda *a, **k: calls.append(len(a) > 6 and a[6] is not None) or real(*a, **k)
+
+
+def _hopper_fp8_case(lens, q_lens, heads, width, chunks, row_mult=1.0, q_mult=1.0):
+    """hopper_shared_kv_inputs (times row_mult and q_mult) with the rows quantized (zeros to each
+    tile's end: scale 1, as ModelRunner._zero_tile_ends writes them); the scales of those zero rows
+    are then set to NaN, so a scale read past a sequence's end shows (the rows after the tile's end
+    are NaN already)."""
+    case = hopper_shared_kv_inputs(lens, q_lens, heads, width, chunks, torch.bfloat16, DEVICE)
+    case.rows.mul_(row_mult)
+    case.q.mul_(q_mult)
+    rows, sc = quantize_rows(case.rows)
+    per_block = chunks * 16
+    for b, n in enumerate(lens):
+        for p in range(n, min(-(-n // 64) * 64, case.block_tables.shape[1] * per_block)):
+            blk, r = case.block_tables[b, p // per_block], p % per_block
+            sc[r // 16, blk, r % 16] = float("nan")
+    return case, rows, sc
+
+
+def _use_form(monkeypatch, form: str) -> None:
+    """Launch the fp8 Gluon kernel in this form (shared_kv_hopper._fp8_mode)."""
+    from encdec_kernels import shared_kv_hopper
+
+    monkeypatch.setattr(shared_kv_hopper, "FP8_PRODUCER_CONVERTS", form == "producer")
+    monkeypatch.setattr(shared_kv_hopper, "FP8_VALUES_SMEM", form != "registers")
+
+
+@ON_HOPPER
+@pytest.mark.parametrize(
+    "lens,heads,width,chunks,splits,form,mults",
+    [
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, "ring", (1, 1)),  # W1: batch 256, 3 consumers, one wave
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, "registers", (1, 1)),
+        ([CROSS_LEN] * 256, HEADS, WIDTH, 64, None, "producer", (1, 1)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (1, 1)),  # small batch: row splits + merge
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "producer", (1, 1)),
+        ([CROSS_LEN] * 64, HEADS, WIDTH, 64, None, "ring", (1, 1)),  # W1 at batch 64
+        ([350, 77, 1, 64, 65, 128, 129], 16, 1024, 24, None, "ring", (1, 1)),  # BART-large: 2 consumers
+        ([350, 77, 1, 64, 65, 128, 129], 16, 1024, 24, None, "producer", (1, 1)),
+        ([1500, 33, 191, 192], 6, 384, 4, 3, "ring", (1, 1)),  # Whisper tiny: 1 consumer, 3 splits
+        ([1500, 33, 191, 192], 6, 384, 4, 3, "registers", (1, 1)),
+        ([1500, 33, 191, 192], 6, 384, 4, 3, "producer", (1, 1)),
+        # fp16 operands: tiny rows (p * scale would underflow fp16), queries past fp16's range, both
+        # huge rows and small queries, and diffuse attention (small scores)
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (1e-4, 1e4)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (1e-3, 1e5)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (3e3, 1 / 3e3)),
+        ([CROSS_LEN, 700, 1], HEADS, WIDTH, 64, None, "ring", (1, 1e-2)),
+    ],
+    ids=[
+        "whisper-b256", "whisper-b256-registers", "whisper-b256-producer", "whisper-split",
+        "whisper-split-producer", "whisper-b64", "bart-large", "bart-large-producer", "tiny-splits",
+        "tiny-splits-registers", "tiny-splits-producer", "tiny-rows", "huge-queries", "huge-rows", "diffuse",
+    ],
+)  # fmt: skip
+def test_hopper_absorbed_cross_attention_fp8(monkeypatch, lens, heads, width, chunks, splits, form, mults):
+    """encdec_kernels/shared_kv_hopper.py on fp8 rows (decode: one query token per sequence) against
+    the reference on the same fp8 rows (dequantized, float32), to bf16 accuracy as the bf16 kernel
+    (tests/gpu/test_kernels_gpu.py::test_hopper_absorbed_cross_attention), in every form of it and
+    at magnitudes that would leave fp16's range unscaled; and the public entry point takes it for
+    such inputs."""
+    from encdec_kernels import shared_kv_hopper
+
+    _use_form(monkeypatch, form)
+    case, rows, sc = _hopper_fp8_case(lens, [1] * len(lens), heads, width, chunks, *mults)
+    assert shared_kv_hopper.supports(case.q, rows, sc)
+    assert not shared_kv_hopper.supports(case.q, rows)  # fp8 rows need their scales
+    with poisoned_allocations():
+        out = shared_kv_hopper.shared_kv_attention(
+            case.q, rows, case.block_tables, case.seq_lens, 0.125, num_splits=splits, row_scales=sc
+        )
+    assert out is not None, shared_kv_hopper._guard_fp8.failed  # compiled
+    n = min(len(lens), 8)
+    args = case.args()
+    ref = reference.shared_kv_attention(
+        case.q[:n], rows, case.block_tables[:n], case.seq_lens[:n], args[4][: n + 1], 1, scale=0.125,
+        row_scales=sc,
+    )  # fmt: skip
+    assert not out.isnan().any()
+    assert rel_err(out[:n], ref) < 1e-2
+    # every sequence, not only the first n: the Triton kernel on the same rows
+    tri = shared_kv._launch_shared_kv(case.q, rows, *args[2:], 0.125, hopper=False, row_scales=sc)
+    assert rel_err(out, tri) < 1e-2
+    # the public entry point dispatches here (a different split count may round differently)
+    public = shared_kv.shared_kv_attention(case.q, rows, *args[2:], scale=0.125, row_scales=sc)
+    assert rel_err(public[:n], ref) < 1e-2
+
+
+@ON_HOPPER
+def test_hopper_absorbed_cross_attention_fp8_several_tokens(monkeypatch):
+    """Prompt steps (several query tokens a sequence) with fp8 rows run on the Gluon kernel too, one
+    block-table row per token, through the public entry point."""
+    from encdec_kernels import shared_kv_hopper
+
+    calls = []
+    real = shared_kv_hopper.shared_kv_attention
+    monkeypatch.setattr(shared_kv_hopper, "shared_kv_attention", _spy(calls, real))
+    case, rows, sc = _hopper_fp8_case([CROSS_LEN, 20, 700], [4, 1, 2], HEADS, WIDTH, 64)
+    args = case.args()
+    with poisoned_allocations():
+        out = shared_kv.shared_kv_attention(case.q, rows, *args[2:], scale=0.125, row_scales=sc)
+    assert calls == [True]  # the Gluon kernel, given the scales
+    ref = reference.shared_kv_attention(case.q, rows, *args[2:], scale=0.125, row_scales=sc)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < 1e-2
+
+
+@ON_HOPPER
+def test_whisper_large_shaped_fp8_engine_runs_absorbed_rows_on_the_hopper_kernel(tmp_path, monkeypatch):
+    """W1's shape (a random bf16 Whisper of large-v3's width: d 1280, 20 heads; 2 + 2 layers, 32
+    sequence slots): with --kv-dtype fp8 the engine takes absorbed cross-attention by default on
+    Hopper, and every absorbed decode step (CUDA-graphed) runs on the Gluon kernel with fp8 rows.
+    Its tokens agree with the same fp8 rows on the Triton shared-K/V kernel (ENCDEC_GLUON=0)."""
+    from encdec_cli.engine import Engine, Request, SamplingParams
+    from encdec_kernels import gluon_support, shared_kv_hopper
+    from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
+
+    random_whisper(
+        tmp_path, d_model=WIDTH, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+        encoder_ffn_dim=4 * WIDTH, decoder_ffn_dim=4 * WIDTH,
+    )  # fmt: skip
+    loaded = load_ours(tmp_path, dtype=torch.bfloat16)
+    loaded.model.cuda()
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_new_tokens=8, min_new_tokens=8, stop_token_ids=(EOT,))
+    reqs = [Request(torch.randn(80, 3000, generator=g), [SOT], params, i) for i in range(48)]
+    calls = []
+    real = shared_kv_hopper.shared_kv_attention
+    monkeypatch.setattr(shared_kv_hopper, "shared_kv_attention", _spy(calls, real))
+
+    def run(**cfg):
+        engine = Engine(loaded, num_blocks=4000, max_num_seqs=32, kv_dtype="fp8", **cfg)
+        try:
+            absorbed = engine.runner.encoder_rows is not None and engine.runner.row_scales is not None
+            return absorbed, {r.request_id: r.token_ids for r in engine.generate(reqs)}
+        finally:
+            engine.close()
+
+    absorbed, gluon = run()  # the default cross layout
+    assert absorbed
+    assert calls and all(calls)  # the Gluon kernel ran, on fp8 rows with their scales
+    assert shared_kv_hopper._guard_fp8.failed is None
+    monkeypatch.setenv(gluon_support.ENV, "0")
+    n = len(calls)
+    absorbed, tri = run(absorb_cross=True)
+    assert absorbed and len(calls) == n  # the Triton shared-K/V kernel this time
+    assert all(len(t) == 8 and all(0 <= x < 1000 for x in t) for t in gluon.values())
+    # this random model is chaotic on purpose (bf16 rounding alone changes later tokens), so the
+    # first token of each request, one decode step through each kernel, is what must agree
+    first = sum(gluon[i][0] == tri[i][0] for i in gluon) / len(gluon)
+    share = _agreement(gluon, tri)
+    print(f"whisper d1280 fp8 absorbed, Gluon vs Triton: first tokens {first:.3f}, all {share:.3f}")
+    assert first >= 0.9
 
 
 def _agreement(a: dict, b: dict) -> float:

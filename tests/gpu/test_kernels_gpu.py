@@ -23,6 +23,7 @@ import torch
 
 from encdec_kernels import reference
 from tests.kernels.cases import (
+    hopper_shared_kv_inputs,
     paged_inputs,
     poisoned_allocations,
     rel_bias,
@@ -285,16 +286,7 @@ def test_absorbed_cross_attention(dtype, batch, q_len):
 
 
 def _hopper_case(lens, q_lens, heads, width, chunks, dtype):
-    """shared_kv_inputs as the engine makes them for encdec_kernels/shared_kv_hopper.py: q a view of
-    [H, Tq, d] (the layer's bmm), zeros after each sequence's rows to the end of its 64-row tile
-    (ModelRunner._zero_tile_ends: the kernel loads whole tiles); rows further on stay NaN."""
-    case = shared_kv_inputs(lens, q_lens, heads, width, chunks, 16, dtype, DEVICE)
-    for b, n in enumerate(lens):
-        for p in range(n, min(-(-n // 64) * 64, case.block_tables.shape[1] * chunks * 16)):
-            blk, r = case.block_tables[b, p // (chunks * 16)], p % (chunks * 16)
-            case.rows[r // 16, blk, r % 16] = 0
-    case.q = case.q.transpose(0, 1).contiguous().transpose(0, 1)
-    return case
+    return hopper_shared_kv_inputs(lens, q_lens, heads, width, chunks, dtype, DEVICE)
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon cross-attention kernel is for Hopper (sm_90)")

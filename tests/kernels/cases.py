@@ -206,3 +206,16 @@ def shared_kv_inputs(
         cu_seqlens(q_lens, device),
         max(q_lens),
     )
+
+
+def hopper_shared_kv_inputs(lens, q_lens, heads, width, chunks, dtype, device) -> SharedKVCase:
+    """shared_kv_inputs as the engine makes them for encdec_kernels/shared_kv_hopper.py: q a view of
+    [H, Tq, d] (the layer's bmm), zeros after each sequence's rows to the end of its 64-row tile
+    (ModelRunner._zero_tile_ends: the kernel loads whole tiles); rows further on stay NaN."""
+    case = shared_kv_inputs(lens, q_lens, heads, width, chunks, 16, dtype, device)
+    for b, n in enumerate(lens):
+        for p in range(n, min(-(-n // 64) * 64, case.block_tables.shape[1] * chunks * 16)):
+            blk, r = case.block_tables[b, p // (chunks * 16)], p % (chunks * 16)
+            case.rows[r // 16, blk, r % 16] = 0
+    case.q = case.q.transpose(0, 1).contiguous().transpose(0, 1)
+    return case
