@@ -6,8 +6,11 @@
 # Parts (rough minutes on one H200, model builds and graph captures included):
 #   tests   tests/gpu without the 2-GPU file (~6)
 #   core    W1 W2 against transformers (issue 21's P = 1 check), then W1 ours only with
-#           --kv-dtype fp8, per-layer K/V and absorbed rows (issue 26) (~6)
-#   speed   W3 W4 W5 against transformers (issue 26's targets) (~5)
+#           --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and per-layer K/V
+#           (issue 26) (~6)
+#   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
+#   speed   W3 W4 W5 against transformers (issue 26's targets), then W3 with one and with two
+#           micro-batches (~7)
 #   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22) (~6)
 #   models  W8 W9 against transformers, then benchmarks/profile_w9.py (issues 24, 25) (~6)
 #   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
@@ -50,11 +53,17 @@ for part in "$@"; do
             -p no:cacheprovider --junitxml="$(name gpu-tests).xml" ;;
     core)
         step 240 W1-W2 encdec bench W1 W2 --out "$(name W1-W2).json"
-        step 90 W1-fp8-kv encdec bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json"
-        step 90 W1-fp8-absorbed encdec bench W1 --baseline none --kv-dtype fp8 --cross absorbed \
-            --out "$(name W1-fp8-absorbed).json" ;;
+        step 90 W1-fp8-absorbed encdec bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
+        step 90 W1-fp8-kv encdec bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
+    kernels)
+        step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
+        for form in ring producer registers; do
+            step 60 sweep-shared-kv-fp8-$form python3 benchmarks/sweep_shared_kv.py --quick --fp8 $form
+        done ;;
     speed)
-        step 300 W3-W4-W5 encdec bench W3 W4 W5 --out "$(name W3-W4-W5).json" ;;
+        step 300 W3-W4-W5 encdec bench W3 W4 W5 --out "$(name W3-W4-W5).json"
+        step 60 W3-mb1 encdec bench W3 --baseline none --micro-batches 1 --out "$(name W3-mb1).json"
+        step 60 W3-mb2 encdec bench W3 --baseline none --micro-batches 2 --out "$(name W3-mb2).json" ;;
     spec)
         step 330 W5-W1-speculative-oracle encdec bench W5 W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json" ;;
@@ -68,7 +77,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 encdec bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 encdec bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests core speed spec models trt pp2)" >&2
+        echo "unknown part $part (tests core kernels speed spec models trt pp2)" >&2
         exit 2 ;;
     esac
 done
