@@ -541,6 +541,7 @@ class PipelineRunner:
     _tensor = ModelRunner._tensor
     _init_tables = ModelRunner._init_tables
     _hopper_cross = ModelRunner._hopper_cross
+    _tile_end_slots = ModelRunner._tile_end_slots
 
     def __init__(self, loaded, config: EngineConfig, queries: int = 1):
         model, stages = loaded.model, config.pipeline_parallel
@@ -750,7 +751,7 @@ class PipelineRunner:
             lens = [g.encoder_len for g in part]
             mb = {"cu": np.concatenate([[0], np.cumsum(lens)]).astype(np.int32), "max": max(lens)}
             mb["slots"] = self._cross_slots(part)
-            mb["zero"] = self._tile_ends(part) if self.encoder_rows is not None else None
+            mb["zero"] = self._tile_end_slots(part) if self.encoder_rows is not None else None
             micro.append(mb)
             if self.plans[0].has_encoder:
                 batches.append(
@@ -761,15 +762,6 @@ class PipelineRunner:
             self.stage.encode(micro, batches)
         for g in groups:
             g.encoded = True
-
-    def _tile_ends(self, groups) -> np.ndarray:
-        import encdec_kernels
-
-        tile = encdec_kernels.SHARED_KV_TILE_ROWS
-        ends = [
-            min(-(-g.encoder_len // tile) * tile, len(g.cross_blocks) * self.cross_block_rows) for g in groups
-        ]
-        return np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
 
     def decode(
         self,

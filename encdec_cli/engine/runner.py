@@ -390,15 +390,20 @@ class ModelRunner:
         """Cache slot of every encoder position of the groups, packed."""
         return np.concatenate([self._cross_positions(g, 0, g.encoder_len) for g in groups])
 
+    def _tile_end_slots(self, groups: list[SequenceGroup]) -> np.ndarray:
+        """The cross-cache slots after each request's encoder rows up to the end of their last
+        ``encdec_kernels.SHARED_KV_TILE_ROWS``-row tile (see ``_zero_tile_ends``)."""
+        tile = encdec_kernels.SHARED_KV_TILE_ROWS
+        ends = [min(-(-g.encoder_len // tile) * tile, len(g.cross_blocks) * self.cross_block_rows)
+                for g in groups]  # fmt: skip
+        return np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
+
     def _zero_tile_ends(self, groups: list[SequenceGroup]) -> None:
         """Absorbed layout: write zeros after each request's encoder rows up to the end of their last
         ``encdec_kernels.SHARED_KV_TILE_ROWS``-row tile. The Hopper kernel loads whole tiles and
         masks the scores only, so a stale inf or NaN left there by an earlier request would reach
         the output through 0 * inf."""
-        tile = encdec_kernels.SHARED_KV_TILE_ROWS
-        ends = [min(-(-g.encoder_len // tile) * tile, len(g.cross_blocks) * self.cross_block_rows)
-                for g in groups]  # fmt: skip
-        slots = np.concatenate([self._cross_positions(g, g.encoder_len, e) for g, e in zip(groups, ends)])
+        slots = self._tile_end_slots(groups)
         if len(slots):
             zeros = torch.zeros(
                 (len(slots), self.encoder_rows.shape[3]), dtype=self.dtype, device=self.device
