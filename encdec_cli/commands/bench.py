@@ -69,9 +69,10 @@ def bench(
     micro_batches: str = typer.Option(
         "auto",
         "--micro-batches",
-        help="Steps that need their tokens on the host before the next one (beam search, sampling) "
-        "alternate between two cohorts of the requests, so one's host work overlaps the other's GPU "
-        "step: auto (beam search, with enough sequences), 1 (off) or 2 (every step that cannot run ahead).",
+        help="Steps that need their tokens on the host before the next one (beam search, speculative "
+        "verification, sampling) alternate between two cohorts of the requests, so one's host work "
+        "overlaps the other's GPU step: auto (beam search and verification steps, with enough "
+        "sequences), 1 (off) or 2 (every step that cannot run ahead).",
     ),
     speculative: str = typer.Option(
         "off",
@@ -126,8 +127,6 @@ def bench(
         beams = [w for w in ids if WORKLOADS[w].num_beams > 1]
         if beams:
             common.fail(f"--speculative cannot run beam-search workloads ({', '.join(beams)})")
-        if micro_batches == "2":
-            common.fail("--micro-batches 2 cannot run with --speculative (use auto or 1)")
     results = []
     dev = torch.cuda.get_device_name().replace(" ", "-")
     path = Path(out or f"benchmarks/results/{dev}-{time.strftime('%Y%m%d-%H%M%S')}.json")

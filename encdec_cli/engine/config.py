@@ -91,10 +91,11 @@ class EngineConfig:
     kv_dtype: str = "auto"
     # micro-batches (Engine._micro_step): steps whose tokens must reach the host before the next one
     # alternate between two cohorts of the running requests, so one cohort's host work (beam
-    # bookkeeping) overlaps the other's GPU step. None: auto (on CUDA, without speculation or
-    # pipeline stages, for steps with a beam search once each cohort holds at least
-    # MICRO_BATCH_MIN_SEQS sequences); 1: off; 2: for every step that cannot run ahead (beam search,
-    # sampling, rules reading the tokens) whenever both cohorts have a sequence
+    # bookkeeping, speculative acceptance and drafting) overlaps the other's GPU step. None: auto
+    # (on CUDA, without pipeline stages, for steps with a beam search or speculative verification
+    # once each cohort holds at least MICRO_BATCH_MIN_SEQS sequences); 1: off; 2: for every step
+    # that cannot run ahead (beam search, verification, sampling, rules reading the tokens)
+    # whenever both cohorts have a sequence
     micro_batches: int | None = None
 
     def __post_init__(self):
@@ -111,10 +112,10 @@ class EngineConfig:
         parse_speculative(self.speculative)  # ValueError on a bad value, before anything loads
         if self.micro_batches not in (None, 1, 2):
             raise ValueError(f"micro_batches must be 1, 2 or None (auto), got {self.micro_batches!r}")
-        if self.micro_batches == 2 and (self.pipeline_parallel > 1 or parse_speculative(self.speculative)):
+        if self.micro_batches == 2 and self.pipeline_parallel > 1:
             raise ValueError(
-                "two micro-batches (--micro-batches 2) are not built for speculative decoding or "
-                "pipeline stages: use --micro-batches 1 or auto"
+                "two micro-batches (--micro-batches 2) are not built for pipeline stages: use "
+                "--micro-batches 1 or auto"
             )
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")

@@ -24,8 +24,8 @@ from encdec_cli.engine.speculative import (
     Drafter,
     ModelDrafter,
     NgramDrafter,
+    PendingVerify,
     Speculator,
-    Verified,
 )
 from encdec_cli.engine.transfer import take_rows
 from encdec_cli.errors import PipelineFailure
@@ -161,17 +161,17 @@ class Engine:
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
         # micro-batches (see _micro_step): two cohorts, or 1 (off); each needs this many sequences
         mb = self.config.micro_batches
-        if mb == 2 and self.speculator is not None:
-            raise ValueError("two micro-batches are not built for speculative decoding (a drafter)")
-        can_split = self.speculator is None and self.config.pipeline_parallel == 1
+        can_split = self.config.pipeline_parallel == 1
         self.micro_batches = mb if mb is not None else 2 if can_split and self.device.type == "cuda" else 1
         self._cohort_min_seqs = MICRO_BATCH_MIN_SEQS if mb is None else 1
-        # auto: only beam search (the heavy host bookkeeping); 2: any step that cannot run ahead
+        # auto: only beam search (the heavy host bookkeeping) and verification steps; 2: also any
+        # other step that cannot run ahead
         self._cohorts_for_beams_only = mb is None
         self.scheduler.cohorts = self.micro_batches
         self._turn = 0  # the cohort of the next micro-batch step when none is pending
-        # (cohort, its launched token choice): a micro-batch step whose host part is still to run
-        self._pending: tuple[int, PendingSample] | None = None
+        # (cohort, its launched token choice or acceptance): a micro-batch step whose host part is
+        # still to run
+        self._pending: tuple[int, PendingSample | PendingVerify] | None = None
         self._profile = self.config.profile
         self.reset_stats()
 
@@ -448,12 +448,15 @@ class Engine:
         (see ``_can_run_ahead``) skips the first two."""
         self._tick("outside")
         self._stats.steps += 1
-        if self.speculator is not None:
-            self.speculator.tick()
+        spec = self.speculator
         if self._ahead is not None:
+            if spec is not None:
+                spec.tick()
             seqs, logits = self._take_ahead()
         else:
             cohort = self._step_cohort()
+            if spec is not None:
+                spec.tick(cohort)
             if cohort is not None:
                 yield from self._micro_step(cohort)
                 return
@@ -464,9 +467,9 @@ class Engine:
                 yield Result(group.request.request_id, [], error=msg)
             self._forget_drafts(plan.preempted)
             seqs, logits, drafts = self._run(plan)
-            if drafts is not None:  # a verification step
+            if drafts is not None:  # a verification step: launch and host part back to back
                 self._tick("decode")
-                yield from self._finish_verified(seqs, drafts, logits)
+                yield from self._finish_verified(self.speculator.verify_launch(logits, seqs, drafts))
                 self._tick("sample")
                 return
         if not seqs:
@@ -507,7 +510,10 @@ class Engine:
                 self._tick("draft")
                 self.runner.copy_blocks(copies)
                 tokens = [d.tokens if d is not None else [] for d in drafts]
-                logits = self.runner.decode(plan.decode, drafts=tokens)
+                if keep is None:
+                    logits = self.runner.decode(plan.decode, drafts=tokens)
+                else:  # a micro-batch step (a ModelRunner: no pipeline stages)
+                    logits = self.runner.decode(plan.decode, drafts=tokens, keep=keep)
                 self.blocks.commit_cached()  # this step's cache entries are written (queued)
                 return plan.decode, logits, drafts
         if keep is None:
@@ -522,12 +528,13 @@ class Engine:
             for g in groups:
                 self.speculator.drafter.forget(g)
 
-    def _finish_verified(
-        self, seqs: list[Sequence], drafts: list[Draft | None], logits: torch.Tensor
-    ) -> Iterator[Result]:
-        """A verification step's tokens: each sequence takes its accepted drafts and one token of
-        the target's (until a stop token or its length ends it); rejected drafts' slots go back."""
-        verified: list[Verified] = self.speculator.verify(logits, seqs, drafts)
+    def _finish_verified(self, pending: PendingVerify) -> Iterator[Result]:
+        """A verification step's host part (``Speculator.verify_finish``: acceptance from the
+        tokens copied to the host) and its tokens: each sequence takes its accepted drafts and one
+        token of the target's (until a stop token or its length ends it); rejected drafts' slots
+        go back."""
+        verified = self.speculator.verify_finish(pending)
+        seqs, drafts = pending.seqs, pending.drafts
         stats, now = self._stats, time.perf_counter()
         stats.verify_steps += 1
         for s, d, v in zip(seqs, drafts, verified):
@@ -539,7 +546,7 @@ class Engine:
             stats.decode_rows += 1
             stats.draft_tokens += proposed
             stats.accepted_tokens += v.accepted
-            self.speculator.adapt(s, proposed, v.accepted)
+            self.speculator.adapt(s, proposed, v.accepted, pending.clock)
             p, n = group.params, len(v.tokens)
             if (
                 v.logprobs is None
@@ -588,10 +595,11 @@ class Engine:
     def _step_cohort(self) -> int | None:
         """The cohort the next step runs, or None for a whole step: with two micro-batches on, the
         cohort after the pending one, when each cohort holds enough sequences and some running
-        request needs its tokens on the host before its next step: beam search (auto), or also
-        sampling and rules that read the tokens (``micro_batches`` 2: what ``_can_run_ahead``
-        refuses); a whole step otherwise (one request, an empty cohort, all greedy: those run
-        ahead instead)."""
+        request needs its tokens on the host before its next step: beam search or a sequence that
+        may take drafts (speculative verification, ``Speculator.drafts_next_step``) (auto), or
+        also sampling and rules that read the tokens (``micro_batches`` 2: what
+        ``_can_run_ahead`` refuses); a whole step otherwise (one request, an empty cohort, all
+        greedy without drafts: those run ahead instead)."""
         if self.micro_batches == 1:
             return None
         cohort = 1 - self._pending[0] if self._pending is not None else self._turn
@@ -603,9 +611,11 @@ class Engine:
             if not host_bound:
                 p = g.params
                 host_bound = p.num_beams > 1 if beams_only else not (p.greedy and p.count_based_rules)
-        if not host_bound or min(load) < self._cohort_min_seqs:
+        if min(load) < self._cohort_min_seqs:
             return None
-        return cohort
+        if not host_bound and self.speculator is not None:  # drafts follow from the last tokens
+            host_bound = self.speculator.drafts_next_step([s for g in self.scheduler.running for s in g.seqs])
+        return cohort if host_bound else None
 
     def _micro_step(self, cohort: int) -> Iterator[Result]:
         """One step of one cohort (micro-batch) X while the other cohort Y's previous step is
@@ -614,17 +624,26 @@ class Engine:
         (``Sampler.launch``: beam candidates, tokens, copies toward the host); only then finish Y's
         step on the host (``Sampler.finish``: it waits for Y's copies alone, queued before X's
         work), so Y's bookkeeping runs while the GPU computes X. X's step is then the pending one.
-        On the CPU the same order runs without overlap."""
+        On the CPU the same order runs without overlap.
+
+        With speculative decoding X's step may be a verification step: X's drafts are proposed
+        (its tokens are on the host: its previous host part ran), its verification run launched,
+        then the device part of acceptance (``Speculator.verify_launch``); Y's pending step, a
+        verification step or a plain one, finishes after that (``_finish_verified``)."""
         self._stats.micro_batch_steps += 1
         plan = self.scheduler.schedule(cohort)
         for group, msg in plan.failed:
             yield Result(group.request.request_id, [], error=msg)
         self._forget_drafts(plan.preempted)
         keep = [s for g in self.scheduler.running if g.cohort != cohort for s in g.seqs]
-        seqs, logits, _ = self._run(plan, keep)  # no drafts: micro-batches run without speculation
+        seqs, logits, drafts = self._run(plan, keep)
         if seqs:
             self._tick("decode")
-        launched = self.sampler.launch(logits, seqs) if seqs else None
+        launched: PendingSample | PendingVerify | None = None
+        if drafts is not None:
+            launched = self.speculator.verify_launch(logits, seqs, drafts)
+        elif seqs:
+            launched = self.sampler.launch(logits, seqs)
         if self._pending is not None:
             yield from self._finish_pending()
         if launched is not None:
@@ -633,11 +652,15 @@ class Engine:
         self._tick("sample")
 
     def _finish_pending(self) -> Iterator[Result]:
-        """The host part of the pending micro-batch step: its tokens appended, beams advanced,
-        finished requests out as Results."""
+        """The host part of the pending micro-batch step: its tokens appended (a verification
+        step's: accepted, rejected drafts' slots given back), beams advanced, finished requests out
+        as Results."""
         _, pending = self._pending
         self._pending = None
-        yield from self._finish(self.sampler.finish(pending, self.blocks))
+        if isinstance(pending, PendingVerify):
+            yield from self._finish_verified(pending)
+        else:
+            yield from self._finish(self.sampler.finish(pending, self.blocks))
 
     # ---- one step ahead (see EngineConfig.lookahead) -----------------------------------------
     def _can_run_ahead(self, seqs: list[Sequence]) -> bool:

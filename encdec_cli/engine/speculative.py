@@ -422,6 +422,32 @@ class Verified:
     accepted: int  # draft tokens accepted
 
 
+@dataclass
+class PendingVerify:
+    """A verification step's acceptance launched on the device (``Speculator.verify_launch``), not
+    yet on the host: ``Speculator.verify_finish`` waits for its copy (its event only) and
+    completes it."""
+
+    seqs: list[Sequence]
+    drafts: list[Draft | None]
+    clock: int  # the speculator's clock at the step (adaptive K's back-off counts from it)
+    host: torch.Tensor  # what the host reads, on its way (CPU tensor; pinned on CUDA)
+    done: object  # a CUDA event after the copy, or None (on the CPU: nothing to wait for)
+    layout: tuple | None  # verify_finish's row bookkeeping; None: the few-row path
+
+
+def _toward_host(x: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """x on the host: on CUDA a non-blocking copy into fresh pinned memory and an event behind it
+    (read the copy once the event completes); on the CPU x itself."""
+    if x.device.type != "cuda":
+        return x, None
+    host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+    host.copy_(x, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
 def _fit_vocab(q: torch.Tensor, vocab: int) -> torch.Tensor:
     if q.shape[1] == vocab:
         return q
@@ -533,14 +559,24 @@ class Speculator:
         self.drafter, self.blocks, self.adaptive = drafter, blocks, adaptive
         self._adapt: weakref.WeakKeyDictionary[Sequence, _Adapt] = weakref.WeakKeyDictionary()
         self.clock = 0  # the engine's steps so far (``tick``)
+        self._cohort_clock = [0, 0]  # the clock at each micro-batch cohort's last step
 
     @property
     def k(self) -> int:
         return self.drafter.k
 
-    def tick(self) -> None:
-        """The engine starts a step."""
-        self.clock += 1
+    def tick(self, cohort: int | None = None) -> None:
+        """The engine starts a step: a whole step, or (``cohort``) a step of one of two micro-batch
+        cohorts. The clock counts each sequence's own steps: a cohort's step advances it only when
+        that cohort already stepped at the current clock, so both cohorts' steps of one round share
+        a clock value, as the sequences' one whole step would."""
+        if cohort is None:
+            self.clock += 1
+            self._cohort_clock = [self.clock, self.clock]
+            return
+        if self._cohort_clock[cohort] == self.clock:
+            self.clock += 1
+        self._cohort_clock[cohort] = self.clock
 
     def _want(self, s: Sequence) -> int:
         """Drafts the sequence may take this step (adaptive K; without it, K)."""
@@ -566,28 +602,31 @@ class Speculator:
                 return True
         return False
 
-    def _back_off(self, a: _Adapt, wait: int) -> None:
-        """Try again on a multiple of ``wait``, between half a wait and one and a half from now."""
+    def _back_off(self, a: _Adapt, wait: int, clock: int) -> None:
+        """Try again on a multiple of ``wait``, between half a wait and one and a half after
+        ``clock``."""
         a.backoff = wait
-        a.next_try = ((self.clock + wait // 2) // wait + 1) * wait
+        a.next_try = ((clock + wait // 2) // wait + 1) * wait
 
-    def adapt(self, s: Sequence, proposed: int, accepted: int) -> None:
-        """After verification: the sequence's K for the next steps (see the class docstring)."""
+    def adapt(self, s: Sequence, proposed: int, accepted: int, clock: int | None = None) -> None:
+        """After verification: the sequence's K for the next steps (see the class docstring).
+        ``clock``: the verified step's (``PendingVerify.clock``; default: now)."""
         if not self.adaptive or proposed == 0:
             return
         a = self._adapt.get(s)
         if a is None:
             return
+        clock = self.clock if clock is None else clock
         if accepted == 0:
             if a.k == 0:  # a failed try: wait twice as long
-                self._back_off(a, min(BACKOFF_MOST, a.backoff * 2))
+                self._back_off(a, min(BACKOFF_MOST, a.backoff * 2), clock)
                 return
             a.misses += 1
             if a.misses < MISSES:
                 return
             a.misses, a.k = 0, a.k // 2
             if a.k == 0:
-                self._back_off(a, BACKOFF_FIRST)
+                self._back_off(a, BACKOFF_FIRST, clock)
         else:
             a.k, a.backoff, a.misses = min(self.drafter.k, max(1, a.k) * 2), 0, 0
 
@@ -628,19 +667,30 @@ class Speculator:
         self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
     ) -> list[Verified]:
         """logits [sum(len(draft) + 1), V] float32 (``ModelRunner.decode(drafts=...)``) -> each
-        sequence's tokens (see the module docstring).
+        sequence's tokens (see the module docstring): ``verify_launch`` and ``verify_finish`` back
+        to back (a whole step; the engine's micro-batches run the other cohort's host part between
+        them)."""
+        return self.verify_finish(self.verify_launch(logits, seqs, drafts))
 
-        All rows at once: the logits rules over every row (``process_logits`` with each row's
-        drafts seen; count-based rules vectorised); the argmax of every row (greedy sequences)
-        and speculative sampling (sampled sequences: ``speculative_accept``) on the device; one
-        device-to-host copy of those (and of log-probabilities when asked for); greedy acceptance
-        (the drafts up to the first that is not the argmax) in numpy over all rows. A few greedy
-        sequences without log-probabilities (batch 1) take ``_verify_few``: the same in Python."""
+    def verify_launch(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
+    ) -> PendingVerify:
+        """The device half of verification, nothing read back: the logits rules over every row
+        (``process_logits`` with each row's drafts seen; count-based rules vectorised; their host
+        part reads only these sequences' tokens), the argmax of every row (greedy sequences) and
+        speculative sampling (sampled sequences: ``speculative_accept``) on the device, and one
+        non-blocking copy of those (and of log-probabilities when asked for) toward the host, an
+        event behind it. Every read of ``logits`` is queued here (a CUDA graph's output buffer may
+        be overwritten by a later replay). Changes no sequence.
+
+        A few greedy sequences without log-probabilities (batch 1) take ``_verify_few``'s path:
+        the same in Python lists."""
         n = len(seqs)
+        clock = self.clock
         if n * (self.drafter.k + 1) <= FEW_ROWS and not any(
             s.group.params.temperature > 0 or s.group.params.logprobs for s in seqs
         ):
-            return self._verify_few(logits, seqs, drafts)
+            return self._launch_few(logits, seqs, drafts, clock)
         dev = logits.device
         lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, n)
         counts = lens + 1
@@ -676,7 +726,7 @@ class Speculator:
         want_lp = any(s.group.params.logprobs for s in seqs)
         sampled = [b for b, s in enumerate(seqs) if s.group.params.temperature > 0]
         parts: list[torch.Tensor] = []  # what the host needs, copied to it at once
-        if len(sampled) < n:  # greedy rows: the argmax of every row (acceptance below, numpy)
+        if len(sampled) < n:  # greedy rows: the argmax of every row (acceptance: verify_finish)
             g = logits.argmax(-1)
             parts.append(g)
             if want_lp:
@@ -692,7 +742,23 @@ class Speculator:
                 parts.append(lp[at.clamp_(max=total - 1), tok.clamp(0, lp.shape[1] - 1)].flatten())
         if want_lp:
             parts = [x.double() for x in parts]
-        res = torch.cat(parts).cpu().numpy()  # the step's one device-to-host copy
+        host, done = _toward_host(torch.cat(parts))  # the step's one device-to-host copy
+        return PendingVerify(
+            seqs, drafts, clock, host, done, (lens, starts, total, kmax, table, sampled, want_lp)
+        )
+
+    def verify_finish(self, pending: PendingVerify) -> list[Verified]:
+        """The host half: waits for this step's copy only (its event), then greedy acceptance (the
+        drafts up to the first that is not the argmax) in numpy over all rows, the sampled rows'
+        outcome as read back, and a stop token's log-probability kept on its sequence."""
+        if pending.layout is None:
+            return self._finish_few(pending)
+        if pending.done is not None:
+            pending.done.synchronize()  # this step's copy only; later work keeps running
+        seqs, drafts = pending.seqs, pending.drafts
+        lens, starts, total, kmax, table, sampled, want_lp = pending.layout
+        n = len(seqs)
+        res = pending.host.numpy()
         accepted = np.zeros(n, np.int64)
         last = np.zeros(n, np.int64)
         lp_rows = None  # [n, kmax + 1] log-probabilities of the tokens each sequence takes
@@ -741,6 +807,11 @@ class Speculator:
         rules over every row (``process_logits``' few-row path where the rules count tokens),
         every row's argmax in one device-to-host copy, then each sequence takes its drafts up to
         the first that is not the argmax, and the argmax there."""
+        return self._finish_few(self._launch_few(logits, seqs, drafts, self.clock))
+
+    def _launch_few(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None], clock: int
+    ) -> PendingVerify:
         toks = [d.tokens if d is not None else [] for d in drafts]
         flat: list[Sequence] = []  # each row's sequence, the drafts it sees, its tokens generated
         seen: list[list[int]] = []
@@ -757,10 +828,17 @@ class Speculator:
             return Extended(flat[i], seen[i][: drafted[i]])
 
         process_logits(logits, flat, rows_by_params(flat), drafted, view, generated)
-        best = logits.argmax(-1).tolist()  # the step's one device-to-host copy
+        host, done = _toward_host(logits.argmax(-1))  # the step's one device-to-host copy
+        return PendingVerify(seqs, drafts, clock, host, done, None)
+
+    def _finish_few(self, pending: PendingVerify) -> list[Verified]:
+        if pending.done is not None:
+            pending.done.synchronize()
+        best = pending.host.tolist()
         result = []
         at = 0
-        for t in toks:
+        for d in pending.drafts:
+            t = d.tokens if d is not None else []
             m, k = 0, len(t)
             while m < k and best[at + m] == t[m]:
                 m += 1
@@ -787,12 +865,23 @@ class Speculator:
             sel = np.concatenate([np.arange(local[r], local[r] + counts[r]) for r in rs])
             dst = to_device(dev, sel)
             probs[dst] = sampling_probs(logits.index_select(0, to_device(dev, src[sel])), p)
-        u = torch.cat(
-            [
-                torch.rand(1, kmax + 1, generator=sampling_generator(seqs[b].group, dev), device=dev)
-                for b in rows
-            ]
-        )
+        # each row's random draws do not depend on the step's other rows (so seeded sampling gives
+        # the same tokens in any batch, whole steps or micro-batches): a row with drafts draws
+        # len + 1 uniforms (u[:, :len] and u[:, kmax]); one without draws its token as a plain
+        # step does (choose_tokens_on_device: multinomial)
+        u = torch.zeros(len(rows), kmax + 1, device=dev)
+        plain: list[tuple[int, torch.Tensor]] = []  # (row, its token) of rows without drafts
+        draws, dest = [], []
+        for r, b in enumerate(rows):
+            gen = sampling_generator(seqs[b].group, dev)
+            n = int(ln[r])
+            if n == 0:
+                plain.append((r, torch.multinomial(probs[int(local[r])], 1, generator=gen)))
+                continue
+            draws.append(torch.rand(n + 1, generator=gen, device=dev))
+            dest.append(r * (kmax + 1) + np.append(np.arange(n), kmax))
+        if draws:
+            u.view(-1)[to_device(dev, np.concatenate(dest))] = torch.cat(draws)
         dprobs = None
         if any(drafts[b] is not None and drafts[b].probs is not None for b in rows):
             dprobs = torch.zeros(len(rows), kmax, vocab, device=dev)
@@ -806,7 +895,10 @@ class Speculator:
                     t = to_device(dev, d.tokens).clamp_(max=vocab - 1)
                     dprobs[r, torch.arange(len(d.tokens), device=dev), t] = 1.0
         meta = to_device(dev, np.stack([local, ln]))
-        return speculative_accept(probs, meta[0], meta[1], table, dprobs, u)
+        m, token = speculative_accept(probs, meta[0], meta[1], table, dprobs, u)
+        if plain:  # their m is 0 already
+            token[to_device(dev, [r for r, _ in plain])] = torch.cat([t for _, t in plain])
+        return m, token
 
     def settle(self, seq: Sequence, num_tokens_before: int, accepted: int) -> None:
         """After a running sequence took its verified tokens: the cache holds its tokens up to the

@@ -239,5 +239,6 @@ def test_profiled_phases_and_close(bart_cpu):
 def test_micro_batches_config():
     with pytest.raises(ValueError, match="micro_batches"):
         EngineConfig(micro_batches=3)
-    with pytest.raises(ValueError, match="speculative"):
-        EngineConfig(micro_batches=2, speculative="ngram")
+    with pytest.raises(ValueError, match="pipeline"):
+        EngineConfig(micro_batches=2, pipeline_parallel=2)
+    assert EngineConfig(micro_batches=2, speculative="ngram").micro_batches == 2  # built together

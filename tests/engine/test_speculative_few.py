@@ -1,8 +1,8 @@
 """Speculative decoding at batch 1 (one sequence slot): the few-row paths of verification
-(``Speculator._verify_few``), of the logits rules (``sampling.FEW_ROWS``) and of the input layout
-(``runner.FEW_SEQS``) give plain decoding's tokens, with every count-based rule, with n-gram bans
-(the general rules path on those rows) and with log-probabilities (the vectorised verification).
-CPU, float32."""
+(``Speculator._verify_few``: ``_launch_few`` and ``_finish_few``), of the logits rules
+(``sampling.FEW_ROWS``) and of the input layout (``runner.FEW_SEQS``) give plain decoding's
+tokens, with every count-based rule, with n-gram bans (the general rules path on those rows) and
+with log-probabilities (the vectorised verification). CPU, float32."""
 
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ def test_batch_one_verification_matches_plain(bart_cpu, monkeypatch, variant):
     reqs = random_text_requests(tiny, loaded.tokenizer, 6, 11, (2, 10), (6, 24), (0, 5, 12), **params)
     _, want = _run(loaded, reqs)
     few = []
-    original = Speculator._verify_few
+    original = Speculator._launch_few  # the few-row path's launch (verify_launch takes it)
 
-    def spy(self, logits, seqs, drafts):
+    def spy(self, logits, seqs, drafts, clock):
         few.append(len(seqs))
-        return original(self, logits, seqs, drafts)
+        return original(self, logits, seqs, drafts, clock)
 
-    monkeypatch.setattr(Speculator, "_verify_few", spy)
+    monkeypatch.setattr(Speculator, "_launch_few", spy)
     recorded = {rid: toks for rid, (toks, _, _) in want.items()}
     for kind in ("oracle", "ngram:4"):
         drafter = None
