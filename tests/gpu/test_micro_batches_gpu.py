@@ -72,3 +72,54 @@ def test_auto_turns_micro_batches_on_for_cuda(tiny_text_model):
     loaded = load_model(tiny.path, device="cuda", dtype="float32")
     assert Engine(loaded, max_num_seqs=8, num_blocks=200).micro_batches == 2
     assert Engine(loaded, max_num_seqs=8, num_blocks=200, micro_batches=1).micro_batches == 1
+
+
+def test_speculative_micro_batches_match_whole_steps_with_graphs(tiny_text_model):
+    """Verification steps in two cohorts with the verification graphs: greedy tokens as without
+    speculation and as with one cohort; a cohort's acceptance launch (``Speculator.verify_launch``:
+    logits rules, argmax, the copy to pinned memory) never waits for the GPU while the other
+    cohort's step is pending."""
+    from encdec_cli.engine import OracleDrafter
+    from encdec_models.loading import load_model
+    from tests.engine.test_speculative import text_requests as spec_requests
+
+    tiny = tiny_text_model("bart")
+    loaded = load_model(tiny.path, device="cuda", dtype="float32")
+    reqs = spec_requests(tiny, loaded.tokenizer, n=40, seed=3)
+    _, want, _ = _run(loaded, reqs, 1, block_size=4)
+    recorded = {rid: c[0][0] for rid, c in want.items()}
+    for num_blocks in (3000, 60):
+        runs = {}
+        for mb in (1, 2):
+            drafter = OracleDrafter(recorded, 0.7, 4, loaded.model.vocab_size, seed=1)
+            cfg = dict(max_num_seqs=32, block_size=4, num_blocks=num_blocks)
+            engine = Engine(loaded, drafter=drafter, micro_batches=mb, **cfg)
+            assert engine.uses_cuda_graphs
+            checked = 0
+            launch = engine.speculator.verify_launch
+
+            def checked_launch(logits, seqs, drafts, engine=engine, launch=launch):
+                nonlocal checked
+                if engine._pending is None:
+                    return launch(logits, seqs, drafts)
+                checked += 1
+                torch.cuda.set_sync_debug_mode("error")  # a sync here would idle the GPU
+                try:
+                    return launch(logits, seqs, drafts)
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+
+            engine.speculator.verify_launch = checked_launch
+            got = {}
+            for r in engine.generate(reqs):
+                assert r.error is None, r.error
+                got[r.request_id] = [(c.token_ids, c.finish_reason) for c in r.completions]
+            assert got == {rid: [c[:2] for c in cs] for rid, cs in want.items()}, (mb, num_blocks)
+            assert engine.blocks.num_free == engine.blocks.num_blocks
+            assert engine.stats.accepted_tokens > 0
+            assert sum(g.replays for g in engine.runner.verify_graphs) > 0
+            runs[mb] = (engine.stats, checked)
+        (whole, _), (split, checked) = runs[1], runs[2]
+        assert whole.micro_batch_steps == 0 and split.micro_batch_steps >= 10
+        assert checked >= 5
+    assert Engine(loaded, speculative="ngram:4", max_num_seqs=8, num_blocks=200).micro_batches == 2
