@@ -9,9 +9,13 @@ Printed per run: CPU process time per step, and that time less the model's own e
 steps, drafts, accepted drafts and whether the outputs equal the plain run's.
 
     OMP_NUM_THREADS=1 python benchmarks/spec_host_profile.py [--requests 256] [--tokens 64] [--k 4]
-        [--alphas 0,0.7] [--fixed-k] [--show k4a0.7 [--sort cumulative]] [--calls]
+        [--alphas 0,0.7] [--fixed-k] [--micro-batches 1,2] [--show k4a0.7 [--sort cumulative]]
+        [--calls]
     # --show: cProfile's top engine (encdec_cli) functions of that run
     # --calls: median wall time per call of the step's pieces, without cProfile
+    # --micro-batches: speculative runs with one cohort and (2) two (EngineConfig.micro_batches): a
+    #   round of two cohort steps decodes every sequence once, as one whole step does, so the time
+    #   is also printed per round; on the CPU nothing overlaps
 """
 
 from __future__ import annotations
@@ -33,6 +37,11 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--alphas", default="0,0.7")
     ap.add_argument("--fixed-k", action="store_true", help="speculative_adaptive=False")
+    ap.add_argument(
+        "--micro-batches",
+        default="1",
+        help="comma-separated micro_batches values of the speculative runs (1: whole steps, 2: cohorts)",
+    )
     ap.add_argument("--show", default=None, help="print the profile of this run (plain, k4a0.7, ...)")
     ap.add_argument("--sort", default="tottime", help="--show's order (pstats: tottime, cumulative)")
     ap.add_argument(
@@ -94,10 +103,18 @@ def main() -> None:
             raise SystemExit("no model encode / decode time found in the profile; update the file filter")
         st = engine.stats
         same = sum(r.token_ids == recorded[r.request_id] for r in out) / len(out)
+        rounds = st.steps - st.micro_batch_steps / 2  # whole-step equivalents
+        split = (
+            f", per round of both cohorts {cpu * 1e3 / rounds:.2f} / host "
+            f"{(cpu - model) * 1e3 / rounds:.2f} ms "
+            f"({st.micro_batch_steps} cohort steps)"
+            if st.micro_batch_steps
+            else ""
+        )
         print(
             f"{label}: {cpu * 1e3 / st.steps:.2f} ms/step CPU, host (less model) "
-            f"{(cpu - model) * 1e3 / st.steps:.2f} ms/step, {st.steps} steps ({st.verify_steps} verifying, "
-            f"{st.ahead_steps} run ahead), drafts {st.draft_tokens}, "
+            f"{(cpu - model) * 1e3 / st.steps:.2f} ms/step{split}, {st.steps} steps ({st.verify_steps} "
+            f"verifying, {st.ahead_steps} run ahead), drafts {st.draft_tokens}, "
             f"accepted {st.accepted_tokens}, outputs equal to plain {same:.3f}"
         )
         if args.show == label:
@@ -115,7 +132,8 @@ def main() -> None:
             (runner.ModelRunner, "verify_layout"),
             (runner.ModelRunner, "decode"),
             (type(loaded.model), "decode"),
-            (speculative.Speculator, "verify"),
+            (speculative.Speculator, "verify_launch"),
+            (speculative.Speculator, "verify_finish"),
             (speculative, "process_logits"),  # the verification's rules (the sampler has its own name)
         ]
         spent: dict[str, list[float]] = {}  # piece -> its calls' seconds
@@ -152,13 +170,17 @@ def main() -> None:
 
     measure(plain, "plain")
     plain.close()
-    for alpha in (float(a) for a in args.alphas.split(",")):
-        drafter = OracleDrafter(recorded, alpha, args.k, loaded.model.vocab_size)
-        engine = Engine(loaded, drafter=drafter, speculative_adaptive=not args.fixed_k, **engine_cfg)
-        measure(engine, f"k{args.k}a{alpha}")
-        if args.calls:
-            per_call(engine, f"k{args.k}a{alpha}")
-        engine.close()
+    for mb in (int(m) for m in args.micro_batches.split(",")):
+        for alpha in (float(a) for a in args.alphas.split(",")):
+            drafter = OracleDrafter(recorded, alpha, args.k, loaded.model.vocab_size)
+            engine = Engine(
+                loaded, drafter=drafter, speculative_adaptive=not args.fixed_k, micro_batches=mb, **engine_cfg
+            )
+            label = f"k{args.k}a{alpha}" + (f"mb{mb}" if mb != 1 else "")
+            measure(engine, label)
+            if args.calls:
+                per_call(engine, label)
+            engine.close()
 
 
 if __name__ == "__main__":
