@@ -642,6 +642,8 @@ def run_oracle_sweep(
                     "speedup": value(s_wall, s_tokens) / plain,
                     "wall_s": s_wall,
                     "steps": st.steps,
+                    "micro_batches": engine.micro_batches,
+                    "micro_batch_steps": st.micro_batch_steps,
                     **speculation_info(st),
                     "off_track_proposals": drafter.off_track,
                     # more steps than the plain run at alpha 0 mean fewer sequences a step: an
