@@ -116,9 +116,10 @@ def beam_step_batch(
 def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
     """Top K candidates of G requests sharing (N, K), on the device, without a sync.
 
-    logprobs: [B, V]. Returns float64 [P, G, K] (float64 holds float32 scores and indices exactly,
-    so one copy moves all): P = 2 (scores, flat index beam * V + token into [N, V]), or 3 with the
-    candidates' own log-probs when a request asks for them.
+    logprobs: [B, V]. Returns [P, G, K], float32 when N * V <= 2**24 (float32 holds those flat
+    indices exactly; topk writes its scores straight into it: one cast kernel for the indices),
+    else float64, so one copy moves all: P = 2 (scores, flat index beam * V + token into [N, V]),
+    or 3 with the candidates' own log-probs when a request asks for them.
     """
     n = groups[0].beam.num_beams
     k = groups[0].beam.beams_to_keep
@@ -126,13 +127,19 @@ def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
     num, vocab = len(groups), logprobs.shape[1]
     running = to_device(dev, [g.beam.running_scores for g in groups], F32)  # [G, N]
     flat = [i for r in rows for i in r]
+    want = any(g.params.logprobs for g in groups)
+    if n * vocab <= 1 << 24:  # the usual case: scores, indices (and log-probs) in one float32 tensor
+        out = torch.empty((2 + want, num, k), dtype=F32, device=dev)
+        top_scores, top_idx = out[0], torch.empty((num, k), dtype=torch.long, device=dev)
+    else:
+        out, top_scores, top_idx = None, None, None
     if len(flat) == num * n and flat == list(range(flat[0], flat[0] + len(flat))):
         # the usual case: every request has its N beams, in consecutive rows: a view, no gather
         own = logprobs[flat[0] : flat[0] + len(flat)].view(num, n * vocab)  # [G, N * V]
         acc = own.view(num, n, vocab) + running[:, :, None]
-        top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
+        top_scores, top_idx = _topk(acc.view(num, -1), k, top_scores, top_idx)  # [G, K]
         parts = [top_scores, top_idx]
-        if any(g.params.logprobs for g in groups):
+        if want:
             parts.append(own.gather(1, top_idx))
     else:  # a gather: a first step, or rows of requests of another (N, K) in between
         # first step: the prompt's one row stands for N copies (running scores [0, -1e9, ...])
@@ -140,11 +147,23 @@ def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
         row_idx = to_device(dev, beam_rows)
         acc = logprobs[row_idx]  # [G, N, V]
         acc += running[:, :, None]
-        top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
+        top_scores, top_idx = _topk(acc.view(num, -1), k, top_scores, top_idx)  # [G, K]
         parts = [top_scores, top_idx]
-        if any(g.params.logprobs for g in groups):
+        if want:
             parts.append(logprobs[row_idx.gather(1, top_idx // vocab), top_idx % vocab])
-    return torch.stack([t.double() for t in parts])
+    if out is None:
+        return torch.stack([t.double() for t in parts])
+    out[1].copy_(top_idx)
+    if want:
+        out[2].copy_(parts[2])
+    return out
+
+
+def _topk(x: torch.Tensor, k: int, values: torch.Tensor | None, indices: torch.Tensor | None):
+    """``torch.topk(x, k)`` along the last dim, into ``values`` and ``indices`` when given."""
+    if values is None:
+        return torch.topk(x, k)
+    return torch.topk(x, k, out=(values, indices))
 
 
 def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, blocks: BlockManager) -> None:
