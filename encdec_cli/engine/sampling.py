@@ -124,15 +124,19 @@ ParamRows = list[tuple[SamplingParams, list[int]]]  # rows of a step grouped by 
 
 
 def rows_by_params(seqs: list[Sequence]) -> ParamRows:
-    """The rows of ``seqs`` grouped by their SamplingParams object (first-seen order)."""
+    """The rows of ``seqs`` grouped by their SamplingParams object (first-seen order). A request's
+    rows (its beams) are consecutive: the dict is looked up only when the params change."""
     out: dict[int, tuple[SamplingParams, list[int]]] = {}
+    last, rows = None, []
     for i, s in enumerate(seqs):
         p = s.group.params
-        entry = out.get(id(p))
-        if entry is None:
-            out[id(p)] = (p, [i])
-        else:
-            entry[1].append(i)
+        if p is not last:
+            last = p
+            entry = out.get(id(p))
+            if entry is None:
+                entry = out[id(p)] = (p, [])
+            rows = entry[1]
+        rows.append(i)
     return list(out.values())
 
 
