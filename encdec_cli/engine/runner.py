@@ -302,9 +302,8 @@ class ModelRunner:
             )
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if copies:
-            src = self._tensor([c[0] for c in copies], torch.long)
-            dst = self._tensor([c[1] for c in copies], torch.long)
+        if copies:  # sources and destinations in one host-to-device copy
+            src, dst = self._tensor([[c[0] for c in copies], [c[1] for c in copies]], torch.long)
             raw = self.pool.view(torch.uint8) if self.scales is not None else self.pool  # fp8: as bytes
             raw[:, :, dst] = raw[:, :, src]
             if self.scales is not None:
