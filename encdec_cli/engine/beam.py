@@ -55,9 +55,10 @@ class BeamState:
     num_beams: int
     beams_to_keep: int  # K candidates per step: enough that N of them are not stop tokens
     running_scores: list[float]  # [N] sum of processed log-probs per running beam
-    slot_scores: list[float]  # [N] length-penalised; NEG_LARGE while empty
-    slot_finished: list[bool]  # [N]
-    slots: list[Completion | None] = field(default_factory=list)  # the hypothesis in each slot
+    # [N] each (lists, or one shared tuple of empty slots while none is finished: never mutated)
+    slot_scores: list[float] | tuple[float, ...]  # length-penalised; NEG_LARGE while empty
+    slot_finished: list[bool] | tuple[bool, ...]
+    slots: list[Completion | None] | tuple[None, ...] = field(default_factory=list)  # the hypotheses
     improvable: bool = True  # transformers' early-stop heuristic has not fired yet
 
     @classmethod
@@ -156,9 +157,10 @@ def beam_finish(launch: BeamLaunch, blocks: BlockManager) -> None:
 def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[list[int]]) -> torch.Tensor:
     """Top K candidates of G requests sharing (N, K), on the device, without a sync.
 
-    logprobs: [B, V]. Returns float64 [P, G, K] (float64 holds float32 scores and indices exactly,
-    so one copy moves all): P = 2 (scores, flat index beam * V + token into [N, V]), or 3 with the
-    candidates' own log-probs when a request asks for them.
+    logprobs: [B, V]. Returns [P, G, K], float32 when N * V <= 2**24 (float32 holds those flat
+    indices exactly; topk writes its scores straight into it: one cast kernel for the indices),
+    else float64, so one copy moves all: P = 2 (scores, flat index beam * V + token into [N, V]),
+    or 3 with the candidates' own log-probs when a request asks for them.
     """
     n = groups[0].beam.num_beams
     k = groups[0].beam.beams_to_keep
@@ -166,13 +168,19 @@ def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
     num, vocab = len(groups), logprobs.shape[1]
     running = to_device(dev, [g.beam.running_scores for g in groups], F32)  # [G, N]
     flat = [i for r in rows for i in r]
+    want = any(g.params.logprobs for g in groups)
+    if n * vocab <= 1 << 24:  # the usual case: scores, indices (and log-probs) in one float32 tensor
+        out = torch.empty((2 + want, num, k), dtype=F32, device=dev)
+        top_scores, top_idx = out[0], torch.empty((num, k), dtype=torch.long, device=dev)
+    else:
+        out, top_scores, top_idx = None, None, None
     if len(flat) == num * n and flat == list(range(flat[0], flat[0] + len(flat))):
         # the usual case: every request has its N beams, in consecutive rows: a view, no gather
         own = logprobs[flat[0] : flat[0] + len(flat)].view(num, n * vocab)  # [G, N * V]
         acc = own.view(num, n, vocab) + running[:, :, None]
-        top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
+        top_scores, top_idx = _topk(acc.view(num, -1), k, top_scores, top_idx)  # [G, K]
         parts = [top_scores, top_idx]
-        if any(g.params.logprobs for g in groups):
+        if want:
             parts.append(own.gather(1, top_idx))
     else:  # a gather: a first step, or rows of requests of another (N, K) in between
         # first step: the prompt's one row stands for N copies (running scores [0, -1e9, ...])
@@ -180,11 +188,23 @@ def _candidates(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
         row_idx = to_device(dev, beam_rows)
         acc = logprobs[row_idx]  # [G, N, V]
         acc += running[:, :, None]
-        top_scores, top_idx = torch.topk(acc.view(num, -1), k)  # [G, K]
+        top_scores, top_idx = _topk(acc.view(num, -1), k, top_scores, top_idx)  # [G, K]
         parts = [top_scores, top_idx]
-        if any(g.params.logprobs for g in groups):
+        if want:
             parts.append(logprobs[row_idx.gather(1, top_idx // vocab), top_idx % vocab])
-    return torch.stack([t.double() for t in parts])
+    if out is None:
+        return torch.stack([t.double() for t in parts])
+    out[1].copy_(top_idx)
+    if want:
+        out[2].copy_(parts[2])
+    return out
+
+
+def _topk(x: torch.Tensor, k: int, values: torch.Tensor | None, indices: torch.Tensor | None):
+    """``torch.topk(x, k)`` along the last dim, into ``values`` and ``indices`` when given."""
+    if values is None:
+        return torch.topk(x, k)
+    return torch.topk(x, k, out=(values, indices))
 
 
 def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, blocks: BlockManager) -> None:
@@ -253,39 +273,44 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
     tok_logprobs = host[2].astype(np.float32) if len(host) > 2 else None
     next_beam, next_tok = cand_beam[rows, next_idx].tolist(), cand_tok[rows, next_idx].tolist()  # [G, N]
     next_logprobs = tok_logprobs[rows, next_idx].tolist() if tok_logprobs is not None else None
-    any_finished = slot_finished.any(1).tolist()
-    slot_scores, slot_finished, improvable = slot_scores.tolist(), slot_finished.tolist(), improvable.tolist()
-    next_scores, keep = next_scores.tolist(), keep.tolist()
+    # only requests with a finished hypothesis have slots to build (slots are None exactly while
+    # unfinished); the others share one row of empty slots (never mutated: each step makes new ones)
+    any_finished = slot_finished.any(1)
+    fin = np.flatnonzero(any_finished).tolist()
+    fin_keep = dict(zip(fin, keep[fin].tolist()))
+    fin_scores, fin_done = slot_scores[fin].tolist(), slot_finished[fin].tolist()
+    empty_slots, empty_scores, empty_done = (None,) * n, (NEG_LARGE,) * n, (False,) * n
+    improvable, next_scores = improvable.tolist(), next_scores.tolist()
+    j_fin = 0
     for i, (g, st) in enumerate(zip(groups, states, strict=True)):
         want = g.params.logprobs
-        parents = g.seqs * n if len(g.seqs) == 1 < n else g.seqs
-        if not any_finished[i]:  # no hypothesis yet (slots are None exactly while unfinished)
-            slots = [None] * n
+        kept = fin_keep.get(i)
+        if kept is None:
+            st.slots, st.slot_scores, st.slot_finished = empty_slots, empty_scores, empty_done
         else:
+            scores, done = fin_scores[j_fin], fin_done[j_fin]
+            j_fin += 1
+            parents = g.seqs * n if len(g.seqs) == 1 < n else g.seqs
             slots = []
-            for j in keep[i]:
+            for j in kept:
                 c = j - n
                 if c < 0:
                     slots.append(st.slots[j])
                 elif did_finish[i, c]:
                     lp = float(tok_logprobs[i, c]) if want else None
-                    score = slot_scores[i][len(slots)]
                     token = int(cand_tok[i, c])
                     parent = parents[cand_beam[i, c]]
-                    slots.append(_hypothesis(parent, token, g.params.stop_token_ids, score, lp, want))
+                    slots.append(
+                        _hypothesis(parent, token, g.params.stop_token_ids, scores[len(slots)], lp, want)
+                    )
                 else:
                     slots.append(None)
-        st.slots, st.slot_scores, st.slot_finished = slots, slot_scores[i], slot_finished[i]
+            st.slots, st.slot_scores, st.slot_finished = slots, scores, done
         st.improvable = improvable[i]
         if go_on[i]:
             st.running_scores = next_scores[i]
             _advance(
-                g,
-                [parents[b] for b in next_beam[i]],
-                next_tok[i],
-                next_logprobs[i] if want else None,
-                st.running_scores,
-                blocks,
+                g, next_beam[i], next_tok[i], next_logprobs[i] if want else None, st.running_scores, blocks
             )
         else:
             for s in g.seqs:
@@ -293,34 +318,40 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
                 s.block_table = []
             g.seqs = []
             g.finished = [
-                h for h, done in zip(slots, st.slot_finished, strict=True) if done and h is not None
+                h for h, done in zip(st.slots, st.slot_finished, strict=True) if done and h is not None
             ]
 
 
 def _advance(
     group: SequenceGroup,
-    parents: list[Sequence],
+    beams: list[int],
     tokens: list[int],
     logprobs: list[float] | None,
     scores: list[float],
     blocks: BlockManager,
 ) -> None:
-    """The new running beams (child i = parents[i] + tokens[i]): each parent's first child reuses
-    its sequence, further children fork it and share its blocks; childless parents free theirs."""
+    """The new running beams: child i = running beam ``beams[i]`` + tokens[i] (on a request's first
+    step its one sequence stands for every beam). Each parent's first child reuses its sequence,
+    further children fork it and share its blocks; childless parents free theirs."""
+    old = group.seqs
+    if len(old) == 1:
+        beams = [0] * len(beams)
+    taken = [False] * len(old)
     children: list[Sequence] = []
-    reused: set[int] = set()
-    for parent in parents:
-        if id(parent) in reused:
+    for b in beams:
+        parent = old[b]
+        if taken[b]:
             child = parent.fork()
             child.block_table = blocks.share(parent.block_table)
         else:
-            reused.add(id(parent))
+            taken[b] = True
             child = parent
         children.append(child)
-    for s in group.seqs:
-        if id(s) not in reused:
-            blocks.free(s.block_table)
-            s.block_table = []
+    if not all(taken):
+        for s, t in zip(old, taken):
+            if not t:
+                blocks.free(s.block_table)
+                s.block_table = []
     for i, child in enumerate(children):  # after every fork copied its parent's tokens
         child.tokens.append(tokens[i])
         if logprobs is not None:

@@ -39,6 +39,25 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return sizes
 
 
+def decode_inputs(seqs, ahead: bool, block_size: int, tok, pos, slot, lens, clens) -> None:
+    """A one-token decode step's inputs for ``seqs`` written into the first len(seqs) values of the
+    int64 arrays ``tok`` (each sequence's last token), ``pos`` (its position: len(tokens) - 1, or
+    len(tokens) when the step runs ahead of the last token), ``slot`` (that position's cache
+    slot), ``lens`` (keys to attend to) and ``clens`` (encoder length). A few list comprehensions
+    and whole-array numpy operations: no per-row numpy item writes."""
+    n, bs = len(seqs), block_size
+    p = pos[:n]
+    p[:] = [len(s.tokens) for s in seqs]
+    if not ahead:
+        p -= 1
+    tok[:n] = [s.tokens[-1] for s in seqs]
+    slot[:n] = [s.block_table[x // bs] for s, x in zip(seqs, p.tolist())]
+    slot[:n] *= bs
+    slot[:n] += p % bs
+    np.add(p, 1, out=lens[:n])
+    clens[:n] = [s.group.encoder_len for s in seqs]
+
+
 class CudaGraphs:
     def __init__(self, runner, max_num_seqs: int, queries: int = 1):
         self.sizes = graph_batch_sizes(max_num_seqs)
@@ -135,11 +154,7 @@ class CudaGraphs:
         bs = runner.block_size
         ahead = next_tokens is not None
         if q == 1:
-            for i, s in enumerate(seqs):
-                p = len(s.tokens) - (not ahead)
-                tok[i], pos[i] = s.tokens[-1], p
-                slot[i] = s.block_table[p // bs] * bs + p % bs
-                lens[i], clens[i] = p + 1, s.group.encoder_len
+            decode_inputs(seqs, ahead, bs, tok, pos, slot, lens, clens)
         else:  # real inputs last in each sequence's q rows, padding rows (slot -1) first
             lay = runner.verify_layout(seqs, srows, drafts, q)
             tok[: n * q], slot[: n * q] = 0, -1

@@ -411,9 +411,8 @@ class ModelRunner:
             self.kv.store_rows(zeros, self._tensor(slots, torch.long))
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if copies:
-            src = self._tensor([c[0] for c in copies], torch.long)
-            dst = self._tensor([c[1] for c in copies], torch.long)
+        if copies:  # sources and destinations in one host-to-device copy
+            src, dst = self._tensor([[c[0] for c in copies], [c[1] for c in copies]], torch.long)
             self.kv.copy_blocks(src, dst)
 
     def _count_call(self, what: str) -> None:

@@ -67,6 +67,38 @@ def banned_ngram_tokens_cached(seq: Sequence, n: int) -> list[int]:
     return list(following.get(tuple(tokens[end:]), ()))
 
 
+def ngram_bans(seqs: list, n: int, out: list[int], counts: list[int]) -> None:
+    """``banned_ngram_tokens_cached(s, n)`` for every sequence of ``seqs`` at once, appended to
+    ``out`` (one flat list) with how many each sequence has to ``counts``. The same index updates,
+    inlined: this runs for every row of every step. Each sequence needs ``tokens`` and ``ngrams``."""
+    m = n - 1
+    for s in seqs:
+        tokens = s.tokens
+        end = len(tokens) - m  # n-gram start positions [0, end) exist
+        if n <= 0 or end < 0:
+            counts.append(0)
+            continue
+        index = s.ngrams
+        if index is None or index.n != n or index.done > end:
+            index = s.ngrams = NgramIndex(n)
+        following = index.following
+        done = index.done
+        if done == end - 1:  # the usual case: one token more than last time
+            key = tuple(tokens[done:-1])  # the n-gram that ends with the last token
+            following[key] = following.get(key, ()) + (tokens[-1],)
+        else:
+            for i in range(done, end):
+                key = tuple(tokens[i : i + m])
+                following[key] = following.get(key, ()) + (tokens[i + m],)
+        index.done = end
+        ban = following.get(tuple(tokens[end:]))
+        if ban is None:
+            counts.append(0)
+        else:
+            out += ban
+            counts.append(len(ban))
+
+
 def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) -> list[int]:
     out = []
     for w in bad_words:
@@ -92,15 +124,19 @@ ParamRows = list[tuple[SamplingParams, list[int]]]  # rows of a step grouped by 
 
 
 def rows_by_params(seqs: list[Sequence]) -> ParamRows:
-    """The rows of ``seqs`` grouped by their SamplingParams object (first-seen order)."""
+    """The rows of ``seqs`` grouped by their SamplingParams object (first-seen order). A request's
+    rows (its beams) are consecutive: the dict is looked up only when the params change."""
     out: dict[int, tuple[SamplingParams, list[int]]] = {}
+    last, rows = None, []
     for i, s in enumerate(seqs):
         p = s.group.params
-        entry = out.get(id(p))
-        if entry is None:
-            out[id(p)] = (p, [i])
-        else:
-            entry[1].append(i)
+        if p is not last:
+            last = p
+            entry = out.get(id(p))
+            if entry is None:
+                entry = out[id(p)] = (p, [])
+            rows = entry[1]
+        rows.append(i)
     return list(out.values())
 
 
@@ -153,8 +189,12 @@ def process_logits(
     ban_toks: list = []
     suppress: dict[int, tuple[tuple[int, ...], list]] = {}  # id(tokens) -> (tokens, row arrays)
     allowed: dict[int, tuple[tuple[int, ...], list]] = {}
-    forced_rows: list = []
-    forced_toks: list = []
+    # rules that depend only on the number of new tokens, gathered over every SamplingParams and
+    # applied as one numpy pass each: {tokens: (rows, each row's threshold)}
+    at_begin: dict[tuple[int, ...], tuple[list, list]] = {}  # banned when generated == begin_index
+    too_short: dict[tuple[int, ...], tuple[list, list]] = {}  # banned while generated < min_new
+    forced_at: tuple[list, list, list] = ([], [], [])  # rows, position, token
+    ngram_rows: dict[int, tuple[list, list]] = {}  # no_repeat_ngram: n -> (rows, their sequences)
     pen_rows: list[int] = []  # repetition penalty: (row, token seen) pairs and their penalties
     pen_toks: list[int] = []
     pen_vals: list[float] = []
@@ -170,40 +210,56 @@ def process_logits(
         if p.allowed_tokens:
             allowed.setdefault(id(p.allowed_tokens), (p.allowed_tokens, []))[1].append(rows)
         ngram, bad_words = p.no_repeat_ngram_size, p.bad_words_ids
-        begin, forced = p.begin_suppress_tokens, p.forced_tokens
-        stops = p.stop_token_ids if p.min_new_tokens else ()
-        if begin or stops or forced:  # rules that depend on the number of new tokens: vectorised
-            if generated is None:
-                generated = np.fromiter((s.num_generated for s in seqs), np.int64, len(seqs))
-                if drafted is not None:
-                    generated += drafted
-            r = np.asarray(rows, np.int64)
-            n = generated[r]
-            for toks, hit in ((begin, n == p.begin_index), (stops, n < p.min_new_tokens)):
-                if toks and hit.any():
-                    sel = r[hit]
+        if p.begin_suppress_tokens:
+            entry = at_begin.setdefault(p.begin_suppress_tokens, ([], []))
+            entry[0].extend(rows)
+            entry[1].extend([p.begin_index] * len(rows))
+        if p.min_new_tokens and p.stop_token_ids:
+            entry = too_short.setdefault(p.stop_token_ids, ([], []))
+            entry[0].extend(rows)
+            entry[1].extend([p.min_new_tokens] * len(rows))
+        for at, token in p.forced_tokens:
+            forced_at[0].extend(rows)
+            forced_at[1].extend([at] * len(rows))
+            forced_at[2].extend([token] * len(rows))
+        if ngram:
+            entry = ngram_rows.setdefault(ngram, ([], []))
+            entry[0].extend(rows)
+            entry[1].extend([seqs[i] for i in rows] if drafted is None else [seq_at(int(i)) for i in rows])
+        if bad_words:
+            for i in rows:
+                i = int(i)
+                ban = banned_bad_words(seq_at(i).tokens, bad_words)
+                if ban:
+                    ban_rows.append([i] * len(ban))
+                    ban_toks.append(ban)
+    for n, (rows, picked) in ngram_rows.items():
+        toks: list[int] = []
+        counts: list[int] = []
+        ngram_bans(picked, n, toks, counts)
+        if toks:
+            ban_rows.append(np.repeat(np.asarray(rows, np.int64), counts))
+            ban_toks.append(toks)
+    forced_rows: list = []
+    forced_toks: list = []
+    if at_begin or too_short or forced_at[0]:
+        if generated is None:
+            generated = np.fromiter((len(s.tokens) - s.num_prompt for s in seqs), np.int64, len(seqs))
+            if drafted is not None:
+                generated += drafted
+        for table, banned_if in ((at_begin, np.equal), (too_short, np.less)):
+            for toks, (rows, limits) in table.items():
+                r = np.asarray(rows, np.int64)
+                sel = r[banned_if(generated[r], np.asarray(limits, np.int64))]
+                if len(sel):
                     ban_rows.append(np.repeat(sel, len(toks)))
                     ban_toks.append(np.tile(np.asarray(toks, np.int64), len(sel)))
-            for at, token in forced:
-                sel = r[n == at]
-                if len(sel):
-                    forced_rows.append(sel)
-                    forced_toks.append(np.full(len(sel), token, np.int64))
-        if not (ngram or bad_words):
-            continue
-        for i in rows:
-            i = int(i)
-            s = seq_at(i)
-            if ngram:
-                ban = banned_ngram_tokens_cached(s, ngram)
-                if ban:
-                    ban_rows.append([i] * len(ban))
-                    ban_toks.append(ban)
-            if bad_words:
-                ban = banned_bad_words(s.tokens, bad_words)
-                if ban:
-                    ban_rows.append([i] * len(ban))
-                    ban_toks.append(ban)
+        if forced_at[0]:
+            r, at, token = (np.asarray(x, np.int64) for x in forced_at)
+            hit = generated[r] == at
+            if hit.any():
+                forced_rows.append(r[hit])
+                forced_toks.append(token[hit])
     if pen_rows:  # one gather and one scatter for every penalised row (first, as before the bans)
         r, t = to_device(dev, [pen_rows, pen_toks])
         pen = to_device(dev, pen_vals, torch.float32)

@@ -33,3 +33,37 @@ def test_prepare_write_appends_and_copies_on_write():
     with pytest.raises(OutOfBlocks):
         bm.prepare_write(fork, 9, 9 + 4 * (free_before + 1))
     assert bm.num_free == free_before and len(fork) == 3  # all-or-nothing
+
+
+def test_decode_inputs_match_the_per_row_rule():
+    """The CUDA-graph step's input arrays (``cuda_graphs.decode_inputs``, whole-array numpy) hold
+    for each sequence its last token, its position, that position's cache slot, its key count and
+    encoder length: the per-row rule, for steps run in turn and run ahead."""
+    import random
+
+    import numpy as np
+
+    from encdec_cli.engine.cuda_graphs import decode_inputs
+
+    class _Group:
+        def __init__(self, encoder_len):
+            self.encoder_len = encoder_len
+
+    class _Seq:
+        def __init__(self, rng, bs):
+            self.tokens = [rng.randrange(1000) for _ in range(rng.randint(1, 40))]
+            self.block_table = rng.sample(range(500), len(self.tokens) // bs + 2)
+            self.group = _Group(rng.randint(1, 300))
+
+    rng = random.Random(0)
+    for bs in (1, 4, 16):
+        for ahead in (False, True):
+            seqs = [_Seq(rng, bs) for _ in range(rng.randint(1, 20))]
+            arrays = [np.full(24, -7, np.int64) for _ in range(5)]
+            decode_inputs(seqs, ahead, bs, *arrays)
+            tok, pos, slot, lens, clens = arrays
+            for i, s in enumerate(seqs):
+                p = len(s.tokens) - (not ahead)
+                assert (tok[i], pos[i], lens[i], clens[i]) == (s.tokens[-1], p, p + 1, s.group.encoder_len)
+                assert slot[i] == s.block_table[p // bs] * bs + p % bs
+            assert all((a[len(seqs) :] == -7).all() for a in arrays)  # nothing past the sequences

@@ -130,3 +130,26 @@ def test_count_rules_on_few_rows_match_the_vectorised_path(monkeypatch):
         wide = sampling.process_logits(logits.clone(), rows, None, drafted, None, generated)
         monkeypatch.undo()
         assert torch.equal(few, wide), trial
+
+
+def test_batched_ngram_bans_match_full_scan():
+    """``ngram_bans`` (every row of a step at once, the index updates inlined) gives each row the
+    full scan's bans, as sequences grow and fork, for n = 1..4."""
+    from encdec_cli.engine.sampling import ngram_bans
+    from encdec_cli.engine.sequence import Sequence
+
+    rng = random.Random(2)
+    for n in (1, 2, 3, 4):
+        seqs = [Sequence(None, [rng.randint(0, 4) for _ in range(rng.randint(1, 3))], 1)]
+        for _ in range(60):
+            out, counts = [], []
+            ngram_bans(seqs, n, out, counts)
+            assert len(counts) == len(seqs) and sum(counts) == len(out)
+            start = 0
+            for s, c in zip(seqs, counts):
+                assert sorted(out[start : start + c]) == sorted(banned_ngram_tokens(s.tokens, n))
+                start += c
+            if rng.random() < 0.3 and len(seqs) < 8:
+                seqs.append(rng.choice(seqs).fork())
+            for s in seqs:
+                s.tokens.append(rng.randint(0, 4))
