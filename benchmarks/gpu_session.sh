@@ -11,7 +11,8 @@
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), then W3 with one and with two
 #           micro-batches (~7)
-#   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22) (~6)
+#   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then W1's
+#           sweep with one micro-batch against the default two (~9)
 #   models  W8 W9 against transformers, then benchmarks/profile_w9.py (issues 24, 25) (~6)
 #   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
 #   pp2     2 GPUs: tests/gpu/test_pipeline_gpu.py, W1 and W4 with -pp 2 against one device
@@ -66,7 +67,9 @@ for part in "$@"; do
         step 60 W3-mb2 encdec bench W3 --baseline none --micro-batches 2 --out "$(name W3-mb2).json" ;;
     spec)
         step 330 W5-W1-speculative-oracle encdec bench W5 W1 --baseline none --speculative oracle \
-            --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json" ;;
+            --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json"
+        step 200 W1-speculative-oracle-mb1 encdec bench W1 --baseline none --speculative oracle \
+            --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 1 --out "$(name W1-speculative-oracle-mb1).json" ;;
     models)
         step 300 W8-W9 encdec bench W8 W9 --out "$(name W8-W9).json"
         step 150 profile-W9 python3 benchmarks/profile_w9.py ;;
