@@ -18,32 +18,36 @@ pytestmark = [
 ]
 
 
+def sync_checked(engine, launch, checked: list[int]):
+    """``launch`` run with CUDA syncs made errors while the other cohort's step is in flight (a sync
+    there would idle the GPU); ``checked[0]`` counts those calls."""
+
+    def checked_launch(*args):
+        if engine._pending is None:  # no other cohort's step in flight: nothing to overlap
+            return launch(*args)
+        checked[0] += 1
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    return checked_launch
+
+
 def _run(loaded, reqs, micro_batches, check_sync=False, **cfg):
     engine = Engine(loaded, micro_batches=micro_batches, **{"max_num_seqs": 32, "num_blocks": 3000, **cfg})
     assert engine.uses_cuda_graphs
-    checked = 0
+    checked = [0]
     if check_sync:
-        launch = engine.sampler.launch
-
-        def checked_launch(logits, seqs):
-            nonlocal checked
-            if engine._pending is None:  # no other cohort's step in flight: nothing to overlap
-                return launch(logits, seqs)
-            checked += 1
-            torch.cuda.set_sync_debug_mode("error")  # a sync here would idle the GPU
-            try:
-                return launch(logits, seqs)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-
-        engine.sampler.launch = checked_launch
+        engine.sampler.launch = sync_checked(engine, engine.sampler.launch, checked)
     out = {}
     for r in engine.generate(reqs):
         assert r.error is None, r.error
         out[r.request_id] = [(c.token_ids, c.finish_reason, c.score, c.logprobs) for c in r.completions]
     assert sorted(out) == sorted(r.request_id for r in reqs)
     assert engine.blocks.num_free == engine.blocks.num_blocks
-    return engine, out, checked
+    return engine, out, checked[0]
 
 
 @pytest.mark.parametrize("params", [BEAM, SAMPLED], ids=["beam", "sampled"])
@@ -95,21 +99,8 @@ def test_speculative_micro_batches_match_whole_steps_with_graphs(tiny_text_model
             cfg = dict(max_num_seqs=32, block_size=4, num_blocks=num_blocks)
             engine = Engine(loaded, drafter=drafter, micro_batches=mb, **cfg)
             assert engine.uses_cuda_graphs
-            checked = 0
-            launch = engine.speculator.verify_launch
-
-            def checked_launch(logits, seqs, drafts, engine=engine, launch=launch):
-                nonlocal checked
-                if engine._pending is None:
-                    return launch(logits, seqs, drafts)
-                checked += 1
-                torch.cuda.set_sync_debug_mode("error")  # a sync here would idle the GPU
-                try:
-                    return launch(logits, seqs, drafts)
-                finally:
-                    torch.cuda.set_sync_debug_mode("default")
-
-            engine.speculator.verify_launch = checked_launch
+            checked = [0]
+            engine.speculator.verify_launch = sync_checked(engine, engine.speculator.verify_launch, checked)
             got = {}
             for r in engine.generate(reqs):
                 assert r.error is None, r.error
@@ -118,7 +109,7 @@ def test_speculative_micro_batches_match_whole_steps_with_graphs(tiny_text_model
             assert engine.blocks.num_free == engine.blocks.num_blocks
             assert engine.stats.accepted_tokens > 0
             assert sum(g.replays for g in engine.runner.verify_graphs) > 0
-            runs[mb] = (engine.stats, checked)
+            runs[mb] = (engine.stats, checked[0])
         (whole, _), (split, checked) = runs[1], runs[2]
         assert whole.micro_batch_steps == 0 and split.micro_batch_steps >= 10
         assert checked >= 5
