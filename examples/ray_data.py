@@ -8,7 +8,8 @@
 {array, sampling_rate}) and adds text, language, duration, segments and error; `summarize`,
 `translate` and `generate` read the text column and add the result column and error. Each of the
 `--concurrency` actors loads one engine and, with `--num-gpus 1` (the default when CUDA is there),
-holds one GPU. Rows keep their input order; the output folder gets Ray's Parquet files.
+holds one GPU. The output folder gets Ray's Parquet files, with the rows the CLI would write; the
+example asks Ray to keep the input order (preserve_order), which Ray does not promise across files.
 """
 
 from __future__ import annotations

@@ -54,9 +54,12 @@ def encdec(*args):
 
 
 def compare(ray_out: Path, cli_out: Path, columns: list[str]) -> None:
+    """The same rows as the CLI's output. Their order across Ray's output files is Ray's: with
+    preserve_order set it usually is the input order, but a CI run (ray 2.60) once read them back
+    with one block out of place."""
     got = pq.read_table(ray_out).select(columns).to_pylist()
     want = pq.read_table(cli_out).select(columns).to_pylist()
-    assert got == want
+    assert sorted(got, key=repr) == sorted(want, key=repr)
 
 
 @pytest.mark.slow
