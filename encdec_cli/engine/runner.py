@@ -8,6 +8,7 @@ CUDA graphs captured for padded batch sizes (see ``encdec_cli/engine/cuda_graphs
 
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 from collections.abc import Hashable
@@ -139,7 +140,10 @@ def fit_blocks(model, config: EngineConfig, per_block: int, device: torch.device
     prefix and extra advice."""
     if device.type != "cuda":
         return max(16, config.cpu_kv_cache_bytes // per_block)
+    gc.collect()  # an Engine dropped before this one (reference cycles) gives its pool back first
     free, total = torch.cuda.mem_get_info(device)
+    # memory torch's caching allocator holds but no tensor uses (a freed pool) is free for this one
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     spec = model.cache_spec
     d_model = spec.num_heads * spec.head_dim
     act = config.max_encoder_tokens * d_model * 2 * 24 + logit_rows * model.vocab_size * 16

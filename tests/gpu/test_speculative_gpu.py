@@ -93,7 +93,9 @@ def test_speculative_batch_one_long_output_matches_plain_graphs(tmp_path, alpha)
     run's, with look-ahead and graphs on in both (the bench's plain reference). Where this holds
     and the bf16 bench still differs (W5's outputs_equal_to_plain), the difference is the
     numerics of K + 1-query attention vs the one-query decode kernel, not the positions."""
-    random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2)
+    random_whisper(
+        tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2, max_target_positions=256
+    )  # 128 tokens fit
     loaded = load_ours(tmp_path)
     loaded.model.cuda()
     x = torch.randn(80, 3000, generator=torch.Generator().manual_seed(1))
