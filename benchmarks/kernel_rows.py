@@ -25,6 +25,7 @@ def bench(fn, graph=False) -> float:
         return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
+
 def norm_cases(norm, copy_bw):
     rows, c = WHISPER_BATCH * WHISPER_FRAMES, 1280
     x = torch.randn(rows, c, device=DEVICE, dtype=DTYPE)

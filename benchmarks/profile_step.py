@@ -158,9 +158,10 @@ def main(argv=None):
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument(
         "--micro-batches",
-        choices=["auto", "1", "2"],
-        default="auto",
-        help="EngineConfig.micro_batches: two cohorts for beam / sampled steps (auto, 1: off, 2)",
+        type=int,
+        choices=[1, 2],
+        default=1,
+        help="EngineConfig.micro_batches: 2 runs beam / sampled steps in two cohorts (1: off)",
     )
     p.add_argument("--rows", type=int, default=30, help="kernel table rows")
     p.add_argument("--out", type=pathlib.Path)
@@ -171,8 +172,7 @@ def main(argv=None):
     w = Workload(**{**w.__dict__, "requests": max(1, int(w.requests * args.scale))})
     enc_inputs, targets = inputs_for(w)
     _, loaded = build_models(w, "cuda", torch.bfloat16, with_hf=False)
-    micro = None if args.micro_batches == "auto" else int(args.micro_batches)
-    engine = Engine(loaded, max_num_seqs=args.max_num_seqs, micro_batches=micro)
+    engine = Engine(loaded, max_num_seqs=args.max_num_seqs, micro_batches=args.micro_batches)
 
     def run():
         out = list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))

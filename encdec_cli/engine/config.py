@@ -8,10 +8,6 @@ DEFAULT_K = 4  # draft tokens per step when ``--speculative`` names none
 MAX_K = 16
 USAGE = "off, ngram[:K] or model:DIR[:K]"
 KV_DTYPES = ("auto", "fp8")  # EngineConfig.kv_dtype
-# micro_batches None (auto) runs two cohorts once each holds this many sequences, so that halving
-# the batch leaves each decode step enough rows to amortise its weight read (a starting value, not
-# yet tuned on a GPU: see benchmarks/README.md)
-MICRO_BATCH_MIN_SEQS = 64
 
 
 @dataclass(frozen=True)
@@ -91,12 +87,11 @@ class EngineConfig:
     kv_dtype: str = "auto"
     # micro-batches (Engine._micro_step): steps whose tokens must reach the host before the next one
     # alternate between two cohorts of the running requests, so one cohort's host work (beam
-    # bookkeeping, speculative acceptance and drafting) overlaps the other's GPU step. None: auto
-    # (on CUDA, without pipeline stages, for steps with a beam search or speculative verification
-    # once each cohort holds at least MICRO_BATCH_MIN_SEQS sequences); 1: off; 2: for every step
-    # that cannot run ahead (beam search, verification, sampling, rules reading the tokens)
-    # whenever both cohorts have a sequence
-    micro_batches: int | None = None
+    # bookkeeping, speculative acceptance and drafting) overlaps the other's GPU step. 1: off (the
+    # default: on the H200 two cohorts ran W3's beam search 7% slower, benchmarks/README.md); 2: for
+    # every step that cannot run ahead (beam search, verification, sampling, rules reading the
+    # tokens) whenever both cohorts have a sequence
+    micro_batches: int = 1
 
     def __post_init__(self):
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -110,12 +105,12 @@ class EngineConfig:
         if self.pp_layers is not None and self.pipeline_parallel == 1 and len(self.pp_layers) != 1:
             raise ValueError("--pp-layers needs --pipeline-parallel (one number per stage)")
         parse_speculative(self.speculative)  # ValueError on a bad value, before anything loads
-        if self.micro_batches not in (None, 1, 2):
-            raise ValueError(f"micro_batches must be 1, 2 or None (auto), got {self.micro_batches!r}")
+        if self.micro_batches not in (1, 2):
+            raise ValueError(f"micro_batches must be 1 or 2, got {self.micro_batches!r}")
         if self.micro_batches == 2 and self.pipeline_parallel > 1:
             raise ValueError(
                 "two micro-batches (--micro-batches 2) are not built for pipeline stages: use "
-                "--micro-batches 1 or auto"
+                "--micro-batches 1"
             )
         if self.kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {self.kv_dtype!r}")

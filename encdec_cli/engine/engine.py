@@ -15,7 +15,7 @@ import torch
 
 import encdec_kernels
 from encdec_cli.engine.block_manager import BlockManager
-from encdec_cli.engine.config import MICRO_BATCH_MIN_SEQS, EngineConfig, EngineStats, parse_speculative
+from encdec_cli.engine.config import EngineConfig, EngineStats, parse_speculative
 from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, encoder_key
 from encdec_cli.engine.runner import ModelRunner
 from encdec_cli.engine.sampling import PendingSample, Sampled, Sampler
@@ -182,14 +182,8 @@ class Engine:
         self.sampler = Sampler(self.device, self.config.max_num_seqs)
         # (rows, logits) of a step launched ahead by the previous one (see _run_ahead)
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
-        # micro-batches (see _micro_step): two cohorts, or 1 (off); each needs this many sequences
-        mb = self.config.micro_batches
-        can_split = self.config.pipeline_parallel == 1
-        self.micro_batches = mb if mb is not None else 2 if can_split and self.device.type == "cuda" else 1
-        self._cohort_min_seqs = MICRO_BATCH_MIN_SEQS if mb is None else 1
-        # auto: only beam search (the heavy host bookkeeping) and verification steps; 2: also any
-        # other step that cannot run ahead
-        self._cohorts_for_beams_only = mb is None
+        # micro-batches (see _micro_step): two cohorts, or 1 (off)
+        self.micro_batches = self.config.micro_batches
         self.scheduler.cohorts = self.micro_batches
         self._turn = 0  # the cohort of the next micro-batch step when none is pending
         # (cohort, its launched token choice or acceptance): a micro-batch step whose host part is
@@ -623,24 +617,20 @@ class Engine:
     # ---- two micro-batches (see EngineConfig.micro_batches) --------------------------------------
     def _step_cohort(self) -> int | None:
         """The cohort the next step runs, or None for a whole step: with two micro-batches on, the
-        cohort after the pending one, when each cohort holds enough sequences and some running
-        request needs its tokens on the host before its next step: beam search or a sequence that
-        may take drafts (speculative verification, ``Speculator.drafts_next_step``) (auto), or
-        also sampling and rules that read the tokens (``micro_batches`` 2: what
-        ``_can_run_ahead`` refuses); a whole step otherwise (one request, an empty cohort, all
-        greedy without drafts: those run ahead instead)."""
+        cohort after the pending one, when both cohorts hold a sequence and some running request
+        needs its tokens on the host before its next step: beam search, sampling and rules that
+        read the tokens (what ``_can_run_ahead`` refuses) or a sequence that may take drafts
+        (speculative verification, ``Speculator.drafts_next_step``); a whole step otherwise (one
+        request, an empty cohort, all greedy without drafts: those run ahead instead)."""
         if self.micro_batches == 1:
             return None
         cohort = 1 - self._pending[0] if self._pending is not None else self._turn
         load = [0, 0]
         host_bound = False
-        beams_only = self._cohorts_for_beams_only
         for g in self.scheduler.running:
             load[g.cohort] += g.num_seqs_reserved
-            if not host_bound:
-                p = g.params
-                host_bound = p.num_beams > 1 if beams_only else not (p.greedy and p.count_based_rules)
-        if min(load) < self._cohort_min_seqs:
+            host_bound = host_bound or not (g.params.greedy and g.params.count_based_rules)
+        if min(load) == 0:
             return None
         if not host_bound and self.speculator is not None:  # drafts follow from the last tokens
             host_bound = self.speculator.drafts_next_step([s for g in self.scheduler.running for s in g.seqs])

@@ -208,16 +208,15 @@ def test_batch_composition_alone_moves_the_last_bits(bart_cpu):
     assert narrow != wide  # not bit-identical: a tolerance is needed, and this is its size
 
 
-def test_auto_splits_beam_search_steps_only(bart_cpu):
-    """Auto (as on CUDA, here with cohorts of any size): beam-search steps split, sampled ones not."""
+def test_default_is_whole_steps(bart_cpu):
+    """The default is one cohort: whole steps; two split beam-search and sampled steps."""
     tiny, loaded = bart_cpu
-    for params, split in ((SAMPLED, False), (BEAM, True)):
-        engine = Engine(loaded, block_size=4, max_num_seqs=24, num_blocks=600)
-        assert engine.micro_batches == 1  # auto on the CPU: off
-        engine.micro_batches = engine.scheduler.cohorts = 2  # what auto chooses on CUDA
-        engine._cohort_min_seqs = 1
-        list(engine.generate(text_requests(tiny, loaded.tokenizer, 9, **params)))
-        assert (engine.stats.micro_batch_steps > 0) == split
+    for params in (SAMPLED, BEAM):
+        for mb in (None, 2):
+            cfg = {} if mb is None else {"micro_batches": mb}
+            engine = Engine(loaded, block_size=4, max_num_seqs=24, num_blocks=600, **cfg)
+            list(engine.generate(text_requests(tiny, loaded.tokenizer, 9, **params)))
+            assert (engine.stats.micro_batch_steps > 0) == (mb == 2)
 
 
 def test_profiled_phases_and_close(bart_cpu):

@@ -164,20 +164,16 @@ def test_sampled_request_alone_as_in_a_batch(bart_cpu):
         assert alone[r.request_id] == together[r.request_id]
 
 
-def test_auto_splits_verification_steps(bart_cpu):
-    """Auto (as on CUDA, here with cohorts of any size): verification steps split; with adaptive K
-    backed off everywhere (alpha 0: drafts rejected) the plain steps between tries run whole and
-    ahead."""
+def test_two_cohorts_split_verification_steps(bart_cpu):
+    """With two cohorts verification steps split; with adaptive K backed off everywhere (alpha 0:
+    drafts rejected) the plain steps between tries run whole and ahead."""
     tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer, n=12, seed=3)
     _, want, _, _ = run(loaded, reqs, 1, stream=False)
     for alpha in (0.7, 0.0):
-        engine = Engine(
-            loaded, drafter=oracle(loaded, alpha)(want), block_size=4, num_blocks=400, max_num_seqs=12
-        )
-        assert engine.micro_batches == 1  # auto on the CPU: off
-        engine.micro_batches = engine.scheduler.cohorts = 2  # what auto chooses on CUDA
-        engine._cohort_min_seqs = 1
+        drafter = oracle(loaded, alpha)(want)
+        cfg = dict(block_size=4, num_blocks=400, max_num_seqs=12)
+        engine = Engine(loaded, drafter=drafter, micro_batches=2, **cfg)
         got = {r.request_id: (r.token_ids, r.finish_reason) for r in engine.generate(reqs)}
         assert got == want
         assert engine.stats.micro_batch_steps > 4

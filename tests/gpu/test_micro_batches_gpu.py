@@ -69,15 +69,6 @@ def test_micro_batches_match_whole_steps_with_graphs(tiny_text_model, params, nu
         assert checked >= 10
 
 
-def test_auto_turns_micro_batches_on_for_cuda(tiny_text_model):
-    from encdec_models.loading import load_model
-
-    tiny = tiny_text_model("bart")
-    loaded = load_model(tiny.path, device="cuda", dtype="float32")
-    assert Engine(loaded, max_num_seqs=8, num_blocks=200).micro_batches == 2
-    assert Engine(loaded, max_num_seqs=8, num_blocks=200, micro_batches=1).micro_batches == 1
-
-
 def test_speculative_micro_batches_match_whole_steps_with_graphs(tiny_text_model):
     """Verification steps in two cohorts with the verification graphs: greedy tokens as without
     speculation and as with one cohort; a cohort's acceptance launch (``Speculator.verify_launch``:
