@@ -101,7 +101,9 @@ class Norm(nn.Module):
         )
 
     def add(self, x, residual):
-        """(norm(x + residual), x + residual)."""
+        """(norm(x + residual), x + residual); strided x or residual (a layer stack's first residual
+        is its input) are taken as forward takes them (a copy only when not contiguous)."""
+        x, residual = x.contiguous(), residual.contiguous()
         if self.kind == "rms":
             return encdec_kernels.add_rms_norm(x, residual, self.weight, self.eps)
         return encdec_kernels.add_layer_norm(x, residual, self.weight, self.bias, self.eps)

@@ -179,8 +179,12 @@ class SiglipVisionEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [B, C, H, W] -> [B, grid * grid, d]."""
         b = pixels.shape[0]
-        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2) + self.position_embedding.weight
-        n = x.shape[1]
+        patches = self.patch_embedding(pixels).flatten(2).transpose(1, 2)  # [B, N, d], a view of [B, d, N]
+        n = patches.shape[1]
+        # the sum into token rows: ``patches + positions`` would keep the patches' transposed layout,
+        # and the first layer's pending residual (x itself) reach the fused add-norm kernels strided
+        x = torch.empty(b, n, patches.shape[2], device=patches.device, dtype=patches.dtype)
+        torch.add(patches, self.position_embedding.weight, out=x)
         cu = torch.arange(0, (b + 1) * n, n, dtype=torch.int32, device=x.device)
         x, residual = run_layers(self.layers, x.reshape(b * n, -1), cu, n)
         return final_norm(self.post_layernorm, x, residual).view(b, n, -1)

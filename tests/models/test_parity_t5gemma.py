@@ -52,8 +52,10 @@ SHAPES = {
 
 def _build(tmp_path, shape: str, tied: bool = False) -> T5GemmaForConditionalGeneration:
     enc, dec = SHAPES[shape]
+    # eager attention: transformers' SDPA path drops the score soft-capping, and T5Gemma picked SDPA
+    # by default up to transformers 5.17 (a reference that ignored attn_logit_softcapping)
     cfg = T5GemmaConfig(encoder=enc, decoder=dec, vocab_size=VOCAB, pad_token_id=PAD, eos_token_id=EOS,
-                        bos_token_id=BOS, tie_word_embeddings=tied)  # fmt: skip
+                        bos_token_id=BOS, tie_word_embeddings=tied, attn_implementation="eager")  # fmt: skip
     torch.manual_seed(0)
     model = T5GemmaForConditionalGeneration(cfg).eval()
     discriminating_init_(model)
@@ -111,6 +113,19 @@ def test_sliding_window_matters(tmp_path):
     full = T5GemmaForConditionalGeneration(hf.config).eval()
     full.load_state_dict(hf.state_dict())
     assert [_hf(full, ids) for ids in inputs] != windowed
+
+
+def test_attention_softcapping_matters(tmp_path):
+    """The same weights without the attention scores' soft-capping give other tokens: the reference
+    really applies it (transformers' SDPA attention silently does not), and so do we (matched above)."""
+    hf = _build(tmp_path, "sliding")
+    inputs = _inputs(4, 2)
+    capped = [_hf(hf, ids) for ids in inputs]
+    for side in (hf.config.encoder, hf.config.decoder):
+        side.attn_logit_softcapping = None
+    uncapped = T5GemmaForConditionalGeneration(hf.config).eval()
+    uncapped.load_state_dict(hf.state_dict())
+    assert [_hf(uncapped, ids) for ids in inputs] != capped
 
 
 def test_beam_parity(tmp_path):

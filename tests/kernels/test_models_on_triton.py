@@ -1,0 +1,152 @@
+"""Whole models on the Triton kernels, on the CPU: ``encdec_kernels.use_triton`` is made to serve
+CPU tensors, so every kernel call that a CUDA run makes (norms with and without the fused residual
+add, the one-row gemv / norm_gemv, the paged attention with its causal window and log-sum-exp,
+store_kv, ...) runs the Triton kernel in the interpreter, while attention with what the kernels do
+not implement (soft-capping, the encoder's sliding window) still goes to the reference, as on a
+GPU. The CPU parity tests run the references everywhere, so they cannot see a model handing a
+Triton kernel something its reference takes and it refuses (T5Gemma 2's SigLIP tower gave the
+fused add-norm a strided residual: an error on CUDA only), or a kernel that disagrees with its
+reference for a model's arguments. Outputs: transformers' greedy tokens (fp32) and encoder outputs.
+
+Slow in the interpreter (every kernel launch is Python), so the models are the tiny ones of the
+parity tests with few inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import encdec_kernels
+from encdec_cli.engine import Engine, Request, SamplingParams
+from encdec_models.loading import load_model
+from tests.kernels.conftest import INTERPRETED, NOT_INTERPRETED_REASON, _interpreted_module
+from tests.support.text_models import single_thread
+
+KERNEL_MODULES = ("common", "varlen", "paged", "shared_kv", "norm", "linear")
+# tokens compared (the start of transformers' 16): past the models' 4-token sliding windows, and
+# each interpreted decode step costs seconds
+NEW = 10
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with single_thread():
+        yield
+
+
+@pytest.fixture
+def triton_on_cpu(monkeypatch):
+    """Route CPU tensors to the (interpreted) Triton kernels; yields the set of kernel modules
+    that served a call, to show the run really went through them."""
+    if not INTERPRETED:
+        pytest.skip(NOT_INTERPRETED_REASON)
+    for name in KERNEL_MODULES:
+        _interpreted_module(name)
+    used: set[str] = set()
+    impl = encdec_kernels._impl
+
+    def recording_impl(t, triton_module):
+        module = impl(t, triton_module)
+        if module is not encdec_kernels.reference:
+            used.add(triton_module)
+        return module
+
+    monkeypatch.setattr(encdec_kernels, "use_triton", lambda t: True)
+    monkeypatch.setattr(encdec_kernels, "_impl", recording_impl)
+    return used
+
+
+def test_t5gemma_on_triton_kernels_matches_transformers(tmp_path, triton_on_cpu):
+    """T5Gemma ("sliding": sliding windows, soft-capped scores, Gemma's (1 + w) RMSNorms, GELU-tanh,
+    scaled embeddings): attention on the reference, the rest on the Triton kernels, as on CUDA
+    (tests/gpu/test_new_models_gpu.py); two sequences at a time, so a batch of one decodes too (the
+    one-row kernels)."""
+    from tests.models.test_parity_t5gemma import BOS, EOS, _build, _hf, _inputs
+
+    hf = _build(tmp_path, "sliding")
+    inputs = _inputs(6, 1)[:3]
+    expected = [_hf(hf, ids)[:NEW] for ids in inputs]
+    engine = Engine(load_model(tmp_path, device="cpu"), num_blocks=60, block_size=4, max_num_seqs=2)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=(EOS,))
+    got = {
+        r.request_id: r.token_ids
+        for r in engine.generate(Request(ids, [BOS], params, i) for i, ids in enumerate(inputs))
+    }
+    assert [got[i] for i in range(len(inputs))] == expected
+    assert {"norm", "linear", "paged"} <= triton_on_cpu  # norms, one-row linears, store_kv
+
+
+def test_t5gemma2_on_triton_kernels_matches_transformers(tmp_path, triton_on_cpu):
+    """T5Gemma 2: the decoder's merged self + cross attention on the Triton paged kernel (causal
+    window, log-sum-exp), images through SigLIP on the Triton norms: one image alone in its encoder
+    batch (the batch whose patch rows were a strided view), then text and images together."""
+    from tests.models.test_parity_t5gemma2 import EOS, _build, _hf, _hf_image, _image_inputs, _inputs, _run
+
+    hf = _build(tmp_path)
+    images, texts = _image_inputs(2, 11), _inputs(2, 1)
+    expected_image = _hf_image(hf, images[0])[:NEW]
+    mixed = [texts[1], images[1]]  # texts[1] holds the end-of-image token
+    expected = [(_hf_image(hf, x) if isinstance(x, dict) else _hf(hf, x))[:NEW] for x in mixed]
+    engine = Engine(load_model(tmp_path, device="cpu"), num_blocks=60, block_size=4, max_num_seqs=4)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=(EOS,))
+    assert _run(engine, [images[0]], params) == [expected_image]
+    assert _run(engine, mixed, params) == expected
+    assert {"norm", "linear", "paged"} <= triton_on_cpu
+
+
+def _encoder_output(model, pixels: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode(model.prepare_encoder_batch(pixels, torch.device("cpu")))
+
+
+@pytest.mark.parametrize("family", ["trocr-vit", "donut-swin"])
+def test_vision_encoders_on_triton_kernels_match_transformers(tmp_path, family, triton_on_cpu):
+    """The ViT and Swin image encoders on the Triton norms, one image and two: transformers' encoder
+    output."""
+    from tests.models.test_parity_vision import _pixels
+    from tests.support.vision_models import draw_images, load_ours, random_donut, random_trocr
+
+    hf = (random_trocr if family == "trocr-vit" else random_donut)(tmp_path)
+    ours = load_ours(tmp_path).model
+    pixels = _pixels(tmp_path, draw_images(2))
+    for batch in (pixels[:1], pixels):
+        with torch.no_grad():
+            ref = hf.encoder(pixel_values=torch.stack(batch)).last_hidden_state
+        got = _encoder_output(ours, batch)
+        torch.testing.assert_close(got, ref.reshape(-1, ref.shape[-1]), rtol=1e-4, atol=1e-4)
+    assert "norm" in triton_on_cpu
+
+
+def test_florence2_tower_on_triton_kernels_matches_transformers(tmp_path, triton_on_cpu):
+    """Florence-2's DaViT tower and projector (norms fused with the convolutions' residuals, on
+    permuted token rows) on the Triton norms, one image and two: transformers' image features."""
+    from tests.support.vision_models import load_ours, random_florence2
+
+    hf = random_florence2(tmp_path, seed=3)
+    ours = load_ours(tmp_path).model
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for batch in (pixels[:1], pixels):
+        with torch.no_grad():
+            ref = hf.model.get_image_features(batch)
+            ref = getattr(ref, "pooler_output", ref)
+            got = ours.image_features(batch)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert "norm" in triton_on_cpu
+
+
+def test_siglip_tower_on_triton_kernels_matches_transformers(tmp_path, triton_on_cpu):
+    """T5Gemma 2's SigLIP tower and projector on the Triton norms, one image and two (one image: its
+    patch rows were a transposed view, which the fused add-norm refused): transformers' image
+    features."""
+    from tests.models.test_parity_t5gemma2 import _build
+
+    hf = _build(tmp_path)
+    ours = load_model(tmp_path, device="cpu").model
+    pixels = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    for batch in (pixels[:1], pixels):
+        with torch.no_grad():
+            ref = hf.model.encoder.get_image_features(batch)
+            ref = getattr(ref, "pooler_output", ref)
+            got = ours.projector(ours.vision_tower(batch))
+        torch.testing.assert_close(got, ref.reshape(got.shape), rtol=1e-5, atol=1e-5)
+    assert "norm" in triton_on_cpu
