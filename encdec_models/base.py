@@ -134,6 +134,29 @@ def layer_boundary_hook(fn: Callable[[int], None]):
         _boundary_hook.reset(token)
 
 
+@contextlib.contextmanager
+def exact_fp32_convolutions(model: nn.Module):
+    """cuDNN's convolutions in full float32 while a float32 ``model`` embeds its encoder input (the
+    front ends: Whisper's and Moonshine's convolutions, the vision towers' patch and depthwise
+    ones). torch lets cuDNN round float32 convolutions to TF32 by default (~1e-3 relative), and the
+    algorithm it picks follows the batch size: an item's encoder output, and with it a sampled
+    token, would depend on its batch neighbours (float32 on a GPU is for exact results)."""
+    param = next(model.parameters(), None)
+    if (
+        param is None
+        or param.dtype != torch.float32
+        or not param.is_cuda
+        or not torch.backends.cudnn.allow_tf32
+    ):
+        yield
+        return
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def run_layers(
     layers, x, *args, residual=None, start: int = 0, end: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -266,7 +289,8 @@ class EncDecModel(nn.Module):
 
     # ---- the protocol, whole or a range of layers (pipeline stages) ---------------------------
     def encode(self, batch: EncoderBatch) -> torch.Tensor:
-        x = self.embed_encoder(batch)
+        with exact_fp32_convolutions(self):
+            x = self.embed_encoder(batch)
         x, residual = run_layers(self.encoder_layers(), x, *self.encoder_layer_args(batch, x))
         return self.finish_encoder(x, residual)
 
@@ -276,7 +300,8 @@ class EncDecModel(nn.Module):
         layer, else (x, residual) for the next part."""
         layers = self.encoder_layers()
         if start == 0:
-            x = self.embed_encoder(batch)
+            with exact_fp32_convolutions(self):
+                x = self.embed_encoder(batch)
         x, residual = run_layers(
             layers, x, *self.encoder_layer_args(batch, x), residual=residual, start=start, end=end
         )

@@ -127,11 +127,13 @@ def test_t5gemma2_on_cuda_matches_transformers(tmp_path):
     engine = Engine(loaded, max_num_seqs=4)
     assert not engine.uses_cuda_graphs
     assert _run(engine, inputs, GREEDY) == expected
+    engine.close()  # its pool took the memory the next engine sizes its own from
     # the decode steps are all kernels (causal windows, log-sum-exp): captured in CUDA graphs too,
     # the same tokens (T5Gemma2.cuda_graphs may turn on once this passes)
     loaded.model.cuda_graphs = True
     graphs = Engine(loaded, max_num_seqs=4)
     assert graphs.uses_cuda_graphs
     assert _run(graphs, inputs, GREEDY) == expected
+    graphs.close()
     bf16 = Engine(load_model(tmp_path, device="cuda", dtype="bfloat16"), max_num_seqs=4)
     assert all(len(out) > 0 for out in _run(bf16, inputs, GREEDY))  # runs in bfloat16 (tokens may differ)

@@ -74,6 +74,21 @@ def test_cache_on_off_identical_with_graphs(whisper_cuda, absorb, small):
         assert stats.prefix_cache_prompt_tokens > 0
 
 
+def test_float32_encoder_output_does_not_depend_on_the_batch(whisper_cuda):
+    """A window's float32 encoder output alone and among others in one encoder batch: equal up to
+    float32 rounding (cuDNN's convolutions in full float32, ``exact_fp32_convolutions``; with
+    torch's default TF32 they differed by up to 4e-3, enough to change a sampled token when a
+    cached encoder output from another batch stood in for a fresh one)."""
+    g = torch.Generator().manual_seed(2)
+    feats = [torch.randn(80, 3000, generator=g) for _ in range(12)]
+    model = whisper_cuda.model
+    with torch.inference_mode():
+        alone = model.encode(model.prepare_encoder_batch([feats[2]], "cuda"))
+        for n in (3, 5, 12):
+            together = model.encode(model.prepare_encoder_batch(feats[:n], "cuda")).view(n, 1500, -1)
+            torch.testing.assert_close(together[2], alone, rtol=1e-5, atol=1e-5)
+
+
 def test_cached_encoder_output_is_the_encoders(whisper_cuda):
     g = torch.Generator().manual_seed(1)
     feats = [torch.randn(80, 3000, generator=g) for _ in range(3)]

@@ -81,3 +81,26 @@ def test_rotary_turns_q_and_k_bit_for_bit_as_transformers(layout, dtype):
         want_q, want_k = torch.cat((want_q, q_pass), -1), torch.cat((want_k, k_pass), -1)
     assert torch.equal(q, want_q[0]) and torch.equal(k, want_k[0]) and torch.equal(v, v0[0])
     assert not torch.equal(q, q0[0])
+
+
+def test_exact_fp32_convolutions_turns_tf32_off_for_float32_cuda_models_only(monkeypatch):
+    """The flag cuDNN reads is off inside the context for a float32 model on CUDA, restored after
+    (also after an error); other dtypes and CPU models leave it alone."""
+    from types import SimpleNamespace
+
+    from encdec_models.base import exact_fp32_convolutions
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+
+    def model(dtype, cuda):
+        return SimpleNamespace(parameters=lambda: iter([SimpleNamespace(dtype=dtype, is_cuda=cuda)]))
+
+    with exact_fp32_convolutions(model(torch.float32, True)):
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 is True
+    with pytest.raises(RuntimeError), exact_fp32_convolutions(model(torch.float32, True)):
+        raise RuntimeError("inside")
+    assert torch.backends.cudnn.allow_tf32 is True
+    for dtype, cuda in ((torch.bfloat16, True), (torch.float32, False)):
+        with exact_fp32_convolutions(model(dtype, cuda)):
+            assert torch.backends.cudnn.allow_tf32 is True
