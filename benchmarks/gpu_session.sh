@@ -4,7 +4,8 @@
 #     bash benchmarks/gpu_session.sh PART [PART...]     # results under $OUT (default ./gpu-out)
 #
 # Parts (rough minutes on one H200, model builds and graph captures included):
-#   tests   tests/gpu without the 2-GPU file (~6)
+#   tests   tests/gpu, first half: graphs, data parallel, engine, fp8 (~7: the fp8 kernels compile)
+#   tests2  tests/gpu, second half: the rest without the 2-GPU file (~4)
 #   core    W1 W2 against transformers (issue 21's P = 1 check), then W1 ours only with
 #           --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and per-layer K/V
 #           (issue 26) (~6)
@@ -12,7 +13,7 @@
 #   speed   W3 W4 W5 against transformers (issue 26's targets), then W3 with one and with two
 #           micro-batches (~7)
 #   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then W1's
-#           sweep with one micro-batch against the default two (~9)
+#           sweep with two micro-batches against the default one (~9)
 #   models  W8 W9 against transformers, then benchmarks/profile_w9.py (issues 24, 25) (~6)
 #   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
 #   pp2     2 GPUs: tests/gpu/test_pipeline_gpu.py, W1 and W4 with -pp 2 against one device
@@ -32,7 +33,7 @@ fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 encdec() { python3 -m encdec_cli "$@"; }
 device=$(python3 -c "import torch; n = torch.cuda.get_device_name(0).lower(); print(next((k for k in ('h200', 'h100', 'a100', 'l40s') if k in n), n.split()[-1]))" 2>/dev/null || echo cpu)
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo nogit)
+commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)}  # COMMIT=...: the device copy's .git may lag
 day=$(date -u +%F)
 name() { echo "$OUT/$device-$1-$day-$commit"; }
 step() {  # step LIMIT_S WHAT CMD...: run CMD with a time limit, its output in WHAT.log
@@ -50,8 +51,14 @@ step() {  # step LIMIT_S WHAT CMD...: run CMD with a time limit, its output in W
 for part in "$@"; do
     case $part in
     tests)
-        step 420 gpu-tests python3 -m pytest -q -m gpu tests/gpu --ignore=tests/gpu/test_pipeline_gpu.py \
+        step 540 gpu-tests python3 -m pytest -q -m gpu tests/gpu/test_cuda_graphs.py \
+            tests/gpu/test_data_parallel_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py \
             -p no:cacheprovider --junitxml="$(name gpu-tests).xml" ;;
+    tests2)
+        step 420 gpu-tests2 python3 -m pytest -q -m gpu tests/gpu --ignore=tests/gpu/test_pipeline_gpu.py \
+            --ignore=tests/gpu/test_cuda_graphs.py \
+            --ignore=tests/gpu/test_data_parallel_gpu.py --ignore=tests/gpu/test_engine_gpu.py \
+            --ignore=tests/gpu/test_fp8_gpu.py -p no:cacheprovider --junitxml="$(name gpu-tests2).xml" ;;
     core)
         step 240 W1-W2 encdec bench W1 W2 --out "$(name W1-W2).json"
         step 90 W1-fp8-absorbed encdec bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
@@ -68,8 +75,8 @@ for part in "$@"; do
     spec)
         step 330 W5-W1-speculative-oracle encdec bench W5 W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json"
-        step 200 W1-speculative-oracle-mb1 encdec bench W1 --baseline none --speculative oracle \
-            --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 1 --out "$(name W1-speculative-oracle-mb1).json" ;;
+        step 200 W1-speculative-oracle-mb2 encdec bench W1 --baseline none --speculative oracle \
+            --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
     models)
         step 300 W8-W9 encdec bench W8 W9 --out "$(name W8-W9).json"
         step 150 profile-W9 python3 benchmarks/profile_w9.py ;;
@@ -80,7 +87,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 encdec bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 encdec bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests core kernels speed spec models trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core kernels speed spec models trt pp2)" >&2
         exit 2 ;;
     esac
 done
