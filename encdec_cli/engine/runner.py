@@ -142,15 +142,18 @@ def fit_blocks(model, config: EngineConfig, per_block: int, device: torch.device
         return max(16, config.cpu_kv_cache_bytes // per_block)
     gc.collect()  # an Engine dropped before this one (reference cycles) gives its pool back first
     free, total = torch.cuda.mem_get_info(device)
+    mine = torch.cuda.memory_allocated(device)
     # memory torch's caching allocator holds but no tensor uses (a freed pool) is free for this one
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    used = total - free - max(0, torch.cuda.memory_reserved(device) - mine)
     spec = model.cache_spec
     d_model = spec.num_heads * spec.head_dim
     act = config.max_encoder_tokens * d_model * 2 * 24 + logit_rows * model.vocab_size * 16
-    budget = total * config.gpu_memory_utilization - (total - free) - act
+    budget = total * config.gpu_memory_utilization - used - act
     if budget < per_block * 64:
         raise RuntimeError(
-            f"{who}not enough GPU memory left for the KV cache; lower --max-num-seqs"
+            f"{who}not enough GPU memory left for the KV cache ({used / 2**30:.1f} of "
+            f"{total / 2**30:.1f} GiB in use, {mine / 2**30:.1f} GiB by this process: another Engine "
+            f"still alive? Engine.close() gives its pool back); lower --max-num-seqs"
             f"{',' if hint else ' or'} raise --gpu-memory-utilization{hint}"
         )
     return int(budget // per_block)
