@@ -142,12 +142,8 @@ def exact_fp32_convolutions(model: nn.Module):
     algorithm it picks follows the batch size: an item's encoder output, and with it a sampled
     token, would depend on its batch neighbours (float32 on a GPU is for exact results)."""
     param = next(model.parameters(), None)
-    if (
-        param is None
-        or param.dtype != torch.float32
-        or not param.is_cuda
-        or not torch.backends.cudnn.allow_tf32
-    ):
+    exact = param is not None and param.dtype == torch.float32 and param.is_cuda
+    if not exact or not torch.backends.cudnn.allow_tf32:
         yield
         return
     torch.backends.cudnn.allow_tf32 = False
@@ -288,9 +284,13 @@ class EncDecModel(nn.Module):
         raise NotImplementedError
 
     # ---- the protocol, whole or a range of layers (pipeline stages) ---------------------------
-    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+    def _embedded(self, batch: EncoderBatch) -> torch.Tensor:
+        """``embed_encoder`` under ``exact_fp32_convolutions``."""
         with exact_fp32_convolutions(self):
-            x = self.embed_encoder(batch)
+            return self.embed_encoder(batch)
+
+    def encode(self, batch: EncoderBatch) -> torch.Tensor:
+        x = self._embedded(batch)
         x, residual = run_layers(self.encoder_layers(), x, *self.encoder_layer_args(batch, x))
         return self.finish_encoder(x, residual)
 
@@ -300,8 +300,7 @@ class EncDecModel(nn.Module):
         layer, else (x, residual) for the next part."""
         layers = self.encoder_layers()
         if start == 0:
-            with exact_fp32_convolutions(self):
-                x = self.embed_encoder(batch)
+            x = self._embedded(batch)
         x, residual = run_layers(
             layers, x, *self.encoder_layer_args(batch, x), residual=residual, start=start, end=end
         )
