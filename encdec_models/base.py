@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import threading
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -134,23 +135,39 @@ def layer_boundary_hook(fn: Callable[[int], None]):
         _boundary_hook.reset(token)
 
 
+_exact_lock = threading.Lock()
+_exact_users = 0  # threads inside exact_fp32_convolutions
+_exact_saved = True  # the flag as the first of them found it
+
+
 @contextlib.contextmanager
 def exact_fp32_convolutions(model: nn.Module):
     """cuDNN's convolutions in full float32 while a float32 ``model`` embeds its encoder input (the
     front ends: Whisper's and Moonshine's convolutions, the vision towers' patch and depthwise
     ones). torch lets cuDNN round float32 convolutions to TF32 by default (~1e-3 relative), and the
     algorithm it picks follows the batch size: an item's encoder output, and with it a sampled
-    token, would depend on its batch neighbours (float32 on a GPU is for exact results)."""
+    token, would depend on its batch neighbours (float32 on a GPU is for exact results).
+
+    The flag is process-wide: it is turned off when the first thread enters and restored when the
+    last one leaves (a count under a lock), so one engine's encoder ending never turns TF32 back on
+    under another's. Other code's float32 convolutions in that window run in full float32 too."""
+    global _exact_users, _exact_saved
     param = next(model.parameters(), None)
-    exact = param is not None and param.dtype == torch.float32 and param.is_cuda
-    if not exact or not torch.backends.cudnn.allow_tf32:
+    if param is None or param.dtype != torch.float32 or not param.is_cuda:
         yield
         return
-    torch.backends.cudnn.allow_tf32 = False
+    with _exact_lock:
+        if _exact_users == 0:
+            _exact_saved = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = False
+        _exact_users += 1
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32 = True
+        with _exact_lock:
+            _exact_users -= 1
+            if _exact_users == 0:
+                torch.backends.cudnn.allow_tf32 = _exact_saved
 
 
 def run_layers(

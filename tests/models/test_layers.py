@@ -104,3 +104,38 @@ def test_exact_fp32_convolutions_turns_tf32_off_for_float32_cuda_models_only(mon
     for dtype, cuda in ((torch.bfloat16, True), (torch.float32, False)):
         with exact_fp32_convolutions(model(dtype, cuda)):
             assert torch.backends.cudnn.allow_tf32 is True
+
+
+def test_exact_fp32_convolutions_stays_off_until_the_last_thread_leaves(monkeypatch):
+    """Two threads inside at once (two engines' encoders): the first one leaving does not turn
+    TF32 back on under the second; the last one leaving restores the flag it found."""
+    import threading
+    from types import SimpleNamespace
+
+    from encdec_models.base import exact_fp32_convolutions
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    model = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(dtype=torch.float32, is_cuda=True)]))
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def a():
+        with exact_fp32_convolutions(model):
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b():
+        a_in.wait(5)
+        with exact_fp32_convolutions(model):
+            b_in.set()
+            a_out.wait(5)
+            seen["b after a left"] = torch.backends.cudnn.allow_tf32
+        seen["after both"] = torch.backends.cudnn.allow_tf32
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"b after a left": False, "after both": True}
