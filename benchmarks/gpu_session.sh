@@ -5,13 +5,14 @@
 #
 # Parts (rough minutes on one H200, model builds and graph captures included):
 #   tests   tests/gpu, first half: graphs, data parallel, engine, fp8 (~7: the fp8 kernels compile)
-#   tests2  tests/gpu, second half: the rest without the 2-GPU file (~4)
+#   tests2  tests/gpu, second half: the rest (the 2-GPU tests skip; the per-stage graphs run with
+#           every stage on one GPU) (~5)
 #   core    W1 W2 against transformers (issue 21's P = 1 check), then W1 ours only with
 #           --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and per-layer K/V
 #           (issue 26) (~6)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
-#   speed   W3 W4 W5 against transformers (issue 26's targets), then W3 with one and with two
-#           micro-batches (~7)
+#   speed   W3 W4 W5 against transformers (issue 26's targets), then where W3's step goes
+#           (profile_step.py: host against GPU time per step) (~7)
 #   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then W1's
 #           sweep with two micro-batches against the default one (~9)
 #   models  W8 W9 against transformers, then benchmarks/profile_w9.py (issues 24, 25) (~6)
@@ -55,8 +56,7 @@ for part in "$@"; do
             tests/gpu/test_data_parallel_gpu.py tests/gpu/test_engine_gpu.py tests/gpu/test_fp8_gpu.py \
             -p no:cacheprovider --junitxml="$(name gpu-tests).xml" ;;
     tests2)
-        step 420 gpu-tests2 python3 -m pytest -q -m gpu tests/gpu --ignore=tests/gpu/test_pipeline_gpu.py \
-            --ignore=tests/gpu/test_cuda_graphs.py \
+        step 480 gpu-tests2 python3 -m pytest -q -m gpu tests/gpu --ignore=tests/gpu/test_cuda_graphs.py \
             --ignore=tests/gpu/test_data_parallel_gpu.py --ignore=tests/gpu/test_engine_gpu.py \
             --ignore=tests/gpu/test_fp8_gpu.py -p no:cacheprovider --junitxml="$(name gpu-tests2).xml" ;;
     core)
@@ -70,8 +70,7 @@ for part in "$@"; do
         done ;;
     speed)
         step 300 W3-W4-W5 encdec bench W3 W4 W5 --out "$(name W3-W4-W5).json"
-        step 60 W3-mb1 encdec bench W3 --baseline none --micro-batches 1 --out "$(name W3-mb1).json"
-        step 60 W3-mb2 encdec bench W3 --baseline none --micro-batches 2 --out "$(name W3-mb2).json" ;;
+        step 120 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json" ;;
     spec)
         step 330 W5-W1-speculative-oracle encdec bench W5 W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json"

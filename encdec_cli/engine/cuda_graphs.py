@@ -84,7 +84,7 @@ class CudaGraphs:
                 torch.zeros(n, runner.cross_width, dtype=torch.int32, pin_memory=True),
                 torch.cuda.Event(),
             )
-            for _ in range(2)
+            for _ in range(2 if dev.type == "cuda" else 0)  # (a pipeline stage's stand-in on the CPU)
         ]
         self.turn = 0
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # batch -> its segments, in order
@@ -104,19 +104,25 @@ class CudaGraphs:
             logits_indices=self.idx[: b * q],
         )
 
+    segments = SEGMENTS
+
+    def _call(self, model, b: int, meta: AttentionMetadata):
+        """What a graph of padded batch ``b`` runs, on the static buffers: the model's decode step."""
+        q = self.queries
+        return model.decode(self.tokens[: b * q], self.positions[: b * q], meta)
+
     @torch.inference_mode()
     def capture(self, model) -> None:
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()  # one pool: every segment of every batch size
         layers = len(model.decoder_layers())
-        cuts = {round(i * layers / SEGMENTS) for i in range(1, SEGMENTS)} - {0}
+        cuts = {round(i * layers / self.segments) for i in range(1, self.segments)} - {0}
         stream = torch.cuda.Stream()
-        q = self.queries
         for b in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
             meta = self._meta(b)
             for _ in range(2):  # warm-up: compile / autotune outside the capture
-                model.decode(self.tokens[: b * q], self.positions[: b * q], meta)
+                self._call(model, b, meta)
             torch.cuda.synchronize()
             segments = [torch.cuda.CUDAGraph()]
 
@@ -128,7 +134,7 @@ class CudaGraphs:
 
             with torch.cuda.stream(stream), layer_boundary_hook(cut):
                 segments[0].capture_begin(pool=pool)
-                self.outputs[b] = model.decode(self.tokens[: b * q], self.positions[: b * q], meta)
+                self.outputs[b] = self._call(model, b, meta)
                 segments[-1].capture_end()
             self.graphs[b] = segments
         torch.cuda.synchronize()

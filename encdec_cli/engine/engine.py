@@ -108,8 +108,8 @@ class Engine:
              self.runner.encoder_rows is not None, str(self.runner.cache_dtype))
         ).encode()  # fmt: skip
         self._encoder_clock = _EncoderClock(self.device) if cache is not None else None
-        # a model whose attention must run on the (host-synchronising) reference runs eagerly; no
-        # CUDA graphs across pipeline stages
+        # a model whose attention must run on the (host-synchronising) reference runs eagerly;
+        # pipeline stages capture graphs of their own parts (pipeline.StageGraphs)
         graphs_ok = getattr(self.model, "cuda_graphs", True) and self.config.pipeline_parallel == 1
         if self.device.type == "cuda" and not self.config.enforce_eager and graphs_ok:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
@@ -250,7 +250,8 @@ class Engine:
 
     @property
     def uses_cuda_graphs(self) -> bool:
-        return self.runner.graphs is not None
+        """Whether decode steps run on CUDA graphs: one process's, or each pipeline stage's own."""
+        return self.runner.graphs is not None or getattr(self.runner, "stage_graphs", False)
 
     @property
     def prefix_caching(self) -> bool:

@@ -49,6 +49,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from encdec_cli.engine.config import EngineConfig
+from encdec_cli.engine.cuda_graphs import CudaGraphs
 from encdec_cli.engine.runner import (
     ABSORB_MIN_SEQS,
     KVPool,
@@ -189,6 +190,13 @@ def drop_other_layers(model, plan: StagePlan) -> None:
 
 
 # ---- the wire ----------------------------------------------------------------------------------
+def _one_gpu() -> bool:
+    """Every stage on stage 0's GPU, activations over gloo through host memory (NCCL refuses two
+    ranks on one device): for testing stages (their CUDA graphs) where one GPU is all there is.
+    ``ENCDEC_TEST_STAGES_ON_ONE_GPU=1``, read by every stage (the workers inherit it)."""
+    return os.environ.get("ENCDEC_TEST_STAGES_ON_ONE_GPU") == "1"
+
+
 class _Wire:
     """Point-to-point messages between the stages of one pipeline: pickled objects and tensor
     headers over gloo; tensors over NCCL on CUDA, gloo on the CPU. Its own process groups on its
@@ -198,7 +206,7 @@ class _Wire:
         self.rank, self.device = rank, device
         self.gloo = dist.ProcessGroupGloo(dist.PrefixStore("gloo", store), rank, size, TIMEOUT)
         self.nccl = None
-        if device.type == "cuda":
+        if device.type == "cuda" and not _one_gpu():
             self.nccl = dist.ProcessGroupNCCL(dist.PrefixStore("nccl", store), rank, size)
         self.pending: list = []  # (work, tensor) of sends in flight (their buffers must live)
 
@@ -225,6 +233,8 @@ class _Wire:
         header = torch.tensor([_DTYPES.index(t.dtype), int(failed), t.dim(), *shape], dtype=torch.int64)
         self.pending.append((self.gloo.send([header], dst, tag), header))
         if t.numel():
+            if t.is_cuda and self.nccl is None:  # stages sharing one GPU (tests): through host memory
+                t = t.cpu()
             pg = self.nccl if t.is_cuda else self.gloo
             self.pending.append((pg.send([t], dst, tag), t))
 
@@ -235,8 +245,12 @@ class _Wire:
         shape = shape[:ndim]
         if not int(np.prod(shape)):
             return None, bool(failed)
+        if self.nccl is None:  # the CPU, or stages sharing one GPU (tests): gloo, host memory
+            t = torch.empty(shape, dtype=_DTYPES[dtype])
+            self.gloo.recv([t], src, tag).wait()
+            return t.to(self.device), bool(failed)
         t = torch.empty(shape, dtype=_DTYPES[dtype], device=self.device)
-        (self.nccl if self.device.type == "cuda" else self.gloo).recv([t], src, tag).wait()
+        self.nccl.recv([t], src, tag).wait()
         return t, bool(failed)
 
     def flush(self) -> None:
@@ -266,6 +280,14 @@ class Stage:
         # from 1) raise torch.OutOfMemoryError instead of running, as a CUDA OOM would
         stage, _, part = os.environ.get("ENCDEC_INJECT_STAGE_OOM", "").partition(":")
         self.parts, self.fail_at_part = 0, int(part) if stage.strip() == str(plan.rank) else 0
+        # CUDA graphs of this stage's part of a pure decode micro-batch (StageGraphs), as one process
+        # has them; on the CPU only as the tests' stand-in (ENCDEC_TEST_STAGE_GRAPHS=1: replays
+        # re-run the captured call on the same static buffers)
+        on = not config.enforce_eager and getattr(model, "cuda_graphs", True)
+        self.use_graphs = on and (
+            self.device.type == "cuda" or os.environ.get("ENCDEC_TEST_STAGE_GRAPHS") == "1"
+        )
+        self.graphs: StageGraphs | None = None  # captured at the first pure decode micro-batch
 
     def own_blocks(self) -> int:
         """Blocks this stage's memory holds (a stage without decoder layers: no limit)."""
@@ -341,6 +363,10 @@ class Stage:
         self._add_events(wait=True)
         return self.busy
 
+    def stats(self) -> dict:
+        """Seconds computed and graph replays (micro-batches run on CUDA graphs) since it started."""
+        return {"busy": self.busy_seconds(), "replays": self.graphs.replays if self.graphs is not None else 0}
+
     # -- the three calls -------------------------------------------------------------------------
     def copy_blocks(self, copies) -> None:
         if self.kv is not None and copies:
@@ -396,17 +422,17 @@ class Stage:
             logits_indices=t(mb["logits"], torch.long),
         )
 
-    def decode(self, micro: list[dict], embedded: list | None = None) -> None:
-        """This stage's part of a decoder step in micro-batches (``embedded``: stage 0's embedded
-        tokens, a callable per micro-batch). The last stage sends each micro-batch's logits to 0."""
+    def decode(self, micro: list[dict], tokens: list[torch.Tensor] | None = None) -> None:
+        """This stage's part of a decoder step in micro-batches (``tokens``: stage 0's input tokens
+        of each, on the device). The last stage sends each micro-batch's logits to stage 0."""
         plan, wire, model = self.plan, self.wire, self.model
         d, vocab = model.cache_spec.hidden, model.vocab_size
         stages = plan.decoder_stages
         for m, mb in enumerate(micro):
             tq, n = int(mb["cu"][-1]), len(mb["logits"])
+            tok, x, res = None, None, None
             if plan.rank == 0:
-                x, _ = self._timed(embedded[m], partial(self._zeros, tq, d))
-                res = None
+                tok = tokens[m]
             elif plan.has_decoder:
                 src = stages[stages.index(plan.rank) - 1] if stages.index(plan.rank) else 0
                 xr, failed = wire.recv(src, ACTIVATION)
@@ -416,17 +442,22 @@ class Stage:
                 continue  # an encoder-only stage has no part in decoding
             last = plan.rank == plan.num_stages - 1
             if plan.has_decoder:
-                meta = self._meta(mb)
                 zeros = (
                     partial(self._zeros, n, vocab, torch.float32)
                     if last
                     else partial(self._zeros, tq, d, pair=True)
                 )
-                positions = self._tensor(mb["positions"], torch.long)
-                part = partial(model.decoder_part, meta, positions, plan.d0, plan.d1, x, res)
+                graphs = self._graphs_for(mb, res is not None)
+                if graphs is not None:
+                    part = partial(graphs.run_micro, mb, tok, x, res)
+                else:
+                    positions = self._tensor(mb["positions"], torch.long)
+                    part = partial(self._decoder_part, self._meta(mb), positions, tok, x, res)
                 out, _ = self._timed(part, zeros)
-            else:
-                out = (x, res)
+            else:  # stage 0 without decoder layers: its embedding goes on
+                positions = self._tensor(mb["positions"], torch.long)
+                x, _ = self._timed(partial(model.embed_decoder, tok, positions), partial(self._zeros, tq, d))
+                out = (x, None)
             if last:
                 wire.send(out.float(), 0, LOGITS, self.failed)
             else:
@@ -434,10 +465,140 @@ class Stage:
                 wire.send(_stack(*out), nxt, ACTIVATION, self.failed)
         self.failed = False
 
+    def _decoder_part(self, meta, positions, tokens, x, residual):
+        """This stage's decoder layers (stage 0: on its embedded ``tokens``); see ``decoder_part``."""
+        if tokens is not None:
+            x = self.model.embed_decoder(tokens, positions)
+        return self.model.decoder_part(meta, positions, self.plan.d0, self.plan.d1, x, residual)
+
+    def _graphs_for(self, mb: dict, pair: bool) -> StageGraphs | None:
+        """The stage's graphs when this micro-batch can replay one (one query a sequence, a
+        padded size captured), captured now if not yet: the first such micro-batch says whether
+        a residual travels with x. None: the eager path."""
+        if not self.use_graphs or mb["max_q"] != 1:
+            return None
+        if self.graphs is None:
+            rows = -(-self.config.max_num_seqs // self.plan.num_stages)  # the largest micro-batch
+            widths = mb["self_tables"].shape[1], mb["cross_tables"].shape[1]
+            try:
+                graphs = StageGraphs(self, rows, *widths, pair)
+                graphs.capture(self.model)
+            except torch.OutOfMemoryError:  # no room for the graphs: this stage runs eagerly
+                log.warning(
+                    "pipeline stage %d: no memory to capture CUDA graphs; it runs eagerly", self.plan.rank
+                )
+                self.use_graphs = False
+                graphs = None
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                return None
+            self.graphs = graphs
+            log.info("pipeline stage %d: captured %d CUDA graphs (rows 1..%d) in %.1f s", self.plan.rank,
+                     len(self.graphs.sizes), self.graphs.max_batch, self.graphs.capture_seconds)  # fmt: skip
+        g = self.graphs
+        if len(mb["logits"]) > g.max_batch or pair != (g.res is not None):
+            return None
+        return g
+
     def _zeros(self, rows: int, d: int, dtype=None, pair: bool = False):
         """What a part that ran out of memory sends on: zeros (with residual None as a pair)."""
         z = torch.zeros((rows, d), dtype=dtype or self.dtype, device=self.device)
         return (z, None) if pair else z
+
+
+class StageGraphs(CudaGraphs):
+    """CUDA graphs of one stage's part of a pure decode micro-batch (one token a sequence), one
+    per padded row count (``graph_batch_sizes``), one segment each: stage 0's embedding and its
+    decoder layers, or the previous stage's (x, residual) copied into static buffers and this
+    stage's layers; the last stage's graphs end with the logits. Padding rows write nowhere and
+    read one key, as in one process (``CudaGraphs``). Outputs are cloned before they are sent: the
+    next replay rewrites the graphs' output memory while a send may still read it.
+
+    On the CPU (the tests' stand-in, ``Stage.use_graphs``) a "graph" is ``_EagerReplay``: replaying
+    re-runs the captured call on the same static buffers and writes into the same output."""
+
+    segments = 1  # a stage's part is short, its launch one call
+
+    def __init__(self, stage: Stage, rows: int, self_width: int, cross_width: int, pair: bool):
+        self.stage = stage
+        self.self_width, self.cross_width = self_width, cross_width
+        super().__init__(self, rows)  # (reads device, self_width, cross_width)
+        d = stage.model.cache_spec.hidden
+        self.embeds = stage.plan.rank == 0
+        self.x = torch.zeros(self.max_batch, d, dtype=stage.dtype, device=stage.device)
+        self.res = torch.zeros_like(self.x) if pair else None
+
+    @property
+    def device(self) -> torch.device:
+        return self.stage.device
+
+    def _call(self, model, b: int, meta: AttentionMetadata):
+        tokens = self.tokens[:b] if self.embeds else None
+        res = self.res[:b] if self.res is not None else None
+        return self.stage._decoder_part(meta, self.positions[:b], tokens, self.x[:b], res)
+
+    @torch.inference_mode()
+    def capture(self, model) -> None:
+        if self.device.type == "cuda":
+            super().capture(model)
+            return
+        start = time.perf_counter()
+        for b in reversed(self.sizes):
+            meta = self._meta(b)
+            self.outputs[b] = self._call(model, b, meta)
+            self.graphs[b] = [_EagerReplay(partial(self._call, model, b, meta), self.outputs[b])]
+        self.capture_seconds = time.perf_counter() - start
+
+    def run_micro(self, mb: dict, tokens: torch.Tensor | None, x: torch.Tensor | None,
+                  res: torch.Tensor | None):  # fmt: skip
+        """Replay the graph of the micro-batch's padded size on its inputs (stage 0: ``tokens``;
+        the others: ``x`` and ``res``) -> the logits [n, vocab] (last stage) or (x, residual)."""
+        n = len(mb["logits"])
+        b = next(s for s in self.sizes if s >= n)
+        ints = np.zeros(4 * b, np.int64)  # positions, slots, self lens, cross lens; padding rows:
+        ints[b : 2 * b] = -1  # position 0, write nowhere (slot -1), read one key
+        ints[2 * b :] = 1
+        ints[:n], ints[b : b + n] = mb["positions"], mb["slots"]
+        ints[2 * b : 2 * b + n], ints[3 * b : 3 * b + n] = mb["self_lens"], mb["cross_lens"]
+        tables = np.zeros((2, b, max(self.self_width, self.cross_width)), np.int32)
+        tables[0, :n, : self.self_width] = mb["self_tables"]
+        tables[1, :n, : self.cross_width] = mb["cross_tables"]
+        dev = self.stage._tensor(ints, torch.long)
+        tab = self.stage._tensor(tables, torch.int32)
+        self.positions[:b].copy_(dev[:b])
+        self.slots[:b].copy_(dev[b : 2 * b])
+        self.self_lens[:b].copy_(dev[2 * b : 3 * b])
+        self.cross_lens[:b].copy_(dev[3 * b :])
+        self.self_tables[:b].copy_(tab[0, :, : self.self_width])
+        self.cross_tables[:b].copy_(tab[1, :, : self.cross_width])
+        if self.embeds:
+            self.tokens[:n].copy_(tokens)
+            self.tokens[n:b].zero_()
+        else:
+            self.x[:n].copy_(x)
+            if self.res is not None:
+                self.res[:n].copy_(res)
+        for g in self.graphs[b]:
+            g.replay()
+        self.replays += 1
+        out = self.outputs[b]
+        if isinstance(out, tuple):
+            return tuple(t[:n].clone() if t is not None else None for t in out)
+        return out[:n].clone()
+
+
+class _EagerReplay:
+    """A CUDA graph's stand-in on the CPU (tests): ``replay`` re-runs ``call`` and writes its
+    output into ``out`` (a tensor or a tuple of tensors / None), where the graph's output is."""
+
+    def __init__(self, call, out):
+        self.call, self.out = call, out
+
+    def replay(self) -> None:
+        new = self.call()
+        for o, t in zip(self.out, new, strict=True) if isinstance(new, tuple) else ((self.out, new),):
+            if o is not None:
+                o.copy_(t)
 
 
 def _stack(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
@@ -506,7 +667,7 @@ def _serve(stage: Stage, wire: _Wire) -> None:
             elif op == "decode":
                 stage.decode(msg["micro"])
             elif op == "stats":
-                wire.send_obj({"busy": stage.busy_seconds()}, 0, REPLY)
+                wire.send_obj(stage.stats(), 0, REPLY)
             elif op == "close":
                 wire.flush()
                 return
@@ -560,7 +721,9 @@ class PipelineRunner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         devices = [
-            torch.device("cuda", self.device.index + s) if self.device.type == "cuda" else self.device
+            torch.device("cuda", self.device.index + s)
+            if self.device.type == "cuda" and not _one_gpu()
+            else self.device
             for s in range(stages)
         ]
         if self.device.type == "cuda" and devices[-1].index >= torch.cuda.device_count():
@@ -629,7 +792,9 @@ class PipelineRunner:
         if absorb:  # not None: the engine reads it as "absorbed" (stage 0 may hold no decoder layer)
             self.encoder_rows = self.kv.encoder_rows if plan.has_decoder else torch.empty(0)
         self._init_tables(config.max_num_seqs, bs)  # as ModelRunner keeps them (rows travel with each step)
-        self.graphs = self.verify_graphs = self.encoder_graph = None  # no CUDA graphs across stages (yet)
+        # the one-process graphs are not used: each stage captures its own (Stage.use_graphs)
+        self.graphs = self.verify_graphs = self.encoder_graph = None
+        self.stage_graphs = self.stage.use_graphs
         self.encoder_graph_replays = 0
         self.calls = 0
         self.fail_at_calls: set[int] = {
@@ -721,17 +886,18 @@ class PipelineRunner:
             raise torch.OutOfMemoryError(f"injected out-of-memory error at {what} (call {self.calls})")
 
     # -- statistics ------------------------------------------------------------------------------
-    def stage_busy(self) -> list[float]:
-        """Seconds each stage spent computing (not waiting) since it started, stage 0 first (the
-        engine reports differences)."""
+    def stage_stats(self) -> list[dict]:
+        """Each stage's ``Stage.stats`` since it started, stage 0 first ([] once stopped)."""
         if self.broken is not None:
             return []
         with self._exchange():
             self._broadcast({"op": "stats"})
-            busy = [self.stage.busy_seconds()]
-            for s in range(1, len(self.plans)):
-                busy.append(self.wire.recv_obj(s, REPLY)["busy"])
-        return busy
+            return [self.stage.stats()] + [self.wire.recv_obj(s, REPLY) for s in range(1, len(self.plans))]
+
+    def stage_busy(self) -> list[float]:
+        """Seconds each stage spent computing (not waiting) since it started, stage 0 first (the
+        engine reports differences)."""
+        return [s["busy"] for s in self.stage_stats()]
 
     # -- the engine's calls ----------------------------------------------------------------------
     def capture_encoder_graph(self) -> int:
@@ -805,9 +971,9 @@ class PipelineRunner:
                 "cross_lens": np.array([s.group.encoder_len for s in part], np.int32),
                 "logits": np.asarray(logits_rows, np.int64),
             })  # fmt: skip
-            tok = next_tokens[rows.start : rows.stop] if ahead else self.stage._tensor(tokens, torch.long)
-            pos = self.stage._tensor(positions, torch.long)
-            embed.append(lambda tok=tok, pos=pos: self.model.embed_decoder(tok, pos))
+            embed.append(
+                next_tokens[rows.start : rows.stop] if ahead else self.stage._tensor(tokens, torch.long)
+            )
         with self._exchange():
             self._broadcast({"op": "decode", "micro": micro})
             self.stage.decode(micro, embed)

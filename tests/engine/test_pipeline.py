@@ -94,6 +94,65 @@ def test_stages_give_the_tokens_of_one_process(family, tiny_text_model, whisper_
             engine.close()
 
 
+@pytest.mark.parametrize("family", ["whisper", "bart"])
+def test_stage_graphs_give_the_tokens_of_one_process(family, tiny_text_model, whisper_dir, monkeypatch):
+    """Per-stage graphs (``StageGraphs``), on the CPU through their stand-in (a replay re-runs the
+    captured call on the static buffers): micro-batches padded to the captured sizes, stage 0's
+    tokens and the other stages' (x, residual) copied in (Whisper: pre-norm, a residual travels;
+    BART: post-norm, none), the outputs cloned out. The tokens of one process, greedy and 4-beam
+    through preemption, and every decoder stage replayed its graphs."""
+    monkeypatch.setenv("ENCDEC_TEST_STAGE_GRAPHS", "1")  # read by every stage (the workers inherit it)
+    pool = WHISPER_POOL if family == "whisper" else POOL
+    if family == "whisper":
+        path, make = whisper_dir, _whisper_requests
+    else:
+        tiny = tiny_text_model(family)
+        path, make = tiny.path, lambda beams: _text_requests(tiny, beams)
+    one = Engine(str(path), **pool)
+    want = {beams: _run(one, make(beams)) for beams in (1, 4)}
+    one.close()
+    # 3 stages, 1 + 3 layers on stage 1: stage 0 embeds and runs no decoder layer for Whisper
+    # (2 + 2 layers: 1, 2, 1), so stage 1 receives a bare embedding, then passes on a pair
+    for stages, layers in ((2, None), (3, (1, 2, 1))):
+        engine = Engine(str(path), pipeline_parallel=stages, pp_layers=layers, **pool)
+        try:
+            assert engine.uses_cuda_graphs
+            for beams in (1, 4):
+                got = _run(engine, make(beams))
+                assert got[0] == want[beams][0], f"{family}: {stages} stages, {beams} beam(s)"
+            assert got[1] > 0, "the 4-beam run in stages did not preempt"
+            stats = engine.runner.stage_stats()
+            decoding = [s for s, p in zip(stats, engine.runner.plans, strict=True) if p.has_decoder]
+            assert decoding and all(s["replays"] > 0 for s in decoding), stats
+        finally:
+            engine.close()
+
+
+def test_a_stage_without_room_for_its_graphs_runs_eagerly(tiny_text_model, monkeypatch):
+    """Capturing stage 0's graphs runs out of memory: that stage goes on eagerly (the job is not
+    lost), the other stage replays its graphs, the tokens are those of one process."""
+    from encdec_cli.engine import pipeline
+
+    monkeypatch.setenv("ENCDEC_TEST_STAGE_GRAPHS", "1")
+    tiny = tiny_text_model("bart")
+    one = Engine(str(tiny.path), **POOL)
+    want = _run(one, _text_requests(tiny, 1))[0]
+    one.close()
+
+    def no_room(self, model):
+        raise torch.OutOfMemoryError("injected: no room for the graphs")
+
+    monkeypatch.setattr(pipeline.StageGraphs, "capture", no_room)  # this process: stage 0 only
+    engine = Engine(str(tiny.path), pipeline_parallel=2, pp_layers=(3, 1), **POOL)  # both decode
+    try:
+        assert _run(engine, _text_requests(tiny, 1))[0] == want
+        stats = engine.runner.stage_stats()
+        assert stats[0]["replays"] == 0 and not engine.runner.stage.use_graphs
+        assert stats[1]["replays"] > 0
+    finally:
+        engine.close()
+
+
 def test_absorbed_cross_attention_across_stages(whisper_dir):
     """The encoder rows of a request live in every decoder stage's own pool."""
     one = Engine(str(whisper_dir), absorb_cross=True, **WHISPER_POOL)

@@ -10,12 +10,11 @@ import torch
 from encdec_cli.engine import Engine, Request, SamplingParams
 from tests.support.whisper_models import EOT, SOT, random_whisper
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices"),
-]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
 
+@two_gpus
 @pytest.mark.parametrize("kv_dtype", ["auto", "fp8"])
 @pytest.mark.parametrize("absorb", [False, True])
 def test_two_gpu_stages_give_the_tokens_of_one_gpu(tmp_path, absorb, kv_dtype):
@@ -36,16 +35,56 @@ def test_two_gpu_stages_give_the_tokens_of_one_gpu(tmp_path, absorb, kv_dtype):
                 out[beams] = {
                     r.request_id: [c.token_ids for c in r.completions] for r in engine.generate(reqs)
                 }
-            return out, engine.stats
+            replays = (
+                [s["replays"] for s in engine.runner.stage_stats()] if "pipeline_parallel" in cfg else []
+            )
+            return out, engine.stats, replays
+        finally:
+            engine.close()
+
+    want, _, _ = run(enforce_eager=True)
+    got, stats, replays = run(pipeline_parallel=2)
+    assert got == want
+    assert len(stats.stage_busy_seconds) == 2
+    assert all(r > 0 for r in replays), replays  # both stages ran decode steps on their CUDA graphs
+
+
+@pytest.mark.parametrize("beams", [1, 4])
+def test_stage_graphs_on_one_gpu(tmp_path, monkeypatch, beams):
+    """Per-stage CUDA graphs where one GPU is all there is: 2 and 3 stages on cuda:0
+    (``ENCDEC_TEST_STAGES_ON_ONE_GPU``: activations over gloo through host memory) give the tokens
+    of one process (float32, graphs off), every decoder stage replaying its graphs; 13 requests,
+    so micro-batches are padded to the captured sizes."""
+    random_whisper(tmp_path, d_model=128, encoder_attention_heads=2, decoder_attention_heads=2,
+                   encoder_layers=2, decoder_layers=3)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(80, 3000, generator=g) for _ in range(13)]
+    params = SamplingParams(max_new_tokens=32, num_beams=beams, stop_token_ids=[EOT])
+
+    def run(**cfg):
+        # a fixed pool: stages sharing one GPU would each size theirs from the same free memory
+        engine = Engine(
+            str(tmp_path), device="cuda:0", dtype="float32", max_num_seqs=32, num_blocks=4000, **cfg
+        )
+        try:
+            reqs = [Request(f, [SOT], params, i) for i, f in enumerate(feats)]
+            out = {r.request_id: [c.token_ids for c in r.completions] for r in engine.generate(reqs)}
+            if "pipeline_parallel" not in cfg:
+                return out, None
+            plans = engine.runner.plans
+            return out, [s["replays"] for s, p in zip(engine.runner.stage_stats(), plans) if p.has_decoder]
         finally:
             engine.close()
 
     want, _ = run(enforce_eager=True)
-    got, stats = run(pipeline_parallel=2)
-    assert got == want
-    assert len(stats.stage_busy_seconds) == 2
+    monkeypatch.setenv("ENCDEC_TEST_STAGES_ON_ONE_GPU", "1")
+    for stages, layers in ((2, None), (3, (1, 2, 2))):
+        got, replays = run(pipeline_parallel=stages, pp_layers=layers)
+        assert got == want, f"{stages} stages"
+        assert replays and all(r > 0 for r in replays), replays
 
 
+@two_gpus
 def test_two_gpu_stages_rotary_widths_and_speculative(tmp_path):
     """T5Gemma with an encoder wider than its decoder (rotary positions, both widths over NCCL),
     with and without n-gram speculative decoding: the greedy tokens of one GPU."""
