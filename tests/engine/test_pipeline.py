@@ -70,14 +70,17 @@ def whisper_dir(tmp_path_factory):
     return path
 
 
+def _family(family: str, tiny_text_model, whisper_dir):
+    """(pool, model folder, requests(beams)) of a family's test model."""
+    if family.startswith("whisper"):
+        return WHISPER_POOL, whisper_dir, _whisper_requests
+    tiny = tiny_text_model(family)
+    return POOL, tiny.path, lambda beams: _text_requests(tiny, beams)
+
+
 @pytest.mark.parametrize("family", ["whisper", "bart", "mbart", "t5", "t5_v1_1"])
 def test_stages_give_the_tokens_of_one_process(family, tiny_text_model, whisper_dir):
-    pool = WHISPER_POOL if family == "whisper" else POOL
-    if family == "whisper":
-        path, make = whisper_dir, _whisper_requests
-    else:
-        tiny = tiny_text_model(family)
-        path, make = tiny.path, lambda beams: _text_requests(tiny, beams)
+    pool, path, make = _family(family, tiny_text_model, whisper_dir)
     one = Engine(str(path), **pool)
     want = {beams: _run(one, make(beams)) for beams in (1, 4)}
     assert want[4][1] > 0, "the 4-beam run did not preempt: the test's pool is too large"
@@ -102,17 +105,12 @@ def test_stage_graphs_give_the_tokens_of_one_process(family, tiny_text_model, wh
     BART: post-norm, none), the outputs cloned out. The tokens of one process, greedy and 4-beam
     through preemption, and every decoder stage replayed its graphs."""
     monkeypatch.setenv("ENCDEC_TEST_STAGE_GRAPHS", "1")  # read by every stage (the workers inherit it)
-    pool = WHISPER_POOL if family == "whisper" else POOL
-    if family == "whisper":
-        path, make = whisper_dir, _whisper_requests
-    else:
-        tiny = tiny_text_model(family)
-        path, make = tiny.path, lambda beams: _text_requests(tiny, beams)
+    pool, path, make = _family(family, tiny_text_model, whisper_dir)
     one = Engine(str(path), **pool)
     want = {beams: _run(one, make(beams)) for beams in (1, 4)}
     one.close()
-    # 3 stages, 1 + 3 layers on stage 1: stage 0 embeds and runs no decoder layer for Whisper
-    # (2 + 2 layers: 1, 2, 1), so stage 1 receives a bare embedding, then passes on a pair
+    # 2 + 2 layers in 3 stages as 1, 2, 1: stage 0 holds no decoder layer (it embeds the tokens),
+    # stage 1 receives that bare embedding, stage 2 what stage 1's layer passes on
     for stages, layers in ((2, None), (3, (1, 2, 1))):
         engine = Engine(str(path), pipeline_parallel=stages, pp_layers=layers, **pool)
         try:
@@ -174,16 +172,11 @@ def test_fp8_stages_give_the_tokens_of_one_fp8_process(family, tiny_text_model, 
     tokens, greedy and 4-beam, through preemption."""
     from encdec_kernels import FP8_DTYPE
 
-    whisper = family.startswith("whisper")
     absorb = family == "whisper-absorbed"
-    pool = {**(WHISPER_POOL if whisper else POOL), "kv_dtype": "fp8", "absorb_cross": absorb}
+    pool, path, make = _family(family, tiny_text_model, whisper_dir)
+    pool = {**pool, "kv_dtype": "fp8", "absorb_cross": absorb}
     if absorb:  # a cross block of 2 stages holds the rows of one layer's K and V: 47 a request
         pool["num_blocks"] = 100
-    if whisper:
-        path, make = whisper_dir, _whisper_requests
-    else:
-        tiny = tiny_text_model(family)
-        path, make = tiny.path, lambda beams: _text_requests(tiny, beams)
     one = Engine(str(path), **pool)
     assert one.kv_dtype_name == "fp8_e4m3" and one.absorbs_cross == absorb
     want = {beams: _run(one, make(beams)) for beams in (1, 4)}
