@@ -726,6 +726,8 @@ class Engine:
         finished meanwhile."""
         rows, logits = self._ahead
         self._ahead = None
+        if not isinstance(logits, torch.Tensor):  # a pipeline's step still in its stages
+            logits = logits.wait()
         self._stats.ahead_steps += 1
         live = [i for i, s in enumerate(rows) if s in s.group.seqs]  # rows that hit EOS are dropped
         if len(live) == len(rows):

@@ -690,6 +690,22 @@ def _shutdown(procs, wire) -> None:
 
 
 # ---- stage 0: the runner the engine uses -----------------------------------------------------
+class InFlightLogits:
+    """The logits of a decoder step launched ahead (``PipelineRunner.decode`` with next tokens),
+    still in the stages: ``wait()`` receives them. Until then stage 0's host goes on (the engine's
+    bookkeeping of the step before) while the stages compute."""
+
+    def __init__(self, runner: PipelineRunner, parts: int):
+        self.runner, self.parts = runner, parts
+
+    def wait(self) -> torch.Tensor:
+        runner = self.runner
+        if runner._in_flight is not self:
+            raise RuntimeError("these logits were dropped: another pipeline call came first")
+        runner._in_flight = None
+        return runner._receive(self.parts)
+
+
 class PipelineRunner:
     """The engine's runner for P > 1 stages: ``ModelRunner``'s interface (the engine cannot tell),
     stage 0's part of every call, the other stages through their control messages."""
@@ -817,6 +833,7 @@ class PipelineRunner:
                 break
             time.sleep(0.05)
         who = ", ".join(f"stage {s} (exit code {p.exitcode})" for s, p in gone) or "a stage"
+        self._in_flight = None  # nothing more is received from the stages
         self.close()
         self.broken = PipelineFailure(f"pipeline {who} stopped ({str(error).splitlines()[0][:200]})")
         return self.broken
@@ -872,6 +889,11 @@ class PipelineRunner:
     def close(self) -> None:
         """Stop the worker stages (also when the runner is collected or the process exits)."""
         if self.broken is None:
+            try:  # the last stage finishes sending a step launched ahead before it is told to stop
+                self._drain()
+            except PipelineFailure:
+                pass
+        if self.broken is None:
             self.broken = PipelineFailure("the pipeline's stages were stopped")
         self._closer()
 
@@ -890,6 +912,7 @@ class PipelineRunner:
         """Each stage's ``Stage.stats`` since it started, stage 0 first ([] once stopped)."""
         if self.broken is not None:
             return []
+        self._drain()
         with self._exchange():
             self._broadcast({"op": "stats"})
             return [self.stage.stats()] + [self.wire.recv_obj(s, REPLY) for s in range(1, len(self.plans))]
@@ -905,12 +928,14 @@ class PipelineRunner:
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if copies:
+            self._drain()
             with self._exchange():
                 self._broadcast({"op": "copy", "copies": list(copies)})
                 self.stage.copy_blocks(copies)
 
     def encode(self, groups: list[SequenceGroup]) -> None:
         self._count_call("encode")
+        self._drain()
         micro, batches = [], []
         for rows in _micro(len(groups), len(self.plans)):
             part = [groups[i] for i in rows]
@@ -974,18 +999,40 @@ class PipelineRunner:
             embed.append(
                 next_tokens[rows.start : rows.stop] if ahead else self.stage._tensor(tokens, torch.long)
             )
+        self._drain()
         with self._exchange():
             self._broadcast({"op": "decode", "micro": micro})
             self.stage.decode(micro, embed)
+        for s in seqs:
+            s.num_cached = len(s.tokens) + ahead
+        if ahead:  # the engine's host work for this step's tokens runs while the stages compute
+            self._in_flight = InFlightLogits(self, len(micro))
+            return self._in_flight
+        return self._receive(len(micro))
+
+    def _receive(self, parts: int) -> torch.Tensor:
+        """The logits of a decoder step's ``parts`` micro-batches from the last stage."""
+        with self._exchange():
             failed = False  # out of memory in any stage (since its last step): in the logits' headers
             logits = []
-            for _ in micro:
+            for _ in range(parts):
                 out, f = self.wire.recv(len(self.plans) - 1, LOGITS)
                 logits.append(out)
                 failed |= f
             self.wire.flush()
         if failed:
             raise torch.OutOfMemoryError("out of device memory in a pipeline stage")
-        for s in seqs:
-            s.num_cached = len(s.tokens) + ahead
         return torch.cat(logits) if len(logits) > 1 else logits[0]
+
+    _in_flight: InFlightLogits | None = None
+
+    def _drain(self) -> None:
+        """Receive (and drop) the logits of a step launched ahead that the engine let go (its rows
+        all finished, or the job ended), before any other exchange: the last stage's messages
+        are matched in order, so they would otherwise be taken for the next step's."""
+        pending, self._in_flight = self._in_flight, None
+        if pending is not None:
+            try:
+                self._receive(pending.parts)
+            except torch.OutOfMemoryError:  # that step's failure: nothing of it is used
+                pass

@@ -151,6 +151,31 @@ def test_a_stage_without_room_for_its_graphs_runs_eagerly(tiny_text_model, monke
         engine.close()
 
 
+def test_a_step_launched_ahead_runs_while_stage_0_works_and_a_dropped_one_is_drained(tiny_text_model):
+    """Greedy steps launched ahead come back as ``InFlightLogits``: stage 0's host goes on while
+    the stages compute, and the next step receives them. A job whose rows all stop at their first
+    token leaves such a step unreceived (the engine drops it); the next job's first exchange
+    drains it, so its logits are never taken for the next job's."""
+    from encdec_cli.engine.pipeline import InFlightLogits
+
+    tiny = tiny_text_model("bart")
+    one = Engine(str(tiny.path), **POOL)
+    want = _run(one, _text_requests(tiny, 1))[0]
+    one.close()
+    engine = Engine(str(tiny.path), pipeline_parallel=2, pp_layers=(3, 1), **POOL)
+    try:
+        assert _run(engine, _text_requests(tiny, 1))[0] == want
+        assert engine.stats.ahead_steps > 0
+        every = SamplingParams(max_new_tokens=8, stop_token_ids=list(range(engine.model.vocab_size)))
+        reqs = [Request(r.encoder_input, r.prompt_ids, every, r.request_id) for r in _text_requests(tiny, 1)]
+        stopped = _run(engine, reqs)[0]
+        assert all(tokens == [[]] for _, tokens in stopped.values())
+        assert isinstance(engine.runner._in_flight, InFlightLogits)  # launched, then let go
+        assert _run(engine, _text_requests(tiny, 1))[0] == want
+    finally:
+        engine.close()
+
+
 def test_absorbed_cross_attention_across_stages(whisper_dir):
     """The encoder rows of a request live in every decoder stage's own pool."""
     one = Engine(str(whisper_dir), absorb_cross=True, **WHISPER_POOL)
