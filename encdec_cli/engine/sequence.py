@@ -52,6 +52,17 @@ class SamplingParams:
     # logits, i.e. after the last prompt token) is stored in Request.first_step_probs
 
     def __post_init__(self):
+        # token lists given as lists (or any iterable) become tuples: the params stay hashable (the
+        # sampler keys rules on them) and cannot change under a running request
+        for name in ("stop_token_ids", "suppress_tokens", "begin_suppress_tokens", "allowed_tokens",
+                     "record_first_step_probs"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(type(t) is int for t in value):
+                object.__setattr__(self, name, tuple(int(t) for t in value))
+        for name in ("forced_tokens", "bad_words_ids"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or not all(isinstance(w, tuple) for w in value):
+                object.__setattr__(self, name, tuple(tuple(int(t) for t in w) for w in value))
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.min_new_tokens < 0:

@@ -153,3 +153,43 @@ def test_batched_ngram_bans_match_full_scan():
                 seqs.append(rng.choice(seqs).fork())
             for s in seqs:
                 s.tokens.append(rng.randint(0, 4))
+
+
+def test_token_fields_given_as_lists_become_tuples_and_a_job_runs(tiny_text_model):
+    """SamplingParams takes lists for its token fields, as users write them: they become tuples,
+    so the params stay hashable (before: a job with min_new_tokens, whose rule is keyed on the stop
+    tokens, failed with "unhashable type: 'list'") and give the tokens of the same params as tuples."""
+    from encdec_cli.engine import Engine, Request, SamplingParams
+    from tests.support.text_models import random_words, source_ids, vocabulary
+
+    tiny = tiny_text_model("bart")
+    eos = vocabulary(tiny.name)["</s>"]
+    common = dict(max_new_tokens=8, min_new_tokens=3)
+    as_lists = SamplingParams(
+        **common, stop_token_ids=[eos], suppress_tokens=[5, 6], forced_tokens=[[0, 7]], bad_words_ids=[[8, 9]]
+    )
+    as_tuples = SamplingParams(
+        **common,
+        stop_token_ids=(eos,),
+        suppress_tokens=(5, 6),
+        forced_tokens=((0, 7),),
+        bad_words_ids=((8, 9),),
+    )
+    assert as_lists == as_tuples and hash(as_lists) == hash(as_tuples)
+    assert isinstance(as_lists.forced_tokens[0], tuple)
+    rng = random.Random(2)
+    sources = [source_ids(tiny.name, random_words(rng, rng.randint(2, 9))) for _ in range(6)]
+    engine = Engine(str(tiny.path), device="cpu", dtype="float32")
+
+    def run(params):
+        results = list(
+            engine.generate(
+                Request(s, [tiny.decoder_start_token_id], params, i) for i, s in enumerate(sources)
+            )
+        )
+        assert all(r.error is None for r in results), [r.error for r in results]
+        return {r.request_id: r.token_ids for r in results}
+
+    got = run(as_lists)
+    assert got == run(as_tuples)
+    assert all(len(t) >= 3 and t[0] == 7 for t in got.values()), got
