@@ -238,11 +238,30 @@ class _Wire:
             pg = self.nccl if t.is_cuda else self.gloo
             self.pending.append((pg.send([t], dst, tag), t))
 
-    def recv(self, src: int, tag: int) -> tuple[torch.Tensor | None, bool]:
+    def post(self, src: int, tag: int, shape: tuple[int, ...], dtype: torch.dtype):
+        """An NCCL receive of a tensor of known shape posted now, for ``recv(..., posted=)`` later:
+        NCCL runs a pair's sends and receives in order on one stream, so a peer's send waiting for
+        a receive this host has not posted yet would hold up everything behind it (the next
+        micro-batch's activations). None on gloo (its sends do not wait for the receive)."""
+        if self.nccl is None:
+            return None
+        t = torch.empty(shape, dtype=dtype, device=self.device)
+        return t, self.nccl.recv([t], src, tag)
+
+    def recv(self, src: int, tag: int, posted=None) -> tuple[torch.Tensor | None, bool]:
+        """A tensor sent with ``send``; ``posted``: its receive, posted earlier with ``post``."""
         header = torch.zeros(6, dtype=torch.int64)
         self.gloo.recv([header], src, tag).wait()
         dtype, failed, ndim, *shape = header.tolist()
         shape = shape[:ndim]
+        if posted is not None:
+            t, work = posted
+            if list(t.shape) != shape or t.dtype != _DTYPES[dtype]:
+                raise RuntimeError(
+                    f"pipeline: got a {shape} {_DTYPES[dtype]} tensor for a posted {list(t.shape)}"
+                )
+            work.wait()
+            return t, bool(failed)
         if not int(np.prod(shape)):
             return None, bool(failed)
         if self.nccl is None:  # the CPU, or stages sharing one GPU (tests): gloo, host memory
@@ -695,15 +714,15 @@ class InFlightLogits:
     still in the stages: ``wait()`` receives them. Until then stage 0's host goes on (the engine's
     bookkeeping of the step before) while the stages compute."""
 
-    def __init__(self, runner: PipelineRunner, parts: int):
-        self.runner, self.parts = runner, parts
+    def __init__(self, runner: PipelineRunner, posted: list):
+        self.runner, self.posted = runner, posted  # each micro-batch's receive (Wire.post) or None
 
     def wait(self) -> torch.Tensor:
         runner = self.runner
         if runner._in_flight is not self:
             raise RuntimeError("these logits were dropped: another pipeline call came first")
         runner._in_flight = None
-        return runner._receive(self.parts)
+        return runner._receive(self.posted)
 
 
 class PipelineRunner:
@@ -1000,23 +1019,26 @@ class PipelineRunner:
                 next_tokens[rows.start : rows.stop] if ahead else self.stage._tensor(tokens, torch.long)
             )
         self._drain()
+        last, vocab = len(self.plans) - 1, self.model.vocab_size
         with self._exchange():
             self._broadcast({"op": "decode", "micro": micro})
             self.stage.decode(micro, embed)
+            posted = [self.wire.post(last, LOGITS, (len(mb["logits"]), vocab), torch.float32) for mb in micro]
         for s in seqs:
             s.num_cached = len(s.tokens) + ahead
         if ahead:  # the engine's host work for this step's tokens runs while the stages compute
-            self._in_flight = InFlightLogits(self, len(micro))
+            self._in_flight = InFlightLogits(self, posted)
             return self._in_flight
-        return self._receive(len(micro))
+        return self._receive(posted)
 
-    def _receive(self, parts: int) -> torch.Tensor:
-        """The logits of a decoder step's ``parts`` micro-batches from the last stage."""
+    def _receive(self, posted: list) -> torch.Tensor:
+        """The logits of a decoder step's micro-batches from the last stage (``posted``: each one's
+        receive posted at the launch, or None)."""
         with self._exchange():
             failed = False  # out of memory in any stage (since its last step): in the logits' headers
             logits = []
-            for _ in range(parts):
-                out, f = self.wire.recv(len(self.plans) - 1, LOGITS)
+            for p in posted:
+                out, f = self.wire.recv(len(self.plans) - 1, LOGITS, p)
                 logits.append(out)
                 failed |= f
             self.wire.flush()
@@ -1033,6 +1055,6 @@ class PipelineRunner:
         pending, self._in_flight = self._in_flight, None
         if pending is not None:
             try:
-                self._receive(pending.parts)
+                self._receive(pending.posted)
             except torch.OutOfMemoryError:  # that step's failure: nothing of it is used
                 pass
