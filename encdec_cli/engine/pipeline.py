@@ -507,7 +507,6 @@ class Stage:
                     "pipeline stage %d: no memory to capture CUDA graphs; it runs eagerly", self.plan.rank
                 )
                 self.use_graphs = False
-                graphs = None
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 return None
