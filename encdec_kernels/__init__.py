@@ -31,6 +31,7 @@ __all__ = [
     "shared_kv_attention",
     "store_kv",
     "store_rows",
+    "copy_blocks_where",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
@@ -137,6 +138,11 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None)
 
 def store_rows(x, rows, slot_mapping, row_scales=None):
     return _impl(x, "shared_kv").store_rows(x, rows, slot_mapping, row_scales)
+
+
+def copy_blocks_where(pool, src, dst, mask):
+    """pool[:, dst[i]] = pool[:, src[i]] where mask[i], chosen on the device (``blocks.py``)."""
+    return _impl(pool, "blocks").copy_blocks_where(pool, src, dst, mask)
 
 
 def prefers_absorbed_cross(

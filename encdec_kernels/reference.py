@@ -343,3 +343,11 @@ def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=Non
     s = x if residual is None else x + residual
     h = rms_norm(s, norm_weight, eps) if is_rms else layer_norm(s, norm_weight, norm_bias, eps)
     return gemv(h, weight, bias, activation), s
+
+
+def copy_blocks_where(pool, src, dst, mask):
+    """pool[:, dst[i]] = pool[:, src[i]] where mask[i] (see ``blocks.copy_blocks_where``)."""
+    keep = mask.nonzero()[:, 0]
+    if len(keep):
+        raw = _raw(pool)
+        raw[:, dst[keep]] = raw[:, src[keep]]

@@ -32,6 +32,7 @@ float32 values) in each request's ``BeamState``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,12 +116,48 @@ class BeamLaunch:
     host: torch.Tensor  # every batch's candidates, flat (float64; on CUDA pinned, filled by a copy)
     done: object  # a CUDA event recorded after the copy, or None (the copy is done)
     vocab: int
+    # a step launched ahead (``Children``): the running beams the device chose, then the
+    # blocks it gave them (``AheadBlocks``); None otherwise
+    chosen: bool = False
+    ahead: AheadBlocks | None = None
 
 
-def beam_launch(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[list[int]]) -> BeamLaunch:
+@dataclass
+class Children:
+    """The next step's rows of a beam step launched ahead, chosen on the device (``beam_launch``
+    with ``ahead``): request g's N running beams are rows [g * N, (g + 1) * N), best first."""
+
+    parents: torch.Tensor  # [B] long: each child's parent row in this step
+    tokens: torch.Tensor  # [B] long: its new token (its input in the next step)
+    fork: torch.Tensor  # [B] bool: not its parent's first child (it shares the parent's blocks)
+
+
+@dataclass
+class AheadBlocks:
+    """Blocks the device gave a beam step launched ahead: the host's mirror (``_select``) hands
+    the same ones to the same children. ``reserved``: the pool's first free blocks when it was
+    launched, taken in order; ``new_block[g]``: request g's next token starts a new block (every
+    child takes one), else only forked children take one (a copy of the parent's last block)."""
+
+    reserved: list[int]
+    new_block: list[bool]
+
+
+def beam_launch(
+    groups: list[SequenceGroup],
+    logprobs: torch.Tensor,
+    rows: list[list[int]],
+    ahead: Callable[[Children], AheadBlocks] | None = None,
+) -> BeamLaunch:
     """The device half of ``beam_step_batch``: per (N, K) batch one ``topk`` of the candidates,
     then one copy of them all toward the host; on CUDA a non-blocking copy into pinned memory with
-    an event, so nothing waits here and the GPU may go on with other work. Touches no sequence."""
+    an event, so nothing waits here and the GPU may go on with other work. Touches no sequence.
+
+    ``ahead`` (one (N, K) batch, every request at N running beams in consecutive rows, none asking
+    for log-probs: ``Engine._can_run_ahead``): the next running beams are chosen on the device too
+    (step 2: the hits and the N best candidates that did not hit), copied back with the
+    candidates, and ``ahead`` launches the next step's model run on them (``Children``) before
+    the host waits for anything; ``beam_finish`` then makes the host's beams the device's."""
     for g in groups:
         if g.beam is None:
             g.beam = BeamState.start(g.params.num_beams, len(g.params.stop_token_ids))
@@ -130,6 +167,10 @@ def beam_launch(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
     on_device = [
         _candidates([groups[i] for i in idx], logprobs, [rows[i] for i in idx]) for idx in batches.values()
     ]
+    chosen = None
+    if ahead is not None:
+        chosen, children = _choose(groups, on_device[0], logprobs.shape[1])
+        on_device.append(chosen)
     flat = torch.cat([t.reshape(-1) for t in on_device])
     done = None
     if flat.device.type == "cuda":
@@ -140,7 +181,39 @@ def beam_launch(groups: list[SequenceGroup], logprobs: torch.Tensor, rows: list[
     else:
         host = flat.cpu()
     shapes = [t.shape for t in on_device]
-    return BeamLaunch(groups, list(batches.values()), shapes, host, done, logprobs.shape[1])
+    launch = BeamLaunch(
+        groups, list(batches.values()), shapes, host, done, logprobs.shape[1], chosen is not None
+    )
+    if ahead is not None:
+        launch.ahead = ahead(children)
+    return launch
+
+
+def _choose(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int) -> tuple[torch.Tensor, Children]:
+    """Step 2 on the device for G requests of one (N, K) batch (``_select`` does it on the host
+    otherwise): the hits, the N best candidates that did not hit (the same float32 arithmetic),
+    and the children they make. Returns (the chosen candidates [G, N] as ``packed``'s dtype, for
+    the host; the children)."""
+    n = groups[0].beam.num_beams
+    dev = packed.device
+    top_scores, top_idx = packed[0].float(), packed[1].long()  # exact: see _candidates
+    width = max(1, max(len(g.params.stop_token_ids) for g in groups))
+    info = np.full((len(groups), 1 + width), -1, np.int64)  # at the length limit, then the stop tokens
+    for i, g in enumerate(groups):
+        stops = g.params.stop_token_ids
+        info[i, 0] = len(g.seqs[0].tokens) + 1 - g.seqs[0].num_prompt >= g.max_new_tokens
+        info[i, 1 : 1 + len(stops)] = stops
+    info = to_device(dev, info)
+    cand_beam, cand_tok = top_idx // vocab, top_idx % vocab
+    hits = (info[:, :1] > 0) | (cand_tok[:, :, None] == info[:, None, 1:]).any(-1)
+    masked = top_scores + hits.float() * NEG_LARGE  # _select's float32 arithmetic
+    chosen = torch.topk(masked, n).indices  # [G, N]
+    parent = cand_beam.gather(1, chosen)
+    earlier = torch.ones(n, n, dtype=torch.bool, device=dev).tril(-1)  # [i, j]: j < i
+    fork = ((parent[:, :, None] == parent[:, None, :]) & earlier).any(-1)
+    rows = parent + torch.arange(0, len(groups) * n, n, device=dev)[:, None]
+    children = Children(rows.reshape(-1), cand_tok.gather(1, chosen).reshape(-1), fork.reshape(-1))
+    return chosen.to(packed.dtype), children
 
 
 def beam_finish(launch: BeamLaunch, blocks: BlockManager) -> None:
@@ -150,6 +223,10 @@ def beam_finish(launch: BeamLaunch, blocks: BlockManager) -> None:
         launch.done.synchronize()
     host = launch.host.split([s.numel() for s in launch.shapes])
     groups = launch.groups
+    if launch.chosen:  # one batch (beam_launch's ahead)
+        chosen = host[1].view(launch.shapes[1]).numpy().astype(np.int64)
+        _select(groups, host[0].view(launch.shapes[0]), launch.vocab, blocks, chosen, launch.ahead)
+        return
     for idx, packed, shape in zip(launch.batches, host, launch.shapes, strict=True):
         _select([groups[i] for i in idx], packed.view(shape), launch.vocab, blocks)
 
@@ -207,12 +284,23 @@ def _topk(x: torch.Tensor, k: int, values: torch.Tensor | None, indices: torch.T
     return torch.topk(x, k, out=(values, indices))
 
 
-def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, blocks: BlockManager) -> None:
+def _select(
+    groups: list[SequenceGroup],
+    packed: torch.Tensor,
+    vocab: int,
+    blocks: BlockManager,
+    chosen: np.ndarray | None = None,
+    ahead: AheadBlocks | None = None,
+) -> None:
     """Steps 2-5 for G requests sharing (N, K), from their candidates ``packed`` [P, G, K] (CPU).
 
     The score arithmetic is float32 numpy (elementwise IEEE operations: the same values as torch's
     in the same order, at a fraction of a small torch op's cost); the two rankings stay
-    ``torch.topk`` (on the same arrays, no copy) so ties break as in transformers."""
+    ``torch.topk`` (on the same arrays, no copy) so ties break as in transformers.
+
+    ``chosen`` [G, N]: the running beams the device chose (a step launched ahead, ``_choose``),
+    taken instead of ranking them here; ``ahead``: the blocks that step gave the children, which
+    the host's children take too (``_grants``)."""
     states: list[BeamState] = [g.beam for g in groups]
     n, k = states[0].num_beams, states[0].beams_to_keep
     host = packed.numpy()
@@ -245,8 +333,12 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
     else:
         hits = at_limit | (cand_tok[:, :, None] == stops[:, None, :]).any(-1)
     masked = top_scores + hits.astype(np.float32) * NEG_LARGE_F32
-    next_scores, next_idx = (t.numpy() for t in torch.topk(torch.from_numpy(masked), n))  # [G, N]
     rows = np.arange(len(groups))[:, None]
+    if chosen is None:
+        next_scores, next_idx = (t.numpy() for t in torch.topk(torch.from_numpy(masked), n))  # [G, N]
+    else:  # the device's ranking (its ties broke the device's way): the next step runs on it
+        next_idx = chosen
+        next_scores = masked[rows, next_idx]
 
     # 3. finished hypotheses: hits among the top N, merged with the slots, N best kept
     did_finish = hits & (np.arange(k) < n)
@@ -271,7 +363,9 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
 
     # 5. per request: the new slots, then the new running beams or the end of the search
     tok_logprobs = host[2].astype(np.float32) if len(host) > 2 else None
-    next_beam, next_tok = cand_beam[rows, next_idx].tolist(), cand_tok[rows, next_idx].tolist()  # [G, N]
+    next_beam = cand_beam[rows, next_idx]  # [G, N]
+    grants = _grants(next_beam, ahead, blocks) if ahead is not None else None
+    next_beam, next_tok = next_beam.tolist(), cand_tok[rows, next_idx].tolist()
     next_logprobs = tok_logprobs[rows, next_idx].tolist() if tok_logprobs is not None else None
     # only requests with a finished hypothesis have slots to build (slots are None exactly while
     # unfinished); the others share one row of empty slots (never mutated: each step makes new ones)
@@ -309,10 +403,19 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
         st.improvable = improvable[i]
         if go_on[i]:
             st.running_scores = next_scores[i]
+            grant = (grants[i], ahead.new_block[i]) if grants is not None else None
             _advance(
-                g, next_beam[i], next_tok[i], next_logprobs[i] if want else None, st.running_scores, blocks
+                g,
+                next_beam[i],
+                next_tok[i],
+                next_logprobs[i] if want else None,
+                st.running_scores,
+                blocks,
+                grant,
             )
         else:
+            if grants is not None:  # the children the step launched ahead computed for nothing
+                blocks.free([b for b in grants[i] if b is not None])
             for s in g.seqs:
                 blocks.free(s.block_table)
                 s.block_table = []
@@ -322,6 +425,21 @@ def _select(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int, block
             ]
 
 
+def _grants(parents: np.ndarray, ahead: AheadBlocks, blocks: BlockManager) -> list[list[int | None]]:
+    """The reserved blocks a step launched ahead gave the children of ``parents`` [G, N] (each
+    child's parent beam), per request and child (None: none): the rule of ``ModelRunner.
+    decode_children``, in row order. Takes them from the pool (they are its first free blocks:
+    nothing was allocated since they were reserved)."""
+    n = parents.shape[1]
+    fork = ((parents[:, :, None] == parents[:, None, :]) & np.tri(n, n, -1, bool)).any(-1)
+    needs = fork | np.array(ahead.new_block, bool)[:, None]
+    taken = blocks.allocate(int(needs.sum()))
+    if taken != ahead.reserved[: len(taken)]:
+        raise RuntimeError("the blocks reserved for a beam step launched ahead were taken meanwhile")
+    it = iter(taken)
+    return [[next(it) if x else None for x in row] for row in needs.tolist()]
+
+
 def _advance(
     group: SequenceGroup,
     beams: list[int],
@@ -329,10 +447,16 @@ def _advance(
     logprobs: list[float] | None,
     scores: list[float],
     blocks: BlockManager,
+    grant: tuple[list[int | None], bool] | None = None,
 ) -> None:
     """The new running beams: child i = running beam ``beams[i]`` + tokens[i] (on a request's first
     step its one sequence stands for every beam). Each parent's first child reuses its sequence,
-    further children fork it and share its blocks; childless parents free theirs."""
+    further children fork it and share its blocks; childless parents free theirs.
+
+    ``grant`` (a step launched ahead has already computed the children: their new tokens' K/V are
+    written): (each child's block or None, whether the new token started a block). A child's
+    block is appended to its table when it started one, else it replaces the shared last block
+    (the copy the device made)."""
     old = group.seqs
     if len(old) == 1:
         beams = [0] * len(beams)
@@ -357,6 +481,17 @@ def _advance(
         if logprobs is not None:
             child.logprobs.append(logprobs[i])
         child.cum_logprob = scores[i]
+    if grant is not None:
+        granted, new_block = grant
+        for child, b in zip(children, granted, strict=True):
+            if b is not None:
+                if new_block:
+                    child.block_table.append(b)
+                else:  # copy-on-write, done on the device
+                    col = (len(child.tokens) - 1) // blocks.block_size
+                    blocks.free([child.block_table[col]])
+                    child.block_table[col] = b
+            child.num_cached = len(child.tokens)
     group.seqs = children
 
 

@@ -141,6 +141,32 @@ class CudaGraphs:
         self.capture_seconds = time.perf_counter() - start
         self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
 
+    def run_children(
+        self, tokens, positions, slots, self_tables, self_lens, cross: PagedView
+    ) -> torch.Tensor:
+        """Replay the graph for a beam step launched ahead (``ModelRunner.decode_children``): its
+        inputs are device tensors already, copied into the static buffers device to device (the
+        cross-attention rows are the last step's, often these buffers themselves)."""
+        n = len(tokens)
+        b = next(s for s in self.sizes if s >= n)
+        self.tokens[:n].copy_(tokens)
+        self.positions[:n].copy_(positions)
+        self.slots[:n].copy_(slots)
+        self.self_tables[:n].copy_(self_tables)
+        self.self_lens[:n].copy_(self_lens)
+        if cross.block_tables.data_ptr() != self.cross_tables.data_ptr():
+            self.cross_tables[:n].copy_(cross.block_tables)
+            self.cross_lens[:n].copy_(cross.seq_lens)
+        if n < b:  # padding rows (see run)
+            pads = ((self.tokens, 0), (self.positions, 0), (self.slots, -1), (self.self_lens, 1))
+            pads += ((self.cross_lens, 1), (self.self_tables, 0), (self.cross_tables, 0))
+            for buf, value in pads:
+                buf[n:b].fill_(value)
+        for g in self.graphs[b]:
+            g.replay()
+        self.replays += 1
+        return self.outputs[b][:n]
+
     def run(
         self, runner, seqs, srows: np.ndarray, crows: np.ndarray, next_tokens=None, drafts=None
     ) -> torch.Tensor:
@@ -192,6 +218,7 @@ class CudaGraphs:
             g.replay()
         self.replays += 1
         if q == 1:
+            runner.last_tables = (self.self_tables[:n], PagedView(self.cross_tables[:n], self.cross_lens[:n]))
             return self.outputs[b][:n]
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         if hi - lo == len(rows):  # consecutive (one sequence: batch 1): a view, no index upload

@@ -11,9 +11,11 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 
+import numpy as np
 import torch
 
 import encdec_kernels
+from encdec_cli.engine.beam import AheadBlocks, Children
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig, EngineStats, parse_speculative
 from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, encoder_key
@@ -499,7 +501,13 @@ class Engine:
         if not seqs:
             return
         self._tick("decode")
-        launch = functools.partial(self._run_ahead, seqs) if self._can_run_ahead(seqs) else None
+        launch = None
+        if seqs[0].group.params.num_beams > 1:
+            plan = self._beams_ahead_plan(seqs)
+            if plan is not None:
+                launch = functools.partial(self._run_beams_ahead, plan)
+        elif self._can_run_ahead(seqs):
+            launch = functools.partial(self._run_ahead, seqs)
         yield from self._finish(self.sampler(logits, seqs, self.blocks, launch))
         self._tick("sample")
 
@@ -721,6 +729,54 @@ class Engine:
         dropped by ``_take_ahead``."""
         self._ahead = (seqs, self.runner.decode(seqs, next_tokens=tokens))
 
+    def _beams_ahead_plan(self, seqs: list[Sequence]) -> BeamsAhead | None:
+        """Whether this beam-search step can launch the next step's model run before its beams
+        reach the host (the device chooses them, ``beam_launch``'s ``ahead``), and with what: every
+        row a beam search with one (N, K), every request at its N running beams in consecutive
+        rows (not its first step), no log-probs asked for, no request about to be admitted,
+        enough plain free blocks for every child that may need one (``ModelRunner.
+        decode_children``), one process (no pipeline stages), no speculative decoding."""
+        if (
+            not self.config.lookahead
+            or self.speculator is not None
+            or not isinstance(self.runner, ModelRunner)
+            or self.scheduler.admits_next_step()
+        ):
+            return None
+        first = seqs[0].group
+        n, k = first.params.num_beams, first.beam.beams_to_keep if first.beam is not None else 0
+        bs = self.blocks.block_size
+        groups, lengths, new_block = [], [], []
+        need, all_end = 0, True
+        for i in range(0, len(seqs), n):
+            g = seqs[i].group
+            st, p = g.beam, g.params
+            if st is None or (st.num_beams, st.beams_to_keep) != (n, k) or p.logprobs:
+                return None
+            if g.seqs != seqs[i : i + n]:
+                return None
+            s = g.seqs[0]
+            length = len(s.tokens)
+            fresh = length // bs >= len(s.block_table)
+            groups.append(g)
+            lengths.append(length)
+            new_block.append(fresh)
+            need += n if fresh else n - 1
+            all_end = all_end and length + 1 - s.num_prompt >= g.max_new_tokens
+        if all_end or len(groups) * n != len(seqs) or need > len(self.blocks.free_blocks):
+            return None
+        return BeamsAhead(groups, n, lengths, new_block, need)
+
+    def _run_beams_ahead(self, plan: BeamsAhead, children: Children) -> AheadBlocks:
+        """Launch the next step's model run on the children the device chose (a beam step that
+        can run ahead, ``_beams_ahead_plan``), with the pool's first free blocks reserved for
+        them; ``beam_finish`` then gives the host's children the same blocks."""
+        reserved = list(itertools.islice(self.blocks.free_blocks, plan.need))
+        positions = np.repeat(np.asarray(plan.lengths, np.int64), plan.n)
+        fresh = np.repeat(np.asarray(plan.new_block, np.int64), plan.n)
+        self._ahead = (plan, self.runner.decode_children(children, positions, fresh, reserved))
+        return AheadBlocks(reserved, plan.new_block)
+
     def _take_ahead(self) -> tuple[list[Sequence], torch.Tensor | None]:
         """(rows, logits) of the model run the previous step launched, without the rows that
         finished meanwhile."""
@@ -729,10 +785,19 @@ class Engine:
         if not isinstance(logits, torch.Tensor):  # a pipeline's step still in its stages
             logits = logits.wait()
         self._stats.ahead_steps += 1
-        live = [i for i, s in enumerate(rows) if s in s.group.seqs]  # rows that hit EOS are dropped
-        if len(live) == len(rows):
-            return rows, logits
-        return [rows[i] for i in live], take_rows(logits, live) if live else None
+        if isinstance(rows, BeamsAhead):  # request g's children are rows g * N ...; ended ones: none
+            n, total = rows.n, len(rows.groups) * rows.n
+            live = [i * n + j for i, g in enumerate(rows.groups) if g.seqs for j in range(n)]
+            seqs = [s for g in rows.groups for s in g.seqs]
+        else:
+            total = len(rows)
+            live = [i for i, s in enumerate(rows) if s in s.group.seqs]  # rows that hit EOS are dropped
+            seqs = [rows[i] for i in live]
+        if len(live) == total:
+            return seqs, logits
+        if isinstance(self.runner, ModelRunner):
+            self.runner.keep_rows(live)
+        return seqs, take_rows(logits, live) if live else None
 
     def _append(self, seq: Sequence, token: int, logprob: float | None) -> None:
         p = seq.group.params
@@ -788,6 +853,19 @@ class Engine:
             },
             first_step_probs=group.first_step_probs,
         )
+
+
+@dataclasses.dataclass
+class BeamsAhead:
+    """A beam-search step that launches the next one ahead (``Engine._beams_ahead_plan``): its
+    requests in row order, N beams each, each request's length (the children's position) and
+    whether its next token starts a new block; ``need``: the blocks its children may take."""
+
+    groups: list[SequenceGroup]
+    n: int
+    lengths: list[int]
+    new_block: list[bool]
+    need: int
 
 
 def verify_queries(k: int) -> list[int]:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import encdec_kernels
+from encdec_cli.engine.beam import Children
 from encdec_cli.engine.config import EngineConfig
 from encdec_cli.engine.sequence import Sequence, SequenceGroup
 from encdec_cli.engine.transfer import to_device
@@ -244,6 +245,9 @@ class ModelRunner:
         self.cross_block_rows, self._cross_layout = cross_layout(block_size, num_blocks, rc, chunks)
         self._init_tables(config.max_num_seqs, block_size)
         self.graphs = None  # CudaGraphs, set up by the engine
+        # the last decode step's (self-attention tables [B, W], cross-attention PagedView) on the
+        # device, row i = its i-th sequence (decode_children reads its parents' rows there)
+        self.last_tables: tuple[torch.Tensor, PagedView] | None = None
         self.verify_graphs = None  # [CudaGraphs] of speculative verification steps, by queries a sequence
         self.encoder_graph = None  # (graph, static EncoderBatch, static slots): capture_encoder_graph()
         self.encoder_graph_replays = 0
@@ -581,4 +585,62 @@ class ModelRunner:
             logits_indices=self._tensor(logits_rows, torch.long),
         )
         token_ids = next_tokens if ahead else self._tensor(tokens, torch.long)
+        self.last_tables = (meta.self_attn.block_tables, meta.cross_attn)
         return self.model.decode(token_ids, self._tensor(positions, torch.long), meta)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """The last decode step's rows that go on, in order (the rest finished): ``last_tables``
+        keeps theirs only, so that row i there is the next step's i-th sequence again."""
+        if self.last_tables is not None and rows:
+            tables, cross = self.last_tables
+            index = to_device(self.device, rows)
+            self.last_tables = (
+                tables.index_select(0, index),
+                PagedView(cross.block_tables.index_select(0, index), cross.seq_lens.index_select(0, index)),
+            )
+
+    def decode_children(self, children: Children, positions: np.ndarray, new_block: np.ndarray,
+                        reserved: list[int]) -> torch.Tensor:  # fmt: skip
+        """A beam-search step launched ahead (``Engine._run_ahead_beams``): its rows are the
+        children the device chose from the last decode step's rows (``beam.Children``), not yet
+        known on the host. Row i's input is ``children.tokens[i]`` at ``positions[i]`` (its
+        parent's length); its self-attention table is its parent row's (``last_tables``) with one
+        change: a row whose token starts a new block (``new_block[i]``) or that forks its parent
+        (it shares the parent's last, partly written block) takes the next of ``reserved`` there
+        (the pool's first free blocks, in row order), a fork's being a copy of the parent's block
+        (``encdec_kernels.copy_blocks_where``: only those blocks' bytes move). Its cross-attention
+        row is its parent's (request g's N rows stay rows g * N ...). ``beam._grants`` gives the
+        host's children the same blocks. Returns the logits [B, vocab] float32, as ``decode``."""
+        self._count_call("decode")
+        n, bs, dev = len(positions), self.block_size, self.device
+        if self.last_tables is None or len(self.last_tables[0]) != n:
+            raise RuntimeError(f"decode_children: the last decode step has {None if self.last_tables is None else len(self.last_tables[0])} rows, not this step parents {n}")
+        up = to_device(dev, np.concatenate([positions, new_block, reserved]))  # one upload
+        pos, fresh, spare = up[:n], up[n : 2 * n] > 0, up[2 * n :]
+        self_tables, cross = self.last_tables
+        tables = self_tables.index_select(0, children.parents)
+        col, off = (pos // bs)[:, None], pos % bs
+        here = tables.gather(1, col)[:, 0].long()  # the parent's block at the new position
+        needs = fresh | children.fork
+        take = (needs.long().cumsum(0) - 1).clamp_(0, len(reserved) - 1)
+        block = torch.where(needs, spare.index_select(0, take), here)
+        tables.scatter_(1, col, block[:, None].to(tables.dtype))
+        copy = needs & ~fresh
+        for part in (self.kv.values, self.kv.scales):
+            if part is not None:  # [2, L, NB, ...] as [2 * L, NB, ...]
+                encdec_kernels.copy_blocks_where(part.flatten(0, 1), here, block, copy)
+        slots, lens = block * bs + off, (pos + 1).to(torch.int32)
+        if self.graphs is not None and n <= self.graphs.max_batch:
+            logits = self.graphs.run_children(children.tokens, pos, slots, tables, lens, cross)
+        else:
+            meta = AttentionMetadata(
+                cu_seqlens_q=torch.arange(n + 1, dtype=torch.int32, device=dev),
+                max_seqlen_q=1,
+                slot_mapping=slots,
+                self_attn=PagedView(tables, lens),
+                cross_attn=cross,
+                logits_indices=torch.arange(n, device=dev),
+            )
+            logits = self.model.decode(children.tokens, pos, meta)
+        self.last_tables = (tables, cross)
+        return logits.float()

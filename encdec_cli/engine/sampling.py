@@ -602,17 +602,21 @@ class Sampler:
         launch_ahead: Callable[[torch.Tensor], object] | None = None,
     ) -> Sampled:
         """``launch_ahead``: only when every row is greedy with count-based rules (the engine's
-        look-ahead, ``EngineConfig.lookahead``); called with the step's tokens on the device."""
-        if launch_ahead is None:
-            return self.finish(self.launch(logits, seqs), blocks)
+        look-ahead, ``EngineConfig.lookahead``); called with the step's tokens on the device. Or
+        when every row is a beam search that can run ahead (``beam_launch``'s ``ahead``): called
+        with the children chosen on the device."""
+        if launch_ahead is None or seqs[0].group.params.num_beams > 1:
+            return self.finish(self.launch(logits, seqs, launch_ahead), blocks)
         process_logits(logits, seqs)  # every row greedy (Engine._can_run_ahead): no beams
         return Sampled(seqs, self._argmax_ahead(logits, launch_ahead), None, [])
 
-    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> PendingSample:
+    def launch(
+        self, logits: torch.Tensor, seqs: list[Sequence], beams_ahead: Callable | None = None
+    ) -> PendingSample:
         """The device half of a step's choice: log-probabilities for beam rows, the logits rules
         (their host part reads these rows' tokens), the greedy / sampled tokens and the beam
-        candidates (``beam_launch``), and non-blocking copies of them to the host. Changes no
-        sequence."""
+        candidates (``beam_launch``; ``beams_ahead``: its ``ahead``), and non-blocking copies of
+        them to the host. Changes no sequence."""
         single: list[int] = []  # rows of greedy / sampled sequences
         beams: dict[SequenceGroup, list[int]] = {}  # beam-search request -> its rows
         for i, s in enumerate(seqs):
@@ -632,7 +636,7 @@ class Sampler:
         tokens = logprobs = None
         if single:
             tokens, logprobs = choose_tokens_on_device(logits if whole else take_rows(logits, single), chosen)
-        launched = beam_launch(list(beams), logits, list(beams.values())) if beams else None
+        launched = beam_launch(list(beams), logits, list(beams.values()), beams_ahead) if beams else None
         done = None
         if logits.device.type == "cuda" and tokens is not None:
             tokens = _to_pinned(tokens)

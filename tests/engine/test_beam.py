@@ -14,6 +14,7 @@ import transformers
 from transformers.generation.utils import GenerationMixin
 
 from encdec_cli.engine import Engine, Request, SamplingParams
+from encdec_cli.engine import runner as runner_module
 from encdec_cli.engine import sampling as sampling_module
 from encdec_cli.tasks.generation import sampling_params_from_generation_config
 from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
@@ -133,8 +134,22 @@ def _assert_same(result, ref):
     )
 
 
+@pytest.fixture
+def device_forks(monkeypatch):
+    """Counts the block copies of beam steps launched ahead (forks made on the device)."""
+    counts = []
+    copy = runner_module.encdec_kernels.copy_blocks_where
+
+    def spy(pool, src, dst, mask):
+        counts.append(int(mask.sum()))
+        return copy(pool, src, dst, mask)
+
+    monkeypatch.setattr(runner_module.encdec_kernels, "copy_blocks_where", spy)
+    return counts
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_beam_search_matches_transformers(whisper, case):
+def test_beam_search_matches_transformers(whisper, case, device_forks):
     _, loaded, feats = whisper
     ref = _reference(whisper, case)
     assert "stop" in {r for hyps in ref for _, r, _ in hyps}  # EOS-finished hypotheses are ranked
@@ -144,6 +159,22 @@ def test_beam_search_matches_transformers(whisper, case):
     engine, out, copies = _run(loaded, feats, params, num_blocks=N_REQUESTS * (CROSS_BLOCKS + 40))
     assert copies  # beams shared their prefix blocks and copied a block before writing into it
     assert engine.scheduler.num_preemptions == 0
+    # most steps chose their beams on the device and launched the next step ahead, forking there
+    assert engine.stats.ahead_steps > engine.stats.steps // 3 and sum(device_forks) > 0
+    for i in range(N_REQUESTS):
+        _assert_same(out[i], ref[i])
+
+
+def test_beam_steps_ahead_under_preemption(whisper, device_forks):
+    """A pool for about two requests at a time: steps launched ahead (when the pool has a block
+    for every child that may need one) alternate with steps that preempt; the same hypotheses,
+    and the pool is whole at the end (the reserved blocks all came back)."""
+    _, loaded, feats = whisper
+    case = "short-pref-never"
+    ref = _reference(whisper, case)
+    engine, out, _ = _run(loaded, feats, _params(case), num_blocks=2 * CROSS_BLOCKS + 24)
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.stats.ahead_steps > 0 and sum(device_forks) > 0
     for i in range(N_REQUESTS):
         _assert_same(out[i], ref[i])
 

@@ -122,6 +122,7 @@ paged = _interpreted_fixture("paged")
 shared_kv = _interpreted_fixture("shared_kv")
 norm = _interpreted_fixture("norm")
 lin = _interpreted_fixture("linear", "lin")
+blocks = _interpreted_fixture("blocks")
 
 
 @pytest.fixture(scope="session")
