@@ -614,7 +614,8 @@ class ModelRunner:
         self._count_call("decode")
         n, bs, dev = len(positions), self.block_size, self.device
         if self.last_tables is None or len(self.last_tables[0]) != n:
-            raise RuntimeError(f"decode_children: the last decode step has {None if self.last_tables is None else len(self.last_tables[0])} rows, not this step parents {n}")
+            rows = None if self.last_tables is None else len(self.last_tables[0])
+            raise RuntimeError(f"decode_children: {n} children, but the last decode step had {rows} rows")
         up = to_device(dev, np.concatenate([positions, new_block, reserved]))  # one upload
         pos, fresh, spare = up[:n], up[n : 2 * n] > 0, up[2 * n :]
         self_tables, cross = self.last_tables
