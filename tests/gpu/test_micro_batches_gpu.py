@@ -104,4 +104,6 @@ def test_speculative_micro_batches_match_whole_steps_with_graphs(tiny_text_model
         (whole, _), (split, checked) = runs[1], runs[2]
         assert whole.micro_batch_steps == 0 and split.micro_batch_steps >= 10
         assert checked >= 5
-    assert Engine(loaded, speculative="ngram:4", max_num_seqs=8, num_blocks=200).micro_batches == 2
+    # one micro-batch stays the default with a drafter too (two ran W3 at 0.93x; W1's speculative
+    # sweep with two is in benchmarks/gpu_session.sh spec)
+    assert Engine(loaded, speculative="ngram:4", max_num_seqs=8, num_blocks=200).micro_batches == 1
