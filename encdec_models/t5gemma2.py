@@ -274,9 +274,9 @@ class T5Gemma2(GemmaStackHooks, TextEncDecModel):
         self.image_token_id = top.get("image_token_index", 256_001)
         self.logit_softcap = dec.final_logit_softcapping
         self.set_shapes(enc, dec)
-        # decode steps run on the kernels (causal windows, log-sum-exp); eager until a GPU run shows
-        # captured steps give the same tokens (tests/gpu/test_new_models_gpu.py captures them)
-        self.cuda_graphs = False
+        # decode steps run on the kernels (causal windows, log-sum-exp): captured in CUDA graphs,
+        # transformers' tokens (tests/gpu/test_new_models_gpu.py; passed on an H100, 2026-12-05)
+        self.cuda_graphs = True
 
     def bind_cache(self, k_cache, v_cache, cross_rows=None, scales=None, first: int = 0) -> None:
         if cross_rows is not None:

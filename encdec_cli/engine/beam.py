@@ -465,7 +465,7 @@ def _advance(
     for b in beams:
         parent = old[b]
         if taken[b]:
-            child = parent.fork()
+            child = parent.fork(ngrams=grant is None)  # ahead: the next step's n-grams are the device's
             child.block_table = blocks.share(parent.block_table)
         else:
             taken[b] = True

@@ -20,7 +20,7 @@ from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.config import EngineConfig, EngineStats, parse_speculative
 from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, encoder_key
 from encdec_cli.engine.runner import ModelRunner
-from encdec_cli.engine.sampling import PendingSample, Sampled, Sampler
+from encdec_cli.engine.sampling import History, PendingSample, Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
 from encdec_cli.engine.speculative import (
@@ -31,7 +31,7 @@ from encdec_cli.engine.speculative import (
     PendingVerify,
     Speculator,
 )
-from encdec_cli.engine.transfer import take_rows
+from encdec_cli.engine.transfer import take_rows, to_device
 from encdec_cli.errors import PipelineFailure
 from encdec_models.loading import LoadedModel, load_model
 
@@ -184,6 +184,9 @@ class Engine:
         self.sampler = Sampler(self.device, self.config.max_num_seqs)
         # (rows, logits) of a step launched ahead by the previous one (see _run_ahead)
         self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
+        # the taken step's rows' tokens on the device, when a beam step launched ahead made them
+        # (its n-gram rule runs there; see _run_beams_ahead)
+        self._history: History | None = None
         # micro-batches (see _micro_step): two cohorts, or 1 (off)
         self.micro_batches = self.config.micro_batches
         self.scheduler.cohorts = self.micro_batches
@@ -303,7 +306,7 @@ class Engine:
             runners.append(self.speculator.drafter.runner)
         for r in runners:
             r.release()
-        self._ahead = None
+        self._ahead = self._history = None
         self._pending = None
 
     def set_drafter(self, drafter: Drafter) -> None:
@@ -349,7 +352,8 @@ class Engine:
                 else:
                     self.scheduler.add(group)
             if self.scheduler.idle:
-                self._ahead = None  # rows that all finished (stop tokens) while it was launched
+                # rows that all finished (stop tokens) while it was launched
+                self._ahead = self._history = None
                 if exhausted:
                     return
                 continue
@@ -420,7 +424,7 @@ class Engine:
         together (floor 1), and free the allocator's cached blocks. Only a request that ran alone
         becomes an error Result: it cannot fit at all."""
         self._stats.oom_recoveries += 1
-        self._ahead = None  # its rows are preempted with the rest and recomputed
+        self._ahead = self._history = None  # its rows are preempted with the rest and recomputed
         # a micro-batch step launched before the failing one ran whole on the device: its host part
         # takes its tokens first, so no request is preempted with its step in flight
         finished = list(self._finish_pending()) if self._pending is not None else []
@@ -505,10 +509,11 @@ class Engine:
         if seqs[0].group.params.num_beams > 1:
             plan = self._beams_ahead_plan(seqs)
             if plan is not None:
-                launch = functools.partial(self._run_beams_ahead, plan)
+                launch = functools.partial(self._run_beams_ahead, plan, self._history)
         elif self._can_run_ahead(seqs):
             launch = functools.partial(self._run_ahead, seqs)
-        yield from self._finish(self.sampler(logits, seqs, self.blocks, launch))
+        history, self._history = self._history, None
+        yield from self._finish(self.sampler(logits, seqs, self.blocks, launch, history))
         self._tick("sample")
 
     def _run(
@@ -765,17 +770,37 @@ class Engine:
             all_end = all_end and length + 1 - s.num_prompt >= g.max_new_tokens
         if all_end or len(groups) * n != len(seqs) or need > len(self.blocks.free_blocks):
             return None
-        return BeamsAhead(groups, n, lengths, new_block, need)
+        ngrams = any(g.params.no_repeat_ngram_size for g in groups)
+        return BeamsAhead(groups, n, lengths, new_block, need, ngrams)
 
-    def _run_beams_ahead(self, plan: BeamsAhead, children: Children) -> AheadBlocks:
+    def _run_beams_ahead(self, plan: BeamsAhead, history: History | None, children: Children) -> AheadBlocks:
         """Launch the next step's model run on the children the device chose (a beam step that
         can run ahead, ``_beams_ahead_plan``), with the pool's first free blocks reserved for
-        them; ``beam_finish`` then gives the host's children the same blocks."""
+        them; ``beam_finish`` then gives the host's children the same blocks. Where a request bans
+        repeated n-grams, the children's tokens are made on the device too (from ``history``, this
+        step's rows', or uploaded when a chain of such steps starts), for the next step's rule."""
         reserved = list(itertools.islice(self.blocks.free_blocks, plan.need))
         positions = np.repeat(np.asarray(plan.lengths, np.int64), plan.n)
         fresh = np.repeat(np.asarray(plan.new_block, np.int64), plan.n)
         self._ahead = (plan, self.runner.decode_children(children, positions, fresh, reserved))
+        if plan.ngrams:  # the children's tokens on the device: their parents' and the new one
+            parents = history if history is not None else self._upload_history(plan)
+            lengths = parents.lengths.index_select(0, children.parents)
+            tokens = parents.tokens.index_select(0, children.parents)
+            tokens.scatter_(1, lengths[:, None].long(), children.tokens[:, None])
+            plan.history = History(tokens, lengths + 1)
         return AheadBlocks(reserved, plan.new_block)
+
+    def _upload_history(self, plan: BeamsAhead) -> History:
+        """This step's rows' tokens (a chain of beam steps launched ahead starts: later steps make
+        theirs on the device), -1 after each row's end, as wide as its longest request can get."""
+        seqs = [s for g in plan.groups for s in g.seqs]
+        width = max(g.seqs[0].num_prompt + g.max_new_tokens for g in plan.groups)
+        tokens = np.full((len(seqs), width), -1, np.int64)
+        for i, s in enumerate(seqs):
+            tokens[i, : len(s.tokens)] = s.tokens
+        lengths = [len(s.tokens) for s in seqs]
+        return History(to_device(self.device, tokens), to_device(self.device, lengths))
 
     def _take_ahead(self) -> tuple[list[Sequence], torch.Tensor | None]:
         """(rows, logits) of the model run the previous step launched, without the rows that
@@ -789,6 +814,10 @@ class Engine:
             n, total = rows.n, len(rows.groups) * rows.n
             live = [i * n + j for i, g in enumerate(rows.groups) if g.seqs for j in range(n)]
             seqs = [s for g in rows.groups for s in g.seqs]
+            history = rows.history
+            if history is not None and len(live) < total:
+                history = history.rows(to_device(self.device, live)) if live else None
+            self._history = history
         else:
             total = len(rows)
             live = [i for i, s in enumerate(rows) if s in s.group.seqs]  # rows that hit EOS are dropped
@@ -866,6 +895,8 @@ class BeamsAhead:
     lengths: list[int]
     new_block: list[bool]
     need: int
+    ngrams: bool  # some request bans repeated n-grams: the children's tokens go on the device
+    history: History | None = None  # the children's tokens (set at the launch, when ngrams)
 
 
 def verify_queries(k: int) -> list[int]:

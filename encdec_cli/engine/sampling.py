@@ -99,6 +99,48 @@ def ngram_bans(seqs: list, n: int, out: list[int], counts: list[int]) -> None:
             counts.append(len(ban))
 
 
+@dataclass
+class History:
+    """Every row's tokens on the device (a beam step launched ahead makes its children's from its
+    parents', ``ModelRunner.decode_children``): ``tokens`` [B, T] (prompt and generated, -1 after
+    the end), ``lengths`` [B] tokens per row. The n-gram rule then runs there
+    (``ngram_bans_on_device``) instead of on the host's per-row indexes."""
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> History:
+        return History(self.tokens.index_select(0, index), self.lengths.index_select(0, index))
+
+
+def ngram_bans_on_device(logits: torch.Tensor, hist: History, rows: list[int], n: int) -> None:
+    """``banned_ngram_tokens`` for rows ``rows`` of ``logits`` from their device history, set to
+    -inf in place: n-gram start i of a row (i <= length - n) whose first n - 1 tokens are the row's
+    last n - 1 bans the token after them. A few whole-tensor ops, no host sync. A token banned
+    through one start and not through another stays banned (a min-reduction, not a plain scatter,
+    whose order between duplicates is undefined on CUDA)."""
+    m = n - 1
+    whole = len(rows) == len(logits) and rows[0] == 0 and rows[-1] == len(logits) - 1
+    index = None if whole else to_device(logits.device, rows)
+    h = hist if whole else hist.rows(index)
+    tok, length = h.tokens, h.lengths.long()[:, None]
+    starts = tok.shape[1] - m  # start positions [0, starts) fit the buffer
+    if starts <= 0:
+        return
+    last = (length - m + torch.arange(m, device=tok.device)).clamp_(min=0)  # [B, m]: the last m tokens
+    prefix = tok.gather(1, last)
+    match = torch.arange(starts, device=tok.device) < length - m  # i + m < length: start i exists
+    for j in range(m):
+        match &= tok[:, j : j + starts] == prefix[:, j : j + 1]
+    banned = tok[:, m:].clamp(min=0)
+    value = torch.where(match, float("-inf"), float("inf"))
+    if whole:
+        logits.scatter_reduce_(1, banned, value, "amin")
+    else:
+        part = logits.index_select(0, index).scatter_reduce_(1, banned, value, "amin")
+        logits.index_copy_(0, index, part)
+
+
 def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) -> list[int]:
     out = []
     for w in bad_words:
@@ -147,6 +189,7 @@ def process_logits(
     drafted: np.ndarray | None = None,
     view: Callable[[int], Sequence] | None = None,
     generated: np.ndarray | None = None,
+    history: History | None = None,
 ) -> torch.Tensor:
     """Apply every request's logits rules in place. logits: [B, V] float32, row i = seqs[i].
 
@@ -162,7 +205,8 @@ def process_logits(
     (``Extended``), made only for the rules that read the tokens themselves (n-grams, bad words,
     repetition penalty, timestamps). ``by_params``: ``rows_by_params(seqs)`` when the caller has it
     (rows as lists or numpy arrays); ``generated``: each row's tokens generated, drafts seen
-    included, when the caller has them.
+    included, when the caller has them. ``history``: every row's tokens on the device
+    (a beam step launched ahead): the n-gram rule runs there.
     """
     dev = logits.device
     if by_params is None:
@@ -233,7 +277,7 @@ def process_logits(
                 if ban:
                     ban_rows.append([i] * len(ban))
                     ban_toks.append(ban)
-    for n, (rows, picked) in ngram_rows.items():
+    for n, (rows, picked) in ngram_rows.items() if history is None else ():
         toks: list[int] = []
         counts: list[int] = []
         ngram_bans(picked, n, toks, counts)
@@ -270,6 +314,9 @@ def process_logits(
     if ban_rows:
         ban = to_device(dev, np.stack([_join(ban_rows), _join(ban_toks)]))  # [2, M]: one copy
         _set(logits, (ban[0], ban[1]), NEG_INF)
+    if history is not None:  # the n-gram bans, with the other bans (before allowed / forced tokens)
+        for n, (rows, _) in ngram_rows.items():
+            ngram_bans_on_device(logits, history, [int(i) for i in rows], n)
     for tokens, rows in allowed.values():
         r, t = to_device(dev, _join(rows)).unsqueeze(1), to_device(dev, tokens)
         keep = logits[r, t]
@@ -600,23 +647,30 @@ class Sampler:
         seqs: list[Sequence],
         blocks: BlockManager,
         launch_ahead: Callable[[torch.Tensor], object] | None = None,
+        history: History | None = None,
     ) -> Sampled:
         """``launch_ahead``: only when every row is greedy with count-based rules (the engine's
         look-ahead, ``EngineConfig.lookahead``); called with the step's tokens on the device. Or
         when every row is a beam search that can run ahead (``beam_launch``'s ``ahead``): called
-        with the children chosen on the device."""
+        with the children chosen on the device. ``history``: the rows' tokens on the device (a beam
+        step launched ahead made them)."""
         if launch_ahead is None or seqs[0].group.params.num_beams > 1:
-            return self.finish(self.launch(logits, seqs, launch_ahead), blocks)
+            return self.finish(self.launch(logits, seqs, launch_ahead, history), blocks)
         process_logits(logits, seqs)  # every row greedy (Engine._can_run_ahead): no beams
         return Sampled(seqs, self._argmax_ahead(logits, launch_ahead), None, [])
 
     def launch(
-        self, logits: torch.Tensor, seqs: list[Sequence], beams_ahead: Callable | None = None
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        beams_ahead: Callable | None = None,
+        history: History | None = None,
     ) -> PendingSample:
         """The device half of a step's choice: log-probabilities for beam rows, the logits rules
         (their host part reads these rows' tokens), the greedy / sampled tokens and the beam
         candidates (``beam_launch``; ``beams_ahead``: its ``ahead``), and non-blocking copies of
-        them to the host. Changes no sequence."""
+        them to the host. Changes no sequence. ``history``: the rows' tokens on the device
+        (``process_logits``)."""
         single: list[int] = []  # rows of greedy / sampled sequences
         beams: dict[SequenceGroup, list[int]] = {}  # beam-search request -> its rows
         for i, s in enumerate(seqs):
@@ -631,7 +685,7 @@ class Sampler:
         whole = len(single) == len(seqs)
         if beams:
             logits = to_logprobs(logits, [i for rows in beams.values() for i in rows] if single else None)
-        process_logits(logits, seqs)
+        process_logits(logits, seqs, history=history)
         chosen = seqs if whole else [seqs[i] for i in single]
         tokens = logprobs = None
         if single:

@@ -203,10 +203,12 @@ class Sequence:
     def generated(self) -> list[int]:
         return self.tokens[self.num_prompt :]
 
-    def fork(self) -> Sequence:
+    def fork(self, ngrams: bool = True) -> Sequence:
+        """A copy sharing nothing mutable. ``ngrams`` False: without the n-gram index (a beam step
+        launched ahead: the rule runs on the device; the host rebuilds an index when it needs one)."""
         s = Sequence(self.group, list(self.tokens), self.num_prompt)
         s.num_cached, s.logprobs, s.cum_logprob = self.num_cached, list(self.logprobs), self.cum_logprob
-        if self.ngrams is not None:
+        if ngrams and self.ngrams is not None:
             s.ngrams = self.ngrams.copy()
         return s
 

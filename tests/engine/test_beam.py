@@ -148,8 +148,23 @@ def device_forks(monkeypatch):
     return counts
 
 
+@pytest.fixture
+def device_ngrams(monkeypatch):
+    """Counts the n-gram rule's runs on the device (beam steps launched ahead carry their rows'
+    tokens there)."""
+    calls = []
+    bans = sampling_module.ngram_bans_on_device
+
+    def spy(logits, history, rows, n):
+        calls.append(len(rows))
+        return bans(logits, history, rows, n)
+
+    monkeypatch.setattr(sampling_module, "ngram_bans_on_device", spy)
+    return calls
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_beam_search_matches_transformers(whisper, case, device_forks):
+def test_beam_search_matches_transformers(whisper, case, device_forks, device_ngrams):
     _, loaded, feats = whisper
     ref = _reference(whisper, case)
     assert "stop" in {r for hyps in ref for _, r, _ in hyps}  # EOS-finished hypotheses are ranked
@@ -161,6 +176,7 @@ def test_beam_search_matches_transformers(whisper, case, device_forks):
     assert engine.scheduler.num_preemptions == 0
     # most steps chose their beams on the device and launched the next step ahead, forking there
     assert engine.stats.ahead_steps > engine.stats.steps // 3 and sum(device_forks) > 0
+    assert len(device_ngrams) > engine.stats.ahead_steps // 2  # their no_repeat_ngram_size 3 ran there
     for i in range(N_REQUESTS):
         _assert_same(out[i], ref[i])
 

@@ -157,14 +157,28 @@ def test_fp8_pool_holds_more_blocks_and_copies_scales(tmp_path):
     eng.close()
 
 
-def test_fp8_beam_search_runs(bart_cpu):
-    """Beams fork by sharing blocks and copy a block on write: with the fp8 pool too."""
+def test_fp8_beam_search_runs(bart_cpu, monkeypatch):
+    """Beams fork by sharing blocks and copy a block on write: with the fp8 pool too, on the host
+    (no look-ahead) and on the device (beam steps launched ahead copy values and scales with
+    ``copy_blocks_where``): the same tokens both ways."""
     tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer, n=6, beams=3)
     with single_thread():
         want = greedy_tokens(loaded, reqs)
+        forks = []
+        copy = encdec_kernels.copy_blocks_where
+
+        def spy(pool, src, dst, mask):
+            forks.append((pool.dtype, int(mask.sum())))
+            return copy(pool, src, dst, mask)
+
+        monkeypatch.setattr(encdec_kernels, "copy_blocks_where", spy)
         got = greedy_tokens(loaded, reqs, kv_dtype="fp8")
+        host = greedy_tokens(loaded, reqs, kv_dtype="fp8", lookahead=False)
     assert agreement(want, got) >= 0.9
+    assert got == host
+    # forks copied on the device, values and their scales
+    assert {d for d, n in forks if n} == {FP8_DTYPE, torch.float32}
 
 
 def test_kv_dtype_is_checked():

@@ -2,6 +2,9 @@
 
 import random
 
+import pytest
+import torch
+
 from encdec_cli.engine.sampling import banned_ngram_tokens, banned_ngram_tokens_cached
 
 
@@ -193,3 +196,30 @@ def test_token_fields_given_as_lists_become_tuples_and_a_job_runs(tiny_text_mode
     got = run(as_lists)
     assert got == run(as_tuples)
     assert all(len(t) >= 3 and t[0] == 7 for t in got.values()), got
+
+
+@pytest.mark.parametrize("subset", [False, True], ids=["all-rows", "some-rows"])
+def test_ngram_bans_on_device_match_full_scan(subset):
+    """``ngram_bans_on_device`` (a beam step launched ahead: the rows' tokens on the device) bans
+    exactly the full scan's tokens, rows of every length (shorter than n too) in one buffer, each
+    token banned once or through several n-gram starts, other logits untouched."""
+    from encdec_cli.engine.sampling import History, ngram_bans_on_device
+
+    rng = random.Random(5)
+    vocab, width = 6, 40
+    for n in (1, 2, 3, 4):
+        rows = [[rng.randint(0, vocab - 1) for _ in range(rng.randint(1, width))] for _ in range(12)]
+        tokens = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = torch.tensor(r)
+        history = History(tokens, torch.tensor([len(r) for r in rows], dtype=torch.int32))
+        logits = torch.randn(len(rows), vocab)
+        before = logits.clone()
+        chosen = [i for i in range(len(rows)) if i % 3 != 1] if subset else list(range(len(rows)))
+        ngram_bans_on_device(logits, history, chosen, n)
+        for i, r in enumerate(rows):
+            want = set(banned_ngram_tokens(r, n)) if i in chosen else set()
+            assert set(torch.isinf(logits[i]).nonzero()[:, 0].tolist()) == want, (n, i)
+            keep = ~torch.isinf(logits[i])
+            assert torch.equal(logits[i][keep], before[i][keep])
+        assert any(banned_ngram_tokens(r, n) for r in rows)  # not vacuous
