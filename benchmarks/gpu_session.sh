@@ -11,8 +11,9 @@
 #           --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and per-layer K/V
 #           (issue 26) (~6)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
-#   speed   W3 W4 W5 against transformers (issue 26's targets), then where W3's step goes
-#           (profile_step.py: host against GPU time per step) (~7)
+#   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
+#           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
+#           W3's step goes (profile_step.py: host against GPU time per step) (~8)
 #   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then W1's
 #           sweep with two micro-batches against the default one (~9)
 #   models  W8 W9 against transformers, then benchmarks/profile_w9.py (issues 24, 25) (~6)
@@ -70,6 +71,7 @@ for part in "$@"; do
         done ;;
     speed)
         step 300 W3-W4-W5 encdec bench W3 W4 W5 --out "$(name W3-W4-W5).json"
+        step 90 W3-no-lookahead encdec bench W3 --baseline none --no-lookahead --out "$(name W3-no-lookahead).json"
         step 120 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json" ;;
     spec)
         step 330 W5-W1-speculative-oracle encdec bench W5 W1 --baseline none --speculative oracle \

@@ -73,6 +73,12 @@ def bench(
         "verification, sampling) alternate between two cohorts of the requests, so one's host work "
         "overlaps the other's GPU step; 1: off (the default: slower on the H200's W3).",
     ),
+    lookahead: bool = typer.Option(
+        True,
+        "--lookahead/--no-lookahead",
+        help="Launch a step's successor before its tokens reach the host (greedy steps, and beam steps "
+        "whose beams are chosen on the GPU); --no-lookahead measures the engine without it.",
+    ),
     speculative: str = typer.Option(
         "off",
         "--speculative",
@@ -141,6 +147,7 @@ def bench(
         "absorb_cross": absorb,
         "kv_dtype": kv_dtype,
         "micro_batches": micro_batches,
+        "lookahead": lookahead,
         **common.pipeline_options(pipeline_parallel, pp_layers),
         "prefix_cache": not no_prefix_cache,
     }
