@@ -24,6 +24,11 @@ costs a fraction of a small torch op; elementwise IEEE arithmetic gives torch's 
 ``torch.topk`` rankings on the same memory; Python per request only does the sequence
 bookkeeping (step 5: slots, forks, blocks).
 
+A step that launches the next one ahead (``Engine._beams_ahead_plan``) also ranks step 3's
+running beams on the device (``_choose``), so the next step starts before the host has them
+(``ModelRunner.decode_children``); the host then takes the device's ranking and blocks
+(``_select``'s ``chosen`` and ``ahead``, ``_grants``).
+
 The score arithmetic runs on the same float32 values in the same order as transformers (each
 request's row of every batched op computes exactly what transformers' batch-of-one ops compute),
 so ties and near-ties break the same way. Scores between steps live as Python floats (exact
@@ -154,8 +159,8 @@ def beam_launch(
     an event, so nothing waits here and the GPU may go on with other work. Touches no sequence.
 
     ``ahead`` (one (N, K) batch, every request at N running beams in consecutive rows, none asking
-    for log-probs: ``Engine._can_run_ahead``): the next running beams are chosen on the device too
-    (step 2: the hits and the N best candidates that did not hit), copied back with the
+    for log-probs: ``Engine._beams_ahead_plan``): the next running beams are chosen on the device too
+    (steps 2 and 3: the hits and the N best candidates that did not hit), copied back with the
     candidates, and ``ahead`` launches the next step's model run on them (``Children``) before
     the host waits for anything; ``beam_finish`` then makes the host's beams the device's."""
     for g in groups:
@@ -190,8 +195,8 @@ def beam_launch(
 
 
 def _choose(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int) -> tuple[torch.Tensor, Children]:
-    """Step 2 on the device for G requests of one (N, K) batch (``_select`` does it on the host
-    otherwise): the hits, the N best candidates that did not hit (the same float32 arithmetic),
+    """Steps 2 and 3's choice on the device for G requests of one (N, K) batch (``_select`` makes it
+    on the host otherwise): the hits, the N best candidates that did not hit (the same float32 arithmetic),
     and the children they make. Returns (the chosen candidates [G, N] as ``packed``'s dtype, for
     the host; the children)."""
     n = groups[0].beam.num_beams

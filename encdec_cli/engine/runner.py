@@ -601,7 +601,7 @@ class ModelRunner:
 
     def decode_children(self, children: Children, positions: np.ndarray, new_block: np.ndarray,
                         reserved: list[int]) -> torch.Tensor:  # fmt: skip
-        """A beam-search step launched ahead (``Engine._run_ahead_beams``): its rows are the
+        """A beam-search step launched ahead (``Engine._run_beams_ahead``): its rows are the
         children the device chose from the last decode step's rows (``beam.Children``), not yet
         known on the host. Row i's input is ``children.tokens[i]`` at ``positions[i]`` (its
         parent's length); its self-attention table is its parent row's (``last_tables``) with one
