@@ -214,8 +214,7 @@ def _choose(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int) -> tu
     masked = top_scores + hits.float() * NEG_LARGE  # _select's float32 arithmetic
     chosen = torch.topk(masked, n).indices  # [G, N]
     parent = cand_beam.gather(1, chosen)
-    earlier = torch.ones(n, n, dtype=torch.bool, device=dev).tril(-1)  # [i, j]: j < i
-    fork = ((parent[:, :, None] == parent[:, None, :]) & earlier).any(-1)
+    fork = forks(parent)
     rows = parent + torch.arange(0, len(groups) * n, n, device=dev)[:, None]
     children = Children(rows.reshape(-1), cand_tok.gather(1, chosen).reshape(-1), fork.reshape(-1))
     return chosen.to(packed.dtype), children
@@ -430,14 +429,21 @@ def _select(
             ]
 
 
+def forks(parent: torch.Tensor) -> torch.Tensor:
+    """[G, N] bool for each request's children ``parent`` [G, N] (their parent beams): the child
+    forks, i.e. an earlier child has its parent (the first child takes the parent's own blocks).
+    The one rule of the device (``_choose``) and the host (``_grants``)."""
+    n = parent.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=parent.device).tril(-1)  # [i, j]: j < i
+    return ((parent[:, :, None] == parent[:, None, :]) & earlier).any(-1)
+
+
 def _grants(parents: np.ndarray, ahead: AheadBlocks, blocks: BlockManager) -> list[list[int | None]]:
     """The reserved blocks a step launched ahead gave the children of ``parents`` [G, N] (each
     child's parent beam), per request and child (None: none): the rule of ``ModelRunner.
     decode_children``, in row order. Takes them from the pool (they are its first free blocks:
     nothing was allocated since they were reserved)."""
-    n = parents.shape[1]
-    fork = ((parents[:, :, None] == parents[:, None, :]) & np.tri(n, n, -1, bool)).any(-1)
-    needs = fork | np.array(ahead.new_block, bool)[:, None]
+    needs = forks(torch.from_numpy(parents)).numpy() | np.array(ahead.new_block, bool)[:, None]
     taken = blocks.allocate(int(needs.sum()))
     if taken != ahead.reserved[: len(taken)]:
         raise RuntimeError("the blocks reserved for a beam step launched ahead were taken meanwhile")
