@@ -7,16 +7,17 @@
 #   tests   tests/gpu, first half: graphs, data parallel, engine, fp8 (~7: the fp8 kernels compile)
 #   tests2  tests/gpu, second half: the rest (the 2-GPU tests skip; the per-stage graphs run with
 #           every stage on one GPU) (~5)
-#   core    W1 W2 against transformers (issue 21's P = 1 check), then W1 ours only with
-#           --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and per-layer K/V
-#           (issue 26) (~6)
+#   core    W1 W2 against transformers (issue 21's P = 1 check) (~4)
+#   fp8     W1 ours only with --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and
+#           per-layer K/V (issue 26) (~3)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
 #           W3's step goes (profile_step.py: host against GPU time per step) (~8)
 #   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then W1's
 #           sweep with two micro-batches against the default one (~9)
-#   models  W8 W9 against transformers, then benchmarks/profile_w9.py (issues 24, 25) (~6)
+#   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~5)
+#   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
 #   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
 #   pp2     2 GPUs: tests/gpu/test_pipeline_gpu.py, W1 and W4 with -pp 2 against one device
 #           (issue 28) (~6)
@@ -61,7 +62,8 @@ for part in "$@"; do
             --ignore=tests/gpu/test_data_parallel_gpu.py --ignore=tests/gpu/test_engine_gpu.py \
             --ignore=tests/gpu/test_fp8_gpu.py -p no:cacheprovider --junitxml="$(name gpu-tests2).xml" ;;
     core)
-        step 240 W1-W2 encdec bench W1 W2 --out "$(name W1-W2).json"
+        step 240 W1-W2 encdec bench W1 W2 --out "$(name W1-W2).json" ;;
+    fp8)
         step 90 W1-fp8-absorbed encdec bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
         step 90 W1-fp8-kv encdec bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
     kernels)
@@ -79,7 +81,8 @@ for part in "$@"; do
         step 200 W1-speculative-oracle-mb2 encdec bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
     models)
-        step 300 W8-W9 encdec bench W8 W9 --out "$(name W8-W9).json"
+        step 330 W7-W8-W9 encdec bench W7 W8 W9 --out "$(name W7-W8-W9).json" ;;
+    w9)
         step 150 profile-W9 python3 benchmarks/profile_w9.py ;;
     trt)
         step 300 T1-T2 encdec bench T1 T2 --out "$(name T1-T2).json" ;;
@@ -88,7 +91,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 encdec bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 encdec bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core kernels speed spec models trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core fp8 kernels speed spec models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done
