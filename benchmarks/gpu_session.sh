@@ -34,7 +34,7 @@ if [ -d .whl ] && ! python3 -c "import soundfile" 2>/dev/null; then
     export PYTHONPATH=/tmp/site:$PWD
 fi
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-encdec() { python3 -m encdec_cli "$@"; }
+encdec=(python3 -m encdec_cli)
 device=$(python3 -c "import torch; n = torch.cuda.get_device_name(0).lower(); print(next((k for k in ('h200', 'h100', 'a100', 'l40s') if k in n), n.split()[-1]))" 2>/dev/null || echo cpu)
 commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)}  # COMMIT=...: the device copy's .git may lag
 day=$(date -u +%F)
@@ -62,34 +62,34 @@ for part in "$@"; do
             --ignore=tests/gpu/test_data_parallel_gpu.py --ignore=tests/gpu/test_engine_gpu.py \
             --ignore=tests/gpu/test_fp8_gpu.py -p no:cacheprovider --junitxml="$(name gpu-tests2).xml" ;;
     core)
-        step 240 W1-W2 encdec bench W1 W2 --out "$(name W1-W2).json" ;;
+        step 240 W1-W2 "${encdec[@]}" bench W1 W2 --out "$(name W1-W2).json" ;;
     fp8)
-        step 90 W1-fp8-absorbed encdec bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
-        step 90 W1-fp8-kv encdec bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
+        step 90 W1-fp8-absorbed "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
+        step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
     kernels)
         step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
         for form in ring producer registers; do
             step 60 sweep-shared-kv-fp8-$form python3 benchmarks/sweep_shared_kv.py --quick --fp8 $form
         done ;;
     speed)
-        step 300 W3-W4-W5 encdec bench W3 W4 W5 --out "$(name W3-W4-W5).json"
-        step 90 W3-no-lookahead encdec bench W3 --baseline none --no-lookahead --out "$(name W3-no-lookahead).json"
+        step 300 W3-W4-W5 "${encdec[@]}" bench W3 W4 W5 --out "$(name W3-W4-W5).json"
+        step 90 W3-no-lookahead "${encdec[@]}" bench W3 --baseline none --no-lookahead --out "$(name W3-no-lookahead).json"
         step 120 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json" ;;
     spec)
-        step 330 W5-W1-speculative-oracle encdec bench W5 W1 --baseline none --speculative oracle \
+        step 330 W5-W1-speculative-oracle "${encdec[@]}" bench W5 W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json"
-        step 200 W1-speculative-oracle-mb2 encdec bench W1 --baseline none --speculative oracle \
+        step 200 W1-speculative-oracle-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
     models)
-        step 330 W7-W8-W9 encdec bench W7 W8 W9 --out "$(name W7-W8-W9).json" ;;
+        step 330 W7-W8-W9 "${encdec[@]}" bench W7 W8 W9 --out "$(name W7-W8-W9).json" ;;
     w9)
         step 150 profile-W9 python3 benchmarks/profile_w9.py ;;
     trt)
-        step 300 T1-T2 encdec bench T1 T2 --out "$(name T1-T2).json" ;;
+        step 300 T1-T2 "${encdec[@]}" bench T1 T2 --out "$(name T1-T2).json" ;;
     pp2)
         step 240 pp2-tests python3 -m pytest -q -m gpu tests/gpu/test_pipeline_gpu.py -p no:cacheprovider
-        step 300 W1-W4-pp2 encdec bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
-        step 200 W1-W4-pp1 encdec bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
+        step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
+        step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
         echo "unknown part $part (tests tests2 core fp8 kernels speed spec models w9 trt pp2)" >&2
         exit 2 ;;
