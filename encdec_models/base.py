@@ -219,6 +219,11 @@ class EncDecModel(nn.Module):
     max_source_positions: int  # encoder tokens the model supports
     vocab_size: int
 
+    def encoder_activation_bytes(self, tokens: int) -> int:
+        """Peak bytes of the activations of an encoder step of ``tokens`` encoder tokens (the
+        engine sizes its KV pool around them): about 24 live bf16 tensors of [tokens, d_model]."""
+        return tokens * self.cache_spec.num_heads * self.cache_spec.head_dim * 2 * 24
+
     def bind_cache(
         self,
         k_cache: torch.Tensor,

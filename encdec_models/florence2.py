@@ -283,6 +283,17 @@ class Florence2(EncDecModel):
             height, width = (height + 2 * pad - k) // stride + 1, (width + 2 * pad - k) // stride + 1
         return height * width + 1
 
+    def encoder_activation_bytes(self, tokens: int) -> int:
+        """The vision tower's stages dominate: stage i's grid has (product of the later patch
+        strides)^2 token rows per image token, of embed_dim[i] channels, and its MLP's hidden
+        (mlp_ratio wider) is live with about four more such tensors (bf16)."""
+        v = self.config.vision_config
+        per_token, later = 0, 1
+        for i in reversed(range(len(v.embed_dim))):
+            per_token = max(per_token, later * later * v.embed_dim[i] * (v.mlp_ratio + 4) * 2)
+            later *= self.strides[i][1]
+        return max(EncDecModel.encoder_activation_bytes(self, tokens), int(tokens * per_token))
+
     # ---- weights --------------------------------------------------------------------------------
     def rename(self, name: str) -> str | None:
         name = name.removeprefix("model.")

@@ -3,7 +3,11 @@
 One graph per padded batch size (1, 2, 4, 8, then multiples of 8 up to max_num_seqs), captured at
 start-up into one shared memory pool and replayed with static input buffers. Padding rows write
 nowhere (slot -1) and attend to one key; their logits are dropped. The cross-attention length is
-data (a per-sequence length tensor), never a graph key.
+data (a per-sequence length tensor), never a graph key. Every graph copies its output into one
+buffer of the largest graph's shape (its first rows), as its last kernel: one output tensor per
+batch size would hold sum(b) rows of logits (16,647 at max_num_seqs 512: 8.5 GB of NLLB's bf16
+logits, which the KV pool's sizing did not leave). A step's output is read (its device work queued)
+before the next replay, of any size, rewrites it.
 
 Speculative verification steps (engine/speculative.py) have graphs of their own (``queries`` =
 K + 1): every sequence has K + 1 query rows, its real inputs (its token and its drafts) last and
@@ -37,6 +41,14 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     if not sizes or sizes[-1] != max_num_seqs:
         sizes.append(max_num_seqs)
     return sizes
+
+
+def _tree(fn, out, *more):
+    """``fn`` over a step's output: a tensor, or a tuple of tensors / None (a pipeline stage's
+    (x, residual)), with the matching items of ``more``."""
+    if isinstance(out, tuple):
+        return tuple(None if t is None else fn(t, *(m[i] for m in more)) for i, t in enumerate(out))
+    return fn(out, *more)
 
 
 def decode_inputs(seqs, ahead: bool, block_size: int, tok, pos, slot, lens, clens) -> None:
@@ -119,10 +131,14 @@ class CudaGraphs:
         layers = len(model.decoder_layers())
         cuts = {round(i * layers / self.segments) for i in range(1, self.segments)} - {0}
         stream = torch.cuda.Stream()
+        shared = None  # the largest graph's output shapes: every graph writes its rows there
         for b in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
             meta = self._meta(b)
             for _ in range(2):  # warm-up: compile / autotune outside the capture
-                self._call(model, b, meta)
+                out = self._call(model, b, meta)
+            if shared is None:
+                shared = _tree(lambda t: torch.empty_like(t), out)
+            del out
             torch.cuda.synchronize()
             segments = [torch.cuda.CUDAGraph()]
 
@@ -134,7 +150,9 @@ class CudaGraphs:
 
             with torch.cuda.stream(stream), layer_boundary_hook(cut):
                 segments[0].capture_begin(pool=pool)
-                self.outputs[b] = self._call(model, b, meta)
+                out = self._call(model, b, meta)
+                self.outputs[b] = _tree(lambda t, s: s[: len(t)].copy_(t), out, shared)
+                del out  # its pool memory is the next (smaller) graph's to reuse
                 segments[-1].capture_end()
             self.graphs[b] = segments
         torch.cuda.synchronize()

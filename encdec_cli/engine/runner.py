@@ -136,9 +136,11 @@ class KVPool:
 def fit_blocks(model, config: EngineConfig, per_block: int, device: torch.device, logit_rows: int,
                who: str = "", hint: str = "") -> int:  # fmt: skip
     """Blocks of ``per_block`` bytes a pool takes: ``config.cpu_kv_cache_bytes`` on the CPU; on a
-    GPU what ``gpu_memory_utilization`` leaves after the memory in use and room for activations
-    (the largest encoder batch and ``logit_rows`` rows of logits). ``who`` / ``hint``: the error's
-    prefix and extra advice."""
+    GPU what ``gpu_memory_utilization`` leaves after the memory in use and room for activations:
+    the largest encoder batch's (the model's ``encoder_activation_bytes``) and a decode step's of
+    ``logit_rows`` rows (logits at 16 bytes a value: the graphs' bf16 output, float32 copies, log
+    probabilities; attention split partials and layer temporaries at 128 bytes a d_model value).
+    ``who`` / ``hint``: the error's prefix and extra advice."""
     if device.type != "cuda":
         return max(16, config.cpu_kv_cache_bytes // per_block)
     gc.collect()  # an Engine dropped before this one (reference cycles) gives its pool back first
@@ -148,7 +150,8 @@ def fit_blocks(model, config: EngineConfig, per_block: int, device: torch.device
     used = total - free - max(0, torch.cuda.memory_reserved(device) - mine)
     spec = model.cache_spec
     d_model = spec.num_heads * spec.head_dim
-    act = config.max_encoder_tokens * d_model * 2 * 24 + logit_rows * model.vocab_size * 16
+    act = model.encoder_activation_bytes(config.max_encoder_tokens)
+    act += logit_rows * (model.vocab_size * 16 + d_model * 128)
     budget = total * config.gpu_memory_utilization - used - act
     if budget < per_block * 64:
         raise RuntimeError(

@@ -49,6 +49,11 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
     eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20, enforce_eager=True, lookahead=False)
     graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20)
     assert graphs == eager and engine.stats.ahead_steps > 0  # graphs replayed one step ahead
+    # every batch size's graph writes its logits into one buffer (not one [b, vocab] tensor each)
+    outputs = engine.runner.graphs.outputs
+    assert len(outputs) == len(graph_batch_sizes(20))
+    assert len({o.untyped_storage().data_ptr() for o in outputs.values()}) == 1
+    assert all(o.data_ptr() == outputs[20].data_ptr() and len(o) == b for b, o in outputs.items())
     # preemption and recompute with graphs on: same tokens (pool: 3 cross caches, few output blocks)
     same = [
         Request(
