@@ -520,6 +520,33 @@ def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True
     return wall, out
 
 
+def _settled_path(w, engine, loaded, enc_inputs, targets, recorded: dict, k: int, vocab: int,
+                  rounds: int = 3) -> tuple[dict, int]:  # fmt: skip
+    """The greedy path the oracle's drafts follow on ``engine`` (a speculative one, K = ``k``).
+
+    The plain run's tokens (``recorded``) are the target's greedy path as one-query decode steps
+    compute it; verification steps run the (K + 1)-query kernels, whose reduced-precision rounding
+    differs, and where a random model's top two logits nearly tie, the speculative run leaves that
+    path and every draft after it is wrong whatever alpha is (the sweep then measures the tie, not
+    alpha). So the engine runs the workload untimed with every draft right (alpha 1) and takes its
+    own output as the path, until a run stays on it (``rounds`` at most). Returns (the path, how
+    many requests' paths moved). In float32 on the CPU nothing moves."""
+    from encdec_cli.engine import OracleDrafter
+
+    path, moved = dict(recorded), set()
+    for _ in range(rounds):
+        engine.set_drafter(OracleDrafter(path, 1.0, k, vocab))
+        out = list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
+        changed = {
+            r.request_id: r.token_ids for r in out if not r.error and r.token_ids != path[r.request_id]
+        }
+        if not changed:
+            break
+        path.update(changed)
+        moved |= changed.keys()
+    return path, len(moved)
+
+
 def _release(engine) -> None:
     """The engine's CUDA graphs and KV pool go (``Engine.close``: also the model's layers' views of
     the pool) before the next engine sizes its pool from the free memory. The caller drops its own
@@ -630,12 +657,14 @@ def run_oracle_sweep(
     runs = []
     for k in ks:
         engine = Engine(loaded, drafter=OracleDrafter(recorded, alphas[0], k, vocab), **cfg)
+        path, moved = _settled_path(w, engine, loaded, enc_inputs, targets, recorded, k, vocab)
         for i, alpha in enumerate(alphas):
-            drafter = OracleDrafter(recorded, alpha, k, vocab)
+            drafter = OracleDrafter(path, alpha, k, vocab)
             engine.set_drafter(drafter)
             s_wall, s_out = _timed(w, engine, loaded, enc_inputs, targets, warmup=i == 0)
             s_tokens = sum(len(r.token_ids) for r in s_out)
             same = sum(r.token_ids == recorded[r.request_id] for r in s_out)
+            on_path = sum(r.token_ids == path[r.request_id] for r in s_out)
             st = engine.stats
             runs.append(
                 {
@@ -654,6 +683,10 @@ def run_oracle_sweep(
                     "max_num_seqs_after": engine.max_num_seqs,
                     "preemptions": st.preemptions,
                     "outputs_equal_to_plain": same / len(s_out),
+                    # the drafts' path: the plain run's, or where verification steps' numerics leave
+                    # it, the speculative engine's own greedy path (``_settled_path``)
+                    "outputs_equal_to_oracle_path": on_path / len(s_out),
+                    "oracle_path_moved": moved,
                     **({"profile_s": phases(engine)} if profile else {}),
                 }
             )
@@ -663,8 +696,9 @@ def run_oracle_sweep(
         "synthetic": True,
         "draft": "oracle",
         "adaptive_k": cfg.get("speculative_adaptive", True),  # K: the most drafts a step
-        "note": "random weights: drafts are the plain run's own greedy tokens, each replaced by a wrong "
-        "token with probability 1 - alpha (synthetic acceptance; real acceptance needs real weights)",
+        "note": "random weights: drafts are the target's own greedy tokens (the plain run's, settled on "
+        "the verification steps' numerics), each replaced by a wrong token with probability 1 - alpha "
+        "(synthetic acceptance; real acceptance needs real weights)",
         "plain": {"value": plain, "wall_s": wall, "steps": stats.steps, "ahead_steps": stats.ahead_steps},
         "runs": runs,
     }

@@ -128,12 +128,45 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
     assert sorted(runs) == [(0.0, 2), (0.0, 3), (1.0, 2), (1.0, 3)]
     for (alpha, _), r in runs.items():
         assert r["outputs_equal_to_plain"] == 1.0 and r["off_track_proposals"] == 0
+        assert r["outputs_equal_to_oracle_path"] == 1.0 and r["oracle_path_moved"] == 0  # fp32: exact
         assert r["draft_tokens"] > 0
         assert r["acceptance_rate"] == alpha
     assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
     assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
     assert {"encode", "draft", "decode", "sample"} <= runs[(1.0, 3)]["profile_s"].keys()
     assert "draft" not in info["profile_s"]  # the plain run drafts nothing
+
+
+def test_oracle_path_settles_on_the_speculative_engines_own_greedy_tokens(tmp_path, monkeypatch):
+    """Where a recorded path is not the speculative engine's greedy output (on a GPU: bf16 near-ties
+    rounding differently in the verification kernels), ``_settled_path`` replaces it with the
+    engine's own tokens, so the sweep's drafts are wrong only where alpha makes them wrong."""
+    import torch
+
+    from encdec_cli.engine import Engine, OracleDrafter
+    from encdec_cli.tasks.bench import _settled_path, workload_requests
+    from tests.support.whisper_models import load_ours, random_whisper
+
+    random_whisper(tmp_path)
+    loaded = load_ours(tmp_path)
+    w = Workload("W1", "whisper-large-v3", 3, metric="RTFx")
+    g = torch.Generator().manual_seed(0)
+    enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
+    targets = [6, 9, 12]
+    cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16}
+    plain = Engine(loaded, **cfg)
+    greedy = {
+        r.request_id: r.token_ids
+        for r in plain.generate(workload_requests(w, loaded.config, enc_inputs, targets))
+    }
+    vocab = loaded.model.vocab_size
+    wrong = dict(greedy)
+    rid = next(iter(wrong))
+    wrong[rid] = wrong[rid][:3] + [(t + 1) % vocab for t in wrong[rid][3:]]  # off the path from token 3
+    engine = Engine(loaded, drafter=OracleDrafter(wrong, 1.0, 3, vocab), **cfg)
+    path, moved = _settled_path(w, engine, loaded, enc_inputs, targets, wrong, 3, vocab)
+    assert path == greedy and moved == 1
+    assert _settled_path(w, engine, loaded, enc_inputs, targets, greedy, 3, vocab) == (greedy, 0)
 
 
 def test_tensorrt_llm_shapes_run_exactly_128_tokens_at_their_batch():
