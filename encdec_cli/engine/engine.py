@@ -194,6 +194,9 @@ class Engine:
         # (cohort, its launched token choice or acceptance): a micro-batch step whose host part is
         # still to run
         self._pending: tuple[int, PendingSample | PendingVerify] | None = None
+        # encoder tokens of the encoder run in progress (0: none): an out-of-memory error raised
+        # there shrinks the encoder's batches only (_recover_from_oom)
+        self._encoding = 0
         self._profile = self.config.profile
         self.reset_stats()
 
@@ -421,9 +424,12 @@ class Engine:
     def _recover_from_oom(self, error: torch.OutOfMemoryError) -> list[Result]:
         """A step ran out of device memory: send its requests back to waiting (they re-encode and
         recompute their tokens when re-admitted: same outputs), halve the batch limits so fewer run
-        together (floor 1), and free the allocator's cached blocks. Only a request that ran alone
-        becomes an error Result: it cannot fit at all."""
+        together (floor 1), and free the allocator's cached blocks. An error raised in an encoder
+        run halves only the encoder tokens a step (from that run's): the decode batch is not at
+        fault (a vision tower's activations, say), and halving it would slow the rest of the job.
+        Only a request that ran alone becomes an error Result: it cannot fit at all."""
         self._stats.oom_recoveries += 1
+        encoding, self._encoding = self._encoding, 0
         self._ahead = self._history = None  # its rows are preempted with the rest and recomputed
         # a micro-batch step launched before the failing one ran whole on the device: its host part
         # takes its tokens first, so no request is preempted with its step in flight
@@ -449,11 +455,15 @@ class Engine:
             ]
         seqs = sum(g.num_seqs_reserved for g in groups)
         was = sched.max_num_seqs, sched.max_encoder_tokens
-        sched.max_num_seqs = max(1, min(sched.max_num_seqs, seqs) // 2)
-        sched.max_encoder_tokens = max(1, sched.max_encoder_tokens // 2)
+        if encoding:
+            sched.max_encoder_tokens = max(1, min(sched.max_encoder_tokens, encoding) // 2)
+        else:
+            sched.max_num_seqs = max(1, min(sched.max_num_seqs, seqs) // 2)
+            sched.max_encoder_tokens = max(1, sched.max_encoder_tokens // 2)
         log.warning(
-            "out of device memory in a step of %d requests (%s); recomputing them with at most %d "
+            "out of device memory in %s of %d requests (%s); recomputing them with at most %d "
             "sequences and %d encoder tokens per step (were %d and %d)",
+            "the encoder run" if encoding else "a step",
             len(groups),
             error,
             sched.max_num_seqs,
@@ -530,7 +540,9 @@ class Engine:
             clock = self._encoder_clock
             if clock is not None:
                 clock.start()
+            self._encoding = sum(g.encoder_len for g in plan.encode)
             hidden = self.runner.encode(plan.encode)
+            self._encoding = 0
             if clock is not None:
                 clock.stop(sum(g.encoder_len for g in plan.encode))
             if spec is not None:

@@ -78,6 +78,32 @@ def test_injected_oom_recovers_with_identical_results(bart_cpu, caplog):
     assert engine.scheduler.idle
 
 
+def test_oom_in_an_encoder_run_shrinks_the_encoder_batches_only(bart_cpu, caplog):
+    """An encoder run that runs out of memory (a vision tower's activations, say) halves the encoder
+    tokens a step, from that run's own, and leaves the decode batch limit as it was; one in a
+    decode step halves both."""
+    tiny, loaded = bart_cpu
+    reqs = text_requests(tiny, loaded.tokenizer)
+    ref_engine, ref = run(loaded, reqs)
+    engine = Engine(loaded, **ENGINE)
+    engine.runner.fail_at_calls = {1}  # call 1: the first encoder run
+    runs, encode = [], engine.runner.encode
+    engine.runner.encode = lambda groups: runs.append(sum(g.encoder_len for g in groups)) or encode(groups)
+    with caplog.at_level("WARNING", logger="encdec"):
+        out = {r.request_id: r for r in engine.generate(reqs)}
+    assert engine.stats.oom_recoveries == 1
+    assert {i: r.token_ids for i, r in out.items()} == {i: r.token_ids for i, r in ref.items()}
+    assert engine.max_num_seqs == ENGINE["max_num_seqs"]
+    assert engine.scheduler.max_encoder_tokens == runs[0] // 2 < ref_engine.scheduler.max_encoder_tokens
+    assert max(runs[1:]) <= runs[0] // 2  # smaller encoder batches from then on
+    assert any("in the encoder run of 12 requests" in m for m in caplog.messages)
+    # a decode call (call 2: the first step's decode) halves the sequences too
+    engine, out = run(loaded, reqs, fail_at={2})
+    assert {i: r.token_ids for i, r in out.items()} == {i: r.token_ids for i, r in ref.items()}
+    assert engine.max_num_seqs == ENGINE["max_num_seqs"] // 2
+    assert engine.scheduler.max_encoder_tokens == ref_engine.scheduler.max_encoder_tokens // 2
+
+
 def test_oom_with_a_single_request_fails_only_that_request(bart_cpu):
     tiny, loaded = bart_cpu
     reqs = text_requests(tiny, loaded.tokenizer, n=6)
