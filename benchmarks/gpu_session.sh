@@ -8,6 +8,9 @@
 #   tests2  tests/gpu, second half: the rest (the 2-GPU tests skip; the per-stage graphs run with
 #           every stage on one GPU) (~5)
 #   core    W1 W2 against transformers (issue 21's P = 1 check) (~4)
+#   ab      issue 21's P = 1 check as an A/B: W2 (ours only) three times each, alternating this tree
+#           and out/old (carry it: git archive 9d6723d | tar -x -C out/old, the commit before
+#           pipeline parallelism) (~7)
 #   fp8     W1 ours only with --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and
 #           per-layer K/V (issue 26) (~3)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
@@ -63,6 +66,13 @@ for part in "$@"; do
             --ignore=tests/gpu/test_fp8_gpu.py -p no:cacheprovider --junitxml="$(name gpu-tests2).xml" ;;
     core)
         step 240 W1-W2 "${encdec[@]}" bench W1 W2 --out "$(name W1-W2).json" ;;
+    ab)
+        for i in 1 2 3; do
+            step 80 W2-ab-new-$i "${encdec[@]}" bench W2 --baseline none --out "$(name W2-ab-new-$i).json"
+            (cd out/old && step 80 W2-ab-old-$i "${encdec[@]}" bench W2 --baseline none \
+                --out "$(name W2-ab-old-$i).json")
+        done
+        grep -h "^W2" "$OUT"/*W2-ab-*.log ;;
     fp8)
         step 90 W1-fp8-absorbed "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
         step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
@@ -91,7 +101,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core fp8 kernels speed spec models w9 trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core ab fp8 kernels speed spec models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done
