@@ -103,6 +103,19 @@ def test_w6_duplicates_fallbacks_and_prefix_cache_hits(tmp_path):
     assert stats.prefix_cache_misses == 12 and stats.prefix_cache_hits == 4 + W6_BEST_OF * sum(falls)
 
 
+def _tiny_w1(tmp_path):
+    """A small random Whisper and a W1-shaped workload of three short clips: (model, workload,
+    inputs, target lengths)."""
+    import torch
+
+    from tests.support.whisper_models import load_ours, random_whisper
+
+    random_whisper(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
+    return load_ours(tmp_path), Workload("W1", "whisper-large-v3", 3, metric="RTFx"), enc_inputs, [6, 9, 12]
+
+
 def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkeypatch):
     """``encdec bench --speculative oracle`` on a small random Whisper (CPU; the sweep's timing is
     meaningless here, its bookkeeping is not): the plain run's tokens are the drafts; alpha 1
@@ -110,15 +123,9 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
     import torch
 
     from encdec_cli.tasks.bench import run_oracle_sweep
-    from tests.support.whisper_models import load_ours, random_whisper
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
-    random_whisper(tmp_path)
-    loaded = load_ours(tmp_path)
-    w = Workload("W1", "whisper-large-v3", 3, metric="RTFx")
-    g = torch.Generator().manual_seed(0)
-    enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
-    targets = [6, 9, 12]
+    loaded, w, enc_inputs, targets = _tiny_w1(tmp_path)
     cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16, "profile": True}
     sweep, (wall, tokens, info) = run_oracle_sweep(
         w, loaded, enc_inputs, targets, cfg, (0.0, 1.0), (2, 3), lambda wall, tok: tok / wall
@@ -141,18 +148,11 @@ def test_oracle_path_settles_on_the_speculative_engines_own_greedy_tokens(tmp_pa
     """Where a recorded path is not the speculative engine's greedy output (on a GPU: bf16 near-ties
     rounding differently in the verification kernels), ``_settled_path`` replaces it with the
     engine's own tokens, so the sweep's drafts are wrong only where alpha makes them wrong."""
-    import torch
 
     from encdec_cli.engine import Engine, OracleDrafter
     from encdec_cli.tasks.bench import _settled_path, workload_requests
-    from tests.support.whisper_models import load_ours, random_whisper
 
-    random_whisper(tmp_path)
-    loaded = load_ours(tmp_path)
-    w = Workload("W1", "whisper-large-v3", 3, metric="RTFx")
-    g = torch.Generator().manual_seed(0)
-    enc_inputs = [(torch.randn(16000, generator=g) * 0.1).numpy() for _ in range(3)]
-    targets = [6, 9, 12]
+    loaded, w, enc_inputs, targets = _tiny_w1(tmp_path)
     cfg = {"max_num_seqs": 4, "num_blocks": 400, "block_size": 16}
     plain = Engine(loaded, **cfg)
     greedy = {
