@@ -540,11 +540,11 @@ class Engine:
             clock = self._encoder_clock
             if clock is not None:
                 clock.start()
-            self._encoding = sum(g.encoder_len for g in plan.encode)
+            self._encoding = tokens = sum(g.encoder_len for g in plan.encode)
             hidden = self.runner.encode(plan.encode)
             self._encoding = 0
             if clock is not None:
-                clock.stop(sum(g.encoder_len for g in plan.encode))
+                clock.stop(tokens)
             if spec is not None:
                 spec.drafter.on_encode(plan.encode, hidden)
             self._tick("encode")
