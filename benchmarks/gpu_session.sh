@@ -19,7 +19,7 @@
 #           W3's step goes (profile_step.py: host against GPU time per step) (~8)
 #   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then W1's
 #           sweep with two micro-batches against the default one (~9)
-#   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~5)
+#   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
 #   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
 #   pp2     2 GPUs: tests/gpu/test_pipeline_gpu.py, W1 and W4 with -pp 2 against one device
@@ -91,7 +91,7 @@ for part in "$@"; do
         step 200 W1-speculative-oracle-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
     models)
-        step 330 W7-W8-W9 "${encdec[@]}" bench W7 W8 W9 --out "$(name W7-W8-W9).json" ;;
+        step 500 W7-W8-W9 "${encdec[@]}" bench W7 W8 W9 --out "$(name W7-W8-W9).json" ;;
     w9)
         step 150 profile-W9 python3 benchmarks/profile_w9.py ;;
     trt)
