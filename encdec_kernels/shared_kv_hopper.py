@@ -65,7 +65,7 @@ import torch
 import triton
 import triton.language as tl
 
-from encdec_kernels.checks import SHARED_KV_TILE_ROWS
+from encdec_kernels.checks import SHARED_KV_TILE_ROWS, SPLIT_PARTIALS_MAX_BYTES
 from encdec_kernels.common import LOG2E, NEG_INIT, merge_rows, sm_count
 from encdec_kernels.gluon_support import AVAILABLE, CompileGuard, compile_sm90, desc_type, ptr_type
 
@@ -618,14 +618,20 @@ def _fp8_mode(fp8: bool, form: str | None = None) -> int:
     return {"registers": 1, "ring": 2, "producer": 3}[form]
 
 
-def num_splits_for(num_seqs: int, num_rows: int, device: torch.device) -> int:
+def num_splits_for(num_seqs: int, num_rows: int, device: torch.device, split_bytes: int = 0) -> int:
     """Row splits per sequence: one CTA per SM, so pick the split that needs the fewest waves of
     CTAs per unit of work, counting what each extra split costs (its partial results written
-    and merged: about 3% of a split's rows at Whisper's 1500 x 1280)."""
+    and merged: about 3% of a split's rows at Whisper's 1500 x 1280). ``split_bytes``: one
+    sequence's partials per split (H * (d + 1) float32); the splits' partials stay within
+    SPLIT_PARTIALS_MAX_BYTES (absorbed rows are d_model wide: at 2,560 verification tokens of
+    Whisper large, 6 splits were 1.4 GiB)."""
     sms = sm_count(device)
     tiles = max(1, triton.cdiv(num_rows, BLOCK_N))
+    most = min(tiles, 16)
+    if split_bytes:
+        most = max(1, min(most, SPLIT_PARTIALS_MAX_BYTES // (num_seqs * split_bytes)))
     best, best_cost = 1, None
-    for s in range(1, min(tiles, 16) + 1):
+    for s in range(1, most + 1):
         cost = triton.cdiv(num_seqs * s, sms) / s + (0.03 * s if s > 1 else 0.0)
         if best_cost is None or cost < best_cost - 1e-9:
             best, best_cost = s, cost
@@ -651,7 +657,9 @@ def shared_kv_attention(
     rows_per_block = c * rc
     consumers = triton.cdiv(h, GROUP)
     if num_splits is None:
-        num_splits = num_splits_for(num_seqs, block_tables.shape[1] * rows_per_block, q.device)
+        num_splits = num_splits_for(
+            num_seqs, block_tables.shape[1] * rows_per_block, q.device, split_bytes=h * (d + 1) * 4
+        )
     if num_splits > 1:
         o_part = torch.empty((tq, h, num_splits, d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((tq, h, num_splits), device=q.device, dtype=torch.float32)

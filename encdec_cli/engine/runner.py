@@ -139,7 +139,8 @@ def fit_blocks(model, config: EngineConfig, per_block: int, device: torch.device
     GPU what ``gpu_memory_utilization`` leaves after the memory in use and room for activations:
     the largest encoder batch's (the model's ``encoder_activation_bytes``) and a decode step's of
     ``logit_rows`` rows (logits at 16 bytes a value: the graphs' bf16 output, float32 copies, log
-    probabilities; attention split partials and layer temporaries at 128 bytes a d_model value).
+    probabilities; attention split partials and layer temporaries at 128 bytes a d_model value,
+    and ``encdec_kernels.SPLIT_PARTIALS_MAX_BYTES`` for absorbed cross-attention's split partials).
     ``who`` / ``hint``: the error's prefix and extra advice."""
     if device.type != "cuda":
         return max(16, config.cpu_kv_cache_bytes // per_block)
@@ -151,7 +152,7 @@ def fit_blocks(model, config: EngineConfig, per_block: int, device: torch.device
     spec = model.cache_spec
     d_model = spec.num_heads * spec.head_dim
     act = model.encoder_activation_bytes(config.max_encoder_tokens)
-    act += logit_rows * (model.vocab_size * 16 + d_model * 128)
+    act += logit_rows * (model.vocab_size * 16 + d_model * 128) + encdec_kernels.SPLIT_PARTIALS_MAX_BYTES
     budget = total * config.gpu_memory_utilization - used - act
     if budget < per_block * 64:
         raise RuntimeError(

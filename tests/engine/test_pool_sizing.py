@@ -40,9 +40,9 @@ def fit(free, total, reserved, allocated, per_block=1 << 20, model=MODEL, logit_
 
 def test_cached_unused_memory_counts_as_free():
     # 9 GiB in use on the device, 8 of them torch's cache of a freed pool: ~8 GiB for this pool
-    # (0.9 x 10 GiB - 1 GiB, less the activations' room)
+    # (0.9 x 10 GiB - 1 GiB, less the activations' room and 256 MiB of attention split partials)
     blocks = fit(free=1 * GIB, total=10 * GIB, reserved=8.5 * GIB, allocated=0.5 * GIB)
-    assert 7.9 * 1024 < blocks <= 8 * 1024
+    assert 7.65 * 1024 < blocks <= 7.75 * 1024
     # the same device with those 8 GiB held by live tensors: no room
     with pytest.raises(RuntimeError, match="in use") as err:
         fit(free=1 * GIB, total=10 * GIB, reserved=8.5 * GIB, allocated=8.5 * GIB)

@@ -1,9 +1,9 @@
 """Image-to-text models on CUDA: the Triton kernels (ViT encoder, Florence-2's BART encoder, the
 decoders) against the reference path, for TrOCR-, Donut- and Florence-2-shaped random models, in
-both cross-attention layouts: float32, the same greedy tokens; bfloat16, the same first-step
-distribution within bf16 rounding and the same first token wherever it is not a near-tie (whole
-bf16 outputs of random models part at their many near-ties: on an H100, 4 to 8 of 12 requests
-stayed identical to the end)."""
+both cross-attention layouts: float32, the same greedy tokens; bfloat16, a first-step
+distribution as close to float32's as the bf16 reference path's (whole bf16 outputs of random
+models part at their many near-ties: on an H100, 4 to 8 of 12 requests stayed identical to the
+end)."""
 
 from __future__ import annotations
 
@@ -62,6 +62,16 @@ def _run(loaded, requests, kernels: str, **cfg) -> dict:
 BUILDERS = {"trocr": random_trocr, "donut": random_donut, "florence2": random_florence2}
 
 
+def _first_step_error(run: dict, truth: dict) -> list[float]:
+    """Per request, the largest difference of a first-step token probability from ``truth``'s."""
+    errors = []
+    for k, (_, truth_probs) in truth.items():
+        probs = run[k][1]
+        p, q = (torch.tensor([d[t] for t in sorted(d)]) for d in (truth_probs, probs))
+        errors.append(float((p - q).abs().max()))
+    return errors
+
+
 @pytest.mark.parametrize("absorb_cross", [False, True], ids=["kv", "absorbed"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", list(BUILDERS))
@@ -69,19 +79,24 @@ def test_triton_matches_reference(tmp_path, kind, dtype, absorb_cross):
     BUILDERS[kind](tmp_path)
     loaded = load_ours(tmp_path, dtype=dtype)
     loaded.model.cuda()
-    reqs = _requests(kind, tmp_path, vocab=loaded.model.vocab_size if dtype == torch.bfloat16 else 0)
+    vocab = loaded.model.vocab_size
+    reqs = _requests(kind, tmp_path, vocab=vocab if dtype == torch.bfloat16 else 0)
     ref = _run(loaded, reqs, "reference", absorb_cross=absorb_cross)
     got = _run(loaded, reqs, "triton", absorb_cross=absorb_cross)
     if dtype == torch.float32:
         assert got == ref
         return
-    clear = 0
-    for k, (ref_tokens, ref_probs) in ref.items():
-        tokens, probs = got[k]
-        p, q = (torch.tensor([d[t] for t in sorted(d)]) for d in (ref_probs, probs))
-        assert len(p) == loaded.model.vocab_size and (p - q).abs().max() < 0.05, k  # bf16 rounding
-        top2 = p.topk(2).values
-        if top2[0] - top2[1] > 0.1:  # no near-tie: the first token must agree
-            clear += 1
-            assert tokens[:1] == ref_tokens[:1], k
-    assert clear >= len(ref) // 2  # the check above is not vacuous
+    # bf16: the first step's distribution, against float32's (the reference path). These random
+    # models are peaked: on the CPU, one TrOCR request's top token moved by 0.84 between the
+    # float32 and the bf16 reference path, the median request's by 0.02. So "within bf16 rounding"
+    # means: the Triton path strays from float32 about as far as the bf16 reference path does (a
+    # factor for its bf16 attention probabilities), by the median request and in all. A kernel bug
+    # (a wrong mask, row or scale) moves every request's distribution by far more.
+    exact = load_ours(tmp_path, dtype=torch.float32)
+    exact.model.cuda()
+    truth = _run(exact, reqs, "reference", absorb_cross=absorb_cross)
+    assert all(len(probs) == vocab for _, probs in truth.values())
+    err_ref, err_got = _first_step_error(ref, truth), _first_step_error(got, truth)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert median(err_got) <= 3 * median(err_ref) + 0.02, (err_got, err_ref)
+    assert sum(err_got) <= 2 * sum(err_ref) + 0.02 * len(truth), (err_got, err_ref)

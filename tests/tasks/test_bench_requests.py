@@ -166,6 +166,8 @@ def test_oracle_path_settles_on_the_speculative_engines_own_greedy_tokens(tmp_pa
     engine = Engine(loaded, drafter=OracleDrafter(wrong, 1.0, 3, vocab), **cfg)
     path, moved = _settled_path(w, engine, loaded, enc_inputs, targets, wrong, 3, vocab)
     assert path == greedy and moved == 1
+    # the sweep settles at each alpha: wrong drafts change which steps verify, not float32's tokens
+    assert _settled_path(w, engine, loaded, enc_inputs, targets, wrong, 3, vocab, alpha=0.5) == (greedy, 1)
     assert _settled_path(w, engine, loaded, enc_inputs, targets, greedy, 3, vocab) == (greedy, 0)
 
 
