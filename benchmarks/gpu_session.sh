@@ -17,8 +17,9 @@
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
 #           W3's step goes (profile_step.py: host against GPU time per step) (~8)
-#   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then W1's
-#           sweep with two micro-batches against the default one (~9)
+#   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22) (~6)
+#   spec2   W1's sweep with two micro-batches against the default one (~4)
+#   check   the GPU tests of the latest changes: few-row gemv, image-to-text, speculative (~3)
 #   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
 #   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
@@ -87,9 +88,13 @@ for part in "$@"; do
         step 120 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json" ;;
     spec)
         step 330 W5-W1-speculative-oracle "${encdec[@]}" bench W5 W1 --baseline none --speculative oracle \
-            --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json"
+            --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json" ;;
+    spec2)
         step 200 W1-speculative-oracle-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
+    check)
+        step 200 gpu-check python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv \
+            tests/gpu/test_image_to_text_gpu.py tests/gpu/test_speculative_gpu.py -p no:cacheprovider ;;
     models)
         step 500 W7-W8-W9 "${encdec[@]}" bench W7 W8 W9 --out "$(name W7-W8-W9).json" ;;
     w9)
@@ -101,7 +106,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core ab fp8 kernels speed spec models w9 trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core ab fp8 kernels speed spec spec2 check models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done
