@@ -19,7 +19,7 @@
 #           W3's step goes (profile_step.py: host against GPU time per step) (~8)
 #   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22) (~6)
 #   spec2   W1's sweep with two micro-batches against the default one (~4)
-#   check   the GPU tests of the latest changes: few-row gemv, image-to-text, speculative (~3)
+#   check   the GPU tests of the latest changes: image-to-text, speculative (~3)
 #   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
 #   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
@@ -93,8 +93,8 @@ for part in "$@"; do
         step 200 W1-speculative-oracle-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
     check)
-        step 200 gpu-check python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv \
-            tests/gpu/test_image_to_text_gpu.py tests/gpu/test_speculative_gpu.py -p no:cacheprovider ;;
+        step 200 gpu-check python3 -m pytest -q -m gpu tests/gpu/test_image_to_text_gpu.py \
+            tests/gpu/test_speculative_gpu.py -p no:cacheprovider ;;
     models)
         step 500 W7-W8-W9 "${encdec[@]}" bench W7 W8 W9 --out "$(name W7-W8-W9).json" ;;
     w9)

@@ -1,4 +1,4 @@
-"""Attention, norm and few-row linear kernels: pure functions on tensors, never importing the engine.
+"""Attention, norm and one-row linear kernels: pure functions on tensors, never importing the engine.
 
 The functions exported here dispatch on the device: CUDA tensors go to the Triton kernels
 (``varlen.py``, ``paged.py``, ``shared_kv.py``, ``norm.py``, ``linear.py``; on Hopper, long
@@ -20,7 +20,7 @@ import os
 import torch
 
 from encdec_kernels import reference
-from encdec_kernels.checks import GEMV_MAX_ROWS, SHARED_KV_TILE_ROWS, SPLIT_PARTIALS_MAX_BYTES
+from encdec_kernels.checks import SHARED_KV_TILE_ROWS, SPLIT_PARTIALS_MAX_BYTES
 from encdec_kernels.reference import FP8_DTYPE, RelBias
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "gemv",
     "GEMV_ACTIVATIONS",
     "GEMV_MAX_K",
-    "GEMV_MAX_ROWS",
     "norm_gemv",
     "use_triton",
     "prefers_absorbed_cross",
@@ -187,19 +186,18 @@ def add_rms_norm(x, residual, weight, eps):
 
 # activations (transformers ACT2FN names) that gemv / norm_gemv apply in the kernel
 GEMV_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_pytorch_tanh"})
-# widest input the few-row kernels are meant for: a program holds its weight rows' whole K in
+# widest input the one-row kernels are meant for: a program holds its weight rows' whole K in
 # registers (two rows of 8192 bf16 = 256 values per thread); wider layers stay on cuBLAS
 GEMV_MAX_K = 8192
 
 
 def gemv(x, weight, bias=None, activation=None):
-    """act(x @ weight^T + bias) for x [M, K], M <= GEMV_MAX_ROWS (encdec_kernels/linear.py on CUDA:
-    each row's result is the one it gets alone)."""
+    """act(x @ weight^T + bias) for one row x [1, K] (encdec_kernels/linear.py on CUDA)."""
     return _impl(x, "linear").gemv(x, weight, bias, activation)
 
 
 def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None):
-    """(gemv(norm(x + residual)), x + residual) for up to GEMV_MAX_ROWS rows; residual may be None."""
+    """(gemv(norm(x + residual)), x + residual) for one row; residual may be None."""
     return _impl(x, "linear").norm_gemv(
         x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias, activation
     )

@@ -16,7 +16,6 @@ MAX_HEAD_DIM = 256  # largest head dim the attention tiles are sized for (one [B
 # the rows after a sequence's last one, to the end of its tile, must be finite (the engine writes
 # zeros there)
 SHARED_KV_TILE_ROWS = 64
-GEMV_MAX_ROWS = 8  # rows a gemv call takes (encdec_kernels/linear.py); more go to cuBLAS
 SPLIT_PARTIALS_MAX_BYTES = 256 << 20  # one absorbed cross-attention call's float32 split partials
 
 

@@ -1,6 +1,5 @@
-"""Triton matrix-vector products for activations of one to ``MAX_ROWS`` rows (batch-1 decoding,
-and batch-1 speculative verification: K + 1 query tokens), with an optional fused residual add +
-LayerNorm/RMSNorm before and activation after.
+"""Triton matrix-vector products for one-row activations (batch-1 decoding), with an optional
+fused residual add + LayerNorm/RMSNorm before and activation after.
 
 At one row a linear layer is a weight read: ``y = act(x @ W^T + b)`` reads W [N, K] once.
 cuBLAS picks a narrow tile for that shape (20 programs for a 1280 x 1280 weight), which leaves
@@ -9,11 +8,6 @@ rows (BLOCK_N x K, 16-byte loads along K, all issued before any is summed), so s
 hundred programs keep the memory system busy. With programmatic dependent launch (encdec_kernels/pdl.py)
 the weights are read before waiting for the previous kernel, so a layer's weight read overlaps
 the kernel before it.
-
-A few rows read the weights once too: each program keeps its weight rows in registers and runs
-the rows one after another through the same sums as a single row, so a row's result is the one it
-would get alone (a verification step's tokens round as decode steps' do; cuBLAS read the weights
-of Whisper large's 5-token verification steps at 1.65x the time of a one-token step).
 
 ``norm_gemv`` also takes the pending residual of a pre-norm layer: every program forms
 ``s = x + residual`` (rounded to x's dtype), its LayerNorm/RMSNorm statistics and the normalised
@@ -28,14 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from encdec_kernels.checks import GEMV_MAX_ROWS, check_tensor
+from encdec_kernels.checks import check_tensor
 from encdec_kernels.pdl import pdl_launch
 
-__all__ = ["gemv", "norm_gemv", "ACTIVATIONS", "MAX_ROWS"]
+__all__ = ["gemv", "norm_gemv", "ACTIVATIONS"]
 
 # transformers ACT2FN names computed in the kernel epilogue (on the float32 sum, before rounding)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3}
-MAX_ROWS = GEMV_MAX_ROWS  # more rows go to cuBLAS (the float32 sums would outweigh the weight read)
 MAX_NORM_K = 16384  # the norm prologue holds one row in registers (per program)
 
 
@@ -53,14 +46,13 @@ def _act(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
+def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
                  K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
                  NORM: tl.constexpr,  # 0: none, 1: LayerNorm, 2: RMSNorm of (x [+ residual])
                  HAS_RESIDUAL: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACT: tl.constexpr, PDL: tl.constexpr):
-    """y[m, n] = act(sum_k h[m, k] W[n, k] + b[n]) for BLOCK_N weight rows n and every one of the M
-    rows m (X, RES, SUM [M, K] and Y [M, N] contiguous); h = x, or the norm of x (+ res). K is
-    laid out as [CHUNKS, CHUNK] (CHUNKS a power of two, the tail masked)."""
+    """y[n] = act(sum_k h[k] W[n, k] + b[n]) for BLOCK_N rows n; h = x, or the norm of x (+ res).
+    K is laid out as [CHUNKS, CHUNK] (CHUNKS a power of two, the tail masked)."""
     pid = tl.program_id(0)
     if PDL:  # let the next kernel launch now: it waits (gdc_wait) before touching our outputs
         tl.extra.cuda.gdc_launch_dependents()
@@ -74,30 +66,25 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
                 mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0)
     if PDL:  # the previous kernel's writes (x, residual) are complete and visible after this
         tl.extra.cuda.gdc_wait()
+    h = tl.load(X + kk, mask=k_mask, other=0.0).to(tl.float32)
+    if NORM != 0:  # the norm of the whole row, as encdec_kernels/norm.py computes it
+        if HAS_RESIDUAL:
+            s = (h + tl.load(RES + kk, mask=k_mask, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+            if pid == 0:
+                tl.store(SUM + kk, s, mask=k_mask)
+            h = s.to(tl.float32)
+        if NORM == 1:
+            h = tl.where(k_mask, h - tl.sum(tl.sum(h, 1), 0) / K, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(h * h, 1), 0) / K + eps)
+        h = h * rstd * tl.load(NW + kk, mask=k_mask, other=0.0).to(tl.float32)
+        if HAS_NORM_BIAS:
+            h += tl.load(NB + kk, mask=k_mask, other=0.0).to(tl.float32)
+        h = tl.where(k_mask, h.to(Y.dtype.element_ty).to(tl.float32), 0.0)  # rounded like the norm's output
+    y = tl.sum(tl.sum(w.to(tl.float32) * h[None, :, :], 2), 1)
     if HAS_BIAS:
-        b = tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    for m in range(M):  # each row as a single row would be: the same sums in the same order
-        h = tl.load(X + m * K + kk, mask=k_mask, other=0.0).to(tl.float32)
-        if NORM != 0:  # the norm of the whole row, as encdec_kernels/norm.py computes it
-            if HAS_RESIDUAL:
-                r = tl.load(RES + m * K + kk, mask=k_mask, other=0.0).to(tl.float32)
-                s = (h + r).to(SUM.dtype.element_ty)
-                if pid == 0:
-                    tl.store(SUM + m * K + kk, s, mask=k_mask)
-                h = s.to(tl.float32)
-            if NORM == 1:
-                h = tl.where(k_mask, h - tl.sum(tl.sum(h, 1), 0) / K, 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(h * h, 1), 0) / K + eps)
-            h = h * rstd * tl.load(NW + kk, mask=k_mask, other=0.0).to(tl.float32)
-            if HAS_NORM_BIAS:
-                h += tl.load(NB + kk, mask=k_mask, other=0.0).to(tl.float32)
-            # rounded like the norm's output
-            h = tl.where(k_mask, h.to(Y.dtype.element_ty).to(tl.float32), 0.0)
-        y = tl.sum(tl.sum(w.to(tl.float32) * h[None, :, :], 2), 1)
-        if HAS_BIAS:
-            y += b
-        y = _act(y, ACT)
-        tl.store(Y + m * N + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
+        y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    y = _act(y, ACT)
+    tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
 # fmt: on
 
 
@@ -114,9 +101,8 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
             f"activation {activation!r} not supported; one of {sorted(a for a in ACTIVATIONS if a)}"
         )
     check_tensor("x", x, 2)
-    rows = x.shape[0]
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"x must have 1 to {MAX_ROWS} rows [M, K], got shape {tuple(x.shape)}")
+    if x.shape[0] != 1:
+        raise ValueError(f"x must be one row [1, K], got shape {tuple(x.shape)}")
     check_tensor("weight", weight, 2, device=x.device, first="x")
     n, k = weight.shape
     if x.shape[1] != k:
@@ -139,17 +125,15 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
                 raise ValueError(f"residual must match x ({tuple(x.shape)} {x.dtype}), got "
                                  f"{tuple(residual.shape)} {residual.dtype}")  # fmt: skip
     x = x.contiguous()
-    y = torch.empty((rows, n), device=x.device, dtype=x.dtype)
+    y = torch.empty((1, n), device=x.device, dtype=x.dtype)
     summed = torch.empty_like(x) if residual is not None else None
-    if residual is not None:
-        residual = residual.contiguous()
     block_n, chunk, warps = _tiles(n, k)
     pdl = pdl_launch(x)
     # fmt: off
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, norm_weight if norm else x,
         norm_bias if norm_bias is not None else x, summed if summed is not None else y,
-        weight, bias if bias is not None else weight, y, rows, n, weight.stride(0), float(eps),
+        weight, bias if bias is not None else weight, y, n, weight.stride(0), float(eps),
         K=k, BLOCK_N=block_n, CHUNK=chunk, CHUNKS=triton.next_power_of_2(triton.cdiv(k, chunk)),
         NORM=norm, HAS_RESIDUAL=residual is not None, HAS_NORM_BIAS=norm_bias is not None,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], num_warps=warps, **pdl,
@@ -159,8 +143,7 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
 
 
 def gemv(x, weight, bias=None, activation=None):
-    """act(x @ weight^T + bias) for x [M, K], 1 <= M <= MAX_ROWS; weight [N, K] (rows contiguous),
-    bias [N]. Each row's result is the one it gets alone."""
+    """act(x @ weight^T + bias) for one row x [1, K]; weight [N, K] (rows contiguous), bias [N]."""
     return _launch(x, None, None, None, 0.0, 0, weight, bias, activation)[0]
 
 

@@ -333,7 +333,7 @@ def apply_activation(y, name):
 
 
 def gemv(x, weight, bias=None, activation=None):
-    """act(x @ weight^T + bias) for rows x [M, K] (float32 sums, output in x's dtype)."""
+    """act(x @ weight^T + bias) for one row x [1, K] (float32 sums, output in x's dtype)."""
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
     return apply_activation(y, activation).to(x.dtype)
 

@@ -48,6 +48,7 @@ def _requests(kind: str, path, n: int = 12, vocab: int = 0):
 
 def _run(loaded, requests, kernels: str, **cfg) -> dict:
     os.environ["ENCDEC_KERNELS"] = kernels
+    engine = None
     try:
         # the references index with masks (host syncs): they run eagerly, the Triton kernels in graphs
         engine = Engine(loaded, block_size=16, max_num_seqs=8, enforce_eager=kernels == "reference", **cfg)
@@ -57,6 +58,8 @@ def _run(loaded, requests, kernels: str, **cfg) -> dict:
         return {k: (r.token_ids, r.first_step_probs) for k, r in out.items()}
     finally:
         os.environ.pop("ENCDEC_KERNELS", None)
+        if engine is not None:  # the model's layers hold views of the pool until the engine closes
+            engine.close()
 
 
 BUILDERS = {"trocr": random_trocr, "donut": random_donut, "florence2": random_florence2}

@@ -525,21 +525,6 @@ def test_gemv(dtype, n, k, act):
     assert rel_err(got, reference.gemv(x, w, b, act)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("rows", [2, 5, 8])
-def test_gemv_rows_get_what_they_get_alone(rows):
-    """Batch-1 verification's K + 1 rows through the few-row kernels: each row bit for bit its
-    one-row result (so a verification step rounds as decode steps do), on Whisper large's fc1 and
-    its output layer."""
-    for n, k, act in ((5120, 1280, "gelu"), (51866, 1280, None)):
-        x = torch.randn(rows, k, device=DEVICE).to(torch.bfloat16)
-        w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(torch.bfloat16)
-        b = torch.randn(n, device=DEVICE).to(torch.bfloat16)
-        got = linear.gemv(x, w, b, act)
-        for i in range(rows):
-            assert torch.equal(got[i : i + 1], linear.gemv(x[i : i + 1], w, b, act))
-        assert rel_err(got, reference.gemv(x, w, b, act)) < TOL[torch.bfloat16]
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("is_rms,residual", [(False, True), (False, False), (True, True)], ids=str)
 def test_norm_gemv(dtype, is_rms, residual):

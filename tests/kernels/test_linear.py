@@ -1,5 +1,5 @@
-"""Triton few-row linear kernels (gemv, norm + gemv) vs encdec_kernels.reference, on the CPU through
-the Triton interpreter; several rows give each row what it gets alone."""
+"""Triton one-row linear kernels (gemv, norm + gemv) vs encdec_kernels.reference, on the CPU through the
+Triton interpreter."""
 
 from __future__ import annotations
 
@@ -76,29 +76,8 @@ def test_norm_gemv(lin, gen, dtype, is_rms, with_residual, act):
         assert summed is x
 
 
-@pytest.mark.parametrize("rows", [2, 5, 8])
-def test_rows_get_what_they_get_alone(lin, gen, rows):
-    """A batch-1 verification step's K + 1 rows: each row's output (and its residual sum) is the
-    one-row call's, bit for bit, so verification rounds as decode steps do."""
-    n, k = 300, 1280
-    dtype = torch.bfloat16
-    x = (torch.randn(rows, k, generator=gen) * 3).to(dtype)
-    residual = torch.randn(rows, k, generator=gen).to(dtype)
-    nw, nb = torch.randn(k, generator=gen).to(dtype), torch.randn(k, generator=gen).to(dtype)
-    w, b = _weights(n, k, dtype, gen)
-    with poisoned_allocations():
-        out = lin.gemv(x, w, b, "gelu")
-        normed, summed = lin.norm_gemv(x, residual, nw, nb, 1e-5, False, w, b, None)
-    assert out.shape == (rows, n) and normed.shape == (rows, n)
-    for i in range(rows):
-        assert torch.equal(out[i : i + 1], lin.gemv(x[i : i + 1], w, b, "gelu"))
-        one, one_sum = lin.norm_gemv(x[i : i + 1], residual[i : i + 1], nw, nb, 1e-5, False, w, b, None)
-        assert torch.equal(normed[i : i + 1], one) and torch.equal(summed[i : i + 1], one_sum)
-    assert rel_err(out, reference.gemv(x, w, b, "gelu")) < TOL[dtype]
-
-
 BAD = {
-    "too many rows": lambda x, w, b: (x.repeat(9, 1), w, b, None),
+    "two rows": lambda x, w, b: (x.repeat(2, 1), w, b, None),
     "K mismatch": lambda x, w, b: (x[:, :-1], w, b, None),
     "bias shape": lambda x, w, b: (x, w, b[:-1], None),
     "int weight": lambda x, w, b: (x, w.long(), b, None),
