@@ -5,7 +5,7 @@ K back; the greedy output never changes."""
 from __future__ import annotations
 
 from encdec_cli.engine import OracleDrafter
-from encdec_cli.engine.speculative import BACKOFF_FIRST, BACKOFF_MOST, MISSES, Speculator
+from encdec_cli.engine.speculative import BACKOFF_FIRST, BACKOFF_MOST, COLD, MISSES, RECENT, Speculator
 from encdec_models.loading import load_model
 from tests.engine.test_speculative import run, text_requests
 from tests.support.text_models import single_thread
@@ -93,6 +93,68 @@ def test_sequences_backing_off_try_on_the_same_steps():
                 break
         assert len(sum(tries.values(), [])) == len(seqs)
         assert len(tries) <= 2 and all(c % wait == 0 for c in tries), (wait, tries)
+
+
+def test_new_sequences_start_backed_off_while_the_engines_drafts_are_rejected():
+    """After RECENT verified sequence-steps whose drafts were (almost) all rejected, a new sequence
+    takes no drafts at first and tries on the steps that are multiples of BACKOFF_MOST, where the
+    others try; once drafts are accepted again, new sequences start at K."""
+    spec = Speculator(_Drafter(), blocks=None)
+    old = [_Seq() for _ in range(RECENT)]
+    spec.tick()
+    for s in old:
+        assert spec._want(s) == 8 and not spec.cold  # no evidence yet: K
+        spec.adapt(s, 8, 0)
+    assert spec.cold and spec.recent < COLD
+    new = _Seq()
+    spec.tick()
+    assert spec._want(new) == 0 and not spec.drafts_next_step([new])
+    assert BACKOFF_MOST // 2 <= _steps_until_try(spec, new) <= BACKOFF_MOST * 3 // 2
+    for s in old:  # accepted drafts: the recent share climbs over COLD
+        spec.adapt(s, 8, 4)
+    assert not spec.cold
+    spec.tick()
+    assert spec._want(_Seq()) == 8
+    fixed = Speculator(_Drafter(), blocks=None, adaptive=False)
+    for s in old:
+        fixed.adapt(s, 8, 0)
+    assert not fixed.cold and fixed._want(_Seq()) == 8
+
+
+def _verification_steps(accept: float, arrive: int = 8, arriving_steps: int = 48, life: int = 150):
+    """A W1-shaped run at the Speculator's level: ``arrive`` sequences join a step for
+    ``arriving_steps`` steps (encoder runs spread over many steps), each lives ``life`` steps and
+    takes drafts whose each token is accepted with probability ``accept`` -> (steps in which some
+    sequence takes drafts, steps)."""
+    import random
+
+    rng, spec = random.Random(0), Speculator(_Drafter(), blocks=None)
+    live: list[tuple[_Seq, int]] = []
+    verifying = steps = 0
+    for step in range(arriving_steps + life):
+        spec.tick()
+        if step < arriving_steps:
+            live += [(_Seq(), step + life) for _ in range(arrive)]
+        live = [(s, end) for s, end in live if end > step]
+        if not live:
+            break
+        steps += 1
+        wants = [(s, spec._want(s)) for s, _ in live]
+        verifying += any(k for _, k in wants)
+        for s, k in wants:
+            if k:
+                accepted = next((i for i in range(k) if rng.random() >= accept), k)
+                spec.adapt(s, k, accepted)
+    return verifying, steps
+
+
+def test_newcomers_do_not_make_every_step_a_verification_step_at_alpha_zero():
+    """W1 at alpha 0 on an H100 ran verification shapes in 115 of 252 steps (0.69x), as requests
+    kept arriving at K drafts; at this level that was 60 of 197 steps, now 18."""
+    verifying, steps = _verification_steps(accept=0.0)
+    assert verifying <= 0.12 * steps
+    verifying, steps = _verification_steps(accept=0.7)  # drafts pay: every step verifies
+    assert verifying == steps
 
 
 def test_adaptive_drafts_less_at_alpha_zero_with_the_same_output(tiny_text_model):
