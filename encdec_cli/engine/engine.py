@@ -9,6 +9,7 @@ import gc
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -160,6 +161,12 @@ class Engine:
             if drafter is not None
             else None
         )
+        # the runners whose pools this engine holds (its own, a draft model's): released by close()
+        # or, when the engine is collected unclosed, by this finalizer (this process's pools: the
+        # model's layers hold views of a pool and would keep it as long as the model lives)
+        self._runners = [self.runner, *_runner_of(drafter)]
+        self._finalizer = weakref.finalize(self, _release_pools, self._runners)
+        self._finalizer.atexit = False  # at exit the process's memory goes anyway
         if self.speculator is not None and self.runner.graphs is not None:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
@@ -303,11 +310,10 @@ class Engine:
     def close(self) -> None:
         """Give the KV pool and the CUDA graphs back (also those of a draft model): another engine on
         the same model may then size its pool from the free memory (after ``gc.collect()`` and
-        ``torch.cuda.empty_cache()``). The engine cannot run afterwards; closing twice is harmless."""
-        runners = [self.runner]
-        if self.speculator is not None and hasattr(self.speculator.drafter, "runner"):
-            runners.append(self.speculator.drafter.runner)
-        for r in runners:
+        ``torch.cuda.empty_cache()``). The engine cannot run afterwards; closing twice is harmless. An
+        engine collected unclosed releases its pools then (this process's: ``_release_pools``)."""
+        self._finalizer.detach()
+        for r in self._runners:
             r.release()
         self._ahead = self._history = None
         self._pending = None
@@ -322,6 +328,10 @@ class Engine:
             )
         if not self.idle:
             raise ValueError("set_drafter needs an idle engine")
+        for r in self._runners[1:]:
+            if r not in _runner_of(drafter):
+                r.release()
+        self._runners[1:] = _runner_of(drafter)
         self.speculator.drafter = drafter
 
     # ---- public API -------------------------------------------------------------------------
@@ -909,6 +919,21 @@ class BeamsAhead:
     need: int
     ngrams: bool  # some request bans repeated n-grams: the children's tokens go on the device
     history: History | None = None  # the children's tokens (set at the launch, when ngrams)
+
+
+def _runner_of(drafter) -> list:
+    """A drafter's own runner (a draft model's), as a list: [] for drafters without a model."""
+    runner = getattr(drafter, "runner", None)
+    return [] if runner is None else [runner]
+
+
+def _release_pools(runners: list) -> None:
+    """What ``Engine.close`` releases of this process's pools, run when an engine is collected
+    unclosed (``weakref.finalize``: it must not refer to the engine). Pipeline stages stop through
+    their runner's own finalizer, never from here (it may run inside any allocation)."""
+    for r in runners:
+        if isinstance(r, ModelRunner):
+            r.release()
 
 
 def verify_queries(k: int) -> list[int]:
