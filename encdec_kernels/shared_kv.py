@@ -9,6 +9,8 @@ C = row chunks, NB = cache blocks, RC = rows per chunk, S = KV splits. Softmax a
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,10 @@ INTERPRET_SHARED_KV_TILES = {"BLOCK_R": 16, "BLOCK_N": 16}  # CPU tensors (Trito
 # tests/kernels/test_fp8_compile.py)
 SHARED_KV_TILES_FP8 = {**SHARED_KV_TILES, "BLOCK_N": 16}
 SHARED_SPLIT_PER_SM = 2
+# "0": calls with several query tokens a sequence (prompts, beams, speculative verification) take
+# the Triton kernel, which reads a sequence's rows once per group of its query rows, instead of the
+# Hopper kernel, which reads them once per query token (to compare: W1 with speculation, issue 22)
+MULTI_QUERY_ENV = "ENCDEC_GLUON_MULTI_QUERY"
 SHARED_SPLIT_MAX = 32
 
 
@@ -238,16 +244,20 @@ def _launch_shared_kv(
     row_scales=None,
 ):
     """shared_kv_attention without the input checks; num_splits and tiles (SHARED_KV_TILES keys)
-    override the built-in choices (tests and benchmarks). Decode steps on Hopper (one query token
-    per sequence) take ``encdec_kernels/shared_kv_hopper.py`` unless ``hopper`` is False or tiles are
-    given."""
+    override the built-in choices (tests and benchmarks). On Hopper, ``encdec_kernels/
+    shared_kv_hopper.py`` takes the call unless ``hopper`` is False or tiles are given: decode steps
+    as they are, calls with several query tokens a sequence with one block-table row per token
+    (unless ``ENCDEC_GLUON_MULTI_QUERY=0``)."""
     tq, h, d = q.shape
     num_seqs = block_tables.shape[0]
+    multi = not (max_seqlen_q == 1 and tq == num_seqs)  # prompts, beams, verification steps
+    if multi and os.environ.get(MULTI_QUERY_ENV, "1") == "0":
+        hopper = False
     if hopper and tiles is None and q.is_cuda and tq > 0 and num_seqs > 0:
         from encdec_kernels import shared_kv_hopper  # Gluon: imported only when a CUDA step can use it
 
         if shared_kv_hopper.supports(q, rows, row_scales):  # bf16/fp16 rows, or fp8 ones with their scales
-            if not (max_seqlen_q == 1 and tq == num_seqs):  # prompts, beams: one row per query token
+            if multi:  # one block-table row per query token: each reads its sequence's rows
                 seq_of = torch.repeat_interleave(
                     torch.arange(num_seqs, device=q.device), cu_seqlens_q.diff(), output_size=tq
                 )

@@ -307,6 +307,13 @@ def test_hopper_absorbed_cross_attention_several_tokens(monkeypatch):
     ref = reference.shared_kv_attention(*case.args(), scale=0.125)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[torch.bfloat16]
+    # ENCDEC_GLUON_MULTI_QUERY=0: such calls take the Triton kernel (rows read once per query group)
+    monkeypatch.setenv(shared_kv.MULTI_QUERY_ENV, "0")
+    with poisoned_allocations():
+        out = shared_kv.shared_kv_attention(*case.args(), scale=0.125)
+    assert calls == [1]
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon cross-attention kernel is for Hopper (sm_90)")
