@@ -17,9 +17,10 @@
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
 #           W3's step goes (profile_step.py: host against GPU time per step) (~8)
-#   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then W1 at
-#           alpha 0.7 with verification's cross-attention on the Triton kernel (~9)
-#   spec2   W1's sweep with two micro-batches against the default one (~4)
+#   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then a W5
+#           verification graph's kernels against a decode graph's (profile_step.py --oracle) (~8)
+#   spec2   W1 at alpha 0.7 with verification's cross-attention on the Triton kernel, then W1's
+#           sweep with two micro-batches (~7)
 #   check   the GPU tests of the latest changes: image-to-text, speculative (~3)
 #   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
@@ -90,11 +91,14 @@ for part in "$@"; do
     spec)
         step 330 W5-W1-speculative-oracle "${encdec[@]}" bench W5 W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --profile --out "$(name W5-W1-speculative-oracle).json"
+        # a W5 verification graph's kernels against a decode graph's: where its extra time goes
+        step 150 profile-W5-verify python3 benchmarks/profile_step.py W5 --oracle 0.7:4 --max-num-seqs 1 \
+            --out "$(name profile-W5-verify).json" ;;
+    spec2)
         # verification's K + 1 tokens a request on the Triton absorbed kernel (rows read once a
         # query group) instead of the Hopper one (once a token): issue 22's W1 lever
         step 200 W1-speculative-triton-multi-query env ENCDEC_GLUON_MULTI_QUERY=0 "${encdec[@]}" bench W1 \
-            --baseline none --speculative oracle:0.7:4 --profile --out "$(name W1-speculative-triton-mq).json" ;;
-    spec2)
+            --baseline none --speculative oracle:0.7:4 --profile --out "$(name W1-speculative-triton-mq).json"
         step 200 W1-speculative-oracle-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
     check)

@@ -2,6 +2,7 @@
 
     python benchmarks/profile_step.py W5            # batch-1 Whisper large-v3
     python benchmarks/profile_step.py W1 --scale 0.125
+    python benchmarks/profile_step.py W5 --oracle 0.7:4   # speculative: verification steps' kernels
 
 Prints the kernels by total GPU time, the kernel count and GPU-busy time per engine step, the
 wall time, and (for a pure decode step at batch 1) the replay time of the CUDA graph alone, so
@@ -11,6 +12,12 @@ CUDA runtime calls (count, total and longest: a long cudaStreamSynchronize or cu
 the host waiting for the GPU), host milliseconds per step inside a few engine functions, rows per
 decoder run, and the host cost of launching a step's graphs onto an idle GPU. Optionally writes the
 numbers as JSON (--out).
+
+``--oracle ALPHA:K`` profiles speculative decoding with oracle drafts (``encdec bench --speculative
+oracle``: an untimed plain run's greedy tokens as drafts, each wrong with probability 1 - ALPHA);
+beside the batch-1 decode graph (``graph_b1_replay_ms``, ``graph_b1_kernels_ms``) it replays the
+K + 1-query verification graph alone (``verify_graph_b1``): what a verification step costs over
+a plain one, kernel by kernel.
 """
 
 from __future__ import annotations
@@ -108,6 +115,31 @@ def kernel_totals(events, rows: int) -> dict:
     return {name[:160]: [n, round(ms, 2)] for name, (n, ms) in top}
 
 
+def replay_profile(segments, rows: int, n: int = 200) -> tuple[float, dict]:
+    """A batch's graph segments replayed alone: (ms a replay, over ``n``; {kernel: [calls, ms]} a
+    replay, from 10 profiled ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for g in segments:
+        g.replay()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        for g in segments:
+            g.replay()
+    torch.cuda.synchronize()
+    ms = 1e3 * (time.perf_counter() - t0) / n
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            for g in segments:
+                g.replay()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    totals = kernel_totals(events, rows)
+    kernels = {name: [calls / 10, round(t / 10, 4)] for name, (calls, t) in totals.items()}
+    return ms, kernels
+
+
 def graph_launch_times(graphs) -> dict:
     """Per captured batch size (a few): host ms to launch one step's graph segments onto an idle
     GPU, and ms until the GPU has run them (host-timed, synchronised)."""
@@ -163,6 +195,7 @@ def main(argv=None):
         default=1,
         help="EngineConfig.micro_batches: 2 runs beam / sampled steps in two cohorts (1: off)",
     )
+    p.add_argument("--oracle", metavar="ALPHA:K", help="speculative decoding with oracle drafts")
     p.add_argument("--rows", type=int, default=30, help="kernel table rows")
     p.add_argument("--out", type=pathlib.Path)
     p.add_argument("--cprofile", action="store_true", help="also print the host-side (Python) profile")
@@ -172,7 +205,21 @@ def main(argv=None):
     w = Workload(**{**w.__dict__, "requests": max(1, int(w.requests * args.scale))})
     enc_inputs, targets = inputs_for(w)
     _, loaded = build_models(w, "cuda", torch.bfloat16, with_hf=False)
-    engine = Engine(loaded, max_num_seqs=args.max_num_seqs, micro_batches=args.micro_batches)
+    cfg = dict(max_num_seqs=args.max_num_seqs, micro_batches=args.micro_batches)
+    drafter = None
+    if args.oracle:
+        from encdec_cli.engine import OracleDrafter
+
+        alpha, k = args.oracle.split(":")
+        plain = Engine(loaded, **cfg)
+        recorded = {
+            r.request_id: r.token_ids
+            for r in plain.generate(workload_requests(w, loaded.config, enc_inputs, targets))
+        }
+        plain.close()
+        del plain
+        drafter = OracleDrafter(recorded, float(alpha), int(k), loaded.model.vocab_size)
+    engine = Engine(loaded, drafter=drafter, prefix_cache=False, **cfg)
 
     def run():
         out = list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
@@ -222,6 +269,8 @@ def main(argv=None):
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=args.rows))
     res = {
         "workload": w.id,
+        "oracle": args.oracle,
+        "verify_steps": engine.stats.verify_steps,
         "micro_batches": engine.micro_batches,
         "requests": w.requests,
         "steps": steps,
@@ -247,18 +296,13 @@ def main(argv=None):
     }
     graphs = engine.runner.graphs
     if graphs is not None and 1 in graphs.graphs:
-        segments = graphs.graphs[1]
-        for g in segments:
-            g.replay()
-        torch.cuda.synchronize()
-        n = 200
-        t0 = time.perf_counter()
-        for _ in range(n):
-            for g in segments:
-                g.replay()
-        torch.cuda.synchronize()
-        res["graph_b1_replay_ms"] = 1e3 * (time.perf_counter() - t0) / n
+        res["graph_b1_replay_ms"], res["graph_b1_kernels_ms"] = replay_profile(graphs.graphs[1], args.rows)
         res["graph_launch"] = graph_launch_times(graphs)
+    # speculative: the K + 1-query verification graph at batch 1 (its buffers: the last step's)
+    verify = next((v for v in engine.runner.verify_graphs or () if 1 in v.graphs), None)
+    if verify is not None:
+        ms, kernels = replay_profile(verify.graphs[1], args.rows)
+        res["verify_graph_b1"] = {"queries": verify.queries, "replay_ms": ms, "kernels_ms": kernels}
     if args.cprofile:
         import cProfile
         import pstats
