@@ -11,6 +11,8 @@
 #   ab      issue 21's P = 1 check as an A/B: W2 (ours only) three times each, alternating this tree
 #           and out/old (carry it: git archive 9d6723d | tar -x -C out/old, the commit before
 #           pipeline parallelism) (~7)
+#   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
+#           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only with --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and
 #           per-layer K/V (issue 26) (~3)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
@@ -76,6 +78,11 @@ for part in "$@"; do
                 --out "$(name W2-ab-old-$i).json")
         done
         grep -h "^W2" "$OUT"/*W2-ab-*.log ;;
+    abprof)
+        step 150 profile-W2-new python3 benchmarks/profile_step.py W2 --max-num-seqs 512 --rows 40 \
+            --out "$(name profile-W2-new).json"
+        (cd out/old && step 150 profile-W2-old python3 benchmarks/profile_step.py W2 --max-num-seqs 512 \
+            --rows 40 --out "$(name profile-W2-old).json") ;;
     fp8)
         step 90 W1-fp8-absorbed "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
         step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
@@ -115,7 +122,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core ab fp8 kernels speed spec spec2 check models w9 trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core ab abprof fp8 kernels speed spec spec2 check models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done
