@@ -11,6 +11,9 @@
 #   ab      issue 21's P = 1 check as an A/B: W2 (ours only) three times each, alternating this tree
 #           and out/old (carry it: git archive 9d6723d | tar -x -C out/old, the commit before
 #           pipeline parallelism) (~7)
+#   rows    the few-row linear kernel (a batch-1 verification step's K + 1 rows): its GPU tests,
+#           its tiles against cuBLAS, then W5 with oracle drafts (alpha 0, 0.7; K 4) with it and
+#           with those rows on cuBLAS (ENCDEC_GEMV_ROWS=1) (issue 22) (~6)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only with --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and
@@ -78,6 +81,13 @@ for part in "$@"; do
                 --out "$(name W2-ab-old-$i).json")
         done
         grep -h "^W2" "$OUT"/*W2-ab-*.log ;;
+    rows)
+        step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
+        step 150 sweep-rows python3 benchmarks/sweep_kernels.py --only rows --out "$(name sweep-rows).json"
+        step 120 W5-speculative-rows "${encdec[@]}" bench W5 --baseline none --speculative oracle \
+            --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-rows).json"
+        step 120 W5-speculative-cublas env ENCDEC_GEMV_ROWS=1 "${encdec[@]}" bench W5 --baseline none \
+            --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-cublas).json" ;;
     abprof)
         step 150 profile-W2-new python3 benchmarks/profile_step.py W2 --max-num-seqs 512 --rows 40 \
             --out "$(name profile-W2-new).json"
@@ -122,7 +132,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core ab abprof fp8 kernels speed spec spec2 check models w9 trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core ab rows abprof fp8 kernels speed spec spec2 check models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done

@@ -1,11 +1,12 @@
 """Tile-parameter sweep of the attention kernels on the standard shapes (CUDA only).
 
-    python benchmarks/sweep_kernels.py [--only decode|encoder|linear] [--out FILE]
+    python benchmarks/sweep_kernels.py [--only decode|encoder|linear|rows] [--out FILE]
 
 For the decode kernel: BLOCK_N x num_warps x num_stages (and split counts at batch 1) on the
 shapes of benchmarks/kernel_table.py; for the encoder kernel: extra tile configs beyond the autotune
 list, on the Whisper large-v3 shape; for the one-row linear kernel: BLOCK_N x CHUNK (block_k) x
-num_warps on the Whisper large-v3 decoder weights. Prints milliseconds (CUDA-graph replays for decode) and
+num_warps on the Whisper large-v3 decoder weights; for the few-row kernel (2-16 rows): its tiles
+against cuBLAS, alone and with the fused pre-norm. Prints milliseconds (CUDA-graph replays for decode) and
 the copy-bandwidth fraction, to choose the defaults in encdec_kernels/paged.py and varlen.py from
 measurements.
 """
@@ -161,6 +162,72 @@ def sweep_linear(copy_bw, rows):
                   f"{moved / (ms * 1e-3) / copy_bw:.0%} of copy)")  # fmt: skip
 
 
+def sweep_rows(copy_bw, rows):
+    """The few-row kernel (``linear._rows_kernel``: 2..16 rows, a batch-1 verification step's K + 1)
+    against cuBLAS, alone and with the pre-norm (LayerNorm kernel + cuBLAS + GELU kernel against the
+    fused one), by tile, on the Whisper large-v3 decoder weights."""
+    import encdec_kernels
+    from encdec_kernels import linear
+
+    d, ff = 1280, 5120
+    orig = linear._row_tiles
+    nw_, nb_ = torch.ones(d, device="cuda", dtype=kb.DTYPE), torch.zeros(d, device="cuda", dtype=kb.DTYPE)
+    for name, n, k in (("qkv", 3 * d, d), ("out", d, d), ("fc1", ff, d), ("fc2", d, ff)):
+        ws = [
+            (
+                torch.randn(n, k, device="cuda", dtype=kb.DTYPE) / k**0.5,
+                torch.randn(n, device="cuda", dtype=kb.DTYPE),
+            )
+            for _ in range(max(2, 120 * 2**20 // (n * k * 2)))
+        ]
+        next_w = itertools.cycle(ws).__next__
+        moved = n * k * 2
+        for m in (1, 2, 5, 9):
+            x = torch.randn(m, k, device="cuda", dtype=kb.DTYPE)
+            r = torch.randn(m, k, device="cuda", dtype=kb.DTYPE)
+            cublas = kb.bench(lambda x=x, nxt=next_w: torch.nn.functional.linear(x, *nxt()), graph=True)
+            rows.append(dict(case=f"rows {name} m{m}", impl="cublas", ms=cublas))
+            line = f"rows {name} {n}x{k} m{m}: cuBLAS {cublas * 1e3:.1f} us ({moved / cublas / 1e6:.0f} GB/s)"
+            if k == d:  # the pre-norm: add + LayerNorm kernel, cuBLAS (, GELU) against one kernel
+                act = "gelu" if name == "fc1" else None
+
+                def unfused(x=x, r=r, nxt=next_w, act=act):
+                    h, _ = encdec_kernels.add_layer_norm(x, r, nw_, nb_, 1e-5)
+                    y = torch.nn.functional.linear(h, *nxt())
+                    return torch.nn.functional.gelu(y) if act else y
+
+                ms = kb.bench(unfused, graph=True)
+                rows.append(dict(case=f"rows {name} m{m} norm", impl="cublas", ms=ms))
+                line += f", norm + cuBLAS{' + gelu' if act else ''} {ms * 1e3:.1f} us"
+            print(line)
+            tiles = [(16, 128, 4), (16, 256, 4), (32, 256, 4)]
+            for bn, bk, nw in tiles if m > 1 else [None]:
+                if bn is not None:
+                    linear._row_tiles = lambda n_, k_, t=(bn, min(bk, k), nw): t
+                try:
+                    ms = kb.bench(lambda x=x, nxt=next_w: linear.gemv(x, *nxt()), graph=True)
+                    extra = ""
+                    if k == d:
+                        act = "gelu" if name == "fc1" else None
+                        fused = kb.bench(
+                            lambda x=x, r=r, nxt=next_w, act=act: linear.norm_gemv(
+                                x, r, nw_, nb_, 1e-5, False, *nxt(), act
+                            ),
+                            graph=True,
+                        )
+                        case = f"rows {name} m{m} norm"
+                        rows.append(dict(case=case, block_n=bn, block_k=bk, warps=nw, ms=fused))
+                        extra = f", fused norm {fused * 1e3:.1f} us"
+                except Exception as e:
+                    print(f"  {bn}x{bk} w{nw}: failed {type(e).__name__}: {e}"[:300])
+                    continue
+                finally:
+                    linear._row_tiles = orig
+                rows.append(dict(case=f"rows {name} m{m}", block_n=bn, block_k=bk, warps=nw, ms=ms))
+                label = "one-row kernel" if bn is None else f"{bn}x{bk} w{nw}"
+                print(f"  {label}: {ms * 1e3:.1f} us ({moved / ms / 1e6:.0f} GB/s){extra}")
+
+
 # full configs (encdec_kernels/flash_hopper.py CONFIGS keys); the first is the default for D 64
 HOPPER_CONFIGS = [
     dict(BLOCK_N=128, K_STAGES=3, CONSUMERS=3, REGS=160, PIPELINE=True),
@@ -249,7 +316,7 @@ def sweep_splits(copy_bw, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["decode", "encoder", "linear", "hopper", "splits"])
+    p.add_argument("--only", choices=["decode", "encoder", "linear", "rows", "hopper", "splits"])
     p.add_argument("--out", type=pathlib.Path)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -266,6 +333,8 @@ def main(argv=None):
         sweep_decode(copy_bw, rows)
     if args.only in (None, "linear"):
         sweep_linear(copy_bw, rows)
+    if args.only in (None, "rows"):
+        sweep_rows(copy_bw, rows)
     if args.out:
         args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), rows=rows), indent=1))
 

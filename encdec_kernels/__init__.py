@@ -39,6 +39,7 @@ __all__ = [
     "gemv",
     "GEMV_ACTIVATIONS",
     "GEMV_MAX_K",
+    "GEMV_MAX_ROWS",
     "norm_gemv",
     "use_triton",
     "prefers_absorbed_cross",
@@ -186,18 +187,22 @@ def add_rms_norm(x, residual, weight, eps):
 
 # activations (transformers ACT2FN names) that gemv / norm_gemv apply in the kernel
 GEMV_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_pytorch_tanh"})
+# most rows of x that gemv / norm_gemv take on CUDA: one (the one-row kernel) up to 16 (the few-row
+# tensor-core kernel; a batch-1 verification step's K + 1 tokens); ENCDEC_GEMV_ROWS=1 keeps
+# several rows on cuBLAS (to compare), read at import
+GEMV_MAX_ROWS = max(1, min(16, int(os.environ.get("ENCDEC_GEMV_ROWS", "16"))))
 # widest input the one-row kernels are meant for: a program holds its weight rows' whole K in
 # registers (two rows of 8192 bf16 = 256 values per thread); wider layers stay on cuBLAS
 GEMV_MAX_K = 8192
 
 
 def gemv(x, weight, bias=None, activation=None):
-    """act(x @ weight^T + bias) for one row x [1, K] (encdec_kernels/linear.py on CUDA)."""
+    """act(x @ weight^T + bias) for x [M, K], M <= GEMV_MAX_ROWS (encdec_kernels/linear.py on CUDA)."""
     return _impl(x, "linear").gemv(x, weight, bias, activation)
 
 
 def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None):
-    """(gemv(norm(x + residual)), x + residual) for one row; residual may be None."""
+    """(gemv(norm(x + residual)), x + residual) row by row; residual may be None."""
     return _impl(x, "linear").norm_gemv(
         x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias, activation
     )

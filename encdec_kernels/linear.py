@@ -1,4 +1,5 @@
-"""Triton matrix-vector products for one-row activations (batch-1 decoding), with an optional
+"""Triton matrix-vector products for one-row activations (batch-1 decoding), and for a few rows
+(up to ``FEW_ROWS``: a batch-1 speculative verification step's K + 1 tokens), with an optional
 fused residual add + LayerNorm/RMSNorm before and activation after.
 
 At one row a linear layer is a weight read: ``y = act(x @ W^T + b)`` reads W [N, K] once.
@@ -14,6 +15,13 @@ the kernel before it.
 row (rounded to x's dtype, as ``encdec_kernels.norm`` hands it to the linear layer) and multiplies
 that; program 0 writes ``s``. One kernel instead of a norm and a matrix-vector product.
 Sums are float32; the output is in x's dtype.
+
+A few rows (2..FEW_ROWS) take ``_rows_kernel``: still one weight read, but each program
+multiplies its BLOCK_N weight rows with all the rows at once on the tensor cores (``tl.dot``,
+the rows padded to 16), K in tiles. cuBLAS at 5 rows picks tiles that read a 1280-wide weight
+with a few dozen programs, and needs a separate norm and activation kernel around it. A row's
+result there is not bit-for-bit its one-row result (a different summation order): verification
+rows need not be, the drafts are checked against them (``encdec_cli/engine/speculative.py``).
 """
 
 from __future__ import annotations
@@ -25,11 +33,12 @@ import triton.language as tl
 from encdec_kernels.checks import check_tensor
 from encdec_kernels.pdl import pdl_launch
 
-__all__ = ["gemv", "norm_gemv", "ACTIVATIONS"]
+__all__ = ["gemv", "norm_gemv", "ACTIVATIONS", "FEW_ROWS"]
 
 # transformers ACT2FN names computed in the kernel epilogue (on the float32 sum, before rounding)
 ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "gelu_new": 3, "gelu_pytorch_tanh": 3}
 MAX_NORM_K = 16384  # the norm prologue holds one row in registers (per program)
+FEW_ROWS = 16  # the most rows of x the kernels take (the tensor-core tile's 16 rows)
 
 
 # fmt: off
@@ -85,6 +94,81 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
         y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
     y = _act(y, ACT)
     tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
+
+@triton.jit
+def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
+                 K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
+    """y[m, n] = act(sum_k h[m, k] W[n, k] + b[n]) for the M (<= BLOCK_M) rows of x [M, K] and
+    BLOCK_N weight rows n; h = x, or the norm of x (+ res) row by row, rounded to x's dtype."""
+    pid = tl.program_id(0)
+    if PDL:  # the next kernel may launch now; it waits before touching our outputs
+        tl.extra.cuda.gdc_launch_dependents()
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    kk = tl.arange(0, BLOCK_K)
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
+    if PDL:  # x and the residual are the previous kernel's outputs
+        tl.extra.cuda.gdc_wait()
+    if NORM != 0:  # each row's statistics (as encdec_kernels/norm.py: mean, then centred variance)
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            km = m_mask[:, None] & (k0 + kk < K)[None, :]
+            at = offs_m[:, None] * K + k0 + kk[None, :]
+            s = tl.load(X + at, mask=km, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                s = (s + tl.load(RES + at, mask=km, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+                if pid == 0:
+                    tl.store(SUM + at, s, mask=km)
+                s = s.to(tl.float32)
+            if NORM == 1:
+                total += tl.sum(s, 1)
+            else:
+                total += tl.sum(s * s, 1)
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if NORM == 1:
+            mean = total / K
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                km = m_mask[:, None] & (k0 + kk < K)[None, :]
+                at = offs_m[:, None] * K + k0 + kk[None, :]
+                s = tl.load(X + at, mask=km, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    s = (s + tl.load(RES + at, mask=km, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+                    s = s.to(tl.float32)
+                d = tl.where(km, s - mean[:, None], 0.0)
+                total += tl.sum(d * d, 1)
+        rstd = 1.0 / tl.sqrt(total / K + eps)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + kk) < K
+        km = m_mask[:, None] & k_mask[None, :]
+        at = offs_m[:, None] * K + k0 + kk[None, :]
+        w = tl.load(w_rows + k0 + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        h = tl.load(X + at, mask=km, other=0.0)
+        if NORM != 0:
+            s = h.to(tl.float32)
+            if HAS_RESIDUAL:
+                s = (s + tl.load(RES + at, mask=km, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+                s = s.to(tl.float32)
+            if NORM == 1:
+                s = s - mean[:, None]
+            s = s * rstd[:, None] * tl.load(NW + k0 + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            if HAS_NORM_BIAS:
+                s += tl.load(NB + k0 + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            h = tl.where(km, s, 0.0).to(Y.dtype.element_ty)  # rounded like the norm's output
+        if IEEE:  # float32 (or the interpreter, whose numpy has no bfloat16: exact products too)
+            acc += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(h, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    acc = _act(acc, ACT)
+    tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
 # fmt: on
 
 
@@ -95,14 +179,21 @@ def _tiles(n: int, k: int) -> tuple[int, int, int]:
     return 2, min(1024, triton.next_power_of_2(k)), 2
 
 
+def _row_tiles(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of ``_rows_kernel``: 16 weight rows a program (the most
+    programs the tensor-core tile allows: 80 for a 1280-row weight), K in 256-element tiles."""
+    return 16, min(256, max(16, triton.next_power_of_2(k))), 4
+
+
 def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activation):
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"activation {activation!r} not supported; one of {sorted(a for a in ACTIVATIONS if a)}"
         )
     check_tensor("x", x, 2)
-    if x.shape[0] != 1:
-        raise ValueError(f"x must be one row [1, K], got shape {tuple(x.shape)}")
+    m = x.shape[0]
+    if not 1 <= m <= FEW_ROWS:
+        raise ValueError(f"x must be 1 to {FEW_ROWS} rows [M, K], got shape {tuple(x.shape)}")
     check_tensor("weight", weight, 2, device=x.device, first="x")
     n, k = weight.shape
     if x.shape[1] != k:
@@ -124,11 +215,29 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
             if residual.shape != x.shape or residual.dtype != x.dtype:
                 raise ValueError(f"residual must match x ({tuple(x.shape)} {x.dtype}), got "
                                  f"{tuple(residual.shape)} {residual.dtype}")  # fmt: skip
+    if m > 1 and weight.dtype != x.dtype:  # the tensor cores multiply like with like
+        raise ValueError(f"weight must be x's dtype {x.dtype} for {m} rows, got {weight.dtype}")
     x = x.contiguous()
-    y = torch.empty((1, n), device=x.device, dtype=x.dtype)
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     summed = torch.empty_like(x) if residual is not None else None
-    block_n, chunk, warps = _tiles(n, k)
     pdl = pdl_launch(x)
+    if m > 1:
+        block_n, block_k, warps = _row_tiles(n, k)
+        if residual is not None:
+            residual = residual.contiguous()
+        # fmt: off
+        _rows_kernel[(triton.cdiv(n, block_n),)](
+            x, residual if residual is not None else x, norm_weight if norm else x,
+            norm_bias if norm_bias is not None else x, summed if summed is not None else y,
+            weight, bias if bias is not None else weight, y, m, n, weight.stride(0), float(eps),
+            K=k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm,
+            HAS_RESIDUAL=residual is not None, HAS_NORM_BIAS=norm_bias is not None,
+            HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
+            IEEE=x.dtype == torch.float32 or not x.is_cuda, num_warps=warps, **pdl,
+        )
+        # fmt: on
+        return y, summed
+    block_n, chunk, warps = _tiles(n, k)
     # fmt: off
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, norm_weight if norm else x,
@@ -143,13 +252,15 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
 
 
 def gemv(x, weight, bias=None, activation=None):
-    """act(x @ weight^T + bias) for one row x [1, K]; weight [N, K] (rows contiguous), bias [N]."""
+    """act(x @ weight^T + bias) for x [M, K], M <= FEW_ROWS (one row: the one-row kernel);
+    weight [N, K] (rows contiguous), bias [N]."""
     return _launch(x, None, None, None, 0.0, 0, weight, bias, activation)[0]
 
 
 def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None):
-    """(act(norm(s) @ weight^T + bias), s) with s = x + residual (x itself and None when residual
-    is None); norm: LayerNorm (norm_bias may be None) or, with is_rms, T5's RMSNorm."""
+    """(act(norm(s) @ weight^T + bias), s) with s = x + residual (x itself when residual is None),
+    row by row for x [M, K], M <= FEW_ROWS; norm: LayerNorm (norm_bias may be None) or, with
+    is_rms, T5's RMSNorm."""
     y, summed = _launch(
         x, residual, norm_weight, norm_bias, eps, 2 if is_rms else 1, weight, bias, activation
     )

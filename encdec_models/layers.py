@@ -87,7 +87,7 @@ class Norm(nn.Module):
 
     def linear(self, x, residual, linear: nn.Linear, activation: str | None = None):
         """(act(linear(norm(x + residual))), x + residual) in one kernel (``encdec_kernels.norm_gemv``):
-        one row, residual None for norm(x)."""
+        a few rows, residual None for norm(x)."""
         return encdec_kernels.norm_gemv(
             x,
             residual,
@@ -214,22 +214,23 @@ def _split_position(pos):
     return (pos, None) if isinstance(pos, Rotary) else (None, pos)
 
 
-def _one_row(x) -> bool:
-    """Whether x [1, d] runs the Triton one-row kernels (``encdec_kernels.gemv``): batch-1 decoding on
-    CUDA, where cuBLAS leaves most SMs idle. Everything else takes cuBLAS / the CPU path."""
+def _few_rows(x) -> bool:
+    """Whether x [M, d] runs the Triton few-row kernels (``encdec_kernels.gemv``): batch-1 decoding
+    and its speculative verification (K + 1 rows) on CUDA, decode steps of a few sequences, where
+    cuBLAS leaves most SMs idle. Everything else takes cuBLAS / the CPU path."""
     return (
         x.dim() == 2
-        and x.shape[0] == 1
+        and 1 <= x.shape[0] <= encdec_kernels.GEMV_MAX_ROWS
         and x.shape[1] <= encdec_kernels.GEMV_MAX_K
         and encdec_kernels.use_triton(x)
     )
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose one-row calls on CUDA run ``encdec_kernels.gemv``."""
+    """nn.Linear whose calls of a few rows on CUDA run ``encdec_kernels.gemv``."""
 
     def forward(self, x):
-        if _one_row(x):
+        if _few_rows(x):
             return encdec_kernels.gemv(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
@@ -237,7 +238,7 @@ class Linear(nn.Linear):
 def norm_linear(norm: Norm, x, residual, linear: nn.Linear):
     """(linear(norm(x + residual)), x + residual) of a pre-norm block (residual None: the first
     layer, norm(x) and x); one kernel for a single row on CUDA."""
-    if _one_row(x):
+    if _few_rows(x):
         return norm.linear(x, residual, linear)
     h, residual = _pre_norm(norm, x, residual)
     return linear(h), residual
@@ -433,7 +434,7 @@ class MLP(nn.Module):
     def after_norm(self, norm: Norm, x, residual):
         """(mlp(norm(x + residual)), x + residual) of a pre-norm block; for a single row on CUDA
         the norm, fc1 and its activation are one kernel."""
-        if self.up is None and self.activation in encdec_kernels.GEMV_ACTIVATIONS and _one_row(x):
+        if self.up is None and self.activation in encdec_kernels.GEMV_ACTIVATIONS and _few_rows(x):
             h, residual = norm.linear(x, residual, self.fc1, self.activation)
             return self.fc2(h), residual
         h, residual = _pre_norm(norm, x, residual)

@@ -513,9 +513,10 @@ def test_norms(dtype, c):
             assert rel_err(got, want) < tol
 
 
-# -- one-row linear layers (batch-1 decoding) ---------------------------------------------------
+# -- one-row and few-row linear layers (batch-1 decoding, its verification steps) -----------------
 
 
+@pytest.mark.parametrize("m", [1, 5, 16], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize(
     "n,k,act",
@@ -523,8 +524,8 @@ def test_norms(dtype, c):
      (2816, 1024, "gelu_new"), (51866, 1280, None)],
     ids=str,
 )  # fmt: skip
-def test_gemv(dtype, n, k, act):
-    x = torch.randn(1, k, device=DEVICE).to(dtype)
+def test_gemv(dtype, n, k, act, m):
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
     w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
     b = torch.randn(n, device=DEVICE).to(dtype)
     with poisoned_allocations():
@@ -532,12 +533,13 @@ def test_gemv(dtype, n, k, act):
     assert rel_err(got, reference.gemv(x, w, b, act)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("m", [1, 5, 9], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("is_rms,residual", [(False, True), (False, False), (True, True)], ids=str)
-def test_norm_gemv(dtype, is_rms, residual):
+def test_norm_gemv(dtype, is_rms, residual, m):
     d, n = 1280, 3840
-    x = (torch.randn(1, d, device=DEVICE) * 3).to(dtype)
-    r = torch.randn(1, d, device=DEVICE).to(dtype) if residual else None
+    x = (torch.randn(m, d, device=DEVICE) * 3 + torch.arange(m, device=DEVICE)[:, None]).to(dtype)
+    r = torch.randn(m, d, device=DEVICE).to(dtype) if residual else None
     nw, nb = (
         torch.randn(d, device=DEVICE).to(dtype),
         None if is_rms else torch.randn(d, device=DEVICE).to(dtype),

@@ -1,5 +1,5 @@
-"""Triton one-row linear kernels (gemv, norm + gemv) vs encdec_kernels.reference, on the CPU through the
-Triton interpreter."""
+"""Triton one-row and few-row linear kernels (gemv, norm + gemv) vs encdec_kernels.reference, on the
+CPU through the Triton interpreter."""
 
 from __future__ import annotations
 
@@ -49,6 +49,25 @@ def test_gemv(lin, gen, dtype, shape, act):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("m", [2, 5, 16], ids=lambda m: f"m{m}")
+@pytest.mark.parametrize(
+    "shape,act", [((37, 200), "gelu"), ((9, 5120), None), ((300, 1280), "relu")], ids=_ids
+)
+def test_gemv_few_rows(lin, gen, dtype, m, shape, act):
+    """2..16 rows (the tensor-core kernel): every row as the reference computes it, rows that
+    differ (each its own scale) kept apart, no output element left unwritten."""
+    n, k = shape
+    x = (torch.randn(m, k, generator=gen) * torch.arange(1, m + 1)[:, None]).to(dtype)
+    w, b = _weights(n, k, dtype, gen, bias=act != "relu")
+    with poisoned_allocations():
+        out = lin.gemv(x, w, b, act)
+    ref = reference.gemv(x, w, b, act)
+    assert out.shape == (m, n) and out.dtype == dtype
+    for i in range(m):
+        assert rel_err(out[i], ref[i]) < TOL[dtype], i
+
+
 def test_gemv_takes_a_strided_weight(lin, gen):
     """A weight whose rows are a slice of a wider matrix (row stride > K)."""
     wide = torch.randn(40, 96, generator=gen)
@@ -60,24 +79,31 @@ def test_gemv_takes_a_strided_weight(lin, gen):
 @pytest.mark.parametrize("is_rms", [False, True], ids=["layer", "rms"])
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "first-layer"])
 @pytest.mark.parametrize("act", [None, "gelu"], ids=_ids)
-def test_norm_gemv(lin, gen, dtype, is_rms, with_residual, act):
+@pytest.mark.parametrize("m", [1, 5], ids=lambda m: f"m{m}")
+def test_norm_gemv(lin, gen, dtype, is_rms, with_residual, act, m):
+    """One row, and five (each row normalised with its own statistics: rows of different mean
+    and scale)."""
     n, k = 300, 1280
-    x = (torch.randn(1, k, generator=gen) * 3 + 1).to(dtype)
-    residual = torch.randn(1, k, generator=gen).to(dtype) if with_residual else None
+    x = torch.randn(m, k, generator=gen) * torch.arange(3, m + 3)[:, None] + torch.arange(m)[:, None]
+    x = x.to(dtype)
+    residual = torch.randn(m, k, generator=gen).to(dtype) if with_residual else None
     nw = (torch.randn(k, generator=gen) * 0.5 + 1).to(dtype)
     nb = None if is_rms else torch.randn(k, generator=gen).to(dtype)
     w, b = _weights(n, k, dtype, gen)
     with poisoned_allocations():
         out, summed = lin.norm_gemv(x, residual, nw, nb, 1e-5, is_rms, w, b, act)
     ref, ref_sum = reference.norm_gemv(x, residual, nw, nb, 1e-5, is_rms, w, b, act)
-    assert rel_err(out, ref) < TOL[dtype]
+    for i in range(m):
+        assert rel_err(out[i], ref[i]) < TOL[dtype], i
     torch.testing.assert_close(summed, ref_sum, rtol=0 if dtype != torch.bfloat16 else 2**-7, atol=0)
     if not with_residual:
         assert summed is x
 
 
 BAD = {
-    "two rows": lambda x, w, b: (x.repeat(2, 1), w, b, None),
+    "seventeen rows": lambda x, w, b: (x.repeat(17, 1), w, b, None),
+    "no rows": lambda x, w, b: (x[:0], w, b, None),
+    "rows of another dtype": lambda x, w, b: (x.repeat(2, 1).double(), w, b, None),
     "K mismatch": lambda x, w, b: (x[:, :-1], w, b, None),
     "bias shape": lambda x, w, b: (x, w, b[:-1], None),
     "int weight": lambda x, w, b: (x, w.long(), b, None),
