@@ -128,6 +128,19 @@ def sweep_encoder(rows):
         )
 
 
+def _weights(n: int, k: int):
+    """A function giving the next of several (weight [n, k], bias) copies, cycled per captured
+    call: 120 MB, beyond the L2 cache (as a decode step)."""
+    ws = [
+        (
+            torch.randn(n, k, device="cuda", dtype=kb.DTYPE) / k**0.5,
+            torch.randn(n, device="cuda", dtype=kb.DTYPE),
+        )
+        for _ in range(max(2, 120 * 2**20 // (n * k * 2)))
+    ]
+    return itertools.cycle(ws).__next__
+
+
 def sweep_linear(copy_bw, rows):
     from encdec_kernels import linear
 
@@ -135,15 +148,7 @@ def sweep_linear(copy_bw, rows):
     orig = linear._tiles
     for name, n, k in (("qkv", 3 * d, d), ("out", d, d), ("fc1", ff, d), ("fc2", d, ff)):
         x = torch.randn(1, k, device="cuda", dtype=kb.DTYPE)
-        # weight copies cycled per captured call: 120 MB, beyond the L2 cache (as a decode step)
-        ws = [
-            (
-                torch.randn(n, k, device="cuda", dtype=kb.DTYPE) / k**0.5,
-                torch.randn(n, device="cuda", dtype=kb.DTYPE),
-            )
-            for _ in range(max(2, 120 * 2**20 // (n * k * 2)))
-        ]
-        next_w = itertools.cycle(ws).__next__
+        next_w = _weights(n, k)
         moved = n * k * 2
         cublas = kb.bench(lambda x=x, nxt=next_w: torch.nn.functional.linear(x, *nxt()), graph=True)
         print(f"linear {name} {n}x{k}: cuBLAS {cublas * 1e3:.1f} us ({moved / cublas / 1e6:.0f} GB/s)")
@@ -173,14 +178,7 @@ def sweep_rows(copy_bw, rows):
     orig = linear._row_tiles
     nw_, nb_ = torch.ones(d, device="cuda", dtype=kb.DTYPE), torch.zeros(d, device="cuda", dtype=kb.DTYPE)
     for name, n, k in (("qkv", 3 * d, d), ("out", d, d), ("fc1", ff, d), ("fc2", d, ff)):
-        ws = [
-            (
-                torch.randn(n, k, device="cuda", dtype=kb.DTYPE) / k**0.5,
-                torch.randn(n, device="cuda", dtype=kb.DTYPE),
-            )
-            for _ in range(max(2, 120 * 2**20 // (n * k * 2)))
-        ]
-        next_w = itertools.cycle(ws).__next__
+        next_w = _weights(n, k)
         moved = n * k * 2
         for m in (1, 2, 5, 9):
             x = torch.randn(m, k, device="cuda", dtype=kb.DTYPE)

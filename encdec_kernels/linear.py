@@ -96,6 +96,18 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
     tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
 
 @triton.jit
+def _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL: tl.constexpr, store):
+    """x (+ residual, rounded to its dtype) at offsets ``at`` as float32; ``store``: write the sum."""
+    s = tl.load(X + at, mask=km, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        s = (s + tl.load(RES + at, mask=km, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+        if store:
+            tl.store(SUM + at, s, mask=km)
+        s = s.to(tl.float32)
+    return s
+
+
+@triton.jit
 def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
@@ -118,12 +130,7 @@ def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
         for k0 in range(0, K, BLOCK_K):
             km = m_mask[:, None] & (k0 + kk < K)[None, :]
             at = offs_m[:, None] * K + k0 + kk[None, :]
-            s = tl.load(X + at, mask=km, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                s = (s + tl.load(RES + at, mask=km, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
-                if pid == 0:
-                    tl.store(SUM + at, s, mask=km)
-                s = s.to(tl.float32)
+            s = _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL, pid == 0)
             if NORM == 1:
                 total += tl.sum(s, 1)
             else:
@@ -135,10 +142,7 @@ def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
             for k0 in range(0, K, BLOCK_K):
                 km = m_mask[:, None] & (k0 + kk < K)[None, :]
                 at = offs_m[:, None] * K + k0 + kk[None, :]
-                s = tl.load(X + at, mask=km, other=0.0).to(tl.float32)
-                if HAS_RESIDUAL:
-                    s = (s + tl.load(RES + at, mask=km, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
-                    s = s.to(tl.float32)
+                s = _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL, False)
                 d = tl.where(km, s - mean[:, None], 0.0)
                 total += tl.sum(d * d, 1)
         rstd = 1.0 / tl.sqrt(total / K + eps)
@@ -148,12 +152,10 @@ def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
         km = m_mask[:, None] & k_mask[None, :]
         at = offs_m[:, None] * K + k0 + kk[None, :]
         w = tl.load(w_rows + k0 + kk[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        h = tl.load(X + at, mask=km, other=0.0)
-        if NORM != 0:
-            s = h.to(tl.float32)
-            if HAS_RESIDUAL:
-                s = (s + tl.load(RES + at, mask=km, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
-                s = s.to(tl.float32)
+        if NORM == 0:
+            h = tl.load(X + at, mask=km, other=0.0)
+        else:
+            s = _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL, False)
             if NORM == 1:
                 s = s - mean[:, None]
             s = s * rstd[:, None] * tl.load(NW + k0 + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
