@@ -122,6 +122,8 @@ class _OpMeter(TorchDispatchMode):
         self.pending: Counter = Counter()
         self.hold: list[torch.Tensor] = []
         self.by_phase: dict[str, Counter] = {}
+        self.names: Counter = Counter()  # small ops by aten name, pending like ``pending``
+        self.names_by_phase: dict[str, Counter] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t0 = clock()
@@ -133,6 +135,8 @@ class _OpMeter(TorchDispatchMode):
             isinstance(t, torch.Tensor) and t.numel() >= BIG for t in (*args, *(kwargs or {}).values())
         )
         self.pending["big_ops" if is_big else "small_ops"] += 1
+        if not is_big:
+            self.names[str(func.overloadpacket)] += 1
         self.pending["big_s" if is_big else "small_s"] += dt
         self.hold += big
         return out
@@ -142,7 +146,8 @@ class _OpMeter(TorchDispatchMode):
         self.hold.clear()
         self.pending["big_s"] += clock() - t0
         self.by_phase.setdefault(phase, Counter()).update(self.pending)
-        self.pending = Counter()
+        self.names_by_phase.setdefault(phase, Counter()).update(self.names)
+        self.pending, self.names = Counter(), Counter()
 
 
 def _meter_cost_per_op(n: int = 20000) -> float:
@@ -298,6 +303,7 @@ def main() -> None:
     )
     ap.add_argument("--wall", action="store_true", help="wall-clock time instead of this thread's CPU time")
     ap.add_argument("--top", type=int, default=30, help="cProfile entries shown")
+    ap.add_argument("--ops", type=int, default=0, help="also list the N commonest small ops of each phase")
     ap.add_argument("--no-cprofile", action="store_true")
     ap.add_argument("--check", type=Path, help="store or compare the results (tokens, scores)")
     ap.add_argument("--out", type=Path, help="write the numbers as JSON")
@@ -383,6 +389,10 @@ def main() -> None:
             f"   {p:10s} {row['time']:8.3f} {row['big_ops']:8.3f} {row['host']:8.3f} "
             f"{row['small_ops_n']:7.1f} {row['small_ops']:7.3f} {row['big_ops_n']:5.1f}{note}"
         )
+    for p in PHASES if args.ops else ():
+        common = meter.names_by_phase.get(p, Counter()).most_common(args.ops)
+        if common:
+            print(f"   {p} small ops a step: " + ", ".join(f"{n} {c / steps:.1f}" for n, c in common))
     host = report["schedule"]["host"] + report["sample"]["host"] + ms(mtimes["runner._rows"])
     print(f"   host per step: schedule + sample + runner._rows = {host:.3f} ms")
     # two micro-batches take twice the steps of half the rows: the whole run's host time compares
