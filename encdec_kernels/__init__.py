@@ -1,4 +1,4 @@
-"""Attention, norm and one-row linear kernels: pure functions on tensors, never importing the engine.
+"""Attention, norm and few-row linear kernels: pure functions on tensors, never importing the engine.
 
 The functions exported here dispatch on the device: CUDA tensors go to the Triton kernels
 (``varlen.py``, ``paged.py``, ``shared_kv.py``, ``norm.py``, ``linear.py``; on Hopper, long

@@ -237,7 +237,7 @@ class Linear(nn.Linear):
 
 def norm_linear(norm: Norm, x, residual, linear: nn.Linear):
     """(linear(norm(x + residual)), x + residual) of a pre-norm block (residual None: the first
-    layer, norm(x) and x); one kernel for a single row on CUDA."""
+    layer, norm(x) and x); one kernel for a few rows (up to GEMV_MAX_ROWS) on CUDA."""
     if _few_rows(x):
         return norm.linear(x, residual, linear)
     h, residual = _pre_norm(norm, x, residual)
@@ -432,7 +432,7 @@ class MLP(nn.Module):
         return self.fc2(h)
 
     def after_norm(self, norm: Norm, x, residual):
-        """(mlp(norm(x + residual)), x + residual) of a pre-norm block; for a single row on CUDA
+        """(mlp(norm(x + residual)), x + residual) of a pre-norm block; for a few rows on CUDA
         the norm, fc1 and its activation are one kernel."""
         if self.up is None and self.activation in encdec_kernels.GEMV_ACTIVATIONS and _few_rows(x):
             h, residual = norm.linear(x, residual, self.fc1, self.activation)
