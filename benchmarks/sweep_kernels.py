@@ -198,7 +198,7 @@ def sweep_rows(copy_bw, rows):
                 rows.append(dict(case=f"rows {name} m{m} norm", impl="cublas", ms=ms))
                 line += f", norm + cuBLAS{' + gelu' if act else ''} {ms * 1e3:.1f} us"
             print(line)
-            tiles = [(16, 128, 4), (16, 256, 4), (32, 256, 4)]
+            tiles = [(16, 128, 4), (16, 256, 4), (16, 256, 2), (32, 256, 4)]
             for bn, bk, nw in tiles if m > 1 else [None]:
                 if bn is not None:
                     linear._row_tiles = lambda n_, k_, t=(bn, min(bk, k), nw): t

@@ -18,10 +18,14 @@ Sums are float32; the output is in x's dtype.
 
 A few rows (2..FEW_ROWS) take ``_rows_kernel``: still one weight read, but each program
 multiplies its BLOCK_N weight rows with all the rows at once on the tensor cores (``tl.dot``,
-the rows padded to 16), K in tiles. cuBLAS at 5 rows picks tiles that read a 1280-wide weight
-with a few dozen programs, and needs a separate norm and activation kernel around it. A row's
-result there is not bit-for-bit its one-row result (a different summation order): verification
-rows need not be, the drafts are checked against them (``encdec_cli/engine/speculative.py``).
+the rows padded to 16), K in tiles (Triton pipelines the tiles' loads through shared memory).
+With a pre-norm it first takes each row's statistics in one pass over x (LayerNorm: per-tile mean
+and centred sum of squares, merged); it waits for the previous kernel (PDL) before its first load,
+so its weights do not stream in early as the one-row kernel's do. cuBLAS at 5 rows picks tiles
+that read a 1280-wide weight with a few dozen programs, and needs a separate norm and activation
+kernel around it. A row's result there is not bit-for-bit its one-row result (a different
+summation order): verification rows need not be, the drafts are checked against them
+(``encdec_cli/engine/speculative.py``).
 """
 
 from __future__ import annotations
@@ -125,26 +129,25 @@ def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn
     if PDL:  # x and the residual are the previous kernel's outputs
         tl.extra.cuda.gdc_wait()
-    if NORM != 0:  # each row's statistics (as encdec_kernels/norm.py: mean, then centred variance)
+    if NORM != 0:  # each row's statistics in one pass over x: RMSNorm's sum of squares, or
+        # LayerNorm's mean and centred sum of squares, tile by tile, each tile's (mean, centred sum)
+        # merged into the running ones (Chan et al.'s pairwise update: no E[x^2] - mean^2 cancellation)
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             km = m_mask[:, None] & (k0 + kk < K)[None, :]
             at = offs_m[:, None] * K + k0 + kk[None, :]
             s = _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL, pid == 0)
             if NORM == 1:
-                total += tl.sum(s, 1)
+                seen = k0 * 1.0  # values merged so far (all rows: the same K range)
+                here = tl.minimum(K - k0, BLOCK_K) * 1.0
+                tile_mean = tl.sum(s, 1) / here
+                d = tl.where(km, s - tile_mean[:, None], 0.0)
+                delta = tile_mean - mean
+                mean += delta * (here / (seen + here))
+                total += tl.sum(d * d, 1) + delta * delta * (seen * here / (seen + here))
             else:
                 total += tl.sum(s * s, 1)
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if NORM == 1:
-            mean = total / K
-            total = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                km = m_mask[:, None] & (k0 + kk < K)[None, :]
-                at = offs_m[:, None] * K + k0 + kk[None, :]
-                s = _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL, False)
-                d = tl.where(km, s - mean[:, None], 0.0)
-                total += tl.sum(d * d, 1)
         rstd = 1.0 / tl.sqrt(total / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
