@@ -187,10 +187,12 @@ def add_rms_norm(x, residual, weight, eps):
 
 # activations (transformers ACT2FN names) that gemv / norm_gemv apply in the kernel
 GEMV_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_pytorch_tanh"})
-# most rows of x that gemv / norm_gemv take on CUDA: one (the one-row kernel) up to 16 (the few-row
-# tensor-core kernel; a batch-1 verification step's K + 1 tokens); ENCDEC_GEMV_ROWS=1 keeps
-# several rows on cuBLAS (to compare), read at import
-GEMV_MAX_ROWS = max(1, min(16, int(os.environ.get("ENCDEC_GEMV_ROWS", "16"))))
+# most rows of x that the models send to gemv / norm_gemv on CUDA: one (the one-row kernel) up to
+# 9 (the few-row tensor-core kernel: a batch-1 verification step's K + 1 tokens for K up to 8, decode
+# steps of up to 9 sequences). The kernel takes 16, but every program reads all rows of x (twice
+# with a fused norm), which at 16 rows costs more L2 traffic than the weights; ENCDEC_GEMV_ROWS=N
+# (1 to 16, read at import) changes it: 1 keeps several rows on cuBLAS (to compare)
+GEMV_MAX_ROWS = max(1, min(16, int(os.environ.get("ENCDEC_GEMV_ROWS", "9"))))
 # widest input the one-row kernels are meant for: a program holds its weight rows' whole K in
 # registers (two rows of 8192 bf16 = 256 values per thread); wider layers stay on cuBLAS
 GEMV_MAX_K = 8192
