@@ -14,6 +14,7 @@ measurements.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib.util
 import itertools
@@ -141,11 +142,31 @@ def _weights(n: int, k: int):
     return itertools.cycle(ws).__next__
 
 
+@contextlib.contextmanager
+def _tiles_set(module, name: str, tiles):
+    """Within the block, ``module.name`` (a kernel's tile chooser) returns ``tiles`` (None: as is)."""
+    orig = getattr(module, name)
+    if tiles is not None:
+        setattr(module, name, lambda n, k: tiles)
+    try:
+        yield
+    finally:
+        setattr(module, name, orig)
+
+
+def _graph_ms(label: str, fn) -> float | None:
+    """Milliseconds of ``fn`` replayed in a CUDA graph, or None (the failure printed)."""
+    try:
+        return kb.bench(fn, graph=True)
+    except Exception as e:
+        print(f"  {label}: failed {type(e).__name__}: {e}"[:300])
+        return None
+
+
 def sweep_linear(copy_bw, rows):
     from encdec_kernels import linear
 
     d, ff = 1280, 5120
-    orig = linear._tiles
     for name, n, k in (("qkv", 3 * d, d), ("out", d, d), ("fc1", ff, d), ("fc2", d, ff)):
         x = torch.randn(1, k, device="cuda", dtype=kb.DTYPE)
         next_w = _weights(n, k)
@@ -154,14 +175,10 @@ def sweep_linear(copy_bw, rows):
         print(f"linear {name} {n}x{k}: cuBLAS {cublas * 1e3:.1f} us ({moved / cublas / 1e6:.0f} GB/s)")
         rows.append(dict(case=f"linear {name}", impl="cublas", ms=cublas))
         for bn, bk, nw in itertools.product((2, 4, 8, 16), (256, 512, 1024), (2, 4, 8)):
-            linear._tiles = lambda n_, k_, t=(bn, min(bk, k), nw): t
-            try:
-                ms = kb.bench(lambda x=x, nxt=next_w: linear.gemv(x, *nxt()), graph=True)
-            except Exception as e:
-                print(f"  {bn}x{bk} w{nw}: failed {type(e).__name__}: {e}"[:300])
+            with _tiles_set(linear, "_tiles", (bn, min(bk, k), nw)):
+                ms = _graph_ms(f"{bn}x{bk} w{nw}", lambda x=x, nxt=next_w: linear.gemv(x, *nxt()))
+            if ms is None:
                 continue
-            finally:
-                linear._tiles = orig
             rows.append(dict(case=f"linear {name}", block_n=bn, block_k=bk, warps=nw, ms=ms))
             print(f"  {bn}x{bk} w{nw}: {ms * 1e3:.1f} us ({moved / ms / 1e6:.0f} GB/s, "
                   f"{moved / (ms * 1e-3) / copy_bw:.0%} of copy)")  # fmt: skip
@@ -175,7 +192,6 @@ def sweep_rows(copy_bw, rows):
     from encdec_kernels import linear
 
     d, ff = 1280, 5120
-    orig = linear._row_tiles
     nw_, nb_ = torch.ones(d, device="cuda", dtype=kb.DTYPE), torch.zeros(d, device="cuda", dtype=kb.DTYPE)
     for name, n, k in (("qkv", 3 * d, d), ("out", d, d), ("fc1", ff, d), ("fc2", d, ff)):
         next_w = _weights(n, k)
@@ -199,30 +215,27 @@ def sweep_rows(copy_bw, rows):
                 line += f", norm + cuBLAS{' + gelu' if act else ''} {ms * 1e3:.1f} us"
             print(line)
             tiles = [(16, 128, 4), (16, 256, 4), (16, 256, 2), (32, 256, 4)]
-            for bn, bk, nw in tiles if m > 1 else [None]:
-                if bn is not None:
-                    linear._row_tiles = lambda n_, k_, t=(bn, min(bk, k), nw): t
-                try:
-                    ms = kb.bench(lambda x=x, nxt=next_w: linear.gemv(x, *nxt()), graph=True)
-                    extra = ""
-                    if k == d:
+            for bn, bk, nw in tiles if m > 1 else [(None, None, None)]:
+                label = "one-row kernel" if bn is None else f"{bn}x{bk} w{nw}"
+                with _tiles_set(linear, "_row_tiles", None if bn is None else (bn, min(bk, k), nw)):
+                    ms = _graph_ms(label, lambda x=x, nxt=next_w: linear.gemv(x, *nxt()))
+                    fused = None
+                    if ms is not None and k == d:
                         act = "gelu" if name == "fc1" else None
-                        fused = kb.bench(
+                        fused = _graph_ms(
+                            label,
                             lambda x=x, r=r, nxt=next_w, act=act: linear.norm_gemv(
                                 x, r, nw_, nb_, 1e-5, False, *nxt(), act
                             ),
-                            graph=True,
                         )
-                        case = f"rows {name} m{m} norm"
-                        rows.append(dict(case=case, block_n=bn, block_k=bk, warps=nw, ms=fused))
-                        extra = f", fused norm {fused * 1e3:.1f} us"
-                except Exception as e:
-                    print(f"  {bn}x{bk} w{nw}: failed {type(e).__name__}: {e}"[:300])
+                if ms is None:
                     continue
-                finally:
-                    linear._row_tiles = orig
+                extra = ""
+                if fused is not None:
+                    case = f"rows {name} m{m} norm"
+                    rows.append(dict(case=case, block_n=bn, block_k=bk, warps=nw, ms=fused))
+                    extra = f", fused norm {fused * 1e3:.1f} us"
                 rows.append(dict(case=f"rows {name} m{m}", block_n=bn, block_k=bk, warps=nw, ms=ms))
-                label = "one-row kernel" if bn is None else f"{bn}x{bk} w{nw}"
                 print(f"  {label}: {ms * 1e3:.1f} us ({moved / ms / 1e6:.0f} GB/s){extra}")
 
 
