@@ -24,8 +24,9 @@
 #           W3's step goes (profile_step.py: host against GPU time per step) (~8)
 #   spec    W5 and W1 with oracle drafts, alpha 0 and 0.7, K 4, --profile (issue 22), then a W5
 #           verification graph's kernels against a decode graph's (profile_step.py --oracle) (~8)
-#   spec2   W1 at alpha 0.7 with verification's cross-attention on the Triton kernel, then W1's
-#           sweep with two micro-batches (~7)
+#   spec2   W1 at alpha 0.7 with verification's cross-attention on the Triton kernel, W1's sweep
+#           with per-layer cross K/V (--cross kv: the paged kernel reads them once for K + 1
+#           tokens), then with two micro-batches (~10)
 #   check   the GPU tests of the latest changes: image-to-text, speculative (~3)
 #   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
@@ -116,6 +117,9 @@ for part in "$@"; do
         # query group) instead of the Hopper one (once a token): issue 22's W1 lever
         step 200 W1-speculative-triton-multi-query env ENCDEC_GLUON_MULTI_QUERY=0 "${encdec[@]}" bench W1 \
             --baseline none --speculative oracle:0.7:4 --profile --out "$(name W1-speculative-triton-mq).json"
+        # per-layer cross K/V: the paged kernel reads a request's K/V once for its K + 1 tokens
+        step 200 W1-speculative-kv "${encdec[@]}" bench W1 --baseline none --cross kv --speculative oracle \
+            --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W1-speculative-kv).json"
         step 200 W1-speculative-oracle-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
     check)
