@@ -222,6 +222,6 @@ class Bart(TextEncDecModel):
         embed = self.shared if self.shared_vocab else dec.embed_tokens
         return dec.embed(embed(tokens) * self.embed_scale, positions, tokens)
 
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+    def decoder_head(self, x, residual, meta: AttentionMetadata, out=None) -> torch.Tensor:
         x = final_norm(self.decoder.layer_norm, x, residual, meta.logits_indices)
-        return self.lm_logits(x) + self.final_logits_bias
+        return self.lm_logits(x, out).add_(self.final_logits_bias)

@@ -301,8 +301,9 @@ class EncDecModel(nn.Module):
         its decoder sequence, for rotary families)."""
         return (meta,)
 
-    def decoder_head(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata):
-        """Logits [N, vocab] of the rows ``meta.logits_indices`` from the last layer's (x, residual)."""
+    def decoder_head(self, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata, out=None):
+        """Logits [N, vocab] of the rows ``meta.logits_indices`` from the last layer's (x, residual),
+        written into ``out`` when given (``layers.logits_into``)."""
         raise NotImplementedError
 
     # ---- the protocol, whole or a range of layers (pipeline stages) ---------------------------
@@ -328,14 +329,17 @@ class EncDecModel(nn.Module):
         )
         return self.finish_encoder(x, residual) if end == len(layers) else (x, residual)
 
-    def decoder_part(self, meta: AttentionMetadata, positions, start: int, end: int, x, residual=None):
+    def decoder_part(
+        self, meta: AttentionMetadata, positions, start: int, end: int, x, residual=None, out=None
+    ):
         """Decoder layers [start, end) from (x, residual) (``embed_decoder``'s output for layer 0):
-        the logits when ``end`` is the last layer, else (x, residual) for the next part."""
+        the logits when ``end`` is the last layer (into ``out`` when given), else (x, residual)
+        for the next part."""
         layers = self.decoder_layers()
         x, residual = run_layers(
             layers, x, *self.decoder_layer_args(meta, positions, x), residual=residual, start=start, end=end
         )
-        return self.decoder_head(x, residual, meta) if end == len(layers) else (x, residual)
+        return self.decoder_head(x, residual, meta, out) if end == len(layers) else (x, residual)
 
     def graph_encoder_batch(self, device: torch.device) -> EncoderBatch | None:
         """A one-item encoder batch of the fixed input shape every item of this model takes, to
@@ -353,7 +357,10 @@ class EncDecModel(nn.Module):
         for i in getattr(self, "_cache_layers", range(len(layers))):  # the layers bind_cache bound
             layers[i].encoder_attn.write_cross(hidden, slot_mapping)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, out=None
+    ) -> torch.Tensor:
+        """The logits of a decode step; ``out``: an [N, vocab] tensor to write them into."""
         x = self.embed_decoder(tokens, positions)
         x, residual = run_layers(self.decoder_layers(), x, *self.decoder_layer_args(meta, positions, x))
-        return self.decoder_head(x, residual, meta)
+        return self.decoder_head(x, residual, meta, out)

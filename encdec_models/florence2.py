@@ -392,5 +392,5 @@ class Florence2(EncDecModel):
     def embed_decoder(self, tokens, positions) -> torch.Tensor:
         return self.language_model.embed_decoder(tokens, positions)
 
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
-        return self.language_model.decoder_head(x, residual, meta)
+    def decoder_head(self, x, residual, meta: AttentionMetadata, out=None) -> torch.Tensor:
+        return self.language_model.decoder_head(x, residual, meta, out)

@@ -540,6 +540,12 @@ def _pre_norm(norm: Norm, x, residual):
     return (norm(x), x) if residual is None else norm.add(x, residual)
 
 
+def logits_into(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, d] @ weight [V, d]^T: F.linear's product, written into ``out`` [N, V] when given (a
+    CUDA graph's shared output, ``engine/cuda_graphs.py``: no copy into it after the step)."""
+    return F.linear(x, weight) if out is None else torch.mm(x, weight.t(), out=out)
+
+
 def final_norm(norm: Norm | None, x, residual, rows=None) -> torch.Tensor:
     """norm(x + residual) of the given rows (all when ``rows`` is None); residual may be None, and
     without a norm the plain sum."""

@@ -36,6 +36,7 @@ from encdec_models.layers import (
     Norm,
     Rotary,
     final_norm,
+    logits_into,
     masked_group_norm,
     repeat_kv_heads,
 )
@@ -317,6 +318,6 @@ class Moonshine(EncDecModel):
     def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
         return (meta, self.dec_rope.rows(positions))
 
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+    def decoder_head(self, x, residual, meta: AttentionMetadata, out=None) -> torch.Tensor:
         x = final_norm(self.decoder.norm, x, residual, meta.logits_indices)
-        return F.linear(x, self.proj_out.weight)
+        return logits_into(x, self.proj_out.weight, out)

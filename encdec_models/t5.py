@@ -158,8 +158,8 @@ class T5(TextEncDecModel):
     def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
         return (meta, self.decoder.rel_bias)
 
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+    def decoder_head(self, x, residual, meta: AttentionMetadata, out=None) -> torch.Tensor:
         x = final_norm(self.decoder.layer_norm, x, residual, meta.logits_indices)
         if self.output_scale != 1.0:
             x = x * self.output_scale
-        return self.lm_logits(x)
+        return self.lm_logits(x, out)

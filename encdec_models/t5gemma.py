@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from encdec_models.base import AttentionMetadata, CacheSpec, EncoderBatch
@@ -34,6 +33,7 @@ from encdec_models.layers import (
     Norm,
     Rotary,
     final_norm,
+    logits_into,
     repeat_kv_heads,
 )
 from encdec_models.text import TextEncDecModel, packed_positions
@@ -175,11 +175,11 @@ class GemmaStackHooks:
     def decoder_layer_args(self, meta: AttentionMetadata, positions, x) -> tuple:
         return (meta, self.decoder.rotary(positions, x.dtype))
 
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+    def decoder_head(self, x, residual, meta: AttentionMetadata, out=None) -> torch.Tensor:
         x = final_norm(self.decoder.norm, x, residual, meta.logits_indices)
-        logits = F.linear(x, self.lm_head.weight)
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        logits = logits_into(x, self.lm_head.weight, out)
+        if self.logit_softcap is not None:  # tanh(logits / cap) * cap, in place
+            logits.div_(self.logit_softcap).tanh_().mul_(self.logit_softcap)
         return logits
 
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from encdec_models.base import EncDecModel, EncoderBatch, host_to_device
+from encdec_models.layers import logits_into
 
 
 def as_token_ids(item: Any) -> np.ndarray:
@@ -109,6 +109,6 @@ class TextEncDecModel(EncDecModel):
         parent, attr = target.rsplit(".", 1)
         setattr(self.get_submodule(parent), attr, self.get_parameter(source))
 
-    def lm_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [N, d] final decoder states -> [N, vocab] logits."""
-        return F.linear(x, self.lm_head.weight)
+    def lm_logits(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [N, d] final decoder states -> [N, vocab] logits (into ``out`` when given)."""
+        return logits_into(x, self.lm_head.weight, out)

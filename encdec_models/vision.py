@@ -391,9 +391,9 @@ class VisionEncoderDecoder(TextEncDecModel):
         dec = self.decoder
         return dec.embed(dec.embed_tokens(tokens) * self.embed_scale, positions)
 
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+    def decoder_head(self, x, residual, meta: AttentionMetadata, out=None) -> torch.Tensor:
         x = final_norm(self.decoder.layer_norm, x, residual, meta.logits_indices)
         if self.head is None:
-            return self.lm_logits(x)
+            return self.lm_logits(x, out)
         x = self.head["layer_norm"](F.gelu(self.head["dense"](x)))
-        return self.lm_logits(x) + self.logits_bias
+        return self.lm_logits(x, out).add_(self.logits_bias)

@@ -11,7 +11,7 @@ from torch import nn
 
 from encdec_models.audio import N_AUDIO_CTX, N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
 from encdec_models.base import AttentionMetadata, CacheSpec, EncDecModel, EncoderBatch, host_to_device
-from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm
+from encdec_models.layers import DecoderLayer, EncoderLayer, LayerConfig, Norm, final_norm, logits_into
 
 
 def _is_log_mel(item) -> bool:
@@ -180,10 +180,10 @@ class Whisper(EncDecModel):
         dec = self.decoder
         return dec.embed_tokens(tokens) + dec.embed_positions(positions)
 
-    def decoder_head(self, x, residual, meta: AttentionMetadata) -> torch.Tensor:
+    def decoder_head(self, x, residual, meta: AttentionMetadata, out=None) -> torch.Tensor:
         dec = self.decoder
         x = final_norm(dec.layer_norm, x, residual, meta.logits_indices)
-        return F.linear(x, dec.embed_tokens.weight)
+        return logits_into(x, dec.embed_tokens.weight, out)
 
     def teacher_forced(
         self, tokens: torch.Tensor, enc: torch.Tensor, heads: dict[int, list[int]]

@@ -3,8 +3,10 @@
 One graph per padded batch size (1, 2, 4, 8, then multiples of 8 up to max_num_seqs), captured at
 start-up into one shared memory pool and replayed with static input buffers. Padding rows write
 nowhere (slot -1) and attend to one key; their logits are dropped. The cross-attention length is
-data (a per-sequence length tensor), never a graph key. Every graph copies its output into one
-buffer of the largest graph's shape (its first rows), as its last kernel: one output tensor per
+data (a per-sequence length tensor), never a graph key. Every graph writes its output into one
+buffer of the largest graph's shape (its first rows): the lm head's product writes the logits
+there itself (``out``), other outputs (a pipeline stage's (x, residual)) are copied in as the
+graph's last kernel. One output tensor per
 batch size would hold sum(b) rows of logits (16,647 at max_num_seqs 512: 8.5 GB of NLLB's bf16
 logits, which the KV pool's sizing did not leave). A step's output is read (its device work queued)
 before the next replay, of any size, rewrites it.
@@ -49,6 +51,11 @@ def _tree(fn, out, *more):
     if isinstance(out, tuple):
         return tuple(None if t is None else fn(t, *(m[i] for m in more)) for i, t in enumerate(out))
     return fn(out, *more)
+
+
+def _into(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` holding ``t``: t itself when written there, else a copy."""
+    return rows if t.data_ptr() == rows.data_ptr() else rows.copy_(t)
 
 
 def decode_inputs(seqs, ahead: bool, block_size: int, tok, pos, slot, lens, clens) -> None:
@@ -118,10 +125,11 @@ class CudaGraphs:
 
     segments = SEGMENTS
 
-    def _call(self, model, b: int, meta: AttentionMetadata):
-        """What a graph of padded batch ``b`` runs, on the static buffers: the model's decode step."""
+    def _call(self, model, b: int, meta: AttentionMetadata, out=None):
+        """What a graph of padded batch ``b`` runs, on the static buffers: the model's decode step,
+        its logits written into ``out`` (the shared output's rows) when given."""
         q = self.queries
-        return model.decode(self.tokens[: b * q], self.positions[: b * q], meta)
+        return model.decode(self.tokens[: b * q], self.positions[: b * q], meta, out)
 
     @torch.inference_mode()
     def capture(self, model) -> None:
@@ -138,6 +146,7 @@ class CudaGraphs:
                 out = self._call(model, b, meta)
             if shared is None:
                 shared = _tree(lambda t: torch.empty_like(t), out)
+            rows = _tree(lambda t, s: s[: len(t)], out, shared)  # this graph's part of the output
             del out
             torch.cuda.synchronize()
             segments = [torch.cuda.CUDAGraph()]
@@ -150,8 +159,10 @@ class CudaGraphs:
 
             with torch.cuda.stream(stream), layer_boundary_hook(cut):
                 segments[0].capture_begin(pool=pool)
-                out = self._call(model, b, meta)
-                self.outputs[b] = _tree(lambda t, s: s[: len(t)].copy_(t), out, shared)
+                # the logits go straight into their rows (the lm-head product's output); what a
+                # step returns otherwise (a pipeline stage's (x, residual)) is copied there
+                out = self._call(model, b, meta, None if isinstance(rows, tuple) else rows)
+                self.outputs[b] = _tree(_into, out, rows)
                 del out  # its pool memory is the next (smaller) graph's to reuse
                 segments[-1].capture_end()
             self.graphs[b] = segments

@@ -484,11 +484,11 @@ class Stage:
                 wire.send(_stack(*out), nxt, ACTIVATION, self.failed)
         self.failed = False
 
-    def _decoder_part(self, meta, positions, tokens, x, residual):
+    def _decoder_part(self, meta, positions, tokens, x, residual, out=None):
         """This stage's decoder layers (stage 0: on its embedded ``tokens``); see ``decoder_part``."""
         if tokens is not None:
             x = self.model.embed_decoder(tokens, positions)
-        return self.model.decoder_part(meta, positions, self.plan.d0, self.plan.d1, x, residual)
+        return self.model.decoder_part(meta, positions, self.plan.d0, self.plan.d1, x, residual, out)
 
     def _graphs_for(self, mb: dict, pair: bool) -> StageGraphs | None:
         """The stage's graphs when this micro-batch can replay one (one query a sequence, a
@@ -550,10 +550,10 @@ class StageGraphs(CudaGraphs):
     def device(self) -> torch.device:
         return self.stage.device
 
-    def _call(self, model, b: int, meta: AttentionMetadata):
+    def _call(self, model, b: int, meta: AttentionMetadata, out=None):
         tokens = self.tokens[:b] if self.embeds else None
         res = self.res[:b] if self.res is not None else None
-        return self.stage._decoder_part(meta, self.positions[:b], tokens, self.x[:b], res)
+        return self.stage._decoder_part(meta, self.positions[:b], tokens, self.x[:b], res, out)
 
     @torch.inference_mode()
     def capture(self, model) -> None:
