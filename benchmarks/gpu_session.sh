@@ -85,7 +85,7 @@ for part in "$@"; do
     rows)
         step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
         step 150 sweep-rows python3 benchmarks/sweep_kernels.py --only rows --out "$(name sweep-rows).json"
-        step 120 W5-speculative-rows "${encdec[@]}" bench W5 --baseline none --speculative oracle \
+        step 120 W5-speculative-rows env ENCDEC_GEMV_ROWS=9 "${encdec[@]}" bench W5 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-rows).json"
         step 120 W5-speculative-cublas env ENCDEC_GEMV_ROWS=1 "${encdec[@]}" bench W5 --baseline none \
             --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-cublas).json" ;;
