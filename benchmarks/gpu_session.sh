@@ -49,6 +49,7 @@ export PYTHONPATH=${PYTHONPATH:-$PWD}
 encdec=(python3 -m encdec_cli)
 device=$(python3 -c "import torch; n = torch.cuda.get_device_name(0).lower(); print(next((k for k in ('h200', 'h100', 'a100', 'l40s') if k in n), n.split()[-1]))" 2>/dev/null || echo cpu)
 commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo nogit)}  # COMMIT=...: the device copy's .git may lag
+commit=${commit//[^A-Za-z0-9._-]/-}  # the device tool returns files named in these characters only
 day=$(date -u +%F)
 name() { echo "$OUT/$device-$1-$day-$commit"; }
 step() {  # step LIMIT_S WHAT CMD...: run CMD with a time limit, its output in WHAT.log

@@ -61,7 +61,8 @@ class EngineConfig:
     # cross-attention over the encoder output itself, K/V projections absorbed into the query and
     # the output (ModelRunner): half the bytes per decode step and no K/V projections in the
     # encoder, for two small matmuls per layer and step. None: on where the model asks for it
-    # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= runner.ABSORB_MIN_SEQS
+    # (Whisper), its steps run on the Hopper kernel and max_num_seqs >= runner.ABSORB_MIN_SEQS,
+    # without speculative decoding (runner.absorb_by_default)
     absorb_cross: bool | None = None
     # pipeline parallelism (encdec_cli/engine/pipeline.py): the layers in this many stages, one
     # process and device each (cuda:N, cuda:N+1, ...); pp_layers: layers per stage, encoder layers

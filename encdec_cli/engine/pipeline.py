@@ -51,9 +51,9 @@ import torch.multiprocessing
 from encdec_cli.engine.config import EngineConfig
 from encdec_cli.engine.cuda_graphs import CudaGraphs
 from encdec_cli.engine.runner import (
-    ABSORB_MIN_SEQS,
     KVPool,
     ModelRunner,
+    absorb_by_default,
     cache_dtype,
     cross_layout,
     fit_blocks,
@@ -808,9 +808,7 @@ class PipelineRunner:
         drop_other_layers(model, plan)
         # one pool size for all: the fewest blocks any stage holds
         self.num_blocks = num_blocks = int(min([self.stage.own_blocks(), *blocks]))
-        absorb = config.absorb_cross
-        if absorb is None:  # as ModelRunner decides it
-            absorb = config.max_num_seqs >= ABSORB_MIN_SEQS and self._hopper_cross()
+        absorb = absorb_by_default(config, self.queries, self._hopper_cross)  # as ModelRunner decides
         spec, bs = model.cache_spec, config.block_size
         self.encoder_rows = None
         # absorbed: the rows of a cross block are what the stage with the fewest decoder layers holds

@@ -28,6 +28,20 @@ from encdec_models.base import AttentionMetadata, PagedView
 # it reads each sequence's encoder rows with one CTA per 64-row tile, so a step of a few sequences
 # leaves most SMs idle (measured with benchmarks/sweep_shared_kv.py; numbers in benchmarks/README.md)
 ABSORB_MIN_SEQS = 16
+
+
+def absorb_by_default(config: EngineConfig, queries: int, hopper_cross) -> bool:
+    """``EngineConfig.absorb_cross`` None: absorbed cross-attention for batched plain decoding on
+    the Hopper kernel (``hopper_cross()``: it runs this model). Not with speculative decoding
+    (``queries`` > 1): that kernel reads a sequence's encoder rows once per query token, so a
+    verification step's K + 1 tokens read them K + 1 times, while per-layer K/V go through the paged
+    kernel, which reads them once for all of them (W1 at alpha 0.7, K 4 on an H100: 2,793 RTFx
+    against 2,187 for plain absorbed decoding; benchmarks/README.md, eleventh session)."""
+    if config.absorb_cross is not None:
+        return config.absorb_cross
+    return queries == 1 and config.max_num_seqs >= ABSORB_MIN_SEQS and hopper_cross()
+
+
 # up to this many sequences a verification step's inputs are laid out in Python lists
 # (``ModelRunner._verify_layout_few``), beyond it in numpy over all rows at once
 FEW_SEQS = 8
@@ -234,9 +248,7 @@ class ModelRunner:
         self.max_target_len = min(config.max_target_len or 1024, model.max_target_positions)
         self.cache_dtype = cache_dtype(config.kv_dtype, self.dtype)
         self.num_blocks = num_blocks = config.num_blocks or self._pool_blocks(config)
-        absorb = config.absorb_cross
-        if absorb is None:  # batched decoding on the Hopper kernel: half the bytes per step
-            absorb = config.max_num_seqs >= ABSORB_MIN_SEQS and self._hopper_cross()
+        absorb = absorb_by_default(config, queries, self._hopper_cross)
         block_size, spec = config.block_size, model.cache_spec
         self.kv = KVPool.build(
             model, spec.num_layers, num_blocks, block_size, self.cache_dtype, self.device, bool(absorb)

@@ -67,3 +67,21 @@ def test_verify_layout_matches_per_sequence_construction(q, n):
     assert got == want
     assert lay.logits_rows.tolist() == rows and lay.kv_lens.tolist() == kv
     assert lay.start.tolist() == [s.num_cached for s in seqs]
+
+
+def test_cross_attention_layout_by_default():
+    """``absorb_cross`` None: absorbed encoder rows for batched plain decoding where the Hopper
+    kernel runs the model; per-layer K/V with speculative decoding (K + 1 queries a sequence),
+    which the paged kernel reads once for all of a sequence's queries; an explicit choice stands."""
+    from encdec_cli.engine.config import EngineConfig
+    from encdec_cli.engine.runner import ABSORB_MIN_SEQS, absorb_by_default
+
+    hopper, elsewhere = (lambda: True), (lambda: False)
+    batched = EngineConfig(max_num_seqs=512)
+    assert absorb_by_default(batched, 1, hopper)
+    assert not absorb_by_default(batched, 5, hopper)  # speculative, K 4
+    assert not absorb_by_default(batched, 1, elsewhere)
+    assert not absorb_by_default(EngineConfig(max_num_seqs=ABSORB_MIN_SEQS - 1), 1, hopper)
+    for queries in (1, 5):
+        assert absorb_by_default(EngineConfig(max_num_seqs=512, absorb_cross=True), queries, elsewhere)
+        assert not absorb_by_default(EngineConfig(max_num_seqs=512, absorb_cross=False), queries, hopper)
