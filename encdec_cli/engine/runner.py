@@ -35,7 +35,7 @@ def absorb_by_default(config: EngineConfig, queries: int, hopper_cross) -> bool:
     the Hopper kernel (``hopper_cross()``: it runs this model). Not with speculative decoding
     (``queries`` > 1): that kernel reads a sequence's encoder rows once per query token, so a
     verification step's K + 1 tokens read them K + 1 times, while per-layer K/V go through the paged
-    kernel, which reads them once for all of them (W1 at alpha 0.7, K 4 on an H100: 2,793 RTFx
+    kernel, which reads them once for all of them (W1 at alpha 0.7, K 4 on an H100: RTFx 2,737-2,793
     against 2,187 for plain absorbed decoding; benchmarks/README.md, eleventh session)."""
     if config.absorb_cross is not None:
         return config.absorb_cross
