@@ -214,10 +214,16 @@ def sweep_rows(copy_bw, rows):
                 rows.append(dict(case=f"rows {name} m{m} norm", impl="cublas", ms=ms))
                 line += f", norm + cuBLAS{' + gelu' if act else ''} {ms * 1e3:.1f} us"
             print(line)
-            tiles = [(16, 128, 4), (16, 256, 4), (16, 256, 2), (32, 256, 4)]
-            for bn, bk, nw in tiles if m > 1 else [(None, None, None)]:
-                label = "one-row kernel" if bn is None else f"{bn}x{bk} w{nw}"
-                with _tiles_set(linear, "_row_tiles", None if bn is None else (bn, min(bk, k), nw)):
+            # None: the kernel's own choice (linear._row_tiles); then split-K counts (the launcher
+            # evens them out so that no split is empty) and the unsplit tiles measured before
+            tiles = [None, *((16, 256, 2, s) for s in (1, 2, 3, 4, 6)), (16, 256, 4, 3), (16, 128, 2, 4)]
+            for tile in tiles if m > 1 else [None]:
+                label = "one-row kernel" if m == 1 else "auto " + "x".join(map(str, linear._row_tiles(n, k)))
+                if tile is not None:
+                    bn, bk, nw, sp = tile
+                    label, tile = f"{bn}x{bk} w{nw} split {sp}", (bn, min(bk, k), nw, sp)
+                bn, bk, nw, sp = tile or (None,) * 4
+                with _tiles_set(linear, "_row_tiles", tile):
                     ms = _graph_ms(label, lambda x=x, nxt=next_w: linear.gemv(x, *nxt()))
                     fused = None
                     if ms is not None and k == d:
@@ -233,9 +239,9 @@ def sweep_rows(copy_bw, rows):
                 extra = ""
                 if fused is not None:
                     case = f"rows {name} m{m} norm"
-                    rows.append(dict(case=case, block_n=bn, block_k=bk, warps=nw, ms=fused))
+                    rows.append(dict(case=case, block_n=bn, block_k=bk, warps=nw, split=sp, ms=fused))
                     extra = f", fused norm {fused * 1e3:.1f} us"
-                rows.append(dict(case=f"rows {name} m{m}", block_n=bn, block_k=bk, warps=nw, ms=ms))
+                rows.append(dict(case=f"rows {name} m{m}", block_n=bn, block_k=bk, warps=nw, split=sp, ms=ms))
                 print(f"  {label}: {ms * 1e3:.1f} us ({moved / ms / 1e6:.0f} GB/s){extra}")
 
 

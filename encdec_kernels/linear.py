@@ -112,13 +112,20 @@ def _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL: tl.constexpr, store):
 
 
 @triton.jit
-def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
+def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, PART, COUNT, M, N, stride_wn, eps,
                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT: tl.constexpr, K_SPLIT: tl.constexpr,
                  NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr):
     """y[m, n] = act(sum_k h[m, k] W[n, k] + b[n]) for the M (<= BLOCK_M) rows of x [M, K] and
-    BLOCK_N weight rows n; h = x, or the norm of x (+ res) row by row, rounded to x's dtype."""
+    BLOCK_N weight rows n; h = x, or the norm of x (+ res) row by row, rounded to x's dtype.
+
+    Split K (SPLIT > 1, axis 1: K_SPLIT columns each): each program writes its float32 partial sums
+    to its slice of PART [SPLIT, BLOCK_M, N] and counts itself in COUNT[tile]; the tile's last
+    program adds the partials in split order (the same sum whichever program is last) and writes y,
+    then sets the count back to 0 for the next call."""
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     if PDL:  # the next kernel may launch now; it waits before touching our outputs
         tl.extra.cuda.gdc_launch_dependents()
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,7 +144,7 @@ def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
         for k0 in range(0, K, BLOCK_K):
             km = m_mask[:, None] & (k0 + kk < K)[None, :]
             at = offs_m[:, None] * K + k0 + kk[None, :]
-            s = _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL, pid == 0)
+            s = _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL, (pid == 0) & (pid_k == 0))
             if NORM == 1:
                 seen = k0 * 1.0  # values merged so far (all rows: the same K range)
                 here = tl.minimum(K - k0, BLOCK_K) * 1.0
@@ -150,7 +157,8 @@ def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
                 total += tl.sum(s * s, 1)
         rstd = 1.0 / tl.sqrt(total / K + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_SPLIT
+    for k0 in range(k_lo, tl.minimum(k_lo + K_SPLIT, K), BLOCK_K):
         k_mask = (k0 + kk) < K
         km = m_mask[:, None] & k_mask[None, :]
         at = offs_m[:, None] * K + k0 + kk[None, :]
@@ -169,11 +177,31 @@ def _rows_kernel(X, RES, NW, NB, SUM, W, B, Y, M, N, stride_wn, eps,
             acc += tl.dot(h.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
         else:
             acc += tl.dot(h, tl.trans(w))
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    at_y = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT == 1:
+        _rows_out(acc, B, Y, offs_n, n_mask, at_y, mn_mask, HAS_BIAS, ACT)
+    else:
+        # the partial goes to L2 (.cg), every thread's store before the count (the barrier, then
+        # the count's release); the last program's loads come after its acquire
+        tl.store(PART + pid_k * (BLOCK_M * N) + at_y, acc, mask=mn_mask, cache_modifier=".cg")
+        tl.debug_barrier()
+        if tl.atomic_add(COUNT + pid, 1, sem="acq_rel") == SPLIT - 1:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                acc += tl.load(PART + s * (BLOCK_M * N) + at_y, mask=mn_mask, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(COUNT + pid, 0)
+            _rows_out(acc, B, Y, offs_n, n_mask, at_y, mn_mask, HAS_BIAS, ACT)
+
+
+@triton.jit
+def _rows_out(acc, B, Y, offs_n, n_mask, at_y, mn_mask, HAS_BIAS: tl.constexpr, ACT: tl.constexpr):
+    """The few-row kernel's epilogue: + bias, the activation, rounded into y."""
     if HAS_BIAS:
         acc += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     acc = _act(acc, ACT)
-    tl.store(Y + offs_m[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    tl.store(Y + at_y, acc.to(Y.dtype.element_ty), mask=mn_mask)
 # fmt: on
 
 
@@ -184,10 +212,33 @@ def _tiles(n: int, k: int) -> tuple[int, int, int]:
     return 2, min(1024, triton.next_power_of_2(k)), 2
 
 
-def _row_tiles(n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) of ``_rows_kernel``: 16 weight rows a program (the most
-    programs the tensor-core tile allows: 80 for a 1280-row weight), K in 256-element tiles."""
-    return 16, min(256, max(16, triton.next_power_of_2(k))), 4
+SPLIT_PROGRAMS = 256  # split K until about this many programs run (two waves on 132 SMs)
+
+
+def _row_tiles(n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, SPLIT) of ``_rows_kernel``: 16 weight rows a program (the
+    tensor-core tile's least: 80 programs for a 1280-row weight), K in 256-element tiles, split
+    over several programs while there are fewer than SPLIT_PROGRAMS (Whisper large's fc2, 1280 x
+    5120: 3 splits; unsplit, its 80 programs read it at under a third of cuBLAS's rate on an H100)."""
+    block_k = min(256, max(16, triton.next_power_of_2(k)))
+    split = max(1, min(triton.cdiv(k, block_k), SPLIT_PROGRAMS // triton.cdiv(n, 16)))
+    return 16, block_k, 2, split
+
+
+_SPLIT_BUFFERS: dict = {}
+
+
+def _split_buffers(device: torch.device, n: int, split: int, tiles: int):
+    """(PART [split, 16, n] float32, COUNT [tiles] int32 zeros) for a split call; one pair per
+    device and shape, reused: a call leaves its counts at 0, and the calls of a stream run one
+    after the other (PDL: a kernel touches them only after its wait)."""
+    key = (device, n, split, tiles)
+    if key not in _SPLIT_BUFFERS:
+        _SPLIT_BUFFERS[key] = (
+            torch.empty((split, 16, n), device=device, dtype=torch.float32),
+            torch.zeros(tiles, device=device, dtype=torch.int32),
+        )
+    return _SPLIT_BUFFERS[key]
 
 
 def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activation):
@@ -227,15 +278,19 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
     summed = torch.empty_like(x) if residual is not None else None
     pdl = pdl_launch(x)
     if m > 1:
-        block_n, block_k, warps = _row_tiles(n, k)
+        block_n, block_k, warps, split = _row_tiles(n, k)
+        k_tiles, tiles = triton.cdiv(k, block_k), triton.cdiv(n, block_n)
+        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, max(1, min(split, k_tiles))))  # none empty
+        part, count = _split_buffers(x.device, n, split, tiles) if split > 1 else (y, y)
         if residual is not None:
             residual = residual.contiguous()
         # fmt: off
-        _rows_kernel[(triton.cdiv(n, block_n),)](
+        _rows_kernel[(tiles, split)](
             x, residual if residual is not None else x, norm_weight if norm else x,
             norm_bias if norm_bias is not None else x, summed if summed is not None else y,
-            weight, bias if bias is not None else weight, y, m, n, weight.stride(0), float(eps),
-            K=k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, NORM=norm,
+            weight, bias if bias is not None else weight, y, part, count, m, n, weight.stride(0),
+            float(eps), K=k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
+            K_SPLIT=triton.cdiv(k_tiles, split) * block_k, NORM=norm,
             HAS_RESIDUAL=residual is not None, HAS_NORM_BIAS=norm_bias is not None,
             HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
             IEEE=x.dtype == torch.float32 or not x.is_cuda, num_warps=warps, **pdl,

@@ -68,6 +68,33 @@ def test_gemv_few_rows(lin, gen, dtype, m, shape, act):
         assert rel_err(out[i], ref[i]) < TOL[dtype], i
 
 
+@pytest.mark.parametrize("split", [1, 2, 4, 9], ids=lambda s: f"split{s}")
+def test_few_rows_split_k(lin, gen, monkeypatch, split):
+    """K split over programs (``_rows_kernel``, axis 1), the tile's last program summing the partials
+    in split order: the reference's rows for each split (4 over 6 K tiles: 3 splits of 2, none
+    empty; 9: one tile each), the same values on a second call (the counts set back to 0 and the
+    sum's order fixed), and the fused norm's statistics over all of K in every split."""
+    monkeypatch.setattr(lin, "_row_tiles", lambda n, k: (16, 256, 2, split))
+    m, n, k = 5, 40, 1300
+    x = (torch.randn(m, k, generator=gen) * torch.arange(1, m + 1)[:, None]).to(torch.bfloat16)
+    res = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w, b = _weights(n, k, torch.bfloat16, gen)
+    nw, nb = (
+        torch.rand(k, generator=gen).to(torch.bfloat16) + 0.5,
+        torch.randn(k, generator=gen).to(torch.bfloat16),
+    )
+    ref = reference.gemv(x, w, b, "gelu")
+    ref_norm, _ = reference.norm_gemv(x, res, nw, nb, 1e-5, False, w, b, None)
+    with poisoned_allocations():
+        first = lin.gemv(x, w, b, "gelu")
+        second = lin.gemv(x, w, b, "gelu")
+        normed, _ = lin.norm_gemv(x, res, nw, nb, 1e-5, False, w, b, None)
+    assert torch.equal(first, second)
+    for i in range(m):
+        assert rel_err(first[i], ref[i]) < TOL[torch.bfloat16], i
+        assert rel_err(normed[i], ref_norm[i]) < TOL[torch.bfloat16], i
+
+
 def test_gemv_takes_a_strided_weight(lin, gen):
     """A weight whose rows are a slice of a wider matrix (row stride > K)."""
     wide = torch.randn(40, 96, generator=gen)
