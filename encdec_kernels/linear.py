@@ -18,13 +18,15 @@ Sums are float32; the output is in x's dtype.
 
 A few rows (2..FEW_ROWS) take ``_rows_kernel``: still one weight read, but each program
 multiplies its BLOCK_N weight rows with all the rows at once on the tensor cores (``tl.dot``,
-the rows padded to 16), K in tiles (Triton pipelines the tiles' loads through shared memory).
-With a pre-norm it first takes each row's statistics in one pass over x (LayerNorm: per-tile mean
-and centred sum of squares, merged); it waits for the previous kernel (PDL) before its first load,
-so its weights do not stream in early as the one-row kernel's do. cuBLAS at 5 rows picks tiles
-that read a 1280-wide weight with a few dozen programs, and needs a separate norm and activation
-kernel around it. A row's result there is not bit-for-bit its one-row result (a different
-summation order): verification rows need not be, the drafts are checked against them
+the rows padded to 16), K in tiles (Triton pipelines the tiles' loads through shared memory),
+and where a weight has too few rows for enough programs, K is split over several (each tile's
+last program sums the partials, in split order). With a pre-norm it first takes each row's
+statistics in one pass over x (LayerNorm: per-tile mean and centred sum of squares, merged); it
+waits for the previous kernel (PDL) before its first load, so its weights do not stream in early
+as the one-row kernel's do. The models send it no rows by default (``GEMV_MAX_ROWS``): unsplit,
+it lost to cuBLAS on an H100 (benchmarks/README.md, eleventh session); split K is unmeasured. A
+row's result there is not bit-for-bit its one-row result (a different summation order):
+verification rows need not be, the drafts are checked against them
 (``encdec_cli/engine/speculative.py``).
 """
 
