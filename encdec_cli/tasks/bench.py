@@ -679,6 +679,7 @@ def run_oracle_sweep(
                     "steps": st.steps,
                     "micro_batches": engine.micro_batches,
                     "micro_batch_steps": st.micro_batch_steps,
+                    "absorb_cross": engine.absorbs_cross,  # speculative engines keep per-layer K/V
                     **speculation_info(st),
                     "off_track_proposals": drafter.off_track,
                     # more steps than the plain run at alpha 0 mean fewer sequences a step: an
