@@ -282,7 +282,8 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
     if m > 1:
         block_n, block_k, warps, split = _row_tiles(n, k)
         k_tiles, tiles = triton.cdiv(k, block_k), triton.cdiv(n, block_n)
-        split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, max(1, min(split, k_tiles))))  # none empty
+        per_split = triton.cdiv(k_tiles, max(1, split))  # K tiles a program
+        split = triton.cdiv(k_tiles, per_split)  # none left empty
         part, count = _split_buffers(x.device, n, split, tiles) if split > 1 else (y, y)
         if residual is not None:
             residual = residual.contiguous()
@@ -292,7 +293,7 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
             norm_bias if norm_bias is not None else x, summed if summed is not None else y,
             weight, bias if bias is not None else weight, y, part, count, m, n, weight.stride(0),
             float(eps), K=k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT=split,
-            K_SPLIT=triton.cdiv(k_tiles, split) * block_k, NORM=norm,
+            K_SPLIT=per_split * block_k, NORM=norm,
             HAS_RESIDUAL=residual is not None, HAS_NORM_BIAS=norm_bias is not None,
             HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation],
             IEEE=x.dtype == torch.float32 or not x.is_cuda, num_warps=warps, **pdl,
