@@ -208,7 +208,6 @@ def test_paged_splits_longer_than_keys(paged, gen, num_splits):
     assert rel_err(out, ref) < 1e-5
 
 
-
 @pytest.mark.parametrize("num_splits", [2, 3, 6])
 def test_paged_split_merge_in_kernel(paged, gen, num_splits):
     """The last split of each query tile merges the partials (no merge kernel): the result equals
@@ -225,6 +224,7 @@ def test_paged_split_merge_in_kernel(paged, gen, num_splits):
     assert rel_err(out, reference.paged_attention(*case.args(), scale=0.3, causal=True)) < 1e-5
     counts = paged._SPLIT_COUNTS[case.q.device][-1]
     assert counts.dtype == torch.int32 and not counts.any()
+
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
