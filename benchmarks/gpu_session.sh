@@ -28,6 +28,8 @@
 #   spec2   W1 at alpha 0.7 with verification's cross-attention on the Triton kernel, W1's sweep
 #           with per-layer cross K/V (--cross kv: the paged kernel reads them once for K + 1
 #           tokens), then with two micro-batches (~10)
+#   w1spec  W1 plain (absorbed rows) against speculation (per-layer K/V), oracle alpha 0 and 0.7,
+#           K 4, in one run; then alpha 0.7 with two micro-batches (issue 22) (~7)
 #   check   the GPU tests of the latest changes: image-to-text, speculative (~3)
 #   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
@@ -124,6 +126,15 @@ for part in "$@"; do
             --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W1-speculative-kv).json"
         step 200 W1-speculative-oracle-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
+    w1spec)
+        # the comparison issue 22's W1 target names: plain decoding in the default layout (absorbed
+        # rows) against speculation (per-layer K/V, runner.absorb_by_default), one process run;
+        # then speculation with two micro-batches (a cohort's acceptance and drafting on the host
+        # while the other's step runs)
+        step 240 W1-speculative-auto "${encdec[@]}" bench W1 --baseline none --speculative oracle \
+            --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W1-speculative-auto).json"
+        step 200 W1-speculative-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
+            --oracle-alpha 0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-mb2).json" ;;
     check)
         step 200 gpu-check python3 -m pytest -q -m gpu tests/gpu/test_image_to_text_gpu.py \
             tests/gpu/test_speculative_gpu.py -p no:cacheprovider ;;
@@ -138,7 +149,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core ab rows abprof fp8 kernels speed spec spec2 check models w9 trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core ab rows abprof fp8 kernels speed spec spec2 w1spec check models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done
