@@ -8,7 +8,7 @@
 #   tests2  tests/gpu, second half: the rest (the 2-GPU tests skip; the per-stage graphs run with
 #           every stage on one GPU) (~5)
 #   core    W1 W2 against transformers (issue 21's P = 1 check) (~4)
-#   ab      issue 21's P = 1 check as an A/B: W2 (ours only) three times each, alternating this tree
+#   ab      issue 21's P = 1 check as an A/B: W2 (ours only) three times each (AB_PAIRS=N: N), alternating this tree
 #           and out/old (carry it: git archive 9d6723d | tar -x -C out/old, the commit before
 #           pipeline parallelism) (~7)
 #   rows    the few-row linear kernel (a batch-1 verification step's K + 1 rows): its GPU tests
@@ -80,7 +80,7 @@ for part in "$@"; do
     core)
         step 240 W1-W2 "${encdec[@]}" bench W1 W2 --out "$(name W1-W2).json" ;;
     ab)
-        for i in 1 2 3; do
+        for i in $(seq "${AB_PAIRS:-3}"); do
             step 80 W2-ab-new-$i "${encdec[@]}" bench W2 --baseline none --out "$(name W2-ab-new-$i).json"
             (cd out/old && step 80 W2-ab-old-$i "${encdec[@]}" bench W2 --baseline none \
                 --out "$(name W2-ab-old-$i).json")
