@@ -30,6 +30,7 @@
 #           tokens), then with two micro-batches (~10)
 #   w1spec  W1 plain (absorbed rows) against speculation (per-layer K/V), oracle alpha 0 and 0.7,
 #           K 4, in one run; then alpha 0.7 with two micro-batches (issue 22) (~7)
+#   short   decode attention's GPU tests, ab with two pairs, W5 oracle on the few-row kernel (~9)
 #   check   the GPU tests of the latest changes: image-to-text, speculative (~3)
 #   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
@@ -135,6 +136,14 @@ for part in "$@"; do
             --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W1-speculative-auto).json"
         step 200 W1-speculative-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-mb2).json" ;;
+    short)
+        # one call when little device time is left: decode attention's GPU tests (splits merged in
+        # the kernel), issue 21's A/B (two pairs), W5 with oracle drafts on the split-K few-row kernel
+        step 120 gpu-tests-decode python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py \
+            -k "decode or split_kv" -p no:cacheprovider
+        AB_PAIRS=2 bash "$0" ab
+        step 120 W5-speculative-rows env ENCDEC_GEMV_ROWS=9 "${encdec[@]}" bench W5 --baseline none \
+            --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-rows).json" ;;
     check)
         step 200 gpu-check python3 -m pytest -q -m gpu tests/gpu/test_image_to_text_gpu.py \
             tests/gpu/test_speculative_gpu.py -p no:cacheprovider ;;
@@ -149,7 +158,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core ab rows abprof fp8 kernels speed spec spec2 w1spec check models w9 trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core ab rows abprof fp8 kernels speed spec spec2 w1spec short check models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done
