@@ -12,7 +12,7 @@
 #           and out/old (carry it: git archive 9d6723d | tar -x -C out/old, the commit before
 #           pipeline parallelism) (~7)
 #   rows    the few-row linear kernel (a batch-1 verification step's K + 1 rows): its GPU tests
-#           (and decode attention's, whose splits merge in the kernel),
+#           (and decode attention's),
 #           its tiles against cuBLAS, then W5 with oracle drafts (alpha 0, 0.7; K 4) with it and
 #           with those rows on cuBLAS (ENCDEC_GEMV_ROWS=1) (issue 22) (~6)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
@@ -88,7 +88,7 @@ for part in "$@"; do
         done
         grep -h "^W2" "$OUT"/*W2-ab-*.log ;;
     rows)
-        step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k "gemv or decode or split_kv or graph" -p no:cacheprovider
+        step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
         step 150 sweep-rows python3 benchmarks/sweep_kernels.py --only rows --out "$(name sweep-rows).json"
         step 120 W5-speculative-rows env ENCDEC_GEMV_ROWS=9 "${encdec[@]}" bench W5 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-rows).json"

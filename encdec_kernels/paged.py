@@ -6,10 +6,8 @@ blocks, BS = cache block size, S = KV splits, NBK = T5 buckets. Softmax and spli
 ``common.py``.
 
 - One kernel body serves decoder self-attention (``IS_CAUSAL``) and cross-attention. When
-  B * H is small next to the SM count it splits the key range over several programs; the last
-  split of a query tile to finish merges the partial results in split order (an atomic count per
-  tile, no merge kernel: 64 fewer launches a batch-1 Whisper large-v3 step). With the
-  log-sum-exp wanted (``return_lse``), ``common.merge_splits_kernel`` merges them.
+  B * H is small next to the SM count it splits the key range over several programs and
+  ``common.merge_splits_kernel`` merges the partial results.
 - T5 relative position bias without per-call host work (the kernel is CUDA-graph captured): a
   cached int32 table maps each distance in ``[-max_distance, max_distance]`` to its bucket (the
   reference formula itself, bit-exact; buckets saturate beyond), the kernel clamps the distance
@@ -40,14 +38,12 @@ from encdec_kernels.common import (
     LOG2E,
     MIN_DOT,
     NEG_INIT,
-    SPLIT_PROGRAMS_PER_SM,
     dot_precision,
     load_rows,
     merge_splits_kernel,
     num_kv_splits,
     quantize_rows,
     scores,
-    sm_count,
     softmax_update,
     tile_dim,
 )
@@ -136,7 +132,6 @@ def _paged_attn_kernel(
     K_SCALES, V_SCALES,  # fp8 caches (FP8): float32 scales [NB, BS, H], one per (token, head) row
     TABLE, LUT,  # T5 bias: RelBias.table [H, NBK] float32, bucket of each distance [2 * max_dist + 1] int32
     O_PART, LSE_PART,  # split partials [Tq, H, S, BLOCK_D] / [Tq, H, S] float32 (only if IS_SPLIT)
-    COUNT,  # MERGE: int32 [programs of axis 0] zeros, the splits of each program done so far
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_sb, stride_ss, stride_sh,
@@ -145,8 +140,7 @@ def _paged_attn_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     CACHE_BLOCK: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_WINDOW: tl.constexpr,
     SINGLE_QUERY: tl.constexpr,
-    IS_SPLIT: tl.constexpr, MERGE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-    PDL: tl.constexpr,
+    IS_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     # Axis 0: (query tile, head, sequence), query tiles fastest; axis 1: key split.
     if PDL:  # encdec_kernels/pdl.py: the next kernel may launch; q and the new K/V are ready after the wait
@@ -229,42 +223,8 @@ def _paged_attn_kernel(
     else:
         lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         part_row = ((row0 + offs_q) * num_heads + off_h) * num_splits + split  # [Tq, H, S] flat index
-        tl.store(LSE_PART + part_row, lse, mask=row_mask, cache_modifier=".cg")
-        tl.store(O_PART + part_row[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_mask[:, None],
-                 cache_modifier=".cg")
-        if MERGE:  # the program's last split to finish merges them all (no merge kernel)
-            # every thread's partials (to L2, .cg) before the count's release; the last program's
-            # loads after its acquire
-            tl.debug_barrier()
-            if tl.atomic_add(COUNT + pid, 1, sem="acq_rel") == num_splits - 1:
-                tl.store(COUNT + pid, 0)  # every split has counted: ready for the next call
-                _merge_tile(Out, O_PART, LSE_PART, row0, offs_q, offs_d, row_mask, off_h, num_heads,
-                            num_splits, stride_ot, stride_oh, HEAD_DIM, BLOCK_Q, BLOCK_D)
-
-
-@triton.jit
-def _merge_tile(Out, O_PART, LSE_PART, row0, offs_q, offs_d, row_mask, off_h, num_heads, num_splits,
-                stride_ot, stride_oh, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A query tile's split partials merged into its output rows, in split order (the same sum
-    whichever program merges): weights exp2(lse_s - max lse), as ``common.merge_splits_kernel``."""
-    part_row0 = ((row0 + offs_q) * num_heads + off_h) * num_splits
-    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
-    for s in range(num_splits):
-        m = tl.maximum(m, tl.load(LSE_PART + part_row0 + s, mask=row_mask, other=float("-inf"),
-                                  cache_modifier=".cg"))
-    m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: every weight is 0, output 0
-    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
-    denom = tl.zeros([BLOCK_Q], dtype=tl.float32)
-    for s in range(num_splits):
-        w = tl.math.exp2(tl.load(LSE_PART + part_row0 + s, mask=row_mask, other=float("-inf"),
-                                 cache_modifier=".cg") - m)
-        part = tl.load(O_PART + (part_row0 + s)[:, None] * BLOCK_D + offs_d[None, :], mask=row_mask[:, None],
-                       other=0.0, cache_modifier=".cg")
-        acc += part * w[:, None]
-        denom += w
-    out = acc / tl.where(denom > 0.0, denom, 1.0)[:, None]
-    o_ptrs = Out + row0 * stride_ot + off_h * stride_oh + offs_q[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+        tl.store(LSE_PART + part_row, lse, mask=row_mask)
+        tl.store(O_PART + part_row[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_mask[:, None])
 
 
 @triton.jit
@@ -374,23 +334,6 @@ def paged_attention(
     )  # fmt: skip
 
 
-_SPLIT_COUNTS: dict = {}
-
-
-def _split_counts(device: torch.device, programs: int) -> torch.Tensor:
-    """COUNT for a split launch: int32 zeros, at least ``programs`` of them; one per device,
-    reused (a launch leaves its counts at 0, and the launches of a stream run one after the other:
-    with PDL, a kernel touches them only after its wait). Allocated ahead of the largest launch a
-    split can have (fewer programs than ``num_kv_splits``' target), so that CUDA-graph captures
-    find it allocated."""
-    counts = _SPLIT_COUNTS.get(device, [])
-    if not counts or counts[-1].numel() < programs:  # the smaller ones stay: graphs may hold them
-        size = max(programs, SPLIT_PROGRAMS_PER_SM * sm_count(device), 1024)
-        counts.append(torch.zeros(size, device=device, dtype=torch.int32))
-        _SPLIT_COUNTS[device] = counts
-    return counts[-1]
-
-
 def _launch_paged(
     q,
     k_cache,
@@ -440,9 +383,6 @@ def _launch_paged(
             num_seqs * h * num_q_tiles, block_tables.shape[1] * k_cache.shape[1], block_n, q.device
         )
     split = num_splits > 1 or return_lse  # the log-sum-exp comes from the split partials (one split or more)
-    programs = num_q_tiles * h * num_seqs
-    merge = num_splits > 1 and not return_lse  # the last split of each program merges (no merge kernel)
-    count = _split_counts(q.device, programs) if merge else seq_lens  # never touched without MERGE
     if split:
         o_part = torch.empty((tq, h, num_splits, block_d), device=q.device, dtype=torch.float32)
         lse_part = torch.empty((tq, h, num_splits), device=q.device, dtype=torch.float32)
@@ -453,9 +393,9 @@ def _launch_paged(
     if not fp8:
         k_scales = v_scales = table  # never read
     # fmt: off
-    _paged_attn_kernel[(programs, num_splits)](
+    _paged_attn_kernel[(num_q_tiles * h * num_seqs, num_splits)](
         q, k_cache, v_cache, out, block_tables, seq_lens, cu_seqlens_q, k_scales, v_scales, table, lut,
-        o_part, lse_part, count,
+        o_part, lse_part,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -467,12 +407,12 @@ def _launch_paged(
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_Q=block_q, BLOCK_N=block_n, CACHE_BLOCK=k_cache.shape[1],
         IS_CAUSAL=bool(causal), HAS_BIAS=has_bias, HAS_WINDOW=window is not None,
         SINGLE_QUERY=max_seqlen_q == 1 and has_bias,
-        IS_SPLIT=split, MERGE=merge, DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
+        IS_SPLIT=split, DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
         num_warps=num_warps or (2 if block_q <= MIN_DOT.value else 4),
         num_stages=num_stages or (2 if block_q <= MIN_DOT.value else 3),  # prefetch depth of the K/V loads
         **pdl_launch(q),
     )
-    if split and not merge:  # return_lse: the partials' merge in its own kernel (one split or more)
+    if split:
         merge_splits_kernel[(tq * h, 1)](
             o_part, lse_part, out, out.stride(0), out.stride(1), h, num_splits, block_d,
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_S=max(16, triton.next_power_of_2(num_splits)),  # few compiles

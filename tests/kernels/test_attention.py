@@ -208,24 +208,6 @@ def test_paged_splits_longer_than_keys(paged, gen, num_splits):
     assert rel_err(out, ref) < 1e-5
 
 
-@pytest.mark.parametrize("num_splits", [2, 3, 6])
-def test_paged_split_merge_in_kernel(paged, gen, num_splits):
-    """The last split of each query tile merges the partials (no merge kernel): the result equals
-    the merge kernel's (return_lse keeps that path), the counts are back at zero after the call,
-    and a second call gives the same bits (the sum runs in split order, whichever split is last)."""
-    case = paged_inputs([75, 40, 9], [4, 1, 2], 2, 16, 16, torch.float32, "cpu", gen=gen)
-    kw = dict(num_splits=num_splits)
-    with poisoned_allocations():
-        out = paged._launch_paged(*case.args(), 0.3, True, None, **kw)
-        again = paged._launch_paged(*case.args(), 0.3, True, None, **kw)
-        merged, _ = paged._launch_paged(*case.args(), 0.3, True, None, return_lse=True, **kw)
-    assert torch.equal(out, again)
-    assert rel_err(out, merged) < 1e-6
-    assert rel_err(out, reference.paged_attention(*case.args(), scale=0.3, causal=True)) < 1e-5
-    counts = paged._SPLIT_COUNTS[case.q.device][-1]
-    assert counts.dtype == torch.int32 and not counts.any()
-
-
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 def test_paged_single_query_reduction_path(paged, gen, monkeypatch, causal, bias):

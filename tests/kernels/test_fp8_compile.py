@@ -53,14 +53,14 @@ for fp8 in (False, True):
     cache = "*fp8e4nv" if fp8 else "*bf16"
     sig = dict(Q="*bf16", K_CACHE=cache, V_CACHE=cache, Out="*bf16", BLOCK_TABLES="*i32",
                SEQ_LENS="*i32", CU_SEQLENS_Q="*i32", K_SCALES="*fp32", V_SCALES="*fp32", TABLE="*fp32",
-               LUT="*i32", O_PART="*fp32", LSE_PART="*fp32", COUNT="*i32",
+               LUT="*i32", O_PART="*fp32", LSE_PART="*fp32",
                **i32("stride_qt stride_qh stride_ot stride_oh stride_kb stride_ks stride_kh stride_vb "
                      "stride_vs stride_vh stride_sb stride_ss stride_sh stride_bt stride_table_h num_heads "
                      "num_q_tiles "
                      "num_splits max_dist"), scale="fp32", exp2_scale="fp32", window="i32")
     consts = dict(HEAD_DIM=64, BLOCK_D=64, BLOCK_Q=16, BLOCK_N=64, CACHE_BLOCK=16, IS_CAUSAL=False,
-                  HAS_BIAS=False, HAS_WINDOW=False, SINGLE_QUERY=False, IS_SPLIT=False, MERGE=False,
-                  DOT_PRECISION="tf32", FP8=fp8, PDL=True)
+                  HAS_BIAS=False, HAS_WINDOW=False, SINGLE_QUERY=False, IS_SPLIT=False, DOT_PRECISION="tf32",
+                  FP8=fp8, PDL=True)
     out[f"paged-{'fp8' if fp8 else 'bf16'}"] = compile90(paged._paged_attn_kernel, sig, consts, 2, 2)
 sig = dict(K="*bf16", V="*bf16", K_CACHE="*fp8e4nv", V_CACHE="*fp8e4nv", SLOTS="*i64", K_SCALES="*fp32",
            V_SCALES="*fp32", **i32("stride_kt stride_kh stride_vt stride_vh num_heads"))
