@@ -24,7 +24,8 @@ last program sums the partials, in split order). With a pre-norm it first takes 
 statistics in one pass over x (LayerNorm: per-tile mean and centred sum of squares, merged); it
 waits for the previous kernel (PDL) before its first load, so its weights do not stream in early
 as the one-row kernel's do. The models send it no rows by default (``GEMV_MAX_ROWS``): unsplit,
-it lost to cuBLAS on an H100 (benchmarks/README.md, eleventh session); split K is unmeasured. A
+it lost to cuBLAS on an H100 (benchmarks/README.md, eleventh session), and split it still does
+(W5's verification steps on an H200: 1.26x against 1.58x on cuBLAS, twelfth session). A
 row's result there is not bit-for-bit its one-row result (a different summation order):
 verification rows need not be, the drafts are checked against them
 (``encdec_cli/engine/speculative.py``).
