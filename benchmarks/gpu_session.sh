@@ -11,10 +11,10 @@
 #   ab      issue 21's P = 1 check as an A/B: W2 (ours only) three times each (AB_PAIRS=N: N), alternating this tree
 #           and out/old (carry it: git archive 9d6723d | tar -x -C out/old, the commit before
 #           pipeline parallelism) (~7)
-#   rows    the few-row linear kernel (a batch-1 verification step's K + 1 rows): its GPU tests
-#           (and decode attention's),
-#           its tiles against cuBLAS, then W5 with oracle drafts (alpha 0, 0.7; K 4) with it and
-#           with those rows on cuBLAS (ENCDEC_GEMV_ROWS=1) (issue 22) (~6)
+#   rows    a batch-1 verification step's K + 1 rows on the linear kernels (the one-row kernel row
+#           by row up to 8, the tensor-core kernel above): their GPU tests, the sweep against
+#           cuBLAS, then W5 with oracle drafts (alpha 0, 0.7; K 4) with those rows on the one-row
+#           kernel (ENCDEC_GEMV_ROWS=8) and on cuBLAS (ENCDEC_GEMV_ROWS=1) (issue 22) (~6)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only with --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and
@@ -30,7 +30,8 @@
 #           tokens), then with two micro-batches (~10)
 #   w1spec  W1 plain (absorbed rows) against speculation (per-layer K/V), oracle alpha 0 and 0.7,
 #           K 4, in one run; then alpha 0.7 with two micro-batches (issue 22) (~7)
-#   short   decode attention's GPU tests, ab with two pairs, W5 oracle on the few-row kernel (~9)
+#   short   decode attention's GPU tests, ab with two pairs, W5 oracle with its verification rows
+#           on the one-row kernel (~9)
 #   check   the GPU tests of the latest changes: image-to-text, speculative (~3)
 #   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
@@ -90,8 +91,8 @@ for part in "$@"; do
     rows)
         step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
         step 150 sweep-rows python3 benchmarks/sweep_kernels.py --only rows --out "$(name sweep-rows).json"
-        step 120 W5-speculative-rows env ENCDEC_GEMV_ROWS=9 "${encdec[@]}" bench W5 --baseline none --speculative oracle \
-            --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-rows).json"
+        step 120 W5-speculative-gemv env ENCDEC_GEMV_ROWS=8 "${encdec[@]}" bench W5 --baseline none --speculative oracle \
+            --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-gemv).json"
         step 120 W5-speculative-cublas env ENCDEC_GEMV_ROWS=1 "${encdec[@]}" bench W5 --baseline none \
             --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-cublas).json" ;;
     abprof)
@@ -142,8 +143,8 @@ for part in "$@"; do
         step 120 gpu-tests-decode python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py \
             -k "decode or split_kv" -p no:cacheprovider
         AB_PAIRS=2 bash "$0" ab
-        step 120 W5-speculative-rows env ENCDEC_GEMV_ROWS=9 "${encdec[@]}" bench W5 --baseline none \
-            --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-rows).json" ;;
+        step 120 W5-speculative-gemv env ENCDEC_GEMV_ROWS=8 "${encdec[@]}" bench W5 --baseline none \
+            --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-gemv).json" ;;
     check)
         step 200 gpu-check python3 -m pytest -q -m gpu tests/gpu/test_image_to_text_gpu.py \
             tests/gpu/test_speculative_gpu.py -p no:cacheprovider ;;

@@ -5,10 +5,10 @@
 For the decode kernel: BLOCK_N x num_warps x num_stages (and split counts at batch 1) on the
 shapes of benchmarks/kernel_table.py; for the encoder kernel: extra tile configs beyond the autotune
 list, on the Whisper large-v3 shape; for the one-row linear kernel: BLOCK_N x CHUNK (block_k) x
-num_warps on the Whisper large-v3 decoder weights; for the few-row kernel (2-16 rows): its tiles
-against cuBLAS, alone and with the fused pre-norm. Prints milliseconds (CUDA-graph replays for decode) and
-the copy-bandwidth fraction, to choose the defaults in encdec_kernels/paged.py and varlen.py from
-measurements.
+num_warps on the Whisper large-v3 decoder weights; for a few rows (2-16: the one-row kernel row by
+row, the tensor-core kernel's tiles) against cuBLAS, alone and with the fused pre-norm. Prints
+milliseconds (CUDA-graph replays for decode) and the copy-bandwidth fraction, to choose the
+defaults in encdec_kernels/paged.py and varlen.py from measurements.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import itertools
 import json
 import pathlib
 import sys
+from unittest import mock
 
 import numpy as np
 import torch
@@ -185,9 +186,10 @@ def sweep_linear(copy_bw, rows):
 
 
 def sweep_rows(copy_bw, rows):
-    """The few-row kernel (``linear._rows_kernel``: 2..16 rows, a batch-1 verification step's K + 1)
-    against cuBLAS, alone and with the pre-norm (LayerNorm kernel + cuBLAS + GELU kernel against the
-    fused one), by tile, on the Whisper large-v3 decoder weights."""
+    """A few rows (a batch-1 verification step's K + 1) on the one-row kernel row by row (up to
+    ``linear.GEMV_ROWS``) and on the tensor-core kernel (``linear._rows_kernel``) against cuBLAS,
+    alone and with the pre-norm (LayerNorm kernel + cuBLAS + GELU kernel against the fused one), by
+    tile, on the Whisper large-v3 decoder weights."""
     import encdec_kernels
     from encdec_kernels import linear
 
@@ -214,16 +216,21 @@ def sweep_rows(copy_bw, rows):
                 rows.append(dict(case=f"rows {name} m{m} norm", impl="cublas", ms=ms))
                 line += f", norm + cuBLAS{' + gelu' if act else ''} {ms * 1e3:.1f} us"
             print(line)
-            # None: the kernel's own choice (linear._row_tiles); then split-K counts (the launcher
-            # evens them out so that no split is empty) and the unsplit tiles measured before
+            # None: the launcher's own choice (up to linear.GEMV_ROWS rows the one-row kernel row
+            # by row, else linear._row_tiles); then the tensor-core kernel's split-K counts (the
+            # launcher evens them out so that no split is empty) and the unsplit tiles measured before
             tiles = [None, *((16, 256, 2, s) for s in (1, 2, 3, 4, 6)), (16, 256, 4, 3), (16, 128, 2, 4)]
             for tile in tiles if m > 1 else [None]:
-                label = "one-row kernel" if m == 1 else "auto " + "x".join(map(str, linear._row_tiles(n, k)))
+                if m <= linear.GEMV_ROWS:
+                    label = "one-row kernel" + (f", {m} rows in turn" if m > 1 else "")
+                else:
+                    label = "auto " + "x".join(map(str, linear._row_tiles(n, k)))
                 if tile is not None:
                     bn, bk, nw, sp = tile
                     label, tile = f"{bn}x{bk} w{nw} split {sp}", (bn, min(bk, k), nw, sp)
                 bn, bk, nw, sp = tile or (None,) * 4
-                with _tiles_set(linear, "_row_tiles", tile):
+                rows_kernel = mock.patch.object(linear, "GEMV_ROWS", 1) if tile else contextlib.nullcontext()
+                with _tiles_set(linear, "_row_tiles", tile), rows_kernel:
                     ms = _graph_ms(label, lambda x=x, nxt=next_w: linear.gemv(x, *nxt()))
                     fused = None
                     if ms is not None and k == d:

@@ -16,19 +16,23 @@ row (rounded to x's dtype, as ``encdec_kernels.norm`` hands it to the linear lay
 that; program 0 writes ``s``. One kernel instead of a norm and a matrix-vector product.
 Sums are float32; the output is in x's dtype.
 
-A few rows (2..FEW_ROWS) take ``_rows_kernel``: still one weight read, but each program
+Up to ``GEMV_ROWS`` rows (a batch-1 verification step's K + 1 for K up to 7) take the same
+kernel: each program holds its weight rows as for one row and takes x's rows one after the other,
+norm included, so the weights are read once and every row's result is bit for bit its one-row
+result (a verification step's rows then equal a plain step's). More rows (up to FEW_ROWS) take
+``_rows_kernel``: still one weight read, but each program
 multiplies its BLOCK_N weight rows with all the rows at once on the tensor cores (``tl.dot``,
 the rows padded to 16), K in tiles (Triton pipelines the tiles' loads through shared memory),
 and where a weight has too few rows for enough programs, K is split over several (each tile's
 last program sums the partials, in split order). With a pre-norm it first takes each row's
 statistics in one pass over x (LayerNorm: per-tile mean and centred sum of squares, merged); it
 waits for the previous kernel (PDL) before its first load, so its weights do not stream in early
-as the one-row kernel's do. The models send it no rows by default (``GEMV_MAX_ROWS``): unsplit,
-it lost to cuBLAS on an H100 (benchmarks/README.md, eleventh session), and split it still does
-(W5's verification steps on an H200: 1.26x against 1.58x on cuBLAS, twelfth session). A
-row's result there is not bit-for-bit its one-row result (a different summation order):
-verification rows need not be, the drafts are checked against them
-(``encdec_cli/engine/speculative.py``).
+as the one-row kernel's do. Unsplit, it lost to cuBLAS on an H100 (benchmarks/README.md,
+eleventh session), and split it still does (W5's verification steps, 2 to 5 rows a linear, on an
+H200: 1.26x against 1.58x on cuBLAS, twelfth session). A row's result there is not bit-for-bit its
+one-row result (a different summation order). The models send neither kernel more than one row by
+default (``encdec_kernels.GEMV_MAX_ROWS``): the several-row path of the one-row kernel is not
+measured yet.
 """
 
 from __future__ import annotations
@@ -63,12 +67,15 @@ def _act(y, ACT: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
-                 K: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+                 K: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+                 CHUNKS: tl.constexpr,
                  NORM: tl.constexpr,  # 0: none, 1: LayerNorm, 2: RMSNorm of (x [+ residual])
                  HAS_RESIDUAL: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACT: tl.constexpr, PDL: tl.constexpr):
-    """y[n] = act(sum_k h[k] W[n, k] + b[n]) for BLOCK_N rows n; h = x, or the norm of x (+ res).
-    K is laid out as [CHUNKS, CHUNK] (CHUNKS a power of two, the tail masked)."""
+    """y[m, n] = act(sum_k h[m, k] W[n, k] + b[n]) for BLOCK_N rows n and each of the M rows m of x
+    [M, K] (contiguous); h = x, or the norm of x (+ res), row by row. K is laid out as [CHUNKS,
+    CHUNK] (CHUNKS a power of two, the tail masked). The weight rows are read once for all M rows,
+    and each row's sum is the one a one-row call would make: bit for bit the same result."""
     pid = tl.program_id(0)
     if PDL:  # let the next kernel launch now: it waits (gdc_wait) before touching our outputs
         tl.extra.cuda.gdc_launch_dependents()
@@ -82,25 +89,28 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
                 mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0)
     if PDL:  # the previous kernel's writes (x, residual) are complete and visible after this
         tl.extra.cuda.gdc_wait()
-    h = tl.load(X + kk, mask=k_mask, other=0.0).to(tl.float32)
-    if NORM != 0:  # the norm of the whole row, as encdec_kernels/norm.py computes it
-        if HAS_RESIDUAL:
-            s = (h + tl.load(RES + kk, mask=k_mask, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
-            if pid == 0:
-                tl.store(SUM + kk, s, mask=k_mask)
-            h = s.to(tl.float32)
-        if NORM == 1:
-            h = tl.where(k_mask, h - tl.sum(tl.sum(h, 1), 0) / K, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(h * h, 1), 0) / K + eps)
-        h = h * rstd * tl.load(NW + kk, mask=k_mask, other=0.0).to(tl.float32)
-        if HAS_NORM_BIAS:
-            h += tl.load(NB + kk, mask=k_mask, other=0.0).to(tl.float32)
-        h = tl.where(k_mask, h.to(Y.dtype.element_ty).to(tl.float32), 0.0)  # rounded like the norm's output
-    y = tl.sum(tl.sum(w.to(tl.float32) * h[None, :, :], 2), 1)
-    if HAS_BIAS:
-        y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    y = _act(y, ACT)
-    tl.store(Y + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
+    for m in tl.static_range(M):
+        at = m * K + kk
+        h = tl.load(X + at, mask=k_mask, other=0.0).to(tl.float32)
+        if NORM != 0:  # the norm of the whole row, as encdec_kernels/norm.py computes it
+            if HAS_RESIDUAL:
+                s = (h + tl.load(RES + at, mask=k_mask, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+                if pid == 0:
+                    tl.store(SUM + at, s, mask=k_mask)
+                h = s.to(tl.float32)
+            if NORM == 1:
+                h = tl.where(k_mask, h - tl.sum(tl.sum(h, 1), 0) / K, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(h * h, 1), 0) / K + eps)
+            h = h * rstd * tl.load(NW + kk, mask=k_mask, other=0.0).to(tl.float32)
+            if HAS_NORM_BIAS:
+                h += tl.load(NB + kk, mask=k_mask, other=0.0).to(tl.float32)
+            # rounded like the norm's output
+            h = tl.where(k_mask, h.to(Y.dtype.element_ty).to(tl.float32), 0.0)
+        y = tl.sum(tl.sum(w.to(tl.float32) * h[None, :, :], 2), 1)
+        if HAS_BIAS:
+            y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        y = _act(y, ACT)
+        tl.store(Y + m * N + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
 
 @triton.jit
 def _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL: tl.constexpr, store):
@@ -215,6 +225,9 @@ def _tiles(n: int, k: int) -> tuple[int, int, int]:
     return 2, min(1024, triton.next_power_of_2(k)), 2
 
 
+# up to this many rows take the one-row kernel, each row in turn against the weight rows it holds
+# (bit for bit each row's one-row result); more take ``_rows_kernel``
+GEMV_ROWS = 8
 SPLIT_PROGRAMS = 256  # split K until about this many programs run (two waves on 132 SMs)
 
 
@@ -274,20 +287,21 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
             if residual.shape != x.shape or residual.dtype != x.dtype:
                 raise ValueError(f"residual must match x ({tuple(x.shape)} {x.dtype}), got "
                                  f"{tuple(residual.shape)} {residual.dtype}")  # fmt: skip
-    if m > 1 and weight.dtype != x.dtype:  # the tensor cores multiply like with like
+    rows_kernel = m > GEMV_ROWS
+    if rows_kernel and weight.dtype != x.dtype:  # the tensor cores multiply like with like
         raise ValueError(f"weight must be x's dtype {x.dtype} for {m} rows, got {weight.dtype}")
     x = x.contiguous()
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     summed = torch.empty_like(x) if residual is not None else None
     pdl = pdl_launch(x)
-    if m > 1:
+    if residual is not None:
+        residual = residual.contiguous()
+    if rows_kernel:
         block_n, block_k, warps, split = _row_tiles(n, k)
         k_tiles, tiles = triton.cdiv(k, block_k), triton.cdiv(n, block_n)
         per_split = triton.cdiv(k_tiles, max(1, split))  # K tiles a program
         split = triton.cdiv(k_tiles, per_split)  # none left empty
         part, count = _split_buffers(x.device, n, split, tiles) if split > 1 else (y, y)
-        if residual is not None:
-            residual = residual.contiguous()
         # fmt: off
         _rows_kernel[(tiles, split)](
             x, residual if residual is not None else x, norm_weight if norm else x,
@@ -307,7 +321,7 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
         x, residual if residual is not None else x, norm_weight if norm else x,
         norm_bias if norm_bias is not None else x, summed if summed is not None else y,
         weight, bias if bias is not None else weight, y, n, weight.stride(0), float(eps),
-        K=k, BLOCK_N=block_n, CHUNK=chunk, CHUNKS=triton.next_power_of_2(triton.cdiv(k, chunk)),
+        K=k, M=m, BLOCK_N=block_n, CHUNK=chunk, CHUNKS=triton.next_power_of_2(triton.cdiv(k, chunk)),
         NORM=norm, HAS_RESIDUAL=residual is not None, HAS_NORM_BIAS=norm_bias is not None,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], num_warps=warps, **pdl,
     )

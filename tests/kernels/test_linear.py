@@ -31,6 +31,15 @@ def _weights(n, k, dtype, gen, bias=True):
     return w, b
 
 
+@pytest.fixture(params=["gemv", "rows"])
+def path(request, lin, monkeypatch):
+    """Which kernel takes 2 to 8 rows: the one-row kernel row by row (the default) or the
+    tensor-core few-row kernel (``GEMV_ROWS`` = 1: every call of 2 rows or more)."""
+    if request.param == "rows":
+        monkeypatch.setattr(lin, "GEMV_ROWS", 1)
+    return request.param
+
+
 def test_activation_names_match_dispatch(lin):
     assert set(lin.ACTIVATIONS) - {None} == encdec_kernels.GEMV_ACTIVATIONS
 
@@ -54,9 +63,10 @@ def test_gemv(lin, gen, dtype, shape, act):
 @pytest.mark.parametrize(
     "shape,act", [((37, 200), "gelu"), ((9, 5120), None), ((300, 1280), "relu")], ids=_ids
 )
-def test_gemv_few_rows(lin, gen, dtype, m, shape, act):
-    """2..16 rows (the tensor-core kernel): every row as the reference computes it, rows that
-    differ (each its own scale) kept apart, no output element left unwritten."""
+def test_gemv_few_rows(lin, gen, path, dtype, m, shape, act):
+    """2..16 rows (2..8 on either kernel, 16 on the tensor-core one): every row as the reference
+    computes it, rows that differ (each its own scale) kept apart, no output element left
+    unwritten."""
     n, k = shape
     x = (torch.randn(m, k, generator=gen) * torch.arange(1, m + 1)[:, None]).to(dtype)
     w, b = _weights(n, k, dtype, gen, bias=act != "relu")
@@ -75,6 +85,7 @@ def test_few_rows_split_k(lin, gen, monkeypatch, split):
     empty; 9: one tile each), the same values on a second call (the counts set back to 0 and the
     sum's order fixed), and the fused norm's statistics over all of K in every split."""
     monkeypatch.setattr(lin, "_row_tiles", lambda n, k: (16, 256, 2, split))
+    monkeypatch.setattr(lin, "GEMV_ROWS", 1)  # 5 rows on the tensor-core kernel
     m, n, k = 5, 40, 1300
     x = (torch.randn(m, k, generator=gen) * torch.arange(1, m + 1)[:, None]).to(torch.bfloat16)
     res = torch.randn(m, k, generator=gen).to(torch.bfloat16)
@@ -95,6 +106,34 @@ def test_few_rows_split_k(lin, gen, monkeypatch, split):
         assert rel_err(normed[i], ref_norm[i]) < TOL[torch.bfloat16], i
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_ids)
+@pytest.mark.parametrize("norm", [None, "layer", "rms"])
+def test_several_rows_equal_their_one_row_results(lin, gen, dtype, norm):
+    """2 to 8 rows on the one-row kernel: each row's output (and, with a residual, its sum) is bit
+    for bit what a call with that row alone gives, whatever the other rows hold: a verification
+    step's rows equal a plain step's."""
+    n, k = 70, 1300
+    w, b = _weights(n, k, dtype, gen)
+    nw = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+    nb = torch.randn(k, generator=gen).to(dtype) if norm == "layer" else None
+    for m in (2, 5, 8):
+        x = (torch.randn(m, k, generator=gen) * torch.arange(1, m + 1)[:, None]).to(dtype)
+        res = torch.randn(m, k, generator=gen).to(dtype)
+
+        def call(x, res):
+            if norm is None:
+                return lin.gemv(x, w, b, "gelu"), None
+            return lin.norm_gemv(x, res, nw, nb, 1e-5, norm == "rms", w, b, "gelu")
+
+        with poisoned_allocations():
+            out, summed = call(x, res)
+            alone = [call(x[i : i + 1], res[i : i + 1]) for i in range(m)]
+        for i, (y, s) in enumerate(alone):
+            assert torch.equal(out[i : i + 1], y), (m, i)
+            if norm is not None:
+                assert torch.equal(summed[i : i + 1], s), (m, i)
+
+
 def test_gemv_takes_a_strided_weight(lin, gen):
     """A weight whose rows are a slice of a wider matrix (row stride > K)."""
     wide = torch.randn(40, 96, generator=gen)
@@ -107,7 +146,7 @@ def test_gemv_takes_a_strided_weight(lin, gen):
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "first-layer"])
 @pytest.mark.parametrize("act", [None, "gelu"], ids=_ids)
 @pytest.mark.parametrize("m", [1, 5], ids=lambda m: f"m{m}")
-def test_norm_gemv(lin, gen, dtype, is_rms, with_residual, act, m):
+def test_norm_gemv(lin, gen, path, dtype, is_rms, with_residual, act, m):
     """One row, and five (each row normalised with its own statistics: rows of different mean
     and scale)."""
     n, k = 300, 1300  # K in several tiles of the few-row kernel, the last one partial
