@@ -19,9 +19,9 @@ Sums are float32; the output is in x's dtype.
 Up to ``GEMV_ROWS`` rows (a batch-1 verification step's K + 1 for K up to 7) take the same
 kernel: each program holds its weight rows as for one row and takes x's rows one after the other,
 norm included, so the weights are read once and every row's result is bit for bit its one-row
-result (a verification step's rows then equal a plain step's). More rows (up to FEW_ROWS) take
-``_rows_kernel``: still one weight read, but each program
-multiplies its BLOCK_N weight rows with all the rows at once on the tensor cores (``tl.dot``,
+result (a verification step's linear layers give each row what a plain step gives it). More
+rows (up to FEW_ROWS) take ``_rows_kernel``: still one weight read, but each program multiplies
+its BLOCK_N weight rows with all the rows at once on the tensor cores (``tl.dot``,
 the rows padded to 16), K in tiles (Triton pipelines the tiles' loads through shared memory),
 and where a weight has too few rows for enough programs, K is split over several (each tile's
 last program sums the partials, in split order). With a pre-norm it first takes each row's
