@@ -138,8 +138,8 @@ for part in "$@"; do
         step 200 W1-speculative-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-mb2).json" ;;
     short)
-        # one call when little device time is left: decode attention's GPU tests (splits merged in
-        # the kernel), issue 21's A/B (two pairs), W5 with oracle drafts on the split-K few-row kernel
+        # one call when little device time is left: decode attention's GPU tests, issue 21's A/B
+        # (two pairs), W5 with oracle drafts, its verification rows on the one-row kernel
         step 120 gpu-tests-decode python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py \
             -k "decode or split_kv" -p no:cacheprovider
         AB_PAIRS=2 bash "$0" ab

@@ -111,7 +111,7 @@ def test_few_rows_split_k(lin, gen, monkeypatch, split):
 def test_several_rows_equal_their_one_row_results(lin, gen, dtype, norm):
     """2 to 8 rows on the one-row kernel: each row's output (and, with a residual, its sum) is bit
     for bit what a call with that row alone gives, whatever the other rows hold: a verification
-    step's rows equal a plain step's."""
+    step's linear layers give each row what a plain step gives it."""
     n, k = 70, 1300
     w, b = _weights(n, k, dtype, gen)
     nw = (torch.rand(k, generator=gen) + 0.5).to(dtype)
