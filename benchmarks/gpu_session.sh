@@ -17,8 +17,8 @@
 #           kernel (ENCDEC_GEMV_ROWS=8) and on cuBLAS (ENCDEC_GEMV_ROWS=1) (issue 22) (~6)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
-#   fp8     W1 ours only with --kv-dtype fp8: absorbed rows on the Gluon kernel (the default) and
-#           per-layer K/V (issue 26) (~3)
+#   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
+#           kernel (fp8's default on Hopper) and with per-layer K/V (issue 26) (~5)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -101,6 +101,7 @@ for part in "$@"; do
         (cd out/old && step 150 profile-W2-old python3 benchmarks/profile_step.py W2 --max-num-seqs 512 \
             --rows 40 --out "$(name profile-W2-old).json") ;;
     fp8)
+        step 90 W1-bf16 "${encdec[@]}" bench W1 --baseline none --out "$(name W1-bf16).json"
         step 90 W1-fp8-absorbed "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
         step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
     kernels)

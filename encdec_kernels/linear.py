@@ -71,7 +71,7 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
                  CHUNKS: tl.constexpr,
                  NORM: tl.constexpr,  # 0: none, 1: LayerNorm, 2: RMSNorm of (x [+ residual])
                  HAS_RESIDUAL: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ACT: tl.constexpr, PDL: tl.constexpr):
+                 ACT: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
     """y[m, n] = act(sum_k h[m, k] W[n, k] + b[n]) for BLOCK_N rows n and each of the M rows m of x
     [M, K] (contiguous); h = x, or the norm of x (+ res), row by row. K is laid out as [CHUNKS,
     CHUNK] (CHUNKS a power of two, the tail masked). The weight rows are read once for all M rows,
@@ -87,28 +87,60 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
     # so with PDL they stream in while it still runs
     w = tl.load(W + offs_n.to(tl.int64)[:, None, None] * stride_wn + kk[None, :, :],
                 mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0)
+    # the bias and the norm's weights too: loaded after the sums, they would add a memory latency
+    # to every call's critical path
+    if HAS_BIAS:
+        b = tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+    if NORM != 0:
+        nw = tl.load(NW + kk, mask=k_mask, other=0.0)
+        if HAS_NORM_BIAS:
+            nb = tl.load(NB + kk, mask=k_mask, other=0.0)
     if PDL:  # the previous kernel's writes (x, residual) are complete and visible after this
         tl.extra.cuda.gdc_wait()
+    # rows are loaded AHEAD (1 or 2) ahead: row m + AHEAD's load is in flight while row m is
+    # summed (its cross-warp sums wait at barriers that a load issued after them could not pass)
+    x_a = tl.load(X + kk, mask=k_mask, other=0.0)
+    if HAS_RESIDUAL:
+        r_a = tl.load(RES + kk, mask=k_mask, other=0.0)
+    if AHEAD > 1 and M > 1:
+        x_b = tl.load(X + K + kk, mask=k_mask, other=0.0)
+        if HAS_RESIDUAL:
+            r_b = tl.load(RES + K + kk, mask=k_mask, other=0.0)
     for m in tl.static_range(M):
         at = m * K + kk
-        h = tl.load(X + at, mask=k_mask, other=0.0).to(tl.float32)
+        h = x_a.to(tl.float32)
+        if HAS_RESIDUAL:
+            r = r_a.to(tl.float32)
+        if AHEAD > 1:
+            if m + 1 < M:
+                x_a = x_b
+                if HAS_RESIDUAL:
+                    r_a = r_b
+            if m + 2 < M:
+                x_b = tl.load(X + at + 2 * K, mask=k_mask, other=0.0)
+                if HAS_RESIDUAL:
+                    r_b = tl.load(RES + at + 2 * K, mask=k_mask, other=0.0)
+        elif m + 1 < M:
+            x_a = tl.load(X + at + K, mask=k_mask, other=0.0)
+            if HAS_RESIDUAL:
+                r_a = tl.load(RES + at + K, mask=k_mask, other=0.0)
         if NORM != 0:  # the norm of the whole row, as encdec_kernels/norm.py computes it
             if HAS_RESIDUAL:
-                s = (h + tl.load(RES + at, mask=k_mask, other=0.0).to(tl.float32)).to(SUM.dtype.element_ty)
+                s = (h + r).to(SUM.dtype.element_ty)
                 if pid == 0:
                     tl.store(SUM + at, s, mask=k_mask)
                 h = s.to(tl.float32)
             if NORM == 1:
                 h = tl.where(k_mask, h - tl.sum(tl.sum(h, 1), 0) / K, 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(h * h, 1), 0) / K + eps)
-            h = h * rstd * tl.load(NW + kk, mask=k_mask, other=0.0).to(tl.float32)
+            h = h * rstd * nw.to(tl.float32)
             if HAS_NORM_BIAS:
-                h += tl.load(NB + kk, mask=k_mask, other=0.0).to(tl.float32)
+                h += nb.to(tl.float32)
             # rounded like the norm's output
             h = tl.where(k_mask, h.to(Y.dtype.element_ty).to(tl.float32), 0.0)
         y = tl.sum(tl.sum(w.to(tl.float32) * h[None, :, :], 2), 1)
         if HAS_BIAS:
-            y += tl.load(B + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            y += b
         y = _act(y, ACT)
         tl.store(Y + m * N + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
 
@@ -225,6 +257,13 @@ def _tiles(n: int, k: int) -> tuple[int, int, int]:
     return 2, min(1024, triton.next_power_of_2(k)), 2
 
 
+def _ahead(width: int) -> int:
+    """Rows of x the one-row kernel loads ahead of the row it sums: two while a row (its padded
+    width) takes few registers, one for wide rows (Whisper large's fc2, K 5120), where two would
+    crowd the weight rows the program holds."""
+    return 2 if width <= 2048 else 1
+
+
 # up to this many rows take the one-row kernel, each row in turn against the weight rows it holds
 # (bit for bit each row's one-row result); more take ``_rows_kernel``
 GEMV_ROWS = 8
@@ -316,14 +355,16 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
         # fmt: on
         return y, summed
     block_n, chunk, warps = _tiles(n, k)
+    chunks = triton.next_power_of_2(triton.cdiv(k, chunk))
     # fmt: off
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, norm_weight if norm else x,
         norm_bias if norm_bias is not None else x, summed if summed is not None else y,
         weight, bias if bias is not None else weight, y, n, weight.stride(0), float(eps),
-        K=k, M=m, BLOCK_N=block_n, CHUNK=chunk, CHUNKS=triton.next_power_of_2(triton.cdiv(k, chunk)),
-        NORM=norm, HAS_RESIDUAL=residual is not None, HAS_NORM_BIAS=norm_bias is not None,
-        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], num_warps=warps, **pdl,
+        K=k, M=m, BLOCK_N=block_n, CHUNK=chunk, CHUNKS=chunks, NORM=norm,
+        HAS_RESIDUAL=residual is not None, HAS_NORM_BIAS=norm_bias is not None,
+        HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], AHEAD=_ahead(chunks * chunk),
+        num_warps=warps, **pdl,
     )
     # fmt: on
     return y, summed
