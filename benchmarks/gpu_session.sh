@@ -15,6 +15,10 @@
 #           by row up to 8, the tensor-core kernel above): their GPU tests, the sweep against
 #           cuBLAS, then W5 with oracle drafts (alpha 0, 0.7; K 4) with those rows on the one-row
 #           kernel (ENCDEC_GEMV_ROWS=8) and on cuBLAS (ENCDEC_GEMV_ROWS=1) (issue 22) (~6)
+#   w5ab    the one-row linear kernel's GPU tests, W5 (ours only) twice each, alternating this tree and
+#           out/prev (carry it: git archive <commit> | tar -x -C out/prev, the tree to compare
+#           against), then W5 with oracle drafts, verification rows on the one-row kernel
+#           (ENCDEC_GEMV_ROWS=8) and on cuBLAS (issues 22, 26) (~5)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
@@ -95,6 +99,18 @@ for part in "$@"; do
             --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-gemv).json"
         step 120 W5-speculative-cublas env ENCDEC_GEMV_ROWS=1 "${encdec[@]}" bench W5 --baseline none \
             --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-cublas).json" ;;
+    w5ab)
+        step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
+        for i in 1 2; do
+            step 60 W5-ab-new-$i "${encdec[@]}" bench W5 --baseline none --out "$(name W5-ab-new-$i).json"
+            (cd out/prev && step 60 W5-ab-prev-$i "${encdec[@]}" bench W5 --baseline none \
+                --out "$(name W5-ab-prev-$i).json")
+        done
+        step 120 W5-speculative-gemv env ENCDEC_GEMV_ROWS=8 "${encdec[@]}" bench W5 --baseline none --speculative oracle \
+            --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-gemv).json"
+        step 120 W5-speculative-cublas env ENCDEC_GEMV_ROWS=1 "${encdec[@]}" bench W5 --baseline none \
+            --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-cublas).json"
+        grep -h "^W5\|oracle" "$OUT"/*W5-*.log ;;
     abprof)
         step 150 profile-W2-new python3 benchmarks/profile_step.py W2 --max-num-seqs 512 --rows 40 \
             --out "$(name profile-W2-new).json"
