@@ -156,17 +156,21 @@ def prefers_absorbed_cross(
 ) -> bool:
     """Whether absorbed cross-attention (``shared_kv_attention`` over the encoder output, d_model
     wide) should be a model's default here: only where the Hopper kernel runs it (fp16/bf16
-    activations, rows in that dtype or fp8 (``cache_dtype``, default ``dtype``), a shape it covers);
-    the Triton kernel alone is slower than per-layer K/V. Such a cache must hold finite rows after
-    each sequence's last, to the end of its ``SHARED_KV_TILE_ROWS``-row tile."""
+    activations and rows, a shape it covers); the Triton kernel alone is slower than per-layer
+    K/V. Not with an fp8 cache (``cache_dtype``, default ``dtype``): the Hopper kernel's fp8 form
+    converts every row it reads and lost to per-layer fp8 K/V on an H100 (W1: RTFx 1,585 against
+    2,117; the kernel at 256 sequences 734 us against 415 us on bf16 rows: benchmarks/README.md),
+    so fp8 takes absorbed rows only when asked (``absorb_cross=True``, ``--cross absorbed``). Such
+    a cache must hold finite rows after each sequence's last, to the end of its
+    ``SHARED_KV_TILE_ROWS``-row tile."""
     cache_dtype = dtype if cache_dtype is None else cache_dtype
-    if dtype not in (torch.float16, torch.bfloat16) or cache_dtype not in (dtype, FP8_DTYPE):
+    if dtype not in (torch.float16, torch.bfloat16) or cache_dtype != dtype:
         return False
     try:
         from encdec_kernels import shared_kv_hopper
     except ImportError:  # no Triton
         return False
-    return shared_kv_hopper.preferred(device, num_heads, d_model, fp8=cache_dtype == FP8_DTYPE)
+    return shared_kv_hopper.preferred(device, num_heads, d_model)
 
 
 def layer_norm(x, weight, bias, eps):

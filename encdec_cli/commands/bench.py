@@ -61,7 +61,7 @@ def bench(
     cross: str = typer.Option(
         "auto",
         "--cross",
-        help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it: bf16/fp16 or fp8 rows; "
+        help="Cross-attention cache: auto (absorbed where the Hopper kernel runs it on bf16/fp16 rows; "
         "kv for speculative runs, whose K + 1 tokens a sequence the paged kernel serves in one read), "
         "absorbed (the encoder output once, K/V projections absorbed), kv (K and V per decoder layer).",
     ),

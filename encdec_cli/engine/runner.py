@@ -288,7 +288,7 @@ class ModelRunner:
 
     def _hopper_cross(self) -> bool:
         """Whether this model takes absorbed cross-attention by default here: encdec_kernels prefers
-        it where its Hopper kernel runs this model's shape, dtype and cache dtype (fp8 rows too)."""
+        it where its Hopper kernel runs this model's shape and dtype, with a cache of that dtype."""
         m = self.model
         return m.absorb_cross_by_default and encdec_kernels.prefers_absorbed_cross(
             self.device, self.dtype, m.cache_spec.num_heads, m.d_model, self.cache_dtype

@@ -814,6 +814,22 @@ def device_rates() -> dict:
     return rates
 
 
+def image_flops(model, shape: tuple) -> int:
+    """The matmul and convolution FLOPs of one image of ``shape`` [C, H, W] through a Florence-2
+    model's vision tower and projector (torch's FlopCounterMode over one run; attention included),
+    0 where this process holds no tower (a pipeline stage after the first)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tower = getattr(model, "vision_tower", None)
+    p = next(tower.parameters(), None) if tower is not None else None
+    if p is None:
+        return 0
+    pixels = torch.zeros((1, *shape), device=p.device, dtype=p.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.image_features(pixels)
+    return counter.get_total_flops()
+
+
 def floors(
     w: Workload,
     model,
@@ -833,12 +849,13 @@ def floors(
     V) and its self-attention K/V so far, in bf16 or (``kv_dtype`` "fp8_e4m3") one byte a value plus
     a float32 scale per cached row. The step count assumes full batches of
     ``max_num_seqs`` sequences, each as long as the mean output.
-    encoder: the encoder's matmul FLOPs (weights and attention) over this device's bf16 matmul rate.
+    encoder: the encoder's matmul FLOPs (weights and attention; Florence-2's vision tower counted by
+    ``image_flops``) over this device's bf16 matmul rate.
     ``counts``: {parameter: elements} taken before a pipeline-parallel run dropped other stages' layers.
     """
     counts = counts or {n: p.numel() for n, p in model.named_parameters()}
     florence = w.model.startswith("florence")
-    if florence:  # the BART encoder only: the vision tower's work is left out (still a lower bound)
+    if florence:  # the BART encoder's parameters here; the vision tower's FLOPs are counted below
         counts = {
             n.removeprefix("language_model."): c for n, c in counts.items() if n.startswith("language_model.")
         }
@@ -865,6 +882,10 @@ def floors(
     encoder = model.language_model.encoder if florence else getattr(model, "encoder", None)
     layers = len(encoder.layers) if encoder is not None else 0
     enc_flops = sum(2 * enc_params * e + 4 * e * e * d * layers for e in enc_lens)
+    if florence:
+        shapes = [tuple(x["pixel_values"].shape) for x in enc_inputs]
+        per_image = {shape: image_flops(model, shape) for shape in set(shapes)}
+        enc_flops += sum(per_image[shape] for shape in shapes)
     encoder_s = enc_flops / rates["bf16_flop_per_s"]
     return {
         "decode_floor_s": decode_s,

@@ -239,9 +239,10 @@ def test_hopper_absorbed_cross_attention_fp8_several_tokens(monkeypatch):
 @ON_HOPPER
 def test_whisper_large_shaped_fp8_engine_runs_absorbed_rows_on_the_hopper_kernel(tmp_path, monkeypatch):
     """W1's shape (a random bf16 Whisper of large-v3's width: d 1280, 20 heads; 2 + 2 layers, 32
-    sequence slots): with --kv-dtype fp8 the engine takes absorbed cross-attention by default on
-    Hopper, and every absorbed decode step (CUDA-graphed) runs on the Gluon kernel with fp8 rows.
-    Its tokens agree with the same fp8 rows on the Triton shared-K/V kernel (ENCDEC_GLUON=0)."""
+    sequence slots): with --kv-dtype fp8 the engine keeps per-layer K/V by default, and asked for
+    absorbed cross-attention, every absorbed decode step (CUDA-graphed) runs on the Gluon kernel
+    with fp8 rows. Its tokens agree with the same fp8 rows on the Triton shared-K/V kernel
+    (ENCDEC_GLUON=0)."""
     from encdec_cli.engine import Engine, Request, SamplingParams
     from encdec_kernels import gluon_support, shared_kv_hopper
     from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
@@ -267,7 +268,9 @@ def test_whisper_large_shaped_fp8_engine_runs_absorbed_rows_on_the_hopper_kernel
         finally:
             engine.close()
 
-    absorbed, gluon = run()  # the default cross layout
+    absorbed, _ = run()  # the default cross layout: per-layer K/V
+    assert not absorbed and not calls
+    absorbed, gluon = run(absorb_cross=True)
     assert absorbed
     assert calls and all(calls)  # the Gluon kernel ran, on fp8 rows with their scales
     assert shared_kv_hopper._guard_fp8.failed is None

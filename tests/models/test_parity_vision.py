@@ -232,6 +232,24 @@ def test_florence2_image_features_match_transformers(tmp_path, shape):
     torch.testing.assert_close(again, got, rtol=0, atol=0)
 
 
+def test_florence2_image_flops_count_what_transformers_computes(tmp_path):
+    """``encdec bench``'s encoder floor for W9 counts the vision tower: one image's matmul and
+    convolution FLOPs through our tower and projector (torch's FlopCounterMode) equal those of
+    transformers' get_image_features, on a shape with padded windows and one with whole ones."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from encdec_cli.tasks.bench import image_flops
+
+    for i, shape in enumerate(("davit-bart", "deeper-whole-windows")):
+        kw = FLORENCE_TOWERS[shape]
+        path = tmp_path / shape
+        hf = random_florence2(path, seed=i, **kw)
+        h, w = kw.get("image_size", (64, 64))
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            hf.model.get_image_features(torch.zeros(1, 3, h, w))
+        assert image_flops(load_ours(path).model, (3, h, w)) == counter.get_total_flops() > 0
+
+
 def test_pixel_value_check_and_batch_stacking():
     """The finite check (a sum first, the element-wise scan only when finite values overflow it) and
     prepare_encoder_batch's stacking, which takes the values encoder_length checked."""
