@@ -14,7 +14,7 @@ import triton.language as tl
 
 from encdec_kernels.pdl import pdl_launch
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "add_norm"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_C = 32768  # one row lives in registers: 32768 floats = 32 per thread at 32 warps
@@ -65,7 +65,9 @@ def _check(name, t, like=None):
         raise ValueError(f"{name} is on {t.device} but x is on {like.device}; move all inputs to one device")
 
 
-def _norm(x, residual, weight, bias, eps, is_rms):
+def add_norm(x, residual, weight, bias, eps, is_rms):
+    """(norm(x [+ residual]), x + residual or None): LayerNorm (bias may be None) or, with is_rms,
+    RMSNorm, row by row over the last dim."""
     _check("x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"x must be [..., C] with C >= 1, got shape {tuple(x.shape)}")
@@ -105,19 +107,19 @@ def _norm(x, residual, weight, bias, eps, is_rms):
 
 def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last dim of x [..., C]; weight, bias: [C] (bias may be None)."""
-    return _norm(x, None, weight, bias, eps, False)[0]
+    return add_norm(x, None, weight, bias, eps, False)[0]
 
 
 def rms_norm(x, weight, eps):
     """T5's RMSNorm (no mean subtraction, no bias) over the last dim of x [..., C]."""
-    return _norm(x, None, weight, None, eps, True)[0]
+    return add_norm(x, None, weight, None, eps, True)[0]
 
 
 def add_layer_norm(x, residual, weight, bias, eps):
     """(layer_norm(x + residual), x + residual) for x, residual [..., C]."""
-    return _norm(x, residual, weight, bias, eps, False)
+    return add_norm(x, residual, weight, bias, eps, False)
 
 
 def add_rms_norm(x, residual, weight, eps):
     """(rms_norm(x + residual), x + residual) for x, residual [..., C]."""
-    return _norm(x, residual, weight, None, eps, True)
+    return add_norm(x, residual, weight, None, eps, True)

@@ -109,9 +109,11 @@ def test_few_rows_split_k(lin, gen, monkeypatch, split):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=_ids)
 @pytest.mark.parametrize("norm", [None, "layer", "rms"])
 def test_several_rows_equal_their_one_row_results(lin, gen, dtype, norm):
-    """2 to 8 rows on the one-row kernel: each row's output (and, with a residual, its sum) is bit
-    for bit what a call with that row alone gives, whatever the other rows hold: a verification
-    step's linear layers give each row what a plain step gives it."""
+    """2 to 8 rows on the one-row kernel: each row's output is bit for bit what a call with that
+    row alone gives, whatever the other rows hold: a verification step's linear layers give each
+    row what a plain step gives it. With a norm, the rows go through the norm kernel first and
+    then the one-row kernel without its norm: each row's output is bit for bit that of its normed
+    row alone, its residual sum the norm kernel's."""
     n, k = 70, 1300
     w, b = _weights(n, k, dtype, gen)
     nw = (torch.rand(k, generator=gen) + 0.5).to(dtype)
@@ -119,19 +121,17 @@ def test_several_rows_equal_their_one_row_results(lin, gen, dtype, norm):
     for m in (2, 5, 8):
         x = (torch.randn(m, k, generator=gen) * torch.arange(1, m + 1)[:, None]).to(dtype)
         res = torch.randn(m, k, generator=gen).to(dtype)
-
-        def call(x, res):
-            if norm is None:
-                return lin.gemv(x, w, b, "gelu"), None
-            return lin.norm_gemv(x, res, nw, nb, 1e-5, norm == "rms", w, b, "gelu")
-
         with poisoned_allocations():
-            out, summed = call(x, res)
-            alone = [call(x[i : i + 1], res[i : i + 1]) for i in range(m)]
-        for i, (y, s) in enumerate(alone):
+            if norm is None:
+                out = lin.gemv(x, w, b, "gelu")
+                alone = [lin.gemv(x[i : i + 1], w, b, "gelu") for i in range(m)]
+            else:
+                out, summed = lin.norm_gemv(x, res, nw, nb, 1e-5, norm == "rms", w, b, "gelu")
+                h, want_sum = lin.add_norm(x, res, nw, nb, 1e-5, norm == "rms")
+                assert torch.equal(summed, want_sum)
+                alone = [lin.gemv(h[i : i + 1], w, b, "gelu") for i in range(m)]
+        for i, y in enumerate(alone):
             assert torch.equal(out[i : i + 1], y), (m, i)
-            if norm is not None:
-                assert torch.equal(summed[i : i + 1], s), (m, i)
 
 
 def test_gemv_takes_a_strided_weight(lin, gen):
