@@ -191,14 +191,18 @@ def add_rms_norm(x, residual, weight, eps):
 
 # activations (transformers ACT2FN names) that gemv / norm_gemv apply in the kernel
 GEMV_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_pytorch_tanh"})
-# most rows of x that the models send to gemv / norm_gemv on CUDA: one, the one-row kernel. The
-# few-row tensor-core kernel (9 to 16 rows; 2 to 16 until the twelfth session) lost to cuBLAS at
-# every shape measured (H100: Whisper large-v3's fc1 at 9 rows 8.2 against 7.7 us, fc2 at 2 to 9
-# rows 22 against 10 us; W5's verification steps 1.26x against 1.67x, W2's few-row tail steps
-# 10 ms of GPU time more; split over K, the same 1.26x against 1.58x on an H200:
-# benchmarks/README.md). 2 to 8 rows now take the one-row kernel row by row (linear.GEMV_ROWS),
-# not yet measured. ENCDEC_GEMV_ROWS=N (1 to 16, read at import) sends up to N rows to them
-GEMV_MAX_ROWS = max(1, min(16, int(os.environ.get("ENCDEC_GEMV_ROWS", "1"))))
+# most rows of x that the models send to gemv / norm_gemv on CUDA: up to 5, the one-row kernel taking
+# them row by row (linear.GEMV_ROWS; with a norm, after the norm kernel): a batch-1 verification
+# step's K + 1 rows at K 4, and decode steps of up to 5 sequences. On an H100, at 5 rows of Whisper
+# large-v3's shapes it took 3.0-10.7 us against cuBLAS's 5.2-11.7 (norms and GELU included; fc2
+# 10.6 against 10.0), and W5 with oracle drafts (alpha 0.7, K 4) ran 1.09x faster than with the
+# rows on cuBLAS (two runs each on one machine, thirteenth session, benchmarks/README.md). The
+# few-row tensor-core kernel (more rows, up to 16) lost to cuBLAS at every shape measured (H100:
+# Whisper large-v3's fc1 at 9 rows 8.2 against 7.7 us, fc2 22 against 10 us; W5's verification
+# steps 1.26x against 1.67x, W2's few-row tail steps 10 ms of GPU time more; split over K, the same
+# 1.26x against 1.58x on an H200). ENCDEC_GEMV_ROWS=N (1 to 16, read at import) sends up to N rows
+# to them (1: every step of two rows or more on cuBLAS)
+GEMV_MAX_ROWS = max(1, min(16, int(os.environ.get("ENCDEC_GEMV_ROWS", "5"))))
 # widest input the one-row kernels are meant for: a program holds its weight rows' whole K in
 # registers (two rows of 8192 bf16 = 256 values per thread); wider layers stay on cuBLAS
 GEMV_MAX_K = 8192

@@ -35,9 +35,8 @@ waits for the previous kernel (PDL) before its first load, so its weights do not
 as the one-row kernel's do. Unsplit, it lost to cuBLAS on an H100 (benchmarks/README.md,
 eleventh session), and split it still does (W5's verification steps, 2 to 5 rows a linear, on an
 H200: 1.26x against 1.58x on cuBLAS, twelfth session). A row's result there is not bit-for-bit its
-one-row result (a different summation order). The models send neither kernel more than one row by
-default (``encdec_kernels.GEMV_MAX_ROWS``): the several-row path of the one-row kernel is not
-measured yet.
+one-row result (a different summation order). The models send the one-row kernel up to 5 rows and
+this one none by default (``encdec_kernels.GEMV_MAX_ROWS``).
 """
 
 from __future__ import annotations
