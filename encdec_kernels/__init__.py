@@ -208,13 +208,18 @@ GEMV_MAX_ROWS = max(1, min(16, int(os.environ.get("ENCDEC_GEMV_ROWS", "5"))))
 GEMV_MAX_K = 8192
 
 
-def gemv(x, weight, bias=None, activation=None):
-    """act(x @ weight^T + bias) for x [M, K], M <= GEMV_MAX_ROWS (encdec_kernels/linear.py on CUDA)."""
-    return _impl(x, "linear").gemv(x, weight, bias, activation)
+def gemv(x, weight, bias=None, activation=None, kv_store=None):
+    """act(x @ weight^T + bias) for x [M, K], M <= GEMV_MAX_ROWS (encdec_kernels/linear.py on CUDA).
+    ``kv_store`` (k_cache, v_cache, slot_mapping): y is a self-attention's [q | k | v] and its k and
+    v parts also go into the caches, as ``store_kv`` writes them (caches in a 16-bit dtype or
+    float32)."""
+    return _impl(x, "linear").gemv(x, weight, bias, activation, kv_store)
 
 
-def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None):
+def norm_gemv(
+    x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None, kv_store=None
+):
     """(gemv(norm(x + residual)), x + residual) row by row; residual may be None."""
     return _impl(x, "linear").norm_gemv(
-        x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias, activation
+        x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias, activation, kv_store
     )

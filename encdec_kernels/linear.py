@@ -15,7 +15,9 @@ threads once (5 shuffles and one barrier), not once per chunk.
 ``norm_gemv`` also takes the pending residual of a pre-norm layer: every program forms
 ``s = x + residual`` (rounded to x's dtype), its LayerNorm/RMSNorm statistics and the normalised
 row (rounded to x's dtype, as ``encdec_kernels.norm`` hands it to the linear layer) and multiplies
-that; program 0 writes ``s``. One kernel instead of a norm and a matrix-vector product.
+that; program 0 writes ``s``. One kernel instead of a norm and a matrix-vector product. Given
+``kv_store`` (a self-attention's [q | k | v] projection), the kernel also writes y's k and v parts
+into the paged cache slots, as ``store_kv`` would: one kernel fewer a decoder layer.
 Sums are float32; the output is in x's dtype.
 
 Up to ``GEMV_ROWS`` rows (a batch-1 verification step's K + 1 for K up to 7) take the same
@@ -71,12 +73,15 @@ def _act(y, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
+def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, stride_wn, eps,
                  K: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
                  CHUNKS: tl.constexpr,
                  NORM: tl.constexpr,  # 0: none, 1: LayerNorm, 2: RMSNorm of (x [+ residual])
                  HAS_RESIDUAL: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 ACT: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+                 ACT: tl.constexpr, AHEAD: tl.constexpr,
+                 STORE_KV: tl.constexpr,  # the width of q (= of k, of v): y's k and v parts also
+                 # go into cache slot SLOTS[m] (-1: none) of K_CACHE / V_CACHE [slots, STORE_KV]
+                 PDL: tl.constexpr):
     """y[m, n] = act(sum_k h[m, k] W[n, k] + b[n]) for BLOCK_N rows n and each of the M rows m of x
     [M, K] (contiguous); h = x, or the norm of x (+ res), row by row. K is laid out as [CHUNKS,
     CHUNK] (CHUNKS a power of two, the tail masked). The weight rows are read once for all M rows,
@@ -113,6 +118,8 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
             r_b = tl.load(RES + K + kk, mask=k_mask, other=0.0)
     for m in tl.static_range(M):
         at = m * K + kk
+        if STORE_KV > 0:  # loaded now, it arrives while the row is summed
+            slot = tl.load(SLOTS + m + offs_n * 0)  # [BLOCK_N], all the row's slot
         h = x_a.to(tl.float32)
         if HAS_RESIDUAL:
             r = r_a.to(tl.float32)
@@ -146,8 +153,15 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, N, stride_wn, eps,
         y = tl.sum(tl.sum(w.to(tl.float32) * h[None, :, :], 1), 1)
         if HAS_BIAS:
             y += b
-        y = _act(y, ACT)
-        tl.store(Y + m * N + offs_n, y.to(Y.dtype.element_ty), mask=n_mask)
+        y = _act(y, ACT).to(Y.dtype.element_ty)
+        tl.store(Y + m * N + offs_n, y, mask=n_mask)
+        if STORE_KV > 0:  # the layer's new K/V rows, as store_kv writes them from y
+            col = offs_n - STORE_KV  # k: [0, STORE_KV), v: [STORE_KV, 2 STORE_KV)
+            is_v = col >= STORE_KV
+            at_kv = slot * STORE_KV + tl.where(is_v, col - STORE_KV, col)
+            ok = n_mask & (slot >= 0)
+            tl.store(K_CACHE + at_kv, y.to(K_CACHE.dtype.element_ty), mask=ok & (col >= 0) & (col < STORE_KV))
+            tl.store(V_CACHE + at_kv, y.to(V_CACHE.dtype.element_ty), mask=ok & is_v)
 
 @triton.jit
 def _tile_sum(X, RES, SUM, at, km, HAS_RESIDUAL: tl.constexpr, store):
@@ -301,7 +315,25 @@ def _split_buffers(device: torch.device, n: int, split: int, tiles: int):
     return _SPLIT_BUFFERS[key]
 
 
-def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activation):
+def _check_kv_store(kv_store, n: int, m: int, x):
+    """kv_store = (k_cache, v_cache, slot_mapping): caches [NB, BS, H, D] contiguous in a 16-bit or
+    float32 dtype (fp8 rows need their scales over a whole row: store_kv), H * D = n / 3 (y is
+    [q | k | v]), slot_mapping [M] int64 -> q's width."""
+    k_cache, v_cache, slots = kv_store
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        check_tensor(name, c, 4, (torch.float32, torch.bfloat16, torch.float16), device=x.device,
+                     contiguous=True, first="x")  # fmt: skip
+    inner = k_cache.shape[2] * k_cache.shape[3]
+    if v_cache.shape != k_cache.shape or 3 * inner != n:
+        raise ValueError(f"kv_store caches must both be [NB, BS, H, D] with 3 H D = N = {n}, got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")  # fmt: skip
+    check_tensor("slot_mapping", slots, 1, (torch.int64,), device=x.device, contiguous=True, first="x")
+    if slots.shape != (m,):
+        raise ValueError(f"slot_mapping must be [M={m}], got {tuple(slots.shape)}")
+    return inner
+
+
+def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activation, kv_store=None):
     if activation not in ACTIVATIONS:
         raise ValueError(
             f"activation {activation!r} not supported; one of {sorted(a for a in ACTIVATIONS if a)}"
@@ -332,6 +364,9 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
                 raise ValueError(f"residual must match x ({tuple(x.shape)} {x.dtype}), got "
                                  f"{tuple(residual.shape)} {residual.dtype}")  # fmt: skip
     rows_kernel = m > GEMV_ROWS
+    store_kv = 0 if kv_store is None else _check_kv_store(kv_store, n, m, x)
+    if store_kv and rows_kernel:
+        raise ValueError(f"kv_store takes at most GEMV_ROWS = {GEMV_ROWS} rows, got {m}")
     if rows_kernel and weight.dtype != x.dtype:  # the tensor cores multiply like with like
         raise ValueError(f"weight must be x's dtype {x.dtype} for {m} rows, got {weight.dtype}")
     x = x.contiguous()
@@ -373,27 +408,32 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, residual if residual is not None else x, norm_weight if norm else x,
         norm_bias if norm_bias is not None else x, summed if summed is not None else y,
-        weight, bias if bias is not None else weight, y, n, weight.stride(0), float(eps),
-        K=k, M=m, BLOCK_N=block_n, CHUNK=chunk, CHUNKS=chunks, NORM=norm,
+        weight, bias if bias is not None else weight, y, *(kv_store or (y, y, y)), n, weight.stride(0),
+        float(eps), K=k, M=m, BLOCK_N=block_n, CHUNK=chunk, CHUNKS=chunks, NORM=norm,
         HAS_RESIDUAL=residual is not None, HAS_NORM_BIAS=norm_bias is not None,
         HAS_BIAS=bias is not None, ACT=ACTIVATIONS[activation], AHEAD=_ahead(chunks * chunk),
-        num_warps=warps, **pdl,
+        STORE_KV=store_kv, num_warps=warps, **pdl,
     )
     # fmt: on
     return y, summed
 
 
-def gemv(x, weight, bias=None, activation=None):
+def gemv(x, weight, bias=None, activation=None, kv_store=None):
     """act(x @ weight^T + bias) for x [M, K], M <= FEW_ROWS (one row: the one-row kernel);
-    weight [N, K] (rows contiguous), bias [N]."""
-    return _launch(x, None, None, None, 0.0, 0, weight, bias, activation)[0]
+    weight [N, K] (rows contiguous), bias [N]. ``kv_store`` (k_cache, v_cache, slot_mapping), for
+    a self-attention's [q | k | v] projection of up to GEMV_ROWS rows: y's k and v parts also go
+    into the caches' slots, as ``encdec_kernels.store_kv`` would write them (16-bit and float32
+    caches)."""
+    return _launch(x, None, None, None, 0.0, 0, weight, bias, activation, kv_store)[0]
 
 
-def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None):
+def norm_gemv(
+    x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None, kv_store=None
+):
     """(act(norm(s) @ weight^T + bias), s) with s = x + residual (x itself when residual is None),
     row by row for x [M, K], M <= FEW_ROWS; norm: LayerNorm (norm_bias may be None) or, with
-    is_rms, T5's RMSNorm."""
+    is_rms, T5's RMSNorm. ``kv_store``: as for ``gemv``."""
     y, summed = _launch(
-        x, residual, norm_weight, norm_bias, eps, 2 if is_rms else 1, weight, bias, activation
+        x, residual, norm_weight, norm_bias, eps, 2 if is_rms else 1, weight, bias, activation, kv_store
     )
     return y, (x if residual is None else summed)

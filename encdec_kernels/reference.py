@@ -332,17 +332,26 @@ def apply_activation(y, name):
     raise ValueError(f"activation {name!r} not supported")
 
 
-def gemv(x, weight, bias=None, activation=None):
-    """act(x @ weight^T + bias) for one row x [1, K] (float32 sums, output in x's dtype)."""
+def gemv(x, weight, bias=None, activation=None, kv_store=None):
+    """act(x @ weight^T + bias) for rows x [M, K] (float32 sums, output in x's dtype); with
+    ``kv_store`` (k_cache, v_cache, slot_mapping) y = [q | k | v] and k, v go into the caches."""
     y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-    return apply_activation(y, activation).to(x.dtype)
+    y = apply_activation(y, activation).to(x.dtype)
+    if kv_store is not None:
+        k_cache, v_cache, slots = kv_store
+        h, d = k_cache.shape[2:]
+        _, k, v = y.view(-1, 3, h, d).unbind(1)
+        store_kv(k, v, k_cache, v_cache, slots)
+    return y
 
 
-def norm_gemv(x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None):
+def norm_gemv(
+    x, residual, norm_weight, norm_bias, eps, is_rms, weight, bias=None, activation=None, kv_store=None
+):
     """(gemv(norm(s)), s) with s = x + residual (x when residual is None)."""
     s = x if residual is None else x + residual
     h = rms_norm(s, norm_weight, eps) if is_rms else layer_norm(s, norm_weight, norm_bias, eps)
-    return gemv(h, weight, bias, activation), s
+    return gemv(h, weight, bias, activation, kv_store), s
 
 
 def copy_blocks_where(pool, src, dst, mask):

@@ -85,9 +85,9 @@ class Norm(nn.Module):
             return encdec_kernels.rms_norm(x, self.weight, self.eps)
         return encdec_kernels.layer_norm(x, self.weight, self.bias, self.eps)
 
-    def linear(self, x, residual, linear: nn.Linear, activation: str | None = None):
+    def linear(self, x, residual, linear: nn.Linear, activation: str | None = None, kv_store=None):
         """(act(linear(norm(x + residual))), x + residual) in one kernel (``encdec_kernels.norm_gemv``):
-        a few rows, residual None for norm(x)."""
+        a few rows, residual None for norm(x); ``kv_store``: see ``Attention.kv_store``."""
         return encdec_kernels.norm_gemv(
             x,
             residual,
@@ -98,6 +98,7 @@ class Norm(nn.Module):
             linear.weight,
             linear.bias,
             activation,
+            kv_store,
         )
 
     def add(self, x, residual):
@@ -235,11 +236,13 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def norm_linear(norm: Norm, x, residual, linear: nn.Linear):
+def norm_linear(norm: Norm, x, residual, linear: nn.Linear, kv_store=None):
     """(linear(norm(x + residual)), x + residual) of a pre-norm block (residual None: the first
-    layer, norm(x) and x); one kernel for a few rows (up to GEMV_MAX_ROWS) on CUDA."""
+    layer, norm(x) and x); one kernel for a few rows (up to GEMV_MAX_ROWS) on CUDA. ``kv_store``
+    (only where ``Attention.kv_store`` gave one, which implies the few-row path): that kernel
+    also writes the step's K/V rows into the cache."""
     if _few_rows(x):
-        return norm.linear(x, residual, linear)
+        return norm.linear(x, residual, linear, kv_store=kv_store)
     h, residual = _pre_norm(norm, x, residual)
     return linear(h), residual
 
@@ -312,13 +315,31 @@ class Attention(nn.Module):
         )  # fmt: skip
         return self.out_proj(o.reshape(-1, self.h * self.d))
 
-    def decoder_self(self, qkv, meta: AttentionMetadata, rel_bias: RelBias | None = None):
+    def kv_store(self, x, meta: AttentionMetadata, pos) -> tuple | None:
+        """(k_cache, v_cache, slot_mapping) for the qkv projection's one-row kernel to write this
+        step's K/V rows into the cache itself (one kernel fewer a layer: ``decoder_self(...,
+        stored=True)``), or None: only for x on the few-row path, a cache of 16-bit or float32
+        rows (fp8 rows take a scale over a whole row) and K/V that leave the projection as they
+        are cached (no per-head norms, no rotary)."""
+        if (
+            self.k_cache is None
+            or self.k_scales is not None
+            or self.q_norm is not None
+            or self.merged
+            or isinstance(pos, (Rotary, dict))
+            or not _few_rows(x)
+        ):
+            return None
+        return self.k_cache, self.v_cache, meta.slot_mapping
+
+    def decoder_self(self, qkv, meta: AttentionMetadata, rel_bias: RelBias | None = None, stored=False):
         """qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens; writes their K/V to the paged
-        cache, attends causally -> [Tq, d]."""
+        cache (unless the projection did: ``stored``), attends causally -> [Tq, d]."""
         q, k, v, rel_bias = self._qkv(qkv, rel_bias)
-        encdec_kernels.store_kv(
-            k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scales, self.v_scales
-        )
+        if not stored:
+            encdec_kernels.store_kv(
+                k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scales, self.v_scales
+            )
         o = encdec_kernels.paged_attention(
             q,
             self.k_cache,
@@ -498,10 +519,10 @@ class DecoderLayer(nn.Module):
             x = x + self.post_encoder_attn_layer_norm(a)
             return x + self.post_mlp_layer_norm(self.mlp(self.final_layer_norm(x))), None
         if self.pre_norm:
-            qkv, residual = norm_linear(self.self_attn_layer_norm, x, residual, sa.qkv_proj)
-            q, residual = norm_linear(
-                self.encoder_attn_layer_norm, sa.decoder_self(qkv, meta, rel_bias), residual, ca.q_proj
-            )
+            store = sa.kv_store(x, meta, rel_bias)
+            qkv, residual = norm_linear(self.self_attn_layer_norm, x, residual, sa.qkv_proj, store)
+            a = sa.decoder_self(qkv, meta, rel_bias, stored=store is not None)
+            q, residual = norm_linear(self.encoder_attn_layer_norm, a, residual, ca.q_proj)
             return self.mlp.after_norm(self.final_layer_norm, ca.cross(q, meta), residual)
         x = self.self_attn_layer_norm.add(sa.decoder_self(sa.qkv_proj(x), meta, rel_bias), x)[0]
         x = self.encoder_attn_layer_norm.add(ca.cross(ca.q_proj(x), meta), x)[0]

@@ -134,6 +134,51 @@ def test_several_rows_equal_their_one_row_results(lin, gen, dtype, norm):
             assert torch.equal(out[i : i + 1], y), (m, i)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_ids)
+@pytest.mark.parametrize("norm", [None, "layer"])
+def test_kv_store_writes_the_caches_as_store_kv(lin, gen, dtype, norm):
+    """A self-attention's [q | k | v] projection with ``kv_store``: y as without it, and the k and
+    v parts of each row in its cache slot exactly as ``store_kv`` writes them from y (slot -1: no
+    write; every other slot untouched), for 1, 3 and 5 rows (the several-row path)."""
+    h, d, k = 2, 8, 40
+    w, b = _weights(3 * h * d, k, dtype, gen)
+    nw = (torch.rand(k, generator=gen) + 0.5).to(dtype)
+    for m, slots in ((1, [5]), (3, [2, -1, 9]), (5, [0, 15, 3, 4, 11])):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        res = torch.randn(m, k, generator=gen).to(dtype)
+        slot_mapping = torch.tensor(slots)
+        caches = [torch.full((4, 4, h, d), 7.0, dtype=dtype) for _ in range(4)]
+        with poisoned_allocations():
+            if norm is None:
+                y = lin.gemv(x, w, b, None, kv_store=(caches[0], caches[1], slot_mapping))
+                plain = lin.gemv(x, w, b, None)
+            else:
+                y, _ = lin.norm_gemv(
+                    x, res, nw, None, 1e-5, False, w, b, None, (caches[0], caches[1], slot_mapping)
+                )
+                plain, _ = lin.norm_gemv(x, res, nw, None, 1e-5, False, w, b, None)
+        assert torch.equal(y, plain)
+        _, key, value = plain.view(m, 3, h, d).unbind(1)
+        reference.store_kv(key, value, caches[2], caches[3], slot_mapping)
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3]), m
+        assert (caches[0] != 7.0).any() and (caches[0] == 7.0).any()
+
+
+def test_kv_store_refuses_what_it_cannot_write(lin, gen):
+    """fp8 caches (scales over whole rows), a weight that is not 3 H D rows, a slot per row."""
+    w, b = _weights(48, 40, torch.float32, gen)
+    x = torch.randn(2, 40, generator=gen)
+    cache = torch.zeros(4, 4, 2, 8)
+    slots = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="dtype"):
+        fp8 = cache.to(torch.float8_e4m3fn)
+        lin.gemv(x, w, b, kv_store=(fp8, fp8, slots))
+    with pytest.raises(ValueError, match="3 H D"):
+        lin.gemv(x, w[:40], b[:40], kv_store=(cache, cache.clone(), slots))
+    with pytest.raises(ValueError, match="slot_mapping must be"):
+        lin.gemv(x, w, b, kv_store=(cache, cache.clone(), slots[:1]))
+
+
 def test_gemv_takes_a_strided_weight(lin, gen):
     """A weight whose rows are a slice of a wider matrix (row stride > K)."""
     wide = torch.randn(40, 96, generator=gen)

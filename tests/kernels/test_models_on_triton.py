@@ -94,6 +94,58 @@ def test_t5gemma2_on_triton_kernels_matches_transformers(tmp_path, triton_on_cpu
     assert {"norm", "linear", "paged"} <= triton_on_cpu
 
 
+def _spy_kv_store(monkeypatch) -> list[bool]:
+    """Record, per pre-norm decoder layer call, whether the qkv projection wrote the K/V rows."""
+    from encdec_models.layers import Attention
+
+    fused: list[bool] = []
+    real = Attention.kv_store
+
+    def spy(self, x, meta, pos):
+        out = real(self, x, meta, pos)
+        fused.append(out is not None)
+        return out
+
+    monkeypatch.setattr(Attention, "kv_store", spy)
+    return fused
+
+
+def test_t5_decoder_writes_its_kv_in_the_qkv_kernel(monkeypatch, triton_on_cpu, tiny_text_model):
+    """T5 (pre-norm, relative position bias) on the Triton kernels, two sequences at a time: the
+    decode steps of one and two rows take the one-row kernels, whose qkv projection also writes the
+    step's K/V rows into the cache (no store_kv kernel for them); transformers' greedy tokens."""
+    from tests.models.test_parity_bart_t5 import reference_outputs, run_engine
+
+    tiny = tiny_text_model("t5")
+    loaded = load_model(tiny.path, device="cpu", dtype="float32")
+    texts = ["w3 w17 w5", "w40 w2 w9 w11 w1", "w8"]
+    fused = _spy_kv_store(monkeypatch)
+    _, results = run_engine(loaded, tiny, [loaded.tokenizer(t).input_ids for t in texts], max_num_seqs=2)
+    expected = reference_outputs(tiny, loaded.tokenizer, texts)
+    assert [r.token_ids for r in results] == [tokens for tokens, _ in expected]
+    assert any(fused) and "linear" in triton_on_cpu
+
+
+def test_whisper_decoder_writes_its_kv_in_the_qkv_kernel(tmp_path, monkeypatch, triton_on_cpu):
+    """Whisper (pre-norm, no position bias) likewise, on a 4-layer decoder: transformers' greedy
+    tokens, with the K/V rows written by the qkv projection."""
+    from tests.models.test_parity_whisper import SHAPES, _hf_greedy
+    from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
+
+    hf = random_whisper(tmp_path, seed=2, **SHAPES["deeper-decoder"])
+    g = torch.Generator().manual_seed(1)
+    feats = [torch.randn(hf.config.num_mel_bins, 3000, generator=g) for _ in range(2)]
+    prompts = [[SOT, 7], [SOT, 9, 4]]  # the interpreter's encoder takes ~1 min a request
+    ref = [_hf_greedy(hf, f, p, NEW) for f, p in zip(feats, prompts)]
+    fused = _spy_kv_store(monkeypatch)
+    engine = Engine(load_ours(tmp_path), num_blocks=2 * 375 + 40, block_size=4, max_num_seqs=2)
+    params = SamplingParams(max_new_tokens=NEW, stop_token_ids=(EOT,))
+    reqs = [Request(f, p, params, i) for i, (f, p) in enumerate(zip(feats, prompts))]
+    out = {r.request_id: r for r in engine.generate(reqs)}
+    assert [out[i].token_ids for i in range(2)] == ref
+    assert any(fused) and "linear" in triton_on_cpu
+
+
 def _encoder_output(model, pixels: list[torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return model.encode(model.prepare_encoder_batch(pixels, torch.device("cpu")))
