@@ -553,6 +553,27 @@ def test_norm_gemv(dtype, is_rms, residual, m):
     assert torch.equal(summed, want_sum)
 
 
+@pytest.mark.parametrize("m", [1, 5], ids=lambda m: f"m{m}")
+def test_gemv_kv_store_writes_what_store_kv_writes(m):
+    """Whisper large-v3's self-attention qkv projection (20 heads of 64, LayerNorm before it) with
+    ``kv_store``, compiled: y as without it, and the bf16 cache slots exactly as ``store_kv``
+    writes them from y (one slot -1: untouched)."""
+    k, h, d = 1280, 20, 64
+    x, r = torch.randn(m, k, device=DEVICE).bfloat16(), torch.randn(m, k, device=DEVICE).bfloat16()
+    nw, nb = torch.rand(k, device=DEVICE).bfloat16() + 0.5, torch.randn(k, device=DEVICE).bfloat16()
+    w = (torch.randn(3 * h * d, k, device=DEVICE) / k**0.5).bfloat16()
+    b = torch.randn(3 * h * d, device=DEVICE).bfloat16()
+    slots = torch.tensor([37, -1, 5, 63, 12][:m], device=DEVICE)
+    caches = [torch.full((4, 16, h, d), 7.0, device=DEVICE, dtype=torch.bfloat16) for _ in range(4)]
+    with poisoned_allocations():
+        y, _ = linear.norm_gemv(x, r, nw, nb, 1e-5, False, w, b, None, (caches[0], caches[1], slots))
+        plain, _ = linear.norm_gemv(x, r, nw, nb, 1e-5, False, w, b, None)
+        _, key, value = plain.view(m, 3, h, d).unbind(1)
+        paged.store_kv(key, value, caches[2], caches[3], slots)
+    assert torch.equal(y, plain)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+
+
 @pytest.mark.parametrize("m", [2, 5, 8], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("n,k,norm", [(5120, 1280, True), (1280, 5120, False), (3840, 1280, True)], ids=str)
 def test_gemv_several_rows_equal_their_one_row_results(n, k, norm, m):
