@@ -329,10 +329,15 @@ def run_text(*args, input=None):
 
 
 def check_rows(rows: list[dict], cases: list[str | None]) -> None:
+    """Failed rows hold their error and no summary; the others a summary and no error: a non-empty
+    one, except where the text is special-token markup (transformers 5.25's tokenizer reads
+    "</s> <pad>" as the tokens themselves, after which the tiny model may end at once)."""
     assert len(rows) == len(cases)
     for i, (row, expect) in enumerate(zip(rows, cases)):
         if expect is None:
-            assert row["error"] is None and row["summary"], (i, row)
+            special = "</s>" in (row.get("text") or "")
+            assert row["error"] is None and isinstance(row["summary"], str), (i, row)
+            assert row["summary"] or special, (i, row)
         else:
             assert row["summary"] is None and re.search(expect, row["error"]), (i, row)
 
