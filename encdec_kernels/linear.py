@@ -379,7 +379,7 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
         # sums a row) and holds more registers: on an H100, 5 rows of Whisper large's qkv took
         # 22 us fused against 6.4 us unfused plus the norm's ~2.
         x, summed = add_norm(x, residual, norm_weight, norm_bias, eps, norm == 2)
-        norm, residual = 0, None
+        norm, residual, norm_bias = 0, None, None
     else:
         summed = torch.empty_like(x) if residual is not None else None
     pdl = pdl_launch(x)

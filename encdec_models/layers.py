@@ -330,6 +330,10 @@ class Attention(nn.Module):
             or not _few_rows(x)
         ):
             return None
+        from encdec_kernels.linear import GEMV_ROWS  # (the few-row path: Triton is there)
+
+        if x.shape[0] > GEMV_ROWS:  # more rows take the tensor-core kernel, which stores nothing
+            return None
         return self.k_cache, self.v_cache, meta.slot_mapping
 
     def decoder_self(self, qkv, meta: AttentionMetadata, rel_bias: RelBias | None = None, stored=False):
