@@ -22,7 +22,7 @@
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
-#           kernel (fp8's default on Hopper) and with per-layer K/V (issue 26) (~5)
+#           kernel (--cross absorbed) and with per-layer K/V (fp8's default) (issue 26) (~5)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -71,6 +71,11 @@ step() {  # step LIMIT_S WHAT CMD...: run CMD with a time limit, its output in W
     echo "   rc $rc, $((SECONDS - t0)) s" | tee -a "$OUT/session.log"
     tail -n 25 "$(name "$what").log"
 }
+w5_spec() {  # w5_spec WHAT ROWS: W5 with oracle drafts (alpha 0, 0.7; K 4), up to ROWS rows on the
+    # one-row linear kernel (a verification step's 5 rows: 1 puts them on cuBLAS)
+    step 120 "W5-speculative-$1" env ENCDEC_GEMV_ROWS="$2" "${encdec[@]}" bench W5 --baseline none \
+        --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name "W5-speculative-$1").json"
+}
 { nvidia-smi -L; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } >"$OUT/device.txt" 2>&1
 
 for part in "$@"; do
@@ -95,10 +100,8 @@ for part in "$@"; do
     rows)
         step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
         step 150 sweep-rows python3 benchmarks/sweep_kernels.py --only rows --out "$(name sweep-rows).json"
-        step 120 W5-speculative-gemv env ENCDEC_GEMV_ROWS=8 "${encdec[@]}" bench W5 --baseline none --speculative oracle \
-            --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-gemv).json"
-        step 120 W5-speculative-cublas env ENCDEC_GEMV_ROWS=1 "${encdec[@]}" bench W5 --baseline none \
-            --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-cublas).json" ;;
+        w5_spec gemv 8
+        w5_spec cublas 1 ;;
     w5ab)
         step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
         for i in 1 2; do
@@ -106,10 +109,8 @@ for part in "$@"; do
             (cd out/prev && step 60 W5-ab-prev-$i "${encdec[@]}" bench W5 --baseline none \
                 --out "$(name W5-ab-prev-$i).json")
         done
-        step 120 W5-speculative-gemv env ENCDEC_GEMV_ROWS=8 "${encdec[@]}" bench W5 --baseline none --speculative oracle \
-            --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-gemv).json"
-        step 120 W5-speculative-cublas env ENCDEC_GEMV_ROWS=1 "${encdec[@]}" bench W5 --baseline none \
-            --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-cublas).json"
+        w5_spec gemv 8
+        w5_spec cublas 1
         grep -h "^W5\|oracle" "$OUT"/*W5-*.log ;;
     abprof)
         step 150 profile-W2-new python3 benchmarks/profile_step.py W2 --max-num-seqs 512 --rows 40 \
@@ -118,7 +119,8 @@ for part in "$@"; do
             --rows 40 --out "$(name profile-W2-old).json") ;;
     fp8)
         step 90 W1-bf16 "${encdec[@]}" bench W1 --baseline none --out "$(name W1-bf16).json"
-        step 90 W1-fp8-absorbed "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --out "$(name W1-fp8-absorbed).json"
+        step 90 W1-fp8-absorbed "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross absorbed \
+            --out "$(name W1-fp8-absorbed).json"
         step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
     kernels)
         step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
@@ -160,8 +162,7 @@ for part in "$@"; do
         step 120 gpu-tests-decode python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py \
             -k "decode or split_kv" -p no:cacheprovider
         AB_PAIRS=2 bash "$0" ab
-        step 120 W5-speculative-gemv env ENCDEC_GEMV_ROWS=8 "${encdec[@]}" bench W5 --baseline none \
-            --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W5-speculative-gemv).json" ;;
+        w5_spec gemv 8 ;;
     check)
         step 200 gpu-check python3 -m pytest -q -m gpu tests/gpu/test_image_to_text_gpu.py \
             tests/gpu/test_speculative_gpu.py -p no:cacheprovider ;;

@@ -553,16 +553,22 @@ def test_norm_gemv(dtype, is_rms, residual, m):
     assert torch.equal(summed, want_sum)
 
 
+def _rows_inputs(m, n, k):
+    """bf16 x [m, K] (rows of growing scale), residual, LayerNorm weight and bias, weight [n, K], bias."""
+    x = (torch.randn(m, k, device=DEVICE) * torch.arange(1, m + 1, device=DEVICE)[:, None]).bfloat16()
+    r = torch.randn(m, k, device=DEVICE).bfloat16()
+    nw, nb = torch.rand(k, device=DEVICE).bfloat16() + 0.5, torch.randn(k, device=DEVICE).bfloat16()
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).bfloat16()
+    return x, r, nw, nb, w, torch.randn(n, device=DEVICE).bfloat16()
+
+
 @pytest.mark.parametrize("m", [1, 5], ids=lambda m: f"m{m}")
 def test_gemv_kv_store_writes_what_store_kv_writes(m):
     """Whisper large-v3's self-attention qkv projection (20 heads of 64, LayerNorm before it) with
     ``kv_store``, compiled: y as without it, and the bf16 cache slots exactly as ``store_kv``
     writes them from y (one slot -1: untouched)."""
     k, h, d = 1280, 20, 64
-    x, r = torch.randn(m, k, device=DEVICE).bfloat16(), torch.randn(m, k, device=DEVICE).bfloat16()
-    nw, nb = torch.rand(k, device=DEVICE).bfloat16() + 0.5, torch.randn(k, device=DEVICE).bfloat16()
-    w = (torch.randn(3 * h * d, k, device=DEVICE) / k**0.5).bfloat16()
-    b = torch.randn(3 * h * d, device=DEVICE).bfloat16()
+    x, r, nw, nb, w, b = _rows_inputs(m, 3 * h * d, k)
     slots = torch.tensor([37, -1, 5, 63, 12][:m], device=DEVICE)
     caches = [torch.full((4, 16, h, d), 7.0, device=DEVICE, dtype=torch.bfloat16) for _ in range(4)]
     with poisoned_allocations():
@@ -583,11 +589,7 @@ def test_gemv_several_rows_equal_their_one_row_results(n, k, norm, m):
     from encdec_kernels.norm import add_norm
 
     assert m <= linear.GEMV_ROWS
-    x = (torch.randn(m, k, device=DEVICE) * torch.arange(1, m + 1, device=DEVICE)[:, None]).bfloat16()
-    r = torch.randn(m, k, device=DEVICE).bfloat16()
-    nw, nb = torch.rand(k, device=DEVICE).bfloat16() + 0.5, torch.randn(k, device=DEVICE).bfloat16()
-    w = (torch.randn(n, k, device=DEVICE) / k**0.5).bfloat16()
-    b = torch.randn(n, device=DEVICE).bfloat16()
+    x, r, nw, nb, w, b = _rows_inputs(m, n, k)
     with poisoned_allocations():
         if norm:
             out, summed = linear.norm_gemv(x, r, nw, nb, 1e-5, False, w, b, "gelu")
