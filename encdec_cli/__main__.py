@@ -13,7 +13,9 @@ def main() -> None:
     interrupts.install()
     try:
         from encdec_cli.cli import main as cli_main
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not interrupts.caused_by_stop(e):
+            raise
         print(interrupts.stop_message(), file=sys.stderr)
         raise SystemExit(interrupts.exit_status()) from None
     cli_main()

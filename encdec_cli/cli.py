@@ -34,10 +34,12 @@ def main():
     )
     try:
         app()
-    except KeyboardInterrupt:  # a stop signal while Typer still builds the commands, before click runs
-        _stopped(common.job_stopped)
     except SystemExit as e:
         if e.code not in interrupts.STOP_SIGNALS.values():
+            raise
+        _stopped(common.job_stopped)
+    except BaseException as e:  # a stop signal while Typer still builds the commands, before click runs
+        if not interrupts.caused_by_stop(e):
             raise
         _stopped(common.job_stopped)
 

@@ -184,7 +184,11 @@ def command(name: str | None = None):
             except KeyboardInterrupt:  # before the job took over (loading): typer's status 130
                 _summary_of_fault(interrupts.exit_status(), interrupts.stop_message())
                 raise
-            except Exception as e:  # a bug: the summary says so, the traceback follows
+            except Exception as e:
+                if interrupts.caused_by_stop(e):  # a stop signal that an import hook wrapped
+                    _summary_of_fault(interrupts.exit_status(), interrupts.stop_message())
+                    raise KeyboardInterrupt from None
+                # a bug: the summary says so, the traceback follows
                 _summary_of_fault(1, f"internal error: {type(e).__name__}: {e}")
                 raise
             try:

@@ -48,6 +48,19 @@ def exit_status() -> int:
     return STOP_SIGNALS.get(_received[0], 130) if _received else 130
 
 
+def caused_by_stop(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a stop signal's ``KeyboardInterrupt``: Python
+    wraps one raised inside some hooks (a class's ``__set_name__`` while a module imports, on 3.11)
+    in a ``RuntimeError``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def stop_message() -> str:
     """One line saying why the command stopped."""
     return "stopped by SIGTERM" if exit_status() == 143 else "interrupted (Ctrl-C)"

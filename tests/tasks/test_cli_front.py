@@ -403,6 +403,49 @@ def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, blocked_model, sig, s
         assert summary["error"] == lines[-1] and summary["counts"]["done"] == 0
 
 
+_STOP_INSIDE_AN_IMPORT_HOOK = """
+import importlib.abc, importlib.util, os, signal, sys
+
+class Descriptor:  # a class attribute whose __set_name__ runs while its module imports
+    def __set_name__(self, owner, name):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler raises KeyboardInterrupt here
+
+class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path, target=None):
+        if name == "encdec_cli.tasks.seq2seq":  # what the summarize command imports first
+            return importlib.util.spec_from_loader(name, self)
+    def create_module(self, spec):
+        return None
+    def exec_module(self, module):
+        type("User", (), {"orgs": Descriptor()})
+
+sys.meta_path.insert(0, Finder())
+sys.argv = ["encdec", *sys.argv[1:]]
+from encdec_cli.__main__ import main
+main()
+"""
+
+
+def test_a_stop_signal_inside_an_import_hook_is_still_one_line(tmp_path, text_model):
+    """Python 3.11 wraps a KeyboardInterrupt raised in a class's __set_name__ (huggingface_hub's
+    dataclasses, while transformers imports) in a RuntimeError: still a stop, status 130, one line."""
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    args = ["summarize", str(tmp_path / "in.txt"), "-m", str(text_model)]
+    args += ["--summary-json", str(tmp_path / "summary.json")]
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOP_INSIDE_AN_IMPORT_HOOK, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "interrupted (Ctrl-C)", proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["exit_code"] == 130
+
+
 def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
     """SIGTERM mid-job, as Slurm or Kubernetes send it: the job saves, prints its summary, exits 143."""
     lines = "".join(f"w{i % 100} w{(i * 7) % 100} w{(i * 13) % 100}\n" for i in range(600))
