@@ -1,0 +1,74 @@
+"""encdec_kernels/linear.py's one-row kernel on a machine without a GPU: compiled for sm_90 with the
+installed Triton at Whisper large-v3's decoder shapes, one row (a plain batch-1 step) and five (a
+verification step's K + 1 at K 4), it keeps what its speed rests on (benchmarks/README.md):
+
+- no register spills (a program holds its weight rows' whole K in registers);
+- the weight rows are loaded before the PDL wait, so they stream in while the previous kernel runs;
+- several rows cross the threads together: no more barriers at five rows than at one, give or
+  take the final reduction's (before, each row had its own cross-warp sum: 9 barriers at 5 rows).
+
+Numbers against cuBLAS and the reference: tests/gpu/test_kernels_gpu.py (``-k gemv``). Compiles run in
+a fresh process without TRITON_INTERPRET (tests/support/gluon_compile.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.gluon_compile import compile_in_subprocess
+
+# name: (N, K, rows, norm (1 LayerNorm with the residual), kv_store, activation)
+CASES = {
+    f"{layer}-{rows}": (n, k, rows, norm, kv, act)
+    for layer, (n, k, norm, kv, act) in {
+        "qkv": (3840, 1280, 1, True, None),  # one row: the norm and the K/V store fused
+        "qkv-plain": (3840, 1280, 0, True, None),  # several rows: after the norm kernel
+        "fc1": (5120, 1280, 0, False, "gelu"),
+        "fc2": (1280, 5120, 0, False, None),
+    }.items()
+    for rows in (1, 5)
+    if not (norm and rows > 1)  # several rows with a norm take the norm kernel first
+}
+SCRIPT = """
+import json, re, subprocess, sys, tempfile
+import triton.backends.nvidia.compiler as nv
+from encdec_kernels import linear
+out = {}
+for name, (n, k, rows, norm, kv, act) in json.loads(sys.argv[1]).items():
+    c = linear.compile_offline(n, k, rows, norm=norm, residual=bool(norm), activation=act, kv_store=kv)
+    ptx = c.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        open(tmp + "/k.ptx", "w").write(ptx)
+        cmd = [nv.get_ptxas(90).path, "-arch=sm_90a", "-v", tmp + "/k.ptx", "-o", tmp + "/k.o"]
+        info = subprocess.run(cmd, capture_output=True, text=True).stderr
+    spills = [int(x) for x in re.findall(r"(\\d+) bytes spill (?:stores|loads)", info)]
+    body = [line.strip() for line in ptx.splitlines()]
+    wait = next(i for i, line in enumerate(body) if line.startswith("griddepcontrol.wait"))
+    tiles = linear._gemv_tiles(n, k, rows, 2)
+    out[name] = dict(
+        spill_bytes=sum(spills), ptxas_ok=bool(spills),
+        loads_before_wait=sum("ld.global" in line for line in body[:wait]),
+        weight_loads=tiles["BLOCK_N"] * tiles["CHUNKS"] * tiles["REP"],  # 16-byte loads a thread
+        barriers=sum(line.startswith("bar.sync") or line.startswith("barrier.sync") for line in body))
+    print(name, out[name], file=sys.stderr)
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return compile_in_subprocess(SCRIPT, CASES)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiles_for_hopper_without_spills_weights_before_the_wait(compiled, case):
+    c = compiled[case]
+    assert c["ptxas_ok"], "ptxas printed no spill report"
+    assert c["spill_bytes"] == 0
+    assert c["loads_before_wait"] >= c["weight_loads"]
+
+
+@pytest.mark.parametrize("layer", ["qkv-plain", "fc1", "fc2"])
+def test_five_rows_take_no_more_barriers_than_one(compiled, layer):
+    """All rows' sums cross the threads in one reduction (two more barriers at most: the
+    reduction's own for a [rows, BLOCK_N] result), not one cross-warp sum a row."""
+    assert compiled[f"{layer}-5"]["barriers"] <= compiled[f"{layer}-1"]["barriers"] + 2
