@@ -15,10 +15,10 @@
 #           by row up to 8, the tensor-core kernel above): their GPU tests, the sweep against
 #           cuBLAS, then W5 with oracle drafts (alpha 0, 0.7; K 4) with those rows on the one-row
 #           kernel (ENCDEC_GEMV_ROWS=8) and on cuBLAS (ENCDEC_GEMV_ROWS=1) (issue 22) (~6)
-#   w5ab    the one-row linear kernel's GPU tests, W5 (ours only) twice each, alternating this tree and
+#   w5ab    the one-row linear kernel's GPU tests, W5 (ours only) twice each, alternating this tree,
 #           out/prev (carry it: git archive <commit> | tar -x -C out/prev, the tree to compare
-#           against), then W5 with oracle drafts, verification rows on the one-row kernel
-#           (ENCDEC_GEMV_ROWS=8) and on cuBLAS (issues 22, 26) (~5)
+#           against) and this tree without the qkv kernel's K/V store (ENCDEC_GEMV_KV_STORE=0), then W5 with oracle drafts, verification rows on the one-row kernel
+#           (ENCDEC_GEMV_ROWS=8) and on cuBLAS (issues 22, 26) (~6)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
@@ -108,6 +108,8 @@ for part in "$@"; do
             step 60 W5-ab-new-$i "${encdec[@]}" bench W5 --baseline none --out "$(name W5-ab-new-$i).json"
             (cd out/prev && step 60 W5-ab-prev-$i "${encdec[@]}" bench W5 --baseline none \
                 --out "$(name W5-ab-prev-$i).json")
+            step 60 W5-ab-nokv-$i env ENCDEC_GEMV_KV_STORE=0 "${encdec[@]}" bench W5 --baseline none \
+                --out "$(name W5-ab-nokv-$i).json"
         done
         w5_spec gemv 8
         w5_spec cublas 1

@@ -203,6 +203,10 @@ GEMV_ACTIVATIONS = frozenset({"relu", "gelu", "gelu_new", "gelu_pytorch_tanh"})
 # 1.26x against 1.58x on an H200). ENCDEC_GEMV_ROWS=N (1 to 16, read at import) sends up to N rows
 # to them (1: every step of two rows or more on cuBLAS)
 GEMV_MAX_ROWS = max(1, min(16, int(os.environ.get("ENCDEC_GEMV_ROWS", "5"))))
+# the self-attention's qkv projection on the one-row kernel also writes the step's K/V rows into the
+# paged cache (one store_kv kernel fewer a decoder layer); ENCDEC_GEMV_KV_STORE=0 (read at import)
+# leaves them to store_kv, to measure the difference
+GEMV_KV_STORE = os.environ.get("ENCDEC_GEMV_KV_STORE", "1") != "0"
 # widest input the one-row kernels are meant for: a program holds its weight rows' whole K in
 # registers (two rows of 8192 bf16 = 256 values per thread); wider layers stay on cuBLAS
 GEMV_MAX_K = 8192

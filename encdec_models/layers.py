@@ -320,9 +320,10 @@ class Attention(nn.Module):
         step's K/V rows into the cache itself (one kernel fewer a layer: ``decoder_self(...,
         stored=True)``), or None: only for x on the few-row path, a cache of 16-bit or float32
         rows (fp8 rows take a scale over a whole row) and K/V that leave the projection as they
-        are cached (no per-head norms, no rotary)."""
+        are cached (no per-head norms, no rotary); not with ENCDEC_GEMV_KV_STORE=0."""
         if (
             self.k_cache is None
+            or not encdec_kernels.GEMV_KV_STORE
             or self.k_scales is not None
             or self.q_norm is not None
             or self.merged

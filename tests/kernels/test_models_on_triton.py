@@ -124,6 +124,11 @@ def test_t5_decoder_writes_its_kv_in_the_qkv_kernel(monkeypatch, triton_on_cpu, 
     expected = reference_outputs(tiny, loaded.tokenizer, texts)
     assert [r.token_ids for r in results] == [tokens for tokens, _ in expected]
     assert any(fused) and "linear" in triton_on_cpu
+    fused.clear()  # ENCDEC_GEMV_KV_STORE=0: store_kv writes them, the same tokens
+    monkeypatch.setattr(encdec_kernels, "GEMV_KV_STORE", False)
+    _, results = run_engine(loaded, tiny, [loaded.tokenizer(t).input_ids for t in texts], max_num_seqs=2)
+    assert [r.token_ids for r in results] == [tokens for tokens, _ in expected]
+    assert fused and not any(fused)
 
 
 def test_whisper_decoder_writes_its_kv_in_the_qkv_kernel(tmp_path, monkeypatch, triton_on_cpu):
