@@ -214,6 +214,10 @@ GEMV_KV_STORE = os.environ.get("ENCDEC_GEMV_KV_STORE", "1") != "0"
 # widest input the one-row kernels are meant for: a program holds its weight rows' whole K in
 # registers (two rows of 8192 bf16 = 256 values per thread); wider layers stay on cuBLAS
 GEMV_MAX_K = 8192
+# widest input for which they take several rows: each row of x is held in registers beside the
+# weights, and at K 8192 (NLLB's fc2) ptxas spills (sm_90: 16 bytes at 2 rows, 1,108 at 5; none
+# at one row, nor at K 5,120 up to 8 rows: tests/kernels/test_linear_compile.py); those go to cuBLAS
+GEMV_ROWS_MAX_K = 5120
 
 
 def gemv(x, weight, bias=None, activation=None, kv_store=None):

@@ -222,7 +222,7 @@ def _few_rows(x) -> bool:
     return (
         x.dim() == 2
         and 1 <= x.shape[0] <= encdec_kernels.GEMV_MAX_ROWS
-        and x.shape[1] <= encdec_kernels.GEMV_MAX_K
+        and x.shape[1] <= (encdec_kernels.GEMV_MAX_K if x.shape[0] == 1 else encdec_kernels.GEMV_ROWS_MAX_K)
         and encdec_kernels.use_triton(x)
     )
 

@@ -1,6 +1,7 @@
 """encdec_kernels/linear.py's one-row kernel on a machine without a GPU: compiled for sm_90 with the
 installed Triton at Whisper large-v3's decoder shapes, one row (a plain batch-1 step) and five (a
-verification step's K + 1 at K 4), it keeps what its speed rests on (benchmarks/README.md):
+verification step's K + 1 at K 4), and at the widest inputs the models send it, it keeps what its
+speed rests on (benchmarks/README.md):
 
 - no register spills (a program holds its weight rows' whole K in registers);
 - the weight rows are loaded before the PDL wait, so they stream in while the previous kernel runs;
@@ -13,7 +14,10 @@ a fresh process without TRITON_INTERPRET (tests/support/gluon_compile.py)."""
 from __future__ import annotations
 
 import pytest
+import torch
 
+import encdec_kernels
+from encdec_kernels import linear
 from tests.support.gluon_compile import compile_in_subprocess
 
 # name: (N, K, rows, norm (1 LayerNorm with the residual), kv_store, activation)
@@ -28,6 +32,10 @@ CASES = {
     for rows in (1, 5)
     if not (norm and rows > 1)  # several rows with a norm take the norm kernel first
 }
+# the widest inputs the models send: GEMV_MAX_K at one row (NLLB's fc2), GEMV_ROWS_MAX_K at the
+# most rows the one-row kernel takes (linear.GEMV_ROWS)
+CASES["widest-1"] = (1024, encdec_kernels.GEMV_MAX_K, 1, 0, False, None)
+CASES["widest-rows"] = (1280, encdec_kernels.GEMV_ROWS_MAX_K, linear.GEMV_ROWS, 0, False, None)
 SCRIPT = """
 import json, os, re, subprocess, sys, tempfile, warnings
 os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)  # encdec_kernels keeps Triton's FMA fusion on itself,
@@ -75,3 +83,17 @@ def test_five_rows_take_no_more_barriers_than_one(compiled, layer):
     """All rows' sums cross the threads in one reduction (two more barriers at most: the
     reduction's own for a [rows, BLOCK_N] result), not one cross-warp sum a row."""
     assert compiled[f"{layer}-5"]["barriers"] <= compiled[f"{layer}-1"]["barriers"] + 2
+
+
+def test_several_rows_only_up_to_the_width_that_fits(monkeypatch):
+    """The models send several rows to the one-row kernel only up to GEMV_ROWS_MAX_K (wider ones
+    spill: cuBLAS takes them); one row up to GEMV_MAX_K."""
+    from encdec_models.layers import _few_rows
+
+    monkeypatch.setattr(encdec_kernels, "use_triton", lambda x: True)
+    rows, widest = encdec_kernels.GEMV_MAX_ROWS, encdec_kernels.GEMV_ROWS_MAX_K
+    assert rows > 1 and widest < encdec_kernels.GEMV_MAX_K
+    assert _few_rows(torch.empty(1, encdec_kernels.GEMV_MAX_K))
+    assert _few_rows(torch.empty(rows, widest))
+    assert not _few_rows(torch.empty(2, widest + 1))
+    assert not _few_rows(torch.empty(1, encdec_kernels.GEMV_MAX_K + 1))
