@@ -18,10 +18,15 @@ padding rows first. A padding row writes nowhere; it sits before the real ones, 
 a key past the sequence's end, and the real rows see exactly their own keys. Padding rows' outputs
 (possibly NaN: they may see no key at all) stay in their own rows and are never read.
 
-Each step's graph is captured as SEGMENTS graphs cut at decoder-layer boundaries and replayed in
-order: launching a graph costs the host time per kernel before the GPU starts it, so with one
+Each step's graph is captured as up to SEGMENTS graphs cut at decoder-layer boundaries and replayed
+in order: launching a graph costs the host time per kernel before the GPU starts it, so with one
 graph of a whole step the GPU idles for that long every step; with segments it runs the first
-while the host launches the rest.
+while the host launches the rest. The first segment is one layer and each next one about twice the
+layers before it (cuts after layers 1, 3, 7, 15): the GPU waits for one layer's launch, not a
+quarter of the step's (a step that cannot launch ahead, as a verification step, waited for it
+every step: 0.14 ms between the inputs' copy and the graph's first kernel in the H100 profile of
+W5's verification steps, benchmarks/results/h100-profile-W5-verify-2026-12-06-8c2e62e.json), and
+each later segment's launch still ends before the GPU has run the layers before it.
 """
 
 from __future__ import annotations
@@ -35,7 +40,18 @@ from encdec_cli.engine.transfer import to_device
 from encdec_models.base import AttentionMetadata, PagedView
 from encdec_models.layers import layer_boundary_hook
 
-SEGMENTS = 4  # graphs per decode step (at most one per decoder layer)
+SEGMENTS = 5  # graphs per decode step at most (at most one per decoder layer)
+
+
+def segment_cuts(layers: int, segments: int = SEGMENTS) -> list[int]:
+    """The decoder layers after which a step's graph is cut: after layers 1, 3, 7, 15, ... (each
+    segment twice the layers before it), at most ``segments`` graphs, none of them empty."""
+    cuts: list[int] = []
+    cut = 1
+    while cut < layers and len(cuts) < segments - 1:
+        cuts.append(cut)
+        cut = 2 * cut + 1
+    return cuts
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -137,7 +153,7 @@ class CudaGraphs:
         free_before = torch.cuda.mem_get_info()[0]
         pool = torch.cuda.graph_pool_handle()  # one pool: every segment of every batch size
         layers = len(model.decoder_layers())
-        cuts = {round(i * layers / self.segments) for i in range(1, self.segments)} - {0}
+        cuts = set(segment_cuts(layers, self.segments))
         stream = torch.cuda.Stream()
         shared = None  # the largest graph's output shapes: every graph writes its rows there
         for b in reversed(self.sizes):  # largest first: later graphs reuse its pool memory
