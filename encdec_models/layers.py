@@ -318,9 +318,10 @@ class Attention(nn.Module):
     def kv_store(self, x, meta: AttentionMetadata, pos) -> tuple | None:
         """(k_cache, v_cache, slot_mapping) for the qkv projection's one-row kernel to write this
         step's K/V rows into the cache itself (one kernel fewer a layer: ``decoder_self(...,
-        stored=True)``), or None: only for x on the few-row path, a cache of 16-bit or float32
-        rows (fp8 rows take a scale over a whole row) and K/V that leave the projection as they
-        are cached (no per-head norms, no rotary); not with ENCDEC_GEMV_KV_STORE=0."""
+        stored=True)``, as ``decoder_self_pre_norm`` does), or None: only for x on the few-row
+        path, a cache of 16-bit or float32 rows (fp8 rows take a scale over a whole row) and K/V
+        that leave the projection as they are cached (no per-head norms, no rotary); not with
+        ENCDEC_GEMV_KV_STORE=0."""
         if (
             self.k_cache is None
             or not encdec_kernels.GEMV_KV_STORE
@@ -336,6 +337,14 @@ class Attention(nn.Module):
         if x.shape[0] > GEMV_ROWS:  # more rows take the tensor-core kernel, which stores nothing
             return None
         return self.k_cache, self.v_cache, meta.slot_mapping
+
+    def decoder_self_pre_norm(self, norm: Norm, x, residual, meta: AttentionMetadata, rel_bias=None):
+        """A pre-norm decoder layer's self-attention block: (decoder_self(qkv_proj(norm(x +
+        residual))), x + residual), the norm and the projection one kernel on the few-row path,
+        which also writes the new K/V rows where ``kv_store`` allows (no ``store_kv`` then)."""
+        store = self.kv_store(x, meta, rel_bias)
+        qkv, residual = norm_linear(norm, x, residual, self.qkv_proj, store)
+        return self.decoder_self(qkv, meta, rel_bias, stored=store is not None), residual
 
     def decoder_self(self, qkv, meta: AttentionMetadata, rel_bias: RelBias | None = None, stored=False):
         """qkv: [Tq, 3 * H * D] = qkv_proj of the new decoder tokens; writes their K/V to the paged
@@ -524,9 +533,7 @@ class DecoderLayer(nn.Module):
             x = x + self.post_encoder_attn_layer_norm(a)
             return x + self.post_mlp_layer_norm(self.mlp(self.final_layer_norm(x))), None
         if self.pre_norm:
-            store = sa.kv_store(x, meta, rel_bias)
-            qkv, residual = norm_linear(self.self_attn_layer_norm, x, residual, sa.qkv_proj, store)
-            a = sa.decoder_self(qkv, meta, rel_bias, stored=store is not None)
+            a, residual = sa.decoder_self_pre_norm(self.self_attn_layer_norm, x, residual, meta, rel_bias)
             q, residual = norm_linear(self.encoder_attn_layer_norm, a, residual, ca.q_proj)
             return self.mlp.after_norm(self.final_layer_norm, ca.cross(q, meta), residual)
         x = self.self_attn_layer_norm.add(sa.decoder_self(sa.qkv_proj(x), meta, rel_bias), x)[0]
