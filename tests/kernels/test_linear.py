@@ -3,6 +3,10 @@ CPU through the Triton interpreter."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -242,3 +246,20 @@ def test_norm_gemv_rejects_bad_norm_inputs(lin, gen):
     ]:
         with pytest.raises(ValueError):
             lin.norm_gemv(*args, 1e-5, False, w, b)
+
+
+@pytest.mark.parametrize(
+    "env, rows, kv_store",
+    [
+        ({}, 5, True),
+        ({"ENCDEC_GEMV_ROWS": "1", "ENCDEC_GEMV_KV_STORE": "0"}, 1, False),  # everything on cuBLAS / store_kv
+        ({"ENCDEC_GEMV_ROWS": "99"}, 16, True),  # at most FEW_ROWS
+    ],
+)
+def test_measuring_switches_are_read_at_import(env, rows, kv_store):
+    """ENCDEC_GEMV_ROWS and ENCDEC_GEMV_KV_STORE, which benchmarks/gpu_session.sh sets to compare."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("ENCDEC_GEMV_ROWS", "ENCDEC_GEMV_KV_STORE")}
+    code = "import encdec_kernels as k; print(k.GEMV_MAX_ROWS, k.GEMV_KV_STORE)"
+    proc = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(rows), str(kv_store)]
