@@ -14,12 +14,12 @@ from tests.support.gluon_compile import H100_SHARED_BYTES, compile_in_subprocess
 pytest.importorskip("triton")
 
 SCRIPT = r"""
-import json, re, subprocess, sys, tempfile
+import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-import triton.backends.nvidia.compiler as nv
 from encdec_kernels import paged, shared_kv
+from tests.support.gluon_compile import ptxas_sm90
 
 def compile90(kernel, sig, consts, num_warps, num_stages):
     full = {**sig, **dict.fromkeys(consts, "constexpr")}
@@ -28,12 +28,8 @@ def compile90(kernel, sig, consts, num_warps, num_stages):
     opts = dict(num_warps=num_warps, num_stages=num_stages)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     ptx = k.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        open(tmp + "/k.ptx", "w").write(ptx)
-        cmd = [nv.get_ptxas(90).path, "-arch=sm_90a", "-v", tmp + "/k.ptx", "-o", tmp + "/k.o"]
-        info = subprocess.run(cmd, capture_output=True, text=True).stderr
-    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", info)]
-    return dict(shared=k.metadata.shared, spill_bytes=sum(spills), ptxas_ok=bool(spills),
+    spill_bytes, ptxas_ok, _ = ptxas_sm90(ptx)
+    return dict(shared=k.metadata.shared, spill_bytes=spill_bytes, ptxas_ok=ptxas_ok,
                 e4m3="e4m3x2" in ptx)
 
 i32 = lambda names: {n: "i32" for n in names.split()}

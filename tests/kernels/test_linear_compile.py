@@ -37,26 +37,22 @@ CASES = {
 CASES["widest-1"] = (1024, encdec_kernels.GEMV_MAX_K, 1, 0, False, None)
 CASES["widest-rows"] = (1280, encdec_kernels.GEMV_ROWS_MAX_K, linear.GEMV_ROWS, 0, False, None)
 SCRIPT = """
-import json, os, re, subprocess, sys, tempfile, warnings
+import json, os, sys, warnings
 os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)  # encdec_kernels keeps Triton's FMA fusion on itself,
 warnings.simplefilter("error", UserWarning)  # so Triton 3.9 has no warning to give about it
-import triton.backends.nvidia.compiler as nv
 from encdec_kernels import linear
+from tests.support.gluon_compile import ptxas_sm90
 out = {}
 for name, (n, k, rows, norm, kv, act) in json.loads(sys.argv[1]).items():
     c = linear.compile_offline(n, k, rows, norm=norm, residual=bool(norm), activation=act, kv_store=kv)
     ptx = c.asm["ptx"]
     assert "fma.rn.f32" in ptx  # the products fused into their sums
-    with tempfile.TemporaryDirectory() as tmp:
-        open(tmp + "/k.ptx", "w").write(ptx)
-        cmd = [nv.get_ptxas(90).path, "-arch=sm_90a", "-v", tmp + "/k.ptx", "-o", tmp + "/k.o"]
-        info = subprocess.run(cmd, capture_output=True, text=True).stderr
-    spills = [int(x) for x in re.findall(r"(\\d+) bytes spill (?:stores|loads)", info)]
+    spill_bytes, ptxas_ok, _ = ptxas_sm90(ptx)
     body = [line.strip() for line in ptx.splitlines()]
     wait = next(i for i, line in enumerate(body) if line.startswith("griddepcontrol.wait"))
     tiles = linear._gemv_tiles(n, k, rows, 2)
     out[name] = dict(
-        spill_bytes=sum(spills), ptxas_ok=bool(spills),
+        spill_bytes=spill_bytes, ptxas_ok=ptxas_ok,
         loads_before_wait=sum("ld.global" in line for line in body[:wait]),
         weight_loads=tiles["BLOCK_N"] * tiles["CHUNKS"] * tiles["REP"],  # 16-byte loads a thread
         barriers=sum(line.startswith("bar.sync") or line.startswith("barrier.sync") for line in body))

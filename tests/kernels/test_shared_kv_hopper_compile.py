@@ -42,9 +42,9 @@ CASES = {
     "whisper-tiny-fp8-producer": (384, 6, True, "producer", 128),
 }
 SCRIPT = """
-import json, re, subprocess, sys, tempfile, torch
-import triton.backends.nvidia.compiler as nv
+import json, sys
 from encdec_kernels import shared_kv_hopper
+from tests.support.gluon_compile import ptxas_sm90
 out = {}
 for name, (d, h, split, form, rows_per_block) in json.loads(sys.argv[1]).items():
     fp8 = form is not None
@@ -53,13 +53,9 @@ for name, (d, h, split, form, rows_per_block) in json.loads(sys.argv[1]).items()
     k = shared_kv_hopper.compile_offline(d, h, rows_per_block=rows_per_block, split=split, fp8=fp8,
                                          form=form)
     ptx = k.asm["ptx"]
-    with tempfile.TemporaryDirectory() as tmp:
-        open(tmp + "/k.ptx", "w").write(ptx)
-        cmd = [nv.get_ptxas(90).path, "-arch=sm_90a", "-v", tmp + "/k.ptx", "-o", tmp + "/k.o"]
-        info = subprocess.run(cmd, capture_output=True, text=True).stderr
-    spills = [int(x) for x in re.findall(r"(\\d+) bytes spill (?:stores|loads)", info)]
+    spill_bytes, ptxas_ok, info = ptxas_sm90(ptx)
     out[name] = dict(shared=k.metadata.shared, tma="cp.async.bulk.tensor" in ptx,
-                     wgmma="wgmma.mma_async" in ptx, spill_bytes=sum(spills), ptxas_ok=bool(spills),
+                     wgmma="wgmma.mma_async" in ptx, spill_bytes=spill_bytes, ptxas_ok=ptxas_ok,
                      e4m3="e4m3x2" in ptx, serialized="wgmma.mma_async instructions are serialized" in info,
                      model=shared_kv_hopper._shared_bytes(d, -(-h // shared_kv_hopper.GROUP), fp8))
     print(name, {k: v for k, v in out[name].items() if k != "ptxas_ok"}, file=sys.stderr)
