@@ -24,8 +24,8 @@ Up to ``GEMV_ROWS`` rows (a batch-1 verification step's K + 1 for K up to 7) tak
 kernel: each program holds its weight rows as for one row and takes x's rows one after the other
 (each row's loads issued while the row before is multiplied), each thread adding up its own
 products of the row; then all rows' sums cross the threads together (one barrier for all rows,
-not one a row: compiled for sm_90, 5 rows of Whisper large's fc2 take 3 barriers and 2,384
-instructions a thread instead of 9 and 2,664). The weights are read once and every
+not one a row: compiled for sm_90 by Triton 3.9, 5 rows of Whisper large's fc2 take 3 barriers
+and 2,600 instructions a thread instead of 9 and 2,664; by Triton 3.6, 4 and 14). The weights are read once and every
 row's result is bit for bit its one-row result (a verification step's linear layers give each row
 what a plain step gives it). With a norm, several rows go through the norm kernel first and then
 through this kernel without its norm prologue (fused, the prologue's per-row statistics made it
@@ -77,15 +77,15 @@ def _act(y, ACT: tl.constexpr):
 
 @triton.jit
 def _row_sum(v):
-    """The sum of a [CHUNKS, REP, T, VEC] tile (a whole row of K): each thread's values first,
-    then across the threads once."""
-    return tl.sum(tl.sum(tl.sum(tl.sum(v, 3), 1), 0), 0)
+    """The sum of a [CHUNKS, CHUNK] tile (a whole row of K): the chunks within each thread first."""
+    return tl.sum(tl.sum(v, 0), 0)
 
 
 @triton.jit
 def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, stride_wn, eps,
                  K: tl.constexpr, M: tl.constexpr, M_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                 CHUNKS: tl.constexpr, REP: tl.constexpr, T: tl.constexpr, VEC: tl.constexpr,
+                 CHUNK: tl.constexpr, CHUNKS: tl.constexpr, REP: tl.constexpr, T: tl.constexpr,
+                 VEC: tl.constexpr,
                  NORM: tl.constexpr,  # 0: none, 1: LayerNorm, 2: RMSNorm of (x [+ residual])
                  HAS_RESIDUAL: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  ACT: tl.constexpr, AHEAD: tl.constexpr,
@@ -94,25 +94,26 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, strid
                  PDL: tl.constexpr):
     """y[m, n] = act(sum_k h[m, k] W[n, k] + b[n]) for BLOCK_N rows n and each of the M rows m of x
     [M, K] (contiguous); h = x, or the norm of x (+ res), row by row. K is laid out as [CHUNKS,
-    REP, T, VEC]: T threads, each holding VEC consecutive elements (one 16-byte load) REP times a
-    chunk (CHUNKS a power of two, the tail masked). The weight rows are read once for all M rows.
-    Each thread first adds up the products it holds, for every row in turn (no cross-thread work
-    between rows); then the rows' [M_PAD, BLOCK_N] partial sums cross the threads together (one
-    barrier for all rows). Each row's sum is the one a one-row call makes: bit for bit the same."""
+    CHUNK] (CHUNKS a power of two, the tail masked); within a chunk, T threads each hold VEC
+    consecutive elements (one 16-byte load) REP times. The weight rows are read once for all M
+    rows. Each thread first adds up the products it holds, for every row in turn (no cross-thread
+    work between rows; the chunk is viewed as [REP, T, VEC] for that, the layout Triton gives the
+    [CHUNKS, CHUNK] load); then the rows' [M_PAD, BLOCK_N] partial sums cross the threads together
+    (one barrier for all rows). Each row's sum is the one a one-row call makes: bit for bit the same."""
     pid = tl.program_id(0)
     if PDL:  # let the next kernel launch now: it waits (gdc_wait) before touching our outputs
         tl.extra.cuda.gdc_launch_dependents()
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    kk = (tl.arange(0, CHUNKS)[:, None, None, None] * (REP * T * VEC)
-          + tl.arange(0, REP)[None, :, None, None] * (T * VEC)
-          + tl.arange(0, T)[None, None, :, None] * VEC
-          + tl.arange(0, VEC)[None, None, None, :])  # [CHUNKS, REP, T, VEC]
+    # [CHUNKS, CHUNK]: K's contiguous axis last and alone, so that Triton's layout puts the threads
+    # along it in 16-byte loads whatever its version (split into [.., T, VEC] axes, Triton 3.6 put
+    # threads on the outer axes: 1.6x the SASS and a third slower on an H100)
+    kk = tl.arange(0, CHUNKS)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     k_mask = kk < K
     # the program's weight rows, all of K at once: weights never depend on the previous kernel,
     # so with PDL they stream in while it still runs
-    w = tl.load(W + offs_n.to(tl.int64)[:, None, None, None, None] * stride_wn + kk[None],
-                mask=n_mask[:, None, None, None, None] & k_mask[None], other=0.0)
+    w = tl.load(W + offs_n.to(tl.int64)[:, None, None] * stride_wn + kk[None, :, :],
+                mask=n_mask[:, None, None] & k_mask[None, :, :], other=0.0)
     # the bias and the norm's weights too: loaded after the sums, they would add a memory latency
     # to every call's critical path
     if HAS_BIAS:
@@ -167,8 +168,10 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, strid
                 h += nb.to(tl.float32)
             # rounded like the norm's output
             h = tl.where(k_mask, h.to(Y.dtype.element_ty).to(tl.float32), 0.0)
-        # this thread's part of the row's sums: [BLOCK_N, T], one value a thread
-        part = tl.sum(tl.sum(tl.sum(w.to(tl.float32) * h[None], 4), 2), 1)
+        # this thread's part of the row's sums, [BLOCK_N, T]: the chunks add up within each
+        # thread, then the chunk (REP times T threads' VEC elements) folds into one value a thread
+        part = tl.reshape(tl.sum(w.to(tl.float32) * h[None], 1), [BLOCK_N, REP, T, VEC])
+        part = tl.sum(tl.sum(part, 3), 1)
         if m == 0:
             acc = tl.where(rows[:, None, None] == 0, part[None], 0.0)
         else:
@@ -443,12 +446,13 @@ def _launch(x, residual, norm_weight, norm_bias, eps, norm, weight, bias, activa
 
 def _gemv_tiles(n: int, k: int, m: int, weight_bytes: int) -> dict:
     """The one-row kernel's layout constants (and num_warps) for a weight [n, k] of ``weight_bytes``
-    elements and m rows of x: K as [CHUNKS, REP, T, VEC], VEC elements a 16-byte load."""
+    elements and m rows of x: K as [CHUNKS, CHUNK], a chunk as [REP, T, VEC] (T threads, VEC
+    elements a 16-byte load)."""
     block_n, chunk, warps = _tiles(n, k)
     chunks = triton.next_power_of_2(triton.cdiv(k, chunk))
     vec = min(chunk, max(1, 16 // weight_bytes))
     threads = min(32 * warps, chunk // vec)
-    return dict(M=m, M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, CHUNKS=chunks,
+    return dict(M=m, M_PAD=triton.next_power_of_2(m), BLOCK_N=block_n, CHUNK=chunk, CHUNKS=chunks,
                 REP=chunk // (threads * vec), T=threads, VEC=vec, AHEAD=_ahead(chunks * chunk),
                 num_warps=warps)  # fmt: skip
 
