@@ -3,7 +3,7 @@
 cycling weight copies (beyond the L2 cache, as in a decode step), with cuBLAS beside it and the
 compiled kernels' registers and spills. Run it in two trees to compare them (CUDA only):
 
-    PYTHONPATH=. python3 benchmarks/ab_linear.py                      # this tree
+    PYTHONPATH=. python3 benchmarks/ab_linear.py [--sweep[=fc2,..]] [OUT.json]  # this tree (--sweep: tiles at 1 and 5 rows)
     (cd out/prev && PYTHONPATH=. python3 ../../benchmarks/ab_linear.py)   # another
 """
 
@@ -53,8 +53,34 @@ def main() -> None:
         for compiled in cache[0].values():
             c = compiled.metadata
             print(f"compiled: regs {compiled.n_regs} spills {compiled.n_spills} warps {c.num_warps}")
-    if len(sys.argv) > 1:
-        json.dump(rows, open(sys.argv[1], "w"), indent=1)
+    sweep = next((a.split("=")[1].split(",") if "=" in a else ["qkv", "out", "fc1", "fc2"]
+                  for a in sys.argv if a.startswith("--sweep")), [])  # fmt: skip
+    if sweep:  # the one-row kernel's tiles for one row and several (a verification step)
+        orig = linear._tiles
+        for name, n, k, act in (("qkv", 3 * d, d, None), ("out", d, d, None), ("fc1", ff, d, "gelu"), ("fc2", d, ff, None)):
+            if name not in sweep:
+                continue
+            nxt = _weights(n, k)
+            for m in (1, 5):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                line = [f"sweep {name} m{m}:"]
+                for bn, chunk, warps in itertools.product((1, 2, 4), (512, 1024), (1, 2, 4, 8)):
+                    if chunk < 256 * warps:
+                        continue
+                    linear._tiles = lambda *_, t=(bn, min(chunk, k), warps): t
+                    try:
+                        us = _us(lambda: linear.gemv(x, *nxt(), act))
+                    except Exception as e:  # noqa: BLE001 - a tile that does not compile
+                        line.append(f"{bn}/{chunk}/w{warps} {type(e).__name__}")
+                        continue
+                    finally:
+                        linear._tiles = orig
+                    rows.append(dict(case=f"sweep {name} m{m}", block_n=bn, chunk=chunk, warps=warps, us=us))
+                    line.append(f"{bn}/{chunk}/w{warps} {us:.1f}")
+                print(" ".join(line), flush=True)
+    out = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if out:
+        json.dump(rows, open(out[0], "w"), indent=1)
 
 
 if __name__ == "__main__":

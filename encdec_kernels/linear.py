@@ -299,9 +299,12 @@ def _rows_out(acc, B, Y, offs_n, n_mask, at_y, mn_mask, HAS_BIAS: tl.constexpr, 
 
 def _tiles(n: int, k: int) -> tuple[int, int, int]:
     """(BLOCK_N, CHUNK, num_warps): two weight rows per program, K in 1024-element chunks, two
-    warps; the best sum over the Whisper large-v3 decoder weights in ``benchmarks/sweep_kernels.py
-    --only linear``."""
-    return 2, min(1024, triton.next_power_of_2(k)), 2
+    warps (the best sum over the Whisper large-v3 decoder weights in ``benchmarks/sweep_kernels.py
+    --only linear``); four warps above K 2,048, where each thread's products of several rows are a
+    long chain: on an H100, 5 rows of fc2 (1280 x 5120) take 8.2 us against 10.3 with two warps,
+    one row 4.8 either way (``benchmarks/ab_linear.py --sweep``). The tiles depend on the weight
+    only, never on the rows: a row's sum is the same whatever the rows beside it."""
+    return 2, min(1024, triton.next_power_of_2(k)), 4 if k > 2048 else 2
 
 
 def _ahead(width: int) -> int:
