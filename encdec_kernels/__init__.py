@@ -212,11 +212,14 @@ GEMV_MAX_ROWS = max(1, min(16, int(os.environ.get("ENCDEC_GEMV_ROWS", "5"))))
 # leaves them to store_kv, to measure the difference
 GEMV_KV_STORE = os.environ.get("ENCDEC_GEMV_KV_STORE", "1") != "0"
 # widest input the one-row kernels are meant for: a program holds its weight rows' whole K in
-# registers (two rows of 8192 bf16 = 256 values per thread); wider layers stay on cuBLAS
+# registers (two rows of 8192 bf16 over four warps = 128 values per thread); wider layers stay on
+# cuBLAS
 GEMV_MAX_K = 8192
-# widest input for which they take several rows: each row of x is held in registers beside the
-# weights, and at K 8192 (NLLB's fc2) ptxas spills (sm_90: 16 bytes at 2 rows, 1,108 at 5; none
-# at one row, nor at K 5,120 up to 8 rows: tests/kernels/test_linear_compile.py); those go to cuBLAS
+# widest input for which they take several rows (each row of x is held in registers beside the
+# weights); wider ones go to cuBLAS. With two warps a program, K 8192 (NLLB's fc2) spilled from 2
+# rows on; with four (linear._tiles, above K 2,048) it compiles without spills up to 8 rows, but
+# those rows are not measured against cuBLAS yet, so the limit stays at the widest measured
+# (tests/kernels/test_linear_compile.py checks spills at this width)
 GEMV_ROWS_MAX_K = 5120
 
 

@@ -106,8 +106,8 @@ def test_the_barriers_do_not_grow_with_the_rows(compiled, layer):
 
 
 def test_several_rows_only_up_to_the_width_that_fits(monkeypatch):
-    """The models send several rows to the one-row kernel only up to GEMV_ROWS_MAX_K (wider ones
-    spill: cuBLAS takes them); one row up to GEMV_MAX_K."""
+    """The models send several rows to the one-row kernel only up to GEMV_ROWS_MAX_K (the widest
+    measured against cuBLAS; cuBLAS takes wider ones); one row up to GEMV_MAX_K."""
     from encdec_models.layers import _few_rows
 
     monkeypatch.setattr(encdec_kernels, "use_triton", lambda x: True)
