@@ -3,8 +3,11 @@
 cycling weight copies (beyond the L2 cache, as in a decode step), with cuBLAS beside it and the
 compiled kernels' registers and spills. Run it in two trees to compare them (CUDA only):
 
-    PYTHONPATH=. python3 benchmarks/ab_linear.py [--sweep[=fc2,..]] [OUT.json]  # this tree (--sweep: tiles at 1 and 5 rows)
-    (cd out/prev && PYTHONPATH=. python3 ../../benchmarks/ab_linear.py)   # another
+    PYTHONPATH=. python3 benchmarks/ab_linear.py [--sweep[=fc2,..]] [OUT.json]   # this tree
+    (cd out/prev && PYTHONPATH=. python3 ../../benchmarks/ab_linear.py)           # another
+
+--sweep also times the kernel's tiles (BLOCK_N, chunk, warps) at 1 and 5 rows, on every layer or
+the ones named.
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ import sys
 
 import torch
 import triton.testing
+
+D, FF = 1280, 5120  # Whisper large-v3's decoder: (name, N, K, activation) of its linear layers
+LAYERS = (("qkv", 3 * D, D, None), ("out", D, D, None), ("fc1", FF, D, "gelu"), ("fc2", D, FF, None))
 
 
 def _weights(n: int, k: int):
@@ -32,55 +38,75 @@ def _us(fn) -> float:
     return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def main() -> None:
-    from encdec_kernels import linear
-
-    d, ff = 1280, 5120
-    nw, nb = torch.ones(d, device="cuda", dtype=torch.bfloat16), torch.zeros(d, device="cuda", dtype=torch.bfloat16)
+def _table(linear) -> list[dict]:
+    """Each layer at 1 and 5 rows: cuBLAS, the kernel, and the kernel with the add + LayerNorm."""
+    nw = torch.ones(D, device="cuda", dtype=torch.bfloat16)
+    nb = torch.zeros(D, device="cuda", dtype=torch.bfloat16)
     rows = []
-    for name, n, k, act in (("qkv", 3 * d, d, None), ("out", d, d, None), ("fc1", ff, d, "gelu"), ("fc2", d, ff, None)):
+    for name, n, k, act in LAYERS:
         nxt = _weights(n, k)
         for m in (1, 5):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             r = torch.randn_like(x)
-            row = dict(case=f"{name} m{m}", cublas=_us(lambda: torch.nn.functional.linear(x, *nxt())),
-                       gemv=_us(lambda: linear.gemv(x, *nxt(), act)))  # fmt: skip
-            if k == d:
-                row["norm_gemv"] = _us(lambda: linear.norm_gemv(x, r, nw, nb, 1e-5, False, *nxt(), act))
+            row = dict(
+                case=f"{name} m{m}",
+                cublas=_us(lambda x=x, nxt=nxt: torch.nn.functional.linear(x, *nxt())),
+                gemv=_us(lambda x=x, nxt=nxt, act=act: linear.gemv(x, *nxt(), act)),
+            )
+            if k == D:
+                row["norm_gemv"] = _us(
+                    lambda x=x, r=r, nxt=nxt, act=act: linear.norm_gemv(
+                        x, r, nw, nb, 1e-5, False, *nxt(), act
+                    )
+                )
             rows.append(row)
-            print(" ".join(f"{key} {v:.1f}" if isinstance(v, float) else v for key, v in row.items()), flush=True)
-    for dev, cache in getattr(linear._gemv_kernel, "device_caches", {}).items():
+            print(" ".join(f"{key} {v:.1f}" if isinstance(v, float) else v for key, v in row.items()))
+    for cache in getattr(linear._gemv_kernel, "device_caches", {}).values():
         for compiled in cache[0].values():
-            c = compiled.metadata
-            print(f"compiled: regs {compiled.n_regs} spills {compiled.n_spills} warps {c.num_warps}")
-    sweep = next((a.split("=")[1].split(",") if "=" in a else ["qkv", "out", "fc1", "fc2"]
-                  for a in sys.argv if a.startswith("--sweep")), [])  # fmt: skip
-    if sweep:  # the one-row kernel's tiles for one row and several (a verification step)
-        orig = linear._tiles
-        for name, n, k, act in (("qkv", 3 * d, d, None), ("out", d, d, None), ("fc1", ff, d, "gelu"), ("fc2", d, ff, None)):
-            if name not in sweep:
-                continue
-            nxt = _weights(n, k)
-            for m in (1, 5):
-                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                line = [f"sweep {name} m{m}:"]
-                for bn, chunk, warps in itertools.product((1, 2, 4), (512, 1024), (1, 2, 4, 8)):
-                    if chunk < 256 * warps:
-                        continue
-                    linear._tiles = lambda *_, t=(bn, min(chunk, k), warps): t
-                    try:
-                        us = _us(lambda: linear.gemv(x, *nxt(), act))
-                    except Exception as e:  # noqa: BLE001 - a tile that does not compile
-                        line.append(f"{bn}/{chunk}/w{warps} {type(e).__name__}")
-                        continue
-                    finally:
-                        linear._tiles = orig
-                    rows.append(dict(case=f"sweep {name} m{m}", block_n=bn, chunk=chunk, warps=warps, us=us))
-                    line.append(f"{bn}/{chunk}/w{warps} {us:.1f}")
-                print(" ".join(line), flush=True)
+            regs, spills, warps = compiled.n_regs, compiled.n_spills, compiled.metadata.num_warps
+            print(f"compiled: regs {regs} spills {spills} warps {warps}")
+    return rows
+
+
+def _sweep(linear, layers: list[str]) -> list[dict]:
+    """The kernel's tiles (BLOCK_N, chunk, warps) on the named layers at 1 and 5 rows."""
+    rows = []
+    orig = linear._tiles
+    for name, n, k, act in LAYERS:
+        if name not in layers:
+            continue
+        nxt = _weights(n, k)
+        for m in (1, 5):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            line = [f"sweep {name} m{m}:"]
+            for bn, chunk, warps in itertools.product((1, 2, 4), (512, 1024), (1, 2, 4, 8)):
+                if chunk < 256 * warps:
+                    continue
+                linear._tiles = lambda *_, t=(bn, min(chunk, k), warps): t
+                try:
+                    us = _us(lambda x=x, nxt=nxt, act=act: linear.gemv(x, *nxt(), act))
+                except Exception as e:  # noqa: BLE001 - a tile that does not compile
+                    line.append(f"{bn}/{chunk}/w{warps} {type(e).__name__}")
+                    continue
+                finally:
+                    linear._tiles = orig
+                rows.append(dict(case=f"sweep {name} m{m}", block_n=bn, chunk=chunk, warps=warps, us=us))
+                line.append(f"{bn}/{chunk}/w{warps} {us:.1f}")
+            print(" ".join(line))
+    return rows
+
+
+def main() -> None:
+    from encdec_kernels import linear
+
+    rows = _table(linear)
+    for a in sys.argv[1:]:
+        if a.startswith("--sweep"):
+            rows += _sweep(linear, a.split("=")[1].split(",") if "=" in a else [x[0] for x in LAYERS])
     out = [a for a in sys.argv[1:] if not a.startswith("--")]
     if out:
-        json.dump(rows, open(out[0], "w"), indent=1)
+        with open(out[0], "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -20,28 +20,28 @@ that; program 0 writes ``s``. One kernel instead of a norm and a matrix-vector p
 into the paged cache slots, as ``store_kv`` would: one kernel fewer a decoder layer.
 Sums are float32; the output is in x's dtype.
 
-Up to ``GEMV_ROWS`` rows (a batch-1 verification step's K + 1 for K up to 7) take the same
-kernel: each program holds its weight rows as for one row and takes x's rows one after the other
-(each row's loads issued while the row before is multiplied), each thread adding up its own
-products of the row; then all rows' sums cross the threads together (one barrier for all rows,
-not one a row: compiled for sm_90 by Triton 3.9, 5 rows of Whisper large's fc2 take 3 barriers
-and 2,600 instructions a thread instead of 9 and 2,664; by Triton 3.6, 4 and 14). The weights are read once and every
-row's result is bit for bit its one-row result (a verification step's linear layers give each row
-what a plain step gives it). With a norm, several rows go through the norm kernel first and then
-through this kernel without its norm prologue (fused, the prologue's per-row statistics made it
-slower than cuBLAS): each row's result is then bit for bit that of its normed row alone. More
-rows (up to FEW_ROWS) take ``_rows_kernel``: still one weight read, but each program multiplies
-its BLOCK_N weight rows with all the rows at once on the tensor cores (``tl.dot``,
-the rows padded to 16), K in tiles (Triton pipelines the tiles' loads through shared memory),
-and where a weight has too few rows for enough programs, K is split over several (each tile's
-last program sums the partials, in split order). With a pre-norm it first takes each row's
-statistics in one pass over x (LayerNorm: per-tile mean and centred sum of squares, merged); it
-waits for the previous kernel (PDL) before its first load, so its weights do not stream in early
-as the one-row kernel's do. Unsplit, it lost to cuBLAS on an H100 (benchmarks/README.md,
-eleventh session), and split it still does (W5's verification steps, 2 to 5 rows a linear, on an
-H200: 1.26x against 1.58x on cuBLAS, twelfth session). A row's result there is not bit-for-bit its
-one-row result (a different summation order). The models send the one-row kernel up to 5 rows and
-this one none by default (``encdec_kernels.GEMV_MAX_ROWS``).
+Up to ``GEMV_ROWS`` rows (a batch-1 verification step's K + 1 for K up to 7) take the same kernel:
+each program holds its weight rows as for one row and takes x's rows one after the other (each
+row's loads issued while the row before is multiplied), each thread adding up its own products of
+the row; then all rows' sums cross the threads together (one barrier for all rows, not one a row:
+compiled for sm_90, 5 rows of a 1280 x 1280 weight take 3 barriers and 936 instructions a thread
+with Triton 3.9 and 4 and 904 with Triton 3.6, against 9 and 976, 14 and 976 with a reduction a
+row). The weights are read once and every row's result is bit for bit its one-row result (a
+verification step's linear layers give each row what a plain step gives it). With a norm, several
+rows go through the norm kernel first and then through this kernel without its norm prologue
+(fused, the prologue's per-row statistics made it slower than cuBLAS): each row's result is then
+bit for bit that of its normed row alone. More rows (up to FEW_ROWS) take ``_rows_kernel``: still
+one weight read, but each program multiplies its BLOCK_N weight rows with all the rows at once on
+the tensor cores (``tl.dot``, the rows padded to 16), K in tiles (Triton pipelines the tiles' loads
+through shared memory), and where a weight has too few rows for enough programs, K is split over
+several (each tile's last program sums the partials, in split order). With a pre-norm it first
+takes each row's statistics in one pass over x (LayerNorm: per-tile mean and centred sum of
+squares, merged); it waits for the previous kernel (PDL) before its first load, so its weights do
+not stream in early as the one-row kernel's do. Unsplit, it lost to cuBLAS on an H100
+(benchmarks/README.md, eleventh session), and split it still does (W5's verification steps, 2 to 5
+rows a linear, on an H200: 1.26x against 1.58x on cuBLAS, twelfth session). A row's result there is
+not bit-for-bit its one-row result (a different summation order). The models send the one-row
+kernel up to 5 rows and this one none by default (``encdec_kernels.GEMV_MAX_ROWS``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ CASES = {
 # most rows the one-row kernel takes (linear.GEMV_ROWS)
 CASES["widest-1"] = (1024, encdec_kernels.GEMV_MAX_K, 1, 0, False, None)
 CASES["widest-rows"] = (1280, encdec_kernels.GEMV_ROWS_MAX_K, linear.GEMV_ROWS, 0, False, None)
-SCRIPT = """
+SCRIPT = r"""
 import json, os, re, sys, warnings
 os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)  # encdec_kernels keeps Triton's FMA fusion on itself,
 warnings.simplefilter("error", UserWarning)  # so Triton 3.9 has no warning to give about it
