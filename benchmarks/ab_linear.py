@@ -17,25 +17,14 @@ import json
 import sys
 
 import torch
-import triton.testing
+from kernel_rows import bench, cycling_weights  # this script's folder (nothing of encdec's)
 
 D, FF = 1280, 5120  # Whisper large-v3's decoder: (name, N, K, activation) of its linear layers
 LAYERS = (("qkv", 3 * D, D, None), ("out", D, D, None), ("fc1", FF, D, "gelu"), ("fc2", D, FF, None))
 
 
-def _weights(n: int, k: int):
-    ws = [
-        (torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5,
-         torch.randn(n, device="cuda", dtype=torch.bfloat16))
-        for _ in range(max(2, 120 * 2**20 // (n * k * 2)))
-    ]  # fmt: skip
-    return itertools.cycle(ws).__next__
-
-
 def _us(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    return 1e3 * bench(fn, graph=True)  # CUDA-graph replays, median ms -> us
 
 
 def _table(linear) -> list[dict]:
@@ -44,7 +33,7 @@ def _table(linear) -> list[dict]:
     nb = torch.zeros(D, device="cuda", dtype=torch.bfloat16)
     rows = []
     for name, n, k, act in LAYERS:
-        nxt = _weights(n, k)
+        nxt = cycling_weights(n, k)
         for m in (1, 5):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             r = torch.randn_like(x)
@@ -75,7 +64,7 @@ def _sweep(linear, layers: list[str]) -> list[dict]:
     for name, n, k, act in LAYERS:
         if name not in layers:
             continue
-        nxt = _weights(n, k)
+        nxt = cycling_weights(n, k)
         for m in (1, 5):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             line = [f"sweep {name} m{m}:"]

@@ -82,6 +82,18 @@ def bandwidth_row(name, kind, ours, base, baseline, moved, copy_bw) -> dict:
 # -- one-row linear layers (batch-1 decoding) -------------------------------------------------
 
 
+def cycling_weights(n: int, k: int):
+    """A function giving the next of several (weight [n, k], bias [n]) copies, cycled per call (each
+    captured call reads another): 120 MB in all, more than the L2 cache, as a decode step's 32
+    layers are."""
+    copies = max(2, 120 * 2**20 // (n * k * 2))
+    ws = [
+        (torch.randn(n, k, device=DEVICE, dtype=DTYPE) / k**0.5, torch.randn(n, device=DEVICE, dtype=DTYPE))
+        for _ in range(copies)
+    ]
+    return itertools.cycle(ws).__next__
+
+
 def linear_cases(copy_bw):
     """encdec_kernels.gemv / norm_gemv on Whisper large-v3 decoder weights at one row, against cuBLAS
     (F.linear, + F.gelu, after our norm kernel). CUDA-graph timings: the kernels as a captured
@@ -96,17 +108,7 @@ def linear_cases(copy_bw):
     out = []
 
     def weights(n, k):
-        """Weight copies that cycle per call (each captured call reads another): 120 MB in all,
-        more than the L2 cache, as a decode step's 32 layers are."""
-        copies = max(2, 120 * 2**20 // (n * k * 2))
-        ws = [
-            (
-                torch.randn(n, k, device=DEVICE, dtype=DTYPE) / k**0.5,
-                torch.randn(n, device=DEVICE, dtype=DTYPE),
-            )
-            for _ in range(copies)
-        ]
-        return itertools.cycle(ws).__next__, n * k * ws[0][0].element_size()
+        return cycling_weights(n, k), n * k * DTYPE.itemsize
 
     qkv, o, fc1, fc2 = weights(3 * d, d), weights(d, d), weights(ff, d), weights(d, ff)
 

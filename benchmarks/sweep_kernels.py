@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 _spec = importlib.util.spec_from_file_location("kbench", ROOT / "benchmarks" / "kernel_table.py")
 kb = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kb)
+from benchmarks.kernel_rows import cycling_weights  # noqa: E402
 
 
 def decode_shapes():
@@ -130,19 +131,6 @@ def sweep_encoder(rows):
         )
 
 
-def _weights(n: int, k: int):
-    """A function giving the next of several (weight [n, k], bias) copies, cycled per captured
-    call: 120 MB, beyond the L2 cache (as a decode step)."""
-    ws = [
-        (
-            torch.randn(n, k, device="cuda", dtype=kb.DTYPE) / k**0.5,
-            torch.randn(n, device="cuda", dtype=kb.DTYPE),
-        )
-        for _ in range(max(2, 120 * 2**20 // (n * k * 2)))
-    ]
-    return itertools.cycle(ws).__next__
-
-
 @contextlib.contextmanager
 def _tiles_set(module, name: str, tiles):
     """Within the block, ``module.name`` (a kernel's tile chooser) returns ``tiles`` (None: as is)."""
@@ -170,7 +158,7 @@ def sweep_linear(copy_bw, rows):
     d, ff = 1280, 5120
     for name, n, k in (("qkv", 3 * d, d), ("out", d, d), ("fc1", ff, d), ("fc2", d, ff)):
         x = torch.randn(1, k, device="cuda", dtype=kb.DTYPE)
-        next_w = _weights(n, k)
+        next_w = cycling_weights(n, k)
         moved = n * k * 2
         cublas = kb.bench(lambda x=x, nxt=next_w: torch.nn.functional.linear(x, *nxt()), graph=True)
         print(f"linear {name} {n}x{k}: cuBLAS {cublas * 1e3:.1f} us ({moved / cublas / 1e6:.0f} GB/s)")
@@ -196,7 +184,7 @@ def sweep_rows(copy_bw, rows):
     d, ff = 1280, 5120
     nw_, nb_ = torch.ones(d, device="cuda", dtype=kb.DTYPE), torch.zeros(d, device="cuda", dtype=kb.DTYPE)
     for name, n, k in (("qkv", 3 * d, d), ("out", d, d), ("fc1", ff, d), ("fc2", d, ff)):
-        next_w = _weights(n, k)
+        next_w = cycling_weights(n, k)
         moved = n * k * 2
         for m in (1, 2, 5, 9):
             x = torch.randn(m, k, device="cuda", dtype=kb.DTYPE)
