@@ -36,6 +36,7 @@ __all__ = [
     "store_kv",
     "store_rows",
     "copy_blocks_where",
+    "accept_and_next",
     "layer_norm",
     "rms_norm",
     "add_layer_norm",
@@ -149,6 +150,17 @@ def store_rows(x, rows, slot_mapping, row_scales=None):
 def copy_blocks_where(pool, src, dst, mask):
     """pool[:, dst[i]] = pool[:, src[i]] where mask[i], chosen on the device (``blocks.py``)."""
     return _impl(pool, "blocks").copy_blocks_where(pool, src, dst, mask)
+
+
+def accept_and_next(
+    best, starts, last_drafts, base, ks, candidates, tables, block_size, row_first, row_end,
+    tokens, positions, slots, next_k, rows,
+):  # fmt: skip
+    """A verification step's greedy outcome and the next step's inputs, on the device (``verify.py``)."""
+    return _impl(best, "verify").accept_and_next(
+        best, starts, last_drafts, base, ks, candidates, tables, block_size, row_first, row_end,
+        tokens, positions, slots, next_k, rows,
+    )  # fmt: skip
 
 
 def prefers_absorbed_cross(

@@ -360,3 +360,37 @@ def copy_blocks_where(pool, src, dst, mask):
     if len(keep):
         raw = _raw(pool)
         raw[:, dst[keep]] = raw[:, src[keep]]
+
+
+def accept_and_next(
+    best, starts, last_drafts, base, ks, candidates, tables, block_size, row_first, row_end,
+    tokens, positions, slots, next_k: int, rows: int,
+):  # fmt: skip
+    """The greedy outcome of a verification step and the next step's inputs (see
+    ``verify.accept_and_next``), in torch."""
+    n, dev = len(ks), best.device
+    last_k, width = last_drafts.shape[1], candidates.shape[1]
+    j = torch.arange(last_k, device=dev)
+    at = (starts[:, None] + j).clamp_(max=best.numel() - 1)
+    agree = best[at] == last_drafts  # -1 (past a row's drafts) never equals a token
+    accepted = agree.long().cumprod(1).sum(1) if last_k else torch.zeros(n, dtype=torch.long, device=dev)
+    chosen = best[starts + accepted]
+    i = torch.arange(next_k, device=dev)
+    nxt = candidates.gather(1, (accepted[:, None] + i).clamp_(max=width - 1))
+    drafts = torch.where(i < ks[:, None], nxt, -1)
+    first_pos = base + accepted
+    kv_lens = (first_pos + ks + 1).to(torch.int32)
+    r = torch.arange(rows, device=dev)
+    row = row_first[:, None] + r  # [B, rows]
+    inside = row < row_end[:, None]
+    jj = row - (row_end - 1 - ks)[:, None]
+    real = inside & (jj >= 0)
+    col = (accepted[:, None] + jj - 1).clamp(0, width - 1)
+    tok = torch.where(jj == 0, chosen[:, None], torch.where(real, candidates.gather(1, col), 0))
+    pos = torch.where(real, first_pos[:, None] + jj, first_pos[:, None])
+    blk = tables.gather(1, torch.where(real, pos // block_size, 0)).long()
+    slot = torch.where(real, blk * block_size + pos % block_size, -1)
+    tokens[row[inside]] = tok[inside]
+    positions[row[inside]] = pos[inside]
+    slots[row[inside]] = slot[inside]
+    return accepted, chosen, drafts, kv_lens

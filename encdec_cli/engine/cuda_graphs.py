@@ -212,6 +212,46 @@ class CudaGraphs:
         self.replays += 1
         return self.outputs[b][:n]
 
+    def run_ahead(
+        self, runner, seqs, srows, crows, inputs, real: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the verification graph for a step launched ahead (``ModelRunner.decode_ahead``):
+        the block tables are uploaded here, then ``inputs(tables, tokens, positions, slots)``
+        writes the sequences' rows of the token / position / slot buffers on the device (q rows a
+        sequence, padding rows first) and returns (.., .., the drafts, the key counts). Returns
+        (the logits of the rows ``real``, in order; the drafts)."""
+        n, q = len(seqs), self.queries
+        b = next(s for s in self.sizes if s >= n)
+        flat, host_self, host_cross, free = self.host_sets[self.turn]
+        self.turn ^= 1
+        free.synchronize()  # this set's copies of two steps ago are done
+        clens = flat[:b]
+        h = clens.numpy()
+        h[:n] = [s.group.encoder_len for s in seqs]
+        h[n:] = 1
+        host_self.numpy()[:n] = runner.self_tables[srows]
+        host_cross.numpy()[:n] = runner.cross_tables[crows]
+        host_self.numpy()[n:b] = 0
+        host_cross.numpy()[n:b] = 0
+        dev = clens.to(runner.device, non_blocking=True)
+        self.self_tables[:b].copy_(host_self[:b], non_blocking=True)
+        self.cross_tables[:b].copy_(host_cross[:b], non_blocking=True)
+        free.record()
+        self.cross_lens[:b].copy_(dev)
+        _, _, drafts, kv_lens = inputs(self.self_tables, self.tokens, self.positions, self.slots)
+        self.self_lens[:n].copy_(kv_lens)
+        if n < b:  # padding sequences (see run)
+            for buf, value in ((self.tokens, 0), (self.positions, 0), (self.slots, -1)):
+                buf[n * q : b * q].fill_(value)
+            self.self_lens[n:b].fill_(1)
+        for g in self.graphs[b]:
+            g.replay()
+        self.replays += 1
+        lo, hi = int(real[0]), int(real[-1]) + 1
+        if hi - lo == len(real):  # consecutive (one sequence): a view, no index upload
+            return self.outputs[b][lo:hi].float(), drafts
+        return self.outputs[b].index_select(0, to_device(runner.device, real)).float(), drafts
+
     def run(
         self, runner, seqs, srows: np.ndarray, crows: np.ndarray, next_tokens=None, drafts=None
     ) -> torch.Tensor:

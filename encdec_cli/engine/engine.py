@@ -25,6 +25,7 @@ from encdec_cli.engine.sampling import History, PendingSample, Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
 from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
 from encdec_cli.engine.speculative import (
+    AheadVerify,
     Draft,
     Drafter,
     ModelDrafter,
@@ -189,8 +190,9 @@ class Engine:
                 )
         self._order = 0
         self.sampler = Sampler(self.device, self.config.max_num_seqs)
-        # (rows, logits) of a step launched ahead by the previous one (see _run_ahead)
-        self._ahead: tuple[list[Sequence], torch.Tensor] | None = None
+        # (rows, logits) of a step launched ahead by the previous one (see _run_ahead), or a
+        # verification step launched ahead (see _verify_ahead)
+        self._ahead: tuple[list[Sequence], torch.Tensor] | AheadVerify | None = None
         # the taken step's rows' tokens on the device, when a beam step launched ahead made them
         # (its n-gram rule runs there; see _run_beams_ahead)
         self._history: History | None = None
@@ -502,6 +504,9 @@ class Engine:
         if self._ahead is not None:
             if spec is not None:
                 spec.tick()
+            if isinstance(self._ahead, AheadVerify):
+                yield from self._verify_ahead_step()
+                return
             seqs, logits = self._take_ahead()
         else:
             cohort = self._step_cohort()
@@ -517,9 +522,12 @@ class Engine:
                 yield Result(group.request.request_id, [], error=msg)
             self._forget_drafts(plan.preempted)
             seqs, logits, drafts = self._run(plan)
-            if drafts is not None:  # a verification step: launch and host part back to back
+            if drafts is not None:  # a verification step: launch (the next step too) and host part
                 self._tick("decode")
-                yield from self._finish_verified(self.speculator.verify_launch(logits, seqs, drafts))
+                pending = spec.verify_launch(logits, seqs, drafts)
+                if self._can_verify_ahead(seqs):
+                    self._verify_ahead(pending)
+                yield from self._finish_verified(pending)
                 self._tick("sample")
                 return
         if not seqs:
@@ -594,6 +602,8 @@ class Engine:
         go back."""
         verified = self.speculator.verify_finish(pending)
         seqs, drafts = pending.seqs, pending.drafts
+        # the step launched ahead, if any, may write past these sequences' tokens: those slots stay
+        ahead = self._ahead if isinstance(self._ahead, AheadVerify) else None
         stats, now = self._stats, time.perf_counter()
         stats.verify_steps += 1
         for s, d, v in zip(seqs, drafts, verified):
@@ -606,6 +616,7 @@ class Engine:
             stats.draft_tokens += proposed
             stats.accepted_tokens += v.accepted
             self.speculator.adapt(s, proposed, v.accepted, pending.clock)
+            reserve = ahead.reserve.get(s, 0) if ahead is not None else 0
             p, n = group.params, len(v.tokens)
             if (
                 v.logprobs is None
@@ -615,7 +626,7 @@ class Engine:
                 s.tokens += v.tokens
                 group.generated_tokens += n
                 stats.generated_tokens += n
-                self.speculator.settle(s, before, v.accepted)
+                self.speculator.settle(s, before, v.accepted, reserve)
                 group.first_token = group.first_token or now
                 continue
             lps = v.logprobs or itertools.repeat(None)
@@ -625,7 +636,7 @@ class Engine:
                 if s not in group.seqs:  # a stop token or the length ended it
                     break
             else:
-                self.speculator.settle(s, before, v.accepted)
+                self.speculator.settle(s, before, v.accepted, reserve)
             group.first_token = group.first_token or now
             if group.done and group in self.scheduler.running:
                 self._finish_group(group)
@@ -749,6 +760,96 @@ class Engine:
         for s in need:
             s.block_table += self.blocks.allocate(1)
         return True
+
+    def _can_verify_ahead(self, seqs: list[Sequence]) -> bool:
+        """Whether the step after this verification step can be launched before this one's
+        outcome reaches the host (``_verify_ahead``): look-ahead on, whole steps on one runner (no
+        micro-batches: they hide the host's part their own way; no pipeline stages), a drafter
+        that drafts ahead (``Drafter.drafts_ahead``), no request about to be admitted, and every
+        row greedy with count-based rules and no log-probabilities (its rules then need only its
+        token count, known on the host when that step is taken)."""
+        spec = self.speculator
+        if (
+            not self.config.lookahead
+            or self.micro_batches > 1
+            or not isinstance(self.runner, ModelRunner)
+            or not spec.drafter.drafts_ahead
+            or self.scheduler.admits_next_step()
+        ):
+            return False
+        checked: set[int] = set()
+        for s in seqs:
+            p = s.group.params
+            if id(p) not in checked:
+                if not p.greedy or not p.count_based_rules or p.logprobs:
+                    return False
+                checked.add(id(p))
+        return True
+
+    def _verify_ahead(self, pending: PendingVerify) -> None:
+        """Launch the next verification step before this one's outcome (``pending``) reaches the
+        host: one kernel takes this step's argmax and drafts on the device to each sequence's
+        accepted drafts and token, and lays out the next step's inputs from them and the drafter's
+        candidates for every outcome (``Speculator.propose_ahead``, ``ModelRunner.decode_ahead``).
+        The GPU then runs it while the host takes this step's tokens: a verification step no longer
+        waits for the host's acceptance, drafting and input layout. Rows that this step ends
+        compute once more for nothing and are dropped by ``_take_verify_ahead``."""
+        seqs = pending.seqs
+        if pending.device_drafts is not None:  # itself launched ahead: its drafts are on the device
+            _, ks, starts, _ = pending.layout
+            after, last = ks.tolist(), pending.device_drafts
+        else:
+            after = [len(d.tokens) if d is not None else 0 for d in pending.drafts]
+            starts = np.zeros(len(seqs), np.int64)
+            np.cumsum(np.asarray(after[:-1], np.int64) + 1, out=starts[1:])
+            last = np.full((len(seqs), max(after, default=0)), -1, np.int64)
+            for b, d in enumerate(pending.drafts):
+                if d is not None:
+                    last[b, : len(d.tokens)] = d.tokens
+        plan, copies = self.speculator.propose_ahead(seqs, after, self.runner.max_target_len)
+        self.runner.copy_blocks(copies)
+        if plan is None:
+            return
+        ks, candidates, ends = plan
+        logits, drafts = self.runner.decode_ahead(seqs, pending.best, starts, last, ks, candidates)
+        self._ahead = AheadVerify(seqs, logits, ks, drafts, dict(zip(seqs, ends.tolist())))
+
+    def _verify_ahead_step(self) -> Iterator[Result]:
+        """A step whose verification the previous step launched ahead: its acceptance (the next
+        step launched ahead again where it can), then its tokens."""
+        ahead = self._take_verify_ahead()
+        if ahead is None:
+            return
+        self._tick("decode")
+        pending = self.speculator.verify_launch_ahead(ahead)
+        if self._can_verify_ahead(ahead.seqs):
+            self._verify_ahead(pending)
+        yield from self._finish_verified(pending)
+        self._tick("sample")
+
+    def _take_verify_ahead(self) -> AheadVerify | None:
+        """The verification step launched ahead, without the rows that finished meanwhile (None:
+        all did)."""
+        ahead, self._ahead = self._ahead, None
+        self._stats.ahead_steps += 1
+        seqs = ahead.seqs
+        live = [i for i, s in enumerate(seqs) if s in s.group.seqs]
+        if len(live) == len(seqs):
+            return ahead
+        if not live:
+            return None
+        counts = ahead.ks + 1
+        starts = np.zeros(len(seqs), np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in live])
+        index = to_device(self.device, np.concatenate([rows, live]))
+        return AheadVerify(
+            [seqs[i] for i in live],
+            ahead.logits.index_select(0, index[: len(rows)]),
+            ahead.ks[live],
+            ahead.drafts.index_select(0, index[len(rows) :]),
+            ahead.reserve,
+        )
 
     def _run_ahead(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
         """Launch the next step's model run with this step's tokens (on the device) as its input.

@@ -569,6 +569,80 @@ class ModelRunner:
             s.num_cached = len(s.tokens) + ahead
         return logits.float()
 
+    def decode_ahead(
+        self,
+        seqs: list[Sequence],
+        best: torch.Tensor,
+        starts: np.ndarray,
+        last: np.ndarray | torch.Tensor,
+        ks: np.ndarray,
+        candidates: np.ndarray,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A verification step launched before the previous one's outcome reaches the host
+        (``Engine._verify_ahead``). That step verified every sequence of ``seqs``, greedy: ``best``
+        is the argmax of its rows on the device (sequence b's from starts[b]) and ``last`` its
+        drafts ([B, KL], -1 past each row's; on the host, or on the device when it was itself
+        launched ahead). Sequence b took m drafts (those before the first that is not the argmax)
+        and the argmax t after them, whose cache that step wrote; its inputs now: t at position
+        len(tokens) + m, then ks[b] drafts candidates[b, m + i] (``Drafter.propose_ahead``). One
+        kernel makes m, t and these inputs on the device (``encdec_kernels.accept_and_next``).
+        Cache slots must exist for every position that may take: up to len(tokens) + KL + ks[b].
+        Returns (float32 logits of every input, packed: [sum(ks + 1), vocab]; the drafts [B,
+        max(ks)] on the device, -1 past each row's). ``num_cached`` is left to the caller
+        (``Speculator.settle``)."""
+        self._count_call("decode")
+        srows, crows = self._rows(seqs)
+        n, dev = len(seqs), self.device
+        counts = ks + 1
+        total, most = int(counts.sum()), int(counts.max())
+        graphs = next((g for g in self.verify_graphs or () if g.queries >= most), None)
+        if graphs is not None and n > graphs.max_batch:
+            graphs = None
+        if graphs is not None:  # q rows a sequence, real inputs last (as CudaGraphs.run lays them out)
+            q = rows = graphs.queries
+            row_first = np.arange(n, dtype=np.int64) * q
+            row_end = row_first + q
+        else:  # packed
+            rows = most
+            row_end = np.cumsum(counts)
+            row_first = row_end - counts
+        base = np.fromiter((len(s.tokens) for s in seqs), np.int64, n)
+        parts = [base, ks, starts, row_first, row_end, candidates.ravel()]
+        on_host = isinstance(last, np.ndarray)
+        up = to_device(dev, np.concatenate(parts + [last.ravel()] if on_host else parts))  # one upload
+        base_d, ks_d, starts_d, first_d, end_d = up[: 5 * n].view(5, n)
+        cand = up[5 * n : 5 * n + candidates.size].view(candidates.shape)
+        last_d = up[5 * n + candidates.size :].view(last.shape) if on_host else last
+
+        def inputs(tables, tokens, positions, slots):
+            return encdec_kernels.accept_and_next(
+                best, starts_d, last_d, base_d, ks_d, cand, tables, self.block_size, first_d, end_d,
+                tokens, positions, slots, most - 1, rows,
+            )  # fmt: skip
+
+        if graphs is not None:
+            # the real rows: the last ks[b] + 1 of each sequence's (consecutive at batch 1)
+            real = np.repeat(row_end - np.cumsum(counts), counts) + np.arange(total)
+            return graphs.run_ahead(self, seqs, srows, crows, inputs, real)
+        tables = self._tensor(self.self_tables[srows], torch.int32)
+        tokens, positions, slots = torch.empty((3, total), dtype=torch.long, device=dev)
+        _, _, drafts, kv_lens = inputs(tables, tokens, positions, slots)
+        cu = np.zeros(n + 1, np.int32)
+        np.cumsum(counts, out=cu[1:])
+        meta = AttentionMetadata(
+            cu_seqlens_q=self._tensor(cu, torch.int32),
+            max_seqlen_q=most,
+            slot_mapping=slots,
+            self_attn=PagedView(tables, kv_lens),
+            cross_attn=PagedView(
+                self._tensor(self.cross_tables[crows], torch.int32),
+                self._tensor([s.group.encoder_len for s in seqs], torch.int32),
+            ),
+            logits_indices=torch.arange(total, device=dev),
+        )
+        self.last_tables = (meta.self_attn.block_tables, meta.cross_attn)
+        return self.model.decode(tokens, positions, meta).float(), drafts
+
     def _eager(self, seqs, srows, crows, q_lens, next_tokens=None, drafts=None) -> torch.Tensor:
         ahead = next_tokens is not None
         cu = np.zeros(len(seqs) + 1, np.int32)

@@ -76,6 +76,17 @@ class Drafter:
     def forget(self, group: SequenceGroup) -> None:
         """The group finished or was preempted: drop what is kept for it."""
 
+    #: Whether ``propose_ahead`` works: the drafts depend only on how many tokens the sequence
+    #: will have generated, not on which (the engine may then verify ahead, ``Engine._verify_ahead``).
+    drafts_ahead = False
+
+    def propose_ahead(self, seqs: list[Sequence], after: list[int], k: list[int]) -> np.ndarray | None:
+        """Drafts for a step launched before the step in flight reaches the host, for every outcome
+        of that step: row b's drafts, if the step in flight takes m of its ``after[b]`` drafts and
+        one token of its own, are row b's values [m, m + k[b]); shape [len(seqs), max(after) +
+        max(k)]. None: no drafts (only with ``drafts_ahead``)."""
+        return None
+
 
 # ---- prompt lookup -------------------------------------------------------------------------------
 
@@ -195,6 +206,22 @@ class OracleDrafter(Drafter):
                 out.append(None)
             else:
                 out.append(Draft(noisy[g : g + k]))
+        return out
+
+    drafts_ahead = True
+
+    def propose_ahead(self, seqs: list[Sequence], after: list[int], k: list[int]) -> np.ndarray | None:
+        # the step in flight takes m drafts and a token: the next drafts start at generated + m + 1.
+        # Unlike propose, a sequence off the recorded path still gets them (all rejected, the same
+        # output): which token the step in flight chose is not on the host yet
+        width = max(after, default=0) + max(k, default=0)
+        out = np.zeros((len(seqs), max(width, 1)), np.int64)
+        for b, s in enumerate(seqs):
+            noisy = self._noisy(s.group.request.request_id)
+            if noisy is not None:
+                g = s.num_generated + 1
+                row = noisy[g : g + width]
+                out[b, : len(row)] = row
         return out
 
 
@@ -434,6 +461,26 @@ class PendingVerify:
     host: torch.Tensor  # what the host reads, on its way (CPU tensor; pinned on CUDA)
     done: object  # a CUDA event after the copy, or None (on the CPU: nothing to wait for)
     layout: tuple | None  # verify_finish's row bookkeeping; None: the few-row path
+    # the argmax of every row on the device (greedy rows), and the drafts there when they were made
+    # there ([B, kmax], -1 past each row's: a step launched ahead): what the next step launched
+    # ahead is built from (``Engine._verify_ahead``)
+    best: torch.Tensor | None = None
+    device_drafts: torch.Tensor | None = None
+
+
+@dataclass
+class AheadVerify:
+    """A verification step launched before the previous step's outcome reached the host
+    (``Engine._verify_ahead``): its sequences, the logits of all their inputs (packed: each
+    sequence's chosen token and its ``ks[b]`` drafts), the drafts themselves on the device
+    ([B, max(ks)], -1 past each row's), and per sequence the cache positions [0, reserve) whose
+    blocks must stay until this step is taken (it may write up to there)."""
+
+    seqs: list[Sequence]
+    logits: torch.Tensor
+    ks: np.ndarray
+    drafts: torch.Tensor
+    reserve: dict[Sequence, int]
 
 
 def _toward_host(x: torch.Tensor) -> tuple[torch.Tensor, object]:
@@ -589,19 +636,21 @@ class Speculator:
             self.clock += 1
         self._cohort_clock[cohort] = self.clock
 
-    def _want(self, s: Sequence) -> int:
-        """Drafts the sequence may take this step (adaptive K; without it, K)."""
+    def _want(self, s: Sequence, clock: int | None = None) -> int:
+        """Drafts the sequence may take this step (adaptive K; without it, K); ``clock``: at
+        another step's clock (a step launched ahead: the next one's)."""
         k = self.drafter.k
         if not self.adaptive:
             return k
+        clock = self.clock if clock is None else clock
         a = self._adapt.get(s)
         if a is None:
             a = self._adapt[s] = _Adapt(k)
             if self.cold:
                 a.k = 0
-                self._back_off(a, BACKOFF_MOST, self.clock)
+                self._back_off(a, BACKOFF_MOST, clock)
         if a.k == 0:  # backing off: one draft on its try step (adapt sets k and the next try)
-            return 1 if self.clock >= a.next_try else 0
+            return 1 if clock >= a.next_try else 0
         return min(a.k, k)
 
     def drafts_next_step(self, seqs: list[Sequence]) -> bool:
@@ -684,6 +733,42 @@ class Speculator:
             drafts[i] = d
         return drafts, copies
 
+    def propose_ahead(
+        self, seqs: list[Sequence], after: list[int], limit: int
+    ) -> tuple[tuple | None, list[tuple[int, int]]]:
+        """Drafts for a step launched before the step in flight (``after[b]``: its drafts for
+        sequence b) reaches the host (``Engine._verify_ahead``), and cache room for that step:
+        each sequence takes at most what its adaptive K allows at the next step's clock and what
+        its length allows after the most the step in flight can give it (``limit``: the
+        positions a sequence may have). Returns ((drafts a sequence [B], the drafter's candidates
+        (``Drafter.propose_ahead``), per sequence the end of the positions the step may write),
+        block copies to run first); the first is None when the drafter cannot draft ahead, no
+        sequence would take a draft, or the pool lacks room (the engine then finishes the step
+        in flight first; the copies still run)."""
+        if not self.drafter.drafts_ahead:
+            return None, []
+        clock = self.clock + 1
+        ks, ends = [], []
+        for s, a in zip(seqs, after):
+            n = len(s.tokens)
+            room = min(s.group.max_new_tokens - s.num_generated - a - 2, limit - n - a - 1)
+            ks.append(max(0, min(room, self._want(s, clock))))
+            ends.append(min(n + a + ks[-1] + 1, limit))
+        bs = self.blocks.block_size
+        need = sum(max(0, -(-e // bs) - len(s.block_table)) for s, e in zip(seqs, ends))
+        if not any(ks) or need > self.blocks.num_free:
+            return None, []
+        candidates = self.drafter.propose_ahead(seqs, after, ks)
+        if candidates is None:
+            return None, []
+        copies: list[tuple[int, int]] = []
+        for s, e in zip(seqs, ends):
+            try:
+                copies += self.blocks.prepare_write(s.block_table, len(s.tokens), e)
+            except OutOfBlocks:  # copy-on-write took the last blocks
+                return None, copies
+        return (np.asarray(ks, np.int64), candidates, np.asarray(ends, np.int64)), copies
+
     def verify(
         self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
     ) -> list[Verified]:
@@ -707,11 +792,36 @@ class Speculator:
         A few greedy sequences without log-probabilities (batch 1) take ``_verify_few``'s path:
         the same in Python lists."""
         n = len(seqs)
-        clock = self.clock
         if n * (self.drafter.k + 1) <= FEW_ROWS and not any(
             s.group.params.temperature > 0 or s.group.params.logprobs for s in seqs
         ):
-            return self._launch_few(logits, seqs, drafts, clock)
+            return self._launch_few(logits, seqs, drafts, self.clock)
+        return self._launch_many(logits, seqs, drafts, self.clock)
+
+    def verify_launch_ahead(self, ahead: AheadVerify) -> PendingVerify:
+        """``verify_launch`` of a step launched ahead (``AheadVerify``: every sequence greedy
+        with count-based rules, its drafts on the device): the rules over every row (each row's
+        token count is known on the host now), the argmax, and one copy toward the host of the
+        drafts and every row's argmax (acceptance: ``verify_finish``)."""
+        seqs, ks, logits = ahead.seqs, ahead.ks, ahead.logits
+        n = len(seqs)
+        counts = ks + 1
+        owner = np.repeat(np.arange(n), counts)
+        starts = np.zeros(n, np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        drafted = np.arange(len(owner)) - starts[owner]
+        generated = np.fromiter((s.num_generated for s in seqs), np.int64, n)[owner] + drafted
+        flat = [seqs[b] for b in owner.tolist()]
+        process_logits(logits, flat, None, drafted, None, generated)
+        best = logits.argmax(-1)
+        host, done = _toward_host(torch.cat([ahead.drafts.flatten(), best]))
+        layout = ("ahead", ks, starts, ahead.drafts.shape[1])
+        return PendingVerify(seqs, [], self.clock, host, done, layout, best, ahead.drafts)
+
+    def _launch_many(
+        self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None], clock: int
+    ) -> PendingVerify:
+        n = len(seqs)
         dev = logits.device
         lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, n)
         counts = lens + 1
@@ -765,7 +875,13 @@ class Speculator:
             parts = [x.double() for x in parts]
         host, done = _toward_host(torch.cat(parts))  # the step's one device-to-host copy
         return PendingVerify(
-            seqs, drafts, clock, host, done, (lens, starts, total, kmax, table, sampled, want_lp)
+            seqs,
+            drafts,
+            clock,
+            host,
+            done,
+            (lens, starts, total, kmax, table, sampled, want_lp),
+            best=g if len(sampled) < n else None,
         )
 
     def verify_finish(self, pending: PendingVerify) -> list[Verified]:
@@ -776,6 +892,8 @@ class Speculator:
             return self._finish_few(pending)
         if pending.done is not None:
             pending.done.synchronize()  # this step's copy only; later work keeps running
+        if isinstance(pending.layout[0], str):  # ("ahead", ...)
+            return self._finish_ahead(pending)
         seqs, drafts = pending.seqs, pending.drafts
         lens, starts, total, kmax, table, sampled, want_lp = pending.layout
         n = len(seqs)
@@ -821,6 +939,25 @@ class Speculator:
             result.append(Verified(tokens, lps, m))
         return result
 
+    def _finish_ahead(self, pending: PendingVerify) -> list[Verified]:
+        """``verify_finish`` of a step launched ahead: its drafts (made on the device) and every
+        row's argmax as copied back, greedy acceptance as ``_finish_few``'s; ``pending.drafts``
+        gets the drafts."""
+        _, ks, starts, kmax = pending.layout
+        n = len(pending.seqs)
+        res = pending.host.numpy()
+        table = res[: n * kmax].reshape(n, kmax).tolist()
+        best = res[n * kmax :].tolist()
+        result = []
+        for b, (k, at) in enumerate(zip(ks.tolist(), starts.tolist())):
+            tokens = table[b][:k]
+            pending.drafts.append(Draft(tokens) if k else None)
+            m = 0
+            while m < k and best[at + m] == tokens[m]:
+                m += 1
+            result.append(Verified(tokens[:m] + [best[at + m]], None, m))
+        return result
+
     def _verify_few(
         self, logits: torch.Tensor, seqs: list[Sequence], drafts: list[Draft | None]
     ) -> list[Verified]:
@@ -849,8 +986,9 @@ class Speculator:
             return Extended(flat[i], seen[i][: drafted[i]])
 
         process_logits(logits, flat, rows_by_params(flat), drafted, view, generated)
-        host, done = _toward_host(logits.argmax(-1))  # the step's one device-to-host copy
-        return PendingVerify(seqs, drafts, clock, host, done, None)
+        best = logits.argmax(-1)
+        host, done = _toward_host(best)  # the step's one device-to-host copy
+        return PendingVerify(seqs, drafts, clock, host, done, None, best=best)
 
     def _finish_few(self, pending: PendingVerify) -> list[Verified]:
         if pending.done is not None:
@@ -921,8 +1059,9 @@ class Speculator:
             token[to_device(dev, [r for r, _ in plain])] = torch.cat([t for _, t in plain])
         return m, token
 
-    def settle(self, seq: Sequence, num_tokens_before: int, accepted: int) -> None:
+    def settle(self, seq: Sequence, num_tokens_before: int, accepted: int, reserve: int = 0) -> None:
         """After a running sequence took its verified tokens: the cache holds its tokens up to the
-        accepted drafts; the slots past its tokens go back to the pool."""
+        accepted drafts; the slots past its tokens go back to the pool, except those a step
+        launched ahead may write (positions below ``reserve``)."""
         seq.num_cached = num_tokens_before + accepted
-        self.blocks.truncate(seq.block_table, len(seq.tokens))
+        self.blocks.truncate(seq.block_table, max(len(seq.tokens), reserve))

@@ -173,5 +173,6 @@ def test_adaptive_drafts_less_at_alpha_zero_with_the_same_output(tiny_text_model
             drafts[adaptive] = engine.stats.draft_tokens
             ahead[adaptive] = engine.stats.ahead_steps
     assert 0 < drafts[True] < 0.75 * drafts[False]  # short requests (4-20 tokens): 185 of 300
-    # every row backed off: plain steps between the tries, launched ahead (fixed K: never)
-    assert ahead[True] > 0 and ahead[False] == 0
+    # every row backed off: plain steps between the tries, launched ahead (with fixed K the
+    # oracle's verification steps run ahead too: tests/engine/test_speculative_ahead.py)
+    assert ahead[True] > 0

@@ -123,6 +123,7 @@ shared_kv = _interpreted_fixture("shared_kv")
 norm = _interpreted_fixture("norm")
 lin = _interpreted_fixture("linear", "lin")
 blocks = _interpreted_fixture("blocks")
+verify = _interpreted_fixture("verify")
 
 
 @pytest.fixture(scope="session")
