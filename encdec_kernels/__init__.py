@@ -154,12 +154,12 @@ def copy_blocks_where(pool, src, dst, mask):
 
 def accept_and_next(
     best, starts, last_drafts, base, ks, candidates, tables, block_size, row_first, row_end,
-    tokens, positions, slots, next_k, rows,
+    tokens, positions, slots, next_k, rows, max_rows,
 ):  # fmt: skip
     """A verification step's greedy outcome and the next step's inputs, on the device (``verify.py``)."""
     return _impl(best, "verify").accept_and_next(
         best, starts, last_drafts, base, ks, candidates, tables, block_size, row_first, row_end,
-        tokens, positions, slots, next_k, rows,
+        tokens, positions, slots, next_k, rows, max_rows,
     )  # fmt: skip
 
 

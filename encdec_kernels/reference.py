@@ -364,10 +364,12 @@ def copy_blocks_where(pool, src, dst, mask):
 
 def accept_and_next(
     best, starts, last_drafts, base, ks, candidates, tables, block_size, row_first, row_end,
-    tokens, positions, slots, next_k: int, rows: int,
+    tokens, positions, slots, next_k: int, rows: int, max_rows: int,
 ):  # fmt: skip
     """The greedy outcome of a verification step and the next step's inputs (see
     ``verify.accept_and_next``), in torch."""
+    if max(rows, last_drafts.shape[1] + 1, next_k + 1) > max_rows:
+        raise ValueError(f"accept_and_next: rows or drafts exceed max_rows {max_rows}")
     n, dev = len(ks), best.device
     last_k, width = last_drafts.shape[1], candidates.shape[1]
     j = torch.arange(last_k, device=dev)

@@ -9,8 +9,17 @@ import torch
 import triton
 import triton.language as tl
 
+_RUNTIME_ARGS = (
+    "BEST", "STARTS", "LAST_DRAFTS", "BASE", "KS", "CANDIDATES", "TABLES", "ROW_FIRST", "ROW_END",
+    "ACCEPTED", "CHOSEN", "DRAFTS", "KV_LENS", "TOKENS", "POSITIONS", "SLOTS",
+    "num_best", "last_k", "next_k", "width", "table_stride",
+)  # fmt: skip
 
-@triton.jit
+
+# One compiled variant an engine: no specialisation on the values (draft counts of 1, widths) or on
+# the pointers' alignment (views into one upload), which change from step to step and would each
+# compile a variant in the middle of a run.
+@triton.jit(do_not_specialize=_RUNTIME_ARGS)
 def _accept_next_kernel(
     BEST, STARTS, LAST_DRAFTS, BASE, KS, CANDIDATES, TABLES, ROW_FIRST, ROW_END,
     ACCEPTED, CHOSEN, DRAFTS, KV_LENS, TOKENS, POSITIONS, SLOTS,
@@ -52,7 +61,7 @@ def _accept_next_kernel(
 
 def accept_and_next(
     best, starts, last_drafts, base, ks, candidates, tables, block_size, row_first, row_end,
-    tokens, positions, slots, next_k: int, rows: int,
+    tokens, positions, slots, next_k: int, rows: int, max_rows: int,
 ):  # fmt: skip
     """The greedy outcome of a verification step and the inputs of the step after it, in one
     kernel (no host sync; safe to queue before the outcome is known on the host).
@@ -65,7 +74,9 @@ def accept_and_next(
     outcome), in rows row_first[b] .. row_end[b] of tokens / positions / slots ([*] int64,
     written in place): its inputs in the last ks[b] + 1 of them, padding rows before them (token
     0, the chosen token's position, slot -1). Slots from tables [B, width] int32 (block ids) and
-    ``block_size``. ``next_k``: max(ks) (known on the host); ``rows``: the most rows a sequence.
+    ``block_size``. ``next_k``: max(ks) (known on the host); ``rows``: the most rows a sequence;
+    ``max_rows``: a bound on rows, KL + 1 and next_k + 1 that stays the same for every call of an
+    engine (K + 1): the kernel's tile sizes, so that it compiles once.
     starts, base, ks, row_first, row_end: [B] int64. Returns (accepted [B], chosen [B], the next
     drafts [B, next_k] (-1 past each row's), the next key counts [B] int32: the last input's
     position + 1)."""
@@ -77,12 +88,15 @@ def accept_and_next(
     if n == 0:
         return accepted, chosen, drafts, kv_lens
     last_k, width = last_drafts.shape[1], candidates.shape[1]
+    if max(rows, last_k + 1, next_k + 1) > max_rows:
+        raise ValueError(
+            f"accept_and_next: rows {rows}, {last_k} and {next_k} drafts exceed max_rows {max_rows}"
+        )
+    tile = triton.next_power_of_2(max(max_rows - 1, 1))
     _accept_next_kernel[(n,)](
         best, starts, last_drafts, base, ks, candidates, tables, row_first, row_end,
         accepted, chosen, drafts, kv_lens, tokens, positions, slots,
         best.numel(), last_k, next_k, width, tables.stride(0),
-        BS=block_size, LAST_K=triton.next_power_of_2(max(last_k, 1)),
-        NEXT_K=triton.next_power_of_2(max(next_k, 1)), ROWS=triton.next_power_of_2(max(rows, 1)),
-        num_warps=1,
+        BS=block_size, LAST_K=tile, NEXT_K=tile, ROWS=triton.next_power_of_2(max_rows), num_warps=1,
     )  # fmt: skip
     return accepted, chosen, drafts, kv_lens

@@ -617,7 +617,7 @@ class ModelRunner:
         def inputs(tables, tokens, positions, slots):
             return encdec_kernels.accept_and_next(
                 best, starts_d, last_d, base_d, ks_d, cand, tables, self.block_size, first_d, end_d,
-                tokens, positions, slots, most - 1, rows,
+                tokens, positions, slots, most - 1, rows, self.queries,
             )  # fmt: skip
 
         if graphs is not None:

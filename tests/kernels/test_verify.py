@@ -79,7 +79,7 @@ def test_accept_and_next_matches_a_loop(verify, q, seed):
         bufs = [torch.full((int(row_end[-1]),), -7, dtype=torch.long) for _ in range(3)]
         accepted, chosen, drafts, kv = impl.accept_and_next(
             t(best), t(starts), t(last), t(base), t(ks), t(cand), t(tables), BS, t(row_first), t(row_end),
-            *bufs, next_k, rows,
+            *bufs, next_k, rows, 6,
         )  # fmt: skip
         name = impl.__name__
         assert accepted.tolist() == [w[0] for w in want], name
