@@ -212,6 +212,17 @@ class CudaGraphs:
         self.replays += 1
         return self.outputs[b][:n]
 
+    def _upload_tables(self, runner, srows, crows, n: int, b: int, host_self, host_cross) -> None:
+        """The step's block-table rows (padding sequences' zero) into the graphs' table buffers,
+        through this turn's pinned host set."""
+        hs, hc = host_self.numpy(), host_cross.numpy()
+        hs[:n] = runner.self_tables[srows]
+        hc[:n] = runner.cross_tables[crows]
+        hs[n:b] = 0
+        hc[n:b] = 0
+        self.self_tables[:b].copy_(host_self[:b], non_blocking=True)
+        self.cross_tables[:b].copy_(host_cross[:b], non_blocking=True)
+
     def run_ahead(
         self, runner, seqs, srows, crows, inputs, real: np.ndarray
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,13 +240,8 @@ class CudaGraphs:
         h = clens.numpy()
         h[:n] = [s.group.encoder_len for s in seqs]
         h[n:] = 1
-        host_self.numpy()[:n] = runner.self_tables[srows]
-        host_cross.numpy()[:n] = runner.cross_tables[crows]
-        host_self.numpy()[n:b] = 0
-        host_cross.numpy()[n:b] = 0
         dev = clens.to(runner.device, non_blocking=True)
-        self.self_tables[:b].copy_(host_self[:b], non_blocking=True)
-        self.cross_tables[:b].copy_(host_cross[:b], non_blocking=True)
+        self._upload_tables(runner, srows, crows, n, b, host_self, host_cross)
         free.record()
         self.cross_lens[:b].copy_(dev)
         _, _, drafts, kv_lens = inputs(self.self_tables, self.tokens, self.positions, self.slots)
@@ -284,13 +290,8 @@ class CudaGraphs:
         # step's part of the buffer is set: its layout changes with b, stale values would index out
         # of range)
         tok[n * q :], pos[n * q :], slot[n * q :], lens[n:], clens[n:] = 0, 0, -1, 1, 1
-        host_self.numpy()[:n] = runner.self_tables[srows]
-        host_cross.numpy()[:n] = runner.cross_tables[crows]
-        host_self.numpy()[n:b] = 0
-        host_cross.numpy()[n:b] = 0
         dev = host.to(runner.device, non_blocking=True)
-        self.self_tables[:b].copy_(host_self[:b], non_blocking=True)
-        self.cross_tables[:b].copy_(host_cross[:b], non_blocking=True)
+        self._upload_tables(runner, srows, crows, n, b, host_self, host_cross)
         free.record()
         self.tokens[: b * q].copy_(dev[: b * q])
         if ahead:
