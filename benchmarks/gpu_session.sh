@@ -19,6 +19,9 @@
 #           out/prev (carry it: git archive <commit> | tar -x -C out/prev, the tree to compare
 #           against) and this tree without the qkv kernel's K/V store (ENCDEC_GEMV_KV_STORE=0), then W5 with oracle drafts, verification rows on the one-row kernel
 #           (ENCDEC_GEMV_ROWS=8) and on cuBLAS (issues 22, 26) (~6)
+#   vahead  verification steps launched ahead: tests/gpu/test_speculative_gpu.py and
+#           test_cuda_graphs.py, then W5 with oracle
+#           drafts (alpha 0, 0.7; K 4) twice each, alternating this tree and out/prev (issue 22) (~9)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
@@ -113,6 +116,15 @@ for part in "$@"; do
         done
         w5_spec gemv 8
         w5_spec cublas 1
+        grep -h "^W5\|oracle" "$OUT"/*W5-*.log ;;
+    vahead)  # verification steps launched ahead (issue 22): their GPU tests, then W5 with oracle
+        # drafts alternating this tree and out/prev (carry it: the tree before them)
+        step 300 gpu-tests-speculative python3 -m pytest -q -m gpu tests/gpu/test_speculative_gpu.py \
+            tests/gpu/test_cuda_graphs.py -p no:cacheprovider
+        for i in 1 2; do
+            w5_spec ahead-$i 8
+            (cd out/prev && w5_spec prev-$i 8)
+        done
         grep -h "^W5\|oracle" "$OUT"/*W5-*.log ;;
     abprof)
         step 150 profile-W2-new python3 benchmarks/profile_step.py W2 --max-num-seqs 512 --rows 40 \
