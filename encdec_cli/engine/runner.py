@@ -586,7 +586,7 @@ class ModelRunner:
         and the argmax t after them, whose cache that step wrote; its inputs now: t at position
         len(tokens) + m, then ks[b] drafts candidates[b, m + i] (``Drafter.propose_ahead``). One
         kernel makes m, t and these inputs on the device (``encdec_kernels.accept_and_next``).
-        Cache slots must exist for every position that may take: up to len(tokens) + KL + ks[b].
+        Cache slots must exist for every position the step may write: up to len(tokens) + KL + ks[b].
         Returns (float32 logits of every input, packed: [sum(ks + 1), vocab]; the drafts [B,
         max(ks)] on the device, -1 past each row's). ``num_cached`` is left to the caller
         (``Speculator.settle``)."""
