@@ -23,7 +23,7 @@ from encdec_cli.engine.prefix_cache import PrefixCache, PrefixCacheCounters, enc
 from encdec_cli.engine.runner import ModelRunner
 from encdec_cli.engine.sampling import History, PendingSample, Sampled, Sampler
 from encdec_cli.engine.scheduler import Scheduler, StepPlan
-from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup
+from encdec_cli.engine.sequence import Completion, Request, Result, Sequence, SequenceGroup, packed_rows
 from encdec_cli.engine.speculative import (
     AheadVerify,
     Draft,
@@ -800,8 +800,7 @@ class Engine:
             after, last = ks.tolist(), pending.device_drafts
         else:
             after = [len(d.tokens) if d is not None else 0 for d in pending.drafts]
-            starts = np.zeros(len(seqs), np.int64)
-            np.cumsum(np.asarray(after[:-1], np.int64) + 1, out=starts[1:])
+            starts = packed_rows(np.asarray(after, np.int64) + 1)[0]
             last = np.full((len(seqs), max(after, default=0)), -1, np.int64)
             for b, d in enumerate(pending.drafts):
                 if d is not None:
@@ -838,10 +837,9 @@ class Engine:
             return ahead
         if not live:
             return None
-        counts = ahead.ks + 1
-        starts = np.zeros(len(seqs), np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        rows = np.concatenate([np.arange(starts[i], starts[i] + counts[i]) for i in live])
+        alive = np.zeros(len(seqs), bool)
+        alive[live] = True
+        rows = np.flatnonzero(alive[packed_rows(ahead.ks + 1)[1]])  # the live sequences' rows
         index = to_device(self.device, np.concatenate([rows, live]))
         return AheadVerify(
             [seqs[i] for i in live],

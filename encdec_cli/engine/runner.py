@@ -20,7 +20,7 @@ import torch
 import encdec_kernels
 from encdec_cli.engine.beam import Children
 from encdec_cli.engine.config import EngineConfig
-from encdec_cli.engine.sequence import Sequence, SequenceGroup
+from encdec_cli.engine.sequence import Sequence, SequenceGroup, packed_rows
 from encdec_cli.engine.transfer import to_device
 from encdec_models.base import AttentionMetadata, PagedView
 
@@ -345,18 +345,13 @@ class ModelRunner:
             np.int64,
             total,
         )
-        owner = np.repeat(np.arange(n), r)
-        first = np.zeros(n, np.int64)
-        np.cumsum(r[:-1], out=first[1:])
-        j = np.arange(total) - first[owner]
+        first, owner, j = packed_rows(r)
         positions = start[owner] + j
         slots = self.self_tables[srows[owner], positions // bs].astype(np.int64) * bs + positions % bs
         end = first + r if q is None else np.arange(1, n + 1) * q  # past each sequence's inputs
         dest = (end - r)[owner] + j  # where each input goes
-        lo = np.repeat(np.arange(n), dl + 1)
-        lfirst = np.zeros(n, np.int64)
-        np.cumsum(dl[:-1] + 1, out=lfirst[1:])
-        logits_rows = (end - dl - 1)[lo] + np.arange(len(lo)) - lfirst[lo]  # the last len(d) + 1
+        _, lo, li = packed_rows(dl + 1)
+        logits_rows = (end - dl - 1)[lo] + li  # the last len(d) + 1
         return VerifyLayout(tokens, positions, slots, dest, logits_rows, start, start + r, r)
 
     def _verify_layout_few(
@@ -622,7 +617,8 @@ class ModelRunner:
 
         if graphs is not None:
             # the real rows: the last ks[b] + 1 of each sequence's (consecutive at batch 1)
-            real = np.repeat(row_end - np.cumsum(counts), counts) + np.arange(total)
+            _, owner, j = packed_rows(counts)
+            real = (row_end - counts)[owner] + j
             return graphs.run_ahead(self, seqs, srows, crows, inputs, real)
         tables = self._tensor(self.self_tables[srows], torch.int32)
         tokens, positions, slots = torch.empty((3, total), dtype=torch.long, device=dev)

@@ -7,6 +7,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+
+def packed_rows(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows packed sequence after sequence, counts[b] rows for sequence b (a step's inputs or its
+    verification rows) -> (each sequence's first row, each row's sequence, each row's index within
+    its sequence)."""
+    n = len(counts)
+    first = np.zeros(n, np.int64)
+    np.cumsum(counts[:-1], out=first[1:])
+    owner = np.repeat(np.arange(n), counts)
+    return first, owner, np.arange(len(owner)) - first[owner]
+
 
 @dataclass(frozen=True)
 class TimestampRules:

@@ -46,7 +46,7 @@ from encdec_cli.engine.sampling import (
     sampling_generator,
     sampling_probs,
 )
-from encdec_cli.engine.sequence import Sequence, SequenceGroup
+from encdec_cli.engine.sequence import Sequence, SequenceGroup, packed_rows
 from encdec_cli.engine.transfer import to_device
 
 
@@ -742,11 +742,10 @@ class Speculator:
         its length allows after the most the step in flight can give it (``limit``: the
         positions a sequence may have). Returns ((drafts a sequence [B], the drafter's candidates
         (``Drafter.propose_ahead``), per sequence the end of the positions the step may write),
-        block copies to run first); the first is None when the drafter cannot draft ahead, no
-        sequence would take a draft, or the pool lacks room (the engine then finishes the step
-        in flight first; the copies still run)."""
-        if not self.drafter.drafts_ahead:
-            return None, []
+        block copies to run first); the first is None when no sequence would take a draft, the
+        drafter has none, or the pool lacks room (the engine then finishes the step
+        in flight first; the copies still run). The drafter must draft ahead
+        (``Drafter.drafts_ahead``: ``Engine._can_verify_ahead`` checks it)."""
         clock = self.clock + 1
         ks, ends = [], []
         for s, a in zip(seqs, after):
@@ -805,11 +804,7 @@ class Speculator:
         drafts and every row's argmax (acceptance: ``verify_finish``)."""
         seqs, ks, logits = ahead.seqs, ahead.ks, ahead.logits
         n = len(seqs)
-        counts = ks + 1
-        owner = np.repeat(np.arange(n), counts)
-        starts = np.zeros(n, np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
-        drafted = np.arange(len(owner)) - starts[owner]
+        starts, owner, drafted = packed_rows(ks + 1)
         generated = np.fromiter((s.num_generated for s in seqs), np.int64, n)[owner] + drafted
         flat = [seqs[b] for b in owner.tolist()]
         process_logits(logits, flat, None, drafted, None, generated)
@@ -825,11 +820,9 @@ class Speculator:
         dev = logits.device
         lens = np.fromiter((len(d.tokens) if d is not None else 0 for d in drafts), np.int64, n)
         counts = lens + 1
-        starts = np.zeros(n, np.int64)
-        np.cumsum(counts[:-1], out=starts[1:])
         total = int(counts.sum())
-        owner = np.repeat(np.arange(n), counts)  # verification row -> its sequence
-        drafted = np.arange(total) - starts[owner]  # drafts each row sees
+        # each sequence's first verification row, each row's sequence, the drafts each row sees
+        starts, owner, drafted = packed_rows(counts)
         flat = [seqs[b] for b in owner.tolist()]
         base = rows_by_params(seqs)
         if len(base) == 1:
