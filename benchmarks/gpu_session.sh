@@ -22,6 +22,12 @@
 #   vahead  verification steps launched ahead: tests/gpu/test_speculative_gpu.py and
 #           test_cuda_graphs.py, then W5 with oracle
 #           drafts (alpha 0, 0.7; K 4) twice each, alternating this tree and out/prev (issue 22) (~9)
+#   vprof   where a batch-1 verification step's GPU time goes: benchmarks/ablate_step.py (each piece
+#           taken out of the decode and verification graphs), W5 with oracle drafts (alpha 0, 0.7;
+#           K 4), then the speculative and graph GPU tests (issue 22) (~8)
+#   chains  the one-row kernel's sums in FMA chains: its GPU tests, ab_linear.py against out/prev
+#           (carry it: the tree before), W5 with oracle drafts alternating the two trees, then
+#           ablate_step.py (issue 22) (~8)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
@@ -126,6 +132,26 @@ for part in "$@"; do
             (cd out/prev && w5_spec prev-$i 8)
         done
         grep -h "^W5\|oracle" "$OUT"/*W5-*.log ;;
+    vprof)  # where a batch-1 verification step's GPU time goes (issue 22): each piece taken out
+        # of the decode and verification graphs in turn (ablate_step.py), W5 with oracle drafts,
+        # then the speculative and graph GPU tests
+        step 200 ablate-W5 python3 benchmarks/ablate_step.py --out "$(name ablate-W5).json"
+        w5_spec vprof 8
+        step 200 gpu-tests-speculative python3 -m pytest -q -m gpu tests/gpu/test_speculative_gpu.py \
+            tests/gpu/test_cuda_graphs.py -p no:cacheprovider
+        grep -h "^W5\|oracle\|^queries" "$OUT"/*W5-*.log ;;
+    chains)  # the one-row kernel's products summed in FMA chains (issue 22): its GPU tests,
+        # ab_linear.py here and in out/prev (carry it: the tree before), W5 with oracle drafts
+        # alternating the two trees, then the ablation of this tree's steps
+        step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
+        step 60 ab-linear-new python3 benchmarks/ab_linear.py
+        (cd out/prev && PYTHONPATH=. step 60 ab-linear-prev python3 benchmarks/ab_linear.py)
+        for i in 1 2; do
+            w5_spec chains-$i 8
+            (cd out/prev && w5_spec prev-$i 8)
+        done
+        step 150 ablate-W5 python3 benchmarks/ablate_step.py --out "$(name ablate-W5).json"
+        grep -h "^W5\|oracle\|^queries" "$OUT"/*W5-*.log ;;
     abprof)
         step 150 profile-W2-new python3 benchmarks/profile_step.py W2 --max-num-seqs 512 --rows 40 \
             --out "$(name profile-W2-new).json"

@@ -16,8 +16,8 @@ numbers as JSON (--out).
 ``--oracle ALPHA:K`` profiles speculative decoding with oracle drafts (``encdec bench --speculative
 oracle``: an untimed plain run's greedy tokens as drafts, each wrong with probability 1 - ALPHA);
 beside the batch-1 decode graph (``graph_b1_replay_ms``, ``graph_b1_kernels_ms``) it replays the
-K + 1-query verification graph alone (``verify_graph_b1``): what a verification step costs over
-a plain one, kernel by kernel.
+verification graphs alone, one a query count (K + 1, K / 2 + 1, ..., 2: ``verify_graphs_b1``):
+what a verification step of that many rows costs over a plain one, kernel by kernel.
 """
 
 from __future__ import annotations
@@ -298,11 +298,14 @@ def main(argv=None):
     if graphs is not None and 1 in graphs.graphs:
         res["graph_b1_replay_ms"], res["graph_b1_kernels_ms"] = replay_profile(graphs.graphs[1], args.rows)
         res["graph_launch"] = graph_launch_times(graphs)
-    # speculative: the K + 1-query verification graph at batch 1 (its buffers: the last step's)
-    verify = next((v for v in engine.runner.verify_graphs or () if 1 in v.graphs), None)
-    if verify is not None:
-        ms, kernels = replay_profile(verify.graphs[1], args.rows)
-        res["verify_graph_b1"] = {"queries": verify.queries, "replay_ms": ms, "kernels_ms": kernels}
+    # speculative: each verification graph at batch 1 (K + 1, K / 2 + 1, ..., 2 queries; its
+    # buffers: the last step's), what a step of that many rows costs over a plain one
+    for verify in engine.runner.verify_graphs or ():
+        if 1 in verify.graphs:
+            ms, kernels = replay_profile(verify.graphs[1], args.rows)
+            res.setdefault("verify_graphs_b1", []).append(
+                {"queries": verify.queries, "replay_ms": ms, "kernels_ms": kernels}
+            )
     if args.cprofile:
         import cProfile
         import pstats

@@ -54,6 +54,11 @@ def _norm_kernel(X, RES, W, B, Y, SUM,  # RES/SUM only with HAS_RESIDUAL, B only
 # fmt: on
 
 
+def _warps(block_c: int, rows: int) -> int:
+    """Warps a row: about 8 elements a thread, 1 to 32."""
+    return min(max(block_c // 256, 1), 32)
+
+
 def _check(name, t, like=None):
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -98,7 +103,7 @@ def add_norm(x, residual, weight, bias, eps, is_rms):
             x, residual if residual is not None else x, weight, bias if bias is not None else weight, y,
             summed if summed is not None else y, c, float(eps),
             BLOCK_C=block_c, HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, IS_RMS=is_rms,
-            num_warps=min(max(block_c // 256, 1), 32),  # ~8 elements per thread, 1..32 warps
+            num_warps=_warps(block_c, rows),
             **pdl_launch(x),
         )
         # fmt: on
