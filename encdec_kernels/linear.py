@@ -168,10 +168,12 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, strid
                 h += nb.to(tl.float32)
             # rounded like the norm's output
             h = tl.where(k_mask, h.to(Y.dtype.element_ty).to(tl.float32), 0.0)
-        # this thread's part of the row's sums, [BLOCK_N, T]: the chunks add up within each
-        # thread, then the chunk (REP times T threads' VEC elements) folds into one value a thread
-        part = tl.reshape(tl.sum(w.to(tl.float32) * h[None], 1), [BLOCK_N, REP, T, VEC])
-        part = tl.sum(tl.sum(part, 3), 1)
+        # this thread's part of the row's sums, [BLOCK_N, T]: each 16-byte vector's products in
+        # one chain of FMAs, then the vectors of a chunk, then the chunks (summed chunk by chunk
+        # first, the products took a multiply and an add each: 12% more instructions a row at
+        # K 1,280, 16% at 5,120, Triton 3.6 for sm_90)
+        part = tl.reshape(w.to(tl.float32) * h[None], [BLOCK_N, CHUNKS, REP, T, VEC])
+        part = tl.sum(tl.sum(tl.sum(part, 4), 2), 1)
         if m == 0:
             acc = tl.where(rows[:, None, None] == 0, part[None], 0.0)
         else:
