@@ -28,6 +28,8 @@
 #   chains  the one-row kernel's sums in FMA chains: its GPU tests, ab_linear.py against out/prev
 #           (carry it: the tree before), W5 with oracle drafts alternating the two trees, then
 #           ablate_step.py (issue 22) (~8)
+#   widen   the one-row kernel's shift-widened bfloat16: gemv and norm GPU tests, W5 with oracle
+#           drafts alternating with out/prev, the norm-warps and one-segment ablations (issue 22) (~6)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
@@ -152,6 +154,18 @@ for part in "$@"; do
         done
         step 150 ablate-W5 python3 benchmarks/ablate_step.py --out "$(name ablate-W5).json"
         grep -h "^W5\|oracle\|^queries" "$OUT"/*W5-*.log ;;
+    widen)  # the one-row kernel's FMA chains and shift-widened bfloat16 (issue 22): the gemv and
+        # norm GPU tests, W5 with oracle drafts alternating this tree and out/prev (carry it: the
+        # tree before), then the norm-warps and one-segment ablations
+        step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k "gemv or norm" \
+            -p no:cacheprovider
+        for i in 1 2; do
+            w5_spec widen-$i 8
+            (cd out/prev && w5_spec before-widen-$i 8)
+        done
+        step 150 ablate-W5 python3 benchmarks/ablate_step.py \
+            --only no-norm,one-row,norm-warps-4,norm-warps-2,norm-warps-1,one-segment --out "$(name ablate-W5).json"
+        grep -h "passed\|failed\|^W5\|oracle\|^queries" "$OUT"/*.log ;;
     abprof)
         step 150 profile-W2-new python3 benchmarks/profile_step.py W2 --max-num-seqs 512 --rows 40 \
             --out "$(name profile-W2-new).json"
