@@ -24,10 +24,13 @@ Up to ``GEMV_ROWS`` rows (a batch-1 verification step's K + 1 for K up to 7) tak
 each program holds its weight rows as for one row and takes x's rows one after the other (each
 row's loads issued while the row before is multiplied), each thread adding up its own products of
 the row; then all rows' sums cross the threads together (one barrier for all rows, not one a row:
-compiled for sm_90, 5 rows of a 1280 x 1280 weight take 3 barriers and 936 instructions a thread
+compiled for sm_90, 5 rows of a 1280 x 1280 weight took 3 barriers and 936 instructions a thread
 with Triton 3.9 and 4 and 904 with Triton 3.6, against 9 and 976, 14 and 976 with a reduction a
-row). The weights are read once and every row's result is bit for bit its one-row result (a
-verification step's linear layers give each row what a plain step gives it). With a norm, several
+row; with each vector's products in one FMA chain and bfloat16 widened by a shift, 712 with
+Triton 3.6). At several rows the kernel is bound by its instructions, not its weight reads
+(benchmarks/README.md, seventeenth session). The weights are read once and every row's result
+is bit for bit its one-row result (a verification step's linear layers give each row what a plain
+step gives it). With a norm, several
 rows go through the norm kernel first and then through this kernel without its norm prologue
 (fused, the prologue's per-row statistics made it slower than cuBLAS): each row's result is then
 bit for bit that of its normed row alone. More rows (up to FEW_ROWS) take ``_rows_kernel``: still
