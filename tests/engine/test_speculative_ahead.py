@@ -7,11 +7,14 @@ eager path; the CUDA-graph path: tests/gpu/test_speculative_gpu.py)."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 
 from encdec_cli.engine import Engine, OracleDrafter, Request, SamplingParams
 from encdec_cli.engine.engine import Engine as _Engine
+from encdec_cli.engine.speculative import Speculator
 from tests.support.text_models import random_text_requests, single_thread
 from tests.support.whisper_models import EOT, SOT, load_ours, random_whisper
 
@@ -103,9 +106,28 @@ def test_positions_limit_and_small_pool(tmp_path):
     _, want = _run(loaded, reqs, **cfg, num_blocks=800)
     assert all(len(t) == 23 for t, _ in want.values())  # the positions' limit, not max_new_tokens
     # a window's cross cache takes 375 blocks of 4: room for the three plus a few output blocks
+    refused = {}  # chains refused before the drafter was asked: no drafts wanted, or no room
     for blocks in (800, 3 * 375 + 14):
-        engine, got = _run(
-            loaded, reqs, _oracle(want, loaded.model.vocab_size, 1.0, 4), **cfg, num_blocks=blocks
-        )
+        oracle = _oracle(want, loaded.model.vocab_size, 1.0, 4)
+        asked, count = oracle.propose_ahead, [0, 0]
+
+        def counted(*a, asked=asked, count=count):
+            count[0] += 1
+            return asked(*a)
+
+        oracle.propose_ahead = counted
+        real = Speculator.propose_ahead
+
+        def spy(self, *a, real=real, count=count):
+            before = count[0]
+            out = real(self, *a)
+            count[1] += out[0] is None and count[0] == before
+            return out
+
+        with mock.patch.object(Speculator, "propose_ahead", spy):
+            engine, got = _run(loaded, reqs, oracle, **cfg, num_blocks=blocks)
         assert got == want, blocks
         assert engine.stats.ahead_steps > 0, blocks
+        refused[blocks] = count[1]
+    # the small pool refuses chains the large one launches (it cannot reserve their slots)
+    assert refused[3 * 375 + 14] > refused[800], refused
