@@ -117,7 +117,7 @@ def replay_ms(segments, n: int = 300) -> float:
 
 
 def main(argv=None):
-    from encdec_cli.engine import Engine, OracleDrafter
+    from benchmarks.profile_step import oracle_engine
     from encdec_cli.engine.cuda_graphs import CudaGraphs
     from encdec_cli.tasks.bench import WORKLOADS, build_models, inputs_for, workload_requests
 
@@ -131,16 +131,8 @@ def main(argv=None):
     w = WORKLOADS[args.workload]
     enc_inputs, targets = inputs_for(w)
     _, loaded = build_models(w, "cuda", torch.bfloat16, with_hf=False)
-    cfg = dict(max_num_seqs=1)
-    plain = Engine(loaded, **cfg)
-    recorded = {
-        r.request_id: r.token_ids
-        for r in plain.generate(workload_requests(w, loaded.config, enc_inputs, targets))
-    }
-    plain.close()
-    del plain
-    drafter = OracleDrafter(recorded, 0.7, args.k, loaded.model.vocab_size)
-    engine = Engine(loaded, drafter=drafter, prefix_cache=False, **cfg)
+    requests = workload_requests(w, loaded.config, enc_inputs, targets)
+    engine = oracle_engine(loaded, requests, dict(max_num_seqs=1), 0.7, args.k)
     list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
     torch.cuda.synchronize()
     runner = engine.runner

@@ -178,6 +178,19 @@ def graph_launch_times(graphs) -> dict:
     return out
 
 
+def oracle_engine(loaded, requests, cfg: dict, alpha: float, k: int):
+    """An engine (no prefix cache) with oracle drafts: a plain engine's greedy tokens for
+    ``requests``, each wrong with probability 1 - ``alpha``, K ``k``."""
+    from encdec_cli.engine import Engine, OracleDrafter
+
+    plain = Engine(loaded, **cfg)
+    recorded = {r.request_id: r.token_ids for r in plain.generate(requests)}
+    plain.close()
+    del plain
+    drafter = OracleDrafter(recorded, alpha, k, loaded.model.vocab_size)
+    return Engine(loaded, drafter=drafter, prefix_cache=False, **cfg)
+
+
 def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
@@ -206,20 +219,13 @@ def main(argv=None):
     enc_inputs, targets = inputs_for(w)
     _, loaded = build_models(w, "cuda", torch.bfloat16, with_hf=False)
     cfg = dict(max_num_seqs=args.max_num_seqs, micro_batches=args.micro_batches)
-    drafter = None
     if args.oracle:
-        from encdec_cli.engine import OracleDrafter
-
         alpha, k = args.oracle.split(":")
-        plain = Engine(loaded, **cfg)
-        recorded = {
-            r.request_id: r.token_ids
-            for r in plain.generate(workload_requests(w, loaded.config, enc_inputs, targets))
-        }
-        plain.close()
-        del plain
-        drafter = OracleDrafter(recorded, float(alpha), int(k), loaded.model.vocab_size)
-    engine = Engine(loaded, drafter=drafter, prefix_cache=False, **cfg)
+        engine = oracle_engine(
+            loaded, workload_requests(w, loaded.config, enc_inputs, targets), cfg, float(alpha), int(k)
+        )
+    else:
+        engine = Engine(loaded, prefix_cache=False, **cfg)
 
     def run():
         out = list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
