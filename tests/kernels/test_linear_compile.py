@@ -8,7 +8,9 @@ speed rests on (benchmarks/README.md):
 - the threads and warps lie along K, in 16-byte loads (coalesced weight reads);
 - several rows cross the threads together: as many barriers at eight rows as at five (one
   reduction of a [rows padded to 8, BLOCK_N] result; before, each row had its own cross-warp sum:
-  9 barriers at 5 rows).
+  9 barriers at 5 rows);
+- bfloat16 is widened to float32 by shifts, not by Triton's conversion (at several rows the kernel
+  is bound by its instructions).
 
 Numbers against cuBLAS and the reference: tests/gpu/test_kernels_gpu.py (``-k gemv``). Compiles run in
 a fresh process without TRITON_INTERPRET (tests/support/gluon_compile.py)."""
@@ -67,7 +69,8 @@ for name, (n, k, rows, norm, kv, act) in json.loads(sys.argv[1]).items():
         weight_loads=tiles["BLOCK_N"] * tiles["CHUNKS"] * tiles["CHUNK"] // (tiles["VEC"] * threads),
         w_threads=lay["threadsPerWarp"], w_warps=lay["warpsPerCTA"], w_vec=lay["sizePerThread"],
         warps=tiles["num_warps"], vec=tiles["VEC"],
-        barriers=sum(line.startswith("bar.sync") or line.startswith("barrier.sync") for line in body))
+        barriers=sum(line.startswith("bar.sync") or line.startswith("barrier.sync") for line in body),
+        widened_by_cvt=sum(line.startswith("cvt.f32.bf16") for line in body))
     print(name, out[name], file=sys.stderr)
 print("RESULT " + json.dumps(out))
 """
@@ -103,6 +106,16 @@ def test_the_barriers_do_not_grow_with_the_rows(compiled, layer):
     """All rows' sums cross the threads in one reduction of a [rows padded to 8, BLOCK_N] result,
     not one cross-warp sum a row: eight rows take as many barriers as five."""
     assert compiled[f"{layer}-8"]["barriers"] == compiled[f"{layer}-5"]["barriers"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][3] == 0])
+def test_bfloat16_is_widened_by_shifts(compiled, case):
+    """x's and the weights' bfloat16 elements become float32 by a shift or a mask (``_widen``),
+    never by Triton's conversion, which extracts every other element's half before shifting it:
+    8% of a 5-row call's instructions at K 1,280 (Triton 3.6). Only the bias (a few elements a
+    program) and a norm's prologue (not in these cases) use the conversion."""
+    bias_elements = linear._gemv_tiles(*CASES[case][:3], 2)["BLOCK_N"]
+    assert compiled[case]["widened_by_cvt"] <= bias_elements
 
 
 def test_several_rows_only_up_to_the_width_that_fits(monkeypatch):
