@@ -32,6 +32,7 @@ import json
 import pathlib
 import sys
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 import torch
@@ -127,6 +128,10 @@ def main(argv=None):
     p.add_argument("--only", help="comma-separated ablations (default: all)")
     p.add_argument("--out", type=pathlib.Path)
     args = p.parse_args(argv)
+    known = list(ablations(SimpleNamespace(self_width=0, block_size=0)))  # names only: no model yet
+    names = ["base", *(n for n in (args.only or "").split(",") if n and n != "base")]
+    if args.only and set(names) - set(known):
+        p.error(f"unknown ablations {sorted(set(names) - set(known))}; known: {', '.join(known)}")
 
     w = WORKLOADS[args.workload]
     enc_inputs, targets = inputs_for(w)
@@ -139,7 +144,7 @@ def main(argv=None):
     sources = [runner.graphs, *(runner.verify_graphs or ())]
     chosen = ablations(runner)
     if args.only:
-        chosen = {k: chosen[k] for k in ["base", *args.only.split(",")] if k in chosen}
+        chosen = {n: chosen[n] for n in names}
     res = {"workload": w.id, "k": args.k, "device": torch.cuda.get_device_name(0), "ms": {}}
     for src in sources:
         q = src.queries
