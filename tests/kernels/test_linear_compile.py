@@ -9,8 +9,8 @@ speed rests on (benchmarks/README.md):
 - several rows cross the threads together: as many barriers at eight rows as at five (one
   reduction of a [rows padded to 8, BLOCK_N] result; before, each row had its own cross-warp sum:
   9 barriers at 5 rows);
-- bfloat16 is widened to float32 by shifts, not by Triton's conversion (at several rows the kernel
-  is bound by its instructions).
+- bfloat16 is widened to float32 by shifts, not by Triton's conversion, and each vector's products
+  are summed in one chain of FMAs (at several rows the kernel is bound by its instructions).
 
 Numbers against cuBLAS and the reference: tests/gpu/test_kernels_gpu.py (``-k gemv``). Compiles run in
 a fresh process without TRITON_INTERPRET (tests/support/gluon_compile.py)."""
@@ -70,7 +70,9 @@ for name, (n, k, rows, norm, kv, act) in json.loads(sys.argv[1]).items():
         w_threads=lay["threadsPerWarp"], w_warps=lay["warpsPerCTA"], w_vec=lay["sizePerThread"],
         warps=tiles["num_warps"], vec=tiles["VEC"],
         barriers=sum(line.startswith("bar.sync") or line.startswith("barrier.sync") for line in body),
-        widened_by_cvt=sum(line.startswith("cvt.f32.bf16") for line in body))
+        widened_by_cvt=sum(line.startswith("cvt.f32.bf16") for line in body),
+        fmas=sum(line.startswith("fma.rn.f32") for line in body),
+        muls=sum(line.startswith(("mul.f32", "mul.rn.f32")) for line in body))
     print(name, out[name], file=sys.stderr)
 print("RESULT " + json.dumps(out))
 """
@@ -116,6 +118,15 @@ def test_bfloat16_is_widened_by_shifts(compiled, case):
     program) and a norm's prologue (not in these cases) use the conversion."""
     bias_elements = linear._gemv_tiles(*CASES[case][:3], 2)["BLOCK_N"]
     assert compiled[case]["widened_by_cvt"] <= bias_elements
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][3] == 0])
+def test_the_products_are_summed_in_fma_chains(compiled, case):
+    """Each 16-byte vector's 8 products are one chain of FMAs (one multiply, seven FMAs): at
+    several rows the kernel is bound by its instructions. tl.sum's tree (Triton 3.9) fused only
+    its leaves: as many multiplies as FMAs."""
+    c = compiled[case]
+    assert c["fmas"] >= 4 * c["muls"], c  # (the rest: the activation, the bias)
 
 
 def test_several_rows_only_up_to_the_width_that_fits(monkeypatch):
