@@ -97,34 +97,29 @@ def _halves(x, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def _chain8(w, h, BLOCK_N: tl.constexpr, CHUNKS: tl.constexpr, REP: tl.constexpr, T: tl.constexpr):
-    """Each 8-element vector's products of w [BLOCK_N, CHUNKS, CHUNK] and h [CHUNKS, CHUNK] summed
-    in one chain of FMAs -> [BLOCK_N, CHUNKS, REP, T]. (``tl.sum`` adds a thread's elements as a
-    tree; Triton 3.9 then fuses only the leaves' products into FMAs.)"""
-    w = tl.reshape(w, [BLOCK_N, CHUNKS, REP, T, 8])
-    h = tl.reshape(h, [1, CHUNKS, REP, T, 8])
-    w0, w1 = _halves(w, BLOCK_N, CHUNKS, REP, T, 8)
-    h0, h1 = _halves(h, 1, CHUNKS, REP, T, 8)
-    w00, w01 = _halves(w0, BLOCK_N, CHUNKS, REP, T, 4)
-    w10, w11 = _halves(w1, BLOCK_N, CHUNKS, REP, T, 4)
-    h00, h01 = _halves(h0, 1, CHUNKS, REP, T, 4)
-    h10, h11 = _halves(h1, 1, CHUNKS, REP, T, 4)
-    a, b = _halves(w00, BLOCK_N, CHUNKS, REP, T, 2)
-    c, d = _halves(h00, 1, CHUNKS, REP, T, 2)
-    acc = a * c
-    acc = tl.fma(b, d, acc)
-    a, b = _halves(w01, BLOCK_N, CHUNKS, REP, T, 2)
-    c, d = _halves(h01, 1, CHUNKS, REP, T, 2)
-    acc = tl.fma(a, c, acc)
-    acc = tl.fma(b, d, acc)
-    a, b = _halves(w10, BLOCK_N, CHUNKS, REP, T, 2)
-    c, d = _halves(h10, 1, CHUNKS, REP, T, 2)
-    acc = tl.fma(a, c, acc)
-    acc = tl.fma(b, d, acc)
-    a, b = _halves(w11, BLOCK_N, CHUNKS, REP, T, 2)
-    c, d = _halves(h11, 1, CHUNKS, REP, T, 2)
-    acc = tl.fma(a, c, acc)
-    return tl.reshape(tl.fma(b, d, acc), [BLOCK_N, CHUNKS, REP, T])
+def _eighths(x, A: tl.constexpr, B: tl.constexpr, C: tl.constexpr, D: tl.constexpr):
+    """x [A, B, C, D * 8] (8-element vectors, a thread's own) -> its 8 [A, B, C, D] slices."""
+    x = tl.reshape(x, [A, B, C, D, 8])
+    x0, x1 = _halves(x, A, B, C, D, 8)
+    x00, x01 = _halves(x0, A, B, C, D, 4)
+    x10, x11 = _halves(x1, A, B, C, D, 4)
+    a, b = _halves(x00, A, B, C, D, 2)
+    c, d = _halves(x01, A, B, C, D, 2)
+    e, f = _halves(x10, A, B, C, D, 2)
+    g, h = _halves(x11, A, B, C, D, 2)
+    return (tl.reshape(a, [A, B, C, D]), tl.reshape(b, [A, B, C, D]), tl.reshape(c, [A, B, C, D]),
+            tl.reshape(d, [A, B, C, D]), tl.reshape(e, [A, B, C, D]), tl.reshape(f, [A, B, C, D]),
+            tl.reshape(g, [A, B, C, D]), tl.reshape(h, [A, B, C, D]))
+
+
+@triton.jit
+def _chain8(w8, x8):
+    """The sum of the 8 slices' products as one chain of FMAs (``tl.sum`` adds a thread's elements
+    as a tree; Triton 3.9 then fuses only the leaves' products into FMAs)."""
+    acc = w8[0] * x8[0]
+    for i in tl.static_range(1, 8):
+        acc = tl.fma(w8[i], x8[i], acc)
+    return acc
 
 
 @triton.jit
@@ -175,6 +170,8 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, strid
         if HAS_NORM_BIAS:
             nb = tl.load(NB + kk, mask=k_mask, other=0.0)
     rows = tl.arange(0, M_PAD)
+    if VEC == 8:  # the weights' 8 slices, once for all rows
+        w8 = _eighths(_widen(w), BLOCK_N, CHUNKS, REP, T)
     if PDL:  # the previous kernel's writes (x, residual) are complete and visible after this
         tl.extra.cuda.gdc_wait()
     if STORE_KV > 0:  # every row's slot, loaded now: it arrives while the rows are summed
@@ -229,7 +226,7 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, strid
         # K 1,280, 16% at 5,120, Triton 3.6 for sm_90; the chain written out, not tl.sum's tree:
         # Triton 3.9 fused only the tree's leaves, 824 instructions against 744 for 5 rows of qkv)
         if VEC == 8:
-            part = _chain8(_widen(w), h, BLOCK_N, CHUNKS, REP, T)
+            part = _chain8(w8, _eighths(h[None], 1, CHUNKS, REP, T))
         else:
             part = tl.reshape(_widen(w) * h[None], [BLOCK_N, CHUNKS, REP, T, VEC])
             part = tl.sum(part, 4)

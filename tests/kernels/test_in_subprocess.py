@@ -30,6 +30,6 @@ def test_kernel_tests_in_fresh_interpreter_process():
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # about 15 minutes on a 2-core machine: the interpreter runs every program in turn
     )
     assert proc.returncode == 0, proc.stdout[-8000:] + proc.stderr[-4000:]
