@@ -170,8 +170,6 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, strid
         if HAS_NORM_BIAS:
             nb = tl.load(NB + kk, mask=k_mask, other=0.0)
     rows = tl.arange(0, M_PAD)
-    if VEC == 8:  # the weights' 8 slices, once for all rows
-        w8 = _eighths(_widen(w), BLOCK_N, CHUNKS, REP, T)
     if PDL:  # the previous kernel's writes (x, residual) are complete and visible after this
         tl.extra.cuda.gdc_wait()
     if STORE_KV > 0:  # every row's slot, loaded now: it arrives while the rows are summed
@@ -185,6 +183,9 @@ def _gemv_kernel(X, RES, NW, NB, SUM, W, B, Y, K_CACHE, V_CACHE, SLOTS, N, strid
         x_b = tl.load(X + K + kk, mask=k_mask, other=0.0)
         if HAS_RESIDUAL:
             r_b = tl.load(RES + K + kk, mask=k_mask, other=0.0)
+    if VEC == 8:  # the weights' 8 slices, once for all rows; after x's loads are issued (their
+        # latency then overlaps the weights' last arrivals, as when the products used w itself)
+        w8 = _eighths(_widen(w), BLOCK_N, CHUNKS, REP, T)
     for m in tl.static_range(M):
         at = m * K + kk
         if NORM == 0:
