@@ -87,6 +87,12 @@ w5_spec() {  # w5_spec WHAT ROWS: W5 with oracle drafts (alpha 0, 0.7; K 4), up 
     step 120 "W5-speculative-$1" env ENCDEC_GEMV_ROWS="$2" "${encdec[@]}" bench W5 --baseline none \
         --speculative oracle --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name "W5-speculative-$1").json"
 }
+w5_spec_ab() {  # w5_spec_ab NEW PREV: w5_spec twice each, alternating this tree (NEW-i) and out/prev (PREV-i)
+    for i in 1 2; do
+        w5_spec "$1-$i" 8
+        (cd out/prev && w5_spec "$2-$i" 8)
+    done
+}
 { nvidia-smi -L; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } >"$OUT/device.txt" 2>&1
 
 for part in "$@"; do
@@ -129,10 +135,7 @@ for part in "$@"; do
         # drafts alternating this tree and out/prev (carry it: the tree before them)
         step 300 gpu-tests-speculative python3 -m pytest -q -m gpu tests/gpu/test_speculative_gpu.py \
             tests/gpu/test_cuda_graphs.py -p no:cacheprovider
-        for i in 1 2; do
-            w5_spec ahead-$i 8
-            (cd out/prev && w5_spec prev-$i 8)
-        done
+        w5_spec_ab ahead prev
         grep -h "^W5\|oracle" "$OUT"/*W5-*.log ;;
     vprof)  # where a batch-1 verification step's GPU time goes (issue 22): each piece taken out
         # of the decode and verification graphs in turn (ablate_step.py), W5 with oracle drafts,
@@ -148,10 +151,7 @@ for part in "$@"; do
         step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k gemv -p no:cacheprovider
         step 60 ab-linear-new python3 benchmarks/ab_linear.py
         (cd out/prev && PYTHONPATH=. step 60 ab-linear-prev python3 benchmarks/ab_linear.py)
-        for i in 1 2; do
-            w5_spec chains-$i 8
-            (cd out/prev && w5_spec prev-$i 8)
-        done
+        w5_spec_ab chains prev
         step 150 ablate-W5 python3 benchmarks/ablate_step.py --out "$(name ablate-W5).json"
         grep -h "^W5\|oracle\|^queries" "$OUT"/*W5-*.log ;;
     widen)  # the one-row kernel's FMA chains and shift-widened bfloat16 (issue 22): the gemv and
@@ -159,10 +159,7 @@ for part in "$@"; do
         # tree before), then the norm-warps and one-segment ablations
         step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k "gemv or norm" \
             -p no:cacheprovider
-        for i in 1 2; do
-            w5_spec widen-$i 8
-            (cd out/prev && w5_spec before-widen-$i 8)
-        done
+        w5_spec_ab widen before-widen
         step 150 ablate-W5 python3 benchmarks/ablate_step.py \
             --only no-norm,one-row,norm-warps-4,norm-warps-2,norm-warps-1,one-segment --out "$(name ablate-W5).json"
         grep -h "passed\|failed\|^W5\|oracle\|^queries" "$OUT"/*.log ;;
