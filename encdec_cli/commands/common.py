@@ -231,9 +231,11 @@ def _summary_of_fault(code: int, message: str) -> None:
 
 
 def fail(message: str, code: int = errors.USAGE):
-    """End the command with one ``error:`` line and ``code`` (its summary JSON says so too)."""
-    _summary_of_fault(code, message)
-    typer.secho(f"error: {message}", fg="red", err=True)
+    """End the command with one ``error:`` line and ``code`` (its summary JSON says so too); a stop
+    signal meanwhile is only noted."""
+    with interrupts.noted_only():
+        _summary_of_fault(code, message)
+        typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(code)
 
 

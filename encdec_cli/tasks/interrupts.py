@@ -38,6 +38,26 @@ def install() -> None:
         signal.signal(sig, _raise)
 
 
+@contextlib.contextmanager
+def noted_only() -> Iterator[None]:
+    """A block that stop signals do not interrupt, only noted (main thread only): the command's
+    outcome is decided and being told (its summary JSON, its last line), so a signal then changes
+    nothing and must not cut that short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _note_only) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _note_only(signum, frame) -> None:
+    _note(signum)
+
+
 def reset() -> None:
     """Forget the stop signals noted so far (a command starting in a process that ran others)."""
     _received.clear()

@@ -34,6 +34,7 @@ from typing import Any
 
 from encdec_cli import errors
 from encdec_cli.errors import UsageError
+from encdec_cli.tasks import interrupts
 
 SCHEMA = 1
 STATUS = {errors.OK: "ok", errors.ITEMS_FAILED: "items_failed", errors.USAGE: "usage_error",
@@ -135,8 +136,10 @@ def record(outcome=None, engine=None, **fields) -> None:
 
 
 def finish(exit_code: int, error: str | None = None) -> None:
-    """Write the running command's report, if it has one. Raises OSError when it cannot be written."""
+    """Write the running command's report, if it has one; a stop signal meanwhile is only noted (the
+    command's outcome is decided). Raises OSError when it cannot be written."""
     global _active
-    report, _active = _active, None
-    if report is not None:
-        report.write(exit_code, error)
+    with interrupts.noted_only():
+        report, _active = _active, None
+        if report is not None:
+            report.write(exit_code, error)

@@ -6,6 +6,7 @@ Real files and, where signals or imports matter, real subprocesses (``python -m 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -349,12 +351,41 @@ def _stopped(proc: subprocess.Popen, sig: int) -> tuple[int, str]:
 
 @pytest.fixture
 def blocked_model(tmp_path, text_model) -> Path:
-    """A text model whose weights file is a FIFO nobody writes: loading it blocks until a signal."""
+    """A text model whose weights file is a FIFO nobody opens for writing: the loader's open() of it
+    blocks until a signal. (A writer would let the open return, and the loader then fails at once:
+    torch.load seeks, which a FIFO cannot.)"""
     model = tmp_path / "blocked"
     shutil.copytree(text_model, model)
     (model / "model.safetensors").unlink()
     os.mkfifo(model / "pytorch_model.bin")
     return model
+
+
+@functools.cache
+def _opening_a_fifo_is_seen() -> bool:
+    """Whether this system shows what a process waits on (:func:`_opening_a_fifo` can be true)."""
+    fifo = Path(tempfile.mkdtemp()) / "fifo"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-c", f"open({str(fifo)!r}, 'rb')"])
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _opening_a_fifo(proc.pid):
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(fifo.parent)
+
+
+def _opening_a_fifo(pid: int) -> bool:
+    """Whether process ``pid``'s main thread waits in open() of a FIFO for a writer (Linux)."""
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text() == "wait_for_partner"
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -373,25 +404,21 @@ def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, blocked_model, sig, s
         "--summary-json",
         str(tmp_path / "summary.json"),
     ]
+    if delay == "loading" and not _opening_a_fifo_is_seen():
+        pytest.skip("needs /proc/PID/wchan (Linux) to see the loader wait on the weights")
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
-    writer = None
     try:
-        if delay == "loading":  # wait until the loader has the weights open, then hold them empty
+        if delay == "loading":  # the command began; its loader waits in open() of the weights
             deadline = time.monotonic() + 120
-            while writer is None and time.monotonic() < deadline:
-                try:
-                    writer = os.open(blocked_model / "pytorch_model.bin", os.O_WRONLY | os.O_NONBLOCK)
-                except OSError:  # no reader yet
-                    time.sleep(0.05)
-            assert writer is not None
+            while not _opening_a_fifo(proc.pid):
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
         else:
             time.sleep(delay)
         code, err = _stopped(proc, sig)
     finally:
         if proc.poll() is None:
             proc.kill()
-        if writer is not None:
-            os.close(writer)
     assert code == status, err
     assert "Traceback" not in err and "nanobind" not in err
     lines = [line for line in err.splitlines() if line.strip()]
@@ -401,6 +428,34 @@ def test_a_stop_signal_at_any_moment_is_one_line(tmp_path, blocked_model, sig, s
         summary = json.loads((tmp_path / "summary.json").read_text())
         assert summary["status"] == "interrupted" and summary["exit_code"] == status
         assert summary["error"] == lines[-1] and summary["counts"]["done"] == 0
+
+
+def test_a_stop_signal_while_the_summary_is_written_is_only_noted(tmp_path, monkeypatch):
+    """When a command's summary JSON is written its outcome is decided: a stop signal then (sent here
+    from inside the write) neither cuts the file short nor changes the outcome; it is only noted."""
+    from encdec_cli.tasks import interrupts, summary
+
+    as_dict = summary.Report.as_dict
+
+    def signalled(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return as_dict(self, *args, **kwargs)
+
+    monkeypatch.setattr(summary.Report, "as_dict", signalled)
+    previous = {sig: signal.getsignal(sig) for sig in interrupts.STOP_SIGNALS}
+    interrupts.install()
+    interrupts.reset()
+    try:
+        summary.begin(tmp_path / "summary.json", "summarize")
+        summary.finish(3, "cannot read or write in.txt")
+        assert interrupts.exit_status() == 143  # noted
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        interrupts.reset()
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert report["status"] == "io_error" and report["exit_code"] == 3
+    assert report["error"] == "cannot read or write in.txt"
 
 
 _STOP_INSIDE_AN_IMPORT_HOOK = """
