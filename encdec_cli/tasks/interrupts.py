@@ -23,7 +23,7 @@ STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # signal -> exit statu
 _received: list[int] = []  # stop signals this process received, in order
 
 
-def _note(signum: int) -> None:
+def _note(signum: int, frame=None) -> None:
     _received.append(signum)
 
 
@@ -46,16 +46,12 @@ def noted_only() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, _note_only) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, _note) for sig in STOP_SIGNALS}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-
-
-def _note_only(signum, frame) -> None:
-    _note(signum)
 
 
 def reset() -> None:
