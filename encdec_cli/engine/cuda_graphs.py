@@ -31,6 +31,7 @@ each later segment's launch still ends before the GPU has run the layers before 
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -40,7 +41,9 @@ from encdec_cli.engine.transfer import to_device
 from encdec_models.base import AttentionMetadata, PagedView
 from encdec_models.layers import layer_boundary_hook
 
-SEGMENTS = 5  # graphs per decode step at most (at most one per decoder layer)
+# graphs per decode step at most (at most one per decoder layer); ENCDEC_GRAPH_SEGMENTS=N for
+# measurements (benchmarks/gpu_session.sh segments)
+SEGMENTS = max(1, int(os.environ.get("ENCDEC_GRAPH_SEGMENTS", "5")))
 
 
 def segment_cuts(layers: int, segments: int = SEGMENTS) -> list[int]:
