@@ -30,9 +30,9 @@
 #           ablate_step.py (issue 22) (~8)
 #   widen   the one-row kernel's shift-widened bfloat16: gemv and norm GPU tests, W5 with oracle
 #           drafts alternating with out/prev, the norm-warps and one-segment ablations (issue 22) (~6)
-#   segments graphs in one piece against five segments (ENCDEC_GRAPH_SEGMENTS): the gemv, norm,
-#           speculative and graph GPU tests, then W5 with oracle drafts (plain, alpha 0, 0.7; K 4)
-#           twice each, alternating 5 and 1 segments (issues 22, 26) (~9)
+#   whole   steps launched ahead on one-piece graphs (batch <= 8) against their five segments
+#           (ENCDEC_GRAPH_WHOLE_AHEAD=0): the gemv, norm, speculative and graph GPU tests, then W5
+#           with oracle drafts (plain, alpha 0, 0.7; K 4) twice each, alternating (issues 22, 26) (~9)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
@@ -166,13 +166,13 @@ for part in "$@"; do
         step 150 ablate-W5 python3 benchmarks/ablate_step.py \
             --only no-norm,one-row,norm-warps-4,norm-warps-2,norm-warps-1,one-segment --out "$(name ablate-W5).json"
         grep -h "passed\|failed\|^W5\|oracle\|^queries" "$OUT"/*.log ;;
-    segments)  # a step's graph in one piece (all W5's steps are launched ahead: the launch of the
-        # next graph overlaps the GPU's step) against five segments (each cut stops PDL's overlap)
-        step 200 gpu-tests-segments python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k "gemv or norm" \
+    whole)  # steps launched ahead on one-piece graphs (W5's steps all are: the next graph's launch
+        # overlaps the GPU's step) against five segments (each cut stops PDL's overlap)
+        step 200 gpu-tests-whole python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k "gemv or norm" \
             tests/gpu/test_speculative_gpu.py tests/gpu/test_cuda_graphs.py -p no:cacheprovider
         for i in 1 2; do
-            ENCDEC_GRAPH_SEGMENTS=5 w5_spec "five-$i" 8
-            ENCDEC_GRAPH_SEGMENTS=1 w5_spec "one-$i" 8
+            ENCDEC_GRAPH_WHOLE_AHEAD=0 w5_spec "segments-$i" 8
+            w5_spec "whole-$i" 8
         done
         grep -h "passed\|failed\|^W5\|oracle" "$OUT"/*.log ;;
     abprof)
@@ -240,7 +240,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core ab rows segments abprof fp8 kernels speed spec spec2 w1spec short check models w9 trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core ab rows whole abprof fp8 kernels speed spec spec2 w1spec short check models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done

@@ -27,6 +27,13 @@ quarter of the step's (a step that cannot launch ahead, as a verification step, 
 every step: 0.14 ms between the inputs' copy and the graph's first kernel in the H100 profile of
 W5's verification steps, benchmarks/results/h100-profile-W5-verify-2026-12-06-8c2e62e.json), and
 each later segment's launch still ends before the GPU has run the layers before it.
+
+A step launched ahead (its inputs on the device: ``run`` with ``next_tokens``, ``run_ahead``,
+``run_children``) is launched while the step before it still runs on the GPU, so its launch is
+hidden anyway, and there each cut only costs: a segment's first kernel cannot start early under
+programmatic dependent launch, as a kernel inside a graph does. Batch sizes up to
+``WHOLE_AHEAD`` (where a step is short and those cuts weigh) therefore also get the step in one
+graph, which steps launched ahead replay.
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ from encdec_models.layers import layer_boundary_hook
 # graphs per decode step at most (at most one per decoder layer); ENCDEC_GRAPH_SEGMENTS=N for
 # measurements (benchmarks/gpu_session.sh segments)
 SEGMENTS = max(1, int(os.environ.get("ENCDEC_GRAPH_SEGMENTS", "5")))
+# batch sizes up to this also get a one-piece graph for steps launched ahead (0: none;
+# ENCDEC_GRAPH_WHOLE_AHEAD=N for measurements)
+WHOLE_AHEAD = max(0, int(os.environ.get("ENCDEC_GRAPH_WHOLE_AHEAD", "8")))
 
 
 def segment_cuts(layers: int, segments: int = SEGMENTS) -> list[int]:
@@ -126,10 +136,12 @@ class CudaGraphs:
         ]
         self.turn = 0
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}  # batch -> its segments, in order
+        self.whole: dict[int, list[torch.cuda.CUDAGraph]] = {}  # batch -> one graph, for steps ahead
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_seconds = 0.0
         self.pool_bytes = 0
         self.replays = 0  # steps run on these graphs
+        self.whole_replays = 0  # of those, steps launched ahead on a one-piece graph
 
     def _meta(self, b: int) -> AttentionMetadata:
         q = self.queries
@@ -168,26 +180,42 @@ class CudaGraphs:
             rows = _tree(lambda t, s: s[: len(t)], out, shared)  # this graph's part of the output
             del out
             torch.cuda.synchronize()
-            segments = [torch.cuda.CUDAGraph()]
-
-            def cut(i, segments=segments):
-                if i in cuts:
-                    segments[-1].capture_end()
-                    segments.append(torch.cuda.CUDAGraph())
-                    segments[-1].capture_begin(pool=pool)
-
-            with torch.cuda.stream(stream), layer_boundary_hook(cut):
-                segments[0].capture_begin(pool=pool)
-                # the logits go straight into their rows (the lm-head product's output); what a
-                # step returns otherwise (a pipeline stage's (x, residual)) is copied there
-                out = self._call(model, b, meta, None if isinstance(rows, tuple) else rows)
-                self.outputs[b] = _tree(_into, out, rows)
-                del out  # its pool memory is the next (smaller) graph's to reuse
-                segments[-1].capture_end()
-            self.graphs[b] = segments
+            self.graphs[b] = self._capture_step(model, b, meta, rows, cuts, pool, stream)
+            if cuts and b <= WHOLE_AHEAD:
+                self.whole[b] = self._capture_step(model, b, meta, rows, set(), pool, stream)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start
         self.pool_bytes = max(0, free_before - torch.cuda.mem_get_info()[0])
+
+    def _capture_step(self, model, b: int, meta, rows, cuts: set, pool, stream) -> list:
+        """One step of padded batch ``b`` captured as graphs cut after the decoder layers ``cuts``;
+        its output written into ``rows`` (``self.outputs[b]``)."""
+        segments = [torch.cuda.CUDAGraph()]
+
+        def cut(i):
+            if i in cuts:
+                segments[-1].capture_end()
+                segments.append(torch.cuda.CUDAGraph())
+                segments[-1].capture_begin(pool=pool)
+
+        with torch.cuda.stream(stream), layer_boundary_hook(cut):
+            segments[0].capture_begin(pool=pool)
+            # the logits go straight into their rows (the lm-head product's output); what a step
+            # returns otherwise (a pipeline stage's (x, residual)) is copied there
+            out = self._call(model, b, meta, None if isinstance(rows, tuple) else rows)
+            self.outputs[b] = _tree(_into, out, rows)
+            del out  # its pool memory is the next (smaller) graph's to reuse
+            segments[-1].capture_end()
+        return segments
+
+    def _replay(self, b: int, ahead: bool) -> None:
+        """Replay the step of padded batch ``b``: in one graph when launched ahead and captured
+        so, else in its segments."""
+        whole = self.whole.get(b) if ahead else None
+        for g in whole or self.graphs[b]:
+            g.replay()
+        self.replays += 1
+        self.whole_replays += whole is not None
 
     def run_children(
         self, tokens, positions, slots, self_tables, self_lens, cross: PagedView
@@ -210,9 +238,7 @@ class CudaGraphs:
             pads += ((self.cross_lens, 1), (self.self_tables, 0), (self.cross_tables, 0))
             for buf, value in pads:
                 buf[n:b].fill_(value)
-        for g in self.graphs[b]:
-            g.replay()
-        self.replays += 1
+        self._replay(b, True)
         return self.outputs[b][:n]
 
     def _upload_tables(self, runner, srows, crows, n: int, b: int, host_self, host_cross) -> None:
@@ -253,9 +279,7 @@ class CudaGraphs:
             for buf, value in ((self.tokens, 0), (self.positions, 0), (self.slots, -1)):
                 buf[n * q : b * q].fill_(value)
             self.self_lens[n:b].fill_(1)
-        for g in self.graphs[b]:
-            g.replay()
-        self.replays += 1
+        self._replay(b, True)
         lo, hi = int(real[0]), int(real[-1]) + 1
         if hi - lo == len(real):  # consecutive (one sequence): a view, no index upload
             return self.outputs[b][lo:hi].float(), drafts
@@ -303,9 +327,7 @@ class CudaGraphs:
         self.slots[: b * q].copy_(dev[2 * b * q : 3 * b * q])
         self.self_lens[:b].copy_(dev[3 * b * q : 3 * b * q + b])
         self.cross_lens[:b].copy_(dev[3 * b * q + b :])
-        for g in self.graphs[b]:
-            g.replay()
-        self.replays += 1
+        self._replay(b, ahead)
         if q == 1:
             runner.last_tables = (self.self_tables[:n], PagedView(self.cross_tables[:n], self.cross_lens[:n]))
             return self.outputs[b][:n]

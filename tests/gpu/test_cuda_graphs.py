@@ -7,7 +7,7 @@ import torch
 from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
 
 from encdec_cli.engine import Engine, Request, SamplingParams
-from encdec_cli.engine.cuda_graphs import graph_batch_sizes
+from encdec_cli.engine.cuda_graphs import WHOLE_AHEAD, graph_batch_sizes
 from encdec_models.loading import LoadedModel, build_model
 from tests.support.whisper_models import EOT, SOT, discriminating_init_, load_ours, random_whisper
 
@@ -49,6 +49,11 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path):
     eager, _ = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20, enforce_eager=True, lookahead=False)
     graphs, engine = _tokens(loaded, reqs, num_blocks=4000, max_num_seqs=20)
     assert graphs == eager and engine.stats.ahead_steps > 0  # graphs replayed one step ahead
+    # the small batch sizes' steps launched ahead ran on one-piece graphs (the others: segments)
+    cg = engine.runner.graphs
+    assert len(cg.graphs[20]) > 1 and sorted(cg.whole) == [b for b in (1, 2, 4, 8) if b <= WHOLE_AHEAD]
+    assert all(len(g) == 1 for g in cg.whole.values()) and (0 < cg.whole_replays) == bool(cg.whole)
+    assert cg.whole_replays < cg.replays
     # every batch size's graph writes its logits into one buffer (not one [b, vocab] tensor each)
     outputs = engine.runner.graphs.outputs
     assert len(outputs) == len(graph_batch_sizes(20))
