@@ -31,8 +31,9 @@
 #   widen   the one-row kernel's shift-widened bfloat16: gemv and norm GPU tests, W5 with oracle
 #           drafts alternating with out/prev, the norm-warps and one-segment ablations (issue 22) (~6)
 #   whole   steps launched ahead on one-piece graphs (batch <= 8) against their five segments
-#           (ENCDEC_GRAPH_WHOLE_AHEAD=0): the gemv, norm, speculative and graph GPU tests, then W5
-#           with oracle drafts (plain, alpha 0, 0.7; K 4) twice each, alternating (issues 22, 26) (~9)
+#           (ENCDEC_GRAPH_WHOLE_AHEAD=0): the graph and speculative GPU tests, W5 with oracle drafts
+#           (plain, alpha 0, 0.7; K 4) twice each (AB_PAIRS=N: N), alternating, then the gemv and
+#           norm GPU tests (issues 22, 26) (~9)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
@@ -168,12 +169,14 @@ for part in "$@"; do
         grep -h "passed\|failed\|^W5\|oracle\|^queries" "$OUT"/*.log ;;
     whole)  # steps launched ahead on one-piece graphs (W5's steps all are: the next graph's launch
         # overlaps the GPU's step) against five segments (each cut stops PDL's overlap)
-        step 200 gpu-tests-whole python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k "gemv or norm" \
-            tests/gpu/test_speculative_gpu.py tests/gpu/test_cuda_graphs.py -p no:cacheprovider
-        for i in 1 2; do
+        step 200 gpu-tests-whole python3 -m pytest -q -m gpu tests/gpu/test_cuda_graphs.py \
+            tests/gpu/test_speculative_gpu.py -p no:cacheprovider
+        for i in $(seq "${AB_PAIRS:-2}"); do
             ENCDEC_GRAPH_WHOLE_AHEAD=0 w5_spec "segments-$i" 8
             w5_spec "whole-$i" 8
         done
+        step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k "gemv or norm" \
+            -p no:cacheprovider
         grep -h "passed\|failed\|^W5\|oracle" "$OUT"/*.log ;;
     abprof)
         step 150 profile-W2-new python3 benchmarks/profile_step.py W2 --max-num-seqs 512 --rows 40 \
