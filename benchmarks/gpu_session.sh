@@ -173,7 +173,7 @@ for part in "$@"; do
             tests/gpu/test_speculative_gpu.py -p no:cacheprovider
         for i in $(seq "${AB_PAIRS:-2}"); do
             ENCDEC_GRAPH_WHOLE_AHEAD=0 w5_spec "segments-$i" 8
-            w5_spec "whole-$i" 8
+            ENCDEC_GRAPH_WHOLE_AHEAD=8 w5_spec "whole-$i" 8
         done
         step 150 gpu-tests-gemv python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py -k "gemv or norm" \
             -p no:cacheprovider
