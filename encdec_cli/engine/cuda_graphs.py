@@ -32,8 +32,10 @@ A step launched ahead (its inputs on the device: ``run`` with ``next_tokens``, `
 ``run_children``) is launched while the step before it still runs on the GPU, so its launch is
 hidden anyway, and there each cut only costs: a segment's first kernel cannot start early under
 programmatic dependent launch, as a kernel inside a graph does. Batch sizes up to
-``WHOLE_AHEAD`` (where a step is short and those cuts weigh) therefore also get the step in one
-graph, which steps launched ahead replay.
+``WHOLE_AHEAD`` (where a step is short and those cuts weigh) can therefore also get the step in
+one graph, which steps launched ahead replay. Back to back (as steps launched ahead run), a W5
+step's graph in one piece replayed 0.024-0.040 ms faster than in five segments on an H100
+(benchmarks/README.md, seventeenth session); the end-to-end A/B has not run yet, so it is off.
 """
 
 from __future__ import annotations
@@ -48,12 +50,10 @@ from encdec_cli.engine.transfer import to_device
 from encdec_models.base import AttentionMetadata, PagedView
 from encdec_models.layers import layer_boundary_hook
 
-# graphs per decode step at most (at most one per decoder layer); ENCDEC_GRAPH_SEGMENTS=N for
-# measurements (benchmarks/gpu_session.sh segments)
-SEGMENTS = max(1, int(os.environ.get("ENCDEC_GRAPH_SEGMENTS", "5")))
-# batch sizes up to this also get a one-piece graph for steps launched ahead (0: none;
-# ENCDEC_GRAPH_WHOLE_AHEAD=N for measurements)
-WHOLE_AHEAD = max(0, int(os.environ.get("ENCDEC_GRAPH_WHOLE_AHEAD", "8")))
+SEGMENTS = 5  # graphs per decode step at most (at most one per decoder layer)
+# batch sizes up to this also get a one-piece graph for steps launched ahead (0: none). Off until
+# measured end to end: ENCDEC_GRAPH_WHOLE_AHEAD=8 turns it on (gpu_session.sh whole: the A/B)
+WHOLE_AHEAD = max(0, int(os.environ.get("ENCDEC_GRAPH_WHOLE_AHEAD", "0")))
 
 
 def segment_cuts(layers: int, segments: int = SEGMENTS) -> list[int]:
