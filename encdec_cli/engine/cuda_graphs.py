@@ -107,8 +107,12 @@ def decode_inputs(seqs, ahead: bool, block_size: int, tok, pos, slot, lens, clen
 
 
 class CudaGraphs:
-    def __init__(self, runner, max_num_seqs: int, queries: int = 1):
+    def __init__(self, runner, max_num_seqs: int, queries: int = 1, ahead: bool = True):
+        """``ahead``: whether steps on these graphs can be launched ahead (look-ahead on; for
+        verification graphs, a drafter that drafts ahead): only then are one-piece graphs captured
+        (``WHOLE_AHEAD``), since only steps launched ahead replay them."""
         self.sizes = graph_batch_sizes(max_num_seqs)
+        self.ahead = ahead
         self.max_batch = self.sizes[-1]
         self.queries = q = queries  # query rows per sequence (K + 1 for verification steps)
         dev, n = runner.device, self.max_batch
@@ -181,7 +185,7 @@ class CudaGraphs:
             del out
             torch.cuda.synchronize()
             self.graphs[b] = self._capture_step(model, b, meta, rows, cuts, pool, stream)
-            if cuts and b <= WHOLE_AHEAD:
+            if cuts and self.ahead and b <= WHOLE_AHEAD:
                 self.whole[b] = self._capture_step(model, b, meta, rows, set(), pool, stream)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - start

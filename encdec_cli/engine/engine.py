@@ -118,7 +118,7 @@ class Engine:
         if self.device.type == "cuda" and not self.config.enforce_eager and graphs_ok:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
-            graphs = CudaGraphs(self.runner, self.config.max_num_seqs)
+            graphs = CudaGraphs(self.runner, self.config.max_num_seqs, ahead=self.config.lookahead)
             graphs.capture(self.model)
             self.runner.graphs = graphs
             log.info(
@@ -176,8 +176,11 @@ class Engine:
             # its longest row, so where every row drafts at most k tokens it computes k + 1 rows a
             # sequence, not K + 1
             self.runner.verify_graphs = []
+            # verification steps launched ahead (_can_verify_ahead's static conditions)
+            cfg = self.config
+            ahead = cfg.lookahead and cfg.micro_batches == 1 and self.speculator.drafter.drafts_ahead
             for q in verify_queries(k):
-                verify = CudaGraphs(self.runner, self.config.max_num_seqs, queries=q)
+                verify = CudaGraphs(self.runner, self.config.max_num_seqs, queries=q, ahead=ahead)
                 verify.capture(self.model)
                 self.runner.verify_graphs.append(verify)
                 log.info(

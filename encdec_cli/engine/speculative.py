@@ -305,7 +305,7 @@ class ModelDrafter(Drafter):
         if dev.type == "cuda" and not config.enforce_eager:
             from encdec_cli.engine.cuda_graphs import CudaGraphs
 
-            graphs = CudaGraphs(self.runner, config.max_num_seqs)
+            graphs = CudaGraphs(self.runner, config.max_num_seqs, ahead=False)  # (never launched ahead)
             graphs.capture(self.model)
             self.runner.graphs = graphs
         self._state: dict[SequenceGroup, _Shadow] = {}
