@@ -195,6 +195,7 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
     times: Counter = Counter()
     last = [clock()]
     forward = [0.0]  # the metered run: the model's forward time since the last tick
+    profiling = [False]  # the profiled run: whether ``prof`` is on
 
     def tick(phase: str) -> None:  # Engine._tick with this script's clock; no profile flag needed
         if meter is not None:
@@ -206,7 +207,8 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
         phases[phase] += now - last[0]
         last[0] = now
         if prof is not None:  # profile from the end of "outside" / "decode" to the next tick
-            prof.enable() if phase in ("outside", "decode") else prof.disable()
+            profiling[0] = phase in ("outside", "decode")
+            prof.enable() if profiling[0] else prof.disable()
 
     with contextlib.ExitStack() as patches:
         if meter is None and prof is None:  # the plain run (a timer costs ~2 us a call: two clock reads)
@@ -222,13 +224,29 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
             rows = engine.runner._rows
 
             def profiled_rows(*a, **k):
+                on = profiling[0]
                 prof.enable()
                 try:
                     return rows(*a, **k)
                 finally:
-                    prof.disable()
+                    if not on:
+                        prof.disable()
 
             patches.enter_context(mock.patch.object(engine.runner, "_rows", profiled_rows))
+            model_forward = engine.model.decode
+
+            def unprofiled_forward(*a, **k):  # a beam step launched ahead runs the model inside
+                # "sample": the CPU's reference kernels, not host work on a GPU
+                on = profiling[0]
+                if on:
+                    prof.disable()
+                try:
+                    return model_forward(*a, **k)
+                finally:
+                    if on:
+                        prof.enable()
+
+            patches.enter_context(mock.patch.object(engine.model, "decode", unprofiled_forward))
         if meter is not None:
             model_decode = engine.model.decode
 
