@@ -22,7 +22,9 @@ Three runs over the same requests:
    tensor of >= BIG elements (the [B, 50264] logits, their gathers) are device work in production
    (log_softmax, topk, the [G, N, V] gather...): their time is taken off, leaving the host time
    per phase. Small ops stay in it: each is also a kernel launch or host-device copy on CUDA
-   (~5-10 us), so their count is reported too;
+   (~5-10 us), so their count is reported too. The same run gives the host time of each of
+   ``FUNCTIONS`` (inclusive: with what it calls; its big ops and any model forward inside it
+   taken off);
 3. cProfile of the schedule and sample phases and ``runner._rows`` (not the model).
 
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py [--requests 128] [--max-num-seqs 256]
@@ -124,6 +126,8 @@ class _OpMeter(TorchDispatchMode):
         self.by_phase: dict[str, Counter] = {}
         self.names: Counter = Counter()  # small ops by aten name, pending like ``pending``
         self.names_by_phase: dict[str, Counter] = {}
+        self.stack: list[str] = []  # the host functions running (``_attributed``), outermost first
+        self.by_function: dict[str, Counter] = {}  # inclusive: seconds, big_s, ops, forward_s
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         t0 = clock()
@@ -139,6 +143,11 @@ class _OpMeter(TorchDispatchMode):
             self.names[str(func.overloadpacket)] += 1
         self.pending["big_s" if is_big else "small_s"] += dt
         self.hold += big
+        for label in set(self.stack):  # (a recursive function counts once)
+            c = self.by_function[label]
+            c["ops"] += 1
+            if is_big:
+                c["big_s"] += dt
         return out
 
     def flush(self, phase: str) -> None:
@@ -178,6 +187,45 @@ def _timed(patches: contextlib.ExitStack, owner, name: str, times: Counter, labe
             return fn(*a, **k)
         finally:
             times[label] += clock() - t0
+
+    patches.enter_context(mock.patch.object(owner, name, wrapped))
+
+
+# the host functions of a step whose host time the metered run reports (inclusive), by owner:
+# "engine" / "runner" / "scheduler" the objects, else the module of that name
+FUNCTIONS = (
+    ("scheduler", "schedule"),
+    ("runner", "_rows"),
+    ("sampling", "process_logits"),
+    ("sampling", "ngram_bans_on_device"),
+    ("sampling", "beam_launch"),
+    ("beam", "_candidates"),
+    ("beam", "_choose"),
+    ("engine", "_run_beams_ahead"),
+    ("runner", "decode_children"),
+    ("sampling", "beam_finish"),
+    ("beam", "_select"),
+    ("beam", "_advance"),
+    ("beam", "_grants"),
+    ("engine", "_take_ahead"),
+)
+
+
+def _attributed(patches: contextlib.ExitStack, owner, name: str, label: str, meter: _OpMeter) -> None:
+    """Wrap ``owner.name`` (until ``patches`` closes) so that its time and the ops it runs (with
+    everything it calls) are added to ``meter.by_function[label]``."""
+    fn = getattr(owner, name)
+    counts = meter.by_function.setdefault(label, Counter())
+
+    def wrapped(*a, **k):
+        meter.stack.append(label)
+        t0 = clock()
+        try:
+            return fn(*a, **k)
+        finally:
+            counts["seconds"] += clock() - t0
+            counts["calls"] += 1
+            meter.stack.pop()
 
     patches.enter_context(mock.patch.object(owner, name, wrapped))
 
@@ -254,10 +302,18 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
                 t0 = clock()
                 with _disable_current_modes():
                     out = model_decode(*a, **k)
-                forward[0] += clock() - t0
+                dt = clock() - t0
+                forward[0] += dt
+                for label in set(meter.stack):  # device work of the functions it runs inside
+                    meter.by_function[label]["forward_s"] += dt
                 return out
 
             patches.enter_context(mock.patch.object(engine.model, "decode", unmetered_forward))
+            owners = dict(
+                engine=engine, runner=engine.runner, scheduler=engine.scheduler, beam=beam, sampling=sampling
+            )
+            for owner, name in FUNCTIONS:
+                _attributed(patches, owners[owner], name, f"{owner}.{name}", meter)
             patches.enter_context(meter)
         gc_start = [0.0]
 
@@ -413,6 +469,14 @@ def main() -> None:
             print(f"   {p} small ops a step: " + ", ".join(f"{n} {c / steps:.1f}" for n, c in common))
     host = report["schedule"]["host"] + report["sample"]["host"] + ms(mtimes["runner._rows"])
     print(f"   host per step: schedule + sample + runner._rows = {host:.3f} ms")
+    print("   by function (inclusive; host = time - big ops - the model's forward - the meter's cost):")
+    functions = {}
+    for label, c in meter.by_function.items():
+        if c["calls"]:
+            fn_host = c["seconds"] - c["big_s"] - c["forward_s"] - c["ops"] * overhead
+            functions[label] = dict(host=ms(fn_host), calls=c["calls"] / steps, ops=c["ops"] / steps)
+    for label, f in sorted(functions.items(), key=lambda kv: -kv[1]["host"]):
+        print(f"     {label:32s} host {f['host']:7.3f}  calls {f['calls']:6.1f}  ops {f['ops']:6.1f}")
     # two micro-batches take twice the steps of half the rows: the whole run's host time compares
     print(f"   host over the run: {host * steps:.1f} ms ({steps} steps, {tokens} output tokens)")
 
@@ -436,6 +500,7 @@ def main() -> None:
             plain_ms={p: ms(phases[p]) for p in PHASES},
             functions_ms={k: ms(v) for k, v in times.items() if not k.endswith("runs")},
             metered_ms=report,
+            functions_host_ms=functions,
             host_ms=host,
             micro_batches=args.micro_batches,
             host_total_ms=host * steps,
