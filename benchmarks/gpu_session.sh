@@ -33,7 +33,7 @@
 #   whole   steps launched ahead on one-piece graphs (batch <= 8) against their five segments
 #           (ENCDEC_GRAPH_WHOLE_AHEAD=0): the graph and speculative GPU tests, W5 with oracle drafts
 #           (plain, alpha 0, 0.7; K 4) twice each (AB_PAIRS=N: N), alternating, then the gemv and
-#           norm GPU tests (issues 22, 26) (~9)
+#           norm GPU tests (issues 22, 26) (~5)
 #   abprof  issue 21's P = 1 check kernel by kernel: profile_step.py W2 (512 sequences) in this tree
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
