@@ -475,11 +475,17 @@ def run_prefix_workload(w: Workload, loaded, engine_cfg: dict) -> dict:
 
 
 def _engine_info(engine, max_num_seqs: int, stats) -> dict:
+    # one process's decode and verification graphs (none: eager, or pipeline stages)
+    graphs = [g for g in (engine.runner.graphs, *(engine.runner.verify_graphs or ())) if g is not None]
     return {
         "max_num_seqs": max_num_seqs,
         "num_blocks": engine.num_blocks,
         "preemptions": stats.preemptions,
         "graphs": engine.uses_cuda_graphs,
+        # steps replayed on graphs, and of them steps launched ahead on one-piece graphs
+        # (cuda_graphs.WHOLE_AHEAD): an A/B's two sides tell themselves apart
+        "graph_replays": sum(g.replays for g in graphs),
+        "whole_graph_replays": sum(g.whole_replays for g in graphs),
         "steps": stats.steps,
         "ahead_steps": stats.ahead_steps,
         "lookahead": engine.config.lookahead,
@@ -580,21 +586,9 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
     wall, out = _timed(w, engine, loaded, enc_inputs, targets)
     tokens = sum(len(r.token_ids) for r in out)
     stats = engine.stats
-    info = {
-        "max_num_seqs": cfg["max_num_seqs"],
-        "num_blocks": engine.num_blocks,
-        "preemptions": stats.preemptions,
-        "graphs": engine.uses_cuda_graphs,
-        "steps": stats.steps,
-        "ahead_steps": stats.ahead_steps,
-        "lookahead": engine.config.lookahead,
-        "micro_batches": engine.micro_batches,
-        "micro_batch_steps": stats.micro_batch_steps,
-        "absorb_cross": engine.absorbs_cross,
-        "kv_dtype": engine.kv_dtype_name,
-        "prefix_cache": engine.prefix_caching,
-        **(speculation_info(stats) if cfg.get("speculative") else {}),
-    }
+    info = _engine_info(engine, cfg["max_num_seqs"], stats)
+    if cfg.get("speculative"):
+        info.update(speculation_info(stats))
     if stats.stage_busy_seconds:  # pipeline parallel: each stage's compute seconds (not waiting)
         info["stage_busy_s"] = [round(b, 3) for b in stats.stage_busy_seconds]
     if engine_cfg.get("profile"):  # a second, synchronized run: where the time goes per step phase
@@ -628,19 +622,7 @@ def run_oracle_sweep(
     tokens = sum(len(r.token_ids) for r in out)
     recorded = {r.request_id: r.token_ids for r in out}
     stats = engine.stats
-    plain_info = {
-        "max_num_seqs": cfg["max_num_seqs"],
-        "num_blocks": engine.num_blocks,
-        "preemptions": stats.preemptions,
-        "graphs": engine.uses_cuda_graphs,
-        "steps": stats.steps,
-        "ahead_steps": stats.ahead_steps,
-        "lookahead": engine.config.lookahead,
-        "micro_batches": engine.micro_batches,
-        "micro_batch_steps": stats.micro_batch_steps,
-        "absorb_cross": engine.absorbs_cross,
-        "kv_dtype": engine.kv_dtype_name,
-    }
+    plain_info = _engine_info(engine, cfg["max_num_seqs"], stats)
     profile = bool(engine_cfg.get("profile"))
 
     def phases(engine) -> dict:

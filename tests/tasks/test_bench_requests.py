@@ -142,6 +142,7 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
     assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
     assert {"encode", "draft", "decode", "sample"} <= runs[(1.0, 3)]["profile_s"].keys()
     assert "draft" not in info["profile_s"]  # the plain run drafts nothing
+    assert info["graphs"] is False and info["graph_replays"] == info["whole_graph_replays"] == 0  # CPU
 
 
 def test_oracle_path_settles_on_the_speculative_engines_own_greedy_tokens(tmp_path, monkeypatch):
