@@ -202,12 +202,11 @@ def _choose(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int) -> tu
     n = groups[0].beam.num_beams
     dev = packed.device
     top_scores, top_idx = packed[0].float(), packed[1].long()  # exact: see _candidates
-    width = max(1, max(len(g.params.stop_token_ids) for g in groups))
-    info = np.full((len(groups), 1 + width), -1, np.int64)  # at the length limit, then the stop tokens
-    for i, g in enumerate(groups):
-        stops = g.params.stop_token_ids
-        info[i, 0] = len(g.seqs[0].tokens) + 1 - g.seqs[0].num_prompt >= g.max_new_tokens
-        info[i, 1 : 1 + len(stops)] = stops
+    # per request: at the length limit, then the stop tokens (-1: none); one array from tuples
+    stops = [g.params.stop_token_ids for g in groups]
+    width = max(1, *map(len, stops))
+    at_limit = [len(g.seqs[0].tokens) + 1 - g.seqs[0].num_prompt >= g.max_new_tokens for g in groups]
+    info = np.array([(a, *s, *(-1,) * (width - len(s))) for a, s in zip(at_limit, stops)], np.int64)
     info = to_device(dev, info)
     cand_beam, cand_tok = top_idx // vocab, top_idx % vocab
     hits = (info[:, :1] > 0) | (cand_tok[:, :, None] == info[:, None, 1:]).any(-1)
@@ -429,12 +428,20 @@ def _select(
             ]
 
 
-def forks(parent: torch.Tensor) -> torch.Tensor:
-    """[G, N] bool for each request's children ``parent`` [G, N] (their parent beams): the child
-    forks, i.e. an earlier child has its parent (the first child takes the parent's own blocks).
-    The one rule of the device (``_choose``) and the host (``_grants``)."""
+_EARLIER: dict = {}  # (N, device, or None for numpy) -> [N, N] bool, [i, j]: j < i
+
+
+def forks(parent):
+    """[G, N] bool for each request's children ``parent`` [G, N] (their parent beams; a tensor or,
+    on the host, a numpy array): the child forks, i.e. an earlier child has its parent (the first
+    child takes the parent's own blocks). The one rule of the device (``_choose``) and the host
+    (``_grants``)."""
     n = parent.shape[1]
-    earlier = torch.ones(n, n, dtype=torch.bool, device=parent.device).tril(-1)  # [i, j]: j < i
+    key = (n, parent.device if isinstance(parent, torch.Tensor) else None)
+    earlier = _EARLIER.get(key)
+    if earlier is None:
+        earlier = np.tri(n, n, -1, bool)
+        _EARLIER[key] = earlier = torch.from_numpy(earlier).to(key[1]) if key[1] is not None else earlier
     return ((parent[:, :, None] == parent[:, None, :]) & earlier).any(-1)
 
 
@@ -443,7 +450,7 @@ def _grants(parents: np.ndarray, ahead: AheadBlocks, blocks: BlockManager) -> li
     child's parent beam), per request and child (None: none): the rule of ``ModelRunner.
     decode_children``, in row order. Takes them from the pool (they are its first free blocks:
     nothing was allocated since they were reserved)."""
-    needs = forks(torch.from_numpy(parents)).numpy() | np.array(ahead.new_block, bool)[:, None]
+    needs = forks(parents) | np.array(ahead.new_block, bool)[:, None]
     taken = blocks.allocate(int(needs.sum()))
     if taken != ahead.reserved[: len(taken)]:
         raise RuntimeError("the blocks reserved for a beam step launched ahead were taken meanwhile")
