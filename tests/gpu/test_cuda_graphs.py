@@ -56,8 +56,8 @@ def test_whisper_graphs_match_eager_for_every_batch_size(tmp_path, monkeypatch):
     assert len(cg.graphs[20]) > 1 and sorted(cg.whole) == [1, 2, 4, 8]
     assert all(len(g) == 1 for g in cg.whole.values()) and 0 < cg.whole_replays < cg.replays
     # without look-ahead no step is launched ahead: no one-piece graphs captured, same tokens
-    unahead, engine = _tokens(loaded, reqs[:4], num_blocks=4000, max_num_seqs=20, lookahead=False)
-    assert not engine.runner.graphs.whole and unahead == {i: eager[i] for i in range(4)}
+    unahead, unahead_engine = _tokens(loaded, reqs[:4], num_blocks=4000, max_num_seqs=20, lookahead=False)
+    assert not unahead_engine.runner.graphs.whole and unahead == {i: eager[i] for i in range(4)}
     # every batch size's graph writes its logits into one buffer (not one [b, vocab] tensor each)
     outputs = engine.runner.graphs.outputs
     assert len(outputs) == len(graph_batch_sizes(20))
