@@ -176,9 +176,7 @@ class Engine:
             # its longest row, so where every row drafts at most k tokens it computes k + 1 rows a
             # sequence, not K + 1
             self.runner.verify_graphs = []
-            # verification steps launched ahead (_can_verify_ahead's static conditions)
-            cfg = self.config
-            ahead = cfg.lookahead and cfg.micro_batches == 1 and self.speculator.drafter.drafts_ahead
+            ahead = self._may_verify_ahead()  # one-piece graphs only if steps can launch ahead
             for q in verify_queries(k):
                 verify = CudaGraphs(self.runner, self.config.max_num_seqs, queries=q, ahead=ahead)
                 verify.capture(self.model)
@@ -764,21 +762,24 @@ class Engine:
             s.block_table += self.blocks.allocate(1)
         return True
 
+    def _may_verify_ahead(self) -> bool:
+        """What lets this engine launch verification steps ahead at all (``_can_verify_ahead``
+        checks the rest each step): look-ahead on, whole steps on one runner (no micro-batches:
+        they hide the host's part their own way; no pipeline stages), a drafter that drafts ahead
+        (``Drafter.drafts_ahead``)."""
+        return (
+            self.config.lookahead
+            and self.config.micro_batches == 1
+            and isinstance(self.runner, ModelRunner)
+            and self.speculator.drafter.drafts_ahead
+        )
+
     def _can_verify_ahead(self, seqs: list[Sequence]) -> bool:
         """Whether the step after this verification step can be launched before this one's
-        outcome reaches the host (``_verify_ahead``): look-ahead on, whole steps on one runner (no
-        micro-batches: they hide the host's part their own way; no pipeline stages), a drafter
-        that drafts ahead (``Drafter.drafts_ahead``), no request about to be admitted, and every
-        row greedy with count-based rules and no log-probabilities (its rules then need only its
-        token count, known on the host when that step is taken)."""
-        spec = self.speculator
-        if (
-            not self.config.lookahead
-            or self.micro_batches > 1
-            or not isinstance(self.runner, ModelRunner)
-            or not spec.drafter.drafts_ahead
-            or self.scheduler.admits_next_step()
-        ):
+        outcome reaches the host (``_verify_ahead``): ``_may_verify_ahead``, no request about to
+        be admitted, and every row greedy with count-based rules and no log-probabilities (its
+        rules then need only its token count, known on the host when that step is taken)."""
+        if not self._may_verify_ahead() or self.scheduler.admits_next_step():
             return False
         checked: set[int] = set()
         for s in seqs:
