@@ -10,6 +10,12 @@ at once (the engine step or input read it stops loses nothing); inside one it is
 block ends, so the part file or manifest line being committed is finished first. After
 :meth:`InterruptGuard.stopping`, further signals are only noted: the job is already saving what it
 has, printing its summary and exiting.
+
+A stop signal that arrives while a module imports is held until no import runs any more (checked
+every 20 ms on SIGALRM), then acted on: an import runs native extensions' initialisation (torch's,
+triton's), and a ``KeyboardInterrupt`` raised in Python code such an extension calls back ends the
+process (pybind11 aborts: "terminate called after throwing an instance of error_already_set").
+A second stop signal while one is held acts at once: whoever sends two wants out now.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # signal -> exit status (128 + its number)
 _received: list[int] = []  # stop signals this process received, in order
@@ -29,7 +35,51 @@ def _note(signum: int, frame=None) -> None:
 
 def _raise(signum, frame) -> None:
     _note(signum)
+    if not _held_while_importing(signum, frame, _interrupt):
+        raise KeyboardInterrupt
+
+
+def _interrupt() -> None:
     raise KeyboardInterrupt
+
+
+_IMPORT_CHECK_S = 0.02
+_held: tuple[int, Callable[[], None]] | None = None  # a stop signal held while an import runs
+
+
+def _importing(frame) -> bool:
+    """Whether ``frame`` runs inside an import (the import system's frames are on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _held_while_importing(signum: int, frame, act: Callable[[], None]) -> bool:
+    """Hold the stop signal ``signum`` if an import runs (see the module docstring): ``act`` is called
+    once none does. False (not held) when no import runs, or when a stop signal is held already."""
+    global _held
+    if _held is not None or not _importing(frame):
+        _held = None
+        return False
+    _held = (signum, act)
+    signal.signal(signal.SIGALRM, _check_held)
+    signal.setitimer(signal.ITIMER_REAL, _IMPORT_CHECK_S)
+    return True
+
+
+def _check_held(signum, frame) -> None:
+    global _held
+    if _held is None:
+        return
+    if _importing(frame):
+        signal.setitimer(signal.ITIMER_REAL, _IMPORT_CHECK_S)
+        return
+    held, act = _held
+    _held = None
+    if signal.getsignal(held) is not _note:  # (under noted_only() the signal is only noted)
+        act()
 
 
 def install() -> None:
@@ -94,6 +144,10 @@ class InterruptGuard:
     def _handler(self, signum, frame) -> None:
         self.count += 1
         _note(signum)
+        if not _held_while_importing(signum, frame, self._act):
+            self._act()
+
+    def _act(self) -> None:
         if self._depth or self._stopping:
             self._pending = True
             return

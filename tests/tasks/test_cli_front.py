@@ -459,20 +459,25 @@ def test_a_stop_signal_while_the_summary_is_written_is_only_noted(tmp_path, monk
 
 
 _STOP_INSIDE_AN_IMPORT_HOOK = """
-import importlib.abc, importlib.util, os, signal, sys
+import importlib.abc, importlib.machinery, os, signal, sys
 
 class Descriptor:  # a class attribute whose __set_name__ runs while its module imports
     def __set_name__(self, owner, name):
-        os.kill(os.getpid(), signal.SIGINT)  # the handler raises KeyboardInterrupt here
+        os.kill(os.getpid(), signal.SIGINT)
 
-class Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+class Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
-        if name == "encdec_cli.tasks.seq2seq":  # what the summarize command imports first
-            return importlib.util.spec_from_loader(name, self)
-    def create_module(self, spec):
-        return None
-    def exec_module(self, module):
-        type("User", (), {"orgs": Descriptor()})
+        if name != "encdec_cli.tasks.seq2seq":  # what the summarize command imports first
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        exec_module = spec.loader.exec_module
+
+        def exec_with_a_descriptor_first(module):
+            type("User", (), {"orgs": Descriptor()})
+            exec_module(module)
+
+        spec.loader.exec_module = exec_with_a_descriptor_first
+        return spec
 
 sys.meta_path.insert(0, Finder())
 sys.argv = ["encdec", *sys.argv[1:]]
@@ -482,8 +487,9 @@ main()
 
 
 def test_a_stop_signal_inside_an_import_hook_is_still_one_line(tmp_path, text_model):
-    """Python 3.11 wraps a KeyboardInterrupt raised in a class's __set_name__ (huggingface_hub's
-    dataclasses, while transformers imports) in a RuntimeError: still a stop, status 130, one line."""
+    """A stop signal in a class's __set_name__ while a module imports (huggingface_hub's dataclasses,
+    while transformers imports; Python 3.11 would wrap a KeyboardInterrupt raised there in a
+    RuntimeError) is held until the import ends: status 130, one line."""
     (tmp_path / "in.txt").write_text("w1 w2\n")
     args = ["summarize", str(tmp_path / "in.txt"), "-m", str(text_model)]
     args += ["--summary-json", str(tmp_path / "summary.json")]
@@ -499,6 +505,49 @@ def test_a_stop_signal_inside_an_import_hook_is_still_one_line(tmp_path, text_mo
     assert proc.stderr.strip().splitlines()[-1] == "interrupted (Ctrl-C)", proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["exit_code"] == 130
+
+
+def test_a_stop_signal_while_a_module_imports_waits_for_the_import(tmp_path, monkeypatch):
+    """Native extensions run Python code while they import (torch's, through pybind11, which aborts
+    the process on an exception there): a stop signal then is held until the import has ended, and a
+    second one acts at once."""
+    from encdec_cli.tasks import interrupts
+
+    (tmp_path / "signalled_mid_import.py").write_text(
+        "import os, signal\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "for _ in range(100_000):  # (the handler would raise here, between bytecodes)\n"
+        "    pass\n"
+        "body_finished = True\n"
+    )
+    (tmp_path / "signalled_twice.py").write_text(
+        "import os, signal\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "body_finished = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = {sig: signal.getsignal(sig) for sig in (*interrupts.STOP_SIGNALS, signal.SIGALRM)}
+    interrupts.install()
+    interrupts.reset()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            import signalled_mid_import
+
+            assert signalled_mid_import.body_finished
+            time.sleep(5)  # the held signal acts within 20 ms of the import's end
+        assert sys.modules["signalled_mid_import"].body_finished
+        assert interrupts.exit_status() == 143
+        with pytest.raises(KeyboardInterrupt):
+            import signalled_twice  # noqa: F401
+        assert "signalled_twice" not in sys.modules  # the second signal cut the import short
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        interrupts.reset()
+        for name in ("signalled_mid_import", "signalled_twice"):
+            sys.modules.pop(name, None)
 
 
 def test_sigterm_stops_a_text_job_in_order(tmp_path, text_model):
