@@ -36,6 +36,10 @@ __all__ = [
     "store_kv",
     "store_rows",
     "copy_blocks_where",
+    "beam_children",
+    "beam_mask_hits",
+    "beam_chosen",
+    "ngram_bans",
     "accept_and_next",
     "layer_norm",
     "rms_norm",
@@ -150,6 +154,26 @@ def store_rows(x, rows, slot_mapping, row_scales=None):
 def copy_blocks_where(pool, src, dst, mask):
     """pool[:, dst[i]] = pool[:, src[i]] where mask[i], chosen on the device (``blocks.py``)."""
     return _impl(pool, "blocks").copy_blocks_where(pool, src, dst, mask)
+
+
+def beam_children(self_tables, parents, fork, up, n, block_size):
+    """A beam step's children's tables and slots, chosen on the device (``beams.py``)."""
+    return _impl(up, "beams").beam_children(self_tables, parents, fork, up, n, block_size)
+
+
+def beam_mask_hits(packed, info, vocab):
+    """A beam step's candidate scores with the hits pushed down, on the device (``beams.py``)."""
+    return _impl(packed, "beams").beam_mask_hits(packed, info, vocab)
+
+
+def beam_chosen(packed, chosen, vocab):
+    """The children of a beam step's chosen candidates, on the device (``beams.py``)."""
+    return _impl(packed, "beams").beam_chosen(packed, chosen, vocab)
+
+
+def ngram_bans(logits, tokens, lengths, n, rows=None):
+    """The no-repeat-n-gram rule from the rows' token history, in place (``beams.py``)."""
+    return _impl(logits, "beams").ngram_bans(logits, tokens, lengths, n, rows)
 
 
 def accept_and_next(

@@ -362,6 +362,65 @@ def copy_blocks_where(pool, src, dst, mask):
         raw[:, dst[keep]] = raw[:, src[keep]]
 
 
+def beam_children(self_tables, parents, fork, up, n, block_size):
+    """The inputs of a beam step's children chosen on the device (see ``beams.beam_children``), in
+    torch."""
+    pos, fresh, spare = up[:n], up[n : 2 * n] > 0, up[2 * n :]
+    tables = self_tables.index_select(0, parents)
+    col, off = (pos // block_size)[:, None], pos % block_size
+    here = tables.gather(1, col)[:, 0].long()  # the parent's block at the new position
+    needs = fresh | fork
+    take = (needs.long().cumsum(0) - 1).clamp_(0, max(len(spare) - 1, 0))
+    block = torch.where(needs, spare.index_select(0, take), here) if len(spare) else here
+    tables.scatter_(1, col, block[:, None].to(tables.dtype))
+    return tables, here, block, needs & ~fresh, block * block_size + off, (pos + 1).to(torch.int32)
+
+
+BEAM_NEG_LARGE = -1.0e9  # transformers' "impossible" beam score
+
+
+def beam_mask_hits(packed, info, vocab):
+    """The candidates' scores with the hits pushed down (see ``beams.beam_mask_hits``), in torch."""
+    top_scores, cand_tok = packed[0].float(), packed[1].long() % vocab
+    hits = (info[:, :1] > 0) | (cand_tok[:, :, None] == info[:, None, 1:]).any(-1)
+    return top_scores + hits.float() * BEAM_NEG_LARGE
+
+
+def beam_chosen(packed, chosen, vocab):
+    """The children of the chosen candidates (see ``beams.beam_chosen``), in torch."""
+    flat = packed[1].long().gather(1, chosen)  # [G, N]: beam * vocab + token
+    parent, tokens = flat // vocab, flat % vocab
+    num, n = chosen.shape
+    earlier = torch.ones(n, n, dtype=torch.bool, device=chosen.device).tril_(-1)  # [i, j]: j < i
+    fork = ((parent[:, :, None] == parent[:, None, :]) & earlier).any(-1)
+    rows = parent + torch.arange(0, num * n, n, device=chosen.device)[:, None]
+    return chosen.to(packed.dtype), rows.reshape(-1), tokens.reshape(-1), fork.reshape(-1)
+
+
+def ngram_bans(logits, tokens, lengths, n, rows=None):
+    """Set to -inf the tokens that would repeat an n-gram (see ``beams.ngram_bans``), in torch: a
+    few whole-tensor ops; a token banned through one start and not another stays banned (a min
+    reduction, not a plain scatter, whose order between duplicates is undefined on CUDA)."""
+    m = n - 1
+    starts = tokens.shape[1] - m  # start positions [0, starts) fit the buffer
+    if starts <= 0 or len(logits) == 0:
+        return
+    if rows is not None:
+        tokens, lengths = tokens.index_select(0, rows), lengths.index_select(0, rows)
+    length = lengths.long()[:, None]
+    last = (length - m + torch.arange(m, device=tokens.device)).clamp_(min=0)  # [B, m]: the last m tokens
+    prefix = tokens.gather(1, last)
+    match = torch.arange(starts, device=tokens.device) < length - m  # i + m < length: start i exists
+    for j in range(m):
+        match &= tokens[:, j : j + starts] == prefix[:, j : j + 1]
+    banned = tokens[:, m:].clamp(min=0)
+    value = torch.where(match, float("-inf"), float("inf"))
+    if rows is None:
+        logits.scatter_reduce_(1, banned, value, "amin")
+    else:
+        logits.index_copy_(0, rows, logits.index_select(0, rows).scatter_reduce_(1, banned, value, "amin"))
+
+
 def accept_and_next(
     best, starts, last_drafts, base, ks, candidates, tables, block_size, row_first, row_end,
     tokens, positions, slots, next_k: int, rows: int, max_rows: int,

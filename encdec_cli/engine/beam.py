@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+import encdec_kernels
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.sequence import Completion, Sequence, SequenceGroup
 from encdec_cli.engine.transfer import to_device
@@ -196,27 +197,19 @@ def beam_launch(
 
 def _choose(groups: list[SequenceGroup], packed: torch.Tensor, vocab: int) -> tuple[torch.Tensor, Children]:
     """Steps 2 and 3's choice on the device for G requests of one (N, K) batch (``_select`` makes it
-    on the host otherwise): the hits, the N best candidates that did not hit (the same float32 arithmetic),
-    and the children they make. Returns (the chosen candidates [G, N] as ``packed``'s dtype, for
-    the host; the children)."""
+    on the host otherwise): the hits, the N best candidates that did not hit (the same float32
+    arithmetic) and the children they make, in two kernels around one ``torch.topk``. Returns (the
+    chosen candidates [G, N] as ``packed``'s dtype, for the host; the children)."""
     n = groups[0].beam.num_beams
-    dev = packed.device
-    top_scores, top_idx = packed[0].float(), packed[1].long()  # exact: see _candidates
     # per request: at the length limit, then the stop tokens (-1: none); one array from tuples
     stops = [g.params.stop_token_ids for g in groups]
     width = max(1, *map(len, stops))
     at_limit = [len(g.seqs[0].tokens) + 1 - g.seqs[0].num_prompt >= g.max_new_tokens for g in groups]
     info = np.array([(a, *s, *(-1,) * (width - len(s))) for a, s in zip(at_limit, stops)], np.int64)
-    info = to_device(dev, info)
-    cand_beam, cand_tok = top_idx // vocab, top_idx % vocab
-    hits = (info[:, :1] > 0) | (cand_tok[:, :, None] == info[:, None, 1:]).any(-1)
-    masked = top_scores + hits.float() * NEG_LARGE  # _select's float32 arithmetic
-    chosen = torch.topk(masked, n).indices  # [G, N]
-    parent = cand_beam.gather(1, chosen)
-    fork = forks(parent)
-    rows = parent + torch.arange(0, len(groups) * n, n, device=dev)[:, None]
-    children = Children(rows.reshape(-1), cand_tok.gather(1, chosen).reshape(-1), fork.reshape(-1))
-    return chosen.to(packed.dtype), children
+    masked = encdec_kernels.beam_mask_hits(packed, to_device(packed.device, info), vocab)  # _select's
+    chosen = torch.topk(masked, n).indices  # [G, N]: the ranking transformers makes (its ties too)
+    chosen, rows, tokens, fork = encdec_kernels.beam_chosen(packed, chosen, vocab)
+    return chosen, Children(rows, tokens, fork)
 
 
 def beam_finish(launch: BeamLaunch, blocks: BlockManager) -> None:
@@ -428,20 +421,17 @@ def _select(
             ]
 
 
-_EARLIER: dict = {}  # (N, device, or None for numpy) -> [N, N] bool, [i, j]: j < i
+_EARLIER: dict[int, np.ndarray] = {}  # N -> [N, N] bool, [i, j]: j < i
 
 
-def forks(parent):
-    """[G, N] bool for each request's children ``parent`` [G, N] (their parent beams; a tensor or,
-    on the host, a numpy array): the child forks, i.e. an earlier child has its parent (the first
-    child takes the parent's own blocks). The one rule of the device (``_choose``) and the host
-    (``_grants``)."""
+def forks(parent: np.ndarray) -> np.ndarray:
+    """[G, N] bool for each request's children ``parent`` [G, N] (their parent beams): the child
+    forks, i.e. an earlier child has its parent (the first child takes the parent's own blocks).
+    The host's side (``_grants``) of the rule the device applies in ``encdec_kernels.beam_chosen``."""
     n = parent.shape[1]
-    key = (n, parent.device if isinstance(parent, torch.Tensor) else None)
-    earlier = _EARLIER.get(key)
+    earlier = _EARLIER.get(n)
     if earlier is None:
-        earlier = np.tri(n, n, -1, bool)
-        _EARLIER[key] = earlier = torch.from_numpy(earlier).to(key[1]) if key[1] is not None else earlier
+        earlier = _EARLIER[n] = np.tri(n, n, -1, bool)
     return ((parent[:, :, None] == parent[:, None, :]) & earlier).any(-1)
 
 

@@ -693,8 +693,9 @@ class ModelRunner:
         parent's length); its self-attention table is its parent row's (``last_tables``) with one
         change: a row whose token starts a new block (``new_block[i]``) or that forks its parent
         (it shares the parent's last, partly written block) takes the next of ``reserved`` there
-        (the pool's first free blocks, in row order), a fork's being a copy of the parent's block
-        (``encdec_kernels.copy_blocks_where``: only those blocks' bytes move). Its cross-attention
+        (the pool's first free blocks, in row order: ``encdec_kernels.beam_children``), a fork's
+        being a copy of the parent's block (``encdec_kernels.copy_blocks_where``: only those
+        blocks' bytes move). Its cross-attention
         row is its parent's (request g's N rows stay rows g * N ...). ``beam._grants`` gives the
         host's children the same blocks. Returns the logits [B, vocab] float32, as ``decode``."""
         self._count_call("decode")
@@ -703,20 +704,14 @@ class ModelRunner:
             rows = None if self.last_tables is None else len(self.last_tables[0])
             raise RuntimeError(f"decode_children: {n} children, but the last decode step had {rows} rows")
         up = to_device(dev, np.concatenate([positions, new_block, reserved]))  # one upload
-        pos, fresh, spare = up[:n], up[n : 2 * n] > 0, up[2 * n :]
+        pos = up[:n]
         self_tables, cross = self.last_tables
-        tables = self_tables.index_select(0, children.parents)
-        col, off = (pos // bs)[:, None], pos % bs
-        here = tables.gather(1, col)[:, 0].long()  # the parent's block at the new position
-        needs = fresh | children.fork
-        take = (needs.long().cumsum(0) - 1).clamp_(0, len(reserved) - 1)
-        block = torch.where(needs, spare.index_select(0, take), here)
-        tables.scatter_(1, col, block[:, None].to(tables.dtype))
-        copy = needs & ~fresh
+        tables, here, block, copy, slots, lens = encdec_kernels.beam_children(
+            self_tables, children.parents, children.fork, up, n, bs
+        )
         for part in (self.kv.values, self.kv.scales):
             if part is not None:  # [2, L, NB, ...] as [2 * L, NB, ...]
                 encdec_kernels.copy_blocks_where(part.flatten(0, 1), here, block, copy)
-        slots, lens = block * bs + off, (pos + 1).to(torch.int32)
         if self.graphs is not None and n <= self.graphs.max_batch:
             logits = self.graphs.run_children(children.tokens, pos, slots, tables, lens, cross)
         else:

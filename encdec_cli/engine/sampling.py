@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import encdec_kernels
 from encdec_cli.engine.beam import BeamLaunch, beam_finish, beam_launch, to_logprobs
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.sequence import SamplingParams, Sequence, SequenceGroup, TimestampRules
@@ -115,30 +116,10 @@ class History:
 
 def ngram_bans_on_device(logits: torch.Tensor, hist: History, rows: list[int], n: int) -> None:
     """``banned_ngram_tokens`` for rows ``rows`` of ``logits`` from their device history, set to
-    -inf in place: n-gram start i of a row (i <= length - n) whose first n - 1 tokens are the row's
-    last n - 1 bans the token after them. A few whole-tensor ops, no host sync. A token banned
-    through one start and not through another stays banned (a min-reduction, not a plain scatter,
-    whose order between duplicates is undefined on CUDA)."""
-    m = n - 1
+    -inf in place (``encdec_kernels.ngram_bans``: one kernel on CUDA), no host sync."""
     whole = len(rows) == len(logits) and rows[0] == 0 and rows[-1] == len(logits) - 1
     index = None if whole else to_device(logits.device, rows)
-    h = hist if whole else hist.rows(index)
-    tok, length = h.tokens, h.lengths.long()[:, None]
-    starts = tok.shape[1] - m  # start positions [0, starts) fit the buffer
-    if starts <= 0:
-        return
-    last = (length - m + torch.arange(m, device=tok.device)).clamp_(min=0)  # [B, m]: the last m tokens
-    prefix = tok.gather(1, last)
-    match = torch.arange(starts, device=tok.device) < length - m  # i + m < length: start i exists
-    for j in range(m):
-        match &= tok[:, j : j + starts] == prefix[:, j : j + 1]
-    banned = tok[:, m:].clamp(min=0)
-    value = torch.where(match, float("-inf"), float("inf"))
-    if whole:
-        logits.scatter_reduce_(1, banned, value, "amin")
-    else:
-        part = logits.index_select(0, index).scatter_reduce_(1, banned, value, "amin")
-        logits.index_copy_(0, index, part)
+    encdec_kernels.ngram_bans(logits, hist.tokens, hist.lengths, n, index)
 
 
 def banned_bad_words(tokens: list[int], bad_words: tuple[tuple[int, ...], ...]) -> list[int]:

@@ -599,3 +599,56 @@ def test_gemv_several_rows_equal_their_one_row_results(n, k, norm, m):
             out, h = linear.gemv(x, w, b, "gelu"), x
         for i in range(m):
             assert torch.equal(out[i : i + 1], linear.gemv(h[i : i + 1], w, b, "gelu")), i
+
+
+@pytest.mark.parametrize("n", [1, 200, 512, 1030])
+def test_beam_children_on_cuda(n):
+    """The children's tables and slots of a beam step launched ahead (``beams.beam_children``): the
+    kernel equals the reference at W3's sizes and past one program's rows."""
+    from encdec_kernels import beams
+    from tests.kernels.test_beams import _children_case
+
+    gen = torch.Generator().manual_seed(n)
+    case = _children_case(n, 40, 16, gen)[:4]
+    self_tables, parents, fork, up = (t.cuda() for t in case)
+    want = reference.beam_children(self_tables, parents, fork, up, n, 16)
+    got = beams.beam_children(self_tables, parents, fork, up, n, 16)
+    for w, g in zip(want, got, strict=True):
+        assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+@pytest.mark.parametrize("subset", [False, True])
+def test_ngram_bans_on_cuda(subset):
+    """The no-repeat-n-gram rule (``beams.ngram_bans``) at W3's sizes: bart-large's vocabulary,
+    512 rows of up to 200 tokens, a small token range so that many n-grams repeat."""
+    from encdec_kernels import beams
+
+    gen = torch.Generator().manual_seed(3)
+    rows, width = 512, 200
+    tokens = torch.randint(0, 20, (rows, width), generator=gen)
+    lengths = torch.randint(0, width + 1, (rows,), generator=gen)
+    tokens[torch.arange(width) >= lengths[:, None]] = -1
+    logits = torch.randn(rows, 50264, generator=gen)
+    index = torch.arange(0, rows, 3) if subset else None
+    want = logits.cuda()
+    reference.ngram_bans(want, tokens.cuda(), lengths.cuda(), 3, None if index is None else index.cuda())
+    got = logits.cuda()
+    beams.ngram_bans(got, tokens.cuda(), lengths.cuda().int(), 3, None if index is None else index.cuda())
+    assert torch.isinf(want).sum() > 1000
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_beam_mask_hits_and_chosen_on_cuda(dtype):
+    """A beam step's choice on the device (``beams.beam_mask_hits``, ``beams.beam_chosen``) at W3's
+    sizes (128 requests, 4 beams, K 8): the kernels equal the reference."""
+    from encdec_kernels import beams
+    from tests.kernels.test_beams import _candidates_case
+
+    gen = torch.Generator().manual_seed(5)
+    packed, info, _, _ = (t.cuda() for t in _candidates_case(128, 4, 8, 50264, dtype, gen))
+    masked = beams.beam_mask_hits(packed, info, 50264)
+    assert torch.equal(masked, reference.beam_mask_hits(packed, info, 50264))
+    chosen = torch.topk(masked, 4).indices
+    for w, g in zip(reference.beam_chosen(packed, chosen, 50264), beams.beam_chosen(packed, chosen, 50264)):
+        assert g.dtype == w.dtype and torch.equal(g, w)

@@ -124,6 +124,7 @@ norm = _interpreted_fixture("norm")
 lin = _interpreted_fixture("linear", "lin")
 blocks = _interpreted_fixture("blocks")
 verify = _interpreted_fixture("verify")
+beams = _interpreted_fixture("beams")
 
 
 @pytest.fixture(scope="session")
