@@ -54,6 +54,9 @@
 #   check   the GPU tests of the latest changes: image-to-text, speculative (~3)
 #   models  W7 W8 W9 against transformers, at full scale (issues 24, 25) (~8)
 #   w9      benchmarks/profile_w9.py: where W9's time goes (~3)
+#   beamk   a beam step launched ahead in four kernels (encdec_kernels/beams.py): their GPU tests and
+#           the beam-ahead ones, W3 against transformers, W3 (ours only) twice each alternating this
+#           tree and out/prev (carry it: the tree before), then where W3's step goes (issue 26) (~9)
 #   trt     T1 T2 at batch 32/64/128 against transformers (issue 26) (~4)
 #   pp2     2 GPUs: tests/gpu/test_pipeline_gpu.py, W1 and W4 with -pp 2 against one device
 #           (issue 28) (~6)
@@ -193,6 +196,17 @@ for part in "$@"; do
         for form in ring producer registers; do
             step 60 sweep-shared-kv-fp8-$form python3 benchmarks/sweep_shared_kv.py --quick --fp8 $form
         done ;;
+    beamk)
+        step 200 gpu-tests-beams python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_beam_gpu.py \
+            -k "beam or ngram" -p no:cacheprovider
+        step 150 W3 "${encdec[@]}" bench W3 --out "$(name W3).json"
+        for i in $(seq "${AB_PAIRS:-2}"); do
+            step 80 W3-ab-new-$i "${encdec[@]}" bench W3 --baseline none --out "$(name W3-ab-new-$i).json"
+            (cd out/prev && step 80 W3-ab-prev-$i "${encdec[@]}" bench W3 --baseline none \
+                --out "$(name W3-ab-prev-$i).json")
+        done
+        step 100 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json"
+        grep -h "passed\|failed\|^W3" "$OUT"/*.log ;;
     speed)
         step 300 W3-W4-W5 "${encdec[@]}" bench W3 W4 W5 --out "$(name W3-W4-W5).json"
         step 90 W3-no-lookahead "${encdec[@]}" bench W3 --baseline none --no-lookahead --out "$(name W3-no-lookahead).json"
