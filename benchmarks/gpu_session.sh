@@ -199,7 +199,7 @@ for part in "$@"; do
     beamk)
         step 200 gpu-tests-beams python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_beam_gpu.py \
             -k "beam or ngram" -p no:cacheprovider
-        step 150 W3 "${encdec[@]}" bench W3 --out "$(name W3).json"
+        step 420 W3 "${encdec[@]}" bench W3 --out "$(name W3).json"
         for i in $(seq "${AB_PAIRS:-2}"); do
             step 80 W3-ab-new-$i "${encdec[@]}" bench W3 --baseline none --out "$(name W3-ab-new-$i).json"
             (cd out/prev && step 80 W3-ab-prev-$i "${encdec[@]}" bench W3 --baseline none \

@@ -625,7 +625,7 @@ def test_ngram_bans_on_cuda(subset):
 
     gen = torch.Generator().manual_seed(3)
     rows, width = 512, 200
-    tokens = torch.randint(0, 20, (rows, width), generator=gen)
+    tokens = torch.randint(0, 5, (rows, width), generator=gen)
     lengths = torch.randint(0, width + 1, (rows,), generator=gen)
     tokens[torch.arange(width) >= lengths[:, None]] = -1
     logits = torch.randn(rows, 50264, generator=gen)
@@ -634,8 +634,8 @@ def test_ngram_bans_on_cuda(subset):
     reference.ngram_bans(want, tokens.cuda(), lengths.cuda(), 3, None if index is None else index.cuda())
     got = logits.cuda()
     beams.ngram_bans(got, tokens.cuda(), lengths.cuda().int(), 3, None if index is None else index.cuda())
-    assert torch.isinf(want).sum() > 1000
     assert torch.equal(got, want)
+    assert torch.isinf(want).sum() > 300  # the case bans many tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
