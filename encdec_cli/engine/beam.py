@@ -463,18 +463,24 @@ def _advance(
 
     ``grant`` (a step launched ahead has already computed the children: their new tokens' K/V are
     written): (each child's block or None, whether the new token started a block). A child's
-    block is appended to its table when it started one, else it replaces the shared last block
-    (the copy the device made)."""
+    block is appended to its table when it started one, else it replaces the shared block where
+    the new token goes (the copy the device made): a forked child does not share that block at
+    all when it is its parent's last (the usual case)."""
     old = group.seqs
     if len(old) == 1:
         beams = [0] * len(beams)
+    granted, new_block = grant if grant is not None else (None, True)
+    bs = blocks.block_size
     taken = [False] * len(old)
     children: list[Sequence] = []
     for b in beams:
         parent = old[b]
         if taken[b]:
             child = parent.fork(ngrams=grant is None)  # ahead: the next step's n-grams are the device's
-            child.block_table = blocks.share(parent.block_table)
+            table = parent.block_table
+            if not new_block and len(parent.tokens) // bs == len(table) - 1:
+                table = table[:-1]  # the new token's block is the child's own copy (granted below)
+            child.block_table = blocks.share(table)
         else:
             taken[b] = True
             child = parent
@@ -489,14 +495,13 @@ def _advance(
         if logprobs is not None:
             child.logprobs.append(logprobs[i])
         child.cum_logprob = scores[i]
-    if grant is not None:
-        granted, new_block = grant
+    if granted is not None:
         for child, b in zip(children, granted, strict=True):
             if b is not None:
-                if new_block:
+                col = (len(child.tokens) - 1) // bs
+                if col == len(child.block_table):  # a new block, or a fork's copy of the last one
                     child.block_table.append(b)
                 else:  # copy-on-write, done on the device
-                    col = (len(child.tokens) - 1) // blocks.block_size
                     blocks.free([child.block_table[col]])
                     child.block_table[col] = b
             child.num_cached = len(child.tokens)

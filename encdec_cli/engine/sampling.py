@@ -250,7 +250,8 @@ def process_logits(
         if ngram:
             entry = ngram_rows.setdefault(ngram, ([], []))
             entry[0].extend(rows)
-            entry[1].extend([seqs[i] for i in rows] if drafted is None else [seq_at(int(i)) for i in rows])
+            if history is None:  # (with the history on the device the rule reads no sequence)
+                entry[1].extend([seqs[i] for i in rows] if drafted is None else map(seq_at, map(int, rows)))
         if bad_words:
             for i in rows:
                 i = int(i)
