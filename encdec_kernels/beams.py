@@ -15,21 +15,36 @@ import triton.language as tl
 from encdec_kernels.reference import BEAM_NEG_LARGE
 
 _ROWS = 64  # rows per program of _children_kernel
+_NGRAM_STARTS = 128  # n-gram starts per program of _ngram_kernel
+
+# One compiled variant per engine and workload: the sizes change from step to step (rows as requests
+# end, the history's width as they come and go) and a specialisation on their values (1, multiples
+# of 16) or a block size from them would compile a variant in the middle of a run. (The block sizes
+# left depend only on the model and the requests' parameters: the beam count, the stop tokens.)
+_RUNTIME_ARGS = ("n", "n_reserved", "width", "stride_s", "stride_t", "bs", "num", "k", "vocab", "info_width",
+                 "stride_l", "starts")  # fmt: skip
 
 
-@triton.jit
+def _runtime(fn):
+    """``triton.jit`` without specialising on the values of the arguments in ``_RUNTIME_ARGS``."""
+    names = fn.__code__.co_varnames[: fn.__code__.co_argcount]
+    return triton.jit(do_not_specialize=[a for a in _RUNTIME_ARGS if a in names])(fn)
+
+
+@_runtime
 def _children_kernel(
     SELF_TABLES, PARENTS, FORK, UP, TABLES, HERE, BLOCK, COPY, SLOTS, LENS,
     n, n_reserved, width, stride_s, stride_t, bs,
-    ROWS: tl.constexpr, ALL: tl.constexpr, BLOCK_W: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     # reserved blocks taken by the rows before this program's (rows that need one, in order)
-    every = tl.arange(0, ALL)
-    inside = every < n
-    fresh_all = tl.load(UP + n + every, mask=inside, other=0) > 0
-    fork_all = tl.load(FORK + every, mask=inside, other=0) != 0
-    before = tl.sum(((fresh_all | fork_all) & (every < pid * ROWS)).to(tl.int32), 0)
+    before = tl.zeros([ROWS], dtype=tl.int32)
+    for start in range(0, pid * ROWS, ROWS):
+        r = start + tl.arange(0, ROWS)
+        fresh_r = tl.load(UP + n + r) > 0  # (rows before this program's: all < n)
+        before += ((tl.load(FORK + r) != 0) | fresh_r).to(tl.int32)
+    before = tl.sum(before, 0)
     b = pid * ROWS + tl.arange(0, ROWS)
     ok = b < n
     pos = tl.load(UP + b, mask=ok, other=0)
@@ -79,12 +94,12 @@ def beam_children(self_tables, parents, fork, up, n: int, block_size: int):
         _children_kernel[(triton.cdiv(n, _ROWS),)](
             self_tables, parents, fork.view(torch.uint8), up, tables, here, block, copy.view(torch.uint8),
             slots, lens, n, up.numel() - 2 * n, width, self_tables.stride(0), tables.stride(0), block_size,
-            ROWS=_ROWS, ALL=triton.next_power_of_2(n), BLOCK_W=min(64, triton.next_power_of_2(width)),
+            ROWS=_ROWS, BLOCK_W=64,
         )  # fmt: skip
     return tables, here, block, copy, slots, lens
 
 
-@triton.jit
+@_runtime
 def _ngram_kernel(LOGITS, TOK, LEN, ROWS, stride_l, stride_t, starts, M: tl.constexpr,
                   HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     if HAS_ROWS:
@@ -118,17 +133,16 @@ def ngram_bans(logits, tokens, lengths, n: int, rows=None) -> None:
         return
     if logits.stride(1) != 1 or tokens.stride(1) != 1:
         raise ValueError("ngram_bans: logits and tokens must be contiguous along their last dim")
-    block = min(1024, triton.next_power_of_2(starts))
-    _ngram_kernel[(count, triton.cdiv(starts, block))](
+    _ngram_kernel[(count, triton.cdiv(starts, _NGRAM_STARTS))](
         logits, tokens, lengths, rows if rows is not None else lengths, logits.stride(0), tokens.stride(0),
-        starts, M=m, HAS_ROWS=rows is not None, BLOCK=block,
+        starts, M=m, HAS_ROWS=rows is not None, BLOCK=_NGRAM_STARTS,
     )  # fmt: skip
 
 
 _NEG_LARGE = tl.constexpr(BEAM_NEG_LARGE)  # transformers' "impossible" beam score
 
 
-@triton.jit
+@_runtime
 def _mask_hits_kernel(P, INFO, OUT, num, k, vocab, info_width, S: tl.constexpr, BLOCK_K: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, BLOCK_K)
@@ -158,7 +172,7 @@ def beam_mask_hits(packed, info, vocab: int):
     return out
 
 
-@triton.jit
+@_runtime
 def _chosen_kernel(P, CHOSEN, CHOSEN_OUT, ROWS, TOKENS, FORK, num, k, n, vocab, BLOCK_N: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_N)
