@@ -22,7 +22,9 @@ Three runs over the same requests:
    tensor of >= BIG elements (the [B, 50264] logits, their gathers) are device work in production
    (log_softmax, topk, the [G, N, V] gather...): their time is taken off, leaving the host time
    per phase. Small ops stay in it: each is also a kernel launch or host-device copy on CUDA
-   (~5-10 us), so their count is reported too. The same run gives the host time of each of
+   (~5-10 us), so their count is reported too. The ``encdec_kernels`` functions that are one
+   Triton launch on CUDA (``KERNELS``: a beam step launched ahead's) count as one small op each,
+   their torch reference's time taken off as device work. The same run gives the host time of each of
    ``FUNCTIONS`` (inclusive: with what it calls; its big ops and any model forward inside it
    taken off);
 3. cProfile of the schedule and sample phases and ``runner._rows`` (not the model).
@@ -150,6 +152,17 @@ class _OpMeter(TorchDispatchMode):
                 c["big_s"] += dt
         return out
 
+    def kernel(self, dt: float) -> None:
+        """One call of a kernel that is one launch on CUDA (``KERNELS``), run here as its torch
+        reference unmetered: one small op (its launch) whose time is device work."""
+        self.pending["small_ops"] += 1
+        self.pending["big_s"] += dt
+        self.names["kernel"] += 1
+        for label in set(self.stack):
+            c = self.by_function[label]
+            c["ops"] += 1
+            c["big_s"] += dt
+
     def flush(self, phase: str) -> None:
         t0 = clock()
         self.hold.clear()
@@ -209,6 +222,27 @@ FUNCTIONS = (
     ("beam", "_grants"),
     ("engine", "_take_ahead"),
 )
+
+
+# encdec_kernels functions that are one Triton launch on CUDA: the metered run counts each call as
+# one small op (the launch) and its time (the torch reference's few dozen ops here) as device work
+KERNELS = ("beam_mask_hits", "beam_chosen", "beam_children", "ngram_bans", "copy_blocks_where")
+
+
+def _one_launch(patches: contextlib.ExitStack, name: str, meter: _OpMeter) -> None:
+    """Wrap ``encdec_kernels.name`` (until ``patches`` closes): see ``KERNELS``."""
+    import encdec_kernels
+
+    fn = getattr(encdec_kernels, name)
+
+    def wrapped(*a, **k):
+        t0 = clock()
+        with _disable_current_modes():
+            out = fn(*a, **k)
+        meter.kernel(clock() - t0)
+        return out
+
+    patches.enter_context(mock.patch.object(encdec_kernels, name, wrapped))
 
 
 def _attributed(patches: contextlib.ExitStack, owner, name: str, label: str, meter: _OpMeter) -> None:
@@ -314,6 +348,8 @@ def run(loaded, reqs, engine_cfg: dict, meter: _OpMeter | None = None, prof: cPr
             )
             for owner, name in FUNCTIONS:
                 _attributed(patches, owners[owner], name, f"{owner}.{name}", meter)
+            for name in KERNELS:
+                _one_launch(patches, name, meter)
             patches.enter_context(meter)
         gc_start = [0.0]
 
