@@ -12,9 +12,10 @@ block ends, so the part file or manifest line being committed is finished first.
 has, printing its summary and exiting.
 
 A stop signal that arrives while a module imports is held until no import runs any more (checked
-every 20 ms on SIGALRM), then acted on: an import runs native extensions' initialisation (torch's,
-triton's), and a ``KeyboardInterrupt`` raised in Python code such an extension calls back ends the
-process (pybind11 aborts: "terminate called after throwing an instance of error_already_set").
+every 20 ms on SIGALRM, whose handler is put back after), then acted on: an import runs native
+extensions' initialisation (torch's, triton's), and a ``KeyboardInterrupt`` raised in Python code
+such an extension calls back ends the process (pybind11 aborts: "terminate called after throwing an
+instance of error_already_set").
 A second stop signal while one is held acts at once: whoever sends two wants out now.
 """
 
@@ -44,7 +45,8 @@ def _interrupt() -> None:
 
 
 _IMPORT_CHECK_S = 0.02
-_held: tuple[int, Callable[[], None]] | None = None  # a stop signal held while an import runs
+# a stop signal held while an import runs: (the signal, what acts on it, the SIGALRM handler before)
+_held: tuple[int, Callable[[], None], object] | None = None
 
 
 def _importing(frame) -> bool:
@@ -58,26 +60,36 @@ def _importing(frame) -> bool:
 
 def _held_while_importing(signum: int, frame, act: Callable[[], None]) -> bool:
     """Hold the stop signal ``signum`` if an import runs (see the module docstring): ``act`` is called
-    once none does. False (not held) when no import runs, or when a stop signal is held already."""
+    once none does. False (not held) when no import runs, or when a stop signal is held already
+    (that one is then dropped: this one acts at once)."""
     global _held
-    if _held is not None or not _importing(frame):
-        _held = None
+    if _held is not None:
+        _release()
         return False
-    _held = (signum, act)
-    signal.signal(signal.SIGALRM, _check_held)
+    if not _importing(frame):
+        return False
+    _held = (signum, act, signal.signal(signal.SIGALRM, _check_held))
     signal.setitimer(signal.ITIMER_REAL, _IMPORT_CHECK_S)
     return True
 
 
-def _check_held(signum, frame) -> None:
+def _release() -> None:
+    """Forget the held stop signal: no more checks, the SIGALRM handler as it was."""
     global _held
+    before = _held[2]
+    _held = None
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, before if before is not None else signal.SIG_DFL)
+
+
+def _check_held(signum, frame) -> None:
     if _held is None:
         return
     if _importing(frame):
         signal.setitimer(signal.ITIMER_REAL, _IMPORT_CHECK_S)
         return
-    held, act = _held
-    _held = None
+    held, act, _ = _held
+    _release()
     if signal.getsignal(held) is not _note:  # (under noted_only() the signal is only noted)
         act()
 

@@ -538,9 +538,11 @@ def test_a_stop_signal_while_a_module_imports_waits_for_the_import(tmp_path, mon
             time.sleep(5)  # the held signal acts within 20 ms of the import's end
         assert sys.modules["signalled_mid_import"].body_finished
         assert interrupts.exit_status() == 143
+        assert signal.getsignal(signal.SIGALRM) == previous[signal.SIGALRM]  # (its checks are done)
         with pytest.raises(KeyboardInterrupt):
             import signalled_twice  # noqa: F401
         assert "signalled_twice" not in sys.modules  # the second signal cut the import short
+        assert signal.getsignal(signal.SIGALRM) == previous[signal.SIGALRM]
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
