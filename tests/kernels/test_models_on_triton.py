@@ -6,7 +6,8 @@ not implement (soft-capping, the encoder's sliding window) still goes to the ref
 GPU. The CPU parity tests run the references everywhere, so they cannot see a model handing a
 Triton kernel something its reference takes and it refuses (T5Gemma 2's SigLIP tower gave the
 fused add-norm a strided residual: an error on CUDA only), or a kernel that disagrees with its
-reference for a model's arguments. Outputs: transformers' greedy tokens (fp32) and encoder outputs.
+reference for a model's arguments. Outputs: transformers' greedy tokens (fp32) and encoder outputs;
+for beam steps launched ahead, the host's beam steps.
 
 Slow in the interpreter (every kernel launch is Python), so the models are the tiny ones of the
 parity tests with few inputs."""
@@ -22,7 +23,7 @@ from encdec_models.loading import load_model
 from tests.kernels.conftest import INTERPRETED, NOT_INTERPRETED_REASON, _interpreted_module
 from tests.support.text_models import single_thread
 
-KERNEL_MODULES = ("common", "varlen", "paged", "shared_kv", "norm", "linear")
+KERNEL_MODULES = ("common", "varlen", "paged", "shared_kv", "norm", "linear", "blocks", "beams")
 # tokens compared (the start of transformers' 16): past the models' 4-token sliding windows, and
 # each interpreted decode step costs seconds
 NEW = 10
@@ -129,6 +130,55 @@ def test_t5_decoder_writes_its_kv_in_the_qkv_kernel(monkeypatch, triton_on_cpu, 
     _, results = run_engine(loaded, tiny, [loaded.tokenizer(t).input_ids for t in texts], max_num_seqs=2)
     assert [r.token_ids for r in results] == [tokens for tokens, _ in expected]
     assert fused and not any(fused)
+
+
+def test_beam_steps_ahead_on_triton_kernels_match_host_steps(triton_on_cpu):
+    """Beam search (3 beams, no_repeat_ngram_size 3) on a random BART whose steps choose their beams
+    on the device and launch the next step ahead, on the Triton kernels as a CUDA run takes them
+    (``beams.py``: the choice around its topk, the children's tables, the n-gram bans from the
+    device history; ``blocks.py``: the forks' block copies): every hypothesis as the host's beam
+    steps make it (``lookahead=False``). (The trained tiny models barely read their own tokens:
+    a child fed a wrong token still gave transformers' hypotheses there.)"""
+    from transformers import BartConfig, BartForConditionalGeneration, GenerationConfig
+
+    from encdec_models.loading import LoadedModel, build_model
+    from tests.support.whisper_models import discriminating_init_
+
+    arch = "BartForConditionalGeneration"
+    cfg = BartConfig(
+        vocab_size=300, d_model=32, encoder_layers=1, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        architectures=[arch],
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = BartForConditionalGeneration(cfg).eval()
+    discriminating_init_(hf)
+    model = build_model(arch, cfg, hf.state_dict().items(), torch.device("cpu"), torch.float32)
+    loaded = LoadedModel(model, None, cfg, GenerationConfig(), arch, None)
+    params = SamplingParams(
+        num_beams=3, num_return_sequences=2, max_new_tokens=10, stop_token_ids=(2,), length_penalty=1.5,
+        no_repeat_ngram_size=3,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    reqs = [
+        Request(torch.randint(4, 299, (n,), generator=g).tolist(), [2], params, i)
+        for i, n in enumerate((9, 21))
+    ]
+
+    def run(**cfg):
+        engine = Engine(loaded, block_size=4, max_num_seqs=6, **cfg)
+        out = {
+            r.request_id: [(c.token_ids, c.finish_reason) for c in r.completions]
+            for r in engine.generate(reqs)
+        }
+        assert len(out) == len(reqs) and engine.blocks.num_free == engine.blocks.num_blocks
+        return out, engine
+
+    host, _ = run(num_blocks=200, lookahead=False)
+    ahead, engine = run(num_blocks=200)
+    assert engine.stats.ahead_steps > engine.stats.steps // 2 and {"beams", "blocks"} <= triton_on_cpu
+    assert ahead == host
+    assert any(len({tuple(t) for t, _ in hyps}) == 2 for hyps in host.values())  # the beams differ
 
 
 def test_whisper_decoder_writes_its_kv_in_the_qkv_kernel(tmp_path, monkeypatch, triton_on_cpu):
