@@ -47,8 +47,9 @@ import encdec_kernels
 from encdec_cli.engine.block_manager import BlockManager
 from encdec_cli.engine.sequence import Completion, Sequence, SequenceGroup
 from encdec_cli.engine.transfer import to_device
+from encdec_kernels.reference import BEAM_NEG_LARGE
 
-NEG_LARGE = -1.0e9  # transformers' "impossible" score: initial copies, hits, empty slots
+NEG_LARGE = BEAM_NEG_LARGE  # transformers' "impossible" score (-1e9): initial copies, hits, empty slots
 NEG_LARGE_F32 = np.float32(NEG_LARGE)  # exact: 1e9 = 2**9 * 1953125
 F32 = torch.float32
 

@@ -695,9 +695,9 @@ class ModelRunner:
         (it shares the parent's last, partly written block) takes the next of ``reserved`` there
         (the pool's first free blocks, in row order: ``encdec_kernels.beam_children``), a fork's
         being a copy of the parent's block (``encdec_kernels.copy_blocks_where``: only those
-        blocks' bytes move). Its cross-attention
-        row is its parent's (request g's N rows stay rows g * N ...). ``beam._grants`` gives the
-        host's children the same blocks. Returns the logits [B, vocab] float32, as ``decode``."""
+        blocks' bytes move). Its cross-attention row is its parent's (request g's N rows stay rows
+        g * N ...). ``beam._grants`` gives the host's children the same blocks. Returns the logits
+        [B, vocab] float32, as ``decode``."""
         self._count_call("decode")
         n, bs, dev = len(positions), self.block_size, self.device
         if self.last_tables is None or len(self.last_tables[0]) != n:
