@@ -38,6 +38,8 @@
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
 #           kernel (--cross absorbed) and with per-layer K/V (fp8's default) (issue 26) (~5)
+#   fp8text the paged kernel on an fp8 pool against bf16 (sweep_kernels.py --only fp8; the tree before,
+#           out/prev, default tiles), W2 ours in bf16 and fp8, the fp8 GPU tests (issue 26) (~8)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -191,6 +193,15 @@ for part in "$@"; do
         step 90 W1-fp8-absorbed "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross absorbed \
             --out "$(name W1-fp8-absorbed).json"
         step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
+    fp8text)
+        step 150 sweep-fp8 python3 benchmarks/sweep_kernels.py --only fp8 --out "$(name sweep-fp8).json"
+        cp benchmarks/sweep_kernels.py out/prev/benchmarks/  # the tree before: its kernel, the same sweep
+        (cd out/prev && step 80 sweep-fp8-prev python3 benchmarks/sweep_kernels.py --only fp8 --quick)
+        step 100 W2-bf16 "${encdec[@]}" bench W2 --baseline none --out "$(name W2-bf16).json"
+        step 100 W2-fp8 "${encdec[@]}" bench W2 --baseline none --kv-dtype fp8 --out "$(name W2-fp8).json"
+        step 150 gpu-tests-fp8 python3 -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py -k "paged or text or pool" \
+            -p no:cacheprovider
+        grep -h "passed\|failed\|^W2\|bf16 \|fp8 bnNone" "$OUT"/*.log ;;
     kernels)
         step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
         for form in ring producer registers; do
@@ -257,7 +268,7 @@ for part in "$@"; do
         step 300 W1-W4-pp2 "${encdec[@]}" bench W1 W4 --baseline none -pp 2 --out "$(name W1-W4-pp2).json"
         step 200 W1-W4-pp1 "${encdec[@]}" bench W1 W4 --baseline none --out "$(name W1-W4-pp1).json" ;;
     *)
-        echo "unknown part $part (tests tests2 core ab rows whole abprof fp8 kernels speed spec spec2 w1spec short check models w9 trt pp2)" >&2
+        echo "unknown part $part (tests tests2 core ab rows whole abprof fp8 fp8text kernels speed spec spec2 w1spec short check models w9 trt pp2)" >&2
         exit 2 ;;
     esac
 done

@@ -1,12 +1,14 @@
 """Tile-parameter sweep of the attention kernels on the standard shapes (CUDA only).
 
-    python benchmarks/sweep_kernels.py [--only decode|encoder|linear|rows] [--out FILE]
+    python benchmarks/sweep_kernels.py [--only decode|encoder|linear|rows|hopper|splits|fp8] [--out FILE]
 
 For the decode kernel: BLOCK_N x num_warps x num_stages (and split counts at batch 1) on the
 shapes of benchmarks/kernel_table.py; for the encoder kernel: extra tile configs beyond the autotune
 list, on the Whisper large-v3 shape; for the one-row linear kernel: BLOCK_N x CHUNK (block_k) x
 num_warps on the Whisper large-v3 decoder weights; for a few rows (2-16: the one-row kernel row by
-row, the tensor-core kernel's tiles) against cuBLAS, alone and with the fused pre-norm. Prints
+row, the tensor-core kernel's tiles) against cuBLAS, alone and with the fused pre-norm; for the
+decode kernel on an fp8 pool (``fp8``): against bf16 on the BART workloads' and Whisper's
+cross-attention shapes, with its tiles. Prints
 milliseconds (CUDA-graph replays for decode) and the copy-bandwidth fraction, to choose the
 defaults in encdec_kernels/paged.py and varlen.py from measurements.
 """
@@ -91,6 +93,68 @@ def sweep_decode(copy_bw, rows):
             print(
                 f"{name:<18} bn{bn:<4} w{nw} s{ns} split {sp!s:<5} {ms * 1e3:7.1f} us {frac:4.0%} {err:.0e}"
             )
+
+
+def fp8_shapes():
+    """Decode steps of the BART workloads (W2 / W3: 16 heads, inputs of 260-440 tokens; a step's
+    cross-attention over up to 512 rows, its self-attention over 1-128 tokens) and Whisper large-v3's
+    cross-attention at 256 rows (1,500 keys, 20 heads)."""
+    cross = np.random.default_rng(1).integers(260, 441, size=512).tolist()
+    self_lens = np.random.default_rng(2).integers(1, 129, size=512).tolist()
+    return [
+        ("bart cross b512", cross, 16, False),
+        ("bart cross b256", cross[:256], 16, False),
+        ("bart self b512", self_lens, 16, True),
+        ("whisper cross b256", [kb.CROSS_LEN] * 256, kb.WHISPER_HEADS, False),
+    ]
+
+
+def sweep_fp8(copy_bw, rows, quick=False):
+    """The paged decode kernel on an fp8 pool (e4m3 values, a float32 scale per (token, head) row)
+    against the same cache in bf16: microseconds per call (CUDA-graph replays), the bytes each
+    reads (fp8: values and scales) over the copy bandwidth, and fp8's error against bf16's output.
+    ``quick``: the default tiles only."""
+    import triton.testing
+
+    from encdec_kernels import paged, reference
+
+    gen = np.random.default_rng(0)
+    for name, lens, heads, causal in fp8_shapes():
+        b = len(lens)
+        k_cache, v_cache, tables = kb.paged_cache(lens, heads, gen)
+        k8, ks = reference.quantize_rows(k_cache)
+        v8, vs = reference.quantize_rows(v_cache)
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
+        q = torch.randn(b, heads, kb.HEAD_DIM, device="cuda", dtype=kb.DTYPE)
+        base = functools.partial(
+            paged._launch_paged, q, k_cache, v_cache, tables, seq_lens, cu, 1, 0.125, causal, None
+        )
+        ref = base()
+        bf16_bytes = 2 * sum(lens) * heads * kb.HEAD_DIM * 2
+        fp8_bytes = 2 * sum(lens) * heads * (kb.HEAD_DIM + 4)
+        ms = triton.testing.do_bench_cudagraph(base, rep=50, return_mode="median")
+        rows.append(dict(case=name, dtype="bf16", ms=ms, copy=bf16_bytes / (ms * 1e-3) / copy_bw))
+        print(f"{name:<20} bf16          {ms * 1e3:7.1f} us {rows[-1]['copy']:4.0%}")
+        configs = [(None, None, None)] + [
+            c for c in itertools.product((32, 64, 128), (2, 4), (2, 3)) if c != (64, 2, 2) and not quick
+        ]
+        for bn, nw, ns in configs:
+            fn = functools.partial(
+                paged._launch_paged, q, k8, v8, tables, seq_lens, cu, 1, 0.125, causal, None,
+                block_n=bn, num_warps=nw, num_stages=ns, k_scales=ks, v_scales=vs,
+            )  # fmt: skip
+            try:
+                err = kb.rel_err(fn(), ref)
+                ms = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+            except Exception as e:  # a config that does not compile
+                print(f"{name:<20} fp8 bn{bn} w{nw} s{ns}: failed {type(e).__name__}")
+                continue
+            frac = fp8_bytes / (ms * 1e-3) / copy_bw
+            cfg = dict(block_n=bn, warps=nw, stages=ns)
+            rows.append(dict(case=name, dtype="fp8", **cfg, ms=ms, copy=frac, err=err))
+            cfg = f"bn{bn!s:<4} w{nw!s:<4} s{ns!s:<4}"
+            print(f"{name:<20} fp8 {cfg} {ms * 1e3:7.1f} us {frac:4.0%} err {err:.1e}")
 
 
 def sweep_encoder(rows):
@@ -328,8 +392,9 @@ def sweep_splits(copy_bw, rows):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=["decode", "encoder", "linear", "rows", "hopper", "splits"])
+    p.add_argument("--only", choices=["decode", "encoder", "linear", "rows", "hopper", "splits", "fp8"])
     p.add_argument("--out", type=pathlib.Path)
+    p.add_argument("--quick", action="store_true", help="fp8: the default tiles only")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     rows: list[dict] = []
@@ -345,6 +410,8 @@ def main(argv=None):
         sweep_decode(copy_bw, rows)
     if args.only in (None, "linear"):
         sweep_linear(copy_bw, rows)
+    if args.only in (None, "fp8"):
+        sweep_fp8(copy_bw, rows, args.quick)
     if args.only in (None, "rows"):
         sweep_rows(copy_bw, rows)
     if args.out:

@@ -57,6 +57,29 @@ def test_paged_fp8_matches_reference(paged, gen, causal, q_lens, splits):
     assert rel_err(out, full) < 0.05
 
 
+@pytest.mark.parametrize("q_lens", [[1, 1, 1], [2, 1, 3]], ids=["decode", "multi"])
+def test_paged_fp8_with_bf16_queries_keeps_tiny_and_huge_value_rows(paged, gen, q_lens):
+    """bfloat16 queries take float16 products on an fp8 pool (e4m3 converts to float16 in one
+    instruction a pair): every sequence's output within bfloat16 rounding of the float32 reference,
+    also where a sequence's value rows are all tiny (scales ~1e-8: the probabilities times those
+    scales fall below float16's range unless normalised per tile) or huge (scales ~2e3)."""
+    case = paged_inputs([37, 70, 21], q_lens, 2, 32, 16, torch.float32, "cpu", gen=gen)
+    tables = case.block_tables
+    for b, scale in enumerate((1e-5, 1e6)):  # sequence 0 tiny, sequence 1 huge, sequence 2 as drawn
+        blocks = tables[b, : -(-case.seq_lens[b].item() // 16)].long()
+        case.v_cache[blocks] *= scale
+    k, ks = _fp8(case.k_cache)
+    v, vs = _fp8(case.v_cache)
+    q = case.q.to(torch.bfloat16)
+    args = (k, v, tables, case.seq_lens, case.cu_seqlens_q, case.max_seqlen_q)
+    out = paged._launch_paged(q, *args, 0.2, False, None, num_splits=2, k_scales=ks, v_scales=vs)
+    assert out.dtype == torch.bfloat16
+    ref = reference.paged_attention(q.float(), *args, scale=0.2, causal=False, k_scales=ks, v_scales=vs)
+    cu = case.cu_seqlens_q.tolist()
+    for b in range(3):
+        assert rel_err(out[cu[b] : cu[b + 1]], ref[cu[b] : cu[b + 1]]) < 1e-2, b
+
+
 def test_paged_fp8_t5_bias_and_public_entry(paged, gen):
     case = paged_inputs([9, 40], [1, 1], 4, 16, 8, torch.float32, "cpu", gen=gen)
     bias = rel_bias(4, False, "cpu", gen=gen)
