@@ -194,12 +194,12 @@ for part in "$@"; do
             --out "$(name W1-fp8-absorbed).json"
         step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
     fp8text)
-        step 150 sweep-fp8 python3 benchmarks/sweep_kernels.py --only fp8 --out "$(name sweep-fp8).json"
+        step 200 sweep-fp8 python3 benchmarks/sweep_kernels.py --only fp8 --out "$(name sweep-fp8).json"
         cp benchmarks/sweep_kernels.py out/prev/benchmarks/  # the tree before: its kernel, the same sweep
         (cd out/prev && step 80 sweep-fp8-prev python3 benchmarks/sweep_kernels.py --only fp8 --quick)
         step 100 W2-bf16 "${encdec[@]}" bench W2 --baseline none --out "$(name W2-bf16).json"
         step 100 W2-fp8 "${encdec[@]}" bench W2 --baseline none --kv-dtype fp8 --out "$(name W2-fp8).json"
-        step 150 gpu-tests-fp8 python3 -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py -k "paged or text or pool" \
+        step 150 gpu-tests-fp8 python3 -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py -k "paged or text" \
             -p no:cacheprovider
         grep -h "passed\|failed\|^W2\|bf16 \|fp8 bnNone" "$OUT"/*.log ;;
     kernels)
