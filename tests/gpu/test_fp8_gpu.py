@@ -297,8 +297,9 @@ def _agreement(a: dict, b: dict) -> float:
 
 @pytest.mark.parametrize("name", ["bart", "t5"])
 def test_engine_fp8_pool_on_text_models(tiny_text_model, name):
-    """bf16 models with CUDA graphs: the fp8 pool holds about twice the blocks of the bf16 one in
-    the same memory and keeps the greedy tokens (both cross layouts)."""
+    """bf16 models with CUDA graphs: the fp8 pool holds 2 D / (D + 4) times the blocks of the bf16
+    one in the same memory (a row of D values: 2 D bytes against D and a 4-byte scale) and keeps the
+    greedy tokens (both cross layouts)."""
     import random
 
     from encdec_cli.engine import Engine, Request, SamplingParams
@@ -333,7 +334,8 @@ def test_engine_fp8_pool_on_text_models(tiny_text_model, name):
         n8, got = run(kv_dtype="fp8", absorb_cross=absorb)
         share = _agreement(want, got)
         print(f"{name} bf16, absorbed={absorb}: {share:.4f} of greedy tokens identical, {n8} vs {n16} blocks")
-        assert n8 > 1.8 * n16
+        d = loaded.model.cache_spec.head_dim
+        assert n8 > 0.97 * n16 * 2 * d / (d + 4), d
         # the tiny T5 is touchy (its bf16 weights alone keep 0.96 of its float32 tokens on the CPU)
         assert share >= (0.97 if name == "bart" else 0.9), absorb
 
