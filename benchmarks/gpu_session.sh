@@ -39,7 +39,7 @@
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
 #           kernel (--cross absorbed) and with per-layer K/V (fp8's default) (issue 26) (~5)
 #   fp8text the paged kernel on an fp8 pool against bf16 (sweep_kernels.py --only fp8; the tree before,
-#           out/prev from afcf131 on, default tiles), W2 ours in bf16 and fp8, the fp8 GPU tests (~8)
+#           out/prev, default tiles), W2 ours in bf16 and fp8, the fp8 GPU tests (issue 26) (~8)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -195,7 +195,7 @@ for part in "$@"; do
         step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
     fp8text)
         step 200 sweep-fp8 python3 benchmarks/sweep_kernels.py --only fp8 --out "$(name sweep-fp8).json"
-        # the tree before (out/prev, from afcf131 on: its own sweep of its own layout), default tiles
+        cp benchmarks/sweep_kernels.py out/prev/benchmarks/  # the tree before: its kernel, the same sweep
         (cd out/prev && step 80 sweep-fp8-prev python3 benchmarks/sweep_kernels.py --only fp8 --quick)
         step 100 W2-bf16 "${encdec[@]}" bench W2 --baseline none --out "$(name W2-bf16).json"
         step 100 W2-fp8 "${encdec[@]}" bench W2 --baseline none --kv-dtype fp8 --out "$(name W2-fp8).json"

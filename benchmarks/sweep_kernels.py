@@ -122,7 +122,7 @@ def sweep_fp8(copy_bw, rows, quick=False):
         b = len(lens)
         k_cache, v_cache, tables = kb.paged_cache(lens, heads, gen)
         k8, ks = reference.quantize_rows(k_cache)
-        v8, vs = reference.fp8_values(v_cache)  # value blocks [H, D, BS], as the pool keeps them
+        v8, vs = reference.quantize_rows(v_cache)
         seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
         cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
         q = torch.randn(b, heads, kb.HEAD_DIM, device="cuda", dtype=kb.DTYPE)

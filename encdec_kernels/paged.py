@@ -75,37 +75,6 @@ def _bucket_bias(table_row, lut_center, q_pos, k_pos, max_dist):
 
 
 @triton.jit
-def _values_t(v_base, bt_row, stride_vb, start_n, seq_len, offs_d, MASKED: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              CACHE_BLOCK: tl.constexpr):
-    """The values of keys [start_n, start_n + BLOCK_N) from an fp8 pool, transposed: [BLOCK_D, BLOCK_N].
-    Its value blocks hold [H, D, BS] (v_base: this head's [D, BS] in block 0), so a block's keys are
-    contiguous for each d, and the tile is read in runs of S = min(BLOCK_N, BS) keys, one block
-    each: vector loads (the block is known per run), and the value product's operand is
-    key-contiguous as the keys' is (fp8 rows gathered across keys took a byte load each)."""
-    S: tl.constexpr = BLOCK_N if BLOCK_N < CACHE_BLOCK else CACHE_BLOCK
-    offs_r = tl.arange(0, BLOCK_N // S)
-    offs_s = tl.arange(0, S)
-    run0 = start_n + offs_r * S  # each run's first key (start_n: whole tiles, so a run is in one block)
-    if MASKED:
-        blk = tl.load(bt_row + run0 // CACHE_BLOCK, mask=run0 < seq_len, other=0)
-    else:
-        blk = tl.load(bt_row + run0 // CACHE_BLOCK)
-    base = blk.to(tl.int64) * stride_vb
-    if S < CACHE_BLOCK:  # runs within a block: their offset in it (whole runs; the loads stay vectors)
-        base += tl.multiple_of(run0 % CACHE_BLOCK, S)
-    ptrs = v_base + base[None, :, None] + offs_d[:, None, None] * CACHE_BLOCK + offs_s[None, None, :]
-    if MASKED:  # whole runs of the blocks in the table (vector loads): the caller zeroes keys past seq_len
-        run_ok = (run0[None, :, None] < seq_len) & (offs_d[:, None, None] < HEAD_DIM)
-        vt = tl.load(ptrs, mask=run_ok, other=0.0)
-    elif BLOCK_D == HEAD_DIM:
-        vt = tl.load(ptrs)
-    else:
-        vt = tl.load(ptrs, mask=offs_d[:, None, None] < HEAD_DIM, other=0.0)
-    return tl.reshape(vt, [BLOCK_D, BLOCK_N])
-
-
-@triton.jit
 def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks, stride_vb, stride_vs,
                  ks_base, vs_base, stride_sb, stride_ss,
                  table_row, lut_center, max_dist, q_pos, bias_q_pos, seq_len, lo, hi, scale, exp2_scale,
@@ -118,12 +87,10 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
     caches hold e4m3 values with a float32 scale per (token, head) row (ks_base / vs_base); the fp8
     tiles convert exactly to q's dtype (float16 for 16-bit queries: one conversion instruction a
     pair of values, where bfloat16 took three), a key's scale multiplies its score column and a
-    value's scale its probability column (``softmax_update_scaled``): the tiles are never scaled.
-    An fp8 pool's value blocks are transposed ([H, D, BS], ``_values_t``)."""
+    value's scale its probability column (``softmax_update_scaled``): the tiles are never scaled."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    for tile_n in range(lo, hi, BLOCK_N):
-        start_n = tl.multiple_of(tile_n, BLOCK_N)  # lo: whole tiles (a split's share, a window's start)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         if MASKED:
             blk = tl.load(bt_row + cols // CACHE_BLOCK, mask=cols < seq_len, other=0)
@@ -153,17 +120,12 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
             if HAS_WINDOW:  # sliding window: keys window or more positions before the query are masked
                 keep = keep & (cols[None, :] > q_pos[:, None] - window)
             s = tl.where(keep, s, float("-inf"))
-        if FP8:  # value blocks [H, D, BS]: a [D, N] tile, keys contiguous as the keys' tile's d
-            vt = _values_t(v_base, bt_row, stride_vb, start_n, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D,
-                           BLOCK_N, CACHE_BLOCK)
-            vt = vt.to(q.dtype)
-            if MASKED:  # the last run's keys past seq_len (stale slots of the sequence's last block)
-                vt = tl.where(cols[None, :] < seq_len, vt, 0.0)
-            acc, m_i, l_i = softmax_update_scaled(acc, m_i, l_i, s, exp2_scale, tl.trans(vt), v_sc, USE_DOT,
+        v_ptrs = v_base + (blk * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :]
+        v = load_rows(v_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        if FP8:
+            acc, m_i, l_i = softmax_update_scaled(acc, m_i, l_i, s, exp2_scale, v.to(q.dtype), v_sc, USE_DOT,
                                                   DOT_PRECISION)
         else:
-            v_ptrs = v_base + (blk * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :]
-            v = load_rows(v_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
             acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT, DOT_PRECISION)
     return acc, m_i, l_i
 
@@ -235,10 +197,7 @@ def _paged_attn_kernel(
     mid_s = tl.maximum(lo_s, tl.minimum(hi_s, full_hi))
 
     k_base = K_CACHE + off_h * stride_kh
-    if FP8:  # value blocks [H, D, BS] (_values_t)
-        v_base = V_CACHE + off_h * (HEAD_DIM * CACHE_BLOCK)
-    else:
-        v_base = V_CACHE + off_h * stride_vh
+    v_base = V_CACHE + off_h * stride_vh
     ks_base = K_SCALES + off_h * stride_sh
     vs_base = V_SCALES + off_h * stride_sh
     bt_row = BLOCK_TABLES + off_b.to(tl.int64) * stride_bt
@@ -277,11 +236,10 @@ def _paged_attn_kernel(
 @triton.jit
 def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALES, V_SCALES, stride_kt, stride_kh, stride_vt,
                      stride_vh, num_heads, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_D: tl.constexpr, CACHE_BLOCK: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_D: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
     """One program per token: copy its [H, D] K and V rows into cache slot SLOTS[t] (-1 = skip).
     FP8: each (token, head) row is quantized to e4m3 with its own scale (written to the
-    contiguous [NB, BS, H] float32 K_SCALES / V_SCALES), and the values go into their block
-    transposed, [H, D, BS] (``_values_t``)."""
+    contiguous [NB, BS, H] float32 K_SCALES / V_SCALES)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -300,13 +258,8 @@ def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALES, V_SCALES, stride_k
         v, v_sc = quantize_rows(v)
         tl.store(K_SCALES + slot * num_heads + offs_h, k_sc, mask=offs_h < num_heads)
         tl.store(V_SCALES + slot * num_heads + offs_h, v_sc, mask=offs_h < num_heads)
-        block, off = slot // CACHE_BLOCK, slot % CACHE_BLOCK
-        dst_v = (block * num_heads * HEAD_DIM + offs_h[:, None] * HEAD_DIM + offs_d[None, :]) * CACHE_BLOCK
-        dst_v += off
-    else:
-        dst_v = dst
     tl.store(K_CACHE + dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
-    tl.store(V_CACHE + dst_v, v.to(V_CACHE.dtype.element_ty), mask=mask)
+    tl.store(V_CACHE + dst, v.to(V_CACHE.dtype.element_ty), mask=mask)
 
 
 # fmt: on
@@ -346,8 +299,7 @@ def paged_attention(
     rel_bias: T5 bias on key_pos - query_pos. window (causal only): a sliding window, keys ``window``
     or more positions before the query are masked. scale: python float > 0. fp8 (e4m3) caches come
     with k_scales, v_scales: [NB, BS, H] float32 contiguous, one scale per (token, head) row; the
-    kernel reads the fp8 values and dequantizes in registers; an fp8 v_cache holds each block
-    transposed, [H, D, BS] (``reference.fp8_values``). Returns a new [Tq, H, D] tensor; with
+    kernel reads the fp8 values and dequantizes in registers. Returns a new [Tq, H, D] tensor; with
     return_lse, (out, lse [Tq, H] float32: the natural log of each query and head's softmax sum,
     from the split partials, which this path always writes). No host sync: safe inside CUDA-graph
     capture after one warm-up call per configuration (compiles the kernels, caches the T5 bucket
@@ -485,8 +437,7 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None)
     k, v: [N, H, D] (any token/head strides, last dim contiguous); k_cache, v_cache:
     [NB, BS, H, D] contiguous; slot_mapping: [N] int64, slot = block * BS + offset, -1 = skip.
     Values are cast to the cache dtype; fp8 (e4m3) caches: each (token, head) row is quantized
-    with its own scale, written to k_scales / v_scales [NB, BS, H] float32 contiguous, and an fp8
-    value cache holds each block transposed, [H, D, BS] (``reference.fp8_values``).
+    with its own scale, written to k_scales / v_scales [NB, BS, H] float32 contiguous.
     """
     check_tensor("k", k, 3)
     check_tensor("v", v, 3, device=k.device, first="k")
@@ -522,7 +473,7 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None)
     # fmt: off
     _store_kv_kernel[(n,)](
         k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), h, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, CACHE_BLOCK=k_cache.shape[1], FP8=fp8,
+        v.stride(1), h, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8,
         num_warps=max(1, min(8, block_h * block_d // 256)),  # ~256 elements (8 per thread) per warp
         **pdl_launch(k),
     )

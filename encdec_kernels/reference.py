@@ -180,40 +180,18 @@ def _quantize_for(cache: torch.Tensor, scales, x: torch.Tensor, what: str):
     return quantize_rows(x)
 
 
-def _value_blocks(v_cache: torch.Tensor) -> torch.Tensor:
-    """An fp8 value cache [NB, BS, H, D] as what its memory holds: each block transposed, as bytes
-    [NB, H, D, BS] (a key's values for one d are contiguous across the block, as the paged kernel
-    reads them: ``paged._values_t``)."""
-    nb, bs, h, d = v_cache.shape
-    return _raw(v_cache).view(nb, h, d, bs)
-
-
-def fp8_values(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A value cache v [NB, BS, H, D] quantized as an fp8 pool keeps it: (values [NB, BS, H, D] fp8
-    whose blocks hold [H, D, BS], scales [NB, BS, H] float32). Keys: ``quantize_rows``."""
-    vals, scales = quantize_rows(v)
-    out = torch.empty_like(vals)
-    _value_blocks(out).copy_(_raw(vals).permute(0, 2, 3, 1))
-    return out, scales
-
-
 def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None):
     """Write new K/V rows into cache slots.
 
     k, v: [N, H, D]; k_cache, v_cache: [NB, BS, H, D]; slot_mapping: [N] int64, slot =
     block * BS + offset, -1 = skip (padding). fp8 caches: each (token, head) row is quantized with
-    its own scale, written to k_scales / v_scales [NB, BS, H] float32, and the value cache holds
-    each block transposed ([H, D, BS], ``fp8_values``).
+    its own scale, written to k_scales / v_scales [NB, BS, H] float32.
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     for x, cache, sc, name in ((k, k_cache, k_scales, "k_cache"), (v, v_cache, v_scales, "v_cache")):
         vals, s = _quantize_for(cache, sc, x[keep], name)
-        if s is not None and cache is v_cache:
-            bs = cache.shape[1]
-            _value_blocks(cache)[slots // bs, :, :, slots % bs] = _raw(vals)
-        else:
-            _raw(cache).view(-1, *cache.shape[2:])[slots] = _raw(vals)
+        _raw(cache).view(-1, *cache.shape[2:])[slots] = _raw(vals)
         if s is not None:
             sc.view(-1, sc.shape[2])[slots] = s
 
@@ -239,13 +217,6 @@ def gather_paged(cache, block_table, n):
     return _gather(cache, block_table[:nblk].long()).reshape(-1, *cache.shape[2:])[:n]
 
 
-def gather_values(v_cache, block_table, n):
-    """First n value rows [n, H, D] of one sequence in an fp8 value cache (blocks [H, D, BS])."""
-    bs = v_cache.shape[1]
-    blocks = _value_blocks(v_cache)[block_table[: (n + bs - 1) // bs].long()]  # [nblk, H, D, BS]
-    return blocks.permute(0, 3, 1, 2).reshape(-1, *v_cache.shape[2:])[:n].view(v_cache.dtype)
-
-
 def paged_attention(
     q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, *, scale, causal, rel_bias=None,
     window=None, softcap=None, return_lse=False, k_scales=None, v_scales=None,
@@ -259,8 +230,7 @@ def paged_attention(
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
     rel_bias: T5 causal bias on key_pos - query_pos. window: causal sliding window, keys
     ``window`` or more positions before the query are masked; softcap: Gemma's score soft-capping.
-    k_scales, v_scales: [NB, BS, H] float32 scales of fp8 caches (values are read as fp8 * scale;
-    the fp8 value cache's blocks hold [H, D, BS], ``fp8_values``).
+    k_scales, v_scales: [NB, BS, H] float32 scales of fp8 caches (values are read as fp8 * scale).
     Returns [Tq, H, D]; with return_lse, (out, lse [Tq, H] float32: the natural log of each
     query and head's softmax sum, for ``merge_attention``).
     """
@@ -274,13 +244,10 @@ def paged_attention(
             continue
         n = lens[b]
         k = gather_paged(k_cache, block_tables[b], n)
+        v = gather_paged(v_cache, block_tables[b], n)
         if k_scales is not None:
             k = dequantize_rows(k, gather_paged(k_scales, block_tables[b], n))
-            v = dequantize_rows(
-                gather_values(v_cache, block_tables[b], n), gather_paged(v_scales, block_tables[b], n)
-            )
-        else:
-            v = gather_paged(v_cache, block_tables[b], n)
+            v = dequantize_rows(v, gather_paged(v_scales, block_tables[b], n))
         k_pos = torch.arange(n, device=q.device)
         q_pos = torch.arange(n - (e - s), n, device=q.device)
         mask = window_mask(q_pos, k_pos, causal, window)

@@ -94,7 +94,7 @@ def test_paged_attention_fp8(causal, q_len, bias):
     lens = [CROSS_LEN] * batch if not causal else [50 + 3 * b for b in range(batch)]
     case = paged_inputs(lens, [q_len] * batch, HEADS, HEAD_DIM, 16, torch.bfloat16, DEVICE)
     k, ks = quantize_rows(case.k_cache)
-    v, vs = reference.fp8_values(case.v_cache)
+    v, vs = quantize_rows(case.v_cache)
     rb = rel_bias(HEADS, False, DEVICE) if bias else None
     args = (case.q, k, v, case.block_tables, case.seq_lens, case.cu_seqlens_q, case.max_seqlen_q)
     kw = dict(scale=HEAD_DIM**-0.5, causal=causal, rel_bias=rb, k_scales=ks, v_scales=vs)
