@@ -111,7 +111,8 @@ def fp8_shapes():
 def sweep_fp8(copy_bw, rows, quick=False):
     """The paged decode kernel on an fp8 pool (e4m3 values, a float32 scale per (token, head) row)
     against the same cache in bf16: microseconds per call (CUDA-graph replays), the bytes each
-    reads (fp8: values and scales) over the copy bandwidth, and fp8's error against bf16's output.
+    reads (fp8: values and scales) over the copy bandwidth, and fp8's error against bf16's output;
+    the scales as the engine's pool keeps them (each block's head-major), and once token-major.
     ``quick``: the default tiles only."""
     import triton.testing
 
@@ -121,8 +122,10 @@ def sweep_fp8(copy_bw, rows, quick=False):
     for name, lens, heads, causal in fp8_shapes():
         b = len(lens)
         k_cache, v_cache, tables = kb.paged_cache(lens, heads, gen)
-        k8, ks = reference.quantize_rows(k_cache)
-        v8, vs = reference.quantize_rows(v_cache)
+        k8, ks_rows = reference.quantize_rows(k_cache)
+        v8, vs_rows = reference.quantize_rows(v_cache)
+        # each block's scales head-major, as the engine's pool keeps them (KVPool)
+        ks, vs = (sc.transpose(1, 2).contiguous().transpose(1, 2) for sc in (ks_rows, vs_rows))
         seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
         cu = torch.arange(b + 1, dtype=torch.int32, device="cuda")
         q = torch.randn(b, heads, kb.HEAD_DIM, device="cuda", dtype=kb.DTYPE)
@@ -135,6 +138,14 @@ def sweep_fp8(copy_bw, rows, quick=False):
         ms = triton.testing.do_bench_cudagraph(base, rep=50, return_mode="median")
         rows.append(dict(case=name, dtype="bf16", ms=ms, copy=bf16_bytes / (ms * 1e-3) / copy_bw))
         print(f"{name:<20} bf16          {ms * 1e3:7.1f} us {rows[-1]['copy']:4.0%}")
+        fn = functools.partial(
+            paged._launch_paged, q, k8, v8, tables, seq_lens, cu, 1, 0.125, causal, None,
+            k_scales=ks_rows, v_scales=vs_rows,
+        )  # fmt: skip
+        ms = triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+        frac = fp8_bytes / (ms * 1e-3) / copy_bw
+        rows.append(dict(case=name, dtype="fp8", scales="token-major", ms=ms, copy=frac))
+        print(f"{name:<20} fp8 token-major scales {ms * 1e3:7.1f} us {frac:4.0%}")
         configs = [(None, None, None)] + [
             c for c in itertools.product((32, 64, 128), (2, 4), (1, 2, 3)) if c != (64, 2, 2) and not quick
         ]

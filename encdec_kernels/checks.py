@@ -38,7 +38,8 @@ def check_tensor(name, t, ndim, dtypes=SUPPORTED_DTYPES, device=None, contiguous
 
 def check_scales(cache, scales, name, contiguous=False):
     """An fp8 cache comes with float32 scales of its shape without the last dim (one per row;
-    contiguous if asked, else contiguous in the last dim); other caches with none."""
+    ``contiguous``: a paged cache's [NB, BS, H], each block's scales dense, token-major or (the
+    pool's) head-major, else contiguous in the last dim); other caches with none."""
     fp8 = cache.dtype == torch.float8_e4m3fn
     if scales is None:
         if fp8:
@@ -56,8 +57,12 @@ def check_scales(cache, scales, name, contiguous=False):
         raise ValueError(
             f"{name}_scales must be float32 {tuple(cache.shape[:-1])} on {cache.device}, got {desc}"
         )
-    if (contiguous and not scales.is_contiguous()) or (scales.shape[-1] > 1 and scales.stride(-1) != 1):
-        raise ValueError(f"{name}_scales must be contiguous{'' if contiguous else ' in the last dim'}")
+    if contiguous:
+        nb, bs, h = scales.shape
+        if scales.stride(0) != bs * h or scales.stride()[1:] not in ((h, 1), (1, bs)):
+            raise ValueError(f"{name}_scales must hold each block's [BS, H] or [H, BS] scales contiguous")
+    elif scales.shape[-1] > 1 and scales.stride(-1) != 1:
+        raise ValueError(f"{name}_scales must be contiguous in the last dim")
 
 
 def check_index(name, t, ndim, device):

@@ -235,11 +235,12 @@ def _paged_attn_kernel(
 
 @triton.jit
 def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALES, V_SCALES, stride_kt, stride_kh, stride_vt,
-                     stride_vh, num_heads, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
-                     BLOCK_D: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
+                     stride_vh, stride_sb, stride_ss, stride_sh, block_size, num_heads,
+                     HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr,
+                     PDL: tl.constexpr):
     """One program per token: copy its [H, D] K and V rows into cache slot SLOTS[t] (-1 = skip).
-    FP8: each (token, head) row is quantized to e4m3 with its own scale (written to the
-    contiguous [NB, BS, H] float32 K_SCALES / V_SCALES)."""
+    FP8: each (token, head) row is quantized to e4m3 with its own scale (written to the [NB, BS, H]
+    float32 K_SCALES / V_SCALES at their strides)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -256,8 +257,9 @@ def _store_kv_kernel(K, V, K_CACHE, V_CACHE, SLOTS, K_SCALES, V_SCALES, stride_k
     if FP8:
         k, k_sc = quantize_rows(k)
         v, v_sc = quantize_rows(v)
-        tl.store(K_SCALES + slot * num_heads + offs_h, k_sc, mask=offs_h < num_heads)
-        tl.store(V_SCALES + slot * num_heads + offs_h, v_sc, mask=offs_h < num_heads)
+        at = (slot // block_size) * stride_sb + (slot % block_size) * stride_ss + offs_h * stride_sh
+        tl.store(K_SCALES + at, k_sc, mask=offs_h < num_heads)
+        tl.store(V_SCALES + at, v_sc, mask=offs_h < num_heads)
     tl.store(K_CACHE + dst, k.to(K_CACHE.dtype.element_ty), mask=mask)
     tl.store(V_CACHE + dst, v.to(V_CACHE.dtype.element_ty), mask=mask)
 
@@ -298,7 +300,8 @@ def paged_attention(
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
     rel_bias: T5 bias on key_pos - query_pos. window (causal only): a sliding window, keys ``window``
     or more positions before the query are masked. scale: python float > 0. fp8 (e4m3) caches come
-    with k_scales, v_scales: [NB, BS, H] float32 contiguous, one scale per (token, head) row; the
+    with k_scales, v_scales: [NB, BS, H] float32 (each block's dense: token- or head-major; the same
+    strides), one scale per (token, head) row; the
     kernel reads the fp8 values and dequantizes in registers. Returns a new [Tq, H, D] tensor; with
     return_lse, (out, lse [Tq, H] float32: the natural log of each query and head's softmax sum,
     from the split partials, which this path always writes). No host sync: safe inside CUDA-graph
@@ -405,7 +408,7 @@ def _launch_paged(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        k_scales.stride(0) if fp8 else 0, k_scales.stride(1) if fp8 else 0, 1,  # scales [NB, BS, H]
+        *(k_scales.stride() if fp8 else (0, 0, 1)),  # scales [NB, BS, H], a block's token- or head-major
         block_tables.stride(0), table.stride(0),
         h, num_q_tiles, num_splits, max_dist, float(scale),
         LOG2E if has_bias else float(scale) * LOG2E,  # exp2_scale: with bias the scores are scaled first
@@ -437,7 +440,8 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None)
     k, v: [N, H, D] (any token/head strides, last dim contiguous); k_cache, v_cache:
     [NB, BS, H, D] contiguous; slot_mapping: [N] int64, slot = block * BS + offset, -1 = skip.
     Values are cast to the cache dtype; fp8 (e4m3) caches: each (token, head) row is quantized
-    with its own scale, written to k_scales / v_scales [NB, BS, H] float32 contiguous.
+    with its own scale, written to k_scales / v_scales [NB, BS, H] float32, each block's dense
+    (token-major, or head-major as the engine's pool keeps them: ``KVPool``).
     """
     check_tensor("k", k, 3)
     check_tensor("v", v, 3, device=k.device, first="k")
@@ -445,6 +449,8 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None)
     check_tensor("v_cache", v_cache, 4, CACHE_DTYPES, device=k.device, contiguous=True, first="k")
     check_scales(k_cache, k_scales, "k", contiguous=True)
     check_scales(v_cache, v_scales, "v", contiguous=True)
+    if k_scales is not None and k_scales.stride() != v_scales.stride():
+        raise ValueError("k_scales and v_scales must have the same strides")
     if v.shape != k.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     if v_cache.shape != k_cache.shape or k_cache.shape[2:] != k.shape[1:]:
@@ -473,7 +479,8 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None)
     # fmt: off
     _store_kv_kernel[(n,)](
         k, v, k_cache, v_cache, slot_mapping, k_scales, v_scales, k.stride(0), k.stride(1), v.stride(0),
-        v.stride(1), h, HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8,
+        v.stride(1), *(k_scales.stride() if fp8 else (0, 0, 0)), k_cache.shape[1], h,
+        HEAD_DIM=d, BLOCK_H=block_h, BLOCK_D=block_d, FP8=fp8,
         num_warps=max(1, min(8, block_h * block_d // 256)),  # ~256 elements (8 per thread) per warp
         **pdl_launch(k),
     )

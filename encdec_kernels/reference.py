@@ -185,15 +185,16 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping, k_scales=None, v_scales=None)
 
     k, v: [N, H, D]; k_cache, v_cache: [NB, BS, H, D]; slot_mapping: [N] int64, slot =
     block * BS + offset, -1 = skip (padding). fp8 caches: each (token, head) row is quantized with
-    its own scale, written to k_scales / v_scales [NB, BS, H] float32.
+    its own scale, written to k_scales / v_scales [NB, BS, H] float32 (any strides).
     """
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
+    bs = k_cache.shape[1]
     for x, cache, sc, name in ((k, k_cache, k_scales, "k_cache"), (v, v_cache, v_scales, "v_cache")):
         vals, s = _quantize_for(cache, sc, x[keep], name)
         _raw(cache).view(-1, *cache.shape[2:])[slots] = _raw(vals)
         if s is not None:
-            sc.view(-1, sc.shape[2])[slots] = s
+            sc[slots // bs, slots % bs] = s
 
 
 def store_rows(x, rows, slot_mapping, row_scales=None):

@@ -74,12 +74,14 @@ class KVPool:
     encoder-output rows, RC = BS * H * D // d_model a [BS, H, D] chunk (``Attention.cross``).
 
     fp8 (``cache_dtype`` e4m3): ``scales`` [2, L, NB, BS, H] float32 holds one scale per (token,
-    head) row of K/V; the rows of chunk c in block b take theirs from the first RC entries of
-    ``scales`` chunk c, block b (``row_scales`` [C, NB, RC]; RC <= BS * H since d_model >= D).
-    Otherwise both are None."""
+    head) row of K/V, each block's head-major in memory (``scale_blocks`` [2, L, NB, H, BS]: the
+    paged kernel reads one head's scales of a block's keys as 64 contiguous bytes, not one 32-byte
+    sector a key); the rows of chunk c in block b take theirs from the first RC entries of chunk c,
+    block b (``row_scales`` [C, NB, RC]; RC <= BS * H since d_model >= D). Otherwise all None."""
 
-    def __init__(self, values, scales, encoder_rows, row_scales):
-        self.values, self.scales = values, scales
+    def __init__(self, values, scale_blocks, encoder_rows, row_scales):
+        self.values, self.scale_blocks = values, scale_blocks
+        self.scales = None if scale_blocks is None else scale_blocks.transpose(-1, -2)
         self.encoder_rows, self.row_scales = encoder_rows, row_scales
 
     @staticmethod
@@ -109,27 +111,27 @@ class KVPool:
         spec = model.cache_spec
         shape = (2, layers, num_blocks, block_size, spec.num_heads, spec.head_dim)
         values = torch.zeros(shape, dtype=dtype, device=device)
-        scales = rows = row_scales = None
-        if dtype == encdec_kernels.FP8_DTYPE:
-            scales = torch.ones(shape[:-1], dtype=torch.float32, device=device)
+        blocks = rows = row_scales = None
+        if dtype == encdec_kernels.FP8_DTYPE:  # head-major in each block, seen as [.., BS, H]
+            blocks = torch.ones((2, layers, num_blocks, spec.num_heads, block_size), device=device)
         if absorb:
             chunk = block_size * spec.num_heads * spec.head_dim  # elements of one [BS, H, D] chunk
             d, rc = spec.d_model, cls.rows_per_chunk(spec, block_size)
             rows = values.as_strided((2 * layers, num_blocks, rc, d), (num_blocks * chunk, chunk, d, 1))
-            if scales is not None:
-                per = block_size * spec.num_heads  # scales of one [BS, H] chunk
-                row_scales = scales.view(2 * layers, num_blocks, per)[:, :, :rc]
-        model.bind_cache(
-            values[0], values[1], rows, None if scales is None else (scales[0], scales[1], row_scales), first
-        )
-        return cls(values, scales, rows, row_scales)
+            if blocks is not None:
+                per = block_size * spec.num_heads  # scales of one chunk
+                row_scales = blocks.view(2 * layers, num_blocks, per)[:, :, :rc]
+        pool = cls(values, blocks, rows, row_scales)
+        scales = None if blocks is None else (pool.scales[0], pool.scales[1], row_scales)
+        model.bind_cache(values[0], values[1], rows, scales, first)
+        return pool
 
     def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Blocks src -> dst (device long tensors): values and, fp8, their scales."""
         raw = self.values.view(torch.uint8) if self.scales is not None else self.values  # fp8: as bytes
         raw[:, :, dst] = raw[:, :, src]
-        if self.scales is not None:
-            self.scales[:, :, dst] = self.scales[:, :, src]
+        if self.scale_blocks is not None:
+            self.scale_blocks[:, :, dst] = self.scale_blocks[:, :, src]
 
     def store_rows(self, x: torch.Tensor, slots: torch.Tensor) -> None:
         """Absorbed layout: rows x [N, d] to encoder-row slots (``encdec_kernels.store_rows``; fp8:
@@ -709,7 +711,7 @@ class ModelRunner:
         tables, here, block, copy, slots, lens = encdec_kernels.beam_children(
             self_tables, children.parents, children.fork, up, n, bs
         )
-        for part in (self.kv.values, self.kv.scales):
+        for part in (self.kv.values, self.kv.scale_blocks):
             if part is not None:  # [2, L, NB, ...] as [2 * L, NB, ...]
                 encdec_kernels.copy_blocks_where(part.flatten(0, 1), here, block, copy)
         if self.graphs is not None and n <= self.graphs.max_batch:

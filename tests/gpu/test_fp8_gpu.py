@@ -49,8 +49,9 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.view(torch.uint8) == b.view(torch.uint8)).float().mean().item()
 
 
+@pytest.mark.parametrize("head_major", [False, True], ids=["token_major", "head_major"])
 @pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
-def test_store_kv_fp8_matches_reference(src_dtype):
+def test_store_kv_fp8_matches_reference(src_dtype, head_major):
     n, blocks, bs = 300, 40, 16
     kv = (torch.randn(n, 2, HEADS, HEAD_DIM, device=DEVICE) * 3).to(src_dtype)
     k, v = kv.unbind(1)  # strided views, as the fused projection gives them
@@ -58,6 +59,8 @@ def test_store_kv_fp8_matches_reference(src_dtype):
     slots[::7] = -1
     caches = [torch.zeros(blocks, bs, HEADS, HEAD_DIM, dtype=FP8_DTYPE, device=DEVICE) for _ in range(4)]
     scales = [torch.full((blocks, bs, HEADS), -1.0, device=DEVICE) for _ in range(4)]
+    if head_major:  # each block's scales [H, BS] in memory, as the engine's pool keeps them
+        scales = [sc.transpose(1, 2).contiguous().transpose(1, 2) for sc in scales]
     reference.store_kv(k, v, caches[0], caches[1], slots, scales[0], scales[1])
     paged.store_kv(k, v, caches[2], caches[3], slots, scales[2], scales[3])
     torch.testing.assert_close(scales[2], scales[0], rtol=1e-6, atol=0)
@@ -95,6 +98,8 @@ def test_paged_attention_fp8(causal, q_len, bias):
     case = paged_inputs(lens, [q_len] * batch, HEADS, HEAD_DIM, 16, torch.bfloat16, DEVICE)
     k, ks = quantize_rows(case.k_cache)
     v, vs = quantize_rows(case.v_cache)
+    if q_len == 1:  # and with each block's scales head-major, as the engine's pool keeps them
+        ks, vs = (sc.transpose(1, 2).contiguous().transpose(1, 2) for sc in (ks, vs))
     rb = rel_bias(HEADS, False, DEVICE) if bias else None
     args = (case.q, k, v, case.block_tables, case.seq_lens, case.cu_seqlens_q, case.max_seqlen_q)
     kw = dict(scale=HEAD_DIM**-0.5, causal=causal, rel_bias=rb, k_scales=ks, v_scales=vs)

@@ -25,6 +25,12 @@ def _fp8(cache):
     return quantize_rows(cache)
 
 
+def _head_major(scales):
+    """[NB, BS, H] scales with each block's held head-major ([H, BS] in memory), as the engine's
+    pool keeps them (``KVPool``)."""
+    return scales.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
 def test_quantize_rows_round_trip(gen):
     x = torch.randn(64, 4, 48, generator=gen) * torch.logspace(-3, 3, 64)[:, None, None]
     x[5, 1] = 0.0  # an all-zero row: scale 1, values 0
@@ -43,10 +49,13 @@ def test_quantize_rows_round_trip(gen):
 @pytest.mark.parametrize("causal", [False, True], ids=["cross", "self"])
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [3, 1, 2]], ids=["decode", "multi"])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_paged_fp8_matches_reference(paged, gen, causal, q_lens, splits):
+@pytest.mark.parametrize("layout", ["token_major", "head_major"])
+def test_paged_fp8_matches_reference(paged, gen, causal, q_lens, splits, layout):
     case = paged_inputs([5, 37, 70], q_lens, 3, 32, 16, torch.float32, "cpu", gen=gen)
     k, ks = _fp8(case.k_cache)
     v, vs = _fp8(case.v_cache)
+    if layout == "head_major":
+        ks, vs = _head_major(ks), _head_major(vs)
     args = (case.q, k, v, case.block_tables, case.seq_lens, case.cu_seqlens_q, case.max_seqlen_q)
     ref = reference.paged_attention(*args, scale=0.2, causal=causal, k_scales=ks, v_scales=vs)
     out = paged._launch_paged(*args, 0.2, causal, None, num_splits=splits, k_scales=ks, v_scales=vs)
@@ -133,6 +142,11 @@ def test_reference_stores_quantize_each_row(gen):
     assert torch.equal(flat[slots[keep]], kq.view(torch.uint8))
     assert torch.equal(ks.view(-1, heads)[slots[keep]], kq_s)
     assert (ks == -1).sum() == (blocks * block_size - 7) * heads  # skipped and unused slots untouched
+    ks2, vs2 = _head_major(torch.full_like(ks, -1.0)), _head_major(torch.full_like(vs, -1.0))
+    reference.store_kv(k, v, torch.zeros_like(kc), torch.zeros_like(vc), slots, ks2, vs2)  # the pool's layout
+    assert (
+        torch.equal(ks2, ks) and torch.equal(vs2, vs) and ks2.stride() == (block_size * heads, 1, block_size)
+    )
 
     x = torch.randn(6, 40, generator=gen)
     rows = torch.zeros(2, 3, 4, 40, dtype=FP8_DTYPE)

@@ -59,7 +59,8 @@ for fp8 in (False, True):
                   FP8=fp8, PDL=True)
     out[f"paged-{'fp8' if fp8 else 'bf16'}"] = compile90(paged._paged_attn_kernel, sig, consts, 2, 2)
 sig = dict(K="*bf16", V="*bf16", K_CACHE="*fp8e4nv", V_CACHE="*fp8e4nv", SLOTS="*i64", K_SCALES="*fp32",
-           V_SCALES="*fp32", **i32("stride_kt stride_kh stride_vt stride_vh num_heads"))
+           V_SCALES="*fp32", **i32("stride_kt stride_kh stride_vt stride_vh stride_sb stride_ss stride_sh "
+                                   "block_size num_heads"))
 consts = dict(HEAD_DIM=64, BLOCK_H=32, BLOCK_D=64, FP8=True, PDL=True)
 out["store_kv-fp8"] = compile90(paged._store_kv_kernel, sig, consts, 8, 2)
 sig = dict(X="*bf16", ROWS="*fp8e4nv", SLOTS="*i64", ROW_SCALES="*fp32",
