@@ -38,8 +38,9 @@
 #           and in out/old (carry it, as for ab): which kernels' GPU time differs (~4)
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
 #           kernel (--cross absorbed) and with per-layer K/V (fp8's default) (issue 26) (~5)
-#   fp8text the paged kernel on an fp8 pool against bf16 (sweep_kernels.py --only fp8), W2 ours in bf16
-#           and fp8, W2 in fp8 in out/prev (carry it: the tree before), the fp8 GPU tests (~8)
+#   fp8text the paged kernel on an fp8 pool against bf16 (sweep_kernels.py --only fp8; SWEEP_QUICK=1:
+#           default tiles only), W2 ours in bf16 and fp8, W2 in fp8 in out/prev (carry it: the tree
+#           before), the fp8 GPU tests (~8)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -194,7 +195,7 @@ for part in "$@"; do
             --out "$(name W1-fp8-absorbed).json"
         step 90 W1-fp8-kv "${encdec[@]}" bench W1 --baseline none --kv-dtype fp8 --cross kv --out "$(name W1-fp8-kv).json" ;;
     fp8text)
-        step 200 sweep-fp8 python3 benchmarks/sweep_kernels.py --only fp8 --out "$(name sweep-fp8).json"
+        step 200 sweep-fp8 python3 benchmarks/sweep_kernels.py --only fp8 ${SWEEP_QUICK:+--quick} --out "$(name sweep-fp8).json"
         step 100 W2-bf16 "${encdec[@]}" bench W2 --baseline none --out "$(name W2-bf16).json"
         step 100 W2-fp8 "${encdec[@]}" bench W2 --baseline none --kv-dtype fp8 --out "$(name W2-fp8).json"
         (cd out/prev && step 100 W2-fp8-prev "${encdec[@]}" bench W2 --baseline none --kv-dtype fp8 \
