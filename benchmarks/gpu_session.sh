@@ -39,7 +39,7 @@
 #   fp8     W1 ours only: bf16 (the default), then --kv-dtype fp8 with absorbed rows on the Gluon
 #           kernel (--cross absorbed) and with per-layer K/V (fp8's default) (issue 26) (~5)
 #   fp8text the paged kernel on an fp8 pool against bf16 (sweep_kernels.py --only fp8; SWEEP_QUICK=1:
-#           default tiles only), W2 ours in bf16 and fp8, W2 in fp8 in out/prev (carry it: the tree
+#           default tiles only), W2 ours in bf16 and fp8, W2 in fp8 in out/prev (if carried: the tree
 #           before), the fp8 GPU tests (~8)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
@@ -198,8 +198,10 @@ for part in "$@"; do
         step 200 sweep-fp8 python3 benchmarks/sweep_kernels.py --only fp8 ${SWEEP_QUICK:+--quick} --out "$(name sweep-fp8).json"
         step 100 W2-bf16 "${encdec[@]}" bench W2 --baseline none --out "$(name W2-bf16).json"
         step 100 W2-fp8 "${encdec[@]}" bench W2 --baseline none --kv-dtype fp8 --out "$(name W2-fp8).json"
-        (cd out/prev && step 100 W2-fp8-prev "${encdec[@]}" bench W2 --baseline none --kv-dtype fp8 \
-            --out "$(name W2-fp8-prev).json")  # the tree before (carry out/prev)
+        if [ -d out/prev ]; then  # the tree before (carry out/prev)
+            (cd out/prev && step 100 W2-fp8-prev "${encdec[@]}" bench W2 --baseline none --kv-dtype fp8 \
+                --out "$(name W2-fp8-prev).json")
+        fi
         step 200 gpu-tests-fp8 python3 -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py -k "not hopper" \
             -p no:cacheprovider
         grep -h "passed\|failed\|^W2\|bf16 \|fp8 bnNone\|token-major" "$OUT"/*.log ;;
