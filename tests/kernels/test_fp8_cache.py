@@ -1,7 +1,8 @@
 """fp8 (e4m3, one float32 scale per row) caches: the Triton attention kernels reading them vs
 encdec_kernels.reference, on the CPU through the Triton interpreter; the reference's quantizing
-stores. The Triton store kernels (store_kv / store_rows with scales) are compared on the GPU only
-(tests/gpu/test_fp8_gpu.py): this Triton interpreter rounds float32 -> e4m3 wrongly (a mantissa
+stores, and where the Triton store_kv puts the scales. The Triton store kernels' values (store_kv /
+store_rows) are compared on the GPU only (tests/gpu/test_fp8_gpu.py): this Triton interpreter
+rounds float32 -> e4m3 wrongly (a mantissa
 carry drops the value to half: 1.95 -> 1.0, 124 -> 64; ties away from zero), which
 ``test_interpreter_fp8_rounding_is_known_wrong`` pins down so the day it is fixed shows."""
 
@@ -156,6 +157,26 @@ def test_reference_stores_quantize_each_row(gen):
     got = reference.dequantize_rows(rows.view(-1, 40)[slots[slots >= 0]], rs.view(-1)[slots[slots >= 0]])
     assert rel_err(got, x[slots >= 0]) < 0.04
     assert (rs == -1).sum() == 24 - 5
+
+
+@pytest.mark.parametrize("head_major", [False, True], ids=["token_major", "head_major"])
+def test_store_kv_kernel_puts_each_scale_at_its_slot(paged, gen, head_major):
+    """The Triton store kernel's scales (float32, exact under the interpreter, unlike its e4m3
+    values: see the module docstring) land where the reference puts them, in either block layout;
+    skipped slots and the rest stay untouched."""
+    n, heads, head_dim, blocks, bs = 11, 3, 16, 5, 4
+    k, v = (torch.randn(n, heads, head_dim, generator=gen) * 3 for _ in range(2))
+    slots = torch.randperm(blocks * bs, generator=gen)[:n]
+    slots[[2, 7]] = -1
+    caches = [torch.zeros(blocks, bs, heads, head_dim, dtype=FP8_DTYPE) for _ in range(4)]
+    scales = [torch.full((blocks, bs, heads), -1.0) for _ in range(4)]
+    if head_major:
+        scales = [_head_major(sc) for sc in scales]
+    reference.store_kv(k, v, caches[0], caches[1], slots, scales[0], scales[1])
+    paged.store_kv(k, v, caches[2], caches[3], slots, scales[2], scales[3])
+    torch.testing.assert_close(scales[2], scales[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(scales[3], scales[1], rtol=1e-6, atol=0)
+    assert (scales[2] == -1).sum() == (blocks * bs - 9) * heads
 
 
 def test_fp8_inputs_are_checked(paged, shared_kv, gen):
