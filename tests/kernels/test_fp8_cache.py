@@ -2,8 +2,8 @@
 encdec_kernels.reference, on the CPU through the Triton interpreter; the reference's quantizing
 stores, and where the Triton store_kv puts the scales. The Triton store kernels' values (store_kv /
 store_rows) are compared on the GPU only (tests/gpu/test_fp8_gpu.py): this Triton interpreter
-rounds float32 -> e4m3 wrongly (a mantissa
-carry drops the value to half: 1.95 -> 1.0, 124 -> 64; ties away from zero), which
+rounds float32 -> e4m3 wrongly (a mantissa carry drops the value to half: 1.95 -> 1.0, 124 -> 64;
+ties away from zero), which
 ``test_interpreter_fp8_rounding_is_known_wrong`` pins down so the day it is fixed shows."""
 
 from __future__ import annotations
