@@ -300,9 +300,9 @@ def paged_attention(
     and sees keys at positions <= its own. causal=False (cross-attention): all seq_len keys.
     rel_bias: T5 bias on key_pos - query_pos. window (causal only): a sliding window, keys ``window``
     or more positions before the query are masked. scale: python float > 0. fp8 (e4m3) caches come
-    with k_scales, v_scales: [NB, BS, H] float32 (each block's dense: token- or head-major; the same
-    strides), one scale per (token, head) row; the
-    kernel reads the fp8 values and dequantizes in registers. Returns a new [Tq, H, D] tensor; with
+    with k_scales, v_scales: [NB, BS, H] float32 with the same strides, each block's dense (token- or
+    head-major), one scale per (token, head) row; the kernel reads the fp8 values and dequantizes
+    in registers. Returns a new [Tq, H, D] tensor; with
     return_lse, (out, lse [Tq, H] float32: the natural log of each query and head's softmax sum,
     from the split partials, which this path always writes). No host sync: safe inside CUDA-graph
     capture after one warm-up call per configuration (compiles the kernels, caches the T5 bucket
