@@ -41,6 +41,10 @@
 #   fp8text the paged kernel on an fp8 pool against bf16 (sweep_kernels.py --only fp8; SWEEP_QUICK=1:
 #           default tiles only), W2 ours in bf16 and fp8, W2 in fp8 in out/prev (if carried: the tree
 #           before), the fp8 GPU tests (~8)
+#   fp8ab   the paged kernel on an fp8 pool against out/prev (carry it: the tree before): the fp8 GPU
+#           tests, then sweep_kernels.py --only fp8 --quick twice each, alternating the trees (~6)
+#   w3seqs  W3 (ours only) at --max-num-seqs 512, 1024 and 2048, then transformers at batch 128 and
+#           256 (whether more requests in flight amortise W3's host-bound beam step) (~8)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -205,6 +209,24 @@ for part in "$@"; do
         step 200 gpu-tests-fp8 python3 -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py -k "not hopper" \
             -p no:cacheprovider
         grep -h "passed\|failed\|^W2\|bf16 \|fp8 bnNone\|token-major" "$OUT"/*.log ;;
+    fp8ab)
+        step 240 gpu-tests-fp8 python3 -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py -k "not hopper" \
+            -p no:cacheprovider
+        for i in 1 2; do
+            step 100 sweep-fp8-new-$i python3 benchmarks/sweep_kernels.py --only fp8 --quick \
+                --out "$(name sweep-fp8-new-$i).json"
+            (cd out/prev && step 100 sweep-fp8-prev-$i python3 benchmarks/sweep_kernels.py --only fp8 --quick \
+                --out "$(name sweep-fp8-prev-$i).json")
+        done
+        grep -h "passed\|failed\|bf16 \|fp8 bnNone\|token-major" "$OUT"/*.log ;;
+    w3seqs)
+        for seqs in 512 1024 2048; do
+            step 120 W3-seqs-$seqs "${encdec[@]}" bench W3 --baseline none --max-num-seqs $seqs \
+                --out "$(name W3-seqs-$seqs).json"
+        done
+        step 200 W3-baseline "${encdec[@]}" bench W3 --baseline-batch 128 --baseline-batch 256 --max-num-seqs 1024 \
+            --out "$(name W3-baseline).json"
+        grep -h "W3 \|tok/s" "$OUT"/*W3*.log ;;
     kernels)
         step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
         for form in ring producer registers; do

@@ -124,30 +124,6 @@ def softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT: tl.constexpr, DOT_P
 
 
 @triton.jit
-def softmax_update_scaled(acc, m_i, l_i, s, exp2_scale, v, v_sc, USE_DOT: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr):
-    """``softmax_update`` for values kept with a scale per row (fp8 caches): v [BLOCK_N, BLOCK_D] the
-    stored values (float16 from e4m3, or float32), v_sc [BLOCK_N] float32 their scales (0 for masked
-    keys). The scales go onto the probability columns (a [BLOCK_M, BLOCK_N] product, not the
-    [BLOCK_N, BLOCK_D] tile), divided by the tile's largest, which multiplies the tile's sum: p * v_sc
-    alone can fall below float16's normal range."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * exp2_scale)
-    p = tl.math.exp2(tl.fma(s, exp2_scale, -m_new[:, None]))
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    top = tl.max(v_sc, 0)
-    top = tl.where(top > 0.0, top, 1.0)
-    w = p * (v_sc / top)[None, :]
-    if USE_DOT:
-        pv = tl.dot(w.to(v.dtype), v, input_precision=DOT_PRECISION)
-    else:
-        BLOCK_N: tl.constexpr = v.shape[0]
-        pv = tl.sum(tl.reshape(w, (BLOCK_N, 1)) * v.to(tl.float32), 0)[None, :]
-    acc = tl.fma(pv, top, acc * alpha[:, None])
-    return acc, m_new, l_i
-
-
-@triton.jit
 def quantize_rows(x):
     """x [R, C] -> (x / s [R, C] float32 within +-FP8_MAX, s [R] float32): one scale per row,
     s = max|x| / FP8_MAX (1 for an all-zero row), as ``reference.quantize_rows``; the caller

@@ -45,7 +45,6 @@ from encdec_kernels.common import (
     quantize_rows,
     scores,
     softmax_update,
-    softmax_update_scaled,
     tile_dim,
 )
 from encdec_kernels.pdl import pdl_launch
@@ -85,9 +84,8 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
                  FP8: tl.constexpr):
     """Key tiles [lo, hi) of one query tile, keys gathered through the block table. FP8: the
     caches hold e4m3 values with a float32 scale per (token, head) row (ks_base / vs_base); the fp8
-    tiles convert exactly to q's dtype (float16 for 16-bit queries: one conversion instruction a
-    pair of values, where bfloat16 took three), a key's scale multiplies its score column and a
-    value's scale its probability column (``softmax_update_scaled``): the tiles are never scaled."""
+    tiles convert exactly to q's dtype, a key's scale multiplies its score column and a value's
+    scale its row (dequantized in registers)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(lo, hi, BLOCK_N):
@@ -108,7 +106,7 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
             else:
                 k_sc = tl.load(ks_base + s_off)
                 v_sc = tl.load(vs_base + s_off)
-            s = scores(q, k.to(q.dtype), USE_DOT, DOT_PRECISION) * k_sc[None, :]  # q: float16 or 32
+            s = scores(q, k.to(q.dtype), USE_DOT, DOT_PRECISION) * k_sc[None, :]
         else:
             s = scores(q, k, USE_DOT, DOT_PRECISION)
         if HAS_BIAS:  # natural units: scale * q.k + bias (exp2_scale is then LOG2E)
@@ -123,10 +121,8 @@ def _paged_tiles(acc, m_i, l_i, q, k_base, v_base, bt_row, stride_kb, stride_ks,
         v_ptrs = v_base + (blk * stride_vb + slot * stride_vs)[:, None] + offs_d[None, :]
         v = load_rows(v_ptrs, cols, seq_len, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if FP8:
-            acc, m_i, l_i = softmax_update_scaled(acc, m_i, l_i, s, exp2_scale, v.to(q.dtype), v_sc, USE_DOT,
-                                                  DOT_PRECISION)
-        else:
-            acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT, DOT_PRECISION)
+            v = (v.to(tl.float32) * v_sc[:, None]).to(q.dtype)
+        acc, m_i, l_i = softmax_update(acc, m_i, l_i, s, exp2_scale, v, USE_DOT, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -169,8 +165,6 @@ def _paged_attn_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q_ptrs = Q + row0 * stride_qt + off_h * stride_qh + offs_q[:, None] * stride_qt + offs_d[None, :]
     q = load_rows(q_ptrs, offs_q, q_len, offs_d, True, HEAD_DIM, BLOCK_D)
-    if FP8 and q.dtype == tl.bfloat16:  # e4m3 converts to float16 in one instruction a pair, not bfloat16
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)  # float16's range
     q_pos = seq_len - q_len + offs_q  # position of each query among the keys (causal)
     if SINGLE_QUERY:  # one query per sequence (plain decode): one bias row, broadcast over the tile
         bias_q_pos = tl.zeros([1], dtype=tl.int32) + (seq_len - 1)

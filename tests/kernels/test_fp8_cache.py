@@ -69,10 +69,9 @@ def test_paged_fp8_matches_reference(paged, gen, causal, q_lens, splits, layout)
 
 @pytest.mark.parametrize("q_lens", [[1, 1, 1], [2, 1, 3]], ids=["decode", "multi"])
 def test_paged_fp8_with_bf16_queries_keeps_tiny_and_huge_value_rows(paged, gen, q_lens):
-    """bfloat16 queries take float16 products on an fp8 pool (e4m3 converts to float16 in one
-    instruction a pair): every sequence's output within bfloat16 rounding of the float32 reference,
-    also where a sequence's value rows are all tiny (scales ~1e-8: the probabilities times those
-    scales fall below float16's range unless normalised per tile) or huge (scales ~2e3)."""
+    """bfloat16 queries on an fp8 pool (the values dequantized to bfloat16 in registers): every
+    sequence's output within bfloat16 rounding of the float32 reference, also where a sequence's
+    value rows are all tiny (scales ~1e-8) or huge (scales ~2e3)."""
     case = paged_inputs([37, 70, 21], q_lens, 2, 32, 16, torch.float32, "cpu", gen=gen)
     tables = case.block_tables
     for b, scale in enumerate((1e-5, 1e6)):  # sequence 0 tiny, sequence 1 huge, sequence 2 as drawn
