@@ -42,7 +42,10 @@
 #           default tiles only), W2 ours in bf16 and fp8, W2 in fp8 in out/prev (if carried: the tree
 #           before), the fp8 GPU tests (~8)
 #   fp8ab   the paged kernel on an fp8 pool against out/prev (carry it: the tree before): the fp8 GPU
-#           tests, then sweep_kernels.py --only fp8 --quick twice each, alternating the trees (~6)
+#           tests, then sweep_kernels.py --only fp8 --quick in each tree (AB_PAIRS=N: N times, alternating) (~4)
+#   beamx   a request's beams as one cross-attention entry: the beam and graph GPU tests, W3 (ours
+#           only) alternating this tree and out/prev (AB_PAIRS=N: N pairs, default 2), then where
+#           W3's step goes (profile_step.py) (~8)
 #   w3seqs  W3 (ours only) at --max-num-seqs 512, 1024 and 2048, then transformers at batch 128 and
 #           256 (whether more requests in flight amortise W3's host-bound beam step) (~8)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
@@ -212,13 +215,23 @@ for part in "$@"; do
     fp8ab)
         step 240 gpu-tests-fp8 python3 -m pytest -q -m gpu tests/gpu/test_fp8_gpu.py -k "not hopper" \
             -p no:cacheprovider
-        for i in 1 2; do
+        for i in $(seq "${AB_PAIRS:-1}"); do
             step 100 sweep-fp8-new-$i python3 benchmarks/sweep_kernels.py --only fp8 --quick \
                 --out "$(name sweep-fp8-new-$i).json"
             (cd out/prev && step 100 sweep-fp8-prev-$i python3 benchmarks/sweep_kernels.py --only fp8 --quick \
                 --out "$(name sweep-fp8-prev-$i).json")
         done
         grep -h "passed\|failed\|bf16 \|fp8 bnNone\|token-major" "$OUT"/*.log ;;
+    beamx)
+        step 240 gpu-tests-beams python3 -m pytest -q -m gpu tests/gpu/test_beam_gpu.py tests/gpu/test_cuda_graphs.py \
+            -p no:cacheprovider
+        for i in $(seq "${AB_PAIRS:-2}"); do
+            step 80 W3-ab-new-$i "${encdec[@]}" bench W3 --baseline none --out "$(name W3-ab-new-$i).json"
+            (cd out/prev && step 80 W3-ab-prev-$i "${encdec[@]}" bench W3 --baseline none \
+                --out "$(name W3-ab-prev-$i).json")
+        done
+        step 100 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json"
+        grep -h "passed\|failed\|^W3" "$OUT"/*.log ;;
     w3seqs)
         for seqs in 512 1024 2048; do
             step 120 W3-seqs-$seqs "${encdec[@]}" bench W3 --baseline none --max-num-seqs $seqs \

@@ -71,13 +71,19 @@ class EncoderBatch:
 
 @dataclass
 class PagedView:
-    """Where one attention kind finds its keys: block tables + lengths per sequence.
+    """Where one attention kind finds its keys: block tables + lengths per entry.
 
-    block_tables: [B, max_blocks] int32; seq_lens: [B] int32 (number of valid keys).
+    block_tables: [E, max_blocks] int32; seq_lens: [E] int32 (number of valid keys).
+    cu_seqlens_q, max_seqlen_q: the query rows of each entry ([E + 1] int32 offsets into the step's
+    packed rows) and the most rows an entry has; None: an entry per sequence, with the step's own
+    (``AttentionMetadata``). Cross-attention of beams: a request's beams are consecutive rows that
+    read the same encoder keys, so one entry takes them all (its keys read once for all of them).
     """
 
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None = None
+    max_seqlen_q: int | None = None
 
 
 @dataclass
@@ -97,6 +103,12 @@ class AttentionMetadata:
     self_attn: PagedView
     cross_attn: PagedView
     logits_indices: torch.Tensor
+
+    def queries(self, view: PagedView) -> tuple[torch.Tensor, int]:
+        """(cu_seqlens_q, max_seqlen_q) of the query rows that attend through ``view``."""
+        if view.cu_seqlens_q is None:
+            return self.cu_seqlens_q, self.max_seqlen_q
+        return view.cu_seqlens_q, view.max_seqlen_q
 
 
 @dataclass(frozen=True)

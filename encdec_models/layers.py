@@ -377,6 +377,7 @@ class Attention(nn.Module):
         q Wk_h (the key bias only shifts a row's scores), attends over e (keys and values at
         once), and the result moves back through Wv_h (+ bv_h: the weights sum to 1)."""
         q = q.view(-1, self.h, self.d)
+        cu, most = meta.queries(meta.cross_attn)
         if self.cross_rows is not None:
             if self.softcap is not None:
                 raise ValueError("absorbed cross-attention has no score soft-capping; use per-layer K/V")
@@ -387,8 +388,8 @@ class Attention(nn.Module):
                 self.cross_rows,
                 meta.cross_attn.block_tables,
                 meta.cross_attn.seq_lens,
-                meta.cu_seqlens_q,
-                meta.max_seqlen_q,
+                cu,
+                most,
                 scale=self.scale,
                 row_scales=self.row_scales,
             ).transpose(0, 1)  # [H, Tq, d]
@@ -403,8 +404,8 @@ class Attention(nn.Module):
             self.v_cache,
             meta.cross_attn.block_tables,
             meta.cross_attn.seq_lens,
-            meta.cu_seqlens_q,
-            meta.max_seqlen_q,
+            cu,
+            most,
             scale=self.scale,
             causal=False,
             **self._extra(),
@@ -429,8 +430,8 @@ class Attention(nn.Module):
             **self._scales(),
         )  # fmt: skip
         o_cross, lse_cross = encdec_kernels.paged_attention(
-            *args, meta.cross_attn.block_tables, meta.cross_attn.seq_lens, meta.cu_seqlens_q,
-            meta.max_seqlen_q, scale=self.scale, causal=False, return_lse=True, **self._scales(),
+            *args, meta.cross_attn.block_tables, meta.cross_attn.seq_lens, *meta.queries(meta.cross_attn),
+            scale=self.scale, causal=False, return_lse=True, **self._scales(),
         )  # fmt: skip
         o = encdec_kernels.merge_attention(o_self, lse_self, o_cross, lse_cross)
         return self.out_proj(o.reshape(-1, self.h * self.d))

@@ -47,6 +47,7 @@ import time
 import numpy as np
 import torch
 
+from encdec_cli.engine.runner import CROSS_ENTRY_ROWS
 from encdec_cli.engine.transfer import to_device
 from encdec_models.base import AttentionMetadata, PagedView
 from encdec_models.layers import layer_boundary_hook
@@ -116,6 +117,8 @@ class CudaGraphs:
         self.ahead = ahead
         self.max_batch = self.sizes[-1]
         self.queries = q = queries  # query rows per sequence (K + 1 for verification steps)
+        # one-row steps group a request's rows into one cross-attention entry (runner.cross_entries)
+        self.grouped = q == 1 and runner.encoder_rows is None
         dev, n = runner.device, self.max_batch
         self.tokens = torch.zeros(n * q, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n * q, dtype=torch.long, device=dev)
@@ -125,14 +128,16 @@ class CudaGraphs:
         self.cross_tables = torch.zeros(n, runner.cross_width, dtype=torch.int32, device=dev)
         self.cross_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev) * q
+        self.cross_cu = torch.arange(n + 1, dtype=torch.int32, device=dev)  # the entries' rows (grouped)
         self.idx = torch.arange(n * q, dtype=torch.long, device=dev)
         # Pinned host buffers, two sets used in turn (a step may be prepared while the previous
         # step's copies are still queued; an event says when a set is free again): tokens,
-        # positions, slots (q values a sequence), self lens, cross lens (a step of padded batch b
-        # uses the first (3q + 2) * b values), then the block tables.
+        # positions, slots (q values a sequence), self lens, cross lens, grouped: the cross entries'
+        # row offsets (a step of padded batch b uses the first (3q + 2) * b values, + b + 1), then
+        # the block tables.
         self.host_sets = [
             (
-                torch.zeros((3 * q + 2) * n, dtype=torch.long, pin_memory=True),
+                torch.zeros((3 * q + 2) * n + (n + 1) * self.grouped, dtype=torch.long, pin_memory=True),
                 torch.zeros(n, runner.self_width, dtype=torch.int32, pin_memory=True),
                 torch.zeros(n, runner.cross_width, dtype=torch.int32, pin_memory=True),
                 torch.cuda.Event(),
@@ -155,9 +160,16 @@ class CudaGraphs:
             max_seqlen_q=q,
             slot_mapping=self.slots[: b * q],
             self_attn=PagedView(self.self_tables[:b], self.self_lens[:b]),
-            cross_attn=PagedView(self.cross_tables[:b], self.cross_lens[:b]),
+            cross_attn=self._cross_view(b),
             logits_indices=self.idx[: b * q],
         )
+
+    def _cross_view(self, e: int) -> PagedView:
+        """The cross-attention view of the buffers' first ``e`` entries (grouped: up to
+        ``CROSS_ENTRY_ROWS`` rows each, the captured kernel's one query tile)."""
+        if not self.grouped:
+            return PagedView(self.cross_tables[:e], self.cross_lens[:e])
+        return PagedView(self.cross_tables[:e], self.cross_lens[:e], self.cross_cu[: e + 1], CROSS_ENTRY_ROWS)
 
     segments = SEGMENTS
 
@@ -235,25 +247,34 @@ class CudaGraphs:
         self.slots[:n].copy_(slots)
         self.self_tables[:n].copy_(self_tables)
         self.self_lens[:n].copy_(self_lens)
+        e = len(cross.block_tables)  # cross-attention entries (n, or fewer when grouped)
         if cross.block_tables.data_ptr() != self.cross_tables.data_ptr():
-            self.cross_tables[:n].copy_(cross.block_tables)
-            self.cross_lens[:n].copy_(cross.seq_lens)
+            self.cross_tables[:e].copy_(cross.block_tables)
+            self.cross_lens[:e].copy_(cross.seq_lens)
+            if self.grouped:  # (a view without entries has one a row: the identity)
+                cu = cross.cu_seqlens_q
+                self.cross_cu[: e + 1].copy_(self.cu[: e + 1] if cu is None else cu)
         if n < b:  # padding rows (see run)
             pads = ((self.tokens, 0), (self.positions, 0), (self.slots, -1), (self.self_lens, 1))
-            pads += ((self.cross_lens, 1), (self.self_tables, 0), (self.cross_tables, 0))
+            pads += ((self.self_tables, 0),)
             for buf, value in pads:
                 buf[n:b].fill_(value)
+            self.cross_lens[e:b].fill_(1)
+            self.cross_tables[e:b].fill_(0)
+            if self.grouped:  # an entry a padding row, then none
+                self.cross_cu[e + 1 : e + 1 + b - n].copy_(self.cu[n + 1 : b + 1])
+                self.cross_cu[e + 1 + b - n : b + 1].fill_(b)
         self._replay(b, True)
         return self.outputs[b][:n]
 
-    def _upload_tables(self, runner, srows, crows, n: int, b: int, host_self, host_cross) -> None:
-        """The step's block-table rows (padding sequences' zero) into the graphs' table buffers,
-        through this turn's pinned host set."""
+    def _upload_tables(self, runner, srows, crows, b: int, host_self, host_cross) -> None:
+        """The step's block-table rows (self: a sequence's; cross: an entry's; padding rows'
+        zero) into the graphs' table buffers, through this turn's pinned host set."""
         hs, hc = host_self.numpy(), host_cross.numpy()
-        hs[:n] = runner.self_tables[srows]
-        hc[:n] = runner.cross_tables[crows]
-        hs[n:b] = 0
-        hc[n:b] = 0
+        hs[: len(srows)] = runner.self_tables[srows]
+        hc[: len(crows)] = runner.cross_tables[crows]
+        hs[len(srows) : b] = 0
+        hc[len(crows) : b] = 0
         self.self_tables[:b].copy_(host_self[:b], non_blocking=True)
         self.cross_tables[:b].copy_(host_cross[:b], non_blocking=True)
 
@@ -275,7 +296,7 @@ class CudaGraphs:
         h[:n] = [s.group.encoder_len for s in seqs]
         h[n:] = 1
         dev = clens.to(runner.device, non_blocking=True)
-        self._upload_tables(runner, srows, crows, n, b, host_self, host_cross)
+        self._upload_tables(runner, srows, crows, b, host_self, host_cross)
         free.record()
         self.cross_lens[:b].copy_(dev)
         _, _, drafts, kv_lens = inputs(self.self_tables, self.tokens, self.positions, self.slots)
@@ -302,14 +323,28 @@ class CudaGraphs:
         free.synchronize()  # this set's copies of two steps ago are done
         # the step's first (3q + 2) * b values, contiguous: a strided pinned slice would be staged
         # through pageable memory by .to(), a copy that blocks the host until the GPU is idle
-        host = flat[: (3 * q + 2) * b]
+        top = (3 * q + 2) * b
+        host = flat[: top + (b + 1) * self.grouped]
         h = host.numpy()
         tok, pos, slot = h[: b * q], h[b * q : 2 * b * q], h[2 * b * q : 3 * b * q]
-        lens, clens = h[3 * b * q : 3 * b * q + b], h[3 * b * q + b :]
+        lens, clens = h[3 * b * q : 3 * b * q + b], h[3 * b * q + b : top]
         bs = runner.block_size
         ahead = next_tokens is not None
+        e, entries = n, None  # cross-attention entries: a sequence's, or (grouped) a request's rows
         if q == 1:
             decode_inputs(seqs, ahead, bs, tok, pos, slot, lens, clens)
+            if self.grouped:
+                entries = runner.cross_entries(crows)
+                cu = h[top:]
+                if entries is None:
+                    cu[: n + 1] = np.arange(n + 1)
+                else:
+                    first, cu_rows = entries
+                    e, crows = len(first), crows[first]
+                    clens[:e] = clens[first]
+                    cu[: e + 1] = cu_rows
+                cu[e + 1 : e + 1 + b - n] = np.arange(n + 1, b + 1)  # an entry a padding row, then none
+                cu[e + 1 + b - n :] = b
         else:  # real inputs last in each sequence's q rows, padding rows (slot -1) first
             lay = runner.verify_layout(seqs, srows, drafts, q)
             tok[: n * q], slot[: n * q] = 0, -1
@@ -321,9 +356,9 @@ class CudaGraphs:
         # padding sequences: token 0 at position 0, write nowhere, read one key (every value of the
         # step's part of the buffer is set: its layout changes with b, stale values would index out
         # of range)
-        tok[n * q :], pos[n * q :], slot[n * q :], lens[n:], clens[n:] = 0, 0, -1, 1, 1
+        tok[n * q :], pos[n * q :], slot[n * q :], lens[n:], clens[e:] = 0, 0, -1, 1, 1
         dev = host.to(runner.device, non_blocking=True)
-        self._upload_tables(runner, srows, crows, n, b, host_self, host_cross)
+        self._upload_tables(runner, srows, crows, b, host_self, host_cross)
         free.record()
         self.tokens[: b * q].copy_(dev[: b * q])
         if ahead:
@@ -331,10 +366,12 @@ class CudaGraphs:
         self.positions[: b * q].copy_(dev[b * q : 2 * b * q])
         self.slots[: b * q].copy_(dev[2 * b * q : 3 * b * q])
         self.self_lens[:b].copy_(dev[3 * b * q : 3 * b * q + b])
-        self.cross_lens[:b].copy_(dev[3 * b * q + b :])
+        self.cross_lens[:b].copy_(dev[3 * b * q + b : top])
+        if self.grouped:
+            self.cross_cu[: b + 1].copy_(dev[top:])
         self._replay(b, ahead)
         if q == 1:
-            runner.last_tables = (self.self_tables[:n], PagedView(self.cross_tables[:n], self.cross_lens[:n]))
+            runner.set_last_tables(self.self_tables[:n], self._cross_view(e), entries)
             return self.outputs[b][:n]
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         if hi - lo == len(rows):  # consecutive (one sequence: batch 1): a view, no index upload

@@ -42,6 +42,29 @@ def absorb_by_default(config: EngineConfig, queries: int, hopper_cross) -> bool:
     return queries == 1 and config.max_num_seqs >= ABSORB_MIN_SEQS and hopper_cross()
 
 
+# a cross-attention entry (``cross_entries``) takes at most this many query rows: one query tile of
+# the paged kernel at one row a sequence, so a CUDA graph captured for one-row steps runs it too
+CROSS_ENTRY_ROWS = 16
+
+
+def cross_entries(crows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """A one-row-a-sequence step's cross-attention entries (``PagedView``'s): each run of
+    consecutive rows of one request (``crows``, each row's cross-table row: beams, or a request's
+    sampled sequences) is one entry of up to ``CROSS_ENTRY_ROWS`` rows, which the paged kernel
+    serves with one read of the request's keys. Returns (each entry's first row, [E + 1] row
+    offsets), or None where no entry would take two rows (an entry per row, the step's own)."""
+    n = len(crows)
+    new = np.ones(n, bool)
+    np.not_equal(crows[1:], crows[:-1], out=new[1:])
+    if new.all():
+        return None
+    rows = np.arange(n)
+    run_start = np.maximum.accumulate(np.where(new, rows, 0))
+    new |= (rows - run_start) % CROSS_ENTRY_ROWS == 0
+    first = np.flatnonzero(new)
+    return first, np.append(first, n).astype(np.int32)
+
+
 # up to this many sequences a verification step's inputs are laid out in Python lists
 # (``ModelRunner._verify_layout_few``), beyond it in numpy over all rows at once
 FEW_SEQS = 8
@@ -266,6 +289,8 @@ class ModelRunner:
         # the last decode step's (self-attention tables [B, W], cross-attention PagedView) on the
         # device, row i = its i-th sequence (decode_children reads its parents' rows there)
         self.last_tables: tuple[torch.Tensor, PagedView] | None = None
+        # with cross-attention entries (``cross_entries``), the entry of each of those rows
+        self.last_entries: np.ndarray | None = None
         self.verify_graphs = None  # [CudaGraphs] of speculative verification steps, by queries a sequence
         self.encoder_graph = None  # (graph, static EncoderBatch, static slots): capture_encoder_graph()
         self.encoder_graph_replays = 0
@@ -638,7 +663,7 @@ class ModelRunner:
             ),
             logits_indices=torch.arange(total, device=dev),
         )
-        self.last_tables = (meta.self_attn.block_tables, meta.cross_attn)
+        self.set_last_tables(meta.self_attn.block_tables, meta.cross_attn)
         return self.model.decode(tokens, positions, meta).float(), drafts
 
     def _eager(self, seqs, srows, crows, q_lens, next_tokens=None, drafts=None) -> torch.Tensor:
@@ -658,6 +683,20 @@ class ModelRunner:
                 slots += self._slots(s.block_table, start, end)
             logits_rows = cu[1:] - 1
             kv_lens = [len(s.tokens) + ahead for s in seqs]
+        entries = self.cross_entries(crows) if drafts is None and max(q_lens) == 1 else None
+        if entries is None:
+            cross = PagedView(
+                self._tensor(self.cross_tables[crows], torch.int32),
+                self._tensor([s.group.encoder_len for s in seqs], torch.int32),
+            )
+        else:
+            first, cross_cu = entries
+            cross = PagedView(
+                self._tensor(self.cross_tables[crows[first]], torch.int32),
+                self._tensor([seqs[i].group.encoder_len for i in first.tolist()], torch.int32),
+                self._tensor(cross_cu, torch.int32),
+                CROSS_ENTRY_ROWS,
+            )
         meta = AttentionMetadata(
             cu_seqlens_q=self._tensor(cu, torch.int32),
             max_seqlen_q=max(q_lens),
@@ -666,26 +705,53 @@ class ModelRunner:
                 self._tensor(self.self_tables[srows], torch.int32),
                 self._tensor(kv_lens, torch.int32),
             ),
-            cross_attn=PagedView(
-                self._tensor(self.cross_tables[crows], torch.int32),
-                self._tensor([s.group.encoder_len for s in seqs], torch.int32),
-            ),
+            cross_attn=cross,
             logits_indices=self._tensor(logits_rows, torch.long),
         )
         token_ids = next_tokens if ahead else self._tensor(tokens, torch.long)
-        self.last_tables = (meta.self_attn.block_tables, meta.cross_attn)
+        self.set_last_tables(meta.self_attn.block_tables, cross, entries)
         return self.model.decode(token_ids, self._tensor(positions, torch.long), meta)
+
+    def cross_entries(self, crows: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``cross_entries`` of a one-row step where cross-attention reads per-layer K/V through
+        the paged kernel; None with absorbed rows (their kernel reads a sequence's rows once per
+        query row either way)."""
+        return cross_entries(crows) if self.encoder_rows is None else None
+
+    def set_last_tables(self, tables: torch.Tensor, cross: PagedView, entries=None) -> None:
+        """The step just launched: its self tables and cross view (``last_tables``), and with
+        ``entries`` (``cross_entries``) the entry of each row."""
+        self.last_tables = (tables, cross)
+        if entries is None:
+            self.last_entries = None
+        else:
+            first, cu = entries
+            self.last_entries = np.repeat(np.arange(len(first)), np.diff(cu))
 
     def keep_rows(self, rows: list[int]) -> None:
         """The last decode step's rows that go on, in order (the rest finished): ``last_tables``
         keeps theirs only, so that row i there is the next step's i-th sequence again."""
         if self.last_tables is not None and rows:
             tables, cross = self.last_tables
-            index = to_device(self.device, rows)
-            self.last_tables = (
-                tables.index_select(0, index),
-                PagedView(cross.block_tables.index_select(0, index), cross.seq_lens.index_select(0, index)),
+            if self.last_entries is None:
+                index = to_device(self.device, rows)
+                kept = PagedView(*(t.index_select(0, index) for t in (cross.block_tables, cross.seq_lens)))
+                self.last_tables = (tables.index_select(0, index), kept)
+                return
+            # cross-attention entries: those with a row left, over their rows left
+            entries, counts = np.unique(self.last_entries[rows], return_counts=True)
+            cu = np.zeros(len(entries) + 1, np.int64)
+            np.cumsum(counts, out=cu[1:])
+            up = to_device(self.device, np.concatenate([rows, entries, cu]))  # one upload
+            index, which = up[: len(rows)], up[len(rows) : len(rows) + len(entries)]
+            kept = PagedView(
+                cross.block_tables.index_select(0, which),
+                cross.seq_lens.index_select(0, which),
+                up[len(rows) + len(entries) :].to(torch.int32),
+                cross.max_seqlen_q,
             )
+            self.last_tables = (tables.index_select(0, index), kept)
+            self.last_entries = np.repeat(np.arange(len(entries)), counts)
 
     def decode_children(self, children: Children, positions: np.ndarray, new_block: np.ndarray,
                         reserved: list[int]) -> torch.Tensor:  # fmt: skip
@@ -726,5 +792,5 @@ class ModelRunner:
                 logits_indices=torch.arange(n, device=dev),
             )
             logits = self.model.decode(children.tokens, pos, meta)
-        self.last_tables = (tables, cross)
+        self.last_tables = (tables, cross)  # the same rows a request as its parents: the same entries
         return logits.float()
