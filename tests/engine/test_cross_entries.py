@@ -39,7 +39,9 @@ def _run(loaded, reqs, **cfg):
     out = {r.request_id: r for r in engine.generate(reqs)}
     assert all(r.error is None for r in out.values())
     assert engine.blocks.num_free == engine.blocks.num_blocks
-    return engine, {i: [(c.token_ids, c.finish_reason, c.score) for c in r.completions] for i, r in out.items()}
+    return engine, {
+        i: [(c.token_ids, c.finish_reason, c.score) for c in r.completions] for i, r in out.items()
+    }
 
 
 @pytest.mark.parametrize(
