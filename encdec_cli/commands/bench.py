@@ -11,6 +11,8 @@ from encdec_cli.commands import common
 from encdec_cli.tasks import summary
 
 ORACLE_ALPHAS = "0.0,0.5,0.7,0.9"  # encdec_cli.tasks.bench.ORACLE_ALPHAS (not imported: no torch for --help)
+ENGINE_SEQS = 1024  # encdec_cli.tasks.bench.ENGINE_SEQS (likewise)
+BASELINE_BATCHES = (16, 64, 128, 256)  # transformers' batch sizes tried (Whisper: 64)
 ORACLE_KS = "2,4,8"
 
 
@@ -27,7 +29,7 @@ def bench(
         "hf", "--baseline", help="hf: also time transformers generate in the same run; none: ours only."
     ),
     baseline_batch: list[int] = typer.Option(
-        [16, 64, 128],
+        list(BASELINE_BATCHES),
         "--baseline-batch",
         help="transformers batch sizes to try (the best counts; Whisper always uses 64).",
     ),
@@ -35,9 +37,10 @@ def bench(
         None, "--out", help="JSON results file (default: benchmarks/results/<device>-<time>.json)."
     ),
     max_num_seqs: int = typer.Option(
-        512,
+        ENGINE_SEQS,
         "--max-num-seqs",
-        help="Sequences per engine step (beams count singly); the KV pool limits what is admitted.",
+        help="Sequences per engine step (beams count singly; a workload with fewer takes its own "
+        "count); the KV pool limits what is admitted.",
     ),
     enforce_eager: bool = typer.Option(False, "--enforce-eager", help="Disable CUDA graphs."),
     pipeline_parallel: common.PipelineParallel = 1,

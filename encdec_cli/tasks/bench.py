@@ -52,6 +52,12 @@ class Workload:
     forced_bos: int | None = None  # a token forced first (NLLB: the target language)
 
 
+# the engine's sequences per step (``--max-num-seqs``; a workload with fewer takes its own count):
+# 1024 against 512 on an H100 (benchmarks/README.md, twenty-third session): W3 (beam 4, so 256
+# requests in flight instead of 128) 1.3-1.5x, W2 +8%, W4 +3%
+ENGINE_SEQS = 1024
+
+
 # TensorRT-LLM's published H100 numbers (bf16, greedy, 260-440 input tokens, 128 output tokens):
 # legacy TensorRT path, then its PyTorch backend, at batch 32 / 64 / 128 (benchmarks/WORKLOADS.md)
 TRTLLM_H100 = {
@@ -438,7 +444,7 @@ def run_prefix_workload(w: Workload, loaded, engine_cfg: dict) -> dict:
     g = torch.Generator().manual_seed(1)  # warm-up windows that are not in the workload
     warm_waves = [torch.randn(N_SAMPLES, generator=g).numpy() * 0.1 for _ in range(4)]
     cfg = {k: v for k, v in engine_cfg.items() if k not in ("profile", "prefix_cache")}
-    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), len(waves) * (1 + W6_BEST_OF))
+    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", ENGINE_SEQS), len(waves) * (1 + W6_BEST_OF))
     res: dict = {"decodings": len(waves) + W6_BEST_OF * sum(falls), "fallback_windows": sum(falls)}
     audio_s = 30.0 * len(waves)
     for on in (False, True):
@@ -501,7 +507,7 @@ def _engine_cfg(w: Workload, engine_cfg: dict, n: int) -> dict:
     cfg = {k: v for k, v in engine_cfg.items() if k != "profile"}
     # never more sequence slots than the workload has sequences (W5: one): the engine sizes its CUDA
     # graphs and its cross-attention layout (runner.ABSORB_MIN_SEQS) by them
-    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), n * w.num_beams)
+    cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", ENGINE_SEQS), n * w.num_beams)
     if w.batch:  # TensorRT-LLM's shape: exactly this many sequences per step
         cfg["max_num_seqs"] = w.batch
     return cfg

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from encdec_cli.tasks.bench import (
+    ENGINE_SEQS,
     WORKLOADS,
     Workload,
     build_models,
@@ -50,7 +51,7 @@ class BenchSpec:
         _, loaded = build_models(w, device, torch.bfloat16, with_hf=False)
         torch.cuda.empty_cache()  # the transformers model the weights came from is gone
         cfg = shared_config({k: v for k, v in self.engine_cfg if k != "profile"}, share)
-        cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", 512), w.requests * w.num_beams)
+        cfg["max_num_seqs"] = min(cfg.get("max_num_seqs", ENGINE_SEQS), w.requests * w.num_beams)
         engine = Engine(loaded, **cfg)
         list(engine.generate(warmup_requests(w, loaded.config, enc_inputs, targets)))
         engine.reset_prefix_cache()  # the warm-up ran the workload's first inputs

@@ -273,3 +273,13 @@ def test_w7_w8_requests_run_on_a_narrow_model_of_the_architecture(wid):
     assert [len(out[i].token_ids) for i in range(3)] == targets
     if wid == "W7":
         assert all(out[i].token_ids[0] == NLLB_FRA_LATN for i in range(3))
+
+
+def test_the_cli_defaults_are_the_tasks():
+    """``encdec bench``'s defaults are written out in the command (its --help imports no torch):
+    they must stay the task module's."""
+    from encdec_cli.commands import bench as command
+    from encdec_cli.tasks import bench as task
+
+    assert command.ENGINE_SEQS == task.ENGINE_SEQS
+    assert tuple(map(float, command.ORACLE_ALPHAS.split(","))) == task.ORACLE_ALPHAS
