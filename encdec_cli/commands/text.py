@@ -130,7 +130,7 @@ def _text_command(task: str):
             "--max-num-seqs",
             help="Sequences decoded together per step (beams count singly; the KV pool limits what is "
             "admitted). Text inputs are short, so many fit at once (1024 against 512 on an H100: beam "
-            "search 1.3-1.5x faster, greedy 3-8%); the engine's own default is 256.",
+            "search about 1.3x faster, greedy 3-8%); the engine's own default is 256.",
         ),
         gpu_memory_utilization: GpuMemory = 0.9,
         enforce_eager: EnforceEager = False,

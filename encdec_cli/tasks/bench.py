@@ -54,7 +54,7 @@ class Workload:
 
 # the engine's sequences per step (``--max-num-seqs``; a workload with fewer takes its own count):
 # 1024 against 512 on an H100 (benchmarks/README.md, twenty-third session): W3 (beam 4, so 256
-# requests in flight instead of 128) 1.3-1.5x, W2 +8%, W4 +3%
+# requests in flight instead of 128) about 1.3x at the median of noisy runs, W2 +8%, W4 +3%
 ENGINE_SEQS = 1024
 
 
