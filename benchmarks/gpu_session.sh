@@ -110,6 +110,15 @@ w5_spec_ab() {  # w5_spec_ab NEW PREV: w5_spec twice each, alternating this tree
         (cd out/prev && w5_spec "$2-$i" 8)
     done
 }
+w3_ab() {  # W3 (ours only) AB_PAIRS times (default 2) alternating this tree and out/prev, then
+    # where W3's step goes (profile_step.py)
+    for i in $(seq "${AB_PAIRS:-2}"); do
+        step 80 W3-ab-new-$i "${encdec[@]}" bench W3 --baseline none --out "$(name W3-ab-new-$i).json"
+        (cd out/prev && step 80 W3-ab-prev-$i "${encdec[@]}" bench W3 --baseline none \
+            --out "$(name W3-ab-prev-$i).json")
+    done
+    step 100 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json"
+}
 { nvidia-smi -L; python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"; } >"$OUT/device.txt" 2>&1
 
 for part in "$@"; do
@@ -225,12 +234,7 @@ for part in "$@"; do
     beamx)
         step 240 gpu-tests-beams python3 -m pytest -q -m gpu tests/gpu/test_beam_gpu.py tests/gpu/test_cuda_graphs.py \
             -p no:cacheprovider
-        for i in $(seq "${AB_PAIRS:-2}"); do
-            step 80 W3-ab-new-$i "${encdec[@]}" bench W3 --baseline none --out "$(name W3-ab-new-$i).json"
-            (cd out/prev && step 80 W3-ab-prev-$i "${encdec[@]}" bench W3 --baseline none \
-                --out "$(name W3-ab-prev-$i).json")
-        done
-        step 100 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json"
+        w3_ab
         grep -h "passed\|failed\|^W3" "$OUT"/*.log ;;
     w3seqs)
         for seqs in 512 1024 2048; do
@@ -249,12 +253,7 @@ for part in "$@"; do
         step 200 gpu-tests-beams python3 -m pytest -q -m gpu tests/gpu/test_kernels_gpu.py tests/gpu/test_beam_gpu.py \
             -k "beam or ngram" -p no:cacheprovider
         step 420 W3 "${encdec[@]}" bench W3 --out "$(name W3).json"
-        for i in $(seq "${AB_PAIRS:-2}"); do
-            step 80 W3-ab-new-$i "${encdec[@]}" bench W3 --baseline none --out "$(name W3-ab-new-$i).json"
-            (cd out/prev && step 80 W3-ab-prev-$i "${encdec[@]}" bench W3 --baseline none \
-                --out "$(name W3-ab-prev-$i).json")
-        done
-        step 100 profile-W3 python3 benchmarks/profile_step.py W3 --max-num-seqs 512 --out "$(name profile-W3).json"
+        w3_ab
         grep -h "passed\|failed\|^W3" "$OUT"/*.log ;;
     speed)
         step 300 W3-W4-W5 "${encdec[@]}" bench W3 W4 W5 --out "$(name W3-W4-W5).json"
