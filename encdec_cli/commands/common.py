@@ -175,19 +175,22 @@ def command(name: str | None = None):
                 code = fn(*args, **kwargs)
             except typer.Exit:  # fail() inside the command: its summary is written
                 raise
-            except (ValueError, ModelNotFoundError) as e:  # UsageError, TableError, model errors
-                fail(str(e), errors.USAGE)
-            except OSError as e:
-                fail(errors.describe_os_error(e), errors.IO_FAILURE)
-            except errors.PipelineFailure as e:  # a pipeline stage died: what finished is saved
-                fail(str(e), errors.ITEMS_FAILED)
             except KeyboardInterrupt:  # before the job took over (loading): typer's status 130
                 _summary_of_fault(interrupts.exit_status(), interrupts.stop_message())
                 raise
             except Exception as e:
-                if interrupts.caused_by_stop(e):  # a stop signal that an import hook wrapped
+                # a stop signal that an import hook wrapped, or one that native code turned into an
+                # error of its own (torch's "could not determine the shape of object type ..." when
+                # the KeyboardInterrupt was raised in Python code it called): the stop is the cause
+                if interrupts.caused_by_stop(e) or interrupts.stop_received():
                     _summary_of_fault(interrupts.exit_status(), interrupts.stop_message())
                     raise KeyboardInterrupt from None
+                if isinstance(e, (ValueError, ModelNotFoundError)):  # UsageError, TableError, model errors
+                    fail(str(e), errors.USAGE)
+                if isinstance(e, OSError):
+                    fail(errors.describe_os_error(e), errors.IO_FAILURE)
+                if isinstance(e, errors.PipelineFailure):  # a pipeline stage died: what finished is saved
+                    fail(str(e), errors.ITEMS_FAILED)
                 # a bug: the summary says so, the traceback follows
                 _summary_of_fault(1, f"internal error: {type(e).__name__}: {e}")
                 raise

@@ -121,6 +121,11 @@ def reset() -> None:
     _received.clear()
 
 
+def stop_received() -> bool:
+    """Whether a stop signal came since the last :func:`reset` (the command's start)."""
+    return bool(_received)
+
+
 def exit_status() -> int:
     """130 after Ctrl-C, 143 after SIGTERM: the first stop signal received (130 if none was noted)."""
     return STOP_SIGNALS.get(_received[0], 130) if _received else 130

@@ -507,6 +507,51 @@ def test_a_stop_signal_inside_an_import_hook_is_still_one_line(tmp_path, text_mo
     assert summary["status"] == "interrupted" and summary["exit_code"] == 130
 
 
+_STOP_TURNED_INTO_AN_ERROR = """
+import importlib.abc, importlib.machinery, signal, sys
+from encdec_cli.tasks import interrupts
+
+class Finder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "encdec_cli.tasks.seq2seq":  # what the summarize command imports first
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+
+        def exec_module(module):  # the KeyboardInterrupt raised in Python code torch called, as
+            interrupts._note(signal.SIGINT)  # torch reports it: an error of its own, not chained
+            raise ValueError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Finder())
+sys.argv = ["encdec", *sys.argv[1:]]
+from encdec_cli.__main__ import main
+main()
+"""
+
+
+def test_a_stop_signal_that_native_code_turned_into_an_error_is_still_one_line(tmp_path, text_model):
+    """A KeyboardInterrupt raised in Python code that native code called (torch.tensor's sequence
+    checks) comes out as the native code's own error, not chained to it (once in CI: "error: could
+    not determine the shape of object type ...", status 2): after a stop signal, any error is the
+    stop's. Status 130, one line, the summary says interrupted."""
+    (tmp_path / "in.txt").write_text("w1 w2\n")
+    args = ["summarize", str(tmp_path / "in.txt"), "-m", str(text_model)]
+    args += ["--summary-json", str(tmp_path / "summary.json")]
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOP_TURNED_INTO_AN_ERROR, *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines() == ["interrupted (Ctrl-C)"], proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["exit_code"] == 130
+
+
 def test_a_stop_signal_while_a_module_imports_waits_for_the_import(tmp_path, monkeypatch):
     """Native extensions run Python code while they import (torch's, through pybind11, which aborts
     the process on an exception there): a stop signal then is held until the import has ended, and a
