@@ -118,7 +118,7 @@ class CudaGraphs:
         self.max_batch = self.sizes[-1]
         self.queries = q = queries  # query rows per sequence (K + 1 for verification steps)
         # one-row steps group a request's rows into one cross-attention entry (runner.cross_entries)
-        self.grouped = q == 1 and runner.encoder_rows is None
+        self.grouped = self.cross_entries and q == 1 and runner.encoder_rows is None
         dev, n = runner.device, self.max_batch
         self.tokens = torch.zeros(n * q, dtype=torch.long, device=dev)
         self.positions = torch.zeros(n * q, dtype=torch.long, device=dev)
@@ -172,6 +172,7 @@ class CudaGraphs:
         return PagedView(self.cross_tables[:e], self.cross_lens[:e], self.cross_cu[: e + 1], CROSS_ENTRY_ROWS)
 
     segments = SEGMENTS
+    cross_entries = True  # whether one-row steps may group a request's rows (per-layer K/V)
 
     def _call(self, model, b: int, meta: AttentionMetadata, out=None):
         """What a graph of padded batch ``b`` runs, on the static buffers: the model's decode step,

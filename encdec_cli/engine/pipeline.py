@@ -536,6 +536,7 @@ class StageGraphs(CudaGraphs):
     re-runs the captured call on the same static buffers and writes into the same output."""
 
     segments = 1  # a stage's part is short, its launch one call
+    cross_entries = False  # a micro-batch's cross view has an entry a row (``run_micro``)
 
     def __init__(self, stage: Stage, rows: int, self_width: int, cross_width: int, pair: bool):
         self.stage = stage
