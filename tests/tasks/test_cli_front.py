@@ -486,25 +486,28 @@ main()
 """
 
 
-def test_a_stop_signal_inside_an_import_hook_is_still_one_line(tmp_path, text_model):
-    """A stop signal in a class's __set_name__ while a module imports (huggingface_hub's dataclasses,
-    while transformers imports; Python 3.11 would wrap a KeyboardInterrupt raised there in a
-    RuntimeError) is held until the import ends: status 130, one line."""
+def _summarize_stopped(tmp_path, text_model, script: str) -> subprocess.CompletedProcess:
+    """``encdec summarize`` run by ``script`` (which stops it while it imports): status 130, its last
+    line the stop's, its summary JSON interrupted."""
     (tmp_path / "in.txt").write_text("w1 w2\n")
     args = ["summarize", str(tmp_path / "in.txt"), "-m", str(text_model)]
     args += ["--summary-json", str(tmp_path / "summary.json")]
     proc = subprocess.run(
-        [sys.executable, "-c", _STOP_INSIDE_AN_IMPORT_HOOK, *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=300
     )
     assert proc.returncode == 130, proc.stderr
-    assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "interrupted (Ctrl-C)", proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["exit_code"] == 130
+    return proc
+
+
+def test_a_stop_signal_inside_an_import_hook_is_still_one_line(tmp_path, text_model):
+    """A stop signal in a class's __set_name__ while a module imports (huggingface_hub's dataclasses,
+    while transformers imports; Python 3.11 would wrap a KeyboardInterrupt raised there in a
+    RuntimeError) is held until the import ends: status 130, one line."""
+    proc = _summarize_stopped(tmp_path, text_model, _STOP_INSIDE_AN_IMPORT_HOOK)
+    assert "Traceback" not in proc.stderr
 
 
 _STOP_TURNED_INTO_AN_ERROR = """
@@ -536,20 +539,8 @@ def test_a_stop_signal_that_native_code_turned_into_an_error_is_still_one_line(t
     checks) comes out as the native code's own error, not chained to it (once in CI: "error: could
     not determine the shape of object type ...", status 2): after a stop signal, any error is the
     stop's. Status 130, one line, the summary says interrupted."""
-    (tmp_path / "in.txt").write_text("w1 w2\n")
-    args = ["summarize", str(tmp_path / "in.txt"), "-m", str(text_model)]
-    args += ["--summary-json", str(tmp_path / "summary.json")]
-    proc = subprocess.run(
-        [sys.executable, "-c", _STOP_TURNED_INTO_AN_ERROR, *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert proc.returncode == 130, proc.stderr
+    proc = _summarize_stopped(tmp_path, text_model, _STOP_TURNED_INTO_AN_ERROR)
     assert proc.stderr.strip().splitlines() == ["interrupted (Ctrl-C)"], proc.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["status"] == "interrupted" and summary["exit_code"] == 130
 
 
 def test_a_stop_signal_while_a_module_imports_waits_for_the_import(tmp_path, monkeypatch):
