@@ -289,7 +289,7 @@ class ModelRunner:
         # the last decode step's (self-attention tables [B, W], cross-attention PagedView) on the
         # device, row i = its i-th sequence (decode_children reads its parents' rows there)
         self.last_tables: tuple[torch.Tensor, PagedView] | None = None
-        # with cross-attention entries (``cross_entries``), the entry of each of those rows
+        # with cross-attention entries (``cross_entries``), their [E + 1] row offsets (host copy)
         self.last_entries: np.ndarray | None = None
         self.verify_graphs = None  # [CudaGraphs] of speculative verification steps, by queries a sequence
         self.encoder_graph = None  # (graph, static EncoderBatch, static slots): capture_encoder_graph()
@@ -720,13 +720,9 @@ class ModelRunner:
 
     def set_last_tables(self, tables: torch.Tensor, cross: PagedView, entries=None) -> None:
         """The step just launched: its self tables and cross view (``last_tables``), and with
-        ``entries`` (``cross_entries``) the entry of each row."""
+        ``entries`` (``cross_entries``) their row offsets."""
         self.last_tables = (tables, cross)
-        if entries is None:
-            self.last_entries = None
-        else:
-            first, cu = entries
-            self.last_entries = np.repeat(np.arange(len(first)), np.diff(cu))
+        self.last_entries = None if entries is None else entries[1]
 
     def keep_rows(self, rows: list[int]) -> None:
         """The last decode step's rows that go on, in order (the rest finished): ``last_tables``
@@ -739,7 +735,8 @@ class ModelRunner:
                 self.last_tables = (tables.index_select(0, index), kept)
                 return
             # cross-attention entries: those with a row left, over their rows left
-            entries, counts = np.unique(self.last_entries[rows], return_counts=True)
+            of_row = np.repeat(np.arange(len(self.last_entries) - 1), np.diff(self.last_entries))
+            entries, counts = np.unique(of_row[rows], return_counts=True)
             cu = np.zeros(len(entries) + 1, np.int64)
             np.cumsum(counts, out=cu[1:])
             up = to_device(self.device, np.concatenate([rows, entries, cu]))  # one upload
@@ -751,7 +748,7 @@ class ModelRunner:
                 cross.max_seqlen_q,
             )
             self.last_tables = (tables.index_select(0, index), kept)
-            self.last_entries = np.repeat(np.arange(len(entries)), counts)
+            self.last_entries = cu
 
     def decode_children(self, children: Children, positions: np.ndarray, new_block: np.ndarray,
                         reserved: list[int]) -> torch.Tensor:  # fmt: skip
