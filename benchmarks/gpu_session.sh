@@ -48,6 +48,9 @@
 #           W3's step goes (profile_step.py) (~8)
 #   w3seqs  W3 (ours only) at --max-num-seqs 512, 1024 and 2048, then transformers at batch 128 and
 #           256 (whether more requests in flight amortise W3's host-bound beam step) (~8)
+#   hostvar what moves W3's host-bound run between runs: the beam and graph GPU tests, then
+#           benchmarks/repeat_run.py W3 (one engine; default, one torch thread, the main thread
+#           pinned, the collector off, in turn; REPEAT_ROUNDS=N rounds, default 4) and W2 (~6)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -244,6 +247,14 @@ for part in "$@"; do
         step 200 W3-baseline "${encdec[@]}" bench W3 --baseline-batch 128 --baseline-batch 256 --max-num-seqs 1024 \
             --out "$(name W3-baseline).json"
         grep -h "W3 \|tok/s" "$OUT"/*W3*.log ;;
+    hostvar)
+        step 240 gpu-tests-beams python3 -m pytest -q -m gpu tests/gpu/test_beam_gpu.py tests/gpu/test_cuda_graphs.py \
+            -p no:cacheprovider
+        step 200 repeat-W3 python3 benchmarks/repeat_run.py W3 --rounds "${REPEAT_ROUNDS:-4}" \
+            --out "$(name repeat-W3).json"
+        step 150 repeat-W2 python3 benchmarks/repeat_run.py W2 --rounds 2 --variants default,threads1,pin \
+            --out "$(name repeat-W2).json"
+        grep -h "passed\|failed\|round\|median\|first run" "$OUT"/*.log ;;
     kernels)
         step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
         for form in ring producer registers; do

@@ -129,6 +129,9 @@ class CudaGraphs:
         self.cross_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.cu = torch.arange(n + 1, dtype=torch.int32, device=dev) * q
         self.cross_cu = torch.arange(n + 1, dtype=torch.int32, device=dev)  # the entries' rows (grouped)
+        # how many of cross_cu's first values are known to be an entry a row (its identity): a step
+        # without entries (greedy, sampling: a row a request) within them skips its copy
+        self.cross_cu_identity = n + 1
         self.idx = torch.arange(n * q, dtype=torch.long, device=dev)
         # Pinned host buffers, two sets used in turn (a step may be prepared while the previous
         # step's copies are still queued; an event says when a set is free again): tokens,
@@ -255,6 +258,8 @@ class CudaGraphs:
             if self.grouped:  # (a view without entries has one a row: the identity)
                 cu = cross.cu_seqlens_q
                 self.cross_cu[: e + 1].copy_(self.cu[: e + 1] if cu is None else cu)
+                if cu is not None:
+                    self.cross_cu_identity = 0
         if n < b:  # padding rows (see run)
             pads = ((self.tokens, 0), (self.positions, 0), (self.slots, -1), (self.self_lens, 1))
             pads += ((self.self_tables, 0),)
@@ -265,6 +270,8 @@ class CudaGraphs:
             if self.grouped:  # an entry a padding row, then none
                 self.cross_cu[e + 1 : e + 1 + b - n].copy_(self.cu[n + 1 : b + 1])
                 self.cross_cu[e + 1 + b - n : b + 1].fill_(b)
+                if e != n:
+                    self.cross_cu_identity = 0
         self._replay(b, True)
         return self.outputs[b][:n]
 
@@ -368,8 +375,9 @@ class CudaGraphs:
         self.slots[: b * q].copy_(dev[2 * b * q : 3 * b * q])
         self.self_lens[:b].copy_(dev[3 * b * q : 3 * b * q + b])
         self.cross_lens[:b].copy_(dev[3 * b * q + b : top])
-        if self.grouped:
+        if self.grouped and (entries is not None or self.cross_cu_identity < b + 1):
             self.cross_cu[: b + 1].copy_(dev[top:])
+            self.cross_cu_identity = 0 if entries is not None else b + 1
         self._replay(b, ahead)
         if q == 1:
             runner.set_last_tables(self.self_tables[:n], self._cross_view(e), entries)

@@ -69,3 +69,30 @@ def test_beam_steps_ahead_on_graphs_match_host_steps(pool, monkeypatch):
     if pool < 4000:
         assert engine.scheduler.num_preemptions > 0
     assert ahead == host
+
+
+def test_beams_and_greedy_requests_coming_and_going_on_graphs_match_eager():
+    """Steps whose beams share cross-attention entries and steps with an entry a row (greedy
+    requests alone, after the beams ended or before the next ones came) on the same graphs: the
+    graphs' entry offsets are rewritten, or kept while they are the identity, never left stale."""
+    loaded = _bart()
+    g = torch.Generator().manual_seed(5)
+    reqs = []
+    for i in range(16):
+        beams = i % 4 == 3
+        params = SamplingParams(
+            num_beams=4 if beams else 1, max_new_tokens=int(torch.randint(4, 30, (1,), generator=g)),
+            stop_token_ids=(),
+        )  # fmt: skip
+        reqs.append(Request(torch.randint(4, 299, (int(torch.randint(20, 200, (1,), generator=g)),),
+                                          generator=g).tolist(), [2], params, i))  # fmt: skip
+
+    def run(**cfg):
+        engine = Engine(loaded, block_size=4, max_num_seqs=10, **cfg)
+        out = engine.generate(reqs)
+        return engine, {r.request_id: [(c.token_ids, c.finish_reason) for c in r.completions] for r in out}
+
+    _, eager = run(enforce_eager=True, lookahead=False)
+    engine, graphed = run()
+    assert engine.runner.graphs.grouped and engine.runner.graphs.replays > 0
+    assert graphed == eager
