@@ -51,6 +51,9 @@
 #   hostvar what moves W3's host-bound run between runs: the beam and graph GPU tests, then
 #           benchmarks/repeat_run.py W3 (one engine; default, one torch thread, the main thread
 #           pinned, the collector off, in turn; REPEAT_ROUNDS=N rounds, default 4) and W2 (~6)
+#   seeds   adaptive K's misses by the sequence's record and the oracle averaged over seeds: the beam,
+#           graph and speculative GPU tests, W5 with oracle drafts (alpha 0, 0.7; K 4) twice in this
+#           tree and once in out/prev (carry it: the tree before), then hostvar's W3 runs (~9)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -255,6 +258,15 @@ for part in "$@"; do
         step 150 repeat-W2 python3 benchmarks/repeat_run.py W2 --rounds 2 --variants default,threads1,pin \
             --out "$(name repeat-W2).json"
         grep -h "passed\|failed\|round\|median\|first run" "$OUT"/*.log ;;
+    seeds)
+        step 300 gpu-tests-seeds python3 -m pytest -q -m gpu tests/gpu/test_beam_gpu.py tests/gpu/test_cuda_graphs.py \
+            tests/gpu/test_speculative_gpu.py -p no:cacheprovider
+        w5_spec seeds-1 8
+        (cd out/prev && w5_spec prev 8)
+        w5_spec seeds-2 8
+        step 150 repeat-W3 python3 benchmarks/repeat_run.py W3 --rounds "${REPEAT_ROUNDS:-3}" \
+            --out "$(name repeat-W3).json"
+        grep -h "passed\|failed\|oracle\|W5 \|round\|median\|first run" "$OUT"/*.log ;;
     kernels)
         step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
         for form in ring producer registers; do

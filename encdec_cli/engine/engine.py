@@ -324,7 +324,8 @@ class Engine:
     def set_drafter(self, drafter: Drafter) -> None:
         """Replace the speculative drafter between jobs (the engine idle), e.g. an ``OracleDrafter``
         of another alpha; the engine must decode speculatively already, with K at least the new one's
-        (its verification steps and graphs are sized for it)."""
+        (its verification steps and graphs are sized for it). Adaptive drafting starts afresh: what
+        it learnt of the old drafter's drafts (``Speculator.cold``) says nothing of the new one's."""
         if self.speculator is None or drafter.k > self.runner.queries - 1:
             raise ValueError(
                 f"set_drafter needs an engine made with a drafter (or speculative) of K >= {drafter.k}"
@@ -335,7 +336,7 @@ class Engine:
             if r not in _runner_of(drafter):
                 r.release()
         self._runners[1:] = _runner_of(drafter)
-        self.speculator.drafter = drafter
+        self.speculator.set_drafter(drafter)
 
     # ---- public API -------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request | None]) -> Iterator[Result]:

@@ -576,16 +576,34 @@ class _Adapt:
     """One sequence's drafting state (adaptive K): the drafts it may take now, and, while that is 0,
     the step on which it tries one draft again and how long it waited last."""
 
-    __slots__ = ("k", "next_try", "backoff", "misses")
+    __slots__ = ("k", "next_try", "backoff", "misses", "steps", "hits")
 
     def __init__(self, k: int):
         self.k, self.next_try, self.backoff, self.misses = k, 0, 0, 0
+        self.steps = self.hits = 0  # its verified steps with drafts; those whose first draft was accepted
+
+    @property
+    def misses_to_halve(self) -> int:
+        """Steps in a row with every draft rejected that halve K. Every draft rejected means the
+        first one was, which good drafts also do now and then: at a draft acceptance of 0.7, on 30%
+        of steps, so two such steps in a row (9% of steps) halved K on drafts worth their cost.
+        Where the sequence's steps before this run of misses had their first draft accepted at least
+        GOOD of the time it takes MISSES_GOOD (2.7% by chance at 0.7): oracle drafts at alpha 0.7,
+        K 4 then give 2.69 tokens a step against 2.64, at 0.5 1.83 against 1.80 (Whisper, 128
+        tokens, 16 seeds: benchmarks/README.md, twenty-fourth session). Drafts never yet right
+        halve K after MISSES, as before (alpha 0: the same steps). The record is the sequence's
+        own, not the engine's: its drafts are the same however the engine's steps group sequences."""
+        before = self.steps - self.misses
+        return MISSES_GOOD if before and self.hits >= GOOD * before else MISSES
 
 
 # steps a sequence whose drafts keep failing waits before trying one draft again: doubling from the
 # first to the last (a rejected retry waits longer; an accepted draft ends the back-off)
 BACKOFF_FIRST, BACKOFF_MOST = 4, 32
-MISSES = 2  # steps in a row with every draft rejected that halve K (one rejected retry ends a try)
+# steps in a row with every draft rejected that halve K (one rejected retry ends a try): MISSES, or
+# MISSES_GOOD where the sequence's first drafts were accepted at least GOOD of the time before
+# (``_Adapt.misses_to_halve``)
+MISSES, MISSES_GOOD, GOOD = 2, 3, 0.5
 # a new sequence starts backed off (BACKOFF_MOST) while the engine's recent drafts were almost all
 # rejected: the share accepted, averaged over the last ~RECENT verified sequence-steps with drafts,
 # below COLD, after at least RECENT of them
@@ -597,8 +615,9 @@ class Speculator:
     pool, verifies, and gives rejected drafts' slots back.
 
     Adaptive drafting (``adaptive``): each sequence starts at K drafts a step; ``MISSES`` steps
-    in a row whose drafts were all rejected halve its K (down to none: it then decodes as in a
-    plain step, and after about ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long
+    in a row whose drafts were all rejected (``MISSES_GOOD`` where the sequence's first drafts
+    were mostly accepted before: ``_Adapt.misses_to_halve``) halve its K (down to none: it then
+    decodes as in a plain step, and after about ``BACKOFF_FIRST`` steps tries one draft, waiting twice as long
     after each failed try, at most ``BACKOFF_MOST``); a step with an accepted draft doubles it
     again (at most K). Tries fall on the steps that are multiples of the wait (``clock``: the
     engine's steps), so sequences backing off alike try on the same steps and the steps between
@@ -613,11 +632,17 @@ class Speculator:
     verification step: 115 of W1's 252 at alpha 0 on an H100 (0.69x)."""
 
     def __init__(self, drafter: Drafter, blocks: BlockManager, adaptive: bool = True):
-        self.drafter, self.blocks, self.adaptive = drafter, blocks, adaptive
-        self._adapt: weakref.WeakKeyDictionary[Sequence, _Adapt] = weakref.WeakKeyDictionary()
+        self.blocks, self.adaptive = blocks, adaptive
         self.clock = 0  # the engine's steps so far (``tick``)
-        self.recent, self._verified = 1.0, 0  # share of drafts accepted lately; sequence-steps counted
         self._cohort_clock = [0, 0]  # the clock at each micro-batch cohort's last step
+        self.set_drafter(drafter)
+
+    def set_drafter(self, drafter: Drafter) -> None:
+        """Draft with ``drafter`` from now on (the engine idle), forgetting what adaptive drafting
+        learnt of the last one's drafts (a new drafter starts as the first did: not ``cold``)."""
+        self.drafter = drafter
+        self._adapt: weakref.WeakKeyDictionary[Sequence, _Adapt] = weakref.WeakKeyDictionary()
+        self.recent, self._verified = 1.0, 0  # share of drafts accepted lately; sequence-steps counted
 
     @property
     def k(self) -> int:
@@ -686,13 +711,15 @@ class Speculator:
         a = self._adapt.get(s)
         if a is None:
             return
+        a.steps += 1
+        a.hits += accepted > 0
         clock = self.clock if clock is None else clock
         if accepted == 0:
             if a.k == 0:  # a failed try: wait twice as long
                 self._back_off(a, min(BACKOFF_MOST, a.backoff * 2), clock)
                 return
             a.misses += 1
-            if a.misses < MISSES:
+            if a.misses < a.misses_to_halve:
                 return
             a.misses, a.k = 0, a.k // 2
             if a.k == 0:

@@ -14,7 +14,7 @@ import json
 import platform
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,10 @@ from encdec_models.audio import N_AUDIO_CTX, N_SAMPLES
 # lengths swept by ``encdec bench --speculative oracle``
 ORACLE_ALPHAS = (0.0, 0.5, 0.7, 0.9)
 ORACLE_KS = (2, 4, 8)
+# each (alpha, K) runs once per oracle seed, enough seeds that at least this many requests' drafts
+# are averaged: one request's 128 tokens are one draw of which drafts are wrong (W5 at alpha 0.7, K 4:
+# 2.46-2.84 tokens a step over seeds 0-7 on the CPU), the workload's mean needs several
+ORACLE_PATHS = 8
 # fra_Latn in NLLB-200's tokenizer ("translation to one language"): the language codes follow the
 # 256,000 sentencepiece pieces and the fairseq offset of 1, in transformers' FAIRSEQ_LANGUAGE_CODES
 # order (models/nllb/tokenization_nllb.py), where fra_Latn is entry 56: 256000 + 56 + 1
@@ -533,7 +537,7 @@ def _timed(w: Workload, engine, loaded, enc_inputs, targets, warmup: bool = True
 
 
 def _settled_path(w, engine, loaded, enc_inputs, targets, recorded: dict, k: int, vocab: int,
-                  alpha: float = 1.0, rounds: int = 6) -> tuple[dict, int]:  # fmt: skip
+                  alpha: float = 1.0, rounds: int = 6, seed: int = 0) -> tuple[dict, int]:  # fmt: skip
     """The greedy path the oracle's drafts follow on ``engine`` (a speculative one, K = ``k``) at
     ``alpha``.
 
@@ -542,7 +546,8 @@ def _settled_path(w, engine, loaded, enc_inputs, targets, recorded: dict, k: int
     differs, and where a random model's top two logits nearly tie, the speculative run leaves that
     path and every draft after it is wrong whatever alpha is (the sweep then measures the tie, not
     alpha). Which steps verify how many tokens depends on which drafts are wrong, so the engine
-    runs the workload untimed at the sweep's own alpha and takes its output as the path, until a
+    runs the workload untimed at the sweep's own alpha (and oracle ``seed``) and takes its output
+    as the path, until a
     run stays on it (``rounds`` at most: each round moves the point where a request leaves its path
     further on). Settling at alpha 1 instead left W5 on an H100 at 0.38 acceptance for alpha 0.7.
     Returns (the path, how many requests' paths moved). In float32 on the CPU nothing moves."""
@@ -550,7 +555,7 @@ def _settled_path(w, engine, loaded, enc_inputs, targets, recorded: dict, k: int
 
     path, moved = dict(recorded), set()
     for _ in range(rounds):
-        engine.set_drafter(OracleDrafter(path, alpha, k, vocab))
+        engine.set_drafter(OracleDrafter(path, alpha, k, vocab, seed=seed))
         out = list(engine.generate(workload_requests(w, loaded.config, enc_inputs, targets)))
         changed = {
             r.request_id: r.token_ids for r in out if not r.error and r.token_ids != path[r.request_id]
@@ -606,6 +611,11 @@ def run_ours(w: Workload, loaded, enc_inputs, targets, **engine_cfg) -> tuple[fl
     return wall, tokens, info
 
 
+def oracle_seeds(requests: int) -> int:
+    """Oracle seeds a sweep point runs: at least ORACLE_PATHS requests' drafts in all."""
+    return max(1, -(-ORACLE_PATHS // requests))
+
+
 def run_oracle_sweep(
     w: Workload, loaded, enc_inputs, targets, engine_cfg: dict, alphas, ks, value
 ) -> tuple[dict, tuple[float, int, dict]]:
@@ -614,8 +624,9 @@ def run_oracle_sweep(
     A plain run (look-ahead on, as ``run_ours``) records each request's greedy tokens and is the
     reference speed; then, for each K, one engine verifies K oracle drafts a step (``OracleDrafter``:
     the recorded continuation, each token wrong with probability 1 - alpha) and runs the workload
-    once per alpha. ``value(wall, tokens)``: the workload's metric. With ``profile`` in
-    ``engine_cfg``, every run is followed by a GPU-synchronised one whose per-phase seconds
+    once per alpha and oracle seed (``oracle_seeds``: a point's value is the seeds' tokens over
+    their wall time, per seed in ``per_seed``). ``value(wall, tokens)``: the workload's metric. With
+    ``profile`` in ``engine_cfg``, every run is followed by a GPU-synchronised one whose per-phase seconds
     (schedule / encode / draft / decode / sample) go into the JSON: where the time goes. Returns
     (the sweep for the JSON, the plain run as ``run_ours`` returns it)."""
     from encdec_cli.engine import Engine, OracleDrafter
@@ -645,43 +656,23 @@ def run_oracle_sweep(
     del engine
     plain = value(wall, tokens)
     vocab = loaded.model.vocab_size
+    seeds = oracle_seeds(len(enc_inputs))
     runs = []
     for k in ks:
         engine = Engine(loaded, drafter=OracleDrafter(recorded, alphas[0], k, vocab), **cfg)
         for alpha in alphas:
-            path, moved = _settled_path(w, engine, loaded, enc_inputs, targets, recorded, k, vocab, alpha)
-            drafter = OracleDrafter(path, alpha, k, vocab)
-            engine.set_drafter(drafter)
-            s_wall, s_out = _timed(w, engine, loaded, enc_inputs, targets, warmup=False)  # settled: warm
-            s_tokens = sum(len(r.token_ids) for r in s_out)
-            same = sum(r.token_ids == recorded[r.request_id] for r in s_out)
-            on_path = sum(r.token_ids == path[r.request_id] for r in s_out)
-            st = engine.stats
-            runs.append(
-                {
-                    "alpha": alpha,
-                    "k": k,
-                    "value": value(s_wall, s_tokens),
-                    "speedup": value(s_wall, s_tokens) / plain,
-                    "wall_s": s_wall,
-                    "steps": st.steps,
-                    "micro_batches": engine.micro_batches,
-                    "micro_batch_steps": st.micro_batch_steps,
-                    "absorb_cross": engine.absorbs_cross,  # speculative engines keep per-layer K/V
-                    **speculation_info(st),
-                    "off_track_proposals": drafter.off_track,
-                    # more steps than the plain run at alpha 0 mean fewer sequences a step: an
-                    # out-of-memory recovery lowered the engine's sequence limit, or preemptions
-                    "max_num_seqs_after": engine.max_num_seqs,
-                    "preemptions": st.preemptions,
-                    "outputs_equal_to_plain": same / len(s_out),
-                    # the drafts' path: the plain run's, or where verification steps' numerics leave
-                    # it, the speculative engine's own greedy path (``_settled_path``)
-                    "outputs_equal_to_oracle_path": on_path / len(s_out),
-                    "oracle_path_moved": moved,
-                    **({"profile_s": phases(engine)} if profile else {}),
-                }
-            )
+            per_seed = []
+            for seed in range(seeds):
+                path, moved = _settled_path(
+                    w, engine, loaded, enc_inputs, targets, recorded, k, vocab, alpha, seed=seed
+                )
+                drafter = OracleDrafter(path, alpha, k, vocab, seed=seed)
+                engine.set_drafter(drafter)
+                s_wall, s_out = _timed(w, engine, loaded, enc_inputs, targets, warmup=False)  # settled: warm
+                per_seed.append((seed, s_wall, s_out, engine.stats, drafter.off_track, path, moved))
+            runs.append(_oracle_run(alpha, k, per_seed, recorded, value, plain, engine))
+            if profile:  # (the last seed's drafter)
+                runs[-1]["profile_s"] = phases(engine)
         _release(engine)
         del engine
     sweep = {
@@ -691,10 +682,53 @@ def run_oracle_sweep(
         "note": "random weights: drafts are the target's own greedy tokens (the plain run's, settled on "
         "the verification steps' numerics), each replaced by a wrong token with probability 1 - alpha "
         "(synthetic acceptance; real acceptance needs real weights)",
+        "oracle_seeds": seeds,
         "plain": {"value": plain, "wall_s": wall, "steps": stats.steps, "ahead_steps": stats.ahead_steps},
         "runs": runs,
     }
     return sweep, (wall, tokens, plain_info)
+
+
+def _oracle_run(alpha: float, k: int, per_seed: list, recorded: dict, value, plain: float, engine) -> dict:
+    """One sweep point from its seeds' runs (seed, wall, results, EngineStats, off-track proposals,
+    the oracle's path, paths moved): the seeds' tokens over their wall time, their counters summed."""
+    walls = [r[1] for r in per_seed]
+    tokens = [sum(len(x.token_ids) for x in r[2]) for r in per_seed]
+    n = len(per_seed)
+    v = value(sum(walls) / n, sum(tokens) / n)
+    st = replace(per_seed[0][3])  # (the seeds' own stay as they were: per_seed below)
+    for r in per_seed[1:]:
+        for f in ("steps", "preemptions", "decode_rows", "generated_tokens", "verify_steps",
+                  "draft_tokens", "accepted_tokens", "micro_batch_steps"):  # fmt: skip
+            setattr(st, f, getattr(st, f) + getattr(r[3], f))
+    outs = [(x, r[5]) for r in per_seed for x in r[2]]
+    return {
+        "alpha": alpha,
+        "k": k,
+        "value": v,
+        "speedup": v / plain,
+        "wall_s": sum(walls) / n,
+        "steps": st.steps / n,
+        "micro_batches": engine.micro_batches,
+        "micro_batch_steps": st.micro_batch_steps / n,
+        "absorb_cross": engine.absorbs_cross,  # speculative engines keep per-layer K/V
+        **speculation_info(st),
+        "off_track_proposals": sum(r[4] for r in per_seed),
+        # more steps than the plain run at alpha 0 mean fewer sequences a step: an
+        # out-of-memory recovery lowered the engine's sequence limit, or preemptions
+        "max_num_seqs_after": engine.max_num_seqs,
+        "preemptions": st.preemptions,
+        "outputs_equal_to_plain": sum(x.token_ids == recorded[x.request_id] for x, _ in outs) / len(outs),
+        # the drafts' path: the plain run's, or where verification steps' numerics leave
+        # it, the speculative engine's own greedy path (``_settled_path``)
+        "outputs_equal_to_oracle_path": sum(x.token_ids == p[x.request_id] for x, p in outs) / len(outs),
+        "oracle_path_moved": sum(r[6] for r in per_seed),
+        "seeds": n,
+        "per_seed": [
+            {"seed": r[0], "value": value(r[1], t), "tokens_per_step": r[3].tokens_per_step}
+            for r, t in zip(per_seed, tokens, strict=True)
+        ],
+    }
 
 
 class _FixedLength:

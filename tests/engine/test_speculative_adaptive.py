@@ -5,7 +5,16 @@ K back; the greedy output never changes."""
 from __future__ import annotations
 
 from encdec_cli.engine import OracleDrafter
-from encdec_cli.engine.speculative import BACKOFF_FIRST, BACKOFF_MOST, COLD, MISSES, RECENT, Speculator
+from encdec_cli.engine.speculative import (
+    BACKOFF_FIRST,
+    BACKOFF_MOST,
+    COLD,
+    GOOD,
+    MISSES,
+    MISSES_GOOD,
+    RECENT,
+    Speculator,
+)  # fmt: skip
 from encdec_models.loading import load_model
 from tests.engine.test_speculative import run, text_requests
 from tests.support.text_models import single_thread
@@ -67,6 +76,41 @@ def test_k_halves_after_missed_steps_backs_off_and_comes_back():
         fixed.adapt(s, 8, 0)
 
 
+def _misses_until_halved(history: list[int]) -> int:
+    """Steps with every draft rejected (after steps that accepted ``history[i]`` of 8 drafts, K
+    kept at 8 by an accepted draft last) that a sequence takes before its K halves."""
+    spec, s = Speculator(_Drafter(), blocks=None), _Seq()
+    spec.tick()
+    for accepted in history:
+        spec.adapt(s, spec._want(s), accepted)
+    assert spec._want(s) == 8
+    for n in range(1, 10):
+        spec.adapt(s, 8, 0)
+        if spec._want(s) < 8:
+            return n
+    raise AssertionError("K never halved")
+
+
+def test_k_halves_after_more_misses_where_first_drafts_were_mostly_accepted():
+    """At a draft acceptance of 0.7 a step's first draft fails 30% of the time: two such steps in a
+    row are too common to mean bad drafts. Where the sequence's first drafts were accepted at least
+    GOOD of the time before, K halves after MISSES_GOOD; otherwise (new, or mostly wrong) after
+    MISSES. Another sequence's record does not count."""
+    assert MISSES_GOOD > MISSES and GOOD == 0.5
+    assert _misses_until_halved([]) == MISSES  # no record yet
+    assert _misses_until_halved([3]) == MISSES_GOOD
+    assert _misses_until_halved([2, 0, 1, 0, 4]) == MISSES_GOOD  # 3 of 5
+    assert _misses_until_halved([0, 0, 1, 0, 4]) == MISSES  # 2 of 5
+    spec, good, new = Speculator(_Drafter(), blocks=None), _Seq(), _Seq()
+    spec.tick()
+    for _ in range(5):
+        spec.adapt(good, spec._want(good), 4)
+    spec._want(new)
+    for _ in range(MISSES):
+        spec.adapt(new, 8, 0)
+    assert spec._want(new) == 4 and spec._want(good) == 8
+
+
 def test_sequences_backing_off_try_on_the_same_steps():
     """Sequences whose tries fail on different steps with the same wait try again on multiples of
     it: 5 sequences failing on 5 consecutive steps try on at most 2 steps, not 5, so the steps
@@ -76,8 +120,8 @@ def test_sequences_backing_off_try_on_the_same_steps():
     for s in seqs:
         spec._want(s)
         spec._adapt[s].k = 1
-        spec.adapt(s, 1, 0)
-        spec.adapt(s, 1, 0)  # backing off, BACKOFF_FIRST
+        for _ in range(MISSES):
+            spec.adapt(s, 1, 0)  # then backing off, BACKOFF_FIRST
     for _ in range(4):
         for s in seqs:  # a failed try each, on consecutive steps: the same (doubled) wait for all
             spec.tick()
@@ -119,6 +163,22 @@ def test_new_sequences_start_backed_off_while_the_engines_drafts_are_rejected():
     for s in old:
         fixed.adapt(s, 8, 0)
     assert not fixed.cold and fixed._want(_Seq()) == 8
+
+
+def test_a_new_drafter_starts_afresh():
+    """What adaptive drafting learnt of one drafter says nothing of the next (``Engine.set_drafter``:
+    the bench's oracle sweep runs alpha 0, then 0.7, on one engine): a cold engine is warm again and
+    a backed-off sequence drafts K again."""
+    spec = Speculator(_Drafter(), blocks=None)
+    seqs = [_Seq() for _ in range(RECENT)]
+    spec.tick()
+    for _ in range(3 * MISSES_GOOD):
+        for s in seqs:
+            spec.adapt(s, spec._want(s) or 1, 0)
+    assert spec.cold and spec._want(seqs[0]) == 0 and spec._want(_Seq()) == 0
+    spec.set_drafter(_Drafter())
+    assert not spec.cold
+    assert spec._want(seqs[0]) == 8 and spec._want(_Seq()) == 8
 
 
 def _verification_steps(accept: float, arrive: int = 8, arriving_steps: int = 48, life: int = 150):

@@ -139,10 +139,37 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
         assert r["draft_tokens"] > 0
         assert r["acceptance_rate"] == alpha
     assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
+    for r in runs.values():  # 3 requests: 3 seeds make ORACLE_PATHS (8) requests' drafts or more
+        assert sweep["oracle_seeds"] == r["seeds"] == len(r["per_seed"]) == 3
     assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
     assert {"encode", "draft", "decode", "sample"} <= runs[(1.0, 3)]["profile_s"].keys()
     assert "draft" not in info["profile_s"]  # the plain run drafts nothing
     assert info["graphs"] is False and info["graph_replays"] == info["whole_graph_replays"] == 0  # CPU
+
+
+def test_oracle_sweep_averages_one_requests_drafts_over_seeds(tmp_path, monkeypatch):
+    """One request (W5's shape) is one draw of which drafts are wrong: a sweep point runs it with
+    ORACLE_PATHS oracle seeds, each drawing its own wrong tokens, and reports their tokens over
+    their time and their counters summed."""
+    import torch
+
+    from encdec_cli.tasks.bench import ORACLE_PATHS, oracle_seeds, run_oracle_sweep
+
+    assert (oracle_seeds(1), oracle_seeds(3), oracle_seeds(512)) == (ORACLE_PATHS, 3, 1)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    loaded, w, enc_inputs, _ = _tiny_w1(tmp_path)
+    cfg = {"max_num_seqs": 1, "num_blocks": 400, "block_size": 16}
+    sweep, _ = run_oracle_sweep(
+        w, loaded, enc_inputs[:1], [40], cfg, (0.5,), (4,), lambda wall, tok: tok / wall
+    )
+    (r,) = sweep["runs"]
+    assert r["seeds"] == len(r["per_seed"]) == ORACLE_PATHS
+    assert [x["seed"] for x in r["per_seed"]] == list(range(ORACLE_PATHS))
+    each = [x["tokens_per_step"] for x in r["per_seed"]]
+    assert len(set(each)) > 1  # other draws of the wrong drafts
+    assert min(each) < r["tokens_per_step"] < max(each)
+    assert r["outputs_equal_to_plain"] == 1.0 and 0 < r["acceptance_rate"] < 1
+    assert r["value"] == pytest.approx(40 / r["wall_s"])
 
 
 def test_oracle_path_settles_on_the_speculative_engines_own_greedy_tokens(tmp_path, monkeypatch):
