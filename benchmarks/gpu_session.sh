@@ -54,6 +54,8 @@
 #   seeds   adaptive K's misses by the sequence's record and the oracle averaged over seeds: the beam,
 #           graph and speculative GPU tests, W5 with oracle drafts (alpha 0, 0.7; K 4) twice in this
 #           tree and once in out/prev (carry it: the tree before), then hostvar's W3 runs (~9)
+#   seqs2k  2048 sequences a step: W2 and W4 (ours only) at --max-num-seqs 2048, then W3 at 2048
+#           against transformers at batch 256 (~9)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -267,6 +269,14 @@ for part in "$@"; do
         step 150 repeat-W3 python3 benchmarks/repeat_run.py W3 --rounds "${REPEAT_ROUNDS:-3}" \
             --out "$(name repeat-W3).json"
         grep -h "passed\|failed\|oracle\|W5 \|round\|median\|first run" "$OUT"/*.log ;;
+    seqs2k)
+        for w in W2 W4; do
+            step 120 $w-seqs-2048 "${encdec[@]}" bench $w --baseline none --max-num-seqs 2048 \
+                --out "$(name $w-seqs-2048).json"
+        done
+        step 280 W3-seqs-2048-hf "${encdec[@]}" bench W3 --baseline-batch 256 --max-num-seqs 2048 \
+            --out "$(name W3-seqs-2048-hf).json"
+        grep -h "W[234] \|tok/s" "$OUT"/*seqs*.log ;;
     kernels)
         step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
         for form in ring producer registers; do
