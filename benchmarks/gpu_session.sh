@@ -56,6 +56,9 @@
 #           tree and once in out/prev (carry it: the tree before), then hostvar's W3 runs (~9)
 #   seqs2k  2048 sequences a step: W2 and W4 (ours only) at --max-num-seqs 2048, then W3 at 2048
 #           against transformers at batch 256 (~9)
+#   s24     the twenty-fourth session in one call: the beam, graph and speculative GPU tests, W5
+#           with oracle drafts in this tree and in out/prev, W3 at 2048 sequences against
+#           transformers at 256, then repeat_run.py W3 if time is left (~10)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -277,6 +280,15 @@ for part in "$@"; do
         step 280 W3-seqs-2048-hf "${encdec[@]}" bench W3 --baseline-batch 256 --max-num-seqs 2048 \
             --out "$(name W3-seqs-2048-hf).json"
         grep -h "W[234] \|tok/s" "$OUT"/*seqs*.log ;;
+    s24)
+        step 200 gpu-tests-s24 python3 -m pytest -q -m gpu tests/gpu/test_beam_gpu.py tests/gpu/test_cuda_graphs.py \
+            tests/gpu/test_speculative_gpu.py -p no:cacheprovider -x
+        w5_spec seeds-1 8
+        (cd out/prev && w5_spec prev 8)
+        step 200 W3-seqs-2048-hf "${encdec[@]}" bench W3 --baseline-batch 256 --max-num-seqs 2048 \
+            --out "$(name W3-seqs-2048-hf).json"
+        step 100 repeat-W3 python3 benchmarks/repeat_run.py W3 --rounds 2 --out "$(name repeat-W3).json"
+        grep -h "passed\|failed\|oracle\|W[35] \|round\|median\|first run" "$OUT"/*.log ;;
     kernels)
         step 100 sweep-shared-kv python3 benchmarks/sweep_shared_kv.py --quick
         for form in ring producer registers; do
