@@ -88,7 +88,7 @@ def test_beams_and_greedy_requests_coming_and_going_on_graphs_match_eager():
                                           generator=g).tolist(), [2], params, i))  # fmt: skip
 
     def run(**cfg):
-        engine = Engine(loaded, block_size=4, max_num_seqs=10, **cfg)
+        engine = Engine(loaded, block_size=4, max_num_seqs=10, num_blocks=4000, **cfg)
         out = engine.generate(reqs)
         return engine, {r.request_id: [(c.token_ids, c.finish_reason) for c in r.completions] for r in out}
 
