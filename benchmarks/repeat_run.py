@@ -38,6 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from encdec_cli.tasks import bench  # noqa: E402
+from tests.support.text_models import single_thread  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -45,12 +46,8 @@ def variant(name: str):
     if name == "default":
         yield
     elif name == "threads1":
-        before = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with single_thread():
             yield
-        finally:
-            torch.set_num_threads(before)
     elif name == "pin":
         before = os.sched_getaffinity(0)
         core = os.sched_getcpu() if hasattr(os, "sched_getcpu") else min(before)
