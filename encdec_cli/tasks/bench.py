@@ -28,7 +28,7 @@ ORACLE_ALPHAS = (0.0, 0.5, 0.7, 0.9)
 ORACLE_KS = (2, 4, 8)
 # each (alpha, K) runs once per oracle seed, enough seeds that at least this many requests' drafts
 # are averaged: one request's 128 tokens are one draw of which drafts are wrong (W5 at alpha 0.7, K 4:
-# 2.46-2.84 tokens a step over seeds 0-7 on the CPU), the workload's mean needs several
+# 2.51-2.91 tokens a step over seeds 0-7, benchmarks/oracle_tokens.py), the workload's mean needs several
 ORACLE_PATHS = 8
 # fra_Latn in NLLB-200's tokenizer ("translation to one language"): the language codes follow the
 # 256,000 sentencepiece pieces and the fairseq offset of 1, in transformers' FAIRSEQ_LANGUAGE_CODES
@@ -547,10 +547,10 @@ def _settled_path(w, engine, loaded, enc_inputs, targets, recorded: dict, k: int
     path and every draft after it is wrong whatever alpha is (the sweep then measures the tie, not
     alpha). Which steps verify how many tokens depends on which drafts are wrong, so the engine
     runs the workload untimed at the sweep's own alpha (and oracle ``seed``) and takes its output
-    as the path, until a
-    run stays on it (``rounds`` at most: each round moves the point where a request leaves its path
-    further on). Settling at alpha 1 instead left W5 on an H100 at 0.38 acceptance for alpha 0.7.
-    Returns (the path, how many requests' paths moved). In float32 on the CPU nothing moves."""
+    as the path, until a run stays on it (``rounds`` at most: each round moves the point where a
+    request leaves its path further on). Settling at alpha 1 instead left W5 on an H100 at 0.38
+    acceptance for alpha 0.7. Returns (the path, how many requests' paths moved). In float32 on the
+    CPU nothing moves."""
     from encdec_cli.engine import OracleDrafter
 
     path, moved = dict(recorded), set()
