@@ -16,6 +16,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -669,7 +670,7 @@ def run_oracle_sweep(
                 drafter = OracleDrafter(path, alpha, k, vocab, seed=seed)
                 engine.set_drafter(drafter)
                 s_wall, s_out = _timed(w, engine, loaded, enc_inputs, targets, warmup=False)  # settled: warm
-                per_seed.append((seed, s_wall, s_out, engine.stats, drafter.off_track, path, moved))
+                per_seed.append(_SeedRun(seed, s_wall, s_out, engine.stats, drafter.off_track, path, moved))
             runs.append(_oracle_run(alpha, k, per_seed, recorded, value, plain, engine))
             if profile:  # (the last seed's drafter)
                 runs[-1]["profile_s"] = phases(engine)
@@ -689,19 +690,31 @@ def run_oracle_sweep(
     return sweep, (wall, tokens, plain_info)
 
 
+class _SeedRun(NamedTuple):
+    """One oracle seed's timed run of a sweep point."""
+
+    seed: int
+    wall: float
+    results: list
+    stats: object  # EngineStats
+    off_track: int  # proposals skipped: the sequence left the oracle's path
+    path: dict  # the oracle's (settled) path
+    moved: int  # requests whose path settling moved
+
+
 def _oracle_run(alpha: float, k: int, per_seed: list, recorded: dict, value, plain: float, engine) -> dict:
-    """One sweep point from its seeds' runs (seed, wall, results, EngineStats, off-track proposals,
-    the oracle's path, paths moved): the seeds' tokens over their wall time, their counters summed."""
-    walls = [r[1] for r in per_seed]
-    tokens = [sum(len(x.token_ids) for x in r[2]) for r in per_seed]
+    """One sweep point from its seeds' runs (``_SeedRun``): the seeds' tokens over their wall time,
+    their counters summed."""
+    walls = [r.wall for r in per_seed]
+    tokens = [sum(len(x.token_ids) for x in r.results) for r in per_seed]
     n = len(per_seed)
     v = value(sum(walls) / n, sum(tokens) / n)
-    st = replace(per_seed[0][3])  # (the seeds' own stay as they were: per_seed below)
+    st = replace(per_seed[0].stats)  # (the seeds' own stay as they were: per_seed below)
     for r in per_seed[1:]:
         for f in ("steps", "preemptions", "decode_rows", "generated_tokens", "verify_steps",
                   "draft_tokens", "accepted_tokens", "micro_batch_steps"):  # fmt: skip
-            setattr(st, f, getattr(st, f) + getattr(r[3], f))
-    outs = [(x, r[5]) for r in per_seed for x in r[2]]
+            setattr(st, f, getattr(st, f) + getattr(r.stats, f))
+    outs = [(x, r.path) for r in per_seed for x in r.results]
     return {
         "alpha": alpha,
         "k": k,
@@ -713,7 +726,7 @@ def _oracle_run(alpha: float, k: int, per_seed: list, recorded: dict, value, pla
         "micro_batch_steps": st.micro_batch_steps / n,
         "absorb_cross": engine.absorbs_cross,  # speculative engines keep per-layer K/V
         **speculation_info(st),
-        "off_track_proposals": sum(r[4] for r in per_seed),
+        "off_track_proposals": sum(r.off_track for r in per_seed),
         # more steps than the plain run at alpha 0 mean fewer sequences a step: an
         # out-of-memory recovery lowered the engine's sequence limit, or preemptions
         "max_num_seqs_after": engine.max_num_seqs,
@@ -722,10 +735,10 @@ def _oracle_run(alpha: float, k: int, per_seed: list, recorded: dict, value, pla
         # the drafts' path: the plain run's, or where verification steps' numerics leave
         # it, the speculative engine's own greedy path (``_settled_path``)
         "outputs_equal_to_oracle_path": sum(x.token_ids == p[x.request_id] for x, p in outs) / len(outs),
-        "oracle_path_moved": sum(r[6] for r in per_seed),
+        "oracle_path_moved": sum(r.moved for r in per_seed),
         "seeds": n,
         "per_seed": [
-            {"seed": r[0], "value": value(r[1], t), "tokens_per_step": r[3].tokens_per_step}
+            {"seed": r.seed, "value": value(r.wall, t), "tokens_per_step": r.stats.tokens_per_step}
             for r, t in zip(per_seed, tokens, strict=True)
         ],
     }
