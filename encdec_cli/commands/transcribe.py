@@ -148,7 +148,7 @@ def transcribe(
         64,
         "--max-num-seqs",
         help="Windows decoded together per step (beams count singly). 64, lower than the text commands' "
-        "512: windows come from audio decoded on the host as the job goes, and each holds 1500 encoder "
+        "1024: windows come from audio decoded on the host as the job goes, and each holds 1500 encoder "
         "positions of cache; raise it on a large GPU fed with many files (encdec bench runs W1 at 512).",
     ),
     gpu_memory_utilization: GpuMemory = 0.9,
