@@ -87,8 +87,8 @@ def bench(
         "--speculative",
         help="off; oracle (synthetic: the plain run's own greedy tokens as drafts, each wrong with "
         "probability 1 - alpha, swept over --oracle-alpha x --oracle-k, each point run with as many "
-        "oracle seeds as make 8 requests: W5 8 times, W1 once); oracle:ALPHA:K (one point); "
-        "ngram[:K] (prompt lookup on the random inputs: its overhead).",
+        "oracle seeds as make 8 requests: W5 8 times, W1 once, the plain reference as often); "
+        "oracle:ALPHA:K (one point); ngram[:K] (prompt lookup on the random inputs: its overhead).",
     ),
     oracle_alpha: str = typer.Option(
         ORACLE_ALPHAS, "--oracle-alpha", help="Oracle draft acceptance probabilities (comma-separated)."

@@ -140,7 +140,7 @@ def test_oracle_sweep_records_then_verifies_the_recorded_tokens(tmp_path, monkey
         assert r["acceptance_rate"] == alpha
     assert runs[(1.0, 3)]["tokens_per_step"] > runs[(1.0, 2)]["tokens_per_step"] > 2.0
     for r in runs.values():  # 3 requests: 3 seeds make ORACLE_PATHS (8) requests' drafts or more
-        assert sweep["oracle_seeds"] == r["seeds"] == len(r["per_seed"]) == 3
+        assert sweep["oracle_seeds"] == r["seeds"] == len(r["per_seed"]) == 3 == sweep["plain"]["runs"]
     assert runs[(0.0, 3)]["tokens_per_step"] == 1.0
     assert {"encode", "draft", "decode", "sample"} <= runs[(1.0, 3)]["profile_s"].keys()
     assert "draft" not in info["profile_s"]  # the plain run drafts nothing
@@ -170,6 +170,12 @@ def test_oracle_sweep_averages_one_requests_drafts_over_seeds(tmp_path, monkeypa
     assert min(each) < r["tokens_per_step"] < max(each)
     assert r["outputs_equal_to_plain"] == 1.0 and 0 < r["acceptance_rate"] < 1
     assert r["value"] == pytest.approx(40 / r["wall_s"])
+    # the reference: as many plain runs as seeds, every one the recorded tokens, their mean time
+    plain = sweep["plain"]
+    assert plain["runs"] == len(plain["per_run_wall_s"]) == ORACLE_PATHS and plain["runs_equal"]
+    assert plain["wall_s"] == pytest.approx(sum(plain["per_run_wall_s"]) / ORACLE_PATHS)
+    assert plain["value"] == pytest.approx(40 / plain["wall_s"])
+    assert r["speedup"] == pytest.approx(r["value"] / plain["value"])
 
 
 def test_oracle_path_settles_on_the_speculative_engines_own_greedy_tokens(tmp_path, monkeypatch):
