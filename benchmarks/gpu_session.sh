@@ -59,6 +59,9 @@
 #   s24     the twenty-fourth session in one call: the beam, graph and speculative GPU tests, W5
 #           with oracle drafts in this tree and in out/prev, W3 at 2048 sequences against
 #           transformers at 256, then repeat_run.py W3 if time is left (~10)
+#   s25     issue 22 on whichever card comes: W5 with oracle drafts (alpha 0, 0.7; K 4; the plain
+#           reference now as many runs as seeds) twice, then on an H200 W1 with oracle drafts (alpha
+#           0, 0.7), on an H100 repeat_run.py W3 (one torch thread against the default) (~9)
 #   kernels the absorbed cross-attention sweep, bf16 and the three fp8 forms of the Gluon kernel (~4)
 #   speed   W3 W4 W5 against transformers (issue 26's targets), W3 again with no step launched
 #           ahead (beam steps choosing on the host: the A/B of the device's choice), then where
@@ -320,6 +323,17 @@ for part in "$@"; do
             --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W1-speculative-kv).json"
         step 200 W1-speculative-oracle-mb2 "${encdec[@]}" bench W1 --baseline none --speculative oracle \
             --oracle-alpha 0,0.7 --oracle-k 4 --micro-batches 2 --out "$(name W1-speculative-oracle-mb2).json" ;;
+    s25)
+        w5_spec s25-1 8
+        w5_spec s25-2 8
+        if [ "$device" = h200 ]; then
+            step 300 W1-speculative "${encdec[@]}" bench W1 --baseline none --speculative oracle \
+                --oracle-alpha 0,0.7 --oracle-k 4 --out "$(name W1-speculative).json"
+        else
+            step 240 repeat-W3 python3 benchmarks/repeat_run.py W3 --rounds 5 --variants default,threads1 \
+                --out "$(name repeat-W3).json"
+        fi
+        grep -h "^W\|oracle\|alpha\|round\|median" "$OUT"/*.log | head -40 ;;
     w1spec)
         # the comparison issue 22's W1 target names: plain decoding in the default layout (absorbed
         # rows) against speculation (per-layer K/V, runner.absorb_by_default), one process run;
