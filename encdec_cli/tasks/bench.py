@@ -646,11 +646,11 @@ def run_oracle_sweep(
     seeds = oracle_seeds(len(enc_inputs))
     # the reference speed over as many timed runs as a sweep point has seeds (W5: one request of
     # 128 tokens, 0.2 s a run, would otherwise divide eight runs' mean by one run)
-    walls, repeats_equal = [wall], True
+    walls, runs_equal = [wall], True
     for _ in range(seeds - 1):
         again_wall, again = _timed(w, engine, loaded, enc_inputs, targets, warmup=False)
         walls.append(again_wall)
-        repeats_equal = repeats_equal and all(r.token_ids == recorded[r.request_id] for r in again)
+        runs_equal = runs_equal and all(r.token_ids == recorded[r.request_id] for r in again)
     wall = sum(walls) / len(walls)
 
     def phases(engine) -> dict:
@@ -698,7 +698,7 @@ def run_oracle_sweep(
             "wall_s": wall,  # the runs' mean
             "runs": len(walls),
             "per_run_wall_s": walls,
-            "runs_equal": repeats_equal,  # every run's tokens those of the first (the drafts' source)
+            "runs_equal": runs_equal,  # every run's tokens those of the first (the drafts' source)
             "steps": stats.steps,
             "ahead_steps": stats.ahead_steps,
         },
